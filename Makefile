@@ -1,0 +1,76 @@
+# Two commands for a new user:   make demo   |   make test
+# Both create (or reuse) the virtual environment first. The environment is cached outside the
+# checkout, keyed on the hash of constraints.txt (the lock), and .venv links to it, so a fresh
+# clone on the same machine reuses it and a changed lock builds a new one.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+LOCK := constraints.txt
+LOCK_HASH := $(shell sha256sum $(LOCK) | cut -c1-16)
+VENV_CACHE ?= $(or $(CATALOG_ENRICH_VENV_CACHE),$(HOME)/.cache/catalog-enrichment)
+VENV_DIR := $(VENV_CACHE)/venv-py311-$(LOCK_HASH)
+VENV := .venv
+PY := $(VENV)/bin/python
+# Where pip finds the CPU build of torch==2.13.0 on machines without a local wheel, e.g.
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+# This checkout's sources win over whatever checkout last did the editable install.
+export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
+export PYTHONUNBUFFERED := 1
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: help venv demo test lint typecheck pytest lock clean
+
+help:
+	@echo "make demo   run the whole job on embedded defaults (installs first)"
+	@echo "make test   ruff + mypy + pytest (installs first)"
+	@echo "make lock   re-pin constraints.txt from the current environment"
+
+venv: $(VENV)/.ready-$(LOCK_HASH)
+
+$(VENV)/.ready-$(LOCK_HASH): $(LOCK) pyproject.toml
+	@set -euo pipefail; \
+	if [ ! -f "$(VENV_DIR)/.complete" ]; then \
+	  echo ">> creating $(VENV_DIR) (first install takes about 3-4 minutes)"; \
+	  rm -rf "$(VENV_DIR)"; mkdir -p "$(VENV_CACHE)"; \
+	  $(PYTHON) -m venv "$(VENV_DIR)"; \
+	  "$(VENV_DIR)/bin/python" -m pip install --disable-pip-version-check -q \
+	    $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -c $(LOCK) torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true; \
+	  "$(VENV_DIR)/bin/python" -m pip install --disable-pip-version-check -q \
+	    $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -c $(LOCK) -r $(LOCK) 2>&1 | grep -v "^WARNING: Location" || true; \
+	  "$(VENV_DIR)/bin/python" -c "import torch, pyspark, mlflow, great_expectations, deltalake, hatchling" \
+	    || { echo "install failed: see the pip output above" >&2; exit 1; }; \
+	  touch "$(VENV_DIR)/.complete"; \
+	fi; \
+	if [ -e $(VENV) ] && [ ! -L $(VENV) ]; then echo ">> replacing the plain $(VENV) folder with a link to the cached environment"; rm -rf $(VENV); fi; \
+	ln -sfn "$(VENV_DIR)" $(VENV); \
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true; \
+	$(PY) -c "import catalog_enrichment" || { echo "editable install failed" >&2; exit 1; }; \
+	rm -f $(VENV)/.ready-*; touch $@
+
+demo: venv
+	$(VENV)/bin/catalog-enrich demo $(DEMO_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests jobs
+	$(VENV)/bin/ruff format --check src tests jobs
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+pytest: venv
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+lock: venv
+	@{ echo "# Exact versions every machine installs (make uses this as a pip constraints file)."; \
+	  echo "# Regenerate with 'make lock' after changing pyproject.toml. torch is the CPU wheel (2.13.0)."; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' | grep -v '^-e'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
+clean:
+	rm -rf demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,118 @@
+"""The embedded lakehouse: Delta tables written with ``deltalake`` (delta-rs), or plain Parquet.
+
+No JVM is needed here; Spark reads the same tables through :func:`data_files` (a Delta table's
+current snapshot) or natively where Delta Lake is installed on the cluster.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from catalog_enrichment.errors import ContractError
+
+__all__ = ["TableFormat", "data_files", "read_table", "table_format", "table_version", "write_table"]
+
+TableFormat = Literal["delta", "parquet"]
+
+
+def table_format(path: str | Path) -> TableFormat:
+    """``delta`` when ``path`` holds a ``_delta_log``, ``parquet`` for Parquet file(s)."""
+    p = Path(path)
+    if (p / "_delta_log").is_dir():
+        return "delta"
+    if (p.is_file() and p.suffix == ".parquet") or (p.is_dir() and any(p.rglob("*.parquet"))):
+        return "parquet"
+    raise ContractError(f"no Delta or Parquet table at {p}")
+
+
+def write_table(
+    path: str | Path,
+    data: pa.Table | pa.RecordBatchReader,
+    *,
+    fmt: TableFormat = "delta",
+    partition_by: Sequence[str] = (),
+    mode: Literal["overwrite", "append", "error"] = "error",
+) -> None:
+    """Write ``data`` as a Delta table (one atomic commit) or a hive-partitioned Parquet folder.
+
+    Parquet file names are deterministic (``part-{i}.parquet`` per partition), so the same data
+    gives byte-identical files.
+    """
+    target = Path(path)
+    if fmt == "delta":
+        from deltalake import write_deltalake
+
+        write_deltalake(str(target), data, partition_by=list(partition_by) or None, mode=mode)
+        return
+    if target.exists():
+        if mode == "error":
+            raise ContractError(f"table already exists: {target}")
+        if mode == "overwrite":
+            shutil.rmtree(target)
+    schema = data.schema
+    # Deterministic output: one thread, input order kept, so the same rows give the same bytes.
+    part_schema = pa.schema([schema.field(name) for name in partition_by]) if partition_by else None
+    ds.write_dataset(
+        data,
+        str(target),
+        format="parquet",
+        partitioning=ds.partitioning(part_schema, flavor="hive") if part_schema is not None else None,
+        basename_template="part-{i}.parquet",
+        use_threads=False,
+        preserve_order=True,
+        existing_data_behavior="overwrite_or_ignore",
+    )
+
+
+def read_table(
+    path: str | Path,
+    *,
+    columns: Sequence[str] | None = None,
+    version: int | None = None,
+    schema: pa.Schema | None = None,
+) -> pa.Table:
+    """Read a whole Delta (optionally at ``version``) or Parquet table into Arrow.
+
+    ``schema`` types hive partition columns of a Parquet folder (otherwise they are inferred).
+    """
+    target = Path(path)
+    if table_format(target) == "delta":
+        from deltalake import DeltaTable
+
+        table = DeltaTable(str(target), version=version)
+        return table.to_pyarrow_table(columns=list(columns) if columns else None)
+    if target.is_file():
+        return pq.read_table(target, columns=list(columns) if columns else None)
+    if schema is not None:
+        dataset = ds.dataset(str(target), format="parquet", schema=schema, partitioning="hive")
+    else:
+        dataset = ds.dataset(str(target), format="parquet", partitioning="hive")
+    return dataset.to_table(columns=list(columns) if columns else None)
+
+
+def table_version(path: str | Path) -> int | None:
+    """Current Delta version, ``None`` for Parquet."""
+    if table_format(path) != "delta":
+        return None
+    from deltalake import DeltaTable
+
+    return int(DeltaTable(str(path)).version())
+
+
+def data_files(path: str | Path) -> list[str]:
+    """The data files of the table's current snapshot (Delta: from the log; Parquet: on disk)."""
+    target = Path(path)
+    if table_format(target) == "delta":
+        from deltalake import DeltaTable
+
+        return sorted(DeltaTable(str(target)).file_uris())
+    if target.is_file():
+        return [str(target)]
+    return sorted(str(p) for p in target.rglob("*.parquet"))

@@ -1,0 +1,248 @@
+"""``catalog-enrich <command>`` — the command-line entry point.
+
+Every command takes ``--config FILE`` and repeatable ``--set section.key=value`` overrides;
+precedence is flag > ``--set`` > ``CATALOG_ENRICH_*`` env var > YAML > defaults (see config.py).
+User mistakes (missing file, bad config, unknown attribute) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from catalog_enrichment import __version__
+from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
+from catalog_enrichment.errors import CatalogEnrichError
+
+__all__ = ["build_parser", "main"]
+
+Handler = Callable[[argparse.Namespace, AppConfig], int]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (default: $CATALOG_ENRICH_CONFIG)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field, e.g. --set inference.batch_size=64 (repeatable)",
+    )
+    parser.add_argument("--taxonomy", metavar="FILE", help="taxonomy YAML (default: the packaged one)")
+
+
+def _generator_flags(parser: argparse.ArgumentParser, *, products_default: str) -> None:
+    parser.add_argument("--products", type=int, metavar="N", help=f"number of products ({products_default})")
+    parser.add_argument("--seed", type=int, metavar="S", help="random seed (default 0)")
+    parser.add_argument("--bad-rate", type=float, metavar="R", help="share of injected bad rows (default 0)")
+    parser.add_argument("--label-noise", type=float, metavar="R", help="share of flipped labels (default 0)")
+    parser.add_argument("--image-size", type=int, metavar="PX", help="image side in pixels (default 96)")
+    parser.add_argument("--format", choices=["delta", "parquet"], help="table format (default delta)")
+    parser.add_argument(
+        "--image-files",
+        action="store_true",
+        default=None,
+        help="write images as files referenced by image_uri instead of inline bytes",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="catalog-enrich",
+        description="Fill missing product attributes from text and images, writing only values "
+        "calibrated to the target precision.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="write a synthetic labelled marketplace (products + truth)",
+        description="Write a synthetic marketplace with real images and a known answer.",
+    )
+    gen.add_argument("--out", metavar="DIR", help="output folder (default: catalog.root, the lakehouse)")
+    _generator_flags(gen, products_default="default 5000")
+    gen.add_argument("--quiet", action="store_true", help="do not print the summary")
+    _common(gen)
+    gen.set_defaults(handler=_cmd_generate)
+
+    summ = sub.add_parser(
+        "summarize",
+        help="print the summary of a generated marketplace",
+        description="Print row counts, value frequencies, modality shares and bad rows.",
+    )
+    summ.add_argument("path", metavar="DIR", help="folder written by 'generate'")
+    summ.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _common(summ)
+    summ.set_defaults(handler=_cmd_summarize)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on embedded defaults in a work folder",
+        description="Generate a marketplace in WORKDIR and run the pipeline on it.",
+    )
+    demo.add_argument("--workdir", metavar="DIR", default="demo", help="work folder (default ./demo)")
+    demo.add_argument("--products", type=int, metavar="N", default=3000, help="products (default 3000)")
+    demo.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
+    _common(demo)
+    demo.set_defaults(handler=_cmd_demo)
+
+    cfg = sub.add_parser(
+        "config",
+        help="print the effective configuration",
+        description="Print the merged configuration (defaults < YAML < env < flags).",
+    )
+    _common(cfg)
+    cfg.set_defaults(handler=_cmd_config)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks (not tests): generator speed, later quality and throughput",
+        description="Measure and write JSON; speed targets live here, not in tests.",
+    )
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    bgen = bench_sub.add_parser(
+        "generate",
+        help="synthetic-marketplace generation speed on one core",
+        description="Time the generator (in-process, single-threaded).",
+    )
+    bgen.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
+    bgen.add_argument("--image-size", type=int, metavar="PX", default=96, help="image size (default 96)")
+    bgen.add_argument("--out", metavar="FILE", help="write the JSON result here too")
+    _common(bgen)
+    bgen.set_defaults(handler=_cmd_bench_generate)
+    return parser
+
+
+def _overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    synthetic = {
+        "products": getattr(args, "products", None),
+        "seed": getattr(args, "seed", None),
+        "bad_rate": getattr(args, "bad_rate", None),
+        "label_noise": getattr(args, "label_noise", None),
+        "image_size": getattr(args, "image_size", None),
+        "format": getattr(args, "format", None),
+        "image_files": getattr(args, "image_files", None),
+    }
+    return {"synthetic": synthetic, "taxonomy_path": getattr(args, "taxonomy", None)}
+
+
+def _cmd_generate(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.data.summary import format_summary, summarize_marketplace
+    from catalog_enrichment.data.synthetic import generate_marketplace
+
+    out = Path(args.out or cfg.catalog.root)
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    print(
+        f"Generating {cfg.synthetic.products:,} products into {out} ({cfg.synthetic.format}) ...", flush=True
+    )
+    result = generate_marketplace(out, cfg.synthetic, taxonomy=taxonomy, progress=not args.quiet)
+    print(
+        f"Wrote {result.rows:,} rows in {result.seconds:.1f}s ({result.rows / result.seconds:,.0f}/s): "
+        f"products -> {result.products}, truth -> {result.truth}"
+    )
+    if not args.quiet:
+        print()
+        print(format_summary(summarize_marketplace(out, taxonomy=taxonomy)))
+    return 0
+
+
+def _cmd_summarize(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.data.summary import format_summary, summarize_marketplace
+
+    root = Path(args.path)
+    if not (root / "products").exists() or not (root / "truth").exists():
+        raise CatalogEnrichError(f"{root} does not hold a generated marketplace (products/ and truth/)")
+    summary = summarize_marketplace(root, taxonomy=load_taxonomy(cfg.taxonomy_path))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.data.summary import format_summary, summarize_marketplace
+    from catalog_enrichment.data.synthetic import generate_marketplace
+
+    workdir = Path(args.workdir)
+    lakehouse = workdir / "lakehouse"
+    synthetic = cfg.synthetic.model_copy(
+        update={"products": args.products, "seed": args.seed, "bad_rate": max(cfg.synthetic.bad_rate, 0.02)}
+    )
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    print(
+        f"[demo 1/1] generate: {synthetic.products:,} products, seed {synthetic.seed}, "
+        f"{synthetic.bad_rate:.0%} bad rows -> {lakehouse}",
+        flush=True,
+    )
+    result = generate_marketplace(lakehouse, synthetic, taxonomy=taxonomy, progress=True)
+    print(f"  done in {result.seconds:.1f}s\n")
+    print(format_summary(summarize_marketplace(lakehouse, taxonomy=taxonomy)))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace, cfg: AppConfig) -> int:
+    import yaml
+
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_bench_generate(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.data.synthetic import products_batches
+
+    synthetic = cfg.synthetic.model_copy(
+        update={"products": args.products, "image_size": args.image_size, "bad_rate": 0.04}
+    )
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    rows = sum(batch.num_rows for batch, _ in products_batches(synthetic, taxonomy))
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    result = {
+        "products": rows,
+        "image_size": args.image_size,
+        "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
+        "products_per_second": round(rows / wall, 1),
+        "products_per_cpu_second": round(rows / cpu, 1),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+        flags = _overrides_from_flags(args)
+        cfg = load_config(args.config, overrides=merge_layers(overrides, flags))
+        handler: Handler = args.handler
+        return handler(args, cfg)
+    except CatalogEnrichError as exc:
+        print(f"catalog-enrich: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"catalog-enrich: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("catalog-enrich: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Typed, nested configuration, loaded once from YAML + environment + command-line overrides.
+
+Precedence, highest first: command-line flags > ``CATALOG_ENRICH_*`` environment variables > the
+YAML file (``--config`` or ``CATALOG_ENRICH_CONFIG``) > the defaults below.
+
+Environment variables name a field by its path with ``__`` between levels, e.g.
+``CATALOG_ENRICH_INFERENCE__BATCH_SIZE=128`` or ``CATALOG_ENRICH_MLFLOW__TRACKING_URI=http://...``.
+Values are parsed as YAML scalars/lists (``true``, ``0.9``, ``[a, b]``).
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo or a wrong type is a
+:class:`ConfigError` naming the offending key, e.g. ``inference.batch_size: Input should be a valid
+integer (got 'many')``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from catalog_enrichment.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "AppConfig",
+    "CalibrationConfig",
+    "CatalogConfig",
+    "ConfigError",
+    "ImageEncoderConfig",
+    "InferenceConfig",
+    "MLflowConfig",
+    "ModelConfig",
+    "SparkConfig",
+    "SyntheticConfig",
+    "TextEncoderConfig",
+    "TrainingConfig",
+    "ValidationConfig",
+    "load_config",
+    "merge_layers",
+    "parse_overrides",
+]
+
+ENV_PREFIX = "CATALOG_ENRICH_"
+_ENV_CONFIG_FILE = ENV_PREFIX + "CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class SparkConfig(_Section):
+    """How jobs build their SparkSession (only ``jobs/`` and ``cli.py`` build one)."""
+
+    master: str = Field("local[2]", description="Spark master URL; ignored under spark-submit.")
+    app_name: str = Field("catalog-enrichment", description="Spark application name.")
+    arrow_max_records_per_batch: int = Field(
+        512, gt=0, description="Rows per Arrow batch handed to Python (images make rows large)."
+    )
+    conf: dict[str, str] = Field(
+        default_factory=dict, description="Extra spark.* settings, passed through verbatim."
+    )
+
+
+class MLflowConfig(_Section):
+    """Where runs and models live. The embedded default is a SQLite store in the working directory."""
+
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    registry_uri: str | None = Field(None, description="Model registry URI; defaults to tracking_uri.")
+    artifact_location: str | None = Field(
+        None, description="Artifact root for new experiments (default: ./mlartifacts beside the store)."
+    )
+    experiment: str = Field("catalog-enrichment-training", description="Experiment of training runs.")
+    enrichment_experiment: str = Field("enrichment", description="Experiment of enrichment runs.")
+    registered_model: str = Field("catalog-enrichment", description="Registered model name.")
+
+
+class CatalogConfig(_Section):
+    """Table locations. Unset tables live under ``root`` (the embedded lakehouse)."""
+
+    root: str = Field("lakehouse", description="Lakehouse root directory of the embedded catalog.")
+    products: str | None = Field(None, description="Products table (default: <root>/products).")
+    attributes: str | None = Field(None, description="Attributes table (default: <root>/attributes).")
+    quarantine: str | None = Field(None, description="Quarantine table (default: <root>/quarantine).")
+    run_reports: str | None = Field(None, description="Run-report table (default: <root>/run_reports).")
+
+    def table(self, name: Literal["products", "attributes", "quarantine", "run_reports"]) -> str:
+        """Location of a table: its explicit setting, else ``<root>/<name>``."""
+        explicit: str | None = getattr(self, name)
+        return explicit if explicit is not None else str(Path(self.root) / name)
+
+
+class TextEncoderConfig(_Section):
+    """A transformers ``AutoModel``: a local path to pretrained weights, or a small config from scratch."""
+
+    pretrained_path: str | None = Field(
+        None, description="Local directory for from_pretrained(); None = random init from the fields below."
+    )
+    model_type: str = Field("bert", description="transformers model type used when building from config.")
+    hidden_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    vocab_size: int = Field(8000, gt=0, description="Size of the WordPiece vocabulary trained on the data.")
+    max_length: int = Field(64, gt=0, description="Tokens per product text ([CLS] title [SEP] description).")
+    pooling: Literal["cls", "mean", "sum"] = Field("sum", description="How token vectors become one vector.")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TextEncoderConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        return self
+
+
+class ImageEncoderConfig(_Section):
+    """A timm backbone created with ``num_classes=0``."""
+
+    name: str = Field("resnet18", description="timm model name.")
+    pretrained_path: str | None = Field(
+        None, description="Local weights file for timm (pretrained_cfg_overlay); None = random init."
+    )
+    image_size: int = Field(96, gt=0, description="Input resolution in pixels.")
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model kwargs.")
+
+
+class ModelConfig(_Section):
+    """The multimodal model: two encoders and one fusion method from the registry."""
+
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    image: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
+    fusion: str = Field("modality_attention", description="Fusion registry name (see list_fusions()).")
+    fusion_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra fusion arguments.")
+    hidden_dim: int = Field(256, gt=0, description="Width of the shared trunk under the heads.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TrainingConfig(_Section):
+    """Optimisation and data splits."""
+
+    epochs: int = Field(8, gt=0)
+    batch_size: int = Field(64, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    grad_clip_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    early_stopping_patience: int = Field(3, ge=0, description="Epochs without R@P95 gain before stopping.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    calibration_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    noise_prune_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Drop this share of confident-learning label-issue suspects (0 = off)."
+    )
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> TrainingConfig:
+        held_out = self.validation_fraction + self.calibration_fraction + self.test_fraction
+        if held_out >= 0.9:
+            raise ValueError(f"validation + calibration + test fractions = {held_out:.2f}; must be < 0.9")
+        return self
+
+
+class CalibrationConfig(_Section):
+    """The precision promise: thresholds proven by a lower confidence bound."""
+
+    target_precision: float = Field(0.95, gt=0, lt=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence of the bound.")
+    min_support: int = Field(
+        20, gt=0, description="Fewest calibration positives above a threshold for it to count."
+    )
+    bound: Literal["wilson", "clopper_pearson"] = "wilson"
+
+
+class InferenceConfig(_Section):
+    """Batch scoring."""
+
+    batch_size: int = Field(128, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    autocast: bool = Field(True, description="bf16/fp16 autocast on GPU (ignored on CPU).")
+    decode_threads: int = Field(2, gt=0, description="Threads decoding images/tokenizing ahead of the model.")
+    torch_threads: int | None = Field(None, gt=0, description="torch.set_num_threads; None = task's cores.")
+
+
+class ValidationConfig(_Section):
+    """The products data contract's operational limits."""
+
+    max_invalid_fraction: float = Field(0.05, ge=0, le=1, description="Circuit breaker: abort above this.")
+    max_title_length: int = Field(300, gt=0)
+    max_description_length: int = Field(5000, gt=0)
+
+
+class SyntheticConfig(_Section):
+    """The synthetic marketplace generator (``catalog-enrich generate``)."""
+
+    products: int = Field(5000, gt=0)
+    seed: int = 0
+    bad_rate: float = Field(0.0, ge=0, lt=1, description="Share of rows that are injected bad rows.")
+    label_noise: float = Field(0.0, ge=0, lt=1, description="Share of labels flipped per attribute.")
+    image_size: int = Field(96, ge=16, le=1024)
+    format: Literal["delta", "parquet"] = "delta"
+    image_files: bool = Field(False, description="Also write image files and fill image_uri.")
+    days: int = Field(7, gt=0, description="Number of ingest_date partitions.")
+    start_date: str = Field("2026-11-01", description="First ingest_date (YYYY-MM-DD).")
+    text_color_share: float = Field(0.5, ge=0, le=1, description="Share of products naming a color in text.")
+    decoy_share: float = Field(0.3, ge=0, le=1, description="Share of images with a decoy color patch.")
+    merchant_share: float = Field(0.2, ge=0, le=1, description="Share of products with merchant values.")
+    missing_image_share: float = Field(0.03, ge=0, le=1, description="Legitimate products with no image.")
+    missing_description_share: float = Field(0.1, ge=0, le=1)
+
+
+class AppConfig(_Section):
+    """Everything a job needs; ``load_config`` builds it, jobs pass it (or its sections) down."""
+
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    taxonomy_path: str | None = Field(None, description="Taxonomy YAML; None = the packaged default.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"inference.batch_size": 128, ...}`` — the form logged as MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _set_path(tree: dict[str, Any], path: Sequence[str], value: Any, *, source: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section (from {source})")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == _ENV_CONFIG_FILE:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty key in the path")
+        _set_path(tree, path, _parse_scalar(raw), source=name)
+    return tree
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["inference.batch_size=64", "model.fusion=concat"]`` into a nested dict."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_path(tree, key.strip().split("."), _parse_scalar(raw), source=f"--set {item}")
+    return tree
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+            continue
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{key}: {err['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AppConfig:
+    """Build the config: defaults < YAML file < ``CATALOG_ENRICH_*`` env vars < ``overrides``.
+
+    Args:
+        path: YAML file; ``None`` falls back to ``$CATALOG_ENRICH_CONFIG`` and then to defaults only.
+        overrides: nested dict from command-line flags (see :func:`parse_overrides`); ``None`` values
+            are ignored so unset flags do not clobber lower layers.
+        environ: environment to read (default ``os.environ``).
+
+    Raises:
+        ConfigError: missing/invalid file, unknown key or wrong type, naming the key.
+    """
+    env = os.environ if environ is None else environ
+    if path is None and env.get(_ENV_CONFIG_FILE):
+        path = env[_ENV_CONFIG_FILE]
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    tree = _deep_merge(tree, _env_overrides(env))
+    if overrides:
+        tree = merge_layers(tree, overrides)
+    try:
+        return AppConfig.model_validate(tree)
+    except ValidationError as exc:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid configuration{where}: {_describe(exc)}") from None
+
+
+def merge_layers(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge nested override dicts, later layers winning; ``None`` values mean "not set"."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _deep_merge(merged, _drop_none(layer))
+    return merged
+
+
+def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            inner = _drop_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out

@@ -1,0 +1,367 @@
+"""Data contracts: read ``schemas/*.yaml`` and derive Arrow schemas, Spark schemas and the taxonomy.
+
+The YAML files are the single source of truth. Type strings use a small grammar::
+
+    string | binary | boolean | int32 | int64 | float32 | float64 | date | timestamp
+    list<T> | map<K, V>
+
+``timestamp`` means UTC microseconds (Spark's ``TimestampType``, Arrow ``timestamp("us", "UTC")``).
+pyspark is imported lazily, so the Arrow side works where no JVM is around.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import yaml
+
+from catalog_enrichment.errors import ContractError, TaxonomyError
+
+if TYPE_CHECKING:
+    from pyspark.sql.types import DataType, StructType
+
+__all__ = [
+    "CONTRACT_NAMES",
+    "AttributeSpec",
+    "Contract",
+    "FieldSpec",
+    "Taxonomy",
+    "arrow_type",
+    "load_contract",
+    "load_taxonomy",
+    "schemas_dir",
+    "spark_type",
+]
+
+CONTRACT_NAMES = ("products", "labelled_products", "attributes", "quarantine", "run_report")
+AttributeKind = Literal["multilabel", "multiclass"]
+
+_PRIMITIVES = ("string", "binary", "boolean", "int32", "int64", "float32", "float64", "date", "timestamp")
+
+
+def schemas_dir() -> Path:
+    """The contracts folder: ``_schemas`` inside an installed wheel, else ``schemas/`` of the checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_schemas", here.parent.parent / "schemas"):
+        if (candidate / "products.yaml").is_file():
+            return candidate
+    raise ContractError(f"cannot find the schemas/ folder near {here}")
+
+
+# ----------------------------------------------------------------------------- type grammar
+
+
+def _split_top_level(inner: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(inner):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(inner[start:i].strip())
+            start = i + 1
+    parts.append(inner[start:].strip())
+    return parts
+
+
+def _parse(type_str: str) -> tuple[str, list[Any]]:
+    text = type_str.strip()
+    if text in _PRIMITIVES:
+        return text, []
+    match = re.fullmatch(r"(list|map)\s*<(.*)>", text)
+    if not match:
+        raise ContractError(f"unknown type {type_str!r}; expected one of {_PRIMITIVES}, list<T>, map<K, V>")
+    kind, args = match.group(1), _split_top_level(match.group(2))
+    if (kind == "list" and len(args) != 1) or (kind == "map" and len(args) != 2):
+        raise ContractError(f"type {type_str!r} has the wrong number of type arguments")
+    return kind, [_parse(arg) for arg in args]
+
+
+def _to_arrow(node: tuple[str, list[Any]]) -> pa.DataType:
+    kind, args = node
+    simple: dict[str, pa.DataType] = {
+        "string": pa.string(),
+        "binary": pa.binary(),
+        "boolean": pa.bool_(),
+        "int32": pa.int32(),
+        "int64": pa.int64(),
+        "float32": pa.float32(),
+        "float64": pa.float64(),
+        "date": pa.date32(),
+        "timestamp": pa.timestamp("us", tz="UTC"),
+    }
+    if kind in simple:
+        return simple[kind]
+    if kind == "list":
+        return pa.list_(_to_arrow(args[0]))
+    return pa.map_(_to_arrow(args[0]), _to_arrow(args[1]))
+
+
+def _to_spark(node: tuple[str, list[Any]]) -> DataType:
+    from pyspark.sql import types as T
+
+    kind, args = node
+    simple = {
+        "string": T.StringType,
+        "binary": T.BinaryType,
+        "boolean": T.BooleanType,
+        "int32": T.IntegerType,
+        "int64": T.LongType,
+        "float32": T.FloatType,
+        "float64": T.DoubleType,
+        "date": T.DateType,
+        "timestamp": T.TimestampType,
+    }
+    if kind in simple:
+        return simple[kind]()
+    if kind == "list":
+        return T.ArrayType(_to_spark(args[0]), containsNull=True)
+    return T.MapType(_to_spark(args[0]), _to_spark(args[1]), valueContainsNull=True)
+
+
+def arrow_type(type_str: str) -> pa.DataType:
+    """Arrow type of a contract type string."""
+    return _to_arrow(_parse(type_str))
+
+
+def spark_type(type_str: str) -> DataType:
+    """Spark type of a contract type string."""
+    return _to_spark(_parse(type_str))
+
+
+# ----------------------------------------------------------------------------- contracts
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One column of a contract."""
+
+    name: str
+    type: str
+    nullable: bool = True
+    unique: bool = False
+    allowed: tuple[str, ...] | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """A table's contract: ordered fields plus partitioning and key."""
+
+    name: str
+    fields: tuple[FieldSpec, ...]
+    partition_by: tuple[str, ...] = ()
+    primary_key: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def field(self, name: str) -> FieldSpec:
+        for spec in self.fields:
+            if spec.name == name:
+                return spec
+        raise ContractError(f"contract {self.name!r} has no column {name!r}")
+
+    def arrow_schema(self, *, enforce_nullability: bool = True) -> pa.Schema:
+        """The contract as a ``pyarrow.Schema`` (field order as in the YAML).
+
+        ``enforce_nullability=False`` makes every column nullable: the schema of an *input* table
+        as stored, which must be able to hold the bad rows that validation later quarantines.
+        """
+        return pa.schema(
+            [
+                pa.field(f.name, arrow_type(f.type), nullable=f.nullable or not enforce_nullability)
+                for f in self.fields
+            ]
+        )
+
+    def spark_schema(self, *, enforce_nullability: bool = True) -> StructType:
+        """The contract as a Spark ``StructType`` (see :meth:`arrow_schema` for the flag)."""
+        from pyspark.sql.types import StructField, StructType
+
+        return StructType(
+            [
+                StructField(f.name, spark_type(f.type), f.nullable or not enforce_nullability)
+                for f in self.fields
+            ]
+        )
+
+    def missing_columns(self, present: Sequence[str]) -> list[str]:
+        """Contract columns absent from ``present`` (extra columns in the data are allowed)."""
+        have = set(present)
+        return [name for name in self.names if name not in have]
+
+
+def _field_from_yaml(raw: Mapping[str, Any], contract: str) -> FieldSpec:
+    unknown = set(raw) - {"name", "type", "nullable", "unique", "allowed", "description"}
+    if unknown or "name" not in raw or "type" not in raw:
+        raise ContractError(f"contract {contract!r}: bad field entry {dict(raw)!r}")
+    arrow_type(str(raw["type"]))  # fail early on a bad type string
+    allowed = raw.get("allowed")
+    return FieldSpec(
+        name=str(raw["name"]),
+        type=str(raw["type"]),
+        nullable=bool(raw.get("nullable", True)),
+        unique=bool(raw.get("unique", False)),
+        allowed=tuple(str(v) for v in allowed) if allowed is not None else None,
+        description=str(raw.get("description", "")),
+    )
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+@cache
+def _load_raw(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ContractError(f"contract file not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "fields" not in data:
+        raise ContractError(f"{path} is not a contract file (needs a 'fields' list)")
+    return data
+
+
+def load_contract(
+    name: str,
+    *,
+    taxonomy: Taxonomy | None = None,
+    directory: Path | None = None,
+) -> Contract:
+    """Load ``schemas/<name>.yaml``.
+
+    ``labelled_products`` extends ``products`` with one label column per taxonomy attribute and so
+    needs ``taxonomy``.
+    """
+    folder = directory or schemas_dir()
+    raw = _load_raw(folder / f"{name}.yaml")
+    fields: list[FieldSpec] = []
+    if "extends" in raw:
+        fields.extend(load_contract(str(raw["extends"]), directory=folder).fields)
+    fields.extend(_field_from_yaml(item, name) for item in raw.get("fields") or [])
+    labels = raw.get("label_columns")
+    if labels and labels.get("from_taxonomy"):
+        if taxonomy is None:
+            raise ContractError(f"contract {name!r} derives label columns from a taxonomy; pass taxonomy=")
+        for attr in taxonomy.attributes.values():
+            kind_type = labels["multilabel_type"] if attr.kind == "multilabel" else labels["multiclass_type"]
+            fields.append(FieldSpec(attr.name, str(kind_type), bool(labels.get("nullable", True))))
+    names = [f.name for f in fields]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ContractError(f"contract {name!r} defines columns more than once: {dupes}")
+    return Contract(
+        name=str(raw.get("name", name)),
+        fields=tuple(fields),
+        partition_by=_as_tuple(raw.get("partition_by")),
+        primary_key=_as_tuple(raw.get("primary_key")),
+        description=str(raw.get("description", "")),
+    )
+
+
+# ----------------------------------------------------------------------------- taxonomy
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    """One taxonomy attribute: its kind and its allowed values (order = head output order)."""
+
+    name: str
+    kind: AttributeKind
+    values: tuple[str, ...]
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def index(self, value: str) -> int:
+        try:
+            return self.values.index(value)
+        except ValueError:
+            raise TaxonomyError(
+                f"value {value!r} is not allowed for attribute {self.name!r} (allowed: {list(self.values)})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """Attribute name -> :class:`AttributeSpec`, in file order."""
+
+    attributes: Mapping[str, AttributeSpec]
+    source: str = ""
+
+    def __getitem__(self, name: str) -> AttributeSpec:
+        try:
+            return self.attributes[name]
+        except KeyError:
+            raise TaxonomyError(
+                f"unknown attribute {name!r}; the taxonomy has {list(self.attributes)}"
+            ) from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.attributes.values())
+
+    def __len__(self) -> int:
+        return len(self.attributes)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.attributes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialisable form (the file format, without extras)."""
+        return {
+            "attributes": {
+                a.name: {"kind": a.kind, "values": list(a.values)} for a in self.attributes.values()
+            }
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<dict>") -> Taxonomy:
+        """Validate and build a taxonomy from the parsed file format."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("attributes"), Mapping):
+            raise TaxonomyError(f"taxonomy {source}: needs a top-level 'attributes' mapping")
+        if not data["attributes"]:
+            raise TaxonomyError(f"taxonomy {source}: 'attributes' is empty")
+        attrs: dict[str, AttributeSpec] = {}
+        for name, spec in data["attributes"].items():
+            where = f"taxonomy {source}: attribute {name!r}"
+            if not isinstance(spec, Mapping):
+                raise TaxonomyError(f"{where} must be a mapping with kind and values")
+            kind = spec.get("kind")
+            if kind not in ("multilabel", "multiclass"):
+                raise TaxonomyError(f"{where}: kind must be 'multilabel' or 'multiclass', got {kind!r}")
+            values = spec.get("values")
+            if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+                raise TaxonomyError(f"{where}: 'values' must be a non-empty list")
+            str_values = [str(v) for v in values]
+            dupes = sorted({v for v in str_values if str_values.count(v) > 1})
+            if dupes:
+                raise TaxonomyError(f"{where}: duplicate values {dupes}")
+            if kind == "multiclass" and len(str_values) < 2:
+                raise TaxonomyError(f"{where}: a multiclass attribute needs at least two values")
+            extras = {k: v for k, v in spec.items() if k not in ("kind", "values")}
+            attrs[str(name)] = AttributeSpec(str(name), kind, tuple(str_values), extras)
+        return cls(attributes=attrs, source=source)
+
+
+def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
+    """Read a taxonomy YAML (default: the packaged ``schemas/taxonomy.yaml``)."""
+    file = Path(path) if path is not None else schemas_dir() / "taxonomy.yaml"
+    if not file.is_file():
+        raise TaxonomyError(f"taxonomy file not found: {file}")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise TaxonomyError(f"taxonomy {file} is not valid YAML: {exc}") from exc
+    return Taxonomy.from_dict(data, source=str(file))

@@ -1,0 +1,1 @@
+"""Synthetic marketplace, image decoding and (later) datasets and tokenization."""

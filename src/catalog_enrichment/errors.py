@@ -1,0 +1,21 @@
+"""Exceptions for mistakes a user can fix; the CLI prints them as one line and exits non-zero."""
+
+from __future__ import annotations
+
+__all__ = ["CatalogEnrichError", "ConfigError", "ContractError", "TaxonomyError"]
+
+
+class CatalogEnrichError(Exception):
+    """Base class: a user-fixable problem (bad input, bad config), reported without a traceback."""
+
+
+class ConfigError(CatalogEnrichError):
+    """The configuration is missing, malformed, has an unknown key or a wrong type."""
+
+
+class ContractError(CatalogEnrichError):
+    """A data contract (schemas/*.yaml) or a table does not match what is expected."""
+
+
+class TaxonomyError(ContractError):
+    """The taxonomy file is malformed, or data names an attribute/value the taxonomy lacks."""

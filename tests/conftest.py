@@ -1,0 +1,69 @@
+"""Shared fixtures: the default taxonomy, a small generated marketplace, a local SparkSession."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from catalog_enrichment.config import SyntheticConfig
+from catalog_enrichment.contracts import Taxonomy, load_taxonomy
+from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_marketplace
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers run this environment's Python
+
+# A marketplace big enough for rates to be measured to a few points, small enough to make in ~2 s.
+MARKETPLACE = SyntheticConfig(products=2400, seed=7, bad_rate=0.08, label_noise=0.05, days=4)
+
+
+@pytest.fixture(scope="session")
+def taxonomy() -> Taxonomy:
+    return load_taxonomy()
+
+
+@pytest.fixture(scope="session")
+def marketplace(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> GeneratedMarketplace:
+    """A seeded Delta marketplace with every kind of bad row and 5 % label noise (read-only!)."""
+    return generate_marketplace(tmp_path_factory.mktemp("marketplace"), MARKETPLACE, taxonomy=taxonomy)
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[object]:
+    """A local SparkSession (2 threads, no UI); only tests marked ``spark`` use it."""
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("catalog-enrichment-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "256")
+        .config("spark.driver.memory", "1g")
+        .getOrCreate()
+    )
+    yield session
+    session.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests where torch sees no CUDA device (CI never has one)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="no CUDA device")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

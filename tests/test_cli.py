@@ -1,0 +1,106 @@
+"""The CLI: every command has --help; user mistakes are one line and exit 2; generate works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from catalog_enrichment.cli import build_parser, main
+
+
+def _commands() -> list[list[str]]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    commands = [[name] for name in sub.choices]  # type: ignore[union-attr]
+    bench = sub.choices["bench"]  # type: ignore[index]
+    bench_sub = next(a for a in bench._actions if a.dest == "bench")
+    return commands + [["bench", name] for name in bench_sub.choices]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: catalog-enrich" in capsys.readouterr().out
+
+
+def test_generate_then_summarize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "market"
+    code = main(
+        [
+            "generate",
+            "--out",
+            str(out),
+            "--products",
+            "120",
+            "--seed",
+            "5",
+            "--bad-rate",
+            "0.1",
+            "--format",
+            "parquet",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert (out / "products").is_dir() and (out / "truth").is_dir()
+    capsys.readouterr()
+    assert main(["summarize", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 120
+    assert sum(summary["bad_rows_by_kind"].values()) == 8 * round(120 * 0.1 / 8)
+    assert set(summary["value_frequencies"]) == {"color", "material", "product_type", "pattern"}
+
+
+def test_config_command_applies_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--set", "inference.batch_size=7", "--set", "model.fusion=concat"]) == 0
+    text = capsys.readouterr().out
+    assert "batch_size: 7" in text and "fusion: concat" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["config", "--config", "/no/such/file.yaml"], "config file not found"),
+        (["config", "--set", "inference.batch_size=lots"], "inference.batch_size"),
+        (["config", "--set", "inference.nope=1"], "inference.nope: unknown key"),
+        (["generate", "--out", "x", "--taxonomy", "/no/such/taxonomy.yaml"], "taxonomy file not found"),
+        (["generate", "--out", "x", "--bad-rate", "1.5"], "synthetic.bad_rate"),
+        (["summarize", "/no/such/dir"], "does not hold a generated marketplace"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("catalog-enrich: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.timeout(300)
+def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "catalog_enrichment.cli",
+            "bench",
+            "generate",
+            "--products",
+            "200",
+            "--out",
+            str(tmp_path / "bench.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["products"] == 200 and bench["products_per_second"] > 0

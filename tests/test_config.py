@@ -1,0 +1,106 @@
+"""Config: defaults, precedence (flag > env > YAML > defaults) and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
+from catalog_enrichment.errors import ConfigError
+from tests.conftest import repo_root
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_hold_the_95_percent_promise() -> None:
+    cfg = load_config(environ={})
+    assert cfg.calibration.target_precision == 0.95
+    assert cfg.calibration.confidence == 0.95
+    assert cfg.validation.max_invalid_fraction == 0.05
+    assert cfg.mlflow.tracking_uri.startswith("sqlite:///")
+    assert cfg.catalog.table("products") == str(Path("lakehouse") / "products")
+
+
+def test_precedence_flag_over_env_over_yaml_over_default(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "inference:\n  batch_size: 16\n  decode_threads: 3\ntraining:\n  epochs: 2\n")
+    env = {"CATALOG_ENRICH_INFERENCE__BATCH_SIZE": "32", "CATALOG_ENRICH_TRAINING__SEED": "9"}
+    cfg = load_config(path, overrides=parse_overrides(["inference.batch_size=64"]), environ=env)
+    assert cfg.inference.batch_size == 64  # flag beats env and YAML
+    assert cfg.training.seed == 9  # env beats default
+    assert cfg.inference.decode_threads == 3  # YAML beats default
+    assert cfg.training.epochs == 2
+    assert cfg.training.learning_rate == AppConfig().training.learning_rate  # default
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "model:\n  fusion: concat\n")
+    cfg = load_config(environ={"CATALOG_ENRICH_CONFIG": str(path)})
+    assert cfg.model.fusion == "concat"
+
+
+def test_unset_flags_do_not_clobber_lower_layers(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "synthetic:\n  products: 77\n")
+    cfg = load_config(path, overrides={"synthetic": {"products": None, "seed": 3}}, environ={})
+    assert (cfg.synthetic.products, cfg.synthetic.seed) == (77, 3)
+    assert merge_layers({"a": {"b": 1}}, {"a": {"b": None, "c": 2}}) == {"a": {"b": 1, "c": 2}}
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("inference:\n  batch_sise: 8\n", "inference.batch_sise: unknown key"),
+        ("inference:\n  batch_size: many\n", "inference.batch_size"),
+        ("calibration:\n  target_precision: 1.5\n", "calibration.target_precision"),
+        ("colour: red\n", "colour: unknown key"),
+        ("model:\n  text:\n    pooling: max\n", "model.text.pooling"),
+    ],
+)
+def test_unknown_key_or_wrong_type_names_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(_yaml(tmp_path, text), environ={})
+
+
+def test_bad_environment_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"validation\.max_invalid_fraction"):
+        load_config(environ={"CATALOG_ENRICH_VALIDATION__MAX_INVALID_FRACTION": "lots"})
+
+
+def test_missing_and_malformed_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", environ={})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_yaml(tmp_path, "a: [b\n"), environ={})
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(_yaml(tmp_path, "- 1\n- 2\n"), environ={})
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        parse_overrides(["batch_size"])
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="multiple of num_attention_heads"):
+        load_config(overrides={"model": {"text": {"hidden_size": 30, "num_attention_heads": 4}}}, environ={})
+    with pytest.raises(ConfigError, match=r"must be < 0\.9"):
+        load_config(overrides={"training": {"test_fraction": 0.5, "calibration_fraction": 0.4}}, environ={})
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config(environ={})
+    with pytest.raises(Exception, match="frozen"):
+        cfg.inference.batch_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml"])
+def test_example_configs_load(name: str) -> None:
+    cfg = load_config(repo_root() / "deploy" / "config" / name, environ={})
+    assert cfg.calibration.target_precision == 0.95
+
+
+def test_flat_dict_for_mlflow_params() -> None:
+    flat = load_config(environ={}).to_flat_dict()
+    assert flat["inference.batch_size"] == 128
+    assert flat["model.text.pooling"] == "sum"

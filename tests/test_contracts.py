@@ -1,0 +1,144 @@
+"""Contracts: the YAML is the truth; the Arrow and Spark schemas derived from it agree with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from catalog_enrichment.contracts import (
+    CONTRACT_NAMES,
+    Taxonomy,
+    arrow_type,
+    load_contract,
+    load_taxonomy,
+    schemas_dir,
+)
+from catalog_enrichment.errors import ContractError, TaxonomyError
+
+_ARROW_OF = {
+    "string": pa.string(),
+    "binary": pa.binary(),
+    "boolean": pa.bool_(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "date": pa.date32(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+    "list<string>": pa.list_(pa.string()),
+    "map<string, list<string>>": pa.map_(pa.string(), pa.list_(pa.string())),
+    "map<string, int64>": pa.map_(pa.string(), pa.int64()),
+    "map<string, float64>": pa.map_(pa.string(), pa.float64()),
+}
+
+
+def _yaml_fields(name: str, taxonomy: Taxonomy) -> list[tuple[str, str, bool]]:
+    raw = yaml.safe_load((schemas_dir() / f"{name}.yaml").read_text())
+    fields = []
+    if "extends" in raw:
+        fields += _yaml_fields(raw["extends"], taxonomy)
+    fields += [(f["name"], f["type"], f.get("nullable", True)) for f in raw["fields"]]
+    if raw.get("label_columns"):
+        fields += [(a.name, "list<string>" if a.kind == "multilabel" else "string", True) for a in taxonomy]
+    return fields
+
+
+@pytest.mark.parametrize("name", CONTRACT_NAMES)
+def test_arrow_and_spark_schemas_agree_with_the_yaml(name: str, taxonomy: Taxonomy) -> None:
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    contract = load_contract(name, taxonomy=taxonomy)
+    expected = _yaml_fields(name, taxonomy)
+    arrow = contract.arrow_schema()
+    spark = contract.spark_schema()
+    assert [(f.name, f.type, f.nullable) for f in arrow] == [(n, _ARROW_OF[t], nl) for n, t, nl in expected]
+    assert [(f.name, f.nullable) for f in spark.fields] == [(n, nl) for n, _, nl in expected]
+    # Spark's own Arrow conversion of our Spark schema must give our Arrow schema, type for type.
+    spark_as_arrow = to_arrow_schema(spark, timezone="UTC")
+    assert [(f.name, f.type) for f in spark_as_arrow] == [(f.name, f.type) for f in arrow]
+
+
+def test_products_contract_has_the_design_fields(taxonomy: Taxonomy) -> None:
+    products = load_contract("products")
+    assert products.names == [
+        "product_id",
+        "title",
+        "description",
+        "image",
+        "image_uri",
+        "category",
+        "merchant_attributes",
+        "updated_at",
+        "ingest_date",
+    ]
+    assert products.field("product_id").unique and not products.field("product_id").nullable
+    assert products.partition_by == ("ingest_date",)
+    labelled = load_contract("labelled_products", taxonomy=taxonomy)
+    assert labelled.names[-4:] == ["color", "material", "product_type", "pattern"]
+    assert load_contract("attributes").field("source").allowed == ("model", "merchant")
+
+
+def test_stored_input_schema_relaxes_nullability() -> None:
+    relaxed = load_contract("products").arrow_schema(enforce_nullability=False)
+    assert all(f.nullable for f in relaxed)
+
+
+def test_missing_columns_reports_what_is_absent() -> None:
+    assert load_contract("products").missing_columns(["product_id", "title"])[:2] == ["description", "image"]
+
+
+def test_labelled_contract_needs_a_taxonomy() -> None:
+    with pytest.raises(ContractError, match="pass taxonomy"):
+        load_contract("labelled_products")
+
+
+@pytest.mark.parametrize("bad", ["str", "list<>", "map<string>", "list<string, int64>", "array<string>"])
+def test_bad_type_strings_are_rejected(bad: str) -> None:
+    with pytest.raises(ContractError):
+        arrow_type(bad)
+
+
+def test_default_taxonomy_matches_the_issue(taxonomy: Taxonomy) -> None:
+    kinds = {a.name: (a.kind, len(a.values)) for a in taxonomy}
+    assert kinds == {
+        "color": ("multilabel", 12),
+        "material": ("multilabel", 10),
+        "product_type": ("multiclass", 15),
+        "pattern": ("multiclass", 6),
+    }
+    assert taxonomy["color"].index("blue") == 4
+    assert "synonyms" in taxonomy["color"].extras  # extra keys are kept, not rejected
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "top-level 'attributes'"),
+        ({"attributes": {}}, "is empty"),
+        ({"attributes": {"color": {"kind": "multi", "values": ["a"]}}}, "kind must be"),
+        ({"attributes": {"color": {"kind": "multilabel", "values": []}}}, "non-empty list"),
+        ({"attributes": {"color": {"kind": "multilabel", "values": "red"}}}, "non-empty list"),
+        ({"attributes": {"color": {"kind": "multilabel", "values": ["a", "a"]}}}, "duplicate values"),
+        ({"attributes": {"size": {"kind": "multiclass", "values": ["xl"]}}}, "at least two values"),
+    ],
+)
+def test_malformed_taxonomies_name_the_problem(data: dict, message: str) -> None:
+    with pytest.raises(TaxonomyError, match=message):
+        Taxonomy.from_dict(data)
+
+
+def test_unknown_attribute_and_value_are_clear_errors(taxonomy: Taxonomy) -> None:
+    with pytest.raises(TaxonomyError, match="unknown attribute 'size'"):
+        taxonomy["size"]
+    with pytest.raises(TaxonomyError, match="'teal' is not allowed for attribute 'color'"):
+        taxonomy["color"].index("teal")
+
+
+def test_user_taxonomy_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "tax.yaml"
+    path.write_text("attributes:\n  size: {kind: multiclass, values: [s, m, l], description: fit}\n")
+    tax = load_taxonomy(path)
+    assert Taxonomy.from_dict(tax.to_dict()).to_dict() == tax.to_dict()
+    with pytest.raises(TaxonomyError, match="not found"):
+        load_taxonomy(tmp_path / "missing.yaml")
