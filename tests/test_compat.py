@@ -55,13 +55,14 @@ def test_timm_imports_inside_a_spark_python_worker(spark) -> None:  # type: igno
     from catalog_enrichment.data.images import COLOR_RGB  # noqa: F401  (package on the worker path)
 
     def probe(batches):  # type: ignore[no-untyped-def]
+        import importlib
         import os
 
         import pandas as pd
-        import timm
 
-        import catalog_enrichment  # noqa: F401
+        import catalog_enrichment  # noqa: F401  (first, as the unpickled UDFs of the job do)
 
+        timm = importlib.import_module("timm")  # not a plain import: isort would hoist it above
         for _ in batches:
             yield pd.DataFrame(
                 {
