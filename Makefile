@@ -29,9 +29,9 @@ help:
 	@echo "make test   ruff + mypy + pytest (installs first)"
 	@echo "make lock   re-pin constraints.txt from the current environment"
 
-venv: $(VENV)/.ready-$(LOCK_HASH)
-
-$(VENV)/.ready-$(LOCK_HASH): $(LOCK) pyproject.toml
+# Always runs, but is a no-op (milliseconds) when the cached environment is complete, .venv links
+# to it and its editable install points at this checkout.
+venv:
 	@set -euo pipefail; \
 	if [ ! -f "$(VENV_DIR)/.complete" ]; then \
 	  echo ">> creating $(VENV_DIR) (first install takes about 3-4 minutes)"; \
@@ -46,10 +46,12 @@ $(VENV)/.ready-$(LOCK_HASH): $(LOCK) pyproject.toml
 	  touch "$(VENV_DIR)/.complete"; \
 	fi; \
 	if [ -e $(VENV) ] && [ ! -L $(VENV) ]; then echo ">> replacing the plain $(VENV) folder with a link to the cached environment"; rm -rf $(VENV); fi; \
-	ln -sfn "$(VENV_DIR)" $(VENV); \
-	$(PIP_INSTALL) --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true; \
-	$(PY) -c "import catalog_enrichment" || { echo "editable install failed" >&2; exit 1; }; \
-	rm -f $(VENV)/.ready-*; touch $@
+	[ "$$(readlink $(VENV) || true)" = "$(VENV_DIR)" ] || ln -sfn "$(VENV_DIR)" $(VENV); \
+	if [ "$$(cat $(VENV)/.editable-src 2>/dev/null || true)" != "$(CURDIR)" ]; then \
+	  $(PIP_INSTALL) --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true; \
+	  $(PY) -c "import catalog_enrichment" || { echo "editable install failed" >&2; exit 1; }; \
+	  echo "$(CURDIR)" > $(VENV)/.editable-src; \
+	fi
 
 demo: venv
 	$(VENV)/bin/catalog-enrich demo $(DEMO_ARGS)

@@ -118,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     bgen.add_argument("--out", metavar="FILE", help="write the JSON result here too")
     _common(bgen)
     bgen.set_defaults(handler=_cmd_bench_generate)
+    bq = bench_sub.add_parser(
+        "quality",
+        help="train every fusion method; R@P95, precision, coverage",
+        description="Generate a marketplace, train each fusion method with the same "
+        "budget, calibrate, evaluate on the test split; write JSON + markdown.",
+    )
+    bq.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
+    bq.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
+    bq.add_argument(
+        "--out", metavar="FILE", default="bench-quality.json", help="JSON output (markdown beside it)"
+    )
+    bq.add_argument("--methods", metavar="LIST", help="comma-separated fusion names (default: all)")
+    bq.add_argument("--epochs", type=int, metavar="E", help="epochs per method (default: training.epochs)")
+    bq.add_argument(
+        "--kl-lambda", type=float, default=0.1, metavar="L", help="lambda > 0 for modality attention"
+    )
+    bq.add_argument(
+        "--workdir", metavar="DIR", default="bench-quality", help="where the marketplace is written"
+    )
+    _common(bq)
+    bq.set_defaults(handler=_cmd_bench_quality)
     return parser
 
 
@@ -220,6 +241,38 @@ def _cmd_bench_generate(args: argparse.Namespace, cfg: AppConfig) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def _cmd_bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
+    import torch
+
+    from catalog_enrichment.bench.quality import run_quality_benchmark, write_quality_result
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.models.fusion import list_fusions
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list_fusions()
+    unknown = sorted(set(methods) - set(list_fusions()))
+    if unknown:
+        raise CatalogEnrichError(f"unknown fusion(s) {unknown}; available: {', '.join(list_fusions())}")
+    cfg = cfg.model_copy(
+        update={
+            "synthetic": cfg.synthetic.model_copy(update={"products": args.products, "seed": args.seed}),
+            "training": cfg.training.model_copy(update={"epochs": args.epochs or cfg.training.epochs}),
+        }
+    )
+    device = "cuda" if cfg.inference.device != "cpu" and torch.cuda.is_available() else "cpu"
+    result = run_quality_benchmark(
+        cfg,
+        load_taxonomy(cfg.taxonomy_path),
+        workdir=Path(args.workdir),
+        methods=methods,
+        kl_lambda=args.kl_lambda,
+        device=device,
+    )
+    md = write_quality_result(result, Path(args.out))
+    print(md.read_text())
+    print(f"wrote {args.out} and {md}")
     return 0
 
 

@@ -118,7 +118,11 @@ class TextEncoderConfig(_Section):
 class ImageEncoderConfig(_Section):
     """A timm backbone created with ``num_classes=0``."""
 
-    name: str = Field("resnet18", description="timm model name.")
+    name: str = Field(
+        "test_byobnet",
+        description="timm model name. The default is timm's smallest conv net (0.2 M parameters), fast "
+        "enough to train on 2 CPU cores; use e.g. resnet50 with pretrained_path in production.",
+    )
     pretrained_path: str | None = Field(
         None, description="Local weights file for timm (pretrained_cfg_overlay); None = random init."
     )

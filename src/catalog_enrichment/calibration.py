@@ -1,0 +1,271 @@
+"""Thresholds that keep the precision promise — pure NumPy (and SciPy for the bounds).
+
+For every (attribute, value) the training job picks, on a calibration split the model never trained
+on, a score threshold such that:
+
+1. the value has at least ``min_support`` true examples in the calibration split;
+2. at every *higher* candidate threshold with at least ``min_support`` predictions, the precision
+   of what would be written is not provably below ``target`` (its one-sided upper confidence bound
+   is >= ``target``): a real dip in precision above the threshold disqualifies everything below
+   the dip (non-monotone curves), while sampling noise in the small top cuts does not;
+3. at the threshold itself, a one-sided lower confidence bound (Wilson or Clopper–Pearson at
+   ``confidence``) on the precision of everything written is >= ``target``;
+
+and takes the *lowest* such threshold (most recall). A value for which no threshold qualifies gets
+``None`` and is never written. Multi-class attributes are thresholded on the top-1 score of each
+predicted value: the candidates for value ``v`` are the products whose argmax is ``v``.
+
+Assumptions: calibration scores are out-of-sample, and calibration products are exchangeable with
+the products scored later (same distribution); the bound is per value, not simultaneous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy import stats
+
+from catalog_enrichment.metrics import AttributeKind, precision_recall_curve_desc
+
+__all__ = [
+    "AttributeCalibration",
+    "Calibration",
+    "ValueThreshold",
+    "calibrate_attribute",
+    "clopper_pearson_lower",
+    "lower_bound",
+    "wilson_lower",
+    "wilson_upper",
+]
+
+BoundName = Literal["wilson", "clopper_pearson"]
+
+
+def wilson_lower(
+    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
+) -> np.ndarray:
+    """One-sided Wilson score lower bound on a binomial proportion (0 where ``trials == 0``)."""
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    if np.any(k < 0) or np.any(k > n):
+        raise ValueError("need 0 <= successes <= trials")
+    z = stats.norm.ppf(confidence)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        centre = p + z * z / (2 * n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        bound = (centre - half) / (1 + z * z / n)
+    return np.where(n > 0, np.clip(bound, 0.0, 1.0), 0.0)
+
+
+def wilson_upper(
+    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
+) -> np.ndarray:
+    """One-sided Wilson score upper bound (1 where ``trials == 0``)."""
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    return np.where(n > 0, 1.0 - wilson_lower(n - k, n, confidence=confidence), 1.0)
+
+
+def clopper_pearson_lower(
+    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
+) -> np.ndarray:
+    """One-sided exact (Clopper–Pearson) lower bound (0 where ``successes == 0``)."""
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    if np.any(k < 0) or np.any(k > n):
+        raise ValueError("need 0 <= successes <= trials")
+    with np.errstate(invalid="ignore"):
+        bound = stats.beta.ppf(1 - confidence, k, n - k + 1)
+    return np.where(k > 0, np.nan_to_num(bound), 0.0)
+
+
+def lower_bound(
+    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float, method: BoundName
+) -> np.ndarray:
+    """The configured one-sided lower bound."""
+    if method == "wilson":
+        return wilson_lower(successes, trials, confidence=confidence)
+    if method == "clopper_pearson":
+        return clopper_pearson_lower(successes, trials, confidence=confidence)
+    raise ValueError(f"unknown bound {method!r}; use 'wilson' or 'clopper_pearson'")
+
+
+@dataclass(frozen=True)
+class ValueThreshold:
+    """The calibration of one (attribute, value).
+
+    ``threshold`` is ``None`` when the value cannot be written. ``support`` counts true examples in
+    the calibration split; ``n_written``/``n_correct``/``precision``/``lower_bound``/``recall``
+    describe what the threshold writes on that split. ``reason`` says why there is no threshold.
+    """
+
+    value: str
+    threshold: float | None
+    support: int
+    n_written: int = 0
+    n_correct: int = 0
+    precision: float | None = None
+    lower_bound: float | None = None
+    recall: float = 0.0
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AttributeCalibration:
+    """Thresholds for every value of one attribute, in taxonomy order."""
+
+    attribute: str
+    kind: AttributeKind
+    values: tuple[ValueThreshold, ...]
+
+    def threshold_array(self) -> np.ndarray:
+        """``(n_values,)`` thresholds, ``NaN`` for values that are never written."""
+        return np.array([np.nan if v.threshold is None else v.threshold for v in self.values])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Everything the decision step needs, plus how it was made. JSON round-trips via to/from_dict."""
+
+    target_precision: float
+    confidence: float
+    bound: BoundName
+    min_support: int
+    attributes: Mapping[str, AttributeCalibration] = field(default_factory=dict)
+
+    def thresholds(self, attribute: str) -> np.ndarray:
+        return self.attributes[attribute].threshold_array()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_precision": self.target_precision,
+            "confidence": self.confidence,
+            "bound": self.bound,
+            "min_support": self.min_support,
+            "attributes": {
+                name: {"kind": a.kind, "values": [asdict(v) for v in a.values]}
+                for name, a in self.attributes.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        attributes = {
+            name: AttributeCalibration(name, spec["kind"], tuple(ValueThreshold(**v) for v in spec["values"]))
+            for name, spec in data["attributes"].items()
+        }
+        return cls(
+            data["target_precision"], data["confidence"], data["bound"], data["min_support"], attributes
+        )
+
+
+def _pick_threshold(
+    scores: np.ndarray,
+    correct: np.ndarray,
+    support: int,
+    *,
+    target: float,
+    confidence: float,
+    bound: BoundName,
+    min_support: int,
+) -> tuple[float | None, dict[str, Any]]:
+    if support < min_support:
+        return None, {"reason": f"support {support} < min_support {min_support}"}
+    thresholds, n_pred, n_corr, recall = precision_recall_curve_desc(scores, correct, n_positive=support)
+    if thresholds.size == 0:
+        return None, {"reason": "never predicted"}
+    precision = n_corr / n_pred
+    judged = n_pred >= min_support
+    # A higher cut disqualifies everything below it only when its precision is *provably* under the
+    # target (upper bound < target): noise in small top cuts must not, a real dip must.
+    upper = wilson_upper(n_corr, n_pred, confidence=confidence)
+    failing = np.flatnonzero(judged & (upper < target))
+    # Only cuts above the first judged cut whose precision misses the target qualify.
+    stop = int(failing[0]) if failing.size else thresholds.size
+    lb = lower_bound(n_corr[:stop], n_pred[:stop], confidence=confidence, method=bound)
+    ok = np.flatnonzero(judged[:stop] & (lb >= target))
+    if ok.size == 0:
+        best_lb = float(lb.max()) if lb.size else 0.0
+        why = (
+            "precision dips below target above every provable threshold"
+            if failing.size and stop == 0
+            else (f"lower bound never reaches {target} (best {best_lb:.3f})")
+        )
+        return None, {"reason": why}
+    i = int(ok[-1])  # lowest qualifying threshold = most recall
+    return float(thresholds[i]), {
+        "n_written": int(n_pred[i]),
+        "n_correct": int(n_corr[i]),
+        "precision": float(precision[i]),
+        "lower_bound": float(lb[i]),
+        "recall": float(recall[i]),
+    }
+
+
+def calibrate_attribute(
+    name: str,
+    kind: AttributeKind,
+    values: Sequence[str],
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    target: float = 0.95,
+    confidence: float = 0.95,
+    bound: BoundName = "wilson",
+    min_support: int = 20,
+) -> AttributeCalibration:
+    """Thresholds for one attribute from out-of-sample calibration scores.
+
+    Args:
+        name, kind, values: the taxonomy attribute (``values`` in head output order).
+        scores: ``(n, n_values)`` probabilities on the calibration split.
+        labels: multi-label ``(n, n_values)`` 0/1; multi-class ``(n,)`` indices, ``-1`` = unlabelled.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] != len(values):
+        raise ValueError(f"{name}: scores shape {scores.shape} does not match {len(values)} values")
+    if not 0 < target < 1 or not 0.5 < confidence < 1:
+        raise ValueError("need 0 < target < 1 and 0.5 < confidence < 1")
+    if min_support < 1:
+        raise ValueError("min_support must be >= 1")
+    out = []
+    if kind == "multilabel":
+        labels = np.asarray(labels).astype(bool)
+        if labels.shape != scores.shape:
+            raise ValueError(f"{name}: labels shape {labels.shape} != scores shape {scores.shape}")
+        for v, value in enumerate(values):
+            support = int(labels[:, v].sum())
+            thr, info = _pick_threshold(
+                scores[:, v],
+                labels[:, v],
+                support,
+                target=target,
+                confidence=confidence,
+                bound=bound,
+                min_support=min_support,
+            )
+            out.append(ValueThreshold(value, thr, support, **info))
+    else:
+        labels = np.asarray(labels).astype(np.int64)
+        known = labels >= 0
+        s, y = scores[known], labels[known]
+        top = s.argmax(axis=1) if s.size else np.zeros(0, np.int64)
+        top_score = s[np.arange(s.shape[0]), top] if s.size else np.zeros(0)
+        for v, value in enumerate(values):
+            sel = top == v
+            support = int((y == v).sum())
+            thr, info = _pick_threshold(
+                top_score[sel],
+                y[sel] == v,
+                support,
+                target=target,
+                confidence=confidence,
+                bound=bound,
+                min_support=min_support,
+            )
+            out.append(ValueThreshold(value, thr, support, **info))
+    return AttributeCalibration(name, kind, tuple(out))

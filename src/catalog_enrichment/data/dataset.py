@@ -1,0 +1,277 @@
+"""Labelled products as model input: label encoding, tokenizer training, a lazy torch Dataset.
+
+Text input is ``[CLS] title [SEP] description [SEP]`` (segment 0 = title, 1 = description).
+Images are decoded lazily, per item, from inline bytes or ``image_uri``; a missing or undecodable
+image becomes a zero tensor with ``image_present = 0`` (the models are trained with such products,
+so they score them from the text alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.images import decode_image
+from catalog_enrichment.errors import ContractError, TaxonomyError
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "Collator",
+    "EncodedLabels",
+    "ProductDataset",
+    "ProductRecords",
+    "encode_labels",
+    "image_to_tensor",
+    "train_wordpiece_tokenizer",
+]
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@dataclass(frozen=True)
+class ProductRecords:
+    """The columns the model reads, as Python lists (one entry per product)."""
+
+    product_id: list[str | None]
+    title: list[str]
+    description: list[str | None]
+    image: list[bytes | None]
+    image_uri: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.title)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> ProductRecords:
+        missing = [c for c in ("title",) if c not in table.column_names]
+        if missing:
+            raise ContractError(f"products table lacks columns {missing}")
+
+        def col(name: str) -> list[Any]:
+            return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+        return cls(
+            col("product_id"),
+            [t or "" for t in col("title")],
+            col("description"),
+            col("image"),
+            col("image_uri"),
+        )
+
+    def image_bytes(self, i: int) -> bytes | None:
+        if self.image[i] is not None:
+            return self.image[i]
+        uri = self.image_uri[i]
+        if not uri:
+            return None
+        path = Path(uri.removeprefix("file://"))
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
+
+
+@dataclass(frozen=True)
+class EncodedLabels:
+    """Label arrays per attribute.
+
+    Multi-label: ``targets[a]`` is ``(n, V)`` float32 multi-hot and ``known[a]`` ``(n,)`` bool.
+    Multi-class: ``targets[a]`` is ``(n,)`` int64 class index, ``-1`` where unknown.
+    """
+
+    targets: Mapping[str, np.ndarray]
+    known: Mapping[str, np.ndarray]
+
+    def subset(self, idx: np.ndarray) -> EncodedLabels:
+        return EncodedLabels(
+            {a: t[idx] for a, t in self.targets.items()}, {a: k[idx] for a, k in self.known.items()}
+        )
+
+    def stratification_matrix(self) -> np.ndarray:
+        """``(n, sum V)`` 0/1 matrix of every attribute value, for iterative stratification."""
+        cols = []
+        for t in self.targets.values():
+            if t.ndim == 2:
+                cols.append(t > 0.5)
+            else:
+                onehot = np.zeros((t.shape[0], int(t.max(initial=0)) + 1), bool)
+                onehot[np.flatnonzero(t >= 0), t[t >= 0]] = True
+                cols.append(onehot)
+        return np.concatenate(cols, axis=1).astype(np.int64)
+
+
+def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
+    """Turn the label columns of a labelled products table into arrays (see :class:`EncodedLabels`).
+
+    Raises:
+        ContractError: a taxonomy attribute has no column.
+        TaxonomyError: a label names a value the taxonomy does not allow (lists the offenders).
+    """
+    missing = [a.name for a in taxonomy if a.name not in table.column_names]
+    if missing:
+        raise ContractError(f"labelled table lacks label columns for attributes {missing}")
+    targets: dict[str, np.ndarray] = {}
+    known: dict[str, np.ndarray] = {}
+    for attr in taxonomy:
+        index = {v: i for i, v in enumerate(attr.values)}
+        column = table[attr.name].to_pylist()
+        bad: set[str] = set()
+        if attr.kind == "multilabel":
+            arr = np.zeros((len(column), len(attr.values)), np.float32)
+            ok = np.zeros(len(column), bool)
+            for i, values in enumerate(column):
+                if values is None:
+                    continue
+                if isinstance(values, str):
+                    values = [values]
+                ok[i] = True
+                for v in values:
+                    if v in index:
+                        arr[i, index[v]] = 1.0
+                    else:
+                        bad.add(str(v))
+        else:
+            arr = np.full(len(column), -1, np.int64)
+            for i, value in enumerate(column):
+                if value is None:
+                    continue
+                if isinstance(value, list):
+                    raise ContractError(f"label column {attr.name!r} is multiclass but holds a list: {value}")
+                if value in index:
+                    arr[i] = index[value]
+                else:
+                    bad.add(str(value))
+            ok = arr >= 0
+        if bad:
+            raise TaxonomyError(
+                f"label column {attr.name!r} has values outside the taxonomy: {sorted(bad)[:10]}"
+                f" (allowed: {list(attr.values)})"
+            )
+        targets[attr.name] = arr
+        known[attr.name] = ok
+    return EncodedLabels(targets, known)
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_length: int) -> Any:
+    """Train a lower-casing WordPiece tokenizer on ``texts`` (the training split's text only).
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` that saves/loads with ``save_pretrained``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2, show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+
+
+_MEAN = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
+_STD = torch.tensor([0.25, 0.25, 0.25]).view(3, 1, 1)
+
+
+def image_to_tensor(data: bytes | None, size: int) -> tuple[torch.Tensor, bool]:
+    """Decode and normalise one image to ``(3, size, size)`` float32; zeros + False when absent/bad."""
+    pixels = decode_image(data, size)
+    if pixels is None:
+        return torch.zeros(3, size, size), False
+    tensor = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float().div_(255.0)
+    return (tensor - _MEAN) / _STD, True
+
+
+class ProductDataset(Dataset[dict[str, Any]]):
+    """Items of a subset of products: texts, the image (decoded on access) and the labels."""
+
+    def __init__(
+        self,
+        records: ProductRecords,
+        indices: Sequence[int] | np.ndarray,
+        *,
+        image_size: int,
+        labels: EncodedLabels | None = None,
+    ) -> None:
+        self.records = records
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.image_size = image_size
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = int(self.indices[k])
+        image, present = image_to_tensor(self.records.image_bytes(i), self.image_size)
+        item: dict[str, Any] = {
+            "title": self.records.title[i],
+            "description": self.records.description[i] or "",
+            "pixel_values": image,
+            "image_present": present,
+        }
+        if self.labels is not None:
+            item["targets"] = {a: t[i] for a, t in self.labels.targets.items()}
+            item["known"] = {a: bool(m[i]) for a, m in self.labels.known.items()}
+        return item
+
+
+class Collator:
+    """Batches items: one fast-tokenizer call for the whole batch, stacked images and labels."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def tokenize(self, titles: list[str], descriptions: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            titles,
+            descriptions,
+            padding=True,
+            truncation="longest_first",
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_token_type_ids=True,
+        )
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"],
+        }
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = self.tokenize(
+            [it["title"] for it in items], [it["description"] for it in items]
+        )
+        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        batch["image_present"] = torch.tensor([float(it["image_present"]) for it in items])
+        if "targets" in items[0]:
+            batch["targets"] = {
+                a: torch.from_numpy(np.stack([it["targets"][a] for it in items])) for a in items[0]["targets"]
+            }
+            batch["known"] = {a: torch.tensor([it["known"][a] for it in items]) for a in items[0]["known"]}
+        return batch

@@ -1,0 +1,217 @@
+"""Classification metrics for attribute prediction — pure NumPy in, NumPy/float out.
+
+Shapes and conventions used throughout:
+
+* ``scores``: ``(n_products, n_values)`` float probabilities for one attribute (sigmoid outputs for
+  a multi-label attribute, softmax outputs for a multi-class one).
+* multi-label ``labels``: ``(n_products, n_values)`` 0/1 matrix; multi-class ``labels``: ``(n,)``
+  int class indices. Products without a label are removed by the caller (or marked ``-1`` for
+  multi-class, which these functions drop).
+* Scores must be out-of-sample for any number here to mean something.
+
+R@P95 follows paper 004: the best recall over all thresholds whose precision is >= 0.95.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+__all__ = [
+    "AttributeKind",
+    "attribute_r_at_p",
+    "binary_r_at_p",
+    "decision_matrix",
+    "f1_scores",
+    "precision_recall_curve_desc",
+    "written_precision_and_coverage",
+]
+
+AttributeKind = Literal["multilabel", "multiclass"]
+
+
+def _check_scores(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D (n_products, n_values), got shape {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or infinity")
+    return scores
+
+
+def _check_labels(labels: np.ndarray, scores: np.ndarray, kind: AttributeKind) -> np.ndarray:
+    labels = np.asarray(labels)
+    if kind == "multilabel":
+        if labels.shape != scores.shape:
+            raise ValueError(f"multilabel labels shape {labels.shape} != scores shape {scores.shape}")
+        return labels.astype(bool)
+    if labels.shape != (scores.shape[0],):
+        raise ValueError(f"multiclass labels must have shape ({scores.shape[0]},), got {labels.shape}")
+    if labels.size and labels.max() >= scores.shape[1]:
+        raise ValueError("multiclass labels index past the number of values")
+    return labels.astype(np.int64)
+
+
+def precision_recall_curve_desc(
+    scores: np.ndarray, correct: np.ndarray, *, n_positive: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative precision/recall at every distinct score cut, highest score first.
+
+    Args:
+        scores: ``(m,)`` scores of the candidate predictions.
+        correct: ``(m,)`` bool, whether each candidate prediction is right.
+        n_positive: recall denominator (default: ``correct.sum()``).
+
+    Returns:
+        ``(thresholds, n_predicted, n_correct, recall)``, each ``(k,)``: predicting every candidate
+        with ``score >= thresholds[i]`` predicts ``n_predicted[i]`` items, ``n_correct[i]`` right.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=bool).ravel()
+    if scores.shape != correct.shape:
+        raise ValueError("scores and correct must have the same length")
+    total = int(correct.sum()) if n_positive is None else int(n_positive)
+    if scores.size == 0:
+        empty = np.zeros(0)
+        return empty, empty.astype(np.int64), empty.astype(np.int64), empty
+    order = np.argsort(-scores, kind="mergesort")
+    s, c = scores[order], correct[order]
+    cum_correct = np.cumsum(c)
+    # keep the last index of each run of equal scores: a threshold cannot split ties
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
+    n_pred = last + 1
+    n_corr = cum_correct[last]
+    recall = n_corr / total if total > 0 else np.zeros(last.size)
+    return s[last], n_pred.astype(np.int64), n_corr.astype(np.int64), recall
+
+
+def binary_r_at_p(
+    scores: np.ndarray, correct: np.ndarray, *, target: float = 0.95, n_positive: int | None = None
+) -> tuple[float, float | None]:
+    """Best recall at any threshold whose precision >= ``target``; returns ``(recall, threshold)``.
+
+    ``(0.0, None)`` when no threshold reaches the target.
+    """
+    thresholds, n_pred, n_corr, recall = precision_recall_curve_desc(scores, correct, n_positive=n_positive)
+    if thresholds.size == 0:
+        return 0.0, None
+    ok = n_corr / n_pred >= target
+    if not ok.any():
+        return 0.0, None
+    best = int(np.argmax(np.where(ok, recall, -1.0)))
+    return float(recall[best]), float(thresholds[best])
+
+
+def decision_matrix(scores: np.ndarray, kind: AttributeKind, thresholds: np.ndarray) -> np.ndarray:
+    """Which values would be written: ``(n, n_values)`` bool.
+
+    Multi-label: every value whose score >= its threshold. Multi-class: the top-1 value if its
+    score >= that value's threshold. ``NaN`` thresholds mean "never written".
+    """
+    scores = _check_scores(scores)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.shape != (scores.shape[1],):
+        raise ValueError(f"thresholds must have shape ({scores.shape[1]},), got {thresholds.shape}")
+    with np.errstate(invalid="ignore"):
+        clears = scores >= thresholds[None, :]  # NaN compares False
+    if kind == "multilabel":
+        return clears
+    top = scores.argmax(axis=1)
+    out = np.zeros_like(clears)
+    rows = np.arange(scores.shape[0])
+    out[rows, top] = clears[rows, top]
+    return out
+
+
+def _truth_matrix(labels: np.ndarray, n_values: int, kind: AttributeKind) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-hot truth ``(n, V)`` and the mask of labelled products ``(n,)``."""
+    if kind == "multilabel":
+        truth = labels.astype(bool)
+        return truth, np.ones(truth.shape[0], bool)
+    known = labels >= 0
+    truth = np.zeros((labels.shape[0], n_values), bool)
+    truth[np.flatnonzero(known), labels[known]] = True
+    return truth, known
+
+
+def written_precision_and_coverage(
+    scores: np.ndarray, labels: np.ndarray, kind: AttributeKind, thresholds: np.ndarray
+) -> dict[str, float | int]:
+    """Realized precision and coverage of what the thresholds would write.
+
+    Returns ``written`` (values written), ``correct``, ``precision`` (NaN when nothing is written),
+    ``coverage`` (share of labelled products that get at least one value) and ``recall`` (share of
+    true (product, value) pairs written).
+    """
+    scores = _check_scores(scores)
+    labels = _check_labels(labels, scores, kind)
+    truth, known = _truth_matrix(labels, scores.shape[1], kind)
+    written = decision_matrix(scores, kind, thresholds)[known]
+    truth = truth[known]
+    n_written = int(written.sum())
+    n_correct = int((written & truth).sum())
+    return {
+        "written": n_written,
+        "correct": n_correct,
+        "precision": n_correct / n_written if n_written else float("nan"),
+        "coverage": float(written.any(axis=1).mean()) if written.shape[0] else 0.0,
+        "recall": n_correct / int(truth.sum()) if truth.sum() else 0.0,
+    }
+
+
+def attribute_r_at_p(
+    scores: np.ndarray, labels: np.ndarray, kind: AttributeKind, *, target: float = 0.95
+) -> dict[str, object]:
+    """R@P95 for one attribute: pooled (one global threshold) and per value.
+
+    Multi-label: every (product, value) pair is a candidate; pooled recall is over all true pairs.
+    Multi-class: each product's top-1 prediction is a candidate; pooled recall is over labelled
+    products; per value, the candidates are the products whose top-1 is that value.
+    """
+    scores = _check_scores(scores)
+    labels = _check_labels(labels, scores, kind)
+    truth, known = _truth_matrix(labels, scores.shape[1], kind)
+    s, t = scores[known], truth[known]
+    per_value: list[float] = []
+    if kind == "multilabel":
+        pooled, _ = binary_r_at_p(s.ravel(), t.ravel(), target=target)
+        for v in range(s.shape[1]):
+            per_value.append(binary_r_at_p(s[:, v], t[:, v], target=target)[0] if t[:, v].any() else np.nan)
+    else:
+        top = s.argmax(axis=1)
+        top_score = s[np.arange(s.shape[0]), top]
+        right = t[np.arange(s.shape[0]), top]
+        pooled, _ = binary_r_at_p(top_score, right, target=target, n_positive=s.shape[0])
+        for v in range(s.shape[1]):
+            sel = top == v
+            support = int(t[:, v].sum())
+            per_value.append(
+                binary_r_at_p(top_score[sel], right[sel], target=target, n_positive=support)[0]
+                if support
+                else np.nan
+            )
+    return {"pooled": float(pooled), "per_value": np.asarray(per_value, dtype=np.float64)}
+
+
+def f1_scores(scores: np.ndarray, labels: np.ndarray, kind: AttributeKind) -> dict[str, float]:
+    """Macro and micro F1 at the natural decision rule (sigmoid >= 0.5 / argmax)."""
+    scores = _check_scores(scores)
+    labels = _check_labels(labels, scores, kind)
+    if kind == "multilabel":
+        pred = scores >= 0.5
+        truth = labels
+    else:
+        known = labels >= 0
+        n_values = scores.shape[1]
+        pred = np.eye(n_values, dtype=bool)[scores[known].argmax(axis=1)]
+        truth = np.eye(n_values, dtype=bool)[labels[known]]
+    present = truth.any(axis=0) | pred.any(axis=0)
+    macro = (
+        f1_score(truth[:, present], pred[:, present], average="macro", zero_division=0)
+        if present.any()
+        else 0.0
+    )
+    micro = f1_score(truth, pred, average="micro", zero_division=0)
+    return {"macro_f1": float(macro), "micro_f1": float(micro)}

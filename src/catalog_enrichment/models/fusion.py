@@ -1,0 +1,528 @@
+"""Fusion methods of the papers in one registry: ``create_fusion(name, **cfg)``, ``list_fusions()``.
+
+Every fusion takes the encoders' features and returns per-attribute probabilities (one forward
+pass scores every attribute), the logits its training loss is computed on, optional per-product
+modality weights and an auxiliary loss.
+
+==================  ======================================================================  =======
+name                method                                                                  paper
+==================  ======================================================================  =======
+text_only           pooled text -> linear heads                                             004
+image_only          pooled image -> linear heads                                            004
+late                separate text and image heads; probabilities interpolated with alpha    000
+                    per attribute, alpha picked on held-out data after training
+decision            unimodal heads, then a small NN on both modalities' probabilities,      001
+                    trained on held-out data after the unimodal training
+concat              early shallow: [text, image] -> MLP -> heads                            000/004
+cross_attention     SA(h,h,h) + VG * SA(h,v,v), VG = sigmoid(W1 h_i + W2 v0 + b),           000
+                    summed tokens -> linear heads (eqs. 1-4)
+hierarchical        fields (title, description) x text encoders merged in two levels        002
+                    (add | concat | average), then the image
+modality_attention  LayerNorm per modality; per product and attribute p_txt = sigmoid(      004
+                    W[x_t, x_i] + b); heads on [p x_t, (1-p) x_i]; lambda * KL(p || uniform)
+==================  ======================================================================  =======
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from catalog_enrichment.errors import ConfigError
+
+__all__ = [
+    "Fusion",
+    "FusionInputs",
+    "FusionOutput",
+    "HeadSpec",
+    "create_fusion",
+    "list_fusions",
+    "register_fusion",
+]
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def kl_to_uniform(weights: torch.Tensor) -> torch.Tensor:
+    """``KL(p || uniform)`` per row of ``(..., M)`` modality weights = log M - H(p) (004 eq. 5)."""
+    p = weights.clamp_min(1e-8)
+    return (p * p.log()).sum(dim=-1) + math.log(weights.shape[-1])
+
+
+def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sigmoid for a multi-label head, softmax for a multi-class one."""
+    return torch.sigmoid(logits) if kind == "multilabel" else torch.softmax(logits, dim=-1)
+
+
+def merge(vectors: Sequence[torch.Tensor], how: str) -> torch.Tensor:
+    """Merge same-shaped vectors by ``add``, ``average`` or ``concat`` (002's level operations)."""
+    if how == "add":
+        return torch.stack(list(vectors)).sum(dim=0)
+    if how == "average":
+        return torch.stack(list(vectors)).mean(dim=0)
+    if how == "concat":
+        return torch.cat(list(vectors), dim=-1)
+    raise ConfigError(f"unknown merge {how!r}; use add, average or concat")
+
+
+# ----------------------------------------------------------------------------- small modules
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One taxonomy attribute's head: name, kind, number of values."""
+
+    name: str
+    kind: Literal["multilabel", "multiclass"]
+    num_values: int
+
+
+class AttributeHeads(nn.Module):
+    """One linear head per attribute on a shared input vector."""
+
+    def __init__(self, in_dim: int, heads: Sequence[HeadSpec]) -> None:
+        super().__init__()
+        self.specs = {h.name: h for h in heads}
+        self.heads = nn.ModuleDict({h.name: nn.Linear(in_dim, h.num_values) for h in heads})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(x) for name, head in self.heads.items()}
+
+
+@dataclass
+class FusionInputs:
+    """What the encoders produced for a batch.
+
+    ``text_tokens`` (B, L, H), ``text_mask`` (B, L), ``text_pooled`` (B, H); ``image_tokens``
+    (B, N, C), ``image_pooled`` (B, C), ``image_present`` (B,); ``field_pooled`` (hierarchical only):
+    ``[encoder][field]`` -> (B, H_e) with ``field_present[field]`` (B,).
+    """
+
+    image_present: torch.Tensor
+    text_tokens: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    text_pooled: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
+    image_pooled: torch.Tensor | None = None
+    field_pooled: list[list[torch.Tensor]] | None = None
+    field_present: list[torch.Tensor] | None = None
+
+
+@dataclass
+class FusionOutput:
+    """A fusion's result for a batch of B products.
+
+    Attributes:
+        probs: attribute -> (B, V) probabilities (the scores that get calibrated and written).
+        train_logits: logits sets the loss is computed on (one per supervised branch),
+            each attribute -> (B, V).
+        modality_weights: attribute -> (B, 2) [text, image] weights (modality_attention only).
+        aux_loss: scalar regulariser added to the loss (0 when none).
+        branch_probs: branch name -> attribute -> (B, V), for fusions fitted on held-out data.
+    """
+
+    probs: dict[str, torch.Tensor]
+    train_logits: list[dict[str, torch.Tensor]]
+    aux_loss: torch.Tensor
+    modality_weights: dict[str, torch.Tensor] | None = None
+    branch_probs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class Fusion(nn.Module):
+    """Base class. Subclasses declare which encoder outputs they need."""
+
+    needs_text: ClassVar[bool] = True
+    needs_image: ClassVar[bool] = True
+    needs_tokens: ClassVar[bool] = False
+    needs_fields: ClassVar[bool] = False
+    fits_on_heldout: ClassVar[bool] = False
+
+    def __init__(self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec]) -> None:
+        super().__init__()
+        self.text_dim, self.image_dim = text_dim, image_dim
+        self.specs = {h.name: h for h in heads}
+
+    def _probs(self, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {a: probabilities(lg, self.specs[a].kind) for a, lg in logits.items()}
+
+    def _output(self, logits: dict[str, torch.Tensor], device: torch.device, **extra: Any) -> FusionOutput:
+        return FusionOutput(self._probs(logits), [logits], torch.zeros((), device=device), **extra)
+
+    def extra_text_encoders(self) -> list[dict[str, Any]]:
+        """Config overrides of additional text encoders this fusion needs (hierarchical)."""
+        return []
+
+    def fit_heldout(
+        self,
+        branch_probs: Mapping[str, Mapping[str, torch.Tensor]],
+        targets: Mapping[str, torch.Tensor],
+        known: Mapping[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """Fit the parts picked on held-out data (late: alpha; decision: the decision net)."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Fusion]] = {}
+
+
+def register_fusion(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
+    """Class decorator adding a fusion to the registry under ``name``."""
+
+    def add(cls: type[Fusion]) -> type[Fusion]:
+        if name in _REGISTRY:
+            raise ValueError(f"fusion {name!r} registered twice")
+        _REGISTRY[name] = cls
+        cls.registry_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return add
+
+
+def list_fusions() -> list[str]:
+    """Names of all registered fusion methods."""
+    return sorted(_REGISTRY)
+
+
+def fusion_class(name: str) -> type[Fusion]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown fusion {name!r}; available: {', '.join(list_fusions())}") from None
+
+
+def create_fusion(
+    name: str, *, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], **cfg: Any
+) -> Fusion:
+    """Build a registered fusion; unknown names and unknown options are a :class:`ConfigError`."""
+    cls = fusion_class(name)
+    try:
+        return cls(text_dim, image_dim, heads, **cfg)
+    except TypeError as exc:
+        raise ConfigError(f"fusion {name!r}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+@register_fusion("text_only")
+class TextOnly(Fusion):
+    needs_image = False
+
+    def __init__(
+        self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], *, dropout: float = 0.1
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads)
+        self.norm = nn.LayerNorm(text_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = AttributeHeads(text_dim, heads)
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        assert x.text_pooled is not None
+        return self._output(self.heads(self.dropout(self.norm(x.text_pooled))), x.text_pooled.device)
+
+
+@register_fusion("image_only")
+class ImageOnly(Fusion):
+    needs_text = False
+
+    def __init__(
+        self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], *, dropout: float = 0.1
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads)
+        self.norm = nn.LayerNorm(image_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = AttributeHeads(image_dim, heads)
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        assert x.image_pooled is not None
+        return self._output(self.heads(self.dropout(self.norm(x.image_pooled))), x.image_pooled.device)
+
+
+class _TwoBranches(Fusion):
+    """Separate text and image heads trained together (no shared parameters = trained apart)."""
+
+    fits_on_heldout = True
+
+    def __init__(
+        self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], *, dropout: float = 0.1
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads)
+        self.text_branch = TextOnly(text_dim, image_dim, heads, dropout=dropout)
+        self.image_branch = ImageOnly(text_dim, image_dim, heads, dropout=dropout)
+
+    def _branches(self, x: FusionInputs) -> tuple[FusionOutput, FusionOutput]:
+        return self.text_branch(x), self.image_branch(x)
+
+
+@register_fusion("late")
+class LateFusion(_TwoBranches):
+    """000: p = alpha * p_text + (1 - alpha) * p_image, alpha per attribute picked on held-out data."""
+
+    def __init__(
+        self,
+        text_dim: int,
+        image_dim: int,
+        heads: Sequence[HeadSpec],
+        *,
+        dropout: float = 0.1,
+        alpha_grid: int = 21,
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads, dropout=dropout)
+        self.alpha_grid = alpha_grid
+        self.register_buffer("alpha", torch.full((len(heads),), 0.5))
+        self.order = [h.name for h in heads]
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        text, image = self._branches(x)
+        probs = {
+            a: self.alpha[k] * text.probs[a] + (1 - self.alpha[k]) * image.probs[a]
+            for k, a in enumerate(self.order)
+        }
+        return FusionOutput(
+            probs,
+            text.train_logits + image.train_logits,
+            text.aux_loss,
+            branch_probs={"text": text.probs, "image": image.probs},
+        )
+
+    def fit_heldout(self, branch_probs, targets, known):  # type: ignore[no-untyped-def]
+        from catalog_enrichment.metrics import attribute_r_at_p
+
+        chosen = {}
+        for k, a in enumerate(self.order):
+            kind = self.specs[a].kind
+            mask = known[a].numpy()
+            y = targets[a].numpy()[mask]
+            pt, pi = branch_probs["text"][a].numpy()[mask], branch_probs["image"][a].numpy()[mask]
+            best = (-1.0, 0.5)
+            for alpha in np.linspace(0, 1, self.alpha_grid):
+                score = float(attribute_r_at_p(alpha * pt + (1 - alpha) * pi, y, kind)["pooled"])  # type: ignore[arg-type]
+                if score > best[0] + 1e-12:
+                    best = (score, float(alpha))
+            self.alpha[k] = best[1]
+            chosen[a] = best[1]
+        return {"alpha": chosen}
+
+
+@register_fusion("decision")
+class DecisionFusion(_TwoBranches):
+    """001: a small NN per attribute on [p_text, p_image], trained on held-out probabilities."""
+
+    def __init__(
+        self,
+        text_dim: int,
+        image_dim: int,
+        heads: Sequence[HeadSpec],
+        *,
+        dropout: float = 0.1,
+        hidden: int = 32,
+        steps: int = 300,
+        lr: float = 0.01,
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads, dropout=dropout)
+        self.steps, self.lr = steps, lr
+        self.decision = nn.ModuleDict(
+            {
+                h.name: nn.Sequential(
+                    nn.Linear(2 * h.num_values, hidden), nn.ReLU(), nn.Linear(hidden, h.num_values)
+                )
+                for h in heads
+            }
+        )
+        self.register_buffer("fitted", torch.zeros(()))
+
+    def _decide(
+        self, pt: Mapping[str, torch.Tensor], pi: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return {a: net(torch.cat([pt[a], pi[a]], dim=-1)) for a, net in self.decision.items()}
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        text, image = self._branches(x)
+        if self.fitted.item():
+            probs = self._probs(self._decide(text.probs, image.probs))
+        else:  # before the decision net is fitted, report the average (used for early stopping)
+            probs = {a: (text.probs[a] + image.probs[a]) / 2 for a in text.probs}
+        return FusionOutput(
+            probs,
+            text.train_logits + image.train_logits,
+            text.aux_loss,
+            branch_probs={"text": text.probs, "image": image.probs},
+        )
+
+    def fit_heldout(self, branch_probs, targets, known):  # type: ignore[no-untyped-def]
+        from catalog_enrichment.training.losses import attribute_loss
+
+        params = [p for net in self.decision.values() for p in net.parameters()]
+        opt = torch.optim.Adam(params, lr=self.lr)
+        pt = {a: p.detach() for a, p in branch_probs["text"].items()}
+        pi = {a: p.detach() for a, p in branch_probs["image"].items()}
+        kinds = {a: s.kind for a, s in self.specs.items()}
+        losses = []
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                opt.zero_grad()
+                loss = attribute_loss(self._decide(pt, pi), targets, known, kinds)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+        self.fitted.fill_(1.0)
+        return {"decision_loss_first": losses[0], "decision_loss_last": losses[-1]}
+
+
+@register_fusion("concat")
+class ConcatFusion(Fusion):
+    """000/004 early shallow fusion: concatenate the two vectors, one hidden layer, heads."""
+
+    def __init__(
+        self,
+        text_dim: int,
+        image_dim: int,
+        heads: Sequence[HeadSpec],
+        *,
+        dropout: float = 0.1,
+        hidden_dim: int = 256,
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(text_dim + image_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout))
+        self.heads = AttributeHeads(hidden_dim, heads)
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        assert x.text_pooled is not None and x.image_pooled is not None
+        return self._output(
+            self.heads(self.mlp(torch.cat([x.text_pooled, x.image_pooled], -1))), x.text_pooled.device
+        )
+
+
+@register_fusion("cross_attention")
+class CrossAttentionFusion(Fusion):
+    """000 eqs. 1-4: h' = SA(h,h,h) + VG * SA(h,v,v); VG_i = sigmoid(W1 h_i + W2 v0 + b); heads(sum_i h'_i)."""
+
+    needs_tokens = True
+
+    def __init__(
+        self,
+        text_dim: int,
+        image_dim: int,
+        heads: Sequence[HeadSpec],
+        *,
+        dropout: float = 0.1,
+        num_heads: int = 4,
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads)
+        self.project_image = nn.Linear(image_dim, text_dim)
+        self.self_attention = nn.MultiheadAttention(text_dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attention = nn.MultiheadAttention(text_dim, num_heads, dropout=dropout, batch_first=True)
+        self.gate_text = nn.Linear(text_dim, text_dim)
+        self.gate_image = nn.Linear(text_dim, text_dim, bias=False)
+        self.norm = nn.LayerNorm(text_dim)
+        self.heads = AttributeHeads(text_dim, heads)
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        assert x.text_tokens is not None and x.text_mask is not None
+        assert x.image_tokens is not None and x.image_pooled is not None
+        h, pad = x.text_tokens, x.text_mask == 0
+        v = self.project_image(x.image_tokens)
+        v0 = self.project_image(x.image_pooled)
+        sa, _ = self.self_attention(h, h, h, key_padding_mask=pad, need_weights=False)
+        ca, _ = self.cross_attention(h, v, v, need_weights=False)
+        gate = torch.sigmoid(self.gate_text(h) + self.gate_image(v0)[:, None, :])
+        fused = sa + gate * ca * x.image_present[:, None, None]
+        pooled = (fused * x.text_mask[..., None]).sum(dim=1)
+        return self._output(
+            self.heads(self.norm(pooled)),
+            pooled.device,
+            modality_weights={
+                a: torch.stack([1 - gate.mean(dim=(1, 2)), gate.mean(dim=(1, 2))], dim=-1) for a in self.specs
+            },
+        )
+
+
+@register_fusion("hierarchical")
+class HierarchicalFusion(Fusion):
+    """002: title/description x text encoders, merged at level 1 (encoders) and 2 (fields), then image."""
+
+    needs_fields = True
+
+    def __init__(
+        self,
+        text_dim: int,
+        image_dim: int,
+        heads: Sequence[HeadSpec],
+        *,
+        dropout: float = 0.1,
+        level1: str = "add",
+        level2: str = "concat",
+        second_encoder: str | None = "distilbert",
+        hidden_dim: int = 256,
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads)
+        for level in (level1, level2):
+            merge([torch.zeros(1)], level)  # validates the name
+        self.level1, self.level2, self.second_encoder = level1, level2, second_encoder
+        n_encoders = 2 if second_encoder else 1
+        field_dim = text_dim * (n_encoders if level1 == "concat" else 1)
+        text_out = field_dim * (2 if level2 == "concat" else 1)
+        self.text_norm = nn.LayerNorm(text_out)
+        self.image_norm = nn.LayerNorm(image_dim)
+        self.mlp = nn.Sequential(nn.Linear(text_out + image_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout))
+        self.heads = AttributeHeads(hidden_dim, heads)
+
+    def extra_text_encoders(self) -> list[dict[str, Any]]:
+        return [{"model_type": self.second_encoder}] if self.second_encoder else []
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        assert x.field_pooled is not None and x.field_present is not None and x.image_pooled is not None
+        n_fields = len(x.field_present)
+        per_field = [
+            merge([enc[f] for enc in x.field_pooled], self.level1) * x.field_present[f][:, None]
+            for f in range(n_fields)
+        ]
+        text = self.text_norm(merge(per_field, self.level2))
+        joint = torch.cat([text, self.image_norm(x.image_pooled)], dim=-1)
+        return self._output(self.heads(self.mlp(joint)), joint.device)
+
+
+@register_fusion("modality_attention")
+class ModalityAttentionFusion(Fusion):
+    """004 eqs. 2-4, one merger per attribute: LayerNorm each modality, p_txt = sigmoid(W[x_t, x_i] + b),
+    head input [p_txt x_t, p_img x_i], loss + lambda * mean KL(p || uniform)."""
+
+    def __init__(
+        self,
+        text_dim: int,
+        image_dim: int,
+        heads: Sequence[HeadSpec],
+        *,
+        dropout: float = 0.1,
+        kl_lambda: float = 0.1,
+    ) -> None:
+        super().__init__(text_dim, image_dim, heads)
+        self.kl_lambda = kl_lambda
+        self.text_norm = nn.LayerNorm(text_dim)
+        self.image_norm = nn.LayerNorm(image_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.gates = nn.ModuleDict({h.name: nn.Linear(text_dim + image_dim, 1) for h in heads})
+        self.heads = nn.ModuleDict({h.name: nn.Linear(text_dim + image_dim, h.num_values) for h in heads})
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        assert x.text_pooled is not None and x.image_pooled is not None
+        xt, xi = self.text_norm(x.text_pooled), self.image_norm(x.image_pooled)
+        both = torch.cat([xt, xi], dim=-1)
+        logits, weights = {}, {}
+        kl = torch.zeros((), device=both.device)
+        for name, gate in self.gates.items():
+            p_txt = torch.sigmoid(gate(both))  # (B, 1)
+            w = torch.cat([p_txt, 1 - p_txt], dim=-1)
+            weights[name] = w
+            kl = kl + kl_to_uniform(w).mean()
+            logits[name] = self.heads[name](self.dropout(torch.cat([p_txt * xt, (1 - p_txt) * xi], dim=-1)))
+        out = self._output(logits, both.device, modality_weights=weights)
+        out.aux_loss = self.kl_lambda * kl / len(self.gates)
+        return out

@@ -1,0 +1,131 @@
+"""The multimodal attribute model: encoders -> fusion -> one head per taxonomy attribute.
+
+One forward pass scores every attribute. The model never picks a device; callers move it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from catalog_enrichment.config import ModelConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.errors import TaxonomyError
+from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
+from catalog_enrichment.models.fusion import FusionInputs, HeadSpec, create_fusion, fusion_class
+
+__all__ = ["ModelOutput", "MultimodalModel", "build_model", "check_heads", "head_specs"]
+
+
+@dataclass
+class ModelOutput:
+    """Scores for a batch of B products.
+
+    Attributes:
+        probs: attribute -> (B, V) probabilities (sigmoid for multi-label, softmax for multi-class).
+        train_logits: logits sets the training loss is computed on, each attribute -> (B, V).
+        aux_loss: scalar regulariser (e.g. 004's KL term), 0 when none.
+        modality_weights: attribute -> (B, 2) [text, image] weights, where the fusion has them.
+        branch_probs: per-modality probabilities of late/decision fusion, branch -> attribute -> (B, V).
+    """
+
+    probs: dict[str, torch.Tensor]
+    train_logits: list[dict[str, torch.Tensor]]
+    aux_loss: torch.Tensor
+    modality_weights: dict[str, torch.Tensor] | None
+    branch_probs: dict[str, dict[str, torch.Tensor]]
+
+
+def head_specs(taxonomy: Taxonomy) -> list[HeadSpec]:
+    """One head per taxonomy attribute, in taxonomy order."""
+    return [HeadSpec(a.name, a.kind, len(a.values)) for a in taxonomy]
+
+
+class MultimodalModel(nn.Module):
+    """Text encoder(s) + image encoder + a registered fusion with per-attribute heads."""
+
+    def __init__(
+        self, cfg: ModelConfig, heads: list[HeadSpec], *, vocab_size: int, pad_token_id: int = 0
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.heads = heads
+        cls = fusion_class(cfg.fusion)
+        self.text_encoders = nn.ModuleList()
+        self.image_encoder: ImageEncoder | None = None
+        if cls.needs_text:
+            self.text_encoders.append(TextEncoder(cfg.text, vocab_size=vocab_size, pad_token_id=pad_token_id))
+        if cls.needs_image:
+            self.image_encoder = ImageEncoder(cfg.image)
+        text_dim = self.text_encoders[0].hidden_size if cls.needs_text else 0
+        image_dim = self.image_encoder.num_features if self.image_encoder is not None else 0
+        kwargs: dict[str, Any] = {"dropout": cfg.dropout, **cfg.fusion_kwargs}
+        if cfg.fusion in ("concat", "hierarchical") and "hidden_dim" not in kwargs:
+            kwargs["hidden_dim"] = cfg.hidden_dim
+        self.fusion = create_fusion(cfg.fusion, text_dim=text_dim, image_dim=image_dim, heads=heads, **kwargs)
+        for override in self.fusion.extra_text_encoders():
+            extra_cfg = cfg.text.model_copy(update=override)
+            self.text_encoders.append(
+                TextEncoder(extra_cfg, vocab_size=vocab_size, pad_token_id=pad_token_id)
+            )
+
+    def _fields(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """Encode title (segment 0) and description (segment 1) separately with every text encoder."""
+        mask, segments = batch["attention_mask"], batch["token_type_ids"]
+        pooling = "mean" if self.cfg.text.pooling == "cls" else self.cfg.text.pooling
+        field_masks, present = [], []
+        for seg in (0, 1):
+            m = mask * (segments == seg).to(mask.dtype)
+            present.append((m.sum(dim=1) > (1 if seg == 1 else 2)).to(torch.float32))  # more than [SEP]s
+            m = m.clone()
+            m[:, 0] = 1  # never an all-masked row (attention over nothing is NaN)
+            field_masks.append(m)
+        pooled = []
+        for encoder in self.text_encoders:
+            per_field = []
+            for m in field_masks:
+                per_field.append(encoder(batch["input_ids"], m, segments, pooling=pooling).pooled)
+            pooled.append(per_field)
+        return pooled, present
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        fusion = self.fusion
+        inputs = FusionInputs(image_present=batch["image_present"])
+        if fusion.needs_fields:
+            inputs.field_pooled, inputs.field_present = self._fields(batch)
+        elif fusion.needs_text:
+            text = self.text_encoders[0](
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+            )
+            inputs.text_tokens, inputs.text_mask, inputs.text_pooled = text.tokens, text.mask, text.pooled
+        if self.image_encoder is not None:
+            image = self.image_encoder(batch["pixel_values"], batch["image_present"])
+            inputs.image_tokens, inputs.image_pooled = image.tokens, image.pooled
+        out = fusion(inputs)
+        return ModelOutput(out.probs, out.train_logits, out.aux_loss, out.modality_weights, out.branch_probs)
+
+
+def build_model(
+    cfg: ModelConfig, taxonomy: Taxonomy, *, vocab_size: int, pad_token_id: int = 0
+) -> MultimodalModel:
+    """The model for ``taxonomy`` (random init unless the encoder configs name local weights)."""
+    return MultimodalModel(cfg, head_specs(taxonomy), vocab_size=vocab_size, pad_token_id=pad_token_id)
+
+
+def check_heads(heads: list[HeadSpec], taxonomy: Taxonomy) -> None:
+    """Raise :class:`TaxonomyError` naming every difference between a model's heads and a taxonomy."""
+    have = {h.name: h for h in heads}
+    want = {h.name: h for h in head_specs(taxonomy)}
+    problems = [f"the model has no head for attribute {n!r}" for n in want if n not in have]
+    problems += [f"the taxonomy lacks attribute {n!r} that the model predicts" for n in have if n not in want]
+    problems += [
+        f"attribute {n!r}: model head is {have[n].kind} with {have[n].num_values} values, "
+        f"taxonomy says {want[n].kind} with {want[n].num_values}"
+        for n in want
+        if n in have and have[n] != want[n]
+    ]
+    if problems:
+        raise TaxonomyError("model/taxonomy mismatch: " + "; ".join(problems))

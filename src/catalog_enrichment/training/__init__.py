@@ -1,0 +1,1 @@
+"""Training: splits, the loop, losses, schedules; calibration and evaluation of a trained model."""

@@ -1,0 +1,418 @@
+"""Train, calibrate and evaluate a multimodal attribute model on a labelled products table.
+
+``train_and_calibrate`` is the library entry point (no Spark, no MLflow): it splits the data,
+trains a WordPiece tokenizer on the training texts, trains the model with AdamW and a linear
+warm-up + cosine schedule (early stopping on validation R@P95), fits what a fusion picks on held-out
+data (late: alpha; decision: the decision net), calibrates thresholds on the calibration split and
+reports metrics on the test split. The caller picks the device.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from catalog_enrichment.calibration import Calibration, calibrate_attribute, wilson_upper
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import (
+    Collator,
+    EncodedLabels,
+    ProductDataset,
+    ProductRecords,
+    encode_labels,
+    train_wordpiece_tokenizer,
+)
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.metrics import attribute_r_at_p, f1_scores, written_precision_and_coverage
+from catalog_enrichment.models.model import MultimodalModel, build_model
+from catalog_enrichment.training.losses import attribute_loss
+from catalog_enrichment.training.splits import Splits, stratified_splits
+
+__all__ = [
+    "EpochMetrics",
+    "Predictions",
+    "TrainedModel",
+    "evaluate",
+    "predict",
+    "train_and_calibrate",
+    "warmup_cosine",
+]
+
+Progress = Callable[[str], None]
+
+
+def warmup_cosine(step: int, *, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 (004)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch: mean training loss and validation R@P95 (pooled per attribute, then averaged)."""
+
+    epoch: int
+    train_loss: float
+    val_r_at_p95: dict[str, float]
+    val_mean_r_at_p95: float
+    seconds: float
+    learning_rate: float
+
+
+@dataclass
+class Predictions:
+    """Scores of a split: attribute -> (n, V) probabilities; modality weights -> (n, 2) when available."""
+
+    probs: dict[str, np.ndarray]
+    modality_weights: dict[str, np.ndarray] | None
+    branch_probs: dict[str, dict[str, np.ndarray]]
+
+
+@dataclass
+class TrainedModel:
+    """Everything a trained version consists of (packaged by registry.py in a later step)."""
+
+    model: MultimodalModel
+    tokenizer: Any
+    taxonomy: Taxonomy
+    config: AppConfig
+    calibration: Calibration
+    history: list[EpochMetrics]
+    best_epoch: int
+    splits: Splits
+    test_report: dict[str, Any]
+    heldout_fit: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, dict):
+            out[key] = {k: v.to(device, non_blocking=True) for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.inference_mode()
+def predict(
+    model: MultimodalModel, loader: DataLoader, device: torch.device, *, autocast: bool = True
+) -> Predictions:
+    """Scores of every product the loader yields, in order."""
+    model.eval()
+    probs: dict[str, list[np.ndarray]] = {}
+    weights: dict[str, list[np.ndarray]] = {}
+    branches: dict[str, dict[str, list[np.ndarray]]] = {}
+    for batch in loader:
+        with _autocast(device, autocast):
+            out = model(_to_device(batch, device))
+        for a, p in out.probs.items():
+            probs.setdefault(a, []).append(p.float().cpu().numpy())
+        for a, w in (out.modality_weights or {}).items():
+            weights.setdefault(a, []).append(w.float().cpu().numpy())
+        for b, per in out.branch_probs.items():
+            for a, p in per.items():
+                branches.setdefault(b, {}).setdefault(a, []).append(p.float().cpu().numpy())
+    return Predictions(
+        {a: np.concatenate(v) for a, v in probs.items()},
+        {a: np.concatenate(v) for a, v in weights.items()} or None,
+        {b: {a: np.concatenate(v) for a, v in per.items()} for b, per in branches.items()},
+    )
+
+
+def _labels_for(labels: EncodedLabels, attr: str, kind: str) -> np.ndarray:
+    return labels.targets[attr] if kind == "multiclass" else labels.targets[attr][labels.known[attr]]
+
+
+def evaluate(
+    preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, calibration: Calibration | None = None
+) -> dict[str, Any]:
+    """Per attribute: macro/micro F1, R@P95 (pooled and per value) and, with a calibration, the
+    realized precision, coverage and per-value precision (with Wilson bounds) of what would be written."""
+    report: dict[str, Any] = {}
+    for attr in taxonomy:
+        kind = attr.kind
+        known = labels.known[attr.name]
+        scores = preds.probs[attr.name][known] if kind == "multilabel" else preds.probs[attr.name]
+        y = _labels_for(labels, attr.name, kind)
+        r = attribute_r_at_p(scores, y, kind)
+        entry: dict[str, Any] = {
+            **f1_scores(scores, y, kind),
+            "r_at_p95": r["pooled"],
+            "r_at_p95_per_value": dict(
+                zip(attr.values, np.nan_to_num(r["per_value"], nan=0.0).tolist(), strict=True)
+            ),
+        }
+        if calibration is not None:
+            thresholds = calibration.thresholds(attr.name)
+            written = written_precision_and_coverage(scores, y, kind, thresholds)
+            entry.update(
+                {
+                    "realized_precision": written["precision"],
+                    "coverage": written["coverage"],
+                    "written": written["written"],
+                    "written_correct": written["correct"],
+                    "recall_written": written["recall"],
+                }
+            )
+            entry["per_value"] = _per_value_written(scores, y, kind, thresholds, attr.values)
+        report[attr.name] = entry
+    return report
+
+
+def _per_value_written(
+    scores: np.ndarray, y: np.ndarray, kind: str, thresholds: np.ndarray, values: tuple[str, ...]
+) -> dict[str, dict[str, float | int | None]]:
+    from catalog_enrichment.metrics import decision_matrix
+
+    written = decision_matrix(scores, kind, thresholds)  # type: ignore[arg-type]
+    if kind == "multilabel":
+        truth = y.astype(bool)
+    else:
+        truth = np.zeros_like(written)
+        ok = y >= 0
+        truth[np.flatnonzero(ok), y[ok]] = True
+        written = written & ok[:, None]
+    out: dict[str, dict[str, float | int | None]] = {}
+    for v, value in enumerate(values):
+        n = int(written[:, v].sum())
+        k = int((written[:, v] & truth[:, v]).sum())
+        out[value] = {
+            "threshold": None if np.isnan(thresholds[v]) else float(thresholds[v]),
+            "written": n,
+            "correct": k,
+            "precision": k / n if n else None,
+            "wilson_upper": float(wilson_upper(k, n)) if n else None,
+        }
+    return out
+
+
+def calibrate(preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, cfg: AppConfig) -> Calibration:
+    """Thresholds for every (attribute, value) from calibration-split scores."""
+    c = cfg.calibration
+    attrs = {}
+    for attr in taxonomy:
+        y = labels.targets[attr.name]
+        scores = preds.probs[attr.name]
+        if attr.kind == "multilabel":
+            known = labels.known[attr.name]
+            scores, y = scores[known], y[known]
+        attrs[attr.name] = calibrate_attribute(
+            attr.name,
+            attr.kind,
+            attr.values,
+            scores,
+            y,
+            target=c.target_precision,
+            confidence=c.confidence,
+            bound=c.bound,
+            min_support=c.min_support,
+        )
+    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs)
+
+
+def _loader(
+    dataset: ProductDataset, collator: Collator, batch_size: int, *, shuffle: bool, seed: int
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collator,
+        generator=generator,
+        num_workers=0,
+    )
+
+
+def _mean_val_r(preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy) -> dict[str, float]:
+    out = {}
+    for attr in taxonomy:
+        known = labels.known[attr.name]
+        scores = preds.probs[attr.name][known] if attr.kind == "multilabel" else preds.probs[attr.name]
+        out[attr.name] = float(
+            attribute_r_at_p(scores, _labels_for(labels, attr.name, attr.kind), attr.kind)["pooled"]
+        )
+    return out
+
+
+def train_and_calibrate(
+    table: pa.Table,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> TrainedModel:
+    """Split, train, fit held-out parts, calibrate and evaluate (see the module docstring).
+
+    Args:
+        table: labelled products (contract ``labelled_products``): text, image and label columns.
+        taxonomy: attributes and allowed values; every attribute needs a label column.
+        cfg: the app config (model, training, calibration sections are used).
+        device: where to train; the caller decides (CPU in tests).
+        progress: called with one line per epoch and stage.
+
+    Raises:
+        ContractError / TaxonomyError: missing label column, label values outside the taxonomy.
+        CatalogEnrichError: too few rows for the splits.
+    """
+    started = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    device = torch.device(device)
+    tcfg, mcfg = cfg.training, cfg.model
+    seed_everything(tcfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    records = ProductRecords.from_arrow(table)
+    labels = encode_labels(table, taxonomy)
+    if len(records) == 0:
+        raise CatalogEnrichError("the labelled table is empty")
+    try:
+        splits = stratified_splits(
+            labels.stratification_matrix(),
+            validation=tcfg.validation_fraction,
+            calibration=tcfg.calibration_fraction,
+            test=tcfg.test_fraction,
+            seed=tcfg.seed,
+        )
+    except ValueError as exc:
+        raise CatalogEnrichError(f"cannot split {len(records)} labelled products: {exc}") from None
+    say(f"splits: {splits.sizes()}")
+
+    train_texts = (f"{records.title[i]} {records.description[i] or ''}" for i in splits.train)
+    tokenizer = train_wordpiece_tokenizer(
+        train_texts, vocab_size=mcfg.text.vocab_size, max_length=mcfg.text.max_length
+    )
+    collator = Collator(tokenizer, mcfg.text.max_length)
+    model = build_model(mcfg, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).to(
+        device
+    )
+    kinds = {a.name: a.kind for a in taxonomy}
+
+    size = mcfg.image.image_size
+
+    def subset(idx: np.ndarray) -> ProductDataset:
+        return ProductDataset(records, idx, image_size=size, labels=labels)
+
+    train_loader = _loader(subset(splits.train), collator, tcfg.batch_size, shuffle=True, seed=tcfg.seed)
+    val_loader = _loader(subset(splits.validation), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
+    val_labels = labels.subset(splits.validation)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    total_steps = tcfg.epochs * len(train_loader)
+    warmup = int(tcfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total=total_steps, warmup=warmup)
+    )
+    use_amp = device.type == "cuda"
+    history: list[EpochMetrics] = []
+    best_score, best_epoch, best_state = -1.0, 0, None
+    stale = 0
+    for epoch in range(1, tcfg.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        losses = []
+        for batch in train_loader:
+            batch = _to_device(batch, device)
+            with _autocast(device, use_amp):
+                out = model(batch)
+                loss = sum(
+                    attribute_loss(lg, batch["targets"], batch["known"], kinds) for lg in out.train_logits
+                )
+                loss = loss + out.aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+        val_r = _mean_val_r(predict(model, val_loader, device), val_labels, taxonomy)
+        mean_r = float(np.mean(list(val_r.values())))
+        history.append(
+            EpochMetrics(
+                epoch,
+                float(np.mean(losses)),
+                val_r,
+                mean_r,
+                time.perf_counter() - epoch_start,
+                scheduler.get_last_lr()[0],
+            )
+        )
+        say(
+            f"epoch {epoch}/{tcfg.epochs}  loss {np.mean(losses):.4f}  val R@P95 {mean_r:.3f}  "
+            + " ".join(f"{a}={r:.3f}" for a, r in val_r.items())
+            + f"  ({history[-1].seconds:.0f}s)"
+        )
+        if mean_r > best_score + 1e-6:
+            best_score, best_epoch, stale = mean_r, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if tcfg.early_stopping_patience and stale >= tcfg.early_stopping_patience:
+                say(f"early stopping: no validation R@P95 gain for {stale} epochs (best epoch {best_epoch})")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+
+    heldout: dict[str, Any] = {}
+    if model.fusion.fits_on_heldout:
+        vp = predict(model, val_loader, device)
+        heldout = model.fusion.fit_heldout(
+            {b: {a: torch.from_numpy(p) for a, p in per.items()} for b, per in vp.branch_probs.items()},
+            {a: torch.from_numpy(t) for a, t in val_labels.targets.items()},
+            {a: torch.from_numpy(k) for a, k in val_labels.known.items()},
+        )
+        say(f"held-out fit: {heldout}")
+
+    calib_loader = _loader(subset(splits.calibration), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
+    calibration = calibrate(
+        predict(model, calib_loader, device), labels.subset(splits.calibration), taxonomy, cfg
+    )
+    test_loader = _loader(subset(splits.test), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
+    test_preds = predict(model, test_loader, device)
+    report = evaluate(test_preds, labels.subset(splits.test), taxonomy, calibration)
+    if test_preds.modality_weights:
+        report["_modality_weights"] = {
+            a: {"text_mean": float(w[:, 0].mean()), "image_mean": float(w[:, 1].mean())}
+            for a, w in test_preds.modality_weights.items()
+        }
+    seconds = time.perf_counter() - started
+    say(
+        f"trained in {seconds:.0f}s; test: "
+        + " ".join(
+            f"{a.name}: R@P95 {report[a.name]['r_at_p95']:.3f} prec {report[a.name]['realized_precision']:.3f} "
+            f"cov {report[a.name]['coverage']:.3f}"
+            for a in taxonomy
+        )
+    )
+    return TrainedModel(
+        model, tokenizer, taxonomy, cfg, calibration, history, best_epoch, splits, report, heldout, seconds
+    )

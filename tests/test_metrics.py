@@ -1,0 +1,77 @@
+"""Metrics with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from catalog_enrichment.metrics import (
+    attribute_r_at_p,
+    binary_r_at_p,
+    decision_matrix,
+    f1_scores,
+    precision_recall_curve_desc,
+    written_precision_and_coverage,
+)
+
+
+def test_r_at_p95_is_the_best_recall_at_precision_95() -> None:
+    # 100 positives scored 1..0.01 interleaved with 3 negatives at known places
+    scores = np.r_[np.linspace(1.0, 0.5, 100), [0.95, 0.6, 0.2]]
+    correct = np.r_[np.ones(100, bool), np.zeros(3, bool)]
+    recall, threshold = binary_r_at_p(scores, correct)
+    # cut at 0.5: 100 right of 102 predicted = 0.98 >= 0.95 -> recall 1.0
+    assert recall == pytest.approx(1.0) and threshold == pytest.approx(0.5)
+    recall, _ = binary_r_at_p(scores, correct, target=0.995)
+    # precision >= 0.995 only above the first negative (0.95): 11 positives >= 0.95? positives >= 0.95
+    # are 1.0 .. 0.95 (11 of them) plus the negative at 0.95 ties -> excluded; above 0.95: 10
+    assert recall == pytest.approx(0.10)
+    assert binary_r_at_p(np.array([0.9]), np.array([False])) == (0.0, None)
+
+
+def test_ties_are_not_split() -> None:
+    thresholds, n_pred, n_corr, _ = precision_recall_curve_desc(
+        np.array([0.5, 0.5, 0.4]), np.array([1, 0, 1])
+    )
+    assert thresholds.tolist() == [0.5, 0.4] and n_pred.tolist() == [2, 3] and n_corr.tolist() == [1, 2]
+
+
+def test_multiclass_r_at_p_uses_top1() -> None:
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 0, 1, 1])  # the last product is predicted 0 with 0.6 and is wrong
+    out = attribute_r_at_p(scores, labels, "multiclass")
+    assert out["pooled"] == pytest.approx(0.75)  # cut at 0.7: 3 right of 3 predicted, 3 of 4 products
+    assert out["per_value"].tolist() == [1.0, 0.5]
+
+
+def test_decision_matrix_and_written_precision() -> None:
+    scores = np.array([[0.9, 0.8, 0.1], [0.6, 0.7, 0.2], [0.2, 0.1, 0.05]])
+    ml = decision_matrix(scores, "multilabel", np.array([0.85, 0.65, np.nan]))
+    assert ml.tolist() == [[True, True, False], [False, True, False], [False, False, False]]
+    mc = decision_matrix(scores, "multiclass", np.array([0.85, 0.65, np.nan]))
+    assert mc.tolist() == [[True, False, False], [False, True, False], [False, False, False]]
+    truth = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    out = written_precision_and_coverage(scores, truth, "multilabel", np.array([0.85, 0.65, np.nan]))
+    assert out["written"] == 3 and out["correct"] == 2 and out["precision"] == pytest.approx(2 / 3)
+    assert out["coverage"] == pytest.approx(2 / 3) and out["recall"] == pytest.approx(2 / 3)
+    nothing = written_precision_and_coverage(scores, truth, "multilabel", np.full(3, np.nan))
+    assert nothing["written"] == 0 and np.isnan(nothing["precision"])
+
+
+def test_f1() -> None:
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.6]])
+    labels = np.array([[1, 0], [0, 1], [1, 0]])
+    f1 = f1_scores(scores, labels, "multilabel")
+    # value 0: tp 2, fp 0, fn 0 -> 1.0; value 1: tp 1, fp 1, fn 0 -> 2/3
+    assert f1["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+    mc = f1_scores(scores, np.array([0, 1, -1]), "multiclass")
+    assert mc["macro_f1"] == pytest.approx(1.0)
+
+
+def test_bad_shapes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        attribute_r_at_p(np.zeros(3), np.zeros(3), "multiclass")
+    with pytest.raises(ValueError, match="NaN"):
+        attribute_r_at_p(np.full((2, 2), np.nan), np.zeros(2), "multiclass")
+    with pytest.raises(ValueError, match="shape"):
+        attribute_r_at_p(np.zeros((2, 2)), np.zeros((3, 2)), "multilabel")
