@@ -94,6 +94,41 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.set_defaults(handler=_cmd_demo)
 
+    train = sub.add_parser(
+        "train",
+        help="train, calibrate, evaluate and register a challenger version",
+        description="Train on a labelled products table (Delta or Parquet), calibrate "
+        "thresholds, evaluate, log to MLflow and register a version with alias 'challenger'.",
+    )
+    train.add_argument(
+        "--data", metavar="PATH", help="labelled products table (default: catalog products table)"
+    )
+    train.add_argument(
+        "--registered-model", metavar="NAME", help="registered model name (mlflow.registered_model)"
+    )
+    train.add_argument("--fusion", metavar="NAME", help="fusion method (model.fusion)")
+    train.add_argument("--epochs", type=int, metavar="E", help="training epochs (training.epochs)")
+    _common(train)
+    train.set_defaults(handler=_cmd_train)
+
+    prom = sub.add_parser(
+        "promote",
+        help="gate: move 'champion' to the challenger if it is better",
+        description="Score challenger and champion on a frozen evaluation set and move the "
+        "'champion' alias only if the challenger keeps the precision target everywhere and "
+        "does not lose coverage.",
+    )
+    prom.add_argument(
+        "--registered-model", metavar="NAME", help="registered model name (mlflow.registered_model)"
+    )
+    prom.add_argument("--eval-data", metavar="PATH", help="frozen evaluation table (promotion.eval_data)")
+    prom.add_argument(
+        "--eval-version", type=int, metavar="V", help="pinned Delta version (promotion.eval_version)"
+    )
+    prom.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
+    _common(prom)
+    prom.set_defaults(handler=_cmd_promote)
+
     cfg = sub.add_parser(
         "config",
         help="print the effective configuration",
@@ -152,7 +187,18 @@ def _overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         "format": getattr(args, "format", None),
         "image_files": getattr(args, "image_files", None),
     }
-    return {"synthetic": synthetic, "taxonomy_path": getattr(args, "taxonomy", None)}
+    is_train = getattr(args, "command", "") == "train"
+    return {
+        "synthetic": synthetic,
+        "taxonomy_path": getattr(args, "taxonomy", None),
+        "mlflow": {"registered_model": getattr(args, "registered_model", None)},
+        "model": {"fusion": getattr(args, "fusion", None)},
+        "training": {"epochs": getattr(args, "epochs", None) if is_train else None},
+        "promotion": {
+            "eval_data": getattr(args, "eval_data", None),
+            "eval_version": getattr(args, "eval_version", None),
+        },
+    }
 
 
 def _cmd_generate(args: argparse.Namespace, cfg: AppConfig) -> int:
@@ -189,24 +235,143 @@ def _cmd_summarize(args: argparse.Namespace, cfg: AppConfig) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """generate -> train -> promote on embedded defaults inside ``--workdir`` (enrich arrives next)."""
+    from catalog_enrichment import registry
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.data.summary import format_summary, summarize_marketplace
     from catalog_enrichment.data.synthetic import generate_marketplace
+    from catalog_enrichment.promotion import format_comparison, promote
+    from catalog_enrichment.training.job import run_training_job
 
-    workdir = Path(args.workdir)
-    lakehouse = workdir / "lakehouse"
-    synthetic = cfg.synthetic.model_copy(
-        update={"products": args.products, "seed": args.seed, "bad_rate": max(cfg.synthetic.bad_rate, 0.02)}
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(
+        update={
+            "mlflow": cfg.mlflow.model_copy(
+                update={
+                    "tracking_uri": f"sqlite:///{workdir}/mlflow.db",
+                    "artifact_location": str(workdir / "mlartifacts"),
+                }
+            ),
+            "catalog": cfg.catalog.model_copy(
+                update={
+                    "root": str(workdir / "lakehouse"),
+                    "products": str(workdir / "incoming" / "products"),
+                }
+            ),
+        }
     )
     taxonomy = load_taxonomy(cfg.taxonomy_path)
+    steps = 3
+    n = args.products
+    started = time.perf_counter()
+
     print(
-        f"[demo 1/1] generate: {synthetic.products:,} products, seed {synthetic.seed}, "
-        f"{synthetic.bad_rate:.0%} bad rows -> {lakehouse}",
+        f"[demo 1/{steps}] generate: labelled history ({n:,}), frozen evaluation set ({n // 3:,}) and "
+        f"incoming products ({n:,}, 2% bad rows) under {workdir}",
         flush=True,
     )
-    result = generate_marketplace(lakehouse, synthetic, taxonomy=taxonomy, progress=True)
-    print(f"  done in {result.seconds:.1f}s\n")
-    print(format_summary(summarize_marketplace(lakehouse, taxonomy=taxonomy)))
+    base = cfg.synthetic.model_copy(update={"products": n, "seed": args.seed})
+    generate_marketplace(workdir / "labelled", base, taxonomy=taxonomy)
+    generate_marketplace(
+        workdir / "eval",
+        base.model_copy(update={"products": max(n // 3, 300), "seed": args.seed + 1}),
+        taxonomy=taxonomy,
+    )
+    generate_marketplace(
+        workdir / "incoming",
+        base.model_copy(update={"seed": args.seed + 2, "bad_rate": 0.02}),
+        taxonomy=taxonomy,
+    )
+    print(format_summary(summarize_marketplace(workdir / "incoming", taxonomy=taxonomy)), "\n", flush=True)
+
+    print(f"[demo 2/{steps}] train: {cfg.model.fusion} on {workdir / 'labelled' / 'products'}", flush=True)
+    client = registry.configure_mlflow(cfg.mlflow.tracking_uri)
+    outcome = run_training_job(
+        cfg,
+        taxonomy,
+        data=workdir / "labelled" / "products",
+        client=client,
+        device=_device(cfg),
+        progress=lambda m: print("  " + m, flush=True),
+    )
+    print(
+        f"\n[demo 3/{steps}] promote: challenger v{outcome.registered.version} vs champion on the frozen "
+        "evaluation set",
+        flush=True,
+    )
+    summary = promote(
+        client,
+        registered_model=cfg.mlflow.registered_model,
+        eval_data=workdir / "eval" / "products",
+        eval_version=None,
+        target=cfg.calibration.target_precision,
+        max_coverage_loss=cfg.promotion.max_coverage_loss,
+        log_path=Path(cfg.catalog.root) / "promotion_log",
+        progress=lambda m: print("  " + m, flush=True),
+    )
+    print(format_comparison(summary))
+    print(
+        f"\ndemo finished in {time.perf_counter() - started:.0f}s. MLflow: mlflow ui --backend-store-uri "
+        f"{cfg.mlflow.tracking_uri}; the Spark enrichment step (score incoming products, write attributes) "
+        "is the next stage of the project."
+    )
+    return 0
+
+
+def _device(cfg: AppConfig) -> str:
+    import torch
+
+    if cfg.inference.device == "cuda" and not torch.cuda.is_available():
+        raise CatalogEnrichError("inference.device is 'cuda' but torch sees no CUDA device")
+    if cfg.inference.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.inference.device
+
+
+def _client(cfg: AppConfig) -> object:
+    from catalog_enrichment import registry
+
+    return registry.configure_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.registry_uri)
+
+
+def _cmd_train(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.training.job import run_training_job
+
+    data = Path(args.data or cfg.catalog.table("products"))
+    if not data.exists():
+        raise CatalogEnrichError(f"training data not found: {data}")
+    outcome = run_training_job(
+        cfg, load_taxonomy(cfg.taxonomy_path), data=data, client=_client(cfg), device=_device(cfg)
+    )
+    reg = outcome.registered
+    print(
+        f"version {reg.version} of {reg.name} is now 'challenger' ({reg.model_uri}); "
+        "next: catalog-enrich promote"
+    )
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.promotion import format_comparison, promote
+
+    eval_data = Path(cfg.promotion.eval_data or Path(cfg.catalog.root) / "eval")
+    if not eval_data.exists():
+        raise CatalogEnrichError(
+            f"evaluation data not found: {eval_data} (set promotion.eval_data or --eval-data)"
+        )
+    summary = promote(
+        _client(cfg),
+        registered_model=cfg.mlflow.registered_model,
+        eval_data=eval_data,
+        eval_version=cfg.promotion.eval_version,
+        target=cfg.calibration.target_precision,
+        max_coverage_loss=cfg.promotion.max_coverage_loss,
+        log_path=cfg.promotion.log or str(Path(cfg.catalog.root) / "promotion_log"),
+        dry_run=args.dry_run,
+    )
+    print(format_comparison(summary))
     return 0
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "InferenceConfig",
     "MLflowConfig",
     "ModelConfig",
+    "PromotionConfig",
     "SparkConfig",
     "SyntheticConfig",
     "TextEncoderConfig",
@@ -146,7 +147,7 @@ class TrainingConfig(_Section):
 
     epochs: int = Field(8, gt=0)
     batch_size: int = Field(64, gt=0)
-    learning_rate: float = Field(5e-4, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
     grad_clip_norm: float = Field(1.0, gt=0)
@@ -176,6 +177,23 @@ class CalibrationConfig(_Section):
         20, gt=0, description="Fewest calibration positives above a threshold for it to count."
     )
     bound: Literal["wilson", "clopper_pearson"] = "wilson"
+
+
+class PromotionConfig(_Section):
+    """The promotion gate (challenger vs champion on a frozen evaluation set)."""
+
+    eval_data: str | None = Field(
+        None, description="Labelled table of the frozen evaluation set (default: <catalog.root>/eval)."
+    )
+    eval_version: int | None = Field(
+        None, ge=0, description="Pinned Delta version (None = current, recorded)."
+    )
+    max_coverage_loss: float = Field(
+        0.02, ge=0, le=1, description="Largest coverage drop allowed on any attribute (absolute share)."
+    )
+    log: str | None = Field(
+        None, description="Append-only promotion log table (default: <catalog.root>/promotion_log)."
+    )
 
 
 class InferenceConfig(_Section):
@@ -225,6 +243,7 @@ class AppConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

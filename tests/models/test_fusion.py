@@ -157,7 +157,7 @@ def test_late_fusion_picks_alpha_on_heldout(taxonomy: Taxonomy, tiny_batch) -> N
 def test_unknown_fusion_and_bad_options_are_clear_errors(taxonomy: Taxonomy) -> None:
     with pytest.raises(ConfigError, match="unknown fusion 'gated'; available: concat"):
         create_fusion("gated", text_dim=4, image_dim=4, heads=[])
-    with pytest.raises(ConfigError, match="fusion 'late'.*unexpected keyword"):
+    with pytest.raises(ConfigError, match=r"fusion 'late'.*unexpected keyword"):
         create_fusion("late", text_dim=4, image_dim=4, heads=[], kl_lambda=1.0)
     with pytest.raises(ConfigError, match="unknown merge 'max'"):
         create_fusion("hierarchical", text_dim=4, image_dim=4, heads=[], level1="max")

@@ -402,7 +402,7 @@ class ConcatFusion(Fusion):
 
 @register_fusion("cross_attention")
 class CrossAttentionFusion(Fusion):
-    """000 eqs. 1-4: h' = SA(h,h,h) + VG * SA(h,v,v); VG_i = sigmoid(W1 h_i + W2 v0 + b); heads(sum_i h'_i)."""
+    """000 eqs. 1-4: h' = SA(h,h,h) + VG * SA(h,v,v), VG_i = sigmoid(W1 h_i + W2 v0 + b); heads(sum h')."""
 
     needs_tokens = True
 

@@ -95,6 +95,8 @@ class TrainedModel:
     test_report: dict[str, Any]
     heldout_fit: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    test_predictions: Predictions | None = None
+    test_labels: EncodedLabels | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -408,11 +410,23 @@ def train_and_calibrate(
     say(
         f"trained in {seconds:.0f}s; test: "
         + " ".join(
-            f"{a.name}: R@P95 {report[a.name]['r_at_p95']:.3f} prec {report[a.name]['realized_precision']:.3f} "
-            f"cov {report[a.name]['coverage']:.3f}"
+            f"{a.name}: R@P95 {report[a.name]['r_at_p95']:.3f} "
+            f"prec {report[a.name]['realized_precision']:.3f} cov {report[a.name]['coverage']:.3f}"
             for a in taxonomy
         )
     )
     return TrainedModel(
-        model, tokenizer, taxonomy, cfg, calibration, history, best_epoch, splits, report, heldout, seconds
+        model,
+        tokenizer,
+        taxonomy,
+        cfg,
+        calibration,
+        history,
+        best_epoch,
+        splits,
+        report,
+        heldout,
+        seconds,
+        test_preds,
+        labels.subset(splits.test),
     )

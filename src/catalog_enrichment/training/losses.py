@@ -16,8 +16,8 @@ def attribute_loss(
     known: Mapping[str, torch.Tensor],
     kinds: Mapping[str, str],
 ) -> torch.Tensor:
-    """Mean over attributes of BCE (multi-label, ``targets`` (B, V) multi-hot) or CE (multi-class,
-    ``targets`` (B,) index, ``-1`` = unknown); products without a label (``known`` False) are skipped."""
+    """Mean over attributes of: BCE summed over values (multi-label, ``targets`` (B, V) multi-hot) or
+    CE (multi-class, ``targets`` (B,) index, ``-1`` = unknown). Unlabelled products are skipped."""
     total = torch.zeros((), device=next(iter(logits.values())).device)
     used = 0
     for name, lg in logits.items():
@@ -26,7 +26,9 @@ def attribute_loss(
             continue
         y = targets[name].to(lg.device)
         if kinds[name] == "multilabel":
-            total = total + F.binary_cross_entropy_with_logits(lg[mask].float(), y[mask].float())
+            # summed over values, averaged over products: a value's gradient does not shrink with V
+            bce = F.binary_cross_entropy_with_logits(lg[mask].float(), y[mask].float(), reduction="sum")
+            total = total + bce / mask.sum()
         else:
             total = total + F.cross_entropy(lg[mask].float(), y[mask].long())
         used += 1

@@ -1,0 +1,15 @@
+"""Promotion job: move 'champion' to 'challenger' only if it passes the gate on the frozen eval set.
+
+Run:
+    python jobs/promote.py --eval-data lakehouse/eval [--dry-run]
+Same as ``catalog-enrich promote ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from catalog_enrichment.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["promote", *sys.argv[1:]]))

@@ -1,0 +1,16 @@
+"""Training job: labelled table -> calibrated model version registered as 'challenger'.
+
+Run (embedded defaults, or point MLFLOW / config at production):
+    python jobs/train.py --data lakehouse/products --config deploy/config/local.yaml
+    spark-submit jobs/train.py --data /mnt/lakehouse/labelled --registered-model catalog-enrichment
+Same as ``catalog-enrich train ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from catalog_enrichment.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

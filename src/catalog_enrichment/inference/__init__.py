@@ -1,0 +1,1 @@
+"""Batch scoring: the model bundle, the per-batch predictor (Spark glue comes with the enrichment job)."""

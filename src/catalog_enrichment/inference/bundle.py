@@ -1,0 +1,109 @@
+"""A trained model version on disk: weights (state dict), configs, tokenizer, taxonomy, calibration.
+
+Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
+
+    weights.pt           state dict of the MultimodalModel (no pickled module)
+    model.json           model config + tokenizer facts (vocab size, pad id) + package version
+    tokenizer/           tokenizer.save_pretrained()
+    taxonomy.json        the taxonomy the heads were built for
+    calibration.json     thresholds, support and bounds per (attribute, value)
+    evaluation.json      the test-split report of the training run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from catalog_enrichment import __version__
+from catalog_enrichment.calibration import Calibration
+from catalog_enrichment.config import ModelConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.models.model import MultimodalModel, build_model
+
+__all__ = ["ModelBundle", "json_safe", "load_bundle", "save_bundle"]
+
+
+@dataclass
+class ModelBundle:
+    """Everything needed to score products and decide what to write."""
+
+    model: MultimodalModel
+    tokenizer: Any
+    taxonomy: Taxonomy
+    calibration: Calibration
+    model_config: ModelConfig
+    evaluation: dict[str, Any]
+
+
+def save_bundle(
+    path: str | Path,
+    *,
+    model: MultimodalModel,
+    tokenizer: Any,
+    taxonomy: Taxonomy,
+    calibration: Calibration,
+    model_config: ModelConfig,
+    evaluation: dict[str, Any],
+) -> Path:
+    """Write a bundle folder (see the module docstring)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, root / "weights.pt")
+    (root / "model.json").write_text(
+        json.dumps(
+            {
+                "model": model_config.model_dump(mode="json"),
+                "vocab_size": len(tokenizer),
+                "pad_token_id": tokenizer.pad_token_id,
+                "package_version": __version__,
+            },
+            indent=2,
+        )
+    )
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    (root / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict(), indent=2))
+    (root / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=2))
+    (root / "evaluation.json").write_text(json.dumps(json_safe(evaluation), indent=2))
+    return root
+
+
+def json_safe(x: Any) -> Any:
+    """Strict-JSON copy: NaN/inf -> None, NumPy scalars/arrays -> Python values."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "tolist"):
+        return json_safe(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> ModelBundle:
+    """Rebuild the model from a bundle folder and move it to ``device`` (eval mode)."""
+    from transformers import PreTrainedTokenizerFast
+
+    root = Path(path)
+    if not (root / "weights.pt").is_file():
+        raise CatalogEnrichError(f"{root} is not a model bundle (no weights.pt)")
+    meta = json.loads((root / "model.json").read_text())
+    model_config = ModelConfig.model_validate(meta["model"])
+    taxonomy = Taxonomy.from_dict(json.loads((root / "taxonomy.json").read_text()), source=str(root))
+    model = build_model(
+        model_config, taxonomy, vocab_size=meta["vocab_size"], pad_token_id=meta["pad_token_id"]
+    )
+    model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
+    model.to(device).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer"))
+    calibration = Calibration.from_dict(json.loads((root / "calibration.json").read_text()))
+    evaluation = json.loads((root / "evaluation.json").read_text())
+    return ModelBundle(model, tokenizer, taxonomy, calibration, model_config, evaluation)

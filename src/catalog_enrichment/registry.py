@@ -1,0 +1,223 @@
+"""Everything MLflow: pyfunc packaging, logging a training run, registering, aliases, the promotion gate.
+
+No other module imports mlflow. Consumers resolve ``models:/<name>@champion``; training registers a
+version (the number comes from the registration call) and points ``challenger`` at it; promotion
+moves ``champion`` after the gate, recording every decision as version tags and in an append-only
+promotion log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from catalog_enrichment.errors import CatalogEnrichError
+
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "CatalogEnrichmentPyfunc",
+    "RegisteredVersion",
+    "check_tracking_server",
+    "configure_mlflow",
+    "download_artifact_json",
+    "load_bundle_from_uri",
+    "log_and_register",
+    "pip_requirements",
+    "resolve_alias",
+    "set_alias",
+    "tag_version",
+    "version_tags",
+]
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+class CatalogEnrichmentPyfunc(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper: artifacts hold a model bundle folder; predict returns one score column per
+    ``<attribute>=<value>``. The Spark job unwraps it (``unwrap_python_model().bundle``) to reach
+    the torch model directly."""
+
+    def load_context(self, context: Any) -> None:
+        import catalog_enrichment  # noqa: F401  (torchvision fix before timm loads)
+        from catalog_enrichment.inference.bundle import load_bundle
+
+        self.bundle = load_bundle(context.artifacts["bundle"], device="cpu")
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        from catalog_enrichment.inference.predictor import BatchPredictor
+
+        return BatchPredictor(self.bundle, device="cpu").score_frame(model_input)
+
+
+def pip_requirements() -> list[str]:
+    """Exact versions of what loading the model needs (from the running environment)."""
+    from importlib.metadata import version
+
+    names = [
+        "torch",
+        "transformers",
+        "tokenizers",
+        "timm",
+        "pandas",
+        "numpy",
+        "pyarrow",
+        "pillow",
+        "pydantic",
+        "pyyaml",
+        "scipy",
+        "scikit-learn",
+        "mlflow",
+    ]
+    reqs = [f"{n}=={version(n).split('+')[0]}" for n in names]
+    reqs.append(f"catalog-enrichment=={version('catalog-enrichment')}")
+    return reqs
+
+
+def configure_mlflow(tracking_uri: str, registry_uri: str | None = None) -> MlflowClient:
+    """Point MLflow at the configured stores and return a client (jobs and the CLI call this)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri or tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+
+
+def check_tracking_server(client: MlflowClient) -> None:
+    """Fail fast, before any training or registration, when the tracking server cannot be reached."""
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # requests errors, MlflowException, ...
+        raise CatalogEnrichError(
+            f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}"
+        ) from None
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    return str(client.create_experiment(name, artifact_location=artifact_location))
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A registered model version and the training run that produced it."""
+
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+
+
+def log_and_register(
+    client: MlflowClient,
+    *,
+    bundle_dir: Path,
+    registered_model: str,
+    experiment: str,
+    artifact_location: str | None,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    epoch_metrics: list[dict[str, float]],
+    summary_metrics: Mapping[str, float],
+    artifacts: Mapping[str, Path],
+    input_example: pd.DataFrame,
+    output_example: pd.DataFrame,
+    version_tags: Mapping[str, str],
+) -> RegisteredVersion:
+    """Log a training run (params, per-epoch metrics, pictures, tables, the pyfunc model), register a
+    new version, tag it and point ``challenger`` at it. Nothing is registered if logging fails."""
+    experiment_id = _experiment_id(client, experiment, artifact_location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        mlflow.set_tags(dict(tags))
+        for step, metrics in enumerate(epoch_metrics, start=1):
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_metrics({k: float(v) for k, v in summary_metrics.items() if np.isfinite(v)})
+        for name, path in artifacts.items():
+            if Path(path).is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=name)
+            else:
+                mlflow.log_artifact(str(path), artifact_path=name)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=CatalogEnrichmentPyfunc(),
+            artifacts={"bundle": str(bundle_dir)},
+            pip_requirements=pip_requirements(),
+            signature=infer_signature(input_example, output_example),
+            input_example=input_example,
+            registered_model_name=registered_model,
+        )
+    version = str(info.registered_model_version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+    client.set_registered_model_alias(registered_model, CHALLENGER, version)
+    return RegisteredVersion(
+        registered_model, version, run.info.run_id, f"models:/{registered_model}/{version}"
+    )
+
+
+def resolve_alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version an alias points at, ``None`` when the alias is not set.
+
+    Raises:
+        CatalogEnrichError: the registered model does not exist.
+    """
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            raise CatalogEnrichError(
+                f"registered model {name!r} does not exist in {mlflow.get_registry_uri()}"
+            ) from None
+        raise
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    client.set_registered_model_alias(name, alias, version)
+
+
+def tag_version(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value)[:5000])
+
+
+def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    return dict(client.get_model_version(name, version).tags)
+
+
+def load_bundle_from_uri(model_uri: str) -> Any:
+    """Load a registered model (e.g. ``models:/name@champion``) and return its :class:`ModelBundle`."""
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        raise CatalogEnrichError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
+    return model.unwrap_python_model().bundle
+
+
+def download_artifact_json(run_id: str, path: str) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+        return json.loads(Path(local).read_text())

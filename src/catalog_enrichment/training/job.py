@@ -1,0 +1,266 @@
+"""The training job: labelled table -> trained, calibrated, evaluated, registered ``challenger``.
+
+Checks everything that can be wrong with the input (columns, label values, unseen taxonomy values,
+the tracking server) *before* training, so a bad run registers nothing and moves no alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from catalog_enrichment.catalog.lakehouse import data_files, read_table, table_format, table_version
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.data.dataset import encode_labels
+from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.inference.bundle import json_safe, save_bundle
+from catalog_enrichment.inference.predictor import BatchPredictor
+from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
+from catalog_enrichment.training.plots import plot_precision_recall, plot_reliability
+
+__all__ = ["DataSnapshot", "TrainingOutcome", "data_snapshot", "run_training_job", "validate_training_table"]
+
+
+@dataclass(frozen=True)
+class DataSnapshot:
+    """Which data a model was trained on: table path + Delta version, or a hash of the Parquet files."""
+
+    path: str
+    format: str
+    version: int | None
+    content_hash: str | None
+
+    def tags(self, prefix: str = "data") -> dict[str, str]:
+        return {
+            f"{prefix}.path": self.path,
+            f"{prefix}.format": self.format,
+            f"{prefix}.version": "" if self.version is None else str(self.version),
+            f"{prefix}.sha256": self.content_hash or "",
+        }
+
+
+def data_snapshot(path: str | Path) -> DataSnapshot:
+    fmt = table_format(path)
+    if fmt == "delta":
+        return DataSnapshot(str(Path(path).resolve()), fmt, table_version(path), None)
+    digest = hashlib.sha256()
+    for file in data_files(path):
+        digest.update(Path(file).name.encode())
+        digest.update(Path(file).read_bytes())
+    return DataSnapshot(str(Path(path).resolve()), fmt, None, digest.hexdigest())
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def validate_training_table(table: Any, taxonomy: Taxonomy) -> None:
+    """Contract columns present, label values allowed, every taxonomy value seen at least once.
+
+    Raises:
+        ContractError: missing product or label columns.
+        TaxonomyError: label values outside the taxonomy, or taxonomy values no product carries.
+    """
+    contract = load_contract("labelled_products", taxonomy=taxonomy)
+    needed = [
+        c
+        for c in contract.names
+        if c
+        not in (
+            "image",
+            "image_uri",
+            "category",
+            "merchant_attributes",
+            "updated_at",
+            "ingest_date",
+            "product_id",
+        )
+    ]
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ContractError(f"the labelled table lacks columns {missing} (contract labelled_products)")
+    if "image" not in table.column_names and "image_uri" not in table.column_names:
+        raise ContractError("the labelled table has neither an image nor an image_uri column")
+    labels = encode_labels(table, taxonomy)
+    unseen = []
+    for attr in taxonomy:
+        t, known = labels.targets[attr.name], labels.known[attr.name]
+        counts = (
+            t[known].sum(axis=0)
+            if attr.kind == "multilabel"
+            else np.bincount(t[t >= 0], minlength=len(attr.values))
+        )
+        unseen += [f"{attr.name}={v}" for v, n in zip(attr.values, counts, strict=True) if n == 0]
+    if unseen:
+        raise TaxonomyError(
+            f"taxonomy values never seen in the training data: {unseen}; a model cannot learn them "
+            "(remove them from the taxonomy or add labelled products)"
+        )
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    trained: TrainedModel
+    registered: Any  # registry.RegisteredVersion
+    snapshot: DataSnapshot
+
+
+def _example_frame(table: Any, n: int = 2) -> pd.DataFrame:
+    cols = [c for c in ("product_id", "title", "description", "image") if c in table.column_names]
+    frame = table.select(cols).slice(0, n).to_pandas()
+    frame["description"] = frame.get("description", pd.Series([""] * len(frame))).fillna("")
+    return frame
+
+
+def run_training_job(
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    *,
+    data: str | Path,
+    client: Any,
+    device: str = "cpu",
+    progress: Callable[[str], None] = print,
+) -> TrainingOutcome:
+    """Train on ``data`` and register a ``challenger`` version (see the module docstring)."""
+    from catalog_enrichment import registry
+
+    registry.check_tracking_server(client)
+    table = read_table(data)
+    snapshot = data_snapshot(data)
+    validate_training_table(table, taxonomy)
+    progress(
+        f"training on {table.num_rows:,} products from {snapshot.path} "
+        f"({snapshot.format}{'' if snapshot.version is None else f' v{snapshot.version}'})"
+    )
+    trained = train_and_calibrate(table, taxonomy, cfg, device=device, progress=progress)
+    trained.model.to("cpu")
+
+    report = trained.test_report
+    summary: dict[str, float] = {}
+    version_tags: dict[str, str] = {"data.path": snapshot.path, "fusion": cfg.model.fusion}
+    for attr in taxonomy:
+        entry = report[attr.name]
+        for key in ("r_at_p95", "macro_f1", "realized_precision", "coverage"):
+            value = entry.get(key)
+            summary[f"test.{attr.name}.{key}"] = float("nan") if value is None else float(value)
+            version_tags[f"eval.{attr.name}.{key}"] = "nan" if value is None else f"{float(value):.4f}"
+    epochs = [
+        {
+            "train_loss": h.train_loss,
+            "val_mean_r_at_p95": h.val_mean_r_at_p95,
+            "learning_rate": h.learning_rate,
+            **{f"val_r_at_p95.{a}": r for a, r in h.val_r_at_p95.items()},
+        }
+        for h in trained.history
+    ]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        bundle_dir = save_bundle(
+            tmpdir / "bundle",
+            model=trained.model,
+            tokenizer=trained.tokenizer,
+            taxonomy=taxonomy,
+            calibration=trained.calibration,
+            model_config=cfg.model,
+            evaluation=report,
+        )
+        plots = tmpdir / "plots"
+        plots.mkdir()
+        assert trained.test_predictions is not None and trained.test_labels is not None
+        for attr in taxonomy:
+            probs = trained.test_predictions.probs[attr.name]
+            labels = trained.test_labels.targets[attr.name]
+            if attr.kind == "multilabel":
+                known = trained.test_labels.known[attr.name]
+                probs, labels = probs[known], labels[known]
+            plot_precision_recall(
+                probs,
+                labels,
+                trained.calibration.attributes[attr.name],
+                plots / f"pr_{attr.name}.png",
+                target=cfg.calibration.target_precision,
+            )
+            plot_reliability(probs, labels, attr.kind, attr.name, plots / f"reliability_{attr.name}.png")
+        tables = tmpdir / "tables"
+        tables.mkdir()
+        per_value = [
+            {
+                "attribute": a.name,
+                "value": v.value,
+                "threshold": v.threshold,
+                "calibration_support": v.support,
+                "calibration_lower_bound": v.lower_bound,
+                "calibration_precision": v.precision,
+                "test_r_at_p95": report[a.name]["r_at_p95_per_value"][v.value],
+                **{f"test_{k}": x for k, x in report[a.name]["per_value"][v.value].items()},
+            }
+            for a in taxonomy
+            for v in trained.calibration.attributes[a.name].values
+        ]
+        pd.DataFrame(per_value).to_csv(tables / "per_value_metrics.csv", index=False)
+        (tables / "calibration.json").write_text((bundle_dir / "calibration.json").read_text())
+        (tables / "evaluation.json").write_text((bundle_dir / "evaluation.json").read_text())
+        example = _example_frame(table)
+        output = _score_example(trained, example)
+        registered = registry.log_and_register(
+            client,
+            bundle_dir=bundle_dir,
+            registered_model=cfg.mlflow.registered_model,
+            experiment=cfg.mlflow.experiment,
+            artifact_location=cfg.mlflow.artifact_location,
+            params=cfg.to_flat_dict(),
+            tags={
+                **snapshot.tags(),
+                "git.commit": git_commit(),
+                "splits": str(trained.splits.sizes()),
+                "best_epoch": str(trained.best_epoch),
+            },
+            epoch_metrics=epochs,
+            summary_metrics=summary,
+            artifacts={"plots": plots, "tables": tables},
+            input_example=example,
+            output_example=output,
+            version_tags={**version_tags, **snapshot.tags(), "git.commit": git_commit()},
+        )
+    progress(
+        f"registered {registered.name} version {registered.version} (alias '{registry.CHALLENGER}'), "
+        f"run {registered.run_id}"
+    )
+    return TrainingOutcome(trained, registered, snapshot)
+
+
+def _score_example(trained: TrainedModel, frame: pd.DataFrame) -> pd.DataFrame:
+    """Scores of ``frame`` by the freshly trained model (the signature's output example)."""
+    from catalog_enrichment.inference.bundle import ModelBundle
+
+    bundle = ModelBundle(
+        trained.model,
+        trained.tokenizer,
+        trained.taxonomy,
+        trained.calibration,
+        trained.config.model,
+        json_safe(trained.test_report),
+    )
+    with torch.inference_mode():
+        return BatchPredictor(bundle).score_frame(frame)
