@@ -6,10 +6,11 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from catalog_enrichment.config import SyntheticConfig
+from catalog_enrichment.config import AppConfig, SyntheticConfig, load_config, merge_layers
 from catalog_enrichment.contracts import Taxonomy, load_taxonomy
 from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_marketplace
 
@@ -19,6 +20,28 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers run this envi
 
 # A marketplace big enough for rates to be measured to a few points, small enough to make in ~2 s.
 MARKETPLACE = SyntheticConfig(products=2400, seed=7, bad_rate=0.08, label_noise=0.05, days=4)
+
+
+# Tiny seeded model for tests (hidden 32, 1-2 layers, 32 px images): trains in seconds on a CPU.
+TINY_MODEL: dict[str, Any] = {
+    "hidden_dim": 32,
+    "dropout": 0.0,
+    "text": {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 500,
+        "max_length": 32,
+    },
+    "image": {"name": "test_byobnet", "image_size": 32},
+}
+
+
+def tiny_config(*, fusion: str = "concat", epochs: int = 2, **sections: Any) -> AppConfig:
+    """The app config with the tiny model; ``sections`` override anything (nested dicts)."""
+    base = {"model": {**TINY_MODEL, "fusion": fusion}, "training": {"epochs": epochs, "batch_size": 32}}
+    return load_config(environ={}, overrides=merge_layers(base, sections))
 
 
 @pytest.fixture(scope="session")

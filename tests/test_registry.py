@@ -19,43 +19,29 @@ import pytest
 
 from catalog_enrichment import registry
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
-from catalog_enrichment.config import AppConfig, SyntheticConfig, load_config
+from catalog_enrichment.config import AppConfig, SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.errors import CatalogEnrichError, ContractError, TaxonomyError
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.promotion import gate, promote, read_promotion_log
 from catalog_enrichment.training.job import run_training_job
+from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow]
 
 
 def _cfg(tmp: Path, tracking_uri: str, *, fusion: str = "concat", epochs: int = 3) -> AppConfig:
-    return load_config(
-        environ={},
-        overrides={
-            "mlflow": {
-                "tracking_uri": tracking_uri,
-                "artifact_location": str(tmp / "mlartifacts"),
-                "registered_model": "test-model",
-            },
-            "catalog": {"root": str(tmp / "lakehouse")},
-            "model": {
-                "fusion": fusion,
-                "hidden_dim": 32,
-                "dropout": 0.0,
-                "text": {
-                    "hidden_size": 32,
-                    "num_hidden_layers": 1,
-                    "num_attention_heads": 2,
-                    "intermediate_size": 64,
-                    "vocab_size": 500,
-                    "max_length": 32,
-                },
-                "image": {"name": "test_byobnet", "image_size": 32},
-            },
-            "training": {"epochs": epochs, "batch_size": 32, "early_stopping_patience": 0},
+    return tiny_config(
+        fusion=fusion,
+        epochs=epochs,
+        mlflow={
+            "tracking_uri": tracking_uri,
+            "artifact_location": str(tmp / "mlartifacts"),
+            "registered_model": "test-model",
         },
+        catalog={"root": str(tmp / "lakehouse")},
+        training={"early_stopping_patience": 0},
     )
 
 
@@ -207,7 +193,7 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     )
     assert registry.resolve_alias(client, "test-model", registry.CHALLENGER) == worse.registered.version
     decision = promote_now()
-    assert not decision["promote"]
+    assert not decision["promote"], decision
     assert any(r.startswith("FAIL") for r in decision["reasons"])
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == first.registered.version
     tags = registry.version_tags(client, "test-model", worse.registered.version)
@@ -218,7 +204,7 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
         _cfg(tmp_path, mlflow_server, epochs=8), taxonomy, data=data["train"], client=client, progress=_quiet
     )
     decision = promote_now()
-    assert decision["promote"], decision["reasons"]
+    assert decision["promote"], decision
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == better.registered.version
 
     history = read_promotion_log(log).to_pylist()

@@ -44,14 +44,19 @@ __all__ = [
 BoundName = Literal["wilson", "clopper_pearson"]
 
 
-def wilson_lower(
-    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
-) -> np.ndarray:
-    """One-sided Wilson score lower bound on a binomial proportion (0 where ``trials == 0``)."""
+def _counts(successes: np.ndarray | int, trials: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
     k = np.asarray(successes, dtype=np.float64)
     n = np.asarray(trials, dtype=np.float64)
     if np.any(k < 0) or np.any(k > n):
         raise ValueError("need 0 <= successes <= trials")
+    return k, n
+
+
+def wilson_lower(
+    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
+) -> np.ndarray:
+    """One-sided Wilson score lower bound on a binomial proportion (0 where ``trials == 0``)."""
+    k, n = _counts(successes, trials)
     z = stats.norm.ppf(confidence)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = k / n
@@ -65,8 +70,7 @@ def wilson_upper(
     successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
 ) -> np.ndarray:
     """One-sided Wilson score upper bound (1 where ``trials == 0``)."""
-    k = np.asarray(successes, dtype=np.float64)
-    n = np.asarray(trials, dtype=np.float64)
+    k, n = _counts(successes, trials)
     return np.where(n > 0, 1.0 - wilson_lower(n - k, n, confidence=confidence), 1.0)
 
 
@@ -74,10 +78,7 @@ def clopper_pearson_lower(
     successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
 ) -> np.ndarray:
     """One-sided exact (Clopper–Pearson) lower bound (0 where ``successes == 0``)."""
-    k = np.asarray(successes, dtype=np.float64)
-    n = np.asarray(trials, dtype=np.float64)
-    if np.any(k < 0) or np.any(k > n):
-        raise ValueError("need 0 <= successes <= trials")
+    k, n = _counts(successes, trials)
     with np.errstate(invalid="ignore"):
         bound = stats.beta.ppf(1 - confidence, k, n - k + 1)
     return np.where(k > 0, np.nan_to_num(bound), 0.0)

@@ -14,6 +14,7 @@ R@P95 follows paper 004: the best recall over all thresholds whose precision is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -21,6 +22,7 @@ from sklearn.metrics import f1_score
 
 __all__ = [
     "AttributeKind",
+    "RAtP",
     "attribute_r_at_p",
     "binary_r_at_p",
     "decision_matrix",
@@ -161,9 +163,17 @@ def written_precision_and_coverage(
     }
 
 
+@dataclass(frozen=True)
+class RAtP:
+    """R@P of one attribute: ``pooled`` (one global threshold), ``per_value`` ``(V,)`` (NaN = no support)."""
+
+    pooled: float
+    per_value: np.ndarray
+
+
 def attribute_r_at_p(
     scores: np.ndarray, labels: np.ndarray, kind: AttributeKind, *, target: float = 0.95
-) -> dict[str, object]:
+) -> RAtP:
     """R@P95 for one attribute: pooled (one global threshold) and per value.
 
     Multi-label: every (product, value) pair is a candidate; pooled recall is over all true pairs.
@@ -192,7 +202,7 @@ def attribute_r_at_p(
                 if support
                 else np.nan
             )
-    return {"pooled": float(pooled), "per_value": np.asarray(per_value, dtype=np.float64)}
+    return RAtP(float(pooled), np.asarray(per_value, dtype=np.float64))
 
 
 def f1_scores(scores: np.ndarray, labels: np.ndarray, kind: AttributeKind) -> dict[str, float]:

@@ -22,6 +22,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.pyfunc import PythonModel
 
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -46,7 +47,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
-class CatalogEnrichmentPyfunc(mlflow.pyfunc.PythonModel):
+class CatalogEnrichmentPyfunc(PythonModel):
     """The pyfunc wrapper: artifacts hold a model bundle folder; predict returns one score column per
     ``<attribute>=<value>``. The Spark job unwraps it (``unwrap_python_model().bundle``) to reach
     the torch model directly."""
@@ -159,7 +160,7 @@ def log_and_register(
                 mlflow.log_artifact(str(path), artifact_path=name)
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=CatalogEnrichmentPyfunc(),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"bundle": str(bundle_dir)},
             pip_requirements=pip_requirements(),
             signature=infer_signature(input_example, output_example),

@@ -23,21 +23,10 @@ from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.models.fusion import create_fusion, fusion_class, kl_to_uniform, list_fusions
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.losses import attribute_loss
+from tests.conftest import TINY_MODEL
 
 TINY = ModelConfig.model_validate(
-    {
-        "text": {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "vocab_size": 300,
-            "max_length": 24,
-        },
-        "image": {"name": "test_byobnet", "image_size": 32},
-        "hidden_dim": 32,
-        "dropout": 0.0,
-    }
+    {**TINY_MODEL, "text": {**TINY_MODEL["text"], "vocab_size": 300, "max_length": 24}}
 )
 
 

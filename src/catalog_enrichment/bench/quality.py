@@ -31,7 +31,7 @@ UNIMODAL = ("text_only", "image_only")
 
 
 def _runs(methods: Sequence[str], kl_lambda: float) -> list[tuple[str, str, dict[str, Any]]]:
-    runs = [(m, m, {}) for m in methods]
+    runs: list[tuple[str, str, dict[str, Any]]] = [(m, m, {}) for m in methods]
     if "modality_attention" in methods:
         runs = [
             (label, m, {"kl_lambda": kl_lambda} if m == "modality_attention" else kw) for label, m, kw in runs

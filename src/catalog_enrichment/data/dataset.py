@@ -139,23 +139,23 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
                     else:
                         bad.add(str(v))
         else:
-            arr = np.full(len(column), -1, np.int64)
+            idx = np.full(len(column), -1, np.int64)
             for i, value in enumerate(column):
                 if value is None:
                     continue
                 if isinstance(value, list):
                     raise ContractError(f"label column {attr.name!r} is multiclass but holds a list: {value}")
                 if value in index:
-                    arr[i] = index[value]
+                    idx[i] = index[value]
                 else:
                     bad.add(str(value))
-            ok = arr >= 0
+            ok = idx >= 0
         if bad:
             raise TaxonomyError(
                 f"label column {attr.name!r} has values outside the taxonomy: {sorted(bad)[:10]}"
                 f" (allowed: {list(attr.values)})"
             )
-        targets[attr.name] = arr
+        targets[attr.name] = arr if attr.kind == "multilabel" else idx
         known[attr.name] = ok
     return EncodedLabels(targets, known)
 

@@ -44,7 +44,7 @@ class BatchPredictor:
         if missing:
             raise ContractError(f"input batch lacks columns {missing}; expected {list(INPUT_COLUMNS)}")
         records = ProductRecords(
-            product_id=_column(frame, "product_id"),
+            product_id=[p if isinstance(p, str) else None for p in _column(frame, "product_id")],
             title=[t if isinstance(t, str) else "" for t in frame["title"].tolist()],
             description=[d if isinstance(d, str) else None for d in _column(frame, "description")],
             image=[

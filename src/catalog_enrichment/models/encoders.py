@@ -121,14 +121,13 @@ class ImageEncoder(nn.Module):
         if cfg.pretrained_path:
             kwargs["pretrained_cfg_overlay"] = {"file": cfg.pretrained_path}
         try:
-            self.backbone = timm.create_model(
+            self.backbone: Any = timm.create_model(
                 cfg.name, pretrained=bool(cfg.pretrained_path), num_classes=0, **kwargs
             )
         except RuntimeError as exc:  # timm raises RuntimeError for unknown names
             raise ConfigError(f"model.image.name: {exc}") from None
-        self.num_features = int(
-            getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
-        )
+        backbone: Any = self.backbone
+        self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
     def forward(self, pixel_values: torch.Tensor, image_present: torch.Tensor) -> ImageFeatures:
         feats = self.backbone.forward_features(pixel_values)

@@ -211,38 +211,36 @@ def create_fusion(
 # ----------------------------------------------------------------------------- the methods
 
 
-@register_fusion("text_only")
-class TextOnly(Fusion):
-    needs_image = False
+class _Unimodal(Fusion):
+    """One modality's pooled vector -> LayerNorm -> dropout -> linear heads (paper 004's classifier)."""
+
+    modality: ClassVar[str]
 
     def __init__(
         self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], *, dropout: float = 0.1
     ) -> None:
         super().__init__(text_dim, image_dim, heads)
-        self.norm = nn.LayerNorm(text_dim)
+        dim = text_dim if self.modality == "text" else image_dim
+        self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
-        self.heads = AttributeHeads(text_dim, heads)
+        self.heads = AttributeHeads(dim, heads)
 
     def forward(self, x: FusionInputs) -> FusionOutput:
-        assert x.text_pooled is not None
-        return self._output(self.heads(self.dropout(self.norm(x.text_pooled))), x.text_pooled.device)
+        pooled = x.text_pooled if self.modality == "text" else x.image_pooled
+        assert pooled is not None
+        return self._output(self.heads(self.dropout(self.norm(pooled))), pooled.device)
+
+
+@register_fusion("text_only")
+class TextOnly(_Unimodal):
+    needs_image = False
+    modality = "text"
 
 
 @register_fusion("image_only")
-class ImageOnly(Fusion):
+class ImageOnly(_Unimodal):
     needs_text = False
-
-    def __init__(
-        self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], *, dropout: float = 0.1
-    ) -> None:
-        super().__init__(text_dim, image_dim, heads)
-        self.norm = nn.LayerNorm(image_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.heads = AttributeHeads(image_dim, heads)
-
-    def forward(self, x: FusionInputs) -> FusionOutput:
-        assert x.image_pooled is not None
-        return self._output(self.heads(self.dropout(self.norm(x.image_pooled))), x.image_pooled.device)
+    modality = "image"
 
 
 class _TwoBranches(Fusion):
@@ -276,6 +274,7 @@ class LateFusion(_TwoBranches):
     ) -> None:
         super().__init__(text_dim, image_dim, heads, dropout=dropout)
         self.alpha_grid = alpha_grid
+        self.alpha: torch.Tensor
         self.register_buffer("alpha", torch.full((len(heads),), 0.5))
         self.order = [h.name for h in heads]
 
@@ -303,7 +302,7 @@ class LateFusion(_TwoBranches):
             pt, pi = branch_probs["text"][a].numpy()[mask], branch_probs["image"][a].numpy()[mask]
             best = (-1.0, 0.5)
             for alpha in np.linspace(0, 1, self.alpha_grid):
-                score = float(attribute_r_at_p(alpha * pt + (1 - alpha) * pi, y, kind)["pooled"])  # type: ignore[arg-type]
+                score = attribute_r_at_p(alpha * pt + (1 - alpha) * pi, y, kind).pooled
                 if score > best[0] + 1e-12:
                     best = (score, float(alpha))
             self.alpha[k] = best[1]
@@ -336,6 +335,7 @@ class DecisionFusion(_TwoBranches):
                 for h in heads
             }
         )
+        self.fitted: torch.Tensor
         self.register_buffer("fitted", torch.zeros(()))
 
     def _decide(

@@ -6,7 +6,7 @@ One forward pass scores every attribute. The model never picks a device; callers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ class MultimodalModel(nn.Module):
             self.text_encoders.append(TextEncoder(cfg.text, vocab_size=vocab_size, pad_token_id=pad_token_id))
         if cls.needs_image:
             self.image_encoder = ImageEncoder(cfg.image)
-        text_dim = self.text_encoders[0].hidden_size if cls.needs_text else 0
+        text_dim = cast(TextEncoder, self.text_encoders[0]).hidden_size if cls.needs_text else 0
         image_dim = self.image_encoder.num_features if self.image_encoder is not None else 0
         kwargs: dict[str, Any] = {"dropout": cfg.dropout, **cfg.fusion_kwargs}
         if cfg.fusion in ("concat", "hierarchical") and "hidden_dim" not in kwargs:

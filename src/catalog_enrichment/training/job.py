@@ -20,7 +20,7 @@ import torch
 
 from catalog_enrichment.catalog.lakehouse import data_files, read_table, table_format, table_version
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.inference.bundle import json_safe, save_bundle
@@ -81,21 +81,8 @@ def validate_training_table(table: Any, taxonomy: Taxonomy) -> None:
         ContractError: missing product or label columns.
         TaxonomyError: label values outside the taxonomy, or taxonomy values no product carries.
     """
-    contract = load_contract("labelled_products", taxonomy=taxonomy)
-    needed = [
-        c
-        for c in contract.names
-        if c
-        not in (
-            "image",
-            "image_uri",
-            "category",
-            "merchant_attributes",
-            "updated_at",
-            "ingest_date",
-            "product_id",
-        )
-    ]
+    # what training reads; the other products columns (ids, partitions, merchant values) are optional
+    needed = ["title", "description", *taxonomy.names]
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise ContractError(f"the labelled table lacks columns {missing} (contract labelled_products)")

@@ -167,9 +167,9 @@ def evaluate(
         r = attribute_r_at_p(scores, y, kind)
         entry: dict[str, Any] = {
             **f1_scores(scores, y, kind),
-            "r_at_p95": r["pooled"],
+            "r_at_p95": r.pooled,
             "r_at_p95_per_value": dict(
-                zip(attr.values, np.nan_to_num(r["per_value"], nan=0.0).tolist(), strict=True)
+                zip(attr.values, np.nan_to_num(r.per_value, nan=0.0).tolist(), strict=True)
             ),
         }
         if calibration is not None:
@@ -246,6 +246,7 @@ def _loader(
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
+        drop_last=shuffle and len(dataset) > batch_size,  # no 1-row training batch (BatchNorm)
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=collator,
@@ -259,9 +260,7 @@ def _mean_val_r(preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy) -
     for attr in taxonomy:
         known = labels.known[attr.name]
         scores = preds.probs[attr.name][known] if attr.kind == "multilabel" else preds.probs[attr.name]
-        out[attr.name] = float(
-            attribute_r_at_p(scores, _labels_for(labels, attr.name, attr.kind), attr.kind)["pooled"]
-        )
+        out[attr.name] = attribute_r_at_p(scores, _labels_for(labels, attr.name, attr.kind), attr.kind).pooled
     return out
 
 
@@ -365,7 +364,7 @@ def train_and_calibrate(
                 val_r,
                 mean_r,
                 time.perf_counter() - epoch_start,
-                scheduler.get_last_lr()[0],
+                float(scheduler.get_last_lr()[0]),
             )
         )
         say(

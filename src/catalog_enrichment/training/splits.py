@@ -10,7 +10,9 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
 from catalog_enrichment.errors import CatalogEnrichError
 
-__all__ = ["Splits", "stratified_splits"]
+__all__ = ["MIN_ROWS", "Splits", "stratified_splits"]
+
+MIN_ROWS = 50
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ def stratified_splits(
         CatalogEnrichError: a split would be empty (too few rows for the fractions).
     """
     n = y.shape[0]
+    if n < MIN_ROWS:
+        raise CatalogEnrichError(
+            f"{n} labelled products are too few to split into train/validation/calibration/test "
+            f"(need at least {MIN_ROWS})"
+        )
     idx = np.arange(n)
     rest, test_idx = _split_off(y, idx, test, seed)
     rest, calib_idx = _split_off(y, rest, calibration / (1 - test), seed + 1)
