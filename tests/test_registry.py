@@ -41,7 +41,8 @@ def _cfg(tmp: Path, tracking_uri: str, *, fusion: str = "concat", epochs: int = 
             "registered_model": "test-model",
         },
         catalog={"root": str(tmp / "lakehouse")},
-        training={"early_stopping_patience": 0},
+        # a large calibration split: a value needs >= 52 straight hits there to prove 95 %
+        training={"early_stopping_patience": 0, "calibration_fraction": 0.3, "test_fraction": 0.1},
     )
 
 
@@ -49,10 +50,10 @@ def _cfg(tmp: Path, tracking_uri: str, *, fusion: str = "concat", epochs: int = 
 def data(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("registry-data")
     train = generate_marketplace(
-        root / "train", SyntheticConfig(products=1500, seed=11, image_size=32), taxonomy=taxonomy
+        root / "train", SyntheticConfig(products=2000, seed=11, image_size=32), taxonomy=taxonomy
     )
     evalset = generate_marketplace(
-        root / "eval", SyntheticConfig(products=600, seed=12, image_size=32), taxonomy=taxonomy
+        root / "eval", SyntheticConfig(products=800, seed=12, image_size=32), taxonomy=taxonomy
     )
     return {"train": train.products, "eval": evalset.products}
 
@@ -104,6 +105,13 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
     # the calibration the model carries is the one logged with the run
     logged = registry.download_artifact_json(outcome.registered.run_id, "tables/calibration.json")
     assert json.loads((tmp_path / "cal.json").read_text()) == logged == trained.calibration.to_dict()
+    # a failed training run afterwards registers nothing and leaves the aliases where they were
+    broken = tmp_path / "broken"
+    write_table(broken, read_table(data["train"]).drop_columns(["pattern"]))
+    with pytest.raises(ContractError):
+        run_training_job(cfg, taxonomy, data=broken, client=client, progress=_quiet)
+    assert registry.resolve_alias(client, "test-model", registry.CHALLENGER) == "1"
+    assert len(client.search_model_versions("name='test-model'")) == 1
     tags = registry.version_tags(client, "test-model", "1")
     assert tags["data.path"] == str(Path(data["train"]).resolve()) and tags["data.version"] == "0"
     assert "eval.color.r_at_p95" in tags
@@ -171,21 +179,21 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
             eval_data=data["eval"],
             eval_version=None,
             target=0.95,
-            max_coverage_loss=0.02,
+            max_coverage_loss=0.1,
             log_path=log,
             progress=_quiet,
         )
 
     first = run_training_job(
-        _cfg(tmp_path, mlflow_server, epochs=3), taxonomy, data=data["train"], client=client, progress=_quiet
+        _cfg(tmp_path, mlflow_server, epochs=5), taxonomy, data=data["train"], client=client, progress=_quiet
     )
     decision = promote_now()
-    assert decision["promote"], decision["reasons"]
+    assert decision["promote"], decision
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == first.registered.version
 
     # a deliberately worse model: image only, few epochs -> registered as challenger, not promoted
     worse = run_training_job(
-        _cfg(tmp_path, mlflow_server, fusion="image_only", epochs=2),
+        _cfg(tmp_path, mlflow_server, fusion="image_only", epochs=1),
         taxonomy,
         data=data["train"],
         client=client,
@@ -201,7 +209,7 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
 
     # a better one (longer training) is promoted
     better = run_training_job(
-        _cfg(tmp_path, mlflow_server, epochs=8), taxonomy, data=data["train"], client=client, progress=_quiet
+        _cfg(tmp_path, mlflow_server, epochs=12), taxonomy, data=data["train"], client=client, progress=_quiet
     )
     decision = promote_now()
     assert decision["promote"], decision
