@@ -1,19 +1,22 @@
 """Thresholds that keep the precision promise — pure NumPy (and SciPy for the bounds).
 
 For every (attribute, value) the training job picks, on a calibration split the model never trained
-on, a score threshold such that:
+on, a score threshold by a fixed-sequence test down a fixed grid of thresholds (dense near 1):
 
-1. the value has at least ``min_support`` true examples in the calibration split;
-2. at every *higher* candidate threshold with at least ``min_support`` predictions, the precision
-   of what would be written is not provably below ``target`` (its one-sided upper confidence bound
-   is >= ``target``): a real dip in precision above the threshold disqualifies everything below
-   the dip (non-monotone curves), while sampling noise in the small top cuts does not;
-3. at the threshold itself, a one-sided lower confidence bound (Wilson or Clopper–Pearson at
-   ``confidence``) on the precision of everything written is >= ``target``;
+1. the value needs at least ``min_support`` true examples in the calibration split;
+2. from the highest grid threshold down, each threshold with enough predictions to be testable is
+   accepted when a one-sided lower confidence bound (Wilson or Clopper–Pearson at ``confidence``)
+   on the precision of everything scored at or above it is >= ``target``;
+3. the sequence stops at the first threshold that fails, so precision holds at every higher
+   threshold (a dip in a non-monotone precision curve stops it), and the threshold is the last —
+   lowest — accepted one (most recall).
 
-and takes the *lowest* such threshold (most recall). A value for which no threshold qualifies gets
-``None`` and is never written. Multi-class attributes are thresholded on the top-1 score of each
-predicted value: the candidates for value ``v`` are the products whose argmax is ``v``.
+A value for which no threshold is accepted gets ``None`` and is never written. Because the
+thresholds are tested in a fixed order at the full confidence, the chance of choosing a threshold
+whose true precision is below target is at most ``1 - confidence`` per value — picking the lowest
+of many passing cuts instead would be optimistic. Multi-class attributes are thresholded on the
+top-1 score of each predicted value: the candidates for value ``v`` are the products whose argmax is
+``v``.
 
 Assumptions: calibration scores are out-of-sample, and calibration products are exchangeable with
 the products scored later (same distribution); the bound is per value, not simultaneous.
@@ -28,9 +31,10 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
-from catalog_enrichment.metrics import AttributeKind, precision_recall_curve_desc
+from catalog_enrichment.metrics import AttributeKind
 
 __all__ = [
+    "THRESHOLD_GRID",
     "AttributeCalibration",
     "Calibration",
     "ValueThreshold",
@@ -164,6 +168,10 @@ class Calibration:
         )
 
 
+# The candidate thresholds: a fixed grid, dense near 1 (1 - 10^(-3 + 3 i / 63)), tested from the top.
+THRESHOLD_GRID = 1.0 - np.logspace(-3.0, 0.0, 64)
+
+
 def _pick_threshold(
     scores: np.ndarray,
     correct: np.ndarray,
@@ -174,36 +182,53 @@ def _pick_threshold(
     bound: BoundName,
     min_support: int,
 ) -> tuple[float | None, dict[str, Any]]:
+    """Fixed-sequence test down the threshold grid (Learn-then-Test style).
+
+    For each grid threshold t, from the highest down, H_t = "precision of everything scored >= t is
+    below target" is rejected when the lower confidence bound is >= target. Grid points with too few
+    predictions to ever pass (or fewer than ``min_support``) are skipped — that depends on the scores
+    only, not on the labels. The sequence stops at the first failure; the threshold is the last
+    (lowest) rejected point. Testing in a fixed order at the full confidence controls the chance of
+    choosing any threshold whose precision is below target, without the optimism of picking the
+    best of many looks.
+    """
     if support < min_support:
         return None, {"reason": f"support {support} < min_support {min_support}"}
-    thresholds, n_pred, n_corr, recall = precision_recall_curve_desc(scores, correct, n_positive=support)
-    if thresholds.size == 0:
+    s = np.asarray(scores, dtype=np.float64)
+    c = np.asarray(correct, dtype=bool)
+    if s.size == 0:
         return None, {"reason": "never predicted"}
-    precision = n_corr / n_pred
-    judged = n_pred >= min_support
-    # A higher cut disqualifies everything below it only when its precision is *provably* under the
-    # target (upper bound < target): noise in small top cuts must not, a real dip must.
-    upper = wilson_upper(n_corr, n_pred, confidence=confidence)
-    failing = np.flatnonzero(judged & (upper < target))
-    # Only cuts above the first judged cut whose precision misses the target qualify.
-    stop = int(failing[0]) if failing.size else thresholds.size
-    lb = lower_bound(n_corr[:stop], n_pred[:stop], confidence=confidence, method=bound)
-    ok = np.flatnonzero(judged[:stop] & (lb >= target))
-    if ok.size == 0:
-        best_lb = float(lb.max()) if lb.size else 0.0
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, cum = s[order], np.cumsum(c[order])
+    n = np.searchsorted(-s_sorted, -THRESHOLD_GRID, side="right")  # predictions with score >= t
+    k = np.where(n > 0, cum[np.maximum(n - 1, 0)], 0)
+    best_possible = lower_bound(n, n, confidence=confidence, method=bound)  # all correct
+    testable = (n >= min_support) & (best_possible >= target)
+    lb = lower_bound(k, n, confidence=confidence, method=bound)
+    chosen = None
+    tested = 0
+    for g in np.flatnonzero(testable):
+        tested += 1
+        if lb[g] < target:
+            break
+        chosen = int(g)
+    if chosen is None:
         why = (
-            "precision dips below target above every provable threshold"
-            if failing.size and stop == 0
-            else (f"lower bound never reaches {target} (best {best_lb:.3f})")
+            "too few predictions to prove the target"
+            if tested == 0
+            else (
+                f"lower bound {lb[np.flatnonzero(testable)[0]]:.3f} < {target} at the first testable "
+                "threshold"
+            )
         )
         return None, {"reason": why}
-    i = int(ok[-1])  # lowest qualifying threshold = most recall
-    return float(thresholds[i]), {
-        "n_written": int(n_pred[i]),
-        "n_correct": int(n_corr[i]),
-        "precision": float(precision[i]),
-        "lower_bound": float(lb[i]),
-        "recall": float(recall[i]),
+    n_i, k_i = int(n[chosen]), int(k[chosen])
+    return float(THRESHOLD_GRID[chosen]), {
+        "n_written": n_i,
+        "n_correct": k_i,
+        "precision": k_i / n_i,
+        "lower_bound": float(lb[chosen]),
+        "recall": k_i / support,
     }
 
 
