@@ -258,40 +258,32 @@ def calibrate_attribute(
         raise ValueError("need 0 < target < 1 and 0.5 < confidence < 1")
     if min_support < 1:
         raise ValueError("min_support must be >= 1")
-    out = []
+    # per value: (candidate scores, whether each candidate prediction is right, support)
+    candidates: list[tuple[np.ndarray, np.ndarray, int]]
     if kind == "multilabel":
         labels = np.asarray(labels).astype(bool)
         if labels.shape != scores.shape:
             raise ValueError(f"{name}: labels shape {labels.shape} != scores shape {scores.shape}")
-        for v, value in enumerate(values):
-            support = int(labels[:, v].sum())
-            thr, info = _pick_threshold(
-                scores[:, v],
-                labels[:, v],
-                support,
-                target=target,
-                confidence=confidence,
-                bound=bound,
-                min_support=min_support,
-            )
-            out.append(ValueThreshold(value, thr, support, **info))
+        candidates = [(scores[:, v], labels[:, v], int(labels[:, v].sum())) for v in range(len(values))]
     else:
         labels = np.asarray(labels).astype(np.int64)
         known = labels >= 0
         s, y = scores[known], labels[known]
         top = s.argmax(axis=1) if s.size else np.zeros(0, np.int64)
         top_score = s[np.arange(s.shape[0]), top] if s.size else np.zeros(0)
-        for v, value in enumerate(values):
-            sel = top == v
-            support = int((y == v).sum())
-            thr, info = _pick_threshold(
-                top_score[sel],
-                y[sel] == v,
-                support,
-                target=target,
-                confidence=confidence,
-                bound=bound,
-                min_support=min_support,
-            )
-            out.append(ValueThreshold(value, thr, support, **info))
+        candidates = [
+            (top_score[top == v], y[top == v] == v, int((y == v).sum())) for v in range(len(values))
+        ]
+    out = []
+    for value, (cand_scores, correct, support) in zip(values, candidates, strict=True):
+        thr, info = _pick_threshold(
+            cand_scores,
+            correct,
+            support,
+            target=target,
+            confidence=confidence,
+            bound=bound,
+            min_support=min_support,
+        )
+        out.append(ValueThreshold(value, thr, support, **info))
     return AttributeCalibration(name, kind, tuple(out))

@@ -48,9 +48,10 @@ def run_quality_benchmark(
     methods: Sequence[str] | None = None,
     kl_lambda: float = 0.1,
     device: str = "cpu",
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-serialisable result."""
+    say = progress or (lambda msg: print(msg, flush=True))
     methods = list(methods or list_fusions())
     market = generate_marketplace(workdir / "marketplace", cfg.synthetic, taxonomy=taxonomy)
     table = read_table(market.products)
@@ -71,7 +72,7 @@ def run_quality_benchmark(
         "epochs": {},
     }
     for label, fusion, kwargs in _runs(methods, kl_lambda):
-        progress(f"== {label} ==")
+        say(f"== {label} ==")
         run_cfg = cfg.model_copy(
             update={
                 "model": cfg.model.model_copy(
@@ -81,7 +82,7 @@ def run_quality_benchmark(
         )
         started = time.perf_counter()
         trained = train_and_calibrate(
-            table, taxonomy, run_cfg, device=device, progress=lambda m: progress("  " + m)
+            table, taxonomy, run_cfg, device=device, progress=lambda m: say("  " + m)
         )
         report = trained.test_report
         result["seconds"][label] = round(time.perf_counter() - started, 1)
