@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--methods", metavar="LIST", help="comma-separated fusion names (default: all)")
     bq.add_argument("--epochs", type=int, metavar="E", help="epochs per method (default: training.epochs)")
     bq.add_argument(
-        "--kl-lambda", type=float, default=0.1, metavar="L", help="lambda > 0 for modality attention"
+        "--kl-lambda", type=float, default=1.0, metavar="L", help="lambda > 0 for modality attention"
     )
     bq.add_argument(
         "--workdir", metavar="DIR", default="bench-quality", help="where the marketplace is written"

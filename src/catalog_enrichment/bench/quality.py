@@ -46,7 +46,7 @@ def run_quality_benchmark(
     *,
     workdir: Path,
     methods: Sequence[str] | None = None,
-    kl_lambda: float = 0.1,
+    kl_lambda: float = 1.0,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:

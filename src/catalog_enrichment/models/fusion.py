@@ -501,7 +501,7 @@ class ModalityAttentionFusion(Fusion):
         heads: Sequence[HeadSpec],
         *,
         dropout: float = 0.1,
-        kl_lambda: float = 0.1,
+        kl_lambda: float = 1.0,
     ) -> None:
         super().__init__(text_dim, image_dim, heads)
         self.kl_lambda = kl_lambda
