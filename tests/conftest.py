@@ -8,11 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+# Test this checkout's sources even when the shared environment's editable install points at
+# another checkout; subprocesses and Spark workers inherit it through PYTHONPATH.
+_SRC = str(Path(__file__).resolve().parent.parent / "src")
+if sys.path[0] != _SRC:
+    sys.path.insert(0, _SRC)
+if not os.environ.get("PYTHONPATH", "").startswith(_SRC):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 
-from catalog_enrichment.config import AppConfig, SyntheticConfig, load_config, merge_layers
-from catalog_enrichment.contracts import Taxonomy, load_taxonomy
-from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_marketplace
+import pytest  # noqa: E402
+
+from catalog_enrichment.config import AppConfig, SyntheticConfig, load_config, merge_layers  # noqa: E402
+from catalog_enrichment.contracts import Taxonomy, load_taxonomy  # noqa: E402
+from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_marketplace  # noqa: E402
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")

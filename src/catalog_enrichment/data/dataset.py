@@ -161,26 +161,42 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_length: int) -> Any:
-    """Train a lower-casing WordPiece tokenizer on ``texts`` (the training split's text only).
+    """Build a lower-casing WordPiece tokenizer from ``texts`` (the training split's text only).
 
-    Returns a ``transformers.PreTrainedTokenizerFast`` that saves/loads with ``save_pretrained``.
+    The vocabulary is built deterministically (the ``tokenizers`` WordPiece trainer breaks frequency
+    ties by hash order, so two runs on the same texts give different vocabularies and models):
+    special tokens, every character seen (plain and ``##`` continuation), then whole words seen at
+    least twice by descending count (ties alphabetical), up to ``vocab_size``. Unknown words fall
+    back to characters. Returns a ``transformers.PreTrainedTokenizerFast`` (``save_pretrained`` works).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({ch for w in words for ch in w})
+    vocab_list = [*SPECIAL_TOKENS, *chars, *(f"##{ch}" for ch in chars)]
+    seen = set(vocab_list)
+    for word, count in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])):
+        if len(vocab_list) >= vocab_size or count < 2:
+            break
+        if word not in seen:
+            vocab_list.append(word)
+            seen.add(word)
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2, show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
