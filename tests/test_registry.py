@@ -53,7 +53,7 @@ def data(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> dict[s
         root / "train", SyntheticConfig(products=2000, seed=11, image_size=32), taxonomy=taxonomy
     )
     evalset = generate_marketplace(
-        root / "eval", SyntheticConfig(products=800, seed=12, image_size=32), taxonomy=taxonomy
+        root / "eval", SyntheticConfig(products=1500, seed=12, image_size=32), taxonomy=taxonomy
     )
     return {"train": train.products, "eval": evalset.products}
 
@@ -185,10 +185,10 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
         )
 
     first = run_training_job(
-        _cfg(tmp_path, mlflow_server, epochs=5), taxonomy, data=data["train"], client=client, progress=_quiet
+        _cfg(tmp_path, mlflow_server, epochs=8), taxonomy, data=data["train"], client=client, progress=_quiet
     )
     decision = promote_now()
-    assert decision["promote"], decision
+    assert decision["promote"], decision["reasons"]
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == first.registered.version
 
     # a deliberately worse model: image only, few epochs -> registered as challenger, not promoted
@@ -209,10 +209,10 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
 
     # a better one (longer training) is promoted
     better = run_training_job(
-        _cfg(tmp_path, mlflow_server, epochs=12), taxonomy, data=data["train"], client=client, progress=_quiet
+        _cfg(tmp_path, mlflow_server, epochs=16), taxonomy, data=data["train"], client=client, progress=_quiet
     )
     decision = promote_now()
-    assert decision["promote"], decision
+    assert decision["promote"], decision["reasons"]
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == better.registered.version
 
     history = read_promotion_log(log).to_pylist()
