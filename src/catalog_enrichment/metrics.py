@@ -28,6 +28,7 @@ __all__ = [
     "decision_matrix",
     "f1_scores",
     "precision_recall_curve_desc",
+    "truth_matrix",
     "written_precision_and_coverage",
 ]
 
@@ -127,7 +128,7 @@ def decision_matrix(scores: np.ndarray, kind: AttributeKind, thresholds: np.ndar
     return out
 
 
-def _truth_matrix(labels: np.ndarray, n_values: int, kind: AttributeKind) -> tuple[np.ndarray, np.ndarray]:
+def truth_matrix(labels: np.ndarray, n_values: int, kind: AttributeKind) -> tuple[np.ndarray, np.ndarray]:
     """Multi-hot truth ``(n, V)`` and the mask of labelled products ``(n,)``."""
     if kind == "multilabel":
         truth = labels.astype(bool)
@@ -149,7 +150,7 @@ def written_precision_and_coverage(
     """
     scores = _check_scores(scores)
     labels = _check_labels(labels, scores, kind)
-    truth, known = _truth_matrix(labels, scores.shape[1], kind)
+    truth, known = truth_matrix(labels, scores.shape[1], kind)
     written = decision_matrix(scores, kind, thresholds)[known]
     truth = truth[known]
     n_written = int(written.sum())
@@ -182,7 +183,7 @@ def attribute_r_at_p(
     """
     scores = _check_scores(scores)
     labels = _check_labels(labels, scores, kind)
-    truth, known = _truth_matrix(labels, scores.shape[1], kind)
+    truth, known = truth_matrix(labels, scores.shape[1], kind)
     s, t = scores[known], truth[known]
     per_value: list[float] = []
     if kind == "multilabel":

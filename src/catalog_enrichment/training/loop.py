@@ -192,16 +192,10 @@ def evaluate(
 def _per_value_written(
     scores: np.ndarray, y: np.ndarray, kind: str, thresholds: np.ndarray, values: tuple[str, ...]
 ) -> dict[str, dict[str, float | int | None]]:
-    from catalog_enrichment.metrics import decision_matrix
+    from catalog_enrichment.metrics import decision_matrix, truth_matrix
 
-    written = decision_matrix(scores, kind, thresholds)  # type: ignore[arg-type]
-    if kind == "multilabel":
-        truth = y.astype(bool)
-    else:
-        truth = np.zeros_like(written)
-        ok = y >= 0
-        truth[np.flatnonzero(ok), y[ok]] = True
-        written = written & ok[:, None]
+    truth, known = truth_matrix(y, scores.shape[1], kind)  # type: ignore[arg-type]
+    written = decision_matrix(scores, kind, thresholds) & known[:, None]  # type: ignore[arg-type]
     out: dict[str, dict[str, float | int | None]] = {}
     for v, value in enumerate(values):
         n = int(written[:, v].sum())

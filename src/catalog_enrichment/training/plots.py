@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from catalog_enrichment.calibration import AttributeCalibration
-from catalog_enrichment.metrics import precision_recall_curve_desc
+from catalog_enrichment.metrics import precision_recall_curve_desc, truth_matrix
 
 __all__ = ["plot_precision_recall", "plot_reliability"]
 
@@ -27,21 +27,12 @@ def _candidates(
     return scores[sel, v], truth[sel, v], int(truth[:, v].sum())
 
 
-def _truth(labels: np.ndarray, n_values: int, kind: str) -> np.ndarray:
-    if kind == "multilabel":
-        return labels.astype(bool)
-    truth = np.zeros((labels.shape[0], n_values), bool)
-    ok = labels >= 0
-    truth[np.flatnonzero(ok), labels[ok]] = True
-    return truth
-
-
 def plot_precision_recall(
     scores: np.ndarray, labels: np.ndarray, calibration: AttributeCalibration, out: Path, *, target: float
 ) -> Path:
     """One PR curve per value (test split) with a dot at the calibrated threshold."""
     kind, values = calibration.kind, [v.value for v in calibration.values]
-    truth = _truth(labels, len(values), kind)
+    truth, _ = truth_matrix(labels, len(values), kind)
     fig, ax = plt.subplots(figsize=(7, 5))
     for v, spec in enumerate(calibration.values):
         s, c, support = _candidates(scores, truth, kind, v)
@@ -70,7 +61,7 @@ def plot_precision_recall(
 
 def plot_reliability(scores: np.ndarray, labels: np.ndarray, kind: str, attribute: str, out: Path) -> Path:
     """Mean predicted score vs observed frequency in 10 bins (all values pooled; top-1 for multi-class)."""
-    truth = _truth(labels, scores.shape[1], kind)
+    truth, _ = truth_matrix(labels, scores.shape[1], kind)  # type: ignore[arg-type]
     if kind == "multilabel":
         s, c = scores.ravel(), truth.ravel()
     else:
