@@ -11,7 +11,9 @@ LOCK_HASH := $(shell sha256sum $(LOCK) | cut -c1-16)
 VENV_CACHE ?= $(or $(CATALOG_ENRICH_VENV_CACHE),$(HOME)/.cache/catalog-enrichment)
 VENV_DIR := $(VENV_CACHE)/venv-py311-$(LOCK_HASH)
 VENV := .venv
-PY := $(VENV)/bin/python
+# The cached environment's own interpreter: scripts installed through it keep working when the
+# checkout that installed them is deleted (a shebang through .venv would point into that checkout).
+PY := $(VENV_DIR)/bin/python
 # Where pip finds the CPU build of torch==2.13.0 on machines without a local wheel, e.g.
 #   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -47,14 +49,15 @@ venv:
 	fi; \
 	if [ -e $(VENV) ] && [ ! -L $(VENV) ]; then echo ">> replacing the plain $(VENV) folder with a link to the cached environment"; rm -rf $(VENV); fi; \
 	[ "$$(readlink $(VENV) || true)" = "$(VENV_DIR)" ] || ln -sfn "$(VENV_DIR)" $(VENV); \
-	if [ "$$(cat $(VENV)/.editable-src 2>/dev/null || true)" != "$(CURDIR)" ]; then \
+	if [ "$$(cat $(VENV)/.editable-src 2>/dev/null || true)" != "$(CURDIR)" ] \
+	    || ! head -1 "$(VENV_DIR)/bin/catalog-enrich" 2>/dev/null | grep -qF "$(VENV_DIR)/bin/python"; then \
 	  $(PIP_INSTALL) --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true; \
 	  $(PY) -c "import catalog_enrichment" || { echo "editable install failed" >&2; exit 1; }; \
 	  echo "$(CURDIR)" > $(VENV)/.editable-src; \
 	fi
 
 demo: venv
-	$(VENV)/bin/catalog-enrich demo $(DEMO_ARGS)
+	$(VENV_DIR)/bin/catalog-enrich demo $(DEMO_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests jobs
