@@ -52,6 +52,18 @@ def _generator_flags(parser: argparse.ArgumentParser, *, products_default: str) 
     )
 
 
+def _enrich_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--products", metavar="PATH", help="products table (default: catalog.products)")
+    parser.add_argument(
+        "--catalog", metavar="DIR", help="lakehouse root holding the output tables (catalog.root)"
+    )
+    parser.add_argument(
+        "--model-uri",
+        metavar="URI",
+        help="model to use (default: models:/<mlflow.registered_model>@champion)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -129,6 +141,70 @@ def build_parser() -> argparse.ArgumentParser:
     _common(prom)
     prom.set_defaults(handler=_cmd_promote)
 
+    enrich = sub.add_parser(
+        "enrich",
+        help="score products with the champion model and write values that clear their thresholds",
+        description="The nightly job: read products (incremental by default), validate and quarantine, "
+        "score inside Spark, write calibrated values into the attributes table in one MERGE, report.",
+    )
+    _enrich_flags(enrich)
+    enrich.add_argument(
+        "--run-id", metavar="ID", help="run id (default: a new one); re-running an id changes nothing"
+    )
+    enrich.add_argument(
+        "--partition", metavar="COL=VALUE", help="only this partition, e.g. ingest_date=2026-11-01"
+    )
+    enrich.add_argument(
+        "--full",
+        action="store_true",
+        help="score every selected product, not only those changed since the last run",
+    )
+    _common(enrich)
+    enrich.set_defaults(handler=_cmd_enrich)
+
+    back = sub.add_parser(
+        "backfill",
+        help="re-score a range of ingest_date partitions, one committed run per partition",
+        description="One full enrichment run per partition in [--from, --to]; partitions already done by "
+        "the same model version are skipped unless --force, so an interrupted backfill resumes.",
+    )
+    _enrich_flags(back)
+    back.add_argument(
+        "--from", dest="date_from", required=True, metavar="DATE", help="first partition (YYYY-MM-DD)"
+    )
+    back.add_argument(
+        "--to", dest="date_to", required=True, metavar="DATE", help="last partition (YYYY-MM-DD)"
+    )
+    back.add_argument(
+        "--force", action="store_true", help="redo partitions already done by this model version"
+    )
+    _common(back)
+    back.set_defaults(handler=_cmd_backfill)
+
+    roll = sub.add_parser(
+        "rollback",
+        help="undo what one run or one model version wrote (restores the values it replaced)",
+        description="Remove the values a run (or every run of a model version) wrote and restore the "
+        "values they replaced, from the Delta history. Pairs changed by later runs are left alone.",
+    )
+    which = roll.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", metavar="ID", help="the run to undo")
+    which.add_argument("--model-version", metavar="V", help="undo every run of this model version")
+    roll.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
+    _common(roll)
+    roll.set_defaults(handler=_cmd_rollback)
+
+    rep = sub.add_parser(
+        "report",
+        help="print a run report (the latest run by default)",
+        description="Print what a run read, quarantined, scored and wrote, its timings and throughput.",
+    )
+    rep.add_argument("--run-id", metavar="ID", help="the run (default: the latest)")
+    rep.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
+    rep.add_argument("--json", action="store_true", help="print JSON")
+    _common(rep)
+    rep.set_defaults(handler=_cmd_report)
+
     cfg = sub.add_parser(
         "config",
         help="print the effective configuration",
@@ -188,7 +264,12 @@ def _overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         "image_files": getattr(args, "image_files", None),
     }
     is_train = getattr(args, "command", "") == "train"
+    catalog = {"root": getattr(args, "catalog", None)}
+    if getattr(args, "command", "") in ("enrich", "backfill"):
+        catalog["products"] = getattr(args, "products", None)
+        synthetic["products"] = None
     return {
+        "catalog": catalog,
         "synthetic": synthetic,
         "taxonomy_path": getattr(args, "taxonomy", None),
         "mlflow": {"registered_model": getattr(args, "registered_model", None)},
@@ -235,7 +316,7 @@ def _cmd_summarize(args: argparse.Namespace, cfg: AppConfig) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, cfg: AppConfig) -> int:
-    """generate -> train -> promote on embedded defaults inside ``--workdir`` (enrich arrives next)."""
+    """generate -> train -> promote -> enrich -> report on embedded defaults inside ``--workdir``."""
     from catalog_enrichment import registry
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.data.summary import format_summary, summarize_marketplace
@@ -262,7 +343,7 @@ def _cmd_demo(args: argparse.Namespace, cfg: AppConfig) -> int:
         }
     )
     taxonomy = load_taxonomy(cfg.taxonomy_path)
-    steps = 3
+    steps = 5
     n = args.products
     started = time.perf_counter()
 
@@ -311,10 +392,48 @@ def _cmd_demo(args: argparse.Namespace, cfg: AppConfig) -> int:
         progress=lambda m: print("  " + m, flush=True),
     )
     print(format_comparison(summary))
+
+    import datetime as dt
+
+    from catalog_enrichment.catalog.attributes import ensure_attributes_table, merchant_rows
+    from catalog_enrichment.catalog.lakehouse import read_table, write_table
+    from catalog_enrichment.catalog.reports import format_report
+    from catalog_enrichment.data.truth import format_precision, sample_against_truth, written_precision
+    from catalog_enrichment.enrich import run_enrichment
+
+    attributes = Path(cfg.catalog.table("attributes"))
+    if not (attributes / "_delta_log").is_dir():
+        # The marketplace's catalog before the job: the values merchants provided.
+        incoming = read_table(
+            workdir / "incoming" / "products", columns=["product_id", "merchant_attributes"]
+        )
+        write_table(attributes, merchant_rows(incoming, dt.datetime.now(dt.UTC)), mode="error")
+    ensure_attributes_table(attributes)
     print(
-        f"\ndemo finished in {time.perf_counter() - started:.0f}s. MLflow: mlflow ui --backend-store-uri "
-        f"{cfg.mlflow.tracking_uri}; the Spark enrichment step (score incoming products, write attributes) "
-        "is the next stage of the project."
+        f"\n[demo 4/{steps}] enrich: score {workdir / 'incoming' / 'products'} with the champion in Spark",
+        flush=True,
+    )
+    model = _model_ref(cfg, None, client)
+    enriched = run_enrichment(
+        _spark(cfg),
+        cfg,
+        taxonomy,
+        model=model,
+        full=True,
+        client=client,
+        progress=lambda m: print("  " + m, flush=True),
+    )
+    print(f"\n[demo 5/{steps}] report\n")
+    print(format_report(enriched.report))
+    table = read_table(attributes)
+    truth = read_table(workdir / "incoming" / "truth")
+    print("\nWritten values against the ground truth (model rows only):")
+    print(format_precision(written_precision(table, truth, taxonomy)))
+    print("\nA sample of written values:")
+    print(sample_against_truth(table, truth, taxonomy))
+    print(
+        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: catalog-enrich report --catalog "
+        f"{cfg.catalog.root}; mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
     )
     return 0
 
@@ -372,6 +491,106 @@ def _cmd_promote(args: argparse.Namespace, cfg: AppConfig) -> int:
         dry_run=args.dry_run,
     )
     print(format_comparison(summary))
+    return 0
+
+
+def _spark(cfg: AppConfig) -> Any:
+    """The job's SparkSession. Under spark-submit the submitted master and conf win."""
+    import os
+
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # the driver was started by spark-submit
+    if not submitted:
+        if cfg.spark.master.startswith("local"):
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+            builder = builder.config("spark.ui.enabled", "false")
+        builder = builder.master(cfg.spark.master)
+    builder = (
+        builder.config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.spark.arrow_max_records_per_batch))
+        .config("spark.python.worker.reuse", "true")
+    )
+    for key, value in cfg.spark.conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def _model_ref(cfg: AppConfig, model_uri: str | None, client: Any) -> Any:
+    from catalog_enrichment import registry
+    from catalog_enrichment.enrich import ModelRef
+
+    resolved = registry.resolve_model(client, model_uri or f"models:/{cfg.mlflow.registered_model}@champion")
+    bundle = registry.download_bundle(resolved, Path(cfg.catalog.root) / "_models")
+    return ModelRef(resolved.name, resolved.version, bundle)
+
+
+def _cmd_enrich(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.catalog.reports import format_report
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.enrich import run_enrichment
+
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    client = _client(cfg)
+    model = _model_ref(cfg, args.model_uri, client)
+    spark = _spark(cfg)
+    outcome = run_enrichment(
+        spark,
+        cfg,
+        taxonomy,
+        model=model,
+        partition=args.partition,
+        full=args.full,
+        run_id=args.run_id,
+        client=client,
+    )
+    print(format_report(outcome.report))
+    return 0
+
+
+def _cmd_backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
+    import datetime as dt
+
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.enrich import backfill_partitions
+
+    try:
+        date_from, date_to = dt.date.fromisoformat(args.date_from), dt.date.fromisoformat(args.date_to)
+    except ValueError as exc:
+        raise CatalogEnrichError(f"--from/--to must be dates (YYYY-MM-DD): {exc}") from None
+    client = _client(cfg)
+    model = _model_ref(cfg, args.model_uri, client)
+    results = backfill_partitions(
+        _spark(cfg),
+        cfg,
+        load_taxonomy(cfg.taxonomy_path),
+        model=model,
+        date_from=date_from,
+        date_to=date_to,
+        force=args.force,
+        client=client,
+    )
+    done = sum(1 for _, o in results if o is not None)
+    print(f"backfill finished: {done} partition(s) enriched, {len(results) - done} skipped")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.enrich import rollback
+
+    rollback(cfg, run_id=args.run_id, model_version=args.model_version)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.catalog.reports import format_report, report_for
+
+    report = report_for(cfg.catalog.table("run_reports"), args.run_id)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0
 
 

@@ -212,6 +212,9 @@ class ValidationConfig(_Section):
     max_invalid_fraction: float = Field(0.05, ge=0, le=1, description="Circuit breaker: abort above this.")
     max_title_length: int = Field(300, gt=0)
     max_description_length: int = Field(5000, gt=0)
+    run_expectations: bool = Field(
+        True, description="Also run the Great Expectations suite (its results go into the run report)."
+    )
 
 
 class SyntheticConfig(_Section):

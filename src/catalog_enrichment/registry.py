@@ -34,10 +34,13 @@ __all__ = [
     "check_tracking_server",
     "configure_mlflow",
     "download_artifact_json",
+    "download_bundle",
     "load_bundle_from_uri",
     "log_and_register",
+    "log_enrichment_run",
     "pip_requirements",
     "resolve_alias",
+    "resolve_model",
     "set_alias",
     "tag_version",
     "version_tags",
@@ -222,3 +225,83 @@ def download_artifact_json(run_id: str, path: str) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
         return json.loads(Path(local).read_text())
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model URI pinned to one registered version (a promotion mid-run cannot mix versions)."""
+
+    name: str
+    version: str
+    run_id: str
+    uri: str
+
+
+def resolve_model(client: MlflowClient, model_uri: str) -> ResolvedModel:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> the exact version.
+
+    Raises:
+        CatalogEnrichError: not a ``models:/`` URI, unknown model, alias not set, unknown version.
+    """
+    if not model_uri.startswith("models:/"):
+        raise CatalogEnrichError(
+            f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
+        )
+    rest = model_uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = resolve_alias(client, name, alias)
+        if version is None:
+            raise CatalogEnrichError(
+                f"registered model {name!r} has no {alias!r} alias: train and promote a version first "
+                f"(catalog-enrich train; catalog-enrich promote) or pass --model-uri models:/{name}/<version>"
+            )
+    else:
+        name, _, version = rest.partition("/")
+        resolve_alias(client, name, CHAMPION)  # raises for an unknown model
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException:
+        raise CatalogEnrichError(f"registered model {name!r} has no version {version!r}") from None
+    return ResolvedModel(name, str(mv.version), str(mv.run_id), f"models:/{name}/{mv.version}")
+
+
+def download_bundle(model: ResolvedModel, cache_dir: str | Path) -> Path:
+    """Download the version's bundle folder once into ``cache_dir`` (reused by later runs).
+
+    The folder is named ``<name>-v<version>-<run id>``, unique per version, so Spark can ship it to
+    executors under that name (``SparkContext.addFile``)."""
+    bundle = Path(cache_dir) / f"{model.name}-v{model.version}-{model.run_id[:12]}"
+    if (bundle / "weights.pt").is_file():
+        return bundle
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="download-", dir=cache_dir) as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.uri, dst_path=tmp))
+        except MlflowException as exc:
+            raise CatalogEnrichError(f"cannot download {model.uri}: {str(exc).splitlines()[0]}") from None
+        found = next((p.parent for p in local.rglob("weights.pt")), None)
+        if found is None:
+            raise CatalogEnrichError(f"{model.uri} holds no model bundle (no weights.pt)")
+        if not bundle.exists():
+            found.rename(bundle)  # atomic within the cache folder: a concurrent run sees all or nothing
+    return bundle
+
+
+def log_enrichment_run(
+    client: MlflowClient,
+    *,
+    experiment: str,
+    artifact_location: str | None,
+    report: Mapping[str, Any],
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+) -> str:
+    """One MLflow run in the enrichment experiment: params, metrics and the report as JSON."""
+    experiment_id = _experiment_id(client, experiment, artifact_location)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=str(report["run_id"])) as run:
+        mlflow.set_tags({"catalog_enrich.run_id": str(report["run_id"]), "status": str(report["status"])})
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
+        mlflow.log_dict(json.loads(json.dumps(dict(report), default=str)), "run_report.json")
+    return str(run.info.run_id)

@@ -1,24 +1,55 @@
-"""The per-batch predictor: pandas in, scores out. No Spark here; the Spark job wraps it.
+"""The per-batch predictor: Arrow or pandas in, scores out. No Spark here; the Spark job wraps it.
 
 Load once, predict many: construction takes a loaded :class:`ModelBundle` and a device chosen by the
-caller; each call scores a pandas batch under ``torch.inference_mode()``.
+caller. Each call re-cuts its input to the model's batch size and runs a small pipeline:
+
+* a thread pool prepares the next batches (image read + decode + resize, one fast-tokenizer call
+  per batch) while the current one runs through the model — PIL and the Rust tokenizer release the
+  GIL, so on a GPU the forward pass, not decoding, sets the pace;
+* the forward pass runs under ``torch.inference_mode()`` (bf16 autocast and pinned, non-blocking
+  copies on CUDA).
+
+Images: a row with no image (null bytes and no URI) is scored as an imageless product — the model
+is trained and calibrated with such products (``image_present`` = 0). A row whose image bytes or URI
+are present but do not decode is *not* scored as imageless: its ``image_error`` says why, and the
+enrichment job quarantines it.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
-from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
+from catalog_enrichment.data.dataset import Collator
+from catalog_enrichment.data.images import decode_image
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
-from catalog_enrichment.training.loop import predict
 
-__all__ = ["BatchPredictor", "score_columns"]
+__all__ = [
+    "IMAGE_DECODABLE",
+    "IMAGE_READABLE",
+    "BatchPredictor",
+    "PreparedBatch",
+    "Scores",
+    "score_columns",
+]
 
-INPUT_COLUMNS = ("product_id", "title", "description", "image")
+INPUT_COLUMNS = ("product_id", "title", "description", "image", "image_uri")
+# Quarantine reasons the predictor reports (the validation rules use the same names).
+IMAGE_DECODABLE = "image_decodable"  # bytes present but not an image (corrupt, truncated, empty)
+IMAGE_READABLE = "image_readable"  # image_uri given but the file cannot be read
+
+_MEAN = 0.5 * 255.0
+_STD = 0.25 * 255.0
 
 
 def score_columns(bundle: ModelBundle) -> list[str]:
@@ -26,40 +57,154 @@ def score_columns(bundle: ModelBundle) -> list[str]:
     return [f"{a.name}={v}" for a in bundle.taxonomy for v in a.values]
 
 
+@dataclass
+class PreparedBatch:
+    """Model inputs of one batch (CPU tensors) and the per-row image errors."""
+
+    inputs: dict[str, torch.Tensor]
+    image_error: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.image_error)
+
+
+@dataclass
+class Scores:
+    """``probs``: attribute -> ``(n, n_values)`` float32; ``image_error``: ``(n,)`` reason or None."""
+
+    probs: dict[str, np.ndarray]
+    image_error: list[str | None]
+
+
+def _pylist(data: pa.RecordBatch | pa.Table | pd.DataFrame, name: str) -> list[Any]:
+    n = data.num_rows if isinstance(data, pa.RecordBatch | pa.Table) else len(data)
+    if isinstance(data, pa.RecordBatch | pa.Table):
+        return data.column(name).to_pylist() if name in data.schema.names else [None] * n
+    return data[name].tolist() if name in data.columns else [None] * n
+
+
+def _read_image(raw: Any, uri: Any) -> tuple[bytes | None, str | None]:
+    """The image bytes of a row and the error if a given image cannot be read."""
+    if isinstance(raw, bytes | bytearray | memoryview):
+        return bytes(raw), None
+    if isinstance(uri, str) and uri:
+        try:
+            return Path(uri.removeprefix("file://")).read_bytes(), None
+        except OSError:
+            return None, IMAGE_READABLE
+    return None, None
+
+
 class BatchPredictor:
-    """Scores pandas batches of products with one loaded model."""
+    """Scores batches of products with one loaded model."""
 
     def __init__(
-        self, bundle: ModelBundle, *, device: torch.device | str = "cpu", batch_size: int = 128
+        self,
+        bundle: ModelBundle,
+        *,
+        device: torch.device | str = "cpu",
+        batch_size: int = 128,
+        decode_threads: int = 2,
+        autocast: bool = True,
     ) -> None:
         self.bundle = bundle
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.decode_threads = max(1, decode_threads)
+        self.autocast = autocast and self.device.type == "cuda"
+        self.image_size = bundle.model_config.image.image_size
         self.collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
         self.bundle.model.to(self.device).eval()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def score(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    # -- preparation (runs in the pool) ---------------------------------------------------------
+    def prepare(
+        self, titles: Sequence[Any], descriptions: Sequence[Any], images: Sequence[Any], uris: Sequence[Any]
+    ) -> PreparedBatch:
+        """Decode, resize and normalise the images and tokenize the texts of one batch."""
+        n = len(titles)
+        size = self.image_size
+        pixels = np.zeros((n, size, size, 3), np.uint8)
+        present = np.zeros(n, np.float32)
+        errors: list[str | None] = [None] * n
+        for i, (raw, uri) in enumerate(zip(images, uris, strict=True)):
+            data, error = _read_image(raw, uri)
+            if error is not None:
+                errors[i] = error
+                continue
+            if data is None:
+                continue  # no image at all: scored as an imageless product
+            decoded = decode_image(data, size)
+            if decoded is None:
+                errors[i] = IMAGE_DECODABLE
+                continue
+            pixels[i] = decoded
+            present[i] = 1.0
+        inputs = self.collator.tokenize(
+            [t if isinstance(t, str) else "" for t in titles],
+            [d if isinstance(d, str) else "" for d in descriptions],
+        )
+        image = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().sub_(_MEAN).div_(_STD)
+        inputs["pixel_values"] = image.contiguous()
+        inputs["image_present"] = torch.from_numpy(present)
+        if self.device.type == "cuda":
+            inputs = {k: v.pin_memory() for k, v in inputs.items()}
+        return PreparedBatch(inputs, errors)
+
+    def _chunks(self, data: pa.RecordBatch | pa.Table | pd.DataFrame) -> Iterator[tuple[list[Any], ...]]:
+        cols = [_pylist(data, c) for c in ("title", "description", "image", "image_uri")]
+        n = len(cols[0])
+        for start in range(0, n, self.batch_size):
+            yield tuple(c[start : start + self.batch_size] for c in cols)
+
+    def prepared(self, data: pa.RecordBatch | pa.Table | pd.DataFrame) -> Iterator[PreparedBatch]:
+        """Prepared batches of ``data`` in order, ``decode_threads`` batches ahead of the consumer."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="prepare")
+        ahead: deque[Future[PreparedBatch]] = deque()
+        for chunk in self._chunks(data):
+            ahead.append(self._pool.submit(self.prepare, *chunk))
+            if len(ahead) > self.decode_threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+    # -- forward --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: PreparedBatch) -> dict[str, np.ndarray]:
+        """Attribute -> probabilities of one prepared batch."""
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
+        if self.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.bundle.model(inputs)
+        else:
+            out = self.bundle.model(inputs)
+        return {a: p.float().cpu().numpy() for a, p in out.probs.items()}
+
+    def score_arrow(self, data: pa.RecordBatch | pa.Table | pd.DataFrame) -> Scores:
+        """Scores and image errors of every row of ``data`` (Arrow or pandas), in order."""
+        names = data.schema.names if isinstance(data, pa.RecordBatch | pa.Table) else list(data.columns)
+        if "title" not in names:
+            raise ContractError(f"input batch lacks column 'title'; expected {list(INPUT_COLUMNS)}")
+        probs: dict[str, list[np.ndarray]] = {a.name: [] for a in self.bundle.taxonomy}
+        errors: list[str | None] = []
+        for batch in self.prepared(data):
+            for a, p in self.forward(batch).items():
+                probs[a].append(p)
+            errors.extend(batch.image_error)
+        return Scores(
+            {
+                a.name: np.concatenate(probs[a.name])
+                if probs[a.name]
+                else np.zeros((0, len(a.values)), np.float32)
+                for a in self.bundle.taxonomy
+            },
+            errors,
+        )
+
+    def score(self, frame: pd.DataFrame | pa.RecordBatch | pa.Table) -> dict[str, np.ndarray]:
         """Attribute -> ``(len(frame), n_values)`` probabilities."""
-        missing = [c for c in ("title",) if c not in frame.columns]
-        if missing:
-            raise ContractError(f"input batch lacks columns {missing}; expected {list(INPUT_COLUMNS)}")
-        records = ProductRecords(
-            product_id=[p if isinstance(p, str) else None for p in _column(frame, "product_id")],
-            title=[t if isinstance(t, str) else "" for t in frame["title"].tolist()],
-            description=[d if isinstance(d, str) else None for d in _column(frame, "description")],
-            image=[
-                bytes(b) if isinstance(b, bytes | bytearray | memoryview) else None
-                for b in _column(frame, "image")
-            ],
-            image_uri=[u if isinstance(u, str) else None for u in _column(frame, "image_uri")],
-        )
-        dataset = ProductDataset(
-            records, np.arange(len(records)), image_size=self.bundle.model_config.image.image_size
-        )
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collator)
-        if len(records) == 0:
-            return {a.name: np.zeros((0, len(a.values)), np.float32) for a in self.bundle.taxonomy}
-        return predict(self.bundle.model, loader, self.device).probs
+        return self.score_arrow(frame).probs
 
     def score_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Scores as a DataFrame with one ``<attribute>=<value>`` column per value."""
@@ -68,6 +213,7 @@ class BatchPredictor:
         data = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(frame), 0))
         return pd.DataFrame(data.astype(np.float64), columns=score_columns(self.bundle), index=frame.index)
 
-
-def _column(frame: pd.DataFrame, name: str) -> list[object]:
-    return frame[name].tolist() if name in frame.columns else [None] * len(frame)
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -1,0 +1,528 @@
+"""The enrichment run: read -> validate -> score -> decide -> stage -> MERGE -> report.
+
+One call of :func:`run_enrichment` is one run with one run id:
+
+1. **read** the products (partition filter; incremental: only ``updated_at`` past the watermark of
+   the last succeeded run over the same scope, unless ``full``);
+2. **validate** every row against the contract's rules (Spark expressions) and the Great
+   Expectations suite; the circuit breaker aborts before any write when too many rows fail;
+3. **score** the valid rows with ``mapInArrow`` (model loaded once per Python worker) and
+   **decide** in the same pass (thresholds, taxonomy, merchant-filled attributes);
+4. **stage** the decisions as Parquet under ``<catalog.root>/_staging/<run id>``;
+5. **write**: one MERGE commit into the attributes table (idempotent per run id), then the
+   quarantine rows; a process killed before the MERGE leaves the table as it was;
+6. **report**: a run-report row and an MLflow run in the enrichment experiment.
+
+The caller passes the SparkSession, the MLflow client and the resolved model (DESIGN: only jobs/
+and the CLI create those).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from catalog_enrichment.calibration import Calibration
+from catalog_enrichment.catalog.attributes import MergeResult, merge_run
+from catalog_enrichment.catalog.products import parse_partition, read_products
+from catalog_enrichment.catalog.reports import append_quarantine, last_watermark, report_for, upsert_report
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.inference.decide import DecisionPolicy
+from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe
+from catalog_enrichment.validation.rules import (
+    REASONS,
+    CircuitBreakerTripped,
+    ValidationCounts,
+    build_rules,
+    check_breaker,
+    check_rows,
+    count_reasons,
+    quarantine_rows,
+)
+from catalog_enrichment.validation.suite import run_suite
+
+__all__ = ["EnrichOutcome", "ModelRef", "backfill_partitions", "new_run_id", "rollback", "run_enrichment"]
+
+Say = Callable[[str], None]
+# Test hook: CATALOG_ENRICH_FAULT=<point> kills this process with SIGKILL at that point (crash tests).
+FAULT_ENV = "CATALOG_ENRICH_FAULT"
+
+
+def _fault_point(name: str) -> None:
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def new_run_id() -> str:
+    return f"enrich-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The model a run uses: registered name and version, and its bundle folder on the driver."""
+
+    name: str
+    version: str
+    bundle_dir: Path
+
+
+@dataclass
+class EnrichOutcome:
+    """The run report plus what only the caller needs (scoring counters, the MERGE result)."""
+
+    report: dict[str, Any]
+    already_done: bool = False
+    merge: MergeResult | None = None
+    model_loads: dict[int, int] = field(default_factory=dict)
+    arrow_batches: int = 0
+
+
+def _progress_thread(
+    spark: Any, counters: ScoringCounters, total: int, say: Say, interval: float
+) -> Callable[[], None]:
+    """Print scoring progress every ``interval`` seconds until the returned stop() is called.
+
+    Products are counted when a task finishes (accumulators), tasks as they complete (status tracker).
+    """
+    stop = threading.Event()
+    started = time.perf_counter()
+    tracker = spark.sparkContext.statusTracker()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            done = int(counters.products.value)
+            tasks = [tracker.getStageInfo(s) for s in tracker.getActiveStageIds()]
+            finished = sum(t.numCompletedTasks for t in tasks if t)
+            running = sum(t.numActiveTasks for t in tasks if t)
+            n = sum(t.numTasks for t in tasks if t)
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            say(
+                f"  scoring: tasks {finished}/{n} done, {running} running; {done:,}/{total:,} products "
+                f"in finished tasks ({rate:,.0f}/s)"
+            )
+
+    thread = threading.Thread(target=loop, name="enrich-progress", daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        stop.set()
+        thread.join()
+
+    return finish
+
+
+def check_model_fits(bundle_dir: Path, taxonomy: Taxonomy) -> DecisionPolicy:
+    """The model's heads against the configured taxonomy, before anything is read or written."""
+    model_taxonomy = Taxonomy.from_dict(
+        json.loads((bundle_dir / "taxonomy.json").read_text()), source=str(bundle_dir)
+    )
+    calibration = Calibration.from_dict(json.loads((bundle_dir / "calibration.json").read_text()))
+    return DecisionPolicy(model_taxonomy, calibration, taxonomy)
+
+
+def run_enrichment(
+    spark: Any,
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    *,
+    model: ModelRef,
+    products: str | Path | None = None,
+    partition: str | None = None,
+    full: bool = False,
+    run_id: str | None = None,
+    client: Any = None,
+    progress: Say | None = None,
+    progress_interval: float = 10.0,
+) -> EnrichOutcome:
+    """One enrichment run (see the module docstring). Returns the outcome; raises on abort/failure
+    after recording the run report (status ``aborted`` / ``failed``)."""
+    say = progress or (lambda m: print(m, flush=True))
+    run_id = run_id or new_run_id()
+    products_path = Path(products or cfg.catalog.table("products"))
+    attributes_path = Path(cfg.catalog.table("attributes"))
+    reports_path = Path(cfg.catalog.table("run_reports"))
+    quarantine_path = Path(cfg.catalog.table("quarantine"))
+    contract = load_contract("products")
+    part = parse_partition(partition, contract)
+    scope = str(part) if part else None
+
+    try:
+        previous = report_for(reports_path, run_id)
+    except CatalogEnrichError:
+        previous = None
+    if previous is not None and previous["status"] == "succeeded":
+        say(f"run {run_id} already succeeded; nothing to do")
+        return EnrichOutcome(previous, already_done=True)
+    if previous is not None and previous["status"] == "rolled_back":
+        raise CatalogEnrichError(f"run {run_id} was rolled back; start a new run with another run id")
+    policy = check_model_fits(model.bundle_dir, taxonomy)
+
+    started_at = dt.datetime.now(dt.UTC)
+    clock = time.perf_counter()
+    stages: dict[str, float] = {}
+    report: dict[str, Any] = {
+        "run_id": run_id,
+        "status": "failed",
+        "model_name": model.name,
+        "model_version": model.version,
+        "partition": scope,
+        "started_at": started_at,
+        "rows_read": 0,
+        "rows_valid": 0,
+        "rows_quarantined": 0,
+        "rows_scored": 0,
+        "written_per_attribute": {},
+        "coverage_per_attribute": {},
+        "stage_seconds": stages,
+    }
+    summary: dict[str, Any] = {}
+
+    def stage(name: str, t0: float) -> float:
+        stages[name] = round(time.perf_counter() - t0, 3)
+        return time.perf_counter()
+
+    outcome = EnrichOutcome(report)
+    try:
+        # 1. read
+        t = time.perf_counter()
+        since = None if full else last_watermark(reports_path, scope)
+        df = read_products(spark, products_path, contract, partition=part, since=since)
+        say(
+            f"[{run_id}] read {products_path} ({scope or 'all partitions'}, "
+            + (f"changed since {since:%Y-%m-%d %H:%M:%S}" if since else "full")
+            + f"), model {model.name} v{model.version}"
+        )
+        # 2. validate
+        rules = build_rules(contract, cfg.validation)
+        checked = check_rows(df, rules)
+        counts = count_reasons(checked, rules)
+        report["rows_read"] = counts.rows_read
+        if counts.watermark is not None:
+            report["watermark"] = counts.watermark
+        t = stage("read", t)
+        if counts.rows_read == 0:
+            say("  nothing to enrich: no new or changed products")
+            report.update(status="succeeded", watermark=since)
+            return _finish(outcome, reports_path, client, cfg, started_at, clock, say)
+        if cfg.validation.run_expectations:
+            summary = run_suite(df, rules)
+        report["validation_summary"] = json.dumps({**summary, "row_rules": counts.per_rule})
+        say(f"  validated {counts.rows_read:,} rows: {counts.rows_invalid:,} invalid ({counts.top_rules()})")
+        check_breaker(counts, cfg.validation.max_invalid_fraction)
+        t = stage("validate", t)
+
+        # 3. score + decide, 4. stage
+        staging = Path(cfg.catalog.root) / "_staging" / run_id
+        spark.sparkContext.addFile(str(model.bundle_dir), recursive=True)
+        spec = ScoringSpec(
+            bundle_name=model.bundle_dir.name,
+            bundle_path=None,
+            allowed_taxonomy=taxonomy.to_dict(),
+            device=cfg.inference.device,
+            batch_size=cfg.inference.batch_size,
+            decode_threads=cfg.inference.decode_threads,
+            torch_threads=cfg.inference.torch_threads,
+            autocast=cfg.inference.autocast,
+        )
+        counters = ScoringCounters.create(spark)
+        from pyspark.sql import functions as F
+
+        valid = checked.where(F.size(REASONS) == 0).drop(REASONS)
+        n_valid = counts.rows_read - counts.rows_invalid
+        stop = _progress_thread(spark, counters, n_valid, say, progress_interval)
+        try:
+            score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
+        finally:
+            stop()
+        outcome.model_loads = dict(counters.loads.value)
+        outcome.arrow_batches = int(counters.batches.value)
+        scored = ds.dataset(str(staging / "scores"), format="parquet").to_table()
+        t = stage("score", t)
+
+        image_errors = scored.filter(pc.is_valid(scored["image_error"]))
+        image_reasons = dict(
+            zip(image_errors["product_id"].to_pylist(), image_errors["image_error"].to_pylist(), strict=True)
+        )
+        total = ValidationCounts(
+            counts.rows_read,
+            counts.rows_invalid + len(image_reasons),
+            {**counts.per_rule, **Counter(image_reasons.values())},
+            counts.watermark,
+        )
+        report["validation_summary"] = json.dumps({**summary, "row_rules": total.per_rule})
+        check_breaker(total, cfg.validation.max_invalid_fraction)
+        good = scored.filter(pc.is_null(scored["image_error"]))
+        values, pairs = _decisions(good)
+        bad_rows = checked.where(F.size(REASONS) > 0)
+        if image_reasons:
+            bad_rows = bad_rows.unionByName(
+                checked.where(F.col("product_id").isin(list(image_reasons)) & (F.size(REASONS) == 0))
+            )
+        quarantine = quarantine_rows(
+            bad_rows,
+            run_id,
+            dt.datetime.now(dt.UTC),
+            load_contract("quarantine").arrow_schema(),
+            image_reasons,
+        )
+        report.update(
+            rows_valid=total.rows_read - total.rows_invalid,
+            rows_quarantined=quarantine.num_rows,
+            rows_scored=good.num_rows,
+        )
+        if report["rows_valid"] + report["rows_quarantined"] != report["rows_read"]:
+            raise CatalogEnrichError(
+                f"row accounting broke: read {report['rows_read']} != valid {report['rows_valid']} + "
+                f"quarantined {report['rows_quarantined']}; nothing was written"
+            )
+        t = stage("decide", t)
+        _fault_point("after_staging")
+
+        # 5. write
+        merge = merge_run(
+            attributes_path,
+            values,
+            pairs,
+            run_id=run_id,
+            model_name=model.name,
+            model_version=model.version,
+            written_at=started_at,
+        )
+        outcome.merge = merge
+        _fault_point("after_merge")
+        append_quarantine(quarantine_path, quarantine)
+        written = Counter(values["attribute"].to_pylist()) if values.num_rows else Counter()
+        with_value = (
+            Counter(
+                a
+                for _, a in {
+                    (p, a)
+                    for p, a in zip(
+                        values["product_id"].to_pylist(), values["attribute"].to_pylist(), strict=True
+                    )
+                }
+            )
+            if values.num_rows
+            else Counter()
+        )
+        report["written_per_attribute"] = {a.name: int(written.get(a.name, 0)) for a in policy.taxonomy}
+        report["coverage_per_attribute"] = {
+            a.name: with_value.get(a.name, 0) / good.num_rows if good.num_rows else 0.0
+            for a in policy.taxonomy
+        }
+        stage("write", t)
+        say(
+            f"  wrote {values.num_rows:,} values (table version {merge.version}); "
+            f"quarantined {quarantine.num_rows:,} rows"
+        )
+        report["status"] = "succeeded"
+        shutil.rmtree(staging, ignore_errors=True)
+        return _finish(outcome, reports_path, client, cfg, started_at, clock, say)
+    except CircuitBreakerTripped as exc:
+        report["status"] = "aborted"
+        report["validation_summary"] = json.dumps({**summary, "error": str(exc)})
+        _finish(outcome, reports_path, client, cfg, started_at, clock, say)
+        raise
+    except BaseException as exc:
+        if report["status"] != "succeeded":
+            report["status"] = "failed"
+            info = json.loads(report.get("validation_summary") or "{}")
+            report["validation_summary"] = json.dumps(
+                {**info, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            )
+            try:
+                _finish(outcome, reports_path, client, cfg, started_at, clock, say)
+            except Exception as inner:  # the original error matters more
+                say(f"  (could not record the failed run: {inner})")
+        raise
+
+
+def _decisions(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Flatten staged decisions into value rows and scored (product, attribute) pairs."""
+    ids = scored["product_id"].combine_chunks()
+    value_lists = scored["values"].combine_chunks()
+    flat = value_lists.flatten()
+    scored_lists = scored["scored"].combine_chunks()
+    values = pa.table(
+        {
+            "product_id": ids.take(pc.list_parent_indices(value_lists)),
+            **{k: flat.field(k) for k in ("attribute", "value", "confidence", "threshold")},
+        }
+    )
+    pairs = pa.table(
+        {
+            "product_id": ids.take(pc.list_parent_indices(scored_lists)),
+            "attribute": scored_lists.flatten(),
+        }
+    )
+    return values, pairs
+
+
+def _finish(
+    outcome: EnrichOutcome,
+    reports_path: Path,
+    client: Any,
+    cfg: AppConfig,
+    started_at: dt.datetime,
+    clock: float,
+    say: Say,
+) -> EnrichOutcome:
+    report = outcome.report
+    elapsed = time.perf_counter() - clock
+    report["finished_at"] = dt.datetime.now(dt.UTC)
+    report["products_per_second"] = report["rows_scored"] / elapsed if report["rows_scored"] else None
+    upsert_report(reports_path, report)
+    if client is not None:
+        from catalog_enrichment import registry
+
+        metrics: dict[str, float] = {
+            k: float(report[k]) for k in ("rows_read", "rows_valid", "rows_quarantined", "rows_scored")
+        }
+        metrics.update({f"written_{a}": float(n) for a, n in report["written_per_attribute"].items()})
+        metrics.update({f"coverage_{a}": float(c) for a, c in report["coverage_per_attribute"].items()})
+        metrics.update({f"seconds_{s}": float(v) for s, v in report["stage_seconds"].items()})
+        metrics["products_per_second"] = float(report["products_per_second"] or 0.0)
+        metrics["model_loads"] = float(sum(outcome.model_loads.values()))
+        metrics["python_workers"] = float(len(outcome.model_loads))
+        metrics["arrow_batches"] = float(outcome.arrow_batches)
+        registry.log_enrichment_run(
+            client,
+            experiment=cfg.mlflow.enrichment_experiment,
+            artifact_location=cfg.mlflow.artifact_location,
+            report=report,
+            params={
+                "model": f"{report['model_name']}/{report['model_version']}",
+                "partition": report["partition"],
+            },
+            metrics=metrics,
+        )
+    say(f"[{report['run_id']}] {report['status']} in {elapsed:.1f}s")
+    return outcome
+
+
+def backfill_partitions(
+    spark: Any,
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    *,
+    model: ModelRef,
+    date_from: dt.date,
+    date_to: dt.date,
+    products: str | Path | None = None,
+    force: bool = False,
+    client: Any = None,
+    progress: Say | None = None,
+) -> list[tuple[str, EnrichOutcome | None]]:
+    """One committed full run per ``ingest_date`` partition in ``[date_from, date_to]``.
+
+    Resumable: a partition already done by the same model version (a succeeded run report) is
+    skipped unless ``force``; run ids are deterministic per (partition, model version), so a
+    partition interrupted half-way is finished, not written twice. Returns (partition, outcome or
+    None when skipped) in date order.
+    """
+    from catalog_enrichment.catalog.products import list_partitions
+
+    say = progress or (lambda m: print(m, flush=True))
+    if date_from > date_to:
+        raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
+    products_path = Path(products or cfg.catalog.table("products"))
+    column = load_contract("products").partition_by[0]
+    dates = [
+        d for d in list_partitions(products_path, column) if date_from <= dt.date.fromisoformat(d) <= date_to
+    ]
+    if not dates:
+        raise CatalogEnrichError(
+            f"no {column} partitions between {date_from} and {date_to} in {products_path}"
+        )
+    reports_path = Path(cfg.catalog.table("run_reports"))
+    from catalog_enrichment.catalog.reports import read_reports
+
+    results: list[tuple[str, EnrichOutcome | None]] = []
+    for i, day in enumerate(dates, start=1):
+        scope = f"{column}={day}"
+        reports = [r for r in read_reports(reports_path) if r["partition"] == scope]
+        done = any(r["status"] == "succeeded" and r["model_version"] == model.version for r in reports)
+        if done and not force:
+            say(
+                f"[backfill {i}/{len(dates)}] {scope}: already done by v{model.version}, skipped "
+                "(--force redoes it)"
+            )
+            results.append((scope, None))
+            continue
+        run_id = f"backfill-{day}-{model.name}-v{model.version}"
+        if force or any(r["run_id"] == run_id and r["status"] == "rolled_back" for r in reports):
+            run_id += f"-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
+        say(f"[backfill {i}/{len(dates)}] {scope}: run {run_id}")
+        outcome = run_enrichment(
+            spark,
+            cfg,
+            taxonomy,
+            model=model,
+            products=products_path,
+            partition=scope,
+            full=True,
+            run_id=run_id,
+            client=client,
+            progress=say,
+        )
+        results.append((scope, outcome))
+    return results
+
+
+def rollback(
+    cfg: AppConfig,
+    *,
+    run_id: str | None = None,
+    model_version: str | None = None,
+    progress: Say | None = None,
+) -> list[Any]:
+    """Undo one run, or every run of a model version (newest first); marks their reports."""
+    from catalog_enrichment.catalog.attributes import rollback_run, runs_of_model_version
+    from catalog_enrichment.catalog.reports import set_report_status
+
+    say = progress or (lambda m: print(m, flush=True))
+    if (run_id is None) == (model_version is None):
+        raise CatalogEnrichError("rollback needs exactly one of --run-id or --model-version")
+    attributes_path = Path(cfg.catalog.table("attributes"))
+    reports_path = Path(cfg.catalog.table("run_reports"))
+    if not (attributes_path / "_delta_log").is_dir():
+        raise CatalogEnrichError(f"no attribute table at {attributes_path}: nothing to roll back")
+    runs = [run_id] if run_id else [r for _, r in runs_of_model_version(attributes_path, str(model_version))]
+    if not runs:
+        raise CatalogEnrichError(
+            f"model version {model_version} has no runs to roll back in {attributes_path}"
+        )
+    results = []
+    for rid in runs:
+        result = rollback_run(attributes_path, str(rid))
+        results.append(result)
+        say(
+            f"rolled back {rid}: {result.pairs_restored:,} (product, attribute) pairs restored, "
+            f"{result.rows_removed:,} values removed, {result.rows_restored:,} previous values back"
+            + (
+                f"; {len(result.superseded):,} pairs changed by later runs were left alone"
+                if result.superseded
+                else ""
+            )
+            + (f" (table version {result.version})" if result.version is not None else "")
+        )
+        if (reports_path / "_delta_log").is_dir():
+            set_report_status(reports_path, str(rid), "rolled_back")
+    return results

@@ -1,0 +1,209 @@
+"""Spark glue: score a DataFrame of valid products with ``mapInArrow``, one model load per worker.
+
+The driver ships the model bundle folder with ``SparkContext.addFile`` (so executors need no MLflow
+access) and passes a small, picklable :class:`ScoringSpec`. Each Python worker loads the bundle the
+first time it sees the spec and keeps the :class:`BatchPredictor` in a module-level cache; Spark
+reuses Python workers across tasks (``spark.python.worker.reuse``, on by default), so a worker loads
+the model once, not once per batch or per task. Arrow batches go straight to the predictor (no
+pandas conversion); it re-cuts them to the model's batch size and overlaps image decoding with the
+forward pass; the decision is applied in the worker, so only written values travel back.
+
+Accumulators count model loads per worker process, Arrow batches and products, for the run report,
+the progress line and the test that proves one load per worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["OUTPUT_SCHEMA", "ScoringCounters", "ScoringSpec", "score_dataframe", "spark_output_schema"]
+
+# What a scoring task returns per valid product.
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("product_id", pa.string()),
+        pa.field("image_error", pa.string()),
+        pa.field("scored", pa.list_(pa.string())),
+        pa.field(
+            "values",
+            pa.list_(
+                pa.struct(
+                    [
+                        pa.field("attribute", pa.string()),
+                        pa.field("value", pa.string()),
+                        pa.field("confidence", pa.float64()),
+                        pa.field("threshold", pa.float64()),
+                    ]
+                )
+            ),
+        ),
+    ]
+)
+SCORING_INPUT = ("product_id", "title", "description", "image", "image_uri", "merchant_attributes")
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """Everything a worker needs, picklable: where the bundle is and how to run it."""
+
+    bundle_name: str  # SparkFiles name of the bundle folder (addFile) ...
+    bundle_path: str | None  # ... or a path every worker can read (tests, single machine)
+    allowed_taxonomy: dict[str, Any]
+    device: str = "auto"
+    batch_size: int = 128
+    decode_threads: int = 2
+    torch_threads: int | None = None
+    autocast: bool = True
+
+
+class _PidCounts:
+    """AccumulatorParam merging ``{pid: loads}`` dicts."""
+
+    def zero(self, value: dict[int, int]) -> dict[int, int]:
+        return {}
+
+    def addInPlace(self, a: dict[int, int], b: dict[int, int]) -> dict[int, int]:
+        for k, v in b.items():
+            a[k] = a.get(k, 0) + v
+        return a
+
+
+@dataclass
+class ScoringCounters:
+    """Driver-side accumulators: model loads per worker pid, Arrow batches, products scored."""
+
+    loads: Any
+    batches: Any
+    products: Any
+
+    @classmethod
+    def create(cls, spark: Any) -> ScoringCounters:
+        sc = spark.sparkContext
+        return cls(sc.accumulator({}, _PidCounts()), sc.accumulator(0), sc.accumulator(0))
+
+
+# Per Python worker process: (bundle location, device, ...) -> (predictor, policy).
+_WORKER_CACHE: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def _worker_device(spec: ScoringSpec) -> str:
+    import torch
+
+    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
+    return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cuda"
+
+
+def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
+    import torch
+
+    import catalog_enrichment  # noqa: F401  (torchvision fix before timm loads)
+    from catalog_enrichment.contracts import Taxonomy
+    from catalog_enrichment.inference.bundle import load_bundle
+    from catalog_enrichment.inference.decide import DecisionPolicy
+    from catalog_enrichment.inference.predictor import BatchPredictor
+
+    device = _worker_device(spec)
+    if device == "cpu":
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        threads = spec.torch_threads or (ctx.cpus() if ctx is not None else None) or 1
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    key = (spec.bundle_name, spec.bundle_path, device, spec.batch_size, spec.decode_threads, spec.autocast)
+    state = _WORKER_CACHE.get(key)
+    if state is None:
+        if spec.bundle_path is not None:
+            path = spec.bundle_path
+        else:
+            from pyspark import SparkFiles
+
+            path = SparkFiles.get(spec.bundle_name)
+        bundle = load_bundle(path, device=device)
+        predictor = BatchPredictor(
+            bundle,
+            device=device,
+            batch_size=spec.batch_size,
+            decode_threads=spec.decode_threads,
+            autocast=spec.autocast,
+        )
+        policy = DecisionPolicy(
+            bundle.taxonomy, bundle.calibration, Taxonomy.from_dict(spec.allowed_taxonomy, source="config")
+        )
+        state = (predictor, policy)
+        _WORKER_CACHE.clear()  # one model per worker: a new version replaces the old one
+        _WORKER_CACHE[key] = state
+        loads.add({os.getpid(): 1})
+    return state
+
+
+def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Score one Arrow batch of valid products and return the decisions (``OUTPUT_SCHEMA``)."""
+    from catalog_enrichment.inference.decide import merchant_attributes
+
+    scores = predictor.score_arrow(batch)
+    merchant = [merchant_attributes(m) for m in _column(batch, "merchant_attributes")]
+    skip = np.array([e is not None for e in scores.image_error], bool)
+    values, scored = policy.decide(scores.probs, merchant, skip)
+    return pa.RecordBatch.from_arrays(
+        [
+            batch.column("product_id"),
+            pa.array(scores.image_error, pa.string()),
+            pa.array(scored, pa.list_(pa.string())),
+            pa.array(
+                [
+                    [
+                        {
+                            "attribute": d.attribute,
+                            "value": d.value,
+                            "confidence": d.confidence,
+                            "threshold": d.threshold,
+                        }
+                        for d in row
+                    ]
+                    for row in values
+                ],
+                OUTPUT_SCHEMA.field("values").type,
+            ),
+        ],
+        schema=OUTPUT_SCHEMA,
+    )
+
+
+def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
+    return batch.column(name).to_pylist() if name in batch.schema.names else [None] * batch.num_rows
+
+
+def spark_output_schema() -> Any:
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(OUTPUT_SCHEMA)
+
+
+def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) -> Any:
+    """The scored DataFrame (lazy): one row per valid product, ``OUTPUT_SCHEMA`` columns."""
+    loads, batches, products = counters.loads, counters.batches, counters.products
+
+    def score_partition(iterator: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        predictor, policy = _worker_state(spec, loads)
+        for batch in iterator:
+            if batch.num_rows == 0:
+                continue
+            out = score_batch(predictor, policy, batch)
+            batches.add(1)
+            products.add(batch.num_rows)
+            yield out
+
+    present = [c for c in SCORING_INPUT if c in valid.columns]
+    return valid.select(*present).mapInArrow(score_partition, spark_output_schema())
