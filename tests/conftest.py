@@ -83,6 +83,42 @@ def spark() -> Iterator[object]:
     session.stop()
 
 
+# The model the enrichment tests score with: the tiny model trained long enough on 32-px products to
+# have thresholds for several values of every attribute (about a minute on the 2-core machine).
+SCORING_TRAIN = SyntheticConfig(products=3000, seed=1, image_size=32)
+# Incoming products for the enrichment tests: same image size as the training data, every kind of
+# bad row (4 % -> 12 of each of 8 kinds), merchant values on 20 % of the products.
+INCOMING = SyntheticConfig(products=2400, seed=7, bad_rate=0.04, image_size=32, days=4)
+
+
+@pytest.fixture(scope="session")
+def scoring_bundle(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Path:
+    """A trained, calibrated model bundle folder (read-only!)."""
+    from catalog_enrichment.catalog.lakehouse import read_table
+    from catalog_enrichment.inference.bundle import save_bundle
+    from catalog_enrichment.training.loop import train_and_calibrate
+
+    root = tmp_path_factory.mktemp("scoring-model")
+    market = generate_marketplace(root / "train", SCORING_TRAIN, taxonomy=taxonomy)
+    cfg = tiny_config(epochs=6)
+    trained = train_and_calibrate(read_table(market.products), taxonomy, cfg)
+    return save_bundle(
+        root / "tiny-v1",
+        model=trained.model,
+        tokenizer=trained.tokenizer,
+        taxonomy=taxonomy,
+        calibration=trained.calibration,
+        model_config=cfg.model,
+        evaluation=trained.test_report,
+    )
+
+
+@pytest.fixture(scope="session")
+def incoming(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> GeneratedMarketplace:
+    """Incoming products with ground truth and every kind of bad row (read-only!)."""
+    return generate_marketplace(tmp_path_factory.mktemp("incoming"), INCOMING, taxonomy=taxonomy)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests where torch sees no CUDA device (CI never has one)."""
     gpu_items = [item for item in items if "gpu" in item.keywords]

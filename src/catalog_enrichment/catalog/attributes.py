@@ -136,19 +136,25 @@ def _rows_for(table: Any, product_ids: pa.Array, version: int | None = None) -> 
     """Rows of the attribute table (optionally at ``version``) for the given products."""
     from deltalake import DeltaTable
 
-    dataset = DeltaTable(str(table), version=version).to_pyarrow_dataset()
-    return dataset.to_table(filter=pc.field("product_id").isin(product_ids))
+    # Read, then filter in memory: files written by different writers hold string or string_view,
+    # which pyarrow's statistics pruning cannot compare.
+    data = DeltaTable(str(table), version=version).to_pyarrow_table().cast(attributes_schema())
+    return data.filter(pc.is_in(data["product_id"], value_set=product_ids.cast(pa.string())))
+
+
+_PAIR_SCHEMA = pa.schema([("product_id", pa.string()), ("attribute", pa.string())])
 
 
 def _pairs(table: pa.Table) -> pa.Table:
-    return table.select(list(PAIR)).group_by(list(PAIR)).aggregate([])
+    return table.select(list(PAIR)).cast(_PAIR_SCHEMA).group_by(list(PAIR)).aggregate([]).select(list(PAIR))
 
 
 def _semi(left: pa.Table, right: pa.Table, keys: Iterable[str], anti: bool = False) -> pa.Table:
     keys = list(keys)
     if left.num_rows == 0 or right.num_rows == 0:
         return left if anti else left.slice(0, 0)
-    return left.join(right.select(keys), keys=keys, join_type="left anti" if anti else "left semi")
+    joined = left.join(right.select(keys), keys=keys, join_type="left anti" if anti else "left semi")
+    return joined.select(left.column_names).cast(left.schema)  # joins drop field nullability
 
 
 def merge_run(
@@ -174,7 +180,7 @@ def merge_run(
         return MergeResult(committed, already_committed=True)
     schema = attributes_schema()
     ids = pc.unique(scored["product_id"]) if scored.num_rows else pa.array([], pa.string())
-    current = _rows_for(path, ids).cast(schema) if len(ids) else schema.empty_table()
+    current = _rows_for(path, ids) if len(ids) else schema.empty_table()
     merchant = current.filter(pc.equal(current["source"], "merchant"))
     merchant_pairs = _pairs(merchant)
     scored_pairs = _semi(_pairs(scored), merchant_pairs, PAIR, anti=True)
@@ -276,7 +282,7 @@ def rollback_run(path: str | Path, run_id: str) -> RollbackResult:
     after_model = after_all.filter(pc.equal(after_all["source"], "model"))
     removed = _semi(before_model, after_model.select(list(KEY)), KEY, anti=True)
     replaced = _semi(before_model, written, KEY)
-    touched = _pairs(pa.concat_tables([written, removed, replaced]))
+    touched = _pairs(pa.concat_tables([_pairs(written), _pairs(removed), _pairs(replaced)]))
     if touched.num_rows == 0:
         return RollbackResult(run_id, None)
     ids = pc.unique(touched["product_id"])

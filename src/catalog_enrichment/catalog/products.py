@@ -100,7 +100,7 @@ def read_products(
         from deltalake import DeltaTable
 
         filters = [(partition.column, "=", partition.value)] if partition else None
-        files = DeltaTable(root).file_uris(partition_filters=filters)
+        files = DeltaTable(root).file_uris(file_pruning_predicate=filters)
         if not files:
             df = spark.createDataFrame([], schema)
         else:

@@ -243,7 +243,7 @@ def quarantine_rows(
     data_cols = [c for c in rows.columns if c != REASONS]
     raw = F.to_json(
         F.struct(*[F.base64(c).alias(c) if c == "image" else F.col(c) for c in data_cols]),
-        {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX"},
+        {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX", "ignoreNullFields": "false"},
     )
     collected = rows.select(F.col("product_id"), F.col(REASONS), raw.alias("raw")).collect()
     extra = dict(extra_reasons or {})

@@ -1,0 +1,153 @@
+"""The per-batch predictor and the decision policy, without Spark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from catalog_enrichment.calibration import AttributeCalibration, Calibration, ValueThreshold
+from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
+from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.inference.bundle import load_bundle
+from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes
+from catalog_enrichment.inference.predictor import IMAGE_DECODABLE, IMAGE_READABLE, BatchPredictor
+from catalog_enrichment.training.loop import predict
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def bundle(scoring_bundle: Path):  # type: ignore[no-untyped-def]
+    return load_bundle(scoring_bundle)
+
+
+@pytest.fixture(scope="module")
+def products(incoming) -> pa.Table:  # type: ignore[no-untyped-def]
+    return read_table(incoming.products).slice(0, 300)
+
+
+@pytest.mark.slow
+def test_scores_equal_the_training_loops_and_do_not_depend_on_batching(bundle, products) -> None:  # type: ignore[no-untyped-def]
+    good = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
+    records = ProductRecords.from_arrow(good)
+    size = bundle.model_config.image.image_size
+    loader = DataLoader(
+        ProductDataset(records, np.arange(len(records)), image_size=size),
+        batch_size=64,
+        collate_fn=Collator(bundle.tokenizer, bundle.model_config.text.max_length),
+    )
+    expected = predict(bundle.model, loader, torch.device("cpu")).probs
+    for batch_size, threads in ((128, 2), (7, 1), (1000, 3)):
+        got = BatchPredictor(bundle, batch_size=batch_size, decode_threads=threads).score_arrow(good)
+        for attr in bundle.taxonomy.names:
+            # padding differs with the batch composition; scores may move in the last float bits
+            np.testing.assert_allclose(got.probs[attr], expected[attr], atol=1e-5)
+    # pandas in, same answer
+    frame_scores = BatchPredictor(bundle).score(good.to_pandas())
+    np.testing.assert_allclose(frame_scores["color"], expected["color"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_image_problems_are_reported_per_row_never_silently_scored(bundle, products, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    good_image = next(b for b in products["image"].to_pylist() if b)
+    image_file = tmp_path / "ok.jpg"
+    image_file.write_bytes(good_image)
+    rows = pa.table(
+        {
+            "product_id": ["ok", "corrupt", "truncated", "empty", "none", "uri-ok", "uri-missing"],
+            "title": ["red cotton shirt"] * 7,
+            "description": [None] * 7,
+            "image": [
+                good_image,
+                b"\xff\xd8\xff\xe0junk",
+                good_image[: len(good_image) // 2],
+                b"",
+                None,
+                None,
+                None,
+            ],
+            "image_uri": [None, None, None, None, None, f"file://{image_file}", str(tmp_path / "gone.jpg")],
+        }
+    )
+    scores = BatchPredictor(bundle, batch_size=3).score_arrow(rows)
+    assert scores.image_error == [
+        None,
+        IMAGE_DECODABLE,
+        IMAGE_DECODABLE,
+        IMAGE_DECODABLE,
+        None,  # no image at all: scored as an imageless product
+        None,
+        IMAGE_READABLE,
+    ]
+    # the same image inline or by URI scores the same
+    np.testing.assert_allclose(scores.probs["color"][0], scores.probs["color"][5], atol=1e-6)
+    assert scores.probs["color"].shape == (7, len(bundle.taxonomy["color"].values))
+
+
+def test_a_batch_without_titles_is_a_contract_error(bundle) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ContractError, match="title"):
+        BatchPredictor(bundle).score_arrow(pa.table({"product_id": ["a"]}))
+
+
+def _policy(taxonomy: Taxonomy, allowed: Taxonomy | None = None, value: float = 0.5) -> DecisionPolicy:
+    calibration = Calibration(
+        0.95,
+        0.95,
+        "wilson",
+        20,
+        {
+            a.name: AttributeCalibration(
+                a.name, a.kind, tuple(ValueThreshold(v, value, 100) for v in a.values)
+            )
+            for a in taxonomy
+        },
+    )
+    return DecisionPolicy(taxonomy, calibration, allowed or taxonomy)
+
+
+def test_decisions_follow_thresholds_kinds_merchant_values_and_taxonomy(taxonomy: Taxonomy) -> None:
+    color, ptype = taxonomy["color"], taxonomy["product_type"]
+    assert color.kind == "multilabel" and ptype.kind == "multiclass"
+    probs = {a.name: np.zeros((3, len(a.values))) for a in taxonomy}
+    probs["color"][0, [0, 1]] = [0.9, 0.6]  # two colours clear -> both written
+    probs["color"][1, 2] = 0.4  # below the threshold -> nothing
+    probs["product_type"][0, [0, 1]] = [0.7, 0.6]  # multi-class: only the top-1
+    probs["product_type"][2, 3] = 0.9  # merchant filled product_type for product 2 -> skipped
+    values, scored = _policy(taxonomy).decide(probs, [set(), set(), {"product_type"}])
+    assert [(d.attribute, d.value) for d in values[0]] == [
+        ("color", color.values[0]),
+        ("color", color.values[1]),
+        ("product_type", ptype.values[0]),
+    ]
+    assert values[1] == [] and values[2] == []
+    assert "product_type" not in scored[2] and set(scored[0]) == set(taxonomy.names)
+    # skip = not decided at all (e.g. undecodable image)
+    values, scored = _policy(taxonomy).decide(probs, [set()] * 3, skip=np.array([True, False, False]))
+    assert values[0] == [] and scored[0] == []
+    # a value the catalog's taxonomy no longer allows is never written
+    data = taxonomy.to_dict()
+    data["attributes"]["color"]["values"] = [v for v in color.values if v != color.values[0]]
+    values, _ = _policy(taxonomy, Taxonomy.from_dict(data)).decide(probs, [set()] * 3)
+    assert [(d.attribute, d.value) for d in values[0] if d.attribute == "color"] == [
+        ("color", color.values[1])
+    ]
+
+
+def test_a_model_attribute_missing_from_the_configured_taxonomy_is_an_error(taxonomy: Taxonomy) -> None:
+    data = taxonomy.to_dict()
+    del data["attributes"]["pattern"]
+    with pytest.raises(TaxonomyError, match="'pattern' is not in the configured taxonomy"):
+        _policy(taxonomy, Taxonomy.from_dict(data))
+
+
+def test_merchant_attributes_from_arrow_maps_and_dicts() -> None:
+    assert merchant_attributes(None) == set()
+    assert merchant_attributes([("color", ["red"]), ("material", [])]) == {"color"}
+    assert merchant_attributes({"pattern": ["solid"]}) == {"pattern"}

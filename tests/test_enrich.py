@@ -1,0 +1,449 @@
+"""The Spark enrichment job end to end on a generated marketplace with ground truth.
+
+Real Spark (local[2]), real Delta tables, real Great Expectations; the model is a tiny trained and
+calibrated bundle (conftest.scoring_bundle). Bad rows injected by the generator and what must
+happen to each: null id -> product_id_not_null, stale duplicate -> product_id_unique, blank title
+-> title_not_empty, 2,000+ character title -> title_max_length, stringified title -> title_is_text,
+corrupt / truncated / empty image bytes -> image_decodable; all quarantined whole, none scored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
+from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
+from catalog_enrichment.catalog.reports import read_reports, report_for
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.data.truth import written_precision
+from catalog_enrichment.enrich import ModelRef, backfill_partitions, rollback, run_enrichment
+from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.validation.rules import CircuitBreakerTripped
+from tests.conftest import repo_root, tiny_config
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
+
+BAD_KIND_REASON = {
+    "null_id": "product_id_not_null",
+    "duplicate_id": "product_id_unique",
+    "empty_title": "title_not_empty",
+    "long_title": "title_max_length",
+    "wrong_type": "title_is_text",
+    "corrupt_image": "image_decodable",
+    "truncated_image": "image_decodable",
+    "empty_image": "image_decodable",
+}
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _cfg(root: Path, **sections: Any) -> AppConfig:
+    base = {
+        "catalog": {"root": str(root)},
+        "inference": {"batch_size": 64, "device": "cpu", "decode_threads": 2},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return tiny_config(**base)
+
+
+def _catalog(tmp: Path, incoming) -> AppConfig:  # type: ignore[no-untyped-def]
+    """A fresh catalog whose attribute table holds the merchants' values."""
+    cfg = _cfg(tmp / "lake")
+    products = read_table(incoming.products, columns=["product_id", "merchant_attributes"])
+    write_table(
+        cfg.catalog.table("attributes"), merchant_rows(products, dt.datetime(2026, 11, 1, tzinfo=dt.UTC))
+    )
+    return cfg
+
+
+def _model(bundle: Path, version: str = "1") -> ModelRef:
+    return ModelRef("tiny", version, bundle)
+
+
+def _run(spark, cfg: AppConfig, taxonomy: Taxonomy, incoming, bundle: Path, **kw: Any):  # type: ignore[no-untyped-def]
+    model = kw.pop("model", None) or _model(bundle)
+    return run_enrichment(
+        spark, cfg, taxonomy, model=model, products=incoming.products, progress=_quiet, **kw
+    )
+
+
+def _sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
+    return sorted(table.to_pylist(), key=lambda r: (r["product_id"], r["attribute"], r["value"]))
+
+
+@pytest.fixture(scope="module")
+def first_run(spark, tmp_path_factory, taxonomy, incoming, scoring_bundle):  # type: ignore[no-untyped-def]
+    cfg = _catalog(tmp_path_factory.mktemp("first"), incoming)
+    before = read_table(cfg.catalog.table("attributes"))
+    outcome = _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-1")
+    return cfg, before, outcome
+
+
+def test_writes_only_values_that_hold_95_percent_precision(first_run, incoming, taxonomy) -> None:  # type: ignore[no-untyped-def]
+    cfg, _, outcome = first_run
+    table = read_table(cfg.catalog.table("attributes"))
+    result = written_precision(table, read_table(incoming.truth), taxonomy)
+    written = {a: r["written"] for a, r in result.items()}
+    assert sum(written.values()) > 1000, written
+    for attr, r in result.items():
+        if r["judged"]:
+            assert r["precision"] >= 0.95, (attr, r)
+    assert outcome.report["written_per_attribute"] == written
+    # provenance on every model row
+    model_rows = table.filter(pc.equal(table["source"], "model"))
+    assert set(model_rows["run_id"].to_pylist()) == {"run-1"}
+    assert set(model_rows["model_version"].to_pylist()) == {"1"}
+    assert pc.all(pc.greater_equal(model_rows["confidence"], model_rows["threshold"])).as_py()
+
+
+def test_merchant_values_are_untouched_and_never_contradicted(first_run) -> None:  # type: ignore[no-untyped-def]
+    cfg, before, _ = first_run
+    after = read_table(cfg.catalog.table("attributes"))
+    merchant_before = before.filter(pc.equal(before["source"], "merchant"))
+    merchant_after = after.filter(pc.equal(after["source"], "merchant"))
+    assert merchant_before.num_rows > 100
+    assert _sorted_rows(merchant_after) == _sorted_rows(merchant_before)
+    merchant_pairs = set(
+        zip(merchant_after["product_id"].to_pylist(), merchant_after["attribute"].to_pylist(), strict=True)
+    )
+    model = after.filter(pc.equal(after["source"], "model"))
+    model_pairs = set(zip(model["product_id"].to_pylist(), model["attribute"].to_pylist(), strict=True))
+    assert not merchant_pairs & model_pairs
+
+
+def test_quarantine_holds_every_bad_row_with_its_reason_and_no_good_row(first_run, incoming) -> None:  # type: ignore[no-untyped-def]
+    cfg, _, outcome = first_run
+    report = outcome.report
+    quarantine = read_table(cfg.catalog.table("quarantine")).to_pylist()
+    truth = read_table(incoming.truth)
+    bad = truth.filter(pc.is_valid(truth["bad_kind"])).to_pylist()
+    assert len(bad) == 96  # 4 % of 2,400: 12 of each of 8 kinds
+    assert report["rows_read"] == 2400
+    assert report["rows_quarantined"] == len(quarantine) == 96
+    assert report["rows_read"] == report["rows_valid"] + report["rows_quarantined"]
+    assert report["rows_scored"] == report["rows_valid"]
+    # every injected bad row, with the reason of its kind, and nothing else
+    from collections import Counter
+
+    raws = [json.loads(q["raw"]) for q in quarantine]
+    assert {q["run_id"] for q in quarantine} == {"run-1"}
+    got = Counter((raw["product_id"], tuple(q["reasons"])) for raw, q in zip(raws, quarantine, strict=True))
+    expected = Counter((t["product_id"], (BAD_KIND_REASON[t["bad_kind"]],)) for t in bad)
+    assert got == expected
+    # of a duplicated id the stale copy went to quarantine, the newest one was scored
+    products = read_table(incoming.products)
+    dup_ids = {t["product_id"] for t in bad if t["bad_kind"] == "duplicate_id"}
+    for pid in dup_ids:
+        rows = products.filter(pc.equal(products["product_id"], pid))["updated_at"].to_pylist()
+        stale = next(r for r in raws if r["product_id"] == pid)
+        assert dt.datetime.fromisoformat(stale["updated_at"]) == min(rows) < max(rows)
+    # the raw row is kept whole: the image comes back byte for byte
+    import base64
+
+    corrupt = {t["product_id"] for t in bad if t["bad_kind"] == "corrupt_image"}
+    raw = next(r for r in raws if r["product_id"] in corrupt)
+    original = products.filter(pc.equal(products["product_id"], raw["product_id"]))["image"][0].as_py()
+    assert base64.b64decode(raw["image"]) == original
+    assert set(raws[0]) == set(load_contract("products").names)  # every contract column, nulls too
+
+
+def test_validation_report_and_model_loaded_once_per_worker(first_run) -> None:  # type: ignore[no-untyped-def]
+    cfg, _, outcome = first_run
+    report = report_for(cfg.catalog.table("run_reports"), "run-1")
+    assert report["status"] == "succeeded"
+    summary = json.loads(report["validation_summary"])
+    gx = {e["rule"]: e["unexpected_count"] for e in summary["expectations"]}
+    rows = summary["row_rules"]
+    for rule, count in gx.items():
+        # GX flags both copies of a duplicated id; the row rule quarantines only the stale one
+        assert count == (2 * rows[rule] if rule == "product_id_unique" else rows[rule]), rule
+    assert rows["image_decodable"] == 36 and summary["success"] is False
+    assert set(report["stage_seconds"]) == {"read", "validate", "score", "decide", "write"}
+    assert report["products_per_second"] > 0
+    # many Arrow batches (256 rows each), each Python worker loaded the model exactly once
+    loads = outcome.model_loads
+    assert loads and all(n == 1 for n in loads.values()), loads
+    assert outcome.arrow_batches >= 9 > len(loads)
+
+
+def test_same_run_id_twice_changes_nothing(spark, first_run, taxonomy, incoming, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
+    cfg, _, _ = first_run
+    path = cfg.catalog.table("attributes")
+    version, rows = table_version(path), _sorted_rows(read_table(path))
+    again = _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-1")
+    assert again.already_done
+    assert table_version(path) == version and _sorted_rows(read_table(path)) == rows
+    assert len([r for r in read_reports(cfg.catalog.table("run_reports")) if r["run_id"] == "run-1"]) == 1
+
+
+def test_incremental_scores_only_changed_products(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    products = tmp_path / "products"
+    shutil.copytree(incoming.products, products)
+    cfg = _cfg(tmp_path / "lake")
+    first = run_enrichment(
+        spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet
+    )
+    assert first.report["rows_read"] == 2400  # no watermark yet: everything
+    changed = ["P00000010", "P00000020", "P00000030"]
+    later = first.report["watermark"] + dt.timedelta(hours=1)
+    table = read_table(products)
+    hit = pc.is_in(table["product_id"], pa.array(changed))
+    table = table.set_column(
+        table.schema.get_field_index("updated_at"),
+        "updated_at",
+        pc.if_else(hit, pa.scalar(later, table.schema.field("updated_at").type), table["updated_at"]),
+    )
+    write_table(products, table, partition_by=["ingest_date"], mode="overwrite")  # a new Delta version
+    second = run_enrichment(
+        spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet, run_id="inc-2"
+    )
+    assert second.report["rows_read"] == 3 and second.report["rows_scored"] == 3
+    table = read_table(cfg.catalog.table("attributes"))
+    touched = set(table.filter(pc.equal(table["run_id"], "inc-2"))["product_id"].to_pylist())
+    assert touched <= set(changed)
+    third = run_enrichment(
+        spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet
+    )
+    assert third.report["rows_read"] == 0 and third.merge is None
+
+
+def _second_model(bundle: Path, tmp: Path, shift: float) -> Path:
+    """A copy of the bundle with every threshold moved by ``shift`` (a 'different version')."""
+    copy = tmp / f"tiny-v2-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(bundle, copy)
+    calibration = json.loads((copy / "calibration.json").read_text())
+    for spec in calibration["attributes"].values():
+        for value in spec["values"]:
+            if value["threshold"] is not None:
+                value["threshold"] = min(0.9999, value["threshold"] + shift)
+    (copy / "calibration.json").write_text(json.dumps(calibration))
+    return copy
+
+
+def test_rollback_restores_the_previous_values_exactly(
+    spark, first_run, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    base, _, _ = first_run
+    cfg = _cfg(tmp_path / "lake")
+    shutil.copytree(Path(base.catalog.table("attributes")), cfg.catalog.table("attributes"))
+    path = cfg.catalog.table("attributes")
+    after_v1 = _sorted_rows(read_table(path))
+    v2 = _second_model(scoring_bundle, tmp_path, shift=0.02)
+    second = _run(
+        spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-2", model=_model(v2, "2")
+    )
+    merge = second.merge
+    assert merge is not None and merge.deleted > 0 and merge.updated > 0  # fewer values, new provenance
+    assert _sorted_rows(read_table(path)) != after_v1
+    rollback(cfg, run_id="run-2", progress=_quiet)
+    assert _sorted_rows(read_table(path)) == after_v1
+    assert report_for(cfg.catalog.table("run_reports"), "run-2")["status"] == "rolled_back"
+    # by model version: every run of v1 goes, back to the merchants' values only
+    rollback(cfg, model_version="1", progress=_quiet)
+    table = read_table(path)
+    assert set(table["source"].to_pylist()) == {"merchant"}
+
+
+CRASH_SCRIPT = """
+import json, sys
+from pathlib import Path
+from pyspark.sql import SparkSession
+from catalog_enrichment.contracts import load_taxonomy
+from catalog_enrichment.enrich import ModelRef, run_enrichment
+from tests.conftest import tiny_config
+
+args = json.loads(sys.argv[1])
+spark = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+         .config("spark.sql.session.timeZone", "UTC").getOrCreate())
+cfg = tiny_config(catalog={"root": args["root"]}, inference={"batch_size": 64, "device": "cpu"})
+model = ModelRef("tiny", "1", Path(args["bundle"]))
+run_enrichment(spark, cfg, load_taxonomy(), model=model, products=args["products"], full=True,
+               run_id="crash-1")
+"""
+
+
+def test_a_process_killed_after_staging_leaves_the_table_as_it_was(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = _catalog(tmp_path, incoming)
+    path = cfg.catalog.table("attributes")
+    version, rows = table_version(path), _sorted_rows(read_table(path))
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    args = json.dumps(
+        {"root": str(tmp_path / "lake"), "bundle": str(scoring_bundle), "products": str(incoming.products)}
+    )
+    env = {
+        **os.environ,
+        "CATALOG_ENRICH_FAULT": "after_staging",
+        "PYTHONPATH": os.pathsep.join([str(repo_root() / "src"), str(repo_root())]),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), args],
+        env=env,
+        cwd=repo_root(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (tmp_path / "lake" / "_staging" / "crash-1" / "scores").is_dir()  # it did stage
+    assert table_version(path) == version and _sorted_rows(read_table(path)) == rows
+    assert find_run_commit(path, "crash-1") is None
+    # the next run with the same id completes, once
+    done = _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="crash-1")
+    assert done.report["status"] == "succeeded" and done.merge is not None
+    assert find_run_commit(path, "crash-1") == version + 1
+    assert not (tmp_path / "lake" / "_staging" / "crash-1").exists()
+
+
+def test_circuit_breaker_aborts_before_any_write(spark, tmp_path, taxonomy, incoming, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
+    cfg = _catalog(tmp_path, incoming)
+    cfg = cfg.model_copy(
+        update={"validation": cfg.validation.model_copy(update={"max_invalid_fraction": 0.01})}
+    )
+    path = cfg.catalog.table("attributes")
+    version = table_version(path)
+    with pytest.raises(CircuitBreakerTripped, match=r"60 of 2,400 rows invalid .*top failing rules: "):
+        _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="too-bad")
+    assert table_version(path) == version
+    assert not Path(cfg.catalog.table("quarantine")).exists()
+    report = report_for(cfg.catalog.table("run_reports"), "too-bad")
+    assert report["status"] == "aborted" and "circuit breaker" in report["validation_summary"]
+
+
+def test_bad_inputs_fail_before_anything_is_written(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg(tmp_path / "lake")
+    # the configured taxonomy lacks an attribute the model scores
+    data = taxonomy.to_dict()
+    del data["attributes"]["pattern"]
+    with pytest.raises(TaxonomyError, match="'pattern' is not in the configured taxonomy"):
+        _run(spark, cfg, Taxonomy.from_dict(data), incoming, scoring_bundle)
+    # a products table without a contract column
+    table = read_table(incoming.products).drop_columns(["category"])
+    write_table(tmp_path / "no-category", table, partition_by=["ingest_date"])
+    with pytest.raises(ContractError, match=r"lacks contract column\(s\) \['category'\]"):
+        run_enrichment(spark, cfg, taxonomy, model=_model(scoring_bundle), products=tmp_path / "no-category")
+    # a partition filter on a column that does not partition the table
+    with pytest.raises(ContractError, match="not a partition column"):
+        _run(spark, cfg, taxonomy, incoming, scoring_bundle, partition="title=x")
+    assert not Path(cfg.catalog.table("attributes")).exists()
+    assert not Path(cfg.catalog.table("quarantine")).exists()
+
+
+def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incoming, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg(tmp_path / "lake", validation={"max_invalid_fraction": 0.1})
+    days = (dt.date(2026, 11, 1), dt.date(2026, 11, 4))
+
+    def interrupt_at_third(msg: str) -> None:
+        if msg.startswith("[backfill 3/4]"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        backfill_partitions(
+            spark,
+            cfg,
+            taxonomy,
+            model=_model(scoring_bundle),
+            date_from=days[0],
+            date_to=days[1],
+            products=incoming.products,
+            progress=interrupt_at_third,
+        )
+    done = [r["partition"] for r in read_reports(cfg.catalog.table("run_reports"))]
+    assert done == ["ingest_date=2026-11-01", "ingest_date=2026-11-02"]
+    messages: list[str] = []
+    results = backfill_partitions(
+        spark,
+        cfg,
+        taxonomy,
+        model=_model(scoring_bundle),
+        date_from=days[0],
+        date_to=days[1],
+        products=incoming.products,
+        progress=messages.append,
+    )
+    assert [o is None for _, o in results] == [True, True, False, False]
+    reports = read_reports(cfg.catalog.table("run_reports"))
+    assert sorted(r["partition"] for r in reports) == [f"ingest_date=2026-11-0{d}" for d in range(1, 5)]
+    assert sum(r["rows_read"] for r in reports) == 2400
+
+
+def test_cli_enrich_uses_the_champion_and_report_prints_it(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment import registry
+    from catalog_enrichment.cli import main
+    from catalog_enrichment.inference.bundle import load_bundle
+    from catalog_enrichment.inference.predictor import BatchPredictor
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = registry.configure_mlflow(uri)
+    example = (
+        read_table(incoming.products).slice(0, 2).select(["product_id", "title", "description", "image"])
+    )
+    frame = example.to_pandas()
+    registered = registry.log_and_register(
+        client,
+        bundle_dir=scoring_bundle,
+        registered_model="tiny",
+        experiment="training",
+        artifact_location=str(tmp_path / "artifacts"),
+        params={},
+        tags={},
+        epoch_metrics=[],
+        summary_metrics={},
+        artifacts={},
+        input_example=frame,
+        output_example=BatchPredictor(load_bundle(scoring_bundle)).score_frame(frame),
+        version_tags={},
+    )
+    flags = [
+        "--catalog",
+        str(tmp_path / "lake"),
+        "--products",
+        str(incoming.products),
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+        "--set",
+        "mlflow.registered_model=tiny",
+        "--set",
+        "inference.device=cpu",
+        "--set",
+        "validation.run_expectations=false",
+    ]
+    # only 'challenger' is set: the default champion URI is a clear error, nothing written
+    assert main(["enrich", *flags]) == 2
+    assert "has no 'champion' alias" in capsys.readouterr().err
+    assert not (tmp_path / "lake" / "attributes").exists()
+    registry.set_alias(client, "tiny", "champion", registered.version)
+    assert main(["enrich", *flags, "--partition", "ingest_date=2026-11-02", "--run-id", "cli-1"]) == 0
+    out = capsys.readouterr().out
+    assert "run cli-1: succeeded" in out and "model        tiny v1" in out
+    assert main(["report", "--catalog", str(tmp_path / "lake")]) == 0
+    assert "run cli-1: succeeded" in capsys.readouterr().out
+    assert main(["report", "--catalog", str(tmp_path / "lake"), "--run-id", "nope"]) == 2
+    # an enrichment run is recorded in MLflow too
+    runs = client.search_runs([client.get_experiment_by_name("enrichment").experiment_id])
+    assert [r.data.tags["catalog_enrich.run_id"] for r in runs] == ["cli-1"]
+    assert runs[0].data.metrics["rows_read"] > 0
