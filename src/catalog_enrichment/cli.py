@@ -512,6 +512,7 @@ def _spark(cfg: AppConfig) -> Any:
         builder.config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.spark.arrow_max_records_per_batch))
         .config("spark.python.worker.reuse", "true")
+        .config("spark.ui.showConsoleProgress", "false")  # the job prints its own progress
     )
     for key, value in cfg.spark.conf.items():
         builder = builder.config(key, value)

@@ -147,15 +147,15 @@ def format_report(report: dict[str, Any]) -> str:
     summary = report.get("validation_summary")
     if summary:
         info = json.loads(summary)
-        failed = [e for e in info.get("expectations", []) if not e["success"]]
+        broken = {rule: n for rule, n in (info.get("row_rules") or {}).items() if n}
         lines.append(
-            "  validation   "
-            + (
-                "all expectations met"
-                if not failed
-                else "; ".join(f"{e['rule']} {e['unexpected_count']:,}" for e in failed)
-            )
+            "  quarantined  "
+            + ("; ".join(f"{rule} {n:,}" for rule, n in broken.items()) if broken else "no rule broken")
         )
+        if "success" in info:
+            stats = info.get("statistics", {})
+            met, total = stats.get("successful_expectations", 0), stats.get("evaluated_expectations", 0)
+            lines.append(f"  GX suite     {met}/{total} expectations met")
         if info.get("error"):
             lines.append(f"  error        {info['error']}")
     return "\n".join(lines)
