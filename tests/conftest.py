@@ -119,6 +119,34 @@ def incoming(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Ge
     return generate_marketplace(tmp_path_factory.mktemp("incoming"), INCOMING, taxonomy=taxonomy)
 
 
+def register_bundle(
+    client: Any, bundle: Path, incoming: GeneratedMarketplace, *, name: str, artifacts: Path
+) -> Any:
+    """Register a bundle folder as a new version of ``name`` (alias challenger) in MLflow."""
+    from catalog_enrichment import registry
+    from catalog_enrichment.catalog.lakehouse import read_table
+    from catalog_enrichment.inference.bundle import load_bundle
+    from catalog_enrichment.inference.predictor import BatchPredictor
+
+    frame = read_table(incoming.products).slice(0, 2).select(["product_id", "title", "description", "image"])
+    frame = frame.to_pandas()
+    return registry.log_and_register(
+        client,
+        bundle_dir=bundle,
+        registered_model=name,
+        experiment="training",
+        artifact_location=str(artifacts),
+        params={},
+        tags={},
+        epoch_metrics=[],
+        summary_metrics={},
+        artifacts={},
+        input_example=frame,
+        output_example=BatchPredictor(load_bundle(bundle)).score_frame(frame),
+        version_tags={},
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests where torch sees no CUDA device (CI never has one)."""
     gpu_items = [item for item in items if "gpu" in item.keywords]

@@ -104,3 +104,14 @@ def test_flat_dict_for_mlflow_params() -> None:
     flat = load_config(environ={}).to_flat_dict()
     assert flat["inference.batch_size"] == 128
     assert flat["model.text.pooling"] == "sum"
+
+
+def test_non_config_environment_variables_are_ignored_but_misspelt_paths_are_errors() -> None:
+    env = {
+        "CATALOG_ENRICH_HOME": "/opt/x",
+        "CATALOG_ENRICH_AIRFLOW_PYTHON": "/x/python",
+        "CATALOG_ENRICH_TAXONOMY_PATH": "/t.yaml",
+    }
+    assert load_config(environ=env).taxonomy_path == "/t.yaml"
+    with pytest.raises(ConfigError, match="inferenc"):
+        load_config(environ={"CATALOG_ENRICH_INFERENC__BATCH_SIZE": "3"})

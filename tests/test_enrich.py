@@ -32,7 +32,7 @@ from catalog_enrichment.data.truth import written_precision
 from catalog_enrichment.enrich import ModelRef, backfill_partitions, rollback, run_enrichment
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
-from tests.conftest import repo_root, tiny_config
+from tests.conftest import register_bundle, repo_root, tiny_config
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -394,29 +394,11 @@ def test_cli_enrich_uses_the_champion_and_report_prints_it(
 ) -> None:  # type: ignore[no-untyped-def]
     from catalog_enrichment import registry
     from catalog_enrichment.cli import main
-    from catalog_enrichment.inference.bundle import load_bundle
-    from catalog_enrichment.inference.predictor import BatchPredictor
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = registry.configure_mlflow(uri)
-    example = (
-        read_table(incoming.products).slice(0, 2).select(["product_id", "title", "description", "image"])
-    )
-    frame = example.to_pandas()
-    registered = registry.log_and_register(
-        client,
-        bundle_dir=scoring_bundle,
-        registered_model="tiny",
-        experiment="training",
-        artifact_location=str(tmp_path / "artifacts"),
-        params={},
-        tags={},
-        epoch_metrics=[],
-        summary_metrics={},
-        artifacts={},
-        input_example=frame,
-        output_example=BatchPredictor(load_bundle(scoring_bundle)).score_frame(frame),
-        version_tags={},
+    registered = register_bundle(
+        client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
     )
     flags = [
         "--catalog",

@@ -2,7 +2,8 @@
 
 Every command takes ``--config FILE`` and repeatable ``--set section.key=value`` overrides;
 precedence is flag > ``--set`` > ``CATALOG_ENRICH_*`` env var > YAML > defaults (see config.py).
-User mistakes (missing file, bad config, unknown attribute) print one line and exit with 2.
+User mistakes (missing file, bad config, unknown attribute) print one line and exit with 2; an
+enrichment run stopped by the circuit breaker exits with 3.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from catalog_enrichment.errors import CatalogEnrichError
 __all__ = ["build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace, AppConfig], int]
+# Exit codes: 0 ok, 1 failed, 2 user mistake (bad config, missing file, ...), 3 the circuit breaker
+# stopped an enrichment run before any write (schedulers alert on it differently).
+EXIT_ABORTED = 3
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -202,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--run-id", metavar="ID", help="the run (default: the latest)")
     rep.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
     rep.add_argument("--json", action="store_true", help="print JSON")
+    rep.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 only if the run succeeded (3: aborted by the circuit breaker, 1: otherwise)",
+    )
     _common(rep)
     rep.set_defaults(handler=_cmd_report)
 
@@ -592,6 +601,8 @@ def _cmd_report(args: argparse.Namespace, cfg: AppConfig) -> int:
 
     report = report_for(cfg.catalog.table("run_reports"), args.run_id)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    if args.check and report["status"] != "succeeded":
+        return EXIT_ABORTED if report["status"] == "aborted" else 1
     return 0
 
 
@@ -672,8 +683,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         return handler(args, cfg)
     except CatalogEnrichError as exc:
+        from catalog_enrichment.validation.rules import CircuitBreakerTripped
+
         print(f"catalog-enrich: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ABORTED if isinstance(exc, CircuitBreakerTripped) else 2
     except FileNotFoundError as exc:
         print(f"catalog-enrich: error: file not found: {exc.filename or exc}", file=sys.stderr)
         return 2

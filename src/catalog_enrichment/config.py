@@ -309,11 +309,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Config from ``CATALOG_ENRICH_<SECTION>__<KEY>`` (and ``CATALOG_ENRICH_<TOP_LEVEL_KEY>``).
+
+    Other ``CATALOG_ENRICH_*`` variables without ``__`` (the deploy scripts' own settings, such as
+    ``CATALOG_ENRICH_HOME``) are not config and are ignored; a ``__`` path is always config, so a
+    misspelt key there is an error.
+    """
     tree: dict[str, Any] = {}
+    top_level = set(AppConfig.model_fields)
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == _ENV_CONFIG_FILE:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(path) == 1 and path[0] not in top_level:
+            continue
         if not all(path):
             raise ConfigError(f"environment variable {name}: empty key in the path")
         _set_path(tree, path, _parse_scalar(raw), source=name)

@@ -1,0 +1,107 @@
+"""Airflow DAGs for catalog-enrichment: nightly enrichment and weekly train -> promote.
+
+No business logic here: every task calls a ``catalog-enrich`` command (or a ``jobs/`` entry point
+through spark-submit) with parameters. Per environment, set (Airflow Variables, else environment):
+
+* ``catalog_enrich_submit``  how enrichment/training jobs start: ``catalog-enrich`` (local Spark,
+  default), ``deploy/spark/submit.sh yarn`` or ``deploy/spark/submit.sh k8s`` (cluster);
+* ``catalog_enrich_cli``     the ``catalog-enrich`` executable for the light steps (report);
+* ``CATALOG_ENRICH_CONFIG`` and the other ``CATALOG_ENRICH_*`` variables in the worker's
+  environment: config file, MLflow URI, catalog location; secrets (database passwords, tokens)
+  come from the environment or a secrets backend, never from the command line.
+
+The nightly run enriches the partition of the run date (``ingest_date={{ ds }}``) with run id
+``nightly-{{ ds }}`` - a retry or a re-run of the same date changes nothing that is done - then
+checks the run report (exit 3 = circuit breaker tripped) and alerts on failure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+try:  # Airflow 3
+    from airflow.providers.standard.operators.bash import BashOperator
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2.x
+    from airflow import DAG  # type: ignore[no-redef]
+    from airflow.operators.bash import BashOperator  # type: ignore[no-redef]
+
+SUBMIT = "{{ var.value.get('catalog_enrich_submit', '%s') }}" % os.environ.get(
+    "CATALOG_ENRICH_SUBMIT", "catalog-enrich"
+)
+CLI = "{{ var.value.get('catalog_enrich_cli', '%s') }}" % os.environ.get("CATALOG_ENRICH_CLI", "catalog-enrich")
+RUN_ID = "nightly-{{ ds }}"
+
+
+def alert(context: dict[str, Any]) -> None:
+    """on_failure_callback: one loud log line per failed task (wire your pager/Slack hook here)."""
+    ti = context.get("task_instance")
+    logging.getLogger("catalog_enrichment.alerts").error(
+        "ALERT catalog-enrichment: task %s of %s failed for %s (try %s); run id %s",
+        getattr(ti, "task_id", "?"), getattr(ti, "dag_id", "?"), context.get("ds"),
+        getattr(ti, "try_number", "?"), f"nightly-{context.get('ds')}",
+    )
+
+
+DEFAULTS: dict[str, Any] = {
+    "owner": "data-platform",
+    "retries": 2,
+    "retry_delay": dt.timedelta(minutes=10),
+    "retry_exponential_backoff": True,
+    "on_failure_callback": alert,
+}
+
+with DAG(
+    dag_id="catalog_enrichment_nightly",
+    description="Enrich the day's new products with the champion model",
+    schedule="15 2 * * *",
+    start_date=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    dagrun_timeout=dt.timedelta(hours=6),
+    default_args=DEFAULTS,
+    tags=["catalog-enrichment"],
+) as nightly:
+    enrich = BashOperator(
+        task_id="enrich",
+        bash_command=f"{SUBMIT} enrich --partition ingest_date={{{{ ds }}}} --full --run-id {RUN_ID}",
+        execution_timeout=dt.timedelta(hours=4),
+    )
+    check_report = BashOperator(
+        task_id="check_report",
+        bash_command=f"{CLI} report --run-id {RUN_ID} --check",
+        execution_timeout=dt.timedelta(minutes=10),
+        retries=0,
+    )
+    report_failure = BashOperator(
+        task_id="report_failure",
+        # Runs only when enrich or the check failed: prints the run report (aborted runs name the
+        # failing rules) into this task's log for the alert; fails itself so the run shows red.
+        bash_command=f"{CLI} report --run-id {RUN_ID} || true; echo 'enrichment {RUN_ID} failed' >&2; exit 1",
+        trigger_rule="one_failed",
+        retries=0,
+    )
+    enrich >> check_report >> report_failure
+    enrich >> report_failure
+
+with DAG(
+    dag_id="catalog_enrichment_weekly",
+    description="Train a challenger, then the promotion gate",
+    schedule="0 3 * * 0",
+    start_date=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    dagrun_timeout=dt.timedelta(hours=12),
+    default_args=DEFAULTS,
+    tags=["catalog-enrichment"],
+) as weekly:
+    train = BashOperator(
+        task_id="train", bash_command=f"{SUBMIT} train", execution_timeout=dt.timedelta(hours=8)
+    )
+    promote = BashOperator(
+        task_id="promote", bash_command=f"{SUBMIT} promote", execution_timeout=dt.timedelta(hours=1)
+    )
+    train >> promote

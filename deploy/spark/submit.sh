@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# spark-submit a jobs/ entry point in one of four modes; every setting lives in the mode's conf file.
+#
+#   deploy/spark/submit.sh MODE JOB [JOB ARGS...]
+#   MODE: local | standalone | yarn | k8s      JOB: enrich | backfill | train | promote
+#
+# Environment:
+#   SPARK_HOME            Spark installation (default: the pyspark package's own)
+#   SPARK_MASTER          master URL for standalone/yarn/k8s (standalone: spark://host:7077,
+#                         k8s: k8s://https://api-server:6443); overrides the conf file
+#   CATALOG_ENRICH_ENV    packed Python environment (tar.gz from deploy/spark/pack-env.sh) shipped to
+#                         executors with --archives ...#environment; unset = executors use
+#                         PYSPARK_PYTHON as installed on every node (single machine, tests)
+#   PYSPARK_PYTHON        interpreter of driver and executors when no packed environment is used
+#   SPARK_SUBMIT_EXTRA    extra spark-submit arguments (e.g. "--conf spark.executor.instances=8")
+# Config and secrets of the job itself come from CATALOG_ENRICH_* variables and --config, which
+# spark-submit passes through (spark.executorEnv.* for executors), never from this script.
+set -euo pipefail
+
+mode="${1:?usage: submit.sh MODE JOB [ARGS...]}"
+job="${2:?usage: submit.sh MODE JOB [ARGS...]}"
+shift 2
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+home="$(cd "$here/../.." && pwd)"
+conf="$here/$mode.conf"
+[ -f "$conf" ] || { echo "submit.sh: unknown mode $mode (no $conf)" >&2; exit 64; }
+entry="$home/jobs/$job.py"
+[ -f "$entry" ] || { echo "submit.sh: no such job: $entry" >&2; exit 64; }
+if [ -z "${SPARK_HOME:-}" ]; then
+  SPARK_HOME="$(python3 -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null || true)"
+fi
+args=(--properties-file "$conf" --name "catalog-enrich-$job")
+[ -n "${SPARK_MASTER:-}" ] && args+=(--master "$SPARK_MASTER")
+if [ -n "${CATALOG_ENRICH_ENV:-}" ]; then
+  # The packed venv is unpacked as ./environment in every container; driver and executors use it.
+  args+=(--archives "$CATALOG_ENRICH_ENV#environment"
+         --conf spark.pyspark.python=./environment/bin/python
+         --conf spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python)
+elif [ -n "${PYSPARK_PYTHON:-}" ]; then
+  args+=(--conf "spark.pyspark.python=$PYSPARK_PYTHON" --conf "spark.executorEnv.PYSPARK_PYTHON=$PYSPARK_PYTHON")
+fi
+# shellcheck disable=SC2086
+exec "$SPARK_HOME/bin/spark-submit" "${args[@]}" ${SPARK_SUBMIT_EXTRA:-} "$entry" "$@"

@@ -1,0 +1,111 @@
+"""The cron wrapper: a lock so runs never overlap, a dated log, the job's exit status."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from catalog_enrichment.catalog.attributes import find_run_commit
+from catalog_enrichment.catalog.lakehouse import table_version
+from catalog_enrichment.catalog.reports import read_reports
+from tests.conftest import register_bundle, repo_root
+
+WRAPPER = repo_root() / "deploy" / "cron" / "catalog-enrich-cron.sh"
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CATALOG_ENRICH_HOME": str(repo_root()),
+        "CATALOG_ENRICH_PYTHON": sys.executable,
+        "CATALOG_ENRICH_LOG_DIR": str(tmp / "logs"),
+        "CATALOG_ENRICH_LOCK": str(tmp / "enrich.lock"),
+        "PYTHONPATH": str(repo_root() / "src"),
+        **extra,
+    }
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_job_exits_non_zero_and_logs_to_a_dated_file(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(WRAPPER), "report", "--catalog", str(tmp_path / "none")],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "report failed with status 2" in proc.stderr
+    logs = list((tmp_path / "logs").glob("report-*.log"))
+    assert len(logs) == 1 and logs[0].name == f"report-{time.strftime('%Y-%m-%d', time.gmtime())}.log"
+    assert "no enrichment runs recorded" in logs[0].read_text()
+    bad = subprocess.run([str(WRAPPER), "nope"], env=_env(tmp_path), capture_output=True, text=True)
+    assert bad.returncode == 64 and "no such job" in bad.stderr
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_runs_at_once_never_overlap_and_nothing_is_written_twice(
+    tmp_path: Path, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = registry.configure_mlflow(uri)
+    version = register_bundle(
+        client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
+    ).version
+    registry.set_alias(client, "tiny", "champion", version)
+    args = [
+        "enrich",
+        "--catalog",
+        str(tmp_path / "lake"),
+        "--products",
+        str(incoming.products),
+        "--run-id",
+        "nightly-1",
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+        "--set",
+        "mlflow.registered_model=tiny",
+        "--set",
+        "inference.device=cpu",
+        "--set",
+        "validation.run_expectations=false",
+        "--set",
+        "spark.master=local[1]",
+    ]
+    first = subprocess.Popen(
+        [str(WRAPPER), *args], env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    log = tmp_path / "logs" / f"enrich-{time.strftime('%Y-%m-%d', time.gmtime())}.log"
+    deadline = time.time() + 60
+    while not (log.exists() and "start" in log.read_text()):
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.2)
+    # a second run while the first holds the lock: exits at once with 75
+    second = subprocess.run(
+        [str(WRAPPER), *args], env=_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == 75 and "another run holds" in second.stderr
+    # a third one that may wait: runs after the first, finds the run done, writes nothing
+    third = subprocess.Popen(
+        [str(WRAPPER), *args],
+        env=_env(tmp_path, CATALOG_ENRICH_LOCK_WAIT="500"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert first.wait(timeout=500) == 0, first.stderr.read() if first.stderr else ""
+    attributes = tmp_path / "lake" / "attributes"
+    version_after_first = table_version(attributes)
+    assert third.wait(timeout=500) == 0
+    assert table_version(attributes) == version_after_first
+    assert find_run_commit(attributes, "nightly-1") == version_after_first
+    assert [r["run_id"] for r in read_reports(tmp_path / "lake" / "run_reports")] == ["nightly-1"]
+    text = log.read_text()
+    assert text.count("enrich: start") == 2 and "already succeeded; nothing to do" in text

@@ -1,0 +1,56 @@
+"""deploy/ holds configuration, not logic: scripts parse, YAML loads, nothing imports the package."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import repo_root
+
+DEPLOY = repo_root() / "deploy"
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in DEPLOY.rglob("*.sh")) or ["none"])
+def test_shell_scripts_parse_and_are_executable(script: str) -> None:
+    path = next(DEPLOY.rglob(script))
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    assert path.stat().st_mode & 0o111, f"{path} is not executable"
+
+
+def test_yaml_files_load() -> None:
+    files = list(DEPLOY.rglob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        assert list(yaml.safe_load_all(path.read_text())), path
+
+
+def test_deploy_has_no_business_logic() -> None:
+    """Only jobs/ entry points, the catalog-enrich CLI and parameters are named there."""
+    for path in DEPLOY.rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            assert not re.search(r"^\s*(from|import)\s+catalog_enrichment", text, re.M), path
+    jobs = {p.stem for p in (repo_root() / "jobs").glob("*.py")}
+    named = set(
+        re.findall(r"jobs/(\w+)\.py", " ".join(p.read_text() for p in DEPLOY.rglob("*") if p.is_file()))
+    )
+    assert named <= jobs | {"JOB", "job"}
+
+
+def test_dockerfile_and_spark_application() -> None:
+    docker = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+-runtime", docker, re.M)
+    assert "openjdk-17" in docker and "-c /tmp/constraints.txt" in docker
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "catalog-enrich"]' in docker
+    app = yaml.safe_load((DEPLOY / "docker" / "sparkapplication-nightly.yaml").read_text())
+    assert app["kind"] == "SparkApplication"
+    assert app["spec"]["mainApplicationFile"].endswith("/jobs/enrich.py")
+    assert app["spec"]["sparkConf"]["spark.task.resource.gpu.amount"] == "1"
+    for conf in ("local", "standalone", "yarn", "k8s"):
+        lines = (DEPLOY / "spark" / f"{conf}.conf").read_text().splitlines()
+        props = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith("#"))
+        assert props["spark.sql.session.timeZone"] == "UTC", conf
