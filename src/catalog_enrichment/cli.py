@@ -259,6 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(bq)
     bq.set_defaults(handler=_cmd_bench_quality)
+    bt = bench_sub.add_parser(
+        "throughput",
+        help="the job's speed against the raw speed of its model (raw, predictor, job)",
+        description="Measure, on the same model, device and threads: the raw forward loop over "
+        "pre-decoded tensors, the per-batch predictor (no Spark) and the whole enrichment job; "
+        "write JSON with products/s, predictor_ratio, job_ratio, stage timings and peak RSS.",
+    )
+    bt.add_argument("--products", type=int, metavar="N", default=16000, help="products (default 16000)")
+    which = bt.add_mutually_exclusive_group()
+    which.add_argument("--model-uri", metavar="URI", help="registered model (default: the champion)")
+    which.add_argument("--bundle", metavar="DIR", help="a model bundle folder instead of the registry")
+    bt.add_argument(
+        "--modes", metavar="LIST", default="raw,predictor,job", help="subset of raw,predictor,job"
+    )
+    bt.add_argument("--repeats", type=int, metavar="R", default=3, help="runs per mode; medians reported (3)")
+    bt.add_argument("--sweep", action="store_true", help="also run the job at 4k, 16k and 64k products")
+    bt.add_argument(
+        "--threads", type=int, metavar="T", help="torch threads for raw/predictor (default: cores)"
+    )
+    bt.add_argument("--out", metavar="FILE", default="bench-throughput.json", help="JSON output")
+    bt.add_argument("--workdir", metavar="DIR", default="bench-throughput", help="generated tables go here")
+    _common(bt)
+    bt.set_defaults(handler=_cmd_bench_throughput)
     return parser
 
 
@@ -669,6 +692,44 @@ def _cmd_bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
     md = write_quality_result(result, Path(args.out))
     print(md.read_text())
     print(f"wrote {args.out} and {md}")
+    return 0
+
+
+def _cmd_bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.bench.throughput import run_throughput_benchmark
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.enrich import ModelRef
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"raw", "predictor", "job"})
+    if unknown or not modes:
+        raise CatalogEnrichError(f"--modes: unknown {unknown}; choose from raw, predictor, job")
+    if args.bundle:
+        bundle = Path(args.bundle)
+        if not (bundle / "weights.pt").is_file():
+            raise CatalogEnrichError(f"{bundle} is not a model bundle (no weights.pt)")
+        model = ModelRef("bundle", bundle.name, bundle.resolve())
+    else:
+        model = _model_ref(cfg, args.model_uri, _client(cfg))
+    needs_spark = "job" in modes or args.sweep
+    result = run_throughput_benchmark(
+        cfg,
+        load_taxonomy(cfg.taxonomy_path),
+        model=model,
+        products=args.products,
+        workdir=Path(args.workdir),
+        modes=modes,
+        repeats=args.repeats,
+        device=_device(cfg),
+        threads=args.threads,
+        spark=_spark(cfg) if needs_spark else None,
+        sweep=(4000, 16000, 64000) if args.sweep else (),
+    )
+    text = json.dumps(result, indent=2, default=str)
+    Path(args.out).write_text(text + "\n")
+    keys = [k for k in result if k.endswith(("_per_second", "_ratio", "_share", "speedup"))]
+    print("\n".join(f"{k}: {result[k]:.3f}" for k in keys))
+    print(f"wrote {args.out}")
     return 0
 
 

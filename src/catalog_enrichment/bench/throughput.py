@@ -1,0 +1,296 @@
+"""``catalog-enrich bench throughput``: the job against the raw speed of its own model.
+
+In one run, on the same model, device and number of threads:
+
+* ``raw``: a tight loop of the model's forward pass over pre-decoded, pre-tokenized tensors at the
+  model's batch size - the ceiling;
+* ``predictor``: the per-batch predictor on Arrow batches (read + decode + tokenize + forward +
+  decide), exactly what a Spark task runs per batch, without Spark;
+* ``job``: the whole enrichment run from reading the products table to the committed MERGE and
+  the run report, excluding only JVM start-up (the SparkSession exists before the clock starts).
+
+``predictor_ratio`` = predictor / raw and ``job_ratio`` = job / raw (products per second). Peak RSS
+is sampled for the driver and for each Python worker during the job. ``--sweep`` runs the job at
+4k, 16k and 64k products for time per product and peak worker memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Taxonomy
+
+__all__ = ["make_products", "measure_predictor", "measure_raw", "run_throughput_benchmark"]
+
+Say = Callable[[str], None]
+
+
+def make_products(n: int, taxonomy: Taxonomy, *, image_size: int, seed: int = 0) -> pa.Table:
+    """``n`` valid synthetic products (no bad rows) in memory."""
+    from catalog_enrichment.config import SyntheticConfig
+    from catalog_enrichment.data.synthetic import products_batches
+
+    cfg = SyntheticConfig(products=n, seed=seed, image_size=image_size, bad_rate=0.0)
+    return pa.Table.from_batches([b for b, _ in products_batches(cfg, taxonomy)])
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_raw(predictor: Any, table: pa.Table, *, warmup: int = 2) -> dict[str, float]:
+    """Forward passes only, over batches prepared (decoded, tokenized, on the host) beforehand."""
+    batches = list(predictor.prepared(table))
+    for batch in batches[:warmup]:
+        predictor.forward(batch)
+    _sync(predictor.device)
+    started = time.perf_counter()
+    for batch in batches:
+        predictor.forward(batch)
+    _sync(predictor.device)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "products_per_second": table.num_rows / seconds}
+
+
+def measure_predictor(predictor: Any, policy: Any, table: pa.Table, *, arrow_batch: int) -> dict[str, float]:
+    """What one Spark task does per Arrow batch: score + decide (``inference.spark.score_batch``)."""
+    from catalog_enrichment.inference.spark import score_batch
+
+    forward_seconds = 0.0
+    original = predictor.forward
+
+    def timed_forward(batch: Any) -> Any:
+        nonlocal forward_seconds
+        t0 = time.perf_counter()
+        out = original(batch)  # .cpu() inside waits for the device
+        forward_seconds += time.perf_counter() - t0
+        return out
+
+    predictor.forward = timed_forward
+    try:
+        score_batch(
+            predictor, policy, table.slice(0, min(arrow_batch, table.num_rows)).to_batches()[0]
+        )  # warm-up
+        forward_seconds = 0.0
+        started = time.perf_counter()
+        for batch in table.to_batches(max_chunksize=arrow_batch):
+            score_batch(predictor, policy, batch)
+        seconds = time.perf_counter() - started
+    finally:
+        predictor.forward = original
+    return {
+        "seconds": seconds,
+        "products_per_second": table.num_rows / seconds,
+        "forward_share": forward_seconds / seconds,
+    }
+
+
+class _RssSampler:
+    """Peak RSS of this process and of every PySpark Python worker, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.driver_peak = 0
+        self.workers: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        me = self._psutil.Process()
+        while not self._stop.wait(0.2):
+            self.driver_peak = max(self.driver_peak, me.memory_info().rss)
+            for proc in self._psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(proc.info.get("cmdline") or [])
+                if "pyspark.daemon" in cmd or "pyspark.worker" in cmd:
+                    try:
+                        rss = proc.memory_info().rss
+                    except self._psutil.Error:
+                        continue
+                    self.workers[proc.info["pid"]] = max(self.workers.get(proc.info["pid"], 0), rss)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure_job(
+    spark: Any, cfg: AppConfig, taxonomy: Taxonomy, model: Any, products: Path, workdir: Path
+) -> dict[str, Any]:
+    """One full enrichment run into a fresh catalog; wall time from the first read to the report."""
+    from catalog_enrichment.enrich import run_enrichment
+
+    root = Path(tempfile.mkdtemp(prefix="catalog-", dir=workdir))
+    run_cfg = cfg.model_copy(update={"catalog": cfg.catalog.model_copy(update={"root": str(root)})})
+    with _RssSampler() as rss:
+        started = time.perf_counter()
+        outcome = run_enrichment(
+            spark, run_cfg, taxonomy, model=model, products=products, full=True, progress=lambda m: None
+        )
+        seconds = time.perf_counter() - started
+    report = outcome.report
+    return {
+        "seconds": seconds,
+        "products_per_second": report["rows_scored"] / seconds,
+        "rows_scored": report["rows_scored"],
+        "stage_seconds": report["stage_seconds"],
+        "driver_peak_rss_mb": rss.driver_peak / 2**20,
+        "worker_peak_rss_mb": {str(pid): v / 2**20 for pid, v in rss.workers.items()},
+        "model_loads": sum(outcome.model_loads.values()),
+    }
+
+
+@dataclass
+class _Model:
+    predictor: Any
+    policy: Any
+
+
+def _load(bundle_dir: Path, taxonomy: Taxonomy, cfg: AppConfig, device: str, autocast: bool) -> _Model:
+    from catalog_enrichment.inference.bundle import load_bundle
+    from catalog_enrichment.inference.decide import DecisionPolicy
+    from catalog_enrichment.inference.predictor import BatchPredictor
+
+    bundle = load_bundle(bundle_dir, device=device)
+    predictor = BatchPredictor(
+        bundle,
+        device=device,
+        batch_size=cfg.inference.batch_size,
+        decode_threads=cfg.inference.decode_threads,
+        autocast=autocast,
+    )
+    return _Model(predictor, DecisionPolicy(bundle.taxonomy, bundle.calibration, taxonomy))
+
+
+def _median(runs: Sequence[dict[str, Any]], key: str = "products_per_second") -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def run_throughput_benchmark(
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    *,
+    model: Any,
+    products: int,
+    workdir: Path,
+    modes: Sequence[str] = ("raw", "predictor", "job"),
+    repeats: int = 3,
+    device: str = "cpu",
+    threads: int | None = None,
+    spark: Any = None,
+    sweep: Sequence[int] = (),
+    progress: Say | None = None,
+) -> dict[str, Any]:
+    """Measure the modes ``repeats`` times each (interleaved) and report medians and ratios."""
+    import torch
+
+    say = progress or (lambda m: print(m, flush=True))
+    if threads:
+        torch.set_num_threads(threads)
+    workdir.mkdir(parents=True, exist_ok=True)
+    size = _image_size(model.bundle_dir)
+    say(f"generating {products:,} products ({size} px) ...")
+    table = make_products(products, taxonomy, image_size=size)
+    result: dict[str, Any] = {
+        "products": products,
+        "device": device if device == "cpu" else torch.cuda.get_device_name(0),
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": cfg.inference.batch_size,
+        "arrow_batch": cfg.spark.arrow_max_records_per_batch,
+        "model": f"{model.name} v{model.version}",
+        "runs": {m: [] for m in modes},
+    }
+    loaded = _load(model.bundle_dir, taxonomy, cfg, device, cfg.inference.autocast)
+    table_path = None
+    if "job" in modes or sweep:
+        from catalog_enrichment.catalog.lakehouse import write_table
+
+        table_path = workdir / f"products-{products}"
+        if not table_path.exists():
+            write_table(table_path, table, partition_by=["ingest_date"])
+    for r in range(repeats):
+        for mode in modes:
+            if mode == "raw":
+                run = measure_raw(loaded.predictor, table)
+            elif mode == "predictor":
+                run = measure_predictor(
+                    loaded.predictor, loaded.policy, table, arrow_batch=cfg.spark.arrow_max_records_per_batch
+                )
+            else:
+                assert spark is not None and table_path is not None
+                run = measure_job(spark, cfg, taxonomy, model, table_path, workdir)
+            result["runs"][mode].append(run)
+            rate, secs = run["products_per_second"], run["seconds"]
+            say(f"  run {r + 1}/{repeats} {mode:<9} {rate:8.1f} products/s ({secs:.1f}s)")
+    medians = {m: _median(result["runs"][m]) for m in modes}
+    result.update({f"{m}_products_per_second": v for m, v in medians.items()})
+    if "raw" in medians:
+        for m in ("predictor", "job"):
+            if m in medians:
+                result[f"{m}_ratio"] = medians[m] / medians["raw"]
+    if "predictor" in modes:
+        result["predictor_forward_share"] = _median(result["runs"]["predictor"], "forward_share")
+    if "job" in modes:
+        best = min(result["runs"]["job"], key=lambda r: abs(r["products_per_second"] - medians["job"]))
+        result["job_stage_seconds"] = best["stage_seconds"]
+        result["driver_peak_rss_mb"] = max(r["driver_peak_rss_mb"] for r in result["runs"]["job"])
+        result["worker_peak_rss_mb"] = max(
+            (v for r in result["runs"]["job"] for v in r["worker_peak_rss_mb"].values()), default=None
+        )
+    if device != "cpu" and "predictor" in modes:
+        fp32 = _load(model.bundle_dir, taxonomy, cfg, device, autocast=False)
+        runs = [
+            measure_predictor(
+                fp32.predictor, fp32.policy, table, arrow_batch=cfg.spark.arrow_max_records_per_batch
+            )
+            for _ in range(repeats)
+        ]
+        result["predictor_fp32_products_per_second"] = _median(runs)
+        result["bf16_speedup"] = medians["predictor"] / result["predictor_fp32_products_per_second"]
+    if sweep:
+        result["sweep"] = []
+        for n in sweep:
+            from catalog_enrichment.catalog.lakehouse import write_table
+
+            path = workdir / f"products-{n}"
+            if not path.exists():
+                say(f"generating {n:,} products for the sweep ...")
+                write_table(
+                    path, make_products(n, taxonomy, image_size=size, seed=n), partition_by=["ingest_date"]
+                )
+            job = measure_job(spark, cfg, taxonomy, model, path, workdir)
+            result["sweep"].append(
+                {
+                    "products": n,
+                    "seconds": job["seconds"],
+                    "ms_per_product": 1000 * job["seconds"] / n,
+                    "worker_peak_rss_mb": max(job["worker_peak_rss_mb"].values(), default=None),
+                    "driver_peak_rss_mb": job["driver_peak_rss_mb"],
+                }
+            )
+            say(f"  sweep {n:>6,}: {1000 * job['seconds'] / n:.2f} ms/product")
+    return result
+
+
+def _image_size(bundle_dir: Path) -> int:
+    import json
+
+    return int(json.loads((Path(bundle_dir) / "model.json").read_text())["model"]["image"]["image_size"])
