@@ -27,8 +27,13 @@ conf="$here/$mode.conf"
 entry="$home/jobs/$job.py"
 [ -f "$entry" ] || { echo "submit.sh: no such job: $entry" >&2; exit 64; }
 if [ -z "${SPARK_HOME:-}" ]; then
-  SPARK_HOME="$(python3 -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null || true)"
+  for py in "${PYSPARK_PYTHON:-}" "$home/.venv/bin/python" python3; do
+    [ -n "$py" ] || continue
+    SPARK_HOME="$("$py" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null || true)"
+    [ -n "$SPARK_HOME" ] && break
+  done
 fi
+[ -x "${SPARK_HOME:-}/bin/spark-submit" ] || { echo "submit.sh: set SPARK_HOME (no spark-submit found)" >&2; exit 69; }
 args=(--properties-file "$conf" --name "catalog-enrich-$job")
 [ -n "${SPARK_MASTER:-}" ] && args+=(--master "$SPARK_MASTER")
 if [ -n "${CATALOG_ENRICH_ENV:-}" ]; then

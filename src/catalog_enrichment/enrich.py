@@ -45,7 +45,7 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.inference.decide import DecisionPolicy
-from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe
+from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe, ship_bundle
 from catalog_enrichment.validation.rules import (
     REASONS,
     CircuitBreakerTripped,
@@ -230,9 +230,9 @@ def run_enrichment(
 
         # 3. score + decide, 4. stage
         staging = Path(cfg.catalog.root) / "_staging" / run_id
-        spark.sparkContext.addFile(str(model.bundle_dir), recursive=True)
+        archive = ship_bundle(spark, model.bundle_dir)
         spec = ScoringSpec(
-            bundle_name=model.bundle_dir.name,
+            bundle_name=archive,
             bundle_path=None,
             allowed_taxonomy=taxonomy.to_dict(),
             device=cfg.inference.device,

@@ -271,7 +271,7 @@ def download_bundle(model: ResolvedModel, cache_dir: str | Path) -> Path:
     """Download the version's bundle folder once into ``cache_dir`` (reused by later runs).
 
     The folder is named ``<name>-v<version>-<run id>``, unique per version, so Spark can ship it to
-    executors under that name (``SparkContext.addFile``)."""
+    executors under that name (``SparkContext.addArchive``)."""
     bundle = Path(cache_dir) / f"{model.name}-v{model.version}-{model.run_id[:12]}"
     if (bundle / "weights.pt").is_file():
         return bundle

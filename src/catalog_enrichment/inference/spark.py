@@ -1,12 +1,13 @@
 """Spark glue: score a DataFrame of valid products with ``mapInArrow``, one model load per worker.
 
-The driver ships the model bundle folder with ``SparkContext.addFile`` (so executors need no MLflow
-access) and passes a small, picklable :class:`ScoringSpec`. Each Python worker loads the bundle the
-first time it sees the spec and keeps the :class:`BatchPredictor` in a module-level cache; Spark
-reuses Python workers across tasks (``spark.python.worker.reuse``, on by default), so a worker loads
-the model once, not once per batch or per task. Arrow batches go straight to the predictor (no
-pandas conversion); it re-cuts them to the model's batch size and overlaps image decoding with the
-forward pass; the decision is applied in the worker, so only written values travel back.
+The driver ships the model bundle folder as a zip with ``SparkContext.addArchive`` (executors
+unpack it once and need no MLflow access) and passes a small, picklable :class:`ScoringSpec`. Each
+Python worker loads the bundle the first time it sees the spec and keeps the
+:class:`BatchPredictor` in a module-level cache; Spark reuses Python workers across tasks
+(``spark.python.worker.reuse``, on by default), so a worker loads the model once, not once per
+batch or per task. Arrow batches go straight to the predictor (no pandas conversion); it re-cuts
+them to the model's batch size and overlaps image decoding with the forward pass; the decision is
+applied in the worker, so only written values travel back.
 
 Accumulators count model loads per worker process, Arrow batches and products, for the run report,
 the progress line and the test that proves one load per worker.
@@ -17,12 +18,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["OUTPUT_SCHEMA", "ScoringCounters", "ScoringSpec", "score_dataframe", "spark_output_schema"]
+__all__ = [
+    "OUTPUT_SCHEMA",
+    "ScoringCounters",
+    "ScoringSpec",
+    "score_dataframe",
+    "ship_bundle",
+    "spark_output_schema",
+]
 
 # What a scoring task returns per valid product.
 OUTPUT_SCHEMA = pa.schema(
@@ -52,7 +61,7 @@ SCORING_INPUT = ("product_id", "title", "description", "image", "image_uri", "me
 class ScoringSpec:
     """Everything a worker needs, picklable: where the bundle is and how to run it."""
 
-    bundle_name: str  # SparkFiles name of the bundle folder (addFile) ...
+    bundle_name: str  # SparkFiles name of the shipped bundle archive (unpacked folder) ...
     bundle_path: str | None  # ... or a path every worker can read (tests, single machine)
     allowed_taxonomy: dict[str, Any]
     device: str = "auto"
@@ -90,6 +99,30 @@ class ScoringCounters:
 
 # Per Python worker process: (bundle location, device, ...) -> (predictor, policy).
 _WORKER_CACHE: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def ship_bundle(spark: Any, bundle_dir: Path) -> str:
+    """Zip the bundle folder beside it (once) and add it as a Spark archive; returns its name.
+
+    Spark ships archives to every executor and unpacks them there (``addFile`` cannot ship a
+    folder outside local mode); the name is unique per model version (``<name>-v<version>-<run>``).
+    """
+    import shutil
+
+    name = f"{bundle_dir.name}.zip"
+    archive = bundle_dir.parent / name
+    if not archive.is_file():
+        tmp = shutil.make_archive(
+            str(bundle_dir.parent / f".{bundle_dir.name}.tmp"), "zip", root_dir=bundle_dir
+        )
+        Path(tmp).replace(archive)  # atomic: a concurrent run never ships half a zip
+    if name not in _SHIPPED.get(id(spark.sparkContext), set()):
+        spark.sparkContext.addArchive(str(archive))
+        _SHIPPED.setdefault(id(spark.sparkContext), set()).add(name)
+    return name
+
+
+_SHIPPED: dict[int, set[str]] = {}
 
 
 def _worker_device(spec: ScoringSpec) -> str:
