@@ -1,0 +1,37 @@
+"""bench throughput runs and reports what the issue asks for (no speed is asserted here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from catalog_enrichment.bench.throughput import run_throughput_benchmark
+from catalog_enrichment.enrich import ModelRef
+from tests.conftest import tiny_config
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def test_throughput_benchmark_reports_every_mode_ratio_and_memory(
+    spark, tmp_path: Path, taxonomy, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(catalog={"root": str(tmp_path / "lake")}, inference={"device": "cpu", "batch_size": 64})
+    result = run_throughput_benchmark(
+        cfg,
+        taxonomy,
+        model=ModelRef("tiny", "1", scoring_bundle),
+        products=300,
+        workdir=tmp_path / "bench",
+        repeats=1,
+        spark=spark,
+        progress=lambda m: None,
+    )
+    assert result["products"] == 300
+    for mode in ("raw", "predictor", "job"):
+        assert result[f"{mode}_products_per_second"] > 0
+    assert result["predictor_ratio"] > 0 and result["job_ratio"] > 0
+    assert 0 < result["predictor_forward_share"] <= 1
+    assert result["runs"]["job"][0]["rows_scored"] == 300  # the generated products are all valid
+    assert set(result["job_stage_seconds"]) == {"read", "validate", "score", "decide", "write"}
+    assert result["worker_peak_rss_mb"] > 50 and result["driver_peak_rss_mb"] > 50
