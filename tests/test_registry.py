@@ -43,9 +43,6 @@ def _cfg(tmp: Path, tracking_uri: str, *, fusion: str = "concat", epochs: int = 
         catalog={"root": str(tmp / "lakehouse")},
         # a large calibration split: a value needs >= 52 straight hits there to prove 95 %
         training={"early_stopping_patience": 0, "calibration_fraction": 0.3, "test_fraction": 0.1},
-        # 97.5 % confidence: thresholds with a margin, so the tiny models' precision on the frozen
-        # evaluation set is not a coin flip at 0.95 (the gate tests decisions, not calibration)
-        calibration={"confidence": 0.975},
     )
 
 
