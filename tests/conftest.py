@@ -147,6 +147,28 @@ def register_bundle(
     )
 
 
+def tiny_registry(
+    tmp: Path, bundle: Path, incoming: GeneratedMarketplace, *, champion: bool = True
+) -> tuple[Any, str, str, list[str]]:
+    """A SQLite MLflow store under ``tmp`` with ``bundle`` registered as model ``tiny`` (and made
+    champion). Returns (client, tracking URI, version, the CLI flags that run the job against it)."""
+    from catalog_enrichment import registry
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = registry.configure_mlflow(uri)
+    version = register_bundle(client, bundle, incoming, name="tiny", artifacts=tmp / "artifacts").version
+    if champion:
+        registry.set_alias(client, "tiny", "champion", version)
+    flags = [
+        "--products", str(incoming.products),
+        "--set", f"mlflow.tracking_uri={uri}",
+        "--set", "mlflow.registered_model=tiny",
+        "--set", "inference.device=cpu",
+        "--set", "validation.run_expectations=false",
+    ]  # fmt: skip
+    return client, uri, version, flags
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests where torch sees no CUDA device (CI never has one)."""
     gpu_items = [item for item in items if "gpu" in item.keywords]

@@ -32,7 +32,7 @@ from catalog_enrichment.data.truth import written_precision
 from catalog_enrichment.enrich import ModelRef, backfill_partitions, rollback, run_enrichment
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
-from tests.conftest import register_bundle, repo_root, tiny_config
+from tests.conftest import repo_root, tiny_config, tiny_registry
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -400,30 +400,13 @@ def test_cli_enrich_uses_the_champion_and_report_prints_it(
     from catalog_enrichment import registry
     from catalog_enrichment.cli import main
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = registry.configure_mlflow(uri)
-    registered = register_bundle(
-        client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
-    )
-    flags = [
-        "--catalog",
-        str(tmp_path / "lake"),
-        "--products",
-        str(incoming.products),
-        "--set",
-        f"mlflow.tracking_uri={uri}",
-        "--set",
-        "mlflow.registered_model=tiny",
-        "--set",
-        "inference.device=cpu",
-        "--set",
-        "validation.run_expectations=false",
-    ]
+    client, _, version, flags = tiny_registry(tmp_path, scoring_bundle, incoming, champion=False)
+    flags += ["--catalog", str(tmp_path / "lake")]
     # only 'challenger' is set: the default champion URI is a clear error, nothing written
     assert main(["enrich", *flags]) == 2
     assert "has no 'champion' alias" in capsys.readouterr().err
     assert not (tmp_path / "lake" / "attributes").exists()
-    registry.set_alias(client, "tiny", "champion", registered.version)
+    registry.set_alias(client, "tiny", "champion", version)
     assert main(["enrich", *flags, "--partition", "ingest_date=2026-11-02", "--run-id", "cli-1"]) == 0
     out = capsys.readouterr().out
     assert "run cli-1: succeeded" in out and "model        tiny v1" in out

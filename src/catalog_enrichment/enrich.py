@@ -308,20 +308,10 @@ def run_enrichment(
         outcome.merge = merge
         _fault_point("after_merge")
         append_quarantine(quarantine_path, quarantine)
-        written = Counter(values["attribute"].to_pylist()) if values.num_rows else Counter()
-        with_value = (
-            Counter(
-                a
-                for _, a in {
-                    (p, a)
-                    for p, a in zip(
-                        values["product_id"].to_pylist(), values["attribute"].to_pylist(), strict=True
-                    )
-                }
-            )
-            if values.num_rows
-            else Counter()
-        )
+        written = Counter(values["attribute"].to_pylist())
+        # products with at least one value, per attribute (distinct (product, attribute) pairs)
+        pairs_written = values.group_by(["product_id", "attribute"]).aggregate([])
+        with_value = Counter(pairs_written["attribute"].to_pylist())
         report["written_per_attribute"] = {a.name: int(written.get(a.name, 0)) for a in policy.taxonomy}
         report["coverage_per_attribute"] = {
             a.name: with_value.get(a.name, 0) / good.num_rows if good.num_rows else 0.0
@@ -454,10 +444,11 @@ def backfill_partitions(
     reports_path = Path(cfg.catalog.table("run_reports"))
     from catalog_enrichment.catalog.reports import read_reports
 
+    all_reports = read_reports(reports_path)  # each run below only adds its own partition's report
     results: list[tuple[str, EnrichOutcome | None]] = []
     for i, day in enumerate(dates, start=1):
         scope = f"{column}={day}"
-        reports = [r for r in read_reports(reports_path) if r["partition"] == scope]
+        reports = [r for r in all_reports if r["partition"] == scope]
         done = any(r["status"] == "succeeded" and r["model_version"] == model.version for r in reports)
         if done and not force:
             say(

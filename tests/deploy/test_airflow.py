@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from catalog_enrichment.catalog.reports import report_for
-from tests.conftest import register_bundle, repo_root
+from tests.conftest import repo_root, tiny_registry
 
 DAGS = repo_root() / "deploy" / "airflow"
 AIRFLOW_PYTHON = os.environ.get("CATALOG_ENRICH_AIRFLOW_PYTHON", "")
@@ -83,14 +83,8 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_nightly_dag_runs_end_to_end(tmp_path: Path, incoming, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
-    from catalog_enrichment import registry
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = registry.configure_mlflow(uri)
-    version = register_bundle(
-        client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
-    ).version
-    registry.set_alias(client, "tiny", "champion", version)
+    _, uri, _, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
     config = tmp_path / "nightly.yaml"
     config.write_text(
         yaml.safe_dump(

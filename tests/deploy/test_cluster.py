@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pytest
 
 from catalog_enrichment.catalog.lakehouse import read_table
-from tests.conftest import register_bundle, repo_root
+from tests.conftest import repo_root, tiny_registry
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -136,33 +136,11 @@ def _model_rows(path: Path) -> list[tuple[str, str, str, float, float]]:
 def test_spark_submit_to_a_standalone_cluster_writes_what_local_mode_writes(  # type: ignore[no-untyped-def]
     cluster, tmp_path: Path, incoming, scoring_bundle, spark
 ) -> None:
-    from catalog_enrichment import registry
     from catalog_enrichment.cli import main
 
     master, work_dirs = cluster
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = registry.configure_mlflow(uri)
-    version = register_bundle(
-        client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
-    ).version
-    registry.set_alias(client, "tiny", "champion", version)
-    args = [
-        "--products",
-        str(incoming.products),
-        "--full",
-        "--run-id",
-        "same-run",
-        "--set",
-        f"mlflow.tracking_uri={uri}",
-        "--set",
-        "mlflow.registered_model=tiny",
-        "--set",
-        "inference.device=cpu",
-        "--set",
-        "validation.run_expectations=false",
-        "--set",
-        "spark.arrow_max_records_per_batch=256",
-    ]
+    _, _, _, flags = tiny_registry(tmp_path, scoring_bundle, incoming)
+    args = [*flags, "--full", "--run-id", "same-run", "--set", "spark.arrow_max_records_per_batch=256"]
     src = str(repo_root() / "src")
     env = {
         **os.environ,

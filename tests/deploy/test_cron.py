@@ -13,7 +13,7 @@ import pytest
 from catalog_enrichment.catalog.attributes import find_run_commit
 from catalog_enrichment.catalog.lakehouse import table_version
 from catalog_enrichment.catalog.reports import read_reports
-from tests.conftest import register_bundle, repo_root
+from tests.conftest import repo_root, tiny_registry
 
 WRAPPER = repo_root() / "deploy" / "cron" / "catalog-enrich-cron.sh"
 
@@ -53,30 +53,15 @@ def test_a_failing_job_exits_non_zero_and_logs_to_a_dated_file(tmp_path: Path) -
 def test_two_runs_at_once_never_overlap_and_nothing_is_written_twice(
     tmp_path: Path, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]
-    from catalog_enrichment import registry
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = registry.configure_mlflow(uri)
-    version = register_bundle(
-        client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
-    ).version
-    registry.set_alias(client, "tiny", "champion", version)
+    _, _, _, flags = tiny_registry(tmp_path, scoring_bundle, incoming)
     args = [
         "enrich",
         "--catalog",
         str(tmp_path / "lake"),
-        "--products",
-        str(incoming.products),
+        *flags,
         "--run-id",
         "nightly-1",
-        "--set",
-        f"mlflow.tracking_uri={uri}",
-        "--set",
-        "mlflow.registered_model=tiny",
-        "--set",
-        "inference.device=cpu",
-        "--set",
-        "validation.run_expectations=false",
         "--set",
         "spark.master=local[1]",
     ]

@@ -120,6 +120,36 @@ def runs_of_model_version(path: str | Path, model_version: str) -> list[tuple[in
     return sorted(runs, reverse=True)
 
 
+def _tagged(table: pa.Table, action: str) -> pa.Table:
+    return table.append_column("_action", pa.array([action] * table.num_rows, pa.string()))
+
+
+def _merge_model_rows(
+    path: str | Path, put: pa.Table, delete: pa.Table, metadata: dict[str, str]
+) -> dict[str, Any]:
+    """One MERGE commit on model rows only: ``put`` rows are updated or inserted, ``delete`` rows
+    removed; merchant rows are never matched for change. Returns deltalake's merge metrics."""
+    from deltalake import CommitProperties, DeltaTable
+
+    schema = attributes_schema()
+    source = pa.concat_tables([_tagged(put.cast(schema), "put"), _tagged(delete.cast(schema), "delete")])
+    columns = {c: f"s.{c}" for c in schema.names}
+    return dict(
+        DeltaTable(str(path))
+        .merge(
+            source,
+            predicate=_MERGE_ON,
+            source_alias="s",
+            target_alias="t",
+            commit_properties=CommitProperties(custom_metadata=metadata),
+        )
+        .when_matched_update(updates=columns, predicate="s._action = 'put' AND t.source = 'model'")
+        .when_matched_delete(predicate="s._action = 'delete' AND t.source = 'model'")
+        .when_not_matched_insert(updates=columns, predicate="s._action = 'put'")
+        .execute()
+    )
+
+
 @dataclass
 class MergeResult:
     """What a run's MERGE did; ``version`` is the committed table version (None: nothing to do)."""
@@ -172,7 +202,7 @@ def merge_run(
     ``values``: (product_id, attribute, value, confidence, threshold) of what clears the thresholds;
     ``scored``: (product_id, attribute) of every pair the run scored.
     """
-    from deltalake import CommitProperties, DeltaTable
+    from deltalake import DeltaTable
 
     ensure_attributes_table(path)
     committed = find_run_commit(path, run_id)
@@ -200,32 +230,15 @@ def merge_run(
             "written_at": pa.array([written_at] * n, schema.field("written_at").type),
         },
         schema=schema,
-    ).append_column("_action", pa.array(["upsert"] * n, pa.string()))
-    deletes = gone.cast(schema).append_column("_action", pa.array(["delete"] * gone.num_rows, pa.string()))
-    source = pa.concat_tables([upserts, deletes])
+    )
     skipped = _pairs(scored).num_rows - scored_pairs.num_rows if scored.num_rows else 0
-    if source.num_rows == 0:
+    if upserts.num_rows + gone.num_rows == 0:
         return MergeResult(None, merchant_pairs_skipped=skipped)
-    columns = {c: f"s.{c}" for c in schema.names}
-    metrics = (
-        DeltaTable(str(path))
-        .merge(
-            source,
-            predicate=_MERGE_ON,
-            source_alias="s",
-            target_alias="t",
-            commit_properties=CommitProperties(
-                custom_metadata={
-                    META_RUN_ID: run_id,
-                    META_OPERATION: "enrich",
-                    META_MODEL_VERSION: str(model_version),
-                }
-            ),
-        )
-        .when_matched_update(updates=columns, predicate="s._action = 'upsert' AND t.source = 'model'")
-        .when_matched_delete(predicate="s._action = 'delete' AND t.source = 'model'")
-        .when_not_matched_insert(updates=columns, predicate="s._action = 'upsert'")
-        .execute()
+    metrics = _merge_model_rows(
+        path,
+        upserts,
+        gone,
+        {META_RUN_ID: run_id, META_OPERATION: "enrich", META_MODEL_VERSION: str(model_version)},
     )
     return MergeResult(
         int(DeltaTable(str(path)).version()),
@@ -267,7 +280,7 @@ def rollback_run(path: str | Path, run_id: str) -> RollbackResult:
     Raises:
         CatalogEnrichError: the run never committed to this table, or was already rolled back.
     """
-    from deltalake import CommitProperties, DeltaTable
+    from deltalake import DeltaTable
 
     version = find_run_commit(path, run_id)
     if version is None:
@@ -305,29 +318,7 @@ def rollback_run(path: str | Path, run_id: str) -> RollbackResult:
     keep = pa.table({"product_id": [p for p, _ in restorable], "attribute": [a for _, a in restorable]})
     restore = _semi(before_model, keep, PAIR)
     drop = _semi(_semi(current_model, keep, PAIR), restore, KEY, anti=True)
-    source = pa.concat_tables(
-        [
-            restore.append_column("_action", pa.array(["restore"] * restore.num_rows, pa.string())),
-            drop.append_column("_action", pa.array(["delete"] * drop.num_rows, pa.string())),
-        ]
-    )
-    columns = {c: f"s.{c}" for c in schema.names}
-    (
-        DeltaTable(str(path))
-        .merge(
-            source,
-            predicate=_MERGE_ON,
-            source_alias="s",
-            target_alias="t",
-            commit_properties=CommitProperties(
-                custom_metadata={META_OPERATION: "rollback", META_ROLLBACK_OF: run_id}
-            ),
-        )
-        .when_matched_update(updates=columns, predicate="s._action = 'restore' AND t.source = 'model'")
-        .when_matched_delete(predicate="s._action = 'delete' AND t.source = 'model'")
-        .when_not_matched_insert(updates=columns, predicate="s._action = 'restore'")
-        .execute()
-    )
+    _merge_model_rows(path, restore, drop, {META_OPERATION: "rollback", META_ROLLBACK_OF: run_id})
     return RollbackResult(
         run_id,
         int(DeltaTable(str(path)).version()),

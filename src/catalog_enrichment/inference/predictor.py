@@ -40,6 +40,7 @@ __all__ = [
     "BatchPredictor",
     "PreparedBatch",
     "Scores",
+    "column_values",
     "score_columns",
 ]
 
@@ -76,7 +77,8 @@ class Scores:
     image_error: list[str | None]
 
 
-def _pylist(data: pa.RecordBatch | pa.Table | pd.DataFrame, name: str) -> list[Any]:
+def column_values(data: pa.RecordBatch | pa.Table | pd.DataFrame, name: str) -> list[Any]:
+    """A column as a Python list (Nones when the batch lacks it)."""
     n = data.num_rows if isinstance(data, pa.RecordBatch | pa.Table) else len(data)
     if isinstance(data, pa.RecordBatch | pa.Table):
         return data.column(name).to_pylist() if name in data.schema.names else [None] * n
@@ -152,7 +154,7 @@ class BatchPredictor:
         return PreparedBatch(inputs, errors)
 
     def _chunks(self, data: pa.RecordBatch | pa.Table | pd.DataFrame) -> Iterator[tuple[list[Any], ...]]:
-        cols = [_pylist(data, c) for c in ("title", "description", "image", "image_uri")]
+        cols = [column_values(data, c) for c in ("title", "description", "image", "image_uri")]
         n = len(cols[0])
         for start in range(0, n, self.batch_size):
             yield tuple(c[start : start + self.batch_size] for c in cols)

@@ -184,9 +184,10 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
 def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.RecordBatch:
     """Score one Arrow batch of valid products and return the decisions (``OUTPUT_SCHEMA``)."""
     from catalog_enrichment.inference.decide import merchant_attributes
+    from catalog_enrichment.inference.predictor import column_values
 
     scores = predictor.score_arrow(batch)
-    merchant = [merchant_attributes(m) for m in _column(batch, "merchant_attributes")]
+    merchant = [merchant_attributes(m) for m in column_values(batch, "merchant_attributes")]
     skip = np.array([e is not None for e in scores.image_error], bool)
     values, scored = policy.decide(scores.probs, merchant, skip)
     return pa.RecordBatch.from_arrays(
@@ -212,10 +213,6 @@ def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.Record
         ],
         schema=OUTPUT_SCHEMA,
     )
-
-
-def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
-    return batch.column(name).to_pylist() if name in batch.schema.names else [None] * batch.num_rows
 
 
 def spark_output_schema() -> Any:
