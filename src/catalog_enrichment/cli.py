@@ -276,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--repeats", type=int, metavar="R", default=3, help="runs per mode; medians reported (3)")
     bt.add_argument("--sweep", action="store_true", help="also run the job at 4k, 16k and 64k products")
     bt.add_argument(
+        "--block",
+        type=int,
+        metavar="N",
+        default=2048,
+        help="raw and predictor alternate in blocks of N products (default 2048)",
+    )
+    bt.add_argument(
         "--threads", type=int, metavar="T", help="torch threads for raw/predictor (default: cores)"
     )
     bt.add_argument("--out", metavar="FILE", default="bench-throughput.json", help="JSON output")
@@ -724,10 +731,16 @@ def _cmd_bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
         threads=args.threads,
         spark=_spark(cfg) if needs_spark else None,
         sweep=(4000, 16000, 64000) if args.sweep else (),
+        block=args.block,
     )
     text = json.dumps(result, indent=2, default=str)
     Path(args.out).write_text(text + "\n")
     keys = [k for k in result if k.endswith(("_per_second", "_ratio", "_share", "speedup"))]
+    if "predictor_ratio_per_run" in result:
+        print(
+            "paired predictor/raw per run: "
+            + ", ".join(f"{x:.3f}" for x in result["predictor_ratio_per_run"])
+        )
     print("\n".join(f"{k}: {result[k]:.3f}" for k in keys))
     print(f"wrote {args.out}")
     return 0

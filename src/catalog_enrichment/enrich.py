@@ -240,6 +240,8 @@ def run_enrichment(
             decode_threads=cfg.inference.decode_threads,
             torch_threads=cfg.inference.torch_threads,
             autocast=cfg.inference.autocast,
+            channels_last=cfg.inference.channels_last,
+            prepare_priority=cfg.inference.prepare_priority,
         )
         counters = ScoringCounters.create(spark)
         from pyspark.sql import functions as F

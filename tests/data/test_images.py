@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from catalog_enrichment.data.images import COLOR_RGB, ImageParts, decode_image, encode_image, render_product
 
@@ -32,8 +35,32 @@ def test_decode_real_images(fmt: str) -> None:
     ],
     ids=["none", "empty", "text", "corrupt-jpeg", "truncated-jpeg", "truncated-png"],
 )
-def test_bad_bytes_decode_to_none(data: bytes | None) -> None:
-    assert decode_image(data) is None
+@pytest.mark.parametrize("size", [None, 96], ids=["native", "model-size"])
+def test_bad_bytes_decode_to_none(data: bytes | None, size: int | None) -> None:
+    # at the model's size JPEGs take the libjpeg-turbo path first; bad bytes still come back None
+    assert decode_image(data, size) is None
+
+
+def test_the_fast_jpeg_path_gives_pils_pixels_and_pil_decides_what_it_cannot() -> None:
+    image = render_product(ImageParts("dress", ("red",), "solid", ("silk",)), np.random.default_rng(0))
+    rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
+    jpeg = encode_image(rgb)
+    pil = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    assert np.array_equal(decode_image(jpeg, 96), pil)  # type: ignore[arg-type]  # same pixels, not close ones
+    # grayscale and CMYK JPEGs (libjpeg-turbo cannot turn CMYK into RGB) come back as RGB
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buf, format="JPEG")
+        pixels = decode_image(buf.getvalue(), 96)
+        assert pixels is not None and pixels.shape == (96, 96, 3)
+    # a large photo is decoded at a reduced DCT scale, then resized: close to a full decode + resize
+    big = Image.fromarray(rgb).resize((400, 400), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=95)
+    full = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((96, 96)), np.float64)
+    drafted = decode_image(buf.getvalue(), 96)
+    assert drafted is not None and drafted.shape == (96, 96, 3)
+    assert np.abs(drafted - full).mean() < 4.0
 
 
 def test_two_color_product_is_split_top_and_bottom() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,46 @@ def test_image_problems_are_reported_per_row_never_silently_scored(bundle, produ
     # the same image inline or by URI scores the same
     np.testing.assert_allclose(scores.probs["color"][0], scores.probs["color"][5], atol=1e-6)
     assert scores.probs["color"].shape == (7, len(bundle.taxonomy["color"].values))
+
+
+@pytest.mark.slow
+def test_a_stream_of_batches_scores_each_batch_as_on_its_own(bundle, products) -> None:  # type: ignore[no-untyped-def]
+    good = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
+    parts = [good.slice(0, 70), good.slice(70, 0), good.slice(70, 1), good.slice(71, 130)]
+    predictor = BatchPredictor(bundle, batch_size=32, decode_threads=2)
+    streamed = list(predictor.score_stream(parts))
+    assert [len(s.image_error) for _, s in streamed] == [70, 0, 1, 130]
+    for (part, scores), original in zip(streamed, parts, strict=True):
+        assert part is original
+        alone = BatchPredictor(bundle, batch_size=32).score_arrow(part)
+        for attr in bundle.taxonomy.names:
+            np.testing.assert_allclose(scores.probs[attr], alone.probs[attr], atol=1e-5)
+
+
+def test_the_fast_tokenizer_path_gives_the_transformers_call_s_ids(bundle) -> None:  # type: ignore[no-untyped-def]
+    collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
+    assert collator._backend is not None  # a fast tokenizer takes the backend path
+    titles = ["red cotton shirt " * 40, "x", "", "Blue DENIM jeans, ünïcode ✓ [SEP]", "a b c"]
+    descriptions = ["", "long description " * 60, "only a description", "short", "also " * 50]
+    fast = collator.tokenize(titles, descriptions)
+    slow = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
+    slow._backend = None  # the transformers call
+    expected = slow.tokenize(titles, descriptions)
+    assert fast["input_ids"].shape[1] == bundle.model_config.text.max_length  # truncated pairs
+    for key, value in expected.items():
+        assert torch.equal(fast[key], value), key
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policy")
+def test_prepare_threads_run_at_idle_priority_unless_told_otherwise(bundle, products) -> None:  # type: ignore[no-untyped-def]
+    def policy_of(predictor: BatchPredictor) -> int:
+        list(predictor.prepared(products.slice(0, 8)))  # starts the pool
+        assert predictor._pool is not None
+        return predictor._pool.submit(lambda: os.sched_getscheduler(threading.get_native_id())).result()
+
+    assert policy_of(BatchPredictor(bundle)) == os.SCHED_IDLE
+    assert policy_of(BatchPredictor(bundle, prepare_priority="normal")) == os.SCHED_OTHER
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER  # the caller is untouched
 
 
 def test_a_batch_without_titles_is_a_contract_error(bundle) -> None:  # type: ignore[no-untyped-def]

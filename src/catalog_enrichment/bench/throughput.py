@@ -9,7 +9,9 @@ In one run, on the same model, device and number of threads:
 * ``job``: the whole enrichment run from reading the products table to the committed MERGE and
   the run report, excluding only JVM start-up (the SparkSession exists before the clock starts).
 
-``predictor_ratio`` = predictor / raw and ``job_ratio`` = job / raw (products per second). Peak RSS
+``predictor_ratio`` = predictor / raw and ``job_ratio`` = job / raw (medians of products per
+second). ``raw`` and ``predictor`` are measured in alternating blocks of the same products so that a
+shared machine's drifting speed does not land on one of them only. Peak RSS
 is sampled for the driver and for each Python worker during the job. ``--sweep`` runs the job at
 4k, 16k and 64k products for time per product and peak worker memory.
 """
@@ -30,7 +32,7 @@ import pyarrow as pa
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 
-__all__ = ["make_products", "measure_predictor", "measure_raw", "run_throughput_benchmark"]
+__all__ = ["make_products", "measure_paired", "measure_predictor", "measure_raw", "run_throughput_benchmark"]
 
 Say = Callable[[str], None]
 
@@ -66,8 +68,8 @@ def measure_raw(predictor: Any, table: pa.Table, *, warmup: int = 2) -> dict[str
 
 
 def measure_predictor(predictor: Any, policy: Any, table: pa.Table, *, arrow_batch: int) -> dict[str, float]:
-    """What one Spark task does per Arrow batch: score + decide (``inference.spark.score_batch``)."""
-    from catalog_enrichment.inference.spark import score_batch
+    """What one Spark task does with its Arrow batches: score + decide (``inference.spark.score_batches``)."""
+    from catalog_enrichment.inference.spark import score_batch, score_batches
 
     forward_seconds = 0.0
     original = predictor.forward
@@ -86,8 +88,8 @@ def measure_predictor(predictor: Any, policy: Any, table: pa.Table, *, arrow_bat
         )  # warm-up
         forward_seconds = 0.0
         started = time.perf_counter()
-        for batch in table.to_batches(max_chunksize=arrow_batch):
-            score_batch(predictor, policy, batch)
+        for _ in score_batches(predictor, policy, table.to_batches(max_chunksize=arrow_batch)):
+            pass
         seconds = time.perf_counter() - started
     finally:
         predictor.forward = original
@@ -96,6 +98,40 @@ def measure_predictor(predictor: Any, policy: Any, table: pa.Table, *, arrow_bat
         "products_per_second": table.num_rows / seconds,
         "forward_share": forward_seconds / seconds,
     }
+
+
+def measure_paired(
+    predictor: Any, policy: Any, table: pa.Table, *, arrow_batch: int, block: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``raw`` and ``predictor`` over the same products, alternating in blocks of ``block`` products.
+
+    A shared virtual machine's speed drifts by +-15 % over seconds; measuring the two modes in
+    alternating blocks (raw first on even blocks, predictor first on odd ones) lets both see the same
+    machine, so their ratio holds still while the absolute figures move. Each block restarts the
+    predictor's pipeline (its first batch is prepared with the model idle), a small cost counted
+    against the predictor.
+    """
+    raw = {"seconds": 0.0}
+    pred = {"seconds": 0.0, "forward_seconds": 0.0}
+    for k, start in enumerate(range(0, table.num_rows, block)):
+        part = table.slice(start, block)
+        order = ("raw", "predictor") if k % 2 == 0 else ("predictor", "raw")
+        for mode in order:
+            if mode == "raw":
+                raw["seconds"] += measure_raw(predictor, part)["seconds"]
+            else:
+                run = measure_predictor(predictor, policy, part, arrow_batch=arrow_batch)
+                pred["seconds"] += run["seconds"]
+                pred["forward_seconds"] += run["forward_share"] * run["seconds"]
+    n = table.num_rows
+    return (
+        {"seconds": raw["seconds"], "products_per_second": n / raw["seconds"]},
+        {
+            "seconds": pred["seconds"],
+            "products_per_second": n / pred["seconds"],
+            "forward_share": pred["forward_seconds"] / pred["seconds"],
+        },
+    )
 
 
 class _RssSampler:
@@ -176,6 +212,8 @@ def _load(bundle_dir: Path, taxonomy: Taxonomy, cfg: AppConfig, device: str, aut
         batch_size=cfg.inference.batch_size,
         decode_threads=cfg.inference.decode_threads,
         autocast=autocast,
+        channels_last=cfg.inference.channels_last,
+        prepare_priority=cfg.inference.prepare_priority,
     )
     return _Model(predictor, DecisionPolicy(bundle.taxonomy, bundle.calibration, taxonomy))
 
@@ -197,9 +235,14 @@ def run_throughput_benchmark(
     threads: int | None = None,
     spark: Any = None,
     sweep: Sequence[int] = (),
+    block: int = 2048,
     progress: Say | None = None,
 ) -> dict[str, Any]:
-    """Measure the modes ``repeats`` times each (interleaved) and report medians and ratios."""
+    """Measure the modes ``repeats`` times each and report medians and ratios.
+
+    ``raw`` and ``predictor`` run paired (:func:`measure_paired`, blocks of ``block`` products);
+    the job runs after them in each repeat.
+    """
     import torch
 
     say = progress or (lambda m: print(m, flush=True))
@@ -226,19 +269,30 @@ def run_throughput_benchmark(
         table_path = workdir / f"products-{products}"
         if not table_path.exists():
             write_table(table_path, table, partition_by=["ingest_date"])
+    arrow_batch = cfg.spark.arrow_max_records_per_batch
+    paired = "raw" in modes and "predictor" in modes
+    if paired:
+        result["paired_block"] = block
     for r in range(repeats):
+        runs: dict[str, dict[str, Any]] = {}
+        if paired:
+            runs["raw"], runs["predictor"] = measure_paired(
+                loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch, block=block
+            )
         for mode in modes:
-            if mode == "raw":
-                run = measure_raw(loaded.predictor, table)
+            if mode in runs:
+                pass
+            elif mode == "raw":
+                runs[mode] = measure_raw(loaded.predictor, table)
             elif mode == "predictor":
-                run = measure_predictor(
-                    loaded.predictor, loaded.policy, table, arrow_batch=cfg.spark.arrow_max_records_per_batch
+                runs[mode] = measure_predictor(
+                    loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch
                 )
             else:
                 assert spark is not None and table_path is not None
-                run = measure_job(spark, cfg, taxonomy, model, table_path, workdir)
-            result["runs"][mode].append(run)
-            rate, secs = run["products_per_second"], run["seconds"]
+                runs[mode] = measure_job(spark, cfg, taxonomy, model, table_path, workdir)
+            result["runs"][mode].append(runs[mode])
+            rate, secs = runs[mode]["products_per_second"], runs[mode]["seconds"]
             say(f"  run {r + 1}/{repeats} {mode:<9} {rate:8.1f} products/s ({secs:.1f}s)")
     medians = {m: _median(result["runs"][m]) for m in modes}
     result.update({f"{m}_products_per_second": v for m, v in medians.items()})
@@ -246,6 +300,11 @@ def run_throughput_benchmark(
         for m in ("predictor", "job"):
             if m in medians:
                 result[f"{m}_ratio"] = medians[m] / medians["raw"]
+    if paired:
+        result["predictor_ratio_per_run"] = [
+            p["products_per_second"] / r["products_per_second"]
+            for r, p in zip(result["runs"]["raw"], result["runs"]["predictor"], strict=True)
+        ]
     if "predictor" in modes:
         result["predictor_forward_share"] = _median(result["runs"]["predictor"], "forward_share")
     if "job" in modes:
@@ -257,13 +316,13 @@ def run_throughput_benchmark(
         )
     if device != "cpu" and "predictor" in modes:
         fp32 = _load(model.bundle_dir, taxonomy, cfg, device, autocast=False)
-        runs = [
+        fp32_runs = [
             measure_predictor(
                 fp32.predictor, fp32.policy, table, arrow_batch=cfg.spark.arrow_max_records_per_batch
             )
             for _ in range(repeats)
         ]
-        result["predictor_fp32_products_per_second"] = _median(runs)
+        result["predictor_fp32_products_per_second"] = _median(fp32_runs)
         result["bf16_speedup"] = medians["predictor"] / result["predictor_fp32_products_per_second"]
     if sweep:
         result["sweep"] = []

@@ -222,6 +222,28 @@ def image_to_tensor(data: bytes | None, size: int) -> tuple[torch.Tensor, bool]:
     return (tensor - _MEAN) / _STD, True
 
 
+def _padded_backend(tokenizer: Any, max_length: int) -> Any:
+    """A copy of a fast tokenizer's Rust backend that truncates pairs and pads batches like
+    ``tokenizer(a, b, padding=True, truncation="longest_first", max_length=max_length)``; None for
+    a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.enable_truncation(
+        max_length, strategy="longest_first", direction=getattr(tokenizer, "truncation_side", "right")
+    )
+    copy.enable_padding(
+        direction=getattr(tokenizer, "padding_side", "right"),
+        pad_id=tokenizer.pad_token_id,
+        pad_type_id=getattr(tokenizer, "pad_token_type_id", 0),
+        pad_token=tokenizer.pad_token,
+    )
+    return copy
+
+
 class ProductDataset(Dataset[dict[str, Any]]):
     """Items of a subset of products: texts, the image (decoded on access) and the labels."""
 
@@ -257,13 +279,27 @@ class ProductDataset(Dataset[dict[str, Any]]):
 
 
 class Collator:
-    """Batches items: one fast-tokenizer call for the whole batch, stacked images and labels."""
+    """Batches items: one fast-tokenizer call for the whole batch, stacked images and labels.
+
+    A fast (Rust) tokenizer is called through its ``tokenizers`` backend with truncation and padding
+    set once: the same ids as ``tokenizer(titles, descriptions, ...)`` at under half the cost, which
+    matters when tokenizing sits beside the forward pass on a CPU. Slow tokenizers take the
+    ``transformers`` call.
+    """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self._backend = _padded_backend(tokenizer, max_length)
 
     def tokenize(self, titles: list[str], descriptions: list[str]) -> dict[str, torch.Tensor]:
+        if self._backend is not None:
+            encodings = self._backend.encode_batch_fast(list(zip(titles, descriptions, strict=True)))
+            return {
+                "input_ids": torch.from_numpy(np.array([e.ids for e in encodings], np.int64)),
+                "attention_mask": torch.from_numpy(np.array([e.attention_mask for e in encodings], np.int64)),
+                "token_type_ids": torch.from_numpy(np.array([e.type_ids for e in encodings], np.int64)),
+            }
         enc = self.tokenizer(
             titles,
             descriptions,

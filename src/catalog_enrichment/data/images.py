@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageChops, ImageDraw
 
 __all__ = [
@@ -386,11 +387,22 @@ def decode_image(data: bytes | None, size: int | None = None) -> np.ndarray | No
 
     Empty, truncated and corrupt bytes all return ``None`` (never raise): the caller decides whether
     that quarantines the row or scores it as a product without an image.
+
+    JPEGs already at the model's size go through libjpeg-turbo (``simplejpeg``: about 3x faster than
+    PIL on small images, the same pixels); everything else, and any JPEG libjpeg-turbo rejects,
+    through PIL, which has the last word on what is an image. PIL decodes large JPEGs at a reduced
+    DCT scale (``draft``) before the resize, so an 800 px photo costs little more than a thumbnail.
     """
     if not data:
         return None
+    if size is not None and data[:3] == b"\xff\xd8\xff":
+        fast = _decode_jpeg(data, size)
+        if fast is not None:
+            return fast
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if size is not None and image.format == "JPEG":
+                image.draft("RGB", (size, size))
             image.load()
             rgb = image.convert("RGB")
     except Exception:  # PIL raises many types for bad data: UnidentifiedImageError, OSError, ...
@@ -398,3 +410,14 @@ def decode_image(data: bytes | None, size: int | None = None) -> np.ndarray | No
     if size is not None and rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb)
+
+
+def _decode_jpeg(data: bytes, size: int) -> np.ndarray | None:
+    """A ``size`` x ``size`` JPEG through libjpeg-turbo, or None (other size, not decodable here)."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        if (height, width) != (size, size):
+            return None
+        return simplejpeg.decode_jpeg(data, "RGB", strict=True)
+    except ValueError:  # corrupt, truncated, CMYK, ...: PIL decides
+        return None

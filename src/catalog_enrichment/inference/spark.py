@@ -16,7 +16,7 @@ the progress line and the test that proves one load per worker.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,8 @@ class ScoringSpec:
     decode_threads: int = 2
     torch_threads: int | None = None
     autocast: bool = True
+    channels_last: bool = True
+    prepare_priority: str = "idle"
 
 
 class _PidCounts:
@@ -154,7 +156,16 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
         threads = spec.torch_threads or (ctx.cpus() if ctx is not None else None) or 1
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    key = (spec.bundle_name, spec.bundle_path, device, spec.batch_size, spec.decode_threads, spec.autocast)
+    key = (
+        spec.bundle_name,
+        spec.bundle_path,
+        device,
+        spec.batch_size,
+        spec.decode_threads,
+        spec.autocast,
+        spec.channels_last,
+        spec.prepare_priority,
+    )
     state = _WORKER_CACHE.get(key)
     if state is None:
         if spec.bundle_path is not None:
@@ -170,6 +181,8 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
             batch_size=spec.batch_size,
             decode_threads=spec.decode_threads,
             autocast=spec.autocast,
+            channels_last=spec.channels_last,
+            prepare_priority=spec.prepare_priority,
         )
         policy = DecisionPolicy(
             bundle.taxonomy, bundle.calibration, Taxonomy.from_dict(spec.allowed_taxonomy, source="config")
@@ -181,12 +194,25 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
     return state
 
 
+def score_batches(predictor: Any, policy: Any, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Score a stream of Arrow batches of valid products; the decisions per batch (``OUTPUT_SCHEMA``).
+
+    This is a Spark task's whole loop: one preparation pipeline runs ahead across the batches.
+    """
+    for batch, scores in predictor.score_stream(b for b in batches if b.num_rows):
+        yield decide_batch(policy, batch, scores)
+
+
 def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.RecordBatch:
     """Score one Arrow batch of valid products and return the decisions (``OUTPUT_SCHEMA``)."""
+    return decide_batch(policy, batch, predictor.score_arrow(batch))
+
+
+def decide_batch(policy: Any, batch: pa.RecordBatch, scores: Any) -> pa.RecordBatch:
+    """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``)."""
     from catalog_enrichment.inference.decide import merchant_attributes
     from catalog_enrichment.inference.predictor import column_values
 
-    scores = predictor.score_arrow(batch)
     merchant = [merchant_attributes(m) for m in column_values(batch, "merchant_attributes")]
     skip = np.array([e is not None for e in scores.image_error], bool)
     values, scored = policy.decide(scores.probs, merchant, skip)
@@ -227,12 +253,9 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
 
     def score_partition(iterator: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         predictor, policy = _worker_state(spec, loads)
-        for batch in iterator:
-            if batch.num_rows == 0:
-                continue
-            out = score_batch(predictor, policy, batch)
+        for out in score_batches(predictor, policy, iterator):
             batches.add(1)
-            products.add(batch.num_rows)
+            products.add(out.num_rows)
             yield out
 
     present = [c for c in SCORING_INPUT if c in valid.columns]
