@@ -61,6 +61,12 @@ class SparkConfig(_Section):
     arrow_max_records_per_batch: int = Field(
         512, gt=0, description="Rows per Arrow batch handed to Python (images make rows large)."
     )
+    score_partitions_per_core: int = Field(
+        4,
+        ge=0,
+        description="Spread the valid rows over this many partitions per core before scoring "
+        "(hashed on product_id), so no core idles at the end of the stage; 0 = keep the file splits.",
+    )
     conf: dict[str, str] = Field(
         default_factory=dict, description="Extra spark.* settings, passed through verbatim."
     )

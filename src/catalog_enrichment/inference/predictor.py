@@ -102,8 +102,8 @@ def _idle_priority() -> None:
     On a CPU-only machine the forward pass's threads and the decode threads share the cores. The
     forward pass leaves gaps (single-threaded ops, thread hand-offs); an idle-priority decode thread
     runs in them and is preempted the moment a forward thread wakes. Measured on the 2-core machine
-    (paired blocks, ``docs/benchmarks.md``): predictor/raw 0.95 with idle priority against 0.89 at
-    normal priority (nice 0) and 0.91 at nice 19. Where the OS has no such policy, nothing changes.
+    (paired blocks, ``docs/benchmarks.md``): predictor/raw 0.95-0.96 with idle priority against
+    0.89-0.91 at normal priority and 0.91 at nice 19. Where the OS has no such policy, nothing changes.
     """
     import threading
 
