@@ -215,8 +215,8 @@ class InferenceConfig(_Section):
     )
     prepare_priority: Literal["idle", "normal"] = Field(
         "idle",
-        description="CPU priority of the decode threads: 'idle' (Linux SCHED_IDLE) lets the forward "
-        "pass's threads go first on a CPU-only machine.",
+        description="CPU priority of the decode threads when the model runs on the CPU: 'idle' "
+        "(Linux SCHED_IDLE) lets the forward pass's threads go first. GPU scoring always uses normal.",
     )
 
 

@@ -215,7 +215,10 @@ class BatchPredictor:
             self._pool = ThreadPoolExecutor(
                 self.decode_threads,
                 thread_name_prefix="prepare",
-                initializer=_idle_priority if self.prepare_priority == "idle" else None,
+                # on a GPU the forward pass leaves the CPU to the decode threads: no need to yield
+                initializer=_idle_priority
+                if self.prepare_priority == "idle" and self.device.type == "cpu"
+                else None,
             )
         ahead: deque[tuple[Data, bool, Future[PreparedBatch] | None]] = deque()
         for data, last, chunk in self._chunks(batches):
