@@ -4,8 +4,10 @@ One call of :func:`run_enrichment` is one run with one run id:
 
 1. **read** the products (partition filter; incremental: only ``updated_at`` past the watermark of
    the last succeeded run over the same scope, unless ``full``);
-2. **validate** every row against the contract's rules (Spark expressions) and the Great
-   Expectations suite; the circuit breaker aborts before any write when too many rows fail;
+2. **validate** every row against the contract's rules (Spark expressions); the circuit breaker
+   aborts before any write when too many rows fail. The Great Expectations suite (it reports, the
+   row rules decide) runs in a background thread beside the scoring stage and is joined before
+   anything is written;
 3. **score** the valid rows with ``mapInArrow`` (model loaded once per Python worker) and
    **decide** in the same pass (thresholds, taxonomy, merchant-filled attributes);
 4. **stage** the decisions as Parquet under ``<catalog.root>/_staging/<run id>``;
@@ -19,6 +21,7 @@ and the CLI create those).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -29,6 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +141,15 @@ def check_model_fits(bundle_dir: Path, taxonomy: Taxonomy) -> DecisionPolicy:
     return DecisionPolicy(model_taxonomy, calibration, taxonomy)
 
 
+def _beside(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``fn(*args)`` in a background thread (Spark takes jobs from several threads at once)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="expectations")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _spread(valid: Any, spark: Any, cfg: AppConfig) -> Any:
     """The rows to score in ``score_partitions_per_core`` x cores even partitions.
 
@@ -208,6 +221,7 @@ def run_enrichment(
         "stage_seconds": stages,
     }
     summary: dict[str, Any] = {}
+    expectations: Future[dict[str, Any]] | None = None
 
     def stage(name: str, t0: float) -> float:
         stages[name] = round(time.perf_counter() - t0, 3)
@@ -236,11 +250,16 @@ def run_enrichment(
             say("  nothing to enrich: no new or changed products")
             report.update(status="succeeded", watermark=since)
             return _finish(outcome, reports_path, client, cfg, started_at, clock, say)
-        if cfg.validation.run_expectations:
-            summary = run_suite(df, rules)
-        report["validation_summary"] = json.dumps({**summary, "row_rules": counts.per_rule})
+        # The GX suite only reports (the row rules decide): it runs beside the scoring stage, whose
+        # tail leaves a core free, and is joined before anything is written.
+        expectations = _beside(run_suite, df, rules) if cfg.validation.run_expectations else None
+        report["validation_summary"] = json.dumps({"row_rules": counts.per_rule})
         say(f"  validated {counts.rows_read:,} rows: {counts.rows_invalid:,} invalid ({counts.top_rules()})")
-        check_breaker(counts, cfg.validation.max_invalid_fraction)
+        try:
+            check_breaker(counts, cfg.validation.max_invalid_fraction)
+        except CircuitBreakerTripped:
+            summary = expectations.result() if expectations else {}
+            raise
         t = stage("validate", t)
 
         # 3. score + decide, 4. stage
@@ -272,6 +291,10 @@ def run_enrichment(
         outcome.arrow_batches = int(counters.batches.value)
         scored = ds.dataset(str(staging / "scores"), format="parquet").to_table()
         t = stage("score", t)
+        if expectations is not None:
+            summary = expectations.result()
+            stages["validate"] = round(stages["validate"] + time.perf_counter() - t, 3)  # what was left
+            t = time.perf_counter()
 
         image_errors = scored.filter(pc.is_valid(scored["image_error"]))
         image_reasons = dict(
@@ -348,6 +371,9 @@ def run_enrichment(
         _finish(outcome, reports_path, client, cfg, started_at, clock, say)
         raise
     except BaseException as exc:
+        if expectations is not None and not expectations.done():
+            with contextlib.suppress(Exception):  # leave no Spark job of this run behind
+                expectations.result()
         if report["status"] != "succeeded":
             report["status"] = "failed"
             info = json.loads(report.get("validation_summary") or "{}")

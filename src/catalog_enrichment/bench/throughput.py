@@ -300,6 +300,12 @@ def run_throughput_benchmark(
         for m in ("predictor", "job"):
             if m in medians:
                 result[f"{m}_ratio"] = medians[m] / medians["raw"]
+    if "raw" in modes and "job" in modes:
+        # each job run against the raw run just before it (the machine's speed drifts)
+        result["job_ratio_per_run"] = [
+            j["products_per_second"] / r["products_per_second"]
+            for r, j in zip(result["runs"]["raw"], result["runs"]["job"], strict=True)
+        ]
     if paired:
         result["predictor_ratio_per_run"] = [
             p["products_per_second"] / r["products_per_second"]
