@@ -258,7 +258,10 @@ def run_enrichment(
         try:
             check_breaker(counts, cfg.validation.max_invalid_fraction)
         except CircuitBreakerTripped:
-            summary = expectations.result() if expectations else {}
+            try:  # the aborted run's report still carries the suite's results
+                summary = expectations.result() if expectations else {}
+            except Exception as gx_error:  # ... or why there are none; the abort is what matters
+                summary = {"expectations_error": f"{type(gx_error).__name__}: {gx_error}"[:2000]}
             raise
         t = stage("validate", t)
 
