@@ -32,7 +32,9 @@ except ImportError:  # Airflow 2.x
 SUBMIT = "{{ var.value.get('catalog_enrich_submit', '%s') }}" % os.environ.get(
     "CATALOG_ENRICH_SUBMIT", "catalog-enrich"
 )
-CLI = "{{ var.value.get('catalog_enrich_cli', '%s') }}" % os.environ.get("CATALOG_ENRICH_CLI", "catalog-enrich")
+CLI = "{{ var.value.get('catalog_enrich_cli', '%s') }}" % os.environ.get(
+    "CATALOG_ENRICH_CLI", "catalog-enrich"
+)
 RUN_ID = "nightly-{{ ds }}"
 
 
@@ -41,8 +43,11 @@ def alert(context: dict[str, Any]) -> None:
     ti = context.get("task_instance")
     logging.getLogger("catalog_enrichment.alerts").error(
         "ALERT catalog-enrichment: task %s of %s failed for %s (try %s); run id %s",
-        getattr(ti, "task_id", "?"), getattr(ti, "dag_id", "?"), context.get("ds"),
-        getattr(ti, "try_number", "?"), f"nightly-{context.get('ds')}",
+        getattr(ti, "task_id", "?"),
+        getattr(ti, "dag_id", "?"),
+        context.get("ds"),
+        getattr(ti, "try_number", "?"),
+        f"nightly-{context.get('ds')}",
     )
 
 
@@ -54,16 +59,24 @@ DEFAULTS: dict[str, Any] = {
     "on_failure_callback": alert,
 }
 
-with DAG(
-    dag_id="catalog_enrichment_nightly",
-    description="Enrich the day's new products with the champion model",
-    schedule="15 2 * * *",
-    start_date=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
-    catchup=False,
-    max_active_runs=1,
-    dagrun_timeout=dt.timedelta(hours=6),
-    default_args=DEFAULTS,
-    tags=["catalog-enrichment"],
+
+def _dag(dag_id: str, description: str, schedule: str, timeout_hours: int) -> DAG:
+    """One DAG of this project: no catch-up, one run at a time, the shared retries and alert."""
+    return DAG(
+        dag_id=dag_id,
+        description=description,
+        schedule=schedule,
+        start_date=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+        catchup=False,
+        max_active_runs=1,
+        dagrun_timeout=dt.timedelta(hours=timeout_hours),
+        default_args=DEFAULTS,
+        tags=["catalog-enrichment"],
+    )
+
+
+with _dag(
+    "catalog_enrichment_nightly", "Enrich the day's new products with the champion model", "15 2 * * *", 6
 ) as nightly:
     enrich = BashOperator(
         task_id="enrich",
@@ -87,16 +100,8 @@ with DAG(
     enrich >> check_report >> report_failure
     enrich >> report_failure
 
-with DAG(
-    dag_id="catalog_enrichment_weekly",
-    description="Train a challenger, then the promotion gate",
-    schedule="0 3 * * 0",
-    start_date=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
-    catchup=False,
-    max_active_runs=1,
-    dagrun_timeout=dt.timedelta(hours=12),
-    default_args=DEFAULTS,
-    tags=["catalog-enrichment"],
+with _dag(
+    "catalog_enrichment_weekly", "Train a challenger, then the promotion gate", "0 3 * * 0", 12
 ) as weekly:
     train = BashOperator(
         task_id="train", bash_command=f"{SUBMIT} train", execution_timeout=dt.timedelta(hours=8)

@@ -736,15 +736,12 @@ def _cmd_bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     text = json.dumps(result, indent=2, default=str)
     Path(args.out).write_text(text + "\n")
     keys = [k for k in result if k.endswith(("_per_second", "_ratio", "_share", "speedup"))]
-    if "job_ratio_per_run" in result:
-        print(
-            "job/raw per run (raw just before): " + ", ".join(f"{x:.3f}" for x in result["job_ratio_per_run"])
-        )
-    if "predictor_ratio_per_run" in result:
-        print(
-            "paired predictor/raw per run: "
-            + ", ".join(f"{x:.3f}" for x in result["predictor_ratio_per_run"])
-        )
+    for key, label in (
+        ("job", "job/raw per run (raw just before)"),
+        ("predictor", "paired predictor/raw per run"),
+    ):
+        if f"{key}_ratio_per_run" in result:
+            print(f"{label}: " + ", ".join(f"{x:.3f}" for x in result[f"{key}_ratio_per_run"]))
     print("\n".join(f"{k}: {result[k]:.3f}" for k in keys))
     print(f"wrote {args.out}")
     return 0

@@ -111,26 +111,20 @@ def measure_paired(
     predictor's pipeline (its first batch is prepared with the model idle), a small cost counted
     against the predictor.
     """
-    raw = {"seconds": 0.0}
-    pred = {"seconds": 0.0, "forward_seconds": 0.0}
+    raw = pred = forward = 0.0
     for k, start in enumerate(range(0, table.num_rows, block)):
         part = table.slice(start, block)
-        order = ("raw", "predictor") if k % 2 == 0 else ("predictor", "raw")
-        for mode in order:
+        for mode in ("raw", "predictor") if k % 2 == 0 else ("predictor", "raw"):
             if mode == "raw":
-                raw["seconds"] += measure_raw(predictor, part)["seconds"]
+                raw += measure_raw(predictor, part)["seconds"]
             else:
                 run = measure_predictor(predictor, policy, part, arrow_batch=arrow_batch)
-                pred["seconds"] += run["seconds"]
-                pred["forward_seconds"] += run["forward_share"] * run["seconds"]
+                pred += run["seconds"]
+                forward += run["forward_share"] * run["seconds"]
     n = table.num_rows
     return (
-        {"seconds": raw["seconds"], "products_per_second": n / raw["seconds"]},
-        {
-            "seconds": pred["seconds"],
-            "products_per_second": n / pred["seconds"],
-            "forward_share": pred["forward_seconds"] / pred["seconds"],
-        },
+        {"seconds": raw, "products_per_second": n / raw},
+        {"seconds": pred, "products_per_second": n / pred, "forward_share": forward / pred},
     )
 
 
@@ -281,7 +275,7 @@ def run_throughput_benchmark(
             )
         for mode in modes:
             if mode in runs:
-                pass
+                pass  # measured paired above
             elif mode == "raw":
                 runs[mode] = measure_raw(loaded.predictor, table)
             elif mode == "predictor":

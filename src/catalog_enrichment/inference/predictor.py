@@ -80,18 +80,22 @@ class Scores:
     image_error: list[str | None]
 
 
-def column_values(data: pa.RecordBatch | pa.Table | pd.DataFrame, name: str) -> list[Any]:
+def _names(data: Data) -> list[str]:
+    return data.schema.names if isinstance(data, pa.RecordBatch | pa.Table) else list(data.columns)
+
+
+def column_values(data: Data, name: str) -> list[Any]:
     """A column as a Python list (Nones when the batch lacks it)."""
-    n = data.num_rows if isinstance(data, pa.RecordBatch | pa.Table) else len(data)
+    if name not in _names(data):
+        return [None] * (data.num_rows if isinstance(data, pa.RecordBatch | pa.Table) else len(data))
     if isinstance(data, pa.RecordBatch | pa.Table):
-        return data.column(name).to_pylist() if name in data.schema.names else [None] * n
-    return data[name].tolist() if name in data.columns else [None] * n
+        return data.column(name).to_pylist()
+    return data[name].tolist()  # type: ignore[no-any-return]
 
 
 def _checked(batches: Iterable[Data]) -> Iterator[Data]:
     for data in batches:
-        names = data.schema.names if isinstance(data, pa.RecordBatch | pa.Table) else list(data.columns)
-        if "title" not in names:
+        if "title" not in _names(data):
             raise ContractError(f"input batch lacks column 'title'; expected {list(INPUT_COLUMNS)}")
         yield data
 
@@ -185,10 +189,8 @@ class BatchPredictor:
         )
         # (x / 255 - 0.5) / 0.25 as training normalises, in the decoded (N, H, W, C) order: the
         # (N, C, H, W) view of it is a channels-last tensor, the layout the model runs in
-        image = torch.from_numpy(pixels).float().mul_(1.0 / _STD).sub_(_MEAN / _STD)
-        inputs["pixel_values"] = image.permute(0, 3, 1, 2)
-        if not self.channels_last:
-            inputs["pixel_values"] = inputs["pixel_values"].contiguous()
+        image = torch.from_numpy(pixels).float().mul_(1.0 / _STD).sub_(_MEAN / _STD).permute(0, 3, 1, 2)
+        inputs["pixel_values"] = image if self.channels_last else image.contiguous()
         inputs["image_present"] = torch.from_numpy(present)
         if self.device.type == "cuda":
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
@@ -221,14 +223,17 @@ class BatchPredictor:
                 else None,
             )
         ahead: deque[tuple[Data, bool, Future[PreparedBatch] | None]] = deque()
+
+        def oldest() -> tuple[Data, bool, PreparedBatch | None]:
+            data, last, future = ahead.popleft()
+            return data, last, None if future is None else future.result()
+
         for data, last, chunk in self._chunks(batches):
             ahead.append((data, last, None if chunk is None else self._pool.submit(self.prepare, *chunk)))
             if len(ahead) > self.decode_threads:
-                data, last, future = ahead.popleft()
-                yield data, last, None if future is None else future.result()
+                yield oldest()
         while ahead:
-            data, last, future = ahead.popleft()
-            yield data, last, None if future is None else future.result()
+            yield oldest()
 
     def prepared(self, data: Data) -> Iterator[PreparedBatch]:
         """Prepared model batches of one input, in order (what ``raw`` benchmarks feed the model)."""

@@ -15,9 +15,10 @@ the progress line and the test that proves one load per worker.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ class ScoringCounters:
         return cls(sc.accumulator({}, _PidCounts()), sc.accumulator(0), sc.accumulator(0))
 
 
-# Per Python worker process: (bundle location, device, ...) -> (predictor, policy).
+# Per Python worker process: (device, the scoring spec as JSON) -> (predictor, policy).
 _WORKER_CACHE: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
 
@@ -156,16 +157,7 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
         threads = spec.torch_threads or (ctx.cpus() if ctx is not None else None) or 1
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    key = (
-        spec.bundle_name,
-        spec.bundle_path,
-        device,
-        spec.batch_size,
-        spec.decode_threads,
-        spec.autocast,
-        spec.channels_last,
-        spec.prepare_priority,
-    )
+    key = (device, json.dumps(asdict(spec), sort_keys=True))  # the whole spec, taxonomy included
     state = _WORKER_CACHE.get(key)
     if state is None:
         if spec.bundle_path is not None:
