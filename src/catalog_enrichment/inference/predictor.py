@@ -90,7 +90,7 @@ def column_values(data: Data, name: str) -> list[Any]:
         return [None] * (data.num_rows if isinstance(data, pa.RecordBatch | pa.Table) else len(data))
     if isinstance(data, pa.RecordBatch | pa.Table):
         return data.column(name).to_pylist()
-    return data[name].tolist()  # type: ignore[no-any-return]
+    return data[name].tolist()
 
 
 def _checked(batches: Iterable[Data]) -> Iterator[Data]:
