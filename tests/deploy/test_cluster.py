@@ -128,7 +128,7 @@ def _model_rows(path: Path) -> list[tuple[str, str, str, float, float]]:
     table = read_table(path)
     table = table.filter(pc.equal(table["source"], "model"))
     return sorted(
-        (r["product_id"], r["attribute"], r["value"], round(r["confidence"], 5), r["threshold"])
+        (r["product_id"], r["attribute"], r["value"], r["confidence"], r["threshold"])
         for r in table.to_pylist()
     )
 
@@ -174,7 +174,12 @@ def test_spark_submit_to_a_standalone_cluster_writes_what_local_mode_writes(  # 
     assert main(["enrich", "--catalog", str(tmp_path / "local"), *args]) == 0
     cluster_rows = _model_rows(tmp_path / "cluster" / "attributes")
     assert len(cluster_rows) > 1000
-    assert cluster_rows == _model_rows(tmp_path / "local" / "attributes")
+    local_rows = _model_rows(tmp_path / "local" / "attributes")
+    # the same values with the same thresholds; the confidences agree to float noise, because the
+    # rows are spread over 4 partitions per core and the cluster has other cores than local[2], so
+    # the model batches (and their padding) are cut differently - as the predictor test allows
+    assert [(*r[:3], r[4]) for r in cluster_rows] == [(*r[:3], r[4]) for r in local_rows]
+    assert max(abs(a[3] - b[3]) for a, b in zip(cluster_rows, local_rows, strict=True)) < 1e-5
     # both workers ran an executor, and each executor ran tasks of the job
     for work in work_dirs:
         logs = list(work.glob("app-*/*/stderr"))
