@@ -218,6 +218,12 @@ class InferenceConfig(_Section):
         description="CPU priority of the decode threads when the model runs on the CPU: 'idle' "
         "(Linux SCHED_IDLE) lets the forward pass's threads go first. GPU scoring always uses normal.",
     )
+    keep_memory: bool = Field(
+        True,
+        description="Let the scoring process keep the memory it frees (glibc malloc thresholds) instead "
+        "of faulting the forward pass's activations in again every batch: 20-30 % faster on CPU; RSS "
+        "stays at the peak working set.",
+    )
 
 
 class ValidationConfig(_Section):

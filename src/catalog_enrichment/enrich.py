@@ -279,6 +279,7 @@ def run_enrichment(
             autocast=cfg.inference.autocast,
             channels_last=cfg.inference.channels_last,
             prepare_priority=cfg.inference.prepare_priority,
+            keep_memory=cfg.inference.keep_memory,
         )
         counters = ScoringCounters.create(spark)
         from pyspark.sql import functions as F

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -131,6 +134,37 @@ def test_prepare_threads_run_at_idle_priority_unless_told_otherwise(bundle, prod
     assert policy_of(BatchPredictor(bundle)) == os.SCHED_IDLE
     assert policy_of(BatchPredictor(bundle, prepare_priority="normal")) == os.SCHED_OTHER
     assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER  # the caller is untouched
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from catalog_enrichment.inference.predictor import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+for _ in range(5):
+    torch.ones(10 << 20)  # 40 MiB, over glibc's largest dynamic mmap threshold (32 MiB)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.ones(10 << 20)
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
+def test_kept_memory_stops_a_forward_pass_faulting_its_tensors_in_again() -> None:
+    """A fresh process each (the setting is per process and for good): a 40 MiB tensor allocated
+    and freed over and over faults all of its 10,240 pages in every time under glibc's defaults, and
+    none once the predictor has set the thresholds."""
+
+    def run(mode: str) -> tuple[str, float]:
+        command = [sys.executable, "-c", _FAULTS_SCRIPT, mode]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout.split()
+        return out[0], float(out[1])
+
+    kept, faults = run("keep")
+    default_kept, default_faults = run("default")
+    assert (kept, default_kept) == ("True", "False")
+    assert default_faults >= 10_000  # every page of the 40 MiB, every time
+    assert faults < 100
 
 
 def test_a_batch_without_titles_is_a_contract_error(bundle) -> None:  # type: ignore[no-untyped-def]

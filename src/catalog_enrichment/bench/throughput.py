@@ -208,6 +208,7 @@ def _load(bundle_dir: Path, taxonomy: Taxonomy, cfg: AppConfig, device: str, aut
         autocast=autocast,
         channels_last=cfg.inference.channels_last,
         prepare_priority=cfg.inference.prepare_priority,
+        keep_memory=cfg.inference.keep_memory,
     )
     return _Model(predictor, DecisionPolicy(bundle.taxonomy, bundle.calibration, taxonomy))
 

@@ -43,6 +43,7 @@ __all__ = [
     "PreparedBatch",
     "Scores",
     "column_values",
+    "keep_freed_memory",
     "score_columns",
 ]
 
@@ -115,6 +116,42 @@ def _idle_priority() -> None:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_FREED = {"mmap_threshold": 256 << 20, "trim_threshold": 1 << 30}
+_kept_freed_memory: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Let this process's C heap keep the memory it frees (glibc only; once per process).
+
+    glibc hands every block over its dynamic mmap threshold back to the kernel on ``free`` and trims
+    the heap's top above 128 KiB, so a CPU forward pass - PyTorch's CPU allocator is plain
+    ``malloc`` - faults its activations in again page by page on every batch: ~20,000 minor faults
+    per batch of 128 for the demo model, a third of the forward pass in kernel time on a virtual
+    machine. Raising both thresholds (blocks under 256 MiB are never mmapped; the heap is trimmed
+    only past 1 GiB free) keeps that memory in the process: zero faults per batch in steady state,
+    raw forward passes 20-30 % faster. The cost: the process's RSS stays at its peak working set,
+    which is bounded by the batch size. Returns whether the setting took; non-glibc systems keep
+    their allocator's defaults.
+    """
+    global _kept_freed_memory
+    if _kept_freed_memory is None:
+        _kept_freed_memory = False
+        import ctypes
+        import platform
+
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            with contextlib.suppress(OSError, AttributeError):
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+                _kept_freed_memory = bool(
+                    mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED["mmap_threshold"])
+                    and mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED["trim_threshold"])
+                )
+    return _kept_freed_memory
+
+
 def _read_image(raw: Any, uri: Any) -> tuple[bytes | None, str | None]:
     """The image bytes of a row and the error if a given image cannot be read."""
     if isinstance(raw, bytes | bytearray | memoryview):
@@ -140,6 +177,7 @@ class BatchPredictor:
         autocast: bool = True,
         channels_last: bool = True,
         prepare_priority: str = "idle",
+        keep_memory: bool = True,
     ) -> None:
         self.bundle = bundle
         self.device = torch.device(device)
@@ -158,6 +196,8 @@ class BatchPredictor:
             # The prepare threads tokenize; the tokenizer's own thread pool would only compete
             # with the forward pass for the same cores (and at normal priority).
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if keep_memory:
+            keep_freed_memory()
         self._pool: ThreadPoolExecutor | None = None
 
     # -- preparation (runs in the pool) ---------------------------------------------------------

@@ -72,6 +72,7 @@ class ScoringSpec:
     autocast: bool = True
     channels_last: bool = True
     prepare_priority: str = "idle"
+    keep_memory: bool = True
 
 
 class _PidCounts:
@@ -175,6 +176,7 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
             autocast=spec.autocast,
             channels_last=spec.channels_last,
             prepare_priority=spec.prepare_priority,
+            keep_memory=spec.keep_memory,
         )
         policy = DecisionPolicy(
             bundle.taxonomy, bundle.calibration, Taxonomy.from_dict(spec.allowed_taxonomy, source="config")
