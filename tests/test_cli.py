@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from catalog_enrichment.cli import build_parser, main
+from catalog_enrichment.cli import _local_cores, build_parser, main
 
 
 def _commands() -> list[list[str]]:
@@ -104,3 +105,10 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["products"] == 200 and bench["products_per_second"] > 0
+
+
+@pytest.mark.parametrize(
+    ("master", "cores"), [("local", 1), ("local[2]", 2), ("local[3,2]", 3), ("local[*]", os.cpu_count() or 1)]
+)
+def test_local_masters_get_shuffle_partitions_for_their_cores(master: str, cores: int) -> None:
+    assert _local_cores(master) == cores  # the job's session uses 2 x cores shuffle partitions

@@ -546,6 +546,9 @@ def _spark(cfg: AppConfig) -> Any:
         if cfg.spark.master.startswith("local"):
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
             builder = builder.config("spark.ui.enabled", "false")
+            # 200 shuffle partitions (the default, sized for clusters) cost more than the few
+            # small aggregations of a run on one machine; cfg.spark.conf still wins
+            builder = builder.config("spark.sql.shuffle.partitions", str(2 * _local_cores(cfg.spark.master)))
         builder = builder.master(cfg.spark.master)
     builder = (
         builder.config("spark.sql.session.timeZone", "UTC")
@@ -558,6 +561,16 @@ def _spark(cfg: AppConfig) -> Any:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def _local_cores(master: str) -> int:
+    """The cores of a ``local``, ``local[N]``, ``local[*]`` or ``local[N,F]`` master."""
+    import os
+
+    if "[" not in master:
+        return 1
+    inside = master.partition("[")[2].rstrip("]").split(",")[0].strip()
+    return (os.cpu_count() or 1) if inside == "*" else max(1, int(inside))
 
 
 def _model_ref(cfg: AppConfig, model_uri: str | None, client: Any) -> Any:

@@ -16,6 +16,7 @@ from catalog_enrichment.validation import (
     count_reasons,
     run_suite,
 )
+from catalog_enrichment.validation import rules as rules_module
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
@@ -51,7 +52,10 @@ def frame(spark):  # type: ignore[no-untyped-def]
     return spark.createDataFrame(data, schema)
 
 
-def test_every_row_gets_exactly_the_rules_it_breaks(frame) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("local_max", [1_000_000, 1], ids=["duplicates-on-driver", "too-many-to-collect"])
+def test_every_row_gets_exactly_the_rules_it_breaks(frame, local_max: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # two duplicated ids: kept on the driver, or (over the limit) re-aggregated in every pass
+    monkeypatch.setattr(rules_module, "LOCAL_DUPLICATES_MAX", local_max)
     rules = build_rules(load_contract("products"), ValidationConfig())
     checked = check_rows(frame, rules).collect()
     got = sorted((r["product_id"] or "", r["title"] or "", sorted(r["_reasons"])) for r in checked)

@@ -146,24 +146,39 @@ def _null_expectation(column: str) -> Callable[[], Any]:
     return make
 
 
+# Up to this many duplicated ids are kept on the driver after one aggregation (see check_rows).
+LOCAL_DUPLICATES_MAX = 1_000_000
+
+
 def check_rows(df: Any, rules: list[Rule], key: str = "product_id") -> Any:
-    """``df`` plus ``_reasons`` (array of failed rule names, empty for valid rows)."""
+    """``df`` plus ``_reasons`` (array of failed rule names, empty for valid rows).
+
+    The duplicated ids (rarely more than a few) are found by one aggregation here and kept on the
+    driver as a small local table: every later pass over the rows (the counts, the scoring stage,
+    the quarantine) joins that instead of re-reading and re-aggregating the whole source, about
+    0.6 s of two busy cores per pass on 16k products. Past ``LOCAL_DUPLICATES_MAX`` duplicated ids
+    the aggregation stays part of each pass. Either way only duplicated ids are joined (broadcast),
+    so images are never shuffled.
+    """
     from pyspark.sql import functions as F
 
-    # Only duplicated ids are joined back (small, broadcast), so images are never shuffled.
+    stamp = F.unix_micros("updated_at")  # exact, no time-zone round trip through the driver
+    present = df.where(F.col(key).isNotNull()).select(key, stamp.alias("_at"))
     dups = (
-        df.where(F.col(key).isNotNull())
-        .groupBy(key)
-        .agg(F.count(F.lit(1)).alias("_n"), F.max("updated_at").alias("_latest"))
+        present.groupBy(key)
+        .agg(F.count(F.lit(1)).alias("_n"), F.max("_at").alias("_latest"))
         .where(F.col("_n") > 1)
     )
-    tied = df.where(F.col(key).isNotNull()).groupBy(key, "updated_at").agg(F.count(F.lit(1)).alias("_same"))
-    dups = dups.join(tied.withColumnRenamed("updated_at", "_latest"), on=[key, "_latest"], how="left").select(
+    tied = present.groupBy(key, "_at").agg(F.count(F.lit(1)).alias("_same"))
+    dups = dups.join(tied.withColumnRenamed("_at", "_latest"), on=[key, "_latest"], how="left").select(
         key, "_latest", "_same"
     )
+    found = dups.limit(LOCAL_DUPLICATES_MAX + 1).collect()
+    if len(found) <= LOCAL_DUPLICATES_MAX:
+        dups = df.sparkSession.createDataFrame(found, dups.schema)
     checked = df.join(F.broadcast(dups), on=key, how="left").withColumn(
         "_dup_stale",
-        F.col("_latest").isNotNull() & ((F.col("updated_at") < F.col("_latest")) | (F.col("_same") > 1)),
+        F.col("_latest").isNotNull() & ((stamp < F.col("_latest")) | (F.col("_same") > 1)),
     )
     failed = [F.when(F.coalesce(rule.fails(), F.lit(False)), F.lit(rule.name)) for rule in rules]
     return checked.withColumn(REASONS, F.filter(F.array(*failed), lambda x: x.isNotNull())).drop(
