@@ -25,6 +25,7 @@ def test_throughput_benchmark_reports_every_mode_ratio_and_memory(
         workdir=tmp_path / "bench",
         repeats=1,
         spark=spark,
+        sweep=(150, 300),
         progress=lambda m: None,
     )
     assert result["products"] == 300
@@ -35,3 +36,8 @@ def test_throughput_benchmark_reports_every_mode_ratio_and_memory(
     assert result["runs"]["job"][0]["rows_scored"] == 300  # the generated products are all valid
     assert set(result["job_stage_seconds"]) == {"read", "validate", "score", "decide", "write"}
     assert result["worker_peak_rss_mb"] > 50 and result["driver_peak_rss_mb"] > 50
+    small, large = result["sweep"]
+    assert (small["products"], large["products"]) == (150, 300)
+    assert "marginal_ms_per_product" not in small
+    want = 1000 * (large["seconds"] - small["seconds"]) / 150
+    assert large["marginal_ms_per_product"] == pytest.approx(want)

@@ -347,6 +347,12 @@ def run_throughput_benchmark(
                 }
             )
             say(f"  sweep {n:>6,}: {1000 * job['seconds'] / n:.2f} ms/product")
+        # the cost of each further product between sizes: flat when the job is linear in N
+        # (time per product alone also falls as the fixed cost of a run is spread over more)
+        for before, after in zip(result["sweep"], result["sweep"][1:], strict=False):
+            after["marginal_ms_per_product"] = (
+                1000 * (after["seconds"] - before["seconds"]) / (after["products"] - before["products"])
+            )
     return result
 
 
