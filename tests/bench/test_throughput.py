@@ -36,6 +36,9 @@ def test_throughput_benchmark_reports_every_mode_ratio_and_memory(
     assert result["runs"]["job"][0]["rows_scored"] == 300  # the generated products are all valid
     assert set(result["job_stage_seconds"]) == {"read", "validate", "score", "decide", "write"}
     assert result["worker_peak_rss_mb"] > 50 and result["driver_peak_rss_mb"] > 50
+    cpu = result["job_cpu_seconds"]
+    assert set(cpu) == {"driver", "jvm", "python_workers"}
+    assert cpu["jvm"] > 0 and cpu["python_workers"] > 0  # Spark read the table, the workers scored
     small, large = result["sweep"]
     assert (small["products"], large["products"]) == (150, 300)
     assert "marginal_ms_per_product" not in small

@@ -12,7 +12,8 @@ In one run, on the same model, device and number of threads:
 ``predictor_ratio`` = predictor / raw and ``job_ratio`` = job / raw (medians of products per
 second). ``raw`` and ``predictor`` are measured in alternating blocks of the same products so that a
 shared machine's drifting speed does not land on one of them only. Peak RSS
-is sampled for the driver and for each Python worker during the job. ``--sweep`` runs the job at
+is sampled for the driver and for each Python worker during the job, and the CPU seconds the driver,
+the JVM and the Python workers use over it. ``--sweep`` runs the job at
 4k, 16k and 64k products for time per product and peak worker memory.
 """
 
@@ -129,7 +130,8 @@ def measure_paired(
 
 
 class _RssSampler:
-    """Peak RSS of this process and of every PySpark Python worker, sampled every 0.2 s."""
+    """Peak RSS of this process and of every PySpark Python worker, sampled every 0.2 s, and the CPU
+    seconds the driver, the JVM and the Python workers used between enter and exit."""
 
     def __init__(self) -> None:
         import psutil
@@ -137,29 +139,57 @@ class _RssSampler:
         self._psutil = psutil
         self.driver_peak = 0
         self.workers: dict[int, int] = {}
+        self._first: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds when first seen)
+        self._last: dict[int, float] = {}
+        self._started = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self) -> None:
+    def _sample(self) -> None:
         me = self._psutil.Process()
+        self.driver_peak = max(self.driver_peak, me.memory_info().rss)
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                cmd = " ".join(proc.cmdline())
+                times = proc.cpu_times()
+                rss = proc.memory_info().rss
+            except self._psutil.Error:
+                continue
+            if proc.pid == me.pid:
+                kind = "driver"
+            elif "pyspark.daemon" in cmd or "pyspark.worker" in cmd:
+                kind = "python_workers"
+                self.workers[proc.pid] = max(self.workers.get(proc.pid, 0), rss)
+            elif "java" in cmd:
+                kind = "jvm"
+            else:
+                continue
+            # processes there at enter count from then; later ones (new workers) from their start
+            self._first.setdefault(proc.pid, (kind, 0.0 if self._started else times.user + times.system))
+            self._last[proc.pid] = times.user + times.system
+
+    def _loop(self) -> None:
         while not self._stop.wait(0.2):
-            self.driver_peak = max(self.driver_peak, me.memory_info().rss)
-            for proc in self._psutil.process_iter(["pid", "cmdline"]):
-                cmd = " ".join(proc.info.get("cmdline") or [])
-                if "pyspark.daemon" in cmd or "pyspark.worker" in cmd:
-                    try:
-                        rss = proc.memory_info().rss
-                    except self._psutil.Error:
-                        continue
-                    self.workers[proc.info["pid"]] = max(self.workers.get(proc.info["pid"], 0), rss)
+            self._sample()
+
+    @property
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds per kind of process (a process that ended between samples counts to its last)."""
+        out = {"driver": 0.0, "jvm": 0.0, "python_workers": 0.0}
+        for pid, (kind, first) in self._first.items():
+            out[kind] += self._last[pid] - first
+        return out
 
     def __enter__(self) -> _RssSampler:
+        self._sample()  # the processes that exist now count from here
+        self._started = True
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 def measure_job(
@@ -184,6 +214,7 @@ def measure_job(
         "stage_seconds": report["stage_seconds"],
         "driver_peak_rss_mb": rss.driver_peak / 2**20,
         "worker_peak_rss_mb": {str(pid): v / 2**20 for pid, v in rss.workers.items()},
+        "cpu_seconds": {k: round(v, 2) for k, v in rss.cpu_seconds.items()},
         "model_loads": sum(outcome.model_loads.values()),
     }
 
@@ -311,6 +342,7 @@ def run_throughput_benchmark(
     if "job" in modes:
         best = min(result["runs"]["job"], key=lambda r: abs(r["products_per_second"] - medians["job"]))
         result["job_stage_seconds"] = best["stage_seconds"]
+        result["job_cpu_seconds"] = best["cpu_seconds"]  # who used the cores: driver, JVM, workers
         result["driver_peak_rss_mb"] = max(r["driver_peak_rss_mb"] for r in result["runs"]["job"])
         result["worker_peak_rss_mb"] = max(
             (v for r in result["runs"]["job"] for v in r["worker_peak_rss_mb"].values()), default=None
