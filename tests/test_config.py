@@ -115,3 +115,14 @@ def test_non_config_environment_variables_are_ignored_but_misspelt_paths_are_err
     assert load_config(environ=env).taxonomy_path == "/t.yaml"
     with pytest.raises(ConfigError, match="inferenc"):
         load_config(environ={"CATALOG_ENRICH_INFERENC__BATCH_SIZE": "3"})
+
+
+def test_inference_settings_name_the_predictor_s_keyword_arguments() -> None:
+    import inspect
+
+    from catalog_enrichment.inference.predictor import BatchPredictor
+
+    cfg = load_config(environ={}, overrides={"inference": {"batch_size": 64}})
+    options = cfg.inference.predictor_options()
+    assert set(options) <= set(inspect.signature(BatchPredictor).parameters)
+    assert options["batch_size"] == 64 and options["keep_memory"] is True

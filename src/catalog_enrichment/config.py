@@ -225,6 +225,21 @@ class InferenceConfig(_Section):
         "stays at the peak working set.",
     )
 
+    def predictor_options(self) -> dict[str, Any]:
+        """The ``BatchPredictor`` keyword arguments these settings give (device and threads aside)."""
+        return self.model_dump(include=_PREDICTOR_OPTIONS)
+
+
+# InferenceConfig fields that are BatchPredictor keyword arguments of the same name
+_PREDICTOR_OPTIONS = {
+    "batch_size",
+    "decode_threads",
+    "autocast",
+    "channels_last",
+    "prepare_priority",
+    "keep_memory",
+}
+
 
 class ValidationConfig(_Section):
     """The products data contract's operational limits."""

@@ -273,13 +273,8 @@ def run_enrichment(
             bundle_path=None,
             allowed_taxonomy=taxonomy.to_dict(),
             device=cfg.inference.device,
-            batch_size=cfg.inference.batch_size,
-            decode_threads=cfg.inference.decode_threads,
             torch_threads=cfg.inference.torch_threads,
-            autocast=cfg.inference.autocast,
-            channels_last=cfg.inference.channels_last,
-            prepare_priority=cfg.inference.prepare_priority,
-            keep_memory=cfg.inference.keep_memory,
+            predictor=cfg.inference.predictor_options(),
         )
         counters = ScoringCounters.create(spark)
         from pyspark.sql import functions as F

@@ -232,14 +232,7 @@ def _load(bundle_dir: Path, taxonomy: Taxonomy, cfg: AppConfig, device: str, aut
 
     bundle = load_bundle(bundle_dir, device=device)
     predictor = BatchPredictor(
-        bundle,
-        device=device,
-        batch_size=cfg.inference.batch_size,
-        decode_threads=cfg.inference.decode_threads,
-        autocast=autocast,
-        channels_last=cfg.inference.channels_last,
-        prepare_priority=cfg.inference.prepare_priority,
-        keep_memory=cfg.inference.keep_memory,
+        bundle, device=device, **{**cfg.inference.predictor_options(), "autocast": autocast}
     )
     return _Model(predictor, DecisionPolicy(bundle.taxonomy, bundle.calibration, taxonomy))
 

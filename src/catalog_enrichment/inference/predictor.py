@@ -18,6 +18,7 @@ enrichment job quarantines it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -116,13 +117,12 @@ def _idle_priority() -> None:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_KEEP_FREED = {"mmap_threshold": 256 << 20, "trim_threshold": 1 << 30}
-_kept_freed_memory: bool | None = None
+# glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets
+_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD = -1, 1 << 30
+_M_MMAP_THRESHOLD, _KEEP_MMAP_THRESHOLD = -3, 256 << 20
 
 
+@functools.cache  # once per process
 def keep_freed_memory() -> bool:
     """Let this process's C heap keep the memory it frees (glibc only; once per process).
 
@@ -136,20 +136,18 @@ def keep_freed_memory() -> bool:
     which is bounded by the batch size. Returns whether the setting took; non-glibc systems keep
     their allocator's defaults.
     """
-    global _kept_freed_memory
-    if _kept_freed_memory is None:
-        _kept_freed_memory = False
-        import ctypes
-        import platform
+    import ctypes
+    import platform
 
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            with contextlib.suppress(OSError, AttributeError):
-                mallopt = ctypes.CDLL("libc.so.6").mallopt
-                _kept_freed_memory = bool(
-                    mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED["mmap_threshold"])
-                    and mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED["trim_threshold"])
-                )
-    return _kept_freed_memory
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, _KEEP_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)
+    )
 
 
 def _read_image(raw: Any, uri: Any) -> tuple[bytes | None, str | None]:

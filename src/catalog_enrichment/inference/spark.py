@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,8 @@ class ScoringSpec:
     bundle_path: str | None  # ... or a path every worker can read (tests, single machine)
     allowed_taxonomy: dict[str, Any]
     device: str = "auto"
-    batch_size: int = 128
-    decode_threads: int = 2
     torch_threads: int | None = None
-    autocast: bool = True
-    channels_last: bool = True
-    prepare_priority: str = "idle"
-    keep_memory: bool = True
+    predictor: dict[str, Any] = field(default_factory=dict)  # BatchPredictor keyword arguments
 
 
 class _PidCounts:
@@ -168,16 +163,7 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
 
             path = SparkFiles.get(spec.bundle_name)
         bundle = load_bundle(path, device=device)
-        predictor = BatchPredictor(
-            bundle,
-            device=device,
-            batch_size=spec.batch_size,
-            decode_threads=spec.decode_threads,
-            autocast=spec.autocast,
-            channels_last=spec.channels_last,
-            prepare_priority=spec.prepare_priority,
-            keep_memory=spec.keep_memory,
-        )
+        predictor = BatchPredictor(bundle, device=device, **spec.predictor)
         policy = DecisionPolicy(
             bundle.taxonomy, bundle.calibration, Taxonomy.from_dict(spec.allowed_taxonomy, source="config")
         )
