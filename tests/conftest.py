@@ -68,10 +68,13 @@ def spark() -> Iterator[object]:
     """A local SparkSession (2 threads, no UI); only tests marked ``spark`` use it."""
     from pyspark.sql import SparkSession
 
+    from catalog_enrichment.cli import local_spark_defaults
+
+    builder = SparkSession.builder.master("local[2]")
+    for key, value in local_spark_defaults("local[2]").items():  # what the job's local sessions get
+        builder = builder.config(key, value)
     session = (
-        SparkSession.builder.master("local[2]")
-        .appName("catalog-enrichment-tests")
-        .config("spark.ui.enabled", "false")
+        builder.appName("catalog-enrichment-tests")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", "2")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog_enrichment.cli import _local_cores, build_parser, main
+from catalog_enrichment.cli import _local_cores, build_parser, local_spark_defaults, main
 
 
 def _commands() -> list[list[str]]:
@@ -112,3 +112,13 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
 )
 def test_local_masters_get_shuffle_partitions_for_their_cores(master: str, cores: int) -> None:
     assert _local_cores(master) == cores  # the job's session uses 2 x cores shuffle partitions
+
+
+@pytest.mark.spark
+@pytest.mark.timeout(120)
+def test_a_local_session_runs_its_jvm_with_the_c1_compiler_only(spark) -> None:  # type: ignore[no-untyped-def]
+    # the option reaches the JVM when set on the builder (it is read at launch, not later)
+    jvm = spark.sparkContext._jvm
+    arguments = list(jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    assert "-XX:TieredStopAtLevel=1" in arguments
+    assert local_spark_defaults("local[2]")["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"

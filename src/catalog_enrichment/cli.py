@@ -545,10 +545,8 @@ def _spark(cfg: AppConfig) -> Any:
     if not submitted:
         if cfg.spark.master.startswith("local"):
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-            builder = builder.config("spark.ui.enabled", "false")
-            # 200 shuffle partitions (the default, sized for clusters) cost more than the few
-            # small aggregations of a run on one machine; cfg.spark.conf still wins
-            builder = builder.config("spark.sql.shuffle.partitions", str(2 * _local_cores(cfg.spark.master)))
+            for key, value in local_spark_defaults(cfg.spark.master).items():
+                builder = builder.config(key, value)  # cfg.spark.conf, applied below, still wins
         builder = builder.master(cfg.spark.master)
     builder = (
         builder.config("spark.sql.session.timeZone", "UTC")
@@ -561,6 +559,25 @@ def _spark(cfg: AppConfig) -> Any:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def local_spark_defaults(master: str) -> dict[str, str]:
+    """The settings a Spark session on one machine (a ``local`` master) starts with.
+
+    * no UI;
+    * 2 x cores shuffle partitions: the default 200, sized for clusters, cost more than the few small
+      aggregations of a run on one machine;
+    * the driver JVM - which is the executor in local mode - compiles with the C1 JIT only
+      (``-XX:TieredStopAtLevel=1``). Spark generates and compiles new classes for every query, and
+      the C2 compiler threads spent 5-8.5 core-seconds per 16k-product run on them: the biggest
+      JVM cost of a run, on the cores the Python workers score on. With C1 only they spend 0.2-0.5
+      and the executor's own tasks run no slower (2.2-2.3 core-seconds either way; docs/benchmarks.md).
+    """
+    return {
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": str(2 * _local_cores(master)),
+        "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1",
+    }
 
 
 def _local_cores(master: str) -> int:
