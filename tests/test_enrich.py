@@ -221,6 +221,9 @@ def test_incremental_scores_only_changed_products(
         spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet, run_id="inc-2"
     )
     assert second.report["rows_read"] == 3 and second.report["rows_scored"] == 3
+    # three valid rows: nothing quarantined (the run skips the quarantine query) and the books balance
+    assert second.report["rows_quarantined"] == 0 and second.report["rows_valid"] == 3
+    assert "inc-2" not in set(read_table(cfg.catalog.table("quarantine"))["run_id"].to_pylist())
     table = read_table(cfg.catalog.table("attributes"))
     touched = set(table.filter(pc.equal(table["run_id"], "inc-2"))["product_id"].to_pylist())
     assert touched <= set(changed)

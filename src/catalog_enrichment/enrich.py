@@ -309,18 +309,18 @@ def run_enrichment(
         check_breaker(total, cfg.validation.max_invalid_fraction)
         good = scored.filter(pc.is_null(scored["image_error"]))
         values, pairs = _decisions(good)
-        bad_rows = checked.where(F.size(REASONS) > 0)
-        if image_reasons:
-            bad_rows = bad_rows.unionByName(
-                checked.where(F.col("product_id").isin(list(image_reasons)) & (F.size(REASONS) == 0))
+        quarantine_schema = load_contract("quarantine").arrow_schema()
+        if total.rows_invalid == 0:  # the counts say there is nothing to collect: no Spark job for it
+            quarantine = quarantine_schema.empty_table()
+        else:
+            bad_rows = checked.where(F.size(REASONS) > 0)
+            if image_reasons:
+                bad_rows = bad_rows.unionByName(
+                    checked.where(F.col("product_id").isin(list(image_reasons)) & (F.size(REASONS) == 0))
+                )
+            quarantine = quarantine_rows(
+                bad_rows, run_id, dt.datetime.now(dt.UTC), quarantine_schema, image_reasons
             )
-        quarantine = quarantine_rows(
-            bad_rows,
-            run_id,
-            dt.datetime.now(dt.UTC),
-            load_contract("quarantine").arrow_schema(),
-            image_reasons,
-        )
         report.update(
             rows_valid=total.rows_read - total.rows_invalid,
             rows_quarantined=quarantine.num_rows,
