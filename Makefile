@@ -8,6 +8,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 LOCK := constraints.txt
 LOCK_HASH := $(shell sha256sum $(LOCK) | cut -c1-16)
+# the editable install is redone when the checkout moves or pyproject.toml (entry points) changes
+PROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 VENV_CACHE ?= $(or $(CATALOG_ENRICH_VENV_CACHE),$(HOME)/.cache/catalog-enrichment)
 VENV_DIR := $(VENV_CACHE)/venv-py311-$(LOCK_HASH)
 VENV := .venv
@@ -53,11 +55,11 @@ venv:
 	fi; \
 	if [ -e $(VENV) ] && [ ! -L $(VENV) ]; then echo ">> replacing the plain $(VENV) folder with a link to the cached environment"; rm -rf $(VENV); fi; \
 	[ "$$(readlink $(VENV) || true)" = "$(VENV_DIR)" ] || ln -sfn "$(VENV_DIR)" $(VENV); \
-	if [ "$$(cat $(VENV)/.editable-src 2>/dev/null || true)" != "$(CURDIR)" ] \
+	if [ "$$(cat $(VENV)/.editable-src 2>/dev/null || true)" != "$(CURDIR) $(PROJECT_HASH)" ] \
 	    || ! head -1 "$(VENV_DIR)/bin/catalog-enrich" 2>/dev/null | grep -qF "$(VENV_DIR)/bin/python"; then \
 	  $(PIP_INSTALL) --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true; \
 	  $(PY) -c "import catalog_enrichment" || { echo "editable install failed" >&2; exit 1; }; \
-	  echo "$(CURDIR)" > $(VENV)/.editable-src; \
+	  echo "$(CURDIR) $(PROJECT_HASH)" > $(VENV)/.editable-src; \
 	fi
 
 # Airflow in its own cached environment (about a minute the first time); the DAG tests use it.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from catalog_enrichment.cli import main
+from catalog_enrichment.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

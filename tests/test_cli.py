@@ -122,3 +122,34 @@ def test_a_local_session_runs_its_jvm_with_the_c1_compiler_only(spark) -> None: 
     arguments = list(jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
     assert "-XX:TieredStopAtLevel=1" in arguments
     assert local_spark_defaults("local[2]")["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+
+
+_RUN = """
+import atexit, sys
+import catalog_enrichment.cli as cli
+main = cli.main
+def command(argv):
+    atexit.register(print, "a handler the command registered ran")  # as Spark's and MLflow's do
+    return main(argv)
+cli.main = command
+cli.run(sys.argv[1:])
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("argv", "code"), [(["config"], 0), (["report", "--run-id", "no-such-run"], 2)])
+def test_the_console_script_exits_with_the_commands_code_after_its_atexit_handlers(
+    tmp_path: Path, argv: list[str], code: int
+) -> None:
+    # run() ends the process before the interpreter's teardown (Arrow's thread pools abort there on a
+    # busy machine): the code, the piped output and the handlers registered by the command all survive
+    env = {**os.environ, "CATALOG_ENRICH_CATALOG__ROOT": str(tmp_path / "lake")}
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN, *argv], capture_output=True, text=True, timeout=100, env=env
+    )
+    assert result.returncode == code, result.stderr
+    assert result.stdout.rstrip().endswith("a handler the command registered ran")
+    if code == 0:
+        assert "catalog:" in result.stdout  # the whole YAML made it through the pipe
+    else:
+        assert "catalog-enrich: error:" in result.stderr

@@ -800,5 +800,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+_exit_code: int | None = None
+
+
+def _exit_now() -> None:
+    """End the process once Python's shutdown has run every other atexit handler.
+
+    What is skipped is the interpreter's final teardown, where Arrow's C++ thread pools are
+    destroyed with threads still attached to the Delta tables just read: on a busy machine that
+    aborts the process ("terminate called without an active exception", SIGABRT; apache/arrow#39862,
+    delta-io/delta-rs#2184) after the command has done its work, and the scheduler sees a failure.
+    Non-daemon threads have been joined and Spark's, MLflow's and the other atexit handlers have run
+    by the time this runs; logging and the standard streams are flushed here.
+    """
+    if _exit_code is None:
+        return
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_code)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """The ``catalog-enrich`` console script and the ``jobs/`` entry points: :func:`main`, then a
+    clean exit with its code (never returns)."""
+    import atexit
+
+    global _exit_code
+    atexit.register(_exit_now)  # before main(): the handlers main() registers run first (LIFO)
+    _exit_code = main(argv)
+    sys.exit(_exit_code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
