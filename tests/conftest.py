@@ -70,11 +70,10 @@ def spark() -> Iterator[object]:
 
     from catalog_enrichment.cli import local_spark_defaults
 
-    builder = SparkSession.builder.master("local[2]")
-    for key, value in local_spark_defaults("local[2]").items():  # what the job's local sessions get
-        builder = builder.config(key, value)
     session = (
-        builder.appName("catalog-enrichment-tests")
+        SparkSession.builder.master("local[2]")
+        .config(map=local_spark_defaults("local[2]"))  # what the job's local sessions get
+        .appName("catalog-enrichment-tests")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", "2")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")

@@ -545,8 +545,7 @@ def _spark(cfg: AppConfig) -> Any:
     if not submitted:
         if cfg.spark.master.startswith("local"):
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-            for key, value in local_spark_defaults(cfg.spark.master).items():
-                builder = builder.config(key, value)  # cfg.spark.conf, applied below, still wins
+            builder = builder.config(map=local_spark_defaults(cfg.spark.master))  # cfg.spark.conf wins
         builder = builder.master(cfg.spark.master)
     builder = (
         builder.config("spark.sql.session.timeZone", "UTC")
@@ -561,7 +560,7 @@ def _spark(cfg: AppConfig) -> Any:
     return spark
 
 
-def local_spark_defaults(master: str) -> dict[str, str]:
+def local_spark_defaults(master: str) -> dict[str, Any]:
     """The settings a Spark session on one machine (a ``local`` master) starts with.
 
     * no UI;
@@ -800,11 +799,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-_exit_code: int | None = None
-
-
-def _exit_now() -> None:
-    """End the process once Python's shutdown has run every other atexit handler.
+def _exit_now(code: list[int]) -> None:
+    """End the process with ``main()``'s exit code once Python's shutdown has run every other
+    atexit handler (``code`` is empty when ``main()`` raised: Python's own exit then).
 
     What is skipped is the interpreter's final teardown, where Arrow's C++ thread pools are
     destroyed with threads still attached to the Delta tables just read: on a busy machine that
@@ -813,7 +810,7 @@ def _exit_now() -> None:
     Non-daemon threads have been joined and Spark's, MLflow's and the other atexit handlers have run
     by the time this runs; logging and the standard streams are flushed here.
     """
-    if _exit_code is None:
+    if not code:
         return
     import logging
     import os
@@ -821,7 +818,7 @@ def _exit_now() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(_exit_code)
+    os._exit(code[0])
 
 
 def run(argv: Sequence[str] | None = None) -> None:
@@ -829,10 +826,10 @@ def run(argv: Sequence[str] | None = None) -> None:
     clean exit with its code (never returns)."""
     import atexit
 
-    global _exit_code
-    atexit.register(_exit_now)  # before main(): the handlers main() registers run first (LIFO)
-    _exit_code = main(argv)
-    sys.exit(_exit_code)
+    code: list[int] = []  # main()'s exit code, once it returns one
+    atexit.register(_exit_now, code)  # before main(): the handlers main() registers run first (LIFO)
+    code.append(main(argv))
+    sys.exit(code[0])
 
 
 if __name__ == "__main__":
