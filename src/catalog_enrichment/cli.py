@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model-uri", metavar="URI", help="registered model (default: the champion)")
     which.add_argument("--bundle", metavar="DIR", help="a model bundle folder instead of the registry")
     bt.add_argument(
-        "--modes", metavar="LIST", default="raw,predictor,job", help="subset of raw,predictor,job"
+        "--modes",
+        metavar="LIST",
+        help="subset of raw,predictor,raw_tasks,job (default: all four on a CPU, raw_tasks aside on a GPU)",
     )
     bt.add_argument("--repeats", type=int, metavar="R", default=3, help="runs per mode; medians reported (3)")
     bt.add_argument("--sweep", action="store_true", help="also run the job at 4k, 16k and 64k products")
@@ -736,10 +738,13 @@ def _cmd_bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.enrich import ModelRef
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - {"raw", "predictor", "job"})
+    device = _device(cfg)
+    known = ("raw", "predictor", "raw_tasks", "job")
+    default = ",".join(m for m in known if device == "cpu" or m != "raw_tasks")
+    modes = [m.strip() for m in (args.modes or default).split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(known))
     if unknown or not modes:
-        raise CatalogEnrichError(f"--modes: unknown {unknown}; choose from raw, predictor, job")
+        raise CatalogEnrichError(f"--modes: unknown {unknown}; choose from {', '.join(known)}")
     if args.bundle:
         bundle = Path(args.bundle)
         if not (bundle / "weights.pt").is_file():
@@ -756,7 +761,7 @@ def _cmd_bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
         workdir=Path(args.workdir),
         modes=modes,
         repeats=args.repeats,
-        device=_device(cfg),
+        device=device,
         threads=args.threads,
         spark=_spark(cfg) if needs_spark else None,
         sweep=(4000, 16000, 64000) if args.sweep else (),
@@ -764,13 +769,14 @@ def _cmd_bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     )
     text = json.dumps(result, indent=2, default=str)
     Path(args.out).write_text(text + "\n")
-    keys = [k for k in result if k.endswith(("_per_second", "_ratio", "_share", "speedup"))]
+    keys = [k for k in result if k.endswith(("_per_second", "_ratio", "_to_raw_tasks", "_share", "speedup"))]
     for key, label in (
-        ("job", "job/raw per run (raw just before)"),
-        ("predictor", "paired predictor/raw per run"),
+        ("job_ratio_per_run", "job/raw per run (raw just before)"),
+        ("job_ratio_to_raw_tasks_per_run", "job/raw_tasks per run (raw_tasks just before)"),
+        ("predictor_ratio_per_run", "paired predictor/raw per run"),
     ):
-        if f"{key}_ratio_per_run" in result:
-            print(f"{label}: " + ", ".join(f"{x:.3f}" for x in result[f"{key}_ratio_per_run"]))
+        if key in result:
+            print(f"{label}: " + ", ".join(f"{x:.3f}" for x in result[key]))
     print("\n".join(f"{k}: {result[k]:.3f}" for k in keys))
     print(f"wrote {args.out}")
     return 0

@@ -7,7 +7,13 @@ In one run, on the same model, device and number of threads:
 * ``predictor``: the per-batch predictor on Arrow batches (read + decode + tokenize + forward +
   decide), exactly what a Spark task runs per batch, without Spark;
 * ``job``: the whole enrichment run from reading the products table to the committed MERGE and
-  the run report, excluding only JVM start-up (the SparkSession exists before the clock starts).
+  the run report, excluding only JVM start-up (the SparkSession exists before the clock starts);
+* ``raw_tasks`` (CPU only, a diagnostic): the same forward loop in one single-threaded process per
+  core side by side, the layout a local Spark job scores in (one task per core, one torch thread
+  per task). On a small model one process with two intra-op threads can be far less efficient than
+  two processes with one each, and how much less depends on the machine's load (a shared virtual
+  machine's vCPUs stall each other at every intra-op barrier), so ``job_ratio_to_raw_tasks`` says
+  what Spark costs apart from the threading layout.
 
 ``predictor_ratio`` = predictor / raw and ``job_ratio`` = job / raw (medians of products per
 second). ``raw`` and ``predictor`` are measured in alternating blocks of the same products so that a
@@ -19,6 +25,7 @@ the JVM and the Python workers use over it. ``--sweep`` runs the job at
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import tempfile
@@ -33,8 +40,16 @@ import pyarrow as pa
 
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.errors import CatalogEnrichError
 
-__all__ = ["make_products", "measure_paired", "measure_predictor", "measure_raw", "run_throughput_benchmark"]
+__all__ = [
+    "RawTasks",
+    "make_products",
+    "measure_paired",
+    "measure_predictor",
+    "measure_raw",
+    "run_throughput_benchmark",
+]
 
 Say = Callable[[str], None]
 
@@ -137,6 +152,61 @@ def measure_paired(
         {"seconds": raw, "products_per_second": n / raw},
         {"seconds": pred, "products_per_second": n / pred, "forward_share": forward / pred},
     )
+
+
+# -- raw_tasks: the forward loop in one single-threaded process per core ------------------------
+_TASK_STATE: dict[str, Any] = {}
+
+
+def _raw_task_init(barrier: Any, bundle_dir: str, options: dict[str, Any]) -> None:
+    import torch
+
+    from catalog_enrichment.inference.bundle import load_bundle
+    from catalog_enrichment.inference.predictor import BatchPredictor
+
+    torch.set_num_threads(1)
+    bundle = load_bundle(bundle_dir, device="cpu")
+    _TASK_STATE.update(barrier=barrier, predictor=BatchPredictor(bundle, device="cpu", **options))
+
+
+def _raw_task(part: pa.Table) -> float:
+    """Seconds of this process's forward loop over ``part``, started with its siblings'."""
+    predictor = _TASK_STATE["predictor"]
+    batches = list(predictor.prepared(part))
+    for batch in batches[:2]:
+        predictor.forward(batch)
+    _TASK_STATE["barrier"].wait()
+    started = time.perf_counter()
+    for batch in batches:
+        predictor.forward(batch)
+    return time.perf_counter() - started
+
+
+class RawTasks:
+    """``processes`` spawned processes, each with the model loaded and one torch thread."""
+
+    def __init__(self, bundle_dir: Path, options: dict[str, Any], processes: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with OpenMP threads
+        self.processes = processes
+        self._pool = ProcessPoolExecutor(
+            processes,
+            mp_context=ctx,
+            initializer=_raw_task_init,
+            initargs=(ctx.Barrier(processes, timeout=600), str(bundle_dir), options),
+        )
+
+    def measure(self, table: pa.Table) -> dict[str, float]:
+        """All processes run their share of ``table`` at once; products/s over the slowest."""
+        share = -(-table.num_rows // self.processes)
+        parts = [table.slice(i * share, share) for i in range(self.processes)]
+        seconds = max(self._pool.map(_raw_task, parts))
+        return {"seconds": seconds, "products_per_second": table.num_rows / seconds}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class _RssSampler:
@@ -276,6 +346,8 @@ def run_throughput_benchmark(
     import torch
 
     say = progress or (lambda m: print(m, flush=True))
+    if "raw_tasks" in modes and device != "cpu":
+        raise CatalogEnrichError("raw_tasks measures the job's CPU layout: device cpu only")
     if threads:
         torch.set_num_threads(threads)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -303,33 +375,52 @@ def run_throughput_benchmark(
     paired = "raw" in modes and "predictor" in modes
     if paired:
         result["paired_block"] = block
-    for r in range(repeats):
-        runs: dict[str, dict[str, Any]] = {}
-        if paired:
-            runs["raw"], runs["predictor"] = measure_paired(
-                loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch, block=block
-            )
-        for mode in modes:
-            if mode in runs:
-                pass  # measured paired above
-            elif mode == "raw":
-                runs[mode] = measure_raw(loaded.predictor, table)
-            elif mode == "predictor":
-                runs[mode] = measure_predictor(
-                    loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch
+    tasks = None
+    if "raw_tasks" in modes:
+        processes = spark.sparkContext.defaultParallelism if spark is not None else os.cpu_count() or 1
+        say(f"starting {processes} single-threaded model processes for raw_tasks ...")
+        tasks = RawTasks(model.bundle_dir, cfg.inference.predictor_options(), processes)
+        result["raw_tasks_processes"] = processes
+    try:
+        for r in range(repeats):
+            runs: dict[str, dict[str, Any]] = {}
+            if paired:
+                runs["raw"], runs["predictor"] = measure_paired(
+                    loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch, block=block
                 )
-            else:
-                assert spark is not None and table_path is not None
-                runs[mode] = measure_job(spark, cfg, taxonomy, model, table_path, workdir)
-            result["runs"][mode].append(runs[mode])
-            rate, secs = runs[mode]["products_per_second"], runs[mode]["seconds"]
-            say(f"  run {r + 1}/{repeats} {mode:<9} {rate:8.1f} products/s ({secs:.1f}s)")
+            for mode in modes:
+                if mode in runs:
+                    pass  # measured paired above
+                elif mode == "raw":
+                    runs[mode] = measure_raw(loaded.predictor, table)
+                elif mode == "predictor":
+                    runs[mode] = measure_predictor(
+                        loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch
+                    )
+                elif mode == "raw_tasks":
+                    assert tasks is not None
+                    runs[mode] = tasks.measure(table)
+                else:
+                    assert spark is not None and table_path is not None
+                    runs[mode] = measure_job(spark, cfg, taxonomy, model, table_path, workdir)
+                result["runs"][mode].append(runs[mode])
+                rate, secs = runs[mode]["products_per_second"], runs[mode]["seconds"]
+                say(f"  run {r + 1}/{repeats} {mode:<9} {rate:8.1f} products/s ({secs:.1f}s)")
+    finally:
+        if tasks is not None:
+            tasks.close()
     medians = {m: _median(result["runs"][m]) for m in modes}
     result.update({f"{m}_products_per_second": v for m, v in medians.items()})
     if "raw" in medians:
         for m in ("predictor", "job"):
             if m in medians:
                 result[f"{m}_ratio"] = medians[m] / medians["raw"]
+    if "raw_tasks" in medians and "job" in medians:
+        result["job_ratio_to_raw_tasks"] = medians["job"] / medians["raw_tasks"]
+        result["job_ratio_to_raw_tasks_per_run"] = [
+            j["products_per_second"] / t["products_per_second"]
+            for t, j in zip(result["runs"]["raw_tasks"], result["runs"]["job"], strict=True)
+        ]
     if "raw" in modes and "job" in modes:
         # each job run against the raw run just before it (the machine's speed drifts)
         result["job_ratio_per_run"] = [
