@@ -79,12 +79,17 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def measure_raw(predictor: Any, table: pa.Table, *, warmup: int = 2) -> dict[str, float]:
-    """Forward passes only, over batches prepared (decoded, tokenized, on the host) beforehand."""
+def measure_raw(
+    predictor: Any, table: pa.Table, *, warmup: int = 2, ready: Callable[[], Any] | None = None
+) -> dict[str, float]:
+    """Forward passes only, over batches prepared (decoded, tokenized, on the host) beforehand;
+    ``ready`` is called after the warm-up, right before the clock starts."""
     batches = list(predictor.prepared(table))
     for batch in batches[:warmup]:
         predictor.forward(batch)
     _sync(predictor.device)
+    if ready is not None:
+        ready()
     started = time.perf_counter()
     for batch in batches:
         predictor.forward(batch)
@@ -171,15 +176,7 @@ def _raw_task_init(barrier: Any, bundle_dir: str, options: dict[str, Any]) -> No
 
 def _raw_task(part: pa.Table) -> float:
     """Seconds of this process's forward loop over ``part``, started with its siblings'."""
-    predictor = _TASK_STATE["predictor"]
-    batches = list(predictor.prepared(part))
-    for batch in batches[:2]:
-        predictor.forward(batch)
-    _TASK_STATE["barrier"].wait()
-    started = time.perf_counter()
-    for batch in batches:
-        predictor.forward(batch)
-    return time.perf_counter() - started
+    return measure_raw(_TASK_STATE["predictor"], part, ready=_TASK_STATE["barrier"].wait)["seconds"]
 
 
 class RawTasks:
@@ -415,23 +412,21 @@ def run_throughput_benchmark(
         for m in ("predictor", "job"):
             if m in medians:
                 result[f"{m}_ratio"] = medians[m] / medians["raw"]
+
+    def per_run(mode: str, base: str) -> list[float]:
+        # each run against the base run just before it (the machine's speed drifts)
+        return [
+            m["products_per_second"] / b["products_per_second"]
+            for b, m in zip(result["runs"][base], result["runs"][mode], strict=True)
+        ]
+
     if "raw_tasks" in medians and "job" in medians:
         result["job_ratio_to_raw_tasks"] = medians["job"] / medians["raw_tasks"]
-        result["job_ratio_to_raw_tasks_per_run"] = [
-            j["products_per_second"] / t["products_per_second"]
-            for t, j in zip(result["runs"]["raw_tasks"], result["runs"]["job"], strict=True)
-        ]
+        result["job_ratio_to_raw_tasks_per_run"] = per_run("job", "raw_tasks")
     if "raw" in modes and "job" in modes:
-        # each job run against the raw run just before it (the machine's speed drifts)
-        result["job_ratio_per_run"] = [
-            j["products_per_second"] / r["products_per_second"]
-            for r, j in zip(result["runs"]["raw"], result["runs"]["job"], strict=True)
-        ]
+        result["job_ratio_per_run"] = per_run("job", "raw")
     if paired:
-        result["predictor_ratio_per_run"] = [
-            p["products_per_second"] / r["products_per_second"]
-            for r, p in zip(result["runs"]["raw"], result["runs"]["predictor"], strict=True)
-        ]
+        result["predictor_ratio_per_run"] = per_run("predictor", "raw")
     if "predictor" in modes:
         result["predictor_forward_share"] = _median(result["runs"]["predictor"], "forward_share")
     if "job" in modes:
