@@ -165,7 +165,28 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Train on one torch thread for the test, then restore the count.
+
+    Training is seeded and gives the same weights run after run at a fixed thread count. With two
+    threads, though, this test's models still moved between runs of the whole suite: MKL may use
+    fewer threads than it is given, so the float sums split differently. The gated coverage of one
+    attribute once fell 0.22 against the champion, past the margin below. On one thread nothing is
+    split, and the three models are the same on every run.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.timeout(1500)
+@pytest.mark.usefixtures("one_torch_thread")
 def test_train_register_promote_load_against_a_real_mlflow_server(  # type: ignore[no-untyped-def]
     tmp_path: Path, data, taxonomy: Taxonomy, mlflow_server: str
 ) -> None:
