@@ -336,6 +336,11 @@ def test_circuit_breaker_aborts_before_any_write(spark, tmp_path, taxonomy, inco
     assert not Path(cfg.catalog.table("quarantine")).exists()
     report = report_for(cfg.catalog.table("run_reports"), "too-bad")
     assert report["status"] == "aborted" and "circuit breaker" in report["validation_summary"]
+    # the scoring stage, started beside the counts, was stopped and left nothing behind
+    tracker = spark.sparkContext.statusTracker()
+    group = tracker.getJobIdsForGroup("catalog-enrichment-too-bad")
+    assert group and not set(group) & set(tracker.getActiveJobsIds())
+    assert not (Path(cfg.catalog.root) / "_staging" / "too-bad").exists()
 
 
 def test_bad_inputs_fail_before_anything_is_written(
@@ -434,3 +439,57 @@ def test_scoring_spreads_the_valid_rows_evenly_over_the_cores(spark) -> None:  #
     assert max(sizes) < 1.25 * sum(sizes) / len(sizes)  # hashed ids: no partition far above the mean
     kept = _spread(uneven, spark, tiny_config(spark={"score_partitions_per_core": 0}))
     assert kept.rdd.getNumPartitions() == uneven.rdd.getNumPartitions()
+
+
+def test_side_jobs_run_in_their_own_scheduler_pool(spark) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment.enrich import _beside
+
+    sc = spark.sparkContext
+    assert sc.getConf().get("spark.scheduler.mode") == "FAIR"  # the local sessions' default
+    pool = _beside(spark, "validation", lambda: sc.getLocalProperty("spark.scheduler.pool")).result(60)
+    assert pool == "validation"
+    # the pool is the side thread's: this thread's jobs (the scoring stage's) stay in the default pool
+    assert sc.getLocalProperty("spark.scheduler.pool") is None
+
+
+def test_cancel_stops_a_running_scoring_stage(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from catalog_enrichment.enrich import _beside, _cancel, _score_to
+
+    def slow(batches):  # type: ignore[no-untyped-def]
+        for batch in batches:
+            time.sleep(60)  # a scoring task far longer than the test's patience
+            yield batch
+
+    rows = spark.range(0, 8, numPartitions=2).mapInArrow(slow, "id long")
+    running = _beside(spark, None, _score_to, spark, rows, tmp_path / "scores", "cancel-me")
+    tracker = spark.sparkContext.statusTracker()
+    deadline = time.monotonic() + 60
+    while not tracker.getJobIdsForGroup("cancel-me") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    _cancel(spark, "cancel-me", running)
+    assert time.monotonic() - started < 30 and running.done()
+    with pytest.raises(Exception, match="cancel"):
+        running.result()
+    # no task of it runs on: nothing writes into the staging folder after _cancel returns
+    jobs = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup("cancel-me")]
+    stages = [tracker.getStageInfo(s) for job in jobs for s in job.stageIds]
+    assert jobs and sum(stage.numActiveTasks for stage in stages if stage) == 0
+
+
+def test_an_empty_partition_loads_no_model(spark, scoring_bundle, taxonomy) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe
+
+    spec = ScoringSpec(
+        bundle_name="unused",
+        bundle_path=str(scoring_bundle),
+        allowed_taxonomy=taxonomy.to_dict(),
+        device="cpu",
+        predictor={"batch_size": 64},
+    )
+    counters = ScoringCounters.create(spark)
+    empty = spark.createDataFrame([], "product_id string, title string, description string, image binary")
+    assert score_dataframe(empty.repartition(4), spec, counters).count() == 0
+    assert counters.loads.value == {} and counters.products.value == 0

@@ -4,10 +4,13 @@ One call of :func:`run_enrichment` is one run with one run id:
 
 1. **read** the products (partition filter; incremental: only ``updated_at`` past the watermark of
    the last succeeded run over the same scope, unless ``full``);
-2. **validate** every row against the contract's rules (Spark expressions); the circuit breaker
-   aborts before any write when too many rows fail. The Great Expectations suite (it reports, the
-   row rules decide) runs in a background thread beside the scoring stage and is joined before
-   anything is written;
+2. **validate** every row against the contract's rules (Spark expressions). The duplicate pass
+   runs first (the scoring stage's input needs it); the scoring stage then starts, and the counts
+   per rule run beside it: the circuit breaker cancels it and aborts before any write when too many
+   rows fail. The Great Expectations suite (it reports, the row rules decide) runs beside the
+   scoring stage as well and is joined before anything is written. The side jobs go to their own
+   scheduler pools (FAIR scheduling on a local master), so they take a core between two scoring
+   tasks instead of waiting for the last one;
 3. **score** the valid rows with ``mapInArrow`` (model loaded once per Python worker) and
    **decide** in the same pass (thresholds, taxonomy, merchant-filled attributes);
 4. **stage** the decisions as Parquet under ``<catalog.root>/_staging/<run id>``;
@@ -99,11 +102,12 @@ class EnrichOutcome:
 
 
 def _progress_thread(
-    spark: Any, counters: ScoringCounters, total: int, say: Say, interval: float
+    spark: Any, counters: ScoringCounters, total: Callable[[], int | None], say: Say, interval: float
 ) -> Callable[[], None]:
     """Print scoring progress every ``interval`` seconds until the returned stop() is called.
 
-    Products are counted when a task finishes (accumulators), tasks as they complete (status tracker).
+    Products are counted when a task finishes (accumulators), tasks as they complete (status tracker);
+    ``total()`` is the number of valid rows once the count beside the scoring stage has it.
     """
     stop = threading.Event()
     started = time.perf_counter()
@@ -117,9 +121,11 @@ def _progress_thread(
             running = sum(t.numActiveTasks for t in tasks if t)
             n = sum(t.numTasks for t in tasks if t)
             rate = done / max(time.perf_counter() - started, 1e-9)
+            of = total()
             say(
-                f"  scoring: tasks {finished}/{n} done, {running} running; {done:,}/{total:,} products "
-                f"in finished tasks ({rate:,.0f}/s)"
+                f"  scoring: tasks {finished}/{n} done, {running} running; {done:,}"
+                + (f"/{of:,}" if of is not None else "")
+                + f" products in finished tasks ({rate:,.0f}/s)"
             )
 
     thread = threading.Thread(target=loop, name="enrich-progress", daemon=True)
@@ -141,13 +147,57 @@ def check_model_fits(bundle_dir: Path, taxonomy: Taxonomy) -> DecisionPolicy:
     return DecisionPolicy(model_taxonomy, calibration, taxonomy)
 
 
-def _beside(fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """``fn(*args)`` in a background thread (Spark takes jobs from several threads at once)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="expectations")
+def _beside(spark: Any, pool: str | None, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``fn(*args)`` in a background thread whose Spark jobs go to the scheduler pool ``pool``.
+
+    Spark takes jobs from several threads at once. Under ``spark.scheduler.mode=FAIR`` (the local
+    default) a job in its own pool gets the next free core ahead of the scoring stage's queued
+    tasks, so the short validation jobs run during scoring instead of waiting for its last task;
+    under FIFO they queue behind it, as before.
+    """
+
+    def run() -> Any:
+        if pool is not None:
+            spark.sparkContext.setLocalProperty("spark.scheduler.pool", pool)  # this thread's jobs only
+        return fn(*args)
+
+    executor = ThreadPoolExecutor(1, thread_name_prefix=pool or "scoring")
     try:
-        return pool.submit(fn, *args)
+        return executor.submit(run)
     finally:
-        pool.shutdown(wait=False)
+        executor.shutdown(wait=False)
+
+
+def _score_to(spark: Any, scored: Any, path: Path, group: str) -> None:
+    """Write the lazily scored DataFrame to ``path`` as Parquet, its jobs tagged with ``group``."""
+    spark.sparkContext.setJobGroup(group, f"catalog-enrichment: score and stage ({group})")
+    scored.write.mode("overwrite").parquet(str(path))
+
+
+def _cancel(spark: Any, group: str, scoring: Future[Any], patience: float = 60.0) -> None:
+    """Stop the scoring stage and wait until it has stopped (it fails; that is expected).
+
+    A query runs as several Spark jobs (adaptive execution submits each stage as one), and a job
+    submitted after a cancel is not cancelled by it: cancel until the writing thread returns. A
+    cancelled job fails at once while its tasks wind down (a Python worker finishes its batch), so
+    then wait - up to ``patience`` seconds - until none of them runs: after that nothing of this
+    stage writes into the staging folder any more.
+    """
+    sc = spark.sparkContext
+    while not scoring.done():
+        sc.cancelJobGroup(group)
+        with contextlib.suppress(Exception):
+            scoring.result(timeout=0.25)
+    tracker = sc.statusTracker()
+    deadline = time.monotonic() + patience
+
+    def running() -> int:
+        jobs = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup(group)]
+        stages = [tracker.getStageInfo(s) for job in jobs if job for s in job.stageIds]
+        return sum(stage.numActiveTasks for stage in stages if stage)
+
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _spread(valid: Any, spark: Any, cfg: AppConfig) -> Any:
@@ -222,6 +272,8 @@ def run_enrichment(
     }
     summary: dict[str, Any] = {}
     expectations: Future[dict[str, Any]] | None = None
+    scoring: Future[None] | None = None
+    group = ""
 
     def stage(name: str, t0: float) -> float:
         stages[name] = round(time.perf_counter() - t0, 3)
@@ -238,32 +290,11 @@ def run_enrichment(
             + (f"changed since {since:%Y-%m-%d %H:%M:%S}" if since else "full")
             + f"), model {model.name} v{model.version}"
         )
-        # 2. validate
+        # 2. validate: the duplicate pass here (the scoring stage's input needs it); the counts and the
+        # circuit breaker beside the scoring stage: a tripped breaker cancels it, and nothing is written
         rules = build_rules(contract, cfg.validation)
         checked = check_rows(df, rules)
-        counts = count_reasons(checked, rules)
-        report["rows_read"] = counts.rows_read
-        if counts.watermark is not None:
-            report["watermark"] = counts.watermark
         t = stage("read", t)
-        if counts.rows_read == 0:
-            say("  nothing to enrich: no new or changed products")
-            report.update(status="succeeded", watermark=since)
-            return _finish(outcome, reports_path, client, cfg, started_at, clock, say)
-        # The GX suite only reports (the row rules decide): it runs beside the scoring stage, whose
-        # tail leaves a core free, and is joined before anything is written.
-        expectations = _beside(run_suite, df, rules) if cfg.validation.run_expectations else None
-        report["validation_summary"] = json.dumps({"row_rules": counts.per_rule})
-        say(f"  validated {counts.rows_read:,} rows: {counts.rows_invalid:,} invalid ({counts.top_rules()})")
-        try:
-            check_breaker(counts, cfg.validation.max_invalid_fraction)
-        except CircuitBreakerTripped:
-            try:  # the aborted run's report still carries the suite's results
-                summary = expectations.result() if expectations else {}
-            except Exception as gx_error:  # ... or why there are none; the abort is what matters
-                summary = {"expectations_error": f"{type(gx_error).__name__}: {gx_error}"[:2000]}
-            raise
-        t = stage("validate", t)
 
         # 3. score + decide, 4. stage
         staging = Path(cfg.catalog.root) / "_staging" / run_id
@@ -280,16 +311,51 @@ def run_enrichment(
         from pyspark.sql import functions as F
 
         valid = _spread(checked.where(F.size(REASONS) == 0).drop(REASONS), spark, cfg)
-        n_valid = counts.rows_read - counts.rows_invalid
-        stop = _progress_thread(spark, counters, n_valid, say, progress_interval)
+        scores = score_dataframe(valid, spec, counters)
+        group = f"catalog-enrichment-{run_id}"
+        scoring = _beside(spark, None, _score_to, spark, scores, staging / "scores", group)
+        scoring_started = time.perf_counter()
+        n_valid: list[int] = []
+        known = lambda: n_valid[0] if n_valid else None  # noqa: E731  (the count's, once it is in)
+        stop = _progress_thread(spark, counters, known, say, progress_interval)
         try:
-            score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
+            counts = _beside(spark, "validation", count_reasons, checked, rules).result()
+            report["rows_read"] = counts.rows_read
+            if counts.watermark is not None:
+                report["watermark"] = counts.watermark
+            if counts.rows_read == 0:
+                _cancel(spark, group, scoring)
+                shutil.rmtree(staging, ignore_errors=True)
+                say("  nothing to enrich: no new or changed products")
+                report.update(status="succeeded", watermark=since)
+                return _finish(outcome, reports_path, client, cfg, started_at, clock, say)
+            # The GX suite only reports (the row rules decide): it runs beside the scoring stage too,
+            # and is joined before anything is written.
+            if cfg.validation.run_expectations:
+                expectations = _beside(spark, "expectations", run_suite, df, rules)
+            report["validation_summary"] = json.dumps({"row_rules": counts.per_rule})
+            invalid = f"{counts.rows_invalid:,} invalid ({counts.top_rules()})"
+            say(f"  validated {counts.rows_read:,} rows: {invalid}")
+            try:
+                check_breaker(counts, cfg.validation.max_invalid_fraction)
+            except CircuitBreakerTripped:
+                _cancel(spark, group, scoring)
+                shutil.rmtree(staging, ignore_errors=True)
+                try:  # the aborted run's report still carries the suite's results
+                    summary = expectations.result() if expectations else {}
+                except Exception as gx_error:  # ... or why there are none; the abort is what matters
+                    summary = {"expectations_error": f"{type(gx_error).__name__}: {gx_error}"[:2000]}
+                raise
+            n_valid.append(counts.rows_read - counts.rows_invalid)
+            t = stage("validate", t)
+            scoring.result()
         finally:
             stop()
         outcome.model_loads = dict(counters.loads.value)
         outcome.arrow_batches = int(counters.batches.value)
         scored = ds.dataset(str(staging / "scores"), format="parquet").to_table()
-        t = stage("score", t)
+        stage("score", scoring_started)
+        t = time.perf_counter()
         if expectations is not None:
             summary = expectations.result()
             stages["validate"] = round(stages["validate"] + time.perf_counter() - t, 3)  # what was left
@@ -370,6 +436,8 @@ def run_enrichment(
         _finish(outcome, reports_path, client, cfg, started_at, clock, say)
         raise
     except BaseException as exc:
+        if scoring is not None and not scoring.done():  # leave no scoring job of this run behind
+            _cancel(spark, group, scoring)
         if expectations is not None and not expectations.done():
             with contextlib.suppress(Exception):  # leave no Spark job of this run behind
                 expectations.result()

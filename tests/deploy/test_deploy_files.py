@@ -67,3 +67,4 @@ def test_dockerfile_and_spark_application() -> None:
         lines = (DEPLOY / "spark" / f"{conf}.conf").read_text().splitlines()
         props = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith("#"))
         assert props["spark.sql.session.timeZone"] == "UTC", conf
+        assert props["spark.scheduler.mode"] == "FAIR", conf  # validation jobs beside the scoring stage

@@ -15,6 +15,7 @@ the progress line and the test that proves one load per worker.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -232,8 +233,12 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
     loads, batches, products = counters.loads, counters.batches, counters.products
 
     def score_partition(iterator: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rows = (b for b in iterator if b.num_rows)
+        first = next(rows, None)
+        if first is None:
+            return  # an empty partition loads no model (a run with nothing new, an empty hash bucket)
         predictor, policy = _worker_state(spec, loads)
-        for out in score_batches(predictor, policy, iterator):
+        for out in score_batches(predictor, policy, itertools.chain([first], rows)):
             batches.add(1)
             products.add(out.num_rows)
             yield out
