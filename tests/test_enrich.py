@@ -455,7 +455,7 @@ def test_side_jobs_run_in_their_own_scheduler_pool(spark) -> None:  # type: igno
 def test_cancel_stops_a_running_scoring_stage(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import time
 
-    from catalog_enrichment.enrich import _beside, _cancel, _score_to
+    from catalog_enrichment.enrich import _beside, _cancel, _stage_scores
 
     def slow(batches):  # type: ignore[no-untyped-def]
         for batch in batches:
@@ -463,7 +463,7 @@ def test_cancel_stops_a_running_scoring_stage(spark, tmp_path) -> None:  # type:
             yield batch
 
     rows = spark.range(0, 8, numPartitions=2).mapInArrow(slow, "id long")
-    running = _beside(spark, None, _score_to, spark, rows, tmp_path / "scores", "cancel-me")
+    running = _beside(spark, None, _stage_scores, rows, tmp_path / "scores", group="cancel-me")
     tracker = spark.sparkContext.statusTracker()
     deadline = time.monotonic() + 60
     while not tracker.getJobIdsForGroup("cancel-me") and time.monotonic() < deadline:

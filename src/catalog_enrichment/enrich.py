@@ -102,12 +102,12 @@ class EnrichOutcome:
 
 
 def _progress_thread(
-    spark: Any, counters: ScoringCounters, total: Callable[[], int | None], say: Say, interval: float
+    spark: Any, counters: ScoringCounters, counts: Future[ValidationCounts], say: Say, interval: float
 ) -> Callable[[], None]:
     """Print scoring progress every ``interval`` seconds until the returned stop() is called.
 
     Products are counted when a task finishes (accumulators), tasks as they complete (status tracker);
-    ``total()`` is the number of valid rows once the count beside the scoring stage has it.
+    the number of valid rows once the counts beside the scoring stage are in.
     """
     stop = threading.Event()
     started = time.perf_counter()
@@ -121,7 +121,8 @@ def _progress_thread(
             running = sum(t.numActiveTasks for t in tasks if t)
             n = sum(t.numTasks for t in tasks if t)
             rate = done / max(time.perf_counter() - started, 1e-9)
-            of = total()
+            known = counts.done() and counts.exception() is None
+            of = counts.result().rows_read - counts.result().rows_invalid if known else None
             say(
                 f"  scoring: tasks {finished}/{n} done, {running} running; {done:,}"
                 + (f"/{of:,}" if of is not None else "")
@@ -147,18 +148,24 @@ def check_model_fits(bundle_dir: Path, taxonomy: Taxonomy) -> DecisionPolicy:
     return DecisionPolicy(model_taxonomy, calibration, taxonomy)
 
 
-def _beside(spark: Any, pool: str | None, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+def _beside(
+    spark: Any, pool: str | None, fn: Callable[..., Any], *args: Any, group: str | None = None
+) -> Future[Any]:
     """``fn(*args)`` in a background thread whose Spark jobs go to the scheduler pool ``pool``.
 
     Spark takes jobs from several threads at once. Under ``spark.scheduler.mode=FAIR`` (the local
     default) a job in its own pool gets the next free core ahead of the scoring stage's queued
     tasks, so the short validation jobs run during scoring instead of waiting for its last task;
-    under FIFO they queue behind it, as before.
+    under FIFO they queue behind it, as before. With ``group`` the thread's jobs form a job group,
+    which :func:`_cancel` stops. Both are the thread's own Spark properties, not the caller's.
     """
 
     def run() -> Any:
+        sc = spark.sparkContext
         if pool is not None:
-            spark.sparkContext.setLocalProperty("spark.scheduler.pool", pool)  # this thread's jobs only
+            sc.setLocalProperty("spark.scheduler.pool", pool)
+        if group is not None:
+            sc.setJobGroup(group, f"catalog-enrichment ({group})")
         return fn(*args)
 
     executor = ThreadPoolExecutor(1, thread_name_prefix=pool or "scoring")
@@ -168,10 +175,9 @@ def _beside(spark: Any, pool: str | None, fn: Callable[..., Any], *args: Any) ->
         executor.shutdown(wait=False)
 
 
-def _score_to(spark: Any, scored: Any, path: Path, group: str) -> None:
-    """Write the lazily scored DataFrame to ``path`` as Parquet, its jobs tagged with ``group``."""
-    spark.sparkContext.setJobGroup(group, f"catalog-enrichment: score and stage ({group})")
-    scored.write.mode("overwrite").parquet(str(path))
+def _stage_scores(scores: Any, path: Path) -> None:
+    """Write the lazily scored DataFrame to ``path`` as Parquet (the scoring stage runs here)."""
+    scores.write.mode("overwrite").parquet(str(path))
 
 
 def _cancel(spark: Any, group: str, scoring: Future[Any], patience: float = 60.0) -> None:
@@ -313,19 +319,22 @@ def run_enrichment(
         valid = _spread(checked.where(F.size(REASONS) == 0).drop(REASONS), spark, cfg)
         scores = score_dataframe(valid, spec, counters)
         group = f"catalog-enrichment-{run_id}"
-        scoring = _beside(spark, None, _score_to, spark, scores, staging / "scores", group)
+        scoring = _beside(spark, None, _stage_scores, scores, staging / "scores", group=group)
         scoring_started = time.perf_counter()
-        n_valid: list[int] = []
-        known = lambda: n_valid[0] if n_valid else None  # noqa: E731  (the count's, once it is in)
-        stop = _progress_thread(spark, counters, known, say, progress_interval)
+
+        def abandon_scoring() -> None:  # the run ends before anything is written
+            _cancel(spark, group, scoring)
+            shutil.rmtree(staging, ignore_errors=True)
+
+        counting = _beside(spark, "validation", count_reasons, checked, rules)
+        stop = _progress_thread(spark, counters, counting, say, progress_interval)
         try:
-            counts = _beside(spark, "validation", count_reasons, checked, rules).result()
+            counts = counting.result()
             report["rows_read"] = counts.rows_read
             if counts.watermark is not None:
                 report["watermark"] = counts.watermark
             if counts.rows_read == 0:
-                _cancel(spark, group, scoring)
-                shutil.rmtree(staging, ignore_errors=True)
+                abandon_scoring()
                 say("  nothing to enrich: no new or changed products")
                 report.update(status="succeeded", watermark=since)
                 return _finish(outcome, reports_path, client, cfg, started_at, clock, say)
@@ -339,14 +348,12 @@ def run_enrichment(
             try:
                 check_breaker(counts, cfg.validation.max_invalid_fraction)
             except CircuitBreakerTripped:
-                _cancel(spark, group, scoring)
-                shutil.rmtree(staging, ignore_errors=True)
+                abandon_scoring()
                 try:  # the aborted run's report still carries the suite's results
                     summary = expectations.result() if expectations else {}
                 except Exception as gx_error:  # ... or why there are none; the abort is what matters
                     summary = {"expectations_error": f"{type(gx_error).__name__}: {gx_error}"[:2000]}
                 raise
-            n_valid.append(counts.rows_read - counts.rows_invalid)
             t = stage("validate", t)
             scoring.result()
         finally:
