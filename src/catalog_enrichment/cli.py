@@ -568,8 +568,10 @@ def local_spark_defaults(master: str) -> dict[str, Any]:
     * no UI;
     * 2 x cores shuffle partitions: the default 200, sized for clusters, cost more than the few small
       aggregations of a run on one machine;
-    * FAIR scheduling: the run's short validation jobs (counts, the GX suite) go to their own pools
-      and take a core between two scoring tasks instead of queueing behind the whole scoring stage;
+    * FAIR scheduling: the run's short validation jobs (the duplicate pass and the counts, the GX
+      suite) go to their own pools and take a core between two scoring tasks instead of queueing
+      behind the whole scoring stage; the pools of ``fairscheduler.xml`` give the validation pool
+      the first free slot, so the circuit breaker's verdict comes early in the scoring stage;
     * the driver JVM - which is the executor in local mode - compiles with the C1 JIT only
       (``-XX:TieredStopAtLevel=1``). Spark generates and compiles new classes for every query, and
       the C2 compiler threads spent 5-8.5 core-seconds per 16k-product run on them: the biggest
@@ -581,6 +583,7 @@ def local_spark_defaults(master: str) -> dict[str, Any]:
         "spark.sql.shuffle.partitions": str(2 * _local_cores(master)),
         "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1",
         "spark.scheduler.mode": "FAIR",
+        "spark.scheduler.allocation.file": str(Path(__file__).with_name("fairscheduler.xml")),
     }
 
 

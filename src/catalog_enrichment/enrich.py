@@ -4,16 +4,17 @@ One call of :func:`run_enrichment` is one run with one run id:
 
 1. **read** the products (partition filter; incremental: only ``updated_at`` past the watermark of
    the last succeeded run over the same scope, unless ``full``);
-2. **validate** every row against the contract's rules (Spark expressions). The duplicate pass
-   runs first (the scoring stage's input needs it); the scoring stage then starts, and the counts
-   per rule run beside it: the circuit breaker cancels it and aborts before any write when too many
-   rows fail. The Great Expectations suite (it reports, the row rules decide) runs beside the
-   scoring stage as well and is joined before anything is written. The side jobs go to their own
-   scheduler pools (FAIR scheduling on a local master), so they take a core between two scoring
-   tasks instead of waiting for the last one;
-3. **score** the valid rows with ``mapInArrow`` (model loaded once per Python worker) and
-   **decide** in the same pass (thresholds, taxonomy, merchant-filled attributes);
-4. **stage** the decisions as Parquet under ``<catalog.root>/_staging/<run id>``;
+2. **validate** every row against the contract's rules (Spark expressions), beside the scoring
+   stage, which starts at once on the rows that pass the per-row rules: the duplicate pass, then
+   the counts per rule; the circuit breaker cancels the scoring stage and aborts before any write
+   when too many rows fail. The Great Expectations suite (it reports, the row rules decide) runs
+   beside the scoring stage as well and is joined before anything is written. The side jobs go to
+   their own scheduler pools (FAIR scheduling on a local master), so they take a core between two
+   scoring tasks instead of waiting for the last one;
+3. **score** the rows with ``mapInArrow`` (model loaded once per Python worker) and **decide** in
+   the same pass (thresholds, taxonomy, merchant-filled attributes);
+4. **stage** the decisions as Parquet under ``<catalog.root>/_staging/<run id>``; the stale copies
+   of a duplicated id (known by then) are dropped from them, as they are quarantined;
 5. **write**: one MERGE commit into the attributes table (idempotent per run id), then the
    quarantine rows; a process killed before the MERGE leaves the table as it was;
 6. **report**: a run-report row and an MLflow run in the enrichment experiment.
@@ -57,11 +58,16 @@ from catalog_enrichment.validation.rules import (
     REASONS,
     CircuitBreakerTripped,
     ValidationCounts,
+    add_duplicates,
     build_rules,
     check_breaker,
     check_rows,
     count_reasons,
+    fails_row_rules,
+    find_duplicates,
+    latest_copies,
     quarantine_rows,
+    stale_copies,
 )
 from catalog_enrichment.validation.suite import run_suite
 
@@ -102,12 +108,16 @@ class EnrichOutcome:
 
 
 def _progress_thread(
-    spark: Any, counters: ScoringCounters, counts: Future[ValidationCounts], say: Say, interval: float
+    spark: Any,
+    counters: ScoringCounters,
+    counting: Future[ValidationCounts],
+    say: Say,
+    interval: float,
 ) -> Callable[[], None]:
     """Print scoring progress every ``interval`` seconds until the returned stop() is called.
 
     Products are counted when a task finishes (accumulators), tasks as they complete (status tracker);
-    the number of valid rows once the counts beside the scoring stage are in.
+    the number of rows read once the counts beside the scoring stage are in.
     """
     stop = threading.Event()
     started = time.perf_counter()
@@ -121,8 +131,8 @@ def _progress_thread(
             running = sum(t.numActiveTasks for t in tasks if t)
             n = sum(t.numTasks for t in tasks if t)
             rate = done / max(time.perf_counter() - started, 1e-9)
-            known = counts.done() and counts.exception() is None
-            of = counts.result().rows_read - counts.result().rows_invalid if known else None
+            known = counting.done() and counting.exception() is None
+            of = counting.result().rows_read if known else None
             say(
                 f"  scoring: tasks {finished}/{n} done, {running} running; {done:,}"
                 + (f"/{of:,}" if of is not None else "")
@@ -173,6 +183,14 @@ def _beside(
         return executor.submit(run)
     finally:
         executor.shutdown(wait=False)
+
+
+def _settle(*futures: Future[Any] | None) -> None:
+    """Wait for side threads (their errors do not matter here), so no Spark job of a run outlives it."""
+    for future in futures:
+        if future is not None:
+            with contextlib.suppress(Exception):
+                future.result()
 
 
 def _stage_scores(scores: Any, path: Path) -> None:
@@ -279,6 +297,7 @@ def run_enrichment(
     summary: dict[str, Any] = {}
     expectations: Future[dict[str, Any]] | None = None
     scoring: Future[None] | None = None
+    finding: Future[pa.Table] | None = None
     group = ""
 
     def stage(name: str, t0: float) -> float:
@@ -296,10 +315,7 @@ def run_enrichment(
             + (f"changed since {since:%Y-%m-%d %H:%M:%S}" if since else "full")
             + f"), model {model.name} v{model.version}"
         )
-        # 2. validate: the duplicate pass here (the scoring stage's input needs it); the counts and the
-        # circuit breaker beside the scoring stage: a tripped breaker cancels it, and nothing is written
         rules = build_rules(contract, cfg.validation)
-        checked = check_rows(df, rules)
         t = stage("read", t)
 
         # 3. score + decide, 4. stage
@@ -316,7 +332,11 @@ def run_enrichment(
         counters = ScoringCounters.create(spark)
         from pyspark.sql import functions as F
 
-        valid = _spread(checked.where(F.size(REASONS) == 0).drop(REASONS), spark, cfg)
+        # The scoring stage starts at once, on the rows that pass the per-row rules; 2. validate runs
+        # beside it: the duplicate pass, the counts per rule and the circuit breaker (a tripped breaker
+        # cancels the scoring stage, and nothing is written). Stale copies of a duplicated id are
+        # scored with the rest and dropped from the staged scores.
+        valid = _spread(df.where(~fails_row_rules(rules)), spark, cfg)
         scores = score_dataframe(valid, spec, counters)
         group = f"catalog-enrichment-{run_id}"
         scoring = _beside(spark, None, _stage_scores, scores, staging / "scores", group=group)
@@ -326,33 +346,45 @@ def run_enrichment(
             _cancel(spark, group, scoring)
             shutil.rmtree(staging, ignore_errors=True)
 
-        counting = _beside(spark, "validation", count_reasons, checked, rules)
+        counting = _beside(spark, "validation", count_reasons, df, rules)
+        finding = _beside(spark, "validation", find_duplicates, df, rules)
+        # The GX suite only reports (the row rules decide): it runs beside the scoring stage too,
+        # and is joined before anything is written.
+        if cfg.validation.run_expectations:
+            expectations = _beside(spark, "expectations", run_suite, df, rules, group=f"{group}-gx")
         stop = _progress_thread(spark, counters, counting, say, progress_interval)
         try:
-            counts = counting.result()
+            counts = counting.result()  # the per-row rules; the duplicates come next
             report["rows_read"] = counts.rows_read
             if counts.watermark is not None:
                 report["watermark"] = counts.watermark
             if counts.rows_read == 0:
                 abandon_scoring()
+                if expectations is not None:
+                    _cancel(spark, f"{group}-gx", expectations)
+                _settle(finding)
                 say("  nothing to enrich: no new or changed products")
                 report.update(status="succeeded", watermark=since)
                 return _finish(outcome, reports_path, client, cfg, started_at, clock, say)
-            # The GX suite only reports (the row rules decide): it runs beside the scoring stage too,
-            # and is joined before anything is written.
-            if cfg.validation.run_expectations:
-                expectations = _beside(spark, "expectations", run_suite, df, rules)
-            report["validation_summary"] = json.dumps({"row_rules": counts.per_rule})
-            invalid = f"{counts.rows_invalid:,} invalid ({counts.top_rules()})"
-            say(f"  validated {counts.rows_read:,} rows: {invalid}")
             try:
+                # without the duplicates the invalid rows are a lower bound: a trip is already certain
+                check_breaker(counts, cfg.validation.max_invalid_fraction)
+                counts = add_duplicates(counts, finding.result(), rules)
+                report["validation_summary"] = json.dumps({"row_rules": counts.per_rule})
+                invalid = f"{counts.rows_invalid:,} invalid ({counts.top_rules()})"
+                say(f"  validated {counts.rows_read:,} rows: {invalid}")
                 check_breaker(counts, cfg.validation.max_invalid_fraction)
             except CircuitBreakerTripped:
                 abandon_scoring()
+                _settle(finding)
                 try:  # the aborted run's report still carries the suite's results
                     summary = expectations.result() if expectations else {}
                 except Exception as gx_error:  # ... or why there are none; the abort is what matters
                     summary = {"expectations_error": f"{type(gx_error).__name__}: {gx_error}"[:2000]}
+                if not counts.complete and finding.exception() is None:
+                    # tripped on the per-row rules alone: say the exact figures, duplicates included
+                    exact = add_duplicates(counts, finding.result(), rules)
+                    check_breaker(exact, cfg.validation.max_invalid_fraction)
                 raise
             t = stage("validate", t)
             scoring.result()
@@ -361,6 +393,8 @@ def run_enrichment(
         outcome.model_loads = dict(counters.loads.value)
         outcome.arrow_batches = int(counters.batches.value)
         scored = ds.dataset(str(staging / "scores"), format="parquet").to_table()
+        latest = latest_copies(finding.result())
+        scored = scored.filter(pc.invert(stale_copies(scored, latest)))  # quarantined: product_id_unique
         stage("score", scoring_started)
         t = time.perf_counter()
         if expectations is not None:
@@ -386,6 +420,7 @@ def run_enrichment(
         if total.rows_invalid == 0:  # the counts say there is nothing to collect: no Spark job for it
             quarantine = quarantine_schema.empty_table()
         else:
+            checked = check_rows(df, rules, latest=latest)
             bad_rows = checked.where(F.size(REASONS) > 0)
             if image_reasons:
                 bad_rows = bad_rows.unionByName(
@@ -445,9 +480,7 @@ def run_enrichment(
     except BaseException as exc:
         if scoring is not None and not scoring.done():  # leave no scoring job of this run behind
             _cancel(spark, group, scoring)
-        if expectations is not None and not expectations.done():
-            with contextlib.suppress(Exception):  # leave no Spark job of this run behind
-                expectations.result()
+        _settle(finding, expectations)  # leave no Spark job of this run behind
         if report["status"] != "succeeded":
             report["status"] = "failed"
             info = json.loads(report.get("validation_summary") or "{}")

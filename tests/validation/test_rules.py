@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.validation import (
     CircuitBreakerTripped,
+    ValidationCounts,
     build_rules,
     check_breaker,
     check_rows,
     count_reasons,
     run_suite,
 )
-from catalog_enrichment.validation import rules as rules_module
+from catalog_enrichment.validation.rules import (
+    add_duplicates,
+    fails_row_rules,
+    find_duplicates,
+    latest_copies,
+    stale_copies,
+)
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
@@ -52,16 +61,19 @@ def frame(spark):  # type: ignore[no-untyped-def]
     return spark.createDataFrame(data, schema)
 
 
-@pytest.mark.parametrize("local_max", [1_000_000, 1], ids=["duplicates-on-driver", "too-many-to-collect"])
-def test_every_row_gets_exactly_the_rules_it_breaks(frame, local_max: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # two duplicated ids: kept on the driver, or (over the limit) re-aggregated in every pass
-    monkeypatch.setattr(rules_module, "LOCAL_DUPLICATES_MAX", local_max)
+def test_every_row_gets_exactly_the_rules_it_breaks(frame) -> None:  # type: ignore[no-untyped-def]
     rules = build_rules(load_contract("products"), ValidationConfig())
     checked = check_rows(frame, rules).collect()
     got = sorted((r["product_id"] or "", r["title"] or "", sorted(r["_reasons"])) for r in checked)
     want = sorted((pid or "", title or "", sorted(reasons)) for pid, title, _, _, reasons in ROWS)
     assert got == want
-    counts = count_reasons(check_rows(frame, rules), rules)
+    duplicates = find_duplicates(frame, rules)
+    row_counts = count_reasons(frame, rules)  # the per-row rules only: a lower bound
+    assert row_counts.per_rule["product_id_unique"] == 0
+    assert row_counts.rows_invalid == sum(1 for row in ROWS if set(row[4]) - {"product_id_unique"})
+    counts = count_reasons(frame, rules, duplicates)
+    assert counts == add_duplicates(row_counts, duplicates, rules)
+    assert counts.per_rule["product_id_unique"] == 3  # the old copy and both tied ones
     assert counts.rows_read == len(ROWS)
     assert counts.rows_invalid == sum(1 for row in ROWS if row[4])
     assert counts.per_rule["title_is_text"] == 5 and counts.watermark == T
@@ -70,11 +82,74 @@ def test_every_row_gets_exactly_the_rules_it_breaks(frame, local_max: int, monke
     check_breaker(counts, 0.9)  # within the limit: no error
 
 
+def test_duplicates_found_once_give_the_same_answer_on_the_scored_rows(frame) -> None:  # type: ignore[no-untyped-def]
+    # The job scores the rows that pass the per-row rules before the duplicates are known, then
+    # drops the stale copies from the scored rows: together that must be exactly the valid rows.
+    from pyspark.sql import functions as F
+
+    rules = build_rules(load_contract("products"), ValidationConfig())
+    duplicates = find_duplicates(frame, rules)
+    at = int(T.timestamp() * 1e6)
+    assert sorted(duplicates.to_pylist(), key=lambda r: (r["product_id"], r["_at"])) == [
+        {"product_id": "dup", "_at": int(EARLIER.timestamp() * 1e6), "_rows": 1, "_ok": 1},
+        {"product_id": "dup", "_at": at, "_rows": 1, "_ok": 1},
+        {"product_id": "tie", "_at": at, "_rows": 2, "_ok": 2},
+    ]
+    latest = latest_copies(duplicates)
+    assert sorted(latest.to_pylist(), key=lambda r: r["product_id"]) == [
+        {"product_id": "dup", "_latest": at, "_same": 1},
+        {"product_id": "tie", "_latest": at, "_same": 2},
+    ]
+    scored = frame.where(~fails_row_rules(rules))
+    taken = scored.select("product_id", "title", F.unix_micros("updated_at").alias("_at")).toArrow()
+    kept = taken.filter(pc.invert(stale_copies(taken, latest)))
+    valid = [(pid, title) for pid, title, _, _, reasons in ROWS if not reasons]
+    got = zip(kept["product_id"].to_pylist(), kept["title"].to_pylist(), strict=True)
+    assert sorted(got) == sorted(valid)
+    # the scoring pass took the stale and tied copies (and only those of the invalid rows)
+    assert sorted(set(taken["title"].to_pylist()) - set(kept["title"].to_pylist())) == [
+        "A",
+        "B",
+        "Grey tee (old)",
+    ]
+    assert check_rows(frame, rules, latest=latest).count() == len(ROWS)  # the join adds no row
+
+
+def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> None:
+    # the copies of two duplicated ids per (id, time), as find_duplicates returns them
+    duplicates = pa.table(
+        {
+            "product_id": ["d", "d", "d", "t", "t"],
+            "_at": [10, 5, None, 20, None],
+            "_rows": [1, 2, 1, 3, 1],
+            "_ok": [1, 1, 0, 2, 1],  # copies passing every per-row rule
+        },
+        pa.schema([("product_id", pa.string())] + [(c, pa.int64()) for c in ("_at", "_rows", "_ok")]),
+    )
+    latest = latest_copies(duplicates)
+    assert sorted(latest.to_pylist(), key=lambda r: r["product_id"]) == [
+        {"product_id": "d", "_latest": 10, "_same": 1},
+        {"product_id": "t", "_latest": 20, "_same": 3},
+    ]
+    ids = ["d", "d", "d", "t", "t", "x", None]
+    rows = pa.table({"product_id": ids, "_at": [10, 5, None, 20, None, 1, 1]})
+    # newest kept; older stale; no time: stale only in a tie (as the Spark rule's null logic);
+    # ids not duplicated and null ids are never stale here (null ids fail product_id_not_null)
+    assert stale_copies(rows, latest).to_pylist() == [False, True, False, True, True, False, False]
+    assert stale_copies(rows, latest.slice(0, 0)).to_pylist() == [False] * 7
+    # counted: 2 old copies of d, 3 tied copies of t and its copy without a time; of those, the 4
+    # that pass every per-row rule are invalid now, the other 2 were invalid already
+    rules = build_rules(load_contract("products"), ValidationConfig())
+    before = ValidationCounts(20, 5, {r.name: 0 for r in rules})
+    after = add_duplicates(before, duplicates, rules)
+    assert after.per_rule["product_id_unique"] == 6 and after.rows_invalid == 9 and after.rows_read == 20
+
+
 @pytest.mark.slow
 def test_the_great_expectations_suite_counts_the_same_rows(frame) -> None:  # type: ignore[no-untyped-def]
     rules = build_rules(load_contract("products"), ValidationConfig())
     summary = run_suite(frame, rules)
-    counts = count_reasons(check_rows(frame, rules), rules).per_rule
+    counts = count_reasons(frame, rules, find_duplicates(frame, rules)).per_rule
     gx = {e["rule"]: e["unexpected_count"] for e in summary["expectations"]}
     assert set(gx) == {r.name for r in rules}
     for rule, n in gx.items():

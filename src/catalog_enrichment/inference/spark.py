@@ -39,6 +39,7 @@ __all__ = [
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("product_id", pa.string()),
+        pa.field("_at", pa.int64()),  # updated_at in µs since the epoch: which copy of a duplicated id
         pa.field("image_error", pa.string()),
         pa.field("scored", pa.list_(pa.string())),
         pa.field(
@@ -56,7 +57,15 @@ OUTPUT_SCHEMA = pa.schema(
         ),
     ]
 )
-SCORING_INPUT = ("product_id", "title", "description", "image", "image_uri", "merchant_attributes")
+SCORING_INPUT = (
+    "product_id",
+    "title",
+    "description",
+    "image",
+    "image_uri",
+    "merchant_attributes",
+    "updated_at",
+)
 
 
 @dataclass(frozen=True)
@@ -197,9 +206,16 @@ def decide_batch(policy: Any, batch: pa.RecordBatch, scores: Any) -> pa.RecordBa
     merchant = [merchant_attributes(m) for m in column_values(batch, "merchant_attributes")]
     skip = np.array([e is not None for e in scores.image_error], bool)
     values, scored = policy.decide(scores.probs, merchant, skip)
+    names = batch.schema.names
+    at = (  # a timestamp's int64 value is µs since the epoch whatever its time zone
+        batch.column("updated_at").cast(pa.timestamp("us")).cast(pa.int64())
+        if "updated_at" in names
+        else pa.nulls(batch.num_rows, pa.int64())
+    )
     return pa.RecordBatch.from_arrays(
         [
             batch.column("product_id"),
+            at,
             pa.array(scores.image_error, pa.string()),
             pa.array(scored, pa.list_(pa.string())),
             pa.array(

@@ -12,7 +12,11 @@ decodes every image anyway, so the predictor reports them and the job quarantine
 
 Duplicates: of the rows sharing a ``product_id`` the one with the latest ``updated_at`` is kept;
 older copies fail ``product_id_unique``; rows tied at the latest time all fail it (which one is
-right cannot be known), so nothing is silently picked.
+right cannot be known), so nothing is silently picked. That rule is the only one that needs other
+rows: :func:`find_duplicates` lists the duplicated ids once (a small Arrow table on the driver), and
+:func:`stale_copies` applies the same test to any Arrow table of ``(id, updated_at)`` - the
+enrichment job scores the rows that pass the per-row rules while the duplicates are still being
+looked for, and drops the stale copies from the scored rows afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import Contract
@@ -35,11 +40,16 @@ __all__ = [
     "CircuitBreakerTripped",
     "Rule",
     "ValidationCounts",
+    "add_duplicates",
     "build_rules",
     "check_breaker",
     "check_rows",
     "count_reasons",
+    "fails_row_rules",
+    "find_duplicates",
+    "latest_copies",
     "quarantine_rows",
+    "stale_copies",
 ]
 
 REASONS = "_reasons"
@@ -62,6 +72,7 @@ class Rule:
     column: str
     fails: Callable[[], Any]  # () -> pyspark Column, true where the row breaks the rule
     expectation: Callable[[], Any] | None  # () -> great_expectations Expectation
+    across_rows: bool = False  # decided by other rows too (the duplicates), not by the row alone
 
 
 def build_rules(contract: Contract, cfg: ValidationConfig) -> list[Rule]:
@@ -94,6 +105,7 @@ def build_rules(contract: Contract, cfg: ValidationConfig) -> list[Rule]:
                 key,
                 lambda: F.col("_dup_stale"),
                 lambda: gxe().ExpectColumnValuesToBeUnique(column=key),
+                across_rows=True,
             )
         )
     rules += [
@@ -146,37 +158,80 @@ def _null_expectation(column: str) -> Callable[[], Any]:
     return make
 
 
-# Up to this many duplicated ids are kept on the driver after one aggregation (see check_rows).
-LOCAL_DUPLICATES_MAX = 1_000_000
+def find_duplicates(df: Any, rules: list[Rule], key: str = "product_id") -> pa.Table:
+    """The copies of every id on more than one row, one row per (id, ``updated_at``).
 
-
-def check_rows(df: Any, rules: list[Rule], key: str = "product_id") -> Any:
-    """``df`` plus ``_reasons`` (array of failed rule names, empty for valid rows).
-
-    The duplicated ids (rarely more than a few) are found by one aggregation here and kept on the
-    driver as a small local table: every later pass over the rows (the counts, the scoring stage,
-    the quarantine) joins that instead of re-reading and re-aggregating the whole source, about
-    0.6 s of two busy cores per pass on 16k products. Past ``LOCAL_DUPLICATES_MAX`` duplicated ids
-    the aggregation stays part of each pass. Either way only duplicated ids are joined (broadcast),
-    so images are never shuffled.
+    Columns: ``key``; ``_at``, ``updated_at`` in µs since the epoch (null where missing); ``_rows``,
+    how many copies carry that time; ``_ok``, how many of those pass every per-row rule (for the
+    counts). Two aggregations over the id, the time and the per-row rules - no join, no images;
+    the result (rarely more than a few rows, never more than the rows read) is collected as Arrow.
     """
     from pyspark.sql import functions as F
 
-    stamp = F.unix_micros("updated_at")  # exact, no time-zone round trip through the driver
-    present = df.where(F.col(key).isNotNull()).select(key, stamp.alias("_at"))
-    dups = (
-        present.groupBy(key)
-        .agg(F.count(F.lit(1)).alias("_n"), F.max("_at").alias("_latest"))
+    groups = (
+        df.where(F.col(key).isNotNull())
+        .groupBy(key, F.unix_micros("updated_at").alias("_at"))
+        .agg(
+            F.count(F.lit(1)).alias("_rows"),
+            F.sum(F.when(fails_row_rules(rules), 0).otherwise(1)).alias("_ok"),
+        )
+    )
+    per_id = (
+        groups.groupBy(key)
+        .agg(F.sum("_rows").alias("_n"), F.collect_list(F.struct("_at", "_rows", "_ok")).alias("_copies"))
         .where(F.col("_n") > 1)
+        .select(key, "_copies")
+        .toArrow()
     )
-    tied = present.groupBy(key, "_at").agg(F.count(F.lit(1)).alias("_same"))
-    dups = dups.join(tied.withColumnRenamed("_at", "_latest"), on=[key, "_latest"], how="left").select(
-        key, "_latest", "_same"
+    copies = per_id["_copies"].combine_chunks()
+    flat = copies.flatten()
+    return pa.table(
+        {
+            key: pc.take(per_id[key], pc.list_parent_indices(copies)).cast(pa.string()),
+            "_at": flat.field("_at").cast(pa.int64()),
+            "_rows": flat.field("_rows").cast(pa.int64()),
+            "_ok": flat.field("_ok").cast(pa.int64()),
+        }
     )
-    found = dups.limit(LOCAL_DUPLICATES_MAX + 1).collect()
-    if len(found) <= LOCAL_DUPLICATES_MAX:
-        dups = df.sparkSession.createDataFrame(found, dups.schema)
-    checked = df.join(F.broadcast(dups), on=key, how="left").withColumn(
+
+
+def latest_copies(duplicates: pa.Table, key: str = "product_id") -> pa.Table:
+    """Per duplicated id: its latest time ``_latest`` and how many copies carry it, ``_same``."""
+    latest = duplicates.group_by(key).aggregate([("_at", "max")]).rename_columns([key, "_latest"])
+    at_latest = duplicates.join(latest, key).filter(pc.equal(pc.field("_at"), pc.field("_latest")))
+    same = at_latest.select([key, "_rows"]).rename_columns([key, "_same"])
+    return (
+        latest.join(same, key)
+        .select([key, "_latest", "_same"])
+        .cast(pa.schema([(key, pa.string()), ("_latest", pa.int64()), ("_same", pa.int64())]))
+    )
+
+
+def stale_copies(rows: pa.Table, latest: pa.Table, key: str = "product_id", at: str = "_at") -> pa.Array:
+    """Boolean mask of ``rows`` that fail ``product_id_unique``: an older copy of a duplicated id, or
+    one of the copies tied at its latest time. ``latest`` is :func:`latest_copies`; ``rows[at]`` is
+    ``updated_at`` in µs since the epoch. The same three-valued logic as :func:`check_rows` (a copy
+    without a time is stale only in a tie).
+    """
+    index = pc.index_in(rows[key], value_set=latest[key])
+    newest = pc.take(latest["_latest"], index)
+    same = pc.take(latest["_same"], index)
+    stale = pc.and_kleene(pc.is_valid(newest), pc.or_kleene(pc.less(rows[at], newest), pc.greater(same, 1)))
+    return pc.fill_null(stale, False)
+
+
+def check_rows(df: Any, rules: list[Rule], key: str = "product_id", latest: pa.Table | None = None) -> Any:
+    """``df`` plus ``_reasons`` (array of failed rule names, empty for valid rows).
+
+    ``latest`` (:func:`latest_copies` of the duplicates of ``df``, found here when not given) is
+    joined as a small broadcast table, so images are never shuffled.
+    """
+    from pyspark.sql import functions as F
+
+    if latest is None:
+        latest = latest_copies(find_duplicates(df, rules, key), key)
+    stamp = F.unix_micros("updated_at")  # exact, no time-zone round trip through the driver
+    checked = df.join(F.broadcast(df.sparkSession.createDataFrame(latest)), on=key, how="left").withColumn(
         "_dup_stale",
         F.col("_latest").isNotNull() & ((stamp < F.col("_latest")) | (F.col("_same") > 1)),
     )
@@ -184,6 +239,17 @@ def check_rows(df: Any, rules: list[Rule], key: str = "product_id") -> Any:
     return checked.withColumn(REASONS, F.filter(F.array(*failed), lambda x: x.isNotNull())).drop(
         "_latest", "_same", "_dup_stale"
     )
+
+
+def fails_row_rules(rules: list[Rule]) -> Any:
+    """A Spark column, true where a row breaks a rule it can be checked against alone (every rule
+    but the duplicates): the rows the scoring pass takes before the duplicates are known."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    tests = [F.coalesce(rule.fails(), F.lit(False)) for rule in rules if not rule.across_rows]
+    return reduce(lambda a, b: a | b, tests, F.lit(False))
 
 
 @dataclass
@@ -194,6 +260,7 @@ class ValidationCounts:
     rows_invalid: int
     per_rule: dict[str, int] = field(default_factory=dict)
     watermark: dt.datetime | None = None
+    complete: bool = True  # False: the duplicates are not counted yet (``rows_invalid`` is a lower bound)
 
     @property
     def invalid_fraction(self) -> float:
@@ -204,23 +271,45 @@ class ValidationCounts:
         return ", ".join(f"{r} ({n:,})" for n, r in top) or "none"
 
 
-def count_reasons(checked: Any, rules: list[Rule]) -> ValidationCounts:
-    """One aggregation over the checked rows."""
+def count_reasons(df: Any, rules: list[Rule], duplicates: pa.Table | None = None) -> ValidationCounts:
+    """Rows read, failures per rule, rows failing any, and the watermark: one aggregation over the
+    per-row rules. The duplicates rule (it needs other rows) counts from ``duplicates``
+    (:func:`find_duplicates`; see :func:`add_duplicates`), 0 when they are not given yet - the
+    counts are then a lower bound, which the circuit breaker can already judge.
+    """
     from pyspark.sql import functions as F
 
-    aggs = [F.count(F.lit(1)).alias("rows"), F.sum(F.when(F.size(REASONS) > 0, 1).otherwise(0)).alias("bad")]
+    def number(test: Any) -> Any:
+        return F.sum(F.when(test, 1).otherwise(0))
+
+    aggs = [F.count(F.lit(1)).alias("rows"), number(fails_row_rules(rules)).alias("bad")]
     aggs += [
-        F.sum(F.when(F.array_contains(REASONS, r.name), 1).otherwise(0)).alias(f"r{i}")
+        number(F.coalesce(r.fails(), F.lit(False))).alias(f"r{i}")
         for i, r in enumerate(rules)
+        if not r.across_rows
     ]
     aggs.append(F.max(F.unix_micros("updated_at")).alias("watermark"))  # exact, no local-time conversion
-    row = checked.agg(*aggs).collect()[0]
-    return ValidationCounts(
+    row = df.agg(*aggs).collect()[0]
+    counts = ValidationCounts(
         int(row["rows"]),
         int(row["bad"] or 0),
-        {r.name: int(row[f"r{i}"] or 0) for i, r in enumerate(rules)},
+        {r.name: int(row[f"r{i}"] or 0) if not r.across_rows else 0 for i, r in enumerate(rules)},
         None if row["watermark"] is None else _from_micros(int(row["watermark"])),
+        complete=not any(r.across_rows for r in rules),
     )
+    return counts if duplicates is None else add_duplicates(counts, duplicates, rules)
+
+
+def add_duplicates(counts: ValidationCounts, duplicates: pa.Table, rules: list[Rule]) -> ValidationCounts:
+    """``counts`` of the per-row rules plus the stale copies in ``duplicates`` (:func:`find_duplicates`)."""
+    stale = duplicates.filter(stale_copies(duplicates, latest_copies(duplicates)))
+    per_rule = dict(counts.per_rule)
+    for rule in rules:
+        if rule.across_rows:
+            per_rule[rule.name] = int(pc.sum(stale["_rows"]).as_py() or 0)
+    # a stale copy that breaks a per-row rule too is already among the invalid rows
+    invalid = counts.rows_invalid + int(pc.sum(stale["_ok"]).as_py() or 0)
+    return ValidationCounts(counts.rows_read, invalid, per_rule, counts.watermark, complete=True)
 
 
 def _from_micros(us: int) -> dt.datetime:
@@ -235,7 +324,8 @@ def check_breaker(counts: ValidationCounts, max_fraction: float) -> None:
     """Raise :class:`CircuitBreakerTripped` when the invalid share exceeds ``max_fraction``."""
     if counts.rows_read and counts.invalid_fraction > max_fraction:
         raise CircuitBreakerTripped(
-            f"circuit breaker: {counts.rows_invalid:,} of {counts.rows_read:,} rows invalid "
+            f"circuit breaker: {'' if counts.complete else 'at least '}"
+            f"{counts.rows_invalid:,} of {counts.rows_read:,} rows invalid "
             f"({counts.invalid_fraction:.1%} > validation.max_invalid_fraction {max_fraction:.1%}); "
             f"top failing rules: {counts.top_rules()}. Nothing was written."
         )
