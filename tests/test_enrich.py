@@ -446,6 +446,9 @@ def test_side_jobs_run_in_their_own_scheduler_pool(spark) -> None:  # type: igno
 
     sc = spark.sparkContext
     assert sc.getConf().get("spark.scheduler.mode") == "FAIR"  # the local sessions' default
+    # fairscheduler.xml: the validation pool (the breaker's counts) takes the first free slot
+    validation = sc._jsc.sc().getPoolForName("validation")
+    assert validation.isDefined() and validation.get().minShare() == 1
     pool = _beside(spark, "validation", lambda: sc.getLocalProperty("spark.scheduler.pool")).result(60)
     assert pool == "validation"
     # the pool is the side thread's: this thread's jobs (the scoring stage's) stay in the default pool

@@ -572,6 +572,10 @@ def local_spark_defaults(master: str) -> dict[str, Any]:
       suite) go to their own pools and take a core between two scoring tasks instead of queueing
       behind the whole scoring stage; the pools of ``fairscheduler.xml`` give the validation pool
       the first free slot, so the circuit breaker's verdict comes early in the scoring stage;
+    * the status store updated on every task event (``spark.ui.liveUpdate.period=0``; by default a
+      task start within 100 ms of the last update of its stage is not recorded until a later event):
+      a cancelled run waits until the status tracker shows none of its tasks running, and a task
+      that started just before the cancel must be among them;
     * the driver JVM - which is the executor in local mode - compiles with the C1 JIT only
       (``-XX:TieredStopAtLevel=1``). Spark generates and compiles new classes for every query, and
       the C2 compiler threads spent 5-8.5 core-seconds per 16k-product run on them: the biggest
@@ -584,6 +588,7 @@ def local_spark_defaults(master: str) -> dict[str, Any]:
         "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1",
         "spark.scheduler.mode": "FAIR",
         "spark.scheduler.allocation.file": str(Path(__file__).with_name("fairscheduler.xml")),
+        "spark.ui.liveUpdate.period": "0",
     }
 
 

@@ -198,14 +198,17 @@ def _stage_scores(scores: Any, path: Path) -> None:
     scores.write.mode("overwrite").parquet(str(path))
 
 
-def _cancel(spark: Any, group: str, scoring: Future[Any], patience: float = 60.0) -> None:
+def _cancel(
+    spark: Any, group: str, scoring: Future[Any], patience: float = 60.0, settle: float = 1.0
+) -> None:
     """Stop the scoring stage and wait until it has stopped (it fails; that is expected).
 
-    A query runs as several Spark jobs (adaptive execution submits each stage as one), and a job
-    submitted after a cancel is not cancelled by it: cancel until the writing thread returns. A
-    cancelled job fails at once while its tasks wind down (a Python worker finishes its batch), so
-    then wait - up to ``patience`` seconds - until none of them runs: after that nothing of this
-    stage writes into the staging folder any more.
+    A query runs as several Spark jobs (adaptive execution submits each stage as one, from threads
+    of its own), and a job submitted after a cancel is not cancelled by it: cancel until the writing
+    thread returns, then go on cancelling any job of the group that still shows up, until for
+    ``settle`` seconds no job of it is active and none of its tasks runs (a cancelled job fails at
+    once while its tasks wind down: a Python worker finishes its batch). After that nothing of
+    this stage writes into the staging folder any more; ``patience`` bounds the wait.
     """
     sc = spark.sparkContext
     while not scoring.done():
@@ -213,14 +216,26 @@ def _cancel(spark: Any, group: str, scoring: Future[Any], patience: float = 60.0
         with contextlib.suppress(Exception):
             scoring.result(timeout=0.25)
     tracker = sc.statusTracker()
-    deadline = time.monotonic() + patience
+    events = sc._jsc.sc().listenerBus()
 
-    def running() -> int:
-        jobs = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup(group)]
+    def busy() -> bool:
+        # The tracker learns of jobs and tasks from listener events, delivered a moment later:
+        # drain them first, so a job or task started just now is seen.
+        with contextlib.suppress(Exception):
+            events.waitUntilEmpty(5000)
+        ids = tracker.getJobIdsForGroup(group)
+        if set(ids) & set(tracker.getActiveJobsIds()):
+            sc.cancelJobGroup(group)
+            return True
+        jobs = [tracker.getJobInfo(j) for j in ids]
         stages = [tracker.getStageInfo(s) for job in jobs if job for s in job.stageIds]
-        return sum(stage.numActiveTasks for stage in stages if stage)
+        return any(stage.numActiveTasks for stage in stages if stage)
 
-    while running() and time.monotonic() < deadline:
+    deadline = time.monotonic() + patience
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < settle:
+        if busy():
+            quiet_since = time.monotonic()
         time.sleep(0.1)
 
 
