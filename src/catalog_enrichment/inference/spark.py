@@ -245,7 +245,11 @@ def spark_output_schema() -> Any:
 
 
 def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) -> Any:
-    """The scored DataFrame (lazy): one row per valid product, ``OUTPUT_SCHEMA`` columns."""
+    """The scored DataFrame (lazy): one row per input row, ``OUTPUT_SCHEMA`` columns.
+
+    The enrichment job passes the rows that pass the per-row rules; stale copies of a duplicated id
+    are among them until the job drops them by ``_at`` (``validation.rules.stale_copies``).
+    """
     loads, batches, products = counters.loads, counters.batches, counters.products
 
     def score_partition(iterator: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
