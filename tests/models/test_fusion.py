@@ -20,6 +20,7 @@ from catalog_enrichment.data.dataset import (
 )
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import ConfigError
+from catalog_enrichment.models.encoders import normalize_pixels
 from catalog_enrichment.models.fusion import create_fusion, fusion_class, kl_to_uniform, list_fusions
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.losses import attribute_loss
@@ -150,3 +151,21 @@ def test_unknown_fusion_and_bad_options_are_clear_errors(taxonomy: Taxonomy) -> 
         create_fusion("late", text_dim=4, image_dim=4, heads=[], kl_lambda=1.0)
     with pytest.raises(ConfigError, match="unknown merge 'max'"):
         create_fusion("hierarchical", text_dim=4, image_dim=4, heads=[], level1="max")
+
+
+def test_uint8_pixels_are_normalised_inside_the_model(taxonomy: Taxonomy, tiny_batch) -> None:  # type: ignore[no-untyped-def]
+    """A GPU is sent the decoded uint8 pixels (channels-last): the model's output is that of the
+    floats the training collator normalises."""
+    batch, tokenizer = tiny_batch
+    model = _model("concat", taxonomy, tokenizer).eval()
+    present = batch["image_present"].bool()
+    assert present.sum() > 10 and (~present).sum() > 0  # both kinds of row are in the known answer
+    floats = batch["pixel_values"]
+    as_uint8 = (floats * 63.75 + 127.5).round().clamp(0, 255).to(torch.uint8)
+    assert torch.allclose(normalize_pixels(as_uint8)[present], floats[present], atol=1e-6)
+    channels_last = as_uint8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        expected = model(batch).probs
+        got = model({**batch, "pixel_values": channels_last}).probs
+    for attribute, probs in expected.items():
+        torch.testing.assert_close(got[attribute], probs, atol=1e-5, rtol=1e-4)

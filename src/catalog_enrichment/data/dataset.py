@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.images import decode_image
 from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.models.encoders import normalize_pixels
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -209,17 +210,12 @@ def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_leng
     )
 
 
-_MEAN = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
-_STD = torch.tensor([0.25, 0.25, 0.25]).view(3, 1, 1)
-
-
 def image_to_tensor(data: bytes | None, size: int) -> tuple[torch.Tensor, bool]:
     """Decode and normalise one image to ``(3, size, size)`` float32; zeros + False when absent/bad."""
     pixels = decode_image(data, size)
     if pixels is None:
         return torch.zeros(3, size, size), False
-    tensor = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float().div_(255.0)
-    return (tensor - _MEAN) / _STD, True
+    return normalize_pixels(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)).contiguous(), True
 
 
 def _padded_backend(tokenizer: Any, max_length: int) -> Any:

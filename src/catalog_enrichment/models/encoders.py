@@ -109,8 +109,24 @@ class TextEncoder(nn.Module):
         )
 
 
+# Pixels are normalised as (x / 255 - PIXEL_MEAN) / PIXEL_STD, every channel alike.
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.25
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any layout; channels-last stays channels-last) to the float32 the backbone takes."""
+    scale = 255.0 * PIXEL_STD
+    return pixels.float().mul_(1.0 / scale).sub_(PIXEL_MEAN / PIXEL_STD)
+
+
 class ImageEncoder(nn.Module):
-    """Any timm model, created with ``num_classes=0``; exposes pooled and spatial features."""
+    """Any timm model, created with ``num_classes=0``; exposes pooled and spatial features.
+
+    ``pixel_values`` are either normalised float (training batches) or the decoded uint8 pixels,
+    normalised here, on the model's device: serving sends a quarter of the bytes to a GPU, and the
+    normalisation runs there instead of on the CPU threads that decode.
+    """
 
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         super().__init__()
@@ -130,6 +146,8 @@ class ImageEncoder(nn.Module):
         self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
     def forward(self, pixel_values: torch.Tensor, image_present: torch.Tensor) -> ImageFeatures:
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels(pixel_values)
         feats = self.backbone.forward_features(pixel_values)
         pooled = self.backbone.forward_head(feats, pre_logits=True)
         tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
