@@ -496,3 +496,43 @@ def test_an_empty_partition_loads_no_model(spark, scoring_bundle, taxonomy) -> N
     empty = spark.createDataFrame([], "product_id string, title string, description string, image binary")
     assert score_dataframe(empty.repartition(4), spec, counters).count() == 0
     assert counters.loads.value == {} and counters.products.value == 0
+
+
+def test_a_worker_keeps_its_model_out_of_the_collection_after_each_task(scoring_bundle, taxonomy) -> None:  # type: ignore[no-untyped-def]
+    """A reused PySpark worker runs a full ``gc.collect()`` after every task: the loaded model and its
+    libraries are frozen out of it; a new model version unfreezes them, so the old one is freed."""
+    import dataclasses
+    import gc
+    import weakref
+
+    from catalog_enrichment.inference import spark as glue
+
+    class Loads:  # the accumulator's interface, in this process
+        def __init__(self) -> None:
+            self.value: dict[int, int] = {}
+
+        def add(self, more: dict[int, int]) -> None:
+            for pid, n in more.items():
+                self.value[pid] = self.value.get(pid, 0) + n
+
+    spec = glue.ScoringSpec(
+        bundle_name="unused",
+        bundle_path=str(scoring_bundle),
+        allowed_taxonomy=taxonomy.to_dict(),
+        device="cpu",
+        predictor={"batch_size": 64},
+    )
+    loads = Loads()
+    gc.unfreeze()
+    try:
+        predictor = glue._worker_state(spec, loads)[0]
+        assert gc.get_freeze_count() > 10_000  # torch, the model, the tokenizer ...
+        assert glue._worker_state(spec, loads)[0] is predictor and loads.value == {os.getpid(): 1}
+        old = weakref.ref(predictor)
+        del predictor
+        newer = glue._worker_state(dataclasses.replace(spec, predictor={"batch_size": 32}), loads)[0]
+        assert old() is None and newer.batch_size == 32 and loads.value == {os.getpid(): 2}
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        glue._WORKER_CACHE.clear()
+        gc.unfreeze()
