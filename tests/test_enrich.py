@@ -507,13 +507,12 @@ def test_a_worker_keeps_its_model_out_of_the_collection_after_each_task(scoring_
 
     from catalog_enrichment.inference import spark as glue
 
-    class Loads:  # the accumulator's interface, in this process
+    class Loads:  # the accumulator's interface, in this process, merging as the real one does
         def __init__(self) -> None:
             self.value: dict[int, int] = {}
 
         def add(self, more: dict[int, int]) -> None:
-            for pid, n in more.items():
-                self.value[pid] = self.value.get(pid, 0) + n
+            glue._PidCounts().addInPlace(self.value, more)
 
     spec = glue.ScoringSpec(
         bundle_name="unused",

@@ -215,7 +215,7 @@ def image_to_tensor(data: bytes | None, size: int) -> tuple[torch.Tensor, bool]:
     pixels = decode_image(data, size)
     if pixels is None:
         return torch.zeros(3, size, size), False
-    return normalize_pixels(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)).contiguous(), True
+    return normalize_pixels(torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))), True
 
 
 def _padded_backend(tokenizer: Any, max_length: int) -> Any:
