@@ -21,8 +21,9 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.inference.bundle import load_bundle
-from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes
-from catalog_enrichment.inference.predictor import IMAGE_DECODABLE, IMAGE_READABLE, BatchPredictor
+from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
+from catalog_enrichment.inference.predictor import IMAGE_DECODABLE, IMAGE_READABLE, BatchPredictor, Scores
+from catalog_enrichment.inference.spark import OUTPUT_SCHEMA, decide_batch
 from catalog_enrichment.training.loop import predict
 
 pytestmark = pytest.mark.timeout(300)
@@ -227,3 +228,76 @@ def test_merchant_attributes_from_arrow_maps_and_dicts() -> None:
     assert merchant_attributes(None) == set()
     assert merchant_attributes([("color", ["red"]), ("material", [])]) == {"color"}
     assert merchant_attributes({"pattern": ["solid"]}) == {"pattern"}
+
+
+MERCHANT = pa.map_(pa.string(), pa.list_(pa.string()))
+
+
+def test_merchant_filled_reads_arrow_maps_without_python_rows() -> None:
+    names = ["color", "material", "pattern"]
+    column = pa.array(
+        [
+            [("color", ["red"]), ("material", [])],  # an empty list is not filled
+            None,  # no merchant attributes at all
+            [("pattern", None), ("brand", ["acme"])],  # a null value is not filled; unknown keys ignored
+            [("color", ["blue"]), ("pattern", ["solid"])],
+        ],
+        MERCHANT,
+    )
+    expected = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 1]], bool)
+    np.testing.assert_array_equal(merchant_filled(column, names), expected)
+    # a slice reads its own rows (Arrow keeps the parent's offsets and children)
+    np.testing.assert_array_equal(merchant_filled(column.slice(2), names), expected[2:])
+    np.testing.assert_array_equal(merchant_filled(pa.chunked_array([column]), names), expected)
+    # the same pairs as list<struct<key, value>>, and as Python values, give the same answer
+    pairs = column.cast(pa.list_(pa.struct([("key", pa.string()), ("value", pa.list_(pa.string()))])))
+    np.testing.assert_array_equal(merchant_filled(pairs, names), expected)
+    np.testing.assert_array_equal(merchant_filled(column.to_pylist(), names), expected)
+    np.testing.assert_array_equal(
+        merchant_filled([{"color"}, set(), set(), {"color", "pattern"}], names), expected
+    )
+
+
+def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonomy) -> None:
+    """``decide_batch`` builds its Arrow output from arrays; it must say what ``decide`` says per product."""
+    rng = np.random.default_rng(0)
+    n = 64
+    probs = {a.name: rng.random((n, len(a.values))).astype(np.float32) for a in taxonomy}
+    merchant = [
+        [("color", ["red"])] if i % 3 == 0 else ([("material", [])] if i % 3 == 1 else None) for i in range(n)
+    ]
+    errors = [IMAGE_DECODABLE if i % 7 == 0 else None for i in range(n)]
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array([f"p{i}" for i in range(n)]), pa.array(merchant, MERCHANT)],
+        names=["product_id", "merchant_attributes"],
+    )
+    policy = _policy(taxonomy, value=0.7)
+    out = decide_batch(policy, batch.slice(5), Scores({k: v[5:] for k, v in probs.items()}, errors[5:]))
+    assert out.schema == OUTPUT_SCHEMA and out.num_rows == n - 5
+    values, scored = policy.decide(
+        {k: v[5:] for k, v in probs.items()},
+        [merchant_attributes(m) for m in merchant[5:]],
+        np.array([e is not None for e in errors[5:]]),
+    )
+    assert out.column("scored").to_pylist() == scored
+    assert out.column("values").to_pylist() == [
+        [
+            {"attribute": d.attribute, "value": d.value, "confidence": d.confidence, "threshold": d.threshold}
+            for d in row
+        ]
+        for row in values
+    ]
+    assert out.column("image_error").to_pylist() == errors[5:]
+    assert out.column("product_id").to_pylist() == [f"p{i}" for i in range(5, n)]
+    # the known answer, product 6 (i % 3 == 0: merchant colour; no image error):
+    # every attribute but colour scored; multi-class writes at most its top value, at >= 0.7
+    row = out.column("values")[1].as_py()
+    assert out.column("scored")[1].as_py() == [a for a in taxonomy.names if a != "color"]
+    for a in taxonomy:
+        p6 = probs[a.name][6].astype(np.float64)
+        want = [] if a.name == "color" else [v for v, q in zip(a.values, p6, strict=True) if q >= 0.7]
+        if a.kind == "multiclass":
+            want = [a.values[int(p6.argmax())]] if p6.max() >= 0.7 else []
+        assert [d["value"] for d in row if d["attribute"] == a.name] == want
+    # product 7 (i % 7 == 0: undecodable image) is not decided at all
+    assert out.column("values")[2].as_py() == [] and out.column("scored")[2].as_py() == []

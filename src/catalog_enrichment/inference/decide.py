@@ -4,22 +4,30 @@ Pure NumPy on the predictor's scores. For every scored product and every attribu
 not fill: multi-class -> the top-1 value if it clears its threshold; multi-label -> every value that
 clears its own. A value the model knows but the configured taxonomy no longer allows is never
 written; a value without a threshold (too little calibration support) is never written.
+
+:meth:`DecisionPolicy.decide_flat` decides a whole batch with array operations and returns the
+decisions as flat arrays (CSR: per-row offsets into one run of written values), which the Spark
+task turns into its Arrow output without a Python object per product or per value;
+:meth:`DecisionPolicy.decide` gives the same decisions as Python lists.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import TaxonomyError
 from catalog_enrichment.metrics import decision_matrix
 
-__all__ = ["Decision", "DecisionPolicy", "merchant_attributes"]
+__all__ = ["Decision", "DecisionPolicy", "FlatDecisions", "merchant_attributes", "merchant_filled"]
 
 
 def merchant_attributes(raw: Any) -> set[str]:
@@ -28,6 +36,74 @@ def merchant_attributes(raw: Any) -> set[str]:
         return set()
     items = raw.items() if isinstance(raw, Mapping) else raw
     return {str(k) for k, v in items if v is not None and len(v) > 0}
+
+
+def merchant_filled(column: Any, names: Sequence[str]) -> np.ndarray:
+    """``(n, len(names))`` bool: which of ``names`` each product's merchant filled.
+
+    ``column`` is an Arrow ``map<string, list>`` array (or ``list<struct<key, value>>``), read
+    without a Python object per row; any other sequence (dicts, pair lists, None) goes through
+    :func:`merchant_attributes` row by row. A key counts as filled when its value is present and not
+    empty, as in :func:`merchant_attributes`; a set is taken as the filled names themselves.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    entries = _filled_entries(column) if isinstance(column, pa.Array) else None
+    if entries is None:
+        rows = [raw if isinstance(raw, set | frozenset) else merchant_attributes(raw) for raw in column]
+        return np.array([[name in row for name in names] for row in rows], bool).reshape(
+            len(rows), len(names)
+        )
+    parents, keys = entries
+    filled = np.zeros((len(column), len(names)), bool)
+    for j, name in enumerate(names):
+        filled[parents[keys == name], j] = True
+    return filled
+
+
+def _filled_entries(column: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """Row index and key of every filled entry of a map (or list-of-key/value-struct) column."""
+    kind = column.type
+    if pa.types.is_map(kind):
+        start, stop = column.offsets[0].as_py(), column.offsets[-1].as_py()
+        keys, items = column.keys.slice(start, stop - start), column.items.slice(start, stop - start)
+    elif pa.types.is_list(kind) and pa.types.is_struct(kind.value_type) and kind.value_type.num_fields == 2:
+        start, stop = column.offsets[0].as_py(), column.offsets[-1].as_py()
+        flat = column.values.slice(start, stop - start)
+        keys, items = flat.field(0), flat.field(1)
+    else:
+        return None
+    if pa.types.is_list(items.type) or pa.types.is_large_list(items.type):
+        length = pc.list_value_length(items)
+    elif pa.types.is_string(items.type) or pa.types.is_binary(items.type):
+        length = pc.binary_length(items)
+    else:
+        return None
+    counts = np.diff(np.asarray(column.offsets))
+    parents = np.repeat(np.arange(len(column)), counts)
+    keep = (pc.fill_null(length, 0).to_numpy(zero_copy_only=False) > 0) & np.repeat(
+        column.is_valid().to_numpy(zero_copy_only=False), counts
+    )
+    return parents[keep], np.asarray(keys.to_numpy(zero_copy_only=False), object)[keep]
+
+
+@dataclass(frozen=True)
+class FlatDecisions:
+    """The decisions of ``n`` products as flat arrays.
+
+    Written values, by product, then attribute (taxonomy order), then value (model order):
+    ``offsets`` (``n + 1``) cut ``attribute`` (index into the model's attributes), ``value`` (index
+    into :attr:`DecisionPolicy.all_values`, every attribute's values one after the other),
+    ``confidence`` and ``threshold`` into products. ``scored``: ``(n, n_attributes)`` bool, the
+    attributes each product was scored for (not merchant-filled, not skipped).
+    """
+
+    offsets: np.ndarray
+    attribute: np.ndarray
+    value: np.ndarray
+    confidence: np.ndarray
+    threshold: np.ndarray
+    scored: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -75,6 +151,14 @@ class DecisionPolicy:
                 thresholds[attr.index(v)] = np.nan
             self.thresholds[attr.name] = thresholds
             self.dropped[attr.name] = gone
+        # every attribute's values one after the other, as decide_flat indexes them
+        self.all_values: list[str] = [v for attr in model_taxonomy for v in attr.values]
+        self._value_attribute = np.repeat(
+            np.arange(len(model_taxonomy.names)), [len(attr.values) for attr in model_taxonomy]
+        ).astype(np.int64)
+        self._all_thresholds = np.concatenate(
+            [np.zeros(0)] + [self.thresholds[attr.name] for attr in model_taxonomy]
+        )
 
     @property
     def writable(self) -> dict[str, list[str]]:
@@ -84,6 +168,37 @@ class DecisionPolicy:
             for a in self.taxonomy
         }
 
+    def decide_flat(
+        self, probs: Mapping[str, np.ndarray], filled: np.ndarray, skip: np.ndarray | None = None
+    ) -> FlatDecisions:
+        """The decisions of a batch as arrays.
+
+        ``filled``: ``(n, n_attributes)`` bool, the attributes the merchant filled (taxonomy order,
+        :func:`merchant_filled`); ``skip`` marks products that are not decided at all (e.g. an
+        unreadable image).
+        """
+        n = filled.shape[0]
+        blocked = filled | (np.zeros((n, 1), bool) if skip is None else np.asarray(skip, bool)[:, None])
+        written, scores = [np.zeros((n, 0), bool)], [np.zeros((n, 0))]
+        for a, attr in enumerate(self.taxonomy):
+            attr_scores = np.asarray(probs[attr.name], dtype=np.float64)
+            written.append(
+                decision_matrix(attr_scores, attr.kind, self.thresholds[attr.name]) & ~blocked[:, a, None]
+            )
+            scores.append(attr_scores)
+        every = np.concatenate(written, axis=1)
+        rows, cols = np.nonzero(every)  # row-major: by product, then attribute, then value
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(every.sum(axis=1), out=offsets[1:])
+        return FlatDecisions(
+            offsets,
+            self._value_attribute[cols],
+            cols,
+            np.concatenate(scores, axis=1)[rows, cols],
+            self._all_thresholds[cols],
+            ~blocked,
+        )
+
     def decide(
         self, probs: Mapping[str, np.ndarray], merchant: Sequence[set[str]], skip: np.ndarray | None = None
     ) -> tuple[list[list[Decision]], list[list[str]]]:
@@ -91,20 +206,19 @@ class DecisionPolicy:
 
         ``skip`` marks products that are not decided at all (e.g. an unreadable image).
         """
-        n = len(merchant)
-        values: list[list[Decision]] = [[] for _ in range(n)]
-        scored: list[list[str]] = [[] for _ in range(n)]
-        skip = np.zeros(n, bool) if skip is None else np.asarray(skip, bool)
-        for attr in self.taxonomy:
-            scores = np.asarray(probs[attr.name], dtype=np.float64)
-            filled = np.array([attr.name in m for m in merchant], dtype=bool) | skip
-            thresholds = self.thresholds[attr.name]
-            written = decision_matrix(scores, attr.kind, thresholds) & ~filled[:, None]
-            for k in np.flatnonzero(~filled).tolist():
-                scored[k].append(attr.name)
-            rows, cols = np.nonzero(written)
-            for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
-                values[i].append(
-                    Decision(attr.name, attr.values[j], float(scores[i, j]), float(thresholds[j]))
-                )
+        names = self.taxonomy.names
+        flat = self.decide_flat(probs, merchant_filled(merchant, names), skip)
+        written = [
+            Decision(names[a], self.all_values[v], c, t)
+            for a, v, c, t in zip(
+                flat.attribute.tolist(),
+                flat.value.tolist(),
+                flat.confidence.tolist(),
+                flat.threshold.tolist(),
+                strict=True,
+            )
+        ]
+        bounds = flat.offsets.tolist()
+        values = [written[start:stop] for start, stop in itertools.pairwise(bounds)]
+        scored = [[names[a] for a in np.flatnonzero(row).tolist()] for row in flat.scored]
         return values, scored

@@ -209,40 +209,49 @@ def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.Record
 
 
 def decide_batch(policy: Any, batch: pa.RecordBatch, scores: Any) -> pa.RecordBatch:
-    """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``)."""
-    from catalog_enrichment.inference.decide import merchant_attributes
+    """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row."""
+    from catalog_enrichment.inference.decide import merchant_filled
     from catalog_enrichment.inference.predictor import column_values
 
-    merchant = [merchant_attributes(m) for m in column_values(batch, "merchant_attributes")]
-    skip = np.array([e is not None for e in scores.image_error], bool)
-    values, scored = policy.decide(scores.probs, merchant, skip)
     names = batch.schema.names
+    attributes = policy.taxonomy.names
+    merchant = (
+        batch.column("merchant_attributes")
+        if "merchant_attributes" in names
+        else column_values(batch, "merchant_attributes")
+    )
+    skip = np.array([e is not None for e in scores.image_error], bool)
+    flat = policy.decide_flat(scores.probs, merchant_filled(merchant, attributes), skip)
     at = (  # a timestamp's int64 value is µs since the epoch whatever its time zone
         batch.column("updated_at").cast(pa.timestamp("us")).cast(pa.int64())
         if "updated_at" in names
         else pa.nulls(batch.num_rows, pa.int64())
     )
+    attribute_names = pa.array(attributes, pa.string())
+    values_type = OUTPUT_SCHEMA.field("values").type
+    written = pa.StructArray.from_arrays(
+        [
+            attribute_names.take(flat.attribute),
+            pa.array(policy.all_values, pa.string()).take(flat.value),
+            pa.array(flat.confidence, pa.float64()),
+            pa.array(flat.threshold, pa.float64()),
+        ],
+        fields=list(values_type.value_type),
+    )
+    _, scored_attributes = np.nonzero(flat.scored)  # row-major: by product, then attribute
+    scored_offsets = np.zeros(batch.num_rows + 1, np.int32)
+    np.cumsum(flat.scored.sum(axis=1), out=scored_offsets[1:])
     return pa.RecordBatch.from_arrays(
         [
             batch.column("product_id"),
             at,
             pa.array(scores.image_error, pa.string()),
-            pa.array(scored, pa.list_(pa.string())),
-            pa.array(
-                [
-                    [
-                        {
-                            "attribute": d.attribute,
-                            "value": d.value,
-                            "confidence": d.confidence,
-                            "threshold": d.threshold,
-                        }
-                        for d in row
-                    ]
-                    for row in values
-                ],
-                OUTPUT_SCHEMA.field("values").type,
+            pa.ListArray.from_arrays(
+                scored_offsets,
+                attribute_names.take(scored_attributes),
+                type=OUTPUT_SCHEMA.field("scored").type,
             ),
+            pa.ListArray.from_arrays(flat.offsets.astype(np.int32), written, type=values_type),
         ],
         schema=OUTPUT_SCHEMA,
     )
