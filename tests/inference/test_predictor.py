@@ -256,6 +256,9 @@ def test_merchant_filled_reads_arrow_maps_without_python_rows() -> None:
     np.testing.assert_array_equal(
         merchant_filled([{"color"}, set(), set(), {"color", "pattern"}], names), expected
     )
+    # a column Arrow typed as all-null (no merchant filled anything), and no rows at all
+    np.testing.assert_array_equal(merchant_filled(pa.nulls(3), names), np.zeros((3, 3), bool))
+    assert merchant_filled(column.slice(0, 0), names).shape == (0, 3)
 
 
 def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonomy) -> None:
@@ -301,3 +304,6 @@ def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonom
         assert [d["value"] for d in row if d["attribute"] == a.name] == want
     # product 7 (i % 7 == 0: undecodable image) is not decided at all
     assert out.column("values")[2].as_py() == [] and out.column("scored")[2].as_py() == []
+    # an empty batch gives an empty output of the same schema
+    empty = decide_batch(policy, batch.slice(0, 0), Scores({k: v[:0] for k, v in probs.items()}, []))
+    assert empty.schema == OUTPUT_SCHEMA and empty.num_rows == 0

@@ -50,7 +50,8 @@ def merchant_filled(column: Any, names: Sequence[str]) -> np.ndarray:
         column = column.combine_chunks()
     entries = _filled_entries(column) if isinstance(column, pa.Array) else None
     if entries is None:
-        rows = [raw if isinstance(raw, set | frozenset) else merchant_attributes(raw) for raw in column]
+        values = column.to_pylist() if isinstance(column, pa.Array) else column  # e.g. an all-null column
+        rows = [raw if isinstance(raw, set | frozenset) else merchant_attributes(raw) for raw in values]
         return np.array([[name in row for name in names] for row in rows], bool).reshape(
             len(rows), len(names)
         )
