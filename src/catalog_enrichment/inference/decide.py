@@ -66,14 +66,14 @@ def _filled_entries(column: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     """Row index and key of every filled entry of a map (or list-of-key/value-struct) column."""
     kind = column.type
     if pa.types.is_map(kind):
-        start, stop = column.offsets[0].as_py(), column.offsets[-1].as_py()
-        keys, items = column.keys.slice(start, stop - start), column.items.slice(start, stop - start)
+        keys, items = column.keys, column.items
     elif pa.types.is_list(kind) and pa.types.is_struct(kind.value_type) and kind.value_type.num_fields == 2:
-        start, stop = column.offsets[0].as_py(), column.offsets[-1].as_py()
-        flat = column.values.slice(start, stop - start)
-        keys, items = flat.field(0), flat.field(1)
+        keys, items = column.values.field(0), column.values.field(1)
     else:
         return None
+    # the children are the parent's whole (unsliced) arrays: cut them to this slice's entries
+    start, stop = column.offsets[0].as_py(), column.offsets[-1].as_py()
+    keys, items = keys.slice(start, stop - start), items.slice(start, stop - start)
     if pa.types.is_list(items.type) or pa.types.is_large_list(items.type):
         length = pc.list_value_length(items)
     elif pa.types.is_string(items.type) or pa.types.is_binary(items.type):

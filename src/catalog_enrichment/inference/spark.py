@@ -211,17 +211,16 @@ def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.Record
 def decide_batch(policy: Any, batch: pa.RecordBatch, scores: Any) -> pa.RecordBatch:
     """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row."""
     from catalog_enrichment.inference.decide import merchant_filled
-    from catalog_enrichment.inference.predictor import column_values
 
     names = batch.schema.names
     attributes = policy.taxonomy.names
-    merchant = (
-        batch.column("merchant_attributes")
+    filled = (
+        merchant_filled(batch.column("merchant_attributes"), attributes)
         if "merchant_attributes" in names
-        else column_values(batch, "merchant_attributes")
+        else np.zeros((batch.num_rows, len(attributes)), bool)
     )
     skip = np.array([e is not None for e in scores.image_error], bool)
-    flat = policy.decide_flat(scores.probs, merchant_filled(merchant, attributes), skip)
+    flat = policy.decide_flat(scores.probs, filled, skip)
     at = (  # a timestamp's int64 value is µs since the epoch whatever its time zone
         batch.column("updated_at").cast(pa.timestamp("us")).cast(pa.int64())
         if "updated_at" in names
