@@ -1,18 +1,29 @@
-"""Calibration: thresholds with a known answer, support rules, non-monotone curves, bounds."""
+"""Calibration: thresholds with a known answer, support rules, non-monotone curves, bounds; the
+strict value scope and the pooled attribute scope."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from catalog_enrichment.calibration import (
+    LEVELS,
+    THRESHOLD_GRID,
+    AttributeCalibration,
     Calibration,
     calibrate_attribute,
     clopper_pearson_lower,
     wilson_lower,
     wilson_upper,
 )
+
+
+def value_scope(*args: Any, **kwargs: Any) -> AttributeCalibration:
+    """The strict scope: every value proves the target on its own."""
+    return calibrate_attribute(*args, scope="value", **kwargs)
 
 
 def test_wilson_matches_the_closed_form_and_scipy_style_checks() -> None:
@@ -39,7 +50,7 @@ def _crossing_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_threshold_lands_where_precision_crosses_the_target() -> None:
     scores, labels = _crossing_data()
-    cal = calibrate_attribute("a", "multilabel", ["x"], scores[:, None], labels[:, None])
+    cal = value_scope("a", "multilabel", ["x"], scores[:, None], labels[:, None])
     v = cal.values[0]
     # Cumulative precision above t: 0.99 above 0.6, then mixed with 50 % below; it stays >= 0.95
     # down to t where (0.4*0.99 + (0.6-t)*0.5) / (1 - t) = 0.95  ->  t ~= 0.5633. The bound costs a bit.
@@ -57,10 +68,10 @@ def test_a_label_with_ten_positives_gets_no_threshold() -> None:
     labels = np.zeros(500, bool)
     labels[:10] = True
     scores = np.where(labels, 0.99, rng.random(500) * 0.5)  # perfectly separable, but only 10 positives
-    cal = calibrate_attribute("a", "multilabel", ["x"], scores[:, None], labels[:, None], min_support=20)
+    cal = value_scope("a", "multilabel", ["x"], scores[:, None], labels[:, None], min_support=20)
     assert cal.values[0].threshold is None and "support 10" in (cal.values[0].reason or "")
     # even with min_support lowered, 10 straight hits cannot prove 95 % at 95 % confidence
-    cal = calibrate_attribute("a", "multilabel", ["x"], scores[:, None], labels[:, None], min_support=5)
+    cal = value_scope("a", "multilabel", ["x"], scores[:, None], labels[:, None], min_support=5)
     assert cal.values[0].threshold is None and "lower bound" in (cal.values[0].reason or "")
 
 
@@ -69,7 +80,7 @@ def test_non_monotone_precision_blocks_thresholds_below_the_dip() -> None:
     scores = np.r_[np.linspace(0.99, 0.9, 200), np.linspace(0.899, 0.8, 100), np.linspace(0.799, 0.1, 2000)]
     labels = np.r_[np.ones(200, bool), np.arange(100) % 5 < 3, np.ones(2000, bool)]
     labels[-100:] = False  # lowest scores wrong, so the cumulative curve would re-cross high later
-    cal = calibrate_attribute("a", "multilabel", ["x"], scores[:, None], labels[:, None], min_support=20)
+    cal = value_scope("a", "multilabel", ["x"], scores[:, None], labels[:, None], min_support=20)
     v = cal.values[0]
     # the cumulative precision is >= 0.95 again far below the dip, but the threshold must stay above it
     assert v.threshold is not None and v.threshold >= 0.8
@@ -79,7 +90,7 @@ def test_non_monotone_precision_blocks_thresholds_below_the_dip() -> None:
 def test_precision_dip_at_the_top_gives_no_threshold() -> None:
     scores = np.linspace(1.0, 0.0, 1000)
     labels = np.r_[np.arange(100) % 2 == 0, np.ones(900, bool)]  # the top 100 are only 50 % right
-    cal = calibrate_attribute("a", "multilabel", ["x"], scores[:, None], labels[:, None])
+    cal = value_scope("a", "multilabel", ["x"], scores[:, None], labels[:, None])
     assert cal.values[0].threshold is None
 
 
@@ -90,7 +101,7 @@ def test_multiclass_thresholds_apply_to_top1_only() -> None:
     logits = rng.normal(size=(n, 3))
     logits[np.arange(n), y] += 3.0  # mostly right, with a confidence that tracks correctness
     scores = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    cal = calibrate_attribute("t", "multiclass", ["a", "b", "c"], scores, y)
+    cal = value_scope("t", "multiclass", ["a", "b", "c"], scores, y)
     thresholds = cal.threshold_array()
     assert np.all(np.isfinite(thresholds))
     top = scores.argmax(axis=1)
@@ -99,15 +110,12 @@ def test_multiclass_thresholds_apply_to_top1_only() -> None:
         assert (y[sel] == v).mean() >= 0.95
     y_unknown = y.copy()
     y_unknown[:100] = -1  # unlabelled rows are ignored, not counted as wrong
-    assert (
-        calibrate_attribute("t", "multiclass", ["a", "b", "c"], scores, y_unknown).values[0].threshold
-        is not None
-    )
+    assert value_scope("t", "multiclass", ["a", "b", "c"], scores, y_unknown).values[0].threshold is not None
 
 
 def test_calibration_round_trips_through_json_dict() -> None:
     scores, labels = _crossing_data()
-    attr = calibrate_attribute("a", "multilabel", ["x"], scores[:, None], labels[:, None])
+    attr = value_scope("a", "multilabel", ["x"], scores[:, None], labels[:, None])
     cal = Calibration(0.95, 0.95, "wilson", 20, {"a": attr})
     again = Calibration.from_dict(cal.to_dict())
     assert again == cal
@@ -120,9 +128,150 @@ def test_calibration_round_trips_through_json_dict() -> None:
 )
 def test_bad_options_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        calibrate_attribute("a", "multilabel", ["x"], np.zeros((3, 1)), np.zeros((3, 1)), **kwargs)
+        value_scope("a", "multilabel", ["x"], np.zeros((3, 1)), np.zeros((3, 1)), **kwargs)
 
 
 def test_shape_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="does not match"):
-        calibrate_attribute("a", "multilabel", ["x", "y"], np.zeros((3, 1)), np.zeros((3, 1)))
+        value_scope("a", "multilabel", ["x", "y"], np.zeros((3, 1)), np.zeros((3, 1)))
+
+
+# -- the attribute scope ---------------------------------------------------------------------------
+
+
+def _lowest_grid_above(x: float) -> float:
+    return float(THRESHOLD_GRID[x < THRESHOLD_GRID].min())
+
+
+def _bands(*bands: tuple[int, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates of one value: ``(count, score, share right)`` bands, right ones first in a band."""
+    scores = np.concatenate([np.full(n, s) for n, s, _ in bands])
+    right = np.concatenate([np.arange(n) < round(n * p) for n, _, p in bands])
+    return scores, right
+
+
+def _multilabel(*values: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-label (scores, labels) matrix where value ``v``'s candidates are its own rows (the
+    other values score 0 there and are not true)."""
+    n = sum(s.size for s, _ in values)
+    scores, labels = np.zeros((n, len(values))), np.zeros((n, len(values)), bool)
+    row = 0
+    for v, (s, right) in enumerate(values):
+        scores[row : row + s.size, v], labels[row : row + s.size, v] = s, right
+        row += s.size
+    return scores, labels
+
+
+def test_a_pooled_family_gives_the_answer_computed_by_hand() -> None:
+    # No family data: every value shares one threshold t(level). Value a: 300 at 0.99, all right;
+    # value b: 300 at 0.9, 270 right. Above 0.9 the pool is 300/300 (Wilson lower 0.991 >= 0.95);
+    # at 0.9 it is 570/600 = 0.95, whose lower bound is below 0.95: the sequence stops there, so the
+    # threshold is the lowest tested one above 0.9 and b writes nothing.
+    scores, labels = _multilabel(_bands((300, 0.99, 1.0)), _bands((300, 0.9, 0.9)))
+    cal = calibrate_attribute("a", "multilabel", ["a", "b"], scores, labels)
+    t_a, t_b = cal.threshold_array()
+    assert t_a == t_b and 0.9 < t_a <= 0.99
+    assert cal.pooled is not None
+    assert (cal.pooled.n_written, cal.pooled.n_correct) == (300, 300)
+    assert cal.pooled.lower_bound == pytest.approx(300 / (300 + stats.norm.ppf(0.95) ** 2))
+    assert (cal.values[0].n_written, cal.values[1].n_written) == (300, 0)
+    # the lowest level the family offers above 0.9 (levels stop at the 0.9 floor)
+    levels = np.maximum(LEVELS, 0.9)
+    shared = THRESHOLD_GRID[np.searchsorted(-THRESHOLD_GRID, -levels, side="right") - 1]
+    assert t_a == shared[shared > 0.9].min()
+    # with b at 290/300 the pool at 0.9 is 590/600 (lower bound 0.974): both are written at 0.9
+    scores, labels = _multilabel(_bands((300, 0.99, 1.0)), _bands((300, 0.9, 290 / 300)))
+    cal = calibrate_attribute("a", "multilabel", ["a", "b"], scores, labels)
+    assert cal.threshold_array().tolist() == [0.9 if 0.9 in THRESHOLD_GRID else shared.min()] * 2
+    assert cal.pooled is not None and (cal.pooled.n_written, cal.pooled.n_correct) == (600, 590)
+    # the strict scope proves b on its own: 290/300 passes (lower bound 0.945 < 0.95? no: 0.948)
+    strict = value_scope("a", "multilabel", ["a", "b"], scores, labels)
+    assert strict.values[0].threshold is not None
+
+
+def test_a_tail_value_shares_the_pooled_threshold_and_a_head_value_keeps_its_own() -> None:
+    # Family (the validation split): head value a: 300 right at 0.8 and 300 wrong at 0.6; value b:
+    # 10,000 right at 0.7 and 10,000 wrong at 0.2; tail value c has no family example at all (the
+    # rows of the other values score 0 for it). Pooled family precision is 1 above 0.6,
+    # 10,300 / 10,600 = 0.972 down to 0.2 and about 0.5 below, so at every level <= 0.972 c shares
+    # b's t = the lowest grid point above 0.2, while a's own evidence (shrunk: (300 + 20 * 0.972) /
+    # 620 = 0.52, below the 0.9 floor) keeps a above its wrong band at 0.6.
+    a_fam = _bands((300, 0.8, 1.0), (300, 0.6, 0.0))
+    b_fam = _bands((10_000, 0.7, 1.0), (10_000, 0.2, 0.0))
+    family = _multilabel(a_fam, b_fam, (np.zeros(0), np.zeros(0, bool)))
+    # Calibration: the same, plus 60 right examples of c at 0.4.
+    calib = _multilabel(a_fam, b_fam, _bands((60, 0.4, 1.0)))
+    cal = calibrate_attribute(
+        "a", "multilabel", ["a", "b", "c"], *calib, family_scores=family[0], family_labels=family[1]
+    )
+    t_a, t_b, t_c = cal.threshold_array()
+    assert t_a == _lowest_grid_above(0.6)
+    assert t_b == t_c == _lowest_grid_above(0.2)
+    assert cal.values[2].n_written == 60 and cal.values[2].recall == 1.0
+    assert cal.pooled is not None and cal.pooled.precision == 1.0
+
+
+def test_the_guard_keeps_out_a_value_whose_own_evidence_is_significantly_worse() -> None:
+    # d looked right in the family (200 of 200 at 0.8) but is right 120 times of 200 in
+    # calibration: 320 / 400 = 0.80 overall, upper bound ~0.83 < 0.90. The pool (carried by b's
+    # 10,000 right writes) still passes, so only the guard keeps d out.
+    b, d_fam, d_cal = _bands((10_000, 0.7, 1.0)), _bands((200, 0.8, 1.0)), _bands((200, 0.8, 0.6))
+    family, calib = _multilabel(b, d_fam), _multilabel(b, d_cal)
+    cal = calibrate_attribute(
+        "a", "multilabel", ["b", "d"], *calib, family_scores=family[0], family_labels=family[1]
+    )
+    b_t, d_t = cal.values
+    assert b_t.threshold is not None and d_t.threshold is None
+    assert d_t.reason is not None and d_t.reason.startswith("guard") and "320/400" in d_t.reason
+    assert d_t.upper_bound == pytest.approx(float(wilson_upper(320, 400)))
+    assert cal.pooled is not None and cal.pooled.guarded == ("d",)
+    # a value at 0.92 (184 / 200 in calibration, 200 / 200 in the family) is not significantly
+    # below 0.90 and stays
+    kept = calibrate_attribute(
+        "a",
+        "multilabel",
+        ["b", "d"],
+        *_multilabel(b, _bands((200, 0.8, 0.92))),
+        family_scores=family[0],
+        family_labels=family[1],
+    )
+    assert kept.values[1].threshold is not None
+
+
+def _pooled_precision(thresholds: np.ndarray, powers: np.ndarray, shares: np.ndarray) -> float:
+    """True pooled precision when value v's scores are uniform on [0, 1] and a candidate scored s is
+    right with probability s ** powers[v]: sum of v's mass above t_v times its precision there."""
+    t = np.nan_to_num(thresholds, nan=1.0)
+    right = shares * (1 - t ** (powers + 1)) / (powers + 1)
+    written = shares * (1 - t)
+    return float(right.sum() / written.sum()) if written.sum() > 0 else 1.0
+
+
+@pytest.mark.timeout(120)
+def test_the_pooled_guarantee_fails_at_most_at_the_nominal_rate() -> None:
+    # 1,000 calibrations of a three-value attribute whose true pooled precision at any thresholds is
+    # known in closed form (_pooled_precision). A failure is a calibration whose thresholds' true
+    # pooled precision is below 0.95. At the nominal 5 % the count is Binomial(1000, 0.05): mean 50,
+    # sd 6.9; 66 is its 99th percentile, so a valid procedure fails this test at most 1 % of the time.
+    powers, shares = np.array([0.3, 0.6, 0.1]), np.array([0.6, 0.3, 0.1])
+    rng = np.random.default_rng(2026)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        v = rng.choice(3, n, p=shares)
+        s = rng.random(n)
+        right = rng.random(n) < s ** powers[v]
+        scores, labels = np.zeros((n, 3)), np.zeros((n, 3), bool)
+        scores[np.arange(n), v], labels[np.arange(n), v] = s, right
+        return scores, labels
+
+    failures, written = 0, 0
+    for _ in range(1000):
+        family, calib = draw(2000), draw(4000)
+        cal = calibrate_attribute(
+            "a", "multilabel", ["x", "y", "z"], *calib, family_scores=family[0], family_labels=family[1]
+        )
+        thresholds = cal.threshold_array()
+        written += bool(np.isfinite(thresholds).any())
+        failures += _pooled_precision(thresholds, powers, shares) < 0.95
+    assert failures <= 66, failures
+    assert written >= 850  # and it is not valid by writing nothing (seeded: 906 of 1,000 write)

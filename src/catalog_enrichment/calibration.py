@@ -1,25 +1,44 @@
 """Thresholds that keep the precision promise — pure NumPy (and SciPy for the bounds).
 
-For every (attribute, value) the training job picks, on a calibration split the model never trained
-on, a score threshold by a fixed-sequence test down a fixed grid of thresholds (dense near 1):
+The training job picks, on a calibration split the model never trained on, one score threshold per
+(attribute, value). Thresholds are points of a fixed grid (dense near 1). Two guarantee scopes:
 
-1. the value needs at least ``min_support`` true examples in the calibration split;
-2. from the highest grid threshold down, each threshold with enough predictions to be testable is
-   accepted when a one-sided lower confidence bound (Wilson or Clopper–Pearson at ``confidence``)
-   on the precision of everything scored at or above it is >= ``target``;
-3. the sequence stops at the first threshold that fails, so precision holds at every higher
-   threshold (a dip in a non-monotone precision curve stops it), and the threshold is the last —
-   lowest — accepted one (most recall).
+``scope="attribute"`` (the default): of everything written for an attribute, at least ``target`` is
+right, with probability ``confidence``. Learn-then-Test over a one-parameter family:
 
-A value for which no threshold is accepted gets ``None`` and is never written. Because the
-thresholds are tested in a fixed order at the full confidence, the chance of choosing a threshold
-whose true precision is below target is at most ``1 - confidence`` per value — picking the lowest
-of many passing cuts instead would be optimistic. Multi-class attributes are thresholded on the
-top-1 score of each predicted value: the candidates for value ``v`` are the products whose argmax is
-``v``.
+1. **The family** comes from held-out *family data* (the validation split), never from the
+   calibration labels. For a level ``lam`` in :data:`LEVELS` (from 0.999 down), value ``v``'s
+   threshold ``t_v(lam)`` is the lowest grid point down to which its estimated precision stays
+   ``>= max(lam, value_floor)``. The estimate shrinks the value's own curve toward the attribute's
+   pooled curve, ``(k_v(t) + m P(t)) / (n_v(t) + m)`` with ``m = shrinkage``: a value with much
+   evidence gets its own threshold, a tail value with little or none shares the pooled one; no
+   value is planned below the floor, however much the others would carry it. Without family data
+   every value shares one threshold, ``t(lam) = max(lam, value_floor)``.
+2. **The test**: down the levels in a fixed order, ``H_lam`` = "the pooled precision of what
+   ``t(lam)`` writes is below target" is rejected when a one-sided lower bound (Wilson or
+   Clopper–Pearson at ``confidence``) on the calibration split's pooled precision is ``>=
+   target``. The sequence stops at the first failure; the chosen level is the last rejected one.
+   A level is *tested* only once it writes enough calibration values that a precision halfway
+   between the target and 1 would prove the target (this depends on the scores alone, not the
+   labels), so a chance error among the few most confident writes cannot end the sequence.
+   Because the family is fixed before the calibration labels are looked at and the levels are
+   tested in a fixed order at the full confidence, the chance of choosing a level whose pooled
+   precision is below target is at most ``1 - confidence``.
+3. **The per-value guard** then keeps out a value whose own evidence (calibration and family
+   writes at its threshold) shows it is significantly below ``value_floor``: its one-sided upper
+   bound is below the floor. Dropping such a value only removes writes that are likely worse than
+   the target, so it does not weaken the pooled guarantee.
 
-Assumptions: calibration scores are out-of-sample, and calibration products are exchangeable with
-the products scored later (same distribution); the bound is per value, not simultaneous.
+``scope="value"``: the strict rule — every (attribute, value) proves the target on its own by a
+fixed-sequence test down the grid, with at least ``min_support`` true examples. About 52
+confident calibration examples with no error are needed per value, so a long tail is never written.
+
+Multi-class attributes are thresholded on the top-1 score: the candidates for value ``v`` are the
+products whose argmax is ``v``. Multi-label: every (product, value) pair is a candidate.
+
+Assumptions: calibration (and family) scores are out-of-sample, and those products are
+exchangeable with the products scored later (same distribution). The attribute-scope bound is on
+the pooled precision of the attribute, not on each value.
 """
 
 from __future__ import annotations
@@ -34,18 +53,23 @@ from scipy import stats
 from catalog_enrichment.metrics import AttributeKind
 
 __all__ = [
+    "LEVELS",
     "THRESHOLD_GRID",
     "AttributeCalibration",
     "Calibration",
+    "PooledEvidence",
+    "Scope",
     "ValueThreshold",
     "calibrate_attribute",
     "clopper_pearson_lower",
     "lower_bound",
+    "min_testable_writes",
     "wilson_lower",
     "wilson_upper",
 ]
 
 BoundName = Literal["wilson", "clopper_pearson"]
+Scope = Literal["attribute", "value"]
 
 
 def _counts(successes: np.ndarray | int, trials: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +129,9 @@ class ValueThreshold:
 
     ``threshold`` is ``None`` when the value cannot be written. ``support`` counts true examples in
     the calibration split; ``n_written``/``n_correct``/``precision``/``lower_bound``/``recall``
-    describe what the threshold writes on that split. ``reason`` says why there is no threshold.
+    describe what the threshold writes on that split, ``upper_bound`` the value's own one-sided
+    upper bound (calibration and family writes, attribute scope). ``reason`` says why there is no
+    threshold.
     """
 
     value: str
@@ -117,15 +143,36 @@ class ValueThreshold:
     lower_bound: float | None = None
     recall: float = 0.0
     reason: str | None = None
+    upper_bound: float | None = None
+
+
+@dataclass(frozen=True)
+class PooledEvidence:
+    """What the attribute-scope test proved on the calibration split.
+
+    ``level`` is the chosen family level (``None``: no level passed, nothing is written);
+    ``n_written``/``n_correct``/``precision``/``lower_bound`` describe every value written at that
+    level before the guard; ``levels_tested`` counts the tests run (the last one failed unless the
+    grid ran out); ``guarded`` names the values the per-value guard kept out.
+    """
+
+    level: float | None
+    n_written: int
+    n_correct: int
+    precision: float | None
+    lower_bound: float | None
+    levels_tested: int
+    guarded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class AttributeCalibration:
-    """Thresholds for every value of one attribute, in taxonomy order."""
+    """Thresholds for every value of one attribute, in taxonomy order (``pooled``: attribute scope)."""
 
     attribute: str
     kind: AttributeKind
     values: tuple[ValueThreshold, ...]
+    pooled: PooledEvidence | None = None
 
     def threshold_array(self) -> np.ndarray:
         """``(n_values,)`` thresholds, ``NaN`` for values that are never written."""
@@ -141,6 +188,7 @@ class Calibration:
     bound: BoundName
     min_support: int
     attributes: Mapping[str, AttributeCalibration] = field(default_factory=dict)
+    scope: Scope = "value"
 
     def thresholds(self, attribute: str) -> np.ndarray:
         return self.attributes[attribute].threshold_array()
@@ -151,25 +199,95 @@ class Calibration:
             "confidence": self.confidence,
             "bound": self.bound,
             "min_support": self.min_support,
+            "scope": self.scope,
             "attributes": {
-                name: {"kind": a.kind, "values": [asdict(v) for v in a.values]}
+                name: {
+                    "kind": a.kind,
+                    "values": [asdict(v) for v in a.values],
+                    "pooled": None if a.pooled is None else asdict(a.pooled),
+                }
                 for name, a in self.attributes.items()
             },
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
-        attributes = {
-            name: AttributeCalibration(name, spec["kind"], tuple(ValueThreshold(**v) for v in spec["values"]))
-            for name, spec in data["attributes"].items()
-        }
+        """Read :meth:`to_dict`'s form (bundles written before scopes existed read as ``value``)."""
+        attributes = {}
+        for name, spec in data["attributes"].items():
+            pooled = spec.get("pooled")
+            if pooled is not None:
+                pooled = PooledEvidence(**{**pooled, "guarded": tuple(pooled.get("guarded", ()))})
+            values = tuple(ValueThreshold(**v) for v in spec["values"])
+            attributes[name] = AttributeCalibration(name, spec["kind"], values, pooled)
         return cls(
-            data["target_precision"], data["confidence"], data["bound"], data["min_support"], attributes
+            data["target_precision"],
+            data["confidence"],
+            data["bound"],
+            data["min_support"],
+            attributes,
+            data.get("scope", "value"),
         )
 
 
 # The candidate thresholds: a fixed grid, dense near 1 (1 - 10^(-3 + 3 i / 63)), tested from the top.
 THRESHOLD_GRID = 1.0 - np.logspace(-3.0, 0.0, 64)
+# The attribute scope's family levels (required estimated precision), from 0.999 down to 0.5.
+LEVELS = 1.0 - np.logspace(-3.0, np.log10(0.5), 96)
+
+
+def min_testable_writes(*, target: float, confidence: float, bound: BoundName) -> int:
+    """Fewest writes at which an observed precision of ``(1 + target) / 2`` proves ``target``.
+
+    The attribute scope tests a level only from this many calibration writes on: a test on fewer
+    could fail on one chance error and end the fixed sequence before the levels that matter.
+    """
+    halfway = (1.0 + target) / 2.0
+    n = np.arange(1, 100_000)
+    ok = lower_bound(np.floor(n * halfway), n, confidence=confidence, method=bound) >= target
+    return int(n[np.argmax(ok)]) if ok.any() else int(n[-1])
+
+
+def _curve(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, k)`` at every grid threshold: candidates scored ``>= t`` and how many are right."""
+    s = np.asarray(scores, dtype=np.float64)
+    c = np.asarray(correct, dtype=bool)
+    if s.size == 0:
+        zero = np.zeros(THRESHOLD_GRID.size, np.int64)
+        return zero, zero.copy()
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, cum = s[order], np.cumsum(c[order])
+    n = np.searchsorted(-s_sorted, -THRESHOLD_GRID, side="right")
+    k = np.where(n > 0, cum[np.maximum(n - 1, 0)], 0)
+    return n.astype(np.int64), k.astype(np.int64)
+
+
+def _candidates(
+    name: str, kind: AttributeKind, n_values: int, scores: np.ndarray, labels: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Per value: (candidate scores, whether each candidate prediction is right, support)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] != n_values:
+        raise ValueError(f"{name}: scores shape {scores.shape} does not match {n_values} values")
+    if kind == "multilabel":
+        y = np.asarray(labels).astype(bool)
+        if y.shape != scores.shape:
+            raise ValueError(f"{name}: labels shape {y.shape} != scores shape {scores.shape}")
+        return [(scores[:, v], y[:, v], int(y[:, v].sum())) for v in range(n_values)]
+    y = np.asarray(labels).astype(np.int64)
+    if y.shape != (scores.shape[0],):
+        raise ValueError(f"{name}: multiclass labels must have shape ({scores.shape[0]},), got {y.shape}")
+    known = y >= 0
+    s, y = scores[known], y[known]
+    top = s.argmax(axis=1) if s.size else np.zeros(0, np.int64)
+    top_score = s[np.arange(s.shape[0]), top] if s.size else np.zeros(0)
+    return [(top_score[top == v], y[top == v] == v, int((y == v).sum())) for v in range(n_values)]
+
+
+def _curves(cands: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(V, G)`` counts written and right at every grid threshold, per value."""
+    pairs = [_curve(s, c) for s, c, _ in cands]
+    return np.array([n for n, _ in pairs]), np.array([k for _, k in pairs])
 
 
 def _pick_threshold(
@@ -182,26 +300,19 @@ def _pick_threshold(
     bound: BoundName,
     min_support: int,
 ) -> tuple[float | None, dict[str, Any]]:
-    """Fixed-sequence test down the threshold grid (Learn-then-Test style).
+    """Value scope: a fixed-sequence test of one value down the threshold grid.
 
     For each grid threshold t, from the highest down, H_t = "precision of everything scored >= t is
     below target" is rejected when the lower confidence bound is >= target. Grid points with too few
     predictions to ever pass (or fewer than ``min_support``) are skipped — that depends on the scores
     only, not on the labels. The sequence stops at the first failure; the threshold is the last
-    (lowest) rejected point. Testing in a fixed order at the full confidence controls the chance of
-    choosing any threshold whose precision is below target, without the optimism of picking the
-    best of many looks.
+    (lowest) rejected point.
     """
     if support < min_support:
         return None, {"reason": f"support {support} < min_support {min_support}"}
-    s = np.asarray(scores, dtype=np.float64)
-    c = np.asarray(correct, dtype=bool)
-    if s.size == 0:
+    if np.asarray(scores).size == 0:
         return None, {"reason": "never predicted"}
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, cum = s[order], np.cumsum(c[order])
-    n = np.searchsorted(-s_sorted, -THRESHOLD_GRID, side="right")  # predictions with score >= t
-    k = np.where(n > 0, cum[np.maximum(n - 1, 0)], 0)
+    n, k = _curve(scores, correct)
     best_possible = lower_bound(n, n, confidence=confidence, method=bound)  # all correct
     testable = (n >= min_support) & (best_possible >= target)
     lb = lower_bound(k, n, confidence=confidence, method=bound)
@@ -232,6 +343,63 @@ def _pick_threshold(
     }
 
 
+def threshold_family(
+    n: np.ndarray | None, k: np.ndarray | None, *, n_values: int, shrinkage: float, floor: float
+) -> np.ndarray:
+    """The attribute-scope family: ``(len(LEVELS), V)`` grid indices, ``-1`` = value not written.
+
+    ``n``/``k``: ``(V, G)`` family-data counts written and right at each grid threshold (``None``:
+    no family data, every value shares ``t(lam) = max(lam, floor)``). Row ``l`` holds, per value,
+    the lowest grid point down to which the value's shrunk precision estimate stays ``>=
+    max(LEVELS[l], floor)``: the thresholds only fall as the level falls, and no value is planned
+    below the floor however much the others would carry it.
+    """
+    levels = np.maximum(LEVELS, floor)
+    if n is None or k is None or int(n.sum()) == 0:
+        # label-free: the smallest grid threshold at or above the level, shared by every value
+        shared = np.searchsorted(-THRESHOLD_GRID, -levels, side="right") - 1
+        return np.repeat(shared[:, None], n_values, axis=1)
+    big_n, big_k = n.sum(axis=0), k.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.where(big_n > 0, big_k / big_n, np.nan)
+        own = (k + shrinkage * pooled[None, :]) / (n + shrinkage)
+        estimate = np.where(n + shrinkage > 0, own, pooled[None, :])  # no evidence of its own: pooled
+    # grid points above every family candidate carry no evidence: they pass any level
+    estimate = np.where(big_n[None, :] > 0, estimate, np.inf)
+    safe = np.minimum.accumulate(estimate, axis=1)  # non-increasing down the grid
+    passes = safe[None, :, :] >= levels[:, None, None]  # (L, V, G), a prefix of True per (l, v)
+    return passes.sum(axis=2) - 1
+
+
+def _pooled_test(
+    family: np.ndarray,
+    n: np.ndarray,
+    k: np.ndarray,
+    *,
+    target: float,
+    confidence: float,
+    bound: BoundName,
+    min_writes: int,
+) -> tuple[int | None, int, np.ndarray, np.ndarray]:
+    """Fixed-sequence test down the family's levels on calibration counts ``n``/``k`` ``(V, G)``.
+
+    Returns (chosen level index or ``None``, levels tested, pooled writes and rights per level).
+    """
+    cols = np.arange(n.shape[0])
+    idx = np.maximum(family, 0)
+    live = family >= 0
+    writes = np.where(live, n[cols[None, :], idx], 0).sum(axis=1)
+    rights = np.where(live, k[cols[None, :], idx], 0).sum(axis=1)
+    lb = lower_bound(rights, writes, confidence=confidence, method=bound)
+    chosen, tested = None, 0
+    for level in np.flatnonzero(writes >= min_writes):
+        tested += 1
+        if lb[level] < target:
+            break
+        chosen = int(level)
+    return chosen, tested, writes, rights
+
+
 def calibrate_attribute(
     name: str,
     kind: AttributeKind,
@@ -239,51 +407,109 @@ def calibrate_attribute(
     scores: np.ndarray,
     labels: np.ndarray,
     *,
+    scope: Scope = "attribute",
+    family_scores: np.ndarray | None = None,
+    family_labels: np.ndarray | None = None,
     target: float = 0.95,
     confidence: float = 0.95,
     bound: BoundName = "wilson",
     min_support: int = 20,
+    value_floor: float = 0.90,
+    shrinkage: float = 20.0,
 ) -> AttributeCalibration:
-    """Thresholds for one attribute from out-of-sample calibration scores.
+    """Thresholds for one attribute from out-of-sample calibration scores (module docstring).
 
     Args:
         name, kind, values: the taxonomy attribute (``values`` in head output order).
         scores: ``(n, n_values)`` probabilities on the calibration split.
         labels: multi-label ``(n, n_values)`` 0/1; multi-class ``(n,)`` indices, ``-1`` = unlabelled.
+        scope: ``attribute`` (pooled guarantee, the default) or ``value`` (strict, per value).
+        family_scores, family_labels: held-out data independent of the calibration split (the
+            validation split) that shapes the attribute-scope family; ``None`` = one shared threshold.
+        min_support: value scope: fewest true calibration examples a value needs; attribute scope:
+            fewest pooled calibration writes before a level is tested (with :func:`min_testable_writes`).
+        value_floor: attribute scope: a value whose one-sided upper bound is below this is kept out.
+        shrinkage: attribute scope: pseudo-count pulling a value's precision toward the pooled one.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[1] != len(values):
-        raise ValueError(f"{name}: scores shape {scores.shape} does not match {len(values)} values")
     if not 0 < target < 1 or not 0.5 < confidence < 1:
         raise ValueError("need 0 < target < 1 and 0.5 < confidence < 1")
     if min_support < 1:
         raise ValueError("min_support must be >= 1")
-    # per value: (candidate scores, whether each candidate prediction is right, support)
-    candidates: list[tuple[np.ndarray, np.ndarray, int]]
-    if kind == "multilabel":
-        labels = np.asarray(labels).astype(bool)
-        if labels.shape != scores.shape:
-            raise ValueError(f"{name}: labels shape {labels.shape} != scores shape {scores.shape}")
-        candidates = [(scores[:, v], labels[:, v], int(labels[:, v].sum())) for v in range(len(values))]
-    else:
-        labels = np.asarray(labels).astype(np.int64)
-        known = labels >= 0
-        s, y = scores[known], labels[known]
-        top = s.argmax(axis=1) if s.size else np.zeros(0, np.int64)
-        top_score = s[np.arange(s.shape[0]), top] if s.size else np.zeros(0)
-        candidates = [
-            (top_score[top == v], y[top == v] == v, int((y == v).sum())) for v in range(len(values))
-        ]
-    out = []
-    for value, (cand_scores, correct, support) in zip(values, candidates, strict=True):
-        thr, info = _pick_threshold(
-            cand_scores,
-            correct,
-            support,
-            target=target,
-            confidence=confidence,
-            bound=bound,
-            min_support=min_support,
+    if not 0 < value_floor <= target:
+        raise ValueError("need 0 < value_floor <= target")
+    if shrinkage < 0:
+        raise ValueError("shrinkage must be >= 0")
+    if scope not in ("attribute", "value"):
+        raise ValueError(f"unknown scope {scope!r}; use 'attribute' or 'value'")
+    if (family_scores is None) != (family_labels is None):
+        raise ValueError("give both family_scores and family_labels, or neither")
+    cands = _candidates(name, kind, len(values), scores, labels)
+    if scope == "value":
+        out = []
+        for value, (cand_scores, correct, support) in zip(values, cands, strict=True):
+            thr, info = _pick_threshold(
+                cand_scores,
+                correct,
+                support,
+                target=target,
+                confidence=confidence,
+                bound=bound,
+                min_support=min_support,
+            )
+            out.append(ValueThreshold(value, thr, support, **info))
+        return AttributeCalibration(name, kind, tuple(out))
+    n_fam = k_fam = None
+    if family_scores is not None and family_labels is not None:
+        n_fam, k_fam = _curves(_candidates(name, kind, len(values), family_scores, family_labels))
+    family = threshold_family(n_fam, k_fam, n_values=len(values), shrinkage=shrinkage, floor=value_floor)
+    n_cal, k_cal = _curves(cands)
+    min_writes = max(min_support, min_testable_writes(target=target, confidence=confidence, bound=bound))
+    chosen, tested, writes, rights = _pooled_test(
+        family, n_cal, k_cal, target=target, confidence=confidence, bound=bound, min_writes=min_writes
+    )
+    if chosen is None:
+        why = (
+            f"fewer than {min_writes} calibration writes at every level"
+            if tested == 0
+            else f"pooled lower bound < {target} at the first tested level"
         )
-        out.append(ValueThreshold(value, thr, support, **info))
-    return AttributeCalibration(name, kind, tuple(out))
+        pooled = PooledEvidence(None, 0, 0, None, None, tested)
+        none = tuple(
+            ValueThreshold(v, None, s, reason=why) for v, (_, _, s) in zip(values, cands, strict=True)
+        )
+        return AttributeCalibration(name, kind, none, pooled)
+    out, guarded = [], []
+    for v, (value, (_, _, support)) in enumerate(zip(values, cands, strict=True)):
+        g = int(family[chosen, v])
+        if g < 0:
+            out.append(ValueThreshold(value, None, support, reason="never reaches the level in the family"))
+            continue
+        n_v, k_v = int(n_cal[v, g]), int(k_cal[v, g])
+        n_all = n_v + (int(n_fam[v, g]) if n_fam is not None else 0)
+        k_all = k_v + (int(k_fam[v, g]) if k_fam is not None else 0)
+        upper = float(wilson_upper(k_all, n_all, confidence=confidence))
+        evidence: dict[str, Any] = {
+            "n_written": n_v,
+            "n_correct": k_v,
+            "precision": k_v / n_v if n_v else None,
+            "lower_bound": float(lower_bound(k_v, n_v, confidence=confidence, method=bound)),
+            "recall": k_v / support if support else 0.0,
+            "upper_bound": upper,
+        }
+        if upper < value_floor:
+            guarded.append(value)
+            reason = f"guard: upper bound {upper:.3f} < floor {value_floor} ({k_all}/{n_all} right)"
+            out.append(ValueThreshold(value, None, support, **evidence, reason=reason))
+        else:
+            out.append(ValueThreshold(value, float(THRESHOLD_GRID[g]), support, **evidence))
+    w, r = int(writes[chosen]), int(rights[chosen])
+    pooled = PooledEvidence(
+        float(LEVELS[chosen]),
+        w,
+        r,
+        r / w,
+        float(lower_bound(r, w, confidence=confidence, method=bound)),
+        tested,
+        tuple(guarded),
+    )
+    return AttributeCalibration(name, kind, tuple(out), pooled)

@@ -25,8 +25,10 @@ __all__ = [
     "RAtP",
     "attribute_r_at_p",
     "binary_r_at_p",
+    "coverage_efficiency",
     "decision_matrix",
     "f1_scores",
+    "paired_change",
     "precision_recall_curve_desc",
     "truth_matrix",
     "written_precision_and_coverage",
@@ -204,6 +206,36 @@ def attribute_r_at_p(
                 else np.nan
             )
     return RAtP(float(pooled), np.asarray(per_value, dtype=np.float64))
+
+
+def coverage_efficiency(recall_written: float, r_at_p: float) -> float:
+    """Share of the achievable recall that the thresholds deliver: recall written / R@P95.
+
+    Both on the same split; ``NaN`` when no threshold reaches the target precision (R@P95 = 0). It
+    can exceed 1: per-value thresholds can beat the best single pooled threshold.
+    """
+    return float(recall_written) / float(r_at_p) if r_at_p > 0 else float("nan")
+
+
+def paired_change(new: np.ndarray, old: np.ndarray, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Mean change ``new - old`` of two paired 0/1 outcomes and its one-sided upper confidence bound.
+
+    ``new``/``old``: ``(n,)`` bool, the same items in the same order (e.g. which products each model
+    gives a value). The bound is the normal approximation on the per-item differences (a paired,
+    McNemar-style comparison: items both models treat alike add no noise). ``(0, 0)`` when empty.
+    """
+    from scipy import stats
+
+    new = np.asarray(new, dtype=np.float64)
+    old = np.asarray(old, dtype=np.float64)
+    if new.shape != old.shape or new.ndim != 1:
+        raise ValueError(f"paired outcomes must be 1-D of one length, got {new.shape} and {old.shape}")
+    if new.size == 0:
+        return 0.0, 0.0
+    diff = new - old
+    mean = float(diff.mean())
+    spread = float(diff.std(ddof=1)) if diff.size > 1 else 0.0
+    return mean, mean + float(stats.norm.ppf(confidence)) * spread / float(np.sqrt(diff.size))
 
 
 def f1_scores(scores: np.ndarray, labels: np.ndarray, kind: AttributeKind) -> dict[str, float]:
