@@ -24,6 +24,7 @@ from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_mar
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # what the predictor sets in a scoring process
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers run this environment's Python
 
 # A marketplace big enough for rates to be measured to a few points, small enough to make in ~2 s.
@@ -169,6 +170,36 @@ def tiny_registry(
         "--set", "validation.run_expectations=false",
     ]  # fmt: skip
     return client, uri, version, flags
+
+
+# Variables that pytest and torch set themselves (torch on the first use of its compiler caches).
+_SET_BY_LIBRARIES = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
+@pytest.fixture(autouse=True)
+def _global_state_restored() -> Iterator[None]:
+    """Every test leaves torch's process-wide settings and the environment as it found them."""
+    import torch
+
+    def state() -> tuple[Any, ...]:
+        return (
+            torch.get_num_threads(),
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+
+    before, env = state(), dict(os.environ)
+    yield
+    after = state()
+    changed = sorted(
+        k
+        for k in env.keys() | os.environ.keys()
+        if env.get(k) != os.environ.get(k) and k not in _SET_BY_LIBRARIES
+    )
+    assert after == before, (
+        f"the test changed torch's global state (threads, deterministic): {before} -> {after}"
+    )
+    assert not changed, f"the test changed environment variables {changed}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

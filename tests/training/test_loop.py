@@ -82,6 +82,87 @@ def test_training_returns_metrics_is_deterministic_and_calibrates(taxonomy: Taxo
     assert sum(one.test_report[a.name]["written"] for a in taxonomy) > 0
 
 
+# Trains in a fresh interpreter on a freshly written Delta table and prints a digest of the weights
+# and of the calibration (thresholds and their evidence).
+_TRAIN_ONCE = """
+import hashlib, json, sys
+import torch
+from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.config import SyntheticConfig
+from catalog_enrichment.contracts import load_taxonomy
+from catalog_enrichment.data.synthetic import generate_marketplace
+from tests.conftest import tiny_config
+
+torch.set_num_threads(2)
+taxonomy = load_taxonomy()
+market = generate_marketplace(sys.argv[1], SyntheticConfig(products=1500, seed=3, image_size=32))
+from catalog_enrichment.training.loop import train_and_calibrate
+
+trained = train_and_calibrate(read_table(market.products), taxonomy, tiny_config(epochs=2))
+weights = hashlib.sha256()
+for name, tensor in sorted(trained.model.state_dict().items()):
+    weights.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+calibration = json.dumps(trained.calibration.to_dict(), sort_keys=True)
+print(json.dumps({"weights": weights.hexdigest(), "calibration": calibration}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_training_is_reproducible_across_processes_and_table_writes(tmp_path: Path) -> None:
+    # Two processes, each writing the same marketplace as its own Delta table: delta-rs writes the
+    # partitions in parallel, so the row order read back differs between the two tables; training
+    # sorts the rows first (canonical_order), so the splits, epochs, weights and thresholds agree.
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import repo_root
+
+    runs = []
+    for name in ("one", "two"):
+        out = subprocess.run(
+            [sys.executable, "-c", _TRAIN_ONCE, str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=repo_root(),
+            check=True,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["weights"] == runs[1]["weights"]
+    assert runs[0]["calibration"] == runs[1]["calibration"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(taxonomy: Taxonomy) -> None:
+    table = _table(800, taxonomy)
+    trained = train_and_calibrate(table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 2}))
+    assert trained.splits.calibration.size == 0 and trained.calibration_set is not None
+    scores, labels = trained.calibration_set
+    assert labels.targets["pattern"].shape == (trained.splits.train.size,)
+    # every training product was scored once, by the fold model that did not train on it
+    assert all(
+        p.shape[0] == trained.splits.train.size and (p.sum(axis=1) > 0).all() for p in scores.probs.values()
+    )
+    # the calibration evidence counts the training split's labels
+    from catalog_enrichment.data.dataset import canonical_order, encode_labels
+
+    train_labels = encode_labels(canonical_order(table), taxonomy).subset(trained.splits.train)
+    expected = np.bincount(train_labels.targets["pattern"], minlength=6)
+    assert [v.support for v in trained.calibration.attributes["pattern"].values] == expected.tolist()
+
+
+def test_canonical_order_does_not_depend_on_the_stored_order(taxonomy: Taxonomy) -> None:
+    from catalog_enrichment.data.dataset import canonical_order
+
+    table = _table(200, taxonomy)
+    shuffled = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    assert canonical_order(shuffled).equals(canonical_order(table))
+    assert canonical_order(table)["product_id"].to_pylist() == sorted(table["product_id"].to_pylist())
+
+
 def test_too_few_rows_is_a_clear_error(taxonomy: Taxonomy) -> None:
     with pytest.raises(CatalogEnrichError, match="labelled products"):
         train_and_calibrate(_table(4, taxonomy), taxonomy, _cfg(epochs=1))

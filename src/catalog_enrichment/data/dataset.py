@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
@@ -29,12 +30,28 @@ __all__ = [
     "EncodedLabels",
     "ProductDataset",
     "ProductRecords",
+    "canonical_order",
     "encode_labels",
     "image_to_tensor",
     "train_wordpiece_tokenizer",
 ]
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+# Sort keys of a labelled table's canonical row order, in this order where present.
+_ORDER_KEYS = ("product_id", "updated_at", "title", "description", "image_uri", "image")
+
+
+def canonical_order(table: pa.Table) -> pa.Table:
+    """The table's rows in an order that does not depend on how it was stored.
+
+    A Delta table's files come back in the order of its log, which differs between two writes of the
+    same rows (delta-rs writes partitions in parallel); splits and epochs are drawn by row position,
+    so training sorts the rows first: by product id, then the other content columns for ties.
+    """
+    keys = [(name, "ascending", "at_end") for name in _ORDER_KEYS if name in table.column_names]
+    return table.take(pc.sort_indices(table, sort_keys=keys)) if keys else table
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,15 @@ class EncodedLabels:
         return EncodedLabels(
             {a: t[idx] for a, t in self.targets.items()}, {a: k[idx] for a, k in self.known.items()}
         )
+
+    def labelled(self, probs: Mapping[str, np.ndarray], attr: str) -> tuple[np.ndarray, np.ndarray]:
+        """``attr``'s scores and labels over the products labelled for it (multi-class keeps the
+        ``-1`` rows, which the metrics drop)."""
+        t = self.targets[attr]
+        if t.ndim == 2:
+            known = self.known[attr]
+            return probs[attr][known], t[known]
+        return probs[attr], t
 
     def stratification_matrix(self) -> np.ndarray:
         """``(n, sum V)`` 0/1 matrix of every attribute value, for iterative stratification."""

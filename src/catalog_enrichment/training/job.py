@@ -147,10 +147,16 @@ def run_training_job(
     version_tags: dict[str, str] = {"data.path": snapshot.path, "fusion": cfg.model.fusion}
     for attr in taxonomy:
         entry = report[attr.name]
-        for key in ("r_at_p95", "macro_f1", "realized_precision", "coverage"):
+        for key in ("r_at_p95", "macro_f1", "realized_precision", "coverage", "coverage_efficiency"):
             value = entry.get(key)
             summary[f"test.{attr.name}.{key}"] = float("nan") if value is None else float(value)
             version_tags[f"eval.{attr.name}.{key}"] = "nan" if value is None else f"{float(value):.4f}"
+        pooled = trained.calibration.attributes[attr.name].pooled
+        if pooled is not None:  # attribute scope: what the calibration split proved
+            summary[f"calibration.{attr.name}.written"] = float(pooled.n_written)
+            summary[f"calibration.{attr.name}.lower_bound"] = (
+                float("nan") if pooled.lower_bound is None else pooled.lower_bound
+            )
     epochs = [
         {
             "train_loss": h.train_loss,
@@ -176,11 +182,7 @@ def run_training_job(
         plots.mkdir()
         assert trained.test_predictions is not None and trained.test_labels is not None
         for attr in taxonomy:
-            probs = trained.test_predictions.probs[attr.name]
-            labels = trained.test_labels.targets[attr.name]
-            if attr.kind == "multilabel":
-                known = trained.test_labels.known[attr.name]
-                probs, labels = probs[known], labels[known]
+            probs, labels = trained.test_labels.labelled(trained.test_predictions.probs, attr.name)
             plot_precision_recall(
                 probs,
                 labels,
@@ -198,6 +200,8 @@ def run_training_job(
                 "threshold": v.threshold,
                 "calibration_support": v.support,
                 "calibration_lower_bound": v.lower_bound,
+                "calibration_upper_bound": v.upper_bound,
+                "calibration_reason": v.reason,
                 "calibration_precision": v.precision,
                 "test_r_at_p95": report[a.name]["r_at_p95_per_value"][v.value],
                 **{f"test_{k}": x for k, x in report[a.name]["per_value"][v.value].items()},

@@ -3,16 +3,20 @@
 ``train_and_calibrate`` is the library entry point (no Spark, no MLflow): it splits the data,
 trains a WordPiece tokenizer on the training texts, trains the model with AdamW and a linear
 warm-up + cosine schedule (early stopping on validation R@P95), fits what a fusion picks on held-out
-data (late: alpha; decision: the decision net), calibrates thresholds on the calibration split and
-reports metrics on the test split. The caller picks the device.
+data (late: alpha; decision: the decision net), calibrates thresholds on the calibration split (or,
+with ``training.crossfit_folds``, on out-of-fold scores of fold models over the training split; the
+validation split shapes the attribute scope's threshold family) and reports metrics on the test
+split. Rows are put in a canonical order first, so the same data, seed, config and torch thread count
+train the same weights in any process. The caller picks the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +33,20 @@ from catalog_enrichment.data.dataset import (
     EncodedLabels,
     ProductDataset,
     ProductRecords,
+    canonical_order,
     encode_labels,
     train_wordpiece_tokenizer,
 )
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.metrics import attribute_r_at_p, f1_scores, written_precision_and_coverage
+from catalog_enrichment.metrics import (
+    attribute_r_at_p,
+    coverage_efficiency,
+    f1_scores,
+    written_precision_and_coverage,
+)
 from catalog_enrichment.models.model import MultimodalModel, build_model
 from catalog_enrichment.training.losses import attribute_loss
-from catalog_enrichment.training.splits import Splits, stratified_splits
+from catalog_enrichment.training.splits import Splits, calibration_fraction, stratified_splits
 
 __all__ = [
     "EpochMetrics",
@@ -97,6 +107,16 @@ class TrainedModel:
     seconds: float = 0.0
     test_predictions: Predictions | None = None
     test_labels: EncodedLabels | None = None
+    calibration_set: tuple[Predictions, EncodedLabels] | None = None
+    family_set: tuple[Predictions, EncodedLabels] | None = None
+
+    def recalibrate(self, cfg: AppConfig) -> tuple[Calibration, dict[str, Any]]:
+        """Thresholds under other calibration settings (e.g. the other scope) from the stored
+        held-out scores, and the test report they give; the model is not touched."""
+        assert self.calibration_set is not None and self.test_predictions is not None
+        assert self.test_labels is not None
+        calibration = calibrate(*self.calibration_set, self.taxonomy, cfg, family=self.family_set)
+        return calibration, evaluate(self.test_predictions, self.test_labels, self.taxonomy, calibration)
 
 
 def seed_everything(seed: int) -> None:
@@ -149,21 +169,16 @@ def predict(
     )
 
 
-def _labels_for(labels: EncodedLabels, attr: str, kind: str) -> np.ndarray:
-    return labels.targets[attr] if kind == "multiclass" else labels.targets[attr][labels.known[attr]]
-
-
 def evaluate(
     preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, calibration: Calibration | None = None
 ) -> dict[str, Any]:
     """Per attribute: macro/micro F1, R@P95 (pooled and per value) and, with a calibration, the
-    realized precision, coverage and per-value precision (with Wilson bounds) of what would be written."""
+    realized precision, coverage, recall, coverage efficiency (recall written / R@P95) and per-value
+    precision (with Wilson bounds) of what would be written."""
     report: dict[str, Any] = {}
     for attr in taxonomy:
         kind = attr.kind
-        known = labels.known[attr.name]
-        scores = preds.probs[attr.name][known] if kind == "multilabel" else preds.probs[attr.name]
-        y = _labels_for(labels, attr.name, kind)
+        scores, y = labels.labelled(preds.probs, attr.name)
         r = attribute_r_at_p(scores, y, kind)
         entry: dict[str, Any] = {
             **f1_scores(scores, y, kind),
@@ -182,6 +197,7 @@ def evaluate(
                     "written": written["written"],
                     "written_correct": written["correct"],
                     "recall_written": written["recall"],
+                    "coverage_efficiency": coverage_efficiency(written["recall"], r.pooled),
                 }
             )
             entry["per_value"] = _per_value_written(scores, y, kind, thresholds, attr.values)
@@ -210,28 +226,43 @@ def _per_value_written(
     return out
 
 
-def calibrate(preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, cfg: AppConfig) -> Calibration:
-    """Thresholds for every (attribute, value) from calibration-split scores."""
+def calibrate(
+    preds: Predictions,
+    labels: EncodedLabels,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    *,
+    family: tuple[Predictions, EncodedLabels] | None = None,
+) -> Calibration:
+    """Thresholds for every (attribute, value) from calibration-split scores.
+
+    ``family``: held-out scores and labels independent of the calibration split (the validation
+    split) that shape the attribute scope's threshold family (see :mod:`catalog_enrichment.calibration`).
+    """
     c = cfg.calibration
     attrs = {}
     for attr in taxonomy:
-        y = labels.targets[attr.name]
-        scores = preds.probs[attr.name]
-        if attr.kind == "multilabel":
-            known = labels.known[attr.name]
-            scores, y = scores[known], y[known]
+        scores, y = labels.labelled(preds.probs, attr.name)
+        family_scores = family_labels = None
+        if family is not None:
+            family_scores, family_labels = family[1].labelled(family[0].probs, attr.name)
         attrs[attr.name] = calibrate_attribute(
             attr.name,
             attr.kind,
             attr.values,
             scores,
             y,
+            scope=c.scope,
+            family_scores=family_scores,
+            family_labels=family_labels,
             target=c.target_precision,
             confidence=c.confidence,
             bound=c.bound,
             min_support=c.min_support,
+            value_floor=c.value_floor,
+            shrinkage=c.shrinkage,
         )
-    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs)
+    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope)
 
 
 def _loader(
@@ -252,75 +283,33 @@ def _loader(
 def _mean_val_r(preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy) -> dict[str, float]:
     out = {}
     for attr in taxonomy:
-        known = labels.known[attr.name]
-        scores = preds.probs[attr.name][known] if attr.kind == "multilabel" else preds.probs[attr.name]
-        out[attr.name] = attribute_r_at_p(scores, _labels_for(labels, attr.name, attr.kind), attr.kind).pooled
+        scores, y = labels.labelled(preds.probs, attr.name)
+        out[attr.name] = attribute_r_at_p(scores, y, attr.kind).pooled
     return out
 
 
-def train_and_calibrate(
-    table: pa.Table,
+@dataclass(frozen=True)
+class _Fit:
+    history: list[EpochMetrics]
+    best_epoch: int
+    heldout: dict[str, Any]
+
+
+def _fit(
+    model: MultimodalModel,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    val_labels: EncodedLabels,
     taxonomy: Taxonomy,
     cfg: AppConfig,
-    *,
-    device: torch.device | str = "cpu",
-    progress: Progress | None = None,
-) -> TrainedModel:
-    """Split, train, fit held-out parts, calibrate and evaluate (see the module docstring).
-
-    Args:
-        table: labelled products (contract ``labelled_products``): text, image and label columns.
-        taxonomy: attributes and allowed values; every attribute needs a label column.
-        cfg: the app config (model, training, calibration sections are used).
-        device: where to train; the caller decides (CPU in tests).
-        progress: called with one line per epoch and stage.
-
-    Raises:
-        ContractError / TaxonomyError: missing label column, label values outside the taxonomy.
-        CatalogEnrichError: too few rows for the splits.
-    """
-    started = time.perf_counter()
-    say = progress or (lambda _msg: None)
-    device = torch.device(device)
-    tcfg, mcfg = cfg.training, cfg.model
-    seed_everything(tcfg.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-    records = ProductRecords.from_arrow(table)
-    labels = encode_labels(table, taxonomy)
-    if len(records) == 0:
-        raise CatalogEnrichError("the labelled table is empty")
-    try:
-        splits = stratified_splits(
-            labels.stratification_matrix(),
-            validation=tcfg.validation_fraction,
-            calibration=tcfg.calibration_fraction,
-            test=tcfg.test_fraction,
-            seed=tcfg.seed,
-        )
-    except ValueError as exc:
-        raise CatalogEnrichError(f"cannot split {len(records)} labelled products: {exc}") from None
-    say(f"splits: {splits.sizes()}")
-
-    train_texts = (f"{records.title[i]} {records.description[i] or ''}" for i in splits.train)
-    tokenizer = train_wordpiece_tokenizer(
-        train_texts, vocab_size=mcfg.text.vocab_size, max_length=mcfg.text.max_length
-    )
-    collator = Collator(tokenizer, mcfg.text.max_length)
-    model = build_model(mcfg, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).to(
-        device
-    )
+    device: torch.device,
+    say: Progress,
+    tag: str,
+) -> _Fit:
+    """Train ``model`` in place: AdamW, warm-up + cosine, early stopping on validation R@P95, the
+    best epoch's weights kept; then the fusion's held-out fit on the validation split."""
+    tcfg = cfg.training
     kinds = {a.name: a.kind for a in taxonomy}
-
-    size = mcfg.image.image_size
-
-    def subset(idx: np.ndarray) -> ProductDataset:
-        return ProductDataset(records, idx, image_size=size, labels=labels)
-
-    train_loader = _loader(subset(splits.train), collator, tcfg.batch_size, shuffle=True, seed=tcfg.seed)
-    val_loader = _loader(subset(splits.validation), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
-    val_labels = labels.subset(splits.validation)
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
     total_steps = tcfg.epochs * len(train_loader)
     warmup = int(tcfg.warmup_ratio * total_steps)
@@ -362,7 +351,7 @@ def train_and_calibrate(
             )
         )
         say(
-            f"epoch {epoch}/{tcfg.epochs}  loss {np.mean(losses):.4f}  val R@P95 {mean_r:.3f}  "
+            f"{tag}epoch {epoch}/{tcfg.epochs}  loss {np.mean(losses):.4f}  val R@P95 {mean_r:.3f}  "
             + " ".join(f"{a}={r:.3f}" for a, r in val_r.items())
             + f"  ({history[-1].seconds:.0f}s)"
         )
@@ -372,11 +361,13 @@ def train_and_calibrate(
         else:
             stale += 1
             if tcfg.early_stopping_patience and stale >= tcfg.early_stopping_patience:
-                say(f"early stopping: no validation R@P95 gain for {stale} epochs (best epoch {best_epoch})")
+                say(
+                    f"{tag}early stopping: no validation R@P95 gain for {stale} epochs "
+                    f"(best epoch {best_epoch})"
+                )
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-
     heldout: dict[str, Any] = {}
     if model.fusion.fits_on_heldout:
         vp = predict(model, val_loader, device)
@@ -385,12 +376,142 @@ def train_and_calibrate(
             {a: torch.from_numpy(t) for a, t in val_labels.targets.items()},
             {a: torch.from_numpy(k) for a, k in val_labels.known.items()},
         )
-        say(f"held-out fit: {heldout}")
+        say(f"{tag}held-out fit: {heldout}")
+    return _Fit(history, best_epoch, heldout)
 
-    calib_loader = _loader(subset(splits.calibration), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
-    calibration = calibrate(
-        predict(model, calib_loader, device), labels.subset(splits.calibration), taxonomy, cfg
+
+def _crossfit(
+    train_idx: np.ndarray,
+    labels: EncodedLabels,
+    tcfg: Any,
+    fit: Callable[[np.ndarray, int, str], tuple[MultimodalModel, _Fit]],
+    subset: Callable[[np.ndarray], ProductDataset],
+    collator: Collator,
+    device: torch.device,
+    say: Progress,
+) -> tuple[Predictions, EncodedLabels]:
+    """Out-of-fold scores over the training split: K fold models, each trained on the other folds
+    (stratified over every attribute value) and scoring its own; returned in ``train_idx`` order."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    k = tcfg.crossfit_folds
+    train_labels = labels.subset(train_idx)
+    folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=tcfg.seed)
+    probs: dict[str, np.ndarray] = {}
+    for f, (fit_pos, out_pos) in enumerate(folds.split(train_idx, train_labels.stratification_matrix())):
+        say(f"cross-fit: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
+        model, _ = fit(train_idx[fit_pos], tcfg.seed + 1 + f, f"  fold {f + 1}: ")
+        loader = _loader(subset(train_idx[out_pos]), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
+        for attr, p in predict(model, loader, device).probs.items():
+            probs.setdefault(attr, np.zeros((train_idx.size, p.shape[1]), np.float32))[out_pos] = p
+    return Predictions(probs, None, {}), train_labels
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic torch kernels for the block, the caller's setting restored after."""
+    before, warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
     )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def train_and_calibrate(
+    table: pa.Table,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> TrainedModel:
+    """Split, train, fit held-out parts, calibrate and evaluate (see the module docstring).
+
+    Args:
+        table: labelled products (contract ``labelled_products``): text, image and label columns.
+        taxonomy: attributes and allowed values; every attribute needs a label column.
+        cfg: the app config (model, training, calibration sections are used).
+        device: where to train; the caller decides (CPU in tests).
+        progress: called with one line per epoch and stage.
+
+    Raises:
+        ContractError / TaxonomyError: missing label column, label values outside the taxonomy.
+        CatalogEnrichError: too few rows for the splits.
+    """
+    with _deterministic():
+        return _train_and_calibrate(table, taxonomy, cfg, device=device, progress=progress)
+
+
+def _train_and_calibrate(
+    table: pa.Table,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    *,
+    device: torch.device | str,
+    progress: Progress | None,
+) -> TrainedModel:
+    started = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    device = torch.device(device)
+    tcfg, mcfg = cfg.training, cfg.model
+    seed_everything(tcfg.seed)
+
+    table = canonical_order(table)
+    records = ProductRecords.from_arrow(table)
+    labels = encode_labels(table, taxonomy)
+    if len(records) == 0:
+        raise CatalogEnrichError("the labelled table is empty")
+    try:
+        splits = stratified_splits(
+            labels.stratification_matrix(),
+            validation=tcfg.validation_fraction,
+            calibration=0.0
+            if tcfg.crossfit_folds
+            else calibration_fraction(len(records), tcfg.calibration_fraction),
+            test=tcfg.test_fraction,
+            seed=tcfg.seed,
+        )
+    except ValueError as exc:
+        raise CatalogEnrichError(f"cannot split {len(records)} labelled products: {exc}") from None
+    say(f"splits: {splits.sizes()}")
+
+    train_texts = (f"{records.title[i]} {records.description[i] or ''}" for i in splits.train)
+    tokenizer = train_wordpiece_tokenizer(
+        train_texts, vocab_size=mcfg.text.vocab_size, max_length=mcfg.text.max_length
+    )
+    collator = Collator(tokenizer, mcfg.text.max_length)
+    size = mcfg.image.image_size
+
+    def subset(idx: np.ndarray) -> ProductDataset:
+        return ProductDataset(records, idx, image_size=size, labels=labels)
+
+    val_loader = _loader(subset(splits.validation), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
+    val_labels = labels.subset(splits.validation)
+
+    def fit(train_idx: np.ndarray, seed: int, tag: str) -> tuple[MultimodalModel, _Fit]:
+        """A fresh model trained on ``train_idx`` (early stopping and held-out fit on validation)."""
+        torch.manual_seed(seed)
+        fresh = build_model(mcfg, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        loader = _loader(subset(train_idx), collator, tcfg.batch_size, shuffle=True, seed=seed)
+        done = _fit(fresh.to(device), loader, val_loader, val_labels, taxonomy, cfg, device, say, tag)
+        return fresh, done
+
+    if tcfg.crossfit_folds:
+        calibration_set = _crossfit(splits.train, labels, tcfg, fit, subset, collator, device, say)
+    seed_everything(tcfg.seed)
+    model, fitted = fit(splits.train, tcfg.seed, "")
+    history, best_epoch, heldout = fitted.history, fitted.best_epoch, fitted.heldout
+    if not tcfg.crossfit_folds:
+        calib_loader = _loader(
+            subset(splits.calibration), collator, tcfg.batch_size * 2, shuffle=False, seed=0
+        )
+        calibration_set = (predict(model, calib_loader, device), labels.subset(splits.calibration))
+    family_set = (predict(model, val_loader, device), val_labels)
+    calibration = calibrate(*calibration_set, taxonomy, cfg, family=family_set)
     test_loader = _loader(subset(splits.test), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
     test_preds = predict(model, test_loader, device)
     report = evaluate(test_preds, labels.subset(splits.test), taxonomy, calibration)
@@ -404,7 +525,8 @@ def train_and_calibrate(
         f"trained in {seconds:.0f}s; test: "
         + " ".join(
             f"{a.name}: R@P95 {report[a.name]['r_at_p95']:.3f} "
-            f"prec {report[a.name]['realized_precision']:.3f} cov {report[a.name]['coverage']:.3f}"
+            f"prec {report[a.name]['realized_precision']:.3f} cov {report[a.name]['coverage']:.3f} "
+            f"eff {report[a.name]['coverage_efficiency']:.2f}"
             for a in taxonomy
         )
     )
@@ -422,4 +544,6 @@ def train_and_calibrate(
         seconds,
         test_preds,
         labels.subset(splits.test),
+        calibration_set,
+        family_set,
     )
