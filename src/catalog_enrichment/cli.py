@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", metavar="DIR", help="output folder (default: catalog.root, the lakehouse)")
     _generator_flags(gen, products_default="default 5000")
     gen.add_argument("--quiet", action="store_true", help="do not print the summary")
+    _long_tail_flag(gen)
     _common(gen)
     gen.set_defaults(handler=_cmd_generate)
 
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bq.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
     bq.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
+    _long_tail_flag(bq)
     bq.add_argument(
         "--out", metavar="FILE", default="bench-quality.json", help="JSON output (markdown beside it)"
     )
@@ -294,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _long_tail_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--long-tail",
+        action="store_true",
+        default=None,
+        help="the long-tailed synthetic marketplace: 40 product types, 30 colors, Zipf frequencies "
+        "(schemas/taxonomy-longtail.yaml)",
+    )
+
+
 def _overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     synthetic = {
         "products": getattr(args, "products", None),
@@ -303,7 +315,14 @@ def _overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": getattr(args, "image_size", None),
         "format": getattr(args, "format", None),
         "image_files": getattr(args, "image_files", None),
+        "long_tail": getattr(args, "long_tail", None),
     }
+    taxonomy = getattr(args, "taxonomy", None)
+    if taxonomy is None and getattr(args, "long_tail", None):
+        from catalog_enrichment.contracts import schemas_dir
+        from catalog_enrichment.data.synthetic import LONG_TAIL_TAXONOMY
+
+        taxonomy = str(schemas_dir() / LONG_TAIL_TAXONOMY)
     is_train = getattr(args, "command", "") == "train"
     catalog = {"root": getattr(args, "catalog", None)}
     if getattr(args, "command", "") in ("enrich", "backfill"):
@@ -312,7 +331,7 @@ def _overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "catalog": catalog,
         "synthetic": synthetic,
-        "taxonomy_path": getattr(args, "taxonomy", None),
+        "taxonomy_path": taxonomy,
         "mlflow": {"registered_model": getattr(args, "registered_model", None)},
         "model": {"fusion": getattr(args, "fusion", None)},
         "training": {"epochs": getattr(args, "epochs", None) if is_train else None},
@@ -429,10 +448,20 @@ def _cmd_demo(args: argparse.Namespace, cfg: AppConfig) -> int:
         eval_version=None,
         target=cfg.calibration.target_precision,
         max_coverage_loss=cfg.promotion.max_coverage_loss,
+        confidence=cfg.calibration.confidence,
+        min_written=cfg.promotion.min_written,
         log_path=Path(cfg.catalog.root) / "promotion_log",
         progress=lambda m: print("  " + m, flush=True),
     )
     print(format_comparison(summary))
+    if registry.resolve_alias(client, cfg.mlflow.registered_model, registry.CHAMPION) is None:
+        print(
+            f"\ndemo stopped after the gate: challenger v{outcome.registered.version} was rejected (reasons "
+            "above) and there is no champion to enrich with. Try more products (--products) or epochs "
+            "(--set training.epochs=N).",
+            file=sys.stderr,
+        )
+        return 1
 
     import datetime as dt
 
@@ -528,6 +557,8 @@ def _cmd_promote(args: argparse.Namespace, cfg: AppConfig) -> int:
         eval_version=cfg.promotion.eval_version,
         target=cfg.calibration.target_precision,
         max_coverage_loss=cfg.promotion.max_coverage_loss,
+        confidence=cfg.calibration.confidence,
+        min_written=cfg.promotion.min_written,
         log_path=cfg.promotion.log or str(Path(cfg.catalog.root) / "promotion_log"),
         dry_run=args.dry_run,
     )

@@ -1,14 +1,21 @@
 """The promotion gate: should ``challenger`` replace ``champion``?
 
 Both versions are scored on a frozen evaluation set (a labelled table at a pinned version) with
-their own calibrated thresholds. The challenger is promoted only if
+their own calibrated thresholds. The gate judges with confidence bounds, not point estimates, so an
+honest model is not a coin flip at the boundary:
 
-(a) on every attribute it writes, the realized precision of what it writes is >= the target, and
-(b) (when a champion exists) no attribute loses more than ``max_coverage_loss`` of coverage and the
-    mean coverage over attributes goes up.
+(a) precision: the challenger is rejected on an attribute whose realized precision on the
+    evaluation set is *significantly* below the target — at least ``min_written`` values written and
+    a one-sided Wilson upper bound (at ``confidence``) below the target; it is rejected too when it
+    writes nothing at all;
+(b) coverage (when a champion exists): per attribute, the paired change in coverage on the same
+    products (challenger minus champion) must not be significantly worse than ``-max_coverage_loss``:
+    the challenger is rejected when the one-sided upper bound of the change is below it.
 
-The decision and every reason are recorded as tags on the challenger version and appended to the
-promotion log (a Delta table: MLflow aliases keep no history, so the log is the audit trail).
+A challenger no worse than the champion within noise is promoted (a retrained model on fresher data
+is the point of the schedule). The decision and every reason are recorded as tags on the challenger
+version and appended to the promotion log (a Delta table: MLflow aliases keep no history, so the
+log is the audit trail).
 """
 
 from __future__ import annotations
@@ -16,19 +23,35 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from catalog_enrichment.calibration import wilson_upper
 from catalog_enrichment.catalog.lakehouse import read_table, table_format, table_version, write_table
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.metrics import written_precision_and_coverage
+from catalog_enrichment.metrics import (
+    attribute_r_at_p,
+    coverage_efficiency,
+    decision_matrix,
+    paired_change,
+    written_precision_and_coverage,
+)
 
-__all__ = ["GateResult", "evaluate_bundle", "gate", "promote", "read_promotion_log"]
+__all__ = [
+    "CoverageChange",
+    "Evaluation",
+    "GateResult",
+    "compare_coverage",
+    "evaluate_bundle",
+    "gate",
+    "promote",
+    "read_promotion_log",
+]
 
 AttributeMetrics = Mapping[str, Mapping[str, float]]
 
@@ -41,71 +64,112 @@ class GateResult:
     reasons: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class CoverageChange:
+    """Challenger vs champion coverage of one attribute on the same products.
+
+    ``delta`` = challenger - champion coverage; ``upper`` its one-sided upper confidence bound.
+    """
+
+    champion: float
+    delta: float
+    upper: float
+
+
 def gate(
     challenger: AttributeMetrics,
-    champion: AttributeMetrics | None,
+    changes: Mapping[str, CoverageChange] | None,
     *,
     target: float,
     max_coverage_loss: float,
+    confidence: float = 0.95,
+    min_written: int = 30,
 ) -> GateResult:
-    """Pure decision from per-attribute ``{"precision", "coverage", "written"}`` of both versions."""
+    """Pure decision (module docstring) from the challenger's per-attribute ``{"precision",
+    "coverage", "written", "correct"}`` and, when a champion exists, the coverage changes."""
     reasons: list[str] = []
     ok = True
     for attr, m in challenger.items():
-        if m["written"] == 0:
+        n, k = int(m["written"]), int(m["correct"])
+        if n == 0:
             reasons.append(f"{attr}: writes nothing (precision check not applicable)")
             continue
-        if m["precision"] < target:
+        upper = float(wilson_upper(k, n, confidence=confidence))
+        if n >= min_written and upper < target:
             ok = False
-            reasons.append(f"FAIL {attr}: realized precision {m['precision']:.4f} < target {target}")
+            reasons.append(
+                f"FAIL {attr}: realized precision {k / n:.4f} ({k}/{n}) is significantly below the target "
+                f"{target} (upper bound {upper:.4f})"
+            )
+        elif n < min_written:
+            reasons.append(f"ok {attr}: {n} values written, too few to judge (< {min_written})")
         else:
-            reasons.append(f"ok {attr}: realized precision {m['precision']:.4f} >= {target}")
+            reasons.append(f"ok {attr}: realized precision {k / n:.4f} ({k}/{n}), upper bound {upper:.4f}")
     if all(m["written"] == 0 for m in challenger.values()):
         return GateResult(
             False, [*reasons, "FAIL overall: the challenger writes nothing on the evaluation set"]
         )
-    if champion is None:
+    if changes is None:
         reasons.append("no champion yet: precision alone decides")
         return GateResult(ok, reasons)
     for attr, m in challenger.items():
-        before = champion.get(attr, {}).get("coverage", 0.0)
-        loss = before - m["coverage"]
-        if loss > max_coverage_loss:
+        c = changes[attr]
+        line = (
+            f"{attr}: coverage {m['coverage']:.4f} vs champion {c.champion:.4f} "
+            f"(change {c.delta:+.4f}, upper bound {c.upper:+.4f})"
+        )
+        if c.upper < -max_coverage_loss:
             ok = False
-            reasons.append(
-                f"FAIL {attr}: coverage {m['coverage']:.4f} loses {loss:.4f} vs champion {before:.4f} "
-                f"(> {max_coverage_loss})"
-            )
+            reasons.append(f"FAIL {line} is significantly worse than -{max_coverage_loss}")
         else:
-            reasons.append(f"ok {attr}: coverage {m['coverage']:.4f} vs champion {before:.4f}")
-    mean_new = float(np.mean([m["coverage"] for m in challenger.values()]))
-    mean_old = float(np.mean([champion.get(a, {}).get("coverage", 0.0) for a in challenger]))
-    if mean_new <= mean_old:
-        ok = False
-        reasons.append(f"FAIL overall: mean coverage {mean_new:.4f} does not beat champion {mean_old:.4f}")
-    else:
-        reasons.append(f"ok overall: mean coverage {mean_new:.4f} > champion {mean_old:.4f}")
+            reasons.append(f"ok {line}")
     return GateResult(ok, reasons)
 
 
-def evaluate_bundle(bundle: Any, table: pa.Table) -> dict[str, dict[str, float]]:
-    """Realized precision / coverage / written of a bundle's thresholds on a labelled table."""
+@dataclass(frozen=True)
+class Evaluation:
+    """A bundle on the evaluation set: per-attribute metrics and which labelled products got a value."""
+
+    metrics: dict[str, dict[str, float]]
+    covered: dict[str, np.ndarray]
+
+
+def evaluate_bundle(bundle: Any, table: pa.Table) -> Evaluation:
+    """Realized precision, coverage, recall, R@P95 and coverage efficiency of a bundle's thresholds on
+    a labelled table."""
     from catalog_enrichment.inference.predictor import BatchPredictor
 
     labels = encode_labels(table, bundle.taxonomy)
     scores = BatchPredictor(bundle).score(table.to_pandas())
-    out = {}
+    metrics, covered = {}, {}
     for attr in bundle.taxonomy:
-        s, y = scores[attr.name], labels.targets[attr.name]
-        if attr.kind == "multilabel":
-            known = labels.known[attr.name]
-            s, y = s[known], y[known]
-        m = written_precision_and_coverage(s, y, attr.kind, bundle.calibration.thresholds(attr.name))
-        out[attr.name] = {
+        s, y = labels.labelled(scores, attr.name)
+        thresholds = bundle.calibration.thresholds(attr.name)
+        m = written_precision_and_coverage(s, y, attr.kind, thresholds)
+        r = attribute_r_at_p(s, y, attr.kind).pooled
+        metrics[attr.name] = {
             "precision": float(m["precision"]),
             "coverage": float(m["coverage"]),
             "written": float(m["written"]),
+            "correct": float(m["correct"]),
+            "recall": float(m["recall"]),
+            "r_at_p95": float(r),
+            "coverage_efficiency": coverage_efficiency(m["recall"], r),
         }
+        any_written = np.asarray(decision_matrix(s, attr.kind, thresholds).any(axis=1))
+        covered[attr.name] = any_written[y >= 0] if y.ndim == 1 else any_written
+    return Evaluation(metrics, covered)
+
+
+def compare_coverage(
+    challenger: Evaluation, champion: Evaluation, *, confidence: float = 0.95
+) -> dict[str, CoverageChange]:
+    """Paired coverage change per attribute (same products, same order)."""
+    out = {}
+    for attr, new in challenger.covered.items():
+        old = champion.covered[attr]
+        delta, upper = paired_change(new, old, confidence=confidence)
+        out[attr] = CoverageChange(float(old.mean()) if old.size else 0.0, delta, upper)
     return out
 
 
@@ -138,6 +202,8 @@ def promote(
     target: float,
     max_coverage_loss: float,
     log_path: str | Path,
+    confidence: float = 0.95,
+    min_written: int = 30,
     dry_run: bool = False,
     progress: Any = print,
 ) -> dict[str, Any]:
@@ -163,18 +229,28 @@ def promote(
         + (f" and champion v{champion}" if champion else "")
         + f" on {eval_data} (version {pinned}, {table.num_rows:,} products)"
     )
-    metrics = {
+    evaluations = {
         "challenger": evaluate_bundle(
             registry.load_bundle_from_uri(f"models:/{registered_model}/{challenger}"), table
         )
     }
+    changes = None
     if champion is not None and champion != challenger:
-        metrics["champion"] = evaluate_bundle(
+        evaluations["champion"] = evaluate_bundle(
             registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}"), table
         )
+        changes = compare_coverage(evaluations["challenger"], evaluations["champion"], confidence=confidence)
     result = gate(
-        metrics["challenger"], metrics.get("champion"), target=target, max_coverage_loss=max_coverage_loss
+        evaluations["challenger"].metrics,
+        changes,
+        target=target,
+        max_coverage_loss=max_coverage_loss,
+        confidence=confidence,
+        min_written=min_written,
     )
+    metrics: dict[str, Any] = {name: e.metrics for name, e in evaluations.items()}
+    if changes is not None:
+        metrics["coverage_change"] = {a: asdict(c) for a, c in changes.items()}
     if champion == challenger:
         result = GateResult(False, ["challenger is already champion: nothing to do"])
     decided = dt.datetime.now(dt.UTC)
@@ -231,13 +307,19 @@ def promote(
 def format_comparison(summary: Mapping[str, Any]) -> str:
     """The comparison table printed by ``promote`` (and ``--dry-run``)."""
     metrics = summary["metrics"]
-    lines = [f"{'attribute':<14} {'challenger prec':>15} {'cov':>7} {'champion prec':>14} {'cov':>7}"]
+    lines = [
+        f"{'':<14} {'challenger':^26} {'champion':^26}",
+        f"{'attribute':<14}" + f" {'prec':>8} {'cov':>8} {'eff':>8}" * 2,
+    ]
+
+    def cells(m: Mapping[str, float] | None) -> str:
+        if m is None:
+            return f" {'—':>8}" * 3
+        return "".join(f" {m[k]:>8.4f}" for k in ("precision", "coverage", "coverage_efficiency"))
+
     for attr, m in metrics["challenger"].items():
-        c = metrics.get("champion", {}).get(attr)
-        lines.append(
-            f"{attr:<14} {m['precision']:>15.4f} {m['coverage']:>7.4f} "
-            + (f"{c['precision']:>14.4f} {c['coverage']:>7.4f}" if c else f"{'—':>14} {'—':>7}")
-        )
+        lines.append(f"{attr:<14}" + cells(m) + cells(metrics.get("champion", {}).get(attr)))
+    lines.append("(prec: realized precision, cov: share of products given a value, eff: recall / R@P95)")
     lines.append(
         "decision: "
         + ("PROMOTE" if summary["promote"] else "KEEP CHAMPION")
