@@ -16,6 +16,8 @@ from PIL import Image, ImageChops, ImageDraw
 
 __all__ = [
     "COLOR_RGB",
+    "LONG_TAIL_COLOR_RGB",
+    "SUBTYPES",
     "ImageParts",
     "decode_image",
     "encode_image",
@@ -37,6 +39,30 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "brown": (112, 72, 34),
     "beige": (222, 202, 160),
 }
+
+# The long-tailed taxonomy's further colors (schemas/taxonomy-longtail.yaml); some sit close to a
+# default one on purpose (navy / blue, charcoal / grey), as on a real catalog.
+LONG_TAIL_COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "navy": (24, 34, 96),
+    "maroon": (112, 22, 38),
+    "teal": (0, 128, 128),
+    "olive": (110, 112, 34),
+    "khaki": (190, 176, 122),
+    "gold": (212, 172, 52),
+    "silver": (192, 194, 200),
+    "turquoise": (64, 212, 200),
+    "coral": (250, 122, 98),
+    "lavender": (186, 160, 226),
+    "mint": (160, 230, 190),
+    "magenta": (214, 32, 160),
+    "charcoal": (62, 64, 70),
+    "cream": (250, 240, 206),
+    "mustard": (206, 164, 30),
+    "tan": (196, 150, 100),
+    "sky blue": (120, 186, 236),
+    "lime": (170, 220, 40),
+}
+_PALETTE = {**COLOR_RGB, **LONG_TAIL_COLOR_RGB}
 
 _BACKGROUNDS = ((236, 236, 240), (226, 232, 226), (232, 226, 236), (214, 218, 222))
 
@@ -177,6 +203,35 @@ _SHAPES: dict[str, list[tuple[str, tuple[float, ...]]]] = {
     ],
 }
 
+# The long-tailed taxonomy's sub-types: a base silhouette and how it varies (see _variant).
+SUBTYPES: dict[str, tuple[str, str]] = {
+    "crop top": ("t-shirt", "cropped"),
+    "tank top": ("t-shirt", "narrow"),
+    "polo shirt": ("shirt", "notch"),
+    "blouse": ("shirt", "small"),
+    "mini dress": ("dress", "cropped"),
+    "slip dress": ("dress", "narrow"),
+    "skinny jeans": ("jeans", "narrow"),
+    "wide-leg jeans": ("jeans", "wide"),
+    "bomber jacket": ("jacket", "cropped"),
+    "parka": ("jacket", "wide"),
+    "blazer": ("jacket", "notch"),
+    "cardigan": ("sweater", "notch"),
+    "hoodie": ("sweater", "wide"),
+    "mini skirt": ("skirt", "cropped"),
+    "pleated skirt": ("skirt", "wide"),
+    "bermuda shorts": ("shorts", "narrow"),
+    "slip-ons": ("sneakers", "small"),
+    "ankle boots": ("boots", "cropped"),
+    "clutch": ("handbag", "cropped"),
+    "tote bag": ("handbag", "wide"),
+    "beanie": ("hat", "narrow"),
+    "cap": ("hat", "cropped"),
+    "shawl": ("scarf", "wide"),
+    "desk lamp": ("lamp", "small"),
+    "floor lamp": ("lamp", "narrow"),
+}
+
 PATTERNS = ("solid", "striped", "checked", "dotted", "floral", "camouflage")
 MATERIALS = ("cotton", "polyester", "wool", "leather", "denim", "silk", "linen", "nylon", "metal", "wood")
 
@@ -184,6 +239,9 @@ MATERIALS = ("cotton", "polyester", "wool", "leather", "denim", "silk", "linen",
 @cache
 def _shape_mask(product_type: str, size: int) -> np.ndarray:
     """Silhouette on a canvas padded by ``size // 12`` on every side (windows give the shifts)."""
+    if product_type in SUBTYPES:
+        base, variant = SUBTYPES[product_type]
+        return _variant(_shape_mask(base, size), variant)
     pad = size // 12
     canvas = Image.new("L", (size + 2 * pad, size + 2 * pad), 0)
     draw = ImageDraw.Draw(canvas)
@@ -200,6 +258,30 @@ def _shape_mask(product_type: str, size: int) -> np.ndarray:
         elif kind == "arc":
             draw.arc(pts, 180, 360, fill=255, width=max(1, size // 24))
     return np.asarray(canvas) > 0
+
+
+def _variant(mask: np.ndarray, variant: str) -> np.ndarray:
+    """A base silhouette varied into a sub-type's: cropped (bottom third cut), narrow / wide
+    (squeezed / stretched sideways), small (shrunk about the centre) or notch (a band cut across)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    out = np.zeros_like(mask)
+    if variant == "cropped":
+        cut = top + (bottom - top) * 2 // 3
+        out[:cut] = mask[:cut]
+        return out
+    if variant == "notch":
+        out[:] = mask
+        band = top + (bottom - top) * 11 // 20
+        out[band : band + max(1, (bottom - top) // 10)] = False
+        return out
+    scale_x, scale_y = {"narrow": (0.65, 1.0), "wide": (1.3, 1.0), "small": (0.7, 0.7)}[variant]
+    height, width = mask.shape
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    yy, xx = np.mgrid[0:height, 0:width]
+    src_y = np.clip(np.round(cy + (yy - cy) / scale_y).astype(int), 0, height - 1)
+    src_x = np.clip(np.round(cx + (xx - cx) / scale_x).astype(int), 0, width - 1)
+    return mask[src_y, src_x]
 
 
 def _blur(field: np.ndarray, radius: int) -> np.ndarray:
@@ -347,20 +429,20 @@ def render_product(
     if parts.decoy_color is not None:
         w, h = int((0.45 + 0.25 * u[4]) * size), int((0.45 + 0.25 * u[5]) * size)
         x0, y0 = int(u[6] * (size - w + 1)), int(u[7] * (size - h + 1))
-        canvas.paste(_lit(COLOR_RGB[parts.decoy_color], gain), (x0, y0, x0 + w, y0 + h))
+        canvas.paste(_lit(_PALETTE[parts.decoy_color], gain), (x0, y0, x0 + w, y0 + h))
     # Colors (two-color products: top half / bottom half of the silhouette) and their pattern shade.
-    fill = Image.new("RGB", (size, size), _lit(COLOR_RGB[parts.colors[0]], gain))
+    fill = Image.new("RGB", (size, size), _lit(_PALETTE[parts.colors[0]], gain))
     regions = [(parts.colors[0], (0, 0, size, size))]
     if len(parts.colors) > 1:
         box = mask.getbbox() or (0, 0, size, size)
         mid = (box[1] + box[3]) // 2
-        fill.paste(_lit(COLOR_RGB[parts.colors[1]], gain), (0, mid, size, size))
+        fill.paste(_lit(_PALETTE[parts.colors[1]], gain), (0, mid, size, size))
         regions = [(parts.colors[0], (0, 0, size, mid)), (parts.colors[1], (0, mid, size, size))]
     if parts.pattern != "solid":
         pmask = _crop(_mask_image("pattern", parts.pattern, size), size, u[12], u[13])
         for color, box in regions:
             if box[3] > box[1]:
-                shade = _lit(_shade(COLOR_RGB[color]), gain)
+                shade = _lit(_shade(_PALETTE[color]), gain)
                 fill.paste(shade, box, pmask if len(regions) == 1 else pmask.crop(box))
     texture = _crop(_texture_image(parts.materials[0], size, texture_strength), size, u[8], u[9])
     if len(parts.materials) > 1:

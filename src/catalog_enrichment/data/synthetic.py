@@ -8,7 +8,9 @@ It is built so that the problems of the papers in ``shared/seeds`` show up:
   modality alone is enough and the better one varies per product (paper 004, Fig. 3).
 * **material** is mostly in the text; the image has only a faint texture (004).
 * **product_type** is in both: the silhouette, and a noun, synonym or typo in the title.
-* long-tailed value frequencies, two-color products and material blends (multi-label).
+* long-tailed value frequencies, two-color products and material blends (multi-label). With
+  ``long_tail`` the generator draws the long-tailed taxonomy (``schemas/taxonomy-longtail.yaml``:
+  40 product types, 30 colors) with steeper Zipf frequencies, so most values are rare.
 * merchant-provided values on ``merchant_share`` of the products.
 * ``label_noise`` flips a known share of the labels (the clean ones are kept in the truth table).
 * ``bad_rate`` injects bad rows of every kind the validation must catch (:data:`BAD_KINDS`), each
@@ -35,11 +37,13 @@ import pyarrow as pa
 
 from catalog_enrichment.catalog.lakehouse import write_table
 from catalog_enrichment.config import SyntheticConfig
-from catalog_enrichment.contracts import Taxonomy, load_contract, load_taxonomy
+from catalog_enrichment.contracts import Taxonomy, load_contract, load_taxonomy, schemas_dir
 from catalog_enrichment.data.images import (
     COLOR_RGB,
+    LONG_TAIL_COLOR_RGB,
     MATERIALS,
     PATTERNS,
+    SUBTYPES,
     ImageParts,
     encode_image,
     render_product,
@@ -51,6 +55,7 @@ __all__ = [
     "GeneratedMarketplace",
     "generate_marketplace",
     "products_batches",
+    "synthetic_taxonomy",
     "truth_schema",
 ]
 
@@ -148,6 +153,9 @@ _FILLERS = (
 )
 _EXTRAS = ("", "", "Classic", "Premium", "Slim Fit", "Oversized", "Vintage", "Essential", "New Season")
 _PATTERN_WEIGHTS = np.array([6.0, 2.0, 1.5, 1.0, 0.7, 0.4])
+LONG_TAIL_TAXONOMY = "taxonomy-longtail.yaml"
+# Zipf exponents of the color and product-type frequencies: default and long-tailed marketplaces.
+_ZIPF = {False: (0.9, 0.8), True: (1.1, 1.1)}
 
 
 def _zipf(n: int, exponent: float = 1.0) -> np.ndarray:
@@ -179,18 +187,32 @@ def _typo(word: str, rng: np.random.Generator) -> str:
     return word[:i] + word[i + 1 :]  # drop one
 
 
-def _check_taxonomy(taxonomy: Taxonomy) -> None:
+def synthetic_taxonomy(cfg: SyntheticConfig) -> Taxonomy:
+    """The packaged taxonomy the generator draws: the default one, or the long-tailed one."""
+    return load_taxonomy(schemas_dir() / LONG_TAIL_TAXONOMY) if cfg.long_tail else load_taxonomy()
+
+
+def _base_type(ptype: str) -> str:
+    """A sub-type's base product type (``ankle boots`` -> ``boots``); a base type is its own."""
+    return SUBTYPES[ptype][0] if ptype in SUBTYPES else ptype
+
+
+def _check_taxonomy(taxonomy: Taxonomy, long_tail: bool) -> None:
     expected = {
-        "color": set(COLOR_RGB),
+        "color": set(COLOR_RGB) | (set(LONG_TAIL_COLOR_RGB) if long_tail else set()),
         "material": set(MATERIALS),
-        "product_type": set(_TYPE_CATEGORY),
+        "product_type": set(_TYPE_CATEGORY) | (set(SUBTYPES) if long_tail else set()),
         "pattern": set(PATTERNS),
     }
     for name, values in expected.items():
         if name not in taxonomy.attributes or set(taxonomy[name].values) != values:
+            which = (
+                f"the long-tailed taxonomy (schemas/{LONG_TAIL_TAXONOMY})"
+                if long_tail
+                else ("the default taxonomy (schemas/taxonomy.yaml)")
+            )
             raise TaxonomyError(
-                "the synthetic marketplace draws the default taxonomy (schemas/taxonomy.yaml); "
-                f"attribute {name!r} differs in {taxonomy.source}"
+                f"the synthetic marketplace draws {which}; attribute {name!r} differs in {taxonomy.source}"
             )
 
 
@@ -222,12 +244,14 @@ class _Generator:
         self.patterns = list(taxonomy["pattern"].values)
         self.color_syn: dict[str, list[str]] = taxonomy["color"].extras.get("synonyms", {}) or {}
         self.type_syn: dict[str, list[str]] = taxonomy["product_type"].extras.get("synonyms", {}) or {}
-        self.cdf_color = np.cumsum(_zipf(len(self.colors), 0.9))
-        self.cdf_type = np.cumsum(_zipf(len(self.types), 0.8))
+        color_exponent, type_exponent = _ZIPF[cfg.long_tail]
+        self.cdf_color = np.cumsum(_zipf(len(self.colors), color_exponent))
+        self.cdf_type = np.cumsum(_zipf(len(self.types), type_exponent))
         self.cdf_pattern = np.cumsum(_PATTERN_WEIGHTS / _PATTERN_WEIGHTS.sum())
         self.cdf_material = {}
         for ptype in self.types:
-            weights = np.array([4.0 if m in _TYPE_MATERIALS[ptype] else 0.6 for m in self.materials])
+            usual = _TYPE_MATERIALS[_base_type(ptype)]
+            weights = np.array([4.0 if m in usual else 0.6 for m in self.materials])
             weights *= _zipf(len(self.materials), 0.5)
             self.cdf_material[ptype] = np.cumsum(weights / weights.sum())
         self.start = dt.date.fromisoformat(cfg.start_date)
@@ -384,7 +408,7 @@ class _Generator:
         labels, flipped = self._noisy(values, rng)
         flags["noisy_attributes"] = flipped
         ptype = values["product_type"]
-        category = None if rng.random() < 0.1 else _TYPE_CATEGORY[ptype]
+        category = None if rng.random() < 0.1 else _TYPE_CATEGORY[_base_type(ptype)]
         ingest = self.start + dt.timedelta(days=int(self.day[i]))
         updated = dt.datetime.combine(ingest, dt.time(), dt.UTC) + dt.timedelta(
             seconds=_randint(rng, 0, 86400)
@@ -478,7 +502,7 @@ def products_batches(
     batch_size: int = 2048,
 ) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
     """Yield ``(products, truth)`` record batches; memory is bounded by ``batch_size``."""
-    _check_taxonomy(taxonomy)
+    _check_taxonomy(taxonomy, cfg.long_tail)
     gen = _Generator(cfg, taxonomy)
     schema = load_contract("labelled_products", taxonomy=taxonomy).arrow_schema(enforce_nullability=False)
     tschema = truth_schema(taxonomy)
@@ -559,8 +583,8 @@ def generate_marketplace(
     """Generate the marketplace into ``out`` (see the module docstring for the layout)."""
     import time
 
-    taxonomy = taxonomy or load_taxonomy()
-    _check_taxonomy(taxonomy)
+    taxonomy = taxonomy or synthetic_taxonomy(cfg)
+    _check_taxonomy(taxonomy, cfg.long_tail)
     root = Path(out)
     products_path, truth_path = root / "products", root / "truth"
     image_dir = root / "images" if cfg.image_files else None
