@@ -49,7 +49,11 @@ TINY_MODEL: dict[str, Any] = {
 
 def tiny_config(*, fusion: str = "concat", epochs: int = 2, **sections: Any) -> AppConfig:
     """The app config with the tiny model; ``sections`` override anything (nested dicts)."""
-    base = {"model": {**TINY_MODEL, "fusion": fusion}, "training": {"epochs": epochs, "batch_size": 32}}
+    base = {
+        "model": {**TINY_MODEL, "fusion": fusion},
+        # a held-out calibration split: one training per model (tests of cross-fitting ask for it)
+        "training": {"epochs": epochs, "batch_size": 32, "crossfit_folds": 0},
+    }
     return load_config(environ={}, overrides=merge_layers(base, sections))
 
 

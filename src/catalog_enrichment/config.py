@@ -172,13 +172,15 @@ class TrainingConfig(_Section):
         "data: 600 products, kept between 15 % and 30 % of the table (see training/splits.py).",
     )
     test_fraction: float = Field(0.15, gt=0, lt=1)
-    crossfit_folds: int = Field(
-        0,
+    crossfit_folds: int | None = Field(
+        None,
         ge=0,
         description="0 = calibrate on a held-out calibration split; K >= 2 = cross-fitted: no calibration "
         "split, the thresholds come from out-of-fold scores of K fold models over the training split "
-        "(K + 1 trainings). Adds an assumption: the final model, trained on all of the training split, "
-        "scores new products at least as precisely as the fold models scored their held-out folds.",
+        "(K + 1 trainings); None = chosen for the data: 3 folds below 10,000 labelled products, else 0 "
+        "(see training/splits.py). Cross-fitting adds an assumption: the final model, trained on all of "
+        "the training split, scores new products at least as precisely as the fold models scored their "
+        "held-out folds.",
     )
     noise_prune_fraction: float = Field(
         0.0, ge=0, lt=1, description="Drop this share of confident-learning label-issue suspects (0 = off)."

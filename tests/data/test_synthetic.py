@@ -237,3 +237,32 @@ def test_generator_refuses_a_foreign_taxonomy(tmp_path: Path) -> None:
     foreign = Taxonomy.from_dict({"attributes": {"size": {"kind": "multiclass", "values": ["s", "m"]}}})
     with pytest.raises(TaxonomyError, match="default taxonomy"):
         generate_marketplace(tmp_path, SyntheticConfig(products=5), taxonomy=foreign)
+
+
+def test_the_long_tailed_marketplace_draws_its_own_taxonomy_with_a_long_tail(tmp_path: Path) -> None:
+    from catalog_enrichment.data.images import LONG_TAIL_COLOR_RGB, SUBTYPES, ImageParts, render_product
+    from catalog_enrichment.data.synthetic import synthetic_taxonomy
+
+    cfg = SyntheticConfig(products=3000, seed=5, image_size=32, long_tail=True)
+    taxonomy = synthetic_taxonomy(cfg)
+    assert len(taxonomy["product_type"].values) == 40 and len(taxonomy["color"].values) == 30
+    assert set(SUBTYPES) <= set(taxonomy["product_type"].values)
+    assert set(LONG_TAIL_COLOR_RGB) <= set(taxonomy["color"].values)
+    table = read_table(generate_marketplace(tmp_path / "lt", cfg).products)
+    types = Counter(table["product_type"].to_pylist())
+    colors = Counter(c for cs in table["color"].to_pylist() for c in cs)
+    assert set(types) == set(taxonomy["product_type"].values)  # every value drawn at least once...
+    # ...with Zipf(1.1) frequencies: the most common type is t-shirt (~27 %), the rarest ~0.4 %
+    assert types.most_common(1)[0][0] == "t-shirt" and types["t-shirt"] / 3000 > 0.2
+    assert min(types.values()) < 0.01 * 3000 and min(colors.values()) < 0.015 * 3000
+    # a sub-type's silhouette is a variation of its base type's, not the same picture
+    rng = lambda: np.random.default_rng(0)  # noqa: E731  (the same draw for both pictures)
+    base = np.asarray(render_product(ImageParts("boots", ("black",), "solid", ("leather",)), rng(), size=48))
+    sub = np.asarray(
+        render_product(ImageParts("ankle boots", ("black",), "solid", ("leather",)), rng(), size=48)
+    )
+    dark = lambda img: (img.sum(axis=2) < 200).sum()  # noqa: E731  (pixels of the black product)
+    assert 0.5 * dark(base) < dark(sub) < 0.9 * dark(base)  # cropped: the bottom third cut
+    # the default taxonomy is refused for a long-tailed marketplace (and the other way round)
+    with pytest.raises(TaxonomyError, match="long-tailed taxonomy"):
+        generate_marketplace(tmp_path / "x", cfg, taxonomy=synthetic_taxonomy(SyntheticConfig()))

@@ -3,10 +3,10 @@
 ``train_and_calibrate`` is the library entry point (no Spark, no MLflow): it splits the data,
 trains a WordPiece tokenizer on the training texts, trains the model with AdamW and a linear
 warm-up + cosine schedule (early stopping on validation R@P95), fits what a fusion picks on held-out
-data (late: alpha; decision: the decision net), calibrates thresholds on the calibration split (or,
-with ``training.crossfit_folds``, on out-of-fold scores of fold models over the training split; the
-validation split shapes the attribute scope's threshold family) and reports metrics on the test
-split. Rows are put in a canonical order first, so the same data, seed, config and torch thread count
+data (late: alpha; decision: the decision net), calibrates thresholds on out-of-fold scores of fold
+models over the training split (``training.crossfit_folds``; the default below 10,000 products) or
+on a held-out calibration split — the validation split shapes the attribute scope's threshold
+family — and reports metrics on the test split. Rows are put in a canonical order first, so the same data, seed, config and torch thread count
 train the same weights in any process. The caller picks the device.
 """
 
@@ -46,7 +46,7 @@ from catalog_enrichment.metrics import (
 )
 from catalog_enrichment.models.model import MultimodalModel, build_model
 from catalog_enrichment.training.losses import attribute_loss
-from catalog_enrichment.training.splits import Splits, calibration_fraction, stratified_splits
+from catalog_enrichment.training.splits import Splits, calibration_fraction, crossfit_folds, stratified_splits
 
 __all__ = [
     "EpochMetrics",
@@ -383,10 +383,10 @@ def _fit(
 def _crossfit(
     train_idx: np.ndarray,
     labels: EncodedLabels,
-    tcfg: Any,
+    k: int,
+    seed: int,
     fit: Callable[[np.ndarray, int, str], tuple[MultimodalModel, _Fit]],
-    subset: Callable[[np.ndarray], ProductDataset],
-    collator: Collator,
+    scoring: Callable[[np.ndarray], DataLoader],
     device: torch.device,
     say: Progress,
 ) -> tuple[Predictions, EncodedLabels]:
@@ -394,15 +394,13 @@ def _crossfit(
     (stratified over every attribute value) and scoring its own; returned in ``train_idx`` order."""
     from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-    k = tcfg.crossfit_folds
     train_labels = labels.subset(train_idx)
-    folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=tcfg.seed)
+    folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     probs: dict[str, np.ndarray] = {}
     for f, (fit_pos, out_pos) in enumerate(folds.split(train_idx, train_labels.stratification_matrix())):
         say(f"cross-fit: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
-        model, _ = fit(train_idx[fit_pos], tcfg.seed + 1 + f, f"  fold {f + 1}: ")
-        loader = _loader(subset(train_idx[out_pos]), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
-        for attr, p in predict(model, loader, device).probs.items():
+        model, _ = fit(train_idx[fit_pos], seed + 1 + f, f"  fold {f + 1}: ")
+        for attr, p in predict(model, scoring(train_idx[out_pos]), device).probs.items():
             probs.setdefault(attr, np.zeros((train_idx.size, p.shape[1]), np.float32))[out_pos] = p
     return Predictions(probs, None, {}), train_labels
 
@@ -465,13 +463,12 @@ def _train_and_calibrate(
     labels = encode_labels(table, taxonomy)
     if len(records) == 0:
         raise CatalogEnrichError("the labelled table is empty")
+    folds = crossfit_folds(len(records), tcfg.crossfit_folds)
     try:
         splits = stratified_splits(
             labels.stratification_matrix(),
             validation=tcfg.validation_fraction,
-            calibration=0.0
-            if tcfg.crossfit_folds
-            else calibration_fraction(len(records), tcfg.calibration_fraction),
+            calibration=0.0 if folds else calibration_fraction(len(records), tcfg.calibration_fraction),
             test=tcfg.test_fraction,
             seed=tcfg.seed,
         )
@@ -489,7 +486,10 @@ def _train_and_calibrate(
     def subset(idx: np.ndarray) -> ProductDataset:
         return ProductDataset(records, idx, image_size=size, labels=labels)
 
-    val_loader = _loader(subset(splits.validation), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
+    def scoring(idx: np.ndarray) -> DataLoader:
+        return _loader(subset(idx), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
+
+    val_loader = scoring(splits.validation)
     val_labels = labels.subset(splits.validation)
 
     def fit(train_idx: np.ndarray, seed: int, tag: str) -> tuple[MultimodalModel, _Fit]:
@@ -500,19 +500,17 @@ def _train_and_calibrate(
         done = _fit(fresh.to(device), loader, val_loader, val_labels, taxonomy, cfg, device, say, tag)
         return fresh, done
 
-    if tcfg.crossfit_folds:
-        calibration_set = _crossfit(splits.train, labels, tcfg, fit, subset, collator, device, say)
+    if folds:
+        calibration_set = _crossfit(splits.train, labels, folds, tcfg.seed, fit, scoring, device, say)
     seed_everything(tcfg.seed)
     model, fitted = fit(splits.train, tcfg.seed, "")
     history, best_epoch, heldout = fitted.history, fitted.best_epoch, fitted.heldout
-    if not tcfg.crossfit_folds:
-        calib_loader = _loader(
-            subset(splits.calibration), collator, tcfg.batch_size * 2, shuffle=False, seed=0
-        )
+    if not folds:
+        calib_loader = scoring(splits.calibration)
         calibration_set = (predict(model, calib_loader, device), labels.subset(splits.calibration))
     family_set = (predict(model, val_loader, device), val_labels)
     calibration = calibrate(*calibration_set, taxonomy, cfg, family=family_set)
-    test_loader = _loader(subset(splits.test), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
+    test_loader = scoring(splits.test)
     test_preds = predict(model, test_loader, device)
     report = evaluate(test_preds, labels.subset(splits.test), taxonomy, calibration)
     if test_preds.modality_weights:
