@@ -204,3 +204,31 @@ def test_taxonomy_head_mismatch_is_named(taxonomy: Taxonomy, tmp_path: Path) -> 
     assert "lacks attribute 'material'" in message
     assert "'color': model head is multilabel with 12 values, taxonomy says multilabel with 2" in message
     check_heads(heads, taxonomy)  # the same taxonomy passes
+
+
+def test_the_calibration_data_rules_have_known_answers() -> None:
+    from catalog_enrichment.training.splits import calibration_fraction, crossfit_folds
+
+    # cross-fitted (3 folds) below 10,000 labelled products, a held-out split from there on
+    assert crossfit_folds(9_999, None) == 3 and crossfit_folds(10_000, None) == 0
+    assert crossfit_folds(500, 0) == 0 and crossfit_folds(50_000, 5) == 5  # a configured count wins
+    # a held-out split: 600 products, kept between 15 % and 30 % of the table
+    assert calibration_fraction(3000, None) == pytest.approx(0.2)
+    assert calibration_fraction(1000, None) == 0.3 and calibration_fraction(10_000, None) == 0.15
+    assert calibration_fraction(3000, 0.25) == 0.25  # a configured share wins
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"training": {"crossfit_folds": 1}}, "crossfit_folds must be 0"),
+        ({"calibration": {"value_floor": 0.97}}, "value_floor must not exceed target_precision"),
+        ({"calibration": {"scope": "product"}}, "calibration.scope"),
+    ],
+)
+def test_bad_calibration_settings_are_named(overrides: dict, message: str) -> None:
+    from catalog_enrichment.config import load_config
+    from catalog_enrichment.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides, environ={})

@@ -6,8 +6,9 @@ warm-up + cosine schedule (early stopping on validation R@P95), fits what a fusi
 data (late: alpha; decision: the decision net), calibrates thresholds on out-of-fold scores of fold
 models over the training split (``training.crossfit_folds``; the default below 10,000 products) or
 on a held-out calibration split — the validation split shapes the attribute scope's threshold
-family — and reports metrics on the test split. Rows are put in a canonical order first, so the same data, seed, config and torch thread count
-train the same weights in any process. The caller picks the device.
+family — and reports metrics on the test split. Rows are put in a canonical order first, so the same
+data, seed, config and torch thread count train the same weights in any process. The caller picks
+the device.
 """
 
 from __future__ import annotations
