@@ -523,6 +523,9 @@ def test_a_worker_keeps_its_model_out_of_the_collection_after_each_task(scoring_
     )
     loads = Loads()
     gc.unfreeze()
+    import torch
+
+    threads = torch.get_num_threads()  # a worker sets its task's thread count (1 outside a task)
     try:
         predictor = glue._worker_state(spec, loads)[0]
         assert gc.get_freeze_count() > 10_000  # torch, the model, the tokenizer ...
@@ -535,3 +538,4 @@ def test_a_worker_keeps_its_model_out_of_the_collection_after_each_task(scoring_
     finally:
         glue._WORKER_CACHE.clear()
         gc.unfreeze()
+        torch.set_num_threads(threads)

@@ -55,14 +55,16 @@ def _cfg(tmp: Path, tracking_uri: str, *, fusion: str = "concat", epochs: int = 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> dict[str, Path]:
+    # One marketplace split into a training table and a frozen evaluation set (disjoint products
+    # drawn alike: the exchangeability the calibration's guarantee assumes).
     root = tmp_path_factory.mktemp("registry-data")
-    train = generate_marketplace(
-        root / "train", SyntheticConfig(products=2000, seed=11, image_size=32), taxonomy=taxonomy
+    market = generate_marketplace(
+        root / "market", SyntheticConfig(products=3500, seed=11, image_size=32), taxonomy=taxonomy
     )
-    evalset = generate_marketplace(
-        root / "eval", SyntheticConfig(products=1500, seed=12, image_size=32), taxonomy=taxonomy
-    )
-    return {"train": train.products, "eval": evalset.products}
+    table = read_table(market.products).sort_by("product_id")
+    write_table(root / "train", table.slice(0, 2000))
+    write_table(root / "eval", table.slice(2000))
+    return {"train": root / "train", "eval": root / "eval"}
 
 
 def _quiet(_msg: str) -> None:

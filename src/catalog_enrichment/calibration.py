@@ -204,7 +204,9 @@ class Calibration:
                 name: {
                     "kind": a.kind,
                     "values": [asdict(v) for v in a.values],
-                    "pooled": None if a.pooled is None else asdict(a.pooled),
+                    "pooled": None
+                    if a.pooled is None
+                    else {**asdict(a.pooled), "guarded": list(a.pooled.guarded)},
                 }
                 for name, a in self.attributes.items()
             },
