@@ -188,7 +188,8 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_length: int) -> Any:
-    """Build a lower-casing WordPiece tokenizer from ``texts`` (the training split's text only).
+    """Build a lower-casing, accent-keeping WordPiece tokenizer from ``texts`` (the training split's
+    text only).
 
     The vocabulary is built deterministically (the ``tokenizers`` WordPiece trainer breaks frequency
     ties by hash order, so two runs on the same texts give different vocabularies and models):
@@ -201,7 +202,8 @@ def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_leng
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    normalizer = normalizers.BertNormalizer(lowercase=True)
+    # lower-case, but keep accents and combining marks: stripping them maps ガ (ga) to カ (ka)
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words: Counter[str] = Counter()
     for text in texts:
