@@ -292,6 +292,18 @@ def _curves(cands: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray
     return np.array([n for n, _ in pairs]), np.array([k for _, k in pairs])
 
 
+def _fixed_sequence(lb: np.ndarray, testable: np.ndarray, target: float) -> tuple[int | None, int]:
+    """Test the testable hypotheses in index order until the first whose lower bound misses the
+    target; returns (the last index that passed or ``None``, how many were tested)."""
+    chosen, tested = None, 0
+    for i in np.flatnonzero(testable):
+        tested += 1
+        if lb[i] < target:
+            break
+        chosen = int(i)
+    return chosen, tested
+
+
 def _pick_threshold(
     scores: np.ndarray,
     correct: np.ndarray,
@@ -318,13 +330,7 @@ def _pick_threshold(
     best_possible = lower_bound(n, n, confidence=confidence, method=bound)  # all correct
     testable = (n >= min_support) & (best_possible >= target)
     lb = lower_bound(k, n, confidence=confidence, method=bound)
-    chosen = None
-    tested = 0
-    for g in np.flatnonzero(testable):
-        tested += 1
-        if lb[g] < target:
-            break
-        chosen = int(g)
+    chosen, tested = _fixed_sequence(lb, testable, target)
     if chosen is None:
         why = (
             "too few predictions to prove the target"
@@ -393,12 +399,7 @@ def _pooled_test(
     writes = np.where(live, n[cols[None, :], idx], 0).sum(axis=1)
     rights = np.where(live, k[cols[None, :], idx], 0).sum(axis=1)
     lb = lower_bound(rights, writes, confidence=confidence, method=bound)
-    chosen, tested = None, 0
-    for level in np.flatnonzero(writes >= min_writes):
-        tested += 1
-        if lb[level] < target:
-            break
-        chosen = int(level)
+    chosen, tested = _fixed_sequence(lb, writes >= min_writes, target)
     return chosen, tested, writes, rights
 
 

@@ -76,7 +76,6 @@ def run_quality_benchmark(
         "torch_threads": torch.get_num_threads(),
         "methods": {},
         "modality_weights": {},
-        "per_value": {},
         "seconds": {},
         "epochs": {},
         "scopes": {},
@@ -106,7 +105,6 @@ def run_quality_benchmark(
             }
             for a in taxonomy
         }
-        result["per_value"][label] = {a.name: report[a.name]["per_value"] for a in taxonomy}
         result["scopes"][label] = {}
         for scope in SCOPES:
             scoped = run_cfg.model_copy(
