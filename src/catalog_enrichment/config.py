@@ -104,7 +104,10 @@ class TextEncoderConfig(_Section):
     """A transformers ``AutoModel``: a local path to pretrained weights, or a small config from scratch."""
 
     pretrained_path: str | None = Field(
-        None, description="Local directory for from_pretrained(); None = random init from the fields below."
+        None,
+        description="Local transformers folder (config.json, weights, tokenizer) for from_pretrained(): its "
+        "own tokenizer is used; None = random init from the fields below and a WordPiece tokenizer "
+        "trained on the data.",
     )
     model_type: str = Field("bert", description="transformers model type used when building from config.")
     hidden_size: int = Field(128, gt=0)
@@ -131,9 +134,17 @@ class ImageEncoderConfig(_Section):
         "enough to train on 2 CPU cores; use e.g. resnet50 with pretrained_path in production.",
     )
     pretrained_path: str | None = Field(
-        None, description="Local weights file for timm (pretrained_cfg_overlay); None = random init."
+        None,
+        description="Local timm state dict (.pth/.pt or .safetensors) for the model named above; None = "
+        "random init. Preprocessing (size, interpolation, mean, std) then comes from timm's pretrained "
+        "config, which timm_kwargs.pretrained_cfg_overlay can correct for weights trained otherwise.",
     )
-    image_size: int = Field(96, gt=0, description="Input resolution in pixels.")
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="Input resolution in pixels; None = the timm pretrained config's with pretrained_path, "
+        "else 96.",
+    )
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model kwargs.")
 
 
@@ -181,6 +192,25 @@ class TrainingConfig(_Section):
         "(see training/splits.py). Cross-fitting adds an assumption: the final model, trained on all of "
         "the training split, scores new products at least as precisely as the fold models scored their "
         "held-out folds.",
+    )
+    encoders: Literal["finetune", "frozen", "last_n"] = Field(
+        "finetune",
+        description="finetune = train the encoders with the heads; frozen = embed every product once "
+        "(cached) and train only the fusion and heads (002's two-stage set-up); last_n = train the top "
+        "unfreeze_layers layers of each encoder and keep the rest fixed.",
+    )
+    unfreeze_layers: int = Field(2, gt=0, description="last_n: layers trained at the top of each encoder.")
+    encoder_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of pretrained encoder weights (004 §6.3: 2e-5 to 5e-5); None = 3e-5 for "
+        "pretrained encoders, learning_rate for encoders trained from scratch. Fusion and heads always "
+        "use learning_rate.",
+    )
+    embedding_cache: str | None = Field(
+        None,
+        description="frozen: folder of cached product embeddings, keyed on the data and the encoders; "
+        "None = ~/.cache/catalog-enrichment/embeddings.",
     )
     noise_prune_fraction: float = Field(
         0.0, ge=0, lt=1, description="Drop this share of confident-learning label-issue suspects (0 = off)."
@@ -409,6 +439,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Weight paths in a config file are relative to that file (a config ships beside its weights); other
+# paths (tables, stores) stay relative to the working directory, as jobs are run from a project root.
+_FILE_RELATIVE_PATHS = (("model", "text", "pretrained_path"), ("model", "image", "pretrained_path"))
+
+
+def _file_relative(tree: dict[str, Any], base: Path) -> dict[str, Any]:
+    for path in _FILE_RELATIVE_PATHS:
+        node: Any = tree
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(path[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            node[path[-1]] = str((base / value).resolve())
+    return tree
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Config from ``CATALOG_ENRICH_<SECTION>__<KEY>`` (and ``CATALOG_ENRICH_<TOP_LEVEL_KEY>``).
 
@@ -474,7 +520,9 @@ def load_config(
     env = os.environ if environ is None else environ
     if path is None and env.get(_ENV_CONFIG_FILE):
         path = env[_ENV_CONFIG_FILE]
-    tree: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    tree: dict[str, Any] = (
+        _file_relative(_read_yaml(Path(path)), Path(path).parent) if path is not None else {}
+    )
     tree = _deep_merge(tree, _env_overrides(env))
     if overrides:
         tree = merge_layers(tree, overrides)

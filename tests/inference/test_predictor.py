@@ -22,7 +22,8 @@ from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRec
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.inference.bundle import load_bundle
 from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
-from catalog_enrichment.inference.predictor import IMAGE_DECODABLE, IMAGE_READABLE, BatchPredictor, Scores
+from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE
+from catalog_enrichment.inference.predictor import BatchPredictor, Scores
 from catalog_enrichment.inference.spark import OUTPUT_SCHEMA, decide_batch
 from catalog_enrichment.training.loop import predict
 
@@ -43,9 +44,8 @@ def products(incoming) -> pa.Table:  # type: ignore[no-untyped-def]
 def test_scores_equal_the_training_loops_and_do_not_depend_on_batching(bundle, products) -> None:  # type: ignore[no-untyped-def]
     good = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
     records = ProductRecords.from_arrow(good)
-    size = bundle.model_config.image.image_size
     loader = DataLoader(
-        ProductDataset(records, np.arange(len(records)), image_size=size),
+        ProductDataset(records, np.arange(len(records)), preprocessing=bundle.preprocessing),
         batch_size=64,
         collate_fn=Collator(bundle.tokenizer, bundle.model_config.text.max_length),
     )

@@ -20,7 +20,7 @@ from catalog_enrichment.data.dataset import (
 )
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import ConfigError
-from catalog_enrichment.models.encoders import normalize_pixels
+from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.fusion import create_fusion, fusion_class, kl_to_uniform, list_fusions
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.losses import attribute_loss
@@ -38,7 +38,9 @@ def tiny_batch(taxonomy: Taxonomy) -> tuple[dict[str, Any], Any]:
     )
     records = ProductRecords.from_arrow(table)
     tokenizer = train_wordpiece_tokenizer(records.title, vocab_size=300, max_length=24)
-    data = ProductDataset(records, np.arange(48), image_size=32, labels=encode_labels(table, taxonomy))
+    data = ProductDataset(
+        records, np.arange(48), preprocessing=ImagePreprocessing(32), labels=encode_labels(table, taxonomy)
+    )
     return Collator(tokenizer, 24)([data[i] for i in range(48)]), tokenizer
 
 
@@ -154,16 +156,18 @@ def test_unknown_fusion_and_bad_options_are_clear_errors(taxonomy: Taxonomy) -> 
 
 
 def test_uint8_pixels_are_normalised_inside_the_model(taxonomy: Taxonomy, tiny_batch) -> None:  # type: ignore[no-untyped-def]
-    """A GPU is sent the decoded uint8 pixels (channels-last): the model's output is that of the
-    floats the training collator normalises."""
+    """Training batches and a GPU carry the decoded uint8 pixels (serving on a CPU normalises them in
+    its prepare threads, channels-last): the model's output is the same either way."""
     batch, tokenizer = tiny_batch
     model = _model("concat", taxonomy, tokenizer).eval()
     present = batch["image_present"].bool()
     assert present.sum() > 10 and (~present).sum() > 0  # both kinds of row are in the known answer
-    floats = batch["pixel_values"]
-    as_uint8 = (floats * 63.75 + 127.5).round().clamp(0, 255).to(torch.uint8)
-    assert torch.allclose(normalize_pixels(as_uint8)[present], floats[present], atol=1e-6)
-    channels_last = as_uint8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    as_uint8 = batch["pixel_values"]
+    assert as_uint8.dtype == torch.uint8
+    floats = model.preprocessing.normalize(as_uint8)
+    # the default preprocessing without pretrained weights: (x / 255 - 0.5) / 0.25 on every channel
+    assert torch.allclose(floats, (as_uint8.float() / 255 - 0.5) / 0.25, atol=1e-5)
+    channels_last = floats.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     with torch.inference_mode():
         expected = model(batch).probs
         got = model({**batch, "pixel_values": channels_last}).probs

