@@ -1,4 +1,4 @@
-"""Airflow DAGs for catalog-enrichment: nightly enrichment and weekly train -> promote.
+"""Airflow DAGs for catalog-enrichment: nightly enrichment and weekly labels -> train -> promote.
 
 No business logic here: every task calls a ``catalog-enrich`` command (or a ``jobs/`` entry point
 through spark-submit) with parameters. Per environment, set (Airflow Variables, else environment):
@@ -101,12 +101,18 @@ with _dag(
     enrich >> report_failure
 
 with _dag(
-    "catalog_enrichment_weekly", "Train a challenger, then the promotion gate", "0 3 * * 0", 12
+    "catalog_enrichment_weekly",
+    "Labels from the catalog's merchant values, train a challenger on them, then the promotion gate",
+    "0 3 * * 0",
+    12,
 ) as weekly:
+    labels = BashOperator(
+        task_id="labels", bash_command=f"{CLI} labels", execution_timeout=dt.timedelta(hours=1)
+    )
     train = BashOperator(
         task_id="train", bash_command=f"{SUBMIT} train", execution_timeout=dt.timedelta(hours=8)
     )
     promote = BashOperator(
         task_id="promote", bash_command=f"{SUBMIT} promote", execution_timeout=dt.timedelta(hours=1)
     )
-    train >> promote
+    labels >> train >> promote

@@ -12,7 +12,7 @@
 # Exit status: the job's own, or 75 (EX_TEMPFAIL) when another run holds the lock.
 set -euo pipefail
 
-job="${1:?usage: catalog-enrich-cron.sh JOB [ARGS...]  (JOB: enrich | backfill | train | promote)}"
+job="${1:?usage: catalog-enrich-cron.sh JOB [ARGS...]  (JOB: enrich | backfill | labels | train | promote)}"
 shift
 home="${CATALOG_ENRICH_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 python="${CATALOG_ENRICH_PYTHON:-$home/.venv/bin/python}"

@@ -28,8 +28,19 @@ Handler = Callable[[argparse.Namespace, AppConfig], int]
 EXIT_ABORTED = 3
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML config file (default: $CATALOG_ENRICH_CONFIG)")
+def _common(parser: argparse.ArgumentParser, *, contenders: bool = False) -> None:
+    if contenders:
+        parser.add_argument(
+            "--config",
+            metavar="FILE",
+            action="append",
+            help="config of one contender (repeatable; 'default' = the embedded defaults): each trains "
+            "the model it describes on the same marketplace, instead of every fusion method",
+        )
+    else:
+        parser.add_argument(
+            "--config", metavar="FILE", help="YAML config file (default: $CATALOG_ENRICH_CONFIG)"
+        )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -111,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.set_defaults(handler=_cmd_demo)
 
+    lab = sub.add_parser(
+        "labels",
+        help="build the labelled products table from the catalog (merchant values as labels)",
+        description="Join the products table with the attribute table's merchant values, drop values "
+        "outside the taxonomy (counted), leave out the frozen evaluation set's products, and overwrite "
+        "the labelled table in one Delta commit that records the source tables' versions.",
+    )
+    lab.add_argument("--out", metavar="PATH", help="labelled table to write (catalog.labelled)")
+    lab.add_argument("--products", metavar="PATH", help="products table (default: catalog.products)")
+    lab.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
+    lab.add_argument("--eval-data", metavar="PATH", help="frozen evaluation table (promotion.eval_data)")
+    _common(lab)
+    lab.set_defaults(handler=_cmd_labels)
+
     train = sub.add_parser(
         "train",
         help="train, calibrate, evaluate and register a challenger version",
@@ -118,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "thresholds, evaluate, log to MLflow and register a version with alias 'challenger'.",
     )
     train.add_argument(
-        "--data", metavar="PATH", help="labelled products table (default: catalog products table)"
+        "--data",
+        metavar="PATH",
+        help="labelled products table (default: catalog.labelled, what `labels` writes)",
     )
     train.add_argument(
         "--registered-model", metavar="NAME", help="registered model name (mlflow.registered_model)"
@@ -259,7 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument(
         "--workdir", metavar="DIR", default="bench-quality", help="where the marketplace is written"
     )
-    _common(bq)
+    bq.add_argument(
+        "--modes",
+        metavar="LIST",
+        help="with --config: training.encoders modes to run each contender with pretrained encoders in "
+        "(e.g. frozen,finetune; default: its config's); a contender without them runs once",
+    )
+    _common(bq, contenders=True)
     bq.set_defaults(handler=_cmd_bench_quality)
     bt = bench_sub.add_parser(
         "throughput",
@@ -325,7 +358,7 @@ def _overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         taxonomy = str(schemas_dir() / LONG_TAIL_TAXONOMY)
     is_train = getattr(args, "command", "") == "train"
     catalog = {"root": getattr(args, "catalog", None)}
-    if getattr(args, "command", "") in ("enrich", "backfill"):
+    if getattr(args, "command", "") in ("enrich", "backfill", "labels"):
         catalog["products"] = getattr(args, "products", None)
         synthetic["products"] = None
     return {
@@ -524,13 +557,34 @@ def _client(cfg: AppConfig) -> object:
     return registry.configure_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.registry_uri)
 
 
+def _cmd_labels(args: argparse.Namespace, cfg: AppConfig) -> int:
+    from catalog_enrichment.catalog.labels import write_labels
+    from catalog_enrichment.contracts import load_taxonomy
+
+    out = Path(args.out or cfg.catalog.table("labelled"))
+    report = write_labels(
+        products=Path(cfg.catalog.table("products")),
+        attributes=Path(cfg.catalog.table("attributes")),
+        evaluation=Path(_eval_data(cfg)),
+        out=out,
+        taxonomy=load_taxonomy(cfg.taxonomy_path),
+    )
+    print(report.summary())
+    print(f"written to {out}; next: catalog-enrich train --data {out}")
+    return 0
+
+
+def _eval_data(cfg: AppConfig) -> Path:
+    return Path(cfg.promotion.eval_data or Path(cfg.catalog.root) / "eval")
+
+
 def _cmd_train(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.training.job import run_training_job
 
-    data = Path(args.data or cfg.catalog.table("products"))
+    data = Path(args.data or cfg.catalog.table("labelled"))
     if not data.exists():
-        raise CatalogEnrichError(f"training data not found: {data}")
+        raise CatalogEnrichError(f"training data not found: {data} (build it with `catalog-enrich labels`)")
     outcome = run_training_job(
         cfg, load_taxonomy(cfg.taxonomy_path), data=data, client=_client(cfg), device=_device(cfg)
     )
@@ -545,7 +599,7 @@ def _cmd_train(args: argparse.Namespace, cfg: AppConfig) -> int:
 def _cmd_promote(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.promotion import format_comparison, promote
 
-    eval_data = Path(cfg.promotion.eval_data or Path(cfg.catalog.root) / "eval")
+    eval_data = _eval_data(cfg)
     if not eval_data.exists():
         raise CatalogEnrichError(
             f"evaluation data not found: {eval_data} (set promotion.eval_data or --eval-data)"
@@ -754,12 +808,16 @@ def _cmd_bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
     unknown = sorted(set(methods) - set(list_fusions()))
     if unknown:
         raise CatalogEnrichError(f"unknown fusion(s) {unknown}; available: {', '.join(list_fusions())}")
-    cfg = cfg.model_copy(
-        update={
-            "synthetic": cfg.synthetic.model_copy(update={"products": args.products, "seed": args.seed}),
-            "training": cfg.training.model_copy(update={"epochs": args.epochs or cfg.training.epochs}),
-        }
-    )
+
+    def adapted(base: AppConfig) -> AppConfig:
+        return base.model_copy(
+            update={
+                "synthetic": base.synthetic.model_copy(update={"products": args.products, "seed": args.seed}),
+                "training": base.training.model_copy(update={"epochs": args.epochs or base.training.epochs}),
+            }
+        )
+
+    cfg = adapted(cfg)
     device = "cuda" if cfg.inference.device != "cpu" and torch.cuda.is_available() else "cpu"
     result = run_quality_benchmark(
         cfg,
@@ -767,12 +825,32 @@ def _cmd_bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
         workdir=Path(args.workdir),
         methods=methods,
         kl_lambda=args.kl_lambda,
+        contenders=_contenders(args, adapted) if args.config else None,
         device=device,
     )
     md = write_quality_result(result, Path(args.out))
     print(md.read_text())
     print(f"wrote {args.out} and {md}")
     return 0
+
+
+def _contenders(
+    args: argparse.Namespace, adapted: Callable[[AppConfig], AppConfig]
+) -> list[tuple[str, AppConfig]]:
+    """``bench quality --config A --config B [--modes m1,m2]``: (label, config) per run."""
+    layers = merge_layers(parse_overrides(args.overrides), _overrides_from_flags(args))
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes else []
+    runs: list[tuple[str, AppConfig]] = []
+    for path in args.config:
+        name, file = ("default", None) if path == "default" else (Path(path).stem, path)
+        base = load_config(file, overrides=layers, environ={})
+        pretrained = base.model.text.pretrained_path or base.model.image.pretrained_path
+        for mode in modes if modes and pretrained else [base.training.encoders]:
+            run_cfg = load_config(
+                file, overrides=merge_layers(layers, {"training": {"encoders": mode}}), environ={}
+            )
+            runs.append((f"{name}/{mode}", adapted(run_cfg)))
+    return runs
 
 
 def _cmd_bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
@@ -831,7 +909,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.overrides)
         flags = _overrides_from_flags(args)
-        cfg = load_config(args.config, overrides=merge_layers(overrides, flags))
+        layers = merge_layers(overrides, flags)
+        cfg = load_config(None if isinstance(args.config, list) else args.config, overrides=layers)
         handler: Handler = args.handler
         return handler(args, cfg)
     except CatalogEnrichError as exc:

@@ -93,8 +93,12 @@ class CatalogConfig(_Section):
     attributes: str | None = Field(None, description="Attributes table (default: <root>/attributes).")
     quarantine: str | None = Field(None, description="Quarantine table (default: <root>/quarantine).")
     run_reports: str | None = Field(None, description="Run-report table (default: <root>/run_reports).")
+    labelled: str | None = Field(
+        None,
+        description="Labelled products that `labels` builds and `train` reads (default: <root>/labelled).",
+    )
 
-    def table(self, name: Literal["products", "attributes", "quarantine", "run_reports"]) -> str:
+    def table(self, name: Literal["products", "attributes", "quarantine", "run_reports", "labelled"]) -> str:
         """Location of a table: its explicit setting, else ``<root>/<name>``."""
         explicit: str | None = getattr(self, name)
         return explicit if explicit is not None else str(Path(self.root) / name)

@@ -76,7 +76,7 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
     assert enrich["retries"] == 2 and enrich["timeout"] == 4 * 3600
     assert "enrich --partition ingest_date={{ ds }} --full --run-id nightly-{{ ds }}" in enrich["command"]
     assert "report --run-id nightly-{{ ds }} --check" in nightly["tasks"]["check_report"]["command"]
-    assert list(info["dags"]["catalog_enrichment_weekly"]["tasks"]) == ["train", "promote"]
+    assert list(info["dags"]["catalog_enrichment_weekly"]["tasks"]) == ["labels", "train", "promote"]
 
 
 @pytest.mark.spark
@@ -120,3 +120,74 @@ def test_the_nightly_dag_runs_end_to_end(tmp_path: Path, incoming, scoring_bundl
     report = report_for(tmp_path / "lake" / "run_reports", "nightly-2026-11-02")
     assert report["status"] == "succeeded" and report["partition"] == "ingest_date=2026-11-02"
     assert 0 < report["rows_read"] < 2400  # one day of four
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_weekly_dag_builds_labels_trains_and_promotes(tmp_path: Path, taxonomy) -> None:  # type: ignore[no-untyped-def]
+    """labels -> train -> promote on a catalog whose only labels are its merchants' values."""
+    import datetime as dt
+
+    from catalog_enrichment import registry
+    from catalog_enrichment.catalog.attributes import merchant_rows
+    from catalog_enrichment.catalog.lakehouse import read_table, write_table
+    from catalog_enrichment.config import SyntheticConfig
+    from catalog_enrichment.data.synthetic import generate_marketplace
+    from tests.conftest import TINY_MODEL
+
+    lake = tmp_path / "lake"
+    market = SyntheticConfig(products=1500, seed=21, image_size=32, merchant_share=1.0)
+    shop = generate_marketplace(tmp_path / "shop", market, taxonomy=taxonomy)
+    generate_marketplace(
+        lake / "eval-market", market.model_copy(update={"products": 400, "seed": 22}), taxonomy=taxonomy
+    )
+    products = read_table(shop.products)
+    write_table(lake / "attributes", merchant_rows(products, dt.datetime(2026, 11, 1, tzinfo=dt.UTC)))
+    # the frozen evaluation set holds 200 of the shop's own products: labels must leave them out
+    write_table(lake / "eval", read_table(lake / "eval-market" / "products").slice(0, 200))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tmp_path / "weekly.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "mlflow": {"tracking_uri": uri, "registered_model": "weekly",
+                           "artifact_location": str(tmp_path / "artifacts")},
+                "catalog": {"root": str(lake), "products": str(shop.products)},
+                "model": {**TINY_MODEL, "fusion": "concat"},
+                "training": {"epochs": 2, "batch_size": 32, "crossfit_folds": 0},
+                "inference": {"device": "cpu"},
+            }
+        )
+    )  # fmt: skip
+    cli = str(Path(sys.executable).with_name("catalog-enrich"))
+    env = _airflow_env(
+        tmp_path,
+        CATALOG_ENRICH_CONFIG=str(config),
+        CATALOG_ENRICH_SUBMIT=cli,
+        CATALOG_ENRICH_CLI=cli,
+        PYTHONPATH=str(repo_root() / "src"),
+        PYSPARK_PYTHON=sys.executable,
+    )
+    airflow = str(Path(AIRFLOW_PYTHON).with_name("airflow"))
+    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=240)
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    run = subprocess.run(
+        [airflow, "dags", "test", "catalog_enrichment_weekly", "2026-11-08"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    labelled = read_table(lake / "labelled")
+    # every shop product has 1-3 merchant values; only the evaluation set's are left out
+    assert labelled.num_rows == 1500 - 200
+    assert not set(labelled["product_id"].to_pylist()) & set(
+        read_table(lake / "eval")["product_id"].to_pylist()
+    )
+    client = registry.configure_mlflow(uri)
+    version = client.get_model_version_by_alias("weekly", "challenger")
+    assert version.version == "1"
+    run_tags = client.get_run(version.run_id).data.tags
+    assert run_tags["data.path"] == str((lake / "labelled").resolve())
+    assert read_table(lake / "promotion_log").num_rows == 1  # the gate ran on the challenger

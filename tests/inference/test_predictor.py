@@ -19,10 +19,10 @@ from catalog_enrichment.calibration import AttributeCalibration, Calibration, Va
 from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
+from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.inference.bundle import load_bundle
 from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
-from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE
 from catalog_enrichment.inference.predictor import BatchPredictor, Scores
 from catalog_enrichment.inference.spark import OUTPUT_SCHEMA, decide_batch
 from catalog_enrichment.training.loop import predict

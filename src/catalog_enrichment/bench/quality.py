@@ -48,6 +48,22 @@ def _runs(methods: Sequence[str], kl_lambda: float) -> list[tuple[str, str, dict
     return runs
 
 
+def _method_runs(cfg: AppConfig, methods: Sequence[str], kl_lambda: float) -> list[tuple[str, AppConfig]]:
+    return [
+        (
+            label,
+            cfg.model_copy(
+                update={
+                    "model": cfg.model.model_copy(
+                        update={"fusion": fusion, "fusion_kwargs": {**cfg.model.fusion_kwargs, **kwargs}}
+                    )
+                }
+            ),
+        )
+        for label, fusion, kwargs in _runs(methods, kl_lambda)
+    ]
+
+
 def run_quality_benchmark(
     cfg: AppConfig,
     taxonomy: Taxonomy,
@@ -55,12 +71,18 @@ def run_quality_benchmark(
     workdir: Path,
     methods: Sequence[str] | None = None,
     kl_lambda: float = 1.0,
+    contenders: Sequence[tuple[str, AppConfig]] | None = None,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-serialisable result."""
+    """Run the benchmark; returns the JSON-serialisable result.
+
+    ``contenders`` (label, config) pairs replace the fusion methods: each trains the model its
+    config describes (encoders, pretrained weights, training mode, fusion) on the same marketplace,
+    which ``cfg.synthetic`` describes.
+    """
     say = progress or (lambda msg: print(msg, flush=True))
-    methods = list(methods or list_fusions())
+    runs = list(contenders) if contenders else _method_runs(cfg, list(methods or list_fusions()), kl_lambda)
     market = generate_marketplace(workdir / "marketplace", cfg.synthetic, taxonomy=taxonomy)
     table = read_table(market.products)
     result: dict[str, Any] = {
@@ -69,9 +91,12 @@ def run_quality_benchmark(
         "label_noise": cfg.synthetic.label_noise,
         "long_tail": cfg.synthetic.long_tail,
         "config": {
-            "model": cfg.model.model_dump(mode="json"),
-            "training": cfg.training.model_dump(mode="json"),
-            "calibration": cfg.calibration.model_dump(mode="json"),
+            label: {
+                "model": run_cfg.model.model_dump(mode="json"),
+                "training": run_cfg.training.model_dump(mode="json"),
+                "calibration": run_cfg.calibration.model_dump(mode="json"),
+            }
+            for label, run_cfg in runs
         },
         "torch_threads": torch.get_num_threads(),
         "methods": {},
@@ -82,15 +107,8 @@ def run_quality_benchmark(
         "scope_per_value": {},
         "pooled_evidence": {},
     }
-    for label, fusion, kwargs in _runs(methods, kl_lambda):
+    for label, run_cfg in runs:
         say(f"== {label} ==")
-        run_cfg = cfg.model_copy(
-            update={
-                "model": cfg.model.model_copy(
-                    update={"fusion": fusion, "fusion_kwargs": {**cfg.model.fusion_kwargs, **kwargs}}
-                )
-            }
-        )
         started = time.perf_counter()
         trained = train_and_calibrate(
             table, taxonomy, run_cfg, device=device, progress=lambda m: say("  " + m)
@@ -126,8 +144,8 @@ def run_quality_benchmark(
             result["scope_per_value"].setdefault(scope, {})[label] = {
                 a.name: scope_report[a.name]["per_value"] for a in taxonomy
             }
-        if fusion == "modality_attention":
-            name = f"lambda={kwargs.get('kl_lambda', kl_lambda):g}"
+        if run_cfg.model.fusion == "modality_attention" and not contenders:
+            name = f"lambda={run_cfg.model.fusion_kwargs.get('kl_lambda', kl_lambda):g}"
             result["modality_weights"][name] = report.get("_modality_weights", {})
     result["checks"] = quality_checks(result)
     return result

@@ -1,0 +1,223 @@
+"""Labels for scheduled retraining: the catalog's own attribute values as training labels (paper 004).
+
+``catalog-enrich labels`` builds the labelled products table (contract ``labelled_products``) from
+the catalog:
+
+* the products table, one row per product (its latest copy by ``updated_at``; rows without an id or a
+  title are left out and counted);
+* joined with the attribute table's rows whose source is a person - the values merchants provided
+  (``LABEL_SOURCES``). The model's own values are never labels: training on them would teach the
+  model its own mistakes;
+* values the taxonomy does not allow, attributes it does not have, and several values for a
+  single-valued attribute are dropped and counted (the taxonomy is what the model can learn);
+* products in the frozen evaluation set are left out, so the promotion gate never scores a product
+  the challenger was trained on;
+* products with no label left are not written. A product labelled for some attributes only gets
+  nulls for the others ("unknown", not "absent").
+
+The table is overwritten in one Delta commit whose metadata records the source tables' versions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.errors import CatalogEnrichError, ContractError
+
+__all__ = ["LABEL_SOURCES", "LabelReport", "build_labels", "write_labels"]
+
+# attribute-table sources whose values are ground truth for training
+LABEL_SOURCES = ("merchant",)
+# products columns the labelled table keeps (those present)
+_PRODUCT_COLUMNS = (
+    "product_id",
+    "title",
+    "description",
+    "image",
+    "image_uri",
+    "merchant_attributes",
+    "category",
+    "updated_at",
+    "ingest_date",
+)
+METADATA_KEY = "catalog_enrich.labels"
+
+
+@dataclass
+class LabelReport:
+    """What ``labels`` read, dropped and wrote (also the commit's metadata)."""
+
+    products_read: int = 0
+    products_without_id_or_title: int = 0
+    stale_copies: int = 0
+    excluded_evaluation_products: int = 0
+    products_without_labels: int = 0
+    products_written: int = 0
+    labels_per_attribute: dict[str, int] = field(default_factory=dict)
+    dropped_values: dict[str, int] = field(default_factory=dict)  # "attr=value" outside the taxonomy
+    dropped_attributes: dict[str, int] = field(default_factory=dict)  # attributes not in the taxonomy
+    conflicting: dict[str, int] = field(default_factory=dict)  # several values for a multiclass attr
+    sources: dict[str, Any] = field(default_factory=dict)  # table -> {path, version}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        dropped = sum(self.dropped_values.values())
+        lines = [
+            f"{self.products_written:,} labelled products written "
+            f"(of {self.products_read:,} read; {self.excluded_evaluation_products:,} in the evaluation set, "
+            f"{self.products_without_labels:,} without a label, {self.stale_copies:,} stale copies and "
+            f"{self.products_without_id_or_title:,} without id or title left out)",
+            "labels per attribute: " + ", ".join(f"{a} {n:,}" for a, n in self.labels_per_attribute.items()),
+        ]
+        if dropped or self.dropped_attributes or self.conflicting:
+            top = sorted(self.dropped_values.items(), key=lambda kv: -kv[1])[:10]
+            lines.append(
+                f"dropped: {dropped:,} values outside the taxonomy {dict(top)}; attributes not in the "
+                f"taxonomy {self.dropped_attributes}; several values for a single-valued attribute "
+                f"{self.conflicting}"
+            )
+        return "\n".join(lines)
+
+
+def _latest(products: pa.Table, report: LabelReport) -> pa.Table:
+    """One row per product id (the latest ``updated_at``), rows with an id and a title only."""
+    ok = pc.and_(pc.is_valid(products["product_id"]), pc.is_valid(products["title"]))
+    ok = pc.and_(ok, pc.greater(pc.utf8_length(pc.fill_null(products["title"], "")), 0))
+    kept = products.filter(ok)
+    report.products_without_id_or_title = products.num_rows - kept.num_rows
+    keys = [("product_id", "ascending")]
+    if "updated_at" in kept.column_names:
+        keys.append(("updated_at", "descending"))
+    kept = kept.take(pc.sort_indices(kept, sort_keys=keys))
+    ids = kept["product_id"].to_pylist()
+    first = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
+    report.stale_copies = len(ids) - sum(first)
+    return kept.filter(pa.array(first))
+
+
+def build_labels(
+    products: pa.Table, attributes: pa.Table, taxonomy: Taxonomy, *, exclude_ids: set[str] | None = None
+) -> tuple[pa.Table, LabelReport]:
+    """The labelled products table and its report (pure Arrow + Python; see the module docstring).
+
+    Raises:
+        ContractError: the products table lacks ``product_id``/``title``, or the attribute table lacks
+            ``product_id``/``attribute``/``value``/``source``.
+    """
+    for table, name, needed in (
+        (products, "products", ("product_id", "title")),
+        (attributes, "attributes", ("product_id", "attribute", "value", "source")),
+    ):
+        missing = [c for c in needed if c not in table.column_names]
+        if missing:
+            raise ContractError(f"the {name} table lacks columns {missing}")
+    report = LabelReport(products_read=products.num_rows)
+    latest = _latest(products, report)
+    if exclude_ids:
+        held_out = pc.is_in(latest["product_id"], pa.array(sorted(exclude_ids), pa.string()))
+        report.excluded_evaluation_products = int(pc.sum(held_out).as_py() or 0)
+        latest = latest.filter(pc.invert(held_out))
+
+    human = attributes.filter(pc.is_in(attributes["source"], pa.array(LABEL_SOURCES)))
+    allowed = {a.name: set(a.values) for a in taxonomy}
+    values: dict[tuple[str, str], list[str]] = {}
+    dropped_values: Counter[str] = Counter()
+    dropped_attributes: Counter[str] = Counter()
+    for pid, attr, value in zip(
+        human["product_id"].to_pylist(),
+        human["attribute"].to_pylist(),
+        human["value"].to_pylist(),
+        strict=True,
+    ):
+        if attr not in allowed:
+            dropped_attributes[str(attr)] += 1
+        elif value not in allowed[attr]:
+            dropped_values[f"{attr}={value}"] += 1
+        else:
+            found = values.setdefault((pid, attr), [])
+            if value not in found:
+                found.append(value)
+
+    ids = latest["product_id"].to_pylist()
+    columns: dict[str, list[Any]] = {}
+    conflicting: Counter[str] = Counter()
+    labelled = [False] * len(ids)
+    for attr in taxonomy:
+        order = {v: i for i, v in enumerate(attr.values)}
+        column: list[Any] = []
+        for i, pid in enumerate(ids):
+            found = sorted(values.get((pid, attr.name), []), key=order.__getitem__)
+            if not found:
+                column.append(None)
+            elif attr.kind == "multilabel":
+                column.append(found)
+            elif len(found) > 1:
+                conflicting[attr.name] += 1
+                column.append(None)
+            else:
+                column.append(found[0])
+            labelled[i] = labelled[i] or column[-1] is not None
+        columns[attr.name] = column
+    keep = pa.array(labelled)
+    base = latest.select([c for c in _PRODUCT_COLUMNS if c in latest.column_names and c not in columns])
+    for attr in taxonomy:
+        kind = pa.list_(pa.string()) if attr.kind == "multilabel" else pa.string()
+        base = base.append_column(attr.name, pa.array(columns[attr.name], kind))
+    out = base.filter(keep)
+    report.products_without_labels = len(ids) - out.num_rows
+    report.products_written = out.num_rows
+    report.labels_per_attribute = {a.name: out.num_rows - out[a.name].null_count for a in taxonomy}
+    report.dropped_values = dict(dropped_values)
+    report.dropped_attributes = dict(dropped_attributes)
+    report.conflicting = dict(conflicting)
+    return out, report
+
+
+def _read(path: Path, name: str) -> tuple[pa.Table, dict[str, Any]]:
+    from catalog_enrichment.catalog.lakehouse import read_table, table_version
+
+    if not path.exists():
+        raise CatalogEnrichError(f"the {name} table was not found: {path}")
+    return read_table(path), {"path": str(path.resolve()), "version": table_version(path)}
+
+
+def write_labels(
+    *, products: Path, attributes: Path, evaluation: Path | None, out: Path, taxonomy: Taxonomy
+) -> LabelReport:
+    """Read the catalog tables, build the labels and overwrite ``out`` (one Delta commit whose
+    metadata holds the report, source versions included)."""
+    from deltalake import CommitProperties, write_deltalake
+
+    product_table, product_source = _read(products, "products")
+    attribute_table, attribute_source = _read(attributes, "attributes")
+    sources = {"products": product_source, "attributes": attribute_source}
+    exclude: set[str] = set()
+    if evaluation is not None and evaluation.exists():
+        eval_table, sources["evaluation"] = _read(evaluation, "evaluation")
+        exclude = {p for p in eval_table["product_id"].to_pylist() if p is not None}
+    table, report = build_labels(product_table, attribute_table, taxonomy, exclude_ids=exclude)
+    report.sources = sources
+    if table.num_rows == 0:
+        raise CatalogEnrichError(
+            f"no labelled product: the attribute table {attributes} has no {'/'.join(LABEL_SOURCES)} value "
+            "for a product outside the evaluation set\n" + report.summary()
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_deltalake(
+        str(out),
+        table,
+        mode="overwrite",
+        schema_mode="overwrite",
+        commit_properties=CommitProperties(custom_metadata={METADATA_KEY: json.dumps(report.to_dict())}),
+    )
+    return report

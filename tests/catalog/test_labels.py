@@ -1,0 +1,129 @@
+"""``labels``: the catalog's merchant values become the labelled table, and nothing else does."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from catalog_enrichment.catalog.attributes import attributes_schema
+from catalog_enrichment.catalog.labels import METADATA_KEY, build_labels, write_labels
+from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
+from catalog_enrichment.cli import main
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import encode_labels
+from catalog_enrichment.errors import CatalogEnrichError, ContractError
+
+T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+
+
+def _products() -> pa.Table:
+    return pa.table(
+        {
+            "product_id": ["p1", "p2", "p2", "p3", "p4", "p5", None, "p6"],
+            "title": ["red shirt", "old title", "blue dress", "jeans", "scarf", "lamp", "orphan", ""],
+            "description": ["a", "b", "c", "d", "e", "f", "g", "h"],
+            "updated_at": pa.array(
+                [T0, T0, T0 + dt.timedelta(days=1), T0, T0, T0, T0, T0], pa.timestamp("us", "UTC")
+            ),
+        }
+    )
+
+
+def _attributes(rows: list[tuple[str, str, str, str]]) -> pa.Table:
+    n = len(rows)
+    data = {
+        "product_id": [r[0] for r in rows],
+        "attribute": [r[1] for r in rows],
+        "value": [r[2] for r in rows],
+        "confidence": [None] * n,
+        "threshold": [None] * n,
+        "source": [r[3] for r in rows],
+        "model_name": [None] * n,
+        "model_version": [None] * n,
+        "run_id": [None] * n,
+        "written_at": [T0] * n,
+    }
+    return pa.table(data, schema=attributes_schema())
+
+
+ROWS = [
+    ("p1", "color", "red", "merchant"),
+    ("p1", "color", "white", "merchant"),  # multilabel: both kept, in taxonomy order
+    ("p1", "product_type", "shirt", "merchant"),
+    ("p2", "product_type", "dress", "merchant"),
+    ("p2", "color", "blue", "model"),  # the model's own value is never a label
+    ("p3", "color", "ultraviolet", "merchant"),  # outside the taxonomy: dropped, counted
+    ("p3", "fit", "slim", "merchant"),  # an attribute the taxonomy lacks: dropped, counted
+    ("p3", "product_type", "jeans", "merchant"),
+    ("p3", "product_type", "shorts", "merchant"),  # two values of a single-valued attribute: conflict
+    ("p4", "material", "wool", "merchant"),  # p4 is in the evaluation set
+    ("p5", "color", "blue", "model"),  # p5 has model values only: no label, not written
+    ("p6", "color", "red", "merchant"),  # p6 has an empty title: not written
+]
+
+
+def test_merchant_values_become_labels_and_everything_else_is_dropped_and_counted(taxonomy: Taxonomy) -> None:
+    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, exclude_ids={"p4"})
+    rows = {r["product_id"]: r for r in table.to_pylist()}
+    assert set(rows) == {"p1", "p2"}  # p3's only labels were dropped or conflicting
+    assert rows["p1"]["color"] == [v for v in taxonomy["color"].values if v in ("red", "white")]
+    assert rows["p1"]["product_type"] == "shirt" and rows["p1"]["material"] is None
+    assert rows["p2"]["title"] == "blue dress" and rows["p2"]["color"] is None  # latest copy; no model value
+    assert report.products_read == 8 and report.products_without_id_or_title == 2 and report.stale_copies == 1
+    assert report.excluded_evaluation_products == 1 and report.products_without_labels == 2
+    assert report.dropped_values == {"color=ultraviolet": 1} and report.dropped_attributes == {"fit": 1}
+    assert report.conflicting == {"product_type": 1}
+    assert report.labels_per_attribute == {"color": 1, "material": 0, "product_type": 2, "pattern": 0}
+    encode_labels(table, taxonomy)  # the table is what training reads (contract labelled_products)
+
+
+def test_labels_are_written_with_their_sources_and_train_reads_them(
+    tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    write_table(tmp_path / "products", _products())
+    write_table(tmp_path / "attributes", _attributes(ROWS))
+    write_table(
+        tmp_path / "eval",
+        _products().filter(pa.array([False, False, False, False, True, False, False, False])),
+    )
+    report = write_labels(
+        products=tmp_path / "products",
+        attributes=tmp_path / "attributes",
+        evaluation=tmp_path / "eval",
+        out=tmp_path / "labelled",
+        taxonomy=taxonomy,
+    )
+    assert report.excluded_evaluation_products == 1
+    assert report.sources["products"]["version"] == 0 and report.sources["evaluation"]["version"] == 0
+    from deltalake import DeltaTable
+
+    meta = json.loads(DeltaTable(str(tmp_path / "labelled")).history(1)[0][METADATA_KEY])
+    assert meta["sources"]["attributes"]["path"] == str((tmp_path / "attributes").resolve())
+    assert read_table(tmp_path / "labelled").num_rows == 2
+    # run again: a new version of the same table, not an error
+    write_labels(
+        products=tmp_path / "products", attributes=tmp_path / "attributes", evaluation=None,
+        out=tmp_path / "labelled", taxonomy=taxonomy,
+    )  # fmt: skip
+    assert table_version(tmp_path / "labelled") == 1 and read_table(tmp_path / "labelled").num_rows == 3
+
+
+def test_bad_catalogs_are_clear_errors(
+    tmp_path: Path, taxonomy: Taxonomy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ContractError, match=r"the attributes table lacks columns \['source'\]"):
+        build_labels(_products(), _attributes(ROWS).drop_columns(["source"]), taxonomy)
+    write_table(tmp_path / "products", _products())
+    write_table(tmp_path / "attributes", _attributes([r for r in ROWS if r[3] == "model"]))
+    with pytest.raises(CatalogEnrichError, match="no labelled product"):
+        write_labels(
+            products=tmp_path / "products", attributes=tmp_path / "attributes", evaluation=None,
+            out=tmp_path / "labelled", taxonomy=taxonomy,
+        )  # fmt: skip
+    assert not (tmp_path / "labelled").exists()
+    code = main(["labels", "--catalog", str(tmp_path / "nowhere")])
+    assert code == 2 and "the products table was not found" in capsys.readouterr().err

@@ -1,0 +1,328 @@
+"""Pretrained encoders end to end: the model's own tokenizer, timm's preprocessing, a bundle that
+needs nothing outside itself, the training modes, and a clear error for each kind of bad weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.config import SyntheticConfig, load_config
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
+from catalog_enrichment.data.images import encode_image
+from catalog_enrichment.data.synthetic import generate_marketplace
+from catalog_enrichment.errors import ConfigError
+from catalog_enrichment.inference.bundle import ModelBundle, load_bundle, save_bundle
+from catalog_enrichment.inference.predictor import BatchPredictor
+from catalog_enrichment.models.encoders import ImagePreprocessing
+from catalog_enrichment.models.model import build_model
+from catalog_enrichment.training.loop import _param_groups, train_and_calibrate
+from tests.conftest import tiny_config
+
+# A vocabulary no tokenizer trained on the data would produce: special tokens at odd ids, words the
+# synthetic catalog uses placed after filler, characters last.
+_SPECIAL = ["[UNK]", "~0", "[MASK]", "[PAD]", "~1", "[SEP]", "~2", "[CLS]"]
+_WORDS = ["shirt", "cotton", "red", "blue", "dress", "black", "wool", "striped", "jeans", "leather"]
+_CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789-")
+VOCAB = _SPECIAL + _WORDS + _CHARS + [f"##{c}" for c in _CHARS]
+
+# timm's test_byobnet with a pretrained config unlike the defaults: 40 px, bicubic, its own mean/std
+IMAGE_OVERLAY = {
+    "mean": [0.2, 0.4, 0.6],
+    "std": [0.3, 0.2, 0.1],
+    "input_size": [3, 40, 40],
+    "interpolation": "bicubic",
+}
+EXPECTED_PREP = ImagePreprocessing(40, "bicubic", (0.2, 0.4, 0.6), (0.3, 0.2, 0.1))
+
+
+def _save_text_model(folder: Path, vocab: list[str], *, embedding_rows: int | None = None) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    (folder / "vocab.txt").unlink()  # the tokenizer.json it saved is the tokenizer
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=embedding_rows or len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=vocab.index("[PAD]"),
+    )
+    BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+def _save_image_weights(path: Path) -> Path:
+    import timm
+
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_byobnet", num_classes=0).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pretrained")
+    return {
+        "text": _save_text_model(root / "text", VOCAB),
+        "image": _save_image_weights(root / "image.pth"),
+    }
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> pa.Table:
+    market = generate_marketplace(
+        tmp_path_factory.mktemp("pt-market"),
+        SyntheticConfig(products=500, seed=4, image_size=32),
+        taxonomy=taxonomy,
+    )
+    return read_table(market.products)
+
+
+def _cfg(paths: dict[str, Path], **training: Any) -> Any:
+    model = {
+        "text": {"pretrained_path": str(paths["text"]), "pooling": "mean", "max_length": 32},
+        "image": {
+            "name": "test_byobnet",
+            "image_size": None,
+            "pretrained_path": str(paths["image"]),
+            "timm_kwargs": {"pretrained_cfg_overlay": IMAGE_OVERLAY},
+        },
+    }
+    return tiny_config(
+        epochs=1, model=model, training={"calibration_fraction": 0.2, "batch_size": 32, **training}
+    )
+
+
+def _score(bundle_dir: str, table: pa.Table) -> np.ndarray:
+    bundle = load_bundle(bundle_dir)
+    probs = BatchPredictor(bundle, batch_size=64).score(table)
+    return np.concatenate([probs[a.name] for a in bundle.taxonomy], axis=1)
+
+
+_SCORE_IN_FRESH_PROCESS = """
+import sys
+import numpy as np
+import pyarrow.parquet as pq
+from tests.models.test_pretrained import _score
+np.save(sys.argv[3], _score(sys.argv[1], pq.read_table(sys.argv[2])))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+@pytest.mark.timeout(600)
+def test_a_pretrained_bundle_carries_its_tokenizer_and_preprocessing_and_needs_no_source(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, spark
+) -> None:
+    from transformers import AutoTokenizer
+
+    source = tmp_path / "weights"
+    shutil.copytree(Path(_save_text_model(tmp_path / "t", VOCAB)), source / "text")
+    paths = {"text": source / "text", "image": _save_image_weights(tmp_path / "image.pth")}
+    cfg = _cfg(paths)
+    trained = train_and_calibrate(labelled, taxonomy, cfg)
+    bundle_dir = save_bundle(
+        tmp_path / "bundle",
+        model=trained.model,
+        tokenizer=trained.tokenizer,
+        taxonomy=taxonomy,
+        calibration=trained.calibration,
+        model_config=cfg.model,
+        evaluation=trained.test_report,
+    )
+    reference = AutoTokenizer.from_pretrained(str(paths["text"]))
+    shutil.rmtree(source)
+    paths["image"].unlink()  # nothing the model was trained from is left
+
+    bundle = load_bundle(bundle_dir)
+    assert bundle.preprocessing == EXPECTED_PREP
+    products = labelled.select(["product_id", "title", "description", "image"]).slice(0, 150)
+    titles = products["title"].to_pylist()
+    descriptions = [d or "" for d in products["description"].to_pylist()]
+    ids = Collator(bundle.tokenizer, 32).tokenize(titles, descriptions)["input_ids"]
+    expected = reference(titles, descriptions, padding=True, truncation="longest_first", max_length=32)
+    assert ids.tolist() == expected["input_ids"]
+    assert ids[0, 0] == VOCAB.index("[CLS]") and bundle.tokenizer.pad_token_id == VOCAB.index("[PAD]")
+
+    in_process = BatchPredictor(bundle, batch_size=64).score(products)
+    in_process_flat = np.concatenate([in_process[a.name] for a in taxonomy], axis=1)
+    trained_flat = np.concatenate(
+        [BatchPredictor(load_bundle(bundle_dir)).score(products)[a.name] for a in taxonomy], axis=1
+    )
+    np.testing.assert_allclose(in_process_flat, trained_flat, atol=1e-6)
+
+    import pyarrow.parquet as pq
+
+    pq.write_table(products, tmp_path / "products.parquet")
+    subprocess.run(
+        [sys.executable, "-c", _SCORE_IN_FRESH_PROCESS, str(bundle_dir), str(tmp_path / "products.parquet"),
+         str(tmp_path / "fresh.npy")],
+        check=True, cwd=Path(__file__).resolve().parents[2], timeout=300,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.load(tmp_path / "fresh.npy"), in_process_flat, atol=1e-5)
+
+    width = in_process_flat.shape[1]
+
+    def on_executor(batches: Any) -> Any:
+        from catalog_enrichment.inference.bundle import load_bundle as load
+        from catalog_enrichment.inference.predictor import BatchPredictor as Predictor
+
+        predictor = Predictor(load(str(bundle_dir)), batch_size=64)
+        for batch in batches:
+            probs = predictor.score(batch)
+            flat = np.concatenate([probs[a] for a in probs], axis=1).astype(np.float64)
+            yield pa.RecordBatch.from_arrays(
+                [batch.column("product_id"), pa.array(list(flat), pa.list_(pa.float64(), width))],
+                ["product_id", "scores"],
+            )
+
+    frame = spark.createDataFrame(products.to_pandas()).repartition(2)  # type: ignore[attr-defined]
+    rows = frame.mapInArrow(on_executor, "product_id string, scores array<double>").collect()
+    by_id = {r["product_id"]: r["scores"] for r in rows}
+    from_spark = np.array([by_id[p] for p in products["product_id"].to_pylist()])
+    np.testing.assert_allclose(from_spark, in_process_flat, atol=1e-5)
+
+
+def test_training_and_serving_prepare_an_image_with_the_models_own_config(
+    pretrained: dict[str, Path], taxonomy: Taxonomy
+) -> None:
+    """One flat-coloured photo: training's dataset + the encoder and serving's prepare threads give
+    exactly (x / 255 - mean) / std per channel, at the model's 40 px."""
+    cfg = _cfg(pretrained)
+    from catalog_enrichment.data.dataset import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg.model.text, [])
+    model = build_model(cfg.model, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    assert model.preprocessing == EXPECTED_PREP
+    rgb = (200, 100, 30)
+    photo = encode_image(np.full((90, 60, 3), rgb, np.uint8), "PNG")
+    expected = (
+        torch.tensor(
+            [(c / 255 - m) / s for c, m, s in zip(rgb, EXPECTED_PREP.mean, EXPECTED_PREP.std, strict=True)]
+        )
+        .view(3, 1, 1)
+        .expand(3, 40, 40)
+    )
+    table = pa.table({"product_id": ["p"], "title": ["t"], "description": ["d"], "image": [photo]})
+    item = ProductDataset(ProductRecords.from_arrow(table), [0], preprocessing=model.preprocessing)[0]
+    assert item["image_present"] and item["pixel_values"].shape == (3, 40, 40)
+    torch.testing.assert_close(
+        model.preprocessing.normalize(item["pixel_values"]), expected, atol=1e-5, rtol=0
+    )
+    bundle = ModelBundle(model, tokenizer, taxonomy, None, cfg.model, {})  # type: ignore[arg-type]
+    served = BatchPredictor(bundle).prepare(["t"], ["d"], [photo], [None])
+    torch.testing.assert_close(served.inputs["pixel_values"][0], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_frozen_training_embeds_once_and_reads_the_cache_back(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path]
+) -> None:
+    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=3)
+    first: list[str] = []
+    one = train_and_calibrate(labelled, taxonomy, cfg, progress=first.append)
+    assert any("products embedded, cached" in line for line in first)
+    second: list[str] = []
+    two = train_and_calibrate(labelled, taxonomy, cfg, progress=second.append)
+    assert any("read from" in line for line in second) and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert one.calibration.to_dict() == two.calibration.to_dict()
+    # the encoders were not trained: their weights are the pretrained ones
+    from transformers import AutoModel
+
+    source = AutoModel.from_pretrained(str(pretrained["text"])).state_dict()
+    for name, tensor in one.model.text_encoders[0].backbone.state_dict().items():
+        torch.testing.assert_close(tensor, source[name], atol=0, rtol=0)
+    # a different snapshot is embedded afresh, beside the first
+    train_and_calibrate(labelled.slice(0, 450), taxonomy, cfg)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_learning_rates_and_the_layers_each_mode_trains(
+    pretrained: dict[str, Path], taxonomy: Taxonomy
+) -> None:
+    from catalog_enrichment.data.dataset import build_tokenizer
+
+    def groups(mode: str, **training: Any) -> tuple[Any, list[dict[str, Any]]]:
+        cfg = _cfg(pretrained, encoders=mode, unfreeze_layers=1, learning_rate=1e-3, **training)
+        tok = build_tokenizer(cfg.model.text, [])
+        model = build_model(cfg.model, taxonomy, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+        return model, _param_groups(model, cfg)
+
+    model, finetune = groups("finetune")
+    assert [g["lr"] for g in finetune] == [1e-3, 3e-5, 3e-5]  # heads, then the pretrained encoders
+    assert sum(len(g["params"]) for g in finetune) == len(list(model.parameters()))
+    model, last = groups("last_n")
+    assert [g["lr"] for g in last] == [1e-3, 3e-5, 3e-5]
+    text = model.text_encoders[0].backbone
+    trained = {n for n, p in text.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("encoder.layer.1.", "pooler.")) for n in trained)
+    assert not any(p.requires_grad for p in text.embeddings.parameters())
+    model, frozen = groups("frozen", encoder_learning_rate=5e-5)
+    assert len(frozen) == 1 and not any(p.requires_grad for p in model.text_encoders.parameters())
+
+
+def test_bad_pretrained_inputs_are_clear_errors(
+    tmp_path: Path, pretrained: dict[str, Path], taxonomy: Taxonomy
+) -> None:
+    from catalog_enrichment.data.dataset import build_tokenizer
+
+    def build(**paths: Path) -> None:
+        cfg = _cfg({**pretrained, **paths})
+        tok = build_tokenizer(cfg.model.text, [])
+        build_model(cfg.model, taxonomy, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+
+    with pytest.raises(ConfigError, match="is not a directory"):
+        build(text=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"no config\.json, so it is not a transformers model folder"):
+        build(text=tmp_path / "empty")
+    # a model whose embedding is smaller than its tokenizer's vocabulary: they do not belong together
+    short = _save_text_model(tmp_path / "short", VOCAB, embedding_rows=len(VOCAB) - 10)
+    with pytest.raises(
+        ConfigError, match=r"tokenizer has \d+ tokens but the text model's embedding has \d+ rows"
+    ):
+        build(text=short)
+    with pytest.raises(ConfigError, match="no such file"):
+        build(image=tmp_path / "missing.pth")
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(ConfigError, match="is not a weights file"):
+        build(image=tmp_path / "notes.pth")
+    import timm
+
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ConfigError, match=r"do not fit timm's 'test_byobnet': \d+ missing"):
+        build(image=tmp_path / "resnet.pth")
+    with pytest.raises(ConfigError, match="frozen trains only the fusion and heads"):
+        train_and_calibrate(
+            pa.table({"title": ["x"]}), taxonomy, tiny_config(training={"encoders": "frozen"})
+        )
+
+
+def test_weight_paths_in_a_config_file_are_relative_to_it(tmp_path: Path) -> None:
+    folder = tmp_path / "deploy" / "config"
+    folder.mkdir(parents=True)
+    (folder / "c.yaml").write_text(
+        "model:\n  text: {pretrained_path: ../../weights/text}\n  image: {pretrained_path: /abs/image.pth}\n"
+        "catalog: {root: lakehouse}\n"
+    )
+    cfg = load_config(folder / "c.yaml", environ={})
+    assert cfg.model.text.pretrained_path == str(tmp_path / "weights" / "text")
+    assert cfg.model.image.pretrained_path == "/abs/image.pth" and cfg.catalog.root == "lakehouse"
+    assert json.loads(json.dumps(cfg.model.model_dump(mode="json")))  # still plain JSON in a bundle
