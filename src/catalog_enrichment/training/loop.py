@@ -581,12 +581,12 @@ def _train_and_calibrate(
     tcfg, mcfg = cfg.training, cfg.model
     seed_everything(tcfg.seed)
 
+    _check_encoders_mode(cfg)
     table = _usable_images(canonical_order(table), say)
     records = ProductRecords.from_arrow(table)
     labels = encode_labels(table, taxonomy)
     if len(records) == 0:
         raise CatalogEnrichError("the labelled table is empty")
-    _check_encoders_mode(cfg)
     folds = crossfit_folds(len(records), tcfg.crossfit_folds)
     try:
         splits = stratified_splits(
