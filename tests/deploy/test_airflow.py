@@ -187,7 +187,7 @@ def test_the_weekly_dag_builds_labels_trains_and_promotes(tmp_path: Path, taxono
     )
     client = registry.configure_mlflow(uri)
     version = client.get_model_version_by_alias("weekly", "challenger")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     run_tags = client.get_run(version.run_id).data.tags
     assert run_tags["data.path"] == str((lake / "labelled").resolve())
     assert read_table(lake / "promotion_log").num_rows == 1  # the gate ran on the challenger
