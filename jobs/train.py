@@ -1,7 +1,7 @@
 """Training job: labelled table -> calibrated model version registered as 'challenger'.
 
 Run (embedded defaults, or point MLFLOW / config at production):
-    python jobs/train.py --data lakehouse/products --config deploy/config/local.yaml
+    python jobs/train.py --config deploy/config/local.yaml      # reads catalog.labelled (jobs/labels.py)
     spark-submit jobs/train.py --data /mnt/lakehouse/labelled --registered-model catalog-enrichment
 Same as ``catalog-enrich train ...``.
 """
