@@ -445,7 +445,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 # Weight paths in a config file are relative to that file (a config ships beside its weights); other
 # paths (tables, stores) stay relative to the working directory, as jobs are run from a project root.
-_FILE_RELATIVE_PATHS = (("model", "text", "pretrained_path"), ("model", "image", "pretrained_path"))
+_FILE_RELATIVE_PATHS = (
+    ("model", "text", "pretrained_path"),
+    ("model", "image", "pretrained_path"),
+    ("model", "fusion_kwargs", "second_encoder_path"),
+)
 
 
 def _file_relative(tree: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -322,3 +322,85 @@ def test_weight_paths_in_a_config_file_are_relative_to_it(tmp_path: Path) -> Non
     assert cfg.model.text.pretrained_path == str(tmp_path / "weights" / "text")
     assert cfg.model.image.pretrained_path == "/abs/image.pth" and cfg.catalog.root == "lakehouse"
     assert json.loads(json.dumps(cfg.model.model_dump(mode="json")))  # still plain JSON in a bundle
+
+
+def _save_distilbert(folder: Path, vocab: list[str], *, dim: int = 32) -> Path:
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel
+
+    folder.mkdir(parents=True)
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(str(folder))
+    torch.manual_seed(2)
+    config = DistilBertConfig(
+        vocab_size=len(vocab), dim=dim, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+        pad_token_id=vocab.index("[PAD]"),
+    )  # fmt: skip
+    DistilBertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hierarchical_loads_each_text_encoder_from_its_own_path(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path]
+) -> None:
+    """Paper 002's BERT + DistilBERT pair, both pretrained: each from its own folder, one vocabulary,
+    and the saved model needs neither folder."""
+    second = _save_distilbert(tmp_path / "distil", VOCAB)
+    cfg = _cfg(pretrained)
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(
+                update={"fusion": "hierarchical", "fusion_kwargs": {"second_encoder_path": str(second)}}
+            )
+        }
+    )
+    trained = train_and_calibrate(labelled, taxonomy, cfg)
+    first, other = trained.model.text_encoders
+    assert first.backbone.config.model_type == "bert" and other.backbone.config.model_type == "distilbert"
+    from transformers import AutoModel
+
+    source = AutoModel.from_pretrained(str(second)).state_dict()
+    # loaded from its folder: after one epoch at 3e-5 its embeddings are still close to the saved ones
+    torch.testing.assert_close(
+        other.backbone.embeddings.word_embeddings.weight,
+        source["embeddings.word_embeddings.weight"],
+        atol=1e-3,
+        rtol=0,
+    )
+    bundle_dir = save_bundle(
+        tmp_path / "bundle", model=trained.model, tokenizer=trained.tokenizer, taxonomy=taxonomy,
+        calibration=trained.calibration, model_config=cfg.model, evaluation={},
+    )  # fmt: skip
+    shutil.rmtree(second)
+    products = labelled.slice(0, 40)
+    live = ModelBundle(trained.model, trained.tokenizer, taxonomy, trained.calibration, cfg.model, {})
+    expected = BatchPredictor(live).score(products)
+    got = BatchPredictor(load_bundle(bundle_dir)).score(products)
+    for a in taxonomy:
+        np.testing.assert_allclose(got[a.name], expected[a.name], atol=1e-5)
+
+
+def test_hierarchical_refuses_text_encoders_that_cannot_share_token_ids(
+    tmp_path: Path, taxonomy: Taxonomy, pretrained: dict[str, Path]
+) -> None:
+    from catalog_enrichment.data.dataset import build_tokenizer
+
+    def build(**fusion_kwargs: Any) -> None:
+        cfg = _cfg(pretrained)
+        cfg = cfg.model_copy(
+            update={
+                "model": cfg.model.model_copy(
+                    update={"fusion": "hierarchical", "fusion_kwargs": fusion_kwargs}
+                )
+            }
+        )
+        tok = build_tokenizer(cfg.model.text, [])
+        build_model(cfg.model, taxonomy, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+
+    with pytest.raises(ConfigError, match="must both be set"):
+        build()  # a pretrained first encoder and a second from scratch
+    other_vocab = [*VOCAB[:8], "zebra", *VOCAB[8:]]
+    with pytest.raises(ConfigError, match="has another vocabulary"):
+        build(second_encoder_path=str(_save_distilbert(tmp_path / "other", other_vocab)))
+    with pytest.raises(ConfigError, match=r"\[32, 48\] wide"):
+        build(second_encoder_path=str(_save_distilbert(tmp_path / "wide", VOCAB, dim=48)))

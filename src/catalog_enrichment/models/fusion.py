@@ -460,12 +460,14 @@ class HierarchicalFusion(Fusion):
         level1: str = "add",
         level2: str = "concat",
         second_encoder: str | None = "distilbert",
+        second_encoder_path: str | None = None,
         hidden_dim: int = 256,
     ) -> None:
         super().__init__(text_dim, image_dim, heads)
         for level in (level1, level2):
             merge([torch.zeros(1)], level)  # validates the name
         self.level1, self.level2, self.second_encoder = level1, level2, second_encoder
+        self.second_encoder_path = second_encoder_path
         n_encoders = 2 if second_encoder else 1
         field_dim = text_dim * (n_encoders if level1 == "concat" else 1)
         text_out = field_dim * (2 if level2 == "concat" else 1)
@@ -475,7 +477,9 @@ class HierarchicalFusion(Fusion):
         self.heads = AttributeHeads(hidden_dim, heads)
 
     def extra_text_encoders(self) -> list[dict[str, Any]]:
-        return [{"model_type": self.second_encoder}] if self.second_encoder else []
+        if not self.second_encoder:
+            return []
+        return [{"model_type": self.second_encoder, "pretrained_path": self.second_encoder_path}]
 
     def forward(self, x: FusionInputs) -> FusionOutput:
         assert x.field_pooled is not None and x.field_present is not None and x.image_pooled is not None

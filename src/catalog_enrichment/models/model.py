@@ -87,11 +87,8 @@ class MultimodalModel(nn.Module):
             kwargs["hidden_dim"] = cfg.hidden_dim
         self.fusion = create_fusion(cfg.fusion, text_dim=text_dim, image_dim=image_dim, heads=heads, **kwargs)
         extra = self.fusion.extra_text_encoders()
-        if extra and cfg.text.pretrained_path:
-            raise ConfigError(
-                f"fusion {cfg.fusion!r} adds a second text encoder ({extra}), which would need a tokenizer "
-                "of its own; with model.text.pretrained_path set fusion_kwargs.second_encoder must be null"
-            )
+        if not text_backbones:
+            _check_shared_vocabulary(cfg, extra)
         for override in extra:
             extra_cfg = cfg.text.model_copy(update=override)
             self.text_encoders.append(
@@ -101,6 +98,12 @@ class MultimodalModel(nn.Module):
                     pad_token_id=pad_token_id,
                     backbone_config=next(backbones, None),
                 )
+            )
+        widths = sorted({cast(TextEncoder, e).hidden_size for e in self.text_encoders})
+        if len(widths) > 1:
+            raise ConfigError(
+                f"fusion {cfg.fusion!r}: its text encoders are {widths} wide; they are merged vector by "
+                "vector, so they need the same hidden size"
             )
 
     @property
@@ -154,6 +157,30 @@ class MultimodalModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         return self.fuse(self.encode(batch))
+
+
+def _check_shared_vocabulary(cfg: ModelConfig, extra: list[dict[str, Any]]) -> None:
+    """Every text encoder reads the same token ids (one tokenizer per model): a second pretrained
+    encoder must come with the first's vocabulary, as BERT and DistilBERT uncased do (paper 002)."""
+    from catalog_enrichment.models.encoders import load_tokenizer
+
+    for override in extra:
+        path = override.get("pretrained_path")
+        if bool(path) != bool(cfg.text.pretrained_path):
+            raise ConfigError(
+                f"fusion {cfg.fusion!r}: model.text.pretrained_path and fusion_kwargs.second_encoder_path "
+                "must both be set (two pretrained text encoders) or both be unset (both from scratch)"
+            )
+        if not path:
+            continue
+        first = load_tokenizer(cfg.text).get_vocab()
+        second = load_tokenizer(cfg.text.model_copy(update={"pretrained_path": path})).get_vocab()
+        if first != second:
+            raise ConfigError(
+                f"fusion {cfg.fusion!r}: the second text encoder ({path}) has another vocabulary than "
+                f"model.text.pretrained_path ({len(second)} and {len(first)} tokens); both read the same "
+                "token ids, so they need the same tokenizer (e.g. BERT and DistilBERT uncased)"
+            )
 
 
 def build_model(
