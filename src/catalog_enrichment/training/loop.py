@@ -611,9 +611,8 @@ def _train_and_calibrate(
 
     def fresh_model(seed: int) -> MultimodalModel:
         torch.manual_seed(seed)
-        return build_model(mcfg, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).to(
-            device
-        )
+        model = build_model(mcfg, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        return model.to(device)
 
     embeddings: Embeddings | None = None
     if tcfg.encoders == "frozen":
@@ -628,14 +627,14 @@ def _train_and_calibrate(
             cache_dir=cache,
             say=say,
         )
-    preprocessing = ImageEncoder(mcfg.image).preprocessing if fusion_class(mcfg.fusion).needs_image else None
+    preprocessing = ImagePreprocessing()
+    if embeddings is None and fusion_class(mcfg.fusion).needs_image:
+        preprocessing = ImageEncoder(mcfg.image).preprocessing  # with weights: timm's pretrained config
 
     def subset(idx: np.ndarray) -> ProductDataset | EmbeddedDataset:
         if embeddings is not None:
             return EmbeddedDataset(embeddings, idx, labels)
-        return ProductDataset(
-            records, idx, preprocessing=preprocessing or ImagePreprocessing(), labels=labels
-        )
+        return ProductDataset(records, idx, preprocessing=preprocessing, labels=labels)
 
     def scoring(idx: np.ndarray) -> DataLoader:
         return _loader(subset(idx), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
