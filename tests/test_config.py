@@ -37,6 +37,20 @@ def test_precedence_flag_over_env_over_yaml_over_default(tmp_path: Path) -> None
     assert cfg.training.learning_rate == AppConfig().training.learning_rate  # default
 
 
+def test_mlflows_own_variables_sit_between_the_yaml_file_and_this_packages_variables(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "mlflow:\n  tracking_uri: sqlite:///from-yaml.db\n")
+    mlflow_env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_REGISTRY_URI": "http://registry:5000"}
+    cfg = load_config(path, environ=mlflow_env)
+    assert (
+        cfg.mlflow.tracking_uri == "http://mlflow:5000" and cfg.mlflow.registry_uri == "http://registry:5000"
+    )
+    ours = {**mlflow_env, "CATALOG_ENRICH_MLFLOW__TRACKING_URI": "http://ours:5000"}
+    assert load_config(path, environ=ours).mlflow.tracking_uri == "http://ours:5000"
+    flag = parse_overrides(["mlflow.tracking_uri=sqlite:///flag.db"])
+    assert load_config(path, overrides=flag, environ=ours).mlflow.tracking_uri == "sqlite:///flag.db"
+    assert load_config(path, environ={}).mlflow.tracking_uri == "sqlite:///from-yaml.db"
+
+
 def test_config_file_from_environment(tmp_path: Path) -> None:
     path = _yaml(tmp_path, "model:\n  fusion: concat\n")
     cfg = load_config(environ={"CATALOG_ENRICH_CONFIG": str(path)})

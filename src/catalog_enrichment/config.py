@@ -1,7 +1,8 @@
 """Typed, nested configuration, loaded once from YAML + environment + command-line overrides.
 
-Precedence, highest first: command-line flags > ``CATALOG_ENRICH_*`` environment variables > the
-YAML file (``--config`` or ``CATALOG_ENRICH_CONFIG``) > the defaults below.
+Precedence, highest first: command-line flags > ``CATALOG_ENRICH_*`` environment variables >
+MLflow's own ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` (for ``mlflow.tracking_uri`` /
+``registry_uri``) > the YAML file (``--config`` or ``CATALOG_ENRICH_CONFIG``) > the defaults below.
 
 Environment variables name a field by its path with ``__`` between levels, e.g.
 ``CATALOG_ENRICH_INFERENCE__BATCH_SIZE=128`` or ``CATALOG_ENRICH_MLFLOW__TRACKING_URI=http://...``.
@@ -215,9 +216,6 @@ class TrainingConfig(_Section):
         None,
         description="frozen: folder of cached product embeddings, keyed on the data and the encoders; "
         "None = ~/.cache/catalog-enrichment/embeddings.",
-    )
-    noise_prune_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Drop this share of confident-learning label-issue suspects (0 = off)."
     )
 
     @model_validator(mode="after")
@@ -484,6 +482,16 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
+# MLflow's own variables, honoured as MLflow tools honour them: above the YAML file, below this
+# package's CATALOG_ENRICH_MLFLOW__* variables and command-line flags.
+_MLFLOW_ENV = {"MLFLOW_TRACKING_URI": "tracking_uri", "MLFLOW_REGISTRY_URI": "registry_uri"}
+
+
+def _mlflow_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    found = {key: environ[name] for name, key in _MLFLOW_ENV.items() if environ.get(name)}
+    return {"mlflow": found} if found else {}
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """Turn ``["inference.batch_size=64", "model.fusion=concat"]`` into a nested dict."""
     tree: dict[str, Any] = {}
@@ -531,6 +539,7 @@ def load_config(
     tree: dict[str, Any] = (
         _file_relative(_read_yaml(Path(path)), Path(path).parent) if path is not None else {}
     )
+    tree = _deep_merge(tree, _mlflow_env(env))
     tree = _deep_merge(tree, _env_overrides(env))
     if overrides:
         tree = merge_layers(tree, overrides)
