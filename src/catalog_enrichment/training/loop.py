@@ -410,7 +410,7 @@ def _fit(
     best epoch's weights kept; then the fusion's held-out fit on the validation split."""
     tcfg = cfg.training
     kinds = {a.name: a.kind for a in taxonomy}
-    if model.image_encoder is not None:  # convolutions train ~1.8x faster channels-last on a CPU
+    if model.image_encoder is not None:  # convolutions train faster channels-last (oneDNN)
         model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=tcfg.weight_decay)
     total_steps = tcfg.epochs * len(train_loader)
