@@ -102,20 +102,26 @@ INCOMING = SyntheticConfig(products=2400, seed=7, bad_rate=0.04, image_size=32, 
 def scoring_bundle(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Path:
     """A trained, calibrated model bundle folder (read-only!)."""
     from catalog_enrichment.catalog.lakehouse import read_table
-    from catalog_enrichment.inference.bundle import save_bundle
     from catalog_enrichment.training.loop import train_and_calibrate
 
     root = tmp_path_factory.mktemp("scoring-model")
     market = generate_marketplace(root / "train", SCORING_TRAIN, taxonomy=taxonomy)
     cfg = tiny_config(epochs=6)
     trained = train_and_calibrate(read_table(market.products), taxonomy, cfg)
+    return save_trained(trained, root / "tiny-v1")
+
+
+def save_trained(trained: Any, path: Path) -> Path:
+    """A trained model (``training.loop.TrainedModel``) saved as a bundle folder."""
+    from catalog_enrichment.inference.bundle import save_bundle
+
     return save_bundle(
-        root / "tiny-v1",
+        path,
         model=trained.model,
         tokenizer=trained.tokenizer,
-        taxonomy=taxonomy,
+        taxonomy=trained.taxonomy,
         calibration=trained.calibration,
-        model_config=cfg.model,
+        model_config=trained.config.model,
         evaluation=trained.test_report,
     )
 

@@ -40,6 +40,27 @@ def _airflow_env(tmp: Path, **extra: str) -> dict[str, str]:
     }
 
 
+def _dags_test(tmp: Path, config: Path, dag_id: str, date: str, *, timeout: int) -> None:
+    """``airflow dags test`` of one DAG run, its tasks calling this checkout's ``catalog-enrich``
+    with ``config``; asserts the run succeeded."""
+    cli = str(Path(sys.executable).with_name("catalog-enrich"))
+    env = _airflow_env(
+        tmp,
+        CATALOG_ENRICH_CONFIG=str(config),
+        CATALOG_ENRICH_SUBMIT=cli,
+        CATALOG_ENRICH_CLI=cli,
+        PYTHONPATH=str(repo_root() / "src"),  # the job's checkout (the Airflow process ignores it)
+        PYSPARK_PYTHON=sys.executable,
+    )
+    airflow = str(Path(AIRFLOW_PYTHON).with_name("airflow"))
+    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=240)
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    run = subprocess.run(
+        [airflow, "dags", "test", dag_id, date], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+
+
 INSPECT = """
 import json, sys
 from airflow.models.dagbag import DagBag
@@ -97,26 +118,7 @@ def test_the_nightly_dag_runs_end_to_end(tmp_path: Path, incoming, scoring_bundl
             }
         )
     )
-    cli = str(Path(sys.executable).with_name("catalog-enrich"))
-    env = _airflow_env(
-        tmp_path,
-        CATALOG_ENRICH_CONFIG=str(config),
-        CATALOG_ENRICH_SUBMIT=cli,
-        CATALOG_ENRICH_CLI=cli,
-        PYTHONPATH=str(repo_root() / "src"),  # the job's checkout (the Airflow process ignores it)
-        PYSPARK_PYTHON=sys.executable,
-    )
-    airflow = str(Path(AIRFLOW_PYTHON).with_name("airflow"))
-    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=240)
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
-    run = subprocess.run(
-        [airflow, "dags", "test", "catalog_enrichment_nightly", "2026-11-02"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    _dags_test(tmp_path, config, "catalog_enrichment_nightly", "2026-11-02", timeout=500)
     report = report_for(tmp_path / "lake" / "run_reports", "nightly-2026-11-02")
     assert report["status"] == "succeeded" and report["partition"] == "ingest_date=2026-11-02"
     assert 0 < report["rows_read"] < 2400  # one day of four
@@ -159,26 +161,7 @@ def test_the_weekly_dag_builds_labels_trains_and_promotes(tmp_path: Path, taxono
             }
         )
     )  # fmt: skip
-    cli = str(Path(sys.executable).with_name("catalog-enrich"))
-    env = _airflow_env(
-        tmp_path,
-        CATALOG_ENRICH_CONFIG=str(config),
-        CATALOG_ENRICH_SUBMIT=cli,
-        CATALOG_ENRICH_CLI=cli,
-        PYTHONPATH=str(repo_root() / "src"),
-        PYSPARK_PYTHON=sys.executable,
-    )
-    airflow = str(Path(AIRFLOW_PYTHON).with_name("airflow"))
-    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=240)
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
-    run = subprocess.run(
-        [airflow, "dags", "test", "catalog_enrichment_weekly", "2026-11-08"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=800,
-    )
-    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    _dags_test(tmp_path, config, "catalog_enrichment_weekly", "2026-11-08", timeout=800)
     labelled = read_table(lake / "labelled")
     # every shop product has 1-3 merchant values; only the evaluation set's are left out
     assert labelled.num_rows == 1500 - 200

@@ -22,12 +22,12 @@ from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRec
 from catalog_enrichment.data.images import encode_image
 from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.errors import ConfigError
-from catalog_enrichment.inference.bundle import ModelBundle, load_bundle, save_bundle
+from catalog_enrichment.inference.bundle import ModelBundle, load_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.loop import _param_groups, train_and_calibrate
-from tests.conftest import tiny_config
+from tests.conftest import save_trained, tiny_config
 
 # A vocabulary no tokenizer trained on the data would produce: special tokens at odd ids, words the
 # synthetic catalog uses placed after filler, characters last.
@@ -138,15 +138,7 @@ def test_a_pretrained_bundle_carries_its_tokenizer_and_preprocessing_and_needs_n
     live = ModelBundle(trained.model, trained.tokenizer, taxonomy, trained.calibration, cfg.model, {})
     in_process = BatchPredictor(live, batch_size=64).score(products)  # the trained model, in memory
     in_process_flat = np.concatenate([in_process[a.name] for a in taxonomy], axis=1)
-    bundle_dir = save_bundle(
-        tmp_path / "bundle",
-        model=trained.model,
-        tokenizer=trained.tokenizer,
-        taxonomy=taxonomy,
-        calibration=trained.calibration,
-        model_config=cfg.model,
-        evaluation=trained.test_report,
-    )
+    bundle_dir = save_trained(trained, tmp_path / "bundle")
     reference = AutoTokenizer.from_pretrained(str(paths["text"]))
     shutil.rmtree(source)
     paths["image"].unlink()  # nothing the model was trained from is left
@@ -367,10 +359,7 @@ def test_hierarchical_loads_each_text_encoder_from_its_own_path(  # type: ignore
         atol=1e-3,
         rtol=0,
     )
-    bundle_dir = save_bundle(
-        tmp_path / "bundle", model=trained.model, tokenizer=trained.tokenizer, taxonomy=taxonomy,
-        calibration=trained.calibration, model_config=cfg.model, evaluation={},
-    )  # fmt: skip
+    bundle_dir = save_trained(trained, tmp_path / "bundle")
     shutil.rmtree(second)
     products = labelled.slice(0, 40)
     live = ModelBundle(trained.model, trained.tokenizer, taxonomy, trained.calibration, cfg.model, {})

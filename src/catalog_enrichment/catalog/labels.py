@@ -29,25 +29,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 __all__ = ["LABEL_SOURCES", "LabelReport", "build_labels", "write_labels"]
 
 # attribute-table sources whose values are ground truth for training
 LABEL_SOURCES = ("merchant",)
-# products columns the labelled table keeps (those present)
-_PRODUCT_COLUMNS = (
-    "product_id",
-    "title",
-    "description",
-    "image",
-    "image_uri",
-    "merchant_attributes",
-    "category",
-    "updated_at",
-    "ingest_date",
-)
 METADATA_KEY = "catalog_enrich.labels"
 
 
@@ -169,7 +157,8 @@ def build_labels(
             labelled[i] = labelled[i] or column[-1] is not None
         columns[attr.name] = column
     keep = pa.array(labelled)
-    base = latest.select([c for c in _PRODUCT_COLUMNS if c in latest.column_names and c not in columns])
+    product_columns = load_contract("products").names  # what the labelled table keeps, where present
+    base = latest.select([c for c in product_columns if c in latest.column_names and c not in columns])
     for attr in taxonomy:
         kind = pa.list_(pa.string()) if attr.kind == "multilabel" else pa.string()
         base = base.append_column(attr.name, pa.array(columns[attr.name], kind))

@@ -114,7 +114,8 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     meta = json.loads((root / "model.json").read_text())
     model_config = ModelConfig.model_validate(meta["model"])
     taxonomy = Taxonomy.from_dict(json.loads((root / "taxonomy.json").read_text()), source=str(root))
-    # bundles from before text_encoder_<i>/ and image_preprocessing were saved had no pretrained parts
+    # bundles from before text_encoder_<i>/ and image_preprocessing were saved had no pretrained
+    # parts: their encoders are built from the config
     text_backbones = [
         AutoConfig.from_pretrained(str(root / f"text_encoder_{i}"))
         for i in range(meta.get("text_encoders", 0))
@@ -126,9 +127,7 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
         vocab_size=meta["vocab_size"],
         pad_token_id=meta["pad_token_id"],
         text_backbones=text_backbones or None,
-        preprocessing=ImagePreprocessing.from_dict(prep)
-        if prep
-        else ImagePreprocessing(model_config.image.image_size or 96),
+        preprocessing=ImagePreprocessing.from_dict(prep) if prep else None,
     )
     model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
     model.to(device).eval()
