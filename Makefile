@@ -34,7 +34,7 @@ export CATALOG_ENRICH_AIRFLOW_PYTHON := $(AIRFLOW_VENV)/bin/python
 
 help:
 	@echo "make demo   run the whole job on embedded defaults (installs first)"
-	@echo "make test   ruff + mypy + pytest (installs first)"
+	@echo "make test   ruff + import contracts + mypy + pytest (installs first)"
 	@echo "make weights  pretrained MiniLM + EfficientNet-Lite0 into weights/ (for deploy/config/pretrained.yaml)"
 	@echo "make lock   re-pin constraints.txt from the current environment"
 
@@ -99,6 +99,7 @@ demo: venv $(if $(DEMO_PRETRAINED),weights)
 lint: venv
 	$(VENV)/bin/ruff check src tests jobs
 	$(VENV)/bin/ruff format --check src tests jobs
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -70,22 +70,19 @@ def marketplace(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) ->
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator[object]:
-    """A local SparkSession (2 threads, no UI); only tests marked ``spark`` use it."""
-    from pyspark.sql import SparkSession
+    """A local SparkSession (2 threads, no UI) as the job's runtime builds it; only tests marked
+    ``spark`` use it."""
+    from catalog_enrichment import runtime
 
-    from catalog_enrichment.cli import local_spark_defaults
-
-    session = (
-        SparkSession.builder.master("local[2]")
-        .config(map=local_spark_defaults("local[2]"))  # what the job's local sessions get
-        .appName("catalog-enrichment-tests")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.shuffle.partitions", "2")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "256")
-        .config("spark.driver.memory", "1g")
-        .getOrCreate()
+    cfg = AppConfig(
+        spark={
+            "master": "local[2]",
+            "app_name": "catalog-enrichment-tests",
+            "arrow_max_records_per_batch": 256,
+            "conf": {"spark.sql.execution.arrow.pyspark.enabled": "true", "spark.driver.memory": "1g"},
+        }
     )
+    session = runtime.spark_session(cfg)
     yield session
     session.stop()
 

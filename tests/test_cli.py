@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from catalog_enrichment.cli import _local_cores, build_parser, local_spark_defaults, main
+from catalog_enrichment import runtime
+from catalog_enrichment.cli import build_parser, main
+from catalog_enrichment.config import AppConfig
 
 
 def _commands() -> list[list[str]]:
@@ -114,7 +116,11 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     ("master", "cores"), [("local", 1), ("local[2]", 2), ("local[3,2]", 3), ("local[*]", os.cpu_count() or 1)]
 )
 def test_local_masters_get_shuffle_partitions_for_their_cores(master: str, cores: int) -> None:
-    assert _local_cores(master) == cores  # the job's session uses 2 x cores shuffle partitions
+    cfg = AppConfig(spark={"master": master})
+    assert cfg.spark.local_cores() == cores
+    assert runtime.spark_conf(cfg)["spark.sql.shuffle.partitions"] == str(2 * cores)
+    # under spark-submit the submitted master decides: no local settings
+    assert "spark.sql.shuffle.partitions" not in runtime.spark_conf(cfg, submitted=True)
 
 
 @pytest.mark.spark
@@ -124,7 +130,10 @@ def test_a_local_session_runs_its_jvm_with_the_c1_compiler_only(spark) -> None: 
     jvm = spark.sparkContext._jvm
     arguments = list(jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
     assert "-XX:TieredStopAtLevel=1" in arguments
-    assert local_spark_defaults("local[2]")["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+    # one switch turns it off, for the driver and for executors
+    conf = runtime.spark_conf(AppConfig(spark={"c1_jit": False}))
+    assert "spark.driver.extraJavaOptions" not in conf and "spark.executor.extraJavaOptions" not in conf
+    assert runtime.spark_conf(AppConfig())["spark.executor.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
 
 
 _RUN = """

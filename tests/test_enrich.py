@@ -26,12 +26,14 @@ import pytest
 from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
 from catalog_enrichment.catalog.reports import read_reports, report_for
+from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.data.truth import written_precision
-from catalog_enrichment.enrich import ModelRef, backfill_partitions, rollback, run_enrichment
+from catalog_enrichment.enrich import backfill_partitions, run_enrichment
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
+from catalog_enrichment.versions import ModelVersion
 from tests.conftest import repo_root, tiny_config, tiny_registry
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -72,8 +74,8 @@ def _catalog(tmp: Path, incoming) -> AppConfig:  # type: ignore[no-untyped-def]
     return cfg
 
 
-def _model(bundle: Path, version: str = "1") -> ModelRef:
-    return ModelRef("tiny", version, bundle)
+def _model(bundle: Path, version: str = "1") -> ModelVersion:
+    return ModelVersion("tiny", version, bundle_dir=bundle)
 
 
 def _run(spark, cfg: AppConfig, taxonomy: Taxonomy, incoming, bundle: Path, **kw: Any):  # type: ignore[no-untyped-def]
@@ -109,7 +111,7 @@ def test_writes_only_values_that_hold_95_percent_precision(first_run, incoming, 
     for attr, r in result.items():
         if r["judged"]:
             assert r["wilson_upper"] >= 0.95, (attr, r)
-    assert outcome.report["written_per_attribute"] == written
+    assert outcome.report.written_per_attribute == written
     # provenance on every model row
     model_rows = table.filter(pc.equal(table["source"], "model"))
     assert set(model_rows["run_id"].to_pylist()) == {"run-1"}
@@ -139,10 +141,10 @@ def test_quarantine_holds_every_bad_row_with_its_reason_and_no_good_row(first_ru
     truth = read_table(incoming.truth)
     bad = truth.filter(pc.is_valid(truth["bad_kind"])).to_pylist()
     assert len(bad) == 96  # 4 % of 2,400: 12 of each of 8 kinds
-    assert report["rows_read"] == 2400
-    assert report["rows_quarantined"] == len(quarantine) == 96
-    assert report["rows_read"] == report["rows_valid"] + report["rows_quarantined"]
-    assert report["rows_scored"] == report["rows_valid"]
+    assert report.rows_read == 2400
+    assert report.rows_quarantined == len(quarantine) == 96
+    assert report.rows_read == report.rows_valid + report.rows_quarantined
+    assert report.rows_scored == report.rows_valid
     # every injected bad row, with the reason of its kind, and nothing else
     from collections import Counter
 
@@ -171,16 +173,16 @@ def test_quarantine_holds_every_bad_row_with_its_reason_and_no_good_row(first_ru
 def test_validation_report_and_model_loaded_once_per_worker(first_run) -> None:  # type: ignore[no-untyped-def]
     cfg, _, outcome = first_run
     report = report_for(cfg.catalog.table("run_reports"), "run-1")
-    assert report["status"] == "succeeded"
-    summary = json.loads(report["validation_summary"])
+    assert report.status == "succeeded"
+    summary = report.summary()
     gx = {e["rule"]: e["unexpected_count"] for e in summary["expectations"]}
     rows = summary["row_rules"]
     for rule, count in gx.items():
         # GX flags both copies of a duplicated id; the row rule quarantines only the stale one
         assert count == (2 * rows[rule] if rule == "product_id_unique" else rows[rule]), rule
     assert rows["image_decodable"] == 36 and summary["success"] is False
-    assert set(report["stage_seconds"]) == {"read", "validate", "score", "decide", "write"}
-    assert report["products_per_second"] > 0
+    assert set(report.stage_seconds) == {"read", "validate", "score", "decide", "write"}
+    assert report.products_per_second > 0
     # many Arrow batches (256 rows each), each Python worker loaded the model exactly once
     loads = outcome.model_loads
     assert loads and all(n == 1 for n in loads.values()), loads
@@ -194,7 +196,7 @@ def test_same_run_id_twice_changes_nothing(spark, first_run, taxonomy, incoming,
     again = _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-1")
     assert again.already_done
     assert table_version(path) == version and _sorted_rows(read_table(path)) == rows
-    assert len([r for r in read_reports(cfg.catalog.table("run_reports")) if r["run_id"] == "run-1"]) == 1
+    assert len([r for r in read_reports(cfg.catalog.table("run_reports")) if r.run_id == "run-1"]) == 1
 
 
 def test_incremental_scores_only_changed_products(
@@ -206,9 +208,9 @@ def test_incremental_scores_only_changed_products(
     first = run_enrichment(
         spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet
     )
-    assert first.report["rows_read"] == 2400  # no watermark yet: everything
+    assert first.report.rows_read == 2400  # no watermark yet: everything
     changed = ["P00000010", "P00000020", "P00000030"]
-    later = first.report["watermark"] + dt.timedelta(hours=1)
+    later = first.report.watermark + dt.timedelta(hours=1)
     table = read_table(products)
     hit = pc.is_in(table["product_id"], pa.array(changed))
     table = table.set_column(
@@ -220,9 +222,9 @@ def test_incremental_scores_only_changed_products(
     second = run_enrichment(
         spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet, run_id="inc-2"
     )
-    assert second.report["rows_read"] == 3 and second.report["rows_scored"] == 3
+    assert second.report.rows_read == 3 and second.report.rows_scored == 3
     # three valid rows: nothing quarantined (the run skips the quarantine query) and the books balance
-    assert second.report["rows_quarantined"] == 0 and second.report["rows_valid"] == 3
+    assert second.report.rows_quarantined == 0 and second.report.rows_valid == 3
     assert "inc-2" not in set(read_table(cfg.catalog.table("quarantine"))["run_id"].to_pylist())
     table = read_table(cfg.catalog.table("attributes"))
     touched = set(table.filter(pc.equal(table["run_id"], "inc-2"))["product_id"].to_pylist())
@@ -230,7 +232,7 @@ def test_incremental_scores_only_changed_products(
     third = run_enrichment(
         spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet
     )
-    assert third.report["rows_read"] == 0 and third.merge is None
+    assert third.report.rows_read == 0 and third.merge is None
 
 
 def _second_model(bundle: Path, tmp: Path, shift: float) -> Path:
@@ -263,7 +265,7 @@ def test_rollback_restores_the_previous_values_exactly(
     assert _sorted_rows(read_table(path)) != after_v1
     rollback(cfg, run_id="run-2", progress=_quiet)
     assert _sorted_rows(read_table(path)) == after_v1
-    assert report_for(cfg.catalog.table("run_reports"), "run-2")["status"] == "rolled_back"
+    assert report_for(cfg.catalog.table("run_reports"), "run-2").status == "rolled_back"
     # by model version: every run of v1 goes, back to the merchants' values only
     rollback(cfg, model_version="1", progress=_quiet)
     table = read_table(path)
@@ -275,14 +277,15 @@ import json, sys
 from pathlib import Path
 from pyspark.sql import SparkSession
 from catalog_enrichment.contracts import load_taxonomy
-from catalog_enrichment.enrich import ModelRef, run_enrichment
+from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config
 
 args = json.loads(sys.argv[1])
 spark = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
          .config("spark.sql.session.timeZone", "UTC").getOrCreate())
 cfg = tiny_config(catalog={"root": args["root"]}, inference={"batch_size": 64, "device": "cpu"})
-model = ModelRef("tiny", "1", Path(args["bundle"]))
+model = ModelVersion("tiny", "1", bundle_dir=Path(args["bundle"]))
 run_enrichment(spark, cfg, load_taxonomy(), model=model, products=args["products"], full=True,
                run_id="crash-1")
 """
@@ -318,7 +321,7 @@ def test_a_process_killed_after_staging_leaves_the_table_as_it_was(
     assert find_run_commit(path, "crash-1") is None
     # the next run with the same id completes, once
     done = _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="crash-1")
-    assert done.report["status"] == "succeeded" and done.merge is not None
+    assert done.report.status == "succeeded" and done.merge is not None
     assert find_run_commit(path, "crash-1") == version + 1
     assert not (tmp_path / "lake" / "_staging" / "crash-1").exists()
 
@@ -335,11 +338,9 @@ def test_circuit_breaker_aborts_before_any_write(spark, tmp_path, taxonomy, inco
     assert table_version(path) == version
     assert not Path(cfg.catalog.table("quarantine")).exists()
     report = report_for(cfg.catalog.table("run_reports"), "too-bad")
-    assert report["status"] == "aborted" and "circuit breaker" in report["validation_summary"]
-    # the scoring stage, started beside the counts, was stopped and left nothing behind
-    tracker = spark.sparkContext.statusTracker()
-    group = tracker.getJobIdsForGroup("catalog-enrichment-too-bad")
-    assert group and not set(group) & set(tracker.getActiveJobsIds())
+    assert report.status == "aborted" and "circuit breaker" in report.validation_summary
+    # the breaker tripped before scoring: no model was shipped or run, nothing was staged
+    assert report.rows_read == 2400 and report.rows_scored == 0 and "score" not in report.stage_seconds
     assert not (Path(cfg.catalog.root) / "_staging" / "too-bad").exists()
 
 
@@ -383,7 +384,7 @@ def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incom
             products=incoming.products,
             progress=interrupt_at_third,
         )
-    done = [r["partition"] for r in read_reports(cfg.catalog.table("run_reports"))]
+    done = [r.partition for r in read_reports(cfg.catalog.table("run_reports"))]
     assert done == ["ingest_date=2026-11-01", "ingest_date=2026-11-02"]
     messages: list[str] = []
     results = backfill_partitions(
@@ -398,8 +399,8 @@ def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incom
     )
     assert [o is None for _, o in results] == [True, True, False, False]
     reports = read_reports(cfg.catalog.table("run_reports"))
-    assert sorted(r["partition"] for r in reports) == [f"ingest_date=2026-11-0{d}" for d in range(1, 5)]
-    assert sum(r["rows_read"] for r in reports) == 2400
+    assert sorted(r.partition for r in reports) == [f"ingest_date=2026-11-0{d}" for d in range(1, 5)]
+    assert sum(r.rows_read for r in reports) == 2400
 
 
 def test_cli_enrich_uses_the_champion_and_report_prints_it(
@@ -441,47 +442,6 @@ def test_scoring_spreads_the_valid_rows_evenly_over_the_cores(spark) -> None:  #
     assert kept.rdd.getNumPartitions() == uneven.rdd.getNumPartitions()
 
 
-def test_side_jobs_run_in_their_own_scheduler_pool(spark) -> None:  # type: ignore[no-untyped-def]
-    from catalog_enrichment.enrich import _beside
-
-    sc = spark.sparkContext
-    assert sc.getConf().get("spark.scheduler.mode") == "FAIR"  # the local sessions' default
-    # fairscheduler.xml: the validation pool (the breaker's counts) takes the first free slot
-    validation = sc._jsc.sc().getPoolForName("validation")
-    assert validation.isDefined() and validation.get().minShare() == 1
-    pool = _beside(spark, "validation", lambda: sc.getLocalProperty("spark.scheduler.pool")).result(60)
-    assert pool == "validation"
-    # the pool is the side thread's: this thread's jobs (the scoring stage's) stay in the default pool
-    assert sc.getLocalProperty("spark.scheduler.pool") is None
-
-
-def test_cancel_stops_a_running_scoring_stage(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import time
-
-    from catalog_enrichment.enrich import _beside, _cancel, _stage_scores
-
-    def slow(batches):  # type: ignore[no-untyped-def]
-        for batch in batches:
-            time.sleep(60)  # a scoring task far longer than the test's patience
-            yield batch
-
-    rows = spark.range(0, 8, numPartitions=2).mapInArrow(slow, "id long")
-    running = _beside(spark, None, _stage_scores, rows, tmp_path / "scores", group="cancel-me")
-    tracker = spark.sparkContext.statusTracker()
-    deadline = time.monotonic() + 60
-    while not tracker.getJobIdsForGroup("cancel-me") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    started = time.monotonic()
-    _cancel(spark, "cancel-me", running)
-    assert time.monotonic() - started < 30 and running.done()
-    with pytest.raises(Exception, match="cancel"):
-        running.result()
-    # no task of it runs on: nothing writes into the staging folder after _cancel returns
-    jobs = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup("cancel-me")]
-    stages = [tracker.getStageInfo(s) for job in jobs for s in job.stageIds]
-    assert jobs and sum(stage.numActiveTasks for stage in stages if stage) == 0
-
-
 def test_an_empty_partition_loads_no_model(spark, scoring_bundle, taxonomy) -> None:  # type: ignore[no-untyped-def]
     from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe
 
@@ -495,7 +455,7 @@ def test_an_empty_partition_loads_no_model(spark, scoring_bundle, taxonomy) -> N
     counters = ScoringCounters.create(spark)
     empty = spark.createDataFrame([], "product_id string, title string, description string, image binary")
     assert score_dataframe(empty.repartition(4), spec, counters).count() == 0
-    assert counters.loads.value == {} and counters.products.value == 0
+    assert counters.loads.value == {} and counters.batches.value == 0
 
 
 def test_a_worker_keeps_its_model_out_of_the_collection_after_each_task(scoring_bundle, taxonomy) -> None:  # type: ignore[no-untyped-def]

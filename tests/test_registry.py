@@ -78,7 +78,12 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = _cfg(tmp_path, uri, epochs=2)
     client = registry.configure_mlflow(uri)
-    outcome = run_training_job(cfg, taxonomy, data=data["train"], client=client, progress=_quiet)
+    # the first products have no image: the logged input example must still suit MLflow's serving
+    # JSON, which cannot carry a null binary column
+    train = read_table(data["train"])
+    imageless = pa.array([None, None] + train["image"].to_pylist()[2:], train.schema.field("image").type)
+    write_table(tmp_path / "train", train.set_column(train.schema.get_field_index("image"), "image", imageless))
+    outcome = run_training_job(cfg, taxonomy, data=tmp_path / "train", client=client, progress=_quiet)
     assert (
         registry.resolve_alias(client, "test-model", registry.CHALLENGER) == outcome.registered.version == "1"
     )
@@ -102,6 +107,11 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
         f"out.to_parquet({str(tmp_path / 'scores.parquet')!r})\n"
         "b = m.unwrap_python_model().bundle\n"
         f"open({str(tmp_path / 'cal.json')!r}, 'w').write(json.dumps(b.calibration.to_dict()))\n"
+        # the logged serving example goes through MLflow's serving input checks and scores
+        "from mlflow.models.utils import load_serving_example\n"
+        "example = load_serving_example('models:/test-model@challenger')\n"
+        "mlflow.models.predict('models:/test-model@challenger', input_data=example, content_type='json',\n"
+        f"                      env_manager='local', output_path={str(tmp_path / 'served.json')!r})\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "CATALOG_ENRICH_CONFIG"}
     result = subprocess.run(
@@ -114,6 +124,8 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
     # the calibration the model carries is the one logged with the run
     logged = registry.download_artifact_json(outcome.registered.run_id, "tables/calibration.json")
     assert json.loads((tmp_path / "cal.json").read_text()) == logged == trained.calibration.to_dict()
+    served = json.loads((tmp_path / "served.json").read_text())["predictions"]
+    assert len(served) == 2 and set(served[0]) == set(expected.columns)
     # a failed training run afterwards registers nothing and leaves the aliases where they were
     broken = tmp_path / "broken"
     write_table(broken, read_table(data["train"]).drop_columns(["pattern"]))
@@ -122,7 +134,7 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
     assert registry.resolve_alias(client, "test-model", registry.CHALLENGER) == "1"
     assert len(client.search_model_versions("name='test-model'")) == 1
     tags = registry.version_tags(client, "test-model", "1")
-    assert tags["data.path"] == str(Path(data["train"]).resolve()) and tags["data.version"] == "0"
+    assert tags["data.path"] == str((tmp_path / "train").resolve()) and tags["data.version"] == "0"
     assert "eval.color.r_at_p95" in tags
 
 

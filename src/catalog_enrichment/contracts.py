@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTRACT_NAMES",
+    "IMAGE_DECODABLE",
+    "IMAGE_READABLE",
     "AttributeSpec",
     "Contract",
     "FieldSpec",
@@ -38,6 +40,10 @@ __all__ = [
     "schemas_dir",
     "spark_type",
 ]
+
+# Quarantine reasons only the image decoder can find (the scoring pass reports them).
+IMAGE_DECODABLE = "image_decodable"  # bytes present but not an image (corrupt, truncated, empty)
+IMAGE_READABLE = "image_readable"  # image_uri given but the file cannot be read
 
 CONTRACT_NAMES = ("products", "labelled_products", "attributes", "quarantine", "run_report")
 AttributeKind = Literal["multilabel", "multiclass"]

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,12 @@ from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel
 
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.versions import ModelVersion
 
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
     "CatalogEnrichmentPyfunc",
-    "RegisteredVersion",
     "check_tracking_server",
     "configure_mlflow",
     "download_artifact_json",
@@ -121,16 +121,6 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     return str(client.create_experiment(name, artifact_location=artifact_location))
 
 
-@dataclass(frozen=True)
-class RegisteredVersion:
-    """A registered model version and the training run that produced it."""
-
-    name: str
-    version: str
-    run_id: str
-    model_uri: str
-
-
 def log_and_register(
     client: MlflowClient,
     *,
@@ -146,7 +136,7 @@ def log_and_register(
     input_example: pd.DataFrame,
     output_example: pd.DataFrame,
     version_tags: Mapping[str, str],
-) -> RegisteredVersion:
+) -> ModelVersion:
     """Log a training run (params, per-epoch metrics, pictures, tables, the pyfunc model), register a
     new version, tag it and point ``challenger`` at it. Nothing is registered if logging fails."""
     experiment_id = _experiment_id(client, experiment, artifact_location)
@@ -175,9 +165,7 @@ def log_and_register(
     for key, value in version_tags.items():
         client.set_model_version_tag(registered_model, version, key, value)
     client.set_registered_model_alias(registered_model, CHALLENGER, version)
-    return RegisteredVersion(
-        registered_model, version, run.info.run_id, f"models:/{registered_model}/{version}"
-    )
+    return ModelVersion(registered_model, version, run.info.run_id)
 
 
 def resolve_alias(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -228,17 +216,7 @@ def download_artifact_json(run_id: str, path: str) -> Any:
         return json.loads(Path(local).read_text())
 
 
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model URI pinned to one registered version (a promotion mid-run cannot mix versions)."""
-
-    name: str
-    version: str
-    run_id: str
-    uri: str
-
-
-def resolve_model(client: MlflowClient, model_uri: str) -> ResolvedModel:
+def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> the exact version.
 
     Raises:
@@ -264,17 +242,17 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ResolvedModel:
         mv = client.get_model_version(name, version)
     except MlflowException:
         raise CatalogEnrichError(f"registered model {name!r} has no version {version!r}") from None
-    return ResolvedModel(name, str(mv.version), str(mv.run_id), f"models:/{name}/{mv.version}")
+    return ModelVersion(name, str(mv.version), str(mv.run_id))
 
 
-def download_bundle(model: ResolvedModel, cache_dir: str | Path) -> Path:
-    """Download the version's bundle folder once into ``cache_dir`` (reused by later runs).
+def download_bundle(model: ModelVersion, cache_dir: str | Path) -> ModelVersion:
+    """``model`` with its bundle folder, downloaded once into ``cache_dir`` (reused by later runs).
 
     The folder is named ``<name>-v<version>-<run id>``, unique per version, so Spark can ship it to
     executors under that name (``SparkContext.addArchive``)."""
     bundle = Path(cache_dir) / f"{model.name}-v{model.version}-{model.run_id[:12]}"
     if (bundle / "weights.pt").is_file():
-        return bundle
+        return replace(model, bundle_dir=bundle)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="download-", dir=cache_dir) as tmp:
         try:
@@ -286,7 +264,7 @@ def download_bundle(model: ResolvedModel, cache_dir: str | Path) -> Path:
             raise CatalogEnrichError(f"{model.uri} holds no model bundle (no weights.pt)")
         if not bundle.exists():
             found.rename(bundle)  # atomic within the cache folder: a concurrent run sees all or nothing
-    return bundle
+    return replace(model, bundle_dir=bundle)
 
 
 def log_enrichment_run(

@@ -1,4 +1,4 @@
-"""bench throughput runs and reports what the issue asks for (no speed is asserted here)."""
+"""bench throughput runs and reports what it promises (no speed is asserted here)."""
 
 from __future__ import annotations
 
@@ -7,64 +7,78 @@ from pathlib import Path
 import pytest
 
 from catalog_enrichment.bench.throughput import run_throughput_benchmark
-from catalog_enrichment.enrich import ModelRef
 from catalog_enrichment.errors import CatalogEnrichError
-from tests.conftest import tiny_config
+from catalog_enrichment.versions import ModelVersion
+from tests.conftest import tiny_config, tiny_registry
 
-pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_throughput_benchmark_reports_every_mode_ratio_and_memory(
-    spark, tmp_path: Path, taxonomy, scoring_bundle
-) -> None:  # type: ignore[no-untyped-def]
-    cfg = tiny_config(catalog={"root": str(tmp_path / "lake")}, inference={"device": "cpu", "batch_size": 64})
+def test_in_process_modes_report_rates_and_ratios(tmp_path: Path, taxonomy, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(inference={"device": "cpu", "batch_size": 64}, spark={"master": "local[2]"})
     result = run_throughput_benchmark(
         cfg,
         taxonomy,
-        model=ModelRef("tiny", "1", scoring_bundle),
-        products=300,
+        model=ModelVersion("", "tiny", bundle_dir=scoring_bundle),
+        sizes=(300,),
         workdir=tmp_path / "bench",
-        modes=("raw", "predictor", "raw_tasks", "job"),
+        modes=("raw", "predictor", "raw_tasks"),
         repeats=1,
-        spark=spark,
-        sweep=(150, 300),
         progress=lambda m: None,
     )
-    assert result["products"] == 300
-    for mode in ("raw", "predictor", "raw_tasks", "job"):
+    assert result["in_process_products"] == 300
+    for mode in ("raw", "predictor", "raw_tasks"):
         assert result[f"{mode}_products_per_second"] > 0
-    assert result["predictor_ratio"] > 0 and result["job_ratio"] > 0
-    # raw_tasks: one single-threaded model process per core of the session, the job's layout
-    assert result["raw_tasks_processes"] == spark.sparkContext.defaultParallelism
-    tasks, job = result["runs"]["raw_tasks"][0], result["runs"]["job"][0]
-    assert result["job_ratio_to_raw_tasks_per_run"] == [
-        pytest.approx(job["products_per_second"] / tasks["products_per_second"])
-    ]
-    assert 0 < result["predictor_forward_share"] <= 1
-    assert result["runs"]["job"][0]["rows_scored"] == 300  # the generated products are all valid
-    assert set(result["job_stage_seconds"]) == {"read", "validate", "score", "decide", "write"}
-    assert result["worker_peak_rss_mb"] > 50 and result["driver_peak_rss_mb"] > 50
-    cpu = result["job_cpu_seconds"]
-    assert set(cpu) == {"driver", "jvm", "python_workers"}
-    assert cpu["jvm"] > 0 and cpu["python_workers"] > 0  # Spark read the table, the workers scored
-    small, large = result["sweep"]
-    assert (small["products"], large["products"]) == (150, 300)
-    assert "marginal_ms_per_product" not in small
-    want = 1000 * (large["seconds"] - small["seconds"]) / 150
-    assert large["marginal_ms_per_product"] == pytest.approx(want)
+        assert result[f"{mode}_ms_per_product"] == pytest.approx(1000 / result[f"{mode}_products_per_second"])
+    assert result["predictor_ratio"] > 0 and 0 < result["predictor_forward_share"] <= 1
+    assert not any(k.startswith(("job_", "peer_")) for k in result)  # no process was timed
+
+
+def test_job_and_peer_run_as_whole_processes_on_the_registered_model(
+    tmp_path: Path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    _, uri, version, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
+    cfg = tiny_config(
+        catalog={"root": str(tmp_path / "lake")},
+        mlflow={"tracking_uri": uri, "registered_model": "tiny"},
+        inference={"device": "cpu", "batch_size": 64},
+    )
+    model = ModelVersion("tiny", version, bundle_dir=scoring_bundle)
+    messages: list[str] = []
+    result = run_throughput_benchmark(
+        cfg,
+        taxonomy,
+        model=model,
+        sizes=(100, 200),
+        workdir=tmp_path / "bench",
+        modes=("job", "peer"),
+        repeats=1,
+        config_args=["--set", "inference.device=cpu", "--set", "inference.batch_size=64"],
+        progress=messages.append,
+    )
+    for n in (100, 200):
+        job, peer = result["runs"][str(n)]["job"][0], result["runs"][str(n)]["peer"][0]
+        assert result[f"job_vs_peer_{n}"] == pytest.approx(job["seconds"] / peer["seconds"])
+        for run in (job, peer):  # a JVM and Python workers did the work, each in its own process
+            assert run["cpu_seconds"]["jvm"] > 0 and run["cpu_seconds"]["python_workers"] > 0
+            assert run["worker_peak_rss_mb"] > 50 and run["driver_peak_rss_mb"] > 50
+    slope = (result["job_seconds_200"] - result["job_seconds_100"]) / 100
+    assert result["job_marginal_ms_per_product_100_200"] == pytest.approx(1000 * slope)
+    assert "peer_marginal_ms_per_product_100_200" in result
+    assert [m.split()[-2] for m in messages if "run 1/1" in m] == ["job", "peer", "job", "peer"]
 
 
 @pytest.mark.timeout(60)
-def test_raw_tasks_is_a_cpu_layout_and_refuses_a_gpu(tmp_path: Path, taxonomy, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
+def test_what_the_benchmark_refuses_before_doing_anything(tmp_path: Path, taxonomy, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
+    bundle = ModelVersion("", "tiny", bundle_dir=scoring_bundle)
     with pytest.raises(CatalogEnrichError, match="device cpu only"):
         run_throughput_benchmark(
-            tiny_config(),
-            taxonomy,
-            model=ModelRef("tiny", "1", scoring_bundle),
-            products=10,
-            workdir=tmp_path,
-            modes=("raw", "raw_tasks"),
-            device="cuda",
+            tiny_config(), taxonomy, model=bundle, sizes=(10,), workdir=tmp_path, modes=("raw", "raw_tasks"),
+            device="cuda", progress=lambda m: None,
+        )  # fmt: skip
+    with pytest.raises(CatalogEnrichError, match="registered model"):
+        run_throughput_benchmark(
+            tiny_config(), taxonomy, model=bundle, sizes=(10,), workdir=tmp_path, modes=("job",),
             progress=lambda m: None,
-        )
+        )  # fmt: skip
     assert not any(tmp_path.iterdir())  # refused before generating or loading anything

@@ -91,6 +91,6 @@ def test_two_runs_at_once_never_overlap_and_nothing_is_written_twice(
     assert third.wait(timeout=500) == 0
     assert table_version(attributes) == version_after_first
     assert find_run_commit(attributes, "nightly-1") == version_after_first
-    assert [r["run_id"] for r in read_reports(tmp_path / "lake" / "run_reports")] == ["nightly-1"]
+    assert [r.run_id for r in read_reports(tmp_path / "lake" / "run_reports")] == ["nightly-1"]
     text = log.read_text()
     assert text.count("enrich: start") == 2 and "already succeeded; nothing to do" in text

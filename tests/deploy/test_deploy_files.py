@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from catalog_enrichment import runtime
+from catalog_enrichment.config import AppConfig
 from tests.conftest import repo_root
 
 DEPLOY = repo_root() / "deploy"
@@ -66,5 +68,11 @@ def test_dockerfile_and_spark_application() -> None:
     for conf in ("local", "standalone", "yarn", "k8s"):
         lines = (DEPLOY / "spark" / f"{conf}.conf").read_text().splitlines()
         props = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith("#"))
-        assert props["spark.sql.session.timeZone"] == "UTC", conf
-        assert props["spark.scheduler.mode"] == "FAIR", conf  # validation jobs beside the scoring stage
+        # what the job's runtime sets is not repeated here (it would win anyway)
+        assert not set(props) & set(runtime.spark_conf(AppConfig(), submitted=True)), conf
+    assert "-XX:TieredStopAtLevel=1" in (DEPLOY / "spark" / "local.conf").read_text()
+    # the GPU discovery script is where the image puts it
+    docker_path = re.search(r"cp deploy/spark/gpu-discovery.sh (\S+)", docker)
+    assert docker_path is not None
+    for text in ((DEPLOY / "spark" / "k8s.conf").read_text(), str(app["spec"]["sparkConf"])):
+        assert docker_path.group(1) in text

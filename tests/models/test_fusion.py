@@ -22,8 +22,8 @@ from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.fusion import create_fusion, fusion_class, kl_to_uniform, list_fusions
+from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import build_model
-from catalog_enrichment.training.losses import attribute_loss
 from tests.conftest import TINY_MODEL
 
 TINY = ModelConfig.model_validate(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 
 from catalog_enrichment.config import ValidationConfig
@@ -16,13 +15,11 @@ from catalog_enrichment.validation import (
     build_rules,
     check_breaker,
     check_rows,
-    count_reasons,
+    count_rows,
     run_suite,
 )
 from catalog_enrichment.validation.rules import (
     add_duplicates,
-    fails_row_rules,
-    find_duplicates,
     latest_copies,
     stale_copies,
 )
@@ -67,12 +64,7 @@ def test_every_row_gets_exactly_the_rules_it_breaks(frame) -> None:  # type: ign
     got = sorted((r["product_id"] or "", r["title"] or "", sorted(r["_reasons"])) for r in checked)
     want = sorted((pid or "", title or "", sorted(reasons)) for pid, title, _, _, reasons in ROWS)
     assert got == want
-    duplicates = find_duplicates(frame, rules)
-    row_counts = count_reasons(frame, rules)  # the per-row rules only: a lower bound
-    assert row_counts.per_rule["product_id_unique"] == 0
-    assert row_counts.rows_invalid == sum(1 for row in ROWS if set(row[4]) - {"product_id_unique"})
-    counts = count_reasons(frame, rules, duplicates)
-    assert counts == add_duplicates(row_counts, duplicates, rules)
+    counts, _duplicates = count_rows(frame, rules)  # one Spark job: every rule and the duplicates
     assert counts.per_rule["product_id_unique"] == 3  # the old copy and both tied ones
     assert counts.rows_read == len(ROWS)
     assert counts.rows_invalid == sum(1 for row in ROWS if row[4])
@@ -82,13 +74,9 @@ def test_every_row_gets_exactly_the_rules_it_breaks(frame) -> None:  # type: ign
     check_breaker(counts, 0.9)  # within the limit: no error
 
 
-def test_duplicates_found_once_give_the_same_answer_on_the_scored_rows(frame) -> None:  # type: ignore[no-untyped-def]
-    # The job scores the rows that pass the per-row rules before the duplicates are known, then
-    # drops the stale copies from the scored rows: together that must be exactly the valid rows.
-    from pyspark.sql import functions as F
-
+def test_the_duplicates_are_found_once_and_mark_exactly_the_stale_copies(frame) -> None:  # type: ignore[no-untyped-def]
     rules = build_rules(load_contract("products"), ValidationConfig())
-    duplicates = find_duplicates(frame, rules)
+    _, duplicates = count_rows(frame, rules)
     at = int(T.timestamp() * 1e6)
     assert sorted(duplicates.to_pylist(), key=lambda r: (r["product_id"], r["_at"])) == [
         {"product_id": "dup", "_at": int(EARLIER.timestamp() * 1e6), "_rows": 1, "_ok": 1},
@@ -100,19 +88,11 @@ def test_duplicates_found_once_give_the_same_answer_on_the_scored_rows(frame) ->
         {"product_id": "dup", "_latest": at, "_same": 1},
         {"product_id": "tie", "_latest": at, "_same": 2},
     ]
-    scored = frame.where(~fails_row_rules(rules))
-    taken = scored.select("product_id", "title", F.unix_micros("updated_at").alias("_at")).toArrow()
-    kept = taken.filter(pc.invert(stale_copies(taken, latest)))
-    valid = [(pid, title) for pid, title, _, _, reasons in ROWS if not reasons]
-    got = zip(kept["product_id"].to_pylist(), kept["title"].to_pylist(), strict=True)
-    assert sorted(got) == sorted(valid)
-    # the scoring pass took the stale and tied copies (and only those of the invalid rows)
-    assert sorted(set(taken["title"].to_pylist()) - set(kept["title"].to_pylist())) == [
-        "A",
-        "B",
-        "Grey tee (old)",
-    ]
-    assert check_rows(frame, rules, latest=latest).count() == len(ROWS)  # the join adds no row
+    checked = check_rows(frame, rules, latest=latest).collect()
+    assert len(checked) == len(ROWS)  # the join adds no row
+    # the stale and tied copies, and only those, fail product_id_unique
+    stale = sorted(r["title"] for r in checked if "product_id_unique" in r["_reasons"])
+    assert stale == ["A", "B", "Grey tee (old)"]
 
 
 def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> None:
@@ -149,7 +129,7 @@ def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> Non
 def test_the_great_expectations_suite_counts_the_same_rows(frame) -> None:  # type: ignore[no-untyped-def]
     rules = build_rules(load_contract("products"), ValidationConfig())
     summary = run_suite(frame, rules)
-    counts = count_reasons(frame, rules, find_duplicates(frame, rules)).per_rule
+    counts = count_rows(frame, rules)[0].per_rule
     gx = {e["rule"]: e["unexpected_count"] for e in summary["expectations"]}
     assert set(gx) == {r.name for r in rules}
     for rule, n in gx.items():

@@ -1,33 +1,34 @@
-"""``catalog-enrich bench throughput``: the job against the raw speed of its own model.
-
-In one run, on the same model, device and number of threads:
+"""``catalog-enrich bench throughput``: the job against its model's raw speed and against the plain
+MLflow path.
 
 * ``raw``: a tight loop of the model's forward pass over pre-decoded, pre-tokenized tensors at the
-  model's batch size - the ceiling;
+  model's batch size - the physical limit;
 * ``predictor``: the per-batch predictor on Arrow batches (read + decode + tokenize + forward +
   decide), exactly what a Spark task runs per batch, without Spark;
-* ``job``: the whole enrichment run from reading the products table to the committed MERGE and
-  the run report, excluding only JVM start-up (the SparkSession exists before the clock starts);
-* ``raw_tasks`` (CPU only, a diagnostic): the same forward loop in one single-threaded process per
-  core side by side, the layout a local Spark job scores in (one task per core, one torch thread
-  per task). On a small model one process with two intra-op threads can be far less efficient than
-  two processes with one each, and how much less depends on the machine's load (a shared virtual
-  machine's vCPUs stall each other at every intra-op barrier), so ``job_ratio_to_raw_tasks`` says
-  what Spark costs apart from the threading layout.
+* ``raw_tasks`` (CPU only): the same forward loop in one single-threaded process per core side by
+  side, the layout a local Spark job scores in (one task per core, one torch thread per task);
+* ``job``: the whole enrichment job as a process of its own, from interpreter start to exit (JVM
+  start-up, model download, validation, scoring, MERGE, run report, MLflow run);
+* ``peer`` (``--peer``): the plain MLflow path as a process of its own - ``mlflow.pyfunc.spark_udf``
+  on the same registered version and products, scores written to Parquet
+  (:mod:`catalog_enrichment.bench.peer`).
 
-``predictor_ratio`` = predictor / raw and ``job_ratio`` = job / raw (medians of products per
-second). ``raw`` and ``predictor`` are measured in alternating blocks of the same products so that a
-shared machine's drifting speed does not land on one of them only. Peak RSS
-is sampled for the driver and for each Python worker during the job, and the CPU seconds the driver,
-the JVM and the Python workers use over it. ``--sweep`` runs the job at
-4k, 16k and 64k products for time per product and peak worker memory.
+``raw``, ``predictor`` and ``raw_tasks`` run in this process on the first size; ``raw`` and
+``predictor`` in alternating blocks of the same products, so a shared machine's drifting speed
+lands on both. ``job`` and ``peer`` run at every size, alternating, a fresh interpreter and JVM per
+run; the report gives medians, ``job_vs_peer`` (job wall time / peer wall time) per size and the
+marginal milliseconds per product between sizes. Peak RSS and CPU seconds of each process's
+driver, JVM and Python workers are sampled too.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,9 +39,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from catalog_enrichment.catalog.lakehouse import write_table
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.versions import ModelVersion
 
 __all__ = [
     "RawTasks",
@@ -207,8 +210,8 @@ class RawTasks:
 
 
 class _RssSampler:
-    """Peak RSS of this process and of every PySpark Python worker, sampled every 0.2 s, and the CPU
-    seconds the driver, the JVM and the Python workers used between enter and exit."""
+    """Peak RSS of the child driver process and of every PySpark Python worker, sampled every 0.2 s,
+    and the CPU seconds the driver, the JVM and the Python workers used between enter and exit."""
 
     def __init__(self) -> None:
         import psutil
@@ -223,22 +226,21 @@ class _RssSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> None:
-        me = self._psutil.Process()
-        self.driver_peak = max(self.driver_peak, me.memory_info().rss)
-        for proc in [me, *me.children(recursive=True)]:
+        for proc in self._psutil.Process().children(recursive=True):
             try:
                 cmd = " ".join(proc.cmdline())
                 times = proc.cpu_times()
                 rss = proc.memory_info().rss
             except self._psutil.Error:
                 continue
-            if proc.pid == me.pid:
-                kind = "driver"
-            elif "pyspark.daemon" in cmd or "pyspark.worker" in cmd:
+            if "pyspark.daemon" in cmd or "pyspark.worker" in cmd:
                 kind = "python_workers"
                 self.workers[proc.pid] = max(self.workers.get(proc.pid, 0), rss)
             elif "java" in cmd:
                 kind = "jvm"
+            elif "python" in cmd:
+                kind = "driver"
+                self.driver_peak = max(self.driver_peak, rss)
             else:
                 continue
             # processes there at enter count from then; later ones (new workers) from their start
@@ -269,34 +271,6 @@ class _RssSampler:
         self._sample()
 
 
-def measure_job(
-    spark: Any, cfg: AppConfig, taxonomy: Taxonomy, model: Any, products: Path, workdir: Path
-) -> dict[str, Any]:
-    """One full enrichment run into a fresh catalog; wall time from the first read to the report."""
-    from catalog_enrichment.enrich import run_enrichment
-
-    root = Path(tempfile.mkdtemp(prefix="catalog-", dir=workdir))
-    run_cfg = cfg.model_copy(update={"catalog": cfg.catalog.model_copy(update={"root": str(root)})})
-    with _RssSampler() as rss:
-        started = time.perf_counter()
-        outcome = run_enrichment(
-            spark, run_cfg, taxonomy, model=model, products=products, full=True, progress=lambda m: None
-        )
-        seconds = time.perf_counter() - started
-    report = outcome.report
-    shutil.rmtree(root, ignore_errors=True)  # the catalog was only written to be timed
-    return {
-        "seconds": seconds,
-        "products_per_second": report["rows_scored"] / seconds,
-        "rows_scored": report["rows_scored"],
-        "stage_seconds": report["stage_seconds"],
-        "driver_peak_rss_mb": rss.driver_peak / 2**20,
-        "worker_peak_rss_mb": {str(pid): v / 2**20 for pid, v in rss.workers.items()},
-        "cpu_seconds": {k: round(v, 2) for k, v in rss.cpu_seconds.items()},
-        "model_loads": sum(outcome.model_loads.values()),
-    }
-
-
 @dataclass
 class _Model:
     predictor: Any
@@ -319,164 +293,178 @@ def _median(runs: Sequence[dict[str, Any]], key: str = "products_per_second") ->
     return float(statistics.median(r[key] for r in runs))
 
 
+def process_commands(
+    cfg: AppConfig, model: ModelVersion, products: Path, root: Path, config_args: Sequence[str]
+) -> dict[str, list[str]]:
+    """The two whole processes compared, as spark-submit would start them: the enrichment job
+    (``catalog-enrich enrich --full``, into a fresh catalog under ``root``) and the plain MLflow path
+    (:mod:`catalog_enrichment.bench.peer`), on the same products and registered model version."""
+    return {
+        "job": [
+            sys.executable, "-m", "catalog_enrichment.cli", "enrich", "--full", "--model-uri", model.uri,
+            "--catalog", str(root / "catalog"), "--products", str(products), *config_args,
+        ],
+        "peer": [
+            sys.executable, "-m", "catalog_enrichment.bench.peer", "--model-uri", model.uri,
+            "--products", str(products), "--out", str(root / "scores"), "--master", cfg.spark.master,
+        ],
+    }  # fmt: skip
+
+
+def measure_process(command: Sequence[str], env: dict[str, str], workdir: Path) -> dict[str, Any]:
+    """Wall time of one whole process from start to exit, its processes' CPU seconds and peak RSS."""
+    with _RssSampler() as usage:
+        started = time.perf_counter()
+        proc = subprocess.run(list(command), env=env, cwd=workdir, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise CatalogEnrichError(
+            f"{' '.join(command[:4])} ... exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
+        )
+    return {
+        "seconds": seconds,
+        "cpu_seconds": {k: round(v, 2) for k, v in usage.cpu_seconds.items()},
+        "driver_peak_rss_mb": usage.driver_peak / 2**20,
+        "worker_peak_rss_mb": max(usage.workers.values(), default=0) / 2**20,
+    }
+
+
 def run_throughput_benchmark(
     cfg: AppConfig,
     taxonomy: Taxonomy,
     *,
-    model: Any,
-    products: int,
+    model: ModelVersion,
+    sizes: Sequence[int],
     workdir: Path,
     modes: Sequence[str] = ("raw", "predictor", "job"),
     repeats: int = 3,
     device: str = "cpu",
     threads: int | None = None,
-    spark: Any = None,
-    sweep: Sequence[int] = (),
     block: int = 2048,
+    config_args: Sequence[str] = (),
     progress: Say | None = None,
 ) -> dict[str, Any]:
     """Measure the modes ``repeats`` times each and report medians and ratios.
 
-    ``raw`` and ``predictor`` run paired (:func:`measure_paired`, blocks of ``block`` products);
-    the job runs after them in each repeat.
+    ``raw`` and ``predictor`` run in this process on the first size, paired (:func:`measure_paired`);
+    ``job`` and ``peer`` run as whole processes at every size, alternating (job first in even
+    repeats, peer first in odd ones), each into a fresh folder.
     """
     import torch
 
     say = progress or (lambda m: print(m, flush=True))
     if "raw_tasks" in modes and device != "cpu":
         raise CatalogEnrichError("raw_tasks measures the job's CPU layout: device cpu only")
+    processes = [m for m in ("job", "peer") if m in modes]
+    if (processes and not model.name) or ("peer" in modes and "job" not in modes):
+        raise CatalogEnrichError("job and peer time whole processes on a registered model: give both")
     if threads:
         torch.set_num_threads(threads)
     workdir.mkdir(parents=True, exist_ok=True)
-    size = _image_size(model.bundle_dir)
-    say(f"generating {products:,} products ({size} px) ...")
-    table = make_products(products, taxonomy, image_size=size)
+    size = _image_size(model.bundle)
     result: dict[str, Any] = {
-        "products": products,
+        "sizes": list(sizes),
         "device": device if device == "cpu" else torch.cuda.get_device_name(0),
         "torch_threads": torch.get_num_threads(),
         "batch_size": cfg.inference.batch_size,
         "arrow_batch": cfg.spark.arrow_max_records_per_batch,
         "model": f"{model.name} v{model.version}",
-        "runs": {m: [] for m in modes},
+        "runs": {},
     }
-    loaded = _load(model.bundle_dir, taxonomy, cfg, device, cfg.inference.autocast)
-    table_path = None
-    if "job" in modes or sweep:
-        from catalog_enrichment.catalog.lakehouse import write_table
+    in_process = [m for m in modes if m not in processes]
+    if in_process:
+        say(f"generating {sizes[0]:,} products ({size} px) ...")
+        table = make_products(sizes[0], taxonomy, image_size=size)
+        result.update(_in_process(cfg, taxonomy, model, table, in_process, repeats, device, block, say))
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri,
+        "MLFLOW_REGISTRY_URI": cfg.mlflow.registry_uri or cfg.mlflow.tracking_uri,
+    }
+    for n in sizes if processes else ():
+        path = workdir / f"products-{n}-{size}px"
+        if not path.exists():
+            say(f"generating {n:,} products ({size} px) ...")
+            # streamed: memory bounded by one batch, not by n generated images
+            write_table(
+                path, products_reader(n, taxonomy, image_size=size, seed=n), partition_by=["ingest_date"]
+            )
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in processes}
+        for r in range(repeats):
+            for mode in processes if r % 2 == 0 else processes[::-1]:
+                root = Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=workdir))
+                command = process_commands(cfg, model, path.resolve(), root, config_args)[mode]
+                run = measure_process(command, env, workdir)
+                shutil.rmtree(root, ignore_errors=True)
+                runs[mode].append(run)
+                say(f"  {n:>7,} products, run {r + 1}/{repeats} {mode:<4} {run['seconds']:6.1f}s")
+        result["runs"][str(n)] = runs
+        for mode in processes:
+            result[f"{mode}_seconds_{n}"] = _median(runs[mode], "seconds")
+        if len(processes) == 2:
+            result[f"job_vs_peer_{n}"] = result[f"job_seconds_{n}"] / result[f"peer_seconds_{n}"]
+    for before, after in itertools.pairwise(sizes):
+        for mode in processes:  # the cost of one more product: the slope between two sizes
+            slope = (result[f"{mode}_seconds_{after}"] - result[f"{mode}_seconds_{before}"]) / (
+                after - before
+            )
+            result[f"{mode}_marginal_ms_per_product_{before}_{after}"] = 1000 * slope
+    return result
 
-        table_path = workdir / f"products-{products}"
-        if not table_path.exists():
-            write_table(table_path, table, partition_by=["ingest_date"])
+
+def _in_process(
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    model: ModelVersion,
+    table: pa.Table,
+    modes: Sequence[str],
+    repeats: int,
+    device: str,
+    block: int,
+    say: Say,
+) -> dict[str, Any]:
+    """``raw``, ``predictor`` and ``raw_tasks`` over ``table`` in this process: medians and ratios."""
+    loaded = _load(model.bundle, taxonomy, cfg, device, cfg.inference.autocast)
     arrow_batch = cfg.spark.arrow_max_records_per_batch
     paired = "raw" in modes and "predictor" in modes
-    if paired:
-        result["paired_block"] = block
     tasks = None
     if "raw_tasks" in modes:
-        processes = spark.sparkContext.defaultParallelism if spark is not None else os.cpu_count() or 1
-        say(f"starting {processes} single-threaded model processes for raw_tasks ...")
-        tasks = RawTasks(model.bundle_dir, cfg.inference.predictor_options(), processes)
-        result["raw_tasks_processes"] = processes
+        cores = cfg.spark.local_cores()
+        say(f"starting {cores} single-threaded model processes for raw_tasks ...")
+        tasks = RawTasks(model.bundle, cfg.inference.predictor_options(), cores)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     try:
         for r in range(repeats):
-            runs: dict[str, dict[str, Any]] = {}
+            done: dict[str, dict[str, Any]] = {}
             if paired:
-                runs["raw"], runs["predictor"] = measure_paired(
+                done["raw"], done["predictor"] = measure_paired(
                     loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch, block=block
                 )
             for mode in modes:
-                if mode in runs:
-                    pass  # measured paired above
-                elif mode == "raw":
-                    runs[mode] = measure_raw(loaded.predictor, table)
-                elif mode == "predictor":
-                    runs[mode] = measure_predictor(
-                        loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch
-                    )
-                elif mode == "raw_tasks":
-                    assert tasks is not None
-                    runs[mode] = tasks.measure(table)
-                else:
-                    assert spark is not None and table_path is not None
-                    runs[mode] = measure_job(spark, cfg, taxonomy, model, table_path, workdir)
-                result["runs"][mode].append(runs[mode])
-                rate, secs = runs[mode]["products_per_second"], runs[mode]["seconds"]
-                say(f"  run {r + 1}/{repeats} {mode:<9} {rate:8.1f} products/s ({secs:.1f}s)")
+                if mode not in done:
+                    if mode == "raw":
+                        done[mode] = measure_raw(loaded.predictor, table)
+                    elif mode == "predictor":
+                        done[mode] = measure_predictor(
+                            loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch
+                        )
+                    else:
+                        assert tasks is not None
+                        done[mode] = tasks.measure(table)
+                runs[mode].append(done[mode])
+                say(f"  run {r + 1}/{repeats} {mode:<9} {done[mode]['products_per_second']:8.1f} products/s")
     finally:
         if tasks is not None:
             tasks.close()
-    medians = {m: _median(result["runs"][m]) for m in modes}
-    result.update({f"{m}_products_per_second": v for m, v in medians.items()})
-    if "raw" in medians:
-        for m in ("predictor", "job"):
-            if m in medians:
-                result[f"{m}_ratio"] = medians[m] / medians["raw"]
-
-    def per_run(mode: str, base: str) -> list[float]:
-        # each run against the base run just before it (the machine's speed drifts)
-        return [
-            m["products_per_second"] / b["products_per_second"]
-            for b, m in zip(result["runs"][base], result["runs"][mode], strict=True)
-        ]
-
-    if "raw_tasks" in medians and "job" in medians:
-        result["job_ratio_to_raw_tasks"] = medians["job"] / medians["raw_tasks"]
-        result["job_ratio_to_raw_tasks_per_run"] = per_run("job", "raw_tasks")
-    if "raw" in modes and "job" in modes:
-        result["job_ratio_per_run"] = per_run("job", "raw")
+    out: dict[str, Any] = {"in_process_products": table.num_rows, "in_process_runs": runs}
+    for mode in modes:
+        rate = _median(runs[mode])
+        out[f"{mode}_products_per_second"] = rate
+        out[f"{mode}_ms_per_product"] = 1000 / rate
     if paired:
-        result["predictor_ratio_per_run"] = per_run("predictor", "raw")
-    if "predictor" in modes:
-        result["predictor_forward_share"] = _median(result["runs"]["predictor"], "forward_share")
-    if "job" in modes:
-        best = min(result["runs"]["job"], key=lambda r: abs(r["products_per_second"] - medians["job"]))
-        result["job_stage_seconds"] = best["stage_seconds"]
-        result["job_cpu_seconds"] = best["cpu_seconds"]  # who used the cores: driver, JVM, workers
-        result["driver_peak_rss_mb"] = max(r["driver_peak_rss_mb"] for r in result["runs"]["job"])
-        result["worker_peak_rss_mb"] = max(
-            (v for r in result["runs"]["job"] for v in r["worker_peak_rss_mb"].values()), default=None
-        )
-    if device != "cpu" and "predictor" in modes:
-        fp32 = _load(model.bundle_dir, taxonomy, cfg, device, autocast=False)
-        fp32_runs = [
-            measure_predictor(
-                fp32.predictor, fp32.policy, table, arrow_batch=cfg.spark.arrow_max_records_per_batch
-            )
-            for _ in range(repeats)
-        ]
-        result["predictor_fp32_products_per_second"] = _median(fp32_runs)
-        result["bf16_speedup"] = medians["predictor"] / result["predictor_fp32_products_per_second"]
-    if sweep:
-        result["sweep"] = []
-        for n in sweep:
-            from catalog_enrichment.catalog.lakehouse import write_table
-
-            path = workdir / f"products-{n}"
-            if not path.exists():
-                say(f"generating {n:,} products for the sweep ...")
-                # streamed: the sweep's driver memory is the job's, not that of 64k generated images
-                write_table(
-                    path, products_reader(n, taxonomy, image_size=size, seed=n), partition_by=["ingest_date"]
-                )
-            job = measure_job(spark, cfg, taxonomy, model, path, workdir)
-            result["sweep"].append(
-                {
-                    "products": n,
-                    "seconds": job["seconds"],
-                    "ms_per_product": 1000 * job["seconds"] / n,
-                    "worker_peak_rss_mb": max(job["worker_peak_rss_mb"].values(), default=None),
-                    "driver_peak_rss_mb": job["driver_peak_rss_mb"],
-                }
-            )
-            say(f"  sweep {n:>6,}: {1000 * job['seconds'] / n:.2f} ms/product")
-        # the cost of each further product between sizes: flat when the job is linear in N
-        # (time per product alone also falls as the fixed cost of a run is spread over more)
-        for before, after in zip(result["sweep"], result["sweep"][1:], strict=False):
-            after["marginal_ms_per_product"] = (
-                1000 * (after["seconds"] - before["seconds"]) / (after["products"] - before["products"])
-            )
-    return result
+        out["predictor_ratio"] = out["predictor_products_per_second"] / out["raw_products_per_second"]
+        out["predictor_forward_share"] = _median(runs["predictor"], "forward_share")
+    return out
 
 
 def _image_size(bundle_dir: Path) -> int:

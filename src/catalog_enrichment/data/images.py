@@ -15,6 +15,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageChops, ImageDraw
 
+from catalog_enrichment.contracts import IMAGE_DECODABLE, IMAGE_READABLE
+
 __all__ = [
     "COLOR_RGB",
     "IMAGE_DECODABLE",
@@ -29,8 +31,6 @@ __all__ = [
 ]
 
 # Why a product's image could not be used (the validation rules and the quarantine use these names).
-IMAGE_DECODABLE = "image_decodable"  # bytes present but not an image (corrupt, truncated, empty)
-IMAGE_READABLE = "image_readable"  # image_uri given but the file cannot be read
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,

@@ -40,7 +40,6 @@ __all__ = [
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("product_id", pa.string()),
-        pa.field("_at", pa.int64()),  # updated_at in µs since the epoch: which copy of a duplicated id
         pa.field("image_error", pa.string()),
         pa.field("scored", pa.list_(pa.string())),
         pa.field(
@@ -65,7 +64,6 @@ SCORING_INPUT = (
     "image",
     "image_uri",
     "merchant_attributes",
-    "updated_at",
 )
 
 
@@ -78,6 +76,7 @@ class ScoringSpec:
     allowed_taxonomy: dict[str, Any]
     device: str = "auto"
     torch_threads: int | None = None
+    gc_freeze: bool = True
     predictor: dict[str, Any] = field(default_factory=dict)  # BatchPredictor keyword arguments
 
 
@@ -95,16 +94,15 @@ class _PidCounts:
 
 @dataclass
 class ScoringCounters:
-    """Driver-side accumulators: model loads per worker pid, Arrow batches, products scored."""
+    """Driver-side accumulators: model loads per worker pid, Arrow batches scored."""
 
     loads: Any
     batches: Any
-    products: Any
 
     @classmethod
     def create(cls, spark: Any) -> ScoringCounters:
         sc = spark.sparkContext
-        return cls(sc.accumulator({}, _PidCounts()), sc.accumulator(0), sc.accumulator(0))
+        return cls(sc.accumulator({}, _PidCounts()), sc.accumulator(0))
 
 
 # Per Python worker process: (device, the scoring spec as JSON) -> (predictor, policy).
@@ -185,12 +183,11 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
         state = (predictor, policy)
         _WORKER_CACHE[key] = state  # one model per worker: a new version replaces the old one
         loads.add({os.getpid(): 1})
-        # A reused PySpark worker runs a full gc.collect() after every task (pyspark/daemon.py).
-        # With torch, transformers, timm and the model loaded it cost ~0.25 core-seconds a task,
-        # outside the task: as much CPU as scoring 4,000 products in a run of 32 tasks. Freezing
-        # what is alive now (gc.freeze) takes it out of those collections; what a task creates is
-        # collected as before.
-        gc.freeze()
+        # A reused PySpark worker runs a full gc.collect() after every task (pyspark/daemon.py), over
+        # torch, transformers, timm and the model: freezing what is alive now takes it out of those
+        # collections; what a task creates is collected as before.
+        if spec.gc_freeze:
+            gc.freeze()
     return state
 
 
@@ -221,11 +218,6 @@ def decide_batch(policy: Any, batch: pa.RecordBatch, scores: Any) -> pa.RecordBa
     )
     skip = np.array([e is not None for e in scores.image_error], bool)
     flat = policy.decide_flat(scores.probs, filled, skip)
-    at = (  # a timestamp's int64 value is µs since the epoch whatever its time zone
-        batch.column("updated_at").cast(pa.timestamp("us")).cast(pa.int64())
-        if "updated_at" in names
-        else pa.nulls(batch.num_rows, pa.int64())
-    )
     attribute_names = pa.array(attributes, pa.string())
     values_type = OUTPUT_SCHEMA.field("values").type
     written = pa.StructArray.from_arrays(
@@ -243,7 +235,6 @@ def decide_batch(policy: Any, batch: pa.RecordBatch, scores: Any) -> pa.RecordBa
     return pa.RecordBatch.from_arrays(
         [
             batch.column("product_id"),
-            at,
             pa.array(scores.image_error, pa.string()),
             pa.ListArray.from_arrays(
                 scored_offsets,
@@ -265,10 +256,9 @@ def spark_output_schema() -> Any:
 def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) -> Any:
     """The scored DataFrame (lazy): one row per input row, ``OUTPUT_SCHEMA`` columns.
 
-    The enrichment job passes the rows that pass the per-row rules; stale copies of a duplicated id
-    are among them until the job drops them by ``_at`` (``validation.rules.stale_copies``).
+    The enrichment job passes the valid rows (every rule passed, duplicates included).
     """
-    loads, batches, products = counters.loads, counters.batches, counters.products
+    loads, batches = counters.loads, counters.batches
 
     def score_partition(iterator: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         rows = (b for b in iterator if b.num_rows)
@@ -278,7 +268,6 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
         predictor, policy = _worker_state(spec, loads)
         for out in score_batches(predictor, policy, itertools.chain([first], rows)):
             batches.add(1)
-            products.add(out.num_rows)
             yield out
 
     present = [c for c in SCORING_INPUT if c in valid.columns]

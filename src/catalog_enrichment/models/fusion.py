@@ -357,7 +357,7 @@ class DecisionFusion(_TwoBranches):
         )
 
     def fit_heldout(self, branch_probs, targets, known):  # type: ignore[no-untyped-def]
-        from catalog_enrichment.training.losses import attribute_loss
+        from catalog_enrichment.models.losses import attribute_loss
 
         params = [p for net in self.decision.values() for p in net.parameters()]
         opt = torch.optim.Adam(params, lr=self.lr)

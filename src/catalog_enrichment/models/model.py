@@ -162,7 +162,7 @@ class MultimodalModel(nn.Module):
 def _check_shared_vocabulary(cfg: ModelConfig, extra: list[dict[str, Any]]) -> None:
     """Every text encoder reads the same token ids (one tokenizer per model): a second pretrained
     encoder must come with the first's vocabulary, as BERT and DistilBERT uncased do (paper 002)."""
-    from catalog_enrichment.models.encoders import load_tokenizer
+    from catalog_enrichment.data.dataset import load_tokenizer
 
     for override in extra:
         path = override.get("pretrained_path")

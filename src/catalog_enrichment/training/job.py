@@ -27,6 +27,7 @@ from catalog_enrichment.inference.bundle import json_safe, save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
 from catalog_enrichment.training.plots import plot_precision_recall, plot_reliability
+from catalog_enrichment.versions import ModelVersion
 
 __all__ = ["DataSnapshot", "TrainingOutcome", "data_snapshot", "run_training_job", "validate_training_table"]
 
@@ -108,12 +109,22 @@ def validate_training_table(table: Any, taxonomy: Taxonomy) -> None:
 @dataclass(frozen=True)
 class TrainingOutcome:
     trained: TrainedModel
-    registered: Any  # registry.RegisteredVersion
+    registered: ModelVersion
     snapshot: DataSnapshot
 
 
 def _example_frame(table: Any, n: int = 2) -> pd.DataFrame:
+    """The logged input example: ``n`` products with an image where the data has them.
+
+    MLflow sends a binary column base64-encoded through its serving JSON and cannot encode a null
+    there ("encoding without a string argument"), so an example with an imageless product would
+    not validate, and ``mlflow models predict`` / serving would reject it.
+    """
+    import pyarrow.compute as pc
+
     cols = [c for c in ("product_id", "title", "description", "image") if c in table.column_names]
+    if "image" in cols and pc.any(pc.is_valid(table["image"])).as_py():
+        table = table.filter(pc.is_valid(table["image"]))
     frame = table.select(cols).slice(0, n).to_pandas()
     frame["description"] = frame.get("description", pd.Series([""] * len(frame))).fillna("")
     return frame

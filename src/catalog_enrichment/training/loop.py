@@ -51,6 +51,7 @@ from catalog_enrichment.metrics import (
 )
 from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing
 from catalog_enrichment.models.fusion import FusionInputs, fusion_class
+from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import ModelOutput, MultimodalModel, build_model
 from catalog_enrichment.training.embeddings import (
     EmbeddedDataset,
@@ -60,7 +61,6 @@ from catalog_enrichment.training.embeddings import (
     embed_products,
     inputs_to,
 )
-from catalog_enrichment.training.losses import attribute_loss
 from catalog_enrichment.training.splits import Splits, calibration_fraction, crossfit_folds, stratified_splits
 
 __all__ = [

@@ -7,7 +7,7 @@ from catalog_enrichment.validation.rules import (
     build_rules,
     check_breaker,
     check_rows,
-    count_reasons,
+    count_rows,
     quarantine_rows,
 )
 from catalog_enrichment.validation.suite import run_suite
@@ -19,7 +19,7 @@ __all__ = [
     "build_rules",
     "check_breaker",
     "check_rows",
-    "count_reasons",
+    "count_rows",
     "quarantine_rows",
     "run_suite",
 ]

@@ -13,10 +13,8 @@ decodes every image anyway, so the predictor reports them and the job quarantine
 Duplicates: of the rows sharing a ``product_id`` the one with the latest ``updated_at`` is kept;
 older copies fail ``product_id_unique``; rows tied at the latest time all fail it (which one is
 right cannot be known), so nothing is silently picked. That rule is the only one that needs other
-rows: :func:`find_duplicates` lists the duplicated ids once (a small Arrow table on the driver), and
-:func:`stale_copies` applies the same test to any Arrow table of ``(id, updated_at)`` - the
-enrichment job scores the rows that pass the per-row rules while the duplicates are still being
-looked for, and drops the stale copies from the scored rows afterwards.
+rows: :func:`count_rows` counts every rule and lists the duplicated ids in one pass (a small Arrow
+table on the driver), and :func:`check_rows` joins them back to mark each row.
 """
 
 from __future__ import annotations
@@ -24,14 +22,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.config import ValidationConfig
-from catalog_enrichment.contracts import Contract
-from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE
+from catalog_enrichment.contracts import IMAGE_DECODABLE, IMAGE_READABLE, Contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
@@ -44,9 +42,7 @@ __all__ = [
     "build_rules",
     "check_breaker",
     "check_rows",
-    "count_reasons",
-    "fails_row_rules",
-    "find_duplicates",
+    "count_rows",
     "latest_copies",
     "quarantine_rows",
     "stale_copies",
@@ -158,43 +154,6 @@ def _null_expectation(column: str) -> Callable[[], Any]:
     return make
 
 
-def find_duplicates(df: Any, rules: list[Rule], key: str = "product_id") -> pa.Table:
-    """The copies of every id on more than one row, one row per (id, ``updated_at``).
-
-    Columns: ``key``; ``_at``, ``updated_at`` in µs since the epoch (null where missing); ``_rows``,
-    how many copies carry that time; ``_ok``, how many of those pass every per-row rule (for the
-    counts). Two aggregations over the id, the time and the per-row rules - no join, no images;
-    the result (rarely more than a few rows, never more than the rows read) is collected as Arrow.
-    """
-    from pyspark.sql import functions as F
-
-    groups = (
-        df.where(F.col(key).isNotNull())
-        .groupBy(key, F.unix_micros("updated_at").alias("_at"))
-        .agg(
-            F.count(F.lit(1)).alias("_rows"),
-            F.sum(F.when(fails_row_rules(rules), 0).otherwise(1)).alias("_ok"),
-        )
-    )
-    per_id = (
-        groups.groupBy(key)
-        .agg(F.sum("_rows").alias("_n"), F.collect_list(F.struct("_at", "_rows", "_ok")).alias("_copies"))
-        .where(F.col("_n") > 1)
-        .select(key, "_copies")
-        .toArrow()
-    )
-    copies = per_id["_copies"].combine_chunks()
-    flat = copies.flatten()
-    return pa.table(
-        {
-            key: pc.take(per_id[key], pc.list_parent_indices(copies)).cast(pa.string()),
-            "_at": flat.field("_at").cast(pa.int64()),
-            "_rows": flat.field("_rows").cast(pa.int64()),
-            "_ok": flat.field("_ok").cast(pa.int64()),
-        }
-    )
-
-
 def latest_copies(duplicates: pa.Table, key: str = "product_id") -> pa.Table:
     """Per duplicated id: its latest time ``_latest`` and how many copies carry it, ``_same``."""
     latest = duplicates.group_by(key).aggregate([("_at", "max")]).rename_columns([key, "_latest"])
@@ -229,7 +188,7 @@ def check_rows(df: Any, rules: list[Rule], key: str = "product_id", latest: pa.T
     from pyspark.sql import functions as F
 
     if latest is None:
-        latest = latest_copies(find_duplicates(df, rules, key), key)
+        latest = latest_copies(count_rows(df, rules, key)[1], key)
     stamp = F.unix_micros("updated_at")  # exact, no time-zone round trip through the driver
     checked = df.join(F.broadcast(df.sparkSession.createDataFrame(latest)), on=key, how="left").withColumn(
         "_dup_stale",
@@ -241,17 +200,6 @@ def check_rows(df: Any, rules: list[Rule], key: str = "product_id", latest: pa.T
     )
 
 
-def fails_row_rules(rules: list[Rule]) -> Any:
-    """A Spark column, true where a row breaks a rule it can be checked against alone (every rule
-    but the duplicates): the rows the scoring pass takes before the duplicates are known."""
-    from functools import reduce
-
-    from pyspark.sql import functions as F
-
-    tests = [F.coalesce(rule.fails(), F.lit(False)) for rule in rules if not rule.across_rows]
-    return reduce(lambda a, b: a | b, tests, F.lit(False))
-
-
 @dataclass
 class ValidationCounts:
     """Rows read and invalid, failures per rule, and the highest ``updated_at`` read."""
@@ -260,7 +208,6 @@ class ValidationCounts:
     rows_invalid: int
     per_rule: dict[str, int] = field(default_factory=dict)
     watermark: dt.datetime | None = None
-    complete: bool = True  # False: the duplicates are not counted yet (``rows_invalid`` is a lower bound)
 
     @property
     def invalid_fraction(self) -> float:
@@ -271,37 +218,61 @@ class ValidationCounts:
         return ", ".join(f"{r} ({n:,})" for n, r in top) or "none"
 
 
-def count_reasons(df: Any, rules: list[Rule], duplicates: pa.Table | None = None) -> ValidationCounts:
-    """Rows read, failures per rule, rows failing any, and the watermark: one aggregation over the
-    per-row rules. The duplicates rule (it needs other rows) counts from ``duplicates``
-    (:func:`find_duplicates`; see :func:`add_duplicates`), 0 when they are not given yet - the
-    counts are then a lower bound, which the circuit breaker can already judge.
+def count_rows(df: Any, rules: list[Rule], key: str = "product_id") -> tuple[ValidationCounts, pa.Table]:
+    """The counts (rows read, failures per rule, rows failing any, the watermark) and the duplicates,
+    in one Spark job that reads no image.
+
+    The duplicates are the copies of every id on more than one row, one row per (id, ``updated_at``):
+    ``key``; ``_at``, ``updated_at`` in µs since the epoch (null where missing); ``_rows``, how many
+    copies carry that time; ``_ok``, how many of those pass every per-row rule. They are few (never
+    more than the rows read) and come back to the driver as Arrow, to be joined back as a small
+    broadcast table (:func:`check_rows`).
     """
     from pyspark.sql import functions as F
 
-    def number(test: Any) -> Any:
-        return F.sum(F.when(test, 1).otherwise(0))
-
-    aggs = [F.count(F.lit(1)).alias("rows"), number(fails_row_rules(rules)).alias("bad")]
-    aggs += [
-        number(F.coalesce(r.fails(), F.lit(False))).alias(f"r{i}")
-        for i, r in enumerate(rules)
-        if not r.across_rows
-    ]
-    aggs.append(F.max(F.unix_micros("updated_at")).alias("watermark"))  # exact, no local-time conversion
-    row = df.agg(*aggs).collect()[0]
-    counts = ValidationCounts(
-        int(row["rows"]),
-        int(row["bad"] or 0),
-        {r.name: int(row[f"r{i}"] or 0) if not r.across_rows else 0 for i, r in enumerate(rules)},
-        None if row["watermark"] is None else _from_micros(int(row["watermark"])),
-        complete=not any(r.across_rows for r in rules),
+    per_row = [(i, r) for i, r in enumerate(rules) if not r.across_rows]
+    tests = {i: F.coalesce(r.fails(), F.lit(False)) for i, r in per_row}
+    bad = reduce(lambda a, b: a | b, tests.values(), F.lit(False))
+    sums = [f"_r{i}" for i in tests]
+    groups = df.groupBy(key, F.unix_micros("updated_at").alias("_at")).agg(  # exact, no time-zone trip
+        F.count(F.lit(1)).alias("_rows"),
+        F.sum(F.when(bad, 0).otherwise(1)).alias("_ok"),
+        *[F.sum(F.when(t, 1).otherwise(0)).alias(f"_r{i}") for i, t in tests.items()],
     )
-    return counts if duplicates is None else add_duplicates(counts, duplicates, rules)
+    per_id = groups.groupBy(key).agg(
+        F.sum("_rows").alias("_n"),
+        F.sum("_ok").alias("_ok"),
+        F.max("_at").alias("_at"),
+        *[F.sum(c).alias(c) for c in sums],
+        F.collect_list(F.struct("_at", "_rows", "_ok")).alias("_copies"),
+    )
+    duplicated = F.col(key).isNotNull() & (F.col("_n") > 1)
+    row = per_id.agg(
+        F.sum("_n").alias("rows"),
+        F.sum("_ok").alias("ok"),
+        F.max("_at").alias("watermark"),
+        *[F.sum(c).alias(c) for c in sums],
+        F.collect_list(F.when(duplicated, F.struct(key, "_copies"))).alias("duplicates"),
+    ).collect()[0]
+    rows = int(row["rows"] or 0)
+    counts = ValidationCounts(
+        rows,
+        rows - int(row["ok"] or 0),
+        {r.name: int(row[f"_r{i}"] or 0) if i in tests else 0 for i, r in enumerate(rules)},
+        None if row["watermark"] is None else _from_micros(int(row["watermark"])),
+    )
+    copies = [(d[key], c) for d in row["duplicates"] for c in d["_copies"]]
+    duplicates = pa.table(
+        {
+            key: pa.array([k for k, _ in copies], pa.string()),
+            **{c: pa.array([copy[c] for _, copy in copies], pa.int64()) for c in ("_at", "_rows", "_ok")},
+        }
+    )
+    return add_duplicates(counts, duplicates, rules), duplicates
 
 
 def add_duplicates(counts: ValidationCounts, duplicates: pa.Table, rules: list[Rule]) -> ValidationCounts:
-    """``counts`` of the per-row rules plus the stale copies in ``duplicates`` (:func:`find_duplicates`)."""
+    """``counts`` of the per-row rules plus the stale copies in ``duplicates`` (:func:`count_rows`)."""
     stale = duplicates.filter(stale_copies(duplicates, latest_copies(duplicates)))
     per_rule = dict(counts.per_rule)
     for rule in rules:
@@ -309,7 +280,7 @@ def add_duplicates(counts: ValidationCounts, duplicates: pa.Table, rules: list[R
             per_rule[rule.name] = int(pc.sum(stale["_rows"]).as_py() or 0)
     # a stale copy that breaks a per-row rule too is already among the invalid rows
     invalid = counts.rows_invalid + int(pc.sum(stale["_ok"]).as_py() or 0)
-    return ValidationCounts(counts.rows_read, invalid, per_rule, counts.watermark, complete=True)
+    return ValidationCounts(counts.rows_read, invalid, per_rule, counts.watermark)
 
 
 def _from_micros(us: int) -> dt.datetime:
@@ -324,8 +295,7 @@ def check_breaker(counts: ValidationCounts, max_fraction: float) -> None:
     """Raise :class:`CircuitBreakerTripped` when the invalid share exceeds ``max_fraction``."""
     if counts.rows_read and counts.invalid_fraction > max_fraction:
         raise CircuitBreakerTripped(
-            f"circuit breaker: {'' if counts.complete else 'at least '}"
-            f"{counts.rows_invalid:,} of {counts.rows_read:,} rows invalid "
+            f"circuit breaker: {counts.rows_invalid:,} of {counts.rows_read:,} rows invalid "
             f"({counts.invalid_fraction:.1%} > validation.max_invalid_fraction {max_fraction:.1%}); "
             f"top failing rules: {counts.top_rules()}. Nothing was written."
         )

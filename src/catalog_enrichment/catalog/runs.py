@@ -1,0 +1,90 @@
+"""Runs over the catalog as a whole: which partitions a backfill runs, and rolling runs back."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+from catalog_enrichment.catalog.attributes import RollbackResult, rollback_run, runs_of_model_version
+from catalog_enrichment.catalog.products import list_partitions
+from catalog_enrichment.catalog.reports import read_reports, set_report_status
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.versions import ModelVersion
+
+__all__ = ["backfill_plan", "rollback"]
+
+
+def backfill_plan(
+    products: str | Path,
+    reports: str | Path,
+    model: ModelVersion,
+    date_from: dt.date,
+    date_to: dt.date,
+    *,
+    force: bool = False,
+) -> list[tuple[str, str | None]]:
+    """(partition, run id) per ``ingest_date`` partition in ``[date_from, date_to]``, in date order.
+
+    Resumable: the run id is None for a partition already done by the same model version (a
+    succeeded run report) unless ``force``; run ids are deterministic per (partition, model
+    version), so a partition interrupted half-way is finished, not written twice. A forced or
+    rolled-back partition gets a fresh run id.
+    """
+    if date_from > date_to:
+        raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
+    column = load_contract("products").partition_by[0]
+    dates = [d for d in list_partitions(products, column) if date_from <= dt.date.fromisoformat(d) <= date_to]
+    if not dates:
+        raise CatalogEnrichError(f"no {column} partitions between {date_from} and {date_to} in {products}")
+    all_reports = read_reports(reports)
+    plan: list[tuple[str, str | None]] = []
+    for day in dates:
+        scope = f"{column}={day}"
+        runs = [r for r in all_reports if r.partition == scope]
+        if not force and any(r.status == "succeeded" and r.model_version == model.version for r in runs):
+            plan.append((scope, None))
+            continue
+        run_id = f"backfill-{day}-{model.name}-v{model.version}"
+        if force or any(r.run_id == run_id and r.status == "rolled_back" for r in runs):
+            run_id += f"-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
+        plan.append((scope, run_id))
+    return plan
+
+
+def rollback(
+    cfg: AppConfig,
+    *,
+    run_id: str | None = None,
+    model_version: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[RollbackResult]:
+    """Undo one run, or every run of a model version (newest first); marks their reports."""
+    if (run_id is None) == (model_version is None):
+        raise CatalogEnrichError("rollback needs exactly one of --run-id or --model-version")
+    attributes = Path(cfg.catalog.table("attributes"))
+    reports = Path(cfg.catalog.table("run_reports"))
+    if not (attributes / "_delta_log").is_dir():
+        raise CatalogEnrichError(f"no attribute table at {attributes}: nothing to roll back")
+    runs = [run_id] if run_id else [r for _, r in runs_of_model_version(attributes, str(model_version))]
+    if not runs:
+        raise CatalogEnrichError(f"model version {model_version} has no runs to roll back in {attributes}")
+    results = []
+    for rid in runs:
+        result = rollback_run(attributes, str(rid))
+        results.append(result)
+        progress(
+            f"rolled back {rid}: {result.pairs_restored:,} (product, attribute) pairs restored, "
+            f"{result.rows_removed:,} values removed, {result.rows_restored:,} previous values back"
+            + (
+                f"; {len(result.superseded):,} pairs changed by later runs were left alone"
+                if result.superseded
+                else ""
+            )
+            + (f" (table version {result.version})" if result.version is not None else "")
+        )
+        if (reports / "_delta_log").is_dir():
+            set_report_status(reports, str(rid), "rolled_back")
+    return results

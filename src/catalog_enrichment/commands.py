@@ -1,0 +1,433 @@
+"""The CLI's commands: each reads its arguments, builds what a job process builds (``runtime``)
+and calls the library. The parser is in :mod:`catalog_enrichment.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from catalog_enrichment import runtime
+from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
+from catalog_enrichment.errors import CatalogEnrichError
+
+# Exit codes: 0 ok, 1 failed, 2 user mistake (bad config, missing file, ...), 3 the circuit breaker
+# stopped an enrichment run before any write (schedulers alert on it differently).
+EXIT_ABORTED = 3
+
+
+def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    synthetic = {
+        "products": getattr(args, "products", None),
+        "seed": getattr(args, "seed", None),
+        "bad_rate": getattr(args, "bad_rate", None),
+        "label_noise": getattr(args, "label_noise", None),
+        "image_size": getattr(args, "image_size", None),
+        "format": getattr(args, "format", None),
+        "image_files": getattr(args, "image_files", None),
+        "long_tail": getattr(args, "long_tail", None),
+    }
+    taxonomy = getattr(args, "taxonomy", None)
+    if taxonomy is None and getattr(args, "long_tail", None):
+        from catalog_enrichment.contracts import schemas_dir
+        from catalog_enrichment.data.synthetic import LONG_TAIL_TAXONOMY
+
+        taxonomy = str(schemas_dir() / LONG_TAIL_TAXONOMY)
+    is_train = getattr(args, "command", "") == "train"
+    catalog = {"root": getattr(args, "catalog", None)}
+    if getattr(args, "command", "") in ("enrich", "backfill", "labels"):
+        catalog["products"] = getattr(args, "products", None)
+        synthetic["products"] = None
+    return {
+        "catalog": catalog,
+        "synthetic": synthetic,
+        "taxonomy_path": taxonomy,
+        "mlflow": {"registered_model": getattr(args, "registered_model", None)},
+        "model": {"fusion": getattr(args, "fusion", None)},
+        "training": {"epochs": getattr(args, "epochs", None) if is_train else None},
+        "promotion": {
+            "eval_data": getattr(args, "eval_data", None),
+            "eval_version": getattr(args, "eval_version", None),
+        },
+    }
+
+
+def generate(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """write a synthetic labelled marketplace (products + truth)
+
+    Write a synthetic marketplace with real images and a known answer.
+    """
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.data.summary import format_summary, summarize_marketplace
+    from catalog_enrichment.data.synthetic import generate_marketplace
+
+    out = Path(args.out or cfg.catalog.root)
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    print(
+        f"Generating {cfg.synthetic.products:,} products into {out} ({cfg.synthetic.format}) ...", flush=True
+    )
+    result = generate_marketplace(out, cfg.synthetic, taxonomy=taxonomy, progress=not args.quiet)
+    print(
+        f"Wrote {result.rows:,} rows in {result.seconds:.1f}s ({result.rows / result.seconds:,.0f}/s): "
+        f"products -> {result.products}, truth -> {result.truth}"
+    )
+    if not args.quiet:
+        print()
+        print(format_summary(summarize_marketplace(out, taxonomy=taxonomy)))
+    return 0
+
+
+def summarize(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """print the summary of a generated marketplace
+
+    Print row counts, value frequencies, modality shares and bad rows.
+    """
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.data.summary import format_summary, summarize_marketplace
+
+    root = Path(args.path)
+    if not (root / "products").exists() or not (root / "truth").exists():
+        raise CatalogEnrichError(f"{root} does not hold a generated marketplace (products/ and truth/)")
+    summary = summarize_marketplace(root, taxonomy=load_taxonomy(cfg.taxonomy_path))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def demo(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """run the whole pipeline on embedded defaults in a work folder
+
+    Generate a marketplace in WORKDIR and run the pipeline on it.
+    """
+    from catalog_enrichment.demo import run_demo
+
+    return run_demo(cfg, Path(args.workdir), products=args.products, seed=args.seed)
+
+
+def labels(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """build the labelled products table from the catalog (merchant values as labels)
+
+    Join the products table with the attribute table's merchant values, drop values outside the
+    taxonomy (counted), leave out the frozen evaluation set's products, and overwrite the labelled
+    table in one Delta commit that records the source tables' versions.
+    """
+    from catalog_enrichment.catalog.labels import write_labels
+    from catalog_enrichment.contracts import load_taxonomy
+
+    out = Path(args.out or cfg.catalog.table("labelled"))
+    report = write_labels(
+        products=Path(cfg.catalog.table("products")),
+        attributes=Path(cfg.catalog.table("attributes")),
+        evaluation=Path(_eval_data(cfg)),
+        out=out,
+        taxonomy=load_taxonomy(cfg.taxonomy_path),
+    )
+    print(report.summary())
+    print(f"written to {out}; next: catalog-enrich train --data {out}")
+    return 0
+
+
+def _eval_data(cfg: AppConfig) -> Path:
+    return Path(cfg.promotion.eval_data or Path(cfg.catalog.root) / "eval")
+
+
+def train(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """train, calibrate, evaluate and register a challenger version
+
+    Train on a labelled products table (Delta or Parquet), calibrate thresholds, evaluate, log to
+    MLflow and register a version with alias 'challenger'.
+    """
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.training.job import run_training_job
+
+    data = Path(args.data or cfg.catalog.table("labelled"))
+    if not data.exists():
+        raise CatalogEnrichError(f"training data not found: {data} (build it with `catalog-enrich labels`)")
+    outcome = run_training_job(
+        cfg,
+        load_taxonomy(cfg.taxonomy_path),
+        data=data,
+        client=runtime.mlflow_client(cfg),
+        device=runtime.device(cfg),
+    )
+    reg = outcome.registered
+    print(
+        f"version {reg.version} of {reg.name} is now 'challenger' ({reg.uri}); next: catalog-enrich promote"
+    )
+    return 0
+
+
+def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """gate: move 'champion' to the challenger if it is better
+
+    Score challenger and champion on a frozen evaluation set and move the 'champion' alias only if
+    the challenger keeps the precision target everywhere and does not lose coverage.
+    """
+    from catalog_enrichment.promotion import format_comparison, promote
+
+    eval_data = _eval_data(cfg)
+    if not eval_data.exists():
+        raise CatalogEnrichError(
+            f"evaluation data not found: {eval_data} (set promotion.eval_data or --eval-data)"
+        )
+    summary = promote(
+        runtime.mlflow_client(cfg),
+        registered_model=cfg.mlflow.registered_model,
+        eval_data=eval_data,
+        eval_version=cfg.promotion.eval_version,
+        target=cfg.calibration.target_precision,
+        max_coverage_loss=cfg.promotion.max_coverage_loss,
+        confidence=cfg.calibration.confidence,
+        min_written=cfg.promotion.min_written,
+        log_path=cfg.promotion.log or str(Path(cfg.catalog.root) / "promotion_log"),
+        dry_run=args.dry_run,
+    )
+    print(format_comparison(summary))
+    return 0
+
+
+def enrich(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """score products with the champion model and write values that clear their thresholds
+
+    The nightly job: read products (incremental by default), validate and quarantine, score inside
+    Spark, write calibrated values into the attributes table in one MERGE, report.
+    """
+    from catalog_enrichment.catalog.reports import format_report
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.enrich import run_enrichment
+
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    client = runtime.mlflow_client(cfg)
+    model = runtime.model_version(cfg, args.model_uri, client)
+    spark = runtime.spark_session(cfg)
+    outcome = run_enrichment(
+        spark,
+        cfg,
+        taxonomy,
+        model=model,
+        partition=args.partition,
+        full=args.full,
+        run_id=args.run_id,
+        client=client,
+    )
+    print(format_report(outcome.report))
+    return 0
+
+
+def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """re-score a range of ingest_date partitions, one committed run per partition
+
+    One full enrichment run per partition in [--from, --to]; partitions already done by the same
+    model version are skipped unless --force, so an interrupted backfill resumes.
+    """
+    import datetime as dt
+
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.enrich import backfill_partitions
+
+    try:
+        date_from, date_to = dt.date.fromisoformat(args.date_from), dt.date.fromisoformat(args.date_to)
+    except ValueError as exc:
+        raise CatalogEnrichError(f"--from/--to must be dates (YYYY-MM-DD): {exc}") from None
+    client = runtime.mlflow_client(cfg)
+    model = runtime.model_version(cfg, args.model_uri, client)
+    results = backfill_partitions(
+        runtime.spark_session(cfg),
+        cfg,
+        load_taxonomy(cfg.taxonomy_path),
+        model=model,
+        date_from=date_from,
+        date_to=date_to,
+        force=args.force,
+        client=client,
+    )
+    done = sum(1 for _, o in results if o is not None)
+    print(f"backfill finished: {done} partition(s) enriched, {len(results) - done} skipped")
+    return 0
+
+
+def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """undo what one run or one model version wrote (restores the values it replaced)
+
+    Remove the values a run (or every run of a model version) wrote and restore the values they
+    replaced, from the Delta history. Pairs changed by later runs are left alone.
+    """
+    from catalog_enrichment.catalog import runs
+
+    runs.rollback(cfg, run_id=args.run_id, model_version=args.model_version)
+    return 0
+
+
+def report(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """print a run report (the latest run by default)
+
+    Print what a run read, quarantined, scored and wrote, its timings and throughput.
+    """
+    from catalog_enrichment.catalog.reports import format_report, report_for
+
+    run = report_for(cfg.catalog.table("run_reports"), args.run_id)
+    print(json.dumps(run.to_row(), indent=2, default=str) if args.json else format_report(run))
+    if args.check and run.status != "succeeded":
+        return EXIT_ABORTED if run.status == "aborted" else 1
+    return 0
+
+
+def show_config(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """print the effective configuration
+
+    Print the merged configuration (defaults < YAML < env < flags).
+    """
+    import yaml
+
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def bench_generate(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """synthetic-marketplace generation speed on one core
+
+    Time the generator (in-process, single-threaded).
+    """
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.data.synthetic import products_batches
+
+    synthetic = cfg.synthetic.model_copy(
+        update={"products": args.products, "image_size": args.image_size, "bad_rate": 0.04}
+    )
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    rows = sum(batch.num_rows for batch, _ in products_batches(synthetic, taxonomy))
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    result = {
+        "products": rows,
+        "image_size": args.image_size,
+        "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
+        "products_per_second": round(rows / wall, 1),
+        "products_per_cpu_second": round(rows / cpu, 1),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """train every fusion method; R@P95, precision, coverage
+
+    Generate a marketplace, train each fusion method with the same budget, calibrate, evaluate on
+    the test split; write JSON + markdown.
+    """
+    import torch
+
+    from catalog_enrichment.bench.quality import run_quality_benchmark, write_quality_result
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.models.fusion import list_fusions
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list_fusions()
+    unknown = sorted(set(methods) - set(list_fusions()))
+    if unknown:
+        raise CatalogEnrichError(f"unknown fusion(s) {unknown}; available: {', '.join(list_fusions())}")
+
+    def adapted(base: AppConfig) -> AppConfig:
+        return base.model_copy(
+            update={
+                "synthetic": base.synthetic.model_copy(update={"products": args.products, "seed": args.seed}),
+                "training": base.training.model_copy(update={"epochs": args.epochs or base.training.epochs}),
+            }
+        )
+
+    cfg = adapted(cfg)
+    device = "cuda" if cfg.inference.device != "cpu" and torch.cuda.is_available() else "cpu"
+    result = run_quality_benchmark(
+        cfg,
+        load_taxonomy(cfg.taxonomy_path),
+        workdir=Path(args.workdir),
+        methods=methods,
+        kl_lambda=args.kl_lambda,
+        contenders=_contenders(args, adapted) if args.config else None,
+        device=device,
+    )
+    md = write_quality_result(result, Path(args.out))
+    print(md.read_text())
+    print(f"wrote {args.out} and {md}")
+    return 0
+
+
+def _contenders(
+    args: argparse.Namespace, adapted: Callable[[AppConfig], AppConfig]
+) -> list[tuple[str, AppConfig]]:
+    """``bench quality --config A --config B [--modes m1,m2]``: (label, config) per run."""
+    layers = merge_layers(parse_overrides(args.overrides), overrides_from_flags(args))
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes else []
+    runs: list[tuple[str, AppConfig]] = []
+    for path in args.config:
+        name, file = ("default", None) if path == "default" else (Path(path).stem, path)
+        base = load_config(file, overrides=layers, environ={})
+        pretrained = base.model.text.pretrained_path or base.model.image.pretrained_path
+        for mode in modes if modes and pretrained else [base.training.encoders]:
+            run_cfg = load_config(
+                file, overrides=merge_layers(layers, {"training": {"encoders": mode}}), environ={}
+            )
+            runs.append((f"{name}/{mode}", adapted(run_cfg)))
+    return runs
+
+
+def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """the job's speed against its model's raw speed and the plain MLflow path
+
+    Measure on the same model: the raw forward loop, the per-batch predictor, and the whole
+    enrichment job as a process of its own (with --peer: against mlflow.pyfunc.spark_udf,
+    alternating); write JSON.
+    """
+    from catalog_enrichment.bench.throughput import run_throughput_benchmark
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.versions import ModelVersion
+
+    device = runtime.device(cfg)
+    known = ("raw", "predictor", "raw_tasks", "job")
+    default = ",".join(m for m in known if device == "cpu" or m != "raw_tasks")
+    modes = [m.strip() for m in (args.modes or default).split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(known))
+    if unknown or not modes:
+        raise CatalogEnrichError(f"--modes: unknown {unknown}; choose from {', '.join(known)}")
+    try:
+        sizes = [int(n) for n in args.products.split(",")]
+    except ValueError:
+        raise CatalogEnrichError(
+            f"--products: comma-separated numbers expected, got {args.products!r}"
+        ) from None
+    if args.bundle:
+        bundle = Path(args.bundle)
+        if not (bundle / "weights.pt").is_file():
+            raise CatalogEnrichError(f"{bundle} is not a model bundle (no weights.pt)")
+        if "job" in modes or args.peer:
+            raise CatalogEnrichError("job and --peer run a registered model: give --model-uri, not --bundle")
+        model = ModelVersion("", bundle.name, bundle_dir=bundle.resolve())
+    else:
+        model = runtime.model_version(cfg, args.model_uri, runtime.mlflow_client(cfg))
+    config_args = [*(["--config", str(Path(args.config).resolve())] if args.config else [])]
+    config_args += [arg for override in args.overrides for arg in ("--set", override)]
+    result = run_throughput_benchmark(
+        cfg,
+        load_taxonomy(cfg.taxonomy_path),
+        model=model,
+        sizes=sizes,
+        workdir=Path(args.workdir),
+        modes=[*modes, *(["peer"] if args.peer else [])],
+        repeats=args.repeats,
+        device=device,
+        threads=args.threads,
+        block=args.block,
+        config_args=config_args,
+    )
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    for key, value in result.items():
+        if isinstance(value, float):
+            print(f"{key}: {value:.3f}")
+    print(f"wrote {args.out}")
+    return 0

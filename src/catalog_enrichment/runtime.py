@@ -1,0 +1,121 @@
+"""What a job process creates: the SparkSession, the MLflow client, the torch device, the model
+version it runs - and every process or JVM setting, from one table.
+
+Only the CLI (and so ``jobs/``) calls this module (DESIGN: library code is handed a session, a
+client, a device).
+
+The settings, each with the config field that switches it:
+
+=================================  =======================================  ==================================
+setting                            why                                      switch
+=================================  =======================================  ==================================
+session time zone UTC              timestamps exact across machines         (always)
+Python worker reuse                the model is loaded once per worker      (always)
+rows per Arrow batch               images make rows large                   spark.arrow_max_records_per_batch
+Spark's console progress bar       progress on a terminal                   (stderr is a terminal)
+no UI, 2 x cores shuffle           the defaults are sized for clusters      (local masters)
+partitions
+JVM C1 JIT only                    Spark compiles new classes per query;    spark.c1_jit
+(-XX:TieredStopAtLevel=1)          C2 would take the scoring cores
+``gc.freeze()`` in the worker      a reused worker runs a full              inference.gc_freeze
+once the model is loaded           ``gc.collect()`` after every task
+worker keeps freed memory          no page faults per forward pass          inference.keep_memory
+(glibc ``mallopt``)
+decode threads at SCHED_IDLE       the forward pass's threads go first      inference.prepare_priority
+=================================  =======================================  ==================================
+
+The first five and the JIT setting are applied here, to the session this process builds, locally
+and on a cluster alike (under ``spark-submit`` the driver JVM has already started: its own JIT
+setting comes from the submitted conf, ``deploy/spark/*.conf``); the last three run inside each
+Python worker (``inference/spark.py``, ``inference/predictor.py``), switched by the same config.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.versions import ModelVersion
+
+__all__ = ["configure_logging", "device", "mlflow_client", "model_version", "spark_conf", "spark_session"]
+
+C1_JIT = "-XX:TieredStopAtLevel=1"
+_SPARK_LOG_LEVEL = "ERROR"  # configure_logging sets it
+
+
+def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
+    """The Spark settings of the table above for ``cfg``; ``cfg.spark.conf`` wins over them."""
+    conf: dict[str, Any] = {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.python.worker.reuse": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.spark.arrow_max_records_per_batch),
+        "spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower(),
+    }
+    local = not submitted and cfg.spark.master.startswith("local")
+    if local:
+        conf["spark.ui.enabled"] = "false"
+        conf["spark.sql.shuffle.partitions"] = str(2 * cfg.spark.local_cores())
+    if cfg.spark.c1_jit:
+        conf["spark.executor.extraJavaOptions"] = C1_JIT
+        if not submitted:  # in local mode the driver JVM is the executor
+            conf["spark.driver.extraJavaOptions"] = C1_JIT
+    return {**conf, **cfg.spark.conf}
+
+
+def configure_logging(verbosity: int = 0) -> None:
+    """Quiet by default: the job's own progress lines and warnings; ``-v`` adds this package's info
+    logs, ``-vv`` MLflow's, Spark's and the other libraries' too."""
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    logging.getLogger("catalog_enrichment").setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+    for noisy in ("mlflow", "alembic", "py4j", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    global _SPARK_LOG_LEVEL
+    _SPARK_LOG_LEVEL = "INFO" if verbosity >= 2 else "WARN" if verbosity else "ERROR"
+
+
+def spark_session(cfg: AppConfig) -> Any:
+    """The job's SparkSession. Under spark-submit the submitted master wins."""
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # the driver was started by spark-submit
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    if not submitted:
+        if cfg.spark.master.startswith("local"):
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        builder = builder.master(cfg.spark.master)
+    spark = builder.config(map=spark_conf(cfg, submitted=submitted)).getOrCreate()
+    spark.sparkContext.setLogLevel(_SPARK_LOG_LEVEL)
+    return spark
+
+
+def device(cfg: AppConfig) -> str:
+    """``inference.device`` resolved: ``auto`` is CUDA when torch sees a device, else the CPU."""
+    import torch
+
+    if cfg.inference.device == "cuda" and not torch.cuda.is_available():
+        raise CatalogEnrichError("inference.device is 'cuda' but torch sees no CUDA device")
+    if cfg.inference.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.inference.device
+
+
+def mlflow_client(cfg: AppConfig) -> Any:
+    from catalog_enrichment import registry
+
+    return registry.configure_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.registry_uri)
+
+
+def model_version(cfg: AppConfig, model_uri: str | None, client: Any) -> ModelVersion:
+    """The version ``model_uri`` names (default: the champion), its bundle downloaded once."""
+    from catalog_enrichment import registry
+
+    resolved = registry.resolve_model(client, model_uri or f"models:/{cfg.mlflow.registered_model}@champion")
+    return registry.download_bundle(resolved, Path(cfg.catalog.root) / "_models")
