@@ -428,20 +428,6 @@ def test_cli_enrich_uses_the_champion_and_report_prints_it(
     assert runs[0].data.metrics["rows_read"] > 0
 
 
-def test_scoring_spreads_the_valid_rows_evenly_over_the_cores(spark) -> None:  # type: ignore[no-untyped-def]
-    from catalog_enrichment.enrich import _spread
-
-    # three uneven file splits, as a products table with one file per date gives
-    rows = spark.createDataFrame([(f"p{i}", i) for i in range(3000)], "product_id string, n int")
-    uneven = rows.coalesce(1).union(rows.limit(100)).union(rows.limit(10))
-    spread = _spread(uneven, spark, tiny_config(spark={"score_partitions_per_core": 4}))
-    sizes = spread.rdd.glom().map(len).collect()
-    assert len(sizes) == 4 * spark.sparkContext.defaultParallelism and sum(sizes) == 3110
-    assert max(sizes) < 1.25 * sum(sizes) / len(sizes)  # hashed ids: no partition far above the mean
-    kept = _spread(uneven, spark, tiny_config(spark={"score_partitions_per_core": 0}))
-    assert kept.rdd.getNumPartitions() == uneven.rdd.getNumPartitions()
-
-
 def test_an_empty_partition_loads_no_model(spark, scoring_bundle, taxonomy) -> None:  # type: ignore[no-untyped-def]
     from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe
 

@@ -81,8 +81,8 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
     # the first products have no image: the logged input example must still suit MLflow's serving
     # JSON, which cannot carry a null binary column
     train = read_table(data["train"])
-    imageless = pa.array([None, None] + train["image"].to_pylist()[2:], train.schema.field("image").type)
-    write_table(tmp_path / "train", train.set_column(train.schema.get_field_index("image"), "image", imageless))
+    images = pa.array([None, None, *train["image"].to_pylist()[2:]], train.schema.field("image").type)
+    write_table(tmp_path / "train", train.set_column(train.schema.get_field_index("image"), "image", images))
     outcome = run_training_job(cfg, taxonomy, data=tmp_path / "train", client=client, progress=_quiet)
     assert (
         registry.resolve_alias(client, "test-model", registry.CHALLENGER) == outcome.registered.version == "1"

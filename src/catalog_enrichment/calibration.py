@@ -48,7 +48,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats
 
 from catalog_enrichment.metrics import AttributeKind
 
@@ -85,6 +84,8 @@ def wilson_lower(
 ) -> np.ndarray:
     """One-sided Wilson score lower bound on a binomial proportion (0 where ``trials == 0``)."""
     k, n = _counts(successes, trials)
+    from scipy import stats  # here, not at the top: a job that only applies thresholds never loads it
+
     z = stats.norm.ppf(confidence)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = k / n
@@ -108,6 +109,8 @@ def clopper_pearson_lower(
     """One-sided exact (Clopper–Pearson) lower bound (0 where ``successes == 0``)."""
     k, n = _counts(successes, trials)
     with np.errstate(invalid="ignore"):
+        from scipy import stats
+
         bound = stats.beta.ppf(1 - confidence, k, n - k + 1)
     return np.where(k > 0, np.nan_to_num(bound), 0.0)
 

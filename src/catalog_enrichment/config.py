@@ -62,12 +62,6 @@ class SparkConfig(_Section):
     arrow_max_records_per_batch: int = Field(
         512, gt=0, description="Rows per Arrow batch handed to Python (images make rows large)."
     )
-    score_partitions_per_core: int = Field(
-        4,
-        ge=0,
-        description="Spread the valid rows over this many partitions per core before scoring "
-        "(hashed on product_id), so no core idles at the end of the stage; 0 = keep the file splits.",
-    )
     c1_jit: bool = Field(
         True,
         description="JVMs compile with the C1 JIT only (-XX:TieredStopAtLevel=1): Spark compiles new classes "

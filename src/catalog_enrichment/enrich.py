@@ -283,24 +283,10 @@ def score(
         predictor=cfg.inference.predictor_options(),
     )
     counters = ScoringCounters.create(spark)
-    valid = _spread(checked.where(F.size(REASONS) == 0), spark, cfg)
+    valid = checked.where(F.size(REASONS) == 0)
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
     table = ds.dataset(str(staging / "scores"), format="parquet").to_table()
     return Scored(table, dict(counters.loads.value), int(counters.batches.value))
-
-
-def _spread(valid: Any, spark: Any, cfg: AppConfig) -> Any:
-    """The rows to score in ``score_partitions_per_core`` x cores even partitions.
-
-    The products table's file splits are uneven (one file per date partition and write): three
-    splits on two cores leave one core idle for a third of the scoring stage. Hashing the (unique)
-    product id spreads them evenly and, unlike a round-robin, needs no sort to be repeatable when a
-    task is retried.
-    """
-    per_core = cfg.spark.score_partitions_per_core
-    if per_core <= 0:
-        return valid
-    return valid.repartition(per_core * spark.sparkContext.defaultParallelism, "product_id")
 
 
 def decide(scored: pa.Table, validated: Validated, run_id: str) -> Decisions:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from sklearn.metrics import f1_score
 
 __all__ = [
     "AttributeKind",
@@ -240,6 +239,8 @@ def paired_change(new: np.ndarray, old: np.ndarray, *, confidence: float = 0.95)
 
 def f1_scores(scores: np.ndarray, labels: np.ndarray, kind: AttributeKind) -> dict[str, float]:
     """Macro and micro F1 at the natural decision rule (sigmoid >= 0.5 / argmax)."""
+    from sklearn.metrics import f1_score  # here, not at the top: the enrichment job never loads it
+
     scores = _check_scores(scores)
     labels = _check_labels(labels, scores, kind)
     if kind == "multilabel":

@@ -9,20 +9,18 @@ import pytest
 
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import load_contract
-from catalog_enrichment.validation import (
+from catalog_enrichment.validation.rules import (
     CircuitBreakerTripped,
     ValidationCounts,
+    add_duplicates,
     build_rules,
     check_breaker,
     check_rows,
     count_rows,
-    run_suite,
-)
-from catalog_enrichment.validation.rules import (
-    add_duplicates,
     latest_copies,
     stale_copies,
 )
+from catalog_enrichment.validation.suite import run_suite
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 

@@ -1,0 +1,65 @@
+"""The run report: one dataclass with the contract's fields, stored and read back whole."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from catalog_enrichment.catalog.reports import (
+    RunReport,
+    format_report,
+    last_watermark,
+    read_reports,
+    report_for,
+    set_report_status,
+    upsert_report,
+)
+from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.errors import CatalogEnrichError
+
+pytestmark = pytest.mark.timeout(60)
+
+T = dt.datetime(2026, 11, 2, 2, 15, tzinfo=dt.UTC)
+
+
+def test_the_report_has_exactly_the_contract_fields_in_order() -> None:
+    assert [f.name for f in dataclasses.fields(RunReport)] == load_contract("run_report").names
+
+
+def test_a_report_round_trips_and_an_upsert_replaces_the_row(tmp_path: Path) -> None:
+    report = RunReport(run_id="r1", model_name="m", model_version="3", partition="ingest_date=2026-11-01",
+                       started_at=T, rows_read=10, rows_valid=9, rows_quarantined=1, rows_scored=9,
+                       written_per_attribute={"color": 4}, coverage_per_attribute={"color": 0.44},
+                       stage_seconds={"read": 0.5}, watermark=T)  # fmt: skip
+    report.add_to_summary(row_rules={"title_not_empty": 1})
+    report.add_to_summary(error="boom")  # entries accumulate
+    upsert_report(tmp_path, report)
+    back = report_for(tmp_path, "r1")
+    assert back == report and back.summary() == {"row_rules": {"title_not_empty": 1}, "error": "boom"}
+    assert back.status == "failed"  # what a run that never said otherwise records
+    report.status, report.finished_at = "succeeded", T + dt.timedelta(minutes=3)
+    upsert_report(tmp_path, report)
+    assert read_reports(tmp_path) == [report]  # one row per run id
+    assert last_watermark(tmp_path, "ingest_date=2026-11-01") == T
+    assert last_watermark(tmp_path, None) is None  # another scope has no watermark yet
+    set_report_status(tmp_path, "r1", "rolled_back")
+    assert (
+        report_for(tmp_path).status == "rolled_back"
+        and last_watermark(tmp_path, "ingest_date=2026-11-01") is None
+    )
+    text = format_report(report_for(tmp_path))
+    assert "run r1: rolled_back" in text and "color 4 (44% of scored)" in text and "error        boom" in text
+    assert json.loads(json.dumps(report.to_row(), default=str))["rows_read"] == 10
+
+
+def test_no_reports_yet_is_a_clear_error(tmp_path: Path) -> None:
+    assert read_reports(tmp_path / "none") == []
+    with pytest.raises(CatalogEnrichError, match="no enrichment runs recorded"):
+        report_for(tmp_path / "none")
+    upsert_report(tmp_path / "t", RunReport(run_id="a", started_at=T))
+    with pytest.raises(CatalogEnrichError, match="no run 'b'"):
+        report_for(tmp_path / "t", "b")
