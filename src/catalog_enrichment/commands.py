@@ -199,9 +199,7 @@ def enrich(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.enrich import run_enrichment
 
     taxonomy = load_taxonomy(cfg.taxonomy_path)
-    client = runtime.mlflow_client(cfg)
-    model = runtime.model_version(cfg, args.model_uri, client)
-    spark = runtime.spark_session(cfg)
+    spark, client, model = runtime.job_context(cfg, args.model_uri)
     outcome = run_enrichment(
         spark,
         cfg,
@@ -231,10 +229,9 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
         date_from, date_to = dt.date.fromisoformat(args.date_from), dt.date.fromisoformat(args.date_to)
     except ValueError as exc:
         raise CatalogEnrichError(f"--from/--to must be dates (YYYY-MM-DD): {exc}") from None
-    client = runtime.mlflow_client(cfg)
-    model = runtime.model_version(cfg, args.model_uri, client)
+    spark, client, model = runtime.job_context(cfg, args.model_uri)
     results = backfill_partitions(
-        runtime.spark_session(cfg),
+        spark,
         cfg,
         load_taxonomy(cfg.taxonomy_path),
         model=model,

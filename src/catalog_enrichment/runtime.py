@@ -41,7 +41,15 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
 
-__all__ = ["configure_logging", "device", "mlflow_client", "model_version", "spark_conf", "spark_session"]
+__all__ = [
+    "configure_logging",
+    "device",
+    "job_context",
+    "mlflow_client",
+    "model_version",
+    "spark_conf",
+    "spark_session",
+]
 
 C1_JIT = "-XX:TieredStopAtLevel=1"
 _SPARK_LOG_LEVEL = "ERROR"  # configure_logging sets it
@@ -119,3 +127,18 @@ def model_version(cfg: AppConfig, model_uri: str | None, client: Any) -> ModelVe
 
     resolved = registry.resolve_model(client, model_uri or f"models:/{cfg.mlflow.registered_model}@champion")
     return registry.download_bundle(resolved, Path(cfg.catalog.root) / "_models")
+
+
+def job_context(cfg: AppConfig, model_uri: str | None) -> tuple[Any, Any, ModelVersion]:
+    """The SparkSession, the MLflow client and the model version an enrichment job runs with.
+
+    The JVM starts in a thread while MLflow resolves and downloads the model: neither needs the
+    other, and a job process would otherwise wait for one and then the other.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="spark-session") as pool:
+        session = pool.submit(spark_session, cfg)
+        client = mlflow_client(cfg)
+        model = model_version(cfg, model_uri, client)
+        return session.result(), client, model
