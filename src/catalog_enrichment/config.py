@@ -313,21 +313,11 @@ class InferenceConfig(_Section):
     channels_last: bool = Field(
         True, description="Run the image encoder channels-last (faster convolutions on CPU)."
     )
-    prepare_priority: Literal["idle", "normal"] = Field(
-        "idle",
-        description="CPU priority of the decode threads when the model runs on the CPU: 'idle' "
-        "(Linux SCHED_IDLE) lets the forward pass's threads go first. GPU scoring always uses normal.",
-    )
     keep_memory: bool = Field(
         True,
         description="Let the scoring process keep the memory it frees (glibc malloc thresholds) instead "
         "of faulting the forward pass's activations in again every batch; RSS stays at the peak "
         "working set.",
-    )
-    gc_freeze: bool = Field(
-        True,
-        description="Freeze what a Python worker holds once the model is loaded (gc.freeze), so the full "
-        "gc.collect() a reused PySpark worker runs after every task skips it.",
     )
 
     def predictor_options(self) -> dict[str, Any]:
@@ -341,7 +331,6 @@ _PREDICTOR_OPTIONS = {
     "decode_threads",
     "autocast",
     "channels_last",
-    "prepare_priority",
     "keep_memory",
 }
 

@@ -279,7 +279,6 @@ def score(
         allowed_taxonomy=taxonomy.to_dict(),
         device=cfg.inference.device,
         torch_threads=cfg.inference.torch_threads,
-        gc_freeze=cfg.inference.gc_freeze,
         predictor=cfg.inference.predictor_options(),
     )
     counters = ScoringCounters.create(spark)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -109,7 +110,7 @@ def check_tracking_server(client: MlflowClient) -> None:
         client.search_experiments(max_results=1)
     except Exception as exc:  # requests errors, MlflowException, ...
         raise CatalogEnrichError(
-            f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable: {type(exc).__name__}: "
+            f"MLflow tracking server {client.tracking_uri} is unreachable: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}"
         ) from None
 
@@ -138,7 +139,12 @@ def log_and_register(
     version_tags: Mapping[str, str],
 ) -> ModelVersion:
     """Log a training run (params, per-epoch metrics, pictures, tables, the pyfunc model), register a
-    new version, tag it and point ``challenger`` at it. Nothing is registered if logging fails."""
+    new version, tag it and point ``challenger`` at it. Nothing is registered if logging fails.
+
+    MLflow logs a model only into its active run (``mlflow.pyfunc.log_model`` has no client form),
+    so this one function works through MLflow's process-wide stores, which :func:`configure_mlflow`
+    points at the client's; everything else here uses the client it is given.
+    """
     experiment_id = _experiment_id(client, experiment, artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)
     with mlflow.start_run(experiment_id=experiment_id) as run:
@@ -210,10 +216,9 @@ def load_bundle_from_uri(model_uri: str) -> Any:
     return model.unwrap_python_model().bundle
 
 
-def download_artifact_json(run_id: str, path: str) -> Any:
+def download_artifact_json(client: MlflowClient, run_id: str, path: str) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
-        return json.loads(Path(local).read_text())
+        return json.loads(Path(client.download_artifacts(run_id, path, dst_path=tmp)).read_text())
 
 
 def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
@@ -245,7 +250,7 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
     return ModelVersion(name, str(mv.version), str(mv.run_id))
 
 
-def download_bundle(model: ModelVersion, cache_dir: str | Path) -> ModelVersion:
+def download_bundle(client: MlflowClient, model: ModelVersion, cache_dir: str | Path) -> ModelVersion:
     """``model`` with its bundle folder, downloaded once into ``cache_dir`` (reused by later runs).
 
     The folder is named ``<name>-v<version>-<run id>``, unique per version, so Spark can ship it to
@@ -256,7 +261,12 @@ def download_bundle(model: ModelVersion, cache_dir: str | Path) -> ModelVersion:
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="download-", dir=cache_dir) as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.uri, dst_path=tmp))
+            uri = client.get_model_version_download_uri(model.name, model.version)
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=tmp, tracking_uri=client.tracking_uri
+                )
+            )
         except MlflowException as exc:
             raise CatalogEnrichError(f"cannot download {model.uri}: {str(exc).splitlines()[0]}") from None
         found = next((p.parent for p in local.rglob("weights.pt")), None)
@@ -277,10 +287,25 @@ def log_enrichment_run(
     metrics: Mapping[str, float],
 ) -> str:
     """One MLflow run in the enrichment experiment: params, metrics and the report as JSON."""
+    from mlflow.entities import Metric, Param, RunTag
+
     experiment_id = _experiment_id(client, experiment, artifact_location)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=str(report["run_id"])) as run:
-        mlflow.set_tags({"catalog_enrich.run_id": str(report["run_id"]), "status": str(report["status"])})
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
-        mlflow.log_dict(json.loads(json.dumps(dict(report), default=str)), "run_report.json")
-    return str(run.info.run_id)
+    tags = {"catalog_enrich.run_id": str(report["run_id"]), "status": str(report["status"])}
+    run = client.create_run(experiment_id, run_name=str(report["run_id"]), tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)
+            ],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        client.log_dict(run_id, json.loads(json.dumps(dict(report), default=str)), "run_report.json")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id)
+    return str(run_id)

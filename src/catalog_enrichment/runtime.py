@@ -15,19 +15,18 @@ rows per Arrow batch               images make rows large                   spar
 Spark's console progress bar       progress on a terminal                   (stderr is a terminal)
 no UI, 2 x cores shuffle           the defaults are sized for clusters      (local masters)
 partitions
+JVM logs errors only               quiet by default (log4j2.properties)     -v, -vv (CLI flags)
 JVM C1 JIT only                    Spark compiles new classes per query;    spark.c1_jit
 (-XX:TieredStopAtLevel=1)          C2 would take the scoring cores
-``gc.freeze()`` in the worker      a reused worker runs a full              inference.gc_freeze
-once the model is loaded           ``gc.collect()`` after every task
 worker keeps freed memory          no page faults per forward pass          inference.keep_memory
 (glibc ``mallopt``)
-decode threads at SCHED_IDLE       the forward pass's threads go first      inference.prepare_priority
 =================================  =======================================  ==================================
 
-The first five and the JIT setting are applied here, to the session this process builds, locally
-and on a cluster alike (under ``spark-submit`` the driver JVM has already started: its own JIT
-setting comes from the submitted conf, ``deploy/spark/*.conf``); the last three run inside each
-Python worker (``inference/spark.py``, ``inference/predictor.py``), switched by the same config.
+All but the last are applied here, to the session this process builds, locally and on a cluster
+alike (under ``spark-submit`` the driver JVM has already started: its JIT setting comes from the
+submitted conf, ``deploy/spark/*.conf``); the last runs inside each Python worker
+(``inference/predictor.py``), switched by the same config. Each was measured on against off as
+whole job processes (``docs/benchmarks.md``); settings that did not pay were removed.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ __all__ = [
 ]
 
 C1_JIT = "-XX:TieredStopAtLevel=1"
+LOG4J2 = Path(__file__).with_name("log4j2.properties")  # quiet JVM logging from its start
 _SPARK_LOG_LEVEL = "ERROR"  # configure_logging sets it
 
 
@@ -67,10 +67,11 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
     if local:
         conf["spark.ui.enabled"] = "false"
         conf["spark.sql.shuffle.partitions"] = str(2 * cfg.spark.local_cores())
-    if cfg.spark.c1_jit:
-        conf["spark.executor.extraJavaOptions"] = C1_JIT
-        if not submitted:  # in local mode the driver JVM is the executor
-            conf["spark.driver.extraJavaOptions"] = C1_JIT
+    jit = [C1_JIT] if cfg.spark.c1_jit else []
+    if jit:
+        conf["spark.executor.extraJavaOptions"] = " ".join(jit)
+    if not submitted:  # the driver JVM starts with this session (in local mode it is the executor)
+        conf["spark.driver.extraJavaOptions"] = " ".join([*jit, f"-Dlog4j2.configurationFile={LOG4J2}"])
     return {**conf, **cfg.spark.conf}
 
 
@@ -84,6 +85,8 @@ def configure_logging(verbosity: int = 0) -> None:
     logging.getLogger("catalog_enrichment").setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
     for noisy in ("mlflow", "alembic", "py4j", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    # MLflow sets its own loggers' level when it is imported, from this variable
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbosity >= 2 else "WARNING")
     global _SPARK_LOG_LEVEL
     _SPARK_LOG_LEVEL = "INFO" if verbosity >= 2 else "WARN" if verbosity else "ERROR"
 
@@ -126,7 +129,7 @@ def model_version(cfg: AppConfig, model_uri: str | None, client: Any) -> ModelVe
     from catalog_enrichment import registry
 
     resolved = registry.resolve_model(client, model_uri or f"models:/{cfg.mlflow.registered_model}@champion")
-    return registry.download_bundle(resolved, Path(cfg.catalog.root) / "_models")
+    return registry.download_bundle(client, resolved, Path(cfg.catalog.root) / "_models")
 
 
 def job_context(cfg: AppConfig, model_uri: str | None) -> tuple[Any, Any, ModelVersion]:

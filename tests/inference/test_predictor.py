@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -123,18 +121,6 @@ def test_the_fast_tokenizer_path_gives_the_transformers_call_s_ids(bundle) -> No
     assert fast["input_ids"].shape[1] == bundle.model_config.text.max_length  # truncated pairs
     for key, value in expected.items():
         assert torch.equal(fast[key], value), key
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policy")
-def test_prepare_threads_run_at_idle_priority_unless_told_otherwise(bundle, products) -> None:  # type: ignore[no-untyped-def]
-    def policy_of(predictor: BatchPredictor) -> int:
-        list(predictor.prepared(products.slice(0, 8)))  # starts the pool
-        assert predictor._pool is not None
-        return predictor._pool.submit(lambda: os.sched_getscheduler(threading.get_native_id())).result()
-
-    assert policy_of(BatchPredictor(bundle)) == os.SCHED_IDLE
-    assert policy_of(BatchPredictor(bundle, prepare_priority="normal")) == os.SCHED_OTHER
-    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER  # the caller is untouched
 
 
 _FAULTS_SCRIPT = """

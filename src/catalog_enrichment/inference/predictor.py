@@ -18,7 +18,6 @@ enrichment job quarantines it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections import deque
@@ -95,21 +94,6 @@ def _checked(batches: Iterable[Data]) -> Iterator[Data]:
         yield data
 
 
-def _idle_priority() -> None:
-    """Run a preparation thread under Linux's ``SCHED_IDLE`` policy (per thread; no privileges).
-
-    On a CPU-only machine the forward pass's threads and the decode threads share the cores. The
-    forward pass leaves gaps (single-threaded ops, thread hand-offs); an idle-priority decode thread
-    runs in them and is preempted the moment a forward thread wakes. Measured on the 2-core machine
-    (paired blocks, ``docs/benchmarks.md``): predictor/raw 0.95-0.96 with idle priority against
-    0.89-0.91 at normal priority and 0.91 at nice 19. Where the OS has no such policy, nothing changes.
-    """
-    import threading
-
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-
-
 # glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets
 _M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD = -1, 1 << 30
 _M_MMAP_THRESHOLD, _KEEP_MMAP_THRESHOLD = -3, 256 << 20
@@ -155,7 +139,6 @@ class BatchPredictor:
         decode_threads: int = 2,
         autocast: bool = True,
         channels_last: bool = True,
-        prepare_priority: str = "idle",
         keep_memory: bool = True,
     ) -> None:
         self.bundle = bundle
@@ -168,7 +151,6 @@ class BatchPredictor:
         # Channels-last: the image encoder's convolutions run about 1.7x faster on CPU (oneDNN
         # works in NHWC), and the decoded pixels arrive in that order anyway.
         self.channels_last = channels_last
-        self.prepare_priority = prepare_priority
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.bundle.model.to(self.device).to(memory_format=memory_format).eval()  # type: ignore[call-overload]
         if self.device.type == "cpu":
@@ -230,14 +212,7 @@ class BatchPredictor:
         batch of one Arrow batch is in the forward pass and no input batch starts with an idle model.
         """
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                self.decode_threads,
-                thread_name_prefix="prepare",
-                # on a GPU the forward pass leaves the CPU to the decode threads: no need to yield
-                initializer=_idle_priority
-                if self.prepare_priority == "idle" and self.device.type == "cpu"
-                else None,
-            )
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="prepare")
         ahead: deque[tuple[Data, bool, Future[PreparedBatch] | None]] = deque()
 
         def oldest() -> tuple[Data, bool, PreparedBatch | None]:

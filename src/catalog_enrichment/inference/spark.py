@@ -76,7 +76,6 @@ class ScoringSpec:
     allowed_taxonomy: dict[str, Any]
     device: str = "auto"
     torch_threads: int | None = None
-    gc_freeze: bool = True
     predictor: dict[str, Any] = field(default_factory=dict)  # BatchPredictor keyword arguments
 
 
@@ -165,9 +164,8 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
     key = (device, json.dumps(asdict(spec), sort_keys=True))  # the whole spec, taxonomy included
     state = _WORKER_CACHE.get(key)
     if state is None:
-        if _WORKER_CACHE:  # a new model version: the old one must be collectable again
+        if _WORKER_CACHE:  # a new model version: the old one is freed first
             _WORKER_CACHE.clear()
-            gc.unfreeze()
             gc.collect()
         if spec.bundle_path is not None:
             path = spec.bundle_path
@@ -183,11 +181,6 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
         state = (predictor, policy)
         _WORKER_CACHE[key] = state  # one model per worker: a new version replaces the old one
         loads.add({os.getpid(): 1})
-        # A reused PySpark worker runs a full gc.collect() after every task (pyspark/daemon.py), over
-        # torch, transformers, timm and the model: freezing what is alive now takes it out of those
-        # collections; what a task creates is collected as before.
-        if spec.gc_freeze:
-            gc.freeze()
     return state
 
 
