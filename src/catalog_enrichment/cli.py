@@ -218,6 +218,7 @@ def _bench_throughput(sub: Sub) -> None:
     p = _command(sub, "throughput", commands.bench_throughput)
     p.add_argument(
         "--products",
+        dest="sizes",
         metavar="N[,N...]",
         default="16000",
         help="products per whole-process run, one or more sizes (default 16000)",

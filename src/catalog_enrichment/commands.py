@@ -393,10 +393,10 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     if unknown or not modes:
         raise CatalogEnrichError(f"--modes: unknown {unknown}; choose from {', '.join(known)}")
     try:
-        sizes = [int(n) for n in args.products.split(",")]
+        sizes = [int(n) for n in args.sizes.split(",")]
     except ValueError:
         raise CatalogEnrichError(
-            f"--products: comma-separated numbers expected, got {args.products!r}"
+            f"--products: comma-separated numbers expected, got {args.sizes!r}"
         ) from None
     if args.bundle:
         bundle = Path(args.bundle)
