@@ -243,8 +243,10 @@ class _RssSampler:
                 self.driver_peak = max(self.driver_peak, rss)
             else:
                 continue
-            # processes there at enter count from then; later ones (new workers) from their start
-            self._first.setdefault(proc.pid, (kind, 0.0 if self._started else times.user + times.system))
+            # processes there at enter count from then; later ones (new workers) from their start. The
+            # kind is the latest: spark-submit's launcher script becomes the JVM under the same pid.
+            first = self._first.get(proc.pid, (kind, 0.0 if self._started else times.user + times.system))[1]
+            self._first[proc.pid] = (kind, first)
             self._last[proc.pid] = times.user + times.system
 
     def _loop(self) -> None:
