@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from catalog_enrichment.metrics import AttributeKind
+from catalog_enrichment.contracts import AttributeKind
 
 __all__ = [
     "LEVELS",

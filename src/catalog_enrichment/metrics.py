@@ -15,12 +15,12 @@ R@P95 follows paper 004: the best recall over all thresholds whose precision is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from catalog_enrichment.contracts import AttributeKind
+
 __all__ = [
-    "AttributeKind",
     "RAtP",
     "attribute_r_at_p",
     "binary_r_at_p",
@@ -32,8 +32,6 @@ __all__ = [
     "truth_matrix",
     "written_precision_and_coverage",
 ]
-
-AttributeKind = Literal["multilabel", "multiclass"]
 
 
 def _check_scores(scores: np.ndarray) -> np.ndarray:

@@ -28,12 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from catalog_enrichment.contracts import AttributeKind
 from catalog_enrichment.errors import ConfigError
 
 __all__ = [
@@ -80,7 +81,7 @@ class HeadSpec:
     """One taxonomy attribute's head: name, kind, number of values."""
 
     name: str
-    kind: Literal["multilabel", "multiclass"]
+    kind: AttributeKind
     num_values: int
 
 
