@@ -121,7 +121,7 @@ def test_the_nightly_dag_runs_end_to_end(tmp_path: Path, incoming, scoring_bundl
     _dags_test(tmp_path, config, "catalog_enrichment_nightly", "2026-11-02", timeout=500)
     report = report_for(tmp_path / "lake" / "run_reports", "nightly-2026-11-02")
     assert report.status == "succeeded" and report.partition == "ingest_date=2026-11-02"
-    assert 0 < report["rows_read"] < 2400  # one day of four
+    assert 0 < report.rows_read < 2400  # one day of four
 
 
 @pytest.mark.slow
