@@ -167,3 +167,26 @@ def test_the_console_script_exits_with_the_commands_code_after_its_atexit_handle
         assert "catalog:" in result.stdout  # the whole YAML made it through the pipe
     else:
         assert "catalog-enrich: error:" in result.stderr
+
+
+def test_logs_are_quiet_by_default_and_verbose_on_request() -> None:
+    import logging
+
+    root = logging.getLogger()
+    saved = (runtime._SPARK_LOG_LEVEL, root.level, [h.level for h in root.handlers], list(root.handlers))
+    try:
+        runtime.configure_logging(0)
+        options = runtime.spark_conf(AppConfig())["spark.driver.extraJavaOptions"]
+        assert f"-Dlog4j2.configurationFile={runtime.LOG4J2}" in options and runtime.LOG4J2.is_file()
+        assert all(h.level == logging.WARNING for h in root.handlers)  # a library's INFO line is dropped
+        assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
+        runtime.configure_logging(2)  # -vv: Spark's own logging, every library's info lines
+        assert "log4j2" not in runtime.spark_conf(AppConfig())["spark.driver.extraJavaOptions"]
+        assert runtime._SPARK_LOG_LEVEL == "INFO" and all(h.level == logging.INFO for h in root.handlers)
+    finally:
+        runtime._SPARK_LOG_LEVEL, root.level = saved[0], saved[1]
+        for handler in list(root.handlers):
+            if handler not in saved[3]:
+                root.removeHandler(handler)
+        for handler, level in zip(saved[3], saved[2], strict=True):
+            handler.setLevel(level)

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 C1_JIT = "-XX:TieredStopAtLevel=1"
-LOG4J2 = Path(__file__).with_name("log4j2.properties")  # quiet JVM logging from its start
+LOG4J2 = Path(__file__).with_name("log4j2.properties")  # quiet JVM logging from its start (no -v)
 _SPARK_LOG_LEVEL = "ERROR"  # configure_logging sets it
 
 
@@ -71,7 +71,8 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
     if jit:
         conf["spark.executor.extraJavaOptions"] = " ".join(jit)
     if not submitted:  # the driver JVM starts with this session (in local mode it is the executor)
-        conf["spark.driver.extraJavaOptions"] = " ".join([*jit, f"-Dlog4j2.configurationFile={LOG4J2}"])
+        quiet = [f"-Dlog4j2.configurationFile={LOG4J2}"] if _SPARK_LOG_LEVEL == "ERROR" else []
+        conf["spark.driver.extraJavaOptions"] = " ".join([*jit, *quiet])
     return {**conf, **cfg.spark.conf}
 
 
@@ -82,6 +83,8 @@ def configure_logging(verbosity: int = 0) -> None:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    for handler in logging.getLogger().handlers:  # libraries that set their own loggers' levels too
+        handler.setLevel(logging.INFO if verbosity else logging.WARNING)
     logging.getLogger("catalog_enrichment").setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
     for noisy in ("mlflow", "alembic", "py4j", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
