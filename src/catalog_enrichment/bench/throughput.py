@@ -39,7 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from catalog_enrichment.catalog.lakehouse import write_table
+from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
@@ -47,7 +47,6 @@ from catalog_enrichment.versions import ModelVersion
 
 __all__ = [
     "RawTasks",
-    "make_products",
     "measure_paired",
     "measure_predictor",
     "measure_raw",
@@ -68,11 +67,6 @@ def products_reader(n: int, taxonomy: Taxonomy, *, image_size: int, seed: int = 
     batches = (b for b, _ in products_batches(cfg, taxonomy))
     first = next(batches)
     return pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))
-
-
-def make_products(n: int, taxonomy: Taxonomy, *, image_size: int, seed: int = 0) -> pa.Table:
-    """``n`` valid synthetic products (no bad rows) in memory."""
-    return products_reader(n, taxonomy, image_size=image_size, seed=seed).read_all()
 
 
 def _sync(device: Any) -> None:
@@ -374,9 +368,8 @@ def run_throughput_benchmark(
         "runs": {},
     }
     in_process = [m for m in modes if m not in processes]
-    if in_process:
-        say(f"generating {sizes[0]:,} products ({size} px) ...")
-        table = make_products(sizes[0], taxonomy, image_size=size)
+    if in_process:  # the same products as the first size's whole-process runs
+        table = read_table(_products_table(workdir, sizes[0], size, taxonomy, say))
         result.update(_in_process(cfg, taxonomy, model, table, in_process, repeats, device, block, say))
     env = {
         **os.environ,
@@ -384,13 +377,7 @@ def run_throughput_benchmark(
         "MLFLOW_REGISTRY_URI": cfg.mlflow.registry_uri or cfg.mlflow.tracking_uri,
     }
     for n in sizes if processes else ():
-        path = workdir / f"products-{n}-{size}px"
-        if not path.exists():
-            say(f"generating {n:,} products ({size} px) ...")
-            # streamed: memory bounded by one batch, not by n generated images
-            write_table(
-                path, products_reader(n, taxonomy, image_size=size, seed=n), partition_by=["ingest_date"]
-            )
+        path = _products_table(workdir, n, size, taxonomy, say)
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in processes}
         for r in range(repeats):
             for mode in processes if r % 2 == 0 else processes[::-1]:
@@ -412,6 +399,16 @@ def run_throughput_benchmark(
             )
             result[f"{mode}_marginal_ms_per_product_{before}_{after}"] = 1000 * slope
     return result
+
+
+def _products_table(workdir: Path, n: int, size: int, taxonomy: Taxonomy, say: Say) -> Path:
+    """``n`` valid products at ``size`` px as a Delta table under ``workdir``, generated once."""
+    path = workdir / f"products-{n}-{size}px"
+    if not path.exists():
+        say(f"generating {n:,} products ({size} px) ...")
+        # streamed: memory bounded by one batch, not by n generated images
+        write_table(path, products_reader(n, taxonomy, image_size=size, seed=n), partition_by=["ingest_date"])
+    return path
 
 
 def _in_process(

@@ -29,11 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.config import ValidationConfig
-from catalog_enrichment.contracts import IMAGE_DECODABLE, IMAGE_READABLE, Contract
+from catalog_enrichment.contracts import Contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
-    "IMAGE_RULES",
     "REASONS",
     "CircuitBreakerTripped",
     "Rule",
@@ -49,7 +48,6 @@ __all__ = [
 ]
 
 REASONS = "_reasons"
-IMAGE_RULES = (IMAGE_DECODABLE, IMAGE_READABLE)
 # Titles that are a stringified non-text value: nan/None/null, numbers, objects and lists.
 NOT_TEXT_REGEX = (
     r"(?i)^\s*(nan|none|null|nat|undefined|true|false|\[object object\]"
