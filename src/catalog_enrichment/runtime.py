@@ -25,8 +25,9 @@ worker keeps freed memory          no page faults per forward pass          infe
 All but the last are applied here, to the session this process builds, locally and on a cluster
 alike (under ``spark-submit`` the driver JVM has already started: its JIT setting comes from the
 submitted conf, ``deploy/spark/*.conf``); the last runs inside each Python worker
-(``inference/predictor.py``), switched by the same config. Each was measured on against off as
-whole job processes (``docs/benchmarks.md``); settings that did not pay were removed.
+(``inference/predictor.py``), switched by the same config. The speed settings (the C1 JIT, kept
+freed memory) were measured on against off as whole job processes (``docs/benchmarks.md``); those
+that did not pay were removed.
 """
 
 from __future__ import annotations
