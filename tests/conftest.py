@@ -17,6 +17,7 @@ if not os.environ.get("PYTHONPATH", "").startswith(_SRC):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from catalog_enrichment.config import AppConfig, SyntheticConfig, load_config, merge_layers  # noqa: E402
 from catalog_enrichment.contracts import Taxonomy, load_taxonomy  # noqa: E402
@@ -26,6 +27,11 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # what the predictor sets in a scoring process
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers run this environment's Python
+
+# Hypothesis: the same examples on every run (a failure is a reason, never a draw), no database
+# written into the checkout.
+settings.register_profile("catalog-enrichment", derandomize=True, database=None, print_blob=True)
+settings.load_profile("catalog-enrichment")
 
 # A marketplace big enough for rates to be measured to a few points, small enough to make in ~2 s.
 MARKETPLACE = SyntheticConfig(products=2400, seed=7, bad_rate=0.08, label_noise=0.05, days=4)

@@ -304,7 +304,7 @@ def test_a_process_killed_after_staging_leaves_the_table_as_it_was(
     )
     env = {
         **os.environ,
-        "CATALOG_ENRICH_FAULT": "after_staging",
+        "CATALOG_ENRICH_FAULT": "before_merge",
         "PYTHONPATH": os.pathsep.join([str(repo_root() / "src"), str(repo_root())]),
     }
     proc = subprocess.run(

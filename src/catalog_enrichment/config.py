@@ -15,7 +15,9 @@ integer (got 'many')``.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,7 @@ __all__ = [
     "CatalogConfig",
     "ConfigError",
     "ImageEncoderConfig",
+    "ImagesConfig",
     "InferenceConfig",
     "MLflowConfig",
     "ModelConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "load_config",
     "merge_layers",
     "parse_overrides",
+    "redact_uri",
 ]
 
 ENV_PREFIX = "CATALOG_ENRICH_"
@@ -97,6 +101,12 @@ class CatalogConfig(_Section):
     """Table locations. Unset tables live under ``root`` (the embedded lakehouse)."""
 
     root: str = Field("lakehouse", description="Lakehouse root directory of the embedded catalog.")
+    lock_wait_seconds: float = Field(
+        600,
+        ge=0,
+        description="How long a run waits for another run (enrich, backfill, rollback) on the same catalog "
+        "to finish before it gives up without writing.",
+    )
     products: str | None = Field(None, description="Products table (default: <root>/products).")
     attributes: str | None = Field(None, description="Attributes table (default: <root>/attributes).")
     quarantine: str | None = Field(None, description="Quarantine table (default: <root>/quarantine).")
@@ -341,8 +351,44 @@ class ValidationConfig(_Section):
     max_invalid_fraction: float = Field(0.05, ge=0, le=1, description="Circuit breaker: abort above this.")
     max_title_length: int = Field(300, gt=0)
     max_description_length: int = Field(5000, gt=0)
+    max_id_length: int = Field(256, gt=0, description="Longest product_id accepted.")
+    max_clock_skew_seconds: int = Field(
+        3600,
+        ge=0,
+        description="updated_at later than the run's start plus this is quarantined; "
+        "a clock or export error; the watermark never passes the run's start either way.",
+    )
+    earliest_updated_at: dt.date = Field(
+        dt.date(2000, 1, 1),
+        description="updated_at before this date (YYYY-MM-DD, UTC) is quarantined: a zero or epoch default, "
+        "not a real change.",
+    )
     run_expectations: bool = Field(
         True, description="Also run the Great Expectations suite (its results go into the run report)."
+    )
+
+
+class ImagesConfig(_Section):
+    """Where and how much the job may read for a product's ``image_uri`` (and its inline bytes)."""
+
+    roots: list[str] = Field(
+        default_factory=list,
+        description="Folders image_uri files may be read from, besides the products table's own folder "
+        "(symlinks are resolved first: a link out of the roots is refused).",
+    )
+    schemes: list[str] = Field(
+        default_factory=lambda: ["file"],
+        description="URI schemes allowed: file (local paths), and remote ones read through fsspec "
+        "(s3, gs, https, ...) only when listed here.",
+    )
+    allow_private_addresses: bool = Field(
+        False, description="Let remote image URIs name loopback, private or link-local hosts."
+    )
+    max_bytes: int = Field(20_000_000, gt=0, description="Largest encoded image read (bytes).")
+    max_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description="Largest decoded image (width x height): bigger is a decompression bomb.",
     )
 
 
@@ -383,11 +429,22 @@ class AppConfig(_Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     def to_flat_dict(self) -> dict[str, Any]:
-        """``{"inference.batch_size": 128, ...}`` — the form logged as MLflow params."""
-        return _flatten(self.model_dump(mode="json"))
+        """``{"inference.batch_size": 128, ...}`` — the form logged as MLflow params (a password in
+        a URI is masked)."""
+        return {
+            k: redact_uri(v) if isinstance(v, str) else v
+            for k, v in _flatten(self.model_dump(mode="json")).items()
+        }
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``
+    (secrets come from the environment and are never logged)."""
+    return re.sub(r"(\w[\w+.-]*://[^/\s:@]*):[^/\s@]*@", r"\1:***@", text)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -30,6 +30,8 @@ __all__ = [
     "CONTRACT_NAMES",
     "IMAGE_DECODABLE",
     "IMAGE_READABLE",
+    "IMAGE_URI_ALLOWED",
+    "IMAGE_WITHIN_LIMITS",
     "AttributeSpec",
     "Contract",
     "FieldSpec",
@@ -44,6 +46,8 @@ __all__ = [
 # Quarantine reasons only the image decoder can find (the scoring pass reports them).
 IMAGE_DECODABLE = "image_decodable"  # bytes present but not an image (corrupt, truncated, empty)
 IMAGE_READABLE = "image_readable"  # image_uri given but the file cannot be read
+IMAGE_URI_ALLOWED = "image_uri_allowed"  # image_uri outside the allowed roots and schemes (images.*)
+IMAGE_WITHIN_LIMITS = "image_within_limits"  # over images.max_bytes or images.max_pixels (a bomb)
 
 CONTRACT_NAMES = ("products", "labelled_products", "attributes", "quarantine", "run_report")
 AttributeKind = Literal["multilabel", "multiclass"]

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -40,10 +41,12 @@ import pyarrow.dataset as ds
 
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.catalog.attributes import MergeResult, merge_run
+from catalog_enrichment.catalog.lock import catalog_lock
 from catalog_enrichment.catalog.products import Partition, parse_partition, read_products
 from catalog_enrichment.catalog.reports import (
     RunReport,
     append_quarantine,
+    check_run_id,
     last_watermark,
     read_reports,
     upsert_report,
@@ -51,6 +54,7 @@ from catalog_enrichment.catalog.reports import (
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe, ship_bundle
@@ -79,6 +83,21 @@ FAULT_ENV = "CATALOG_ENRICH_FAULT"
 def _fault_point(name: str) -> None:
     if os.environ.get(FAULT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_during(name: str, table: Path) -> None:
+    """Test hook: SIGKILL this process as soon as a new data file appears under ``table`` (a commit
+    under way: its files written, its log entry perhaps not yet)."""
+    if os.environ.get(FAULT_ENV) != name:
+        return
+    before = set(table.rglob("*.parquet")) if table.exists() else set()
+
+    def watch() -> None:
+        while not table.exists() or set(table.rglob("*.parquet")) <= before:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _print(message: str) -> None:
@@ -153,7 +172,30 @@ def run_enrichment(
 ) -> EnrichOutcome:
     """One enrichment run (see the module docstring). Returns the outcome; raises on abort/failure
     after recording the run report (status ``aborted`` / ``failed``)."""
-    run_id = run_id or new_run_id()
+    run_id = check_run_id(run_id or new_run_id())
+    with catalog_lock(
+        cfg.catalog.root, owner=f"run {run_id}", wait_seconds=cfg.catalog.lock_wait_seconds, say=progress
+    ):
+        return _locked_run(
+            spark, cfg, taxonomy, model=model, products=products, partition=partition, full=full,
+            run_id=run_id, client=client, progress=progress,
+        )  # fmt: skip
+
+
+def _locked_run(
+    spark: Any,
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    *,
+    model: ModelVersion,
+    products: str | Path | None,
+    partition: str | None,
+    full: bool,
+    run_id: str,
+    client: Any,
+    progress: Say,
+) -> EnrichOutcome:
+    """:func:`run_enrichment` with the catalog's lock held."""
     reports = Path(cfg.catalog.table("run_reports"))
     previous = _previous(reports, run_id)
     if previous is not None:
@@ -170,27 +212,30 @@ def run_enrichment(
         started_at=dt.datetime.now(dt.UTC),
     )
     outcome, clock = EnrichOutcome(report), time.perf_counter()
-    staging = Path(cfg.catalog.root) / "_staging" / run_id
+    products_path = Path(products or cfg.catalog.table("products"))
+    staging = _clear_staging(Path(cfg.catalog.root) / "_staging") / run_id
     try:
         with _stage(report, "read"):
             since = None if full else last_watermark(reports, report.partition)
-            df = _read(spark, cfg, products, part, since, model, progress)
+            df = _read(spark, products_path, part, since, model, progress)
         with _stage(report, "validate"):
-            validated = validate(df, build_rules(contract, cfg.validation), cfg, report, progress)
+            rules = build_rules(contract, cfg.validation, report.started_at)
+            validated = validate(df, rules, cfg, report, progress)
         check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
         if validated.counts.rows_read == 0:
             progress("  nothing to enrich: no new or changed products")
             report.status, report.watermark = "succeeded", since
             return _finish(outcome, cfg, client, clock, progress)
         with _stage(report, "score"):
-            scored = score(spark, validated.checked, model, taxonomy, cfg, staging)
+            images = ImagePolicy.from_config(cfg.images, [products_path.resolve()])
+            scored = score(spark, validated.checked, model, taxonomy, cfg, images, staging)
         outcome.model_loads, outcome.arrow_batches = scored.model_loads, scored.arrow_batches
         with _stage(report, "decide"):
             decisions = decide(scored.table, validated, run_id)
         report.add_to_summary(row_rules=decisions.counts.per_rule)
         check_breaker(decisions.counts, cfg.validation.max_invalid_fraction)
         _account(report, decisions)
-        _fault_point("after_staging")
+        _fault_point("before_merge")
         with _stage(report, "write"):
             outcome.merge = write(cfg, decisions, report)
         _written(report, decisions, policy)
@@ -199,19 +244,27 @@ def run_enrichment(
             f"quarantined {decisions.quarantine.num_rows:,} rows"
         )
         report.status = "succeeded"
-        shutil.rmtree(staging, ignore_errors=True)
         return _finish(outcome, cfg, client, clock, progress)
     except BaseException as exc:
         aborted = isinstance(exc, CircuitBreakerTripped)
         report.status = "aborted" if aborted else "failed"
         report.add_to_summary(error=str(exc) if aborted else f"{type(exc).__name__}: {exc}"[:2000])
-        if aborted:
-            shutil.rmtree(staging, ignore_errors=True)
         try:
             _finish(outcome, cfg, client, clock, progress)
         except Exception as inner:  # the original error matters more
             progress(f"  (could not record the {report.status} run: {inner})")
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _clear_staging(folder: Path) -> Path:
+    """``folder`` emptied: with the catalog's lock held, whatever is staged there is left over
+    from a run that was killed (a re-run stages again)."""
+    if folder.is_dir():
+        for leftover in folder.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return folder
 
 
 def _previous(reports: Path, run_id: str) -> RunReport | None:
@@ -233,15 +286,8 @@ def _stage(report: RunReport, name: str) -> Iterator[None]:
 
 
 def _read(
-    spark: Any,
-    cfg: AppConfig,
-    products: str | Path | None,
-    part: Partition | None,
-    since: dt.datetime | None,
-    model: ModelVersion,
-    say: Say,
+    spark: Any, path: Path, part: Partition | None, since: dt.datetime | None, model: ModelVersion, say: Say
 ) -> Any:
-    path = Path(products or cfg.catalog.table("products"))
     df = read_products(spark, path, load_contract("products"), partition=part, since=since)
     window = f"changed since {since:%Y-%m-%d %H:%M:%S}" if since else "full"
     say(f"read {path} ({part or 'all partitions'}, {window}), model {model.name} v{model.version}")
@@ -255,7 +301,10 @@ def validate(df: Any, rules: list[Rule], cfg: AppConfig, report: RunReport, say:
     breaker trips next: the aborted run's report carries them).
     """
     counts, duplicates = count_rows(df, rules)
-    report.rows_read, report.watermark = counts.rows_read, counts.watermark
+    report.rows_read = counts.rows_read
+    # never past the run's start: a row stamped in the future (quarantined beyond the allowed clock
+    # skew) must not make every later incremental run skip the products changed in between
+    report.watermark = None if counts.watermark is None else min(counts.watermark, report.started_at)
     expectations: dict[str, Any] = {}
     if cfg.validation.run_expectations and counts.rows_read:
         try:
@@ -268,9 +317,16 @@ def validate(df: Any, rules: list[Rule], cfg: AppConfig, report: RunReport, say:
 
 
 def score(
-    spark: Any, checked: Any, model: ModelVersion, taxonomy: Taxonomy, cfg: AppConfig, staging: Path
+    spark: Any,
+    checked: Any,
+    model: ModelVersion,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    images: ImagePolicy,
+    staging: Path,
 ) -> Scored:
-    """Score and decide the valid rows on the executors; stage the decisions; read them back."""
+    """Score and decide the valid rows on the executors (images read under ``images``); stage the
+    decisions; read them back."""
     from pyspark.sql import functions as F
 
     spec = ScoringSpec(
@@ -279,7 +335,7 @@ def score(
         allowed_taxonomy=taxonomy.to_dict(),
         device=cfg.inference.device,
         torch_threads=cfg.inference.torch_threads,
-        predictor=cfg.inference.predictor_options(),
+        predictor={**cfg.inference.predictor_options(), "image_policy": images},
     )
     counters = ScoringCounters.create(spark)
     valid = checked.where(F.size(REASONS) == 0)
@@ -338,6 +394,7 @@ def _flatten(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def write(cfg: AppConfig, decisions: Decisions, report: RunReport) -> MergeResult:
     """The MERGE (one commit, idempotent per run id), then the quarantine rows."""
+    _fault_during("during_merge", Path(cfg.catalog.table("attributes")))
     merge = merge_run(
         cfg.catalog.table("attributes"),
         decisions.values,
@@ -349,6 +406,7 @@ def write(cfg: AppConfig, decisions: Decisions, report: RunReport) -> MergeResul
     )
     _fault_point("after_merge")
     append_quarantine(cfg.catalog.table("quarantine"), decisions.quarantine)
+    _fault_point("after_quarantine")
     return merge
 
 

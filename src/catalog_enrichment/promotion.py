@@ -137,10 +137,11 @@ class Evaluation:
 def evaluate_bundle(bundle: Any, table: pa.Table) -> Evaluation:
     """Realized precision, coverage, recall, R@P95 and coverage efficiency of a bundle's thresholds on
     a labelled table."""
+    from catalog_enrichment.data.images import OWN_DATA_POLICY
     from catalog_enrichment.inference.predictor import BatchPredictor
 
     labels = encode_labels(table, bundle.taxonomy)
-    scores = BatchPredictor(bundle).score(table.to_pandas())
+    scores = BatchPredictor(bundle, image_policy=OWN_DATA_POLICY).score(table.to_pandas())
     metrics, covered = {}, {}
     for attr in bundle.taxonomy:
         s, y = labels.labelled(scores, attr.name)

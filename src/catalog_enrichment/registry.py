@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -25,7 +26,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel
 
+from catalog_enrichment.config import redact_uri
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.inference.bundle import bundle_problems
 from catalog_enrichment.versions import ModelVersion
 
 __all__ = [
@@ -110,8 +113,9 @@ def check_tracking_server(client: MlflowClient) -> None:
         client.search_experiments(max_results=1)
     except Exception as exc:  # requests errors, MlflowException, ...
         raise CatalogEnrichError(
-            f"MLflow tracking server {client.tracking_uri} is unreachable: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}"
+            f"MLflow tracking server {redact_uri(client.tracking_uri)} is unreachable "
+            f"({type(exc).__name__}: {redact_uri(str(exc).splitlines()[0][:200])}): start it, or point "
+            "mlflow.tracking_uri (MLFLOW_TRACKING_URI) at one that runs; nothing was read or written"
         ) from None
 
 
@@ -256,8 +260,10 @@ def download_bundle(client: MlflowClient, model: ModelVersion, cache_dir: str | 
     The folder is named ``<name>-v<version>-<run id>``, unique per version, so Spark can ship it to
     executors under that name (``SparkContext.addArchive``)."""
     bundle = Path(cache_dir) / f"{model.name}-v{model.version}-{model.run_id[:12]}"
-    if (bundle / "weights.pt").is_file():
-        return replace(model, bundle_dir=bundle)
+    if bundle.is_dir():
+        if not bundle_problems(bundle):
+            return replace(model, bundle_dir=bundle)
+        shutil.rmtree(bundle, ignore_errors=True)  # a damaged cached copy: fetch it again
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="download-", dir=cache_dir) as tmp:
         try:
@@ -267,11 +273,19 @@ def download_bundle(client: MlflowClient, model: ModelVersion, cache_dir: str | 
                     artifact_uri=uri, dst_path=tmp, tracking_uri=client.tracking_uri
                 )
             )
-        except MlflowException as exc:
-            raise CatalogEnrichError(f"cannot download {model.uri}: {str(exc).splitlines()[0]}") from None
+        except (MlflowException, OSError) as exc:
+            raise CatalogEnrichError(
+                f"cannot download {model.uri}: {str(exc).splitlines()[0][:300]}. Its artifacts may have "
+                "been deleted: promote another version or register this one again"
+            ) from None
         found = next((p.parent for p in local.rglob("weights.pt")), None)
-        if found is None:
-            raise CatalogEnrichError(f"{model.uri} holds no model bundle (no weights.pt)")
+        problems = ["weights.pt is missing"] if found is None else bundle_problems(found)
+        if problems:
+            raise CatalogEnrichError(
+                f"the model artifact of {model.uri} is damaged ({'; '.join(problems[:3])}): nothing was "
+                "read or written. Promote another version, or register this one again from its training run"
+            )
+        assert found is not None
         if not bundle.exists():
             found.rename(bundle)  # atomic within the cache folder: a concurrent run sees all or nothing
     return replace(model, bundle_dir=bundle)

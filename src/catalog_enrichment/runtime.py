@@ -15,6 +15,8 @@ rows per Arrow batch               images make rows large                   spar
 Spark's console progress bar       progress on a terminal                   (stderr is a terminal)
 no UI, 2 x cores shuffle           the defaults are sized for clusters      (local masters)
 partitions
+a failed task is tried 4 times     as on a cluster: a worker killed by the  (local masters: ``local[N]``
+(``local[N,4]``)                   OOM killer fails no night                becomes ``local[N,4]``)
 JVM logs errors only               quiet by default (log4j2.properties)     -v, -vv (CLI flags)
 JVM C1 JIT only                    Spark compiles new classes per query;    spark.c1_jit
 (-XX:TieredStopAtLevel=1)          C2 would take the scoring cores
@@ -33,6 +35,7 @@ that did not pay were removed.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ __all__ = [
     "configure_logging",
     "device",
     "job_context",
+    "local_with_retries",
     "mlflow_client",
     "model_version",
     "spark_conf",
@@ -52,6 +56,7 @@ __all__ = [
 ]
 
 C1_JIT = "-XX:TieredStopAtLevel=1"
+LOCAL_TASK_ATTEMPTS = 4
 LOG4J2 = Path(__file__).with_name("log4j2.properties")  # quiet JVM logging from its start (no -v)
 _SPARK_LOG_LEVEL = "ERROR"  # configure_logging sets it
 
@@ -75,6 +80,15 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
         quiet = [f"-Dlog4j2.configurationFile={LOG4J2}"] if _SPARK_LOG_LEVEL == "ERROR" else []
         conf["spark.driver.extraJavaOptions"] = " ".join([*jit, *quiet])
     return {**conf, **cfg.spark.conf}
+
+
+def local_with_retries(master: str) -> str:
+    """A local master that retries a failed task as a cluster does (``local[N]`` ->
+    ``local[N,4]``: Spark's own ``spark.task.maxFailures`` default); others unchanged."""
+    match = re.fullmatch(r"local(?:\[\s*(\*|\d+)\s*\])?", master.strip())
+    if match is None:
+        return master
+    return f"local[{match.group(1) or 1},{LOCAL_TASK_ATTEMPTS}]"
 
 
 def configure_logging(verbosity: int = 0) -> None:
@@ -105,7 +119,7 @@ def spark_session(cfg: AppConfig) -> Any:
     if not submitted:
         if cfg.spark.master.startswith("local"):
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        builder = builder.master(cfg.spark.master)
+        builder = builder.master(local_with_retries(cfg.spark.master))
     spark = builder.config(map=spark_conf(cfg, submitted=submitted)).getOrCreate()
     spark.sparkContext.setLogLevel(_SPARK_LOG_LEVEL)
     return spark
@@ -132,6 +146,7 @@ def model_version(cfg: AppConfig, model_uri: str | None, client: Any) -> ModelVe
     """The version ``model_uri`` names (default: the champion), its bundle downloaded once."""
     from catalog_enrichment import registry
 
+    registry.check_tracking_server(client)
     resolved = registry.resolve_model(client, model_uri or f"models:/{cfg.mlflow.registered_model}@champion")
     return registry.download_bundle(client, resolved, Path(cfg.catalog.root) / "_models")
 

@@ -17,7 +17,7 @@ from catalog_enrichment.calibration import AttributeCalibration, Calibration, Va
 from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
-from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE
+from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE, IMAGE_URI_ALLOWED, ImagePolicy
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.inference.bundle import load_bundle
 from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
@@ -80,7 +80,8 @@ def test_image_problems_are_reported_per_row_never_silently_scored(bundle, produ
             "image_uri": [None, None, None, None, None, f"file://{image_file}", str(tmp_path / "gone.jpg")],
         }
     )
-    scores = BatchPredictor(bundle, batch_size=3).score_arrow(rows)
+    policy = ImagePolicy(roots=(str(tmp_path),))
+    scores = BatchPredictor(bundle, batch_size=3, image_policy=policy).score_arrow(rows)
     assert scores.image_error == [
         None,
         IMAGE_DECODABLE,
@@ -93,6 +94,8 @@ def test_image_problems_are_reported_per_row_never_silently_scored(bundle, produ
     # the same image inline or by URI scores the same
     np.testing.assert_allclose(scores.probs["color"][0], scores.probs["color"][5], atol=1e-6)
     assert scores.probs["color"].shape == (7, len(bundle.taxonomy["color"].values))
+    # without a policy naming the folder, no URI is read at all
+    assert BatchPredictor(bundle).score_arrow(rows).image_error[5:] == [IMAGE_URI_ALLOWED] * 2
 
 
 @pytest.mark.slow

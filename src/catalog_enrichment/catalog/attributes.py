@@ -130,11 +130,12 @@ def _merge_model_rows(
     """One MERGE commit on model rows only: ``put`` rows are updated or inserted, ``delete`` rows
     removed; merchant rows are never matched for change. Returns deltalake's merge metrics."""
     from deltalake import CommitProperties, DeltaTable
+    from deltalake.exceptions import CommitFailedError
 
     schema = attributes_schema()
     source = pa.concat_tables([_tagged(put.cast(schema), "put"), _tagged(delete.cast(schema), "delete")])
     columns = {c: f"s.{c}" for c in schema.names}
-    return dict(
+    merge = (
         DeltaTable(str(path))
         .merge(
             source,
@@ -146,8 +147,14 @@ def _merge_model_rows(
         .when_matched_update(updates=columns, predicate="s._action = 'put' AND t.source = 'model'")
         .when_matched_delete(predicate="s._action = 'delete' AND t.source = 'model'")
         .when_not_matched_insert(updates=columns, predicate="s._action = 'put'")
-        .execute()
     )
+    try:
+        return dict(merge.execute())
+    except CommitFailedError as exc:  # optimistic concurrency: a writer outside the catalog lock
+        raise CatalogEnrichError(
+            f"another writer committed to {path} while this MERGE ran, so it was not committed and the "
+            f"table holds none of it ({str(exc).splitlines()[0][:200]}); run it again"
+        ) from None
 
 
 @dataclass

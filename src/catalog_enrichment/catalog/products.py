@@ -2,18 +2,20 @@
 
 Delta tables are read through their current snapshot's file list (``DeltaTable.file_uris``, pruned
 by the partition filter) with Spark's Parquet reader, so no Delta jars are needed; plain Parquet
-folders (hive-partitioned) are read directly. The contract's Spark schema is imposed, so a column
-of the wrong type fails loudly and partition columns get their contract type.
+folders (hive-partitioned) through theirs. The contract's Spark schema is imposed (partition
+columns get their contract type) after each file's own schema has been checked against it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
-import pyarrow.dataset as ds
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from catalog_enrichment.catalog.lakehouse import table_format
 from catalog_enrichment.contracts import Contract
@@ -55,12 +57,26 @@ def parse_partition(text: str | None, contract: Contract) -> Partition | None:
 
 
 def table_columns(path: str | Path) -> list[str]:
-    """Column names of a Delta or Parquet table (partition columns included)."""
+    """Column names of a Delta or Parquet table (partition columns included); a Parquet folder's
+    are those of all its data files (files that are not Parquet data, e.g. images, are ignored)."""
     if table_format(path) == "delta":
         from deltalake import DeltaTable
 
         return [f.name for f in DeltaTable(str(path)).schema().fields]
-    return list(ds.dataset(str(path), format="parquet", partitioning="hive").schema.names)
+    root = Path(path).resolve()
+    names: dict[str, None] = {}
+    for file in _data_files(root, None):
+        relative = Path(file).relative_to(root).parts[:-1] if root.is_dir() else ()
+        names.update(dict.fromkeys(_read_footer(file).names))
+        names.update(dict.fromkeys(p.split("=", 1)[0] for p in relative if "=" in p))
+    return list(names)
+
+
+def _read_footer(file: str) -> pa.Schema:
+    try:
+        return pq.read_schema(file)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ContractError(f"products file {file} is not readable Parquet: {exc}") from None
 
 
 def list_partitions(path: str | Path, column: str) -> list[str]:
@@ -81,32 +97,48 @@ def read_products(
     partition: Partition | None = None,
     since: dt.datetime | None = None,
 ) -> Any:
-    """The products as a Spark DataFrame with the contract's columns.
+    """The products as a Spark DataFrame with the contract's columns, and only those.
+
+    Every data file's own schema is checked first (its footer, no data), so a column Spark could
+    not read as the contract's type fails here with one line naming the column and the file. What
+    everyday exports write is read as the contract says: a column of Arrow type ``null`` (pandas'
+    all-null object column) as typed nulls, nanosecond timestamps (pandas' default) as microseconds;
+    a column a file lacks (an older file of an evolved table) is null there.
 
     Raises:
-        ContractError: no table at ``path``, or a contract column is missing.
+        ContractError: no table at ``path``, a contract column missing from the table, or a column
+            of a type the contract's cannot be read from.
     """
     from pyspark.sql import functions as F
 
-    fmt = table_format(path)
     missing = contract.missing_columns(table_columns(path))
     if missing:
         raise ContractError(
             f"products table {path} lacks contract column(s) {missing} (see schemas/products.yaml)"
         )
     schema = contract.spark_schema(enforce_nullability=False)
-    root = str(Path(path).resolve())
-    if fmt == "delta":
-        from deltalake import DeltaTable
-
-        filters = [(partition.column, "=", partition.value)] if partition else None
-        files = DeltaTable(root).file_uris(file_pruning_predicate=filters)
-        if not files:
-            df = spark.createDataFrame([], schema)
-        else:
-            df = spark.read.schema(schema).option("basePath", root).parquet(*files)
+    root = Path(path).resolve()
+    files = _data_files(root, partition)
+    if not files:
+        df = spark.createDataFrame([], schema)
     else:
-        df = spark.read.schema(schema).parquet(root)
+        parts = []
+        for (nulls, nanos), group in _group_by_layout(files, contract).items():
+            if nanos:  # read as INT64 nanoseconds, then cut to Spark's microseconds
+                spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+            read = _read_schema(schema, drop=nulls, as_long=nanos)
+            reader = spark.read.schema(read)
+            df = (
+                reader.option("basePath", str(root)).parquet(*group)
+                if root.is_dir()
+                else reader.parquet(*group)
+            )
+            for name in nulls:
+                df = df.withColumn(name, F.lit(None).cast(schema[name].dataType))
+            for name in nanos:
+                df = df.withColumn(name, F.timestamp_micros(F.floor(F.col(name) / 1000)))
+            parts.append(df.select(*contract.names))
+        df = reduce(lambda a, b: a.unionByName(b), parts)
     if partition is not None:
         df = df.where(
             F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
@@ -114,3 +146,87 @@ def read_products(
     if since is not None:
         df = df.where(F.col("updated_at") > F.lit(since))
     return df.select(*contract.names)
+
+
+def _read_schema(schema: Any, *, drop: frozenset[str], as_long: frozenset[str]) -> Any:
+    """``schema`` without the ``drop`` fields and with the ``as_long`` ones as LongType."""
+    from pyspark.sql.types import LongType, StructField, StructType
+
+    return StructType(
+        [
+            StructField(f.name, LongType(), True) if f.name in as_long else f
+            for f in schema.fields
+            if f.name not in drop
+        ]
+    )
+
+
+def _data_files(root: Path, partition: Partition | None) -> list[str]:
+    """The table's data files (a Delta table's current snapshot), pruned by the partition filter."""
+    if table_format(root) == "delta":
+        from deltalake import DeltaTable
+
+        filters = [(partition.column, "=", partition.value)] if partition else None
+        uris = DeltaTable(str(root)).file_uris(file_pruning_predicate=filters)
+        return [u.removeprefix("file://") for u in uris]
+    if root.is_file():
+        return [str(root)]
+    files = []
+    for file in sorted(root.rglob("*.parquet")):
+        parts = file.relative_to(root).parts
+        if any(p.startswith(("_", ".")) for p in parts):  # Spark's and Arrow's hidden files
+            continue
+        prefix = f"{partition.column}=" if partition else None
+        if prefix and any(p.startswith(prefix) and p != str(partition) for p in parts[:-1]):
+            continue
+        files.append(str(file))
+    return files
+
+
+def _group_by_layout(
+    files: list[str], contract: Contract
+) -> dict[tuple[frozenset[str], frozenset[str]], list[str]]:
+    """The files by (columns of Arrow type null, nanosecond timestamp columns); checks every other
+    contract column the file holds can be read as the contract's type."""
+    expected = contract.arrow_schema(enforce_nullability=False)
+    groups: dict[tuple[frozenset[str], frozenset[str]], list[str]] = {}
+    for file in files:
+        found = _read_footer(file)
+        nulls, nanos = set(), set()
+        for name in expected.names:
+            if name not in found.names:
+                continue
+            have, want = found.field(name).type, expected.field(name).type
+            if pa.types.is_null(have):
+                nulls.add(name)
+            elif pa.types.is_timestamp(have) and pa.types.is_timestamp(want) and have.unit == "ns":
+                nanos.add(name)
+            elif not _readable_as(have, want):
+                raise ContractError(
+                    f"products column {name!r} is {have} in {file}, but the contract says {want} "
+                    f"(schemas/products.yaml): write it as {want} in the export"
+                )
+        groups.setdefault((frozenset(nulls), frozenset(nanos)), []).append(file)
+    return groups
+
+
+def _readable_as(have: pa.DataType, want: pa.DataType) -> bool:
+    """Whether Spark reads a Parquet column written as ``have`` as the contract's ``want``."""
+    t = pa.types
+    if t.is_string(want):
+        return t.is_string(have) or t.is_large_string(have) or t.is_string_view(have)
+    if t.is_binary(want):
+        return t.is_binary(have) or t.is_large_binary(have) or t.is_binary_view(have)
+    if t.is_timestamp(want):
+        return t.is_timestamp(have)
+    if t.is_date(want):
+        return t.is_date(have)
+    if t.is_map(want):
+        return (
+            t.is_map(have)
+            and _readable_as(have.key_type, want.key_type)
+            and _readable_as(have.item_type, want.item_type)
+        )
+    if t.is_list(want):
+        return (t.is_list(have) or t.is_large_list(have)) and _readable_as(have.value_type, want.value_type)
+    return bool(have == want)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 __all__ = [
     "RunReport",
     "append_quarantine",
+    "check_run_id",
     "format_report",
     "last_watermark",
     "read_reports",
@@ -126,9 +128,30 @@ def upsert_report(path: str | Path, report: RunReport) -> None:
 
 
 def set_report_status(path: str | Path, run_id: str, status: str) -> None:
+    """Set one run's status; the values travel as a one-row source table, never inside the SQL text."""
     from deltalake import DeltaTable
 
-    DeltaTable(str(path)).update(updates={"status": f"'{status}'"}, predicate=f"run_id = '{run_id}'")
+    source = pa.table({"run_id": [run_id], "status": [status]})
+    (
+        DeltaTable(str(path))
+        .merge(source, predicate="t.run_id = s.run_id", source_alias="s", target_alias="t")
+        .when_matched_update(updates={"status": "s.status"})
+        .execute()
+    )
+
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=+-]{0,199}")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` when it is a valid run id (letters, digits and ``._:=+-``, at most 200 characters;
+    it names a staging folder and a quarantine partition), else a one-line error."""
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise CatalogEnrichError(
+            f"run id {run_id!r} is not valid: use letters, digits and . _ : = + - "
+            "(at most 200 characters, starting with a letter or digit)"
+        )
+    return run_id
 
 
 def last_watermark(path: str | Path, scope: str | None) -> dt.datetime | None:

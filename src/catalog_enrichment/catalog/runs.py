@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from catalog_enrichment.catalog.attributes import RollbackResult, rollback_run, runs_of_model_version
+from catalog_enrichment.catalog.lock import catalog_lock
 from catalog_enrichment.catalog.products import list_partitions
-from catalog_enrichment.catalog.reports import read_reports, set_report_status
+from catalog_enrichment.catalog.reports import check_run_id, read_reports, set_report_status
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
@@ -47,7 +49,7 @@ def backfill_plan(
         if not force and any(r.status == "succeeded" and r.model_version == model.version for r in runs):
             plan.append((scope, None))
             continue
-        run_id = f"backfill-{day}-{model.name}-v{model.version}"
+        run_id = f"backfill-{day}-{re.sub(r'[^A-Za-z0-9._-]', '_', model.name)}-v{model.version}"
         if force or any(r.run_id == run_id and r.status == "rolled_back" for r in runs):
             run_id += f"-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
         plan.append((scope, run_id))
@@ -71,20 +73,27 @@ def rollback(
     runs = [run_id] if run_id else [r for _, r in runs_of_model_version(attributes, str(model_version))]
     if not runs:
         raise CatalogEnrichError(f"model version {model_version} has no runs to roll back in {attributes}")
-    results = []
-    for rid in runs:
-        result = rollback_run(attributes, str(rid))
-        results.append(result)
-        progress(
-            f"rolled back {rid}: {result.pairs_restored:,} (product, attribute) pairs restored, "
-            f"{result.rows_removed:,} values removed, {result.rows_restored:,} previous values back"
-            + (
-                f"; {len(result.superseded):,} pairs changed by later runs were left alone"
-                if result.superseded
-                else ""
-            )
-            + (f" (table version {result.version})" if result.version is not None else "")
+    with catalog_lock(
+        cfg.catalog.root, owner="rollback", wait_seconds=cfg.catalog.lock_wait_seconds, say=progress
+    ):
+        return [_rollback_one(attributes, reports, str(rid), progress) for rid in runs]
+
+
+def _rollback_one(
+    attributes: Path, reports: Path, rid: str, progress: Callable[[str], None]
+) -> RollbackResult:
+    """Roll one run back and mark its report."""
+    result = rollback_run(attributes, check_run_id(rid))
+    progress(
+        f"rolled back {rid}: {result.pairs_restored:,} (product, attribute) pairs restored, "
+        f"{result.rows_removed:,} values removed, {result.rows_restored:,} previous values back"
+        + (
+            f"; {len(result.superseded):,} pairs changed by later runs were left alone"
+            if result.superseded
+            else ""
         )
-        if (reports / "_delta_log").is_dir():
-            set_report_status(reports, str(rid), "rolled_back")
-    return results
+        + (f" (table version {result.version})" if result.version is not None else "")
+    )
+    if (reports / "_delta_log").is_dir():
+        set_report_status(reports, rid, "rolled_back")
+    return result

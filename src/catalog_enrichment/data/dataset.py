@@ -12,7 +12,7 @@ serving quarantines them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from catalog_enrichment.config import TextEncoderConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.images import load_pixels
+from catalog_enrichment.data.images import ImagePolicy, load_pixels
 from catalog_enrichment.errors import ConfigError, ContractError, TaxonomyError
 
 if TYPE_CHECKING:
@@ -71,12 +71,13 @@ class ProductRecords:
     description: list[str | None]
     image: list[bytes | None]
     image_uri: list[str | None]
+    image_policy: ImagePolicy = field(default_factory=ImagePolicy)
 
     def __len__(self) -> int:
         return len(self.title)
 
     @classmethod
-    def from_arrow(cls, table: pa.Table) -> ProductRecords:
+    def from_arrow(cls, table: pa.Table, image_policy: ImagePolicy | None = None) -> ProductRecords:
         missing = [c for c in ("title",) if c not in table.column_names]
         if missing:
             raise ContractError(f"products table lacks columns {missing}")
@@ -90,11 +91,12 @@ class ProductRecords:
             col("description"),
             col("image"),
             col("image_uri"),
+            image_policy or ImagePolicy(),
         )
 
     def pixels(self, i: int, prep: ImagePreprocessing) -> tuple[np.ndarray | None, str | None]:
         """Product ``i``'s image as uint8 pixels, or why it cannot be used (see ``load_pixels``)."""
-        return load_pixels(self.image[i], self.image_uri[i], prep.size, prep.interpolation)
+        return load_pixels(self.image[i], self.image_uri[i], prep.size, prep.interpolation, self.image_policy)
 
 
 @dataclass(frozen=True)

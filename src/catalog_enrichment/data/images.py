@@ -7,23 +7,39 @@ The renderer works on NumPy arrays with masks and textures precomputed once per 
 from __future__ import annotations
 
 import io
+import ipaddress
+import os
+import socket
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageChops, ImageDraw
 
-from catalog_enrichment.contracts import IMAGE_DECODABLE, IMAGE_READABLE
+from catalog_enrichment.config import ImagesConfig
+from catalog_enrichment.contracts import (
+    IMAGE_DECODABLE,
+    IMAGE_READABLE,
+    IMAGE_URI_ALLOWED,
+    IMAGE_WITHIN_LIMITS,
+)
 
 __all__ = [
     "COLOR_RGB",
     "IMAGE_DECODABLE",
     "IMAGE_READABLE",
+    "IMAGE_URI_ALLOWED",
+    "IMAGE_WITHIN_LIMITS",
     "LONG_TAIL_COLOR_RGB",
+    "OWN_DATA_POLICY",
     "SUBTYPES",
     "ImageParts",
+    "ImagePolicy",
     "decode_image",
     "encode_image",
     "load_pixels",
@@ -479,59 +495,205 @@ def encode_image(image: Image.Image | np.ndarray, fmt: str = "JPEG", quality: in
     return buf.getvalue()
 
 
+# Never read, whatever the configured roots say: kernel and device files.
+_NEVER = ("/proc", "/dev", "/sys")
+_ADDRESS_SCHEMES = ("http", "https", "ftp")  # schemes whose host is a network address to check
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """What may be read for a product image: ``image_uri`` only under ``roots`` (resolved, so a
+    symlink out of them is refused; never ``/proc``, ``/dev``, ``/sys``, ``..`` or anything but a
+    regular file) and with an allowed scheme; remote schemes through fsspec, never to a loopback,
+    private or link-local host unless allowed; at most ``max_bytes`` read and ``max_pixels``
+    decoded. The default policy reads no ``image_uri`` at all (inline bytes only).
+    """
+
+    roots: tuple[str, ...] = ()
+    schemes: tuple[str, ...] = ("file",)
+    allow_private_addresses: bool = False
+    max_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+
+    @classmethod
+    def from_config(cls, cfg: ImagesConfig, roots: Iterable[str | Path] = ()) -> ImagePolicy:
+        """``cfg``'s policy with ``roots`` (e.g. the products table's folder) allowed besides its own."""
+        return cls(
+            roots=tuple(str(r) for r in [*roots, *cfg.roots]),
+            schemes=tuple(s.lower() for s in cfg.schemes),
+            allow_private_addresses=cfg.allow_private_addresses,
+            max_bytes=cfg.max_bytes,
+            max_pixels=cfg.max_pixels,
+        )
+
+    def read(self, uri: str) -> tuple[bytes | None, str | None]:
+        """The bytes at ``uri``, or ``(None, reason)``: :data:`IMAGE_URI_ALLOWED` (outside the
+        policy), :data:`IMAGE_WITHIN_LIMITS` (too big), :data:`IMAGE_READABLE` (cannot be read)."""
+        scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+        if scheme in ("", "file"):
+            return self._read_local(uri.removeprefix("file://"))
+        if scheme not in self.schemes or (scheme in _ADDRESS_SCHEMES and not self._public_host(uri)):
+            return None, IMAGE_URI_ALLOWED
+        try:
+            import fsspec
+
+            with fsspec.open(uri, "rb") as f:
+                return self._capped(f.read(self.max_bytes + 1))
+        except Exception:  # fsspec backends raise their own error types
+            return None, IMAGE_READABLE
+
+    def _capped(self, data: bytes) -> tuple[bytes | None, str | None]:
+        return (data, None) if len(data) <= self.max_bytes else (None, IMAGE_WITHIN_LIMITS)
+
+    def _read_local(self, text: str) -> tuple[bytes | None, str | None]:
+        if (
+            "file" not in self.schemes
+            or "\x00" in text
+            or not os.path.isabs(text)
+            or ".." in Path(text).parts
+        ):
+            return None, IMAGE_URI_ALLOWED
+        real = os.path.realpath(text)
+        if _under(real, _NEVER) or not _under(real, _real_roots(self.roots)):
+            return None, IMAGE_URI_ALLOWED
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
+        except OSError:
+            return None, IMAGE_READABLE
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # a directory, FIFO, device or socket
+                return None, IMAGE_URI_ALLOWED
+            if info.st_size > self.max_bytes:
+                return None, IMAGE_WITHIN_LIMITS
+            return self._capped(_read_fd(fd, self.max_bytes + 1))
+        except OSError:
+            return None, IMAGE_READABLE
+        finally:
+            os.close(fd)
+
+    def _public_host(self, uri: str) -> bool:
+        """Every address the URI's host resolves to is public (or private ones are allowed)."""
+        if self.allow_private_addresses:
+            return True
+        host = urlsplit(uri).hostname
+        if not host:
+            return False
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return False
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if not address.is_global or address.is_multicast:
+                return False
+        return True
+
+
+# For tables the user owns (training and evaluation data): any local file but /proc, /dev, /sys.
+OWN_DATA_POLICY = ImagePolicy(roots=("/",))
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd``."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, min(1 << 20, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+@cache
+def _real_roots(roots: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(os.path.realpath(r) for r in roots)
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
 def load_pixels(
-    raw: object, uri: object, size: int, interpolation: str = "bilinear"
+    raw: object,
+    uri: object,
+    size: int,
+    interpolation: str = "bilinear",
+    policy: ImagePolicy | None = None,
 ) -> tuple[np.ndarray | None, str | None]:
     """A product's image as ``(size, size, 3)`` uint8 pixels, and why not when it cannot be used.
 
-    The one image path of training, evaluation and serving: inline bytes win over ``image_uri``
-    (a local path or ``file://`` URI). Returns ``(pixels, None)``; ``(None, None)`` when the product
-    has no image at all; ``(None, IMAGE_READABLE)`` when the URI cannot be read; ``(None,
-    IMAGE_DECODABLE)`` when the bytes are not an image.
+    The one image path of training, evaluation and serving: inline bytes win over ``image_uri``,
+    which is read under ``policy`` (default: :class:`ImagePolicy`'s, no URI at all). Returns
+    ``(pixels, None)``; ``(None, None)`` when the product has no image at all; else ``(None,
+    reason)``: :data:`IMAGE_URI_ALLOWED`, :data:`IMAGE_READABLE`, :data:`IMAGE_WITHIN_LIMITS` (too
+    many bytes or pixels) or :data:`IMAGE_DECODABLE` (the bytes are not an image).
     """
+    policy = policy or _DEFAULT_POLICY
+    data: bytes | None
     if isinstance(raw, bytes | bytearray | memoryview):
         data = bytes(raw)
+        if len(data) > policy.max_bytes:
+            return None, IMAGE_WITHIN_LIMITS
     elif isinstance(uri, str) and uri:
-        try:
-            data = Path(uri.removeprefix("file://")).read_bytes()
-        except OSError:
-            return None, IMAGE_READABLE
+        data, reason = policy.read(uri)
+        if data is None:
+            return None, reason
     else:
         return None, None
-    pixels = decode_image(data, size, interpolation)
-    return (pixels, None) if pixels is not None else (None, IMAGE_DECODABLE)
+    return _decode(data, size, interpolation, policy.max_pixels)
+
+
+_DEFAULT_POLICY = ImagePolicy()
 
 
 def decode_image(
     data: bytes | None, size: int | None = None, interpolation: str = "bilinear"
 ) -> np.ndarray | None:
-    """Decode image bytes to an RGB ``(H, W, 3)`` uint8 array, or ``None`` when they are not an image.
+    """Decode image bytes to an RGB ``(H, W, 3)`` uint8 array, or ``None`` when they are not an image
+    (or one over :class:`ImagePolicy`'s default pixel limit).
 
     Empty, truncated and corrupt bytes all return ``None`` (never raise): the caller decides whether
     that quarantines the row or scores it as a product without an image.
+    """
+    return _decode(data, size, interpolation, _DEFAULT_POLICY.max_pixels)[0]
+
+
+def _decode(
+    data: bytes | None, size: int | None, interpolation: str, max_pixels: int
+) -> tuple[np.ndarray | None, str | None]:
+    """Pixels, or ``(None, IMAGE_DECODABLE / IMAGE_WITHIN_LIMITS)``.
 
     JPEGs already at the model's size go through libjpeg-turbo (``simplejpeg``: about 3x faster than
     PIL on small images, the same pixels); everything else, and any JPEG libjpeg-turbo rejects,
-    through PIL, which has the last word on what is an image. PIL decodes large JPEGs at a reduced
+    through PIL, which has the last word on what is an image. PIL reads the header first: an image
+    over ``max_pixels`` is refused before anything is decoded. PIL decodes large JPEGs at a reduced
     DCT scale (``draft``) before the resize, so an 800 px photo costs little more than a thumbnail.
+    Other modes (CMYK, 16-bit, palette, alpha) are converted to RGB; an animation gives its first
+    frame.
     """
     if not data:
-        return None
+        return None, IMAGE_DECODABLE
     if size is not None and data[:3] == b"\xff\xd8\xff":
         fast = _decode_jpeg(data, size)
         if fast is not None:
-            return fast
+            return fast, None
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > max_pixels:
+                return None, IMAGE_WITHIN_LIMITS
             if size is not None and image.format == "JPEG":
                 image.draft("RGB", (size, size))
             image.load()
             rgb = image.convert("RGB")
+    except Image.DecompressionBombError:  # over Pillow's own limit, found while opening
+        return None, IMAGE_WITHIN_LIMITS
     except Exception:  # PIL raises many types for bad data: UnidentifiedImageError, OSError, ...
-        return None
+        return None, IMAGE_DECODABLE
     if size is not None and rgb.size != (size, size):
         rgb = rgb.resize((size, size), _RESAMPLING[interpolation])
-    return np.asarray(rgb)
+    return np.asarray(rgb), None
 
 
 def _decode_jpeg(data: bytes, size: int) -> np.ndarray | None:

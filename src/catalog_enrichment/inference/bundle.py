@@ -10,6 +10,7 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
     taxonomy.json        the taxonomy the heads were built for
     calibration.json     thresholds, support and bounds per (attribute, value)
     evaluation.json      the test-split report of the training run
+    manifest.json        the SHA-256 of every other file (a corrupt or partial copy is refused)
 
 A bundle is self-contained: loading it reads nothing outside the folder. The text encoders are
 rebuilt from their saved configs and the image encoder from its timm name with the saved
@@ -19,6 +20,7 @@ from (kept in ``model.json`` as a record) need not exist where it is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -35,7 +37,9 @@ from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import MultimodalModel, build_model
 
-__all__ = ["ModelBundle", "json_safe", "load_bundle", "save_bundle"]
+__all__ = ["MANIFEST", "ModelBundle", "bundle_problems", "json_safe", "load_bundle", "save_bundle"]
+
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -88,7 +92,36 @@ def save_bundle(
     (root / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict(), indent=2))
     (root / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=2))
     (root / "evaluation.json").write_text(json.dumps(json_safe(evaluation), indent=2))
+    (root / MANIFEST).write_text(json.dumps(_digests(root), indent=2))  # last: it covers the rest
     return root
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def bundle_problems(path: str | Path) -> list[str]:
+    """What is wrong with a bundle folder's files against its manifest: missing or changed files
+    (empty when it is whole; bundles saved before manifests existed are only checked for weights)."""
+    root = Path(path)
+    if not (root / "weights.pt").is_file():
+        return ["weights.pt is missing"]
+    if not (root / MANIFEST).is_file():
+        return []
+    try:
+        expected = json.loads((root / MANIFEST).read_text())
+    except ValueError:
+        return [f"{MANIFEST} is not JSON"]
+    found = _digests(root)
+    return [
+        f"{name} is {'missing' if name not in found else 'corrupt (checksum differs)'}"
+        for name, digest in expected.items()
+        if found.get(name) != digest
+    ]
 
 
 def json_safe(x: Any) -> Any:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import torch
 
 from catalog_enrichment.data.dataset import Collator
-from catalog_enrichment.data.images import load_pixels
+from catalog_enrichment.data.images import ImagePolicy, load_pixels
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
 
@@ -140,8 +140,10 @@ class BatchPredictor:
         autocast: bool = True,
         channels_last: bool = True,
         keep_memory: bool = True,
+        image_policy: ImagePolicy | None = None,
     ) -> None:
         self.bundle = bundle
+        self.image_policy = image_policy or ImagePolicy()
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.decode_threads = max(1, decode_threads)
@@ -173,7 +175,7 @@ class BatchPredictor:
         errors: list[str | None] = [None] * n
         for i, (raw, uri) in enumerate(zip(images, uris, strict=True)):
             # no image at all: scored as an imageless product; an unusable one: an error to quarantine
-            decoded, errors[i] = load_pixels(raw, uri, prep.size, prep.interpolation)
+            decoded, errors[i] = load_pixels(raw, uri, prep.size, prep.interpolation, self.image_policy)
             if decoded is not None:
                 pixels[i] = decoded
                 present[i] = 1.0

@@ -19,6 +19,7 @@ import gc
 import itertools
 import json
 import os
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,6 +247,22 @@ def spark_output_schema() -> Any:
     return from_arrow_schema(OUTPUT_SCHEMA)
 
 
+# Test hook: a marker file path; the first Python worker to find it absent creates it and SIGKILLs
+# itself after scoring a batch (the crash tests check Spark retries the task).
+WORKER_FAULT_ENV = "CATALOG_ENRICH_WORKER_FAULT"
+
+
+def _fault_kill_worker_once() -> None:
+    marker = os.environ.get(WORKER_FAULT_ENV)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) -> Any:
     """The scored DataFrame (lazy): one row per input row, ``OUTPUT_SCHEMA`` columns.
 
@@ -262,6 +279,7 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
         for out in score_batches(predictor, policy, itertools.chain([first], rows)):
             batches.add(1)
             yield out
+            _fault_kill_worker_once()
 
     present = [c for c in SCORING_INPUT if c in valid.columns]
     return valid.select(*present).mapInArrow(score_partition, spark_output_schema())

@@ -42,6 +42,7 @@ from catalog_enrichment.data.dataset import (
     canonical_order,
     encode_labels,
 )
+from catalog_enrichment.data.images import OWN_DATA_POLICY, ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
@@ -511,10 +512,10 @@ def _crossfit(
     return Predictions(probs, None, {}), train_labels
 
 
-def _usable_images(table: pa.Table, say: Progress) -> pa.Table:
+def _usable_images(table: pa.Table, policy: ImagePolicy, say: Progress) -> pa.Table:
     """The rows whose image is usable or absent: serving quarantines a product whose image exists
     but cannot be read or decoded, so training leaves it out too (counted in the log)."""
-    records = ProductRecords.from_arrow(table)
+    records = ProductRecords.from_arrow(table, policy)
     prep = ImagePreprocessing(size=32)  # usable or not does not depend on the size
     errors = [records.pixels(i, prep)[1] for i in range(len(records))]
     bad = [e for e in errors if e is not None]
@@ -586,8 +587,10 @@ def _train_and_calibrate(
     seed_everything(tcfg.seed)
 
     _check_encoders_mode(cfg)
-    table = _usable_images(canonical_order(table), say)
-    records = ProductRecords.from_arrow(table)
+    # training reads its own labelled data: any local image_uri unless images.roots narrows it
+    policy = ImagePolicy.from_config(cfg.images) if cfg.images.roots else OWN_DATA_POLICY
+    table = _usable_images(canonical_order(table), policy, say)
+    records = ProductRecords.from_arrow(table, policy)
     labels = encode_labels(table, taxonomy)
     if len(records) == 0:
         raise CatalogEnrichError("the labelled table is empty")

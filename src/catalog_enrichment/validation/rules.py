@@ -49,11 +49,17 @@ __all__ = [
 
 REASONS = "_reasons"
 # Titles that are a stringified non-text value: nan/None/null, numbers, objects and lists.
+# (?U): \s is Unicode's White_Space (a title of no-break spaces is blank too)
 NOT_TEXT_REGEX = (
-    r"(?i)^\s*(nan|none|null|nat|undefined|true|false|\[object object\]"
+    r"(?iU)^\s*(nan|none|null|nat|undefined|true|false|\[object object\]"
     r"|[-+]?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?|\{.*\}|\[.*\])\s*$"
 )
-BLANK_REGEX = r"^\s*$"
+BLANK_REGEX = r"(?U)^\s*$"
+ID_CONTROL_REGEX = r"[\x00-\x1f\x7f]"
+TEXT_CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # tab, line feed, carriage return allowed
+# Text columns a Python worker decodes (the model's inputs and the key): bytes that are not UTF-8
+# would fail the worker, so such rows are quarantined first.
+UTF8_COLUMNS = ("product_id", "title", "description", "image_uri")
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,9 @@ class Rule:
     across_rows: bool = False  # decided by other rows too (the duplicates), not by the row alone
 
 
-def build_rules(contract: Contract, cfg: ValidationConfig) -> list[Rule]:
-    """The products contract's rules, in a fixed order."""
+def build_rules(contract: Contract, cfg: ValidationConfig, started_at: dt.datetime) -> list[Rule]:
+    """The products contract's rules, in a fixed order; ``started_at`` (the run's start) bounds
+    ``updated_at`` from above."""
     from pyspark.sql import functions as F
 
     def gxe() -> Any:
@@ -102,7 +109,32 @@ def build_rules(contract: Contract, cfg: ValidationConfig) -> list[Rule]:
                 across_rows=True,
             )
         )
+    earliest = dt.datetime.combine(cfg.earliest_updated_at, dt.time(), dt.UTC)
+    latest = started_at + dt.timedelta(seconds=cfg.max_clock_skew_seconds)
     rules += [
+        Rule(
+            "product_id_not_blank",
+            "product_id is empty or only whitespace",
+            "product_id",
+            lambda: F.col("product_id").rlike(BLANK_REGEX),
+            lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="product_id", regex=BLANK_REGEX),
+        ),
+        Rule(
+            "product_id_max_length",
+            f"product_id longer than {cfg.max_id_length} characters",
+            "product_id",
+            lambda: F.length("product_id") > cfg.max_id_length,
+            lambda: gxe().ExpectColumnValueLengthsToBeBetween(
+                column="product_id", max_value=cfg.max_id_length
+            ),
+        ),
+        Rule(
+            "product_id_no_control_chars",
+            "product_id holds control characters",
+            "product_id",
+            lambda: F.col("product_id").rlike(ID_CONTROL_REGEX),
+            lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="product_id", regex=ID_CONTROL_REGEX),
+        ),
         Rule(
             "title_not_empty",
             "title is blank",
@@ -116,6 +148,13 @@ def build_rules(contract: Contract, cfg: ValidationConfig) -> list[Rule]:
             "title",
             lambda: F.col("title").rlike(NOT_TEXT_REGEX),
             lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="title", regex=NOT_TEXT_REGEX),
+        ),
+        Rule(
+            "title_no_control_chars",
+            "title holds control characters (other than tab and line breaks)",
+            "title",
+            lambda: F.col("title").rlike(TEXT_CONTROL_REGEX),
+            lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="title", regex=TEXT_CONTROL_REGEX),
         ),
         Rule(
             "title_max_length",
@@ -133,8 +172,39 @@ def build_rules(contract: Contract, cfg: ValidationConfig) -> list[Rule]:
                 column="description", max_value=cfg.max_description_length
             ),
         ),
+        *[
+            Rule(
+                f"{column}_valid_utf8",
+                f"{column} is not valid UTF-8 text",
+                column,
+                _invalid_utf8(column),
+                None,  # no GX expectation says it
+            )
+            for column in UTF8_COLUMNS
+        ],
+        Rule(
+            "updated_at_not_in_future",
+            f"updated_at later than the run's start plus validation.max_clock_skew_seconds "
+            f"({latest:%Y-%m-%d %H:%M:%S} UTC)",
+            "updated_at",
+            lambda: F.col("updated_at") > F.lit(latest),
+            lambda: gxe().ExpectColumnValuesToBeBetween(column="updated_at", max_value=latest),
+        ),
+        Rule(
+            "updated_at_not_too_old",
+            f"updated_at before validation.earliest_updated_at ({cfg.earliest_updated_at})",
+            "updated_at",
+            lambda: F.col("updated_at") < F.lit(earliest),
+            lambda: gxe().ExpectColumnValuesToBeBetween(column="updated_at", min_value=earliest),
+        ),
     ]
     return rules
+
+
+def _invalid_utf8(column: str) -> Callable[[], Any]:
+    from pyspark.sql import functions as F
+
+    return lambda: ~F.is_valid_utf8(column)
 
 
 def _null_test(column: str) -> Callable[[], Any]:

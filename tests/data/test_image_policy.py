@@ -1,0 +1,264 @@
+"""What happens to every kind of image and image_uri: pixels, or one precise reason (never a raise).
+
+Each case names its outcome: ``None`` (decoded), or the quarantine reason the job records.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import socket
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from catalog_enrichment.config import ImagesConfig
+from catalog_enrichment.data.images import (
+    IMAGE_DECODABLE,
+    IMAGE_READABLE,
+    IMAGE_URI_ALLOWED,
+    IMAGE_WITHIN_LIMITS,
+    ImagePolicy,
+    encode_image,
+    load_pixels,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+SIZE = 32
+
+
+def _save(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` with one tiny data chunk: a bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+RGB = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8), "RGB")
+JPEG = encode_image(RGB)
+GIF_FRAMES = [Image.new("P", (20, 20), i) for i in range(3)]
+
+# name -> (bytes, expected reason); every one is decoded or refused with its reason
+IMAGE_CASES: dict[str, tuple[bytes, str | None]] = {
+    "jpeg": (JPEG, None),
+    "png": (encode_image(RGB, "PNG"), None),
+    "jpeg at the model's size (libjpeg-turbo path)": (encode_image(RGB.resize((SIZE, SIZE))), None),
+    "cmyk jpeg": (_save(RGB.convert("CMYK"), "JPEG"), None),
+    "grayscale png": (_save(RGB.convert("L"), "PNG"), None),
+    "16-bit png": (_save(Image.fromarray(np.full((20, 20), 40000, np.uint16)), "PNG"), None),
+    "palette png": (_save(RGB.convert("P"), "PNG"), None),
+    "rgba png": (_save(RGB.convert("RGBA"), "PNG"), None),
+    "animated gif (first frame)": (
+        _save(GIF_FRAMES[0], "GIF", save_all=True, append_images=GIF_FRAMES[1:]),
+        None,
+    ),
+    "webp": (_save(RGB, "WEBP"), None),
+    "truncated jpeg": (JPEG[: len(JPEG) // 2], IMAGE_DECODABLE),
+    "truncated png header": (encode_image(RGB, "PNG")[:30], IMAGE_DECODABLE),
+    "zero-length": (b"", IMAGE_DECODABLE),
+    "one byte": (b"\xff", IMAGE_DECODABLE),
+    "jpeg magic then garbage": (b"\xff\xd8\xff" + b"\x00" * 200, IMAGE_DECODABLE),
+    "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>', IMAGE_DECODABLE),
+    "text": (b"not an image at all\n", IMAGE_DECODABLE),
+    "pdf": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", IMAGE_DECODABLE),
+    "html error page": (b"<html><body>404 Not Found</body></html>", IMAGE_DECODABLE),
+    "bomb over max_pixels (8000 x 8000, 1-bit)": (
+        _save(Image.new("1", (8000, 8000)), "PNG"),
+        IMAGE_WITHIN_LIMITS,
+    ),
+    "bomb over Pillow's own limit (header only)": (_png_header_only(30000, 30000), IMAGE_WITHIN_LIMITS),
+    "over max_bytes": (JPEG + b"\0" * 2_000_000, IMAGE_WITHIN_LIMITS),
+}
+POLICY = ImagePolicy(max_bytes=1_000_000, max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize("name", list(IMAGE_CASES))
+def test_every_kind_of_image_bytes_decodes_or_gets_its_reason(name: str) -> None:
+    data, reason = IMAGE_CASES[name]
+    pixels, got = load_pixels(data, None, SIZE, policy=POLICY)
+    assert got == reason
+    if reason is None:
+        assert pixels is not None and pixels.shape == (SIZE, SIZE, 3) and pixels.dtype == np.uint8
+    else:
+        assert pixels is None
+
+
+def test_no_image_at_all_is_not_an_error() -> None:
+    assert load_pixels(None, None, SIZE) == (None, None)
+    assert load_pixels(None, "", SIZE) == (None, None)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[Path]:
+    """``root/`` (allowed) with an image, a link to it, a link out, a FIFO; ``outside/`` beside it."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "images").mkdir(parents=True)
+    outside.mkdir()
+    (root / "images" / "a.jpg").write_bytes(JPEG)
+    (outside / "secret.jpg").write_bytes(JPEG)
+    (root / "images" / "inside-link.jpg").symlink_to(root / "images" / "a.jpg")
+    (root / "images" / "out-link.jpg").symlink_to(outside / "secret.jpg")
+    (root / "images" / "dir-link").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(root / "images" / "pipe.jpg")
+    (root / "images" / "big.jpg").write_bytes(JPEG + b"\0" * 3_000_000)
+    yield tmp_path
+
+
+def _uri_cases(t: Path) -> dict[str, tuple[str, str | None]]:
+    images = t / "root" / "images"
+    return {
+        "absolute path under the root": (str(images / "a.jpg"), None),
+        "file:// URI under the root": (f"file://{images / 'a.jpg'}", None),
+        "symlink inside the root": (str(images / "inside-link.jpg"), None),
+        "symlink out of the root": (str(images / "out-link.jpg"), IMAGE_URI_ALLOWED),
+        "directory symlink out of the root": (str(images / "dir-link" / "secret.jpg"), IMAGE_URI_ALLOWED),
+        "path outside the root": (str(t / "outside" / "secret.jpg"), IMAGE_URI_ALLOWED),
+        "dot-dot out of the root": (f"{images}/../../outside/secret.jpg", IMAGE_URI_ALLOWED),
+        "dot-dot staying inside": (f"{images}/../images/a.jpg", IMAGE_URI_ALLOWED),
+        "relative path": ("images/a.jpg", IMAGE_URI_ALLOWED),
+        "/etc/passwd": ("/etc/passwd", IMAGE_URI_ALLOWED),
+        "/proc/self/environ": ("/proc/self/environ", IMAGE_URI_ALLOWED),
+        "/dev/zero": ("/dev/zero", IMAGE_URI_ALLOWED),
+        "a FIFO under the root": (str(images / "pipe.jpg"), IMAGE_URI_ALLOWED),
+        "a directory under the root": (str(images), IMAGE_URI_ALLOWED),
+        "missing file under the root": (str(images / "gone.jpg"), IMAGE_READABLE),
+        "file over max_bytes": (str(images / "big.jpg"), IMAGE_WITHIN_LIMITS),
+        "NUL byte in the path": (f"{images}/a.jpg\x00.png", IMAGE_URI_ALLOWED),
+        "https not configured": ("https://example.com/a.jpg", IMAGE_URI_ALLOWED),
+        "s3 not configured": ("s3://bucket/a.jpg", IMAGE_URI_ALLOWED),
+        "unknown scheme": ("gopher://host/a.jpg", IMAGE_URI_ALLOWED),
+    }
+
+
+def test_image_uris_are_read_only_under_the_roots_and_schemes(tree: Path) -> None:
+    policy = ImagePolicy.from_config(ImagesConfig(max_bytes=1_000_000), [tree / "root"])
+    for name, (uri, reason) in _uri_cases(tree).items():
+        pixels, got = load_pixels(None, uri, SIZE, policy=policy)
+        assert got == reason, name
+        assert (pixels is not None) == (reason is None), name
+
+
+def test_the_default_policy_reads_no_uri_at_all(tree: Path) -> None:
+    uri = str(tree / "root" / "images" / "a.jpg")
+    assert load_pixels(None, uri, SIZE) == (None, IMAGE_URI_ALLOWED)
+    # inline bytes win over a URI, whatever the URI is
+    pixels, reason = load_pixels(JPEG, "/etc/passwd", SIZE)
+    assert reason is None and pixels is not None
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[str]:
+    """A real HTTP server on a loopback port serving one JPEG."""
+    (tmp_path / "a.jpg").write_bytes(JPEG)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kw: object) -> None:
+            super().__init__(*args, directory=str(tmp_path), **kw)  # type: ignore[arg-type]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_remote_uris_go_through_fsspec_and_never_to_private_addresses_unless_allowed(
+    http_server: str,
+) -> None:
+    uri = f"{http_server}/a.jpg"
+    closed = ImagePolicy(roots=("/",))
+    assert load_pixels(None, uri, SIZE, policy=closed)[1] == IMAGE_URI_ALLOWED  # http not configured
+    public_only = ImagePolicy(schemes=("http",))
+    assert load_pixels(None, uri, SIZE, policy=public_only)[1] == IMAGE_URI_ALLOWED  # loopback
+    for host in ("localhost", "10.0.0.1", "169.254.169.254", "[::1]", "192.168.1.1", "0.0.0.0"):
+        assert public_only.read(f"http://{host}/a.jpg") == (None, IMAGE_URI_ALLOWED), host
+    allowed = ImagePolicy(schemes=("http",), allow_private_addresses=True)
+    pixels, reason = load_pixels(None, uri, SIZE, policy=allowed)
+    assert reason is None and pixels is not None
+    assert load_pixels(None, f"{http_server}/gone.jpg", SIZE, policy=allowed)[1] == IMAGE_READABLE
+    small = ImagePolicy(schemes=("http",), allow_private_addresses=True, max_bytes=100)
+    assert load_pixels(None, uri, SIZE, policy=small)[1] == IMAGE_WITHIN_LIMITS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_remote_host_that_does_not_answer_is_unreadable_not_an_error() -> None:
+    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True)
+    assert (
+        load_pixels(None, f"http://127.0.0.1:{_free_port()}/a.jpg", SIZE, policy=policy)[1] == IMAGE_READABLE
+    )
+
+
+REASONS = {None, IMAGE_DECODABLE, IMAGE_WITHIN_LIMITS}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=2048),
+        st.binary(max_size=512).map(lambda b: b"\xff\xd8\xff" + b),  # JPEG magic, then anything
+        st.binary(max_size=512).map(lambda b: b"\x89PNG\r\n\x1a\n" + b),
+        st.integers(0, len(JPEG)).map(lambda n: JPEG[:n]),  # every truncation
+        st.tuples(st.integers(0, len(JPEG) - 1), st.integers(0, 255)).map(
+            lambda p: JPEG[: p[0]] + bytes([p[1]]) + JPEG[p[0] + 1 :]  # one corrupted byte
+        ),
+    )
+)
+def test_any_bytes_give_pixels_or_a_reason_and_never_raise(data: bytes) -> None:
+    pixels, reason = load_pixels(data, None, SIZE, policy=POLICY)
+    assert reason in REASONS
+    assert (pixels is None) == (reason is not None)
+    if pixels is not None:
+        assert pixels.shape == (SIZE, SIZE, 3)
+
+
+SEGMENTS = st.sampled_from(
+    ["..", ".", "images", "a.jpg", "outside", "secret.jpg", "out-link.jpg", "dir-link", ""]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(SEGMENTS, max_size=6), st.sampled_from(["root", "outside", ""]), st.booleans())
+def test_no_generated_path_reads_a_file_outside_the_root(
+    tree: Path, parts: list[str], start: str, uri: bool
+) -> None:
+    policy = ImagePolicy(roots=(str(tree / "root"),))
+    path = "/".join([str(tree / start) if start else str(tree), *parts])
+    data, reason = policy.read(f"file://{path}" if uri else path)
+    if data is not None:  # only ever the one image under the root
+        real = os.path.realpath(path)
+        assert real.startswith(str(tree / "root") + os.sep) and data == JPEG
+    else:
+        assert reason in {IMAGE_URI_ALLOWED, IMAGE_READABLE}

@@ -1,0 +1,421 @@
+"""Every kind of bad input the job can meet, and what happens to it.
+
+One products table holds valid products and one row per bad case, each with the quarantine reasons
+it must get (an empty list: it is valid and scored); one enrichment run over it must put every row
+exactly where it says. Tables that cannot be read as the contract says fail the run before any
+write, with one line naming the column and the next step; what everyday exports write (all-null
+columns typed ``null``, nanosecond timestamps, extra columns, an evolved Delta schema) is read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from catalog_enrichment.catalog.attributes import ensure_attributes_table
+from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
+from catalog_enrichment.catalog.products import read_products
+from catalog_enrichment.config import ValidationConfig
+from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.errors import ContractError
+from catalog_enrichment.validation.rules import build_rules, check_rows
+from catalog_enrichment.versions import ModelVersion
+from tests.conftest import tiny_config
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
+
+PRODUCTS = load_contract("products")
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _png(image: Image.Image, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def _cases(good: dict[str, Any], folder: Path, now: dt.datetime) -> list[tuple[dict[str, Any], list[str]]]:
+    """(row, expected reasons) per case; rows start as a copy of a valid product, their category
+    names the case (the quarantine keeps the raw row, whatever its id)."""
+    jpeg = good["image"]
+    rgb = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "images" / "ok.jpg").write_bytes(jpeg)
+    (folder.parent / "outside.jpg").write_bytes(jpeg)
+    (folder / "images" / "out-link.jpg").symlink_to(folder.parent / "outside.jpg")
+    frames = [Image.new("P", (32, 32), i) for i in range(3)]
+    utf8_bad = b"caf\xe9 \xff\xfe"  # Latin-1 bytes in a string column
+    t = good["updated_at"]
+    cases: list[tuple[dict[str, Any], list[str]]] = [
+        # ids
+        ({"product_id": None}, ["product_id_not_null"]),
+        ({"product_id": ""}, ["product_id_not_blank"]),
+        ({"product_id": "   "}, ["product_id_not_blank"]),
+        ({"product_id": "\t"}, ["product_id_not_blank", "product_id_no_control_chars"]),
+        ({"product_id": "x" * 300}, ["product_id_max_length"]),
+        ({"product_id": "id\x00nul"}, ["product_id_no_control_chars"]),
+        ({"product_id": utf8_bad}, ["product_id_valid_utf8"]),
+        ({"product_id": "tie", "updated_at": t}, ["product_id_unique"]),
+        ({"product_id": "tie", "updated_at": t}, ["product_id_unique"]),
+        ({"product_id": "dup", "updated_at": t - dt.timedelta(days=1)}, ["product_id_unique"]),
+        ({"product_id": "dup", "updated_at": t}, []),  # the newest copy is kept
+        ({"product_id": "ünïcødé-ид-商品"}, []),
+        # text
+        ({"title": None}, ["title_not_null"]),
+        ({"title": ""}, ["title_not_empty"]),
+        ({"title": " \n\t "}, ["title_not_empty"]),
+        ({"title": "nan"}, ["title_is_text"]),
+        ({"title": "None"}, ["title_is_text"]),
+        ({"title": "12.5"}, ["title_is_text"]),
+        ({"title": "Shirt\x00"}, ["title_no_control_chars"]),
+        ({"title": "Shirt\x1b[31m"}, ["title_no_control_chars"]),
+        ({"title": "T" * 1_000_000}, ["title_max_length"]),
+        ({"title": utf8_bad}, ["title_valid_utf8"]),
+        ({"description": "D" * 1_000_000}, ["description_max_length"]),
+        ({"description": utf8_bad}, ["description_valid_utf8"]),
+        ({"image_uri": utf8_bad, "image": None}, ["image_uri_valid_utf8"]),
+        ({"title": "Shirt 👕 قميص שמלה e\u0301"}, []),  # emoji, RTL, combining marks: text
+        ({"description": "   "}, []),
+        ({"description": "tabs\tand\nbreaks\x07"}, []),  # descriptions are not checked for them
+        ({"description": None}, []),
+        # timestamps
+        ({"updated_at": None}, ["updated_at_not_null"]),
+        ({"updated_at": dt.datetime(9999, 1, 1, tzinfo=dt.UTC)}, ["updated_at_not_in_future"]),
+        ({"updated_at": now + dt.timedelta(hours=2)}, ["updated_at_not_in_future"]),
+        ({"updated_at": now + dt.timedelta(minutes=10)}, []),  # within the clock skew
+        ({"updated_at": dt.datetime(1970, 1, 1, tzinfo=dt.UTC)}, ["updated_at_not_too_old"]),
+        ({"updated_at": dt.datetime(1, 1, 1, tzinfo=dt.UTC)}, ["updated_at_not_too_old"]),
+        # images
+        ({"image": jpeg[: len(jpeg) // 2]}, ["image_decodable"]),
+        ({"image": b""}, ["image_decodable"]),
+        ({"image": b"<svg xmlns='http://www.w3.org/2000/svg'/>"}, ["image_decodable"]),
+        ({"image": b"GIF89a but not really"}, ["image_decodable"]),
+        ({"image": _png(Image.new("1", (8000, 8000)))}, ["image_within_limits"]),  # a bomb
+        ({"image": jpeg + b"\0" * 300_000}, ["image_within_limits"]),  # over max_bytes
+        ({"image": _png(rgb.convert("CMYK"), format="JPEG")}, []),
+        ({"image": _png(Image.fromarray(np.full((32, 32), 40000, np.uint16)))}, []),  # 16-bit
+        ({"image": _png(rgb.convert("P"))}, []),
+        ({"image": _png(rgb.convert("RGBA"))}, []),
+        ({"image": _png(frames[0], format="GIF", save_all=True, append_images=frames[1:])}, []),
+        ({"image": None, "image_uri": None}, []),  # no image: scored from text
+        ({"image": None, "image_uri": str(folder / "images" / "ok.jpg")}, []),
+        ({"image": None, "image_uri": f"file://{folder / 'images' / 'ok.jpg'}"}, []),
+        ({"image": None, "image_uri": str(folder / "images" / "gone.jpg")}, ["image_readable"]),
+        ({"image": None, "image_uri": "/etc/passwd"}, ["image_uri_allowed"]),
+        ({"image": None, "image_uri": "/proc/self/environ"}, ["image_uri_allowed"]),
+        ({"image": None, "image_uri": "/dev/zero"}, ["image_uri_allowed"]),
+        ({"image": None, "image_uri": str(folder / "images" / "out-link.jpg")}, ["image_uri_allowed"]),
+        ({"image": None, "image_uri": f"{folder}/images/../../outside.jpg"}, ["image_uri_allowed"]),
+        ({"image": None, "image_uri": "https://169.254.169.254/latest/meta-data"}, ["image_uri_allowed"]),
+        ({"image": None, "image_uri": "images/ok.jpg"}, ["image_uri_allowed"]),
+        # several at once: every reason is recorded
+        (
+            {"product_id": "", "title": "nan", "updated_at": None},
+            ["product_id_not_blank", "title_is_text", "updated_at_not_null"],
+        ),
+    ]  # fmt: skip
+    rows = []
+    for i, (change, reasons) in enumerate(cases):
+        row = {**good, "product_id": f"case-{i:03d}", "category": f"case-{i:03d}", **change}
+        rows.append((row, reasons))
+    return rows
+
+
+def _write_products(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One Parquet file with the contract's Arrow types; string columns may hold bytes that are not
+    UTF-8 (written unchecked, as a broken exporter would)."""
+    schema = PRODUCTS.arrow_schema(enforce_nullability=False)
+    columns = []
+    for field in schema:
+        values = [r.get(field.name) for r in rows]
+        if pa.types.is_string(field.type):
+            raw = [v.encode() if isinstance(v, str) else v for v in values]
+            columns.append(pa.array(raw, pa.binary()).view(pa.string()))
+        else:
+            columns.append(pa.array(values, field.type))
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), path / "part-0.parquet")
+
+
+def _valid_products(incoming) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """The generated products that are not bad in any way (ids of injected bad rows left out)."""
+    truth = read_table(incoming.truth)
+    bad = {
+        p for p, k in zip(truth["product_id"].to_pylist(), truth["bad_kind"].to_pylist(), strict=True) if k
+    }
+    return [
+        r for r in read_table(incoming.products).to_pylist() if r["product_id"] and r["product_id"] not in bad
+    ]
+
+
+@pytest.fixture(scope="module")
+def corpus(spark, tmp_path_factory, incoming, taxonomy, scoring_bundle):  # type: ignore[no-untyped-def]
+    """The run over 150 valid products and every bad case (the report, the tables, the cases)."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    products = root / "products"
+    valid = _valid_products(incoming)
+    good = valid[:150]
+    cases = _cases(valid[200], products, dt.datetime.now(dt.UTC))
+    _write_products(products, good + [row for row, _ in cases])
+    cfg = tiny_config(
+        catalog={"root": str(root / "lake")},
+        inference={"batch_size": 64, "device": "cpu"},
+        validation={"max_invalid_fraction": 0.5, "run_expectations": True},
+        images={"max_bytes": 200_000},
+    )
+    ensure_attributes_table(cfg.catalog.table("attributes"))
+    outcome = run_enrichment(
+        spark,
+        cfg,
+        taxonomy,
+        model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+        products=products,
+        run_id="bad-inputs",
+        progress=lambda m: None,
+    )
+    return cfg, outcome, good, cases, products
+
+
+def test_every_bad_row_is_quarantined_with_exactly_its_reasons(corpus) -> None:  # type: ignore[no-untyped-def]
+    cfg, outcome, good, cases, _ = corpus
+    report = outcome.report
+    quarantine = read_table(cfg.catalog.table("quarantine"))
+    got = {
+        json.loads(raw)["category"]: sorted(reasons)
+        for raw, reasons in zip(quarantine["raw"].to_pylist(), quarantine["reasons"].to_pylist(), strict=True)
+    }
+    want = {row["category"]: sorted(reasons) for row, reasons in cases if reasons}
+    assert report.status == "succeeded"
+    assert report.rows_read == len(good) + len(cases)
+    assert report.rows_quarantined == len(want) == quarantine.num_rows
+    assert report.rows_valid + report.rows_quarantined == report.rows_read
+    assert got == want
+
+
+def test_valid_rows_are_scored_and_no_blank_id_is_ever_written(corpus) -> None:  # type: ignore[no-untyped-def]
+    cfg, outcome, good, cases, _ = corpus
+    report = outcome.report
+    n_valid = len(good) + sum(1 for _, r in cases if not r)
+    assert report.rows_valid == n_valid and report.rows_scored == n_valid
+    written = read_table(cfg.catalog.table("attributes"))
+    ids = set(written["product_id"].to_pylist())
+    assert all(i is not None and i.strip() and i.isprintable() for i in ids)
+    bad_ids = {row["product_id"] for row, r in cases if r} - {row["product_id"] for row, r in cases if not r}
+    assert not ids & {i for i in bad_ids if isinstance(i, str)}  # ("dup": its older copy is the bad one)
+    assert written.num_rows > 0
+
+
+def test_the_watermark_never_passes_the_runs_start(spark, corpus, taxonomy, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
+    cfg, outcome, _, cases, products = corpus
+    report = outcome.report
+    # a row at 9999-01-01 and one 10 minutes ahead (within the skew) were read
+    assert report.watermark == report.started_at
+    # the next incremental run reads what is stamped after that start: the rows in the future again
+    again = run_enrichment(
+        spark,
+        cfg.model_copy(
+            update={"validation": cfg.validation.model_copy(update={"max_invalid_fraction": 1.0})}
+        ),
+        taxonomy,
+        model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+        products=products,
+        run_id="bad-inputs-next",
+        progress=lambda m: None,
+    )
+    ahead = [r for r, _ in cases if r["updated_at"] is not None and r["updated_at"] > report.started_at]
+    assert again.report.rows_read == len(ahead) == 3
+    assert again.report.watermark == again.report.started_at
+
+
+def _pandas_export(path: Path, good: list[dict[str, Any]]) -> None:
+    """What ``DataFrame.to_parquet`` writes for products without descriptions or merchant values:
+    Arrow ``null`` columns and nanosecond timestamps."""
+    frame = pd.DataFrame(
+        {
+            "product_id": [r["product_id"] for r in good],
+            "title": [r["title"] for r in good],
+            "description": [None] * len(good),
+            "image": [r["image"] for r in good],
+            "image_uri": [None] * len(good),
+            "category": [r["category"] for r in good],
+            "merchant_attributes": [None] * len(good),
+            "updated_at": pd.to_datetime([r["updated_at"] for r in good], utc=True),
+            "ingest_date": [r["ingest_date"] for r in good],
+            "exported_by": ["pandas"] * len(good),  # an extra column: kept out
+        }
+    )
+    path.mkdir(parents=True)
+    frame.to_parquet(path / "export.parquet")
+
+
+def test_an_everyday_pandas_export_is_read_as_the_contract_says(
+    spark, tmp_path, incoming, taxonomy, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    good = _valid_products(incoming)[:30]
+    _pandas_export(tmp_path / "export", good)
+    schema = pq.read_schema(tmp_path / "export" / "export.parquet")
+    assert pa.types.is_null(schema.field("description").type)
+    assert pa.types.is_null(schema.field("merchant_attributes").type)
+    assert schema.field("updated_at").type.unit == "ns"
+    df = read_products(spark, tmp_path / "export", PRODUCTS)
+    assert df.columns == list(PRODUCTS.names)  # the extra column is not read
+    rows = df.collect()
+    assert {r["product_id"] for r in rows} == {r["product_id"] for r in good}
+    assert all(r["description"] is None and r["merchant_attributes"] is None for r in rows)
+    by_id = {r["product_id"]: r["updated_at"] for r in good}
+    assert all(r["updated_at"].replace(tzinfo=dt.UTC) == by_id[r["product_id"]] for r in rows)
+    cfg = tiny_config(catalog={"root": str(tmp_path / "lake")}, inference={"device": "cpu"})
+    outcome = run_enrichment(
+        spark,
+        cfg,
+        taxonomy,
+        model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+        products=tmp_path / "export",
+        run_id="export",
+        progress=lambda m: None,
+    )
+    assert outcome.report.status == "succeeded" and outcome.report.rows_scored == 30
+
+
+def test_a_column_of_another_type_fails_before_any_write_naming_it(
+    spark, tmp_path, incoming, taxonomy, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    table = read_table(incoming.products).slice(0, 20)
+    broken = table.set_column(table.schema.get_field_index("title"), "title", pa.array(range(20), pa.int64()))
+    write_table(tmp_path / "typed", broken, fmt="parquet")
+    cfg = tiny_config(catalog={"root": str(tmp_path / "lake")}, inference={"device": "cpu"})
+    with pytest.raises(
+        ContractError, match=r"products column 'title' is int64 in .*the contract says string"
+    ):
+        run_enrichment(
+            spark,
+            cfg,
+            taxonomy,
+            model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+            products=tmp_path / "typed",
+            run_id="typed",
+            progress=lambda m: None,
+        )
+    assert not Path(cfg.catalog.table("attributes")).exists()
+    assert not Path(cfg.catalog.table("quarantine")).exists()
+
+
+def test_an_evolved_delta_table_and_empty_tables_and_partitions_are_read(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
+    from deltalake import write_deltalake
+
+    table = pa.Table.from_pylist(_valid_products(incoming)[:30], read_table(incoming.products).schema)
+    # version 0 without the nullable category column; version 1 adds it and an extra column
+    old = table.drop_columns(["category"])
+    write_deltalake(str(tmp_path / "evolved"), old.slice(0, 10), partition_by=["ingest_date"])
+    new = table.slice(10, 20).append_column("season", pa.array(["winter"] * 20))
+    write_deltalake(
+        str(tmp_path / "evolved"), new, partition_by=["ingest_date"], mode="append", schema_mode="merge"
+    )
+    rows = read_products(spark, tmp_path / "evolved", PRODUCTS).collect()
+    assert len(rows) == 30
+    # the older files lack it
+    categories = {r["product_id"]: r["category"] for r in rows}
+    assert all(categories[p] is None for p in old.slice(0, 10)["product_id"].to_pylist())
+    assert [categories[p] for p in new["product_id"].to_pylist()] == new["category"].to_pylist()
+    # an empty Delta table, an empty Parquet file, a partition with no files
+    write_deltalake(str(tmp_path / "empty"), table.slice(0, 0), partition_by=["ingest_date"])
+    assert read_products(spark, tmp_path / "empty", PRODUCTS).count() == 0
+    (tmp_path / "empty-file").mkdir()
+    pq.write_table(table.slice(0, 0), tmp_path / "empty-file" / "part-0.parquet")
+    assert read_products(spark, tmp_path / "empty-file", PRODUCTS).count() == 0
+    from catalog_enrichment.catalog.products import Partition
+
+    none = Partition("ingest_date", "2031-01-01")
+    assert read_products(spark, tmp_path / "evolved", PRODUCTS, partition=none).count() == 0
+    assert table_version(tmp_path / "evolved") == 1
+
+
+# The rules on generated rows against a plain-Python statement of the same rules.
+# Unicode's White_Space characters: what the rules' \\s means (Java regex in UNICODE_CHARACTER_CLASS mode)
+WS = "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+ALPHABET = "aAnNoOeEuUlLtT01.5e+-[]{} \t\n\x0b\xa0\u2003\u3000\x00\x07\x1f\x7f\x85é商👕"
+_IDS = st.one_of(
+    st.none(), st.text(ALPHABET, max_size=8), st.sampled_from(["", " ", "\t", "a\x00", "x" * 257, "ok", "ok"])
+)
+_TITLES = st.one_of(
+    st.none(),
+    st.text(ALPHABET, max_size=12),
+    st.sampled_from(["nan", "None", "3.0", "[1]", "  ", "Shirt\x07"]),
+)
+_TIMES = st.one_of(
+    st.none(),
+    st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)).map(
+        lambda d: d.replace(tzinfo=dt.UTC)
+    ),
+    st.sampled_from([NOW, NOW + dt.timedelta(minutes=59), NOW + dt.timedelta(minutes=61)]),
+)
+
+
+def _oracle(pid: str | None, title: str | None, at: dt.datetime | None, cfg: ValidationConfig) -> set[str]:
+    import re
+
+    reasons = set()
+    if pid is None:
+        reasons.add("product_id_not_null")
+    else:
+        if re.fullmatch(f"{WS}*", pid):
+            reasons.add("product_id_not_blank")
+        if len(pid) > cfg.max_id_length:
+            reasons.add("product_id_max_length")
+        if re.search(r"[\x00-\x1f\x7f]", pid):
+            reasons.add("product_id_no_control_chars")
+    if title is None:
+        reasons.add("title_not_null")
+    else:
+        if re.fullmatch(f"{WS}*", title):
+            reasons.add("title_not_empty")
+        from catalog_enrichment.validation.rules import NOT_TEXT_REGEX
+
+        # Java's "." stops at any line terminator, Python's at \n only
+        body = NOT_TEXT_REGEX.removeprefix("(?iU)^").removesuffix("$").replace("\\s", WS)
+        body = body.replace(".", "[^\n\r\x85\u2028\u2029]").replace("\\[^\n\r\x85\u2028\u2029]", "\\.")
+        if re.fullmatch(body, title, re.IGNORECASE):
+            reasons.add("title_is_text")
+        if re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", title):
+            reasons.add("title_no_control_chars")
+        if len(title) > cfg.max_title_length:
+            reasons.add("title_max_length")
+    if at is None:
+        reasons.add("updated_at_not_null")
+    elif at > NOW + dt.timedelta(seconds=cfg.max_clock_skew_seconds):
+        reasons.add("updated_at_not_in_future")
+    elif at < dt.datetime.combine(cfg.earliest_updated_at, dt.time(), dt.UTC):
+        reasons.add("updated_at_not_too_old")
+    return reasons
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(_IDS, _TITLES, _TIMES), min_size=1, max_size=6))
+def test_generated_rows_get_the_reasons_the_rules_say(spark, rows) -> None:  # type: ignore[no-untyped-def]
+    cfg = ValidationConfig()
+    schema = PRODUCTS.spark_schema(enforce_nullability=False)
+    # distinct ids per example (the duplicates rule is tested on fixed rows above)
+    data = [
+        (None if p is None else f"{p}", t, None, None, None, None, None, at, dt.date(2026, 1, 1))
+        for p, t, at in rows
+    ]
+    ids = [d[0] for d in data if d[0] is not None]
+    if len(ids) != len(set(ids)):
+        return
+    got = check_rows(spark.createDataFrame(data, schema), build_rules(PRODUCTS, cfg, NOW)).collect()
+    assert sorted((r["product_id"] or "", r["title"] or "", sorted(r["_reasons"])) for r in got) == sorted(
+        (p or "", t or "", sorted(_oracle(p, t, at, cfg))) for p, t, at in rows
+    )
