@@ -30,11 +30,13 @@ AIRFLOW_REQS := deploy/airflow/requirements.txt
 AIRFLOW_VENV := $(VENV_CACHE)/airflow-py311-$(shell sha256sum $(AIRFLOW_REQS) | cut -c1-16)
 export CATALOG_ENRICH_AIRFLOW_PYTHON := $(AIRFLOW_VENV)/bin/python
 
-.PHONY: help venv airflow-venv weights demo test lint typecheck pytest lock clean
+.PHONY: help venv airflow-venv weights demo test check chaos lint typecheck pytest lock clean
 
 help:
 	@echo "make demo   run the whole job on embedded defaults (installs first)"
-	@echo "make test   ruff + import contracts + mypy + pytest (installs first)"
+	@echo "make test   ruff + import contracts + mypy + pytest, the whole suite CI runs (installs first)"
+	@echo "make check  the fast tier for development: lint, types, tests without Spark or training (< 2 min)"
+	@echo "make chaos  kill and disturb real job processes; print what the catalog holds after"
 	@echo "make weights  pretrained MiniLM + EfficientNet-Lite0 into weights/ (for deploy/config/pretrained.yaml)"
 	@echo "make lock   re-pin constraints.txt from the current environment"
 
@@ -109,6 +111,13 @@ pytest: venv airflow-venv
 
 test: lint typecheck pytest
 
+# The fast tier: no JVM, no training, no processes killed.
+check: lint typecheck
+	$(VENV)/bin/pytest -m "not slow and not spark and not chaos" $(PYTEST_ARGS)
+
+chaos: venv
+	$(VENV_DIR)/bin/catalog-enrich bench chaos --workdir chaos --out chaos/chaos.json
+
 lock: venv
 	@{ echo "# Exact versions every machine installs (make uses this as a pip constraints file)."; \
 	  echo "# Regenerate with 'make lock' after changing pyproject.toml. torch is the CPU wheel (2.13.0)."; \
@@ -116,4 +125,4 @@ lock: venv
 	mv $(LOCK).new $(LOCK)
 
 clean:
-	rm -rf demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo chaos .pytest_cache .mypy_cache .ruff_cache

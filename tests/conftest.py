@@ -188,9 +188,11 @@ def tiny_registry(
 @pytest.fixture(autouse=True)
 def _global_state_restored() -> Iterator[None]:
     """Every test leaves torch's process-wide settings as it found them (asserted: a test that
-    changes them must restore them), and the environment is put back after each test (MLflow and
-    Great Expectations set variables when configured; a test's own settings must not reach the next).
-    """
+    changes them must restore them); the environment and the loggers' levels and handlers are put
+    back after each test (MLflow, Great Expectations and the CLI's ``configure_logging`` set them;
+    a test's own settings must not reach the next)."""
+    import logging
+
     import torch
 
     def state() -> tuple[Any, ...]:
@@ -200,12 +202,26 @@ def _global_state_restored() -> Iterator[None]:
             torch.is_deterministic_algorithms_warn_only_enabled(),
         )
 
-    before, env = state(), dict(os.environ)
+    def loggers() -> dict[str, tuple[int, list[logging.Handler], dict[logging.Handler, int]]]:
+        named = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+        return {
+            lg.name: (lg.level, list(lg.handlers), {h: h.level for h in lg.handlers})
+            for lg in [logging.getLogger(), *named]
+            if isinstance(lg, logging.Logger)
+        }
+
+    before, env, logs = state(), dict(os.environ), loggers()
     yield
     after = state()
     for key in set(os.environ) - set(env):
         del os.environ[key]
     os.environ.update(env)
+    for name, (level, handlers, handler_levels) in logs.items():
+        lg = logging.getLogger() if name == "root" else logging.getLogger(name)
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        for handler, handler_level in handler_levels.items():
+            handler.setLevel(handler_level)
     assert after == before, (
         f"the test changed torch's global state (threads, deterministic): {before} -> {after}"
     )

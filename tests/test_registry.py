@@ -140,6 +140,9 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
     assert "eval.color.r_at_p95" in tags
 
 
+SECRET = "s3cr3t-never-logged"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,8 +193,10 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.timeout(1500)
 def test_train_register_promote_load_against_a_real_mlflow_server(  # type: ignore[no-untyped-def]
-    tmp_path: Path, data, taxonomy: Taxonomy, mlflow_server: str
+    tmp_path: Path, data, taxonomy: Taxonomy, mlflow_server: str, capfd, caplog
 ) -> None:
+    # credentials in the URI (the server ignores them): they must reach no log and no MLflow param
+    mlflow_server = mlflow_server.replace("http://", f"http://ci-user:{SECRET}@")
     client = registry.configure_mlflow(mlflow_server)
     log = tmp_path / "promotion_log"
 
@@ -247,6 +252,13 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     # a consumer loads the champion over HTTP
     bundle = registry.load_bundle_from_uri("models:/test-model@champion")
     assert bundle.calibration.to_dict() == better.trained.calibration.to_dict()
+
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 3
+    logged = [str(v) for r in runs for v in (*r.data.params.values(), *r.data.tags.values())]
+    assert any("***" in v for v in logged)  # the tracking URI is logged, masked
+    out, err = capfd.readouterr()
+    assert SECRET not in "".join(logged) + out + err + caplog.text
 
 
 def _m(written: int, correct: int, coverage: float = 0.5) -> dict[str, float]:
@@ -345,10 +357,11 @@ def test_bad_inputs_fail_before_any_registration(tmp_path: Path, data, taxonomy:
 
 @pytest.mark.timeout(120)
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path: Path, taxonomy: Taxonomy) -> None:
-    client = registry.configure_mlflow(f"http://127.0.0.1:{_free_port()}")
+    client = registry.configure_mlflow(f"http://ci-user:{SECRET}@127.0.0.1:{_free_port()}")
     started = time.time()
-    with pytest.raises(CatalogEnrichError, match="unreachable"):
+    with pytest.raises(CatalogEnrichError, match=r"ci-user:\*\*\*@127.0.0.1:\d+ is unreachable") as raised:
         run_training_job(_cfg(tmp_path, "http://x"), taxonomy, data=tmp_path, client=client, progress=_quiet)
+    assert SECRET not in str(raised.value) and "start it" in str(raised.value)
     assert time.time() - started < 90
 
 

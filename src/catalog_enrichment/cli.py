@@ -243,14 +243,25 @@ def _bench_throughput(sub: Sub) -> None:
     p.add_argument("--workdir", metavar="DIR", default="bench-throughput", help="generated tables go here")
 
 
+def _bench_chaos(sub: Sub) -> None:
+    p = _command(sub, "chaos", commands.bench_chaos)
+    p.add_argument(
+        "--workdir", metavar="DIR", default="chaos", help="marketplace, model and catalogs go here"
+    )
+    p.add_argument(
+        "--out", metavar="FILE", default="chaos/chaos.json", help="JSON (markdown table beside it)"
+    )
+    p.add_argument("--scenarios", metavar="LIST", help="a subset, comma-separated (default: all)")
+
+
 def _bench(sub: Sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="benchmarks (not tests): generator speed, quality and throughput",
+        help="benchmarks (not tests): generator speed, quality, throughput, chaos",
         description="Measure and write JSON; speed targets live here, not in tests.",
     )
     inner = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for add in (_bench_generate, _bench_quality, _bench_throughput):
+    for add in (_bench_generate, _bench_quality, _bench_throughput, _bench_chaos):
         add(inner)
 
 

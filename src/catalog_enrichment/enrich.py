@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 import uuid
 from collections import Counter
@@ -85,19 +84,34 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_WATCHER = """
+import os, signal, sys, time
+table, parent = sys.argv[1], int(sys.argv[2])
+def seen():
+    return {os.path.join(d, f) for d, _, fs in os.walk(table) for f in fs}
+before = seen()
+print("ready", flush=True)
+while os.getppid() == parent:  # gone with its parent
+    if not seen() <= before:
+        os.kill(parent, signal.SIGKILL)
+        break
+    time.sleep(0.0005)
+"""
+
+
 def _fault_during(name: str, table: Path) -> None:
-    """Test hook: SIGKILL this process as soon as a new data file appears under ``table`` (a commit
-    under way: its files written, its log entry perhaps not yet)."""
+    """Test hook: SIGKILL this process as soon as a new file appears under ``table``: a commit under
+    way, its data being written (watched from another process, which no lock in this one holds up)."""
     if os.environ.get(FAULT_ENV) != name:
         return
-    before = set(table.rglob("*.parquet")) if table.exists() else set()
+    import subprocess
+    import sys
 
-    def watch() -> None:
-        while not table.exists() or set(table.rglob("*.parquet")) <= before:
-            time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, daemon=True).start()
+    table.mkdir(parents=True, exist_ok=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(table), str(os.getpid())], stdout=subprocess.PIPE, text=True
+    )
+    assert watcher.stdout is not None and watcher.stdout.readline().strip() == "ready"
 
 
 def _print(message: str) -> None:

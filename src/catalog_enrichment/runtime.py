@@ -15,8 +15,8 @@ rows per Arrow batch               images make rows large                   spar
 Spark's console progress bar       progress on a terminal                   (stderr is a terminal)
 no UI, 2 x cores shuffle           the defaults are sized for clusters      (local masters)
 partitions
-a failed task is tried 4 times     as on a cluster: a worker killed by the  (local masters: ``local[N]``
-(``local[N,4]``)                   OOM killer fails no night                becomes ``local[N,4]``)
+a failed task is tried 4 times     as on a cluster: one killed worker does  (local masters)
+(``local[N]`` -> ``local[N,4]``)   not fail the night
 JVM logs errors only               quiet by default (log4j2.properties)     -v, -vv (CLI flags)
 JVM C1 JIT only                    Spark compiles new classes per query;    spark.c1_jit
 (-XX:TieredStopAtLevel=1)          C2 would take the scoring cores

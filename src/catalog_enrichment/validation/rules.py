@@ -1,14 +1,17 @@
 """Row-level validation of the products table on Spark: every failing row and every rule it broke.
 
 The rules come from the products contract (``schemas/products.yaml``: non-null and unique columns)
-and the validation config (length limits), plus two rules about content the contract's types cannot
-say: a title must be text (not a stringified ``nan``/``None``/number/object), and an image that is
-there must decode. Each rule is one Spark column expression (no Python UDF), so checking costs one
-pass; the same rules become the Great Expectations suite (:mod:`.suite`).
+and the validation config (length limits, the clock skew, the earliest ``updated_at``), plus rules
+about content the contract's types cannot say: an id must not be blank or hold control characters,
+a title must be text (not a stringified ``nan``/``None``/number/object, no control characters),
+text a Python worker decodes must be UTF-8. Each rule is one Spark column expression (no Python
+UDF), so checking costs one pass; the same rules become the Great Expectations suite (:mod:`.suite`;
+UTF-8 has no expectation there).
 
-Image rules (``image_decodable``, ``image_readable``) need the bytes decoded; the scoring pass
-decodes every image anyway, so the predictor reports them and the job quarantines those rows there
-(one decode per image, not two). A product with *no* image is valid and is scored as imageless.
+Image rules (``image_decodable``, ``image_readable``, ``image_within_limits``,
+``image_uri_allowed``) need the bytes read or decoded; the scoring pass does that anyway, so the
+predictor reports them and the job quarantines those rows there (one decode per image, not two).
+A product with *no* image is valid and is scored as imageless.
 
 Duplicates: of the rows sharing a ``product_id`` the one with the latest ``updated_at`` is kept;
 older copies fail ``product_id_unique``; rows tied at the latest time all fail it (which one is
