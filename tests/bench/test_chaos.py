@@ -3,6 +3,8 @@ disturbed mid-run; no value lost, none wrong, no run half-committed, every failu
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,9 +18,15 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
-def observations(tmp_path_factory, scoring_bundle, taxonomy) -> dict[str, Observation]:  # type: ignore[no-untyped-def]
+def observations(tmp_path_factory, scoring_bundle, taxonomy) -> Iterator[dict[str, Observation]]:  # type: ignore[no-untyped-def]
+    """Every scenario's observation; MLflow's tracking URI (a global and an environment variable
+    that ``mlflow.set_tracking_uri`` sets) is put back afterwards, as a module fixture the
+    per-test restore does not cover."""
+    import mlflow
+
     from catalog_enrichment import registry
 
+    env, uri_before = dict(os.environ), mlflow.get_tracking_uri()
     work = tmp_path_factory.mktemp("chaos")
     incoming = generate_marketplace(
         work / "incoming",
@@ -26,14 +34,19 @@ def observations(tmp_path_factory, scoring_bundle, taxonomy) -> dict[str, Observ
         taxonomy=taxonomy,
     )
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    client = registry.configure_mlflow(uri)
-    version = register_bundle(
-        client, scoring_bundle, incoming, name="chaos", artifacts=work / "artifacts"
-    ).version
-    registry.set_alias(client, "chaos", registry.CHAMPION, version)
-    found = run_chaos(ChaosSetup(work, incoming.products, uri, "chaos"), say=lambda m: None)
+    try:
+        client = registry.configure_mlflow(uri)
+        registered = register_bundle(
+            client, scoring_bundle, incoming, name="chaos", artifacts=work / "artifacts"
+        )
+        registry.set_alias(client, "chaos", registry.CHAMPION, registered.version)
+        found = run_chaos(ChaosSetup(work, incoming.products, uri, "chaos"), say=lambda m: None)
+    finally:
+        mlflow.set_tracking_uri(uri_before)
+        os.environ.clear()
+        os.environ.update(env)
     print("\n" + format_table(found))
-    return dict(zip(SCENARIOS, found, strict=True))
+    yield dict(zip(SCENARIOS, found, strict=True))
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -11,6 +11,7 @@ import pytest
 
 from catalog_enrichment.catalog.reports import (
     RunReport,
+    check_run_id,
     format_report,
     last_watermark,
     read_reports,
@@ -63,3 +64,19 @@ def test_no_reports_yet_is_a_clear_error(tmp_path: Path) -> None:
     upsert_report(tmp_path / "t", RunReport(run_id="a", started_at=T))
     with pytest.raises(CatalogEnrichError, match="no run 'b'"):
         report_for(tmp_path / "t", "b")
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "x'; DROP TABLE t; --", "a b", "../../etc", "-starts-with-dash", "r" * 201, "ok\n", "é"]
+)
+def test_a_run_id_that_could_name_a_path_or_break_a_predicate_is_refused(bad: str) -> None:
+    with pytest.raises(CatalogEnrichError, match="is not valid"):
+        check_run_id(bad)
+
+
+def test_report_updates_carry_values_as_data_not_sql(tmp_path: Path) -> None:
+    for rid in ("r1", "r2"):
+        upsert_report(tmp_path, RunReport(run_id=rid, model_name="m", model_version="1", started_at=T))
+    assert check_run_id("backfill-2026-11-01-tiny-v3:x=1+2") == "backfill-2026-11-01-tiny-v3:x=1+2"
+    set_report_status(tmp_path, "r1", "it's' OR '1'='1")  # stored literally, touches one row
+    assert {r.run_id: r.status for r in read_reports(tmp_path)} == {"r1": "it's' OR '1'='1", "r2": "failed"}
