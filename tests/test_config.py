@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
-from catalog_enrichment.errors import ConfigError
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from tests.conftest import repo_root
 
 
@@ -140,3 +140,13 @@ def test_inference_settings_name_the_predictor_s_keyword_arguments() -> None:
     options = cfg.inference.predictor_options()
     assert set(options) <= set(inspect.signature(BatchPredictor).parameters)
     assert options["batch_size"] == 64 and options["keep_memory"] is True
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "", "-x", "name with spaces", "x" * 129])
+def test_a_model_name_that_would_name_a_path_is_refused(name: str) -> None:
+    from catalog_enrichment import registry
+
+    with pytest.raises(ConfigError, match=r"mlflow\.registered_model"):
+        load_config(environ={}, overrides={"mlflow": {"registered_model": name}})
+    with pytest.raises(CatalogEnrichError, match="is not valid here"):  # before any MLflow call
+        registry.resolve_model(None, f"models:/{name}@champion")

@@ -4,7 +4,9 @@ command; the commands themselves are in :mod:`catalog_enrichment.commands`.
 Every command takes ``--config FILE``, repeatable ``--set section.key=value`` overrides and ``-v``;
 precedence is flag > ``--set`` > ``CATALOG_ENRICH_*`` > ``MLFLOW_*`` > YAML > defaults (config.py).
 User mistakes (missing file, bad config, unknown attribute) print one line and exit with 2; an
-enrichment run stopped by the circuit breaker exits with 3.
+enrichment run stopped by the circuit breaker exits with 3; a run that gave up waiting for another
+run on the same catalog exits with 75 (EX_TEMPFAIL: try again later); anything unexpected prints
+one line (``-v``: the traceback) and exits with 1.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from catalog_enrichment import __version__, commands
-from catalog_enrichment.commands import EXIT_ABORTED, overrides_from_flags
+from catalog_enrichment.commands import EXIT_ABORTED, EXIT_BUSY, overrides_from_flags
 from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -307,9 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         return handler(args, cfg)
     except CatalogEnrichError as exc:
+        from catalog_enrichment.catalog.lock import CatalogBusy
         from catalog_enrichment.validation.rules import CircuitBreakerTripped
 
         print(f"catalog-enrich: error: {exc}", file=sys.stderr)
+        if isinstance(exc, CatalogBusy):
+            return EXIT_BUSY
         return EXIT_ABORTED if isinstance(exc, CircuitBreakerTripped) else 2
     except FileNotFoundError as exc:
         print(f"catalog-enrich: error: file not found: {exc.filename or exc}", file=sys.stderr)

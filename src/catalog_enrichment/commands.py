@@ -17,6 +17,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 # Exit codes: 0 ok, 1 failed, 2 user mistake (bad config, missing file, ...), 3 the circuit breaker
 # stopped an enrichment run before any write (schedulers alert on it differently).
 EXIT_ABORTED = 3
+EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the catalog; try again later (as the cron wrapper)
 
 
 def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:

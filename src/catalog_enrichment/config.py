@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "CATALOG_ENRICH_"
+# Names that become parts of paths and run ids (a registered model's name)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ENV_CONFIG_FILE = ENV_PREFIX + "CONFIG"
 
 
@@ -94,7 +96,11 @@ class MLflowConfig(_Section):
     )
     experiment: str = Field("catalog-enrichment-training", description="Experiment of training runs.")
     enrichment_experiment: str = Field("enrichment", description="Experiment of enrichment runs.")
-    registered_model: str = Field("catalog-enrichment", description="Registered model name.")
+    registered_model: str = Field(
+        "catalog-enrichment",
+        pattern=NAME_PATTERN,
+        description="Registered model name (letters, digits, . _ -: it names folders and run ids).",
+    )
 
 
 class CatalogConfig(_Section):

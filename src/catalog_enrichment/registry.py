@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -26,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel
 
-from catalog_enrichment.config import redact_uri
+from catalog_enrichment.config import NAME_PATTERN, redact_uri
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.inference.bundle import bundle_problems
 from catalog_enrichment.versions import ModelVersion
@@ -239,6 +240,11 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
             f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
         )
     rest = model_uri.removeprefix("models:/")
+    named = rest.split("@", 1)[0] if "@" in rest else rest.partition("/")[0]
+    if not re.fullmatch(NAME_PATTERN, named):  # it names the bundle's cache folder
+        raise CatalogEnrichError(
+            f"model name {named!r} in {model_uri!r} is not valid here: letters, digits and . _ - only"
+        )
     if "@" in rest:
         name, alias = rest.split("@", 1)
         version = resolve_alias(client, name, alias)

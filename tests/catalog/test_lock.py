@@ -64,3 +64,23 @@ def test_one_process_cannot_take_it_twice(tmp_path: Path) -> None:
         catalog_lock(tmp_path, owner="second", wait_seconds=0),
     ):
         pass
+
+
+def test_the_cli_exits_75_when_the_catalog_stays_busy(tmp_path: Path) -> None:
+    from catalog_enrichment.catalog.attributes import ensure_attributes_table
+
+    ensure_attributes_table(tmp_path / "lake" / "attributes")
+    holder = _holder(tmp_path / "lake")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "from catalog_enrichment.cli import run; run()",
+             "rollback", "--run-id", "r1", "--catalog", str(tmp_path / "lake"),
+             "--set", "catalog.lock_wait_seconds=0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 75, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "another run holds the catalog" in done.stderr
