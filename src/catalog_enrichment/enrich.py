@@ -1,14 +1,18 @@
 """The enrichment run, one straight line:
 
-    read -> validate -> breaker -> score + decide -> stage -> MERGE -> quarantine -> report
+    lock -> read -> validate -> breaker -> score + decide -> stage -> MERGE -> quarantine -> report
 
+0. **lock** the catalog (one run at a time; :mod:`catalog_enrichment.catalog.lock`) and remove what
+   a killed run staged;
 1. **read** the products (partition filter; incremental: only ``updated_at`` past the watermark of
-   the last succeeded run over the same scope, unless ``full``);
+   the last succeeded run over the same scope, unless ``full``; a watermark is never later than
+   its run's start);
 2. **validate**: every rule counted and the duplicated ids found in one Spark job that reads no
    image, then the Great Expectations suite (it reports; the row rules decide); the circuit
    breaker aborts before anything is scored or written when too many rows fail;
 3. **score + decide** the valid rows with ``mapInArrow`` (the model loaded once per Python worker):
-   thresholds, taxonomy, merchant-filled attributes; an image that does not decode is found here;
+   thresholds, taxonomy, merchant-filled attributes; an image that cannot be read (outside the
+   allowed roots, too large) or does not decode is found here;
 4. **stage** the decisions as Parquet under ``<catalog.root>/_staging/<run id>``;
 5. **MERGE** them into the attributes table in one commit (idempotent per run id; a process killed
    before it leaves the table as it was), then append the **quarantine** rows;
@@ -75,7 +79,8 @@ from catalog_enrichment.versions import ModelVersion
 __all__ = ["EnrichOutcome", "backfill_partitions", "check_model_fits", "new_run_id", "run_enrichment"]
 
 Say = Callable[[str], None]
-# Test hook: CATALOG_ENRICH_FAULT=<point> kills this process with SIGKILL at that point (crash tests).
+# Test hook: CATALOG_ENRICH_FAULT=<point> kills this process with SIGKILL at that point (the chaos
+# scenarios): before_merge, during_merge, after_merge, after_quarantine.
 FAULT_ENV = "CATALOG_ENRICH_FAULT"
 
 

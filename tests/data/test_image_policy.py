@@ -182,6 +182,14 @@ def http_server(tmp_path: Path) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
+        def do_GET(self) -> None:
+            if self.path == "/redirect":  # to the image: a client that follows it gets pixels
+                self.send_response(302)
+                self.send_header("Location", "/a.jpg")
+                self.end_headers()
+                return
+            super().do_GET()
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -204,6 +212,11 @@ def test_remote_uris_go_through_fsspec_and_never_to_private_addresses_unless_all
     pixels, reason = load_pixels(None, uri, SIZE, policy=allowed)
     assert reason is None and pixels is not None
     assert load_pixels(None, f"{http_server}/gone.jpg", SIZE, policy=allowed)[1] == IMAGE_READABLE
+    # a redirect is not followed (it could lead anywhere): what comes back is not the image
+    assert load_pixels(None, f"{http_server}/redirect", SIZE, policy=allowed)[1] in (
+        IMAGE_DECODABLE,
+        IMAGE_READABLE,
+    )
     small = ImagePolicy(schemes=("http",), allow_private_addresses=True, max_bytes=100)
     assert load_pixels(None, uri, SIZE, policy=small)[1] == IMAGE_WITHIN_LIMITS
 

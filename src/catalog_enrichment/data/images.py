@@ -537,7 +537,9 @@ class ImagePolicy:
         try:
             import fsspec
 
-            with fsspec.open(uri, "rb") as f:
+            # a redirect is not followed: it could lead to an address the check above refuses
+            options = {"allow_redirects": False} if scheme in ("http", "https") else {}
+            with fsspec.open(uri, "rb", **options) as f:
                 return self._capped(f.read(self.max_bytes + 1))
         except Exception:  # fsspec backends raise their own error types
             return None, IMAGE_READABLE
