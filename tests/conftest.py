@@ -19,6 +19,7 @@ if not os.environ.get("PYTHONPATH", "").startswith(_SRC):
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from catalog_enrichment.bench.chaos import TINY_MODEL  # noqa: E402
 from catalog_enrichment.config import AppConfig, SyntheticConfig, load_config, merge_layers  # noqa: E402
 from catalog_enrichment.contracts import Taxonomy, load_taxonomy  # noqa: E402
 from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_marketplace  # noqa: E402
@@ -37,24 +38,9 @@ settings.load_profile("catalog-enrichment")
 MARKETPLACE = SyntheticConfig(products=2400, seed=7, bad_rate=0.08, label_noise=0.05, days=4)
 
 
-# Tiny seeded model for tests (hidden 32, 1-2 layers, 32 px images): trains in seconds on a CPU.
-TINY_MODEL: dict[str, Any] = {
-    "hidden_dim": 32,
-    "dropout": 0.0,
-    "text": {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 500,
-        "max_length": 32,
-    },
-    "image": {"name": "test_byobnet", "image_size": 32},
-}
-
-
 def tiny_config(*, fusion: str = "concat", epochs: int = 2, **sections: Any) -> AppConfig:
-    """The app config with the tiny model; ``sections`` override anything (nested dicts)."""
+    """The app config with the tiny model (``bench.chaos.TINY_MODEL``: hidden 32, one text layer,
+    32 px images; trains in seconds on a CPU); ``sections`` override anything (nested dicts)."""
     base = {
         "model": {**TINY_MODEL, "fusion": fusion},
         # a held-out calibration split: one training per model (tests of cross-fitting ask for it)

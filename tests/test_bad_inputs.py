@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import write_deltalake
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from catalog_enrichment.catalog.attributes import ensure_attributes_table
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
-from catalog_enrichment.catalog.products import read_products
+from catalog_enrichment.catalog.products import Partition, read_products
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.enrich import run_enrichment
 from catalog_enrichment.errors import ContractError
-from catalog_enrichment.validation.rules import build_rules, check_rows
+from catalog_enrichment.validation.rules import NOT_TEXT_REGEX, build_rules, check_rows
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config
 
@@ -150,6 +152,14 @@ def _write_products(path: Path, rows: list[dict[str, Any]]) -> None:
     pq.write_table(pa.Table.from_arrays(columns, schema=schema), path / "part-0.parquet")
 
 
+def _run(spark, cfg, taxonomy, bundle: Path, products: Path, run_id: str):  # type: ignore[no-untyped-def]
+    """One enrichment run of the tiny model over ``products``, quietly."""
+    model = ModelVersion("tiny", "1", bundle_dir=bundle)
+    return run_enrichment(
+        spark, cfg, taxonomy, model=model, products=products, run_id=run_id, progress=lambda m: None
+    )
+
+
 def _valid_products(incoming) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """The generated products that are not bad in any way (ids of injected bad rows left out)."""
     truth = read_table(incoming.truth)
@@ -177,15 +187,7 @@ def corpus(spark, tmp_path_factory, incoming, taxonomy, scoring_bundle):  # type
         images={"max_bytes": 200_000},
     )
     ensure_attributes_table(cfg.catalog.table("attributes"))
-    outcome = run_enrichment(
-        spark,
-        cfg,
-        taxonomy,
-        model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
-        products=products,
-        run_id="bad-inputs",
-        progress=lambda m: None,
-    )
+    outcome = _run(spark, cfg, taxonomy, scoring_bundle, products, "bad-inputs")
     return cfg, outcome, good, cases, products
 
 
@@ -224,16 +226,15 @@ def test_the_watermark_never_passes_the_runs_start(spark, corpus, taxonomy, scor
     # a row at 9999-01-01 and one 10 minutes ahead (within the skew) were read
     assert report.watermark == report.started_at
     # the next incremental run reads what is stamped after that start: the rows in the future again
-    again = run_enrichment(
+    again = _run(
         spark,
         cfg.model_copy(
             update={"validation": cfg.validation.model_copy(update={"max_invalid_fraction": 1.0})}
         ),
         taxonomy,
-        model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
-        products=products,
-        run_id="bad-inputs-next",
-        progress=lambda m: None,
+        scoring_bundle,
+        products,
+        "bad-inputs-next",
     )
     ahead = [r for r, _ in cases if r["updated_at"] is not None and r["updated_at"] > report.started_at]
     assert again.report.rows_read == len(ahead) == 3
@@ -278,15 +279,7 @@ def test_an_everyday_pandas_export_is_read_as_the_contract_says(
     by_id = {r["product_id"]: r["updated_at"] for r in good}
     assert all(r["updated_at"].replace(tzinfo=dt.UTC) == by_id[r["product_id"]] for r in rows)
     cfg = tiny_config(catalog={"root": str(tmp_path / "lake")}, inference={"device": "cpu"})
-    outcome = run_enrichment(
-        spark,
-        cfg,
-        taxonomy,
-        model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
-        products=tmp_path / "export",
-        run_id="export",
-        progress=lambda m: None,
-    )
+    outcome = _run(spark, cfg, taxonomy, scoring_bundle, tmp_path / "export", "export")
     assert outcome.report.status == "succeeded" and outcome.report.rows_scored == 30
 
 
@@ -300,22 +293,12 @@ def test_a_column_of_another_type_fails_before_any_write_naming_it(
     with pytest.raises(
         ContractError, match=r"products column 'title' is int64 in .*the contract says string"
     ):
-        run_enrichment(
-            spark,
-            cfg,
-            taxonomy,
-            model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
-            products=tmp_path / "typed",
-            run_id="typed",
-            progress=lambda m: None,
-        )
+        _run(spark, cfg, taxonomy, scoring_bundle, tmp_path / "typed", "typed")
     assert not Path(cfg.catalog.table("attributes")).exists()
     assert not Path(cfg.catalog.table("quarantine")).exists()
 
 
 def test_an_evolved_delta_table_and_empty_tables_and_partitions_are_read(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
-    from deltalake import write_deltalake
-
     table = pa.Table.from_pylist(_valid_products(incoming)[:30], read_table(incoming.products).schema)
     # version 0 without the nullable category column; version 1 adds it and an extra column
     old = table.drop_columns(["category"])
@@ -336,8 +319,6 @@ def test_an_evolved_delta_table_and_empty_tables_and_partitions_are_read(spark, 
     (tmp_path / "empty-file").mkdir()
     pq.write_table(table.slice(0, 0), tmp_path / "empty-file" / "part-0.parquet")
     assert read_products(spark, tmp_path / "empty-file", PRODUCTS).count() == 0
-    from catalog_enrichment.catalog.products import Partition
-
     none = Partition("ingest_date", "2031-01-01")
     assert read_products(spark, tmp_path / "evolved", PRODUCTS, partition=none).count() == 0
     assert table_version(tmp_path / "evolved") == 1
@@ -365,7 +346,6 @@ _TIMES = st.one_of(
 
 
 def _oracle(pid: str | None, title: str | None, at: dt.datetime | None, cfg: ValidationConfig) -> set[str]:
-    import re
 
     reasons = set()
     if pid is None:
@@ -382,8 +362,6 @@ def _oracle(pid: str | None, title: str | None, at: dt.datetime | None, cfg: Val
     else:
         if re.fullmatch(f"{WS}*", title):
             reasons.add("title_not_empty")
-        from catalog_enrichment.validation.rules import NOT_TEXT_REGEX
-
         # Java's "." stops at any line terminator, Python's at \n only
         body = NOT_TEXT_REGEX.removeprefix("(?iU)^").removesuffix("$").replace("\\s", WS)
         body = body.replace(".", "[^\n\r\x85\u2028\u2029]").replace("\\[^\n\r\x85\u2028\u2029]", "\\.")

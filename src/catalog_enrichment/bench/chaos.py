@@ -64,7 +64,7 @@ class Observation:
 
     scenario: str
     expected: str
-    observed: str
+    observed: str = ""
     rows_lost: int = 0
     wrong_rows: int = 0
     half_committed: int = 0
@@ -186,7 +186,7 @@ def _cli() -> list[str]:
 
 def _worker_killed(b: _Bench) -> Observation:
     obs = Observation(
-        "Python worker SIGKILLed mid-scoring", "task retried; run succeeds; table as undisturbed", ""
+        "Python worker SIGKILLed mid-scoring", "task retried; run succeeds; table as undisturbed"
     )
     root = b.catalog("worker-killed")
     marker = root / "worker-killed.marker"
@@ -203,7 +203,6 @@ def _driver_killed(point: str, expected_state: str) -> Callable[[_Bench], Observ
         obs = Observation(
             f"driver SIGKILLed {point.replace('_', ' ')}",
             f"table {expected_state}; the same run id then finishes once; staging removed",
-            "",
         )
         root = b.catalog(f"killed-{point}")
         killed = b.cli(root, "enrich", "--run-id", "k1", env={"CATALOG_ENRICH_FAULT": point})
@@ -238,7 +237,6 @@ def _two_at_once(second: str) -> Callable[[_Bench], Observation]:
         obs = Observation(
             f"enrich and {second} on one catalog at once",
             "each waits for the catalog lock, then commits alone; both succeed; table as undisturbed",
-            "",
         )
         root = b.catalog(f"concurrent-{second}")
         args = ("--run-id", "c1") if second == "enrich" else ("--from", b.dates[0], "--to", b.dates[-1])
@@ -279,10 +277,10 @@ def _free_port() -> int:
 
 
 def _fails_cleanly(b: _Bench, obs: Observation, root: Path, proc: _Proc, *words: str) -> Observation:
+    """Nothing may have changed: rows lost and wrong are counted against the table before."""
     line = proc.error_line()
-    b.counts(root, obs)
-    obs.rows_lost = sum((b.before - _rows(read_table(root / "attributes"))).values())
-    obs.wrong_rows = sum((_rows(read_table(root / "attributes")) - b.before).values())
+    now = _rows(read_table(root / "attributes"))
+    obs.rows_lost, obs.wrong_rows = sum((b.before - now).values()), sum((now - b.before).values())
     obs.observed = f"exit {proc.code}: {line[:160]}"
     obs.messages = [line]
     one_line = "Traceback" not in proc.err and bool(line)
@@ -294,7 +292,6 @@ def _mlflow_down(b: _Bench) -> Observation:
     obs = Observation(
         "MLflow server down at start",
         "exit 2, one line naming the server and what to do; nothing written",
-        "",
     )
     root = b.catalog("mlflow-down")
     proc = b.cli(root, "enrich", uri=f"http://127.0.0.1:{_free_port()}")
@@ -303,18 +300,19 @@ def _mlflow_down(b: _Bench) -> Observation:
 
 def _damaged_artifact(kind: str) -> Callable[[_Bench], Observation]:
     def scenario(b: _Bench) -> Observation:
+        import mlflow
+
         from catalog_enrichment import registry
 
         obs = Observation(
             f"model artifact {kind}",
             "exit 2, one line naming the model and what to do; nothing written",
-            "",
         )
         root = b.catalog(f"artifact-{kind}")
         client = registry.configure_mlflow(b.setup.tracking_uri)
         champion = client.get_model_version_by_alias(b.setup.model_name, registry.CHAMPION)
         copy = Path(
-            __import__("mlflow").artifacts.download_artifacts(
+            mlflow.artifacts.download_artifacts(
                 artifact_uri=client.get_model_version_download_uri(b.setup.model_name, champion.version),
                 dst_path=str(root.parent / f"artifact-{kind}-copy"),
                 tracking_uri=b.setup.tracking_uri,

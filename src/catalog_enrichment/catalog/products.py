@@ -21,7 +21,7 @@ from catalog_enrichment.catalog.lakehouse import table_format
 from catalog_enrichment.contracts import Contract
 from catalog_enrichment.errors import ContractError
 
-__all__ = ["Partition", "list_partitions", "parse_partition", "read_products", "table_columns"]
+__all__ = ["Partition", "list_partitions", "parse_partition", "read_products"]
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,24 @@ def parse_partition(text: str | None, contract: Contract) -> Partition | None:
     return Partition(column, value)
 
 
-def table_columns(path: str | Path) -> list[str]:
-    """Column names of a Delta or Parquet table (partition columns included); a Parquet folder's
-    are those of all its data files (files that are not Parquet data, e.g. images, are ignored)."""
-    if table_format(path) == "delta":
+def _footers(root: Path, partition: Partition | None) -> tuple[list[str], dict[str, pa.Schema]]:
+    """The table's columns (partition columns included) and the Arrow schema of every data file the
+    read selects, each footer read once. A Delta table's columns are its current schema's; a
+    Parquet folder's are those of all its data files (files that are not Parquet data, e.g. images
+    beside them, are ignored)."""
+    if table_format(root) == "delta":
         from deltalake import DeltaTable
 
-        return [f.name for f in DeltaTable(str(path)).schema().fields]
-    root = Path(path).resolve()
+        columns = [f.name for f in DeltaTable(str(root)).schema().fields]
+        return columns, {f: _read_footer(f) for f in _data_files(root, partition)}
+    every = {f: _read_footer(f) for f in _data_files(root, None)}
     names: dict[str, None] = {}
-    for file in _data_files(root, None):
+    for file, footer in every.items():
         relative = Path(file).relative_to(root).parts[:-1] if root.is_dir() else ()
-        names.update(dict.fromkeys(_read_footer(file).names))
+        names.update(dict.fromkeys(footer.names))
         names.update(dict.fromkeys(p.split("=", 1)[0] for p in relative if "=" in p))
-    return list(names)
+    selected = _data_files(root, partition) if partition else list(every)
+    return list(names), {f: every[f] for f in selected}
 
 
 def _read_footer(file: str) -> pa.Schema:
@@ -111,14 +115,14 @@ def read_products(
     """
     from pyspark.sql import functions as F
 
-    missing = contract.missing_columns(table_columns(path))
+    root = Path(path).resolve()
+    columns, files = _footers(root, partition)
+    missing = contract.missing_columns(columns)
     if missing:
         raise ContractError(
             f"products table {path} lacks contract column(s) {missing} (see schemas/products.yaml)"
         )
     schema = contract.spark_schema(enforce_nullability=False)
-    root = Path(path).resolve()
-    files = _data_files(root, partition)
     if not files:
         df = spark.createDataFrame([], schema)
     else:
@@ -184,14 +188,13 @@ def _data_files(root: Path, partition: Partition | None) -> list[str]:
 
 
 def _group_by_layout(
-    files: list[str], contract: Contract
+    files: dict[str, pa.Schema], contract: Contract
 ) -> dict[tuple[frozenset[str], frozenset[str]], list[str]]:
     """The files by (columns of Arrow type null, nanosecond timestamp columns); checks every other
     contract column the file holds can be read as the contract's type."""
     expected = contract.arrow_schema(enforce_nullability=False)
     groups: dict[tuple[frozenset[str], frozenset[str]], list[str]] = {}
-    for file in files:
-        found = _read_footer(file)
+    for file, found in files.items():
         nulls, nanos = set(), set()
         for name in expected.names:
             if name not in found.names:

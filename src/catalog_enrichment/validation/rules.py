@@ -115,66 +115,29 @@ def build_rules(contract: Contract, cfg: ValidationConfig, started_at: dt.dateti
     earliest = dt.datetime.combine(cfg.earliest_updated_at, dt.time(), dt.UTC)
     latest = started_at + dt.timedelta(seconds=cfg.max_clock_skew_seconds)
     rules += [
-        Rule(
-            "product_id_not_blank",
-            "product_id is empty or only whitespace",
-            "product_id",
-            lambda: F.col("product_id").rlike(BLANK_REGEX),
-            lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="product_id", regex=BLANK_REGEX),
-        ),
-        Rule(
-            "product_id_max_length",
-            f"product_id longer than {cfg.max_id_length} characters",
-            "product_id",
-            lambda: F.length("product_id") > cfg.max_id_length,
-            lambda: gxe().ExpectColumnValueLengthsToBeBetween(
-                column="product_id", max_value=cfg.max_id_length
-            ),
-        ),
-        Rule(
+        _matches("product_id_not_blank", "product_id is empty or only whitespace", "product_id", BLANK_REGEX),
+        _longer("product_id", cfg.max_id_length),
+        _matches(
             "product_id_no_control_chars",
             "product_id holds control characters",
             "product_id",
-            lambda: F.col("product_id").rlike(ID_CONTROL_REGEX),
-            lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="product_id", regex=ID_CONTROL_REGEX),
+            ID_CONTROL_REGEX,
         ),
-        Rule(
-            "title_not_empty",
-            "title is blank",
-            "title",
-            lambda: F.col("title").rlike(BLANK_REGEX),
-            lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="title", regex=BLANK_REGEX),
-        ),
-        Rule(
+        _matches("title_not_empty", "title is blank", "title", BLANK_REGEX),
+        _matches(
             "title_is_text",
             "title is a stringified non-text value (nan, None, a number, an object)",
             "title",
-            lambda: F.col("title").rlike(NOT_TEXT_REGEX),
-            lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="title", regex=NOT_TEXT_REGEX),
+            NOT_TEXT_REGEX,
         ),
-        Rule(
+        _matches(
             "title_no_control_chars",
             "title holds control characters (other than tab and line breaks)",
             "title",
-            lambda: F.col("title").rlike(TEXT_CONTROL_REGEX),
-            lambda: gxe().ExpectColumnValuesToNotMatchRegex(column="title", regex=TEXT_CONTROL_REGEX),
+            TEXT_CONTROL_REGEX,
         ),
-        Rule(
-            "title_max_length",
-            f"title longer than {cfg.max_title_length} characters",
-            "title",
-            lambda: F.length("title") > cfg.max_title_length,
-            lambda: gxe().ExpectColumnValueLengthsToBeBetween(column="title", max_value=cfg.max_title_length),
-        ),
-        Rule(
-            "description_max_length",
-            f"description longer than {cfg.max_description_length} characters",
-            "description",
-            lambda: F.length("description") > cfg.max_description_length,
-            lambda: gxe().ExpectColumnValueLengthsToBeBetween(
-                column="description", max_value=cfg.max_description_length
-            ),
-        ),
+        _longer("title", cfg.max_title_length),
+        _longer("description", cfg.max_description_length),
         *[
             Rule(
                 f"{column}_valid_utf8",
@@ -202,6 +165,36 @@ def build_rules(contract: Contract, cfg: ValidationConfig, started_at: dt.dateti
         ),
     ]
     return rules
+
+
+def _matches(name: str, description: str, column: str, regex: str) -> Rule:
+    """A rule a row fails when ``column`` matches ``regex`` (Java regex, as Spark's ``rlike``)."""
+    from pyspark.sql import functions as F
+
+    def expectation() -> Any:
+        import great_expectations.expectations as expectations
+
+        return expectations.ExpectColumnValuesToNotMatchRegex(column=column, regex=regex)
+
+    return Rule(name, description, column, lambda: F.col(column).rlike(regex), expectation)
+
+
+def _longer(column: str, limit: int) -> Rule:
+    """``<column>_max_length``: a row fails it when ``column`` has more than ``limit`` characters."""
+    from pyspark.sql import functions as F
+
+    def expectation() -> Any:
+        import great_expectations.expectations as expectations
+
+        return expectations.ExpectColumnValueLengthsToBeBetween(column=column, max_value=limit)
+
+    return Rule(
+        f"{column}_max_length",
+        f"{column} longer than {limit} characters",
+        column,
+        lambda: F.length(column) > limit,
+        expectation,
+    )
 
 
 def _invalid_utf8(column: str) -> Callable[[], Any]:
