@@ -72,7 +72,8 @@ def spark() -> Iterator[object]:
             "app_name": "catalog-enrichment-tests",
             "arrow_max_records_per_batch": 256,
             "conf": {"spark.sql.execution.arrow.pyspark.enabled": "true", "spark.driver.memory": "1g"},
-        }
+        },
+        catalog={"kind": "postgres"},  # the JDBC driver on the classpath, for the postgres tests
     )
     session = runtime.spark_session(cfg)
     yield session
@@ -210,6 +211,34 @@ def _global_state_restored() -> Iterator[None]:
             handler.setLevel(handler_level)
     assert after == before, (
         f"the test changed torch's global state (threads, deterministic): {before} -> {after}"
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A throw-away PostgreSQL server (initdb + pg_ctl on a free loopback port, password login)."""
+    from catalog_enrichment.catalog.pgserver import LocalPostgres
+
+    with LocalPostgres() as server:
+        yield server
+
+
+_schemas = iter(range(1_000_000))
+
+
+@pytest.fixture
+def pg_catalog_config(pg_server: Any, tmp_path: Path) -> Any:
+    """The catalog config of a fresh schema on the test server (its own products and attribute
+    tables); the connection in ``CATALOG_ENRICH_PG_DSN`` (put back after the test)."""
+    from catalog_enrichment.catalog.postgres import PG_DSN_ENV
+    from catalog_enrichment.config import CatalogConfig
+
+    os.environ[PG_DSN_ENV] = pg_server.dsn()
+    return CatalogConfig(
+        kind="postgres",
+        root=str(tmp_path / "staging"),
+        lock_wait_seconds=30,
+        postgres={"db_schema": f"test_{os.getpid()}_{next(_schemas)}"},
     )
 
 

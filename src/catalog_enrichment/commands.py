@@ -250,11 +250,12 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
     """undo what one run or one model version wrote (restores the values it replaced)
 
     Remove the values a run (or every run of a model version) wrote and restore the values they
-    replaced, from the Delta history. Pairs changed by later runs are left alone.
+    replaced (the Delta history; in PostgreSQL, the values each run replaced, kept at its commit).
+    Pairs changed by later runs are left alone.
     """
-    from catalog_enrichment.catalog import runs
+    from catalog_enrichment.catalog import open_catalog, runs
 
-    runs.rollback(cfg, run_id=args.run_id, model_version=args.model_version)
+    runs.rollback(open_catalog(cfg.catalog), run_id=args.run_id, model_version=args.model_version)
     return 0
 
 
@@ -263,9 +264,11 @@ def report(args: argparse.Namespace, cfg: AppConfig) -> int:
 
     Print what a run read, quarantined, scored and wrote, its timings and throughput.
     """
+    from catalog_enrichment.catalog import open_catalog
     from catalog_enrichment.catalog.reports import format_report, report_for
 
-    run = report_for(cfg.catalog.table("run_reports"), args.run_id)
+    catalog = open_catalog(cfg.catalog)
+    run = report_for(catalog.read_reports(), args.run_id, where=catalog.describe())
     print(json.dumps(run.to_row(), indent=2, default=str) if args.json else format_report(run))
     if args.check and run.status != "succeeded":
         return EXIT_ABORTED if run.status == "aborted" else 1

@@ -38,6 +38,7 @@ __all__ = [
     "InferenceConfig",
     "MLflowConfig",
     "ModelConfig",
+    "PostgresConfig",
     "PromotionConfig",
     "SparkConfig",
     "SyntheticConfig",
@@ -103,10 +104,66 @@ class MLflowConfig(_Section):
     )
 
 
-class CatalogConfig(_Section):
-    """Table locations. Unset tables live under ``root`` (the embedded lakehouse)."""
+# Names of PostgreSQL schemas and tables the job creates or reads (unquoted SQL identifiers)
+PG_IDENTIFIER = r"^[a-z_][a-z0-9_]{0,62}$"
 
-    root: str = Field("lakehouse", description="Lakehouse root directory of the embedded catalog.")
+
+class PostgresConfig(_Section):
+    """The PostgreSQL catalog (``catalog.kind: postgres``). The connection comes only from the
+    environment: ``CATALOG_ENRICH_PG_DSN`` (a libpq connection string or URI), else libpq's own
+    ``PGHOST``, ``PGPORT``, ``PGDATABASE``, ``PGUSER``, ``PGPASSWORD`` / ``PGPASSFILE``."""
+
+    db_schema: str = Field(
+        "catalog_enrichment",
+        pattern=PG_IDENTIFIER,
+        description="Schema of the tables the job owns (attributes, quarantine, run reports, run log); "
+        "created and migrated by the job.",
+    )
+    products_table: str = Field(
+        "products",
+        pattern=r"^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$",
+        description="The marketplace's products table, [schema.]table (unqualified: in db_schema); it "
+        "needs the contract's columns (schemas/products.yaml; merchant_attributes as jsonb).",
+    )
+    jdbc_jar: str | None = Field(
+        "/usr/share/java/postgresql.jar",
+        description="PostgreSQL JDBC driver jar for Spark's reads (Debian's libpostgresql-jdbc-java); None "
+        "= jdbc_package.",
+    )
+    jdbc_package: str | None = Field(
+        None,
+        description="Maven coordinates Spark fetches instead (spark.jars.packages), e.g. "
+        "org.postgresql:postgresql:42.7.4; used when jdbc_jar is None.",
+    )
+    read_partitions: int = Field(8, gt=0, description="JDBC read partitions (numPartitions).")
+    partition_column: str = Field(
+        "updated_at",
+        pattern=PG_IDENTIFIER,
+        description="Column the JDBC read splits on (partitionColumn; numeric, date or timestamp, ideally "
+        "indexed); its bounds are read from the table for each run.",
+    )
+    fetch_size: int = Field(1000, gt=0, description="Rows per JDBC round trip (fetchsize).")
+
+    @model_validator(mode="after")
+    def _one_driver(self) -> PostgresConfig:
+        if self.jdbc_jar is None and self.jdbc_package is None:
+            raise ValueError("set jdbc_jar or jdbc_package: Spark needs the PostgreSQL JDBC driver")
+        return self
+
+
+class CatalogConfig(_Section):
+    """Where the catalog lives: the embedded lakehouse (tables under ``root``) or PostgreSQL."""
+
+    kind: Literal["lakehouse", "postgres"] = Field(
+        "lakehouse",
+        description="lakehouse = Delta tables under root; postgres = products read over JDBC and "
+        "attributes written into PostgreSQL (the postgres section).",
+    )
+    root: str = Field(
+        "lakehouse",
+        description="Lakehouse root directory of the embedded catalog; with postgres, where a run stages "
+        "its scores before the write.",
+    )
     lock_wait_seconds: float = Field(
         600,
         ge=0,
@@ -121,6 +178,7 @@ class CatalogConfig(_Section):
         None,
         description="Labelled products that `labels` builds and `train` reads (default: <root>/labelled).",
     )
+    postgres: PostgresConfig = Field(default_factory=PostgresConfig)
 
     def table(self, name: Literal["products", "attributes", "quarantine", "run_reports", "labelled"]) -> str:
         """Location of a table: its explicit setting, else ``<root>/<name>``."""

@@ -1,9 +1,11 @@
 """The enrichment run, one straight line:
 
-    lock -> read -> validate -> breaker -> score + decide -> stage -> MERGE -> quarantine -> report
+    lock -> read -> validate -> breaker -> score + decide -> stage -> commit -> report
 
-0. **lock** the catalog (one run at a time; :mod:`catalog_enrichment.catalog.lock`) and remove what
-   a killed run staged;
+on a :class:`~catalog_enrichment.catalog.base.Catalog` (the embedded lakehouse or PostgreSQL,
+``catalog.kind``):
+
+0. **lock** the catalog (one run at a time) and remove what a killed run staged;
 1. **read** the products (partition filter; incremental: only ``updated_at`` past the watermark of
    the last succeeded run over the same scope, unless ``full``; a watermark is never later than
    its run's start);
@@ -12,11 +14,12 @@
    breaker aborts before anything is scored or written when too many rows fail;
 3. **score + decide** the valid rows with ``mapInArrow`` (the model loaded once per Python worker):
    thresholds, taxonomy, merchant-filled attributes; an image that cannot be read (outside the
-   allowed roots, too large) or does not decode is found here;
-4. **stage** the decisions as Parquet under ``<catalog.root>/_staging/<run id>``;
-5. **MERGE** them into the attributes table in one commit (idempotent per run id; a process killed
-   before it leaves the table as it was), then append the **quarantine** rows;
-6. **report**: a run-report row and an MLflow run in the enrichment experiment.
+   allowed roots, too large) or does not decode is found here; the decisions are staged as
+   Parquet under ``<catalog.root>/_staging/<run id>``;
+4. **write**: the catalog commits the values with the run's **quarantine** rows (idempotent per run
+   id; a process killed before the commit leaves the tables as they were): one Delta MERGE, or
+   COPY into a staging table and one PostgreSQL transaction;
+5. **report**: a run-report row and an MLflow run in the enrichment experiment.
 
 The caller passes the SparkSession, the MLflow client and the model version (DESIGN: only jobs/
 and the CLI create those).
@@ -27,9 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import shutil
-import signal
 import time
 import uuid
 from collections import Counter
@@ -43,17 +44,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from catalog_enrichment.calibration import Calibration
-from catalog_enrichment.catalog.attributes import MergeResult, merge_run
-from catalog_enrichment.catalog.lock import catalog_lock
-from catalog_enrichment.catalog.products import Partition, parse_partition, read_products
-from catalog_enrichment.catalog.reports import (
-    RunReport,
-    append_quarantine,
-    check_run_id,
-    last_watermark,
-    read_reports,
-    upsert_report,
-)
+from catalog_enrichment.catalog import Catalog, open_catalog
+from catalog_enrichment.catalog.base import MergeResult, RunWrite, fault_point
+from catalog_enrichment.catalog.products import parse_partition
+from catalog_enrichment.catalog.reports import RunReport, check_run_id, last_watermark
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
@@ -79,44 +73,6 @@ from catalog_enrichment.versions import ModelVersion
 __all__ = ["EnrichOutcome", "backfill_partitions", "check_model_fits", "new_run_id", "run_enrichment"]
 
 Say = Callable[[str], None]
-# Test hook: CATALOG_ENRICH_FAULT=<point> kills this process with SIGKILL at that point (the chaos
-# scenarios): before_merge, during_merge, after_merge, after_quarantine.
-FAULT_ENV = "CATALOG_ENRICH_FAULT"
-
-
-def _fault_point(name: str) -> None:
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_WATCHER = """
-import os, signal, sys, time
-table, parent = sys.argv[1], int(sys.argv[2])
-def seen():
-    return {os.path.join(d, f) for d, _, fs in os.walk(table) for f in fs}
-before = seen()
-print("ready", flush=True)
-while os.getppid() == parent:  # gone with its parent
-    if not seen() <= before:
-        os.kill(parent, signal.SIGKILL)
-        break
-    time.sleep(0.0005)
-"""
-
-
-def _fault_during(name: str, table: Path) -> None:
-    """Test hook: SIGKILL this process as soon as a new file appears under ``table``: a commit under
-    way, its data being written (watched from another process, which no lock in this one holds up)."""
-    if os.environ.get(FAULT_ENV) != name:
-        return
-    import subprocess
-    import sys
-
-    table.mkdir(parents=True, exist_ok=True)
-    watcher = subprocess.Popen(
-        [sys.executable, "-c", _WATCHER, str(table), str(os.getpid())], stdout=subprocess.PIPE, text=True
-    )
-    assert watcher.stdout is not None and watcher.stdout.readline().strip() == "ready"
 
 
 def _print(message: str) -> None:
@@ -188,26 +144,27 @@ def run_enrichment(
     run_id: str | None = None,
     client: Any = None,
     progress: Say = _print,
+    catalog: Catalog | None = None,
 ) -> EnrichOutcome:
-    """One enrichment run (see the module docstring). Returns the outcome; raises on abort/failure
-    after recording the run report (status ``aborted`` / ``failed``)."""
+    """One enrichment run (see the module docstring) on ``catalog`` (default: the configured one,
+    ``products`` overriding its products table). Returns the outcome; raises on abort/failure after
+    recording the run report (status ``aborted`` / ``failed``)."""
     run_id = check_run_id(run_id or new_run_id())
-    with catalog_lock(
-        cfg.catalog.root, owner=f"run {run_id}", wait_seconds=cfg.catalog.lock_wait_seconds, say=progress
-    ):
+    catalog = catalog or open_catalog(cfg.catalog, products=products)
+    with catalog.lock(f"run {run_id}", progress):
         return _locked_run(
-            spark, cfg, taxonomy, model=model, products=products, partition=partition, full=full,
-            run_id=run_id, client=client, progress=progress,
+            spark, cfg, catalog, taxonomy, model=model, partition=partition, full=full, run_id=run_id,
+            client=client, progress=progress,
         )  # fmt: skip
 
 
 def _locked_run(
     spark: Any,
     cfg: AppConfig,
+    catalog: Catalog,
     taxonomy: Taxonomy,
     *,
     model: ModelVersion,
-    products: str | Path | None,
     partition: str | None,
     full: bool,
     run_id: str,
@@ -215,7 +172,7 @@ def _locked_run(
     progress: Say,
 ) -> EnrichOutcome:
     """:func:`run_enrichment` with the catalog's lock held."""
-    reports = Path(cfg.catalog.table("run_reports"))
+    reports = catalog.read_reports()
     previous = _previous(reports, run_id)
     if previous is not None:
         progress(f"run {run_id} already succeeded; nothing to do")
@@ -231,12 +188,17 @@ def _locked_run(
         started_at=dt.datetime.now(dt.UTC),
     )
     outcome, clock = EnrichOutcome(report), time.perf_counter()
-    products_path = Path(products or cfg.catalog.table("products"))
-    staging = _clear_staging(Path(cfg.catalog.root) / "_staging") / run_id
+    catalog.clear_staging()
+    staging = catalog.staging_dir(run_id)
     try:
         with _stage(report, "read"):
             since = None if full else last_watermark(reports, report.partition)
-            df = _read(spark, products_path, part, since, model, progress)
+            df = catalog.read_products(spark, contract, partition=part, since=since)
+            window = f"changed since {since:%Y-%m-%d %H:%M:%S}" if since else "full"
+            progress(
+                f"read products from {catalog.describe()} ({part or 'all partitions'}, {window}), "
+                f"model {model.name} v{model.version}"
+            )
         with _stage(report, "validate"):
             rules = build_rules(contract, cfg.validation, report.started_at)
             validated = validate(df, rules, cfg, report, progress)
@@ -244,9 +206,9 @@ def _locked_run(
         if validated.counts.rows_read == 0:
             progress("  nothing to enrich: no new or changed products")
             report.status, report.watermark = "succeeded", since
-            return _finish(outcome, cfg, client, clock, progress)
+            return _finish(outcome, catalog, cfg, client, clock, progress)
         with _stage(report, "score"):
-            images = ImagePolicy.from_config(cfg.images, [products_path.resolve()])
+            images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
             scored = score(spark, validated.checked, model, taxonomy, cfg, images, staging)
         outcome.model_loads, outcome.arrow_batches = scored.model_loads, scored.arrow_batches
         with _stage(report, "decide"):
@@ -254,22 +216,22 @@ def _locked_run(
         report.add_to_summary(row_rules=decisions.counts.per_rule)
         check_breaker(decisions.counts, cfg.validation.max_invalid_fraction)
         _account(report, decisions)
-        _fault_point("before_merge")
+        fault_point("before_merge")
         with _stage(report, "write"):
-            outcome.merge = write(cfg, decisions, report)
+            outcome.merge = catalog.write(_run_write(report, decisions, staging), spark)
         _written(report, decisions, policy)
         progress(
-            f"  wrote {decisions.values.num_rows:,} values (table version {outcome.merge.version}); "
+            f"  wrote {decisions.values.num_rows:,} values (version {outcome.merge.version}); "
             f"quarantined {decisions.quarantine.num_rows:,} rows"
         )
         report.status = "succeeded"
-        return _finish(outcome, cfg, client, clock, progress)
+        return _finish(outcome, catalog, cfg, client, clock, progress)
     except BaseException as exc:
         aborted = isinstance(exc, CircuitBreakerTripped)
         report.status = "aborted" if aborted else "failed"
         report.add_to_summary(error=str(exc) if aborted else f"{type(exc).__name__}: {exc}"[:2000])
         try:
-            _finish(outcome, cfg, client, clock, progress)
+            _finish(outcome, catalog, cfg, client, clock, progress)
         except Exception as inner:  # the original error matters more
             progress(f"  (could not record the {report.status} run: {inner})")
         raise
@@ -277,18 +239,9 @@ def _locked_run(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _clear_staging(folder: Path) -> Path:
-    """``folder`` emptied: with the catalog's lock held, whatever is staged there is left over
-    from a run that was killed (a re-run stages again)."""
-    if folder.is_dir():
-        for leftover in folder.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
-    return folder
-
-
-def _previous(reports: Path, run_id: str) -> RunReport | None:
+def _previous(reports: list[RunReport], run_id: str) -> RunReport | None:
     """The report of a run with this id that already succeeded (a re-run does nothing)."""
-    previous = next((r for r in read_reports(reports) if r.run_id == run_id), None)
+    previous = next((r for r in reports if r.run_id == run_id), None)
     if previous is not None and previous.status == "rolled_back":
         raise CatalogEnrichError(f"run {run_id} was rolled back; start a new run with another run id")
     return previous if previous is not None and previous.status == "succeeded" else None
@@ -302,15 +255,6 @@ def _stage(report: RunReport, name: str) -> Iterator[None]:
         yield
     finally:
         report.stage_seconds[name] = round(time.perf_counter() - started, 3)
-
-
-def _read(
-    spark: Any, path: Path, part: Partition | None, since: dt.datetime | None, model: ModelVersion, say: Say
-) -> Any:
-    df = read_products(spark, path, load_contract("products"), partition=part, since=since)
-    window = f"changed since {since:%Y-%m-%d %H:%M:%S}" if since else "full"
-    say(f"read {path} ({part or 'all partitions'}, {window}), model {model.name} v{model.version}")
-    return df
 
 
 def validate(df: Any, rules: list[Rule], cfg: AppConfig, report: RunReport, say: Say) -> Validated:
@@ -411,22 +355,17 @@ def _flatten(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
     return values, pairs
 
 
-def write(cfg: AppConfig, decisions: Decisions, report: RunReport) -> MergeResult:
-    """The MERGE (one commit, idempotent per run id), then the quarantine rows."""
-    _fault_during("during_merge", Path(cfg.catalog.table("attributes")))
-    merge = merge_run(
-        cfg.catalog.table("attributes"),
-        decisions.values,
-        decisions.pairs,
+def _run_write(report: RunReport, decisions: Decisions, staging: Path) -> RunWrite:
+    return RunWrite(
         run_id=report.run_id,
         model_name=str(report.model_name),
         model_version=str(report.model_version),
         written_at=report.started_at,
+        values=decisions.values,
+        pairs=decisions.pairs,
+        quarantine=decisions.quarantine,
+        scores=str(staging / "scores"),
     )
-    _fault_point("after_merge")
-    append_quarantine(cfg.catalog.table("quarantine"), decisions.quarantine)
-    _fault_point("after_quarantine")
-    return merge
 
 
 def _account(report: RunReport, decisions: Decisions) -> None:
@@ -452,13 +391,15 @@ def _written(report: RunReport, decisions: Decisions, policy: DecisionPolicy) ->
         report.coverage_per_attribute[a.name] = with_value.get(a.name, 0) / scored if scored else 0.0
 
 
-def _finish(outcome: EnrichOutcome, cfg: AppConfig, client: Any, clock: float, say: Say) -> EnrichOutcome:
+def _finish(
+    outcome: EnrichOutcome, catalog: Catalog, cfg: AppConfig, client: Any, clock: float, say: Say
+) -> EnrichOutcome:
     """Record the report: the run-report table, then an MLflow run when a client is given."""
     report = outcome.report
     elapsed = time.perf_counter() - clock
     report.finished_at = dt.datetime.now(dt.UTC)
     report.products_per_second = report.rows_scored / elapsed if report.rows_scored else None
-    upsert_report(cfg.catalog.table("run_reports"), report)
+    catalog.upsert_report(report)
     if client is not None:
         from catalog_enrichment import registry
 
@@ -503,10 +444,8 @@ def backfill_partitions(
     """One committed full run per ``ingest_date`` partition in ``[date_from, date_to]``, in date
     order; a partition already done by the same model version is skipped (None) unless ``force``
     (:func:`catalog_enrichment.catalog.runs.backfill_plan`)."""
-    products_path = Path(products or cfg.catalog.table("products"))
-    plan = backfill_plan(
-        products_path, cfg.catalog.table("run_reports"), model, date_from, date_to, force=force
-    )
+    catalog = open_catalog(cfg.catalog, products=products)
+    plan = backfill_plan(catalog, model, date_from, date_to, force=force)
     results: list[tuple[str, EnrichOutcome | None]] = []
     for i, (scope, run_id) in enumerate(plan, start=1):
         if run_id is None:
@@ -521,12 +460,12 @@ def backfill_partitions(
             cfg,
             taxonomy,
             model=model,
-            products=products_path,
             partition=scope,
             full=True,
             run_id=run_id,
             client=client,
             progress=progress,
+            catalog=catalog,
         )
         results.append((scope, outcome))
     return results

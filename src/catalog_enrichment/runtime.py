@@ -20,6 +20,8 @@ a failed task is tried 4 times     as on a cluster: one killed worker does  (loc
 JVM logs errors only               quiet by default (log4j2.properties)     -v, -vv (CLI flags)
 JVM C1 JIT only                    Spark compiles new classes per query;    spark.c1_jit
 (-XX:TieredStopAtLevel=1)          C2 would take the scoring cores
+PostgreSQL JDBC driver             the postgres catalog's reads             catalog.postgres.jdbc_jar /
+(``spark.jars`` / ``.packages``)                                            jdbc_package
 worker keeps freed memory          no page faults per forward pass          inference.keep_memory
 (glibc ``mallopt``)
 =================================  =======================================  ==================================
@@ -79,6 +81,18 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
     if not submitted:  # the driver JVM starts with this session (in local mode it is the executor)
         quiet = [f"-Dlog4j2.configurationFile={LOG4J2}"] if _SPARK_LOG_LEVEL == "ERROR" else []
         conf["spark.driver.extraJavaOptions"] = " ".join([*jit, *quiet])
+    if cfg.catalog.kind == "postgres":
+        pg = cfg.catalog.postgres
+        if pg.jdbc_jar is not None:
+            if not Path(pg.jdbc_jar).is_file():
+                raise CatalogEnrichError(
+                    f"PostgreSQL JDBC driver {pg.jdbc_jar} not found: apt-get install "
+                    "libpostgresql-jdbc-java, "
+                    "or set catalog.postgres.jdbc_jar (or jdbc_package with jdbc_jar: null)"
+                )
+            conf["spark.jars"] = pg.jdbc_jar
+        else:
+            conf["spark.jars.packages"] = pg.jdbc_package
     return {**conf, **cfg.spark.conf}
 
 

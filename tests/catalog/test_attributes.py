@@ -1,25 +1,27 @@
-"""The attribute table's write rules on real Delta tables (no Spark): MERGE per run, rollback."""
+"""The attribute table's write rules, the same suite on both backends (no Spark): the embedded
+lakehouse (real Delta tables) and PostgreSQL (a real throw-away server): one commit per run,
+merchant rows untouched, idempotent per run id, exact rollback."""
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from catalog_enrichment.catalog.attributes import (
-    attributes_schema,
-    find_run_commit,
-    merge_run,
-    rollback_run,
-    runs_of_model_version,
-)
-from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
+from catalog_enrichment.catalog import Catalog, open_catalog
+from catalog_enrichment.catalog.attributes import attributes_schema, find_run_commit
+from catalog_enrichment.catalog.base import MergeResult, RunWrite
+from catalog_enrichment.catalog.lakehouse import table_version, write_table
+from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 pytestmark = pytest.mark.timeout(120)
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+MERCHANT = [("p1", "color", "red"), ("p2", "material", "wool")]
 
 
 def _merchant(rows: list[tuple[str, str, str]]) -> pa.Table:
@@ -57,34 +59,43 @@ def _pairs(rows: list[tuple[str, str]]) -> pa.Table:
     return pa.table({"product_id": [r[0] for r in rows], "attribute": [r[1] for r in rows]})
 
 
-def _state(path: Path) -> set[tuple[str, str, str, str, str | None]]:
-    t = read_table(path).to_pylist()
+def _state(catalog: Catalog) -> set[tuple[str, str, str, str, str | None]]:
+    t = catalog.attribute_rows().to_pylist()
     return {(r["product_id"], r["attribute"], r["value"], r["source"], r["run_id"]) for r in t}
 
 
-def _merge(path: Path, run: str, values: pa.Table, pairs: pa.Table, version: str = "1"):  # type: ignore[no-untyped-def]
-    return merge_run(
-        path,
-        values,
-        pairs,
-        run_id=run,
-        model_name="m",
-        model_version=version,
-        written_at=T0 + dt.timedelta(days=1),
-    )
+def _merge(catalog: Catalog, run: str, values: pa.Table, pairs: pa.Table, version: str = "1") -> MergeResult:
+    quarantine = load_contract("quarantine").arrow_schema().empty_table()
+    written_at = T0 + dt.timedelta(days=1)
+    return catalog.write(RunWrite(run, "m", version, written_at, values, pairs, quarantine))
 
 
-@pytest.fixture
-def table(tmp_path: Path) -> Path:
-    path = tmp_path / "attributes"
-    write_table(path, _merchant([("p1", "color", "red"), ("p2", "material", "wool")]))
-    return path
+def seed_merchant(catalog: Catalog, rows: pa.Table) -> None:
+    """The merchant's values, as the marketplace's catalog holds them before any run."""
+    if catalog.kind == "postgres":
+        catalog.add_merchant_values(rows)  # type: ignore[attr-defined]
+    else:
+        write_table(catalog.attributes, rows)  # type: ignore[attr-defined]
 
 
-def test_merge_replaces_model_values_per_scored_pair_and_never_touches_merchant_rows(table: Path) -> None:
+@pytest.fixture(params=["lakehouse", pytest.param("postgres", marks=pytest.mark.postgres)])
+def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Catalog:
+    """An empty catalog of each kind, seeded with the merchant's values ``MERCHANT``."""
+    if request.param == "postgres":
+        cfg = request.getfixturevalue("pg_catalog_config")
+    else:
+        cfg = CatalogConfig(root=str(tmp_path / "lake"), lock_wait_seconds=30)
+    catalog = open_catalog(cfg)
+    seed_merchant(catalog, _merchant(MERCHANT))
+    return catalog
+
+
+def test_merge_replaces_model_values_per_scored_pair_and_never_touches_merchant_rows(
+    catalog: Catalog,
+) -> None:
     all_pairs = _pairs([("p1", "color"), ("p1", "material"), ("p2", "color"), ("p2", "material")])
     r1 = _merge(
-        table,
+        catalog,
         "r1",
         _values(
             [
@@ -99,7 +110,7 @@ def test_merge_replaces_model_values_per_scored_pair_and_never_touches_merchant_
     )
     # p1/color and p2/material are the merchant's: no model value, merchant rows as they were
     assert r1.merchant_pairs_skipped == 2 and r1.inserted == 3
-    assert _state(table) == {
+    assert _state(catalog) == {
         ("p1", "color", "red", "merchant", None),
         ("p2", "material", "wool", "merchant", None),
         ("p1", "material", "cotton", "model", "r1"),
@@ -107,39 +118,191 @@ def test_merge_replaces_model_values_per_scored_pair_and_never_touches_merchant_
         ("p2", "color", "white", "model", "r1"),
     }
     # r2 scores only p2/color: white goes, red stays (new provenance); p1/material is not touched
-    r2 = _merge(table, "r2", _values([("p2", "color", "red", 0.95)]), _pairs([("p2", "color")]), version="2")
+    r2 = _merge(
+        catalog, "r2", _values([("p2", "color", "red", 0.95)]), _pairs([("p2", "color")]), version="2"
+    )
     assert (r2.updated, r2.deleted, r2.inserted) == (1, 1, 0)
-    assert _state(table) == {
+    assert _state(catalog) == {
         ("p1", "color", "red", "merchant", None),
         ("p2", "material", "wool", "merchant", None),
         ("p1", "material", "cotton", "model", "r1"),
         ("p2", "color", "red", "model", "r2"),
     }
-    # the same run id again: no new commit
-    version = table_version(table)
-    again = _merge(table, "r2", _values([("p2", "color", "blue", 0.95)]), _pairs([("p2", "color")]))
-    assert again.already_committed and table_version(table) == version
-    assert find_run_commit(table, "r2") == version
-    assert [r for _, r in runs_of_model_version(table, "1")] == ["r1"]
+    # the same run id again: no new commit, nothing changes
+    before = _state(catalog)
+    again = _merge(catalog, "r2", _values([("p2", "color", "blue", 0.95)]), _pairs([("p2", "color")]))
+    assert again.already_committed and again.version == r2.version and _state(catalog) == before
+    assert catalog.runs_of_model_version("1") == ["r1"]
+    if catalog.kind == "lakehouse":
+        path = catalog.attributes  # type: ignore[attr-defined]
+        assert find_run_commit(path, "r2") == table_version(path) == r2.version
 
 
-def test_rollback_restores_exactly_and_leaves_pairs_changed_later_alone(table: Path) -> None:
+def test_rollback_restores_exactly_and_leaves_pairs_changed_later_alone(catalog: Catalog) -> None:
     pairs = _pairs([("p1", "material"), ("p2", "color")])
-    _merge(table, "r1", _values([("p1", "material", "cotton", 0.8), ("p2", "color", "red", 0.9)]), pairs)
-    after_r1 = _state(table)
-    _merge(table, "r2", _values([("p1", "material", "linen", 0.9)]), pairs)  # p2/color emptied
-    after_r2 = _state(table)
-    _merge(table, "r3", _values([("p1", "material", "silk", 0.9)]), _pairs([("p1", "material")]))
+    _merge(catalog, "r1", _values([("p1", "material", "cotton", 0.8), ("p2", "color", "red", 0.9)]), pairs)
+    after_r1 = _state(catalog)
+    _merge(catalog, "r2", _values([("p1", "material", "linen", 0.9)]), pairs)  # p2/color emptied
+    after_r2 = _state(catalog)
+    _merge(catalog, "r3", _values([("p1", "material", "silk", 0.9)]), _pairs([("p1", "material")]))
     # rolling back r2: p2/color comes back; p1/material was changed again by r3 -> left alone
-    result = rollback_run(table, "r2")
+    result = catalog.rollback_run("r2")
     assert result.superseded == [("p1", "material")] and result.pairs_restored == 1
-    assert ("p2", "color", "red", "model", "r1") in _state(table)
-    assert ("p1", "material", "silk", "model", "r3") in _state(table)
+    assert ("p2", "color", "red", "model", "r1") in _state(catalog)
+    assert ("p1", "material", "silk", "model", "r3") in _state(catalog)
     with pytest.raises(CatalogEnrichError, match="already rolled back"):
-        rollback_run(table, "r2")
+        catalog.rollback_run("r2")
     with pytest.raises(CatalogEnrichError, match="no commit"):
-        rollback_run(table, "never-ran")
+        catalog.rollback_run("never-ran")
     # rolling back r3 then restores r2's value for p1/material
-    rollback_run(table, "r3")
-    assert _state(table) == (after_r2 | {("p2", "color", "red", "model", "r1")})
+    catalog.rollback_run("r3")
+    assert _state(catalog) == (after_r2 | {("p2", "color", "red", "model", "r1")})
     assert after_r1 != after_r2
+
+
+def _quarantine(run: str, ids: list[str]) -> pa.Table:
+    schema = load_contract("quarantine").arrow_schema()
+    n = len(ids)
+    return pa.table(
+        {"product_id": ids, "run_id": [run] * n, "reasons": [["title_not_empty"]] * n,
+         "raw": ['{"title": ""}'] * n, "quarantined_at": [T0] * n},
+        schema=schema,
+    )  # fmt: skip
+
+
+def test_quarantine_rows_are_written_once_with_their_run(catalog: Catalog) -> None:
+    values, pairs = _values([("p3", "color", "red", 0.9)]), _pairs([("p3", "color")])
+    write = RunWrite("q1", "m", "1", T0, values, pairs, _quarantine("q1", ["bad-1", "bad-2"]))
+    catalog.write(write)
+    catalog.write(write)  # a re-run of the committed run id
+    rows = catalog.quarantine_rows().to_pylist()
+    assert sorted((r["product_id"], r["run_id"], r["reasons"]) for r in rows) == [
+        ("bad-1", "q1", ["title_not_empty"]),
+        ("bad-2", "q1", ["title_not_empty"]),
+    ]
+
+
+def test_two_runs_at_once_take_turns_and_leave_one_value_set_per_pair(catalog: Catalog) -> None:
+    """Each run holds the catalog's lock for its write, as a real run does: whichever goes second
+    replaces the first's values, so no pair ends with values of both and no row is lost."""
+    pairs = _pairs([(f"q{i}", "color") for i in range(200)])
+    runs = {
+        "a": _values([(f"q{i}", "color", "red", 0.9) for i in range(200)]),
+        "b": _values([(f"q{i}", "color", v, 0.8) for i in range(200) for v in ("blue", "green")]),
+    }
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            with catalog.lock(f"run {name}", say=lambda _m: None):
+                _merge(catalog, name, runs[name], pairs)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    model = [r for r in _state(catalog) if r[3] == "model"]
+    last = {r[4] for r in model}
+    assert len(last) == 1  # every pair holds the values of the same (last) run
+    assert len(model) == runs[last.pop()].num_rows
+
+
+_WRITER = """
+import datetime as dt, sys
+from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.catalog import open_catalog
+from tests.catalog.test_attributes import T0, _merge, _pairs, _values
+catalog = open_catalog(CatalogConfig.model_validate_json(sys.argv[1]))
+rows = [(f"k{i}", "color", "red", 0.9) for i in range(500)]
+print(_merge(catalog, "killed", _values(rows), _pairs([r[:2] for r in rows])), flush=True)
+"""
+
+
+@pytest.mark.parametrize("fault", ["after_stage", "during_merge"])
+def test_a_write_killed_before_its_commit_changes_nothing_and_runs_again(
+    catalog: Catalog, fault: str
+) -> None:
+    """SIGKILL after the values are staged (PostgreSQL: COPY done, merge not begun) or while the
+    commit is under way (Delta: files being written; PostgreSQL: inside the transaction): the
+    tables are as they were; the next run clears the staging; the same run id then commits once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import repo_root
+
+    before = _state(catalog)
+    cfg = catalog.cfg.model_dump_json()  # type: ignore[attr-defined]
+    env = {**os.environ, "CATALOG_ENRICH_FAULT": fault}
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITER, cfg],
+        cwd=repo_root(),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert _state(catalog) == before
+    assert catalog.quarantine_rows().num_rows == 0
+    with catalog.lock("next run", say=lambda _m: None):
+        catalog.clear_staging()
+    if catalog.kind == "postgres":
+        with catalog.connect() as conn:  # type: ignore[attr-defined]
+            left = conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename LIKE 'stage%%'",
+                [catalog.schema],  # type: ignore[attr-defined]
+            ).fetchone()[0]
+        assert left == 0
+    again = subprocess.run(
+        [sys.executable, "-c", _WRITER, cfg], cwd=repo_root(), capture_output=True, text=True, timeout=90
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(_state(catalog) - before) == 500
+    assert _merge(catalog, "killed", _values([]), _pairs([])).already_committed
+
+
+_HOLDER = """
+import sys, time
+from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.catalog import open_catalog
+catalog = open_catalog(CatalogConfig.model_validate_json(sys.argv[1]))
+with catalog.lock("run holder-1", say=print):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(catalog: Catalog) -> None:
+    """A run waiting for the catalog gives up after catalog.lock_wait_seconds naming the holder;
+    the holder killed with SIGKILL (a crashed run) releases the lock at once."""
+    import subprocess
+    import sys
+
+    from catalog_enrichment.catalog.lock import CatalogBusy
+    from tests.conftest import repo_root
+
+    cfg = catalog.cfg  # type: ignore[attr-defined]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, cfg.model_dump_json()],
+        cwd=repo_root(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        impatient = open_catalog(cfg.model_copy(update={"lock_wait_seconds": 0.5}))
+        with pytest.raises(CatalogBusy, match="run holder-1"), impatient.lock("second", say=lambda _m: None):
+            pass
+        holder.kill()
+        holder.wait(10)
+        with impatient.lock("second", say=lambda _m: None):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(10)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_enrichment.catalog.base import MergeResult, RollbackResult
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -157,18 +157,6 @@ def _merge_model_rows(
         ) from None
 
 
-@dataclass
-class MergeResult:
-    """What a run's MERGE did; ``version`` is the committed table version (None: nothing to do)."""
-
-    version: int | None
-    inserted: int = 0
-    updated: int = 0
-    deleted: int = 0
-    merchant_pairs_skipped: int = 0
-    already_committed: bool = False
-
-
 def _rows_for(table: Any, product_ids: pa.Array, version: int | None = None) -> pa.Table:
     """Rows of the attribute table (optionally at ``version``) for the given products."""
     from deltalake import DeltaTable
@@ -254,18 +242,6 @@ def merge_run(
         deleted=int(metrics["num_target_rows_deleted"]),
         merchant_pairs_skipped=skipped,
     )
-
-
-@dataclass
-class RollbackResult:
-    """What a rollback restored; ``superseded`` pairs were changed by a later run and left alone."""
-
-    run_id: str
-    version: int | None
-    pairs_restored: int = 0
-    rows_removed: int = 0
-    rows_restored: int = 0
-    superseded: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _pair_state(table: pa.Table) -> dict[tuple[str, str], frozenset[tuple[str, str | None]]]:

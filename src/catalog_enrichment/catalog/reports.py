@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,21 +89,22 @@ def read_reports(path: str | Path) -> list[RunReport]:
     return sorted((RunReport.from_row(row) for row in rows), key=lambda r: r.started_at)
 
 
-def report_for(path: str | Path, run_id: str | None = None) -> RunReport:
-    """One run's report (the latest run when ``run_id`` is None).
+def report_for(
+    reports: Sequence[RunReport], run_id: str | None = None, *, where: str = "the catalog"
+) -> RunReport:
+    """One run's report among ``reports`` (the latest run when ``run_id`` is None).
 
     Raises:
         CatalogEnrichError: no such run / no runs yet.
     """
-    reports = read_reports(path)
     if run_id is None:
         if not reports:
-            raise CatalogEnrichError(f"no enrichment runs recorded in {path} yet")
+            raise CatalogEnrichError(f"no enrichment runs recorded in {where} yet")
         return reports[-1]
     for report in reports:
         if report.run_id == run_id:
             return report
-    raise CatalogEnrichError(f"no run {run_id!r} in {path}")
+    raise CatalogEnrichError(f"no run {run_id!r} in {where}")
 
 
 def upsert_report(path: str | Path, report: RunReport) -> None:
@@ -154,11 +156,11 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def last_watermark(path: str | Path, scope: str | None) -> dt.datetime | None:
+def last_watermark(reports: Iterable[RunReport], scope: str | None) -> dt.datetime | None:
     """Highest watermark of the succeeded runs over the same scope (partition, or None = all)."""
     marks = [
         r.watermark
-        for r in read_reports(path)
+        for r in reports
         if r.status == "succeeded" and r.partition == scope and r.watermark is not None
     ]
     return max(marks) if marks else None

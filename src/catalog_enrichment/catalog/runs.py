@@ -5,13 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable
-from pathlib import Path
 
-from catalog_enrichment.catalog.attributes import RollbackResult, rollback_run, runs_of_model_version
-from catalog_enrichment.catalog.lock import catalog_lock
-from catalog_enrichment.catalog.products import list_partitions
-from catalog_enrichment.catalog.reports import check_run_id, read_reports, set_report_status
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.catalog import Catalog
+from catalog_enrichment.catalog.base import RollbackResult
+from catalog_enrichment.catalog.reports import check_run_id
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
@@ -20,8 +17,7 @@ __all__ = ["backfill_plan", "rollback"]
 
 
 def backfill_plan(
-    products: str | Path,
-    reports: str | Path,
+    catalog: Catalog,
     model: ModelVersion,
     date_from: dt.date,
     date_to: dt.date,
@@ -38,10 +34,12 @@ def backfill_plan(
     if date_from > date_to:
         raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
     column = load_contract("products").partition_by[0]
-    dates = [d for d in list_partitions(products, column) if date_from <= dt.date.fromisoformat(d) <= date_to]
+    dates = [d for d in catalog.list_partitions(column) if date_from <= dt.date.fromisoformat(d) <= date_to]
     if not dates:
-        raise CatalogEnrichError(f"no {column} partitions between {date_from} and {date_to} in {products}")
-    all_reports = read_reports(reports)
+        raise CatalogEnrichError(
+            f"no {column} partitions between {date_from} and {date_to} in {catalog.describe()}"
+        )
+    all_reports = catalog.read_reports()
     plan: list[tuple[str, str | None]] = []
     for day in dates:
         scope = f"{column}={day}"
@@ -57,7 +55,7 @@ def backfill_plan(
 
 
 def rollback(
-    cfg: AppConfig,
+    catalog: Catalog,
     *,
     run_id: str | None = None,
     model_version: str | None = None,
@@ -66,24 +64,18 @@ def rollback(
     """Undo one run, or every run of a model version (newest first); marks their reports."""
     if (run_id is None) == (model_version is None):
         raise CatalogEnrichError("rollback needs exactly one of --run-id or --model-version")
-    attributes = Path(cfg.catalog.table("attributes"))
-    reports = Path(cfg.catalog.table("run_reports"))
-    if not (attributes / "_delta_log").is_dir():
-        raise CatalogEnrichError(f"no attribute table at {attributes}: nothing to roll back")
-    runs = [run_id] if run_id else [r for _, r in runs_of_model_version(attributes, str(model_version))]
-    if not runs:
-        raise CatalogEnrichError(f"model version {model_version} has no runs to roll back in {attributes}")
-    with catalog_lock(
-        cfg.catalog.root, owner="rollback", wait_seconds=cfg.catalog.lock_wait_seconds, say=progress
-    ):
-        return [_rollback_one(attributes, reports, str(rid), progress) for rid in runs]
+    with catalog.lock("rollback", progress):
+        runs = [run_id] if run_id else catalog.runs_of_model_version(str(model_version))
+        if not runs:
+            raise CatalogEnrichError(
+                f"model version {model_version} has no runs to roll back in {catalog.describe()}"
+            )
+        return [_rollback_one(catalog, str(rid), progress) for rid in runs]
 
 
-def _rollback_one(
-    attributes: Path, reports: Path, rid: str, progress: Callable[[str], None]
-) -> RollbackResult:
+def _rollback_one(catalog: Catalog, rid: str, progress: Callable[[str], None]) -> RollbackResult:
     """Roll one run back and mark its report."""
-    result = rollback_run(attributes, check_run_id(rid))
+    result = catalog.rollback_run(check_run_id(rid))
     progress(
         f"rolled back {rid}: {result.pairs_restored:,} (product, attribute) pairs restored, "
         f"{result.rows_removed:,} values removed, {result.rows_restored:,} previous values back"
@@ -92,8 +84,7 @@ def _rollback_one(
             if result.superseded
             else ""
         )
-        + (f" (table version {result.version})" if result.version is not None else "")
+        + (f" (version {result.version})" if result.version is not None else "")
     )
-    if (reports / "_delta_log").is_dir():
-        set_report_status(reports, rid, "rolled_back")
+    catalog.set_report_status(rid, "rolled_back")
     return result

@@ -1,0 +1,208 @@
+"""The catalog an enrichment run talks to: one small interface, two backends.
+
+:class:`Catalog` is everything a run, a backfill and a rollback need from the catalog: the lock,
+the products, the run reports (and so the watermark), one write per run (stage, then one commit of
+the values with the run's quarantine rows), and rollback. ``catalog.kind`` picks the backend
+(:func:`catalog_enrichment.catalog.open_catalog`):
+
+* ``lakehouse`` (:class:`~catalog_enrichment.catalog.backends.LakehouseCatalog`): Delta tables under
+  ``catalog.root``; one Delta MERGE per run; rollback from the table's history.
+* ``postgres`` (:class:`~catalog_enrichment.catalog.postgres.PostgresCatalog`): products read over
+  JDBC; each Spark partition COPYs its values into a per-run staging table, one transaction merges
+  them; rollback from the values each run replaced, kept beside the table.
+
+Both keep the same rules: a run is all-or-nothing visible; re-running a committed run id changes
+nothing; a merchant value is never overwritten or contradicted; every model value carries its
+provenance (model, version, run id); a run or a model version rolls back exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from catalog_enrichment.catalog.reports import RunReport
+from catalog_enrichment.contracts import Contract
+
+__all__ = [
+    "FAULT_ENV",
+    "Catalog",
+    "MergeResult",
+    "RollbackResult",
+    "RunWrite",
+    "fault_during",
+    "fault_point",
+]
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class MergeResult:
+    """What a run's write did; ``version`` is the committed table version (Delta) or the run's
+    position in the run log (PostgreSQL); None: nothing to write."""
+
+    version: int | None
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    merchant_pairs_skipped: int = 0
+    already_committed: bool = False
+
+
+@dataclass
+class RollbackResult:
+    """What a rollback restored; ``superseded`` pairs were changed by a later run and left alone."""
+
+    run_id: str
+    version: int | None
+    pairs_restored: int = 0
+    rows_removed: int = 0
+    rows_restored: int = 0
+    superseded: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunWrite:
+    """What one run writes.
+
+    ``values``: (product_id, attribute, value, confidence, threshold) that cleared the thresholds;
+    ``pairs``: (product_id, attribute) of every pair the run scored (its previous model values are
+    replaced by the new set, possibly empty); ``quarantine``: the run's quarantine rows;
+    ``scores``: the staged scores (Parquet) the values came from, which a backend may stage from
+    inside Spark instead of from ``values``.
+    """
+
+    run_id: str
+    model_name: str
+    model_version: str
+    written_at: dt.datetime
+    values: pa.Table
+    pairs: pa.Table
+    quarantine: pa.Table
+    scores: str | None = None
+
+
+class Catalog(Protocol):
+    """Products in, attribute values, quarantine rows and run reports out (see the module doc)."""
+
+    kind: str
+
+    def describe(self) -> str:
+        """Where this catalog is, for messages (never a password)."""
+        ...
+
+    def lock(self, owner: str, say: Say) -> AbstractContextManager[None]:
+        """Hold the catalog for one run (or rollback) at a time; waits ``catalog.lock_wait_seconds``.
+
+        Raises:
+            CatalogBusy: another run still held it when the wait ran out.
+        """
+        ...
+
+    def clear_staging(self) -> None:
+        """Remove what a killed run staged (called with the lock held)."""
+        ...
+
+    def staging_dir(self, run_id: str) -> Path:
+        """Folder where the run stages its scores (removed when the run ends)."""
+        ...
+
+    def read_products(
+        self, spark: Any, contract: Contract, *, partition: Any = None, since: dt.datetime | None = None
+    ) -> Any:
+        """The products as a Spark DataFrame of the contract's columns (partition filter, only rows
+        with ``updated_at`` after ``since``).
+
+        Raises:
+            ContractError: a contract column missing, or of a type it cannot be read as.
+        """
+        ...
+
+    def image_roots(self) -> list[Path]:
+        """Folders whose files an ``image_uri`` may name besides ``images.roots``."""
+        ...
+
+    def list_partitions(self, column: str) -> list[str]:
+        """The distinct values of a partition column of the products, sorted."""
+        ...
+
+    def read_reports(self) -> list[RunReport]:
+        """Every run report, oldest first."""
+        ...
+
+    def upsert_report(self, report: RunReport) -> None: ...
+
+    def set_report_status(self, run_id: str, status: str) -> None: ...
+
+    def write(self, run: RunWrite, spark: Any = None) -> MergeResult:
+        """Stage and commit one run: its values replace the model values of the pairs it scored,
+        in one commit with its quarantine rows; a run id already committed changes nothing."""
+        ...
+
+    def rollback_run(self, run_id: str) -> RollbackResult:
+        """Undo one run's commit.
+
+        Raises:
+            CatalogEnrichError: the run never committed, or was already rolled back.
+        """
+        ...
+
+    def runs_of_model_version(self, model_version: str) -> list[str]:
+        """Run ids of the not-rolled-back runs of a model version, newest first."""
+        ...
+
+    def attribute_rows(self) -> pa.Table:
+        """The whole attribute table (the attributes contract's columns)."""
+        ...
+
+    def quarantine_rows(self) -> pa.Table:
+        """The whole quarantine table (the quarantine contract's columns)."""
+        ...
+
+
+# Test hook: CATALOG_ENRICH_FAULT=<point> kills this process with SIGKILL at that point (the chaos
+# scenarios): before_merge, after_stage, during_merge, after_merge, after_quarantine.
+FAULT_ENV = "CATALOG_ENRICH_FAULT"
+
+
+def fault_point(name: str) -> None:
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_WATCHER = """
+import os, signal, sys, time
+table, parent = sys.argv[1], int(sys.argv[2])
+def seen():
+    return {os.path.join(d, f) for d, _, fs in os.walk(table) for f in fs}
+before = seen()
+print("ready", flush=True)
+while os.getppid() == parent:  # gone with its parent
+    if not seen() <= before:
+        os.kill(parent, signal.SIGKILL)
+        break
+    time.sleep(0.0005)
+"""
+
+
+def fault_during(name: str, table: Path) -> None:
+    """Test hook: SIGKILL this process as soon as a new file appears under ``table``: a commit under
+    way, its data being written (watched from another process, which no lock in this one holds up)."""
+    if os.environ.get(FAULT_ENV) != name:
+        return
+    table.mkdir(parents=True, exist_ok=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(table), str(os.getpid())], stdout=subprocess.PIPE, text=True
+    )
+    assert watcher.stdout is not None and watcher.stdout.readline().strip() == "ready"

@@ -1,0 +1,130 @@
+"""The embedded lakehouse catalog (``catalog.kind: lakehouse``): Delta tables under ``catalog.root``.
+
+Products are read with Spark's Parquet reader from a Delta table's current snapshot (or a Parquet
+folder); a run's values go into the attributes table in one Delta MERGE tagged with the run id
+(:mod:`catalog_enrichment.catalog.attributes`), then its quarantine rows are appended once; the
+lock is a ``flock`` on ``<root>/_lock`` (:mod:`catalog_enrichment.catalog.lock`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from catalog_enrichment.catalog import attributes, lakehouse, products, reports
+from catalog_enrichment.catalog.base import (
+    MergeResult,
+    RollbackResult,
+    RunWrite,
+    Say,
+    fault_during,
+    fault_point,
+)
+from catalog_enrichment.catalog.lock import catalog_lock
+from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.contracts import Contract, load_contract
+from catalog_enrichment.errors import CatalogEnrichError
+
+__all__ = ["LakehouseCatalog"]
+
+
+class LakehouseCatalog:
+    """Delta tables under ``cfg.root`` (each table's location overridable in ``cfg``)."""
+
+    kind = "lakehouse"
+
+    def __init__(self, cfg: CatalogConfig, *, products: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.root)
+        self.products = Path(products or cfg.table("products"))
+        self.attributes = Path(cfg.table("attributes"))
+        self.quarantine = Path(cfg.table("quarantine"))
+        self.reports = Path(cfg.table("run_reports"))
+
+    def describe(self) -> str:
+        return f"lakehouse {self.root}"
+
+    def lock(self, owner: str, say: Say) -> AbstractContextManager[None]:
+        return catalog_lock(self.root, owner=owner, wait_seconds=self.cfg.lock_wait_seconds, say=say)
+
+    def staging_dir(self, run_id: str) -> Path:
+        return self.root / "_staging" / run_id
+
+    def clear_staging(self) -> None:
+        folder = self.root / "_staging"
+        if folder.is_dir():
+            for leftover in folder.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def read_products(
+        self,
+        spark: Any,
+        contract: Contract,
+        *,
+        partition: products.Partition | None = None,
+        since: dt.datetime | None = None,
+    ) -> Any:
+        return products.read_products(spark, self.products, contract, partition=partition, since=since)
+
+    def image_roots(self) -> list[Path]:
+        return [self.products.resolve()]
+
+    def list_partitions(self, column: str) -> list[str]:
+        return products.list_partitions(self.products, column)
+
+    def read_reports(self) -> list[reports.RunReport]:
+        return reports.read_reports(self.reports)
+
+    def upsert_report(self, report: reports.RunReport) -> None:
+        reports.upsert_report(self.reports, report)
+
+    def set_report_status(self, run_id: str, status: str) -> None:
+        if (self.reports / "_delta_log").is_dir():
+            reports.set_report_status(self.reports, run_id, status)
+
+    def write(self, run: RunWrite, spark: Any = None) -> MergeResult:
+        """One MERGE commit (a killed process leaves the table as it was), then the quarantine rows
+        appended once (a re-run finds its commit and appends nothing twice)."""
+        fault_point("after_stage")
+        fault_during("during_merge", self.attributes)
+        merge = attributes.merge_run(
+            self.attributes,
+            run.values,
+            run.pairs,
+            run_id=run.run_id,
+            model_name=run.model_name,
+            model_version=run.model_version,
+            written_at=run.written_at,
+        )
+        fault_point("after_merge")
+        reports.append_quarantine(self.quarantine, run.quarantine)
+        fault_point("after_quarantine")
+        return merge
+
+    def _check_attributes(self) -> None:
+        if not (self.attributes / "_delta_log").is_dir():
+            raise CatalogEnrichError(f"no attribute table at {self.attributes}: nothing to roll back")
+
+    def rollback_run(self, run_id: str) -> RollbackResult:
+        self._check_attributes()
+        return attributes.rollback_run(self.attributes, run_id)
+
+    def runs_of_model_version(self, model_version: str) -> list[str]:
+        self._check_attributes()
+        return [run for _, run in attributes.runs_of_model_version(self.attributes, model_version)]
+
+    def attribute_rows(self) -> pa.Table:
+        if not (self.attributes / "_delta_log").is_dir():
+            return attributes.attributes_schema().empty_table()
+        return lakehouse.read_table(self.attributes).cast(attributes.attributes_schema())
+
+    def quarantine_rows(self) -> pa.Table:
+        schema = load_contract("quarantine").arrow_schema()
+        if not (self.quarantine / "_delta_log").is_dir():
+            return schema.empty_table()
+        return lakehouse.read_table(self.quarantine).select(schema.names).cast(schema)

@@ -1,0 +1,111 @@
+"""A throw-away PostgreSQL server: ``initdb`` + ``pg_ctl`` on a free loopback port.
+
+For the tests and ``catalog-enrich demo --catalog-kind=postgres``; production points the job at its
+own server through ``CATALOG_ENRICH_PG_DSN``. PostgreSQL refuses to run as root, so under root the
+server runs as the ``postgres`` system user (Debian's ``postgresql`` package creates it) from a
+folder under the system's temporary directory that user can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+from catalog_enrichment.errors import CatalogEnrichError
+
+__all__ = ["LocalPostgres"]
+
+SERVER_USER = "postgres"
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        for lib in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+            if (lib / name).is_file():
+                return str(lib / name)
+        raise CatalogEnrichError(
+            f"{name} not found: install PostgreSQL (apt-get install postgresql) to start a local server"
+        )
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalPostgres:
+    """A server of its own in a fresh folder; :meth:`dsn` connects to it (password auth).
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(self, *, database: str = "catalog", user: str = "catalog") -> None:
+        self.database, self.user = database, user
+        self.password = secrets.token_urlsafe(16)
+        self.port = 0
+        self.folder: Path | None = None
+
+    def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        command = list(argv)
+        if os.geteuid() == 0:  # initdb and postgres refuse root
+            command = ["runuser", "-u", SERVER_USER, "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise CatalogEnrichError(
+                f"{Path(argv[0]).name} failed ({done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()[-800:]}"
+            )
+        return done
+
+    def start(self) -> LocalPostgres:
+        self.folder = Path(tempfile.mkdtemp(prefix="catalog-enrich-pg-"))
+        data, pwfile = self.folder / "data", self.folder / "pw"
+        pwfile.write_text(self.password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, SERVER_USER)
+            shutil.chown(pwfile, SERVER_USER)
+        self._run(
+            _binary("initdb"), "-D", str(data), "-U", self.user, f"--pwfile={pwfile}",
+            "--auth=scram-sha-256", "-E", "UTF8", "--no-locale",
+        )  # fmt: skip
+        pwfile.unlink()
+        self.port = _free_port()
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=50"
+        self._run(_binary("pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"), "-o", options,
+                  "-w", "-t", "60", "start")  # fmt: skip
+        import psycopg
+
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.database}"')
+        return self
+
+    def dsn(self, database: str | None = None) -> str:
+        """A libpq connection string for the server (holds the password: keep it out of logs)."""
+        return (
+            f"host=127.0.0.1 port={self.port} dbname={database or self.database} user={self.user} "
+            f"password={self.password}"
+        )
+
+    def stop(self) -> None:
+        if self.folder is None:
+            return
+        try:
+            if (self.folder / "data" / "postmaster.pid").exists():
+                self._run(_binary("pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,838 @@
+"""The PostgreSQL catalog (``catalog.kind: postgres``): the operational catalog of a marketplace.
+
+* **Connection** only from the environment: ``CATALOG_ENRICH_PG_DSN`` (libpq keywords or a URI),
+  else libpq's ``PG*`` variables; never the command line, the config file or a log line (messages
+  name host, port, database and user, never the password). Every value travels as a query
+  parameter; identifiers come from the config, checked against ``[a-z_][a-z0-9_]*``, and are quoted.
+* **Schema**: the job creates and migrates its own tables (attributes, quarantine, run reports, the
+  run log) in ``catalog.postgres.db_schema`` from the versioned SQL files in ``migrations/``, each
+  applied once, in order, in one transaction, under an advisory lock.
+* **Read**: Spark's JDBC source, split into ``read_partitions`` ranges of ``partition_column``
+  (bounds read for each run), ``fetch_size`` rows per round trip; the partition filter and the
+  incremental window are pushed into the query.
+* **Write**: each Spark partition COPYs its values (and the pairs it scored) into a per-run staging
+  table; then one transaction records the run in the run log, keeps the model values it replaces
+  (what a rollback restores), deletes and upserts (``INSERT ... ON CONFLICT ... DO UPDATE`` only
+  where the row is the model's), adds the quarantine rows and commits; the staging table is dropped.
+  A killed process before the commit leaves the tables as they were; a committed run id is never
+  merged again.
+* **Lock**: a session advisory lock held by one connection for the whole run; the server releases
+  it when the connection ends, so a killed run never leaves the catalog locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from catalog_enrichment.catalog.base import MergeResult, RollbackResult, RunWrite, Say, fault_point
+from catalog_enrichment.catalog.lock import CatalogBusy
+from catalog_enrichment.catalog.products import Partition
+from catalog_enrichment.catalog.reports import MAPS, RunReport
+from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.contracts import Contract, load_contract
+from catalog_enrichment.errors import CatalogEnrichError, ContractError
+
+__all__ = ["PG_DSN_ENV", "PostgresCatalog", "migrate"]
+
+PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
+MIGRATIONS = Path(__file__).with_name("migrations")
+_STAGE_COLUMNS = ("product_id", "attribute", "value", "confidence", "threshold")
+# PostgreSQL column types each contract type is read from
+_PG_TYPES = {
+    "string": {"text", "character varying", "character"},
+    "binary": {"bytea"},
+    "timestamp": {"timestamp with time zone", "timestamp without time zone"},
+    "date": {"date"},
+    "map<string, list<string>>": {"jsonb", "json"},
+}
+# the DDL of a products table (tests, the demo): the contract's types in PostgreSQL
+_PG_DDL = {
+    "string": "text",
+    "binary": "bytea",
+    "timestamp": "timestamptz",
+    "date": "date",
+    "map<string, list<string>>": "jsonb",
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def migrate(conn: Any, schema: str) -> list[str]:
+    """Apply the migrations ``schema`` has not had yet, in order; the names applied."""
+    from psycopg import sql
+
+    applied: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('catalog_enrichment.migrate'))")
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        table = sql.Identifier(schema, "schema_migrations")
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY, name text NOT NULL, "
+                "applied_at timestamptz NOT NULL DEFAULT now())"
+            ).format(table)
+        )
+        done = {v for (v,) in conn.execute(sql.SQL("SELECT version FROM {}").format(table))}
+        for file in sorted(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+            version = int(file.name[:4])
+            if version in done:
+                continue
+            conn.execute(sql.SQL(file.read_text()).format(schema=sql.Identifier(schema)))
+            conn.execute(
+                sql.SQL("INSERT INTO {} (version, name) VALUES (%s, %s)").format(table), [version, file.stem]
+            )
+            applied.append(file.stem)
+    return applied
+
+
+def _stage_name(run_id: str) -> str:
+    # run ids may be 200 characters of . : = + -; PostgreSQL names stop at 63 bytes
+    return "stage_" + hashlib.sha256(run_id.encode()).hexdigest()[:24]
+
+
+def copy_batches(conninfo: str, table: tuple[str, str], batches: Iterable[pa.RecordBatch]) -> int:
+    """COPY Arrow batches of the staging columns into ``table`` (schema, name) as CSV; rows copied."""
+    import psycopg
+    import pyarrow.csv as pacsv
+    from psycopg import sql
+
+    options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        sql.Identifier(*table), sql.SQL(", ").join(map(sql.Identifier, _STAGE_COLUMNS))
+    )
+    rows = 0
+    with (
+        psycopg.connect(conninfo, application_name="catalog-enrichment stage") as conn,
+        conn.cursor().copy(statement) as copy,
+    ):
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            buffer = io.BytesIO()  # strings quoted, nulls empty: NULL to COPY's csv format
+            pacsv.write_csv(batch.select(list(_STAGE_COLUMNS)), buffer, options)
+            copy.write(buffer.getbuffer())
+            rows += batch.num_rows
+    return rows
+
+
+def _copier(
+    conninfo: str, table: tuple[str, str]
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    def copy_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        yield pa.record_batch({"rows": pa.array([copy_batches(conninfo, table, batches)], pa.int64())})
+
+    return copy_partition
+
+
+class PostgresCatalog:
+    """The catalog in a PostgreSQL database (see the module docstring)."""
+
+    kind = "postgres"
+
+    def __init__(self, cfg: CatalogConfig, *, products: str | None = None, dsn: str | None = None) -> None:
+        import re
+
+        from catalog_enrichment.config import PG_IDENTIFIER
+
+        self.cfg = cfg
+        self.pg = cfg.postgres
+        self.schema = self.pg.db_schema
+        table = str(products or self.pg.products_table)
+        parts = table.split(".")
+        if len(parts) > 2 or not all(re.fullmatch(PG_IDENTIFIER, p) for p in parts):
+            raise CatalogEnrichError(f"products table {table!r} is not a [schema.]table name")
+        self.products = (parts[0], parts[1]) if len(parts) == 2 else (self.schema, parts[0])
+        self._dsn = os.environ.get(PG_DSN_ENV, "") if dsn is None else dsn
+        self._migrated = False
+
+    # -- connections --------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """``postgres host:port/database as user`` from the DSN and libpq's variables (no password)."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            given = conninfo_to_dict(self._dsn)
+        except Exception:
+            return f"postgres (the {PG_DSN_ENV} connection string does not parse)"
+
+        def part(key: str, env: str, default: str) -> str:
+            return str(given.get(key) or os.environ.get(env) or default)
+
+        return (
+            f"postgres {part('host', 'PGHOST', 'localhost')}:{part('port', 'PGPORT', '5432')}/"
+            f"{part('dbname', 'PGDATABASE', '(default)')} as {part('user', 'PGUSER', '(default)')}"
+        )
+
+    def connect(self) -> Any:
+        """An autocommit connection (``conn.transaction()`` blocks are the transactions); the job's
+        tables are migrated first, once per process.
+
+        Raises:
+            CatalogEnrichError: the server cannot be reached or refuses the login (one line).
+        """
+        import psycopg
+
+        try:
+            conn = psycopg.connect(
+                self._dsn, autocommit=True, connect_timeout=10, application_name="catalog-enrichment"
+            )
+        except (psycopg.Error, ValueError) as exc:
+            raise CatalogEnrichError(f"cannot connect to {self.describe()}: {_one_line(exc)}") from None
+        if not self._migrated:
+            try:
+                migrate(conn, self.schema)
+            except BaseException:
+                conn.close()
+                raise
+            self._migrated = True
+        return conn
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Any]:
+        conn = self.connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _name(self, table: str) -> Any:
+        from psycopg import sql
+
+        return sql.Identifier(self.schema, table)
+
+    def _sql(self, text: str, **tables: str) -> Any:
+        """``text`` with ``{name}`` placeholders filled with the schema-qualified tables."""
+        from psycopg import sql
+
+        return sql.SQL(text).format(**{k: self._name(v) for k, v in tables.items()})
+
+    def conninfo(self) -> str:
+        """The effective connection string (password included) for processes that have not the
+        environment: the Spark tasks that COPY. Never logged."""
+        from psycopg.conninfo import make_conninfo
+
+        with self._session() as conn:
+            info = conn.info
+            extra = {k: v for k, v in info.get_parameters().items() if k in ("sslmode", "sslrootcert")}
+            return make_conninfo(
+                host=info.host,
+                port=info.port,
+                dbname=info.dbname,
+                user=info.user,
+                password=info.password or None,
+                **extra,
+            )
+
+    # -- lock and staging -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, owner: str, say: Say) -> Iterator[None]:
+        wait = self.cfg.lock_wait_seconds
+        conn = self.connect()
+        try:
+            key = f"catalog_enrichment:{self.schema}"
+            deadline, waiting = time.monotonic() + wait, False
+            while not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()[0]:
+                holder = self._holder(conn)
+                if time.monotonic() >= deadline:
+                    raise CatalogBusy(
+                        f"another run holds the catalog {self.describe()} schema {self.schema} ({holder}); "
+                        "this "
+                        f"one wrote nothing. Run it again when that run has finished, or let it wait longer "
+                        f"(catalog.lock_wait_seconds, now {wait:g})"
+                    )
+                if not waiting:
+                    say(f"  waiting up to {wait:g}s for the catalog lock, held by {holder}")
+                    waiting = True
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            conn.execute(
+                "SELECT set_config('application_name', %s, false)", [f"catalog-enrichment lock: {owner}"[:63]]
+            )
+            yield
+        finally:
+            conn.close()  # ending the session releases the lock
+
+    @staticmethod
+    def _holder(conn: Any) -> str:
+        row = conn.execute(
+            "SELECT application_name, pid, client_addr::text, backend_start FROM pg_stat_activity "
+            "WHERE application_name LIKE 'catalog-enrichment lock:%%' AND pid <> pg_backend_pid() LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return "unknown holder"
+        name, pid, addr, since = row
+        owner = name.split(": ", 1)[-1]
+        return f"{owner}, server pid {pid} from {addr or 'local'} since {since:%Y-%m-%dT%H:%M:%SZ}"
+
+    def staging_dir(self, run_id: str) -> Path:
+        return Path(self.cfg.root) / "_staging" / run_id
+
+    def clear_staging(self) -> None:
+        """Drop the staging tables and remove the staged scores of killed runs (lock held)."""
+        import shutil
+
+        from psycopg import sql
+
+        folder = Path(self.cfg.root) / "_staging"
+        if folder.is_dir():
+            for leftover in folder.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        with self._session() as conn, conn.transaction():
+            names = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE 'stage\\_%%'",
+                [self.schema],
+            ).fetchall()
+            for (name,) in names:
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(self._name(name)))
+
+    # -- products ---------------------------------------------------------------------------
+
+    def _columns(self, conn: Any) -> dict[str, str]:
+        rows = conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = %s",
+            list(self.products),
+        ).fetchall()
+        return {name: kind for name, kind in rows}
+
+    def _check_products(self, conn: Any, contract: Contract) -> None:
+        where = f"{'.'.join(self.products)} in {self.describe()}"
+        columns = self._columns(conn)
+        if not columns:
+            raise ContractError(f"no products table {where}")
+        missing = contract.missing_columns(list(columns))
+        if missing:
+            raise ContractError(
+                f"products table {where} lacks contract column(s) {missing} (see schemas/products.yaml)"
+            )
+        for spec in contract.fields:
+            accepted = _PG_TYPES[spec.type]
+            if columns[spec.name] not in accepted:
+                raise ContractError(
+                    f"products column {spec.name!r} is {columns[spec.name]} in {where}, but the contract "
+                    "says "
+                    f"{spec.type} (schemas/products.yaml): make it {' or '.join(sorted(accepted))}"
+                )
+
+    def read_products(
+        self,
+        spark: Any,
+        contract: Contract,
+        *,
+        partition: Partition | None = None,
+        since: dt.datetime | None = None,
+    ) -> Any:
+        from psycopg import sql
+        from pyspark.sql import functions as F
+
+        conditions: list[Any] = []
+        params: list[Any] = []
+        if partition is not None:
+            conditions.append(sql.SQL("{} = %s").format(sql.Identifier(partition.column)))
+            params.append(partition.value)
+        if since is not None:
+            conditions.append(sql.SQL("updated_at > %s"))
+            params.append(since)
+        where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+        column = self.pg.partition_column
+        with self._session() as conn:
+            self._check_products(conn, contract)
+            if column not in self._columns(conn):
+                raise ContractError(
+                    f"catalog.postgres.partition_column {column!r} is not a column of the products table"
+                )
+            low, high = conn.execute(
+                sql.SQL("SELECT min({c}), max({c}) FROM {t}").format(
+                    c=sql.Identifier(column), t=sql.Identifier(*self.products)
+                )
+                + where,
+                params,
+            ).fetchone()
+            info = conn.info
+            if info.host.startswith("/"):
+                raise CatalogEnrichError(
+                    f"{self.describe()}: Spark's JDBC reader needs a TCP host, not the socket folder "
+                    f"{info.host}"
+                )
+            options = {
+                "url": f"jdbc:postgresql://{info.host}:{info.port}/{info.dbname}",
+                "driver": "org.postgresql.Driver",
+                "user": info.user,
+                "password": info.password or "",
+                "dbtable": ".".join(f'"{p}"' for p in self.products),
+                "fetchsize": str(self.pg.fetch_size),
+                # Spark writes timestamp literals in its session time zone (UTC, runtime.py)
+                "sessionInitStatement": "SET TIME ZONE 'UTC'",
+                "applicationName": "catalog-enrichment read",
+            }
+            ssl = info.get_parameters().get("sslmode")
+            if ssl:
+                options["sslmode"] = ssl
+        if low is not None and self.pg.read_partitions > 1 and low != high:
+            options.update(
+                partitionColumn=column,
+                lowerBound=_bound(low),
+                upperBound=_bound(high),
+                numPartitions=str(self.pg.read_partitions),
+            )
+        schema = contract.spark_schema(enforce_nullability=False)
+        df = spark.read.format("jdbc").options(**options).load()
+        df = df.select(
+            *[
+                F.from_json(F.col(f.name), f.dataType).alias(f.name)  # type: ignore[arg-type]
+                if f.name == "merchant_attributes"
+                else F.col(f.name).cast(f.dataType).alias(f.name)
+                for f in schema.fields
+            ]
+        )
+        if partition is not None:
+            df = df.where(
+                F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
+            )
+        if since is not None:
+            df = df.where(F.col("updated_at") > F.lit(since))
+        return df
+
+    def image_roots(self) -> list[Path]:
+        return []
+
+    def list_partitions(self, column: str) -> list[str]:
+        from psycopg import sql
+
+        with self._session() as conn:
+            self._check_products(conn, load_contract("products"))
+            rows = conn.execute(
+                sql.SQL("SELECT DISTINCT {c}::text FROM {t} WHERE {c} IS NOT NULL ORDER BY 1").format(
+                    c=sql.Identifier(column), t=sql.Identifier(*self.products)
+                )
+            ).fetchall()
+        return [value for (value,) in rows]
+
+    def load_products(self, products: pa.Table) -> int:
+        """Create the products table when there is none (the contract's columns) and COPY
+        ``products`` into it (the demo, the tests); rows loaded."""
+        from psycopg import sql
+        from psycopg.types.json import Jsonb
+
+        contract = load_contract("products")
+        table = sql.Identifier(*self.products)
+        columns = [f.name for f in contract.fields]
+        with self._session() as conn, conn.transaction():
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.products[0])))
+            ddl = sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(_PG_DDL[f.type]))
+                for f in contract.fields
+            )
+            conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, ddl))
+            conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (updated_at)").format(
+                    sql.Identifier(f"{self.products[1]}_updated_at"), table
+                )
+            )
+            statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                table, sql.SQL(", ").join(map(sql.Identifier, columns))
+            )
+            with conn.cursor().copy(statement) as copy:
+                for row in products.select(columns).to_pylist():
+                    merchant = row["merchant_attributes"]
+                    row["merchant_attributes"] = None if merchant is None else Jsonb(dict(merchant))
+                    copy.write_row([row[c] for c in columns])
+        return products.num_rows
+
+    # -- run reports ------------------------------------------------------------------------
+
+    def read_reports(self) -> list[RunReport]:
+        with self._session() as conn:
+            cursor = conn.execute(self._sql("SELECT * FROM {t}", t="run_reports"))
+            names = [d.name for d in cursor.description]
+            reports = [RunReport.from_row(dict(zip(names, row, strict=True))) for row in cursor]
+        return sorted(reports, key=lambda r: r.started_at)
+
+    def upsert_report(self, report: RunReport) -> None:
+        from psycopg import sql
+        from psycopg.types.json import Jsonb
+
+        row = report.to_row()
+        row.update({k: Jsonb(row[k]) for k in MAPS})
+        names = list(row)
+        statement = sql.SQL(
+            "INSERT INTO {t} ({cols}) VALUES ({vals}) ON CONFLICT (run_id) DO UPDATE SET {sets}"
+        ).format(
+            t=self._name("run_reports"),
+            cols=sql.SQL(", ").join(map(sql.Identifier, names)),
+            vals=sql.SQL(", ").join(sql.Placeholder() * len(names)),
+            sets=sql.SQL(", ").join(
+                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names[1:]
+            ),
+        )
+        with self._session() as conn, conn.transaction():
+            conn.execute(statement, [row[n] for n in names])
+
+    def set_report_status(self, run_id: str, status: str) -> None:
+        with self._session() as conn, conn.transaction():
+            conn.execute(
+                self._sql("UPDATE {t} SET status = %s WHERE run_id = %s", t="run_reports"), [status, run_id]
+            )
+
+    # -- the write --------------------------------------------------------------------------
+
+    def _committed(self, conn: Any, run_id: str) -> int | None:
+        row = conn.execute(
+            self._sql("SELECT seq FROM {t} WHERE run_id = %s AND operation = 'enrich'", t="runs"), [run_id]
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def write(self, run: RunWrite, spark: Any = None) -> MergeResult:
+        """Stage (COPY, from every Spark partition when ``spark`` and ``run.scores`` are given), then
+        merge in one transaction with the quarantine rows; see the module docstring."""
+        stage = _stage_name(run.run_id)
+        with self._session() as conn:
+            committed = self._committed(conn, run.run_id)
+            if committed is not None:
+                return MergeResult(committed, already_committed=True)
+            with conn.transaction():
+                conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
+                conn.execute(
+                    self._sql(
+                        "CREATE UNLOGGED TABLE {s} (product_id text NOT NULL, attribute text NOT NULL, "
+                        "value text, "
+                        "confidence double precision, threshold double precision)",
+                        s=stage,
+                    )
+                )
+        self._stage(run, stage, spark)
+        fault_point("after_stage")
+        with self._session() as conn:
+            try:
+                with conn.transaction():
+                    result = self._merge(conn, run, stage)
+                    fault_point("during_merge")
+            finally:
+                with conn.transaction():
+                    conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
+        fault_point("after_merge")
+        fault_point("after_quarantine")
+        return result
+
+    def _stage(self, run: RunWrite, stage: str, spark: Any) -> int:
+        conninfo, table = self.conninfo(), (self.schema, stage)
+        if spark is None or run.scores is None:
+            pairs = run.pairs.select(["product_id", "attribute"])
+            none = pa.nulls(pairs.num_rows)
+            rows = pa.concat_tables(
+                [
+                    run.values.select(list(_STAGE_COLUMNS)).cast(_stage_schema()),
+                    pa.table(
+                        {
+                            **{c: pairs[c] for c in pairs.column_names},
+                            "value": none,
+                            "confidence": none,
+                            "threshold": none,
+                        }
+                    ).cast(_stage_schema()),
+                ]
+            )
+            return copy_batches(conninfo, table, rows.to_batches(max_chunksize=50_000))
+        from pyspark.sql import functions as F
+
+        scores = spark.read.parquet(run.scores).where(F.col("image_error").isNull())
+        values = scores.select("product_id", F.explode("values").alias("v")).select(
+            "product_id", "v.attribute", "v.value", "v.confidence", "v.threshold"
+        )
+        pairs = scores.select("product_id", F.explode("scored").alias("attribute")).select(
+            "product_id",
+            "attribute",
+            F.lit(None).cast("string").alias("value"),
+            F.lit(None).cast("double").alias("confidence"),
+            F.lit(None).cast("double").alias("threshold"),
+        )
+        copied = values.unionByName(pairs).mapInArrow(_copier(conninfo, table), "rows long")
+        return int(copied.agg(F.sum("rows")).first()[0] or 0)
+
+    def _serialize(self, conn: Any) -> None:
+        """Within a transaction: wait for any other write or rollback of this catalog to commit
+        (each statement after it sees theirs), even from a process that does not hold the run lock."""
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"catalog_enrichment.write:{self.schema}"]
+        )
+
+    def _merge(self, conn: Any, run: RunWrite, stage: str) -> MergeResult:
+        self._serialize(conn)
+        seq_row = conn.execute(
+            self._sql(
+                "INSERT INTO {runs} (run_id, operation, model_name, model_version) VALUES (%s, 'enrich', "
+                "%s, %s) "
+                "ON CONFLICT (run_id, operation) DO NOTHING RETURNING seq",
+                runs="runs",
+            ),
+            [run.run_id, run.model_name, run.model_version],
+        ).fetchone()
+        if seq_row is None:  # committed by a process that got here first
+            return MergeResult(self._committed(conn, run.run_id), already_committed=True)
+        seq = int(seq_row[0])
+        # the scored pairs without a merchant value, and the new values of those pairs
+        conn.execute(
+            self._sql(
+                "CREATE TEMP TABLE scored ON COMMIT DROP AS SELECT DISTINCT s.product_id, s.attribute FROM "
+                "{s} s "
+                "WHERE NOT EXISTS (SELECT 1 FROM {a} a WHERE a.product_id = s.product_id AND "
+                "a.attribute = s.attribute AND a.source = 'merchant')",
+                s=stage,
+                a="attributes",
+            )
+        )
+        conn.execute("ALTER TABLE scored ADD PRIMARY KEY (product_id, attribute)")
+        all_pairs = conn.execute(
+            self._sql("SELECT count(*) FROM (SELECT DISTINCT product_id, attribute FROM {s}) p", s=stage)
+        ).fetchone()[0]
+        kept = conn.execute("SELECT count(*) FROM scored").fetchone()[0]
+        conn.execute(
+            self._sql(
+                "CREATE TEMP TABLE new_values ON COMMIT DROP AS SELECT DISTINCT ON (s.product_id, "
+                "s.attribute, s.value) "
+                "s.product_id, s.attribute, s.value, s.confidence, s.threshold FROM {s} s "
+                "JOIN scored p ON p.product_id = s.product_id AND p.attribute = s.attribute "
+                "WHERE s.value IS NOT NULL ORDER BY s.product_id, s.attribute, s.value, s.confidence DESC",
+                s=stage,
+            )
+        )
+        model_rows = (
+            "FROM {a} a JOIN scored p ON p.product_id = a.product_id AND p.attribute = a.attribute "
+            "WHERE a.source = 'model'"
+        )
+        # what this run replaces or removes, as it was (its rollback puts it back)
+        conn.execute(
+            self._sql(
+                "INSERT INTO {r} SELECT %s, a.product_id, a.attribute, a.value, a.confidence, a.threshold, "
+                "a.model_name, a.model_version, a.run_id, a.written_at " + model_rows,
+                r="replaced",
+                a="attributes",
+            ),
+            [seq],
+        )
+        conn.execute(
+            self._sql(
+                "INSERT INTO {rp} SELECT %s, product_id, attribute FROM (SELECT a.product_id, a.attribute "
+                + model_rows
+                + " UNION SELECT product_id, attribute FROM new_values) touched",
+                rp="run_pairs",
+                a="attributes",
+            ),
+            [seq],
+        )
+        deleted = conn.execute(
+            self._sql(
+                "DELETE FROM {a} a USING scored p WHERE p.product_id = a.product_id AND p.attribute = "
+                "a.attribute "
+                "AND a.source = 'model' AND NOT EXISTS (SELECT 1 FROM new_values n WHERE n.product_id = "
+                "a.product_id AND n.attribute = a.attribute AND n.value = a.value)",
+                a="attributes",
+            )
+        ).rowcount
+        inserted, updated = conn.execute(
+            self._sql(
+                "WITH up AS (INSERT INTO {a} (product_id, attribute, value, confidence, threshold, source, "
+                "model_name, model_version, run_id, written_at) SELECT product_id, attribute, value, "
+                "confidence, "
+                "threshold, 'model', %s, %s, %s, %s FROM new_values ON CONFLICT (product_id, attribute, "
+                "value) "
+                "DO UPDATE SET confidence = EXCLUDED.confidence, threshold = EXCLUDED.threshold, "
+                "model_name = EXCLUDED.model_name, model_version = EXCLUDED.model_version, run_id = "
+                "EXCLUDED.run_id, "
+                "written_at = EXCLUDED.written_at WHERE {a}.source = 'model' RETURNING (xmax = 0) AS fresh) "
+                "SELECT count(*) FILTER (WHERE fresh), count(*) FILTER (WHERE NOT fresh) FROM up",
+                a="attributes",
+            ),
+            [run.model_name, run.model_version, run.run_id, run.written_at],
+        ).fetchone()
+        self._insert_quarantine(conn, run.quarantine)
+        # nothing changed: no version, but the run log keeps the run id (a re-run stays a no-op)
+        version = None if inserted + updated + deleted == 0 else seq
+        return MergeResult(
+            version,
+            inserted=int(inserted),
+            updated=int(updated),
+            deleted=int(deleted),
+            merchant_pairs_skipped=int(all_pairs - kept),
+        )
+
+    def _insert_quarantine(self, conn: Any, rows: pa.Table) -> None:
+        from psycopg import sql
+
+        if rows.num_rows == 0:
+            return
+        names = load_contract("quarantine").names
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            self._name("quarantine"), sql.SQL(", ").join(map(sql.Identifier, names))
+        )
+        with conn.cursor().copy(statement) as copy:
+            for row in rows.select(names).to_pylist():
+                copy.write_row([row[n] for n in names])
+
+    # -- rollback and reads -----------------------------------------------------------------
+
+    def rollback_run(self, run_id: str) -> RollbackResult:
+        """Restore, for every pair the run changed and no later live run changed again, the values
+        the run replaced (kept at its commit); pairs changed since are left alone and reported."""
+        with self._session() as conn, conn.transaction():
+            self._serialize(conn)
+            row = conn.execute(
+                self._sql(
+                    "SELECT seq, rolled_back_at FROM {t} WHERE run_id = %s AND operation = 'enrich' FOR "
+                    "UPDATE",
+                    t="runs",
+                ),
+                [run_id],
+            ).fetchone()
+            if row is None:
+                raise CatalogEnrichError(
+                    f"run {run_id!r} has no commit in {self.describe()}: nothing to roll back"
+                )
+            seq, rolled_back = row
+            if rolled_back is not None:
+                raise CatalogEnrichError(f"run {run_id!r} was already rolled back")
+            later = (
+                "EXISTS (SELECT 1 FROM {rp} l JOIN {runs} r ON r.seq = l.seq WHERE l.product_id = "
+                "p.product_id "
+                "AND l.attribute = p.attribute AND l.seq > %s AND r.operation = 'enrich' AND "
+                "r.rolled_back_at IS NULL)"
+            )
+            superseded = conn.execute(
+                self._sql(
+                    "SELECT product_id, attribute FROM {rp} p WHERE p.seq = %s AND "
+                    + later
+                    + " ORDER BY 1, 2",
+                    rp="run_pairs",
+                    runs="runs",
+                ),
+                [seq, seq],
+            ).fetchall()
+            conn.execute(
+                self._sql(
+                    "CREATE TEMP TABLE restore ON COMMIT DROP AS SELECT product_id, attribute FROM {rp} p "
+                    "WHERE p.seq = %s AND NOT " + later,
+                    rp="run_pairs",
+                    runs="runs",
+                ),
+                [seq, seq],
+            )
+            pairs = conn.execute("SELECT count(*) FROM restore").fetchone()[0]
+            removed = conn.execute(
+                self._sql(
+                    "DELETE FROM {a} a USING restore p WHERE p.product_id = a.product_id AND "
+                    "p.attribute = a.attribute AND a.source = 'model'",
+                    a="attributes",
+                )
+            ).rowcount
+            restored = conn.execute(
+                self._sql(
+                    "INSERT INTO {a} (product_id, attribute, value, confidence, threshold, source, "
+                    "model_name, "
+                    "model_version, run_id, written_at) SELECT r.product_id, r.attribute, r.value, "
+                    "r.confidence, "
+                    "r.threshold, 'model', r.model_name, r.model_version, r.run_id, r.written_at FROM {r} r "
+                    "JOIN "
+                    "restore p ON p.product_id = r.product_id AND p.attribute = r.attribute WHERE r.seq = %s "
+                    "ON CONFLICT (product_id, attribute, value) DO NOTHING",
+                    a="attributes",
+                    r="replaced",
+                ),
+                [seq],
+            ).rowcount
+            if not pairs:  # nothing restored: no commit, as with the lakehouse
+                return RollbackResult(run_id, None, superseded=[(p, a) for p, a in superseded])
+            conn.execute(self._sql("UPDATE {t} SET rolled_back_at = now() WHERE seq = %s", t="runs"), [seq])
+            done = conn.execute(
+                self._sql(
+                    "INSERT INTO {t} (run_id, operation) VALUES (%s, 'rollback') RETURNING seq", t="runs"
+                ),
+                [run_id],
+            ).fetchone()[0]
+        return RollbackResult(
+            run_id,
+            int(done),
+            pairs_restored=int(pairs),
+            rows_removed=int(removed),
+            rows_restored=int(restored),
+            superseded=[(p, a) for p, a in superseded],
+        )
+
+    def runs_of_model_version(self, model_version: str) -> list[str]:
+        with self._session() as conn:
+            rows = conn.execute(
+                self._sql(
+                    "SELECT run_id FROM {t} WHERE operation = 'enrich' AND model_version = %s AND "
+                    "rolled_back_at IS NULL ORDER BY seq DESC",
+                    t="runs",
+                ),
+                [str(model_version)],
+            ).fetchall()
+        return [r for (r,) in rows]
+
+    def _table(self, name: str, contract: str) -> pa.Table:
+        from psycopg import sql
+
+        schema = load_contract(contract).arrow_schema()
+        with self._session() as conn:
+            cursor = conn.execute(
+                sql.SQL("SELECT {} FROM {}").format(
+                    sql.SQL(", ").join(map(sql.Identifier, schema.names)), self._name(name)
+                )
+            )
+            rows = cursor.fetchall()
+        return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
+
+    def attribute_rows(self) -> pa.Table:
+        return self._table("attributes", "attributes")
+
+    def quarantine_rows(self) -> pa.Table:
+        return self._table("quarantine", "quarantine")
+
+    def add_merchant_values(self, rows: pa.Table) -> int:
+        """Insert merchant-source attribute rows (seeding a catalog; the demo, the tests); a key
+        already present is left as it is. Rows inserted."""
+        from psycopg import sql
+
+        names = load_contract("attributes").names
+        statement = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
+            self._name("attributes"),
+            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(", ").join(sql.Placeholder() * len(names)),
+        )
+        with self._session() as conn, conn.transaction(), conn.cursor() as cursor:
+            cursor.executemany(statement, [[r[n] for n in names] for r in rows.select(names).to_pylist()])
+            return int(cursor.rowcount)
+
+
+def _stage_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            ("product_id", pa.string()),
+            ("attribute", pa.string()),
+            ("value", pa.string()),
+            ("confidence", pa.float64()),
+            ("threshold", pa.float64()),
+        ]
+    )
+
+
+def _bound(value: Any) -> str:
+    """A JDBC partition bound as Spark parses it (timestamps in UTC, its session time zone)."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return str(value)

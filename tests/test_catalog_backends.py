@@ -1,0 +1,203 @@
+"""One enrichment suite on both catalogs: the same products and model through the embedded
+lakehouse and a real PostgreSQL server must give the same attribute rows, quarantine and counts,
+with the same guarantees (idempotent re-run, incremental watermark, merchant rows untouched,
+rollback exact, backfill partitions)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from catalog_enrichment.catalog import Catalog, open_catalog
+from catalog_enrichment.catalog.attributes import merchant_rows
+from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.catalog.runs import rollback
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.enrich import EnrichOutcome, run_enrichment
+from catalog_enrichment.versions import ModelVersion
+from tests.catalog.test_attributes import seed_merchant
+from tests.conftest import tiny_config
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(900)]
+T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+
+
+def _rows(catalog: Catalog) -> list[tuple[Any, ...]]:
+    """The attribute rows without the confidence (see :func:`_confidences`)."""
+    return sorted(
+        (r["product_id"], r["attribute"], r["value"], r["source"], r["run_id"], r["model_version"])
+        for r in catalog.attribute_rows().to_pylist()
+    )
+
+
+def _confidences(catalog: Catalog) -> list[float]:
+    """The model rows' confidences in row order: equal to float32 precision, not bit for bit (the
+    JDBC ranges and the Parquet files cut the products into different batches, and a float32
+    forward pass over a different batch may differ in the last bit)."""
+    rows = [r for r in catalog.attribute_rows().to_pylist() if r["source"] == "model"]
+    return [
+        r["confidence"] for r in sorted(rows, key=lambda r: (r["product_id"], r["attribute"], r["value"]))
+    ]
+
+
+def _quarantined(catalog: Catalog) -> list[tuple[Any, ...]]:
+    return sorted((r["product_id"] or "", tuple(r["reasons"])) for r in catalog.quarantine_rows().to_pylist())
+
+
+def _unique(rows: pa.Table) -> pa.Table:
+    """One row per (product, attribute, value): a stale duplicate product repeats its merchant values."""
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, key in enumerate(
+        zip(*(rows[k].to_pylist() for k in ("product_id", "attribute", "value")), strict=True)
+    ):
+        seen.setdefault(key, i)
+    return rows.take(sorted(seen.values()))
+
+
+class Backend:
+    """A catalog of one kind holding the incoming products and the merchants' values."""
+
+    def __init__(self, kind: str, cfg: AppConfig, products: Path | None) -> None:
+        self.kind, self.cfg = kind, cfg
+        self.catalog = open_catalog(cfg.catalog, products=products)
+
+    def run(self, spark: Any, taxonomy: Taxonomy, bundle: Path, **kw: Any) -> EnrichOutcome:
+        model = kw.pop("model", None) or ModelVersion("tiny", "1", bundle_dir=bundle)
+        return run_enrichment(
+            spark, self.cfg, taxonomy, model=model, progress=lambda _m: None, catalog=self.catalog, **kw
+        )
+
+
+@pytest.fixture(scope="module")
+def backends(request, tmp_path_factory, incoming):  # type: ignore[no-untyped-def]
+    """Both catalogs with the same products and merchant values (one server schema for the module)."""
+    server = request.getfixturevalue("pg_server")
+    products = read_table(incoming.products)
+    merchant = _unique(merchant_rows(products.select(["product_id", "merchant_attributes"]), T0))
+    inference = {"batch_size": 64, "device": "cpu", "decode_threads": 2}
+    lake = tmp_path_factory.mktemp("lake")
+    lakehouse = Backend(
+        "lakehouse", tiny_config(catalog={"root": str(lake)}, inference=inference), incoming.products
+    )
+    seed_merchant(lakehouse.catalog, merchant)
+    postgres_cfg = tiny_config(
+        catalog={"kind": "postgres", "root": str(tmp_path_factory.mktemp("pg-staging")),
+                 "postgres": {"db_schema": "parity", "read_partitions": 3}},
+        inference=inference,
+    )  # fmt: skip
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+
+    postgres = Backend("postgres", postgres_cfg, None)
+    postgres.catalog = PostgresCatalog(postgres_cfg.catalog, dsn=server.dsn())
+    postgres.catalog.load_products(products)
+    seed_merchant(postgres.catalog, merchant)
+    return {"lakehouse": lakehouse, "postgres": postgres}
+
+
+@pytest.fixture(scope="module")
+def first_runs(spark, backends, taxonomy, scoring_bundle):  # type: ignore[no-untyped-def]
+    return {
+        k: b.run(spark, taxonomy, scoring_bundle, full=True, run_id="parity-1") for k, b in backends.items()
+    }
+
+
+def test_both_catalogs_write_the_same_rows_for_the_same_input_and_model(backends, first_runs) -> None:  # type: ignore[no-untyped-def]
+    lake, pg = backends["lakehouse"].catalog, backends["postgres"].catalog
+    rows = _rows(lake)
+    assert sum(1 for r in rows if r[3] == "model") > 1000
+    assert _rows(pg) == rows
+    assert _confidences(pg) == pytest.approx(_confidences(lake), abs=1e-5)
+    assert _quarantined(pg) == _quarantined(lake) and len(_quarantined(lake)) > 50
+    a, b = first_runs["lakehouse"].report, first_runs["postgres"].report
+    for field in ("rows_read", "rows_valid", "rows_quarantined", "rows_scored", "written_per_attribute"):
+        assert getattr(a, field) == getattr(b, field), field
+    assert first_runs["postgres"].merge.inserted == sum(1 for r in rows if r[3] == "model")
+    reports = pg.read_reports()
+    assert [(r.run_id, r.status, r.watermark) for r in reports] == [("parity-1", "succeeded", b.watermark)]
+
+
+def test_merchant_rows_are_untouched(backends, first_runs, incoming) -> None:  # type: ignore[no-untyped-def]
+    products = read_table(incoming.products, columns=["product_id", "merchant_attributes"])
+    merchant = _unique(merchant_rows(products, T0))
+    expected = sorted(zip(merchant["product_id"].to_pylist(), merchant["attribute"].to_pylist(),
+                          merchant["value"].to_pylist(), strict=True))  # fmt: skip
+    pg = [r for r in _rows(backends["postgres"].catalog) if r[3] == "merchant"]
+    assert sorted(r[:3] for r in pg) == expected
+    model_pairs = {r[:2] for r in _rows(backends["postgres"].catalog) if r[3] == "model"}
+    assert not model_pairs & {r[:2] for r in pg}  # no model value beside a merchant's
+
+
+def test_a_rerun_is_a_no_op_and_an_incremental_run_reads_nothing_new(
+    spark, backends, first_runs, taxonomy, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    for kind, backend in backends.items():
+        before = _rows(backend.catalog)
+        again = backend.run(spark, taxonomy, scoring_bundle, full=True, run_id="parity-1")
+        assert again.already_done, kind
+        nightly = backend.run(spark, taxonomy, scoring_bundle, run_id="parity-2")
+        assert nightly.report.rows_read == 0 and nightly.report.status == "succeeded", kind
+        assert _rows(backend.catalog) == before, kind
+
+
+def test_a_partition_run_and_rollback_by_run_and_by_model_version(
+    spark, backends, first_runs, taxonomy, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    after_first: dict[str, list[tuple[Any, ...]]] = {}
+    for kind, backend in backends.items():
+        catalog = backend.catalog
+        after_first[kind] = _rows(catalog)
+        days = catalog.list_partitions("ingest_date")
+        assert len(days) == 4, kind
+        v2 = ModelVersion("tiny", "2", bundle_dir=scoring_bundle)
+        scoped = backend.run(
+            spark,
+            taxonomy,
+            scoring_bundle,
+            model=v2,
+            full=True,
+            partition=f"ingest_date={days[0]}",
+            run_id="p-v2",
+        )
+        assert 0 < scoped.report.rows_read < first_runs[kind].report.rows_read
+        changed = _rows(catalog)
+        assert {r[4] for r in changed if r[3] == "model"} == {"parity-1", "p-v2"}
+        rollback(catalog, run_id="p-v2", progress=lambda _m: None)
+        assert _rows(catalog) == after_first[kind], kind
+        assert {r.run_id: r.status for r in catalog.read_reports()}["p-v2"] == "rolled_back"
+        rollback(catalog, model_version="1", progress=lambda _m: None)
+        assert [r for r in _rows(catalog) if r[3] == "model"] == [], kind
+    assert after_first["lakehouse"] == after_first["postgres"]
+    assert _rows(backends["lakehouse"].catalog) == _rows(backends["postgres"].catalog)
+
+
+def test_postgres_products_that_break_the_contract_fail_in_one_line(spark, pg_catalog_config) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.contracts import load_contract
+    from catalog_enrichment.errors import ContractError
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    contract = load_contract("products")
+    with pytest.raises(ContractError, match="no products table"):
+        catalog.read_products(spark, contract)
+    with catalog.connect() as conn:
+        conn.execute(f'CREATE TABLE "{catalog.schema}".products (product_id text, title integer)')
+    with pytest.raises(ContractError, match=r"lacks contract column\(s\) \['description'"):
+        catalog.read_products(spark, contract)
+    with catalog.connect() as conn:
+        conn.execute(f'DROP TABLE "{catalog.schema}".products')
+    catalog.load_products(read_table_empty())
+    with catalog.connect() as conn:
+        conn.execute(f'ALTER TABLE "{catalog.schema}".products ALTER COLUMN title TYPE integer USING NULL')
+    with pytest.raises(ContractError, match="products column 'title' is integer .* make it"):
+        catalog.read_products(spark, contract)
+
+
+def read_table_empty() -> pa.Table:
+    from catalog_enrichment.contracts import load_contract
+
+    return load_contract("products").arrow_schema(enforce_nullability=False).empty_table()
