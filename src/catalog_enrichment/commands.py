@@ -104,7 +104,9 @@ def demo(args: argparse.Namespace, cfg: AppConfig) -> int:
     """
     from catalog_enrichment.demo import run_demo
 
-    return run_demo(cfg, Path(args.workdir), products=args.products, seed=args.seed)
+    return run_demo(
+        cfg, Path(args.workdir), products=args.products, seed=args.seed, catalog_kind=args.catalog_kind
+    )
 
 
 def labels(args: argparse.Namespace, cfg: AppConfig) -> int:
@@ -114,13 +116,13 @@ def labels(args: argparse.Namespace, cfg: AppConfig) -> int:
     taxonomy (counted), leave out the frozen evaluation set's products, and overwrite the labelled
     table in one Delta commit that records the source tables' versions.
     """
+    from catalog_enrichment.catalog import open_catalog
     from catalog_enrichment.catalog.labels import write_labels
     from catalog_enrichment.contracts import load_taxonomy
 
     out = Path(args.out or cfg.catalog.table("labelled"))
     report = write_labels(
-        products=Path(cfg.catalog.table("products")),
-        attributes=Path(cfg.catalog.table("attributes")),
+        catalog=open_catalog(cfg.catalog),
         evaluation=Path(_eval_data(cfg)),
         out=out,
         taxonomy=load_taxonomy(cfg.taxonomy_path),
@@ -430,6 +432,53 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     for key, value in result.items():
         if isinstance(value, float):
             print(f"{key}: {value:.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def bench_write(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """how fast one run's values land in each catalog (PostgreSQL COPY + merge, Delta MERGE)
+
+    Stage the values of N products as a run stages them, then time the catalog's write of a first
+    run (inserts) and of a second run replacing them, on fresh catalogs, medians over repeats.
+    PostgreSQL: the server of CATALOG_ENRICH_PG_DSN / PGHOST, else a throw-away local one.
+    """
+    import contextlib
+    import os
+    import tempfile
+
+    from catalog_enrichment.bench.catalog_write import format_write_bench, run_write_bench
+    from catalog_enrichment.catalog.pgserver import LocalPostgres
+    from catalog_enrichment.catalog.postgres import PG_DSN_ENV
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - {"postgres", "lakehouse"}:
+        raise CatalogEnrichError(f"--kinds takes postgres and/or lakehouse, got {args.kinds!r}")
+    cfg = cfg.model_copy(update={"catalog": cfg.catalog.model_copy(update={"kind": "postgres"})})
+    with contextlib.ExitStack() as stack:
+        if "postgres" in kinds and not (os.environ.get(PG_DSN_ENV) or os.environ.get("PGHOST")):
+            server = stack.enter_context(LocalPostgres())
+            os.environ[PG_DSN_ENV] = server.dsn()
+            stack.callback(os.environ.pop, PG_DSN_ENV, None)
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-write-catalogs-")))
+
+        def config(kind: str) -> Any:
+            def make(repeat: int) -> Any:
+                update: dict[str, Any] = {"kind": kind, "root": str(tmp / f"{kind}-{repeat}")}
+                if kind == "postgres":
+                    update["postgres"] = cfg.catalog.postgres.model_copy(
+                        update={"db_schema": f"bench_{repeat}"}
+                    )
+                return cfg.catalog.model_copy(update=update)
+
+            return make
+
+        spark = runtime.spark_session(cfg)
+        result = run_write_bench(
+            spark, {k: config(k) for k in kinds}, products=args.products, repeats=args.repeats
+        )
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(format_write_bench(result))
     print(f"wrote {args.out}")
     return 0
 

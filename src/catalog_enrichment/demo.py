@@ -10,6 +10,7 @@ import datetime as dt
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from catalog_enrichment import runtime
 from catalog_enrichment.config import AppConfig
@@ -17,8 +18,36 @@ from catalog_enrichment.config import AppConfig
 __all__ = ["run_demo"]
 
 
-def run_demo(cfg: AppConfig, workdir: Path, *, products: int = 3000, seed: int = 0) -> int:
-    """generate -> train -> promote -> enrich -> report inside ``workdir``; the process exit code."""
+def run_demo(
+    cfg: AppConfig, workdir: Path, *, products: int = 3000, seed: int = 0, catalog_kind: str | None = None
+) -> int:
+    """generate -> train -> promote -> enrich -> report inside ``workdir``; the process exit code.
+
+    ``catalog_kind`` postgres: the incoming products are loaded into PostgreSQL and the job reads
+    them and writes the attributes there - on the server of ``CATALOG_ENRICH_PG_DSN`` / ``PGHOST``
+    when one is set, else on a throw-away local server started for the demo (initdb + pg_ctl) and
+    stopped at its end."""
+    kind = catalog_kind or cfg.catalog.kind
+    if kind == "postgres":
+        import os
+
+        from catalog_enrichment.catalog.pgserver import LocalPostgres
+        from catalog_enrichment.catalog.postgres import PG_DSN_ENV
+
+        cfg = cfg.model_copy(update={"catalog": cfg.catalog.model_copy(update={"kind": "postgres"})})
+        if os.environ.get(PG_DSN_ENV) or os.environ.get("PGHOST"):
+            return _run_demo(cfg, workdir, products, seed)
+        with LocalPostgres() as server:
+            print(f"[demo] a throw-away PostgreSQL server on 127.0.0.1:{server.port} (stopped at the end)")
+            os.environ[PG_DSN_ENV] = server.dsn()
+            try:
+                return _run_demo(cfg, workdir, products, seed)
+            finally:
+                del os.environ[PG_DSN_ENV]
+    return _run_demo(cfg, workdir, products, seed)
+
+
+def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     from catalog_enrichment import registry
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.data.summary import format_summary, summarize_marketplace
@@ -105,22 +134,17 @@ def run_demo(cfg: AppConfig, workdir: Path, *, products: int = 3000, seed: int =
         )
         return 1
 
-    from catalog_enrichment.catalog.attributes import ensure_attributes_table, merchant_rows
-    from catalog_enrichment.catalog.lakehouse import read_table, write_table
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.catalog.reports import format_report
     from catalog_enrichment.data.truth import format_precision, sample_against_truth, written_precision
     from catalog_enrichment.enrich import run_enrichment
 
-    attributes = Path(cfg.catalog.table("attributes"))
-    if not (attributes / "_delta_log").is_dir():
-        # The marketplace's catalog before the job: the values merchants provided.
-        incoming = read_table(
-            workdir / "incoming" / "products", columns=["product_id", "merchant_attributes"]
-        )
-        write_table(attributes, merchant_rows(incoming, dt.datetime.now(dt.UTC)), mode="error")
-    ensure_attributes_table(attributes)
+    catalog = open_catalog(cfg.catalog)
+    _seed_catalog(cfg, catalog, workdir / "incoming" / "products")
     print(
-        f"\n[demo 4/{steps}] enrich: score {workdir / 'incoming' / 'products'} with the champion in Spark",
+        f"\n[demo 4/{steps}] enrich: score the incoming products in {catalog.describe()} with the champion "
+        "in Spark",
         flush=True,
     )
     model = runtime.model_version(cfg, None, client)
@@ -132,17 +156,48 @@ def run_demo(cfg: AppConfig, workdir: Path, *, products: int = 3000, seed: int =
         full=True,
         client=client,
         progress=lambda m: print("  " + m, flush=True),
+        catalog=catalog,
     )
     print(f"\n[demo 5/{steps}] report\n")
     print(format_report(enriched.report))
-    table = read_table(attributes)
+    table = catalog.attribute_rows()
     truth = read_table(workdir / "incoming" / "truth")
     print("\nWritten values against the ground truth (model rows only):")
     print(format_precision(written_precision(table, truth, taxonomy)))
     print("\nA sample of written values:")
     print(sample_against_truth(table, truth, taxonomy))
     print(
-        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: catalog-enrich report --catalog "
-        f"{cfg.catalog.root}; mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
+        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: catalog-enrich report "
+        + (
+            f"--catalog {cfg.catalog.root}"
+            if cfg.catalog.kind == "lakehouse"
+            else "--set catalog.kind=postgres"
+        )
+        + f"; mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
     )
     return 0
+
+
+def _seed_catalog(cfg: AppConfig, catalog: Any, incoming: Path) -> None:
+    """The marketplace's catalog before the job: the incoming products (PostgreSQL: loaded into its
+    products table) and the values merchants provided, unless an earlier demo put them there."""
+    from catalog_enrichment.catalog.attributes import ensure_attributes_table, merchant_rows
+    from catalog_enrichment.catalog.lakehouse import read_table, write_table
+
+    now = dt.datetime.now(dt.UTC)
+    if catalog.kind == "lakehouse":
+        attributes = Path(cfg.catalog.table("attributes"))
+        if not (attributes / "_delta_log").is_dir():
+            merchant = merchant_rows(read_table(incoming, columns=["product_id", "merchant_attributes"]), now)
+            write_table(attributes, merchant, mode="error")
+        ensure_attributes_table(attributes)
+        return
+    if catalog.attribute_rows().num_rows:
+        print(f"  {catalog.describe()} already holds the demo's catalog; not loaded again", flush=True)
+        return
+    products = read_table(incoming)
+    loaded = catalog.load_products(products)
+    merchant = catalog.add_merchant_values(merchant_rows(products, now))
+    print(
+        f"  loaded {loaded:,} products and {merchant:,} merchant values into {catalog.describe()}", flush=True
+    )

@@ -10,9 +10,11 @@ import pyarrow as pa
 import pytest
 
 from catalog_enrichment.catalog.attributes import attributes_schema
+from catalog_enrichment.catalog.embedded import LakehouseCatalog
 from catalog_enrichment.catalog.labels import METADATA_KEY, build_labels, write_labels
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
 from catalog_enrichment.cli import main
+from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
@@ -91,8 +93,7 @@ def test_labels_are_written_with_their_sources_and_train_reads_them(
         _products().filter(pa.array([False, False, False, False, True, False, False, False])),
     )
     report = write_labels(
-        products=tmp_path / "products",
-        attributes=tmp_path / "attributes",
+        catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))),
         evaluation=tmp_path / "eval",
         out=tmp_path / "labelled",
         taxonomy=taxonomy,
@@ -106,7 +107,7 @@ def test_labels_are_written_with_their_sources_and_train_reads_them(
     assert read_table(tmp_path / "labelled").num_rows == 2
     # run again: a new version of the same table, not an error
     write_labels(
-        products=tmp_path / "products", attributes=tmp_path / "attributes", evaluation=None,
+        catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
         out=tmp_path / "labelled", taxonomy=taxonomy,
     )  # fmt: skip
     assert table_version(tmp_path / "labelled") == 1 and read_table(tmp_path / "labelled").num_rows == 3
@@ -121,7 +122,7 @@ def test_bad_catalogs_are_clear_errors(
     write_table(tmp_path / "attributes", _attributes([r for r in ROWS if r[3] == "model"]))
     with pytest.raises(CatalogEnrichError, match="no labelled product"):
         write_labels(
-            products=tmp_path / "products", attributes=tmp_path / "attributes", evaluation=None,
+            catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
             out=tmp_path / "labelled", taxonomy=taxonomy,
         )  # fmt: skip
     assert not (tmp_path / "labelled").exists()

@@ -39,20 +39,20 @@ def test_a_report_round_trips_and_an_upsert_replaces_the_row(tmp_path: Path) -> 
     report.add_to_summary(row_rules={"title_not_empty": 1})
     report.add_to_summary(error="boom")  # entries accumulate
     upsert_report(tmp_path, report)
-    back = report_for(tmp_path, "r1")
+    back = report_for(read_reports(tmp_path), "r1")
     assert back == report and back.summary() == {"row_rules": {"title_not_empty": 1}, "error": "boom"}
     assert back.status == "failed"  # what a run that never said otherwise records
     report.status, report.finished_at = "succeeded", T + dt.timedelta(minutes=3)
     upsert_report(tmp_path, report)
     assert read_reports(tmp_path) == [report]  # one row per run id
-    assert last_watermark(tmp_path, "ingest_date=2026-11-01") == T
-    assert last_watermark(tmp_path, None) is None  # another scope has no watermark yet
+    assert last_watermark(read_reports(tmp_path), "ingest_date=2026-11-01") == T
+    assert last_watermark(read_reports(tmp_path), None) is None  # another scope has no watermark yet
     set_report_status(tmp_path, "r1", "rolled_back")
     assert (
-        report_for(tmp_path).status == "rolled_back"
-        and last_watermark(tmp_path, "ingest_date=2026-11-01") is None
+        report_for(read_reports(tmp_path)).status == "rolled_back"
+        and last_watermark(read_reports(tmp_path), "ingest_date=2026-11-01") is None
     )
-    text = format_report(report_for(tmp_path))
+    text = format_report(report_for(read_reports(tmp_path)))
     assert "run r1: rolled_back" in text and "color 4 (44% of scored)" in text and "error        boom" in text
     assert json.loads(json.dumps(report.to_row(), default=str))["rows_read"] == 10
 
@@ -60,10 +60,10 @@ def test_a_report_round_trips_and_an_upsert_replaces_the_row(tmp_path: Path) -> 
 def test_no_reports_yet_is_a_clear_error(tmp_path: Path) -> None:
     assert read_reports(tmp_path / "none") == []
     with pytest.raises(CatalogEnrichError, match="no enrichment runs recorded"):
-        report_for(tmp_path / "none")
+        report_for(read_reports(tmp_path / "none"))
     upsert_report(tmp_path / "t", RunReport(run_id="a", started_at=T))
     with pytest.raises(CatalogEnrichError, match="no run 'b'"):
-        report_for(tmp_path / "t", "b")
+        report_for(read_reports(tmp_path / "t"), "b")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from catalog_enrichment.catalog.reports import report_for
+from catalog_enrichment.catalog.reports import read_reports, report_for
 from tests.conftest import repo_root, tiny_registry
 
 DAGS = repo_root() / "deploy" / "airflow"
@@ -119,7 +119,7 @@ def test_the_nightly_dag_runs_end_to_end(tmp_path: Path, incoming, scoring_bundl
         )
     )
     _dags_test(tmp_path, config, "catalog_enrichment_nightly", "2026-11-02", timeout=500)
-    report = report_for(tmp_path / "lake" / "run_reports", "nightly-2026-11-02")
+    report = report_for(read_reports(tmp_path / "lake" / "run_reports"), "nightly-2026-11-02")
     assert report.status == "succeeded" and report.partition == "ingest_date=2026-11-02"
     assert 0 < report.rows_read < 2400  # one day of four
 

@@ -19,6 +19,13 @@ def open_catalog(cfg: CatalogConfig, *, products: str | Path | None = None) -> C
     lakehouse, a ``[schema.]table`` name for PostgreSQL)."""
     if cfg.kind == "postgres":
         from catalog_enrichment.catalog.postgres import PostgresCatalog
+        from catalog_enrichment.errors import ConfigError
+
+        if cfg.products is not None:
+            raise ConfigError(
+                "catalog.products (--products) names a lakehouse table; with catalog.kind postgres the "
+                "products table is catalog.postgres.products_table"
+            )
 
         return PostgresCatalog(cfg, products=None if products is None else str(products))
     from catalog_enrichment.catalog.embedded import LakehouseCatalog

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import pyarrow as pa
 
@@ -164,6 +164,15 @@ class Catalog(Protocol):
 
     def attribute_rows(self) -> pa.Table:
         """The whole attribute table (the attributes contract's columns)."""
+        ...
+
+    def snapshot(self, table: Literal["products", "attributes"]) -> tuple[pa.Table, dict[str, Any]]:
+        """The whole products or attribute table in Arrow, and where (and which version) it was read
+        from (training labels record it).
+
+        Raises:
+            CatalogEnrichError: there is no such table.
+        """
         ...
 
     def quarantine_rows(self) -> pa.Table:

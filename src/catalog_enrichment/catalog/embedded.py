@@ -12,7 +12,7 @@ import datetime as dt
 import shutil
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -122,6 +122,15 @@ class LakehouseCatalog:
         if not (self.attributes / "_delta_log").is_dir():
             return attributes.attributes_schema().empty_table()
         return lakehouse.read_table(self.attributes).cast(attributes.attributes_schema())
+
+    def snapshot(self, table: Literal["products", "attributes"]) -> tuple[pa.Table, dict[str, Any]]:
+        path = self.products if table == "products" else self.attributes
+        if not path.exists():
+            raise CatalogEnrichError(f"the {table} table was not found: {path}")
+        return lakehouse.read_table(path), {
+            "path": str(path.resolve()),
+            "version": lakehouse.table_version(path),
+        }
 
     def quarantine_rows(self) -> pa.Table:
         schema = load_contract("quarantine").arrow_schema()

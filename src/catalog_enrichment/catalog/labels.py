@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_enrichment.catalog.base import Catalog
 from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
@@ -180,15 +181,13 @@ def _read(path: Path, name: str) -> tuple[pa.Table, dict[str, Any]]:
     return read_table(path), {"path": str(path.resolve()), "version": table_version(path)}
 
 
-def write_labels(
-    *, products: Path, attributes: Path, evaluation: Path | None, out: Path, taxonomy: Taxonomy
-) -> LabelReport:
-    """Read the catalog tables, build the labels and overwrite ``out`` (one Delta commit whose
-    metadata holds the report, source versions included)."""
+def write_labels(*, catalog: Catalog, evaluation: Path | None, out: Path, taxonomy: Taxonomy) -> LabelReport:
+    """Read the catalog's products and attributes, build the labels and overwrite ``out`` (one Delta
+    commit whose metadata holds the report, source versions included)."""
     from deltalake import CommitProperties, write_deltalake
 
-    product_table, product_source = _read(products, "products")
-    attribute_table, attribute_source = _read(attributes, "attributes")
+    product_table, product_source = catalog.snapshot("products")
+    attribute_table, attribute_source = catalog.snapshot("attributes")
     sources = {"products": product_source, "attributes": attribute_source}
     exclude: set[str] = set()
     if evaluation is not None and evaluation.exists():
@@ -198,7 +197,8 @@ def write_labels(
     report.sources = sources
     if table.num_rows == 0:
         raise CatalogEnrichError(
-            f"no labelled product: the attribute table {attributes} has no {'/'.join(LABEL_SOURCES)} value "
+            f"no labelled product: the attribute table of {catalog.describe()} has no "
+            f"{'/'.join(LABEL_SOURCES)} value "
             "for a product outside the evaluation set\n" + report.summary()
         )
     out.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,16 @@ class LocalPostgres:
         return done
 
     def start(self) -> LocalPostgres:
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pwd.getpwnam(SERVER_USER)
+            except KeyError:
+                raise CatalogEnrichError(
+                    f"PostgreSQL will not run as root, and there is no {SERVER_USER!r} user to run it as "
+                    "(apt-get install postgresql creates one)"
+                ) from None
         self.folder = Path(tempfile.mkdtemp(prefix="catalog-enrich-pg-"))
         data, pwfile = self.folder / "data", self.folder / "pw"
         pwfile.write_text(self.password + "\n")

@@ -30,7 +30,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -794,6 +794,27 @@ class PostgresCatalog:
             )
             rows = cursor.fetchall()
         return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
+
+    def snapshot(self, table: Literal["products", "attributes"]) -> tuple[pa.Table, dict[str, Any]]:
+        from psycopg import sql
+
+        if table == "attributes":
+            return self.attribute_rows(), {"table": f"{self.schema}.attributes", "database": self.describe()}
+        contract = load_contract("products")
+        schema = contract.arrow_schema(enforce_nullability=False)
+        with self._session() as conn:
+            self._check_products(conn, contract)
+            cursor = conn.execute(
+                sql.SQL("SELECT {} FROM {}").format(
+                    sql.SQL(", ").join(map(sql.Identifier, schema.names)), sql.Identifier(*self.products)
+                )
+            )
+            rows = [dict(zip(schema.names, r, strict=True)) for r in cursor]
+        for row in rows:  # jsonb {"color": ["red"]} -> the contract's map
+            merchant = row["merchant_attributes"]
+            row["merchant_attributes"] = None if merchant is None else list(merchant.items())
+        where = {"table": ".".join(self.products), "database": self.describe()}
+        return pa.Table.from_pylist(rows, schema=schema), where
 
     def attribute_rows(self) -> pa.Table:
         return self._table("attributes", "attributes")

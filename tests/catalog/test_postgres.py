@@ -1,0 +1,81 @@
+"""The PostgreSQL catalog's own concerns on a real throw-away server: the connection (from the
+environment only; the password in no message), versioned migrations, the run lock's holder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from catalog_enrichment.catalog import open_catalog, postgres
+from catalog_enrichment.catalog.postgres import PG_DSN_ENV, PostgresCatalog, migrate
+from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+
+def test_the_connection_comes_from_the_environment_and_errors_never_show_the_password(
+    pg_server: Any, pg_catalog_config: CatalogConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = open_catalog(pg_catalog_config)  # CATALOG_ENRICH_PG_DSN, set by the fixture
+    assert catalog.read_reports() == []
+    assert catalog.describe() == f"postgres 127.0.0.1:{pg_server.port}/catalog as catalog"
+    assert pg_server.password not in catalog.describe()
+    # libpq's own variables when the DSN is not set
+    monkeypatch.delenv(PG_DSN_ENV)
+    for key, value in {"PGHOST": "127.0.0.1", "PGPORT": str(pg_server.port), "PGDATABASE": "catalog",
+                       "PGUSER": "catalog", "PGPASSWORD": pg_server.password}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    assert open_catalog(pg_catalog_config).read_reports() == []
+    # a wrong password and a server that is not there: one line, no password
+    wrong = pg_server.dsn().replace(pg_server.password, "not-the-password")
+    with pytest.raises(CatalogEnrichError, match="password authentication failed") as failed:
+        PostgresCatalog(pg_catalog_config, dsn=wrong).read_reports()
+    assert "not-the-password" not in str(failed.value) and "\n" not in str(failed.value)
+    gone = pg_server.dsn().replace(f"port={pg_server.port}", "port=1")
+    with pytest.raises(
+        CatalogEnrichError, match=r"cannot connect to postgres 127\.0\.0\.1:1/catalog as catalog"
+    ):
+        PostgresCatalog(pg_catalog_config, dsn=gone).read_reports()
+    with pytest.raises(CatalogEnrichError, match="cannot connect") as garbled:
+        PostgresCatalog(
+            pg_catalog_config, dsn="host=127.0.0.1 port=1 password=secret nonsense"
+        ).read_reports()
+    assert "secret" not in str(garbled.value)
+    with pytest.raises(ConfigError, match=r"catalog\.postgres\.products_table"):
+        open_catalog(pg_catalog_config.model_copy(update={"products": "/some/path"}))
+
+
+def test_migrations_are_applied_once_in_order(
+    pg_catalog_config: CatalogConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = PostgresCatalog(pg_catalog_config)
+    with catalog.connect() as conn:  # the first connection migrated the schema
+        applied = conn.execute(
+            f'SELECT version, name FROM "{catalog.schema}".schema_migrations ORDER BY version'
+        ).fetchall()
+        assert applied == [(1, "0001_catalog")]
+        assert migrate(conn, catalog.schema) == []  # nothing left to apply
+        folder = tmp_path / "migrations"
+        shutil.copytree(postgres.MIGRATIONS, folder)
+        (folder / "0002_note.sql").write_text("ALTER TABLE {schema}.run_reports ADD COLUMN note text;\n")
+        monkeypatch.setattr(postgres, "MIGRATIONS", folder)
+        assert migrate(conn, catalog.schema) == ["0002_note"]
+        assert migrate(conn, catalog.schema) == []
+        columns = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND "
+            "table_name = 'run_reports' AND column_name = 'note'",
+            [catalog.schema],
+        ).fetchall()
+        assert columns == [("note",)]
+        # a migration that fails leaves nothing of itself
+        (folder / "0003_broken.sql").write_text("CREATE TABLE {schema}.half (a int);\nNOT SQL;\n")
+        with pytest.raises(Exception, match="syntax error"):
+            migrate(conn, catalog.schema)
+        half = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = 'half'", [catalog.schema]
+        ).fetchone()
+        assert half == (0,)
