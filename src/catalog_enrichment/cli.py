@@ -123,6 +123,11 @@ def _summarize(sub: Sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _load_products(sub: Sub) -> None:
+    p = _command(sub, "load-products", commands.load_products)
+    p.add_argument("path", metavar="PATH", help="a products table (Delta or Parquet), e.g. from 'generate'")
+
+
 def _demo(sub: Sub) -> None:
     p = _command(sub, "demo", commands.demo)
     p.add_argument("--workdir", metavar="DIR", default="demo", help="work folder (default ./demo)")
@@ -289,6 +294,7 @@ def _bench(sub: Sub) -> None:
 COMMANDS = (
     _generate,
     _summarize,
+    _load_products,
     _demo,
     _labels,
     _train,

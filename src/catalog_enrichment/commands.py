@@ -97,6 +97,33 @@ def summarize(args: argparse.Namespace, cfg: AppConfig) -> int:
     return 0
 
 
+def load_products(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """copy a products table into the PostgreSQL catalog (a test or staging database)
+
+    Append the rows of a Delta or Parquet products table to catalog.postgres.products_table
+    (created with the contract's columns when missing) with COPY. Needs catalog.kind postgres.
+    """
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.catalog.lakehouse import read_table
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.contracts import load_contract
+
+    catalog = open_catalog(cfg.catalog)
+    if not isinstance(catalog, PostgresCatalog):
+        raise CatalogEnrichError("load-products writes into PostgreSQL: add --set catalog.kind=postgres")
+    source = Path(args.path)
+    if not source.exists():
+        raise CatalogEnrichError(f"no products table at {source}")
+    contract = load_contract("products")
+    table = read_table(source, schema=contract.arrow_schema(enforce_nullability=False))
+    missing = contract.missing_columns(table.column_names)
+    if missing:
+        raise CatalogEnrichError(f"{source} lacks contract column(s) {missing} (see schemas/products.yaml)")
+    rows = catalog.load_products(table)
+    print(f"loaded {rows:,} products into {'.'.join(catalog.products)} ({catalog.describe()})")
+    return 0
+
+
 def demo(args: argparse.Namespace, cfg: AppConfig) -> int:
     """run the whole pipeline on embedded defaults in a work folder
 

@@ -79,3 +79,47 @@ def test_migrations_are_applied_once_in_order(
             "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = 'half'", [catalog.schema]
         ).fetchone()
         assert half == (0,)
+
+
+def test_load_products_copies_a_lakehouse_table_into_the_database(
+    pg_catalog_config: CatalogConfig, marketplace: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from catalog_enrichment.catalog.lakehouse import read_table
+    from catalog_enrichment.catalog.products import list_partitions
+    from catalog_enrichment.cli import main
+
+    flags = [
+        "--set",
+        "catalog.kind=postgres",
+        "--set",
+        f"catalog.postgres.db_schema={pg_catalog_config.postgres.db_schema}",
+    ]
+    assert main(["load-products", str(marketplace.products), *flags]) == 0
+    assert "loaded 2,400 products" in capsys.readouterr().out
+    catalog = open_catalog(pg_catalog_config)
+    assert catalog.list_partitions("ingest_date") == list_partitions(marketplace.products, "ingest_date")
+    loaded, _ = catalog.snapshot("products")
+    original = read_table(marketplace.products)
+
+    def rows(table: Any) -> list[tuple[Any, ...]]:  # a map's entries in any order (jsonb sorts keys)
+        columns = (
+            "product_id",
+            "updated_at",
+            "title",
+            "description",
+            "image",
+            "merchant_attributes",
+            "ingest_date",
+        )
+        out = []
+        for r in table.select(list(columns)).to_pylist():
+            merchant = r["merchant_attributes"]
+            r["merchant_attributes"] = None if merchant is None else sorted(merchant)
+            out.append(tuple(str(r[c]) for c in columns))
+        return sorted(out)
+
+    assert rows(loaded) == rows(original)
+    assert main(["load-products", str(marketplace.products)]) == 2  # the lakehouse catalog
+    assert "add --set catalog.kind=postgres" in capsys.readouterr().err
+    assert main(["load-products", "/nowhere", *flags]) == 2
+    assert "no products table at /nowhere" in capsys.readouterr().err

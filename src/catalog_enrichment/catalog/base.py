@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ __all__ = [
     "MergeResult",
     "RollbackResult",
     "RunWrite",
+    "empty_folder",
     "fault_during",
     "fault_point",
 ]
@@ -178,6 +180,13 @@ class Catalog(Protocol):
     def quarantine_rows(self) -> pa.Table:
         """The whole quarantine table (the quarantine contract's columns)."""
         ...
+
+
+def empty_folder(folder: Path) -> None:
+    """Remove everything in ``folder`` (a run's staging, left by a killed run)."""
+    if folder.is_dir():
+        for leftover in folder.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # Test hook: CATALOG_ENRICH_FAULT=<point> kills this process with SIGKILL at that point (the chaos

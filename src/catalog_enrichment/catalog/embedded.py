@@ -9,7 +9,6 @@ lock is a ``flock`` on ``<root>/_lock`` (:mod:`catalog_enrichment.catalog.lock`)
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from catalog_enrichment.catalog.base import (
     RollbackResult,
     RunWrite,
     Say,
+    empty_folder,
     fault_during,
     fault_point,
 )
@@ -56,10 +56,7 @@ class LakehouseCatalog:
         return self.root / "_staging" / run_id
 
     def clear_staging(self) -> None:
-        folder = self.root / "_staging"
-        if folder.is_dir():
-            for leftover in folder.iterdir():
-                shutil.rmtree(leftover, ignore_errors=True)
+        empty_folder(self.root / "_staging")
 
     def read_products(
         self,

@@ -34,7 +34,14 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from catalog_enrichment.catalog.base import MergeResult, RollbackResult, RunWrite, Say, fault_point
+from catalog_enrichment.catalog.base import (
+    MergeResult,
+    RollbackResult,
+    RunWrite,
+    Say,
+    empty_folder,
+    fault_point,
+)
 from catalog_enrichment.catalog.lock import CatalogBusy
 from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import MAPS, RunReport
@@ -194,19 +201,14 @@ class PostgresCatalog:
         if not self._migrated:
             try:
                 migrate(conn, self.schema)
-            except BaseException:
+            except psycopg.Error as exc:
                 conn.close()
-                raise
+                raise CatalogEnrichError(
+                    f"cannot create or migrate the schema {self.schema} in {self.describe()}: "
+                    f"{_one_line(exc)}"
+                ) from None
             self._migrated = True
-        return conn
-
-    @contextlib.contextmanager
-    def _session(self) -> Iterator[Any]:
-        conn = self.connect()
-        try:
-            yield conn
-        finally:
-            conn.close()
+        return conn  # closed by ``with``
 
     def _name(self, table: str) -> Any:
         from psycopg import sql
@@ -224,7 +226,7 @@ class PostgresCatalog:
         environment: the Spark tasks that COPY. Never logged."""
         from psycopg.conninfo import make_conninfo
 
-        with self._session() as conn:
+        with self.connect() as conn:
             info = conn.info
             extra = {k: v for k, v in info.get_parameters().items() if k in ("sslmode", "sslrootcert")}
             return make_conninfo(
@@ -244,53 +246,49 @@ class PostgresCatalog:
         conn = self.connect()
         try:
             key = f"catalog_enrichment:{self.schema}"
+            prefix = f"catalog-enrichment lock {self.schema}: "  # the holder's application_name
             deadline, waiting = time.monotonic() + wait, False
             while not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()[0]:
-                holder = self._holder(conn)
+                holder = self._holder(conn, prefix)
                 if time.monotonic() >= deadline:
                     raise CatalogBusy(
                         f"another run holds the catalog {self.describe()} schema {self.schema} ({holder}); "
-                        "this "
-                        f"one wrote nothing. Run it again when that run has finished, or let it wait longer "
-                        f"(catalog.lock_wait_seconds, now {wait:g})"
+                        "this one wrote nothing. Run it again when that run has finished, or let it wait "
+                        f"longer (catalog.lock_wait_seconds, now {wait:g})"
                     )
                 if not waiting:
                     say(f"  waiting up to {wait:g}s for the catalog lock, held by {holder}")
                     waiting = True
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-            conn.execute(
-                "SELECT set_config('application_name', %s, false)", [f"catalog-enrichment lock: {owner}"[:63]]
-            )
+            conn.execute("SELECT set_config('application_name', %s, false)", [(prefix + owner)[:63]])
             yield
         finally:
             conn.close()  # ending the session releases the lock
 
     @staticmethod
-    def _holder(conn: Any) -> str:
+    def _holder(conn: Any, prefix: str) -> str:
         row = conn.execute(
             "SELECT application_name, pid, client_addr::text, backend_start FROM pg_stat_activity "
-            "WHERE application_name LIKE 'catalog-enrichment lock:%%' AND pid <> pg_backend_pid() LIMIT 1"
+            "WHERE starts_with(application_name, %s) AND pid <> pg_backend_pid() LIMIT 1",
+            [prefix],
         ).fetchone()
         if row is None:
             return "unknown holder"
         name, pid, addr, since = row
-        owner = name.split(": ", 1)[-1]
-        return f"{owner}, server pid {pid} from {addr or 'local'} since {since:%Y-%m-%dT%H:%M:%SZ}"
+        return (
+            f"{name.removeprefix(prefix)}, server pid {pid} from {addr or 'local'} "
+            f"since {since.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+        )
 
     def staging_dir(self, run_id: str) -> Path:
         return Path(self.cfg.root) / "_staging" / run_id
 
     def clear_staging(self) -> None:
         """Drop the staging tables and remove the staged scores of killed runs (lock held)."""
-        import shutil
-
         from psycopg import sql
 
-        folder = Path(self.cfg.root) / "_staging"
-        if folder.is_dir():
-            for leftover in folder.iterdir():
-                shutil.rmtree(leftover, ignore_errors=True)
-        with self._session() as conn, conn.transaction():
+        empty_folder(Path(self.cfg.root) / "_staging")
+        with self.connect() as conn, conn.transaction():
             names = conn.execute(
                 "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE 'stage\\_%%'",
                 [self.schema],
@@ -348,7 +346,7 @@ class PostgresCatalog:
             params.append(since)
         where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         column = self.pg.partition_column
-        with self._session() as conn:
+        with self.connect() as conn:
             self._check_products(conn, contract)
             if column not in self._columns(conn):
                 raise ContractError(
@@ -412,7 +410,7 @@ class PostgresCatalog:
     def list_partitions(self, column: str) -> list[str]:
         from psycopg import sql
 
-        with self._session() as conn:
+        with self.connect() as conn:
             self._check_products(conn, load_contract("products"))
             rows = conn.execute(
                 sql.SQL("SELECT DISTINCT {c}::text FROM {t} WHERE {c} IS NOT NULL ORDER BY 1").format(
@@ -430,7 +428,7 @@ class PostgresCatalog:
         contract = load_contract("products")
         table = sql.Identifier(*self.products)
         columns = [f.name for f in contract.fields]
-        with self._session() as conn, conn.transaction():
+        with self.connect() as conn, conn.transaction():
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.products[0])))
             ddl = sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(_PG_DDL[f.type]))
@@ -455,7 +453,7 @@ class PostgresCatalog:
     # -- run reports ------------------------------------------------------------------------
 
     def read_reports(self) -> list[RunReport]:
-        with self._session() as conn:
+        with self.connect() as conn:
             cursor = conn.execute(self._sql("SELECT * FROM {t}", t="run_reports"))
             names = [d.name for d in cursor.description]
             reports = [RunReport.from_row(dict(zip(names, row, strict=True))) for row in cursor]
@@ -478,11 +476,11 @@ class PostgresCatalog:
                 sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names[1:]
             ),
         )
-        with self._session() as conn, conn.transaction():
+        with self.connect() as conn, conn.transaction():
             conn.execute(statement, [row[n] for n in names])
 
     def set_report_status(self, run_id: str, status: str) -> None:
-        with self._session() as conn, conn.transaction():
+        with self.connect() as conn, conn.transaction():
             conn.execute(
                 self._sql("UPDATE {t} SET status = %s WHERE run_id = %s", t="run_reports"), [status, run_id]
             )
@@ -499,7 +497,7 @@ class PostgresCatalog:
         """Stage (COPY, from every Spark partition when ``spark`` and ``run.scores`` are given), then
         merge in one transaction with the quarantine rows; see the module docstring."""
         stage = _stage_name(run.run_id)
-        with self._session() as conn:
+        with self.connect() as conn:
             committed = self._committed(conn, run.run_id)
             if committed is not None:
                 return MergeResult(committed, already_committed=True)
@@ -515,7 +513,7 @@ class PostgresCatalog:
                 )
         self._stage(run, stage, spark)
         fault_point("after_stage")
-        with self._session() as conn:
+        with self.connect() as conn:
             try:
                 with conn.transaction():
                     result = self._merge(conn, run, stage)
@@ -625,13 +623,12 @@ class PostgresCatalog:
         )
         conn.execute(
             self._sql(
-                "INSERT INTO {rp} SELECT %s, product_id, attribute FROM (SELECT a.product_id, a.attribute "
-                + model_rows
-                + " UNION SELECT product_id, attribute FROM new_values) touched",
+                "INSERT INTO {rp} SELECT %s, product_id, attribute FROM (SELECT product_id, attribute FROM "
+                "{r} WHERE seq = %s UNION SELECT product_id, attribute FROM new_values) touched",
+                r="replaced",
                 rp="run_pairs",
-                a="attributes",
             ),
-            [seq],
+            [seq, seq],
         )
         deleted = conn.execute(
             self._sql(
@@ -687,7 +684,7 @@ class PostgresCatalog:
     def rollback_run(self, run_id: str) -> RollbackResult:
         """Restore, for every pair the run changed and no later live run changed again, the values
         the run replaced (kept at its commit); pairs changed since are left alone and reported."""
-        with self._session() as conn, conn.transaction():
+        with self.connect() as conn, conn.transaction():
             self._serialize(conn)
             row = conn.execute(
                 self._sql(
@@ -771,7 +768,7 @@ class PostgresCatalog:
         )
 
     def runs_of_model_version(self, model_version: str) -> list[str]:
-        with self._session() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 self._sql(
                     "SELECT run_id FROM {t} WHERE operation = 'enrich' AND model_version = %s AND "
@@ -786,7 +783,7 @@ class PostgresCatalog:
         from psycopg import sql
 
         schema = load_contract(contract).arrow_schema()
-        with self._session() as conn:
+        with self.connect() as conn:
             cursor = conn.execute(
                 sql.SQL("SELECT {} FROM {}").format(
                     sql.SQL(", ").join(map(sql.Identifier, schema.names)), self._name(name)
@@ -802,7 +799,7 @@ class PostgresCatalog:
             return self.attribute_rows(), {"table": f"{self.schema}.attributes", "database": self.describe()}
         contract = load_contract("products")
         schema = contract.arrow_schema(enforce_nullability=False)
-        with self._session() as conn:
+        with self.connect() as conn:
             self._check_products(conn, contract)
             cursor = conn.execute(
                 sql.SQL("SELECT {} FROM {}").format(
@@ -833,7 +830,7 @@ class PostgresCatalog:
             sql.SQL(", ").join(map(sql.Identifier, names)),
             sql.SQL(", ").join(sql.Placeholder() * len(names)),
         )
-        with self._session() as conn, conn.transaction(), conn.cursor() as cursor:
+        with self.connect() as conn, conn.transaction(), conn.cursor() as cursor:
             cursor.executemany(statement, [[r[n] for n in names] for r in rows.select(names).to_pylist()])
             return int(cursor.rowcount)
 
