@@ -287,3 +287,41 @@ def test_real_job_processes_killed_around_the_postgres_commit(  # type: ignore[n
     undone = cli("rollback", "--run-id", "k1")
     assert undone.returncode == 0 and _rows(catalog) == before, undone.stderr[-2000:]
     assert not any(pg_server.password in text for text in outputs)
+
+
+def test_merchant_values_postgres_cannot_read_as_the_contract_says_are_quarantined_whole(  # type: ignore[no-untyped-def]
+    spark, pg_catalog_config
+) -> None:
+    """jsonb holds any JSON; what is not {attribute: [values]} is quarantined as
+    merchant_attributes_readable with the original text in the raw row, never dropped silently."""
+    import json
+
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.config import ValidationConfig
+    from catalog_enrichment.contracts import load_contract
+    from catalog_enrichment.validation.rules import build_rules, check_rows, quarantine_rows
+
+    contract = load_contract("products")
+    schema = contract.arrow_schema(enforce_nullability=False)
+    good = {"product_id": "good", "title": "Red cotton shirt", "updated_at": T0, "ingest_date": T0.date()}
+    catalog = PostgresCatalog(pg_catalog_config)
+    catalog.load_products(
+        pa.Table.from_pylist([good | {"merchant_attributes": [("color", ["red"])]}], schema=schema)
+    )
+    shapes = {"string": '{"color": "red"}', "list": "[1, 2]", "scalar": '"red"', "nested": '{"a": {"b": 1}}'}
+    with catalog.connect() as conn:
+        for name, text in shapes.items():
+            conn.execute(
+                f'INSERT INTO "{catalog.schema}".products (product_id, title, merchant_attributes, '
+                "updated_at, ingest_date) VALUES (%s, 'A title', %s::jsonb, %s, %s)",
+                [name, text, T0, T0.date()],
+            )
+    df = catalog.read_products(spark, contract)
+    rules = build_rules(contract, ValidationConfig(), T0 + dt.timedelta(days=1), df.columns)
+    checked = check_rows(df, rules)
+    reasons = {r["product_id"]: r["_reasons"] for r in checked.select("product_id", "_reasons").collect()}
+    assert reasons == {"good": [], **{name: ["merchant_attributes_readable"] for name in shapes}}
+    bad = checked.where("size(_reasons) > 0")
+    rows = quarantine_rows(bad, "r", T0, load_contract("quarantine").arrow_schema()).to_pylist()
+    kept = {r["product_id"]: json.loads(r["raw"])["_merchant_attributes_unreadable"] for r in rows}
+    assert {k: json.loads(v) for k, v in kept.items()} == {k: json.loads(v) for k, v in shapes.items()}

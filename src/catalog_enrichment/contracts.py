@@ -32,6 +32,7 @@ __all__ = [
     "IMAGE_READABLE",
     "IMAGE_URI_ALLOWED",
     "IMAGE_WITHIN_LIMITS",
+    "UNREADABLE",
     "AttributeSpec",
     "Contract",
     "FieldSpec",
@@ -48,6 +49,9 @@ IMAGE_DECODABLE = "image_decodable"  # bytes present but not an image (corrupt, 
 IMAGE_READABLE = "image_readable"  # image_uri given but the file cannot be read
 IMAGE_URI_ALLOWED = "image_uri_allowed"  # image_uri outside the allowed roots and schemes (images.*)
 IMAGE_WITHIN_LIMITS = "image_within_limits"  # over images.max_bytes or images.max_pixels (a bomb)
+# A source whose values may not fit the contract's type (PostgreSQL jsonb for a map) reads the
+# contract column plus UNREADABLE.format(column): the original text where it did not fit, else null.
+UNREADABLE = "_{}_unreadable"
 
 CONTRACT_NAMES = ("products", "labelled_products", "attributes", "quarantine", "run_report")
 AttributeKind = Literal["multilabel", "multiclass"]

@@ -200,7 +200,7 @@ def _locked_run(
                 f"model {model.name} v{model.version}"
             )
         with _stage(report, "validate"):
-            rules = build_rules(contract, cfg.validation, report.started_at)
+            rules = build_rules(contract, cfg.validation, report.started_at, df.columns)
             validated = validate(df, rules, cfg, report, progress)
         check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
         if validated.counts.rows_read == 0:

@@ -124,7 +124,8 @@ class Catalog(Protocol):
         self, spark: Any, contract: Contract, *, partition: Any = None, since: dt.datetime | None = None
     ) -> Any:
         """The products as a Spark DataFrame of the contract's columns (partition filter, only rows
-        with ``updated_at`` after ``since``).
+        with ``updated_at`` after ``since``), plus a :data:`~catalog_enrichment.contracts.UNREADABLE`
+        column for each contract column whose source values may not fit its type.
 
         Raises:
             ContractError: a contract column missing, or of a type it cannot be read as.

@@ -46,7 +46,7 @@ from catalog_enrichment.catalog.lock import CatalogBusy
 from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import MAPS, RunReport
 from catalog_enrichment.config import CatalogConfig
-from catalog_enrichment.contracts import Contract, load_contract
+from catalog_enrichment.contracts import UNREADABLE, Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 __all__ = ["PG_DSN_ENV", "PostgresCatalog", "migrate"]
@@ -388,14 +388,18 @@ class PostgresCatalog:
             )
         schema = contract.spark_schema(enforce_nullability=False)
         df = spark.read.format("jdbc").options(**options).load()
-        df = df.select(
-            *[
-                F.from_json(F.col(f.name), f.dataType).alias(f.name)  # type: ignore[arg-type]
-                if f.name == "merchant_attributes"
-                else F.col(f.name).cast(f.dataType).alias(f.name)
-                for f in schema.fields
-            ]
-        )
+        columns, unreadable = [], []
+        for f in schema.fields:
+            if f.name == "merchant_attributes":  # jsonb -> the contract's map; what does not fit is kept
+                text = F.col(f.name)
+                parsed = F.from_json(text, f.dataType)  # type: ignore[arg-type]
+                columns.append(parsed.alias(f.name))
+                unreadable.append(
+                    F.when(text.isNotNull() & parsed.isNull(), text).alias(UNREADABLE.format(f.name))
+                )
+            else:
+                columns.append(F.col(f.name).cast(f.dataType).alias(f.name))
+        df = df.select(*columns, *unreadable)
         if partition is not None:
             df = df.where(
                 F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)

@@ -23,7 +23,7 @@ table on the driver), and :func:`check_rows` joins them back to mark each row.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.config import ValidationConfig
-from catalog_enrichment.contracts import Contract
+from catalog_enrichment.contracts import UNREADABLE, Contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
@@ -78,9 +78,12 @@ class Rule:
     across_rows: bool = False  # decided by other rows too (the duplicates), not by the row alone
 
 
-def build_rules(contract: Contract, cfg: ValidationConfig, started_at: dt.datetime) -> list[Rule]:
+def build_rules(
+    contract: Contract, cfg: ValidationConfig, started_at: dt.datetime, columns: Sequence[str] = ()
+) -> list[Rule]:
     """The products contract's rules, in a fixed order; ``started_at`` (the run's start) bounds
-    ``updated_at`` from above."""
+    ``updated_at`` from above; ``columns`` (the read's columns) add ``<column>_readable`` for each
+    contract column the source marks with :data:`~catalog_enrichment.contracts.UNREADABLE`."""
     from pyspark.sql import functions as F
 
     def gxe() -> Any:
@@ -164,6 +167,18 @@ def build_rules(contract: Contract, cfg: ValidationConfig, started_at: dt.dateti
             lambda: gxe().ExpectColumnValuesToBeBetween(column="updated_at", min_value=earliest),
         ),
     ]
+    for spec in contract.fields:
+        marker = UNREADABLE.format(spec.name)
+        if marker in columns:
+            rules.append(
+                Rule(
+                    f"{spec.name}_readable",
+                    f"{spec.name} holds a value that is not a {spec.type} (kept in the raw row)",
+                    spec.name,
+                    _not_null_test(marker),
+                    None,  # no GX expectation says it
+                )
+            )
     return rules
 
 
@@ -201,6 +216,12 @@ def _invalid_utf8(column: str) -> Callable[[], Any]:
     from pyspark.sql import functions as F
 
     return lambda: ~F.is_valid_utf8(column)
+
+
+def _not_null_test(column: str) -> Callable[[], Any]:
+    from pyspark.sql import functions as F
+
+    return lambda: F.col(column).isNotNull()
 
 
 def _null_test(column: str) -> Callable[[], Any]:
