@@ -190,3 +190,19 @@ def test_logs_are_quiet_by_default_and_verbose_on_request() -> None:
                 root.removeHandler(handler)
         for handler, level in zip(saved[3], saved[2], strict=True):
             handler.setLevel(level)
+
+
+@pytest.mark.parametrize("kind", ["lakehouse", "postgres"])
+def test_the_demo_opens_its_catalog_of_either_kind(kind: str, tmp_path: Path) -> None:
+    """The demo's work-folder config opens the catalog it asks for (PostgreSQL: no lakehouse
+    products path beside it)."""
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.config import AppConfig
+    from catalog_enrichment.demo import demo_config
+
+    cfg = demo_config(AppConfig(catalog={"kind": kind}), tmp_path)
+    catalog = open_catalog(cfg.catalog)
+    assert catalog.kind == kind
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    if kind == "lakehouse":
+        assert catalog.products == tmp_path / "incoming" / "products"  # type: ignore[attr-defined]

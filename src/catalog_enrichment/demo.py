@@ -15,7 +15,7 @@ from typing import Any
 from catalog_enrichment import runtime
 from catalog_enrichment.config import AppConfig
 
-__all__ = ["run_demo"]
+__all__ = ["demo_config", "run_demo"]
 
 
 def run_demo(
@@ -47,6 +47,25 @@ def run_demo(
     return _run_demo(cfg, workdir, products, seed)
 
 
+def demo_config(cfg: AppConfig, workdir: Path) -> AppConfig:
+    """``cfg`` with MLflow and the catalog inside ``workdir`` (PostgreSQL: the catalog's tables in
+    the database, the incoming products loaded into its products table)."""
+    catalog: dict[str, str | None] = {"root": str(workdir / "lakehouse")}
+    if cfg.catalog.kind == "lakehouse":
+        catalog["products"] = str(workdir / "incoming" / "products")
+    return cfg.model_copy(
+        update={
+            "mlflow": cfg.mlflow.model_copy(
+                update={
+                    "tracking_uri": f"sqlite:///{workdir}/mlflow.db",
+                    "artifact_location": str(workdir / "mlartifacts"),
+                }
+            ),
+            "catalog": cfg.catalog.model_copy(update=catalog),
+        }
+    )
+
+
 def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     from catalog_enrichment import registry
     from catalog_enrichment.contracts import load_taxonomy
@@ -57,22 +76,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.model_copy(
-        update={
-            "mlflow": cfg.mlflow.model_copy(
-                update={
-                    "tracking_uri": f"sqlite:///{workdir}/mlflow.db",
-                    "artifact_location": str(workdir / "mlartifacts"),
-                }
-            ),
-            "catalog": cfg.catalog.model_copy(
-                update={
-                    "root": str(workdir / "lakehouse"),
-                    "products": str(workdir / "incoming" / "products"),
-                }
-            ),
-        }
-    )
+    cfg = demo_config(cfg, workdir)
     taxonomy = load_taxonomy(cfg.taxonomy_path)
     steps = 5
     n = products
