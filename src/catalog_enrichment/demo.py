@@ -170,14 +170,15 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     print(format_precision(written_precision(table, truth, taxonomy)))
     print("\nA sample of written values:")
     print(sample_against_truth(table, truth, taxonomy))
+    report = (
+        f"catalog-enrich report --catalog {cfg.catalog.root}"
+        if cfg.catalog.kind == "lakehouse"
+        else "catalog-enrich report --set catalog.kind=postgres (with CATALOG_ENRICH_PG_DSN set: a "
+        "throw-away server is gone with the demo)"
+    )
     print(
-        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: catalog-enrich report "
-        + (
-            f"--catalog {cfg.catalog.root}"
-            if cfg.catalog.kind == "lakehouse"
-            else "--set catalog.kind=postgres"
-        )
-        + f"; mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
+        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: {report}; "
+        f"mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
     )
     return 0
 
