@@ -132,10 +132,12 @@ from catalog_enrichment.inference.predictor import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 for _ in range(5):
     torch.ones(10 << 20)  # 40 MiB, over glibc's largest dynamic mmap threshold (32 MiB)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(11):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(10 << 20)
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, sorted(faults)[5])  # the median allocation
 """
 
 
@@ -143,7 +145,9 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 def test_kept_memory_stops_a_forward_pass_faulting_its_tensors_in_again() -> None:
     """A fresh process each (the setting is per process and for good): a 40 MiB tensor allocated
     and freed over and over faults all of its 10,240 pages in every time under glibc's defaults, and
-    none once the predictor has set the thresholds."""
+    none once the predictor has set the thresholds. The median allocation of 11 is compared: the
+    machine may page out kept memory now and then (a kernel reclaimer such as DAMON's pageout
+    scheme), which makes one allocation fault again, not most of them."""
 
     def run(mode: str) -> tuple[str, float]:
         command = [sys.executable, "-c", _FAULTS_SCRIPT, mode]
