@@ -70,7 +70,14 @@ from catalog_enrichment.validation.rules import (
 from catalog_enrichment.validation.suite import run_suite
 from catalog_enrichment.versions import ModelVersion
 
-__all__ = ["EnrichOutcome", "backfill_partitions", "check_model_fits", "new_run_id", "run_enrichment"]
+__all__ = [
+    "EnrichOutcome",
+    "backfill_partitions",
+    "check_model_fits",
+    "flatten_scores",
+    "new_run_id",
+    "run_enrichment",
+]
 
 Say = Callable[[str], None]
 
@@ -324,7 +331,7 @@ def decide(scored: pa.Table, validated: Validated, run_id: str) -> Decisions:
         counts.watermark,
     )
     good = scored.filter(pc.is_null(scored["image_error"]))
-    values, pairs = _flatten(good)
+    values, pairs = flatten_scores(good)
     schema = load_contract("quarantine").arrow_schema()
     if total.rows_invalid == 0:  # nothing to collect: no Spark job for it
         return Decisions(values, pairs, schema.empty_table(), total, good.num_rows)
@@ -334,7 +341,7 @@ def decide(scored: pa.Table, validated: Validated, run_id: str) -> Decisions:
     return Decisions(values, pairs, quarantine, total, good.num_rows)
 
 
-def _flatten(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
+def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
     """Flatten staged decisions into value rows and scored (product, attribute) pairs."""
     ids = scored["product_id"].combine_chunks()
     value_lists = scored["values"].combine_chunks()

@@ -32,6 +32,7 @@ from catalog_enrichment.catalog import Catalog, open_catalog
 from catalog_enrichment.catalog.base import RunWrite
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.enrich import flatten_scores
 
 __all__ = ["format_write_bench", "run_write_bench", "stage_scores"]
 
@@ -52,18 +53,16 @@ def stage_scores(folder: Path, products: int, *, seed: int, files: int = 4) -> t
     rng = np.random.default_rng(seed)
     ids = [f"P{i:09d}" for i in range(products)]
     counts = rng.integers(1, 3, size=(products, len(ATTRIBUTES)))
-    values, flat_values, flat_pairs = [], [], []
-    for i, pid in enumerate(ids):
+    values = []
+    for i in range(products):
         row = []
         for j, attribute in enumerate(ATTRIBUTES):
-            flat_pairs.append((pid, attribute))
             for k in range(int(counts[i, j])):
                 value = f"{attribute}-{(int(rng.integers(40)) + k) % 40}"
                 confidence = float(rng.uniform(0.6, 1.0))
                 row.append(
                     {"attribute": attribute, "value": value, "confidence": confidence, "threshold": 0.5}
                 )
-                flat_values.append((pid, attribute, value, confidence))
         values.append(row)
     # one value per (product, attribute, value): a repeated draw keeps its first
     scores = pa.table(
@@ -78,16 +77,7 @@ def stage_scores(folder: Path, products: int, *, seed: int, files: int = 4) -> t
     step = -(-products // files)
     for f in range(files):
         pq.write_table(scores.slice(f * step, step), folder / f"part-{f}.parquet")
-    flat = scores["values"].combine_chunks()
-    parents = pa.compute.list_parent_indices(flat)
-    inner = flat.flatten()
-    value_table = pa.table(
-        {
-            "product_id": scores["product_id"].combine_chunks().take(parents),
-            **{k: inner.field(k) for k in ("attribute", "value", "confidence", "threshold")},
-        }
-    )
-    pairs = pa.table({"product_id": [p for p, _ in flat_pairs], "attribute": [a for _, a in flat_pairs]})
+    value_table, pairs = flatten_scores(scores)
     return value_table, pairs, value_table.num_rows
 
 

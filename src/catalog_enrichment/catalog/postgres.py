@@ -54,21 +54,14 @@ __all__ = ["PG_DSN_ENV", "PostgresCatalog", "migrate"]
 PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
 MIGRATIONS = Path(__file__).with_name("migrations")
 _STAGE_COLUMNS = ("product_id", "attribute", "value", "confidence", "threshold")
-# PostgreSQL column types each contract type is read from
+# Per contract type: the PostgreSQL type a products table is created with (tests, the demo), and
+# the column types it is read from
 _PG_TYPES = {
-    "string": {"text", "character varying", "character"},
-    "binary": {"bytea"},
-    "timestamp": {"timestamp with time zone", "timestamp without time zone"},
-    "date": {"date"},
-    "map<string, list<string>>": {"jsonb", "json"},
-}
-# the DDL of a products table (tests, the demo): the contract's types in PostgreSQL
-_PG_DDL = {
-    "string": "text",
-    "binary": "bytea",
-    "timestamp": "timestamptz",
-    "date": "date",
-    "map<string, list<string>>": "jsonb",
+    "string": ("text", {"text", "character varying", "character"}),
+    "binary": ("bytea", {"bytea"}),
+    "timestamp": ("timestamptz", {"timestamp with time zone", "timestamp without time zone"}),
+    "date": ("date", {"date"}),
+    "map<string, list<string>>": ("jsonb", {"jsonb", "json"}),
 }
 
 
@@ -306,7 +299,8 @@ class PostgresCatalog:
         ).fetchall()
         return {name: kind for name, kind in rows}
 
-    def _check_products(self, conn: Any, contract: Contract) -> None:
+    def _check_products(self, conn: Any, contract: Contract) -> dict[str, str]:
+        """The products table's columns and their types, checked against the contract."""
         where = f"{'.'.join(self.products)} in {self.describe()}"
         columns = self._columns(conn)
         if not columns:
@@ -317,13 +311,13 @@ class PostgresCatalog:
                 f"products table {where} lacks contract column(s) {missing} (see schemas/products.yaml)"
             )
         for spec in contract.fields:
-            accepted = _PG_TYPES[spec.type]
+            accepted = _PG_TYPES[spec.type][1]
             if columns[spec.name] not in accepted:
                 raise ContractError(
                     f"products column {spec.name!r} is {columns[spec.name]} in {where}, but the contract "
-                    "says "
-                    f"{spec.type} (schemas/products.yaml): make it {' or '.join(sorted(accepted))}"
+                    f"says {spec.type} (schemas/products.yaml): make it {' or '.join(sorted(accepted))}"
                 )
+        return columns
 
     def read_products(
         self,
@@ -347,8 +341,7 @@ class PostgresCatalog:
         where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         column = self.pg.partition_column
         with self.connect() as conn:
-            self._check_products(conn, contract)
-            if column not in self._columns(conn):
+            if column not in self._check_products(conn, contract):
                 raise ContractError(
                     f"catalog.postgres.partition_column {column!r} is not a column of the products table"
                 )
@@ -435,7 +428,7 @@ class PostgresCatalog:
         with self.connect() as conn, conn.transaction():
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.products[0])))
             ddl = sql.SQL(", ").join(
-                sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(_PG_DDL[f.type]))
+                sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(_PG_TYPES[f.type][0]))
                 for f in contract.fields
             )
             conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, ddl))
