@@ -245,8 +245,9 @@ def test_a_write_killed_before_its_commit_changes_nothing_and_runs_again(
     catalog: Catalog, fault: str
 ) -> None:
     """SIGKILL after the values are staged (PostgreSQL: COPY done, merge not begun) or while the
-    commit is under way (Delta: files being written; PostgreSQL: inside the transaction): the
-    tables are as they were; the next run clears the staging; the same run id then commits once."""
+    commit is under way (Delta: files being written, as it was or fully committed; PostgreSQL:
+    inside the transaction, as it was): the next run clears the staging; the same run id then
+    commits once."""
     import os
     import signal
     import subprocess
@@ -266,7 +267,13 @@ def test_a_write_killed_before_its_commit_changes_nothing_and_runs_again(
         timeout=90,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
-    assert _state(catalog) == before
+    after = _state(catalog)
+    if catalog.kind == "lakehouse" and fault == "during_merge":
+        # Delta: the kill lands while the files are written or just after the commit: the table is
+        # as it was or fully committed, never half; PostgreSQL's transaction never commits
+        assert after == before or (before < after and len(after - before) == 500)
+    else:
+        assert after == before
     assert catalog.quarantine_rows().num_rows == 0
     with catalog.lock("next run", say=lambda _m: None):
         catalog.clear_staging()
