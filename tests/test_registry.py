@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -38,10 +40,14 @@ from tests.conftest import tiny_config
 pytestmark = [pytest.mark.slow]
 
 
-def _cfg(tmp: Path, tracking_uri: str, *, fusion: str = "concat", epochs: int = 3) -> AppConfig:
+def _cfg(
+    tmp: Path, tracking_uri: str, *, fusion: str = "concat", epochs: int = 3, **sections: Any
+) -> AppConfig:
+    training = {"early_stopping_patience": 0, "calibration_fraction": 0.3, "test_fraction": 0.1}
     return tiny_config(
         fusion=fusion,
         epochs=epochs,
+        model=sections.pop("model", {}),
         mlflow={
             "tracking_uri": tracking_uri,
             "artifact_location": str(tmp / "mlartifacts"),
@@ -49,7 +55,7 @@ def _cfg(tmp: Path, tracking_uri: str, *, fusion: str = "concat", epochs: int = 
         },
         catalog={"root": str(tmp / "lakehouse")},
         # a large calibration split: a value needs >= 52 straight hits there to prove 95 %
-        training={"early_stopping_patience": 0, "calibration_fraction": 0.3, "test_fraction": 0.1},
+        training={**training, **sections.pop("training", {})},
     )
 
 
@@ -221,9 +227,17 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     assert decision["promote"], decision["reasons"]
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == first.registered.version
 
-    # a deliberately worse model: image only, few epochs -> registered as challenger, not promoted
+    # a deliberately worse model: image only, few epochs -> registered as challenger, not promoted;
+    # trained as a two-member ensemble after noise pruning (what was pruned is an MLflow table)
     worse = run_training_job(
-        _cfg(tmp_path, mlflow_server, fusion="image_only", epochs=1),
+        _cfg(
+            tmp_path,
+            mlflow_server,
+            fusion="image_only",
+            epochs=1,
+            model={"ensemble": {"members": 2}},
+            training={"noise_pruning": {"enabled": True}},
+        ),
         taxonomy,
         data=data["train"],
         client=client,
@@ -236,6 +250,13 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == first.registered.version
     tags = registry.version_tags(client, "test-model", worse.registered.version)
     assert tags["promotion.decision"] == "rejected" and "FAIL" in tags["promotion.reasons"]
+    assert tags["ensemble"] == "2 x image_only, mean"
+    removed = mlflow.load_table("noise_pruning/removed.json", run_ids=[worse.registered.run_id])
+    assert len(removed) == len(worse.trained.label_issues) > 0
+    assert set(removed.columns) >= {"product_id", "attribute", "rank", "given", "model_top"}
+    metrics = client.get_run(worse.registered.run_id).data.metrics
+    assert metrics["noise_pruning.color.removed"] == (removed["attribute"] == "color").sum()
+    assert "test.member_1_image_only.color.r_at_p95" in metrics
 
     # a better one (longer training) is promoted
     better = run_training_job(

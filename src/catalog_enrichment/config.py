@@ -234,6 +234,25 @@ class ImageEncoderConfig(_Section):
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model kwargs.")
 
 
+class EnsembleConfig(_Section):
+    """001 §3.4: several models trained apart, served and calibrated as one."""
+
+    members: int = Field(
+        1, ge=1, description="Models in the ensemble (1 = no ensemble); member i trains with seed + i."
+    )
+    fusions: list[str] = Field(
+        default_factory=list,
+        description="Fusion of member i = fusions[i % len(fusions)]; empty = every member uses model.fusion.",
+    )
+    combine: Literal["mean", "vote"] = Field(
+        "mean",
+        description="mean = average the members' probabilities; vote = majority vote (001), as a score: "
+        "(members voting for the value + their mean probability) / (members + 1), so votes rank first "
+        "and the mean breaks ties. A member votes for a multi-class value it ranks first and for a "
+        "multi-label value it scores >= 0.5.",
+    )
+
+
 class ModelConfig(_Section):
     """The multimodal model: two encoders and one fusion method from the registry."""
 
@@ -243,10 +262,34 @@ class ModelConfig(_Section):
     fusion_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra fusion arguments.")
     hidden_dim: int = Field(256, gt=0, description="Width of the shared trunk under the heads.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+
+    def member_configs(self) -> list[ModelConfig]:
+        """The config of every ensemble member (one: this model itself)."""
+        fusions = self.ensemble.fusions or [self.fusion]
+        single = EnsembleConfig()
+        return [
+            self.model_copy(update={"fusion": fusions[i % len(fusions)], "ensemble": single})
+            for i in range(self.ensemble.members)
+        ]
 
 
 # the largest calibration share the automatic rule picks (training/splits.py)
 MAX_AUTO_CALIBRATION = 0.30
+
+
+class NoisePruningConfig(_Section):
+    """001 §3.2.1: confident learning finds the labels most likely wrong; they are left out of training."""
+
+    enabled: bool = Field(False, description="Prune suspected label errors before the final training.")
+    fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Largest share of each attribute's labelled training products removed: the top of "
+        "cleanlab's ranking of label issues (never a label cleanlab does not flag).",
+    )
+    folds: int = Field(4, ge=2, description="K of the K-fold out-of-fold probabilities cleanlab reads.")
 
 
 class TrainingConfig(_Section):
@@ -298,6 +341,8 @@ class TrainingConfig(_Section):
         description="frozen: folder of cached product embeddings, keyed on the data and the encoders; "
         "None = ~/.cache/catalog-enrichment/embeddings.",
     )
+
+    noise_pruning: NoisePruningConfig = Field(default_factory=NoisePruningConfig)
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> TrainingConfig:

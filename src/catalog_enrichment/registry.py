@@ -145,6 +145,7 @@ def log_and_register(
     input_example: pd.DataFrame,
     output_example: pd.DataFrame,
     version_tags: Mapping[str, str],
+    tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> ModelVersion:
     """Log a training run (params, per-epoch metrics, pictures, tables, the pyfunc model), register a
     new version, tag it and point ``challenger`` at it. Nothing is registered if logging fails.
@@ -166,6 +167,8 @@ def log_and_register(
                 mlflow.log_artifacts(str(path), artifact_path=name)
             else:
                 mlflow.log_artifact(str(path), artifact_path=name)
+        for artifact_file, frame in (tables or {}).items():  # MLflow tables: viewable in the UI
+            mlflow.log_table(frame, artifact_file=artifact_file)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),

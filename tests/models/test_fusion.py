@@ -21,7 +21,14 @@ from catalog_enrichment.data.dataset import (
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.models.encoders import ImagePreprocessing
-from catalog_enrichment.models.fusion import create_fusion, fusion_class, kl_to_uniform, list_fusions
+from catalog_enrichment.models.fusion import (
+    FusionInputs,
+    HeadSpec,
+    create_fusion,
+    fusion_class,
+    kl_to_uniform,
+    list_fusions,
+)
 from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import build_model
 from tests.conftest import TINY_MODEL
@@ -173,3 +180,125 @@ def test_uint8_pixels_are_normalised_inside_the_model(taxonomy: Taxonomy, tiny_b
         got = model({**batch, "pixel_values": channels_last}).probs
     for attribute, probs in expected.items():
         torch.testing.assert_close(got[attribute], probs, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- hierarchical (002)
+
+T1, D1 = torch.tensor([[1.0, 2.0]]), torch.tensor([[10.0, 20.0]])  # encoder 1: title, description
+T2, D2 = torch.tensor([[3.0, 4.0]]), torch.tensor([[30.0, 40.0]])  # encoder 2
+IMAGE = torch.tensor([[1.0, -1.0, 5.0]])
+
+
+def _fields(*, description: bool = True, image: bool = True) -> FusionInputs:
+    present = torch.tensor([1.0 if description else 0.0])
+    return FusionInputs(
+        image_present=torch.tensor([1.0 if image else 0.0]),
+        image_pooled=IMAGE,
+        field_pooled=[[T1, D1], [T2, D2]],
+        field_present=[torch.ones(1), present],
+    )
+
+
+def _hierarchical(**kwargs: Any) -> Any:
+    return create_fusion(
+        "hierarchical", text_dim=2, image_dim=3, heads=[HeadSpec("x", "multiclass", 2)], **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("level1", "level2", "expected"),
+    [
+        # fields within each encoder first (Z(T_f, D_f), Z(T_c, D_c)), then across encoders (002 eq. 1)
+        ("concat", "concat", [[1, 2, 10, 20, 3, 4, 30, 40]]),
+        ("add", "concat", [[11, 22, 33, 44]]),
+        ("concat", "add", [[4, 6, 40, 60]]),
+        ("average", "add", [[22, 33]]),
+        ("add", "average", [[22, 33]]),
+        ("average", "concat", [[5.5, 11, 16.5, 22]]),
+    ],
+)
+def test_hierarchical_merges_fields_within_each_encoder_then_across_encoders(
+    level1: str, level2: str, expected: list[list[float]]
+) -> None:
+    # the reverse order (encoders within each field first) would give [T1, T2, D1, D2] for concat/concat
+    # and [T1 + T2, D1 + D2] = [[4, 6, 40, 60]] for add/concat
+    fusion = _hierarchical(level1=level1, level2=level2)
+    assert torch.equal(fusion.text_vector(_fields()), torch.tensor(expected))
+
+
+def test_hierarchical_absent_description_counts_as_zero() -> None:
+    fusion = _hierarchical(level1="concat", level2="concat")
+    assert torch.equal(
+        fusion.text_vector(_fields(description=False)), torch.tensor([[1.0, 2, 0, 0, 3, 4, 0, 0]])
+    )
+
+
+@pytest.mark.parametrize("op", ["add", "concat", "average"])
+@pytest.mark.parametrize("image", [True, False])
+def test_hierarchical_image_level_operation(op: str, image: bool) -> None:
+    fusion = _hierarchical(level1="add", level2="concat", image=op)  # text vector [11, 22, 33, 44]
+    text = torch.nn.functional.layer_norm(torch.tensor([[11.0, 22, 33, 44]]), (4,))
+    normed = torch.nn.functional.layer_norm(IMAGE, (3,)) * (1.0 if image else 0.0)
+    if op == "concat":  # sizes may differ: no projection
+        assert isinstance(fusion.project_image, torch.nn.Identity)
+        expected = torch.cat([text, normed], dim=-1)
+    else:  # 3 -> 4 wide: the image is projected to the text's width
+        weight = torch.arange(12, dtype=torch.float32).reshape(4, 3) / 10
+        with torch.no_grad():
+            fusion.project_image.weight.copy_(weight)
+            fusion.project_image.bias.fill_(0.5)
+        projected = (normed @ weight.T + 0.5) * (1.0 if image else 0.0)
+        expected = text + projected if op == "add" else (text + projected) / 2
+    joint = fusion.joint_vector(_fields(image=image))
+    assert joint.shape == expected.shape and torch.allclose(joint, expected, atol=1e-5)
+    assert fusion(_fields(image=image)).probs["x"].shape == (1, 2)
+
+
+def test_hierarchical_same_width_needs_no_projection() -> None:
+    fusion = create_fusion(
+        "hierarchical", text_dim=2, image_dim=2, heads=[], level1="average", level2="average", image="add"
+    )
+    assert isinstance(fusion.project_image, torch.nn.Identity)
+
+
+# ----------------------------------------------------------------------------- decision (001)
+
+
+def _onehot_probs(rng: np.random.Generator, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.from_numpy(rng.integers(0, k, n))
+    return y, torch.eye(k)[y]
+
+
+def test_decision_fusion_cross_validates_one_net_per_fold_and_averages_them() -> None:
+    rng = np.random.default_rng(0)
+    heads = [HeadSpec("pattern", "multiclass", 6)]
+    fusion = create_fusion("decision", text_dim=4, image_dim=4, heads=heads)
+    assert len(fusion.decision["pattern"]) == 8  # 001 §4.1: 8-fold cross-validation
+    assert fusion.decision["pattern"][0][0].out_features == 6  # hidden size 6
+    y, perfect = _onehot_probs(rng, 400, 6)
+    useless = torch.full_like(perfect, 1 / 6)
+    # the image branch knows the answer and the text branch nothing: every fold's net learns to
+    # follow the image on products it has not seen
+    report = fusion.fit_heldout(
+        {"text": {"pattern": useless}, "image": {"pattern": perfect}},
+        {"pattern": y},
+        {"pattern": torch.ones(400, dtype=torch.bool)},
+    )
+    assert report["decision_fold_macro_f1"]["pattern"] == 1.0
+    fresh_y, fresh = _onehot_probs(rng, 200, 6)
+    with torch.no_grad():
+        probs = fusion._decide({"pattern": torch.full_like(fresh, 1 / 6)}, {"pattern": fresh})["pattern"]
+        x = torch.cat([torch.full_like(fresh, 1 / 6), fresh], dim=-1)
+        mean = torch.stack([torch.softmax(net(x), -1) for net in fusion.decision["pattern"]]).mean(dim=0)
+    assert torch.allclose(probs, mean)
+    assert (probs.argmax(dim=1) == fresh_y).all()
+
+
+def test_decision_fusion_with_too_few_heldout_products_is_a_clear_error() -> None:
+    fusion = create_fusion("decision", text_dim=4, image_dim=4, heads=[HeadSpec("pattern", "multiclass", 3)])
+    y = torch.tensor([0, 1, 2] * 3)
+    p = torch.eye(3)[y]
+    with pytest.raises(ConfigError, match="'pattern' has 9 labelled held-out products, too few for 8-fold"):
+        fusion.fit_heldout(
+            {"text": {"pattern": p}, "image": {"pattern": p}}, {"pattern": y}, {"pattern": y >= 0}
+        )

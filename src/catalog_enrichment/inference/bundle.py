@@ -2,10 +2,11 @@
 
 Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
 
-    weights.pt           state dict of the MultimodalModel (no pickled module)
+    weights.pt           state dict of the model (an ensemble's: every member's; no pickled module)
     model.json           model config + tokenizer facts (vocab size, pad id) + image preprocessing
                          + package version
-    text_encoder_<i>/    the transformers config of text encoder i (its architecture)
+    text_encoder_<i>/    the transformers config of text encoder i (its architecture; an ensemble's
+                         members' encoders in member order)
     tokenizer/           tokenizer.save_pretrained() (the pretrained model's own, or the trained one)
     taxonomy.json        the taxonomy the heads were built for
     calibration.json     thresholds, support and bounds per (attribute, value)
@@ -35,7 +36,7 @@ from catalog_enrichment.config import ModelConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImagePreprocessing
-from catalog_enrichment.models.model import MultimodalModel, build_model
+from catalog_enrichment.models.model import AnyModel, build_model
 
 __all__ = ["MANIFEST", "ModelBundle", "bundle_problems", "json_safe", "load_bundle", "save_bundle"]
 
@@ -46,7 +47,7 @@ MANIFEST = "manifest.json"
 class ModelBundle:
     """Everything needed to score products and decide what to write."""
 
-    model: MultimodalModel
+    model: AnyModel
     tokenizer: Any
     taxonomy: Taxonomy
     calibration: Calibration
@@ -61,7 +62,7 @@ class ModelBundle:
 def save_bundle(
     path: str | Path,
     *,
-    model: MultimodalModel,
+    model: AnyModel,
     tokenizer: Any,
     taxonomy: Taxonomy,
     calibration: Calibration,

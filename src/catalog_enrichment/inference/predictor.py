@@ -13,7 +13,8 @@ caller. Each call re-cuts its input to the model's batch size and runs a small p
 Images: a row with no image (null bytes and no URI) is scored as an imageless product — the model
 is trained and calibrated with such products (``image_present`` = 0). A row whose image bytes or URI
 are present but do not decode is *not* scored as imageless: its ``image_error`` says why, and the
-enrichment job quarantines it.
+enrichment job quarantines it. A text-only model reads no image: nothing is decoded (003's
+deployment saving) and no row has an ``image_error``.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class BatchPredictor:
         self.decode_threads = max(1, decode_threads)
         self.autocast = autocast and self.device.type == "cuda"
         self.preprocessing = bundle.preprocessing
+        # a text-only model never decodes an image, so an unusable one does not quarantine its row
+        self.reads_images = bundle.model.image_encoder is not None
         self.collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
         # Channels-last: the image encoder's convolutions run about 1.7x faster on CPU (oneDNN
         # works in NHWC), and the decoded pixels arrive in that order anyway.
@@ -170,10 +173,13 @@ class BatchPredictor:
         """Decode, resize and normalise the images and tokenize the texts of one batch."""
         n = len(titles)
         prep = self.preprocessing
-        pixels = np.zeros((n, prep.size, prep.size, 3), np.uint8)
+        size = prep.size if self.reads_images else 1  # a text-only model never sees the pixels
+        pixels = np.zeros((n, size, size, 3), np.uint8)
         present = np.zeros(n, np.float32)
         errors: list[str | None] = [None] * n
         for i, (raw, uri) in enumerate(zip(images, uris, strict=True)):
+            if not self.reads_images:
+                break
             # no image at all: scored as an imageless product; an unusable one: an error to quarantine
             decoded, errors[i] = load_pixels(raw, uri, prep.size, prep.interpolation, self.image_policy)
             if decoded is not None:

@@ -11,13 +11,13 @@ text_only           pooled text -> linear heads                                 
 image_only          pooled image -> linear heads                                            004
 late                separate text and image heads; probabilities interpolated with alpha    000
                     per attribute, alpha picked on held-out data after training
-decision            unimodal heads, then a small NN on both modalities' probabilities,      001
-                    trained on held-out data after the unimodal training
+decision            unimodal heads, then small NNs on both modalities' probabilities,       001
+                    cross-validated on held-out data after the unimodal training
 concat              early shallow: [text, image] -> MLP -> heads                            000/004
 cross_attention     SA(h,h,h) + VG * SA(h,v,v), VG = sigmoid(W1 h_i + W2 v0 + b),           000
                     summed tokens -> linear heads (eqs. 1-4)
-hierarchical        fields (title, description) x text encoders merged in two levels        002
-                    (add | concat | average), then the image
+hierarchical        fields (title, description) merged within each text encoder, then       002
+                    across encoders, then with the image (each add | concat | average)
 modality_attention  LayerNorm per modality; per product and attribute p_txt = sigmoid(      004
                     W[x_t, x_i] + b); heads on [p x_t, (1-p) x_i]; lambda * KL(p || uniform)
 ==================  ======================================================================  =======
@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 
 from catalog_enrichment.contracts import AttributeKind
 from catalog_enrichment.errors import ConfigError
+from catalog_enrichment.metrics import f1_scores
 
 __all__ = [
     "Fusion",
@@ -313,7 +314,11 @@ class LateFusion(_TwoBranches):
 
 @register_fusion("decision")
 class DecisionFusion(_TwoBranches):
-    """001: a small NN per attribute on [p_text, p_image], trained on held-out probabilities."""
+    """001 §3.3.2 / §4.1: unimodal heads, then per attribute a 2-layer network (hidden size 6) on
+    [p_text, p_image], fitted on the held-out split by K-fold cross-validation (8 folds): each fold's
+    network trains on the other folds (Adam, lr 0.01, 40 epochs) and keeps the epoch with the best
+    macro-F1 on its own fold. The K networks' probabilities are averaged (001 majority-votes them;
+    an average is a score that can be calibrated)."""
 
     def __init__(
         self,
@@ -322,16 +327,23 @@ class DecisionFusion(_TwoBranches):
         heads: Sequence[HeadSpec],
         *,
         dropout: float = 0.1,
-        hidden: int = 32,
-        steps: int = 300,
+        hidden: int = 6,
+        folds: int = 8,
+        epochs: int = 40,
+        batch_size: int = 32,
         lr: float = 0.01,
     ) -> None:
         super().__init__(text_dim, image_dim, heads, dropout=dropout)
-        self.steps, self.lr = steps, lr
+        if folds < 2:
+            raise ConfigError(f"fusion 'decision': folds must be at least 2, not {folds}")
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.decision = nn.ModuleDict(
             {
-                h.name: nn.Sequential(
-                    nn.Linear(2 * h.num_values, hidden), nn.ReLU(), nn.Linear(hidden, h.num_values)
+                h.name: nn.ModuleList(
+                    nn.Sequential(
+                        nn.Linear(2 * h.num_values, hidden), nn.ReLU(), nn.Linear(hidden, h.num_values)
+                    )
+                    for _ in range(folds)
                 )
                 for h in heads
             }
@@ -342,13 +354,19 @@ class DecisionFusion(_TwoBranches):
     def _decide(
         self, pt: Mapping[str, torch.Tensor], pi: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        return {a: net(torch.cat([pt[a], pi[a]], dim=-1)) for a, net in self.decision.items()}
+        out = {}
+        for a, nets in self.decision.items():
+            x = torch.cat([pt[a], pi[a]], dim=-1)
+            out[a] = torch.stack(
+                [probabilities(net(x), self.specs[a].kind) for net in cast(nn.ModuleList, nets)]
+            ).mean(dim=0)
+        return out
 
     def forward(self, x: FusionInputs) -> FusionOutput:
         text, image = self._branches(x)
         if self.fitted.item():
-            probs = self._probs(self._decide(text.probs, image.probs))
-        else:  # before the decision net is fitted, report the average (used for early stopping)
+            probs = self._decide(text.probs, image.probs)
+        else:  # before the decision nets are fitted, report the average (used for early stopping)
             probs = {a: (text.probs[a] + image.probs[a]) / 2 for a in text.probs}
         return FusionOutput(
             probs,
@@ -358,23 +376,79 @@ class DecisionFusion(_TwoBranches):
         )
 
     def fit_heldout(self, branch_probs, targets, known):  # type: ignore[no-untyped-def]
-        from catalog_enrichment.models.losses import attribute_loss
+        from sklearn.model_selection import KFold
 
-        params = [p for net in self.decision.values() for p in net.parameters()]
-        opt = torch.optim.Adam(params, lr=self.lr)
-        pt = {a: p.detach() for a, p in branch_probs["text"].items()}
-        pi = {a: p.detach() for a, p in branch_probs["image"].items()}
-        kinds = {a: s.kind for a, s in self.specs.items()}
-        losses = []
-        with torch.enable_grad():
-            for _ in range(self.steps):
+        report: dict[str, float] = {}
+        for a, nets in self.decision.items():
+            kind = self.specs[a].kind
+            rows = torch.nonzero(known[a].bool()).flatten()
+            x = torch.cat([branch_probs["text"][a], branch_probs["image"][a]], dim=-1).detach()[rows].float()
+            y = targets[a][rows]
+            if rows.numel() < 2 * len(nets):
+                raise ConfigError(
+                    f"fusion 'decision': attribute {a!r} has {rows.numel()} labelled held-out products, "
+                    f"too few for {len(nets)}-fold cross-validation; lower fusion_kwargs.folds"
+                )
+            folds = KFold(len(nets), shuffle=True, random_state=0).split(np.arange(rows.numel()))
+            best = [
+                _fit_decision_net(
+                    net,
+                    kind,
+                    x,
+                    y,
+                    torch.from_numpy(fit),
+                    torch.from_numpy(check),
+                    self.epochs,
+                    self.batch_size,
+                    self.lr,
+                )
+                for net, (fit, check) in zip(nets, folds, strict=True)
+            ]
+            report[a] = round(float(np.mean(best)), 4)
+        self.fitted.fill_(1.0)
+        return {"decision_fold_macro_f1": report}
+
+
+def _fit_decision_net(
+    net: nn.Module,
+    kind: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fit_rows: torch.Tensor,
+    check_rows: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+) -> float:
+    """Train one fold's decision network on ``fit_rows``; keep the epoch with the best macro-F1 on
+    ``check_rows`` (001 §4.1); returns that F1."""
+    generator = torch.Generator().manual_seed(len(fit_rows))
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    check_y = y[check_rows].numpy()
+    best, best_state = -1.0, None
+    with torch.enable_grad():
+        for _ in range(epochs):
+            net.train()
+            order = fit_rows[torch.randperm(len(fit_rows), generator=generator)]
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                logits = net(x[batch])
+                if kind == "multilabel":
+                    loss = nn.functional.binary_cross_entropy_with_logits(logits, y[batch].float())
+                else:
+                    loss = nn.functional.cross_entropy(logits, y[batch].long())
                 opt.zero_grad()
-                loss = attribute_loss(self._decide(pt, pi), targets, known, kinds)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
-        self.fitted.fill_(1.0)
-        return {"decision_loss_first": losses[0], "decision_loss_last": losses[-1]}
+            net.eval()
+            with torch.no_grad():
+                scores = probabilities(net(x[check_rows]), kind).numpy()
+            f1 = f1_scores(scores, check_y, kind)["macro_f1"]  # type: ignore[arg-type]
+            if f1 > best:
+                best, best_state = f1, {k: v.clone() for k, v in net.state_dict().items()}
+    assert best_state is not None
+    net.load_state_dict(best_state)
+    return best
 
 
 @register_fusion("concat")
@@ -447,7 +521,14 @@ class CrossAttentionFusion(Fusion):
 
 @register_fusion("hierarchical")
 class HierarchicalFusion(Fusion):
-    """002: title/description x text encoders, merged at level 1 (encoders) and 2 (fields), then image."""
+    """002 eq. 1, y = f(Z(P, Z(Z(T_1, D_1), Z(T_2, D_2)))): the fields (title T, description D) merged
+    within each text encoder (``level1``), those merged across the encoders (``level2``), the text
+    merged with the image P (``image``; P projected to the text's width where an add or average
+    needs it, as 002's 1-D convolution does), then a fully connected classifier ``f``.
+
+    Over frozen pretrained encoders (``training.encoders: frozen``) only this module and the heads
+    train: 002's set-up of fine-tuned unimodal encoders under a small fusion head.
+    """
 
     needs_fields = True
 
@@ -458,23 +539,29 @@ class HierarchicalFusion(Fusion):
         heads: Sequence[HeadSpec],
         *,
         dropout: float = 0.1,
-        level1: str = "add",
-        level2: str = "concat",
+        level1: str = "average",
+        level2: str = "average",
+        image: str = "concat",
         second_encoder: str | None = "distilbert",
         second_encoder_path: str | None = None,
         hidden_dim: int = 256,
     ) -> None:
         super().__init__(text_dim, image_dim, heads)
-        for level in (level1, level2):
+        for level in (level1, level2, image):
             merge([torch.zeros(1)], level)  # validates the name
-        self.level1, self.level2, self.second_encoder = level1, level2, second_encoder
-        self.second_encoder_path = second_encoder_path
+        self.level1, self.level2, self.image_merge = level1, level2, image
+        self.second_encoder, self.second_encoder_path = second_encoder, second_encoder_path
         n_encoders = 2 if second_encoder else 1
-        field_dim = text_dim * (n_encoders if level1 == "concat" else 1)
-        text_out = field_dim * (2 if level2 == "concat" else 1)
+        encoder_dim = text_dim * (2 if level1 == "concat" else 1)  # two fields per encoder
+        text_out = encoder_dim * (n_encoders if level2 == "concat" else 1)
         self.text_norm = nn.LayerNorm(text_out)
         self.image_norm = nn.LayerNorm(image_dim)
-        self.mlp = nn.Sequential(nn.Linear(text_out + image_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout))
+        # add / average need the image at the text's width
+        self.project_image: nn.Module = (
+            nn.Linear(image_dim, text_out) if image != "concat" and image_dim != text_out else nn.Identity()
+        )
+        joint = text_out + image_dim if image == "concat" else text_out
+        self.mlp = nn.Sequential(nn.Linear(joint, hidden_dim), nn.GELU(), nn.Dropout(dropout))
         self.heads = AttributeHeads(hidden_dim, heads)
 
     def extra_text_encoders(self) -> list[dict[str, Any]]:
@@ -482,15 +569,23 @@ class HierarchicalFusion(Fusion):
             return []
         return [{"model_type": self.second_encoder, "pretrained_path": self.second_encoder_path}]
 
-    def forward(self, x: FusionInputs) -> FusionOutput:
-        assert x.field_pooled is not None and x.field_present is not None and x.image_pooled is not None
-        n_fields = len(x.field_present)
-        per_field = [
-            merge([enc[f] for enc in x.field_pooled], self.level1) * x.field_present[f][:, None]
-            for f in range(n_fields)
+    def text_vector(self, x: FusionInputs) -> torch.Tensor:
+        """Level 1 (fields within each encoder), then level 2 (across encoders); an absent field is 0."""
+        assert x.field_pooled is not None and x.field_present is not None
+        per_encoder = [
+            merge([fields[f] * x.field_present[f][:, None] for f in range(len(fields))], self.level1)
+            for fields in x.field_pooled
         ]
-        text = self.text_norm(merge(per_field, self.level2))
-        joint = torch.cat([text, self.image_norm(x.image_pooled)], dim=-1)
+        return merge(per_encoder, self.level2)
+
+    def joint_vector(self, x: FusionInputs) -> torch.Tensor:
+        """The text merged with the image (0 where the product has none): the classifier's input."""
+        assert x.image_pooled is not None
+        image = self.project_image(self.image_norm(x.image_pooled)) * x.image_present[:, None]
+        return merge([self.text_norm(self.text_vector(x)), image], self.image_merge)
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        joint = self.joint_vector(x)
         return self._output(self.heads(self.mlp(joint)), joint.device)
 
 

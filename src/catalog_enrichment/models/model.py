@@ -5,6 +5,7 @@ One forward pass scores every attribute. The model never picks a device; callers
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -17,7 +18,15 @@ from catalog_enrichment.errors import ConfigError, TaxonomyError
 from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing, TextEncoder
 from catalog_enrichment.models.fusion import FusionInputs, HeadSpec, create_fusion, fusion_class
 
-__all__ = ["ModelOutput", "MultimodalModel", "build_model", "check_heads", "head_specs"]
+__all__ = [
+    "EnsembleModel",
+    "ModelOutput",
+    "MultimodalModel",
+    "build_model",
+    "check_heads",
+    "combine_members",
+    "head_specs",
+]
 
 
 @dataclass
@@ -59,7 +68,7 @@ class MultimodalModel(nn.Module):
         *,
         vocab_size: int,
         pad_token_id: int = 0,
-        text_backbones: list[Any] | None = None,
+        text_backbones: Iterable[Any] | None = None,
         preprocessing: ImagePreprocessing | None = None,
     ) -> None:
         super().__init__()
@@ -67,6 +76,7 @@ class MultimodalModel(nn.Module):
         self.heads = heads
         cls = fusion_class(cfg.fusion)
         backbones = iter(text_backbones or [])
+        rebuilt = text_backbones is not None
         self.text_encoders = nn.ModuleList()
         self.image_encoder: ImageEncoder | None = None
         if cls.needs_text:
@@ -87,7 +97,7 @@ class MultimodalModel(nn.Module):
             kwargs["hidden_dim"] = cfg.hidden_dim
         self.fusion = create_fusion(cfg.fusion, text_dim=text_dim, image_dim=image_dim, heads=heads, **kwargs)
         extra = self.fusion.extra_text_encoders()
-        if not text_backbones:
+        if not rebuilt:
             _check_shared_vocabulary(cfg, extra)
         for override in extra:
             extra_cfg = cfg.text.model_copy(update=override)
@@ -183,25 +193,107 @@ def _check_shared_vocabulary(cfg: ModelConfig, extra: list[dict[str, Any]]) -> N
             )
 
 
+def combine_members(probs: list[torch.Tensor], kind: str, how: str) -> torch.Tensor:
+    """One attribute's ``(B, V)`` scores from its members' (001 §3.4).
+
+    ``mean``: the average probability. ``vote``: majority vote as a calibratable score,
+    ``(votes + mean) / (members + 1)``: products ranked by their votes, ties broken by the mean
+    probability. A member votes for the value it ranks first (multi-class) or every value it scores
+    at 0.5 or more (multi-label).
+    """
+    stacked = torch.stack(probs)  # (M, B, V)
+    mean = stacked.mean(dim=0)
+    if how == "mean":
+        return mean
+    if how != "vote":
+        raise ConfigError(f"unknown ensemble combine {how!r}; use mean or vote")
+    if kind == "multilabel":
+        votes = (stacked >= 0.5).sum(dim=0)
+    else:
+        votes = torch.nn.functional.one_hot(stacked.argmax(dim=-1), stacked.shape[-1]).sum(dim=0)
+    return (votes.to(mean.dtype) + mean) / (len(probs) + 1)
+
+
+class EnsembleModel(nn.Module):
+    """001 §3.4: members trained apart (another seed and/or fusion), one forward pass each, their
+    scores combined per attribute; calibrated, saved and served as one model."""
+
+    def __init__(self, cfg: ModelConfig, members: list[MultimodalModel]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(members)
+        self.heads = members[0].heads
+        self.kinds = {h.name: h.kind for h in self.heads}
+
+    @property
+    def image_encoder(self) -> ImageEncoder | None:
+        """The first member's image encoder (they all read the same preprocessed pixels)."""
+        return next((m.image_encoder for m in self.member_models if m.image_encoder is not None), None)
+
+    @property
+    def member_models(self) -> list[MultimodalModel]:
+        return [cast(MultimodalModel, m) for m in self.members]
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [e for m in self.member_models for e in m.text_encoders]
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        encoder = self.image_encoder
+        return encoder.preprocessing if encoder is not None else ImagePreprocessing()
+
+    def text_backbone_configs(self) -> list[Any]:
+        return [c for m in self.member_models for c in m.text_backbone_configs()]
+
+    def combine(self, outputs: list[ModelOutput]) -> ModelOutput:
+        probs = {
+            a: combine_members([o.probs[a] for o in outputs], kind, self.cfg.ensemble.combine)
+            for a, kind in self.kinds.items()
+        }
+        zero = next(iter(probs.values())).new_zeros(())
+        return ModelOutput(probs, [], zero, None, {})
+
+    def fuse(self, inputs: FusionInputs) -> ModelOutput:
+        return self.combine([m.fuse(inputs) for m in self.member_models])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        return self.combine([m(batch) for m in self.member_models])
+
+
+AnyModel = MultimodalModel | EnsembleModel
+
+
+def needs_image(cfg: ModelConfig) -> bool:
+    """Whether any of the model's (members') fusions reads the image."""
+    return any(fusion_class(m.fusion).needs_image for m in cfg.member_configs())
+
+
 def build_model(
     cfg: ModelConfig,
     taxonomy: Taxonomy,
     *,
     vocab_size: int,
     pad_token_id: int = 0,
-    text_backbones: list[Any] | None = None,
+    text_backbones: Iterable[Any] | None = None,
     preprocessing: ImagePreprocessing | None = None,
-) -> MultimodalModel:
+) -> MultimodalModel | EnsembleModel:
     """The model for ``taxonomy`` (random init unless the encoder configs name local weights; see
-    :class:`MultimodalModel` for rebuilding a saved one)."""
-    return MultimodalModel(
-        cfg,
-        head_specs(taxonomy),
-        vocab_size=vocab_size,
-        pad_token_id=pad_token_id,
-        text_backbones=text_backbones,
-        preprocessing=preprocessing,
-    )
+    :class:`MultimodalModel` for rebuilding a saved one); an :class:`EnsembleModel` of fresh members
+    when ``cfg.ensemble.members`` > 1 (``text_backbones`` then lists every member's, in order)."""
+    backbones = None if text_backbones is None else iter(text_backbones)
+    members = [
+        MultimodalModel(
+            member,
+            head_specs(taxonomy),
+            vocab_size=vocab_size,
+            pad_token_id=pad_token_id,
+            text_backbones=backbones,
+            preprocessing=preprocessing,
+        )
+        for member in cfg.member_configs()
+    ]
+    return members[0] if cfg.ensemble.members == 1 else EnsembleModel(cfg, members)
 
 
 def check_heads(heads: list[HeadSpec], taxonomy: Taxonomy) -> None:

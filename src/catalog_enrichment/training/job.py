@@ -29,7 +29,17 @@ from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
 from catalog_enrichment.training.plots import plot_precision_recall, plot_reliability
 from catalog_enrichment.versions import ModelVersion
 
-__all__ = ["DataSnapshot", "TrainingOutcome", "data_snapshot", "run_training_job", "validate_training_table"]
+# the MLflow table (artifact) of the labels noise pruning left out of training
+PRUNED_TABLE = "noise_pruning/removed.json"
+
+__all__ = [
+    "PRUNED_TABLE",
+    "DataSnapshot",
+    "TrainingOutcome",
+    "data_snapshot",
+    "run_training_job",
+    "validate_training_table",
+]
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,18 @@ def run_training_job(
             summary[f"calibration.{attr.name}.lower_bound"] = (
                 float("nan") if pooled.lower_bound is None else pooled.lower_bound
             )
+    if trained.label_issues is not None:
+        removed = trained.label_issues.groupby("attribute").size()
+        for attr in taxonomy:
+            summary[f"noise_pruning.{attr.name}.removed"] = float(removed.get(attr.name, 0))
+    for member, per_attribute in report.get("_members", {}).items():
+        for attr_name, r in per_attribute.items():
+            summary[f"test.member_{member.replace(':', '_')}.{attr_name}.r_at_p95"] = float(r)
+    if cfg.model.ensemble.members > 1:
+        version_tags["ensemble"] = (
+            f"{cfg.model.ensemble.members} x {'/'.join(cfg.model.ensemble.fusions or [cfg.model.fusion])}, "
+            f"{cfg.model.ensemble.combine}"
+        )
     epochs = [
         {
             "train_loss": h.train_loss,
@@ -244,6 +266,7 @@ def run_training_job(
             input_example=example,
             output_example=output,
             version_tags={**version_tags, **snapshot.tags(), "git.commit": git_commit()},
+            tables={} if trained.label_issues is None else {PRUNED_TABLE: trained.label_issues},
         )
     progress(
         f"registered {registered.name} version {registered.version} (alias '{registry.CHALLENGER}'), "

@@ -22,16 +22,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from catalog_enrichment.calibration import Calibration, calibrate_attribute, wilson_upper
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, ModelConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import (
     Collator,
@@ -53,7 +54,14 @@ from catalog_enrichment.metrics import (
 from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing
 from catalog_enrichment.models.fusion import FusionInputs, fusion_class
 from catalog_enrichment.models.losses import attribute_loss
-from catalog_enrichment.models.model import ModelOutput, MultimodalModel, build_model
+from catalog_enrichment.models.model import (
+    AnyModel,
+    EnsembleModel,
+    ModelOutput,
+    MultimodalModel,
+    build_model,
+    needs_image,
+)
 from catalog_enrichment.training.embeddings import (
     EmbeddedDataset,
     Embeddings,
@@ -110,7 +118,7 @@ class Predictions:
 class TrainedModel:
     """Everything a trained version consists of (packaged by registry.py in a later step)."""
 
-    model: MultimodalModel
+    model: AnyModel
     tokenizer: Any
     taxonomy: Taxonomy
     config: AppConfig
@@ -125,6 +133,7 @@ class TrainedModel:
     test_labels: EncodedLabels | None = None
     calibration_set: tuple[Predictions, EncodedLabels] | None = None
     family_set: tuple[Predictions, EncodedLabels] | None = None
+    label_issues: pd.DataFrame | None = None
 
     def recalibrate(self, cfg: AppConfig) -> tuple[Calibration, dict[str, Any]]:
         """Thresholds under other calibration settings (e.g. the other scope) from the stored
@@ -157,7 +166,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
-def _forward(model: MultimodalModel, batch: dict[str, Any]) -> ModelOutput:
+def _forward(model: AnyModel, batch: dict[str, Any]) -> ModelOutput:
     """The model on a batch of products, or only its fusion and heads on cached encoder outputs."""
     return model.fuse(batch["inputs"]) if "inputs" in batch else model(batch)
 
@@ -170,7 +179,7 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 @torch.inference_mode()
 def predict(
-    model: MultimodalModel, loader: DataLoader, device: torch.device, *, autocast: bool = True
+    model: AnyModel, loader: DataLoader, device: torch.device, *, autocast: bool = True
 ) -> Predictions:
     """Scores of every product the loader yields, in order."""
     model.eval()
@@ -492,10 +501,12 @@ def _crossfit(
     labels: EncodedLabels,
     k: int,
     seed: int,
-    fit: Callable[[np.ndarray, int, str], tuple[MultimodalModel, _Fit]],
+    fit: Callable[[np.ndarray, int, str], tuple[AnyModel, list[_Fit]]],
     scoring: Callable[[np.ndarray], DataLoader],
     device: torch.device,
     say: Progress,
+    *,
+    tag: str = "cross-fit",
 ) -> tuple[Predictions, EncodedLabels]:
     """Out-of-fold scores over the training split: K fold models, each trained on the other folds
     (stratified over every attribute value) and scoring its own; returned in ``train_idx`` order."""
@@ -505,11 +516,53 @@ def _crossfit(
     folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     probs: dict[str, np.ndarray] = {}
     for f, (fit_pos, out_pos) in enumerate(folds.split(train_idx, train_labels.stratification_matrix())):
-        say(f"cross-fit: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
+        say(f"{tag}: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
         model, _ = fit(train_idx[fit_pos], seed + 1 + f, f"  fold {f + 1}: ")
         for attr, p in predict(model, scoring(train_idx[out_pos]), device).probs.items():
             probs.setdefault(attr, np.zeros((train_idx.size, p.shape[1]), np.float32))[out_pos] = p
     return Predictions(probs, None, {}), train_labels
+
+
+def _prune_noisy_labels(
+    train_idx: np.ndarray,
+    labels: EncodedLabels,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    fit: Callable[[np.ndarray, int, str], tuple[AnyModel, list[_Fit]]],
+    scoring: Callable[[np.ndarray], DataLoader],
+    device: torch.device,
+    say: Progress,
+    product_ids: list[str | None],
+) -> tuple[EncodedLabels, pd.DataFrame]:
+    """001 §3.2.1: out-of-fold scores of the training split by K fold models, cleanlab's label
+    issues, the top ``fraction`` of each attribute's labels left out (see ``training/noise.py``).
+    Returns the labels to train on and the table of what was left out."""
+    from catalog_enrichment.training.noise import find_label_issues
+
+    pcfg = cfg.training.noise_pruning
+    say(f"noise pruning: out-of-fold scores by {pcfg.folds} fold models")
+    oof, train_labels = _crossfit(
+        train_idx,
+        labels,
+        pcfg.folds,
+        cfg.training.seed + 1000,
+        fit,
+        scoring,
+        device,
+        say,
+        tag="noise pruning",
+    )
+    issues = find_label_issues(oof.probs, train_labels, taxonomy, pcfg.fraction)
+    say(
+        "noise pruning: "
+        + ", ".join(
+            f"{a} {issues.positions[a].size:,} of {issues.labelled[a]:,} labels left out "
+            f"({issues.flagged[a]:,} flagged)"
+            for a in issues.positions
+        )
+    )
+    table = issues.table(taxonomy, train_labels, oof.probs, [product_ids[i] for i in train_idx])
+    return issues.prune(labels, train_idx), table
 
 
 def _usable_images(table: pa.Table, policy: ImagePolicy, say: Progress) -> pa.Table:
@@ -526,11 +579,23 @@ def _usable_images(table: pa.Table, policy: ImagePolicy, say: Progress) -> pa.Ta
     return table.filter(pa.array([e is None for e in errors]))
 
 
+def _reads(fusion: str) -> tuple[bool, ...]:
+    cls = fusion_class(fusion)
+    return (cls.needs_text, cls.needs_image, cls.needs_tokens, cls.needs_fields)
+
+
 def _check_encoders_mode(cfg: AppConfig) -> None:
     """``frozen`` needs pretrained weights for every encoder the fusion reads: a fixed random encoder
     gives features no better than noise."""
+    members = cfg.model.member_configs()
     if cfg.training.encoders != "frozen":
         return
+    reads = {_reads(m.fusion) for m in members}
+    if len(reads) > 1:
+        raise ConfigError(
+            "training.encoders: frozen embeds every product once for all ensemble members, so their "
+            f"fusions must read the same encoder outputs; {sorted({m.fusion for m in members})} do not"
+        )
     fusion = fusion_class(cfg.model.fusion)
     missing = [
         f"model.{name}.pretrained_path"
@@ -612,16 +677,18 @@ def _train_and_calibrate(
     )
     collator = Collator(tokenizer, mcfg.text.max_length)
 
-    def fresh_model(seed: int) -> MultimodalModel:
+    member_cfgs = mcfg.member_configs()
+
+    def fresh_model(seed: int, member: ModelConfig) -> MultimodalModel:
         torch.manual_seed(seed)
-        model = build_model(mcfg, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        return model.to(device)
+        model = build_model(member, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        return cast(MultimodalModel, model).to(device)
 
     embeddings: Embeddings | None = None
     if tcfg.encoders == "frozen":
         cache = Path(tcfg.embedding_cache) if tcfg.embedding_cache else default_cache_dir()
         embeddings = embed_products(
-            fresh_model(tcfg.seed),
+            fresh_model(tcfg.seed, member_cfgs[0]),
             records,
             tokenizer,
             max_length=mcfg.text.max_length,
@@ -631,32 +698,50 @@ def _train_and_calibrate(
             say=say,
         )
     preprocessing = ImagePreprocessing()
-    if embeddings is None and fusion_class(mcfg.fusion).needs_image:
+    if embeddings is None and needs_image(mcfg):
         preprocessing = ImageEncoder(mcfg.image).preprocessing  # with weights: timm's pretrained config
 
-    def subset(idx: np.ndarray) -> ProductDataset | EmbeddedDataset:
+    def subset(idx: np.ndarray, with_labels: EncodedLabels = labels) -> ProductDataset | EmbeddedDataset:
         if embeddings is not None:
-            return EmbeddedDataset(embeddings, idx, labels)
-        return ProductDataset(records, idx, preprocessing=preprocessing, labels=labels)
+            return EmbeddedDataset(embeddings, idx, with_labels)
+        return ProductDataset(records, idx, preprocessing=preprocessing, labels=with_labels)
 
     def scoring(idx: np.ndarray) -> DataLoader:
         return _loader(subset(idx), collator, tcfg.batch_size * 2, shuffle=False, seed=0)
 
     val_loader = scoring(splits.validation)
     val_labels = labels.subset(splits.validation)
+    train_labels = labels  # what the models learn from: without the pruned labels, once pruned
 
-    def fit(train_idx: np.ndarray, seed: int, tag: str) -> tuple[MultimodalModel, _Fit]:
-        """A fresh model trained on ``train_idx`` (early stopping and held-out fit on validation)."""
-        fresh = fresh_model(seed)
-        loader = _loader(subset(train_idx), collator, tcfg.batch_size, shuffle=True, seed=seed)
-        done = _fit(fresh, loader, val_loader, val_labels, taxonomy, cfg, device, say, tag)
-        return fresh, done
+    def fit(train_idx: np.ndarray, seed: int, tag: str) -> tuple[AnyModel, list[_Fit]]:
+        """Fresh models trained on ``train_idx`` (early stopping and held-out fit on validation):
+        one, or every ensemble member (member i with ``seed + i``) combined."""
+        members, fits = [], []
+        for i, member in enumerate(member_cfgs):
+            name = (
+                f"{tag}member {i + 1}/{len(member_cfgs)} ({member.fusion}): " if len(member_cfgs) > 1 else tag
+            )
+            fresh = fresh_model(seed + i, member)
+            loader = _loader(
+                subset(train_idx, train_labels), collator, tcfg.batch_size, shuffle=True, seed=seed + i
+            )
+            fits.append(_fit(fresh, loader, val_loader, val_labels, taxonomy, cfg, device, say, name))
+            members.append(fresh)
+        return (members[0] if len(members) == 1 else EnsembleModel(mcfg, members)), fits
 
+    issues_table = None
+    if tcfg.noise_pruning.enabled:
+        train_labels, issues_table = _prune_noisy_labels(
+            splits.train, labels, taxonomy, cfg, fit, scoring, device, say, records.product_id
+        )
     if folds:
         calibration_set = _crossfit(splits.train, labels, folds, tcfg.seed, fit, scoring, device, say)
     seed_everything(tcfg.seed)
-    model, fitted = fit(splits.train, tcfg.seed, "")
-    history, best_epoch, heldout = fitted.history, fitted.best_epoch, fitted.heldout
+    model, fits = fit(splits.train, tcfg.seed, "")
+    history, best_epoch = fits[0].history, fits[0].best_epoch
+    heldout = (
+        fits[0].heldout if len(fits) == 1 else {f"member {i + 1}": f.heldout for i, f in enumerate(fits)}
+    )
     if not folds:
         calib_loader = scoring(splits.calibration)
         calibration_set = (predict(model, calib_loader, device), labels.subset(splits.calibration))
@@ -664,7 +749,16 @@ def _train_and_calibrate(
     calibration = calibrate(*calibration_set, taxonomy, cfg, family=family_set)
     test_loader = scoring(splits.test)
     test_preds = predict(model, test_loader, device)
-    report = evaluate(test_preds, labels.subset(splits.test), taxonomy, calibration)
+    test_labels = labels.subset(splits.test)
+    report = evaluate(test_preds, test_labels, taxonomy, calibration)
+    if isinstance(model, EnsembleModel):  # each member alone on the same test split
+        report["_members"] = {
+            f"{i + 1}:{m.cfg.fusion}": {
+                a: r["r_at_p95"]
+                for a, r in evaluate(predict(m, test_loader, device), test_labels, taxonomy).items()
+            }
+            for i, m in enumerate(model.member_models)
+        }
     if test_preds.modality_weights:
         report["_modality_weights"] = {
             a: {"text_mean": float(w[:, 0].mean()), "image_mean": float(w[:, 1].mean())}
@@ -693,7 +787,8 @@ def _train_and_calibrate(
         heldout,
         seconds,
         test_preds,
-        labels.subset(splits.test),
+        test_labels,
         calibration_set,
         family_set,
+        issues_table,
     )
