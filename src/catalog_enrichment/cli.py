@@ -157,6 +157,27 @@ def _train(sub: Sub) -> None:
     p.add_argument("--epochs", type=int, metavar="E", help="training epochs (training.epochs)")
 
 
+def _pretrain_text(sub: Sub) -> None:
+    p = _command(sub, "pretrain-text", commands.pretrain_text)
+    p.add_argument("--data", metavar="PATH", help="products table (default: catalog.products)")
+    p.add_argument("--method", choices=["simcse", "convirt"], required=True, help="003's SimCSE or ConVIRT")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for the adapted text encoder")
+    p.add_argument("--epochs", type=int, metavar="E", default=10, help="passes over the products (10)")
+    p.add_argument("--batch-size", type=int, metavar="N", default=32, help="products per batch (32, as 003)")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        metavar="LR",
+        help="AdamW rate (default: 1e-5 for pretrained weights, as 003; else training.learning_rate)",
+    )
+    p.add_argument(
+        "--temperature", type=float, metavar="TAU", help="InfoNCE temperature (convirt 0.1, simcse 0.05)"
+    )
+    p.add_argument(
+        "--alpha", type=float, metavar="A", default=0.75, help="convirt: weight of text->image (0.75)"
+    )
+
+
 def _promote(sub: Sub) -> None:
     p = _command(sub, "promote", commands.promote)
     p.add_argument("--registered-model", metavar="NAME", help="mlflow.registered_model")
@@ -225,6 +246,19 @@ def _bench_quality(sub: Sub) -> None:
     )
     p.add_argument("--workdir", metavar="DIR", default="bench-quality", help="the marketplace goes here")
     p.add_argument(
+        "--label-noise",
+        type=float,
+        metavar="R",
+        help="flip R of the labels; train clean, noisy and noisy with noise pruning (001), score all three "
+        "on a clean held-out marketplace",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        metavar="K",
+        help="train one ensemble of K members (model.ensemble) and report it beside each member",
+    )
+    p.add_argument(
         "--modes",
         metavar="LIST",
         help="with --config: training.encoders modes to run each pretrained contender in (e.g. "
@@ -280,6 +314,21 @@ def _bench_write(sub: Sub) -> None:
     p.add_argument("--out", metavar="FILE", default="bench-write.json", help="JSON output")
 
 
+def _bench_pretrain_text(sub: Sub) -> None:
+    p = _command(sub, "pretrain-text", commands.bench_pretrain_text)
+    p.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
+    p.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--label-fraction", type=float, metavar="F", default=0.1, help="share of the training labels (0.1)"
+    )
+    p.add_argument("--pretrain-epochs", type=int, metavar="E", default=10, help="pre-training epochs (10)")
+    p.add_argument("--epochs", type=int, metavar="E", help="fine-tuning epochs (default: training.epochs)")
+    p.add_argument("--out", metavar="FILE", default="bench-pretrain.json", help="JSON (markdown beside it)")
+    p.add_argument(
+        "--workdir", metavar="DIR", default="bench-pretrain", help="marketplace and encoders go here"
+    )
+
+
 def _bench(sub: Sub) -> None:
     bench = sub.add_parser(
         "bench",
@@ -287,7 +336,14 @@ def _bench(sub: Sub) -> None:
         description="Measure and write JSON; speed targets live here, not in tests.",
     )
     inner = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for add in (_bench_generate, _bench_quality, _bench_throughput, _bench_write, _bench_chaos):
+    for add in (
+        _bench_generate,
+        _bench_quality,
+        _bench_pretrain_text,
+        _bench_throughput,
+        _bench_write,
+        _bench_chaos,
+    ):
         add(inner)
 
 
@@ -298,6 +354,7 @@ COMMANDS = (
     _demo,
     _labels,
     _train,
+    _pretrain_text,
     _promote,
     _enrich,
     _backfill,

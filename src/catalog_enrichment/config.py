@@ -343,6 +343,13 @@ class TrainingConfig(_Section):
     )
 
     noise_pruning: NoisePruningConfig = Field(default_factory=NoisePruningConfig)
+    train_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the training split trained on (a seeded sample; learning curves, 003's "
+        "low-label regime); validation, calibration and test splits stay whole.",
+    )
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> TrainingConfig:

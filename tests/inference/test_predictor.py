@@ -98,6 +98,64 @@ def test_image_problems_are_reported_per_row_never_silently_scored(bundle, produ
     assert BatchPredictor(bundle).score_arrow(rows).image_error[5:] == [IMAGE_URI_ALLOWED] * 2
 
 
+def _image_rows(good_image: bytes, tmp_path: Path) -> pa.Table:
+    return pa.table(
+        {
+            "product_id": ["ok", "corrupt", "truncated", "empty", "none", "uri-missing"],
+            "title": ["red cotton shirt"] * 6,
+            "description": [None] * 6,
+            "image": [
+                good_image,
+                b"\xff\xd8\xff\xe0junk",
+                good_image[: len(good_image) // 2],
+                b"",
+                None,
+                None,
+            ],
+            "image_uri": [None] * 5 + [str(tmp_path / "gone.jpg")],
+        }
+    )
+
+
+@pytest.mark.slow
+def test_a_text_only_model_decodes_no_image_and_quarantines_no_row_for_one(  # type: ignore[no-untyped-def]
+    bundle, products, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """003's deployment saving: a text-only model never reads or decodes an image, so a row whose
+    image is corrupt, truncated, empty or unreadable is scored on its text (no ``image_error``: the
+    job quarantines nothing for it) exactly like a row with a good image."""
+    from catalog_enrichment.inference import predictor as predictor_module
+    from catalog_enrichment.inference.bundle import ModelBundle
+    from catalog_enrichment.models.model import build_model
+
+    torch.manual_seed(0)
+    text_cfg = bundle.model_config.model_copy(update={"fusion": "text_only"})
+    model = build_model(
+        text_cfg,
+        bundle.taxonomy,
+        vocab_size=len(bundle.tokenizer),
+        pad_token_id=bundle.tokenizer.pad_token_id,
+    )
+    text_only = ModelBundle(model, bundle.tokenizer, bundle.taxonomy, bundle.calibration, text_cfg, {})
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a text-only model decoded an image")
+
+    monkeypatch.setattr(predictor_module, "load_pixels", never)
+    rows = _image_rows(next(b for b in products["image"].to_pylist() if b), tmp_path)
+    scores = BatchPredictor(text_only, batch_size=4).score_arrow(rows)
+    assert scores.image_error == [None] * 6
+    for attr in bundle.taxonomy.names:  # same title, same scores, whatever the image
+        np.testing.assert_allclose(
+            scores.probs[attr], np.repeat(scores.probs[attr][:1], 6, axis=0), atol=1e-6
+        )
+    # what the job keeps: every row decided, none with an image error to quarantine
+    batch = pa.RecordBatch.from_arrays([rows["product_id"].combine_chunks()], names=["product_id"])
+    out = decide_batch(DecisionPolicy(bundle.taxonomy, bundle.calibration, bundle.taxonomy), batch, scores)
+    assert out.column("image_error").null_count == 6
+    assert all(out.column("scored").to_pylist())
+
+
 @pytest.mark.slow
 def test_a_stream_of_batches_scores_each_batch_as_on_its_own(bundle, products) -> None:  # type: ignore[no-untyped-def]
     good = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))

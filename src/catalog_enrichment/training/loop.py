@@ -16,6 +16,7 @@ the device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -134,6 +135,7 @@ class TrainedModel:
     calibration_set: tuple[Predictions, EncodedLabels] | None = None
     family_set: tuple[Predictions, EncodedLabels] | None = None
     label_issues: pd.DataFrame | None = None
+    product_ids: list[str | None] = field(default_factory=list)
 
     def recalibrate(self, cfg: AppConfig) -> tuple[Calibration, dict[str, Any]]:
         """Thresholds under other calibration settings (e.g. the other scope) from the stored
@@ -670,6 +672,11 @@ def _train_and_calibrate(
         )
     except ValueError as exc:
         raise CatalogEnrichError(f"cannot split {len(records)} labelled products: {exc}") from None
+    if tcfg.train_fraction < 1:  # fewer labels to learn from; the held-out splits stay whole
+        keep = np.random.default_rng(tcfg.seed).permutation(splits.train.size)[
+            : round(tcfg.train_fraction * splits.train.size)
+        ]
+        splits = dataclasses.replace(splits, train=np.sort(splits.train[keep]))
     say(f"splits: {splits.sizes()}")
 
     tokenizer = build_tokenizer(
@@ -791,4 +798,5 @@ def _train_and_calibrate(
         calibration_set,
         family_set,
         issues_table,
+        records.product_id,
     )

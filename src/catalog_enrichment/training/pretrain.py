@@ -1,0 +1,214 @@
+"""Self-supervised adaptation of the text encoder on unlabelled products (003).
+
+* ``simcse`` (003 §3.1): each product's text goes through the encoder twice; the two dropout masks
+  make two views, a positive pair; the other products of the batch are the negatives (InfoNCE).
+* ``convirt`` (003 §3.2): the product's own image is the positive of its text and the batch's other
+  images the negatives, in both directions: ``alpha * L(t->v) + (1 - alpha) * L(v->t)``, with
+  003's ``alpha = 0.75`` and ``tau = 0.1``. Both encoders adapt; only the text encoder is kept.
+
+Texts are encoded as the model reads them ([CLS] title [SEP] description), mean-pooled and passed
+through an MLP projection (003 §4.1; its width is the encoder's). The result is a transformers folder
+(weights, config, tokenizer) that ``model.text.pretrained_path`` reads: a text-only model fine-tuned
+from it needs no image at serving time. The encoder adapted is ``model.text``'s (its pretrained
+weights, else one built from its config with a WordPiece tokenizer trained on these products) and,
+for ConVIRT, ``model.image``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.data.dataset import (
+    Collator,
+    ProductDataset,
+    ProductRecords,
+    build_tokenizer,
+    canonical_order,
+)
+from catalog_enrichment.data.images import OWN_DATA_POLICY, ImagePolicy
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing, TextEncoder
+from catalog_enrichment.training.embeddings import deterministic_algorithms
+from catalog_enrichment.training.loop import seed_everything, warmup_cosine
+
+__all__ = ["PretrainResult", "contrastive_loss", "pretrain_text"]
+
+Method = Literal["simcse", "convirt"]
+# 003 §4.1 (ConVIRT); SimCSE's own paper uses 0.05
+DEFAULT_TEMPERATURE = {"simcse": 0.05, "convirt": 0.1}
+# 003 §4.1: AdamW at 1e-5 adapts a pretrained BERT; an encoder built from its config starts from
+# random weights and takes training.learning_rate
+PRETRAINED_LR = 1e-5
+RECORD = "pretraining.json"
+
+
+def contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE, 003 eqs. 3 and 6: row i of ``anchors`` against every row of ``positives``, row i the
+    positive, the batch's other rows the negatives; cosine similarity over ``temperature``."""
+    logits = F.normalize(anchors, dim=-1) @ F.normalize(positives, dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(anchors.shape[0], device=anchors.device))
+
+
+def _projection(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What ``pretrain_text`` wrote and how the loss went (``losses``: mean per epoch)."""
+
+    path: str
+    method: str
+    products: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    temperature: float
+    alpha: float | None
+    losses: list[float]
+    seconds: float
+
+
+def pretrain_text(
+    table: pa.Table,
+    cfg: AppConfig,
+    *,
+    method: Method,
+    out: str | Path,
+    epochs: int = 10,
+    batch_size: int = 32,
+    learning_rate: float | None = None,
+    temperature: float | None = None,
+    alpha: float = 0.75,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> PretrainResult:
+    """Adapt ``model.text``'s encoder on the products of ``table`` by ``method`` (see the module
+    docstring) and save it to ``out``. Labels, if the table has them, are not read.
+
+    Raises:
+        CatalogEnrichError: too few products (ConVIRT: with a usable image) for one batch.
+    """
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    device = torch.device(device)
+    tau = temperature if temperature is not None else DEFAULT_TEMPERATURE[method]
+    tcfg, text_cfg = cfg.training, cfg.model.text
+    lr = learning_rate or (PRETRAINED_LR if text_cfg.pretrained_path else tcfg.learning_rate)
+    seed_everything(tcfg.seed)
+    policy = ImagePolicy.from_config(cfg.images) if cfg.images.roots else OWN_DATA_POLICY
+    if method == "simcse":  # text only: no image is read or decoded
+        table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])
+    records = ProductRecords.from_arrow(canonical_order(table), policy)
+    rows = np.arange(len(records))
+    image_encoder: ImageEncoder | None = None
+    if method == "convirt":
+        image_encoder = ImageEncoder(cfg.model.image).to(device)
+        prep = image_encoder.preprocessing
+        usable = [records.pixels(int(i), prep)[0] is not None for i in rows]  # an image that decodes
+        rows = rows[np.asarray(usable, bool)]
+        say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
+    if rows.size < 2 * batch_size:
+        raise CatalogEnrichError(
+            f"pretrain-text --method {method}: {rows.size} usable products, too few for two batches "
+            f"of {batch_size}"
+        )
+    tokenizer = build_tokenizer(
+        text_cfg, (f"{records.title[i]} {records.description[i] or ''}" for i in rows)
+    )
+    text_encoder = TextEncoder(text_cfg, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).to(
+        device
+    )
+    width = text_encoder.hidden_size
+    heads = nn.ModuleDict({"text": _projection(width)})
+    if image_encoder is not None:
+        heads["image"] = nn.Sequential(
+            nn.Linear(image_encoder.num_features, width), nn.ReLU(), nn.Linear(width, width)
+        )
+    heads.to(device)
+    modules = nn.ModuleList([text_encoder, heads, *([image_encoder] if image_encoder is not None else [])])
+    dataset = ProductDataset(
+        records,
+        rows,
+        preprocessing=image_encoder.preprocessing
+        if image_encoder is not None
+        else ImagePreprocessing(size=1),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,  # a contrastive batch needs negatives; a 1-row tail has none
+        collate_fn=Collator(tokenizer, text_cfg.max_length),
+        generator=torch.Generator().manual_seed(tcfg.seed),
+    )
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=1e-8)  # 003 §4.1
+    total = epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total=total, warmup=int(tcfg.warmup_ratio * total))
+    )
+
+    def text_view(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pooled = text_encoder(
+            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pooling="mean"
+        ).pooled
+        return heads["text"](pooled)
+
+    losses: list[float] = []
+    with deterministic_algorithms(True):
+        for epoch in range(1, epochs + 1):
+            modules.train()
+            epoch_losses = []
+            for batch in tqdm(
+                loader, desc=f"{method} epoch {epoch}/{epochs}", unit="step", leave=False, disable=None
+            ):
+                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                if image_encoder is None:  # two dropout masks, two views of the same text
+                    loss = contrastive_loss(text_view(batch), text_view(batch), tau)
+                else:
+                    t = text_view(batch)
+                    v = heads["image"](image_encoder(batch["pixel_values"], batch["image_present"]).pooled)
+                    loss = alpha * contrastive_loss(t, v, tau) + (1 - alpha) * contrastive_loss(v, t, tau)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(modules.parameters(), tcfg.grad_clip_norm)
+                optimizer.step()
+                scheduler.step()
+                epoch_losses.append(float(loss.detach()))
+            losses.append(float(np.mean(epoch_losses)))
+            say(f"{method} epoch {epoch}/{epochs}  contrastive loss {losses[-1]:.4f}")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    text_encoder.backbone.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    result = PretrainResult(
+        str(folder),
+        method,
+        int(rows.size),
+        epochs,
+        batch_size,
+        lr,
+        tau,
+        alpha if method == "convirt" else None,
+        losses,
+        round(time.perf_counter() - started, 1),
+    )
+    (folder / RECORD).write_text(
+        json.dumps({**asdict(result), "base": text_cfg.model_dump(mode="json")}, indent=2)
+    )
+    say(f"{method}: text encoder saved to {folder} (use it with model.text.pretrained_path={folder})")
+    return result
