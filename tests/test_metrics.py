@@ -75,3 +75,22 @@ def test_bad_shapes_are_rejected() -> None:
         attribute_r_at_p(np.full((2, 2), np.nan), np.zeros(2), "multiclass")
     with pytest.raises(ValueError, match="shape"):
         attribute_r_at_p(np.zeros((2, 2)), np.zeros((3, 2)), "multilabel")
+
+
+def test_average_precision_known_answers() -> None:
+    from catalog_enrichment.metrics import attribute_average_precision
+
+    # multi-label: pairs ranked 0.9 (hit), 0.8 (miss), 0.7 (hit), 0.1 (miss); 2 true pairs
+    scores = np.array([[0.9, 0.8], [0.7, 0.1]])
+    labels = np.array([[1, 0], [1, 0]], np.float32)
+    assert attribute_average_precision(scores, labels, "multilabel") == pytest.approx((1 + 2 / 3) / 2)
+    # multi-class: top-1 candidates; product 0 right (0.9), product 1 wrong (0.6), product 2 right (0.5);
+    # the unlabelled product 3 is not a candidate
+    scores = np.array([[0.9, 0.1], [0.4, 0.6], [0.5, 0.5], [0.99, 0.01]])
+    labels = np.array([0, 0, 0, -1])
+    assert attribute_average_precision(scores, labels, "multiclass") == pytest.approx((1 + 2 / 3) / 3)
+    # a perfect ranking is 1 whatever the share of wrong candidates below it
+    assert (
+        attribute_average_precision(np.array([[0.9, 0.2]]), np.array([[1, 0]], np.float32), "multilabel")
+        == 1.0
+    )

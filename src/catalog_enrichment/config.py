@@ -302,7 +302,15 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
     grad_clip_norm: float = Field(1.0, gt=0)
     seed: int = 0
-    early_stopping_patience: int = Field(3, ge=0, description="Epochs without R@P95 gain before stopping.")
+    early_stopping_patience: int = Field(
+        3, ge=0, description="Epochs without validation gain before stopping."
+    )
+    selection_metric: Literal["r_at_p95", "average_precision"] = Field(
+        "r_at_p95",
+        description="Validation metric that picks the best epoch (mean over attributes). r_at_p95 is the "
+        "business metric; average_precision keeps ranking epochs when the validation labels are noisy "
+        "(with more than 5 % of them wrong, no model reaches 95 % precision on them and R@P95 is ~0).",
+    )
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     calibration_fraction: float | None = Field(
         None,

@@ -369,6 +369,38 @@ def test_hierarchical_loads_each_text_encoder_from_its_own_path(  # type: ignore
         np.testing.assert_allclose(got[a.name], expected[a.name], atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hierarchical_trains_its_fusion_head_over_frozen_pretrained_encoders(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path]
+) -> None:
+    """002's set-up: separately trained encoders frozen under the small hierarchical fusion head
+    (fields within each encoder, then across encoders, then the image)."""
+    second = _save_distilbert(tmp_path / "distil", VOCAB)
+    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=2)
+    fusion_kwargs = {
+        "second_encoder_path": str(second),
+        "level1": "concat",
+        "level2": "average",
+        "image": "add",
+    }
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"fusion": "hierarchical", "fusion_kwargs": fusion_kwargs})
+        }
+    )
+    lines: list[str] = []
+    trained = train_and_calibrate(labelled, taxonomy, cfg, progress=lines.append)
+    assert any("products embedded, cached" in line for line in lines)
+    from transformers import AutoModel
+
+    for encoder, folder in zip(trained.model.text_encoders, (pretrained["text"], second), strict=True):
+        source = AutoModel.from_pretrained(str(folder)).state_dict()
+        for name, tensor in encoder.backbone.state_dict().items():
+            torch.testing.assert_close(tensor, source[name], atol=0, rtol=0)
+    assert trained.history[-1].train_loss < trained.history[0].train_loss
+
+
 def test_hierarchical_refuses_text_encoders_that_cannot_share_token_ids(
     tmp_path: Path, taxonomy: Taxonomy, pretrained: dict[str, Path]
 ) -> None:

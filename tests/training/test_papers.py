@@ -102,10 +102,18 @@ def _noisy_marketplace(n: int, taxonomy: Taxonomy) -> tuple[pa.Table, pa.Table]:
 @pytest.mark.timeout(600)
 def test_noise_pruning_leaves_out_mostly_flipped_labels_before_the_final_training(taxonomy: Taxonomy) -> None:
     table, truth = _noisy_marketplace(1200, taxonomy)
-    cfg = tiny_config(epochs=3, training={"noise_pruning": {"enabled": True, "fraction": 0.1}})
+    cfg = tiny_config(
+        epochs=3,
+        training={
+            "noise_pruning": {"enabled": True, "fraction": 0.1},
+            "selection_metric": "average_precision",
+        },
+    )
     lines: list[str] = []
     trained = train_and_calibrate(table, taxonomy, cfg, progress=lines.append)
-    assert any(line.startswith("noise pruning: color") for line in lines)
+    summary = next(line for line in lines if line.startswith("noise pruning: color"))
+    assert "; validation " in summary  # the labels epochs are selected on are pruned too
+    assert any(line.startswith("epoch 1/3") and "val AP" in line for line in lines)
     removed = trained.label_issues
     assert removed is not None and len(removed) > 0
     # every removed label belongs to a training-split product, at most 10 % per attribute

@@ -47,6 +47,7 @@ from catalog_enrichment.data.dataset import (
 from catalog_enrichment.data.images import OWN_DATA_POLICY, ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.metrics import (
+    attribute_average_precision,
     attribute_r_at_p,
     coverage_efficiency,
     f1_scores,
@@ -456,8 +457,20 @@ def _fit(
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
-        val_r = _mean_val_r(predict(model, val_loader, device), val_labels, taxonomy)
+        val_preds = predict(model, val_loader, device)
+        val_r = _mean_val_r(val_preds, val_labels, taxonomy)
         mean_r = float(np.mean(list(val_r.values())))
+        selection, selected = mean_r, ""
+        if tcfg.selection_metric == "average_precision":
+            selection = float(
+                np.mean(
+                    [
+                        attribute_average_precision(*val_labels.labelled(val_preds.probs, a.name), a.kind)
+                        for a in taxonomy
+                    ]
+                )
+            )
+            selected = f"  val AP {selection:.3f}"
         history.append(
             EpochMetrics(
                 epoch,
@@ -469,18 +482,19 @@ def _fit(
             )
         )
         say(
-            f"{tag}epoch {epoch}/{tcfg.epochs}  loss {np.mean(losses):.4f}  val R@P95 {mean_r:.3f}  "
+            f"{tag}epoch {epoch}/{tcfg.epochs}  loss {np.mean(losses):.4f}{selected}  "
+            f"val R@P95 {mean_r:.3f}  "
             + " ".join(f"{a}={r:.3f}" for a, r in val_r.items())
             + f"  ({history[-1].seconds:.0f}s)"
         )
-        if mean_r > best_score + 1e-6:
-            best_score, best_epoch, stale = mean_r, epoch, 0
+        if selection > best_score + 1e-6:
+            best_score, best_epoch, stale = selection, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
             if tcfg.early_stopping_patience and stale >= tcfg.early_stopping_patience:
                 say(
-                    f"{tag}early stopping: no validation R@P95 gain for {stale} epochs "
+                    f"{tag}early stopping: no validation gain ({tcfg.selection_metric}) for {stale} epochs "
                     f"(best epoch {best_epoch})"
                 )
                 break
@@ -509,24 +523,30 @@ def _crossfit(
     say: Progress,
     *,
     tag: str = "cross-fit",
-) -> tuple[Predictions, EncodedLabels]:
+    also: np.ndarray | None = None,
+) -> tuple[Predictions, EncodedLabels, Predictions | None]:
     """Out-of-fold scores over the training split: K fold models, each trained on the other folds
-    (stratified over every attribute value) and scoring its own; returned in ``train_idx`` order."""
+    (stratified over every attribute value) and scoring its own; returned in ``train_idx`` order.
+    ``also``: rows no fold model trains on, scored by every fold model (their mean is returned)."""
     from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
     train_labels = labels.subset(train_idx)
     folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     probs: dict[str, np.ndarray] = {}
+    extra: dict[str, np.ndarray] = {}
     for f, (fit_pos, out_pos) in enumerate(folds.split(train_idx, train_labels.stratification_matrix())):
         say(f"{tag}: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
         model, _ = fit(train_idx[fit_pos], seed + 1 + f, f"  fold {f + 1}: ")
         for attr, p in predict(model, scoring(train_idx[out_pos]), device).probs.items():
             probs.setdefault(attr, np.zeros((train_idx.size, p.shape[1]), np.float32))[out_pos] = p
-    return Predictions(probs, None, {}), train_labels
+        if also is not None:
+            for attr, p in predict(model, scoring(also), device).probs.items():
+                extra[attr] = extra.get(attr, 0) + p / k
+    return Predictions(probs, None, {}), train_labels, None if also is None else Predictions(extra, None, {})
 
 
 def _prune_noisy_labels(
-    train_idx: np.ndarray,
+    splits: Splits,
     labels: EncodedLabels,
     taxonomy: Taxonomy,
     cfg: AppConfig,
@@ -535,16 +555,18 @@ def _prune_noisy_labels(
     device: torch.device,
     say: Progress,
     product_ids: list[str | None],
-) -> tuple[EncodedLabels, pd.DataFrame]:
+) -> tuple[EncodedLabels, EncodedLabels, pd.DataFrame]:
     """001 §3.2.1: out-of-fold scores of the training split by K fold models, cleanlab's label
     issues, the top ``fraction`` of each attribute's labels left out (see ``training/noise.py``).
-    Returns the labels to train on and the table of what was left out."""
+    The validation labels that pick the best epoch and fit the held-out parts are pruned alike (the
+    fold models' mean scores them). Returns the labels to train on (over every product), the
+    validation labels to select on, and the table of the training labels left out."""
     from catalog_enrichment.training.noise import find_label_issues
 
     pcfg = cfg.training.noise_pruning
     say(f"noise pruning: out-of-fold scores by {pcfg.folds} fold models")
-    oof, train_labels = _crossfit(
-        train_idx,
+    oof, train_labels, val_scores = _crossfit(
+        splits.train,
         labels,
         pcfg.folds,
         cfg.training.seed + 1000,
@@ -553,18 +575,23 @@ def _prune_noisy_labels(
         device,
         say,
         tag="noise pruning",
+        also=splits.validation,
     )
+    assert val_scores is not None
     issues = find_label_issues(oof.probs, train_labels, taxonomy, pcfg.fraction)
+    val_labels = labels.subset(splits.validation)
+    val_issues = find_label_issues(val_scores.probs, val_labels, taxonomy, pcfg.fraction)
     say(
         "noise pruning: "
         + ", ".join(
             f"{a} {issues.positions[a].size:,} of {issues.labelled[a]:,} labels left out "
-            f"({issues.flagged[a]:,} flagged)"
+            f"({issues.flagged[a]:,} flagged; validation {val_issues.positions[a].size:,})"
             for a in issues.positions
         )
     )
-    table = issues.table(taxonomy, train_labels, oof.probs, [product_ids[i] for i in train_idx])
-    return issues.prune(labels, train_idx), table
+    table = issues.table(taxonomy, train_labels, oof.probs, [product_ids[i] for i in splits.train])
+    pruned_val = val_issues.prune(val_labels, np.arange(splits.validation.size))
+    return issues.prune(labels, splits.train), pruned_val, table
 
 
 def _usable_images(table: pa.Table, policy: ImagePolicy, say: Progress) -> pa.Table:
@@ -718,7 +745,8 @@ def _train_and_calibrate(
 
     val_loader = scoring(splits.validation)
     val_labels = labels.subset(splits.validation)
-    train_labels = labels  # what the models learn from: without the pruned labels, once pruned
+    # what the models learn from and are selected on: without the pruned labels, once pruned
+    train_labels, selection_labels = labels, val_labels
 
     def fit(train_idx: np.ndarray, seed: int, tag: str) -> tuple[AnyModel, list[_Fit]]:
         """Fresh models trained on ``train_idx`` (early stopping and held-out fit on validation):
@@ -732,17 +760,17 @@ def _train_and_calibrate(
             loader = _loader(
                 subset(train_idx, train_labels), collator, tcfg.batch_size, shuffle=True, seed=seed + i
             )
-            fits.append(_fit(fresh, loader, val_loader, val_labels, taxonomy, cfg, device, say, name))
+            fits.append(_fit(fresh, loader, val_loader, selection_labels, taxonomy, cfg, device, say, name))
             members.append(fresh)
         return (members[0] if len(members) == 1 else EnsembleModel(mcfg, members)), fits
 
     issues_table = None
     if tcfg.noise_pruning.enabled:
-        train_labels, issues_table = _prune_noisy_labels(
-            splits.train, labels, taxonomy, cfg, fit, scoring, device, say, records.product_id
+        train_labels, selection_labels, issues_table = _prune_noisy_labels(
+            splits, labels, taxonomy, cfg, fit, scoring, device, say, records.product_id
         )
     if folds:
-        calibration_set = _crossfit(splits.train, labels, folds, tcfg.seed, fit, scoring, device, say)
+        calibration_set = _crossfit(splits.train, labels, folds, tcfg.seed, fit, scoring, device, say)[:2]
     seed_everything(tcfg.seed)
     model, fits = fit(splits.train, tcfg.seed, "")
     history, best_epoch = fits[0].history, fits[0].best_epoch
