@@ -29,7 +29,7 @@ from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.metrics import attribute_r_at_p
-from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
+from catalog_enrichment.training.loop import PRETRAINED_ENCODER_LR, TrainedModel, train_and_calibrate
 
 __all__ = ["run_ensemble_study", "run_noise_study", "run_pretrain_study"]
 
@@ -219,9 +219,10 @@ def run_pretrain_study(
         "r_at_p95": {},
         "seconds": {},
     }
-    # every arm's encoder weights train at the same rate (a pretrained folder would otherwise get
-    # the lower rate meant for a large pretrained model)
-    lr = cfg.training.encoder_learning_rate or cfg.training.learning_rate
+    # every arm's encoder weights train at the rate of the base encoder (an adapted folder would
+    # otherwise get the rate meant for pretrained weights, however they began)
+    base_lr = PRETRAINED_ENCODER_LR if cfg.model.text.pretrained_path else cfg.training.learning_rate
+    lr = cfg.training.encoder_learning_rate or base_lr
     finetune = cfg.model_copy(
         update={
             "model": cfg.model.model_copy(update={"fusion": "text_only"}),
