@@ -2,16 +2,17 @@
 
 ``train_and_calibrate`` is the library entry point (no Spark, no MLflow): it leaves out products
 whose image cannot be used (serving quarantines those), splits the data, takes the pretrained text
-model's own tokenizer or trains a WordPiece one on the training texts, trains the model with AdamW
-and a linear warm-up + cosine schedule (early stopping on validation R@P95; pretrained encoder
-weights at their own, lower learning rate; ``training.encoders`` trains them all, only their top
-layers, or none over cached embeddings), fits what a fusion picks on held-out
-data (late: alpha; decision: the decision net), calibrates thresholds on out-of-fold scores of fold
-models over the training split (``training.crossfit_folds``; the default below 10,000 products) or
-on a held-out calibration split — the validation split shapes the attribute scope's threshold
-family — and reports metrics on the test split. Rows are put in a canonical order first, so the same
-data, seed, config and torch thread count train the same weights in any process. The caller picks
-the device.
+model's own tokenizer or trains a WordPiece one on the training texts, optionally prunes suspected
+label errors (``training.noise_pruning``, 001), trains the model - or each ensemble member - with
+AdamW and a linear warm-up + cosine schedule (early stopping on validation R@P95 or average
+precision; pretrained encoder weights at their own, lower learning rate; ``training.encoders``
+trains them all, only their top layers, or none over cached embeddings), fits what a fusion picks on
+held-out data (late: alpha; decision: the cross-validated decision nets), calibrates thresholds on
+out-of-fold scores of fold models over the training split (``training.crossfit_folds``; the default
+below 10,000 products) or on a held-out calibration split — the validation split shapes the
+attribute scope's threshold family — and reports metrics on the test split. Rows are put in a
+canonical order first, so the same data, seed, config and torch thread count train the same weights
+in any process. The caller picks the device.
 """
 
 from __future__ import annotations
@@ -419,7 +420,7 @@ def _fit(
     say: Progress,
     tag: str,
 ) -> _Fit:
-    """Train ``model`` in place: AdamW, warm-up + cosine, early stopping on validation R@P95, the
+    """Train ``model`` in place: AdamW, warm-up + cosine, early stopping on the validation metric, the
     best epoch's weights kept; then the fusion's held-out fit on the validation split."""
     tcfg = cfg.training
     kinds = {a.name: a.kind for a in taxonomy}
