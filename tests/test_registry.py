@@ -34,7 +34,7 @@ from catalog_enrichment.promotion import (
     promote,
     read_promotion_log,
 )
-from catalog_enrichment.training.job import run_training_job
+from catalog_enrichment.training.job import PRUNED_TABLE, run_training_job
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow]
@@ -251,7 +251,7 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     tags = registry.version_tags(client, "test-model", worse.registered.version)
     assert tags["promotion.decision"] == "rejected" and "FAIL" in tags["promotion.reasons"]
     assert tags["ensemble"] == "2 x image_only, mean"
-    removed = mlflow.load_table("noise_pruning/removed.json", run_ids=[worse.registered.run_id])
+    removed = mlflow.load_table(PRUNED_TABLE, run_ids=[worse.registered.run_id])
     assert len(removed) == len(worse.trained.label_issues) > 0
     assert set(removed.columns) >= {"product_id", "attribute", "rank", "given", "model_top"}
     metrics = client.get_run(worse.registered.run_id).data.metrics

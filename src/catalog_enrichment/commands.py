@@ -388,7 +388,7 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
     """
     import torch
 
-    from catalog_enrichment.bench.quality import run_quality_benchmark, write_quality_result
+    from catalog_enrichment.bench.quality import format_quality_markdown, run_quality_benchmark
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.models.fusion import list_fusions
 
@@ -418,10 +418,7 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
         contenders=_contenders(args, adapted) if args.config else None,
         device=device,
     )
-    md = write_quality_result(result, Path(args.out))
-    print(md.read_text())
-    print(f"wrote {args.out} and {md}")
-    return 0
+    return _write_result(result, Path(args.out), format_quality_markdown(result))
 
 
 def _paper_study(args: argparse.Namespace, cfg: AppConfig, device: str) -> int:
@@ -435,15 +432,15 @@ def _paper_study(args: argparse.Namespace, cfg: AppConfig, device: str) -> int:
         result = run_ensemble_study(cfg, taxonomy, workdir=Path(args.workdir), device=device)
     else:
         result = run_noise_study(cfg, taxonomy, workdir=Path(args.workdir), device=device)
-    return _write_study(result, Path(args.out), format_study_markdown(result))
+    return _write_result(result, Path(args.out), format_study_markdown(result))
 
 
-def _write_study(result: dict[str, Any], out: Path, markdown: str) -> int:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown)
+def _write_result(result: dict[str, Any], out: Path, markdown: str) -> int:
+    from catalog_enrichment.bench.quality import write_result
+
+    md = write_result(result, out, markdown)
     print(markdown)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print(f"wrote {out} and {md}")
     return 0
 
 
@@ -474,7 +471,7 @@ def bench_pretrain_text(args: argparse.Namespace, cfg: AppConfig) -> int:
         pretrain_epochs=args.pretrain_epochs,
         device=device,
     )
-    return _write_study(result, Path(args.out), format_study_markdown(result))
+    return _write_result(result, Path(args.out), format_study_markdown(result))
 
 
 def _contenders(

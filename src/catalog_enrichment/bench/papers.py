@@ -26,7 +26,6 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import generate_marketplace
-from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.metrics import attribute_r_at_p
 from catalog_enrichment.training.loop import PRETRAINED_ENCODER_LR, TrainedModel, train_and_calibrate
@@ -58,15 +57,7 @@ def r_at_p95_on(
     trained: TrainedModel, products: pa.Table, truth: pa.Table, taxonomy: Taxonomy
 ) -> dict[str, float]:
     """Per attribute, the R@P95 of ``trained`` (scored as it is served) against the clean labels."""
-    bundle = ModelBundle(
-        trained.model,
-        trained.tokenizer,
-        taxonomy,
-        trained.calibration,
-        trained.config.model,
-        json_safe(trained.test_report),
-    )
-    probs = BatchPredictor(bundle).score_arrow(products).probs
+    probs = BatchPredictor(trained.bundle()).score_arrow(products).probs
     labels = encode_labels(clean_labels(products, truth, taxonomy), taxonomy)
     return {a.name: attribute_r_at_p(*labels.labelled(probs, a.name), a.kind).pooled for a in taxonomy}
 
@@ -98,20 +89,12 @@ def run_noise_study(
     noisy, truth = read_table(market.products), read_table(market.truth)
     clean = clean_labels(noisy, truth, taxonomy)
     eval_products, eval_truth = read_table(held_out.products), read_table(held_out.truth)
-    pruning = cfg.model_copy(
-        update={
-            "training": cfg.training.model_copy(
-                update={"noise_pruning": cfg.training.noise_pruning.model_copy(update={"enabled": True})}
-            )
-        }
-    )
-    plain = cfg.model_copy(
-        update={
-            "training": cfg.training.model_copy(
-                update={"noise_pruning": cfg.training.noise_pruning.model_copy(update={"enabled": False})}
-            )
-        }
-    )
+
+    def pruned(enabled: bool) -> AppConfig:
+        switch = cfg.training.noise_pruning.model_copy(update={"enabled": enabled})
+        return cfg.model_copy(update={"training": cfg.training.model_copy(update={"noise_pruning": switch})})
+
+    plain, pruning = pruned(False), pruned(True)
     result: dict[str, Any] = {
         "study": "noise",
         "products": noisy.num_rows,

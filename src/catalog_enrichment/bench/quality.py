@@ -286,10 +286,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def write_quality_result(result: dict[str, Any], out: Path) -> Path:
-    """Write JSON to ``out`` and markdown next to it (``.md``); returns the markdown path."""
+def write_result(result: dict[str, Any], out: Path, markdown: str) -> Path:
+    """Write JSON to ``out`` and ``markdown`` next to it (``.md``); returns the markdown path."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     md = out.with_suffix(".md")
-    md.write_text(format_quality_markdown(result))
+    md.write_text(markdown)
     return md

@@ -177,9 +177,7 @@ class BatchPredictor:
         pixels = np.zeros((n, size, size, 3), np.uint8)
         present = np.zeros(n, np.float32)
         errors: list[str | None] = [None] * n
-        for i, (raw, uri) in enumerate(zip(images, uris, strict=True)):
-            if not self.reads_images:
-                break
+        for i, (raw, uri) in enumerate(zip(images, uris, strict=True) if self.reads_images else ()):
             # no image at all: scored as an imageless product; an unusable one: an error to quarantine
             decoded, errors[i] = load_pixels(raw, uri, prep.size, prep.interpolation, self.image_policy)
             if decoded is not None:

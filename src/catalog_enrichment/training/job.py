@@ -23,7 +23,7 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.errors import ContractError, TaxonomyError
-from catalog_enrichment.inference.bundle import json_safe, save_bundle
+from catalog_enrichment.inference.bundle import save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
 from catalog_enrichment.training.plots import plot_precision_recall, plot_reliability
@@ -277,15 +277,5 @@ def run_training_job(
 
 def _score_example(trained: TrainedModel, frame: pd.DataFrame) -> pd.DataFrame:
     """Scores of ``frame`` by the freshly trained model (the signature's output example)."""
-    from catalog_enrichment.inference.bundle import ModelBundle
-
-    bundle = ModelBundle(
-        trained.model,
-        trained.tokenizer,
-        trained.taxonomy,
-        trained.calibration,
-        trained.config.model,
-        json_safe(trained.test_report),
-    )
     with torch.inference_mode():
-        return BatchPredictor(bundle).score_frame(frame)
+        return BatchPredictor(trained.bundle()).score_frame(frame)

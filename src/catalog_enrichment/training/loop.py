@@ -47,6 +47,7 @@ from catalog_enrichment.data.dataset import (
 )
 from catalog_enrichment.data.images import OWN_DATA_POLICY, ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
+from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.metrics import (
     attribute_average_precision,
     attribute_r_at_p,
@@ -138,6 +139,17 @@ class TrainedModel:
     family_set: tuple[Predictions, EncodedLabels] | None = None
     label_issues: pd.DataFrame | None = None
     product_ids: list[str | None] = field(default_factory=list)
+
+    def bundle(self) -> ModelBundle:
+        """The trained model as a loaded bundle (what serving holds), without writing it."""
+        return ModelBundle(
+            self.model,
+            self.tokenizer,
+            self.taxonomy,
+            self.calibration,
+            self.config.model,
+            json_safe(self.test_report),
+        )
 
     def recalibrate(self, cfg: AppConfig) -> tuple[Calibration, dict[str, Any]]:
         """Thresholds under other calibration settings (e.g. the other scope) from the stored
@@ -513,12 +525,16 @@ def _fit(
     return _Fit(history, best_epoch, heldout)
 
 
+# trains fresh models (one, or an ensemble's members) on the given rows with a seed and a log tag
+FitFn = Callable[[np.ndarray, int, str], tuple[AnyModel, list[_Fit]]]
+
+
 def _crossfit(
     train_idx: np.ndarray,
     labels: EncodedLabels,
     k: int,
     seed: int,
-    fit: Callable[[np.ndarray, int, str], tuple[AnyModel, list[_Fit]]],
+    fit: FitFn,
     scoring: Callable[[np.ndarray], DataLoader],
     device: torch.device,
     say: Progress,
@@ -551,7 +567,7 @@ def _prune_noisy_labels(
     labels: EncodedLabels,
     taxonomy: Taxonomy,
     cfg: AppConfig,
-    fit: Callable[[np.ndarray, int, str], tuple[AnyModel, list[_Fit]]],
+    fit: FitFn,
     scoring: Callable[[np.ndarray], DataLoader],
     device: torch.device,
     say: Progress,
