@@ -71,7 +71,7 @@ BoundName = Literal["wilson", "clopper_pearson"]
 Scope = Literal["attribute", "value"]
 
 
-def _counts(successes: np.ndarray | int, trials: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+def _counts(successes: np.ndarray | float, trials: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     k = np.asarray(successes, dtype=np.float64)
     n = np.asarray(trials, dtype=np.float64)
     if np.any(k < 0) or np.any(k > n):
@@ -80,9 +80,10 @@ def _counts(successes: np.ndarray | int, trials: np.ndarray | int) -> tuple[np.n
 
 
 def wilson_lower(
-    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
+    successes: np.ndarray | float, trials: np.ndarray | float, *, confidence: float = 0.95
 ) -> np.ndarray:
-    """One-sided Wilson score lower bound on a binomial proportion (0 where ``trials == 0``)."""
+    """One-sided Wilson score lower bound on a binomial proportion (0 where ``trials == 0``); the
+    counts may be fractional (an effective sample size)."""
     k, n = _counts(successes, trials)
     from scipy import stats  # here, not at the top: a job that only applies thresholds never loads it
 

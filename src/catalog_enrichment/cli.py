@@ -219,7 +219,38 @@ def _report(sub: Sub) -> None:
     p.add_argument("--run-id", metavar="ID", help="the run (default: the latest)")
     p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--check", action="store_true", help="exit 0 if it succeeded, 3 if aborted, else 1")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if it succeeded, 3 if aborted, else 1 (--audit: 1 if an attribute is below target)",
+    )
+    p.add_argument("--audit", action="store_true", help="the realized precision from people's verdicts")
+    p.add_argument("--model-version", metavar="V", help="--audit: this version's latest reviewed sample")
+    p.add_argument("--sample", metavar="ID", help="--audit: this sample")
+
+
+def _review(sub: Sub) -> None:
+    review = sub.add_parser(
+        "review",
+        help="human review: sample written values, import verdicts (then: report --audit)",
+        description="Sample written values for people to judge and import their verdicts.",
+    )
+    inner = review.add_subparsers(dest="review", metavar="STEP", required=True)
+    p = _command(inner, "sample", commands.review_sample)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", metavar="ID", help="the values this run wrote")
+    which.add_argument("--model-version", metavar="V", help="the values this model version wrote")
+    p.add_argument("--size", type=int, metavar="N", help="values to draw (review.sample_size, 500)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed (review.seed, 0)")
+    p.add_argument(
+        "--out", metavar="FILE", help="sample file, .csv or .parquet (default: <sample id>/<sample id>.csv)"
+    )
+    p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
+    p = _command(inner, "import", commands.review_import)
+    p.add_argument(
+        "file", metavar="FILE", help="verdict file (.csv or .parquet): the sample file or the page's"
+    )
+    p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
 
 
 def _config(sub: Sub) -> None:
@@ -360,6 +391,7 @@ COMMANDS = (
     _backfill,
     _rollback,
     _report,
+    _review,
     _config,
     _bench,
 )

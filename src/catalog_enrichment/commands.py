@@ -323,18 +323,93 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
 
 
 def report(args: argparse.Namespace, cfg: AppConfig) -> int:
-    """print a run report (the latest run by default)
+    """print a run report (the latest run by default), or the realized-precision audit
 
-    Print what a run read, quarantined, scored and wrote, its timings and throughput.
+    Print what a run read, quarantined, scored and wrote, its timings and throughput. With --audit:
+    the realized precision of what a model version wrote, from people's verdicts on its latest
+    reviewed sample, per attribute and category, weighted back to the written values, with Wilson
+    intervals; logged to MLflow with a chart. --check exits 1 when an attribute is below target, so
+    `report --audit --model-version V --check || rollback --model-version V` undoes a failing version.
     """
     from catalog_enrichment.catalog import open_catalog
     from catalog_enrichment.catalog.reports import format_report, report_for
 
     catalog = open_catalog(cfg.catalog)
+    if args.audit:
+        return _audit(args, cfg, catalog)
+    if args.model_version or args.sample:
+        raise CatalogEnrichError("--model-version and --sample go with --audit")
     run = report_for(catalog.read_reports(), args.run_id, where=catalog.describe())
     print(json.dumps(run.to_row(), indent=2, default=str) if args.json else format_report(run))
     if args.check and run.status != "succeeded":
         return EXIT_ABORTED if run.status == "aborted" else 1
+    return 0
+
+
+def _audit(args: argparse.Namespace, cfg: AppConfig, catalog: Any) -> int:
+    from catalog_enrichment.review import run_audit
+    from catalog_enrichment.review.audit import format_audit
+
+    if args.run_id:
+        raise CatalogEnrichError(
+            "--audit audits a model version (--model-version) or a sample (--sample), not a run"
+        )
+    audit = run_audit(
+        cfg,
+        catalog,
+        model_version=args.model_version,
+        sample_id=args.sample,
+        client=runtime.mlflow_client(cfg),
+        chart_dir=Path(cfg.catalog.root) / "audits",
+    )
+    print(json.dumps(audit.to_dict(), indent=2, default=str) if args.json else format_audit(audit))
+    return 1 if args.check and audit.failed else 0
+
+
+def review_sample(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """draw a stratified sample of written values for people to judge
+
+    Sample the values one run (--run-id) or one model version (--model-version) wrote, balanced over
+    attribute values and categories (iterative stratification, as paper 004's human evaluation);
+    record it in the catalog and write it for annotators: a CSV or Parquet file with the product's
+    text, an image per row and empty verdict/reviewer/reviewed_at columns, and a review page (FILE
+    with .html) that saves a verdict file. The same catalog, size and seed draw the same sample.
+    """
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.review import sample_for_review
+
+    files = sample_for_review(
+        cfg,
+        open_catalog(cfg.catalog),
+        run_id=args.run_id,
+        model_version=args.model_version,
+        size=args.size,
+        seed=args.seed,
+        out=Path(args.out) if args.out else None,
+    )
+    drawn = files.sample
+    print(
+        f"sample {drawn.sample_id}: {drawn.rows.num_rows:,} of {drawn.population:,} written values "
+        f"({files.without_image:,} without an image)\n  file: {files.file}\n  page: {files.page}\n"
+        f"next: fill verdict (yes/no/unsure), reviewer and reviewed_at, or save from the page, then "
+        f"catalog-enrich review import FILE"
+    )
+    return 0
+
+
+def review_import(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """import people's verdicts on a review sample
+
+    Check the whole file (every row names a drawn value; verdict yes/no/unsure or empty = not yet;
+    a reviewer; reviewed_at ISO 8601, empty = the file's time); any problem imports nothing. New
+    and changed verdicts go into the reviews table in one commit; importing a file again changes nothing.
+    """
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.catalog.reviews import import_verdicts
+
+    result = import_verdicts(open_catalog(cfg.catalog), Path(args.file))
+    print(result.summary())
+    print("next: catalog-enrich report --audit")
     return 0
 
 

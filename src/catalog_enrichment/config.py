@@ -40,6 +40,7 @@ __all__ = [
     "ModelConfig",
     "PostgresConfig",
     "PromotionConfig",
+    "ReviewConfig",
     "SparkConfig",
     "SyntheticConfig",
     "TextEncoderConfig",
@@ -178,9 +179,18 @@ class CatalogConfig(_Section):
         None,
         description="Labelled products that `labels` builds and `train` reads (default: <root>/labelled).",
     )
+    review_samples: str | None = Field(
+        None, description="Written values drawn for human review (default: <root>/review_samples)."
+    )
+    reviews: str | None = Field(None, description="Imported human verdicts (default: <root>/reviews).")
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
 
-    def table(self, name: Literal["products", "attributes", "quarantine", "run_reports", "labelled"]) -> str:
+    def table(
+        self,
+        name: Literal[
+            "products", "attributes", "quarantine", "run_reports", "labelled", "review_samples", "reviews"
+        ],
+    ) -> str:
         """Location of a table: its explicit setting, else ``<root>/<name>``."""
         explicit: str | None = getattr(self, name)
         return explicit if explicit is not None else str(Path(self.root) / name)
@@ -409,6 +419,28 @@ class CalibrationConfig(_Section):
         return self
 
 
+class ReviewConfig(_Section):
+    """Human review: the sample people judge and the realized-precision audit of their verdicts."""
+
+    sample_size: int = Field(500, gt=0, description="Written values `review sample` draws (--size).")
+    seed: int = Field(
+        0, description="Seed of the sample: the same catalog, size and seed draw the same values."
+    )
+    balance: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of each attribute's (and each value's) sample spread evenly over its values "
+        "(categories); the rest goes in proportion to size. 1 = fully balanced (paper 004), 0 = proportional.",
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Two-sided confidence of the audit's Wilson intervals."
+    )
+    min_category_support: int = Field(
+        30, gt=0, description="Fewest verdicts before the audit reports an attribute within one category."
+    )
+
+
 class PromotionConfig(_Section):
     """The promotion gate (challenger vs champion on a frozen evaluation set)."""
 
@@ -551,6 +583,7 @@ class AppConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)

@@ -1,7 +1,8 @@
 """``catalog-enrich demo``: the whole loop on embedded defaults, in one work folder.
 
 generate a labelled history, a frozen evaluation set and incoming products -> train -> promote ->
-enrich -> report, with the written values checked against the generator's ground truth.
+enrich -> report, with the written values checked against the generator's ground truth -> review:
+a stratified sample of the written values judged from the ground truth, imported and audited.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import pyarrow.compute as pc
 
 from catalog_enrichment import runtime
 from catalog_enrichment.config import AppConfig
@@ -78,7 +81,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(cfg, workdir)
     taxonomy = load_taxonomy(cfg.taxonomy_path)
-    steps = 5
+    steps = 6
     n = products
     started = time.perf_counter()
 
@@ -170,6 +173,12 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     print(format_precision(written_precision(table, truth, taxonomy)))
     print("\nA sample of written values:")
     print(sample_against_truth(table, truth, taxonomy))
+    print(
+        f"\n[demo 6/{steps}] review: sample {cfg.review.sample_size} written values, judge them from the "
+        "ground truth (as people would), import the verdicts, audit",
+        flush=True,
+    )
+    _review(cfg, catalog, model.version, truth, taxonomy, workdir / "review", client, seed)
     report = (
         f"catalog-enrich report --catalog {cfg.catalog.root}"
         if cfg.catalog.kind == "lakehouse"
@@ -181,6 +190,57 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         f"mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
     )
     return 0
+
+
+def _review(
+    cfg: AppConfig,
+    catalog: Any,
+    version: str,
+    truth: Any,
+    taxonomy: Any,
+    folder: Path,
+    client: Any,
+    seed: int,
+) -> None:
+    """``review sample`` -> verdicts from the truth -> ``review import`` -> ``report --audit``, and
+    the true precision of everything the version wrote beside each interval."""
+    from pyarrow import csv
+
+    from catalog_enrichment.catalog.reviews import import_verdicts
+    from catalog_enrichment.data.truth import judge_from_truth, written_precision
+    from catalog_enrichment.review import run_audit, sample_for_review
+    from catalog_enrichment.review.audit import format_audit
+
+    files = sample_for_review(
+        cfg, catalog, run_id=None, model_version=version, size=None, seed=seed, out=folder / "sample.csv"
+    )
+    print(f"  sample {files.sample.sample_id}: {files.file} (review page: {files.page})", flush=True)
+    sample = csv.read_csv(files.file, convert_options=csv.ConvertOptions(strings_can_be_null=False))
+    judged = judge_from_truth(
+        sample,
+        truth,
+        taxonomy,
+        reviewer="demo (ground truth)",
+        reviewed_at=dt.datetime.now(dt.UTC).isoformat(),
+    )
+    verdicts = folder / "verdicts.csv"
+    csv.write_csv(judged, verdicts)
+    print(f"  {import_verdicts(catalog, verdicts).summary()}")
+    audit = run_audit(
+        cfg, catalog, model_version=version, sample_id=files.sample.sample_id, client=client, chart_dir=folder
+    )
+    print(format_audit(audit))
+    rows = catalog.attribute_rows()
+    mine = rows.filter(pc.equal(rows["model_version"], version))
+    true = written_precision(mine, truth, taxonomy)
+    print("\nThe audit's intervals against the true precision of everything the version wrote:")
+    for attr, e in audit.attributes.items():
+        p = true[attr]["precision"]
+        inside = e.lower is not None and p is not None and e.lower <= p <= e.upper
+        print(
+            f"  {attr:<14} true {p:.3f}  audit [{e.lower:.3f}, {e.upper:.3f}]  "
+            + ("inside" if inside else "OUTSIDE")
+        )
 
 
 def _seed_catalog(cfg: AppConfig, catalog: Any, incoming: Path) -> None:

@@ -13,7 +13,8 @@ on a :class:`~catalog_enrichment.catalog.base.Catalog` (the embedded lakehouse o
    image, then the Great Expectations suite (it reports; the row rules decide); the circuit
    breaker aborts before anything is scored or written when too many rows fail;
 3. **score + decide** the valid rows with ``mapInArrow`` (the model loaded once per Python worker):
-   thresholds, taxonomy, merchant-filled attributes; an image that cannot be read (outside the
+   thresholds, taxonomy, merchant-filled attributes, values people rejected for this model version
+   (``review import``) never written again; an image that cannot be read (outside the
    allowed roots, too large) or does not decode is found here; the decisions are staged as
    Parquet under ``<catalog.root>/_staging/<run id>``;
 4. **write**: the catalog commits the values with the run's **quarantine** rows (idempotent per run
@@ -34,7 +35,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from catalog_enrichment.catalog import Catalog, open_catalog
 from catalog_enrichment.catalog.base import MergeResult, RunWrite, fault_point
 from catalog_enrichment.catalog.products import parse_partition
 from catalog_enrichment.catalog.reports import RunReport, check_run_id, last_watermark
+from catalog_enrichment.catalog.reviews import rejected_values
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
@@ -216,7 +218,11 @@ def _locked_run(
             return _finish(outcome, catalog, cfg, client, clock, progress)
         with _stage(report, "score"):
             images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
-            scored = score(spark, validated.checked, model, taxonomy, cfg, images, staging)
+            rejected = rejected_values(catalog.review_rows("reviews"), model.version)
+            if rejected:
+                progress(f"  {len(rejected):,} values people rejected for v{model.version} are never written")
+                report.add_to_summary(rejected_by_review=len(rejected))
+            scored = score(spark, validated.checked, model, taxonomy, cfg, images, staging, rejected)
         outcome.model_loads, outcome.arrow_batches = scored.model_loads, scored.arrow_batches
         with _stage(report, "decide"):
             decisions = decide(scored.table, validated, run_id)
@@ -294,9 +300,10 @@ def score(
     cfg: AppConfig,
     images: ImagePolicy,
     staging: Path,
+    rejected: Iterable[tuple[str, str, str]] = (),
 ) -> Scored:
-    """Score and decide the valid rows on the executors (images read under ``images``); stage the
-    decisions; read them back."""
+    """Score and decide the valid rows on the executors (images read under ``images``; the
+    (product, attribute, value)s in ``rejected`` never written); stage the decisions; read them back."""
     from pyspark.sql import functions as F
 
     spec = ScoringSpec(
@@ -306,12 +313,20 @@ def score(
         device=cfg.inference.device,
         torch_threads=cfg.inference.torch_threads,
         predictor={**cfg.inference.predictor_options(), "image_policy": images},
+        rejected=_by_product(rejected),
     )
     counters = ScoringCounters.create(spark)
     valid = checked.where(F.size(REASONS) == 0)
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
     table = ds.dataset(str(staging / "scores"), format="parquet").to_table()
     return Scored(table, dict(counters.loads.value), int(counters.batches.value))
+
+
+def _by_product(rejected: Iterable[tuple[str, str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for pid, attr, value in sorted(rejected):
+        out.setdefault(pid, []).append(f"{attr}={value}")
+    return out
 
 
 def decide(scored: pa.Table, validated: Validated, run_id: str) -> Decisions:

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ __all__ = [
     "download_bundle",
     "load_bundle_from_uri",
     "log_and_register",
+    "log_audit_run",
     "log_enrichment_run",
     "pip_requirements",
     "resolve_alias",
@@ -313,11 +314,70 @@ def log_enrichment_run(
     metrics: Mapping[str, float],
 ) -> str:
     """One MLflow run in the enrichment experiment: params, metrics and the report as JSON."""
+    return _log_run(
+        client,
+        experiment=experiment,
+        artifact_location=artifact_location,
+        name=str(report["run_id"]),
+        tags={"catalog_enrich.run_id": str(report["run_id"]), "status": str(report["status"])},
+        params=params,
+        metrics=metrics,
+        documents={"run_report.json": report},
+    )
+
+
+def log_audit_run(
+    client: MlflowClient,
+    *,
+    experiment: str,
+    artifact_location: str | None,
+    audit: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    chart: Path,
+) -> str:
+    """One MLflow run for a realized-precision audit (metrics, the audit as JSON, its chart), and the
+    audited model version tagged with its outcome (``audit_sample``, ``audit_failed``)."""
+    name, version = str(audit["model_name"]), str(audit["model_version"])
+    failed = ",".join(audit["failed"]) or "none"
+    run_id = _log_run(
+        client,
+        experiment=experiment,
+        artifact_location=artifact_location,
+        name=f"audit-{audit['sample_id']}",
+        tags={
+            "catalog_enrich.audit": str(audit["sample_id"]),
+            "model": f"{name}/{version}",
+            "failed": failed,
+        },
+        params={"model": f"{name}/{version}", "sample_id": audit["sample_id"], "target": audit["target"]},
+        metrics=metrics,
+        documents={"audit.json": audit},
+        files=[chart],
+    )
+    try:
+        client.set_model_version_tag(name, version, "audit_sample", str(audit["sample_id"]))
+        client.set_model_version_tag(name, version, "audit_failed", failed)
+    except MlflowException:  # a version no longer registered: the run still holds the audit
+        pass
+    return run_id
+
+
+def _log_run(
+    client: MlflowClient,
+    *,
+    experiment: str,
+    artifact_location: str | None,
+    name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    documents: Mapping[str, Mapping[str, Any]],
+    files: Sequence[Path] = (),
+) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
     experiment_id = _experiment_id(client, experiment, artifact_location)
-    tags = {"catalog_enrich.run_id": str(report["run_id"]), "status": str(report["status"])}
-    run = client.create_run(experiment_id, run_name=str(report["run_id"]), tags=tags)
+    run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -329,7 +389,10 @@ def log_enrichment_run(
             params=[Param(k, str(v)[:6000]) for k, v in params.items()],
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
-        client.log_dict(run_id, json.loads(json.dumps(dict(report), default=str)), "run_report.json")
+        for file_name, document in documents.items():
+            client.log_dict(run_id, json.loads(json.dumps(dict(document), default=str)), file_name)
+        for path in files:
+            client.log_artifact(run_id, str(path))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -2,8 +2,8 @@
 
 :class:`Catalog` is everything a run, a backfill and a rollback need from the catalog: the lock,
 the products, the run reports (and so the watermark), one write per run (stage, then one commit of
-the values with the run's quarantine rows), and rollback. ``catalog.kind`` picks the backend
-(:func:`catalog_enrichment.catalog.open_catalog`):
+the values with the run's quarantine rows), rollback, and the two human-review tables.
+``catalog.kind`` picks the backend (:func:`catalog_enrichment.catalog.open_catalog`):
 
 * ``lakehouse`` (:class:`~catalog_enrichment.catalog.backends.LakehouseCatalog`): Delta tables under
   ``catalog.root``; one Delta MERGE per run; rollback from the table's history.
@@ -24,7 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 
 from catalog_enrichment.catalog.reports import RunReport
+from catalog_enrichment.catalog.reviews import ReviewTable
 from catalog_enrichment.contracts import Contract
 
 __all__ = [
@@ -169,9 +170,11 @@ class Catalog(Protocol):
         """The whole attribute table (the attributes contract's columns)."""
         ...
 
-    def snapshot(self, table: Literal["products", "attributes"]) -> tuple[pa.Table, dict[str, Any]]:
-        """The whole products or attribute table in Arrow, and where (and which version) it was read
-        from (training labels record it).
+    def snapshot(
+        self, table: Literal["products", "attributes"], columns: Sequence[str] | None = None
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        """The whole products or attribute table in Arrow (``columns`` only, when given), and where
+        (and which version) it was read from (training labels record it).
 
         Raises:
             CatalogEnrichError: there is no such table.
@@ -180,6 +183,15 @@ class Catalog(Protocol):
 
     def quarantine_rows(self) -> pa.Table:
         """The whole quarantine table (the quarantine contract's columns)."""
+        ...
+
+    def review_rows(self, name: ReviewTable) -> pa.Table:
+        """The whole ``review_samples`` or ``reviews`` table (its contract's columns; empty when
+        there is none yet)."""
+        ...
+
+    def write_review_rows(self, name: ReviewTable, rows: pa.Table) -> None:
+        """Insert ``rows`` into a review table, replacing rows with the same key, in one commit."""
         ...
 
 

@@ -9,6 +9,7 @@ lock is a ``flock`` on ``<root>/_lock`` (:mod:`catalog_enrichment.catalog.lock`)
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from catalog_enrichment.catalog.base import (
     fault_point,
 )
 from catalog_enrichment.catalog.lock import catalog_lock
+from catalog_enrichment.catalog.reviews import ReviewTable, review_key, review_schema
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError
@@ -45,6 +47,7 @@ class LakehouseCatalog:
         self.attributes = Path(cfg.table("attributes"))
         self.quarantine = Path(cfg.table("quarantine"))
         self.reports = Path(cfg.table("run_reports"))
+        self.review_tables = {name: Path(cfg.table(name)) for name in ("review_samples", "reviews")}
 
     def describe(self) -> str:
         return f"lakehouse {self.root}"
@@ -120,11 +123,13 @@ class LakehouseCatalog:
             return attributes.attributes_schema().empty_table()
         return lakehouse.read_table(self.attributes).cast(attributes.attributes_schema())
 
-    def snapshot(self, table: Literal["products", "attributes"]) -> tuple[pa.Table, dict[str, Any]]:
+    def snapshot(
+        self, table: Literal["products", "attributes"], columns: Sequence[str] | None = None
+    ) -> tuple[pa.Table, dict[str, Any]]:
         path = self.products if table == "products" else self.attributes
         if not path.exists():
             raise CatalogEnrichError(f"the {table} table was not found: {path}")
-        return lakehouse.read_table(path), {
+        return lakehouse.read_table(path, columns=columns), {
             "path": str(path.resolve()),
             "version": lakehouse.table_version(path),
         }
@@ -134,3 +139,28 @@ class LakehouseCatalog:
         if not (self.quarantine / "_delta_log").is_dir():
             return schema.empty_table()
         return lakehouse.read_table(self.quarantine).select(schema.names).cast(schema)
+
+    def review_rows(self, name: ReviewTable) -> pa.Table:
+        path = self.review_tables[name]
+        if not (path / "_delta_log").is_dir():
+            return review_schema(name).empty_table()
+        return lakehouse.read_table(path).select(review_schema(name).names).cast(review_schema(name))
+
+    def write_review_rows(self, name: ReviewTable, rows: pa.Table) -> None:
+        """Insert ``rows``, replacing those with the same key, in one Delta commit."""
+        from deltalake import DeltaTable, write_deltalake
+
+        path, schema = self.review_tables[name], review_schema(name)
+        rows = rows.select(schema.names).cast(schema)
+        if not (path / "_delta_log").is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            write_deltalake(str(path), rows, mode="error")
+            return
+        on = " AND ".join(f"t.{k} = s.{k}" for k in review_key(name))
+        (
+            DeltaTable(str(path))
+            .merge(rows, predicate=on, source_alias="s", target_alias="t")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )

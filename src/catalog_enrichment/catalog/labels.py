@@ -10,6 +10,11 @@ the catalog:
   model its own mistakes;
 * values the taxonomy does not allow, attributes it does not have, and several values for a
   single-valued attribute are dropped and counted (the taxonomy is what the model can learn);
+* people's verdicts (``review import``; the latest per product and value): "yes" puts the value in
+  the product's ``confirmed`` column, "no" in its ``rejected`` column (maps attribute -> values),
+  where no merchant labelled the attribute. These are partial labels: the value is known present
+  (or absent), the attribute's other values stay unknown; training learns from them on the training
+  split only, never calibrates or evaluates on them (the reviewed products are not a random sample);
 * products in the frozen evaluation set are left out, so the promotion gate never scores a product
   the challenger was trained on;
 * products with no label left are not written. A product labelled for some attributes only gets
@@ -30,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import Catalog
+from catalog_enrichment.catalog.reviews import verdicts_by_value
 from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
@@ -37,6 +43,8 @@ __all__ = ["LABEL_SOURCES", "LabelReport", "build_labels", "write_labels"]
 
 # attribute-table sources whose values are ground truth for training
 LABEL_SOURCES = ("merchant",)
+# the partial-label columns people's verdicts fill: attribute -> values confirmed / rejected
+PARTIAL_TYPE = pa.map_(pa.string(), pa.list_(pa.string()))
 METADATA_KEY = "catalog_enrich.labels"
 
 
@@ -54,6 +62,8 @@ class LabelReport:
     dropped_values: dict[str, int] = field(default_factory=dict)  # "attr=value" outside the taxonomy
     dropped_attributes: dict[str, int] = field(default_factory=dict)  # attributes not in the taxonomy
     conflicting: dict[str, int] = field(default_factory=dict)  # several values for a multiclass attr
+    confirmed_per_attribute: dict[str, int] = field(default_factory=dict)  # "yes" verdicts used
+    rejected_per_attribute: dict[str, int] = field(default_factory=dict)  # "no" verdicts used
     sources: dict[str, Any] = field(default_factory=dict)  # table -> {path, version}
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +78,11 @@ class LabelReport:
             f"{self.products_without_id_or_title:,} without id or title left out)",
             "labels per attribute: " + ", ".join(f"{a} {n:,}" for a, n in self.labels_per_attribute.items()),
         ]
+        if self.confirmed_per_attribute or self.rejected_per_attribute:
+            lines.append(
+                f"people's verdicts: confirmed {self.confirmed_per_attribute}, "
+                f"rejected {self.rejected_per_attribute}"
+            )
         if dropped or self.dropped_attributes or self.conflicting:
             top = sorted(self.dropped_values.items(), key=lambda kv: -kv[1])[:10]
             lines.append(
@@ -95,7 +110,12 @@ def _latest(products: pa.Table, report: LabelReport) -> pa.Table:
 
 
 def build_labels(
-    products: pa.Table, attributes: pa.Table, taxonomy: Taxonomy, *, exclude_ids: set[str] | None = None
+    products: pa.Table,
+    attributes: pa.Table,
+    taxonomy: Taxonomy,
+    *,
+    exclude_ids: set[str] | None = None,
+    reviews: pa.Table | None = None,
 ) -> tuple[pa.Table, LabelReport]:
     """The labelled products table and its report (pure Arrow + Python; see the module docstring).
 
@@ -137,6 +157,13 @@ def build_labels(
             if value not in found:
                 found.append(value)
 
+    verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}  # verdict -> pid -> attr
+    for (pid, attr, value), (verdict, _) in (
+        verdicts_by_value(reviews) if reviews is not None else {}
+    ).items():
+        if verdict in verdicts and attr in allowed and value in allowed[attr] and (pid, attr) not in values:
+            verdicts[verdict].setdefault(pid, {}).setdefault(attr, []).append(value)
+
     ids = latest["product_id"].to_pylist()
     columns: dict[str, list[Any]] = {}
     conflicting: Counter[str] = Counter()
@@ -157,12 +184,19 @@ def build_labels(
                 column.append(found[0])
             labelled[i] = labelled[i] or column[-1] is not None
         columns[attr.name] = column
+    partial: dict[str, list[Any]] = {}
+    for verdict, name in (("yes", "confirmed"), ("no", "rejected")):
+        judged = verdicts[verdict]
+        partial[name] = [sorted(judged[pid].items()) if pid in judged else None for pid in ids]
+        labelled = [was or pid in judged for was, pid in zip(labelled, ids, strict=True)]
     keep = pa.array(labelled)
     product_columns = load_contract("products").names  # what the labelled table keeps, where present
     base = latest.select([c for c in product_columns if c in latest.column_names and c not in columns])
     for attr in taxonomy:
         kind = pa.list_(pa.string()) if attr.kind == "multilabel" else pa.string()
         base = base.append_column(attr.name, pa.array(columns[attr.name], kind))
+    for name, column in partial.items():
+        base = base.append_column(name, pa.array(column, PARTIAL_TYPE))
     out = base.filter(keep)
     report.products_without_labels = len(ids) - out.num_rows
     report.products_written = out.num_rows
@@ -170,6 +204,13 @@ def build_labels(
     report.dropped_values = dict(dropped_values)
     report.dropped_attributes = dict(dropped_attributes)
     report.conflicting = dict(conflicting)
+    for name, counts in (
+        ("confirmed", report.confirmed_per_attribute),
+        ("rejected", report.rejected_per_attribute),
+    ):
+        for entry in out[name].to_pylist():
+            for attr_name, judged_values in entry or []:
+                counts[attr_name] = counts.get(attr_name, 0) + len(judged_values)
     return out, report
 
 
@@ -193,13 +234,15 @@ def write_labels(*, catalog: Catalog, evaluation: Path | None, out: Path, taxono
     if evaluation is not None and evaluation.exists():
         eval_table, sources["evaluation"] = _read(evaluation, "evaluation")
         exclude = {p for p in eval_table["product_id"].to_pylist() if p is not None}
-    table, report = build_labels(product_table, attribute_table, taxonomy, exclude_ids=exclude)
+    table, report = build_labels(
+        product_table, attribute_table, taxonomy, exclude_ids=exclude, reviews=catalog.review_rows("reviews")
+    )
     report.sources = sources
     if table.num_rows == 0:
         raise CatalogEnrichError(
             f"no labelled product: the attribute table of {catalog.describe()} has no "
             f"{'/'.join(LABEL_SOURCES)} value "
-            "for a product outside the evaluation set\n" + report.summary()
+            "or verdict for a product outside the evaluation set\n" + report.summary()
         )
     out.mkdir(parents=True, exist_ok=True)
     write_deltalake(

@@ -28,7 +28,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from catalog_enrichment.catalog.base import (
 from catalog_enrichment.catalog.lock import CatalogBusy
 from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import MAPS, RunReport
+from catalog_enrichment.catalog.reviews import ReviewTable, review_key, review_schema
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import UNREADABLE, Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
@@ -789,13 +790,19 @@ class PostgresCatalog:
             rows = cursor.fetchall()
         return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
 
-    def snapshot(self, table: Literal["products", "attributes"]) -> tuple[pa.Table, dict[str, Any]]:
+    def snapshot(
+        self, table: Literal["products", "attributes"], columns: Sequence[str] | None = None
+    ) -> tuple[pa.Table, dict[str, Any]]:
         from psycopg import sql
 
         if table == "attributes":
-            return self.attribute_rows(), {"table": f"{self.schema}.attributes", "database": self.describe()}
+            rows = self.attribute_rows()
+            where = {"table": f"{self.schema}.attributes", "database": self.describe()}
+            return (rows.select(list(columns)) if columns else rows), where
         contract = load_contract("products")
         schema = contract.arrow_schema(enforce_nullability=False)
+        if columns:
+            schema = pa.schema([schema.field(c) for c in columns])
         with self.connect() as conn:
             self._check_products(conn, contract)
             cursor = conn.execute(
@@ -805,8 +812,9 @@ class PostgresCatalog:
             )
             rows = [dict(zip(schema.names, r, strict=True)) for r in cursor]
         for row in rows:  # jsonb {"color": ["red"]} -> the contract's map
-            merchant = row["merchant_attributes"]
-            row["merchant_attributes"] = None if merchant is None else list(merchant.items())
+            if "merchant_attributes" in row:
+                merchant = row["merchant_attributes"]
+                row["merchant_attributes"] = None if merchant is None else list(merchant.items())
         where = {"table": ".".join(self.products), "database": self.describe()}
         return pa.Table.from_pylist(rows, schema=schema), where
 
@@ -815,6 +823,29 @@ class PostgresCatalog:
 
     def quarantine_rows(self) -> pa.Table:
         return self._table("quarantine", "quarantine")
+
+    def review_rows(self, name: ReviewTable) -> pa.Table:
+        return self._table(name, name)
+
+    def write_review_rows(self, name: ReviewTable, rows: pa.Table) -> None:
+        """Insert ``rows``, replacing those with the same key, in one transaction."""
+        from psycopg import sql
+
+        names = review_schema(name).names
+        key = review_key(name)
+        statement = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+            self._name(name),
+            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(", ").join(sql.Placeholder() * len(names)),
+            sql.SQL(", ").join(map(sql.Identifier, key)),
+            sql.SQL(", ").join(
+                sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                for c in names
+                if c not in key
+            ),
+        )
+        with self.connect() as conn, conn.transaction(), conn.cursor() as cursor:
+            cursor.executemany(statement, [[r[n] for n in names] for r in rows.select(names).to_pylist()])
 
     def add_merchant_values(self, rows: pa.Table) -> int:
         """Insert merchant-source attribute rows (seeding a catalog; the demo, the tests); a key

@@ -105,15 +105,32 @@ class EncodedLabels:
 
     Multi-label: ``targets[a]`` is ``(n, V)`` float32 multi-hot and ``known[a]`` ``(n,)`` bool.
     Multi-class: ``targets[a]`` is ``(n,)`` int64 class index, ``-1`` where unknown.
+    ``partial[a]`` (only attributes that have any): ``(n, V)`` int8, ``1`` a value people confirmed,
+    ``-1`` one they rejected, ``0`` unknown, on rows whose ``known[a]`` is False; the loss learns
+    from them, metrics and calibration (which read ``known``) never see them.
     """
 
     targets: Mapping[str, np.ndarray]
     known: Mapping[str, np.ndarray]
+    partial: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def subset(self, idx: np.ndarray) -> EncodedLabels:
         return EncodedLabels(
-            {a: t[idx] for a, t in self.targets.items()}, {a: k[idx] for a, k in self.known.items()}
+            {a: t[idx] for a, t in self.targets.items()},
+            {a: k[idx] for a, k in self.known.items()},
+            {a: p[idx] for a, p in self.partial.items()},
         )
+
+    def partial_only(self) -> np.ndarray:
+        """Rows with a partial label and no full label for any attribute (training rows only)."""
+        n = next(iter(self.known.values())).shape[0] if self.known else 0
+        any_known = np.zeros(n, bool)
+        for k in self.known.values():
+            any_known |= k
+        any_partial = np.zeros(n, bool)
+        for p in self.partial.values():
+            any_partial |= (p != 0).any(axis=1)
+        return any_partial & ~any_known
 
     def labelled(self, probs: Mapping[str, np.ndarray], attr: str) -> tuple[np.ndarray, np.ndarray]:
         """``attr``'s scores and labels over the products labelled for it (multi-class keeps the
@@ -186,7 +203,30 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
             )
         targets[attr.name] = arr if attr.kind == "multilabel" else idx
         known[attr.name] = ok
-    return EncodedLabels(targets, known)
+    return EncodedLabels(targets, known, _partial_labels(table, taxonomy, known))
+
+
+def _partial_labels(
+    table: pa.Table, taxonomy: Taxonomy, known: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The ``confirmed`` / ``rejected`` columns (attribute -> values; see ``catalog/labels.py``) as
+    ``(n, V)`` int8 per attribute, on rows without a full label; a multi-class attribute with several
+    confirmed values is contradictory and left unknown."""
+    partial: dict[str, np.ndarray] = {}
+    for column, sign in (("confirmed", 1), ("rejected", -1)):
+        if column not in table.column_names:
+            continue
+        for i, entry in enumerate(table[column].to_pylist()):
+            for name, values in dict(entry or []).items():
+                if name not in taxonomy.attributes or known[name][i]:
+                    continue
+                attr = taxonomy[name]
+                found = [attr.index(v) for v in values or [] if v in attr.values]
+                if sign == 1 and attr.kind == "multiclass" and len(found) > 1:
+                    continue
+                row = partial.setdefault(name, np.zeros((table.num_rows, len(attr.values)), np.int8))[i]
+                row[found] = sign
+    return partial
 
 
 def transformers_folder(path: str, what: str) -> Path:
@@ -339,6 +379,7 @@ class ProductDataset(Dataset[dict[str, Any]]):
         if self.labels is not None:
             item["targets"] = {a: t[i] for a, t in self.labels.targets.items()}
             item["known"] = {a: bool(m[i]) for a, m in self.labels.known.items()}
+            item["partial"] = {a: p[i] for a, p in self.labels.partial.items()}
         return item
 
 
@@ -390,4 +431,7 @@ class Collator:
                 a: torch.from_numpy(np.stack([it["targets"][a] for it in items])) for a in items[0]["targets"]
             }
             batch["known"] = {a: torch.tensor([it["known"][a] for it in items]) for a in items[0]["known"]}
+            batch["partial"] = {
+                a: torch.from_numpy(np.stack([it["partial"][a] for it in items])) for a in items[0]["partial"]
+            }
         return batch

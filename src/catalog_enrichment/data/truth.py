@@ -14,7 +14,13 @@ import pyarrow.compute as pc
 from catalog_enrichment.calibration import wilson_lower, wilson_upper
 from catalog_enrichment.contracts import Taxonomy
 
-__all__ = ["format_precision", "sample_against_truth", "truth_lookup", "written_precision"]
+__all__ = [
+    "format_precision",
+    "judge_from_truth",
+    "sample_against_truth",
+    "truth_lookup",
+    "written_precision",
+]
 
 
 def truth_lookup(truth: pa.Table, taxonomy: Taxonomy) -> dict[tuple[str, str], set[str]]:
@@ -82,3 +88,26 @@ def sample_against_truth(
             f"{', '.join(sorted(true)) or '?':<24} {ok}"
         )
     return "\n".join(lines)
+
+
+def judge_from_truth(
+    sample: pa.Table, truth: pa.Table, taxonomy: Taxonomy, *, reviewer: str, reviewed_at: str
+) -> pa.Table:
+    """A review sample file with its ``verdict`` column filled from the ground truth, as a careful
+    person would: "yes" when the value is one of the product's true values, "no" when it is not,
+    "unsure" when the truth does not say (a bad row). ``reviewer`` and ``reviewed_at`` are filled too."""
+    lookup = truth_lookup(truth, taxonomy)
+    verdicts = []
+    for pid, attr, value in zip(
+        sample["product_id"].to_pylist(),
+        sample["attribute"].to_pylist(),
+        sample["value"].to_pylist(),
+        strict=True,
+    ):
+        true = lookup.get((pid, attr))
+        verdicts.append("unsure" if true is None else "yes" if value in true else "no")
+    n = sample.num_rows
+    filled = {"verdict": verdicts, "reviewer": [reviewer] * n, "reviewed_at": [reviewed_at] * n}
+    for name, column in filled.items():
+        sample = sample.set_column(sample.schema.get_field_index(name), name, pa.array(column, pa.string()))
+    return sample

@@ -160,6 +160,14 @@ class DecisionPolicy:
         self._all_thresholds = np.concatenate(
             [np.zeros(0)] + [self.thresholds[attr.name] for attr in model_taxonomy]
         )
+        self._columns = {
+            f"{attr.name}={value}": i
+            for i, (attr, value) in enumerate((a, v) for a in model_taxonomy for v in a.values)
+        }
+
+    def column_of(self, pair: str) -> int | None:
+        """The position of ``"attribute=value"`` in :attr:`all_values` (None: the model has no such value)."""
+        return self._columns.get(pair)
 
     @property
     def writable(self) -> dict[str, list[str]]:
@@ -170,13 +178,19 @@ class DecisionPolicy:
         }
 
     def decide_flat(
-        self, probs: Mapping[str, np.ndarray], filled: np.ndarray, skip: np.ndarray | None = None
+        self,
+        probs: Mapping[str, np.ndarray],
+        filled: np.ndarray,
+        skip: np.ndarray | None = None,
+        rejected: np.ndarray | None = None,
     ) -> FlatDecisions:
         """The decisions of a batch as arrays.
 
         ``filled``: ``(n, n_attributes)`` bool, the attributes the merchant filled (taxonomy order,
         :func:`merchant_filled`); ``skip`` marks products that are not decided at all (e.g. an
-        unreadable image).
+        unreadable image); ``rejected``: ``(n, len(all_values))`` bool, values people rejected for
+        this model version, never written (the pair is still scored: its other values are decided
+        as usual, and the run removes a rejected value the catalog still holds).
         """
         n = filled.shape[0]
         blocked = filled | (np.zeros((n, 1), bool) if skip is None else np.asarray(skip, bool)[:, None])
@@ -188,6 +202,8 @@ class DecisionPolicy:
             )
             scores.append(attr_scores)
         every = np.concatenate(written, axis=1)
+        if rejected is not None:
+            every &= ~rejected
         rows, cols = np.nonzero(every)  # row-major: by product, then attribute, then value
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(every.sum(axis=1), out=offsets[1:])

@@ -20,7 +20,7 @@ import itertools
 import json
 import os
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,8 @@ class ScoringSpec:
     device: str = "auto"
     torch_threads: int | None = None
     predictor: dict[str, Any] = field(default_factory=dict)  # BatchPredictor keyword arguments
+    # product id -> the "attribute=value"s people rejected for this model version: never written
+    rejected: dict[str, list[str]] = field(default_factory=dict)
 
 
 class _PidCounts:
@@ -185,13 +187,18 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
     return state
 
 
-def score_batches(predictor: Any, policy: Any, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def score_batches(
+    predictor: Any,
+    policy: Any,
+    batches: Iterable[pa.RecordBatch],
+    rejected: Mapping[str, Sequence[str]] | None = None,
+) -> Iterator[pa.RecordBatch]:
     """Score a stream of Arrow batches of valid products; the decisions per batch (``OUTPUT_SCHEMA``).
 
     This is a Spark task's whole loop: one preparation pipeline runs ahead across the batches.
     """
     for batch, scores in predictor.score_stream(b for b in batches if b.num_rows):
-        yield decide_batch(policy, batch, scores)
+        yield decide_batch(policy, batch, scores, rejected)
 
 
 def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -199,8 +206,28 @@ def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.Record
     return decide_batch(policy, batch, predictor.score_arrow(batch))
 
 
-def decide_batch(policy: Any, batch: pa.RecordBatch, scores: Any) -> pa.RecordBatch:
-    """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row."""
+def _rejected_matrix(
+    policy: Any, batch: pa.RecordBatch, rejected: Mapping[str, Sequence[str]] | None
+) -> np.ndarray | None:
+    """``(n, len(policy.all_values))`` bool: the batch's values people rejected (None: none)."""
+    if not rejected:
+        return None
+    ids = batch.column("product_id").to_pylist()
+    hits = [(i, policy.column_of(pair)) for i, pid in enumerate(ids) for pair in rejected.get(pid, ())]
+    hits = [(i, c) for i, c in hits if c is not None]
+    if not hits:
+        return None
+    blocked = np.zeros((batch.num_rows, len(policy.all_values)), bool)
+    rows, cols = zip(*hits, strict=True)
+    blocked[list(rows), list(cols)] = True
+    return blocked
+
+
+def decide_batch(
+    policy: Any, batch: pa.RecordBatch, scores: Any, rejected: Mapping[str, Sequence[str]] | None = None
+) -> pa.RecordBatch:
+    """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row;
+    ``rejected`` (product id -> ``attribute=value``): values never written."""
     from catalog_enrichment.inference.decide import merchant_filled
 
     names = batch.schema.names
@@ -211,7 +238,7 @@ def decide_batch(policy: Any, batch: pa.RecordBatch, scores: Any) -> pa.RecordBa
         else np.zeros((batch.num_rows, len(attributes)), bool)
     )
     skip = np.array([e is not None for e in scores.image_error], bool)
-    flat = policy.decide_flat(scores.probs, filled, skip)
+    flat = policy.decide_flat(scores.probs, filled, skip, _rejected_matrix(policy, batch, rejected))
     attribute_names = pa.array(attributes, pa.string())
     values_type = OUTPUT_SCHEMA.field("values").type
     written = pa.StructArray.from_arrays(
@@ -276,7 +303,7 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
         if first is None:
             return  # an empty partition loads no model (a run with nothing new, an empty hash bucket)
         predictor, policy = _worker_state(spec, loads)
-        for out in score_batches(predictor, policy, itertools.chain([first], rows)):
+        for out in score_batches(predictor, policy, itertools.chain([first], rows), spec.rejected):
             batches.add(1)
             yield out
             _fault_kill_worker_once()

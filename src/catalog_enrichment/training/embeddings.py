@@ -201,6 +201,7 @@ class EmbeddedDataset(Dataset[int]):
             "inputs": self.embeddings.inputs(idx),
             "targets": {a: torch.from_numpy(t[np_idx]) for a, t in self.labels.targets.items()},
             "known": {a: torch.from_numpy(k[np_idx]) for a, k in self.labels.known.items()},
+            "partial": {a: torch.from_numpy(p[np_idx]) for a, p in self.labels.partial.items()},
         }
 
 

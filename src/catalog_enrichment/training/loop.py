@@ -461,7 +461,8 @@ def _fit(
             with _autocast(device, use_amp):
                 out = _forward(model, batch)
                 loss = sum(
-                    attribute_loss(lg, batch["targets"], batch["known"], kinds) for lg in out.train_logits
+                    attribute_loss(lg, batch["targets"], batch["known"], kinds, batch.get("partial"))
+                    for lg in out.train_logits
                 )
                 loss = loss + out.aux_loss
             optimizer.zero_grad(set_to_none=True)
@@ -706,16 +707,25 @@ def _train_and_calibrate(
     if len(records) == 0:
         raise CatalogEnrichError("the labelled table is empty")
     folds = crossfit_folds(len(records), tcfg.crossfit_folds)
+    # products only people's verdicts label (partial labels) train, never calibrate or evaluate
+    partial_only = labels.partial_only()
+    split_rows = np.flatnonzero(~partial_only)
     try:
         splits = stratified_splits(
-            labels.stratification_matrix(),
+            labels.stratification_matrix()[split_rows],
             validation=tcfg.validation_fraction,
-            calibration=0.0 if folds else calibration_fraction(len(records), tcfg.calibration_fraction),
+            calibration=0.0 if folds else calibration_fraction(split_rows.size, tcfg.calibration_fraction),
             test=tcfg.test_fraction,
             seed=tcfg.seed,
         )
     except ValueError as exc:
         raise CatalogEnrichError(f"cannot split {len(records)} labelled products: {exc}") from None
+    splits = Splits(
+        np.sort(np.concatenate([split_rows[splits.train], np.flatnonzero(partial_only)])),
+        split_rows[splits.validation],
+        split_rows[splits.calibration],
+        split_rows[splits.test],
+    )
     if tcfg.train_fraction < 1:  # fewer labels to learn from; the held-out splits stay whole
         keep = np.random.default_rng(tcfg.seed).permutation(splits.train.size)[
             : round(tcfg.train_fraction * splits.train.size)

@@ -1,0 +1,285 @@
+"""People's verdicts on written values: the two review tables and what reads them.
+
+* ``review_samples`` (contract ``schemas/review_samples.yaml``): the written values a sample drew,
+  each with the size of its (attribute, value, category) stratum in the population it was drawn
+  from, so the audit can weight verdicts back to that population;
+* ``reviews`` (``schemas/reviews.yaml``): verdicts (yes / no / unsure), keyed by the sampled value
+  and the reviewer, with who, when and from which file.
+
+:func:`read_verdict_file` + :func:`verdict_rows` check a verdict file whole before anything is
+written (an unknown sample, product, attribute or value, an unknown verdict, a missing reviewer or
+a bad time is an error that names the rows; nothing is half-imported); :func:`import_verdicts`
+writes only what is new or changed, in one commit, so importing the same file twice changes nothing.
+:func:`latest_verdicts` gives one verdict per sampled value (the latest ``reviewed_at``; ties: the
+reviewer name last in order); :func:`rejected_values` the values people rejected for a model version,
+which its runs never write again; the labels builder reads both (``catalog/labels.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.errors import CatalogEnrichError
+
+__all__ = [
+    "FILE_COLUMNS",
+    "VERDICTS",
+    "ImportResult",
+    "ReviewTable",
+    "import_verdicts",
+    "latest_verdicts",
+    "read_verdict_file",
+    "rejected_values",
+    "review_schema",
+    "verdict_rows",
+    "verdicts_by_value",
+]
+
+ReviewTable = Literal["review_samples", "reviews"]
+VERDICTS = ("yes", "no", "unsure")
+ITEM = ("sample_id", "product_id", "attribute", "value")
+# what a verdict file must hold (the sample file and the review page's download both do)
+FILE_COLUMNS = (*ITEM, "verdict", "reviewer", "reviewed_at")
+_SHOWN = 10  # problems listed in an error
+
+
+def review_schema(name: ReviewTable) -> pa.Schema:
+    return load_contract(name).arrow_schema()
+
+
+def review_key(name: ReviewTable) -> list[str]:
+    return list(load_contract(name).primary_key)
+
+
+@dataclass
+class ImportResult:
+    """What ``review import`` read and changed."""
+
+    rows_read: int
+    verdicts: int
+    not_reviewed: int  # rows with an empty verdict: left for later
+    inserted: int
+    updated: int
+    unchanged: int
+
+    def summary(self) -> str:
+        return (
+            f"{self.rows_read:,} rows read: {self.verdicts:,} verdicts ({self.inserted:,} new, "
+            f"{self.updated:,} changed, {self.unchanged:,} already imported), {self.not_reviewed:,} "
+            "rows without a verdict yet"
+        )
+
+
+class ReviewFileError(CatalogEnrichError):
+    """A verdict file that cannot be imported; nothing of it was."""
+
+
+def read_verdict_file(path: Path) -> pa.Table:
+    """A verdict file (CSV or Parquet) as a table of strings (timestamps kept as they are).
+
+    Raises:
+        ReviewFileError: not found, not CSV/Parquet, unreadable, or lacking a needed column.
+    """
+    if not path.is_file():
+        raise ReviewFileError(f"no verdict file at {path}")
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        elif path.suffix.lower() == ".csv":
+            from pyarrow import csv
+
+            with path.open("rb") as f:
+                header = csv.read_csv(f, read_options=csv.ReadOptions(skip_rows_after_names=1 << 30))
+            table = csv.read_csv(
+                path,
+                convert_options=csv.ConvertOptions(
+                    column_types={c: pa.string() for c in header.column_names}, strings_can_be_null=False
+                ),
+            )
+        else:
+            raise ReviewFileError(f"{path}: a verdict file is .csv or .parquet")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ReviewFileError(
+            f"{path} cannot be read as {path.suffix[1:]}: {str(exc).splitlines()[0]}"
+        ) from None
+    missing = [c for c in FILE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ReviewFileError(f"{path} lacks column(s) {missing}; a verdict file holds {list(FILE_COLUMNS)}")
+    return table
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _when(value: Any, default: dt.datetime) -> dt.datetime | None:
+    """A time from the file (ISO 8601 text or a timestamp; naive = UTC); ``default`` when empty;
+    None when it is not a time."""
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    text = _text(value)
+    if not text:
+        return default
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def verdict_rows(
+    file: pa.Table, samples: pa.Table, *, source_file: str, file_time: dt.datetime, now: dt.datetime
+) -> tuple[pa.Table, int]:
+    """The ``reviews`` rows of a verdict file, and how many of its rows have no verdict yet.
+
+    Every row must name a value of a drawn sample (``samples``); a verdict is yes, no or unsure (any
+    case) or empty (not reviewed yet: skipped); a verdict needs a reviewer; ``reviewed_at`` is ISO
+    8601 (empty: ``file_time``); one reviewer gives one verdict per value in a file.
+
+    Raises:
+        ReviewFileError: listing the offending rows (1-based, after the header), when any is wrong.
+    """
+    drawn = {
+        tuple(r[k] for k in ITEM): r["model_version"]
+        for r in samples.select([*ITEM, "model_version"]).to_pylist()
+    }
+    sample_ids = {k[0] for k in drawn}
+    problems: list[str] = []
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, ...], str] = {}
+    skipped = 0
+    for i, r in enumerate(file.select(list(FILE_COLUMNS)).to_pylist(), start=1):
+        key = tuple(_text(r[k]) for k in ITEM)
+        verdict = _text(r["verdict"]).lower()
+        if not verdict:
+            skipped += 1
+            continue
+        where = f"row {i} ({'/'.join(key[1:])})"
+        if key[0] not in sample_ids:
+            problems.append(f"{where}: unknown sample_id {key[0]!r}")
+            continue
+        if key not in drawn:
+            problems.append(f"{where}: sample {key[0]} drew no such product/attribute/value")
+            continue
+        if verdict not in VERDICTS:
+            problems.append(f"{where}: verdict {r['verdict']!r} is not one of {'/'.join(VERDICTS)}")
+        reviewer = _text(r["reviewer"])
+        if not reviewer:
+            problems.append(f"{where}: a verdict without a reviewer")
+        when = _when(r["reviewed_at"], file_time)
+        if when is None:
+            problems.append(f"{where}: reviewed_at {r['reviewed_at']!r} is not an ISO 8601 time")
+        before = seen.setdefault((*key, reviewer), verdict)
+        if before != verdict:
+            problems.append(f"{where}: {reviewer} gave {before!r} and {verdict!r} to the same value")
+        rows.append(
+            {
+                **dict(zip(ITEM, key, strict=True)),
+                "model_version": drawn.get(key),
+                "verdict": verdict,
+                "reviewer": reviewer,
+                "reviewed_at": when,
+                "source_file": source_file,
+                "imported_at": now,
+            }
+        )
+    if problems:
+        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+        raise ReviewFileError(
+            f"{source_file}: {len(problems)} problem(s), nothing imported: "
+            + "; ".join(problems[:_SHOWN])
+            + more
+        )
+    # the same reviewer's same verdict twice in one file: once
+    unique = {
+        tuple(r[k] for k in ("sample_id", "product_id", "attribute", "value", "reviewer")): r for r in rows
+    }
+    return pa.Table.from_pylist(list(unique.values()), schema=review_schema("reviews")), skipped
+
+
+def _changes(new: pa.Table, existing: pa.Table) -> tuple[pa.Table, int, int]:
+    """The rows of ``new`` that are not in ``existing`` as they are (provenance of the import
+    aside), and how many of them replace a row with the same key."""
+    key = review_key("reviews")
+    compared = (*key, "verdict", "reviewed_at")
+    old = {tuple(r[c] for c in compared) for r in existing.select(list(compared)).to_pylist()}
+    old_keys = {tuple(r[c] for c in key) for r in existing.select(key).to_pylist()}
+    keep = [tuple(r[c] for c in compared) not in old for r in new.select(list(compared)).to_pylist()]
+    changed = new.filter(pa.array(keep, pa.bool_()))
+    updated = sum(tuple(r[c] for c in key) in old_keys for r in changed.select(key).to_pylist())
+    return changed, changed.num_rows - updated, updated
+
+
+def import_verdicts(catalog: Any, path: Path, *, now: dt.datetime | None = None) -> ImportResult:
+    """Check a verdict file whole, then write its new and changed verdicts in one commit.
+
+    Raises:
+        ReviewFileError: the file cannot be imported (nothing was).
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    file = read_verdict_file(path)
+    samples = catalog.review_rows("review_samples")
+    if samples.num_rows == 0:
+        raise ReviewFileError(f"{catalog.describe()} holds no review sample; draw one with `review sample`")
+    file_time = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+    rows, skipped = verdict_rows(file, samples, source_file=path.name, file_time=file_time, now=now)
+    changed, inserted, updated = _changes(rows, catalog.review_rows("reviews"))
+    if changed.num_rows:
+        catalog.write_review_rows("reviews", changed)
+    return ImportResult(
+        file.num_rows, rows.num_rows, skipped, inserted, updated, rows.num_rows - changed.num_rows
+    )
+
+
+def latest_verdicts(reviews: pa.Table) -> pa.Table:
+    """One row per sampled value: its latest verdict (latest ``reviewed_at``; ties: the reviewer
+    last in name order)."""
+    if reviews.num_rows == 0:
+        return reviews
+    order = reviews.take(
+        pc.sort_indices(
+            reviews,
+            sort_keys=[
+                *((k, "ascending") for k in ITEM),
+                ("reviewed_at", "descending"),
+                ("reviewer", "descending"),
+            ],
+        )
+    )
+    keys = [tuple(r) for r in zip(*(order[k].to_pylist() for k in ITEM), strict=True)]
+    first = [i == 0 or keys[i] != keys[i - 1] for i in range(len(keys))]
+    return order.filter(pa.array(first, pa.bool_()))
+
+
+def verdicts_by_value(reviews: pa.Table) -> dict[tuple[str, str, str], tuple[str, str]]:
+    """(product, attribute, value) -> (verdict, model version): its latest verdict over every sample
+    and reviewer ("unsure" included)."""
+    latest = latest_verdicts(reviews)
+    out: dict[tuple[str, str, str], tuple[str, str]] = {}
+    when: dict[tuple[str, str, str], dt.datetime] = {}
+    for r in latest.select(
+        ["product_id", "attribute", "value", "verdict", "model_version", "reviewed_at"]
+    ).to_pylist():
+        key = (r["product_id"], r["attribute"], r["value"])
+        if key not in when or r["reviewed_at"] >= when[key]:
+            when[key], out[key] = r["reviewed_at"], (r["verdict"], r["model_version"])
+    return out
+
+
+def rejected_values(reviews: pa.Table, model_version: str | None = None) -> set[tuple[str, str, str]]:
+    """(product, attribute, value) whose latest verdict is "no" (given to a value ``model_version``
+    wrote, when given)."""
+    return {
+        key
+        for key, (verdict, version) in verdicts_by_value(reviews).items()
+        if verdict == "no" and (model_version is None or version == str(model_version))
+    }

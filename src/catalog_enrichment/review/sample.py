@@ -1,0 +1,274 @@
+"""``catalog-enrich review sample``: a stratified sample of written values for people to judge.
+
+The population is the model values the catalog holds now for one run or one model version. The
+strata are its (attribute, value, category) cells. Paper 004 §6.4 drew its human-evaluation sample
+"to have a balanced distribution of all existing attribute values for the considered categories";
+here each judged unit is one written value, so a unit sits in exactly one cell and the allocation is
+explicit, level by level: the sample size evenly over the attributes; each attribute's share over its
+values, and each value's over its categories, by :func:`allocate` — ``balance`` of it evenly (water
+filling: rare values and categories get as many as common ones, capped by what exists), the rest in
+proportion to size, so the large cells that hold most of what was written are sampled too and the
+audit's weights stay moderate. Inside a cell the values are a seeded simple random sample, so each
+stands for ``stratum_size / stratum_sampled`` written values. Same catalog, size, balance and seed:
+the same sample.
+
+(An iterative stratification over value and category labels together, tried first, sampled the
+rare value-category combinations, mostly wrong values in odd categories, and left large cells
+unsampled; weighting back could not recover what those cells held.)
+
+The annotator files: ``FILE`` (CSV or Parquet) with the product's text, an image file per row under
+``images/``, the written value and empty ``verdict`` / ``reviewer`` / ``reviewed_at`` columns, and
+``FILE.html``, a page that shows the same rows with yes / no / unsure buttons and saves a verdict file
+(:mod:`catalog_enrichment.review.page`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog_enrichment.catalog.reviews import review_schema
+from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.errors import CatalogEnrichError
+
+__all__ = [
+    "DrawnSample",
+    "allocate",
+    "draw_sample",
+    "stratified_sample",
+    "water_fill",
+    "write_annotator_files",
+]
+
+NO_CATEGORY = "(none)"
+# what an annotator sees beside the sample's own columns
+_TEXT = ("title", "description")
+
+
+def water_fill(total: int, counts: dict[Any, int]) -> dict[Any, int]:
+    """``total`` split as evenly as the ``counts`` allow: each key gets an equal share, capped by
+    its count, the rest going on to the larger keys (a remainder to the largest)."""
+    out: dict[Any, int] = {}
+    keys = sorted(counts, key=lambda k: (counts[k], str(k)))
+    left = min(total, sum(counts.values()))
+    for i, key in enumerate(keys):
+        out[key] = min(counts[key], left // (len(keys) - i))
+        left -= out[key]
+    return out
+
+
+def allocate(total: int, counts: dict[Any, int], balance: float) -> dict[Any, int]:
+    """``total`` units over strata of sizes ``counts``: ``balance`` of them evenly (water filling), the
+    rest in proportion to what each stratum has left (largest remainders), never more than it has."""
+    total = min(total, sum(counts.values()))
+    out = water_fill(round(balance * total), counts)
+    rest = total - sum(out.values())
+    room = {k: counts[k] - out[k] for k in counts}
+    spare = sum(room.values())
+    if rest <= 0 or spare == 0:
+        return out
+    quota = {k: rest * room[k] / spare for k in counts}
+    extra = {k: int(q) for k, q in quota.items()}
+    order = sorted(counts, key=lambda k: (-(quota[k] - extra[k]), -room[k], str(k)))
+    left = rest - sum(extra.values())
+    for k in order:
+        if left == 0:
+            break
+        if extra[k] < room[k]:
+            extra[k] += 1
+            left -= 1
+    return {k: out[k] + extra[k] for k in counts}
+
+
+def stratified_sample(
+    attribute: Sequence[str],
+    value: Sequence[str],
+    category: Sequence[str | None],
+    size: int,
+    seed: int,
+    balance: float = 0.5,
+) -> np.ndarray:
+    """Indices (sorted) of ``size`` units (see the module docstring): attributes evenly, each
+    attribute's share over its values, each value's over its categories (:func:`allocate` with
+    ``balance``), a seeded simple random sample inside each cell."""
+    rng = np.random.default_rng(seed)
+    cells: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for i, key in enumerate(zip(attribute, value, category, strict=True)):
+        cells[(key[0], key[1], key[2] or NO_CATEGORY)].append(i)
+    chosen: list[int] = []
+    per_attribute = water_fill(size, dict(Counter(attribute)))
+    for attr, quota in sorted(per_attribute.items()):
+        values: Counter[str] = Counter()
+        for cell, units in cells.items():
+            if cell[0] == attr:
+                values[cell[1]] += len(units)
+        for v, n_v in sorted(allocate(quota, dict(values), balance).items()):
+            mine = {c[2]: units for c, units in cells.items() if c[:2] == (attr, v)}
+            for c, n_c in sorted(allocate(n_v, {k: len(u) for k, u in mine.items()}, balance).items()):
+                units = mine[c]
+                chosen += [units[j] for j in rng.permutation(len(units))[:n_c]]
+    return np.sort(np.array(chosen, np.int64))
+
+
+@dataclass(frozen=True)
+class DrawnSample:
+    sample_id: str
+    rows: pa.Table  # the review_samples rows
+    population: int  # written values it was drawn from
+
+
+def _latest_products(catalog: Any, columns: list[str]) -> pa.Table:
+    products, _ = catalog.snapshot("products", columns=[*columns, "updated_at"])
+    products = products.filter(pc.is_valid(products["product_id"]))
+    products = products.take(
+        pc.sort_indices(products, sort_keys=[("product_id", "ascending"), ("updated_at", "descending")])
+    )
+    ids = products["product_id"].to_pylist()
+    first = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
+    return products.filter(pa.array(first, pa.bool_())).select(columns)
+
+
+def draw_sample(
+    catalog: Any,
+    *,
+    run_id: str | None = None,
+    model_version: str | None = None,
+    size: int = 500,
+    seed: int = 0,
+    balance: float = 0.5,
+    now: dt.datetime | None = None,
+) -> DrawnSample:
+    """Draw a sample of the model values one run (or one model version) wrote and record it in the
+    catalog's ``review_samples`` table.
+
+    Raises:
+        CatalogEnrichError: neither or both of ``run_id``/``model_version``, a size below 1, or no
+            written value to draw from.
+    """
+    if (run_id is None) == (model_version is None):
+        raise CatalogEnrichError("give one of --run-id and --model-version")
+    if size < 1:
+        raise CatalogEnrichError(f"--size must be at least 1, got {size}")
+    now = now or dt.datetime.now(dt.UTC)
+    rows = catalog.attribute_rows()
+    rows = rows.filter(pc.equal(rows["source"], "model"))
+    column, wanted = ("run_id", run_id) if run_id is not None else ("model_version", str(model_version))
+    rows = rows.filter(pc.equal(rows[column], wanted))
+    what = f"run {run_id}" if run_id is not None else f"model version {model_version}"
+    if rows.num_rows == 0:
+        raise CatalogEnrichError(f"{catalog.describe()} holds no value written by {what}: nothing to review")
+    rows = rows.take(
+        pc.sort_indices(rows, sort_keys=[(k, "ascending") for k in ("product_id", "attribute", "value")])
+    )
+    categories = _latest_products(catalog, ["product_id", "category"])
+    lookup = dict(zip(categories["product_id"].to_pylist(), categories["category"].to_pylist(), strict=True))
+    attribute, value = rows["attribute"].to_pylist(), rows["value"].to_pylist()
+    category = [lookup.get(p) or NO_CATEGORY for p in rows["product_id"].to_pylist()]
+    picked = stratified_sample(attribute, value, category, size, seed, balance)
+    cells = Counter(zip(attribute, value, category, strict=True))
+    values = Counter(zip(attribute, value, strict=True))
+    attributes = Counter(attribute)
+    sampled = Counter((attribute[i], value[i], category[i]) for i in picked)
+    version = rows["model_version"][0].as_py() if model_version is None else str(model_version)
+    sample_id = f"review-v{_safe(version)}-{now:%Y%m%dT%H%M%SZ}-s{seed}"
+    chosen = rows.take(pa.array(picked))
+    keys = [(attribute[i], value[i], category[i]) for i in picked]
+    table = pa.table(
+        {
+            "sample_id": [sample_id] * len(picked),
+            "product_id": chosen["product_id"],
+            "attribute": chosen["attribute"],
+            "value": chosen["value"],
+            "category": [None if k[2] == NO_CATEGORY else k[2] for k in keys],
+            "confidence": chosen["confidence"],
+            "model_name": chosen["model_name"],
+            "model_version": chosen["model_version"],
+            "run_id": chosen["run_id"],
+            "stratum_size": [cells[k] for k in keys],
+            "stratum_sampled": [sampled[k] for k in keys],
+            "value_size": [values[k[:2]] for k in keys],
+            "attribute_size": [attributes[k[0]] for k in keys],
+            "drawn_at": [now] * len(picked),
+        },
+        schema=review_schema("review_samples"),
+    )
+    catalog.write_review_rows("review_samples", table)
+    return DrawnSample(sample_id, table, rows.num_rows)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:80]
+
+
+_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"RIFF", ".webp"))
+
+
+def _image_file(data: bytes, folder: Path, product_id: str) -> str:
+    suffix = next((ext for magic, ext in _MAGIC if data.startswith(magic)), ".img")
+    name = f"{_safe(product_id)}{suffix}"
+    (folder / name).write_bytes(data)
+    return f"{folder.name}/{name}"
+
+
+def write_annotator_files(
+    catalog: Any, sample: DrawnSample, out: Path, images: ImagePolicy
+) -> tuple[pa.Table, int]:
+    """Write the sample for annotators: ``out`` (.csv or .parquet) and an image file per product under
+    ``<out folder>/images`` (read from the product's bytes, or its ``image_uri`` under the images
+    policy); the rows written and how many of them have no image.
+
+    Raises:
+        CatalogEnrichError: ``out`` is neither .csv nor .parquet.
+    """
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise CatalogEnrichError(f"--out {out}: the sample is written as .csv or .parquet")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = out.parent / "images"
+    folder.mkdir(exist_ok=True)
+    ids = set(sample.rows["product_id"].to_pylist())
+    products = _latest_products(catalog, ["product_id", *_TEXT, "image", "image_uri"])
+    products = products.filter(pc.is_in(products["product_id"], pa.array(sorted(ids), pa.string())))
+    info: dict[str, dict[str, Any]] = {}
+    for p in products.to_pylist():
+        data = p["image"]
+        if data is None and p["image_uri"]:
+            data, _ = images.read(p["image_uri"])
+        info[p["product_id"]] = {
+            "title": p["title"] or "",
+            "description": p["description"] or "",
+            "image": _image_file(data, folder, p["product_id"]) if data else "",
+        }
+    rows = sample.rows
+    empty = {"title": "", "description": "", "image": ""}
+    extra = [info.get(pid, empty) for pid in rows["product_id"].to_pylist()]
+    table = pa.table(
+        {
+            **{
+                c: rows[c]
+                for c in ("sample_id", "product_id", "attribute", "value", "confidence", "category")
+            },
+            **{c: pa.array([e[c] for e in extra], pa.string()) for c in ("title", "description", "image")},
+            "verdict": pa.array([""] * rows.num_rows, pa.string()),
+            "reviewer": pa.array([""] * rows.num_rows, pa.string()),
+            "reviewed_at": pa.array([""] * rows.num_rows, pa.string()),
+        }
+    )
+    if suffix == ".csv":
+        from pyarrow import csv
+
+        csv.write_csv(table, out)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, out)
+    return table, sum(1 for e in extra if not e["image"])

@@ -1,0 +1,147 @@
+"""``review sample``: balanced strata, a simple random sample inside each cell, the same sample per
+seed, and annotator files that hold what a person needs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+from catalog_enrichment.catalog.reviews import FILE_COLUMNS
+from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.review.sample import (
+    NO_CATEGORY,
+    allocate,
+    draw_sample,
+    stratified_sample,
+    water_fill,
+    write_annotator_files,
+)
+from tests.review.conftest import WrittenCatalog
+
+
+def test_water_fill_splits_evenly_and_caps_by_what_exists() -> None:
+    assert water_fill(12, {"a": 100, "b": 100, "c": 100}) == {"a": 4, "b": 4, "c": 4}
+    assert water_fill(12, {"a": 2, "b": 100, "c": 100}) == {"a": 2, "b": 5, "c": 5}
+    assert water_fill(10, {"a": 1, "b": 2, "c": 3}) == {"a": 1, "b": 2, "c": 3}  # everything, no more
+    assert sum(water_fill(11, {"a": 50, "b": 50, "c": 50}).values()) == 11
+
+
+def _population() -> tuple[list[str], list[str], list[str | None]]:
+    """Two attributes; values 1000 : 200 : 40 : 8 and categories 900 : 300 : 48 (skewed both ways)."""
+    rng = np.random.default_rng(7)
+    attribute, value, category = [], [], []
+    for attr in ("color", "pattern"):
+        for v, n in (("a", 1000), ("b", 200), ("c", 40), ("d", 8)):
+            cats = rng.choice(["X", "Y", None], size=n, p=[0.72, 0.24, 0.04])
+            attribute += [attr] * n
+            value += [f"{attr}-{v}"] * n
+            category += list(cats)
+    return attribute, value, category
+
+
+def test_allocate_spreads_a_share_evenly_and_the_rest_by_size() -> None:
+    counts = {"a": 1000, "b": 200, "c": 40, "d": 8}
+    assert allocate(100, counts, 1.0) == {"a": 31, "b": 31, "c": 30, "d": 8}  # water filling
+    # half evenly (8 + 14 + 14 + 14), the other 50 by what is left: 986 : 186 : 26 : 0
+    assert allocate(100, counts, 0.5) == {"a": 14 + 41, "b": 14 + 8, "c": 14 + 1, "d": 8}
+    assert allocate(100, counts, 0.0) == {
+        "a": 80,
+        "b": 16,
+        "c": 3,
+        "d": 1,
+    }  # proportional, largest remainders
+    assert allocate(2000, counts, 0.5) == counts  # everything, never more
+
+
+@pytest.mark.parametrize("balance", [1.0, 0.5])
+def test_strata_are_balanced_over_attributes_values_and_categories(balance: float) -> None:
+    attribute, value, category = _population()
+    picked = stratified_sample(attribute, value, category, 200, seed=0, balance=balance)
+    assert picked.size == 200 and len(set(picked.tolist())) == 200
+    assert Counter(attribute[i] for i in picked) == {"color": 100, "pattern": 100}
+    for attr in ("color", "pattern"):
+        values = Counter(value[i] for i in picked if attribute[i] == attr)
+        sizes = Counter(value[i] for i in range(len(value)) if attribute[i] == attr)
+        assert values == Counter(allocate(100, dict(sizes), balance))
+        # every value gets at least its even share of the balanced part, or all it has
+        even = water_fill(round(balance * 100), dict(sizes))
+        assert all(values[v] >= even[v] for v in sizes)
+        for v, n_v in values.items():  # inside a value, its categories the same way
+            cats = Counter(category[i] or NO_CATEGORY for i in picked if value[i] == v)
+            available = Counter(category[i] or NO_CATEGORY for i in range(len(value)) if value[i] == v)
+            assert cats == Counter({k: n for k, n in allocate(n_v, dict(available), balance).items() if n})
+
+
+def test_the_same_seed_draws_the_same_sample_and_another_seed_another() -> None:
+    attribute, value, category = _population()
+    first = stratified_sample(attribute, value, category, 150, seed=3)
+    assert np.array_equal(first, stratified_sample(attribute, value, category, 150, seed=3))
+    assert not np.array_equal(first, stratified_sample(attribute, value, category, 150, seed=4))
+
+
+def test_inside_a_cell_every_value_is_equally_likely() -> None:
+    """The audit weights a cell's judged values by cell size / sampled: that needs a simple random
+    sample inside the cell. One cell of 10 values, 2 drawn per seed, 400 seeds: each value is drawn
+    Binomial(400, 0.2) times, mean 80, sd 8; all 10 within 4.5 sd fails by chance with p < 1e-4."""
+    attribute = ["color"] * 12
+    value = ["red"] * 10 + ["blue"] * 2
+    category = ["X"] * 12  # 4 of 12 drawn, balance 1: 2 blue, 2 red
+    counts = Counter()
+    for seed in range(400):
+        picked = stratified_sample(attribute, value, category, 4, seed=seed, balance=1.0)
+        counts.update(i for i in picked.tolist() if i < 10)
+    assert sum(counts.values()) == 800
+    assert all(44 <= counts[i] <= 116 for i in range(10)), counts
+
+
+def test_a_sample_records_each_rows_stratum_and_population(written: WrittenCatalog) -> None:
+    drawn = draw_sample(written.catalog, model_version="3", size=120, seed=1)
+    rows = drawn.rows.to_pylist()
+    assert len(rows) == 120 and drawn.population == len(written.truth)
+    stored = written.catalog.review_rows("review_samples")
+    assert stored.num_rows == 120 and set(stored["sample_id"].to_pylist()) == {drawn.sample_id}
+    for r in rows:
+        cell = [
+            k for k in written.truth if k[1] == r["attribute"] and k[2] == r["value"]
+        ]  # the value's population, every category
+        assert r["value_size"] == len(cell)
+        assert r["attribute_size"] == sum(1 for k in written.truth if k[1] == r["attribute"])
+        assert 1 <= r["stratum_sampled"] <= r["stratum_size"] <= r["value_size"]
+        assert r["model_version"] == "3" and r["run_id"] == "enrich-1"
+    again = draw_sample(written.catalog, run_id="enrich-1", size=120, seed=1)
+    assert again.rows.select(["product_id", "attribute", "value"]) == drawn.rows.select(
+        ["product_id", "attribute", "value"]
+    )
+
+
+def test_a_sample_of_nothing_or_of_two_things_is_a_clear_error(written: WrittenCatalog) -> None:
+    with pytest.raises(CatalogEnrichError, match="no value written by model version 9"):
+        draw_sample(written.catalog, model_version="9")
+    with pytest.raises(CatalogEnrichError, match="one of --run-id and --model-version"):
+        draw_sample(written.catalog, model_version="3", run_id="enrich-1")
+    with pytest.raises(CatalogEnrichError, match="at least 1"):
+        draw_sample(written.catalog, model_version="3", size=0)
+    assert written.catalog.review_rows("review_samples").num_rows == 0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_the_annotator_file_holds_text_an_image_and_empty_verdicts(
+    written: WrittenCatalog, tmp_path: Path, suffix: str
+) -> None:
+    drawn = draw_sample(written.catalog, model_version="3", size=40, seed=0)
+    out = tmp_path / "review" / f"sample{suffix}"
+    table, without_image = write_annotator_files(written.catalog, drawn, out, ImagePolicy())
+    read = pcsv.read_csv(out) if suffix == ".csv" else pq.read_table(out)
+    assert read.num_rows == 40 and without_image == 0
+    assert set(FILE_COLUMNS) <= set(read.column_names)
+    for r in table.to_pylist():
+        assert r["verdict"] == "" and r["reviewer"] == "" and r["title"].startswith("product ")
+        assert (out.parent / r["image"]).read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(CatalogEnrichError, match=".csv or .parquet"):
+        write_annotator_files(written.catalog, drawn, tmp_path / "sample.xlsx", ImagePolicy())
