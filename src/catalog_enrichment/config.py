@@ -431,7 +431,8 @@ class ReviewConfig(_Section):
         ge=0,
         le=1,
         description="Share of each attribute's (and each value's) sample spread evenly over its values "
-        "(categories); the rest goes in proportion to size. 1 = fully balanced (paper 004), 0 = proportional.",
+        "(categories); the rest goes in proportion to size. 1 = fully balanced (paper 004), "
+        "0 = proportional.",
     )
     confidence: float = Field(
         0.95, gt=0.5, lt=1, description="Two-sided confidence of the audit's Wilson intervals."

@@ -67,7 +67,7 @@ def written_catalog(root: Path, *, products: int = 600, seed: int = 0, version: 
         ("pattern", PATTERNS, [0.8, 0.15, 0.05]),
     ):
         precision = np.linspace(0.97, 0.75, len(values))  # the rarer, the worse
-        for i, pid in enumerate(ids):
+        for pid in ids:
             if rng.random() < 0.2:
                 continue  # nothing written for this pair
             v = int(rng.choice(len(values), p=share))

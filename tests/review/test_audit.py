@@ -57,7 +57,10 @@ def _population(rng: np.random.Generator, worse: float = 0.0) -> dict[str, list]
     category = rng.choice(["X", "Y", NO_CATEGORY], size=n, p=[0.6, 0.3, 0.1])
     precision = {"v0": 0.98, "v1": 0.93, "v2": 0.85, "v3": 0.7}
     right = np.array(
-        [rng.random() < precision[v] - worse - (0.08 if c == "Y" else 0) for v, c in zip(value, category)]
+        [
+            rng.random() < precision[v] - worse - (0.08 if c == "Y" else 0)
+            for v, c in zip(value, category, strict=True)
+        ]
     )
     return {"attribute": list(attribute), "value": list(value), "category": list(category), "right": right}
 
@@ -68,7 +71,7 @@ def _sample_tables(
     """What ``review sample`` + ``review import`` would store: the sample rows and the verdicts."""
     a, v, c = pop["attribute"], pop["value"], pop["category"]
     picked = stratified_sample(a, v, c, size, seed)
-    cells, values, attrs = Counter(zip(a, v, c)), Counter(zip(a, v)), Counter(a)
+    cells, values, attrs = Counter(zip(a, v, c, strict=True)), Counter(zip(a, v, strict=True)), Counter(a)
     sampled = Counter((a[i], v[i], c[i]) for i in picked)
     rng = np.random.default_rng(seed + 10_000)
     samples, reviews = [], []
@@ -90,7 +93,7 @@ def _sample_tables(
                     "reviewed_at": T0,
                     "source_file": "f.csv",
                     "imported_at": T0,
-                }  # fmt: skip
+                }
             )
     return (
         pa.Table.from_pylist(samples, schema=review_schema("review_samples")),
@@ -119,7 +122,7 @@ def test_the_intervals_contain_the_true_precision_at_least_as_often_as_they_clai
     The unweighted share of "yes" verdicts would miss far more often: it is checked to be biased."""
     pop = _population(np.random.default_rng(1))
     truth = {
-        attr: float(np.mean([r for a, r in zip(pop["attribute"], pop["right"]) if a == attr]))
+        attr: float(np.mean([r for a, r in zip(pop["attribute"], pop["right"], strict=True) if a == attr]))
         for attr in ("color", "pattern")
     }
     inside, naive = Counter(), {attr: [] for attr in truth}
@@ -162,7 +165,7 @@ def test_unreviewed_and_unsure_values_are_left_out_not_counted_wrong() -> None:
     unsure = reviews.set_column(
         reviews.schema.get_field_index("verdict"),
         "verdict",
-        pa.array(["unsure"] + reviews["verdict"].to_pylist()[1:]),
+        pa.array(["unsure", *reviews["verdict"].to_pylist()[1:]]),
     )
     audit = _audit(samples, unsure)
     assert sum(e.judged + e.unsure for e in audit.attributes.values()) == reviews.num_rows
@@ -176,5 +179,5 @@ def test_an_audit_without_sample_or_verdicts_says_what_to_do() -> None:
         audit_sample(
             samples, reviews, model_version="7", sample_id=None, target=0.95, confidence=0.95, min_support=30
         )
-    with pytest.raises(CatalogEnrichError, match="no verdict yet.*review import"):
+    with pytest.raises(CatalogEnrichError, match=r"no verdict yet.*review import"):
         _audit(samples, reviews.slice(0, 0))

@@ -143,5 +143,5 @@ def test_the_annotator_file_holds_text_an_image_and_empty_verdicts(
     for r in table.to_pylist():
         assert r["verdict"] == "" and r["reviewer"] == "" and r["title"].startswith("product ")
         assert (out.parent / r["image"]).read_bytes().startswith(b"\x89PNG")
-    with pytest.raises(CatalogEnrichError, match=".csv or .parquet"):
+    with pytest.raises(CatalogEnrichError, match=r"\.csv or \.parquet"):
         write_annotator_files(written.catalog, drawn, tmp_path / "sample.xlsx", ImagePolicy())
