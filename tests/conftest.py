@@ -257,3 +257,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def verdicts_only(table: Any, taxonomy: Taxonomy, every: int = 5) -> tuple[Any, set[str]]:
+    """``table`` with every ``every``-th product's labels replaced by people's verdicts (the labels
+    builder's ``confirmed`` / ``rejected`` columns); the ids of those products."""
+    import pyarrow as pa
+
+    people = set(range(0, table.num_rows, every))
+    for attr in taxonomy:
+        column = [None if i in people else v for i, v in enumerate(table[attr.name].to_pylist())]
+        at = table.schema.get_field_index(attr.name)
+        table = table.set_column(at, attr.name, pa.array(column, table[attr.name].type))
+    kind = pa.map_(pa.string(), pa.list_(pa.string()))
+    confirmed = [[("color", ["red"])] if i in people else None for i in range(table.num_rows)]
+    rejected = [
+        [("pattern", ["dotted"]), ("product_type", ["lamp"])] if i in people else None
+        for i in range(table.num_rows)
+    ]
+    table = table.append_column("confirmed", pa.array(confirmed, kind))
+    table = table.append_column("rejected", pa.array(rejected, kind))
+    return table, {table["product_id"][i].as_py() for i in people}
+
+
+def assert_trained_on_verdicts_only(trained: Any, people: set[str]) -> None:
+    """Products labelled only by verdicts all trained, none held out, and the loss is a number."""
+    import numpy as np
+
+    ids = trained.product_ids
+    held_out = {ids[i] for s in ("validation", "calibration", "test") for i in getattr(trained.splits, s)}
+    assert people <= {ids[i] for i in trained.splits.train} and not people & held_out
+    assert all(np.isfinite(h.train_loss) for h in trained.history)

@@ -128,3 +128,64 @@ def test_bad_catalogs_are_clear_errors(
     assert not (tmp_path / "labelled").exists()
     code = main(["labels", "--catalog", str(tmp_path / "nowhere")])
     assert code == 2 and "the products table was not found" in capsys.readouterr().err
+
+
+def _reviews(rows: list[tuple[str, str, str, str, str]]) -> pa.Table:
+    """(product, attribute, value, verdict, reviewed_at day) -> a reviews table."""
+    from catalog_enrichment.catalog.reviews import review_schema
+
+    return pa.Table.from_pylist(
+        [
+            {
+                "sample_id": "s1",
+                "product_id": p,
+                "attribute": a,
+                "value": v,
+                "model_version": "1",
+                "verdict": verdict,
+                "reviewer": "ana",
+                "reviewed_at": T0 + dt.timedelta(days=int(day)),
+                "source_file": "f.csv",
+                "imported_at": T0,
+            }
+            for p, a, v, verdict, day in rows
+        ],
+        schema=review_schema("reviews"),
+    )
+
+
+def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxonomy: Taxonomy) -> None:
+    reviews = _reviews(
+        [
+            ("p5", "color", "blue", "yes", "1"),  # p5 had model values only: now labelled by a person
+            ("p5", "color", "red", "no", "1"),
+            ("p5", "pattern", "striped", "unsure", "1"),  # unsure: not a label
+            ("p1", "color", "black", "no", "1"),  # p1's colour is the merchant's: the merchant wins
+            ("p2", "material", "wool", "no", "1"),
+            ("p2", "material", "wool", "yes", "2"),  # a later verdict replaces the earlier
+            ("p2", "color", "ultraviolet", "yes", "1"),  # outside the taxonomy: dropped
+            ("p4", "color", "red", "yes", "1"),  # the evaluation set stays out
+        ]
+    )
+    table, report = build_labels(
+        _products(), _attributes(ROWS), taxonomy, exclude_ids={"p4"}, reviews=reviews
+    )
+    rows = {r["product_id"]: r for r in table.to_pylist()}
+    assert set(rows) == {"p1", "p2", "p5"}
+    assert rows["p5"]["color"] is None  # partial: the other colours stay unknown
+    assert dict(rows["p5"]["confirmed"]) == {"color": ["blue"]} and dict(rows["p5"]["rejected"]) == {
+        "color": ["red"]
+    }
+    assert rows["p1"]["confirmed"] is None and rows["p1"]["rejected"] is None
+    assert dict(rows["p2"]["confirmed"]) == {"material": ["wool"]} and rows["p2"]["rejected"] is None
+    assert report.confirmed_per_attribute == {"color": 1, "material": 1}
+    assert report.rejected_per_attribute == {"color": 1}
+
+    labels = encode_labels(table, taxonomy)
+    i = table["product_id"].to_pylist().index("p5")
+    color = taxonomy["color"]
+    assert not labels.known["color"][i]  # never calibrated or evaluated on
+    assert labels.partial["color"][i, color.index("blue")] == 1
+    assert labels.partial["color"][i, color.index("red")] == -1
+    assert (labels.partial["color"][i] != 0).sum() == 2
+    assert labels.partial_only().tolist() == [pid == "p5" for pid in table["product_id"].to_pylist()]

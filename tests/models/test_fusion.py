@@ -302,3 +302,30 @@ def test_decision_fusion_with_too_few_heldout_products_is_a_clear_error() -> Non
         fusion.fit_heldout(
             {"text": {"pattern": p}, "image": {"pattern": p}}, {"pattern": y}, {"pattern": y >= 0}
         )
+
+
+def test_partial_labels_train_only_the_values_people_judged() -> None:
+    """Known answers: multi-label BCE on the judged values only; multi-class CE on a confirmed value
+    and -log(1 - p_v) for a rejected one; each partially labelled product counts once."""
+    import math
+
+    from catalog_enrichment.models.losses import attribute_loss
+
+    logits = {"ml": torch.tensor([[0.0, 2.0, -1.0]]), "mc": torch.tensor([[0.0, math.log(3.0), 0.0]])}
+    targets = {"ml": torch.zeros(1, 3), "mc": torch.tensor([-1])}
+    known = {"ml": torch.tensor([False]), "mc": torch.tensor([False])}
+    kinds = {"ml": "multilabel", "mc": "multiclass"}
+    partial = {
+        "ml": torch.tensor([[0, 1, -1]], dtype=torch.int8),
+        "mc": torch.tensor([[0, -1, 0]], dtype=torch.int8),
+    }
+    ml = math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0))  # value 1 present, value 2 absent
+    mc = -math.log(1 - 3 / 5)  # p = (1, 3, 1) / 5; value 1 rejected
+    loss = attribute_loss(logits, targets, known, kinds, partial)
+    assert float(loss) == pytest.approx((ml + mc) / 2, rel=1e-6)
+    # without partial labels nothing is learned from these products; with a full label, the usual CE
+    assert float(attribute_loss(logits, targets, known, kinds)) == 0.0
+    confirmed = {"mc": torch.tensor([[0, 1, 0]], dtype=torch.int8)}
+    assert float(
+        attribute_loss({"mc": logits["mc"]}, {"mc": targets["mc"]}, {"mc": known["mc"]}, kinds, confirmed)
+    ) == pytest.approx(-math.log(3 / 5), rel=1e-6)

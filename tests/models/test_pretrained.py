@@ -27,7 +27,7 @@ from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.loop import _param_groups, train_and_calibrate
-from tests.conftest import save_trained, tiny_config
+from tests.conftest import assert_trained_on_verdicts_only, save_trained, tiny_config, verdicts_only
 
 # A vocabulary no tokenizer trained on the data would produce: special tokens at odd ids, words the
 # synthetic catalog uses placed after filler, characters last.
@@ -240,6 +240,16 @@ def test_frozen_training_embeds_once_and_reads_the_cache_back(  # type: ignore[n
     # a different snapshot is embedded afresh, beside the first
     train_and_calibrate(labelled.slice(0, 450), taxonomy, cfg)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_frozen_training_learns_from_peoples_verdicts_in_the_cached_batches(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path]
+) -> None:
+    table, people = verdicts_only(labelled, taxonomy)
+    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), crossfit_folds=0)
+    assert_trained_on_verdicts_only(train_and_calibrate(table, taxonomy, cfg), people)
 
 
 def test_learning_rates_and_the_layers_each_mode_trains(

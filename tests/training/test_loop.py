@@ -17,7 +17,7 @@ from catalog_enrichment.errors import CatalogEnrichError, ContractError, Taxonom
 from catalog_enrichment.models.model import check_heads, head_specs
 from catalog_enrichment.training.loop import train_and_calibrate, warmup_cosine
 from catalog_enrichment.training.splits import stratified_splits
-from tests.conftest import tiny_config
+from tests.conftest import assert_trained_on_verdicts_only, tiny_config, verdicts_only
 
 
 def _table(n: int, taxonomy: Taxonomy, seed: int = 0, size: int = 32) -> pa.Table:
@@ -58,6 +58,27 @@ def test_splits_are_disjoint_reproducible_and_stratified(taxonomy: Taxonomy) -> 
     overall, test_rate = y.mean(axis=0), y[a.test].mean(axis=0)
     common = overall > 0.05
     assert np.all(np.abs(test_rate[common] - overall[common]) < 0.03)
+
+
+def test_products_only_people_labelled_train_and_never_calibrate_or_evaluate(taxonomy: Taxonomy) -> None:
+    import dataclasses
+
+    from catalog_enrichment.data.dataset import encode_labels
+    from catalog_enrichment.training.splits import split_labels
+
+    labels = encode_labels(_table(400, taxonomy), taxonomy)
+    partial = np.zeros((400, len(taxonomy["color"].values)), np.int8)
+    people = np.arange(0, 400, 10)  # 40 products whose labels are only verdicts
+    partial[people, 0] = 1
+    known = {a: k.copy() for a, k in labels.known.items()}
+    for k in known.values():
+        k[people] = False
+    labels = dataclasses.replace(labels, known=known, partial={"color": partial})
+    splits = split_labels(labels, validation=0.1, calibration=0.15, test=0.15, seed=3)
+    assert set(people.tolist()) <= set(splits.train.tolist())
+    held_out = np.concatenate([splits.validation, splits.calibration, splits.test])
+    assert not set(people.tolist()) & set(held_out.tolist())
+    assert sorted(np.concatenate([splits.train, held_out]).tolist()) == list(range(400))
 
 
 @pytest.mark.slow
@@ -155,6 +176,14 @@ def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(
     train_labels = encode_labels(canonical_order(table), taxonomy).subset(trained.splits.train)
     expected = np.bincount(train_labels.targets["pattern"], minlength=6)
     assert [v.support for v in trained.calibration.attributes["pattern"].values] == expected.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_table_with_peoples_verdicts_trains_on_them_in_the_training_split_only(taxonomy: Taxonomy) -> None:
+    table, people = verdicts_only(_table(300, taxonomy), taxonomy)
+    trained = train_and_calibrate(table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 0}))
+    assert_trained_on_verdicts_only(trained, people)
 
 
 def test_canonical_order_does_not_depend_on_the_stored_order(taxonomy: Taxonomy) -> None:

@@ -74,7 +74,7 @@ from catalog_enrichment.training.embeddings import (
     embed_products,
     inputs_to,
 )
-from catalog_enrichment.training.splits import Splits, calibration_fraction, crossfit_folds, stratified_splits
+from catalog_enrichment.training.splits import Splits, calibration_fraction, crossfit_folds, split_labels
 
 __all__ = [
     "EpochMetrics",
@@ -707,25 +707,16 @@ def _train_and_calibrate(
     if len(records) == 0:
         raise CatalogEnrichError("the labelled table is empty")
     folds = crossfit_folds(len(records), tcfg.crossfit_folds)
-    # products only people's verdicts label (partial labels) train, never calibrate or evaluate
-    partial_only = labels.partial_only()
-    split_rows = np.flatnonzero(~partial_only)
     try:
-        splits = stratified_splits(
-            labels.stratification_matrix()[split_rows],
+        splits = split_labels(
+            labels,
             validation=tcfg.validation_fraction,
-            calibration=0.0 if folds else calibration_fraction(split_rows.size, tcfg.calibration_fraction),
+            calibration=0.0 if folds else calibration_fraction(len(records), tcfg.calibration_fraction),
             test=tcfg.test_fraction,
             seed=tcfg.seed,
         )
     except ValueError as exc:
         raise CatalogEnrichError(f"cannot split {len(records)} labelled products: {exc}") from None
-    splits = Splits(
-        np.sort(np.concatenate([split_rows[splits.train], np.flatnonzero(partial_only)])),
-        split_rows[splits.validation],
-        split_rows[splits.calibration],
-        split_rows[splits.test],
-    )
     if tcfg.train_fraction < 1:  # fewer labels to learn from; the held-out splits stay whole
         keep = np.random.default_rng(tcfg.seed).permutation(splits.train.size)[
             : round(tcfg.train_fraction * splits.train.size)

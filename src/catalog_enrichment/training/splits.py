@@ -9,6 +9,7 @@ import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
 from catalog_enrichment.config import MAX_AUTO_CALIBRATION
+from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Splits",
     "calibration_fraction",
     "crossfit_folds",
+    "split_labels",
     "stratified_splits",
 ]
 
@@ -111,3 +113,21 @@ def stratified_splits(
             f"{n} labelled products are too few: the {', '.join(empty)} split would be empty"
         )
     return splits
+
+
+def split_labels(
+    labels: EncodedLabels, *, validation: float, calibration: float, test: float, seed: int
+) -> Splits:
+    """:func:`stratified_splits` of the products with a full label; products only people's verdicts
+    label (partial labels: the reviewed products are no random sample, and a partial label cannot
+    be scored) all go to the training split, so they never calibrate, select or evaluate a model."""
+    partial_only = labels.partial_only()
+    rows = np.flatnonzero(~partial_only)
+    y = labels.stratification_matrix()[rows]
+    splits = stratified_splits(y, validation=validation, calibration=calibration, test=test, seed=seed)
+    return Splits(
+        np.sort(np.concatenate([rows[splits.train], np.flatnonzero(partial_only)])),
+        rows[splits.validation],
+        rows[splits.calibration],
+        rows[splits.test],
+    )

@@ -1,0 +1,155 @@
+"""``review import``: each kind of bad verdict file is a clear error that imports nothing; a good
+one is imported once, however often it is imported; a changed verdict replaces the reviewer's last.
+Both catalog backends keep the review tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+from catalog_enrichment.catalog import open_catalog
+from catalog_enrichment.catalog.reviews import (
+    FILE_COLUMNS,
+    ReviewFileError,
+    import_verdicts,
+    latest_verdicts,
+    rejected_values,
+)
+from catalog_enrichment.review.sample import draw_sample
+from tests.review.conftest import WrittenCatalog
+
+NOW = dt.datetime(2026, 11, 3, 12, tzinfo=dt.UTC)
+
+
+def _verdicts(
+    sample: pa.Table, verdicts: list[str], reviewer: str = "ana", when: str = "2026-11-03T10:00:00Z"
+):
+    n = sample.num_rows
+    return pa.table(
+        {
+            **{c: sample[c] for c in ("sample_id", "product_id", "attribute", "value")},
+            "verdict": pa.array(verdicts, pa.string()),
+            "reviewer": pa.array([reviewer] * n, pa.string()),
+            "reviewed_at": pa.array([when] * n, pa.string()),
+        }
+    )
+
+
+def _write(table: pa.Table, path: Path) -> Path:
+    (pq.write_table if path.suffix == ".parquet" else pcsv.write_csv)(table, path)
+    return path
+
+
+def _good(drawn: Any, k: int = 10) -> pa.Table:
+    rows = drawn.rows.slice(0, k)
+    return _verdicts(rows, ["yes", "no", "unsure", "", "YES", "yes", "no", "yes", "yes", ""][:k])
+
+
+def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
+    written: WrittenCatalog, tmp_path: Path
+) -> None:
+    catalog = written.catalog
+    drawn = draw_sample(catalog, model_version="3", size=40, seed=0)
+    path = _write(_good(drawn), tmp_path / "verdicts.csv")
+    first = import_verdicts(catalog, path, now=NOW)
+    assert (first.rows_read, first.verdicts, first.not_reviewed, first.inserted) == (10, 8, 2, 8)
+    stored = catalog.review_rows("reviews")
+    assert stored.num_rows == 8 and set(stored["verdict"].to_pylist()) == {"yes", "no", "unsure"}
+    assert set(stored["reviewer"].to_pylist()) == {"ana"} and set(stored["source_file"].to_pylist()) == {
+        "verdicts.csv"
+    }
+    assert set(stored["model_version"].to_pylist()) == {"3"}
+    version = catalog.review_tables["reviews"]
+    from deltalake import DeltaTable
+
+    commits = DeltaTable(str(version)).version()
+    again = import_verdicts(catalog, path, now=NOW + dt.timedelta(days=1))
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 8)
+    assert DeltaTable(str(version)).version() == commits  # nothing written at all
+    assert catalog.review_rows("reviews") == stored
+
+    # ana changes her mind on the first value (later), bea judges it too
+    changed = _verdicts(drawn.rows.slice(0, 1), ["no"], when="2026-11-04T09:00:00+01:00")
+    other = _verdicts(drawn.rows.slice(0, 1), ["yes"], reviewer="bea", when="2026-11-04T07:00:00Z")
+    path2 = _write(pa.concat_tables([changed, other]), tmp_path / "verdicts2.parquet")
+    result = import_verdicts(catalog, path2, now=NOW)
+    assert (result.inserted, result.updated) == (1, 1)
+    latest = latest_verdicts(catalog.review_rows("reviews"))
+    first_key = tuple(drawn.rows.slice(0, 1).to_pylist()[0][k] for k in ("product_id", "attribute", "value"))
+    mine = [r for r in latest.to_pylist() if (r["product_id"], r["attribute"], r["value"]) == first_key]
+    assert len(mine) == 1 and mine[0]["reviewer"] == "ana" and mine[0]["verdict"] == "no"  # 08:00Z > 07:00Z
+    assert first_key in rejected_values(catalog.review_rows("reviews"), "3")
+    assert not rejected_values(catalog.review_rows("reviews"), "4")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sample_id": "review-nope"}, "unknown sample_id 'review-nope'"),
+        ({"value": "ultraviolet"}, "drew no such product/attribute/value"),
+        ({"product_id": "p-unknown"}, "drew no such product/attribute/value"),
+        ({"verdict": "maybe"}, "verdict 'maybe' is not one of yes/no/unsure"),
+        ({"reviewer": ""}, "a verdict without a reviewer"),
+        ({"reviewed_at": "yesterday"}, "reviewed_at 'yesterday' is not an ISO 8601 time"),
+    ],
+)
+def test_a_malformed_file_imports_nothing(
+    written: WrittenCatalog, tmp_path: Path, change: dict[str, str], message: str
+) -> None:
+    catalog = written.catalog
+    drawn = draw_sample(catalog, model_version="3", size=20, seed=0)
+    table = _good(drawn).to_pylist()
+    table[5].update(change)  # one bad row among good ones
+    path = _write(pa.Table.from_pylist(table), tmp_path / "verdicts.csv")
+    with pytest.raises(ReviewFileError, match="nothing imported") as error:
+        import_verdicts(catalog, path, now=NOW)
+    assert message in str(error.value) and "row 6" in str(error.value)
+    assert catalog.review_rows("reviews").num_rows == 0
+
+
+def test_unreadable_files_and_contradictions_are_clear_errors(
+    written: WrittenCatalog, tmp_path: Path
+) -> None:
+    catalog = written.catalog
+    with pytest.raises(ReviewFileError, match="holds no review sample"):
+        import_verdicts(catalog, _write(pa.table({c: ["x"] for c in FILE_COLUMNS}), tmp_path / "a.csv"))
+    drawn = draw_sample(catalog, model_version="3", size=20, seed=0)
+    with pytest.raises(ReviewFileError, match="no verdict file"):
+        import_verdicts(catalog, tmp_path / "missing.csv")
+    (tmp_path / "v.xlsx").write_text("x")
+    with pytest.raises(ReviewFileError, match=r"\.csv or \.parquet"):
+        import_verdicts(catalog, tmp_path / "v.xlsx")
+    (tmp_path / "v.parquet").write_text("not parquet")
+    with pytest.raises(ReviewFileError, match="cannot be read as parquet"):
+        import_verdicts(catalog, tmp_path / "v.parquet")
+    with pytest.raises(ReviewFileError, match=r"lacks column\(s\) \['verdict'"):
+        import_verdicts(catalog, _write(_good(drawn).drop_columns(["verdict"]), tmp_path / "b.csv"))
+    twice = pa.concat_tables([_good(drawn, 1), _verdicts(drawn.rows.slice(0, 1), ["no"])])
+    with pytest.raises(ReviewFileError, match="gave 'yes' and 'no' to the same value"):
+        import_verdicts(catalog, _write(twice, tmp_path / "c.csv"))
+    assert catalog.review_rows("reviews").num_rows == 0
+
+
+@pytest.mark.postgres
+def test_the_postgres_catalog_keeps_samples_and_verdicts_the_same_way(
+    written: WrittenCatalog, pg_catalog_config: Any, tmp_path: Path
+) -> None:
+    drawn = draw_sample(written.catalog, model_version="3", size=30, seed=0)
+    pg = open_catalog(pg_catalog_config)
+    with pg.connect():  # migrations applied
+        pass
+    pg.write_review_rows("review_samples", drawn.rows)
+    assert pg.review_rows("review_samples").sort_by("product_id") == drawn.rows.sort_by("product_id")
+    path = _write(_good(drawn), tmp_path / "verdicts.csv")
+    assert import_verdicts(pg, path, now=NOW).inserted == 8
+    assert import_verdicts(pg, path, now=NOW).unchanged == 8
+    changed = _verdicts(drawn.rows.slice(0, 1), ["no"], when="2026-11-05T00:00:00Z")
+    assert import_verdicts(pg, _write(changed, tmp_path / "v2.csv"), now=NOW).updated == 1
+    stored = pg.review_rows("reviews")
+    assert stored.num_rows == 8 and stored.filter(pa.compute.equal(stored["verdict"], "no")).num_rows == 3
