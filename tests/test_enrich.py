@@ -481,3 +481,80 @@ def test_a_worker_loads_a_model_once_and_frees_it_for_a_new_version(scoring_bund
     finally:
         glue._WORKER_CACHE.clear()
         torch.set_num_threads(threads)
+
+
+def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_written_again(
+    spark, first_run, tmp_path, taxonomy, incoming, scoring_bundle, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """review sample -> verdicts (from the ground truth, one right value rejected by mistake) ->
+    review import -> report --audit (logged to MLflow) -> the same model version runs again: the
+    rejected value is gone, every other value is as before -> labels take the verdicts."""
+    from pyarrow import csv
+
+    from catalog_enrichment.cli import main
+    from catalog_enrichment.data.truth import judge_from_truth
+
+    cfg0, _, _ = first_run
+    root = tmp_path / "lake"
+    shutil.copytree(cfg0.catalog.root, root)  # the module's catalog stays as the other tests left it
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    flags = ["--catalog", str(root), "--set", f"catalog.products={incoming.products}"]
+    flags += ["--set", f"mlflow.tracking_uri={uri}", "--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
+    sample_file = tmp_path / "review" / "sample.csv"
+    assert (
+        main(["review", "sample", "--model-version", "1", "--size", "80", "--out", str(sample_file), *flags])
+        == 0
+    )
+    assert "80 of" in capsys.readouterr().out and sample_file.with_suffix(".html").is_file()
+    sample = csv.read_csv(sample_file, convert_options=csv.ConvertOptions(strings_can_be_null=False))
+    judged = judge_from_truth(
+        sample, read_table(incoming.truth), taxonomy, reviewer="qa", reviewed_at="2026-11-20T10:00:00Z"
+    )
+    verdicts = judged["verdict"].to_pylist()
+    victim = verdicts.index("yes")
+    verdicts[victim] = "no"  # a right value people rejected: still never written again by this version
+    judged = judged.set_column(judged.schema.get_field_index("verdict"), "verdict", pa.array(verdicts))
+    csv.write_csv(judged, tmp_path / "verdicts.csv")
+    assert main(["review", "import", str(tmp_path / "verdicts.csv"), *flags]) == 0
+    assert "80 verdicts (80 new" in capsys.readouterr().out
+    assert main(["review", "import", str(tmp_path / "verdicts.csv"), *flags]) == 0
+    assert "80 already imported" in capsys.readouterr().out
+    assert main(["report", "--audit", "--model-version", "1", "--json", *flags]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    assert audit["model_version"] == "1" and sum(a["sampled"] for a in audit["attributes"].values()) == 80
+    from catalog_enrichment import registry
+
+    client = registry.configure_mlflow(uri)
+    run = client.search_runs([client.get_experiment_by_name("enrichment").experiment_id])[0]
+    assert run.data.tags["catalog_enrich.audit"] == audit["sample_id"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "audit.json",
+        f"{audit['sample_id']}.png",
+    }
+
+    key = tuple(sample.slice(victim, 1).to_pylist()[0][k] for k in ("product_id", "attribute", "value"))
+    cfg = cfg0.model_copy(update={"catalog": cfg0.catalog.model_copy(update={"root": str(root)})})
+    before = read_table(cfg.catalog.table("attributes"))
+    _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-after-review")
+    after = read_table(cfg.catalog.table("attributes"))
+
+    def model_values(table: pa.Table) -> set[tuple[str, str, str]]:
+        rows = table.filter(pc.equal(table["source"], "model")).select(["product_id", "attribute", "value"])
+        return {tuple(r.values()) for r in rows.to_pylist()}
+
+    rejected = {
+        (r["product_id"], r["attribute"], r["value"]) for r in judged.to_pylist() if r["verdict"] == "no"
+    }  # the wrong values the truth found, and the right one rejected by mistake
+    assert key in rejected and rejected <= model_values(before)
+    assert model_values(after) == model_values(before) - rejected
+    report = report_for(read_reports(cfg.catalog.table("run_reports")), "run-after-review", where="")
+    assert json.loads(report.validation_summary)["rejected_by_review"] == len(rejected)
+
+    assert (
+        main(["labels", "--out", str(tmp_path / "labelled"), "--eval-data", str(tmp_path / "none"), *flags])
+        == 0
+    )
+    assert "people's verdicts: confirmed" in capsys.readouterr().out
+    labelled = read_table(tmp_path / "labelled")
+    row = labelled.filter(pc.equal(labelled["product_id"], key[0])).to_pylist()[0]
+    assert key[2] in dict(row["rejected"])[key[1]]

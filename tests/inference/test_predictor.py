@@ -345,3 +345,29 @@ def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonom
     # an empty batch gives an empty output of the same schema
     empty = decide_batch(policy, batch.slice(0, 0), Scores({k: v[:0] for k, v in probs.items()}, []))
     assert empty.schema == OUTPUT_SCHEMA and empty.num_rows == 0
+
+
+def test_values_people_rejected_are_never_written_and_the_pair_is_still_scored(taxonomy: Taxonomy) -> None:
+    probs = {a.name: np.full((2, len(a.values)), 0.9, np.float32) for a in taxonomy}
+    for a in taxonomy:
+        if a.kind == "multiclass":
+            probs[a.name][:, 0] = 0.95  # the top value
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(["p0", "p1"]), pa.array([None, None], MERCHANT)],
+        names=["product_id", "merchant_attributes"],
+    )
+    policy = _policy(taxonomy, value=0.7)
+    plain = decide_batch(policy, batch, Scores(probs, [None, None]))
+    color, pattern = taxonomy["color"], taxonomy["pattern"]
+    rejected = {
+        "p0": [f"color={color.values[1]}", f"pattern={pattern.values[0]}", "color=ultraviolet", "fit=slim"],
+        "p9": [f"color={color.values[0]}"],  # a product not in the batch
+    }
+    out = decide_batch(policy, batch, Scores(probs, [None, None]), rejected)
+    before, after = plain.column("values")[0].as_py(), out.column("values")[0].as_py()
+    gone = [(d["attribute"], d["value"]) for d in before if d not in after]
+    # exactly the two rejected values; pattern's rejected top value is not replaced by its runner-up
+    assert gone == [("color", color.values[1]), ("pattern", pattern.values[0])]
+    assert not [d for d in after if d["attribute"] == "pattern"]
+    assert out.column("scored").to_pylist() == plain.column("scored").to_pylist()
+    assert out.column("values")[1] == plain.column("values")[1]  # p1: untouched
