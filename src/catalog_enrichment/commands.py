@@ -347,21 +347,15 @@ def report(args: argparse.Namespace, cfg: AppConfig) -> int:
 
 
 def _audit(args: argparse.Namespace, cfg: AppConfig, catalog: Any) -> int:
-    from catalog_enrichment.review import run_audit
+    from catalog_enrichment.review import audit_catalog, record_audit
     from catalog_enrichment.review.audit import format_audit
 
     if args.run_id:
         raise CatalogEnrichError(
             "--audit audits a model version (--model-version) or a sample (--sample), not a run"
         )
-    audit = run_audit(
-        cfg,
-        catalog,
-        model_version=args.model_version,
-        sample_id=args.sample,
-        client=runtime.mlflow_client(cfg),
-        chart_dir=Path(cfg.catalog.root) / "audits",
-    )
+    audit = audit_catalog(cfg, catalog, model_version=args.model_version, sample_id=args.sample)
+    record_audit(cfg, audit, client=runtime.mlflow_client(cfg), chart_dir=Path(cfg.catalog.root) / "audits")
     print(json.dumps(audit.to_dict(), indent=2, default=str) if args.json else format_audit(audit))
     return 1 if args.check and audit.failed else 0
 

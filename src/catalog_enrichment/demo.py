@@ -208,7 +208,7 @@ def _review(
 
     from catalog_enrichment.catalog.reviews import import_verdicts
     from catalog_enrichment.data.truth import judge_from_truth, written_precision
-    from catalog_enrichment.review import run_audit, sample_for_review
+    from catalog_enrichment.review import audit_catalog, record_audit, sample_for_review
     from catalog_enrichment.review.audit import format_audit
 
     files = sample_for_review(
@@ -226,9 +226,8 @@ def _review(
     verdicts = folder / "verdicts.csv"
     csv.write_csv(judged, verdicts)
     print(f"  {import_verdicts(catalog, verdicts).summary()}")
-    audit = run_audit(
-        cfg, catalog, model_version=version, sample_id=files.sample.sample_id, client=client, chart_dir=folder
-    )
+    audit = audit_catalog(cfg, catalog, model_version=version, sample_id=files.sample.sample_id)
+    record_audit(cfg, audit, client=client, chart_dir=folder)
     print(format_audit(audit))
     rows = catalog.attribute_rows()
     mine = rows.filter(pc.equal(rows["model_version"], version))

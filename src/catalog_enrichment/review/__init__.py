@@ -23,7 +23,7 @@ from catalog_enrichment.review.audit import Audit, audit_sample, plot_audit
 from catalog_enrichment.review.page import write_page
 from catalog_enrichment.review.sample import DrawnSample, draw_sample, write_annotator_files
 
-__all__ = ["SampleFiles", "run_audit", "sample_for_review"]
+__all__ = ["SampleFiles", "audit_catalog", "record_audit", "sample_for_review"]
 
 
 @dataclass(frozen=True)
@@ -59,18 +59,9 @@ def sample_for_review(
     return SampleFiles(sample, file, page, without_image)
 
 
-def run_audit(
-    cfg: AppConfig,
-    catalog: Any,
-    *,
-    model_version: str | None,
-    sample_id: str | None,
-    client: Any = None,
-    chart_dir: Path,
-) -> Audit:
-    """Audit the latest reviewed sample of ``model_version`` (or ``sample_id``); with a client, log
-    the figures, the audit and its chart to MLflow."""
-    audit = audit_sample(
+def audit_catalog(cfg: AppConfig, catalog: Any, *, model_version: str | None, sample_id: str | None) -> Audit:
+    """Audit the latest reviewed sample of ``model_version`` (or ``sample_id``) in ``catalog``."""
+    return audit_sample(
         catalog.review_rows("review_samples"),
         catalog.review_rows("reviews"),
         model_version=model_version,
@@ -79,6 +70,11 @@ def run_audit(
         confidence=cfg.review.confidence,
         min_support=cfg.review.min_category_support,
     )
+
+
+def record_audit(cfg: AppConfig, audit: Audit, *, client: Any, chart_dir: Path) -> Path:
+    """Draw the audit's chart into ``chart_dir``; with a client, log the figures, the audit and the
+    chart to MLflow and tag the model version. Returns the chart."""
     chart_dir.mkdir(parents=True, exist_ok=True)
     chart = plot_audit(audit, chart_dir / f"{audit.sample_id}.png")
     if client is not None:
@@ -103,4 +99,4 @@ def run_audit(
             metrics=metrics,
             chart=chart,
         )
-    return audit
+    return chart

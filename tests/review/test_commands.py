@@ -1,0 +1,50 @@
+"""The review commands end to end on a catalog with known truth: sample -> verdicts -> import ->
+``report --audit --check``, whose exit code drives the one-line rollback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pytest
+
+from catalog_enrichment.cli import main
+from tests.review.conftest import written_catalog
+
+
+@pytest.mark.parametrize(("judge", "code"), [("truth", 1), ("all right", 0), ("all wrong", 1)])
+def test_a_failing_audit_exits_1_and_names_the_rollback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], judge: str, code: int
+) -> None:
+    """The catalog's colour and pattern values are about 92 % right: below target, judged truly."""
+    written = written_catalog(tmp_path / "lake")
+    flags = [
+        "--catalog",
+        str(tmp_path / "lake"),
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+    ]
+    flags += ["--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
+    out = tmp_path / "s" / "sample.csv"
+    assert main(["review", "sample", "--model-version", "3", "--size", "200", "--out", str(out), *flags]) == 0
+    sample = pcsv.read_csv(out, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+    keys = zip(*(sample[c].to_pylist() for c in ("product_id", "attribute", "value")), strict=True)
+    verdicts = [
+        {"truth": "yes" if written.truth[k] else "no", "all right": "yes", "all wrong": "no"}[judge]
+        for k in keys
+    ]
+    for name, column in (("verdict", verdicts), ("reviewer", ["qa"] * len(verdicts))):
+        sample = sample.set_column(sample.schema.get_field_index(name), name, pa.array(column))
+    pcsv.write_csv(sample, tmp_path / "v.csv")
+    assert main(["review", "import", str(tmp_path / "v.csv"), *flags]) == 0
+    capsys.readouterr()
+    assert main(["report", "--audit", "--check", *flags]) == code
+    printed = capsys.readouterr().out
+    assert ("rollback --model-version 3" in printed) is (code == 1)
+    if judge == "truth":  # every interval holds the true precision of what was written
+        for attr in ("color", "pattern"):
+            line = next(ln for ln in printed.splitlines() if ln.startswith(attr))
+            low, high = (float(x) for x in line.split("[")[1].split("]")[0].split(","))
+            assert low <= written.true_precision(attr) <= high
+    assert (tmp_path / "lake" / "audits").is_dir()

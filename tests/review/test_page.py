@@ -1,0 +1,99 @@
+"""The review page in a real headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium): a person's clicks become a verdict file that ``review import`` accepts."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from catalog_enrichment.catalog.reviews import import_verdicts
+from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.review.page import write_page
+from catalog_enrichment.review.sample import draw_sample, write_annotator_files
+from tests.review.conftest import WrittenCatalog
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[tuple[Any, Path]]:
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip("needs chromium and chromedriver (make test installs them: apt chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    try:
+        yield driver, downloads
+    finally:
+        driver.quit()
+
+
+def _downloaded(folder: Path, timeout: float = 20) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [p for p in folder.iterdir() if p.suffix == ".csv"]
+        if done:
+            return done[0]
+        time.sleep(0.1)
+    raise AssertionError(f"nothing downloaded into {folder}: {list(folder.iterdir())}")
+
+
+def test_clicks_on_the_review_page_become_verdicts_that_import(
+    browser: tuple[Any, Path], written: WrittenCatalog, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver, downloads = browser
+    drawn = draw_sample(written.catalog, model_version="3", size=6, seed=0)
+    table, _ = write_annotator_files(
+        written.catalog, drawn, tmp_path / "review" / "sample.csv", ImagePolicy()
+    )
+    page = write_page(table, tmp_path / "review" / "sample.html", drawn.sample_id)
+    driver.get(page.as_uri())
+    cards = driver.find_elements(By.CSS_SELECTOR, ".item")
+    assert len(cards) == 6
+    # product text is shown as text, never as markup; each card shows its image
+    assert "<b>description</b>" in cards[0].find_element(By.CSS_SELECTOR, ".desc").text
+    assert driver.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    driver.find_element(By.ID, "reviewer").send_keys("ana")
+    cards[0].find_element(By.CSS_SELECTOR, "button[data-verdict=yes]").click()
+    cards[1].find_element(By.CSS_SELECTOR, "button[data-verdict=no]").click()
+    cards[2].find_element(By.CSS_SELECTOR, "button[data-verdict=unsure]").click()
+    cards[2].find_element(By.CSS_SELECTOR, "button[data-verdict=yes]").click()  # changed their mind
+    assert driver.find_element(By.ID, "progress").text == "3 / 6 judged"
+    # a reload keeps the verdicts (local storage)
+    driver.refresh()
+    cards = driver.find_elements(By.CSS_SELECTOR, ".item")
+    assert cards[1].find_element(By.CSS_SELECTOR, "button.on").text == "no"
+    driver.find_element(By.ID, "save").click()
+    saved = _downloaded(downloads)
+
+    result = import_verdicts(written.catalog, saved)
+    assert (result.rows_read, result.inserted) == (3, 3)
+    stored = {
+        (r["product_id"], r["attribute"], r["value"]): r
+        for r in written.catalog.review_rows("reviews").to_pylist()
+    }
+    rows = drawn.rows.to_pylist()
+    for i, verdict in enumerate(["yes", "no", "yes"]):
+        got = stored[(rows[i]["product_id"], rows[i]["attribute"], rows[i]["value"])]
+        assert got["verdict"] == verdict and got["reviewer"] == "ana" and got["source_file"] == saved.name
+    assert import_verdicts(written.catalog, saved).unchanged == 3
