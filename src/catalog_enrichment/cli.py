@@ -360,6 +360,15 @@ def _bench_pretrain_text(sub: Sub) -> None:
     )
 
 
+def _bench_audit(sub: Sub) -> None:
+    p = _command(sub, "audit", commands.bench_audit)
+    p.add_argument("--workdir", metavar="DIR", default="demo", help="a demo folder (default ./demo)")
+    p.add_argument("--size", type=int, metavar="N", default=500, help="values per sample (500)")
+    p.add_argument("--seeds", type=int, metavar="K", default=40, help="samples per balance (40)")
+    p.add_argument("--balances", metavar="LIST", default="0,0.5,1", help="review.balance values (0,0.5,1)")
+    p.add_argument("--out", metavar="FILE", default="bench-audit.json", help="JSON (markdown beside it)")
+
+
 def _bench(sub: Sub) -> None:
     bench = sub.add_parser(
         "bench",
@@ -374,6 +383,7 @@ def _bench(sub: Sub) -> None:
         _bench_throughput,
         _bench_write,
         _bench_chaos,
+        _bench_audit,
     ):
         add(inner)
 

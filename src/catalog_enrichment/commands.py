@@ -513,6 +513,43 @@ def _write_result(result: dict[str, Any], out: Path, markdown: str) -> int:
     return 0
 
 
+def bench_audit(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """do the audit's intervals hold the true precision of what was written?
+
+    On a demo folder (its catalog and the incoming marketplace's ground truth): draw --seeds review
+    samples per balance, judge them from the truth, audit them (nothing is recorded), and count how
+    often each attribute's interval contains the true precision of everything the version wrote.
+    """
+    from catalog_enrichment.bench.audit import format_audit_markdown, run_audit_benchmark
+    from catalog_enrichment.catalog.embedded import LakehouseCatalog
+    from catalog_enrichment.catalog.lakehouse import read_table
+    from catalog_enrichment.contracts import load_taxonomy
+
+    work = Path(args.workdir)
+    if not (work / "incoming" / "truth").exists() or not (work / "lakehouse" / "attributes").exists():
+        raise CatalogEnrichError(f"{work} is not a demo folder (run `catalog-enrich demo --workdir {work}`)")
+    try:
+        balances = [float(b) for b in args.balances.split(",")]
+    except ValueError:
+        raise CatalogEnrichError(
+            f"--balances: comma-separated numbers in [0, 1], got {args.balances!r}"
+        ) from None
+    catalog_cfg = cfg.catalog.model_copy(
+        update={"root": str(work / "lakehouse"), "products": str(work / "incoming" / "products")}
+    )
+    result = run_audit_benchmark(
+        LakehouseCatalog(catalog_cfg),
+        read_table(work / "incoming" / "truth"),
+        load_taxonomy(cfg.taxonomy_path),
+        size=args.size,
+        seeds=args.seeds,
+        balances=balances,
+        confidence=cfg.review.confidence,
+        target=cfg.calibration.target_precision,
+    )
+    return _write_result(result, Path(args.out), format_audit_markdown(result))
+
+
 def bench_pretrain_text(args: argparse.Namespace, cfg: AppConfig) -> int:
     """text-only from plain, SimCSE- and ConVIRT-adapted encoders
 

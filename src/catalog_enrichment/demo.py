@@ -186,7 +186,9 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         "throw-away server is gone with the demo)"
     )
     print(
-        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: {report}; "
+        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: {report} (with --audit: the "
+        "review's audit); "
+        f"open {workdir / 'review' / 'sample.html'} to review in a browser; "
         f"mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
     )
     return 0

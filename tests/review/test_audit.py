@@ -181,3 +181,45 @@ def test_an_audit_without_sample_or_verdicts_says_what_to_do() -> None:
         )
     with pytest.raises(CatalogEnrichError, match=r"no verdict yet.*review import"):
         _audit(samples, reviews.slice(0, 0))
+
+
+def test_the_audit_benchmark_counts_intervals_that_hold_the_truth(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment.bench.audit import format_audit_markdown, run_audit_benchmark
+    from catalog_enrichment.contracts import Taxonomy
+    from tests.review.conftest import COLORS, PATTERNS, written_catalog
+
+    written = written_catalog(tmp_path / "lake", products=300)
+    taxonomy = Taxonomy.from_dict(
+        {
+            "attributes": {
+                "color": {"kind": "multilabel", "values": [*COLORS, "purple"]},
+                "pattern": {"kind": "multiclass", "values": [*PATTERNS, "floral"]},
+            }
+        }
+    )
+    truth: dict[str, dict[str, object]] = {}
+    for (pid, attr, value), right in written.truth.items():
+        wrong = "purple" if attr == "color" else "floral"
+        truth.setdefault(pid, {})[attr] = (
+            [value if right else wrong] if attr == "color" else (value if right else wrong)
+        )
+    ids = sorted(truth)
+    table = pa.table(
+        {
+            "product_id": ids,
+            "true_color": pa.array([truth[p].get("color") for p in ids], pa.list_(pa.string())),
+            "true_pattern": pa.array([truth[p].get("pattern") for p in ids], pa.string()),
+        }
+    )
+    result = run_audit_benchmark(
+        written.catalog, table, taxonomy, size=100, seeds=3, balances=[0.5], confidence=0.95, target=0.95
+    )
+    assert result["true_precision"] == pytest.approx(
+        {a: written.true_precision(a) for a in ("color", "pattern")}
+    )
+    counts = result["balances"]["0.5"]
+    assert set(counts["inside"]) == {"color", "pattern"} and all(
+        0 <= n <= 3 for n in counts["inside"].values()
+    )
+    assert written.catalog.review_rows("review_samples").num_rows == 0  # nothing recorded
+    assert "| 0.5 |" in format_audit_markdown(result)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog_enrichment.config import AppConfig
+from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.review.audit import Audit, audit_sample, plot_audit
 from catalog_enrichment.review.page import write_page
 from catalog_enrichment.review.sample import DrawnSample, draw_sample, write_annotator_files
@@ -49,6 +50,8 @@ def sample_for_review(
 
     size = cfg.review.sample_size if size is None else size
     seed = cfg.review.seed if seed is None else seed
+    if out is not None and out.suffix.lower() not in (".csv", ".parquet"):
+        raise CatalogEnrichError(f"--out {out}: the sample is written as .csv or .parquet")
     sample = draw_sample(
         catalog, run_id=run_id, model_version=model_version, size=size, seed=seed, balance=cfg.review.balance
     )

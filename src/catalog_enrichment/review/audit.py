@@ -283,7 +283,11 @@ def format_audit(audit: Audit) -> str:
         lines.append(
             f"{attr:<22} {e.population:>8,.0f} {e.judged:>6} {e.right:>5} {e.unsure:>6}  {_bounds(e)} "
             f"{e.n_effective:>6.1f}  {e.status}"
-            + ("" if e.judged_share >= 1 else f" ({e.judged_share:.1%} of it in cells judged directly)")
+            + (
+                ""
+                if round(e.judged_share, 3) >= 1
+                else f" ({e.judged_share:.1%} of it in cells judged directly)"
+            )
         )
         for category, c in audit.categories.get(attr, {}).items():
             lines.append(

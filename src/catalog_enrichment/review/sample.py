@@ -146,9 +146,10 @@ def draw_sample(
     seed: int = 0,
     balance: float = 0.5,
     now: dt.datetime | None = None,
+    record: bool = True,
 ) -> DrawnSample:
-    """Draw a sample of the model values one run (or one model version) wrote and record it in the
-    catalog's ``review_samples`` table.
+    """Draw a sample of the model values one run (or one model version) wrote and (``record``)
+    record it in the catalog's ``review_samples`` table.
 
     Raises:
         CatalogEnrichError: neither or both of ``run_id``/``model_version``, a size below 1, or no
@@ -201,7 +202,8 @@ def draw_sample(
         },
         schema=review_schema("review_samples"),
     )
-    catalog.write_review_rows("review_samples", table)
+    if record:
+        catalog.write_review_rows("review_samples", table)
     return DrawnSample(sample_id, table, rows.num_rows)
 
 
