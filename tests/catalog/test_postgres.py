@@ -57,13 +57,13 @@ def test_migrations_are_applied_once_in_order(
         applied = conn.execute(
             f'SELECT version, name FROM "{catalog.schema}".schema_migrations ORDER BY version'
         ).fetchall()
-        assert applied == [(1, "0001_catalog")]
+        assert applied == [(1, "0001_catalog"), (2, "0002_reviews")]
         assert migrate(conn, catalog.schema) == []  # nothing left to apply
         folder = tmp_path / "migrations"
         shutil.copytree(postgres.MIGRATIONS, folder)
-        (folder / "0002_note.sql").write_text("ALTER TABLE {schema}.run_reports ADD COLUMN note text;\n")
+        (folder / "0003_note.sql").write_text("ALTER TABLE {schema}.run_reports ADD COLUMN note text;\n")
         monkeypatch.setattr(postgres, "MIGRATIONS", folder)
-        assert migrate(conn, catalog.schema) == ["0002_note"]
+        assert migrate(conn, catalog.schema) == ["0003_note"]
         assert migrate(conn, catalog.schema) == []
         columns = conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND "
@@ -72,7 +72,7 @@ def test_migrations_are_applied_once_in_order(
         ).fetchall()
         assert columns == [("note",)]
         # a migration that fails leaves nothing of itself
-        (folder / "0003_broken.sql").write_text("CREATE TABLE {schema}.half (a int);\nNOT SQL;\n")
+        (folder / "0004_broken.sql").write_text("CREATE TABLE {schema}.half (a int);\nNOT SQL;\n")
         with pytest.raises(Exception, match="syntax error"):
             migrate(conn, catalog.schema)
         half = conn.execute(
