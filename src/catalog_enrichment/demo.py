@@ -180,16 +180,15 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     )
     _review(cfg, catalog, model.version, truth, taxonomy, workdir / "review", client, seed)
     report = (
-        f"catalog-enrich report --catalog {cfg.catalog.root}"
+        f"catalog-enrich report [--audit] --catalog {cfg.catalog.root} --set "
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"
         if cfg.catalog.kind == "lakehouse"
-        else "catalog-enrich report --set catalog.kind=postgres (with CATALOG_ENRICH_PG_DSN set: a "
-        "throw-away server is gone with the demo)"
+        else "catalog-enrich report [--audit] --set catalog.kind=postgres (with CATALOG_ENRICH_PG_DSN set: "
+        "a throw-away server is gone with the demo)"
     )
     print(
-        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: {report} (with --audit: the "
-        "review's audit); "
-        f"open {workdir / 'review' / 'sample.html'} to review in a browser; "
-        f"mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
+        f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: {report}; review in a browser: "
+        f"{workdir / 'review' / 'sample.html'}; mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
     )
     return 0
 
