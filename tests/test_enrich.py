@@ -487,8 +487,9 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     spark, first_run, tmp_path, taxonomy, incoming, scoring_bundle, capsys
 ) -> None:  # type: ignore[no-untyped-def]
     """review sample -> verdicts (from the ground truth, one right value rejected by mistake) ->
-    review import -> report --audit (logged to MLflow) -> the same model version runs again: the
-    rejected value is gone, every other value is as before -> labels take the verdicts."""
+    review import -> report --audit (logged to MLflow) -> the next incremental run (nothing changed)
+    removes the rejected values -> a full run of the same version writes none of them again and every
+    other value as before -> labels take the verdicts."""
     from pyarrow import csv
 
     from catalog_enrichment.cli import main
@@ -535,8 +536,6 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     key = tuple(sample.slice(victim, 1).to_pylist()[0][k] for k in ("product_id", "attribute", "value"))
     cfg = cfg0.model_copy(update={"catalog": cfg0.catalog.model_copy(update={"root": str(root)})})
     before = read_table(cfg.catalog.table("attributes"))
-    _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-after-review")
-    after = read_table(cfg.catalog.table("attributes"))
 
     def model_values(table: pa.Table) -> set[tuple[str, str, str]]:
         rows = table.filter(pc.equal(table["source"], "model")).select(["product_id", "attribute", "value"])
@@ -546,7 +545,13 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
         (r["product_id"], r["attribute"], r["value"]) for r in judged.to_pylist() if r["verdict"] == "no"
     }  # the wrong values the truth found, and the right one rejected by mistake
     assert key in rejected and rejected <= model_values(before)
-    assert model_values(after) == model_values(before) - rejected
+    # the next nightly run: no product changed, nothing scored, and the rejected values leave the catalog
+    quiet = _run(spark, cfg, taxonomy, incoming, scoring_bundle, run_id="night-after-review")
+    assert quiet.report.rows_read == 0 and quiet.merge is not None and quiet.merge.deleted == len(rejected)
+    assert model_values(read_table(cfg.catalog.table("attributes"))) == model_values(before) - rejected
+    # the same version re-scores everything: it writes none of them again, every other value as before
+    _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-after-review")
+    assert model_values(read_table(cfg.catalog.table("attributes"))) == model_values(before) - rejected
     report = report_for(read_reports(cfg.catalog.table("run_reports")), "run-after-review", where="")
     assert json.loads(report.validation_summary)["rejected_by_review"] == len(rejected)
 

@@ -212,16 +212,21 @@ def _locked_run(
             rules = build_rules(contract, cfg.validation, report.started_at, df.columns)
             validated = validate(df, rules, cfg, report, progress)
         check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
+        rejected = rejected_values(catalog.review_rows("reviews"), model.version)
+        if rejected:
+            progress(
+                f"  {len(rejected):,} values people rejected for v{model.version}: never written, removed"
+            )
+            report.add_to_summary(rejected_by_review=len(rejected))
         if validated.counts.rows_read == 0:
             progress("  nothing to enrich: no new or changed products")
+            if rejected:  # still take out what people rejected
+                with _stage(report, "write"):
+                    outcome.merge = catalog.write(_retraction(report, rejected))
             report.status, report.watermark = "succeeded", since
             return _finish(outcome, catalog, cfg, client, clock, progress)
         with _stage(report, "score"):
             images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
-            rejected = rejected_values(catalog.review_rows("reviews"), model.version)
-            if rejected:
-                progress(f"  {len(rejected):,} values people rejected for v{model.version} are never written")
-                report.add_to_summary(rejected_by_review=len(rejected))
             scored = score(spark, validated.checked, model, taxonomy, cfg, images, staging, rejected)
         outcome.model_loads, outcome.arrow_batches = scored.model_loads, scored.arrow_batches
         with _stage(report, "decide"):
@@ -231,7 +236,7 @@ def _locked_run(
         _account(report, decisions)
         fault_point("before_merge")
         with _stage(report, "write"):
-            outcome.merge = catalog.write(_run_write(report, decisions, staging), spark)
+            outcome.merge = catalog.write(_run_write(report, decisions, staging, rejected), spark)
         _written(report, decisions, policy)
         progress(
             f"  wrote {decisions.values.num_rows:,} values (version {outcome.merge.version}); "
@@ -377,7 +382,9 @@ def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
     return values, pairs
 
 
-def _run_write(report: RunReport, decisions: Decisions, staging: Path) -> RunWrite:
+def _run_write(
+    report: RunReport, decisions: Decisions, staging: Path, rejected: Iterable[tuple[str, str, str]]
+) -> RunWrite:
     return RunWrite(
         run_id=report.run_id,
         model_name=str(report.model_name),
@@ -387,6 +394,32 @@ def _run_write(report: RunReport, decisions: Decisions, staging: Path) -> RunWri
         pairs=decisions.pairs,
         quarantine=decisions.quarantine,
         scores=str(staging / "scores"),
+        retract=_keys(rejected),
+    )
+
+
+def _retraction(report: RunReport, rejected: Iterable[tuple[str, str, str]]) -> RunWrite:
+    """A run that scored nothing: it only removes the values people rejected for its version."""
+    strings = [pa.field(k, pa.string()) for k in ("product_id", "attribute", "value")]
+    return RunWrite(
+        run_id=report.run_id,
+        model_name=str(report.model_name),
+        model_version=str(report.model_version),
+        written_at=report.started_at,
+        values=pa.schema([*strings, ("confidence", pa.float64()), ("threshold", pa.float64())]).empty_table(),
+        pairs=pa.schema(strings[:2]).empty_table(),
+        quarantine=load_contract("quarantine").arrow_schema().empty_table(),
+        retract=_keys(rejected),
+    )
+
+
+def _keys(rejected: Iterable[tuple[str, str, str]]) -> pa.Table:
+    rows = sorted(rejected)
+    return pa.table(
+        {
+            k: pa.array([r[i] for r in rows], pa.string())
+            for i, k in enumerate(("product_id", "attribute", "value"))
+        }
     )
 
 

@@ -5,6 +5,7 @@ merchant rows untouched, idempotent per run id, exact rollback."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import threading
 from pathlib import Path
@@ -169,6 +170,45 @@ def _quarantine(run: str, ids: list[str]) -> pa.Table:
          "raw": ['{"title": ""}'] * n, "quarantined_at": [T0] * n},
         schema=schema,
     )  # fmt: skip
+
+
+def test_a_run_removes_the_values_people_rejected_for_its_version_and_its_rollback_puts_them_back(
+    catalog: Catalog,
+) -> None:
+    _merge(catalog, "r0", _values([("p5", "color", "white", 0.9)]), _pairs([("p5", "color")]), version="0")
+    values = _values(
+        [("p3", "color", "blue", 0.9), ("p3", "color", "green", 0.8), ("p4", "color", "red", 0.9)]
+    )
+    _merge(catalog, "r1", values, _pairs([("p3", "color"), ("p4", "color")]))
+    after_r1 = _state(catalog)
+    retract = pa.table(
+        {
+            "product_id": ["p3", "p4", "p5", "p1", "p9"],
+            "attribute": ["color", "color", "color", "color", "color"],
+            # p3/blue: an unscored pair (its green stays); p4/red: the scored pair drops it anyway;
+            # p5/white: another version's value; p1/red: the merchant's; p9: not in the catalog
+            "value": ["blue", "red", "white", "red", "x"],
+        }
+    )
+    quarantine = load_contract("quarantine").arrow_schema().empty_table()
+    run = RunWrite(
+        "r2", "m", "1", T0 + dt.timedelta(days=2), _values([]), _pairs([("p4", "color")]), quarantine
+    )
+    result = catalog.write(dataclasses.replace(run, retract=retract))
+    assert result.deleted == 2 and result.version is not None
+    assert _state(catalog) == after_r1 - {
+        ("p3", "color", "blue", "model", "r1"),
+        ("p4", "color", "red", "model", "r1"),
+    }
+    assert catalog.write(dataclasses.replace(run, retract=retract)).already_committed  # once
+    catalog.rollback_run("r2")
+    assert _state(catalog) == after_r1
+    # a run that scored nothing still removes them (the enrichment run with no changed product)
+    empty = RunWrite(
+        "r3", "m", "1", T0 + dt.timedelta(days=3), _values([]), _pairs([]), quarantine, retract=retract
+    )
+    assert catalog.write(empty).deleted == 2
+    assert ("p3", "color", "green", "model", "r1") in _state(catalog)
 
 
 def test_quarantine_rows_are_written_once_with_their_run(catalog: Catalog) -> None:

@@ -168,6 +168,7 @@ def _rows_for(table: Any, product_ids: pa.Array, version: int | None = None) -> 
 
 
 _PAIR_SCHEMA = pa.schema([("product_id", pa.string()), ("attribute", pa.string())])
+_KEY_SCHEMA = pa.schema([(k, pa.string()) for k in KEY])
 
 
 def _pairs(table: pa.Table) -> pa.Table:
@@ -191,11 +192,13 @@ def merge_run(
     model_name: str,
     model_version: str,
     written_at: dt.datetime,
+    retract: pa.Table | None = None,
 ) -> MergeResult:
     """Replace the model's values of every scored (product, attribute) pair in one commit.
 
     ``values``: (product_id, attribute, value, confidence, threshold) of what clears the thresholds;
-    ``scored``: (product_id, attribute) of every pair the run scored.
+    ``scored``: (product_id, attribute) of every pair the run scored; ``retract``: (product_id,
+    attribute, value) removed in the same commit where ``model_version`` wrote them.
     """
     from deltalake import DeltaTable
 
@@ -204,7 +207,12 @@ def merge_run(
     if committed is not None:
         return MergeResult(committed, already_committed=True)
     schema = attributes_schema()
-    ids = pc.unique(scored["product_id"]) if scored.num_rows else pa.array([], pa.string())
+    retract = _KEY_SCHEMA.empty_table() if retract is None else retract.select(list(KEY)).cast(_KEY_SCHEMA)
+    ids = pc.unique(
+        pa.chunked_array(
+            [*scored["product_id"].cast(pa.string()).chunks, *retract["product_id"].chunks], type=pa.string()
+        )
+    )
     current = _rows_for(path, ids) if len(ids) else schema.empty_table()
     merchant = current.filter(pc.equal(current["source"], "merchant"))
     merchant_pairs = _pairs(merchant)
@@ -212,6 +220,12 @@ def merge_run(
     new = _semi(values.select([*KEY, "confidence", "threshold"]), scored_pairs, PAIR)
     old_model = _semi(current.filter(pc.equal(current["source"], "model")), scored_pairs, PAIR)
     gone = _semi(old_model, new, KEY, anti=True)
+    mine = current.filter(
+        pc.and_(pc.equal(current["source"], "model"), pc.equal(current["model_version"], str(model_version)))
+    )
+    # rejected values the scored pairs did not already drop (a new value is never a rejected one)
+    rejected = _semi(_semi(_semi(mine, retract, KEY), gone, KEY, anti=True), new, KEY, anti=True)
+    gone = pa.concat_tables([gone, rejected])
     n = new.num_rows
     upserts = pa.table(
         {

@@ -83,7 +83,9 @@ class RunWrite:
     ``pairs``: (product_id, attribute) of every pair the run scored (its previous model values are
     replaced by the new set, possibly empty); ``quarantine``: the run's quarantine rows;
     ``scores``: the staged scores (Parquet) the values came from, which a backend may stage from
-    inside Spark instead of from ``values``.
+    inside Spark instead of from ``values``; ``retract``: (product_id, attribute, value) that people
+    rejected for this model version (``review import``), removed in the same commit wherever this
+    version wrote them, whether the run scored their pair or not (its rollback puts them back).
     """
 
     run_id: str
@@ -94,6 +96,7 @@ class RunWrite:
     pairs: pa.Table
     quarantine: pa.Table
     scores: str | None = None
+    retract: pa.Table | None = None
 
 
 class Catalog(Protocol):

@@ -100,6 +100,7 @@ class LakehouseCatalog:
             model_name=run.model_name,
             model_version=run.model_version,
             written_at=run.written_at,
+            retract=run.retract,
         )
         fault_point("after_merge")
         reports.append_quarantine(self.quarantine, run.quarantine)

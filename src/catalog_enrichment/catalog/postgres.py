@@ -653,6 +653,7 @@ class PostgresCatalog:
             ),
             [run.model_name, run.model_version, run.run_id, run.written_at],
         ).fetchone()
+        deleted += self._retract(conn, run, seq)
         self._insert_quarantine(conn, run.quarantine)
         # nothing changed: no version, but the run log keeps the run id (a re-run stays a no-op)
         version = None if inserted + updated + deleted == 0 else seq
@@ -662,6 +663,57 @@ class PostgresCatalog:
             updated=int(updated),
             deleted=int(deleted),
             merchant_pairs_skipped=int(all_pairs - kept),
+        )
+
+    def _retract(self, conn: Any, run: RunWrite, seq: int) -> int:
+        """Within the run's transaction: remove the values people rejected for its version from the
+        pairs it did not score (the scored pairs already dropped them), keeping those pairs' model
+        values as they were for its rollback. Rows removed."""
+        if run.retract is None or run.retract.num_rows == 0:
+            return 0
+        conn.execute(
+            "CREATE TEMP TABLE retract (product_id text NOT NULL, attribute text NOT NULL, "
+            "value text NOT NULL) ON COMMIT DROP"
+        )
+        with conn.cursor().copy("COPY retract (product_id, attribute, value) FROM STDIN") as copy:
+            for r in run.retract.select(["product_id", "attribute", "value"]).to_pylist():
+                copy.write_row([r["product_id"], r["attribute"], r["value"]])
+        match = (
+            "r.product_id = a.product_id AND r.attribute = a.attribute AND r.value = a.value "
+            "AND a.source = 'model' AND a.model_version = %s"
+        )
+        conn.execute(
+            self._sql(
+                "CREATE TEMP TABLE retract_pairs ON COMMIT DROP AS SELECT DISTINCT a.product_id, a.attribute "
+                "FROM {a} a JOIN retract r ON " + match + " WHERE NOT EXISTS (SELECT 1 FROM scored p WHERE "
+                "p.product_id = a.product_id AND p.attribute = a.attribute)",
+                a="attributes",
+            ),
+            [run.model_version],
+        )
+        conn.execute(
+            self._sql(
+                "INSERT INTO {r} SELECT %s, a.product_id, a.attribute, a.value, a.confidence, a.threshold, "
+                "a.model_name, a.model_version, a.run_id, a.written_at FROM {a} a JOIN retract_pairs p ON "
+                "p.product_id = a.product_id AND p.attribute = a.attribute WHERE a.source = 'model'",
+                r="replaced",
+                a="attributes",
+            ),
+            [seq],
+        )
+        conn.execute(
+            self._sql("INSERT INTO {rp} SELECT %s, product_id, attribute FROM retract_pairs", rp="run_pairs"),
+            [seq],
+        )
+        return int(
+            conn.execute(
+                self._sql(
+                    "DELETE FROM {a} a USING retract r, retract_pairs p WHERE " + match + " AND "
+                    "p.product_id = a.product_id AND p.attribute = a.attribute",
+                    a="attributes",
+                ),
+                [run.model_version],
+            ).rowcount
         )
 
     def _insert_quarantine(self, conn: Any, rows: pa.Table) -> None:
