@@ -11,8 +11,9 @@ written (an unknown sample, product, attribute or value, an unknown verdict, a m
 a bad time is an error that names the rows; nothing is half-imported); :func:`import_verdicts`
 writes only what is new or changed, in one commit, so importing the same file twice changes nothing.
 :func:`latest_verdicts` gives one verdict per sampled value (the latest ``reviewed_at``; ties: the
-reviewer name last in order); :func:`rejected_values` the values people rejected for a model version,
-which its runs never write again; the labels builder reads both (``catalog/labels.py``).
+reviewer name last in order); :func:`verdicts_by_value` one per product and value over every sample
+(the labels builder's input, ``catalog/labels.py``); :func:`rejected_values` the values people
+rejected for a model version, which its runs never write again and remove (``enrich.py``).
 """
 
 from __future__ import annotations

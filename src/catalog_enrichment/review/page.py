@@ -60,8 +60,8 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr
   <label>Reviewer <input id="reviewer" autocomplete="name"></label>
   <span id="progress"></span>
   <button id="save">Save verdicts</button>
-  <span>Is the value right for the product? Then import the saved file:
-    <code>catalog-enrich review import FILE</code></span>
+  <span>Is the value right for this product? Save, then
+    <code>catalog-enrich review import &lt;saved file&gt;</code></span>
 </header>
 <main id="items"></main>
 <script type="application/json" id="rows">__ROWS__</script>
