@@ -78,6 +78,15 @@ airflow-venv:
 	  touch "$(AIRFLOW_VENV)/.complete"; \
 	fi
 
+# $(call apt_install,PACKAGES,WHAT FOR): apt-get install as root, or through sudo (no commas in either)
+apt_install = SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  if [ -n "$$SUDO" ] && ! command -v sudo >/dev/null; then \
+	    echo "missing: apt-get install $(1) (as root)" >&2; exit 1; \
+	  fi; \
+	  echo ">> installing $(1) with apt ($(2))"; \
+	  $$SUDO apt-get update -qq >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(1) >/dev/null
+
 # PostgreSQL (initdb, pg_ctl) and its JDBC driver: the postgres catalog's tests and demo start a
 # throw-away server. Installed with apt where missing (as root, or through sudo).
 PG_JAR := /usr/share/java/postgresql.jar
@@ -86,28 +95,17 @@ postgres:
 	have_initdb() { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }; \
 	missing=""; have_initdb || missing="postgresql"; [ -f $(PG_JAR) ] || missing="$$missing libpostgresql-jdbc-java"; \
 	if [ -n "$$missing" ]; then \
-	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
-	  if [ -n "$$SUDO" ] && ! command -v sudo >/dev/null; then \
-	    echo "missing: apt-get install $$missing (as root)" >&2; exit 1; \
-	  fi; \
-	  echo ">> installing$$missing with apt (the postgres catalog's tests start a throw-away server)"; \
-	  $$SUDO apt-get update -qq >/dev/null; \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  $(call apt_install,$$missing,the postgres catalog's tests start a throw-away server); \
 	  have_initdb && [ -f $(PG_JAR) ] || { echo "installing$$missing failed" >&2; exit 1; }; \
 	fi
 
 # Chromium and its WebDriver: the review page's test drives a real headless browser (apt, as above).
 browser:
 	@set -euo pipefail; \
-	if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
-	  if [ -n "$$SUDO" ] && ! command -v sudo >/dev/null; then \
-	    echo "missing: apt-get install chromium chromium-driver (as root)" >&2; exit 1; \
-	  fi; \
-	  echo ">> installing chromium chromium-driver with apt (the review page's browser test)"; \
-	  $$SUDO apt-get update -qq >/dev/null; \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	  command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "installing chromium failed" >&2; exit 1; }; \
+	have() { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; \
+	if ! have; then \
+	  $(call apt_install,chromium chromium-driver,the review page's browser test); \
+	  have || { echo "installing chromium failed" >&2; exit 1; }; \
 	fi
 
 WEIGHTS_REQS := deploy/weights/requirements.txt

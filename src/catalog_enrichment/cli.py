@@ -229,14 +229,16 @@ def _report(sub: Sub) -> None:
     p.add_argument("--sample", metavar="ID", help="--audit: this sample")
 
 
-def _review(sub: Sub) -> None:
-    review = sub.add_parser(
-        "review",
-        help="human review: sample written values, import verdicts (then: report --audit)",
-        description="Sample written values for people to judge and import their verdicts.",
-    )
-    inner = review.add_subparsers(dest="review", metavar="STEP", required=True)
-    p = _command(inner, "sample", commands.review_sample)
+def _group(sub: Sub, name: str, *, help: str, description: str, metavar: str, steps: Sequence[Any]) -> None:
+    """A command with subcommands (``bench``, ``review``): each of ``steps`` adds one."""
+    parser = sub.add_parser(name, help=help, description=description)
+    inner = parser.add_subparsers(dest=name, metavar=metavar, required=True)
+    for add in steps:
+        add(inner)
+
+
+def _review_sample(sub: Sub) -> None:
+    p = _command(sub, "sample", commands.review_sample)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", metavar="ID", help="the values this run wrote")
     which.add_argument("--model-version", metavar="V", help="the values this model version wrote")
@@ -246,11 +248,25 @@ def _review(sub: Sub) -> None:
         "--out", metavar="FILE", help="sample file, .csv or .parquet (default: <sample id>/<sample id>.csv)"
     )
     p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
-    p = _command(inner, "import", commands.review_import)
+
+
+def _review_import(sub: Sub) -> None:
+    p = _command(sub, "import", commands.review_import)
     p.add_argument(
         "file", metavar="FILE", help="verdict file (.csv or .parquet): the sample file or the page's"
     )
     p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
+
+
+def _review(sub: Sub) -> None:
+    _group(
+        sub,
+        "review",
+        help="human review: sample written values, import verdicts (then: report --audit)",
+        description="Sample written values for people to judge and import their verdicts.",
+        metavar="STEP",
+        steps=(_review_sample, _review_import),
+    )
 
 
 def _config(sub: Sub) -> None:
@@ -370,22 +386,22 @@ def _bench_audit(sub: Sub) -> None:
 
 
 def _bench(sub: Sub) -> None:
-    bench = sub.add_parser(
+    _group(
+        sub,
         "bench",
-        help="benchmarks (not tests): generator speed, quality, throughput, catalog writes, chaos",
+        help="benchmarks (not tests): generator speed, quality, throughput, catalog writes, chaos, audit",
         description="Measure and write JSON; speed targets live here, not in tests.",
+        metavar="BENCH",
+        steps=(
+            _bench_generate,
+            _bench_quality,
+            _bench_pretrain_text,
+            _bench_throughput,
+            _bench_write,
+            _bench_chaos,
+            _bench_audit,
+        ),
     )
-    inner = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for add in (
-        _bench_generate,
-        _bench_quality,
-        _bench_pretrain_text,
-        _bench_throughput,
-        _bench_write,
-        _bench_chaos,
-        _bench_audit,
-    ):
-        add(inner)
 
 
 COMMANDS = (

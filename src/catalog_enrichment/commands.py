@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from catalog_enrichment import runtime
 from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
@@ -18,6 +18,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 # stopped an enrichment run before any write (schedulers alert on it differently).
 EXIT_ABORTED = 3
 EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the catalog; try again later (as the cron wrapper)
+T = TypeVar("T")
 
 
 def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -528,12 +529,7 @@ def bench_audit(args: argparse.Namespace, cfg: AppConfig) -> int:
     work = Path(args.workdir)
     if not (work / "incoming" / "truth").exists() or not (work / "lakehouse" / "attributes").exists():
         raise CatalogEnrichError(f"{work} is not a demo folder (run `catalog-enrich demo --workdir {work}`)")
-    try:
-        balances = [float(b) for b in args.balances.split(",")]
-    except ValueError:
-        raise CatalogEnrichError(
-            f"--balances: comma-separated numbers in [0, 1], got {args.balances!r}"
-        ) from None
+    balances = _numbers(args.balances, "--balances", float)
     catalog_cfg = cfg.catalog.model_copy(
         update={"root": str(work / "lakehouse"), "products": str(work / "incoming" / "products")}
     )
@@ -617,12 +613,7 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     unknown = sorted(set(modes) - set(known))
     if unknown or not modes:
         raise CatalogEnrichError(f"--modes: unknown {unknown}; choose from {', '.join(known)}")
-    try:
-        sizes = [int(n) for n in args.sizes.split(",")]
-    except ValueError:
-        raise CatalogEnrichError(
-            f"--products: comma-separated numbers expected, got {args.sizes!r}"
-        ) from None
+    sizes = _numbers(args.sizes, "--products", int)
     if args.bundle:
         bundle = Path(args.bundle)
         if not (bundle / "weights.pt").is_file():
@@ -653,6 +644,14 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
             print(f"{key}: {value:.3f}")
     print(f"wrote {args.out}")
     return 0
+
+
+def _numbers(text: str, flag: str, kind: Callable[[str], T]) -> list[T]:
+    """``1,2,3`` -> ``[1, 2, 3]``; a one-line error naming ``flag`` otherwise."""
+    try:
+        return [kind(n) for n in text.split(",")]
+    except ValueError:
+        raise CatalogEnrichError(f"{flag}: comma-separated numbers expected, got {text!r}") from None
 
 
 def bench_write(args: argparse.Namespace, cfg: AppConfig) -> int:

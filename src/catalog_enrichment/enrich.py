@@ -222,7 +222,7 @@ def _locked_run(
             progress("  nothing to enrich: no new or changed products")
             if rejected:  # still take out what people rejected
                 with _stage(report, "write"):
-                    outcome.merge = catalog.write(_retraction(report, rejected))
+                    outcome.merge = catalog.write(_run_write(report, rejected))
             report.status, report.watermark = "succeeded", since
             return _finish(outcome, catalog, cfg, client, clock, progress)
         with _stage(report, "score"):
@@ -236,7 +236,7 @@ def _locked_run(
         _account(report, decisions)
         fault_point("before_merge")
         with _stage(report, "write"):
-            outcome.merge = catalog.write(_run_write(report, decisions, staging, rejected), spark)
+            outcome.merge = catalog.write(_run_write(report, rejected, decisions, staging), spark)
         _written(report, decisions, policy)
         progress(
             f"  wrote {decisions.values.num_rows:,} values (version {outcome.merge.version}); "
@@ -383,32 +383,31 @@ def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 
 def _run_write(
-    report: RunReport, decisions: Decisions, staging: Path, rejected: Iterable[tuple[str, str, str]]
+    report: RunReport,
+    rejected: Iterable[tuple[str, str, str]],
+    decisions: Decisions | None = None,
+    staging: Path | None = None,
 ) -> RunWrite:
+    """What the run commits: its decisions and the removal of the values people rejected for its
+    version; without decisions (nothing to score) only that removal."""
+    if decisions is None:
+        strings = [pa.field(k, pa.string()) for k in ("product_id", "attribute", "value")]
+        values = pa.schema(
+            [*strings, ("confidence", pa.float64()), ("threshold", pa.float64())]
+        ).empty_table()
+        pairs = pa.schema(strings[:2]).empty_table()
+        quarantine = load_contract("quarantine").arrow_schema().empty_table()
+    else:
+        values, pairs, quarantine = decisions.values, decisions.pairs, decisions.quarantine
     return RunWrite(
         run_id=report.run_id,
         model_name=str(report.model_name),
         model_version=str(report.model_version),
         written_at=report.started_at,
-        values=decisions.values,
-        pairs=decisions.pairs,
-        quarantine=decisions.quarantine,
-        scores=str(staging / "scores"),
-        retract=_keys(rejected),
-    )
-
-
-def _retraction(report: RunReport, rejected: Iterable[tuple[str, str, str]]) -> RunWrite:
-    """A run that scored nothing: it only removes the values people rejected for its version."""
-    strings = [pa.field(k, pa.string()) for k in ("product_id", "attribute", "value")]
-    return RunWrite(
-        run_id=report.run_id,
-        model_name=str(report.model_name),
-        model_version=str(report.model_version),
-        written_at=report.started_at,
-        values=pa.schema([*strings, ("confidence", pa.float64()), ("threshold", pa.float64())]).empty_table(),
-        pairs=pa.schema(strings[:2]).empty_table(),
-        quarantine=load_contract("quarantine").arrow_schema().empty_table(),
+        values=values,
+        pairs=pairs,
+        quarantine=quarantine,
+        scores=None if staging is None else str(staging / "scores"),
         retract=_keys(rejected),
     )
 

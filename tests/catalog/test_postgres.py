@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from catalog_enrichment.catalog import open_catalog, postgres
@@ -123,6 +125,10 @@ def test_load_products_copies_a_lakehouse_table_into_the_database(
     some, _ = catalog.snapshot("products", columns=["product_id", "category", "updated_at"])
     assert some.column_names == ["product_id", "category", "updated_at"]
     assert some.sort_by("product_id") == loaded.select(some.column_names).sort_by("product_id")
+    ids = ["P00000003", "P00000007", "no-such-product"]  # the rows of a few products only
+    few, _ = catalog.snapshot("products", columns=["product_id", "title"], product_ids=ids)
+    expected = loaded.filter(pc.is_in(loaded["product_id"], pa.array(ids))).select(["product_id", "title"])
+    assert few.num_rows >= 2 and few.sort_by("product_id") == expected.sort_by("product_id")
     assert main(["load-products", str(marketplace.products)]) == 2  # the lakehouse catalog
     assert "add --set catalog.kind=postgres" in capsys.readouterr().err
     assert main(["load-products", "/nowhere", *flags]) == 2

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.reviews import review_schema
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.truth import truth_lookup, written_precision
+from catalog_enrichment.data.truth import truth_lookup, truth_verdicts, written_precision
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.review.audit import audit_sample
 from catalog_enrichment.review.sample import draw_sample
@@ -31,16 +31,8 @@ _T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 def _verdicts(sample: pa.Table, lookup: dict[tuple[str, str], set[str]]) -> pa.Table:
     """The sample judged from the truth ("unsure" where the truth does not say)."""
-    rows = sample.to_pylist()
-    verdict = [
-        "unsure"
-        if (r["product_id"], r["attribute"]) not in lookup
-        else "yes"
-        if r["value"] in lookup[(r["product_id"], r["attribute"])]
-        else "no"
-        for r in rows
-    ]
-    n = len(rows)
+    verdict = truth_verdicts(sample, lookup)
+    n = sample.num_rows
     return pa.table(
         {
             **{k: sample[k] for k in ("sample_id", "product_id", "attribute", "value", "model_version")},
@@ -75,11 +67,12 @@ def run_audit_benchmark(
         raise CatalogEnrichError(f"{catalog.describe()} holds no model value to audit")
     version = max(set(rows["model_version"].to_pylist()), key=lambda v: (len(v), v))
     mine = rows.filter(pc.equal(rows["model_version"], version))
-    true = {a: r["precision"] for a, r in written_precision(mine, truth, taxonomy).items() if r["precision"]}
+    written = written_precision(mine, truth, taxonomy)
+    true = {a: r["precision"] for a, r in written.items() if r["precision"]}
     lookup = truth_lookup(truth, taxonomy)
     result: dict[str, Any] = {
         "model_version": version,
-        "written": {a: r["written"] for a, r in written_precision(mine, truth, taxonomy).items()},
+        "written": {a: r["written"] for a, r in written.items()},
         "true_precision": true,
         "size": size,
         "seeds": seeds,

@@ -24,7 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,10 +174,14 @@ class Catalog(Protocol):
         ...
 
     def snapshot(
-        self, table: Literal["products", "attributes"], columns: Sequence[str] | None = None
+        self,
+        table: Literal["products", "attributes"],
+        columns: Sequence[str] | None = None,
+        product_ids: Iterable[str] | None = None,
     ) -> tuple[pa.Table, dict[str, Any]]:
-        """The whole products or attribute table in Arrow (``columns`` only, when given), and where
-        (and which version) it was read from (training labels record it).
+        """The whole products or attribute table in Arrow (``columns`` only, the rows of
+        ``product_ids`` only, when given), and where (and which version) it was read from (training
+        labels record it).
 
         Raises:
             CatalogEnrichError: there is no such table.

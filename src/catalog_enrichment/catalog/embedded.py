@@ -9,7 +9,7 @@ lock is a ``flock`` on ``<root>/_lock`` (:mod:`catalog_enrichment.catalog.lock`)
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
@@ -125,12 +125,19 @@ class LakehouseCatalog:
         return lakehouse.read_table(self.attributes).cast(attributes.attributes_schema())
 
     def snapshot(
-        self, table: Literal["products", "attributes"], columns: Sequence[str] | None = None
+        self,
+        table: Literal["products", "attributes"],
+        columns: Sequence[str] | None = None,
+        product_ids: Iterable[str] | None = None,
     ) -> tuple[pa.Table, dict[str, Any]]:
         path = self.products if table == "products" else self.attributes
         if not path.exists():
             raise CatalogEnrichError(f"the {table} table was not found: {path}")
-        return lakehouse.read_table(path, columns=columns), {
+        if product_ids is not None:
+            data = lakehouse.read_products_of(path, product_ids, columns)
+        else:
+            data = lakehouse.read_table(path, columns=columns)
+        return data, {
             "path": str(path.resolve()),
             "version": lakehouse.table_version(path),
         }

@@ -7,17 +7,26 @@ current snapshot) or natively where Delta Lake is installed on the cluster.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from catalog_enrichment.errors import ContractError
 
-__all__ = ["TableFormat", "data_files", "read_table", "table_format", "table_version", "write_table"]
+__all__ = [
+    "TableFormat",
+    "data_files",
+    "read_products_of",
+    "read_table",
+    "table_format",
+    "table_version",
+    "write_table",
+]
 
 TableFormat = Literal["delta", "parquet"]
 
@@ -95,6 +104,31 @@ def read_table(
     else:
         dataset = ds.dataset(str(target), format="parquet", partitioning="hive")
     return dataset.to_table(columns=list(columns) if columns else None)
+
+
+def read_products_of(
+    path: str | Path, product_ids: Iterable[str], columns: Sequence[str] | None = None
+) -> pa.Table:
+    """The rows of a Delta or Parquet table whose ``product_id`` is one of ``product_ids`` (``columns``
+    only, when given), filtered batch by batch: a few rows of a large table never hold the whole
+    table in memory."""
+    target = Path(path)
+    if table_format(target) == "delta":
+        from deltalake import DeltaTable
+
+        dataset = DeltaTable(str(target)).to_pyarrow_dataset()
+    elif target.is_file():
+        dataset = ds.dataset(str(target), format="parquet")
+    else:
+        dataset = ds.dataset(str(target), format="parquet", partitioning="hive")
+    wanted = pa.array(sorted(set(product_ids)), pa.string())
+    columns = list(columns or dataset.schema.names)
+    kept = [
+        batch.filter(pc.is_in(batch.column("product_id").cast(pa.string()), value_set=wanted))
+        for batch in dataset.to_batches(columns=columns)
+    ]
+    schema = pa.schema([dataset.schema.field(c) for c in columns])
+    return pa.Table.from_batches([b for b in kept if b.num_rows], schema=schema)
 
 
 def table_version(path: str | Path) -> int | None:

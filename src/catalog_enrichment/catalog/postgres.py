@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import (
     MergeResult,
@@ -843,12 +844,18 @@ class PostgresCatalog:
         return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
 
     def snapshot(
-        self, table: Literal["products", "attributes"], columns: Sequence[str] | None = None
+        self,
+        table: Literal["products", "attributes"],
+        columns: Sequence[str] | None = None,
+        product_ids: Iterable[str] | None = None,
     ) -> tuple[pa.Table, dict[str, Any]]:
         from psycopg import sql
 
+        ids = None if product_ids is None else sorted(set(product_ids))
         if table == "attributes":
             rows = self.attribute_rows()
+            if ids is not None:
+                rows = rows.filter(pc.is_in(rows["product_id"], pa.array(ids, pa.string())))
             where = {"table": f"{self.schema}.attributes", "database": self.describe()}
             return (rows.select(list(columns)) if columns else rows), where
         contract = load_contract("products")
@@ -857,11 +864,12 @@ class PostgresCatalog:
             schema = pa.schema([schema.field(c) for c in columns])
         with self.connect() as conn:
             self._check_products(conn, contract)
-            cursor = conn.execute(
-                sql.SQL("SELECT {} FROM {}").format(
-                    sql.SQL(", ").join(map(sql.Identifier, schema.names)), sql.Identifier(*self.products)
-                )
+            query = sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(map(sql.Identifier, schema.names)), sql.Identifier(*self.products)
             )
+            if ids is not None:
+                query = sql.SQL("{} WHERE product_id = ANY(%s)").format(query)
+            cursor = conn.execute(query, None if ids is None else [ids])
             rows = [dict(zip(schema.names, r, strict=True)) for r in cursor]
         for row in rows:  # jsonb {"color": ["red"]} -> the contract's map
             if "merchant_attributes" in row:

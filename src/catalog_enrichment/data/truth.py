@@ -19,6 +19,7 @@ __all__ = [
     "judge_from_truth",
     "sample_against_truth",
     "truth_lookup",
+    "truth_verdicts",
     "written_precision",
 ]
 
@@ -90,22 +91,28 @@ def sample_against_truth(
     return "\n".join(lines)
 
 
+def truth_verdicts(values: pa.Table, lookup: dict[tuple[str, str], set[str]]) -> list[str]:
+    """Per (product_id, attribute, value) row: "yes" when the value is one of the product's true
+    values, "no" when it is not, "unsure" when the truth does not say (a bad row; ``lookup`` from
+    :func:`truth_lookup`)."""
+    out = []
+    for pid, attr, value in zip(
+        values["product_id"].to_pylist(),
+        values["attribute"].to_pylist(),
+        values["value"].to_pylist(),
+        strict=True,
+    ):
+        true = lookup.get((pid, attr))
+        out.append("unsure" if true is None else "yes" if value in true else "no")
+    return out
+
+
 def judge_from_truth(
     sample: pa.Table, truth: pa.Table, taxonomy: Taxonomy, *, reviewer: str, reviewed_at: str
 ) -> pa.Table:
     """A review sample file with its ``verdict`` column filled from the ground truth, as a careful
-    person would: "yes" when the value is one of the product's true values, "no" when it is not,
-    "unsure" when the truth does not say (a bad row). ``reviewer`` and ``reviewed_at`` are filled too."""
-    lookup = truth_lookup(truth, taxonomy)
-    verdicts = []
-    for pid, attr, value in zip(
-        sample["product_id"].to_pylist(),
-        sample["attribute"].to_pylist(),
-        sample["value"].to_pylist(),
-        strict=True,
-    ):
-        true = lookup.get((pid, attr))
-        verdicts.append("unsure" if true is None else "yes" if value in true else "no")
+    person would (:func:`truth_verdicts`); ``reviewer`` and ``reviewed_at`` are filled too."""
+    verdicts = truth_verdicts(sample, truth_lookup(truth, taxonomy))
     n = sample.num_rows
     filled = {"verdict": verdicts, "reviewer": [reviewer] * n, "reviewed_at": [reviewed_at] * n}
     for name, column in filled.items():

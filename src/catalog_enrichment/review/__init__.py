@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.review.audit import Audit, audit_sample, plot_audit
 from catalog_enrichment.review.page import write_page
-from catalog_enrichment.review.sample import DrawnSample, draw_sample, write_annotator_files
+from catalog_enrichment.review.sample import (
+    DrawnSample,
+    draw_sample,
+    sample_file_format,
+    write_annotator_files,
+)
 
 __all__ = ["SampleFiles", "audit_catalog", "record_audit", "sample_for_review"]
 
@@ -50,8 +54,8 @@ def sample_for_review(
 
     size = cfg.review.sample_size if size is None else size
     seed = cfg.review.seed if seed is None else seed
-    if out is not None and out.suffix.lower() not in (".csv", ".parquet"):
-        raise CatalogEnrichError(f"--out {out}: the sample is written as .csv or .parquet")
+    if out is not None:
+        sample_file_format(out)  # before anything is drawn and recorded
     sample = draw_sample(
         catalog, run_id=run_id, model_version=model_version, size=size, seed=seed, balance=cfg.review.balance
     )

@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "DrawnSample",
     "allocate",
     "draw_sample",
+    "sample_file_format",
     "stratified_sample",
     "water_fill",
     "write_annotator_files",
@@ -126,8 +127,9 @@ class DrawnSample:
     population: int  # written values it was drawn from
 
 
-def _latest_products(catalog: Any, columns: list[str]) -> pa.Table:
-    products, _ = catalog.snapshot("products", columns=[*columns, "updated_at"])
+def _latest_products(catalog: Any, columns: list[str], product_ids: Iterable[str] | None = None) -> pa.Table:
+    """One row per product (its latest copy), ``columns`` only (of ``product_ids`` only, when given)."""
+    products, _ = catalog.snapshot("products", columns=[*columns, "updated_at"], product_ids=product_ids)
     products = products.filter(pc.is_valid(products["product_id"]))
     products = products.take(
         pc.sort_indices(products, sort_keys=[("product_id", "ascending"), ("updated_at", "descending")])
@@ -221,6 +223,18 @@ def _image_file(data: bytes, folder: Path, product_id: str) -> str:
     return f"{folder.name}/{name}"
 
 
+def sample_file_format(out: Path) -> str:
+    """``.csv`` or ``.parquet``, the suffix of the sample file ``out``.
+
+    Raises:
+        CatalogEnrichError: any other suffix.
+    """
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise CatalogEnrichError(f"--out {out}: the sample is written as .csv or .parquet")
+    return suffix
+
+
 def write_annotator_files(
     catalog: Any, sample: DrawnSample, out: Path, images: ImagePolicy
 ) -> tuple[pa.Table, int]:
@@ -231,15 +245,12 @@ def write_annotator_files(
     Raises:
         CatalogEnrichError: ``out`` is neither .csv nor .parquet.
     """
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise CatalogEnrichError(f"--out {out}: the sample is written as .csv or .parquet")
+    suffix = sample_file_format(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = out.parent / "images"
     folder.mkdir(exist_ok=True)
     ids = set(sample.rows["product_id"].to_pylist())
-    products = _latest_products(catalog, ["product_id", *_TEXT, "image", "image_uri"])
-    products = products.filter(pc.is_in(products["product_id"], pa.array(sorted(ids), pa.string())))
+    products = _latest_products(catalog, ["product_id", *_TEXT, "image", "image_uri"], ids)
     info: dict[str, dict[str, Any]] = {}
     for p in products.to_pylist():
         data = p["image"]
