@@ -81,6 +81,8 @@ def test_config_command_applies_overrides(capsys: pytest.CaptureFixture[str]) ->
         (["bench", "throughput", "--bundle", "/no/such/bundle"], "is not a model bundle"),
         (["bench", "throughput", "--products", "16k"], "comma-separated numbers expected"),
         (["bench", "throughput", "--modes", "raw_tasks", "--set", "inference.device=cuda"], "cuda"),
+        (["bench", "quality", "--data", "train.parquet"], "--data and --test-data go together"),
+        (["bench", "quality", "--data", "/no/a", "--test-data", "/no/b"], "no such table: /no/a, /no/b"),
         (["review", "import", "/no/such/verdicts.csv"], "no verdict file at /no/such/verdicts.csv"),
         (["report", "--model-version", "3"], "--model-version and --sample go with --audit"),
         (["report", "--audit", "--run-id", "r1"], "audits a model version (--model-version) or a sample"),

@@ -293,6 +293,17 @@ def _bench_quality(sub: Sub) -> None:
     )
     p.add_argument("--workdir", metavar="DIR", default="bench-quality", help="the marketplace goes here")
     p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="a real labelled table (Delta or Parquet) to train on instead of a generated marketplace; "
+        "needs --test-data, and --taxonomy for its attributes",
+    )
+    p.add_argument(
+        "--test-data",
+        metavar="PATH",
+        help="the labelled table every contender and the simple baseline are tested on (with --data)",
+    )
+    p.add_argument(
         "--label-noise",
         type=float,
         metavar="R",

@@ -479,6 +479,14 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
     device = "cuda" if cfg.inference.device != "cpu" and torch.cuda.is_available() else "cpu"
     if cfg.synthetic.label_noise > 0 or args.ensemble:
         return _paper_study(args, cfg, device)
+    if bool(args.data) != bool(args.test_data):
+        raise CatalogEnrichError("--data and --test-data go together: a table to train on, one to test on")
+    data = None
+    if args.data:
+        data = (Path(args.data), Path(args.test_data))
+        missing = [str(p) for p in data if not p.exists()]
+        if missing:
+            raise CatalogEnrichError(f"no such table: {', '.join(missing)}")
     result = run_quality_benchmark(
         cfg,
         load_taxonomy(cfg.taxonomy_path),
@@ -486,6 +494,7 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
         methods=methods,
         kl_lambda=args.kl_lambda,
         contenders=_contenders(args, adapted) if args.config else None,
+        data=data,
         device=device,
     )
     return _write_result(result, Path(args.out), format_quality_markdown(result))

@@ -242,6 +242,12 @@ class ImageEncoderConfig(_Section):
         "else 96.",
     )
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model kwargs.")
+    color_features: bool = Field(
+        True,
+        description="Append colour statistics of the photo's foreground (a soft CIE L*a*b* histogram and "
+        "its moments, models/color.py) to the backbone's pooled features: pooled ImageNet features keep "
+        "little of a product's colour.",
+    )
 
 
 class EnsembleConfig(_Section):

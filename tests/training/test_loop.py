@@ -16,7 +16,7 @@ from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError, ContractError, TaxonomyError
 from catalog_enrichment.models.model import check_heads, head_specs
 from catalog_enrichment.training.loop import train_and_calibrate, warmup_cosine
-from catalog_enrichment.training.splits import stratified_splits
+from catalog_enrichment.training.splits import group_folds, group_ids, stratified_splits
 from tests.conftest import assert_trained_on_verdicts_only, tiny_config, verdicts_only
 
 
@@ -58,6 +58,43 @@ def test_splits_are_disjoint_reproducible_and_stratified(taxonomy: Taxonomy) -> 
     overall, test_rate = y.mean(axis=0), y[a.test].mean(axis=0)
     common = overall > 0.05
     assert np.all(np.abs(test_rate[common] - overall[common]) < 0.03)
+
+
+def test_variants_with_the_same_text_are_one_group() -> None:
+    titles = ["Luna skinny RW", "luna  SKINNY rw", "Luna skinny RW", "Other"]
+    descriptions = ["Soft denim", "soft denim ", "Other text", None]
+    assert group_ids(titles, descriptions).tolist() == [0, 0, 1, 2]
+
+
+def test_a_group_of_variants_never_spans_two_splits_or_folds(taxonomy: Taxonomy) -> None:
+    from catalog_enrichment.data.dataset import encode_labels
+
+    y = encode_labels(_table(800, taxonomy), taxonomy).stratification_matrix()
+    groups = np.arange(800) // 4  # 200 products with 4 variants each
+    splits = stratified_splits(y, validation=0.1, calibration=0.15, test=0.15, seed=3, groups=groups)
+    parts = [splits.train, splits.validation, splits.calibration, splits.test]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(800))
+    owner = {}
+    for name, part in enumerate(parts):
+        for g in set(groups[part].tolist()):
+            assert owner.setdefault(g, name) == name, f"group {g} is in two splits"
+    # whole groups, still close to the asked sizes (20 and 30 groups of 4)
+    assert abs(splits.test.size - 120) <= 8 and abs(splits.validation.size - 80) <= 8
+    for fit_rows, fold_rows in group_folds(y[splits.train], groups[splits.train], 3, seed=0):
+        assert not set(groups[splits.train][fit_rows].tolist()) & set(
+            groups[splits.train][fold_rows].tolist()
+        )
+        assert fit_rows.size + fold_rows.size == splits.train.size
+
+
+def test_no_test_split_when_tested_on_another_table(taxonomy: Taxonomy) -> None:
+    from catalog_enrichment.data.dataset import encode_labels
+
+    y = encode_labels(_table(200, taxonomy), taxonomy).stratification_matrix()
+    splits = stratified_splits(y, validation=0.1, calibration=0.2, test=0.0, seed=0)
+    assert (
+        splits.test.size == 0 and splits.train.size + splits.validation.size + splits.calibration.size == 200
+    )
 
 
 def test_products_only_people_labelled_train_and_never_calibrate_or_evaluate(taxonomy: Taxonomy) -> None:
@@ -176,6 +213,24 @@ def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(
     train_labels = encode_labels(canonical_order(table), taxonomy).subset(trained.splits.train)
     expected = np.bincount(train_labels.targets["pattern"], minlength=6)
     assert [v.support for v in trained.calibration.attributes["pattern"].values] == expected.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_test_table_is_the_test_split_and_never_trains_or_calibrates(taxonomy: Taxonomy) -> None:
+    table, other = _table(300, taxonomy, seed=0), _table(120, taxonomy, seed=1)
+    other = other.set_column(
+        other.column_names.index("product_id"),
+        "product_id",
+        pa.array([f"other-{i:04d}" for i in range(other.num_rows)]),
+    )
+    trained = train_and_calibrate(table, taxonomy, _cfg(epochs=1), test_table=other)
+    assert trained.splits.test.tolist() == list(range(300, 420))
+    held = np.concatenate([trained.splits.train, trained.splits.validation, trained.splits.calibration])
+    assert sorted(held.tolist()) == list(range(300))
+    assert [trained.product_ids[i] for i in trained.splits.test] == sorted(other["product_id"].to_pylist())
+    assert trained.test_labels is not None
+    assert trained.test_labels.targets["pattern"].shape == (120,)
 
 
 @pytest.mark.slow

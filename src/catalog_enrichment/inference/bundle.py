@@ -146,7 +146,9 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     if not (root / "weights.pt").is_file():
         raise CatalogEnrichError(f"{root} is not a model bundle (no weights.pt)")
     meta = json.loads((root / "model.json").read_text())
-    model_config = ModelConfig.model_validate(meta["model"])
+    image = meta["model"].get("image", {})
+    # bundles from before model.image.color_features existed were trained without colour statistics
+    model_config = ModelConfig.model_validate({**meta["model"], "image": {"color_features": False, **image}})
     taxonomy = Taxonomy.from_dict(json.loads((root / "taxonomy.json").read_text()), source=str(root))
     # bundles from before text_encoder_<i>/ and image_preprocessing were saved had no pretrained
     # parts: their encoders are built from the config

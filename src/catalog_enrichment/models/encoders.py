@@ -19,6 +19,7 @@ from torch import nn
 from catalog_enrichment.config import ImageEncoderConfig, TextEncoderConfig
 from catalog_enrichment.data.dataset import transformers_folder
 from catalog_enrichment.errors import ConfigError
+from catalog_enrichment.models.color import COLOR_FEATURES, color_features
 
 __all__ = [
     "ImageEncoder",
@@ -171,6 +172,13 @@ class ImagePreprocessing:
         shift = torch.tensor([m / s for m, s in zip(self.mean, self.std, strict=True)], device=pixels.device)
         return pixels.float().div_(scale).sub_(shift.view(shape))
 
+    def unnormalize(self, values: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize`'s float output back to RGB in [0, 1]."""
+        shape = (3, 1, 1)
+        std = torch.tensor(self.std, device=values.device, dtype=values.dtype).view(shape)
+        mean = torch.tensor(self.mean, device=values.device, dtype=values.dtype).view(shape)
+        return values * std + mean
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -204,6 +212,19 @@ class ImagePreprocessing:
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
+def _with_color(
+    pooled: torch.Tensor, tokens: torch.Tensor, color: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The colour statistics ``(B, K)`` appended to the pooled ``(B, C)`` vector and, for fusions that
+    attend over the image's tokens ``(B, N, C)``, as one more token: every token is ``C + K`` wide,
+    spatial tokens with zeros in the colour part, the colour token with zeros in the backbone's."""
+    b, n, c = tokens.shape
+    k = color.shape[1]
+    spatial = torch.cat([tokens, tokens.new_zeros(b, n, k)], dim=2)
+    color_token = torch.cat([tokens.new_zeros(b, 1, c), color[:, None, :]], dim=2)
+    return torch.cat([pooled, color], dim=1), torch.cat([spatial, color_token], dim=1)
+
+
 class ImageEncoder(nn.Module):
     """Any timm model, created with ``num_classes=0``; exposes pooled and spatial features.
 
@@ -227,7 +248,9 @@ class ImageEncoder(nn.Module):
             assert cfg.pretrained_path is not None
             self._load_weights(cfg.pretrained_path)
         backbone: Any = self.backbone
-        self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        self.backbone_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        # the pooled vector: the backbone's features, then the foreground's colour statistics
+        self.num_features = self.backbone_features + (COLOR_FEATURES if cfg.color_features else 0)
         self.preprocessing = preprocessing or ImagePreprocessing.resolve(cfg, backbone)
 
     def _load_weights(self, path: str) -> None:
@@ -268,10 +291,14 @@ class ImageEncoder(nn.Module):
         self.backbone.load_state_dict(state)
 
     def forward(self, pixel_values: torch.Tensor, image_present: torch.Tensor) -> ImageFeatures:
+        raw = pixel_values
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.preprocessing.normalize(pixel_values)
         feats = self.backbone.forward_features(pixel_values)
         pooled = self.backbone.forward_head(feats, pre_logits=True)
         tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
+        if self.cfg.color_features:
+            color = color_features(raw if raw.dtype == torch.uint8 else self.preprocessing.unnormalize(raw))
+            pooled, tokens = _with_color(pooled, tokens, color.to(pooled.dtype))
         present = image_present.to(pooled.dtype)
         return ImageFeatures(tokens * present[:, None, None], pooled * present[:, None])

@@ -118,7 +118,8 @@ def _fingerprint(model: MultimodalModel, tokenizer: Any, records: ProductRecords
         model.fusion.needs_tokens,
         model.fusion.needs_fields,
     )
-    h.update(repr((needs, max_length, model.cfg.text.pooling, model.preprocessing.to_dict())).encode())
+    image_prep = (model.preprocessing.to_dict(), model.cfg.image.color_features)
+    h.update(repr((needs, max_length, model.cfg.text.pooling, image_prep)).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     for name, tensor in model.state_dict().items():

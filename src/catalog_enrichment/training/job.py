@@ -182,6 +182,9 @@ def run_training_job(
         removed = trained.label_issues.groupby("attribute").size()
         for attr in taxonomy:
             summary[f"noise_pruning.{attr.name}.removed"] = float(removed.get(attr.name, 0))
+    for attr_name, gap in report.get("_crossfit", {}).items():
+        for key, value in gap.items():
+            summary[f"crossfit.{attr_name}.{key}"] = float(value)
     for member, per_attribute in report.get("_members", {}).items():
         for attr_name, r in per_attribute.items():
             summary[f"test.member_{member.replace(':', '_')}.{attr_name}.r_at_p95"] = float(r)

@@ -74,7 +74,14 @@ from catalog_enrichment.training.embeddings import (
     embed_products,
     inputs_to,
 )
-from catalog_enrichment.training.splits import Splits, calibration_fraction, crossfit_folds, split_labels
+from catalog_enrichment.training.splits import (
+    Splits,
+    calibration_fraction,
+    crossfit_folds,
+    group_folds,
+    group_ids,
+    split_labels,
+)
 
 __all__ = [
     "EpochMetrics",
@@ -533,6 +540,7 @@ FitFn = Callable[[np.ndarray, int, str], tuple[AnyModel, list[_Fit]]]
 def _crossfit(
     train_idx: np.ndarray,
     labels: EncodedLabels,
+    groups: np.ndarray,
     k: int,
     seed: int,
     fit: FitFn,
@@ -544,15 +552,14 @@ def _crossfit(
     also: np.ndarray | None = None,
 ) -> tuple[Predictions, EncodedLabels, Predictions | None]:
     """Out-of-fold scores over the training split: K fold models, each trained on the other folds
-    (stratified over every attribute value) and scoring its own; returned in ``train_idx`` order.
-    ``also``: rows no fold model trains on, scored by every fold model (their mean is returned)."""
-    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
-
+    (stratified over every attribute value, whole ``groups``) and scoring its own; returned in
+    ``train_idx`` order. ``also``: rows no fold model trains on, scored by every fold model (their
+    mean is returned)."""
     train_labels = labels.subset(train_idx)
-    folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = group_folds(train_labels.stratification_matrix(), groups[train_idx], k, seed)
     probs: dict[str, np.ndarray] = {}
     extra: dict[str, np.ndarray] = {}
-    for f, (fit_pos, out_pos) in enumerate(folds.split(train_idx, train_labels.stratification_matrix())):
+    for f, (fit_pos, out_pos) in enumerate(folds):
         say(f"{tag}: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
         model, _ = fit(train_idx[fit_pos], seed + 1 + f, f"  fold {f + 1}: ")
         for attr, p in predict(model, scoring(train_idx[out_pos]), device).probs.items():
@@ -563,9 +570,35 @@ def _crossfit(
     return Predictions(probs, None, {}), train_labels, None if also is None else Predictions(extra, None, {})
 
 
+# fold models this much weaker (validation average precision) than the final model get a warning
+FOLD_GAP_WARNING = 0.05
+
+
+def _fold_gap(
+    folds: Predictions, final: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, say: Progress
+) -> dict[str, dict[str, float]]:
+    """How well the cross-fit's fold models (their mean) and the final model rank the validation
+    split, per attribute: cross-fitting assumes the final model is at least as good as the fold
+    models whose out-of-fold scores calibrate it; weaker fold models make the thresholds too strict."""
+    out = {}
+    for attr in taxonomy:
+        fold_ap = attribute_average_precision(*labels.labelled(folds.probs, attr.name), attr.kind)
+        final_ap = attribute_average_precision(*labels.labelled(final.probs, attr.name), attr.kind)
+        out[attr.name] = {"fold_models_val_ap": fold_ap, "final_model_val_ap": final_ap}
+        if fold_ap < final_ap - FOLD_GAP_WARNING:
+            say(
+                f"warning: {attr.name}: the cross-fit's fold models rank the validation split worse than "
+                f"the final model (average precision {fold_ap:.3f} against {final_ap:.3f}); thresholds "
+                "calibrated on their scores may write less than the final model could "
+                "(training.crossfit_folds: 0 calibrates on a held-out split the final model scores)"
+            )
+    return out
+
+
 def _prune_noisy_labels(
     splits: Splits,
     labels: EncodedLabels,
+    groups: np.ndarray,
     taxonomy: Taxonomy,
     cfg: AppConfig,
     fit: FitFn,
@@ -586,6 +619,7 @@ def _prune_noisy_labels(
     oof, train_labels, val_scores = _crossfit(
         splits.train,
         labels,
+        groups,
         pcfg.folds,
         cfg.training.seed + 1000,
         fit,
@@ -664,6 +698,7 @@ def train_and_calibrate(
     taxonomy: Taxonomy,
     cfg: AppConfig,
     *,
+    test_table: pa.Table | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> TrainedModel:
@@ -673,6 +708,8 @@ def train_and_calibrate(
         table: labelled products (contract ``labelled_products``): text, image and label columns.
         taxonomy: attributes and allowed values; every attribute needs a label column.
         cfg: the app config (model, training, calibration sections are used).
+        test_table: labelled products to test on instead of a test split of ``table`` (e.g. a
+            catalog's own held-out products); ``None`` = ``training.test_fraction`` of ``table``.
         device: where to train; the caller decides (CPU in tests).
         progress: called with one line per epoch and stage.
 
@@ -681,7 +718,9 @@ def train_and_calibrate(
         CatalogEnrichError: too few rows for the splits.
     """
     with deterministic_algorithms(True):
-        return _train_and_calibrate(table, taxonomy, cfg, device=device, progress=progress)
+        return _train_and_calibrate(
+            table, taxonomy, cfg, test_table=test_table, device=device, progress=progress
+        )
 
 
 def _train_and_calibrate(
@@ -689,6 +728,7 @@ def _train_and_calibrate(
     taxonomy: Taxonomy,
     cfg: AppConfig,
     *,
+    test_table: pa.Table | None,
     device: torch.device | str,
     progress: Progress | None,
 ) -> TrainedModel:
@@ -702,21 +742,31 @@ def _train_and_calibrate(
     # training reads its own labelled data: any local image_uri unless images.roots narrows it
     policy = ImagePolicy.from_config(cfg.images) if cfg.images.roots else OWN_DATA_POLICY
     table = _usable_images(canonical_order(table), policy, say)
+    n_own = table.num_rows
+    if n_own == 0:
+        raise CatalogEnrichError("the labelled table is empty")
+    if test_table is not None:  # its rows go last: the test split, never trained or calibrated on
+        test_table = _usable_images(canonical_order(test_table), policy, say)
+        table = pa.concat_tables([table, test_table.select(table.column_names)], promote_options="default")
     records = ProductRecords.from_arrow(table, policy)
     labels = encode_labels(table, taxonomy)
-    if len(records) == 0:
-        raise CatalogEnrichError("the labelled table is empty")
-    folds = crossfit_folds(len(records), tcfg.crossfit_folds)
+    groups = group_ids(records.title, records.description)
+    folds = crossfit_folds(n_own, tcfg.crossfit_folds)
+    own = np.arange(n_own)
     try:
-        splits = split_labels(
-            labels,
+        own_splits = split_labels(
+            labels.subset(own),
             validation=tcfg.validation_fraction,
-            calibration=0.0 if folds else calibration_fraction(len(records), tcfg.calibration_fraction),
-            test=tcfg.test_fraction,
+            calibration=0.0 if folds else calibration_fraction(n_own, tcfg.calibration_fraction),
+            test=0.0 if test_table is not None else tcfg.test_fraction,
             seed=tcfg.seed,
+            groups=groups[own],
         )
     except ValueError as exc:
-        raise CatalogEnrichError(f"cannot split {len(records)} labelled products: {exc}") from None
+        raise CatalogEnrichError(f"cannot split {n_own} labelled products: {exc}") from None
+    splits = own_splits
+    if test_table is not None:
+        splits = dataclasses.replace(splits, test=np.arange(n_own, table.num_rows))
     if tcfg.train_fraction < 1:  # fewer labels to learn from; the held-out splits stay whole
         keep = np.random.default_rng(tcfg.seed).permutation(splits.train.size)[
             : round(tcfg.train_fraction * splits.train.size)
@@ -785,10 +835,14 @@ def _train_and_calibrate(
     issues_table = None
     if tcfg.noise_pruning.enabled:
         train_labels, selection_labels, issues_table = _prune_noisy_labels(
-            splits, labels, taxonomy, cfg, fit, scoring, device, say, records.product_id
+            splits, labels, groups, taxonomy, cfg, fit, scoring, device, say, records.product_id
         )
+    fold_val = None
     if folds:
-        calibration_set = _crossfit(splits.train, labels, folds, tcfg.seed, fit, scoring, device, say)[:2]
+        oof, oof_labels, fold_val = _crossfit(
+            splits.train, labels, groups, folds, tcfg.seed, fit, scoring, device, say, also=splits.validation
+        )
+        calibration_set = (oof, oof_labels)
     seed_everything(tcfg.seed)
     model, fits = fit(splits.train, tcfg.seed, "")
     history, best_epoch = fits[0].history, fits[0].best_epoch
@@ -804,6 +858,8 @@ def _train_and_calibrate(
     test_preds = predict(model, test_loader, device)
     test_labels = labels.subset(splits.test)
     report = evaluate(test_preds, test_labels, taxonomy, calibration)
+    if fold_val is not None:
+        report["_crossfit"] = _fold_gap(fold_val, family_set[0], val_labels, taxonomy, say)
     if isinstance(model, EnsembleModel):  # each member alone on the same test split
         report["_members"] = {
             f"{i + 1}:{m.cfg.fusion}": {

@@ -1,8 +1,16 @@
 """Reproducible train / validation / calibration / test splits, stratified over every attribute value
-(iterative stratification for multi-label data, as in paper 004)."""
+(iterative stratification for multi-label data, as in paper 004), and grouped: products whose text is
+the same (a product's colour or size variants) always land in the same split.
+
+Why grouped: variants share a name and a description. Split one by one, the calibration split holds
+siblings of training products, which the model scores as if it had seen them (it has): calibrated
+there, a threshold is too low for products that are new, and what it writes falls below the target.
+New products in production are new groups, so every held-out split is made of whole groups."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +27,8 @@ __all__ = [
     "Splits",
     "calibration_fraction",
     "crossfit_folds",
+    "group_folds",
+    "group_ids",
     "split_labels",
     "stratified_splits",
 ]
@@ -85,13 +95,54 @@ def _split_off(y: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tu
     return np.sort(idx[rest]), np.sort(idx[part])
 
 
+def group_ids(titles: Sequence[str], descriptions: Sequence[str | None]) -> np.ndarray:
+    """``(n,)`` group of each product: products with the same title and description (compared
+    case- and whitespace-insensitively) are one group, numbered in order of first appearance."""
+    seen: dict[tuple[str, str], int] = {}
+    out = np.empty(len(titles), np.int64)
+    for i, (title, description) in enumerate(zip(titles, descriptions, strict=True)):
+        key = (" ".join((title or "").lower().split()), " ".join((description or "").lower().split()))
+        out[i] = seen.setdefault(key, len(seen))
+    return out
+
+
+def _by_group(y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each row's group position ``(n,)``, the groups' value matrix ``(G, K)``: any member's)."""
+    _, position = np.unique(groups, return_inverse=True)
+    grouped = np.zeros((int(position.max(initial=-1)) + 1, y.shape[1]), y.dtype)
+    np.maximum.at(grouped, position, y)
+    return position, grouped
+
+
+def group_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds of ``n`` rows, stratified over the ``(n, K)`` value matrix ``y`` and never cutting a
+    group: (rows to fit on, rows of the fold) per fold, sorted."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    position, grouped = _by_group(y, groups)
+    folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    out = []
+    for fit_groups, fold_groups in folds.split(np.zeros(grouped.shape[0]), grouped):
+        out.append(
+            (np.flatnonzero(np.isin(position, fit_groups)), np.flatnonzero(np.isin(position, fold_groups)))
+        )
+    return out
+
+
 def stratified_splits(
-    y: np.ndarray, *, validation: float, calibration: float, test: float, seed: int
+    y: np.ndarray,
+    *,
+    validation: float,
+    calibration: float,
+    test: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> Splits:
     """Split ``n`` rows by their ``(n, K)`` 0/1 value matrix ``y``; the same seed gives the same split.
+    ``groups`` ``(n,)``: rows of one group always land in one split (``None``: every row alone).
 
     Raises:
-        CatalogEnrichError: a split would be empty (too few rows for the fractions).
+        CatalogEnrichError: a split would be empty (too few rows or groups for the fractions).
     """
     n = y.shape[0]
     if n < MIN_ROWS:
@@ -99,15 +150,25 @@ def stratified_splits(
             f"{n} labelled products are too few to split into train/validation/calibration/test "
             f"(need at least {MIN_ROWS})"
         )
+    if groups is not None:
+        position, grouped = _by_group(y, groups)
+        by_group = stratified_splits(
+            grouped, validation=validation, calibration=calibration, test=test, seed=seed
+        )
+        return Splits(*(np.flatnonzero(np.isin(position, part)) for part in dataclasses.astuple(by_group)))
     idx = np.arange(n)
-    rest, test_idx = _split_off(y, idx, test, seed)
+    if test > 0:
+        rest, test_idx = _split_off(y, idx, test, seed)
+    else:  # evaluated on another table
+        rest, test_idx = idx, np.zeros(0, np.int64)
     if calibration > 0:
         rest, calib_idx = _split_off(y, rest, calibration / (1 - test), seed + 1)
     else:  # cross-fitted calibration: out-of-fold scores of the training split instead
         calib_idx = np.zeros(0, np.int64)
     train_idx, val_idx = _split_off(y, rest, validation / (1 - test - calibration), seed + 2)
     splits = Splits(train_idx, val_idx, calib_idx, test_idx)
-    empty = [k for k, v in splits.sizes().items() if v == 0 and (k != "calibration" or calibration > 0)]
+    optional = {"calibration": calibration > 0, "test": test > 0}
+    empty = [k for k, v in splits.sizes().items() if v == 0 and optional.get(k, True)]
     if empty:
         raise CatalogEnrichError(
             f"{n} labelled products are too few: the {', '.join(empty)} split would be empty"
@@ -116,7 +177,13 @@ def stratified_splits(
 
 
 def split_labels(
-    labels: EncodedLabels, *, validation: float, calibration: float, test: float, seed: int
+    labels: EncodedLabels,
+    *,
+    validation: float,
+    calibration: float,
+    test: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> Splits:
     """:func:`stratified_splits` of the products with a full label; products only people's verdicts
     label (partial labels: the reviewed products are no random sample, and a partial label cannot
@@ -124,7 +191,14 @@ def split_labels(
     partial_only = labels.partial_only()
     rows = np.flatnonzero(~partial_only)
     y = labels.stratification_matrix()[rows]
-    splits = stratified_splits(y, validation=validation, calibration=calibration, test=test, seed=seed)
+    splits = stratified_splits(
+        y,
+        validation=validation,
+        calibration=calibration,
+        test=test,
+        seed=seed,
+        groups=None if groups is None else groups[rows],
+    )
     return Splits(
         np.sort(np.concatenate([rows[splits.train], np.flatnonzero(partial_only)])),
         rows[splits.validation],

@@ -1,0 +1,50 @@
+"""bench quality on a real catalog's two tables: every contender and the simple baseline, same split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catalog_enrichment.bench.baseline import BASELINE_LABEL
+from catalog_enrichment.bench.quality import format_quality_markdown, run_quality_benchmark
+from catalog_enrichment.config import SyntheticConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.synthetic import products_batches
+from tests.conftest import tiny_config
+
+
+def _parquet(path: Path, n: int, seed: int, taxonomy: Taxonomy) -> Path:
+    table = pa.Table.from_batches(
+        [b for b, _ in products_batches(SyntheticConfig(products=n, seed=seed, image_size=32), taxonomy)]
+    )
+    ids = pa.array([f"s{seed}-{i:05d}" for i in range(n)])
+    pq.write_table(table.set_column(table.column_names.index("product_id"), "product_id", ids), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_real_data_benchmark_tests_every_row_on_the_test_table(tmp_path: Path, taxonomy: Taxonomy) -> None:
+    train = _parquet(tmp_path / "train.parquet", 400, 0, taxonomy)
+    test = _parquet(tmp_path / "test.parquet", 150, 1, taxonomy)
+    cfg = tiny_config(epochs=1)
+    result = run_quality_benchmark(
+        cfg,
+        taxonomy,
+        workdir=tmp_path,
+        contenders=[("tiny", cfg)],
+        data=(train, test),
+        progress=lambda _m: None,
+    )
+    assert result["products"] == 400 and result["test_products"] == 150
+    assert set(result["methods"]) == {"tiny", BASELINE_LABEL}
+    for row in result["methods"].values():
+        for m in row.values():
+            assert 0.0 <= m["r_at_p95"] <= 1.0 and 0.0 <= m["coverage"] <= 1.0
+    # the synthetic text names the product type: the baseline's logistic regression reads it
+    assert result["methods"][BASELINE_LABEL]["product_type"]["r_at_p95"] > 0.5
+    markdown = format_quality_markdown(result)
+    assert f"tested on {test} (150 products)" in markdown and BASELINE_LABEL in markdown
