@@ -17,14 +17,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from catalog_enrichment.calibration import Calibration, calibrate_attribute
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels, ProductRecords, encode_labels
 from catalog_enrichment.data.images import OWN_DATA_POLICY
 from catalog_enrichment.models.color import color_features
 from catalog_enrichment.models.encoders import ImagePreprocessing
-from catalog_enrichment.training.loop import Predictions, evaluate
+from catalog_enrichment.training.loop import Predictions, calibrate, evaluate
 from catalog_enrichment.training.splits import group_folds, group_ids
 
 __all__ = ["BASELINE_LABEL", "run_baseline"]
@@ -118,28 +117,5 @@ def run_baseline(
             )
             oof[attr.name][fold_rows] = fold_scores
         test[attr.name] = _fit_predict(x, labels, attr.name, n_values, x_test)
-    c = cfg.calibration
-    calibration = Calibration(
-        c.target_precision,
-        c.confidence,
-        c.bound,
-        c.min_support,
-        {
-            a.name: calibrate_attribute(
-                a.name,
-                a.kind,
-                a.values,
-                *labels.labelled(oof, a.name),
-                scope=c.scope,
-                target=c.target_precision,
-                confidence=c.confidence,
-                bound=c.bound,
-                min_support=c.min_support,
-                value_floor=c.value_floor,
-                shrinkage=c.shrinkage,
-            )
-            for a in taxonomy
-        },
-        c.scope,
-    )
+    calibration = calibrate(Predictions(oof, None, {}), labels, taxonomy, cfg)
     return evaluate(Predictions(test, None, {}), test_labels, taxonomy, calibration)
