@@ -44,7 +44,10 @@ def test_real_data_benchmark_tests_every_row_on_the_test_table(tmp_path: Path, t
     for row in result["methods"].values():
         for m in row.values():
             assert 0.0 <= m["r_at_p95"] <= 1.0 and 0.0 <= m["coverage"] <= 1.0
-    # the synthetic text names the product type: the baseline's logistic regression reads it
-    assert result["methods"][BASELINE_LABEL]["product_type"]["r_at_p95"] > 0.5
+    # deterministic (seeded data, lbfgs): the synthetic text names the product type, and the
+    # products are flat-coloured shapes whose colour the foreground histogram reads (0.75 and 0.80
+    # when this was written; 0.5 says "reads it", not "is this good")
+    baseline = result["methods"][BASELINE_LABEL]
+    assert baseline["product_type"]["r_at_p95"] > 0.5 and baseline["color"]["r_at_p95"] > 0.5
     markdown = format_quality_markdown(result)
     assert f"tested on {test} (150 products)" in markdown and BASELINE_LABEL in markdown
