@@ -227,15 +227,16 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     assert decision["promote"], decision["reasons"]
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == first.registered.version
 
-    # a deliberately worse model: image only, few epochs -> registered as challenger, not promoted;
-    # trained as a two-member ensemble after noise pruning (what was pruned is an MLflow table)
+    # a deliberately worse model: image only without the colour statistics (which read the synthetic
+    # products' flat colours well enough to pass), few epochs -> registered as challenger, not
+    # promoted; trained as a two-member ensemble after noise pruning (what was pruned is an MLflow table)
     worse = run_training_job(
         _cfg(
             tmp_path,
             mlflow_server,
             fusion="image_only",
             epochs=1,
-            model={"ensemble": {"members": 2}},
+            model={"ensemble": {"members": 2}, "image": {"color_features": False}},
             training={"noise_pruning": {"enabled": True}},
         ),
         taxonomy,
