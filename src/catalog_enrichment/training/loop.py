@@ -754,7 +754,7 @@ def _train_and_calibrate(
     folds = crossfit_folds(n_own, tcfg.crossfit_folds)
     own = np.arange(n_own)
     try:
-        own_splits = split_labels(
+        splits = split_labels(
             labels.subset(own),
             validation=tcfg.validation_fraction,
             calibration=0.0 if folds else calibration_fraction(n_own, tcfg.calibration_fraction),
@@ -764,7 +764,6 @@ def _train_and_calibrate(
         )
     except ValueError as exc:
         raise CatalogEnrichError(f"cannot split {n_own} labelled products: {exc}") from None
-    splits = own_splits
     if test_table is not None:
         splits = dataclasses.replace(splits, test=np.arange(n_own, table.num_rows))
     if tcfg.train_fraction < 1:  # fewer labels to learn from; the held-out splits stay whole
