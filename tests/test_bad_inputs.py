@@ -36,6 +36,7 @@ from catalog_enrichment.errors import ContractError
 from catalog_enrichment.validation.rules import NOT_TEXT_REGEX, build_rules, check_rows
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config
+from tests.delta_protocol import delete_with_deletion_vector
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -322,6 +323,22 @@ def test_an_evolved_delta_table_and_empty_tables_and_partitions_are_read(spark, 
     none = Partition("ingest_date", "2031-01-01")
     assert read_products(spark, tmp_path / "evolved", PRODUCTS, partition=none).count() == 0
     assert table_version(tmp_path / "evolved") == 1
+
+
+def test_rows_a_deletion_vector_removed_stay_removed(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
+    table = pa.Table.from_pylist(_valid_products(incoming)[:12], read_table(incoming.products).schema)
+    write_deltalake(str(tmp_path / "dv"), table)  # one data file
+    delete_with_deletion_vector(tmp_path / "dv", [0, 5, 11])
+    ids = table["product_id"].to_pylist()
+    got = sorted(r["product_id"] for r in read_products(spark, tmp_path / "dv", PRODUCTS).collect())
+    assert got == sorted(set(ids) - {ids[0], ids[5], ids[11]})
+
+
+def test_column_mapping_is_refused_in_one_line_naming_the_feature(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
+    table = pa.Table.from_pylist(_valid_products(incoming)[:3], read_table(incoming.products).schema)
+    write_deltalake(str(tmp_path / "mapped"), table, configuration={"delta.columnMapping.mode": "name"})
+    with pytest.raises(ContractError, match=r"reader feature\(s\) \['columnMapping'\].*physical column names"):
+        read_products(spark, tmp_path / "mapped", PRODUCTS)
 
 
 # The rules on generated rows against a plain-Python statement of the same rules.

@@ -4,6 +4,11 @@ Delta tables are read through their current snapshot's file list (``DeltaTable.f
 by the partition filter) with Spark's Parquet reader, so no Delta jars are needed; plain Parquet
 folders (hive-partitioned) through theirs. The contract's Spark schema is imposed (partition
 columns get their contract type) after each file's own schema has been checked against it.
+
+The table's protocol is honoured, not bypassed: rows a deletion vector removed stay removed (the
+snapshot's deletion vectors, read by delta-rs, are joined away on Spark's ``_metadata.row_index``);
+a reader feature this read cannot honour (column mapping: the files hold physical column names)
+is refused in one line that names it and the fix.
 """
 
 from __future__ import annotations
@@ -56,6 +61,46 @@ def parse_partition(text: str | None, contract: Contract) -> Partition | None:
     return Partition(column, value)
 
 
+# Delta reader features this read honours; log-level ones are delta-rs's to read.
+_HONOURED = frozenset({"deletionVectors", "timestampNtz", "v2Checkpoint", "vacuumProtocolCheck"})
+_FIX = {
+    "columnMapping": "the data files hold physical column names; export the products to a table "
+    "without column mapping (CREATE TABLE … AS SELECT with delta.columnMapping.mode 'none')",
+}
+
+
+def _check_protocol(table: Any, root: Path) -> None:
+    """Refuse, in one line, a Delta table whose reader features this read cannot honour."""
+    protocol = table.protocol()
+    mode = table.metadata().configuration.get("delta.columnMapping.mode", "none")
+    features = set(protocol.reader_features or ())
+    if mode != "none":
+        features.add("columnMapping")
+    refused = sorted(features - _HONOURED)
+    if refused:
+        fixes = "; ".join(f"{f}: {_FIX.get(f, 'export the products to a table without it')}" for f in refused)
+        raise ContractError(
+            f"products table {root} uses Delta reader feature(s) {refused}, which this job's read "
+            f"cannot honour ({fixes})"
+        )
+
+
+def _deleted_rows(root: Path) -> dict[str, list[int]]:
+    """Data file (local path) -> row indexes its deletion vector removes (the current snapshot)."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(root))
+    if "deletionVectors" not in set(table.protocol().reader_features or ()):
+        return {}
+    deleted: dict[str, list[int]] = {}
+    for batch in pa.table(table.deletion_vectors()).to_batches():
+        for uri, keep in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
+            mask = pc.invert(keep.values)
+            deleted[uri.removeprefix("file://")] = pc.indices_nonzero(mask).to_pylist()
+    return deleted
+
+
 def _footers(root: Path, partition: Partition | None) -> tuple[list[str], dict[str, pa.Schema]]:
     """The table's columns (partition columns included) and the Arrow schema of every data file the
     read selects, each footer read once. A Delta table's columns are its current schema's; a
@@ -64,7 +109,9 @@ def _footers(root: Path, partition: Partition | None) -> tuple[list[str], dict[s
     if table_format(root) == "delta":
         from deltalake import DeltaTable
 
-        columns = [f.name for f in DeltaTable(str(root)).schema().fields]
+        table = DeltaTable(str(root))
+        _check_protocol(table, root)
+        columns = [f.name for f in table.schema().fields]
         return columns, {f: _read_footer(f) for f in _data_files(root, partition)}
     every = {f: _read_footer(f) for f in _data_files(root, None)}
     names: dict[str, None] = {}
@@ -123,6 +170,7 @@ def read_products(
             f"products table {path} lacks contract column(s) {missing} (see schemas/products.yaml)"
         )
     schema = contract.spark_schema(enforce_nullability=False)
+    deleted = _deleted_rows(root) if files and table_format(root) == "delta" else {}
     if not files:
         df = spark.createDataFrame([], schema)
     else:
@@ -141,8 +189,11 @@ def read_products(
                 df = df.withColumn(name, F.lit(None).cast(schema[name].dataType))
             for name in nanos:
                 df = df.withColumn(name, F.timestamp_micros(F.floor(F.col(name) / 1000)))
-            parts.append(df.select(*contract.names))
+            where = [F.col("_metadata.file_path").alias(_FILE), F.col("_metadata.row_index").alias(_ROW)]
+            parts.append(df.select(*contract.names, *(where if deleted else [])))
         df = reduce(lambda a, b: a.unionByName(b), parts)
+        if deleted:
+            df = _without_deleted(spark, df, deleted)
     if partition is not None:
         df = df.where(
             F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
@@ -150,6 +201,21 @@ def read_products(
     if since is not None:
         df = df.where(F.col("updated_at") > F.lit(since))
     return df.select(*contract.names)
+
+
+_FILE, _ROW = "__file", "__row_index"
+
+
+def _without_deleted(spark: Any, df: Any, deleted: dict[str, list[int]]) -> Any:
+    """``df`` without the rows the deletion vectors remove (a join on file and row index)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
+
+    rows = [(Path(file).resolve().as_uri(), index) for file, indexes in deleted.items() for index in indexes]
+    schema = StructType([StructField(_FILE, StringType(), False), StructField(_ROW, LongType(), False)])
+    gone = spark.createDataFrame(rows, schema)
+    path = F.regexp_replace(F.col(_FILE), "^file:/+", "file:///")  # Spark writes file:/ or file:///
+    return df.withColumn(_FILE, path).join(F.broadcast(gone), [_FILE, _ROW], "left_anti")
 
 
 def _read_schema(schema: Any, *, drop: frozenset[str], as_long: frozenset[str]) -> Any:
