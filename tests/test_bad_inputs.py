@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
@@ -238,7 +239,10 @@ def test_the_watermark_never_passes_the_runs_start(spark, corpus, taxonomy, scor
         "bad-inputs-next",
     )
     ahead = [r for r, _ in cases if r["updated_at"] is not None and r["updated_at"] > report.started_at]
-    assert again.report.rows_read == len(ahead) == 3
+    # and, once more, the product whose image could not be read (transient, tried again)
+    unread = [r for r, reasons in cases if reasons == ["image_readable"]]
+    assert len(ahead) == 3 and len(unread) == 1
+    assert again.report.rows_read == len(ahead) + len(unread)
     assert again.report.watermark == again.report.started_at
 
 
@@ -323,6 +327,42 @@ def test_an_evolved_delta_table_and_empty_tables_and_partitions_are_read(spark, 
     none = Partition("ingest_date", "2031-01-01")
     assert read_products(spark, tmp_path / "evolved", PRODUCTS, partition=none).count() == 0
     assert table_version(tmp_path / "evolved") == 1
+
+
+def test_an_image_that_could_not_be_read_is_tried_again_by_the_next_runs_then_left(
+    spark, tmp_path, incoming, taxonomy, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """Two products whose image file is not there (a network share down, a 503): both are
+    quarantined; the next incremental run reads them again though they did not change. One image
+    is back by then and its product is scored; the other is tried ``image_retries`` times in all."""
+    products, images = tmp_path / "products", tmp_path / "products" / "images"
+    rows = _valid_products(incoming)[:20]
+    back, gone = rows[0]["product_id"], rows[1]["product_id"]
+    rows[0] = {**rows[0], "image": None, "image_uri": str(images / "back.png")}
+    rows[1] = {**rows[1], "image": None, "image_uri": str(images / "gone.png")}
+    _write_products(products, rows)
+    cfg = tiny_config(
+        catalog={"root": str(tmp_path / "lake")},
+        inference={"device": "cpu"},
+        validation={"max_invalid_fraction": 0.5, "image_retries": 2},
+    )
+
+    def quarantined(run_id: str) -> set[str]:
+        table = read_table(cfg.catalog.table("quarantine"))
+        return {r["product_id"] for r in table.to_pylist() if r["run_id"] == run_id}
+
+    first = _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-1")
+    assert first.report.rows_read == 20 and quarantined("retry-1") == {back, gone}
+    images.mkdir()
+    (images / "back.png").write_bytes(_png(Image.new("RGB", (32, 32), (200, 30, 30))))
+    second = _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-2")
+    assert second.report.rows_read == 2 and second.report.rows_scored == 1  # nothing else changed
+    assert quarantined("retry-2") == {gone}
+    attributes = read_table(cfg.catalog.table("attributes"))
+    assert back in set(attributes.filter(pc.equal(attributes["run_id"], "retry-2"))["product_id"].to_pylist())
+    third = _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-3")  # the second retry, the last
+    assert third.report.rows_read == 1 and quarantined("retry-3") == {gone}
+    assert _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-4").report.rows_read == 0
 
 
 def test_rows_a_deletion_vector_removed_stay_removed(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]

@@ -10,9 +10,11 @@ through spark-submit) with parameters. Per environment, set (Airflow Variables, 
   environment: config file, MLflow URI, catalog location; secrets (database passwords, tokens)
   come from the environment or a secrets backend, never from the command line.
 
-The nightly run enriches the partition of the run date (``ingest_date={{ ds }}``) with run id
-``nightly-{{ ds }}`` - a retry or a re-run of the same date changes nothing that is done - then
-checks the run report (exit 3 = circuit breaker tripped) and alerts on failure.
+The nightly run is the same as cron's: incremental over the whole catalog (every product new or
+changed since the last run, in any partition), with run id ``nightly-{{ ds }}`` - a retry or a
+re-run of the same date changes nothing that is done - then checks the run report (exit 3 =
+circuit breaker tripped) and alerts on failure. Partitions are for backfills (``catalog-enrich
+backfill``).
 """
 
 from __future__ import annotations
@@ -76,11 +78,11 @@ def _dag(dag_id: str, description: str, schedule: str, timeout_hours: int) -> DA
 
 
 with _dag(
-    "catalog_enrichment_nightly", "Enrich the day's new products with the champion model", "15 2 * * *", 6
+    "catalog_enrichment_nightly", "Enrich the new and changed products with the champion model", "15 2 * * *", 6
 ) as nightly:
     enrich = BashOperator(
         task_id="enrich",
-        bash_command=f"{SUBMIT} enrich --partition ingest_date={{{{ ds }}}} --full --run-id {RUN_ID}",
+        bash_command=f"{SUBMIT} enrich --run-id {RUN_ID}",
         execution_timeout=dt.timedelta(hours=4),
     )
     check_report = BashOperator(

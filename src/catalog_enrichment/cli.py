@@ -372,6 +372,18 @@ def _bench_write(sub: Sub) -> None:
     p.add_argument("--out", metavar="FILE", default="bench-write.json", help="JSON output")
 
 
+def _bench_scale(sub: Sub) -> None:
+    p = _command(sub, "scale", commands.bench_scale)
+    p.add_argument(
+        "--rows", metavar="LIST", default="10000,1000000,5000000", help="attribute-table sizes (10k, 1M, 5M)"
+    )
+    p.add_argument("--increment", type=int, metavar="N", default=2000, help="products per run (2000)")
+    p.add_argument("--repeats", type=int, metavar="R", default=2, help="runs per catalog; medians (2)")
+    p.add_argument("--kinds", metavar="LIST", default="lakehouse,postgres", help="catalogs to time")
+    p.add_argument("--workdir", metavar="DIR", default="bench-scale", help="model and catalogs go here")
+    p.add_argument("--out", metavar="FILE", default="bench-scale.json", help="JSON (markdown beside it)")
+
+
 def _bench_pretrain_text(sub: Sub) -> None:
     p = _command(sub, "pretrain-text", commands.bench_pretrain_text)
     p.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
@@ -400,7 +412,8 @@ def _bench(sub: Sub) -> None:
     _group(
         sub,
         "bench",
-        help="benchmarks (not tests): generator speed, quality, throughput, catalog writes, chaos, audit",
+        help="benchmarks (not tests): generator speed, quality, throughput, catalog writes and scale, chaos, "
+        "audit",
         description="Measure and write JSON; speed targets live here, not in tests.",
         metavar="BENCH",
         steps=(
@@ -409,6 +422,7 @@ def _bench(sub: Sub) -> None:
             _bench_pretrain_text,
             _bench_throughput,
             _bench_write,
+            _bench_scale,
             _bench_chaos,
             _bench_audit,
         ),

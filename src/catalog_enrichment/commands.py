@@ -314,7 +314,7 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
     """undo what one run or one model version wrote (restores the values it replaced)
 
     Remove the values a run (or every run of a model version) wrote and restore the values they
-    replaced (the Delta history; in PostgreSQL, the values each run replaced, kept at its commit).
+    replaced (kept by each run at its commit); every run of a model version in one commit.
     Pairs changed by later runs are left alone.
     """
     from catalog_enrichment.catalog import open_catalog, runs
@@ -707,6 +707,39 @@ def bench_write(args: argparse.Namespace, cfg: AppConfig) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(format_write_bench(result))
     print(f"wrote {args.out}")
+    return 0
+
+
+def bench_scale(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """what one nightly increment costs as the catalog grows (both catalogs)
+
+    Grow the attribute table to each --rows size (rows of other products, ids between the
+    increment's), then enrich the same increment as a whole catalog-enrich process on each;
+    report wall time, driver peak RSS and stage seconds, medians over repeats. PostgreSQL: the
+    server of CATALOG_ENRICH_PG_DSN / PGHOST, else a throw-away local one.
+    """
+    import contextlib
+    import os
+
+    from catalog_enrichment.bench.scale import format_scale, run_scale_bench
+    from catalog_enrichment.catalog.pgserver import LocalPostgres
+    from catalog_enrichment.catalog.postgres import PG_DSN_ENV
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    sizes = _numbers(args.rows, "--rows", int)
+    with contextlib.ExitStack() as stack:
+        dsn = os.environ.get(PG_DSN_ENV)
+        if "postgres" in kinds and not (dsn or os.environ.get("PGHOST")):
+            dsn = stack.enter_context(LocalPostgres()).dsn()
+        result = run_scale_bench(
+            sizes=sizes, increment=args.increment, kinds=kinds, repeats=args.repeats,
+            workdir=Path(args.workdir), dsn=dsn,
+        )  # fmt: skip
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(format_scale(result) + "\n")
+    print(format_scale(result))
+    print(f"wrote {out}")
     return 0
 
 

@@ -171,8 +171,21 @@ class CatalogConfig(_Section):
         description="How long a run waits for another run (enrich, backfill, rollback) on the same catalog "
         "to finish before it gives up without writing.",
     )
+    lookback_seconds: float = Field(
+        3600,
+        ge=0,
+        description="An incremental run reads from this long before the last run's watermark, so a "
+        "product whose transaction committed after that run started, stamped with an older updated_at, "
+        "is still read; the rows the last run read in that stretch are skipped. Longer than the longest "
+        "transaction that writes products.",
+    )
     products: str | None = Field(None, description="Products table (default: <root>/products).")
     attributes: str | None = Field(None, description="Attributes table (default: <root>/attributes).")
+    attribute_changes: str | None = Field(
+        None,
+        description="What each run changed in the lakehouse attributes table, before and after, which "
+        "rollback restores from (default: <root>/attribute_changes).",
+    )
     quarantine: str | None = Field(None, description="Quarantine table (default: <root>/quarantine).")
     run_reports: str | None = Field(None, description="Run-report table (default: <root>/run_reports).")
     labelled: str | None = Field(
@@ -188,7 +201,14 @@ class CatalogConfig(_Section):
     def table(
         self,
         name: Literal[
-            "products", "attributes", "quarantine", "run_reports", "labelled", "review_samples", "reviews"
+            "products",
+            "attributes",
+            "attribute_changes",
+            "quarantine",
+            "run_reports",
+            "labelled",
+            "review_samples",
+            "reviews",
         ],
     ) -> str:
         """Location of a table: its explicit setting, else ``<root>/<name>``."""
@@ -512,6 +532,12 @@ class ValidationConfig(_Section):
     """The products data contract's operational limits."""
 
     max_invalid_fraction: float = Field(0.05, ge=0, le=1, description="Circuit breaker: abort above this.")
+    image_retries: int = Field(
+        3,
+        ge=0,
+        description="How many later incremental runs read again a product quarantined only because its "
+        "image could not be read (a network error, a 503), before it waits for the product to change.",
+    )
     max_title_length: int = Field(300, gt=0)
     max_description_length: int = Field(5000, gt=0)
     max_id_length: int = Field(256, gt=0, description="Longest product_id accepted.")

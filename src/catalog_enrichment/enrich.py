@@ -6,9 +6,9 @@ on a :class:`~catalog_enrichment.catalog.base.Catalog` (the embedded lakehouse o
 ``catalog.kind``):
 
 0. **lock** the catalog (one run at a time) and remove what a killed run staged;
-1. **read** the products (partition filter; incremental: only ``updated_at`` past the watermark of
-   the last succeeded run over the same scope, unless ``full``; a watermark is never later than
-   its run's start);
+1. **read** the products (partition filter; incremental, unless ``full``: ``updated_at`` past the
+   watermark of the last succeeded run over the same scope less ``catalog.lookback_seconds``,
+   without the rows that run already read; a watermark is never later than its run's start);
 2. **validate**: every rule counted and the duplicated ids found in one Spark job that reads no
    image, then the Great Expectations suite (it reports; the row rules decide); the circuit
    breaker aborts before anything is scored or written when too many rows fail;
@@ -48,11 +48,11 @@ from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.catalog import Catalog, open_catalog
 from catalog_enrichment.catalog.base import MergeResult, RunWrite, fault_point
 from catalog_enrichment.catalog.products import parse_partition
-from catalog_enrichment.catalog.reports import RunReport, check_run_id, last_watermark
+from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport, check_run_id, last_run
 from catalog_enrichment.catalog.reviews import rejected_values
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.contracts import IMAGE_READABLE, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.inference.decide import DecisionPolicy
@@ -201,9 +201,19 @@ def _locked_run(
     staging = catalog.staging_dir(run_id)
     try:
         with _stage(report, "read"):
-            since = None if full else last_watermark(reports, report.partition)
-            df = catalog.read_products(spark, contract, partition=part, since=since)
-            window = f"changed since {since:%Y-%m-%d %H:%M:%S}" if since else "full"
+            last = None if full else last_run(reports, report.partition)
+            since = None if last is None else last.watermark
+            kept = [] if last is None else last.summary().get(SEEN, [])
+            seen = None if kept is None else [(str(p), int(at)) for p, at in kept]
+            retry = {} if last is None else {str(p): int(n) for p, n in last.summary().get(RETRY, [])}
+            lookback = dt.timedelta(seconds=cfg.catalog.lookback_seconds)
+            df = catalog.read_products(
+                spark, contract, partition=part, since=since and since - lookback, retry=sorted(retry)
+            )
+            df = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
+            window = f"changed since {since - lookback:%Y-%m-%d %H:%M:%S}" if since else "full"
+            if retry:
+                window += f", {len(retry):,} products whose image could not be read tried again"
             progress(
                 f"read products from {catalog.describe()} ({part or 'all partitions'}, {window}), "
                 f"model {model.name} v{model.version}"
@@ -211,6 +221,8 @@ def _locked_run(
         with _stage(report, "validate"):
             rules = build_rules(contract, cfg.validation, report.started_at, df.columns)
             validated = validate(df, rules, cfg, report, progress)
+            report.watermark = max((w for w in (since, report.watermark) if w is not None), default=None)
+            report.add_to_summary(**{SEEN: _near_watermark(df, seen, report.watermark, lookback)})
         check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
         rejected = rejected_values(catalog.review_rows("reviews"), model.version)
         if rejected:
@@ -223,7 +235,7 @@ def _locked_run(
             if rejected:  # still take out what people rejected
                 with _stage(report, "write"):
                     outcome.merge = catalog.write(_run_write(report, rejected))
-            report.status, report.watermark = "succeeded", since
+            report.status = "succeeded"
             return _finish(outcome, catalog, cfg, client, clock, progress)
         with _stage(report, "score"):
             images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
@@ -232,8 +244,10 @@ def _locked_run(
         with _stage(report, "decide"):
             decisions = decide(scored.table, validated, run_id)
         report.add_to_summary(row_rules=decisions.counts.per_rule)
-        check_breaker(decisions.counts, cfg.validation.max_invalid_fraction)
+        check_breaker(_new_rows(decisions, retry), cfg.validation.max_invalid_fraction)
         _account(report, decisions)
+        again = _retry_next(decisions.quarantine, retry, cfg.validation.image_retries)
+        report.add_to_summary(**{RETRY: again})
         fault_point("before_merge")
         with _stage(report, "write"):
             outcome.merge = catalog.write(_run_write(report, rejected, decisions, staging), spark)
@@ -255,6 +269,74 @@ def _locked_run(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
+    """The counts without the retried products whose image still could not be read: an image
+    host still down is not a new batch of bad rows (and a quiet night's only rows may be those)."""
+    ids, reasons_of = (
+        decisions.quarantine["product_id"].to_pylist(),
+        decisions.quarantine["reasons"].to_pylist(),
+    )
+    again = sum(
+        pid in retry and reasons == [IMAGE_READABLE] for pid, reasons in zip(ids, reasons_of, strict=True)
+    )
+    counts = decisions.counts
+    return ValidationCounts(
+        counts.rows_read - again, counts.rows_invalid - again, counts.per_rule, counts.watermark
+    )
+
+
+def _retry_next(quarantine: pa.Table, retry: dict[str, int], cap: int) -> list[tuple[str, int]]:
+    """(product id, attempts) of the products quarantined only because their image could not be
+    read, which the next run reads again while their attempts stay within ``cap``."""
+    out = []
+    ids, reasons_of = quarantine["product_id"].to_pylist(), quarantine["reasons"].to_pylist()
+    for pid, reasons in zip(ids, reasons_of, strict=True):
+        attempts = retry.get(pid, 0) + 1 if pid is not None else cap + 1
+        if reasons == [IMAGE_READABLE] and attempts <= cap:
+            out.append((pid, attempts))
+    return sorted(out)
+
+
+_UNIX_MICROS = "_updated_at_us"
+MAX_SEEN = 100_000
+
+
+def _unseen(spark: Any, df: Any, seen: list[tuple[str, int]]) -> Any:
+    """``df`` without the (product id, ``updated_at``) rows the last run already read."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
+
+    if not seen:
+        return df
+    schema = StructType([StructField("product_id", StringType()), StructField(_UNIX_MICROS, LongType())])
+    done = F.broadcast(spark.createDataFrame(seen, schema))
+    with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))  # exact, no time-zone trip
+    return with_us.join(done, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns)
+
+
+def _near_watermark(
+    df: Any, seen: list[tuple[str, int]] | None, watermark: dt.datetime | None, lookback: dt.timedelta
+) -> list[tuple[str, int]] | None:
+    """(product id, ``updated_at`` in µs) of the rows read - by this run or the last - that the next
+    run's look-back reads again; ``None`` when more than :data:`MAX_SEEN` (the next run reads them).
+    When the last run kept none (``seen`` is None), this run read the whole look-back itself."""
+    from pyspark.sql import functions as F
+
+    if watermark is None or not lookback:
+        return []
+    mark = int(watermark.timestamp() * 1_000_000)  # rows after it (stamped in the future) are read again
+    edge = int((watermark - lookback).timestamp() * 1_000_000)
+    rows = (
+        df.where(F.col("product_id").isNotNull() & F.unix_micros("updated_at").between(edge + 1, mark))
+        .select("product_id", F.unix_micros("updated_at").alias(_UNIX_MICROS))
+        .distinct()
+        .limit(MAX_SEEN + 1)
+        .collect()
+    )
+    near = sorted({*(p for p in seen or [] if p[1] > edge), *((r[0], int(r[1])) for r in rows)})
+    return near if len(near) <= MAX_SEEN else None
 
 
 def _previous(reports: list[RunReport], run_id: str) -> RunReport | None:

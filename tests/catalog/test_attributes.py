@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from catalog_enrichment.catalog import Catalog, open_catalog
-from catalog_enrichment.catalog.attributes import attributes_schema, find_run_commit
+from catalog_enrichment.catalog.attributes import META_RUN_ID, attributes_schema, find_run_commit
 from catalog_enrichment.catalog.base import MergeResult, RunWrite
 from catalog_enrichment.catalog.lakehouse import table_version, write_table
 from catalog_enrichment.config import CatalogConfig
@@ -148,16 +148,16 @@ def test_rollback_restores_exactly_and_leaves_pairs_changed_later_alone(catalog:
     after_r2 = _state(catalog)
     _merge(catalog, "r3", _values([("p1", "material", "silk", 0.9)]), _pairs([("p1", "material")]))
     # rolling back r2: p2/color comes back; p1/material was changed again by r3 -> left alone
-    result = catalog.rollback_run("r2")
+    result = catalog.rollback_runs(["r2"])[0]
     assert result.superseded == [("p1", "material")] and result.pairs_restored == 1
     assert ("p2", "color", "red", "model", "r1") in _state(catalog)
     assert ("p1", "material", "silk", "model", "r3") in _state(catalog)
     with pytest.raises(CatalogEnrichError, match="already rolled back"):
-        catalog.rollback_run("r2")
+        catalog.rollback_runs(["r2"])[0]
     with pytest.raises(CatalogEnrichError, match="no commit"):
-        catalog.rollback_run("never-ran")
+        catalog.rollback_runs(["never-ran"])[0]
     # rolling back r3 then restores r2's value for p1/material
-    catalog.rollback_run("r3")
+    catalog.rollback_runs(["r3"])[0]
     assert _state(catalog) == (after_r2 | {("p2", "color", "red", "model", "r1")})
     assert after_r1 != after_r2
 
@@ -201,7 +201,7 @@ def test_a_run_removes_the_values_people_rejected_for_its_version_and_its_rollba
         ("p4", "color", "red", "model", "r1"),
     }
     assert catalog.write(dataclasses.replace(run, retract=retract)).already_committed  # once
-    catalog.rollback_run("r2")
+    catalog.rollback_runs(["r2"])[0]
     assert _state(catalog) == after_r1
     # a run that scored nothing still removes them (the enrichment run with no changed product)
     empty = RunWrite(
@@ -371,3 +371,91 @@ def test_the_lock_names_its_holder_and_dies_with_it(catalog: Catalog) -> None:
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def _age_out(catalog: Catalog) -> None:
+    """What log retention (30 days) and ``vacuum`` (7 days) do to the lakehouse's tables, done now:
+    the log before a fresh checkpoint and every data file out of the snapshot are gone, so no
+    history and no time travel are left. PostgreSQL keeps neither, so there is nothing to age."""
+    from deltalake import DeltaTable
+
+    if catalog.kind != "lakehouse":
+        return
+    for path in (catalog.attributes, catalog.changes):  # type: ignore[attr-defined]
+        DeltaTable(str(path)).alter.set_table_properties({"delta.logRetentionDuration": "interval 0 seconds"})
+        table = DeltaTable(str(path))
+        table.create_checkpoint()
+        table.cleanup_metadata()
+        table.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    history = DeltaTable(str(catalog.attributes)).history()  # type: ignore[attr-defined]
+    assert not any(entry.get(META_RUN_ID) for entry in history)  # no run's commit is left in it
+
+
+def test_a_run_id_stays_merged_and_a_run_rolls_back_exactly_after_log_cleanup_and_vacuum(
+    catalog: Catalog,
+) -> None:
+    pairs = _pairs([("p1", "material"), ("p2", "color")])
+    _merge(catalog, "r1", _values([("p1", "material", "cotton", 0.8), ("p2", "color", "red", 0.9)]), pairs)
+    after_r1 = _state(catalog)
+    r2 = _merge(catalog, "r2", _values([("p1", "material", "linen", 0.9)]), pairs, version="2")
+    after_r2 = _state(catalog)
+    _age_out(catalog)
+    again = _merge(catalog, "r1", _values([("p2", "color", "blue", 0.9)]), _pairs([("p2", "color")]))
+    assert again.already_committed and _state(catalog) == after_r2
+    assert catalog.runs_of_model_version("2") == ["r2"] and catalog.runs_of_model_version("1") == ["r1"]
+    (result,) = catalog.rollback_runs(["r2"])
+    assert (result.pairs_restored, result.superseded) == (2, []) and result.version != r2.version
+    assert _state(catalog) == after_r1
+    assert catalog.runs_of_model_version("2") == []
+    _age_out(catalog)
+    with pytest.raises(CatalogEnrichError, match="already rolled back"):
+        catalog.rollback_runs(["r2"])
+
+
+_ROLLBACK = """
+import sys
+from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.catalog import open_catalog
+from catalog_enrichment.catalog.runs import rollback
+catalog = open_catalog(CatalogConfig.model_validate_json(sys.argv[1]))
+print(rollback(catalog, model_version="1", progress=print), flush=True)
+"""
+
+
+def test_a_model_version_rollback_is_one_commit_that_a_kill_leaves_before_or_after(catalog: Catalog) -> None:
+    """Two runs of version 1 over a run of version 0: the rollback of version 1, killed while it
+    commits (Delta: its files being written; PostgreSQL: after the first run, in the transaction),
+    leaves the catalog as it was or fully rolled back, never one run rolled back and one not."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import repo_root
+
+    _merge(catalog, "r0", _values([("p1", "material", "cotton", 0.8), ("p2", "color", "red", 0.9)]),
+           _pairs([("p1", "material"), ("p2", "color")]), version="0")  # fmt: skip
+    after_r0 = _state(catalog)
+    _merge(catalog, "r1", _values([("p1", "material", "linen", 0.9)]), _pairs([("p1", "material")]))
+    _merge(catalog, "r2", _values([("p2", "color", "blue", 0.9), ("p3", "color", "green", 0.9)]),
+           _pairs([("p2", "color"), ("p3", "color")]))  # fmt: skip
+    before = _state(catalog)
+    cfg = catalog.cfg.model_dump_json()  # type: ignore[attr-defined]
+    env = {**os.environ, "CATALOG_ENRICH_FAULT": "during_rollback"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _ROLLBACK, cfg], cwd=repo_root(), env=env, capture_output=True, text=True,
+        timeout=90,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _state(catalog) in (before, after_r0)
+    if _state(catalog) == before:
+        done = subprocess.run(
+            [sys.executable, "-c", _ROLLBACK, cfg],
+            cwd=repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert _state(catalog) == after_r0
+    assert catalog.runs_of_model_version("1") == [] and catalog.runs_of_model_version("0") == ["r0"]

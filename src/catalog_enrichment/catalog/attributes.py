@@ -5,17 +5,24 @@ Write rules:
 * For every (product, attribute) a run scored, the model's previous values are replaced by the new
   set (possibly empty); merchant rows are never changed, and a pair that has a merchant row gets no
   model value at all.
-* One MERGE commit per run, tagged with the run id in the commit metadata; a run id whose commit is
-  already in the history is not merged again (re-running a run changes nothing).
-* :func:`rollback_run` restores, for every pair the run changed, the values the table had right
-  before the run's commit (Delta time travel) - unless a later run has changed the pair since, in
-  which case that pair is left alone and reported.
+* One MERGE commit per run, carrying the run as a Delta application transaction
+  (``catalog-enrich/enrich/<run id>``, which every checkpoint keeps): a run id the table holds a
+  transaction for is not merged again, whatever log cleanup removed since.
+* Before its commit, a run records what it changes in the attribute-changes table (one partition
+  per run): the model rows of every pair it changes, before and after. Rollback reads that, never
+  the table's history or an older version of it, so log cleanup and ``vacuum`` do not touch it.
+* :func:`rollback_runs` undoes runs, newest first, in one commit: every pair they changed gets its
+  previous values back, unless a later run has changed the pair since, in which case that pair is
+  left alone and reported.
+
+A run reads the attribute rows of its own products only (streamed batch by batch), so its driver
+memory follows the increment, not the table.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import MergeResult, RollbackResult
+from catalog_enrichment.catalog.lakehouse import read_products_of
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -33,11 +41,12 @@ __all__ = [
     "MergeResult",
     "RollbackResult",
     "attributes_schema",
+    "changes_schema",
     "ensure_attributes_table",
     "find_run_commit",
     "merchant_rows",
     "merge_run",
-    "rollback_run",
+    "rollback_runs",
     "runs_of_model_version",
 ]
 
@@ -89,35 +98,52 @@ def merchant_rows(products: pa.Table, written_at: dt.datetime) -> pa.Table:
     return pa.table(rows, schema=attributes_schema())
 
 
-def _history(path: str | Path) -> list[dict[str, Any]]:
-    from deltalake import DeltaTable
+_APP = "catalog-enrich"
+CHANGED_BY, CHANGED_IN, IMAGE = "changed_by_run", "changed_by_model_version", "image"
 
-    return DeltaTable(str(path)).history()
+
+def _transaction(run_id: str, operation: str = "enrich") -> str:
+    return f"{_APP}/{operation}/{run_id}"
+
+
+def changes_schema() -> pa.Schema:
+    """The attribute-changes table: attribute rows, the run that changed them, before or after."""
+    extra = [
+        pa.field(CHANGED_IN, pa.string()),
+        pa.field(CHANGED_BY, pa.string()),
+        pa.field(IMAGE, pa.string()),
+    ]
+    return pa.schema([*attributes_schema(), *extra])
 
 
 def find_run_commit(path: str | Path, run_id: str, operation: str = "enrich") -> int | None:
-    """The table version the run committed, ``None`` when it never committed."""
-    for entry in _history(path):
-        if entry.get(META_RUN_ID) == run_id and entry.get(META_OPERATION) == operation:
-            return int(entry["version"])
-    return None
+    """The table version the run committed (``operation="rollback"``: the version that rolled it
+    back), ``None`` when it never committed; from the table's application transactions."""
+    from deltalake import DeltaTable
+
+    if not (Path(path) / "_delta_log").is_dir():
+        return None
+    version = DeltaTable(str(path)).transaction_version(_transaction(run_id, operation))
+    return None if version is None else int(version)
 
 
-def _rolled_back(path: str | Path) -> set[str]:
-    return {str(e[META_ROLLBACK_OF]) for e in _history(path) if e.get(META_ROLLBACK_OF)}
+def runs_of_model_version(path: str | Path, changes: str | Path, model_version: str) -> list[tuple[int, str]]:
+    """(table version, run id) of every committed, not-rolled-back run of a model version, newest
+    first (the runs from the changes table's partitions, their state from the transactions)."""
+    from deltalake import DeltaTable
 
-
-def runs_of_model_version(path: str | Path, model_version: str) -> list[tuple[int, str]]:
-    """(table version, run id) of every not-rolled-back run of a model version, newest first."""
-    done = _rolled_back(path)
-    runs = [
-        (int(e["version"]), str(e[META_RUN_ID]))
-        for e in _history(path)
-        if e.get(META_OPERATION) == "enrich"
-        and str(e.get(META_MODEL_VERSION)) == str(model_version)
-        and e.get(META_RUN_ID) not in done
-    ]
-    return sorted(runs, reverse=True)
+    if not (Path(changes) / "_delta_log").is_dir() or not (Path(path) / "_delta_log").is_dir():
+        return []
+    parts = DeltaTable(str(changes)).partitions(
+        file_pruning_predicate=[(CHANGED_IN, "=", str(model_version))]
+    )
+    table = DeltaTable(str(path))
+    live = []
+    for run in {p[CHANGED_BY] for p in parts}:
+        version = table.transaction_version(_transaction(run))
+        if version is not None and table.transaction_version(_transaction(run, "rollback")) is None:
+            live.append((int(version), run))
+    return sorted(live, reverse=True)
 
 
 def _tagged(table: pa.Table, action: str) -> pa.Table:
@@ -125,46 +151,42 @@ def _tagged(table: pa.Table, action: str) -> pa.Table:
 
 
 def _merge_model_rows(
-    path: str | Path, put: pa.Table, delete: pa.Table, metadata: dict[str, str]
-) -> dict[str, Any]:
+    path: str | Path, put: pa.Table, delete: pa.Table, metadata: dict[str, str], transactions: Sequence[str]
+) -> tuple[int, dict[str, Any]]:
     """One MERGE commit on model rows only: ``put`` rows are updated or inserted, ``delete`` rows
-    removed; merchant rows are never matched for change. Returns deltalake's merge metrics."""
-    from deltalake import CommitProperties, DeltaTable
+    removed; merchant rows are never matched for change. The commit carries the application
+    transactions ``transactions``, each with the version the commit makes (no retry on a conflict,
+    so that version is exact). Returns that version and deltalake's merge metrics."""
+    from deltalake import CommitProperties, DeltaTable, Transaction
     from deltalake.exceptions import CommitFailedError
 
+    table = DeltaTable(str(path))
+    version = int(table.version()) + 1
+    properties = CommitProperties(
+        custom_metadata=metadata,
+        max_commit_retries=0,
+        app_transactions=[Transaction(app_id=t, version=version) for t in transactions],
+    )
     schema = attributes_schema()
     source = pa.concat_tables([_tagged(put.cast(schema), "put"), _tagged(delete.cast(schema), "delete")])
     columns = {c: f"s.{c}" for c in schema.names}
     merge = (
-        DeltaTable(str(path))
-        .merge(
-            source,
-            predicate=_MERGE_ON,
-            source_alias="s",
-            target_alias="t",
-            commit_properties=CommitProperties(custom_metadata=metadata),
+        table.merge(
+            source, predicate=_MERGE_ON, source_alias="s", target_alias="t", commit_properties=properties
         )
         .when_matched_update(updates=columns, predicate="s._action = 'put' AND t.source = 'model'")
         .when_matched_delete(predicate="s._action = 'delete' AND t.source = 'model'")
         .when_not_matched_insert(updates=columns, predicate="s._action = 'put'")
     )
     try:
-        return dict(merge.execute())
-    except CommitFailedError as exc:  # optimistic concurrency: a writer outside the catalog lock
-        raise CatalogEnrichError(
-            f"another writer committed to {path} while this MERGE ran, so it was not committed and the "
-            f"table holds none of it ({str(exc).splitlines()[0][:200]}); run it again"
-        ) from None
+        return version, dict(merge.execute())
+    except CommitFailedError as exc:
+        raise _concurrent(path, exc) from None
 
 
-def _rows_for(table: Any, product_ids: pa.Array, version: int | None = None) -> pa.Table:
-    """Rows of the attribute table (optionally at ``version``) for the given products."""
-    from deltalake import DeltaTable
-
-    # Read, then filter in memory: files written by different writers hold string or string_view,
-    # which pyarrow's statistics pruning cannot compare.
-    data = DeltaTable(str(table), version=version).to_pyarrow_table().cast(attributes_schema())
-    return data.filter(pc.is_in(data["product_id"], value_set=product_ids.cast(pa.string())))
+def _rows_for(path: str | Path, product_ids: pa.Array) -> pa.Table:
+    """The attribute rows of the given products, streamed: memory follows the products, not the table."""
+    return read_products_of(path, product_ids.to_pylist()).cast(attributes_schema())
 
 
 _PAIR_SCHEMA = pa.schema([("product_id", pa.string()), ("attribute", pa.string())])
@@ -193,15 +215,15 @@ def merge_run(
     model_version: str,
     written_at: dt.datetime,
     retract: pa.Table | None = None,
+    changes: str | Path,
 ) -> MergeResult:
     """Replace the model's values of every scored (product, attribute) pair in one commit.
 
     ``values``: (product_id, attribute, value, confidence, threshold) of what clears the thresholds;
     ``scored``: (product_id, attribute) of every pair the run scored; ``retract``: (product_id,
-    attribute, value) removed in the same commit where ``model_version`` wrote them.
+    attribute, value) removed in the same commit where ``model_version`` wrote them; ``changes``:
+    the attribute-changes table, where the run's before and after rows go first.
     """
-    from deltalake import DeltaTable
-
     ensure_attributes_table(path)
     committed = find_run_commit(path, run_id)
     if committed is not None:
@@ -243,14 +265,19 @@ def merge_run(
     skipped = _pairs(scored).num_rows - scored_pairs.num_rows if scored.num_rows else 0
     if upserts.num_rows + gone.num_rows == 0:
         return MergeResult(None, merchant_pairs_skipped=skipped)
-    metrics = _merge_model_rows(
+    touched = _pairs(pa.concat_tables([_pairs(upserts), _pairs(gone)]))
+    before = _semi(current.filter(pc.equal(current["source"], "model")), touched, PAIR)
+    kept = _semi(_semi(before, gone, KEY, anti=True), upserts, KEY, anti=True)
+    _record_changes(changes, run_id, str(model_version), before, pa.concat_tables([kept, upserts]))
+    version, metrics = _merge_model_rows(
         path,
         upserts,
         gone,
         {META_RUN_ID: run_id, META_OPERATION: "enrich", META_MODEL_VERSION: str(model_version)},
+        [_transaction(run_id)],
     )
     return MergeResult(
-        int(DeltaTable(str(path)).version()),
+        version,
         inserted=int(metrics["num_target_rows_inserted"]),
         updated=int(metrics["num_target_rows_updated"]),
         deleted=int(metrics["num_target_rows_deleted"]),
@@ -258,69 +285,128 @@ def merge_run(
     )
 
 
-def _pair_state(table: pa.Table) -> dict[tuple[str, str], frozenset[tuple[str, str | None]]]:
-    state: dict[tuple[str, str], set[tuple[str, str | None]]] = {}
-    for pid, attr, value, run in zip(
-        table["product_id"].to_pylist(),
-        table["attribute"].to_pylist(),
-        table["value"].to_pylist(),
-        table["run_id"].to_pylist(),
-        strict=True,
-    ):
-        state.setdefault((pid, attr), set()).add((value, run))
-    return {k: frozenset(v) for k, v in state.items()}
+def _record_changes(
+    changes: str | Path, run_id: str, model_version: str, before: pa.Table, after: pa.Table
+) -> None:
+    """The run's before and after rows, replacing any a killed attempt of the same run left."""
+    from deltalake import write_deltalake
+    from deltalake.exceptions import CommitFailedError, DeltaError
+
+    def image(rows: pa.Table, name: str) -> pa.Table:
+        n = rows.num_rows
+        extra = {CHANGED_IN: model_version, CHANGED_BY: run_id, IMAGE: name}
+        for column, value in extra.items():
+            rows = rows.append_column(column, pa.array([value] * n, pa.string()))
+        return rows
+
+    rows = pa.concat_tables([image(before.cast(attributes_schema()), "before"), image(after, "after")])
+    if not (Path(changes) / "_delta_log").is_dir():
+        Path(changes).mkdir(parents=True, exist_ok=True)
+        try:
+            empty = changes_schema().empty_table()
+            write_deltalake(str(changes), empty, partition_by=[CHANGED_IN, CHANGED_BY], mode="error")
+        except DeltaError as exc:  # another writer created it first: as good
+            if "already exists" not in str(exc):
+                raise
+    predicate = f"{CHANGED_BY} = '{run_id}'"
+    try:
+        write_deltalake(str(changes), rows.cast(changes_schema()), mode="overwrite", predicate=predicate)
+    except CommitFailedError as exc:
+        raise _concurrent(changes, exc) from None
 
 
-def rollback_run(path: str | Path, run_id: str) -> RollbackResult:
-    """Undo one run's commit: its values go, the values it replaced come back.
+def _concurrent(path: str | Path, exc: Exception) -> CatalogEnrichError:
+    """Optimistic concurrency: a writer outside the catalog lock committed first."""
+    return CatalogEnrichError(
+        f"another writer committed to {path} while this run wrote, so it was not committed and the "
+        f"table holds none of it ({str(exc).splitlines()[0][:200]}); run it again"
+    )
 
-    Raises:
-        CatalogEnrichError: the run never committed to this table, or was already rolled back.
-    """
+
+def _read_changes(changes: str | Path, run_ids: Sequence[str]) -> pa.Table:
+    """The before and after rows of the given runs (their partitions only)."""
     from deltalake import DeltaTable
 
-    version = find_run_commit(path, run_id)
-    if version is None:
-        raise CatalogEnrichError(f"run {run_id!r} has no commit in {path}: nothing to roll back")
-    if run_id in _rolled_back(path):
-        raise CatalogEnrichError(f"run {run_id!r} was already rolled back")
+    if not (Path(changes) / "_delta_log").is_dir():
+        return changes_schema().empty_table()
+    dataset = DeltaTable(str(changes)).to_pyarrow_dataset()
+    wanted = pc.field(CHANGED_BY).isin(pa.array(list(run_ids), pa.string()))
+    return dataset.to_table(filter=wanted).select(changes_schema().names).cast(changes_schema())
+
+
+Row = dict[str, Any]
+Pair = tuple[str, str]
+
+
+def _by_pair(rows: pa.Table) -> dict[Pair, list[Row]]:
+    out: dict[Pair, list[Row]] = {}
+    for row in rows.select(attributes_schema().names).to_pylist():
+        out.setdefault((row["product_id"], row["attribute"]), []).append(row)
+    return out
+
+
+def _state(rows: list[Row]) -> frozenset[tuple[str, str | None]]:
+    return frozenset((r["value"], r["run_id"]) for r in rows)
+
+
+def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str]) -> list[RollbackResult]:
+    """Undo runs, newest first, in one commit: for every pair a run changed, its before rows come
+    back when the pair is as the run left it (after the newer runs' rollback); otherwise a later
+    run changed it, and it is left alone and reported.
+
+    Raises:
+        CatalogEnrichError: a run never committed to this table, or was already rolled back.
+    """
+    committed = {}
+    for run_id in run_ids:
+        version = find_run_commit(path, run_id)
+        if version is None:
+            raise CatalogEnrichError(f"run {run_id!r} has no commit in {path}: nothing to roll back")
+        if find_run_commit(path, run_id, "rollback") is not None:
+            raise CatalogEnrichError(f"run {run_id!r} was already rolled back")
+        committed[run_id] = version
+    images = _read_changes(changes, list(committed))
+    ids = pc.unique(images["product_id"])
+    current = _rows_for(path, ids) if len(ids) else attributes_schema().empty_table()
+    now = _by_pair(current.filter(pc.equal(current["source"], "model")))
+    state = dict(now)
+    results = []
+    for run_id in sorted(committed, key=committed.__getitem__, reverse=True):
+        mine = images.filter(pc.equal(images[CHANGED_BY], run_id))
+        before = _by_pair(mine.filter(pc.equal(mine[IMAGE], "before")))
+        after = _by_pair(mine.filter(pc.equal(mine[IMAGE], "after")))
+        restored, superseded, removed, back = 0, [], 0, 0
+        for pair in sorted(set(before) | set(after)):
+            if _state(state.get(pair, [])) != _state(after.get(pair, [])):
+                superseded.append(pair)
+                continue
+            values = {r["value"] for r in before.get(pair, [])}
+            removed += sum(r["value"] not in values for r in state.get(pair, []))
+            back += len(before.get(pair, []))
+            state[pair] = before.get(pair, [])
+            restored += 1
+        results.append(RollbackResult(run_id, None, restored, removed, back, superseded))
+    done = [r.run_id for r in results if r.pairs_restored]
+    if not done:
+        return results
+    changed = [p for p in state if _state(state[p]) != _state(now.get(p, []))]
+    put = [r for p in changed for r in state[p]]
+    keep = {(r["product_id"], r["attribute"], r["value"]) for r in put}
+    drop = [
+        r
+        for p in changed
+        for r in now.get(p, [])
+        if (r["product_id"], r["attribute"], r["value"]) not in keep
+    ]
     schema = attributes_schema()
-    after_all = DeltaTable(str(path), version=version).to_pyarrow_table().cast(schema)
-    written = after_all.filter(pc.equal(after_all["run_id"], run_id))
-    before_all = DeltaTable(str(path), version=version - 1).to_pyarrow_table().cast(schema)
-    before_model = before_all.filter(pc.equal(before_all["source"], "model"))
-    after_model = after_all.filter(pc.equal(after_all["source"], "model"))
-    removed = _semi(before_model, after_model.select(list(KEY)), KEY, anti=True)
-    replaced = _semi(before_model, written, KEY)
-    touched = _pairs(pa.concat_tables([_pairs(written), _pairs(removed), _pairs(replaced)]))
-    if touched.num_rows == 0:
-        return RollbackResult(run_id, None)
-    ids = pc.unique(touched["product_id"])
-    current = (
-        DeltaTable(str(path))
-        .to_pyarrow_dataset()
-        .to_table(filter=pc.field("product_id").isin(ids))
-        .cast(schema)
+    version, _ = _merge_model_rows(
+        path,
+        pa.Table.from_pylist(put, schema=schema),
+        pa.Table.from_pylist(drop, schema=schema),
+        {META_OPERATION: "rollback", META_ROLLBACK_OF: ",".join(done)},
+        [_transaction(run_id, "rollback") for run_id in done],
     )
-    current_model = _semi(current.filter(pc.equal(current["source"], "model")), touched, PAIR)
-    after_state = _pair_state(_semi(after_model, touched, PAIR))
-    now_state = _pair_state(current_model)
-    restorable: list[tuple[str, str]] = []
-    superseded: list[tuple[str, str]] = []
-    for pid, attr in zip(touched["product_id"].to_pylist(), touched["attribute"].to_pylist(), strict=True):
-        same = now_state.get((pid, attr), frozenset()) == after_state.get((pid, attr), frozenset())
-        (restorable if same else superseded).append((pid, attr))
-    if not restorable:
-        return RollbackResult(run_id, None, superseded=superseded)
-    keep = pa.table({"product_id": [p for p, _ in restorable], "attribute": [a for _, a in restorable]})
-    restore = _semi(before_model, keep, PAIR)
-    drop = _semi(_semi(current_model, keep, PAIR), restore, KEY, anti=True)
-    _merge_model_rows(path, restore, drop, {META_OPERATION: "rollback", META_ROLLBACK_OF: run_id})
-    return RollbackResult(
-        run_id,
-        int(DeltaTable(str(path)).version()),
-        pairs_restored=len(restorable),
-        rows_removed=drop.num_rows,
-        rows_restored=restore.num_rows,
-        superseded=superseded,
-    )
+    for result in results:
+        if result.pairs_restored:
+            result.version = version
+    return results

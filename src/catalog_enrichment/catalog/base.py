@@ -5,8 +5,8 @@ the products, the run reports (and so the watermark), one write per run (stage, 
 the values with the run's quarantine rows), rollback, and the two human-review tables.
 ``catalog.kind`` picks the backend (:func:`catalog_enrichment.catalog.open_catalog`):
 
-* ``lakehouse`` (:class:`~catalog_enrichment.catalog.backends.LakehouseCatalog`): Delta tables under
-  ``catalog.root``; one Delta MERGE per run; rollback from the table's history.
+* ``lakehouse`` (:class:`~catalog_enrichment.catalog.embedded.LakehouseCatalog`): Delta tables under
+  ``catalog.root``; one Delta MERGE per run; rollback from what each run changed, kept beside it.
 * ``postgres`` (:class:`~catalog_enrichment.catalog.postgres.PostgresCatalog`): products read over
   JDBC; each Spark partition COPYs its values into a per-run staging table, one transaction merges
   them; rollback from the values each run replaced, kept beside the table.
@@ -125,11 +125,18 @@ class Catalog(Protocol):
         ...
 
     def read_products(
-        self, spark: Any, contract: Contract, *, partition: Any = None, since: dt.datetime | None = None
+        self,
+        spark: Any,
+        contract: Contract,
+        *,
+        partition: Any = None,
+        since: dt.datetime | None = None,
+        retry: Sequence[str] = (),
     ) -> Any:
-        """The products as a Spark DataFrame of the contract's columns (partition filter, only rows
-        with ``updated_at`` after ``since``), plus a :data:`~catalog_enrichment.contracts.UNREADABLE`
-        column for each contract column whose source values may not fit its type.
+        """The products as a Spark DataFrame of the contract's columns (partition filter; with
+        ``since``, only rows with ``updated_at`` after it or ``product_id`` in ``retry``), plus a
+        :data:`~catalog_enrichment.contracts.UNREADABLE` column for each contract column whose
+        source values may not fit its type.
 
         Raises:
             ContractError: a contract column missing, or of a type it cannot be read as.
@@ -157,11 +164,11 @@ class Catalog(Protocol):
         in one commit with its quarantine rows; a run id already committed changes nothing."""
         ...
 
-    def rollback_run(self, run_id: str) -> RollbackResult:
-        """Undo one run's commit.
+    def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
+        """Undo runs' commits, newest first, in one commit (all or none of them).
 
         Raises:
-            CatalogEnrichError: the run never committed, or was already rolled back.
+            CatalogEnrichError: a run never committed, or was already rolled back.
         """
         ...
 
@@ -210,7 +217,7 @@ def empty_folder(folder: Path) -> None:
 
 
 # Test hook: CATALOG_ENRICH_FAULT=<point> kills this process with SIGKILL at that point (the chaos
-# scenarios): before_merge, after_stage, during_merge, after_merge, after_quarantine.
+# scenarios): before_merge, after_stage, during_merge, after_merge, after_quarantine, during_rollback.
 FAULT_ENV = "CATALOG_ENRICH_FAULT"
 
 

@@ -3,7 +3,8 @@
 Products are read with Spark's Parquet reader from a Delta table's current snapshot (or a Parquet
 folder); a run's values go into the attributes table in one Delta MERGE tagged with the run id
 (:mod:`catalog_enrichment.catalog.attributes`), then its quarantine rows are appended once; the
-lock is a ``flock`` on ``<root>/_lock`` (:mod:`catalog_enrichment.catalog.lock`).
+lock is a ``flock`` on ``<root>/_lock`` (:mod:`catalog_enrichment.catalog.lock`). What each run
+changed is kept in the attribute-changes table, which rollback restores from.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class LakehouseCatalog:
         self.root = Path(cfg.root)
         self.products = Path(products or cfg.table("products"))
         self.attributes = Path(cfg.table("attributes"))
+        self.changes = Path(cfg.table("attribute_changes"))
         self.quarantine = Path(cfg.table("quarantine"))
         self.reports = Path(cfg.table("run_reports"))
         self.review_tables = {name: Path(cfg.table(name)) for name in ("review_samples", "reviews")}
@@ -68,8 +70,11 @@ class LakehouseCatalog:
         *,
         partition: products.Partition | None = None,
         since: dt.datetime | None = None,
+        retry: Sequence[str] = (),
     ) -> Any:
-        return products.read_products(spark, self.products, contract, partition=partition, since=since)
+        return products.read_products(
+            spark, self.products, contract, partition=partition, since=since, retry=retry
+        )
 
     def image_roots(self) -> list[Path]:
         return [self.products.resolve()]
@@ -101,6 +106,7 @@ class LakehouseCatalog:
             model_version=run.model_version,
             written_at=run.written_at,
             retract=run.retract,
+            changes=self.changes,
         )
         fault_point("after_merge")
         reports.append_quarantine(self.quarantine, run.quarantine)
@@ -111,13 +117,16 @@ class LakehouseCatalog:
         if not (self.attributes / "_delta_log").is_dir():
             raise CatalogEnrichError(f"no attribute table at {self.attributes}: nothing to roll back")
 
-    def rollback_run(self, run_id: str) -> RollbackResult:
+    def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
         self._check_attributes()
-        return attributes.rollback_run(self.attributes, run_id)
+        fault_during("during_rollback", self.attributes)
+        return attributes.rollback_runs(self.attributes, self.changes, run_ids)
 
     def runs_of_model_version(self, model_version: str) -> list[str]:
         self._check_attributes()
-        return [run for _, run in attributes.runs_of_model_version(self.attributes, model_version)]
+        return [
+            run for _, run in attributes.runs_of_model_version(self.attributes, self.changes, model_version)
+        ]
 
     def attribute_rows(self) -> pa.Table:
         if not (self.attributes / "_delta_log").is_dir():

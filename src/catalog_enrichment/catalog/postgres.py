@@ -44,7 +44,7 @@ from catalog_enrichment.catalog.base import (
     fault_point,
 )
 from catalog_enrichment.catalog.lock import CatalogBusy
-from catalog_enrichment.catalog.products import Partition
+from catalog_enrichment.catalog.products import Partition, changed_since
 from catalog_enrichment.catalog.reports import MAPS, RunReport
 from catalog_enrichment.catalog.reviews import ReviewTable, review_key, review_schema
 from catalog_enrichment.config import CatalogConfig
@@ -328,6 +328,7 @@ class PostgresCatalog:
         *,
         partition: Partition | None = None,
         since: dt.datetime | None = None,
+        retry: Sequence[str] = (),
     ) -> Any:
         from psycopg import sql
         from pyspark.sql import functions as F
@@ -338,8 +339,8 @@ class PostgresCatalog:
             conditions.append(sql.SQL("{} = %s").format(sql.Identifier(partition.column)))
             params.append(partition.value)
         if since is not None:
-            conditions.append(sql.SQL("updated_at > %s"))
-            params.append(since)
+            conditions.append(sql.SQL("(updated_at > %s OR product_id = ANY(%s))"))
+            params.extend([since, list(retry)])
         where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         column = self.pg.partition_column
         with self.connect() as conn:
@@ -400,7 +401,7 @@ class PostgresCatalog:
                 F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
             )
         if since is not None:
-            df = df.where(F.col("updated_at") > F.lit(since))
+            df = df.where(changed_since(since, retry))
         return df
 
     def image_roots(self) -> list[Path]:
@@ -732,83 +733,87 @@ class PostgresCatalog:
 
     # -- rollback and reads -----------------------------------------------------------------
 
-    def rollback_run(self, run_id: str) -> RollbackResult:
-        """Restore, for every pair the run changed and no later live run changed again, the values
-        the run replaced (kept at its commit); pairs changed since are left alone and reported."""
+    def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
+        """Roll the runs back, in the order given, in one transaction (see :meth:`_rollback`)."""
         with self.connect() as conn, conn.transaction():
             self._serialize(conn)
-            row = conn.execute(
-                self._sql(
-                    "SELECT seq, rolled_back_at FROM {t} WHERE run_id = %s AND operation = 'enrich' FOR "
-                    "UPDATE",
-                    t="runs",
-                ),
-                [run_id],
-            ).fetchone()
-            if row is None:
-                raise CatalogEnrichError(
-                    f"run {run_id!r} has no commit in {self.describe()}: nothing to roll back"
-                )
-            seq, rolled_back = row
-            if rolled_back is not None:
-                raise CatalogEnrichError(f"run {run_id!r} was already rolled back")
-            later = (
-                "EXISTS (SELECT 1 FROM {rp} l JOIN {runs} r ON r.seq = l.seq WHERE l.product_id = "
-                "p.product_id "
-                "AND l.attribute = p.attribute AND l.seq > %s AND r.operation = 'enrich' AND "
-                "r.rolled_back_at IS NULL)"
+            results = []
+            for run_id in run_ids:
+                results.append(self._rollback(conn, run_id))
+                fault_point("during_rollback")  # test hook: killed with runs still to go
+            return results
+
+    def _rollback(self, conn: Any, run_id: str) -> RollbackResult:
+        """Restore, for every pair the run changed and no later live run changed again, the values
+        the run replaced (kept at its commit); pairs changed since are left alone and reported."""
+        row = conn.execute(
+            self._sql(
+                "SELECT seq, rolled_back_at FROM {t} WHERE run_id = %s AND operation = 'enrich' FOR UPDATE",
+                t="runs",
+            ),
+            [run_id],
+        ).fetchone()
+        if row is None:
+            raise CatalogEnrichError(
+                f"run {run_id!r} has no commit in {self.describe()}: nothing to roll back"
             )
-            superseded = conn.execute(
-                self._sql(
-                    "SELECT product_id, attribute FROM {rp} p WHERE p.seq = %s AND "
-                    + later
-                    + " ORDER BY 1, 2",
-                    rp="run_pairs",
-                    runs="runs",
-                ),
-                [seq, seq],
-            ).fetchall()
-            conn.execute(
-                self._sql(
-                    "CREATE TEMP TABLE restore ON COMMIT DROP AS SELECT product_id, attribute FROM {rp} p "
-                    "WHERE p.seq = %s AND NOT " + later,
-                    rp="run_pairs",
-                    runs="runs",
-                ),
-                [seq, seq],
+        seq, rolled_back = row
+        if rolled_back is not None:
+            raise CatalogEnrichError(f"run {run_id!r} was already rolled back")
+        later = (
+            "EXISTS (SELECT 1 FROM {rp} l JOIN {runs} r ON r.seq = l.seq WHERE l.product_id = "
+            "p.product_id "
+            "AND l.attribute = p.attribute AND l.seq > %s AND r.operation = 'enrich' AND "
+            "r.rolled_back_at IS NULL)"
+        )
+        superseded = conn.execute(
+            self._sql(
+                "SELECT product_id, attribute FROM {rp} p WHERE p.seq = %s AND " + later + " ORDER BY 1, 2",
+                rp="run_pairs",
+                runs="runs",
+            ),
+            [seq, seq],
+        ).fetchall()
+        conn.execute("DROP TABLE IF EXISTS restore")  # the previous run's, in the same transaction
+        conn.execute(
+            self._sql(
+                "CREATE TEMP TABLE restore ON COMMIT DROP AS SELECT product_id, attribute FROM {rp} p "
+                "WHERE p.seq = %s AND NOT " + later,
+                rp="run_pairs",
+                runs="runs",
+            ),
+            [seq, seq],
+        )
+        pairs = conn.execute("SELECT count(*) FROM restore").fetchone()[0]
+        removed = conn.execute(
+            self._sql(
+                "DELETE FROM {a} a USING restore p WHERE p.product_id = a.product_id AND "
+                "p.attribute = a.attribute AND a.source = 'model'",
+                a="attributes",
             )
-            pairs = conn.execute("SELECT count(*) FROM restore").fetchone()[0]
-            removed = conn.execute(
-                self._sql(
-                    "DELETE FROM {a} a USING restore p WHERE p.product_id = a.product_id AND "
-                    "p.attribute = a.attribute AND a.source = 'model'",
-                    a="attributes",
-                )
-            ).rowcount
-            restored = conn.execute(
-                self._sql(
-                    "INSERT INTO {a} (product_id, attribute, value, confidence, threshold, source, "
-                    "model_name, "
-                    "model_version, run_id, written_at) SELECT r.product_id, r.attribute, r.value, "
-                    "r.confidence, "
-                    "r.threshold, 'model', r.model_name, r.model_version, r.run_id, r.written_at FROM {r} r "
-                    "JOIN "
-                    "restore p ON p.product_id = r.product_id AND p.attribute = r.attribute WHERE r.seq = %s "
-                    "ON CONFLICT (product_id, attribute, value) DO NOTHING",
-                    a="attributes",
-                    r="replaced",
-                ),
-                [seq],
-            ).rowcount
-            if not pairs:  # nothing restored: no commit, as with the lakehouse
-                return RollbackResult(run_id, None, superseded=[(p, a) for p, a in superseded])
-            conn.execute(self._sql("UPDATE {t} SET rolled_back_at = now() WHERE seq = %s", t="runs"), [seq])
-            done = conn.execute(
-                self._sql(
-                    "INSERT INTO {t} (run_id, operation) VALUES (%s, 'rollback') RETURNING seq", t="runs"
-                ),
-                [run_id],
-            ).fetchone()[0]
+        ).rowcount
+        restored = conn.execute(
+            self._sql(
+                "INSERT INTO {a} (product_id, attribute, value, confidence, threshold, source, "
+                "model_name, "
+                "model_version, run_id, written_at) SELECT r.product_id, r.attribute, r.value, "
+                "r.confidence, "
+                "r.threshold, 'model', r.model_name, r.model_version, r.run_id, r.written_at FROM {r} r "
+                "JOIN "
+                "restore p ON p.product_id = r.product_id AND p.attribute = r.attribute WHERE r.seq = %s "
+                "ON CONFLICT (product_id, attribute, value) DO NOTHING",
+                a="attributes",
+                r="replaced",
+            ),
+            [seq],
+        ).rowcount
+        if not pairs:  # nothing restored: no commit, as with the lakehouse
+            return RollbackResult(run_id, None, superseded=[(p, a) for p, a in superseded])
+        conn.execute(self._sql("UPDATE {t} SET rolled_back_at = now() WHERE seq = %s", t="runs"), [seq])
+        done = conn.execute(
+            self._sql("INSERT INTO {t} (run_id, operation) VALUES (%s, 'rollback') RETURNING seq", t="runs"),
+            [run_id],
+        ).fetchone()[0]
         return RollbackResult(
             run_id,
             int(done),

@@ -14,6 +14,7 @@ is refused in one line that names it and the fix.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -26,7 +27,7 @@ from catalog_enrichment.catalog.lakehouse import table_format
 from catalog_enrichment.contracts import Contract
 from catalog_enrichment.errors import ContractError
 
-__all__ = ["Partition", "list_partitions", "parse_partition", "read_products"]
+__all__ = ["Partition", "changed_since", "list_partitions", "parse_partition", "read_products"]
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,10 @@ def read_products(
     *,
     partition: Partition | None = None,
     since: dt.datetime | None = None,
+    retry: Sequence[str] = (),
 ) -> Any:
-    """The products as a Spark DataFrame with the contract's columns, and only those.
+    """The products as a Spark DataFrame with the contract's columns, and only those (with
+    ``since``: the rows changed after it, and those of the products in ``retry``).
 
     Every data file's own schema is checked first (its footer, no data), so a column Spark could
     not read as the contract's type fails here with one line naming the column and the file. What
@@ -199,8 +202,16 @@ def read_products(
             F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
         )
     if since is not None:
-        df = df.where(F.col("updated_at") > F.lit(since))
+        df = df.where(changed_since(since, retry))
     return df.select(*contract.names)
+
+
+def changed_since(since: dt.datetime, retry: Sequence[str]) -> Any:
+    """``updated_at`` after ``since``, or a product of ``retry`` (a Spark condition)."""
+    from pyspark.sql import functions as F
+
+    changed = F.col("updated_at") > F.lit(since)
+    return changed | F.col("product_id").isin(list(retry)) if retry else changed
 
 
 _FILE, _ROW = "__file", "__row_index"

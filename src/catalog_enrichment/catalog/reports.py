@@ -23,10 +23,13 @@ from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
+    "RETRY",
+    "SEEN",
     "RunReport",
     "append_quarantine",
     "check_run_id",
     "format_report",
+    "last_run",
     "last_watermark",
     "read_reports",
     "report_for",
@@ -156,14 +159,24 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+# What a run keeps for the next incremental run over its scope, in its report's summary: the
+# (product id, updated_at in µs) it read in the look-back before its watermark, and the products to
+# read again because their image could not be read, with the attempts so far
+SEEN, RETRY = "read_near_watermark", "retry_images"
+
+
 def last_watermark(reports: Iterable[RunReport], scope: str | None) -> dt.datetime | None:
     """Highest watermark of the succeeded runs over the same scope (partition, or None = all)."""
-    marks = [
-        r.watermark
-        for r in reports
-        if r.status == "succeeded" and r.partition == scope and r.watermark is not None
-    ]
-    return max(marks) if marks else None
+    latest = last_run(reports, scope)
+    return None if latest is None else latest.watermark
+
+
+def last_run(reports: Iterable[RunReport], scope: str | None) -> RunReport | None:
+    """The succeeded run over the same scope (partition, or None = all) with the highest watermark,
+    the latest of those."""
+    runs = [r for r in reports if r.status == "succeeded" and r.partition == scope and r.watermark]
+    # of runs with the same watermark (nothing newer read since), the latest: its lists are current
+    return max(runs, key=lambda r: (r.watermark, r.started_at)) if runs else None
 
 
 def append_quarantine(path: str | Path, rows: pa.Table) -> int:

@@ -61,7 +61,7 @@ def rollback(
     model_version: str | None = None,
     progress: Callable[[str], None] = print,
 ) -> list[RollbackResult]:
-    """Undo one run, or every run of a model version (newest first); marks their reports."""
+    """Undo one run, or every run of a model version (newest first, in one commit); marks their reports."""
     if (run_id is None) == (model_version is None):
         raise CatalogEnrichError("rollback needs exactly one of --run-id or --model-version")
     with catalog.lock("rollback", progress):
@@ -70,12 +70,15 @@ def rollback(
             raise CatalogEnrichError(
                 f"model version {model_version} has no runs to roll back in {catalog.describe()}"
             )
-        return [_rollback_one(catalog, str(rid), progress) for rid in runs]
+        results = catalog.rollback_runs([check_run_id(str(rid)) for rid in runs])
+        for result in results:
+            _report(catalog, result, progress)
+        return results
 
 
-def _rollback_one(catalog: Catalog, rid: str, progress: Callable[[str], None]) -> RollbackResult:
-    """Roll one run back and mark its report."""
-    result = catalog.rollback_run(check_run_id(rid))
+def _report(catalog: Catalog, result: RollbackResult, progress: Callable[[str], None]) -> None:
+    """Say what one run's rollback did and mark its report."""
+    rid = result.run_id
     progress(
         f"rolled back {rid}: {result.pairs_restored:,} (product, attribute) pairs restored, "
         f"{result.rows_removed:,} values removed, {result.rows_restored:,} previous values back"
@@ -87,4 +90,3 @@ def _rollback_one(catalog: Catalog, rid: str, progress: Callable[[str], None]) -
         + (f" (version {result.version})" if result.version is not None else "")
     )
     catalog.set_report_status(rid, "rolled_back")
-    return result

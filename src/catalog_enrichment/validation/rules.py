@@ -396,13 +396,19 @@ def quarantine_rows(
     """Quarantine-table rows from a (small) Spark DataFrame of invalid rows.
 
     ``rows`` must carry ``_reasons``; ``extra_reasons`` adds a reason per product id (the image
-    rules the scoring pass found). The raw row is kept whole as JSON, binary base64-encoded.
+    rules the scoring pass found). The raw row is kept as JSON, every column but the image bytes,
+    which stay in the products table: the image is its SHA-256 digest and size (``null`` when there
+    was none), so quarantine rows stay small whatever the photos weigh.
     """
     from pyspark.sql import functions as F
 
     data_cols = [c for c in rows.columns if c != REASONS]
+    digest = F.when(
+        F.col("image").isNotNull(),
+        F.struct(F.sha2(F.col("image"), 256).alias("sha256"), F.length(F.col("image")).alias("bytes")),
+    )
     raw = F.to_json(
-        F.struct(*[F.base64(c).alias(c) if c == "image" else F.col(c) for c in data_cols]),
+        F.struct(*[digest.alias(c) if c == "image" else F.col(c) for c in data_cols]),
         {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX", "ignoreNullFields": "false"},
     )
     collected = rows.select(F.col("product_id"), F.col(REASONS), raw.alias("raw")).collect()
