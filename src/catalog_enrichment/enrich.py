@@ -211,6 +211,9 @@ def _locked_run(
                 spark, contract, partition=part, since=since and since - lookback, retry=sorted(retry)
             )
             df = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
+            if not catalog.reads_snapshot:  # every stage reads the same rows: staged once
+                df.write.mode("overwrite").parquet(str(staging / "source"))
+                df = spark.read.parquet(str(staging / "source"))
             window = f"changed since {since - lookback:%Y-%m-%d %H:%M:%S}" if since else "full"
             if retry:
                 window += f", {len(retry):,} products whose image could not be read tried again"

@@ -1,5 +1,5 @@
-"""bench scale's grown attribute table: the rows it promises, with ids no file or index range can
-separate from the increment's; and its mistakes as one line."""
+"""bench scale's grown attribute table: the rows it promises, the increment's spread through it,
+other ids no file or index range can separate from the increment's; and its mistakes as one line."""
 
 from __future__ import annotations
 
@@ -20,9 +20,12 @@ def test_the_grown_rows_are_other_products_between_the_increments_ids() -> None:
     table = pa.Table.from_batches(list(attribute_batches(1_200, increment)), attributes_schema())
     assert table.num_rows == 1_200 and table.schema == attributes_schema()
     ids = table["product_id"].to_pylist()
-    assert len(set(ids)) == 200 and not set(ids) & set(increment)  # six rows a product, none of them
-    # every increment id has grown products right after it: sorted, the two kinds interleave
-    merged = sorted(set(ids) | set(increment))
+    assert len(set(ids)) == 200  # six rows a product
+    # the increment's products (every other product here) have earlier rows, spread through
+    positions = [i for i, p in enumerate(ids) if p in set(increment)]
+    assert len(positions) == 600 and positions[0] == 0 and positions[-1] == 198 * 6 + 5
+    # and every increment id has other products right after it: sorted, the two kinds interleave
+    merged = sorted(set(ids))
     assert all(merged[merged.index(p) + 1].startswith(p + ".") for p in increment)
     keys = set(zip(ids, table["attribute"].to_pylist(), table["value"].to_pylist(), strict=True))
     assert len(keys) == 1_200  # (product, attribute, value) is the table's key

@@ -2,9 +2,10 @@
 
 The same increment (N new products, images and all) is enriched by the whole job, as a process of
 its own (``catalog-enrich enrich``, a fresh interpreter and JVM, the tiny model of ``bench chaos``
-registered as champion), into catalogs whose attribute table was first grown to each size given:
-rows of other products whose ids lie between the increment's (so no file or index range holds the
-increment alone), half merchant values, half earlier model values. Each repeat is a new run id
+registered as champion), into catalogs whose attribute table was first grown to each size given
+(as the job writes it: row groups of 65,536 rows): the increment's products' earlier values spread
+through the table, and other products whose ids lie between the increment's (so no file or index
+range holds the increment alone); half merchant values, half earlier model values. Each repeat is a new run id
 over the same increment (the first inserts its values, the next replace them); sizes alternate
 within a repeat, so a drifting machine lands on every size. Reported per catalog kind and size:
 wall time, the driver's peak RSS, and the run report's stage seconds (medians over repeats).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import shutil
 import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +29,7 @@ import pyarrow.compute as pc
 from catalog_enrichment.bench.chaos import prepare
 from catalog_enrichment.bench.throughput import measure_process, products_reader
 from catalog_enrichment.catalog import open_catalog
-from catalog_enrichment.catalog.attributes import attributes_schema
+from catalog_enrichment.catalog.attributes import attributes_schema, writer_properties
 from catalog_enrichment.config import CatalogConfig, PostgresConfig
 from catalog_enrichment.contracts import load_taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
@@ -41,9 +43,10 @@ _BATCH = 200_000
 
 
 def attribute_batches(rows: int, increment_ids: Sequence[str], *, seed: int = 0) -> Iterator[pa.RecordBatch]:
-    """``rows`` attribute rows of other products (two values per attribute, six rows a product),
-    ids interleaved with ``increment_ids`` (sorted: ``<increment id>.<k>``), half merchant, half
-    model; as batches, so memory follows one batch."""
+    """``rows`` attribute rows (two values per attribute, six rows a product), half merchant, half
+    model: the increment's products' earlier rows, spread evenly through the stream (so through
+    every file written from it), and other products' with ids interleaved with the increment's
+    (``<increment id>.<k>``); as batches, so memory follows one batch."""
     import numpy as np
 
     schema = attributes_schema()
@@ -51,6 +54,7 @@ def attribute_batches(rows: int, increment_ids: Sequence[str], *, seed: int = 0)
     ids = sorted(increment_ids)
     at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     per_product = 2 * len(_ATTRIBUTES)
+    stride = max(1, rows // per_product // len(ids))  # every stride-th product is an increment product
     for start in range(0, rows, _BATCH):
         n = min(_BATCH, rows - start)
         index = np.arange(start, start + n)
@@ -68,7 +72,7 @@ def attribute_batches(rows: int, increment_ids: Sequence[str], *, seed: int = 0)
 
         yield pa.RecordBatch.from_pydict(
             {
-                "product_id": [f"{ids[p % len(ids)]}.{p // len(ids)}" for p in product],
+                "product_id": [_product_id(ids, int(p), stride) for p in product],
                 "attribute": names,
                 "value": [f"{a}-{v}" for a, v in zip(names, value, strict=True)],
                 "confidence": model_only(rng.uniform(0.6, 1.0, n)),
@@ -83,6 +87,15 @@ def attribute_batches(rows: int, increment_ids: Sequence[str], *, seed: int = 0)
         )
 
 
+def _product_id(ids: Sequence[str], p: int, stride: int) -> str:
+    """Product ``p`` of the stream: every ``stride``-th one an increment product while they last,
+    the others numbered on their own, ``<increment id>.<k>`` round the increment's ids."""
+    if p % stride == 0 and p // stride < len(ids):
+        return ids[p // stride]
+    other = p - min(p // stride + 1, len(ids))
+    return f"{ids[other % len(ids)]}.{other // len(ids)}"
+
+
 def _grow(kind: str, cfg: CatalogConfig, rows: int, increment: pa.Table) -> None:
     """A catalog of ``kind`` whose attribute table holds ``rows`` rows of other products (and, for
     PostgreSQL, whose products table holds the increment)."""
@@ -91,7 +104,7 @@ def _grow(kind: str, cfg: CatalogConfig, rows: int, increment: pa.Table) -> None
         from deltalake import write_deltalake
 
         reader = pa.RecordBatchReader.from_batches(attributes_schema(), batches)
-        write_deltalake(cfg.table("attributes"), reader, mode="error")
+        write_deltalake(cfg.table("attributes"), reader, mode="error", writer_properties=writer_properties())
         return
     from psycopg import sql
 
@@ -158,8 +171,10 @@ def run_scale_bench(
             root = workdir / "catalogs" / f"{kind}-{rows}"
             cfg = CatalogConfig(kind=kind, root=str(root), postgres=PostgresConfig(db_schema=f"scale_{rows}"))
             say(f"scale: growing the {kind} attribute table to {rows:,} rows")
-            root.mkdir(parents=True, exist_ok=False)
-            _grow(kind, cfg, rows, table)
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            with _pg_env(dsn):
+                _grow(kind, cfg, rows, table)
             catalogs[kind, rows] = cfg
     env = {**os.environ, **({"CATALOG_ENRICH_PG_DSN": dsn} if dsn else {})}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {k: {str(n): [] for n in sizes} for k in kinds}

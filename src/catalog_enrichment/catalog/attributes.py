@@ -59,6 +59,18 @@ PAIR = ("product_id", "attribute")
 _MERGE_ON = " AND ".join(f"t.{k} = s.{k}" for k in KEY)
 
 
+# Row groups of the files this job writes: small enough that a scan or a MERGE holds a few of them
+# (memory), large enough for Parquet's compression and statistics
+ROW_GROUP_ROWS = 65_536
+
+
+def writer_properties() -> Any:
+    """What the job's writes to the attribute tables use (row groups of :data:`ROW_GROUP_ROWS`)."""
+    from deltalake import WriterProperties
+
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
+
+
 def attributes_schema() -> pa.Schema:
     return load_contract("attributes").arrow_schema()
 
@@ -172,7 +184,13 @@ def _merge_model_rows(
     columns = {c: f"s.{c}" for c in schema.names}
     merge = (
         table.merge(
-            source, predicate=_MERGE_ON, source_alias="s", target_alias="t", commit_properties=properties
+            source,
+            predicate=_MERGE_ON,
+            source_alias="s",
+            target_alias="t",
+            streamed_exec=False,  # the source is one run's rows: its key ranges prune the target's files
+            writer_properties=writer_properties(),
+            commit_properties=properties,
         )
         .when_matched_update(updates=columns, predicate="s._action = 'put' AND t.source = 'model'")
         .when_matched_delete(predicate="s._action = 'delete' AND t.source = 'model'")

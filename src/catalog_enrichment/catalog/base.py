@@ -103,6 +103,9 @@ class Catalog(Protocol):
     """Products in, attribute values, quarantine rows and run reports out (see the module doc)."""
 
     kind: str
+    # whether every Spark action on read_products' DataFrame sees the same rows (a Delta snapshot's
+    # files); where not (a JDBC query runs again per action), a run stages the rows it read once
+    reads_snapshot: bool
 
     def describe(self) -> str:
         """Where this catalog is, for messages (never a password)."""

@@ -40,6 +40,7 @@ class LakehouseCatalog:
     """Delta tables under ``cfg.root`` (each table's location overridable in ``cfg``)."""
 
     kind = "lakehouse"
+    reads_snapshot = True
 
     def __init__(self, cfg: CatalogConfig, *, products: str | Path | None = None) -> None:
         self.cfg = cfg

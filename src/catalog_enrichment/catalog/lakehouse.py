@@ -106,12 +106,21 @@ def read_table(
     return dataset.to_table(columns=list(columns) if columns else None)
 
 
+# A scan whose memory is bounded by a few small batches, not by a row group read whole in advance
+LOW_MEMORY_SCAN: dict[str, object] = {
+    "batch_size": 16_384,
+    "batch_readahead": 1,
+    "fragment_readahead": 1,
+    "fragment_scan_options": ds.ParquetFragmentScanOptions(pre_buffer=False, use_buffered_stream=True),
+}
+
+
 def read_products_of(
     path: str | Path, product_ids: Iterable[str], columns: Sequence[str] | None = None
 ) -> pa.Table:
     """The rows of a Delta or Parquet table whose ``product_id`` is one of ``product_ids`` (``columns``
     only, when given), filtered batch by batch: a few rows of a large table never hold the whole
-    table in memory."""
+    table, or a whole row group, in memory."""
     target = Path(path)
     if table_format(target) == "delta":
         from deltalake import DeltaTable
@@ -125,7 +134,7 @@ def read_products_of(
     columns = list(columns or dataset.schema.names)
     kept = [
         batch.filter(pc.is_in(batch.column("product_id").cast(pa.string()), value_set=wanted))
-        for batch in dataset.to_batches(columns=columns)
+        for batch in dataset.to_batches(columns=columns, **LOW_MEMORY_SCAN)
     ]
     schema = pa.schema([dataset.schema.field(c) for c in columns])
     return pa.Table.from_batches([b for b in kept if b.num_rows], schema=schema)

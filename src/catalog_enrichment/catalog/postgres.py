@@ -142,6 +142,7 @@ class PostgresCatalog:
     """The catalog in a PostgreSQL database (see the module docstring)."""
 
     kind = "postgres"
+    reads_snapshot = False  # each Spark action runs the JDBC query again
 
     def __init__(self, cfg: CatalogConfig, *, products: str | None = None, dsn: str | None = None) -> None:
         import re
