@@ -274,16 +274,17 @@ def _locked_run(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _image_unread(quarantine: pa.Table) -> list[str]:
+    """Ids of the products quarantined only because their image could not be read (transient)."""
+    ids, reasons_of = quarantine["product_id"].to_pylist(), quarantine["reasons"].to_pylist()
+    unread = zip(ids, reasons_of, strict=True)
+    return [p for p, reasons in unread if p is not None and reasons == [IMAGE_READABLE]]
+
+
 def _new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
     """The counts without the retried products whose image still could not be read: an image
     host still down is not a new batch of bad rows (and a quiet night's only rows may be those)."""
-    ids, reasons_of = (
-        decisions.quarantine["product_id"].to_pylist(),
-        decisions.quarantine["reasons"].to_pylist(),
-    )
-    again = sum(
-        pid in retry and reasons == [IMAGE_READABLE] for pid, reasons in zip(ids, reasons_of, strict=True)
-    )
+    again = sum(pid in retry for pid in _image_unread(decisions.quarantine))
     counts = decisions.counts
     return ValidationCounts(
         counts.rows_read - again, counts.rows_invalid - again, counts.per_rule, counts.watermark
@@ -293,13 +294,8 @@ def _new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
 def _retry_next(quarantine: pa.Table, retry: dict[str, int], cap: int) -> list[tuple[str, int]]:
     """(product id, attempts) of the products quarantined only because their image could not be
     read, which the next run reads again while their attempts stay within ``cap``."""
-    out = []
-    ids, reasons_of = quarantine["product_id"].to_pylist(), quarantine["reasons"].to_pylist()
-    for pid, reasons in zip(ids, reasons_of, strict=True):
-        attempts = retry.get(pid, 0) + 1 if pid is not None else cap + 1
-        if reasons == [IMAGE_READABLE] and attempts <= cap:
-            out.append((pid, attempts))
-    return sorted(out)
+    attempts = [(pid, retry.get(pid, 0) + 1) for pid in _image_unread(quarantine)]
+    return sorted((pid, n) for pid, n in attempts if n <= cap)
 
 
 _UNIX_MICROS = "_updated_at_us"

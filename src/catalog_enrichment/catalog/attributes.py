@@ -375,14 +375,16 @@ def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str])
     Raises:
         CatalogEnrichError: a run never committed to this table, or was already rolled back.
     """
-    committed = {}
+    from deltalake import DeltaTable
+
+    table, committed = DeltaTable(str(path)), {}
     for run_id in run_ids:
-        version = find_run_commit(path, run_id)
+        version = table.transaction_version(_transaction(run_id))
         if version is None:
             raise CatalogEnrichError(f"run {run_id!r} has no commit in {path}: nothing to roll back")
-        if find_run_commit(path, run_id, "rollback") is not None:
+        if table.transaction_version(_transaction(run_id, "rollback")) is not None:
             raise CatalogEnrichError(f"run {run_id!r} was already rolled back")
-        committed[run_id] = version
+        committed[run_id] = int(version)
     images = _read_changes(changes, list(committed))
     ids = pc.unique(images["product_id"])
     current = _rows_for(path, ids) if len(ids) else attributes_schema().empty_table()
