@@ -514,6 +514,7 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
 
     from catalog_enrichment.cli import main
     from catalog_enrichment.data.truth import judge_from_truth
+    from tests.review.conftest import register_versions
 
     cfg0, _, _ = first_run
     root = tmp_path / "lake"
@@ -521,6 +522,7 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     flags = ["--catalog", str(root), "--set", f"catalog.products={incoming.products}"]
     flags += ["--set", f"mlflow.tracking_uri={uri}", "--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
+    register_versions(uri, tmp_path / "art", upto=1, name="tiny")
     sample_file = tmp_path / "review" / "sample.csv"
     assert (
         main(["review", "sample", "--model-version", "1", "--size", "80", "--out", str(sample_file), *flags])

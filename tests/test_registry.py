@@ -24,7 +24,7 @@ from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.config import AppConfig, SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import generate_marketplace
-from catalog_enrichment.errors import CatalogEnrichError, ContractError, TaxonomyError
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError, ContractError, TaxonomyError
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.promotion import (
     CoverageChange,
@@ -120,12 +120,18 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
         "uri = 'models:/test-model@challenger'\n"
         "served = validate_serving_input(uri, load_serving_example(uri))\n"
         f"served.to_json({str(tmp_path / 'served.json')!r}, orient='records')\n"
+        "import catalog_enrichment; print(catalog_enrichment.__file__)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "CATALOG_ENRICH_CONFIG"}
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # the package the model runs is the copy it carries, not one an environment would fetch by name
+    package = Path(result.stdout.strip().splitlines()[-1])
+    model_dir = package.parents[2]
+    assert package.parents[1].name == "code" and (model_dir / "MLmodel").is_file(), package
+    assert "catalog-enrichment" not in (model_dir / "requirements.txt").read_text()
     got = pd.read_parquet(tmp_path / "scores.parquet")
     assert list(got.columns) == list(expected.columns)
     assert np.max(np.abs(got.to_numpy() - expected.to_numpy())) < 1e-5
@@ -206,7 +212,7 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     client = registry.configure_mlflow(mlflow_server)
     log = tmp_path / "promotion_log"
 
-    def promote_now() -> dict:
+    def promote_now(configured_target: float = 0.95) -> dict:
         return promote(
             client,
             registered_model="test-model",
@@ -214,7 +220,7 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
             eval_version=None,
             # The gate's own rules are tested with known answers above; here it judges tiny models
             # trained deterministically (one torch thread, a seeded table) at the real target.
-            target=0.95,
+            configured_target=configured_target,
             max_coverage_loss=0.02,
             log_path=log,
             progress=_quiet,
@@ -223,8 +229,14 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     first = run_training_job(
         _cfg(tmp_path, mlflow_server, epochs=8), taxonomy, data=data["train"], client=client, progress=_quiet
     )
+    # the version owns its target: a config that says otherwise is refused, naming both values
+    with pytest.raises(
+        ConfigError, match=r"target_precision is 0.9 but test-model v1 was calibrated for 0.95"
+    ):
+        promote_now(configured_target=0.9)
+    assert registry.resolve_alias(client, "test-model", registry.CHAMPION) is None
     decision = promote_now()
-    assert decision["promote"], decision["reasons"]
+    assert decision["promote"] and decision["target"] == 0.95, decision["reasons"]
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == first.registered.version
 
     # a deliberately worse model: image only without the colour statistics (which read the synthetic
@@ -370,7 +382,7 @@ def test_bad_inputs_fail_before_any_registration(tmp_path: Path, data, taxonomy:
             registered_model="no-such-model",
             eval_data=data["eval"],
             eval_version=None,
-            target=0.95,
+            configured_target=0.95,
             max_coverage_loss=0.02,
             log_path=tmp_path / "log",
             progress=_quiet,
@@ -387,8 +399,9 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path: Path, taxonomy: 
     assert time.time() - started < 90
 
 
-def test_pip_requirements_are_pinned() -> None:
+def test_pip_requirements_are_pinned_and_name_no_package_of_ours() -> None:
     reqs = registry.pip_requirements()
     assert any(r.startswith("torch==2.13.0") for r in reqs)
     assert all("==" in r for r in reqs)
+    assert not [r for r in reqs if r.startswith("catalog-enrichment")]
     assert pa is not None

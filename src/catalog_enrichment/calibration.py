@@ -50,6 +50,7 @@ from typing import Any, Literal
 import numpy as np
 
 from catalog_enrichment.contracts import AttributeKind
+from catalog_enrichment.errors import ConfigError
 
 __all__ = [
     "LEVELS",
@@ -63,6 +64,7 @@ __all__ = [
     "clopper_pearson_lower",
     "lower_bound",
     "min_testable_writes",
+    "version_target",
     "wilson_lower",
     "wilson_upper",
 ]
@@ -520,3 +522,18 @@ def calibrate_attribute(
         tuple(guarded),
     )
     return AttributeCalibration(name, kind, tuple(out), pooled)
+
+
+def version_target(configured: float, calibrated: float, version: str) -> float:
+    """The precision target a model version is judged against: the one it was calibrated for.
+
+    Raises:
+        ConfigError: ``calibration.target_precision`` in the config says otherwise (both named).
+    """
+    if abs(configured - calibrated) > 1e-12:
+        raise ConfigError(
+            f"calibration.target_precision is {configured} but {version} was calibrated for {calibrated}: a "
+            f"version is judged against its own target; set calibration.target_precision: {calibrated}, or "
+            f"train a version for {configured}"
+        )
+    return calibrated

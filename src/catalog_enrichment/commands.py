@@ -242,7 +242,7 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
         registered_model=cfg.mlflow.registered_model,
         eval_data=eval_data,
         eval_version=cfg.promotion.eval_version,
-        target=cfg.calibration.target_precision,
+        configured_target=cfg.calibration.target_precision,
         max_coverage_loss=cfg.promotion.max_coverage_loss,
         confidence=cfg.calibration.confidence,
         min_written=cfg.promotion.min_written,
@@ -355,8 +355,9 @@ def _audit(args: argparse.Namespace, cfg: AppConfig, catalog: Any) -> int:
         raise CatalogEnrichError(
             "--audit audits a model version (--model-version) or a sample (--sample), not a run"
         )
-    audit = audit_catalog(cfg, catalog, model_version=args.model_version, sample_id=args.sample)
-    record_audit(cfg, audit, client=runtime.mlflow_client(cfg), chart_dir=Path(cfg.catalog.root) / "audits")
+    client = runtime.mlflow_client(cfg)
+    audit = audit_catalog(cfg, catalog, client, model_version=args.model_version, sample_id=args.sample)
+    record_audit(cfg, audit, client=client, chart_dir=Path(cfg.catalog.root) / "audits")
     print(json.dumps(audit.to_dict(), indent=2, default=str) if args.json else format_audit(audit))
     return 1 if args.check and audit.failed else 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from catalog_enrichment.errors import ConfigError
 
@@ -50,6 +50,7 @@ __all__ = [
     "merge_layers",
     "parse_overrides",
     "redact_uri",
+    "saved_model_config",
 ]
 
 ENV_PREFIX = "CATALOG_ENRICH_"
@@ -241,6 +242,20 @@ class TextEncoderConfig(_Section):
         return self
 
 
+# timm.create_model arguments that shape the architecture or its preprocessing; none reads a file
+TIMM_KWARGS = frozenset(
+    {
+        "pretrained_cfg_overlay",
+        "drop_rate",
+        "drop_path_rate",
+        "drop_block_rate",
+        "global_pool",
+        "img_size",
+        "output_stride",
+    }
+)
+
+
 class ImageEncoderConfig(_Section):
     """A timm backbone created with ``num_classes=0``."""
 
@@ -261,13 +276,27 @@ class ImageEncoderConfig(_Section):
         description="Input resolution in pixels; None = the timm pretrained config's with pretrained_path, "
         "else 96.",
     )
-    timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model kwargs.")
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra timm.create_model kwargs, one of: "
+        + ", ".join(sorted(TIMM_KWARGS))
+        + " (a bundle's "
+        "model.json carries them too: keys that load files, such as checkpoint_path, are refused).",
+    )
     color_features: bool = Field(
         True,
         description="Append colour statistics of the photo's foreground (a soft CIE L*a*b* histogram and "
         "its moments, models/color.py) to the backbone's pooled features: pooled ImageNet features keep "
         "little of a product's colour.",
     )
+
+    @field_validator("timm_kwargs")
+    @classmethod
+    def _known_timm_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        refused = sorted(set(value) - TIMM_KWARGS)
+        if refused:
+            raise ValueError(f"timm_kwargs {refused} not allowed; allowed: {sorted(TIMM_KWARGS)}")
+        return value
 
 
 class EnsembleConfig(_Section):
@@ -762,6 +791,15 @@ def _describe(error: ValidationError) -> str:
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{key}: {err['msg']}{shown}")
     return "; ".join(lines)
+
+
+def saved_model_config(data: Mapping[str, Any], *, source: str) -> ModelConfig:
+    """A model config read back from a saved model (a bundle's ``model.json``), checked as a config
+    file is: a key it may not hold is a :class:`ConfigError` naming ``source``."""
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid model config in {source}: {_describe(exc)}") from None
 
 
 def load_config(

@@ -124,7 +124,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         registered_model=cfg.mlflow.registered_model,
         eval_data=workdir / "eval" / "products",
         eval_version=None,
-        target=cfg.calibration.target_precision,
+        configured_target=cfg.calibration.target_precision,
         max_coverage_loss=cfg.promotion.max_coverage_loss,
         confidence=cfg.calibration.confidence,
         min_written=cfg.promotion.min_written,
@@ -227,7 +227,7 @@ def _review(
     verdicts = folder / "verdicts.csv"
     csv.write_csv(judged, verdicts)
     print(f"  {import_verdicts(catalog, verdicts).summary()}")
-    audit = audit_catalog(cfg, catalog, model_version=version, sample_id=files.sample.sample_id)
+    audit = audit_catalog(cfg, catalog, client, model_version=version, sample_id=files.sample.sample_id)
     record_audit(cfg, audit, client=client, chart_dir=folder)
     print(format_audit(audit))
     rows = catalog.attribute_rows()

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from catalog_enrichment.calibration import wilson_upper
+from catalog_enrichment.calibration import version_target, wilson_upper
 from catalog_enrichment.catalog.lakehouse import read_table, table_format, table_version, write_table
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.errors import CatalogEnrichError
@@ -200,7 +200,7 @@ def promote(
     registered_model: str,
     eval_data: str | Path,
     eval_version: int | None,
-    target: float,
+    configured_target: float,
     max_coverage_loss: float,
     log_path: str | Path,
     confidence: float = 0.95,
@@ -208,7 +208,11 @@ def promote(
     dry_run: bool = False,
     progress: Any = print,
 ) -> dict[str, Any]:
-    """Run the gate for ``challenger`` vs ``champion`` of ``registered_model`` (see module docstring)."""
+    """Run the gate for ``challenger`` vs ``champion`` of ``registered_model`` (see module docstring).
+
+    The challenger is judged against the target it was calibrated for; ``configured_target`` (the
+    config's ``calibration.target_precision``) must agree with it.
+    """
     from catalog_enrichment import registry
 
     registry.check_tracking_server(client)
@@ -230,11 +234,11 @@ def promote(
         + (f" and champion v{champion}" if champion else "")
         + f" on {eval_data} (version {pinned}, {table.num_rows:,} products)"
     )
-    evaluations = {
-        "challenger": evaluate_bundle(
-            registry.load_bundle_from_uri(f"models:/{registered_model}/{challenger}"), table
-        )
-    }
+    bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{challenger}")
+    target = version_target(
+        configured_target, bundle.calibration.target_precision, f"{registered_model} v{challenger}"
+    )
+    evaluations = {"challenger": evaluate_bundle(bundle, table)}
     changes = None
     if champion is not None and champion != challenger:
         evaluations["champion"] = evaluate_bundle(
@@ -261,6 +265,7 @@ def promote(
         "champion": champion,
         "promote": result.promote,
         "reasons": result.reasons,
+        "target": target,
         "metrics": metrics,
         "dry_run": dry_run,
         "eval_data": str(eval_data),

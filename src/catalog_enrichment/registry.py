@@ -36,6 +36,7 @@ __all__ = [
     "CHALLENGER",
     "CHAMPION",
     "CatalogEnrichmentPyfunc",
+    "calibrated_target",
     "check_tracking_server",
     "configure_mlflow",
     "download_artifact_json",
@@ -76,7 +77,9 @@ class CatalogEnrichmentPyfunc(PythonModel):
 
 
 def pip_requirements() -> list[str]:
-    """Exact versions of what loading the model needs (from the running environment)."""
+    """Exact versions of what loading the model needs (from the running environment). This package is
+    not among them: it travels in the model itself (``code_paths``), so an environment MLflow restores
+    never resolves a package of this name from a public index."""
     from importlib.metadata import version
 
     names = [
@@ -94,9 +97,7 @@ def pip_requirements() -> list[str]:
         "scikit-learn",
         "mlflow",
     ]
-    reqs = [f"{n}=={version(n).split('+')[0]}" for n in names]
-    reqs.append(f"catalog-enrichment=={version('catalog-enrichment')}")
-    return reqs
+    return [f"{n}=={version(n).split('+')[0]}" for n in names]
 
 
 def configure_mlflow(tracking_uri: str, registry_uri: str | None = None) -> MlflowClient:
@@ -175,6 +176,7 @@ def log_and_register(
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"bundle": str(bundle_dir)},
             pip_requirements=pip_requirements(),
+            code_paths=[str(Path(__file__).parent)],
             signature=infer_signature(input_example, output_example),
             input_example=input_example,
             registered_model_name=registered_model,
@@ -226,6 +228,15 @@ def load_bundle_from_uri(model_uri: str) -> Any:
     except MlflowException as exc:
         raise CatalogEnrichError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
     return model.unwrap_python_model().bundle
+
+
+def calibrated_target(client: MlflowClient, name: str, version: str) -> float:
+    """The precision target model version ``version`` of ``name`` was calibrated for."""
+    try:
+        run_id = str(client.get_model_version(name, version).run_id)
+    except MlflowException:
+        raise CatalogEnrichError(f"registered model {name!r} has no version {version!r}") from None
+    return float(download_artifact_json(client, run_id, "tables/calibration.json")["target_precision"])
 
 
 def download_artifact_json(client: MlflowClient, run_id: str, path: str) -> Any:

@@ -97,3 +97,21 @@ def written_catalog(root: Path, *, products: int = 600, seed: int = 0, version: 
 @pytest.fixture
 def written(tmp_path: Path) -> WrittenCatalog:
     return written_catalog(tmp_path / "lakehouse")
+
+
+def register_versions(
+    tracking_uri: str, artifacts: Path, *, upto: int, target: float = 0.95, name: str = "catalog-enrichment"
+) -> None:
+    """Versions 1..``upto`` of model ``name`` in a real MLflow store, each with the calibration
+    table of a run calibrated for ``target`` (the audit reads a version's target from there)."""
+    import json
+
+    from catalog_enrichment import registry
+
+    client = registry.configure_mlflow(tracking_uri)
+    experiment = client.create_experiment("training", artifact_location=artifacts.as_uri())
+    client.create_registered_model(name)
+    for _ in range(upto):
+        run = client.create_run(experiment)
+        client.log_text(run.info.run_id, json.dumps({"target_precision": target}), "tables/calibration.json")
+        client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)

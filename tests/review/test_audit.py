@@ -107,7 +107,7 @@ def _audit(samples: pa.Table, reviews: pa.Table, **kw) -> object:
         reviews,
         model_version="1",
         sample_id=None,
-        target=0.95,
+        target_of=lambda _name, _version: 0.95,
         confidence=0.95,
         min_support=30,
         **kw,
@@ -177,7 +177,13 @@ def test_an_audit_without_sample_or_verdicts_says_what_to_do() -> None:
     samples, reviews = _sample_tables(pop, 50, 0)
     with pytest.raises(CatalogEnrichError, match="no review sample for model version 7"):
         audit_sample(
-            samples, reviews, model_version="7", sample_id=None, target=0.95, confidence=0.95, min_support=30
+            samples,
+            reviews,
+            model_version="7",
+            sample_id=None,
+            target_of=lambda _name, _version: 0.95,
+            confidence=0.95,
+            min_support=30,
         )
     with pytest.raises(CatalogEnrichError, match=r"no verdict yet.*review import"):
         _audit(samples, reviews.slice(0, 0))

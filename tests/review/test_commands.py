@@ -10,7 +10,7 @@ import pyarrow.csv as pcsv
 import pytest
 
 from catalog_enrichment.cli import main
-from tests.review.conftest import written_catalog
+from tests.review.conftest import register_versions, written_catalog
 
 
 @pytest.mark.parametrize(("judge", "code"), [("truth", 1), ("all right", 0), ("all wrong", 1)])
@@ -26,6 +26,7 @@ def test_a_failing_audit_exits_1_and_names_the_rollback(
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
     ]
     flags += ["--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
+    register_versions(f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "art", upto=3)
     out = tmp_path / "s" / "sample.csv"
     assert main(["review", "sample", "--model-version", "3", "--size", "200", "--out", str(out), *flags]) == 0
     sample = pcsv.read_csv(out, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
@@ -48,3 +49,28 @@ def test_a_failing_audit_exits_1_and_names_the_rollback(
             low, high = (float(x) for x in line.split("[")[1].split("]")[0].split(","))
             assert low <= written.true_precision(attr) <= high
     assert (tmp_path / "lake" / "audits").is_dir()
+
+
+def test_an_audit_judges_a_version_by_the_target_it_was_calibrated_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    written_catalog(tmp_path / "lake")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    flags = ["--catalog", str(tmp_path / "lake"), "--set", f"mlflow.tracking_uri={uri}"]
+    flags += ["--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
+    register_versions(uri, tmp_path / "art", upto=3, target=0.9)
+    out = tmp_path / "s" / "sample.csv"
+    assert main(["review", "sample", "--model-version", "3", "--size", "50", "--out", str(out), *flags]) == 0
+    sample = pcsv.read_csv(out, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+    for name, value in (("verdict", "yes"), ("reviewer", "qa")):
+        sample = sample.set_column(sample.schema.get_field_index(name), name, pa.array([value] * len(sample)))
+    pcsv.write_csv(sample, tmp_path / "v.csv")
+    assert main(["review", "import", str(tmp_path / "v.csv"), *flags]) == 0
+    capsys.readouterr()
+    # the config's default target (0.95) is not the one version 3 was calibrated for: one line, both values
+    assert main(["report", "--audit", *flags]) == 2
+    assert (
+        "target_precision is 0.95 but catalog-enrichment v3 was calibrated for 0.9" in capsys.readouterr().err
+    )
+    assert main(["report", "--audit", "--json", *flags, "--set", "calibration.target_precision=0.9"]) == 0
+    assert '"target": 0.9' in capsys.readouterr().out

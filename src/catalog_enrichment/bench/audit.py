@@ -92,7 +92,7 @@ def run_audit_benchmark(
                 _verdicts(drawn.rows, lookup),
                 model_version=version,
                 sample_id=drawn.sample_id,
-                target=target,
+                target_of=lambda _name, _version: target,
                 confidence=confidence,
                 min_support=10**9,
             )

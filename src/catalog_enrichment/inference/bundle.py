@@ -4,7 +4,7 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
 
     weights.pt           state dict of the model (an ensemble's: every member's; no pickled module)
     model.json           model config + tokenizer facts (vocab size, pad id) + image preprocessing
-                         + package version
+                         + package version + the dtype the calibrated scores are computed in
     text_encoder_<i>/    the transformers config of text encoder i (its architecture; an ensemble's
                          members' encoders in member order)
     tokenizer/           tokenizer.save_pretrained() (the pretrained model's own, or the trained one)
@@ -32,7 +32,7 @@ import torch
 
 from catalog_enrichment import __version__
 from catalog_enrichment.calibration import Calibration
-from catalog_enrichment.config import ModelConfig
+from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImagePreprocessing
@@ -41,6 +41,9 @@ from catalog_enrichment.models.model import AnyModel, build_model
 __all__ = ["MANIFEST", "ModelBundle", "bundle_problems", "json_safe", "load_bundle", "save_bundle"]
 
 MANIFEST = "manifest.json"
+# The calibrated scores are float32 probabilities of float32 logits on every device and under any
+# autocast (models/fusion.py); a bundle records it and one that says otherwise is not loaded.
+SCORE_DTYPE = "float32"
 
 
 @dataclass
@@ -83,6 +86,7 @@ def save_bundle(
                 "text_encoders": len(model.text_encoders),
                 "image_preprocessing": model.preprocessing.to_dict(),
                 "package_version": __version__,
+                "score_dtype": SCORE_DTYPE,
             },
             indent=2,
         )
@@ -106,13 +110,13 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 def bundle_problems(path: str | Path) -> list[str]:
-    """What is wrong with a bundle folder's files against its manifest: missing or changed files
-    (empty when it is whole; bundles saved before manifests existed are only checked for weights)."""
+    """What is wrong with a bundle folder's files against its manifest: missing or changed files,
+    or no manifest at all (empty when it is whole)."""
     root = Path(path)
     if not (root / "weights.pt").is_file():
         return ["weights.pt is missing"]
     if not (root / MANIFEST).is_file():
-        return []
+        return [f"{MANIFEST} is missing (its files cannot be checked)"]
     try:
         expected = json.loads((root / MANIFEST).read_text())
     except ValueError:
@@ -146,24 +150,23 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     if not (root / "weights.pt").is_file():
         raise CatalogEnrichError(f"{root} is not a model bundle (no weights.pt)")
     meta = json.loads((root / "model.json").read_text())
-    image = meta["model"].get("image", {})
-    # bundles from before model.image.color_features existed were trained without colour statistics
-    model_config = ModelConfig.model_validate({**meta["model"], "image": {"color_features": False, **image}})
+    if meta.get("score_dtype") != SCORE_DTYPE:
+        raise CatalogEnrichError(
+            f"{root}: its thresholds were calibrated on {meta.get('score_dtype') or 'unrecorded'} scores, "
+            f"this version scores in {SCORE_DTYPE}; retrain the model (catalog-enrich train)"
+        )
+    model_config = saved_model_config(meta["model"], source=str(root / "model.json"))
     taxonomy = Taxonomy.from_dict(json.loads((root / "taxonomy.json").read_text()), source=str(root))
-    # bundles from before text_encoder_<i>/ and image_preprocessing were saved had no pretrained
-    # parts: their encoders are built from the config
     text_backbones = [
-        AutoConfig.from_pretrained(str(root / f"text_encoder_{i}"))
-        for i in range(meta.get("text_encoders", 0))
+        AutoConfig.from_pretrained(str(root / f"text_encoder_{i}")) for i in range(meta["text_encoders"])
     ]
-    prep = meta.get("image_preprocessing")
     model = build_model(
         model_config,
         taxonomy,
         vocab_size=meta["vocab_size"],
         pad_token_id=meta["pad_token_id"],
         text_backbones=text_backbones or None,
-        preprocessing=ImagePreprocessing.from_dict(prep) if prep else None,
+        preprocessing=ImagePreprocessing.from_dict(meta["image_preprocessing"]),
     )
     model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
     model.to(device).eval()

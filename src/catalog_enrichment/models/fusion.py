@@ -59,8 +59,19 @@ def kl_to_uniform(weights: torch.Tensor) -> torch.Tensor:
 
 
 def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Sigmoid for a multi-label head, softmax for a multi-class one."""
-    return torch.sigmoid(logits) if kind == "multilabel" else torch.softmax(logits, dim=-1)
+    """Sigmoid for a multi-label head, softmax for a multi-class one, in float32 whatever the
+    autocast around it (bf16 probabilities near 1 are 2^-8 apart: calibrated thresholds above 0.996
+    could no longer be told apart)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logits = logits.float()
+        return torch.sigmoid(logits) if kind == "multilabel" else torch.softmax(logits, dim=-1)
+
+
+def in_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` in float32 whatever the autocast around it: the layers that make the calibrated
+    scores (heads, decision networks) run one numeric path on every device; the encoders may not."""
+    with torch.autocast(x.device.type, enabled=False):
+        return module(x.float())
 
 
 def merge(vectors: Sequence[torch.Tensor], how: str) -> torch.Tensor:
@@ -95,7 +106,7 @@ class AttributeHeads(nn.Module):
         self.heads = nn.ModuleDict({h.name: nn.Linear(in_dim, h.num_values) for h in heads})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(x) for name, head in self.heads.items()}
+        return {name: in_float32(head, x) for name, head in self.heads.items()}
 
 
 @dataclass
@@ -358,7 +369,7 @@ class DecisionFusion(_TwoBranches):
         for a, nets in self.decision.items():
             x = torch.cat([pt[a], pi[a]], dim=-1)
             out[a] = torch.stack(
-                [probabilities(net(x), self.specs[a].kind) for net in cast(nn.ModuleList, nets)]
+                [probabilities(in_float32(net, x), self.specs[a].kind) for net in cast(nn.ModuleList, nets)]
             ).mean(dim=0)
         return out
 
@@ -622,7 +633,8 @@ class ModalityAttentionFusion(Fusion):
             w = torch.cat([p_txt, 1 - p_txt], dim=-1)
             weights[name] = w
             kl = kl + kl_to_uniform(w).mean()
-            logits[name] = self.heads[name](self.dropout(torch.cat([p_txt * xt, (1 - p_txt) * xi], dim=-1)))
+            mixed = self.dropout(torch.cat([p_txt * xt, (1 - p_txt) * xi], dim=-1))
+            logits[name] = in_float32(self.heads[name], mixed)
         out = self._output(logits, both.device, modality_weights=weights)
         out.aux_loss = self.kl_lambda * kl / len(self.gates)
         return out

@@ -66,14 +66,24 @@ def sample_for_review(
     return SampleFiles(sample, file, page, without_image)
 
 
-def audit_catalog(cfg: AppConfig, catalog: Any, *, model_version: str | None, sample_id: str | None) -> Audit:
-    """Audit the latest reviewed sample of ``model_version`` (or ``sample_id``) in ``catalog``."""
+def audit_catalog(
+    cfg: AppConfig, catalog: Any, client: Any, *, model_version: str | None, sample_id: str | None
+) -> Audit:
+    """Audit the latest reviewed sample of ``model_version`` (or ``sample_id``) in ``catalog``
+    against the target the version was calibrated for (``client``: where the version is registered)."""
+    from catalog_enrichment import registry
+    from catalog_enrichment.calibration import version_target
+
+    def target_of(name: str, version: str) -> float:
+        calibrated = registry.calibrated_target(client, name, version)
+        return version_target(cfg.calibration.target_precision, calibrated, f"{name} v{version}")
+
     return audit_sample(
         catalog.review_rows("review_samples"),
         catalog.review_rows("reviews"),
         model_version=model_version,
         sample_id=sample_id,
-        target=cfg.calibration.target_precision,
+        target_of=target_of,
         confidence=cfg.review.confidence,
         min_support=cfg.review.min_category_support,
     )

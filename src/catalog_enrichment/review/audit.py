@@ -19,6 +19,7 @@ written values is right.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,12 +144,13 @@ def audit_sample(
     *,
     model_version: str | None,
     sample_id: str | None,
-    target: float,
+    target_of: Callable[[str, str], float],
     confidence: float,
     min_support: int,
 ) -> Audit:
     """The audit of one sample: ``sample_id``, else the latest sample of ``model_version`` (else of
-    any version) that has verdicts.
+    any version) that has verdicts, against the precision target ``target_of(model name, version)``
+    of the version that wrote it.
 
     Raises:
         CatalogEnrichError: no such sample, or no verdict on it yet.
@@ -179,6 +181,7 @@ def audit_sample(
             "import one with `catalog-enrich review import FILE`"
         )
     chosen = with_verdicts[-1]
+    target = target_of(chosen["model_name"], chosen["model_version"])
     mine = samples.filter(pc.equal(samples["sample_id"], chosen["sample_id"]))
     verdicts = latest_verdicts(reviews.filter(pc.equal(reviews["sample_id"], chosen["sample_id"])))
     verdict_of = {

@@ -1,0 +1,144 @@
+"""Model bundles: one numeric contract for the calibrated scores, and what a bundle may not carry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torch import nn
+
+from catalog_enrichment.calibration import AttributeCalibration, Calibration, ValueThreshold
+from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError
+from catalog_enrichment.inference.bundle import MANIFEST, ModelBundle, bundle_problems, load_bundle
+from catalog_enrichment.inference.decide import DecisionPolicy
+from catalog_enrichment.inference.predictor import BatchPredictor
+
+pytestmark = pytest.mark.timeout(300)
+
+# Scores between 0.996 and 1, thresholds 0.0002 beside each: bf16 has 2^-8 between 0.996 and 1, so
+# a bf16 score would land on 0.99609 or 1.0 and cross half of these thresholds.
+PROBS = np.array([0.99655, 0.99705, 0.99745, 0.99785, 0.99825, 0.99865, 0.99905, 0.99945, 0.99975])
+OFFSETS = np.array([-1, 1] * 5)[: len(PROBS)] * 2e-4  # threshold below (written) / above (not)
+
+
+def _head_layers(model: nn.Module, names: set[str]) -> dict[str, nn.Linear]:
+    """Each attribute's output layer: a Linear named ``...heads.<attribute>``."""
+    found = {}
+    for path, module in model.named_modules():
+        parts = path.split(".")
+        if isinstance(module, nn.Linear) and parts[-1] in names and "heads" in parts[-2]:
+            found[parts[-1]] = module
+    return found
+
+
+def _pinned(bundle: ModelBundle) -> dict[str, np.ndarray]:
+    """Make every multi-label head output fixed logits (zero weights): the known scores PROBS."""
+    attrs = {a.name: a for a in bundle.taxonomy}
+    heads = _head_layers(bundle.model, set(attrs))
+    assert set(heads) == set(attrs)
+    pinned = {}
+    with torch.no_grad():
+        for name, layer in heads.items():
+            if attrs[name].kind != "multilabel":
+                continue
+            n = layer.out_features
+            p = np.resize(PROBS, n)
+            layer.weight.zero_()
+            layer.bias.copy_(torch.from_numpy(np.log(p / (1 - p))).float())
+            pinned[name] = p
+    assert pinned, "the fixture taxonomy has a multi-label attribute"
+    return pinned
+
+
+def _policy(bundle: ModelBundle, pinned: dict[str, np.ndarray]) -> DecisionPolicy:
+    attrs = {}
+    for a in bundle.taxonomy:
+        if a.name in pinned:
+            thresholds = pinned[a.name] + np.resize(OFFSETS, len(a.values))
+            values = tuple(
+                ValueThreshold(v, float(t), 100) for v, t in zip(a.values, thresholds, strict=True)
+            )
+        else:
+            values = tuple(ValueThreshold(v, None, 0) for v in a.values)
+        attrs[a.name] = AttributeCalibration(a.name, a.kind, values)
+    return DecisionPolicy(bundle.taxonomy, Calibration(0.95, 0.95, "wilson", 20, attrs), bundle.taxonomy)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_and_fp32_score_and_decide_identically_near_one(scoring_bundle: Path, incoming) -> None:  # type: ignore[no-untyped-def]
+    products = read_table(incoming.products).slice(0, 40)
+    products = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
+    bundle = load_bundle(scoring_bundle)
+    # the fixture exercises autocast: the unpinned model's scores move under bf16
+    plain = BatchPredictor(bundle).score_arrow(products).probs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moved = BatchPredictor(bundle).score_arrow(products).probs
+    assert max(np.abs(plain[a] - moved[a]).max() for a in plain) > 1e-4
+
+    pinned = _pinned(bundle)
+    fp32 = BatchPredictor(bundle).score_arrow(products).probs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = BatchPredictor(bundle).score_arrow(products).probs
+    policy = _policy(bundle, pinned)
+    merchant: list[set[str]] = [set()] * products.num_rows
+    decided = {name: policy.decide(scores, merchant)[0] for name, scores in (("fp32", fp32), ("bf16", bf16))}
+    # the known answer: every product gets exactly the values whose threshold sits below its score
+    expected = [
+        (a.name, v)
+        for a in bundle.taxonomy
+        if a.name in pinned
+        for v, o in zip(a.values, np.resize(OFFSETS, len(a.values)), strict=True)
+        if o < 0
+    ]
+    for name, values in decided.items():
+        assert all(sorted((d.attribute, d.value) for d in row) == sorted(expected) for row in values), name
+    for a in pinned:
+        assert bf16[a].dtype == np.float32
+        np.testing.assert_array_equal(bf16[a], fp32[a])
+
+
+def _copy(scoring_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(scoring_bundle, tmp_path / "bundle"))
+
+
+def _edit_model_json(root: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    meta = json.loads((root / "model.json").read_text())
+    edit(meta)
+    (root / "model.json").write_text(json.dumps(meta))
+
+
+def test_a_bundle_whose_score_dtype_is_not_float32_is_refused(scoring_bundle: Path, tmp_path: Path) -> None:
+    root = _copy(scoring_bundle, tmp_path)
+    assert json.loads((root / "model.json").read_text())["score_dtype"] == "float32"
+    _edit_model_json(root, lambda meta: meta.pop("score_dtype"))
+    with pytest.raises(CatalogEnrichError, match=r"calibrated on unrecorded scores.*float32"):
+        load_bundle(root)
+    _edit_model_json(root, lambda meta: meta.update(score_dtype="bfloat16"))
+    with pytest.raises(CatalogEnrichError, match="calibrated on bfloat16 scores"):
+        load_bundle(root)
+
+
+def test_timm_kwargs_that_read_files_are_refused(scoring_bundle: Path, tmp_path: Path) -> None:
+    root = _copy(scoring_bundle, tmp_path)
+    _edit_model_json(
+        root, lambda meta: meta["model"]["image"].update(timm_kwargs={"checkpoint_path": "/etc/x"})
+    )
+    with pytest.raises(
+        ConfigError, match=r"model.json: image.timm_kwargs.*\['checkpoint_path'\] not allowed"
+    ):
+        load_bundle(root)
+
+
+def test_a_bundle_without_its_manifest_is_not_whole(scoring_bundle: Path, tmp_path: Path) -> None:
+    root = _copy(scoring_bundle, tmp_path)
+    assert bundle_problems(root) == []
+    (root / "taxonomy.json").write_text("{}")
+    assert bundle_problems(root) == ["taxonomy.json is corrupt (checksum differs)"]
+    (root / MANIFEST).unlink()
+    assert bundle_problems(root) == [f"{MANIFEST} is missing (its files cannot be checked)"]
