@@ -61,10 +61,12 @@ def marketplace(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) ->
 
 
 @pytest.fixture(scope="session")
-def spark() -> Iterator[object]:
+def spark(pg_server: Any) -> Iterator[object]:
     """A local SparkSession (2 threads, no UI) as the job's runtime builds it; only tests marked
-    ``spark`` use it."""
+    ``spark`` use it. Built with the test server's DSN in the environment, as a postgres job's is:
+    its executors get the password in their environment, never in a task."""
     from catalog_enrichment import runtime
+    from catalog_enrichment.catalog.postgres import PG_DSN_ENV
 
     cfg = AppConfig(
         spark={
@@ -75,7 +77,15 @@ def spark() -> Iterator[object]:
         },
         catalog={"kind": "postgres"},  # the JDBC driver on the classpath, for the postgres tests
     )
-    session = runtime.spark_session(cfg)
+    before = os.environ.get(PG_DSN_ENV)
+    os.environ[PG_DSN_ENV] = pg_server.dsn()
+    try:
+        session = runtime.spark_session(cfg)
+    finally:
+        if before is None:
+            os.environ.pop(PG_DSN_ENV)
+        else:
+            os.environ[PG_DSN_ENV] = before
     yield session
     session.stop()
 

@@ -54,6 +54,8 @@ def _cfg(
             "registered_model": "test-model",
         },
         catalog={"root": str(tmp / "lakehouse")},
+        # where object-store keys go: a secret no MLflow param or tag may show
+        spark={"conf": {"spark.hadoop.fs.s3a.secret.key": SECRET}},
         # a large calibration split: a value needs >= 52 straight hits there to prove 95 %
         training={**training, **sections.pop("training", {})},
     )

@@ -497,14 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(exc: BaseException) -> str:
     """An unexpected error in one line: a JVM error's own first line (the Spark error class and its
     message), not Py4J's wrapper and the Java stack."""
-    from catalog_enrichment.config import redact_uri
+    from catalog_enrichment.redaction import redact_text
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("An error occurred while calling", "at "))]
     text = (useful or lines or [""])[0].removeprefix(": ")
     for prefix in ("org.apache.spark.SparkException: ", "org.apache.spark.api.python.PythonException: "):
         text = text.removeprefix(prefix)
-    return redact_uri(f"{type(exc).__name__}: {text}"[:400])
+    return redact_text(f"{type(exc).__name__}: {text}")[:400]
 
 
 def _exit_now(code: list[int]) -> None:

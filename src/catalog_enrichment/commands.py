@@ -213,6 +213,7 @@ def pretrain_text(args: argparse.Namespace, cfg: AppConfig) -> int:
         learning_rate=args.learning_rate,
         temperature=args.temperature,
         alpha=args.alpha,
+        image_roots=[data],
         device=runtime.device(cfg),
         progress=print,
     )
@@ -230,6 +231,7 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
     Score challenger and champion on a frozen evaluation set and move the 'champion' alias only if
     the challenger keeps the precision target everywhere and does not lose coverage.
     """
+    from catalog_enrichment.data.images import ImagePolicy
     from catalog_enrichment.promotion import format_comparison, promote
 
     eval_data = _eval_data(cfg)
@@ -248,6 +250,7 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
         min_written=cfg.promotion.min_written,
         log_path=cfg.promotion.log or str(Path(cfg.catalog.root) / "promotion_log"),
         dry_run=args.dry_run,
+        image_policy=ImagePolicy.from_config(cfg.images, [eval_data]),
     )
     print(format_comparison(summary))
     return 0
@@ -412,11 +415,11 @@ def review_import(args: argparse.Namespace, cfg: AppConfig) -> int:
 def show_config(args: argparse.Namespace, cfg: AppConfig) -> int:
     """print the effective configuration
 
-    Print the merged configuration (defaults < YAML < env < flags).
+    Print the merged configuration (defaults < YAML < env < flags), secrets masked.
     """
     import yaml
 
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print(yaml.safe_dump(cfg.redacted(), sort_keys=False), end="")
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from catalog_enrichment.errors import ConfigError
+from catalog_enrichment.redaction import redact_tree
 
 __all__ = [
     "ENV_PREFIX",
@@ -49,7 +49,6 @@ __all__ = [
     "load_config",
     "merge_layers",
     "parse_overrides",
-    "redact_uri",
     "saved_model_config",
 ]
 
@@ -586,6 +585,9 @@ class ValidationConfig(_Section):
     )
 
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+
+
 class ImagesConfig(_Section):
     """Where and how much the job may read for a product's ``image_uri`` (and its inline bytes)."""
 
@@ -600,7 +602,24 @@ class ImagesConfig(_Section):
         "(s3, gs, https, ...) only when listed here.",
     )
     allow_private_addresses: bool = Field(
-        False, description="Let remote image URIs name loopback, private or link-local hosts."
+        False, description="Let http(s) image URIs name loopback, private or link-local hosts."
+    )
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts (http, https) and buckets (s3, gs, ... through fsspec, read with the job's own "
+        "credentials) remote image URIs may name. Empty: http(s) from any public host, no object store.",
+    )
+    connect_timeout_seconds: float = Field(3.0, gt=0, description="Connect timeout of an http(s) image.")
+    timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest wait for an http(s) image's answer and body, per attempt."
+    )
+    retries: int = Field(
+        2, ge=0, description="Retries of an http(s) image after a connection error, timeout, 429 or 5xx."
+    )
+    formats: list[str] = Field(
+        default_factory=lambda: list(IMAGE_FORMATS),
+        description="Pillow formats an image may be decoded from; other bytes are undecodable (no other "
+        "decoder plugin ever sees merchant bytes). Pillow's names: JPEG, PNG, WEBP, GIF, BMP, TIFF, ...",
     )
     max_bytes: int = Field(20_000_000, gt=0, description="Largest encoded image read (bytes).")
     max_pixels: int = Field(
@@ -651,19 +670,15 @@ class AppConfig(_Section):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
+    def redacted(self) -> dict[str, Any]:
+        """The config as a nested dict with its secrets masked (:mod:`catalog_enrichment.redaction`):
+        what ``catalog-enrich config`` prints."""
+        return redact_tree(self.model_dump(mode="json"))
+
     def to_flat_dict(self) -> dict[str, Any]:
-        """``{"inference.batch_size": 128, ...}`` — the form logged as MLflow params (a password in
-        a URI is masked)."""
-        return {
-            k: redact_uri(v) if isinstance(v, str) else v
-            for k, v in _flatten(self.model_dump(mode="json")).items()
-        }
-
-
-def redact_uri(text: str) -> str:
-    """``text`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``
-    (secrets come from the environment and are never logged)."""
-    return re.sub(r"(\w[\w+.-]*://[^/\s:@]*):[^/\s@]*@", r"\1:***@", text)
+        """``{"inference.batch_size": 128, ...}`` with secrets masked — the form logged as MLflow
+        params."""
+        return _flatten(self.redacted())
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -72,6 +72,7 @@ def demo_config(cfg: AppConfig, workdir: Path) -> AppConfig:
 def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     from catalog_enrichment import registry
     from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.data.images import ImagePolicy
     from catalog_enrichment.data.summary import format_summary, summarize_marketplace
     from catalog_enrichment.data.synthetic import generate_marketplace
     from catalog_enrichment.promotion import format_comparison, promote
@@ -129,6 +130,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         confidence=cfg.calibration.confidence,
         min_written=cfg.promotion.min_written,
         log_path=Path(cfg.catalog.root) / "promotion_log",
+        image_policy=ImagePolicy.from_config(cfg.images, [workdir / "eval" / "products"]),
         progress=lambda m: print("  " + m, flush=True),
     )
     print(format_comparison(summary))

@@ -57,6 +57,7 @@ from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe, ship_bundle
+from catalog_enrichment.redaction import redact_text
 from catalog_enrichment.validation.rules import (
     REASONS,
     CircuitBreakerTripped,
@@ -264,11 +265,12 @@ def _locked_run(
     except BaseException as exc:
         aborted = isinstance(exc, CircuitBreakerTripped)
         report.status = "aborted" if aborted else "failed"
-        report.add_to_summary(error=str(exc) if aborted else f"{type(exc).__name__}: {exc}"[:2000])
+        error = str(exc) if aborted else f"{type(exc).__name__}: {exc}"
+        report.add_to_summary(error=redact_text(error)[:2000])
         try:
             _finish(outcome, catalog, cfg, client, clock, progress)
         except Exception as inner:  # the original error matters more
-            progress(f"  (could not record the {report.status} run: {inner})")
+            progress(f"  (could not record the {report.status} run: {redact_text(str(inner))})")
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -33,6 +33,7 @@ import pyarrow as pa
 from catalog_enrichment.calibration import version_target, wilson_upper
 from catalog_enrichment.catalog.lakehouse import read_table, table_format, table_version, write_table
 from catalog_enrichment.data.dataset import encode_labels
+from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
@@ -134,14 +135,13 @@ class Evaluation:
     covered: dict[str, np.ndarray]
 
 
-def evaluate_bundle(bundle: Any, table: pa.Table) -> Evaluation:
+def evaluate_bundle(bundle: Any, table: pa.Table, image_policy: ImagePolicy) -> Evaluation:
     """Realized precision, coverage, recall, R@P95 and coverage efficiency of a bundle's thresholds on
-    a labelled table."""
-    from catalog_enrichment.data.images import OWN_DATA_POLICY
+    a labelled table (its ``image_uri`` read under ``image_policy``)."""
     from catalog_enrichment.inference.predictor import BatchPredictor
 
     labels = encode_labels(table, bundle.taxonomy)
-    scores = BatchPredictor(bundle, image_policy=OWN_DATA_POLICY).score(table.to_pandas())
+    scores = BatchPredictor(bundle, image_policy=image_policy).score(table.to_pandas())
     metrics, covered = {}, {}
     for attr in bundle.taxonomy:
         s, y = labels.labelled(scores, attr.name)
@@ -206,12 +206,14 @@ def promote(
     confidence: float = 0.95,
     min_written: int = 30,
     dry_run: bool = False,
+    image_policy: ImagePolicy | None = None,
     progress: Any = print,
 ) -> dict[str, Any]:
     """Run the gate for ``challenger`` vs ``champion`` of ``registered_model`` (see module docstring).
 
     The challenger is judged against the target it was calibrated for; ``configured_target`` (the
-    config's ``calibration.target_precision``) must agree with it.
+    config's ``calibration.target_precision``) must agree with it. ``image_uri`` of the evaluation
+    set is read under ``image_policy`` (default: files under the evaluation table's own folder).
     """
     from catalog_enrichment import registry
 
@@ -238,11 +240,12 @@ def promote(
     target = version_target(
         configured_target, bundle.calibration.target_precision, f"{registered_model} v{challenger}"
     )
-    evaluations = {"challenger": evaluate_bundle(bundle, table)}
+    policy = image_policy or ImagePolicy(roots=(str(eval_data),))
+    evaluations = {"challenger": evaluate_bundle(bundle, table, policy)}
     changes = None
     if champion is not None and champion != challenger:
         evaluations["champion"] = evaluate_bundle(
-            registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}"), table
+            registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}"), table, policy
         )
         changes = compare_coverage(evaluations["challenger"], evaluations["champion"], confidence=confidence)
     result = gate(

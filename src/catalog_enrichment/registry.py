@@ -27,9 +27,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel
 
-from catalog_enrichment.config import NAME_PATTERN, redact_uri
+from catalog_enrichment.config import NAME_PATTERN
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.inference.bundle import bundle_problems
+from catalog_enrichment.redaction import redact_text, redact_uri, redact_value
 from catalog_enrichment.versions import ModelVersion
 
 __all__ = [
@@ -120,7 +121,7 @@ def check_tracking_server(client: MlflowClient) -> None:
     except Exception as exc:  # requests errors, MlflowException, ...
         raise CatalogEnrichError(
             f"MLflow tracking server {redact_uri(client.tracking_uri)} is unreachable "
-            f"({type(exc).__name__}: {redact_uri(str(exc).splitlines()[0][:200])}): start it, or point "
+            f"({type(exc).__name__}: {redact_text(str(exc).splitlines()[0])[:200]}): start it, or point "
             "mlflow.tracking_uri (MLFLOW_TRACKING_URI) at one that runs; nothing was read or written"
         ) from None
 
@@ -159,8 +160,8 @@ def log_and_register(
     experiment_id = _experiment_id(client, experiment, artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-        mlflow.set_tags(dict(tags))
+        mlflow.log_params({k: str(redact_value(k, v))[:6000] for k, v in params.items()})
+        mlflow.set_tags({k: redact_value(k, v) for k, v in tags.items()})
         for step, metrics in enumerate(epoch_metrics, start=1):
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         mlflow.log_metrics({k: float(v) for k, v in summary_metrics.items() if np.isfinite(v)})
@@ -397,7 +398,7 @@ def _log_run(
             metrics=[
                 Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)
             ],
-            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            params=[Param(k, str(redact_value(k, v))[:6000]) for k, v in params.items()],
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
         for file_name, document in documents.items():

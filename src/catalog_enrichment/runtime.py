@@ -22,6 +22,9 @@ JVM C1 JIT only                    Spark compiles new classes per query;    spar
 (-XX:TieredStopAtLevel=1)          C2 would take the scoring cores
 PostgreSQL JDBC driver             the postgres catalog's reads             catalog.postgres.jdbc_jar /
 (``spark.jars`` / ``.packages``)                                            jdbc_package
+executors' ``PGPASSWORD``          the COPY tasks' libpq finds the password  (postgres catalog; a
+(``spark.executorEnv.``), from     without it in any task closure           PGPASSWORD / PGPASSFILE of
+``CATALOG_ENRICH_PG_DSN``                                                   spark.executorEnv wins)
 worker keeps freed memory          no page faults per forward pass          inference.keep_memory
 (glibc ``mallopt``)
 =================================  =======================================  ==================================
@@ -93,7 +96,24 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
             conf["spark.jars"] = pg.jdbc_jar
         else:
             conf["spark.jars.packages"] = pg.jdbc_package
+        password = _pg_password()
+        given = {f"spark.executorEnv.{name}" for name in ("PGPASSWORD", "PGPASSFILE")} & set(cfg.spark.conf)
+        if password and not given:
+            conf["spark.executorEnv.PGPASSWORD"] = password  # Spark masks it (spark.redaction.regex)
     return {**conf, **cfg.spark.conf}
+
+
+def _pg_password() -> str | None:
+    """The PostgreSQL password this process connects with: the DSN's, else ``PGPASSWORD``."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from catalog_enrichment.catalog.postgres import PG_DSN_ENV
+
+    try:
+        given = conninfo_to_dict(os.environ.get(PG_DSN_ENV, ""))
+    except Exception:  # a DSN that does not parse is reported when the catalog connects
+        given = {}
+    return str(given.get("password") or os.environ.get("PGPASSWORD") or "") or None
 
 
 def local_with_retries(master: str) -> str:
@@ -110,10 +130,14 @@ def configure_logging(verbosity: int = 0) -> None:
     logs, ``-vv`` MLflow's, Spark's and the other libraries' too."""
     import logging
 
+    from catalog_enrichment.redaction import RedactingFilter
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
     for handler in logging.getLogger().handlers:  # libraries that set their own loggers' levels too
         handler.setLevel(logging.INFO if verbosity else logging.WARNING)
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())  # no secret reaches a log line
     logging.getLogger("catalog_enrichment").setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
     for noisy in ("mlflow", "alembic", "py4j", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)

@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from catalog_enrichment.data.images import (
     encode_image,
     load_pixels,
 )
+from catalog_enrichment.data.remote import HttpLimits
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,6 +94,13 @@ IMAGE_CASES: dict[str, tuple[bytes, str | None]] = {
     ),
     "bomb over Pillow's own limit (header only)": (_png_header_only(30000, 30000), IMAGE_WITHIN_LIMITS),
     "over max_bytes": (JPEG + b"\0" * 2_000_000, IMAGE_WITHIN_LIMITS),
+    # formats outside images.formats never reach a decoder (EPS would run Ghostscript)
+    "bmp (not in images.formats)": (_save(RGB, "BMP"), IMAGE_DECODABLE),
+    "tiff (not in images.formats)": (_save(RGB, "TIFF"), IMAGE_DECODABLE),
+    "eps (not in images.formats)": (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        IMAGE_DECODABLE,
+    ),
 }
 POLICY = ImagePolicy(max_bytes=1_000_000, max_pixels=40_000_000)
 
@@ -105,6 +114,21 @@ def test_every_kind_of_image_bytes_decodes_or_gets_its_reason(name: str) -> None
         assert pixels is not None and pixels.shape == (SIZE, SIZE, 3) and pixels.dtype == np.uint8
     else:
         assert pixels is None
+
+
+def test_formats_are_an_allowlist_the_config_extends() -> None:
+    bmp = _save(RGB, "BMP")
+    policy = ImagePolicy.from_config(ImagesConfig(formats=["jpeg", "png", "bmp"]))
+    pixels, reason = load_pixels(bmp, None, SIZE, policy=policy)
+    assert reason is None and pixels is not None
+    # JPEG left out: not even the libjpeg-turbo path decodes it
+    assert load_pixels(JPEG, None, SIZE, policy=ImagePolicy(formats=("PNG",)))[1] == IMAGE_DECODABLE
+    assert (
+        load_pixels(encode_image(RGB.resize((SIZE, SIZE))), None, SIZE, policy=ImagePolicy(formats=("PNG",)))[
+            1
+        ]
+        == IMAGE_DECODABLE
+    )
 
 
 def test_no_image_at_all_is_not_an_error() -> None:
@@ -170,55 +194,132 @@ def test_the_default_policy_reads_no_uri_at_all(tree: Path) -> None:
     assert reason is None and pixels is not None
 
 
+class _Server:
+    """A real HTTP server on a loopback port: ``/a.jpg`` (the JPEG), ``/redirect`` (302 to it),
+    ``/flaky`` (503 twice, then the JPEG), ``/stall`` (headers, then a body that never comes);
+    ``paths`` records every request."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths: list[str] = []
+        self.flaky = 0
+        paths, server = self.paths, self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args: object, **kw: object) -> None:
+                super().__init__(*args, directory=str(root), **kw)  # type: ignore[arg-type]
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                paths.append(self.path)
+                if self.path == "/redirect":  # to the image: a client that follows it gets pixels
+                    self.send_response(302)
+                    self.send_header("Location", "/a.jpg")
+                    self.end_headers()
+                    return
+                if self.path == "/flaky":
+                    server.flaky += 1
+                    if server.flaky <= 2:
+                        self.send_error(503)
+                        return
+                    self.path = "/a.jpg"
+                if self.path == "/stall":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    self.wfile.write(b"\xff\xd8")
+                    self.wfile.flush()
+                    threading.Event().wait(5)
+                    return
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+
 @pytest.fixture
-def http_server(tmp_path: Path) -> Iterator[str]:
-    """A real HTTP server on a loopback port serving one JPEG."""
+def http_server(tmp_path: Path) -> Iterator[_Server]:
     (tmp_path / "a.jpg").write_bytes(JPEG)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kw: object) -> None:
-            super().__init__(*args, directory=str(tmp_path), **kw)  # type: ignore[arg-type]
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            if self.path == "/redirect":  # to the image: a client that follows it gets pixels
-                self.send_response(302)
-                self.send_header("Location", "/a.jpg")
-                self.end_headers()
-                return
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server = _Server(tmp_path)
+    thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
 
 
-def test_remote_uris_go_through_fsspec_and_never_to_private_addresses_unless_allowed(
-    http_server: str,
-) -> None:
-    uri = f"{http_server}/a.jpg"
+FAST = HttpLimits(connect_timeout=0.5, total_timeout=1.0, retries=2, backoff=0.05)
+
+
+def test_remote_uris_never_reach_private_addresses_unless_allowed(http_server: _Server) -> None:
+    uri = f"{http_server.url}/a.jpg"
     closed = ImagePolicy(roots=("/",))
     assert load_pixels(None, uri, SIZE, policy=closed)[1] == IMAGE_URI_ALLOWED  # http not configured
     public_only = ImagePolicy(schemes=("http",))
     assert load_pixels(None, uri, SIZE, policy=public_only)[1] == IMAGE_URI_ALLOWED  # loopback
     for host in ("localhost", "10.0.0.1", "169.254.169.254", "[::1]", "192.168.1.1", "0.0.0.0"):
         assert public_only.read(f"http://{host}/a.jpg") == (None, IMAGE_URI_ALLOWED), host
-    allowed = ImagePolicy(schemes=("http",), allow_private_addresses=True)
+    assert http_server.paths == []
+    allowed = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=FAST)
     pixels, reason = load_pixels(None, uri, SIZE, policy=allowed)
     assert reason is None and pixels is not None
-    assert load_pixels(None, f"{http_server}/gone.jpg", SIZE, policy=allowed)[1] == IMAGE_READABLE
-    # a redirect is not followed (it could lead anywhere): what comes back is not the image
-    assert load_pixels(None, f"{http_server}/redirect", SIZE, policy=allowed)[1] in (
-        IMAGE_DECODABLE,
-        IMAGE_READABLE,
-    )
-    small = ImagePolicy(schemes=("http",), allow_private_addresses=True, max_bytes=100)
+    assert load_pixels(None, f"{http_server.url}/gone.jpg", SIZE, policy=allowed)[1] == IMAGE_READABLE
+    # a redirect is refused, not followed (it could lead anywhere): its target is never asked for
+    http_server.paths.clear()
+    assert load_pixels(None, f"{http_server.url}/redirect", SIZE, policy=allowed)[1] == IMAGE_URI_ALLOWED
+    assert http_server.paths == ["/redirect"]
+    small = ImagePolicy(schemes=("http",), allow_private_addresses=True, max_bytes=100, http=FAST)
     assert load_pixels(None, uri, SIZE, policy=small)[1] == IMAGE_WITHIN_LIMITS
+
+
+def test_a_host_is_resolved_once_so_a_rebinding_answer_reaches_nothing(
+    http_server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name resolves to a public address for the check, then to the loopback server: the
+    connection goes to the checked address (unreachable here), never to the second answer."""
+    real = socket.getaddrinfo
+    answers = iter(["93.184.216.34"] + ["127.0.0.1"] * 50)
+
+    def rebinding(host: object, port: object, *args: object, **kw: object) -> object:
+        if host == "images.example":
+            address = next(answers)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port or 0))]
+        return real(host, port, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    policy = ImagePolicy(
+        schemes=("http",), http=HttpLimits(connect_timeout=0.5, total_timeout=1.0, retries=0)
+    )
+    assert policy.read(f"http://images.example:{http_server.port}/a.jpg") == (None, IMAGE_READABLE)
+    assert http_server.paths == []
+
+
+def test_slow_and_flaky_hosts_are_bounded_and_retried(http_server: _Server) -> None:
+    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=FAST)
+    pixels, reason = load_pixels(None, f"{http_server.url}/flaky", SIZE, policy=policy)
+    assert reason is None and pixels is not None and http_server.paths == ["/flaky"] * 3
+    no_retries = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=HttpLimits(retries=0))
+    http_server.flaky = 0
+    assert load_pixels(None, f"{http_server.url}/flaky", SIZE, policy=no_retries)[1] == IMAGE_READABLE
+    started = time.monotonic()
+    assert load_pixels(None, f"{http_server.url}/stall", SIZE, policy=policy)[1] == IMAGE_READABLE
+    assert time.monotonic() - started < 4 * FAST.total_timeout  # not the 5 s the server stalls
+
+
+def test_hosts_allowlist_and_object_stores_need_listing(http_server: _Server) -> None:
+    listed = ImagePolicy(
+        schemes=("http", "s3"), allow_private_addresses=True, hosts=("cdn.example",), http=FAST
+    )
+    assert listed.read(f"{http_server.url}/a.jpg") == (None, IMAGE_URI_ALLOWED)  # 127.0.0.1 not listed
+    assert http_server.paths == []
+    # s3 is read with the job's own credentials: only a bucket named in images.hosts
+    assert ImagePolicy(schemes=("s3",)).read("s3://marketplace-private/secrets.jpg") == (
+        None,
+        IMAGE_URI_ALLOWED,
+    )
+    assert listed.read("s3://marketplace-private/secrets.jpg") == (None, IMAGE_URI_ALLOWED)
 
 
 def _free_port() -> int:
@@ -228,7 +329,7 @@ def _free_port() -> int:
 
 
 def test_a_remote_host_that_does_not_answer_is_unreadable_not_an_error() -> None:
-    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True)
+    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=FAST)
     assert (
         load_pixels(None, f"http://127.0.0.1:{_free_port()}/a.jpg", SIZE, policy=policy)[1] == IMAGE_READABLE
     )

@@ -20,7 +20,7 @@ import torch
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels, ProductRecords, encode_labels
-from catalog_enrichment.data.images import OWN_DATA_POLICY
+from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.models.color import color_features
 from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.training.loop import Predictions, calibrate, evaluate
@@ -97,8 +97,9 @@ def run_baseline(
 ) -> dict[str, Any]:
     """The baseline trained on ``table`` and tested on ``test_table``: :func:`evaluate`'s report, with
     thresholds calibrated by ``cfg.calibration`` on out-of-fold scores of ``table``."""
-    records = ProductRecords.from_arrow(table, OWN_DATA_POLICY)
-    test_records = ProductRecords.from_arrow(test_table, OWN_DATA_POLICY)
+    policy = ImagePolicy.from_config(cfg.images)
+    records = ProductRecords.from_arrow(table, policy)
+    test_records = ProductRecords.from_arrow(test_table, policy)
     labels, test_labels = encode_labels(table, taxonomy), encode_labels(test_table, taxonomy)
     say(f"baseline: features of {len(records):,} + {len(test_records):,} products")
     x, x_test = _features(records, [test_records])

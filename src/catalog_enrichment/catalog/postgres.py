@@ -11,11 +11,13 @@
   (bounds read for each run), ``fetch_size`` rows per round trip; the partition filter and the
   incremental window are pushed into the query.
 * **Write**: each Spark partition COPYs its values (and the pairs it scored) into a per-run staging
-  table; then one transaction records the run in the run log, keeps the model values it replaces
-  (what a rollback restores), deletes and upserts (``INSERT ... ON CONFLICT ... DO UPDATE`` only
-  where the row is the model's), adds the quarantine rows and commits; the staging table is dropped.
-  A killed process before the commit leaves the tables as they were; a committed run id is never
-  merged again.
+  table (the tasks get a connection string without the password: libpq on the executor reads it from
+  ``PGPASSWORD`` / ``PGPASSFILE``, which the job sets from the DSN with
+  ``spark.executorEnv.PGPASSWORD``, :mod:`catalog_enrichment.runtime`); then one transaction records
+  the run in the run log, keeps the model values it replaces (what a rollback restores), deletes and
+  upserts (``INSERT ... ON CONFLICT ... DO UPDATE`` only where the row is the model's), adds the
+  quarantine rows and commits; the staging table is dropped. A killed process before the commit
+  leaves the tables as they were; a committed run id is never merged again.
 * **Lock**: a session advisory lock held by one connection for the whole run; the server releases
   it when the connection ends, so a killed run never leaves the catalog locked.
 """
@@ -104,11 +106,15 @@ def _stage_name(run_id: str) -> str:
     return "stage_" + hashlib.sha256(run_id.encode()).hexdigest()[:24]
 
 
-def copy_batches(conninfo: str, table: tuple[str, str], batches: Iterable[pa.RecordBatch]) -> int:
-    """COPY Arrow batches of the staging columns into ``table`` (schema, name) as CSV; rows copied."""
+def copy_batches(
+    conninfo: str, table: tuple[str, str], batches: Iterable[pa.RecordBatch], *, password: str | None = None
+) -> int:
+    """COPY Arrow batches of the staging columns into ``table`` (schema, name) as CSV; rows copied.
+    Without ``password`` libpq finds it in this process's environment (``PGPASSWORD``, ``PGPASSFILE``)."""
     import psycopg
     import pyarrow.csv as pacsv
     from psycopg import sql
+    from psycopg.conninfo import make_conninfo
 
     options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
@@ -116,7 +122,9 @@ def copy_batches(conninfo: str, table: tuple[str, str], batches: Iterable[pa.Rec
     )
     rows = 0
     with (
-        psycopg.connect(conninfo, application_name="catalog-enrichment stage") as conn,
+        psycopg.connect(
+            make_conninfo(conninfo, password=password), application_name="catalog-enrichment stage"
+        ) as conn,
         conn.cursor().copy(statement) as copy,
     ):
         for batch in batches:
@@ -217,21 +225,17 @@ class PostgresCatalog:
 
         return sql.SQL(text).format(**{k: self._name(v) for k, v in tables.items()})
 
-    def conninfo(self) -> str:
-        """The effective connection string (password included) for processes that have not the
-        environment: the Spark tasks that COPY. Never logged."""
+    def conninfo(self) -> tuple[str, str | None]:
+        """The effective connection string without the password, for processes that have not the
+        DSN (the Spark tasks that COPY), and the password apart (for this process only)."""
         from psycopg.conninfo import make_conninfo
 
         with self.connect() as conn:
             info = conn.info
             extra = {k: v for k, v in info.get_parameters().items() if k in ("sslmode", "sslrootcert")}
-            return make_conninfo(
-                host=info.host,
-                port=info.port,
-                dbname=info.dbname,
-                user=info.user,
-                password=info.password or None,
-                **extra,
+            return (
+                make_conninfo(host=info.host, port=info.port, dbname=info.dbname, user=info.user, **extra),
+                info.password or None,
             )
 
     # -- lock and staging -------------------------------------------------------------------
@@ -527,7 +531,7 @@ class PostgresCatalog:
         return result
 
     def _stage(self, run: RunWrite, stage: str, spark: Any) -> int:
-        conninfo, table = self.conninfo(), (self.schema, stage)
+        (conninfo, password), table = self.conninfo(), (self.schema, stage)
         if spark is None or run.scores is None:
             pairs = run.pairs.select(["product_id", "attribute"])
             none = pa.nulls(pairs.num_rows)
@@ -544,7 +548,7 @@ class PostgresCatalog:
                     ).cast(_stage_schema()),
                 ]
             )
-            return copy_batches(conninfo, table, rows.to_batches(max_chunksize=50_000))
+            return copy_batches(conninfo, table, rows.to_batches(max_chunksize=50_000), password=password)
         from pyspark.sql import functions as F
 
         scores = spark.read.parquet(run.scores).where(F.col("image_error").isNull())
@@ -558,6 +562,7 @@ class PostgresCatalog:
             F.lit(None).cast("double").alias("confidence"),
             F.lit(None).cast("double").alias("threshold"),
         )
+        # the closure holds no password: the executor's libpq reads it from its environment
         copied = values.unionByName(pairs).mapInArrow(_copier(conninfo, table), "rows long")
         return int(copied.agg(F.sum("rows")).first()[0] or 0)
 

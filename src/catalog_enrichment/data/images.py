@@ -7,12 +7,10 @@ The renderer works on NumPy arrays with masks and textures precomputed once per 
 from __future__ import annotations
 
 import io
-import ipaddress
 import os
-import socket
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,13 +19,14 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageChops, ImageDraw
 
-from catalog_enrichment.config import ImagesConfig
+from catalog_enrichment.config import IMAGE_FORMATS, ImagesConfig
 from catalog_enrichment.contracts import (
     IMAGE_DECODABLE,
     IMAGE_READABLE,
     IMAGE_URI_ALLOWED,
     IMAGE_WITHIN_LIMITS,
 )
+from catalog_enrichment.data.remote import HttpLimits, read_http
 
 __all__ = [
     "COLOR_RGB",
@@ -36,7 +35,6 @@ __all__ = [
     "IMAGE_URI_ALLOWED",
     "IMAGE_WITHIN_LIMITS",
     "LONG_TAIL_COLOR_RGB",
-    "OWN_DATA_POLICY",
     "SUBTYPES",
     "ImageParts",
     "ImagePolicy",
@@ -497,23 +495,28 @@ def encode_image(image: Image.Image | np.ndarray, fmt: str = "JPEG", quality: in
 
 # Never read, whatever the configured roots say: kernel and device files.
 _NEVER = ("/proc", "/dev", "/sys")
-_ADDRESS_SCHEMES = ("http", "https", "ftp")  # schemes whose host is a network address to check
 
 
 @dataclass(frozen=True)
 class ImagePolicy:
     """What may be read for a product image: ``image_uri`` only under ``roots`` (resolved, so a
     symlink out of them is refused; never ``/proc``, ``/dev``, ``/sys``, ``..`` or anything but a
-    regular file) and with an allowed scheme; remote schemes through fsspec, never to a loopback,
-    private or link-local host unless allowed; at most ``max_bytes`` read and ``max_pixels``
-    decoded. The default policy reads no ``image_uri`` at all (inline bytes only).
+    regular file) and with an allowed scheme; http(s) through :mod:`.remote` (resolved once, never to
+    a loopback, private or link-local address unless allowed, timeouts and retries), only from
+    ``hosts`` when it is not empty; other remote schemes (object stores, read with the job's own
+    credentials) through fsspec only for buckets listed in ``hosts``; at most ``max_bytes`` read and
+    ``max_pixels`` decoded, and only by the Pillow decoders of ``formats``. The default policy reads
+    no ``image_uri`` at all (inline bytes only).
     """
 
     roots: tuple[str, ...] = ()
     schemes: tuple[str, ...] = ("file",)
     allow_private_addresses: bool = False
+    hosts: tuple[str, ...] = ()
     max_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = IMAGE_FORMATS
+    http: HttpLimits = field(default_factory=HttpLimits)
 
     @classmethod
     def from_config(cls, cfg: ImagesConfig, roots: Iterable[str | Path] = ()) -> ImagePolicy:
@@ -522,24 +525,32 @@ class ImagePolicy:
             roots=tuple(str(r) for r in [*roots, *cfg.roots]),
             schemes=tuple(s.lower() for s in cfg.schemes),
             allow_private_addresses=cfg.allow_private_addresses,
+            hosts=tuple(h.lower() for h in cfg.hosts),
             max_bytes=cfg.max_bytes,
             max_pixels=cfg.max_pixels,
+            formats=tuple(f.upper() for f in cfg.formats),
+            http=HttpLimits(cfg.connect_timeout_seconds, cfg.timeout_seconds, cfg.retries),
         )
 
     def read(self, uri: str) -> tuple[bytes | None, str | None]:
         """The bytes at ``uri``, or ``(None, reason)``: :data:`IMAGE_URI_ALLOWED` (outside the
-        policy), :data:`IMAGE_WITHIN_LIMITS` (too big), :data:`IMAGE_READABLE` (cannot be read)."""
+        policy), :data:`IMAGE_WITHIN_LIMITS` (too big), :data:`IMAGE_READABLE` (cannot be read now)."""
         scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
         if scheme in ("", "file"):
             return self._read_local(uri.removeprefix("file://"))
-        if scheme not in self.schemes or (scheme in _ADDRESS_SCHEMES and not self._public_host(uri)):
+        host = (urlsplit(uri).hostname or "").lower()
+        if scheme not in self.schemes or (self.hosts and host not in self.hosts):
+            return None, IMAGE_URI_ALLOWED
+        if scheme in ("http", "https"):
+            return read_http(
+                uri, max_bytes=self.max_bytes, limits=self.http, allow_private=self.allow_private_addresses
+            )
+        if not self.hosts:  # an object store answers with the job's credentials: listed buckets only
             return None, IMAGE_URI_ALLOWED
         try:
             import fsspec
 
-            # a redirect is not followed: it could lead to an address the check above refuses
-            options = {"allow_redirects": False} if scheme in ("http", "https") else {}
-            with fsspec.open(uri, "rb", **options) as f:
+            with fsspec.open(uri, "rb") as f:
                 return self._capped(f.read(self.max_bytes + 1))
         except Exception:  # fsspec backends raise their own error types
             return None, IMAGE_READABLE
@@ -573,27 +584,6 @@ class ImagePolicy:
             return None, IMAGE_READABLE
         finally:
             os.close(fd)
-
-    def _public_host(self, uri: str) -> bool:
-        """Every address the URI's host resolves to is public (or private ones are allowed)."""
-        if self.allow_private_addresses:
-            return True
-        host = urlsplit(uri).hostname
-        if not host:
-            return False
-        try:
-            infos = socket.getaddrinfo(host, None)
-        except OSError:
-            return False
-        for info in infos:
-            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            if not address.is_global or address.is_multicast:
-                return False
-        return True
-
-
-# For tables the user owns (training and evaluation data): any local file but /proc, /dev, /sys.
-OWN_DATA_POLICY = ImagePolicy(roots=("/",))
 
 
 def _read_fd(fd: int, limit: int) -> bytes:
@@ -644,7 +634,7 @@ def load_pixels(
             return None, reason
     else:
         return None, None
-    return _decode(data, size, interpolation, policy.max_pixels)
+    return _decode(data, size, interpolation, policy.max_pixels, policy.formats)
 
 
 _DEFAULT_POLICY = ImagePolicy()
@@ -659,30 +649,30 @@ def decode_image(
     Empty, truncated and corrupt bytes all return ``None`` (never raise): the caller decides whether
     that quarantines the row or scores it as a product without an image.
     """
-    return _decode(data, size, interpolation, _DEFAULT_POLICY.max_pixels)[0]
+    return _decode(data, size, interpolation, _DEFAULT_POLICY.max_pixels, _DEFAULT_POLICY.formats)[0]
 
 
 def _decode(
-    data: bytes | None, size: int | None, interpolation: str, max_pixels: int
+    data: bytes | None, size: int | None, interpolation: str, max_pixels: int, formats: tuple[str, ...]
 ) -> tuple[np.ndarray | None, str | None]:
     """Pixels, or ``(None, IMAGE_DECODABLE / IMAGE_WITHIN_LIMITS)``.
 
-    JPEGs already at the model's size go through libjpeg-turbo (``simplejpeg``: about 3x faster than
-    PIL on small images, the same pixels); everything else, and any JPEG libjpeg-turbo rejects,
-    through PIL, which has the last word on what is an image. PIL reads the header first: an image
-    over ``max_pixels`` is refused before anything is decoded. PIL decodes large JPEGs at a reduced
-    DCT scale (``draft``) before the resize, so an 800 px photo costs little more than a thumbnail.
-    Other modes (CMYK, 16-bit, palette, alpha) are converted to RGB; an animation gives its first
-    frame.
+    JPEGs already at the model's size go through libjpeg-turbo (``simplejpeg``: about 3x faster than PIL
+    on small images, the same pixels); everything else, and any JPEG libjpeg-turbo rejects, through PIL,
+    which has the last word on what is an image - with only the decoders of ``formats`` (Pillow tries no
+    other plugin on the bytes: EPS would run Ghostscript). PIL reads the header first: an image over
+    ``max_pixels`` is refused before anything is decoded. PIL decodes large JPEGs at a reduced DCT scale
+    (``draft``) before the resize, so an 800 px photo costs little more than a thumbnail. Other modes
+    (CMYK, 16-bit, palette, alpha) are converted to RGB; an animation gives its first frame.
     """
     if not data:
         return None, IMAGE_DECODABLE
-    if size is not None and data[:3] == b"\xff\xd8\xff":
+    if size is not None and data[:3] == b"\xff\xd8\xff" and "JPEG" in formats:
         fast = _decode_jpeg(data, size)
         if fast is not None:
             return fast, None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
             if image.width * image.height > max_pixels:
                 return None, IMAGE_WITHIN_LIMITS
             if size is not None and image.format == "JPEG":

@@ -160,7 +160,9 @@ def run_training_job(
         f"training on {table.num_rows:,} products from {snapshot.path} "
         f"({snapshot.format}{'' if snapshot.version is None else f' v{snapshot.version}'})"
     )
-    trained = train_and_calibrate(table, taxonomy, cfg, device=device, progress=progress)
+    trained = train_and_calibrate(
+        table, taxonomy, cfg, image_roots=[snapshot.path], device=device, progress=progress
+    )
     trained.model.to("cpu")
 
     report = trained.test_report

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -45,7 +45,7 @@ from catalog_enrichment.data.dataset import (
     canonical_order,
     encode_labels,
 )
-from catalog_enrichment.data.images import OWN_DATA_POLICY, ImagePolicy
+from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.metrics import (
@@ -699,6 +699,7 @@ def train_and_calibrate(
     cfg: AppConfig,
     *,
     test_table: pa.Table | None = None,
+    image_roots: Sequence[str | Path] = (),
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> TrainedModel:
@@ -710,6 +711,8 @@ def train_and_calibrate(
         cfg: the app config (model, training, calibration sections are used).
         test_table: labelled products to test on instead of a test split of ``table`` (e.g. a
             catalog's own held-out products); ``None`` = ``training.test_fraction`` of ``table``.
+        image_roots: folders an ``image_uri`` may name besides ``images.roots`` (the labelled
+            table's own folder): merchant URIs are read under the catalog's policy, like serving's.
         device: where to train; the caller decides (CPU in tests).
         progress: called with one line per epoch and stage.
 
@@ -719,7 +722,13 @@ def train_and_calibrate(
     """
     with deterministic_algorithms(True):
         return _train_and_calibrate(
-            table, taxonomy, cfg, test_table=test_table, device=device, progress=progress
+            table,
+            taxonomy,
+            cfg,
+            test_table=test_table,
+            image_roots=image_roots,
+            device=device,
+            progress=progress,
         )
 
 
@@ -729,6 +738,7 @@ def _train_and_calibrate(
     cfg: AppConfig,
     *,
     test_table: pa.Table | None,
+    image_roots: Sequence[str | Path],
     device: torch.device | str,
     progress: Progress | None,
 ) -> TrainedModel:
@@ -739,8 +749,7 @@ def _train_and_calibrate(
     seed_everything(tcfg.seed)
 
     _check_encoders_mode(cfg)
-    # training reads its own labelled data: any local image_uri unless images.roots narrows it
-    policy = ImagePolicy.from_config(cfg.images) if cfg.images.roots else OWN_DATA_POLICY
+    policy = ImagePolicy.from_config(cfg.images, image_roots)
     table = _usable_images(canonical_order(table), policy, say)
     n_own = table.num_rows
     if n_own == 0:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,7 +39,7 @@ from catalog_enrichment.data.dataset import (
     build_tokenizer,
     canonical_order,
 )
-from catalog_enrichment.data.images import OWN_DATA_POLICY, ImagePolicy
+from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing, TextEncoder
 from catalog_enrichment.training.embeddings import deterministic_algorithms
@@ -94,6 +94,7 @@ def pretrain_text(
     learning_rate: float | None = None,
     temperature: float | None = None,
     alpha: float = 0.75,
+    image_roots: Sequence[str | Path] = (),
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> PretrainResult:
@@ -110,7 +111,7 @@ def pretrain_text(
     tcfg, text_cfg = cfg.training, cfg.model.text
     lr = learning_rate or (PRETRAINED_LR if text_cfg.pretrained_path else tcfg.learning_rate)
     seed_everything(tcfg.seed)
-    policy = ImagePolicy.from_config(cfg.images) if cfg.images.roots else OWN_DATA_POLICY
+    policy = ImagePolicy.from_config(cfg.images, image_roots)  # the catalog's policy, as serving's
     if method == "simcse":  # text only: no image is read or decoded
         table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])
     records = ProductRecords.from_arrow(canonical_order(table), policy)

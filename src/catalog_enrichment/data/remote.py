@@ -1,0 +1,130 @@
+"""Reading a product image over HTTP(S) from a merchant's URI without trusting its host.
+
+* **Resolved once**: the host is resolved, every address it has is checked (no loopback, private,
+  link-local, reserved or multicast address unless allowed) and the connection goes to the address
+  that was checked — the client never resolves the name again, so a DNS answer that changes between
+  the check and the connection (rebinding to 169.254.169.254) reaches nothing. TLS still verifies
+  the certificate against the host name (SNI and ``Host`` are the name).
+* **Bounded**: a connect timeout, and a total time per image across attempts and a slow body.
+* **Retried**: connection errors, timeouts and 429 / 5xx answers are tried again with exponential
+  backoff by urllib3's own ``Retry``; what still fails is a *transient* failure
+  (:data:`IMAGE_READABLE`, read again by the next runs).
+* **No redirects**: a 3xx answer is refused (:data:`IMAGE_URI_ALLOWED`): its target was never
+  checked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_URI_ALLOWED, IMAGE_WITHIN_LIMITS
+
+__all__ = ["HttpLimits", "checked_address", "read_http"]
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """How long and how often one image is tried."""
+
+    connect_timeout: float = 3.0
+    total_timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 0.5  # seconds before the first retry; doubles after each
+
+
+def checked_address(host: str, port: int, *, allow_private: bool) -> str | None:
+    """The address to connect to for ``host``: resolved once, every address public (unless private
+    ones are allowed), else ``None``."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    addresses = [str(info[4][0]).split("%")[0] for info in infos]
+    if not addresses:
+        return None
+    if not allow_private:
+        for text in addresses:
+            address = ipaddress.ip_address(text)
+            if not address.is_global or address.is_multicast:
+                return None
+    return addresses[0]
+
+
+def read_http(
+    uri: str, *, max_bytes: int, limits: HttpLimits, allow_private: bool
+) -> tuple[bytes | None, str | None]:
+    """The body at an ``http``/``https`` URI, or ``(None, reason)`` (see the module docstring)."""
+    import urllib3
+
+    parts = urlsplit(uri)
+    https = parts.scheme.lower() == "https"
+    host, port = parts.hostname, parts.port or (443 if https else 80)
+    if not host:
+        return None, IMAGE_URI_ALLOWED
+    address = checked_address(host, port, allow_private=allow_private)
+    if address is None:
+        return None, IMAGE_URI_ALLOWED
+    deadline = time.monotonic() + limits.total_timeout
+    retry = urllib3.Retry(
+        total=limits.retries,
+        backoff_factor=limits.backoff,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=["GET"],
+        redirect=0,
+        raise_on_redirect=False,
+        raise_on_status=False,
+    )
+    timeout = urllib3.Timeout(connect=limits.connect_timeout, read=limits.total_timeout)
+    pool: urllib3.HTTPConnectionPool
+    if https:  # the connection goes to the checked address; the certificate is checked for the name
+        pool = urllib3.HTTPSConnectionPool(
+            address,
+            port,
+            timeout=timeout,
+            retries=retry,
+            maxsize=1,
+            server_hostname=host,
+            assert_hostname=host,
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=retry, maxsize=1)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    name = host if ":" not in host else f"[{host}]"
+    host_header = name if parts.port is None else f"{name}:{parts.port}"
+    with pool:
+        try:
+            response = pool.urlopen(
+                "GET", path, headers={"Host": host_header}, redirect=False, preload_content=False
+            )
+        except urllib3.exceptions.HTTPError:  # every attempt failed: connection, timeout, TLS
+            return None, IMAGE_READABLE
+        try:
+            if 300 <= response.status < 400:
+                return None, IMAGE_URI_ALLOWED
+            if response.status != 200:
+                return None, IMAGE_READABLE
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                return None, IMAGE_WITHIN_LIMITS
+            chunks, size = [], 0
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    return None, IMAGE_READABLE
+                chunk = response.read1(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > max_bytes:
+                return None, IMAGE_WITHIN_LIMITS
+            return b"".join(chunks), None
+        except urllib3.exceptions.HTTPError:  # the body stalled past the read timeout or broke off
+            return None, IMAGE_READABLE
+        finally:
+            response.release_conn()

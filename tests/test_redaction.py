@@ -1,0 +1,157 @@
+"""One redaction rule for every place the job writes something down; a secret reaches none of them."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from catalog_enrichment.cli import main
+from catalog_enrichment.config import load_config
+from catalog_enrichment.redaction import (
+    RedactingFilter,
+    is_secret_name,
+    redact_text,
+    redact_tree,
+    redact_value,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+SECRET = "s3cr3t-value-9f2"
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("spark.hadoop.fs.s3a.secret.key", True),
+        ("spark.hadoop.fs.s3a.access.key", True),
+        ("api_key", True),
+        ("accessKey", True),
+        ("SecretAccessKey", True),
+        ("PGPASSWORD", True),
+        ("password", True),
+        ("auth-token", True),
+        ("credentials", True),
+        ("inference.keep_memory", False),
+        ("model.text.tokenizer", False),
+        ("monkey", False),
+        ("keys", False),
+        ("spark.sql.shuffle.partitions", False),
+    ],
+)
+def test_which_names_are_secrets(name: str, secret: bool) -> None:
+    assert is_secret_name(name) is secret
+
+
+def test_values_and_text_are_masked_by_the_rule() -> None:
+    assert redact_value("spark.hadoop.fs.s3a.secret.key", SECRET) == "***"
+    assert redact_value("api_key", "") == ""  # nothing to hide: shown as empty
+    assert (
+        redact_value("mlflow.tracking_uri", f"https://me:{SECRET}@mlflow:5000")
+        == "https://me:***@mlflow:5000"
+    )
+    assert redact_value("inference.batch_size", 128) == 128
+    text = (
+        f"could not connect: host=db user=u password={SECRET} sslmode=require; postgresql://u:{SECRET}@h/db"
+    )
+    assert redact_text(text) == (
+        "could not connect: host=db user=u password=*** sslmode=require; postgresql://u:***@h/db"
+    )
+    assert redact_text(f"secret_key='{SECRET} x', KeyError: 'k', keys=3") == (
+        "secret_key=***, KeyError: 'k', keys=3"
+    )
+    assert redact_tree({"spark": {"conf": {"fs.azure.account.key": SECRET, "a": "b"}}}) == {
+        "spark": {"conf": {"fs.azure.account.key": "***", "a": "b"}}
+    }
+
+
+def test_config_params_and_the_printed_config_mask_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "job.yaml"
+    file.write_text(
+        f"spark:\n  conf:\n    spark.hadoop.fs.s3a.secret.key: {SECRET}\n"
+        f"mlflow:\n  tracking_uri: https://ci:{SECRET}@mlflow.example:5000\n"
+    )
+    assert main(["config", "--config", str(file)]) == 0
+    printed = capsys.readouterr().out
+    assert SECRET not in printed
+    assert "spark.hadoop.fs.s3a.secret.key: '***'" in printed and "ci:***@mlflow.example" in printed
+    cfg = load_config(overrides={"spark": {"conf": {"spark.hadoop.fs.s3a.secret.key": SECRET}}})
+    flat = cfg.to_flat_dict()
+    assert flat["spark.conf.spark.hadoop.fs.s3a.secret.key"] == "***" and SECRET not in str(flat)
+    assert cfg.spark.conf["spark.hadoop.fs.s3a.secret.key"] == SECRET  # the job itself still has it
+
+
+def test_log_records_are_masked(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("catalog_enrichment.test_redaction")
+    handler = logging.StreamHandler()
+    handler.addFilter(RedactingFilter())
+    caplog.handler.addFilter(RedactingFilter())
+    try:
+        logger.warning("connecting with password=%s to %s", SECRET, f"https://u:{SECRET}@h")
+        try:
+            raise RuntimeError(f"dsn host=db password={SECRET}")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        caplog.handler.removeFilter(caplog.handler.filters[-1])
+    assert SECRET not in caplog.text
+    assert "password=*** to https://u:***@h" in caplog.text and "dsn host=db password=***" in caplog.text
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_a_failed_run_reports_and_logs_no_secret(  # type: ignore[no-untyped-def]
+    spark, scoring_bundle, taxonomy, incoming, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """The run report of a failed run keeps its error, masked; so does every log line."""
+    from catalog_enrichment.catalog.embedded import LakehouseCatalog
+    from catalog_enrichment.catalog.reports import read_reports
+    from catalog_enrichment.enrich import run_enrichment
+    from catalog_enrichment.versions import ModelVersion
+    from tests.conftest import tiny_config
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(f"cannot open s3a://reader:{SECRET}@bucket/products (fs.s3a.secret.key={SECRET})")
+
+    monkeypatch.setattr(LakehouseCatalog, "read_products", unreachable)
+    cfg = tiny_config(catalog={"root": str(tmp_path / "lake")})
+    said: list[str] = []
+    with pytest.raises(OSError):
+        run_enrichment(
+            spark, cfg, taxonomy, model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+            products=incoming.products, run_id="r1", progress=said.append,
+        )  # fmt: skip
+    (report,) = read_reports(cfg.catalog.table("run_reports"))
+    error = report.summary()["error"]
+    assert report.status == "failed"
+    assert error == "OSError: cannot open s3a://reader:***@bucket/products (fs.s3a.secret.key=***)"
+    assert SECRET not in str(report.to_row()) + " ".join(said) + caplog.text
+
+
+@pytest.mark.postgres
+def test_the_copy_tasks_carry_no_password(pg_catalog_config) -> None:  # type: ignore[no-untyped-def]
+    """The function each Spark task runs (what Spark pickles into the task) holds the connection
+    without its password; libpq on the executor finds it in the environment (runtime.spark_conf)."""
+    import cloudpickle
+    from psycopg.conninfo import conninfo_to_dict
+
+    from catalog_enrichment import runtime
+    from catalog_enrichment.catalog.postgres import PostgresCatalog, _copier
+    from catalog_enrichment.config import AppConfig
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    conninfo, password = catalog.conninfo()
+    assert password and "password" not in conninfo_to_dict(conninfo)
+    task = cloudpickle.dumps(_copier(conninfo, ("s", "stage_x")))
+    assert password.encode() not in task and pickle.loads(task) is not None
+    conf = runtime.spark_conf(AppConfig(catalog=pg_catalog_config))
+    assert conf["spark.executorEnv.PGPASSWORD"] == password
+    # an executor environment the user set up wins
+    given = AppConfig(catalog=pg_catalog_config, spark={"conf": {"spark.executorEnv.PGPASSFILE": "/p"}})
+    assert "spark.executorEnv.PGPASSWORD" not in runtime.spark_conf(given)
