@@ -7,9 +7,13 @@
 #   CATALOG_ENRICH_HOME     checkout holding jobs/ (default: two folders above this script)
 #   CATALOG_ENRICH_PYTHON   interpreter with the package installed (default: $CATALOG_ENRICH_HOME/.venv/bin/python)
 #   CATALOG_ENRICH_LOG_DIR  log folder (default: $CATALOG_ENRICH_HOME/logs); one file per job and day
-#   CATALOG_ENRICH_LOCK     lock file (default: /tmp/catalog-enrich-JOB.lock); one run per job at a time
+#   CATALOG_ENRICH_LOCK_DIR folder of the lock files, one per job (default: $XDG_RUNTIME_DIR/catalog-enrich,
+#                           else ~/.cache/catalog-enrich); created 0700; it must belong to this user and be
+#                           writable by no one else (a lock in a shared folder like /tmp lets any local user
+#                           hold it and block every run)
 #   CATALOG_ENRICH_LOCK_WAIT  seconds to wait for a running job before giving up (default 0: exit at once)
-# Exit status: the job's own, or 75 (EX_TEMPFAIL) when another run holds the lock.
+# Exit status: the job's own, 75 (EX_TEMPFAIL) when another run holds the lock, 78 (EX_CONFIG) when the
+# lock folder is not this user's alone.
 set -euo pipefail
 
 job="${1:?usage: catalog-enrich-cron.sh JOB [ARGS...]  (JOB: enrich | backfill | labels | train | promote)}"
@@ -17,13 +21,19 @@ shift
 home="${CATALOG_ENRICH_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 python="${CATALOG_ENRICH_PYTHON:-$home/.venv/bin/python}"
 log_dir="${CATALOG_ENRICH_LOG_DIR:-$home/logs}"
-lock="${CATALOG_ENRICH_LOCK:-/tmp/catalog-enrich-$job.lock}"
+lock_dir="${CATALOG_ENRICH_LOCK_DIR:-${XDG_RUNTIME_DIR:-$HOME/.cache}/catalog-enrich}"
 wait_s="${CATALOG_ENRICH_LOCK_WAIT:-0}"
 entry="$home/jobs/$job.py"
 [ -f "$entry" ] || { echo "catalog-enrich-cron: no such job: $entry" >&2; exit 64; }
 mkdir -p "$log_dir"
 log="$log_dir/$job-$(date -u +%Y-%m-%d).log"
 
+mkdir -p -m 700 "$lock_dir"
+if [ "$(stat -c %u "$lock_dir")" != "$(id -u)" ] || [ -n "$(find "$lock_dir" -maxdepth 0 -perm /022)" ]; then
+  echo "catalog-enrich-cron: lock folder $lock_dir must belong to $(id -un) and be writable by no one else" >&2
+  exit 78
+fi
+lock="$lock_dir/$job.lock"
 exec 9>"$lock"
 if ! flock -w "$wait_s" 9; then
   echo "$(date -u +%FT%TZ) $job: another run holds $lock; not starting" | tee -a "$log" >&2

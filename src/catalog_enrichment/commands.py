@@ -101,8 +101,9 @@ def summarize(args: argparse.Namespace, cfg: AppConfig) -> int:
 def load_products(args: argparse.Namespace, cfg: AppConfig) -> int:
     """copy a products table into the PostgreSQL catalog (a test or staging database)
 
-    Append the rows of a Delta or Parquet products table to catalog.postgres.products_table
-    (created with the contract's columns when missing) with COPY. Needs catalog.kind postgres.
+    Upsert the rows of a Delta or Parquet products table into catalog.postgres.products_table
+    (created with the contract's columns when missing): the loaded rows of a product id replace that
+    id's rows, so loading the same table again changes nothing. Needs catalog.kind postgres.
     """
     from catalog_enrichment.catalog import open_catalog
     from catalog_enrichment.catalog.lakehouse import read_table
@@ -120,8 +121,11 @@ def load_products(args: argparse.Namespace, cfg: AppConfig) -> int:
     missing = contract.missing_columns(table.column_names)
     if missing:
         raise CatalogEnrichError(f"{source} lacks contract column(s) {missing} (see schemas/products.yaml)")
-    rows = catalog.load_products(table)
-    print(f"loaded {rows:,} products into {'.'.join(catalog.products)} ({catalog.describe()})")
+    rows, replaced = catalog.load_products(table)
+    print(
+        f"loaded {rows:,} products into {'.'.join(catalog.products)} ({catalog.describe()}), "
+        f"replacing {replaced:,} rows of the same product ids"
+    )
     return 0
 
 

@@ -263,7 +263,7 @@ def _seed_catalog(cfg: AppConfig, catalog: Any, incoming: Path) -> None:
         print(f"  {catalog.describe()} already holds the demo's catalog; not loaded again", flush=True)
         return
     products = read_table(incoming)
-    loaded = catalog.load_products(products)
+    loaded, _ = catalog.load_products(products)
     merchant = catalog.add_merchant_values(merchant_rows(products, now))
     print(
         f"  loaded {loaded:,} products and {merchant:,} merchant values into {catalog.describe()}", flush=True

@@ -8,6 +8,7 @@ promotion log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -348,9 +349,16 @@ def log_audit_run(
     chart: Path,
 ) -> str:
     """One MLflow run for a realized-precision audit (metrics, the audit as JSON, its chart), and the
-    audited model version tagged with its outcome (``audit_sample``, ``audit_failed``)."""
+    audited model version tagged with its outcome (``audit_sample``, ``audit_failed``). The same audit
+    again (same sample, same verdicts, same figures) logs nothing: its run is returned."""
     name, version = str(audit["model_name"]), str(audit["model_version"])
     failed = ",".join(audit["failed"]) or "none"
+    digest = hashlib.sha256(json.dumps(audit, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    experiment_id = _experiment_id(client, experiment, artifact_location)
+    query = f"tags.`catalog_enrich.audit` = '{audit['sample_id']}'"
+    same = client.search_runs([experiment_id], f"{query} and tags.`catalog_enrich.audit_digest` = '{digest}'")
+    if same:
+        return str(same[0].info.run_id)
     run_id = _log_run(
         client,
         experiment=experiment,
@@ -358,6 +366,7 @@ def log_audit_run(
         name=f"audit-{audit['sample_id']}",
         tags={
             "catalog_enrich.audit": str(audit["sample_id"]),
+            "catalog_enrich.audit_digest": digest,
             "model": f"{name}/{version}",
             "failed": failed,
         },

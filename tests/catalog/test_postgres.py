@@ -133,3 +133,41 @@ def test_load_products_copies_a_lakehouse_table_into_the_database(
     assert "add --set catalog.kind=postgres" in capsys.readouterr().err
     assert main(["load-products", "/nowhere", *flags]) == 2
     assert "no products table at /nowhere" in capsys.readouterr().err
+
+
+def test_load_products_upserts_so_a_reload_changes_nothing(  # type: ignore[no-untyped-def]
+    pg_catalog_config, incoming, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Appending again once doubled every product (the next run then quarantined them all as
+    duplicated); the products of a load replace that id's rows, null ids and in-table duplicates
+    (the incoming data's bad rows) included."""
+    from catalog_enrichment.catalog.lakehouse import read_table, write_table
+    from catalog_enrichment.cli import main
+
+    source = read_table(incoming.products).slice(0, 400)
+    write_table(tmp_path / "products", source)
+    flags = ["--set", f"catalog.root={pg_catalog_config.root}", "--set", "catalog.kind=postgres"]
+    flags += ["--set", f"catalog.postgres.db_schema={pg_catalog_config.postgres.db_schema}"]
+    catalog = PostgresCatalog(pg_catalog_config)
+
+    def rows() -> list[tuple[Any, ...]]:
+        with catalog.connect() as conn:
+            return sorted(
+                conn.execute(
+                    f"SELECT product_id, title, updated_at FROM {'.'.join(catalog.products)}"
+                ).fetchall(),
+                key=repr,
+            )
+
+    assert main(["load-products", str(tmp_path / "products"), *flags]) == 0
+    first = rows()
+    assert len(first) == 400 and "replacing 0 rows" in capsys.readouterr().out
+    assert main(["load-products", str(tmp_path / "products"), *flags]) == 0
+    assert rows() == first and "replacing 400 rows" in capsys.readouterr().out
+    # a changed product: its row replaced, the others as they were
+    changed = source.slice(0, 1).set_column(
+        source.schema.get_field_index("title"), "title", pa.array(["a new title"])
+    )
+    assert catalog.load_products(changed) == (1, 1)
+    after = rows()
+    assert len(after) == 400 and ("a new title" in {r[1] for r in after})

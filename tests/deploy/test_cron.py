@@ -24,7 +24,7 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
         "CATALOG_ENRICH_HOME": str(repo_root()),
         "CATALOG_ENRICH_PYTHON": sys.executable,
         "CATALOG_ENRICH_LOG_DIR": str(tmp / "logs"),
-        "CATALOG_ENRICH_LOCK": str(tmp / "enrich.lock"),
+        "CATALOG_ENRICH_LOCK_DIR": str(tmp / "locks"),
         "PYTHONPATH": str(repo_root() / "src"),
         **extra,
     }
@@ -45,6 +45,30 @@ def test_a_failing_job_exits_non_zero_and_logs_to_a_dated_file(tmp_path: Path) -
     assert "no enrichment runs recorded" in logs[0].read_text()
     bad = subprocess.run([str(WRAPPER), "nope"], env=_env(tmp_path), capture_output=True, text=True)
     assert bad.returncode == 64 and "no such job" in bad.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_lock_lives_in_a_folder_only_the_job_s_user_can_write(tmp_path: Path) -> None:
+    """By default under the user's own runtime or cache folder, never /tmp; a lock folder others can
+    write (where any local user could hold the lock and block every run) is refused, exit 78."""
+    env = {k: v for k, v in _env(tmp_path).items() if k not in ("CATALOG_ENRICH_LOCK_DIR", "XDG_RUNTIME_DIR")}
+    home = tmp_path / "home"
+    done = subprocess.run(
+        [str(WRAPPER), "report", "--catalog", str(tmp_path / "none")],
+        env={**env, "HOME": str(home)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2  # the job ran (and found no runs)
+    lock_dir = home / ".cache" / "catalog-enrich"
+    assert (lock_dir / "report.lock").is_file() and lock_dir.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)  # what /tmp is
+    refused = subprocess.run(
+        [str(WRAPPER), "report", "--catalog", str(tmp_path / "none")],
+        env={**env, "CATALOG_ENRICH_LOCK_DIR": str(shared)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 78 and "writable by no one else" in refused.stderr
+    assert list(shared.iterdir()) == []
 
 
 @pytest.mark.spark

@@ -34,27 +34,37 @@ class WrittenCatalog:
         return float(np.mean(right))
 
 
-def _png(seed: int) -> bytes:
+def png(seed: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (8, 8), (seed % 255, 40, 90)).save(out, format="PNG")
     return out.getvalue()
 
 
-def written_catalog(root: Path, *, products: int = 600, seed: int = 0, version: str = "3") -> WrittenCatalog:
-    """``products`` products; colour and pattern values written by model version ``version`` with
+def written_catalog(
+    root: Path,
+    *,
+    products: int = 600,
+    seed: int = 0,
+    version: str = "3",
+    ids: list[str] | None = None,
+    titles: list[str] | None = None,
+) -> WrittenCatalog:
+    """``products`` products (``ids``, ``titles`` when given: their length is the count); colour
+    and pattern values written by model version ``version`` with
     skewed value and category frequencies and a precision that differs by value (rare values are
     worse), so an unweighted sample mean is off and the weighting matters."""
     rng = np.random.default_rng(seed)
-    ids = [f"p{i:05d}" for i in range(products)]
+    products = len(ids) if ids is not None else products
+    ids = ids or [f"p{i:05d}" for i in range(products)]
     category = rng.choice(len(CATEGORIES), size=products, p=[0.55, 0.25, 0.12, 0.08])
     write_table(
         root / "products",
         pa.table(
             {
                 "product_id": ids,
-                "title": [f"product {i}" for i in range(products)],
+                "title": titles or [f"product {i}" for i in range(products)],
                 "description": [f"<b>description</b> of {i}" for i in range(products)],
-                "image": [_png(i) for i in range(products)],
+                "image": [png(i) for i in range(products)],
                 "image_uri": pa.array([None] * products, pa.string()),
                 "category": [CATEGORIES[c] for c in category],
                 "updated_at": pa.array([T0] * products, pa.timestamp("us", "UTC")),

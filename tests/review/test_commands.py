@@ -72,5 +72,15 @@ def test_an_audit_judges_a_version_by_the_target_it_was_calibrated_for(
     assert (
         "target_precision is 0.95 but catalog-enrichment v3 was calibrated for 0.9" in capsys.readouterr().err
     )
-    assert main(["report", "--audit", "--json", *flags, "--set", "calibration.target_precision=0.9"]) == 0
+    agree = [*flags, "--set", "calibration.target_precision=0.9"]
+    assert main(["report", "--audit", "--json", *agree]) == 0
     assert '"target": 0.9' in capsys.readouterr().out
+    # the same audit again changes nothing: no second MLflow run, the version's tags as they were
+    from catalog_enrichment import registry
+
+    client = registry.configure_mlflow(uri)
+    experiment = client.get_experiment_by_name("enrichment").experiment_id
+    tags = client.get_model_version("catalog-enrichment", "3").tags
+    assert main(["report", "--audit", *agree]) == 0
+    assert len(client.search_runs([experiment])) == 1
+    assert client.get_model_version("catalog-enrichment", "3").tags == tags

@@ -78,7 +78,7 @@ def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
     changed = _verdicts(drawn.rows.slice(0, 1), ["no"], when="2026-11-04T09:00:00+01:00")
     other = _verdicts(drawn.rows.slice(0, 1), ["yes"], reviewer="bea", when="2026-11-04T07:00:00Z")
     path2 = _write(pa.concat_tables([changed, other]), tmp_path / "verdicts2.parquet")
-    result = import_verdicts(catalog, path2, now=NOW)
+    result = import_verdicts(catalog, path2, now=NOW + dt.timedelta(days=1))
     assert (result.inserted, result.updated) == (1, 1)
     latest = latest_verdicts(catalog.review_rows("reviews"))
     first_key = tuple(drawn.rows.slice(0, 1).to_pylist()[0][k] for k in ("product_id", "attribute", "value"))
@@ -97,6 +97,8 @@ def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
         ({"verdict": "maybe"}, "verdict 'maybe' is not one of yes/no/unsure"),
         ({"reviewer": ""}, "a verdict without a reviewer"),
         ({"reviewed_at": "yesterday"}, "reviewed_at 'yesterday' is not an ISO 8601 time"),
+        # a future time would win over every later verdict forever (NOW is 2026-11-03 12:00 UTC)
+        ({"reviewed_at": "2026-11-03T12:10:00Z"}, "reviewed_at '2026-11-03T12:10:00Z' is in the future"),
     ],
 )
 def test_a_malformed_file_imports_nothing(
@@ -111,6 +113,14 @@ def test_a_malformed_file_imports_nothing(
         import_verdicts(catalog, path, now=NOW)
     assert message in str(error.value) and "row 6" in str(error.value)
     assert catalog.review_rows("reviews").num_rows == 0
+
+
+def test_a_verdict_a_few_minutes_ahead_of_the_import_is_clock_skew_not_the_future(
+    written: WrittenCatalog, tmp_path: Path
+) -> None:
+    drawn = draw_sample(written.catalog, model_version="3", size=20, seed=0)
+    ahead = _verdicts(drawn.rows.slice(0, 2), ["yes", "no"], when="2026-11-03T12:04:00Z")
+    assert import_verdicts(written.catalog, _write(ahead, tmp_path / "v.csv"), now=NOW).inserted == 2
 
 
 def test_unreadable_files_and_contradictions_are_clear_errors(
@@ -150,6 +160,8 @@ def test_the_postgres_catalog_keeps_samples_and_verdicts_the_same_way(
     assert import_verdicts(pg, path, now=NOW).inserted == 8
     assert import_verdicts(pg, path, now=NOW).unchanged == 8
     changed = _verdicts(drawn.rows.slice(0, 1), ["no"], when="2026-11-05T00:00:00Z")
-    assert import_verdicts(pg, _write(changed, tmp_path / "v2.csv"), now=NOW).updated == 1
+    assert (
+        import_verdicts(pg, _write(changed, tmp_path / "v2.csv"), now=NOW + dt.timedelta(days=2)).updated == 1
+    )
     stored = pg.review_rows("reviews")
     assert stored.num_rows == 8 and stored.filter(pa.compute.equal(stored["verdict"], "no")).num_rows == 3

@@ -15,7 +15,7 @@ from catalog_enrichment.catalog.reviews import import_verdicts
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.review.page import write_page
 from catalog_enrichment.review.sample import draw_sample, write_annotator_files
-from tests.review.conftest import WrittenCatalog
+from tests.review.conftest import WrittenCatalog, written_catalog
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -97,3 +97,24 @@ def test_clicks_on_the_review_page_become_verdicts_that_import(
         got = stored[(rows[i]["product_id"], rows[i]["attribute"], rows[i]["value"])]
         assert got["verdict"] == verdict and got["reviewer"] == "ana" and got["source_file"] == saved.name
     assert import_verdicts(written.catalog, saved).unchanged == 3
+
+
+def test_merchant_text_that_looks_like_markup_is_shown_as_text(
+    browser: tuple[Any, Path], tmp_path: Path
+) -> None:
+    """A title with ``<!--<script>`` once blanked the page (the embedded JSON escaped only ``</``)."""
+    from selenium.webdriver.common.by import By
+
+    from tests.review.test_sample import HOSTILE_IDS, HOSTILE_TITLES
+
+    driver, _ = browser
+    hostile = written_catalog(tmp_path / "lakehouse", ids=HOSTILE_IDS, titles=HOSTILE_TITLES)
+    drawn = draw_sample(hostile.catalog, model_version="3", size=100, seed=0)
+    table, _ = write_annotator_files(
+        hostile.catalog, drawn, tmp_path / "review" / "sample.csv", ImagePolicy()
+    )
+    driver.get(write_page(table, tmp_path / "review" / "sample.html", drawn.sample_id).as_uri())
+    cards = driver.find_elements(By.CSS_SELECTOR, ".item")
+    assert len(cards) == table.num_rows > 0
+    shown = "\n".join(c.text for c in cards)
+    assert "<!--<script>document.body.innerHTML=''</script>" in shown and "</script><script>" in shown

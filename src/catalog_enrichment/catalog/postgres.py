@@ -424,9 +424,11 @@ class PostgresCatalog:
             ).fetchall()
         return [value for (value,) in rows]
 
-    def load_products(self, products: pa.Table) -> int:
-        """Create the products table when there is none (the contract's columns) and COPY
-        ``products`` into it (the demo, the tests); rows loaded."""
+    def load_products(self, products: pa.Table) -> tuple[int, int]:
+        """Create the products table when there is none (the contract's columns) and upsert
+        ``products`` into it by product id (the demo, the tests): in one transaction, the rows of
+        every product id it holds (a null id included) replace that id's rows, so loading the same
+        table again changes nothing. Returns (rows loaded, rows they replaced)."""
         from psycopg import sql
         from psycopg.types.json import Jsonb
 
@@ -445,15 +447,26 @@ class PostgresCatalog:
                     sql.Identifier(f"{self.products[1]}_updated_at"), table
                 )
             )
-            statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                table, sql.SQL(", ").join(map(sql.Identifier, columns))
+            conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (product_id)").format(
+                    sql.Identifier(f"{self.products[1]}_product_id"), table
+                )
             )
-            with conn.cursor().copy(statement) as copy:
+            conn.execute(sql.SQL("CREATE TEMP TABLE loading (LIKE {}) ON COMMIT DROP").format(table))
+            names = sql.SQL(", ").join(map(sql.Identifier, columns))
+            with conn.cursor().copy(sql.SQL("COPY loading ({}) FROM STDIN").format(names)) as copy:
                 for row in products.select(columns).to_pylist():
                     merchant = row["merchant_attributes"]
                     row["merchant_attributes"] = None if merchant is None else Jsonb(dict(merchant))
                     copy.write_row([row[c] for c in columns])
-        return products.num_rows
+            replaced = conn.execute(
+                sql.SQL(
+                    "DELETE FROM {t} p WHERE p.product_id IN (SELECT product_id FROM loading) "
+                    "OR (p.product_id IS NULL AND EXISTS (SELECT 1 FROM loading WHERE product_id IS NULL))"
+                ).format(t=table)
+            ).rowcount
+            conn.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM loading").format(table, names, names))
+        return products.num_rows, replaced
 
     # -- run reports ------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ rejected for a model version, which its runs never write again and remove (``enr
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ __all__ = [
     "ReviewTable",
     "import_verdicts",
     "latest_verdicts",
+    "neutralize_formulas",
     "read_verdict_file",
     "rejected_values",
     "review_schema",
@@ -49,6 +51,31 @@ ITEM = ("sample_id", "product_id", "attribute", "value")
 # what a verdict file must hold (the sample file and the review page's download both do)
 FILE_COLUMNS = (*ITEM, "verdict", "reviewer", "reviewed_at")
 _SHOWN = 10  # problems listed in an error
+# Reviewers open the CSV in a spreadsheet: a cell starting with = + - @ (or tab / CR) would be a
+# live formula (=HYPERLINK(...) in a merchant's title). Export prefixes ' to such a cell (and to
+# one that already starts with quotes before such a character, so the round trip is exact); import
+# takes one ' off again. A spreadsheet that drops the ' on saving gives back the original text.
+_FORMULA = re.compile(r"'*[=+\-@\t\r]")
+_QUOTED_FORMULA = re.compile(r"'+[=+\-@\t\r]")
+# A reviewed_at this far after the import is a clock's skew; later is refused (it would win over
+# every later verdict forever).
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+def neutralize_formulas(table: pa.Table) -> pa.Table:
+    """``table`` with every text cell that a spreadsheet would take for a formula quoted (``'``)."""
+    columns = []
+    for column in table.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            values = [v if v is None or not _FORMULA.match(v) else "'" + v for v in column.to_pylist()]
+            column = pa.chunked_array([pa.array(values, column.type)])
+        columns.append(column)
+    return pa.table(columns, names=table.column_names)
+
+
+def _restored(text: str) -> str:
+    """A cell of a CSV verdict file as it was before :func:`neutralize_formulas`."""
+    return text[1:] if _QUOTED_FORMULA.match(text) else text
 
 
 def review_schema(name: ReviewTable) -> pa.Schema:
@@ -115,6 +142,11 @@ def read_verdict_file(path: Path) -> pa.Table:
     missing = [c for c in FILE_COLUMNS if c not in table.column_names]
     if missing:
         raise ReviewFileError(f"{path} lacks column(s) {missing}; a verdict file holds {list(FILE_COLUMNS)}")
+    if path.suffix.lower() == ".csv":
+        table = table.select(list(FILE_COLUMNS))
+        table = pa.table(
+            {c: pa.array([_restored(v) for v in table[c].to_pylist()], pa.string()) for c in FILE_COLUMNS}
+        )
     return table
 
 
@@ -144,7 +176,8 @@ def verdict_rows(
 
     Every row must name a value of a drawn sample (``samples``); a verdict is yes, no or unsure (any
     case) or empty (not reviewed yet: skipped); a verdict needs a reviewer; ``reviewed_at`` is ISO
-    8601 (empty: ``file_time``); one reviewer gives one verdict per value in a file.
+    8601 (empty: ``file_time``) and not after ``now`` (beyond a few minutes of clock skew); one
+    reviewer gives one verdict per value in a file.
 
     Raises:
         ReviewFileError: listing the offending rows (1-based, after the header), when any is wrong.
@@ -179,6 +212,10 @@ def verdict_rows(
         when = _when(r["reviewed_at"], file_time)
         if when is None:
             problems.append(f"{where}: reviewed_at {r['reviewed_at']!r} is not an ISO 8601 time")
+        elif when > now + CLOCK_SKEW:
+            problems.append(
+                f"{where}: reviewed_at {r['reviewed_at']!r} is in the future (now {now:%Y-%m-%dT%H:%MZ})"
+            )
         before = seen.setdefault((*key, reviewer), verdict)
         if before != verdict:
             problems.append(f"{where}: {reviewer} gave {before!r} and {verdict!r} to the same value")

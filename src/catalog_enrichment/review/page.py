@@ -136,7 +136,10 @@ def write_page(annotated: pa.Table, out: Path, title: str) -> Path:
     """Write the review page for the annotator table ``annotated`` (the sample file's rows) to
     ``out``; image paths are relative to it."""
     rows: list[dict[str, Any]] = [{k: r.get(k) for k in _SHOWN} for r in annotated.to_pylist()]
-    data = json.dumps(rows, ensure_ascii=False).replace("</", "<\\/")  # never ends the script element
+    # < > & as JSON escapes: no merchant text can end the script element or open a comment in it
+    data = json.dumps(rows, ensure_ascii=False)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        data = data.replace(char, escape)
     page = (
         _PAGE.replace("__TITLE__", html.escape(title))
         .replace("__COLUMNS__", json.dumps(list(FILE_COLUMNS)))

@@ -25,6 +25,7 @@ The annotator files: ``FILE`` (CSV or Parquet) with the product's text, an image
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -36,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_enrichment.catalog.reviews import review_schema
+from catalog_enrichment.catalog.reviews import neutralize_formulas, review_schema
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -217,8 +218,10 @@ _MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b
 
 
 def _image_file(data: bytes, folder: Path, product_id: str) -> str:
+    """The product's image under ``folder``, named by a digest of its id: two ids never share a file
+    (``A/1`` and ``A:1``, or ids alike in their first characters, would by a sanitised name)."""
     suffix = next((ext for magic, ext in _MAGIC if data.startswith(magic)), ".img")
-    name = f"{_safe(product_id)}{suffix}"
+    name = f"{hashlib.sha256(product_id.encode()).hexdigest()[:32]}{suffix}"
     (folder / name).write_bytes(data)
     return f"{folder.name}/{name}"
 
@@ -279,7 +282,7 @@ def write_annotator_files(
     if suffix == ".csv":
         from pyarrow import csv
 
-        csv.write_csv(table, out)
+        csv.write_csv(neutralize_formulas(table), out)
     else:
         import pyarrow.parquet as pq
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "deterministic_algorithms",
     "embed_products",
     "inputs_to",
+    "save_atomically",
 ]
 
 # token-level outputs are large (L or N vectors per product); they are cached in half precision
@@ -173,12 +175,24 @@ def embed_products(
                 parts.setdefault(name, []).append(tensor.cpu().half() if name in _HALF else tensor.cpu())
     tensors = {name: torch.cat(chunks) for name, chunks in parts.items()}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        torch.save(tensors, partial)
-        partial.replace(path)  # a crash mid-write never leaves a truncated cache entry
+        save_atomically(tensors, path)
         say(f"frozen encoders: {len(records):,} products embedded, cached in {path}")
     return Embeddings(tensors)
+
+
+def save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save`` to a temporary file of its own beside ``path``, then an atomic rename: a crash
+    mid-write never leaves a truncated entry, and two trainings writing the same entry at once each
+    rename a whole file (the last one wins; both hold the same embeddings)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        torch.save(tensors, name)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 class EmbeddedDataset(Dataset[int]):
