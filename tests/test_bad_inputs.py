@@ -77,6 +77,9 @@ def _cases(good: dict[str, Any], folder: Path, now: dt.datetime) -> list[tuple[d
         ({"product_id": "dup", "updated_at": t - dt.timedelta(days=1)}, ["product_id_unique"]),
         ({"product_id": "dup", "updated_at": t}, []),  # the newest copy is kept
         ({"product_id": "ünïcødé-ид-商品"}, []),
+        ({"product_id": "A/1"}, []),  # two ids a sanitised file name would confuse: two products
+        ({"product_id": "A:1"}, []),
+        ({"product_id": '=HYPERLINK("http://e.example","x")'}, []),  # a formula to a spreadsheet
         # text
         ({"title": None}, ["title_not_null"]),
         ({"title": ""}, ["title_not_empty"]),
@@ -92,6 +95,8 @@ def _cases(good: dict[str, Any], folder: Path, now: dt.datetime) -> list[tuple[d
         ({"description": utf8_bad}, ["description_valid_utf8"]),
         ({"image_uri": utf8_bad, "image": None}, ["image_uri_valid_utf8"]),
         ({"title": "Shirt 👕 قميص שמלה e\u0301"}, []),  # emoji, RTL, combining marks: text
+        ({"title": "=cmd|' /C calc'!A0"}, []),  # text here; neutralised in the review CSV
+        ({"title": "<!--<script>document.body.innerHTML=''</script>"}, []),  # text; data on the page
         ({"description": "   "}, []),
         ({"description": "tabs\tand\nbreaks\x07"}, []),  # descriptions are not checked for them
         ({"description": None}, []),
@@ -109,6 +114,9 @@ def _cases(good: dict[str, Any], folder: Path, now: dt.datetime) -> list[tuple[d
         ({"image": b"GIF89a but not really"}, ["image_decodable"]),
         ({"image": _png(Image.new("1", (8000, 8000)))}, ["image_within_limits"]),  # a bomb
         ({"image": jpeg + b"\0" * 300_000}, ["image_within_limits"]),  # over max_bytes
+        ({"image": _png(rgb, format="BMP")}, ["image_decodable"]),  # not in images.formats
+        ({"image": _png(rgb, format="TIFF")}, ["image_decodable"]),
+        ({"image": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"}, ["image_decodable"]),
         ({"image": _png(rgb.convert("CMYK"), format="JPEG")}, []),
         ({"image": _png(Image.fromarray(np.full((32, 32), 40000, np.uint16)))}, []),  # 16-bit
         ({"image": _png(rgb.convert("P"))}, []),
@@ -124,6 +132,8 @@ def _cases(good: dict[str, Any], folder: Path, now: dt.datetime) -> list[tuple[d
         ({"image": None, "image_uri": str(folder / "images" / "out-link.jpg")}, ["image_uri_allowed"]),
         ({"image": None, "image_uri": f"{folder}/images/../../outside.jpg"}, ["image_uri_allowed"]),
         ({"image": None, "image_uri": "https://169.254.169.254/latest/meta-data"}, ["image_uri_allowed"]),
+        ({"image": None, "image_uri": "https://cdn:s3cr3t@images.example/a.jpg"}, ["image_uri_allowed"]),
+        ({"image": None, "image_uri": "s3://marketplace-private/a.jpg"}, ["image_uri_allowed"]),
         ({"image": None, "image_uri": "images/ok.jpg"}, ["image_uri_allowed"]),
         # several at once: every reason is recorded
         (
