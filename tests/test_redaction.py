@@ -155,3 +155,40 @@ def test_the_copy_tasks_carry_no_password(pg_catalog_config) -> None:  # type: i
     # an executor environment the user set up wins
     given = AppConfig(catalog=pg_catalog_config, spark={"conf": {"spark.executorEnv.PGPASSFILE": "/p"}})
     assert "spark.executorEnv.PGPASSWORD" not in runtime.spark_conf(given)
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_what_the_scoring_tasks_are_sent_holds_no_secret(  # type: ignore[no-untyped-def]
+    spark, scoring_bundle, taxonomy, incoming, tmp_path: Path, monkeypatch
+) -> None:
+    """A run whose config holds secrets (object-store keys in spark.conf): the spec every scoring
+    task unpickles carries none of them."""
+    import cloudpickle
+
+    from catalog_enrichment import enrich
+    from catalog_enrichment.catalog.attributes import ensure_attributes_table
+    from catalog_enrichment.catalog.products import list_partitions
+    from catalog_enrichment.versions import ModelVersion
+    from tests.conftest import tiny_config
+
+    sent: list[bytes] = []
+    real = enrich.score_dataframe
+
+    def recording(df: Any, spec: Any, counters: Any) -> Any:
+        sent.append(cloudpickle.dumps(spec))
+        return real(df, spec, counters)
+
+    monkeypatch.setattr(enrich, "score_dataframe", recording)
+    cfg = tiny_config(
+        catalog={"root": str(tmp_path / "lake")},
+        spark={"conf": {"spark.hadoop.fs.s3a.secret.key": SECRET}},
+        inference={"device": "cpu"},
+    )
+    ensure_attributes_table(cfg.catalog.table("attributes"))
+    day = list_partitions(incoming.products, "ingest_date")[0]
+    enrich.run_enrichment(
+        spark, cfg, taxonomy, model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+        products=incoming.products, partition=f"ingest_date={day}", run_id="r2", progress=lambda _m: None,
+    )  # fmt: skip
+    assert sent and not [blob for blob in sent if SECRET.encode() in blob]
