@@ -101,11 +101,11 @@ def _sample_tables(
     )
 
 
-def _audit(samples: pa.Table, reviews: pa.Table, **kw) -> object:
+def _audit(samples: pa.Table, reviews: pa.Table, model_version: str = "1", **kw) -> object:
     return audit_sample(
         samples,
         reviews,
-        model_version="1",
+        model_version=model_version,
         sample_id=None,
         target_of=lambda _name, _version: 0.95,
         confidence=0.95,
@@ -176,15 +176,7 @@ def test_an_audit_without_sample_or_verdicts_says_what_to_do() -> None:
     pop = _population(np.random.default_rng(4))
     samples, reviews = _sample_tables(pop, 50, 0)
     with pytest.raises(CatalogEnrichError, match="no review sample for model version 7"):
-        audit_sample(
-            samples,
-            reviews,
-            model_version="7",
-            sample_id=None,
-            target_of=lambda _name, _version: 0.95,
-            confidence=0.95,
-            min_support=30,
-        )
+        _audit(samples, reviews, model_version="7")
     with pytest.raises(CatalogEnrichError, match=r"no verdict yet.*review import"):
         _audit(samples, reviews.slice(0, 0))
 

@@ -535,10 +535,11 @@ class ImagePolicy:
     def read(self, uri: str) -> tuple[bytes | None, str | None]:
         """The bytes at ``uri``, or ``(None, reason)``: :data:`IMAGE_URI_ALLOWED` (outside the
         policy), :data:`IMAGE_WITHIN_LIMITS` (too big), :data:`IMAGE_READABLE` (cannot be read now)."""
-        scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+        parts = urlsplit(uri)
+        scheme = parts.scheme.lower() if "://" in uri else ""
         if scheme in ("", "file"):
             return self._read_local(uri.removeprefix("file://"))
-        host = (urlsplit(uri).hostname or "").lower()
+        host = (parts.hostname or "").lower()
         if scheme not in self.schemes or (self.hosts and host not in self.hosts):
             return None, IMAGE_URI_ALLOWED
         if scheme in ("http", "https"):
