@@ -598,8 +598,8 @@ class ImagesConfig(_Section):
     )
     schemes: list[str] = Field(
         default_factory=lambda: ["file"],
-        description="URI schemes allowed: file (local paths), and remote ones read through fsspec "
-        "(s3, gs, https, ...) only when listed here.",
+        description="URI schemes allowed: file (local paths), and remote ones only when listed here: "
+        "http and https (data/remote.py), object stores such as s3 and gs (fsspec; see hosts).",
     )
     allow_private_addresses: bool = Field(
         False, description="Let http(s) image URIs name loopback, private or link-local hosts."
