@@ -182,7 +182,10 @@ def test_validation_report_and_model_loaded_once_per_worker(first_run) -> None: 
         # GX flags both copies of a duplicated id; the row rule quarantines only the stale one
         assert count == (2 * rows[rule] if rule == "product_id_unique" else rows[rule]), rule
     assert rows["image_decodable"] == 36 and summary["success"] is False
-    assert set(report.stage_seconds) == {"read", "validate", "score", "decide", "write"}
+    assert set(report.stage_seconds) == {"read", "validate", "score", "decide", "write", "store"}
+    # a first run on an empty store encodes and stores every product it scored
+    assert summary["embeddings_reused"] == 0
+    assert summary["embeddings_encoded"] == summary["embeddings_stored"] == report.rows_scored
     assert report.products_per_second > 0
     # many Arrow batches (256 rows each), each Python worker loaded the model exactly once
     loads = outcome.model_loads

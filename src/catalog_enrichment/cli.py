@@ -214,6 +214,14 @@ def _rollback(sub: Sub) -> None:
     p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
 
 
+def _embeddings(sub: Sub) -> None:
+    p = _command(sub, "embeddings", commands.embeddings)
+    p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
+    p.add_argument(
+        "--vacuum", action="store_true", help="delete the vectors of encoders no aliased model version uses"
+    )
+
+
 def _report(sub: Sub) -> None:
     p = _command(sub, "report", commands.report)
     p.add_argument("--run-id", metavar="ID", help="the run (default: the latest)")
@@ -342,6 +350,13 @@ def _bench_throughput(sub: Sub) -> None:
     p.add_argument(
         "--peer", action="store_true", help="also time the plain MLflow path (mlflow.pyfunc.spark_udf)"
     )
+    p.add_argument(
+        "--rescore-uri",
+        metavar="URI",
+        help="a second registered version over the same encoders (a new head): after each job run, time "
+        "the job re-scoring the same products with it from the embedding store the first run filled "
+        "(the peer then serves this version)",
+    )
     p.add_argument("--repeats", type=int, metavar="R", default=3, help="runs per mode; medians reported (3)")
     p.add_argument(
         "--block", type=int, metavar="N", default=2048, help="raw/predictor alternate per N products"
@@ -441,6 +456,7 @@ COMMANDS = (
     _enrich,
     _backfill,
     _rollback,
+    _embeddings,
     _report,
     _review,
     _config,

@@ -330,6 +330,32 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
     return 0
 
 
+def embeddings(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """list the embedding store's vectors per encoder fingerprint; --vacuum removes unused ones
+
+    Print the stored vectors per encoder fingerprint and the versions of mlflow.registered_model
+    (those holding an alias) that use each. With --vacuum, delete the vectors of every fingerprint
+    no such version uses, with the catalog's lock held (a model version re-scoring afterwards
+    encodes its products again).
+    """
+    from catalog_enrichment import registry
+    from catalog_enrichment.catalog import open_catalog
+
+    catalog = open_catalog(cfg.catalog)
+    name = cfg.mlflow.registered_model
+    live = registry.live_encoders(runtime.mlflow_client(cfg), name)
+    counts = catalog.embedding_counts()
+    print(f"embedding store of {catalog.describe()}: {sum(counts.values()):,} vectors")
+    for encoder in sorted({*counts, *live}):
+        users = f"{name} v{', v'.join(live[encoder])}" if encoder in live else "no live version"
+        print(f"  {encoder}  {counts.get(encoder, 0):>12,}  {users}")
+    if args.vacuum:
+        with catalog.lock("embeddings vacuum", lambda m: print(m, flush=True)):
+            removed = catalog.vacuum_embeddings(live)
+        print(f"removed {removed:,} vectors no live version uses")
+    return 0
+
+
 def report(args: argparse.Namespace, cfg: AppConfig) -> int:
     """print a run report (the latest run by default), or the realized-precision audit
 
@@ -617,7 +643,7 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
 
     Measure on the same model: the raw forward loop, the per-batch predictor, and the whole
     enrichment job as a process of its own (with --peer: against mlflow.pyfunc.spark_udf,
-    alternating); write JSON.
+    alternating; with --rescore-uri: then a new head re-scoring from the embedding store); write JSON.
     """
     from catalog_enrichment.bench.throughput import run_throughput_benchmark
     from catalog_enrichment.contracts import load_taxonomy
@@ -640,6 +666,11 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
         model = ModelVersion("", bundle.name, bundle_dir=bundle.resolve())
     else:
         model = runtime.model_version(cfg, args.model_uri, runtime.mlflow_client(cfg))
+    rescore = None
+    if args.rescore_uri:
+        if "job" not in modes or args.bundle:
+            raise CatalogEnrichError("--rescore-uri re-scores after a job run: give --model-uri and mode job")
+        rescore = runtime.model_version(cfg, args.rescore_uri, runtime.mlflow_client(cfg))
     config_args = [*(["--config", str(Path(args.config).resolve())] if args.config else [])]
     config_args += [arg for override in args.overrides for arg in ("--set", override)]
     result = run_throughput_benchmark(
@@ -648,7 +679,8 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
         model=model,
         sizes=sizes,
         workdir=Path(args.workdir),
-        modes=[*modes, *(["peer"] if args.peer else [])],
+        modes=[*modes, *(["rescore"] if rescore else []), *(["peer"] if args.peer else [])],
+        rescore=rescore,
         repeats=args.repeats,
         device=device,
         threads=args.threads,

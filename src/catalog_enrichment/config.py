@@ -196,6 +196,9 @@ class CatalogConfig(_Section):
         None, description="Written values drawn for human review (default: <root>/review_samples)."
     )
     reviews: str | None = Field(None, description="Imported human verdicts (default: <root>/reviews).")
+    embeddings: str | None = Field(
+        None, description="The embedding store, encoder outputs per product (default: <root>/embeddings)."
+    )
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
 
     def table(
@@ -209,6 +212,7 @@ class CatalogConfig(_Section):
             "labelled",
             "review_samples",
             "reviews",
+            "embeddings",
         ],
     ) -> str:
         """Location of a table: its explicit setting, else ``<root>/<name>``."""
@@ -540,6 +544,12 @@ class InferenceConfig(_Section):
         "of faulting the forward pass's activations in again every batch; RSS stays at the peak "
         "working set.",
     )
+    embedding_store: bool = Field(
+        True,
+        description="Keep each product's encoder outputs in the catalog's embeddings table and fuse them "
+        "again instead of encoding a product whose content and encoders are unchanged (models whose "
+        "fusion reads pooled vectors; see docs/enrich.md).",
+    )
 
     def predictor_options(self) -> dict[str, Any]:
         """The ``BatchPredictor`` keyword arguments these settings give (device and threads aside)."""
@@ -553,6 +563,7 @@ _PREDICTOR_OPTIONS = {
     "autocast",
     "channels_last",
     "keep_memory",
+    "embedding_store",
 }
 
 

@@ -55,8 +55,15 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import IMAGE_READABLE, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.inference.bundle import read_encoder_fingerprint
 from catalog_enrichment.inference.decide import DecisionPolicy
-from catalog_enrichment.inference.spark import ScoringCounters, ScoringSpec, score_dataframe, ship_bundle
+from catalog_enrichment.inference.spark import (
+    DECISION_COLUMNS,
+    ScoringCounters,
+    ScoringSpec,
+    score_dataframe,
+    ship_bundle,
+)
 from catalog_enrichment.redaction import redact_text
 from catalog_enrichment.validation.rules import (
     REASONS,
@@ -115,11 +122,15 @@ class Validated:
 
 @dataclass(frozen=True)
 class Scored:
-    """The staged decisions of the valid rows, and the scoring stage's counters."""
+    """The staged decisions of the valid rows, and the scoring stage's counters (with the embedding
+    store: the model's encoder fingerprint, products fused from stored vectors and encoded)."""
 
     table: pa.Table
     model_loads: dict[int, int]
     arrow_batches: int
+    encoder: str | None = None
+    reused: int = 0
+    encoded: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,8 +254,12 @@ def _locked_run(
             return _finish(outcome, catalog, cfg, client, clock, progress)
         with _stage(report, "score"):
             images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
-            scored = score(spark, validated.checked, model, taxonomy, cfg, images, staging, rejected)
+            scored = score(
+                spark, validated.checked, model, taxonomy, cfg, images, staging, rejected, catalog, run_id
+            )
         outcome.model_loads, outcome.arrow_batches = scored.model_loads, scored.arrow_batches
+        if scored.encoder is not None:
+            report.add_to_summary(embeddings_reused=scored.reused, embeddings_encoded=scored.encoded)
         with _stage(report, "decide"):
             decisions = decide(scored.table, validated, run_id)
         report.add_to_summary(row_rules=decisions.counts.per_rule)
@@ -260,6 +275,9 @@ def _locked_run(
             f"  wrote {decisions.values.num_rows:,} values (version {outcome.merge.version}); "
             f"quarantined {decisions.quarantine.num_rows:,} rows"
         )
+        if scored.encoder is not None:
+            with _stage(report, "store"):
+                _store_embeddings(spark, catalog, scored, staging, report, progress)
         report.status = "succeeded"
         return _finish(outcome, catalog, cfg, client, clock, progress)
     except BaseException as exc:
@@ -389,11 +407,19 @@ def score(
     images: ImagePolicy,
     staging: Path,
     rejected: Iterable[tuple[str, str, str]] = (),
+    catalog: Catalog | None = None,
+    run_id: str = "",
 ) -> Scored:
     """Score and decide the valid rows on the executors (images read under ``images``; the
-    (product, attribute, value)s in ``rejected`` never written); stage the decisions; read them back."""
+    (product, attribute, value)s in ``rejected`` never written); stage the decisions; read them back.
+
+    With the embedding store (``inference.embedding_store`` and a model that can use it), the valid
+    rows are joined to the catalog's stored vectors of the model's encoders first, and the vectors
+    the tasks computed are staged under ``staging / "embeddings"`` for :func:`_store_embeddings`.
+    """
     from pyspark.sql import functions as F
 
+    encoder = read_encoder_fingerprint(model.bundle) if cfg.inference.embedding_store else None
     spec = ScoringSpec(
         bundle_name=ship_bundle(spark, model.bundle),
         bundle_path=None,
@@ -405,9 +431,48 @@ def score(
     )
     counters = ScoringCounters.create(spark)
     valid = checked.where(F.size(REASONS) == 0)
+    stored = None if encoder is None or catalog is None else catalog.stored_embeddings(spark, encoder)
+    if stored is not None:
+        valid = valid.join(stored, "product_id", "left")
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
-    table = ds.dataset(str(staging / "scores"), format="parquet").to_table()
-    return Scored(table, dict(counters.loads.value), int(counters.batches.value))
+    table = ds.dataset(str(staging / "scores"), format="parquet").to_table(columns=list(DECISION_COLUMNS))
+    if encoder is not None:
+        fresh = spark.read.parquet(str(staging / "scores")).where(F.col("embedding").isNotNull())
+        fresh.select(
+            F.lit(encoder).alias("encoder"),
+            "product_id",
+            "content",
+            "embedding",
+            F.lit(run_id).alias("run_id"),
+            F.current_timestamp().alias("written_at"),
+        ).dropDuplicates(["product_id"]).write.mode("overwrite").parquet(str(staging / "embeddings"))
+    return Scored(
+        table,
+        dict(counters.loads.value),
+        int(counters.batches.value),
+        encoder,
+        int(counters.reused.value),
+        int(counters.encoded.value),
+    )
+
+
+def _store_embeddings(
+    spark: Any, catalog: Catalog, scored: Scored, staging: Path, report: RunReport, say: Say
+) -> None:
+    """After the commit: the vectors this run computed into the store. The store is a cache, so a
+    failure here is reported and costs the next run the encoding; the committed run stands."""
+    try:
+        stored = catalog.write_embeddings(str(staging / "embeddings"), spark) if scored.encoded else 0
+    except Exception as exc:
+        error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+        report.add_to_summary(embeddings_store_error=error)
+        say(f"  could not store this run's embeddings (the next run encodes them again): {error}")
+        return
+    report.add_to_summary(embeddings_stored=stored)
+    say(
+        f"  embeddings: {scored.reused:,} products fused from the store, {scored.encoded:,} encoded, "
+        f"{stored:,} stored"
+    )
 
 
 def _by_product(rejected: Iterable[tuple[str, str, str]]) -> dict[str, list[str]]:

@@ -30,19 +30,21 @@ from mlflow.pyfunc import PythonModel
 
 from catalog_enrichment.config import NAME_PATTERN
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.inference.bundle import bundle_problems
+from catalog_enrichment.inference.bundle import bundle_problems, read_encoder_fingerprint
 from catalog_enrichment.redaction import redact_text, redact_uri, redact_value
 from catalog_enrichment.versions import ModelVersion
 
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
+    "ENCODER_TAG",
     "CatalogEnrichmentPyfunc",
     "calibrated_target",
     "check_tracking_server",
     "configure_mlflow",
     "download_artifact_json",
     "download_bundle",
+    "live_encoders",
     "load_bundle_from_uri",
     "log_and_register",
     "log_audit_run",
@@ -57,6 +59,8 @@ __all__ = [
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# version tag: the bundle's encoder fingerprint (the embedding store's key), set at registration
+ENCODER_TAG = "encoder_fingerprint"
 
 
 class CatalogEnrichmentPyfunc(PythonModel):
@@ -184,7 +188,8 @@ def log_and_register(
             registered_model_name=registered_model,
         )
     version = str(info.registered_model_version)
-    for key, value in version_tags.items():
+    encoder = read_encoder_fingerprint(bundle_dir)
+    for key, value in {**version_tags, **({ENCODER_TAG: encoder} if encoder else {})}.items():
         client.set_model_version_tag(registered_model, version, key, value)
     client.set_registered_model_alias(registered_model, CHALLENGER, version)
     return ModelVersion(registered_model, version, run.info.run_id)
@@ -208,6 +213,18 @@ def resolve_alias(client: MlflowClient, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def live_encoders(client: MlflowClient, name: str) -> dict[str, list[str]]:
+    """Encoder fingerprint -> the versions of ``name`` using it, over the versions that hold an alias
+    (those that serve or may be promoted); a version without the tag never used the embedding store."""
+    aliases = client.get_registered_model(name).aliases or {}
+    live: dict[str, list[str]] = {}
+    for version in sorted(set(map(str, aliases.values())), key=int):
+        encoder = version_tags(client, name, version).get(ENCODER_TAG)
+        if encoder:
+            live.setdefault(encoder, []).append(version)
+    return live
 
 
 def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:

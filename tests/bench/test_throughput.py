@@ -51,21 +51,23 @@ def test_job_and_peer_run_as_whole_processes_on_the_registered_model(
         model=model,
         sizes=(100, 200),
         workdir=tmp_path / "bench",
-        modes=("job", "peer"),
+        modes=("job", "rescore", "peer"),
+        rescore=model,  # the same version again: every product re-scored from the store
         repeats=1,
         config_args=["--set", "inference.device=cpu", "--set", "inference.batch_size=64"],
         progress=messages.append,
     )
     for n in (100, 200):
-        job, peer = result["runs"][str(n)]["job"][0], result["runs"][str(n)]["peer"][0]
+        job, rescore, peer = (result["runs"][str(n)][m][0] for m in ("job", "rescore", "peer"))
         assert result[f"job_vs_peer_{n}"] == pytest.approx(job["seconds"] / peer["seconds"])
-        for run in (job, peer):  # a JVM and Python workers did the work, each in its own process
+        assert result[f"rescore_vs_peer_{n}"] == pytest.approx(rescore["seconds"] / peer["seconds"])
+        for run in (job, rescore, peer):  # a JVM and Python workers did the work, each in its own process
             assert run["cpu_seconds"]["jvm"] > 0 and run["cpu_seconds"]["python_workers"] > 0
             assert run["worker_peak_rss_mb"] > 50 and run["driver_peak_rss_mb"] > 50
     slope = (result["job_seconds_200"] - result["job_seconds_100"]) / 100
     assert result["job_marginal_ms_per_product_100_200"] == pytest.approx(1000 * slope)
     assert "peer_marginal_ms_per_product_100_200" in result
-    assert [m.split()[-2] for m in messages if "run 1/1" in m] == ["job", "peer", "job", "peer"]
+    assert [m.split()[-2] for m in messages if "run 1/1" in m] == ["job", "rescore", "peer"] * 2
 
 
 @pytest.mark.timeout(60)

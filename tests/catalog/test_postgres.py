@@ -59,13 +59,13 @@ def test_migrations_are_applied_once_in_order(
         applied = conn.execute(
             f'SELECT version, name FROM "{catalog.schema}".schema_migrations ORDER BY version'
         ).fetchall()
-        assert applied == [(1, "0001_catalog"), (2, "0002_reviews")]
+        assert applied == [(1, "0001_catalog"), (2, "0002_reviews"), (3, "0003_embeddings")]
         assert migrate(conn, catalog.schema) == []  # nothing left to apply
         folder = tmp_path / "migrations"
         shutil.copytree(postgres.MIGRATIONS, folder)
-        (folder / "0003_note.sql").write_text("ALTER TABLE {schema}.run_reports ADD COLUMN note text;\n")
+        (folder / "0004_note.sql").write_text("ALTER TABLE {schema}.run_reports ADD COLUMN note text;\n")
         monkeypatch.setattr(postgres, "MIGRATIONS", folder)
-        assert migrate(conn, catalog.schema) == ["0003_note"]
+        assert migrate(conn, catalog.schema) == ["0004_note"]
         assert migrate(conn, catalog.schema) == []
         columns = conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND "
@@ -74,7 +74,7 @@ def test_migrations_are_applied_once_in_order(
         ).fetchall()
         assert columns == [("note",)]
         # a migration that fails leaves nothing of itself
-        (folder / "0004_broken.sql").write_text("CREATE TABLE {schema}.half (a int);\nNOT SQL;\n")
+        (folder / "0005_broken.sql").write_text("CREATE TABLE {schema}.half (a int);\nNOT SQL;\n")
         with pytest.raises(Exception, match="syntax error"):
             migrate(conn, catalog.schema)
         half = conn.execute(

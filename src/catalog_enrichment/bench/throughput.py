@@ -290,18 +290,31 @@ def _median(runs: Sequence[dict[str, Any]], key: str = "products_per_second") ->
 
 
 def process_commands(
-    cfg: AppConfig, model: ModelVersion, products: Path, root: Path, config_args: Sequence[str]
+    cfg: AppConfig,
+    model: ModelVersion,
+    products: Path,
+    root: Path,
+    config_args: Sequence[str],
+    rescore: ModelVersion | None = None,
 ) -> dict[str, list[str]]:
-    """The two whole processes compared, as spark-submit would start them: the enrichment job
-    (``catalog-enrich enrich --full``, into a fresh catalog under ``root``) and the plain MLflow path
-    (:mod:`catalog_enrichment.bench.peer`), on the same products and registered model version."""
-    return {
-        "job": [
-            sys.executable, "-m", "catalog_enrichment.cli", "enrich", "--full", "--model-uri", model.uri,
+    """The whole processes compared, as spark-submit would start them: the enrichment job
+    (``catalog-enrich enrich --full``, into a fresh catalog under ``root``), the job again with the
+    ``rescore`` version on that catalog (its embedding store filled by the first), and the plain
+    MLflow path (:mod:`catalog_enrichment.bench.peer`, serving ``rescore`` when given), on the same
+    products."""
+
+    def job(version: ModelVersion) -> list[str]:
+        return [
+            sys.executable, "-m", "catalog_enrichment.cli", "enrich", "--full", "--model-uri", version.uri,
             "--catalog", str(root / "catalog"), "--products", str(products), *config_args,
-        ],
+        ]  # fmt: skip
+
+    served = rescore or model
+    return {
+        "job": job(model),
+        "rescore": job(served),
         "peer": [
-            sys.executable, "-m", "catalog_enrichment.bench.peer", "--model-uri", model.uri,
+            sys.executable, "-m", "catalog_enrichment.bench.peer", "--model-uri", served.uri,
             "--products", str(products), "--out", str(root / "scores"), "--master", cfg.spark.master,
         ],
     }  # fmt: skip
@@ -333,6 +346,7 @@ def run_throughput_benchmark(
     sizes: Sequence[int],
     workdir: Path,
     modes: Sequence[str] = ("raw", "predictor", "job"),
+    rescore: ModelVersion | None = None,
     repeats: int = 3,
     device: str = "cpu",
     threads: int | None = None,
@@ -351,7 +365,7 @@ def run_throughput_benchmark(
     say = progress or (lambda m: print(m, flush=True))
     if "raw_tasks" in modes and device != "cpu":
         raise CatalogEnrichError("raw_tasks measures the job's CPU layout: device cpu only")
-    processes = [m for m in ("job", "peer") if m in modes]
+    processes = [m for m in ("job", "rescore", "peer") if m in modes]
     if (processes and not model.name) or ("peer" in modes and "job" not in modes):
         raise CatalogEnrichError("job and peer time whole processes on a registered model: give both")
     if threads:
@@ -380,18 +394,22 @@ def run_throughput_benchmark(
         path = _products_table(workdir, n, size, taxonomy, say)
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in processes}
         for r in range(repeats):
-            for mode in processes if r % 2 == 0 else processes[::-1]:
-                root = Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=workdir))
-                command = process_commands(cfg, model, path.resolve(), root, config_args)[mode]
-                run = measure_process(command, env, workdir)
-                shutil.rmtree(root, ignore_errors=True)
+            # alternating: the peer after the job in even repeats, before it in odd ones; a re-score
+            # always right after its job (it reads the store that run filled)
+            groups = [[m for m in processes if m != "peer"], [m for m in processes if m == "peer"]]
+            root = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+            commands = process_commands(cfg, model, path.resolve(), root, config_args, rescore)
+            for mode in itertools.chain(*(groups if r % 2 == 0 else groups[::-1])):
+                run = measure_process(commands[mode], env, workdir)
                 runs[mode].append(run)
-                say(f"  {n:>7,} products, run {r + 1}/{repeats} {mode:<4} {run['seconds']:6.1f}s")
+                say(f"  {n:>7,} products, run {r + 1}/{repeats} {mode:<7} {run['seconds']:6.1f}s")
+            shutil.rmtree(root, ignore_errors=True)
         result["runs"][str(n)] = runs
         for mode in processes:
             result[f"{mode}_seconds_{n}"] = _median(runs[mode], "seconds")
-        if len(processes) == 2:
-            result[f"job_vs_peer_{n}"] = result[f"job_seconds_{n}"] / result[f"peer_seconds_{n}"]
+        for mode in ("job", "rescore") if "peer" in processes else ():
+            if mode in processes:
+                result[f"{mode}_vs_peer_{n}"] = result[f"{mode}_seconds_{n}"] / result[f"peer_seconds_{n}"]
     for before, after in itertools.pairwise(sizes):
         for mode in processes:  # the cost of one more product: the slope between two sizes
             slope = (result[f"{mode}_seconds_{after}"] - result[f"{mode}_seconds_{before}"]) / (

@@ -2,7 +2,8 @@
 
 :class:`Catalog` is everything a run, a backfill and a rollback need from the catalog: the lock,
 the products, the run reports (and so the watermark), one write per run (stage, then one commit of
-the values with the run's quarantine rows), rollback, and the two human-review tables.
+the values with the run's quarantine rows), rollback, the two human-review tables and the embedding
+store (:mod:`catalog_enrichment.catalog.embeddings`).
 ``catalog.kind`` picks the backend (:func:`catalog_enrichment.catalog.open_catalog`):
 
 * ``lakehouse`` (:class:`~catalog_enrichment.catalog.embedded.LakehouseCatalog`): Delta tables under
@@ -209,6 +210,24 @@ class Catalog(Protocol):
 
     def write_review_rows(self, name: ReviewTable, rows: pa.Table) -> None:
         """Insert ``rows`` into a review table, replacing rows with the same key, in one commit."""
+        ...
+
+    def stored_embeddings(self, spark: Any, encoder: str) -> Any:
+        """The embedding store's rows of one encoder fingerprint as a Spark DataFrame, one per
+        product: ``product_id``, ``stored_content``, ``stored_embedding`` (None: none stored)."""
+        ...
+
+    def write_embeddings(self, rows: str, spark: Any = None) -> int:
+        """Upsert the vectors staged as Parquet at ``rows`` (the embeddings contract's columns, one
+        row per encoder and product) into the store, in one commit; the rows written."""
+        ...
+
+    def vacuum_embeddings(self, keep: Iterable[str]) -> int:
+        """Delete the stored vectors of every encoder fingerprint not in ``keep``; the rows removed."""
+        ...
+
+    def embedding_counts(self) -> dict[str, int]:
+        """Stored vectors per encoder fingerprint."""
         ...
 
 

@@ -27,6 +27,7 @@ from catalog_enrichment.catalog.base import (
     fault_during,
     fault_point,
 )
+from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema, keep_one_per_product
 from catalog_enrichment.catalog.lock import catalog_lock
 from catalog_enrichment.catalog.reviews import ReviewTable, review_key, review_schema
 from catalog_enrichment.config import CatalogConfig
@@ -51,6 +52,7 @@ class LakehouseCatalog:
         self.quarantine = Path(cfg.table("quarantine"))
         self.reports = Path(cfg.table("run_reports"))
         self.review_tables = {name: Path(cfg.table(name)) for name in ("review_samples", "reviews")}
+        self.embeddings = Path(cfg.table("embeddings"))
 
     def describe(self) -> str:
         return f"lakehouse {self.root}"
@@ -182,3 +184,72 @@ class LakehouseCatalog:
             .when_not_matched_insert_all()
             .execute()
         )
+
+    # -- the embedding store -------------------------------------------------------------------
+
+    def stored_embeddings(self, spark: Any, encoder: str) -> Any:
+        """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
+        :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), None when there are none."""
+        from pyspark.sql import functions as F
+
+        if not (self.embeddings / "_delta_log").is_dir():
+            return None
+        files = lakehouse.data_files(self.embeddings)
+        if not files:
+            return None
+        rows = spark.read.parquet(*files).where(F.col("encoder") == check_fingerprint(encoder))
+        return keep_one_per_product(rows)
+
+    def write_embeddings(self, rows: str, spark: Any = None) -> int:
+        """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
+        product and encoder), replacing older ones of the same key, in one Delta commit (streamed)."""
+        import pyarrow.dataset as ds
+        from deltalake import DeltaTable, write_deltalake
+
+        schema = embeddings_schema()
+        source = ds.dataset(rows, format="parquet")
+        if source.count_rows() == 0:
+            return 0
+        reader = pa.RecordBatchReader.from_batches(
+            schema,
+            (b.select(schema.names).cast(schema) for b in source.to_batches(**lakehouse.LOW_MEMORY_SCAN)),
+        )
+        if not (self.embeddings / "_delta_log").is_dir():
+            self.embeddings.mkdir(parents=True, exist_ok=True)
+            write_deltalake(str(self.embeddings), reader, mode="append")
+        else:
+            (
+                DeltaTable(str(self.embeddings))
+                .merge(
+                    reader,
+                    predicate="t.encoder = s.encoder AND t.product_id = s.product_id",
+                    source_alias="s",
+                    target_alias="t",
+                    streamed_exec=True,
+                )
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+        return source.count_rows()
+
+    def vacuum_embeddings(self, keep: Iterable[str]) -> int:
+        """Delete the vectors of every encoder not in ``keep``; the rows removed. Delta keeps the
+        removed files for time travel until a Delta ``VACUUM`` (``deltalake``'s ``vacuum``) drops them."""
+        from deltalake import DeltaTable
+
+        if not (self.embeddings / "_delta_log").is_dir():
+            return 0
+        kept = sorted(check_fingerprint(e) for e in keep)
+        table = DeltaTable(str(self.embeddings))
+        predicate = f"encoder NOT IN ({', '.join(repr(e) for e in kept)})" if kept else "true"
+        metrics = table.delete(predicate)
+        table.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+        return int(metrics.get("num_deleted_rows", 0))
+
+    def embedding_counts(self) -> dict[str, int]:
+        """Stored vectors per encoder fingerprint."""
+        if not (self.embeddings / "_delta_log").is_dir():
+            return {}
+        encoders = lakehouse.read_table(self.embeddings, columns=["encoder"])["encoder"]
+        return {str(v["values"]): int(v["counts"]) for v in encoders.value_counts().to_pylist()}

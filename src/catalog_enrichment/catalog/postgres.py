@@ -45,6 +45,7 @@ from catalog_enrichment.catalog.base import (
     empty_folder,
     fault_point,
 )
+from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema, keep_one_per_product
 from catalog_enrichment.catalog.lock import CatalogBusy
 from catalog_enrichment.catalog.products import Partition, changed_since
 from catalog_enrichment.catalog.reports import MAPS, RunReport
@@ -360,26 +361,7 @@ class PostgresCatalog:
                 + where,
                 params,
             ).fetchone()
-            info = conn.info
-            if info.host.startswith("/"):
-                raise CatalogEnrichError(
-                    f"{self.describe()}: Spark's JDBC reader needs a TCP host, not the socket folder "
-                    f"{info.host}"
-                )
-            options = {
-                "url": f"jdbc:postgresql://{info.host}:{info.port}/{info.dbname}",
-                "driver": "org.postgresql.Driver",
-                "user": info.user,
-                "password": info.password or "",
-                "dbtable": ".".join(f'"{p}"' for p in self.products),
-                "fetchsize": str(self.pg.fetch_size),
-                # Spark writes timestamp literals in its session time zone (UTC, runtime.py)
-                "sessionInitStatement": "SET TIME ZONE 'UTC'",
-                "applicationName": "catalog-enrichment read",
-            }
-            ssl = info.get_parameters().get("sslmode")
-            if ssl:
-                options["sslmode"] = ssl
+            options = self._jdbc_options(conn, ".".join(f'"{p}"' for p in self.products))
         if low is not None and self.pg.read_partitions > 1 and low != high:
             options.update(
                 partitionColumn=column,
@@ -408,6 +390,30 @@ class PostgresCatalog:
         if since is not None:
             df = df.where(changed_since(since, retry))
         return df
+
+    def _jdbc_options(self, conn: Any, dbtable: str) -> dict[str, str]:
+        """Spark JDBC reader options for ``dbtable`` (a table or a parenthesised query) over ``conn``'s
+        server and login."""
+        info = conn.info
+        if info.host.startswith("/"):
+            raise CatalogEnrichError(
+                f"{self.describe()}: Spark's JDBC reader needs a TCP host, not the socket folder {info.host}"
+            )
+        options = {
+            "url": f"jdbc:postgresql://{info.host}:{info.port}/{info.dbname}",
+            "driver": "org.postgresql.Driver",
+            "user": info.user,
+            "password": info.password or "",
+            "dbtable": dbtable,
+            "fetchsize": str(self.pg.fetch_size),
+            # Spark writes timestamp literals in its session time zone (UTC, runtime.py)
+            "sessionInitStatement": "SET TIME ZONE 'UTC'",
+            "applicationName": "catalog-enrichment read",
+        }
+        ssl = info.get_parameters().get("sslmode")
+        if ssl:
+            options["sslmode"] = ssl
+        return options
 
     def image_roots(self) -> list[Path]:
         return []
@@ -931,6 +937,84 @@ class PostgresCatalog:
         with self.connect() as conn, conn.transaction(), conn.cursor() as cursor:
             cursor.executemany(statement, [[r[n] for n in names] for r in rows.select(names).to_pylist()])
 
+    # -- the embedding store -------------------------------------------------------------------
+
+    def stored_embeddings(self, spark: Any, encoder: str) -> Any:
+        """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
+        :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), read over JDBC in
+        ``catalog.postgres.read_partitions`` slices of the product ids' hash; None when there are none."""
+        table = ".".join(f'"{p}"' for p in (self.schema, "embeddings"))
+        query = (
+            f"(SELECT product_id, content, embedding FROM {table} "
+            f"WHERE encoder = '{check_fingerprint(encoder)}') AS stored"
+        )
+        with self.connect() as conn:
+            if not conn.execute(
+                self._sql("SELECT 1 FROM {e} WHERE encoder = %s LIMIT 1", e="embeddings"), [encoder]
+            ).fetchone():
+                return None
+            options = self._jdbc_options(conn, query)
+        n = max(1, self.pg.read_partitions)
+        predicates = [f"mod(abs(hashtext(product_id)::bigint), {n}) = {i}" for i in range(n)]
+        url = options.pop("url")
+        rows = spark.read.jdbc(url, options.pop("dbtable"), predicates=predicates, properties=options)
+        return keep_one_per_product(rows)
+
+    def write_embeddings(self, rows: str, spark: Any = None) -> int:
+        """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
+        product and encoder): each Spark partition COPYs into a staging table (this process streams
+        them when ``spark`` is None), one transaction upserts them."""
+        conninfo, password = self.conninfo()
+        stage = "stage_embeddings"
+        with self.connect() as conn, conn.transaction():
+            conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
+            conn.execute(self._sql("CREATE UNLOGGED TABLE {s} (LIKE {e})", s=stage, e="embeddings"))
+        try:
+            if spark is not None:
+                from pyspark.sql import functions as F
+
+                copied = spark.read.parquet(rows).mapInArrow(
+                    _embedding_copier(conninfo, (self.schema, stage)), "rows long"
+                )
+                n = int(copied.agg(F.sum("rows")).first()[0] or 0)
+            else:
+                import pyarrow.dataset as ds
+                from psycopg.conninfo import make_conninfo
+
+                batches = ds.dataset(rows, format="parquet").to_batches()
+                n = copy_embeddings(make_conninfo(conninfo, password=password), (self.schema, stage), batches)
+            with self.connect() as conn, conn.transaction():
+                conn.execute(
+                    self._sql(
+                        "INSERT INTO {e} SELECT * FROM {s} ON CONFLICT (encoder, product_id) DO UPDATE "
+                        "SET content = EXCLUDED.content, embedding = EXCLUDED.embedding, "
+                        "run_id = EXCLUDED.run_id, written_at = EXCLUDED.written_at",
+                        e="embeddings",
+                        s=stage,
+                    )
+                )
+        finally:
+            with self.connect() as conn, conn.transaction():
+                conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
+        return n
+
+    def vacuum_embeddings(self, keep: Iterable[str]) -> int:
+        """Delete the vectors of every encoder not in ``keep``; the rows removed."""
+        kept = [check_fingerprint(e) for e in keep]
+        with self.connect() as conn, conn.transaction():
+            cursor = conn.execute(
+                self._sql("DELETE FROM {e} WHERE NOT (encoder = ANY(%s))", e="embeddings"), [kept]
+            )
+            return int(cursor.rowcount)
+
+    def embedding_counts(self) -> dict[str, int]:
+        """Stored vectors per encoder fingerprint."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                self._sql("SELECT encoder, count(*) FROM {e} GROUP BY encoder", e="embeddings")
+            )
+            return {str(e): int(n) for e, n in rows}
+
     def add_merchant_values(self, rows: pa.Table) -> int:
         """Insert merchant-source attribute rows (seeding a catalog; the demo, the tests); a key
         already present is left as it is. Rows inserted."""
@@ -945,6 +1029,28 @@ class PostgresCatalog:
         with self.connect() as conn, conn.transaction(), conn.cursor() as cursor:
             cursor.executemany(statement, [[r[n] for n in names] for r in rows.select(names).to_pylist()])
             return int(cursor.rowcount)
+
+
+def copy_embeddings(conninfo: str, table: tuple[str, str], batches: Iterable[pa.RecordBatch]) -> int:
+    """COPY Arrow batches of the embeddings contract's columns into ``table`` (schema, name); rows
+    copied. libpq finds the password in this process's environment (``PGPASSWORD``, ``PGPASSFILE``)."""
+    import psycopg
+    from psycopg import sql
+
+    columns = embeddings_schema().names
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(*table), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
+    rows = 0
+    with (
+        psycopg.connect(conninfo, application_name="catalog-enrichment embeddings") as conn,
+        conn.cursor().copy(statement) as copy,
+    ):
+        for batch in batches:
+            for row in zip(*(batch.column(c).to_pylist() for c in columns), strict=True):
+                copy.write_row(row)
+            rows += batch.num_rows
+    return rows
 
 
 def _stage_schema() -> pa.Schema:
@@ -966,3 +1072,12 @@ def _bound(value: Any) -> str:
             value = value.astimezone(dt.UTC).replace(tzinfo=None)
         return value.strftime("%Y-%m-%d %H:%M:%S.%f")
     return str(value)
+
+
+def _embedding_copier(
+    conninfo: str, table: tuple[str, str]
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    def copy_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        yield pa.record_batch({"rows": pa.array([copy_embeddings(conninfo, table, batches)], pa.int64())})
+
+    return copy_partition

@@ -5,6 +5,8 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
     weights.pt           state dict of the model (an ensemble's: every member's; no pickled module)
     model.json           model config + tokenizer facts (vocab size, pad id) + image preprocessing
                          + package version + the dtype the calibrated scores are computed in
+                         + the encoders' fingerprint (the embedding store's key; null when the
+                         model cannot use the store)
     text_encoder_<i>/    the transformers config of text encoder i (its architecture; an ensemble's
                          members' encoders in member order)
     tokenizer/           tokenizer.save_pretrained() (the pretrained model's own, or the trained one)
@@ -35,10 +37,19 @@ from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.models.embedding import encoder_fingerprint, storable
 from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import AnyModel, build_model
 
-__all__ = ["MANIFEST", "ModelBundle", "bundle_problems", "json_safe", "load_bundle", "save_bundle"]
+__all__ = [
+    "MANIFEST",
+    "ModelBundle",
+    "bundle_problems",
+    "json_safe",
+    "load_bundle",
+    "read_encoder_fingerprint",
+    "save_bundle",
+]
 
 MANIFEST = "manifest.json"
 # The calibrated scores are float32 probabilities of float32 logits on every device and under any
@@ -56,6 +67,8 @@ class ModelBundle:
     calibration: Calibration
     model_config: ModelConfig
     evaluation: dict[str, Any]
+    # models.embedding.encoder_fingerprint, or None: this model's encoder outputs are never stored
+    encoder_fingerprint: str | None = None
 
     @property
     def preprocessing(self) -> ImagePreprocessing:
@@ -76,6 +89,11 @@ def save_bundle(
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fingerprint = (
+        encoder_fingerprint(model, tokenizer, model_config.text.max_length)  # type: ignore[arg-type]
+        if storable(model)
+        else None
+    )
     torch.save(state, root / "weights.pt")
     (root / "model.json").write_text(
         json.dumps(
@@ -87,6 +105,7 @@ def save_bundle(
                 "image_preprocessing": model.preprocessing.to_dict(),
                 "package_version": __version__,
                 "score_dtype": SCORE_DTYPE,
+                "encoder_fingerprint": fingerprint,
             },
             indent=2,
         )
@@ -142,6 +161,12 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+def read_encoder_fingerprint(path: str | Path) -> str | None:
+    """The bundle's encoder fingerprint without loading the model (None: it cannot use the store)."""
+    fingerprint = json.loads((Path(path) / "model.json").read_text()).get("encoder_fingerprint")
+    return str(fingerprint) if fingerprint else None
+
+
 def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> ModelBundle:
     """Rebuild the model from a bundle folder alone and move it to ``device`` (eval mode)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -173,4 +198,6 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     calibration = Calibration.from_dict(json.loads((root / "calibration.json").read_text()))
     evaluation = json.loads((root / "evaluation.json").read_text())
-    return ModelBundle(model, tokenizer, taxonomy, calibration, model_config, evaluation)
+    return ModelBundle(
+        model, tokenizer, taxonomy, calibration, model_config, evaluation, meta.get("encoder_fingerprint")
+    )

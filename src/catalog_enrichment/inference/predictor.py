@@ -15,33 +15,46 @@ is trained and calibrated with such products (``image_present`` = 0). A row whos
 are present but do not decode is *not* scored as imageless: its ``image_error`` says why, and the
 enrichment job quarantines it. A text-only model reads no image: nothing is decoded (003's
 deployment saving) and no row has an ``image_error``.
+
+The embedding store (``embedding_store``, for a model whose bundle has an encoder fingerprint):
+each row's ``content`` is a digest of exactly what the encoders read (title and description; the
+image bytes and URI, unless the model is text-only); a row whose input carries a
+``stored_content`` equal to it and a ``stored_embedding`` is not decoded, tokenized or encoded - its
+stored vector goes straight to the fusion. The others are encoded and their packed vectors come
+back in :class:`Scores` for the caller to store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
 
+from catalog_enrichment.catalog.embeddings import STORED_COLUMNS
 from catalog_enrichment.data.dataset import Collator
 from catalog_enrichment.data.images import ImagePolicy, load_pixels
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
+from catalog_enrichment.models import embedding
+from catalog_enrichment.models.model import MultimodalModel
 
 __all__ = [
     "BatchPredictor",
     "PreparedBatch",
     "Scores",
     "column_values",
+    "content_digest",
     "keep_freed_memory",
     "score_columns",
 ]
@@ -56,12 +69,31 @@ def score_columns(bundle: ModelBundle) -> list[str]:
     return [f"{a.name}={v}" for a in bundle.taxonomy for v in a.values]
 
 
+def content_digest(title: Any, description: Any, image: Any, uri: Any, *, text: bool, images: bool) -> str:
+    """Digest of what the encoders read of one product: its texts (``text``) and its image bytes
+    and URI (``images``); each value length-prefixed, so no two inputs share a digest by accident."""
+    h = hashlib.blake2b(digest_size=16)
+    for value, used in ((title, text), (description, text), (image, images), (uri, images)):
+        if not used:
+            continue
+        raw = value.encode() if isinstance(value, str) else value if isinstance(value, bytes) else None
+        h.update(b"\0" if raw is None else b"\1" + len(raw).to_bytes(8, "little") + raw)
+    return h.hexdigest()
+
+
 @dataclass
 class PreparedBatch:
-    """Model inputs of one batch (CPU tensors) and the per-row image errors."""
+    """Model inputs of one batch (CPU tensors) and the per-row image errors.
+
+    With the embedding store: ``inputs`` hold only the rows to encode (``encode``, their positions);
+    ``stored`` the packed vectors of the others; ``content`` every row's digest.
+    """
 
     inputs: dict[str, torch.Tensor]
     image_error: list[str | None]
+    content: list[str] | None = None
+    encode: np.ndarray | None = None
+    stored: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.image_error)
@@ -69,10 +101,17 @@ class PreparedBatch:
 
 @dataclass
 class Scores:
-    """``probs``: attribute -> ``(n, n_values)`` float32; ``image_error``: ``(n,)`` reason or None."""
+    """``probs``: attribute -> ``(n, n_values)`` float32; ``image_error``: ``(n,)`` reason or None.
+
+    With the embedding store: ``content`` every row's digest, ``embedding`` the packed vector of each
+    row encoded by this call (None for rows read from the store and rows whose image failed).
+    """
 
     probs: dict[str, np.ndarray]
     image_error: list[str | None]
+    content: list[str] | None = None
+    embedding: list[bytes | None] | None = None
+    reused: int = 0  # rows whose stored vector was fused
 
 
 def _names(data: Data) -> list[str]:
@@ -142,6 +181,7 @@ class BatchPredictor:
         channels_last: bool = True,
         keep_memory: bool = True,
         image_policy: ImagePolicy | None = None,
+        embedding_store: bool = False,
     ) -> None:
         self.bundle = bundle
         self.image_policy = image_policy or ImagePolicy()
@@ -153,6 +193,11 @@ class BatchPredictor:
         # a text-only model never decodes an image, so an unusable one does not quarantine its row
         self.reads_images = bundle.model.image_encoder is not None
         self.collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
+        # the store serves a model whose bundle fingerprints its encoders (models.embedding.storable)
+        self.stores = embedding_store and bundle.encoder_fingerprint is not None
+        # a fingerprinted bundle's model is one MultimodalModel (models.embedding.storable)
+        self._stored_model = cast(MultimodalModel, bundle.model) if self.stores else None
+        self.width = embedding.width(self._stored_model) if self._stored_model is not None else 0
         # Channels-last: the image encoder's convolutions run about 1.7x faster on CPU (oneDNN
         # works in NHWC), and the decoded pixels arrive in that order anyway.
         self.channels_last = channels_last
@@ -168,9 +213,48 @@ class BatchPredictor:
 
     # -- preparation (runs in the pool) ---------------------------------------------------------
     def prepare(
+        self,
+        titles: Sequence[Any],
+        descriptions: Sequence[Any],
+        images: Sequence[Any],
+        uris: Sequence[Any],
+        stored_content: Sequence[Any] | None = None,
+        stored_embedding: Sequence[Any] | None = None,
+    ) -> PreparedBatch:
+        """Decode, resize and normalise the images and tokenize the texts of one batch (with the
+        store: of its rows whose stored vector is missing or stale)."""
+        n = len(titles)
+        if self._stored_model is None:
+            return self._encoder_inputs(titles, descriptions, images, uris)
+        text = self._stored_model.fusion.needs_text
+        content = [
+            content_digest(*row, text=text, images=self.reads_images)
+            for row in zip(titles, descriptions, images, uris, strict=True)
+        ]
+        stored = np.zeros((n, self.width), np.float32)
+        hit = np.zeros(n, bool)
+        for i, (have, vector) in enumerate(
+            zip(stored_content or (), stored_embedding or (), strict=True) if stored_content else ()
+        ):
+            if have == content[i] and vector is not None and len(vector) == 4 * self.width:
+                stored[i] = np.frombuffer(vector, np.float32)
+                hit[i] = True
+        (encode,) = np.nonzero(~hit)
+        rows = encode.tolist()
+        columns = (titles, descriptions, images, uris)
+        part = (
+            self._encoder_inputs(*([column[i] for i in rows] for column in columns))
+            if rows
+            else PreparedBatch({}, [])
+        )
+        errors: list[str | None] = [None] * n
+        for k, i in enumerate(rows):
+            errors[i] = part.image_error[k]
+        return PreparedBatch(part.inputs, errors, content, encode, stored)
+
+    def _encoder_inputs(
         self, titles: Sequence[Any], descriptions: Sequence[Any], images: Sequence[Any], uris: Sequence[Any]
     ) -> PreparedBatch:
-        """Decode, resize and normalise the images and tokenize the texts of one batch."""
         n = len(titles)
         prep = self.preprocessing
         size = prep.size if self.reads_images else 1  # a text-only model never sees the pixels
@@ -203,7 +287,10 @@ class BatchPredictor:
     def _chunks(self, batches: Iterable[Data]) -> Iterator[tuple[Data, bool, tuple[list[Any], ...] | None]]:
         """``(input, is_last_chunk, columns)`` per model batch; an empty input gives one empty chunk."""
         for data in batches:
-            cols = [column_values(data, c) for c in ("title", "description", "image", "image_uri")]
+            names: tuple[str, ...] = ("title", "description", "image", "image_uri")
+            if self.stores and STORED_COLUMNS[0] in _names(data):
+                names += STORED_COLUMNS
+            cols = [column_values(data, c) for c in names]
             n = len(cols[0])
             if n == 0:
                 yield data, True, None
@@ -241,14 +328,27 @@ class BatchPredictor:
     # -- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: PreparedBatch) -> dict[str, np.ndarray]:
-        """Attribute -> probabilities of one prepared batch."""
+        """Attribute -> probabilities of one prepared batch (with the store: the batch's ``stored``
+        vectors completed by the encoded rows', which :meth:`score_stream` hands on)."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-        if self.autocast:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
+            model = self._stored_model
+            if batch.stored is None or batch.encode is None or model is None:
                 out = self.bundle.model(inputs)
-        else:
-            out = self.bundle.model(inputs)
+            else:
+                if len(batch.encode):
+                    batch.stored[batch.encode] = embedding.pack(model, model.encode(inputs))
+                out = model.fuse(embedding.unpack(model, batch.stored, self.device))
         return {a: p.float().cpu().numpy() for a, p in out.probs.items()}
+
+    def _fresh(self, batch: PreparedBatch) -> list[bytes | None]:
+        """The packed vectors this batch encoded (rows whose image failed are not kept)."""
+        fresh: list[bytes | None] = [None] * len(batch)
+        assert batch.stored is not None and batch.encode is not None
+        for i in batch.encode:
+            if batch.image_error[i] is None:
+                fresh[i] = batch.stored[i].tobytes()
+        return fresh
 
     def score_stream(self, batches: Iterable[Data]) -> Iterator[tuple[Data, Scores]]:
         """``(input, its scores)`` for every input batch (Arrow or pandas), in order.
@@ -258,11 +358,18 @@ class BatchPredictor:
         """
         probs: dict[str, list[np.ndarray]] = {a.name: [] for a in self.bundle.taxonomy}
         errors: list[str | None] = []
+        content: list[str] = []
+        fresh: list[bytes | None] = []
+        reused = 0
         for data, last, batch in self._prepared(_checked(batches)):
             if batch is not None:
                 for a, p in self.forward(batch).items():
                     probs[a].append(p)
                 errors.extend(batch.image_error)
+                if batch.content is not None:
+                    content.extend(batch.content)
+                    fresh.extend(self._fresh(batch))
+                    reused += len(batch) - len(batch.encode)  # type: ignore[arg-type]
             if last:
                 yield (
                     data,
@@ -274,10 +381,13 @@ class BatchPredictor:
                             for a in self.bundle.taxonomy
                         },
                         errors,
+                        content if self.stores else None,
+                        fresh if self.stores else None,
+                        reused,
                     ),
                 )
                 probs = {a.name: [] for a in self.bundle.taxonomy}
-                errors = []
+                errors, content, fresh, reused = [], [], [], 0
 
     def score_arrow(self, data: Data) -> Scores:
         """Scores and image errors of every row of ``data`` (Arrow or pandas), in order."""

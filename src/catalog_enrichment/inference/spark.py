@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 __all__ = [
+    "DECISION_COLUMNS",
     "OUTPUT_SCHEMA",
     "ScoringCounters",
     "ScoringSpec",
@@ -56,8 +58,14 @@ OUTPUT_SCHEMA = pa.schema(
                 )
             ),
         ),
+        # the embedding store's side output: what the encoders read (digest) and, for a product
+        # encoded by this task, its packed vector (null when it came from the store)
+        pa.field("content", pa.string()),
+        pa.field("embedding", pa.binary()),
     ]
 )
+# the columns the driver reads back of the staged scores (the vectors go to the store, not to it)
+DECISION_COLUMNS = ("product_id", "image_error", "scored", "values")
 SCORING_INPUT = (
     "product_id",
     "title",
@@ -65,6 +73,8 @@ SCORING_INPUT = (
     "image",
     "image_uri",
     "merchant_attributes",
+    "stored_content",
+    "stored_embedding",
 )
 
 
@@ -96,15 +106,18 @@ class _PidCounts:
 
 @dataclass
 class ScoringCounters:
-    """Driver-side accumulators: model loads per worker pid, Arrow batches scored."""
+    """Driver-side accumulators: model loads per worker pid, Arrow batches scored, and products
+    whose vector came from the embedding store (``reused``) or was encoded for it (``encoded``)."""
 
     loads: Any
     batches: Any
+    reused: Any
+    encoded: Any
 
     @classmethod
     def create(cls, spark: Any) -> ScoringCounters:
         sc = spark.sparkContext
-        return cls(sc.accumulator({}, _PidCounts()), sc.accumulator(0))
+        return cls(sc.accumulator({}, _PidCounts()), sc.accumulator(0), sc.accumulator(0), sc.accumulator(0))
 
 
 # Per Python worker process: (device, the scoring spec as JSON) -> (predictor, policy).
@@ -192,13 +205,14 @@ def score_batches(
     policy: Any,
     batches: Iterable[pa.RecordBatch],
     rejected: Mapping[str, Sequence[str]] | None = None,
-) -> Iterator[pa.RecordBatch]:
-    """Score a stream of Arrow batches of valid products; the decisions per batch (``OUTPUT_SCHEMA``).
+) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """Score a stream of Arrow batches of valid products; per batch the decisions (``OUTPUT_SCHEMA``)
+    and how many of its products were fused from stored vectors.
 
     This is a Spark task's whole loop: one preparation pipeline runs ahead across the batches.
     """
     for batch, scores in predictor.score_stream(b for b in batches if b.num_rows):
-        yield decide_batch(policy, batch, scores, rejected)
+        yield decide_batch(policy, batch, scores, rejected), scores.reused
 
 
 def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -263,9 +277,15 @@ def decide_batch(
                 type=OUTPUT_SCHEMA.field("scored").type,
             ),
             pa.ListArray.from_arrays(flat.offsets.astype(np.int32), written, type=values_type),
+            _or_nulls(scores.content, batch.num_rows, pa.string()),
+            _or_nulls(scores.embedding, batch.num_rows, pa.binary()),
         ],
         schema=OUTPUT_SCHEMA,
     )
+
+
+def _or_nulls(values: list[Any] | None, n: int, kind: pa.DataType) -> pa.Array:
+    return pa.nulls(n, kind) if values is None else pa.array(values, kind)
 
 
 def spark_output_schema() -> Any:
@@ -295,7 +315,7 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
 
     The enrichment job passes the valid rows (every rule passed, duplicates included).
     """
-    loads, batches = counters.loads, counters.batches
+    loads, batches, reused, encoded = counters.loads, counters.batches, counters.reused, counters.encoded
 
     def score_partition(iterator: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         rows = (b for b in iterator if b.num_rows)
@@ -303,8 +323,10 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
         if first is None:
             return  # an empty partition loads no model (a run with nothing new, an empty hash bucket)
         predictor, policy = _worker_state(spec, loads)
-        for out in score_batches(predictor, policy, itertools.chain([first], rows), spec.rejected):
+        for out, n_reused in score_batches(predictor, policy, itertools.chain([first], rows), spec.rejected):
             batches.add(1)
+            reused.add(n_reused)
+            encoded.add(pc.count(out.column("embedding")).as_py())
             yield out
             _fault_kill_worker_once()
 

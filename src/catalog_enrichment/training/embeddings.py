@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset, ProductRecords
+from catalog_enrichment.models.embedding import encoder_fingerprint
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.model import MultimodalModel
 
@@ -113,21 +114,7 @@ def _pad_tokens(flat: dict[str, torch.Tensor], length: int) -> dict[str, torch.T
 
 def _fingerprint(model: MultimodalModel, tokenizer: Any, records: ProductRecords, max_length: int) -> str:
     """Hash of the data and of everything that shapes the encoders' outputs."""
-    h = hashlib.sha256()
-    needs = (
-        model.fusion.needs_text,
-        model.fusion.needs_image,
-        model.fusion.needs_tokens,
-        model.fusion.needs_fields,
-    )
-    image_prep = (model.preprocessing.to_dict(), model.cfg.image.color_features)
-    h.update(repr((needs, max_length, model.cfg.text.pooling, image_prep)).encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
-    for name, tensor in model.state_dict().items():
-        if name.startswith(("text_encoders.", "image_encoder.")):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h = hashlib.sha256(encoder_fingerprint(model, tokenizer, max_length).encode())
     for i in range(len(records)):
         image = records.image[i]
         h.update(

@@ -1,0 +1,90 @@
+"""A product's encoder outputs as one stored vector, and the fingerprint of the encoders behind it.
+
+With frozen encoders only the fusion and heads differ between two model versions, so what the
+encoders made of a product can be kept (the catalog's embedding store) and fused again by any
+version whose encoders are the same. Two facts make that safe:
+
+* :func:`encoder_fingerprint` hashes everything that shapes the encoders' outputs - their weights,
+  the tokenizer, the text length and pooling, the image preprocessing and colour features, and which
+  outputs the fusion reads - so a stored vector is only ever read back by encoders that would
+  compute it again;
+* :func:`pack` / :func:`unpack` turn the pooled outputs the fusion reads (``text_pooled``,
+  ``image_pooled``, ``image_present``) into one float32 row and back, bit for bit, so scores fused
+  from the store equal scores of a fresh encode.
+
+Only a single model whose fusion reads pooled vectors can use the store (:func:`storable`): a
+fusion over token sequences (``cross_attention``) or per-field encodings (``hierarchical``) would
+need hundreds of vectors per product, and an ensemble's members have encoders of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from catalog_enrichment.models.fusion import FusionInputs
+from catalog_enrichment.models.model import AnyModel, MultimodalModel
+
+__all__ = ["encoder_fingerprint", "pack", "storable", "unpack", "width"]
+
+
+def storable(model: AnyModel) -> bool:
+    """Whether ``model``'s encoder outputs fit the store (one model, fusion over pooled vectors)."""
+    return isinstance(model, MultimodalModel) and not (model.fusion.needs_tokens or model.fusion.needs_fields)
+
+
+def _dims(model: MultimodalModel) -> tuple[int, int]:
+    fusion = model.fusion
+    return (fusion.text_dim if fusion.needs_text else 0, fusion.image_dim if fusion.needs_image else 0)
+
+
+def width(model: MultimodalModel) -> int:
+    """Float32 values per stored vector: text, image, and the image-present flag."""
+    text, image = _dims(model)
+    return text + image + 1
+
+
+def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int) -> str:
+    """Hash of everything that shapes the encoders' outputs (see the module docstring)."""
+    h = hashlib.sha256()
+    fusion = model.fusion
+    needs = (fusion.needs_text, fusion.needs_image, fusion.needs_tokens, fusion.needs_fields)
+    image_prep = (model.preprocessing.to_dict(), model.cfg.image.color_features)
+    h.update(repr((needs, max_length, model.cfg.text.pooling, image_prep, _dims(model))).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(
+        (backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode()
+    )
+    for name, tensor in model.state_dict().items():
+        if name.startswith(("text_encoders.", "image_encoder.")):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def pack(model: MultimodalModel, inputs: FusionInputs) -> np.ndarray:
+    """``(B, width)`` float32: the pooled outputs the fusion reads, side by side."""
+    text, image = _dims(model)
+    parts = []
+    if text:
+        assert inputs.text_pooled is not None
+        parts.append(inputs.text_pooled)
+    if image:
+        assert inputs.image_pooled is not None
+        parts.append(inputs.image_pooled)
+    parts.append(inputs.image_present[:, None])
+    return torch.cat([p.float() for p in parts], dim=1).cpu().numpy()
+
+
+def unpack(model: MultimodalModel, rows: np.ndarray, device: torch.device | str = "cpu") -> FusionInputs:
+    """The fusion's inputs from ``(B, width)`` packed rows."""
+    text, image = _dims(model)
+    matrix = torch.from_numpy(np.ascontiguousarray(rows, np.float32)).to(device)
+    return FusionInputs(
+        image_present=matrix[:, text + image],
+        text_pooled=matrix[:, :text] if text else None,
+        image_pooled=matrix[:, text : text + image] if image else None,
+    )

@@ -1,0 +1,168 @@
+"""The embedding store in the predictor, without Spark: what is encoded again and what is not, and
+that a stored vector fuses to the scores of a fresh encode."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.inference.bundle import (
+    ModelBundle,
+    load_bundle,
+    read_encoder_fingerprint,
+    save_bundle,
+)
+from catalog_enrichment.inference.predictor import BatchPredictor, Scores
+from catalog_enrichment.models import embedding
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def bundle(scoring_bundle: Path) -> ModelBundle:
+    return load_bundle(scoring_bundle)
+
+
+@pytest.fixture(scope="module")
+def products(incoming: Any) -> pa.Table:
+    """Products with a title (the job scores no other)."""
+    table = read_table(incoming.products).slice(0, 200)
+    return table.filter(pc.is_valid(table["title"]))
+
+
+def _encoded_rows(predictor: BatchPredictor) -> list[int]:
+    """Counts, per encoder call, of the rows the encoders ran on."""
+    model = predictor.bundle.model
+    calls: list[int] = []
+    original = model.encode
+
+    def counting(batch: dict[str, torch.Tensor]) -> Any:
+        calls.append(int(batch["image_present"].shape[0]))
+        return original(batch)
+
+    model.encode = counting  # type: ignore[method-assign]
+    return calls
+
+
+def _with_store(table: pa.Table, scores: Scores) -> pa.Table:
+    """``table`` with the vectors a first scoring produced joined on, as the job joins the store."""
+    assert scores.content is not None and scores.embedding is not None
+    return table.append_column("stored_content", pa.array(scores.content, pa.string())).append_column(
+        "stored_embedding", pa.array(scores.embedding, pa.binary())
+    )
+
+
+def _usable(table: pa.Table, scores: Scores) -> pa.Table:
+    return table.filter(pa.array([e is None for e in scores.image_error]))
+
+
+def test_a_stored_vector_is_fused_without_encoding_and_scores_like_a_fresh_encode(bundle, products) -> None:  # type: ignore[no-untyped-def]
+    first = BatchPredictor(copy.deepcopy(bundle), batch_size=32, embedding_store=True)
+    fresh = first.score_arrow(products)
+    good = _usable(products, fresh)
+    fresh = first.score_arrow(good)
+    assert fresh.reused == 0 and all(e is not None for e in fresh.embedding or [None])
+    second = BatchPredictor(copy.deepcopy(bundle), batch_size=32, embedding_store=True)
+    calls = _encoded_rows(second)
+    again = second.score_arrow(_with_store(good, fresh))
+    assert calls == [] and again.reused == good.num_rows  # not one product encoded again
+    assert again.embedding == [None] * good.num_rows  # nothing new to store
+    plain = BatchPredictor(copy.deepcopy(bundle), batch_size=32).score_arrow(good)
+    for attr in bundle.taxonomy.names:
+        # float32 vectors: the fusion sees the very numbers the encoders gave
+        np.testing.assert_allclose(again.probs[attr], plain.probs[attr], atol=1e-6)
+
+
+def test_a_changed_title_or_image_is_encoded_again_and_a_foreign_vector_is_ignored(bundle, products) -> None:  # type: ignore[no-untyped-def]
+    predictor = BatchPredictor(copy.deepcopy(bundle), batch_size=500, embedding_store=True)
+    good = _usable(products, predictor.score_arrow(products))
+    first = predictor.score_arrow(good)
+    stored = _with_store(good, first)
+    titles = stored["title"].to_pylist()
+    titles[0] = titles[0] + " (new)"
+    images = stored["image"].to_pylist()
+    k = next(i for i, b in enumerate(images) if b is not None and i > 0)
+    other = next(b for i, b in enumerate(images) if b is not None and i != k and b != images[k])
+    images[k] = other  # another product's photo: different bytes
+    vectors = stored["stored_embedding"].to_pylist()
+    vectors[-1] = vectors[-1][:-4]  # a vector of another width (other encoders' layout)
+    changed = (
+        stored.set_column(stored.schema.get_field_index("title"), "title", pa.array(titles, pa.string()))
+        .set_column(stored.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+        .set_column(
+            stored.schema.get_field_index("stored_embedding"),
+            "stored_embedding",
+            pa.array(vectors, pa.binary()),
+        )
+    )
+    calls = _encoded_rows(predictor)
+    again = predictor.score_arrow(changed)
+    assert sum(calls) == 3 and again.reused == good.num_rows - 3
+    assert [i for i, e in enumerate(again.embedding or []) if e is not None] == sorted(
+        {0, k, good.num_rows - 1}
+    )
+    assert again.content is not None and first.content is not None
+    assert again.content[0] != first.content[0] and again.content[k] != first.content[k]
+
+
+def test_a_text_only_model_s_vector_does_not_depend_on_the_image(bundle, products) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(fusion="text_only").model
+    from catalog_enrichment.models.model import build_model
+
+    model = build_model(cfg, bundle.taxonomy, vocab_size=len(bundle.tokenizer))
+    text_only = ModelBundle(model, bundle.tokenizer, bundle.taxonomy, bundle.calibration, cfg, {}, "f" * 32)
+    predictor = BatchPredictor(text_only, batch_size=64, embedding_store=True)
+    first = predictor.score_arrow(products)
+    stored = _with_store(products, first)
+    no_images = stored.set_column(
+        stored.schema.get_field_index("image"), "image", pa.nulls(stored.num_rows, pa.binary())
+    )
+    assert predictor.score_arrow(no_images).reused == products.num_rows
+
+
+def test_the_fingerprint_follows_the_encoders_not_the_heads(bundle, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = copy.deepcopy(bundle.model)
+    fingerprint = embedding.encoder_fingerprint(model, bundle.tokenizer, bundle.model_config.text.max_length)
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(0.5)  # a new head
+    assert (
+        embedding.encoder_fingerprint(model, bundle.tokenizer, bundle.model_config.text.max_length)
+        == fingerprint
+    )
+    saved = save_bundle(
+        tmp_path / "new-head",
+        model=model,
+        tokenizer=bundle.tokenizer,
+        taxonomy=bundle.taxonomy,
+        calibration=bundle.calibration,
+        model_config=bundle.model_config,
+        evaluation={},
+    )
+    assert read_encoder_fingerprint(saved) == fingerprint == load_bundle(saved).encoder_fingerprint
+    with torch.no_grad():
+        next(model.text_encoders.parameters()).add_(1e-3)  # retrained encoders
+    assert (
+        embedding.encoder_fingerprint(model, bundle.tokenizer, bundle.model_config.text.max_length)
+        != fingerprint
+    )
+    assert embedding.encoder_fingerprint(model, bundle.tokenizer, 8) != embedding.encoder_fingerprint(
+        model, bundle.tokenizer, bundle.model_config.text.max_length
+    )
+
+
+def test_models_that_read_tokens_fields_or_members_are_not_stored(taxonomy) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment.models.model import build_model
+
+    for fusion, stored in (("cross_attention", False), ("hierarchical", False), ("concat", True)):
+        model = build_model(tiny_config(fusion=fusion).model, taxonomy, vocab_size=200)
+        assert embedding.storable(model) is stored, fusion

@@ -1,0 +1,180 @@
+"""The embedding store through the real job on both catalogs: a first run stores what it encoded, a
+new head over the same encoders re-scores every product from the store (no encoder runs) and
+writes what a run without the store writes; vacuum removes what no live version uses."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from catalog_enrichment.catalog import open_catalog
+from catalog_enrichment.catalog.lakehouse import read_table, write_table
+from catalog_enrichment.catalog.postgres import PostgresCatalog
+from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.inference.bundle import load_bundle, read_encoder_fingerprint, save_bundle
+from catalog_enrichment.versions import ModelVersion
+from tests.conftest import tiny_config, tiny_registry
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def new_head(scoring_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second version of the scoring model: other fusion and head weights, the same encoders."""
+    bundle = load_bundle(scoring_bundle)
+    model = copy.deepcopy(bundle.model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return save_bundle(
+        tmp_path_factory.mktemp("new-head") / "tiny-v2",
+        model=model,
+        tokenizer=bundle.tokenizer,
+        taxonomy=bundle.taxonomy,
+        calibration=bundle.calibration,
+        model_config=bundle.model_config,
+        evaluation={},
+    )
+
+
+def _catalog(kind: str, tmp: Path, products: Any, server: Any, store: bool) -> tuple[Any, Any]:
+    inference = {"batch_size": 64, "device": "cpu", "embedding_store": store}
+    if kind == "lakehouse":
+        write_table(tmp / "products", products)
+        cfg = tiny_config(catalog={"root": str(tmp / "lake")}, inference=inference)
+        return cfg, open_catalog(cfg.catalog, products=tmp / "products")
+    cfg = tiny_config(
+        catalog={
+            "kind": "postgres",
+            "root": str(tmp / "pg-staging"),
+            "postgres": {"db_schema": "embedding_store"},
+        },
+        inference=inference,
+    )
+    catalog = PostgresCatalog(cfg.catalog, dsn=server.dsn())
+    catalog.load_products(products)
+    return cfg, catalog
+
+
+def _stored(catalog: Any, spark: Any, encoder: str) -> int:
+    rows = catalog.stored_embeddings(spark, encoder)
+    return 0 if rows is None else int(rows.count())
+
+
+def _model_rows(catalog: Any) -> dict[tuple[str, str, str], float]:
+    return {
+        (r["product_id"], r["attribute"], r["value"]): r["confidence"]
+        for r in catalog.attribute_rows().to_pylist()
+        if r["source"] == "model"
+    }
+
+
+@pytest.mark.parametrize("kind", ["lakehouse", "postgres"])
+def test_a_new_head_rescores_from_the_store_and_writes_what_a_fresh_encode_writes(  # type: ignore[no-untyped-def]
+    kind, spark, pg_server, incoming, taxonomy, scoring_bundle, new_head, tmp_path
+) -> None:
+    products = read_table(incoming.products).slice(0, 600)
+    cfg, catalog = _catalog(kind, tmp_path, products, pg_server, store=True)
+    encoder = read_encoder_fingerprint(scoring_bundle)
+    assert encoder is not None and read_encoder_fingerprint(new_head) == encoder
+
+    def run(bundle: Path, version: str, run_id: str, config: Any = cfg) -> dict[str, Any]:
+        outcome = run_enrichment(
+            spark, config, taxonomy, model=ModelVersion("tiny", version, bundle_dir=bundle), full=True,
+            run_id=run_id, progress=lambda _m: None, catalog=catalog,
+        )  # fmt: skip
+        return {"scored": outcome.report.rows_scored, **outcome.report.summary()}
+
+    first = run(scoring_bundle, "1", "store-1")
+    scored = first["scored"]
+    assert scored > 500  # the rows that broke a rule or whose image failed are quarantined
+    assert (first["embeddings_reused"], first["embeddings_encoded"], first["embeddings_stored"]) == (
+        0,
+        scored,
+        scored,
+    )
+    assert catalog.embedding_counts() == {encoder: scored}
+
+    second = run(new_head, "2", "store-2")
+    assert (second["embeddings_reused"], second["embeddings_encoded"]) == (scored, 0)  # no encoder ran
+    from_store = _model_rows(catalog)
+
+    without_store = cfg.model_copy(
+        update={"inference": cfg.inference.model_copy(update={"embedding_store": False})}
+    )
+    third = run(new_head, "2", "store-3", without_store)
+    assert "embeddings_reused" not in third
+    fresh = _model_rows(catalog)
+    assert from_store.keys() == fresh.keys()  # the same values written
+    keys = sorted(fresh)
+    np.testing.assert_allclose([from_store[k] for k in keys], [fresh[k] for k in keys], atol=1e-6)
+
+    assert _stored(catalog, spark, "0" * 32) == 0  # other encoders: nothing stored for them
+    assert _stored(catalog, spark, encoder) == scored
+    assert catalog.vacuum_embeddings([encoder]) == 0
+    assert catalog.vacuum_embeddings([]) == scored
+    assert catalog.embedding_counts() == {} and _stored(catalog, spark, encoder) == 0
+
+
+@pytest.mark.timeout(300)
+def test_embeddings_lists_the_store_and_vacuums_what_no_live_version_uses(  # type: ignore[no-untyped-def]
+    tmp_path, incoming, scoring_bundle, capsys
+) -> None:
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment import registry
+    from catalog_enrichment.catalog.embeddings import embeddings_schema
+    from catalog_enrichment.cli import main
+
+    client, uri, version, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
+    encoder, retired = read_encoder_fingerprint(scoring_bundle), "ab" * 16
+    assert encoder is not None
+    assert registry.live_encoders(client, "tiny") == {encoder: [version]}  # tagged at registration
+    now = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    rows = [(encoder, f"p{i}") for i in range(2)] + [(retired, f"p{i}") for i in range(3)]
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "encoder": [e for e, _ in rows],
+                "product_id": [p for _, p in rows],
+                "content": ["c"] * 5,
+                "embedding": [b"\0" * 8] * 5,
+                "run_id": ["r"] * 5,
+                "written_at": [now] * 5,
+            }
+        ).cast(embeddings_schema()),
+        staged / "part-0.parquet",
+    )
+    lake = tmp_path / "lake"
+    catalog = open_catalog(tiny_config(catalog={"root": str(lake)}).catalog)
+    assert catalog.write_embeddings(str(staged)) == 5
+    assert catalog.write_embeddings(str(staged)) == 5  # an upsert: the same keys replaced, not doubled
+    assert catalog.embedding_counts() == {encoder: 2, retired: 3}
+    flags = [
+        "--catalog",
+        str(lake),
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+        "--set",
+        "mlflow.registered_model=tiny",
+    ]
+    assert main(["embeddings", *flags]) == 0
+    listed = capsys.readouterr().out
+    assert (
+        f"{encoder}             2  tiny v{version}" in listed
+        and f"{retired}             3  no live version" in listed
+    )
+    assert main(["embeddings", *flags, "--vacuum"]) == 0
+    assert "removed 3 vectors" in capsys.readouterr().out
+    assert catalog.embedding_counts() == {encoder: 2}
