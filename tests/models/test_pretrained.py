@@ -242,6 +242,43 @@ def test_frozen_training_embeds_once_and_reads_the_cache_back(  # type: ignore[n
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
+def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], monkeypatch
+) -> None:
+    """The first training encodes and stores every product; a second one encodes none and trains
+    the same model as the private cache does; a changed title is encoded again."""
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.training import embeddings
+
+    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=2)
+    catalog = open_catalog(cfg.catalog.model_copy(update={"root": str(tmp_path / "lake")}))
+    encoded: list[int] = []
+    real = embeddings._encoded
+
+    def counting(model, records, rows, *args):  # type: ignore[no-untyped-def]
+        encoded.append(len(rows))
+        return real(model, records, rows, *args)
+
+    monkeypatch.setattr(embeddings, "_encoded", counting)
+    n = labelled.num_rows
+    messages: list[str] = []
+    first = train_and_calibrate(labelled, taxonomy, cfg, store=catalog, progress=messages.append)
+    assert encoded == [n] and sum(catalog.embedding_counts().values()) == n
+    second = train_and_calibrate(labelled, taxonomy, cfg, store=catalog, progress=messages.append)
+    assert encoded == [n]  # nothing encoded again
+    assert f"{n:,} of {n:,} products read from the embedding store" in "\n".join(messages)
+    private = train_and_calibrate(labelled, taxonomy, cfg)  # the private cache file: encodes all
+    for trained in (second, private):
+        for name, tensor in first.model.state_dict().items():
+            assert torch.equal(tensor, trained.model.state_dict()[name]), name
+    assert first.calibration.to_dict() == second.calibration.to_dict() == private.calibration.to_dict()
+    titles = labelled["title"].to_pylist()
+    titles[0] = f"{titles[0]} (new)"
+    changed = labelled.set_column(labelled.schema.get_field_index("title"), "title", pa.array(titles))
+    train_and_calibrate(changed, taxonomy, cfg, store=catalog)
+    assert encoded == [n, n, 1]  # the changed product alone
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_frozen_training_learns_from_peoples_verdicts_in_the_cached_batches(  # type: ignore[no-untyped-def]

@@ -217,6 +217,11 @@ class Catalog(Protocol):
         product: ``product_id``, ``stored_content``, ``stored_embedding`` (None: none stored)."""
         ...
 
+    def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
+        """``product_id``, ``content``, ``embedding`` stored for one encoder fingerprint and the
+        given products, on the driver (training's frozen encoders)."""
+        ...
+
     def write_embeddings(self, rows: str, spark: Any = None) -> int:
         """Upsert the vectors staged as Parquet at ``rows`` (the embeddings contract's columns, one
         row per encoder and product) into the store, in one commit; the rows written."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog_enrichment.catalog import attributes, lakehouse, products, reports
 from catalog_enrichment.catalog.base import (
@@ -199,6 +200,15 @@ class LakehouseCatalog:
             return None
         rows = spark.read.parquet(*files).where(F.col("encoder") == check_fingerprint(encoder))
         return keep_one_per_product(rows)
+
+    def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
+        """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products
+        (scanned batch by batch: memory follows the products asked for)."""
+        schema = pa.schema([embeddings_schema().field(c) for c in ("product_id", "content", "embedding")])
+        if not (self.embeddings / "_delta_log").is_dir():
+            return schema.empty_table()
+        rows = lakehouse.read_products_of(self.embeddings, product_ids, ["encoder", *schema.names])
+        return rows.filter(pc.field("encoder") == check_fingerprint(encoder)).select(schema.names)
 
     def write_embeddings(self, rows: str, spark: Any = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per

@@ -960,6 +960,21 @@ class PostgresCatalog:
         rows = spark.read.jdbc(url, options.pop("dbtable"), predicates=predicates, properties=options)
         return keep_one_per_product(rows)
 
+    def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
+        """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products."""
+        schema = pa.schema([embeddings_schema().field(c) for c in ("product_id", "content", "embedding")])
+        with self.connect() as conn:
+            rows = conn.execute(
+                self._sql(
+                    "SELECT product_id, content, embedding FROM {e} "
+                    "WHERE encoder = %s AND product_id = ANY(%s)",
+                    e="embeddings",
+                ),
+                [check_fingerprint(encoder), sorted(set(product_ids))],
+            ).fetchall()
+        columns: list[Any] = list(zip(*rows, strict=True)) if rows else [(), (), ()]
+        return pa.table([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+
     def write_embeddings(self, rows: str, spark: Any = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
         product and encoder): each Spark partition COPYs into a staging table (this process streams

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -54,7 +53,6 @@ __all__ = [
     "PreparedBatch",
     "Scores",
     "column_values",
-    "content_digest",
     "keep_freed_memory",
     "score_columns",
 ]
@@ -67,18 +65,6 @@ Data: TypeAlias = pa.RecordBatch | pa.Table | pd.DataFrame
 def score_columns(bundle: ModelBundle) -> list[str]:
     """Output column names, ``<attribute>=<value>``, in taxonomy order."""
     return [f"{a.name}={v}" for a in bundle.taxonomy for v in a.values]
-
-
-def content_digest(title: Any, description: Any, image: Any, uri: Any, *, text: bool, images: bool) -> str:
-    """Digest of what the encoders read of one product: its texts (``text``) and its image bytes
-    and URI (``images``); each value length-prefixed, so no two inputs share a digest by accident."""
-    h = hashlib.blake2b(digest_size=16)
-    for value, used in ((title, text), (description, text), (image, images), (uri, images)):
-        if not used:
-            continue
-        raw = value.encode() if isinstance(value, str) else value if isinstance(value, bytes) else None
-        h.update(b"\0" if raw is None else b"\1" + len(raw).to_bytes(8, "little") + raw)
-    return h.hexdigest()
 
 
 @dataclass
@@ -228,7 +214,7 @@ class BatchPredictor:
             return self._encoder_inputs(titles, descriptions, images, uris)
         text = self._stored_model.fusion.needs_text
         content = [
-            content_digest(*row, text=text, images=self.reads_images)
+            embedding.content_digest(*row, text=text, images=self.reads_images)
             for row in zip(titles, descriptions, images, uris, strict=True)
         ]
         stored = np.zeros((n, self.width), np.float32)

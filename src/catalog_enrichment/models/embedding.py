@@ -28,7 +28,7 @@ import torch
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.model import AnyModel, MultimodalModel
 
-__all__ = ["encoder_fingerprint", "pack", "storable", "unpack", "width"]
+__all__ = ["content_digest", "encoder_fingerprint", "pack", "storable", "unpack", "width"]
 
 
 def storable(model: AnyModel) -> bool:
@@ -63,6 +63,18 @@ def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int)
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def content_digest(title: Any, description: Any, image: Any, uri: Any, *, text: bool, images: bool) -> str:
+    """Digest of what the encoders read of one product: its texts (``text``) and its image bytes
+    and URI (``images``); each value length-prefixed, so no two inputs share a digest by accident."""
+    h = hashlib.blake2b(digest_size=16)
+    for value, used in ((title, text), (description, text), (image, images), (uri, images)):
+        if not used:
+            continue
+        raw = value.encode() if isinstance(value, str) else value if isinstance(value, bytes) else None
+        h.update(b"\0" if raw is None else b"\1" + len(raw).to_bytes(8, "little") + raw)
+    return h.hexdigest()
 
 
 def pack(model: MultimodalModel, inputs: FusionInputs) -> np.ndarray:

@@ -1,17 +1,25 @@
-"""Frozen encoders: every product embedded once, cached on disk, and batches of cached encoder outputs.
+"""Frozen encoders: every product embedded once, and batches of the stored encoder outputs.
 
 With ``training.encoders: frozen`` only the fusion and heads train (paper 002's two-stage set-up), so
 the encoders' outputs for a product never change during training: they are computed once for the
-whole labelled table and every epoch, fold model and evaluation reads them from memory. The cache
-file is keyed on the data (each product's text and image, in canonical order) and on the encoders
-(their weights, the tokenizer, the image preprocessing and what the fusion reads), so a changed
-snapshot or model is embedded afresh and an unchanged one is read back in seconds.
+whole labelled table and every epoch, fold model and evaluation reads them from memory.
+
+Where they are kept between trainings: for a model whose fusion reads pooled vectors
+(:func:`catalog_enrichment.models.embedding.storable`) and a catalog given, the catalog's embedding
+store - the vectors the enrichment job reads and fills, per product and encoder fingerprint, so
+training and serving encode a product once between them (:func:`embed_products`' ``store``).
+Otherwise a private cache file keyed on the data (each product's text and image, in canonical
+order) and on the encoders (their weights, the tokenizer, the image preprocessing and what the
+fusion reads), so a changed snapshot or model is embedded afresh and an unchanged one is read back in
+seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset, ProductRecords
+from catalog_enrichment.models import embedding
 from catalog_enrichment.models.embedding import encoder_fingerprint
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.model import MultimodalModel
@@ -136,35 +146,138 @@ def embed_products(
     device: torch.device,
     cache_dir: Path | None,
     say: Any,
+    store: Any = None,
 ) -> Embeddings:
-    """Every product's encoder outputs, read from ``cache_dir`` when this data and model were embedded
-    before, else computed (with a progress bar) and written there."""
-    from tqdm.auto import tqdm
-
+    """Every product's encoder outputs: with a catalog ``store`` and a storable model, the stored
+    vectors of products whose content is unchanged and the others encoded and stored; else read from
+    ``cache_dir`` when this data and model were embedded before, or computed (with a progress bar)
+    and written there."""
+    if store is not None and embedding.storable(model):
+        return _embed_through_store(model, records, tokenizer, max_length, batch_size, device, store, say)
     key = _fingerprint(model, tokenizer, records, max_length)
     path = cache_dir / f"{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
         say(f"frozen encoders: embeddings of {len(records):,} products read from {path}")
         return Embeddings(torch.load(path, map_location="cpu", weights_only=True))
-    dataset = ProductDataset(records, np.arange(len(records)), preprocessing=model.preprocessing)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(tokenizer, max_length))
-    model.eval()
-    if model.image_encoder is not None:  # convolutions run faster channels-last (oneDNN)
-        model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     parts: dict[str, list[torch.Tensor]] = {}
-    # a forward pass alone on the CPU gives the same numbers without the deterministic kernels
-    with deterministic_algorithms(device.type == "cuda"):
-        for batch in tqdm(loader, desc="embedding products", unit="batch", leave=False, disable=None):
-            batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            flat = _pad_tokens(_flatten(model.encode(batch)), max_length)
-            for name, tensor in flat.items():
-                parts.setdefault(name, []).append(tensor.cpu().half() if name in _HALF else tensor.cpu())
+    every = np.arange(len(records))
+    for flat in _encoded(model, records, every, tokenizer, max_length, batch_size, device):
+        for name, tensor in _pad_tokens(flat, max_length).items():  # token outputs kept in half
+            parts.setdefault(name, []).append(tensor.half() if name in _HALF else tensor)
     tensors = {name: torch.cat(chunks) for name, chunks in parts.items()}
     if path is not None:
         save_atomically(tensors, path)
         say(f"frozen encoders: {len(records):,} products embedded, cached in {path}")
     return Embeddings(tensors)
+
+
+def _encoded(
+    model: MultimodalModel,
+    records: ProductRecords,
+    rows: np.ndarray,
+    tokenizer: Any,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The encoder outputs of ``records[rows]``, batch by batch (flat tensors, on the CPU)."""
+    from tqdm.auto import tqdm
+
+    dataset = ProductDataset(records, rows, preprocessing=model.preprocessing)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(tokenizer, max_length))
+    model.eval()
+    if model.image_encoder is not None:  # convolutions run faster channels-last (oneDNN)
+        model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # a forward pass alone on the CPU gives the same numbers without the deterministic kernels
+    with deterministic_algorithms(device.type == "cuda"):
+        for batch in tqdm(loader, desc="embedding products", unit="batch", leave=False, disable=None):
+            batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            yield {k: v.cpu() for k, v in _flatten(model.encode(batch)).items()}
+
+
+def _embed_through_store(
+    model: MultimodalModel,
+    records: ProductRecords,
+    tokenizer: Any,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    store: Any,
+    say: Any,
+) -> Embeddings:
+    """:func:`embed_products` over the catalog's embedding store (pooled vectors, float32)."""
+    encoder = embedding.encoder_fingerprint(model, tokenizer, max_length)
+    text, images = model.fusion.needs_text, model.image_encoder is not None
+    content = [
+        embedding.content_digest(*row, text=text, images=images)
+        for row in zip(records.title, records.description, records.image, records.image_uri, strict=True)
+    ]
+    ids = [p for p in records.product_id if p is not None]
+    try:
+        found = store.embeddings_of(encoder, ids)
+    except Exception as exc:  # a cache: without it every product is encoded
+        logging.getLogger(__name__).warning("could not read the embedding store: %s", exc)
+        found = pa.table({"product_id": [], "content": [], "embedding": []})
+    stored = dict(
+        zip(
+            found["product_id"].to_pylist(),
+            zip(found["content"].to_pylist(), found["embedding"].to_pylist(), strict=True),
+            strict=True,
+        )
+    )
+    width = embedding.width(model)
+    matrix = np.zeros((len(records), width), np.float32)
+    missing = []
+    for i, (pid, digest) in enumerate(zip(records.product_id, content, strict=True)):
+        have = stored.get(pid) if pid is not None else None
+        if have is not None and have[0] == digest and len(have[1]) == 4 * width:
+            matrix[i] = np.frombuffer(have[1], np.float32)
+        else:
+            missing.append(i)
+    if missing:
+        batches = _encoded(model, records, np.array(missing), tokenizer, max_length, batch_size, device)
+        matrix[missing] = np.concatenate([embedding.pack(model, _unflatten(flat)) for flat in batches])
+        _store(store, encoder, records, content, matrix, missing)
+    say(
+        f"frozen encoders: {len(records) - len(missing):,} of {len(records):,} products read from the "
+        f"embedding store, {len(missing):,} encoded and stored"
+    )
+    return Embeddings(_flatten(embedding.unpack(model, matrix)))
+
+
+def _store(
+    store: Any, encoder: str, records: ProductRecords, content: list[str], matrix: np.ndarray, rows: list[int]
+) -> None:
+    """The newly encoded vectors into the catalog's store (one per product id; a failure is a
+    warning: the store is a cache)."""
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment.catalog.embeddings import embeddings_schema
+
+    first: dict[str, int] = {}
+    for i in rows:
+        pid = records.product_id[i]
+        if pid is not None:
+            first.setdefault(pid, i)
+    keep = list(first.values())
+    now = dt.datetime.now(dt.UTC)
+    table = pa.table(
+        {
+            "encoder": [encoder] * len(keep),
+            "product_id": [records.product_id[i] for i in keep],
+            "content": [content[i] for i in keep],
+            "embedding": [matrix[i].tobytes() for i in keep],
+            "run_id": ["training"] * len(keep),
+            "written_at": [now] * len(keep),
+        }
+    ).cast(embeddings_schema())
+    with tempfile.TemporaryDirectory(prefix="embeddings-") as tmp:
+        pq.write_table(table, Path(tmp) / "part-0.parquet")
+        try:
+            store.write_embeddings(tmp)
+        except Exception as exc:  # the vectors are in memory; the next training encodes them again
+            logging.getLogger(__name__).warning("could not store the training's embeddings: %s", exc)
 
 
 def save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import data_files, read_table, table_format, table_version
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
@@ -160,8 +161,10 @@ def run_training_job(
         f"training on {table.num_rows:,} products from {snapshot.path} "
         f"({snapshot.format}{'' if snapshot.version is None else f' v{snapshot.version}'})"
     )
+    # frozen encoders read and fill the catalog's embedding store, as the enrichment job does
+    store = open_catalog(cfg.catalog) if cfg.inference.embedding_store else None
     trained = train_and_calibrate(
-        table, taxonomy, cfg, image_roots=[snapshot.path], device=device, progress=progress
+        table, taxonomy, cfg, image_roots=[snapshot.path], device=device, progress=progress, store=store
     )
     trained.model.to("cpu")
 

@@ -702,6 +702,7 @@ def train_and_calibrate(
     image_roots: Sequence[str | Path] = (),
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    store: Any = None,
 ) -> TrainedModel:
     """Split, train, fit held-out parts, calibrate and evaluate (see the module docstring).
 
@@ -715,6 +716,8 @@ def train_and_calibrate(
             table's own folder): merchant URIs are read under the catalog's policy, like serving's.
         device: where to train; the caller decides (CPU in tests).
         progress: called with one line per epoch and stage.
+        store: a catalog whose embedding store frozen encoders read and fill
+            (``training.embeddings.embed_products``); None: the private cache.
 
     Raises:
         ContractError / TaxonomyError: missing label column, label values outside the taxonomy.
@@ -729,6 +732,7 @@ def train_and_calibrate(
             image_roots=image_roots,
             device=device,
             progress=progress,
+            store=store,
         )
 
 
@@ -741,6 +745,7 @@ def _train_and_calibrate(
     image_roots: Sequence[str | Path],
     device: torch.device | str,
     progress: Progress | None,
+    store: Any,
 ) -> TrainedModel:
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
@@ -806,6 +811,7 @@ def _train_and_calibrate(
             device=device,
             cache_dir=cache,
             say=say,
+            store=store,
         )
     preprocessing = ImagePreprocessing()
     if embeddings is None and needs_image(mcfg):
