@@ -436,7 +436,7 @@ def score(
         valid = valid.join(stored, "product_id", "left")
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
     table = ds.dataset(str(staging / "scores"), format="parquet").to_table(columns=list(DECISION_COLUMNS))
-    if encoder is not None:
+    if encoder is not None and counters.encoded.value:
         fresh = spark.read.parquet(str(staging / "scores")).where(F.col("embedding").isNotNull())
         fresh.select(
             F.lit(encoder).alias("encoder"),
