@@ -126,6 +126,21 @@ def save_trained(trained: Any, path: Path) -> Path:
     )
 
 
+def save_with_model(bundle: Any, model: Any, path: Path) -> Path:
+    """``bundle`` (a loaded ``ModelBundle``) saved at ``path`` with ``model`` in place of its own."""
+    from catalog_enrichment.inference.bundle import save_bundle
+
+    return save_bundle(
+        path,
+        model=model,
+        tokenizer=bundle.tokenizer,
+        taxonomy=bundle.taxonomy,
+        calibration=bundle.calibration,
+        model_config=bundle.model_config,
+        evaluation={},
+    )
+
+
 @pytest.fixture(scope="session")
 def incoming(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> GeneratedMarketplace:
     """Incoming products with ground truth and every kind of bad row (read-only!)."""

@@ -16,9 +16,9 @@ from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.catalog.postgres import PostgresCatalog
 from catalog_enrichment.enrich import run_enrichment
-from catalog_enrichment.inference.bundle import load_bundle, read_encoder_fingerprint, save_bundle
+from catalog_enrichment.inference.bundle import load_bundle, read_encoder_fingerprint
 from catalog_enrichment.versions import ModelVersion
-from tests.conftest import tiny_config, tiny_registry
+from tests.conftest import save_with_model, tiny_config, tiny_registry
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(900)]
 
@@ -32,15 +32,7 @@ def new_head(scoring_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     with torch.no_grad():
         for p in model.fusion.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return save_bundle(
-        tmp_path_factory.mktemp("new-head") / "tiny-v2",
-        model=model,
-        tokenizer=bundle.tokenizer,
-        taxonomy=bundle.taxonomy,
-        calibration=bundle.calibration,
-        model_config=bundle.model_config,
-        evaluation={},
-    )
+    return save_with_model(bundle, model, tmp_path_factory.mktemp("new-head") / "tiny-v2")
 
 
 def _catalog(kind: str, tmp: Path, products: Any, server: Any, store: bool) -> tuple[Any, Any]:

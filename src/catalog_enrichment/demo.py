@@ -158,16 +158,21 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         flush=True,
     )
     model = runtime.model_version(cfg, None, client)
-    enriched = run_enrichment(
-        runtime.spark_session(cfg),
-        cfg,
-        taxonomy,
-        model=model,
-        full=True,
-        client=client,
-        progress=lambda m: print("  " + m, flush=True),
-        catalog=catalog,
-    )
+
+    def enrich_all() -> Any:
+        """A full run of the champion over the incoming products."""
+        return run_enrichment(
+            runtime.spark_session(cfg),
+            cfg,
+            taxonomy,
+            model=model,
+            full=True,
+            client=client,
+            progress=lambda m: print("  " + m, flush=True),
+            catalog=catalog,
+        )
+
+    enriched = enrich_all()
     print(f"\n[demo 5/{steps}] report\n")
     print(format_report(enriched.report))
     table = catalog.attribute_rows()
@@ -187,16 +192,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         "over the same encoders (the embedding store holds what the first run encoded)",
         flush=True,
     )
-    again = run_enrichment(
-        runtime.spark_session(cfg),
-        cfg,
-        taxonomy,
-        model=model,
-        full=True,
-        client=client,
-        progress=lambda m: print("  " + m, flush=True),
-        catalog=catalog,
-    )
+    again = enrich_all()
     first, second = enriched.report.stage_seconds["score"], again.report.stage_seconds["score"]
     print(f"  scoring took {second:.1f}s, the first run's {first:.1f}s")
     report = (

@@ -18,11 +18,10 @@ from catalog_enrichment.inference.bundle import (
     ModelBundle,
     load_bundle,
     read_encoder_fingerprint,
-    save_bundle,
 )
 from catalog_enrichment.inference.predictor import BatchPredictor, Scores
 from catalog_enrichment.models import embedding
-from tests.conftest import tiny_config
+from tests.conftest import save_with_model, tiny_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -139,15 +138,7 @@ def test_the_fingerprint_follows_the_encoders_not_the_heads(bundle, tmp_path) ->
         embedding.encoder_fingerprint(model, bundle.tokenizer, bundle.model_config.text.max_length)
         == fingerprint
     )
-    saved = save_bundle(
-        tmp_path / "new-head",
-        model=model,
-        tokenizer=bundle.tokenizer,
-        taxonomy=bundle.taxonomy,
-        calibration=bundle.calibration,
-        model_config=bundle.model_config,
-        evaluation={},
-    )
+    saved = save_with_model(bundle, model, tmp_path / "new-head")
     assert read_encoder_fingerprint(saved) == fingerprint == load_bundle(saved).encoder_fingerprint
     with torch.no_grad():
         next(model.text_encoders.parameters()).add_(1e-3)  # retrained encoders

@@ -218,7 +218,8 @@ class LakehouseCatalog:
 
         schema = embeddings_schema()
         source = ds.dataset(rows, format="parquet")
-        if source.count_rows() == 0:
+        n = source.count_rows()
+        if n == 0:
             return 0
         reader = pa.RecordBatchReader.from_batches(
             schema,
@@ -241,7 +242,7 @@ class LakehouseCatalog:
                 .when_not_matched_insert_all()
                 .execute()
             )
-        return source.count_rows()
+        return n
 
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
         """Delete the vectors of every encoder not in ``keep``; the rows removed. Delta keeps the

@@ -139,10 +139,14 @@ def copy_batches(
 
 
 def _copier(
-    conninfo: str, table: tuple[str, str]
+    conninfo: str,
+    table: tuple[str, str],
+    copy: Callable[[str, tuple[str, str], Iterable[pa.RecordBatch]], int] = copy_batches,
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A ``mapInArrow`` function: ``copy`` each Spark partition's batches into ``table``; rows copied."""
+
     def copy_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        yield pa.record_batch({"rows": pa.array([copy_batches(conninfo, table, batches)], pa.int64())})
+        yield pa.record_batch({"rows": pa.array([copy(conninfo, table, batches)], pa.int64())})
 
     return copy_partition
 
@@ -989,7 +993,7 @@ class PostgresCatalog:
                 from pyspark.sql import functions as F
 
                 copied = spark.read.parquet(rows).mapInArrow(
-                    _embedding_copier(conninfo, (self.schema, stage)), "rows long"
+                    _copier(conninfo, (self.schema, stage), copy_embeddings), "rows long"
                 )
                 n = int(copied.agg(F.sum("rows")).first()[0] or 0)
             else:
@@ -1087,12 +1091,3 @@ def _bound(value: Any) -> str:
             value = value.astimezone(dt.UTC).replace(tzinfo=None)
         return value.strftime("%Y-%m-%d %H:%M:%S.%f")
     return str(value)
-
-
-def _embedding_copier(
-    conninfo: str, table: tuple[str, str]
-) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def copy_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        yield pa.record_batch({"rows": pa.array([copy_embeddings(conninfo, table, batches)], pa.int64())})
-
-    return copy_partition

@@ -179,10 +179,9 @@ class BatchPredictor:
         # a text-only model never decodes an image, so an unusable one does not quarantine its row
         self.reads_images = bundle.model.image_encoder is not None
         self.collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
-        # the store serves a model whose bundle fingerprints its encoders (models.embedding.storable)
-        self.stores = embedding_store and bundle.encoder_fingerprint is not None
-        # a fingerprinted bundle's model is one MultimodalModel (models.embedding.storable)
-        self._stored_model = cast(MultimodalModel, bundle.model) if self.stores else None
+        # the store serves a fingerprinted bundle, whose model is one MultimodalModel (storable)
+        stores = embedding_store and bundle.encoder_fingerprint is not None
+        self._stored_model = cast(MultimodalModel, bundle.model) if stores else None
         self.width = embedding.width(self._stored_model) if self._stored_model is not None else 0
         # Channels-last: the image encoder's convolutions run about 1.7x faster on CPU (oneDNN
         # works in NHWC), and the decoded pixels arrive in that order anyway.
@@ -274,7 +273,7 @@ class BatchPredictor:
         """``(input, is_last_chunk, columns)`` per model batch; an empty input gives one empty chunk."""
         for data in batches:
             names: tuple[str, ...] = ("title", "description", "image", "image_uri")
-            if self.stores and STORED_COLUMNS[0] in _names(data):
+            if self._stored_model is not None and STORED_COLUMNS[0] in _names(data):
                 names += STORED_COLUMNS
             cols = [column_values(data, c) for c in names]
             n = len(cols[0])
@@ -367,8 +366,8 @@ class BatchPredictor:
                             for a in self.bundle.taxonomy
                         },
                         errors,
-                        content if self.stores else None,
-                        fresh if self.stores else None,
+                        content if self._stored_model is not None else None,
+                        fresh if self._stored_model is not None else None,
                         reused,
                     ),
                 )
