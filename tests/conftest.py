@@ -252,13 +252,13 @@ _schemas = iter(range(1_000_000))
 
 
 @pytest.fixture
-def pg_catalog_config(pg_server: Any, tmp_path: Path) -> Any:
+def pg_catalog_config(pg_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The catalog config of a fresh schema on the test server (its own products and attribute
     tables); the connection in ``CATALOG_ENRICH_PG_DSN`` (put back after the test)."""
     from catalog_enrichment.catalog.postgres import PG_DSN_ENV
     from catalog_enrichment.config import CatalogConfig
 
-    os.environ[PG_DSN_ENV] = pg_server.dsn()
+    monkeypatch.setenv(PG_DSN_ENV, pg_server.dsn())
     return CatalogConfig(
         kind="postgres",
         root=str(tmp_path / "staging"),
