@@ -331,6 +331,12 @@ class ModelConfig(_Section):
     hidden_dim: int = Field(256, gt=0, description="Width of the shared trunk under the heads.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    encoder_runtime: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="What runs the encoders on CPU: torch, or onnx (ONNX Runtime over graphs exported "
+        "when training starts and carried in the bundle; several times faster on CPU). onnx needs "
+        "training.encoders: frozen, so the thresholds are calibrated on the exported encoders' scores.",
+    )
 
     def member_configs(self) -> list[ModelConfig]:
         """The config of every ensemble member (one: this model itself)."""

@@ -3,6 +3,7 @@ needs nothing outside itself, the training modes, and a clear error for each kin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -22,8 +23,9 @@ from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRec
 from catalog_enrichment.data.images import encode_image
 from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.errors import ConfigError
-from catalog_enrichment.inference.bundle import ModelBundle, load_bundle
+from catalog_enrichment.inference.bundle import ModelBundle, load_bundle, read_encoder_fingerprint
 from catalog_enrichment.inference.predictor import BatchPredictor
+from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.loop import _param_groups, train_and_calibrate
@@ -472,3 +474,62 @@ def test_hierarchical_refuses_text_encoders_that_cannot_share_token_ids(
         build(second_encoder_path=str(_save_distilbert(tmp_path / "other", other_vocab)))
     with pytest.raises(ConfigError, match=r"\[32, 48\] wide"):
         build(second_encoder_path=str(_save_distilbert(tmp_path / "wide", VOCAB, dim=48)))
+
+
+# -- model.encoder_runtime: onnx ------------------------------------------------------------
+
+
+def _onnx(cfg: object) -> object:
+    model = cfg.model.model_copy(update={"encoder_runtime": "onnx"})  # type: ignore[attr-defined]
+    return cfg.model_copy(update={"model": model})  # type: ignore[attr-defined]
+
+
+def _onnx_scores(bundle: object, table: pa.Table) -> dict[str, np.ndarray]:
+    return BatchPredictor(bundle, batch_size=64).score(table)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(600)
+def test_onnx_encoders_are_exported_calibrated_on_and_served_with_the_decisions_of_torch(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path]
+) -> None:
+    torch_cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=2)
+    messages: list[str] = []
+    trained = train_and_calibrate(labelled, taxonomy, _onnx(torch_cfg), progress=messages.append)
+    assert "model.encoder_runtime onnx: exporting the encoders" in messages
+    folder = save_trained(trained, tmp_path / "bundle")
+    graphs = sorted(p.name for p in (folder / runtime.ONNX_DIR).iterdir())
+    assert graphs == ["image_encoder.onnx", "text_encoders.0.onnx"]
+    # the export is a function of the weights: the bundle's graphs are the ones training scored with
+    again = runtime.export_encoders(trained.model, tmp_path / "again")
+    for name in graphs:
+        digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (folder / "onnx", again)]
+        assert digest[0] == digest[1], name
+
+    served = load_bundle(folder)
+    encoders = [served.model.image_encoder, served.model.text_encoders[0]]
+    assert all(e.graph is not None for e in encoders)  # type: ignore[union-attr]
+    # products no split saw: the graphs' scores and decisions against the same weights in torch
+    unseen = read_table(
+        generate_marketplace(
+            tmp_path / "unseen", SyntheticConfig(products=300, seed=11, image_size=32), taxonomy=taxonomy
+        ).products
+    )
+    fast = _onnx_scores(served, unseen)
+    for e in encoders:
+        e.graph = None  # type: ignore[union-attr]
+    eager = _onnx_scores(served, unseen)
+    for attribute in taxonomy:
+        np.testing.assert_allclose(fast[attribute.name], eager[attribute.name], atol=1e-5)
+        thresholds = served.calibration.thresholds(attribute.name)
+        np.testing.assert_array_equal(fast[attribute.name] >= thresholds, eager[attribute.name] >= thresholds)
+    # the store keeps the graphs' vectors apart from the torch encoders' vectors
+    torch_bundle = save_trained(train_and_calibrate(labelled, taxonomy, torch_cfg), tmp_path / "torch-bundle")
+    assert read_encoder_fingerprint(folder) != read_encoder_fingerprint(torch_bundle)
+
+
+def test_onnx_needs_frozen_encoders(
+    pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
+) -> None:
+    cfg = _onnx(_cfg(pretrained, encoders="finetune"))
+    with pytest.raises(ConfigError, match=r"set training\.encoders: frozen"):
+        train_and_calibrate(labelled, taxonomy, cfg)  # type: ignore[arg-type]

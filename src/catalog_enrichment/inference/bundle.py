@@ -10,6 +10,8 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
     text_encoder_<i>/    the transformers config of text encoder i (its architecture; an ensemble's
                          members' encoders in member order)
     tokenizer/           tokenizer.save_pretrained() (the pretrained model's own, or the trained one)
+    onnx/                with model.encoder_runtime: onnx, every encoder's backbone exported to ONNX
+                         (models.runtime): CPU serves these graphs, a GPU the weights in weights.pt
     taxonomy.json        the taxonomy the heads were built for
     calibration.json     thresholds, support and bounds per (attribute, value)
     evaluation.json      the test-split report of the training run
@@ -37,6 +39,7 @@ from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.models import runtime
 from catalog_enrichment.models.embedding import encoder_fingerprint, storable
 from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import AnyModel, build_model
@@ -112,6 +115,8 @@ def save_bundle(
     )
     for i, config in enumerate(model.text_backbone_configs()):
         config.save_pretrained(str(root / f"text_encoder_{i}"))
+    if model_config.encoder_runtime == "onnx":
+        runtime.export_encoders(model, root / runtime.ONNX_DIR)
     tokenizer.save_pretrained(str(root / "tokenizer"))
     (root / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict(), indent=2))
     (root / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=2))
@@ -195,6 +200,8 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     )
     model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
     model.to(device).eval()
+    if model_config.encoder_runtime == "onnx" and torch.device(device).type == "cpu":
+        runtime.attach(model, root / runtime.ONNX_DIR)
     tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     calibration = Calibration.from_dict(json.loads((root / "calibration.json").read_text()))
     evaluation = json.loads((root / "evaluation.json").read_text())

@@ -5,9 +5,9 @@ encoders made of a product can be kept (the catalog's embedding store) and fused
 version whose encoders are the same. Two facts make that safe:
 
 * :func:`encoder_fingerprint` hashes everything that shapes the encoders' outputs - their weights,
-  the tokenizer, the text length and pooling, the image preprocessing and colour features, and which
-  outputs the fusion reads - so a stored vector is only ever read back by encoders that would
-  compute it again;
+  the tokenizer, the text length and pooling, the image preprocessing and colour features, which
+  outputs the fusion reads, and the runtime that runs them (``model.encoder_runtime``) - so a
+  stored vector is only ever read back by encoders that would compute it again;
 * :func:`pack` / :func:`unpack` turn the pooled outputs the fusion reads (``text_pooled``,
   ``image_pooled``, ``image_present``) into one float32 row and back, bit for bit, so scores fused
   from the store equal scores of a fresh encode.
@@ -54,6 +54,8 @@ def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int)
     needs = (fusion.needs_text, fusion.needs_image, fusion.needs_tokens, fusion.needs_fields)
     image_prep = (model.preprocessing.to_dict(), model.cfg.image.color_features)
     h.update(repr((needs, max_length, model.cfg.text.pooling, image_prep, _dims(model))).encode())
+    if model.cfg.encoder_runtime != "torch":  # another runtime's vectors differ in the last bits
+        h.update(model.cfg.encoder_runtime.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(
         (backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode()

@@ -102,7 +102,8 @@ class TextEncoder(nn.Module):
                 "the tokenizer does not belong to this model (model.text.pretrained_path)"
             )
         self.hidden_size = int(getattr(self.backbone.config, "hidden_size", None) or self.backbone.config.dim)
-        self._takes_token_types = "token_type_ids" in inspect.signature(self.backbone.forward).parameters
+        self.takes_token_types = "token_type_ids" in inspect.signature(self.backbone.forward).parameters
+        self.graph: Any = None  # the exported backbone that serves instead (models.runtime.attach)
 
     @staticmethod
     def _config_kwargs(cfg: TextEncoderConfig, vocab_size: int | None, pad_token_id: int) -> dict[str, Any]:
@@ -136,9 +137,14 @@ class TextEncoder(nn.Module):
         pooling: str | None = None,
     ) -> TextFeatures:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self._takes_token_types and token_type_ids is not None:
+        if self.takes_token_types and token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        tokens = self.backbone(**kwargs).last_hidden_state
+        if self.graph is None:
+            tokens = self.backbone(**kwargs).last_hidden_state
+        else:
+            if self.takes_token_types:
+                kwargs.setdefault("token_type_ids", torch.zeros_like(input_ids))
+            tokens = self.graph(**kwargs)
         return TextFeatures(
             tokens, attention_mask, pool_tokens(tokens, attention_mask, pooling or self.cfg.pooling)
         )
@@ -252,6 +258,7 @@ class ImageEncoder(nn.Module):
         # the pooled vector: the backbone's features, then the foreground's colour statistics
         self.num_features = self.backbone_features + (COLOR_FEATURES if cfg.color_features else 0)
         self.preprocessing = preprocessing or ImagePreprocessing.resolve(cfg, backbone)
+        self.graph: Any = None  # the exported backbone that serves instead (models.runtime.attach)
 
     def _load_weights(self, path: str) -> None:
         """Load a local timm state dict; classifier weights are dropped (the model is headless)."""
@@ -294,7 +301,10 @@ class ImageEncoder(nn.Module):
         raw = pixel_values
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.preprocessing.normalize(pixel_values)
-        feats = self.backbone.forward_features(pixel_values)
+        if self.graph is None:
+            feats = self.backbone.forward_features(pixel_values)
+        else:
+            feats = self.graph(pixel_values=pixel_values)
         pooled = self.backbone.forward_head(feats, pre_logits=True)
         tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
         if self.cfg.color_features:

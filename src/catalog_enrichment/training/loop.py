@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from catalog_enrichment.metrics import (
     f1_scores,
     written_precision_and_coverage,
 )
+from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing
 from catalog_enrichment.models.fusion import FusionInputs, fusion_class
 from catalog_enrichment.models.losses import attribute_loss
@@ -670,6 +672,11 @@ def _check_encoders_mode(cfg: AppConfig) -> None:
     gives features no better than noise."""
     members = cfg.model.member_configs()
     if cfg.training.encoders != "frozen":
+        if cfg.model.encoder_runtime == "onnx":
+            raise ConfigError(
+                "model.encoder_runtime: onnx serves graphs exported before training, so the encoders must "
+                f"not change while it trains: set training.encoders: frozen (not {cfg.training.encoders})"
+            )
         return
     reads = {_reads(m.fusion) for m in members}
     if len(reads) > 1:
@@ -802,17 +809,22 @@ def _train_and_calibrate(
     embeddings: Embeddings | None = None
     if tcfg.encoders == "frozen":
         cache = Path(tcfg.embedding_cache) if tcfg.embedding_cache else default_cache_dir()
-        embeddings = embed_products(
-            fresh_model(tcfg.seed, member_cfgs[0]),
-            records,
-            tokenizer,
-            max_length=mcfg.text.max_length,
-            batch_size=tcfg.batch_size * 2,
-            device=device,
-            cache_dir=cache,
-            say=say,
-            store=store,
-        )
+        embedder = fresh_model(tcfg.seed, member_cfgs[0])
+        with tempfile.TemporaryDirectory() as exported:
+            if mcfg.encoder_runtime == "onnx":  # every score selected and calibrated on comes from the graphs
+                say("model.encoder_runtime onnx: exporting the encoders")
+                runtime.attach(embedder, runtime.export_encoders(embedder, exported))
+            embeddings = embed_products(
+                embedder,
+                records,
+                tokenizer,
+                max_length=mcfg.text.max_length,
+                batch_size=tcfg.batch_size * 2,
+                device=device,
+                cache_dir=cache,
+                say=say,
+                store=store,
+            )
     preprocessing = ImagePreprocessing()
     if embeddings is None and needs_image(mcfg):
         preprocessing = ImageEncoder(mcfg.image).preprocessing  # with weights: timm's pretrained config
