@@ -346,7 +346,12 @@ def _bench_throughput(sub: Sub) -> None:
     which.add_argument(
         "--bundle", metavar="DIR", help="a model bundle folder (raw, predictor, raw_tasks only)"
     )
-    p.add_argument("--modes", metavar="LIST", help="subset of raw,predictor,raw_tasks,job (default: all)")
+    p.add_argument(
+        "--modes",
+        metavar="LIST",
+        help="subset of raw,predictor,raw_tasks,encoders,job (default: all but encoders: each encoder "
+        "alone in PyTorch and in ONNX Runtime, CPU)",
+    )
     p.add_argument(
         "--peer", action="store_true", help="also time the plain MLflow path (mlflow.pyfunc.spark_udf)"
     )

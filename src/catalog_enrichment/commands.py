@@ -643,15 +643,16 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
 
     Measure on the same model: the raw forward loop, the per-batch predictor, and the whole
     enrichment job as a process of its own (with --peer: against mlflow.pyfunc.spark_udf,
-    alternating; with --rescore-uri: then a new head re-scoring from the embedding store); write JSON.
+    alternating; with --rescore-uri: then a new head re-scoring from the embedding store); mode
+    encoders: each encoder alone in each runtime (torch, onnx); write JSON.
     """
     from catalog_enrichment.bench.throughput import run_throughput_benchmark
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.versions import ModelVersion
 
     device = runtime.device(cfg)
-    known = ("raw", "predictor", "raw_tasks", "job")
-    default = ",".join(m for m in known if device == "cpu" or m != "raw_tasks")
+    known = ("raw", "predictor", "raw_tasks", "encoders", "job")
+    default = ",".join(m for m in known if m != "encoders" and (device == "cpu" or m != "raw_tasks"))
     modes = [m.strip() for m in (args.modes or default).split(",") if m.strip()]
     unknown = sorted(set(modes) - set(known))
     if unknown or not modes:

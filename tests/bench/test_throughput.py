@@ -22,11 +22,15 @@ def test_in_process_modes_report_rates_and_ratios(tmp_path: Path, taxonomy, scor
         model=ModelVersion("", "tiny", bundle_dir=scoring_bundle),
         sizes=(300,),
         workdir=tmp_path / "bench",
-        modes=("raw", "predictor", "raw_tasks"),
+        modes=("raw", "predictor", "raw_tasks", "encoders"),
         repeats=1,
         progress=lambda m: None,
     )
     assert result["in_process_products"] == 300
+    # each encoder alone in both runtimes (a torch bundle's encoders exported for the comparison)
+    encoders = result["encoders_ms_per_product"]
+    assert sorted(encoders) == ["image_encoder", "text_encoders.0"]
+    assert all(figures[r] > 0 for figures in encoders.values() for r in ("torch", "onnx"))
     for mode in ("raw", "predictor", "raw_tasks"):
         assert result[f"{mode}_products_per_second"] > 0
         assert result[f"{mode}_ms_per_product"] == pytest.approx(1000 / result[f"{mode}_products_per_second"])

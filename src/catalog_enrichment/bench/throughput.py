@@ -95,6 +95,51 @@ def measure_raw(
     return {"seconds": seconds, "products_per_second": table.num_rows / seconds}
 
 
+def measure_encoders(model: Any, batches: Sequence[Any], bundle_dir: Path, repeats: int) -> dict[str, Any]:
+    """ms per product of each encoder of ``model`` alone, in PyTorch and in ONNX Runtime, over
+    ``batches`` prepared beforehand (runtimes alternate: torch first in even repeats); the graphs are
+    the bundle's (``model.encoder_runtime: onnx``) or exported here. CPU only."""
+    import torch
+
+    from catalog_enrichment.models import runtime
+    from catalog_enrichment.models.encoders import TextEncoder
+
+    encoders = dict(runtime.encoders(model))
+    kept = {name: e.graph for name, e in encoders.items()}
+    products = sum(len(b.image_error) for b in batches)
+    times: dict[str, dict[str, list[float]]] = {n: {"torch": [], "onnx": []} for n in encoders}
+
+    def run(encoder: Any) -> float:
+        started = time.perf_counter()
+        for batch in batches:
+            x = batch.inputs
+            if isinstance(encoder, TextEncoder):
+                encoder(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))
+            else:
+                encoder(x["pixel_values"], x["image_present"])
+        return 1000 * (time.perf_counter() - started) / products
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        folder = Path(bundle_dir) / runtime.ONNX_DIR
+        if not folder.is_dir():
+            folder = runtime.export_encoders(model, tmp)
+        graphs = {name: runtime.OnnxGraph(folder / f"{name}.onnx") for name in encoders}
+        try:
+            for r in range(repeats):
+                for name, encoder in encoders.items():
+                    for which in ("torch", "onnx") if r % 2 == 0 else ("onnx", "torch"):
+                        encoder.graph = graphs[name] if which == "onnx" else None
+                        run(encoder)  # warm-up: the first call of a runtime sets up its kernels
+                        times[name][which].append(run(encoder))
+        finally:
+            for name, encoder in encoders.items():
+                encoder.graph = kept[name]
+    return {
+        name: {which: statistics.median(t) for which, t in runs.items()} | {"runs": runs}
+        for name, runs in times.items()
+    }
+
+
 def measure_predictor(predictor: Any, policy: Any, table: pa.Table, *, arrow_batch: int) -> dict[str, float]:
     """What one Spark task does with its Arrow batches: score + decide (``inference.spark.score_batches``)."""
     from catalog_enrichment.inference.spark import score_batch, score_batches
@@ -449,6 +494,18 @@ def _in_process(
         cores = cfg.spark.local_cores()
         say(f"starting {cores} single-threaded model processes for raw_tasks ...")
         tasks = RawTasks(model.bundle, cfg.inference.predictor_options(), cores)
+    out: dict[str, Any] = {"in_process_products": table.num_rows}
+    if "encoders" in modes:
+        if device != "cpu":
+            raise CatalogEnrichError("encoders compares the CPU runtimes: device cpu only")
+        say("timing each encoder in torch and in onnx ...")
+        batches = list(loaded.predictor.prepared(table))
+        out["encoders_ms_per_product"] = measure_encoders(
+            loaded.predictor.bundle.model, batches, model.bundle, repeats
+        )
+        for name, figures in out["encoders_ms_per_product"].items():
+            say(f"  {name:<18} torch {figures['torch']:7.2f}  onnx {figures['onnx']:7.2f} ms/product")
+        modes = [m for m in modes if m != "encoders"]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     try:
         for r in range(repeats):
@@ -473,7 +530,7 @@ def _in_process(
     finally:
         if tasks is not None:
             tasks.close()
-    out: dict[str, Any] = {"in_process_products": table.num_rows, "in_process_runs": runs}
+    out["in_process_runs"] = runs
     for mode in modes:
         rate = _median(runs[mode])
         out[f"{mode}_products_per_second"] = rate

@@ -25,7 +25,7 @@ from torch import nn
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 
-__all__ = ["ONNX_DIR", "OnnxGraph", "attach", "export_encoders"]
+__all__ = ["ONNX_DIR", "OnnxGraph", "attach", "encoders", "export_encoders"]
 
 ONNX_DIR = "onnx"  # the bundle folder that holds the exported encoders
 _OPSET = 17
@@ -72,7 +72,8 @@ class _ImageBackbone(nn.Module):
         return self.backbone.forward_features(pixel_values)
 
 
-def _encoders(model: nn.Module) -> Iterator[tuple[str, TextEncoder | ImageEncoder]]:
+def encoders(model: nn.Module) -> Iterator[tuple[str, TextEncoder | ImageEncoder]]:
+    """``(module name, encoder)`` of every text and image encoder of ``model``."""
     for name, module in model.named_modules():
         if isinstance(module, TextEncoder | ImageEncoder):
             yield name, module
@@ -113,7 +114,7 @@ def export_encoders(model: nn.Module, folder: str | Path) -> Path:
     """Export every encoder of ``model`` (on CPU) into ``folder``, one ``<module name>.onnx`` each."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    for name, encoder in _encoders(model):
+    for name, encoder in encoders(model):
         device = next(encoder.parameters()).device
         encoder.to("cpu")
         try:
@@ -125,7 +126,7 @@ def export_encoders(model: nn.Module, folder: str | Path) -> Path:
 
 def attach(model: nn.Module, folder: str | Path) -> None:
     """Serve every encoder of ``model`` (on CPU) from its graph in ``folder``."""
-    for name, encoder in _encoders(model):
+    for name, encoder in encoders(model):
         path = Path(folder) / f"{name}.onnx"
         if not path.is_file():
             raise CatalogEnrichError(f"model.encoder_runtime is onnx but {path} is missing")
