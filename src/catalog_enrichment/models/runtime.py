@@ -49,7 +49,7 @@ class OnnxGraph:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        feeds = {name: inputs[name].detach().cpu().numpy() for name in self.inputs}
+        feeds = {name: np.ascontiguousarray(inputs[name].detach().cpu().numpy()) for name in self.inputs}
         return torch.from_numpy(np.asarray(self.session.run(None, feeds)[0]))
 
 
