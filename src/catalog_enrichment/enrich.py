@@ -633,6 +633,12 @@ def _finish(
         metrics.update({f"written_{a}": n for a, n in report.written_per_attribute.items()})
         metrics.update({f"coverage_{a}": c for a, c in report.coverage_per_attribute.items()})
         metrics.update({f"seconds_{s}": v for s, v in report.stage_seconds.items()})
+        for check in report.summary().get("health") or []:  # health.AttributeHealth, as dicts
+            for key in ("psi", "coverage", "estimated_precision"):
+                if check.get(key) is not None:
+                    metrics[f"health_{key}_{check['attribute']}"] = check[key]
+        if "health_failures" in report.summary():
+            metrics["health_failures"] = len(report.summary()["health_failures"])
         registry.log_enrichment_run(
             client,
             experiment=cfg.mlflow.enrichment_experiment,
