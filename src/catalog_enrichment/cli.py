@@ -230,7 +230,14 @@ def _report(sub: Sub) -> None:
     p.add_argument(
         "--check",
         action="store_true",
-        help="exit 0 if it succeeded, 3 if aborted, else 1 (--audit: 1 if an attribute is below target)",
+        help="exit 0 if it succeeded, 3 if aborted, else 1 (--health: 1 also when a health check failed; "
+        "--audit: 1 if an attribute is below target)",
+    )
+    p.add_argument(
+        "--health",
+        action="store_true",
+        help="the run's health checks per attribute: score drift, coverage and estimated precision "
+        "against the model's calibration",
     )
     p.add_argument("--audit", action="store_true", help="the realized precision from people's verdicts")
     p.add_argument("--model-version", metavar="V", help="--audit: this version's latest reviewed sample")

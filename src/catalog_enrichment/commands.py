@@ -364,6 +364,8 @@ def report(args: argparse.Namespace, cfg: AppConfig) -> int:
     reviewed sample, per attribute and category, weighted back to the written values, with Wilson
     intervals; logged to MLflow with a chart. --check exits 1 when an attribute is below target, so
     `report --audit --model-version V --check || rollback --model-version V` undoes a failing version.
+    With --health: the run's health checks (score drift, coverage, estimated precision against the
+    model's calibration); --check then also exits 1 when one failed.
     """
     from catalog_enrichment.catalog import open_catalog
     from catalog_enrichment.catalog.reports import format_report, report_for
@@ -374,10 +376,16 @@ def report(args: argparse.Namespace, cfg: AppConfig) -> int:
     if args.model_version or args.sample:
         raise CatalogEnrichError("--model-version and --sample go with --audit")
     run = report_for(catalog.read_reports(), args.run_id, where=catalog.describe())
-    print(json.dumps(run.to_row(), indent=2, default=str) if args.json else format_report(run))
+    if args.health:
+        from catalog_enrichment.health import format_health
+
+        checks = run.summary().get("health")
+        print(json.dumps(checks, indent=2) if args.json else format_health(run.run_id, checks))
+    else:
+        print(json.dumps(run.to_row(), indent=2, default=str) if args.json else format_report(run))
     if args.check and run.status != "succeeded":
         return EXIT_ABORTED if run.status == "aborted" else 1
-    return 0
+    return 1 if args.check and args.health and run.summary().get("health_failures") else 0
 
 
 def _audit(args: argparse.Namespace, cfg: AppConfig, catalog: Any) -> int:

@@ -55,6 +55,7 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import IMAGE_READABLE, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.health import HealthTally, assess_run
 from catalog_enrichment.inference.bundle import read_encoder_fingerprint
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.inference.spark import (
@@ -131,6 +132,7 @@ class Scored:
     encoder: str | None = None
     reused: int = 0
     encoded: int = 0
+    health: dict[str, HealthTally] = field(default_factory=dict)  # per attribute, for health.py
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,7 @@ def _locked_run(
         outcome.model_loads, outcome.arrow_batches = scored.model_loads, scored.arrow_batches
         if scored.encoder is not None:
             report.add_to_summary(embeddings_reused=scored.reused, embeddings_encoded=scored.encoded)
+        _health(report, policy, scored, progress)
         with _stage(report, "decide"):
             decisions = decide(scored.table, validated, run_id)
         report.add_to_summary(row_rules=decisions.counts.per_rule)
@@ -453,7 +456,19 @@ def score(
         encoder,
         int(counters.reused.value),
         int(counters.encoded.value),
+        dict(counters.health.value),
     )
+
+
+def _health(report: RunReport, policy: DecisionPolicy, scored: Scored, say: Say) -> None:
+    """The run health checks (health.py) into the run report: ``health`` per attribute and the
+    failed checks in ``health_failures`` (a model calibrated before the checks existed has none)."""
+    if not policy.health:
+        return
+    checks = assess_run(policy.health, scored.health, policy.target_precision)
+    failures = [f for h in checks for f in h.failures]
+    report.add_to_summary(health=[h.to_dict() for h in checks], health_failures=failures)
+    say(f"  run health: {len(failures)} failed check(s)" + "".join(f"\n    {f}" for f in failures))
 
 
 def _store_embeddings(
@@ -618,6 +633,12 @@ def _finish(
         metrics.update({f"written_{a}": n for a, n in report.written_per_attribute.items()})
         metrics.update({f"coverage_{a}": c for a, c in report.coverage_per_attribute.items()})
         metrics.update({f"seconds_{s}": v for s, v in report.stage_seconds.items()})
+        for check in report.summary().get("health") or []:  # health.AttributeHealth, as dicts
+            for key in ("psi", "coverage", "estimated_precision"):
+                if check.get(key) is not None:
+                    metrics[f"health_{key}_{check['attribute']}"] = check[key]
+        if "health_failures" in report.summary():
+            metrics["health_failures"] = len(report.summary()["health_failures"])
         registry.log_enrichment_run(
             client,
             experiment=cfg.mlflow.enrichment_experiment,

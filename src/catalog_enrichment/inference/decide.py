@@ -142,6 +142,8 @@ class DecisionPolicy:
                 + " (retrain the model or fix taxonomy_path)"
             )
         self.taxonomy = model_taxonomy
+        self.health = dict(calibration.health)  # the run health checks' baselines (health.py)
+        self.target_precision = calibration.target_precision
         self.thresholds: dict[str, np.ndarray] = {}
         self.dropped: dict[str, list[str]] = {}
         for attr in model_taxonomy:

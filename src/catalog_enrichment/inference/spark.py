@@ -92,6 +92,18 @@ class ScoringSpec:
     rejected: dict[str, list[str]] = field(default_factory=dict)
 
 
+class _HealthTallies:
+    """AccumulatorParam merging ``{attribute: HealthTally}`` dicts."""
+
+    def zero(self, value: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def addInPlace(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        for k, v in b.items():
+            a[k] = a[k].merge(v) if k in a else v
+        return a
+
+
 class _PidCounts:
     """AccumulatorParam merging ``{pid: loads}`` dicts."""
 
@@ -113,11 +125,18 @@ class ScoringCounters:
     batches: Any
     reused: Any
     encoded: Any
+    health: Any  # {attribute: health.HealthTally} of every scored product
 
     @classmethod
     def create(cls, spark: Any) -> ScoringCounters:
         sc = spark.sparkContext
-        return cls(sc.accumulator({}, _PidCounts()), sc.accumulator(0), sc.accumulator(0), sc.accumulator(0))
+        return cls(
+            sc.accumulator({}, _PidCounts()),
+            sc.accumulator(0),
+            sc.accumulator(0),
+            sc.accumulator(0),
+            sc.accumulator({}, _HealthTallies()),
+        )
 
 
 # Per Python worker process: (device, the scoring spec as JSON) -> (predictor, policy).
@@ -205,14 +224,16 @@ def score_batches(
     policy: Any,
     batches: Iterable[pa.RecordBatch],
     rejected: Mapping[str, Sequence[str]] | None = None,
+    tallies: dict[str, Any] | None = None,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Score a stream of Arrow batches of valid products; per batch the decisions (``OUTPUT_SCHEMA``)
-    and how many of its products were fused from stored vectors.
+    and how many of its products were fused from stored vectors (``tallies``: counted for the run
+    health checks, :func:`tally_health`).
 
     This is a Spark task's whole loop: one preparation pipeline runs ahead across the batches.
     """
     for batch, scores in predictor.score_stream(b for b in batches if b.num_rows):
-        yield decide_batch(policy, batch, scores, rejected), scores.reused
+        yield decide_batch(policy, batch, scores, rejected, tallies), scores.reused
 
 
 def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -237,11 +258,32 @@ def _rejected_matrix(
     return blocked
 
 
+def tally_health(policy: Any, probs: Mapping[str, np.ndarray], flat: Any, tallies: dict[str, Any]) -> None:
+    """Add one batch's decisions to the run health tallies of every attribute with a baseline."""
+    from catalog_enrichment.health import HealthTally
+
+    product = np.repeat(np.arange(len(flat.offsets) - 1), np.diff(flat.offsets))
+    for a, attr in enumerate(policy.taxonomy):
+        base = policy.health.get(attr.name)
+        if base is None:
+            continue
+        rows = flat.scored[:, a]
+        mine = flat.attribute == a
+        tally = tallies.setdefault(attr.name, HealthTally.empty(base))
+        top = np.asarray(probs[attr.name], np.float64)[rows].max(axis=1, initial=0.0)
+        tally.add(base, top, len(np.unique(product[mine])), flat.confidence[mine])
+
+
 def decide_batch(
-    policy: Any, batch: pa.RecordBatch, scores: Any, rejected: Mapping[str, Sequence[str]] | None = None
+    policy: Any,
+    batch: pa.RecordBatch,
+    scores: Any,
+    rejected: Mapping[str, Sequence[str]] | None = None,
+    tallies: dict[str, Any] | None = None,
 ) -> pa.RecordBatch:
     """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row;
-    ``rejected`` (product id -> ``attribute=value``): values never written."""
+    ``rejected`` (product id -> ``attribute=value``): values never written; ``tallies``: the run
+    health counts, added to."""
     from catalog_enrichment.inference.decide import merchant_filled
 
     names = batch.schema.names
@@ -253,6 +295,8 @@ def decide_batch(
     )
     skip = np.array([e is not None for e in scores.image_error], bool)
     flat = policy.decide_flat(scores.probs, filled, skip, _rejected_matrix(policy, batch, rejected))
+    if tallies is not None:
+        tally_health(policy, scores.probs, flat, tallies)
     attribute_names = pa.array(attributes, pa.string())
     values_type = OUTPUT_SCHEMA.field("values").type
     written = pa.StructArray.from_arrays(
@@ -316,6 +360,7 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
     The enrichment job passes the valid rows (every rule passed, duplicates included).
     """
     loads, batches, reused, encoded = counters.loads, counters.batches, counters.reused, counters.encoded
+    health = counters.health
 
     def score_partition(iterator: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         rows = (b for b in iterator if b.num_rows)
@@ -323,10 +368,14 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
         if first is None:
             return  # an empty partition loads no model (a run with nothing new, an empty hash bucket)
         predictor, policy = _worker_state(spec, loads)
-        for out, n_reused in score_batches(predictor, policy, itertools.chain([first], rows), spec.rejected):
+        stream = itertools.chain([first], rows)
+        tallies: dict[str, Any] = {}
+        for out, n_reused in score_batches(predictor, policy, stream, spec.rejected, tallies):
             batches.add(1)
             reused.add(n_reused)
             encoded.add(pc.count(out.column("embedding")).as_py())
+            health.add(dict(tallies))  # this batch's counts; the next batch counts afresh
+            tallies.clear()
             yield out
             _fault_kill_worker_once()
 

@@ -48,6 +48,7 @@ from catalog_enrichment.data.dataset import (
 )
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
+from catalog_enrichment.health import baseline
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.metrics import (
     attribute_average_precision,
@@ -300,6 +301,7 @@ def calibrate(
     """
     c = cfg.calibration
     attrs = {}
+    health = {}
     for attr in taxonomy:
         scores, y = labels.labelled(preds.probs, attr.name)
         family_scores = family_labels = None
@@ -321,7 +323,10 @@ def calibrate(
             value_floor=c.value_floor,
             shrinkage=c.shrinkage,
         )
-    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope)
+        base = baseline(scores, y, attr.kind, attrs[attr.name].threshold_array())
+        if base is not None:
+            health[attr.name] = base
+    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope, health)
 
 
 def _loader(
