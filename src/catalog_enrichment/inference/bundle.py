@@ -13,7 +13,8 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
     onnx/                with model.encoder_runtime: onnx, every encoder's backbone exported to ONNX
                          (models.runtime): CPU serves these graphs, a GPU the weights in weights.pt
     taxonomy.json        the taxonomy the heads were built for
-    calibration.json     thresholds, support and bounds per (attribute, value)
+    calibration.json     thresholds, support and bounds per (attribute, value), and per attribute
+                         the calibration scores the run health checks compare with (health.py)
     evaluation.json      the test-split report of the training run
     manifest.json        the SHA-256 of every other file (a corrupt or partial copy is refused)
 
