@@ -77,7 +77,10 @@ def test_config_command_applies_overrides(capsys: pytest.CaptureFixture[str]) ->
         (["generate", "--out", "x", "--taxonomy", "/no/such/taxonomy.yaml"], "taxonomy file not found"),
         (["generate", "--out", "x", "--bad-rate", "1.5"], "synthetic.bad_rate"),
         (["summarize", "/no/such/dir"], "does not hold a generated marketplace"),
-        (["bench", "throughput", "--modes", "raw,fast"], "choose from raw, predictor, raw_tasks, encoders, job"),
+        (
+            ["bench", "throughput", "--modes", "raw,fast"],
+            "choose from raw, predictor, raw_tasks, encoders, job",
+        ),
         (["bench", "throughput", "--bundle", "/no/such/bundle"], "is not a model bundle"),
         (["bench", "throughput", "--products", "16k"], "comma-separated numbers expected"),
         (["bench", "throughput", "--modes", "raw_tasks", "--set", "inference.device=cuda"], "cuda"),
