@@ -1,25 +1,22 @@
 """Health of a run: does tonight's scoring still look like the calibration the thresholds rest on?
 
 The 95 % guarantee is proven on the calibration split and holds for products that look like it. At
-training, every attribute keeps a :class:`HealthBaseline` of the final model's scores on held-out
-products - the test split: with cross-fitting the calibration scores come from fold models, which
-score differently from the model that serves - in the bundle's ``calibration.json``. Each scoring
-task tallies the same quantities for the products it scores (:class:`HealthTally`, summed by a
-Spark accumulator in the scoring pass itself); the driver compares them (:func:`assess`). Three
-checks per attribute:
+training, every attribute keeps a :class:`HealthBaseline` of its calibration scores (in the bundle's
+``calibration.json``); each scoring task tallies the same quantities for the products it scores
+(:class:`HealthTally`, summed by a Spark accumulator in the scoring pass itself); the driver compares
+them (:func:`assess`). Three checks per attribute:
 
 * **score drift**: the population stability index (PSI) of the top score over the baseline's ten
-  deciles. For a batch of ``n`` products drawn from the baseline's distribution,
+  calibration deciles. For a batch of ``n`` products drawn from the calibration distribution,
   ``n * PSI`` is close to a chi-square with 9 degrees of freedom (plus the sampling noise of the
-  ``m`` held-out products the deciles were cut from), so the limit
+  ``m`` calibration products the deciles were cut from), so the limit
   ``chi2.ppf(0.99, 9) * (1/n + 1/m)`` raises a false alarm on about 1 % of clean batches at every
   batch size;
-* **coverage**: the share of scored products given a value against the baseline's share, a
-  two-sided two-proportion z-test at the 1 % level (pooled: it holds when the baseline's share is
-  0 or 1);
-* **estimated precision**: what was written, each value weighted by the baseline's precision at its
-  confidence (20 confidence bins; label-free, in the spirit of NannyML's CBPE); it fails
-  below the model's target precision.
+* **coverage**: the share of scored products given a value against the calibration split's share, a
+  two-sided binomial test at the 1 % level (its variance again includes the calibration's);
+* **estimated precision**: what was written, each value weighted by the calibration split's precision
+  at its confidence (20 confidence bins; label-free, in the spirit of NannyML's CBPE); it fails
+  below the calibration's target precision.
 
 Fewer than ``MIN_PRODUCTS`` scored products of an attribute are too few to judge: its checks are
 skipped and the report says so.
@@ -187,8 +184,7 @@ def assess(attribute: str, base: HealthBaseline, tally: HealthTally, target: flo
     limit = psi_limit(n, m, len(base.shares))
     p = base.coverage
     coverage = tally.covered / n
-    pooled = (tally.covered + p * m) / (n + m)  # two-proportion test: defined when p is 0 or 1
-    spread = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n + 1 / m))
+    spread = math.sqrt(max(p * (1 - p), 1e-12) * (1 / n + 1 / m))
     z = (coverage - p) / spread
     z_limit = _normal_quantile(1 - FALSE_ALARM / 2)
     written = np.asarray(tally.written, np.float64)
@@ -201,7 +197,7 @@ def assess(attribute: str, base: HealthBaseline, tally: HealthTally, target: flo
         failures.append(f"{attribute}: score drift PSI {drift:.4f} > {limit:.4f}")
     if abs(z) > z_limit:
         failures.append(
-            f"{attribute}: coverage {coverage:.3f} against {p:.3f} at training "
+            f"{attribute}: coverage {coverage:.3f} against {p:.3f} at calibration "
             f"(|z| {abs(z):.1f} > {z_limit:.2f})"
         )
     if estimated is not None and estimated < target:

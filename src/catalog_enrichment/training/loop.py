@@ -167,7 +167,6 @@ class TrainedModel:
         assert self.calibration_set is not None and self.test_predictions is not None
         assert self.test_labels is not None
         calibration = calibrate(*self.calibration_set, self.taxonomy, cfg, family=self.family_set)
-        calibration = with_health(calibration, self.test_predictions, self.test_labels, self.taxonomy)
         return calibration, evaluate(self.test_predictions, self.test_labels, self.taxonomy, calibration)
 
 
@@ -302,6 +301,7 @@ def calibrate(
     """
     c = cfg.calibration
     attrs = {}
+    health = {}
     for attr in taxonomy:
         scores, y = labels.labelled(preds.probs, attr.name)
         family_scores = family_labels = None
@@ -323,22 +323,10 @@ def calibrate(
             value_floor=c.value_floor,
             shrinkage=c.shrinkage,
         )
-    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope)
-
-
-def with_health(
-    calibration: Calibration, preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy
-) -> Calibration:
-    """``calibration`` with the run health checks' baselines (health.py) from the served model's
-    scores on held-out products (the test split: with cross-fitting no other split is scored by the
-    final model, and fold models score differently)."""
-    health = {}
-    for attr in taxonomy:
-        scores, y = labels.labelled(preds.probs, attr.name)
-        base = baseline(scores, y, attr.kind, calibration.thresholds(attr.name))
+        base = baseline(scores, y, attr.kind, attrs[attr.name].threshold_array())
         if base is not None:
             health[attr.name] = base
-    return dataclasses.replace(calibration, health=health)
+    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope, health)
 
 
 def _loader(
@@ -900,7 +888,6 @@ def _train_and_calibrate(
     test_loader = scoring(splits.test)
     test_preds = predict(model, test_loader, device)
     test_labels = labels.subset(splits.test)
-    calibration = with_health(calibration, test_preds, test_labels, taxonomy)
     report = evaluate(test_preds, test_labels, taxonomy, calibration)
     if fold_val is not None:
         report["_crossfit"] = _fold_gap(fold_val, family_set[0], val_labels, taxonomy, say)
