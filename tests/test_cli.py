@@ -137,15 +137,16 @@ def test_local_masters_get_shuffle_partitions_for_their_cores(master: str, cores
 @pytest.mark.spark
 @pytest.mark.timeout(120)
 def test_a_local_session_runs_its_jvm_with_the_c1_compiler_only(spark) -> None:  # type: ignore[no-untyped-def]
-    # the option reaches the JVM when set on the builder (it is read at launch, not later)
+    # the option reaches the JVM when set on the builder (it is read at launch, not later), with a
+    # code cache a long session's generated classes do not fill (C1 alone would get 48 MB)
     jvm = spark.sparkContext._jvm
     arguments = list(jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
-    assert "-XX:TieredStopAtLevel=1" in arguments
+    assert "-XX:TieredStopAtLevel=1" in arguments and "-XX:ReservedCodeCacheSize=256m" in arguments
     # one switch turns it off, for the driver and for executors
     conf = runtime.spark_conf(AppConfig(spark={"c1_jit": False}))
     assert "TieredStopAtLevel" not in conf["spark.driver.extraJavaOptions"]  # only the quiet logging
     assert "spark.executor.extraJavaOptions" not in conf
-    assert runtime.spark_conf(AppConfig())["spark.executor.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+    assert runtime.spark_conf(AppConfig())["spark.executor.extraJavaOptions"] == runtime.C1_JIT
 
 
 _RUN = """

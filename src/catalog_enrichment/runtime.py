@@ -19,7 +19,10 @@ a failed task is tried 4 times     as on a cluster: one killed worker does  (loc
 (``local[N]`` -> ``local[N,4]``)   not fail the night
 JVM logs errors only               quiet by default (log4j2.properties)     -v, -vv (CLI flags)
 JVM C1 JIT only                    Spark compiles new classes per query;    spark.c1_jit
-(-XX:TieredStopAtLevel=1)          C2 would take the scoring cores
+(-XX:TieredStopAtLevel=1), with a  C2 would take the scoring cores; C1
+256 MB code cache                  alone gets a 48 MB cache, which a long
+(-XX:ReservedCodeCacheSize)        session's queries fill (then the JIT
+                                   stops and the JVM runs interpreted)
 PostgreSQL JDBC driver             the postgres catalog's reads             catalog.postgres.jdbc_jar /
 (``spark.jars`` / ``.packages``)                                            jdbc_package
 executors' ``PGPASSWORD``          the COPY tasks' libpq finds the password  (postgres catalog; a
@@ -60,7 +63,7 @@ __all__ = [
     "spark_session",
 ]
 
-C1_JIT = "-XX:TieredStopAtLevel=1"
+C1_JIT = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=256m"
 LOCAL_TASK_ATTEMPTS = 4
 LOG4J2 = Path(__file__).with_name("log4j2.properties")  # quiet JVM logging from its start (no -v)
 _SPARK_LOG_LEVEL = "ERROR"  # configure_logging sets it
