@@ -450,6 +450,11 @@ def test_cli_enrich_uses_the_champion_and_report_prints_it(
     runs = client.search_runs([client.get_experiment_by_name("enrichment").experiment_id])
     assert [r.data.tags["catalog_enrich.run_id"] for r in runs] == ["cli-1"]
     assert runs[0].data.metrics["rows_read"] > 0
+    # with its health checks: metrics, and one plot per attribute (tonight's scores over training's)
+    metrics = runs[0].data.metrics
+    assert metrics["health_failures"] == 0 and metrics["health_score_drift_color"] >= 0
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {f"health_{a}.png" for a in taxonomy.names} | {"run_report.json"} <= artifacts
 
 
 def test_an_empty_partition_loads_no_model(spark, scoring_bundle, taxonomy) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,8 @@ through spark-submit) with parameters. Per environment, set (Airflow Variables, 
 
 * ``catalog_enrich_submit``  how enrichment/training jobs start: ``catalog-enrich`` (local Spark,
   default), ``deploy/spark/submit.sh yarn`` or ``deploy/spark/submit.sh k8s`` (cluster);
-* ``catalog_enrich_cli``     the ``catalog-enrich`` executable for the light steps (report);
+* ``catalog_enrich_cli``     the ``catalog-enrich`` executable for the light steps (report, review);
+* ``catalog_enrich_review_dir``  where the nightly review sample files go (people judge them there);
 * ``CATALOG_ENRICH_CONFIG`` and the other ``CATALOG_ENRICH_*`` variables in the worker's
   environment: config file, MLflow URI, catalog location; secrets (database passwords, tokens)
   come from the environment or a secrets backend, never from the command line.
@@ -13,8 +14,10 @@ through spark-submit) with parameters. Per environment, set (Airflow Variables, 
 The nightly run is the same as cron's: incremental over the whole catalog (every product new or
 changed since the last run, in any partition), with run id ``nightly-{{ ds }}`` - a retry or a
 re-run of the same date changes nothing that is done - then checks the run report (exit 3 =
-circuit breaker tripped) and alerts on failure. Partitions are for backfills (``catalog-enrich
-backfill``).
+circuit breaker tripped) and the run's health (drift, coverage, estimated precision, inputs against
+the model's held-out products: exit 1 when a check failed), and only then draws the night's review
+sample; a failure alerts, fails the DAG run and starts nothing after it. Partitions are for
+backfills (``catalog-enrich backfill``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ SUBMIT = "{{ var.value.get('catalog_enrich_submit', '%s') }}" % os.environ.get(
 )
 CLI = "{{ var.value.get('catalog_enrich_cli', '%s') }}" % os.environ.get(
     "CATALOG_ENRICH_CLI", "catalog-enrich"
+)
+REVIEW_DIR = "{{ var.value.get('catalog_enrich_review_dir', '%s') }}" % os.environ.get(
+    "CATALOG_ENRICH_REVIEW_DIR", "review-samples"
 )
 RUN_ID = "nightly-{{ ds }}"
 
@@ -91,16 +97,30 @@ with _dag(
         execution_timeout=dt.timedelta(minutes=10),
         retries=0,
     )
+    check_health = BashOperator(
+        task_id="check_health",
+        bash_command=f"{CLI} report --run-id {RUN_ID} --health --check",
+        execution_timeout=dt.timedelta(minutes=10),
+        retries=0,
+    )
+    review_sample = BashOperator(
+        task_id="review_sample",
+        bash_command=f"{CLI} review sample --run-id {RUN_ID} --out {REVIEW_DIR}/{RUN_ID}.csv",
+        execution_timeout=dt.timedelta(minutes=30),
+    )
     report_failure = BashOperator(
         task_id="report_failure",
-        # Runs only when enrich or the check failed: prints the run report (aborted runs name the
-        # failing rules) into this task's log for the alert; fails itself so the run shows red.
-        bash_command=f"{CLI} report --run-id {RUN_ID} || true; echo 'enrichment {RUN_ID} failed' >&2; exit 1",
+        # Runs only when a step failed: prints the run report (aborted runs name the failing rules)
+        # and its health checks into this task's log for the alert; fails itself so the run shows red.
+        bash_command=(
+            f"{CLI} report --run-id {RUN_ID} || true; {CLI} report --run-id {RUN_ID} --health || true; "
+            f"echo 'enrichment {RUN_ID} failed' >&2; exit 1"
+        ),
         trigger_rule="one_failed",
         retries=0,
     )
-    enrich >> check_report >> report_failure
-    enrich >> report_failure
+    enrich >> check_report >> check_health >> review_sample
+    [enrich, check_report, check_health] >> report_failure
 
 with _dag(
     "catalog_enrichment_weekly",

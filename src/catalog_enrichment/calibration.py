@@ -51,7 +51,7 @@ import numpy as np
 
 from catalog_enrichment.contracts import AttributeKind
 from catalog_enrichment.errors import ConfigError
-from catalog_enrichment.health import HealthBaseline
+from catalog_enrichment.health import HealthProfile
 
 __all__ = [
     "LEVELS",
@@ -196,8 +196,8 @@ class Calibration:
     min_support: int
     attributes: Mapping[str, AttributeCalibration] = field(default_factory=dict)
     scope: Scope = "value"
-    # per attribute: the calibration scores the run health checks compare a run with (health.py)
-    health: Mapping[str, HealthBaseline] = field(default_factory=dict)
+    # what the run health checks compare a run with (health.py); None: a model trained before them
+    health: HealthProfile | None = None
 
     def thresholds(self, attribute: str) -> np.ndarray:
         return self.attributes[attribute].threshold_array()
@@ -219,7 +219,7 @@ class Calibration:
                 }
                 for name, a in self.attributes.items()
             },
-            "health": {name: b.to_dict() for name, b in self.health.items()},
+            "health": None if self.health is None else self.health.to_dict(),
         }
 
     @classmethod
@@ -239,7 +239,7 @@ class Calibration:
             data["min_support"],
             attributes,
             data.get("scope", "value"),
-            {name: HealthBaseline.from_dict(b) for name, b in (data.get("health") or {}).items()},
+            HealthProfile.from_dict(data.get("health")),
         )
 
 

@@ -236,8 +236,8 @@ def _report(sub: Sub) -> None:
     p.add_argument(
         "--health",
         action="store_true",
-        help="the run's health checks per attribute: score drift, coverage and estimated precision "
-        "against the model's calibration",
+        help="the run's health checks against its model's held-out products (per attribute: score "
+        "drift, coverage, value mix, estimated precision; the inputs) and what they blocked",
     )
     p.add_argument("--audit", action="store_true", help="the realized precision from people's verdicts")
     p.add_argument("--model-version", metavar="V", help="--audit: this version's latest reviewed sample")
@@ -435,12 +435,38 @@ def _bench_audit(sub: Sub) -> None:
     p.add_argument("--out", metavar="FILE", default="bench-audit.json", help="JSON (markdown beside it)")
 
 
+def _bench_drift(sub: Sub) -> None:
+    from catalog_enrichment.bench.drift import KINDS
+
+    p = _command(sub, "drift", commands.bench_drift)
+    p.add_argument("--batches", type=int, metavar="N", default=20, help="clean batches, and per kind (20)")
+    p.add_argument("--batch-size", type=int, metavar="N", default=1000, help="products per batch (1000)")
+    p.add_argument("--share", type=float, metavar="F", default=0.5, help="drifted share of a batch (0.5)")
+    p.add_argument("--kinds", metavar="LIST", help=f"drift kinds (default {','.join(KINDS)})")
+    p.add_argument(
+        "--train-products", type=int, metavar="N", default=4000, help="training marketplace (4000)"
+    )
+    p.add_argument("--data", metavar="PATH", help="a real catalog's labelled training table")
+    p.add_argument("--test-data", metavar="PATH", help="... and its test table (the batches' products)")
+    p.add_argument("--new-type", metavar="VALUE", help="product_type left out of training (default lamp)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--configured-model",
+        action="store_true",
+        help="train the configured model and training sections (default: the tiny model)",
+    )
+    p.add_argument(
+        "--workdir", metavar="DIR", default="bench-drift", help="marketplaces and lakehouse go here"
+    )
+    p.add_argument("--out", metavar="FILE", default="bench-drift.json", help="JSON (markdown beside it)")
+
+
 def _bench(sub: Sub) -> None:
     _group(
         sub,
         "bench",
         help="benchmarks (not tests): generator speed, quality, throughput, catalog writes and scale, chaos, "
-        "audit",
+        "audit, drift",
         description="Measure and write JSON; speed targets live here, not in tests.",
         metavar="BENCH",
         steps=(
@@ -452,6 +478,7 @@ def _bench(sub: Sub) -> None:
             _bench_scale,
             _bench_chaos,
             _bench_audit,
+            _bench_drift,
         ),
     )
 

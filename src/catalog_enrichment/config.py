@@ -33,6 +33,7 @@ __all__ = [
     "CalibrationConfig",
     "CatalogConfig",
     "ConfigError",
+    "HealthConfig",
     "ImageEncoderConfig",
     "ImagesConfig",
     "InferenceConfig",
@@ -72,8 +73,9 @@ class SparkConfig(_Section):
     )
     c1_jit: bool = Field(
         True,
-        description="JVMs compile with the C1 JIT only (-XX:TieredStopAtLevel=1): Spark compiles new classes "
-        "for every query, and C2 would spend on them the cores the Python workers score with.",
+        description="JVMs compile with the C1 JIT only (-XX:TieredStopAtLevel=1, with a 256 MB code cache): "
+        "Spark compiles new classes for every query, and C2 would spend on them the cores the Python "
+        "workers score with.",
     )
     conf: dict[str, str] = Field(
         default_factory=dict, description="Extra spark.* settings, passed through verbatim (they win)."
@@ -196,6 +198,9 @@ class CatalogConfig(_Section):
         None, description="Written values drawn for human review (default: <root>/review_samples)."
     )
     reviews: str | None = Field(None, description="Imported human verdicts (default: <root>/reviews).")
+    run_health: str | None = Field(
+        None, description="Every run's health checks (default: <root>/run_health)."
+    )
     embeddings: str | None = Field(
         None, description="The embedding store, encoder outputs per product (default: <root>/embeddings)."
     )
@@ -212,6 +217,7 @@ class CatalogConfig(_Section):
             "labelled",
             "review_samples",
             "reviews",
+            "run_health",
             "embeddings",
         ],
     ) -> str:
@@ -573,6 +579,42 @@ _PREDICTOR_OPTIONS = {
 }
 
 
+HealthMode = Literal["warn", "block"]
+
+
+class HealthConfig(_Section):
+    """The run health checks (``health.py``, docs/enrich.md "Run health"): what each failed check does
+    - ``warn`` (reported; ``report --health --check`` exits 1) or ``block`` (also: the attribute's
+    values are not committed, the rest of the run is) - and the limits they are judged by."""
+
+    score_drift: HealthMode = Field("warn", description="The top score's distribution moved.")
+    coverage: HealthMode = Field("warn", description="The share of products given a value moved.")
+    value_mix: HealthMode = Field("warn", description="The mix of top values moved.")
+    estimated_precision: HealthMode = Field(
+        "block", description="The precision estimated for what was written is below the target."
+    )
+    inputs: HealthMode = Field(
+        "warn",
+        description="The input checks (title length, script, merchant category, descriptions, images, the "
+        "photos' colour balance); block keeps every attribute's values out.",
+    )
+    false_alarm: float = Field(
+        0.01, gt=0, lt=1, description="Share of clean runs that may raise any alarm (split over the checks)."
+    )
+    min_products: int = Field(50, ge=1, description="Fewer products scored for an attribute: not judged.")
+    min_psi: float = Field(
+        0.05, ge=0, description="A distribution fails only when its PSI is at least this (and significant)."
+    )
+    min_share_change: float = Field(
+        0.03, ge=0, description="A share fails only when it moved at least this much (and significantly)."
+    )
+
+    def modes(self) -> dict[str, str]:
+        """Check name (``inputs`` for the input checks) -> warn | block."""
+        names = ("score_drift", "coverage", "value_mix", "estimated_precision", "inputs")
+        return {name: getattr(self, name) for name in names}
+
+
 class ValidationConfig(_Section):
     """The products data contract's operational limits."""
 
@@ -600,6 +642,7 @@ class ValidationConfig(_Section):
     run_expectations: bool = Field(
         True, description="Also run the Great Expectations suite (its results go into the run report)."
     )
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")

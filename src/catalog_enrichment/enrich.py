@@ -32,10 +32,11 @@ import contextlib
 import datetime as dt
 import json
 import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import IMAGE_READABLE, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.health import HealthTally, assess_run
+from catalog_enrichment.health import Check, HealthTally, assess, blocked_attributes, plot_scores
 from catalog_enrichment.inference.bundle import read_encoder_fingerprint
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.inference.spark import (
@@ -110,6 +111,7 @@ class EnrichOutcome:
     merge: MergeResult | None = None
     model_loads: dict[int, int] = field(default_factory=dict)
     arrow_batches: int = 0
+    health: RunHealth | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,18 @@ class Scored:
     encoder: str | None = None
     reused: int = 0
     encoded: int = 0
-    health: dict[str, HealthTally] = field(default_factory=dict)  # per attribute, for health.py
+    health: HealthTally = field(default_factory=HealthTally)  # the run health counts (health.py)
+
+
+@dataclass(frozen=True)
+class RunHealth:
+    """The run's health checks, the attributes they keep out of the commit, and what they compared."""
+
+    checks: list[Check]
+    blocked: list[str]
+    modes: dict[str, str]
+    policy: DecisionPolicy
+    tally: HealthTally
 
 
 @dataclass(frozen=True)
@@ -241,7 +254,7 @@ def _locked_run(
             report.watermark = max((w for w in (since, report.watermark) if w is not None), default=None)
             report.add_to_summary(**{SEEN: _near_watermark(df, seen, report.watermark, lookback)})
         check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
-        rejected = rejected_values(catalog.review_rows("reviews"), model.version)
+        rejected = rejected_values(catalog.keyed_rows("reviews"), model.version)
         if rejected:
             progress(
                 f"  {len(rejected):,} values people rejected for v{model.version}: never written, removed"
@@ -262,9 +275,10 @@ def _locked_run(
         outcome.model_loads, outcome.arrow_batches = scored.model_loads, scored.arrow_batches
         if scored.encoder is not None:
             report.add_to_summary(embeddings_reused=scored.reused, embeddings_encoded=scored.encoded)
-        _health(report, policy, scored, progress)
+        outcome.health = _health(report, policy, scored, cfg, progress)
         with _stage(report, "decide"):
             decisions = decide(scored.table, validated, run_id)
+        blocked = [] if outcome.health is None else outcome.health.blocked
         report.add_to_summary(row_rules=decisions.counts.per_rule)
         check_breaker(_new_rows(decisions, retry), cfg.validation.max_invalid_fraction)
         _account(report, decisions)
@@ -272,8 +286,8 @@ def _locked_run(
         report.add_to_summary(**{RETRY: again})
         fault_point("before_merge")
         with _stage(report, "write"):
-            outcome.merge = catalog.write(_run_write(report, rejected, decisions, staging), spark)
-        _written(report, decisions, policy)
+            outcome.merge = catalog.write(_run_write(report, rejected, decisions, staging, blocked), spark)
+        _written(report, decisions, policy, blocked)
         progress(
             f"  wrote {decisions.values.num_rows:,} values (version {outcome.merge.version}); "
             f"quarantined {decisions.quarantine.num_rows:,} rows"
@@ -456,19 +470,59 @@ def score(
         encoder,
         int(counters.reused.value),
         int(counters.encoded.value),
-        dict(counters.health.value),
+        counters.health.value,
     )
 
 
-def _health(report: RunReport, policy: DecisionPolicy, scored: Scored, say: Say) -> None:
-    """The run health checks (health.py) into the run report: ``health`` per attribute and the
-    failed checks in ``health_failures`` (a model calibrated before the checks existed has none)."""
-    if not policy.health:
-        return
-    checks = assess_run(policy.health, scored.health, policy.target_precision)
-    failures = [f for h in checks for f in h.failures]
-    report.add_to_summary(health=[h.to_dict() for h in checks], health_failures=failures)
+def _health(
+    report: RunReport, policy: DecisionPolicy, scored: Scored, cfg: AppConfig, say: Say
+) -> RunHealth | None:
+    """The run health checks (health.py) into the run report - ``health`` (every check),
+    ``health_failures`` (their messages), ``health_blocked`` (the attributes a failed check in block
+    mode keeps out of the commit) - and returned (None: a model trained before the checks)."""
+    if policy.health is None:
+        return None
+    h = cfg.validation.health
+    checks = assess(
+        policy.health,
+        scored.health,
+        target=policy.target_precision,
+        false_alarm=h.false_alarm,
+        min_products=h.min_products,
+        min_psi=h.min_psi,
+        min_share_change=h.min_share_change,
+    )
+    modes = h.modes()
+    blocked = blocked_attributes(checks, modes, policy.taxonomy.names)
+    failures = [str(c.message) for c in checks if c.status == "failed"]
+    report.add_to_summary(
+        health=[c.to_dict() for c in checks], health_failures=failures, health_blocked=blocked
+    )
     say(f"  run health: {len(failures)} failed check(s)" + "".join(f"\n    {f}" for f in failures))
+    if blocked:
+        say(f"  run health: blocked, no value written: {', '.join(blocked)}")
+    return RunHealth(checks, blocked, modes, policy, scored.health)
+
+
+def _health_rows(report: RunReport, health: RunHealth) -> pa.Table:
+    """The run's ``run_health`` rows (contract ``schemas/run_health.yaml``)."""
+    from catalog_enrichment.catalog.base import keyed_schema
+    from catalog_enrichment.health import INPUT
+
+    rows = []
+    for c in health.checks:
+        mode = health.modes["inputs" if c.scope == INPUT else c.check]
+        rows.append({
+            **c.to_dict(),
+            "run_id": report.run_id,
+            "mode": mode,
+            "blocked": c.status == "failed" and mode == "block",
+            "model_name": str(report.model_name),
+            "model_version": str(report.model_version),
+            "checked_at": report.finished_at or report.started_at,
+        })  # fmt: skip
+    schema = keyed_schema("run_health")
+    return pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
 
 
 def _store_embeddings(
@@ -550,9 +604,12 @@ def _run_write(
     rejected: Iterable[tuple[str, str, str]],
     decisions: Decisions | None = None,
     staging: Path | None = None,
+    blocked: Sequence[str] = (),
 ) -> RunWrite:
     """What the run commits: its decisions and the removal of the values people rejected for its
-    version; without decisions (nothing to score) only that removal."""
+    version; without decisions (nothing to score) only that removal. The ``blocked`` attributes
+    (run health) are left as the catalog holds them: neither their values nor their scored pairs
+    are written (and the backend stages from ``values``, not from the staged scores)."""
     if decisions is None:
         strings = [pa.field(k, pa.string()) for k in ("product_id", "attribute", "value")]
         values = pa.schema(
@@ -562,6 +619,11 @@ def _run_write(
         quarantine = load_contract("quarantine").arrow_schema().empty_table()
     else:
         values, pairs, quarantine = decisions.values, decisions.pairs, decisions.quarantine
+    if blocked:
+        out = pa.array(list(blocked), pa.string())
+        values = values.filter(pc.invert(pc.is_in(values["attribute"], out)))
+        pairs = pairs.filter(pc.invert(pc.is_in(pairs["attribute"], out)))
+        staging = None
     return RunWrite(
         run_id=report.run_id,
         model_name=str(report.model_name),
@@ -597,11 +659,12 @@ def _account(report: RunReport, decisions: Decisions) -> None:
         )
 
 
-def _written(report: RunReport, decisions: Decisions, policy: DecisionPolicy) -> None:
-    """Values written and coverage (products with at least one value) per attribute."""
-    written = Counter(decisions.values["attribute"].to_pylist())
+def _written(report: RunReport, decisions: Decisions, policy: DecisionPolicy, blocked: Sequence[str]) -> None:
+    """Values written and coverage (products with at least one value) per attribute (none for a
+    ``blocked`` one)."""
+    written = Counter(a for a in decisions.values["attribute"].to_pylist() if a not in blocked)
     pairs = decisions.values.group_by(["product_id", "attribute"]).aggregate([])
-    with_value = Counter(pairs["attribute"].to_pylist())
+    with_value = Counter(a for a in pairs["attribute"].to_pylist() if a not in blocked)
     scored = decisions.rows_scored
     for a in policy.taxonomy:
         report.written_per_attribute[a.name] = int(written.get(a.name, 0))
@@ -617,6 +680,8 @@ def _finish(
     report.finished_at = dt.datetime.now(dt.UTC)
     report.products_per_second = report.rows_scored / elapsed if report.rows_scored else None
     catalog.upsert_report(report)
+    if outcome.health is not None:
+        catalog.upsert_rows("run_health", _health_rows(report, outcome.health))
     if client is not None:
         from catalog_enrichment import registry
 
@@ -633,22 +698,37 @@ def _finish(
         metrics.update({f"written_{a}": n for a, n in report.written_per_attribute.items()})
         metrics.update({f"coverage_{a}": c for a, c in report.coverage_per_attribute.items()})
         metrics.update({f"seconds_{s}": v for s, v in report.stage_seconds.items()})
-        for check in report.summary().get("health") or []:  # health.AttributeHealth, as dicts
-            for key in ("psi", "coverage", "estimated_precision"):
-                if check.get(key) is not None:
-                    metrics[f"health_{key}_{check['attribute']}"] = check[key]
-        if "health_failures" in report.summary():
-            metrics["health_failures"] = len(report.summary()["health_failures"])
-        registry.log_enrichment_run(
-            client,
-            experiment=cfg.mlflow.enrichment_experiment,
-            artifact_location=cfg.mlflow.artifact_location,
-            report=report.to_row(),
-            params={"model": f"{report.model_name}/{report.model_version}", "partition": report.partition},
-            metrics=metrics,
-        )
+        with tempfile.TemporaryDirectory() as plots:
+            plotted: list[Path] = []
+            if outcome.health is not None:
+                metrics.update(_health_metrics(outcome.health))
+                health = outcome.health
+                plotted = plot_scores(health.policy.health, health.tally, Path(plots))  # type: ignore[arg-type]
+            registry.log_enrichment_run(
+                client,
+                experiment=cfg.mlflow.enrichment_experiment,
+                artifact_location=cfg.mlflow.artifact_location,
+                report=report.to_row(),
+                params={
+                    "model": f"{report.model_name}/{report.model_version}",
+                    "partition": report.partition,
+                },
+                metrics=metrics,
+                files=plotted,
+            )
     say(f"[{report.run_id}] {report.status} in {elapsed:.1f}s")
     return outcome
+
+
+def _health_metrics(health: RunHealth) -> dict[str, float]:
+    """MLflow metrics of the health checks: ``health_<check>_<scope>`` (the check's observed
+    value: PSI, share or estimated precision), ``health_failures`` and ``health_blocked``."""
+    metrics: dict[str, float] = {
+        f"health_{c.check}_{c.scope}": c.observed for c in health.checks if c.observed is not None
+    }
+    metrics["health_failures"] = sum(c.status == "failed" for c in health.checks)
+    metrics["health_blocked"] = len(health.blocked)
+    return metrics
 
 
 def backfill_partitions(

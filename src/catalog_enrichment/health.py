@@ -1,248 +1,702 @@
-"""Health of a run: does tonight's scoring still look like the calibration the thresholds rest on?
+"""Health of a run: does tonight's scoring still look like the products the thresholds were proven on?
 
-The 95 % guarantee is proven on the calibration split and holds for products that look like it. At
-training, every attribute keeps a :class:`HealthBaseline` of its calibration scores (in the bundle's
-``calibration.json``); each scoring task tallies the same quantities for the products it scores
-(:class:`HealthTally`, summed by a Spark accumulator in the scoring pass itself); the driver compares
-them (:func:`assess`). Three checks per attribute:
+The 95 % guarantee is proven on held-out products and holds for products that look like them. At
+training, a :class:`HealthProfile` is kept in the bundle (``calibration.json: health``): per
+attribute, the final model's scores on held-out products it never trained on (the test split, or
+the validation split when the test products are a separate table) - the top score's deciles, the
+share the thresholds give a value, the mix of top values and the precision of written values per
+confidence bin - and, over every training product, the inputs: title lengths, title scripts,
+merchant categories, descriptions and images present or unusable. Each scoring task counts the same
+for the products it scores (:class:`HealthTally`, summed by a Spark accumulator in the scoring pass
+itself: no second read), and the driver compares (:func:`assess`).
 
-* **score drift**: the population stability index (PSI) of the top score over the baseline's ten
-  calibration deciles. For a batch of ``n`` products drawn from the calibration distribution,
-  ``n * PSI`` is close to a chi-square with 9 degrees of freedom (plus the sampling noise of the
-  ``m`` calibration products the deciles were cut from), so the limit
-  ``chi2.ppf(0.99, 9) * (1/n + 1/m)`` raises a false alarm on about 1 % of clean batches at every
-  batch size;
-* **coverage**: the share of scored products given a value against the calibration split's share, a
-  two-sided binomial test at the 1 % level (its variance again includes the calibration's);
-* **estimated precision**: what was written, each value weighted by the calibration split's precision
-  at its confidence (20 confidence bins; label-free, in the spirit of NannyML's CBPE); it fails
-  below the calibration's target precision.
+Every distribution (score deciles, coverage, value mix and the input checks) is compared with one
+two-sample test: Pearson's chi-square test of homogeneity between the baseline's ``m`` products and
+tonight's ``n``, with sparse bins pooled until each expects :data:`MIN_EXPECTED` products (so the
+chi-square approximation holds). Estimated precision - what was written, each value weighted by the
+held-out precision at its confidence (label-free, in the spirit of NannyML's CBPE) - fails when even
+its upper confidence bound is below the target.
 
-Fewer than ``MIN_PRODUCTS`` scored products of an attribute are too few to judge: its checks are
-skipped and the report says so.
+The levels are Bonferroni-split: with ``K`` checks evaluated in a run, each fails at
+``false_alarm / K``, so a clean run - products drawn from the baseline's distribution - raises any
+alarm at most ``false_alarm`` (1 %) of the time, at every batch size (``tests/test_health.py``
+simulates it). A significant difference must also be large enough to matter (``min_psi``,
+``min_share_change``), so a backfill of millions does not alarm on a negligible shift. An attribute
+with fewer than ``min_products`` scored products is not judged.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
 from catalog_enrichment.metrics import decision_matrix, truth_matrix
 
 __all__ = [
-    "MIN_PRODUCTS",
-    "AttributeHealth",
-    "HealthBaseline",
+    "ATTRIBUTE_CHECKS",
+    "INPUT",
+    "INPUT_CHECKS",
+    "AttributeBaseline",
+    "Check",
+    "HealthProfile",
     "HealthTally",
+    "InputBaseline",
     "assess",
-    "assess_run",
-    "baseline",
+    "attribute_baseline",
+    "blocked_attributes",
     "format_health",
+    "homogeneity",
+    "input_baseline",
+    "plot_scores",
     "psi",
-    "psi_limit",
+    "title_script",
 ]
 
-DECILES = 10
+SCORE_BINS = 10  # deciles of the top score
 CONFIDENCE_BINS = 20  # equal-width bins of a written value's confidence
-FALSE_ALARM = 0.01  # the share of clean batches a check may fail
-MIN_PRODUCTS = 50
+TITLE_BINS = 10  # deciles of the title length (characters)
+TONE_BINS = 10  # deciles of a photo's colour balance (data.images.image_tone)
+MAX_CATEGORIES = 30  # merchant categories kept by name; the rest count as OTHER
+MIN_EXPECTED = 10  # a chi-square bin expects at least this many products on each side
 _FLOOR = 1e-4  # PSI's share floor: an empty bin is not an infinite drift
+OTHER, NONE = "(other)", "(none)"
+INPUT = "input"  # the scope of the input checks (they concern every attribute)
+ATTRIBUTE_CHECKS = ("score_drift", "coverage", "value_mix", "estimated_precision")
+INPUT_CHECKS = ("title_length", "script", "category", "description", "image", "image_tone")
+SCRIPTS = (
+    "latin",
+    "cyrillic",
+    "greek",
+    "arabic",
+    "hebrew",
+    "cjk",
+    "hangul",
+    "devanagari",
+    "thai",
+    "other",
+    "none",
+)
+_SCRIPT_OF = {
+    "LATIN": "latin",
+    "CYRILLIC": "cyrillic",
+    "GREEK": "greek",
+    "ARABIC": "arabic",
+    "HEBREW": "hebrew",
+    "CJK": "cjk",
+    "HIRAGANA": "cjk",
+    "KATAKANA": "cjk",
+    "HANGUL": "hangul",
+    "DEVANAGARI": "devanagari",
+    "THAI": "thai",
+}
+IMAGE_STATES = ("absent", "usable", "unusable")
 
 
-@dataclass(frozen=True)
-class HealthBaseline:
-    """One attribute's calibration scores, as the health checks read them."""
-
-    edges: list[float]  # the DECILES - 1 inner edges of the top score's deciles
-    shares: list[float]  # the calibration products' share per decile bin
-    coverage: float  # share of calibration products the thresholds give a value
-    precision: list[float | None]  # precision of written values per confidence bin (None: none)
-    written_precision: float | None  # precision of all written calibration values
-    products: int  # calibration products the baseline was cut from
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> HealthBaseline:
-        return cls(**d)
+# -- counting: one function per quantity, shared by training's baseline and the scoring tasks --------
 
 
-def _top(scores: np.ndarray) -> np.ndarray:
-    return np.asarray(scores, np.float64).max(axis=1) if scores.shape[1] else np.zeros(len(scores))
+@functools.lru_cache(maxsize=8192)
+def _char_script(ch: str) -> str:
+    return _SCRIPT_OF.get(unicodedata.name(ch, "").split(" ", 1)[0], "other")
+
+
+def title_script(title: str | None) -> int:
+    """The index in :data:`SCRIPTS` of the script most of a title's letters are written in."""
+    text = title or ""
+    if text.isascii():
+        return SCRIPTS.index("latin") if any(c.isalpha() for c in text) else SCRIPTS.index("none")
+    letters = [_char_script(c) for c in text if c.isalpha()]
+    if not letters:
+        return SCRIPTS.index("none")
+    return SCRIPTS.index(max(sorted(set(letters)), key=letters.count))
+
+
+def _bin_counts(edges: Sequence[float], values: np.ndarray) -> list[int]:
+    """Counts of ``values`` in the bins the inner ``edges`` cut (``len(edges) + 1`` bins)."""
+    bins = np.searchsorted(np.asarray(edges, np.float64), np.asarray(values, np.float64), side="right")
+    return np.bincount(bins, minlength=len(edges) + 1).tolist()
 
 
 def _confidence_bin(confidence: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(confidence) * CONFIDENCE_BINS).astype(int), 0, CONFIDENCE_BINS - 1)
 
 
-def baseline(
-    scores: np.ndarray, labels: np.ndarray, kind: str, thresholds: np.ndarray
-) -> HealthBaseline | None:
-    """The baseline of one attribute from its labelled calibration scores ``(m, V)`` and labels
-    (None: no calibration products)."""
+def _quantile_edges(values: np.ndarray, bins: int) -> list[float]:
+    return (
+        [float(e) for e in np.unique(np.quantile(values, np.arange(1, bins) / bins))] if len(values) else []
+    )
+
+
+def _top(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, np.float64)
+    return scores.max(axis=1) if scores.shape[1] else np.zeros(len(scores))
+
+
+def _add(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    return [int(x) + int(y) for x, y in zip(a, b, strict=True)]
+
+
+# -- baselines ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttributeBaseline:
+    """One attribute's held-out scores, as the checks read them (counts, so ``m`` is kept)."""
+
+    edges: list[float]  # inner edges of the top score's deciles
+    scores: list[int]  # held-out products per top-score bin
+    covered: int  # of them, products the thresholds give a value
+    values: list[int]  # held-out products per top value (the attribute's values, in order)
+    written: list[int]  # labelled written values per confidence bin
+    correct: list[int]  # of them, right
+
+    @property
+    def products(self) -> int:
+        return sum(self.scores)
+
+
+def attribute_baseline(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    kind: str,
+    thresholds: np.ndarray,
+    known: np.ndarray | None = None,
+) -> AttributeBaseline | None:
+    """The baseline of one attribute from held-out scores ``(m, V)`` of the model that serves and
+    their labels (``known``: the rows labelled, besides multi-class ``-1``; unlabelled rows count for
+    every quantity but precision); None: no products."""
     scores = np.asarray(scores, np.float64)
     if not len(scores):
         return None
     top = _top(scores)
-    edges = np.unique(np.quantile(top, np.arange(1, DECILES) / DECILES))
-    counts = np.bincount(np.searchsorted(edges, top, side="right"), minlength=len(edges) + 1)
+    edges = _quantile_edges(top, SCORE_BINS)
     written = decision_matrix(scores, kind, thresholds)  # type: ignore[arg-type]
-    truth, known = truth_matrix(labels, scores.shape[1], kind)  # type: ignore[arg-type]
-    written &= known[:, None]
-    bins = _confidence_bin(scores[written])
-    right = (written & truth)[written]
-    n_bin = np.bincount(bins, minlength=CONFIDENCE_BINS)
-    ok_bin = np.bincount(bins, weights=right, minlength=CONFIDENCE_BINS)
-    return HealthBaseline(
-        edges=[float(e) for e in edges],
-        shares=[float(c) / len(top) for c in counts],
-        coverage=float(np.asarray(written.any(axis=1))[known].mean()) if known.any() else 0.0,
-        precision=[float(ok / n) if n else None for ok, n in zip(ok_bin, n_bin, strict=True)],
-        written_precision=float(right.mean()) if right.size else None,
-        products=len(top),
+    truth, labelled = truth_matrix(labels, scores.shape[1], kind)  # type: ignore[arg-type]
+    if known is not None:
+        labelled &= np.asarray(known, bool)
+    judged = written & labelled[:, None]
+    bins = _confidence_bin(scores[judged])
+    return AttributeBaseline(
+        edges=edges,
+        scores=_bin_counts(edges, top),
+        covered=int(written.any(axis=1).sum()),
+        values=np.bincount(scores.argmax(axis=1), minlength=scores.shape[1]).tolist(),
+        written=np.bincount(bins, minlength=CONFIDENCE_BINS).tolist(),
+        correct=np.bincount(bins, weights=truth[judged], minlength=CONFIDENCE_BINS).astype(int).tolist(),
     )
+
+
+@dataclass(frozen=True)
+class InputBaseline:
+    """What the training products looked like, label-free."""
+
+    title_edges: list[float]  # inner edges of the title length's deciles (characters)
+    title_lengths: list[int]  # products per title-length bin
+    scripts: list[int]  # products per title script (:data:`SCRIPTS`)
+    categories: dict[str, int]  # products per merchant category (the commonest), OTHER and NONE
+    description: list[int]  # products without / with a description
+    image: list[int]  # products per :data:`IMAGE_STATES`
+    tone_edges: list[float]  # inner edges of the photos' colour balance deciles
+    tones: list[int]  # decoded photos per colour-balance bin
+
+    @property
+    def products(self) -> int:
+        return sum(self.title_lengths)
+
+
+def _image_states(present: Sequence[bool], errors: Sequence[str | None]) -> list[int]:
+    states = [0 if not p else (2 if e is not None else 1) for p, e in zip(present, errors, strict=True)]
+    return np.bincount(np.asarray(states, np.int64), minlength=len(IMAGE_STATES)).tolist()
+
+
+def _category_counts(known: Iterable[str], categories: Sequence[str | None]) -> dict[str, int]:
+    named = set(known)
+    counts = dict.fromkeys([*sorted(named), OTHER, NONE], 0)
+    for c in categories:
+        counts[NONE if c is None else (c if c in named else OTHER)] += 1
+    return counts
+
+
+def _measured(tones: Sequence[float | None]) -> np.ndarray:
+    return np.array([t for t in tones if t is not None], np.float64)
+
+
+def input_baseline(
+    titles: Sequence[str | None],
+    descriptions: Sequence[str | None],
+    image_present: Sequence[bool],
+    image_errors: Sequence[str | None],
+    categories: Sequence[str | None],
+    tones: Sequence[float | None],
+) -> InputBaseline:
+    """The input baseline of the training products (one entry per product in each sequence;
+    ``tones``: each decoded photo's colour balance, None where there is none)."""
+    lengths = np.array([len(t or "") for t in titles], np.float64)
+    edges = _quantile_edges(lengths, TITLE_BINS)
+    tone_edges = _quantile_edges(_measured(tones), TONE_BINS)
+    named = [c for c in categories if c is not None]
+    common = sorted(set(named), key=lambda c: (-named.count(c), c))[:MAX_CATEGORIES]
+    return InputBaseline(
+        title_edges=edges,
+        title_lengths=_bin_counts(edges, lengths),
+        scripts=np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
+        categories=_category_counts(common, categories),
+        description=_presence(descriptions),
+        image=_image_states(image_present, image_errors),
+        tone_edges=tone_edges,
+        tones=_bin_counts(tone_edges, _measured(tones)),
+    )
+
+
+def _presence(texts: Sequence[str | None]) -> list[int]:
+    present = sum(1 for t in texts if t)
+    return [len(texts) - present, present]
+
+
+@dataclass(frozen=True)
+class HealthProfile:
+    """The baselines a model version's runs are checked against."""
+
+    attributes: dict[str, AttributeBaseline]
+    inputs: InputBaseline | None = None
+
+    VERSION = 2  # calibration.json's "health" format; bundles with another (or none) have no checks
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "attributes": {a: asdict(b) for a, b in self.attributes.items()},
+            "inputs": None if self.inputs is None else asdict(self.inputs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> HealthProfile | None:
+        """The profile of :meth:`to_dict`; None for a bundle written before this format."""
+        if not d or d.get("version") != cls.VERSION:
+            return None
+        inputs = d.get("inputs")
+        return cls(
+            {a: AttributeBaseline(**b) for a, b in d["attributes"].items()},
+            None if inputs is None else InputBaseline(**inputs),
+        )
+
+
+# -- tallies -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttributeTally:
+    """What the scoring tasks count of one attribute."""
+
+    scores: list[int]  # scored products per baseline top-score bin
+    covered: int  # of them, products given a value
+    values: list[int]  # per top value
+    written: list[int]  # written values per confidence bin
+
+    def merge(self, other: AttributeTally) -> AttributeTally:
+        return AttributeTally(
+            _add(self.scores, other.scores),
+            self.covered + other.covered,
+            _add(self.values, other.values),
+            _add(self.written, other.written),
+        )
+
+
+@dataclass
+class InputTally:
+    """What the scoring tasks count of the products' inputs (every valid product)."""
+
+    title_lengths: list[int]
+    scripts: list[int]
+    categories: dict[str, int]
+    description: list[int]
+    image: list[int]
+    tones: list[int]
+
+    def merge(self, other: InputTally) -> InputTally:
+        return InputTally(
+            _add(self.title_lengths, other.title_lengths),
+            _add(self.scripts, other.scripts),
+            {k: v + other.categories.get(k, 0) for k, v in self.categories.items()},
+            _add(self.description, other.description),
+            _add(self.image, other.image),
+            _add(self.tones, other.tones),
+        )
 
 
 @dataclass
 class HealthTally:
-    """What the scoring tasks count of one attribute; tallies add up (``merge``)."""
+    """A run's (or a batch's) counts; tallies add up (:meth:`merge`), as Spark's accumulator does."""
 
-    deciles: list[int]  # scored products per baseline decile bin of their top score
-    scored: int = 0  # products scored for the attribute
-    covered: int = 0  # of them, products given a value
-    written: list[int] = field(default_factory=lambda: [0] * CONFIDENCE_BINS)  # per confidence bin
-
-    @classmethod
-    def empty(cls, base: HealthBaseline) -> HealthTally:
-        return cls([0] * (len(base.edges) + 1))
-
-    def add(self, base: HealthBaseline, top: np.ndarray, covered: int, confidences: np.ndarray) -> None:
-        """Count a batch: the top scores of its scored products, how many of them were given a
-        value, and the confidences of the values written."""
-        bins = np.searchsorted(np.asarray(base.edges), top, side="right")
-        self.deciles = (np.asarray(self.deciles) + np.bincount(bins, minlength=len(self.deciles))).tolist()
-        self.scored += len(top)
-        self.covered += covered
-        per_bin = np.bincount(_confidence_bin(confidences), minlength=CONFIDENCE_BINS)
-        self.written = (np.asarray(self.written) + per_bin).tolist()
+    attributes: dict[str, AttributeTally] = field(default_factory=dict)
+    inputs: InputTally | None = None
 
     def merge(self, other: HealthTally) -> HealthTally:
-        return HealthTally(
-            [a + b for a, b in zip(self.deciles, other.deciles, strict=True)],
-            self.scored + other.scored,
-            self.covered + other.covered,
-            [a + b for a, b in zip(self.written, other.written, strict=True)],
+        attrs = dict(self.attributes)
+        for a, t in other.attributes.items():
+            attrs[a] = attrs[a].merge(t) if a in attrs else t
+        inputs = self.inputs if other.inputs is None else other.inputs
+        if self.inputs is not None and other.inputs is not None:
+            inputs = self.inputs.merge(other.inputs)
+        return HealthTally(attrs, inputs)
+
+    def take(self) -> HealthTally:
+        """The counts so far, as a new tally; this one starts again from zero."""
+        out = HealthTally(self.attributes, self.inputs)
+        self.attributes, self.inputs = {}, None
+        return out
+
+    def add_attribute(
+        self, name: str, base: AttributeBaseline, scores: np.ndarray, covered: int, confidences: np.ndarray
+    ) -> None:
+        """Count one batch of an attribute: the scores ``(n, V)`` of the products scored for it, how
+        many of them were given a value, and the confidences of the values written."""
+        scores = np.asarray(scores, np.float64)
+        top_value = scores.argmax(axis=1) if len(scores) else np.zeros(0, np.int64)
+        batch = AttributeTally(
+            _bin_counts(base.edges, _top(scores)),
+            int(covered),
+            np.bincount(top_value, minlength=len(base.values)).tolist(),
+            np.bincount(_confidence_bin(confidences), minlength=CONFIDENCE_BINS).tolist(),
         )
+        self.attributes[name] = self.attributes[name].merge(batch) if name in self.attributes else batch
+
+    def add_inputs(
+        self,
+        base: InputBaseline,
+        titles: Sequence[str | None],
+        descriptions: Sequence[str | None],
+        image_present: Sequence[bool],
+        image_errors: Sequence[str | None],
+        categories: Sequence[str | None],
+        tones: Sequence[float | None],
+    ) -> None:
+        """Count one batch of products' inputs (one entry per product in each sequence; ``tones``:
+        the colour balance of each photo decoded, None where none was)."""
+        batch = InputTally(
+            _bin_counts(base.title_edges, np.array([len(t or "") for t in titles], np.float64)),
+            np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
+            _category_counts([c for c in base.categories if c not in (OTHER, NONE)], categories),
+            _presence(descriptions),
+            _image_states(image_present, image_errors),
+            _bin_counts(base.tone_edges, _measured(tones)),
+        )
+        self.inputs = batch if self.inputs is None else self.inputs.merge(batch)
 
 
-def psi(expected: Sequence[float], counts: Sequence[int]) -> float:
-    """Population stability index of ``counts`` against the ``expected`` shares (both floored)."""
-    e = np.maximum(np.asarray(expected, np.float64), _FLOOR)
-    a = np.maximum(np.asarray(counts, np.float64) / max(1, int(np.sum(counts))), _FLOOR)
+# -- statistics ----------------------------------------------------------------------------------------
+
+
+def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
+    """Population stability index of ``actual`` against ``expected`` (counts or shares; each is
+    normalised, and shares are floored so an empty bin is not an infinite drift)."""
+    e = np.asarray(expected, np.float64)
+    a = np.asarray(actual, np.float64)
+    e = np.maximum(e / max(e.sum(), 1e-300), _FLOOR)
+    a = np.maximum(a / max(a.sum(), 1e-300), _FLOOR)
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def psi_limit(n: int, m: int, bins: int = DECILES) -> float:
-    """The PSI a batch of ``n`` clean products exceeds with probability ``FALSE_ALARM``, against a
-    baseline cut from ``m`` products (see the module docstring)."""
+def homogeneity(baseline: Sequence[float], counts: Sequence[float]) -> tuple[float, float, int]:
+    """Pearson's chi-square test that two count vectors over the same bins come from one
+    distribution: (statistic, p-value, degrees of freedom).
+
+    Bins are pooled, smallest baseline count first, until each pooled bin expects at least
+    :data:`MIN_EXPECTED` products on both sides at the baseline's shares; the pooling looks at the
+    baseline only, never at tonight's counts (choosing bins after seeing the data would inflate the
+    statistic). One bin left tests nothing (p 1).
+    """
     from scipy.stats import chi2
 
-    return float(chi2.ppf(1 - FALSE_ALARM, bins - 1) * (1 / n + 1 / m))
+    b = np.asarray(baseline, np.float64)
+    c = np.asarray(counts, np.float64)
+    m, n = b.sum(), c.sum()
+    if m == 0 or n == 0:
+        return 0.0, 1.0, 0
+    need = MIN_EXPECTED * m / min(m, n)  # baseline products a pooled bin needs
+    groups: list[list[float]] = []
+    acc = [0.0, 0.0]
+    for i in np.argsort(b, kind="stable"):
+        acc = [acc[0] + b[i], acc[1] + c[i]]
+        if acc[0] >= need:
+            groups.append(acc)
+            acc = [0.0, 0.0]
+    if sum(acc) > 0:
+        if groups:
+            groups[-1] = [groups[-1][0] + acc[0], groups[-1][1] + acc[1]]
+        else:
+            groups.append(acc)
+    if len(groups) < 2:
+        return 0.0, 1.0, 0
+    table = np.asarray(groups, np.float64)  # (bins, 2): baseline, tonight
+    expected = table.sum(axis=1, keepdims=True) * np.array([[m, n]]) / (m + n)
+    statistic = float(np.sum((table - expected) ** 2 / expected))
+    dof = len(groups) - 1
+    return statistic, float(chi2.sf(statistic, dof)), dof
+
+
+# -- checks -------------------------------------------------------------------------------------------
+
+Status = Literal["passed", "failed", "skipped"]
 
 
 @dataclass(frozen=True)
-class AttributeHealth:
-    """One attribute's checks for one run; ``failures`` names each failed check and its limit."""
+class Check:
+    """One check of one run: a ``run_health`` row without the run's own columns.
 
-    attribute: str
-    scored: int
-    psi: float | None = None
-    psi_limit: float | None = None
-    coverage: float | None = None
-    expected_coverage: float | None = None
-    coverage_z: float | None = None
-    estimated_precision: float | None = None
-    target_precision: float | None = None
-    skipped: str | None = None
-    failures: list[str] = field(default_factory=list)
+    ``observed``/``expected``: the population stability index and None for a distribution; the
+    share tonight and at training for a proportion; the estimated precision and the target for
+    ``estimated_precision`` (whose ``statistic`` is its upper confidence bound).
+    """
+
+    scope: str  # an attribute, or INPUT
+    check: str
+    status: Status
+    products: int
+    baseline_products: int
+    statistic: float | None = None
+    p_value: float | None = None
+    alpha: float | None = None
+    observed: float | None = None
+    expected: float | None = None
+    message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def assess(attribute: str, base: HealthBaseline, tally: HealthTally, target: float) -> AttributeHealth:
-    """The three checks of one attribute (see the module docstring)."""
-    n, m = tally.scored, base.products
-    if n < MIN_PRODUCTS:
-        return AttributeHealth(attribute, n, skipped=f"{n} products scored (fewer than {MIN_PRODUCTS})")
-    drift = psi(base.shares, tally.deciles)
-    limit = psi_limit(n, m, len(base.shares))
-    p = base.coverage
-    coverage = tally.covered / n
-    spread = math.sqrt(max(p * (1 - p), 1e-12) * (1 / n + 1 / m))
-    z = (coverage - p) / spread
-    z_limit = _normal_quantile(1 - FALSE_ALARM / 2)
+@dataclass(frozen=True)
+class _Pending:
+    """A check ready to be judged once the run's level per check is known."""
+
+    scope: str
+    check: str
+    products: int
+    baseline_products: int
+    baseline: Sequence[float] | None = None  # a distribution (None: estimated precision)
+    counts: Sequence[float] | None = None
+    share_bin: int | None = None  # a proportion: the bin whose share is shown
+    precision: tuple[float, float] | None = None  # the estimate and its standard error
+
+
+def _distribution(scope: str, check: str, baseline: Sequence[float], counts: Sequence[float]) -> _Pending:
+    return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts)
+
+
+def _proportion(
+    scope: str, check: str, baseline: Sequence[float], counts: Sequence[float], shown: int
+) -> _Pending:
+    return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts, shown)
+
+
+def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tuple[float, float] | None:
+    """What was written, each value at the held-out precision of its confidence bin (a bin with no
+    held-out value takes the overall held-out precision), and the estimate's standard error: the
+    curve's (binomial per bin) and the written mix's (multinomial over the bins) together."""
     written = np.asarray(tally.written, np.float64)
-    curve = np.array(
-        [q if q is not None else (base.written_precision or 0.0) for q in base.precision], np.float64
-    )
-    estimated = float(written @ curve / written.sum()) if written.sum() else None
-    failures = []
-    if drift > limit:
-        failures.append(f"{attribute}: score drift PSI {drift:.4f} > {limit:.4f}")
-    if abs(z) > z_limit:
-        failures.append(
-            f"{attribute}: coverage {coverage:.3f} against {p:.3f} at calibration "
-            f"(|z| {abs(z):.1f} > {z_limit:.2f})"
-        )
-    if estimated is not None and estimated < target:
-        failures.append(f"{attribute}: estimated precision {estimated:.3f} < {target:.2f}")
-    return AttributeHealth(attribute, n, drift, limit, coverage, p, z, estimated, target, None, failures)
+    n_bin, k_bin = np.asarray(base.written, np.float64), np.asarray(base.correct, np.float64)
+    if not written.sum() or not n_bin.sum():
+        return None
+    overall = k_bin.sum() / n_bin.sum()
+    curve = np.where(n_bin > 0, k_bin / np.maximum(n_bin, 1), overall)
+    support = np.where(n_bin > 0, n_bin, n_bin.sum())
+    smoothed = np.where(n_bin > 0, (k_bin + 0.5) / (n_bin + 1), (k_bin.sum() + 0.5) / (n_bin.sum() + 1))
+    w = written / written.sum()
+    estimate = float(w @ curve)
+    curve_var = np.sum(w**2 * smoothed * (1 - smoothed) / (support + 1))
+    mix_var = max(0.0, float(w @ curve**2) - estimate**2) / written.sum()
+    return estimate, float(math.sqrt(curve_var + mix_var))
 
 
-def _normal_quantile(q: float) -> float:
+def _pending(
+    profile: HealthProfile, tally: HealthTally, min_products: int
+) -> tuple[list[_Pending], list[Check]]:
+    """Every check the profile and tally allow, and those skipped for too few products."""
+    pending: list[_Pending] = []
+    skipped: list[Check] = []
+    for name, base in profile.attributes.items():
+        t = tally.attributes.get(name)
+        n = 0 if t is None else sum(t.scores)
+        if t is None or n < min_products:
+            why = f"{n} products scored (fewer than {min_products})"
+            skipped += [Check(name, c, "skipped", n, base.products, message=why) for c in ATTRIBUTE_CHECKS]
+            continue
+        covered = [base.products - base.covered, base.covered]
+        pending += [
+            _distribution(name, "score_drift", base.scores, t.scores),
+            _proportion(name, "coverage", covered, [n - t.covered, t.covered], 1),
+            _distribution(name, "value_mix", base.values, t.values),
+        ]
+        estimate = _estimated_precision(base, t)
+        if estimate is None:
+            why = "nothing written" if sum(t.written) == 0 else "no labelled held-out value was written"
+            skipped.append(Check(name, "estimated_precision", "skipped", n, base.products, message=why))
+        else:
+            pending.append(
+                _Pending(name, "estimated_precision", sum(t.written), sum(base.written), precision=estimate)
+            )
+    inputs, counted = profile.inputs, tally.inputs
+    if inputs is not None:
+        n = 0 if counted is None else sum(counted.title_lengths)
+        if counted is None or n < min_products:
+            why = f"{n} products scored (fewer than {min_products})"
+            skipped += [Check(INPUT, c, "skipped", n, inputs.products, message=why) for c in INPUT_CHECKS]
+        else:
+            keys = list(inputs.categories)
+            pending += [
+                _distribution(INPUT, "title_length", inputs.title_lengths, counted.title_lengths),
+                _distribution(INPUT, "script", inputs.scripts, counted.scripts),
+                _distribution(
+                    INPUT,
+                    "category",
+                    [inputs.categories[k] for k in keys],
+                    [counted.categories[k] for k in keys],
+                ),
+                _proportion(INPUT, "description", inputs.description, counted.description, 1),
+                _proportion(INPUT, "image", inputs.image, counted.image, IMAGE_STATES.index("usable")),
+            ]
+            photos = sum(counted.tones)  # products whose photo was decoded (not read from the store)
+            if photos < min_products or sum(inputs.tones) < min_products:
+                why = f"{photos} photos decoded (fewer than {min_products})"
+                skipped.append(Check(INPUT, "image_tone", "skipped", photos, sum(inputs.tones), message=why))
+            else:
+                pending.append(_distribution(INPUT, "image_tone", inputs.tones, counted.tones))
+    return pending, skipped
+
+
+def _judge(p: _Pending, alpha: float, target: float, min_psi: float, min_share_change: float) -> Check:
     from scipy.stats import norm
 
-    return float(norm.ppf(q))
+    where = p.check.replace("_", " ") if p.scope == INPUT else f"{p.scope}: {p.check.replace('_', ' ')}"
+    if p.precision is not None:
+        estimate, error = p.precision
+        upper = min(1.0, estimate + float(norm.ppf(1 - alpha)) * error)
+        failed = upper < target
+        message = f"{where} {estimate:.3f} (upper bound {upper:.3f}) < {target:.2f}" if failed else None
+        return Check(
+            p.scope, p.check, "failed" if failed else "passed", p.products, p.baseline_products,
+            upper, None, alpha, estimate, target, message,
+        )  # fmt: skip
+    assert p.baseline is not None and p.counts is not None
+    statistic, p_value, _ = homogeneity(p.baseline, p.counts)
+    if p.share_bin is None:
+        observed, expected = psi(p.baseline, p.counts), None
+        large = observed >= min_psi
+        effect = f"PSI {observed:.3f}"
+    else:
+        observed = p.counts[p.share_bin] / max(1, sum(p.counts))
+        expected = p.baseline[p.share_bin] / max(1, sum(p.baseline))
+        large = abs(observed - expected) >= min_share_change
+        effect = f"share {observed:.3f} against {expected:.3f} at training"
+    failed = p_value < alpha and large
+    message = f"{where} {effect} (chi-square p {p_value:.2g} < {alpha:.2g})" if failed else None
+    return Check(
+        p.scope, p.check, "failed" if failed else "passed", p.products, p.baseline_products,
+        statistic, p_value, alpha, observed, expected, message,
+    )  # fmt: skip
 
 
-def assess_run(
-    baselines: Mapping[str, HealthBaseline], tallies: Mapping[str, HealthTally], target: float
-) -> list[AttributeHealth]:
-    """Every attribute with a baseline, in the baselines' order (an attribute no product was scored
-    for is skipped)."""
-    return [
-        assess(name, base, tallies.get(name) or HealthTally.empty(base), target)
-        for name, base in baselines.items()
-    ]
+def assess(
+    profile: HealthProfile,
+    tally: HealthTally,
+    *,
+    target: float,
+    false_alarm: float = 0.01,
+    min_products: int = 50,
+    min_psi: float = 0.05,
+    min_share_change: float = 0.03,
+) -> list[Check]:
+    """Every check of a run (see the module docstring): attributes in the profile's order, then the
+    inputs; each check evaluated fails at ``false_alarm / K`` (``K`` checks evaluated)."""
+    pending, skipped = _pending(profile, tally, min_products)
+    alpha = false_alarm / max(1, len(pending))
+    judged = {(p.scope, p.check): _judge(p, alpha, target, min_psi, min_share_change) for p in pending}
+    judged.update({(c.scope, c.check): c for c in skipped})
+    scopes = [*profile.attributes, INPUT]
+    order = {s: i for i, s in enumerate(scopes)}
+    names = {c: i for i, c in enumerate((*ATTRIBUTE_CHECKS, *INPUT_CHECKS))}
+    return sorted(judged.values(), key=lambda c: (order[c.scope], names[c.check]))
 
 
-def format_health(run_id: str, checks: Sequence[Mapping[str, Any]] | None) -> str:
-    """The health checks of one run as a table, failed checks last."""
+def blocked_attributes(
+    checks: Iterable[Check], modes: Mapping[str, str], attributes: Sequence[str]
+) -> list[str]:
+    """The attributes whose values a run must not commit: a failed check whose mode (``modes``: check
+    name -> warn | block; the input checks under ``"inputs"``) is block; a failed input check in
+    block mode blocks every attribute."""
+    blocked: set[str] = set()
+    for c in checks:
+        if c.status != "failed":
+            continue
+        if c.scope == INPUT and modes.get("inputs") == "block":
+            blocked.update(attributes)
+        elif c.scope != INPUT and modes.get(c.check) == "block":
+            blocked.add(c.scope)
+    return [a for a in attributes if a in blocked]
+
+
+def format_health(run_id: str, checks: Sequence[Mapping[str, Any]], blocked: Sequence[str] = ()) -> str:
+    """The health checks of one run as a table, then what failed and what it blocked."""
     if not checks:
-        return f"run {run_id}: no health checks (nothing scored, or a model calibrated before them)"
+        return f"run {run_id}: no health checks (nothing scored, or a model trained before them)"
 
-    def num(x: Any, digits: int = 3) -> str:
-        return "-" if x is None else f"{x:.{digits}f}"
+    def num(x: Any, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x, fmt)
 
     lines = [
-        f"run {run_id}: health against the model's calibration",
-        f"  {'attribute':<16}{'scored':>8}{'PSI':>9}{'limit':>9}{'coverage':>10}{'calib.':>8}"
-        f"{'est. precision':>16}",
+        f"run {run_id}: health against the model's held-out products",
+        f"  {'scope':<16}{'check':<21}{'status':<9}{'n':>8}{'observed':>10}{'expected':>10}"
+        f"{'p':>10}{'level':>10}",
     ]
     for c in checks:
-        if c.get("skipped"):
-            lines.append(f"  {c['attribute']:<16}{c['scored']:>8}  skipped: {c['skipped']}")
-            continue
         lines.append(
-            f"  {c['attribute']:<16}{c['scored']:>8}{num(c['psi'], 4):>9}{num(c['psi_limit'], 4):>9}"
-            f"{num(c['coverage']):>10}{num(c['expected_coverage']):>8}{num(c['estimated_precision']):>16}"
+            f"  {c['scope']:<16}{c['check']:<21}{c['status']:<9}{c['products']:>8}{num(c['observed']):>10}"
+            f"{num(c['expected']):>10}{num(c['p_value'], '.2g'):>10}{num(c['alpha'], '.2g'):>10}"
         )
-    failures = [f for c in checks for f in c.get("failures", [])]
+    failures = [c["message"] for c in checks if c["status"] == "failed"]
     lines.append("failed: " + "; ".join(failures) if failures else "every check passed")
+    if blocked:
+        lines.append("blocked (values not written): " + ", ".join(blocked))
     return "\n".join(lines)
+
+
+def plot_scores(profile: HealthProfile, tally: HealthTally, out: Path) -> list[Path]:
+    """One PNG per attribute scored in the run (``out/health_<attribute>.png``): the top score's
+    histogram tonight over the held-out one, on the baseline's decile bins (as densities, so the
+    unequal bins compare)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, base in profile.attributes.items():
+        counted = tally.attributes.get(name)
+        if counted is None or not sum(counted.scores):
+            continue
+        edges = np.array([0.0, *base.edges, 1.0])
+        widths = np.maximum(np.diff(edges), 1e-9)
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for counts, label, fill in (
+            (base.scores, f"held-out at training (m={base.products:,})", True),
+            (counted.scores, f"this run (n={sum(counted.scores):,})", False),
+        ):
+            density = np.asarray(counts, np.float64) / max(1, sum(counts)) / widths
+            ax.stairs(density, edges, label=label, fill=fill, alpha=0.35 if fill else 1.0, linewidth=2)
+        ax.set_xlabel("top score")
+        ax.set_ylabel("density")
+        ax.set_title(f"{name}: top score, this run over training's held-out products")
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"health_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -342,8 +342,10 @@ def log_enrichment_run(
     report: Mapping[str, Any],
     params: Mapping[str, Any],
     metrics: Mapping[str, float],
+    files: Sequence[Path] = (),
 ) -> str:
-    """One MLflow run in the enrichment experiment: params, metrics and the report as JSON."""
+    """One MLflow run in the enrichment experiment: params, metrics, the report as JSON and
+    ``files`` (the run health plots)."""
     return _log_run(
         client,
         experiment=experiment,
@@ -353,6 +355,7 @@ def log_enrichment_run(
         params=params,
         metrics=metrics,
         documents={"run_report.json": report},
+        files=files,
     )
 
 

@@ -132,7 +132,7 @@ def test_bad_catalogs_are_clear_errors(
 
 def _reviews(rows: list[tuple[str, str, str, str, str]]) -> pa.Table:
     """(product, attribute, value, verdict, reviewed_at day) -> a reviews table."""
-    from catalog_enrichment.catalog.reviews import review_schema
+    from catalog_enrichment.catalog.base import keyed_schema
 
     return pa.Table.from_pylist(
         [
@@ -150,7 +150,7 @@ def _reviews(rows: list[tuple[str, str, str, str, str]]) -> pa.Table:
             }
             for p, a, v, verdict, day in rows
         ],
-        schema=review_schema("reviews"),
+        schema=keyed_schema("reviews"),
     )
 
 

@@ -1,7 +1,8 @@
 """The Airflow DAGs against a real Airflow installation (its own environment: make airflow-venv).
 
-The DAG files must import with zero errors, and the nightly DAG runs once end to end with
-``airflow dags test`` against a small catalog, leaving a succeeded run report.
+The DAG files must import with zero errors; the nightly DAG runs end to end with ``airflow dags
+test`` against a small catalog, leaving a succeeded run report and the night's review sample, and
+on a drifted feed its health check fails the DAG run and the review sample never starts.
 """
 
 from __future__ import annotations
@@ -40,15 +41,19 @@ def _airflow_env(tmp: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def _dags_test(tmp: Path, config: Path, dag_id: str, date: str, *, timeout: int) -> None:
+def _dags_test(
+    tmp: Path, config: Path, dag_id: str, date: str, *, timeout: int, succeeds: bool = True
+) -> dict[str, str]:
     """``airflow dags test`` of one DAG run, its tasks calling this checkout's ``catalog-enrich``
-    with ``config``; asserts the run succeeded."""
+    with ``config`` (review samples under ``tmp/review``); asserts the DAG run's state (success
+    or failed) and returns each task's state."""
     cli = str(Path(sys.executable).with_name("catalog-enrich"))
     env = _airflow_env(
         tmp,
         CATALOG_ENRICH_CONFIG=str(config),
         CATALOG_ENRICH_SUBMIT=cli,
         CATALOG_ENRICH_CLI=cli,
+        CATALOG_ENRICH_REVIEW_DIR=str(tmp / "review"),
         PYTHONPATH=str(repo_root() / "src"),  # the job's checkout (the Airflow process ignores it)
         PYSPARK_PYTHON=sys.executable,
     )
@@ -58,7 +63,22 @@ def _dags_test(tmp: Path, config: Path, dag_id: str, date: str, *, timeout: int)
     run = subprocess.run(
         [airflow, "dags", "test", dag_id, date], env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    runs = subprocess.run(
+        [airflow, "dags", "list-runs", dag_id, "-o", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    state = {r["logical_date"][:10]: r["state"] for r in json.loads(runs.stdout.strip().splitlines()[-1])}
+    assert state[date] == ("success" if succeeds else "failed"), (run.stdout + run.stderr)[-5000:]
+    tasks = subprocess.run(
+        [airflow, "tasks", "states-for-dag-run", dag_id, next(r["run_id"] for r in json.loads(
+            runs.stdout.strip().splitlines()[-1]) if r["logical_date"][:10] == date), "-o", "json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert tasks.returncode == 0, tasks.stderr[-3000:]
+    return {t["task_id"]: t["state"] for t in json.loads(tasks.stdout.strip().splitlines()[-1])}
 
 
 INSPECT = """
@@ -98,33 +118,61 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
     # the same run as cron's: incremental over every partition
     assert enrich["command"].endswith(" enrich --run-id nightly-{{ ds }}"), enrich["command"]
     assert "report --run-id nightly-{{ ds }} --check" in nightly["tasks"]["check_report"]["command"]
+    assert "report --run-id nightly-{{ ds }} --health --check" in nightly["tasks"]["check_health"]["command"]
+    assert "review sample --run-id nightly-{{ ds }}" in nightly["tasks"]["review_sample"]["command"]
     assert list(info["dags"]["catalog_enrichment_weekly"]["tasks"]) == ["labels", "train", "promote"]
 
 
-@pytest.mark.spark
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_the_nightly_dag_runs_end_to_end(tmp_path: Path, incoming, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
-    from catalog_enrichment.catalog.lakehouse import read_table
-
-    _, uri, _, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
-    config = tmp_path / "nightly.yaml"
+def _nightly_config(tmp: Path, uri: str, lake: Path, products: Path) -> Path:
+    config = tmp / f"{lake.name}.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "spark": {"master": "local[2]"},
                 "mlflow": {"tracking_uri": uri, "registered_model": "tiny"},
-                "catalog": {"root": str(tmp_path / "lake"), "products": str(incoming.products)},
+                "catalog": {"root": str(lake), "products": str(products)},
                 "inference": {"device": "cpu"},
                 "validation": {"run_expectations": False, "max_invalid_fraction": 0.1},
             }
         )
     )
-    _dags_test(tmp_path, config, "catalog_enrichment_nightly", "2026-11-02", timeout=500)
+    return config
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_nightly_dag_runs_end_to_end_and_a_drifted_night_fails_its_health_check(  # type: ignore[no-untyped-def]
+    tmp_path: Path, incoming, scoring_bundle
+) -> None:
+    from catalog_enrichment.bench.drift import stripped_titles
+    from catalog_enrichment.catalog.lakehouse import read_table, write_table
+
+    _, uri, _, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
+    products = read_table(incoming.products).slice(0, 800)
+    write_table(tmp_path / "clean", products)
+    config = _nightly_config(tmp_path, uri, tmp_path / "lake", tmp_path / "clean")
+    tasks = _dags_test(tmp_path, config, "catalog_enrichment_nightly", "2026-11-02", timeout=500)
+    assert tasks == {
+        "enrich": "success", "check_report": "success", "check_health": "success",
+        "review_sample": "success", "report_failure": "skipped",
+    }  # fmt: skip
     report = report_for(read_reports(tmp_path / "lake" / "run_reports"), "nightly-2026-11-02")
     # incremental over the whole catalog: the first run reads every partition
     assert report.status == "succeeded" and report.partition is None
-    assert report.rows_read == read_table(incoming.products).num_rows
+    assert report.rows_read == products.num_rows
+    assert (tmp_path / "review" / "nightly-2026-11-02.csv").is_file()
+
+    # a feed whose titles are stripped to ids: the run succeeds, its health check fails the DAG run
+    write_table(tmp_path / "stripped", stripped_titles(products))
+    config = _nightly_config(tmp_path, uri, tmp_path / "drifted-lake", tmp_path / "stripped")
+    tasks = _dags_test(
+        tmp_path, config, "catalog_enrichment_nightly", "2026-11-03", timeout=500, succeeds=False
+    )
+    assert tasks["enrich"] == "success" and tasks["check_report"] == "success"
+    assert tasks["check_health"] == "failed" and tasks["report_failure"] == "failed"
+    assert tasks["review_sample"] == "upstream_failed"  # never started
+    assert not (tmp_path / "review" / "nightly-2026-11-03.csv").exists()
 
 
 @pytest.mark.slow

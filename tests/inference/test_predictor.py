@@ -313,7 +313,11 @@ def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonom
         names=["product_id", "merchant_attributes"],
     )
     policy = _policy(taxonomy, value=0.7)
-    out = decide_batch(policy, batch.slice(5), Scores({k: v[5:] for k, v in probs.items()}, errors[5:]))
+    out = decide_batch(
+        policy,
+        batch.slice(5),
+        Scores({k: v[5:] for k, v in probs.items()}, errors[5:], [None] * len(errors[5:])),
+    )
     assert out.schema == OUTPUT_SCHEMA and out.num_rows == n - 5
     values, scored = policy.decide(
         {k: v[5:] for k, v in probs.items()},
@@ -343,7 +347,7 @@ def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonom
     # product 7 (i % 7 == 0: undecodable image) is not decided at all
     assert out.column("values")[2].as_py() == [] and out.column("scored")[2].as_py() == []
     # an empty batch gives an empty output of the same schema
-    empty = decide_batch(policy, batch.slice(0, 0), Scores({k: v[:0] for k, v in probs.items()}, []))
+    empty = decide_batch(policy, batch.slice(0, 0), Scores({k: v[:0] for k, v in probs.items()}, [], []))
     assert empty.schema == OUTPUT_SCHEMA and empty.num_rows == 0
 
 
@@ -357,13 +361,13 @@ def test_values_people_rejected_are_never_written_and_the_pair_is_still_scored(t
         names=["product_id", "merchant_attributes"],
     )
     policy = _policy(taxonomy, value=0.7)
-    plain = decide_batch(policy, batch, Scores(probs, [None, None]))
+    plain = decide_batch(policy, batch, Scores(probs, [None, None], [None, None]))
     color, pattern = taxonomy["color"], taxonomy["pattern"]
     rejected = {
         "p0": [f"color={color.values[1]}", f"pattern={pattern.values[0]}", "color=ultraviolet", "fit=slim"],
         "p9": [f"color={color.values[0]}"],  # a product not in the batch
     }
-    out = decide_batch(policy, batch, Scores(probs, [None, None]), rejected)
+    out = decide_batch(policy, batch, Scores(probs, [None, None], [None, None]), rejected)
     before, after = plain.column("values")[0].as_py(), out.column("values")[0].as_py()
     gone = [(d["attribute"], d["value"]) for d in before if d not in after]
     # exactly the two rejected values; pattern's rejected top value is not replaced by its runner-up

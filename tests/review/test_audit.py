@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from catalog_enrichment.catalog.reviews import review_schema
+from catalog_enrichment.catalog.base import keyed_schema
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.review.audit import BELOW, MEETS, audit_sample, format_audit, weighted_precision
 from catalog_enrichment.review.sample import NO_CATEGORY, stratified_sample
@@ -96,8 +96,8 @@ def _sample_tables(
                 }
             )
     return (
-        pa.Table.from_pylist(samples, schema=review_schema("review_samples")),
-        pa.Table.from_pylist(reviews, schema=review_schema("reviews")),
+        pa.Table.from_pylist(samples, schema=keyed_schema("review_samples")),
+        pa.Table.from_pylist(reviews, schema=keyed_schema("reviews")),
     )
 
 
@@ -219,5 +219,5 @@ def test_the_audit_benchmark_counts_intervals_that_hold_the_truth(tmp_path) -> N
     assert set(counts["inside"]) == {"color", "pattern"} and all(
         0 <= n <= 3 for n in counts["inside"].values()
     )
-    assert written.catalog.review_rows("review_samples").num_rows == 0  # nothing recorded
+    assert written.catalog.keyed_rows("review_samples").num_rows == 0  # nothing recorded
     assert "| 0.5 |" in format_audit_markdown(result)

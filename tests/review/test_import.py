@@ -59,7 +59,7 @@ def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
     path = _write(_good(drawn), tmp_path / "verdicts.csv")
     first = import_verdicts(catalog, path, now=NOW)
     assert (first.rows_read, first.verdicts, first.not_reviewed, first.inserted) == (10, 8, 2, 8)
-    stored = catalog.review_rows("reviews")
+    stored = catalog.keyed_rows("reviews")
     assert stored.num_rows == 8 and set(stored["verdict"].to_pylist()) == {"yes", "no", "unsure"}
     assert set(stored["reviewer"].to_pylist()) == {"ana"} and set(stored["source_file"].to_pylist()) == {
         "verdicts.csv"
@@ -72,7 +72,7 @@ def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
     again = import_verdicts(catalog, path, now=NOW + dt.timedelta(days=1))
     assert (again.inserted, again.updated, again.unchanged) == (0, 0, 8)
     assert DeltaTable(str(version)).version() == commits  # nothing written at all
-    assert catalog.review_rows("reviews") == stored
+    assert catalog.keyed_rows("reviews") == stored
 
     # ana changes her mind on the first value (later), bea judges it too
     changed = _verdicts(drawn.rows.slice(0, 1), ["no"], when="2026-11-04T09:00:00+01:00")
@@ -80,12 +80,12 @@ def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
     path2 = _write(pa.concat_tables([changed, other]), tmp_path / "verdicts2.parquet")
     result = import_verdicts(catalog, path2, now=NOW + dt.timedelta(days=1))
     assert (result.inserted, result.updated) == (1, 1)
-    latest = latest_verdicts(catalog.review_rows("reviews"))
+    latest = latest_verdicts(catalog.keyed_rows("reviews"))
     first_key = tuple(drawn.rows.slice(0, 1).to_pylist()[0][k] for k in ("product_id", "attribute", "value"))
     mine = [r for r in latest.to_pylist() if (r["product_id"], r["attribute"], r["value"]) == first_key]
     assert len(mine) == 1 and mine[0]["reviewer"] == "ana" and mine[0]["verdict"] == "no"  # 08:00Z > 07:00Z
-    assert first_key in rejected_values(catalog.review_rows("reviews"), "3")
-    assert not rejected_values(catalog.review_rows("reviews"), "4")
+    assert first_key in rejected_values(catalog.keyed_rows("reviews"), "3")
+    assert not rejected_values(catalog.keyed_rows("reviews"), "4")
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_a_malformed_file_imports_nothing(
     with pytest.raises(ReviewFileError, match="nothing imported") as error:
         import_verdicts(catalog, path, now=NOW)
     assert message in str(error.value) and "row 6" in str(error.value)
-    assert catalog.review_rows("reviews").num_rows == 0
+    assert catalog.keyed_rows("reviews").num_rows == 0
 
 
 def test_a_verdict_a_few_minutes_ahead_of_the_import_is_clock_skew_not_the_future(
@@ -143,7 +143,7 @@ def test_unreadable_files_and_contradictions_are_clear_errors(
     twice = pa.concat_tables([_good(drawn, 1), _verdicts(drawn.rows.slice(0, 1), ["no"])])
     with pytest.raises(ReviewFileError, match="gave 'yes' and 'no' to the same value"):
         import_verdicts(catalog, _write(twice, tmp_path / "c.csv"))
-    assert catalog.review_rows("reviews").num_rows == 0
+    assert catalog.keyed_rows("reviews").num_rows == 0
 
 
 @pytest.mark.postgres
@@ -154,8 +154,8 @@ def test_the_postgres_catalog_keeps_samples_and_verdicts_the_same_way(
     pg = open_catalog(pg_catalog_config)
     with pg.connect():  # migrations applied
         pass
-    pg.write_review_rows("review_samples", drawn.rows)
-    assert pg.review_rows("review_samples").sort_by("product_id") == drawn.rows.sort_by("product_id")
+    pg.upsert_rows("review_samples", drawn.rows)
+    assert pg.keyed_rows("review_samples").sort_by("product_id") == drawn.rows.sort_by("product_id")
     path = _write(_good(drawn), tmp_path / "verdicts.csv")
     assert import_verdicts(pg, path, now=NOW).inserted == 8
     assert import_verdicts(pg, path, now=NOW).unchanged == 8
@@ -163,5 +163,5 @@ def test_the_postgres_catalog_keeps_samples_and_verdicts_the_same_way(
     assert (
         import_verdicts(pg, _write(changed, tmp_path / "v2.csv"), now=NOW + dt.timedelta(days=2)).updated == 1
     )
-    stored = pg.review_rows("reviews")
+    stored = pg.keyed_rows("reviews")
     assert stored.num_rows == 8 and stored.filter(pa.compute.equal(stored["verdict"], "no")).num_rows == 3

@@ -108,7 +108,7 @@ def test_clicks_on_the_review_page_become_verdicts_that_import(
     assert (result.rows_read, result.inserted) == (3, 3)
     stored = {
         (r["product_id"], r["attribute"], r["value"]): r
-        for r in written.catalog.review_rows("reviews").to_pylist()
+        for r in written.catalog.keyed_rows("reviews").to_pylist()
     }
     rows = drawn.rows.to_pylist()
     for i, verdict in enumerate(["yes", "no", "yes"]):

@@ -108,7 +108,7 @@ def test_a_sample_records_each_rows_stratum_and_population(written: WrittenCatal
     drawn = draw_sample(written.catalog, model_version="3", size=120, seed=1)
     rows = drawn.rows.to_pylist()
     assert len(rows) == 120 and drawn.population == len(written.truth)
-    stored = written.catalog.review_rows("review_samples")
+    stored = written.catalog.keyed_rows("review_samples")
     assert stored.num_rows == 120 and set(stored["sample_id"].to_pylist()) == {drawn.sample_id}
     for r in rows:
         cell = [
@@ -131,7 +131,7 @@ def test_a_sample_of_nothing_or_of_two_things_is_a_clear_error(written: WrittenC
         draw_sample(written.catalog, model_version="3", run_id="enrich-1")
     with pytest.raises(CatalogEnrichError, match="at least 1"):
         draw_sample(written.catalog, model_version="3", size=0)
-    assert written.catalog.review_rows("review_samples").num_rows == 0
+    assert written.catalog.keyed_rows("review_samples").num_rows == 0
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -210,7 +210,7 @@ def test_no_csv_cell_is_a_formula_and_a_filled_file_imports_the_exact_values(
         sample = sample.set_column(sample.schema.get_field_index(name), name, pa.array([value] * n))
     pcsv.write_csv(sample, tmp_path / "filled.csv")
     assert import_verdicts(hostile.catalog, tmp_path / "filled.csv").inserted == n
-    stored = hostile.catalog.review_rows("reviews")
+    stored = hostile.catalog.keyed_rows("reviews")
     assert set(stored["product_id"].to_pylist()) == set(drawn.rows["product_id"].to_pylist())
 
 

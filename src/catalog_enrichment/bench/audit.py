@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_enrichment.catalog.reviews import review_schema
+from catalog_enrichment.catalog.base import keyed_schema
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.truth import truth_lookup, truth_verdicts, written_precision
 from catalog_enrichment.errors import CatalogEnrichError
@@ -42,7 +42,7 @@ def _verdicts(sample: pa.Table, lookup: dict[tuple[str, str], set[str]]) -> pa.T
             "source_file": ["truth"] * n,
             "imported_at": pa.array([_T0] * n, pa.timestamp("us", "UTC")),
         }
-    ).cast(review_schema("reviews"))
+    ).cast(keyed_schema("reviews"))
 
 
 def run_audit_benchmark(

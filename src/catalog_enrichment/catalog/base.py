@@ -2,8 +2,8 @@
 
 :class:`Catalog` is everything a run, a backfill and a rollback need from the catalog: the lock,
 the products, the run reports (and so the watermark), one write per run (stage, then one commit of
-the values with the run's quarantine rows), rollback, the two human-review tables and the embedding
-store (:mod:`catalog_enrichment.catalog.embeddings`).
+the values with the run's quarantine rows), rollback, the keyed tables (the two human-review tables
+and the run health checks) and the embedding store (:mod:`catalog_enrichment.catalog.embeddings`).
 ``catalog.kind`` picks the backend (:func:`catalog_enrichment.catalog.open_catalog`):
 
 * ``lakehouse`` (:class:`~catalog_enrichment.catalog.embedded.LakehouseCatalog`): Delta tables under
@@ -34,21 +34,37 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 
 from catalog_enrichment.catalog.reports import RunReport
-from catalog_enrichment.catalog.reviews import ReviewTable
-from catalog_enrichment.contracts import Contract
+from catalog_enrichment.contracts import Contract, load_contract
 
 __all__ = [
     "FAULT_ENV",
+    "KEYED_TABLES",
     "Catalog",
+    "KeyedTable",
     "MergeResult",
     "RollbackResult",
     "RunWrite",
     "empty_folder",
     "fault_during",
     "fault_point",
+    "keyed_key",
+    "keyed_schema",
 ]
 
 Say = Callable[[str], None]
+
+# The small tables a catalog keeps keyed by their contract's primary key (upserted, read whole):
+# people's review samples and verdicts, and every run's health checks.
+KeyedTable = Literal["review_samples", "reviews", "run_health"]
+KEYED_TABLES: tuple[KeyedTable, ...] = ("review_samples", "reviews", "run_health")
+
+
+def keyed_schema(name: KeyedTable) -> pa.Schema:
+    return load_contract(name).arrow_schema()
+
+
+def keyed_key(name: KeyedTable) -> list[str]:
+    return list(load_contract(name).primary_key)
 
 
 @dataclass
@@ -203,13 +219,13 @@ class Catalog(Protocol):
         """The whole quarantine table (the quarantine contract's columns)."""
         ...
 
-    def review_rows(self, name: ReviewTable) -> pa.Table:
-        """The whole ``review_samples`` or ``reviews`` table (its contract's columns; empty when
-        there is none yet)."""
+    def keyed_rows(self, name: KeyedTable) -> pa.Table:
+        """The whole ``review_samples``, ``reviews`` or ``run_health`` table (its contract's
+        columns; empty when there is none yet)."""
         ...
 
-    def write_review_rows(self, name: ReviewTable, rows: pa.Table) -> None:
-        """Insert ``rows`` into a review table, replacing rows with the same key, in one commit."""
+    def upsert_rows(self, name: KeyedTable, rows: pa.Table) -> None:
+        """Insert ``rows`` into a keyed table, replacing rows with the same key, in one commit."""
         ...
 
     def stored_embeddings(self, spark: Any, encoder: str) -> Any:

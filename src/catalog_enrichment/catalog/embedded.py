@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.catalog import attributes, lakehouse, products, reports
 from catalog_enrichment.catalog.base import (
+    KEYED_TABLES,
+    KeyedTable,
     MergeResult,
     RollbackResult,
     RunWrite,
@@ -27,10 +29,11 @@ from catalog_enrichment.catalog.base import (
     empty_folder,
     fault_during,
     fault_point,
+    keyed_key,
+    keyed_schema,
 )
 from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema, keep_one_per_product
 from catalog_enrichment.catalog.lock import catalog_lock
-from catalog_enrichment.catalog.reviews import ReviewTable, review_key, review_schema
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError
@@ -52,7 +55,7 @@ class LakehouseCatalog:
         self.changes = Path(cfg.table("attribute_changes"))
         self.quarantine = Path(cfg.table("quarantine"))
         self.reports = Path(cfg.table("run_reports"))
-        self.review_tables = {name: Path(cfg.table(name)) for name in ("review_samples", "reviews")}
+        self.keyed_tables = {name: Path(cfg.table(name)) for name in KEYED_TABLES}
         self.embeddings = Path(cfg.table("embeddings"))
 
     def describe(self) -> str:
@@ -161,23 +164,23 @@ class LakehouseCatalog:
             return schema.empty_table()
         return lakehouse.read_table(self.quarantine).select(schema.names).cast(schema)
 
-    def review_rows(self, name: ReviewTable) -> pa.Table:
-        path = self.review_tables[name]
+    def keyed_rows(self, name: KeyedTable) -> pa.Table:
+        path = self.keyed_tables[name]
         if not (path / "_delta_log").is_dir():
-            return review_schema(name).empty_table()
-        return lakehouse.read_table(path).select(review_schema(name).names).cast(review_schema(name))
+            return keyed_schema(name).empty_table()
+        return lakehouse.read_table(path).select(keyed_schema(name).names).cast(keyed_schema(name))
 
-    def write_review_rows(self, name: ReviewTable, rows: pa.Table) -> None:
+    def upsert_rows(self, name: KeyedTable, rows: pa.Table) -> None:
         """Insert ``rows``, replacing those with the same key, in one Delta commit."""
         from deltalake import DeltaTable, write_deltalake
 
-        path, schema = self.review_tables[name], review_schema(name)
+        path, schema = self.keyed_tables[name], keyed_schema(name)
         rows = rows.select(schema.names).cast(schema)
         if not (path / "_delta_log").is_dir():
             path.mkdir(parents=True, exist_ok=True)
             write_deltalake(str(path), rows, mode="error")
             return
-        on = " AND ".join(f"t.{k} = s.{k}" for k in review_key(name))
+        on = " AND ".join(f"t.{k} = s.{k}" for k in keyed_key(name))
         (
             DeltaTable(str(path))
             .merge(rows, predicate=on, source_alias="s", target_alias="t")

@@ -235,7 +235,7 @@ def write_labels(*, catalog: Catalog, evaluation: Path | None, out: Path, taxono
         eval_table, sources["evaluation"] = _read(evaluation, "evaluation")
         exclude = {p for p in eval_table["product_id"].to_pylist() if p is not None}
     table, report = build_labels(
-        product_table, attribute_table, taxonomy, exclude_ids=exclude, reviews=catalog.review_rows("reviews")
+        product_table, attribute_table, taxonomy, exclude_ids=exclude, reviews=catalog.keyed_rows("reviews")
     )
     report.sources = sources
     if table.num_rows == 0:

@@ -38,18 +38,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import (
+    KeyedTable,
     MergeResult,
     RollbackResult,
     RunWrite,
     Say,
     empty_folder,
     fault_point,
+    keyed_key,
+    keyed_schema,
 )
 from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema, keep_one_per_product
 from catalog_enrichment.catalog.lock import CatalogBusy
 from catalog_enrichment.catalog.products import Partition, changed_since
 from catalog_enrichment.catalog.reports import MAPS, RunReport
-from catalog_enrichment.catalog.reviews import ReviewTable, review_key, review_schema
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import UNREADABLE, Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
@@ -918,15 +920,15 @@ class PostgresCatalog:
     def quarantine_rows(self) -> pa.Table:
         return self._table("quarantine", "quarantine")
 
-    def review_rows(self, name: ReviewTable) -> pa.Table:
+    def keyed_rows(self, name: KeyedTable) -> pa.Table:
         return self._table(name, name)
 
-    def write_review_rows(self, name: ReviewTable, rows: pa.Table) -> None:
+    def upsert_rows(self, name: KeyedTable, rows: pa.Table) -> None:
         """Insert ``rows``, replacing those with the same key, in one transaction."""
         from psycopg import sql
 
-        names = review_schema(name).names
-        key = review_key(name)
+        names = keyed_schema(name).names
+        key = keyed_key(name)
         statement = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
             self._name(name),
             sql.SQL(", ").join(map(sql.Identifier, names)),

@@ -234,6 +234,10 @@ def format_report(report: RunReport) -> str:
             stats = info.get("statistics", {})
             met, total = stats.get("successful_expectations", 0), stats.get("evaluated_expectations", 0)
             lines.append(f"  GX suite     {met}/{total} expectations met")
+        if "health" in info:
+            failed = len(info.get("health_failures") or [])
+            blocked = ", ".join(info.get("health_blocked") or []) or "nothing"
+            lines.append(f"  health       {failed} failed check(s), blocked {blocked} (report --health)")
         if info.get("error"):
             lines.append(f"  error        {info['error']}")
     return "\n".join(lines)

@@ -22,30 +22,27 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.catalog.base import keyed_key, keyed_schema
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
     "FILE_COLUMNS",
     "VERDICTS",
     "ImportResult",
-    "ReviewTable",
     "import_verdicts",
     "latest_verdicts",
     "neutralize_formulas",
     "read_verdict_file",
     "rejected_values",
-    "review_schema",
     "verdict_rows",
     "verdicts_by_value",
 ]
 
-ReviewTable = Literal["review_samples", "reviews"]
 VERDICTS = ("yes", "no", "unsure")
 ITEM = ("sample_id", "product_id", "attribute", "value")
 # what a verdict file must hold (the sample file and the review page's download both do)
@@ -76,14 +73,6 @@ def neutralize_formulas(table: pa.Table) -> pa.Table:
 def _restored(text: str) -> str:
     """A cell of a CSV verdict file as it was before :func:`neutralize_formulas`."""
     return text[1:] if _QUOTED_FORMULA.match(text) else text
-
-
-def review_schema(name: ReviewTable) -> pa.Schema:
-    return load_contract(name).arrow_schema()
-
-
-def review_key(name: ReviewTable) -> list[str]:
-    return list(load_contract(name).primary_key)
 
 
 @dataclass
@@ -241,13 +230,13 @@ def verdict_rows(
     unique = {
         tuple(r[k] for k in ("sample_id", "product_id", "attribute", "value", "reviewer")): r for r in rows
     }
-    return pa.Table.from_pylist(list(unique.values()), schema=review_schema("reviews")), skipped
+    return pa.Table.from_pylist(list(unique.values()), schema=keyed_schema("reviews")), skipped
 
 
 def _changes(new: pa.Table, existing: pa.Table) -> tuple[pa.Table, int, int]:
     """The rows of ``new`` that are not in ``existing`` as they are (provenance of the import
     aside), and how many of them replace a row with the same key."""
-    key = review_key("reviews")
+    key = keyed_key("reviews")
     compared = (*key, "verdict", "reviewed_at")
     old = {tuple(r[c] for c in compared) for r in existing.select(list(compared)).to_pylist()}
     old_keys = {tuple(r[c] for c in key) for r in existing.select(key).to_pylist()}
@@ -265,14 +254,14 @@ def import_verdicts(catalog: Any, path: Path, *, now: dt.datetime | None = None)
     """
     now = now or dt.datetime.now(dt.UTC)
     file = read_verdict_file(path)
-    samples = catalog.review_rows("review_samples")
+    samples = catalog.keyed_rows("review_samples")
     if samples.num_rows == 0:
         raise ReviewFileError(f"{catalog.describe()} holds no review sample; draw one with `review sample`")
     file_time = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
     rows, skipped = verdict_rows(file, samples, source_file=path.name, file_time=file_time, now=now)
-    changed, inserted, updated = _changes(rows, catalog.review_rows("reviews"))
+    changed, inserted, updated = _changes(rows, catalog.keyed_rows("reviews"))
     if changed.num_rows:
-        catalog.write_review_rows("reviews", changed)
+        catalog.upsert_rows("reviews", changed)
     return ImportResult(
         file.num_rows, rows.num_rows, skipped, inserted, updated, rows.num_rows - changed.num_rows
     )

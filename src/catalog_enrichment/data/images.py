@@ -40,6 +40,7 @@ __all__ = [
     "ImagePolicy",
     "decode_image",
     "encode_image",
+    "image_tone",
     "load_pixels",
     "render_product",
 ]
@@ -639,6 +640,13 @@ def load_pixels(
 
 
 _DEFAULT_POLICY = ImagePolicy()
+
+
+def image_tone(pixels: np.ndarray) -> float:
+    """A photo's colour balance, mean red minus mean blue of ``(H, W, 3)`` uint8 pixels (warm > 0 >
+    cool; 0 for a grey or black-and-white photo): the run health checks' photo-style statistic."""
+    means = pixels.reshape(-1, 3).mean(axis=0, dtype=np.float64)
+    return float(means[0] - means[2])
 
 
 def decode_image(

@@ -13,8 +13,9 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
     onnx/                with model.encoder_runtime: onnx, every encoder's backbone exported to ONNX
                          (models.runtime): CPU serves these graphs, a GPU the weights in weights.pt
     taxonomy.json        the taxonomy the heads were built for
-    calibration.json     thresholds, support and bounds per (attribute, value), and per attribute
-                         the calibration scores the run health checks compare with (health.py)
+    calibration.json     thresholds, support and bounds per (attribute, value), and the profile
+                         the run health checks compare a run with (health.py: held-out scores
+                         per attribute, the training products' inputs)
     evaluation.json      the test-split report of the training run
     manifest.json        the SHA-256 of every other file (a corrupt or partial copy is refused)
 

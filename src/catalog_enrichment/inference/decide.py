@@ -142,7 +142,7 @@ class DecisionPolicy:
                 + " (retrain the model or fix taxonomy_path)"
             )
         self.taxonomy = model_taxonomy
-        self.health = dict(calibration.health)  # the run health checks' baselines (health.py)
+        self.health = calibration.health  # the run health checks' baselines (health.py), or None
         self.target_precision = calibration.target_precision
         self.thresholds: dict[str, np.ndarray] = {}
         self.dropped: dict[str, list[str]] = {}

@@ -42,7 +42,7 @@ import torch
 
 from catalog_enrichment.catalog.embeddings import STORED_COLUMNS
 from catalog_enrichment.data.dataset import Collator
-from catalog_enrichment.data.images import ImagePolicy, load_pixels
+from catalog_enrichment.data.images import ImagePolicy, image_tone, load_pixels
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
 from catalog_enrichment.models import embedding
@@ -69,7 +69,8 @@ def score_columns(bundle: ModelBundle) -> list[str]:
 
 @dataclass
 class PreparedBatch:
-    """Model inputs of one batch (CPU tensors) and the per-row image errors.
+    """Model inputs of one batch (CPU tensors), the per-row image errors and the colour balance of
+    each photo decoded (``tone``, None where none was: the run health checks count it).
 
     With the embedding store: ``inputs`` hold only the rows to encode (``encode``, their positions);
     ``stored`` the packed vectors of the others; ``content`` every row's digest.
@@ -77,6 +78,7 @@ class PreparedBatch:
 
     inputs: dict[str, torch.Tensor]
     image_error: list[str | None]
+    tone: list[float | None]
     content: list[str] | None = None
     encode: np.ndarray | None = None
     stored: np.ndarray | None = None
@@ -87,7 +89,8 @@ class PreparedBatch:
 
 @dataclass
 class Scores:
-    """``probs``: attribute -> ``(n, n_values)`` float32; ``image_error``: ``(n,)`` reason or None.
+    """``probs``: attribute -> ``(n, n_values)`` float32; ``image_error``: ``(n,)`` reason or None;
+    ``tone``: each photo's colour balance where one was decoded (``data.images.image_tone``).
 
     With the embedding store: ``content`` every row's digest, ``embedding`` the packed vector of each
     row encoded by this call (None for rows read from the store and rows whose image failed).
@@ -95,6 +98,7 @@ class Scores:
 
     probs: dict[str, np.ndarray]
     image_error: list[str | None]
+    tone: list[float | None]
     content: list[str] | None = None
     embedding: list[bytes | None] | None = None
     reused: int = 0  # rows whose stored vector was fused
@@ -230,12 +234,13 @@ class BatchPredictor:
         part = (
             self._encoder_inputs(*([column[i] for i in rows] for column in columns))
             if rows
-            else PreparedBatch({}, [])
+            else PreparedBatch({}, [], [])
         )
         errors: list[str | None] = [None] * n
+        tones: list[float | None] = [None] * n
         for k, i in enumerate(rows):
-            errors[i] = part.image_error[k]
-        return PreparedBatch(part.inputs, errors, content, encode, stored)
+            errors[i], tones[i] = part.image_error[k], part.tone[k]
+        return PreparedBatch(part.inputs, errors, tones, content, encode, stored)
 
     def _encoder_inputs(
         self, titles: Sequence[Any], descriptions: Sequence[Any], images: Sequence[Any], uris: Sequence[Any]
@@ -246,12 +251,14 @@ class BatchPredictor:
         pixels = np.zeros((n, size, size, 3), np.uint8)
         present = np.zeros(n, np.float32)
         errors: list[str | None] = [None] * n
+        tones: list[float | None] = [None] * n
         for i, (raw, uri) in enumerate(zip(images, uris, strict=True) if self.reads_images else ()):
             # no image at all: scored as an imageless product; an unusable one: an error to quarantine
             decoded, errors[i] = load_pixels(raw, uri, prep.size, prep.interpolation, self.image_policy)
             if decoded is not None:
                 pixels[i] = decoded
                 present[i] = 1.0
+                tones[i] = image_tone(decoded)
         inputs = self.collator.tokenize(
             [t if isinstance(t, str) else "" for t in titles],
             [d if isinstance(d, str) else "" for d in descriptions],
@@ -267,7 +274,7 @@ class BatchPredictor:
         inputs["image_present"] = torch.from_numpy(present)
         if self.device.type == "cuda":
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
-        return PreparedBatch(inputs, errors)
+        return PreparedBatch(inputs, errors, tones)
 
     def _chunks(self, batches: Iterable[Data]) -> Iterator[tuple[Data, bool, tuple[list[Any], ...] | None]]:
         """``(input, is_last_chunk, columns)`` per model batch; an empty input gives one empty chunk."""
@@ -343,6 +350,7 @@ class BatchPredictor:
         """
         probs: dict[str, list[np.ndarray]] = {a.name: [] for a in self.bundle.taxonomy}
         errors: list[str | None] = []
+        tones: list[float | None] = []
         content: list[str] = []
         fresh: list[bytes | None] = []
         reused = 0
@@ -351,6 +359,7 @@ class BatchPredictor:
                 for a, p in self.forward(batch).items():
                     probs[a].append(p)
                 errors.extend(batch.image_error)
+                tones.extend(batch.tone)
                 if batch.content is not None:
                     content.extend(batch.content)
                     fresh.extend(self._fresh(batch))
@@ -366,13 +375,14 @@ class BatchPredictor:
                             for a in self.bundle.taxonomy
                         },
                         errors,
+                        tones,
                         content if self._stored_model is not None else None,
                         fresh if self._stored_model is not None else None,
                         reused,
                     ),
                 )
                 probs = {a.name: [] for a in self.bundle.taxonomy}
-                errors, content, fresh, reused = [], [], [], 0
+                errors, tones, content, fresh, reused = [], [], [], [], 0
 
     def score_arrow(self, data: Data) -> Scores:
         """Scores and image errors of every row of ``data`` (Arrow or pandas), in order."""

@@ -73,6 +73,7 @@ SCORING_INPUT = (
     "image",
     "image_uri",
     "merchant_attributes",
+    "category",  # read only by the run health checks
     "stored_content",
     "stored_embedding",
 )
@@ -93,15 +94,15 @@ class ScoringSpec:
 
 
 class _HealthTallies:
-    """AccumulatorParam merging ``{attribute: HealthTally}`` dicts."""
+    """AccumulatorParam merging :class:`~catalog_enrichment.health.HealthTally` counts."""
 
-    def zero(self, value: dict[str, Any]) -> dict[str, Any]:
-        return {}
+    def zero(self, value: Any) -> Any:
+        from catalog_enrichment.health import HealthTally
 
-    def addInPlace(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        for k, v in b.items():
-            a[k] = a[k].merge(v) if k in a else v
-        return a
+        return HealthTally()
+
+    def addInPlace(self, a: Any, b: Any) -> Any:
+        return a.merge(b)
 
 
 class _PidCounts:
@@ -125,7 +126,7 @@ class ScoringCounters:
     batches: Any
     reused: Any
     encoded: Any
-    health: Any  # {attribute: health.HealthTally} of every scored product
+    health: Any  # health.HealthTally of every scored product
 
     @classmethod
     def create(cls, spark: Any) -> ScoringCounters:
@@ -135,7 +136,7 @@ class ScoringCounters:
             sc.accumulator(0),
             sc.accumulator(0),
             sc.accumulator(0),
-            sc.accumulator({}, _HealthTallies()),
+            sc.accumulator(_HealthTallies().zero(None), _HealthTallies()),
         )
 
 
@@ -224,16 +225,16 @@ def score_batches(
     policy: Any,
     batches: Iterable[pa.RecordBatch],
     rejected: Mapping[str, Sequence[str]] | None = None,
-    tallies: dict[str, Any] | None = None,
+    tally: Any = None,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Score a stream of Arrow batches of valid products; per batch the decisions (``OUTPUT_SCHEMA``)
-    and how many of its products were fused from stored vectors (``tallies``: counted for the run
-    health checks, :func:`tally_health`).
+    and how many of its products were fused from stored vectors (``tally``: a
+    :class:`~catalog_enrichment.health.HealthTally` the run health counts are added to).
 
     This is a Spark task's whole loop: one preparation pipeline runs ahead across the batches.
     """
     for batch, scores in predictor.score_stream(b for b in batches if b.num_rows):
-        yield decide_batch(policy, batch, scores, rejected, tallies), scores.reused
+        yield decide_batch(policy, batch, scores, rejected, tally), scores.reused
 
 
 def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -258,20 +259,39 @@ def _rejected_matrix(
     return blocked
 
 
-def tally_health(policy: Any, probs: Mapping[str, np.ndarray], flat: Any, tallies: dict[str, Any]) -> None:
-    """Add one batch's decisions to the run health tallies of every attribute with a baseline."""
-    from catalog_enrichment.health import HealthTally
-
+def tally_health(policy: Any, batch: pa.RecordBatch, scores: Any, flat: Any, tally: Any) -> None:
+    """Add one scored batch to the run health counts: per attribute with a baseline, the scores of
+    the products scored for it and what was written; the inputs of every product in the batch."""
+    profile = policy.health
+    if profile is None:
+        return
     product = np.repeat(np.arange(len(flat.offsets) - 1), np.diff(flat.offsets))
     for a, attr in enumerate(policy.taxonomy):
-        base = policy.health.get(attr.name)
+        base = profile.attributes.get(attr.name)
         if base is None:
             continue
-        rows = flat.scored[:, a]
         mine = flat.attribute == a
-        tally = tallies.setdefault(attr.name, HealthTally.empty(base))
-        top = np.asarray(probs[attr.name], np.float64)[rows].max(axis=1, initial=0.0)
-        tally.add(base, top, len(np.unique(product[mine])), flat.confidence[mine])
+        rows = np.asarray(scores.probs[attr.name])[flat.scored[:, a]]
+        tally.add_attribute(attr.name, base, rows, len(np.unique(product[mine])), flat.confidence[mine])
+    if profile.inputs is not None:
+        names = batch.schema.names
+
+        def texts(name: str) -> list[Any]:
+            return batch.column(name).to_pylist() if name in names else [None] * batch.num_rows
+
+        present = np.zeros(batch.num_rows, bool)
+        for name in ("image", "image_uri"):
+            if name in names:
+                present |= batch.column(name).is_valid().to_numpy(zero_copy_only=False)
+        tally.add_inputs(
+            profile.inputs,
+            texts("title"),
+            texts("description"),
+            present.tolist(),
+            scores.image_error,
+            texts("category"),
+            scores.tone,
+        )
 
 
 def decide_batch(
@@ -279,10 +299,10 @@ def decide_batch(
     batch: pa.RecordBatch,
     scores: Any,
     rejected: Mapping[str, Sequence[str]] | None = None,
-    tallies: dict[str, Any] | None = None,
+    tally: Any = None,
 ) -> pa.RecordBatch:
     """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row;
-    ``rejected`` (product id -> ``attribute=value``): values never written; ``tallies``: the run
+    ``rejected`` (product id -> ``attribute=value``): values never written; ``tally``: the run
     health counts, added to."""
     from catalog_enrichment.inference.decide import merchant_filled
 
@@ -295,8 +315,8 @@ def decide_batch(
     )
     skip = np.array([e is not None for e in scores.image_error], bool)
     flat = policy.decide_flat(scores.probs, filled, skip, _rejected_matrix(policy, batch, rejected))
-    if tallies is not None:
-        tally_health(policy, scores.probs, flat, tallies)
+    if tally is not None:
+        tally_health(policy, batch, scores, flat, tally)
     attribute_names = pa.array(attributes, pa.string())
     values_type = OUTPUT_SCHEMA.field("values").type
     written = pa.StructArray.from_arrays(
@@ -369,13 +389,14 @@ def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) ->
             return  # an empty partition loads no model (a run with nothing new, an empty hash bucket)
         predictor, policy = _worker_state(spec, loads)
         stream = itertools.chain([first], rows)
-        tallies: dict[str, Any] = {}
-        for out, n_reused in score_batches(predictor, policy, stream, spec.rejected, tallies):
+        from catalog_enrichment.health import HealthTally
+
+        tally = HealthTally()
+        for out, n_reused in score_batches(predictor, policy, stream, spec.rejected, tally):
             batches.add(1)
             reused.add(n_reused)
             encoded.add(pc.count(out.column("embedding")).as_py())
-            health.add(dict(tallies))  # this batch's counts; the next batch counts afresh
-            tallies.clear()
+            health.add(tally.take())  # this batch's counts; the next batch counts afresh
             yield out
             _fault_kill_worker_once()
 

@@ -79,8 +79,8 @@ def audit_catalog(
         return version_target(cfg.calibration.target_precision, calibrated, f"{name} v{version}")
 
     return audit_sample(
-        catalog.review_rows("review_samples"),
-        catalog.review_rows("reviews"),
+        catalog.keyed_rows("review_samples"),
+        catalog.keyed_rows("reviews"),
         model_version=model_version,
         sample_id=sample_id,
         target_of=target_of,

@@ -37,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_enrichment.catalog.reviews import neutralize_formulas, review_schema
+from catalog_enrichment.catalog.base import keyed_schema
+from catalog_enrichment.catalog.reviews import neutralize_formulas
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -203,10 +204,10 @@ def draw_sample(
             "attribute_size": [attributes[k[0]] for k in keys],
             "drawn_at": [now] * len(picked),
         },
-        schema=review_schema("review_samples"),
+        schema=keyed_schema("review_samples"),
     )
     if record:
-        catalog.write_review_rows("review_samples", table)
+        catalog.upsert_rows("review_samples", table)
     return DrawnSample(sample_id, table, rows.num_rows)
 
 

@@ -46,9 +46,9 @@ from catalog_enrichment.data.dataset import (
     canonical_order,
     encode_labels,
 )
-from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.data.images import ImagePolicy, image_tone
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
-from catalog_enrichment.health import baseline
+from catalog_enrichment.health import HealthProfile, InputBaseline, attribute_baseline, input_baseline
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.metrics import (
     attribute_average_precision,
@@ -149,6 +149,7 @@ class TrainedModel:
     family_set: tuple[Predictions, EncodedLabels] | None = None
     label_issues: pd.DataFrame | None = None
     product_ids: list[str | None] = field(default_factory=list)
+    health_set: tuple[Predictions, EncodedLabels] | None = None  # what the run health baselines come from
 
     def bundle(self) -> ModelBundle:
         """The trained model as a loaded bundle (what serving holds), without writing it."""
@@ -165,8 +166,10 @@ class TrainedModel:
         """Thresholds under other calibration settings (e.g. the other scope) from the stored
         held-out scores, and the test report they give; the model is not touched."""
         assert self.calibration_set is not None and self.test_predictions is not None
-        assert self.test_labels is not None
+        assert self.test_labels is not None and self.health_set is not None
         calibration = calibrate(*self.calibration_set, self.taxonomy, cfg, family=self.family_set)
+        inputs = None if self.calibration.health is None else self.calibration.health.inputs
+        calibration = with_health(calibration, *self.health_set, self.taxonomy, inputs)
         return calibration, evaluate(self.test_predictions, self.test_labels, self.taxonomy, calibration)
 
 
@@ -301,7 +304,6 @@ def calibrate(
     """
     c = cfg.calibration
     attrs = {}
-    health = {}
     for attr in taxonomy:
         scores, y = labels.labelled(preds.probs, attr.name)
         family_scores = family_labels = None
@@ -323,10 +325,31 @@ def calibrate(
             value_floor=c.value_floor,
             shrinkage=c.shrinkage,
         )
-        base = baseline(scores, y, attr.kind, attrs[attr.name].threshold_array())
+    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope)
+
+
+def with_health(
+    calibration: Calibration,
+    preds: Predictions,
+    labels: EncodedLabels,
+    taxonomy: Taxonomy,
+    inputs: InputBaseline | None,
+) -> Calibration:
+    """``calibration`` with the run health checks' profile (``health.py``): each attribute's
+    baseline from the scores of the model that serves on held-out products (``preds``, ``labels``;
+    not the calibration set, which with cross-fitting the fold models scored), at its thresholds."""
+    attributes = {}
+    for attr in taxonomy:
+        base = attribute_baseline(
+            preds.probs[attr.name],
+            labels.targets[attr.name],
+            attr.kind,
+            calibration.thresholds(attr.name),
+            labels.known.get(attr.name),
+        )
         if base is not None:
-            health[attr.name] = base
-    return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope, health)
+            attributes[attr.name] = base
+    return dataclasses.replace(calibration, health=HealthProfile(attributes, inputs))
 
 
 def _loader(
@@ -653,18 +676,36 @@ def _prune_noisy_labels(
     return issues.prune(labels, splits.train), pruned_val, table
 
 
-def _usable_images(table: pa.Table, policy: ImagePolicy, say: Progress) -> pa.Table:
-    """The rows whose image is usable or absent: serving quarantines a product whose image exists
-    but cannot be read or decoded, so training leaves it out too (counted in the log)."""
+def _usable_images(table: pa.Table, policy: ImagePolicy, say: Progress) -> tuple[pa.Table, InputBaseline]:
+    """The rows whose image is usable or absent (serving quarantines a product whose image exists
+    but cannot be read or decoded, so training leaves it out too, counted in the log), and the run
+    health checks' input baseline over every row."""
     records = ProductRecords.from_arrow(table, policy)
-    prep = ImagePreprocessing(size=32)  # usable or not does not depend on the size
-    errors = [records.pixels(i, prep)[1] for i in range(len(records))]
+    prep = ImagePreprocessing(size=32)  # usable or not (and the colour balance) hardly depend on the size
+    pixels = [records.pixels(i, prep) for i in range(len(records))]
+    errors = [e for _, e in pixels]
+    tones = [None if p is None else image_tone(p) for p, _ in pixels]
+    inputs = _input_baseline(table, errors, tones)
     bad = [e for e in errors if e is not None]
     if not bad:
-        return table
+        return table, inputs
     counts = {e: bad.count(e) for e in sorted(set(bad))}
     say(f"left out {len(bad):,} products whose image cannot be used: {counts}")
-    return table.filter(pa.array([e is None for e in errors]))
+    return table.filter(pa.array([e is None for e in errors])), inputs
+
+
+def _input_baseline(table: pa.Table, errors: list[str | None], tones: list[float | None]) -> InputBaseline:
+    """The run health checks' input baseline over every training product (usable image or not)."""
+
+    def column(name: str) -> list[Any]:
+        return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+    present = np.zeros(table.num_rows, bool)
+    for name in ("image", "image_uri"):
+        if name in table.column_names:
+            present |= table[name].is_valid().to_numpy(zero_copy_only=False)
+    texts = column("title"), column("description")
+    return input_baseline(*texts, present.tolist(), errors, column("category"), tones)
 
 
 def _reads(fusion: str) -> tuple[bool, ...]:
@@ -767,12 +808,12 @@ def _train_and_calibrate(
 
     _check_encoders_mode(cfg)
     policy = ImagePolicy.from_config(cfg.images, image_roots)
-    table = _usable_images(canonical_order(table), policy, say)
+    table, inputs = _usable_images(canonical_order(table), policy, say)
     n_own = table.num_rows
     if n_own == 0:
         raise CatalogEnrichError("the labelled table is empty")
     if test_table is not None:  # its rows go last: the test split, never trained or calibrated on
-        test_table = _usable_images(canonical_order(test_table), policy, say)
+        test_table, _ = _usable_images(canonical_order(test_table), policy, say)
         table = pa.concat_tables([table, test_table.select(table.column_names)], promote_options="default")
     records = ProductRecords.from_arrow(table, policy)
     labels = encode_labels(table, taxonomy)
@@ -888,6 +929,9 @@ def _train_and_calibrate(
     test_loader = scoring(splits.test)
     test_preds = predict(model, test_loader, device)
     test_labels = labels.subset(splits.test)
+    # the run health baselines: held-out products the final model never trained, fit or stopped on
+    health_set = family_set if test_table is not None else (test_preds, test_labels)
+    calibration = with_health(calibration, *health_set, taxonomy, inputs)
     report = evaluate(test_preds, test_labels, taxonomy, calibration)
     if fold_val is not None:
         report["_crossfit"] = _fold_gap(fold_val, family_set[0], val_labels, taxonomy, say)
@@ -932,4 +976,5 @@ def _train_and_calibrate(
         family_set,
         issues_table,
         records.product_id,
+        health_set,
     )
