@@ -16,7 +16,7 @@ from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.catalog.postgres import PostgresCatalog
 from catalog_enrichment.enrich import run_enrichment
-from catalog_enrichment.inference.bundle import load_bundle, read_encoder_fingerprint
+from catalog_enrichment.inference.bundle import BundleFolder, load_bundle
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import save_with_model, tiny_config, tiny_registry
 
@@ -73,8 +73,8 @@ def test_a_new_head_rescores_from_the_store_and_writes_what_a_fresh_encode_write
 ) -> None:
     products = read_table(incoming.products).slice(0, 600)
     cfg, catalog = _catalog(kind, tmp_path, products, pg_server, store=True)
-    encoder = read_encoder_fingerprint(scoring_bundle)
-    assert encoder is not None and read_encoder_fingerprint(new_head) == encoder
+    encoder = BundleFolder(scoring_bundle).encoder_fingerprint()
+    assert encoder is not None and BundleFolder(new_head).encoder_fingerprint() == encoder
 
     def run(bundle: Path, version: str, run_id: str, config: Any = cfg) -> dict[str, Any]:
         outcome = run_enrichment(
@@ -128,7 +128,7 @@ def test_embeddings_lists_the_store_and_vacuums_what_no_live_version_uses(  # ty
     from catalog_enrichment.cli import main
 
     client, uri, version, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
-    encoder, retired = read_encoder_fingerprint(scoring_bundle), "ab" * 16
+    encoder, retired = BundleFolder(scoring_bundle).encoder_fingerprint(), "ab" * 16
     assert encoder is not None
     assert registry.live_encoders(client, "tiny") == {encoder: [version]}  # tagged at registration
     now = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)

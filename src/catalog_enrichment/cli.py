@@ -15,10 +15,11 @@ import argparse
 import inspect
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from catalog_enrichment import __version__, commands
-from catalog_enrichment.commands import EXIT_ABORTED, EXIT_BUSY, overrides_from_flags
+from catalog_enrichment.bench.cli import long_tail_flag
+from catalog_enrichment.commands import EXIT_ABORTED, EXIT_BUSY
 from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -26,6 +27,7 @@ __all__ = ["build_parser", "main", "run"]
 
 Handler = Callable[[argparse.Namespace, AppConfig], int]
 Sub = Any  # argparse's subparsers action
+Flags = Callable[[argparse.ArgumentParser], None]
 
 
 def _command(sub: Sub, name: str, handler: Handler, *, contenders: bool = False) -> argparse.ArgumentParser:
@@ -79,17 +81,7 @@ def _generator_flags(parser: argparse.ArgumentParser, *, products_default: str) 
         default=None,
         help="write images as files referenced by image_uri instead of inline bytes",
     )
-    _long_tail_flag(parser)
-
-
-def _long_tail_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--long-tail",
-        action="store_true",
-        default=None,
-        help="the long-tailed synthetic marketplace: 40 product types, 30 colors, Zipf frequencies "
-        "(schemas/taxonomy-longtail.yaml)",
-    )
+    long_tail_flag(parser)
 
 
 def _model_flags(parser: argparse.ArgumentParser, *, products: bool = True) -> None:
@@ -244,6 +236,43 @@ def _report(sub: Sub) -> None:
     p.add_argument("--sample", metavar="ID", help="--audit: this sample")
 
 
+def _flag_layers(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the command's own flags set (above ``--set``, below nothing)."""
+    synthetic = {
+        "products": getattr(args, "products", None),
+        "seed": getattr(args, "seed", None),
+        "bad_rate": getattr(args, "bad_rate", None),
+        "label_noise": getattr(args, "label_noise", None),
+        "image_size": getattr(args, "image_size", None),
+        "format": getattr(args, "format", None),
+        "image_files": getattr(args, "image_files", None),
+        "long_tail": getattr(args, "long_tail", None),
+    }
+    taxonomy = getattr(args, "taxonomy", None)
+    if taxonomy is None and getattr(args, "long_tail", None):
+        from catalog_enrichment.contracts import schemas_dir
+        from catalog_enrichment.data.synthetic import LONG_TAIL_TAXONOMY
+
+        taxonomy = str(schemas_dir() / LONG_TAIL_TAXONOMY)
+    is_train = getattr(args, "command", "") == "train"
+    catalog = {"root": getattr(args, "catalog", None)}
+    if getattr(args, "command", "") in ("enrich", "backfill", "labels"):
+        catalog["products"] = getattr(args, "products", None)
+        synthetic["products"] = None
+    return {
+        "catalog": catalog,
+        "synthetic": synthetic,
+        "taxonomy_path": taxonomy,
+        "mlflow": {"registered_model": getattr(args, "registered_model", None)},
+        "model": {"fusion": getattr(args, "fusion", None)},
+        "training": {"epochs": getattr(args, "epochs", None) if is_train else None},
+        "promotion": {
+            "eval_data": getattr(args, "eval_data", None),
+            "eval_version": getattr(args, "eval_version", None),
+        },
+    }
+
+
 def _group(sub: Sub, name: str, *, help: str, description: str, metavar: str, steps: Sequence[Any]) -> None:
     """A command with subcommands (``bench``, ``review``): each of ``steps`` adds one."""
     parser = sub.add_parser(name, help=help, description=description)
@@ -288,180 +317,14 @@ def _config(sub: Sub) -> None:
     _command(sub, "config", commands.show_config)
 
 
-def _bench_generate(sub: Sub) -> None:
-    p = _command(sub, "generate", commands.bench_generate)
-    p.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
-    p.add_argument("--image-size", type=int, metavar="PX", default=96, help="image size (default 96)")
-    p.add_argument("--out", metavar="FILE", help="write the JSON result here too")
-
-
-def _bench_quality(sub: Sub) -> None:
-    p = _command(sub, "quality", commands.bench_quality, contenders=True)
-    p.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
-    p.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
-    _long_tail_flag(p)
-    p.add_argument("--out", metavar="FILE", default="bench-quality.json", help="JSON (markdown beside it)")
-    p.add_argument("--methods", metavar="LIST", help="comma-separated fusion names (default: all)")
-    p.add_argument("--epochs", type=int, metavar="E", help="epochs per method (default: training.epochs)")
-    p.add_argument(
-        "--kl-lambda", type=float, default=1.0, metavar="L", help="modality attention's lambda > 0"
-    )
-    p.add_argument("--workdir", metavar="DIR", default="bench-quality", help="the marketplace goes here")
-    p.add_argument(
-        "--data",
-        metavar="PATH",
-        help="a real labelled table (Delta or Parquet) to train on instead of a generated marketplace; "
-        "needs --test-data, and --taxonomy for its attributes",
-    )
-    p.add_argument(
-        "--test-data",
-        metavar="PATH",
-        help="the labelled table every contender and the simple baseline are tested on (with --data)",
-    )
-    p.add_argument(
-        "--label-noise",
-        type=float,
-        metavar="R",
-        help="flip R of the labels; train clean, noisy and noisy with noise pruning (001), score all three "
-        "on a clean held-out marketplace",
-    )
-    p.add_argument(
-        "--ensemble",
-        type=int,
-        metavar="K",
-        help="train one ensemble of K members (model.ensemble) and report it beside each member",
-    )
-    p.add_argument(
-        "--modes",
-        metavar="LIST",
-        help="with --config: training.encoders modes to run each pretrained contender in (e.g. "
-        "frozen,finetune; default: its config's)",
-    )
-
-
-def _bench_throughput(sub: Sub) -> None:
-    p = _command(sub, "throughput", commands.bench_throughput)
-    p.add_argument(
-        "--products",
-        dest="sizes",
-        metavar="N[,N...]",
-        default="16000",
-        help="products per whole-process run, one or more sizes (default 16000)",
-    )
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model-uri", metavar="URI", help="registered model (default: the champion)")
-    which.add_argument(
-        "--bundle", metavar="DIR", help="a model bundle folder (raw, predictor, raw_tasks only)"
-    )
-    p.add_argument(
-        "--modes",
-        metavar="LIST",
-        help="subset of raw,predictor,raw_tasks,encoders,job (default: all but encoders: each encoder "
-        "alone in PyTorch and in ONNX Runtime, CPU)",
-    )
-    p.add_argument(
-        "--peer", action="store_true", help="also time the plain MLflow path (mlflow.pyfunc.spark_udf)"
-    )
-    p.add_argument(
-        "--rescore-uri",
-        metavar="URI",
-        help="a second registered version over the same encoders (a new head): after each job run, time "
-        "the job re-scoring the same products with it from the embedding store the first run filled "
-        "(the peer then serves this version)",
-    )
-    p.add_argument("--repeats", type=int, metavar="R", default=3, help="runs per mode; medians reported (3)")
-    p.add_argument(
-        "--block", type=int, metavar="N", default=2048, help="raw/predictor alternate per N products"
-    )
-    p.add_argument(
-        "--threads", type=int, metavar="T", help="torch threads for raw/predictor (default: cores)"
-    )
-    p.add_argument("--out", metavar="FILE", default="bench-throughput.json", help="JSON output")
-    p.add_argument("--workdir", metavar="DIR", default="bench-throughput", help="generated tables go here")
-
-
-def _bench_chaos(sub: Sub) -> None:
-    p = _command(sub, "chaos", commands.bench_chaos)
-    p.add_argument(
-        "--workdir", metavar="DIR", default="chaos", help="marketplace, model and catalogs go here"
-    )
-    p.add_argument(
-        "--out", metavar="FILE", default="chaos/chaos.json", help="JSON (markdown table beside it)"
-    )
-    p.add_argument("--scenarios", metavar="LIST", help="a subset, comma-separated (default: all)")
-
-
-def _bench_write(sub: Sub) -> None:
-    p = _command(sub, "write", commands.bench_write)
-    p.add_argument("--products", type=int, metavar="N", default=100_000, help="products per run (100000)")
-    p.add_argument("--repeats", type=int, metavar="R", default=3, help="fresh catalogs per kind; medians (3)")
-    p.add_argument("--kinds", metavar="LIST", default="postgres,lakehouse", help="catalogs to time")
-    p.add_argument("--out", metavar="FILE", default="bench-write.json", help="JSON output")
-
-
-def _bench_scale(sub: Sub) -> None:
-    p = _command(sub, "scale", commands.bench_scale)
-    p.add_argument(
-        "--rows", metavar="LIST", default="10000,1000000,5000000", help="attribute-table sizes (10k, 1M, 5M)"
-    )
-    p.add_argument("--increment", type=int, metavar="N", default=2000, help="products per run (2000)")
-    p.add_argument("--repeats", type=int, metavar="R", default=2, help="runs per catalog; medians (2)")
-    p.add_argument("--kinds", metavar="LIST", default="lakehouse,postgres", help="catalogs to time")
-    p.add_argument("--workdir", metavar="DIR", default="bench-scale", help="model and catalogs go here")
-    p.add_argument("--out", metavar="FILE", default="bench-scale.json", help="JSON (markdown beside it)")
-
-
-def _bench_pretrain_text(sub: Sub) -> None:
-    p = _command(sub, "pretrain-text", commands.bench_pretrain_text)
-    p.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
-    p.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--label-fraction", type=float, metavar="F", default=0.1, help="share of the training labels (0.1)"
-    )
-    p.add_argument("--pretrain-epochs", type=int, metavar="E", default=10, help="pre-training epochs (10)")
-    p.add_argument("--epochs", type=int, metavar="E", help="fine-tuning epochs (default: training.epochs)")
-    p.add_argument("--out", metavar="FILE", default="bench-pretrain.json", help="JSON (markdown beside it)")
-    p.add_argument(
-        "--workdir", metavar="DIR", default="bench-pretrain", help="marketplace and encoders go here"
-    )
-
-
-def _bench_audit(sub: Sub) -> None:
-    p = _command(sub, "audit", commands.bench_audit)
-    p.add_argument("--workdir", metavar="DIR", default="demo", help="a demo folder (default ./demo)")
-    p.add_argument("--size", type=int, metavar="N", default=500, help="values per sample (500)")
-    p.add_argument("--seeds", type=int, metavar="K", default=40, help="samples per balance (40)")
-    p.add_argument("--balances", metavar="LIST", default="0,0.5,1", help="review.balance values (0,0.5,1)")
-    p.add_argument("--out", metavar="FILE", default="bench-audit.json", help="JSON (markdown beside it)")
-
-
-def _bench_drift(sub: Sub) -> None:
-    from catalog_enrichment.bench.drift import KINDS
-
-    p = _command(sub, "drift", commands.bench_drift)
-    p.add_argument("--batches", type=int, metavar="N", default=20, help="clean batches, and per kind (20)")
-    p.add_argument("--batch-size", type=int, metavar="N", default=1000, help="products per batch (1000)")
-    p.add_argument("--share", type=float, metavar="F", default=0.5, help="drifted share of a batch (0.5)")
-    p.add_argument("--kinds", metavar="LIST", help=f"drift kinds (default {','.join(KINDS)})")
-    p.add_argument(
-        "--train-products", type=int, metavar="N", default=4000, help="training marketplace (4000)"
-    )
-    p.add_argument("--data", metavar="PATH", help="a real catalog's labelled training table")
-    p.add_argument("--test-data", metavar="PATH", help="... and its test table (the batches' products)")
-    p.add_argument("--new-type", metavar="VALUE", help="product_type left out of training (default lamp)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--configured-model",
-        action="store_true",
-        help="train the configured model and training sections (default: the tiny model)",
-    )
-    p.add_argument(
-        "--workdir", metavar="DIR", default="bench-drift", help="marketplaces and lakehouse go here"
-    )
-    p.add_argument("--out", metavar="FILE", default="bench-drift.json", help="JSON (markdown beside it)")
-
-
 def _bench(sub: Sub) -> None:
+    from catalog_enrichment.bench.cli import BENCHES
+
+    def step(
+        name: str, handler: Handler, flags: Callable[[argparse.ArgumentParser], None], contenders: bool
+    ) -> Any:
+        return lambda inner: flags(_command(inner, name, handler, contenders=contenders))
+
     _group(
         sub,
         "bench",
@@ -469,17 +332,7 @@ def _bench(sub: Sub) -> None:
         "audit, drift",
         description="Measure and write JSON; speed targets live here, not in tests.",
         metavar="BENCH",
-        steps=(
-            _bench_generate,
-            _bench_quality,
-            _bench_pretrain_text,
-            _bench_throughput,
-            _bench_write,
-            _bench_scale,
-            _bench_chaos,
-            _bench_audit,
-            _bench_drift,
-        ),
+        steps=tuple(step(*bench) for bench in BENCHES),
     )
 
 
@@ -503,9 +356,17 @@ COMMANDS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line user mistakes (exit 2), for every subcommand too."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"catalog-enrich: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="catalog-enrich",
         description="Fill missing product attributes from text and images, writing only values "
         "calibrated to the target precision.",
@@ -519,12 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a mistake, already printed in one line (--help and --version exit 0)
+        if exc.code in (0, None):
+            raise
+        return 2
     try:
         from catalog_enrichment import runtime
 
         runtime.configure_logging(args.verbose)
-        layers = merge_layers(parse_overrides(args.overrides), overrides_from_flags(args))
+        layers = merge_layers(parse_overrides(args.overrides), _flag_layers(args))
+        args.layers = layers  # for a command that loads more configs (bench quality's contenders)
         cfg = load_config(None if isinstance(args.config, list) else args.config, overrides=layers)
         handler: Handler = args.handler
         return handler(args, cfg)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import shutil
 import tempfile
 import time
@@ -45,7 +44,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.catalog import Catalog, open_catalog
 from catalog_enrichment.catalog.base import MergeResult, RunWrite, fault_point
 from catalog_enrichment.catalog.products import parse_partition
@@ -57,7 +55,7 @@ from catalog_enrichment.contracts import IMAGE_READABLE, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import Check, HealthTally, assess, blocked_attributes, plot_scores
-from catalog_enrichment.inference.bundle import read_encoder_fingerprint
+from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.inference.spark import (
     DECISION_COLUMNS,
@@ -161,11 +159,8 @@ class Decisions:
 
 def check_model_fits(bundle_dir: Path, taxonomy: Taxonomy) -> DecisionPolicy:
     """The model's heads against the configured taxonomy, before anything is read or written."""
-    model_taxonomy = Taxonomy.from_dict(
-        json.loads((bundle_dir / "taxonomy.json").read_text()), source=str(bundle_dir)
-    )
-    calibration = Calibration.from_dict(json.loads((bundle_dir / "calibration.json").read_text()))
-    return DecisionPolicy(model_taxonomy, calibration, taxonomy)
+    folder = BundleFolder(bundle_dir)
+    return DecisionPolicy(folder.read_taxonomy(), folder.read_calibration(), taxonomy)
 
 
 def run_enrichment(
@@ -436,7 +431,7 @@ def score(
     """
     from pyspark.sql import functions as F
 
-    encoder = read_encoder_fingerprint(model.bundle) if cfg.inference.embedding_store else None
+    encoder = BundleFolder(model.bundle).encoder_fingerprint() if cfg.inference.embedding_store else None
     spec = ScoringSpec(
         bundle_name=ship_bundle(spark, model.bundle),
         bundle_path=None,

@@ -30,7 +30,7 @@ from mlflow.pyfunc import PythonModel
 
 from catalog_enrichment.config import NAME_PATTERN
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.inference.bundle import bundle_problems, read_encoder_fingerprint
+from catalog_enrichment.inference.bundle import BundleFolder, bundle_problems
 from catalog_enrichment.redaction import redact_text, redact_uri, redact_value
 from catalog_enrichment.versions import ModelVersion
 
@@ -188,7 +188,7 @@ def log_and_register(
             registered_model_name=registered_model,
         )
     version = str(info.registered_model_version)
-    encoder = read_encoder_fingerprint(bundle_dir)
+    encoder = BundleFolder(Path(bundle_dir)).encoder_fingerprint()
     for key, value in {**version_tags, **({ENCODER_TAG: encoder} if encoder else {})}.items():
         client.set_model_version_tag(registered_model, version, key, value)
     client.set_registered_model_alias(registered_model, CHALLENGER, version)
@@ -321,8 +321,9 @@ def download_bundle(client: MlflowClient, model: ModelVersion, cache_dir: str | 
                 f"cannot download {model.uri}: {str(exc).splitlines()[0][:300]}. Its artifacts may have "
                 "been deleted: promote another version or register this one again"
             ) from None
-        found = next((p.parent for p in local.rglob("weights.pt")), None)
-        problems = ["weights.pt is missing"] if found is None else bundle_problems(found)
+        folder = BundleFolder.find(local)
+        found = None if folder is None else folder.root
+        problems = ["the model's weights are missing"] if found is None else bundle_problems(found)
         if problems:
             raise CatalogEnrichError(
                 f"the model artifact of {model.uri} is damaged ({'; '.join(problems[:3])}): nothing was "

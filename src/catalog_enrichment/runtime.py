@@ -167,14 +167,10 @@ def spark_session(cfg: AppConfig) -> Any:
 
 
 def device(cfg: AppConfig) -> str:
-    """``inference.device`` resolved: ``auto`` is CUDA when torch sees a device, else the CPU."""
-    import torch
+    """``inference.device`` resolved (:func:`catalog_enrichment.inference.resolve_device`)."""
+    from catalog_enrichment.inference import resolve_device
 
-    if cfg.inference.device == "cuda" and not torch.cuda.is_available():
-        raise CatalogEnrichError("inference.device is 'cuda' but torch sees no CUDA device")
-    if cfg.inference.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.inference.device
+    return resolve_device(cfg.inference.device)
 
 
 def mlflow_client(cfg: AppConfig) -> Any:

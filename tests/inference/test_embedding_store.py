@@ -15,9 +15,9 @@ import torch
 
 from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.inference.bundle import (
+    BundleFolder,
     ModelBundle,
     load_bundle,
-    read_encoder_fingerprint,
 )
 from catalog_enrichment.inference.predictor import BatchPredictor, Scores
 from catalog_enrichment.models import embedding
@@ -139,7 +139,7 @@ def test_the_fingerprint_follows_the_encoders_not_the_heads(bundle, tmp_path) ->
         == fingerprint
     )
     saved = save_with_model(bundle, model, tmp_path / "new-head")
-    assert read_encoder_fingerprint(saved) == fingerprint == load_bundle(saved).encoder_fingerprint
+    assert BundleFolder(saved).encoder_fingerprint() == fingerprint == load_bundle(saved).encoder_fingerprint
     with torch.no_grad():
         next(model.text_encoders.parameters()).add_(1e-3)  # retrained encoders
     assert (

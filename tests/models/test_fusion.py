@@ -18,9 +18,9 @@ from catalog_enrichment.data.dataset import (
     encode_labels,
     train_wordpiece_tokenizer,
 )
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import ConfigError
-from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.fusion import (
     FusionInputs,
     HeadSpec,

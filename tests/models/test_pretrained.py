@@ -21,12 +21,12 @@ from catalog_enrichment.config import ImageEncoderConfig, SyntheticConfig, load_
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
 from catalog_enrichment.data.images import encode_image
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.errors import ConfigError
-from catalog_enrichment.inference.bundle import ModelBundle, load_bundle, read_encoder_fingerprint
+from catalog_enrichment.inference.bundle import BundleFolder, ModelBundle, load_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.models import runtime
-from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.loop import _param_groups, train_and_calibrate
 from tests.conftest import assert_trained_on_verdicts_only, save_trained, tiny_config, verdicts_only
@@ -524,7 +524,7 @@ def test_onnx_encoders_are_exported_calibrated_on_and_served_with_the_decisions_
         np.testing.assert_array_equal(fast[attribute.name] >= thresholds, eager[attribute.name] >= thresholds)
     # the store keeps the graphs' vectors apart from the torch encoders' vectors
     torch_bundle = save_trained(train_and_calibrate(labelled, taxonomy, torch_cfg), tmp_path / "torch-bundle")
-    assert read_encoder_fingerprint(folder) != read_encoder_fingerprint(torch_bundle)
+    assert BundleFolder(folder).encoder_fingerprint() != BundleFolder(torch_bundle).encoder_fingerprint()
 
 
 def test_onnx_needs_frozen_encoders(

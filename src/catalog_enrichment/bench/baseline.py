@@ -21,8 +21,8 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels, ProductRecords, encode_labels
 from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.models.color import color_features
-from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.training.loop import Predictions, calibrate, evaluate
 from catalog_enrichment.training.splits import group_folds, group_ids
 

@@ -39,6 +39,7 @@ from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
 from catalog_enrichment.catalog.products import list_partitions
 from catalog_enrichment.catalog.reports import read_reports
+from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.spark import WORKER_FAULT_ENV
 
 __all__ = ["SCENARIOS", "ChaosSetup", "Observation", "format_table", "prepare", "run_chaos", "write_result"]
@@ -319,7 +320,9 @@ def _damaged_artifact(kind: str) -> Callable[[_Bench], Observation]:
             )
         )
         version = client.create_model_version(b.setup.model_name, str(copy), run_id=champion.run_id).version
-        weights = next(copy.rglob("weights.pt"))
+        found = BundleFolder.find(copy)
+        assert found is not None
+        weights = found.weights
         if kind == "missing":
             shutil.rmtree(copy)
         else:

@@ -542,8 +542,8 @@ def _in_process(
 
 
 def _image_size(bundle_dir: Path) -> int:
-    import json
+    from catalog_enrichment.inference.bundle import BundleFolder
 
-    meta = json.loads((Path(bundle_dir) / "model.json").read_text())
+    meta = BundleFolder(Path(bundle_dir)).read_meta()
     prep = meta.get("image_preprocessing")
     return int(prep["size"] if prep else meta["model"]["image"]["image_size"])

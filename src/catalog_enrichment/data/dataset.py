@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +25,8 @@ from torch.utils.data import Dataset
 from catalog_enrichment.config import TextEncoderConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.images import ImagePolicy, load_pixels
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import ConfigError, ContractError, TaxonomyError
-
-if TYPE_CHECKING:
-    from catalog_enrichment.models.encoders import ImagePreprocessing
 
 __all__ = [
     "SPECIAL_TOKENS",

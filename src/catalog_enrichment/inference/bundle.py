@@ -40,19 +40,19 @@ from catalog_enrichment import __version__
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.embedding import encoder_fingerprint, storable
-from catalog_enrichment.models.encoders import ImagePreprocessing
 from catalog_enrichment.models.model import AnyModel, build_model
 
 __all__ = [
     "MANIFEST",
+    "BundleFolder",
     "ModelBundle",
     "bundle_problems",
     "json_safe",
     "load_bundle",
-    "read_encoder_fingerprint",
     "save_bundle",
 ]
 
@@ -60,6 +60,72 @@ MANIFEST = "manifest.json"
 # The calibrated scores are float32 probabilities of float32 logits on every device and under any
 # autocast (models/fusion.py); a bundle records it and one that says otherwise is not loaded.
 SCORE_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class BundleFolder:
+    """A bundle folder's layout (the module docstring): the one place that names its files, and the
+    parts that read without building the model."""
+
+    root: Path
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "weights.pt"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "model.json"
+
+    @property
+    def taxonomy(self) -> Path:
+        return self.root / "taxonomy.json"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / runtime.ONNX_DIR
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    def text_encoder(self, i: int) -> Path:
+        return self.root / f"text_encoder_{i}"
+
+    def exists(self) -> bool:
+        return self.weights.is_file()
+
+    def read_meta(self) -> dict[str, Any]:
+        return dict(json.loads(self.meta.read_text()))
+
+    def read_taxonomy(self) -> Taxonomy:
+        return Taxonomy.from_dict(json.loads(self.taxonomy.read_text()), source=str(self.root))
+
+    def read_calibration(self) -> Calibration:
+        return Calibration.from_dict(json.loads(self.calibration.read_text()))
+
+    def encoder_fingerprint(self) -> str | None:
+        """The encoders' fingerprint without loading the model (None: it cannot use the store)."""
+        fingerprint = self.read_meta().get("encoder_fingerprint")
+        return str(fingerprint) if fingerprint else None
+
+    @classmethod
+    def find(cls, folder: str | Path) -> BundleFolder | None:
+        """The bundle inside ``folder`` (an MLflow model's artifacts hold it one level down)."""
+        weights = next(Path(folder).rglob("weights.pt"), None)
+        return None if weights is None else cls(weights.parent)
 
 
 @dataclass
@@ -93,14 +159,15 @@ def save_bundle(
     """Write a bundle folder (see the module docstring)."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
+    folder = BundleFolder(root)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     fingerprint = (
         encoder_fingerprint(model, tokenizer, model_config.text.max_length)  # type: ignore[arg-type]
         if storable(model)
         else None
     )
-    torch.save(state, root / "weights.pt")
-    (root / "model.json").write_text(
+    torch.save(state, folder.weights)
+    folder.meta.write_text(
         json.dumps(
             {
                 "model": model_config.model_dump(mode="json"),
@@ -116,14 +183,14 @@ def save_bundle(
         )
     )
     for i, config in enumerate(model.text_backbone_configs()):
-        config.save_pretrained(str(root / f"text_encoder_{i}"))
+        config.save_pretrained(str(folder.text_encoder(i)))
     if model_config.encoder_runtime == "onnx":
-        runtime.export_encoders(model, root / runtime.ONNX_DIR)
-    tokenizer.save_pretrained(str(root / "tokenizer"))
-    (root / "taxonomy.json").write_text(json.dumps(taxonomy.to_dict(), indent=2))
-    (root / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=2))
-    (root / "evaluation.json").write_text(json.dumps(json_safe(evaluation), indent=2))
-    (root / MANIFEST).write_text(json.dumps(_digests(root), indent=2))  # last: it covers the rest
+        runtime.export_encoders(model, folder.onnx)
+    tokenizer.save_pretrained(str(folder.tokenizer))
+    folder.taxonomy.write_text(json.dumps(taxonomy.to_dict(), indent=2))
+    folder.calibration.write_text(json.dumps(calibration.to_dict(), indent=2))
+    folder.evaluation.write_text(json.dumps(json_safe(evaluation), indent=2))
+    folder.manifest.write_text(json.dumps(_digests(root), indent=2))  # last: it covers the rest
     return root
 
 
@@ -138,16 +205,16 @@ def _digests(root: Path) -> dict[str, str]:
 def bundle_problems(path: str | Path) -> list[str]:
     """What is wrong with a bundle folder's files against its manifest: missing or changed files,
     or no manifest at all (empty when it is whole)."""
-    root = Path(path)
-    if not (root / "weights.pt").is_file():
-        return ["weights.pt is missing"]
-    if not (root / MANIFEST).is_file():
+    folder = BundleFolder(Path(path))
+    if not folder.exists():
+        return [f"{folder.weights.name} is missing"]
+    if not folder.manifest.is_file():
         return [f"{MANIFEST} is missing (its files cannot be checked)"]
     try:
-        expected = json.loads((root / MANIFEST).read_text())
+        expected = json.loads(folder.manifest.read_text())
     except ValueError:
         return [f"{MANIFEST} is not JSON"]
-    found = _digests(root)
+    found = _digests(folder.root)
     return [
         f"{name} is {'missing' if name not in found else 'corrupt (checksum differs)'}"
         for name, digest in expected.items()
@@ -168,29 +235,23 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def read_encoder_fingerprint(path: str | Path) -> str | None:
-    """The bundle's encoder fingerprint without loading the model (None: it cannot use the store)."""
-    fingerprint = json.loads((Path(path) / "model.json").read_text()).get("encoder_fingerprint")
-    return str(fingerprint) if fingerprint else None
-
-
 def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> ModelBundle:
     """Rebuild the model from a bundle folder alone and move it to ``device`` (eval mode)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    root = Path(path)
-    if not (root / "weights.pt").is_file():
-        raise CatalogEnrichError(f"{root} is not a model bundle (no weights.pt)")
-    meta = json.loads((root / "model.json").read_text())
+    folder = BundleFolder(Path(path))
+    if not folder.exists():
+        raise CatalogEnrichError(f"{folder.root} is not a model bundle (no {folder.weights.name})")
+    meta = folder.read_meta()
     if meta.get("score_dtype") != SCORE_DTYPE:
         raise CatalogEnrichError(
-            f"{root}: its thresholds were calibrated on {meta.get('score_dtype') or 'unrecorded'} scores, "
-            f"this version scores in {SCORE_DTYPE}; retrain the model (catalog-enrich train)"
+            f"{folder.root}: its thresholds were calibrated on {meta.get('score_dtype') or 'unrecorded'} "
+            f"scores, this version scores in {SCORE_DTYPE}; retrain the model (catalog-enrich train)"
         )
-    model_config = saved_model_config(meta["model"], source=str(root / "model.json"))
-    taxonomy = Taxonomy.from_dict(json.loads((root / "taxonomy.json").read_text()), source=str(root))
+    model_config = saved_model_config(meta["model"], source=str(folder.meta))
+    taxonomy = folder.read_taxonomy()
     text_backbones = [
-        AutoConfig.from_pretrained(str(root / f"text_encoder_{i}")) for i in range(meta["text_encoders"])
+        AutoConfig.from_pretrained(str(folder.text_encoder(i))) for i in range(meta["text_encoders"])
     ]
     model = build_model(
         model_config,
@@ -200,13 +261,13 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
         text_backbones=text_backbones or None,
         preprocessing=ImagePreprocessing.from_dict(meta["image_preprocessing"]),
     )
-    model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(folder.weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
     if model_config.encoder_runtime == "onnx" and torch.device(device).type == "cpu":
-        runtime.attach(model, root / runtime.ONNX_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
-    calibration = Calibration.from_dict(json.loads((root / "calibration.json").read_text()))
-    evaluation = json.loads((root / "evaluation.json").read_text())
+        runtime.attach(model, folder.onnx)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder.tokenizer))
+    calibration = folder.read_calibration()
+    evaluation = json.loads(folder.evaluation.read_text())
     return ModelBundle(
         model, tokenizer, taxonomy, calibration, model_config, evaluation, meta.get("encoder_fingerprint")
     )

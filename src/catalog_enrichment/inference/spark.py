@@ -169,9 +169,10 @@ _SHIPPED: dict[int, set[str]] = {}
 
 
 def _worker_device(spec: ScoringSpec) -> str:
-    import torch
+    """The device of this worker: ``spec.device`` resolved, on CUDA the GPU Spark gave the task."""
+    from catalog_enrichment.inference import resolve_device
 
-    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+    if resolve_device(spec.device) == "cpu":
         return "cpu"
     from pyspark import TaskContext
 

@@ -9,7 +9,7 @@ and preprocessing it stored, never from the original paths.
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,13 @@ from torch import nn
 
 from catalog_enrichment.config import ImageEncoderConfig, TextEncoderConfig
 from catalog_enrichment.data.dataset import transformers_folder
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.models.color import COLOR_FEATURES, color_features
 
 __all__ = [
     "ImageEncoder",
     "ImageFeatures",
-    "ImagePreprocessing",
     "TextEncoder",
     "TextFeatures",
     "pool_tokens",
@@ -148,74 +148,6 @@ class TextEncoder(nn.Module):
         return TextFeatures(
             tokens, attention_mask, pool_tokens(tokens, attention_mask, pooling or self.cfg.pooling)
         )
-
-
-# Without pretrained weights pixels are normalised as (x / 255 - 0.5) / 0.25, every channel alike.
-_DEFAULT_MEAN = (0.5, 0.5, 0.5)
-_DEFAULT_STD = (0.25, 0.25, 0.25)
-_DEFAULT_SIZE = 96
-
-
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """How an image becomes the image encoder's input; one definition for training and serving.
-
-    The image is decoded to RGB and resized to ``size`` x ``size`` with ``interpolation`` (the whole
-    picture, no crop: a product photo frames the product), then each channel is normalised as
-    ``(x / 255 - mean) / std``. With pretrained weights the values are the timm model's pretrained
-    config (``timm.data.resolve_data_config``); ``model.image.image_size`` overrides the size.
-    """
-
-    size: int = _DEFAULT_SIZE
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = _DEFAULT_MEAN
-    std: tuple[float, float, float] = _DEFAULT_STD
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(..., 3, H, W)`` pixels (a channels-last view stays channels-last) to float32."""
-        shape = (3, 1, 1)
-        scale = torch.tensor([255.0 * s for s in self.std], device=pixels.device).view(shape)
-        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std, strict=True)], device=pixels.device)
-        return pixels.float().div_(scale).sub_(shift.view(shape))
-
-    def unnormalize(self, values: torch.Tensor) -> torch.Tensor:
-        """:meth:`normalize`'s float output back to RGB in [0, 1]."""
-        shape = (3, 1, 1)
-        std = torch.tensor(self.std, device=values.device, dtype=values.dtype).view(shape)
-        mean = torch.tensor(self.mean, device=values.device, dtype=values.dtype).view(shape)
-        return values * std + mean
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ImagePreprocessing:
-        return cls(
-            int(data["size"]),
-            str(data["interpolation"]),
-            tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
-            tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
-        )
-
-    @classmethod
-    def resolve(cls, cfg: ImageEncoderConfig, backbone: Any) -> ImagePreprocessing:
-        """The preprocessing of a freshly built encoder: timm's pretrained config with weights."""
-        if not cfg.pretrained_path:
-            return cls(cfg.image_size or _DEFAULT_SIZE)
-        from timm.data import resolve_data_config
-
-        data = resolve_data_config({}, model=backbone)
-        mean, std = tuple(data["mean"]), tuple(data["std"])
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(f"model.image: timm's config for {cfg.name} is not for RGB input: {data}")
-        interpolation = str(data.get("interpolation") or "bilinear")
-        if interpolation not in _INTERPOLATIONS:
-            interpolation = "bilinear"
-        return cls(cfg.image_size or int(data["input_size"][-1]), interpolation, mean, std)
-
-
-# PIL resampling filters by timm's interpolation name
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 def _with_color(

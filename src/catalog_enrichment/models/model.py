@@ -14,8 +14,9 @@ from torch import nn
 
 from catalog_enrichment.config import ModelConfig
 from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import ConfigError, TaxonomyError
-from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing, TextEncoder
+from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.models.fusion import FusionInputs, HeadSpec, create_fusion, fusion_class
 
 __all__ = [

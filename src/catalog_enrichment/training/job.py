@@ -7,6 +7,7 @@ the tracking server) *before* training, so a bad run registers nothing and moves
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.errors import ContractError, TaxonomyError
-from catalog_enrichment.inference.bundle import save_bundle
+from catalog_enrichment.inference.bundle import BundleFolder, save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
 from catalog_enrichment.training.plots import plot_precision_recall, plot_reliability
@@ -251,8 +252,9 @@ def run_training_job(
             for v in trained.calibration.attributes[a.name].values
         ]
         pd.DataFrame(per_value).to_csv(tables / "per_value_metrics.csv", index=False)
-        (tables / "calibration.json").write_text((bundle_dir / "calibration.json").read_text())
-        (tables / "evaluation.json").write_text((bundle_dir / "evaluation.json").read_text())
+        folder = BundleFolder(bundle_dir)
+        for document in (folder.calibration, folder.evaluation):
+            shutil.copyfile(document, tables / document.name)
         example = _example_frame(table)
         output = _score_example(trained, example)
         registered = registry.log_and_register(

@@ -47,6 +47,7 @@ from catalog_enrichment.data.dataset import (
     encode_labels,
 )
 from catalog_enrichment.data.images import ImagePolicy, image_tone
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.health import HealthProfile, InputBaseline, attribute_baseline, input_baseline
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
@@ -58,7 +59,7 @@ from catalog_enrichment.metrics import (
     written_precision_and_coverage,
 )
 from catalog_enrichment.models import runtime
-from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing
+from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import FusionInputs, fusion_class
 from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import (

@@ -40,8 +40,9 @@ from catalog_enrichment.data.dataset import (
     canonical_order,
 )
 from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.models.encoders import ImageEncoder, ImagePreprocessing, TextEncoder
+from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.training.embeddings import deterministic_algorithms
 from catalog_enrichment.training.loop import seed_everything, warmup_cosine
 
