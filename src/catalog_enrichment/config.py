@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.redaction import redact_tree
+from catalog_enrichment.yamlfile import read_yaml
 
 __all__ = [
     "ENV_PREFIX",
@@ -780,12 +781,7 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path, "config file", ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-import yaml
 
 from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.yamlfile import read_yaml
 
 if TYPE_CHECKING:
     from pyspark.sql.types import DataType, StructType
@@ -241,9 +241,7 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
 
 @cache
 def _load_raw(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ContractError(f"contract file not found: {path}")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml(path, "contract file", ContractError)
     if not isinstance(data, dict) or "fields" not in data:
         raise ContractError(f"{path} is not a contract file (needs a 'fields' list)")
     return data
@@ -372,10 +370,4 @@ class Taxonomy:
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     """Read a taxonomy YAML (default: the packaged ``schemas/taxonomy.yaml``)."""
     file = Path(path) if path is not None else schemas_dir() / "taxonomy.yaml"
-    if not file.is_file():
-        raise TaxonomyError(f"taxonomy file not found: {file}")
-    try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        raise TaxonomyError(f"taxonomy {file} is not valid YAML: {exc}") from exc
-    return Taxonomy.from_dict(data, source=str(file))
+    return Taxonomy.from_dict(read_yaml(file, "taxonomy file", TaxonomyError), source=str(file))

@@ -263,12 +263,12 @@ def _seed_catalog(cfg: AppConfig, catalog: Any, incoming: Path) -> None:
     """The marketplace's catalog before the job: the incoming products (PostgreSQL: loaded into its
     products table) and the values merchants provided, unless an earlier demo put them there."""
     from catalog_enrichment.catalog.attributes import ensure_attributes_table, merchant_rows
-    from catalog_enrichment.catalog.lakehouse import read_table, write_table
+    from catalog_enrichment.catalog.lakehouse import is_delta, read_table, write_table
 
     now = dt.datetime.now(dt.UTC)
     if catalog.kind == "lakehouse":
         attributes = Path(cfg.catalog.table("attributes"))
-        if not (attributes / "_delta_log").is_dir():
+        if not is_delta(attributes):
             merchant = merchant_rows(read_table(incoming, columns=["product_id", "merchant_attributes"]), now)
             write_table(attributes, merchant, mode="error")
         ensure_attributes_table(attributes)

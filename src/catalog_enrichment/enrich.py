@@ -35,7 +35,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from catalog_enrichment.inference.spark import (
     ship_bundle,
 )
 from catalog_enrichment.redaction import redact_text
+from catalog_enrichment.types import Say
 from catalog_enrichment.validation.rules import (
     REASONS,
     CircuitBreakerTripped,
@@ -88,8 +89,6 @@ __all__ = [
     "new_run_id",
     "run_enrichment",
 ]
-
-Say = Callable[[str], None]
 
 
 def _print(message: str) -> None:

@@ -10,7 +10,6 @@ its row reads like every other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.models.color import color_features
 from catalog_enrichment.training.loop import Predictions, calibrate, evaluate
 from catalog_enrichment.training.splits import group_folds, group_ids
+from catalog_enrichment.types import Say
 
 __all__ = ["BASELINE_LABEL", "run_baseline"]
 
@@ -93,7 +93,7 @@ def run_baseline(
     taxonomy: Taxonomy,
     cfg: AppConfig,
     *,
-    say: Callable[[str], None] = lambda _m: None,
+    say: Say = lambda _m: None,
 ) -> dict[str, Any]:
     """The baseline trained on ``table`` and tested on ``test_table``: :func:`evaluate`'s report, with
     thresholds calibrated by ``cfg.calibration`` on out-of-fold scores of ``table``."""

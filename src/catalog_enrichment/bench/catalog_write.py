@@ -33,6 +33,7 @@ from catalog_enrichment.catalog.base import RunWrite
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.enrich import flatten_scores
+from catalog_enrichment.types import Say
 
 __all__ = ["format_write_bench", "run_write_bench", "stage_scores"]
 
@@ -106,7 +107,7 @@ def run_write_bench(
     *,
     products: int,
     repeats: int,
-    say: Callable[[str], None] = print,
+    say: Say = print,
 ) -> dict[str, Any]:
     """Time the two writes on a fresh catalog of each kind per repeat (kinds alternate)."""
     with tempfile.TemporaryDirectory(prefix="bench-write-") as tmp:

@@ -41,10 +41,10 @@ from catalog_enrichment.catalog.products import list_partitions
 from catalog_enrichment.catalog.reports import read_reports
 from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.spark import WORKER_FAULT_ENV
+from catalog_enrichment.types import Say
 
 __all__ = ["SCENARIOS", "ChaosSetup", "Observation", "format_table", "prepare", "run_chaos", "write_result"]
 
-Say = Callable[[str], None]
 # The values that make a row what it is (not when or by which run it was written).
 _ROW = ("product_id", "attribute", "value", "source", "model_version")
 

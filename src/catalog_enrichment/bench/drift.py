@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.config import AppConfig, SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.types import Say
 
 __all__ = [
     "KINDS",
@@ -51,7 +52,6 @@ __all__ = [
     "stripped_titles",
 ]
 
-Say = Callable[[str], None]
 KINDS = ("colour_shift", "placeholder_images", "new_product_type", "other_language", "stripped_titles")
 NEW_TYPE = "lamp"  # held out of training; its merchant category ("Home & Living") is new too
 

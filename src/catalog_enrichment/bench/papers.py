@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,10 @@ from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.metrics import attribute_r_at_p
 from catalog_enrichment.training.loop import PRETRAINED_ENCODER_LR, TrainedModel, train_and_calibrate
+from catalog_enrichment.types import Say
 
 __all__ = ["run_ensemble_study", "run_noise_study", "run_pretrain_study"]
 
-Say = Callable[[str], None]
 # where the held-out evaluation marketplace's seed starts (never the training marketplace's)
 EVAL_SEED_OFFSET = 1000
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.models.fusion import list_fusions
 from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.types import Say
 
 __all__ = ["format_quality_markdown", "quality_checks", "run_quality_benchmark"]
 
@@ -78,7 +79,7 @@ def run_quality_benchmark(
     contenders: Sequence[tuple[str, AppConfig]] | None = None,
     data: tuple[Path, Path] | None = None,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: Say | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-serialisable result.
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import statistics
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,10 @@ from catalog_enrichment.catalog.attributes import attributes_schema, writer_prop
 from catalog_enrichment.config import CatalogConfig, PostgresConfig
 from catalog_enrichment.contracts import load_taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.types import Say
 
 __all__ = ["KINDS", "attribute_batches", "format_scale", "run_scale_bench"]
 
-Say = Callable[[str], None]
 KINDS = ("lakehouse", "postgres")
 _ATTRIBUTES = (("color", 40), ("material", 20), ("product_type", 30))
 _BATCH = 200_000

@@ -43,6 +43,7 @@ from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 
 __all__ = [
@@ -52,8 +53,6 @@ __all__ = [
     "measure_raw",
     "run_throughput_benchmark",
 ]
-
-Say = Callable[[str], None]
 
 
 def products_reader(n: int, taxonomy: Taxonomy, *, image_size: int, seed: int = 0) -> pa.RecordBatchReader:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import MergeResult, RollbackResult
-from catalog_enrichment.catalog.lakehouse import read_products_of
+from catalog_enrichment.catalog.lakehouse import is_delta, read_products_of
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -79,7 +79,7 @@ def ensure_attributes_table(path: str | Path) -> None:
     """Create an empty attribute table at ``path`` when there is none."""
     from deltalake import write_deltalake
 
-    if not (Path(path) / "_delta_log").is_dir():
+    if not is_delta(path):
         Path(path).mkdir(parents=True, exist_ok=True)
         write_deltalake(str(path), attributes_schema().empty_table(), mode="error")
 
@@ -133,7 +133,7 @@ def find_run_commit(path: str | Path, run_id: str, operation: str = "enrich") ->
     back), ``None`` when it never committed; from the table's application transactions."""
     from deltalake import DeltaTable
 
-    if not (Path(path) / "_delta_log").is_dir():
+    if not is_delta(path):
         return None
     version = DeltaTable(str(path)).transaction_version(_transaction(run_id, operation))
     return None if version is None else int(version)
@@ -144,7 +144,7 @@ def runs_of_model_version(path: str | Path, changes: str | Path, model_version: 
     first (the runs from the changes table's partitions, their state from the transactions)."""
     from deltalake import DeltaTable
 
-    if not (Path(changes) / "_delta_log").is_dir() or not (Path(path) / "_delta_log").is_dir():
+    if not is_delta(changes) or not is_delta(path):
         return []
     parts = DeltaTable(str(changes)).partitions(
         file_pruning_predicate=[(CHANGED_IN, "=", str(model_version))]
@@ -318,7 +318,7 @@ def _record_changes(
         return rows
 
     rows = pa.concat_tables([image(before.cast(attributes_schema()), "before"), image(after, "after")])
-    if not (Path(changes) / "_delta_log").is_dir():
+    if not is_delta(changes):
         Path(changes).mkdir(parents=True, exist_ok=True)
         try:
             empty = changes_schema().empty_table()
@@ -345,7 +345,7 @@ def _read_changes(changes: str | Path, run_ids: Sequence[str]) -> pa.Table:
     """The before and after rows of the given runs (their partitions only)."""
     from deltalake import DeltaTable
 
-    if not (Path(changes) / "_delta_log").is_dir():
+    if not is_delta(changes):
         return changes_schema().empty_table()
     dataset = DeltaTable(str(changes)).to_pyarrow_dataset()
     wanted = pc.field(CHANGED_BY).isin(pa.array(list(run_ids), pa.string()))

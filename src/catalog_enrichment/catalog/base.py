@@ -25,7 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from catalog_enrichment.catalog.reports import RunReport
 from catalog_enrichment.contracts import Contract, load_contract
+from catalog_enrichment.types import Say
 
 __all__ = [
     "FAULT_ENV",
@@ -51,7 +52,6 @@ __all__ = [
     "keyed_schema",
 ]
 
-Say = Callable[[str], None]
 
 # The small tables a catalog keeps keyed by their contract's primary key (upserted, read whole):
 # people's review samples and verdicts, and every run's health checks.

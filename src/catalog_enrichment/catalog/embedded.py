@@ -96,7 +96,7 @@ class LakehouseCatalog:
         reports.upsert_report(self.reports, report)
 
     def set_report_status(self, run_id: str, status: str) -> None:
-        if (self.reports / "_delta_log").is_dir():
+        if lakehouse.is_delta(self.reports):
             reports.set_report_status(self.reports, run_id, status)
 
     def write(self, run: RunWrite, spark: Any = None) -> MergeResult:
@@ -121,7 +121,7 @@ class LakehouseCatalog:
         return merge
 
     def _check_attributes(self) -> None:
-        if not (self.attributes / "_delta_log").is_dir():
+        if not lakehouse.is_delta(self.attributes):
             raise CatalogEnrichError(f"no attribute table at {self.attributes}: nothing to roll back")
 
     def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
@@ -136,7 +136,7 @@ class LakehouseCatalog:
         ]
 
     def attribute_rows(self) -> pa.Table:
-        if not (self.attributes / "_delta_log").is_dir():
+        if not lakehouse.is_delta(self.attributes):
             return attributes.attributes_schema().empty_table()
         return lakehouse.read_table(self.attributes).cast(attributes.attributes_schema())
 
@@ -160,13 +160,13 @@ class LakehouseCatalog:
 
     def quarantine_rows(self) -> pa.Table:
         schema = load_contract("quarantine").arrow_schema()
-        if not (self.quarantine / "_delta_log").is_dir():
+        if not lakehouse.is_delta(self.quarantine):
             return schema.empty_table()
         return lakehouse.read_table(self.quarantine).select(schema.names).cast(schema)
 
     def keyed_rows(self, name: KeyedTable) -> pa.Table:
         path = self.keyed_tables[name]
-        if not (path / "_delta_log").is_dir():
+        if not lakehouse.is_delta(path):
             return keyed_schema(name).empty_table()
         return lakehouse.read_table(path).select(keyed_schema(name).names).cast(keyed_schema(name))
 
@@ -176,7 +176,7 @@ class LakehouseCatalog:
 
         path, schema = self.keyed_tables[name], keyed_schema(name)
         rows = rows.select(schema.names).cast(schema)
-        if not (path / "_delta_log").is_dir():
+        if not lakehouse.is_delta(path):
             path.mkdir(parents=True, exist_ok=True)
             write_deltalake(str(path), rows, mode="error")
             return
@@ -196,7 +196,7 @@ class LakehouseCatalog:
         :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), None when there are none."""
         from pyspark.sql import functions as F
 
-        if not (self.embeddings / "_delta_log").is_dir():
+        if not lakehouse.is_delta(self.embeddings):
             return None
         files = lakehouse.data_files(self.embeddings)
         if not files:
@@ -208,7 +208,7 @@ class LakehouseCatalog:
         """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products
         (scanned batch by batch: memory follows the products asked for)."""
         schema = pa.schema([embeddings_schema().field(c) for c in ("product_id", "content", "embedding")])
-        if not (self.embeddings / "_delta_log").is_dir():
+        if not lakehouse.is_delta(self.embeddings):
             return schema.empty_table()
         rows = lakehouse.read_products_of(self.embeddings, product_ids, ["encoder", *schema.names])
         return rows.filter(pc.field("encoder") == check_fingerprint(encoder)).select(schema.names)
@@ -228,7 +228,7 @@ class LakehouseCatalog:
             schema,
             (b.select(schema.names).cast(schema) for b in source.to_batches(**lakehouse.LOW_MEMORY_SCAN)),
         )
-        if not (self.embeddings / "_delta_log").is_dir():
+        if not lakehouse.is_delta(self.embeddings):
             self.embeddings.mkdir(parents=True, exist_ok=True)
             write_deltalake(str(self.embeddings), reader, mode="append")
         else:
@@ -252,7 +252,7 @@ class LakehouseCatalog:
         removed files for time travel until a Delta ``VACUUM`` (``deltalake``'s ``vacuum``) drops them."""
         from deltalake import DeltaTable
 
-        if not (self.embeddings / "_delta_log").is_dir():
+        if not lakehouse.is_delta(self.embeddings):
             return 0
         kept = sorted(check_fingerprint(e) for e in keep)
         table = DeltaTable(str(self.embeddings))
@@ -263,7 +263,7 @@ class LakehouseCatalog:
 
     def embedding_counts(self) -> dict[str, int]:
         """Stored vectors per encoder fingerprint."""
-        if not (self.embeddings / "_delta_log").is_dir():
+        if not lakehouse.is_delta(self.embeddings):
             return {}
         encoders = lakehouse.read_table(self.embeddings, columns=["encoder"])["encoder"]
         return {str(v["values"]): int(v["counts"]) for v in encoders.value_counts().to_pylist()}

@@ -21,6 +21,7 @@ from catalog_enrichment.errors import ContractError
 __all__ = [
     "TableFormat",
     "data_files",
+    "is_delta",
     "read_products_of",
     "read_table",
     "table_format",
@@ -31,10 +32,15 @@ __all__ = [
 TableFormat = Literal["delta", "parquet"]
 
 
+def is_delta(path: str | Path) -> bool:
+    """Whether ``path`` holds a Delta table (its ``_delta_log``)."""
+    return (Path(path) / "_delta_log").is_dir()
+
+
 def table_format(path: str | Path) -> TableFormat:
     """``delta`` when ``path`` holds a ``_delta_log``, ``parquet`` for Parquet file(s)."""
     p = Path(path)
-    if (p / "_delta_log").is_dir():
+    if is_delta(p):
         return "delta"
     if (p.is_file() and p.suffix == ".parquet") or (p.is_dir() and any(p.rglob("*.parquet"))):
         return "parquet"

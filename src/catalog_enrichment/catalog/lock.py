@@ -17,10 +17,11 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.types import Say
 
 __all__ = ["CatalogBusy", "catalog_lock"]
 
@@ -30,9 +31,7 @@ class CatalogBusy(CatalogEnrichError):
 
 
 @contextlib.contextmanager
-def catalog_lock(
-    root: str | Path, *, owner: str, wait_seconds: float, say: Callable[[str], None] = print
-) -> Iterator[None]:
+def catalog_lock(root: str | Path, *, owner: str, wait_seconds: float, say: Say = print) -> Iterator[None]:
     """Hold the catalog's lock for the ``with`` block, waiting up to ``wait_seconds`` for it.
 
     Raises:

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_enrichment.catalog.lakehouse import is_delta
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -78,15 +79,11 @@ class RunReport:
         return cls(**{**row, **{k: dict(row[k] or []) for k in MAPS}})
 
 
-def _exists(path: str | Path) -> bool:
-    return (Path(path) / "_delta_log").is_dir()
-
-
 def read_reports(path: str | Path) -> list[RunReport]:
     """Every run report, oldest first (empty when the table does not exist yet)."""
     from deltalake import DeltaTable
 
-    if not _exists(path):
+    if not is_delta(path):
         return []
     rows = DeltaTable(str(path)).to_pyarrow_table().to_pylist()
     return sorted((RunReport.from_row(row) for row in rows), key=lambda r: r.started_at)
@@ -119,7 +116,7 @@ def upsert_report(path: str | Path, report: RunReport) -> None:
     if list(row) != schema.names:  # a field added to one and not the other
         raise CatalogEnrichError(f"RunReport fields {list(row)} do not match the run_report contract")
     table = pa.Table.from_pylist([{**row, **{k: list(row[k].items()) for k in MAPS}}], schema=schema)
-    if not _exists(path):
+    if not is_delta(path):
         Path(path).mkdir(parents=True, exist_ok=True)
         write_deltalake(str(path), table, mode="error")
         return
@@ -186,7 +183,7 @@ def append_quarantine(path: str | Path, rows: pa.Table) -> int:
     if rows.num_rows == 0:
         return 0
     run_id = rows["run_id"][0].as_py()
-    if _exists(path):
+    if is_delta(path):
         existing = (
             DeltaTable(str(path))
             .to_pyarrow_dataset()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
 from catalog_enrichment.catalog.reports import check_run_id
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 
 __all__ = ["backfill_plan", "rollback"]
@@ -59,7 +59,7 @@ def rollback(
     *,
     run_id: str | None = None,
     model_version: str | None = None,
-    progress: Callable[[str], None] = print,
+    progress: Say = print,
 ) -> list[RollbackResult]:
     """Undo one run, or every run of a model version (newest first, in one commit); marks their reports."""
     if (run_id is None) == (model_version is None):
@@ -76,7 +76,7 @@ def rollback(
         return results
 
 
-def _report(catalog: Catalog, result: RollbackResult, progress: Callable[[str], None]) -> None:
+def _report(catalog: Catalog, result: RollbackResult, progress: Say) -> None:
     """Say what one run's rollback did and mark its report."""
     rid = result.run_id
     progress(

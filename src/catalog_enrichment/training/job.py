@@ -10,7 +10,6 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from catalog_enrichment.inference.bundle import BundleFolder, save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
 from catalog_enrichment.training.plots import plot_precision_recall, plot_reliability
+from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 
 # the MLflow table (artifact) of the labels noise pruning left out of training
@@ -149,7 +149,7 @@ def run_training_job(
     data: str | Path,
     client: Any,
     device: str = "cpu",
-    progress: Callable[[str], None] = print,
+    progress: Say = print,
 ) -> TrainingOutcome:
     """Train on ``data`` and register a ``challenger`` version (see the module docstring)."""
     from catalog_enrichment import registry

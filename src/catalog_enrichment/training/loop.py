@@ -86,6 +86,7 @@ from catalog_enrichment.training.splits import (
     group_ids,
     split_labels,
 )
+from catalog_enrichment.types import Say
 
 __all__ = [
     "EpochMetrics",
@@ -96,8 +97,6 @@ __all__ = [
     "train_and_calibrate",
     "warmup_cosine",
 ]
-
-Progress = Callable[[str], None]
 
 
 def warmup_cosine(step: int, *, total: int, warmup: int) -> float:
@@ -467,7 +466,7 @@ def _fit(
     taxonomy: Taxonomy,
     cfg: AppConfig,
     device: torch.device,
-    say: Progress,
+    say: Say,
     tag: str,
 ) -> _Fit:
     """Train ``model`` in place: AdamW, warm-up + cosine, early stopping on the validation metric, the
@@ -577,7 +576,7 @@ def _crossfit(
     fit: FitFn,
     scoring: Callable[[np.ndarray], DataLoader],
     device: torch.device,
-    say: Progress,
+    say: Say,
     *,
     tag: str = "cross-fit",
     also: np.ndarray | None = None,
@@ -606,7 +605,7 @@ FOLD_GAP_WARNING = 0.05
 
 
 def _fold_gap(
-    folds: Predictions, final: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, say: Progress
+    folds: Predictions, final: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, say: Say
 ) -> dict[str, dict[str, float]]:
     """How well the cross-fit's fold models (their mean) and the final model rank the validation
     split, per attribute: cross-fitting assumes the final model is at least as good as the fold
@@ -635,7 +634,7 @@ def _prune_noisy_labels(
     fit: FitFn,
     scoring: Callable[[np.ndarray], DataLoader],
     device: torch.device,
-    say: Progress,
+    say: Say,
     product_ids: list[str | None],
 ) -> tuple[EncodedLabels, EncodedLabels, pd.DataFrame]:
     """001 §3.2.1: out-of-fold scores of the training split by K fold models, cleanlab's label
@@ -677,7 +676,7 @@ def _prune_noisy_labels(
     return issues.prune(labels, splits.train), pruned_val, table
 
 
-def _usable_images(table: pa.Table, policy: ImagePolicy, say: Progress) -> tuple[pa.Table, InputBaseline]:
+def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.Table, InputBaseline]:
     """The rows whose image is usable or absent (serving quarantines a product whose image exists
     but cannot be read or decoded, so training leaves it out too, counted in the log), and the run
     health checks' input baseline over every row."""
@@ -755,7 +754,7 @@ def train_and_calibrate(
     test_table: pa.Table | None = None,
     image_roots: Sequence[str | Path] = (),
     device: torch.device | str = "cpu",
-    progress: Progress | None = None,
+    progress: Say | None = None,
     store: Any = None,
 ) -> TrainedModel:
     """Split, train, fit held-out parts, calibrate and evaluate (see the module docstring).
@@ -798,7 +797,7 @@ def _train_and_calibrate(
     test_table: pa.Table | None,
     image_roots: Sequence[str | Path],
     device: torch.device | str,
-    progress: Progress | None,
+    progress: Say | None,
     store: Any,
 ) -> TrainedModel:
     started = time.perf_counter()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +45,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.training.embeddings import deterministic_algorithms
 from catalog_enrichment.training.loop import seed_everything, warmup_cosine
+from catalog_enrichment.types import Say
 
 __all__ = ["PretrainResult", "contrastive_loss", "pretrain_text"]
 
@@ -97,7 +98,7 @@ def pretrain_text(
     alpha: float = 0.75,
     image_roots: Sequence[str | Path] = (),
     device: torch.device | str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: Say | None = None,
 ) -> PretrainResult:
     """Adapt ``model.text``'s encoder on the products of ``table`` by ``method`` (see the module
     docstring) and save it to ``out``. Labels, if the table has them, are not read.
