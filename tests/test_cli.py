@@ -184,7 +184,7 @@ def test_logs_are_quiet_by_default_and_verbose_on_request() -> None:
     import logging
 
     root = logging.getLogger()
-    saved = (runtime._SPARK_LOG_LEVEL, root.level, [h.level for h in root.handlers], list(root.handlers))
+    saved = (None, root.level, [h.level for h in root.handlers], list(root.handlers))
     try:
         runtime.configure_logging(0)
         options = runtime.spark_conf(AppConfig())["spark.driver.extraJavaOptions"]
@@ -193,9 +193,9 @@ def test_logs_are_quiet_by_default_and_verbose_on_request() -> None:
         assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
         runtime.configure_logging(2)  # -vv: Spark's own logging, every library's info lines
         assert "log4j2" not in runtime.spark_conf(AppConfig())["spark.driver.extraJavaOptions"]
-        assert runtime._SPARK_LOG_LEVEL == "INFO" and all(h.level == logging.INFO for h in root.handlers)
+        assert runtime._spark_log_level() == "INFO" and all(h.level == logging.INFO for h in root.handlers)
     finally:
-        runtime._SPARK_LOG_LEVEL, root.level = saved[0], saved[1]
+        root.level = saved[1]
         for handler in list(root.handlers):
             if handler not in saved[3]:
                 root.removeHandler(handler)

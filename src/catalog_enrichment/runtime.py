@@ -30,14 +30,17 @@ executors' ``PGPASSWORD``          the COPY tasks' libpq finds the password  (po
 ``CATALOG_ENRICH_PG_DSN``                                                   spark.executorEnv wins)
 worker keeps freed memory          no page faults per forward pass          inference.keep_memory
 (glibc ``mallopt``)
+worker's tokenizer single-threaded the prepare threads tokenize; the          (CPU workers)
+(``TOKENIZERS_PARALLELISM``)       tokenizer's pool would take the
+                                   forward pass's cores
 =================================  =======================================  ==================================
 
-All but the last are applied here, to the session this process builds, locally and on a cluster
-alike (under ``spark-submit`` the driver JVM has already started: its JIT setting comes from the
-submitted conf, ``deploy/spark/*.conf``); the last runs inside each Python worker
-(``inference/predictor.py``), switched by the same config. The speed settings (the C1 JIT, kept
-freed memory) were measured on against off as whole job processes (``docs/benchmarks.md``); those
-that did not pay were removed.
+All but the last two are applied here, to the session this process builds, locally and on a
+cluster alike (under ``spark-submit`` the driver JVM has already started: its JIT setting comes
+from the submitted conf, ``deploy/spark/*.conf``); the last two run inside each Python worker
+(``inference.predictor.tune_worker_process``), switched by the same config. The speed settings
+(the C1 JIT, kept freed memory) were measured on against off as whole job processes
+(``docs/benchmarks.md``); those that did not pay were removed.
 """
 
 from __future__ import annotations
@@ -66,7 +69,6 @@ __all__ = [
 C1_JIT = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=256m"
 LOCAL_TASK_ATTEMPTS = 4
 LOG4J2 = Path(__file__).with_name("log4j2.properties")  # quiet JVM logging from its start (no -v)
-_SPARK_LOG_LEVEL = "ERROR"  # configure_logging sets it
 
 
 def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
     if jit:
         conf["spark.executor.extraJavaOptions"] = " ".join(jit)
     if not submitted:  # the driver JVM starts with this session (in local mode it is the executor)
-        quiet = [f"-Dlog4j2.configurationFile={LOG4J2}"] if _SPARK_LOG_LEVEL == "ERROR" else []
+        quiet = [f"-Dlog4j2.configurationFile={LOG4J2}"] if _spark_log_level() == "ERROR" else []
         conf["spark.driver.extraJavaOptions"] = " ".join([*jit, *quiet])
     if cfg.catalog.kind == "postgres":
         pg = cfg.catalog.postgres
@@ -146,8 +148,16 @@ def configure_logging(verbosity: int = 0) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
     # MLflow sets its own loggers' level when it is imported, from this variable
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbosity >= 2 else "WARNING")
-    global _SPARK_LOG_LEVEL
-    _SPARK_LOG_LEVEL = "INFO" if verbosity >= 2 else "WARN" if verbosity else "ERROR"
+
+
+def _spark_log_level() -> str:
+    """The JVM's log level, from this process's logging (:func:`configure_logging`): ERROR by
+    default, WARN with -v, INFO with -vv."""
+    import logging
+
+    if logging.getLogger("py4j").getEffectiveLevel() <= logging.INFO:
+        return "INFO"
+    return "WARN" if logging.getLogger("catalog_enrichment").getEffectiveLevel() <= logging.INFO else "ERROR"
 
 
 def spark_session(cfg: AppConfig) -> Any:
@@ -162,7 +172,7 @@ def spark_session(cfg: AppConfig) -> Any:
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.master(local_with_retries(cfg.spark.master))
     spark = builder.config(map=spark_conf(cfg, submitted=submitted)).getOrCreate()
-    spark.sparkContext.setLogLevel(_SPARK_LOG_LEVEL)
+    spark.sparkContext.setLogLevel(_spark_log_level())
     return spark
 
 

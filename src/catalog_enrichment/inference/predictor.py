@@ -192,12 +192,7 @@ class BatchPredictor:
         self.channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.bundle.model.to(self.device).to(memory_format=memory_format).eval()  # type: ignore[call-overload]
-        if self.device.type == "cpu":
-            # The prepare threads tokenize; the tokenizer's own thread pool would only compete
-            # with the forward pass for the same cores (and at normal priority).
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if keep_memory:
-            keep_freed_memory()
+        tune_worker_process(self.device, keep_memory=keep_memory)
         self._pool: ThreadPoolExecutor | None = None
 
     # -- preparation (runs in the pool) ---------------------------------------------------------
@@ -404,3 +399,14 @@ class BatchPredictor:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def tune_worker_process(device: torch.device, *, keep_memory: bool) -> None:
+    """The scoring process's own settings (``runtime``'s table): on a CPU the tokenizer runs
+    single-threaded (the prepare threads tokenize; its own thread pool would only compete with the
+    forward pass for the same cores); with ``keep_memory`` freed memory is kept
+    (:func:`keep_freed_memory`)."""
+    if device.type == "cpu":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if keep_memory:
+        keep_freed_memory()
