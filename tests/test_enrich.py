@@ -33,6 +33,7 @@ from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.data.truth import written_precision
 from catalog_enrichment.enrich import backfill_partitions, run_enrichment
 from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.inference.predictor import PredictorOptions
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import repo_root, tiny_config, tiny_registry
@@ -465,7 +466,7 @@ def test_an_empty_partition_loads_no_model(spark, scoring_bundle, taxonomy) -> N
         bundle_path=str(scoring_bundle),
         allowed_taxonomy=taxonomy.to_dict(),
         device="cpu",
-        predictor={"batch_size": 64},
+        predictor=PredictorOptions(batch_size=64),
     )
     counters = ScoringCounters.create(spark)
     empty = spark.createDataFrame([], "product_id string, title string, description string, image binary")
@@ -493,7 +494,7 @@ def test_a_worker_loads_a_model_once_and_frees_it_for_a_new_version(scoring_bund
         bundle_path=str(scoring_bundle),
         allowed_taxonomy=taxonomy.to_dict(),
         device="cpu",
-        predictor={"batch_size": 64},
+        predictor=PredictorOptions(batch_size=64),
     )
     loads = Loads()
     import torch
@@ -504,7 +505,12 @@ def test_a_worker_loads_a_model_once_and_frees_it_for_a_new_version(scoring_bund
         assert glue._worker_state(spec, loads)[0] is predictor and loads.value == {os.getpid(): 1}
         old = weakref.ref(predictor)
         del predictor
-        newer = glue._worker_state(dataclasses.replace(spec, predictor={"batch_size": 32}), loads)[0]
+        # which values people rejected changes per run, not the model: no reload
+        rejected = dataclasses.replace(spec, rejected={"P1": ["color=red"]})
+        assert glue._worker_state(rejected, loads)[0] is old() and loads.value == {os.getpid(): 1}
+        newer = glue._worker_state(
+            dataclasses.replace(spec, predictor=PredictorOptions(batch_size=32)), loads
+        )[0]
         assert old() is None and newer.batch_size == 32 and loads.value == {os.getpid(): 2}
     finally:
         glue._WORKER_CACHE.clear()

@@ -57,6 +57,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import Check, HealthTally, assess, blocked_attributes, plot_scores
 from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.decide import DecisionPolicy
+from catalog_enrichment.inference.predictor import PredictorOptions
 from catalog_enrichment.inference.spark import (
     DECISION_COLUMNS,
     ScoringCounters,
@@ -437,7 +438,7 @@ def score(
         allowed_taxonomy=taxonomy.to_dict(),
         device=cfg.inference.device,
         torch_threads=cfg.inference.torch_threads,
-        predictor={**cfg.inference.predictor_options(), "image_policy": images},
+        predictor=PredictorOptions(**cfg.inference.predictor_options(), image_policy=images),
         rejected=_by_product(rejected),
     )
     counters = ScoringCounters.create(spark)

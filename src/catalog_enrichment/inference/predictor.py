@@ -32,7 +32,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeAlias, cast
 
 import numpy as np
@@ -50,6 +50,7 @@ from catalog_enrichment.models.model import MultimodalModel
 
 __all__ = [
     "BatchPredictor",
+    "PredictorOptions",
     "PreparedBatch",
     "Scores",
     "column_values",
@@ -155,6 +156,23 @@ def keep_freed_memory() -> bool:
     return bool(
         mallopt(_M_MMAP_THRESHOLD, _KEEP_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)
     )
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    """How a :class:`BatchPredictor` runs (its device aside): ``inference.*`` and the image policy."""
+
+    batch_size: int = 128
+    decode_threads: int = 2
+    autocast: bool = True
+    channels_last: bool = True
+    keep_memory: bool = True
+    embedding_store: bool = False
+    image_policy: ImagePolicy = field(default_factory=ImagePolicy)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The :class:`BatchPredictor` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class BatchPredictor:

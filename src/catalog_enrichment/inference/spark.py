@@ -21,13 +21,15 @@ import json
 import os
 import signal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from catalog_enrichment.inference.predictor import PredictorOptions
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -88,9 +90,15 @@ class ScoringSpec:
     allowed_taxonomy: dict[str, Any]
     device: str = "auto"
     torch_threads: int | None = None
-    predictor: dict[str, Any] = field(default_factory=dict)  # BatchPredictor keyword arguments
+    predictor: PredictorOptions = field(default_factory=PredictorOptions)
     # product id -> the "attribute=value"s people rejected for this model version: never written
     rejected: dict[str, list[str]] = field(default_factory=dict)
+
+    def model_key(self) -> tuple[Any, ...]:
+        """What a worker's loaded model depends on: the bundle, how it runs and the taxonomy it may
+        write - not which values people rejected (that changes per run, the model does not)."""
+        taxonomy = json.dumps(self.allowed_taxonomy, sort_keys=True)
+        return (self.bundle_name, self.bundle_path, taxonomy, self.predictor)
 
 
 class _HealthTallies:
@@ -140,7 +148,7 @@ class ScoringCounters:
         )
 
 
-# Per Python worker process: (device, the scoring spec as JSON) -> (predictor, policy).
+# Per Python worker process: (device, ScoringSpec.model_key()) -> (predictor, policy).
 _WORKER_CACHE: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
 
@@ -198,7 +206,7 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
         threads = spec.torch_threads or (ctx.cpus() if ctx is not None else None) or 1
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    key = (device, json.dumps(asdict(spec), sort_keys=True))  # the whole spec, taxonomy included
+    key = (device, *spec.model_key())
     state = _WORKER_CACHE.get(key)
     if state is None:
         if _WORKER_CACHE:  # a new model version: the old one is freed first
@@ -211,7 +219,7 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
 
             path = SparkFiles.get(spec.bundle_name)
         bundle = load_bundle(path, device=device)
-        predictor = BatchPredictor(bundle, device=device, **spec.predictor)
+        predictor = BatchPredictor(bundle, device=device, **spec.predictor.kwargs())
         policy = DecisionPolicy(
             bundle.taxonomy, bundle.calibration, Taxonomy.from_dict(spec.allowed_taxonomy, source="config")
         )
