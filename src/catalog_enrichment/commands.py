@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from catalog_enrichment import runtime
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.errors import CatalogEnrichError
+
+if TYPE_CHECKING:
+    from catalog_enrichment.catalog.base import Catalog
 
 # Exit codes: 0 ok, 1 failed, 2 user mistake (bad config, missing file, ...), 3 the circuit breaker
 # stopped an enrichment run before any write (schedulers alert on it differently).
@@ -357,7 +360,7 @@ def report(args: argparse.Namespace, cfg: AppConfig) -> int:
     return 1 if args.check and failed else 0
 
 
-def _audit(args: argparse.Namespace, cfg: AppConfig, catalog: Any) -> int:
+def _audit(args: argparse.Namespace, cfg: AppConfig, catalog: Catalog) -> int:
     from catalog_enrichment.review import audit_catalog, record_audit
     from catalog_enrichment.review.audit import format_audit
 

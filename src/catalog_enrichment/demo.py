@@ -12,12 +12,15 @@ import datetime as dt
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.compute as pc
 
 from catalog_enrichment import runtime
 from catalog_enrichment.config import AppConfig
+
+if TYPE_CHECKING:
+    from catalog_enrichment.catalog.base import Catalog
 
 __all__ = ["demo_config", "run_demo"]
 
@@ -211,7 +214,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
 
 def _review(
     cfg: AppConfig,
-    catalog: Any,
+    catalog: Catalog,
     version: str,
     truth: Any,
     taxonomy: Any,
@@ -259,7 +262,7 @@ def _review(
         )
 
 
-def _seed_catalog(cfg: AppConfig, catalog: Any, incoming: Path) -> None:
+def _seed_catalog(cfg: AppConfig, catalog: Catalog, incoming: Path) -> None:
     """The marketplace's catalog before the job: the incoming products (PostgreSQL: loaded into its
     products table) and the values merchants provided, unless an earlier demo put them there."""
     from catalog_enrichment.catalog.attributes import ensure_attributes_table, merchant_rows
@@ -276,6 +279,9 @@ def _seed_catalog(cfg: AppConfig, catalog: Any, incoming: Path) -> None:
     if catalog.attribute_rows().num_rows:
         print(f"  {catalog.describe()} already holds the demo's catalog; not loaded again", flush=True)
         return
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+
+    assert isinstance(catalog, PostgresCatalog)  # the only other kind
     products = read_table(incoming)
     loaded, _ = catalog.load_products(products)
     merchant = catalog.add_merchant_values(merchant_rows(products, now))

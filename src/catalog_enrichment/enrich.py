@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -82,6 +82,9 @@ from catalog_enrichment.validation.rules import (
 from catalog_enrichment.validation.suite import run_suite
 from catalog_enrichment.versions import ModelVersion
 
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
 __all__ = [
     "EnrichOutcome",
     "backfill_partitions",
@@ -116,7 +119,7 @@ class EnrichOutcome:
 class Validated:
     """The rows with their failed rules (``_reasons``), the counts, the GX suite's summary."""
 
-    checked: Any  # Spark DataFrame
+    checked: DataFrame
     counts: ValidationCounts
     expectations: dict[str, Any]
 
@@ -164,7 +167,7 @@ def check_model_fits(bundle_dir: Path, taxonomy: Taxonomy) -> DecisionPolicy:
 
 
 def run_enrichment(
-    spark: Any,
+    spark: SparkSession,
     cfg: AppConfig,
     taxonomy: Taxonomy,
     *,
@@ -190,7 +193,7 @@ def run_enrichment(
 
 
 def _locked_run(
-    spark: Any,
+    spark: SparkSession,
     cfg: AppConfig,
     catalog: Catalog,
     taxonomy: Taxonomy,
@@ -334,7 +337,7 @@ _UNIX_MICROS = "_updated_at_us"
 MAX_SEEN = 100_000
 
 
-def _unseen(spark: Any, df: Any, seen: list[tuple[str, int]]) -> Any:
+def _unseen(spark: SparkSession, df: DataFrame, seen: list[tuple[str, int]]) -> DataFrame:
     """``df`` without the (product id, ``updated_at``) rows the last run already read."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType
@@ -348,7 +351,7 @@ def _unseen(spark: Any, df: Any, seen: list[tuple[str, int]]) -> Any:
 
 
 def _near_watermark(
-    df: Any, seen: list[tuple[str, int]] | None, watermark: dt.datetime | None, lookback: dt.timedelta
+    df: DataFrame, seen: list[tuple[str, int]] | None, watermark: dt.datetime | None, lookback: dt.timedelta
 ) -> list[tuple[str, int]] | None:
     """(product id, ``updated_at`` in µs) of the rows read - by this run or the last - that the next
     run's look-back reads again; ``None`` when more than :data:`MAX_SEEN` (the next run reads them).
@@ -388,7 +391,7 @@ def _stage(report: RunReport, name: str) -> Iterator[None]:
         report.stage_seconds[name] = round(time.perf_counter() - started, 3)
 
 
-def validate(df: Any, rules: list[Rule], cfg: AppConfig, report: RunReport, say: Say) -> Validated:
+def validate(df: DataFrame, rules: list[Rule], cfg: AppConfig, report: RunReport, say: Say) -> Validated:
     """Count every rule and find the duplicates (one pass), mark each row, run the GX suite.
 
     The report gets the rows read, the watermark and the validation summary (also when the circuit
@@ -411,8 +414,8 @@ def validate(df: Any, rules: list[Rule], cfg: AppConfig, report: RunReport, say:
 
 
 def score(
-    spark: Any,
-    checked: Any,
+    spark: SparkSession,
+    checked: DataFrame,
     model: ModelVersion,
     taxonomy: Taxonomy,
     cfg: AppConfig,
@@ -521,7 +524,7 @@ def _health_rows(report: RunReport, health: RunHealth) -> pa.Table:
 
 
 def _store_embeddings(
-    spark: Any, catalog: Catalog, scored: Scored, staging: Path, report: RunReport, say: Say
+    spark: SparkSession, catalog: Catalog, scored: Scored, staging: Path, report: RunReport, say: Say
 ) -> None:
     """After the commit: the vectors this run computed into the store. The store is a cache, so a
     failure here is reported and costs the next run the encoding; the committed run stands."""
@@ -727,7 +730,7 @@ def _health_metrics(health: RunHealth) -> dict[str, float]:
 
 
 def backfill_partitions(
-    spark: Any,
+    spark: SparkSession,
     cfg: AppConfig,
     taxonomy: Taxonomy,
     *,

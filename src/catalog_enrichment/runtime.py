@@ -49,11 +49,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 __all__ = [
     "configure_logging",
@@ -160,7 +163,7 @@ def _spark_log_level() -> str:
     return "WARN" if logging.getLogger("catalog_enrichment").getEffectiveLevel() <= logging.INFO else "ERROR"
 
 
-def spark_session(cfg: AppConfig) -> Any:
+def spark_session(cfg: AppConfig) -> SparkSession:
     """The job's SparkSession. Under spark-submit the submitted master wins."""
     from pyspark.sql import SparkSession
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,9 @@ from catalog_enrichment.data.truth import truth_lookup, truth_verdicts, written_
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.review.audit import audit_sample
 from catalog_enrichment.review.sample import draw_sample
+
+if TYPE_CHECKING:
+    from catalog_enrichment.catalog.base import Catalog
 
 __all__ = ["format_audit_markdown", "run_audit_benchmark"]
 
@@ -46,7 +49,7 @@ def _verdicts(sample: pa.Table, lookup: dict[tuple[str, str], set[str]]) -> pa.T
 
 
 def run_audit_benchmark(
-    catalog: Any,
+    catalog: Catalog,
     truth: pa.Table,
     taxonomy: Taxonomy,
     *,

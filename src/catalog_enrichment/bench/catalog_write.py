@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,9 @@ from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.enrich import flatten_scores
 from catalog_enrichment.types import Say
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 __all__ = ["format_write_bench", "run_write_bench", "stage_scores"]
 
@@ -90,7 +93,7 @@ def _unique(row: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _write(
-    catalog: Catalog, spark: Any, run_id: str, staged: tuple[pa.Table, pa.Table, int], scores: Path
+    catalog: Catalog, spark: SparkSession, run_id: str, staged: tuple[pa.Table, pa.Table, int], scores: Path
 ) -> float:
     values, pairs, _ = staged
     quarantine = load_contract("quarantine").arrow_schema().empty_table()
@@ -102,7 +105,7 @@ def _write(
 
 
 def run_write_bench(
-    spark: Any,
+    spark: SparkSession,
     catalogs: dict[str, Callable[[int], CatalogConfig]],
     *,
     products: int,

@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,9 @@ import pyarrow.compute as pc
 from catalog_enrichment.config import AppConfig, SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.types import Say
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 __all__ = [
     "KINDS",
@@ -213,7 +216,7 @@ def _split_new_type(train: pa.Table, pool: pa.Table, new_type: str) -> tuple[pa.
 
 
 def run_drift_bench(
-    spark: Any,
+    spark: SparkSession,
     cfg: AppConfig,
     taxonomy: Taxonomy,
     workdir: Path,

@@ -29,13 +29,16 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pyarrow as pa
 
 from catalog_enrichment.catalog.reports import RunReport
 from catalog_enrichment.contracts import Contract, load_contract
 from catalog_enrichment.types import Say
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 __all__ = [
     "FAULT_ENV",
@@ -146,13 +149,13 @@ class Catalog(Protocol):
 
     def read_products(
         self,
-        spark: Any,
+        spark: SparkSession,
         contract: Contract,
         *,
         partition: Any = None,
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
-    ) -> Any:
+    ) -> DataFrame:
         """The products as a Spark DataFrame of the contract's columns (partition filter; with
         ``since``, only rows with ``updated_at`` after it or ``product_id`` in ``retry``), plus a
         :data:`~catalog_enrichment.contracts.UNREADABLE` column for each contract column whose
@@ -179,7 +182,7 @@ class Catalog(Protocol):
 
     def set_report_status(self, run_id: str, status: str) -> None: ...
 
-    def write(self, run: RunWrite, spark: Any = None) -> MergeResult:
+    def write(self, run: RunWrite, spark: SparkSession | None = None) -> MergeResult:
         """Stage and commit one run: its values replace the model values of the pairs it scored,
         in one commit with its quarantine rows; a run id already committed changes nothing."""
         ...
@@ -228,7 +231,7 @@ class Catalog(Protocol):
         """Insert ``rows`` into a keyed table, replacing rows with the same key, in one commit."""
         ...
 
-    def stored_embeddings(self, spark: Any, encoder: str) -> Any:
+    def stored_embeddings(self, spark: SparkSession, encoder: str) -> DataFrame | None:
         """The embedding store's rows of one encoder fingerprint as a Spark DataFrame, one per
         product: ``product_id``, ``stored_content``, ``stored_embedding`` (None: none stored)."""
         ...
@@ -238,7 +241,7 @@ class Catalog(Protocol):
         given products, on the driver (training's frozen encoders)."""
         ...
 
-    def write_embeddings(self, rows: str, spark: Any = None) -> int:
+    def write_embeddings(self, rows: str, spark: SparkSession | None = None) -> int:
         """Upsert the vectors staged as Parquet at ``rows`` (the embeddings contract's columns, one
         row per encoder and product) into the store, in one commit; the rows written."""
         ...

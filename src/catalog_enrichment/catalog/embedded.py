@@ -13,7 +13,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +37,9 @@ from catalog_enrichment.catalog.lock import catalog_lock
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["LakehouseCatalog"]
 
@@ -72,13 +75,13 @@ class LakehouseCatalog:
 
     def read_products(
         self,
-        spark: Any,
+        spark: SparkSession,
         contract: Contract,
         *,
         partition: products.Partition | None = None,
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
-    ) -> Any:
+    ) -> DataFrame:
         return products.read_products(
             spark, self.products, contract, partition=partition, since=since, retry=retry
         )
@@ -99,7 +102,7 @@ class LakehouseCatalog:
         if lakehouse.is_delta(self.reports):
             reports.set_report_status(self.reports, run_id, status)
 
-    def write(self, run: RunWrite, spark: Any = None) -> MergeResult:
+    def write(self, run: RunWrite, spark: SparkSession | None = None) -> MergeResult:
         """One MERGE commit (a killed process leaves the table as it was), then the quarantine rows
         appended once (a re-run finds its commit and appends nothing twice)."""
         fault_point("after_stage")
@@ -191,7 +194,7 @@ class LakehouseCatalog:
 
     # -- the embedding store -------------------------------------------------------------------
 
-    def stored_embeddings(self, spark: Any, encoder: str) -> Any:
+    def stored_embeddings(self, spark: SparkSession, encoder: str) -> DataFrame | None:
         """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
         :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), None when there are none."""
         from pyspark.sql import functions as F
@@ -213,7 +216,7 @@ class LakehouseCatalog:
         rows = lakehouse.read_products_of(self.embeddings, product_ids, ["encoder", *schema.names])
         return rows.filter(pc.field("encoder") == check_fingerprint(encoder)).select(schema.names)
 
-    def write_embeddings(self, rows: str, spark: Any = None) -> int:
+    def write_embeddings(self, rows: str, spark: SparkSession | None = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
         product and encoder), replacing older ones of the same key, in one Delta commit (streamed)."""
         import pyarrow.dataset as ds

@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -55,6 +55,9 @@ from catalog_enrichment.catalog.reports import MAPS, RunReport
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import UNREADABLE, Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["PG_DSN_ENV", "PostgresCatalog", "migrate"]
 
@@ -335,13 +338,13 @@ class PostgresCatalog:
 
     def read_products(
         self,
-        spark: Any,
+        spark: SparkSession,
         contract: Contract,
         *,
         partition: Partition | None = None,
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
-    ) -> Any:
+    ) -> DataFrame:
         from psycopg import sql
         from pyspark.sql import functions as F
 
@@ -523,7 +526,7 @@ class PostgresCatalog:
         ).fetchone()
         return None if row is None else int(row[0])
 
-    def write(self, run: RunWrite, spark: Any = None) -> MergeResult:
+    def write(self, run: RunWrite, spark: SparkSession | None = None) -> MergeResult:
         """Stage (COPY, from every Spark partition when ``spark`` and ``run.scores`` are given), then
         merge in one transaction with the quarantine rows; see the module docstring."""
         stage = _stage_name(run.run_id)
@@ -555,7 +558,7 @@ class PostgresCatalog:
         fault_point("after_quarantine")
         return result
 
-    def _stage(self, run: RunWrite, stage: str, spark: Any) -> int:
+    def _stage(self, run: RunWrite, stage: str, spark: SparkSession | None) -> int:
         (conninfo, password), table = self.conninfo(), (self.schema, stage)
         if spark is None or run.scores is None:
             pairs = run.pairs.select(["product_id", "attribute"])
@@ -588,8 +591,7 @@ class PostgresCatalog:
             F.lit(None).cast("double").alias("threshold"),
         )
         # the closure holds no password: the executor's libpq reads it from its environment
-        copied = values.unionByName(pairs).mapInArrow(_copier(conninfo, table), "rows long")
-        return int(copied.agg(F.sum("rows")).first()[0] or 0)
+        return _copied(values.unionByName(pairs).mapInArrow(_copier(conninfo, table), "rows long"))
 
     def _serialize(self, conn: Any) -> None:
         """Within a transaction: wait for any other write or rollback of this catalog to commit
@@ -945,7 +947,7 @@ class PostgresCatalog:
 
     # -- the embedding store -------------------------------------------------------------------
 
-    def stored_embeddings(self, spark: Any, encoder: str) -> Any:
+    def stored_embeddings(self, spark: SparkSession, encoder: str) -> DataFrame | None:
         """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
         :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), read over JDBC in
         ``catalog.postgres.read_partitions`` slices of the product ids' hash; None when there are none."""
@@ -981,7 +983,7 @@ class PostgresCatalog:
         columns: list[Any] = list(zip(*rows, strict=True)) if rows else [(), (), ()]
         return pa.table([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
 
-    def write_embeddings(self, rows: str, spark: Any = None) -> int:
+    def write_embeddings(self, rows: str, spark: SparkSession | None = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
         product and encoder): each Spark partition COPYs into a staging table (this process streams
         them when ``spark`` is None), one transaction upserts them."""
@@ -992,12 +994,8 @@ class PostgresCatalog:
             conn.execute(self._sql("CREATE UNLOGGED TABLE {s} (LIKE {e})", s=stage, e="embeddings"))
         try:
             if spark is not None:
-                from pyspark.sql import functions as F
-
-                copied = spark.read.parquet(rows).mapInArrow(
-                    _copier(conninfo, (self.schema, stage), copy_embeddings), "rows long"
-                )
-                n = int(copied.agg(F.sum("rows")).first()[0] or 0)
+                copier = _copier(conninfo, (self.schema, stage), copy_embeddings)
+                n = _copied(spark.read.parquet(rows).mapInArrow(copier, "rows long"))
             else:
                 import pyarrow.dataset as ds
                 from psycopg.conninfo import make_conninfo
@@ -1072,6 +1070,14 @@ def copy_embeddings(conninfo: str, table: tuple[str, str], batches: Iterable[pa.
                 copy.write_row(row)
             rows += batch.num_rows
     return rows
+
+
+def _copied(counts: DataFrame) -> int:
+    """The rows the COPY tasks of ``counts`` (one ``rows`` count per task) wrote, in one Spark job."""
+    from pyspark.sql import functions as F
+
+    total = counts.agg(F.sum("rows")).first()
+    return int(total[0] or 0) if total is not None else 0
 
 
 def _stage_schema() -> pa.Schema:

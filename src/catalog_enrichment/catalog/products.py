@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +26,9 @@ import pyarrow.parquet as pq
 from catalog_enrichment.catalog.lakehouse import table_format
 from catalog_enrichment.contracts import Contract
 from catalog_enrichment.errors import ContractError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["Partition", "changed_since", "list_partitions", "parse_partition", "read_products"]
 
@@ -142,14 +145,14 @@ def list_partitions(path: str | Path, column: str) -> list[str]:
 
 
 def read_products(
-    spark: Any,
+    spark: SparkSession,
     path: str | Path,
     contract: Contract,
     *,
     partition: Partition | None = None,
     since: dt.datetime | None = None,
     retry: Sequence[str] = (),
-) -> Any:
+) -> DataFrame:
     """The products as a Spark DataFrame with the contract's columns, and only those (with
     ``since``: the rows changed after it, and those of the products in ``retry``).
 
@@ -217,7 +220,7 @@ def changed_since(since: dt.datetime, retry: Sequence[str]) -> Any:
 _FILE, _ROW = "__file", "__row_index"
 
 
-def _without_deleted(spark: Any, df: Any, deleted: dict[str, list[int]]) -> Any:
+def _without_deleted(spark: SparkSession, df: DataFrame, deleted: dict[str, list[int]]) -> DataFrame:
     """``df`` without the rows the deletion vectors remove (a join on file and row index)."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType

@@ -22,13 +22,16 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import keyed_key, keyed_schema
 from catalog_enrichment.errors import CatalogEnrichError
+
+if TYPE_CHECKING:
+    from catalog_enrichment.catalog.base import Catalog
 
 __all__ = [
     "FILE_COLUMNS",
@@ -246,7 +249,7 @@ def _changes(new: pa.Table, existing: pa.Table) -> tuple[pa.Table, int, int]:
     return changed, changed.num_rows - updated, updated
 
 
-def import_verdicts(catalog: Any, path: Path, *, now: dt.datetime | None = None) -> ImportResult:
+def import_verdicts(catalog: Catalog, path: Path, *, now: dt.datetime | None = None) -> ImportResult:
     """Check a verdict file whole, then write its new and changed verdicts in one commit.
 
     Raises:

@@ -23,13 +23,17 @@ import signal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyspark.accumulators import AccumulatorParam
 
 from catalog_enrichment.inference.predictor import PredictorOptions
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -101,7 +105,7 @@ class ScoringSpec:
         return (self.bundle_name, self.bundle_path, taxonomy, self.predictor)
 
 
-class _HealthTallies:
+class _HealthTallies(AccumulatorParam[Any]):
     """AccumulatorParam merging :class:`~catalog_enrichment.health.HealthTally` counts."""
 
     def zero(self, value: Any) -> Any:
@@ -113,7 +117,7 @@ class _HealthTallies:
         return a.merge(b)
 
 
-class _PidCounts:
+class _PidCounts(AccumulatorParam[dict[int, int]]):
     """AccumulatorParam merging ``{pid: loads}`` dicts."""
 
     def zero(self, value: dict[int, int]) -> dict[int, int]:
@@ -137,7 +141,7 @@ class ScoringCounters:
     health: Any  # health.HealthTally of every scored product
 
     @classmethod
-    def create(cls, spark: Any) -> ScoringCounters:
+    def create(cls, spark: SparkSession) -> ScoringCounters:
         sc = spark.sparkContext
         return cls(
             sc.accumulator({}, _PidCounts()),
@@ -152,7 +156,7 @@ class ScoringCounters:
 _WORKER_CACHE: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
 
-def ship_bundle(spark: Any, bundle_dir: Path) -> str:
+def ship_bundle(spark: SparkSession, bundle_dir: Path) -> str:
     """Zip the bundle folder beside it (once) and add it as a Spark archive; returns its name.
 
     Spark ships archives to every executor and unpacks them there (``addFile`` cannot ship a
@@ -383,7 +387,7 @@ def _fault_kill_worker_once() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def score_dataframe(valid: Any, spec: ScoringSpec, counters: ScoringCounters) -> Any:
+def score_dataframe(valid: DataFrame, spec: ScoringSpec, counters: ScoringCounters) -> DataFrame:
     """The scored DataFrame (lazy): one row per input row, ``OUTPUT_SCHEMA`` columns.
 
     The enrichment job passes the valid rows (every rule passed, duplicates included).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.review.audit import Audit, audit_sample, plot_audit
@@ -27,6 +27,9 @@ from catalog_enrichment.review.sample import (
     sample_file_format,
     write_annotator_files,
 )
+
+if TYPE_CHECKING:
+    from catalog_enrichment.catalog.base import Catalog
 
 __all__ = ["SampleFiles", "audit_catalog", "record_audit", "sample_for_review"]
 
@@ -41,7 +44,7 @@ class SampleFiles:
 
 def sample_for_review(
     cfg: AppConfig,
-    catalog: Any,
+    catalog: Catalog,
     *,
     run_id: str | None,
     model_version: str | None,
@@ -67,7 +70,7 @@ def sample_for_review(
 
 
 def audit_catalog(
-    cfg: AppConfig, catalog: Any, client: Any, *, model_version: str | None, sample_id: str | None
+    cfg: AppConfig, catalog: Catalog, client: Any, *, model_version: str | None, sample_id: str | None
 ) -> Audit:
     """Audit the latest reviewed sample of ``model_version`` (or ``sample_id``) in ``catalog``
     against the target the version was calibrated for (``client``: where the version is registered)."""

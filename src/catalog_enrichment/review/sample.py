@@ -31,7 +31,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,9 @@ from catalog_enrichment.catalog.base import keyed_schema
 from catalog_enrichment.catalog.reviews import neutralize_formulas
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
+
+if TYPE_CHECKING:
+    from catalog_enrichment.catalog.base import Catalog
 
 __all__ = [
     "DrawnSample",
@@ -129,7 +132,9 @@ class DrawnSample:
     population: int  # written values it was drawn from
 
 
-def _latest_products(catalog: Any, columns: list[str], product_ids: Iterable[str] | None = None) -> pa.Table:
+def _latest_products(
+    catalog: Catalog, columns: list[str], product_ids: Iterable[str] | None = None
+) -> pa.Table:
     """One row per product (its latest copy), ``columns`` only (of ``product_ids`` only, when given)."""
     products, _ = catalog.snapshot("products", columns=[*columns, "updated_at"], product_ids=product_ids)
     products = products.filter(pc.is_valid(products["product_id"]))
@@ -142,7 +147,7 @@ def _latest_products(catalog: Any, columns: list[str], product_ids: Iterable[str
 
 
 def draw_sample(
-    catalog: Any,
+    catalog: Catalog,
     *,
     run_id: str | None = None,
     model_version: str | None = None,
@@ -240,7 +245,7 @@ def sample_file_format(out: Path) -> str:
 
 
 def write_annotator_files(
-    catalog: Any, sample: DrawnSample, out: Path, images: ImagePolicy
+    catalog: Catalog, sample: DrawnSample, out: Path, images: ImagePolicy
 ) -> tuple[pa.Table, int]:
     """Write the sample for annotators: ``out`` (.csv or .parquet) and an image file per product under
     ``<out folder>/images`` (read from the product's bytes, or its ``image_uri`` under the images

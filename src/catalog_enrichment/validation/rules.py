@@ -26,7 +26,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,6 +34,9 @@ import pyarrow.compute as pc
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import UNREADABLE, Contract
 from catalog_enrichment.errors import CatalogEnrichError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
 
 __all__ = [
     "REASONS",
@@ -264,7 +267,9 @@ def stale_copies(rows: pa.Table, latest: pa.Table, key: str = "product_id", at: 
     return pc.fill_null(stale, False)
 
 
-def check_rows(df: Any, rules: list[Rule], key: str = "product_id", latest: pa.Table | None = None) -> Any:
+def check_rows(
+    df: DataFrame, rules: list[Rule], key: str = "product_id", latest: pa.Table | None = None
+) -> DataFrame:
     """``df`` plus ``_reasons`` (array of failed rule names, empty for valid rows).
 
     ``latest`` (:func:`latest_copies` of the duplicates of ``df``, found here when not given) is
@@ -303,7 +308,9 @@ class ValidationCounts:
         return ", ".join(f"{r} ({n:,})" for n, r in top) or "none"
 
 
-def count_rows(df: Any, rules: list[Rule], key: str = "product_id") -> tuple[ValidationCounts, pa.Table]:
+def count_rows(
+    df: DataFrame, rules: list[Rule], key: str = "product_id"
+) -> tuple[ValidationCounts, pa.Table]:
     """The counts (rows read, failures per rule, rows failing any, the watermark) and the duplicates,
     in one Spark job that reads no image.
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catalog_enrichment.validation.rules import Rule
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
 
 __all__ = ["run_suite"]
 
 
-def run_suite(df: Any, rules: list[Rule], *, suite_name: str = "products") -> dict[str, Any]:
+def run_suite(df: DataFrame, rules: list[Rule], *, suite_name: str = "products") -> dict[str, Any]:
     """Validate ``df`` with the rules' expectations on an ephemeral GX context; JSON-able summary."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
