@@ -89,6 +89,12 @@ def test_average_precision_known_answers() -> None:
     scores = np.array([[0.9, 0.1], [0.4, 0.6], [0.5, 0.5], [0.99, 0.01]])
     labels = np.array([0, 0, 0, -1])
     assert attribute_average_precision(scores, labels, "multiclass") == pytest.approx((1 + 2 / 3) / 3)
+    # tied scores are one threshold, so the row order does not change the answer: at 0.9 precision 1
+    # and recall 1/2, at 0.5 precision 2/3 and recall 1 (ranking ties by row order gave 1 or 5/6)
+    tied = np.array([[0.5, 0.1], [0.5, 0.1], [0.9, 0.1]])
+    for first in ([1, 0], [0, 0]):
+        labels = np.array([first, [1 - first[0], 0], [1, 0]], np.float32)
+        assert attribute_average_precision(tied, labels, "multilabel") == pytest.approx((1 + 2 / 3) / 2)
     # a perfect ranking is 1 whatever the share of wrong candidates below it
     assert (
         attribute_average_precision(np.array([[0.9, 0.2]]), np.array([[1, 0]], np.float32), "multilabel")

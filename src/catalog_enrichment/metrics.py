@@ -221,9 +221,14 @@ def attribute_average_precision(scores: np.ndarray, labels: np.ndarray, kind: At
         score, right, n_positive = s[np.arange(s.shape[0]), top], t[np.arange(s.shape[0]), top], s.shape[0]
     if n_positive == 0:
         return float("nan")
-    hits = right[np.argsort(-score, kind="stable")]
-    precision_at = np.cumsum(hits) / np.arange(1, hits.size + 1)
-    return float(precision_at[hits].sum() / n_positive)
+    found = int(right.sum())
+    if found == 0:
+        return 0.0
+    from sklearn.metrics import average_precision_score
+
+    # scikit-learn's AP (tied scores form one threshold, so row order does not matter) is over the
+    # true candidates; a multi-class product whose top-1 is wrong is a true value never ranked
+    return float(average_precision_score(right, score)) * found / n_positive
 
 
 def coverage_efficiency(recall_written: float, r_at_p: float) -> float:
