@@ -181,3 +181,22 @@ def test_a_model_name_that_would_name_a_path_is_refused(name: str) -> None:
         load_config(environ={}, overrides={"mlflow": {"registered_model": name}})
     with pytest.raises(CatalogEnrichError, match="is not valid here"):  # before any MLflow call
         registry.resolve_model(None, f"models:/{name}@champion")
+
+
+def test_env_and_set_values_are_typed_by_their_field_not_by_yaml_1_1() -> None:
+    """YAML 1.1 would read 010 as 8, no as False and 2026-11-01 as a date; a string field keeps what
+    was written, a number or boolean field converts it, a flow list's items keep their text."""
+    env = {
+        "CATALOG_ENRICH_MLFLOW__REGISTERED_MODEL": "010",
+        "CATALOG_ENRICH_SPARK__APP_NAME": "no",
+        "CATALOG_ENRICH_INFERENCE__BATCH_SIZE": "010",
+        "CATALOG_ENRICH_VALIDATION__RUN_EXPECTATIONS": "no",
+        "CATALOG_ENRICH_IMAGES__HOSTS": "[no, 2026-11-01]",
+    }
+    cfg = load_config(
+        environ=env, overrides=parse_overrides(["training.seed=010", "catalog.root=2026-11-01"])
+    )
+    assert cfg.mlflow.registered_model == "010" and cfg.spark.app_name == "no"
+    assert cfg.inference.batch_size == 10 and cfg.validation.run_expectations is False
+    assert cfg.images.hosts == ["no", "2026-11-01"] and cfg.training.seed == 10
+    assert cfg.catalog.root == "2026-11-01"

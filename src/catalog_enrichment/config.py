@@ -6,7 +6,8 @@ MLflow's own ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` (for ``mlflow.tra
 
 Environment variables name a field by its path with ``__`` between levels, e.g.
 ``CATALOG_ENRICH_INFERENCE__BATCH_SIZE=128`` or ``CATALOG_ENRICH_MLFLOW__TRACKING_URI=http://...``.
-Values are parsed as YAML scalars/lists (``true``, ``0.9``, ``[a, b]``).
+A value (here and in ``--set``) is validated against its field's type: ``true``, ``0.9``, ``[a, b]``
+work where the field wants them, and a string field keeps ``010`` or ``no`` as written.
 
 Every section is a frozen pydantic model that forbids unknown keys, so a typo or a wrong type is a
 :class:`ConfigError` naming the offending key, e.g. ``inference.batch_size: Input should be a valid
@@ -774,10 +775,20 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    """An environment or ``--set`` value, for pydantic to validate against its field (as
+    pydantic-settings does): the text itself - a number or boolean field converts it, a string field
+    keeps it as written (``010``, ``no``, ``2026-11-01`` stay strings, never YAML 1.1's 8, False or a
+    date) -; a flow list or mapping (``[a, b]``, ``{k: v}``) with its items as strings; None (not set)
+    for an empty value or ``null``."""
+    stripped = text.strip()
+    if stripped in ("", "null", "~"):
+        return None
+    if stripped[0] in "[{":
+        try:
+            return yaml.load(stripped, Loader=yaml.BaseLoader)  # every scalar a string
+        except yaml.YAMLError:
+            return text
+    return text
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
