@@ -122,7 +122,7 @@ def save_trained(trained: Any, path: Path) -> Path:
         taxonomy=trained.taxonomy,
         calibration=trained.calibration,
         model_config=trained.config.model,
-        evaluation=trained.test_report,
+        evaluation=trained.test_report.to_dict(),
     )
 
 

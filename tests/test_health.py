@@ -223,7 +223,7 @@ def _pick(pop: dict[str, object], key: str, idx: np.ndarray) -> list[object]:
     return [values[i] for i in idx]
 
 
-def _profile(pop: dict[str, object], idx: np.ndarray) -> HealthProfile:
+def _profile(pop: dict[str, object], idx: np.ndarray, groups: np.ndarray | None = None) -> HealthProfile:
     attributes = {}
     for name, thresholds in THRESHOLDS.items():
         scores, labels = pop[name]  # type: ignore[misc]
@@ -231,9 +231,22 @@ def _profile(pop: dict[str, object], idx: np.ndarray) -> HealthProfile:
         assert base is not None
         attributes[name] = base
     inputs = input_baseline(
-        *(_pick(pop, k, idx) for k in ("titles", "descriptions", "present", "errors", "categories", "tones"))
+        *(_pick(pop, k, idx) for k in ("titles", "descriptions", "present", "errors", "categories", "tones")),
+        None if groups is None else groups[idx],
     )  # type: ignore[arg-type]
     return HealthProfile(attributes, inputs)
+
+
+def _variants(pop: dict[str, object], k: int) -> dict[str, object]:
+    """Every product of ``pop`` ``k`` times in a row: a group of variants that count alike."""
+    out: dict[str, object] = {}
+    for key, value in pop.items():
+        if isinstance(value, tuple):
+            out[key] = tuple(np.repeat(v, k, axis=0) for v in value)
+        else:
+            assert isinstance(value, list)
+            out[key] = [v for v in value for _ in range(k)]
+    return out
 
 
 def _count(profile: HealthProfile, pop: dict[str, object], idx: np.ndarray) -> HealthTally:
@@ -270,21 +283,36 @@ def _target(pop: dict[str, object]) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [60, 1000, 5000])
-def test_clean_runs_raise_any_alarm_at_most_one_time_in_a_hundred(n: int) -> None:
-    """300 clean runs per batch size, each against a fresh baseline of 2,000 held-out products
-    drawn from the same marketplace (18 checks per run: 4 per attribute, 6 on the inputs). A run
-    alarms when any check fails; the levels are split so that happens at most 1 % of the time. 10
-    or more alarms in 300 has probability 0.0011 for a rate of exactly 1 % (binomial(300, 0.01)),
-    so the test fails only when the levels are wrong."""
+@pytest.mark.parametrize(("n", "variants"), [(60, 1), (1000, 1), (5000, 1), (999, 3)])
+def test_clean_runs_raise_any_alarm_at_most_one_time_in_a_hundred(n: int, variants: int) -> None:
+    """300 clean runs per batch size, each against a fresh baseline of about 2,000 held-out
+    products drawn from the same marketplace (18 checks per run: 4 per attribute, 6 on the inputs).
+    A run alarms when any check fails; the levels are split so that happens at most 1 % of the
+    time. With ``variants`` > 1 every product comes with that many variants (identical here, the
+    hardest case), drawn as whole groups, which only the design effect keeps at 1 %. 10 or more
+    alarms in 300 has probability 0.0011 for a rate of exactly 1 % (binomial(300, 0.01)), so the
+    test fails only when the levels are wrong."""
     rng = np.random.default_rng(n)
-    pop = _population(rng, 60_000)
+    pop = _population(rng, 60_000 // variants)
     target = _target(pop)
+    pop = _variants(pop, variants)
+    groups = np.arange(60_000 // variants * variants) // variants
+    base, night = 2000 // variants, n // variants
     alarms = 0
     for _ in range(300):
-        idx = rng.choice(60_000, 2000 + n, replace=False)
-        profile = _profile(pop, idx[:2000])
-        checks = assess(profile, _count(profile, pop, idx[2000:]), target=target)
+        chosen = rng.choice(60_000 // variants, base + night, replace=False)
+        idx = (chosen[:, None] * variants + np.arange(variants)).ravel()
+        profile = _profile(pop, idx[: base * variants], groups)
+        checks = assess(profile, _count(profile, pop, idx[base * variants :]), target=target)
         assert sum(c.status != "skipped" for c in checks) == 18
         alarms += any(c.status == "failed" for c in checks)
     assert alarms < 10
+
+
+def test_the_design_effect_is_the_mean_group_size_a_product_is_in_and_divides_the_statistic() -> None:
+    from catalog_enrichment.health import _design_effect
+
+    assert _design_effect(np.array([0, 0, 0, 1])) == (3**2 + 1**2) / 4
+    assert _design_effect(np.arange(5)) == 1.0 and _design_effect(None) == 1.0
+    plain, _, _ = homogeneity([50, 50], [75, 25])
+    assert homogeneity([50, 50], [75, 25], design_effect=2.5)[0] == pytest.approx(plain / 2.5)

@@ -20,7 +20,10 @@ its upper confidence bound is below the target.
 The levels are Bonferroni-split: with ``K`` checks evaluated in a run, each fails at
 ``false_alarm / K``, so a clean run - products drawn from the baseline's distribution - raises any
 alarm at most ``false_alarm`` (1 %) of the time, at every batch size (``tests/test_health.py``
-simulates it). A significant difference must also be large enough to matter (``min_psi``,
+simulates it). Products that come in groups of variants (the same title and description: colours
+and sizes of one article) count alike in every check, so a batch holds fewer independent products
+than rows: each statistic is divided by the training products' design effect (Rao and Scott's
+first-order correction for cluster samples). A significant difference must also be large enough to matter (``min_psi``,
 ``min_share_change``), so a backfill of millions does not alarm on a negligible shift. An attribute
 with fewer than ``min_products`` scored products is not judged.
 """
@@ -205,6 +208,9 @@ class InputBaseline:
     image: list[int]  # products per :data:`IMAGE_STATES`
     tone_edges: list[float]  # inner edges of the photos' colour balance deciles
     tones: list[int]  # decoded photos per colour-balance bin
+    # products come in groups that share title and description (colour or size variants); the mean
+    # group size a product is in, sum(n_g^2) / sum(n_g), is the tests' design effect (see assess)
+    design_effect: float = 1.0
 
     @property
     def products(self) -> int:
@@ -235,9 +241,11 @@ def input_baseline(
     image_errors: Sequence[str | None],
     categories: Sequence[str | None],
     tones: Sequence[float | None],
+    groups: np.ndarray | None = None,
 ) -> InputBaseline:
     """The input baseline of the training products (one entry per product in each sequence;
-    ``tones``: each decoded photo's colour balance, None where there is none)."""
+    ``tones``: each decoded photo's colour balance, None where there is none; ``groups``: each
+    product's group of variants, None: every product its own)."""
     lengths = np.array([len(t or "") for t in titles], np.float64)
     edges = _quantile_edges(lengths, TITLE_BINS)
     tone_edges = _quantile_edges(_measured(tones), TONE_BINS)
@@ -252,7 +260,18 @@ def input_baseline(
         image=_image_states(image_present, image_errors),
         tone_edges=tone_edges,
         tones=_bin_counts(tone_edges, _measured(tones)),
+        design_effect=_design_effect(groups),
     )
+
+
+def _design_effect(groups: np.ndarray | None) -> float:
+    """The mean size of the group a product is in, ``sum(n_g^2) / sum(n_g)`` (1: no two products
+    share a group). Variants of one product share most of what the checks count, so a batch of
+    ``n`` products carries about ``n / design_effect`` products' worth of evidence."""
+    if groups is None or not len(groups):
+        return 1.0
+    sizes = np.unique(np.asarray(groups), return_counts=True)[1].astype(np.float64)
+    return float((sizes**2).sum() / sizes.sum())
 
 
 def _presence(texts: Sequence[str | None]) -> list[int]:
@@ -404,9 +423,13 @@ def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def homogeneity(baseline: Sequence[float], counts: Sequence[float]) -> tuple[float, float, int]:
+def homogeneity(
+    baseline: Sequence[float], counts: Sequence[float], design_effect: float = 1.0
+) -> tuple[float, float, int]:
     """Pearson's chi-square test that two count vectors over the same bins come from one
-    distribution: (statistic, p-value, degrees of freedom).
+    distribution: (statistic, p-value, degrees of freedom). ``design_effect``: products come in
+    groups (variants) that count alike; the statistic is divided by it (Rao and Scott's first-order
+    correction for cluster samples).
 
     Bins are pooled, smallest baseline count first, until each pooled bin expects at least
     :data:`MIN_EXPECTED` products on both sides at the baseline's shares; the pooling looks at the
@@ -437,7 +460,7 @@ def homogeneity(baseline: Sequence[float], counts: Sequence[float]) -> tuple[flo
         return 0.0, 1.0, 0
     table = np.asarray(groups, np.float64)  # (bins, 2): baseline, tonight
     expected = table.sum(axis=1, keepdims=True) * np.array([[m, n]]) / (m + n)
-    statistic = float(np.sum((table - expected) ** 2 / expected))
+    statistic = float(np.sum((table - expected) ** 2 / expected)) / max(1.0, design_effect)
     dof = len(groups) - 1
     return statistic, float(chi2.sf(statistic, dof)), dof
 
@@ -515,6 +538,17 @@ def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tupl
     return estimate, float(math.sqrt(curve_var + mix_var))
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """What a run's checks are judged by (see :func:`assess`)."""
+
+    alpha: float  # the level each check fails at
+    target: float
+    min_psi: float
+    min_share_change: float
+    design_effect: float
+
+
 def _pending(
     profile: HealthProfile, tally: HealthTally, min_products: int
 ) -> tuple[list[_Pending], list[Check]]:
@@ -571,12 +605,14 @@ def _pending(
     return pending, skipped
 
 
-def _judge(p: _Pending, alpha: float, target: float, min_psi: float, min_share_change: float) -> Check:
+def _judge(p: _Pending, limits: _Limits) -> Check:
     from scipy.stats import norm
 
+    alpha, target = limits.alpha, limits.target
     where = p.check.replace("_", " ") if p.scope == INPUT else f"{p.scope}: {p.check.replace('_', ' ')}"
     if p.precision is not None:
         estimate, error = p.precision
+        error *= math.sqrt(max(1.0, limits.design_effect))
         upper = min(1.0, estimate + float(norm.ppf(1 - alpha)) * error)
         failed = upper < target
         message = f"{where} {estimate:.3f} (upper bound {upper:.3f}) < {target:.2f}" if failed else None
@@ -585,15 +621,15 @@ def _judge(p: _Pending, alpha: float, target: float, min_psi: float, min_share_c
             upper, None, alpha, estimate, target, message,
         )  # fmt: skip
     assert p.baseline is not None and p.counts is not None
-    statistic, p_value, _ = homogeneity(p.baseline, p.counts)
+    statistic, p_value, _ = homogeneity(p.baseline, p.counts, limits.design_effect)
     if p.share_bin is None:
         observed, expected = psi(p.baseline, p.counts), None
-        large = observed >= min_psi
+        large = observed >= limits.min_psi
         effect = f"PSI {observed:.3f}"
     else:
         observed = p.counts[p.share_bin] / max(1, sum(p.counts))
         expected = p.baseline[p.share_bin] / max(1, sum(p.baseline))
-        large = abs(observed - expected) >= min_share_change
+        large = abs(observed - expected) >= limits.min_share_change
         effect = f"share {observed:.3f} against {expected:.3f} at training"
     failed = p_value < alpha and large
     message = f"{where} {effect} (chi-square p {p_value:.2g} < {alpha:.2g})" if failed else None
@@ -614,10 +650,13 @@ def assess(
     min_share_change: float = 0.03,
 ) -> list[Check]:
     """Every check of a run (see the module docstring): attributes in the profile's order, then the
-    inputs; each check evaluated fails at ``false_alarm / K`` (``K`` checks evaluated)."""
+    inputs; each check evaluated fails at ``false_alarm / K`` (``K`` checks evaluated). Products
+    that come in groups of variants count once per group's worth: every statistic is divided by the
+    training products' design effect (the estimated precision's variance multiplied by it)."""
     pending, skipped = _pending(profile, tally, min_products)
-    alpha = false_alarm / max(1, len(pending))
-    judged = {(p.scope, p.check): _judge(p, alpha, target, min_psi, min_share_change) for p in pending}
+    deff = 1.0 if profile.inputs is None else profile.inputs.design_effect
+    limits = _Limits(false_alarm / max(1, len(pending)), target, min_psi, min_share_change, deff)
+    judged = {(p.scope, p.check): _judge(p, limits) for p in pending}
     judged.update({(c.scope, c.check): c for c in skipped})
     scopes = [*profile.attributes, INPUT]
     order = {s: i for i, s in enumerate(scopes)}

@@ -23,7 +23,7 @@ from catalog_enrichment.inference.bundle import load_bundle
 from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
 from catalog_enrichment.inference.predictor import BatchPredictor, Scores
 from catalog_enrichment.inference.spark import OUTPUT_SCHEMA, decide_batch
-from catalog_enrichment.training.loop import predict
+from catalog_enrichment.training.evaluation import predict
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -28,7 +28,8 @@ from catalog_enrichment.inference.bundle import BundleFolder, ModelBundle, load_
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.model import build_model
-from catalog_enrichment.training.loop import _param_groups, train_and_calibrate
+from catalog_enrichment.training.fit import param_groups
+from catalog_enrichment.training.loop import train_and_calibrate
 from tests.conftest import assert_trained_on_verdicts_only, save_trained, tiny_config, verdicts_only
 
 # A vocabulary no tokenizer trained on the data would produce: special tokens at odd ids, words the
@@ -300,7 +301,7 @@ def test_learning_rates_and_the_layers_each_mode_trains(
         cfg = _cfg(pretrained, encoders=mode, unfreeze_layers=1, learning_rate=1e-3, **training)
         tok = build_tokenizer(cfg.model.text, [])
         model = build_model(cfg.model, taxonomy, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
-        return model, _param_groups(model, cfg)
+        return model, param_groups(model, cfg)
 
     model, finetune = groups("finetune")
     assert [g["lr"] for g in finetune] == [1e-3, 3e-5, 3e-5]  # heads, then the pretrained encoders

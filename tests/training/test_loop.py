@@ -15,7 +15,8 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError, ContractError, TaxonomyError
 from catalog_enrichment.models.model import check_heads, head_specs
-from catalog_enrichment.training.loop import train_and_calibrate, warmup_cosine
+from catalog_enrichment.training.fit import warmup_cosine
+from catalog_enrichment.training.loop import train_and_calibrate
 from catalog_enrichment.training.splits import group_folds, group_ids, stratified_splits
 from tests.conftest import assert_trained_on_verdicts_only, tiny_config, verdicts_only
 

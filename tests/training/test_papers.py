@@ -144,7 +144,7 @@ def test_an_ensemble_is_calibrated_saved_and_served_as_one_model(taxonomy: Taxon
     )
     trained = train_and_calibrate(table, taxonomy, cfg)
     assert isinstance(trained.model, EnsembleModel)
-    assert list(trained.test_report["_members"]) == ["1:concat", "2:text_only"]
+    assert list(trained.test_report.members) == ["1:concat", "2:text_only"]
     bundle = load_bundle(save_trained(trained, tmp_path / "ensemble"))
     assert isinstance(bundle.model, EnsembleModel) and bundle.model_config.ensemble.members == 2
     frame = table.slice(0, 40).to_pandas()

@@ -22,7 +22,7 @@ from catalog_enrichment.data.dataset import EncodedLabels, ProductRecords, encod
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.models.color import color_features
-from catalog_enrichment.training.loop import Predictions, calibrate, evaluate
+from catalog_enrichment.training.evaluation import Predictions, calibrate, evaluate
 from catalog_enrichment.training.splits import group_folds, group_ids
 from catalog_enrichment.types import Say
 

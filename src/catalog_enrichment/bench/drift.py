@@ -265,7 +265,7 @@ def run_drift_bench(
         taxonomy=trained.taxonomy,
         calibration=trained.calibration,
         model_config=trained.config.model,
-        evaluation=trained.test_report,
+        evaluation=trained.test_report.to_dict(),
     )
     model = ModelVersion("drift", "1", bundle_dir=bundle)
     health = cfg.validation.health.model_copy(update=dict.fromkeys(cfg.validation.health.modes(), "block"))

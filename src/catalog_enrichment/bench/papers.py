@@ -27,7 +27,8 @@ from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.metrics import attribute_r_at_p
-from catalog_enrichment.training.loop import PRETRAINED_ENCODER_LR, TrainedModel, train_and_calibrate
+from catalog_enrichment.training.fit import PRETRAINED_ENCODER_LR
+from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
 from catalog_enrichment.types import Say
 
 __all__ = ["run_ensemble_study", "run_noise_study", "run_pretrain_study"]
@@ -158,7 +159,7 @@ def run_ensemble_study(
     started = time.perf_counter()
     trained = _train(read_table(market.products), taxonomy, cfg, "ensemble", say, device)
     report = trained.test_report
-    members = report["_members"]
+    members = report.members
     ensemble = {a.name: report[a.name]["r_at_p95"] for a in taxonomy}
     best = {a.name: max(m[a.name] for m in members.values()) for a in taxonomy}
     return {

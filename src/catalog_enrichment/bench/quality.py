@@ -159,14 +159,14 @@ def run_quality_benchmark(
             }
         if run_cfg.model.fusion == "modality_attention" and not contenders:
             name = f"lambda={run_cfg.model.fusion_kwargs.get('kl_lambda', kl_lambda):g}"
-            result["modality_weights"][name] = report.get("_modality_weights", {})
+            result["modality_weights"][name] = report.modality_weights
     if test_table is not None:
         say(f"== {BASELINE_LABEL} ==")
         started = time.perf_counter()
-        report = run_baseline(table, test_table, taxonomy, cfg, say=lambda m: say("  " + m))
+        baseline = run_baseline(table, test_table, taxonomy, cfg, say=lambda m: say("  " + m))
         result["seconds"][BASELINE_LABEL] = round(time.perf_counter() - started, 1)
         result["methods"][BASELINE_LABEL] = {
-            a.name: {k: _num(report[a.name][k]) for k in METHOD_METRICS} for a in taxonomy
+            a.name: {k: _num(baseline[a.name][k]) for k in METHOD_METRICS} for a in taxonomy
         }
     result["checks"] = quality_checks(result)
     return result

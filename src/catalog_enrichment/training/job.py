@@ -188,10 +188,10 @@ def run_training_job(
         removed = trained.label_issues.groupby("attribute").size()
         for attr in taxonomy:
             summary[f"noise_pruning.{attr.name}.removed"] = float(removed.get(attr.name, 0))
-    for attr_name, gap in report.get("_crossfit", {}).items():
+    for attr_name, gap in report.crossfit.items():
         for key, value in gap.items():
             summary[f"crossfit.{attr_name}.{key}"] = float(value)
-    for member, per_attribute in report.get("_members", {}).items():
+    for member, per_attribute in report.members.items():
         for attr_name, r in per_attribute.items():
             summary[f"test.member_{member.replace(':', '_')}.{attr_name}.r_at_p95"] = float(r)
     if cfg.model.ensemble.members > 1:
@@ -218,11 +218,10 @@ def run_training_job(
             taxonomy=taxonomy,
             calibration=trained.calibration,
             model_config=cfg.model,
-            evaluation=report,
+            evaluation=report.to_dict(),
         )
         plots = tmpdir / "plots"
         plots.mkdir()
-        assert trained.test_predictions is not None and trained.test_labels is not None
         for attr in taxonomy:
             probs, labels = trained.test_labels.labelled(trained.test_predictions.probs, attr.name)
             plot_precision_recall(

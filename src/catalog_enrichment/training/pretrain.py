@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.data.dataset import (
@@ -44,7 +45,7 @@ from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.training.embeddings import deterministic_algorithms
-from catalog_enrichment.training.loop import seed_everything, warmup_cosine
+from catalog_enrichment.training.fit import warmup_cosine
 from catalog_enrichment.types import Say
 
 __all__ = ["PretrainResult", "contrastive_loss", "pretrain_text"]
@@ -112,7 +113,7 @@ def pretrain_text(
     tau = temperature if temperature is not None else DEFAULT_TEMPERATURE[method]
     tcfg, text_cfg = cfg.training, cfg.model.text
     lr = learning_rate or (PRETRAINED_LR if text_cfg.pretrained_path else tcfg.learning_rate)
-    seed_everything(tcfg.seed)
+    set_seed(tcfg.seed)
     policy = ImagePolicy.from_config(cfg.images, image_roots)  # the catalog's policy, as serving's
     if method == "simcse":  # text only: no image is read or decoded
         table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])

@@ -1,0 +1,414 @@
+"""Fitting one model: AdamW with a linear warm-up and cosine decay, early stopping on the validation
+metric, the best epoch's weights kept, then the fusion's held-out fit - and the K-fold runs built on
+it: cross-fitting (out-of-fold calibration scores) and confident-learning noise pruning (001).
+
+Pretrained encoder weights train at their own, lower learning rate, and ``training.encoders`` says
+which of their layers train at all (004 §6.3): all (``finetune``), the top ``unfreeze_layers``
+(``last_n``) or none (``frozen``, over cached embeddings).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset
+from catalog_enrichment.metrics import attribute_average_precision
+from catalog_enrichment.models.losses import attribute_loss
+from catalog_enrichment.models.model import AnyModel, MultimodalModel
+from catalog_enrichment.training.embeddings import EmbeddedDataset
+from catalog_enrichment.training.evaluation import (
+    Predictions,
+    autocast_context,
+    forward,
+    mean_val_r,
+    predict,
+    to_device,
+)
+from catalog_enrichment.training.splits import Splits, group_folds
+from catalog_enrichment.types import Say
+
+__all__ = [
+    "PRETRAINED_ENCODER_LR",
+    "EpochMetrics",
+    "FitFn",
+    "FitResult",
+    "crossfit",
+    "fit_model",
+    "fold_gap",
+    "make_loader",
+    "param_groups",
+    "prune_noisy_labels",
+    "warmup_cosine",
+]
+
+
+def warmup_cosine(step: int, *, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 (004)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch: mean training loss and validation R@P95 (pooled per attribute, then averaged)."""
+
+    epoch: int
+    train_loss: float
+    val_r_at_p95: dict[str, float]
+    val_mean_r_at_p95: float
+    seconds: float
+    learning_rate: float
+
+
+def make_loader(
+    dataset: ProductDataset | EmbeddedDataset,
+    collator: Collator,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        drop_last=shuffle and len(dataset) > batch_size,  # no 1-row training batch (BatchNorm)
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=dataset.collate if isinstance(dataset, EmbeddedDataset) else collator,
+        generator=generator,
+        num_workers=0,
+    )
+
+
+# pretrained encoder weights train at this rate unless training.encoder_learning_rate says otherwise
+PRETRAINED_ENCODER_LR = 3e-5
+
+
+def _layer_of(name: str) -> int | None:
+    """The index of the repeated layer/block a parameter belongs to (``encoder.layer.3.…`` -> 3)."""
+    import re
+
+    found = re.findall(r"(?:^|\.)(?:layer|layers|blocks|stages)\.(\d+)\.", name)
+    return int(found[-1]) if found else None
+
+
+def _encoder_trainable(encoder: torch.nn.Module, mode: str, top_n: int) -> list[torch.nn.Parameter]:
+    """Set ``requires_grad`` on an encoder's parameters for the training mode; return the trained ones.
+
+    ``last_n`` trains the top ``top_n`` repeated layers (transformer layers, timm blocks/stages) and
+    everything above them (final norms, poolers); embeddings and the lower layers stay fixed.
+    """
+    named = list(encoder.named_parameters())
+    if mode == "finetune":
+        keep = [True] * len(named)
+    elif mode == "frozen":
+        keep = [False] * len(named)
+    else:
+        layers = [_layer_of(n) for n, _ in named]
+        deepest = max((i for i in layers if i is not None), default=-1)
+        first_trained = deepest - top_n + 1
+        seen_top = False
+        keep = []
+        for layer in layers:
+            if layer is not None:
+                seen_top = seen_top or layer >= first_trained
+                keep.append(layer >= first_trained)
+            else:
+                keep.append(seen_top)  # after the trained layers: heads, final norms
+    for (_, p), k in zip(named, keep, strict=True):
+        p.requires_grad_(k)
+    return [p for (_, p), k in zip(named, keep, strict=True) if k]
+
+
+def param_groups(model: MultimodalModel, cfg: AppConfig) -> list[dict[str, Any]]:
+    """AdamW groups: fusion and heads at ``learning_rate``; each encoder at its own rate (pretrained
+    weights lower, 004 §6.3), with only the layers ``training.encoders`` trains."""
+    tcfg = cfg.training
+    encoders: list[tuple[torch.nn.Module, bool]] = [
+        (e, bool(cfg.model.text.pretrained_path)) for e in model.text_encoders
+    ]
+    if model.image_encoder is not None:
+        encoders.append((model.image_encoder, bool(cfg.model.image.pretrained_path)))
+    groups: list[dict[str, Any]] = []
+    encoder_ids: set[int] = set()
+    for encoder, pretrained in encoders:
+        encoder_ids.update(id(p) for p in encoder.parameters())
+        params = _encoder_trainable(encoder, tcfg.encoders, tcfg.unfreeze_layers)
+        lr = tcfg.encoder_learning_rate or (PRETRAINED_ENCODER_LR if pretrained else tcfg.learning_rate)
+        if params:
+            groups.append({"params": params, "lr": lr})
+    head = [p for p in model.parameters() if id(p) not in encoder_ids]
+    return [{"params": head, "lr": tcfg.learning_rate}, *groups]
+
+
+def _train_mode(model: MultimodalModel) -> None:
+    """Training mode, except for modules with no trained weight (a fixed encoder layer's BatchNorm
+    keeps its statistics, its dropout stays off)."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """One model's training: the epochs, the one kept, and what the fusion fitted on held-out data."""
+
+    history: list[EpochMetrics]
+    best_epoch: int
+    heldout: dict[str, Any]
+
+
+def _optimizer(
+    model: MultimodalModel, cfg: AppConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, list[torch.nn.Parameter]]:
+    """AdamW over the trained parameters, the warm-up + cosine schedule, and those parameters."""
+    tcfg = cfg.training
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=tcfg.weight_decay)
+    total = tcfg.epochs * steps_per_epoch
+    warmup = int(tcfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total=total, warmup=warmup)
+    )
+    return optimizer, scheduler, [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _train_epoch(
+    model: MultimodalModel,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    trained: list[torch.nn.Parameter],
+    kinds: dict[str, str],
+    cfg: AppConfig,
+    device: torch.device,
+    desc: str,
+) -> float:
+    """One pass over ``loader``; the mean training loss."""
+    _train_mode(model)
+    losses = []
+    for batch in tqdm(loader, desc=desc, unit="step", leave=False, disable=None):
+        batch = to_device(batch, device)
+        with autocast_context(device, device.type == "cuda"):
+            out = forward(model, batch)
+            loss = sum(
+                attribute_loss(lg, batch["targets"], batch["known"], kinds, batch.get("partial"))
+                for lg in out.train_logits
+            )
+            loss = loss + out.aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, cfg.training.grad_clip_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
+
+
+def _validation_score(
+    preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, metric: str
+) -> tuple[dict[str, float], float]:
+    """Per attribute validation R@P95, and the score epochs are selected on (mean R@P95, or mean
+    average precision)."""
+    val_r = mean_val_r(preds, labels, taxonomy)
+    if metric != "average_precision":
+        return val_r, float(np.mean(list(val_r.values())))
+    aps = [attribute_average_precision(*labels.labelled(preds.probs, a.name), a.kind) for a in taxonomy]
+    return val_r, float(np.mean(aps))
+
+
+def _fit_heldout(
+    model: MultimodalModel, val_loader: DataLoader, labels: EncodedLabels, device: torch.device
+) -> dict[str, Any]:
+    """What the fusion fits on the validation split (late: alpha; decision: its nets), if anything."""
+    if not model.fusion.fits_on_heldout:
+        return {}
+    vp = predict(model, val_loader, device)
+    return model.fusion.fit_heldout(
+        {b: {a: torch.from_numpy(p) for a, p in per.items()} for b, per in vp.branch_probs.items()},
+        {a: torch.from_numpy(t) for a, t in labels.targets.items()},
+        {a: torch.from_numpy(k) for a, k in labels.known.items()},
+    )
+
+
+def fit_model(
+    model: MultimodalModel,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    val_labels: EncodedLabels,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    device: torch.device,
+    say: Say,
+    tag: str,
+) -> FitResult:
+    """Train ``model`` in place: AdamW, warm-up + cosine, early stopping on the validation metric, the
+    best epoch's weights kept; then the fusion's held-out fit on the validation split."""
+    tcfg = cfg.training
+    kinds = {a.name: a.kind for a in taxonomy}
+    if model.image_encoder is not None:  # convolutions train faster channels-last (oneDNN)
+        model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer, scheduler, trained = _optimizer(model, cfg, len(train_loader))
+    history: list[EpochMetrics] = []
+    best_score, best_epoch, best_state, stale = -1.0, 0, None, 0
+    for epoch in range(1, tcfg.epochs + 1):
+        started = time.perf_counter()
+        desc = f"{tag}epoch {epoch}/{tcfg.epochs}"
+        loss = _train_epoch(model, train_loader, optimizer, scheduler, trained, kinds, cfg, device, desc)
+        val_r, score = _validation_score(
+            predict(model, val_loader, device), val_labels, taxonomy, tcfg.selection_metric
+        )
+        mean_r = float(np.mean(list(val_r.values())))
+        lr = float(scheduler.get_last_lr()[0])
+        history.append(EpochMetrics(epoch, loss, val_r, mean_r, time.perf_counter() - started, lr))
+        selected = f"  val AP {score:.3f}" if tcfg.selection_metric == "average_precision" else ""
+        say(
+            f"{desc}  loss {loss:.4f}{selected}  val R@P95 {mean_r:.3f}  "
+            + " ".join(f"{a}={r:.3f}" for a, r in val_r.items())
+            + f"  ({history[-1].seconds:.0f}s)"
+        )
+        if score > best_score + 1e-6:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            continue
+        stale += 1
+        if tcfg.early_stopping_patience and stale >= tcfg.early_stopping_patience:
+            say(
+                f"{tag}early stopping: no validation gain ({tcfg.selection_metric}) for {stale} epochs "
+                f"(best epoch {best_epoch})"
+            )
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    heldout = _fit_heldout(model, val_loader, val_labels, device)
+    if heldout:
+        say(f"{tag}held-out fit: {heldout}")
+    return FitResult(history, best_epoch, heldout)
+
+
+# trains fresh models (one, or an ensemble's members) on the given rows with a seed and a log tag
+FitFn = Callable[[np.ndarray, int, str], tuple[AnyModel, list[FitResult]]]
+
+
+def crossfit(
+    train_idx: np.ndarray,
+    labels: EncodedLabels,
+    groups: np.ndarray,
+    k: int,
+    seed: int,
+    fit: FitFn,
+    scoring: Callable[[np.ndarray], DataLoader],
+    device: torch.device,
+    say: Say,
+    *,
+    tag: str = "cross-fit",
+    also: np.ndarray | None = None,
+) -> tuple[Predictions, EncodedLabels, Predictions | None]:
+    """Out-of-fold scores over the training split: K fold models, each trained on the other folds
+    (stratified over every attribute value, whole ``groups``) and scoring its own; returned in
+    ``train_idx`` order. ``also``: rows no fold model trains on, scored by every fold model (their
+    mean is returned)."""
+    train_labels = labels.subset(train_idx)
+    folds = group_folds(train_labels.stratification_matrix(), groups[train_idx], k, seed)
+    probs: dict[str, np.ndarray] = {}
+    extra: dict[str, np.ndarray] = {}
+    for f, (fit_pos, out_pos) in enumerate(folds):
+        say(f"{tag}: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
+        model, _ = fit(train_idx[fit_pos], seed + 1 + f, f"  fold {f + 1}: ")
+        for attr, p in predict(model, scoring(train_idx[out_pos]), device).probs.items():
+            probs.setdefault(attr, np.zeros((train_idx.size, p.shape[1]), np.float32))[out_pos] = p
+        if also is not None:
+            for attr, p in predict(model, scoring(also), device).probs.items():
+                extra[attr] = extra.get(attr, 0) + p / k
+    return Predictions(probs, None, {}), train_labels, None if also is None else Predictions(extra, None, {})
+
+
+# fold models this much weaker (validation average precision) than the final model get a warning
+FOLD_GAP_WARNING = 0.05
+
+
+def fold_gap(
+    folds: Predictions, final: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, say: Say
+) -> dict[str, dict[str, float]]:
+    """How well the cross-fit's fold models (their mean) and the final model rank the validation
+    split, per attribute: cross-fitting assumes the final model is at least as good as the fold
+    models whose out-of-fold scores calibrate it; weaker fold models make the thresholds too strict."""
+    out = {}
+    for attr in taxonomy:
+        fold_ap = attribute_average_precision(*labels.labelled(folds.probs, attr.name), attr.kind)
+        final_ap = attribute_average_precision(*labels.labelled(final.probs, attr.name), attr.kind)
+        out[attr.name] = {"fold_models_val_ap": fold_ap, "final_model_val_ap": final_ap}
+        if fold_ap < final_ap - FOLD_GAP_WARNING:
+            say(
+                f"warning: {attr.name}: the cross-fit's fold models rank the validation split worse than "
+                f"the final model (average precision {fold_ap:.3f} against {final_ap:.3f}); thresholds "
+                "calibrated on their scores may write less than the final model could "
+                "(training.crossfit_folds: 0 calibrates on a held-out split the final model scores)"
+            )
+    return out
+
+
+def prune_noisy_labels(
+    splits: Splits,
+    labels: EncodedLabels,
+    groups: np.ndarray,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    fit: FitFn,
+    scoring: Callable[[np.ndarray], DataLoader],
+    device: torch.device,
+    say: Say,
+    product_ids: list[str | None],
+) -> tuple[EncodedLabels, EncodedLabels, pd.DataFrame]:
+    """001 §3.2.1: out-of-fold scores of the training split by K fold models, cleanlab's label
+    issues, the top ``fraction`` of each attribute's labels left out (see ``training/noise.py``).
+    The validation labels that pick the best epoch and fit the held-out parts are pruned alike (the
+    fold models' mean scores them). Returns the labels to train on (over every product), the
+    validation labels to select on, and the table of the training labels left out."""
+    from catalog_enrichment.training.noise import find_label_issues
+
+    pcfg = cfg.training.noise_pruning
+    say(f"noise pruning: out-of-fold scores by {pcfg.folds} fold models")
+    oof, train_labels, val_scores = crossfit(
+        splits.train,
+        labels,
+        groups,
+        pcfg.folds,
+        cfg.training.seed + 1000,
+        fit,
+        scoring,
+        device,
+        say,
+        tag="noise pruning",
+        also=splits.validation,
+    )
+    assert val_scores is not None
+    issues = find_label_issues(oof.probs, train_labels, taxonomy, pcfg.fraction)
+    val_labels = labels.subset(splits.validation)
+    val_issues = find_label_issues(val_scores.probs, val_labels, taxonomy, pcfg.fraction)
+    say(
+        "noise pruning: "
+        + ", ".join(
+            f"{a} {issues.positions[a].size:,} of {issues.labelled[a]:,} labels left out "
+            f"({issues.flagged[a]:,} flagged; validation {val_issues.positions[a].size:,})"
+            for a in issues.positions
+        )
+    )
+    table = issues.table(taxonomy, train_labels, oof.probs, [product_ids[i] for i in splits.train])
+    pruned_val = val_issues.prune(val_labels, np.arange(splits.validation.size))
+    return issues.prune(labels, splits.train), pruned_val, table
