@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -86,6 +86,70 @@ class PretrainResult:
     seconds: float
 
 
+def _products(
+    table: pa.Table,
+    cfg: AppConfig,
+    method: Method,
+    image_roots: Sequence[str | Path],
+    device: torch.device,
+    say: Say,
+) -> tuple[ProductRecords, np.ndarray, ImageEncoder | None]:
+    """The products pre-training reads (SimCSE: text only, no image read; ConVIRT: those whose
+    image decodes, with the image encoder that reads them)."""
+    policy = ImagePolicy.from_config(cfg.images, image_roots)  # the catalog's policy, as serving's
+    if method == "simcse":  # text only: no image is read or decoded
+        table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])
+    records = ProductRecords.from_arrow(canonical_order(table), policy)
+    rows = np.arange(len(records))
+    if method != "convirt":
+        return records, rows, None
+    image_encoder = ImageEncoder(cfg.model.image).to(device)
+    prep = image_encoder.preprocessing
+    usable = [records.pixels(int(i), prep)[0] is not None for i in rows]  # an image that decodes
+    rows = rows[np.asarray(usable, bool)]
+    say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
+    return records, rows, image_encoder
+
+
+def _train(
+    modules: nn.Module,
+    loader: DataLoader,
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    cfg: AppConfig,
+    *,
+    lr: float,
+    epochs: int,
+    device: torch.device,
+    tag: str,
+    say: Say,
+) -> list[float]:
+    """AdamW (003 §4.1) with warm-up + cosine over ``epochs`` of ``loader``; the mean loss per epoch."""
+    tcfg = cfg.training
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=1e-8)
+    total = epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total=total, warmup=int(tcfg.warmup_ratio * total))
+    )
+    losses: list[float] = []
+    with deterministic_algorithms(True):
+        for epoch in range(1, epochs + 1):
+            modules.train()
+            epoch_losses = []
+            for batch in tqdm(
+                loader, desc=f"{tag} epoch {epoch}/{epochs}", unit="step", leave=False, disable=None
+            ):
+                loss = loss_of({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(modules.parameters(), tcfg.grad_clip_norm)
+                optimizer.step()
+                scheduler.step()
+                epoch_losses.append(float(loss.detach()))
+            losses.append(float(np.mean(epoch_losses)))
+            say(f"{tag} epoch {epoch}/{epochs}  contrastive loss {losses[-1]:.4f}")
+    return losses
+
+
 def pretrain_text(
     table: pa.Table,
     cfg: AppConfig,
@@ -114,18 +178,7 @@ def pretrain_text(
     tcfg, text_cfg = cfg.training, cfg.model.text
     lr = learning_rate or (PRETRAINED_LR if text_cfg.pretrained_path else tcfg.learning_rate)
     set_seed(tcfg.seed)
-    policy = ImagePolicy.from_config(cfg.images, image_roots)  # the catalog's policy, as serving's
-    if method == "simcse":  # text only: no image is read or decoded
-        table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])
-    records = ProductRecords.from_arrow(canonical_order(table), policy)
-    rows = np.arange(len(records))
-    image_encoder: ImageEncoder | None = None
-    if method == "convirt":
-        image_encoder = ImageEncoder(cfg.model.image).to(device)
-        prep = image_encoder.preprocessing
-        usable = [records.pixels(int(i), prep)[0] is not None for i in rows]  # an image that decodes
-        rows = rows[np.asarray(usable, bool)]
-        say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
+    records, rows, image_encoder = _products(table, cfg, method, image_roots, device, say)
     if rows.size < 2 * batch_size:
         raise CatalogEnrichError(
             f"pretrain-text --method {method}: {rows.size} usable products, too few for two batches "
@@ -134,9 +187,8 @@ def pretrain_text(
     tokenizer = build_tokenizer(
         text_cfg, (f"{records.title[i]} {records.description[i] or ''}" for i in rows)
     )
-    text_encoder = TextEncoder(text_cfg, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).to(
-        device
-    )
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    text_encoder = TextEncoder(text_cfg, vocab_size=vocab, pad_token_id=pad).to(device)
     width = text_encoder.hidden_size
     heads = nn.ModuleDict({"text": _projection(width)})
     if image_encoder is not None:
@@ -144,26 +196,14 @@ def pretrain_text(
             nn.Linear(image_encoder.num_features, width), nn.ReLU(), nn.Linear(width, width)
         )
     heads.to(device)
-    modules = nn.ModuleList([text_encoder, heads, *([image_encoder] if image_encoder is not None else [])])
-    dataset = ProductDataset(
-        records,
-        rows,
-        preprocessing=image_encoder.preprocessing
-        if image_encoder is not None
-        else ImagePreprocessing(size=1),
-    )
+    prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
     loader = DataLoader(
-        dataset,
+        ProductDataset(records, rows, preprocessing=prep),
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,  # a contrastive batch needs negatives; a 1-row tail has none
         collate_fn=Collator(tokenizer, text_cfg.max_length),
         generator=torch.Generator().manual_seed(tcfg.seed),
-    )
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=1e-8)  # 003 §4.1
-    total = epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total=total, warmup=int(tcfg.warmup_ratio * total))
     )
 
     def text_view(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -172,29 +212,15 @@ def pretrain_text(
         ).pooled
         return heads["text"](pooled)
 
-    losses: list[float] = []
-    with deterministic_algorithms(True):
-        for epoch in range(1, epochs + 1):
-            modules.train()
-            epoch_losses = []
-            for batch in tqdm(
-                loader, desc=f"{method} epoch {epoch}/{epochs}", unit="step", leave=False, disable=None
-            ):
-                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                if image_encoder is None:  # two dropout masks, two views of the same text
-                    loss = contrastive_loss(text_view(batch), text_view(batch), tau)
-                else:
-                    t = text_view(batch)
-                    v = heads["image"](image_encoder(batch["pixel_values"], batch["image_present"]).pooled)
-                    loss = alpha * contrastive_loss(t, v, tau) + (1 - alpha) * contrastive_loss(v, t, tau)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(modules.parameters(), tcfg.grad_clip_norm)
-                optimizer.step()
-                scheduler.step()
-                epoch_losses.append(float(loss.detach()))
-            losses.append(float(np.mean(epoch_losses)))
-            say(f"{method} epoch {epoch}/{epochs}  contrastive loss {losses[-1]:.4f}")
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if image_encoder is None:  # two dropout masks, two views of the same text
+            return contrastive_loss(text_view(batch), text_view(batch), tau)
+        t = text_view(batch)
+        v = heads["image"](image_encoder(batch["pixel_values"], batch["image_present"]).pooled)
+        return alpha * contrastive_loss(t, v, tau) + (1 - alpha) * contrastive_loss(v, t, tau)
+
+    modules = nn.ModuleList([text_encoder, heads, *([image_encoder] if image_encoder is not None else [])])
+    losses = _train(modules, loader, loss_of, cfg, lr=lr, epochs=epochs, device=device, tag=method, say=say)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     text_encoder.backbone.save_pretrained(str(folder))
