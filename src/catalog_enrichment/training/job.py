@@ -168,6 +168,21 @@ def run_training_job(
         table, taxonomy, cfg, image_roots=[snapshot.path], device=device, progress=progress, store=store
     )
     trained.model.to("cpu")
+    registered = _register(client, cfg, taxonomy, trained, table, snapshot)
+    progress(
+        f"registered {registered.name} version {registered.version} (alias '{registry.CHALLENGER}'), "
+        f"run {registered.run_id}"
+    )
+    return TrainingOutcome(trained, registered, snapshot)
+
+
+def _register(
+    client: Any, cfg: AppConfig, taxonomy: Taxonomy, trained: TrainedModel, table: Any, snapshot: DataSnapshot
+) -> ModelVersion:
+    """The trained model as a bundle, logged with its metrics, plots and tables in one MLflow run
+    and registered as a new version (alias ``challenger``)."""
+    from catalog_enrichment import registry
+
     summary, version_tags = _summary_metrics(trained, taxonomy, cfg)
     version_tags.update({"data.path": snapshot.path, **snapshot.tags(), "git.commit": git_commit()})
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,7 +197,7 @@ def run_training_job(
             evaluation=trained.test_report.to_dict(),
         )
         example = _example_frame(table)
-        registered = registry.log_and_register(
+        return registry.log_and_register(
             client,
             bundle_dir=bundle_dir,
             registered_model=cfg.mlflow.registered_model,
@@ -206,11 +221,6 @@ def run_training_job(
             version_tags=version_tags,
             tables={} if trained.label_issues is None else {PRUNED_TABLE: trained.label_issues},
         )
-    progress(
-        f"registered {registered.name} version {registered.version} (alias '{registry.CHALLENGER}'), "
-        f"run {registered.run_id}"
-    )
-    return TrainingOutcome(trained, registered, snapshot)
 
 
 _SUMMARY_KEYS = ("r_at_p95", "macro_f1", "realized_precision", "coverage", "coverage_efficiency")

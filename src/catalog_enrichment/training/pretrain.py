@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, TextEncoderConfig
 from catalog_enrichment.data.dataset import (
     Collator,
     ProductDataset,
@@ -150,6 +150,55 @@ def _train(
     return losses
 
 
+@dataclass(frozen=True)
+class _Contrastive:
+    """The loss of a batch: SimCSE - two dropout masks, two views of the same text; ConVIRT - the
+    text and its image, both directions weighted by ``alpha``."""
+
+    text_encoder: TextEncoder
+    heads: nn.ModuleDict
+    image_encoder: ImageEncoder | None
+    tau: float
+    alpha: float
+
+    def text_view(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        return self.heads["text"](self.text_encoder(ids, mask, types, pooling="mean").pooled)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.image_encoder is None:
+            return contrastive_loss(self.text_view(batch), self.text_view(batch), self.tau)
+        t = self.text_view(batch)
+        v = self.heads["image"](self.image_encoder(batch["pixel_values"], batch["image_present"]).pooled)
+        a, tau = self.alpha, self.tau
+        return a * contrastive_loss(t, v, tau) + (1 - a) * contrastive_loss(v, t, tau)
+
+
+def _encoder_and_heads(
+    text_cfg: TextEncoderConfig, tokenizer: Any, image_encoder: ImageEncoder | None, device: torch.device
+) -> tuple[TextEncoder, nn.ModuleDict]:
+    """The text encoder to adapt and the projection heads of its views (text; ConVIRT: image)."""
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    text_encoder = TextEncoder(text_cfg, vocab_size=vocab, pad_token_id=pad).to(device)
+    width = text_encoder.hidden_size
+    heads = nn.ModuleDict({"text": _projection(width)})
+    if image_encoder is not None:
+        heads["image"] = nn.Sequential(
+            nn.Linear(image_encoder.num_features, width), nn.ReLU(), nn.Linear(width, width)
+        )
+    return text_encoder, heads.to(device)
+
+
+def _save(
+    folder: Path, encoder: TextEncoder, tokenizer: Any, result: PretrainResult, base: dict[str, Any]
+) -> None:
+    """The adapted encoder and its tokenizer as a transformers folder, with the run's record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.backbone.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / RECORD).write_text(json.dumps({**asdict(result), "base": base}, indent=2))
+
+
 def pretrain_text(
     table: pa.Table,
     cfg: AppConfig,
@@ -187,15 +236,7 @@ def pretrain_text(
     tokenizer = build_tokenizer(
         text_cfg, (f"{records.title[i]} {records.description[i] or ''}" for i in rows)
     )
-    vocab, pad = len(tokenizer), tokenizer.pad_token_id
-    text_encoder = TextEncoder(text_cfg, vocab_size=vocab, pad_token_id=pad).to(device)
-    width = text_encoder.hidden_size
-    heads = nn.ModuleDict({"text": _projection(width)})
-    if image_encoder is not None:
-        heads["image"] = nn.Sequential(
-            nn.Linear(image_encoder.num_features, width), nn.ReLU(), nn.Linear(width, width)
-        )
-    heads.to(device)
+    text_encoder, heads = _encoder_and_heads(text_cfg, tokenizer, image_encoder, device)
     prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
     loader = DataLoader(
         ProductDataset(records, rows, preprocessing=prep),
@@ -205,40 +246,14 @@ def pretrain_text(
         collate_fn=Collator(tokenizer, text_cfg.max_length),
         generator=torch.Generator().manual_seed(tcfg.seed),
     )
-
-    def text_view(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pooled = text_encoder(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pooling="mean"
-        ).pooled
-        return heads["text"](pooled)
-
-    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if image_encoder is None:  # two dropout masks, two views of the same text
-            return contrastive_loss(text_view(batch), text_view(batch), tau)
-        t = text_view(batch)
-        v = heads["image"](image_encoder(batch["pixel_values"], batch["image_present"]).pooled)
-        return alpha * contrastive_loss(t, v, tau) + (1 - alpha) * contrastive_loss(v, t, tau)
-
+    loss_of = _Contrastive(text_encoder, heads, image_encoder, tau, alpha)
     modules = nn.ModuleList([text_encoder, heads, *([image_encoder] if image_encoder is not None else [])])
     losses = _train(modules, loader, loss_of, cfg, lr=lr, epochs=epochs, device=device, tag=method, say=say)
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    text_encoder.backbone.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
     result = PretrainResult(
-        str(folder),
-        method,
-        int(rows.size),
-        epochs,
-        batch_size,
-        lr,
-        tau,
-        alpha if method == "convirt" else None,
-        losses,
-        round(time.perf_counter() - started, 1),
-    )
-    (folder / RECORD).write_text(
-        json.dumps({**asdict(result), "base": text_cfg.model_dump(mode="json")}, indent=2)
-    )
+        str(folder), method, int(rows.size), epochs, batch_size, lr, tau,
+        alpha if method == "convirt" else None, losses, round(time.perf_counter() - started, 1),
+    )  # fmt: skip
+    _save(folder, text_encoder, tokenizer, result, text_cfg.model_dump(mode="json"))
     say(f"{method}: text encoder saved to {folder} (use it with model.text.pretrained_path={folder})")
     return result
