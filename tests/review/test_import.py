@@ -65,7 +65,7 @@ def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
         "verdicts.csv"
     }
     assert set(stored["model_version"].to_pylist()) == {"3"}
-    version = catalog.review_tables["reviews"]
+    version = catalog.keyed_tables["reviews"]
     from deltalake import DeltaTable
 
     commits = DeltaTable(str(version)).version()
