@@ -18,7 +18,7 @@ from catalog_enrichment.catalog.base import (
     keyed_schema,
 )
 from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema, keep_one_per_product
-from catalog_enrichment.catalog.products import Partition, changed_since
+from catalog_enrichment.catalog.products import Partition, in_window
 from catalog_enrichment.catalog.reports import MAPS, RunReport
 from catalog_enrichment.contracts import UNREADABLE, Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
@@ -71,8 +71,30 @@ class Reads(PgBase):
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
     ) -> DataFrame:
-        from psycopg import sql
         from pyspark.sql import functions as F
+
+        options = self._partitioned_read(contract, partition, since, retry)
+        schema = contract.spark_schema(enforce_nullability=False)
+        df = spark.read.format("jdbc").options(**options).load()
+        columns, unreadable = [], []
+        for f in schema.fields:
+            if f.name == "merchant_attributes":  # jsonb -> the contract's map; what does not fit is kept
+                text = F.col(f.name)
+                parsed = F.from_json(text, f.dataType)  # type: ignore[arg-type]
+                columns.append(parsed.alias(f.name))
+                unreadable.append(
+                    F.when(text.isNotNull() & parsed.isNull(), text).alias(UNREADABLE.format(f.name))
+                )
+            else:
+                columns.append(F.col(f.name).cast(f.dataType).alias(f.name))
+        return in_window(df.select(*columns, *unreadable), schema, partition, since, retry)
+
+    def _partitioned_read(
+        self, contract: Contract, partition: Partition | None, since: dt.datetime | None, retry: Sequence[str]
+    ) -> dict[str, str]:
+        """The JDBC reader's options: the products table, split into ``read_partitions`` ranges of
+        ``partition_column`` between the bounds the run's rows have."""
+        from psycopg import sql
 
         conditions: list[Any] = []
         params: list[Any] = []
@@ -89,13 +111,10 @@ class Reads(PgBase):
                 raise ContractError(
                     f"catalog.postgres.partition_column {column!r} is not a column of the products table"
                 )
-            low, high = conn.execute(
-                sql.SQL("SELECT min({c}), max({c}) FROM {t}").format(
-                    c=sql.Identifier(column), t=sql.Identifier(*self.products)
-                )
-                + where,
-                params,
-            ).fetchone()
+            bounds = sql.SQL("SELECT min({c}), max({c}) FROM {t}").format(
+                c=sql.Identifier(column), t=sql.Identifier(*self.products)
+            )
+            low, high = conn.execute(bounds + where, params).fetchone()
             options = self._jdbc_options(conn, ".".join(f'"{p}"' for p in self.products))
         if low is not None and self.pg.read_partitions > 1 and low != high:
             options.update(
@@ -104,27 +123,7 @@ class Reads(PgBase):
                 upperBound=_bound(high),
                 numPartitions=str(self.pg.read_partitions),
             )
-        schema = contract.spark_schema(enforce_nullability=False)
-        df = spark.read.format("jdbc").options(**options).load()
-        columns, unreadable = [], []
-        for f in schema.fields:
-            if f.name == "merchant_attributes":  # jsonb -> the contract's map; what does not fit is kept
-                text = F.col(f.name)
-                parsed = F.from_json(text, f.dataType)  # type: ignore[arg-type]
-                columns.append(parsed.alias(f.name))
-                unreadable.append(
-                    F.when(text.isNotNull() & parsed.isNull(), text).alias(UNREADABLE.format(f.name))
-                )
-            else:
-                columns.append(F.col(f.name).cast(f.dataType).alias(f.name))
-        df = df.select(*columns, *unreadable)
-        if partition is not None:
-            df = df.where(
-                F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
-            )
-        if since is not None:
-            df = df.where(changed_since(since, retry))
-        return df
+        return options
 
     def _jdbc_options(self, conn: Any, dbtable: str) -> dict[str, str]:
         """Spark JDBC reader options for ``dbtable`` (a table or a parenthesised query) over ``conn``'s
