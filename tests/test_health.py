@@ -310,7 +310,7 @@ def test_clean_runs_raise_any_alarm_at_most_one_time_in_a_hundred(n: int, varian
 
 
 def test_the_design_effect_is_the_mean_group_size_a_product_is_in_and_divides_the_statistic() -> None:
-    from catalog_enrichment.health import _design_effect
+    from catalog_enrichment.health.profile import _design_effect
 
     assert _design_effect(np.array([0, 0, 0, 1])) == (3**2 + 1**2) / 4
     assert _design_effect(np.arange(5)) == 1.0 and _design_effect(None) == 1.0

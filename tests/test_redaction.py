@@ -142,7 +142,8 @@ def test_the_copy_tasks_carry_no_password(pg_catalog_config) -> None:  # type: i
     from psycopg.conninfo import conninfo_to_dict
 
     from catalog_enrichment import runtime
-    from catalog_enrichment.catalog.postgres import PostgresCatalog, _copier
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.catalog.postgres.write import _copier
     from catalog_enrichment.config import AppConfig
 
     catalog = PostgresCatalog(pg_catalog_config)
@@ -166,7 +167,7 @@ def test_what_the_scoring_tasks_are_sent_holds_no_secret(  # type: ignore[no-unt
     task unpickles carries none of them."""
     import cloudpickle
 
-    from catalog_enrichment import enrich
+    from catalog_enrichment.enrich import stages as enrich
     from catalog_enrichment.catalog.attributes import ensure_attributes_table
     from catalog_enrichment.catalog.products import list_partitions
     from catalog_enrichment.versions import ModelVersion

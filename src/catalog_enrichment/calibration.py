@@ -445,37 +445,44 @@ def calibrate_attribute(
         value_floor: attribute scope: a value whose one-sided upper bound is below this is kept out.
         shrinkage: attribute scope: pseudo-count pulling a value's precision toward the pooled one.
     """
-    if not 0 < target < 1 or not 0.5 < confidence < 1:
-        raise ValueError("need 0 < target < 1 and 0.5 < confidence < 1")
-    if min_support < 1:
-        raise ValueError("min_support must be >= 1")
-    if not 0 < value_floor <= target:
-        raise ValueError("need 0 < value_floor <= target")
-    if shrinkage < 0:
-        raise ValueError("shrinkage must be >= 0")
-    if scope not in ("attribute", "value"):
-        raise ValueError(f"unknown scope {scope!r}; use 'attribute' or 'value'")
+    _check_options(target, confidence, min_support, value_floor, shrinkage, scope)
     if (family_scores is None) != (family_labels is None):
         raise ValueError("give both family_scores and family_labels, or neither")
     cands = _candidates(name, kind, len(values), scores, labels)
     if scope == "value":
-        out = []
-        for value, (cand_scores, correct, support) in zip(values, cands, strict=True):
-            thr, info = _pick_threshold(
-                cand_scores,
-                correct,
-                support,
-                target=target,
-                confidence=confidence,
-                bound=bound,
-                min_support=min_support,
-            )
-            out.append(ValueThreshold(value, thr, support, **info))
+        out = [
+            _pick(value, c, target=target, confidence=confidence, bound=bound, min_support=min_support)
+            for value, c in zip(values, cands, strict=True)
+        ]
         return AttributeCalibration(name, kind, tuple(out))
-    n_fam = k_fam = None
+    family = None
     if family_scores is not None and family_labels is not None:
-        n_fam, k_fam = _curves(_candidates(name, kind, len(values), family_scores, family_labels))
-    family = threshold_family(n_fam, k_fam, n_values=len(values), shrinkage=shrinkage, floor=value_floor)
+        family = _curves(_candidates(name, kind, len(values), family_scores, family_labels))
+    return _attribute_scope(
+        name, kind, values, cands, family, target, min_support, shrinkage,
+        confidence=confidence, bound=bound, value_floor=value_floor,
+    )  # fmt: skip
+
+
+def _attribute_scope(
+    name: str,
+    kind: AttributeKind,
+    values: Sequence[str],
+    cands: list[tuple[np.ndarray, np.ndarray, int]],
+    fam: tuple[np.ndarray, np.ndarray] | None,
+    target: float,
+    min_support: int,
+    shrinkage: float,
+    *,
+    confidence: float,
+    bound: BoundName,
+    value_floor: float,
+) -> AttributeCalibration:
+    """The attribute scope: a family of per-value thresholds (from ``fam``, the validation split's
+    curves) tested down from the strictest level on the pooled calibration writes."""
+    family = threshold_family(
+        *(fam or (None, None)), n_values=len(values), shrinkage=shrinkage, floor=value_floor
+    )
     n_cal, k_cal = _curves(cands)
     min_writes = max(min_support, min_testable_writes(target=target, confidence=confidence, bound=bound))
     chosen, tested, writes, rights = _pooled_test(
@@ -487,35 +494,23 @@ def calibrate_attribute(
             if tested == 0
             else f"pooled lower bound < {target} at the first tested level"
         )
-        pooled = PooledEvidence(None, 0, 0, None, None, tested)
         none = tuple(
             ValueThreshold(v, None, s, reason=why) for v, (_, _, s) in zip(values, cands, strict=True)
         )
-        return AttributeCalibration(name, kind, none, pooled)
-    out, guarded = [], []
-    for v, (value, (_, _, support)) in enumerate(zip(values, cands, strict=True)):
-        g = int(family[chosen, v])
-        if g < 0:
-            out.append(ValueThreshold(value, None, support, reason="never reaches the level in the family"))
-            continue
-        n_v, k_v = int(n_cal[v, g]), int(k_cal[v, g])
-        n_all = n_v + (int(n_fam[v, g]) if n_fam is not None else 0)
-        k_all = k_v + (int(k_fam[v, g]) if k_fam is not None else 0)
-        upper = float(wilson_upper(k_all, n_all, confidence=confidence))
-        evidence: dict[str, Any] = {
-            "n_written": n_v,
-            "n_correct": k_v,
-            "precision": k_v / n_v if n_v else None,
-            "lower_bound": float(lower_bound(k_v, n_v, confidence=confidence, method=bound)),
-            "recall": k_v / support if support else 0.0,
-            "upper_bound": upper,
-        }
-        if upper < value_floor:
-            guarded.append(value)
-            reason = f"guard: upper bound {upper:.3f} < floor {value_floor} ({k_all}/{n_all} right)"
-            out.append(ValueThreshold(value, None, support, **evidence, reason=reason))
-        else:
-            out.append(ValueThreshold(value, float(THRESHOLD_GRID[g]), support, **evidence))
+        return AttributeCalibration(name, kind, none, PooledEvidence(None, 0, 0, None, None, tested))
+    out = [
+        _value_at_level(
+            value,
+            int(family[chosen, v]),
+            (n_cal[v], k_cal[v]),
+            None if fam is None else (fam[0][v], fam[1][v]),
+            support,
+            confidence,
+            bound,
+            value_floor,
+        )
+        for v, (value, (_, _, support)) in enumerate(zip(values, cands, strict=True))
+    ]
     w, r = int(writes[chosen]), int(rights[chosen])
     pooled = PooledEvidence(
         float(LEVELS[chosen]),
@@ -524,9 +519,74 @@ def calibrate_attribute(
         r / w,
         float(lower_bound(r, w, confidence=confidence, method=bound)),
         tested,
-        tuple(guarded),
+        tuple(t.value for t in out if t.reason is not None and t.reason.startswith("guard:")),
     )
     return AttributeCalibration(name, kind, tuple(out), pooled)
+
+
+def _check_options(
+    target: float, confidence: float, min_support: int, value_floor: float, shrinkage: float, scope: str
+) -> None:
+    if not 0 < target < 1 or not 0.5 < confidence < 1:
+        raise ValueError("need 0 < target < 1 and 0.5 < confidence < 1")
+    if min_support < 1:
+        raise ValueError("min_support must be >= 1")
+    if not 0 < value_floor <= target:
+        raise ValueError("need 0 < value_floor <= target")
+    if shrinkage < 0:
+        raise ValueError("shrinkage must be >= 0")
+    if scope not in ("attribute", "value"):
+        raise ValueError(f"unknown scope {scope!r}; use 'attribute' or 'value'")
+
+
+def _pick(
+    value: str,
+    candidate: tuple[np.ndarray, np.ndarray, int],
+    *,
+    target: float,
+    confidence: float,
+    bound: BoundName,
+    min_support: int,
+) -> ValueThreshold:
+    """Value scope: one value's threshold and its evidence (:func:`_pick_threshold`)."""
+    scores, correct, support = candidate
+    thr, info = _pick_threshold(
+        scores, correct, support, target=target, confidence=confidence, bound=bound, min_support=min_support
+    )
+    return ValueThreshold(value, thr, support, **info)
+
+
+def _value_at_level(
+    value: str,
+    g: int,
+    cal: tuple[np.ndarray, np.ndarray],
+    fam: tuple[np.ndarray, np.ndarray] | None,
+    support: int,
+    confidence: float,
+    bound: BoundName,
+    value_floor: float,
+) -> ValueThreshold:
+    """Attribute scope: one value at the chosen level's threshold index ``g`` (-1: never reaches
+    it), with its calibration evidence (``cal``: its writes and rights per threshold; ``fam``: the
+    family's); kept out by the guard when its upper bound on both together is below ``value_floor``."""
+    if g < 0:
+        return ValueThreshold(value, None, support, reason="never reaches the level in the family")
+    n_v, k_v = int(cal[0][g]), int(cal[1][g])
+    n_all = n_v + (int(fam[0][g]) if fam is not None else 0)
+    k_all = k_v + (int(fam[1][g]) if fam is not None else 0)
+    upper = float(wilson_upper(k_all, n_all, confidence=confidence))
+    evidence: dict[str, Any] = {
+        "n_written": n_v,
+        "n_correct": k_v,
+        "precision": k_v / n_v if n_v else None,
+        "lower_bound": float(lower_bound(k_v, n_v, confidence=confidence, method=bound)),
+        "recall": k_v / support if support else 0.0,
+        "upper_bound": upper,
+    }
+    if upper < value_floor:
+        reason = f"guard: upper bound {upper:.3f} < floor {value_floor} ({k_all}/{n_all} right)"
+        return ValueThreshold(value, None, support, **evidence, reason=reason)
+    return ValueThreshold(value, float(THRESHOLD_GRID[g]), support, **evidence)
 
 
 def version_target(configured: float, calibrated: float, version: str) -> float:

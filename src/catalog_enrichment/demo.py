@@ -73,131 +73,52 @@ def demo_config(cfg: AppConfig, workdir: Path) -> AppConfig:
     )
 
 
+STEPS = 7
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _step(n: int, text: str) -> None:
+    _say(f"\n[demo {n}/{STEPS}] {text}")
+
+
 def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     from catalog_enrichment import registry
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.contracts import load_taxonomy
-    from catalog_enrichment.data.images import ImagePolicy
-    from catalog_enrichment.data.summary import format_summary, summarize_marketplace
-    from catalog_enrichment.data.synthetic import generate_marketplace
-    from catalog_enrichment.promotion import format_comparison, promote
-    from catalog_enrichment.training.job import run_training_job
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(cfg, workdir)
     taxonomy = load_taxonomy(cfg.taxonomy_path)
-    steps = 7
-    n = products
     started = time.perf_counter()
-
-    print(
-        f"[demo 1/{steps}] generate: labelled history ({n:,}), frozen evaluation set ({n // 3:,}) and "
-        f"incoming products ({n:,}, 2% bad rows) under {workdir}",
-        flush=True,
-    )
-    base = cfg.synthetic.model_copy(update={"products": n, "seed": seed})
-    generate_marketplace(workdir / "labelled", base, taxonomy=taxonomy)
-    generate_marketplace(
-        workdir / "eval",
-        base.model_copy(update={"products": max(n // 3, 300), "seed": seed + 1}),
-        taxonomy=taxonomy,
-    )
-    generate_marketplace(
-        workdir / "incoming",
-        base.model_copy(update={"seed": seed + 2, "bad_rate": 0.02}),
-        taxonomy=taxonomy,
-    )
-    print(format_summary(summarize_marketplace(workdir / "incoming", taxonomy=taxonomy)), "\n", flush=True)
-
-    print(f"[demo 2/{steps}] train: {cfg.model.fusion} on {workdir / 'labelled' / 'products'}", flush=True)
+    _generate(cfg, workdir, products, seed, taxonomy)
     client = runtime.mlflow_client(cfg)
-    outcome = run_training_job(
-        cfg,
-        taxonomy,
-        data=workdir / "labelled" / "products",
-        client=client,
-        device=runtime.device(cfg),
-        progress=lambda m: print("  " + m, flush=True),
-    )
-    print(
-        f"\n[demo 3/{steps}] promote: challenger v{outcome.registered.version} vs champion on the frozen "
-        "evaluation set",
-        flush=True,
-    )
-    summary = promote(
-        client,
-        registered_model=cfg.mlflow.registered_model,
-        eval_data=workdir / "eval" / "products",
-        eval_version=None,
-        configured_target=cfg.calibration.target_precision,
-        max_coverage_loss=cfg.promotion.max_coverage_loss,
-        confidence=cfg.calibration.confidence,
-        min_written=cfg.promotion.min_written,
-        log_path=Path(cfg.catalog.root) / "promotion_log",
-        image_policy=ImagePolicy.from_config(cfg.images, [workdir / "eval" / "products"]),
-        progress=lambda m: print("  " + m, flush=True),
-    )
-    print(format_comparison(summary))
+    version = _train_and_promote(cfg, workdir, taxonomy, client)
     if registry.resolve_alias(client, cfg.mlflow.registered_model, registry.CHAMPION) is None:
         print(
-            f"\ndemo stopped after the gate: challenger v{outcome.registered.version} was rejected (reasons "
-            "above) and there is no champion to enrich with. Try more products (--products) or epochs "
+            f"\ndemo stopped after the gate: challenger v{version} was rejected (reasons above) and there "
+            "is no champion to enrich with. Try more products (--products) or epochs "
             "(--set training.epochs=N).",
             file=sys.stderr,
         )
         return 1
-
-    from catalog_enrichment.catalog import open_catalog
-    from catalog_enrichment.catalog.lakehouse import read_table
-    from catalog_enrichment.catalog.reports import format_report
-    from catalog_enrichment.data.truth import format_precision, sample_against_truth, written_precision
-    from catalog_enrichment.enrich import run_enrichment
-
     catalog = open_catalog(cfg.catalog)
     _seed_catalog(cfg, catalog, workdir / "incoming" / "products")
-    print(
-        f"\n[demo 4/{steps}] enrich: score the incoming products in {catalog.describe()} with the champion "
-        "in Spark",
-        flush=True,
-    )
     model = runtime.model_version(cfg, None, client)
-
-    def enrich_all() -> Any:
-        """A full run of the champion over the incoming products."""
-        return run_enrichment(
-            runtime.spark_session(cfg),
-            cfg,
-            taxonomy,
-            model=model,
-            full=True,
-            client=client,
-            progress=lambda m: print("  " + m, flush=True),
-            catalog=catalog,
-        )
-
-    enriched = enrich_all()
-    print(f"\n[demo 5/{steps}] report\n")
-    print(format_report(enriched.report))
-    table = catalog.attribute_rows()
     truth = read_table(workdir / "incoming" / "truth")
-    print("\nWritten values against the ground truth (model rows only):")
-    print(format_precision(written_precision(table, truth, taxonomy)))
-    print("\nA sample of written values:")
-    print(sample_against_truth(table, truth, taxonomy))
-    print(
-        f"\n[demo 6/{steps}] review: sample {cfg.review.sample_size} written values, judge them from the "
-        "ground truth (as people would), import the verdicts, audit",
-        flush=True,
-    )
+    first = _enrich(cfg, catalog, model, taxonomy, client, truth)
+    _step(6, f"review: sample {cfg.review.sample_size} written values, judge them from the ground truth "
+          "(as people would), import the verdicts, audit")  # fmt: skip
     _review(cfg, catalog, model.version, truth, taxonomy, workdir / "review", client, seed)
-    print(
-        f"\n[demo 7/{steps}] re-score: every incoming product again, as after a promotion of a new head "
-        "over the same encoders (the embedding store holds what the first run encoded)",
-        flush=True,
-    )
-    again = enrich_all()
-    first, second = enriched.report.stage_seconds["score"], again.report.stage_seconds["score"]
-    print(f"  scoring took {second:.1f}s, the first run's {first:.1f}s")
+    _step(7, "re-score: every incoming product again, as after a promotion of a new head over the same "
+          "encoders (the embedding store holds what the first run encoded)")  # fmt: skip
+    again = _enrich_all(cfg, catalog, model, taxonomy, client)
+    seconds = first.report.stage_seconds["score"], again.report.stage_seconds["score"]
+    _say(f"  scoring took {seconds[1]:.1f}s, the first run's {seconds[0]:.1f}s")
     report = (
         f"catalog-enrich report [--audit] --catalog {cfg.catalog.root} --set "
         f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"
@@ -210,6 +131,84 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         f"{workdir / 'review' / 'sample.html'}; mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
     )
     return 0
+
+
+def _generate(cfg: AppConfig, workdir: Path, n: int, seed: int, taxonomy: Any) -> None:
+    """Step 1: the labelled history, the frozen evaluation set and the incoming products."""
+    from catalog_enrichment.data.summary import format_summary, summarize_marketplace
+    from catalog_enrichment.data.synthetic import generate_marketplace
+
+    _say(
+        f"[demo 1/{STEPS}] generate: labelled history ({n:,}), frozen evaluation set ({n // 3:,}) and "
+        f"incoming products ({n:,}, 2% bad rows) under {workdir}"
+    )
+    base = cfg.synthetic.model_copy(update={"products": n, "seed": seed})
+    generate_marketplace(workdir / "labelled", base, taxonomy=taxonomy)
+    evaluation = base.model_copy(update={"products": max(n // 3, 300), "seed": seed + 1})
+    generate_marketplace(workdir / "eval", evaluation, taxonomy=taxonomy)
+    incoming = base.model_copy(update={"seed": seed + 2, "bad_rate": 0.02})
+    generate_marketplace(workdir / "incoming", incoming, taxonomy=taxonomy)
+    _say(format_summary(summarize_marketplace(workdir / "incoming", taxonomy=taxonomy)) + "\n ")
+
+
+def _train_and_promote(cfg: AppConfig, workdir: Path, taxonomy: Any, client: Any) -> str:
+    """Steps 2 and 3: train a challenger on the labelled history, then the promotion gate on the
+    frozen evaluation set; the challenger's version."""
+    from catalog_enrichment.data.images import ImagePolicy
+    from catalog_enrichment.promotion import format_comparison, promote
+    from catalog_enrichment.training.job import run_training_job
+
+    _say(f"[demo 2/{STEPS}] train: {cfg.model.fusion} on {workdir / 'labelled' / 'products'}")
+    indented = lambda m: _say("  " + m)  # noqa: E731
+    outcome = run_training_job(
+        cfg, taxonomy, data=workdir / "labelled" / "products", client=client, device=runtime.device(cfg),
+        progress=indented,
+    )  # fmt: skip
+    version = outcome.registered.version
+    _step(3, f"promote: challenger v{version} vs champion on the frozen evaluation set")
+    summary = promote(
+        client,
+        registered_model=cfg.mlflow.registered_model,
+        eval_data=workdir / "eval" / "products",
+        eval_version=None,
+        configured_target=cfg.calibration.target_precision,
+        max_coverage_loss=cfg.promotion.max_coverage_loss,
+        confidence=cfg.calibration.confidence,
+        min_written=cfg.promotion.min_written,
+        log_path=Path(cfg.catalog.root) / "promotion_log",
+        image_policy=ImagePolicy.from_config(cfg.images, [workdir / "eval" / "products"]),
+        progress=indented,
+    )
+    print(format_comparison(summary))
+    return str(version)
+
+
+def _enrich_all(cfg: AppConfig, catalog: Any, model: Any, taxonomy: Any, client: Any) -> Any:
+    """A full run of the champion over the incoming products."""
+    from catalog_enrichment.enrich import run_enrichment
+
+    spark = runtime.spark_session(cfg)
+    return run_enrichment(
+        spark, cfg, taxonomy, model=model, full=True, client=client, progress=lambda m: _say("  " + m),
+        catalog=catalog,
+    )  # fmt: skip
+
+
+def _enrich(cfg: AppConfig, catalog: Any, model: Any, taxonomy: Any, client: Any, truth: Any) -> Any:
+    """Steps 4 and 5: the first enrichment run, its report, what it wrote against the ground truth."""
+    from catalog_enrichment.catalog.reports import format_report
+    from catalog_enrichment.data.truth import format_precision, sample_against_truth, written_precision
+
+    _step(4, f"enrich: score the incoming products in {catalog.describe()} with the champion in Spark")
+    enriched = _enrich_all(cfg, catalog, model, taxonomy, client)
+    _say(f"\n[demo 5/{STEPS}] report\n")
+    print(format_report(enriched.report))
+    table = catalog.attribute_rows()
+    print("\nWritten values against the ground truth (model rows only):")
+    print(format_precision(written_precision(table, truth, taxonomy)))
+    print("\nA sample of written values:")
+    print(sample_against_truth(table, truth, taxonomy))
+    return enriched
 
 
 def _review(

@@ -218,19 +218,8 @@ def promote(
     from catalog_enrichment import registry
 
     registry.check_tracking_server(client)
-    challenger = registry.resolve_alias(client, registered_model, registry.CHALLENGER)
-    if challenger is None:
-        raise CatalogEnrichError(
-            f"registered model {registered_model!r} has no '{registry.CHALLENGER}' alias; "
-            "run 'catalog-enrich train' first"
-        )
-    champion = registry.resolve_alias(client, registered_model, registry.CHAMPION)
-    if table_format(eval_data) == "delta":
-        pinned = table_version(eval_data) if eval_version is None else eval_version
-        table = read_table(eval_data, version=pinned)
-    else:
-        pinned = None
-        table = read_table(eval_data)
+    challenger, champion = _aliases(client, registered_model)
+    table, pinned = _evaluation_set(eval_data, eval_version)
     progress(
         f"evaluating challenger v{challenger}"
         + (f" and champion v{champion}" if champion else "")
@@ -241,12 +230,55 @@ def promote(
         configured_target, bundle.calibration.target_precision, f"{registered_model} v{challenger}"
     )
     policy = image_policy or ImagePolicy(roots=(str(eval_data),))
-    evaluations = {"challenger": evaluate_bundle(bundle, table, policy)}
-    changes = None
+    champion_bundle = None
     if champion is not None and champion != challenger:
-        evaluations["champion"] = evaluate_bundle(
-            registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}"), table, policy
+        champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
+    result, metrics = _judge(
+        bundle, champion_bundle, table, policy, confidence,
+        target=target, max_coverage_loss=max_coverage_loss, min_written=min_written,
+    )  # fmt: skip
+    if champion == challenger:
+        result = GateResult(False, ["challenger is already champion: nothing to do"])
+    summary = {
+        "registered_model": registered_model, "challenger": challenger, "champion": champion,
+        "promote": result.promote, "reasons": result.reasons, "target": target, "metrics": metrics,
+        "dry_run": dry_run, "eval_data": str(eval_data), "eval_version": pinned,
+    }  # fmt: skip
+    if not dry_run:
+        _record(client, summary, dt.datetime.now(dt.UTC), log_path, progress)
+    return summary
+
+
+def _aliases(client: Any, registered_model: str) -> tuple[str, str | None]:
+    """The challenger's version (it must exist) and the champion's (None: none yet)."""
+    from catalog_enrichment import registry
+
+    challenger = registry.resolve_alias(client, registered_model, registry.CHALLENGER)
+    if challenger is None:
+        raise CatalogEnrichError(
+            f"registered model {registered_model!r} has no '{registry.CHALLENGER}' alias; "
+            "run 'catalog-enrich train' first"
         )
+    return challenger, registry.resolve_alias(client, registered_model, registry.CHAMPION)
+
+
+def _judge(
+    challenger: Any,
+    champion: Any,
+    table: pa.Table,
+    policy: ImagePolicy,
+    confidence: float,
+    *,
+    target: float,
+    max_coverage_loss: float,
+    min_written: int,
+) -> tuple[GateResult, dict[str, Any]]:
+    """The gate's decision on the challenger bundle (against the champion's, when there is one) on
+    the evaluation set, and the metrics it rests on."""
+    evaluations = {"challenger": evaluate_bundle(challenger, table, policy)}
+    changes = None
+    if champion is not None:
+        evaluations["champion"] = evaluate_bundle(champion, table, policy)
         changes = compare_coverage(evaluations["challenger"], evaluations["champion"], confidence=confidence)
     result = gate(
         evaluations["challenger"].metrics,
@@ -259,58 +291,56 @@ def promote(
     metrics: dict[str, Any] = {name: e.metrics for name, e in evaluations.items()}
     if changes is not None:
         metrics["coverage_change"] = {a: asdict(c) for a, c in changes.items()}
-    if champion == challenger:
-        result = GateResult(False, ["challenger is already champion: nothing to do"])
-    decided = dt.datetime.now(dt.UTC)
-    summary = {
-        "registered_model": registered_model,
-        "challenger": challenger,
-        "champion": champion,
-        "promote": result.promote,
-        "reasons": result.reasons,
-        "target": target,
-        "metrics": metrics,
-        "dry_run": dry_run,
-        "eval_data": str(eval_data),
-        "eval_version": pinned,
-    }
-    if dry_run:
-        return summary
+    return result, metrics
+
+
+def _evaluation_set(eval_data: str | Path, eval_version: int | None) -> tuple[pa.Table, int | None]:
+    """The frozen evaluation set, a Delta table pinned to a version (its latest by default)."""
+    if table_format(eval_data) != "delta":
+        return read_table(eval_data), None
+    pinned = table_version(eval_data) if eval_version is None else eval_version
+    return read_table(eval_data, version=pinned), pinned
+
+
+def _record(
+    client: Any, summary: dict[str, Any], decided: dt.datetime, log_path: str | Path, say: Any
+) -> None:
+    """The decision: tags on the challenger, a row in the promotion log, the champion alias moved."""
+    from catalog_enrichment import registry
+
+    name, challenger, champion = summary["registered_model"], summary["challenger"], summary["champion"]
+    pinned = "" if summary["eval_version"] is None else str(summary["eval_version"])
     registry.tag_version(
         client,
-        registered_model,
+        name,
         challenger,
         {
-            "promotion.decision": "promoted" if result.promote else "rejected",
-            "promotion.reasons": json.dumps(result.reasons),
-            "promotion.eval_data": str(eval_data),
-            "promotion.eval_version": "" if pinned is None else str(pinned),
+            "promotion.decision": "promoted" if summary["promote"] else "rejected",
+            "promotion.reasons": json.dumps(summary["reasons"]),
+            "promotion.eval_data": summary["eval_data"],
+            "promotion.eval_version": pinned,
             "promotion.champion_before": champion or "",
             "promotion.decided_at": decided.isoformat(),
         },
     )
-    row = pa.table(
-        {
-            "decided_at": [decided],
-            "registered_model": [registered_model],
-            "challenger_version": [challenger],
-            "champion_version": [champion],
-            "promoted": [result.promote],
-            "dry_run": [False],
-            "eval_data": [str(eval_data)],
-            "eval_version": ["" if pinned is None else str(pinned)],
-            "reasons": [result.reasons],
-            "metrics": [json.dumps(metrics)],
-        },
-        schema=_LOG_SCHEMA,
-    )
-    write_table(log_path, row, mode="append")
-    if result.promote:
-        registry.set_alias(client, registered_model, registry.CHAMPION, challenger)
-        progress(f"promoted version {challenger} to '{registry.CHAMPION}'")
+    row = {
+        "decided_at": [decided],
+        "registered_model": [name],
+        "challenger_version": [challenger],
+        "champion_version": [champion],
+        "promoted": [summary["promote"]],
+        "dry_run": [False],
+        "eval_data": [summary["eval_data"]],
+        "eval_version": [pinned],
+        "reasons": [summary["reasons"]],
+        "metrics": [json.dumps(summary["metrics"])],
+    }
+    write_table(log_path, pa.table(row, schema=_LOG_SCHEMA), mode="append")
+    if summary["promote"]:
+        registry.set_alias(client, name, registry.CHAMPION, challenger)
+        say(f"promoted version {challenger} to '{registry.CHAMPION}'")
     else:
-        progress(f"kept champion {champion}: challenger {challenger} rejected")
-    return summary
+        say(f"kept champion {champion}: challenger {challenger} rejected")
 
 
 def format_comparison(summary: Mapping[str, Any]) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,14 +205,26 @@ def _generated(
     return tables[0], tables[1]
 
 
-def _split_new_type(train: pa.Table, pool: pa.Table, new_type: str) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(training products without ``new_type``, batch products without it, every product of it)."""
+def _split_new_type(
+    train: pa.Table, pool: pa.Table, new_type: str, batch_size: int, share: float
+) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(training products without ``new_type``, batch products without it, every product of it).
+
+    Raises:
+        ValueError: too few products for one batch, or for a drifted batch's share of ``new_type``.
+    """
 
     def of_type(table: pa.Table) -> pa.ChunkedArray:
         return pc.fill_null(pc.equal(table["product_type"], new_type), False)
 
     newcomers = pa.concat_tables([t.filter(of_type(t)) for t in (train, pool)], promote_options="default")
-    return train.filter(pc.invert(of_type(train))), pool.filter(pc.invert(of_type(pool))), newcomers
+    clean = pool.filter(pc.invert(of_type(pool)))
+    if clean.num_rows < batch_size or newcomers.num_rows < share * batch_size:
+        raise ValueError(
+            f"too few products for batches of {batch_size:,} ({clean.num_rows:,}) or their drifted share "
+            f"of {new_type!r} ({newcomers.num_rows:,})"
+        )
+    return train.filter(pc.invert(of_type(train))), clean, newcomers
 
 
 def run_drift_bench(
@@ -235,13 +247,6 @@ def run_drift_bench(
 
     ``cfg``: the model, training and health settings (every check is put in block mode here);
     ``data``: a real catalog's (training, test) tables instead of generated marketplaces."""
-    from catalog_enrichment.catalog import open_catalog
-    from catalog_enrichment.catalog.lakehouse import write_table
-    from catalog_enrichment.enrich import run_enrichment
-    from catalog_enrichment.inference.bundle import save_bundle
-    from catalog_enrichment.training.loop import train_and_calibrate
-    from catalog_enrichment.versions import ModelVersion
-
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown drift kinds {unknown}; known: {', '.join(KINDS)}")
@@ -250,13 +255,65 @@ def run_drift_bench(
         # enough clean products for the batches, and newcomers for a drifted batch (lamps are ~2 %)
         pool = max(round(batches * batch_size * 1.15), round(share * batch_size / 0.015)) + 1000
         data = _generated(workdir, taxonomy, train=train_products, pool=pool, seed=seed, say=say)
-    train, clean, newcomers = _split_new_type(*data, new_type)
-    if clean.num_rows < batch_size or newcomers.num_rows < share * batch_size:
-        raise ValueError(
-            f"too few products for batches of {batch_size:,} ({clean.num_rows:,}) or their drifted share "
-            f"of {new_type!r} ({newcomers.num_rows:,})"
-        )
+    train, clean, newcomers = _split_new_type(*data, new_type, batch_size, share)
     say(f"training on {train.num_rows:,} products without a {new_type} ({new_type}s kept for the drift)")
+    trained, model = _train(train, taxonomy, cfg, workdir, say)
+    run_cfg = _every_check_blocks(cfg, workdir / "lake")
+    runs: list[dict[str, Any]] = []
+    disjoint = clean.num_rows >= batches * batch_size  # else each batch drawn on its own
+    for i, batch in enumerate(_clean_batches(clean, batches, batch_size, seed, disjoint)):
+        for kind in ("clean", *kinds):
+            table = batch if kind == "clean" else drifted_batch(kind, batch, share, newcomers, seed + i)
+            run_id = f"{kind}-{i:02d}"
+            run = {
+                "kind": kind,
+                "batch": i,
+                **_run_and_check(spark, run_cfg, taxonomy, model, table, run_id, workdir),
+            }
+            runs.append(run)
+            failed, blocked = run["failed"], run["blocked"]
+            say(
+                f"[{len(runs)}/{batches * (1 + len(kinds))}] {run_id}: "
+                + (f"{len(failed)} failed check(s): {', '.join(failed)}" if failed else "every check passed")
+                + (
+                    f"; blocked {', '.join(blocked)} ({run['blocked_written']} of their values written)"
+                    if blocked
+                    else ""
+                )
+            )
+    result = _summary(runs, kinds, batches, batch_size, share, trained, time.perf_counter() - started)
+    return {**result, "new_type": new_type, "disjoint_batches": disjoint}
+
+
+def _every_check_blocks(cfg: AppConfig, lake: Path) -> AppConfig:
+    """``cfg`` on a lakehouse at ``lake``, every health check in block mode, no GX suite."""
+    health = cfg.validation.health.model_copy(update=dict.fromkeys(cfg.validation.health.modes(), "block"))
+    return cfg.model_copy(
+        update={
+            "catalog": cfg.catalog.model_copy(update={"kind": "lakehouse", "root": str(lake)}),
+            "validation": cfg.validation.model_copy(update={"health": health, "run_expectations": False}),
+        }
+    )
+
+
+def _clean_batches(clean: pa.Table, batches: int, size: int, seed: int, disjoint: bool) -> Iterator[pa.Table]:
+    """``batches`` random batches of ``size`` clean products: disjoint slices of one shuffle, or
+    (a table too small for that) each drawn on its own."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(clean.num_rows)
+    for i in range(batches):
+        pick = (
+            order[i * size : (i + 1) * size] if disjoint else rng.choice(clean.num_rows, size, replace=False)
+        )
+        yield clean.take(pa.array(np.sort(pick)))
+
+
+def _train(train: pa.Table, taxonomy: Taxonomy, cfg: AppConfig, workdir: Path, say: Say) -> tuple[Any, Any]:
+    """The model every batch is scored with, trained and saved as a bundle under ``workdir``."""
+    from catalog_enrichment.inference.bundle import save_bundle
+    from catalog_enrichment.training.loop import train_and_calibrate
+    from catalog_enrichment.versions import ModelVersion
+
     trained = train_and_calibrate(train, taxonomy, cfg, progress=lambda m: say("  " + m))
     bundle = save_bundle(
         workdir / "model",
@@ -267,55 +324,38 @@ def run_drift_bench(
         model_config=trained.config.model,
         evaluation=trained.test_report.to_dict(),
     )
-    model = ModelVersion("drift", "1", bundle_dir=bundle)
-    health = cfg.validation.health.model_copy(update=dict.fromkeys(cfg.validation.health.modes(), "block"))
-    run_cfg = cfg.model_copy(
-        update={
-            "catalog": cfg.catalog.model_copy(update={"kind": "lakehouse", "root": str(workdir / "lake")}),
-            "validation": cfg.validation.model_copy(update={"health": health, "run_expectations": False}),
-        }
+    return trained, ModelVersion("drift", "1", bundle_dir=bundle)
+
+
+def _run_and_check(
+    spark: SparkSession,
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    model: Any,
+    table: pa.Table,
+    run_id: str,
+    workdir: Path,
+) -> dict[str, Any]:
+    """One batch through the job, then the check: the checks that failed (what ``report --health
+    --check`` reads), the attributes blocked, and how many of their values carry the run's id."""
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.catalog.lakehouse import write_table
+    from catalog_enrichment.enrich import run_enrichment
+
+    products = workdir / "batches" / run_id
+    write_table(products, table, mode="overwrite")
+    catalog = open_catalog(cfg.catalog, products=products)
+    outcome = run_enrichment(
+        spark, cfg, taxonomy, model=model, full=True, run_id=run_id, progress=lambda _m: None, catalog=catalog
     )
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(clean.num_rows)
-    disjoint = clean.num_rows >= batches * batch_size  # else each batch drawn on its own
-    runs: list[dict[str, Any]] = []
-    for i in range(batches):
-        pick = (
-            order[i * batch_size : (i + 1) * batch_size]
-            if disjoint
-            else rng.choice(clean.num_rows, batch_size, replace=False)
-        )
-        batch = clean.take(pa.array(np.sort(pick)))
-        for kind in ("clean", *kinds):
-            table = batch if kind == "clean" else drifted_batch(kind, batch, share, newcomers, seed + i)
-            run_id = f"{kind}-{i:02d}"
-            products = workdir / "batches" / run_id
-            write_table(products, table, mode="overwrite")
-            catalog = open_catalog(run_cfg.catalog, products=products)
-            outcome = run_enrichment(
-                spark, run_cfg, taxonomy, model=model, full=True, run_id=run_id, progress=lambda _m: None,
-                catalog=catalog,
-            )  # fmt: skip
-            rows = catalog.keyed_rows("run_health")
-            failed = [
-                f"{r['scope']}:{r['check']}"
-                for r in rows.filter(pc.equal(rows["run_id"], run_id)).to_pylist()
-                if r["status"] == "failed"
-            ]
-            blocked = outcome.report.summary().get("health_blocked") or []
-            values = catalog.attribute_rows()
-            mine = values.filter(pc.equal(values["run_id"], run_id))
-            leaked = mine.filter(pc.is_in(mine["attribute"], pa.array(blocked, pa.string()))).num_rows
-            runs.append(
-                {"kind": kind, "batch": i, "failed": failed, "blocked": blocked, "blocked_written": leaked}
-            )
-            say(
-                f"[{len(runs)}/{batches * (1 + len(kinds))}] {run_id}: "
-                + (f"{len(failed)} failed check(s): {', '.join(failed)}" if failed else "every check passed")
-                + (f"; blocked {', '.join(blocked)} ({leaked} of their values written)" if blocked else "")
-            )
-    result = _summary(runs, kinds, batches, batch_size, share, trained, time.perf_counter() - started)
-    return {**result, "new_type": new_type, "disjoint_batches": disjoint}
+    rows = catalog.keyed_rows("run_health")
+    mine = rows.filter(pc.equal(rows["run_id"], run_id)).to_pylist()
+    failed = [f"{r['scope']}:{r['check']}" for r in mine if r["status"] == "failed"]
+    blocked = outcome.report.summary().get("health_blocked") or []
+    values = catalog.attribute_rows()
+    written = values.filter(pc.equal(values["run_id"], run_id))
+    leaked = written.filter(pc.is_in(written["attribute"], pa.array(blocked, pa.string()))).num_rows
+    return {"failed": failed, "blocked": blocked, "blocked_written": leaked}
 
 
 def _summary(

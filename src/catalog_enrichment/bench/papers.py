@@ -123,31 +123,39 @@ def run_noise_study(
     result["recovered_share"] = {
         a: (result["recovered"][a] / lost if lost > 0 else None) for a, lost in result["lost"].items()
     }
-    removed = trained["noisy+pruned"].label_issues
-    assert removed is not None
-    flipped = _flipped(noisy, truth, taxonomy)
-    row = {pid: i for i, pid in enumerate(noisy["product_id"].to_pylist())}
-    pruned_model = trained["noisy+pruned"]
-    train_rows = {row[pruned_model.product_ids[i]] for i in pruned_model.splits.train}
-    result["removed"] = {}
-    for a in taxonomy:
-        hits = [
-            bool(flipped[a.name][row[p]]) for p in removed.loc[removed["attribute"] == a.name, "product_id"]
-        ]
-        flips_in_training = int(sum(flipped[a.name][i] for i in train_rows))
-        result["removed"][a.name] = {
-            "removed": len(hits),
-            "flipped": int(sum(hits)),
-            "precision": float(np.mean(hits)) if hits else None,
-            "flips_in_training_split": flips_in_training,
-            "recall": sum(hits) / flips_in_training if flips_in_training else None,
-        }
+    result["removed"] = _pruned_against_flips(trained["noisy+pruned"], noisy, truth, taxonomy)
     result["checks"] = {
         "pruning_recovers_half_of_the_loss_everywhere": all(
             share is not None and share >= 0.5 for share in result["recovered_share"].values()
         ),
     }
     return result
+
+
+def _pruned_against_flips(
+    pruned: TrainedModel, noisy: pa.Table, truth: pa.Table, taxonomy: Taxonomy
+) -> dict[str, dict[str, Any]]:
+    """Per attribute: the labels pruning left out, how many of them were flipped, and the share of
+    the training split's flips it found."""
+    removed = pruned.label_issues
+    assert removed is not None
+    flipped = _flipped(noisy, truth, taxonomy)
+    row = {pid: i for i, pid in enumerate(noisy["product_id"].to_pylist())}
+    train_rows = {row[pruned.product_ids[i]] for i in pruned.splits.train}
+    out = {}
+    for a in taxonomy:
+        hits = [
+            bool(flipped[a.name][row[p]]) for p in removed.loc[removed["attribute"] == a.name, "product_id"]
+        ]
+        flips_in_training = int(sum(flipped[a.name][i] for i in train_rows))
+        out[a.name] = {
+            "removed": len(hits),
+            "flipped": int(sum(hits)),
+            "precision": float(np.mean(hits)) if hits else None,
+            "flips_in_training_split": flips_in_training,
+            "recall": sum(hits) / flips_in_training if flips_in_training else None,
+        }
+    return out
 
 
 def run_ensemble_study(
@@ -175,6 +183,17 @@ def run_ensemble_study(
     }
 
 
+def _pretrain(
+    table: pa.Table, cfg: AppConfig, method: str, workdir: Path, epochs: int, device: str, say: Say
+) -> Any:
+    from catalog_enrichment.training.pretrain import pretrain_text
+
+    say(f"== pretrain-text --method {method} ==")
+    out = workdir / f"text-{method}"
+    indented = lambda m: say("  " + m)  # noqa: E731
+    return pretrain_text(table, cfg, method=method, out=out, epochs=epochs, device=device, progress=indented)  # type: ignore[arg-type]
+
+
 def run_pretrain_study(
     cfg: AppConfig,
     taxonomy: Taxonomy,
@@ -187,8 +206,6 @@ def run_pretrain_study(
 ) -> dict[str, Any]:
     """See the module docstring: pre-training reads every product of the marketplace (no labels);
     fine-tuning uses ``label_fraction`` of the training split; all three on the same test split."""
-    from catalog_enrichment.training.pretrain import pretrain_text
-
     say = progress or (lambda msg: print(msg, flush=True))
     market = generate_marketplace(workdir / "marketplace", cfg.synthetic, taxonomy=taxonomy)
     table = read_table(market.products)
@@ -216,16 +233,7 @@ def run_pretrain_study(
     )
     folders: dict[str, str | None] = {"plain": None}
     for method in ("simcse", "convirt"):
-        say(f"== pretrain-text --method {method} ==")
-        done = pretrain_text(
-            table,
-            cfg,
-            method=method,
-            out=workdir / f"text-{method}",
-            epochs=pretrain_epochs,
-            device=device,
-            progress=lambda m: say("  " + m),
-        )
+        done = _pretrain(table, cfg, method, workdir, pretrain_epochs, device, say)
         result["pretraining"][method] = {"seconds": done.seconds, "losses": done.losses}
         folders[method] = done.path
     for label, folder in folders.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from catalog_enrichment.bench.baseline import BASELINE_LABEL, run_baseline
@@ -91,20 +92,7 @@ def run_quality_benchmark(
     """
     say = progress or (lambda msg: print(msg, flush=True))
     runs = list(contenders) if contenders else _method_runs(cfg, list(methods or list_fusions()), kl_lambda)
-    test_table = None
-    if data is None:
-        market = generate_marketplace(workdir / "marketplace", cfg.synthetic, taxonomy=taxonomy)
-        table = read_table(market.products)
-        source: dict[str, Any] = {
-            "products": cfg.synthetic.products,
-            "seed": cfg.synthetic.seed,
-            "label_noise": cfg.synthetic.label_noise,
-            "long_tail": cfg.synthetic.long_tail,
-        }
-    else:
-        table, test_table = read_table(data[0]), read_table(data[1])
-        source = {"data": str(data[0]), "test_data": str(data[1]), "products": table.num_rows}
-        source["test_products"] = test_table.num_rows
+    table, test_table, source = _tables(cfg, taxonomy, workdir, data)
     result: dict[str, Any] = {
         **source,
         "config": {
@@ -116,12 +104,7 @@ def run_quality_benchmark(
             for label, run_cfg in runs
         },
         "torch_threads": torch.get_num_threads(),
-        "methods": {},
-        "modality_weights": {},
-        "seconds": {},
-        "epochs": {},
-        "scopes": {},
-        "scope_per_value": {},
+        **{k: {} for k in ("methods", "modality_weights", "seconds", "epochs", "scopes", "scope_per_value")},
         "pooled_evidence": {},
     }
     for label, run_cfg in runs:
@@ -130,36 +113,11 @@ def run_quality_benchmark(
         trained = train_and_calibrate(
             table, taxonomy, run_cfg, test_table=test_table, device=device, progress=lambda m: say("  " + m)
         )
-        report = trained.test_report
         result["seconds"][label] = round(time.perf_counter() - started, 1)
-        result["epochs"][label] = {"trained": len(trained.history), "best": trained.best_epoch}
-        result["methods"][label] = {
-            a.name: {k: _num(report[a.name][k]) for k in METHOD_METRICS} for a in taxonomy
-        }
-        result["scopes"][label] = {}
-        for scope in SCOPES:
-            scoped = run_cfg.model_copy(
-                update={"calibration": run_cfg.calibration.model_copy(update={"scope": scope})}
-            )
-            calibration, scope_report = (
-                (trained.calibration, report)
-                if scope == cfg.calibration.scope
-                else trained.recalibrate(scoped)
-            )
-            if scope == "attribute":
-                result["pooled_evidence"][label] = {
-                    name: None if a.pooled is None else asdict(a.pooled)
-                    for name, a in calibration.attributes.items()
-                }
-            result["scopes"][label][scope] = {
-                a.name: {k: _num(scope_report[a.name][k]) for k in SCOPE_METRICS} for a in taxonomy
-            }
-            result["scope_per_value"].setdefault(scope, {})[label] = {
-                a.name: scope_report[a.name]["per_value"] for a in taxonomy
-            }
+        _record(result, label, trained, run_cfg, cfg.calibration.scope, taxonomy)
         if run_cfg.model.fusion == "modality_attention" and not contenders:
             name = f"lambda={run_cfg.model.fusion_kwargs.get('kl_lambda', kl_lambda):g}"
-            result["modality_weights"][name] = report.modality_weights
+            result["modality_weights"][name] = trained.test_report.modality_weights
     if test_table is not None:
         say(f"== {BASELINE_LABEL} ==")
         started = time.perf_counter()
@@ -172,8 +130,76 @@ def run_quality_benchmark(
     return result
 
 
+def _tables(
+    cfg: AppConfig, taxonomy: Taxonomy, workdir: Path, data: tuple[Path, Path] | None
+) -> tuple[pa.Table, pa.Table | None, dict[str, Any]]:
+    """The table to train on, the one to test on (None: a split of the first), and what they are."""
+    if data is not None:
+        table, test_table = read_table(data[0]), read_table(data[1])
+        source = {"data": str(data[0]), "test_data": str(data[1]), "products": table.num_rows}
+        return table, test_table, {**source, "test_products": test_table.num_rows}
+    market = generate_marketplace(workdir / "marketplace", cfg.synthetic, taxonomy=taxonomy)
+    source = {
+        "products": cfg.synthetic.products,
+        "seed": cfg.synthetic.seed,
+        "label_noise": cfg.synthetic.label_noise,
+        "long_tail": cfg.synthetic.long_tail,
+    }
+    return read_table(market.products), None, source
+
+
+def _record(
+    result: dict[str, Any],
+    label: str,
+    trained: Any,
+    run_cfg: AppConfig,
+    scope_trained: str,
+    taxonomy: Taxonomy,
+) -> None:
+    """One contender's figures into ``result``: epochs, test metrics, and both calibration scopes
+    (the one it trained with, and the other from its stored held-out scores)."""
+    report = trained.test_report
+    result["epochs"][label] = {"trained": len(trained.history), "best": trained.best_epoch}
+    result["methods"][label] = {
+        a.name: {k: _num(report[a.name][k]) for k in METHOD_METRICS} for a in taxonomy
+    }
+    result["scopes"][label] = {}
+    for scope in SCOPES:
+        scoped = run_cfg.model_copy(
+            update={"calibration": run_cfg.calibration.model_copy(update={"scope": scope})}
+        )
+        calibration, scope_report = (
+            (trained.calibration, report) if scope == scope_trained else trained.recalibrate(scoped)
+        )
+        if scope == "attribute":
+            result["pooled_evidence"][label] = {
+                name: None if a.pooled is None else asdict(a.pooled)
+                for name, a in calibration.attributes.items()
+            }
+        result["scopes"][label][scope] = {
+            a.name: {k: _num(scope_report[a.name][k]) for k in SCOPE_METRICS} for a in taxonomy
+        }
+        result["scope_per_value"].setdefault(scope, {})[label] = {
+            a.name: scope_report[a.name]["per_value"] for a in taxonomy
+        }
+
+
 def _num(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
+
+
+def _lambda_checks(weights: dict[str, Any]) -> dict[str, Any]:
+    """Modality attention: with lambda = 0 the material head collapses to text, with lambda > 0 not."""
+    if "lambda=0" not in weights or len(weights) < 2:
+        return {}
+    collapsed = weights["lambda=0"].get("material", {}).get("image_mean")
+    other = next(v for k, v in weights.items() if k != "lambda=0").get("material", {}).get("image_mean")
+    return {
+        "material_image_weight_lambda0": collapsed,
+        "material_image_weight_lambda_pos": other,
+        "lambda0_collapses_to_text": collapsed is not None and collapsed < 0.1,
+        "lambda_pos_keeps_image": other is not None and collapsed is not None and other > max(0.1, collapsed),
+    }
 
 
 def quality_checks(result: dict[str, Any]) -> dict[str, Any]:
@@ -188,16 +214,7 @@ def quality_checks(result: dict[str, Any]) -> dict[str, Any]:
         checks["color_best_multimodal"] = best
         checks["color_margin_over_unimodal"] = margin
         checks["color_multimodal_beats_unimodal_by_5pts"] = margin >= 0.05
-    weights = result["modality_weights"]
-    if "lambda=0" in weights and len(weights) > 1:
-        collapsed = weights["lambda=0"].get("material", {}).get("image_mean")
-        other = next(v for k, v in weights.items() if k != "lambda=0").get("material", {}).get("image_mean")
-        checks["material_image_weight_lambda0"] = collapsed
-        checks["material_image_weight_lambda_pos"] = other
-        checks["lambda0_collapses_to_text"] = collapsed is not None and collapsed < 0.1
-        checks["lambda_pos_keeps_image"] = (
-            other is not None and collapsed is not None and other > max(0.1, collapsed)
-        )
+    checks.update(_lambda_checks(result["modality_weights"]))
     precision_ok = True
     worst: list[str] = []
     for label, attrs in methods.items():
@@ -268,45 +285,49 @@ def format_quality_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | " + " | ".join(cell(per[a]) for a in attrs) + f" | {result['seconds'][label]:.0f} |"
         )
-    if result.get("scopes"):
-        lines += [
-            "",
-            "Guarantee scopes (same model, test split): realized precision / coverage efficiency "
-            "(recall written / R@P95):",
-            "",
-            "| method | scope | " + " | ".join(attrs) + " |",
-            "|---|---|" + "---|" * len(attrs),
-        ]
-        for label, scopes in result["scopes"].items():
-            for scope, per in scopes.items():
-                lines.append(
-                    f"| {label} | {scope} | "
-                    + " | ".join(
-                        f"{_fmt(per[a]['realized_precision'])} / {_fmt(per[a]['coverage_efficiency'], 2)}"
-                        for a in attrs
-                    )
-                    + " |"
-                )
-    if result["modality_weights"]:
-        lines += [
-            "",
-            "Modality weights (mean over test products, modality_attention):",
-            "",
-            "| lambda | " + " | ".join(f"{a} text / image" for a in attrs) + " |",
-            "|---|" + "---|" * len(attrs),
-        ]
-        for label, per in result["modality_weights"].items():
-            lines.append(
-                f"| {label} | "
-                + " | ".join(
-                    f"{per[a]['text_mean']:.3f} / {per[a]['image_mean']:.3f}" if a in per else "—"
-                    for a in attrs
-                )
-                + " |"
-            )
+    lines += _scope_lines(result, attrs) + _weight_lines(result, attrs)
     lines += ["", "Checks:", ""]
     lines += [f"- {k}: {v}" for k, v in result["checks"].items() if not isinstance(v, list) or v]
     return "\n".join(lines) + "\n"
+
+
+def _scope_lines(result: dict[str, Any], attrs: list[str]) -> list[str]:
+    if not result.get("scopes"):
+        return []
+    lines = [
+        "",
+        "Guarantee scopes (same model, test split): realized precision / coverage efficiency "
+        "(recall written / R@P95):",
+        "",
+        "| method | scope | " + " | ".join(attrs) + " |",
+        "|---|---|" + "---|" * len(attrs),
+    ]
+    for label, scopes in result["scopes"].items():
+        for scope, per in scopes.items():
+            cells = [
+                f"{_fmt(per[a]['realized_precision'])} / {_fmt(per[a]['coverage_efficiency'], 2)}"
+                for a in attrs
+            ]
+            lines.append(f"| {label} | {scope} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _weight_lines(result: dict[str, Any], attrs: list[str]) -> list[str]:
+    if not result["modality_weights"]:
+        return []
+    lines = [
+        "",
+        "Modality weights (mean over test products, modality_attention):",
+        "",
+        "| lambda | " + " | ".join(f"{a} text / image" for a in attrs) + " |",
+        "|---|" + "---|" * len(attrs),
+    ]
+    for label, per in result["modality_weights"].items():
+        cells = [
+            f"{per[a]['text_mean']:.3f} / {per[a]['image_mean']:.3f}" if a in per else "—" for a in attrs
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -155,27 +155,8 @@ def run_scale_bench(
         raise CatalogEnrichError("the postgres catalogs need a server: CATALOG_ENRICH_PG_DSN")
     workdir = workdir.resolve()
     setup = prepare(workdir / "model", say=say)
-    products = workdir / f"increment-{increment}"
-    if not products.exists():
-        from deltalake import write_deltalake
-
-        say(f"scale: an increment of {increment:,} products")
-        reader = products_reader(increment, load_taxonomy(), image_size=32, seed=11)
-        write_deltalake(str(products), reader, partition_by=["ingest_date"])
-    from catalog_enrichment.catalog.lakehouse import read_table
-
-    table = read_table(products)
-    catalogs: dict[tuple[str, int], CatalogConfig] = {}
-    for kind in kinds:
-        for rows in sizes:
-            root = workdir / "catalogs" / f"{kind}-{rows}"
-            cfg = CatalogConfig(kind=kind, root=str(root), postgres=PostgresConfig(db_schema=f"scale_{rows}"))
-            say(f"scale: growing the {kind} attribute table to {rows:,} rows")
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
-            with _pg_env(dsn):
-                _grow(kind, cfg, rows, table)
-            catalogs[kind, rows] = cfg
+    products = _increment(workdir, increment, say)
+    catalogs = _grown(workdir, kinds, sizes, products, dsn, say)
     env = {**os.environ, **({"CATALOG_ENRICH_PG_DSN": dsn} if dsn else {})}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {k: {str(n): [] for n in sizes} for k in kinds}
     for repeat in range(repeats):
@@ -195,23 +176,56 @@ def run_scale_bench(
                     f"{measured['seconds']:6.1f}s, driver {measured['driver_peak_rss_mb']:6.0f} MB, "
                     f"write {report.stage_seconds.get('write', 0):.2f}s"
                 )
-    result: dict[str, Any] = {"increment": increment, "sizes": list(sizes), "repeats": repeats, "kinds": {}}
-    for kind, by_size in runs.items():
-        result["kinds"][kind] = {
-            size: {
-                "median_seconds": round(statistics.median(r["seconds"] for r in measured), 2),
-                "median_driver_peak_rss_mb": round(
-                    statistics.median(r["driver_peak_rss_mb"] for r in measured)
-                ),
-                "median_stage_seconds": {
-                    stage: round(statistics.median(r["stage_seconds"].get(stage, 0.0) for r in measured), 2)
-                    for stage in measured[0]["stage_seconds"]
-                },
-                "runs": measured,
-            }
-            for size, measured in by_size.items()
-        }
-    return result
+    result: dict[str, Any] = {"increment": increment, "sizes": list(sizes), "repeats": repeats}
+    return {
+        **result,
+        "kinds": {kind: {size: _medians(m) for size, m in by_size.items()} for kind, by_size in runs.items()},
+    }
+
+
+def _increment(workdir: Path, increment: int, say: Say) -> Path:
+    """The increment every run enriches, generated once."""
+    products = workdir / f"increment-{increment}"
+    if not products.exists():
+        from deltalake import write_deltalake
+
+        say(f"scale: an increment of {increment:,} products")
+        reader = products_reader(increment, load_taxonomy(), image_size=32, seed=11)
+        write_deltalake(str(products), reader, partition_by=["ingest_date"])
+    return products
+
+
+def _grown(
+    workdir: Path, kinds: Sequence[str], sizes: Sequence[int], products: Path, dsn: str | None, say: Say
+) -> dict[tuple[str, int], CatalogConfig]:
+    """One catalog per (kind, size), its attribute table grown to that many rows."""
+    from catalog_enrichment.catalog.lakehouse import read_table
+
+    table = read_table(products)
+    catalogs: dict[tuple[str, int], CatalogConfig] = {}
+    for kind in kinds:
+        for rows in sizes:
+            root = workdir / "catalogs" / f"{kind}-{rows}"
+            cfg = CatalogConfig(kind=kind, root=str(root), postgres=PostgresConfig(db_schema=f"scale_{rows}"))
+            say(f"scale: growing the {kind} attribute table to {rows:,} rows")
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            with _pg_env(dsn):
+                _grow(kind, cfg, rows, table)
+            catalogs[kind, rows] = cfg
+    return catalogs
+
+
+def _medians(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "median_seconds": round(statistics.median(r["seconds"] for r in measured), 2),
+        "median_driver_peak_rss_mb": round(statistics.median(r["driver_peak_rss_mb"] for r in measured)),
+        "median_stage_seconds": {
+            stage: round(statistics.median(r["stage_seconds"].get(stage, 0.0) for r in measured), 2)
+            for stage in measured[0]["stage_seconds"]
+        },
+        "runs": measured,
+    }
 
 
 @contextlib.contextmanager

@@ -407,11 +407,7 @@ def run_throughput_benchmark(
     import torch
 
     say = progress or (lambda m: print(m, flush=True))
-    if "raw_tasks" in modes and device != "cpu":
-        raise CatalogEnrichError("raw_tasks measures the job's CPU layout: device cpu only")
-    processes = [m for m in ("job", "rescore", "peer") if m in modes]
-    if (processes and not model.name) or ("peer" in modes and "job" not in modes):
-        raise CatalogEnrichError("job and peer time whole processes on a registered model: give both")
+    processes = _check_modes(modes, model, device)
     if threads:
         torch.set_num_threads(threads)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -436,31 +432,69 @@ def run_throughput_benchmark(
     }
     for n in sizes if processes else ():
         path = _products_table(workdir, n, size, taxonomy, say)
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in processes}
-        for r in range(repeats):
-            # alternating: the peer after the job in even repeats, before it in odd ones; a re-score
-            # always right after its job (it reads the store that run filled)
-            groups = [[m for m in processes if m != "peer"], [m for m in processes if m == "peer"]]
-            root = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-            commands = process_commands(cfg, model, path.resolve(), root, config_args, rescore)
-            for mode in itertools.chain(*(groups if r % 2 == 0 else groups[::-1])):
-                run = measure_process(commands[mode], env, workdir)
-                runs[mode].append(run)
-                say(f"  {n:>7,} products, run {r + 1}/{repeats} {mode:<7} {run['seconds']:6.1f}s")
-            shutil.rmtree(root, ignore_errors=True)
+        runs = _processes(cfg, model, rescore, path, processes, repeats, config_args, env, workdir, say)
         result["runs"][str(n)] = runs
         for mode in processes:
             result[f"{mode}_seconds_{n}"] = _median(runs[mode], "seconds")
-        for mode in ("job", "rescore") if "peer" in processes else ():
-            if mode in processes:
-                result[f"{mode}_vs_peer_{n}"] = result[f"{mode}_seconds_{n}"] / result[f"peer_seconds_{n}"]
+    return {**result, **_ratios(result, sizes, processes)}
+
+
+def _ratios(result: dict[str, Any], sizes: Sequence[int], processes: list[str]) -> dict[str, float]:
+    """Each process against the peer, and the cost of one more product (the slope between sizes)."""
+    out: dict[str, float] = {}
+    for n in sizes if "peer" in processes else ():
+        for timed in (m for m in ("job", "rescore") if m in processes):
+            out[f"{timed}_vs_peer_{n}"] = result[f"{timed}_seconds_{n}"] / result[f"peer_seconds_{n}"]
     for before, after in itertools.pairwise(sizes):
-        for mode in processes:  # the cost of one more product: the slope between two sizes
+        for mode in processes:
             slope = (result[f"{mode}_seconds_{after}"] - result[f"{mode}_seconds_{before}"]) / (
                 after - before
             )
-            result[f"{mode}_marginal_ms_per_product_{before}_{after}"] = 1000 * slope
-    return result
+            out[f"{mode}_marginal_ms_per_product_{before}_{after}"] = 1000 * slope
+    return out
+
+
+def _check_modes(modes: Sequence[str], model: ModelVersion, device: str) -> list[str]:
+    """The modes that run as whole processes (job, rescore, peer).
+
+    Raises:
+        CatalogEnrichError: raw_tasks off the CPU, or whole processes without a registered model.
+    """
+    if "raw_tasks" in modes and device != "cpu":
+        raise CatalogEnrichError("raw_tasks measures the job's CPU layout: device cpu only")
+    processes = [m for m in ("job", "rescore", "peer") if m in modes]
+    if (processes and not model.name) or ("peer" in modes and "job" not in modes):
+        raise CatalogEnrichError("job and peer time whole processes on a registered model: give both")
+    return processes
+
+
+def _processes(
+    cfg: AppConfig,
+    model: ModelVersion,
+    rescore: ModelVersion | None,
+    path: Path,
+    processes: list[str],
+    repeats: int,
+    config_args: Sequence[str],
+    env: dict[str, str],
+    workdir: Path,
+    say: Say,
+) -> dict[str, list[dict[str, Any]]]:
+    """The whole-process runs on the products at ``path``: ``repeats`` of each mode, alternating -
+    the peer after the job in even repeats, before it in odd ones; a re-score always right after its
+    job (it reads the store that run filled) - each into a fresh folder."""
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in processes}
+    for r in range(repeats):
+        groups = [[m for m in processes if m != "peer"], [m for m in processes if m == "peer"]]
+        root = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+        commands = process_commands(cfg, model, path.resolve(), root, config_args, rescore)
+        for mode in itertools.chain(*(groups if r % 2 == 0 else groups[::-1])):
+            run = measure_process(commands[mode], env, workdir)
+            runs[mode].append(run)
+            n = path.name
+            say(f"  {n}, run {r + 1}/{repeats} {mode:<7} {run['seconds']:6.1f}s")
+        shutil.rmtree(root, ignore_errors=True)
+    return runs
 
 
 def _products_table(workdir: Path, n: int, size: int, taxonomy: Taxonomy, say: Say) -> Path:
@@ -508,22 +542,8 @@ def _in_process(
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     try:
         for r in range(repeats):
-            done: dict[str, dict[str, Any]] = {}
-            if paired:
-                done["raw"], done["predictor"] = measure_paired(
-                    loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch, block=block
-                )
+            done = _one_repeat(loaded, table, modes, tasks, arrow_batch, block)
             for mode in modes:
-                if mode not in done:
-                    if mode == "raw":
-                        done[mode] = measure_raw(loaded.predictor, table)
-                    elif mode == "predictor":
-                        done[mode] = measure_predictor(
-                            loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch
-                        )
-                    else:
-                        assert tasks is not None
-                        done[mode] = tasks.measure(table)
                 runs[mode].append(done[mode])
                 say(f"  run {r + 1}/{repeats} {mode:<9} {done[mode]['products_per_second']:8.1f} products/s")
     finally:
@@ -538,6 +558,28 @@ def _in_process(
         out["predictor_ratio"] = out["predictor_products_per_second"] / out["raw_products_per_second"]
         out["predictor_forward_share"] = _median(runs["predictor"], "forward_share")
     return out
+
+
+def _one_repeat(
+    loaded: Any, table: pa.Table, modes: Sequence[str], tasks: RawTasks | None, arrow_batch: int, block: int
+) -> dict[str, dict[str, Any]]:
+    """One measurement of each in-process mode (raw and predictor paired when both are asked)."""
+    done: dict[str, dict[str, Any]] = {}
+    if "raw" in modes and "predictor" in modes:
+        done["raw"], done["predictor"] = measure_paired(
+            loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch, block=block
+        )
+    for mode in modes:
+        if mode in done:
+            continue
+        if mode == "raw":
+            done[mode] = measure_raw(loaded.predictor, table)
+        elif mode == "predictor":
+            done[mode] = measure_predictor(loaded.predictor, loaded.policy, table, arrow_batch=arrow_batch)
+        else:
+            assert tasks is not None
+            done[mode] = tasks.measure(table)
+    return done
 
 
 def _image_size(bundle_dir: Path) -> int:

@@ -254,32 +254,8 @@ def merge_run(
         )
     )
     current = _rows_for(path, ids) if len(ids) else schema.empty_table()
-    merchant = current.filter(pc.equal(current["source"], "merchant"))
-    merchant_pairs = _pairs(merchant)
-    scored_pairs = _semi(_pairs(scored), merchant_pairs, PAIR, anti=True)
-    new = _semi(values.select([*KEY, "confidence", "threshold"]), scored_pairs, PAIR)
-    old_model = _semi(current.filter(pc.equal(current["source"], "model")), scored_pairs, PAIR)
-    gone = _semi(old_model, new, KEY, anti=True)
-    mine = current.filter(
-        pc.and_(pc.equal(current["source"], "model"), pc.equal(current["model_version"], str(model_version)))
-    )
-    # rejected values the scored pairs did not already drop (a new value is never a rejected one)
-    rejected = _semi(_semi(_semi(mine, retract, KEY), gone, KEY, anti=True), new, KEY, anti=True)
-    gone = pa.concat_tables([gone, rejected])
-    n = new.num_rows
-    upserts = pa.table(
-        {
-            **{k: new[k] for k in KEY},
-            "confidence": new["confidence"],
-            "threshold": new["threshold"],
-            "source": pa.array(["model"] * n, pa.string()),
-            "model_name": pa.array([model_name] * n, pa.string()),
-            "model_version": pa.array([str(model_version)] * n, pa.string()),
-            "run_id": pa.array([run_id] * n, pa.string()),
-            "written_at": pa.array([written_at] * n, schema.field("written_at").type),
-        },
-        schema=schema,
-    )
+    scored_pairs, new, gone = _replaced(current, scored, values, retract, str(model_version))
+    upserts = _model_rows(new, model_name, str(model_version), run_id, written_at)
     skipped = _pairs(scored).num_rows - scored_pairs.num_rows if scored.num_rows else 0
     if upserts.num_rows + gone.num_rows == 0:
         return MergeResult(None, merchant_pairs_skipped=skipped)
@@ -300,6 +276,43 @@ def merge_run(
         updated=int(metrics["num_target_rows_updated"]),
         deleted=int(metrics["num_target_rows_deleted"]),
         merchant_pairs_skipped=skipped,
+    )
+
+
+def _replaced(
+    current: pa.Table, scored: pa.Table, values: pa.Table, retract: pa.Table, model_version: str
+) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Of the rows the catalog holds for the run's products: the scored pairs no merchant value
+    holds, their new values, and the model rows that go (not among the new values, or rejected for
+    ``model_version``)."""
+    merchant_pairs = _pairs(current.filter(pc.equal(current["source"], "merchant")))
+    scored_pairs = _semi(_pairs(scored), merchant_pairs, PAIR, anti=True)
+    new = _semi(values.select([*KEY, "confidence", "threshold"]), scored_pairs, PAIR)
+    model = current.filter(pc.equal(current["source"], "model"))
+    gone = _semi(_semi(model, scored_pairs, PAIR), new, KEY, anti=True)
+    mine = model.filter(pc.equal(model["model_version"], model_version))
+    # rejected values the scored pairs did not already drop (a new value is never a rejected one)
+    rejected = _semi(_semi(_semi(mine, retract, KEY), gone, KEY, anti=True), new, KEY, anti=True)
+    return scored_pairs, new, pa.concat_tables([gone, rejected])
+
+
+def _model_rows(
+    values: pa.Table, model_name: str, model_version: str, run_id: str, written_at: dt.datetime
+) -> pa.Table:
+    """``values`` (key, confidence, threshold) as attribute rows the model wrote in this run."""
+    schema, n = attributes_schema(), values.num_rows
+    return pa.table(
+        {
+            **{k: values[k] for k in KEY},
+            "confidence": values["confidence"],
+            "threshold": values["threshold"],
+            "source": pa.array(["model"] * n, pa.string()),
+            "model_name": pa.array([model_name] * n, pa.string()),
+            "model_version": pa.array([model_version] * n, pa.string()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "written_at": pa.array([written_at] * n, schema.field("written_at").type),
+        },
+        schema=schema,
     )
 
 
@@ -367,10 +380,8 @@ def _state(rows: list[Row]) -> frozenset[tuple[str, str | None]]:
     return frozenset((r["value"], r["run_id"]) for r in rows)
 
 
-def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str]) -> list[RollbackResult]:
-    """Undo runs, newest first, in one commit: for every pair a run changed, its before rows come
-    back when the pair is as the run left it (after the newer runs' rollback); otherwise a later
-    run changed it, and it is left alone and reported.
+def _commits(path: str | Path, run_ids: Sequence[str]) -> dict[str, int]:
+    """The table version each run committed.
 
     Raises:
         CatalogEnrichError: a run never committed to this table, or was already rolled back.
@@ -385,27 +396,45 @@ def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str])
         if table.transaction_version(_transaction(run_id, "rollback")) is not None:
             raise CatalogEnrichError(f"run {run_id!r} was already rolled back")
         committed[run_id] = int(version)
+    return committed
+
+
+def _undo(run_id: str, images: pa.Table, state: dict[Pair, list[Row]]) -> RollbackResult:
+    """One run's rollback in ``state`` (pair -> the model rows it holds, updated in place): every
+    pair still as the run left it gets its before rows back; the others are reported superseded."""
+    before = _by_pair(images.filter(pc.equal(images[IMAGE], "before")))
+    after = _by_pair(images.filter(pc.equal(images[IMAGE], "after")))
+    restored, superseded, removed, back = 0, [], 0, 0
+    for pair in sorted(set(before) | set(after)):
+        if _state(state.get(pair, [])) != _state(after.get(pair, [])):
+            superseded.append(pair)
+            continue
+        values = {r["value"] for r in before.get(pair, [])}
+        removed += sum(r["value"] not in values for r in state.get(pair, []))
+        back += len(before.get(pair, []))
+        state[pair] = before.get(pair, [])
+        restored += 1
+    return RollbackResult(run_id, None, restored, removed, back, superseded)
+
+
+def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str]) -> list[RollbackResult]:
+    """Undo runs, newest first, in one commit: for every pair a run changed, its before rows come
+    back when the pair is as the run left it (after the newer runs' rollback); otherwise a later
+    run changed it, and it is left alone and reported.
+
+    Raises:
+        CatalogEnrichError: a run never committed to this table, or was already rolled back.
+    """
+    committed = _commits(path, run_ids)
     images = _read_changes(changes, list(committed))
     ids = pc.unique(images["product_id"])
     current = _rows_for(path, ids) if len(ids) else attributes_schema().empty_table()
     now = _by_pair(current.filter(pc.equal(current["source"], "model")))
     state = dict(now)
-    results = []
-    for run_id in sorted(committed, key=committed.__getitem__, reverse=True):
-        mine = images.filter(pc.equal(images[CHANGED_BY], run_id))
-        before = _by_pair(mine.filter(pc.equal(mine[IMAGE], "before")))
-        after = _by_pair(mine.filter(pc.equal(mine[IMAGE], "after")))
-        restored, superseded, removed, back = 0, [], 0, 0
-        for pair in sorted(set(before) | set(after)):
-            if _state(state.get(pair, [])) != _state(after.get(pair, [])):
-                superseded.append(pair)
-                continue
-            values = {r["value"] for r in before.get(pair, [])}
-            removed += sum(r["value"] not in values for r in state.get(pair, []))
-            back += len(before.get(pair, []))
-            state[pair] = before.get(pair, [])
-            restored += 1
-        results.append(RollbackResult(run_id, None, restored, removed, back, superseded))
+    results = [
+        _undo(run_id, images.filter(pc.equal(images[CHANGED_BY], run_id)), state)
+        for run_id in sorted(committed, key=committed.__getitem__, reverse=True)
+    ]
     done = [r.run_id for r in results if r.pairs_restored]
     if not done:
         return results

@@ -136,60 +136,16 @@ def build_labels(
         held_out = pc.is_in(latest["product_id"], pa.array(sorted(exclude_ids), pa.string()))
         report.excluded_evaluation_products = int(pc.sum(held_out).as_py() or 0)
         latest = latest.filter(pc.invert(held_out))
-
-    human = attributes.filter(pc.is_in(attributes["source"], pa.array(LABEL_SOURCES)))
-    allowed = {a.name: set(a.values) for a in taxonomy}
-    values: dict[tuple[str, str], list[str]] = {}
-    dropped_values: Counter[str] = Counter()
-    dropped_attributes: Counter[str] = Counter()
-    for pid, attr, value in zip(
-        human["product_id"].to_pylist(),
-        human["attribute"].to_pylist(),
-        human["value"].to_pylist(),
-        strict=True,
-    ):
-        if attr not in allowed:
-            dropped_attributes[str(attr)] += 1
-        elif value not in allowed[attr]:
-            dropped_values[f"{attr}={value}"] += 1
-        else:
-            found = values.setdefault((pid, attr), [])
-            if value not in found:
-                found.append(value)
-
-    verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}  # verdict -> pid -> attr
-    for (pid, attr, value), (verdict, _) in (
-        verdicts_by_value(reviews) if reviews is not None else {}
-    ).items():
-        if verdict in verdicts and attr in allowed and value in allowed[attr] and (pid, attr) not in values:
-            verdicts[verdict].setdefault(pid, {}).setdefault(attr, []).append(value)
-
+    values = _human_values(attributes, taxonomy, report)
+    verdicts = _verdicts(reviews, taxonomy, values)
     ids = latest["product_id"].to_pylist()
-    columns: dict[str, list[Any]] = {}
-    conflicting: Counter[str] = Counter()
-    labelled = [False] * len(ids)
-    for attr in taxonomy:
-        order = {v: i for i, v in enumerate(attr.values)}
-        column: list[Any] = []
-        for i, pid in enumerate(ids):
-            found = sorted(values.get((pid, attr.name), []), key=order.__getitem__)
-            if not found:
-                column.append(None)
-            elif attr.kind == "multilabel":
-                column.append(found)
-            elif len(found) > 1:
-                conflicting[attr.name] += 1
-                column.append(None)
-            else:
-                column.append(found[0])
-            labelled[i] = labelled[i] or column[-1] is not None
-        columns[attr.name] = column
+    columns, conflicting = _label_columns(ids, values, taxonomy)
+    labelled = [any(columns[a.name][i] is not None for a in taxonomy) for i in range(len(ids))]
     partial: dict[str, list[Any]] = {}
     for verdict, name in (("yes", "confirmed"), ("no", "rejected")):
         judged = verdicts[verdict]
         partial[name] = [sorted(judged[pid].items()) if pid in judged else None for pid in ids]
         labelled = [was or pid in judged for was, pid in zip(labelled, ids, strict=True)]
-    keep = pa.array(labelled)
     product_columns = load_contract("products").names  # what the labelled table keeps, where present
     base = latest.select([c for c in product_columns if c in latest.column_names and c not in columns])
     for attr in taxonomy:
@@ -197,12 +153,74 @@ def build_labels(
         base = base.append_column(attr.name, pa.array(columns[attr.name], kind))
     for name, column in partial.items():
         base = base.append_column(name, pa.array(column, PARTIAL_TYPE))
-    out = base.filter(keep)
-    report.products_without_labels = len(ids) - out.num_rows
+    out = base.filter(pa.array(labelled, pa.bool_()))
+    _count(report, out, taxonomy, len(ids), conflicting)
+    return out, report
+
+
+def _human_values(
+    attributes: pa.Table, taxonomy: Taxonomy, report: LabelReport
+) -> dict[tuple[str, str], list[str]]:
+    """(product, attribute) -> the values merchants gave or people confirmed, within the taxonomy;
+    the report counts what was dropped as outside it."""
+    human = attributes.filter(pc.is_in(attributes["source"], pa.array(LABEL_SOURCES)))
+    allowed = {a.name: set(a.values) for a in taxonomy}
+    values: dict[tuple[str, str], list[str]] = {}
+    dropped_values: Counter[str] = Counter()
+    dropped_attributes: Counter[str] = Counter()
+    rows = zip(*(human[c].to_pylist() for c in ("product_id", "attribute", "value")), strict=True)
+    for pid, attr, value in rows:
+        if attr not in allowed:
+            dropped_attributes[str(attr)] += 1
+        elif value not in allowed[attr]:
+            dropped_values[f"{attr}={value}"] += 1
+        elif value not in (found := values.setdefault((pid, attr), [])):
+            found.append(value)
+    report.dropped_values, report.dropped_attributes = dict(dropped_values), dict(dropped_attributes)
+    return values
+
+
+def _verdicts(
+    reviews: pa.Table | None, taxonomy: Taxonomy, values: dict[tuple[str, str], list[str]]
+) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """verdict (yes / no) -> product -> attribute -> the values people judged so, where the product
+    has no full label for the attribute."""
+    allowed = {a.name: set(a.values) for a in taxonomy}
+    verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}
+    judged = verdicts_by_value(reviews) if reviews is not None else {}
+    for (pid, attr, value), (verdict, _) in judged.items():
+        if verdict in verdicts and attr in allowed and value in allowed[attr] and (pid, attr) not in values:
+            verdicts[verdict].setdefault(pid, {}).setdefault(attr, []).append(value)
+    return verdicts
+
+
+def _label_columns(
+    ids: list[Any], values: dict[tuple[str, str], list[str]], taxonomy: Taxonomy
+) -> tuple[dict[str, list[Any]], Counter[str]]:
+    """Per attribute, each product's label (multi-label: its values in taxonomy order; multi-class:
+    its one value, None when merchants disagree), and the disagreements per attribute."""
+    columns: dict[str, list[Any]] = {}
+    conflicting: Counter[str] = Counter()
+    for attr in taxonomy:
+        order = {v: i for i, v in enumerate(attr.values)}
+        column: list[Any] = []
+        for pid in ids:
+            found = sorted(values.get((pid, attr.name), []), key=order.__getitem__)
+            if attr.kind == "multiclass" and len(found) > 1:
+                conflicting[attr.name] += 1
+                found = []
+            column.append(None if not found else found if attr.kind == "multilabel" else found[0])
+        columns[attr.name] = column
+    return columns, conflicting
+
+
+def _count(
+    report: LabelReport, out: pa.Table, taxonomy: Taxonomy, products: int, conflicting: Counter[str]
+) -> None:
+    """The report's counts of what the labelled table holds."""
+    report.products_without_labels = products - out.num_rows
     report.products_written = out.num_rows
     report.labels_per_attribute = {a.name: out.num_rows - out[a.name].null_count for a in taxonomy}
-    report.dropped_values = dict(dropped_values)
-    report.dropped_attributes = dict(dropped_attributes)
     report.conflicting = dict(conflicting)
     for name, counts in (
         ("confirmed", report.confirmed_per_attribute),
@@ -211,7 +229,6 @@ def build_labels(
         for entry in out[name].to_pylist():
             for attr_name, judged_values in entry or []:
                 counts[attr_name] = counts.get(attr_name, 0) + len(judged_values)
-    return out, report
 
 
 def _read(path: Path, name: str) -> tuple[pa.Table, dict[str, Any]]:

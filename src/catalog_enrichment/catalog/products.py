@@ -166,8 +166,6 @@ def read_products(
         ContractError: no table at ``path``, a contract column missing from the table, or a column
             of a type the contract's cannot be read from.
     """
-    from pyspark.sql import functions as F
-
     root = Path(path).resolve()
     columns, files = _footers(root, partition)
     missing = contract.missing_columns(columns)
@@ -180,33 +178,56 @@ def read_products(
     if not files:
         df = spark.createDataFrame([], schema)
     else:
-        parts = []
-        for (nulls, nanos), group in _group_by_layout(files, contract).items():
-            if nanos:  # read as INT64 nanoseconds, then cut to Spark's microseconds
-                spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
-            read = _read_schema(schema, drop=nulls, as_long=nanos)
-            reader = spark.read.schema(read)
-            df = (
-                reader.option("basePath", str(root)).parquet(*group)
-                if root.is_dir()
-                else reader.parquet(*group)
-            )
-            for name in nulls:
-                df = df.withColumn(name, F.lit(None).cast(schema[name].dataType))
-            for name in nanos:
-                df = df.withColumn(name, F.timestamp_micros(F.floor(F.col(name) / 1000)))
-            where = [F.col("_metadata.file_path").alias(_FILE), F.col("_metadata.row_index").alias(_ROW)]
-            parts.append(df.select(*contract.names, *(where if deleted else [])))
+        parts = [
+            _read_files(spark, root, group, layout, contract, bool(deleted))
+            for layout, group in _group_by_layout(files, contract).items()
+        ]
         df = reduce(lambda a, b: a.unionByName(b), parts)
         if deleted:
             df = _without_deleted(spark, df, deleted)
+    return in_window(df, schema, partition, since, retry).select(*contract.names)
+
+
+def _read_files(
+    spark: SparkSession,
+    root: Path,
+    files: list[str],
+    layout: tuple[frozenset[str], frozenset[str]],
+    contract: Contract,
+    positions: bool,
+) -> DataFrame:
+    """Data files of one layout (columns of Arrow type null, nanosecond timestamps) read as the
+    contract's columns (with their file and row position, for deletion vectors, when ``positions``)."""
+    from pyspark.sql import functions as F
+
+    nulls, nanos = layout
+    schema = contract.spark_schema(enforce_nullability=False)
+    if nanos:  # read as INT64 nanoseconds, then cut to Spark's microseconds
+        spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+    reader = spark.read.schema(_read_schema(schema, drop=nulls, as_long=nanos))
+    df = reader.option("basePath", str(root)).parquet(*files) if root.is_dir() else reader.parquet(*files)
+    for name in nulls:
+        df = df.withColumn(name, F.lit(None).cast(schema[name].dataType))
+    for name in nanos:
+        df = df.withColumn(name, F.timestamp_micros(F.floor(F.col(name) / 1000)))
+    where = [F.col("_metadata.file_path").alias(_FILE), F.col("_metadata.row_index").alias(_ROW)]
+    return df.select(*contract.names, *(where if positions else []))
+
+
+def in_window(
+    df: DataFrame, schema: Any, partition: Partition | None, since: dt.datetime | None, retry: Sequence[str]
+) -> DataFrame:
+    """``df``'s rows of ``partition`` (None: every partition) changed after ``since`` or of a
+    product to ``retry`` (None: every row), whatever catalog read them."""
+    from pyspark.sql import functions as F
+
     if partition is not None:
         df = df.where(
             F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
         )
     if since is not None:
         df = df.where(changed_since(since, retry))
-    return df.select(*contract.names)
+    return df
 
 
 def changed_since(since: dt.datetime, retry: Sequence[str]) -> Any:

@@ -161,6 +161,22 @@ def _when(value: Any, default: dt.datetime) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+def _row_problems(
+    r: dict[str, Any], verdict: str, reviewer: str, when: dt.datetime | None, now: dt.datetime
+) -> list[str]:
+    """What is wrong with one verdict row of a drawn value: the verdict, the reviewer, the time."""
+    problems = []
+    if verdict not in VERDICTS:
+        problems.append(f"verdict {r['verdict']!r} is not one of {'/'.join(VERDICTS)}")
+    if not reviewer:
+        problems.append("a verdict without a reviewer")
+    if when is None:
+        problems.append(f"reviewed_at {r['reviewed_at']!r} is not an ISO 8601 time")
+    elif when > now + CLOCK_SKEW:
+        problems.append(f"reviewed_at {r['reviewed_at']!r} is in the future (now {now:%Y-%m-%dT%H:%MZ})")
+    return problems
+
+
 def verdict_rows(
     file: pa.Table, samples: pa.Table, *, source_file: str, file_time: dt.datetime, now: dt.datetime
 ) -> tuple[pa.Table, int]:
@@ -196,18 +212,8 @@ def verdict_rows(
         if key not in drawn:
             problems.append(f"{where}: sample {key[0]} drew no such product/attribute/value")
             continue
-        if verdict not in VERDICTS:
-            problems.append(f"{where}: verdict {r['verdict']!r} is not one of {'/'.join(VERDICTS)}")
-        reviewer = _text(r["reviewer"])
-        if not reviewer:
-            problems.append(f"{where}: a verdict without a reviewer")
-        when = _when(r["reviewed_at"], file_time)
-        if when is None:
-            problems.append(f"{where}: reviewed_at {r['reviewed_at']!r} is not an ISO 8601 time")
-        elif when > now + CLOCK_SKEW:
-            problems.append(
-                f"{where}: reviewed_at {r['reviewed_at']!r} is in the future (now {now:%Y-%m-%dT%H:%MZ})"
-            )
+        reviewer, when = _text(r["reviewer"]), _when(r["reviewed_at"], file_time)
+        problems += [f"{where}: {p}" for p in _row_problems(r, verdict, reviewer, when, now)]
         before = seen.setdefault((*key, reviewer), verdict)
         if before != verdict:
             problems.append(f"{where}: {reviewer} gave {before!r} and {verdict!r} to the same value")
@@ -224,11 +230,8 @@ def verdict_rows(
         )
     if problems:
         more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
-        raise ReviewFileError(
-            f"{source_file}: {len(problems)} problem(s), nothing imported: "
-            + "; ".join(problems[:_SHOWN])
-            + more
-        )
+        shown = "; ".join(problems[:_SHOWN])
+        raise ReviewFileError(f"{source_file}: {len(problems)} problem(s), nothing imported: {shown}{more}")
     # the same reviewer's same verdict twice in one file: once
     unique = {
         tuple(r[k] for k in ("sample_id", "product_id", "attribute", "value", "reviewer")): r for r in rows

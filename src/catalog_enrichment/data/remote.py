@@ -19,6 +19,7 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_URI_ALLOWED, IMAGE_WITHIN_LIMITS
@@ -56,6 +57,51 @@ def checked_address(host: str, port: int, *, allow_private: bool) -> str | None:
     return addresses[0]
 
 
+def _pool(address: str, port: int, host: str, https: bool, limits: HttpLimits) -> Any:
+    """A one-connection pool to the checked ``address`` (TLS: the certificate checked for ``host``),
+    retrying 429/5xx and connection errors with backoff, following no redirect."""
+    import urllib3
+
+    retry = urllib3.Retry(
+        total=limits.retries,
+        backoff_factor=limits.backoff,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=["GET"],
+        redirect=0,
+        raise_on_redirect=False,
+        raise_on_status=False,
+    )
+    timeout = urllib3.Timeout(connect=limits.connect_timeout, read=limits.total_timeout)
+    if not https:
+        return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=retry, maxsize=1)
+    return urllib3.HTTPSConnectionPool(
+        address, port, timeout=timeout, retries=retry, maxsize=1, server_hostname=host, assert_hostname=host
+    )
+
+
+def _body(response: Any, max_bytes: int, deadline: float) -> tuple[bytes | None, str | None]:
+    """The response's body, read within ``max_bytes`` and the ``deadline``, or why not."""
+    if 300 <= response.status < 400:
+        return None, IMAGE_URI_ALLOWED
+    if response.status != 200:
+        return None, IMAGE_READABLE
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        return None, IMAGE_WITHIN_LIMITS
+    chunks, size = [], 0
+    while size <= max_bytes:
+        if time.monotonic() > deadline:
+            return None, IMAGE_READABLE
+        chunk = response.read1(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > max_bytes:
+        return None, IMAGE_WITHIN_LIMITS
+    return b"".join(chunks), None
+
+
 def read_http(
     uri: str, *, max_bytes: int, limits: HttpLimits, allow_private: bool
 ) -> tuple[bytes | None, str | None]:
@@ -71,29 +117,7 @@ def read_http(
     if address is None:
         return None, IMAGE_URI_ALLOWED
     deadline = time.monotonic() + limits.total_timeout
-    retry = urllib3.Retry(
-        total=limits.retries,
-        backoff_factor=limits.backoff,
-        status_forcelist=RETRY_STATUSES,
-        allowed_methods=["GET"],
-        redirect=0,
-        raise_on_redirect=False,
-        raise_on_status=False,
-    )
-    timeout = urllib3.Timeout(connect=limits.connect_timeout, read=limits.total_timeout)
-    pool: urllib3.HTTPConnectionPool
-    if https:  # the connection goes to the checked address; the certificate is checked for the name
-        pool = urllib3.HTTPSConnectionPool(
-            address,
-            port,
-            timeout=timeout,
-            retries=retry,
-            maxsize=1,
-            server_hostname=host,
-            assert_hostname=host,
-        )
-    else:
-        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=retry, maxsize=1)
+    pool = _pool(address, port, host, https, limits)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     name = host if ":" not in host else f"[{host}]"
     host_header = name if parts.port is None else f"{name}:{parts.port}"
@@ -105,25 +129,7 @@ def read_http(
         except urllib3.exceptions.HTTPError:  # every attempt failed: connection, timeout, TLS
             return None, IMAGE_READABLE
         try:
-            if 300 <= response.status < 400:
-                return None, IMAGE_URI_ALLOWED
-            if response.status != 200:
-                return None, IMAGE_READABLE
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                return None, IMAGE_WITHIN_LIMITS
-            chunks, size = [], 0
-            while size <= max_bytes:
-                if time.monotonic() > deadline:
-                    return None, IMAGE_READABLE
-                chunk = response.read1(1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            if size > max_bytes:
-                return None, IMAGE_WITHIN_LIMITS
-            return b"".join(chunks), None
+            return _body(response, max_bytes, deadline)
         except urllib3.exceptions.HTTPError:  # the body stalled past the read timeout or broke off
             return None, IMAGE_READABLE
         finally:

@@ -508,56 +508,108 @@ def products_batches(
     tschema = truth_schema(taxonomy)
     for start in range(0, cfg.products, batch_size):
         rows = [gen.row(i) for i in range(start, min(start + batch_size, cfg.products))]
-        uris: list[str | None] = [None] * len(rows)
-        images = [p.image for p in rows]
-        if image_dir is not None:
-            for k, p in enumerate(rows):
-                if p.image is None:
-                    continue
-                folder = image_dir / p.ingest_date.isoformat()
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / f"row{p.index:08d}.img"
-                path.write_bytes(p.image)
-                uris[k], images[k] = str(path.resolve()), None
-        columns: dict[str, list[Any]] = {
-            "product_id": [p.product_id for p in rows],
-            "title": [p.title for p in rows],
-            "description": [p.description for p in rows],
-            "image": images,
-            "image_uri": uris,
-            "category": [p.category for p in rows],
-            "merchant_attributes": [list(p.merchant.items()) if p.merchant else None for p in rows],
-            "updated_at": [p.updated_at for p in rows],
-            "ingest_date": [p.ingest_date for p in rows],
-        }
-        for attr in taxonomy:
-            columns[attr.name] = [p.labels[attr.name] for p in rows]
-        truth: dict[str, list[Any]] = {
-            "row_index": [p.index for p in rows],
-            "product_id": [p.product_id for p in rows],
-            "ingest_date": [p.ingest_date for p in rows],
-            "bad_kind": [p.flags["bad_kind"] for p in rows],
-            "has_image": [p.image is not None for p in rows],
-            **{
-                k: [p.flags[k] for p in rows]
-                for k in (
-                    "color_in_text",
-                    "color_text_decoy",
-                    "image_decoy",
-                    "material_in_text",
-                    "pattern_in_text",
-                    "type_form",
-                    "noisy_attributes",
-                )
-            },
-            "has_merchant_values": [p.merchant is not None for p in rows],
-        }
-        for attr in taxonomy:
-            truth[f"true_{attr.name}"] = [p.clean[attr.name] for p in rows]
         yield (
-            pa.RecordBatch.from_pydict(columns, schema=schema),
-            pa.RecordBatch.from_pydict(truth, schema=tschema),
+            pa.RecordBatch.from_pydict(_product_columns(rows, taxonomy, image_dir), schema=schema),
+            pa.RecordBatch.from_pydict(_truth_columns(rows, taxonomy), schema=tschema),
         )
+
+
+_TRUTH_FLAGS = (
+    "color_in_text",
+    "color_text_decoy",
+    "image_decoy",
+    "material_in_text",
+    "pattern_in_text",
+    "type_form",
+    "noisy_attributes",
+)
+
+
+def _product_columns(
+    rows: list[_Product], taxonomy: Taxonomy, image_dir: Path | None
+) -> dict[str, list[Any]]:
+    """The products table's columns of ``rows``; with ``image_dir`` the images go to files there
+    (one folder per ingest date) and the rows name them in ``image_uri``."""
+    uris: list[str | None] = [None] * len(rows)
+    images = [p.image for p in rows]
+    if image_dir is not None:
+        for k, p in enumerate(rows):
+            if p.image is None:
+                continue
+            folder = image_dir / p.ingest_date.isoformat()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"row{p.index:08d}.img"
+            path.write_bytes(p.image)
+            uris[k], images[k] = str(path.resolve()), None
+    columns: dict[str, list[Any]] = {
+        "product_id": [p.product_id for p in rows],
+        "title": [p.title for p in rows],
+        "description": [p.description for p in rows],
+        "image": images,
+        "image_uri": uris,
+        "category": [p.category for p in rows],
+        "merchant_attributes": [list(p.merchant.items()) if p.merchant else None for p in rows],
+        "updated_at": [p.updated_at for p in rows],
+        "ingest_date": [p.ingest_date for p in rows],
+    }
+    return {**columns, **{attr.name: [p.labels[attr.name] for p in rows] for attr in taxonomy}}
+
+
+def _truth_columns(rows: list[_Product], taxonomy: Taxonomy) -> dict[str, list[Any]]:
+    """The truth table's columns of ``rows``: clean labels, the bad kind, what names what."""
+    return {
+        "row_index": [p.index for p in rows],
+        "product_id": [p.product_id for p in rows],
+        "ingest_date": [p.ingest_date for p in rows],
+        "bad_kind": [p.flags["bad_kind"] for p in rows],
+        "has_image": [p.image is not None for p in rows],
+        **{k: [p.flags[k] for p in rows] for k in _TRUTH_FLAGS},
+        "has_merchant_values": [p.merchant is not None for p in rows],
+        **{f"true_{attr.name}": [p.clean[attr.name] for p in rows] for attr in taxonomy},
+    }
+
+
+def _write(
+    cfg: SyntheticConfig,
+    taxonomy: Taxonomy,
+    products_path: Path,
+    truth_path: Path,
+    image_dir: Path | None,
+    progress_since: float | None,
+) -> int:
+    """Stream the products into their table (batch by batch), then the truth; the rows written.
+    With ``progress_since`` (a start time) a progress line per batch."""
+    import time
+
+    schema = load_contract("labelled_products", taxonomy=taxonomy).arrow_schema(enforce_nullability=False)
+    truth_batches: list[pa.RecordBatch] = []
+    failures: list[BaseException] = []
+    done = 0
+
+    def product_stream() -> Iterator[pa.RecordBatch]:
+        nonlocal done
+        try:
+            for batch, truth in products_batches(cfg, taxonomy, image_dir=image_dir):
+                truth_batches.append(truth)
+                done += batch.num_rows
+                if progress_since is not None:
+                    rate = done / max(time.perf_counter() - progress_since, 1e-9)
+                    print(f"  generated {done:,}/{cfg.products:,} products ({rate:,.0f}/s)", flush=True)
+                yield batch
+        except BaseException as exc:  # the writer wraps it; keep the original to re-raise
+            failures.append(exc)
+            raise
+
+    try:
+        reader = pa.RecordBatchReader.from_batches(schema, product_stream())
+        write_table(products_path, reader, fmt=cfg.format, partition_by=["ingest_date"])
+    except Exception:
+        if failures:
+            raise failures[0] from None
+        raise
+    truth = pa.Table.from_batches(truth_batches, truth_schema(taxonomy))
+    write_table(truth_path, truth, fmt=cfg.format, partition_by=[])
+    return done
 
 
 @dataclass(frozen=True)
@@ -593,44 +645,8 @@ def generate_marketplace(
             if path.exists():
                 shutil.rmtree(path)
     root.mkdir(parents=True, exist_ok=True)
-    schema = load_contract("labelled_products", taxonomy=taxonomy).arrow_schema(enforce_nullability=False)
-    truth_batches: list[pa.RecordBatch] = []
     started = time.perf_counter()
-    done = 0
-
-    failures: list[BaseException] = []
-
-    def product_stream() -> Iterator[pa.RecordBatch]:
-        nonlocal done
-        try:
-            for batch, truth in products_batches(cfg, taxonomy, image_dir=image_dir):
-                truth_batches.append(truth)
-                done += batch.num_rows
-                if progress:
-                    rate = done / max(time.perf_counter() - started, 1e-9)
-                    print(f"  generated {done:,}/{cfg.products:,} products ({rate:,.0f}/s)", flush=True)
-                yield batch
-        except BaseException as exc:  # the writer wraps it; keep the original to re-raise
-            failures.append(exc)
-            raise
-
-    try:
-        write_table(
-            products_path,
-            pa.RecordBatchReader.from_batches(schema, product_stream()),
-            fmt=cfg.format,
-            partition_by=["ingest_date"],
-        )
-    except Exception:
-        if failures:
-            raise failures[0] from None
-        raise
-    write_table(
-        truth_path,
-        pa.Table.from_batches(truth_batches, truth_schema(taxonomy)),
-        fmt=cfg.format,
-        partition_by=[],
-    )
+    done = _write(cfg, taxonomy, products_path, truth_path, image_dir, started if progress else None)
     seconds = time.perf_counter() - started
     meta = {
         "config": cfg.model_dump(mode="json"),

@@ -138,6 +138,42 @@ def _status(e: Estimate, target: float) -> str:
     return INCONCLUSIVE
 
 
+def _reviewed_samples(
+    samples: pa.Table, reviews: pa.Table, model_version: str | None, sample_id: str | None
+) -> list[dict[str, Any]]:
+    """The samples asked for (one id, one version's, or all) that have verdicts, oldest first.
+
+    Raises:
+        CatalogEnrichError: no such sample, or no verdict on it yet.
+    """
+    reviewed = set(reviews["sample_id"].to_pylist())
+    drawn = (
+        samples.group_by(["sample_id", "model_name", "model_version", "drawn_at"]).aggregate([]).to_pylist()
+    )
+    if sample_id is not None:
+        drawn = [d for d in drawn if d["sample_id"] == sample_id]
+    elif model_version is not None:
+        drawn = [d for d in drawn if d["model_version"] == str(model_version)]
+    which = (
+        f"sample {sample_id}"
+        if sample_id
+        else f"model version {model_version}"
+        if model_version
+        else "any version"
+    )
+    if not drawn:
+        raise CatalogEnrichError(
+            f"no review sample for {which}; draw one with `catalog-enrich review sample`"
+        )
+    with_verdicts = sorted((d for d in drawn if d["sample_id"] in reviewed), key=lambda d: d["drawn_at"])
+    if not with_verdicts:
+        raise CatalogEnrichError(
+            f"no verdict yet on the review sample(s) of {which}: {', '.join(d['sample_id'] for d in drawn)}; "
+            "import one with `catalog-enrich review import FILE`"
+        )
+    return with_verdicts
+
+
 def audit_sample(
     samples: pa.Table,
     reviews: pa.Table,
@@ -155,31 +191,7 @@ def audit_sample(
     Raises:
         CatalogEnrichError: no such sample, or no verdict on it yet.
     """
-    reviewed = set(reviews["sample_id"].to_pylist())
-    drawn = (
-        samples.group_by(["sample_id", "model_name", "model_version", "drawn_at"]).aggregate([]).to_pylist()
-    )
-    if sample_id is not None:
-        drawn = [d for d in drawn if d["sample_id"] == sample_id]
-    elif model_version is not None:
-        drawn = [d for d in drawn if d["model_version"] == str(model_version)]
-    with_verdicts = sorted((d for d in drawn if d["sample_id"] in reviewed), key=lambda d: d["drawn_at"])
-    which = (
-        f"sample {sample_id}"
-        if sample_id
-        else f"model version {model_version}"
-        if model_version
-        else "any version"
-    )
-    if not drawn:
-        raise CatalogEnrichError(
-            f"no review sample for {which}; draw one with `catalog-enrich review sample`"
-        )
-    if not with_verdicts:
-        raise CatalogEnrichError(
-            f"no verdict yet on the review sample(s) of {which}: {', '.join(d['sample_id'] for d in drawn)}; "
-            "import one with `catalog-enrich review import FILE`"
-        )
+    with_verdicts = _reviewed_samples(samples, reviews, model_version, sample_id)
     chosen = with_verdicts[-1]
     target = target_of(chosen["model_name"], chosen["model_version"])
     mine = samples.filter(pc.equal(samples["sample_id"], chosen["sample_id"]))

@@ -169,6 +169,26 @@ def draw_sample(
     if size < 1:
         raise CatalogEnrichError(f"--size must be at least 1, got {size}")
     now = now or dt.datetime.now(dt.UTC)
+    rows = _written_by(catalog, run_id, model_version)
+    categories = _latest_products(catalog, ["product_id", "category"])
+    lookup = dict(zip(categories["product_id"].to_pylist(), categories["category"].to_pylist(), strict=True))
+    attribute, value = rows["attribute"].to_pylist(), rows["value"].to_pylist()
+    category = [lookup.get(p) or NO_CATEGORY for p in rows["product_id"].to_pylist()]
+    picked = stratified_sample(attribute, value, category, size, seed, balance)
+    version = rows["model_version"][0].as_py() if model_version is None else str(model_version)
+    sample_id = f"review-v{_safe(version)}-{now:%Y%m%dT%H%M%SZ}-s{seed}"
+    table = _sample_rows(rows, picked, list(zip(attribute, value, category, strict=True)), sample_id, now)
+    if record:
+        catalog.upsert_rows("review_samples", table)
+    return DrawnSample(sample_id, table, rows.num_rows)
+
+
+def _written_by(catalog: Catalog, run_id: str | None, model_version: str | None) -> pa.Table:
+    """The model values one run or one model version wrote, in (product, attribute, value) order.
+
+    Raises:
+        CatalogEnrichError: there is none.
+    """
     rows = catalog.attribute_rows()
     rows = rows.filter(pc.equal(rows["source"], "model"))
     column, wanted = ("run_id", run_id) if run_id is not None else ("model_version", str(model_version))
@@ -176,23 +196,21 @@ def draw_sample(
     what = f"run {run_id}" if run_id is not None else f"model version {model_version}"
     if rows.num_rows == 0:
         raise CatalogEnrichError(f"{catalog.describe()} holds no value written by {what}: nothing to review")
-    rows = rows.take(
+    return rows.take(
         pc.sort_indices(rows, sort_keys=[(k, "ascending") for k in ("product_id", "attribute", "value")])
     )
-    categories = _latest_products(catalog, ["product_id", "category"])
-    lookup = dict(zip(categories["product_id"].to_pylist(), categories["category"].to_pylist(), strict=True))
-    attribute, value = rows["attribute"].to_pylist(), rows["value"].to_pylist()
-    category = [lookup.get(p) or NO_CATEGORY for p in rows["product_id"].to_pylist()]
-    picked = stratified_sample(attribute, value, category, size, seed, balance)
-    cells = Counter(zip(attribute, value, category, strict=True))
-    values = Counter(zip(attribute, value, strict=True))
-    attributes = Counter(attribute)
-    sampled = Counter((attribute[i], value[i], category[i]) for i in picked)
-    version = rows["model_version"][0].as_py() if model_version is None else str(model_version)
-    sample_id = f"review-v{_safe(version)}-{now:%Y%m%dT%H%M%SZ}-s{seed}"
+
+
+def _sample_rows(
+    rows: pa.Table, picked: np.ndarray, cells: list[tuple[str, str, str]], sample_id: str, now: dt.datetime
+) -> pa.Table:
+    """The ``review_samples`` rows of the ``picked`` values, each with the size of its stratum
+    ((attribute, value, category) ``cells``), value and attribute among everything written."""
+    strata, values, attributes = Counter(cells), Counter(c[:2] for c in cells), Counter(c[0] for c in cells)
+    keys = [cells[i] for i in picked]
+    sampled = Counter(keys)
     chosen = rows.take(pa.array(picked))
-    keys = [(attribute[i], value[i], category[i]) for i in picked]
-    table = pa.table(
+    return pa.table(
         {
             "sample_id": [sample_id] * len(picked),
             "product_id": chosen["product_id"],
@@ -203,7 +221,7 @@ def draw_sample(
             "model_name": chosen["model_name"],
             "model_version": chosen["model_version"],
             "run_id": chosen["run_id"],
-            "stratum_size": [cells[k] for k in keys],
+            "stratum_size": [strata[k] for k in keys],
             "stratum_sampled": [sampled[k] for k in keys],
             "value_size": [values[k[:2]] for k in keys],
             "attribute_size": [attributes[k[0]] for k in keys],
@@ -211,9 +229,6 @@ def draw_sample(
         },
         schema=keyed_schema("review_samples"),
     )
-    if record:
-        catalog.upsert_rows("review_samples", table)
-    return DrawnSample(sample_id, table, rows.num_rows)
 
 
 def _safe(text: str) -> str:

@@ -168,47 +168,23 @@ def run_training_job(
         table, taxonomy, cfg, image_roots=[snapshot.path], device=device, progress=progress, store=store
     )
     trained.model.to("cpu")
+    registered = _register(client, cfg, taxonomy, trained, table, snapshot)
+    progress(
+        f"registered {registered.name} version {registered.version} (alias '{registry.CHALLENGER}'), "
+        f"run {registered.run_id}"
+    )
+    return TrainingOutcome(trained, registered, snapshot)
 
-    report = trained.test_report
-    summary: dict[str, float] = {}
-    version_tags: dict[str, str] = {"data.path": snapshot.path, "fusion": cfg.model.fusion}
-    for attr in taxonomy:
-        entry = report[attr.name]
-        for key in ("r_at_p95", "macro_f1", "realized_precision", "coverage", "coverage_efficiency"):
-            value = entry.get(key)
-            summary[f"test.{attr.name}.{key}"] = float("nan") if value is None else float(value)
-            version_tags[f"eval.{attr.name}.{key}"] = "nan" if value is None else f"{float(value):.4f}"
-        pooled = trained.calibration.attributes[attr.name].pooled
-        if pooled is not None:  # attribute scope: what the calibration split proved
-            summary[f"calibration.{attr.name}.written"] = float(pooled.n_written)
-            summary[f"calibration.{attr.name}.lower_bound"] = (
-                float("nan") if pooled.lower_bound is None else pooled.lower_bound
-            )
-    if trained.label_issues is not None:
-        removed = trained.label_issues.groupby("attribute").size()
-        for attr in taxonomy:
-            summary[f"noise_pruning.{attr.name}.removed"] = float(removed.get(attr.name, 0))
-    for attr_name, gap in report.crossfit.items():
-        for key, value in gap.items():
-            summary[f"crossfit.{attr_name}.{key}"] = float(value)
-    for member, per_attribute in report.members.items():
-        for attr_name, r in per_attribute.items():
-            summary[f"test.member_{member.replace(':', '_')}.{attr_name}.r_at_p95"] = float(r)
-    if cfg.model.ensemble.members > 1:
-        version_tags["ensemble"] = (
-            f"{cfg.model.ensemble.members} x {'/'.join(cfg.model.ensemble.fusions or [cfg.model.fusion])}, "
-            f"{cfg.model.ensemble.combine}"
-        )
-    epochs = [
-        {
-            "train_loss": h.train_loss,
-            "val_mean_r_at_p95": h.val_mean_r_at_p95,
-            "learning_rate": h.learning_rate,
-            **{f"val_r_at_p95.{a}": r for a, r in h.val_r_at_p95.items()},
-        }
-        for h in trained.history
-    ]
 
+def _register(
+    client: Any, cfg: AppConfig, taxonomy: Taxonomy, trained: TrainedModel, table: Any, snapshot: DataSnapshot
+) -> ModelVersion:
+    """The trained model as a bundle, logged with its metrics, plots and tables in one MLflow run
+    and registered as a new version (alias ``challenger``)."""
+    from catalog_enrichment import registry
+
+    summary, version_tags = _summary_metrics(trained, taxonomy, cfg)
+    version_tags.update({"data.path": snapshot.path, **snapshot.tags(), "git.commit": git_commit()})
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         bundle_dir = save_bundle(
@@ -218,45 +194,10 @@ def run_training_job(
             taxonomy=taxonomy,
             calibration=trained.calibration,
             model_config=cfg.model,
-            evaluation=report.to_dict(),
+            evaluation=trained.test_report.to_dict(),
         )
-        plots = tmpdir / "plots"
-        plots.mkdir()
-        for attr in taxonomy:
-            probs, labels = trained.test_labels.labelled(trained.test_predictions.probs, attr.name)
-            plot_precision_recall(
-                probs,
-                labels,
-                trained.calibration.attributes[attr.name],
-                plots / f"pr_{attr.name}.png",
-                target=cfg.calibration.target_precision,
-            )
-            plot_reliability(probs, labels, attr.kind, attr.name, plots / f"reliability_{attr.name}.png")
-        tables = tmpdir / "tables"
-        tables.mkdir()
-        per_value = [
-            {
-                "attribute": a.name,
-                "value": v.value,
-                "threshold": v.threshold,
-                "calibration_support": v.support,
-                "calibration_lower_bound": v.lower_bound,
-                "calibration_upper_bound": v.upper_bound,
-                "calibration_reason": v.reason,
-                "calibration_precision": v.precision,
-                "test_r_at_p95": report[a.name]["r_at_p95_per_value"][v.value],
-                **{f"test_{k}": x for k, x in report[a.name]["per_value"][v.value].items()},
-            }
-            for a in taxonomy
-            for v in trained.calibration.attributes[a.name].values
-        ]
-        pd.DataFrame(per_value).to_csv(tables / "per_value_metrics.csv", index=False)
-        folder = BundleFolder(bundle_dir)
-        for document in (folder.calibration, folder.evaluation):
-            shutil.copyfile(document, tables / document.name)
         example = _example_frame(table)
-        output = _score_example(trained, example)
-        registered = registry.log_and_register(
+        return registry.log_and_register(
             client,
             bundle_dir=bundle_dir,
             registered_model=cfg.mlflow.registered_model,
@@ -269,19 +210,104 @@ def run_training_job(
                 "splits": str(trained.splits.sizes()),
                 "best_epoch": str(trained.best_epoch),
             },
-            epoch_metrics=epochs,
+            epoch_metrics=_epoch_metrics(trained),
             summary_metrics=summary,
-            artifacts={"plots": plots, "tables": tables},
+            artifacts={
+                "plots": _plots(trained, taxonomy, cfg, tmpdir / "plots"),
+                "tables": _tables(trained, taxonomy, BundleFolder(bundle_dir), tmpdir / "tables"),
+            },
             input_example=example,
-            output_example=output,
-            version_tags={**version_tags, **snapshot.tags(), "git.commit": git_commit()},
+            output_example=_score_example(trained, example),
+            version_tags=version_tags,
             tables={} if trained.label_issues is None else {PRUNED_TABLE: trained.label_issues},
         )
-    progress(
-        f"registered {registered.name} version {registered.version} (alias '{registry.CHALLENGER}'), "
-        f"run {registered.run_id}"
-    )
-    return TrainingOutcome(trained, registered, snapshot)
+
+
+_SUMMARY_KEYS = ("r_at_p95", "macro_f1", "realized_precision", "coverage", "coverage_efficiency")
+
+
+def _summary_metrics(
+    trained: TrainedModel, taxonomy: Taxonomy, cfg: AppConfig
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The run's summary metrics (test, calibration, noise pruning, cross-fit, ensemble members)
+    and the version's tags (the test figures, the fusion, the ensemble)."""
+    report = trained.test_report
+    summary: dict[str, float] = {}
+    tags: dict[str, str] = {"fusion": cfg.model.fusion}
+    for attr in taxonomy:
+        for key in _SUMMARY_KEYS:
+            value = report[attr.name].get(key)
+            summary[f"test.{attr.name}.{key}"] = float("nan") if value is None else float(value)
+            tags[f"eval.{attr.name}.{key}"] = "nan" if value is None else f"{float(value):.4f}"
+        pooled = trained.calibration.attributes[attr.name].pooled
+        if pooled is not None:  # attribute scope: what the calibration split proved
+            summary[f"calibration.{attr.name}.written"] = float(pooled.n_written)
+            bound = pooled.lower_bound
+            summary[f"calibration.{attr.name}.lower_bound"] = float("nan") if bound is None else bound
+    if trained.label_issues is not None:
+        removed = trained.label_issues.groupby("attribute").size()
+        for attr in taxonomy:
+            summary[f"noise_pruning.{attr.name}.removed"] = float(removed.get(attr.name, 0))
+    for attr_name, gap in report.crossfit.items():
+        summary.update({f"crossfit.{attr_name}.{key}": float(value) for key, value in gap.items()})
+    for member, per_attribute in report.members.items():
+        name = member.replace(":", "_")
+        summary.update({f"test.member_{name}.{a}.r_at_p95": float(r) for a, r in per_attribute.items()})
+    ensemble = cfg.model.ensemble
+    if ensemble.members > 1:
+        fusions = "/".join(ensemble.fusions or [cfg.model.fusion])
+        tags["ensemble"] = f"{ensemble.members} x {fusions}, {ensemble.combine}"
+    return summary, tags
+
+
+def _epoch_metrics(trained: TrainedModel) -> list[dict[str, float]]:
+    return [
+        {
+            "train_loss": h.train_loss,
+            "val_mean_r_at_p95": h.val_mean_r_at_p95,
+            "learning_rate": h.learning_rate,
+            **{f"val_r_at_p95.{a}": r for a, r in h.val_r_at_p95.items()},
+        }
+        for h in trained.history
+    ]
+
+
+def _plots(trained: TrainedModel, taxonomy: Taxonomy, cfg: AppConfig, folder: Path) -> Path:
+    """Per attribute, the test split's precision-recall curves and reliability diagram."""
+    folder.mkdir()
+    for attr in taxonomy:
+        probs, labels = trained.test_labels.labelled(trained.test_predictions.probs, attr.name)
+        calibration = trained.calibration.attributes[attr.name]
+        target = cfg.calibration.target_precision
+        plot_precision_recall(probs, labels, calibration, folder / f"pr_{attr.name}.png", target=target)
+        plot_reliability(probs, labels, attr.kind, attr.name, folder / f"reliability_{attr.name}.png")
+    return folder
+
+
+def _tables(trained: TrainedModel, taxonomy: Taxonomy, bundle: BundleFolder, folder: Path) -> Path:
+    """Per value metrics (calibration and test) as CSV, and the bundle's calibration and evaluation."""
+    folder.mkdir()
+    report = trained.test_report
+    per_value = [
+        {
+            "attribute": a.name,
+            "value": v.value,
+            "threshold": v.threshold,
+            "calibration_support": v.support,
+            "calibration_lower_bound": v.lower_bound,
+            "calibration_upper_bound": v.upper_bound,
+            "calibration_reason": v.reason,
+            "calibration_precision": v.precision,
+            "test_r_at_p95": report[a.name]["r_at_p95_per_value"][v.value],
+            **{f"test_{k}": x for k, x in report[a.name]["per_value"][v.value].items()},
+        }
+        for a in taxonomy
+        for v in trained.calibration.attributes[a.name].values
+    ]
+    pd.DataFrame(per_value).to_csv(folder / "per_value_metrics.csv", index=False)
+    for document in (bundle.calibration, bundle.evaluation):
+        shutil.copyfile(document, folder / document.name)
+    return folder
 
 
 def _score_example(trained: TrainedModel, frame: pd.DataFrame) -> pd.DataFrame:

@@ -465,19 +465,7 @@ def _train_and_calibrate(
     fitter = _Fitter(
         data, data.labels, data.labels.subset(splits.validation), data.scoring(splits.validation), say
     )
-    issues = None
-    if tcfg.noise_pruning.enabled:
-        fitter.train_labels, fitter.selection_labels, issues = prune_noisy_labels(
-            splits, data.labels, data.groups, taxonomy, cfg, fitter, data.scoring, data.device, say,
-            data.records.product_id,
-        )  # fmt: skip
-    oof, fold_val = None, None
-    if data.folds:
-        scores, labels, fold_val = crossfit(
-            splits.train, data.labels, data.groups, data.folds, tcfg.seed, fitter, data.scoring, data.device,
-            say, also=splits.validation,
-        )  # fmt: skip
-        oof = (scores, labels)
+    issues, oof, fold_val = _out_of_fold(data, fitter, say)
     set_seed(tcfg.seed)
     model, fits = fitter(splits.train, tcfg.seed, "")
     heldout, test_preds, test_labels = _held_out(model, data, oof)
@@ -504,6 +492,28 @@ def _train_and_calibrate(
         label_issues=issues,
         product_ids=data.records.product_id,
     )
+
+
+def _out_of_fold(
+    data: _Data, fitter: _Fitter, say: Say
+) -> tuple[pd.DataFrame | None, tuple[Predictions, EncodedLabels] | None, Predictions | None]:
+    """The K-fold runs before the final model: noise pruning (its fitter's labels pruned; the table
+    of the training labels left out) and cross-fitting (the out-of-fold calibration set, and the
+    fold models' mean scores of the validation split)."""
+    cfg, splits = data.cfg, data.splits
+    issues = None
+    if cfg.training.noise_pruning.enabled:
+        fitter.train_labels, fitter.selection_labels, issues = prune_noisy_labels(
+            splits, data.labels, data.groups, data.taxonomy, cfg, fitter, data.scoring, data.device, say,
+            data.records.product_id,
+        )  # fmt: skip
+    if not data.folds:
+        return issues, None, None
+    scores, labels, fold_val = crossfit(
+        splits.train, data.labels, data.groups, data.folds, cfg.training.seed, fitter, data.scoring,
+        data.device, say, also=splits.validation,
+    )  # fmt: skip
+    return issues, (scores, labels), fold_val
 
 
 def _heldout_fit(fits: list[FitResult]) -> dict[str, Any]:

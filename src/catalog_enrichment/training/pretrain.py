@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, TextEncoderConfig
 from catalog_enrichment.data.dataset import (
     Collator,
     ProductDataset,
@@ -86,6 +86,119 @@ class PretrainResult:
     seconds: float
 
 
+def _products(
+    table: pa.Table,
+    cfg: AppConfig,
+    method: Method,
+    image_roots: Sequence[str | Path],
+    device: torch.device,
+    say: Say,
+) -> tuple[ProductRecords, np.ndarray, ImageEncoder | None]:
+    """The products pre-training reads (SimCSE: text only, no image read; ConVIRT: those whose
+    image decodes, with the image encoder that reads them)."""
+    policy = ImagePolicy.from_config(cfg.images, image_roots)  # the catalog's policy, as serving's
+    if method == "simcse":  # text only: no image is read or decoded
+        table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])
+    records = ProductRecords.from_arrow(canonical_order(table), policy)
+    rows = np.arange(len(records))
+    if method != "convirt":
+        return records, rows, None
+    image_encoder = ImageEncoder(cfg.model.image).to(device)
+    prep = image_encoder.preprocessing
+    usable = [records.pixels(int(i), prep)[0] is not None for i in rows]  # an image that decodes
+    rows = rows[np.asarray(usable, bool)]
+    say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
+    return records, rows, image_encoder
+
+
+def _train(
+    modules: nn.Module,
+    loader: DataLoader,
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    cfg: AppConfig,
+    *,
+    lr: float,
+    epochs: int,
+    device: torch.device,
+    tag: str,
+    say: Say,
+) -> list[float]:
+    """AdamW (003 §4.1) with warm-up + cosine over ``epochs`` of ``loader``; the mean loss per epoch."""
+    tcfg = cfg.training
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=1e-8)
+    total = epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total=total, warmup=int(tcfg.warmup_ratio * total))
+    )
+    losses: list[float] = []
+    with deterministic_algorithms(True):
+        for epoch in range(1, epochs + 1):
+            modules.train()
+            epoch_losses = []
+            for batch in tqdm(
+                loader, desc=f"{tag} epoch {epoch}/{epochs}", unit="step", leave=False, disable=None
+            ):
+                loss = loss_of({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(modules.parameters(), tcfg.grad_clip_norm)
+                optimizer.step()
+                scheduler.step()
+                epoch_losses.append(float(loss.detach()))
+            losses.append(float(np.mean(epoch_losses)))
+            say(f"{tag} epoch {epoch}/{epochs}  contrastive loss {losses[-1]:.4f}")
+    return losses
+
+
+@dataclass(frozen=True)
+class _Contrastive:
+    """The loss of a batch: SimCSE - two dropout masks, two views of the same text; ConVIRT - the
+    text and its image, both directions weighted by ``alpha``."""
+
+    text_encoder: TextEncoder
+    heads: nn.ModuleDict
+    image_encoder: ImageEncoder | None
+    tau: float
+    alpha: float
+
+    def text_view(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        return self.heads["text"](self.text_encoder(ids, mask, types, pooling="mean").pooled)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.image_encoder is None:
+            return contrastive_loss(self.text_view(batch), self.text_view(batch), self.tau)
+        t = self.text_view(batch)
+        v = self.heads["image"](self.image_encoder(batch["pixel_values"], batch["image_present"]).pooled)
+        a, tau = self.alpha, self.tau
+        return a * contrastive_loss(t, v, tau) + (1 - a) * contrastive_loss(v, t, tau)
+
+
+def _encoder_and_heads(
+    text_cfg: TextEncoderConfig, tokenizer: Any, image_encoder: ImageEncoder | None, device: torch.device
+) -> tuple[TextEncoder, nn.ModuleDict]:
+    """The text encoder to adapt and the projection heads of its views (text; ConVIRT: image)."""
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    text_encoder = TextEncoder(text_cfg, vocab_size=vocab, pad_token_id=pad).to(device)
+    width = text_encoder.hidden_size
+    heads = nn.ModuleDict({"text": _projection(width)})
+    if image_encoder is not None:
+        heads["image"] = nn.Sequential(
+            nn.Linear(image_encoder.num_features, width), nn.ReLU(), nn.Linear(width, width)
+        )
+    return text_encoder, heads.to(device)
+
+
+def _save(
+    folder: Path, encoder: TextEncoder, tokenizer: Any, result: PretrainResult, base: dict[str, Any]
+) -> None:
+    """The adapted encoder and its tokenizer as a transformers folder, with the run's record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.backbone.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / RECORD).write_text(json.dumps({**asdict(result), "base": base}, indent=2))
+
+
 def pretrain_text(
     table: pa.Table,
     cfg: AppConfig,
@@ -114,18 +227,7 @@ def pretrain_text(
     tcfg, text_cfg = cfg.training, cfg.model.text
     lr = learning_rate or (PRETRAINED_LR if text_cfg.pretrained_path else tcfg.learning_rate)
     set_seed(tcfg.seed)
-    policy = ImagePolicy.from_config(cfg.images, image_roots)  # the catalog's policy, as serving's
-    if method == "simcse":  # text only: no image is read or decoded
-        table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])
-    records = ProductRecords.from_arrow(canonical_order(table), policy)
-    rows = np.arange(len(records))
-    image_encoder: ImageEncoder | None = None
-    if method == "convirt":
-        image_encoder = ImageEncoder(cfg.model.image).to(device)
-        prep = image_encoder.preprocessing
-        usable = [records.pixels(int(i), prep)[0] is not None for i in rows]  # an image that decodes
-        rows = rows[np.asarray(usable, bool)]
-        say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
+    records, rows, image_encoder = _products(table, cfg, method, image_roots, device, say)
     if rows.size < 2 * batch_size:
         raise CatalogEnrichError(
             f"pretrain-text --method {method}: {rows.size} usable products, too few for two batches "
@@ -134,85 +236,24 @@ def pretrain_text(
     tokenizer = build_tokenizer(
         text_cfg, (f"{records.title[i]} {records.description[i] or ''}" for i in rows)
     )
-    text_encoder = TextEncoder(text_cfg, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).to(
-        device
-    )
-    width = text_encoder.hidden_size
-    heads = nn.ModuleDict({"text": _projection(width)})
-    if image_encoder is not None:
-        heads["image"] = nn.Sequential(
-            nn.Linear(image_encoder.num_features, width), nn.ReLU(), nn.Linear(width, width)
-        )
-    heads.to(device)
-    modules = nn.ModuleList([text_encoder, heads, *([image_encoder] if image_encoder is not None else [])])
-    dataset = ProductDataset(
-        records,
-        rows,
-        preprocessing=image_encoder.preprocessing
-        if image_encoder is not None
-        else ImagePreprocessing(size=1),
-    )
+    text_encoder, heads = _encoder_and_heads(text_cfg, tokenizer, image_encoder, device)
+    prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
     loader = DataLoader(
-        dataset,
+        ProductDataset(records, rows, preprocessing=prep),
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,  # a contrastive batch needs negatives; a 1-row tail has none
         collate_fn=Collator(tokenizer, text_cfg.max_length),
         generator=torch.Generator().manual_seed(tcfg.seed),
     )
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=1e-8)  # 003 §4.1
-    total = epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total=total, warmup=int(tcfg.warmup_ratio * total))
-    )
-
-    def text_view(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pooled = text_encoder(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pooling="mean"
-        ).pooled
-        return heads["text"](pooled)
-
-    losses: list[float] = []
-    with deterministic_algorithms(True):
-        for epoch in range(1, epochs + 1):
-            modules.train()
-            epoch_losses = []
-            for batch in tqdm(
-                loader, desc=f"{method} epoch {epoch}/{epochs}", unit="step", leave=False, disable=None
-            ):
-                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                if image_encoder is None:  # two dropout masks, two views of the same text
-                    loss = contrastive_loss(text_view(batch), text_view(batch), tau)
-                else:
-                    t = text_view(batch)
-                    v = heads["image"](image_encoder(batch["pixel_values"], batch["image_present"]).pooled)
-                    loss = alpha * contrastive_loss(t, v, tau) + (1 - alpha) * contrastive_loss(v, t, tau)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(modules.parameters(), tcfg.grad_clip_norm)
-                optimizer.step()
-                scheduler.step()
-                epoch_losses.append(float(loss.detach()))
-            losses.append(float(np.mean(epoch_losses)))
-            say(f"{method} epoch {epoch}/{epochs}  contrastive loss {losses[-1]:.4f}")
+    loss_of = _Contrastive(text_encoder, heads, image_encoder, tau, alpha)
+    modules = nn.ModuleList([text_encoder, heads, *([image_encoder] if image_encoder is not None else [])])
+    losses = _train(modules, loader, loss_of, cfg, lr=lr, epochs=epochs, device=device, tag=method, say=say)
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    text_encoder.backbone.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
     result = PretrainResult(
-        str(folder),
-        method,
-        int(rows.size),
-        epochs,
-        batch_size,
-        lr,
-        tau,
-        alpha if method == "convirt" else None,
-        losses,
-        round(time.perf_counter() - started, 1),
-    )
-    (folder / RECORD).write_text(
-        json.dumps({**asdict(result), "base": text_cfg.model_dump(mode="json")}, indent=2)
-    )
+        str(folder), method, int(rows.size), epochs, batch_size, lr, tau,
+        alpha if method == "convirt" else None, losses, round(time.perf_counter() - started, 1),
+    )  # fmt: skip
+    _save(folder, text_encoder, tokenizer, result, text_cfg.model_dump(mode="json"))
     say(f"{method}: text encoder saved to {folder} (use it with model.text.pretrained_path={folder})")
     return result

@@ -87,25 +87,35 @@ def build_rules(
     """The products contract's rules, in a fixed order; ``started_at`` (the run's start) bounds
     ``updated_at`` from above; ``columns`` (the read's columns) add ``<column>_readable`` for each
     contract column the source marks with :data:`~catalog_enrichment.contracts.UNREADABLE`."""
+    return [
+        *_required_and_unique(contract),
+        *_text_rules(cfg),
+        *_time_rules(cfg, started_at),
+        *_readable_rules(contract, columns),
+    ]
+
+
+def _gxe() -> Any:
+    import great_expectations.expectations as expectations
+
+    return expectations
+
+
+def _required_and_unique(contract: Contract) -> list[Rule]:
+    """The contract's required columns, and its primary key's uniqueness (stale copies fail it)."""
     from pyspark.sql import functions as F
 
-    def gxe() -> Any:
-        import great_expectations.expectations as expectations
-
-        return expectations
-
-    rules: list[Rule] = []
-    for spec in contract.fields:
-        if not spec.nullable:
-            rules.append(
-                Rule(
-                    f"{spec.name}_not_null",
-                    f"{spec.name} is required",
-                    spec.name,
-                    _null_test(spec.name),
-                    _null_expectation(spec.name),
-                )
-            )
+    rules = [
+        Rule(
+            f"{s.name}_not_null",
+            f"{s.name} is required",
+            s.name,
+            _null_test(s.name),
+            _null_expectation(s.name),
+        )
+        for s in contract.fields
+        if not s.nullable
+    ]
     if contract.primary_key:
         key = contract.primary_key[0]
         rules.append(
@@ -114,13 +124,17 @@ def build_rules(
                 f"{key} appears on more than one row (older copies are quarantined)",
                 key,
                 lambda: F.col("_dup_stale"),
-                lambda: gxe().ExpectColumnValuesToBeUnique(column=key),
+                lambda: _gxe().ExpectColumnValuesToBeUnique(column=key),
                 across_rows=True,
             )
         )
-    earliest = dt.datetime.combine(cfg.earliest_updated_at, dt.time(), dt.UTC)
-    latest = started_at + dt.timedelta(seconds=cfg.max_clock_skew_seconds)
-    rules += [
+    return rules
+
+
+def _text_rules(cfg: ValidationConfig) -> list[Rule]:
+    """Ids and titles that are text (not blank, not a stringified value, no control characters),
+    within their lengths, and every text column a worker decodes valid UTF-8."""
+    return [
         _matches("product_id_not_blank", "product_id is empty or only whitespace", "product_id", BLANK_REGEX),
         _longer("product_id", cfg.max_id_length),
         _matches(
@@ -146,43 +160,51 @@ def build_rules(
         _longer("description", cfg.max_description_length),
         *[
             Rule(
-                f"{column}_valid_utf8",
-                f"{column} is not valid UTF-8 text",
-                column,
-                _invalid_utf8(column),
-                None,  # no GX expectation says it
-            )
-            for column in UTF8_COLUMNS
+                f"{c}_valid_utf8", f"{c} is not valid UTF-8 text", c, _invalid_utf8(c), None
+            )  # no GX says it
+            for c in UTF8_COLUMNS
         ],
+    ]
+
+
+def _time_rules(cfg: ValidationConfig, started_at: dt.datetime) -> list[Rule]:
+    """``updated_at`` within [validation.earliest_updated_at, the run's start + the clock skew]."""
+    from pyspark.sql import functions as F
+
+    earliest = dt.datetime.combine(cfg.earliest_updated_at, dt.time(), dt.UTC)
+    latest = started_at + dt.timedelta(seconds=cfg.max_clock_skew_seconds)
+    return [
         Rule(
             "updated_at_not_in_future",
             f"updated_at later than the run's start plus validation.max_clock_skew_seconds "
             f"({latest:%Y-%m-%d %H:%M:%S} UTC)",
             "updated_at",
             lambda: F.col("updated_at") > F.lit(latest),
-            lambda: gxe().ExpectColumnValuesToBeBetween(column="updated_at", max_value=latest),
+            lambda: _gxe().ExpectColumnValuesToBeBetween(column="updated_at", max_value=latest),
         ),
         Rule(
             "updated_at_not_too_old",
             f"updated_at before validation.earliest_updated_at ({cfg.earliest_updated_at})",
             "updated_at",
             lambda: F.col("updated_at") < F.lit(earliest),
-            lambda: gxe().ExpectColumnValuesToBeBetween(column="updated_at", min_value=earliest),
+            lambda: _gxe().ExpectColumnValuesToBeBetween(column="updated_at", min_value=earliest),
         ),
     ]
-    for spec in contract.fields:
-        marker = UNREADABLE.format(spec.name)
-        if marker in columns:
-            rules.append(
-                Rule(
-                    f"{spec.name}_readable",
-                    f"{spec.name} holds a value that is not a {spec.type} (kept in the raw row)",
-                    spec.name,
-                    _not_null_test(marker),
-                    None,  # no GX expectation says it
-                )
-            )
-    return rules
+
+
+def _readable_rules(contract: Contract, columns: Sequence[str]) -> list[Rule]:
+    """``<column>_readable`` for each contract column the source marks as not fitting its type."""
+    return [
+        Rule(
+            f"{spec.name}_readable",
+            f"{spec.name} holds a value that is not a {spec.type} (kept in the raw row)",
+            spec.name,
+            _not_null_test(UNREADABLE.format(spec.name)),
+            None,  # no GX expectation says it
+        )
+        for spec in contract.fields
+        if UNREADABLE.format(spec.name) in columns
+    ]
 
 
 def _matches(name: str, description: str, column: str, regex: str) -> Rule:

@@ -1,0 +1,201 @@
+"""The PostgreSQL catalog's connection: where the server is (from the environment only), the
+migrated schema, quoted names, the run lock and the staging folder."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from catalog_enrichment.catalog.base import (
+    Say,
+    empty_folder,
+)
+from catalog_enrichment.catalog.lock import CatalogBusy
+from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.errors import CatalogEnrichError
+
+if TYPE_CHECKING:
+    pass
+
+from catalog_enrichment.catalog.postgres.migrate import migrate
+
+__all__ = ["PG_DSN_ENV", "PgBase"]
+
+PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
+
+
+# Per contract type: the PostgreSQL type a products table is created with (tests, the demo), and
+# the column types it is read from
+_PG_TYPES = {
+    "string": ("text", {"text", "character varying", "character"}),
+    "binary": ("bytea", {"bytea"}),
+    "timestamp": ("timestamptz", {"timestamp with time zone", "timestamp without time zone"}),
+    "date": ("date", {"date"}),
+    "map<string, list<string>>": ("jsonb", {"jsonb", "json"}),
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+class PgBase:
+    """A catalog's schema on a PostgreSQL server: connections to it and the names in it."""
+
+    def __init__(self, cfg: CatalogConfig, *, products: str | None = None, dsn: str | None = None) -> None:
+        import re
+
+        from catalog_enrichment.config import PG_IDENTIFIER
+
+        self.cfg = cfg
+        self.pg = cfg.postgres
+        self.schema = self.pg.db_schema
+        table = str(products or self.pg.products_table)
+        parts = table.split(".")
+        if len(parts) > 2 or not all(re.fullmatch(PG_IDENTIFIER, p) for p in parts):
+            raise CatalogEnrichError(f"products table {table!r} is not a [schema.]table name")
+        self.products = (parts[0], parts[1]) if len(parts) == 2 else (self.schema, parts[0])
+        self._dsn = os.environ.get(PG_DSN_ENV, "") if dsn is None else dsn
+        self._migrated = False
+
+    def describe(self) -> str:
+        """``postgres host:port/database as user`` from the DSN and libpq's variables (no password)."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            given = conninfo_to_dict(self._dsn)
+        except Exception:
+            return f"postgres (the {PG_DSN_ENV} connection string does not parse)"
+
+        def part(key: str, env: str, default: str) -> str:
+            return str(given.get(key) or os.environ.get(env) or default)
+
+        return (
+            f"postgres {part('host', 'PGHOST', 'localhost')}:{part('port', 'PGPORT', '5432')}/"
+            f"{part('dbname', 'PGDATABASE', '(default)')} as {part('user', 'PGUSER', '(default)')}"
+        )
+
+    def connect(self) -> Any:
+        """An autocommit connection (``conn.transaction()`` blocks are the transactions); the job's
+        tables are migrated first, once per process.
+
+        Raises:
+            CatalogEnrichError: the server cannot be reached or refuses the login (one line).
+        """
+        import psycopg
+
+        try:
+            conn = psycopg.connect(
+                self._dsn, autocommit=True, connect_timeout=10, application_name="catalog-enrichment"
+            )
+        except (psycopg.Error, ValueError) as exc:
+            raise CatalogEnrichError(f"cannot connect to {self.describe()}: {_one_line(exc)}") from None
+        if not self._migrated:
+            try:
+                migrate(conn, self.schema)
+            except psycopg.Error as exc:
+                conn.close()
+                raise CatalogEnrichError(
+                    f"cannot create or migrate the schema {self.schema} in {self.describe()}: "
+                    f"{_one_line(exc)}"
+                ) from None
+            self._migrated = True
+        return conn  # closed by ``with``
+
+    def _name(self, table: str) -> Any:
+        from psycopg import sql
+
+        return sql.Identifier(self.schema, table)
+
+    def _sql(self, text: str, **tables: str) -> Any:
+        """``text`` with ``{name}`` placeholders filled with the schema-qualified tables."""
+        from psycopg import sql
+
+        return sql.SQL(text).format(**{k: self._name(v) for k, v in tables.items()})
+
+    def conninfo(self) -> tuple[str, str | None]:
+        """The effective connection string without the password, for processes that have not the
+        DSN (the Spark tasks that COPY), and the password apart (for this process only)."""
+        from psycopg.conninfo import make_conninfo
+
+        with self.connect() as conn:
+            info = conn.info
+            extra = {k: v for k, v in info.get_parameters().items() if k in ("sslmode", "sslrootcert")}
+            return (
+                make_conninfo(host=info.host, port=info.port, dbname=info.dbname, user=info.user, **extra),
+                info.password or None,
+            )
+
+    @contextlib.contextmanager
+    def lock(self, owner: str, say: Say) -> Iterator[None]:
+        wait = self.cfg.lock_wait_seconds
+        conn = self.connect()
+        try:
+            key = f"catalog_enrichment:{self.schema}"
+            prefix = f"catalog-enrichment lock {self.schema}: "  # the holder's application_name
+            deadline, waiting = time.monotonic() + wait, False
+            while not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()[0]:
+                holder = self._holder(conn, prefix)
+                if time.monotonic() >= deadline:
+                    raise CatalogBusy(
+                        f"another run holds the catalog {self.describe()} schema {self.schema} ({holder}); "
+                        "this one wrote nothing. Run it again when that run has finished, or let it wait "
+                        f"longer (catalog.lock_wait_seconds, now {wait:g})"
+                    )
+                if not waiting:
+                    say(f"  waiting up to {wait:g}s for the catalog lock, held by {holder}")
+                    waiting = True
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            conn.execute("SELECT set_config('application_name', %s, false)", [(prefix + owner)[:63]])
+            yield
+        finally:
+            conn.close()  # ending the session releases the lock
+
+    @staticmethod
+    def _holder(conn: Any, prefix: str) -> str:
+        row = conn.execute(
+            "SELECT application_name, pid, client_addr::text, backend_start FROM pg_stat_activity "
+            "WHERE starts_with(application_name, %s) AND pid <> pg_backend_pid() LIMIT 1",
+            [prefix],
+        ).fetchone()
+        if row is None:
+            return "unknown holder"
+        name, pid, addr, since = row
+        return (
+            f"{name.removeprefix(prefix)}, server pid {pid} from {addr or 'local'} "
+            f"since {since.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+        )
+
+    def staging_dir(self, run_id: str) -> Path:
+        return Path(self.cfg.root) / "_staging" / run_id
+
+    def clear_staging(self) -> None:
+        """Drop the staging tables and remove the staged scores of killed runs (lock held)."""
+        from psycopg import sql
+
+        empty_folder(Path(self.cfg.root) / "_staging")
+        with self.connect() as conn, conn.transaction():
+            names = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE 'stage\\_%%'",
+                [self.schema],
+            ).fetchall()
+            for (name,) in names:
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(self._name(name)))
+
+    def _serialize(self, conn: Any) -> None:
+        """Within a transaction: wait for any other write or rollback of this catalog to commit
+        (each statement after it sees theirs), even from a process that does not hold the run lock."""
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"catalog_enrichment.write:{self.schema}"]
+        )
+
+    def _committed(self, conn: Any, run_id: str) -> int | None:
+        row = conn.execute(
+            self._sql("SELECT seq FROM {t} WHERE run_id = %s AND operation = 'enrich'", t="runs"), [run_id]
+        ).fetchone()
+        return None if row is None else int(row[0])

@@ -1,0 +1,372 @@
+"""What the PostgreSQL catalog reads (products over JDBC, snapshots, run reports, the keyed
+tables, the embedding store) and its small writes (products loaded for the demo and tests, run
+reports, keyed rows)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog_enrichment.catalog.base import (
+    KeyedTable,
+    keyed_key,
+    keyed_schema,
+)
+from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema, keep_one_per_product
+from catalog_enrichment.catalog.products import Partition, in_window
+from catalog_enrichment.catalog.reports import MAPS, RunReport
+from catalog_enrichment.contracts import UNREADABLE, Contract, load_contract
+from catalog_enrichment.errors import CatalogEnrichError, ContractError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+from catalog_enrichment.catalog.postgres.connection import _PG_TYPES, PgBase
+
+__all__ = ["Reads"]
+
+
+class Reads(PgBase):
+    """Reads of the catalog's tables (see the module docstring)."""
+
+    def _columns(self, conn: Any) -> dict[str, str]:
+        rows = conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = %s",
+            list(self.products),
+        ).fetchall()
+        return {name: kind for name, kind in rows}
+
+    def _check_products(self, conn: Any, contract: Contract) -> dict[str, str]:
+        """The products table's columns and their types, checked against the contract."""
+        where = f"{'.'.join(self.products)} in {self.describe()}"
+        columns = self._columns(conn)
+        if not columns:
+            raise ContractError(f"no products table {where}")
+        missing = contract.missing_columns(list(columns))
+        if missing:
+            raise ContractError(
+                f"products table {where} lacks contract column(s) {missing} (see schemas/products.yaml)"
+            )
+        for spec in contract.fields:
+            accepted = _PG_TYPES[spec.type][1]
+            if columns[spec.name] not in accepted:
+                raise ContractError(
+                    f"products column {spec.name!r} is {columns[spec.name]} in {where}, but the contract "
+                    f"says {spec.type} (schemas/products.yaml): make it {' or '.join(sorted(accepted))}"
+                )
+        return columns
+
+    def read_products(
+        self,
+        spark: SparkSession,
+        contract: Contract,
+        *,
+        partition: Partition | None = None,
+        since: dt.datetime | None = None,
+        retry: Sequence[str] = (),
+    ) -> DataFrame:
+        from pyspark.sql import functions as F
+
+        options = self._partitioned_read(contract, partition, since, retry)
+        schema = contract.spark_schema(enforce_nullability=False)
+        df = spark.read.format("jdbc").options(**options).load()
+        columns, unreadable = [], []
+        for f in schema.fields:
+            if f.name == "merchant_attributes":  # jsonb -> the contract's map; what does not fit is kept
+                text = F.col(f.name)
+                parsed = F.from_json(text, f.dataType)  # type: ignore[arg-type]
+                columns.append(parsed.alias(f.name))
+                unreadable.append(
+                    F.when(text.isNotNull() & parsed.isNull(), text).alias(UNREADABLE.format(f.name))
+                )
+            else:
+                columns.append(F.col(f.name).cast(f.dataType).alias(f.name))
+        return in_window(df.select(*columns, *unreadable), schema, partition, since, retry)
+
+    def _partitioned_read(
+        self, contract: Contract, partition: Partition | None, since: dt.datetime | None, retry: Sequence[str]
+    ) -> dict[str, str]:
+        """The JDBC reader's options: the products table, split into ``read_partitions`` ranges of
+        ``partition_column`` between the bounds the run's rows have."""
+        from psycopg import sql
+
+        conditions: list[Any] = []
+        params: list[Any] = []
+        if partition is not None:
+            conditions.append(sql.SQL("{} = %s").format(sql.Identifier(partition.column)))
+            params.append(partition.value)
+        if since is not None:
+            conditions.append(sql.SQL("(updated_at > %s OR product_id = ANY(%s))"))
+            params.extend([since, list(retry)])
+        where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+        column = self.pg.partition_column
+        with self.connect() as conn:
+            if column not in self._check_products(conn, contract):
+                raise ContractError(
+                    f"catalog.postgres.partition_column {column!r} is not a column of the products table"
+                )
+            bounds = sql.SQL("SELECT min({c}), max({c}) FROM {t}").format(
+                c=sql.Identifier(column), t=sql.Identifier(*self.products)
+            )
+            low, high = conn.execute(bounds + where, params).fetchone()
+            options = self._jdbc_options(conn, ".".join(f'"{p}"' for p in self.products))
+        if low is not None and self.pg.read_partitions > 1 and low != high:
+            options.update(
+                partitionColumn=column,
+                lowerBound=_bound(low),
+                upperBound=_bound(high),
+                numPartitions=str(self.pg.read_partitions),
+            )
+        return options
+
+    def _jdbc_options(self, conn: Any, dbtable: str) -> dict[str, str]:
+        """Spark JDBC reader options for ``dbtable`` (a table or a parenthesised query) over ``conn``'s
+        server and login."""
+        info = conn.info
+        if info.host.startswith("/"):
+            raise CatalogEnrichError(
+                f"{self.describe()}: Spark's JDBC reader needs a TCP host, not the socket folder {info.host}"
+            )
+        options = {
+            "url": f"jdbc:postgresql://{info.host}:{info.port}/{info.dbname}",
+            "driver": "org.postgresql.Driver",
+            "user": info.user,
+            "password": info.password or "",
+            "dbtable": dbtable,
+            "fetchsize": str(self.pg.fetch_size),
+            # Spark writes timestamp literals in its session time zone (UTC, runtime.py)
+            "sessionInitStatement": "SET TIME ZONE 'UTC'",
+            "applicationName": "catalog-enrichment read",
+        }
+        ssl = info.get_parameters().get("sslmode")
+        if ssl:
+            options["sslmode"] = ssl
+        return options
+
+    def image_roots(self) -> list[Path]:
+        return []
+
+    def list_partitions(self, column: str) -> list[str]:
+        from psycopg import sql
+
+        with self.connect() as conn:
+            self._check_products(conn, load_contract("products"))
+            rows = conn.execute(
+                sql.SQL("SELECT DISTINCT {c}::text FROM {t} WHERE {c} IS NOT NULL ORDER BY 1").format(
+                    c=sql.Identifier(column), t=sql.Identifier(*self.products)
+                )
+            ).fetchall()
+        return [value for (value,) in rows]
+
+    def load_products(self, products: pa.Table) -> tuple[int, int]:
+        """Create the products table when there is none (the contract's columns) and upsert
+        ``products`` into it by product id (the demo, the tests): in one transaction, the rows of
+        every product id it holds (a null id included) replace that id's rows, so loading the same
+        table again changes nothing. Returns (rows loaded, rows they replaced)."""
+        from psycopg import sql
+        from psycopg.types.json import Jsonb
+
+        contract = load_contract("products")
+        table = sql.Identifier(*self.products)
+        columns = [f.name for f in contract.fields]
+        with self.connect() as conn, conn.transaction():
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.products[0])))
+            ddl = sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(_PG_TYPES[f.type][0]))
+                for f in contract.fields
+            )
+            conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, ddl))
+            conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (updated_at)").format(
+                    sql.Identifier(f"{self.products[1]}_updated_at"), table
+                )
+            )
+            conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (product_id)").format(
+                    sql.Identifier(f"{self.products[1]}_product_id"), table
+                )
+            )
+            conn.execute(sql.SQL("CREATE TEMP TABLE loading (LIKE {}) ON COMMIT DROP").format(table))
+            names = sql.SQL(", ").join(map(sql.Identifier, columns))
+            with conn.cursor().copy(sql.SQL("COPY loading ({}) FROM STDIN").format(names)) as copy:
+                for row in products.select(columns).to_pylist():
+                    merchant = row["merchant_attributes"]
+                    row["merchant_attributes"] = None if merchant is None else Jsonb(dict(merchant))
+                    copy.write_row([row[c] for c in columns])
+            replaced = conn.execute(
+                sql.SQL(
+                    "DELETE FROM {t} p WHERE p.product_id IN (SELECT product_id FROM loading) "
+                    "OR (p.product_id IS NULL AND EXISTS (SELECT 1 FROM loading WHERE product_id IS NULL))"
+                ).format(t=table)
+            ).rowcount
+            conn.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM loading").format(table, names, names))
+        return products.num_rows, replaced
+
+    def read_reports(self) -> list[RunReport]:
+        with self.connect() as conn:
+            cursor = conn.execute(self._sql("SELECT * FROM {t}", t="run_reports"))
+            names = [d.name for d in cursor.description]
+            reports = [RunReport.from_row(dict(zip(names, row, strict=True))) for row in cursor]
+        return sorted(reports, key=lambda r: r.started_at)
+
+    def upsert_report(self, report: RunReport) -> None:
+        from psycopg import sql
+        from psycopg.types.json import Jsonb
+
+        row = report.to_row()
+        row.update({k: Jsonb(row[k]) for k in MAPS})
+        names = list(row)
+        statement = sql.SQL(
+            "INSERT INTO {t} ({cols}) VALUES ({vals}) ON CONFLICT (run_id) DO UPDATE SET {sets}"
+        ).format(
+            t=self._name("run_reports"),
+            cols=sql.SQL(", ").join(map(sql.Identifier, names)),
+            vals=sql.SQL(", ").join(sql.Placeholder() * len(names)),
+            sets=sql.SQL(", ").join(
+                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names[1:]
+            ),
+        )
+        with self.connect() as conn, conn.transaction():
+            conn.execute(statement, [row[n] for n in names])
+
+    def set_report_status(self, run_id: str, status: str) -> None:
+        with self.connect() as conn, conn.transaction():
+            conn.execute(
+                self._sql("UPDATE {t} SET status = %s WHERE run_id = %s", t="run_reports"), [status, run_id]
+            )
+
+    def _table(self, name: str, contract: str) -> pa.Table:
+        from psycopg import sql
+
+        schema = load_contract(contract).arrow_schema()
+        with self.connect() as conn:
+            cursor = conn.execute(
+                sql.SQL("SELECT {} FROM {}").format(
+                    sql.SQL(", ").join(map(sql.Identifier, schema.names)), self._name(name)
+                )
+            )
+            rows = cursor.fetchall()
+        return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
+
+    def snapshot(
+        self,
+        table: Literal["products", "attributes"],
+        columns: Sequence[str] | None = None,
+        product_ids: Iterable[str] | None = None,
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        from psycopg import sql
+
+        ids = None if product_ids is None else sorted(set(product_ids))
+        if table == "attributes":
+            rows = self.attribute_rows()
+            if ids is not None:
+                rows = rows.filter(pc.is_in(rows["product_id"], pa.array(ids, pa.string())))
+            where = {"table": f"{self.schema}.attributes", "database": self.describe()}
+            return (rows.select(list(columns)) if columns else rows), where
+        contract = load_contract("products")
+        schema = contract.arrow_schema(enforce_nullability=False)
+        if columns:
+            schema = pa.schema([schema.field(c) for c in columns])
+        with self.connect() as conn:
+            self._check_products(conn, contract)
+            query = sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(map(sql.Identifier, schema.names)), sql.Identifier(*self.products)
+            )
+            if ids is not None:
+                query = sql.SQL("{} WHERE product_id = ANY(%s)").format(query)
+            cursor = conn.execute(query, None if ids is None else [ids])
+            rows = [dict(zip(schema.names, r, strict=True)) for r in cursor]
+        for row in rows:  # jsonb {"color": ["red"]} -> the contract's map
+            if "merchant_attributes" in row:
+                merchant = row["merchant_attributes"]
+                row["merchant_attributes"] = None if merchant is None else list(merchant.items())
+        where = {"table": ".".join(self.products), "database": self.describe()}
+        return pa.Table.from_pylist(rows, schema=schema), where
+
+    def attribute_rows(self) -> pa.Table:
+        return self._table("attributes", "attributes")
+
+    def quarantine_rows(self) -> pa.Table:
+        return self._table("quarantine", "quarantine")
+
+    def keyed_rows(self, name: KeyedTable) -> pa.Table:
+        return self._table(name, name)
+
+    def upsert_rows(self, name: KeyedTable, rows: pa.Table) -> None:
+        """Insert ``rows``, replacing those with the same key, in one transaction."""
+        from psycopg import sql
+
+        names = keyed_schema(name).names
+        key = keyed_key(name)
+        statement = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+            self._name(name),
+            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(", ").join(sql.Placeholder() * len(names)),
+            sql.SQL(", ").join(map(sql.Identifier, key)),
+            sql.SQL(", ").join(
+                sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                for c in names
+                if c not in key
+            ),
+        )
+        with self.connect() as conn, conn.transaction(), conn.cursor() as cursor:
+            cursor.executemany(statement, [[r[n] for n in names] for r in rows.select(names).to_pylist()])
+
+    def stored_embeddings(self, spark: SparkSession, encoder: str) -> DataFrame | None:
+        """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
+        :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), read over JDBC in
+        ``catalog.postgres.read_partitions`` slices of the product ids' hash; None when there are none."""
+        table = ".".join(f'"{p}"' for p in (self.schema, "embeddings"))
+        query = (
+            f"(SELECT product_id, content, embedding FROM {table} "
+            f"WHERE encoder = '{check_fingerprint(encoder)}') AS stored"
+        )
+        with self.connect() as conn:
+            if not conn.execute(
+                self._sql("SELECT 1 FROM {e} WHERE encoder = %s LIMIT 1", e="embeddings"), [encoder]
+            ).fetchone():
+                return None
+            options = self._jdbc_options(conn, query)
+        n = max(1, self.pg.read_partitions)
+        predicates = [f"mod(abs(hashtext(product_id)::bigint), {n}) = {i}" for i in range(n)]
+        url = options.pop("url")
+        rows = spark.read.jdbc(url, options.pop("dbtable"), predicates=predicates, properties=options)
+        return keep_one_per_product(rows)
+
+    def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
+        """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products."""
+        schema = pa.schema([embeddings_schema().field(c) for c in ("product_id", "content", "embedding")])
+        with self.connect() as conn:
+            rows = conn.execute(
+                self._sql(
+                    "SELECT product_id, content, embedding FROM {e} "
+                    "WHERE encoder = %s AND product_id = ANY(%s)",
+                    e="embeddings",
+                ),
+                [check_fingerprint(encoder), sorted(set(product_ids))],
+            ).fetchall()
+        columns: list[Any] = list(zip(*rows, strict=True)) if rows else [(), (), ()]
+        return pa.table([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+
+    def embedding_counts(self) -> dict[str, int]:
+        """Stored vectors per encoder fingerprint."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                self._sql("SELECT encoder, count(*) FROM {e} GROUP BY encoder", e="embeddings")
+            )
+            return {str(e): int(n) for e, n in rows}
+
+
+def _bound(value: Any) -> str:
+    """A JDBC partition bound as Spark parses it (timestamps in UTC, its session time zone)."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return str(value)

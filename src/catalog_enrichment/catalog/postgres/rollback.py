@@ -1,0 +1,142 @@
+"""Rolling runs back in the PostgreSQL catalog: for every pair a run changed and no later live
+run changed again, the values it replaced (kept at its commit) come back, in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from catalog_enrichment.catalog.base import (
+    RollbackResult,
+    fault_point,
+)
+from catalog_enrichment.errors import CatalogEnrichError
+
+if TYPE_CHECKING:
+    pass
+
+from catalog_enrichment.catalog.postgres.connection import PgBase
+
+__all__ = ["Rollbacks"]
+
+# a later run that is live changed the pair again (SQL over the run's pairs ``p`` and seq parameter)
+_LATER = (
+    "EXISTS (SELECT 1 FROM {rp} l JOIN {runs} r ON r.seq = l.seq WHERE l.product_id = p.product_id "
+    "AND l.attribute = p.attribute AND l.seq > %s AND r.operation = 'enrich' AND r.rolled_back_at IS NULL)"
+)
+
+
+class Rollbacks(PgBase):
+    """Rollback of committed runs (see the module docstring)."""
+
+    def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
+        """Roll the runs back, in the order given, in one transaction (see :meth:`_rollback`)."""
+        with self.connect() as conn, conn.transaction():
+            self._serialize(conn)
+            results = []
+            for run_id in run_ids:
+                results.append(self._rollback(conn, run_id))
+                fault_point("during_rollback")  # test hook: killed with runs still to go
+            return results
+
+    def _rollback(self, conn: Any, run_id: str) -> RollbackResult:
+        """Restore, for every pair the run changed and no later live run changed again, the values
+        the run replaced (kept at its commit); pairs changed since are left alone and reported."""
+        seq = self._live_commit(conn, run_id)
+        superseded = self._superseded(conn, seq)
+        conn.execute("DROP TABLE IF EXISTS restore")  # the previous run's, in the same transaction
+        conn.execute(
+            self._sql(
+                "CREATE TEMP TABLE restore ON COMMIT DROP AS SELECT product_id, attribute FROM {rp} p "
+                "WHERE p.seq = %s AND NOT " + _LATER,
+                rp="run_pairs",
+                runs="runs",
+            ),
+            [seq, seq],
+        )
+        pairs = conn.execute("SELECT count(*) FROM restore").fetchone()[0]
+        if not pairs:  # nothing restored: no commit, as with the lakehouse
+            return RollbackResult(run_id, None, superseded=superseded)
+        removed, restored = self._restore(conn, seq)
+        conn.execute(self._sql("UPDATE {t} SET rolled_back_at = now() WHERE seq = %s", t="runs"), [seq])
+        done = conn.execute(
+            self._sql("INSERT INTO {t} (run_id, operation) VALUES (%s, 'rollback') RETURNING seq", t="runs"),
+            [run_id],
+        ).fetchone()[0]
+        return RollbackResult(
+            run_id,
+            int(done),
+            pairs_restored=int(pairs),
+            rows_removed=removed,
+            rows_restored=restored,
+            superseded=superseded,
+        )
+
+    def _live_commit(self, conn: Any, run_id: str) -> int:
+        """The run log position of ``run_id``'s commit, locked for this transaction.
+
+        Raises:
+            CatalogEnrichError: the run never committed here, or was rolled back already.
+        """
+        row = conn.execute(
+            self._sql(
+                "SELECT seq, rolled_back_at FROM {t} WHERE run_id = %s AND operation = 'enrich' FOR UPDATE",
+                t="runs",
+            ),
+            [run_id],
+        ).fetchone()
+        if row is None:
+            raise CatalogEnrichError(
+                f"run {run_id!r} has no commit in {self.describe()}: nothing to roll back"
+            )
+        if row[1] is not None:
+            raise CatalogEnrichError(f"run {run_id!r} was already rolled back")
+        return int(row[0])
+
+    def _superseded(self, conn: Any, seq: int) -> list[tuple[str, str]]:
+        """The pairs run ``seq`` touched that a later live run changed again."""
+        rows = conn.execute(
+            self._sql(
+                "SELECT product_id, attribute FROM {rp} p WHERE p.seq = %s AND " + _LATER + " ORDER BY 1, 2",
+                rp="run_pairs",
+                runs="runs",
+            ),
+            [seq, seq],
+        ).fetchall()
+        return [(p, a) for p, a in rows]
+
+    def _restore(self, conn: Any, seq: int) -> tuple[int, int]:
+        """The model values of the ``restore`` pairs replaced by those run ``seq`` found; (rows
+        removed, rows restored)."""
+        removed = conn.execute(
+            self._sql(
+                "DELETE FROM {a} a USING restore p WHERE p.product_id = a.product_id AND "
+                "p.attribute = a.attribute AND a.source = 'model'",
+                a="attributes",
+            )
+        ).rowcount
+        restored = conn.execute(
+            self._sql(
+                "INSERT INTO {a} (product_id, attribute, value, confidence, threshold, source, model_name, "
+                "model_version, run_id, written_at) SELECT r.product_id, r.attribute, r.value, r.confidence, "
+                "r.threshold, 'model', r.model_name, r.model_version, r.run_id, r.written_at FROM {r} r JOIN "
+                "restore p ON p.product_id = r.product_id AND p.attribute = r.attribute WHERE r.seq = %s "
+                "ON CONFLICT (product_id, attribute, value) DO NOTHING",
+                a="attributes",
+                r="replaced",
+            ),
+            [seq],
+        ).rowcount
+        return int(removed), int(restored)
+
+    def runs_of_model_version(self, model_version: str) -> list[str]:
+        with self.connect() as conn:
+            rows = conn.execute(
+                self._sql(
+                    "SELECT run_id FROM {t} WHERE operation = 'enrich' AND model_version = %s AND "
+                    "rolled_back_at IS NULL ORDER BY seq DESC",
+                    t="runs",
+                ),
+                [str(model_version)],
+            ).fetchall()
+        return [r for (r,) in rows]

@@ -1,0 +1,87 @@
+"""The run health stage (``health.py`` applied to a run): its checks, what they block, and where
+they go - the ``run_health`` rows, the run report's summary, the MLflow metrics and plots."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from catalog_enrichment.catalog.base import keyed_schema
+from catalog_enrichment.config import HealthConfig
+from catalog_enrichment.health import INPUT, Check, HealthTally, assess, blocked_attributes, plot_scores
+from catalog_enrichment.inference.decide import DecisionPolicy
+from catalog_enrichment.types import Say
+
+__all__ = ["RunHealth", "check_run"]
+
+
+@dataclass(frozen=True)
+class RunHealth:
+    """A run's health checks, the attributes they keep out of the commit, and what they compared."""
+
+    checks: list[Check]
+    blocked: list[str]
+    modes: dict[str, str]
+    policy: DecisionPolicy
+    tally: HealthTally
+
+    def summary(self) -> dict[str, Any]:
+        """The run report's summary entries: every check, the failures' messages, what they block."""
+        failures = [str(c.message) for c in self.checks if c.status == "failed"]
+        return {
+            "health": [c.to_dict() for c in self.checks],
+            "health_failures": failures,
+            "health_blocked": self.blocked,
+        }
+
+    def rows(self, run_id: str, model_name: str, model_version: str, checked_at: dt.datetime) -> pa.Table:
+        """The run's ``run_health`` rows (contract ``schemas/run_health.yaml``)."""
+        schema = keyed_schema("run_health")
+        rows = []
+        for c in self.checks:
+            mode = self.modes["inputs" if c.scope == INPUT else c.check]
+            run = {"run_id": run_id, "model_name": model_name, "model_version": model_version}
+            row = {**c.to_dict(), **run, "mode": mode, "checked_at": checked_at}
+            row["blocked"] = c.status == "failed" and mode == "block"
+            rows.append({k: row[k] for k in schema.names})
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics: ``health_<check>_<scope>`` (the check's observed value: PSI, share or
+        estimated precision), ``health_failures`` and ``health_blocked``."""
+        metrics: dict[str, float] = {
+            f"health_{c.check}_{c.scope}": c.observed for c in self.checks if c.observed is not None
+        }
+        metrics["health_failures"] = sum(c.status == "failed" for c in self.checks)
+        metrics["health_blocked"] = len(self.blocked)
+        return metrics
+
+    def plots(self, folder: Path) -> list[Path]:
+        """One plot per attribute scored: the top score tonight over the held-out one."""
+        return [] if self.policy.health is None else plot_scores(self.policy.health, self.tally, folder)
+
+
+def check_run(policy: DecisionPolicy, tally: HealthTally, cfg: HealthConfig, say: Say) -> RunHealth | None:
+    """The run's health checks against the model's profile (None: a model trained before them)."""
+    if policy.health is None:
+        return None
+    checks = assess(
+        policy.health,
+        tally,
+        target=policy.target_precision,
+        false_alarm=cfg.false_alarm,
+        min_products=cfg.min_products,
+        min_psi=cfg.min_psi,
+        min_share_change=cfg.min_share_change,
+    )
+    modes = cfg.modes()
+    health = RunHealth(checks, blocked_attributes(checks, modes, policy.taxonomy.names), modes, policy, tally)
+    failures = health.summary()["health_failures"]
+    say(f"  run health: {len(failures)} failed check(s)" + "".join(f"\n    {f}" for f in failures))
+    if health.blocked:
+        say(f"  run health: blocked, no value written: {', '.join(health.blocked)}")
+    return health

@@ -1,0 +1,392 @@
+"""One enrichment run on one screen (:func:`run_enrichment`), the record its report is built from,
+and backfills (one run per partition)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from catalog_enrichment.catalog import Catalog, open_catalog
+from catalog_enrichment.catalog.base import MergeResult, fault_point
+from catalog_enrichment.catalog.products import Partition, parse_partition
+from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport, check_run_id, last_run
+from catalog_enrichment.catalog.reviews import rejected_values
+from catalog_enrichment.catalog.runs import backfill_plan
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Contract, Taxonomy, load_contract
+from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.enrich.checks import RunHealth, check_run
+from catalog_enrichment.enrich.stages import (
+    Decisions,
+    Read,
+    Scored,
+    Validated,
+    collect_decisions,
+    describe_window,
+    near_watermark,
+    new_rows,
+    read,
+    retry_next,
+    run_write,
+    score,
+    store_embeddings,
+    validate,
+    written,
+)
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.inference.bundle import BundleFolder
+from catalog_enrichment.inference.decide import DecisionPolicy
+from catalog_enrichment.redaction import redact_text
+from catalog_enrichment.types import Say
+from catalog_enrichment.validation.rules import CircuitBreakerTripped, build_rules, check_breaker
+from catalog_enrichment.versions import ModelVersion
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+__all__ = ["EnrichOutcome", "backfill_partitions", "check_model_fits", "new_run_id", "run_enrichment"]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def new_run_id() -> str:
+    return f"enrich-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class EnrichOutcome:
+    """The run report plus what only the caller needs (scoring counters, the MERGE result)."""
+
+    report: RunReport
+    already_done: bool = False
+    merge: MergeResult | None = None
+    model_loads: dict[int, int] = field(default_factory=dict)
+    arrow_batches: int = 0
+    health: RunHealth | None = None
+
+
+def check_model_fits(bundle_dir: Path, taxonomy: Taxonomy) -> DecisionPolicy:
+    """The model's heads against the configured taxonomy, before anything is read or written."""
+    folder = BundleFolder(bundle_dir)
+    return DecisionPolicy(folder.read_taxonomy(), folder.read_calibration(), taxonomy)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every stage of one run reads."""
+
+    spark: SparkSession
+    cfg: AppConfig
+    catalog: Catalog
+    taxonomy: Taxonomy
+    model: ModelVersion
+    policy: DecisionPolicy
+    staging: Path
+    say: Say
+
+
+@dataclass
+class _Record:
+    """What a run has done so far - its stages' results - and the one place its report is built
+    from them (:meth:`report`), whether it succeeded, aborted or failed."""
+
+    run_id: str
+    model: ModelVersion
+    partition: str | None
+    started_at: dt.datetime
+    seconds: dict[str, float] = field(default_factory=dict)
+    got: Read | None = None
+    validated: Validated | None = None
+    seen_next: list[tuple[str, int]] | None = None
+    rejected: int = 0
+    scored: Scored | None = None
+    health: RunHealth | None = None
+    decisions: Decisions | None = None
+    retry_next: list[tuple[str, int]] | None = None
+    merge: MergeResult | None = None
+    written: tuple[dict[str, int], dict[str, float]] | None = None
+    embeddings: dict[str, Any] = field(default_factory=dict)
+    status: str = "failed"
+    error: str | None = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time one stage."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 3)
+
+    @property
+    def blocked(self) -> list[str]:
+        return [] if self.health is None else self.health.blocked
+
+    def watermark(self) -> dt.datetime | None:
+        """The highest ``updated_at`` this run covered: its rows' (never past its start) or, when it
+        read nothing newer, the last run's."""
+        since = None if self.got is None else self.got.since
+        ours = None if self.validated is None else self.validated.watermark
+        return max((w for w in (since, ours) if w is not None), default=None)
+
+    def report(self, finished_at: dt.datetime | None = None, seconds: float | None = None) -> RunReport:
+        """The run report (contract ``schemas/run_report.yaml``) of what was done."""
+        report = RunReport(
+            run_id=self.run_id, status=self.status, model_name=self.model.name,
+            model_version=self.model.version, partition=self.partition, started_at=self.started_at,
+            finished_at=finished_at, stage_seconds=dict(self.seconds),
+        )  # fmt: skip
+        if self.validated is not None:
+            report.rows_read, report.watermark = self.validated.counts.rows_read, self.watermark()
+        if self.decisions is not None:
+            d = self.decisions
+            report.rows_valid, report.rows_quarantined = d.rows_valid, d.quarantine.num_rows
+            report.rows_scored = d.rows_scored
+        if self.written is not None:
+            report.written_per_attribute, report.coverage_per_attribute = self.written
+        if report.rows_scored and seconds:
+            report.products_per_second = report.rows_scored / seconds
+        summary = self._summary()
+        report.validation_summary = json.dumps(summary, default=str) if summary else None
+        return report
+
+    def _summary(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {}
+        if self.validated is not None:
+            summary.update(self.validated.expectations, row_rules=self.validated.counts.per_rule)
+            summary[SEEN] = self.seen_next
+        if self.rejected:
+            summary["rejected_by_review"] = self.rejected
+        if self.scored is not None and self.scored.encoder is not None:
+            summary.update(embeddings_reused=self.scored.reused, embeddings_encoded=self.scored.encoded)
+        if self.health is not None:
+            summary.update(self.health.summary())
+        if self.decisions is not None:
+            summary["row_rules"] = self.decisions.counts.per_rule
+        if self.retry_next is not None:
+            summary[RETRY] = self.retry_next
+        summary.update(self.embeddings)
+        if self.error is not None:
+            summary["error"] = self.error
+        return summary
+
+
+def run_enrichment(
+    spark: SparkSession,
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    *,
+    model: ModelVersion,
+    products: str | Path | None = None,
+    partition: str | None = None,
+    full: bool = False,
+    run_id: str | None = None,
+    client: Any = None,
+    progress: Say = _print,
+    catalog: Catalog | None = None,
+) -> EnrichOutcome:
+    """One enrichment run (see the package docstring) on ``catalog`` (default: the configured one,
+    ``products`` overriding its products table). Returns the outcome; raises on abort/failure after
+    recording the run report (status ``aborted`` / ``failed``)."""
+    run_id = check_run_id(run_id or new_run_id())
+    catalog = catalog or open_catalog(cfg.catalog, products=products)
+    with catalog.lock(f"run {run_id}", progress):
+        reports = catalog.read_reports()
+        previous = _previous(reports, run_id)
+        if previous is not None:
+            progress(f"run {run_id} already succeeded; nothing to do")
+            return EnrichOutcome(previous, already_done=True)
+        policy = check_model_fits(model.bundle, taxonomy)
+        contract = load_contract("products")
+        part = parse_partition(partition, contract)
+        record = _Record(run_id, model, str(part) if part else None, dt.datetime.now(dt.UTC))
+        job = _Job(spark, cfg, catalog, taxonomy, model, policy, catalog.staging_dir(run_id), progress)
+        return _run(job, record, reports, contract, part, full, client)
+
+
+def _run(
+    job: _Job,
+    record: _Record,
+    reports: list[RunReport],
+    contract: Contract,
+    part: Partition | None,
+    full: bool,
+    client: Any,
+) -> EnrichOutcome:
+    """The stages, then the report: recorded whether the run succeeded, aborted or failed."""
+    clock = time.perf_counter()
+    job.catalog.clear_staging()
+    try:
+        _stages(job, record, None if full else last_run(reports, record.partition), contract, part)
+        record.status = "succeeded"
+        return _finish(job, record, client, clock)
+    except BaseException as exc:
+        aborted = isinstance(exc, CircuitBreakerTripped)
+        record.status = "aborted" if aborted else "failed"
+        record.error = redact_text(str(exc) if aborted else f"{type(exc).__name__}: {exc}")[:2000]
+        try:
+            _finish(job, record, client, clock)
+        except Exception as inner:  # the original error matters more
+            job.say(f"  (could not record the {record.status} run: {redact_text(str(inner))})")
+        raise
+    finally:
+        shutil.rmtree(job.staging, ignore_errors=True)
+
+
+def _stages(
+    job: _Job, run: _Record, last: RunReport | None, contract: Contract, part: Partition | None
+) -> None:
+    """read -> validate -> breaker -> score + decide -> health -> breaker -> write -> store."""
+    cfg, say, catalog = job.cfg, job.say, job.catalog
+    with run.stage("read"):
+        lookback = dt.timedelta(seconds=cfg.catalog.lookback_seconds)
+        run.got = got = read(job.spark, catalog, contract, part, last, lookback, job.staging)
+        say(f"read products from {catalog.describe()} ({part or 'all partitions'}, {describe_window(got)}), "
+            f"model {job.model.name} v{job.model.version}")  # fmt: skip
+    with run.stage("validate"):
+        rules = build_rules(contract, cfg.validation, run.started_at, got.df.columns)
+        run.validated = validated = validate(got.df, rules, cfg, run.started_at, say)
+        run.seen_next = near_watermark(got, run.watermark())
+    check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
+    rejected = rejected_values(catalog.keyed_rows("reviews"), job.model.version)
+    run.rejected = len(rejected)
+    if rejected:
+        say(f"  {len(rejected):,} values people rejected for v{job.model.version}: never written, removed")
+    if validated.counts.rows_read == 0:
+        say("  nothing to enrich: no new or changed products")
+        if rejected:  # still take out what people rejected
+            with run.stage("write"):
+                run.merge = catalog.write(run_write(run.run_id, job.model, run.started_at, rejected))
+        return
+    with run.stage("score"):
+        images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
+        run.scored = scored = score(
+            job.spark, validated.checked, job.model, job.taxonomy, cfg, images, job.staging, rejected,
+            catalog, run.run_id,
+        )  # fmt: skip
+    run.health = check_run(job.policy, scored.health, cfg.validation.health, say)
+    with run.stage("decide"):
+        run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)
+    check_breaker(new_rows(decisions, got.retry), cfg.validation.max_invalid_fraction)
+    run.retry_next = retry_next(decisions.quarantine, got.retry, cfg.validation.image_retries)
+    fault_point("before_merge")
+    with run.stage("write"):
+        write = run_write(
+            run.run_id, job.model, run.started_at, rejected, decisions, job.staging, run.blocked
+        )
+        run.merge = catalog.write(write, job.spark)
+    run.written = written(decisions, job.policy.taxonomy, run.blocked)
+    say(f"  wrote {decisions.values.num_rows:,} values (version {run.merge.version}); "
+        f"quarantined {decisions.quarantine.num_rows:,} rows")  # fmt: skip
+    if scored.encoder is not None:
+        with run.stage("store"):
+            run.embeddings = store_embeddings(job.spark, catalog, scored, job.staging, say)
+
+
+def _previous(reports: list[RunReport], run_id: str) -> RunReport | None:
+    """The report of a run with this id that already succeeded (a re-run does nothing)."""
+    previous = next((r for r in reports if r.run_id == run_id), None)
+    if previous is not None and previous.status == "rolled_back":
+        raise CatalogEnrichError(f"run {run_id} was rolled back; start a new run with another run id")
+    return previous if previous is not None and previous.status == "succeeded" else None
+
+
+def _finish(job: _Job, run: _Record, client: Any, clock: float) -> EnrichOutcome:
+    """Record the report: the run-report table and the health rows, then an MLflow run when a
+    client is given."""
+    elapsed = time.perf_counter() - clock
+    report = run.report(dt.datetime.now(dt.UTC), elapsed)
+    job.catalog.upsert_report(report)
+    if run.health is not None:
+        rows = run.health.rows(
+            run.run_id, run.model.name, run.model.version, report.finished_at or run.started_at
+        )
+        job.catalog.upsert_rows("run_health", rows)
+    scored = run.scored
+    outcome = EnrichOutcome(
+        report, merge=run.merge, health=run.health,
+        model_loads={} if scored is None else scored.model_loads,
+        arrow_batches=0 if scored is None else scored.arrow_batches,
+    )  # fmt: skip
+    if client is not None:
+        _log_mlflow(client, job.cfg, outcome)
+    job.say(f"[{report.run_id}] {report.status} in {elapsed:.1f}s")
+    return outcome
+
+
+def _log_mlflow(client: Any, cfg: AppConfig, outcome: EnrichOutcome) -> None:
+    """The run in MLflow's enrichment experiment: its counts, timings and health as metrics, the
+    report as JSON, the health plots."""
+    from catalog_enrichment import registry
+
+    report = outcome.report
+    metrics: dict[str, float] = {
+        "rows_read": report.rows_read,
+        "rows_valid": report.rows_valid,
+        "rows_quarantined": report.rows_quarantined,
+        "rows_scored": report.rows_scored,
+        "products_per_second": report.products_per_second or 0.0,
+        "model_loads": sum(outcome.model_loads.values()),
+        "python_workers": len(outcome.model_loads),
+        "arrow_batches": outcome.arrow_batches,
+        **{f"written_{a}": n for a, n in report.written_per_attribute.items()},
+        **{f"coverage_{a}": c for a, c in report.coverage_per_attribute.items()},
+        **{f"seconds_{s}": v for s, v in report.stage_seconds.items()},
+        **({} if outcome.health is None else outcome.health.metrics()),
+    }
+    with tempfile.TemporaryDirectory() as plots:
+        registry.log_enrichment_run(
+            client,
+            experiment=cfg.mlflow.enrichment_experiment,
+            artifact_location=cfg.mlflow.artifact_location,
+            report=report.to_row(),
+            params={"model": f"{report.model_name}/{report.model_version}", "partition": report.partition},
+            metrics=metrics,
+            files=[] if outcome.health is None else outcome.health.plots(Path(plots)),
+        )
+
+
+def backfill_partitions(
+    spark: SparkSession,
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    *,
+    model: ModelVersion,
+    date_from: dt.date,
+    date_to: dt.date,
+    products: str | Path | None = None,
+    force: bool = False,
+    client: Any = None,
+    progress: Say = _print,
+) -> list[tuple[str, EnrichOutcome | None]]:
+    """One committed full run per ``ingest_date`` partition in ``[date_from, date_to]``, in date
+    order; a partition already done by the same model version is skipped (None) unless ``force``
+    (:func:`catalog_enrichment.catalog.runs.backfill_plan`)."""
+    catalog = open_catalog(cfg.catalog, products=products)
+    plan = backfill_plan(catalog, model, date_from, date_to, force=force)
+    results: list[tuple[str, EnrichOutcome | None]] = []
+    for i, (scope, run_id) in enumerate(plan, start=1):
+        if run_id is None:
+            progress(
+                f"[backfill {i}/{len(plan)}] {scope}: done by v{model.version}, skipped (--force redoes it)"
+            )
+            results.append((scope, None))
+            continue
+        progress(f"[backfill {i}/{len(plan)}] {scope}: run {run_id}")
+        outcome = run_enrichment(
+            spark, cfg, taxonomy, model=model, partition=scope, full=True, run_id=run_id, client=client,
+            progress=progress, catalog=catalog,
+        )  # fmt: skip
+        results.append((scope, outcome))
+    return results

@@ -1,0 +1,433 @@
+"""The enrichment run's stages, each a function with typed inputs and a typed result: read,
+validate, score, collect the rows to write, write, store the embeddings."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from catalog_enrichment.catalog import Catalog
+from catalog_enrichment.catalog.base import RunWrite
+from catalog_enrichment.catalog.products import Partition
+from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import IMAGE_READABLE, Contract, Taxonomy, load_contract
+from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.health import HealthTally
+from catalog_enrichment.inference.bundle import BundleFolder
+from catalog_enrichment.inference.predictor import PredictorOptions
+from catalog_enrichment.inference.spark import (
+    DECISION_COLUMNS,
+    ScoringCounters,
+    ScoringSpec,
+    score_dataframe,
+    ship_bundle,
+)
+from catalog_enrichment.redaction import redact_text
+from catalog_enrichment.types import Say
+from catalog_enrichment.validation.rules import (
+    REASONS,
+    Rule,
+    ValidationCounts,
+    check_rows,
+    count_rows,
+    latest_copies,
+    quarantine_rows,
+)
+from catalog_enrichment.validation.suite import run_suite
+from catalog_enrichment.versions import ModelVersion
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = [
+    "Decisions",
+    "Read",
+    "Scored",
+    "Validated",
+    "collect_decisions",
+    "flatten_scores",
+    "read",
+    "run_write",
+    "score",
+    "store_embeddings",
+    "validate",
+]
+
+_UNIX_MICROS = "_updated_at_us"
+MAX_SEEN = 100_000
+
+
+@dataclass(frozen=True)
+class Read:
+    """The products a run reads, and what the last run over the same scope left for it: its
+    watermark (``since``), the rows it read near it (``seen``; None: too many, read again) and the
+    products whose image could not be read, with their attempts (``retry``)."""
+
+    df: DataFrame
+    since: dt.datetime | None
+    seen: list[tuple[str, int]] | None
+    retry: dict[str, int]
+    lookback: dt.timedelta
+
+
+def read(
+    spark: SparkSession,
+    catalog: Catalog,
+    contract: Contract,
+    partition: Partition | None,
+    last: RunReport | None,
+    lookback: dt.timedelta,
+    staging: Path,
+) -> Read:
+    """Incremental unless ``last`` is None: ``updated_at`` past ``last``'s watermark less
+    ``lookback``, without the rows it already read, plus the products to retry; staged once when
+    the catalog's reads are not a snapshot (every stage then reads the same rows)."""
+    since = None if last is None else last.watermark
+    kept = [] if last is None else last.summary().get(SEEN, [])
+    seen = None if kept is None else [(str(p), int(at)) for p, at in kept]
+    retry = {} if last is None else {str(p): int(n) for p, n in last.summary().get(RETRY, [])}
+    df = catalog.read_products(
+        spark, contract, partition=partition, since=since and since - lookback, retry=sorted(retry)
+    )
+    df = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
+    if not catalog.reads_snapshot:
+        df.write.mode("overwrite").parquet(str(staging / "source"))
+        df = spark.read.parquet(str(staging / "source"))
+    return Read(df, since, seen, retry, lookback)
+
+
+def describe_window(got: Read) -> str:
+    """What a run read, for its progress line."""
+    window = f"changed since {got.since - got.lookback:%Y-%m-%d %H:%M:%S}" if got.since else "full"
+    if got.retry:
+        window += f", {len(got.retry):,} products whose image could not be read tried again"
+    return window
+
+
+def _unseen(spark: SparkSession, df: DataFrame, seen: list[tuple[str, int]]) -> DataFrame:
+    """``df`` without the (product id, ``updated_at``) rows the last run already read."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
+
+    if not seen:
+        return df
+    schema = StructType([StructField("product_id", StringType()), StructField(_UNIX_MICROS, LongType())])
+    done = F.broadcast(spark.createDataFrame(seen, schema))
+    with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))  # exact, no time-zone trip
+    return with_us.join(done, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns)
+
+
+def near_watermark(got: Read, watermark: dt.datetime | None) -> list[tuple[str, int]] | None:
+    """(product id, ``updated_at`` in µs) of the rows read - by this run or the last - that the next
+    run's look-back reads again; ``None`` when more than :data:`MAX_SEEN` (the next run reads them).
+    When the last run kept none (``seen`` is None), this run read the whole look-back itself."""
+    from pyspark.sql import functions as F
+
+    if watermark is None or not got.lookback:
+        return []
+    mark = int(watermark.timestamp() * 1_000_000)  # rows after it (stamped in the future) are read again
+    edge = int((watermark - got.lookback).timestamp() * 1_000_000)
+    rows = (
+        got.df.where(F.col("product_id").isNotNull() & F.unix_micros("updated_at").between(edge + 1, mark))
+        .select("product_id", F.unix_micros("updated_at").alias(_UNIX_MICROS))
+        .distinct()
+        .limit(MAX_SEEN + 1)
+        .collect()
+    )
+    near = sorted({*(p for p in got.seen or [] if p[1] > edge), *((r[0], int(r[1])) for r in rows)})
+    return near if len(near) <= MAX_SEEN else None
+
+
+@dataclass(frozen=True)
+class Validated:
+    """The rows with their failed rules (``_reasons``), the counts, the GX suite's summary, and the
+    watermark the rows give (never past the run's start)."""
+
+    checked: DataFrame
+    counts: ValidationCounts
+    expectations: dict[str, Any]
+    watermark: dt.datetime | None
+
+
+def validate(
+    df: DataFrame, rules: list[Rule], cfg: AppConfig, started_at: dt.datetime, say: Say
+) -> Validated:
+    """Count every rule and find the duplicates (one pass), mark each row, run the GX suite."""
+    counts, duplicates = count_rows(df, rules)
+    # never past the run's start: a row stamped in the future (quarantined beyond the allowed clock
+    # skew) must not make every later incremental run skip the products changed in between
+    watermark = None if counts.watermark is None else min(counts.watermark, started_at)
+    expectations: dict[str, Any] = {}
+    if cfg.validation.run_expectations and counts.rows_read:
+        try:
+            expectations = run_suite(df, rules)
+        except Exception as exc:  # the suite reports; the row rules decide
+            expectations = {"expectations_error": f"{type(exc).__name__}: {exc}"[:2000]}
+    say(f"  validated {counts.rows_read:,} rows: {counts.rows_invalid:,} invalid ({counts.top_rules()})")
+    return Validated(check_rows(df, rules, latest=latest_copies(duplicates)), counts, expectations, watermark)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The staged decisions of the valid rows, and the scoring stage's counters (with the embedding
+    store: the model's encoder fingerprint, products fused from stored vectors and encoded)."""
+
+    table: pa.Table
+    model_loads: dict[int, int]
+    arrow_batches: int
+    encoder: str | None = None
+    reused: int = 0
+    encoded: int = 0
+    health: HealthTally = field(default_factory=HealthTally)  # the run health counts (health.py)
+
+
+def score(
+    spark: SparkSession,
+    checked: DataFrame,
+    model: ModelVersion,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    images: ImagePolicy,
+    staging: Path,
+    rejected: Iterable[tuple[str, str, str]] = (),
+    catalog: Catalog | None = None,
+    run_id: str = "",
+) -> Scored:
+    """Score and decide the valid rows on the executors (images read under ``images``; the
+    (product, attribute, value)s in ``rejected`` never written); stage the decisions; read them back.
+
+    With the embedding store (``inference.embedding_store`` and a model that can use it), the valid
+    rows are joined to the catalog's stored vectors of the model's encoders first, and the vectors
+    the tasks computed are staged under ``staging / "embeddings"`` for :func:`store_embeddings`.
+    """
+    from pyspark.sql import functions as F
+
+    encoder = BundleFolder(model.bundle).encoder_fingerprint() if cfg.inference.embedding_store else None
+    spec = ScoringSpec(
+        bundle_name=ship_bundle(spark, model.bundle),
+        bundle_path=None,
+        allowed_taxonomy=taxonomy.to_dict(),
+        device=cfg.inference.device,
+        torch_threads=cfg.inference.torch_threads,
+        predictor=PredictorOptions(**cfg.inference.predictor_options(), image_policy=images),
+        rejected=_by_product(rejected),
+    )
+    counters = ScoringCounters.create(spark)
+    valid = checked.where(F.size(REASONS) == 0)
+    stored = None if encoder is None or catalog is None else catalog.stored_embeddings(spark, encoder)
+    if stored is not None:
+        valid = valid.join(stored, "product_id", "left")
+    score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
+    table = ds.dataset(str(staging / "scores"), format="parquet").to_table(columns=list(DECISION_COLUMNS))
+    if encoder is not None and counters.encoded.value:
+        fresh = spark.read.parquet(str(staging / "scores")).where(F.col("embedding").isNotNull())
+        fresh.select(
+            F.lit(encoder).alias("encoder"),
+            "product_id",
+            "content",
+            "embedding",
+            F.lit(run_id).alias("run_id"),
+            F.current_timestamp().alias("written_at"),
+        ).dropDuplicates(["product_id"]).write.mode("overwrite").parquet(str(staging / "embeddings"))
+    return Scored(
+        table,
+        dict(counters.loads.value),
+        int(counters.batches.value),
+        encoder,
+        int(counters.reused.value),
+        int(counters.encoded.value),
+        counters.health.value,
+    )
+
+
+def _by_product(rejected: Iterable[tuple[str, str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for pid, attr, value in sorted(rejected):
+        out.setdefault(pid, []).append(f"{attr}={value}")
+    return out
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """What the run writes: values, scored pairs, quarantine rows; the counts with the image rules
+    added; the rows scored, valid and quarantined (every row read is one or the other)."""
+
+    values: pa.Table
+    pairs: pa.Table
+    quarantine: pa.Table
+    counts: ValidationCounts
+    rows_scored: int
+
+    @property
+    def rows_valid(self) -> int:
+        return self.counts.rows_read - self.counts.rows_invalid
+
+
+def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> Decisions:
+    """The rows the run writes: the values and scored pairs of the products whose image decoded, and
+    the quarantine rows of the others and of the rows that broke a rule.
+
+    Raises:
+        CatalogEnrichError: a row read is neither valid nor quarantined (nothing is written).
+    """
+    from pyspark.sql import functions as F
+
+    image_errors = scored.filter(pc.is_valid(scored["image_error"]))
+    image_reasons = dict(
+        zip(image_errors["product_id"].to_pylist(), image_errors["image_error"].to_pylist(), strict=True)
+    )
+    counts = validated.counts
+    total = ValidationCounts(
+        counts.rows_read,
+        counts.rows_invalid + len(image_reasons),
+        {**counts.per_rule, **Counter(image_reasons.values())},
+        counts.watermark,
+    )
+    good = scored.filter(pc.is_null(scored["image_error"]))
+    values, pairs = flatten_scores(good)
+    schema = load_contract("quarantine").arrow_schema()
+    quarantine = schema.empty_table()
+    if total.rows_invalid:  # else nothing to collect: no Spark job for it
+        bad = validated.checked.where((F.size(REASONS) > 0) | F.col("product_id").isin(list(image_reasons)))
+        quarantine = quarantine_rows(bad, run_id, dt.datetime.now(dt.UTC), schema, image_reasons)
+    decisions = Decisions(values, pairs, quarantine, total, good.num_rows)
+    if decisions.rows_valid + quarantine.num_rows != total.rows_read:
+        raise CatalogEnrichError(
+            f"row accounting broke: read {total.rows_read} != valid {decisions.rows_valid} + "
+            f"quarantined {quarantine.num_rows}; nothing was written"
+        )
+    return decisions
+
+
+def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Flatten staged decisions into value rows and scored (product, attribute) pairs."""
+    ids = scored["product_id"].combine_chunks()
+    value_lists = scored["values"].combine_chunks()
+    flat = value_lists.flatten()
+    scored_lists = scored["scored"].combine_chunks()
+    values = pa.table(
+        {
+            "product_id": ids.take(pc.list_parent_indices(value_lists)),
+            **{k: flat.field(k) for k in ("attribute", "value", "confidence", "threshold")},
+        }
+    )
+    pairs = pa.table(
+        {
+            "product_id": ids.take(pc.list_parent_indices(scored_lists)),
+            "attribute": scored_lists.flatten(),
+        }
+    )
+    return values, pairs
+
+
+def _image_unread(quarantine: pa.Table) -> list[str]:
+    """Ids of the products quarantined only because their image could not be read (transient)."""
+    ids, reasons_of = quarantine["product_id"].to_pylist(), quarantine["reasons"].to_pylist()
+    unread = zip(ids, reasons_of, strict=True)
+    return [p for p, reasons in unread if p is not None and reasons == [IMAGE_READABLE]]
+
+
+def new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
+    """The counts without the retried products whose image still could not be read: an image
+    host still down is not a new batch of bad rows (and a quiet night's only rows may be those)."""
+    again = sum(pid in retry for pid in _image_unread(decisions.quarantine))
+    counts = decisions.counts
+    return ValidationCounts(
+        counts.rows_read - again, counts.rows_invalid - again, counts.per_rule, counts.watermark
+    )
+
+
+def retry_next(quarantine: pa.Table, retry: dict[str, int], cap: int) -> list[tuple[str, int]]:
+    """(product id, attempts) of the products quarantined only because their image could not be
+    read, which the next run reads again while their attempts stay within ``cap``."""
+    attempts = [(pid, retry.get(pid, 0) + 1) for pid in _image_unread(quarantine)]
+    return sorted((pid, n) for pid, n in attempts if n <= cap)
+
+
+def run_write(
+    run_id: str,
+    model: ModelVersion,
+    written_at: dt.datetime,
+    rejected: Iterable[tuple[str, str, str]],
+    decisions: Decisions | None = None,
+    staging: Path | None = None,
+    blocked: Sequence[str] = (),
+) -> RunWrite:
+    """What the run commits: its decisions and the removal of the values people rejected for its
+    version; without decisions (nothing to score) only that removal. The ``blocked`` attributes
+    (run health) are left as the catalog holds them: neither their values nor their scored pairs
+    are written (and the backend stages from ``values``, not from the staged scores)."""
+    if decisions is None:
+        strings = [pa.field(k, pa.string()) for k in ("product_id", "attribute", "value")]
+        values = pa.schema(
+            [*strings, ("confidence", pa.float64()), ("threshold", pa.float64())]
+        ).empty_table()
+        pairs = pa.schema(strings[:2]).empty_table()
+        quarantine = load_contract("quarantine").arrow_schema().empty_table()
+    else:
+        values, pairs, quarantine = decisions.values, decisions.pairs, decisions.quarantine
+    if blocked:
+        out = pa.array(list(blocked), pa.string())
+        values = values.filter(pc.invert(pc.is_in(values["attribute"], out)))
+        pairs = pairs.filter(pc.invert(pc.is_in(pairs["attribute"], out)))
+        staging = None
+    rows = sorted(rejected)
+    return RunWrite(
+        run_id=run_id,
+        model_name=model.name,
+        model_version=model.version,
+        written_at=written_at,
+        values=values,
+        pairs=pairs,
+        quarantine=quarantine,
+        scores=None if staging is None else str(staging / "scores"),
+        retract=pa.table(
+            {
+                k: pa.array([r[i] for r in rows], pa.string())
+                for i, k in enumerate(("product_id", "attribute", "value"))
+            }
+        ),
+    )
+
+
+def written(
+    decisions: Decisions, taxonomy: Taxonomy, blocked: Sequence[str]
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Values written and coverage (share of scored products with at least one value) per attribute
+    (none for a ``blocked`` one)."""
+    values = Counter(a for a in decisions.values["attribute"].to_pylist() if a not in blocked)
+    pairs = decisions.values.group_by(["product_id", "attribute"]).aggregate([])
+    with_value = Counter(a for a in pairs["attribute"].to_pylist() if a not in blocked)
+    scored = decisions.rows_scored
+    counts = {a.name: int(values.get(a.name, 0)) for a in taxonomy}
+    coverage = {a.name: with_value.get(a.name, 0) / scored if scored else 0.0 for a in taxonomy}
+    return counts, coverage
+
+
+def store_embeddings(
+    spark: SparkSession, catalog: Catalog, scored: Scored, staging: Path, say: Say
+) -> dict[str, Any]:
+    """After the commit: the vectors this run computed into the store, and the run summary's record
+    of it. The store is a cache, so a failure here is reported and costs the next run the encoding;
+    the committed run stands."""
+    try:
+        stored = catalog.write_embeddings(str(staging / "embeddings"), spark) if scored.encoded else 0
+    except Exception as exc:
+        error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+        say(f"  could not store this run's embeddings (the next run encodes them again): {error}")
+        return {"embeddings_store_error": error}
+    say(
+        f"  embeddings: {scored.reused:,} products fused from the store, {scored.encoded:,} encoded, "
+        f"{stored:,} stored"
+    )
+    return {"embeddings_stored": stored}

@@ -1,0 +1,359 @@
+"""The run health checks: the test every distribution and share is judged by, the estimated
+precision's bound, the level split over a run's checks, what blocks, and how a run's checks read
+(a table, plots)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from catalog_enrichment.health.profile import (
+    _FLOOR,
+    ATTRIBUTE_CHECKS,
+    IMAGE_STATES,
+    INPUT,
+    INPUT_CHECKS,
+    MIN_EXPECTED,
+    AttributeBaseline,
+    AttributeTally,
+    HealthProfile,
+    HealthTally,
+)
+
+__all__ = ["Check", "assess", "blocked_attributes", "format_health", "homogeneity", "plot_scores", "psi"]
+
+
+# -- statistics ----------------------------------------------------------------------------------------
+
+
+def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
+    """Population stability index of ``actual`` against ``expected`` (counts or shares; each is
+    normalised, and shares are floored so an empty bin is not an infinite drift)."""
+    e = np.asarray(expected, np.float64)
+    a = np.asarray(actual, np.float64)
+    e = np.maximum(e / max(e.sum(), 1e-300), _FLOOR)
+    a = np.maximum(a / max(a.sum(), 1e-300), _FLOOR)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def homogeneity(
+    baseline: Sequence[float], counts: Sequence[float], design_effect: float = 1.0
+) -> tuple[float, float, int]:
+    """Pearson's chi-square test that two count vectors over the same bins come from one
+    distribution: (statistic, p-value, degrees of freedom). ``design_effect``: products come in
+    groups (variants) that count alike; the statistic is divided by it (Rao and Scott's first-order
+    correction for cluster samples).
+
+    Bins are pooled, smallest baseline count first, until each pooled bin expects at least
+    :data:`MIN_EXPECTED` products on both sides at the baseline's shares; the pooling looks at the
+    baseline only, never at tonight's counts (choosing bins after seeing the data would inflate the
+    statistic). One bin left tests nothing (p 1).
+    """
+    from scipy.stats import chi2
+
+    b = np.asarray(baseline, np.float64)
+    c = np.asarray(counts, np.float64)
+    m, n = b.sum(), c.sum()
+    if m == 0 or n == 0:
+        return 0.0, 1.0, 0
+    need = MIN_EXPECTED * m / min(m, n)  # baseline products a pooled bin needs
+    groups: list[list[float]] = []
+    acc = [0.0, 0.0]
+    for i in np.argsort(b, kind="stable"):
+        acc = [acc[0] + b[i], acc[1] + c[i]]
+        if acc[0] >= need:
+            groups.append(acc)
+            acc = [0.0, 0.0]
+    if sum(acc) > 0:
+        if groups:
+            groups[-1] = [groups[-1][0] + acc[0], groups[-1][1] + acc[1]]
+        else:
+            groups.append(acc)
+    if len(groups) < 2:
+        return 0.0, 1.0, 0
+    table = np.asarray(groups, np.float64)  # (bins, 2): baseline, tonight
+    expected = table.sum(axis=1, keepdims=True) * np.array([[m, n]]) / (m + n)
+    statistic = float(np.sum((table - expected) ** 2 / expected)) / max(1.0, design_effect)
+    dof = len(groups) - 1
+    return statistic, float(chi2.sf(statistic, dof)), dof
+
+
+# -- checks -------------------------------------------------------------------------------------------
+
+Status = Literal["passed", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check of one run: a ``run_health`` row without the run's own columns.
+
+    ``observed``/``expected``: the population stability index and None for a distribution; the
+    share tonight and at training for a proportion; the estimated precision and the target for
+    ``estimated_precision`` (whose ``statistic`` is its upper confidence bound).
+    """
+
+    scope: str  # an attribute, or INPUT
+    check: str
+    status: Status
+    products: int
+    baseline_products: int
+    statistic: float | None = None
+    p_value: float | None = None
+    alpha: float | None = None
+    observed: float | None = None
+    expected: float | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A check ready to be judged once the run's level per check is known."""
+
+    scope: str
+    check: str
+    products: int
+    baseline_products: int
+    baseline: Sequence[float] | None = None  # a distribution (None: estimated precision)
+    counts: Sequence[float] | None = None
+    share_bin: int | None = None  # a proportion: the bin whose share is shown
+    precision: tuple[float, float] | None = None  # the estimate and its standard error
+
+
+def _distribution(scope: str, check: str, baseline: Sequence[float], counts: Sequence[float]) -> _Pending:
+    return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts)
+
+
+def _proportion(
+    scope: str, check: str, baseline: Sequence[float], counts: Sequence[float], shown: int
+) -> _Pending:
+    return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts, shown)
+
+
+def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tuple[float, float] | None:
+    """What was written, each value at the held-out precision of its confidence bin (a bin with no
+    held-out value takes the overall held-out precision), and the estimate's standard error: the
+    curve's (binomial per bin) and the written mix's (multinomial over the bins) together."""
+    written = np.asarray(tally.written, np.float64)
+    n_bin, k_bin = np.asarray(base.written, np.float64), np.asarray(base.correct, np.float64)
+    if not written.sum() or not n_bin.sum():
+        return None
+    overall = k_bin.sum() / n_bin.sum()
+    curve = np.where(n_bin > 0, k_bin / np.maximum(n_bin, 1), overall)
+    support = np.where(n_bin > 0, n_bin, n_bin.sum())
+    smoothed = np.where(n_bin > 0, (k_bin + 0.5) / (n_bin + 1), (k_bin.sum() + 0.5) / (n_bin.sum() + 1))
+    w = written / written.sum()
+    estimate = float(w @ curve)
+    curve_var = np.sum(w**2 * smoothed * (1 - smoothed) / (support + 1))
+    mix_var = max(0.0, float(w @ curve**2) - estimate**2) / written.sum()
+    return estimate, float(math.sqrt(curve_var + mix_var))
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """What a run's checks are judged by (see :func:`assess`)."""
+
+    alpha: float  # the level each check fails at
+    target: float
+    min_psi: float
+    min_share_change: float
+    design_effect: float
+
+
+def _pending(
+    profile: HealthProfile, tally: HealthTally, min_products: int
+) -> tuple[list[_Pending], list[Check]]:
+    """Every check the profile and tally allow, and those skipped for too few products."""
+    pending: list[_Pending] = []
+    skipped: list[Check] = []
+    for name, base in profile.attributes.items():
+        t = tally.attributes.get(name)
+        n = 0 if t is None else sum(t.scores)
+        if t is None or n < min_products:
+            why = f"{n} products scored (fewer than {min_products})"
+            skipped += [Check(name, c, "skipped", n, base.products, message=why) for c in ATTRIBUTE_CHECKS]
+            continue
+        covered = [base.products - base.covered, base.covered]
+        pending += [
+            _distribution(name, "score_drift", base.scores, t.scores),
+            _proportion(name, "coverage", covered, [n - t.covered, t.covered], 1),
+            _distribution(name, "value_mix", base.values, t.values),
+        ]
+        estimate = _estimated_precision(base, t)
+        if estimate is None:
+            why = "nothing written" if sum(t.written) == 0 else "no labelled held-out value was written"
+            skipped.append(Check(name, "estimated_precision", "skipped", n, base.products, message=why))
+        else:
+            pending.append(
+                _Pending(name, "estimated_precision", sum(t.written), sum(base.written), precision=estimate)
+            )
+    inputs, counted = profile.inputs, tally.inputs
+    if inputs is not None:
+        n = 0 if counted is None else sum(counted.title_lengths)
+        if counted is None or n < min_products:
+            why = f"{n} products scored (fewer than {min_products})"
+            skipped += [Check(INPUT, c, "skipped", n, inputs.products, message=why) for c in INPUT_CHECKS]
+        else:
+            keys = list(inputs.categories)
+            pending += [
+                _distribution(INPUT, "title_length", inputs.title_lengths, counted.title_lengths),
+                _distribution(INPUT, "script", inputs.scripts, counted.scripts),
+                _distribution(
+                    INPUT,
+                    "category",
+                    [inputs.categories[k] for k in keys],
+                    [counted.categories[k] for k in keys],
+                ),
+                _proportion(INPUT, "description", inputs.description, counted.description, 1),
+                _proportion(INPUT, "image", inputs.image, counted.image, IMAGE_STATES.index("usable")),
+            ]
+            photos = sum(counted.tones)  # products whose photo was decoded (not read from the store)
+            if photos < min_products or sum(inputs.tones) < min_products:
+                why = f"{photos} photos decoded (fewer than {min_products})"
+                skipped.append(Check(INPUT, "image_tone", "skipped", photos, sum(inputs.tones), message=why))
+            else:
+                pending.append(_distribution(INPUT, "image_tone", inputs.tones, counted.tones))
+    return pending, skipped
+
+
+def _judge(p: _Pending, limits: _Limits) -> Check:
+    from scipy.stats import norm
+
+    alpha, target = limits.alpha, limits.target
+    where = p.check.replace("_", " ") if p.scope == INPUT else f"{p.scope}: {p.check.replace('_', ' ')}"
+    if p.precision is not None:
+        estimate, error = p.precision
+        error *= math.sqrt(max(1.0, limits.design_effect))
+        upper = min(1.0, estimate + float(norm.ppf(1 - alpha)) * error)
+        failed = upper < target
+        message = f"{where} {estimate:.3f} (upper bound {upper:.3f}) < {target:.2f}" if failed else None
+        return Check(
+            p.scope, p.check, "failed" if failed else "passed", p.products, p.baseline_products,
+            upper, None, alpha, estimate, target, message,
+        )  # fmt: skip
+    assert p.baseline is not None and p.counts is not None
+    statistic, p_value, _ = homogeneity(p.baseline, p.counts, limits.design_effect)
+    if p.share_bin is None:
+        observed, expected = psi(p.baseline, p.counts), None
+        large = observed >= limits.min_psi
+        effect = f"PSI {observed:.3f}"
+    else:
+        observed = p.counts[p.share_bin] / max(1, sum(p.counts))
+        expected = p.baseline[p.share_bin] / max(1, sum(p.baseline))
+        large = abs(observed - expected) >= limits.min_share_change
+        effect = f"share {observed:.3f} against {expected:.3f} at training"
+    failed = p_value < alpha and large
+    message = f"{where} {effect} (chi-square p {p_value:.2g} < {alpha:.2g})" if failed else None
+    return Check(
+        p.scope, p.check, "failed" if failed else "passed", p.products, p.baseline_products,
+        statistic, p_value, alpha, observed, expected, message,
+    )  # fmt: skip
+
+
+def assess(
+    profile: HealthProfile,
+    tally: HealthTally,
+    *,
+    target: float,
+    false_alarm: float = 0.01,
+    min_products: int = 50,
+    min_psi: float = 0.05,
+    min_share_change: float = 0.03,
+) -> list[Check]:
+    """Every check of a run (see the module docstring): attributes in the profile's order, then the
+    inputs; each check evaluated fails at ``false_alarm / K`` (``K`` checks evaluated). Products
+    that come in groups of variants count once per group's worth: every statistic is divided by the
+    training products' design effect (the estimated precision's variance multiplied by it)."""
+    pending, skipped = _pending(profile, tally, min_products)
+    deff = 1.0 if profile.inputs is None else profile.inputs.design_effect
+    limits = _Limits(false_alarm / max(1, len(pending)), target, min_psi, min_share_change, deff)
+    judged = {(p.scope, p.check): _judge(p, limits) for p in pending}
+    judged.update({(c.scope, c.check): c for c in skipped})
+    scopes = [*profile.attributes, INPUT]
+    order = {s: i for i, s in enumerate(scopes)}
+    names = {c: i for i, c in enumerate((*ATTRIBUTE_CHECKS, *INPUT_CHECKS))}
+    return sorted(judged.values(), key=lambda c: (order[c.scope], names[c.check]))
+
+
+def blocked_attributes(
+    checks: Iterable[Check], modes: Mapping[str, str], attributes: Sequence[str]
+) -> list[str]:
+    """The attributes whose values a run must not commit: a failed check whose mode (``modes``: check
+    name -> warn | block; the input checks under ``"inputs"``) is block; a failed input check in
+    block mode blocks every attribute."""
+    blocked: set[str] = set()
+    for c in checks:
+        if c.status != "failed":
+            continue
+        if c.scope == INPUT and modes.get("inputs") == "block":
+            blocked.update(attributes)
+        elif c.scope != INPUT and modes.get(c.check) == "block":
+            blocked.add(c.scope)
+    return [a for a in attributes if a in blocked]
+
+
+def format_health(run_id: str, checks: Sequence[Mapping[str, Any]], blocked: Sequence[str] = ()) -> str:
+    """The health checks of one run as a table, then what failed and what it blocked."""
+    if not checks:
+        return f"run {run_id}: no health checks (nothing scored, or a model trained before them)"
+
+    def num(x: Any, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"run {run_id}: health against the model's held-out products",
+        f"  {'scope':<16}{'check':<21}{'status':<9}{'n':>8}{'observed':>10}{'expected':>10}"
+        f"{'p':>10}{'level':>10}",
+    ]
+    for c in checks:
+        lines.append(
+            f"  {c['scope']:<16}{c['check']:<21}{c['status']:<9}{c['products']:>8}{num(c['observed']):>10}"
+            f"{num(c['expected']):>10}{num(c['p_value'], '.2g'):>10}{num(c['alpha'], '.2g'):>10}"
+        )
+    failures = [c["message"] for c in checks if c["status"] == "failed"]
+    lines.append("failed: " + "; ".join(failures) if failures else "every check passed")
+    if blocked:
+        lines.append("blocked (values not written): " + ", ".join(blocked))
+    return "\n".join(lines)
+
+
+def plot_scores(profile: HealthProfile, tally: HealthTally, out: Path) -> list[Path]:
+    """One PNG per attribute scored in the run (``out/health_<attribute>.png``): the top score's
+    histogram tonight over the held-out one, on the baseline's decile bins (as densities, so the
+    unequal bins compare)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, base in profile.attributes.items():
+        counted = tally.attributes.get(name)
+        if counted is None or not sum(counted.scores):
+            continue
+        edges = np.array([0.0, *base.edges, 1.0])
+        widths = np.maximum(np.diff(edges), 1e-9)
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for counts, label, fill in (
+            (base.scores, f"held-out at training (m={base.products:,})", True),
+            (counted.scores, f"this run (n={sum(counted.scores):,})", False),
+        ):
+            density = np.asarray(counts, np.float64) / max(1, sum(counts)) / widths
+            ax.stairs(density, edges, label=label, fill=fill, alpha=0.35 if fill else 1.0, linewidth=2)
+        ax.set_xlabel("top score")
+        ax.set_ylabel("density")
+        ax.set_title(f"{name}: top score, this run over training's held-out products")
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"health_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

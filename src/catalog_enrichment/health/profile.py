@@ -1,0 +1,377 @@
+"""What the run health checks count: a model version's profile (its held-out scores and its
+training products' inputs, kept in the bundle) and the tallies the scoring tasks count the same way
+(one counting function per quantity, shared by both)."""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from catalog_enrichment.metrics import decision_matrix, truth_matrix
+
+__all__ = [
+    "ATTRIBUTE_CHECKS",
+    "INPUT",
+    "INPUT_CHECKS",
+    "AttributeBaseline",
+    "AttributeTally",
+    "HealthProfile",
+    "HealthTally",
+    "InputBaseline",
+    "InputTally",
+    "attribute_baseline",
+    "input_baseline",
+    "title_script",
+]
+
+SCORE_BINS = 10  # deciles of the top score
+CONFIDENCE_BINS = 20  # equal-width bins of a written value's confidence
+TITLE_BINS = 10  # deciles of the title length (characters)
+TONE_BINS = 10  # deciles of a photo's colour balance (data.images.image_tone)
+MAX_CATEGORIES = 30  # merchant categories kept by name; the rest count as OTHER
+MIN_EXPECTED = 10  # a chi-square bin expects at least this many products on each side
+_FLOOR = 1e-4  # PSI's share floor: an empty bin is not an infinite drift
+OTHER, NONE = "(other)", "(none)"
+INPUT = "input"  # the scope of the input checks (they concern every attribute)
+ATTRIBUTE_CHECKS = ("score_drift", "coverage", "value_mix", "estimated_precision")
+INPUT_CHECKS = ("title_length", "script", "category", "description", "image", "image_tone")
+SCRIPTS = (
+    "latin",
+    "cyrillic",
+    "greek",
+    "arabic",
+    "hebrew",
+    "cjk",
+    "hangul",
+    "devanagari",
+    "thai",
+    "other",
+    "none",
+)
+_SCRIPT_OF = {
+    "LATIN": "latin",
+    "CYRILLIC": "cyrillic",
+    "GREEK": "greek",
+    "ARABIC": "arabic",
+    "HEBREW": "hebrew",
+    "CJK": "cjk",
+    "HIRAGANA": "cjk",
+    "KATAKANA": "cjk",
+    "HANGUL": "hangul",
+    "DEVANAGARI": "devanagari",
+    "THAI": "thai",
+}
+IMAGE_STATES = ("absent", "usable", "unusable")
+
+
+# -- counting: one function per quantity, shared by training's baseline and the scoring tasks --------
+
+
+@functools.lru_cache(maxsize=8192)
+def _char_script(ch: str) -> str:
+    return _SCRIPT_OF.get(unicodedata.name(ch, "").split(" ", 1)[0], "other")
+
+
+def title_script(title: str | None) -> int:
+    """The index in :data:`SCRIPTS` of the script most of a title's letters are written in."""
+    text = title or ""
+    if text.isascii():
+        return SCRIPTS.index("latin") if any(c.isalpha() for c in text) else SCRIPTS.index("none")
+    letters = [_char_script(c) for c in text if c.isalpha()]
+    if not letters:
+        return SCRIPTS.index("none")
+    return SCRIPTS.index(max(sorted(set(letters)), key=letters.count))
+
+
+def _bin_counts(edges: Sequence[float], values: np.ndarray) -> list[int]:
+    """Counts of ``values`` in the bins the inner ``edges`` cut (``len(edges) + 1`` bins)."""
+    bins = np.searchsorted(np.asarray(edges, np.float64), np.asarray(values, np.float64), side="right")
+    return np.bincount(bins, minlength=len(edges) + 1).tolist()
+
+
+def _confidence_bin(confidence: np.ndarray) -> np.ndarray:
+    return np.clip((np.asarray(confidence) * CONFIDENCE_BINS).astype(int), 0, CONFIDENCE_BINS - 1)
+
+
+def _quantile_edges(values: np.ndarray, bins: int) -> list[float]:
+    return (
+        [float(e) for e in np.unique(np.quantile(values, np.arange(1, bins) / bins))] if len(values) else []
+    )
+
+
+def _top(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, np.float64)
+    return scores.max(axis=1) if scores.shape[1] else np.zeros(len(scores))
+
+
+def _add(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    return [int(x) + int(y) for x, y in zip(a, b, strict=True)]
+
+
+# -- baselines ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttributeBaseline:
+    """One attribute's held-out scores, as the checks read them (counts, so ``m`` is kept)."""
+
+    edges: list[float]  # inner edges of the top score's deciles
+    scores: list[int]  # held-out products per top-score bin
+    covered: int  # of them, products the thresholds give a value
+    values: list[int]  # held-out products per top value (the attribute's values, in order)
+    written: list[int]  # labelled written values per confidence bin
+    correct: list[int]  # of them, right
+
+    @property
+    def products(self) -> int:
+        return sum(self.scores)
+
+
+def attribute_baseline(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    kind: str,
+    thresholds: np.ndarray,
+    known: np.ndarray | None = None,
+) -> AttributeBaseline | None:
+    """The baseline of one attribute from held-out scores ``(m, V)`` of the model that serves and
+    their labels (``known``: the rows labelled, besides multi-class ``-1``; unlabelled rows count for
+    every quantity but precision); None: no products."""
+    scores = np.asarray(scores, np.float64)
+    if not len(scores):
+        return None
+    top = _top(scores)
+    edges = _quantile_edges(top, SCORE_BINS)
+    written = decision_matrix(scores, kind, thresholds)  # type: ignore[arg-type]
+    truth, labelled = truth_matrix(labels, scores.shape[1], kind)  # type: ignore[arg-type]
+    if known is not None:
+        labelled &= np.asarray(known, bool)
+    judged = written & labelled[:, None]
+    bins = _confidence_bin(scores[judged])
+    return AttributeBaseline(
+        edges=edges,
+        scores=_bin_counts(edges, top),
+        covered=int(written.any(axis=1).sum()),
+        values=np.bincount(scores.argmax(axis=1), minlength=scores.shape[1]).tolist(),
+        written=np.bincount(bins, minlength=CONFIDENCE_BINS).tolist(),
+        correct=np.bincount(bins, weights=truth[judged], minlength=CONFIDENCE_BINS).astype(int).tolist(),
+    )
+
+
+@dataclass(frozen=True)
+class InputBaseline:
+    """What the training products looked like, label-free."""
+
+    title_edges: list[float]  # inner edges of the title length's deciles (characters)
+    title_lengths: list[int]  # products per title-length bin
+    scripts: list[int]  # products per title script (:data:`SCRIPTS`)
+    categories: dict[str, int]  # products per merchant category (the commonest), OTHER and NONE
+    description: list[int]  # products without / with a description
+    image: list[int]  # products per :data:`IMAGE_STATES`
+    tone_edges: list[float]  # inner edges of the photos' colour balance deciles
+    tones: list[int]  # decoded photos per colour-balance bin
+    # products come in groups that share title and description (colour or size variants); the mean
+    # group size a product is in, sum(n_g^2) / sum(n_g), is the tests' design effect (see assess)
+    design_effect: float = 1.0
+
+    @property
+    def products(self) -> int:
+        return sum(self.title_lengths)
+
+
+def _image_states(present: Sequence[bool], errors: Sequence[str | None]) -> list[int]:
+    states = [0 if not p else (2 if e is not None else 1) for p, e in zip(present, errors, strict=True)]
+    return np.bincount(np.asarray(states, np.int64), minlength=len(IMAGE_STATES)).tolist()
+
+
+def _category_counts(known: Iterable[str], categories: Sequence[str | None]) -> dict[str, int]:
+    named = set(known)
+    counts = dict.fromkeys([*sorted(named), OTHER, NONE], 0)
+    for c in categories:
+        counts[NONE if c is None else (c if c in named else OTHER)] += 1
+    return counts
+
+
+def _measured(tones: Sequence[float | None]) -> np.ndarray:
+    return np.array([t for t in tones if t is not None], np.float64)
+
+
+def input_baseline(
+    titles: Sequence[str | None],
+    descriptions: Sequence[str | None],
+    image_present: Sequence[bool],
+    image_errors: Sequence[str | None],
+    categories: Sequence[str | None],
+    tones: Sequence[float | None],
+    groups: np.ndarray | None = None,
+) -> InputBaseline:
+    """The input baseline of the training products (one entry per product in each sequence;
+    ``tones``: each decoded photo's colour balance, None where there is none; ``groups``: each
+    product's group of variants, None: every product its own)."""
+    lengths = np.array([len(t or "") for t in titles], np.float64)
+    edges = _quantile_edges(lengths, TITLE_BINS)
+    tone_edges = _quantile_edges(_measured(tones), TONE_BINS)
+    named = [c for c in categories if c is not None]
+    common = sorted(set(named), key=lambda c: (-named.count(c), c))[:MAX_CATEGORIES]
+    return InputBaseline(
+        title_edges=edges,
+        title_lengths=_bin_counts(edges, lengths),
+        scripts=np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
+        categories=_category_counts(common, categories),
+        description=_presence(descriptions),
+        image=_image_states(image_present, image_errors),
+        tone_edges=tone_edges,
+        tones=_bin_counts(tone_edges, _measured(tones)),
+        design_effect=_design_effect(groups),
+    )
+
+
+def _design_effect(groups: np.ndarray | None) -> float:
+    """The mean size of the group a product is in, ``sum(n_g^2) / sum(n_g)`` (1: no two products
+    share a group). Variants of one product share most of what the checks count, so a batch of
+    ``n`` products carries about ``n / design_effect`` products' worth of evidence."""
+    if groups is None or not len(groups):
+        return 1.0
+    sizes = np.unique(np.asarray(groups), return_counts=True)[1].astype(np.float64)
+    return float((sizes**2).sum() / sizes.sum())
+
+
+def _presence(texts: Sequence[str | None]) -> list[int]:
+    present = sum(1 for t in texts if t)
+    return [len(texts) - present, present]
+
+
+@dataclass(frozen=True)
+class HealthProfile:
+    """The baselines a model version's runs are checked against."""
+
+    attributes: dict[str, AttributeBaseline]
+    inputs: InputBaseline | None = None
+
+    VERSION = 2  # calibration.json's "health" format; bundles with another (or none) have no checks
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "attributes": {a: asdict(b) for a, b in self.attributes.items()},
+            "inputs": None if self.inputs is None else asdict(self.inputs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> HealthProfile | None:
+        """The profile of :meth:`to_dict`; None for a bundle written before this format."""
+        if not d or d.get("version") != cls.VERSION:
+            return None
+        inputs = d.get("inputs")
+        return cls(
+            {a: AttributeBaseline(**b) for a, b in d["attributes"].items()},
+            None if inputs is None else InputBaseline(**inputs),
+        )
+
+
+# -- tallies -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttributeTally:
+    """What the scoring tasks count of one attribute."""
+
+    scores: list[int]  # scored products per baseline top-score bin
+    covered: int  # of them, products given a value
+    values: list[int]  # per top value
+    written: list[int]  # written values per confidence bin
+
+    def merge(self, other: AttributeTally) -> AttributeTally:
+        return AttributeTally(
+            _add(self.scores, other.scores),
+            self.covered + other.covered,
+            _add(self.values, other.values),
+            _add(self.written, other.written),
+        )
+
+
+@dataclass
+class InputTally:
+    """What the scoring tasks count of the products' inputs (every valid product)."""
+
+    title_lengths: list[int]
+    scripts: list[int]
+    categories: dict[str, int]
+    description: list[int]
+    image: list[int]
+    tones: list[int]
+
+    def merge(self, other: InputTally) -> InputTally:
+        return InputTally(
+            _add(self.title_lengths, other.title_lengths),
+            _add(self.scripts, other.scripts),
+            {k: v + other.categories.get(k, 0) for k, v in self.categories.items()},
+            _add(self.description, other.description),
+            _add(self.image, other.image),
+            _add(self.tones, other.tones),
+        )
+
+
+@dataclass
+class HealthTally:
+    """A run's (or a batch's) counts; tallies add up (:meth:`merge`), as Spark's accumulator does."""
+
+    attributes: dict[str, AttributeTally] = field(default_factory=dict)
+    inputs: InputTally | None = None
+
+    def merge(self, other: HealthTally) -> HealthTally:
+        attrs = dict(self.attributes)
+        for a, t in other.attributes.items():
+            attrs[a] = attrs[a].merge(t) if a in attrs else t
+        inputs = self.inputs if other.inputs is None else other.inputs
+        if self.inputs is not None and other.inputs is not None:
+            inputs = self.inputs.merge(other.inputs)
+        return HealthTally(attrs, inputs)
+
+    def take(self) -> HealthTally:
+        """The counts so far, as a new tally; this one starts again from zero."""
+        out = HealthTally(self.attributes, self.inputs)
+        self.attributes, self.inputs = {}, None
+        return out
+
+    def add_attribute(
+        self, name: str, base: AttributeBaseline, scores: np.ndarray, covered: int, confidences: np.ndarray
+    ) -> None:
+        """Count one batch of an attribute: the scores ``(n, V)`` of the products scored for it, how
+        many of them were given a value, and the confidences of the values written."""
+        scores = np.asarray(scores, np.float64)
+        top_value = scores.argmax(axis=1) if len(scores) else np.zeros(0, np.int64)
+        batch = AttributeTally(
+            _bin_counts(base.edges, _top(scores)),
+            int(covered),
+            np.bincount(top_value, minlength=len(base.values)).tolist(),
+            np.bincount(_confidence_bin(confidences), minlength=CONFIDENCE_BINS).tolist(),
+        )
+        self.attributes[name] = self.attributes[name].merge(batch) if name in self.attributes else batch
+
+    def add_inputs(
+        self,
+        base: InputBaseline,
+        titles: Sequence[str | None],
+        descriptions: Sequence[str | None],
+        image_present: Sequence[bool],
+        image_errors: Sequence[str | None],
+        categories: Sequence[str | None],
+        tones: Sequence[float | None],
+    ) -> None:
+        """Count one batch of products' inputs (one entry per product in each sequence; ``tones``:
+        the colour balance of each photo decoded, None where none was)."""
+        batch = InputTally(
+            _bin_counts(base.title_edges, np.array([len(t or "") for t in titles], np.float64)),
+            np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
+            _category_counts([c for c in base.categories if c not in (OTHER, NONE)], categories),
+            _presence(descriptions),
+            _image_states(image_present, image_errors),
+            _bin_counts(base.tone_edges, _measured(tones)),
+        )
+        self.inputs = batch if self.inputs is None else self.inputs.merge(batch)
