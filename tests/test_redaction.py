@@ -167,9 +167,9 @@ def test_what_the_scoring_tasks_are_sent_holds_no_secret(  # type: ignore[no-unt
     task unpickles carries none of them."""
     import cloudpickle
 
-    from catalog_enrichment.enrich import stages as enrich
     from catalog_enrichment.catalog.attributes import ensure_attributes_table
     from catalog_enrichment.catalog.products import list_partitions
+    from catalog_enrichment.enrich import stages as enrich
     from catalog_enrichment.versions import ModelVersion
     from tests.conftest import tiny_config
 

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from catalog_enrichment.catalog import open_catalog, postgres
+from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.postgres import PG_DSN_ENV, PostgresCatalog, migrate
+from catalog_enrichment.catalog.postgres.migrate import MIGRATIONS
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 
@@ -51,22 +52,24 @@ def test_the_connection_comes_from_the_environment_and_errors_never_show_the_pas
         open_catalog(pg_catalog_config.model_copy(update={"products": "/some/path"}))
 
 
-def test_migrations_are_applied_once_in_order(
-    pg_catalog_config: CatalogConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_migrations_are_applied_once_in_order(pg_catalog_config: CatalogConfig, tmp_path: Path) -> None:
     catalog = PostgresCatalog(pg_catalog_config)
     with catalog.connect() as conn:  # the first connection migrated the schema
         applied = conn.execute(
             f'SELECT version, name FROM "{catalog.schema}".schema_migrations ORDER BY version'
         ).fetchall()
-        assert applied == [(1, "0001_catalog"), (2, "0002_reviews"), (3, "0003_embeddings")]
+        assert applied == [
+            (1, "0001_catalog"),
+            (2, "0002_reviews"),
+            (3, "0003_embeddings"),
+            (4, "0004_run_health"),
+        ]
         assert migrate(conn, catalog.schema) == []  # nothing left to apply
         folder = tmp_path / "migrations"
-        shutil.copytree(postgres.MIGRATIONS, folder)
-        (folder / "0004_note.sql").write_text("ALTER TABLE {schema}.run_reports ADD COLUMN note text;\n")
-        monkeypatch.setattr(postgres, "MIGRATIONS", folder)
-        assert migrate(conn, catalog.schema) == ["0004_note"]
-        assert migrate(conn, catalog.schema) == []
+        shutil.copytree(MIGRATIONS, folder)
+        (folder / "0005_note.sql").write_text("ALTER TABLE {schema}.run_reports ADD COLUMN note text;\n")
+        assert migrate(conn, catalog.schema, folder) == ["0005_note"]
+        assert migrate(conn, catalog.schema, folder) == []
         columns = conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND "
             "table_name = 'run_reports' AND column_name = 'note'",
@@ -74,9 +77,9 @@ def test_migrations_are_applied_once_in_order(
         ).fetchall()
         assert columns == [("note",)]
         # a migration that fails leaves nothing of itself
-        (folder / "0005_broken.sql").write_text("CREATE TABLE {schema}.half (a int);\nNOT SQL;\n")
+        (folder / "0006_broken.sql").write_text("CREATE TABLE {schema}.half (a int);\nNOT SQL;\n")
         with pytest.raises(Exception, match="syntax error"):
-            migrate(conn, catalog.schema)
+            migrate(conn, catalog.schema, folder)
         half = conn.execute(
             "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = 'half'", [catalog.schema]
         ).fetchone()

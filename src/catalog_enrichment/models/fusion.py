@@ -304,7 +304,12 @@ class LateFusion(_TwoBranches):
             branch_probs={"text": text.probs, "image": image.probs},
         )
 
-    def fit_heldout(self, branch_probs, targets, known):  # type: ignore[no-untyped-def]
+    def fit_heldout(
+        self,
+        branch_probs: Mapping[str, Mapping[str, torch.Tensor]],
+        targets: Mapping[str, torch.Tensor],
+        known: Mapping[str, torch.Tensor],
+    ) -> dict[str, Any]:
         from catalog_enrichment.metrics import attribute_r_at_p
 
         chosen = {}
@@ -386,11 +391,17 @@ class DecisionFusion(_TwoBranches):
             branch_probs={"text": text.probs, "image": image.probs},
         )
 
-    def fit_heldout(self, branch_probs, targets, known):  # type: ignore[no-untyped-def]
+    def fit_heldout(
+        self,
+        branch_probs: Mapping[str, Mapping[str, torch.Tensor]],
+        targets: Mapping[str, torch.Tensor],
+        known: Mapping[str, torch.Tensor],
+    ) -> dict[str, Any]:
         from sklearn.model_selection import KFold
 
         report: dict[str, float] = {}
-        for a, nets in self.decision.items():
+        for a, module in self.decision.items():
+            nets = cast(nn.ModuleList, module)
             kind = self.specs[a].kind
             rows = torch.nonzero(known[a].bool()).flatten()
             x = torch.cat([branch_probs["text"][a], branch_probs["image"][a]], dim=-1).detach()[rows].float()

@@ -4,19 +4,16 @@ once, in order, in one transaction, under an advisory lock."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 __all__ = ["MIGRATIONS", "migrate"]
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def migrate(conn: Any, schema: str) -> list[str]:
-    """Apply the migrations ``schema`` has not had yet, in order; the names applied."""
+def migrate(conn: Any, schema: str, folder: Path = MIGRATIONS) -> list[str]:
+    """Apply the migrations of ``folder`` that ``schema`` has not had yet, in order; the names
+    applied."""
     from psycopg import sql
 
     applied: list[str] = []
@@ -31,7 +28,7 @@ def migrate(conn: Any, schema: str) -> list[str]:
             ).format(table)
         )
         done = {v for (v,) in conn.execute(sql.SQL("SELECT version FROM {}").format(table))}
-        for file in sorted(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        for file in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql")):
             version = int(file.name[:4])
             if version in done:
                 continue
