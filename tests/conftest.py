@@ -192,7 +192,6 @@ def tiny_registry(
         "--set", f"mlflow.tracking_uri={uri}",
         "--set", "mlflow.registered_model=tiny",
         "--set", "inference.device=cpu",
-        "--set", "validation.run_expectations=false",
     ]  # fmt: skip
     return client, uri, version, flags
 

@@ -195,7 +195,7 @@ def corpus(spark, tmp_path_factory, incoming, taxonomy, scoring_bundle):  # type
     cfg = tiny_config(
         catalog={"root": str(root / "lake")},
         inference={"batch_size": 64, "device": "cpu"},
-        validation={"max_invalid_fraction": 0.5, "run_expectations": True},
+        validation={"max_invalid_fraction": 0.5},
         images={"max_bytes": 200_000},
     )
     ensure_attributes_table(cfg.catalog.table("attributes"))

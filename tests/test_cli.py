@@ -62,6 +62,22 @@ def test_generate_then_summarize(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert set(summary["value_frequencies"]) == {"color", "material", "product_type", "pattern"}
 
 
+def test_expectations_writes_a_suite_great_expectations_reads_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import great_expectations as gx
+
+    out = tmp_path / "gx" / "suite.json"
+    flags = ["--out", str(out), "--name", "nightly", "--set", "validation.max_title_length=300"]
+    assert main(["expectations", *flags]) == 0
+    assert f"wrote 15 expectations to {out}" in capsys.readouterr().out
+    gx.get_context(mode="ephemeral")
+    suite = gx.ExpectationSuite(**json.loads(out.read_text()))
+    assert suite.name == "nightly" and len(suite.expectations) == 15
+    title = next(e for e in suite.expectations if e.meta["rule"] == "title_max_length")
+    assert title.max_value == 300
+
+
 def test_config_command_applies_overrides(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "--set", "inference.batch_size=7", "--set", "model.fusion=concat"]) == 0
     text = capsys.readouterr().out

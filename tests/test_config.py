@@ -190,13 +190,13 @@ def test_env_and_set_values_are_typed_by_their_field_not_by_yaml_1_1() -> None:
         "CATALOG_ENRICH_MLFLOW__REGISTERED_MODEL": "010",
         "CATALOG_ENRICH_SPARK__APP_NAME": "no",
         "CATALOG_ENRICH_INFERENCE__BATCH_SIZE": "010",
-        "CATALOG_ENRICH_VALIDATION__RUN_EXPECTATIONS": "no",
+        "CATALOG_ENRICH_INFERENCE__KEEP_MEMORY": "no",
         "CATALOG_ENRICH_IMAGES__HOSTS": "[no, 2026-11-01]",
     }
     cfg = load_config(
         environ=env, overrides=parse_overrides(["training.seed=010", "catalog.root=2026-11-01"])
     )
     assert cfg.mlflow.registered_model == "010" and cfg.spark.app_name == "no"
-    assert cfg.inference.batch_size == 10 and cfg.validation.run_expectations is False
+    assert cfg.inference.batch_size == 10 and cfg.inference.keep_memory is False
     assert cfg.images.hosts == ["no", "2026-11-01"] and cfg.training.seed == 10
     assert cfg.catalog.root == "2026-11-01"

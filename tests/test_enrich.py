@@ -178,12 +178,9 @@ def test_validation_report_and_model_loaded_once_per_worker(first_run) -> None: 
     report = report_for(read_reports(cfg.catalog.table("run_reports")), "run-1")
     assert report.status == "succeeded"
     summary = report.summary()
-    gx = {e["rule"]: e["unexpected_count"] for e in summary["expectations"]}
     rows = summary["row_rules"]
-    for rule, count in gx.items():
-        # GX flags both copies of a duplicated id; the row rule quarantines only the stale one
-        assert count == (2 * rows[rule] if rule == "product_id_unique" else rows[rule]), rule
-    assert rows["image_decodable"] == 36 and summary["success"] is False
+    # 12 of each bad kind (conftest.INCOMING): three kinds of broken image bytes, one stale copy each
+    assert rows["image_decodable"] == 36 and rows["product_id_unique"] == 12
     assert set(report.stage_seconds) == {"read", "validate", "score", "decide", "write", "store"}
     # a first run on an empty store encodes and stores every product it scored
     assert summary["embeddings_reused"] == 0

@@ -96,7 +96,6 @@ def test_health_on_the_lakehouse_and_report_health_check(  # type: ignore[no-unt
     cfg = tiny_config(
         catalog={"root": str(tmp_path / "lake"), "products": str(tmp_path / "products")},
         inference={"batch_size": 64, "device": "cpu"},
-        validation={"run_expectations": False},
     )
 
     def load(products: pa.Table | None) -> pa.Table:
@@ -120,7 +119,7 @@ def test_health_on_the_lakehouse_and_report_health_check(  # type: ignore[no-unt
 def test_health_on_postgres(spark, incoming, taxonomy, scoring_bundle, pg_catalog_config) -> None:  # type: ignore[no-untyped-def]
     source = read_table(incoming.products)
     clean = source.filter(pc.is_valid(source["product_id"])).slice(0, 1000)
-    cfg = tiny_config(inference={"batch_size": 64, "device": "cpu"}, validation={"run_expectations": False})
+    cfg = tiny_config(inference={"batch_size": 64, "device": "cpu"})
     cfg = cfg.model_copy(update={"catalog": pg_catalog_config})
     catalog = open_catalog(cfg.catalog)
 

@@ -115,6 +115,12 @@ def _summarize(sub: Sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _expectations(sub: Sub) -> None:
+    p = _command(sub, "expectations", commands.expectations)
+    p.add_argument("--out", metavar="FILE", default="products.json", help="suite file (default %(default)s)")
+    p.add_argument("--name", default="products", help="the suite's name (default %(default)s)")
+
+
 def _load_products(sub: Sub) -> None:
     p = _command(sub, "load-products", commands.load_products)
     p.add_argument("path", metavar="PATH", help="a products table (Delta or Parquet), e.g. from 'generate'")
@@ -339,6 +345,7 @@ def _bench(sub: Sub) -> None:
 COMMANDS = (
     _generate,
     _summarize,
+    _expectations,
     _load_products,
     _demo,
     _labels,

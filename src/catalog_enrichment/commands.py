@@ -62,6 +62,26 @@ def summarize(args: argparse.Namespace, cfg: AppConfig) -> int:
     return 0
 
 
+def expectations(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """write the validation rules as a Great Expectations suite
+
+    Write the products contract's validation rules (schemas/products.yaml and the validation
+    config) as a Great Expectations 1.x expectation suite in GX's JSON form, for a GX project to add
+    with context.suites.add(gx.ExpectationSuite(**json.load(f))). The updated_at bound is now plus
+    validation.max_clock_skew_seconds; the UTF-8 rules have no expectation.
+    """
+    import datetime as dt
+
+    from catalog_enrichment.contracts import load_contract
+    from catalog_enrichment.validation.rules import build_rules
+    from catalog_enrichment.validation.suite import write_suite
+
+    rules = build_rules(load_contract("products"), cfg.validation, dt.datetime.now(dt.UTC))
+    path = write_suite(rules, Path(args.out), name=args.name)
+    print(f"wrote {sum(r.expectation is not None for r in rules)} expectations to {path}")
+    return 0
+
+
 def load_products(args: argparse.Namespace, cfg: AppConfig) -> int:
     """copy a products table into the PostgreSQL catalog (a test or staging database)
 

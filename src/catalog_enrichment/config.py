@@ -641,9 +641,6 @@ class ValidationConfig(_Section):
         description="updated_at before this date (YYYY-MM-DD, UTC) is quarantined: a zero or epoch default, "
         "not a real change.",
     )
-    run_expectations: bool = Field(
-        True, description="Also run the Great Expectations suite (its results go into the run report)."
-    )
     health: HealthConfig = Field(default_factory=HealthConfig)
 
 

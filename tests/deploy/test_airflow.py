@@ -132,7 +132,7 @@ def _nightly_config(tmp: Path, uri: str, lake: Path, products: Path) -> Path:
                 "mlflow": {"tracking_uri": uri, "registered_model": "tiny"},
                 "catalog": {"root": str(lake), "products": str(products)},
                 "inference": {"device": "cpu"},
-                "validation": {"run_expectations": False, "max_invalid_fraction": 0.1},
+                "validation": {"max_invalid_fraction": 0.1},
             }
         )
     )

@@ -120,7 +120,6 @@ class _Bench:
             "--set", f"mlflow.tracking_uri={uri or self.setup.tracking_uri}",
             "--set", f"mlflow.registered_model={self.setup.model_name}",
             "--set", "inference.device=cpu",
-            "--set", "validation.run_expectations=false",
             "--set", "validation.max_invalid_fraction=0.2",
         ]  # fmt: skip
         if verb == "enrich":

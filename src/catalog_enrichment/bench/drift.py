@@ -291,7 +291,7 @@ def _every_check_blocks(cfg: AppConfig, lake: Path) -> AppConfig:
     return cfg.model_copy(
         update={
             "catalog": cfg.catalog.model_copy(update={"kind": "lakehouse", "root": str(lake)}),
-            "validation": cfg.validation.model_copy(update={"health": health, "run_expectations": False}),
+            "validation": cfg.validation.model_copy(update={"health": health}),
         }
     )
 

@@ -127,7 +127,7 @@ def _command(kind: str, cfg: CatalogConfig, products: Path, run_id: str, uri: st
     flags = [
         "--catalog", cfg.root, "--run-id", run_id, "--full",
         "--set", f"mlflow.tracking_uri={uri}", "--set", f"mlflow.registered_model={model}",
-        "--set", "inference.device=cpu", "--set", "validation.run_expectations=false",
+        "--set", "inference.device=cpu"
     ]  # fmt: skip
     if kind == "lakehouse":
         flags += ["--products", str(products)]

@@ -227,10 +227,6 @@ def format_report(report: RunReport) -> str:
             "  quarantined  "
             + ("; ".join(f"{rule} {n:,}" for rule, n in broken.items()) if broken else "no rule broken")
         )
-        if "success" in info:
-            stats = info.get("statistics", {})
-            met, total = stats.get("successful_expectations", 0), stats.get("evaluated_expectations", 0)
-            lines.append(f"  GX suite     {met}/{total} expectations met")
         if "health" in info:
             failed = len(info.get("health_failures") or [])
             blocked = ", ".join(info.get("health_blocked") or []) or "nothing"

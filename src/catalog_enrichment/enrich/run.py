@@ -164,7 +164,7 @@ class _Record:
     def _summary(self) -> dict[str, Any]:
         summary: dict[str, Any] = {}
         if self.validated is not None:
-            summary.update(self.validated.expectations, row_rules=self.validated.counts.per_rule)
+            summary["row_rules"] = self.validated.counts.per_rule
             summary[SEEN] = self.seen_next
         if self.rejected:
             summary["rejected_by_review"] = self.rejected
@@ -256,7 +256,7 @@ def _stages(
             f"model {job.model.name} v{job.model.version}")  # fmt: skip
     with run.stage("validate"):
         rules = build_rules(contract, cfg.validation, run.started_at, got.df.columns)
-        run.validated = validated = validate(got.df, rules, cfg, run.started_at, say)
+        run.validated = validated = validate(got.df, rules, run.started_at, say)
         run.seen_next = near_watermark(got, run.watermark())
     check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
     rejected = rejected_values(catalog.keyed_rows("reviews"), job.model.version)

@@ -43,7 +43,6 @@ from catalog_enrichment.validation.rules import (
     latest_copies,
     quarantine_rows,
 )
-from catalog_enrichment.validation.suite import run_suite
 from catalog_enrichment.versions import ModelVersion
 
 if TYPE_CHECKING:
@@ -150,31 +149,22 @@ def near_watermark(got: Read, watermark: dt.datetime | None) -> list[tuple[str, 
 
 @dataclass(frozen=True)
 class Validated:
-    """The rows with their failed rules (``_reasons``), the counts, the GX suite's summary, and the
-    watermark the rows give (never past the run's start)."""
+    """The rows with their failed rules (``_reasons``), the counts, and the watermark the rows give
+    (never past the run's start)."""
 
     checked: DataFrame
     counts: ValidationCounts
-    expectations: dict[str, Any]
     watermark: dt.datetime | None
 
 
-def validate(
-    df: DataFrame, rules: list[Rule], cfg: AppConfig, started_at: dt.datetime, say: Say
-) -> Validated:
-    """Count every rule and find the duplicates (one pass), mark each row, run the GX suite."""
+def validate(df: DataFrame, rules: list[Rule], started_at: dt.datetime, say: Say) -> Validated:
+    """Count every rule and find the duplicates (one pass), mark each row."""
     counts, duplicates = count_rows(df, rules)
     # never past the run's start: a row stamped in the future (quarantined beyond the allowed clock
     # skew) must not make every later incremental run skip the products changed in between
     watermark = None if counts.watermark is None else min(counts.watermark, started_at)
-    expectations: dict[str, Any] = {}
-    if cfg.validation.run_expectations and counts.rows_read:
-        try:
-            expectations = run_suite(df, rules)
-        except Exception as exc:  # the suite reports; the row rules decide
-            expectations = {"expectations_error": f"{type(exc).__name__}: {exc}"[:2000]}
     say(f"  validated {counts.rows_read:,} rows: {counts.rows_invalid:,} invalid ({counts.top_rules()})")
-    return Validated(check_rows(df, rules, latest=latest_copies(duplicates)), counts, expectations, watermark)
+    return Validated(check_rows(df, rules, latest=latest_copies(duplicates)), counts, watermark)
 
 
 @dataclass(frozen=True)
