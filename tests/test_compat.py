@@ -52,7 +52,7 @@ def test_fix_is_a_no_op_when_torchvision_is_already_imported() -> None:
 @pytest.mark.timeout(300)
 def test_timm_imports_inside_a_spark_python_worker(spark) -> None:  # type: ignore[no-untyped-def]
     """Spark workers import the package to unpickle the function; that alone must fix timm."""
-    from catalog_enrichment.data.images import COLOR_RGB  # noqa: F401  (package on the worker path)
+    from catalog_enrichment.data.render import COLOR_RGB  # noqa: F401  (package on the worker path)
 
     def probe(batches):  # type: ignore[no-untyped-def]
         import importlib

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalog_enrichment.data.images import COLOR_RGB, ImageParts, decode_image, encode_image, render_product
+from catalog_enrichment.data.images import decode_image, encode_image
+from catalog_enrichment.data.render import COLOR_RGB, ImageParts, render_product
 
 
 def _image(fmt: str = "JPEG") -> bytes:

@@ -15,7 +15,8 @@ import pytest
 from catalog_enrichment.catalog.lakehouse import data_files, read_table
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
-from catalog_enrichment.data.images import COLOR_RGB, decode_image
+from catalog_enrichment.data.images import decode_image
+from catalog_enrichment.data.render import COLOR_RGB
 from catalog_enrichment.data.synthetic import (
     _WRONG_TYPE_TITLES,
     BAD_KINDS,
@@ -240,7 +241,7 @@ def test_generator_refuses_a_foreign_taxonomy(tmp_path: Path) -> None:
 
 
 def test_the_long_tailed_marketplace_draws_its_own_taxonomy_with_a_long_tail(tmp_path: Path) -> None:
-    from catalog_enrichment.data.images import LONG_TAIL_COLOR_RGB, SUBTYPES, ImageParts, render_product
+    from catalog_enrichment.data.render import LONG_TAIL_COLOR_RGB, SUBTYPES, ImageParts, render_product
     from catalog_enrichment.data.synthetic import synthetic_taxonomy
 
     cfg = SyntheticConfig(products=3000, seed=5, image_size=32, long_tail=True)

@@ -38,14 +38,14 @@ import pyarrow as pa
 from catalog_enrichment.catalog.lakehouse import write_table
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract, load_taxonomy, schemas_dir
-from catalog_enrichment.data.images import (
+from catalog_enrichment.data.images import encode_image
+from catalog_enrichment.data.render import (
     COLOR_RGB,
     LONG_TAIL_COLOR_RGB,
     MATERIALS,
     PATTERNS,
     SUBTYPES,
     ImageParts,
-    encode_image,
     render_product,
 )
 from catalog_enrichment.errors import TaxonomyError
