@@ -39,6 +39,8 @@ products whose argmax is ``v``. Multi-label: every (product, value) pair is a ca
 Assumptions: calibration (and family) scores are out-of-sample, and those products are
 exchangeable with the products scored later (same distribution). The attribute-scope bound is on
 the pooled precision of the attribute, not on each value.
+
+Over 600 lines because both guarantee scopes share the grid, the family and the bounds.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ work where the field wants them, and a string field keeps ``010`` or ``no`` as w
 Every section is a frozen pydantic model that forbids unknown keys, so a typo or a wrong type is a
 :class:`ConfigError` naming the offending key, e.g. ``inference.batch_size: Input should be a valid
 integer (got 'many')``.
+
+Over 600 lines because every field and its description live here: this is the configuration reference.
 """
 
 from __future__ import annotations

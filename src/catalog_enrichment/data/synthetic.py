@@ -20,6 +20,8 @@ Output under ``out``: ``products/`` (the labelled products table, Delta or Parqu
 ``ingest_date``), ``truth/`` (per-row ground truth: clean labels, which modality names what, the
 injected bad kind), ``images/`` when ``image_files`` is set, and ``generation.json``.
 Everything is a pure function of the config: the same seed gives byte-identical data files.
+
+Over 600 lines because each generator knob and the bad-row kinds are tied to one seeded draw order.
 """
 
 from __future__ import annotations
