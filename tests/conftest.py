@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -115,30 +116,14 @@ def save_trained(trained: Any, path: Path) -> Path:
     """A trained model (``training.loop.TrainedModel``) saved as a bundle folder."""
     from catalog_enrichment.inference.bundle import save_bundle
 
-    return save_bundle(
-        path,
-        model=trained.model,
-        tokenizer=trained.tokenizer,
-        taxonomy=trained.taxonomy,
-        calibration=trained.calibration,
-        model_config=trained.config.model,
-        evaluation=trained.test_report.to_dict(),
-    )
+    return save_bundle(path, trained.bundle())
 
 
 def save_with_model(bundle: Any, model: Any, path: Path) -> Path:
     """``bundle`` (a loaded ``ModelBundle``) saved at ``path`` with ``model`` in place of its own."""
     from catalog_enrichment.inference.bundle import save_bundle
 
-    return save_bundle(
-        path,
-        model=model,
-        tokenizer=bundle.tokenizer,
-        taxonomy=bundle.taxonomy,
-        calibration=bundle.calibration,
-        model_config=bundle.model_config,
-        evaluation={},
-    )
+    return save_bundle(path, dataclasses.replace(bundle, model=model, evaluation={}))
 
 
 @pytest.fixture(scope="session")

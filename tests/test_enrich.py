@@ -10,6 +10,7 @@ corrupt / truncated / empty image bytes -> image_decodable; all quarantined whol
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import re
@@ -396,21 +397,8 @@ def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incom
         if msg.startswith("[backfill 3/4]"):
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        backfill_partitions(
-            spark,
-            cfg,
-            taxonomy,
-            model=_model(scoring_bundle),
-            date_from=days[0],
-            date_to=days[1],
-            products=incoming.products,
-            progress=interrupt_at_third,
-        )
-    done = [r.partition for r in read_reports(cfg.catalog.table("run_reports"))]
-    assert done == ["ingest_date=2026-11-01", "ingest_date=2026-11-02"]
-    messages: list[str] = []
-    results = backfill_partitions(
+    backfill = functools.partial(
+        backfill_partitions,
         spark,
         cfg,
         taxonomy,
@@ -418,8 +406,13 @@ def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incom
         date_from=days[0],
         date_to=days[1],
         products=incoming.products,
-        progress=messages.append,
     )
+    with pytest.raises(KeyboardInterrupt):
+        backfill(progress=interrupt_at_third)
+    done = [r.partition for r in read_reports(cfg.catalog.table("run_reports"))]
+    assert done == ["ingest_date=2026-11-01", "ingest_date=2026-11-02"]
+    messages: list[str] = []
+    results = backfill(progress=messages.append)
     assert [o is None for _, o in results] == [True, True, False, False]
     reports = read_reports(cfg.catalog.table("run_reports"))
     assert sorted(r.partition for r in reports) == [f"ingest_date=2026-11-0{d}" for d in range(1, 5)]

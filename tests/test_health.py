@@ -18,6 +18,7 @@ from catalog_enrichment.health import (
     Check,
     HealthProfile,
     HealthTally,
+    ProductInputs,
     assess,
     attribute_baseline,
     blocked_attributes,
@@ -230,10 +231,7 @@ def _profile(pop: dict[str, object], idx: np.ndarray, groups: np.ndarray | None 
         base = attribute_baseline(scores[idx], labels[idx], KINDS[name], thresholds)
         assert base is not None
         attributes[name] = base
-    inputs = input_baseline(
-        *(_pick(pop, k, idx) for k in ("titles", "descriptions", "present", "errors", "categories", "tones")),
-        None if groups is None else groups[idx],
-    )  # type: ignore[arg-type]
+    inputs = input_baseline(_inputs(pop, idx), None if groups is None else groups[idx])
     return HealthProfile(attributes, inputs)
 
 
@@ -259,11 +257,13 @@ def _count(profile: HealthProfile, pop: dict[str, object], idx: np.ndarray) -> H
             name, profile.attributes[name], scores, int(written.any(axis=1).sum()), scores[written]
         )
     assert profile.inputs is not None
-    tally.add_inputs(
-        profile.inputs,
-        *(_pick(pop, k, idx) for k in ("titles", "descriptions", "present", "errors", "categories", "tones")),
-    )  # type: ignore[arg-type]
+    tally.add_inputs(profile.inputs, _inputs(pop, idx))
     return tally
+
+
+def _inputs(pop: dict[str, object], idx: np.ndarray) -> ProductInputs:
+    keys = ("titles", "descriptions", "present", "errors", "categories", "tones")
+    return ProductInputs(*(_pick(pop, k, idx) for k in keys))  # type: ignore[arg-type]
 
 
 def _target(pop: dict[str, object]) -> float:

@@ -315,15 +315,7 @@ def _train(train: pa.Table, taxonomy: Taxonomy, cfg: AppConfig, workdir: Path, s
     from catalog_enrichment.versions import ModelVersion
 
     trained = train_and_calibrate(train, taxonomy, cfg, progress=lambda m: say("  " + m))
-    bundle = save_bundle(
-        workdir / "model",
-        model=trained.model,
-        tokenizer=trained.tokenizer,
-        taxonomy=trained.taxonomy,
-        calibration=trained.calibration,
-        model_config=trained.config.model,
-        evaluation=trained.test_report.to_dict(),
-    )
+    bundle = save_bundle(workdir / "model", trained.bundle())
     return trained, ModelVersion("drift", "1", bundle_dir=bundle)
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from catalog_enrichment.metrics import decision_matrix, truth_matrix
 
@@ -24,6 +25,7 @@ __all__ = [
     "HealthTally",
     "InputBaseline",
     "InputTally",
+    "ProductInputs",
     "attribute_baseline",
     "input_baseline",
     "title_script",
@@ -201,18 +203,43 @@ def _measured(tones: Sequence[float | None]) -> np.ndarray:
     return np.array([t for t in tones if t is not None], np.float64)
 
 
-def input_baseline(
-    titles: Sequence[str | None],
-    descriptions: Sequence[str | None],
-    image_present: Sequence[bool],
-    image_errors: Sequence[str | None],
-    categories: Sequence[str | None],
-    tones: Sequence[float | None],
-    groups: np.ndarray | None = None,
-) -> InputBaseline:
-    """The input baseline of the training products (one entry per product in each sequence;
-    ``tones``: each decoded photo's colour balance, None where there is none; ``groups``: each
-    product's group of variants, None: every product its own)."""
+@dataclass(frozen=True)
+class ProductInputs:
+    """What the input checks count of some products: one entry per product in each field."""
+
+    titles: Sequence[str | None]
+    descriptions: Sequence[str | None]
+    image_present: Sequence[bool]  # an image or image_uri is there
+    image_errors: Sequence[str | None]  # why the image cannot be used; None: usable or absent
+    categories: Sequence[str | None]
+    tones: Sequence[float | None]  # each decoded photo's colour balance; None: no photo decoded
+
+    @classmethod
+    def of(
+        cls,
+        rows: pa.Table | pa.RecordBatch,
+        image_errors: Sequence[str | None],
+        tones: Sequence[float | None],
+    ) -> ProductInputs:
+        """The inputs of products table rows (or a batch of them) whose images were read."""
+        names = rows.schema.names
+
+        def column(name: str) -> list[Any]:
+            return rows.column(name).to_pylist() if name in names else [None] * rows.num_rows
+
+        present = np.zeros(rows.num_rows, bool)
+        for name in ("image", "image_uri"):
+            if name in names:
+                present |= rows.column(name).is_valid().to_numpy(zero_copy_only=False)
+        return cls(
+            column("title"), column("description"), present.tolist(), image_errors, column("category"), tones
+        )
+
+
+def input_baseline(inputs: ProductInputs, groups: np.ndarray | None = None) -> InputBaseline:
+    """The input baseline of the training products (``groups``: each product's group of variants,
+    None: every product its own)."""
+    titles, categories, tones = inputs.titles, inputs.categories, inputs.tones
     lengths = np.array([len(t or "") for t in titles], np.float64)
     edges = _quantile_edges(lengths, TITLE_BINS)
     tone_edges = _quantile_edges(_measured(tones), TONE_BINS)
@@ -223,8 +250,8 @@ def input_baseline(
         title_lengths=_bin_counts(edges, lengths),
         scripts=np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
         categories=_category_counts(common, categories),
-        description=_presence(descriptions),
-        image=_image_states(image_present, image_errors),
+        description=_presence(inputs.descriptions),
+        image=_image_states(inputs.image_present, inputs.image_errors),
         tone_edges=tone_edges,
         tones=_bin_counts(tone_edges, _measured(tones)),
         design_effect=_design_effect(groups),
@@ -354,24 +381,15 @@ class HealthTally:
         )
         self.attributes[name] = self.attributes[name].merge(batch) if name in self.attributes else batch
 
-    def add_inputs(
-        self,
-        base: InputBaseline,
-        titles: Sequence[str | None],
-        descriptions: Sequence[str | None],
-        image_present: Sequence[bool],
-        image_errors: Sequence[str | None],
-        categories: Sequence[str | None],
-        tones: Sequence[float | None],
-    ) -> None:
-        """Count one batch of products' inputs (one entry per product in each sequence; ``tones``:
-        the colour balance of each photo decoded, None where none was)."""
+    def add_inputs(self, base: InputBaseline, inputs: ProductInputs) -> None:
+        """Count one batch of products' inputs."""
+        titles = inputs.titles
         batch = InputTally(
             _bin_counts(base.title_edges, np.array([len(t or "") for t in titles], np.float64)),
             np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
-            _category_counts([c for c in base.categories if c not in (OTHER, NONE)], categories),
-            _presence(descriptions),
-            _image_states(image_present, image_errors),
-            _bin_counts(base.tone_edges, _measured(tones)),
+            _category_counts([c for c in base.categories if c not in (OTHER, NONE)], inputs.categories),
+            _presence(inputs.descriptions),
+            _image_states(inputs.image_present, inputs.image_errors),
+            _bin_counts(base.tone_edges, _measured(inputs.tones)),
         )
         self.inputs = batch if self.inputs is None else self.inputs.merge(batch)

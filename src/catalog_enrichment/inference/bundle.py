@@ -146,17 +146,10 @@ class ModelBundle:
         return self.model.preprocessing
 
 
-def save_bundle(
-    path: str | Path,
-    *,
-    model: AnyModel,
-    tokenizer: Any,
-    taxonomy: Taxonomy,
-    calibration: Calibration,
-    model_config: ModelConfig,
-    evaluation: dict[str, Any],
-) -> Path:
-    """Write a bundle folder (see the module docstring)."""
+def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
+    """Write ``bundle`` as a bundle folder (see the module docstring); its encoder fingerprint is
+    computed from the model (``bundle.encoder_fingerprint`` is not read)."""
+    model, tokenizer, model_config = bundle.model, bundle.tokenizer, bundle.model_config
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     folder = BundleFolder(root)
@@ -187,9 +180,9 @@ def save_bundle(
     if model_config.encoder_runtime == "onnx":
         runtime.export_encoders(model, folder.onnx)
     tokenizer.save_pretrained(str(folder.tokenizer))
-    folder.taxonomy.write_text(json.dumps(taxonomy.to_dict(), indent=2))
-    folder.calibration.write_text(json.dumps(calibration.to_dict(), indent=2))
-    folder.evaluation.write_text(json.dumps(json_safe(evaluation), indent=2))
+    folder.taxonomy.write_text(json.dumps(bundle.taxonomy.to_dict(), indent=2))
+    folder.calibration.write_text(json.dumps(bundle.calibration.to_dict(), indent=2))
+    folder.evaluation.write_text(json.dumps(json_safe(bundle.evaluation), indent=2))
     folder.manifest.write_text(json.dumps(_digests(root), indent=2))  # last: it covers the rest
     return root
 

@@ -287,24 +287,9 @@ def tally_health(policy: Any, batch: pa.RecordBatch, scores: Any, flat: Any, tal
         rows = np.asarray(scores.probs[attr.name])[flat.scored[:, a]]
         tally.add_attribute(attr.name, base, rows, len(np.unique(product[mine])), flat.confidence[mine])
     if profile.inputs is not None:
-        names = batch.schema.names
+        from catalog_enrichment.health import ProductInputs
 
-        def texts(name: str) -> list[Any]:
-            return batch.column(name).to_pylist() if name in names else [None] * batch.num_rows
-
-        present = np.zeros(batch.num_rows, bool)
-        for name in ("image", "image_uri"):
-            if name in names:
-                present |= batch.column(name).is_valid().to_numpy(zero_copy_only=False)
-        tally.add_inputs(
-            profile.inputs,
-            texts("title"),
-            texts("description"),
-            present.tolist(),
-            scores.image_error,
-            texts("category"),
-            scores.tone,
-        )
+        tally.add_inputs(profile.inputs, ProductInputs.of(batch, scores.image_error, scores.tone))
 
 
 def decide_batch(

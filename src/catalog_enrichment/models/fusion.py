@@ -130,6 +130,10 @@ class FusionInputs:
     field_present: list[torch.Tensor] | None = None
 
 
+Tensors = Mapping[str, torch.Tensor]  # attribute -> a tensor per attribute
+BranchProbs = Mapping[str, Tensors]  # branch name ("text", "image") -> attribute -> (B, V)
+
+
 @dataclass
 class FusionOutput:
     """A fusion's result for a batch of B products.
@@ -174,12 +178,7 @@ class Fusion(nn.Module):
         """Config overrides of additional text encoders this fusion needs (hierarchical)."""
         return []
 
-    def fit_heldout(
-        self,
-        branch_probs: Mapping[str, Mapping[str, torch.Tensor]],
-        targets: Mapping[str, torch.Tensor],
-        known: Mapping[str, torch.Tensor],
-    ) -> dict[str, Any]:
+    def fit_heldout(self, branch_probs: BranchProbs, targets: Tensors, known: Tensors) -> dict[str, Any]:
         """Fit the parts picked on held-out data (late: alpha; decision: the decision net)."""
         return {}
 
@@ -273,6 +272,17 @@ class _TwoBranches(Fusion):
     def _branches(self, x: FusionInputs) -> tuple[FusionOutput, FusionOutput]:
         return self.text_branch(x), self.image_branch(x)
 
+    @staticmethod
+    def _combined(probs: dict[str, torch.Tensor], text: FusionOutput, image: FusionOutput) -> FusionOutput:
+        """The fused ``probs``, trained through both branches' logits (their probabilities kept
+        for the held-out fit)."""
+        return FusionOutput(
+            probs,
+            text.train_logits + image.train_logits,
+            text.aux_loss,
+            branch_probs={"text": text.probs, "image": image.probs},
+        )
+
 
 @register_fusion("late")
 class LateFusion(_TwoBranches):
@@ -299,19 +309,9 @@ class LateFusion(_TwoBranches):
             a: self.alpha[k] * text.probs[a] + (1 - self.alpha[k]) * image.probs[a]
             for k, a in enumerate(self.order)
         }
-        return FusionOutput(
-            probs,
-            text.train_logits + image.train_logits,
-            text.aux_loss,
-            branch_probs={"text": text.probs, "image": image.probs},
-        )
+        return self._combined(probs, text, image)
 
-    def fit_heldout(
-        self,
-        branch_probs: Mapping[str, Mapping[str, torch.Tensor]],
-        targets: Mapping[str, torch.Tensor],
-        known: Mapping[str, torch.Tensor],
-    ) -> dict[str, Any]:
+    def fit_heldout(self, branch_probs: BranchProbs, targets: Tensors, known: Tensors) -> dict[str, Any]:
         from catalog_enrichment.metrics import attribute_r_at_p
 
         chosen = {}
@@ -386,19 +386,9 @@ class DecisionFusion(_TwoBranches):
             probs = self._decide(text.probs, image.probs)
         else:  # before the decision nets are fitted, report the average (used for early stopping)
             probs = {a: (text.probs[a] + image.probs[a]) / 2 for a in text.probs}
-        return FusionOutput(
-            probs,
-            text.train_logits + image.train_logits,
-            text.aux_loss,
-            branch_probs={"text": text.probs, "image": image.probs},
-        )
+        return self._combined(probs, text, image)
 
-    def fit_heldout(
-        self,
-        branch_probs: Mapping[str, Mapping[str, torch.Tensor]],
-        targets: Mapping[str, torch.Tensor],
-        known: Mapping[str, torch.Tensor],
-    ) -> dict[str, Any]:
+    def fit_heldout(self, branch_probs: BranchProbs, targets: Tensors, known: Tensors) -> dict[str, Any]:
         from sklearn.model_selection import KFold
 
         report: dict[str, float] = {}

@@ -187,15 +187,7 @@ def _register(
     version_tags.update({"data.path": snapshot.path, **snapshot.tags(), "git.commit": git_commit()})
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        bundle_dir = save_bundle(
-            tmpdir / "bundle",
-            model=trained.model,
-            tokenizer=trained.tokenizer,
-            taxonomy=taxonomy,
-            calibration=trained.calibration,
-            model_config=cfg.model,
-            evaluation=trained.test_report.to_dict(),
-        )
+        bundle_dir = save_bundle(tmpdir / "bundle", trained.bundle())
         example = _example_frame(table)
         return registry.log_and_register(
             client,

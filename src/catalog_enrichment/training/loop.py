@@ -47,7 +47,7 @@ from catalog_enrichment.data.dataset import (
 from catalog_enrichment.data.images import ImagePolicy, image_tone
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
-from catalog_enrichment.health import InputBaseline, input_baseline
+from catalog_enrichment.health import InputBaseline, ProductInputs, input_baseline
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
@@ -166,17 +166,10 @@ def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.T
 
 def _input_baseline(table: pa.Table, errors: list[str | None], tones: list[float | None]) -> InputBaseline:
     """The run health checks' input baseline over every training product (usable image or not)."""
-
-    def column(name: str) -> list[Any]:
-        return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
-
-    present = np.zeros(table.num_rows, bool)
-    for name in ("image", "image_uri"):
-        if name in table.column_names:
-            present |= table[name].is_valid().to_numpy(zero_copy_only=False)
-    titles, descriptions = column("title"), column("description")
-    groups = group_ids([t or "" for t in titles], descriptions)  # variants share title and description
-    return input_baseline(titles, descriptions, present.tolist(), errors, column("category"), tones, groups)
+    inputs = ProductInputs.of(table, errors, tones)
+    # variants share title and description
+    groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions))
+    return input_baseline(inputs, groups)
 
 
 def _reads(fusion: str) -> tuple[bool, ...]:
