@@ -1,4 +1,4 @@
-"""The per-batch predictor and the decision policy, without Spark."""
+"""The per-batch predictor, without Spark: scores, image problems, batching, tokenization."""
 
 from __future__ import annotations
 
@@ -13,16 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from catalog_enrichment.calibration import AttributeCalibration, Calibration, ValueThreshold
 from catalog_enrichment.catalog.lakehouse import read_table
-from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
 from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE, IMAGE_URI_ALLOWED, ImagePolicy
-from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import load_bundle
-from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
-from catalog_enrichment.inference.predictor import BatchPredictor, Scores
-from catalog_enrichment.inference.spark import OUTPUT_SCHEMA, decide_batch
+from catalog_enrichment.inference.decide import DecisionPolicy
+from catalog_enrichment.inference.predictor import BatchPredictor
+from catalog_enrichment.inference.spark import decide_batch
 from catalog_enrichment.training.evaluation import predict
 
 pytestmark = pytest.mark.timeout(300)
@@ -209,169 +207,3 @@ def test_kept_memory_stops_a_forward_pass_faulting_its_tensors_in_again() -> Non
 def test_a_batch_without_titles_is_a_contract_error(bundle) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ContractError, match="title"):
         BatchPredictor(bundle).score_arrow(pa.table({"product_id": ["a"]}))
-
-
-def _policy(taxonomy: Taxonomy, allowed: Taxonomy | None = None, value: float = 0.5) -> DecisionPolicy:
-    calibration = Calibration(
-        0.95,
-        0.95,
-        "wilson",
-        20,
-        {
-            a.name: AttributeCalibration(
-                a.name, a.kind, tuple(ValueThreshold(v, value, 100) for v in a.values)
-            )
-            for a in taxonomy
-        },
-    )
-    return DecisionPolicy(taxonomy, calibration, allowed or taxonomy)
-
-
-def test_decisions_follow_thresholds_kinds_merchant_values_and_taxonomy(taxonomy: Taxonomy) -> None:
-    color, ptype = taxonomy["color"], taxonomy["product_type"]
-    assert color.kind == "multilabel" and ptype.kind == "multiclass"
-    probs = {a.name: np.zeros((3, len(a.values))) for a in taxonomy}
-    probs["color"][0, [0, 1]] = [0.9, 0.6]  # two colours clear -> both written
-    probs["color"][1, 2] = 0.4  # below the threshold -> nothing
-    probs["product_type"][0, [0, 1]] = [0.7, 0.6]  # multi-class: only the top-1
-    probs["product_type"][2, 3] = 0.9  # merchant filled product_type for product 2 -> skipped
-    values, scored = _policy(taxonomy).decide(probs, [set(), set(), {"product_type"}])
-    assert [(d.attribute, d.value) for d in values[0]] == [
-        ("color", color.values[0]),
-        ("color", color.values[1]),
-        ("product_type", ptype.values[0]),
-    ]
-    assert values[1] == [] and values[2] == []
-    assert "product_type" not in scored[2] and set(scored[0]) == set(taxonomy.names)
-    # skip = not decided at all (e.g. undecodable image)
-    values, scored = _policy(taxonomy).decide(probs, [set()] * 3, skip=np.array([True, False, False]))
-    assert values[0] == [] and scored[0] == []
-    # a value the catalog's taxonomy no longer allows is never written
-    data = taxonomy.to_dict()
-    data["attributes"]["color"]["values"] = [v for v in color.values if v != color.values[0]]
-    values, _ = _policy(taxonomy, Taxonomy.from_dict(data)).decide(probs, [set()] * 3)
-    assert [(d.attribute, d.value) for d in values[0] if d.attribute == "color"] == [
-        ("color", color.values[1])
-    ]
-
-
-def test_a_model_attribute_missing_from_the_configured_taxonomy_is_an_error(taxonomy: Taxonomy) -> None:
-    data = taxonomy.to_dict()
-    del data["attributes"]["pattern"]
-    with pytest.raises(TaxonomyError, match="'pattern' is not in the configured taxonomy"):
-        _policy(taxonomy, Taxonomy.from_dict(data))
-
-
-def test_merchant_attributes_from_arrow_maps_and_dicts() -> None:
-    assert merchant_attributes(None) == set()
-    assert merchant_attributes([("color", ["red"]), ("material", [])]) == {"color"}
-    assert merchant_attributes({"pattern": ["solid"]}) == {"pattern"}
-
-
-MERCHANT = pa.map_(pa.string(), pa.list_(pa.string()))
-
-
-def test_merchant_filled_reads_arrow_maps_without_python_rows() -> None:
-    names = ["color", "material", "pattern"]
-    column = pa.array(
-        [
-            [("color", ["red"]), ("material", [])],  # an empty list is not filled
-            None,  # no merchant attributes at all
-            [("pattern", None), ("brand", ["acme"])],  # a null value is not filled; unknown keys ignored
-            [("color", ["blue"]), ("pattern", ["solid"])],
-        ],
-        MERCHANT,
-    )
-    expected = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 1]], bool)
-    np.testing.assert_array_equal(merchant_filled(column, names), expected)
-    # a slice reads its own rows (Arrow keeps the parent's offsets and children)
-    np.testing.assert_array_equal(merchant_filled(column.slice(2), names), expected[2:])
-    np.testing.assert_array_equal(merchant_filled(pa.chunked_array([column]), names), expected)
-    # the same pairs as list<struct<key, value>>, and as Python values, give the same answer
-    pairs = column.cast(pa.list_(pa.struct([("key", pa.string()), ("value", pa.list_(pa.string()))])))
-    np.testing.assert_array_equal(merchant_filled(pairs, names), expected)
-    np.testing.assert_array_equal(merchant_filled(column.to_pylist(), names), expected)
-    np.testing.assert_array_equal(
-        merchant_filled([{"color"}, set(), set(), {"color", "pattern"}], names), expected
-    )
-    # a column Arrow typed as all-null (no merchant filled anything), and no rows at all
-    np.testing.assert_array_equal(merchant_filled(pa.nulls(3), names), np.zeros((3, 3), bool))
-    assert merchant_filled(column.slice(0, 0), names).shape == (0, 3)
-
-
-def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonomy) -> None:
-    """``decide_batch`` builds its Arrow output from arrays; it must say what ``decide`` says per product."""
-    rng = np.random.default_rng(0)
-    n = 64
-    probs = {a.name: rng.random((n, len(a.values))).astype(np.float32) for a in taxonomy}
-    merchant = [
-        [("color", ["red"])] if i % 3 == 0 else ([("material", [])] if i % 3 == 1 else None) for i in range(n)
-    ]
-    errors = [IMAGE_DECODABLE if i % 7 == 0 else None for i in range(n)]
-    batch = pa.RecordBatch.from_arrays(
-        [pa.array([f"p{i}" for i in range(n)]), pa.array(merchant, MERCHANT)],
-        names=["product_id", "merchant_attributes"],
-    )
-    policy = _policy(taxonomy, value=0.7)
-    out = decide_batch(
-        policy,
-        batch.slice(5),
-        Scores({k: v[5:] for k, v in probs.items()}, errors[5:], [None] * len(errors[5:])),
-    )
-    assert out.schema == OUTPUT_SCHEMA and out.num_rows == n - 5
-    values, scored = policy.decide(
-        {k: v[5:] for k, v in probs.items()},
-        [merchant_attributes(m) for m in merchant[5:]],
-        np.array([e is not None for e in errors[5:]]),
-    )
-    assert out.column("scored").to_pylist() == scored
-    assert out.column("values").to_pylist() == [
-        [
-            {"attribute": d.attribute, "value": d.value, "confidence": d.confidence, "threshold": d.threshold}
-            for d in row
-        ]
-        for row in values
-    ]
-    assert out.column("image_error").to_pylist() == errors[5:]
-    assert out.column("product_id").to_pylist() == [f"p{i}" for i in range(5, n)]
-    # the known answer, product 6 (i % 3 == 0: merchant colour; no image error):
-    # every attribute but colour scored; multi-class writes at most its top value, at >= 0.7
-    row = out.column("values")[1].as_py()
-    assert out.column("scored")[1].as_py() == [a for a in taxonomy.names if a != "color"]
-    for a in taxonomy:
-        p6 = probs[a.name][6].astype(np.float64)
-        want = [] if a.name == "color" else [v for v, q in zip(a.values, p6, strict=True) if q >= 0.7]
-        if a.kind == "multiclass":
-            want = [a.values[int(p6.argmax())]] if p6.max() >= 0.7 else []
-        assert [d["value"] for d in row if d["attribute"] == a.name] == want
-    # product 7 (i % 7 == 0: undecodable image) is not decided at all
-    assert out.column("values")[2].as_py() == [] and out.column("scored")[2].as_py() == []
-    # an empty batch gives an empty output of the same schema
-    empty = decide_batch(policy, batch.slice(0, 0), Scores({k: v[:0] for k, v in probs.items()}, [], []))
-    assert empty.schema == OUTPUT_SCHEMA and empty.num_rows == 0
-
-
-def test_values_people_rejected_are_never_written_and_the_pair_is_still_scored(taxonomy: Taxonomy) -> None:
-    probs = {a.name: np.full((2, len(a.values)), 0.9, np.float32) for a in taxonomy}
-    for a in taxonomy:
-        if a.kind == "multiclass":
-            probs[a.name][:, 0] = 0.95  # the top value
-    batch = pa.RecordBatch.from_arrays(
-        [pa.array(["p0", "p1"]), pa.array([None, None], MERCHANT)],
-        names=["product_id", "merchant_attributes"],
-    )
-    policy = _policy(taxonomy, value=0.7)
-    plain = decide_batch(policy, batch, Scores(probs, [None, None], [None, None]))
-    color, pattern = taxonomy["color"], taxonomy["pattern"]
-    rejected = {
-        "p0": [f"color={color.values[1]}", f"pattern={pattern.values[0]}", "color=ultraviolet", "fit=slim"],
-        "p9": [f"color={color.values[0]}"],  # a product not in the batch
-    }
-    out = decide_batch(policy, batch, Scores(probs, [None, None], [None, None]), rejected)
-    before, after = plain.column("values")[0].as_py(), out.column("values")[0].as_py()
-    gone = [(d["attribute"], d["value"]) for d in before if d not in after]
-    # exactly the two rejected values; pattern's rejected top value is not replaced by its runner-up
-    assert gone == [("color", color.values[1]), ("pattern", pattern.values[0])]
-    assert not [d for d in after if d["attribute"] == "pattern"]
-    assert out.column("scored").to_pylist() == plain.column("scored").to_pylist()
-    assert out.column("values")[1] == plain.column("values")[1]  # p1: untouched

@@ -1,5 +1,4 @@
-"""Row-level rules on a small Spark DataFrame with a known answer per row, and the exported GX suite
-run by Great Expectations on the same rows."""
+"""Row-level rules on a small Spark DataFrame with a known answer per row."""
 
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ from catalog_enrichment.validation.rules import (
     latest_copies,
     stale_copies,
 )
-from catalog_enrichment.validation.suite import write_suite
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
 
@@ -138,36 +136,3 @@ def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> Non
     before = ValidationCounts(20, 5, {r.name: 0 for r in rules})
     after = add_duplicates(before, duplicates, rules)
     assert after.per_rule["product_id_unique"] == 6 and after.rows_invalid == 9 and after.rows_read == 20
-
-
-@pytest.mark.slow
-def test_the_exported_great_expectations_suite_counts_the_same_rows(frame, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    rules = build_rules(load_contract("products"), ValidationConfig(), NOW)
-    result = _validate_with_gx(frame, write_suite(rules, tmp_path / "products.json"))
-    counts = count_rows(frame, rules)[0].per_rule
-    gx = {r["expectation_config"]["meta"]["rule"]: r["result"]["unexpected_count"] for r in result["results"]}
-    assert set(gx) == {r.name for r in rules if r.expectation is not None}
-    assert {r.name for r in rules if r.expectation is None} == {
-        f"{c}_valid_utf8" for c in ("product_id", "title", "description", "image_uri")
-    }
-    for rule, n in gx.items():
-        # GX flags every row of a duplicated id (4), the row rule only the ones quarantined (3)
-        assert n == (4 if rule == "product_id_unique" else counts[rule]), rule
-    assert result["success"] is False
-
-
-def _validate_with_gx(frame, suite_file):  # type: ignore[no-untyped-def]
-    """What a GX project does with the file: add the suite to a context and validate a Spark batch."""
-    import json
-
-    import great_expectations as gx
-
-    context = gx.get_context(mode="ephemeral")
-    suite = context.suites.add(gx.ExpectationSuite(**json.loads(suite_file.read_text())))
-    batch = (
-        context.data_sources.add_spark(name="marketplace")
-        .add_dataframe_asset(name="products")
-        .add_batch_definition_whole_dataframe("all")
-        .get_batch(batch_parameters={"dataframe": frame})
-    )
-    return batch.validate(suite, result_format={"result_format": "BASIC"}).to_json_dict()

@@ -1,0 +1,93 @@
+"""The backfill plan: which partitions a backfill runs, under which run ids (resumable, forced)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import pytest
+
+from catalog_enrichment.catalog.reports import RunReport
+from catalog_enrichment.catalog.runs import backfill_plan
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.versions import ModelVersion
+
+pytestmark = pytest.mark.timeout(60)
+
+T = dt.datetime(2026, 11, 5, tzinfo=dt.UTC)
+MODEL = ModelVersion("shop/tiny", "3")
+DAYS = ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"]
+
+
+@dataclass
+class _Partitions:
+    """The two things a backfill plan reads of a catalog: its partitions and its run reports."""
+
+    partitions: list[str]
+    reports: list[RunReport] = field(default_factory=list)
+
+    def list_partitions(self, column: str) -> list[str]:
+        assert column == "ingest_date"
+        return self.partitions
+
+    def read_reports(self) -> list[RunReport]:
+        return self.reports
+
+    def describe(self) -> str:
+        return "a test catalog"
+
+
+def _report(day: str, status: str, version: str = "3", run_id: str | None = None) -> RunReport:
+    run_id = run_id or f"backfill-{day}-shop_tiny-v{version}"
+    return RunReport(
+        run_id=run_id,
+        status=status,
+        model_name="shop/tiny",
+        model_version=version,
+        partition=f"ingest_date={day}",
+        started_at=T,
+    )
+
+
+def _plan(catalog: _Partitions, **kwargs: object) -> list[tuple[str, str | None]]:
+    return backfill_plan(catalog, MODEL, dt.date(2026, 11, 2), dt.date(2026, 11, 3), **kwargs)  # type: ignore[arg-type]
+
+
+def test_each_partition_in_the_range_gets_a_run_id_of_its_day_and_model_version() -> None:
+    assert _plan(_Partitions(DAYS)) == [
+        ("ingest_date=2026-11-02", "backfill-2026-11-02-shop_tiny-v3"),
+        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),
+    ]
+
+
+def test_a_partition_this_version_finished_is_skipped_and_an_interrupted_one_keeps_its_run_id() -> None:
+    reports = [
+        _report("2026-11-02", "succeeded"),
+        _report("2026-11-03", "failed"),
+        _report("2026-11-03", "succeeded", "2"),
+    ]
+    assert _plan(_Partitions(DAYS, reports)) == [
+        ("ingest_date=2026-11-02", None),  # done by v3: nothing to do
+        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),  # finished, not written twice
+    ]
+
+
+def test_forced_and_rolled_back_partitions_get_a_fresh_run_id() -> None:
+    reports = [_report("2026-11-02", "succeeded"), _report("2026-11-03", "rolled_back")]
+    forced = _plan(_Partitions(DAYS, reports), force=True)
+    assert [p for p, _ in forced] == ["ingest_date=2026-11-02", "ingest_date=2026-11-03"]
+    for _, run_id in forced:
+        assert run_id is not None and run_id.startswith("backfill-2026-11-0") and len(run_id) > 40
+    again = _plan(_Partitions(DAYS, reports))
+    assert again[0] == ("ingest_date=2026-11-02", None)
+    assert again[1][1] is not None and again[1][1].startswith("backfill-2026-11-03-shop_tiny-v3-")
+
+
+def test_an_empty_or_backwards_range_is_a_clear_error() -> None:
+    with pytest.raises(
+        CatalogEnrichError,
+        match="no ingest_date partitions between 2026-11-02 and 2026-11-03 in a test catalog",
+    ):
+        _plan(_Partitions(["2026-10-01"]))
+    with pytest.raises(CatalogEnrichError, match="--from 2026-11-03 is after --to 2026-11-02"):
+        backfill_plan(_Partitions(DAYS), MODEL, dt.date(2026, 11, 3), dt.date(2026, 11, 2))  # type: ignore[arg-type]

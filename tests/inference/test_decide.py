@@ -1,0 +1,102 @@
+"""The decision policy on known scores: thresholds, kinds, merchant values, the taxonomy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from catalog_enrichment.calibration import AttributeCalibration, Calibration, ValueThreshold
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.errors import TaxonomyError
+from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def policy_at(taxonomy: Taxonomy, allowed: Taxonomy | None = None, value: float = 0.5) -> DecisionPolicy:
+    calibration = Calibration(
+        0.95,
+        0.95,
+        "wilson",
+        20,
+        {
+            a.name: AttributeCalibration(
+                a.name, a.kind, tuple(ValueThreshold(v, value, 100) for v in a.values)
+            )
+            for a in taxonomy
+        },
+    )
+    return DecisionPolicy(taxonomy, calibration, allowed or taxonomy)
+
+
+def test_decisions_follow_thresholds_kinds_merchant_values_and_taxonomy(taxonomy: Taxonomy) -> None:
+    color, ptype = taxonomy["color"], taxonomy["product_type"]
+    assert color.kind == "multilabel" and ptype.kind == "multiclass"
+    probs = {a.name: np.zeros((3, len(a.values))) for a in taxonomy}
+    probs["color"][0, [0, 1]] = [0.9, 0.6]  # two colours clear -> both written
+    probs["color"][1, 2] = 0.4  # below the threshold -> nothing
+    probs["product_type"][0, [0, 1]] = [0.7, 0.6]  # multi-class: only the top-1
+    probs["product_type"][2, 3] = 0.9  # merchant filled product_type for product 2 -> skipped
+    values, scored = policy_at(taxonomy).decide(probs, [set(), set(), {"product_type"}])
+    assert [(d.attribute, d.value) for d in values[0]] == [
+        ("color", color.values[0]),
+        ("color", color.values[1]),
+        ("product_type", ptype.values[0]),
+    ]
+    assert values[1] == [] and values[2] == []
+    assert "product_type" not in scored[2] and set(scored[0]) == set(taxonomy.names)
+    # skip = not decided at all (e.g. undecodable image)
+    values, scored = policy_at(taxonomy).decide(probs, [set()] * 3, skip=np.array([True, False, False]))
+    assert values[0] == [] and scored[0] == []
+    # a value the catalog's taxonomy no longer allows is never written
+    data = taxonomy.to_dict()
+    data["attributes"]["color"]["values"] = [v for v in color.values if v != color.values[0]]
+    values, _ = policy_at(taxonomy, Taxonomy.from_dict(data)).decide(probs, [set()] * 3)
+    assert [(d.attribute, d.value) for d in values[0] if d.attribute == "color"] == [
+        ("color", color.values[1])
+    ]
+
+
+def test_a_model_attribute_missing_from_the_configured_taxonomy_is_an_error(taxonomy: Taxonomy) -> None:
+    data = taxonomy.to_dict()
+    del data["attributes"]["pattern"]
+    with pytest.raises(TaxonomyError, match="'pattern' is not in the configured taxonomy"):
+        policy_at(taxonomy, Taxonomy.from_dict(data))
+
+
+def test_merchant_attributes_from_arrow_maps_and_dicts() -> None:
+    assert merchant_attributes(None) == set()
+    assert merchant_attributes([("color", ["red"]), ("material", [])]) == {"color"}
+    assert merchant_attributes({"pattern": ["solid"]}) == {"pattern"}
+
+
+MERCHANT = pa.map_(pa.string(), pa.list_(pa.string()))
+
+
+def test_merchant_filled_reads_arrow_maps_without_python_rows() -> None:
+    names = ["color", "material", "pattern"]
+    column = pa.array(
+        [
+            [("color", ["red"]), ("material", [])],  # an empty list is not filled
+            None,  # no merchant attributes at all
+            [("pattern", None), ("brand", ["acme"])],  # a null value is not filled; unknown keys ignored
+            [("color", ["blue"]), ("pattern", ["solid"])],
+        ],
+        MERCHANT,
+    )
+    expected = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 1]], bool)
+    np.testing.assert_array_equal(merchant_filled(column, names), expected)
+    # a slice reads its own rows (Arrow keeps the parent's offsets and children)
+    np.testing.assert_array_equal(merchant_filled(column.slice(2), names), expected[2:])
+    np.testing.assert_array_equal(merchant_filled(pa.chunked_array([column]), names), expected)
+    # the same pairs as list<struct<key, value>>, and as Python values, give the same answer
+    pairs = column.cast(pa.list_(pa.struct([("key", pa.string()), ("value", pa.list_(pa.string()))])))
+    np.testing.assert_array_equal(merchant_filled(pairs, names), expected)
+    np.testing.assert_array_equal(merchant_filled(column.to_pylist(), names), expected)
+    np.testing.assert_array_equal(
+        merchant_filled([{"color"}, set(), set(), {"color", "pattern"}], names), expected
+    )
+    # a column Arrow typed as all-null (no merchant filled anything), and no rows at all
+    np.testing.assert_array_equal(merchant_filled(pa.nulls(3), names), np.zeros((3, 3), bool))
+    assert merchant_filled(column.slice(0, 0), names).shape == (0, 3)

@@ -1,0 +1,95 @@
+"""The scoring tasks' pure parts without a SparkSession: a batch's decisions as the task's Arrow
+output (the same as the per-product decisions), values people rejected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.images import IMAGE_DECODABLE
+from catalog_enrichment.inference.decide import merchant_attributes
+from catalog_enrichment.inference.predictor import Scores
+from catalog_enrichment.inference.spark import OUTPUT_SCHEMA, decide_batch
+from tests.inference.test_decide import MERCHANT, policy_at
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonomy) -> None:
+    """``decide_batch`` builds its Arrow output from arrays; it must say what ``decide`` says per product."""
+    rng = np.random.default_rng(0)
+    n = 64
+    probs = {a.name: rng.random((n, len(a.values))).astype(np.float32) for a in taxonomy}
+    merchant = [
+        [("color", ["red"])] if i % 3 == 0 else ([("material", [])] if i % 3 == 1 else None) for i in range(n)
+    ]
+    errors = [IMAGE_DECODABLE if i % 7 == 0 else None for i in range(n)]
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array([f"p{i}" for i in range(n)]), pa.array(merchant, MERCHANT)],
+        names=["product_id", "merchant_attributes"],
+    )
+    policy = policy_at(taxonomy, value=0.7)
+    out = decide_batch(
+        policy,
+        batch.slice(5),
+        Scores({k: v[5:] for k, v in probs.items()}, errors[5:], [None] * len(errors[5:])),
+    )
+    assert out.schema == OUTPUT_SCHEMA and out.num_rows == n - 5
+    values, scored = policy.decide(
+        {k: v[5:] for k, v in probs.items()},
+        [merchant_attributes(m) for m in merchant[5:]],
+        np.array([e is not None for e in errors[5:]]),
+    )
+    assert out.column("scored").to_pylist() == scored
+    assert out.column("values").to_pylist() == [
+        [
+            {"attribute": d.attribute, "value": d.value, "confidence": d.confidence, "threshold": d.threshold}
+            for d in row
+        ]
+        for row in values
+    ]
+    assert out.column("image_error").to_pylist() == errors[5:]
+    assert out.column("product_id").to_pylist() == [f"p{i}" for i in range(5, n)]
+    # the known answer, product 6 (i % 3 == 0: merchant colour; no image error):
+    # every attribute but colour scored; multi-class writes at most its top value, at >= 0.7
+    row = out.column("values")[1].as_py()
+    assert out.column("scored")[1].as_py() == [a for a in taxonomy.names if a != "color"]
+    for a in taxonomy:
+        p6 = probs[a.name][6].astype(np.float64)
+        want = [] if a.name == "color" else [v for v, q in zip(a.values, p6, strict=True) if q >= 0.7]
+        if a.kind == "multiclass":
+            want = [a.values[int(p6.argmax())]] if p6.max() >= 0.7 else []
+        assert [d["value"] for d in row if d["attribute"] == a.name] == want
+    # product 7 (i % 7 == 0: undecodable image) is not decided at all
+    assert out.column("values")[2].as_py() == [] and out.column("scored")[2].as_py() == []
+    # an empty batch gives an empty output of the same schema
+    empty = decide_batch(policy, batch.slice(0, 0), Scores({k: v[:0] for k, v in probs.items()}, [], []))
+    assert empty.schema == OUTPUT_SCHEMA and empty.num_rows == 0
+
+
+def test_values_people_rejected_are_never_written_and_the_pair_is_still_scored(taxonomy: Taxonomy) -> None:
+    probs = {a.name: np.full((2, len(a.values)), 0.9, np.float32) for a in taxonomy}
+    for a in taxonomy:
+        if a.kind == "multiclass":
+            probs[a.name][:, 0] = 0.95  # the top value
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(["p0", "p1"]), pa.array([None, None], MERCHANT)],
+        names=["product_id", "merchant_attributes"],
+    )
+    policy = policy_at(taxonomy, value=0.7)
+    plain = decide_batch(policy, batch, Scores(probs, [None, None], [None, None]))
+    color, pattern = taxonomy["color"], taxonomy["pattern"]
+    rejected = {
+        "p0": [f"color={color.values[1]}", f"pattern={pattern.values[0]}", "color=ultraviolet", "fit=slim"],
+        "p9": [f"color={color.values[0]}"],  # a product not in the batch
+    }
+    out = decide_batch(policy, batch, Scores(probs, [None, None], [None, None]), rejected)
+    before, after = plain.column("values")[0].as_py(), out.column("values")[0].as_py()
+    gone = [(d["attribute"], d["value"]) for d in before if d not in after]
+    # exactly the two rejected values; pattern's rejected top value is not replaced by its runner-up
+    assert gone == [("color", color.values[1]), ("pattern", pattern.values[0])]
+    assert not [d for d in after if d["attribute"] == "pattern"]
+    assert out.column("scored").to_pylist() == plain.column("scored").to_pylist()
+    assert out.column("values")[1] == plain.column("values")[1]  # p1: untouched

@@ -1,0 +1,106 @@
+"""The splits: disjoint, reproducible, stratified; variants of one product in one split or fold;
+products only people labelled always train; the calibration data's size rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from catalog_enrichment.config import SyntheticConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import encode_labels
+from catalog_enrichment.data.synthetic import products_batches
+from catalog_enrichment.training.splits import (
+    calibration_fraction,
+    crossfit_folds,
+    group_folds,
+    group_ids,
+    split_labels,
+    stratified_splits,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _table(n: int, taxonomy: Taxonomy, seed: int = 0, size: int = 32) -> pa.Table:
+    cfg = SyntheticConfig(products=n, seed=seed, image_size=size)
+    return pa.Table.from_batches([b for b, _ in products_batches(cfg, taxonomy)])
+
+
+def test_splits_are_disjoint_reproducible_and_stratified(taxonomy: Taxonomy) -> None:
+    y = encode_labels(_table(800, taxonomy), taxonomy).stratification_matrix()
+    a = stratified_splits(y, validation=0.1, calibration=0.15, test=0.15, seed=3)
+    b = stratified_splits(y, validation=0.1, calibration=0.15, test=0.15, seed=3)
+    parts = [a.train, a.validation, a.calibration, a.test]
+    assert all(
+        np.array_equal(p, q)
+        for p, q in zip(parts, [b.train, b.validation, b.calibration, b.test], strict=True)
+    )
+    assert sorted(np.concatenate(parts).tolist()) == list(range(800))
+    assert abs(a.test.size - 120) <= 3 and abs(a.calibration.size - 120) <= 3
+    # every value common enough shows up in test at roughly its overall rate
+    overall, test_rate = y.mean(axis=0), y[a.test].mean(axis=0)
+    common = overall > 0.05
+    assert np.all(np.abs(test_rate[common] - overall[common]) < 0.03)
+
+
+def test_variants_with_the_same_text_are_one_group() -> None:
+    titles = ["Luna skinny RW", "luna  SKINNY rw", "Luna skinny RW", "Other"]
+    descriptions = ["Soft denim", "soft denim ", "Other text", None]
+    assert group_ids(titles, descriptions).tolist() == [0, 0, 1, 2]
+
+
+def test_a_group_of_variants_never_spans_two_splits_or_folds(taxonomy: Taxonomy) -> None:
+    y = encode_labels(_table(800, taxonomy), taxonomy).stratification_matrix()
+    groups = np.arange(800) // 4  # 200 products with 4 variants each
+    splits = stratified_splits(y, validation=0.1, calibration=0.15, test=0.15, seed=3, groups=groups)
+    parts = [splits.train, splits.validation, splits.calibration, splits.test]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(800))
+    owner = {}
+    for name, part in enumerate(parts):
+        for g in set(groups[part].tolist()):
+            assert owner.setdefault(g, name) == name, f"group {g} is in two splits"
+    # whole groups, still close to the asked sizes (20 and 30 groups of 4)
+    assert abs(splits.test.size - 120) <= 8 and abs(splits.validation.size - 80) <= 8
+    for fit_rows, fold_rows in group_folds(y[splits.train], groups[splits.train], 3, seed=0):
+        assert not set(groups[splits.train][fit_rows].tolist()) & set(
+            groups[splits.train][fold_rows].tolist()
+        )
+        assert fit_rows.size + fold_rows.size == splits.train.size
+
+
+def test_no_test_split_when_tested_on_another_table(taxonomy: Taxonomy) -> None:
+    y = encode_labels(_table(200, taxonomy), taxonomy).stratification_matrix()
+    splits = stratified_splits(y, validation=0.1, calibration=0.2, test=0.0, seed=0)
+    assert (
+        splits.test.size == 0 and splits.train.size + splits.validation.size + splits.calibration.size == 200
+    )
+
+
+def test_products_only_people_labelled_train_and_never_calibrate_or_evaluate(taxonomy: Taxonomy) -> None:
+    labels = encode_labels(_table(400, taxonomy), taxonomy)
+    partial = np.zeros((400, len(taxonomy["color"].values)), np.int8)
+    people = np.arange(0, 400, 10)  # 40 products whose labels are only verdicts
+    partial[people, 0] = 1
+    known = {a: k.copy() for a, k in labels.known.items()}
+    for k in known.values():
+        k[people] = False
+    labels = dataclasses.replace(labels, known=known, partial={"color": partial})
+    splits = split_labels(labels, validation=0.1, calibration=0.15, test=0.15, seed=3)
+    assert set(people.tolist()) <= set(splits.train.tolist())
+    held_out = np.concatenate([splits.validation, splits.calibration, splits.test])
+    assert not set(people.tolist()) & set(held_out.tolist())
+    assert sorted(np.concatenate([splits.train, held_out]).tolist()) == list(range(400))
+
+
+def test_the_calibration_data_rules_have_known_answers() -> None:
+    # cross-fitted (3 folds) below 10,000 labelled products, a held-out split from there on
+    assert crossfit_folds(9_999, None) == 3 and crossfit_folds(10_000, None) == 0
+    assert crossfit_folds(500, 0) == 0 and crossfit_folds(50_000, 5) == 5  # a configured count wins
+    # a held-out split: 600 products, kept between 15 % and 30 % of the table
+    assert calibration_fraction(3000, None) == pytest.approx(0.2)
+    assert calibration_fraction(1000, None) == 0.3 and calibration_fraction(10_000, None) == 0.15
+    assert calibration_fraction(3000, 0.25) == 0.25  # a configured share wins
