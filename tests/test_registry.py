@@ -407,3 +407,23 @@ def test_pip_requirements_are_pinned_and_name_no_package_of_ours() -> None:
     assert all("==" in r for r in reqs)
     assert not [r for r in reqs if r.startswith("catalog-enrichment")]
     assert pa is not None
+
+
+def test_a_sqlite_stores_runs_keep_their_artifacts_beside_it_not_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    client = registry.configure_mlflow(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    run_id = registry.log_enrichment_run(
+        client,
+        experiment="enrichment",
+        artifact_location=None,
+        report={"run_id": "r1", "status": "succeeded"},
+        params={},
+        metrics={"rows_read": 1.0},
+    )
+    artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(tmp_path / "store" / "mlartifacts")
+    assert (artifacts / "run_report.json").is_file() and list(elsewhere.iterdir()) == []

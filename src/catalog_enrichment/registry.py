@@ -135,7 +135,16 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     found = client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
-    return str(client.create_experiment(name, artifact_location=artifact_location))
+    location = artifact_location or _beside_the_store(client.tracking_uri)
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def _beside_the_store(tracking_uri: str) -> str | None:
+    """A SQLite store's artifacts go to ``mlartifacts/`` in its folder (MLflow's own default is
+    ``./mlruns`` in whatever folder the process runs in); a server decides for itself (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def log_and_register(
