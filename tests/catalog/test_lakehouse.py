@@ -11,6 +11,7 @@ import pytest
 from catalog_enrichment.catalog.lakehouse import (
     data_files,
     read_table,
+    scan,
     table_format,
     table_version,
     write_table,
@@ -57,3 +58,21 @@ def test_parquet_refuses_to_overwrite_by_default(tmp_path: Path) -> None:
 def test_missing_table_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ContractError, match="no Delta or Parquet table"):
         read_table(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+def test_a_scan_streams_small_batches_in_the_same_order_every_time(tmp_path: Path, fmt: str) -> None:
+    write_table(tmp_path / "t", _table(500), fmt=fmt, partition_by=["day"])  # type: ignore[arg-type]
+    first = list(scan(tmp_path / "t", ["id"], batch_rows=64))
+    assert all(b.num_rows <= 64 for b in first) and len(first) >= 500 // 64
+    assert [b.schema.names for b in first[:1]] == [["id"]]
+    ids = [i for b in first for i in b.column("id").to_pylist()]
+    assert sorted(ids) == sorted(f"p{i}" for i in range(500))
+    assert [i for b in scan(tmp_path / "t", ["id"], batch_rows=64) for i in b.column("id").to_pylist()] == ids
+
+
+def test_a_scan_reads_the_delta_version_it_is_given(tmp_path: Path) -> None:
+    write_table(tmp_path / "t", _table(10))
+    write_table(tmp_path / "t", _table(25), mode="overwrite")
+    assert sum(b.num_rows for b in scan(tmp_path / "t", version=0)) == 10
+    assert sum(b.num_rows for b in scan(tmp_path / "t")) == 25

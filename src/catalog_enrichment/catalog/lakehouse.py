@@ -7,23 +7,24 @@ current snapshot) or natively where Delta Lake is installed on the cluster.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from catalog_enrichment.errors import ContractError
 
 __all__ = [
     "TableFormat",
     "data_files",
+    "dataset",
     "is_delta",
     "read_products_of",
     "read_table",
+    "scan",
     "table_format",
     "table_version",
     "write_table",
@@ -97,19 +98,20 @@ def read_table(
 
     ``schema`` types hive partition columns of a Parquet folder (otherwise they are inferred).
     """
+    return dataset(path, version=version, schema=schema).to_table(columns=list(columns) if columns else None)
+
+
+def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema | None = None) -> ds.Dataset:
+    """A Delta (optionally at ``version``) or Parquet table as a ``pyarrow.dataset`` (nothing read
+    yet); ``schema`` types a Parquet folder's hive partition columns."""
     target = Path(path)
     if table_format(target) == "delta":
         from deltalake import DeltaTable
 
-        table = DeltaTable(str(target), version=version)
-        return table.to_pyarrow_table(columns=list(columns) if columns else None)
+        return DeltaTable(str(target), version=version).to_pyarrow_dataset()
     if target.is_file():
-        return pq.read_table(target, columns=list(columns) if columns else None)
-    if schema is not None:
-        dataset = ds.dataset(str(target), format="parquet", schema=schema, partitioning="hive")
-    else:
-        dataset = ds.dataset(str(target), format="parquet", partitioning="hive")
-    return dataset.to_table(columns=list(columns) if columns else None)
+        return ds.dataset(str(target), format="parquet")
+    return ds.dataset(str(target), format="parquet", schema=schema, partitioning="hive")
 
 
 # A scan whose memory is bounded by a few small batches, not by a row group read whole in advance
@@ -121,29 +123,38 @@ LOW_MEMORY_SCAN: dict[str, object] = {
 }
 
 
+def scan(
+    path: str | Path,
+    columns: Sequence[str] | None = None,
+    *,
+    version: int | None = None,
+    batch_rows: int = 16_384,
+) -> Iterator[pa.RecordBatch]:
+    """The table's rows in record batches of at most ``batch_rows``, in the same order every time for
+    the same files (one thread reads them), holding a few batches in memory, never the table."""
+    source = dataset(path, version=version)
+    scan_options = {**LOW_MEMORY_SCAN, "batch_size": batch_rows}
+    for batch in source.to_batches(
+        columns=list(columns or source.schema.names), use_threads=False, **scan_options
+    ):
+        if batch.num_rows:
+            yield batch
+
+
 def read_products_of(
     path: str | Path, product_ids: Iterable[str], columns: Sequence[str] | None = None
 ) -> pa.Table:
     """The rows of a Delta or Parquet table whose ``product_id`` is one of ``product_ids`` (``columns``
     only, when given), filtered batch by batch: a few rows of a large table never hold the whole
     table, or a whole row group, in memory."""
-    target = Path(path)
-    if table_format(target) == "delta":
-        from deltalake import DeltaTable
-
-        dataset = DeltaTable(str(target)).to_pyarrow_dataset()
-    elif target.is_file():
-        dataset = ds.dataset(str(target), format="parquet")
-    else:
-        dataset = ds.dataset(str(target), format="parquet", partitioning="hive")
+    schema = dataset(path).schema
     wanted = pa.array(sorted(set(product_ids)), pa.string())
-    columns = list(columns or dataset.schema.names)
+    columns = list(columns or schema.names)
     kept = [
         batch.filter(pc.is_in(batch.column("product_id").cast(pa.string()), value_set=wanted))
-        for batch in dataset.to_batches(columns=columns, **LOW_MEMORY_SCAN)
+        for batch in scan(path, columns)
     ]
-    schema = pa.schema([dataset.schema.field(c) for c in columns])
-    return pa.Table.from_batches([b for b in kept if b.num_rows], schema=schema)
+    return pa.Table.from_batches(kept, schema=pa.schema([schema.field(c) for c in columns]))
 
 
 def table_version(path: str | Path) -> int | None:
