@@ -376,6 +376,37 @@ class NoisePruningConfig(_Section):
     folds: int = Field(4, ge=2, description="K of the K-fold out-of-fold probabilities cleanlab reads.")
 
 
+class StreamingConfig(_Section):
+    """Training input read in record batches instead of one table in memory (training/stream.py)."""
+
+    enabled: bool = Field(
+        False,
+        description="Read the labelled table in Arrow record batches, split by a hash of each product's "
+        "text (variants together), and shuffle through a buffer: memory no longer grows with the table. "
+        "Calibrates on a held-out split; no cross-fitting, noise pruning, ensembles or frozen encoders.",
+    )
+    batch_rows: int = Field(4096, gt=0, description="Rows per record batch read from the table.")
+    shuffle_rows: int = Field(
+        20_000, gt=0, description="Rows in the shuffle buffer the training order is drawn from."
+    )
+
+
+class DistributedConfig(_Section):
+    """Training on several processes under Spark's TorchDistributor (training/distributed.py)."""
+
+    processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes (DistributedDataParallel ranks: gloo on CPU, nccl on GPU), each "
+        "reading its shard of the table; more than 1 needs training.streaming and a SparkSession.",
+    )
+    local_mode: bool = Field(
+        True,
+        description="True: the ranks run on the driver's machine; False: one Spark task each on the "
+        "executors (a barrier stage).",
+    )
+
+
 class TrainingConfig(_Section):
     """Optimisation and data splits."""
 
@@ -435,6 +466,8 @@ class TrainingConfig(_Section):
     )
 
     noise_pruning: NoisePruningConfig = Field(default_factory=NoisePruningConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     train_fraction: float = Field(
         1.0,
         gt=0,
@@ -447,6 +480,8 @@ class TrainingConfig(_Section):
     def _splits_leave_training_data(self) -> TrainingConfig:
         if self.crossfit_folds == 1:
             raise ValueError("crossfit_folds must be 0 (off) or at least 2")
+        if self.distributed.processes > 1 and not self.streaming.enabled:
+            raise ValueError("distributed.processes > 1 needs streaming.enabled (each rank reads its shard)")
         calibration = MAX_AUTO_CALIBRATION if self.calibration_fraction is None else self.calibration_fraction
         held_out = self.validation_fraction + calibration + self.test_fraction
         if held_out >= 0.9:

@@ -155,7 +155,7 @@ def param_groups(model: MultimodalModel, cfg: AppConfig) -> list[dict[str, Any]]
     return [{"params": head, "lr": tcfg.learning_rate}, *groups]
 
 
-def _train_mode(model: MultimodalModel) -> None:
+def _train_mode(model: torch.nn.Module) -> None:
     """Training mode, except for modules with no trained weight (a fixed encoder layer's BatchNorm
     keeps its statistics, its dropout stays off)."""
     model.train()
@@ -189,7 +189,7 @@ def _optimizer(
 
 
 def _train_epoch(
-    model: MultimodalModel,
+    model: torch.nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -199,13 +199,14 @@ def _train_epoch(
     device: torch.device,
     desc: str,
 ) -> float:
-    """One pass over ``loader``; the mean training loss."""
+    """One pass over ``loader``; the mean training loss (``model``: the model, or the wrapper whose
+    forward also synchronises it, e.g. ``DistributedDataParallel``)."""
     _train_mode(model)
     losses = []
     for batch in tqdm(loader, desc=desc, unit="step", leave=False, disable=None):
         batch = to_device(batch, device)
         with autocast_context(device, device.type == "cuda"):
-            out = forward(model, batch)
+            out = forward(model, batch)  # type: ignore[arg-type]
             loss = sum(
                 attribute_loss(lg, batch["targets"], batch["known"], kinds, batch.get("partial"))
                 for lg in out.train_logits
@@ -217,7 +218,18 @@ def _train_epoch(
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
-    return float(np.mean(losses))
+    return _mean_over_ranks(float(np.mean(losses)))
+
+
+def _mean_over_ranks(value: float) -> float:
+    """``value`` averaged over the ranks of a distributed run (every rank then reports the same)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item()) / dist.get_world_size()
 
 
 def _validation_score(
@@ -256,9 +268,12 @@ def fit_model(
     device: torch.device,
     say: Say,
     tag: str,
+    *,
+    step_model: torch.nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` in place: AdamW, warm-up + cosine, early stopping on the validation metric, the
-    best epoch's weights kept; then the fusion's held-out fit on the validation split."""
+    best epoch's weights kept; then the fusion's held-out fit on the validation split. Training
+    steps run through ``step_model`` when given (``model`` wrapped for distributed training)."""
     tcfg = cfg.training
     kinds = {a.name: a.kind for a in taxonomy}
     if model.image_encoder is not None:  # convolutions train faster channels-last (oneDNN)
@@ -269,7 +284,9 @@ def fit_model(
     for epoch in range(1, tcfg.epochs + 1):
         started = time.perf_counter()
         desc = f"{tag}epoch {epoch}/{tcfg.epochs}"
-        loss = _train_epoch(model, train_loader, optimizer, scheduler, trained, kinds, cfg, device, desc)
+        loss = _train_epoch(
+            step_model or model, train_loader, optimizer, scheduler, trained, kinds, cfg, device, desc
+        )
         val_r, score = _validation_score(
             predict(model, val_loader, device), val_labels, taxonomy, tcfg.selection_metric
         )

@@ -1,0 +1,307 @@
+"""Training past one machine: the streaming trainer (``training.streaming``), in one process or as
+``training.distributed.processes`` ranks under Spark's ``TorchDistributor``.
+
+The driver surveys the table once (:mod:`.stream`: labels, splits, unusable images, the input
+baseline), trains the tokenizer on the training texts, then fits: in this process, or on N ranks
+that ``TorchDistributor`` starts with ``torchrun`` - on this machine (``local_mode``) or one per
+Spark task on the executors. The ranks hold one model each under ``DistributedDataParallel`` (gloo
+on CPU, nccl on GPU), read their own shard of the training split, each take a batch of
+``batch_size / N`` per step (the same global batch as one process) and all score the whole
+validation split after every epoch, so they stop at the same epoch with the same weights (training
+losses are averaged over the ranks); one copy comes back. The driver alone scores the held-out
+splits, calibrates, evaluates and (in the training job) logs and registers: no rank writes to
+MLflow. A rank that dies fails the run with one line.
+
+What the streaming trainer leaves to the in-memory one (``train_and_calibrate``): cross-fitted
+calibration (it holds out a calibration split), noise pruning, ensembles, frozen encoders over
+cached embeddings, a separate test table and ``train_fraction``; each is refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import set_seed
+
+from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import Collator, EncodedLabels, build_tokenizer
+from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.data.preprocess import ImagePreprocessing
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError
+from catalog_enrichment.models.encoders import ImageEncoder
+from catalog_enrichment.models.model import MultimodalModel, build_model, needs_image
+from catalog_enrichment.training.embeddings import deterministic_algorithms
+from catalog_enrichment.training.evaluation import (
+    EvaluationReport,
+    Predictions,
+    calibrate,
+    evaluate,
+    predict,
+    with_health,
+)
+from catalog_enrichment.training.fit import FitResult, fit_model
+from catalog_enrichment.training.loop import HeldOut, TrainedModel
+from catalog_enrichment.training.splits import MIN_ROWS, calibration_fraction
+from catalog_enrichment.training.stream import (
+    CALIBRATION,
+    TEST,
+    TRAIN,
+    VALIDATION,
+    Source,
+    SplitBatches,
+    Survey,
+    TrainingRows,
+    _Reader,
+    _Selection,
+    survey,
+)
+from catalog_enrichment.types import Say
+
+__all__ = ["RANK_FAULT_ENV", "train_streaming"]
+
+# Test hook: CATALOG_ENRICH_RANK_FAULT=<rank>:<step> SIGKILLs that rank at that training step (the
+# killed-rank test); read on the driver and sent to the ranks, so it reaches executors too.
+RANK_FAULT_ENV = "CATALOG_ENRICH_RANK_FAULT"
+
+
+@dataclass(frozen=True)
+class _RankJob:
+    """Everything a rank needs (pickled to it by ``TorchDistributor``)."""
+
+    reader: _Reader
+    cfg: AppConfig
+    tokenizer: Any
+    fractions: tuple[float, float, float]
+    steps: int
+    val_labels: EncodedLabels
+    world: int
+    device: str
+    fault: tuple[int, int] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.training.batch_size // self.world
+
+
+def fresh_model(cfg: AppConfig, taxonomy: Taxonomy, tokenizer: Any, device: torch.device) -> MultimodalModel:
+    """The model before training, the same on every rank for the same seed."""
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg.model, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return cast(MultimodalModel, model).to(device)
+
+
+def _rank_main(job: _RankJob, say: Say | None = None) -> tuple[dict[str, torch.Tensor], FitResult]:
+    """One rank's training (in this process when there is one, reporting to ``say``): the kept
+    weights and the fit, the same on every rank."""
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(job.device)
+    if job.world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        with deterministic_algorithms(True):
+            return _fit_rank(job, rank, device, say or (print if rank == 0 else (lambda _m: None)))
+    finally:
+        if job.world > 1:
+            dist.destroy_process_group()
+
+
+def _fit_rank(
+    job: _RankJob, rank: int, device: torch.device, say: Say
+) -> tuple[dict[str, torch.Tensor], FitResult]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg, reader = job.cfg, job.reader
+    set_seed(cfg.training.seed)
+    model = fresh_model(cfg, reader.taxonomy, job.tokenizer, device)
+    if model.image_encoder is not None:  # channels-last before DDP lays out its gradient buckets
+        model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # some weights never reach the loss (a text backbone's pooler; a fusion's unused branch)
+    step_model = DistributedDataParallel(model, find_unused_parameters=True) if job.world > 1 else model
+    collator = Collator(job.tokenizer, cfg.model.text.max_length)
+    rows = TrainingRows(
+        reader,
+        _Selection(cfg.training.seed, job.fractions, TRAIN, rank, job.world),
+        take=job.steps * job.batch_size,
+        shuffle_rows=cfg.training.streaming.shuffle_rows,
+        kill_at=job.fault[1] * job.batch_size if job.fault and job.fault[0] == rank else None,
+    )
+    loader = DataLoader(rows, batch_size=job.batch_size, collate_fn=collator, drop_last=True, num_workers=0)
+    validation = _Selection(cfg.training.seed, job.fractions, VALIDATION)
+    val_loader = SplitBatches(reader, validation, collator, cfg.training.batch_size * 2)
+    tag = f"rank {rank}/{job.world}: " if job.world > 1 else ""
+    fit = fit_model(
+        model, loader, val_loader, job.val_labels, reader.taxonomy, cfg, device, say, tag,  # type: ignore[arg-type]
+        step_model=step_model,
+    )  # fmt: skip
+    # every rank holds the same weights and fit (losses averaged over the ranks): which rank's copy
+    # comes back does not matter
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, fit
+
+
+def _fit_distributed(job: _RankJob, local_mode: bool) -> tuple[dict[str, torch.Tensor], FitResult]:
+    """The ranks under ``TorchDistributor``; a rank that fails is one line."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    distributor = TorchDistributor(
+        num_processes=job.world, local_mode=local_mode, use_gpu=job.device.startswith("cuda")
+    )
+    try:
+        out = distributor.run(_rank_main, job)
+    except Exception as exc:
+        tail = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        cause = next(
+            (ln for ln in reversed(tail) if "Error" in ln or "exitcode" in ln), tail[-1] if tail else ""
+        )
+        raise CatalogEnrichError(
+            f"distributed training failed ({job.world} processes, "
+            f"{'this machine' if local_mode else 'the executors'}): {cause[:300]}; nothing was registered"
+        ) from None
+    if out is None:
+        raise CatalogEnrichError("distributed training returned no model from rank 0; nothing was registered")
+    return cast(tuple[dict[str, torch.Tensor], FitResult], out)
+
+
+def _check(cfg: AppConfig, source: Source) -> None:
+    """What streaming does not do, refused by name (see the module docstring)."""
+    tcfg, world = cfg.training, cfg.training.distributed.processes
+    refused = [
+        (bool(tcfg.crossfit_folds), "training.crossfit_folds (streaming calibrates on a held-out split: 0)"),
+        (tcfg.noise_pruning.enabled, "training.noise_pruning"),
+        (cfg.model.ensemble.members > 1, "model.ensemble"),
+        (tcfg.encoders == "frozen", "training.encoders: frozen"),
+        (tcfg.train_fraction < 1, "training.train_fraction below 1"),
+    ]
+    names = [name for bad, name in refused if bad]
+    if names:
+        raise ConfigError(f"training.streaming does not support {', '.join(names)}")
+    if tcfg.batch_size % world:
+        raise ConfigError(
+            f"training.batch_size {tcfg.batch_size} must divide by training.distributed.processes {world}"
+        )
+    if source.rows < MIN_ROWS:
+        raise CatalogEnrichError(
+            f"the labelled table has {source.rows} rows; training needs at least {MIN_ROWS}"
+        )
+
+
+def train_streaming(
+    source: Source,
+    taxonomy: Taxonomy,
+    cfg: AppConfig,
+    *,
+    image_roots: tuple[str | Path, ...] = (),
+    device: str = "cpu",
+    progress: Say | None = None,
+) -> TrainedModel:
+    """Survey, train (here or on ``training.distributed.processes`` ranks), score the held-out
+    splits, calibrate and evaluate (see the module docstring). Distributed training needs an active
+    SparkSession (``TorchDistributor`` runs the ranks through it)."""
+    started = time.perf_counter()
+    say = progress or (lambda _m: None)
+    tcfg, world = cfg.training, cfg.training.distributed.processes
+    _check(cfg, source)
+    set_seed(tcfg.seed)
+    roots = (*image_roots, *([source.folder] if source.folder else []))
+    preprocessing = (
+        ImageEncoder(cfg.model.image).preprocessing if needs_image(cfg.model) else ImagePreprocessing()
+    )
+    reader = _Reader(source, taxonomy, ImagePolicy.from_config(cfg.images, roots), preprocessing)
+    fractions = (
+        tcfg.validation_fraction,
+        calibration_fraction(source.rows, tcfg.calibration_fraction),
+        tcfg.test_fraction,
+    )
+    found = survey(reader, fractions, seed=tcfg.seed, world=world, say=say)
+    splits = found.splits
+    say(f"streaming {source.rows:,} rows in batches; splits by hash: {splits.sizes()}")
+    tokenizer = build_tokenizer(cfg.model.text, found.texts)
+    job = _job(reader, cfg, tokenizer, fractions, found, world, device)
+    say(f"training: {job.steps} steps per epoch, {world} process(es) of batch {job.batch_size}")
+    if world == 1:
+        state, fit = _rank_main(job, say)
+    else:
+        state, fit = _fit_distributed(job, tcfg.distributed.local_mode)
+    model = fresh_model(cfg, taxonomy, tokenizer, torch.device(device))
+    model.load_state_dict(state)
+    return _calibrated(model, reader, job, found, fit, started, say)
+
+
+def _job(
+    reader: _Reader,
+    cfg: AppConfig,
+    tokenizer: Any,
+    fractions: tuple[float, float, float],
+    found: Survey,
+    world: int,
+    device: str,
+) -> _RankJob:
+    steps = found.steps(cfg.training.batch_size // world)
+    if steps == 0:
+        raise CatalogEnrichError(
+            f"too few training products for one batch of {cfg.training.batch_size // world} per process"
+        )
+    fault = os.environ.get(RANK_FAULT_ENV)
+    rank_step = tuple(int(x) for x in fault.split(":")) if fault else None
+    val_labels = found.labels.subset(found.splits.validation)
+    return _RankJob(reader, cfg, tokenizer, fractions, steps, val_labels, world, device, rank_step)  # type: ignore[arg-type]
+
+
+def _calibrated(
+    model: MultimodalModel,
+    reader: _Reader,
+    job: _RankJob,
+    found: Survey,
+    fit: FitResult,
+    started: float,
+    say: Say,
+) -> TrainedModel:
+    """The trained model's held-out scores, thresholds, health profile and test report."""
+    cfg, taxonomy, splits = job.cfg, reader.taxonomy, found.splits
+    collator = Collator(job.tokenizer, cfg.model.text.max_length)
+    device = torch.device(job.device)
+
+    def scored(code: int, idx: np.ndarray) -> tuple[Predictions, EncodedLabels]:
+        batches = SplitBatches(
+            reader, _Selection(cfg.training.seed, job.fractions, code), collator, cfg.training.batch_size * 2
+        )
+        preds = predict(model, batches, device)  # type: ignore[arg-type]
+        return preds, found.labels.subset(idx)
+
+    calibration_set, family = scored(CALIBRATION, splits.calibration), scored(VALIDATION, splits.validation)
+    test_preds, test_labels = scored(TEST, splits.test)
+    heldout = HeldOut(calibration_set, family, (test_preds, test_labels))
+    calibration = calibrate(*heldout.calibration, taxonomy, cfg, family=heldout.family)
+    calibration = with_health(calibration, *heldout.health, taxonomy, found.inputs)
+    report = EvaluationReport(evaluate(test_preds, test_labels, taxonomy, calibration))
+    seconds = time.perf_counter() - started
+    say(
+        f"trained in {seconds:.0f}s; test R@P95 "
+        + " ".join(f"{a}={report[a]['r_at_p95']:.3f}" for a in taxonomy.names)
+    )
+    return TrainedModel(
+        model=model,
+        tokenizer=job.tokenizer,
+        taxonomy=taxonomy,
+        config=cfg,
+        calibration=calibration,
+        history=fit.history,
+        best_epoch=fit.best_epoch,
+        splits=splits,
+        test_report=report,
+        test_predictions=test_preds,
+        test_labels=test_labels,
+        heldout=heldout,
+        heldout_fit=fit.heldout,
+        seconds=seconds,
+        product_ids=found.product_ids,
+    )

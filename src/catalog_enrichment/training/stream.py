@@ -1,0 +1,397 @@
+"""Training input that streams (``training.streaming``): a labelled Delta or Parquet table read in
+Arrow record batches, so a table larger than memory trains, in one process or as one rank of a
+distributed run (:mod:`.distributed`).
+
+* **Splits by hash**: a product's split is a hash of its group key and the seed - the title and
+  description, case and whitespace folded, as :func:`.splits.group_ids` groups a product's
+  variants, so variants never straddle two splits; a rank's share of the training split is a hash
+  of the product id. Neither depends on the order of the files or on the number of workers. (The
+  in-memory path stratifies instead; over the hundreds of thousands of products streaming is for,
+  a hash split holds every value at its rate within a fraction of a percent.)
+* **One survey pass** reads every row once, images included: the labels (small arrays, kept),
+  which images cannot be used (those products are left out, as in memory), the run health input
+  baseline, the training texts the tokenizer learns from, and the usable rows per split and rank.
+* **Epochs** read the table again: a rank's training rows pass through a shuffle buffer of
+  ``shuffle_rows`` rows (seeded by the seed, the epoch and the rank) into mini-batches, and every
+  rank takes the same number of steps. Scoring a held-out split reads its rows in table order, the
+  order the survey kept their labels in.
+
+Memory holds a few record batches, the shuffle buffer (text and image bytes, not pixels), the labels
+and the held-out scores; never the table or its decoded images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import IterableDataset
+
+from catalog_enrichment.catalog import lakehouse
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import Collator, EncodedLabels, encode_labels
+from catalog_enrichment.data.images import ImagePolicy, image_tone, load_pixels
+from catalog_enrichment.data.preprocess import ImagePreprocessing
+from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.health import InputBaseline, ProductInputs, input_baseline
+from catalog_enrichment.training.splits import Splits
+
+__all__ = [
+    "CALIBRATION",
+    "TEST",
+    "TRAIN",
+    "VALIDATION",
+    "Source",
+    "SplitBatches",
+    "Survey",
+    "TrainingRows",
+    "arrow_source",
+    "rank_of",
+    "split_of",
+    "survey",
+    "table_source",
+]
+
+TRAIN, VALIDATION, CALIBRATION, TEST = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Source:
+    """A labelled table that can be read again, batch by batch, in the same order each time."""
+
+    batches: Callable[[], Iterator[pa.RecordBatch]]
+    rows: int
+    names: tuple[str, ...]
+    folder: str | None = None  # where its image_uri paths may point (the table's folder)
+
+
+def table_source(path: str | Path, *, version: int | None = None, batch_rows: int = 4096) -> Source:
+    """A Delta (at ``version``: pin it, so every pass reads the same rows) or Parquet table."""
+    found = lakehouse.dataset(path, version=version)
+    return Source(
+        lambda: lakehouse.scan(path, version=version, batch_rows=batch_rows),
+        found.count_rows(),
+        tuple(found.schema.names),
+        str(Path(path).resolve()),
+    )
+
+
+def arrow_source(table: pa.Table, *, batch_rows: int = 4096) -> Source:
+    """A table already in memory, read as a stream (tests and small data)."""
+    return Source(
+        lambda: iter(table.to_batches(max_chunksize=batch_rows)), table.num_rows, tuple(table.column_names)
+    )
+
+
+def _unit(keys: Iterable[str], salt: str) -> np.ndarray:
+    """Each key's uniform draw in [0, 1): the first 8 bytes of its BLAKE2b digest under ``salt``."""
+    prefix = salt.encode() + b"\x1f"
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(prefix + k.encode(), digest_size=8).digest(), "little") / 2.0**64
+            for k in keys
+        ],
+        np.float64,
+    )
+
+
+def split_of(
+    titles: Sequence[str | None],
+    descriptions: Sequence[str | None],
+    *,
+    seed: int,
+    validation: float,
+    calibration: float,
+    test: float,
+) -> np.ndarray:
+    """Each product's split (:data:`TRAIN`, :data:`VALIDATION`, :data:`CALIBRATION`, :data:`TEST`)
+    from its group key: products with the same text (variants) always share one."""
+    keys = (
+        " ".join((t or "").lower().split()) + "\x1e" + " ".join((d or "").lower().split())
+        for t, d in zip(titles, descriptions, strict=True)
+    )
+    u = _unit(keys, f"split:{seed}")
+    edges = np.cumsum([validation, calibration, test])
+    codes = np.searchsorted(edges, u, side="right") + 1  # 1, 2, 3 below the edges, 4 above
+    return np.where(codes == 4, TRAIN, codes).astype(np.int8)
+
+
+def rank_of(product_ids: Sequence[str | None], *, seed: int, world: int) -> np.ndarray:
+    """The rank (of ``world``) whose shard each product's training row is in."""
+    u = _unit((p or "" for p in product_ids), f"rank:{seed}")
+    return np.minimum((u * world).astype(np.int64), world - 1)
+
+
+def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
+    return batch.column(name).to_pylist() if name in batch.schema.names else [None] * batch.num_rows
+
+
+@dataclass
+class _Rows:
+    """One record batch's rows that belong to a split (and rank), with their labels."""
+
+    product_id: list[Any]
+    title: list[str]
+    description: list[str | None]
+    image: list[bytes | None]
+    image_uri: list[str | None]
+    labels: EncodedLabels
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Which rows of a batch a pass reads: one split, and for training one rank's shard."""
+
+    seed: int
+    fractions: tuple[float, float, float]  # validation, calibration, test
+    split: int
+    rank: int = 0
+    world: int = 1
+
+    def codes(self, batch: pa.RecordBatch) -> np.ndarray:
+        validation, calibration, test = self.fractions
+        return split_of(
+            _column(batch, "title"),
+            _column(batch, "description"),
+            seed=self.seed,
+            validation=validation,
+            calibration=calibration,
+            test=test,
+        )
+
+    def rows(self, batch: pa.RecordBatch, taxonomy: Taxonomy) -> _Rows | None:
+        keep = self.codes(batch) == self.split
+        if self.world > 1:
+            keep &= rank_of(_column(batch, "product_id"), seed=self.seed, world=self.world) == self.rank
+        if not keep.any():
+            return None
+        picked = batch.filter(pa.array(keep))
+        return _Rows(
+            _column(picked, "product_id"),
+            [t or "" for t in _column(picked, "title")],
+            _column(picked, "description"),
+            _column(picked, "image"),
+            _column(picked, "image_uri"),
+            encode_labels(pa.Table.from_batches([picked]), taxonomy),
+        )
+
+
+def _item(rows: _Rows, i: int, pixels: np.ndarray | None, size: int) -> dict[str, Any]:
+    """Product ``i`` as the model's collator takes it (see ``data.dataset.ProductDataset``)."""
+    labels = rows.labels
+    return {
+        "title": rows.title[i],
+        "description": rows.description[i] or "",
+        "pixel_values": torch.zeros(3, size, size, dtype=torch.uint8)
+        if pixels is None
+        else torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
+        "image_present": pixels is not None,
+        "targets": {a: t[i] for a, t in labels.targets.items()},
+        "known": {a: bool(k[i]) for a, k in labels.known.items()},
+        "partial": {a: p[i] for a, p in labels.partial.items()},
+    }
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """What every pass needs to turn a split's rows into the model's items."""
+
+    source: Source
+    taxonomy: Taxonomy
+    policy: ImagePolicy
+    preprocessing: ImagePreprocessing
+
+    def pixels(
+        self, image: bytes | None, uri: str | None, prep: ImagePreprocessing
+    ) -> tuple[np.ndarray | None, str | None]:
+        return load_pixels(image, uri, prep.size, prep.interpolation, self.policy)
+
+    def items(self, rows: _Rows, order: Iterable[int]) -> Iterator[dict[str, Any]]:
+        """The usable products among ``rows`` (those whose image decodes or is absent), in ``order``."""
+        prep = self.preprocessing
+        for i in order:
+            pixels, error = self.pixels(rows.image[i], rows.image_uri[i], prep)
+            if error is None:
+                yield _item(rows, i, pixels, prep.size)
+
+    def usable(self, batch: pa.RecordBatch, inputs: ProductInputs) -> pa.RecordBatch:
+        """The batch's products whose image decodes or is absent; every product's inputs (image
+        state and colour balance included) added to ``inputs``."""
+        check = ImagePreprocessing(size=32)  # usable or not, and the colour balance, hardly depend on size
+        images, uris = _column(batch, "image"), _column(batch, "image_uri")
+        decoded = [self.pixels(b, u, check) for b, u in zip(images, uris, strict=True)]
+        errors = [e for _, e in decoded]
+        tones = [None if p is None else image_tone(p) for p, _ in decoded]
+        _extend(inputs, ProductInputs.of(batch, errors, tones))
+        return batch.filter(pa.array([e is None for e in errors]))
+
+
+class TrainingRows(IterableDataset[dict[str, Any]]):
+    """A rank's training rows for one epoch per iteration, through a seeded shuffle buffer: exactly
+    ``take`` items (the same count on every rank: steps per epoch times the batch size)."""
+
+    def __init__(
+        self,
+        reader: _Reader,
+        selection: _Selection,
+        *,
+        take: int,
+        shuffle_rows: int,
+        kill_at: int | None = None,
+    ) -> None:
+        self.reader, self.selection, self.take, self.shuffle_rows = reader, selection, take, shuffle_rows
+        self.kill_at = kill_at  # test hook: SIGKILL this process at that item (a rank that dies)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.take
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        sel = self.selection
+        rng = np.random.default_rng([sel.seed, self.epoch, sel.rank])
+        self.epoch += 1
+        for emitted, item in enumerate(self._shuffled(rng)):
+            if emitted == self.take:
+                return
+            if emitted == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield item
+
+    def _shuffled(self, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        """Usable items in buffer order: rows enter a buffer of ``shuffle_rows`` and leave it at
+        random; decoding happens on the way out (the buffer holds bytes, not pixels)."""
+        buffer: list[tuple[_Rows, int]] = []
+        for batch in self.reader.source.batches():
+            rows = self.selection.rows(batch, self.reader.taxonomy)
+            if rows is None:
+                continue
+            for i in range(len(rows.title)):
+                buffer.append((rows, i))
+                if len(buffer) >= self.shuffle_rows:
+                    yield from self._pop(buffer, int(rng.integers(len(buffer))))
+        for j in rng.permutation(len(buffer)).tolist():
+            rows, i = buffer[j]
+            yield from self.reader.items(rows, [i])
+
+    def _pop(self, buffer: list[tuple[_Rows, int]], j: int) -> Iterator[dict[str, Any]]:
+        rows, i = buffer[j]
+        buffer[j] = buffer[-1]
+        buffer.pop()
+        yield from self.reader.items(rows, [i])
+
+
+class SplitBatches:
+    """A held-out split's usable products in table order, collated in batches; iterable again and
+    again (an epoch's validation scores, the final scores)."""
+
+    def __init__(self, reader: _Reader, selection: _Selection, collator: Collator, batch_size: int) -> None:
+        self.reader, self.selection, self.collator, self.batch_size = reader, selection, collator, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        for batch in self.reader.source.batches():
+            rows = self.selection.rows(batch, self.reader.taxonomy)
+            if rows is None:
+                continue
+            for item in self.reader.items(rows, range(len(rows.title))):
+                items.append(item)
+                if len(items) == self.batch_size:
+                    yield self.collator(items)
+                    items = []
+        if items:
+            yield self.collator(items)
+
+
+@dataclass
+class Survey:
+    """What one pass over the whole table learns (see the module docstring), for the usable products
+    in table order."""
+
+    product_ids: list[Any]
+    codes: np.ndarray  # each product's split
+    shards: np.ndarray  # each product's rank (of ``world``); its training row is read there
+    world: int
+    labels: EncodedLabels
+    texts: list[str]  # the training split's "title description": what the tokenizer learns from
+    inputs: InputBaseline
+    left_out: dict[str, int] = field(default_factory=dict)  # unusable images, by reason
+
+    @property
+    def splits(self) -> Splits:
+        return Splits(
+            *(np.flatnonzero(self.codes == code) for code in (TRAIN, VALIDATION, CALIBRATION, TEST))
+        )
+
+    def steps(self, batch_size: int) -> int:
+        """Steps per epoch every rank takes: the smallest shard's full batches."""
+        train = self.shards[self.codes == TRAIN]
+        return int(np.bincount(train, minlength=self.world).min()) // batch_size
+
+
+def survey(
+    reader: _Reader,
+    fractions: tuple[float, float, float],
+    *,
+    seed: int,
+    world: int,
+    say: Callable[[str], None],
+) -> Survey:
+    """The survey pass (see the module docstring)."""
+    ids: list[Any] = []
+    codes, shards, labels, texts = [], [], [], []
+    inputs = ProductInputs([], [], [], [], [], [])
+    everything = _Selection(seed, fractions, split=-1)
+    for batch in reader.source.batches():
+        usable = reader.usable(batch, inputs)
+        code = everything.codes(usable)
+        pids = _column(usable, "product_id")
+        ids += pids
+        codes.append(code)
+        shards.append(rank_of(pids, seed=seed, world=world))
+        labels.append(encode_labels(pa.Table.from_batches([usable]), reader.taxonomy))
+        pairs = zip(_column(usable, "title"), _column(usable, "description"), code, strict=True)
+        texts += [f"{t or ''} {d or ''}" for t, d, c in pairs if c == TRAIN]
+    if not ids:
+        raise CatalogEnrichError("no labelled product has a usable image or none: nothing to train on")
+    bad = [e for e in inputs.image_errors if e is not None]
+    left_out = {e: bad.count(e) for e in sorted(set(bad))}
+    if bad:
+        say(f"left out {len(bad):,} products whose image cannot be used: {left_out}")
+    return Survey(
+        ids,
+        np.concatenate(codes),
+        np.concatenate(shards),
+        world,
+        _concat_labels(labels, reader.taxonomy),
+        texts,
+        input_baseline(inputs),
+        left_out,
+    )
+
+
+def _extend(inputs: ProductInputs, more: ProductInputs) -> None:
+    for name in ("titles", "descriptions", "image_present", "image_errors", "categories", "tones"):
+        getattr(inputs, name).extend(getattr(more, name))
+
+
+def _concat_labels(parts: list[EncodedLabels], taxonomy: Taxonomy) -> EncodedLabels:
+    partial_names = sorted({a for p in parts for a in p.partial})
+    partial = {}
+    for a in partial_names:
+        width = len(taxonomy[a].values)
+        partial[a] = np.concatenate(
+            [p.partial.get(a, np.zeros((len(p.known[a]), width), np.int8)) for p in parts]
+        )
+    return EncodedLabels(
+        {a.name: np.concatenate([p.targets[a.name] for p in parts]) for a in taxonomy},
+        {a.name: np.concatenate([p.known[a.name] for p in parts]) for a in taxonomy},
+        partial,
+    )
