@@ -156,7 +156,9 @@ def train(args: argparse.Namespace, cfg: AppConfig) -> int:
     """train, calibrate, evaluate and register a challenger version
 
     Train on a labelled products table (Delta or Parquet), calibrate thresholds, evaluate, log to
-    MLflow and register a version with alias 'challenger'.
+    MLflow and register a version with alias 'challenger'. With training.streaming the table is read
+    in record batches; with training.distributed.processes above 1 the ranks run under Spark's
+    TorchDistributor (spark.master, or the spark-submit master).
     """
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.training.job import run_training_job
@@ -164,12 +166,11 @@ def train(args: argparse.Namespace, cfg: AppConfig) -> int:
     data = Path(args.data or cfg.catalog.table("labelled"))
     if not data.exists():
         raise CatalogEnrichError(f"training data not found: {data} (build it with `catalog-enrich labels`)")
+    client = runtime.mlflow_client(cfg)
+    if cfg.training.distributed.processes > 1:  # TorchDistributor starts the ranks through Spark
+        runtime.spark_session(cfg)
     outcome = run_training_job(
-        cfg,
-        load_taxonomy(cfg.taxonomy_path),
-        data=data,
-        client=runtime.mlflow_client(cfg),
-        device=runtime.device(cfg),
+        cfg, load_taxonomy(cfg.taxonomy_path), data=data, client=client, device=runtime.device(cfg)
     )
     reg = outcome.registered
     print(

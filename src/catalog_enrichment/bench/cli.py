@@ -172,6 +172,31 @@ def _scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE", default="bench-scale.json", help="JSON (markdown beside it)")
 
 
+def _train_scale(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sizes",
+        type=numbers(int),
+        metavar="LIST",
+        default=[10_000, 100_000, 500_000],
+        help="labelled products (10k, 100k, 500k)",
+    )
+    p.add_argument(
+        "--processes", type=numbers(int), metavar="LIST", default=[1, 2], help="training processes (1,2)"
+    )
+    p.add_argument("--epochs", type=int, metavar="E", default=2, help="epochs per training (2)")
+    p.add_argument(
+        "--orders",
+        type=int,
+        metavar="K",
+        default=1,
+        help="trainings of the first size in K shuffle orders (1)",
+    )
+    p.add_argument("--workdir", metavar="DIR", default="bench-train-scale", help="tables, MLflow go here")
+    p.add_argument(
+        "--out", metavar="FILE", default="bench-train-scale.json", help="JSON (markdown beside it)"
+    )
+
+
 def _pretrain_text(p: argparse.ArgumentParser) -> None:
     p.add_argument("--products", type=int, metavar="N", default=5000, help="products (default 5000)")
     p.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (default 0)")
@@ -230,6 +255,7 @@ BENCHES: tuple[tuple[str, Handler, Callable[[argparse.ArgumentParser], None], bo
     ("throughput", commands.bench_throughput, _throughput, False),
     ("write", commands.bench_write, _write, False),
     ("scale", commands.bench_scale, _scale, False),
+    ("train-scale", commands.bench_train_scale, _train_scale, False),
     ("chaos", commands.bench_chaos, _chaos, False),
     ("audit", commands.bench_audit, _audit, False),
     ("drift", commands.bench_drift, _drift, False),

@@ -349,6 +349,23 @@ def bench_write(args: argparse.Namespace, cfg: AppConfig) -> int:
     return 0
 
 
+def bench_train_scale(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """what training costs as the labelled table grows, in one process and in several
+
+    Generate labelled marketplaces of each --sizes (tiny model, 32 px images), train each with
+    training.streaming as a catalog-enrich train process per --processes count (TorchDistributor
+    above 1, on this machine); report wall time, driver and rank peak RSS and test R@P95. --orders K
+    trains the first size K-1 more times in other shuffle orders: the noise margin for comparing
+    process counts.
+    """
+    from catalog_enrichment.bench.train_scale import format_train_scale, run_train_scale
+
+    result = run_train_scale(
+        Path(args.workdir), sizes=args.sizes, processes=args.processes, epochs=args.epochs, orders=args.orders
+    )
+    return _write_result(result, Path(args.out), format_train_scale(result))
+
+
 def bench_scale(args: argparse.Namespace, cfg: AppConfig) -> int:
     """what one nightly increment costs as the catalog grows (both catalogs)
 

@@ -248,8 +248,9 @@ class RawTasks:
 
 
 class _RssSampler:
-    """Peak RSS of the child driver process and of every PySpark Python worker, sampled every 0.2 s,
-    and the CPU seconds the driver, the JVM and the Python workers used between enter and exit."""
+    """Peak RSS of the child driver process and of every PySpark Python worker or distributed
+    training rank (a ``torchrun`` child), sampled every 0.2 s, and the CPU seconds the driver, the
+    JVM and the Python workers used between enter and exit."""
 
     def __init__(self) -> None:
         import psutil
@@ -271,11 +272,13 @@ class _RssSampler:
                 rss = proc.memory_info().rss
             except self._psutil.Error:
                 continue
-            if "pyspark.daemon" in cmd or "pyspark.worker" in cmd:
+            if "pyspark.daemon" in cmd or "pyspark.worker" in cmd or _is_rank(cmd):
                 kind = "python_workers"
                 self.workers[proc.pid] = max(self.workers.get(proc.pid, 0), rss)
             elif "java" in cmd:
                 kind = "jvm"
+            elif "torch_run_process_wrapper" in cmd or "torch.distributed.run" in cmd:
+                continue  # torchrun's launchers: they only wait for the ranks
             elif "python" in cmd:
                 kind = "driver"
                 self.driver_peak = max(self.driver_peak, rss)
@@ -362,6 +365,12 @@ def process_commands(
             "--products", str(products), "--out", str(root / "scores"), "--master", cfg.spark.master,
         ],
     }  # fmt: skip
+
+
+def _is_rank(cmd: str) -> bool:
+    """A rank TorchDistributor's torchrun started: Python running its generated ``train.py``."""
+    launcher = "torch.distributed.run" in cmd or "torch_run_process_wrapper" in cmd
+    return "python" in cmd and cmd.endswith("/train.py") and not launcher
 
 
 def measure_process(command: Sequence[str], env: dict[str, str], workdir: Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ __all__ = [
     "ProductRecords",
     "build_tokenizer",
     "canonical_order",
+    "check_every_value_seen",
     "encode_labels",
     "load_tokenizer",
     "train_wordpiece_tokenizer",
@@ -202,6 +203,24 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
         targets[attr.name] = arr if attr.kind == "multilabel" else idx
         known[attr.name] = ok
     return EncodedLabels(targets, known, _partial_labels(table, taxonomy, known))
+
+
+def check_every_value_seen(labels: EncodedLabels, taxonomy: Taxonomy) -> None:
+    """Every taxonomy value is some product's label (a model cannot learn a value it never sees)."""
+    unseen = []
+    for attr in taxonomy:
+        t, known = labels.targets[attr.name], labels.known[attr.name]
+        counts = (
+            t[known].sum(axis=0)
+            if attr.kind == "multilabel"
+            else np.bincount(t[t >= 0], minlength=len(attr.values))
+        )
+        unseen += [f"{attr.name}={v}" for v, n in zip(attr.values, counts, strict=True) if n == 0]
+    if unseen:
+        raise TaxonomyError(
+            f"taxonomy values never seen in the training data: {unseen}; a model cannot learn them "
+            "(remove them from the taxonomy or add labelled products)"
+        )
 
 
 def _partial_labels(

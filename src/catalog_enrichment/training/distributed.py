@@ -32,7 +32,7 @@ from transformers import set_seed
 
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import Collator, EncodedLabels, build_tokenizer
+from catalog_enrichment.data.dataset import Collator, EncodedLabels, build_tokenizer, check_every_value_seen
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
@@ -222,6 +222,7 @@ def train_streaming(
         tcfg.test_fraction,
     )
     found = survey(reader, fractions, seed=tcfg.seed, world=world, say=say)
+    check_every_value_seen(found.labels, taxonomy)
     splits = found.splits
     say(f"streaming {source.rows:,} rows in batches; splits by hash: {splits.sizes()}")
     tokenizer = build_tokenizer(cfg.model.text, found.texts)

@@ -10,20 +10,21 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import data_files, read_table, table_format, table_version
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import encode_labels
-from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.data.dataset import check_every_value_seen, encode_labels
+from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import BundleFolder, save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
@@ -94,28 +95,17 @@ def validate_training_table(table: Any, taxonomy: Taxonomy) -> None:
         ContractError: missing product or label columns.
         TaxonomyError: label values outside the taxonomy, or taxonomy values no product carries.
     """
-    # what training reads; the other products columns (ids, partitions, merchant values) are optional
-    needed = ["title", "description", *taxonomy.names]
-    missing = [c for c in needed if c not in table.column_names]
+    check_training_columns(table.column_names, taxonomy)
+    check_every_value_seen(encode_labels(table, taxonomy), taxonomy)
+
+
+def check_training_columns(names: Sequence[str], taxonomy: Taxonomy) -> None:
+    """The columns training reads are there (ids, partitions and merchant values are optional)."""
+    missing = [c for c in ("title", "description", *taxonomy.names) if c not in names]
     if missing:
         raise ContractError(f"the labelled table lacks columns {missing} (contract labelled_products)")
-    if "image" not in table.column_names and "image_uri" not in table.column_names:
+    if "image" not in names and "image_uri" not in names:
         raise ContractError("the labelled table has neither an image nor an image_uri column")
-    labels = encode_labels(table, taxonomy)
-    unseen = []
-    for attr in taxonomy:
-        t, known = labels.targets[attr.name], labels.known[attr.name]
-        counts = (
-            t[known].sum(axis=0)
-            if attr.kind == "multilabel"
-            else np.bincount(t[t >= 0], minlength=len(attr.values))
-        )
-        unseen += [f"{attr.name}={v}" for v, n in zip(attr.values, counts, strict=True) if n == 0]
-    if unseen:
-        raise TaxonomyError(
-            f"taxonomy values never seen in the training data: {unseen}; a model cannot learn them "
-            "(remove them from the taxonomy or add labelled products)"
-        )
 
 
 @dataclass(frozen=True)
@@ -155,20 +145,21 @@ def run_training_job(
     from catalog_enrichment import registry
 
     registry.check_tracking_server(client)
-    table = read_table(data)
     snapshot = data_snapshot(data)
-    validate_training_table(table, taxonomy)
-    progress(
-        f"training on {table.num_rows:,} products from {snapshot.path} "
-        f"({snapshot.format}{'' if snapshot.version is None else f' v{snapshot.version}'})"
-    )
-    # frozen encoders read and fill the catalog's embedding store, as the enrichment job does
-    store = open_catalog(cfg.catalog) if cfg.inference.embedding_store else None
-    trained = train_and_calibrate(
-        table, taxonomy, cfg, image_roots=[snapshot.path], device=device, progress=progress, store=store
-    )
+    if cfg.training.streaming.enabled:
+        trained, example = _train_streaming(cfg, taxonomy, snapshot, device, progress)
+    else:
+        table = read_table(data)
+        validate_training_table(table, taxonomy)
+        progress(f"training on {table.num_rows:,} products from {_described(snapshot)}")
+        # frozen encoders read and fill the catalog's embedding store, as the enrichment job does
+        store = open_catalog(cfg.catalog) if cfg.inference.embedding_store else None
+        trained = train_and_calibrate(
+            table, taxonomy, cfg, image_roots=[snapshot.path], device=device, progress=progress, store=store
+        )
+        example = _example_frame(table)
     trained.model.to("cpu")
-    registered = _register(client, cfg, taxonomy, trained, table, snapshot)
+    registered = _register(client, cfg, taxonomy, trained, example, snapshot)
     progress(
         f"registered {registered.name} version {registered.version} (alias '{registry.CHALLENGER}'), "
         f"run {registered.run_id}"
@@ -176,8 +167,35 @@ def run_training_job(
     return TrainingOutcome(trained, registered, snapshot)
 
 
+def _described(snapshot: DataSnapshot) -> str:
+    return f"{snapshot.path} ({snapshot.format}{'' if snapshot.version is None else f' v{snapshot.version}'})"
+
+
+def _train_streaming(
+    cfg: AppConfig, taxonomy: Taxonomy, snapshot: DataSnapshot, device: str, progress: Say
+) -> tuple[TrainedModel, pd.DataFrame]:
+    """The streaming trainer on the table's pinned snapshot (``training.streaming``), and the logged
+    input example from its first rows."""
+    from catalog_enrichment.training.distributed import train_streaming
+    from catalog_enrichment.training.stream import table_source
+
+    source = table_source(
+        snapshot.path, version=snapshot.version, batch_rows=cfg.training.streaming.batch_rows
+    )
+    check_training_columns(source.names, taxonomy)
+    progress(f"training on {source.rows:,} products streamed from {_described(snapshot)}")
+    trained = train_streaming(source, taxonomy, cfg, device=device, progress=progress)
+    first = pa.Table.from_batches([next(source.batches())])
+    return trained, _example_frame(first)
+
+
 def _register(
-    client: Any, cfg: AppConfig, taxonomy: Taxonomy, trained: TrainedModel, table: Any, snapshot: DataSnapshot
+    client: Any,
+    cfg: AppConfig,
+    taxonomy: Taxonomy,
+    trained: TrainedModel,
+    example: pd.DataFrame,
+    snapshot: DataSnapshot,
 ) -> ModelVersion:
     """The trained model as a bundle, logged with its metrics, plots and tables in one MLflow run
     and registered as a new version (alias ``challenger``)."""
@@ -188,7 +206,6 @@ def _register(
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         bundle_dir = save_bundle(tmpdir / "bundle", trained.bundle())
-        example = _example_frame(table)
         return registry.log_and_register(
             client,
             bundle_dir=bundle_dir,
