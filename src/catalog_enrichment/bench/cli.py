@@ -184,6 +184,7 @@ def _train_scale(p: argparse.ArgumentParser) -> None:
         "--processes", type=numbers(int), metavar="LIST", default=[1, 2], help="training processes (1,2)"
     )
     p.add_argument("--epochs", type=int, metavar="E", default=2, help="epochs per training (2)")
+    p.add_argument("--batch-size", type=int, metavar="B", default=64, help="training batch (64)")
     p.add_argument(
         "--orders",
         type=int,

@@ -361,7 +361,12 @@ def bench_train_scale(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.bench.train_scale import format_train_scale, run_train_scale
 
     result = run_train_scale(
-        Path(args.workdir), sizes=args.sizes, processes=args.processes, epochs=args.epochs, orders=args.orders
+        Path(args.workdir),
+        sizes=args.sizes,
+        processes=args.processes,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        orders=args.orders,
     )
     return _write_result(result, Path(args.out), format_train_scale(result))
 

@@ -6,9 +6,10 @@ process count the training job runs as a process of its own (``catalog-enrich tr
 ``training.streaming`` and ``training.distributed.processes``, the tiny model, a SQLite MLflow store
 in the work folder), and the bench records its wall time, the driver's and the ranks' peak RSS
 (sampled every 0.2 s) and the registered version's test R@P95 per attribute. ``orders`` > 1 trains
-the first size that many more times in one process with other shuffle buffers (the same split,
-initial weights and data, another training order): the spread of those runs is the noise a second
-process's different order adds, the margin a one-against-two comparison is judged by.
+the first size ``orders - 1`` more times in one process with shuffle buffers of 200, 300, ... rows
+(the same split, initial weights and data; another training order): the spread of those runs and
+the first is the noise a second process's different order adds, the margin a one-against-two
+comparison is judged by.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import load_taxonomy
 from catalog_enrichment.types import Say
 
-__all__ = ["format_train_scale", "run_train_scale"]
+__all__ = ["format_train_scale", "run_train_scale", "write_config"]
 
 _SHUFFLE_ROWS = 20_000
 
@@ -49,13 +50,14 @@ def _marketplace(workdir: Path, products: int, say: Say) -> Path:
     return root / "products"
 
 
-def _config(workdir: Path, epochs: int) -> Path:
+def write_config(workdir: Path, epochs: int, batch_size: int) -> Path:
+    """The config every training of the bench runs with (the tiny model, streaming)."""
     path = workdir / "train-scale.yaml"
     cfg = {
         "model": TINY_MODEL,
         "training": {
             "epochs": epochs,
-            "batch_size": 64,
+            "batch_size": batch_size,
             "crossfit_folds": 0,
             "streaming": {"enabled": True},
         },
@@ -108,12 +110,13 @@ def run_train_scale(
     sizes: Sequence[int],
     processes: Sequence[int],
     epochs: int = 2,
+    batch_size: int = 64,
     orders: int = 1,
     say: Say = print,
 ) -> dict[str, Any]:
     """Every size with every process count (see the module docstring); then the order runs."""
     workdir.mkdir(parents=True, exist_ok=True)
-    _config(workdir, epochs)
+    write_config(workdir, epochs, batch_size)
     runs = []
     for size in sizes:
         data = _marketplace(workdir, size, say)
@@ -124,10 +127,11 @@ def run_train_scale(
     order_runs = []
     for k in range(1, orders):
         data = _marketplace(workdir, sizes[0], say)
-        shuffle = _SHUFFLE_ROWS // (k + 1)
+        shuffle = 100 * (k + 1)  # smaller than the training split: each buffer gives another order
         say(f"train-scale: {sizes[0]:,} products, 1 process, shuffle buffer {shuffle:,}")
         order_runs.append({"products": sizes[0], **_train(workdir, data, 1, shuffle, f"order-{k}")})
-    return {"epochs": epochs, "runs": runs, "order_runs": order_runs, **_margin(runs, order_runs, sizes[0])}
+    margin = _margin(runs, order_runs, sizes[0])
+    return {"epochs": epochs, "batch_size": batch_size, "runs": runs, "order_runs": order_runs, **margin}
 
 
 def _margin(runs: list[dict[str, Any]], order_runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
@@ -144,7 +148,8 @@ def _margin(runs: list[dict[str, Any]], order_runs: list[dict[str, Any]], size: 
 
 def format_train_scale(result: dict[str, Any]) -> str:
     lines = [
-        f"Training the tiny model ({result['epochs']} epochs, streaming) per table size and process count",
+        f"Training the tiny model ({result['epochs']} epochs, batches of {result['batch_size']}, streaming) "
+        "per table size and process count",
         "",
         "| products | processes | wall s | driver peak RSS MB | rank peak RSS MB | mean test R@P95 |",
         "|---|---|---|---|---|---|",

@@ -1,0 +1,150 @@
+"""Streaming training input: hash splits that ignore row order (variants together), rank shards, and
+the streaming trainer in one process: it reads the table only in small batches, refuses what it does
+not do by name, and trains the same model from the same table twice."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from catalog_enrichment.catalog.lakehouse import write_table
+from catalog_enrichment.config import SyntheticConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.synthetic import products_batches
+from catalog_enrichment.errors import ConfigError
+from catalog_enrichment.training.distributed import train_streaming
+from catalog_enrichment.training.stream import (
+    CALIBRATION,
+    TEST,
+    TRAIN,
+    VALIDATION,
+    Source,
+    rank_of,
+    split_of,
+    table_source,
+)
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.timeout(300)
+
+FRACTIONS = {"validation": 0.1, "calibration": 0.2, "test": 0.15}
+
+
+def test_a_products_split_is_a_hash_of_its_text_not_of_its_position() -> None:
+    n = 20_000
+    titles = [f"Product {i} cotton shirt" for i in range(n)]
+    descriptions = [None if i % 3 else f"Soft fabric {i}" for i in range(n)]
+    codes = split_of(titles, descriptions, seed=3, **FRACTIONS)
+    order = np.random.default_rng(0).permutation(n)
+    shuffled = split_of([titles[i] for i in order], [descriptions[i] for i in order], seed=3, **FRACTIONS)
+    assert np.array_equal(shuffled, codes[order])
+    # a variant (case and spacing aside, the same text) lands with its product
+    variant = split_of(["PRODUCT 7  cotton SHIRT"], [None], seed=3, **FRACTIONS)
+    assert variant[0] == codes[7]
+    # each split holds its share: within 4 standard deviations of a binomial share over n products
+    for code, share in ((VALIDATION, 0.1), (CALIBRATION, 0.2), (TEST, 0.15), (TRAIN, 0.55)):
+        assert abs(float(np.mean(codes == code)) - share) < 4 * math.sqrt(share * (1 - share) / n), code
+    # another seed is another split
+    assert np.mean(split_of(titles, descriptions, seed=4, **FRACTIONS) != codes) > 0.4
+
+
+def test_ranks_shard_products_by_id_evenly_whatever_the_order() -> None:
+    ids = [f"P{i:07d}" for i in range(10_000)]
+    ranks = rank_of(ids, seed=0, world=2)
+    assert set(ranks.tolist()) == {0, 1} and abs(float(ranks.mean()) - 0.5) < 4 * math.sqrt(0.25 / 10_000)
+    assert np.array_equal(rank_of(ids[::-1], seed=0, world=2), ranks[::-1])
+    assert rank_of(ids, seed=0, world=1).tolist() == [0] * len(ids)
+
+
+def _labelled(n: int, taxonomy: Taxonomy) -> pa.Table:
+    return pa.Table.from_batches(
+        [b for b, _ in products_batches(SyntheticConfig(products=n, seed=1, image_size=32), taxonomy)]
+    )
+
+
+def _cfg(**streaming: object):  # type: ignore[no-untyped-def]
+    return tiny_config(epochs=2, training={"streaming": {"enabled": True, "batch_rows": 128, **streaming}})
+
+
+def _digest(trained) -> str:  # type: ignore[no-untyped-def]
+    h = hashlib.sha256()
+    for name, tensor in sorted(trained.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().numpy().tobytes())
+    h.update(repr(sorted(trained.calibration.to_dict().items())).encode())
+    return h.hexdigest()
+
+
+class _Counted:
+    """A source that records every batch it hands out (how big, how many passes)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source, self.passes, self.largest = source, 0, 0
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        self.passes += 1
+        for batch in self.source.batches():
+            self.largest = max(self.largest, batch.num_rows)
+            yield batch
+
+
+@pytest.mark.slow
+def test_streaming_trains_from_small_batches_the_same_model_twice(tmp_path: Path, taxonomy: Taxonomy) -> None:
+    table = _labelled(1500, taxonomy)
+    write_table(tmp_path / "labelled", table)
+    counted = _Counted(table_source(tmp_path / "labelled", batch_rows=128))
+    source = Source(counted.batches, counted.source.rows, counted.source.names, counted.source.folder)
+    first = train_streaming(source, taxonomy, _cfg(shuffle_rows=300))
+    # the survey, two epochs with a validation pass each, the three held-out splits scored
+    assert counted.passes == 1 + 2 * 2 + 3 and counted.largest <= 128
+    # it learned: the loss fell, and colour (the easiest attribute) is written at 95 % precision
+    assert first.history[1].train_loss < first.history[0].train_loss
+    assert first.test_report["color"]["r_at_p95"] > 0.1
+    assert first.calibration.target_precision == 0.95 and first.best_epoch in (1, 2)
+    second = train_streaming(
+        table_source(tmp_path / "labelled", batch_rows=128), taxonomy, _cfg(shuffle_rows=300)
+    )
+    assert _digest(second) == _digest(first)
+    # the same products in the test split when the rows are stored in another order
+    write_table(tmp_path / "reversed", table.take(pa.array(np.arange(table.num_rows)[::-1])))
+    other = train_streaming(
+        table_source(tmp_path / "reversed", batch_rows=128), taxonomy, _cfg(shuffle_rows=300)
+    )
+
+    def tested(trained) -> set[str]:  # type: ignore[no-untyped-def]
+        return {trained.product_ids[i] for i in trained.splits.test}
+
+    assert tested(other) == tested(first) and other.splits.sizes() == first.splits.sizes()
+
+
+@pytest.mark.parametrize(
+    ("training", "named"),
+    [
+        ({"crossfit_folds": 3}, "training.crossfit_folds"),
+        ({"noise_pruning": {"enabled": True}}, "training.noise_pruning"),
+        ({"train_fraction": 0.5}, "training.train_fraction"),
+        (
+            {"batch_size": 33, "distributed": {"processes": 2}},
+            "must divide by training.distributed.processes 2",
+        ),
+    ],
+)
+def test_what_streaming_does_not_do_is_refused_by_name(
+    taxonomy: Taxonomy, training: dict, named: str
+) -> None:
+    from catalog_enrichment.training.stream import arrow_source
+
+    cfg = tiny_config(training={"streaming": {"enabled": True}, **training})
+    with pytest.raises(ConfigError, match=named):
+        train_streaming(arrow_source(_labelled(60, taxonomy)), taxonomy, cfg)
+
+
+def test_distributed_training_needs_streaming() -> None:
+    with pytest.raises(ConfigError, match=r"distributed\.processes > 1 needs streaming\.enabled"):
+        tiny_config(training={"distributed": {"processes": 2}})
