@@ -19,7 +19,12 @@ cached embeddings, a separate test table and ``train_fraction``; each is refused
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,26 +154,53 @@ def _fit_rank(
 
 
 def _fit_distributed(job: _RankJob, local_mode: bool) -> tuple[dict[str, torch.Tensor], FitResult]:
-    """The ranks under ``TorchDistributor``; a rank that fails is one line."""
+    """The ranks under ``TorchDistributor``; a rank that fails is one line naming it (torchrun's root
+    cause, read from the ranks' output, which the distributor streams to this process's stdout)."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
     distributor = TorchDistributor(
         num_processes=job.world, local_mode=local_mode, use_gpu=job.device.startswith("cuda")
     )
+    output = _Tee(sys.stdout)
     try:
-        out = distributor.run(_rank_main, job)
+        with contextlib.redirect_stdout(output):
+            result = distributor.run(_rank_main, job)
     except Exception as exc:
-        tail = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        cause = next(
-            (ln for ln in reversed(tail) if "Error" in ln or "exitcode" in ln), tail[-1] if tail else ""
-        )
+        where = "this machine" if local_mode else "the executors"
+        cause = _root_cause("\n".join(output.lines) + "\n" + str(exc))
         raise CatalogEnrichError(
-            f"distributed training failed ({job.world} processes, "
-            f"{'this machine' if local_mode else 'the executors'}): {cause[:300]}; nothing was registered"
+            f"distributed training failed ({job.world} processes on {where}): {cause}; nothing was registered"
         ) from None
-    if out is None:
-        raise CatalogEnrichError("distributed training returned no model from rank 0; nothing was registered")
-    return cast(tuple[dict[str, torch.Tensor], FitResult], out)
+    return cast(tuple[dict[str, torch.Tensor], FitResult], result)
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to ``out`` and keeps the last lines written."""
+
+    def __init__(self, out: Any, keep: int = 400) -> None:
+        self.out = out
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        self.lines.extend(text.splitlines())
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _root_cause(text: str) -> str:
+    """torchrun's first observed failure (which rank, how it ended), else the last error line."""
+    block = text.rsplit("Root Cause", 1)[-1] if "Root Cause" in text else ""
+    rank = re.search(r"rank\s*:\s*(\d+)", block)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", block)
+    signal_name = re.search(r"\((SIG[A-Z]+)\)", block)
+    if rank and code:
+        how = f"signal {signal_name.group(1)}" if signal_name else f"exit code {code.group(1)}"
+        return f"rank {rank.group(1)} ended with {how}"
+    errors = [ln.strip() for ln in text.splitlines() if "Error" in ln or "error" in ln]
+    return (errors or ["no output from the ranks"])[-1][:300]
 
 
 def _check(cfg: AppConfig, source: Source) -> None:
