@@ -1,11 +1,13 @@
-"""spark-submit jobs/enrich.py to a real Spark standalone cluster (a master and two workers on
-127.0.0.1, started from PySpark's own spark-class) and compare with a local-mode run."""
+"""spark-submit to a real Spark standalone cluster (a master and two 1-core workers on 127.0.0.1,
+started from PySpark's own spark-class, shared by the module's tests): jobs/enrich.py against a
+local-mode run, and jobs/train.py with two ranks under TorchDistributor against one process."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,9 +49,10 @@ def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
         )
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[str, list[Path]]]:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[Path]]]:
     """A standalone master and two 1-core workers; stopped at the end, even on failure."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     env = {
         **os.environ,
         "SPARK_LOCAL_IP": "127.0.0.1",
@@ -126,6 +129,33 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, list[Path]]]:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _submit_env(master: str, extra: str = "") -> dict[str, str]:
+    """The environment of a submit.sh to the cluster: this checkout's package on both sides."""
+    src = str(repo_root() / "src")
+    return {
+        **os.environ,
+        "SPARK_MASTER": master,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYTHONPATH": src,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_SUBMIT_EXTRA": f"--conf spark.executorEnv.PYTHONPATH={src} --conf spark.executor.memory=1g "
+        f"--conf spark.driver.memory=1g {extra}",
+    }
+
+
+def _apps(work_dirs: list[Path]) -> set[Path]:
+    return {app for work in work_dirs for app in work.glob("app-*")}
+
+
+def _each_worker_ran_tasks(work_dirs: list[Path], apps_before: set[Path]) -> None:
+    """Both workers ran an executor of the application submitted since ``apps_before``, and each
+    executor ran tasks of it."""
+    for work in work_dirs:
+        logs = [log for app in set(work.glob("app-*")) - apps_before for log in app.glob("*/stderr")]
+        assert logs, f"no executor ran on {work}"
+        assert any("Running task" in log.read_text(errors="replace") for log in logs), work
+
+
 def _model_rows(path: Path) -> list[tuple[str, str, str, float, float]]:
     table = read_table(path)
     table = table.filter(pc.equal(table["source"], "model"))
@@ -143,16 +173,8 @@ def test_spark_submit_to_a_standalone_cluster_writes_what_local_mode_writes(  # 
     master, work_dirs = cluster
     _, _, _, flags = tiny_registry(tmp_path, scoring_bundle, incoming)
     args = [*flags, "--full", "--run-id", "same-run", "--set", "spark.arrow_max_records_per_batch=256"]
-    src = str(repo_root() / "src")
-    env = {
-        **os.environ,
-        "SPARK_MASTER": master,
-        "PYSPARK_PYTHON": sys.executable,
-        "PYTHONPATH": src,
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "SPARK_SUBMIT_EXTRA": f"--conf spark.executorEnv.PYTHONPATH={src} --conf spark.executor.memory=1g "
-        "--conf spark.driver.memory=1g --conf spark.sql.execution.arrow.maxRecordsPerBatch=256",
-    }
+    env = _submit_env(master, "--conf spark.sql.execution.arrow.maxRecordsPerBatch=256")
+    apps_before = _apps(work_dirs)
     started = time.perf_counter()
     proc = subprocess.run(
         [
@@ -183,7 +205,98 @@ def test_spark_submit_to_a_standalone_cluster_writes_what_local_mode_writes(  # 
     assert [(*r[:3], r[4]) for r in cluster_rows] == [(*r[:3], r[4]) for r in local_rows]
     assert max(abs(a[3] - b[3]) for a, b in zip(cluster_rows, local_rows, strict=True)) < 1e-5
     # both workers ran an executor, and each executor ran tasks of the job
-    for work in work_dirs:
-        logs = list(work.glob("app-*/*/stderr"))
-        assert logs, f"no executor ran on {work}"
-        assert any("Running task" in log.read_text(errors="replace") for log in logs), work
+    _each_worker_ran_tasks(work_dirs, apps_before)
+
+
+# The spread of one process's mean test R@P95 over training orders on this data and config
+# (`catalog-enrich bench train-scale --sizes 3000 --processes 1,2 --epochs 6 --batch-size 32
+# --orders 8`, docs/bench-train-scale-margin.json): sd 0.0443 over 8 orders; a difference of two such
+# runs has sd 0.0443 * sqrt(2), and 3 of those are 0.188.
+QUALITY_MARGIN = 0.188
+
+
+@pytest.fixture(scope="module")
+def training_data(tmp_path_factory: pytest.TempPathFactory, taxonomy) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """The margin's labelled products and training config (bench train-scale's)."""
+    from catalog_enrichment.bench.train_scale import write_config
+    from catalog_enrichment.config import SyntheticConfig
+    from catalog_enrichment.data.synthetic import generate_marketplace
+
+    root = tmp_path_factory.mktemp("training")
+    market = generate_marketplace(
+        root / "labelled", SyntheticConfig(products=3000, seed=1, image_size=32), taxonomy=taxonomy
+    )
+    return market.products, write_config(root, epochs=6, batch_size=32)
+
+
+def _submit_train(
+    master: str, data: Path, config: Path, name: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """jobs/train.py submitted to the cluster: two ranks, one Spark task each on the executors."""
+    command = [
+        str(repo_root() / "deploy/spark/submit.sh"), "standalone", "train", "--config", str(config),
+        "--data", str(data), "--set", f"mlflow.registered_model={name}",
+        "--set", "training.distributed.processes=2", "--set", "training.distributed.local_mode=false",
+    ]  # fmt: skip
+    return subprocess.run(
+        command,
+        env=env or _submit_env(master),
+        capture_output=True,
+        text=True,
+        timeout=480,
+        cwd=config.parent,
+    )
+
+
+def _mean_test_r_at_p95(config: Path, name: str) -> float:
+    from catalog_enrichment.bench.train_scale import _test_scores
+
+    scores = _test_scores(config.parent, name)
+    assert set(scores) == {"color", "material", "product_type", "pattern"}
+    return sum(scores.values()) / len(scores)
+
+
+def test_two_ranks_on_the_cluster_train_a_model_as_good_as_one_process(  # type: ignore[no-untyped-def]
+    cluster, training_data
+) -> None:
+    from catalog_enrichment.cli import main
+
+    master, work_dirs = cluster
+    data, config = training_data
+    assert (
+        main(["train", "--config", str(config), "--data", str(data), "--set", "mlflow.registered_model=one"])
+        == 0
+    )
+    apps_before = _apps(work_dirs)
+    started = time.perf_counter()
+    proc = _submit_train(master, data, config, "two")
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-3000:]
+    print(f"two ranks on the cluster: {time.perf_counter() - started:.0f}s")
+    assert "rank 0/2: epoch 6/6" in proc.stdout + proc.stderr  # the ranks' own log came back
+    one, two = _mean_test_r_at_p95(config, "one"), _mean_test_r_at_p95(config, "two")
+    print(f"mean test R@P95: one process {one:.4f}, two ranks {two:.4f}")
+    assert abs(one - two) <= QUALITY_MARGIN and two > 0.3
+    _each_worker_ran_tasks(work_dirs, apps_before)  # one rank per worker
+
+
+def test_a_rank_killed_on_the_cluster_fails_the_run_with_one_line_and_registers_nothing(  # type: ignore[no-untyped-def]
+    cluster, training_data
+) -> None:
+    from catalog_enrichment import registry
+
+    master, _ = cluster
+    data, config = training_data
+    env = _submit_env(master, "--conf spark.task.maxFailures=1 --conf spark.stage.maxConsecutiveAttempts=1")
+    env["CATALOG_ENRICH_RANK_FAULT"] = "1:3"  # rank 1 SIGKILLs itself at its third step
+    proc = _submit_train(master, data, config, "killed", env=env)
+    # spark-submit's Python driver writes its stderr into the submit's stdout
+    errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("catalog-enrich: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-4000:]
+    assert re.fullmatch(
+        r"catalog-enrich: error: distributed training failed \(2 processes on the executors\): "
+        r"rank [01] ended with (signal SIGKILL|exit code \d+); nothing was registered",
+        errors[0],
+    ), errors[0]
+    client = registry.configure_mlflow(f"sqlite:///{config.parent / 'mlflow.db'}")
+    assert [m.name for m in client.search_registered_models()] in ([], ["one"], ["one", "two"], ["two"])
+    assert "killed" not in {m.name for m in client.search_registered_models()}

@@ -155,19 +155,23 @@ def _fit_rank(
 
 def _fit_distributed(job: _RankJob, local_mode: bool) -> tuple[dict[str, torch.Tensor], FitResult]:
     """The ranks under ``TorchDistributor``; a rank that fails is one line naming it (torchrun's root
-    cause, read from the ranks' output, which the distributor streams to this process's stdout)."""
+    cause, read from the ranks' output, which the distributor streams to this process: stdout on this
+    machine, stderr from the executors)."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
     distributor = TorchDistributor(
         num_processes=job.world, local_mode=local_mode, use_gpu=job.device.startswith("cuda")
     )
-    output = _Tee(sys.stdout)
+    lines: collections.deque[str] = collections.deque(maxlen=400)
     try:
-        with contextlib.redirect_stdout(output):
+        with (
+            contextlib.redirect_stdout(_Tee(sys.stdout, lines)),
+            contextlib.redirect_stderr(_Tee(sys.stderr, lines)),
+        ):
             result = distributor.run(_rank_main, job)
     except Exception as exc:
         where = "this machine" if local_mode else "the executors"
-        cause = _root_cause("\n".join(output.lines) + "\n" + str(exc))
+        cause = _root_cause("\n".join(lines) + "\n" + str(exc))
         raise CatalogEnrichError(
             f"distributed training failed ({job.world} processes on {where}): {cause}; nothing was registered"
         ) from None
@@ -175,11 +179,10 @@ def _fit_distributed(job: _RankJob, local_mode: bool) -> tuple[dict[str, torch.T
 
 
 class _Tee(io.TextIOBase):
-    """Writes through to ``out`` and keeps the last lines written."""
+    """Writes through to ``out`` and keeps the last lines written in ``lines``."""
 
-    def __init__(self, out: Any, keep: int = 400) -> None:
-        self.out = out
-        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+    def __init__(self, out: Any, lines: collections.deque[str]) -> None:
+        self.out, self.lines = out, lines
 
     def write(self, text: str) -> int:
         self.out.write(text)

@@ -218,16 +218,21 @@ def _train_epoch(
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
-    return _mean_over_ranks(float(np.mean(losses)))
+    return _sync_ranks(model, float(np.mean(losses)))
 
 
-def _mean_over_ranks(value: float) -> float:
-    """``value`` averaged over the ranks of a distributed run (every rank then reports the same)."""
+def _sync_ranks(model: torch.nn.Module, loss: float) -> float:
+    """In a distributed run, every rank ends the epoch like rank 0 and reports the same loss: the
+    buffers (BatchNorm statistics, which each rank's last batch moved) from rank 0, the loss averaged
+    over the ranks. Validation, early stopping and the weights kept are then the same on every
+    rank. Outside one, ``loss``."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    total = torch.tensor([value], dtype=torch.float64)
+        return loss
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    total = torch.tensor([loss], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total.item()) / dist.get_world_size()
 
