@@ -24,6 +24,9 @@ PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q $(if $(TORCH_
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 export PYTHONUNBUFFERED := 1
 PYTEST_ARGS ?=
+# pytest-xdist workers (auto: one per core); a module runs whole on one worker, longest first
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder
 DEMO_ARGS ?=
 
 AIRFLOW_REQS := deploy/airflow/requirements.txt
@@ -138,13 +141,13 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 pytest: venv airflow-venv postgres browser
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
 # The fast tier: no JVM, no training, no processes killed.
 check: lint typecheck postgres browser
-	$(VENV)/bin/pytest -m "not slow and not spark and not chaos" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_PARALLEL) -m "not slow and not spark and not chaos" $(PYTEST_ARGS)
 
 chaos: venv
 	$(VENV_DIR)/bin/catalog-enrich bench chaos --workdir chaos --out chaos/chaos.json

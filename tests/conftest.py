@@ -251,8 +251,30 @@ def pg_catalog_config(pg_server: Any, tmp_path: Path, monkeypatch: pytest.Monkey
     )
 
 
+# The modules that take longest, longest first. `make test` runs the suite on one worker per core
+# (pytest-xdist, a module to a worker): a long module started last would finish alone.
+LONGEST_FIRST = (
+    "bench/test_chaos.py",
+    "deploy/test_cluster.py",
+    "deploy/test_airflow.py",
+    "bench/test_throughput.py",
+    "test_catalog_backends.py",
+    "test_registry.py",
+    "test_enrich.py",
+    "test_bad_inputs.py",
+    "training/test_loop.py",
+)
+
+
+def _cost_rank(item: pytest.Item) -> int:
+    path = item.path.relative_to(Path(__file__).parent).as_posix()
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``gpu`` tests where torch sees no CUDA device (CI never has one)."""
+    """The longest modules first (see :data:`LONGEST_FIRST`; the rest keep their order); skip
+    ``gpu`` tests where torch sees no CUDA device (CI never has one)."""
+    items.sort(key=_cost_rank)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return

@@ -21,6 +21,9 @@ from catalog_enrichment.config import AppConfig
 
 if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
+    from catalog_enrichment.contracts import Taxonomy
+    from catalog_enrichment.enrich import EnrichOutcome
+    from catalog_enrichment.versions import ModelVersion
 
 __all__ = ["demo_config", "run_demo"]
 
@@ -183,7 +186,9 @@ def _train_and_promote(cfg: AppConfig, workdir: Path, taxonomy: Any, client: Any
     return str(version)
 
 
-def _enrich_all(cfg: AppConfig, catalog: Any, model: Any, taxonomy: Any, client: Any) -> Any:
+def _enrich_all(
+    cfg: AppConfig, catalog: Catalog, model: ModelVersion, taxonomy: Taxonomy, client: Any
+) -> EnrichOutcome:
     """A full run of the champion over the incoming products."""
     from catalog_enrichment.enrich import run_enrichment
 
@@ -194,7 +199,9 @@ def _enrich_all(cfg: AppConfig, catalog: Any, model: Any, taxonomy: Any, client:
     )  # fmt: skip
 
 
-def _enrich(cfg: AppConfig, catalog: Any, model: Any, taxonomy: Any, client: Any, truth: Any) -> Any:
+def _enrich(
+    cfg: AppConfig, catalog: Catalog, model: ModelVersion, taxonomy: Taxonomy, client: Any, truth: Any
+) -> Any:
     """Steps 4 and 5: the first enrichment run, its report, what it wrote against the ground truth."""
     from catalog_enrichment.catalog.reports import format_report
     from catalog_enrichment.data.truth import format_precision, sample_against_truth, written_precision

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,10 @@ from catalog_enrichment.models import embedding
 from catalog_enrichment.models.embedding import encoder_fingerprint
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.model import MultimodalModel
+from catalog_enrichment.types import Say
+
+if TYPE_CHECKING:
+    from catalog_enrichment.catalog.base import Catalog
 
 __all__ = [
     "EmbeddedDataset",
@@ -145,8 +149,8 @@ def embed_products(
     batch_size: int,
     device: torch.device,
     cache_dir: Path | None,
-    say: Any,
-    store: Any = None,
+    say: Say,
+    store: Catalog | None = None,
 ) -> Embeddings:
     """Every product's encoder outputs: with a catalog ``store`` and a storable model, the stored
     vectors of products whose content is unchanged and the others encoded and stored; else read from
@@ -203,8 +207,8 @@ def _embed_through_store(
     max_length: int,
     batch_size: int,
     device: torch.device,
-    store: Any,
-    say: Any,
+    store: Catalog,
+    say: Say,
 ) -> Embeddings:
     """:func:`embed_products` over the catalog's embedding store (pooled vectors, float32)."""
     encoder = embedding.encoder_fingerprint(model, tokenizer, max_length)
@@ -247,7 +251,12 @@ def _embed_through_store(
 
 
 def _store(
-    store: Any, encoder: str, records: ProductRecords, content: list[str], matrix: np.ndarray, rows: list[int]
+    store: Catalog,
+    encoder: str,
+    records: ProductRecords,
+    content: list[str],
+    matrix: np.ndarray,
+    rows: list[int],
 ) -> None:
     """The newly encoded vectors into the catalog's store (one per product id; a failure is a
     warning: the store is a cache)."""

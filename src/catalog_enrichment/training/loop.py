@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -85,6 +85,9 @@ from catalog_enrichment.training.splits import (
     split_labels,
 )
 from catalog_enrichment.types import Say
+
+if TYPE_CHECKING:
+    from catalog_enrichment.catalog.base import Catalog
 
 __all__ = ["TrainedModel", "train_and_calibrate"]
 
@@ -219,7 +222,7 @@ def train_and_calibrate(
     image_roots: Sequence[str | Path] = (),
     device: torch.device | str = "cpu",
     progress: Say | None = None,
-    store: Any = None,
+    store: Catalog | None = None,
 ) -> TrainedModel:
     """Split, train, fit held-out parts, calibrate and evaluate (see the module docstring).
 
@@ -358,7 +361,7 @@ def _prepare(
     image_roots: Sequence[str | Path],
     device: torch.device,
     say: Say,
-    store: Any,
+    store: Catalog | None,
 ) -> _Data:
     """Split, tokenize, and with frozen encoders embed every product once (:class:`_Data`)."""
     tcfg, mcfg = cfg.training, cfg.model
@@ -443,7 +446,7 @@ def _train_and_calibrate(
     image_roots: Sequence[str | Path],
     device: torch.device | str,
     progress: Say | None,
-    store: Any,
+    store: Catalog | None,
 ) -> TrainedModel:
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
