@@ -26,6 +26,7 @@ from catalog_enrichment.models.fusion import (
     HeadSpec,
     create_fusion,
     fusion_class,
+    fusion_options,
     kl_to_uniform,
     list_fusions,
 )
@@ -156,8 +157,17 @@ def test_late_fusion_picks_alpha_on_heldout(taxonomy: Taxonomy, tiny_batch) -> N
 def test_unknown_fusion_and_bad_options_are_clear_errors(taxonomy: Taxonomy) -> None:
     with pytest.raises(ConfigError, match="unknown fusion 'gated'; available: concat"):
         create_fusion("gated", text_dim=4, image_dim=4, heads=[])
-    with pytest.raises(ConfigError, match=r"fusion 'late'.*unexpected keyword"):
+    with pytest.raises(ConfigError, match=r"fusion 'late': kl_lambda: Extra inputs are not permitted"):
         create_fusion("late", text_dim=4, image_dim=4, heads=[], kl_lambda=1.0)
+    # options are typed by the fusion's own constructor: a wrong type is named before anything runs
+    with pytest.raises(
+        ConfigError, match=r"hidden_dim: Input should be a valid integer.*takes dropout \(float\)"
+    ):
+        fusion_options("concat", {"hidden_dim": "wide"})
+    assert fusion_options("decision", {"folds": "4", "lr": 0.1}) == {
+        "folds": 4,
+        "lr": 0.1,
+    }  # --set gives text
     with pytest.raises(ConfigError, match="unknown merge 'max'"):
         create_fusion("hierarchical", text_dim=4, image_dim=4, heads=[], level1="max")
 

@@ -211,15 +211,39 @@ def fusion_class(name: str) -> type[Fusion]:
         raise ConfigError(f"unknown fusion {name!r}; available: {', '.join(list_fusions())}") from None
 
 
+def fusion_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` (``model.fusion_kwargs``) checked against the fusion's keyword arguments, their
+    names and types read from its constructor: unknown names and wrong types are one
+    :class:`ConfigError` naming them. Training checks them before it reads any data."""
+    import inspect
+    import typing
+
+    import pydantic
+
+    cls = fusion_class(name)
+    hints = typing.get_type_hints(cls.__init__)
+    fields: dict[str, Any] = {
+        p.name: (hints[p.name], p.default)
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    model = pydantic.create_model(
+        f"{cls.__name__}Options", __config__=pydantic.ConfigDict(extra="forbid"), **fields
+    )
+    try:
+        return model(**options).model_dump(exclude_unset=True)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        allowed = ", ".join(f"{k} ({getattr(t, '__name__', t)})" for k, (t, _) in fields.items())
+        raise ConfigError(f"fusion {name!r}: {problems} (model.fusion_kwargs takes {allowed})") from None
+
+
 def create_fusion(
     name: str, *, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], **cfg: Any
 ) -> Fusion:
-    """Build a registered fusion; unknown names and unknown options are a :class:`ConfigError`."""
-    cls = fusion_class(name)
-    try:
-        return cls(text_dim, image_dim, heads, **cfg)
-    except TypeError as exc:
-        raise ConfigError(f"fusion {name!r}: {exc}") from None
+    """Build a registered fusion; unknown names and options (:func:`fusion_options`) are a
+    :class:`ConfigError`."""
+    return fusion_class(name)(text_dim, image_dim, heads, **fusion_options(name, cfg))
 
 
 # ----------------------------------------------------------------------------- the methods

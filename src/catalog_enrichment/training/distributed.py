@@ -42,6 +42,7 @@ from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.models.encoders import ImageEncoder
+from catalog_enrichment.models.fusion import fusion_options
 from catalog_enrichment.models.model import MultimodalModel, build_model, needs_image
 from catalog_enrichment.training.embeddings import deterministic_algorithms
 from catalog_enrichment.training.evaluation import (
@@ -216,6 +217,7 @@ def _check(cfg: AppConfig, source: Source) -> None:
         (tcfg.encoders == "frozen", "training.encoders: frozen"),
         (tcfg.train_fraction < 1, "training.train_fraction below 1"),
     ]
+    fusion_options(cfg.model.fusion, cfg.model.fusion_kwargs)  # a typo is named before any data is read
     names = [name for bad, name in refused if bad]
     if names:
         raise ConfigError(f"training.streaming does not support {', '.join(names)}")

@@ -51,7 +51,7 @@ from catalog_enrichment.health import InputBaseline, ProductInputs, input_baseli
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
-from catalog_enrichment.models.fusion import fusion_class
+from catalog_enrichment.models.fusion import fusion_class, fusion_options
 from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, build_model, needs_image
 from catalog_enrichment.training.embeddings import (
     EmbeddedDataset,
@@ -184,6 +184,8 @@ def _check_encoders_mode(cfg: AppConfig) -> None:
     """``frozen`` needs pretrained weights for every encoder the fusion reads: a fixed random encoder
     gives features no better than noise."""
     members = cfg.model.member_configs()
+    for member in members:  # a typo in fusion_kwargs is named before any data is read
+        fusion_options(member.fusion, member.fusion_kwargs)
     if cfg.training.encoders != "frozen":
         if cfg.model.encoder_runtime == "onnx":
             raise ConfigError(
