@@ -48,10 +48,8 @@ from catalog_enrichment.training.embeddings import deterministic_algorithms
 from catalog_enrichment.training.evaluation import (
     EvaluationReport,
     Predictions,
-    calibrate,
     evaluate,
     predict,
-    with_health,
 )
 from catalog_enrichment.training.fit import FitResult, fit_model
 from catalog_enrichment.training.loop import HeldOut, TrainedModel
@@ -318,8 +316,7 @@ def _calibrated(
     calibration_set, family = scored(CALIBRATION, splits.calibration), scored(VALIDATION, splits.validation)
     test_preds, test_labels = scored(TEST, splits.test)
     heldout = HeldOut(calibration_set, family, (test_preds, test_labels))
-    calibration = calibrate(*heldout.calibration, taxonomy, cfg, family=heldout.family)
-    calibration = with_health(calibration, *heldout.health, taxonomy, found.inputs)
+    calibration = heldout.calibrate(taxonomy, cfg, found.inputs)
     report = EvaluationReport(evaluate(test_preds, test_labels, taxonomy, calibration))
     seconds = time.perf_counter() - started
     say(

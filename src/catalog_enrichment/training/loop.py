@@ -103,6 +103,12 @@ class HeldOut:
     family: tuple[Predictions, EncodedLabels]
     health: tuple[Predictions, EncodedLabels]
 
+    def calibrate(self, taxonomy: Taxonomy, cfg: AppConfig, inputs: InputBaseline | None) -> Calibration:
+        """Thresholds from the calibration set (the family shaping them), with the run health
+        profile of the health set and the training products' ``inputs``."""
+        calibration = calibrate(*self.calibration, taxonomy, cfg, family=self.family)
+        return with_health(calibration, *self.health, taxonomy, inputs)
+
 
 @dataclass
 class TrainedModel:
@@ -143,9 +149,8 @@ class TrainedModel:
     def recalibrate(self, cfg: AppConfig) -> tuple[Calibration, dict[str, Any]]:
         """Thresholds under other calibration settings (e.g. the other scope) from the stored
         held-out scores, and the test report they give; the model is not touched."""
-        calibration = calibrate(*self.heldout.calibration, self.taxonomy, cfg, family=self.heldout.family)
         inputs = None if self.calibration.health is None else self.calibration.health.inputs
-        calibration = with_health(calibration, *self.heldout.health, self.taxonomy, inputs)
+        calibration = self.heldout.calibrate(self.taxonomy, cfg, inputs)
         return calibration, evaluate(self.test_predictions, self.test_labels, self.taxonomy, calibration)
 
 
@@ -467,8 +472,7 @@ def _train_and_calibrate(
     set_seed(tcfg.seed)
     model, fits = fitter(splits.train, tcfg.seed, "")
     heldout, test_preds, test_labels = _held_out(model, data, oof)
-    calibration = calibrate(*heldout.calibration, taxonomy, cfg, family=heldout.family)
-    calibration = with_health(calibration, *heldout.health, taxonomy, data.inputs)
+    calibration = heldout.calibrate(taxonomy, cfg, data.inputs)
     report = _report(model, data, calibration, test_preds, test_labels, heldout, fold_val, say)
     seconds = time.perf_counter() - started
     say(f"trained in {seconds:.0f}s; test: " + _summary(report, taxonomy))
