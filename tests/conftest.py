@@ -251,6 +251,25 @@ def pg_catalog_config(pg_server: Any, tmp_path: Path, monkeypatch: pytest.Monkey
     )
 
 
+_MAIN_FILE_SET = "catalog_enrichment_main_file_set"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest-xdist worker runs under execnet, whose ``__main__`` has neither ``__spec__`` nor
+    ``__file__``; ``pyspark.sql.connect`` (imported by Great Expectations) reads that as "running
+    doctests" and calls ``sys.exit`` when grpc is missing. Name a file for the worker's
+    ``__main__`` (taken back in :func:`pytest_unconfigure`)."""
+    main = sys.modules["__main__"]
+    if getattr(main, "__spec__", None) is None and not hasattr(main, "__file__"):
+        main.__file__ = __file__
+        setattr(config, _MAIN_FILE_SET, True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, _MAIN_FILE_SET, False):
+        del sys.modules["__main__"].__file__
+
+
 # The modules that take longest, longest first. `make test` runs the suite on one worker per core
 # (pytest-xdist, a module to a worker): a long module started last would finish alone.
 LONGEST_FIRST = (

@@ -169,18 +169,18 @@ def test_what_the_scoring_tasks_are_sent_holds_no_secret(  # type: ignore[no-unt
 
     from catalog_enrichment.catalog.attributes import ensure_attributes_table
     from catalog_enrichment.catalog.products import list_partitions
-    from catalog_enrichment.enrich import stages as enrich
+    from catalog_enrichment.enrich import run_enrichment, stages
     from catalog_enrichment.versions import ModelVersion
     from tests.conftest import tiny_config
 
     sent: list[bytes] = []
-    real = enrich.score_dataframe
+    real = stages.score_dataframe
 
     def recording(df: Any, spec: Any, counters: Any) -> Any:
         sent.append(cloudpickle.dumps(spec))
         return real(df, spec, counters)
 
-    monkeypatch.setattr(enrich, "score_dataframe", recording)
+    monkeypatch.setattr(stages, "score_dataframe", recording)
     cfg = tiny_config(
         catalog={"root": str(tmp_path / "lake")},
         spark={"conf": {"spark.hadoop.fs.s3a.secret.key": SECRET}},
@@ -188,7 +188,7 @@ def test_what_the_scoring_tasks_are_sent_holds_no_secret(  # type: ignore[no-unt
     )
     ensure_attributes_table(cfg.catalog.table("attributes"))
     day = list_partitions(incoming.products, "ingest_date")[0]
-    enrich.run_enrichment(
+    run_enrichment(
         spark, cfg, taxonomy, model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
         products=incoming.products, partition=f"ingest_date={day}", run_id="r2", progress=lambda _m: None,
     )  # fmt: skip
