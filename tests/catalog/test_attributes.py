@@ -269,6 +269,37 @@ def test_two_writers_that_bypass_the_run_lock_never_mix_their_values(catalog: Ca
         assert all(isinstance(e, CatalogEnrichError) and "another writer committed" in str(e) for e in errors)
 
 
+def test_a_lakehouse_write_whose_rows_were_read_before_another_commit_fails_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the threads above hit now and then, made certain: run b reads the pairs' rows,
+    run a commits before b's MERGE; b's MERGE, computed from rows that no longer hold, is refused
+    in one line with nothing of it written (it once committed on the newer snapshot and left the
+    pairs with the values of both runs)."""
+    from catalog_enrichment.catalog import attributes
+
+    catalog = open_catalog(CatalogConfig(root=str(tmp_path / "lake"), lock_wait_seconds=30))
+    seed_merchant(catalog, _merchant(MERCHANT))
+    pairs = _pairs([(f"q{i}", "color") for i in range(5)])
+    red = _values([(f"q{i}", "color", "red", 0.9) for i in range(5)])
+    blue = _values([(f"q{i}", "color", "blue", 0.8) for i in range(5)])
+    read = attributes._rows_for
+
+    def read_then_another_commits(path: str | Path, ids: pa.Array, version: int) -> pa.Table:
+        rows = read(path, ids, version)
+        monkeypatch.setattr(attributes, "_rows_for", read)
+        _merge(catalog, "a", red, pairs)
+        return rows
+
+    monkeypatch.setattr(attributes, "_rows_for", read_then_another_commits)
+    with pytest.raises(CatalogEnrichError, match="another writer committed"):
+        _merge(catalog, "b", blue, pairs)
+    assert {r for r in _state(catalog) if r[3] == "model"} == {
+        (f"q{i}", "color", "red", "model", "a") for i in range(5)
+    }
+    assert find_run_commit(catalog.attributes, "b") is None  # type: ignore[attr-defined]
+
+
 _WRITER = """
 import datetime as dt, sys
 from catalog_enrichment.config import CatalogConfig

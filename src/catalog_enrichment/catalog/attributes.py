@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import MergeResult, RollbackResult
-from catalog_enrichment.catalog.lakehouse import is_delta, read_products_of
+from catalog_enrichment.catalog.lakehouse import is_delta, read_products_of, table_version
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -163,17 +163,24 @@ def _tagged(table: pa.Table, action: str) -> pa.Table:
 
 
 def _merge_model_rows(
-    path: str | Path, put: pa.Table, delete: pa.Table, metadata: dict[str, str], transactions: Sequence[str]
+    path: str | Path,
+    read_at: int,
+    put: pa.Table,
+    delete: pa.Table,
+    metadata: dict[str, str],
+    transactions: Sequence[str],
 ) -> tuple[int, dict[str, Any]]:
-    """One MERGE commit on model rows only: ``put`` rows are updated or inserted, ``delete`` rows
-    removed; merchant rows are never matched for change. The commit carries the application
-    transactions ``transactions``, each with the version the commit makes (no retry on a conflict,
-    so that version is exact). Returns that version and deltalake's merge metrics."""
+    """One MERGE commit on model rows only, on the snapshot ``read_at`` that ``put`` and ``delete``
+    were computed from: ``put`` rows are updated or inserted, ``delete`` rows removed; merchant
+    rows are never matched for change. The commit must be the next version (no retry: a writer
+    that committed since the rows were read fails this one, so no pair keeps values of both) and
+    carries the application transactions ``transactions`` with that version. Returns that version
+    and deltalake's merge metrics."""
     from deltalake import CommitProperties, DeltaTable, Transaction
     from deltalake.exceptions import CommitFailedError
 
-    table = DeltaTable(str(path))
-    version = int(table.version()) + 1
+    table = DeltaTable(str(path), version=read_at)
+    version = read_at + 1
     properties = CommitProperties(
         custom_metadata=metadata,
         max_commit_retries=0,
@@ -202,9 +209,20 @@ def _merge_model_rows(
         raise _concurrent(path, exc) from None
 
 
-def _rows_for(path: str | Path, product_ids: pa.Array) -> pa.Table:
-    """The attribute rows of the given products, streamed: memory follows the products, not the table."""
-    return read_products_of(path, product_ids.to_pylist()).cast(attributes_schema())
+def _version(path: str | Path) -> int:
+    """The attribute table's current version: what a write reads its rows at and commits on."""
+    version = table_version(path)
+    if version is None:
+        raise CatalogEnrichError(f"{path} is not a Delta table: the attribute table must be one")
+    return version
+
+
+def _rows_for(path: str | Path, product_ids: pa.Array, version: int) -> pa.Table:
+    """The attribute rows of the given products at ``version``, streamed: memory follows the
+    products, not the table."""
+    if not len(product_ids):
+        return attributes_schema().empty_table()
+    return read_products_of(path, product_ids.to_pylist(), version=version).cast(attributes_schema())
 
 
 _PAIR_SCHEMA = pa.schema([("product_id", pa.string()), ("attribute", pa.string())])
@@ -246,14 +264,14 @@ def merge_run(
     committed = find_run_commit(path, run_id)
     if committed is not None:
         return MergeResult(committed, already_committed=True)
-    schema = attributes_schema()
     retract = _KEY_SCHEMA.empty_table() if retract is None else retract.select(list(KEY)).cast(_KEY_SCHEMA)
     ids = pc.unique(
         pa.chunked_array(
             [*scored["product_id"].cast(pa.string()).chunks, *retract["product_id"].chunks], type=pa.string()
         )
     )
-    current = _rows_for(path, ids) if len(ids) else schema.empty_table()
+    read_at = _version(path)
+    current = _rows_for(path, ids, read_at)
     scored_pairs, new, gone = _replaced(current, scored, values, retract, str(model_version))
     upserts = _model_rows(new, model_name, str(model_version), run_id, written_at)
     skipped = _pairs(scored).num_rows - scored_pairs.num_rows if scored.num_rows else 0
@@ -265,6 +283,7 @@ def merge_run(
     _record_changes(changes, run_id, str(model_version), before, pa.concat_tables([kept, upserts]))
     version, metrics = _merge_model_rows(
         path,
+        read_at,
         upserts,
         gone,
         {META_RUN_ID: run_id, META_OPERATION: "enrich", META_MODEL_VERSION: str(model_version)},
@@ -428,7 +447,8 @@ def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str])
     committed = _commits(path, run_ids)
     images = _read_changes(changes, list(committed))
     ids = pc.unique(images["product_id"])
-    current = _rows_for(path, ids) if len(ids) else attributes_schema().empty_table()
+    read_at = _version(path)
+    current = _rows_for(path, ids, read_at)
     now = _by_pair(current.filter(pc.equal(current["source"], "model")))
     state = dict(now)
     results = [
@@ -450,6 +470,7 @@ def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str])
     schema = attributes_schema()
     version, _ = _merge_model_rows(
         path,
+        read_at,
         pa.Table.from_pylist(put, schema=schema),
         pa.Table.from_pylist(drop, schema=schema),
         {META_OPERATION: "rollback", META_ROLLBACK_OF: ",".join(done)},

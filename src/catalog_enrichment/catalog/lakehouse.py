@@ -142,17 +142,21 @@ def scan(
 
 
 def read_products_of(
-    path: str | Path, product_ids: Iterable[str], columns: Sequence[str] | None = None
+    path: str | Path,
+    product_ids: Iterable[str],
+    columns: Sequence[str] | None = None,
+    *,
+    version: int | None = None,
 ) -> pa.Table:
-    """The rows of a Delta or Parquet table whose ``product_id`` is one of ``product_ids`` (``columns``
-    only, when given), filtered batch by batch: a few rows of a large table never hold the whole
-    table, or a whole row group, in memory."""
-    schema = dataset(path).schema
+    """The rows of a Delta (optionally at ``version``) or Parquet table whose ``product_id`` is one
+    of ``product_ids`` (``columns`` only, when given), filtered batch by batch: a few rows of a large
+    table never hold the whole table, or a whole row group, in memory."""
+    schema = dataset(path, version=version).schema
     wanted = pa.array(sorted(set(product_ids)), pa.string())
     columns = list(columns or schema.names)
     kept = [
         batch.filter(pc.is_in(batch.column("product_id").cast(pa.string()), value_set=wanted))
-        for batch in scan(path, columns)
+        for batch in scan(path, columns, version=version)
     ]
     return pa.Table.from_batches(kept, schema=pa.schema([schema.field(c) for c in columns]))
 
