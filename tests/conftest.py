@@ -251,7 +251,7 @@ def pg_catalog_config(pg_server: Any, tmp_path: Path, monkeypatch: pytest.Monkey
     )
 
 
-_MAIN_FILE_SET = "catalog_enrichment_main_file_set"
+_MAIN_FILE_SET = pytest.StashKey[bool]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -262,11 +262,11 @@ def pytest_configure(config: pytest.Config) -> None:
     main = sys.modules["__main__"]
     if getattr(main, "__spec__", None) is None and not hasattr(main, "__file__"):
         main.__file__ = __file__
-        setattr(config, _MAIN_FILE_SET, True)
+        config.stash[_MAIN_FILE_SET] = True
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if getattr(config, _MAIN_FILE_SET, False):
+    if config.stash.get(_MAIN_FILE_SET, False):
         del sys.modules["__main__"].__file__
 
 
