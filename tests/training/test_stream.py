@@ -111,6 +111,11 @@ def test_streaming_trains_from_small_batches_the_same_model_twice(tmp_path: Path
         table_source(tmp_path / "labelled", batch_rows=128), taxonomy, _cfg(shuffle_rows=300)
     )
     assert _digest(second) == _digest(first)
+    # the same rows written again (other file names, maybe another log order) train the same model
+    write_table(tmp_path / "again", table)
+    rewritten = table_source(tmp_path / "again", batch_rows=128)
+    again = train_streaming(rewritten, taxonomy, _cfg(shuffle_rows=300))
+    assert _digest(again) == _digest(first)
     # the same products in the test split when the rows are stored in another order
     write_table(tmp_path / "reversed", table.take(pa.array(np.arange(table.num_rows)[::-1])))
     other = train_streaming(
@@ -148,3 +153,19 @@ def test_what_streaming_does_not_do_is_refused_by_name(
 def test_distributed_training_needs_streaming() -> None:
     with pytest.raises(ConfigError, match=r"distributed\.processes > 1 needs streaming\.enabled"):
         tiny_config(training={"distributed": {"processes": 2}})
+
+
+def test_the_survey_keeps_the_training_texts_only_for_a_tokenizer_it_trains(taxonomy: Taxonomy) -> None:
+    from catalog_enrichment.data.images import ImagePolicy
+    from catalog_enrichment.data.preprocess import ImagePreprocessing
+    from catalog_enrichment.training.stream import _Reader, arrow_source, survey
+
+    reader = _Reader(
+        arrow_source(_labelled(300, taxonomy), batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32)
+    )
+    fractions = (0.1, 0.2, 0.15)
+    kept = survey(reader, fractions, seed=0, world=1, say=lambda m: None)
+    bare = survey(reader, fractions, seed=0, world=1, say=lambda m: None, texts=False)
+    assert len(kept.texts) == int((kept.codes == TRAIN).sum()) > 0 and bare.texts == []
+    assert (bare.product_ids, bare.inputs) == (kept.product_ids, kept.inputs)
+    assert np.array_equal(bare.codes, kept.codes)

@@ -130,15 +130,33 @@ def scan(
     version: int | None = None,
     batch_rows: int = 16_384,
 ) -> Iterator[pa.RecordBatch]:
-    """The table's rows in record batches of at most ``batch_rows``, in the same order every time for
-    the same files (one thread reads them), holding a few batches in memory, never the table."""
-    source = dataset(path, version=version)
+    """The table's rows in record batches of at most ``batch_rows``, holding a few batches in memory,
+    never the table. One thread reads the files in an order fixed by what they hold (the smallest
+    and largest product id of their first row group): the same rows written twice, under other file
+    names or in another log order, read in the same order."""
+    source = _in_content_order(dataset(path, version=version))
     scan_options = {**LOW_MEMORY_SCAN, "batch_size": batch_rows}
     for batch in source.to_batches(
         columns=list(columns or source.schema.names), use_threads=False, **scan_options
     ):
         if batch.num_rows:
             yield batch
+
+
+def _in_content_order(source: ds.Dataset) -> ds.Dataset:
+    """``source`` with its files sorted by their first row group's product id range (then path)."""
+    if not isinstance(source, ds.FileSystemDataset):
+        return source
+
+    def key(fragment: ds.ParquetFileFragment) -> tuple[str, str, str]:
+        fragment.ensure_complete_metadata()  # the footer only
+        groups = fragment.row_groups
+        ids = (groups[0].statistics or {}).get("product_id") if groups else None
+        low, high = (str(ids["min"]), str(ids["max"])) if ids else ("", "")
+        return low, high, fragment.path
+
+    fragments = sorted(source.get_fragments(), key=key)
+    return ds.FileSystemDataset(fragments, source.schema, source.format, source.filesystem)
 
 
 def read_products_of(
