@@ -18,6 +18,7 @@ from catalog_enrichment.health import (
     Check,
     HealthProfile,
     HealthTally,
+    InputBaselineCounts,
     ProductInputs,
     assess,
     attribute_baseline,
@@ -216,6 +217,20 @@ def _population(rng: np.random.Generator, size: int) -> dict[str, object]:
     warm = rng.normal(20, 30, size).round(1)  # photos' colour balance, one decimal (ties, as real ones)
     pop["tones"] = [float(t) if s == 1 else None for t, s in zip(warm, state, strict=True)]
     return pop
+
+
+def test_an_input_baseline_counted_in_batches_is_the_one_counted_at_once() -> None:
+    """The streaming trainer's survey counts batch by batch and keeps no text; its baseline is the
+    in-memory one exactly (60 categories, past the 30 kept by name; some without a category)."""
+    pop = _population(np.random.default_rng(3), 2_000)
+    pop["categories"] = [None if i % 17 == 0 else c for i, c in enumerate(pop["categories"])]  # type: ignore[arg-type]
+    every = np.arange(2_000)
+    counts = InputBaselineCounts()
+    for part in [*np.array_split(every, 7), every[:0]]:  # an empty batch counts nothing
+        counts.add(_inputs(pop, part))
+    assert counts.baseline() == input_baseline(_inputs(pop, every))
+    categories = counts.baseline().categories
+    assert categories["(none)"] == len(range(0, 2_000, 17)) and categories["(other)"] > 0
 
 
 def _pick(pop: dict[str, object], key: str, idx: np.ndarray) -> list[object]:

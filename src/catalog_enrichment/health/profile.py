@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "HealthProfile",
     "HealthTally",
     "InputBaseline",
+    "InputBaselineCounts",
     "InputTally",
     "ProductInputs",
     "attribute_baseline",
@@ -239,23 +241,54 @@ class ProductInputs:
 def input_baseline(inputs: ProductInputs, groups: np.ndarray | None = None) -> InputBaseline:
     """The input baseline of the training products (``groups``: each product's group of variants,
     None: every product its own)."""
-    titles, categories, tones = inputs.titles, inputs.categories, inputs.tones
-    lengths = np.array([len(t or "") for t in titles], np.float64)
-    edges = _quantile_edges(lengths, TITLE_BINS)
-    tone_edges = _quantile_edges(_measured(tones), TONE_BINS)
-    named = [c for c in categories if c is not None]
-    common = sorted(set(named), key=lambda c: (-named.count(c), c))[:MAX_CATEGORIES]
-    return InputBaseline(
-        title_edges=edges,
-        title_lengths=_bin_counts(edges, lengths),
-        scripts=np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
-        categories=_category_counts(common, categories),
-        description=_presence(inputs.descriptions),
-        image=_image_states(inputs.image_present, inputs.image_errors),
-        tone_edges=tone_edges,
-        tones=_bin_counts(tone_edges, _measured(tones)),
-        design_effect=_design_effect(groups),
-    )
+    counts = InputBaselineCounts()
+    counts.add(inputs)
+    return counts.baseline(groups)
+
+
+@dataclass
+class InputBaselineCounts:
+    """An :class:`InputBaseline` counted batch by batch (the streaming trainer's survey): what it
+    needs of each product - title length and script, category, description present, image state,
+    colour balance - and never the texts themselves."""
+
+    lengths: list[np.ndarray] = field(default_factory=list)
+    tones: list[np.ndarray] = field(default_factory=list)
+    scripts: np.ndarray = field(default_factory=lambda: np.zeros(len(SCRIPTS), np.int64))
+    categories: Counter[str | None] = field(default_factory=Counter)
+    description: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+    image: np.ndarray = field(default_factory=lambda: np.zeros(len(IMAGE_STATES), np.int64))
+
+    def add(self, inputs: ProductInputs) -> None:
+        titles = inputs.titles
+        self.lengths.append(np.array([len(t or "") for t in titles], np.int64))
+        self.tones.append(_measured(inputs.tones))
+        scripts = np.asarray([title_script(t) for t in titles], np.int64)
+        self.scripts += np.bincount(scripts, minlength=len(SCRIPTS))
+        self.categories.update(inputs.categories)
+        self.description += np.asarray(_presence(inputs.descriptions), np.int64)
+        self.image += np.asarray(_image_states(inputs.image_present, inputs.image_errors), np.int64)
+
+    def baseline(self, groups: np.ndarray | None = None) -> InputBaseline:
+        lengths = np.concatenate([np.zeros(0, np.int64), *self.lengths]).astype(np.float64)
+        tones = np.concatenate([np.zeros(0), *self.tones])
+        edges, tone_edges = _quantile_edges(lengths, TITLE_BINS), _quantile_edges(tones, TONE_BINS)
+        named = {c: n for c, n in self.categories.items() if c is not None}
+        common = set(sorted(named, key=lambda c: (-named[c], c))[:MAX_CATEGORIES])
+        categories = dict.fromkeys([*sorted(common), OTHER, NONE], 0)
+        for c, n in self.categories.items():
+            categories[NONE if c is None else (c if c in common else OTHER)] += n
+        return InputBaseline(
+            title_edges=edges,
+            title_lengths=_bin_counts(edges, lengths),
+            scripts=self.scripts.tolist(),
+            categories=categories,
+            description=self.description.tolist(),
+            image=self.image.tolist(),
+            tone_edges=tone_edges,
+            tones=_bin_counts(tone_edges, tones),
+            design_effect=_design_effect(groups),
+        )
 
 
 def _design_effect(groups: np.ndarray | None) -> float:
