@@ -85,25 +85,60 @@ def test_the_pretrain_text_command(
     market = generate_marketplace(
         tmp_path / "m", SyntheticConfig(products=200, seed=2, image_size=32), taxonomy=taxonomy
     )
-    code = main(
-        [
-            "pretrain-text",
-            "--method",
-            "simcse",
-            "--data",
-            str(market.products),
-            "--out",
-            str(tmp_path / "enc"),
-            "--epochs",
-            "1",
-            "--set",
-            "model.text.hidden_size=32",
-            "--set",
-            "model.text.num_hidden_layers=1",
-        ]
-    )
+    args = [
+        "pretrain-text",
+        "--method",
+        "simcse",
+        "--data",
+        str(market.products),
+        "--out",
+        str(tmp_path / "enc"),
+        "--epochs",
+        "1",
+        "--set",
+        "model.text.hidden_size=32",
+        "--set",
+        "model.text.num_hidden_layers=1",
+    ]
+    code = main(args)
     assert code == 0 and (tmp_path / "enc" / "config.json").is_file()
     assert f"next: --set model.text.pretrained_path={tmp_path / 'enc'}" in capsys.readouterr().out
+    streamed = ["--out", str(tmp_path / "streamed"), "--set", "training.streaming.enabled=true"]
+    assert main([*args[:5], *args[7:], *streamed]) == 0
+    assert "simcse: 200 products, 1 epochs" in capsys.readouterr().out
     assert (
         main(["pretrain-text", "--method", "simcse", "--data", str(tmp_path / "nowhere"), "--out", "x"]) == 2
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method", ["simcse", "convirt"])
+def test_streamed_pretraining_reads_record_batches_learns_and_gives_the_same_encoder_twice(
+    method: str, taxonomy: Taxonomy, tmp_path: Path
+) -> None:
+    from catalog_enrichment.training.stream import Source, arrow_source
+
+    table = _products(400, taxonomy)
+    streamed = arrow_source(table, batch_rows=50)
+    passes: list[list[int]] = []
+
+    def batches():  # type: ignore[no-untyped-def]
+        passes.append([])
+        for batch in streamed.batches():
+            passes[-1].append(batch.num_rows)
+            yield batch
+
+    source = Source(batches, streamed.rows, streamed.names)
+    cfg = tiny_config(training={"streaming": {"enabled": True, "shuffle_rows": 64}})
+    runs = [
+        pretrain_text(source, cfg, method=method, out=tmp_path / f"{method}-{i}", epochs=3) for i in range(2)
+    ]
+    # one counting pass, then one per epoch; never more than a record batch at a time from the table
+    assert len(passes) == 2 * (1 + 3) and all(max(p) == 50 for p in passes)
+    with_image = sum(b is not None for b in table["image"].to_pylist())
+    assert runs[0].products == (with_image if method == "convirt" else table.num_rows)
+    assert runs[0].losses[-1] < runs[0].losses[0] < math.log(32) + 0.5
+    assert runs[0].losses == runs[1].losses
+    weights = [(tmp_path / f"{method}-{i}" / "model.safetensors").read_bytes() for i in range(2)]
+    assert weights[0] == weights[1]

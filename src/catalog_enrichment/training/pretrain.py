@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -40,12 +41,13 @@ from catalog_enrichment.data.dataset import (
     build_tokenizer,
     canonical_order,
 )
-from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.data.images import ImagePolicy, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.training.embeddings import deterministic_algorithms
 from catalog_enrichment.training.fit import warmup_cosine
+from catalog_enrichment.training.stream import Source, unlabelled_rows
 from catalog_enrichment.types import Say
 
 __all__ = ["PretrainResult", "contrastive_loss", "pretrain_text"]
@@ -86,29 +88,103 @@ class PretrainResult:
     seconds: float
 
 
-def _products(
-    table: pa.Table,
-    cfg: AppConfig,
-    method: Method,
-    image_roots: Sequence[str | Path],
-    device: torch.device,
-    say: Say,
-) -> tuple[ProductRecords, np.ndarray, ImageEncoder | None]:
-    """The products pre-training reads (SimCSE: text only, no image read; ConVIRT: those whose
+@dataclass(frozen=True)
+class _Input:
+    """What pre-training reads: the usable products' count, the texts a trained tokenizer learns
+    from, the image encoder (ConVIRT) and the loader of an epoch's batches for a collator."""
+
+    products: int
+    texts: Iterable[str]
+    image_encoder: ImageEncoder | None
+    loader: Callable[[Collator, int], DataLoader]  # (collator, batch size)
+
+
+def _in_memory(
+    table: pa.Table, cfg: AppConfig, method: Method, policy: ImagePolicy, device: torch.device, say: Say
+) -> _Input:
+    """The products of a table in memory (SimCSE: text only, no image read; ConVIRT: those whose
     image decodes, with the image encoder that reads them)."""
-    policy = ImagePolicy.from_config(cfg.images, image_roots)  # the catalog's policy, as serving's
     if method == "simcse":  # text only: no image is read or decoded
         table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])
     records = ProductRecords.from_arrow(canonical_order(table), policy)
     rows = np.arange(len(records))
-    if method != "convirt":
-        return records, rows, None
-    image_encoder = ImageEncoder(cfg.model.image).to(device)
-    prep = image_encoder.preprocessing
-    usable = [records.pixels(int(i), prep)[0] is not None for i in rows]  # an image that decodes
-    rows = rows[np.asarray(usable, bool)]
-    say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
-    return records, rows, image_encoder
+    image_encoder = ImageEncoder(cfg.model.image).to(device) if method == "convirt" else None
+    prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
+    if image_encoder is not None:
+        usable = [records.pixels(int(i), prep)[0] is not None for i in rows]  # an image that decodes
+        rows = rows[np.asarray(usable, bool)]
+        say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
+    seed = cfg.training.seed
+
+    def loader(collator: Collator, batch_size: int) -> DataLoader:
+        return DataLoader(
+            ProductDataset(records, rows, preprocessing=prep),
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,  # a contrastive batch needs negatives; a 1-row tail has none
+            collate_fn=collator,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    texts = (f"{records.title[i]} {records.description[i] or ''}" for i in rows)
+    return _Input(int(rows.size), texts, image_encoder, loader)
+
+
+def _streamed(
+    source: Source, cfg: AppConfig, method: Method, policy: ImagePolicy, device: torch.device, say: Say
+) -> _Input:
+    """The products of a table read in record batches (``training.streaming``): one pass counts the
+    usable ones (and keeps a trained tokenizer's texts); each epoch reads the table again through the
+    seeded shuffle buffer. SimCSE reads no image column; ConVIRT skips products without an image."""
+    image_encoder = ImageEncoder(cfg.model.image).to(device) if method == "convirt" else None
+    prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
+    view = _pretraining_view(source, image_encoder is not None)
+    usable, texts = 0, []
+    for batch in view.batches():
+        if image_encoder is not None:
+            images, uris = batch.column("image").to_pylist(), batch.column("image_uri").to_pylist()
+            decodes = [load_pixels(b, u, prep.size, prep.interpolation, policy)[0] is not None
+                       for b, u in zip(images, uris, strict=True)]  # fmt: skip
+            batch = batch.filter(pa.array(decodes, pa.bool_()))
+        usable += batch.num_rows
+        if not cfg.model.text.pretrained_path:  # the tokenizer is trained on these texts
+            titles, descriptions = batch.column("title").to_pylist(), batch.column("description").to_pylist()
+            texts += [f"{t or ''} {d or ''}" for t, d in zip(titles, descriptions, strict=True)]
+    if image_encoder is not None:
+        say(f"convirt: {usable:,} of {source.rows:,} products have a usable image")
+    streaming = cfg.training.streaming
+
+    def loader(collator: Collator, batch_size: int) -> DataLoader:
+        rows = unlabelled_rows(
+            view, policy, prep, seed=cfg.training.seed, take=usable // batch_size * batch_size,
+            shuffle_rows=streaming.shuffle_rows,
+        )  # fmt: skip
+        return DataLoader(rows, batch_size=batch_size, drop_last=True, collate_fn=collator)
+
+    return _Input(usable, texts, image_encoder, loader)
+
+
+def _pretraining_view(source: Source, images: bool) -> Source:
+    """``source`` as pre-training reads it: without the image columns (SimCSE), or only the products
+    with an image (ConVIRT)."""
+    if not images:
+        names = tuple(n for n in source.names if n not in ("image", "image_uri"))
+
+        def texts() -> Iterator[pa.RecordBatch]:
+            return (b.select(list(names)) for b in source.batches())
+
+        return Source(texts, source.rows, names, source.folder)
+    missing = [c for c in ("image", "image_uri") if c not in source.names]
+    if missing:
+        raise CatalogEnrichError(
+            f"pretrain-text --method convirt: the products table has no {missing[0]} column"
+        )
+
+    def with_image(batch: pa.RecordBatch) -> pa.RecordBatch:
+        image, uri = batch.column("image"), batch.column("image_uri")
+        return batch.filter(pc.or_(pc.is_valid(image), pc.is_valid(uri)))
+
+    return Source(lambda: (with_image(b) for b in source.batches()), source.rows, source.names, source.folder)
 
 
 def _train(
@@ -200,7 +276,7 @@ def _save(
 
 
 def pretrain_text(
-    table: pa.Table,
+    data: pa.Table | Source,
     cfg: AppConfig,
     *,
     method: Method,
@@ -214,8 +290,9 @@ def pretrain_text(
     device: torch.device | str = "cpu",
     progress: Say | None = None,
 ) -> PretrainResult:
-    """Adapt ``model.text``'s encoder on the products of ``table`` by ``method`` (see the module
-    docstring) and save it to ``out``. Labels, if the table has them, are not read.
+    """Adapt ``model.text``'s encoder on the products of ``data`` (a table in memory, or a
+    :class:`~.stream.Source` read in record batches) by ``method`` (see the module docstring) and
+    save it to ``out``. Labels, if the table has them, are not read.
 
     Raises:
         CatalogEnrichError: too few products (ConVIRT: with a usable image) for one batch.
@@ -227,31 +304,28 @@ def pretrain_text(
     tcfg, text_cfg = cfg.training, cfg.model.text
     lr = learning_rate or (PRETRAINED_LR if text_cfg.pretrained_path else tcfg.learning_rate)
     set_seed(tcfg.seed)
-    records, rows, image_encoder = _products(table, cfg, method, image_roots, device, say)
-    if rows.size < 2 * batch_size:
+    roots = [*image_roots, *([data.folder] if isinstance(data, Source) and data.folder else [])]
+    policy = ImagePolicy.from_config(cfg.images, roots)  # the catalog's policy, as serving's
+    found = (
+        _streamed(data, cfg, method, policy, device, say)
+        if isinstance(data, Source)
+        else _in_memory(data, cfg, method, policy, device, say)
+    )
+    if found.products < 2 * batch_size:
         raise CatalogEnrichError(
-            f"pretrain-text --method {method}: {rows.size} usable products, too few for two batches "
+            f"pretrain-text --method {method}: {found.products} usable products, too few for two batches "
             f"of {batch_size}"
         )
-    tokenizer = build_tokenizer(
-        text_cfg, (f"{records.title[i]} {records.description[i] or ''}" for i in rows)
-    )
+    tokenizer = build_tokenizer(text_cfg, found.texts)
+    image_encoder = found.image_encoder
     text_encoder, heads = _encoder_and_heads(text_cfg, tokenizer, image_encoder, device)
-    prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
-    loader = DataLoader(
-        ProductDataset(records, rows, preprocessing=prep),
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,  # a contrastive batch needs negatives; a 1-row tail has none
-        collate_fn=Collator(tokenizer, text_cfg.max_length),
-        generator=torch.Generator().manual_seed(tcfg.seed),
-    )
+    loader = found.loader(Collator(tokenizer, text_cfg.max_length), batch_size)
     loss_of = _Contrastive(text_encoder, heads, image_encoder, tau, alpha)
     modules = nn.ModuleList([text_encoder, heads, *([image_encoder] if image_encoder is not None else [])])
     losses = _train(modules, loader, loss_of, cfg, lr=lr, epochs=epochs, device=device, tag=method, say=say)
     folder = Path(out)
     result = PretrainResult(
-        str(folder), method, int(rows.size), epochs, batch_size, lr, tau,
+        str(folder), method, found.products, epochs, batch_size, lr, tau,
         alpha if method == "convirt" else None, losses, round(time.perf_counter() - started, 1),
     )  # fmt: skip
     _save(folder, text_encoder, tokenizer, result, text_cfg.model_dump(mode="json"))

@@ -10,14 +10,19 @@ distributed run (:mod:`.distributed`).
   a hash split holds every value at its rate within a fraction of a percent.)
 * **One survey pass** reads every row once, images included: the labels (small arrays, kept),
   which images cannot be used (those products are left out, as in memory), the run health input
-  baseline, the training texts the tokenizer learns from, and the usable rows per split and rank.
+  baseline (counted per batch: lengths, scripts, categories, never the texts), the training texts
+  a trained tokenizer learns from (none for a pretrained one), and the usable rows per split and
+  rank.
 * **Epochs** read the table again: a rank's training rows pass through a shuffle buffer of
   ``shuffle_rows`` rows (seeded by the seed, the epoch and the rank) into mini-batches, and every
   rank takes the same number of steps. Scoring a held-out split reads its rows in table order, the
-  order the survey kept their labels in.
+  order the survey kept their labels in. Table order is the files sorted by the products they hold
+  (:func:`~catalog_enrichment.catalog.lakehouse.scan`), so a rewrite of the same rows trains the same
+  model.
 
-Memory holds a few record batches, the shuffle buffer (text and image bytes, not pixels), the labels
-and the held-out scores; never the table or its decoded images.
+Memory holds a few record batches, the shuffle buffer (text and image bytes, not pixels), the
+product ids, labels and held-out scores, and a trained tokenizer's texts; never the table or its
+decoded images.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +47,7 @@ from catalog_enrichment.data.dataset import Collator, EncodedLabels, encode_labe
 from catalog_enrichment.data.images import ImagePolicy, image_tone, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.health import InputBaseline, ProductInputs, input_baseline
+from catalog_enrichment.health import InputBaseline, InputBaselineCounts, ProductInputs
 from catalog_enrichment.training.splits import Splits
 
 __all__ = [
@@ -58,6 +64,7 @@ __all__ = [
     "split_of",
     "survey",
     "table_source",
+    "unlabelled_rows",
 ]
 
 TRAIN, VALIDATION, CALIBRATION, TEST = 0, 1, 2, 3
@@ -222,15 +229,18 @@ class _Reader:
             if error is None:
                 yield _item(rows, i, pixels, prep.size)
 
-    def usable(self, batch: pa.RecordBatch, inputs: ProductInputs) -> pa.RecordBatch:
+    def usable(
+        self, batch: pa.RecordBatch, inputs: InputBaselineCounts, unusable: Counter[str]
+    ) -> pa.RecordBatch:
         """The batch's products whose image decodes or is absent; every product's inputs (image
-        state and colour balance included) added to ``inputs``."""
+        state and colour balance included) counted in ``inputs``, the others' reasons in ``unusable``."""
         check = ImagePreprocessing(size=32)  # usable or not, and the colour balance, hardly depend on size
         images, uris = _column(batch, "image"), _column(batch, "image_uri")
         decoded = [self.pixels(b, u, check) for b, u in zip(images, uris, strict=True)]
         errors = [e for _, e in decoded]
         tones = [None if p is None else image_tone(p) for p, _ in decoded]
-        _extend(inputs, ProductInputs.of(batch, errors, tones))
+        inputs.add(ProductInputs.of(batch, errors, tones))
+        unusable.update(e for e in errors if e is not None)
         return batch.filter(pa.array([e is None for e in errors]))
 
 
@@ -288,6 +298,22 @@ class TrainingRows(IterableDataset[dict[str, Any]]):
         yield from self.reader.items(rows, [i])
 
 
+def unlabelled_rows(
+    source: Source,
+    policy: ImagePolicy,
+    preprocessing: ImagePreprocessing,
+    *,
+    seed: int,
+    take: int,
+    shuffle_rows: int,
+) -> TrainingRows:
+    """Every usable row of an unlabelled table, ``take`` per epoch, through the seeded shuffle buffer
+    (pre-training's epochs: no split, no labels read)."""
+    reader = _Reader(source, Taxonomy({}, source="unlabelled"), policy, preprocessing)
+    every = _Selection(seed, (0.0, 0.0, 0.0), TRAIN)
+    return TrainingRows(reader, every, take=take, shuffle_rows=shuffle_rows)
+
+
 class SplitBatches:
     """A held-out split's usable products in table order, collated in batches; iterable again and
     again (an epoch's validation scores, the final scores)."""
@@ -320,7 +346,7 @@ class Survey:
     shards: np.ndarray  # each product's rank (of ``world``); its training row is read there
     world: int
     labels: EncodedLabels
-    texts: list[str]  # the training split's "title description": what the tokenizer learns from
+    texts: list[str]  # the training split's "title description": what a trained tokenizer learns from
     inputs: InputBaseline
     left_out: dict[str, int] = field(default_factory=dict)  # unusable images, by reason
 
@@ -343,43 +369,40 @@ def survey(
     seed: int,
     world: int,
     say: Callable[[str], None],
+    texts: bool = True,
 ) -> Survey:
-    """The survey pass (see the module docstring)."""
+    """The survey pass (see the module docstring); ``texts`` False: the training texts are not kept
+    (a pretrained tokenizer learns nothing from them)."""
     ids: list[Any] = []
-    codes, shards, labels, texts = [], [], [], []
-    inputs = ProductInputs([], [], [], [], [], [])
+    codes, shards, labels, train_texts = [], [], [], []
+    inputs, unusable = InputBaselineCounts(), Counter[str]()
     everything = _Selection(seed, fractions, split=-1)
     for batch in reader.source.batches():
-        usable = reader.usable(batch, inputs)
+        usable = reader.usable(batch, inputs, unusable)
         code = everything.codes(usable)
         pids = _column(usable, "product_id")
         ids += pids
         codes.append(code)
         shards.append(rank_of(pids, seed=seed, world=world))
         labels.append(encode_labels(pa.Table.from_batches([usable]), reader.taxonomy))
-        pairs = zip(_column(usable, "title"), _column(usable, "description"), code, strict=True)
-        texts += [f"{t or ''} {d or ''}" for t, d, c in pairs if c == TRAIN]
+        if texts:
+            pairs = zip(_column(usable, "title"), _column(usable, "description"), code, strict=True)
+            train_texts += [f"{t or ''} {d or ''}" for t, d, c in pairs if c == TRAIN]
     if not ids:
         raise CatalogEnrichError("no labelled product has a usable image or none: nothing to train on")
-    bad = [e for e in inputs.image_errors if e is not None]
-    left_out = {e: bad.count(e) for e in sorted(set(bad))}
-    if bad:
-        say(f"left out {len(bad):,} products whose image cannot be used: {left_out}")
+    left_out = dict(sorted(unusable.items()))
+    if unusable:
+        say(f"left out {unusable.total():,} products whose image cannot be used: {left_out}")
     return Survey(
         ids,
         np.concatenate(codes),
         np.concatenate(shards),
         world,
         _concat_labels(labels, reader.taxonomy),
-        texts,
-        input_baseline(inputs),
+        train_texts,
+        inputs.baseline(),
         left_out,
     )
-
-
-def _extend(inputs: ProductInputs, more: ProductInputs) -> None:
-    for name in ("titles", "descriptions", "image_present", "image_errors", "categories", "tones"):
-        getattr(inputs, name).extend(getattr(more, name))
 
 
 def _concat_labels(parts: list[EncodedLabels], taxonomy: Taxonomy) -> EncodedLabels:
