@@ -218,6 +218,12 @@ def _embeddings(sub: Sub) -> None:
     p.add_argument(
         "--vacuum", action="store_true", help="delete the vectors of encoders no aliased model version uses"
     )
+    p.add_argument(
+        "--fill",
+        action="store_true",
+        help="encode the products the store lacks for the configured frozen encoders, on the Spark executors",
+    )
+    p.add_argument("--data", metavar="PATH", help="table --fill reads (default: catalog.labelled)")
 
 
 def _report(sub: Sub) -> None:

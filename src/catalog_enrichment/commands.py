@@ -184,16 +184,19 @@ def pretrain_text(args: argparse.Namespace, cfg: AppConfig) -> int:
 
     Self-supervised adaptation of model.text's encoder (003): simcse contrasts two dropout views of
     each product's text, convirt its text with its own image. Writes a transformers folder to use as
-    model.text.pretrained_path; labels are not read.
+    model.text.pretrained_path; labels are not read. With training.streaming the table is read in
+    record batches through a shuffle buffer, never whole.
     """
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.training.pretrain import pretrain_text
+    from catalog_enrichment.training.stream import table_source
 
     data = Path(args.data or cfg.catalog.table("products"))
     if not data.exists():
         raise CatalogEnrichError(f"products not found: {data} (a Delta or Parquet products table)")
+    streaming = cfg.training.streaming
     result = pretrain_text(
-        read_table(data),
+        table_source(data, batch_rows=streaming.batch_rows) if streaming.enabled else read_table(data),
         cfg,
         method=args.method,
         out=args.out,
@@ -316,17 +319,22 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
 
 
 def embeddings(args: argparse.Namespace, cfg: AppConfig) -> int:
-    """list the embedding store's vectors per encoder fingerprint; --vacuum removes unused ones
+    """list the embedding store's vectors per encoder fingerprint; --vacuum removes unused ones,
+    --fill encodes a table's products on the Spark executors
 
     Print the stored vectors per encoder fingerprint and the versions of mlflow.registered_model
     (those holding an alias) that use each. With --vacuum, delete the vectors of every fingerprint
     no such version uses, with the catalog's lock held (a model version re-scoring afterwards
-    encodes its products again).
+    encodes its products again). With --fill (training.encoders: frozen), encode the products of
+    --data (default: catalog.labelled) whose vectors the store lacks for the configured encoders, as
+    a Spark job over the executors, so a training with this config encodes nothing on its driver.
     """
     from catalog_enrichment import registry
     from catalog_enrichment.catalog import open_catalog
 
     catalog = open_catalog(cfg.catalog)
+    if args.fill:
+        return _fill_store(args, cfg, catalog)
     name = cfg.mlflow.registered_model
     live = registry.live_encoders(runtime.mlflow_client(cfg), name)
     counts = catalog.embedding_counts()
@@ -338,6 +346,24 @@ def embeddings(args: argparse.Namespace, cfg: AppConfig) -> int:
         with catalog.lock("embeddings vacuum", lambda m: print(m, flush=True)):
             removed = catalog.vacuum_embeddings(live)
         print(f"removed {removed:,} vectors no live version uses")
+    return 0
+
+
+def _fill_store(args: argparse.Namespace, cfg: AppConfig, catalog: Catalog) -> int:
+    from catalog_enrichment.contracts import load_taxonomy
+    from catalog_enrichment.training.store_fill import fill_embedding_store
+
+    data = Path(args.data or cfg.catalog.table("labelled"))
+    if not data.exists():
+        raise CatalogEnrichError(f"table not found: {data} (a Delta or Parquet products or labelled table)")
+    spark = runtime.spark_session(cfg)
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    done = fill_embedding_store(spark, cfg, taxonomy, data, catalog, say=lambda m: print(m, flush=True))
+    print(
+        f"embedding store of {catalog.describe()}, encoders {done.encoder}: {done.products:,} products read, "
+        f"{done.reused:,} already stored, {done.encoded:,} encoded on the executors, {done.stored:,} stored, "
+        f"{done.image_errors:,} images that did not decode left out ({done.seconds:.1f}s)"
+    )
     return 0
 
 

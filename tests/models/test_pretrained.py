@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.inference.bundle import BundleFolder, ModelBundle, load_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
-from catalog_enrichment.models import runtime
+from catalog_enrichment.models import embedding, runtime
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.fit import param_groups
 from catalog_enrichment.training.loop import train_and_calibrate
@@ -245,16 +246,10 @@ def test_frozen_training_embeds_once_and_reads_the_cache_back(  # type: ignore[n
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
-def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type: ignore[no-untyped-def]
-    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], monkeypatch
-) -> None:
-    """The first training encodes and stores every product; a second one encodes none and trains
-    the same model as the private cache does; a changed title is encoded again."""
-    from catalog_enrichment.catalog import open_catalog
+def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The products each driver-side encode of a frozen training encodes, appended as they happen."""
     from catalog_enrichment.training import embeddings
 
-    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=2)
-    catalog = open_catalog(cfg.catalog.model_copy(update={"root": str(tmp_path / "lake")}))
     encoded: list[int] = []
     real = embeddings._encoded
 
@@ -263,6 +258,19 @@ def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type:
         return real(model, records, rows, *args)
 
     monkeypatch.setattr(embeddings, "_encoded", counting)
+    return encoded
+
+
+def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], monkeypatch
+) -> None:
+    """The first training encodes and stores every product; a second one encodes none and trains
+    the same model as the private cache does; a changed title is encoded again."""
+    from catalog_enrichment.catalog import open_catalog
+
+    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=2)
+    catalog = open_catalog(cfg.catalog.model_copy(update={"root": str(tmp_path / "lake")}))
+    encoded = _count_encodes(monkeypatch)
     n = labelled.num_rows
     messages: list[str] = []
     first = train_and_calibrate(labelled, taxonomy, cfg, store=catalog, progress=messages.append)
@@ -280,6 +288,88 @@ def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type:
     changed = labelled.set_column(labelled.schema.get_field_index("title"), "title", pa.array(titles))
     train_and_calibrate(changed, taxonomy, cfg, store=catalog)
     assert encoded == [n, n, 1]  # the changed product alone
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+@pytest.mark.timeout(600)
+def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itself_gives(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], spark, monkeypatch
+) -> None:
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.training import embeddings
+    from catalog_enrichment.training.loop import train_and_calibrate
+    from catalog_enrichment.training.store_fill import fill_embedding_store
+
+    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=2)
+    catalog = open_catalog(cfg.catalog.model_copy(update={"root": str(tmp_path / "lake")}))
+    data = tmp_path / "labelled.parquet"
+    pq.write_table(labelled, data)
+    n = labelled.num_rows
+    first = fill_embedding_store(spark, cfg, taxonomy, data, catalog, say=lambda m: None)
+    assert (first.products, first.reused, first.encoded, first.stored, first.image_errors) == (n, 0, n, n, 0)
+    assert catalog.embedding_counts() == {first.encoder: n}
+    again = fill_embedding_store(spark, cfg, taxonomy, data, catalog, say=lambda m: None)
+    assert (again.encoder, again.reused, again.encoded, again.stored) == (first.encoder, n, 0, 0)
+
+    encoded = _count_encodes(monkeypatch)
+    from_store = train_and_calibrate(labelled, taxonomy, cfg, store=catalog)
+    assert encoded == []  # every vector came from the executors' fill
+    itself = train_and_calibrate(labelled, taxonomy, cfg)  # encodes every product on the driver
+    assert encoded == [n]
+    # The executors batch and thread differently from the driver, so float32 sums run in another
+    # order: each vector agrees to a few ulps (relative 1e-5 allows ~80 of float32's 1.2e-7), and so
+    # do the models trained over them.
+    stored = catalog.embeddings_of(first.encoder, labelled["product_id"].to_pylist())
+    by_id = dict(zip(stored["product_id"].to_pylist(), stored["embedding"].to_pylist(), strict=True))
+    executors = np.stack([np.frombuffer(by_id[p], np.float32) for p in labelled["product_id"].to_pylist()])
+    records = ProductRecords.from_arrow(labelled)
+    driver = embeddings.embed_products(
+        itself.model, records, itself.tokenizer, max_length=32, batch_size=64,
+        device=torch.device("cpu"), cache_dir=None, say=lambda m: None,
+    )  # fmt: skip
+    packed = embedding.pack(itself.model, embeddings.Embeddings(driver.tensors).inputs(torch.arange(n)))
+    np.testing.assert_allclose(executors, packed, rtol=1e-5, atol=1e-5)
+    for name, tensor in itself.model.state_dict().items():
+        torch.testing.assert_close(tensor, from_store.model.state_dict()[name], rtol=1e-5, atol=1e-5)
+    for attr in taxonomy.names:
+        np.testing.assert_allclose(
+            itself.test_predictions.probs[attr], from_store.test_predictions.probs[attr], atol=1e-5
+        )
+        np.testing.assert_allclose(
+            itself.calibration.thresholds(attr), from_store.calibration.thresholds(attr), atol=1e-5
+        )
+
+
+@pytest.mark.spark
+@pytest.mark.timeout(300)
+def test_a_fill_needs_frozen_encoders_and_a_storable_fusion(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], spark, capsys
+) -> None:
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.cli import main
+    from catalog_enrichment.training.store_fill import fill_embedding_store
+
+    data = tmp_path / "labelled.parquet"
+    pq.write_table(labelled.slice(0, 10), data)
+    frozen = _cfg(pretrained, encoders="frozen")
+    tokens = frozen.model.model_copy(update={"fusion": "cross_attention"})
+    refused = (
+        (_cfg(pretrained, encoders="finetune"), "training.encoders: frozen"),
+        (frozen.model_copy(update={"model": tokens}), "pooled vectors"),
+    )
+    for cfg, words in refused:
+        catalog = open_catalog(cfg.catalog.model_copy(update={"root": str(tmp_path / "lake")}))
+        with pytest.raises(ConfigError, match=words):
+            fill_embedding_store(spark, cfg, taxonomy, data, catalog, say=lambda m: None)
+    assert not (tmp_path / "lake").exists() or not any((tmp_path / "lake").rglob("*.parquet"))
+    capsys.readouterr()  # the progress bars of the loads above
+    missing = ["embeddings", "--fill", "--data", str(tmp_path / "none"), "--catalog", str(tmp_path / "lake")]
+    assert main(missing) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"catalog-enrich: error: table not found: {tmp_path / 'none'} (a Delta or Parquet products or "
+        "labelled table)"
+    ]
 
 
 @pytest.mark.slow

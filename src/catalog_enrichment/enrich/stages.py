@@ -31,6 +31,7 @@ from catalog_enrichment.inference.spark import (
     ScoringSpec,
     score_dataframe,
     ship_bundle,
+    stage_vectors,
 )
 from catalog_enrichment.redaction import redact_text
 from catalog_enrichment.types import Say
@@ -220,15 +221,7 @@ def score(
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
     table = ds.dataset(str(staging / "scores"), format="parquet").to_table(columns=list(DECISION_COLUMNS))
     if encoder is not None and counters.encoded.value:
-        fresh = spark.read.parquet(str(staging / "scores")).where(F.col("embedding").isNotNull())
-        fresh.select(
-            F.lit(encoder).alias("encoder"),
-            "product_id",
-            "content",
-            "embedding",
-            F.lit(run_id).alias("run_id"),
-            F.current_timestamp().alias("written_at"),
-        ).dropDuplicates(["product_id"]).write.mode("overwrite").parquet(str(staging / "embeddings"))
+        stage_vectors(spark.read.parquet(str(staging / "scores")), encoder, run_id, staging / "embeddings")
     return Scored(
         table,
         dict(counters.loads.value),

@@ -37,12 +37,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DECISION_COLUMNS",
+    "ENCODED_SCHEMA",
     "OUTPUT_SCHEMA",
     "ScoringCounters",
     "ScoringSpec",
+    "encode_dataframe",
     "score_dataframe",
     "ship_bundle",
     "spark_output_schema",
+    "stage_vectors",
 ]
 
 # What a scoring task returns per valid product.
@@ -83,6 +86,9 @@ SCORING_INPUT = (
     "stored_content",
     "stored_embedding",
 )
+
+# What an encoding task reads (the encoders' inputs and the stored vector, no decision inputs).
+ENCODING_INPUT = tuple(c for c in SCORING_INPUT if c not in ("merchant_attributes", "category"))
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,9 @@ def _worker_device(spec: ScoringSpec) -> str:
     return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cuda"
 
 
-def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
+def _worker_state(spec: ScoringSpec, loads: Any, *, decide: bool = True) -> tuple[Any, Any]:
+    """This worker's ``(predictor, decision policy)`` for ``spec``, loaded once per worker process
+    (``decide`` False: no policy, for a bundle of encoders that was never calibrated)."""
     import torch
 
     import catalog_enrichment  # noqa: F401  (torchvision fix before timm loads)
@@ -210,7 +218,7 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
         threads = spec.torch_threads or (ctx.cpus() if ctx is not None else None) or 1
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    key = (device, *spec.model_key())
+    key = (device, decide, *spec.model_key())
     state = _WORKER_CACHE.get(key)
     if state is None:
         if _WORKER_CACHE:  # a new model version: the old one is freed first
@@ -224,9 +232,8 @@ def _worker_state(spec: ScoringSpec, loads: Any) -> tuple[Any, Any]:
             path = SparkFiles.get(spec.bundle_name)
         bundle = load_bundle(path, device=device)
         predictor = BatchPredictor(bundle, device=device, **spec.predictor.kwargs())
-        policy = DecisionPolicy(
-            bundle.taxonomy, bundle.calibration, Taxonomy.from_dict(spec.allowed_taxonomy, source="config")
-        )
+        allowed = Taxonomy.from_dict(spec.allowed_taxonomy, source="config")
+        policy = DecisionPolicy(bundle.taxonomy, bundle.calibration, allowed) if decide else None
         state = (predictor, policy)
         _WORKER_CACHE[key] = state  # one model per worker: a new version replaces the old one
         loads.add({os.getpid(): 1})
@@ -400,3 +407,62 @@ def score_dataframe(valid: DataFrame, spec: ScoringSpec, counters: ScoringCounte
 
     present = [c for c in SCORING_INPUT if c in valid.columns]
     return valid.select(*present).mapInArrow(score_partition, spark_output_schema())
+
+
+# What an encoding task returns per product (:func:`encode_dataframe`).
+ENCODED_SCHEMA = pa.schema(
+    [
+        pa.field("product_id", pa.string()),
+        pa.field("content", pa.string()),
+        pa.field("embedding", pa.binary()),  # null: read from the store, or the image did not decode
+        pa.field("image_error", pa.string()),
+    ]
+)
+
+
+def encode_dataframe(products: DataFrame, spec: ScoringSpec, counters: ScoringCounters) -> DataFrame:
+    """The encoders' packed vectors of ``products`` (lazy, ``ENCODED_SCHEMA``): the scoring tasks'
+    preparation and encoders, without deciding anything. ``spec`` names a bundle whose model is
+    storable and ``spec.predictor.embedding_store`` is on; a row carrying a stored vector of the same
+    content (``stored_content``, ``stored_embedding``) is not encoded again."""
+    loads, reused, encoded = counters.loads, counters.reused, counters.encoded
+
+    def encode_partition(iterator: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rows = (b for b in iterator if b.num_rows)
+        first = next(rows, None)
+        if first is None:
+            return
+        predictor, _ = _worker_state(spec, loads, decide=False)
+        for batch, scores in predictor.score_stream(itertools.chain([first], rows)):
+            vectors = _or_nulls(scores.embedding, batch.num_rows, pa.binary())
+            reused.add(scores.reused)
+            encoded.add(pc.count(vectors).as_py())
+            yield pa.RecordBatch.from_arrays(
+                [
+                    batch.column("product_id"),
+                    _or_nulls(scores.content, batch.num_rows, pa.string()),
+                    vectors,
+                    pa.array(scores.image_error, pa.string()),
+                ],
+                schema=ENCODED_SCHEMA,
+            )
+
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    present = [c for c in ENCODING_INPUT if c in products.columns]
+    return products.select(*present).mapInArrow(encode_partition, from_arrow_schema(ENCODED_SCHEMA))
+
+
+def stage_vectors(encoded: DataFrame, encoder: str, run_id: str, path: Path) -> None:
+    """The freshly encoded vectors of ``encoded`` (``content``, ``embedding``; null: none) as the
+    embeddings contract's rows at ``path``, one per product, for ``Catalog.write_embeddings``."""
+    from pyspark.sql import functions as F
+
+    encoded.where(F.col("embedding").isNotNull()).select(
+        F.lit(encoder).alias("encoder"),
+        "product_id",
+        "content",
+        "embedding",
+        F.lit(run_id).alias("run_id"),
+        F.current_timestamp().alias("written_at"),
+    ).dropDuplicates(["product_id"]).write.mode("overwrite").parquet(str(path))

@@ -43,7 +43,7 @@ from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_options
-from catalog_enrichment.models.model import MultimodalModel, build_model, needs_image
+from catalog_enrichment.models.model import MultimodalModel, needs_image
 from catalog_enrichment.training.embeddings import deterministic_algorithms
 from catalog_enrichment.training.evaluation import (
     EvaluationReport,
@@ -52,7 +52,7 @@ from catalog_enrichment.training.evaluation import (
     predict,
 )
 from catalog_enrichment.training.fit import FitResult, fit_model
-from catalog_enrichment.training.loop import HeldOut, TrainedModel
+from catalog_enrichment.training.loop import HeldOut, TrainedModel, seeded_model
 from catalog_enrichment.training.splits import MIN_ROWS, calibration_fraction
 from catalog_enrichment.training.stream import (
     CALIBRATION,
@@ -95,13 +95,6 @@ class _RankJob:
         return self.cfg.training.batch_size // self.world
 
 
-def fresh_model(cfg: AppConfig, taxonomy: Taxonomy, tokenizer: Any, device: torch.device) -> MultimodalModel:
-    """The model before training, the same on every rank for the same seed."""
-    torch.manual_seed(cfg.training.seed)
-    model = build_model(cfg.model, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return cast(MultimodalModel, model).to(device)
-
-
 def _rank_main(job: _RankJob, say: Say | None = None) -> tuple[dict[str, torch.Tensor], FitResult]:
     """One rank's training (in this process when there is one, reporting to ``say``): the kept
     weights and the fit, the same on every rank."""
@@ -126,7 +119,7 @@ def _fit_rank(
 
     cfg, reader = job.cfg, job.reader
     set_seed(cfg.training.seed)
-    model = fresh_model(cfg, reader.taxonomy, job.tokenizer, device)
+    model = seeded_model(cfg.model, reader.taxonomy, job.tokenizer, cfg.training.seed, device)
     if model.image_encoder is not None:  # channels-last before DDP lays out its gradient buckets
         model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     # some weights never reach the loss (a text backbone's pooler; a fusion's unused branch)
@@ -256,7 +249,8 @@ def train_streaming(
         calibration_fraction(source.rows, tcfg.calibration_fraction),
         tcfg.test_fraction,
     )
-    found = survey(reader, fractions, seed=tcfg.seed, world=world, say=say)
+    trained_tokenizer = not cfg.model.text.pretrained_path
+    found = survey(reader, fractions, seed=tcfg.seed, world=world, say=say, texts=trained_tokenizer)
     check_every_value_seen(found.labels, taxonomy)
     splits = found.splits
     say(f"streaming {source.rows:,} rows in batches; splits by hash: {splits.sizes()}")
@@ -267,7 +261,7 @@ def train_streaming(
         state, fit = _rank_main(job, say)
     else:
         state, fit = _fit_distributed(job, tcfg.distributed.local_mode)
-    model = fresh_model(cfg, taxonomy, tokenizer, torch.device(device))
+    model = seeded_model(cfg.model, taxonomy, tokenizer, cfg.training.seed, device)
     model.load_state_dict(state)
     return _calibrated(model, reader, job, found, fit, started, say)
 

@@ -89,7 +89,7 @@ from catalog_enrichment.types import Say
 if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
 
-__all__ = ["TrainedModel", "train_and_calibrate"]
+__all__ = ["TrainedModel", "check_encoders_mode", "seeded_model", "train_and_calibrate"]
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,16 @@ def _reads(fusion: str) -> tuple[bool, ...]:
     return (cls.needs_text, cls.needs_image, cls.needs_tokens, cls.needs_fields)
 
 
-def _check_encoders_mode(cfg: AppConfig) -> None:
+def seeded_model(
+    member: ModelConfig, taxonomy: Taxonomy, tokenizer: Any, seed: int, device: torch.device | str = "cpu"
+) -> MultimodalModel:
+    """One model before training, the same for the same seed (in every process and on every rank)."""
+    torch.manual_seed(seed)
+    model = build_model(member, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return cast(MultimodalModel, model).to(device)
+
+
+def check_encoders_mode(cfg: AppConfig) -> None:
     """``frozen`` needs pretrained weights for every encoder the fusion reads: a fixed random encoder
     gives features no better than noise."""
     members = cfg.model.member_configs()
@@ -286,12 +295,7 @@ class _Data:
         return Collator(self.tokenizer, self.cfg.model.text.max_length)
 
     def fresh_model(self, seed: int, member: ModelConfig) -> MultimodalModel:
-        torch.manual_seed(seed)
-        tokenizer = self.tokenizer
-        model = build_model(
-            member, self.taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
-        )
-        return cast(MultimodalModel, model).to(self.device)
+        return seeded_model(member, self.taxonomy, self.tokenizer, seed, self.device)
 
     def subset(
         self, idx: np.ndarray, labels: EncodedLabels | None = None
@@ -459,7 +463,7 @@ def _train_and_calibrate(
     say = progress or (lambda _msg: None)
     tcfg = cfg.training
     set_seed(tcfg.seed)
-    _check_encoders_mode(cfg)
+    check_encoders_mode(cfg)
     data = _prepare(
         table, taxonomy, cfg, test_table=test_table, image_roots=image_roots, device=torch.device(device),
         say=say, store=store,
