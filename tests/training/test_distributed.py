@@ -1,20 +1,28 @@
 """Distributed training under TorchDistributor on this machine (local mode, two gloo ranks): the same
 model for the same seed and process count, and a rank that dies fails the training job with one
-line, registering nothing. (The standalone cluster's runs: tests/deploy/test_cluster.py.)"""
+line, registering nothing; BatchNorm over two ranks' halves of a batch is BatchNorm over the batch.
+(The standalone cluster's runs: tests/deploy/test_cluster.py.)"""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 
 from catalog_enrichment.catalog.lakehouse import write_table
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.training.distributed import RANK_FAULT_ENV, _root_cause, train_streaming
+from catalog_enrichment.training.distributed import (
+    RANK_FAULT_ENV,
+    _root_cause,
+    global_batch_norm,
+    train_streaming,
+)
 from catalog_enrichment.training.stream import table_source
 from tests.conftest import tiny_config
 from tests.training.test_stream import _digest
@@ -57,6 +65,78 @@ def _cfg():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.spark
+def _norm_layers() -> torch.nn.Sequential:
+    """torch's BatchNorm and timm's BatchNormAct (what the tiny model's byobnet uses), seeded."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.BatchNorm2d(3), BatchNormAct2d(3))
+    for norm in layers:
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+    return layers
+
+
+def _rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 32 rows and the weights of the loss (sum of weighted outputs)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 3, 4, 4, generator=g) * 3 + 1, torch.randn(32, 3, 4, 4, generator=g)
+
+
+def _norm_step(layers: torch.nn.Sequential, x: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One training-mode forward and backward: the output, the input's and weights' gradients, the
+    running statistics."""
+    x = x.clone().requires_grad_(True)
+    out = layers(x)
+    (out * w).sum().backward()
+    grads = {f"grad.{k}": p.grad for k, p in layers.named_parameters()}
+    return {"out": out.detach(), "grad.x": x.grad, **grads, **layers.state_dict()}  # type: ignore[dict-item]
+
+
+def _norm_rank(rank: int, init: str, out: str) -> None:
+    """Rank ``rank`` of two (gloo): its half of the batch through :func:`global_batch_norm`."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        x, w = _rows()
+        half = slice(16 * rank, 16 * (rank + 1))
+        with global_batch_norm():
+            step = _norm_step(_norm_layers(), x[half], w[half])
+        torch.save(step, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_batch_norm_over_two_ranks_halves_is_batch_norm_over_the_batch(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_norm_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    one = _norm_step(_norm_layers(), *_rows())
+    assert torch.allclose(torch.cat([r["out"] for r in ranks]), one["out"], atol=1e-5)
+    assert torch.allclose(torch.cat([r["grad.x"] for r in ranks]), one["grad.x"], atol=1e-5)
+    for key in one:
+        if key.startswith("grad.") and key != "grad.x":  # a weight's gradient: DDP sums the ranks'
+            assert torch.allclose(ranks[0][key] + ranks[1][key], one[key], atol=1e-4), key
+        elif key != "out" and not key.startswith("grad."):  # the running statistics, on each rank
+            assert all(torch.allclose(r[key].float(), one[key].float(), atol=1e-6) for r in ranks), key
+    x, w = _rows()
+    own = _norm_step(_norm_layers(), x[:16], w[:16])  # a half normalised on its own differs
+    assert not torch.allclose(ranks[0]["out"], own["out"], atol=1e-2)
+    # evaluation mode and the original function are untouched
+    import torch.nn.functional as F
+
+    before = F.batch_norm
+    with global_batch_norm():
+        layers = _norm_layers().eval()
+        assert torch.equal(layers(_rows()[0]), _norm_layers().eval()(_rows()[0]))
+    assert F.batch_norm is before
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_ranks_train_the_same_model_for_the_same_seed(spark, labelled: Path, taxonomy: Taxonomy) -> None:  # type: ignore[no-untyped-def]

@@ -6,9 +6,10 @@ baseline), trains the tokenizer on the training texts, then fits: in this proces
 that ``TorchDistributor`` starts with ``torchrun`` - on this machine (``local_mode``) or one per
 Spark task on the executors. The ranks hold one model each under ``DistributedDataParallel`` (gloo
 on CPU, nccl on GPU), read their own shard of the training split, each take a batch of
-``batch_size / N`` per step (the same global batch as one process) and all score the whole
-validation split after every epoch, so they stop at the same epoch with the same weights (training
-losses are averaged over the ranks); one copy comes back. The driver alone scores the held-out
+``batch_size / N`` per step (the same global batch as one process; BatchNorm layers normalise
+over that global batch too, :func:`global_batch_norm`) and all score the whole validation split
+after every epoch, so they stop at the same epoch with the same weights (training losses are
+averaged over the ranks); one copy comes back. The driver alone scores the held-out
 splits, calibrates, evaluates and (in the training job) logs and registers: no rank writes to
 MLflow. A rank that dies fails the run with one line.
 
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import io
 import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -105,11 +108,76 @@ def _rank_main(job: _RankJob, say: Say | None = None) -> tuple[dict[str, torch.T
     if job.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        with deterministic_algorithms(True):
+        with deterministic_algorithms(True), global_batch_norm(job.world > 1):
             return _fit_rank(job, rank, device, say or (print if rank == 0 else (lambda _m: None)))
     finally:
         if job.world > 1:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def global_batch_norm(enabled: bool = True) -> Iterator[None]:
+    """Training-mode batch normalisation over the global batch of every rank, as one process
+    normalises its batch: each BatchNorm layer's mean and variance are summed over the ranks with a
+    differentiable all-reduce (gradients flow back through the statistics to every rank's rows, as
+    in ``torch.nn.SyncBatchNorm``, which runs on GPUs only), and the running statistics move by the
+    global ones. Without it, N ranks on a batch of ``batch_size / N`` each normalise over
+    ``batch_size / N`` rows and train a different model from one process. Every module that calls
+    ``torch.nn.functional.batch_norm`` (torch's BatchNorm, timm's BatchNormAct) is covered while the
+    context is open; evaluation mode is untouched. A rank is a process of its own, so the swap is
+    local to it."""
+    if not enabled:
+        yield
+        return
+    import torch.nn.functional as F
+
+    local = F.batch_norm
+    F.batch_norm = functools.partial(_global_batch_norm, local)
+    try:
+        yield
+    finally:
+        F.batch_norm = local
+
+
+def _global_batch_norm(
+    local: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    if not training:
+        return local(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_single
+
+    # each rank's row count, mean and sum of squared deviations, gathered in one collective (its
+    # backward sums the gradients back to every rank), combined as Chan et al.'s parallel variance
+    dims, channels = [0, *range(2, x.dim())], x.size(1)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    local_mean = x.mean(dims)
+    local_m2 = (x - local_mean.view(shape)).square().sum(dims)
+    stats = torch.cat([x.new_tensor([x.numel() // channels]), local_mean, local_m2])
+    every = all_gather_single(stats.unsqueeze(0), 0, cast(dist.ProcessGroup, dist.group.WORLD))
+    counts, means, m2s = every[:, :1], every[:, 1 : channels + 1], every[:, channels + 1 :]
+    count = counts.sum()
+    mean = (counts * means).sum(0) / count
+    var = (m2s + counts * (means - mean).square()).sum(0) / count
+    centred = x - mean.view(shape)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.detach() * count / (count - 1), alpha=momentum)
+    out = centred * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
 
 
 def _fit_rank(

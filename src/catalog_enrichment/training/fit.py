@@ -223,9 +223,9 @@ def _train_epoch(
 
 def _sync_ranks(model: torch.nn.Module, loss: float) -> float:
     """In a distributed run, every rank ends the epoch like rank 0 and reports the same loss: the
-    buffers (BatchNorm statistics, which each rank's last batch moved) from rank 0, the loss averaged
-    over the ranks. Validation, early stopping and the weights kept are then the same on every
-    rank. Outside one, ``loss``."""
+    buffers from rank 0 (BatchNorm's running statistics already agree, being the global batch's,
+    but any other buffer a rank moved would not), the loss averaged over the ranks. Validation,
+    early stopping and the weights kept are then the same on every rank. Outside one, ``loss``."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
