@@ -190,7 +190,7 @@ def _train_scale(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="K",
         default=1,
-        help="trainings of the first size in K shuffle orders (1)",
+        help="trainings of the first size in K shuffle orders, with each process count (1)",
     )
     p.add_argument("--workdir", metavar="DIR", default="bench-train-scale", help="tables, MLflow go here")
     p.add_argument(

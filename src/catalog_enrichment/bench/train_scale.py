@@ -6,10 +6,10 @@ process count the training job runs as a process of its own (``catalog-enrich tr
 ``training.streaming`` and ``training.distributed.processes``, the tiny model, a SQLite MLflow store
 in the work folder), and the bench records its wall time, the driver's and the ranks' peak RSS
 (sampled every 0.2 s) and the registered version's test R@P95 per attribute. ``orders`` > 1 trains
-the first size ``orders - 1`` more times in one process with shuffle buffers of 200, 300, ... rows
-(the same split, initial weights and data; another training order): the spread of those runs and
-the first is the noise a second process's different order adds, the margin a one-against-two
-comparison is judged by.
+the first size ``orders - 1`` more times with every process count, with shuffle buffers of 200,
+300, ... rows (the same split, initial weights and data; another training order): the spread of
+each process count's runs is the noise a training order alone causes, and the margin a
+one-against-two comparison is judged by is 3 standard deviations of a difference of two runs.
 """
 
 from __future__ import annotations
@@ -128,22 +128,31 @@ def run_train_scale(
     for k in range(1, orders):
         data = _marketplace(workdir, sizes[0], say)
         shuffle = 100 * (k + 1)  # smaller than the training split: each buffer gives another order
-        say(f"train-scale: {sizes[0]:,} products, 1 process, shuffle buffer {shuffle:,}")
-        order_runs.append({"products": sizes[0], **_train(workdir, data, 1, shuffle, f"order-{k}")})
-    margin = _margin(runs, order_runs, sizes[0])
+        for n in processes:
+            say(f"train-scale: {sizes[0]:,} products, {n} process(es), shuffle buffer {shuffle:,}")
+            order_runs.append({"products": sizes[0], **_train(workdir, data, n, shuffle, f"order-{k}-{n}")})
+    margin = _margin(runs + order_runs, sizes[0], processes)
     return {"epochs": epochs, "batch_size": batch_size, "runs": runs, "order_runs": order_runs, **margin}
 
 
-def _margin(runs: list[dict[str, Any]], order_runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
-    """The spread of mean test R@P95 over training orders at ``size`` (one process), and the margin
-    a one-against-two difference is judged by: 3 standard deviations of a difference of two such
-    runs (3 * sd * sqrt(2))."""
-    same = [r["mean_r_at_p95"] for r in runs if r["products"] == size and r["processes"] == 1]
-    values = same[:1] + [r["mean_r_at_p95"] for r in order_runs]
-    if len(values) < 3:
+def _margin(runs: list[dict[str, Any]], size: int, processes: Sequence[int]) -> dict[str, Any]:
+    """Per process count, the mean and spread of mean test R@P95 over training orders at ``size``;
+    and the margin a difference of two runs (the first two process counts', or one count's twice)
+    is judged by: 3 standard deviations of that difference, 3 * sqrt(sd_a^2 + sd_b^2)."""
+    values = {
+        n: [r["mean_r_at_p95"] for r in runs if r["products"] == size and r["processes"] == n]
+        for n in processes
+    }
+    if any(len(v) < 3 for v in values.values()):
         return {}
-    sd = statistics.stdev(values)
-    return {"order_sd": round(sd, 4), "margin": round(3 * sd * 2**0.5, 4), "order_values": values}
+    sds = [statistics.stdev(values[n]) for n in processes[:2]]
+    pair = sds if len(sds) == 2 else sds * 2
+    return {
+        "order_values": {str(n): v for n, v in values.items()},
+        "order_mean": {str(n): round(statistics.fmean(v), 4) for n, v in values.items()},
+        "order_sd": {str(n): round(statistics.stdev(v), 4) for n, v in values.items()},
+        "margin": round(3 * (pair[0] ** 2 + pair[1] ** 2) ** 0.5, 4),
+    }
 
 
 def format_train_scale(result: dict[str, Any]) -> str:
@@ -161,9 +170,11 @@ def format_train_scale(result: dict[str, Any]) -> str:
             f"| {r['mean_r_at_p95']} |"
         )
     if "margin" in result:
-        lines += [
-            "",
-            f"Training order alone (one process, {len(result['order_values'])} shuffle buffers): mean test "
-            f"R@P95 sd {result['order_sd']}, margin (3 sd of a difference) {result['margin']}",
-        ]
+        lines += ["", "Training order alone (shuffle buffers), mean test R@P95 per process count:", ""]
+        for n, values in result["order_values"].items():
+            lines.append(
+                f"- {n} process(es), {len(values)} orders: mean {result['order_mean'][n]}, "
+                f"sd {result['order_sd'][n]}"
+            )
+        lines += ["", f"Margin (3 sd of a difference of two runs): {result['margin']}"]
     return "\n".join(lines)
