@@ -254,11 +254,27 @@ def pg_catalog_config(pg_server: Any, tmp_path: Path, monkeypatch: pytest.Monkey
 _MAIN_FILE_SET = pytest.StashKey[bool]()
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker's torch (and every process it starts, through
+    ``OMP_NUM_THREADS``) gets its share of the cores: N workers each running torch on every core
+    oversubscribe them, and OpenMP threads that wait for a core they share run a training several
+    times slower than their share of the machine would."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """A pytest-xdist worker runs under execnet, whose ``__main__`` has neither ``__spec__`` nor
     ``__file__``; ``pyspark.sql.connect`` (imported by Great Expectations) reads that as "running
     doctests" and calls ``sys.exit`` when grpc is missing. Name a file for the worker's
-    ``__main__`` (taken back in :func:`pytest_unconfigure`)."""
+    ``__main__`` (taken back in :func:`pytest_unconfigure`). A worker gets its share of the cores
+    (:func:`_share_the_cores`)."""
+    _share_the_cores()
     main = sys.modules["__main__"]
     if getattr(main, "__spec__", None) is None and not hasattr(main, "__file__"):
         main.__file__ = __file__
