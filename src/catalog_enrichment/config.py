@@ -296,6 +296,12 @@ class ImageEncoderConfig(_Section):
         + " (a bundle's "
         "model.json carries them too: keys that load files, such as checkpoint_path, are refused).",
     )
+    pooling: Literal["head", "stages"] = Field(
+        "head",
+        description="The pooled vector: head = the backbone's own head (global average of the last "
+        "feature map); stages = mean and standard deviation over space of every stage's feature map "
+        "(timm forward_intermediates), which keeps colour and texture that the last stage pools away.",
+    )
     color_features: bool = Field(
         True,
         description="Append colour statistics of the photo's foreground (a soft CIE L*a*b* histogram and "

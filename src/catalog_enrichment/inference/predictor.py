@@ -46,7 +46,8 @@ from catalog_enrichment.data.images import ImagePolicy, image_tone, load_pixels
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
 from catalog_enrichment.models import embedding
-from catalog_enrichment.models.model import MultimodalModel
+from catalog_enrichment.models.lexical import as_bags, ngram_counts
+from catalog_enrichment.models.model import LEXICAL_KEYS, AnyModel, EnsembleModel, MultimodalModel, lexical_inputs
 
 __all__ = [
     "BatchPredictor",
@@ -83,6 +84,7 @@ class PreparedBatch:
     content: list[str] | None = None
     encode: np.ndarray | None = None
     stored: np.ndarray | None = None
+    lexical: dict[str, torch.Tensor] | None = None  # every row's n-grams, for a lexical fusion
 
     def __len__(self) -> int:
         return len(self.image_error)
@@ -201,6 +203,7 @@ class BatchPredictor:
         # a text-only model never decodes an image, so an unusable one does not quarantine its row
         self.reads_images = bundle.model.image_encoder is not None
         self.collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
+        self.lexical = any(m.fusion.needs_lexical for m in _members(bundle.model))
         # the store serves a fingerprinted bundle, whose model is one MultimodalModel (storable)
         stores = embedding_store and bundle.encoder_fingerprint is not None
         self._stored_model = cast(MultimodalModel, bundle.model) if stores else None
@@ -253,7 +256,8 @@ class BatchPredictor:
         tones: list[float | None] = [None] * n
         for k, i in enumerate(rows):
             errors[i], tones[i] = part.image_error[k], part.tone[k]
-        return PreparedBatch(part.inputs, errors, tones, content, encode, stored)
+        every = _lexical(titles, descriptions) if self.lexical else None
+        return PreparedBatch(part.inputs, errors, tones, content, encode, stored, every)
 
     def _encoder_inputs(
         self, titles: Sequence[Any], descriptions: Sequence[Any], images: Sequence[Any], uris: Sequence[Any]
@@ -285,6 +289,8 @@ class BatchPredictor:
             image = prep.normalize(image)
         inputs["pixel_values"] = image if self.channels_last else image.contiguous()
         inputs["image_present"] = torch.from_numpy(present)
+        if self.lexical:
+            inputs.update(_lexical(titles, descriptions))
         if self.device.type == "cuda":
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
         return PreparedBatch(inputs, errors, tones)
@@ -343,7 +349,10 @@ class BatchPredictor:
             else:
                 if len(batch.encode):
                     batch.stored[batch.encode] = embedding.pack(model, model.encode(inputs))
-                out = model.fuse(embedding.unpack(model, batch.stored, self.device))
+                fused = embedding.unpack(model, batch.stored, self.device)
+                if batch.lexical is not None:
+                    fused.lexical = lexical_inputs({k: v.to(self.device) for k, v in batch.lexical.items()})
+                out = model.fuse(fused)
         return {a: p.float().cpu().numpy() for a, p in out.probs.items()}
 
     def _fresh(self, batch: PreparedBatch) -> list[bytes | None]:
@@ -417,6 +426,15 @@ class BatchPredictor:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _members(model: AnyModel) -> list[MultimodalModel]:
+    return model.member_models if isinstance(model, EnsembleModel) else [model]
+
+
+def _lexical(titles: Sequence[Any], descriptions: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """The batch entries of the texts' hashed n-grams (``models.lexical``)."""
+    return dict(zip(LEXICAL_KEYS, as_bags(ngram_counts(titles, descriptions)), strict=True))
 
 
 def tune_worker_process(device: torch.device, *, keep_memory: bool) -> None:

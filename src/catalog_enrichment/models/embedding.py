@@ -5,7 +5,7 @@ encoders made of a product can be kept (the catalog's embedding store) and fused
 version whose encoders are the same. Two facts make that safe:
 
 * :func:`encoder_fingerprint` hashes everything that shapes the encoders' outputs - their weights,
-  the tokenizer, the text length and pooling, the image preprocessing and colour features, which
+  the tokenizer, the text length and pooling, the image preprocessing, pooling and colour features, which
   outputs the fusion reads, and the runtime that runs them (``model.encoder_runtime``) - so a
   stored vector is only ever read back by encoders that would compute it again;
 * :func:`pack` / :func:`unpack` turn the pooled outputs the fusion reads (``text_pooled``,
@@ -52,7 +52,7 @@ def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int)
     h = hashlib.sha256()
     fusion = model.fusion
     needs = (fusion.needs_text, fusion.needs_image, fusion.needs_tokens, fusion.needs_fields)
-    image_prep = (model.preprocessing.to_dict(), model.cfg.image.color_features)
+    image_prep = (model.preprocessing.to_dict(), model.cfg.image.color_features, model.cfg.image.pooling)
     h.update(repr((needs, max_length, model.cfg.text.pooling, image_prep, _dims(model))).encode())
     if model.cfg.encoder_runtime != "torch":  # another runtime's vectors differ in the last bits
         h.update(model.cfg.encoder_runtime.encode())

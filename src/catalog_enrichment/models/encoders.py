@@ -150,6 +150,13 @@ class TextEncoder(nn.Module):
         )
 
 
+def _mean_and_sd(feature_map: torch.Tensor) -> torch.Tensor:
+    """``(B, 2C)``: each channel's mean and standard deviation over a ``(B, C, H, W)`` map's space."""
+    mean = feature_map.mean(dim=(2, 3))
+    centred = feature_map - mean[:, :, None, None]
+    return torch.cat([mean, centred.square().mean(dim=(2, 3)).sqrt()], dim=1)
+
+
 def _with_color(
     pooled: torch.Tensor, tokens: torch.Tensor, color: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +194,9 @@ class ImageEncoder(nn.Module):
             self._load_weights(cfg.pretrained_path)
         backbone: Any = self.backbone
         self.backbone_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        if cfg.pooling == "stages":  # mean and SD of every stage's map, the last stage's included
+            stages = [int(info["num_chs"]) for info in backbone.feature_info]
+            self.backbone_features = 2 * (sum(stages) + int(backbone.num_features))
         # the pooled vector: the backbone's features, then the foreground's colour statistics
         self.num_features = self.backbone_features + (COLOR_FEATURES if cfg.color_features else 0)
         self.preprocessing = preprocessing or ImagePreprocessing.resolve(cfg, backbone)
@@ -229,16 +239,27 @@ class ImageEncoder(nn.Module):
             )
         self.backbone.load_state_dict(state)
 
+    def backbone_output(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the backbone computes (and an exported graph serves): its last feature map, or with
+        ``pooling: stages`` the ``(B, backbone_features)`` mean and SD of every stage's map."""
+        if self.cfg.pooling == "head":
+            return self.backbone.forward_features(pixel_values)
+        last, stages = self.backbone.forward_intermediates(pixel_values)
+        return torch.cat([_mean_and_sd(m) for m in (*stages, last)], dim=1)
+
     def forward(self, pixel_values: torch.Tensor, image_present: torch.Tensor) -> ImageFeatures:
         raw = pixel_values
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.preprocessing.normalize(pixel_values)
         if self.graph is None:
-            feats = self.backbone.forward_features(pixel_values)
+            feats = self.backbone_output(pixel_values)
         else:
             feats = self.graph(pixel_values=pixel_values)
-        pooled = self.backbone.forward_head(feats, pre_logits=True)
-        tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
+        if self.cfg.pooling == "stages":  # already pooled; one token for fusions that attend
+            pooled, tokens = feats, feats[:, None, :]
+        else:
+            pooled = self.backbone.forward_head(feats, pre_logits=True)
+            tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
         if self.cfg.color_features:
             color = color_features(raw if raw.dtype == torch.uint8 else self.preprocessing.unnormalize(raw))
             pooled, tokens = _with_color(pooled, tokens, color.to(pooled.dtype))

@@ -20,9 +20,12 @@ hierarchical        fields (title, description) merged within each text encoder,
                     across encoders, then with the image (each add | concat | average)
 modality_attention  LayerNorm per modality; per product and attribute p_txt = sigmoid(      004
                     W[x_t, x_i] + b); heads on [p x_t, (1-p) x_i]; lambda * KL(p || uniform)
+stack               linear learners per block (n-gram TF-IDF, text, image, colour), each    001
+                    standardised and fitted in closed form; a meta-learner per attribute
+                    over their out-of-fold scores (training.stack)
 ==================  ======================================================================  =======
 
-Over 600 lines because the eight methods sit side by side in one registry, each a short class.
+Over 600 lines because the nine methods sit side by side in one registry, each a short class.
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ class FusionInputs:
 
     ``text_tokens`` (B, L, H), ``text_mask`` (B, L), ``text_pooled`` (B, H); ``image_tokens``
     (B, N, C), ``image_pooled`` (B, C), ``image_present`` (B,); ``field_pooled`` (hierarchical only):
-    ``[encoder][field]`` -> (B, H_e) with ``field_present[field]`` (B,).
+    ``[encoder][field]`` -> (B, H_e) with ``field_present[field]`` (B,); ``lexical`` (stack only):
+    the hashed n-grams, :data:`catalog_enrichment.models.lexical.LexicalBatch`.
     """
 
     image_present: torch.Tensor
@@ -128,6 +132,7 @@ class FusionInputs:
     image_pooled: torch.Tensor | None = None
     field_pooled: list[list[torch.Tensor]] | None = None
     field_present: list[torch.Tensor] | None = None
+    lexical: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 Tensors = Mapping[str, torch.Tensor]  # attribute -> a tensor per attribute
@@ -162,6 +167,8 @@ class Fusion(nn.Module):
     needs_tokens: ClassVar[bool] = False
     needs_fields: ClassVar[bool] = False
     fits_on_heldout: ClassVar[bool] = False
+    needs_lexical: ClassVar[bool] = False  # the hashed n-grams of models.lexical
+    splits_colour: ClassVar[bool] = False  # told how many of the image vector's values are colour
 
     def __init__(self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec]) -> None:
         super().__init__()
@@ -665,3 +672,127 @@ class ModalityAttentionFusion(Fusion):
         out = self._output(logits, both.device, modality_weights=weights)
         out.aux_loss = self.kl_lambda * kl / len(self.gates)
         return out
+
+
+# the stack's blocks, in the order of its ``mix`` columns
+STACK_BLOCKS = ("ngrams", "text", "image", "colour")
+
+
+@register_fusion("stack")
+class StackFusion(Fusion):
+    """001 §3.3.2/§3.4, decision-level stacking over linear learners. Blocks: the lexical
+    modality's TF-IDF (``models.lexical``), the pooled text vector, the image backbone's pooled
+    features and the photo's colour statistics (the image vector's last ``color_dims``). Each dense
+    block is standardised with its training statistics and has its own linear head per attribute;
+    per attribute, a meta-learner adds the blocks' log-probabilities (multi-class) or logits
+    (multi-label) with one weight per block, plus a bias per value. Image blocks count only for
+    products with a photo.
+
+    Every weight is fitted in closed form over cached encoder outputs (``training.stack``); nothing
+    here trains by gradient steps. A single-valued multi-label attribute (``single``: every labelled
+    product has one value) is one softmax whose scores are kept for the first-ranked value only, so
+    no product can clear two thresholds.
+    """
+
+    needs_lexical: ClassVar[bool] = True
+    splits_colour: ClassVar[bool] = True
+
+    def __init__(
+        self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], *, dropout: float = 0.0, color_dims: int = 0
+    ) -> None:
+        del dropout  # a closed-form fit has no dropout
+        super().__init__(text_dim, image_dim, heads)
+        self.names = [h.name for h in heads]
+        sizes = [h.num_values for h in heads]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        total = int(self.offsets[-1])
+        self.dims = {"text": text_dim, "image": image_dim - color_dims, "colour": color_dims}
+        from catalog_enrichment.models.lexical import BUCKETS
+
+        self.register_buffer("lex_rows", torch.full((BUCKETS,), -1, dtype=torch.long))
+        self.register_buffer("lex_idf", torch.zeros(0))
+        self.lex_weight = nn.Parameter(torch.zeros(0, total), requires_grad=False)
+        self.lex_bias = nn.Parameter(torch.zeros(total), requires_grad=False)
+        for block, dim in self.dims.items():
+            self.register_buffer(f"{block}_mean", torch.zeros(dim))
+            self.register_buffer(f"{block}_scale", torch.ones(dim))
+            self.register_parameter(f"{block}_weight", nn.Parameter(torch.zeros(dim, total), requires_grad=False))
+            self.register_parameter(f"{block}_bias", nn.Parameter(torch.zeros(total), requires_grad=False))
+        self.mix = nn.Parameter(torch.zeros(len(heads), len(STACK_BLOCKS)), requires_grad=False)
+        self.meta_bias = nn.Parameter(torch.zeros(total), requires_grad=False)
+        self.register_buffer("single", torch.zeros(len(heads), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # the vocabulary's size is the fitted model's: take it from the weights being loaded
+        for name in ("lex_idf", "lex_weight"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                current = getattr(self, name)
+                resized = current.new_zeros(saved.shape)
+                if isinstance(current, nn.Parameter):
+                    setattr(self, name, nn.Parameter(resized, requires_grad=False))
+                else:
+                    setattr(self, name, resized)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def kind(self, k: int) -> str:
+        """How attribute ``k``'s scores are made: ``multiclass`` (one softmax) or ``multilabel``."""
+        return "multiclass" if self.specs[self.names[k]].kind == "multiclass" or bool(self.single[k]) else "multilabel"
+
+    def block_logits(self, x: FusionInputs) -> dict[str, torch.Tensor]:
+        """Block -> ``(B, total values)`` linear scores (before the per-attribute normalisation)."""
+        from catalog_enrichment.models.lexical import bag_tfidf
+
+        if x.lexical is None:
+            raise ConfigError("fusion 'stack' reads the lexical modality: the batch carries no n-grams")
+        with torch.autocast(x.image_present.device.type, enabled=False):
+            rows, weights = bag_tfidf(x.lexical, self.lex_rows, self.lex_idf)
+            out = {
+                "ngrams": nn.functional.embedding_bag(
+                    rows, self.lex_weight, x.lexical[2], mode="sum", per_sample_weights=weights
+                )
+                + self.lex_bias
+            }
+            assert x.text_pooled is not None and x.image_pooled is not None
+            vectors = {
+                "text": x.text_pooled,
+                "image": x.image_pooled[:, : self.dims["image"]],
+                "colour": x.image_pooled[:, self.dims["image"] :],
+            }
+            for block, v in vectors.items():
+                standard = (v.float() - getattr(self, f"{block}_mean")) / getattr(self, f"{block}_scale")
+                out[block] = standard @ getattr(self, f"{block}_weight") + getattr(self, f"{block}_bias")
+        return out
+
+    def normalised(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """One attribute's block scores as the meta-learner reads them."""
+        return torch.log_softmax(logits, dim=-1) if self.kind(k) == "multiclass" else logits
+
+    def forward(self, x: FusionInputs) -> FusionOutput:
+        blocks = self.block_logits(x)
+        probs, logits = {}, {}
+        for k, name in enumerate(self.names):
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            z = [self.normalised(blocks[block][:, lo:hi], k) for block in STACK_BLOCKS]
+            logits[name], probs[name] = stack_scores(
+                z, x.image_present, self.mix[k], self.meta_bias[lo:hi], self.kind(k), bool(self.single[k])
+            )
+        return FusionOutput(probs, [logits], torch.zeros((), device=x.image_present.device))
+
+
+def stack_scores(
+    z: Sequence[torch.Tensor], present: torch.Tensor, mix: torch.Tensor, bias: torch.Tensor, kind: str, single: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stack's meta-learner for one attribute: ``(logits, probabilities)`` from the blocks'
+    normalised scores ``z`` (in :data:`STACK_BLOCKS` order); image blocks count where ``present``.
+    ``single``: a single-valued multi-label attribute, scored for its first-ranked value only."""
+    gate = present.float()[:, None]
+    total = bias.expand(gate.shape[0], -1)
+    for b, block in enumerate(STACK_BLOCKS):
+        total = total + mix[b] * (z[b] * gate if block in ("image", "colour") else z[b])
+    if kind != "multiclass":
+        return total, torch.sigmoid(total)
+    p = torch.softmax(total, dim=-1)
+    if single:
+        p = p * nn.functional.one_hot(p.argmax(dim=-1), p.shape[-1]).to(p.dtype)
+    return total, p

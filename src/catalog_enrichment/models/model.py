@@ -16,6 +16,7 @@ from catalog_enrichment.config import ModelConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import ConfigError, TaxonomyError
+from catalog_enrichment.models.color import COLOR_FEATURES
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.models.fusion import FusionInputs, HeadSpec, create_fusion, fusion_class
 
@@ -26,6 +27,7 @@ __all__ = [
     "build_model",
     "check_heads",
     "combine_members",
+    "lexical_inputs",
     "head_specs",
 ]
 
@@ -96,6 +98,8 @@ class MultimodalModel(nn.Module):
         kwargs: dict[str, Any] = {"dropout": cfg.dropout, **cfg.fusion_kwargs}
         if cfg.fusion in ("concat", "hierarchical") and "hidden_dim" not in kwargs:
             kwargs["hidden_dim"] = cfg.hidden_dim
+        if cls.splits_colour:
+            kwargs["color_dims"] = COLOR_FEATURES if cls.needs_image and cfg.image.color_features else 0
         self.fusion = create_fusion(cfg.fusion, text_dim=text_dim, image_dim=image_dim, heads=heads, **kwargs)
         extra = self.fusion.extra_text_encoders()
         if not rebuilt:
@@ -159,6 +163,8 @@ class MultimodalModel(nn.Module):
         if self.image_encoder is not None:
             image = self.image_encoder(batch["pixel_values"], batch["image_present"])
             inputs.image_tokens, inputs.image_pooled = image.tokens, image.pooled
+        if fusion.needs_lexical and LEXICAL_KEYS[0] in batch:  # embedding for the store reads none
+            inputs.lexical = lexical_inputs(batch)
         return inputs
 
     def fuse(self, inputs: FusionInputs) -> ModelOutput:
@@ -168,6 +174,15 @@ class MultimodalModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         return self.fuse(self.encode(batch))
+
+
+LEXICAL_KEYS = ("lexical_ids", "lexical_counts", "lexical_offsets")
+
+
+def lexical_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's hashed n-grams (``models.lexical``), which a collator adds for a lexical fusion."""
+    ids, counts, offsets = (batch[k] for k in LEXICAL_KEYS)
+    return ids, counts, offsets
 
 
 def _check_shared_vocabulary(cfg: ModelConfig, extra: list[dict[str, Any]]) -> None:

@@ -66,10 +66,10 @@ class _TextBackbone(nn.Module):
 class _ImageBackbone(nn.Module):
     def __init__(self, encoder: ImageEncoder) -> None:
         super().__init__()
-        self.backbone = encoder.backbone
+        self.encoder = encoder
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(pixel_values)
+        return self.encoder.backbone_output(pixel_values)
 
 
 def encoders(model: nn.Module) -> Iterator[tuple[str, TextEncoder | ImageEncoder]]:

@@ -36,6 +36,7 @@ from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductData
 from catalog_enrichment.models import embedding
 from catalog_enrichment.models.embedding import encoder_fingerprint
 from catalog_enrichment.models.fusion import FusionInputs
+from catalog_enrichment.models.lexical import as_bags
 from catalog_enrichment.models.model import MultimodalModel
 from catalog_enrichment.types import Say
 
@@ -104,15 +105,20 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> FusionInputs:
 
 @dataclass(frozen=True)
 class Embeddings:
-    """The encoder outputs of N products, as flat ``(N, ...)`` tensors named after FusionInputs."""
+    """The encoder outputs of N products, as flat ``(N, ...)`` tensors named after FusionInputs, and
+    for a lexical fusion their texts' hashed n-gram counts (``lexical``, a SciPy CSR matrix)."""
 
     tensors: dict[str, torch.Tensor]
+    lexical: Any = None
 
     def __len__(self) -> int:
         return int(self.tensors["image_present"].shape[0])
 
     def inputs(self, idx: torch.Tensor) -> FusionInputs:
-        return _unflatten({k: v[idx] for k, v in self.tensors.items()})
+        inputs = _unflatten({k: v[idx] for k, v in self.tensors.items()})
+        if self.lexical is not None:
+            inputs.lexical = as_bags(self.lexical[idx.numpy()])
+        return inputs
 
 
 def _pad_tokens(flat: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -331,4 +337,8 @@ class EmbeddedDataset(Dataset[int]):
 
 def inputs_to(inputs: FusionInputs, device: torch.device) -> FusionInputs:
     """A copy of encoder outputs on ``device``."""
-    return _unflatten({k: v.to(device, non_blocking=True) for k, v in _flatten(inputs).items()})
+    moved = _unflatten({k: v.to(device, non_blocking=True) for k, v in _flatten(inputs).items()})
+    if inputs.lexical is not None:
+        ids, counts, offsets = (t.to(device) for t in inputs.lexical)
+        moved.lexical = (ids, counts, offsets)
+    return moved

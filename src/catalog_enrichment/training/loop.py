@@ -52,6 +52,7 @@ from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_class, fusion_options
+from catalog_enrichment.models.lexical import ngram_counts
 from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, build_model, needs_image
 from catalog_enrichment.training.embeddings import (
     EmbeddedDataset,
@@ -84,12 +85,16 @@ from catalog_enrichment.training.splits import (
     group_ids,
     split_labels,
 )
+from catalog_enrichment.training.stack import fit_stack
 from catalog_enrichment.types import Say
 
 if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
 
 __all__ = ["TrainedModel", "check_encoders_mode", "seeded_model", "train_and_calibrate"]
+
+# cross-fit folds of the stack fusion where the table is large enough to calibrate on a split
+STACK_FOLDS = 3
 
 
 @dataclass(frozen=True)
@@ -201,12 +206,18 @@ def check_encoders_mode(cfg: AppConfig) -> None:
     for member in members:  # a typo in fusion_kwargs is named before any data is read
         fusion_options(member.fusion, member.fusion_kwargs)
     if cfg.training.encoders != "frozen":
+        if fusion_class(cfg.model.fusion).needs_lexical:
+            raise ConfigError(
+                "fusion 'stack' is fitted in closed form over fixed encoders: set training.encoders: frozen"
+            )
         if cfg.model.encoder_runtime == "onnx":
             raise ConfigError(
                 "model.encoder_runtime: onnx serves graphs exported before training, so the encoders must "
                 f"not change while it trains: set training.encoders: frozen (not {cfg.training.encoders})"
             )
         return
+    if fusion_class(cfg.model.fusion).needs_lexical and len(members) > 1:
+        raise ConfigError("fusion 'stack' is an ensemble of its own: set model.ensemble.members: 1")
     reads = {_reads(m.fusion) for m in members}
     if len(reads) > 1:
         raise ConfigError(
@@ -397,6 +408,7 @@ def _prepare(
     )
     if tcfg.encoders == "frozen":
         embedder = data.fresh_model(tcfg.seed, mcfg.member_configs()[0])
+        lexical = ngram_counts(records.title, records.description) if embedder.fusion.needs_lexical else None
         with tempfile.TemporaryDirectory() as exported:
             if mcfg.encoder_runtime == "onnx":  # every score selected and calibrated on comes from the graphs
                 say("model.encoder_runtime onnx: exporting the encoders")
@@ -412,6 +424,7 @@ def _prepare(
                 say=say,
                 store=store,
             )
+            data.embeddings = dataclasses.replace(data.embeddings, lexical=lexical)
     elif needs_image(mcfg):
         data.preprocessing = ImageEncoder(mcfg.image).preprocessing  # with weights: timm's pretrained config
     return data
@@ -469,12 +482,16 @@ def _train_and_calibrate(
         say=say, store=store,
     )  # fmt: skip
     splits = data.splits
-    fitter = _Fitter(
-        data, data.labels, data.labels.subset(splits.validation), data.scoring(splits.validation), say
-    )
-    issues, oof, fold_val = _out_of_fold(data, fitter, say)
-    set_seed(tcfg.seed)
-    model, fits = fitter(splits.train, tcfg.seed, "")
+    issues, fold_val = None, None
+    if fusion_class(cfg.model.fusion).needs_lexical:  # the stack: fitted in closed form, cross-fitted
+        model, oof, fits = _fit_stack(data, say)
+    else:
+        fitter = _Fitter(
+            data, data.labels, data.labels.subset(splits.validation), data.scoring(splits.validation), say
+        )
+        issues, oof, fold_val = _out_of_fold(data, fitter, say)
+        set_seed(tcfg.seed)
+        model, fits = fitter(splits.train, tcfg.seed, "")
     heldout, test_preds, test_labels = _held_out(model, data, oof)
     calibration = heldout.calibrate(taxonomy, cfg, data.inputs)
     report = _report(model, data, calibration, test_preds, test_labels, heldout, fold_val, say)
@@ -498,6 +515,20 @@ def _train_and_calibrate(
         label_issues=issues,
         product_ids=data.records.product_id,
     )
+
+
+def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, EncodedLabels], list[FitResult]]:
+    """The stack fusion fitted over the cached encoder outputs (``training.stack``): the model that
+    serves, its out-of-fold scores over the training split, and what it chose."""
+    cfg, train = data.cfg, data.splits.train
+    assert data.embeddings is not None
+    model = data.fresh_model(cfg.training.seed, cfg.model)
+    fit = fit_stack(
+        model, data.embeddings, data.labels, train, data.groups, data.taxonomy,
+        folds=data.folds or STACK_FOLDS, seed=cfg.training.seed, say=say,
+    )  # fmt: skip
+    chosen = {"penalties": fit.penalties, "mix": fit.mix}
+    return model, (fit.oof, data.labels.subset(train)), [FitResult([], 0, chosen)]
 
 
 def _out_of_fold(

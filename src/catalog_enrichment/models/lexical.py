@@ -1,0 +1,98 @@
+"""The lexical modality: word 1-2-grams and character 3-5-grams of a product's texts, hashed.
+
+What a TF-IDF logistic regression sees, served by the same model as the encoders. The n-grams are
+hashed (scikit-learn's ``HashingVectorizer``: stateless, so the predictor needs nothing fitted to
+count them) into :data:`BUCKETS` columns; a model keeps the buckets seen in at least two of its
+training products (its vocabulary) with their inverse document frequencies. A product's vector is
+sklearn's ``TfidfVectorizer(sublinear_tf=True)`` row over that vocabulary: ``(1 + log count) * idf``,
+L2-normalised. :func:`tfidf` computes it with SciPy for training, :func:`bag_tfidf` with torch in the
+forward pass; both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["BUCKETS", "LexicalBatch", "bag_tfidf", "document_frequency", "ngram_counts", "texts", "tfidf"]
+
+BUCKETS = 1 << 20
+MIN_DF = 2
+
+# (ids, counts, offsets): the hashed n-grams of B products, flattened, as torch.nn.EmbeddingBag takes
+LexicalBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@functools.cache
+def _vectorizers() -> tuple[Any, Any]:
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    common = {"n_features": BUCKETS, "alternate_sign": False, "norm": None, "dtype": np.float32}
+    return (
+        HashingVectorizer(ngram_range=(1, 2), **common),
+        HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **common),
+    )
+
+
+def texts(titles: Sequence[Any], descriptions: Sequence[Any]) -> list[str]:
+    """What the n-grams are counted in: ``"<title> . <description>"``."""
+    return [
+        f"{t if isinstance(t, str) else ''} . {d if isinstance(d, str) else ''}"
+        for t, d in zip(titles, descriptions, strict=True)
+    ]
+
+
+def ngram_counts(titles: Sequence[Any], descriptions: Sequence[Any]) -> Any:
+    """``(n, BUCKETS)`` SciPy CSR matrix: how often each hashed n-gram occurs in each product."""
+    words, chars = _vectorizers()
+    docs = texts(titles, descriptions)
+    counts = (words.transform(docs) + chars.transform(docs)).tocsr()
+    counts.sort_indices()
+    return counts
+
+
+def document_frequency(counts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The vocabulary (buckets in at least :data:`MIN_DF` rows of ``counts``) and its smoothed
+    inverse document frequencies, ``ln((1 + n) / (1 + df)) + 1`` as in scikit-learn."""
+    df = np.bincount(counts.indices, minlength=BUCKETS)
+    vocabulary = np.flatnonzero(df >= MIN_DF)
+    n = counts.shape[0]
+    idf = np.log((1 + n) / (1 + df[vocabulary])) + 1
+    return vocabulary, idf.astype(np.float32)
+
+
+def tfidf(counts: Any, vocabulary: np.ndarray, idf: np.ndarray) -> Any:
+    """``(n, len(vocabulary))`` CSR: sublinear TF-IDF rows over the vocabulary, L2-normalised."""
+    from sklearn.preprocessing import normalize
+
+    x = counts[:, vocabulary].tocsr().astype(np.float32)
+    x.data = (1 + np.log(x.data)) * idf[x.indices]
+    return normalize(x, norm="l2", copy=False)
+
+
+def as_bags(counts: Any) -> LexicalBatch:
+    """A CSR count matrix as the ``(ids, counts, offsets)`` tensors a batch carries."""
+    return (
+        torch.from_numpy(counts.indices.astype(np.int64)),
+        torch.from_numpy(counts.data.astype(np.float32)),
+        torch.from_numpy(counts.indptr[:-1].astype(np.int64)),
+    )
+
+
+def bag_tfidf(bags: LexicalBatch, rows: torch.Tensor, idf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of :func:`tfidf` for ``F.embedding_bag``: each n-gram's vocabulary row
+    (``rows``: bucket -> row, -1 outside the vocabulary; those get row 0 and weight 0) and weight."""
+    ids, counts, offsets = bags
+    row = rows[ids]
+    known = row >= 0
+    row = row.clamp_min(0)
+    weight = torch.where(known, (1 + counts.log()) * idf[row], torch.zeros_like(counts))
+    bag = torch.repeat_interleave(
+        torch.arange(offsets.numel(), device=ids.device), torch.diff(offsets, append=offsets.new_tensor([ids.numel()]))
+    )
+    norm = torch.zeros(offsets.numel(), device=ids.device).index_add_(0, bag, weight.square()).sqrt()
+    return row, weight / norm.clamp_min(1e-12)[bag]

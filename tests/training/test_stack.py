@@ -1,0 +1,158 @@
+"""The stack fusion: its lexical modality, its closed-form fit and what it serves (known answers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.metrics import attribute_average_precision, attribute_r_at_p
+from catalog_enrichment.models.fusion import FusionInputs, StackFusion
+from catalog_enrichment.models.lexical import as_bags, bag_tfidf, document_frequency, ngram_counts, tfidf
+from catalog_enrichment.models.model import MultimodalModel, build_model
+from catalog_enrichment.training.embeddings import Embeddings
+from catalog_enrichment.training.splits import group_ids
+from catalog_enrichment.training.stack import fit_stack
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.timeout(300)
+
+N = 360
+WORDS = ["alpha", "bravo", "charlie"]
+
+
+def _taxonomy(kind: str = "multiclass") -> Taxonomy:
+    return Taxonomy.from_dict({"version": 1, "attributes": {"thing": {"kind": kind, "values": WORDS}}})
+
+
+def _model(taxonomy: Taxonomy) -> MultimodalModel:
+    model = build_model(tiny_config(fusion="stack").model, taxonomy, vocab_size=50)
+    assert isinstance(model, MultimodalModel) and isinstance(model.fusion, StackFusion)
+    return model
+
+
+def _embeddings(model: MultimodalModel, titles: list[str], image: np.ndarray | None = None) -> Embeddings:
+    rng = np.random.default_rng(0)
+    fusion = model.fusion
+    tensors = {
+        "text_pooled": torch.from_numpy(rng.normal(size=(len(titles), fusion.text_dim)).astype(np.float32)),
+        "image_pooled": torch.from_numpy(
+            image if image is not None else rng.normal(size=(len(titles), fusion.image_dim)).astype(np.float32)
+        ),
+        "image_present": torch.ones(len(titles)),
+    }
+    return Embeddings(tensors, ngram_counts(titles, [None] * len(titles)))
+
+
+def _fit(model: MultimodalModel, emb: Embeddings, labels: EncodedLabels, taxonomy: Taxonomy) -> Any:
+    train = np.arange(len(emb))
+    groups = np.arange(len(emb))
+    return fit_stack(model, emb, labels, train, groups, taxonomy, folds=3, seed=0, say=lambda _m: None)
+
+
+def test_torch_tfidf_is_the_scipy_tfidf_training_computes() -> None:
+    titles = ["red cotton shirt", "blue denim jeans", "red wool sweater", "shirt"]
+    counts = ngram_counts(titles, ["soft", None, "warm", ""])
+    vocabulary, idf = document_frequency(counts)
+    expected = tfidf(counts, vocabulary, idf).toarray()
+    rows = torch.full((1 << 20,), -1, dtype=torch.long)
+    rows[torch.from_numpy(vocabulary)] = torch.arange(vocabulary.size)
+    bags = as_bags(counts)
+    row, weight = bag_tfidf(bags, rows, torch.from_numpy(idf))
+    got = torch.nn.functional.embedding_bag(
+        row, torch.eye(vocabulary.size), bags[2], mode="sum", per_sample_weights=weight
+    ).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_the_ngram_modality_learns_a_label_that_is_a_keyword_of_the_title() -> None:
+    taxonomy = _taxonomy()
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, N)
+    filler = ["nice", "new", "classic", "summer", "daily"]
+    titles = [f"{rng.choice(filler)} {WORDS[v]} {rng.choice(filler)}" for v in y]
+    model = _model(taxonomy)
+    fit = _fit(model, _embeddings(model, titles), EncodedLabels({"thing": y}, {"thing": y >= 0}), taxonomy)
+    # the encoders' vectors are noise: the keyword is all there is, and the stack finds it
+    assert attribute_r_at_p(fit.oof.probs["thing"], y, "multiclass").pooled > 0.95
+    assert fit.mix["thing"]["ngrams"] > max(fit.mix["thing"][b] for b in ("text", "image", "colour"))
+
+
+def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
+    taxonomy = _taxonomy()
+    model = _model(taxonomy)
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, N)
+    image = rng.normal(scale=10.0, size=(N, model.fusion.image_dim)).astype(np.float32)
+    colour = model.fusion.dims["colour"]
+    # colour statistics a thousand times smaller than the CNN's noise; ten of them carry the label
+    image[:, -colour:] = rng.normal(scale=1e-3, size=(N, colour))
+    image[:, -colour : -colour + 10] = 1e-3 * y[:, None] + rng.normal(scale=1e-4, size=(N, 10))
+    fit = _fit(model, _embeddings(model, ["item"] * N, image), EncodedLabels({"thing": y}, {"thing": y >= 0}), taxonomy)
+    # chance is 1/3; 317 noise statistics beside 240 training rows per fold cost a tenth of it
+    assert attribute_average_precision(fit.oof.probs["thing"], y, "multiclass") > 0.8
+    assert fit.mix["thing"]["colour"] > max(fit.mix["thing"][b] for b in ("ngrams", "text", "image"))
+
+
+def test_a_single_valued_multilabel_attribute_is_one_softmax_with_one_value_per_product() -> None:
+    taxonomy = _taxonomy("multilabel")
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, N)
+    titles = [f"{WORDS[v] if rng.random() < 0.7 else 'plain'} item" for v in y]
+    model = _model(taxonomy)
+    emb = _embeddings(model, titles)
+    hot = np.eye(3, dtype=np.float32)[y]
+    fit = _fit(model, emb, EncodedLabels({"thing": hot}, {"thing": np.ones(N, bool)}), taxonomy)
+    assert bool(model.fusion.single[0])
+    with torch.no_grad():
+        served = model.fuse(emb.inputs(torch.arange(N))).probs["thing"].numpy()
+    for probs in (fit.oof.probs["thing"], served):
+        assert ((probs > 0).sum(axis=1) == 1).all()  # the first-ranked value only: one can be written
+    # two colours on one product: one-vs-rest, several may be written
+    hot[:40, (y[:40] + 1) % 3] = 1
+    other = _model(taxonomy)
+    _fit(other, emb, EncodedLabels({"thing": hot}, {"thing": np.ones(N, bool)}), taxonomy)
+    assert not bool(other.fusion.single[0])
+
+
+def test_the_served_model_scores_like_the_fold_models_that_calibrate_it() -> None:
+    taxonomy = _taxonomy()
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, N)
+    titles = [f"{WORDS[v] if rng.random() < 0.6 else WORDS[(v + 1) % 3]} thing {i % 7}" for i, v in enumerate(y)]
+    model = _model(taxonomy)
+    emb = _embeddings(model, titles)
+    fit = _fit(model, emb, EncodedLabels({"thing": y}, {"thing": y >= 0}), taxonomy)
+    with torch.no_grad():
+        served = model.fuse(emb.inputs(torch.arange(N))).probs["thing"].numpy()
+    # the mean of the fold models is as confident as each fold model, on the same products
+    top_served, top_oof = served.max(axis=1), fit.oof.probs["thing"].max(axis=1)
+    assert abs(float(np.median(top_served)) - float(np.median(top_oof))) < 0.05
+    # and a saved model scores the same after loading (the vocabulary's size comes with it)
+    again = _model(taxonomy)
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reloaded = again.fuse(emb.inputs(torch.arange(N))).probs["thing"].numpy()
+    np.testing.assert_array_equal(reloaded, served)
+
+
+def test_the_stack_needs_the_lexical_inputs() -> None:
+    from catalog_enrichment.errors import ConfigError
+
+    model = _model(_taxonomy())
+    inputs = FusionInputs(image_present=torch.ones(2), text_pooled=torch.zeros(2, 32), image_pooled=torch.zeros(2, model.fusion.image_dim))
+    with pytest.raises(ConfigError, match="n-grams"):
+        model.fuse(inputs)
+
+
+def test_groups_are_connected_by_a_shared_title_or_description() -> None:
+    titles = ["Tee", "tee ", "Slim jeans", "Slim jeans", "Dress", "Top", "Cap"]
+    descriptions = ["soft cotton", "a", "b", "c", "a", None, None]
+    groups = group_ids(titles, descriptions)
+    # 0-1 by title, 1-4 by description; 2-3 by title; an empty description links nothing
+    assert groups.tolist() == [0, 0, 1, 1, 0, 2, 3]
+
