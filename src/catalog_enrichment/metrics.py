@@ -27,6 +27,7 @@ __all__ = [
     "coverage_efficiency",
     "decision_matrix",
     "f1_scores",
+    "paired_bootstrap",
     "paired_change",
     "precision_recall_curve_desc",
     "truth_matrix",
@@ -259,6 +260,36 @@ def paired_change(new: np.ndarray, old: np.ndarray, *, confidence: float = 0.95)
     mean = float(diff.mean())
     spread = float(diff.std(ddof=1)) if diff.size > 1 else 0.0
     return mean, mean + float(stats.norm.ppf(confidence)) * spread / float(np.sqrt(diff.size))
+
+
+def paired_bootstrap(
+    new: np.ndarray,
+    old: np.ndarray,
+    labels: np.ndarray,
+    kind: AttributeKind,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(difference, low, high)``: pooled R@P95 of scores ``new`` minus that of ``old`` on the same
+    products, and its percentile bootstrap interval - each resample draws products with replacement
+    and scores both models on that same draw, so what the two share cancels out."""
+    rng = np.random.default_rng(seed)
+    n = labels.shape[0]
+
+    def r(scores: np.ndarray, rows: np.ndarray) -> float:
+        return attribute_r_at_p(scores[rows], labels[rows], kind).pooled
+
+    every = np.arange(n)
+    point = r(new, every) - r(old, every)
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        rows = rng.integers(0, n, n)
+        draws[i] = r(new, rows) - r(old, rows)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return float(point), float(low), float(high)
 
 
 def f1_scores(scores: np.ndarray, labels: np.ndarray, kind: AttributeKind) -> dict[str, float]:

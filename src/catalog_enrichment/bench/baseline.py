@@ -94,9 +94,10 @@ def run_baseline(
     cfg: AppConfig,
     *,
     say: Say = lambda _m: None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The baseline trained on ``table`` and tested on ``test_table``: :func:`evaluate`'s report, with
-    thresholds calibrated by ``cfg.calibration`` on out-of-fold scores of ``table``."""
+    thresholds calibrated by ``cfg.calibration`` on out-of-fold scores of ``table``, and its scores
+    of ``test_table``'s rows (attribute -> ``(n, V)``)."""
     policy = ImagePolicy.from_config(cfg.images)
     records = ProductRecords.from_arrow(table, policy)
     test_records = ProductRecords.from_arrow(test_table, policy)
@@ -119,4 +120,4 @@ def run_baseline(
             oof[attr.name][fold_rows] = fold_scores
         test[attr.name] = _fit_predict(x, labels, attr.name, n_values, x_test)
     calibration = calibrate(Predictions(oof, None, {}), labels, taxonomy, cfg)
-    return evaluate(Predictions(test, None, {}), test_labels, taxonomy, calibration)
+    return evaluate(Predictions(test, None, {}), test_labels, taxonomy, calibration), test

@@ -26,7 +26,9 @@ from catalog_enrichment.bench.baseline import BASELINE_LABEL, run_baseline
 from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import generate_marketplace
+from catalog_enrichment.metrics import paired_bootstrap
 from catalog_enrichment.models.fusion import list_fusions
 from catalog_enrichment.training.loop import train_and_calibrate
 from catalog_enrichment.types import Say
@@ -42,6 +44,7 @@ METHOD_METRICS = ("macro_f1", "r_at_p95", "realized_precision", "coverage", "cov
 MIN_EFFICIENCY = 0.85
 # a value written this often on the test split must not be significantly below VALUE_FLOOR
 GUARD_MIN_WRITES, VALUE_FLOOR = 100, 0.90
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def _runs(methods: Sequence[str], kl_lambda: float) -> list[tuple[str, str, dict[str, Any]]]:
@@ -107,6 +110,7 @@ def run_quality_benchmark(
         **{k: {} for k in ("methods", "modality_weights", "seconds", "epochs", "scopes", "scope_per_value")},
         "pooled_evidence": {},
     }
+    test_scores: dict[str, dict[str, np.ndarray]] = {}
     for label, run_cfg in runs:
         say(f"== {label} ==")
         started = time.perf_counter()
@@ -115,19 +119,57 @@ def run_quality_benchmark(
         )
         result["seconds"][label] = round(time.perf_counter() - started, 1)
         _record(result, label, trained, run_cfg, cfg.calibration.scope, taxonomy)
+        if test_table is not None:
+            test_scores[label] = _by_product(trained, test_table)
         if run_cfg.model.fusion == "modality_attention" and not contenders:
             name = f"lambda={run_cfg.model.fusion_kwargs.get('kl_lambda', kl_lambda):g}"
             result["modality_weights"][name] = trained.test_report.modality_weights
     if test_table is not None:
         say(f"== {BASELINE_LABEL} ==")
         started = time.perf_counter()
-        baseline = run_baseline(table, test_table, taxonomy, cfg, say=lambda m: say("  " + m))
+        baseline, baseline_scores = run_baseline(table, test_table, taxonomy, cfg, say=lambda m: say("  " + m))
         result["seconds"][BASELINE_LABEL] = round(time.perf_counter() - started, 1)
         result["methods"][BASELINE_LABEL] = {
             a.name: {k: _num(baseline[a.name][k]) for k in METHOD_METRICS} for a in taxonomy
         }
+        say(f"== paired bootstrap against the baseline ({BOOTSTRAP_RESAMPLES:,} resamples of test products) ==")
+        result["versus_baseline"] = {
+            label: _versus(scores, baseline_scores, test_table, taxonomy) for label, scores in test_scores.items()
+        }
     result["checks"] = quality_checks(result)
     return result
+
+
+def _by_product(trained: Any, test_table: pa.Table) -> dict[str, np.ndarray]:
+    """A contender's test scores in ``test_table``'s row order (NaN rows: products training left out,
+    e.g. for an unreadable photo)."""
+    position = {pid: i for i, pid in enumerate(trained.product_ids[-len(trained.splits.test) :])}
+    order = [position.get(pid, -1) for pid in test_table["product_id"].to_pylist()]
+    out = {}
+    for attr, probs in trained.test_predictions.probs.items():
+        aligned = np.full((len(order), probs.shape[1]), np.nan, np.float32)
+        rows = np.array(order)
+        aligned[rows >= 0] = probs[rows[rows >= 0]]
+        out[attr] = aligned
+    return out
+
+
+def _versus(
+    scores: dict[str, np.ndarray], baseline: dict[str, np.ndarray], test_table: pa.Table, taxonomy: Taxonomy
+) -> dict[str, dict[str, float]]:
+    """Per attribute: the contender's R@P95 minus the baseline's on the same test products, with its
+    paired bootstrap 95 % interval (:func:`catalog_enrichment.metrics.paired_bootstrap`)."""
+    labels = encode_labels(test_table, taxonomy)
+    out = {}
+    for attr in taxonomy:
+        new, old = scores[attr.name], baseline[attr.name]
+        known = ~np.isnan(new).any(axis=1)
+        if labels.targets[attr.name].ndim == 2:
+            known &= labels.known[attr.name]
+        y = labels.targets[attr.name][known]
+        diff, low, high = paired_bootstrap(new[known], old[known], y, attr.kind, resamples=BOOTSTRAP_RESAMPLES)
+        out[attr.name] = {"difference": round(diff, 4), "low": round(low, 4), "high": round(high, 4)}
+    return out
 
 
 def _tables(
@@ -285,10 +327,31 @@ def format_quality_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | " + " | ".join(cell(per[a]) for a in attrs) + f" | {result['seconds'][label]:.0f} |"
         )
-    lines += _scope_lines(result, attrs) + _weight_lines(result, attrs)
+    lines += _versus_lines(result, attrs) + _scope_lines(result, attrs) + _weight_lines(result, attrs)
     lines += ["", "Checks:", ""]
     lines += [f"- {k}: {v}" for k, v in result["checks"].items() if not isinstance(v, list) or v]
     return "\n".join(lines) + "\n"
+
+
+def _versus_lines(result: dict[str, Any], attrs: list[str]) -> list[str]:
+    versus = result.get("versus_baseline")
+    if not versus:
+        return []
+    lines = [
+        "",
+        f"R@P95 minus the baseline's on the same test products, paired bootstrap 95 % interval "
+        f"({BOOTSTRAP_RESAMPLES:,} resamples):",
+        "",
+        "| method | " + " | ".join(attrs) + " |",
+        "|---|" + "---|" * len(attrs),
+    ]
+    for label, per in versus.items():
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{per[a]['difference']:+.3f} [{per[a]['low']:+.3f}, {per[a]['high']:+.3f}]" for a in attrs)
+            + " |"
+        )
+    return lines
 
 
 def _scope_lines(result: dict[str, Any], attrs: list[str]) -> list[str]:
