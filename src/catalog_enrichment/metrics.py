@@ -285,7 +285,7 @@ def paired_bootstrap(
     point = r(new, every) - r(old, every)
     draws = np.empty(resamples)
     for i in range(resamples):
-        rows = rng.integers(0, n, n)
+        rows = np.asarray(rng.integers(0, n, size=n))
         draws[i] = r(new, rows) - r(old, rows)
     tail = (1 - confidence) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])

@@ -29,6 +29,7 @@ from catalog_enrichment.models.fusion import (
     fusion_options,
     kl_to_uniform,
     list_fusions,
+    trained_fusions,
 )
 from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import build_model
@@ -69,11 +70,15 @@ def test_registry_lists_every_method_of_the_papers() -> None:
             "cross_attention",
             "hierarchical",
             "modality_attention",
+            "stack",
         ]
     )
+    assert trained_fusions() == [
+        f for f in list_fusions() if f != "stack"
+    ]  # stack: tests/training/test_stack.py
 
 
-@pytest.mark.parametrize("name", list_fusions())
+@pytest.mark.parametrize("name", trained_fusions())
 def test_shapes_and_probabilities(name: str, taxonomy: Taxonomy, tiny_batch) -> None:  # type: ignore[no-untyped-def]
     batch, tokenizer = tiny_batch
     model = _model(name, taxonomy, tokenizer).eval()
@@ -91,7 +96,7 @@ def test_shapes_and_probabilities(name: str, taxonomy: Taxonomy, tiny_batch) -> 
             assert w.shape == (48, 2) and torch.allclose(w.sum(dim=1), torch.ones(48))
 
 
-@pytest.mark.parametrize("name", list_fusions())
+@pytest.mark.parametrize("name", trained_fusions())
 def test_gradients_reach_the_encoders_the_method_uses(name: str, taxonomy: Taxonomy, tiny_batch) -> None:  # type: ignore[no-untyped-def]
     batch, tokenizer = tiny_batch
     model = _model(name, taxonomy, tokenizer)
@@ -116,7 +121,7 @@ def test_gradients_reach_the_encoders_the_method_uses(name: str, taxonomy: Taxon
         assert len(model.text_encoders) == 2  # two text encoders, as in paper 002
 
 
-@pytest.mark.parametrize("name", list_fusions())
+@pytest.mark.parametrize("name", trained_fusions())
 def test_loss_falls_on_a_tiny_seeded_problem(name: str, taxonomy: Taxonomy, tiny_batch) -> None:  # type: ignore[no-untyped-def]
     batch, tokenizer = tiny_batch
     model = _model(name, taxonomy, tokenizer)

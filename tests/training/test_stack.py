@@ -15,7 +15,6 @@ from catalog_enrichment.models.fusion import FusionInputs, StackFusion
 from catalog_enrichment.models.lexical import as_bags, bag_tfidf, document_frequency, ngram_counts, tfidf
 from catalog_enrichment.models.model import MultimodalModel, build_model
 from catalog_enrichment.training.embeddings import Embeddings
-from catalog_enrichment.training.splits import group_ids
 from catalog_enrichment.training.stack import fit_stack
 from tests.conftest import tiny_config
 
@@ -41,7 +40,9 @@ def _embeddings(model: MultimodalModel, titles: list[str], image: np.ndarray | N
     tensors = {
         "text_pooled": torch.from_numpy(rng.normal(size=(len(titles), fusion.text_dim)).astype(np.float32)),
         "image_pooled": torch.from_numpy(
-            image if image is not None else rng.normal(size=(len(titles), fusion.image_dim)).astype(np.float32)
+            image
+            if image is not None
+            else rng.normal(size=(len(titles), fusion.image_dim)).astype(np.float32)
         ),
         "image_present": torch.ones(len(titles)),
     }
@@ -92,7 +93,12 @@ def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
     # colour statistics a thousand times smaller than the CNN's noise; ten of them carry the label
     image[:, -colour:] = rng.normal(scale=1e-3, size=(N, colour))
     image[:, -colour : -colour + 10] = 1e-3 * y[:, None] + rng.normal(scale=1e-4, size=(N, 10))
-    fit = _fit(model, _embeddings(model, ["item"] * N, image), EncodedLabels({"thing": y}, {"thing": y >= 0}), taxonomy)
+    fit = _fit(
+        model,
+        _embeddings(model, ["item"] * N, image),
+        EncodedLabels({"thing": y}, {"thing": y >= 0}),
+        taxonomy,
+    )
     # chance is 1/3; 317 noise statistics beside 240 training rows per fold cost a tenth of it
     assert attribute_average_precision(fit.oof.probs["thing"], y, "multiclass") > 0.8
     assert fit.mix["thing"]["colour"] > max(fit.mix["thing"][b] for b in ("ngrams", "text", "image"))
@@ -123,7 +129,9 @@ def test_the_served_model_scores_like_the_fold_models_that_calibrate_it() -> Non
     taxonomy = _taxonomy()
     rng = np.random.default_rng(4)
     y = rng.integers(0, 3, N)
-    titles = [f"{WORDS[v] if rng.random() < 0.6 else WORDS[(v + 1) % 3]} thing {i % 7}" for i, v in enumerate(y)]
+    titles = [
+        f"{WORDS[v] if rng.random() < 0.6 else WORDS[(v + 1) % 3]} thing {i % 7}" for i, v in enumerate(y)
+    ]
     model = _model(taxonomy)
     emb = _embeddings(model, titles)
     fit = _fit(model, emb, EncodedLabels({"thing": y}, {"thing": y >= 0}), taxonomy)
@@ -144,15 +152,10 @@ def test_the_stack_needs_the_lexical_inputs() -> None:
     from catalog_enrichment.errors import ConfigError
 
     model = _model(_taxonomy())
-    inputs = FusionInputs(image_present=torch.ones(2), text_pooled=torch.zeros(2, 32), image_pooled=torch.zeros(2, model.fusion.image_dim))
+    inputs = FusionInputs(
+        image_present=torch.ones(2),
+        text_pooled=torch.zeros(2, 32),
+        image_pooled=torch.zeros(2, model.fusion.image_dim),
+    )
     with pytest.raises(ConfigError, match="n-grams"):
         model.fuse(inputs)
-
-
-def test_groups_are_connected_by_a_shared_title_or_description() -> None:
-    titles = ["Tee", "tee ", "Slim jeans", "Slim jeans", "Dress", "Top", "Cap"]
-    descriptions = ["soft cotton", "a", "b", "c", "a", None, None]
-    groups = group_ids(titles, descriptions)
-    # 0-1 by title, 1-4 by description; 2-3 by title; an empty description links nothing
-    assert groups.tolist() == [0, 0, 1, 1, 0, 2, 3]
-

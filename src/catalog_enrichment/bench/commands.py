@@ -67,9 +67,9 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
     """
     from catalog_enrichment.bench.quality import format_quality_markdown, run_quality_benchmark
     from catalog_enrichment.contracts import load_taxonomy
-    from catalog_enrichment.models.fusion import list_fusions
+    from catalog_enrichment.models.fusion import list_fusions, trained_fusions
 
-    methods = args.methods or list_fusions()
+    methods = args.methods or trained_fusions()
     unknown = sorted(set(methods) - set(list_fusions()))
     if unknown:
         raise CatalogEnrichError(f"unknown fusion(s) {unknown}; available: {', '.join(list_fusions())}")

@@ -29,7 +29,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.metrics import paired_bootstrap
-from catalog_enrichment.models.fusion import list_fusions
+from catalog_enrichment.models.fusion import trained_fusions
 from catalog_enrichment.training.loop import train_and_calibrate
 from catalog_enrichment.types import Say
 
@@ -94,7 +94,9 @@ def run_quality_benchmark(
     (:mod:`catalog_enrichment.bench.baseline`) then runs beside the contenders.
     """
     say = progress or (lambda msg: print(msg, flush=True))
-    runs = list(contenders) if contenders else _method_runs(cfg, list(methods or list_fusions()), kl_lambda)
+    runs = (
+        list(contenders) if contenders else _method_runs(cfg, list(methods or trained_fusions()), kl_lambda)
+    )
     table, test_table, source = _tables(cfg, taxonomy, workdir, data)
     result: dict[str, Any] = {
         **source,
@@ -127,14 +129,17 @@ def run_quality_benchmark(
     if test_table is not None:
         say(f"== {BASELINE_LABEL} ==")
         started = time.perf_counter()
-        baseline, baseline_scores = run_baseline(table, test_table, taxonomy, cfg, say=lambda m: say("  " + m))
+        baseline, baseline_scores = run_baseline(
+            table, test_table, taxonomy, cfg, say=lambda m: say("  " + m)
+        )
         result["seconds"][BASELINE_LABEL] = round(time.perf_counter() - started, 1)
         result["methods"][BASELINE_LABEL] = {
             a.name: {k: _num(baseline[a.name][k]) for k in METHOD_METRICS} for a in taxonomy
         }
-        say(f"== paired bootstrap against the baseline ({BOOTSTRAP_RESAMPLES:,} resamples of test products) ==")
+        say(f"== paired bootstrap against the baseline ({BOOTSTRAP_RESAMPLES:,} resamples) ==")
         result["versus_baseline"] = {
-            label: _versus(scores, baseline_scores, test_table, taxonomy) for label, scores in test_scores.items()
+            label: _versus(scores, baseline_scores, test_table, taxonomy)
+            for label, scores in test_scores.items()
         }
     result["checks"] = quality_checks(result)
     return result
@@ -167,7 +172,9 @@ def _versus(
         if labels.targets[attr.name].ndim == 2:
             known &= labels.known[attr.name]
         y = labels.targets[attr.name][known]
-        diff, low, high = paired_bootstrap(new[known], old[known], y, attr.kind, resamples=BOOTSTRAP_RESAMPLES)
+        diff, low, high = paired_bootstrap(
+            new[known], old[known], y, attr.kind, resamples=BOOTSTRAP_RESAMPLES
+        )
         out[attr.name] = {"difference": round(diff, 4), "low": round(low, 4), "high": round(high, 4)}
     return out
 
@@ -348,7 +355,9 @@ def _versus_lines(result: dict[str, Any], attrs: list[str]) -> list[str]:
     for label, per in versus.items():
         lines.append(
             f"| {label} | "
-            + " | ".join(f"{per[a]['difference']:+.3f} [{per[a]['low']:+.3f}, {per[a]['high']:+.3f}]" for a in attrs)
+            + " | ".join(
+                f"{per[a]['difference']:+.3f} [{per[a]['low']:+.3f}, {per[a]['high']:+.3f}]" for a in attrs
+            )
             + " |"
         )
     return lines

@@ -47,7 +47,13 @@ from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
 from catalog_enrichment.models import embedding
 from catalog_enrichment.models.lexical import as_bags, ngram_counts
-from catalog_enrichment.models.model import LEXICAL_KEYS, AnyModel, EnsembleModel, MultimodalModel, lexical_inputs
+from catalog_enrichment.models.model import (
+    LEXICAL_KEYS,
+    AnyModel,
+    EnsembleModel,
+    MultimodalModel,
+    lexical_inputs,
+)
 
 __all__ = [
     "BatchPredictor",

@@ -51,6 +51,7 @@ __all__ = [
     "create_fusion",
     "list_fusions",
     "register_fusion",
+    "trained_fusions",
 ]
 
 
@@ -209,6 +210,12 @@ def register_fusion(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
 def list_fusions() -> list[str]:
     """Names of all registered fusion methods."""
     return sorted(_REGISTRY)
+
+
+def trained_fusions() -> list[str]:
+    """The fusions trained by gradient steps with their encoders (every one but ``stack``, which
+    is fitted in closed form over frozen pretrained encoders): what ``bench quality`` runs by default."""
+    return [name for name in list_fusions() if not _REGISTRY[name].needs_lexical]
 
 
 def fusion_class(name: str) -> type[Fusion]:
@@ -696,9 +703,18 @@ class StackFusion(Fusion):
 
     needs_lexical: ClassVar[bool] = True
     splits_colour: ClassVar[bool] = True
+    lex_rows: torch.Tensor  # bucket -> vocabulary row, -1 outside it
+    lex_idf: torch.Tensor
+    single: torch.Tensor  # per attribute: single-valued multi-label
 
     def __init__(
-        self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec], *, dropout: float = 0.0, color_dims: int = 0
+        self,
+        text_dim: int,
+        image_dim: int,
+        heads: Sequence[HeadSpec],
+        *,
+        dropout: float = 0.0,
+        color_dims: int = 0,
     ) -> None:
         del dropout  # a closed-form fit has no dropout
         super().__init__(text_dim, image_dim, heads)
@@ -716,7 +732,9 @@ class StackFusion(Fusion):
         for block, dim in self.dims.items():
             self.register_buffer(f"{block}_mean", torch.zeros(dim))
             self.register_buffer(f"{block}_scale", torch.ones(dim))
-            self.register_parameter(f"{block}_weight", nn.Parameter(torch.zeros(dim, total), requires_grad=False))
+            self.register_parameter(
+                f"{block}_weight", nn.Parameter(torch.zeros(dim, total), requires_grad=False)
+            )
             self.register_parameter(f"{block}_bias", nn.Parameter(torch.zeros(total), requires_grad=False))
         self.mix = nn.Parameter(torch.zeros(len(heads), len(STACK_BLOCKS)), requires_grad=False)
         self.meta_bias = nn.Parameter(torch.zeros(total), requires_grad=False)
@@ -737,7 +755,11 @@ class StackFusion(Fusion):
 
     def kind(self, k: int) -> str:
         """How attribute ``k``'s scores are made: ``multiclass`` (one softmax) or ``multilabel``."""
-        return "multiclass" if self.specs[self.names[k]].kind == "multiclass" or bool(self.single[k]) else "multilabel"
+        return (
+            "multiclass"
+            if self.specs[self.names[k]].kind == "multiclass" or bool(self.single[k])
+            else "multilabel"
+        )
 
     def block_logits(self, x: FusionInputs) -> dict[str, torch.Tensor]:
         """Block -> ``(B, total values)`` linear scores (before the per-attribute normalisation)."""
@@ -781,7 +803,12 @@ class StackFusion(Fusion):
 
 
 def stack_scores(
-    z: Sequence[torch.Tensor], present: torch.Tensor, mix: torch.Tensor, bias: torch.Tensor, kind: str, single: bool
+    z: Sequence[torch.Tensor],
+    present: torch.Tensor,
+    mix: torch.Tensor,
+    bias: torch.Tensor,
+    kind: str,
+    single: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stack's meta-learner for one attribute: ``(logits, probabilities)`` from the blocks'
     normalised scores ``z`` (in :data:`STACK_BLOCKS` order); image blocks count where ``present``.

@@ -92,7 +92,8 @@ def bag_tfidf(bags: LexicalBatch, rows: torch.Tensor, idf: torch.Tensor) -> tupl
     row = row.clamp_min(0)
     weight = torch.where(known, (1 + counts.log()) * idf[row], torch.zeros_like(counts))
     bag = torch.repeat_interleave(
-        torch.arange(offsets.numel(), device=ids.device), torch.diff(offsets, append=offsets.new_tensor([ids.numel()]))
+        torch.arange(offsets.numel(), device=ids.device),
+        torch.diff(offsets, append=offsets.new_tensor([ids.numel()])),
     )
     norm = torch.zeros(offsets.numel(), device=ids.device).index_add_(0, bag, weight.square()).sqrt()
     return row, weight / norm.clamp_min(1e-12)[bag]

@@ -27,8 +27,8 @@ __all__ = [
     "build_model",
     "check_heads",
     "combine_members",
-    "lexical_inputs",
     "head_specs",
+    "lexical_inputs",
 ]
 
 

@@ -96,26 +96,14 @@ def _split_off(y: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tu
 
 
 def group_ids(titles: Sequence[str], descriptions: Sequence[str | None]) -> np.ndarray:
-    """``(n,)`` group of each product, numbered in order of first appearance: the connected
-    components of "same title or same description" (compared case- and whitespace-insensitively; an
-    empty text links nothing). Variants of one product (its colours, its sizes) share one of the two
-    and so never straddle a split, even when the other differs."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(titles)
-    keys: dict[tuple[int, str], int] = {}
-    rows, cols = [], []
+    """``(n,)`` group of each product: products with the same title and description (compared
+    case- and whitespace-insensitively) are one group, numbered in order of first appearance."""
+    seen: dict[tuple[str, str], int] = {}
+    out = np.empty(len(titles), np.int64)
     for i, (title, description) in enumerate(zip(titles, descriptions, strict=True)):
-        for field, text in ((0, title), (1, description)):
-            norm = " ".join((text or "").lower().split())
-            if norm:
-                rows.append(i)
-                cols.append(keys.setdefault((field, norm), len(keys)))
-    incidence = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, max(len(keys), 1))).tocsr()
-    _, component = connected_components(incidence @ incidence.T, directed=False)
-    first: dict[int, int] = {}
-    return np.array([first.setdefault(int(c), len(first)) for c in component], np.int64)
+        key = (" ".join((title or "").lower().split()), " ".join((description or "").lower().split()))
+        out[i] = seen.setdefault(key, len(seen))
+    return out
 
 
 def _by_group(y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from joblib import Parallel, delayed
 
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
@@ -36,9 +37,11 @@ from catalog_enrichment.types import Say
 __all__ = ["PENALTIES", "StackFit", "fit_stack", "single_valued"]
 
 # inverse L2 strengths (scikit-learn's C) tried per block and attribute
-PENALTIES = (0.1, 1.0, 10.0)
+PENALTIES = (0.001, 0.01, 0.1, 1.0, 10.0)
 _META_L2 = 1e-3
 _ABSENT = -20.0  # the logit of a value no product of a fold's training rows has
+_MAX_ITER, _TOL = 200, 1e-3
+_JOBS = 2  # blocks fitted side by side (scikit-learn's L-BFGS over sparse rows runs on one core)
 
 
 @dataclass
@@ -80,13 +83,17 @@ def _target(labels: EncodedLabels, attr: str, n_values: int) -> _Target:
     return _Target(t, labels.known[attr], False, n_values)
 
 
-def _fit_linear(x: Any, target: _Target, rows: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(weight (d, V), bias (V,))`` of logistic regression fitted on ``rows`` of ``x``."""
+def _fit_linear(
+    x: Any, target: _Target, rows: np.ndarray, c: float, start: Any = None
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """``(weight (d, V), bias (V,), state)`` of logistic regression fitted on ``rows`` of ``x``;
+    ``state`` warm-starts the next fit on the same rows (a path over ascending ``c``)."""
     from sklearn.linear_model import LogisticRegression
 
     rows = rows[target.known[rows]]
     d, v = x.shape[1], target.n_values
     weight, bias = np.zeros((d, v), np.float32), np.full(v, _ABSENT, np.float32)
+    states = dict(start or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs's ConvergenceWarning at max_iter
         if target.softmax:
@@ -94,21 +101,56 @@ def _fit_linear(x: Any, target: _Target, rows: np.ndarray, c: float) -> tuple[np
             classes = np.unique(y)
             if classes.size == 1:
                 bias[classes[0]] = 0.0
-                return weight, bias
-            model = LogisticRegression(C=c, max_iter=300).fit(x[rows], y)
+                return weight, bias, states
+            model = states.get(-1) or LogisticRegression(max_iter=_MAX_ITER, tol=_TOL, warm_start=True)
+            model.set_params(C=c).fit(x[rows], y)
+            states[-1] = model
             coef, intercept = model.coef_, model.intercept_
             if classes.size == 2:  # sklearn's binary case: one row for the second class
-                coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+                coef = np.stack([-coef[0] / 2, coef[0] / 2])
+                intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
             weight[:, classes], bias[classes] = coef.T, intercept
-            return weight, bias
+            return weight, bias, states
         for value in range(v):
             y = target.y[rows, value] > 0.5
             if not y.any() or y.all():
                 bias[value] = _ABSENT if not y.any() else -_ABSENT
                 continue
-            model = LogisticRegression(C=c, max_iter=300).fit(x[rows], y)
+            model = states.get(value) or LogisticRegression(max_iter=_MAX_ITER, tol=_TOL, warm_start=True)
+            model.set_params(C=c).fit(x[rows], y)
+            states[value] = model
             weight[:, value], bias[value] = model.coef_[0], model.intercept_[0]
-    return weight, bias
+    return weight, bias, states
+
+
+def _fit_block(
+    x: Any, target: _Target, folds: list[tuple[np.ndarray, np.ndarray]], penalties: Sequence[float]
+) -> tuple[float, float, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """One block's learners for one attribute: ``(C, out-of-fold log-loss, normalised out-of-fold
+    scores, each fold's (weight, bias))``. The penalty is chosen on the first fold's held-out
+    log-loss along a warm-started path; the other folds are fitted at that penalty."""
+    n = x.shape[0]
+    scores = np.zeros((n, target.n_values), np.float32)
+    fit_pos, out_pos = folds[0]
+    best: tuple[float, float, tuple[np.ndarray, np.ndarray]] | None = None
+    state = None
+    for c in sorted(penalties):
+        w, b, state = _fit_linear(x, target, fit_pos, c, state)
+        loss = _log_loss(
+            _normalised(x[out_pos] @ w + b, target.softmax), target, np.arange(out_pos.size), out_pos
+        )
+        if best is None or loss < best[0]:
+            best = (loss, c, (w, b))
+    assert best is not None
+    c = best[1]
+    fits = [best[2]]
+    for fit_pos, _ in folds[1:]:
+        w, b, _ = _fit_linear(x, target, fit_pos, c)
+        fits.append((w, b))
+    for (w, b), (_, out_pos) in zip(fits, folds, strict=True):
+        scores[out_pos] = x[out_pos] @ w + b
+    normalised = _normalised(scores, target.softmax)
+    return c, _log_loss(normalised, target, np.arange(n)), normalised, fits
 
 
 def _normalised(scores: np.ndarray, softmax: bool) -> np.ndarray:
@@ -116,12 +158,17 @@ def _normalised(scores: np.ndarray, softmax: bool) -> np.ndarray:
     return (torch.log_softmax(t, dim=-1) if softmax else t).numpy()
 
 
-def _log_loss(z: np.ndarray, target: _Target, rows: np.ndarray) -> float:
-    """Mean log-loss of normalised scores ``z`` over the labelled ``rows``."""
-    rows = rows[target.known[rows]]
+def _log_loss(
+    z: np.ndarray, target: _Target, rows: np.ndarray, label_rows: np.ndarray | None = None
+) -> float:
+    """Mean log-loss of normalised scores ``z`` over its labelled ``rows`` (whose labels are the
+    target's ``label_rows``, the same rows unless given)."""
+    label_rows = rows if label_rows is None else label_rows
+    known = target.known[label_rows]
+    rows, label_rows = rows[known], label_rows[known]
     if target.softmax:
-        return float(-z[rows, target.y[rows]].mean())
-    y = target.y[rows]
+        return float(-z[rows, target.y[label_rows]].mean())
+    y = target.y[label_rows]
     logp = -np.logaddexp(0, -z[rows])
     lognp = -np.logaddexp(0, z[rows])
     return float(-(y * logp + (1 - y) * lognp).mean())
@@ -207,10 +254,14 @@ def fit_stack(
     ):
         scaling[block] = _standardise(x, rows)
         blocks[block] = (x - scaling[block][0]) / scaling[block][1]
-    say(f"stack: {vocabulary.size:,} n-grams; blocks {', '.join(f'{b} {blocks[b].shape[1]:,}' for b in STACK_BLOCKS)}")
+    widths = ", ".join(f"{b} {blocks[b].shape[1]:,}" for b in STACK_BLOCKS)
+    say(f"stack: {vocabulary.size:,} n-grams; blocks {widths}")
     fold_rows = group_folds(labels.subset(train).stratification_matrix(), groups[train], folds, seed)
     n, total = len(train), int(fusion.offsets[-1])
-    served = {b: (np.zeros((blocks[b].shape[1], total), np.float32), np.zeros(total, np.float32)) for b in STACK_BLOCKS}
+    served = {
+        b: (np.zeros((blocks[b].shape[1], total), np.float32), np.zeros(total, np.float32))
+        for b in STACK_BLOCKS
+    }
     oof_probs: dict[str, np.ndarray] = {}
     chosen: dict[str, dict[str, float]] = {}
     mixes: dict[str, dict[str, float]] = {}
@@ -220,22 +271,11 @@ def fit_stack(
         fusion.single[k] = attr.kind == "multilabel" and target.softmax
         z = np.zeros((len(STACK_BLOCKS), n, hi - lo), np.float32)
         chosen[attr.name] = {}
-        for b, block in enumerate(STACK_BLOCKS):
-            x = blocks[block][train]
-            best: tuple[float, float, np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None = None
-            for c in penalties:
-                scores = np.zeros((n, hi - lo), np.float32)
-                fits = []
-                for fit_pos, out_pos in fold_rows:
-                    w, bias = _fit_linear(x, target, fit_pos, c)
-                    scores[out_pos] = x[out_pos] @ w + bias
-                    fits.append((w, bias))
-                normalised = _normalised(scores, target.softmax)
-                loss = _log_loss(normalised, target, np.arange(n))
-                if best is None or loss < best[0]:
-                    best = (loss, c, normalised, fits)
-            assert best is not None
-            loss, c, z[b], fits = best
+        fitted = Parallel(n_jobs=min(_JOBS, len(STACK_BLOCKS)))(
+            delayed(_fit_block)(blocks[block][train], target, fold_rows, penalties) for block in STACK_BLOCKS
+        )
+        for b, (block, (c, loss, scores, fits)) in enumerate(zip(STACK_BLOCKS, fitted, strict=True)):
+            z[b] = scores
             chosen[attr.name][block] = c
             weight, bias = served[block]
             weight[:, lo:hi] = np.mean([w for w, _ in fits], axis=0)
