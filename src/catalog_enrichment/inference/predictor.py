@@ -231,12 +231,15 @@ class BatchPredictor:
         uris: Sequence[Any],
         stored_content: Sequence[Any] | None = None,
         stored_embedding: Sequence[Any] | None = None,
+        *,
+        categories: Sequence[Any] | None = None,
     ) -> PreparedBatch:
         """Decode, resize and normalise the images and tokenize the texts of one batch (with the
-        store: of its rows whose stored vector is missing or stale)."""
+        store: of its rows whose stored vector is missing or stale); a lexical model's n-grams also
+        count the merchant's ``categories``."""
         n = len(titles)
         if self._stored_model is None:
-            return self._encoder_inputs(titles, descriptions, images, uris)
+            return self._encoder_inputs(titles, descriptions, images, uris, categories)
         text = self._stored_model.fusion.needs_text
         content = [
             embedding.content_digest(*row, text=text, images=self.reads_images)
@@ -262,11 +265,16 @@ class BatchPredictor:
         tones: list[float | None] = [None] * n
         for k, i in enumerate(rows):
             errors[i], tones[i] = part.image_error[k], part.tone[k]
-        every = _lexical(titles, descriptions) if self.lexical else None
+        every = _lexical(titles, descriptions, categories) if self.lexical else None
         return PreparedBatch(part.inputs, errors, tones, content, encode, stored, every)
 
     def _encoder_inputs(
-        self, titles: Sequence[Any], descriptions: Sequence[Any], images: Sequence[Any], uris: Sequence[Any]
+        self,
+        titles: Sequence[Any],
+        descriptions: Sequence[Any],
+        images: Sequence[Any],
+        uris: Sequence[Any],
+        categories: Sequence[Any] | None = None,
     ) -> PreparedBatch:
         n = len(titles)
         prep = self.preprocessing
@@ -296,7 +304,7 @@ class BatchPredictor:
         inputs["pixel_values"] = image if self.channels_last else image.contiguous()
         inputs["image_present"] = torch.from_numpy(present)
         if self.lexical:
-            inputs.update(_lexical(titles, descriptions))
+            inputs.update(_lexical(titles, descriptions, categories))
         if self.device.type == "cuda":
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
         return PreparedBatch(inputs, errors, tones)
@@ -307,6 +315,7 @@ class BatchPredictor:
             names: tuple[str, ...] = ("title", "description", "image", "image_uri")
             if self._stored_model is not None and STORED_COLUMNS[0] in _names(data):
                 names += STORED_COLUMNS
+            names += ("category",)  # the last: prepare takes it by name
             cols = [column_values(data, c) for c in names]
             n = len(cols[0])
             if n == 0:
@@ -330,7 +339,11 @@ class BatchPredictor:
             return data, last, None if future is None else future.result()
 
         for data, last, chunk in self._chunks(batches):
-            ahead.append((data, last, None if chunk is None else self._pool.submit(self.prepare, *chunk)))
+            future = None
+            if chunk is not None:
+                *columns, categories = chunk
+                future = self._pool.submit(self.prepare, *columns, categories=categories)
+            ahead.append((data, last, future))
             if len(ahead) > self.decode_threads:
                 yield oldest()
         while ahead:
@@ -438,9 +451,11 @@ def _members(model: AnyModel) -> list[MultimodalModel]:
     return model.member_models if isinstance(model, EnsembleModel) else [model]
 
 
-def _lexical(titles: Sequence[Any], descriptions: Sequence[Any]) -> dict[str, torch.Tensor]:
+def _lexical(
+    titles: Sequence[Any], descriptions: Sequence[Any], categories: Sequence[Any] | None
+) -> dict[str, torch.Tensor]:
     """The batch entries of the texts' hashed n-grams (``models.lexical``)."""
-    return dict(zip(LEXICAL_KEYS, as_bags(ngram_counts(titles, descriptions)), strict=True))
+    return dict(zip(LEXICAL_KEYS, as_bags(ngram_counts(titles, descriptions, categories)), strict=True))
 
 
 def tune_worker_process(device: torch.device, *, keep_memory: bool) -> None:

@@ -1,4 +1,5 @@
-"""The lexical modality: word 1-2-grams and character 3-5-grams of a product's texts, hashed.
+"""The lexical modality: word 1-2-grams and character 3-5-grams of a product's texts (title,
+description and the merchant's category label), hashed.
 
 What a TF-IDF logistic regression sees, served by the same model as the encoders. The n-grams are
 hashed (scikit-learn's ``HashingVectorizer``: stateless, so the predictor needs nothing fitted to
@@ -38,18 +39,27 @@ def _vectorizers() -> tuple[Any, Any]:
     )
 
 
-def texts(titles: Sequence[Any], descriptions: Sequence[Any]) -> list[str]:
-    """What the n-grams are counted in: ``"<title> . <description>"``."""
+def texts(
+    titles: Sequence[Any], descriptions: Sequence[Any], categories: Sequence[Any] | None = None
+) -> list[str]:
+    """What the n-grams are counted in: ``"<title> . <description> . <category>"`` (the merchant's
+    own category label; a missing text is empty)."""
+
+    def text(x: Any) -> str:
+        return x if isinstance(x, str) else ""
+
+    cats = categories if categories is not None else [None] * len(titles)
     return [
-        f"{t if isinstance(t, str) else ''} . {d if isinstance(d, str) else ''}"
-        for t, d in zip(titles, descriptions, strict=True)
+        f"{text(t)} . {text(d)} . {text(c)}" for t, d, c in zip(titles, descriptions, cats, strict=True)
     ]
 
 
-def ngram_counts(titles: Sequence[Any], descriptions: Sequence[Any]) -> Any:
+def ngram_counts(
+    titles: Sequence[Any], descriptions: Sequence[Any], categories: Sequence[Any] | None = None
+) -> Any:
     """``(n, BUCKETS)`` SciPy CSR matrix: how often each hashed n-gram occurs in each product."""
     words, chars = _vectorizers()
-    docs = texts(titles, descriptions)
+    docs = texts(titles, descriptions, categories)
     counts = (words.transform(docs) + chars.transform(docs)).tocsr()
     counts.sort_indices()
     return counts

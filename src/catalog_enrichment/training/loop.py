@@ -409,7 +409,10 @@ def _prepare(
     )
     if tcfg.encoders == "frozen":
         embedder = data.fresh_model(tcfg.seed, mcfg.member_configs()[0])
-        lexical = ngram_counts(records.title, records.description) if embedder.fusion.needs_lexical else None
+        lexical = None
+        if embedder.fusion.needs_lexical:  # the merchant's category label is one of its texts
+            categories = table["category"].to_pylist() if "category" in table.column_names else None
+            lexical = ngram_counts(records.title, records.description, categories)
         with tempfile.TemporaryDirectory() as exported:
             if mcfg.encoder_runtime == "onnx":  # every score selected and calibrated on comes from the graphs
                 say("model.encoder_runtime onnx: exporting the encoders")
