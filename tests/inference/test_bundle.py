@@ -124,6 +124,16 @@ def test_a_bundle_whose_score_dtype_is_not_float32_is_refused(scoring_bundle: Pa
         load_bundle(root)
 
 
+def test_a_bundle_of_other_colour_statistics_is_refused(scoring_bundle: Path, tmp_path: Path) -> None:
+    from catalog_enrichment.models.color import COLOR_VERSION
+
+    root = _copy(scoring_bundle, tmp_path)
+    assert json.loads((root / "model.json").read_text())["color_version"] == COLOR_VERSION
+    _edit_model_json(root, lambda meta: meta.pop("color_version"))  # written before the version
+    with pytest.raises(CatalogEnrichError, match=r"colour statistics of version 1.*retrain"):
+        load_bundle(root)
+
+
 def test_timm_kwargs_that_read_files_are_refused(scoring_bundle: Path, tmp_path: Path) -> None:
     root = _copy(scoring_bundle, tmp_path)
     _edit_model_json(

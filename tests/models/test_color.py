@@ -11,13 +11,23 @@ from catalog_enrichment.models.color import (
     AB_BINS,
     AB_RANGE,
     COLOR_FEATURES,
+    HUE_BINS,
     L_BINS,
+    LAB_FEATURES,
+    LCH_C,
+    LCH_FEATURES,
+    LCH_L,
+    PERCENTILES,
+    SHARE_FLOOR,
     color_features,
+    lab_histogram,
+    lch_histogram,
     rgb_to_lab,
 )
 from catalog_enrichment.models.encoders import ImageEncoder
 
 N_HIST = L_BINS * AB_BINS * AB_BINS
+N_LCH = len(LCH_L) * (1 + (len(LCH_C) - 1) * HUE_BINS)
 
 
 def _photo(rgb: tuple[int, int, int], *, size: int = 96, background=(255, 255, 255), share: float = 0.25):
@@ -107,3 +117,54 @@ def test_image_encoder_appends_colour_to_pooled_and_tokens():
         raw.pooled[0, -COLOR_FEATURES:].detach(), color_features(pixels[:1])[0], atol=1e-6
     )
     assert float(raw.pooled[1].detach().abs().sum()) == 0.0  # no image: nothing, colour included
+
+
+def _lch(
+    rgb: tuple[int, int, int], background: tuple[int, int, int] = (255, 255, 255)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A flat colour's lightness x chroma x hue features: (grey axis (L,), coloured (L, C-1, H)
+    shares, percentiles (4, P), mean hue (2,))."""
+    pixels, _ = _photo(rgb, background=background)
+    f = lch_histogram(pixels)[0].numpy().astype(np.float64)
+    hist = (f[:N_LCH] + SHARE_FLOOR**0.5) ** 2 - SHARE_FLOOR  # undo the smooth square root
+    grey, coloured = hist[: len(LCH_L)], hist[len(LCH_L) :].reshape(len(LCH_L), len(LCH_C) - 1, HUE_BINS)
+    return grey, coloured, f[N_LCH:-2].reshape(4, len(PERCENTILES)), f[-2:]
+
+
+def test_colour_features_are_the_lab_histogram_then_lightness_chroma_hue():
+    pixels, _ = _photo((120, 52, 160))
+    f = color_features(pixels)
+    assert f.shape == (1, COLOR_FEATURES) and COLOR_FEATURES == LAB_FEATURES + LCH_FEATURES
+    np.testing.assert_allclose(f[:, :LAB_FEATURES].numpy(), lab_histogram(pixels).numpy(), atol=1e-6)
+    np.testing.assert_allclose(f[:, LAB_FEATURES:].numpy(), lch_histogram(pixels).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rgb", "background"),
+    [((20, 20, 20), (255, 255, 255)), ((128, 128, 128), (255, 255, 255)), ((240, 240, 240), (60, 60, 60))],
+)
+def test_black_grey_and_white_sit_on_the_grey_axis_by_lightness(rgb, background):
+    grey, coloured, percentiles, mean_hue = _lch(rgb, background)
+    lightness, a, b = _lab(rgb)
+    assert grey.sum() == pytest.approx(1.0, abs=1e-4) and coloured.sum() == pytest.approx(0.0, abs=1e-4)
+    # the mass sits on the two lightness centres around the colour's L*
+    upper = int(np.searchsorted(LCH_L, lightness))
+    assert grey[max(upper - 1, 0) : upper + 1].sum() == pytest.approx(1.0, abs=1e-4)
+    # one flat colour: every percentile is its L*, a*, b* and chroma
+    np.testing.assert_allclose(percentiles[0] * 100, lightness, atol=0.5)
+    np.testing.assert_allclose(percentiles[3] * AB_RANGE, np.hypot(a, b), atol=0.5)
+    np.testing.assert_allclose(mean_hue, 0.0, atol=0.02)  # no hue to speak of
+
+
+def test_a_saturated_colour_lands_in_its_hue_and_chroma_and_dark_blue_is_darker_than_blue():
+    _, coloured, _, mean_hue = _lch((200, 32, 36))  # a red
+    _, a, b = _lab((200, 32, 36))
+    hue, chroma = np.degrees(np.arctan2(b, a)) % 360, np.hypot(a, b)
+    first = int(hue // (360 / HUE_BINS))
+    upper = int(np.searchsorted(LCH_C, chroma))  # chroma's centres: LCH_C[upper - 1], LCH_C[upper]
+    near = coloured[:, upper - 2 : upper, :][:, :, [first, (first + 1) % HUE_BINS]]
+    assert near.sum() == pytest.approx(1.0, abs=1e-4)
+    assert np.degrees(np.arctan2(mean_hue[1], mean_hue[0])) % 360 == pytest.approx(hue, abs=0.5)
+    dark_blue, blue = _lch((20, 30, 90))[1], _lch((40, 80, 210))[1]
+    mean_lightness = [(x.sum(axis=(1, 2)) * np.array(LCH_L)).sum() / x.sum() for x in (dark_blue, blue)]
+    assert mean_lightness[0] + 10 < mean_lightness[1]

@@ -1,7 +1,8 @@
 """The simple baseline every model claim is measured against: what a user would try first.
 
 TF-IDF of the title and description (word 1-2-grams and character 3-5-grams) beside the colour
-histogram of the photo's foreground (:func:`catalog_enrichment.models.color.color_features`), one
+histogram of the photo's foreground (:func:`catalog_enrichment.models.color.lab_histogram`, a part of
+what the recommended model's colour statistics hold), one
 scikit-learn logistic regression per attribute (one-vs-rest for a multi-label one). It trains on the
 same training table the contenders train on and is scored on the same test table; its thresholds
 are calibrated by the project's own procedure on out-of-fold scores (3 folds of whole groups), so
@@ -21,7 +22,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels, ProductRecords, encode_labels
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
-from catalog_enrichment.models.color import color_features
+from catalog_enrichment.models.color import lab_histogram
 from catalog_enrichment.training.evaluation import Predictions, calibrate, evaluate
 from catalog_enrichment.training.splits import group_folds, group_ids
 from catalog_enrichment.types import Say
@@ -40,7 +41,7 @@ def _image_features(records: ProductRecords) -> np.ndarray:
         decoded, _ = records.pixels(i, ImagePreprocessing(size=_IMAGE_SIZE))
         if decoded is not None:
             pixels[i], present[i] = decoded, 1.0
-    feats = color_features(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
+    feats = lab_histogram(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
     return feats * present[:, None]
 
 

@@ -5,6 +5,7 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
     weights.pt           state dict of the model (an ensemble's: every member's; no pickled module)
     model.json           model config + tokenizer facts (vocab size, pad id) + image preprocessing
                          + package version + the dtype the calibrated scores are computed in
+                         + the version of the colour statistics (models.color; another is refused)
                          + the encoders' fingerprint (the embedding store's key; null when the
                          model cannot use the store)
     text_encoder_<i>/    the transformers config of text encoder i (its architecture; an ensemble's
@@ -43,6 +44,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models import runtime
+from catalog_enrichment.models.color import COLOR_VERSION
 from catalog_enrichment.models.embedding import encoder_fingerprint, storable
 from catalog_enrichment.models.model import AnyModel, build_model
 
@@ -170,6 +172,7 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
                 "image_preprocessing": model.preprocessing.to_dict(),
                 "package_version": __version__,
                 "score_dtype": SCORE_DTYPE,
+                "color_version": COLOR_VERSION,
                 "encoder_fingerprint": fingerprint,
             },
             indent=2,
@@ -242,6 +245,12 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
             f"scores, this version scores in {SCORE_DTYPE}; retrain the model (catalog-enrich train)"
         )
     model_config = saved_model_config(meta["model"], source=str(folder.meta))
+    colour = meta.get("color_version", 1)  # bundles written before the version was recorded: 1
+    if model_config.image.color_features and colour != COLOR_VERSION:
+        raise CatalogEnrichError(
+            f"{folder.root}: its model reads colour statistics of version {colour}, this version computes "
+            f"version {COLOR_VERSION}; retrain the model (catalog-enrich train)"
+        )
     taxonomy = folder.read_taxonomy()
     text_backbones = [
         AutoConfig.from_pretrained(str(folder.text_encoder(i))) for i in range(meta["text_encoders"])

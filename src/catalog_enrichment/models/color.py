@@ -10,12 +10,19 @@ that the image encoder appends to its pooled features (``model.image.color_featu
 2. the **background** is the median colour of the photo's border; a pixel's foreground weight rises
    from 0 to 1 as its distance from that colour grows from :data:`BACKGROUND_DELTA_E` to twice it
    (a white shirt on a white background has no foreground: then every pixel counts);
-3. the features are a soft (trilinear) L*a*b* histogram of the foreground, :data:`L_BINS` x
+3. :func:`lab_histogram`: a soft (trilinear) L*a*b* histogram of the foreground, :data:`L_BINS` x
    :data:`AB_BINS` x :data:`AB_BINS` cells, square-rooted (Hellinger: small shares still count), and
-   the foreground's mean and standard deviation of L*, a*, b* and its share of the photo.
+   the foreground's mean and standard deviation of L*, a*, b* and its share of the photo;
+4. :func:`lch_histogram`: the same foreground in lightness, chroma and hue, where colour names live.
+   Low-chroma pixels (black, greys, white, beige, khaki) count in a lightness-only histogram along
+   the grey axis, the others in a lightness x chroma x hue one, finer in lightness than the first
+   (bin centres :data:`LCH_L`, :data:`LCH_C`, :data:`HUE_BINS` hues); then the foreground's
+   weighted percentiles of L*, a*, b* and chroma and its chroma-weighted mean hue.
 
 Pure tensor functions, no parameters: the same pixels give the same features in training and
-serving, on any device. Input is uint8 pixels or floats in [0, 1], ``(B, 3, H, W)``.
+serving, on any device. Input is uint8 pixels or floats in [0, 1], ``(B, 3, H, W)``. The features
+are versioned (:data:`COLOR_VERSION`): a model bundle records the version it was trained on, and a
+bundle of another version is refused with a line that says to retrain.
 """
 
 from __future__ import annotations
@@ -27,9 +34,18 @@ __all__ = [
     "AB_BINS",
     "BACKGROUND_DELTA_E",
     "COLOR_FEATURES",
+    "COLOR_VERSION",
+    "HUE_BINS",
+    "LAB_FEATURES",
+    "LCH_C",
+    "LCH_FEATURES",
+    "LCH_L",
     "L_BINS",
+    "PERCENTILES",
     "WORK_SIZE",
     "color_features",
+    "lab_histogram",
+    "lch_histogram",
     "rgb_to_lab",
 ]
 
@@ -40,7 +56,18 @@ AB_RANGE = 80.0
 BACKGROUND_DELTA_E = 12.0
 # below this share of foreground the photo is taken whole (the product has the background's colour)
 MIN_FOREGROUND = 0.03
-COLOR_FEATURES = L_BINS * AB_BINS * AB_BINS + 7
+LAB_FEATURES = L_BINS * AB_BINS * AB_BINS + 7
+# lightness and chroma bin centres (soft: linear between centres) and circular hue bins of the
+# lightness x chroma x hue histogram; chroma's first centre (0) is the grey axis, which has no hue
+LCH_L = (0.0, 15.0, 30.0, 45.0, 60.0, 75.0, 90.0, 100.0)
+LCH_C = (0.0, 8.0, 16.0, 30.0, 50.0, 80.0)
+HUE_BINS = 12
+PERCENTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+SHARE_FLOOR = 1e-4
+LCH_FEATURES = len(LCH_L) * (1 + (len(LCH_C) - 1) * HUE_BINS) + 4 * len(PERCENTILES) + 2
+COLOR_FEATURES = LAB_FEATURES + LCH_FEATURES
+# what the features are: a bundle trained on another version is refused (inference/bundle.py)
+COLOR_VERSION = 2
 
 # sRGB (D65) -> XYZ, and the D65 white point
 _RGB_TO_XYZ = torch.tensor(
@@ -101,13 +128,16 @@ def _histogram(lab: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return hist / hist.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def color_features(pixels: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` uint8 or [0, 1] float RGB -> ``(B, COLOR_FEATURES)`` float32 (module docstring)."""
+def _work_lab(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The photo at the work size in L*a*b* ``(B, 3, h, w)`` and its foreground weights ``(B, h, w)``."""
     rgb = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float().clamp(0.0, 1.0)
     if max(rgb.shape[-2:]) > WORK_SIZE:
         rgb = F.adaptive_avg_pool2d(rgb, (min(rgb.shape[-2], WORK_SIZE), min(rgb.shape[-1], WORK_SIZE)))
     lab = rgb_to_lab(rgb)
-    weight = _foreground(lab)
+    return lab, _foreground(lab)
+
+
+def _lab_part(lab: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     hist = _histogram(lab, weight)
     total = weight.sum(dim=(1, 2)).clamp(min=1e-12)
     mean = (lab * weight[:, None]).sum(dim=(2, 3)) / total[:, None]
@@ -115,3 +145,74 @@ def color_features(pixels: torch.Tensor) -> torch.Tensor:
     scale = torch.tensor([100.0, AB_RANGE, AB_RANGE], device=lab.device)
     stats = torch.cat([mean / scale, var.sqrt() / scale, weight.mean(dim=(1, 2))[:, None]], dim=1)
     return torch.cat([hist.sqrt(), stats], dim=1)
+
+
+def _triangular(x: torch.Tensor, centres: tuple[float, ...]) -> torch.Tensor:
+    """``(..., len(centres))``: each value shared linearly between its two nearest bin centres
+    (clamped to the outer ones); the shares sum to 1."""
+    c = torch.tensor(centres, dtype=x.dtype, device=x.device)
+    x = x.clamp(float(c[0]), float(c[-1]))
+    upper = torch.bucketize(x, c).clamp(1, c.numel() - 1)
+    low, high = c[upper - 1], c[upper]
+    frac = ((x - low) / (high - low)).clamp(0.0, 1.0)
+    out = torch.zeros(*x.shape, c.numel(), dtype=x.dtype, device=x.device)
+    out.scatter_(-1, (upper - 1)[..., None], (1 - frac)[..., None])
+    return out.scatter_add_(-1, upper[..., None], frac[..., None])
+
+
+def _weighted_quantiles(values: torch.Tensor, weight: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
+    """``(B, len(qs))``: the quantiles of each row of ``values`` ``(B, P)`` weighted by ``weight``."""
+    order = values.argsort(dim=1)
+    v, w = values.gather(1, order), weight.gather(1, order)
+    cum = w.cumsum(dim=1)
+    cum = cum / cum[:, -1:].clamp(min=1e-12)
+    at = torch.tensor(qs, dtype=cum.dtype, device=cum.device).expand(values.shape[0], -1).contiguous()
+    return v.gather(1, torch.searchsorted(cum, at).clamp(max=values.shape[1] - 1))
+
+
+def _lch_part(lab: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    b = lab.shape[0]
+    lightness, a, bb = (lab[:, i].reshape(b, -1) for i in range(3))
+    w = weight.reshape(b, -1)
+    chroma = (a.square() + bb.square()).sqrt()
+    hue = torch.atan2(bb, a)
+    turn = (hue / (2 * torch.pi) * HUE_BINS) % HUE_BINS  # circular: shared between two hue bins
+    lower = turn.floor().long() % HUE_BINS
+    frac = turn - turn.floor()
+    hues = torch.zeros(*turn.shape, HUE_BINS, dtype=lab.dtype, device=lab.device)
+    hues.scatter_(-1, lower[..., None], (1 - frac)[..., None])
+    hues.scatter_add_(-1, ((lower + 1) % HUE_BINS)[..., None], frac[..., None])
+    by_l, by_c = _triangular(lightness, LCH_L), _triangular(chroma, LCH_C)
+    grey = torch.einsum("bpl,bp->bl", by_l * by_c[..., :1], w)
+    coloured = torch.einsum("bpl,bpc,bph,bp->blch", by_l, by_c[..., 1:], hues, w).reshape(b, -1)
+    hist = torch.cat([grey, coloured], dim=1)
+    hist = hist / hist.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    scaled = ((lightness, 100.0), (a, AB_RANGE), (bb, AB_RANGE), (chroma, AB_RANGE))
+    percentiles = torch.cat([_weighted_quantiles(x, w, PERCENTILES) / s for x, s in scaled], dim=1)
+    # the hue of the coloured pixels, weighted by how coloured they are: mean (a*, b*) over mean
+    # chroma, which a pseudo-chroma of 1 takes smoothly to 0 for a grey product (whose hue is noise)
+    total = (w * (chroma + 1.0)).sum(dim=1).clamp(min=1e-12)
+    mean_hue = torch.stack([(w * a).sum(dim=1) / total, (w * bb).sum(dim=1) / total], dim=1)
+    # square-rooted like the L*a*b* histogram, but smooth at 0: a share near 0 (a grey pixel's
+    # hue is noise) moves the feature by at most 1 / (2 sqrt(SHARE_FLOOR)) times as much
+    rooted = (hist + SHARE_FLOOR).sqrt() - SHARE_FLOOR**0.5
+    return torch.cat([rooted, percentiles, mean_hue], dim=1)
+
+
+def lab_histogram(pixels: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` uint8 or [0, 1] float RGB -> ``(B, LAB_FEATURES)``: the foreground's soft
+    L*a*b* histogram and its moments (module docstring, 3)."""
+    return _lab_part(*_work_lab(pixels))
+
+
+def lch_histogram(pixels: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` uint8 or [0, 1] float RGB -> ``(B, LCH_FEATURES)``: the foreground in
+    lightness, chroma and hue (module docstring, 4)."""
+    return _lch_part(*_work_lab(pixels))
+
+
+def color_features(pixels: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` uint8 or [0, 1] float RGB -> ``(B, COLOR_FEATURES)`` float32:
+    :func:`lab_histogram` then :func:`lch_histogram` of the same foreground."""
+    lab, weight = _work_lab(pixels)
+    return torch.cat([_lab_part(lab, weight), _lch_part(lab, weight)], dim=1)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from catalog_enrichment.models.color import COLOR_VERSION
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.model import AnyModel, MultimodalModel
 
@@ -52,7 +53,8 @@ def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int)
     h = hashlib.sha256()
     fusion = model.fusion
     needs = (fusion.needs_text, fusion.needs_image, fusion.needs_tokens, fusion.needs_fields)
-    image_prep = (model.preprocessing.to_dict(), model.cfg.image.color_features, model.cfg.image.pooling)
+    colour = COLOR_VERSION if model.cfg.image.color_features else None
+    image_prep = (model.preprocessing.to_dict(), colour, model.cfg.image.pooling)
     h.update(repr((needs, max_length, model.cfg.text.pooling, image_prep, _dims(model))).encode())
     if model.cfg.encoder_runtime != "torch":  # another runtime's vectors differ in the last bits
         h.update(model.cfg.encoder_runtime.encode())
