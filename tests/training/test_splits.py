@@ -47,10 +47,37 @@ def test_splits_are_disjoint_reproducible_and_stratified(taxonomy: Taxonomy) -> 
     assert np.all(np.abs(test_rate[common] - overall[common]) < 0.03)
 
 
-def test_variants_with_the_same_text_are_one_group() -> None:
-    titles = ["Luna skinny RW", "luna  SKINNY rw", "Luna skinny RW", "Other"]
-    descriptions = ["Soft denim", "soft denim ", "Other text", None]
-    assert group_ids(titles, descriptions).tolist() == [0, 0, 1, 2]
+def test_variants_that_share_a_title_or_a_description_are_one_group() -> None:
+    # 0 and 1: the same text up to case and spaces; 2 shares 0's title with another description
+    # (a colour variant whose text was edited); 3 shares 2's description under another title, so it
+    # joins too (transitively); 4 shares nothing; 5 and 6 share an empty description only
+    titles = ["Luna skinny RW", "luna  SKINNY rw", "Luna skinny RW", "Luna skinny", "Other", "A", "B"]
+    descriptions = ["Soft denim", "soft denim ", "Stretch denim", "Stretch denim", None, "", None]
+    assert group_ids(titles, descriptions).tolist() == [0, 0, 0, 0, 1, 2, 3]
+
+
+def test_a_template_text_does_not_chain_a_catalog_into_one_group() -> None:
+    # 200 products in 50 variant groups of 4 (each group's own title); every product also carries
+    # one of two boilerplate descriptions. Linked through those, all 200 would be one group: a
+    # shared text joins groups only while the result stays within max_group products.
+    titles = [f"product {i // 4}" for i in range(200)]
+    descriptions = ["Ships in 2 days." if i % 2 else "A customer favourite." for i in range(200)]
+    groups = group_ids(titles, descriptions, max_group=16)
+    sizes = np.bincount(groups)
+    assert sizes.max() <= 16
+    # the variants (one title) always stay together, whatever the template joined
+    for g in range(50):
+        assert len(set(groups[4 * g : 4 * g + 4].tolist())) == 1
+    # without the cap the two templates chain everything
+    assert group_ids(titles, descriptions, max_group=200).max() == 0
+
+
+def test_no_validation_split_leaves_every_product_to_train() -> None:
+    # what the stack asks for: it stops nothing early and selects out of fold
+    y = np.eye(4, dtype=np.int64)[np.arange(200) % 4]
+    splits = stratified_splits(y, validation=0.0, calibration=0.0, test=0.0, seed=0)
+    assert splits.train.tolist() == list(range(200))
+    assert splits.validation.size == splits.calibration.size == splits.test.size == 0
 
 
 def test_a_group_of_variants_never_spans_two_splits_or_folds(taxonomy: Taxonomy) -> None:

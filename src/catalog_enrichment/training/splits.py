@@ -1,6 +1,6 @@
 """Reproducible train / validation / calibration / test splits, stratified over every attribute value
-(iterative stratification for multi-label data, as in paper 004), and grouped: products whose text is
-the same (a product's colour or size variants) always land in the same split.
+(iterative stratification for multi-label data, as in paper 004), and grouped: products that share a
+title or a description (a product's colour or size variants) always land in the same split.
 
 Why grouped: variants share a name and a description. Split one by one, the calibration split holds
 siblings of training products, which the model scores as if it had seen them (it has): calibrated
@@ -23,6 +23,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 __all__ = [
     "AUTO_CALIBRATION_PRODUCTS",
     "AUTO_CROSSFIT_BELOW",
+    "MAX_GROUP",
     "MIN_ROWS",
     "Splits",
     "calibration_fraction",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 MIN_ROWS = 50
+# the largest group a shared title or description may join (group_ids): larger is a template
+MAX_GROUP = 64
 # The automatic calibration split: this many products, kept between 15 % and 30 % of the table.
 AUTO_CALIBRATION_PRODUCTS = 600
 _AUTO_CALIBRATION_RANGE = (0.15, MAX_AUTO_CALIBRATION)
@@ -95,15 +98,54 @@ def _split_off(y: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tu
     return np.sort(idx[rest]), np.sort(idx[part])
 
 
-def group_ids(titles: Sequence[str], descriptions: Sequence[str | None]) -> np.ndarray:
-    """``(n,)`` group of each product: products with the same title and description (compared
-    case- and whitespace-insensitively) are one group, numbered in order of first appearance."""
-    seen: dict[tuple[str, str], int] = {}
-    out = np.empty(len(titles), np.int64)
-    for i, (title, description) in enumerate(zip(titles, descriptions, strict=True)):
-        key = (" ".join((title or "").lower().split()), " ".join((description or "").lower().split()))
-        out[i] = seen.setdefault(key, len(seen))
-    return out
+def _folded(text: str | None) -> str:
+    return " ".join((text or "").lower().split())
+
+
+def group_ids(
+    titles: Sequence[str], descriptions: Sequence[str | None], *, max_group: int = MAX_GROUP
+) -> np.ndarray:
+    """``(n,)`` group of each product, numbered in order of first appearance: products that share a
+    title or a description (compared case- and whitespace-insensitively; an empty description
+    links nothing) are one group, transitively - a product's variants, whose names or texts were
+    edited apart, stay together.
+
+    A shared text stops joining groups once the joined group would pass ``max_group`` products:
+    a boilerplate description or a generic title is a template, not one product's variants, and
+    would chain much of a catalog into one group. Texts are joined rarest first (the ones that name
+    one product); products with the same title and description are always one group.
+    """
+    n = len(titles)
+    parent = np.arange(n)
+    size = np.ones(n, np.int64)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    def join(rows: list[int], cap: int | None) -> None:
+        for i in rows[1:]:
+            a, b = root(rows[0]), root(i)
+            if a != b and (cap is None or size[a] + size[b] <= cap):
+                parent[b], size[a] = a, size[a] + size[b]
+
+    folded = [(_folded(t), _folded(d)) for t, d in zip(titles, descriptions, strict=True)]
+    links: dict[tuple[str, ...], list[int]] = {}
+    for i, (title, description) in enumerate(folded):
+        links.setdefault(("both", title, description), []).append(i)
+    for rows in links.values():
+        join(rows, None)
+    shared: dict[tuple[str, str], list[int]] = {}
+    for i, (title, description) in enumerate(folded):
+        shared.setdefault(("title", title), []).append(i)
+        if description:
+            shared.setdefault(("description", description), []).append(i)
+    for key in sorted(shared, key=lambda k: (len(shared[k]), k)):
+        join(shared[key], max_group)
+    first: dict[int, int] = {}
+    return np.array([first.setdefault(root(i), len(first)) for i in range(n)], np.int64)
 
 
 def _by_group(y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,9 +207,12 @@ def stratified_splits(
         rest, calib_idx = _split_off(y, rest, calibration / (1 - test), seed + 1)
     else:  # cross-fitted calibration: out-of-fold scores of the training split instead
         calib_idx = np.zeros(0, np.int64)
-    train_idx, val_idx = _split_off(y, rest, validation / (1 - test - calibration), seed + 2)
+    if validation > 0:
+        train_idx, val_idx = _split_off(y, rest, validation / (1 - test - calibration), seed + 2)
+    else:  # nothing stops early or selects on a split (the stack: chosen out of fold)
+        train_idx, val_idx = rest, np.zeros(0, np.int64)
     splits = Splits(train_idx, val_idx, calib_idx, test_idx)
-    optional = {"calibration": calibration > 0, "test": test > 0}
+    optional = {"validation": validation > 0, "calibration": calibration > 0, "test": test > 0}
     empty = [k for k, v in splits.sizes().items() if v == 0 and optional.get(k, True)]
     if empty:
         raise CatalogEnrichError(
