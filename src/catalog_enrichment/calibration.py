@@ -13,7 +13,9 @@ right, with probability ``confidence``. Learn-then-Test over a one-parameter fam
    pooled curve, ``(k_v(t) + m P(t)) / (n_v(t) + m)`` with ``m = shrinkage``: a value with much
    evidence gets its own threshold, a tail value with little or none shares the pooled one; no
    value is planned below the floor, however much the others would carry it. Without family data
-   every value shares one threshold, ``t(lam) = max(lam, value_floor)``.
+   (a model that trains on every product and calibrates out of fold) every value shares one
+   threshold and the family is the grid itself, from the top down: on calibrated scores one
+   threshold is what keeps the most writes at a pooled precision.
 2. **The test**: down the levels in a fixed order, ``H_lam`` = "the pooled precision of what
    ``t(lam)`` writes is below target" is rejected when a one-sided lower bound (Wilson or
    Clopper–Pearson at ``confidence``) on the calibration split's pooled precision is ``>=
@@ -24,10 +26,13 @@ right, with probability ``confidence``. Learn-then-Test over a one-parameter fam
    Because the family is fixed before the calibration labels are looked at and the levels are
    tested in a fixed order at the full confidence, the chance of choosing a level whose pooled
    precision is below target is at most ``1 - confidence``.
-3. **The per-value guard** then keeps out a value whose own evidence (calibration and family
-   writes at its threshold) shows it is significantly below ``value_floor``: its one-sided upper
-   bound is below the floor. Dropping such a value only removes writes that are likely worse than
-   the target, so it does not weaken the pooled guarantee.
+3. **The per-value guard** then asks of every written value whether its own evidence
+   (calibration and family writes at its threshold) misses the target: its one-sided upper bound,
+   at the attribute's confidence shared over the written values (Bonferroni), is below it. Such a
+   value's threshold rises up the grid to where its evidence stops missing, or the value is kept
+   out where nothing is left to write on. Either only removes writes that are likely worse than the
+   target, so it does not weaken the pooled guarantee; and a night whose mix of values differs from
+   calibration's cannot fill up on a value that is known to miss it.
 
 ``scope="value"``: the strict rule — every (attribute, value) proves the target on its own by a
 fixed-sequence test down the grid, with at least ``min_support`` true examples. About 52
@@ -159,7 +164,8 @@ class ValueThreshold:
 class PooledEvidence:
     """What the attribute-scope test proved on the calibration split.
 
-    ``level`` is the chosen family level (``None``: no level passed, nothing is written);
+    ``level`` is the chosen family level - without family data, the shared threshold - (``None``:
+    no level passed, nothing is written);
     ``n_written``/``n_correct``/``precision``/``lower_bound`` describe every value written at that
     level before the guard; ``levels_tested`` counts the tests run (the last one failed unless the
     grid ran out); ``guarded`` names the values the per-value guard kept out.
@@ -245,8 +251,8 @@ class Calibration:
         )
 
 
-# The candidate thresholds: a fixed grid, dense near 1 (1 - 10^(-3 + 3 i / 63)), tested from the top.
-THRESHOLD_GRID = 1.0 - np.logspace(-3.0, 0.0, 64)
+# The candidate thresholds: a fixed grid, dense near 1 (1 - 10^(-3 + 3 i / 191)), tested from the top.
+THRESHOLD_GRID = 1.0 - np.logspace(-3.0, 0.0, 192)
 # The attribute scope's family levels (required estimated precision), from 0.999 down to 0.5.
 LEVELS = 1.0 - np.logspace(-3.0, np.log10(0.5), 96)
 
@@ -366,20 +372,19 @@ def _pick_threshold(
 
 def threshold_family(
     n: np.ndarray | None, k: np.ndarray | None, *, n_values: int, shrinkage: float, floor: float
-) -> np.ndarray:
-    """The attribute-scope family: ``(len(LEVELS), V)`` grid indices, ``-1`` = value not written.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The attribute-scope family: ``(levels (L,), grid indices (L, V))``, ``-1`` = value not written.
 
-    ``n``/``k``: ``(V, G)`` family-data counts written and right at each grid threshold (``None``:
-    no family data, every value shares ``t(lam) = max(lam, floor)``). Row ``l`` holds, per value,
-    the lowest grid point down to which the value's shrunk precision estimate stays ``>=
-    max(LEVELS[l], floor)``: the thresholds only fall as the level falls, and no value is planned
-    below the floor however much the others would carry it.
+    ``n``/``k``: ``(V, G)`` family-data counts written and right at each grid threshold. Row ``l``
+    holds, per value, the lowest grid point down to which the value's shrunk precision estimate
+    stays ``>= max(LEVELS[l], floor)``: the thresholds only fall as the level falls, and no value is
+    planned below the floor however much the others would carry it. Without family data (``None``)
+    the levels are the grid's thresholds, each shared by every value.
     """
-    levels = np.maximum(LEVELS, floor)
     if n is None or k is None or int(n.sum()) == 0:
-        # label-free: the smallest grid threshold at or above the level, shared by every value
-        shared = np.searchsorted(-THRESHOLD_GRID, -levels, side="right") - 1
-        return np.repeat(shared[:, None], n_values, axis=1)
+        shared = np.arange(THRESHOLD_GRID.size)
+        return THRESHOLD_GRID, np.repeat(shared[:, None], n_values, axis=1)
+    levels = np.maximum(LEVELS, floor)
     big_n, big_k = n.sum(axis=0), k.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         pooled = np.where(big_n > 0, big_k / big_n, np.nan)
@@ -389,7 +394,7 @@ def threshold_family(
     estimate = np.where(big_n[None, :] > 0, estimate, np.inf)
     safe = np.minimum.accumulate(estimate, axis=1)  # non-increasing down the grid
     passes = safe[None, :, :] >= levels[:, None, None]  # (L, V, G), a prefix of True per (l, v)
-    return passes.sum(axis=2) - 1
+    return LEVELS, passes.sum(axis=2) - 1
 
 
 def _pooled_test(
@@ -403,6 +408,9 @@ def _pooled_test(
     min_writes: int,
 ) -> tuple[int | None, int, np.ndarray, np.ndarray]:
     """Fixed-sequence test down the family's levels on calibration counts ``n``/``k`` ``(V, G)``.
+    A level that writes nothing more than the level before it is not tested: the chosen level is
+    the first (highest) of those that write what it writes, never one below every calibration
+    score that supports it.
 
     Returns (chosen level index or ``None``, levels tested, pooled writes and rights per level).
     """
@@ -412,7 +420,8 @@ def _pooled_test(
     writes = np.where(live, n[cols[None, :], idx], 0).sum(axis=1)
     rights = np.where(live, k[cols[None, :], idx], 0).sum(axis=1)
     lb = lower_bound(rights, writes, confidence=confidence, method=bound)
-    chosen, tested = _fixed_sequence(lb, writes >= min_writes, target)
+    more = np.diff(writes, prepend=0) > 0
+    chosen, tested = _fixed_sequence(lb, (writes >= min_writes) & more, target)
     return chosen, tested, writes, rights
 
 
@@ -444,7 +453,7 @@ def calibrate_attribute(
             validation split) that shapes the attribute-scope family; ``None`` = one shared threshold.
         min_support: value scope: fewest true calibration examples a value needs; attribute scope:
             fewest pooled calibration writes before a level is tested (with :func:`min_testable_writes`).
-        value_floor: attribute scope: a value whose one-sided upper bound is below this is kept out.
+        value_floor: attribute scope: no value is planned below this estimated precision in the family.
         shrinkage: attribute scope: pseudo-count pulling a value's precision toward the pooled one.
     """
     _check_options(target, confidence, min_support, value_floor, shrinkage, scope)
@@ -482,7 +491,7 @@ def _attribute_scope(
 ) -> AttributeCalibration:
     """The attribute scope: a family of per-value thresholds (from ``fam``, the validation split's
     curves) tested down from the strictest level on the pooled calibration writes."""
-    family = threshold_family(
+    levels, family = threshold_family(
         *(fam or (None, None)), n_values=len(values), shrinkage=shrinkage, floor=value_floor
     )
     n_cal, k_cal = _curves(cands)
@@ -500,6 +509,11 @@ def _attribute_scope(
             ValueThreshold(v, None, s, reason=why) for v, (_, _, s) in zip(values, cands, strict=True)
         )
         return AttributeCalibration(name, kind, none, PooledEvidence(None, 0, 0, None, None, tested))
+    written = [int(family[chosen, v]) >= 0 and n_cal[v][family[chosen, v]] > 0 for v in range(len(values))]
+    # the guard asks of every written value whether its own evidence misses the target: at the
+    # attribute's confidence over them all (Bonferroni), so a value that does reach the target is
+    # held back by chance at most at that rate
+    guard = 1.0 - (1.0 - confidence) / max(sum(written), 1)
     out = [
         _value_at_level(
             value,
@@ -509,13 +523,14 @@ def _attribute_scope(
             support,
             confidence,
             bound,
-            value_floor,
+            target,
+            guard,
         )
         for v, (value, (_, _, support)) in enumerate(zip(values, cands, strict=True))
     ]
     w, r = int(writes[chosen]), int(rights[chosen])
     pooled = PooledEvidence(
-        float(LEVELS[chosen]),
+        float(levels[chosen]),
         w,
         r,
         r / w,
@@ -566,29 +581,45 @@ def _value_at_level(
     support: int,
     confidence: float,
     bound: BoundName,
-    value_floor: float,
+    target: float,
+    guard: float,
 ) -> ValueThreshold:
     """Attribute scope: one value at the chosen level's threshold index ``g`` (-1: never reaches
     it), with its calibration evidence (``cal``: its writes and rights per threshold; ``fam``: the
-    family's); kept out by the guard when its upper bound on both together is below ``value_floor``."""
+    family's). The guard: where the value's own evidence (both together) shows it below ``target``
+    - its upper bound at confidence ``guard`` is below it - its threshold rises up the grid to the
+    first point where it does not; a value whose evidence misses the target wherever it writes
+    anything is kept out.
+    Either only removes writes that are likely worse than the target."""
     if g < 0:
         return ValueThreshold(value, None, support, reason="never reaches the level in the family")
-    n_v, k_v = int(cal[0][g]), int(cal[1][g])
-    n_all = n_v + (int(fam[0][g]) if fam is not None else 0)
-    k_all = k_v + (int(fam[1][g]) if fam is not None else 0)
-    upper = float(wilson_upper(k_all, n_all, confidence=confidence))
+    n_all, k_all = cal[0].copy(), cal[1].copy()
+    if fam is not None:
+        n_all, k_all = n_all + fam[0], k_all + fam[1]
+    upper = wilson_upper(k_all[: g + 1], n_all[: g + 1], confidence=guard)
+    raised = g
+    while raised >= 0 and upper[raised] < target:  # up the grid, to where it stops missing
+        raised -= 1
+    if raised < g and (raised < 0 or n_all[raised] == 0):  # ... with evidence left to write on
+        raised = -1
+    while 0 < raised < g and n_all[raised - 1] == n_all[raised]:  # the highest that writes as much
+        raised -= 1
+    n_v, k_v = (int(cal[0][raised]), int(cal[1][raised])) if raised >= 0 else (0, 0)
     evidence: dict[str, Any] = {
         "n_written": n_v,
         "n_correct": k_v,
         "precision": k_v / n_v if n_v else None,
         "lower_bound": float(lower_bound(k_v, n_v, confidence=confidence, method=bound)),
         "recall": k_v / support if support else 0.0,
-        "upper_bound": upper,
+        "upper_bound": float(upper[g]),
     }
-    if upper < value_floor:
-        reason = f"guard: upper bound {upper:.3f} < floor {value_floor} ({k_all}/{n_all} right)"
-        return ValueThreshold(value, None, support, **evidence, reason=reason)
-    return ValueThreshold(value, float(THRESHOLD_GRID[g]), support, **evidence)
+    if raised == g:
+        return ValueThreshold(value, float(THRESHOLD_GRID[g]), support, **evidence)
+    missed = f"upper bound {upper[g]:.3f} < target {target} ({int(k_all[g])}/{int(n_all[g])} right)"
+    if raised < 0:
+        return ValueThreshold(value, None, support, **evidence, reason=f"guard: {missed}; kept out")
+    reason = f"guard: {missed} at {THRESHOLD_GRID[g]:.4f}; raised to {THRESHOLD_GRID[raised]:.4f}"
+    return ValueThreshold(value, float(THRESHOLD_GRID[raised]), support, **evidence, reason=reason)
 
 
 def version_target(configured: float, calibrated: float, version: str) -> float:
