@@ -433,7 +433,13 @@ class TrainingConfig(_Section):
         "business metric; average_precision keeps ranking epochs when the validation labels are noisy "
         "(with more than 5 % of them wrong, no model reaches 95 % precision on them and R@P95 is ~0).",
     )
-    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    validation_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share held out to stop training and shape the thresholds; the stack fusion holds none "
+        "(it stops nothing early and chooses out of fold).",
+    )
     calibration_fraction: float | None = Field(
         None,
         gt=0,
@@ -450,7 +456,7 @@ class TrainingConfig(_Section):
         "(K + 1 trainings); None = chosen for the data: 3 folds below 10,000 labelled products, else 0 "
         "(see training/splits.py). Cross-fitting adds an assumption: the final model, trained on all of "
         "the training split, scores new products at least as precisely as the fold models scored their "
-        "held-out folds.",
+        "held-out folds. The stack fusion always cross-fits: its folds, 5 when None or 0.",
     )
     encoders: Literal["finetune", "frozen", "last_n"] = Field(
         "finetune",
@@ -517,8 +523,9 @@ class CalibrationConfig(_Section):
         0.90,
         gt=0,
         lt=1,
-        description="attribute scope: a value whose own one-sided upper bound on precision is below this "
-        "is never written.",
+        description="attribute scope with a validation split: no value's planned threshold goes down to "
+        "where its estimated precision is below this (the per-value guard then holds each written value "
+        "to the target).",
     )
     shrinkage: float = Field(
         20.0,

@@ -195,6 +195,9 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     cfg = cfg.model_copy(update={"model": model_cfg})
     trained = train_and_calibrate(table, taxonomy, cfg)
     assert trained.heldout_fit["penalties"].keys() == {a.name for a in taxonomy}
+    # no validation split: every product but the test split trains, and calibrates out of fold
+    assert trained.splits.validation.size == 0 and trained.heldout.family is None
+    assert trained.splits.train.size + trained.splits.test.size == table.num_rows
     position = {pid: i for i, pid in enumerate(table["product_id"].to_pylist())}
     test_rows = table.take([position[trained.product_ids[i]] for i in trained.splits.test])
     bundle = load_bundle(save_trained(trained, tmp_path / "bundle"))

@@ -49,9 +49,7 @@ def texts(
         return x if isinstance(x, str) else ""
 
     cats = categories if categories is not None else [None] * len(titles)
-    return [
-        f"{text(t)} . {text(d)} . {text(c)}" for t, d, c in zip(titles, descriptions, cats, strict=True)
-    ]
+    return [f"{text(t)} . {text(d)} . {text(c)}" for t, d, c in zip(titles, descriptions, cats, strict=True)]
 
 
 def ngram_counts(

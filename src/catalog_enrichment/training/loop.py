@@ -102,11 +102,12 @@ STACK_FOLDS = 5
 class HeldOut:
     """Scores and labels of the held-out sets a version keeps, to calibrate it again
     (:meth:`TrainedModel.recalibrate`): ``calibration`` (out-of-fold or the calibration split),
-    ``family`` (the validation split, which shapes the attribute scope's threshold family) and
-    ``health`` (what the run health profile is counted on)."""
+    ``family`` (the validation split, which shapes the attribute scope's threshold family; None
+    without one: every value then shares the threshold) and ``health`` (what the run health profile
+    is counted on)."""
 
     calibration: tuple[Predictions, EncodedLabels]
-    family: tuple[Predictions, EncodedLabels]
+    family: tuple[Predictions, EncodedLabels] | None
     health: tuple[Predictions, EncodedLabels]
 
     def calibrate(self, taxonomy: Taxonomy, cfg: AppConfig, inputs: InputBaseline | None) -> Calibration:
@@ -343,12 +344,14 @@ def _split(
         table = pa.concat_tables([table, test_table.select(table.column_names)], promote_options="default")
     labels = encode_labels(table, taxonomy)
     groups = group_ids(*_texts(table))
-    folds = crossfit_folds(n_own, tcfg.crossfit_folds)
+    stack = fusion_class(cfg.model.fusion).needs_lexical
+    folds = (tcfg.crossfit_folds or STACK_FOLDS) if stack else crossfit_folds(n_own, tcfg.crossfit_folds)
     own = np.arange(n_own)
     try:
         splits = split_labels(
             labels.subset(own),
-            validation=tcfg.validation_fraction,
+            # the stack stops nothing early and chooses out of fold: it trains on every product
+            validation=0.0 if stack else tcfg.validation_fraction,
             calibration=0.0 if folds else calibration_fraction(n_own, tcfg.calibration_fraction),
             test=0.0 if test_table is not None else tcfg.test_fraction,
             seed=tcfg.seed,
@@ -530,7 +533,7 @@ def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, Enco
     model = data.fresh_model(cfg.training.seed, cfg.model)
     fit = fit_stack(
         model, data.embeddings, data.labels, train, data.groups, data.taxonomy,
-        folds=cfg.training.crossfit_folds or STACK_FOLDS, seed=cfg.training.seed, say=say,
+        folds=data.folds, seed=cfg.training.seed, say=say,
     )  # fmt: skip
     chosen = {"penalties": fit.penalties, "mix": fit.mix}
     return model, (fit.oof, data.labels.subset(train)), [FitResult([], 0, chosen)]
@@ -577,8 +580,11 @@ def _held_out(
         return predict(model, data.scoring(idx), data.device), data.labels.subset(idx)
 
     calibration = oof or scored(data.splits.calibration)
-    family, test = scored(data.splits.validation), scored(data.splits.test)
-    return HeldOut(calibration, family, family if data.external_test else test), *test
+    family = scored(data.splits.validation) if data.splits.validation.size else None
+    test = scored(data.splits.test)
+    # without a validation split (the stack) the out-of-fold scores of the served construction
+    health = test if not data.external_test else (family or calibration)
+    return HeldOut(calibration, family, health), *test
 
 
 def _report(
@@ -595,7 +601,7 @@ def _report(
     and the mean modality weights where there are any."""
     taxonomy = data.taxonomy
     report = EvaluationReport(evaluate(test_preds, test_labels, taxonomy, calibration))
-    if fold_val is not None:
+    if fold_val is not None and heldout.family is not None:
         report.crossfit = fold_gap(fold_val, heldout.family[0], heldout.family[1], taxonomy, say)
     if isinstance(model, EnsembleModel):  # each member alone on the same test split
         loader = data.scoring(data.splits.test)

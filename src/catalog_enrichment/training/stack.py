@@ -1,10 +1,15 @@
 """Fitting the ``stack`` fusion (``models.fusion.StackFusion``) over cached encoder outputs.
 
-Every block is a linear learner fitted to convergence (scikit-learn's L-BFGS logistic regression;
-one-vs-rest for a multi-label attribute, one softmax for a multi-class or single-valued one) on each
-block's standardised features, one per cross-fit fold. Per block and attribute the L2 penalty is
-the one of :data:`PENALTIES` whose out-of-fold log-loss is lowest. A meta-learner per attribute
-(one weight per block, a bias per value) is fitted on the blocks' out-of-fold scores.
+Every block is a linear learner fitted to convergence by full-batch L-BFGS (torch): one softmax for
+a multi-class or single-valued attribute, independent sigmoids (one-vs-rest) for a multi-label one,
+with an L2 penalty, on each cross-fit fold. Blocks are put on one scale first - the n-gram rows are
+L2-normalised TF-IDF, each dense block is standardised with its training statistics and divided by
+the square root of its width - so one penalty grid (:data:`PENALTIES`, scikit-learn's ``C``) serves
+every block. Per block and attribute the penalty is the one of the grid whose held-out average
+precision on the first fold is highest (along a warm-started path); the other folds are fitted at
+it. Average precision ranks the confident predictions that R@P95 lives on; log-loss prefers the
+blunter models. A meta-learner per attribute (one weight per block, a bias per value) is fitted on
+the blocks' out-of-fold scores.
 
 What serves is the mean of the fold models (the mean of linear learners over one feature space is
 a linear learner: their weights averaged), under the meta-learner fitted on every out-of-fold
@@ -15,7 +20,7 @@ thresholds are computed on scores of the predictor that serves, not on a differe
 
 from __future__ import annotations
 
-import warnings
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +29,9 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import AttributeKind, Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.metrics import attribute_average_precision
 from catalog_enrichment.models.fusion import STACK_BLOCKS, StackFusion, stack_scores
 from catalog_enrichment.models.lexical import document_frequency, tfidf
 from catalog_enrichment.models.model import MultimodalModel
@@ -36,12 +42,12 @@ from catalog_enrichment.types import Say
 
 __all__ = ["PENALTIES", "StackFit", "fit_stack", "single_valued"]
 
-# inverse L2 strengths (scikit-learn's C) tried per block and attribute
-PENALTIES = (0.001, 0.01, 0.1, 1.0, 10.0)
+# inverse L2 strengths (scikit-learn's C) tried per block and attribute, on blocks of unit row norm
+PENALTIES = (1.0, 4.0, 16.0, 64.0)
 _META_L2 = 1e-3
 _ABSENT = -20.0  # the logit of a value no product of a fold's training rows has
-_MAX_ITER, _TOL = 200, 1e-3
-_JOBS = 2  # blocks fitted side by side (scikit-learn's L-BFGS over sparse rows runs on one core)
+_MAX_ITER = 200
+_JOBS = 2  # (attribute, block) fits side by side, one core each
 
 
 @dataclass
@@ -83,95 +89,139 @@ def _target(labels: EncodedLabels, attr: str, n_values: int) -> _Target:
     return _Target(t, labels.known[attr], False, n_values)
 
 
-def _fit_linear(
-    x: Any, target: _Target, rows: np.ndarray, c: float, start: Any = None
-) -> tuple[np.ndarray, np.ndarray, Any]:
-    """``(weight (d, V), bias (V,), state)`` of logistic regression fitted on ``rows`` of ``x``;
-    ``state`` warm-starts the next fit on the same rows (a path over ascending ``c``)."""
-    from sklearn.linear_model import LogisticRegression
+class _SparseProduct(torch.autograd.Function):
+    """``x @ weight`` for a SciPy CSR ``x``, differentiable in ``weight``: both products in SciPy
+    (``x`` and its transpose kept in CSR), which runs them far faster than torch's sparse kernels."""
 
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, x: Any, xt: Any) -> torch.Tensor:
+        ctx.xt = xt
+        return torch.from_numpy(np.asarray(x @ weight.detach().numpy(), np.float32))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return torch.from_numpy(np.asarray(ctx.xt @ grad.numpy(), np.float32)), None, None
+
+
+def _linear_map(x: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``weight -> x @ weight`` for a dense (NumPy) or sparse (SciPy CSR) block."""
+    if hasattr(x, "indptr"):
+        csr, csr_t = x.astype(np.float32), x.T.tocsr().astype(np.float32)
+        return lambda weight: _SparseProduct.apply(weight, csr, csr_t)
+    dense = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    return lambda weight: dense @ weight
+
+
+def _fit_linear(
+    x: Any, target: _Target, rows: np.ndarray, c: float, start: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight (d, V), bias (V,))`` of the L2-penalised logistic regression fitted on ``rows`` of
+    ``x`` (scikit-learn's objective: ``C`` times the summed log-loss plus half the squared weights),
+    by full-batch L-BFGS from ``start`` (a warm start: the fit at the previous penalty of a path). A
+    value the rows never have (or, multi-label, always have) gets no weights and a bias of
+    -/+ :data:`_ABSENT`."""
     rows = rows[target.known[rows]]
     d, v = x.shape[1], target.n_values
-    weight, bias = np.zeros((d, v), np.float32), np.full(v, _ABSENT, np.float32)
-    states = dict(start or {})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # lbfgs's ConvergenceWarning at max_iter
-        if target.softmax:
-            y = target.y[rows]
-            classes = np.unique(y)
-            if classes.size == 1:
-                bias[classes[0]] = 0.0
-                return weight, bias, states
-            model = states.get(-1) or LogisticRegression(max_iter=_MAX_ITER, tol=_TOL, warm_start=True)
-            model.set_params(C=c).fit(x[rows], y)
-            states[-1] = model
-            coef, intercept = model.coef_, model.intercept_
-            if classes.size == 2:  # sklearn's binary case: one row for the second class
-                coef = np.stack([-coef[0] / 2, coef[0] / 2])
-                intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-            weight[:, classes], bias[classes] = coef.T, intercept
-            return weight, bias, states
-        for value in range(v):
-            y = target.y[rows, value] > 0.5
-            if not y.any() or y.all():
-                bias[value] = _ABSENT if not y.any() else -_ABSENT
-                continue
-            model = states.get(value) or LogisticRegression(max_iter=_MAX_ITER, tol=_TOL, warm_start=True)
-            model.set_params(C=c).fit(x[rows], y)
-            states[value] = model
-            weight[:, value], bias[value] = model.coef_[0], model.intercept_[0]
-    return weight, bias, states
+    product = _linear_map(x[rows])
+    if target.softmax:
+        y = torch.from_numpy(target.y[rows].astype(np.int64))
+        live = torch.zeros(v, dtype=torch.bool)
+        live[y.unique()] = True
+        fixed = torch.full((v,), _ABSENT)
+    else:
+        y = torch.from_numpy(target.y[rows].astype(np.float32))
+        share = y.mean(dim=0)
+        live = (share > 0) & (share < 1)
+        fixed = torch.where(share > 0, -_ABSENT, _ABSENT)
+    weight = torch.zeros(d, v) if start is None else torch.from_numpy(start[0].copy())
+    bias = torch.zeros(v) if start is None else torch.from_numpy(start[1].copy())
+    if (target.softmax and int(live.sum()) > 1) or (not target.softmax and bool(live.any())):
+        weight.requires_grad_(True)
+        bias.requires_grad_(True)
+        penalty = 0.5 / (c * rows.size)  # per row, as the loss is a mean over rows
+        optimizer = torch.optim.LBFGS(
+            [weight, bias], max_iter=_MAX_ITER, history_size=20, line_search_fn="strong_wolfe",
+            tolerance_grad=1e-6, tolerance_change=1e-9,
+        )  # fmt: skip
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            logits = product(weight) + bias
+            if target.softmax:
+                loss = torch.nn.functional.cross_entropy(logits.masked_fill(~live, -1e4), y)
+            else:
+                per = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+                loss = (per * live).sum(dim=1).mean()
+            loss = loss + penalty * (weight * live).square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    w, b = weight.detach().numpy().copy(), bias.detach().numpy().copy()
+    w[:, ~live.numpy()] = 0.0
+    b[~live.numpy()] = fixed[~live].numpy()
+    return w, b
 
 
 def _fit_block(
     x: Any, target: _Target, folds: list[tuple[np.ndarray, np.ndarray]], penalties: Sequence[float]
+) -> tuple[float, float, np.ndarray, list[tuple[np.ndarray, np.ndarray]], float]:
+    """One block's learners for one attribute: ``(C, out-of-fold average precision, normalised
+    out-of-fold scores, each fold's (weight, bias), seconds)``. The penalty is chosen on the first
+    fold's held-out average precision along a warm-started path; the other folds are fitted at that
+    penalty."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core of its own beside the other fits' (see _JOBS)
+    started = time.perf_counter()
+    try:
+        return (*_fit_path(x, target, folds, penalties), time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cost(x: Any, target: _Target) -> float:
+    """About how long a block's fit takes: nonzero features per row times values."""
+    per_row = x.nnz / max(x.shape[0], 1) if hasattr(x, "nnz") else x.shape[1]
+    return float(per_row * target.n_values)
+
+
+def _fit_path(
+    x: Any, target: _Target, folds: list[tuple[np.ndarray, np.ndarray]], penalties: Sequence[float]
 ) -> tuple[float, float, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """One block's learners for one attribute: ``(C, out-of-fold log-loss, normalised out-of-fold
-    scores, each fold's (weight, bias))``. The penalty is chosen on the first fold's held-out
-    log-loss along a warm-started path; the other folds are fitted at that penalty."""
     n = x.shape[0]
     scores = np.zeros((n, target.n_values), np.float32)
     fit_pos, out_pos = folds[0]
     best: tuple[float, float, tuple[np.ndarray, np.ndarray]] | None = None
     state = None
     for c in sorted(penalties):
-        w, b, state = _fit_linear(x, target, fit_pos, c, state)
-        loss = _log_loss(
-            _normalised(x[out_pos] @ w + b, target.softmax), target, np.arange(out_pos.size), out_pos
-        )
-        if best is None or loss < best[0]:
-            best = (loss, c, (w, b))
+        state = _fit_linear(x, target, fit_pos, c, state)
+        z = _normalised(x[out_pos] @ state[0] + state[1], target.softmax)
+        held = _average_precision(z, target, out_pos)
+        if best is None or held > best[0]:
+            best = (held, c, state)
     assert best is not None
     c = best[1]
     fits = [best[2]]
-    for fit_pos, _ in folds[1:]:
-        w, b, _ = _fit_linear(x, target, fit_pos, c)
-        fits.append((w, b))
+    for fit_pos, _ in folds[1:]:  # warm-started from the first fold's fit: the folds share most rows
+        fits.append(_fit_linear(x, target, fit_pos, c, best[2]))
     for (w, b), (_, out_pos) in zip(fits, folds, strict=True):
         scores[out_pos] = x[out_pos] @ w + b
     normalised = _normalised(scores, target.softmax)
-    return c, _log_loss(normalised, target, np.arange(n)), normalised, fits
+    return c, _average_precision(normalised, target, np.arange(n)), normalised, fits
+
+
+def _average_precision(z: np.ndarray, target: _Target, rows: np.ndarray) -> float:
+    """Average precision (:func:`catalog_enrichment.metrics.attribute_average_precision`) of normalised
+    scores ``z`` (one row per entry of ``rows``, the target's rows) over the labelled ones."""
+    known = target.known[rows]
+    kind: AttributeKind = "multiclass" if target.softmax else "multilabel"
+    ap = attribute_average_precision(z[known], target.y[rows][known], kind)
+    return 0.0 if np.isnan(ap) else ap
 
 
 def _normalised(scores: np.ndarray, softmax: bool) -> np.ndarray:
     t = torch.from_numpy(scores)
     return (torch.log_softmax(t, dim=-1) if softmax else t).numpy()
-
-
-def _log_loss(
-    z: np.ndarray, target: _Target, rows: np.ndarray, label_rows: np.ndarray | None = None
-) -> float:
-    """Mean log-loss of normalised scores ``z`` over its labelled ``rows`` (whose labels are the
-    target's ``label_rows``, the same rows unless given)."""
-    label_rows = rows if label_rows is None else label_rows
-    known = target.known[label_rows]
-    rows, label_rows = rows[known], label_rows[known]
-    if target.softmax:
-        return float(-z[rows, target.y[label_rows]].mean())
-    y = target.y[label_rows]
-    logp = -np.logaddexp(0, -z[rows])
-    lognp = -np.logaddexp(0, z[rows])
-    return float(-(y * logp + (1 - y) * lognp).mean())
 
 
 def _fit_meta(
@@ -213,9 +263,12 @@ def _meta_probs(
 
 
 def _standardise(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, scale)`` over ``rows``: each feature standardised and the block divided by the square
+    root of its width, so a row's norm is about 1 whatever the block (as an n-gram row's is)."""
     mean = x[rows].mean(axis=0) if rows.size else np.zeros(x.shape[1], np.float32)
-    scale = x[rows].std(axis=0) if rows.size else np.ones(x.shape[1], np.float32)
-    return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
+    sd = x[rows].std(axis=0) if rows.size else np.ones(x.shape[1], np.float32)
+    scale = np.where(sd > 1e-6, sd, 1.0) * np.sqrt(x.shape[1])
+    return mean.astype(np.float32), scale.astype(np.float32)
 
 
 def fit_stack(
@@ -263,33 +316,43 @@ def fit_stack(
         for b in STACK_BLOCKS
     }
     oof_probs: dict[str, np.ndarray] = {}
-    chosen: dict[str, dict[str, float]] = {}
+    chosen: dict[str, dict[str, float]] = {a.name: {} for a in taxonomy}
     mixes: dict[str, dict[str, float]] = {}
+    targets = [
+        _target(labels.subset(train), a.name, fusion.offsets[k + 1] - fusion.offsets[k])
+        for k, a in enumerate(taxonomy)
+    ]
+    z = [np.zeros((len(STACK_BLOCKS), n, t.n_values), np.float32) for t in targets]
+    # every (attribute, block) fit in one pool, the costliest first, so the workers finish together
+    jobs = sorted(
+        ((k, b) for k in range(len(targets)) for b in range(len(STACK_BLOCKS))),
+        key=lambda j: -_cost(blocks[STACK_BLOCKS[j[1]]], targets[j[0]]),
+    )
+    fitted = Parallel(n_jobs=_JOBS, return_as="generator")(
+        delayed(_fit_block)(blocks[STACK_BLOCKS[b]][train], targets[k], fold_rows, penalties) for k, b in jobs
+    )
+    for (k, b), (c, held, scores, fits, seconds) in zip(jobs, fitted, strict=True):
+        name, block = taxonomy.names[k], STACK_BLOCKS[b]
+        lo, hi = fusion.offsets[k], fusion.offsets[k + 1]
+        z[k][b] = scores
+        chosen[name][block] = c
+        weight, bias = served[block]
+        weight[:, lo:hi] = np.mean([w for w, _ in fits], axis=0)
+        bias[lo:hi] = np.mean([bb for _, bb in fits], axis=0)
+        say(f"stack: {name} / {block}: C {c:g}, out-of-fold average precision {held:.3f} ({seconds:.0f} s)")
     for k, attr in enumerate(taxonomy):
         lo, hi = fusion.offsets[k], fusion.offsets[k + 1]
-        target = _target(labels.subset(train), attr.name, hi - lo)
+        target = targets[k]
         fusion.single[k] = attr.kind == "multilabel" and target.softmax
-        z = np.zeros((len(STACK_BLOCKS), n, hi - lo), np.float32)
-        chosen[attr.name] = {}
-        fitted = Parallel(n_jobs=min(_JOBS, len(STACK_BLOCKS)))(
-            delayed(_fit_block)(blocks[block][train], target, fold_rows, penalties) for block in STACK_BLOCKS
-        )
-        for b, (block, (c, loss, scores, fits)) in enumerate(zip(STACK_BLOCKS, fitted, strict=True)):
-            z[b] = scores
-            chosen[attr.name][block] = c
-            weight, bias = served[block]
-            weight[:, lo:hi] = np.mean([w for w, _ in fits], axis=0)
-            bias[lo:hi] = np.mean([bb for _, bb in fits], axis=0)
-            say(f"stack: {attr.name} / {block}: C {c:g}, out-of-fold log-loss {loss:.3f}")
         kind = "multiclass" if target.softmax else "multilabel"
         single = bool(fusion.single[k])
         gate = present[train]
         probs = np.zeros((n, hi - lo), np.float32)
         for fit_pos, out_pos in fold_rows:  # the meta-learner cross-fitted: honest out-of-fold scores
-            mix, bias = _fit_meta(z, gate, target, fit_pos)
-            probs[out_pos] = _meta_probs(z[:, out_pos], gate[out_pos], mix, bias, kind, single)
+            mix, bias = _fit_meta(z[k], gate, target, fit_pos)
+            probs[out_pos] = _meta_probs(z[k][:, out_pos], gate[out_pos], mix, bias, kind, single)
         oof_probs[attr.name] = probs
-        mix, bias = _fit_meta(z, gate, target, np.arange(n))
+        mix, bias = _fit_meta(z[k], gate, target, np.arange(n))
         with torch.no_grad():
             fusion.mix[k] = torch.from_numpy(mix)
             fusion.meta_bias[lo:hi] = torch.from_numpy(bias)
