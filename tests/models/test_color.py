@@ -19,6 +19,7 @@ from catalog_enrichment.models.color import (
     LCH_L,
     PERCENTILES,
     SHARE_FLOOR,
+    _weighted_quantiles,
     color_features,
     lab_histogram,
     lch_histogram,
@@ -168,3 +169,17 @@ def test_a_saturated_colour_lands_in_its_hue_and_chroma_and_dark_blue_is_darker_
     dark_blue, blue = _lch((20, 30, 90))[1], _lch((40, 80, 210))[1]
     mean_lightness = [(x.sum(axis=(1, 2)) * np.array(LCH_L)).sum() / x.sum() for x in (dark_blue, blue)]
     assert mean_lightness[0] + 10 < mean_lightness[1]
+
+
+def test_weighted_quantiles_interpolate_so_rounding_moves_them_by_as_little() -> None:
+    values = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    weight = torch.ones(1, 4)
+    # the median of four equal weights lies at the second value's cumulative weight exactly
+    assert _weighted_quantiles(values, weight, (0.5,)).item() == pytest.approx(1.0)
+    assert _weighted_quantiles(values, weight, (0.625,)).item() == pytest.approx(1.5)  # halfway on
+    # float32 rounding of the weights (relative 1e-6) moves it by about as much, not to a neighbour
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        jitter = torch.tensor(1 + 1e-6 * rng.standard_normal((1, 4)), dtype=torch.float32)
+        moved = _weighted_quantiles(values, weight * jitter, (0.5,)).item()
+        assert abs(moved - 1.0) < 1e-4

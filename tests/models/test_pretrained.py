@@ -319,7 +319,9 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
     assert encoded == [n]
     # The executors batch and thread differently from the driver, so float32 sums run in another
     # order: each vector agrees to a few ulps (relative 1e-5 allows ~80 of float32's 1.2e-7), and so
-    # do the models trained over them.
+    # do the models trained over them. Per vector: one element can move by more than its own 1e-5
+    # (a square-rooted colour share near 0 moves 1 / (2 sqrt(SHARE_FLOOR)) times as much as its
+    # share, a colour quantile by up to the gap between two neighbouring pixels' values).
     stored = catalog.embeddings_of(first.encoder, labelled["product_id"].to_pylist())
     by_id = dict(zip(stored["product_id"].to_pylist(), stored["embedding"].to_pylist(), strict=True))
     executors = np.stack([np.frombuffer(by_id[p], np.float32) for p in labelled["product_id"].to_pylist()])
@@ -329,9 +331,16 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
         device=torch.device("cpu"), cache_dir=None, say=lambda m: None,
     )  # fmt: skip
     packed = embedding.pack(itself.model, embeddings.Embeddings(driver.tensors).inputs(torch.arange(n)))
-    np.testing.assert_allclose(executors, packed, rtol=1e-5, atol=1e-5)
+    error = np.linalg.norm(executors - packed, axis=1) / np.linalg.norm(packed, axis=1)
+    assert error.max() <= 1e-5, error.max()
+    # Two epochs of Adam carry that rounding into the weights a few times over (an input column
+    # that differs moves its weights): each tensor agrees to relative 1e-4, the predictions to 1e-5.
     for name, tensor in itself.model.state_dict().items():
-        torch.testing.assert_close(tensor, from_store.model.state_dict()[name], rtol=1e-5, atol=1e-5)
+        other = from_store.model.state_dict()[name]
+        if tensor.is_floating_point():
+            assert (tensor - other).norm() <= 1e-4 * tensor.norm() + 1e-6, name
+        else:
+            assert torch.equal(tensor, other), name
     for attr in taxonomy.names:
         np.testing.assert_allclose(
             itself.test_predictions.probs[attr], from_store.test_predictions.probs[attr], atol=1e-5

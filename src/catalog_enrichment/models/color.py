@@ -39,6 +39,7 @@ __all__ = [
     "LAB_FEATURES",
     "LCH_C",
     "LCH_FEATURES",
+    "LCH_HIST",
     "LCH_L",
     "L_BINS",
     "PERCENTILES",
@@ -64,10 +65,11 @@ LCH_C = (0.0, 8.0, 16.0, 30.0, 50.0, 80.0)
 HUE_BINS = 12
 PERCENTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 SHARE_FLOOR = 1e-4
-LCH_FEATURES = len(LCH_L) * (1 + (len(LCH_C) - 1) * HUE_BINS) + 4 * len(PERCENTILES) + 2
+LCH_HIST = len(LCH_L) * (1 + (len(LCH_C) - 1) * HUE_BINS)  # the square-rooted shares, first
+LCH_FEATURES = LCH_HIST + 4 * len(PERCENTILES) + 2
 COLOR_FEATURES = LAB_FEATURES + LCH_FEATURES
 # what the features are: a bundle trained on another version is refused (inference/bundle.py)
-COLOR_VERSION = 2
+COLOR_VERSION = 3
 
 # sRGB (D65) -> XYZ, and the D65 white point
 _RGB_TO_XYZ = torch.tensor(
@@ -161,13 +163,21 @@ def _triangular(x: torch.Tensor, centres: tuple[float, ...]) -> torch.Tensor:
 
 
 def _weighted_quantiles(values: torch.Tensor, weight: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
-    """``(B, len(qs))``: the quantiles of each row of ``values`` ``(B, P)`` weighted by ``weight``."""
+    """``(B, len(qs))``: the quantiles of each row of ``values`` ``(B, P)`` weighted by ``weight``,
+    interpolated linearly between the two pixels whose cumulative weights bracket each quantile: a
+    continuous function of the weights, so float rounding that differs between two machines or
+    batch sizes moves a quantile by as little, not by the gap between neighbouring pixels."""
     order = values.argsort(dim=1)
     v, w = values.gather(1, order), weight.gather(1, order)
     cum = w.cumsum(dim=1)
     cum = cum / cum[:, -1:].clamp(min=1e-12)
     at = torch.tensor(qs, dtype=cum.dtype, device=cum.device).expand(values.shape[0], -1).contiguous()
-    return v.gather(1, torch.searchsorted(cum, at).clamp(max=values.shape[1] - 1))
+    upper = torch.searchsorted(cum, at).clamp(max=values.shape[1] - 1)
+    lower = (upper - 1).clamp(min=0)
+    c_low, c_high = cum.gather(1, lower), cum.gather(1, upper)
+    frac = ((at - c_low) / (c_high - c_low).clamp(min=1e-12)).clamp(0.0, 1.0)
+    v_low, v_high = v.gather(1, lower), v.gather(1, upper)
+    return v_low + frac * (v_high - v_low)
 
 
 def _lch_part(lab: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
