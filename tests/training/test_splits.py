@@ -54,6 +54,8 @@ def test_variants_that_share_a_title_or_a_description_are_one_group() -> None:
     titles = ["Luna skinny RW", "luna  SKINNY rw", "Luna skinny RW", "Luna skinny", "Other", "A", "B"]
     descriptions = ["Soft denim", "soft denim ", "Stretch denim", "Stretch denim", None, "", None]
     assert group_ids(titles, descriptions).tolist() == [0, 0, 0, 0, 1, 2, 3]
+    # max_group 1 (the health checks' design effect): only the same title and description
+    assert group_ids(titles, descriptions, max_group=1).tolist() == [0, 0, 1, 2, 3, 4, 5]
 
 
 def test_a_template_text_does_not_chain_a_catalog_into_one_group() -> None:

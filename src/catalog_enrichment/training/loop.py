@@ -182,8 +182,9 @@ def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.T
 def _input_baseline(table: pa.Table, errors: list[str | None], tones: list[float | None]) -> InputBaseline:
     """The run health checks' input baseline over every training product (usable image or not)."""
     inputs = ProductInputs.of(table, errors, tones)
-    # variants share title and description
-    groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions))
+    # variants share title and description: only those (max_group 1) make the design effect; the
+    # splits' wider groups (a shared title or description) hold templates that are not variants
+    groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions), max_group=1)
     return input_baseline(inputs, groups)
 
 
