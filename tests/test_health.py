@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import chi2, chi2_contingency
 
+from catalog_enrichment.config import HealthConfig
 from catalog_enrichment.health import (
     CONFIDENCE_BINS,
     INPUT,
@@ -153,13 +154,16 @@ def test_block_mode_blocks_the_failed_attribute_and_an_input_failure_blocks_ever
     attributes = ["color", "material", "pattern"]
     modes = {"score_drift": "warn", "estimated_precision": "block", "inputs": "warn"}
     checks = [failed("color", "score_drift"), failed("pattern", "estimated_precision")]
-    assert blocked_attributes(checks, modes, attributes) == ["pattern"]
-    assert blocked_attributes([failed(INPUT, "script")], modes, attributes) == []
-    assert (
-        blocked_attributes([failed(INPUT, "script")], {**modes, "inputs": "block"}, attributes) == attributes
-    )
+    assert blocked_attributes(checks, modes, attributes) == {"pattern": "estimated_precision"}
+    assert blocked_attributes([failed(INPUT, "script")], modes, attributes) == {}
+    script = Check(INPUT, "script", "failed", 100, 1000, message="script PSI 2.1")
+    blocked = blocked_attributes([script], {**modes, "inputs": "block"}, attributes)
+    assert blocked == dict.fromkeys(attributes, "input script PSI 2.1")
     passed = Check("color", "estimated_precision", "passed", 100, 1000)
-    assert blocked_attributes([passed], modes, attributes) == []
+    assert blocked_attributes([passed], modes, attributes) == {}
+    defaults = HealthConfig().modes()  # a broken night writes nothing wrong: every check blocks
+    assert set(defaults.values()) == {"block"}
+    assert list(blocked_attributes(checks, defaults, attributes)) == ["color", "pattern"]
 
 
 def test_a_profile_round_trips_tallies_merge_and_the_plot_is_drawn(tmp_path: Path) -> None:

@@ -1,11 +1,14 @@
 """Run health through the real job on both catalogs: a run of products like the held-out ones passes
 every check; the same products with their photos' red and blue swapped fail the colour's value mix
 and, with that check in block mode, the colour keeps the values the clean run wrote while the other
-attributes commit; titles stripped to ids fail the input checks (warn mode: nothing blocked). The
-``run_health`` table holds every check; ``report --health --check`` exits 0 and 1 on the runs."""
+attributes commit; titles stripped to ids fail the input checks, which under the default modes keeps
+every attribute out. The ``run_health`` table holds every check; ``report --health --check`` exits 0
+and 1 on the runs. A night that blocked is read again by the next incremental run."""
 
 from __future__ import annotations
 
+import datetime as dt
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from catalog_enrichment.bench.drift import colour_shift, stripped_titles
+from catalog_enrichment.bench.drift import colour_shift, placeholder_images, stripped_titles
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.cli import main
@@ -36,8 +39,9 @@ def _values(catalog: Any, attribute: str) -> list[tuple[Any, ...]]:
 
 
 def _runs(spark: Any, cfg: AppConfig, taxonomy: Any, bundle: Path, catalog: Any, load: Any) -> None:
-    """The clean products; the same with colour-shifted photos, value mix in block mode; the same
-    with titles stripped, warn mode - through ``catalog`` (``load`` puts a products table in it)."""
+    """The clean products; the same with colour-shifted photos, only value mix in block mode; the
+    same with titles stripped, the defaults (every check blocks) - through ``catalog`` (``load`` puts
+    a products table in it)."""
     model = ModelVersion("tiny", "1", bundle_dir=bundle)
 
     def run(config: AppConfig, run_id: str) -> dict[str, Any]:
@@ -52,7 +56,7 @@ def _runs(spark: Any, cfg: AppConfig, taxonomy: Any, bundle: Path, catalog: Any,
 
     products = load(None)
     clean = run(cfg, "clean")
-    assert clean["health_failures"] == [] and clean["health_blocked"] == []
+    assert clean["health_failures"] == [] and clean["health_blocked"] == {}
     checks = catalog.keyed_rows("run_health").to_pylist()
     assert len(checks) == 4 * len(taxonomy.names) + 6  # 4 per attribute, 6 on the inputs
     assert {c["run_id"] for c in checks} == {"clean"}
@@ -62,8 +66,9 @@ def _runs(spark: Any, cfg: AppConfig, taxonomy: Any, bundle: Path, catalog: Any,
     assert before["color"]
 
     load(colour_shift(products))
-    shifted = run(_with_health(cfg, value_mix="block"), "shifted")
-    assert ("color", "value_mix") in failed(shifted) and shifted["health_blocked"] == ["color"]
+    shifted = run(_with_health(cfg, score_drift="warn", coverage="warn", inputs="warn"), "shifted")
+    assert ("color", "value_mix") in failed(shifted) and list(shifted["health_blocked"]) == ["color"]
+    assert shifted["health_blocked"]["color"].startswith("color: value mix PSI")
     for attribute in taxonomy.names:
         after = _values(catalog, attribute)
         if attribute == "color":  # what the clean run wrote, untouched
@@ -77,10 +82,13 @@ def _runs(spark: Any, cfg: AppConfig, taxonomy: Any, bundle: Path, catalog: Any,
     assert {r["mode"] for r in mine if r["check"] == "value_mix"} == {"block"}
     assert all(r["model_version"] == "1" and r["message"] for r in mine if r["status"] == "failed")
 
+    before = {a: _values(catalog, a) for a in taxonomy.names}
     load(stripped_titles(products))
     stripped = run(cfg, "stripped")
     assert {("input", "title_length"), ("input", "description")} <= failed(stripped)
-    assert stripped["health_blocked"] == [] and len(stripped["health_failures"]) == len(failed(stripped))
+    assert list(stripped["health_blocked"]) == taxonomy.names  # every attribute reads the title
+    assert "input title length" in stripped["health_blocked"]["color"]
+    assert {a: _values(catalog, a) for a in taxonomy.names} == before  # nothing of it written
 
 
 def shifted_written(catalog: Any, attribute: str) -> int:
@@ -105,14 +113,106 @@ def test_health_on_the_lakehouse_and_report_health_check(  # type: ignore[no-unt
     _runs(spark, cfg, taxonomy, scoring_bundle, open_catalog(cfg.catalog), load)
     for run_id, code, says in (
         ("clean", 0, "every check passed"),
-        ("shifted", 1, "blocked (values not written): color"),
+        ("shifted", 1, "blocked color (values not written): color: value mix PSI"),
         ("stripped", 1, "failed: "),
     ):
         capsys.readouterr()
         args = ["report", "--health", "--check", "--catalog", str(tmp_path / "lake"), "--run-id", run_id]
         assert main(args) == code
         out = capsys.readouterr().out
-        assert says in out and ("color: value mix PSI" in out) == (run_id == "shifted")
+        assert says in out and ("PSI" in out) == (run_id != "clean")
+
+
+def test_the_products_of_a_blocked_night_are_filled_by_the_next_clean_run(  # type: ignore[no-untyped-def]
+    spark, incoming, taxonomy, scoring_bundle, tmp_path
+) -> None:
+    source = read_table(incoming.products)
+    clean = source.filter(pc.is_valid(source["product_id"])).slice(0, 600)
+    cfg = tiny_config(
+        catalog={"root": str(tmp_path / "lake"), "products": str(tmp_path / "products")},
+        inference={"batch_size": 64, "device": "cpu"},
+    )
+    catalog, model = open_catalog(cfg.catalog), ModelVersion("tiny", "1", bundle_dir=scoring_bundle)
+    said: list[str] = []
+
+    def run(products: pa.Table, run_id: str) -> dict[str, Any]:
+        write_table(tmp_path / "products", products, mode="overwrite")
+        outcome = run_enrichment(
+            spark, cfg, taxonomy, model=model, run_id=run_id, progress=said.append, catalog=catalog
+        )
+        return outcome.report.summary()
+
+    assert run(clean, "night-1")["health_blocked"] == {}
+    # the next night every product changed (after night 1's watermark, which is at most its start),
+    # and its titles arrived stripped: nothing of it is written
+    now = pa.array([dt.datetime.now(dt.UTC)] * clean.num_rows, clean.schema.field("updated_at").type)
+    later = clean.set_column(clean.schema.get_field_index("updated_at"), "updated_at", now)
+    assert list(run(stripped_titles(later), "night-2")["health_blocked"]) == taxonomy.names
+    assert {r["run_id"] for r in catalog.attribute_rows().to_pylist() if r["source"] == "model"} == {
+        "night-1"
+    }
+    # the feed is fixed without touching updated_at: the next run reads night 2's products again
+    third = run(later, "night-3")
+    assert third["health_blocked"] == {} and "run night-2 kept color" in "\n".join(said)
+    assert "reading on from run night-1" in "\n".join(said)
+    runs = {r.run_id: r for r in catalog.read_reports()}
+    assert runs["night-3"].rows_read == clean.num_rows
+    written = catalog.attribute_rows().to_pylist()  # a value decided alike again keeps night 1's row
+    assert "night-3" in {r["run_id"] for r in written if r["source"] == "model"}
+
+
+def test_placeholder_photos_are_quarantined_and_read_again_when_the_cdn_is_back(  # type: ignore[no-untyped-def]
+    spark, incoming, taxonomy, scoring_bundle, tmp_path
+) -> None:
+    source = read_table(incoming.products)
+    ids = source["product_id"].to_pylist()
+    copies = Counter(ids)  # products on one row each: no copy of a placeholder row elsewhere
+    clean = source.filter(pa.array([p is not None and copies[p] == 1 for p in ids])).slice(0, 400)
+    cfg = tiny_config(
+        catalog={"root": str(tmp_path / "lake"), "products": str(tmp_path / "products")},
+        inference={"batch_size": 64, "device": "cpu"},
+    )
+    catalog, model = open_catalog(cfg.catalog), ModelVersion("tiny", "1", bundle_dir=scoring_bundle)
+    said: list[str] = []
+
+    def run(products: pa.Table, run_id: str, *, full: bool = False) -> dict[str, Any]:
+        write_table(tmp_path / "products", products, mode="overwrite")
+        outcome = run_enrichment(
+            spark, cfg, taxonomy, model=model, full=full, run_id=run_id, progress=said.append, catalog=catalog
+        )
+        return outcome.report.summary()
+
+    def quarantined(run_id: str) -> dict[str, list[str]]:
+        rows = catalog.quarantine_rows().to_pylist()
+        return {r["product_id"]: r["reasons"] for r in rows if r["run_id"] == run_id}
+
+    def written(run_id: str) -> set[str]:
+        return {r["product_id"] for r in catalog.attribute_rows().to_pylist() if r["run_id"] == run_id}
+
+    # 30 % of the products arrive with the CDN's placeholder (the first 120, those with a photo)
+    hit = pc.is_valid(clean["image"]).to_pylist()[:120]
+    broken = pa.concat_tables([placeholder_images(clean.slice(0, 120)), clean.slice(120)])
+    outage = run(broken, "outage")
+    shared = {p for p, reasons in quarantined("outage").items() if "image_shared" in reasons}
+    assert shared == {p for p, h in zip(clean["product_id"].to_pylist()[:120], hit, strict=True) if h}
+    assert written("outage") and not written("outage") & shared  # the rest is written
+    assert outage["health_blocked"] == {} and outage["row_rules"]["image_shared"] == len(shared)
+    assert sum("image_shared: the image is on more than 20 products" in line for line in said) == 1
+    retried = {p for p, reasons in quarantined("outage").items() if reasons == ["image_shared"]}
+    assert {p for p, _n in outage["retry_images"]} == retried
+    # the CDN is back, the rows unchanged: the next run reads those products again and fills them
+    run(clean, "back")
+    reports = {r.run_id: r for r in catalog.read_reports()}
+    assert reports["back"].rows_read == len(retried) and written("back") and written("back") <= retried
+    # every photo the placeholder: nothing written, and not a circuit breaker's abort either
+    everything = run(placeholder_images(clean), "all-grey", full=True)
+    imageless = {
+        p
+        for p, h in zip(clean["product_id"].to_pylist(), pc.is_valid(clean["image"]).to_pylist(), strict=True)
+        if not h
+    }
+    assert written("all-grey") <= imageless  # scored from their text, as every night
+    assert everything["row_rules"]["image_shared"] == clean.num_rows - len(imageless)
 
 
 @pytest.mark.postgres

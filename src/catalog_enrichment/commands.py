@@ -380,7 +380,7 @@ def report(args: argparse.Namespace, cfg: AppConfig) -> int:
     then also exits 1 when one failed.
     """
     from catalog_enrichment.catalog import open_catalog
-    from catalog_enrichment.catalog.reports import format_report, report_for
+    from catalog_enrichment.catalog.reports import blocked_why, format_report, report_for
 
     catalog = open_catalog(cfg.catalog)
     if args.audit:
@@ -397,8 +397,7 @@ def report(args: argparse.Namespace, cfg: AppConfig) -> int:
         table = catalog.keyed_rows("run_health")
         checks = table.filter(pc.equal(table["run_id"], run.run_id)).to_pylist()
         failed = any(c["status"] == "failed" for c in checks)
-        blocked = run.summary().get("health_blocked") or []
-        text = format_health(run.run_id, checks, blocked)
+        text = format_health(run.run_id, checks, blocked_why(run.summary().get("health_blocked")))
         print(json.dumps(checks, indent=2, default=str) if args.json else text)
     else:
         print(json.dumps(run.to_row(), indent=2, default=str) if args.json else format_report(run))

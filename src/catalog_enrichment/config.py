@@ -637,19 +637,26 @@ HealthMode = Literal["warn", "block"]
 
 class HealthConfig(_Section):
     """The run health checks (``health.py``, docs/enrich.md "Run health"): what each failed check does
-    - ``warn`` (reported; ``report --health --check`` exits 1) or ``block`` (also: the attribute's
-    values are not committed, the rest of the run is) - and the limits they are judged by."""
+    - ``block`` (the default: the attribute's values are not committed, the rest of the run is, and
+    the next runs read its products again) or ``warn`` (reported only; ``report --health --check``
+    exits 1 either way) - and the limits they are judged by."""
 
-    score_drift: HealthMode = Field("warn", description="The top score's distribution moved.")
-    coverage: HealthMode = Field("warn", description="The share of products given a value moved.")
-    value_mix: HealthMode = Field("warn", description="The mix of top values moved.")
+    score_drift: HealthMode = Field("block", description="The top score's distribution moved.")
+    coverage: HealthMode = Field("block", description="The share of products given a value moved.")
+    value_mix: HealthMode = Field("block", description="The mix of top values moved.")
     estimated_precision: HealthMode = Field(
         "block", description="The precision estimated for what was written is below the target."
     )
     inputs: HealthMode = Field(
-        "warn",
+        "block",
         description="The input checks (title length, script, merchant category, descriptions, images, the "
         "photos' colour balance); block keeps every attribute's values out.",
+    )
+    retries: int = Field(
+        3,
+        ge=0,
+        description="How many later incremental runs read again the products of a run whose checks kept "
+        "values out (block), so a broken night's products are filled by the next clean run.",
     )
     false_alarm: float = Field(
         0.01, gt=0, lt=1, description="Share of clean runs that may raise any alarm (split over the checks)."
@@ -676,7 +683,15 @@ class ValidationConfig(_Section):
         3,
         ge=0,
         description="How many later incremental runs read again a product quarantined only because its "
-        "image could not be read (a network error, a 503), before it waits for the product to change.",
+        "image could not be read (a network error, a 503) or was a placeholder (image_shared), before it "
+        "waits for the product to change.",
+    )
+    max_products_per_image: int = Field(
+        20,
+        ge=0,
+        description="The same image bytes (or image_uri) on more products of one run is a placeholder - "
+        "a CDN's outage image, a 'no image' tile - not their photo: those products are quarantined "
+        "(image_shared) and read again by the next runs. 0 turns the rule off.",
     )
     max_title_length: int = Field(300, gt=0)
     max_description_length: int = Field(5000, gt=0)

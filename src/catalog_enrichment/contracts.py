@@ -30,6 +30,7 @@ __all__ = [
     "CONTRACT_NAMES",
     "IMAGE_DECODABLE",
     "IMAGE_READABLE",
+    "IMAGE_SHARED",
     "IMAGE_URI_ALLOWED",
     "IMAGE_WITHIN_LIMITS",
     "UNREADABLE",
@@ -49,6 +50,9 @@ IMAGE_DECODABLE = "image_decodable"  # bytes present but not an image (corrupt, 
 IMAGE_READABLE = "image_readable"  # image_uri given but the file cannot be read
 IMAGE_URI_ALLOWED = "image_uri_allowed"  # image_uri outside the allowed roots and schemes (images.*)
 IMAGE_WITHIN_LIMITS = "image_within_limits"  # over images.max_bytes or images.max_pixels (a bomb)
+# The one quarantine reason about images decided before scoring: the same image on many products of
+# a run (a CDN's placeholder, a "no image" tile), found by validation.rules.shared_image_rules.
+IMAGE_SHARED = "image_shared"
 # A source whose values may not fit the contract's type (PostgreSQL jsonb for a map) reads the
 # contract column plus UNREADABLE.format(column): the original text where it did not fit, else null.
 UNREADABLE = "_{}_unreadable"

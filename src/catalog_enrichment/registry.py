@@ -352,16 +352,21 @@ def log_enrichment_run(
     report: Mapping[str, Any],
     params: Mapping[str, Any],
     metrics: Mapping[str, float],
+    tags: Mapping[str, str] | None = None,
     files: Sequence[Path] = (),
 ) -> str:
-    """One MLflow run in the enrichment experiment: params, metrics, the report as JSON and
-    ``files`` (the run health plots)."""
+    """One MLflow run in the enrichment experiment: params, metrics, ``tags`` (what run health
+    blocked, and why), the report as JSON and ``files`` (the run health plots)."""
     return _log_run(
         client,
         experiment=experiment,
         artifact_location=artifact_location,
         name=str(report["run_id"]),
-        tags={"catalog_enrich.run_id": str(report["run_id"]), "status": str(report["status"])},
+        tags={
+            "catalog_enrich.run_id": str(report["run_id"]),
+            "status": str(report["status"]),
+            **(tags or {}),
+        },
         params=params,
         metrics=metrics,
         documents={"run_report.json": report},

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from catalog_enrichment.catalog.reports import (
+    BLOCKED,
     RunReport,
     check_run_id,
     format_report,
+    last_run,
     last_watermark,
     read_reports,
     report_for,
@@ -55,6 +57,28 @@ def test_a_report_round_trips_and_an_upsert_replaces_the_row(tmp_path: Path) -> 
     text = format_report(report_for(read_reports(tmp_path)))
     assert "run r1: rolled_back" in text and "color 4 (44% of scored)" in text and "error        boom" in text
     assert json.loads(json.dumps(report.to_row(), default=str))["rows_read"] == 10
+
+
+def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retries() -> None:
+    def run(run_id: str, hours: int, blocked: dict[str, str] | None = None) -> RunReport:
+        r = RunReport(
+            run_id=run_id, status="succeeded", started_at=T, watermark=T + dt.timedelta(hours=hours)
+        )
+        if blocked is not None:
+            r.add_to_summary(**{BLOCKED: blocked})
+        return r
+
+    clean, cdn = run("clean", 1, {}), run("cdn", 2, {"color": "input image tone failed"})
+    assert last_run([clean, cdn], None) is cdn  # without retries: read on from the broken night
+    assert last_run([clean, cdn], None, blocked_retries=3) is clean  # its products read again
+    assert last_run([cdn], None, blocked_retries=3) is None  # the first run blocked: read everything
+    nights = [clean, *(run(f"b{i}", 2 + i, {"color": "x"}) for i in range(4))]
+    # four blocked nights in a row: the next run reads on from the fourth last, not from the start
+    assert last_run(nights, None, blocked_retries=3).run_id == "b0"  # type: ignore[union-attr]
+    assert last_run([clean, run("old", 3, ["color"])], None, blocked_retries=1) is clean  # the list format
+    blocked = run("cdn", 2, {"color": "input image tone failed"})
+    blocked.add_to_summary(health=[], health_failures=["image tone PSI 3.0"])
+    assert "blocked      color: input image tone failed" in format_report(blocked)
 
 
 def test_no_reports_yet_is_a_clear_error(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from catalog_enrichment.validation.rules import (
     check_rows,
     count_rows,
     latest_copies,
+    shared_image_rules,
     stale_copies,
 )
 
@@ -92,9 +93,9 @@ def test_the_duplicates_are_found_once_and_mark_exactly_the_stale_copies(frame) 
     _, duplicates = count_rows(frame, rules)
     at = int(T.timestamp() * 1e6)
     assert sorted(duplicates.to_pylist(), key=lambda r: (r["product_id"], r["_at"])) == [
-        {"product_id": "dup", "_at": int(EARLIER.timestamp() * 1e6), "_rows": 1, "_ok": 1},
-        {"product_id": "dup", "_at": at, "_rows": 1, "_ok": 1},
-        {"product_id": "tie", "_at": at, "_rows": 2, "_ok": 2},
+        {"product_id": "dup", "_at": int(EARLIER.timestamp() * 1e6), "_rows": 1, "_ok": 1, "_held": 0},
+        {"product_id": "dup", "_at": at, "_rows": 1, "_ok": 1, "_held": 0},
+        {"product_id": "tie", "_at": at, "_rows": 2, "_ok": 2, "_held": 0},
     ]
     latest = latest_copies(duplicates)
     assert sorted(latest.to_pylist(), key=lambda r: r["product_id"]) == [
@@ -116,8 +117,11 @@ def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> Non
             "_at": [10, 5, None, 20, None],
             "_rows": [1, 2, 1, 3, 1],
             "_ok": [1, 1, 0, 2, 1],  # copies passing every per-row rule
+            "_held": [0, 1, 0, 0, 0],  # copies breaking only transient rules
         },
-        pa.schema([("product_id", pa.string())] + [(c, pa.int64()) for c in ("_at", "_rows", "_ok")]),
+        pa.schema(
+            [("product_id", pa.string())] + [(c, pa.int64()) for c in ("_at", "_rows", "_ok", "_held")]
+        ),
     )
     latest = latest_copies(duplicates)
     assert sorted(latest.to_pylist(), key=lambda r: r["product_id"]) == [
@@ -133,6 +137,37 @@ def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> Non
     # counted: 2 old copies of d, 3 tied copies of t and its copy without a time; of those, the 4
     # that pass every per-row rule are invalid now, the other 2 were invalid already
     rules = build_rules(load_contract("products"), ValidationConfig(), NOW)
-    before = ValidationCounts(20, 5, {r.name: 0 for r in rules})
+    before = ValidationCounts(20, 5, {r.name: 0 for r in rules}, held=3)
     after = add_duplicates(before, duplicates, rules)
     assert after.per_rule["product_id_unique"] == 6 and after.rows_invalid == 9 and after.rows_read == 20
+    assert after.held == 2  # the old copy of d that broke only a transient rule is invalid for good
+
+
+def test_an_image_on_more_products_than_the_limit_is_a_placeholder_and_only_those_rows_break_it(
+    spark,
+) -> None:  # type: ignore[no-untyped-def]
+    schema = load_contract("products").spark_schema(enforce_nullability=False)
+    placeholder, variant, tile = b"grey square", b"one shirt in four sizes", "https://cdn/no-image.png"
+    rows = [
+        *[(f"cdn-{i}", placeholder, None) for i in range(21)],  # the CDN's outage image: over 20
+        *[(f"size-{i}", variant, None) for i in range(4)],  # a shared photo of size variants
+        *[(f"tile-{i}", None, tile) for i in range(21)],  # one "no image" URL
+        ("again", placeholder, None),
+        ("again", placeholder, None),  # a copy of an id counts once
+        *[(f"own-{i}", f"photo {i}".encode(), None) for i in range(5)],
+        ("none", None, None),
+    ]
+    data = [(pid, "Shirt", None, image, uri, None, None, T, D) for pid, image, uri in rows]
+    frame = spark.createDataFrame(data, schema)
+    assert shared_image_rules(frame, 0) == []  # off
+    assert shared_image_rules(frame, 22) == []  # none on more than 22 products: a clean run's answer
+    [rule] = shared_image_rules(frame, 20)
+    assert rule.name == "image_shared" and rule.transient and "on 22" in rule.description
+    rules = [*build_rules(load_contract("products"), ValidationConfig(), NOW), rule]
+    checked = check_rows(frame, rules).collect()
+    flagged = sorted({r["product_id"] for r in checked if "image_shared" in r["_reasons"]})
+    assert flagged == sorted(["again", *(f"cdn-{i}" for i in range(21)), *(f"tile-{i}" for i in range(21))])
+    counts, _ = count_rows(frame, rules)
+    # the copy of "again" breaks product_id_unique too: only the other 43 rows are held (transient)
+    assert counts.per_rule["image_shared"] == 44 and counts.rows_invalid == 44 and counts.held == 42
+    assert counts.invalid_fraction == pytest.approx(2 / len(rows))

@@ -24,10 +24,12 @@ from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
+    "BLOCKED",
     "RETRY",
     "SEEN",
     "RunReport",
     "append_quarantine",
+    "blocked_why",
     "check_run_id",
     "format_report",
     "last_run",
@@ -160,6 +162,16 @@ def check_run_id(run_id: str) -> str:
 # (product id, updated_at in µs) it read in the look-back before its watermark, and the products to
 # read again because their image could not be read, with the attempts so far
 SEEN, RETRY = "read_near_watermark", "retry_images"
+# ... and the attributes its run health kept out of the commit, with why
+BLOCKED = "health_blocked"
+
+
+def blocked_why(blocked: Any) -> dict[str, str]:
+    """A run report's ``health_blocked`` summary entry as attribute -> why its values were kept out
+    (reports written before the reasons were kept list the attributes only)."""
+    if isinstance(blocked, dict):
+        return {str(a): str(w) for a, w in blocked.items()}
+    return {str(a): "a check in block mode failed" for a in blocked or ()}
 
 
 def last_watermark(reports: Iterable[RunReport], scope: str | None) -> dt.datetime | None:
@@ -168,12 +180,21 @@ def last_watermark(reports: Iterable[RunReport], scope: str | None) -> dt.dateti
     return None if latest is None else latest.watermark
 
 
-def last_run(reports: Iterable[RunReport], scope: str | None) -> RunReport | None:
+def last_run(
+    reports: Iterable[RunReport], scope: str | None, *, blocked_retries: int = 0
+) -> RunReport | None:
     """The succeeded run over the same scope (partition, or None = all) with the highest watermark,
-    the latest of those."""
+    the latest of those - passing over up to ``blocked_retries`` latest runs whose health checks kept
+    an attribute's values out, so the next run reads their products again (None when every run was
+    passed over: the next run reads everything)."""
     runs = [r for r in reports if r.status == "succeeded" and r.partition == scope and r.watermark]
     # of runs with the same watermark (nothing newer read since), the latest: its lists are current
-    return max(runs, key=lambda r: (r.watermark, r.started_at)) if runs else None
+    runs.sort(key=lambda r: (r.watermark, r.started_at))
+    for _ in range(blocked_retries):
+        if not runs or not runs[-1].summary().get(BLOCKED):
+            break
+        runs.pop()
+    return runs[-1] if runs else None
 
 
 def append_quarantine(path: str | Path, rows: pa.Table) -> int:
@@ -229,8 +250,12 @@ def format_report(report: RunReport) -> str:
         )
         if "health" in info:
             failed = len(info.get("health_failures") or [])
-            blocked = ", ".join(info.get("health_blocked") or []) or "nothing"
-            lines.append(f"  health       {failed} failed check(s), blocked {blocked} (report --health)")
+            blocked = blocked_why(info.get("health_blocked"))
+            lines.append(
+                f"  health       {failed} failed check(s), blocked {', '.join(blocked) or 'nothing'} "
+                "(report --health)"
+            )
+            lines += [f"  blocked      {a}: {why}" for a, why in blocked.items()]
         if info.get("error"):
             lines.append(f"  error        {info['error']}")
     return "\n".join(lines)

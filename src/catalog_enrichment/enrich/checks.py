@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from catalog_enrichment.catalog.base import keyed_schema
+from catalog_enrichment.catalog.reports import BLOCKED
 from catalog_enrichment.config import HealthConfig
 from catalog_enrichment.health import INPUT, Check, HealthTally, assess, blocked_attributes, plot_scores
 from catalog_enrichment.inference.decide import DecisionPolicy
@@ -24,7 +25,7 @@ class RunHealth:
     """A run's health checks, the attributes they keep out of the commit, and what they compared."""
 
     checks: list[Check]
-    blocked: list[str]
+    blocked: dict[str, str]  # attribute -> why its values are kept out
     modes: dict[str, str]
     policy: DecisionPolicy
     tally: HealthTally
@@ -35,7 +36,7 @@ class RunHealth:
         return {
             "health": [c.to_dict() for c in self.checks],
             "health_failures": failures,
-            "health_blocked": self.blocked,
+            BLOCKED: self.blocked,
         }
 
     def rows(self, run_id: str, model_name: str, model_version: str, checked_at: dt.datetime) -> pa.Table:
@@ -60,6 +61,10 @@ class RunHealth:
         metrics["health_blocked"] = len(self.blocked)
         return metrics
 
+    def tags(self) -> dict[str, str]:
+        """MLflow tags: ``catalog_enrich.blocked.<attribute>`` -> why its values were kept out."""
+        return {f"catalog_enrich.blocked.{a}": why[:5000] for a, why in self.blocked.items()}
+
     def plots(self, folder: Path) -> list[Path]:
         """One plot per attribute scored: the top score tonight over the held-out one."""
         return [] if self.policy.health is None else plot_scores(self.policy.health, self.tally, folder)
@@ -82,6 +87,6 @@ def check_run(policy: DecisionPolicy, tally: HealthTally, cfg: HealthConfig, say
     health = RunHealth(checks, blocked_attributes(checks, modes, policy.taxonomy.names), modes, policy, tally)
     failures = health.summary()["health_failures"]
     say(f"  run health: {len(failures)} failed check(s)" + "".join(f"\n    {f}" for f in failures))
-    if health.blocked:
-        say(f"  run health: blocked, no value written: {', '.join(health.blocked)}")
+    for attribute, why in health.blocked.items():
+        say(f"  run health: {attribute} blocked, no value written: {why}")
     return health

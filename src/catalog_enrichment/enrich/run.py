@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 from catalog_enrichment.catalog import Catalog, open_catalog
 from catalog_enrichment.catalog.base import MergeResult, fault_point
 from catalog_enrichment.catalog.products import Partition, parse_partition
-from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport, check_run_id, last_run
+from catalog_enrichment.catalog.reports import (
+    BLOCKED,
+    RETRY,
+    SEEN,
+    RunReport,
+    blocked_why,
+    check_run_id,
+    last_run,
+)
 from catalog_enrichment.catalog.reviews import rejected_values
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.config import AppConfig
@@ -47,7 +55,12 @@ from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.redaction import redact_text
 from catalog_enrichment.types import Say
-from catalog_enrichment.validation.rules import CircuitBreakerTripped, build_rules, check_breaker
+from catalog_enrichment.validation.rules import (
+    CircuitBreakerTripped,
+    build_rules,
+    check_breaker,
+    shared_image_rules,
+)
 from catalog_enrichment.versions import ModelVersion
 
 if TYPE_CHECKING:
@@ -131,7 +144,7 @@ class _Record:
 
     @property
     def blocked(self) -> list[str]:
-        return [] if self.health is None else self.health.blocked
+        return [] if self.health is None else list(self.health.blocked)
 
     def watermark(self) -> dt.datetime | None:
         """The highest ``updated_at`` this run covered: its rows' (never past its start) or, when it
@@ -228,7 +241,8 @@ def _run(
     clock = time.perf_counter()
     job.catalog.clear_staging()
     try:
-        _stages(job, record, None if full else last_run(reports, record.partition), contract, part)
+        last = None if full else _resume_from(job, reports, record.partition)
+        _stages(job, record, last, contract, part)
         record.status = "succeeded"
         return _finish(job, record, client, clock)
     except BaseException as exc:
@@ -256,6 +270,9 @@ def _stages(
             f"model {job.model.name} v{job.model.version}")  # fmt: skip
     with run.stage("validate"):
         rules = build_rules(contract, cfg.validation, run.started_at, got.df.columns)
+        for rule in (shared := shared_image_rules(got.df, cfg.validation.max_products_per_image)):
+            say(f"  {rule.name}: {rule.description}; quarantined, read again by the next run")
+        rules += shared
         run.validated = validated = validate(got.df, rules, run.started_at, say)
         run.seen_next = near_watermark(got, run.watermark())
     check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
@@ -292,6 +309,19 @@ def _stages(
     if scored.encoder is not None:
         with run.stage("store"):
             run.embeddings = store_embeddings(job.spark, catalog, scored, job.staging, say)
+
+
+def _resume_from(job: _Job, reports: list[RunReport], partition: str | None) -> RunReport | None:
+    """The run this incremental run reads on from: the last one, or the one before the latest runs
+    whose health checks kept values out (``validation.health.retries`` of them at most), so their
+    products are scored again."""
+    latest = last_run(reports, partition)
+    last = last_run(reports, partition, blocked_retries=job.cfg.validation.health.retries)
+    if latest is not None and last is not latest:
+        blocked = ", ".join(blocked_why(latest.summary().get(BLOCKED)))
+        since = "the start" if last is None else f"run {last.run_id}"
+        job.say(f"  run {latest.run_id} kept {blocked} out: reading on from {since}, its products again")
+    return last
 
 
 def _previous(reports: list[RunReport], run_id: str) -> RunReport | None:
@@ -353,6 +383,7 @@ def _log_mlflow(client: Any, cfg: AppConfig, outcome: EnrichOutcome) -> None:
             report=report.to_row(),
             params={"model": f"{report.model_name}/{report.model_version}", "partition": report.partition},
             metrics=metrics,
+            tags={} if outcome.health is None else outcome.health.tags(),
             files=[] if outcome.health is None else outcome.health.plots(Path(plots)),
         )
 

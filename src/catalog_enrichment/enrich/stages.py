@@ -19,7 +19,7 @@ from catalog_enrichment.catalog.base import RunWrite
 from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import IMAGE_READABLE, Contract, Taxonomy, load_contract
+from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_SHARED, Contract, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import HealthTally
@@ -110,7 +110,7 @@ def describe_window(got: Read) -> str:
     """What a run read, for its progress line."""
     window = f"changed since {got.since - got.lookback:%Y-%m-%d %H:%M:%S}" if got.since else "full"
     if got.retry:
-        window += f", {len(got.retry):,} products whose image could not be read tried again"
+        window += f", {len(got.retry):,} products quarantined for their image tried again"
     return window
 
 
@@ -275,6 +275,7 @@ def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> De
         counts.rows_invalid + len(image_reasons),
         {**counts.per_rule, **Counter(image_reasons.values())},
         counts.watermark,
+        counts.held,
     )
     good = scored.filter(pc.is_null(scored["image_error"]))
     values, pairs = flatten_scores(good)
@@ -313,27 +314,31 @@ def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
     return values, pairs
 
 
-def _image_unread(quarantine: pa.Table) -> list[str]:
-    """Ids of the products quarantined only because their image could not be read (transient)."""
+def _quarantined_only_for(quarantine: pa.Table, transient: set[str]) -> list[str]:
+    """Ids of the products quarantined only for reasons in ``transient``."""
     ids, reasons_of = quarantine["product_id"].to_pylist(), quarantine["reasons"].to_pylist()
-    unread = zip(ids, reasons_of, strict=True)
-    return [p for p, reasons in unread if p is not None and reasons == [IMAGE_READABLE]]
+    rows = zip(ids, reasons_of, strict=True)
+    return [p for p, reasons in rows if p is not None and reasons and set(reasons) <= transient]
 
 
 def new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
     """The counts without the retried products whose image still could not be read: an image
-    host still down is not a new batch of bad rows (and a quiet night's only rows may be those)."""
-    again = sum(pid in retry for pid in _image_unread(decisions.quarantine))
+    host still down is not a new batch of bad rows (and a quiet night's only rows may be those).
+    (Placeholders are outside the breaker already: ``held``.)"""
+    unread = _quarantined_only_for(decisions.quarantine, {IMAGE_READABLE})
+    again = sum(pid in retry for pid in unread)
     counts = decisions.counts
     return ValidationCounts(
-        counts.rows_read - again, counts.rows_invalid - again, counts.per_rule, counts.watermark
+        counts.rows_read - again, counts.rows_invalid - again, counts.per_rule, counts.watermark, counts.held
     )
 
 
 def retry_next(quarantine: pa.Table, retry: dict[str, int], cap: int) -> list[tuple[str, int]]:
     """(product id, attempts) of the products quarantined only because their image could not be
-    read, which the next run reads again while their attempts stay within ``cap``."""
-    attempts = [(pid, retry.get(pid, 0) + 1) for pid in _image_unread(quarantine)]
+    read or was a placeholder, which the next run reads again while their attempts stay within
+    ``cap``."""
+    transient = _quarantined_only_for(quarantine, {IMAGE_READABLE, IMAGE_SHARED})
+    attempts = [(pid, retry.get(pid, 0) + 1) for pid in transient]
     return sorted((pid, n) for pid, n in attempts if n <= cap)
 
 

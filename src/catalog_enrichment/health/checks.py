@@ -284,23 +284,28 @@ def assess(
 
 def blocked_attributes(
     checks: Iterable[Check], modes: Mapping[str, str], attributes: Sequence[str]
-) -> list[str]:
-    """The attributes whose values a run must not commit: a failed check whose mode (``modes``: check
-    name -> warn | block; the input checks under ``"inputs"``) is block; a failed input check in
-    block mode blocks every attribute."""
-    blocked: set[str] = set()
+) -> dict[str, str]:
+    """The attributes whose values a run must not commit, each with why (in ``attributes`` order): a
+    failed check whose mode (``modes``: check name -> warn | block; the input checks under
+    ``"inputs"``) is block. A failed input check in block mode blocks every attribute: every
+    attribute reads the title and, in a multimodal model, the photo."""
+    why: dict[str, list[str]] = {}
     for c in checks:
         if c.status != "failed":
             continue
         if c.scope == INPUT and modes.get("inputs") == "block":
-            blocked.update(attributes)
+            for a in attributes:
+                why.setdefault(a, []).append(f"input {c.message or c.check}")
         elif c.scope != INPUT and modes.get(c.check) == "block":
-            blocked.add(c.scope)
-    return [a for a in attributes if a in blocked]
+            why.setdefault(c.scope, []).append(c.message or c.check)
+    return {a: "; ".join(why[a]) for a in attributes if a in why}
 
 
-def format_health(run_id: str, checks: Sequence[Mapping[str, Any]], blocked: Sequence[str] = ()) -> str:
-    """The health checks of one run as a table, then what failed and what it blocked."""
+def format_health(
+    run_id: str, checks: Sequence[Mapping[str, Any]], blocked: Mapping[str, str] | None = None
+) -> str:
+    """The health checks of one run as a table, then what failed and what it blocked (attribute ->
+    why)."""
     if not checks:
         return f"run {run_id}: no health checks (nothing scored, or a model trained before them)"
 
@@ -319,8 +324,8 @@ def format_health(run_id: str, checks: Sequence[Mapping[str, Any]], blocked: Seq
         )
     failures = [c["message"] for c in checks if c["status"] == "failed"]
     lines.append("failed: " + "; ".join(failures) if failures else "every check passed")
-    if blocked:
-        lines.append("blocked (values not written): " + ", ".join(blocked))
+    for attribute, why in (blocked or {}).items():
+        lines.append(f"blocked {attribute} (values not written): {why}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,12 @@ UTF-8 has no expectation there).
 Image rules (``image_decodable``, ``image_readable``, ``image_within_limits``,
 ``image_uri_allowed``) need the bytes read or decoded; the scoring pass does that anyway, so the
 predictor reports them and the job quarantines those rows there (one decode per image, not two).
-A product with *no* image is valid and is scored as imageless.
+A product with *no* image is valid and is scored as imageless. One image rule is decided before
+scoring, by other rows: ``image_shared`` (:func:`shared_image_rules`), the same image bytes (or the
+same ``image_uri``) on more than ``validation.max_products_per_image`` products of the run - what an
+image CDN serves during an outage, or a "no image" tile - which is not those products' photo. It is
+a *transient* rule: such rows are quarantined, read again by the next runs and kept out of the
+circuit breaker's count (they are not bad data, and the rule already keeps every one of them out).
 
 Duplicates: of the rows sharing a ``product_id`` the one with the latest ``updated_at`` is kept;
 older copies fail ``product_id_unique``; rows tied at the latest time all fail it (which one is
@@ -32,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.config import ValidationConfig
-from catalog_enrichment.contracts import UNREADABLE, Contract
+from catalog_enrichment.contracts import IMAGE_SHARED, UNREADABLE, Contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 if TYPE_CHECKING:
@@ -50,6 +55,7 @@ __all__ = [
     "count_rows",
     "latest_copies",
     "quarantine_rows",
+    "shared_image_rules",
     "stale_copies",
 ]
 
@@ -79,6 +85,7 @@ class Rule:
     fails: Callable[[], Any]  # () -> pyspark Column, true where the row breaks the rule
     expectation: Callable[[], Any] | None  # () -> great_expectations Expectation
     across_rows: bool = False  # decided by other rows too (the duplicates), not by the row alone
+    transient: bool = False  # read again by the next runs; outside the circuit breaker
 
 
 def build_rules(
@@ -93,6 +100,58 @@ def build_rules(
         *_time_rules(cfg, started_at),
         *_readable_rules(contract, columns),
     ]
+
+
+MAX_SHARED_IMAGES = 1000  # placeholders named in one run at most (each is on many products)
+
+
+def shared_image_rules(df: DataFrame, limit: int) -> list[Rule]:
+    """``[image_shared]`` when an image is on more than ``limit`` distinct products of ``df`` (one
+    Spark job reading the image bytes: their SHA-256, or the ``image_uri`` of a row without bytes);
+    ``[]`` when none is (or ``limit`` is 0: the rule is off), so a clean run's other passes read no
+    image for it. The shared images (at most :data:`MAX_SHARED_IMAGES`, most used first) are named
+    in the rule's description, for the run's log."""
+    from pyspark.sql import functions as F
+
+    if not limit or not {"image", "image_uri"} & set(df.columns):
+        return []
+    counted = (
+        df.where(F.col("product_id").isNotNull())
+        .select("product_id", _image_key(df.columns).alias("_image"))
+        .where(F.col("_image").isNotNull())
+        .groupBy("_image")
+        .agg(F.countDistinct("product_id").alias("_products"))
+        .where(F.col("_products") > limit)
+        .orderBy(F.desc("_products"), "_image")
+        .limit(MAX_SHARED_IMAGES)
+        .collect()
+    )
+    if not counted:
+        return []
+    keys = [r["_image"] for r in counted]
+    named = ", ".join(f"{k[:16]}… on {r['_products']:,}" for k, r in zip(keys[:3], counted, strict=False))
+    return [
+        Rule(
+            IMAGE_SHARED,
+            f"the image is on more than {limit} products of the run: a placeholder ({named})",
+            "image",
+            lambda: _image_key(df.columns).isin(keys),
+            None,  # decided by other rows; GX has no expectation for it
+            transient=True,
+        )
+    ]
+
+
+def _image_key(columns: Sequence[str]) -> Any:
+    """A row's image: ``sha256:<hex>`` of its bytes, else ``uri:<image_uri>``, else null."""
+    from pyspark.sql import functions as F
+
+    parts = []
+    if "image" in columns:
+        parts.append(F.concat(F.lit("sha256:"), F.sha2(F.col("image"), 256)))
+    if "image_uri" in columns:
+        parts.append(F.concat(F.lit("uri:"), F.col("image_uri")))
+    return F.coalesce(*parts)
 
 
 def _gxe() -> Any:
@@ -314,16 +373,19 @@ def check_rows(
 
 @dataclass
 class ValidationCounts:
-    """Rows read and invalid, failures per rule, and the highest ``updated_at`` read."""
+    """Rows read and invalid, failures per rule, the highest ``updated_at`` read, and the invalid
+    rows that broke only transient rules (``held``: read again next run, outside the breaker)."""
 
     rows_read: int
     rows_invalid: int
     per_rule: dict[str, int] = field(default_factory=dict)
     watermark: dt.datetime | None = None
+    held: int = 0
 
     @property
     def invalid_fraction(self) -> float:
-        return self.rows_invalid / self.rows_read if self.rows_read else 0.0
+        """The circuit breaker's share: the rows read that are invalid, less the ``held`` ones."""
+        return (self.rows_invalid - self.held) / self.rows_read if self.rows_read else 0.0
 
     def top_rules(self, k: int = 3) -> str:
         top = sorted(((n, r) for r, n in self.per_rule.items() if n), reverse=True)[:k]
@@ -338,7 +400,8 @@ def count_rows(
 
     The duplicates are the copies of every id on more than one row, one row per (id, ``updated_at``):
     ``key``; ``_at``, ``updated_at`` in µs since the epoch (null where missing); ``_rows``, how many
-    copies carry that time; ``_ok``, how many of those pass every per-row rule. They are few (never
+    copies carry that time; ``_ok``, how many of those pass every per-row rule; ``_held``, how many
+    break only transient ones. They are few (never
     more than the rows read) and come back to the driver as Arrow, to be joined back as a small
     broadcast table (:func:`check_rows`).
     """
@@ -347,23 +410,27 @@ def count_rows(
     per_row = [(i, r) for i, r in enumerate(rules) if not r.across_rows]
     tests = {i: F.coalesce(r.fails(), F.lit(False)) for i, r in per_row}
     bad = reduce(lambda a, b: a | b, tests.values(), F.lit(False))
+    lasting = reduce(lambda a, b: a | b, [tests[i] for i, r in per_row if not r.transient], F.lit(False))
     sums = [f"_r{i}" for i in tests]
     groups = df.groupBy(key, F.unix_micros("updated_at").alias("_at")).agg(  # exact, no time-zone trip
         F.count(F.lit(1)).alias("_rows"),
         F.sum(F.when(bad, 0).otherwise(1)).alias("_ok"),
+        F.sum(F.when(bad & ~lasting, 1).otherwise(0)).alias("_held"),
         *[F.sum(F.when(t, 1).otherwise(0)).alias(f"_r{i}") for i, t in tests.items()],
     )
     per_id = groups.groupBy(key).agg(
         F.sum("_rows").alias("_n"),
         F.sum("_ok").alias("_ok"),
+        F.sum("_held").alias("_held"),
         F.max("_at").alias("_at"),
         *[F.sum(c).alias(c) for c in sums],
-        F.collect_list(F.struct("_at", "_rows", "_ok")).alias("_copies"),
+        F.collect_list(F.struct("_at", "_rows", "_ok", "_held")).alias("_copies"),
     )
     duplicated = F.col(key).isNotNull() & (F.col("_n") > 1)
     row = per_id.agg(
         F.sum("_n").alias("rows"),
         F.sum("_ok").alias("ok"),
+        F.sum("_held").alias("held"),
         F.max("_at").alias("watermark"),
         *[F.sum(c).alias(c) for c in sums],
         F.collect_list(F.when(duplicated, F.struct(key, "_copies"))).alias("duplicates"),
@@ -374,12 +441,16 @@ def count_rows(
         rows - int(row["ok"] or 0),
         {r.name: int(row[f"_r{i}"] or 0) if i in tests else 0 for i, r in enumerate(rules)},
         None if row["watermark"] is None else _from_micros(int(row["watermark"])),
+        int(row["held"] or 0),
     )
     copies = [(d[key], c) for d in row["duplicates"] for c in d["_copies"]]
     duplicates = pa.table(
         {
             key: pa.array([k for k, _ in copies], pa.string()),
-            **{c: pa.array([copy[c] for _, copy in copies], pa.int64()) for c in ("_at", "_rows", "_ok")},
+            **{
+                c: pa.array([copy[c] for _, copy in copies], pa.int64())
+                for c in ("_at", "_rows", "_ok", "_held")
+            },
         }
     )
     return add_duplicates(counts, duplicates, rules), duplicates
@@ -392,9 +463,11 @@ def add_duplicates(counts: ValidationCounts, duplicates: pa.Table, rules: list[R
     for rule in rules:
         if rule.across_rows:
             per_rule[rule.name] = int(pc.sum(stale["_rows"]).as_py() or 0)
-    # a stale copy that breaks a per-row rule too is already among the invalid rows
+    # a stale copy that breaks a per-row rule too is already among the invalid rows; one that broke
+    # only transient rules is invalid for good now
     invalid = counts.rows_invalid + int(pc.sum(stale["_ok"]).as_py() or 0)
-    return ValidationCounts(counts.rows_read, invalid, per_rule, counts.watermark)
+    held = counts.held - int(pc.sum(stale["_held"]).as_py() or 0)
+    return ValidationCounts(counts.rows_read, invalid, per_rule, counts.watermark, held)
 
 
 def _from_micros(us: int) -> dt.datetime:
