@@ -91,6 +91,14 @@ def _runs(spark: Any, cfg: AppConfig, taxonomy: Any, bundle: Path, catalog: Any,
     assert {a: _values(catalog, a) for a in taxonomy.names} == before  # nothing of it written
 
 
+def _on_lakehouse(tmp_path: Path) -> AppConfig:
+    """The tiny config on a lakehouse under ``tmp_path``, its products table at ``tmp_path / "products"``."""
+    return tiny_config(
+        catalog={"root": str(tmp_path / "lake"), "products": str(tmp_path / "products")},
+        inference={"batch_size": 64, "device": "cpu"},
+    )
+
+
 def shifted_written(catalog: Any, attribute: str) -> int:
     """Values the ``shifted`` run reported writing for ``attribute``."""
     return {r.run_id: r for r in catalog.read_reports()}["shifted"].written_per_attribute[attribute]
@@ -101,10 +109,7 @@ def test_health_on_the_lakehouse_and_report_health_check(  # type: ignore[no-unt
 ) -> None:
     source = read_table(incoming.products)
     clean = source.filter(pc.is_valid(source["product_id"])).slice(0, 1000)
-    cfg = tiny_config(
-        catalog={"root": str(tmp_path / "lake"), "products": str(tmp_path / "products")},
-        inference={"batch_size": 64, "device": "cpu"},
-    )
+    cfg = _on_lakehouse(tmp_path)
 
     def load(products: pa.Table | None) -> pa.Table:
         write_table(tmp_path / "products", clean if products is None else products, mode="overwrite")
@@ -128,10 +133,7 @@ def test_the_products_of_a_blocked_night_are_filled_by_the_next_clean_run(  # ty
 ) -> None:
     source = read_table(incoming.products)
     clean = source.filter(pc.is_valid(source["product_id"])).slice(0, 600)
-    cfg = tiny_config(
-        catalog={"root": str(tmp_path / "lake"), "products": str(tmp_path / "products")},
-        inference={"batch_size": 64, "device": "cpu"},
-    )
+    cfg = _on_lakehouse(tmp_path)
     catalog, model = open_catalog(cfg.catalog), ModelVersion("tiny", "1", bundle_dir=scoring_bundle)
     said: list[str] = []
 
@@ -168,10 +170,7 @@ def test_placeholder_photos_are_quarantined_and_read_again_when_the_cdn_is_back(
     ids = source["product_id"].to_pylist()
     copies = Counter(ids)  # products on one row each: no copy of a placeholder row elsewhere
     clean = source.filter(pa.array([p is not None and copies[p] == 1 for p in ids])).slice(0, 400)
-    cfg = tiny_config(
-        catalog={"root": str(tmp_path / "lake"), "products": str(tmp_path / "products")},
-        inference={"batch_size": 64, "device": "cpu"},
-    )
+    cfg = _on_lakehouse(tmp_path)
     catalog, model = open_catalog(cfg.catalog), ModelVersion("tiny", "1", bundle_dir=scoring_bundle)
     said: list[str] = []
 
