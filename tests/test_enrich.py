@@ -444,9 +444,9 @@ def test_cli_enrich_uses_the_champion_and_report_prints_it(
     assert runs[0].data.metrics["rows_read"] > 0
     # with its health checks: metrics, and one plot per attribute (tonight's scores over training's)
     metrics = runs[0].data.metrics
-    # the partition carries injected broken photos (1.5 % of its products, none at training): a change
-    # of the image input's shares below validation.health.min_share_change (0.03), so no check fails
-    # and the default block modes keep nothing out
+    # the partition carries injected broken photos (1.5 % of its products, none at training): they are
+    # quarantined, not scored, so the image check (the scored products' share with a photo) does not
+    # count them; no check fails and the default block modes keep nothing out
     failed = re.search(r"run health: (\d+) failed check", out)
     assert failed is not None and metrics["health_failures"] == int(failed.group(1)) == 0
     assert metrics["health_blocked"] == 0 and metrics["health_score_drift_color"] >= 0

@@ -137,6 +137,13 @@ def _proportion(
     return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts, shown)
 
 
+def _scorable(image: Sequence[int]) -> list[int]:
+    """Products without and with a photo among those scored: an unusable photo is quarantined
+    (counted by the circuit breaker and read again by the next runs), so it is not the image
+    check's to judge; a feed whose photos go missing is."""
+    return [image[IMAGE_STATES.index("absent")], image[IMAGE_STATES.index("usable")]]
+
+
 def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tuple[float, float] | None:
     """What was written, each value at the held-out precision of its confidence bin (a bin with no
     held-out value takes the overall held-out precision), and the estimate's standard error: the
@@ -212,7 +219,7 @@ def _pending(
                     [counted.categories[k] for k in keys],
                 ),
                 _proportion(INPUT, "description", inputs.description, counted.description, 1),
-                _proportion(INPUT, "image", inputs.image, counted.image, IMAGE_STATES.index("usable")),
+                _proportion(INPUT, "image", _scorable(inputs.image), _scorable(counted.image), 1),
             ]
             photos = sum(counted.tones)  # products whose photo was decoded (not read from the store)
             if photos < min_products or sum(inputs.tones) < min_products:
