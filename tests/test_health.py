@@ -335,3 +335,25 @@ def test_the_design_effect_is_the_mean_group_size_a_product_is_in_and_divides_th
     assert _design_effect(np.arange(5)) == 1.0 and _design_effect(None) == 1.0
     plain, _, _ = homogeneity([50, 50], [75, 25])
     assert homogeneity([50, 50], [75, 25], design_effect=2.5)[0] == pytest.approx(plain / 2.5)
+
+
+def test_the_image_check_fails_on_photos_gone_missing_not_on_unusable_ones_the_quarantine_keeps_out() -> None:
+    """Tonight 10 % of the products' photos cannot be decoded (quarantined and retried: the circuit
+    breaker's to count), or 10 % come without a photo (scored from their text alone): only the second
+    moves the share of scored products with a photo."""
+    rng = np.random.default_rng(5)
+    pop = _population(rng, 6_000)
+    profile = _profile(pop, np.arange(3_000))
+    night = np.arange(3_000, 4_000)
+
+    def image_check(spoiled: dict[str, object]) -> str:
+        checks = assess(profile, _count(profile, spoiled, night), target=_target(pop))
+        return next(c.status for c in checks if c.check == "image")
+
+    broken, missing = dict(pop), dict(pop)
+    hit = set(rng.choice(night, 100, replace=False).tolist())
+    broken["errors"] = ["image_decodable" if i in hit else e for i, e in enumerate(pop["errors"])]  # type: ignore[arg-type]
+    missing["present"] = [p and i not in hit for i, p in enumerate(pop["present"])]  # type: ignore[arg-type]
+    missing["errors"] = [None if i in hit else e for i, e in enumerate(pop["errors"])]  # type: ignore[arg-type]
+    assert image_check(pop) == image_check(broken) == "passed"
+    assert image_check(missing) == "failed"
