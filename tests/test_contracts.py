@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -142,3 +143,31 @@ def test_user_taxonomy_round_trips(tmp_path: Path) -> None:
     assert Taxonomy.from_dict(tax.to_dict()).to_dict() == tax.to_dict()
     with pytest.raises(TaxonomyError, match="not found"):
         load_taxonomy(tmp_path / "missing.yaml")
+
+
+def test_value_groups_define_derived_attributes_and_bad_groups_are_one_line_errors() -> None:
+    """hierarchy.yaml's shape under an attribute's ``groups``: a derived attribute whose labels
+    follow from the parent's (a value in no group: labelled, in none) and round-trip through the
+    file format; a group naming an unknown value, a value in two groups: a clear error each."""
+    import numpy as np
+
+    spec = {
+        "kind": "multiclass",
+        "values": ["Blue", "Dark Blue", "Red", "Other"],
+        "groups": {"color_family": {"Blue": ["Blue", "Dark Blue"], "Red": ["Red"]}},
+    }
+    taxonomy = Taxonomy.from_dict({"attributes": {"color": spec}})
+    assert taxonomy.names == ["color"] and taxonomy.outputs.names == ["color", "color_family"]
+    family = taxonomy.derived["color_family"]
+    assert family.spec.kind == "multiclass" and family.spec.values == ("Blue", "Red")
+    assert family.labels(np.array([0, 1, 2, 3, -1])).tolist() == [0, 0, 1, 2, -1]
+    assert Taxonomy.from_dict(taxonomy.to_dict()) == taxonomy
+    for groups, message in [
+        ({"Blue": ["Navy"]}, "group 'Blue' names 'Navy', not a value of 'color'"),
+        ({"Blue": ["Blue"], "Dark": ["Blue"]}, "'Blue' is in two groups, 'Blue' and 'Dark'"),
+        ({"Blue": []}, "group 'Blue' must be a non-empty list of values"),
+    ]:
+        with pytest.raises(TaxonomyError, match=re.escape(message)):
+            Taxonomy.from_dict({"attributes": {"color": {**spec, "groups": {"color_family": groups}}}})
+    with pytest.raises(TaxonomyError, match="'color' is defined twice"):
+        Taxonomy.from_dict({"attributes": {"color": {**spec, "groups": {"color": {"Blue": ["Blue"]}}}}})

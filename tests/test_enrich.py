@@ -107,6 +107,7 @@ def test_writes_only_values_that_hold_95_percent_precision(first_run, incoming, 
     result = written_precision(table, read_table(incoming.truth), taxonomy)
     written = {a: r["written"] for a, r in result.items()}
     assert sum(written.values()) > 1000, written
+    assert written["color"] > 0 and written["color_family"] > 0, written  # both levels, each judged below
     # The promise is statistical (each value's threshold proves >= 95 % at 95 % confidence on the
     # calibration split), so on 2,400 new products: pooled precision >= 0.95, and no attribute
     # significantly below it (Wilson 95 % upper bound >= 0.95).
@@ -287,6 +288,7 @@ def test_rollback_restores_the_previous_values_exactly(
     merge = second.merge
     assert merge is not None and merge.deleted > 0 and merge.updated > 0  # fewer values, new provenance
     assert _sorted_rows(read_table(path)) != after_v1
+    assert {"color", "color_family"} <= set(read_table(path)["attribute"].to_pylist())  # both levels
     rollback(open_catalog(cfg.catalog), run_id="run-2", progress=_quiet)
     assert _sorted_rows(read_table(path)) == after_v1
     assert report_for(read_reports(cfg.catalog.table("run_reports")), "run-2").status == "rolled_back"

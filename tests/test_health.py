@@ -164,6 +164,16 @@ def test_block_mode_blocks_the_failed_attribute_and_an_input_failure_blocks_ever
     defaults = HealthConfig().modes()  # a broken night writes nothing wrong: every check blocks
     assert set(defaults.values()) == {"block"}
     assert list(blocked_attributes(checks, defaults, attributes)) == ["color", "pattern"]
+    # a derived attribute and its parent share their scores: blocking one blocks the other
+    levels, both = {"color_family": "color"}, [*attributes, "color_family"]
+    mix = Check("color", "value_mix", "failed", 100, 1000, message="color: value mix PSI 0.4")
+    assert blocked_attributes([mix], defaults, both, levels) == dict.fromkeys(
+        ["color", "color_family"], "color: value mix PSI 0.4"
+    )
+    family = Check("color_family", "coverage", "failed", 100, 1000, message="color_family: coverage")
+    assert blocked_attributes([family], defaults, both, levels) == dict.fromkeys(
+        ["color", "color_family"], "color_family: coverage"
+    )
 
 
 def test_a_profile_round_trips_tallies_merge_and_the_plot_is_drawn(tmp_path: Path) -> None:

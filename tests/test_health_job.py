@@ -58,37 +58,45 @@ def _runs(spark: Any, cfg: AppConfig, taxonomy: Any, bundle: Path, catalog: Any,
     clean = run(cfg, "clean")
     assert clean["health_failures"] == [] and clean["health_blocked"] == {}
     checks = catalog.keyed_rows("run_health").to_pylist()
-    assert len(checks) == 4 * len(taxonomy.names) + 6  # 4 per attribute, 6 on the inputs
+    names = taxonomy.outputs.names  # color_family (derived from color) too
+    assert len(checks) == 4 * len(names) + 6  # 4 per attribute, 6 on the inputs
     assert {c["run_id"] for c in checks} == {"clean"}
     # every check passes; an attribute the model writes nothing of has no precision to estimate
     assert all(c["status"] == "passed" or c["message"] == "nothing written" for c in checks)
-    before = {a: _values(catalog, a) for a in taxonomy.names}
-    assert before["color"]
+    before = {a: _values(catalog, a) for a in names}
+    assert before["color"] and before["color_family"]
 
     load(colour_shift(products))
     shifted = run(_with_health(cfg, score_drift="warn", coverage="warn", inputs="warn"), "shifted")
-    assert ("color", "value_mix") in failed(shifted) and list(shifted["health_blocked"]) == ["color"]
+    # both levels come from the colour scores: blocking one blocks the other
+    assert ("color", "value_mix") in failed(shifted)
+    assert list(shifted["health_blocked"]) == ["color", "color_family"]
     assert shifted["health_blocked"]["color"].startswith("color: value mix PSI")
-    for attribute in taxonomy.names:
+    assert "color: value mix PSI" in shifted["health_blocked"]["color_family"]
+    for attribute in names:
         after = _values(catalog, attribute)
-        if attribute == "color":  # what the clean run wrote, untouched
+        if attribute in ("color", "color_family"):  # what the clean run wrote, untouched
             assert after == before[attribute]
         else:  # this run's decisions replaced the clean run's
             assert {r[2] for r in after} <= {"shifted"}, attribute
             assert len(after) == shifted_written(catalog, attribute)
     rows = catalog.keyed_rows("run_health")
     mine = rows.filter(pc.equal(rows["run_id"], "shifted")).to_pylist()
-    assert [(r["scope"], r["check"]) for r in mine if r["blocked"]] == [("color", "value_mix")]
+    # the shifted photos move the families' mix as well as the colours'
+    assert [(r["scope"], r["check"]) for r in mine if r["blocked"]] == [
+        ("color", "value_mix"),
+        ("color_family", "value_mix"),
+    ]
     assert {r["mode"] for r in mine if r["check"] == "value_mix"} == {"block"}
     assert all(r["model_version"] == "1" and r["message"] for r in mine if r["status"] == "failed")
 
-    before = {a: _values(catalog, a) for a in taxonomy.names}
+    before = {a: _values(catalog, a) for a in names}
     load(stripped_titles(products))
     stripped = run(cfg, "stripped")
     assert {("input", "title_length"), ("input", "description")} <= failed(stripped)
-    assert list(stripped["health_blocked"]) == taxonomy.names  # every attribute reads the title
+    assert list(stripped["health_blocked"]) == names  # every attribute reads the title
     assert "input title length" in stripped["health_blocked"]["color"]
-    assert {a: _values(catalog, a) for a in taxonomy.names} == before  # nothing of it written
+    assert {a: _values(catalog, a) for a in names} == before  # nothing of it written
 
 
 def _on_lakehouse(tmp_path: Path) -> AppConfig:
@@ -149,7 +157,7 @@ def test_the_products_of_a_blocked_night_are_filled_by_the_next_clean_run(  # ty
     # and its titles arrived stripped: nothing of it is written
     now = pa.array([dt.datetime.now(dt.UTC)] * clean.num_rows, clean.schema.field("updated_at").type)
     later = clean.set_column(clean.schema.get_field_index("updated_at"), "updated_at", now)
-    assert list(run(stripped_titles(later), "night-2")["health_blocked"]) == taxonomy.names
+    assert list(run(stripped_titles(later), "night-2")["health_blocked"]) == taxonomy.outputs.names
     assert {r["run_id"] for r in catalog.attribute_rows().to_pylist() if r["source"] == "model"} == {
         "night-1"
     }

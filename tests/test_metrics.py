@@ -100,3 +100,16 @@ def test_average_precision_known_answers() -> None:
         attribute_average_precision(np.array([[0.9, 0.2]]), np.array([[1, 0]], np.float32), "multilabel")
         == 1.0
     )
+
+
+def test_a_product_labelled_in_no_group_is_a_wrong_write_and_no_positive() -> None:
+    """A derived attribute's label ``n_values`` (the product's value is in no group, e.g. the shade
+    'Other'): writing a group for it is wrong, and it is not among the products a group could be
+    right for (recall's denominator)."""
+    scores = np.array([[0.9], [0.8], [0.7]])
+    labels = np.array([0, 1, 0])  # 1 == n_values: labelled, in no group
+    assert attribute_r_at_p(scores, labels, "multiclass").pooled == pytest.approx(0.5)
+    written = written_precision_and_coverage(scores, labels, "multiclass", np.array([0.75]))
+    assert (written["written"], written["correct"], written["recall"]) == (2, 1, 0.5)
+    with pytest.raises(ValueError, match="past the number of values"):
+        attribute_r_at_p(scores, np.array([0, 2, 0]), "multiclass")

@@ -12,7 +12,7 @@ pyspark is imported lazily, so the Arrow side works where no JVM is around.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -36,6 +36,7 @@ __all__ = [
     "UNREADABLE",
     "AttributeSpec",
     "Contract",
+    "DerivedAttribute",
     "FieldSpec",
     "Taxonomy",
     "arrow_type",
@@ -310,11 +311,85 @@ class AttributeSpec:
 
 
 @dataclass(frozen=True)
+class DerivedAttribute:
+    """An attribute whose values are groups of another's (a colour family of shades, a product group
+    of product types): no head of its own, its scores the sum of its members' (:meth:`Taxonomy.derive`)
+    and its labels its members' group. ``spec`` is the attribute as every consumer of attributes sees
+    it (the parent's kind, the groups as values); ``group[v]`` is the group index of the parent's value
+    ``v``, or ``-1`` for a value in no group."""
+
+    spec: AttributeSpec
+    parent: str
+    group: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def groups_of(self, values: Iterable[str], parent: AttributeSpec) -> set[str]:
+        """The groups of some of the parent's values (a value in no group adds none)."""
+        return {self.spec.values[g] for g in (self.group[parent.index(v)] for v in values) if g >= 0}
+
+    def labels(self, parent: Any) -> Any:
+        """The derived labels of the parent's: multi-class ``(n,)`` indices (``-1`` unlabelled) give
+        each product its value's group, or ``len(spec.values)`` - labelled, in no group - where its
+        value is in none; multi-label ``(n, V)`` multi-hot gives every group with a value set."""
+        import numpy as np
+
+        parent = np.asarray(parent)
+        group = np.asarray(self.group, np.int64)
+        if self.spec.kind == "multiclass":
+            none = len(self.spec.values)
+            mapped = np.where(group >= 0, group, none)
+            return np.where(parent >= 0, mapped[np.clip(parent, 0, None)], -1).astype(parent.dtype)
+        hot = np.zeros((parent.shape[0], len(self.spec.values)), parent.dtype)
+        for g in range(len(self.spec.values)):
+            hot[:, g] = parent[:, group == g].max(axis=1, initial=0)
+        return hot
+
+
+@dataclass(frozen=True)
 class Taxonomy:
-    """Attribute name -> :class:`AttributeSpec`, in file order."""
+    """Attribute name -> :class:`AttributeSpec`, in file order: the attributes the model has heads for.
+    ``derived``: the attributes defined by groups of their values (``groups:`` in the file), which the
+    decision, calibration and every report treat like the others (:attr:`outputs`)."""
 
     attributes: Mapping[str, AttributeSpec]
     source: str = ""
+    derived: Mapping[str, DerivedAttribute] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> Taxonomy:
+        """Every attribute a value is written for: the learned ones, then the derived ones."""
+        if not self.derived:
+            return self
+        every = {**self.attributes, **{d.name: d.spec for d in self.derived.values()}}
+        return Taxonomy(every, self.source, self.derived)
+
+    @property
+    def learned(self) -> Taxonomy:
+        """Only the attributes the model has heads for (what :attr:`outputs` adds removed)."""
+        names = [n for n in self.attributes if n not in self.derived]
+        return Taxonomy({n: self.attributes[n] for n in names}, self.source, self.derived)
+
+    def derive(self, probs: Mapping[str, Any]) -> dict[str, Any]:
+        """``probs`` (attribute -> ``(n, V)`` scores) with every derived attribute's scores added: a
+        group's score is the sum of its values' for a multi-class attribute (the probability that the
+        value is in the group) and the highest of them for a multi-label one."""
+        import numpy as np
+
+        out = dict(probs)
+        for d in self.derived.values():
+            if d.name in out or d.parent not in out:
+                continue
+            parent = np.asarray(out[d.parent])
+            group = np.asarray(d.group)
+            cols = []
+            for g in range(len(d.spec.values)):
+                members = parent[:, group == g]
+                cols.append(members.sum(axis=1) if d.spec.kind == "multiclass" else members.max(axis=1))
+            out[d.name] = np.stack(cols, axis=1).astype(parent.dtype) if cols else parent[:, :0]
+        return out
 
     def __getitem__(self, name: str) -> AttributeSpec:
         try:
@@ -336,11 +411,17 @@ class Taxonomy:
 
     def to_dict(self) -> dict[str, Any]:
         """Serialisable form (the file format, without extras)."""
-        return {
-            "attributes": {
-                a.name: {"kind": a.kind, "values": list(a.values)} for a in self.attributes.values()
-            }
+        out: dict[str, Any] = {
+            a.name: {"kind": a.kind, "values": list(a.values)} for a in self.learned.attributes.values()
         }
+        for d in self.derived.values():
+            parent = self.attributes[d.parent]
+            groups = {
+                g: [v for v, i in zip(parent.values, d.group, strict=True) if i == k]
+                for k, g in enumerate(d.spec.values)
+            }
+            out[d.parent].setdefault("groups", {})[d.name] = groups
+        return {"attributes": out}
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<dict>") -> Taxonomy:
@@ -366,9 +447,48 @@ class Taxonomy:
                 raise TaxonomyError(f"{where}: duplicate values {dupes}")
             if kind == "multiclass" and len(str_values) < 2:
                 raise TaxonomyError(f"{where}: a multiclass attribute needs at least two values")
-            extras = {k: v for k, v in spec.items() if k not in ("kind", "values")}
+            extras = {k: v for k, v in spec.items() if k not in ("kind", "values", "groups")}
             attrs[str(name)] = AttributeSpec(str(name), kind, tuple(str_values), extras)
-        return cls(attributes=attrs, source=source)
+        derived: dict[str, DerivedAttribute] = {}
+        for name, spec in data["attributes"].items():
+            for d in _groupings(attrs[str(name)], spec.get("groups"), source):
+                if d.name in attrs or d.name in derived:
+                    raise TaxonomyError(f"taxonomy {source}: attribute {d.name!r} is defined twice")
+                derived[d.name] = d
+        return cls(attributes=attrs, source=source, derived=derived)
+
+
+def _groupings(parent: AttributeSpec, groups: Any, source: str) -> list[DerivedAttribute]:
+    """The derived attributes of ``parent``'s ``groups:`` (derived name -> group -> its values)."""
+    if groups is None:
+        return []
+    where = f"taxonomy {source}: attribute {parent.name!r}"
+    if not isinstance(groups, Mapping) or not groups:
+        raise TaxonomyError(f"{where}: 'groups' must map a derived attribute's name to its groups")
+    out = []
+    for derived, members in groups.items():
+        here = f"{where}: groups {derived!r}"
+        if not isinstance(members, Mapping) or not members:
+            raise TaxonomyError(f"{here} must map each group to a list of {parent.name}'s values")
+        group = [-1] * len(parent.values)
+        names = [str(g) for g in members]
+        for k, (name, values) in enumerate(zip(names, members.values(), strict=True)):
+            if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+                raise TaxonomyError(f"{here}: group {name!r} must be a non-empty list of values")
+            for value in map(str, values):
+                if value not in parent.values:
+                    raise TaxonomyError(
+                        f"{here}: group {name!r} names {value!r}, not a value of {parent.name!r}"
+                    )
+                v = parent.values.index(value)
+                if group[v] >= 0:
+                    raise TaxonomyError(
+                        f"{here}: {value!r} is in two groups, {names[group[v]]!r} and {name!r}"
+                    )
+                group[v] = k
+        spec = AttributeSpec(str(derived), parent.kind, tuple(names), {"derived_from": parent.name})
+        out.append(DerivedAttribute(spec, parent.name, tuple(group)))
+    return out
 
 
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:

@@ -52,7 +52,7 @@ def _check_labels(labels: np.ndarray, scores: np.ndarray, kind: AttributeKind) -
         return labels.astype(bool)
     if labels.shape != (scores.shape[0],):
         raise ValueError(f"multiclass labels must have shape ({scores.shape[0]},), got {labels.shape}")
-    if labels.size and labels.max() >= scores.shape[1]:
+    if labels.size and labels.max() > scores.shape[1]:  # n_values: labelled, none of the values
         raise ValueError("multiclass labels index past the number of values")
     return labels.astype(np.int64)
 
@@ -135,7 +135,8 @@ def truth_matrix(labels: np.ndarray, n_values: int, kind: AttributeKind) -> tupl
         return truth, np.ones(truth.shape[0], bool)
     known = labels >= 0
     truth = np.zeros((labels.shape[0], n_values), bool)
-    truth[np.flatnonzero(known), labels[known]] = True
+    hit = known & (labels < n_values)  # n_values: labelled, none of the values (a derived attribute's)
+    truth[np.flatnonzero(hit), labels[hit]] = True
     return truth, known
 
 
@@ -178,8 +179,9 @@ def attribute_r_at_p(
     """R@P95 for one attribute: pooled (one global threshold) and per value.
 
     Multi-label: every (product, value) pair is a candidate; pooled recall is over all true pairs.
-    Multi-class: each product's top-1 prediction is a candidate; pooled recall is over labelled
-    products; per value, the candidates are the products whose top-1 is that value.
+    Multi-class: each product's top-1 prediction is a candidate; pooled recall is over the products
+    labelled with a value (a derived attribute's product in no group is a candidate, never a right
+    one); per value, the candidates are the products whose top-1 is that value.
     """
     scores = _check_scores(scores)
     labels = _check_labels(labels, scores, kind)
@@ -194,7 +196,7 @@ def attribute_r_at_p(
         top = s.argmax(axis=1)
         top_score = s[np.arange(s.shape[0]), top]
         right = t[np.arange(s.shape[0]), top]
-        pooled, _ = binary_r_at_p(top_score, right, target=target, n_positive=s.shape[0])
+        pooled, _ = binary_r_at_p(top_score, right, target=target, n_positive=int(t.any(axis=1).sum()))
         for v in range(s.shape[1]):
             sel = top == v
             support = int(t[:, v].sum())
@@ -219,7 +221,8 @@ def attribute_average_precision(scores: np.ndarray, labels: np.ndarray, kind: At
         score, right, n_positive = s.ravel(), t.ravel(), int(t.sum())
     else:
         top = s.argmax(axis=1)
-        score, right, n_positive = s[np.arange(s.shape[0]), top], t[np.arange(s.shape[0]), top], s.shape[0]
+        score, right = s[np.arange(s.shape[0]), top], t[np.arange(s.shape[0]), top]
+        n_positive = int(t.any(axis=1).sum())
     if n_positive == 0:
         return float("nan")
     found = int(right.sum())
@@ -305,7 +308,7 @@ def f1_scores(scores: np.ndarray, labels: np.ndarray, kind: AttributeKind) -> di
         known = labels >= 0
         n_values = scores.shape[1]
         pred = np.eye(n_values, dtype=bool)[scores[known].argmax(axis=1)]
-        truth = np.eye(n_values, dtype=bool)[labels[known]]
+        truth = np.eye(n_values + 1, n_values, dtype=bool)[labels[known]]
     present = truth.any(axis=0) | pred.any(axis=0)
     macro = (
         f1_score(truth[:, present], pred[:, present], average="macro", zero_division=0)

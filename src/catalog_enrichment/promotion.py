@@ -140,10 +140,10 @@ def evaluate_bundle(bundle: Any, table: pa.Table, image_policy: ImagePolicy) -> 
     a labelled table (its ``image_uri`` read under ``image_policy``)."""
     from catalog_enrichment.inference.predictor import BatchPredictor
 
-    labels = encode_labels(table, bundle.taxonomy)
+    labels = encode_labels(table, bundle.taxonomy).derive(bundle.taxonomy)
     scores = BatchPredictor(bundle, image_policy=image_policy).score(table.to_pandas())
     metrics, covered = {}, {}
-    for attr in bundle.taxonomy:
+    for attr in bundle.taxonomy.outputs:  # derived attributes too
         s, y = labels.labelled(scores, attr.name)
         thresholds = bundle.calibration.thresholds(attr.name)
         m = written_precision_and_coverage(s, y, attr.kind, thresholds)
@@ -165,9 +165,11 @@ def evaluate_bundle(bundle: Any, table: pa.Table, image_policy: ImagePolicy) -> 
 def compare_coverage(
     challenger: Evaluation, champion: Evaluation, *, confidence: float = 0.95
 ) -> dict[str, CoverageChange]:
-    """Paired coverage change per attribute (same products, same order)."""
+    """Paired coverage change per attribute both write (same products, same order)."""
     out = {}
     for attr, new in challenger.covered.items():
+        if attr not in champion.covered:  # e.g. a value grouping the champion did not have
+            continue
         old = champion.covered[attr]
         delta, upper = paired_change(new, old, confidence=confidence)
         out[attr] = CoverageChange(float(old.mean()) if old.size else 0.0, delta, upper)

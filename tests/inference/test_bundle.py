@@ -58,7 +58,7 @@ def _pinned(bundle: ModelBundle) -> dict[str, np.ndarray]:
 
 def _policy(bundle: ModelBundle, pinned: dict[str, np.ndarray]) -> DecisionPolicy:
     attrs = {}
-    for a in bundle.taxonomy:
+    for a in bundle.taxonomy.outputs:  # a derived attribute is not pinned: never written
         if a.name in pinned:
             thresholds = pinned[a.name] + np.resize(OFFSETS, len(a.values))
             values = tuple(

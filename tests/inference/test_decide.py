@@ -24,7 +24,7 @@ def policy_at(taxonomy: Taxonomy, allowed: Taxonomy | None = None, value: float 
             a.name: AttributeCalibration(
                 a.name, a.kind, tuple(ValueThreshold(v, value, 100) for v in a.values)
             )
-            for a in taxonomy
+            for a in taxonomy.outputs
         },
     )
     return DecisionPolicy(taxonomy, calibration, allowed or taxonomy)
@@ -43,15 +43,18 @@ def test_decisions_follow_thresholds_kinds_merchant_values_and_taxonomy(taxonomy
         ("color", color.values[0]),
         ("color", color.values[1]),
         ("product_type", ptype.values[0]),
+        ("color_family", "neutral"),  # black and white: derived from the colours' scores
     ]
     assert values[1] == [] and values[2] == []
-    assert "product_type" not in scored[2] and set(scored[0]) == set(taxonomy.names)
+    assert "product_type" not in scored[2] and set(scored[0]) == set(taxonomy.outputs.names)
     # skip = not decided at all (e.g. undecodable image)
     values, scored = policy_at(taxonomy).decide(probs, [set()] * 3, skip=np.array([True, False, False]))
     assert values[0] == [] and scored[0] == []
     # a value the catalog's taxonomy no longer allows is never written
     data = taxonomy.to_dict()
     data["attributes"]["color"]["values"] = [v for v in color.values if v != color.values[0]]
+    family = data["attributes"]["color"]["groups"]["color_family"]
+    family["neutral"] = [v for v in family["neutral"] if v != color.values[0]]
     values, _ = policy_at(taxonomy, Taxonomy.from_dict(data)).decide(probs, [set()] * 3)
     assert [(d.attribute, d.value) for d in values[0] if d.attribute == "color"] == [
         ("color", color.values[1])
@@ -100,3 +103,69 @@ def test_merchant_filled_reads_arrow_maps_without_python_rows() -> None:
     # a column Arrow typed as all-null (no merchant filled anything), and no rows at all
     np.testing.assert_array_equal(merchant_filled(pa.nulls(3), names), np.zeros((3, 3), bool))
     assert merchant_filled(column.slice(0, 0), names).shape == (0, 3)
+
+
+SHADES = Taxonomy.from_dict(
+    {
+        "attributes": {
+            "color": {
+                "kind": "multiclass",
+                "values": ["Blue", "Dark Blue", "Light Blue", "Red", "Other"],
+                "groups": {"color_family": {"Blue": ["Blue", "Dark Blue", "Light Blue"], "Red": ["Red"]}},
+            }
+        }
+    }
+)
+
+
+def test_a_family_certain_while_no_shade_is_gets_the_family_and_no_shade() -> None:
+    """Every threshold 0.9: 0.5 + 0.45 of blues make a blue product (family written, no shade); a shade
+    that clears is written with its family; a shade under another written family is not; a merchant's
+    shade keeps the model's family out, and a merchant's family the model's shade."""
+    policy = policy_at(SHADES, value=0.9)
+    shades = np.array(
+        [
+            [0.50, 0.45, 0.00, 0.05, 0.00],  # blue, but which blue?
+            [0.95, 0.02, 0.02, 0.01, 0.00],  # Blue, certainly
+            [0.00, 0.00, 0.00, 0.08, 0.92],  # 'Other': in no family
+            [0.95, 0.02, 0.02, 0.01, 0.00],  # the merchant gave a shade
+            [0.95, 0.02, 0.02, 0.01, 0.00],  # the merchant gave a family
+        ]
+    )
+    probs = SHADES.derive({"color": shades})
+    assert probs["color_family"][0] == pytest.approx([0.95, 0.05])
+    merchant = [set(), set(), set(), {"color"}, {"color_family"}]
+    values, scored = policy.decide(probs, merchant)
+    written = [[(d.attribute, d.value) for d in row] for row in values]
+    assert written == [
+        [("color_family", "Blue")],
+        [("color", "Blue"), ("color_family", "Blue")],
+        [("color", "Other")],
+        [],
+        [],
+    ]
+    assert scored[3] == scored[4] == []
+
+
+def test_a_shade_outside_the_family_written_is_not_written() -> None:
+    """A shade's threshold can sit below its family's: the family written wins over a shade of another."""
+    calibration = Calibration(
+        0.95,
+        0.95,
+        "wilson",
+        20,
+        {
+            "color": AttributeCalibration(
+                "color", "multiclass", tuple(ValueThreshold(v, 0.3, 100) for v in SHADES["color"].values)
+            ),
+            "color_family": AttributeCalibration(
+                "color_family",
+                "multiclass",
+                (ValueThreshold("Blue", 0.6, 100), ValueThreshold("Red", 0.6, 100)),
+            ),
+        },
+    )
+    policy = DecisionPolicy(SHADES, calibration, SHADES)
+    probs = SHADES.derive({"color": np.array([[0.30, 0.25, 0.05, 0.40, 0.00]])})  # Red top, blue family
+    values, _ = policy.decide(probs, [set()])
+    assert [(d.attribute, d.value) for d in values[0]] == [("color_family", "Blue")]

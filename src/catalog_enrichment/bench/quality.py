@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,13 @@ import pyarrow as pa
 import torch
 
 from catalog_enrichment.bench.baseline import BASELINE_LABEL, run_baseline
+from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import generate_marketplace
+from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.metrics import paired_bootstrap
 from catalog_enrichment.models.fusion import trained_fusions
 from catalog_enrichment.training.loop import train_and_calibrate
@@ -134,7 +136,7 @@ def run_quality_benchmark(
         )
         result["seconds"][BASELINE_LABEL] = round(time.perf_counter() - started, 1)
         result["methods"][BASELINE_LABEL] = {
-            a.name: {k: _num(baseline[a.name][k]) for k in METHOD_METRICS} for a in taxonomy
+            a.name: {k: _num(baseline[a.name][k]) for k in METHOD_METRICS} for a in taxonomy.outputs
         }
         say(f"== paired bootstrap against the baseline ({BOOTSTRAP_RESAMPLES:,} resamples) ==")
         result["versus_baseline"] = {
@@ -164,9 +166,10 @@ def _versus(
 ) -> dict[str, dict[str, float]]:
     """Per attribute: the contender's R@P95 minus the baseline's on the same test products, with its
     paired bootstrap 95 % interval (:func:`catalog_enrichment.metrics.paired_bootstrap`)."""
-    labels = encode_labels(test_table, taxonomy)
+    labels = encode_labels(test_table, taxonomy).derive(taxonomy)
+    scores, baseline = taxonomy.derive(scores), taxonomy.derive(baseline)
     out = {}
-    for attr in taxonomy:
+    for attr in taxonomy.outputs:
         new, old = scores[attr.name], baseline[attr.name]
         known = ~np.isnan(new).any(axis=1)
         if labels.targets[attr.name].ndim == 2:
@@ -210,8 +213,12 @@ def _record(
     report = trained.test_report
     result["epochs"][label] = {"trained": len(trained.history), "best": trained.best_epoch}
     result["methods"][label] = {
-        a.name: {k: _num(report[a.name][k]) for k in METHOD_METRICS} for a in taxonomy
+        a.name: {k: _num(report[a.name][k]) for k in METHOD_METRICS} for a in taxonomy.outputs
     }
+    if taxonomy.derived:
+        result.setdefault("given_a_value", {})[label] = given_a_value(
+            trained.test_predictions.probs, trained.calibration, taxonomy
+        )
     result["scopes"][label] = {}
     for scope in SCOPES:
         scoped = run_cfg.model_copy(
@@ -226,11 +233,29 @@ def _record(
                 for name, a in calibration.attributes.items()
             }
         result["scopes"][label][scope] = {
-            a.name: {k: _num(scope_report[a.name][k]) for k in SCOPE_METRICS} for a in taxonomy
+            a.name: {k: _num(scope_report[a.name][k]) for k in SCOPE_METRICS} for a in taxonomy.outputs
         }
         result["scope_per_value"].setdefault(scope, {})[label] = {
-            a.name: scope_report[a.name]["per_value"] for a in taxonomy
+            a.name: scope_report[a.name]["per_value"] for a in taxonomy.outputs
         }
+
+
+def given_a_value(
+    probs: Mapping[str, np.ndarray], calibration: Calibration, taxonomy: Taxonomy
+) -> dict[str, dict[str, float]]:
+    """Per derived attribute: the share of products the decision gives a value of its parent, and a
+    value at either level (the parent's or the group's)."""
+    policy = DecisionPolicy(taxonomy, calibration, taxonomy)
+    n = len(next(iter(probs.values())))
+    flat = policy.decide_flat(taxonomy.derive(probs), np.zeros((n, len(policy.taxonomy)), bool))
+    names = policy.taxonomy.names
+    product = np.repeat(np.arange(n), np.diff(flat.offsets))
+    out = {}
+    for d in taxonomy.derived.values():
+        parent = np.unique(product[flat.attribute == names.index(d.parent)])
+        either = np.unique(product[np.isin(flat.attribute, [names.index(d.parent), names.index(d.name)])])
+        out[d.name] = {d.parent: len(parent) / max(n, 1), "either": len(either) / max(n, 1)}
+    return out
 
 
 def _num(x: Any) -> float | None:
@@ -335,6 +360,9 @@ def format_quality_markdown(result: dict[str, Any]) -> str:
             f"| {label} | " + " | ".join(cell(per[a]) for a in attrs) + f" | {result['seconds'][label]:.0f} |"
         )
     lines += _versus_lines(result, attrs) + _scope_lines(result, attrs) + _weight_lines(result, attrs)
+    for label, per in result.get("given_a_value", {}).items():
+        shares = [f"{d}: {', '.join(f'{k} {v:.3f}' for k, v in share.items())}" for d, share in per.items()]
+        lines += ["", f"Share of test products given a value, {label}: " + "; ".join(shares)]
     lines += ["", "Checks:", ""]
     lines += [f"- {k}: {v}" for k, v in result["checks"].items() if not isinstance(v, list) or v]
     return "\n".join(lines) + "\n"

@@ -120,6 +120,15 @@ class EncodedLabels:
             {a: p[idx] for a, p in self.partial.items()},
         )
 
+    def derive(self, taxonomy: Taxonomy) -> EncodedLabels:
+        """These labels with every derived attribute's (:meth:`DerivedAttribute.labels`) added."""
+        targets, known = dict(self.targets), dict(self.known)
+        for d in taxonomy.derived.values():
+            if d.name not in targets and d.parent in targets:
+                targets[d.name] = d.labels(self.targets[d.parent])
+                known[d.name] = self.known[d.parent]
+        return EncodedLabels(targets, known, self.partial)
+
     def partial_only(self) -> np.ndarray:
         """Rows with a partial label and no full label for any attribute (training rows only)."""
         n = next(iter(self.known.values())).shape[0] if self.known else 0

@@ -29,11 +29,16 @@ def truth_lookup(truth: pa.Table, taxonomy: Taxonomy) -> dict[tuple[str, str], s
     good = truth.filter(pc.is_null(truth["bad_kind"])) if "bad_kind" in truth.column_names else truth
     out: dict[tuple[str, str], set[str]] = {}
     ids = good["product_id"].to_pylist()
-    for attr in taxonomy:
+    for attr in taxonomy.learned:
         for pid, val in zip(ids, good[f"true_{attr.name}"].to_pylist(), strict=True):
             if pid is None or val is None:
                 continue
             out[(pid, attr.name)] = set(val) if isinstance(val, list) else {val}
+    for d in taxonomy.derived.values():  # a derived attribute's truth: its parent's values' groups
+        parent = taxonomy[d.parent]
+        out.update(
+            {(pid, d.name): d.groups_of(v, parent) for (pid, a), v in list(out.items()) if a == d.parent}
+        )
     return out
 
 
@@ -46,7 +51,7 @@ def written_precision(attributes: pa.Table, truth: pa.Table, taxonomy: Taxonomy)
     lookup = truth_lookup(truth, taxonomy)
     rows = _model_rows(attributes)
     result: dict[str, dict[str, Any]] = {}
-    for attr in taxonomy:
+    for attr in taxonomy.outputs:
         mine = rows.filter(pc.equal(rows["attribute"], attr.name))
         pairs = zip(mine["product_id"].to_pylist(), mine["value"].to_pylist(), strict=True)
         judged = [v in lookup[(p, attr.name)] for p, v in pairs if (p, attr.name) in lookup]

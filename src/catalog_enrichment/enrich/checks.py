@@ -84,7 +84,9 @@ def check_run(policy: DecisionPolicy, tally: HealthTally, cfg: HealthConfig, say
         min_share_change=cfg.min_share_change,
     )
     modes = cfg.modes()
-    health = RunHealth(checks, blocked_attributes(checks, modes, policy.taxonomy.names), modes, policy, tally)
+    levels = {d.name: d.parent for d in policy.taxonomy.derived.values()}
+    blocked = blocked_attributes(checks, modes, policy.taxonomy.names, levels)
+    health = RunHealth(checks, blocked, modes, policy, tally)
     failures = health.summary()["health_failures"]
     say(f"  run health: {len(failures)} failed check(s)" + "".join(f"\n    {f}" for f in failures))
     for attribute, why in health.blocked.items():

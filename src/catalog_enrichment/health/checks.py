@@ -290,12 +290,16 @@ def assess(
 
 
 def blocked_attributes(
-    checks: Iterable[Check], modes: Mapping[str, str], attributes: Sequence[str]
+    checks: Iterable[Check],
+    modes: Mapping[str, str],
+    attributes: Sequence[str],
+    levels: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The attributes whose values a run must not commit, each with why (in ``attributes`` order): a
     failed check whose mode (``modes``: check name -> warn | block; the input checks under
     ``"inputs"``) is block. A failed input check in block mode blocks every attribute: every
-    attribute reads the title and, in a multimodal model, the photo."""
+    attribute reads the title and, in a multimodal model, the photo. ``levels`` (derived attribute ->
+    its parent): both levels come from the same scores, so blocking one blocks the other."""
     why: dict[str, list[str]] = {}
     for c in checks:
         if c.status != "failed":
@@ -305,6 +309,11 @@ def blocked_attributes(
                 why.setdefault(a, []).append(f"input {c.message or c.check}")
         elif c.scope != INPUT and modes.get(c.check) == "block":
             why.setdefault(c.scope, []).append(c.message or c.check)
+    own = {a: [m for m in reasons if not m.startswith("input ")] for a, reasons in why.items()}
+    for derived, parent in (levels or {}).items():
+        for a, other in ((derived, parent), (parent, derived)):
+            if own.get(other):
+                why.setdefault(a, []).extend(own[other])  # each message names its attribute
     return {a: "; ".join(why[a]) for a in attributes if a in why}
 
 

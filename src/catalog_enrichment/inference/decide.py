@@ -2,8 +2,11 @@
 
 Pure NumPy on the predictor's scores. For every scored product and every attribute the merchant did
 not fill: multi-class -> the top-1 value if it clears its threshold; multi-label -> every value that
-clears its own. A value the model knows but the configured taxonomy no longer allows is never
-written; a value without a threshold (too little calibration support) is never written.
+clears its own. A derived attribute (a colour family of shades) is decided like any other, and a
+value of its parent is never written outside the group written for the same product; a merchant's
+value at either level keeps the model from writing the other. A value the model knows but the
+configured taxonomy no longer allows is never written; a value without a threshold (too little
+calibration support) is never written.
 
 :meth:`DecisionPolicy.decide_flat` decides a whole batch with array operations and returns the
 decisions as flat arrays (CSR: per-row offsets into one run of written values), which the Spark
@@ -126,6 +129,7 @@ class DecisionPolicy:
     """
 
     def __init__(self, model_taxonomy: Taxonomy, calibration: Calibration, allowed: Taxonomy) -> None:
+        model_taxonomy, allowed = model_taxonomy.outputs, allowed.outputs  # derived attributes too
         problems = []
         for attr in model_taxonomy:
             if attr.name not in allowed.names:
@@ -166,6 +170,12 @@ class DecisionPolicy:
             f"{attr.name}={value}": i
             for i, (attr, value) in enumerate((a, v) for a in model_taxonomy for v in a.values)
         }
+        names = model_taxonomy.names
+        # (derived attribute, its parent, the parent value -> group map) by position in the taxonomy
+        self._levels = [
+            (names.index(d.name), names.index(d.parent), np.asarray(d.group, np.int64))
+            for d in model_taxonomy.derived.values()
+        ]
 
     def column_of(self, pair: str) -> int | None:
         """The position of ``"attribute=value"`` in :attr:`all_values` (None: the model has no such value)."""
@@ -194,16 +204,27 @@ class DecisionPolicy:
         this model version, never written (the pair is still scored: its other values are decided
         as usual, and the run removes a rejected value the catalog still holds).
         """
+        probs = self.taxonomy.derive(probs)  # the derived attributes' scores, unless given
         n = filled.shape[0]
         blocked = filled | (np.zeros((n, 1), bool) if skip is None else np.asarray(skip, bool)[:, None])
-        written, scores = [np.zeros((n, 0), bool)], [np.zeros((n, 0))]
+        for d, p, _ in self._levels:
+            # a merchant's value at either level stands for both: its shade implies its family, and
+            # no model shade is written under a family the merchant gave
+            blocked[:, d] |= filled[:, p]
+            blocked[:, p] |= filled[:, d]
+        written, scores = [], [np.zeros((n, 0))]
         for a, attr in enumerate(self.taxonomy):
             attr_scores = np.asarray(probs[attr.name], dtype=np.float64)
             written.append(
                 decision_matrix(attr_scores, attr.kind, self.thresholds[attr.name]) & ~blocked[:, a, None]
             )
             scores.append(attr_scores)
-        every = np.concatenate(written, axis=1)
+        for d, p, group in self._levels:
+            # never a value outside the group written for the same product
+            family = written[d]
+            inside = np.concatenate([family, np.zeros((n, 1), bool)], axis=1)[:, group]  # -1: in no group
+            written[p] &= inside | ~family.any(axis=1, keepdims=True)
+        every = np.concatenate([np.zeros((n, 0), bool), *written], axis=1)
         if rejected is not None:
             every &= ~rejected
         rows, cols = np.nonzero(every)  # row-major: by product, then attribute, then value

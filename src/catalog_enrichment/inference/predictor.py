@@ -71,8 +71,8 @@ Data: TypeAlias = pa.RecordBatch | pa.Table | pd.DataFrame
 
 
 def score_columns(bundle: ModelBundle) -> list[str]:
-    """Output column names, ``<attribute>=<value>``, in taxonomy order."""
-    return [f"{a.name}={v}" for a in bundle.taxonomy for v in a.values]
+    """Output column names, ``<attribute>=<value>``, in taxonomy order (derived attributes last)."""
+    return [f"{a.name}={v}" for a in bundle.taxonomy.outputs for v in a.values]
 
 
 @dataclass
@@ -409,12 +409,14 @@ class BatchPredictor:
                 yield (
                     data,
                     Scores(
-                        {
-                            a.name: np.concatenate(probs[a.name])
-                            if probs[a.name]
-                            else np.zeros((0, len(a.values)), np.float32)
-                            for a in self.bundle.taxonomy
-                        },
+                        self.bundle.taxonomy.derive(
+                            {
+                                a.name: np.concatenate(probs[a.name])
+                                if probs[a.name]
+                                else np.zeros((0, len(a.values)), np.float32)
+                                for a in self.bundle.taxonomy
+                            }
+                        ),
                         errors,
                         tones,
                         content if self._stored_model is not None else None,
@@ -431,13 +433,13 @@ class BatchPredictor:
         return scores
 
     def score(self, frame: pd.DataFrame | pa.RecordBatch | pa.Table) -> dict[str, np.ndarray]:
-        """Attribute -> ``(len(frame), n_values)`` probabilities."""
+        """Attribute (derived ones too) -> ``(len(frame), n_values)`` probabilities."""
         return self.score_arrow(frame).probs
 
     def score_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Scores as a DataFrame with one ``<attribute>=<value>`` column per value."""
         scores = self.score(frame)
-        blocks = [scores[a.name] for a in self.bundle.taxonomy]
+        blocks = [scores[a.name] for a in self.bundle.taxonomy.outputs]
         data = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(frame), 0))
         return pd.DataFrame(data.astype(np.float64), columns=score_columns(self.bundle), index=frame.index)
 

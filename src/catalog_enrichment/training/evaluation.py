@@ -146,16 +146,24 @@ def predict(
     )
 
 
+def _outputs(
+    preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy
+) -> tuple[dict[str, np.ndarray], EncodedLabels, Taxonomy]:
+    """Scores, labels and taxonomy of every attribute a value is written for (derived ones too)."""
+    return taxonomy.derive(preds.probs), labels.derive(taxonomy), taxonomy.outputs
+
+
 def evaluate(
     preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, calibration: Calibration | None = None
 ) -> dict[str, Any]:
-    """Per attribute: macro/micro F1, R@P95 (pooled and per value) and, with a calibration, the
-    realized precision, coverage, recall, coverage efficiency (recall written / R@P95) and per-value
-    precision (with Wilson bounds) of what would be written."""
+    """Per attribute (derived ones too): macro/micro F1, R@P95 (pooled and per value) and, with a
+    calibration, the realized precision, coverage, recall, coverage efficiency (recall written /
+    R@P95) and per-value precision (with Wilson bounds) of what would be written."""
     report: dict[str, Any] = {}
+    probs, labels, taxonomy = _outputs(preds, labels, taxonomy)
     for attr in taxonomy:
         kind = attr.kind
-        scores, y = labels.labelled(preds.probs, attr.name)
+        scores, y = labels.labelled(probs, attr.name)
         r = attribute_r_at_p(scores, y, kind)
         entry: dict[str, Any] = {
             **f1_scores(scores, y, kind),
@@ -216,11 +224,14 @@ def calibrate(
     """
     c = cfg.calibration
     attrs = {}
-    for attr in taxonomy:
-        scores, y = labels.labelled(preds.probs, attr.name)
+    probs, labels, outputs = _outputs(preds, labels, taxonomy)
+    if family is not None:
+        family_probs, family_y, _ = _outputs(*family, taxonomy)
+    for attr in outputs:
+        scores, y = labels.labelled(probs, attr.name)
         family_scores = family_labels = None
         if family is not None:
-            family_scores, family_labels = family[1].labelled(family[0].probs, attr.name)
+            family_scores, family_labels = family_y.labelled(family_probs, attr.name)
         attrs[attr.name] = calibrate_attribute(
             attr.name,
             attr.kind,
@@ -251,9 +262,10 @@ def with_health(
     baseline from the scores of the model that serves on held-out products (``preds``, ``labels``;
     not the calibration set, which with cross-fitting the fold models scored), at its thresholds."""
     attributes = {}
+    probs, labels, taxonomy = _outputs(preds, labels, taxonomy)
     for attr in taxonomy:
         base = attribute_baseline(
-            preds.probs[attr.name],
+            probs[attr.name],
             labels.targets[attr.name],
             attr.kind,
             calibration.thresholds(attr.name),
