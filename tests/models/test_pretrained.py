@@ -113,7 +113,7 @@ def _cfg(paths: dict[str, Path], **training: Any) -> Any:
 def _score(bundle_dir: str, table: pa.Table) -> np.ndarray:
     bundle = load_bundle(bundle_dir)
     probs = BatchPredictor(bundle, batch_size=64).score(table)
-    return np.concatenate([probs[a.name] for a in bundle.taxonomy], axis=1)
+    return np.concatenate([probs[a.name] for a in bundle.taxonomy.outputs], axis=1)
 
 
 _SCORE_IN_FRESH_PROCESS = """
@@ -141,7 +141,7 @@ def test_a_pretrained_bundle_carries_its_tokenizer_and_preprocessing_and_needs_n
     products = labelled.select(["product_id", "title", "description", "image"]).slice(0, 150)
     live = ModelBundle(trained.model, trained.tokenizer, taxonomy, trained.calibration, cfg.model, {})
     in_process = BatchPredictor(live, batch_size=64).score(products)  # the trained model, in memory
-    in_process_flat = np.concatenate([in_process[a.name] for a in taxonomy], axis=1)
+    in_process_flat = np.concatenate([in_process[a.name] for a in taxonomy.outputs], axis=1)  # derived too
     bundle_dir = save_trained(trained, tmp_path / "bundle")
     reference = AutoTokenizer.from_pretrained(str(paths["text"]))
     shutil.rmtree(source)
@@ -158,7 +158,7 @@ def test_a_pretrained_bundle_carries_its_tokenizer_and_preprocessing_and_needs_n
 
     loaded = BatchPredictor(bundle, batch_size=64).score(products)
     np.testing.assert_allclose(
-        np.concatenate([loaded[a.name] for a in taxonomy], axis=1), in_process_flat, atol=1e-5
+        np.concatenate([loaded[a.name] for a in taxonomy.outputs], axis=1), in_process_flat, atol=1e-5
     )
 
     import pyarrow.parquet as pq
