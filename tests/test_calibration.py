@@ -15,6 +15,7 @@ from catalog_enrichment.calibration import (
     Calibration,
     calibrate_attribute,
     clopper_pearson_lower,
+    min_testable_writes,
     wilson_lower,
     wilson_upper,
 )
@@ -162,28 +163,54 @@ def _multilabel(*values: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.
 
 
 def test_a_pooled_family_gives_the_answer_computed_by_hand() -> None:
-    # No family data: every value shares one threshold, tested down the grid. Value a: 300 at 0.99,
-    # all right; value b: 300 at 0.9, 270 right. Down to 0.9 the pool is 300/300 (Wilson lower 0.991
-    # >= 0.95); from 0.9 on it is 570/600 = 0.95, whose lower bound is below 0.95: the sequence
-    # stops there, so the threshold is the highest grid point that writes a's 300 and b writes
+    # No family data: every value shares one threshold, tested down the grid. Value a: 500 at 0.99,
+    # all right; value b: 500 at 0.9, 450 right. Down to 0.9 the pool is 500/500 (Wilson lower 0.995
+    # >= 0.95); from 0.9 on it is 950/1000 = 0.95, whose lower bound is below 0.95: the sequence
+    # stops there, so the threshold is the highest grid point that writes a's 500 and b writes
     # nothing.
-    scores, labels = _multilabel(_bands((300, 0.99, 1.0)), _bands((300, 0.9, 0.9)))
+    scores, labels = _multilabel(_bands((500, 0.99, 1.0)), _bands((500, 0.9, 0.9)))
     cal = calibrate_attribute("a", "multilabel", ["a", "b"], scores, labels)
     t_a, t_b = cal.threshold_array()
     assert t_a == t_b == THRESHOLD_GRID[THRESHOLD_GRID <= 0.99].max()
     assert cal.pooled is not None and cal.pooled.level == t_a
-    assert (cal.pooled.n_written, cal.pooled.n_correct) == (300, 300)
-    assert cal.pooled.lower_bound == pytest.approx(300 / (300 + stats.norm.ppf(0.95) ** 2))
-    assert (cal.values[0].n_written, cal.values[1].n_written) == (300, 0)
-    # with b at 290/300 the pool at 0.9 is 590/600 (lower bound 0.974): both are written, at the
+    assert (cal.pooled.n_written, cal.pooled.n_correct) == (500, 500)
+    assert cal.pooled.lower_bound == pytest.approx(500 / (500 + stats.norm.ppf(0.95) ** 2))
+    assert (cal.values[0].n_written, cal.values[1].n_written) == (500, 0)
+    # with b at 490/500 the pool at 0.9 is 990/1000 (lower bound 0.982): both are written, at the
     # highest grid point that takes b in (no lower: nothing below 0.9 was ever seen)
-    scores, labels = _multilabel(_bands((300, 0.99, 1.0)), _bands((300, 0.9, 290 / 300)))
+    scores, labels = _multilabel(_bands((500, 0.99, 1.0)), _bands((500, 0.9, 490 / 500)))
     cal = calibrate_attribute("a", "multilabel", ["a", "b"], scores, labels)
     assert cal.threshold_array().tolist() == [THRESHOLD_GRID[THRESHOLD_GRID <= 0.9].max()] * 2
-    assert cal.pooled is not None and (cal.pooled.n_written, cal.pooled.n_correct) == (600, 590)
-    # the strict scope proves a on its own (300 of 300 right)
+    assert cal.pooled is not None and (cal.pooled.n_written, cal.pooled.n_correct) == (1000, 990)
+    # the strict scope proves a on its own (500 of 500 right)
     strict = value_scope("a", "multilabel", ["a", "b"], scores, labels)
     assert strict.values[0].threshold is not None
+
+
+def test_wrong_labels_among_the_most_confident_writes_do_not_end_the_sequence() -> None:
+    # A real catalog's labels are wrong now and then, even where the model is surest: 250 scored
+    # 0.995 of which 240 are right (0.96; alone, Wilson lower 0.934 < 0.95), then 750 at 0.98 of
+    # which 735 are right, and 2,000 more at 0.1, all wrong. Of 3,000 products, the first 250
+    # writes are fewer than min_testable_writes (477 at 95 % / 95 %: where 0.9667 would prove the
+    # target), so the first level tested writes 1,000: 975 / 1,000, lower bound 0.965 - both
+    # confident bands are written.
+    assert min_testable_writes(target=0.95, confidence=0.95, bound="wilson") == 477
+    scores, labels = _multilabel(_bands((250, 0.995, 0.96), (750, 0.98, 0.98), (2000, 0.1, 0.0)))
+    cal = calibrate_attribute("a", "multilabel", ["a"], scores, labels)
+    assert cal.threshold_array().tolist() == [THRESHOLD_GRID[THRESHOLD_GRID <= 0.98].max()]
+    assert cal.pooled is not None and (cal.pooled.n_written, cal.pooled.n_correct) == (1000, 975)
+    assert cal.pooled.levels_tested == 2  # 1,000 writes, then 3,000 (which fails)
+    # a small calibration set starts sooner (a sixth of its products), not before 229, where
+    # 0.975 would prove the target: of 1,000 products the 250 are tested first, and fail
+    testable = [
+        min_testable_writes(target=0.95, confidence=0.95, bound="wilson", products=n) for n in (1000, 2400)
+    ]
+    assert testable == [229, 400]
+    small = calibrate_attribute(
+        "a", "multilabel", ["a"], *_multilabel(_bands((250, 0.995, 0.96), (750, 0.98, 0.98)))
+    )
+    assert small.values[0].threshold is None
+    assert small.pooled is not None and small.pooled.levels_tested == 1
 
 
 def test_a_tail_value_shares_the_pooled_threshold_and_a_head_value_keeps_its_own() -> None:
@@ -298,4 +325,7 @@ def test_the_pooled_guarantee_fails_at_most_at_the_nominal_rate(with_family: boo
         written += bool(np.isfinite(thresholds).any())
         failures += _pooled_precision(thresholds, powers, shares) < 0.95
     assert failures <= 66, failures
-    assert written >= 850  # and it is not valid by writing nothing
+    # and it is not valid by writing nothing: this attribute writes in about 84 % of calibrations
+    # (its precision falls from 1 at the top, so the first level tested - min_testable_writes -
+    # is already near the target); 800 is below the 1st percentile of Binomial(1000, 0.84)
+    assert written >= 800, written

@@ -20,9 +20,12 @@ right, with probability ``confidence``. Learn-then-Test over a one-parameter fam
    ``t(lam)`` writes is below target" is rejected when a one-sided lower bound (Wilson or
    Clopper–Pearson at ``confidence``) on the calibration split's pooled precision is ``>=
    target``. The sequence stops at the first failure; the chosen level is the last rejected one.
-   A level is *tested* only once it writes enough calibration values that a precision halfway
-   between the target and 1 would prove the target (this depends on the scores alone, not the
-   labels), so a chance error among the few most confident writes cannot end the sequence.
+   A level is *tested* only once it writes enough calibration values that a precision a third of
+   the way from the target to 1 would prove the target (this depends on the scores alone, not the
+   labels), so neither a chance error among the few most confident writes nor the label noise of
+   a real catalog (its most confident predictions are rarely right more often than that) ends
+   the sequence before the levels that matter (a small calibration set starts sooner:
+   :func:`min_testable_writes`).
    Because the family is fixed before the calibration labels are looked at and the levels are
    tested in a fixed order at the full confidence, the chance of choosing a level whose pooled
    precision is below target is at most ``1 - confidence``.
@@ -257,15 +260,28 @@ THRESHOLD_GRID = 1.0 - np.logspace(-3.0, 0.0, 192)
 LEVELS = 1.0 - np.logspace(-3.0, np.log10(0.5), 96)
 
 
-def min_testable_writes(*, target: float, confidence: float, bound: BoundName) -> int:
-    """Fewest writes at which an observed precision of ``(1 + target) / 2`` proves ``target``.
+def min_testable_writes(
+    *, target: float, confidence: float, bound: BoundName, products: int | None = None
+) -> int:
+    """Fewest writes at which an observed precision a third of the way from ``target`` to 1 proves
+    ``target`` - on a calibration set of few ``products``, a sixth of them, but never fewer than
+    where a precision halfway to 1 would.
 
     The attribute scope tests a level only from this many calibration writes on: a test on fewer
-    could fail on one chance error and end the fixed sequence before the levels that matter.
+    could fail on a chance error, or on the few wrong labels among the most confident writes, and
+    end the fixed sequence before the levels that matter. A small calibration set has little more
+    than its most confident writes to prove the target on, so there the tests start sooner.
     """
-    halfway = (1.0 + target) / 2.0
+    third, half = (
+        _writes_proving(target + (1.0 - target) / share, target, confidence, bound) for share in (3, 2)
+    )
+    return third if products is None else int(np.clip(products // 6, half, third))
+
+
+def _writes_proving(precision: float, target: float, confidence: float, bound: BoundName) -> int:
+    """Fewest writes at which an observed ``precision`` proves ``target``."""
     n = np.arange(1, 100_000)
-    ok = lower_bound(np.floor(n * halfway), n, confidence=confidence, method=bound) >= target
+    ok = lower_bound(np.floor(n * precision), n, confidence=confidence, method=bound) >= target
     return int(n[np.argmax(ok)]) if ok.any() else int(n[-1])
 
 
@@ -495,7 +511,10 @@ def _attribute_scope(
         *(fam or (None, None)), n_values=len(values), shrinkage=shrinkage, floor=value_floor
     )
     n_cal, k_cal = _curves(cands)
-    min_writes = max(min_support, min_testable_writes(target=target, confidence=confidence, bound=bound))
+    sizes = [len(s) for s, _, _ in cands]  # a multi-label value is scored on every product
+    products = max(sizes, default=0) if kind == "multilabel" else sum(sizes)
+    testable = min_testable_writes(target=target, confidence=confidence, bound=bound, products=products)
+    min_writes = max(min_support, testable)
     chosen, tested, writes, rights = _pooled_test(
         family, n_cal, k_cal, target=target, confidence=confidence, bound=bound, min_writes=min_writes
     )

@@ -66,11 +66,11 @@ def calibration_fraction(n: int, configured: float | None) -> float:
     """The calibration share of ``n`` labelled products: ``configured``, or the automatic rule.
 
     The attribute-scope test proves a threshold level from its pooled calibration writes and tests a
-    level only from a few hundred writes on (``calibration.min_testable_writes``: 229 at 95 % / 95 %
-    with Wilson). A multi-class attribute writes at most one value per product, so about 600
-    calibration products are needed before a typical model's writes reach that count at the levels
-    near the target. Below 4,000 products that costs training data, so the share stops at 30 %;
-    above it the calibration split stays at 15 %, more than 600 products.
+    level only from a few hundred writes on (``calibration.min_testable_writes``: from 229 on a
+    small calibration set). A multi-class attribute writes at most one value per product, so about
+    600 calibration products are the least with which a strong model's writes reach that count at
+    the levels near the target. Below 4,000 products that costs training data, so the share stops
+    at 30 %; above it the calibration split stays at 15 %, more than 600 products.
     """
     if configured is not None:
         return configured
