@@ -1,9 +1,14 @@
 """The PostgreSQL catalog's own concerns on a real throw-away server: the connection (from the
-environment only; the password in no message), versioned migrations, the run lock's holder."""
+environment only; the password in no message), versioned migrations, the run lock's holder, and
+the throw-away server's own lifetime."""
 
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +182,32 @@ def test_load_products_upserts_so_a_reload_changes_nothing(  # type: ignore[no-u
     assert catalog.load_products(changed) == (1, 1)
     after = rows()
     assert len(after) == 400 and ("a new title" in {r[1] for r in after})
+
+
+_OWNER = """
+import sys, time
+from catalog_enrichment.catalog.pgserver import LocalPostgres
+server = LocalPostgres().start()
+print(server.folder, server.port, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_throw_away_server_stops_when_its_owner_is_killed() -> None:
+    # A test run or demo stopped part-way (SIGKILL: no finaliser runs) leaves no server behind:
+    # the watchdog stops it and removes its folder within a few seconds.
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        folder, port = owner.stdout.readline().split()
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=5):
+            pass  # it is up
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 30
+    while Path(folder).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(folder).exists()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(port)), timeout=5):
+        pass

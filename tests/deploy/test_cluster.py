@@ -5,6 +5,7 @@ local-mode run, and jobs/train.py with two ranks under TorchDistributor against 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -38,6 +39,13 @@ def _spark_home() -> str:
     return os.path.dirname(pyspark.__file__)
 
 
+def _die_with_this_process() -> None:
+    """In the child before exec: SIGTERM when the test process is gone, even killed - so a run stopped
+    part-way leaves no master or worker (spark-class execs the JVM, which keeps the setting)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -46,6 +54,7 @@ def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_this_process,
         )
 
 

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,21 @@ from catalog_enrichment.errors import CatalogEnrichError
 __all__ = ["LocalPostgres"]
 
 SERVER_USER = "postgres"
+
+# argv: the owner's pid, the server's folder, the command that stops the server. Polls until the
+# folder is gone (a normal stop) or the owner is (then stops the server and removes the folder).
+_WATCHDOG = """
+import os, shutil, subprocess, sys, time
+owner, folder, stop = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+while os.path.isdir(folder):
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        subprocess.run(stop, capture_output=True, timeout=120, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+        break
+    time.sleep(1)
+"""
 
 
 def _binary(name: str) -> str:
@@ -52,6 +68,7 @@ class LocalPostgres:
         self.password = secrets.token_urlsafe(16)
         self.port = 0
         self.folder: Path | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
         command = list(argv)
@@ -93,9 +110,25 @@ class LocalPostgres:
                   "-w", "-t", "60", "start")  # fmt: skip
         import psycopg
 
+        self._watchdog = self._watch()
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.database}"')
         return self
+
+    def _watch(self) -> subprocess.Popen[bytes]:
+        """A watchdog that stops the server and removes its folder once this process is gone, so a
+        run stopped part-way (Ctrl-C, a CI timeout, SIGKILL) leaves no server behind."""
+        assert self.folder is not None
+        stop = [_binary("pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop"]
+        if os.geteuid() == 0:
+            stop = ["runuser", "-u", SERVER_USER, "--", *stop]
+        return subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.folder), *stop],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not stopped with the owner's process group: it outlives it
+        )
 
     def dsn(self, database: str | None = None) -> str:
         """A libpq connection string for the server (holds the password: keep it out of logs)."""
@@ -113,6 +146,10 @@ class LocalPostgres:
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
+            if self._watchdog is not None:
+                self._watchdog.kill()
+                self._watchdog.wait()
+                self._watchdog = None
 
     def __enter__(self) -> LocalPostgres:
         return self.start()
