@@ -171,3 +171,34 @@ def test_value_groups_define_derived_attributes_and_bad_groups_are_one_line_erro
             Taxonomy.from_dict({"attributes": {"color": {**spec, "groups": {"color_family": groups}}}})
     with pytest.raises(TaxonomyError, match="'color' is defined twice"):
         Taxonomy.from_dict({"attributes": {"color": {**spec, "groups": {"color": {"Blue": ["Blue"]}}}}})
+
+
+def test_a_single_valued_attribute_sums_its_groups_and_keeps_its_first_ranked_value() -> None:
+    """A multi-label attribute the model scores as one distribution (training marks it): a group's
+    score is the probability of its values together, and of the shades and of the families each
+    product keeps its first-ranked one only, so no product clears two thresholds. Unmarked, the
+    same attribute's groups take their highest value's score and every value keeps its own."""
+    import numpy as np
+
+    spec = {
+        "kind": "multilabel",
+        "values": ["Blue", "Dark Blue", "Red", "Other"],
+        "groups": {"color_family": {"Blue": ["Blue", "Dark Blue"], "Red": ["Red"]}},
+    }
+    plain = Taxonomy.from_dict({"attributes": {"color": spec}})
+    single = plain.with_single_valued(["color"])
+    assert single["color"].single_valued and single.derived["color_family"].spec.single_valued
+    probs = {"color": np.array([[0.3, 0.3, 0.4, 0.0], [0.1, 0.1, 0.1, 0.7]], np.float32)}
+    derived = single.derive(probs)
+    np.testing.assert_allclose(derived["color_family"], [[0.6, 0.0], [0.2, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(derived["color"], [[0.0, 0.0, 0.4, 0.0], [0.0, 0.0, 0.0, 0.7]])
+    assert single.derive(derived)["color"].tolist() == derived["color"].tolist()  # again: the same
+    unmarked = plain.derive(probs)
+    np.testing.assert_allclose(unmarked["color_family"], [[0.3, 0.4], [0.1, 0.1]], rtol=1e-6)
+    np.testing.assert_allclose(unmarked["color"], probs["color"])
+    # the model's taxonomy keeps the mark; it is for multi-label attributes only
+    assert Taxonomy.from_dict(single.to_dict()) == single
+    with pytest.raises(TaxonomyError, match="single_valued must be true or false, and only on a multilabel"):
+        Taxonomy.from_dict(
+            {"attributes": {"size": {"kind": "multiclass", "values": ["s", "m"], "single_valued": True}}}
+        )

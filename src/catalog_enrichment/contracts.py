@@ -294,12 +294,18 @@ def load_contract(
 
 @dataclass(frozen=True)
 class AttributeSpec:
-    """One taxonomy attribute: its kind and its allowed values (order = head output order)."""
+    """One taxonomy attribute: its kind and its allowed values (order = head output order).
+
+    ``single_valued``: a multi-label attribute the model scores as one distribution over its values
+    (training sets it where every labelled product has one value; the model's own taxonomy keeps
+    it): its groups' scores are sums, and each product keeps the score of its first-ranked value
+    only, so no product clears two thresholds."""
 
     name: str
     kind: AttributeKind
     values: tuple[str, ...]
     extras: Mapping[str, Any] = field(default_factory=dict)
+    single_valued: bool = False
 
     def index(self, value: str) -> int:
         try:
@@ -374,8 +380,10 @@ class Taxonomy:
 
     def derive(self, probs: Mapping[str, Any]) -> dict[str, Any]:
         """``probs`` (attribute -> ``(n, V)`` scores) with every derived attribute's scores added: a
-        group's score is the sum of its values' for a multi-class attribute (the probability that the
-        value is in the group) and the highest of them for a multi-label one."""
+        group's score is the sum of its values' for a multi-class or single-valued attribute (the
+        probability that the value is in the group) and the highest of them for a multi-label one.
+        A single-valued attribute's scores (and its groups') are then kept for each product's
+        first-ranked value only."""
         import numpy as np
 
         out = dict(probs)
@@ -384,12 +392,34 @@ class Taxonomy:
                 continue
             parent = np.asarray(out[d.parent])
             group = np.asarray(d.group)
+            sums = d.spec.kind == "multiclass" or d.spec.single_valued
             cols = []
             for g in range(len(d.spec.values)):
                 members = parent[:, group == g]
-                cols.append(members.sum(axis=1) if d.spec.kind == "multiclass" else members.max(axis=1))
+                cols.append(members.sum(axis=1) if sums else members.max(axis=1))
             out[d.name] = np.stack(cols, axis=1).astype(parent.dtype) if cols else parent[:, :0]
+        for name, spec in self.outputs.attributes.items():
+            if spec.single_valued and name in out:
+                out[name] = _first_ranked(np.asarray(out[name]))
         return out
+
+    def with_single_valued(self, names: Iterable[str]) -> Taxonomy:
+        """This taxonomy with exactly ``names`` (multi-label attributes the model scores as one
+        distribution) single-valued, their derived attributes too."""
+        import dataclasses
+
+        chosen = set(names)
+        attrs = {
+            n: dataclasses.replace(a, single_valued=n in chosen and a.kind == "multilabel")
+            for n, a in self.attributes.items()
+        }
+        derived = {
+            n: dataclasses.replace(
+                d, spec=dataclasses.replace(d.spec, single_valued=attrs[d.parent].single_valued)
+            )
+            for n, d in self.derived.items()
+        }
+        return Taxonomy(attrs, self.source, derived)
 
     def __getitem__(self, name: str) -> AttributeSpec:
         try:
@@ -412,7 +442,9 @@ class Taxonomy:
     def to_dict(self) -> dict[str, Any]:
         """Serialisable form (the file format, without extras)."""
         out: dict[str, Any] = {
-            a.name: {"kind": a.kind, "values": list(a.values)} for a in self.learned.attributes.values()
+            a.name: {"kind": a.kind, "values": list(a.values)}
+            | ({"single_valued": True} if a.single_valued else {})
+            for a in self.learned.attributes.values()
         }
         for d in self.derived.values():
             parent = self.attributes[d.parent]
@@ -447,8 +479,13 @@ class Taxonomy:
                 raise TaxonomyError(f"{where}: duplicate values {dupes}")
             if kind == "multiclass" and len(str_values) < 2:
                 raise TaxonomyError(f"{where}: a multiclass attribute needs at least two values")
-            extras = {k: v for k, v in spec.items() if k not in ("kind", "values", "groups")}
-            attrs[str(name)] = AttributeSpec(str(name), kind, tuple(str_values), extras)
+            single = spec.get("single_valued", False)
+            if not isinstance(single, bool) or (single and kind != "multilabel"):
+                raise TaxonomyError(
+                    f"{where}: single_valued must be true or false, and only on a multilabel one"
+                )
+            extras = {k: v for k, v in spec.items() if k not in ("kind", "values", "groups", "single_valued")}
+            attrs[str(name)] = AttributeSpec(str(name), kind, tuple(str_values), extras, single)
         derived: dict[str, DerivedAttribute] = {}
         for name, spec in data["attributes"].items():
             for d in _groupings(attrs[str(name)], spec.get("groups"), source):
@@ -486,9 +523,23 @@ def _groupings(parent: AttributeSpec, groups: Any, source: str) -> list[DerivedA
                         f"{here}: {value!r} is in two groups, {names[group[v]]!r} and {name!r}"
                     )
                 group[v] = k
-        spec = AttributeSpec(str(derived), parent.kind, tuple(names), {"derived_from": parent.name})
+        spec = AttributeSpec(
+            str(derived), parent.kind, tuple(names), {"derived_from": parent.name}, parent.single_valued
+        )
         out.append(DerivedAttribute(spec, parent.name, tuple(group)))
     return out
+
+
+def _first_ranked(scores: Any) -> Any:
+    """``(n, V)`` scores with all but each row's highest set to 0 (a row with a NaN kept as it is)."""
+    import numpy as np
+
+    if scores.shape[1] == 0:
+        return scores
+    out = np.zeros_like(scores)
+    rows, top = np.arange(scores.shape[0]), scores.argmax(axis=1)
+    out[rows, top] = scores[rows, top]
+    return np.where(np.isnan(scores).any(axis=1, keepdims=True), scores, out)
 
 
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:

@@ -106,7 +106,7 @@ def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
     assert fit.mix["thing"]["colour"] > max(fit.mix["thing"][b] for b in ("ngrams", "text", "image"))
 
 
-def test_a_single_valued_multilabel_attribute_is_one_softmax_with_one_value_per_product() -> None:
+def test_a_single_valued_multilabel_attribute_is_one_distribution_with_one_value_per_product() -> None:
     taxonomy = _taxonomy("multilabel")
     rng = np.random.default_rng(3)
     y = rng.integers(0, 3, N)
@@ -118,8 +118,11 @@ def test_a_single_valued_multilabel_attribute_is_one_softmax_with_one_value_per_
     assert bool(model.fusion.single[0])
     with torch.no_grad():
         served = model.fuse(emb.inputs(torch.arange(N))).probs["thing"].numpy()
+    single = taxonomy.with_single_valued(["thing"])  # what training saves the model with
     for probs in (fit.oof.probs["thing"], served):
-        assert ((probs > 0).sum(axis=1) == 1).all()  # the first-ranked value only: one can be written
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # one distribution
+        kept = single.derive({"thing": probs})["thing"]
+        assert ((kept > 0).sum(axis=1) == 1).all()  # the first-ranked value only: one can be written
     # two colours on one product: one-vs-rest, several may be written
     hot[:40, (y[:40] + 1) % 3] = 1
     other = _model(taxonomy)
@@ -202,8 +205,10 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     test_rows = table.take([position[trained.product_ids[i]] for i in trained.splits.test])
     bundle = load_bundle(save_trained(trained, tmp_path / "bundle"))
     served = BatchPredictor(bundle, batch_size=64).score(test_rows)
-    for attr in taxonomy:
-        np.testing.assert_allclose(served[attr.name], trained.test_predictions.probs[attr.name], atol=1e-5)
+    assert bundle.taxonomy.to_dict() == trained.taxonomy.to_dict()  # single-valued marks included
+    expected = trained.taxonomy.derive(trained.test_predictions.probs)
+    for attr in taxonomy.outputs:
+        np.testing.assert_allclose(served[attr.name], expected[attr.name], atol=1e-5)
     # through the store: every row's vector read back, the n-grams counted again from the texts
     store = BatchPredictor(bundle, batch_size=64, embedding_store=True)
     first = store.score_arrow(test_rows)
@@ -213,6 +218,6 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     )
     again = store.score_arrow(stored)
     assert again.reused == test_rows.num_rows
-    for attr in taxonomy:
+    for attr in taxonomy.outputs:
         np.testing.assert_allclose(again.probs[attr.name], served[attr.name], atol=1e-5)
     assert embedding.storable(bundle.model)

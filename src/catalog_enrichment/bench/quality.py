@@ -148,12 +148,12 @@ def run_quality_benchmark(
 
 
 def _by_product(trained: Any, test_table: pa.Table) -> dict[str, np.ndarray]:
-    """A contender's test scores in ``test_table``'s row order (NaN rows: products training left out,
-    e.g. for an unreadable photo)."""
+    """A contender's test scores, its derived attributes' included, in ``test_table``'s row order (NaN
+    rows: products training left out, e.g. for an unreadable photo)."""
     position = {pid: i for i, pid in enumerate(trained.product_ids[-len(trained.splits.test) :])}
     order = [position.get(pid, -1) for pid in test_table["product_id"].to_pylist()]
     out = {}
-    for attr, probs in trained.test_predictions.probs.items():
+    for attr, probs in trained.taxonomy.derive(trained.test_predictions.probs).items():
         aligned = np.full((len(order), probs.shape[1]), np.nan, np.float32)
         rows = np.array(order)
         aligned[rows >= 0] = probs[rows[rows >= 0]]
@@ -217,7 +217,7 @@ def _record(
     }
     if taxonomy.derived:
         result.setdefault("given_a_value", {})[label] = given_a_value(
-            trained.test_predictions.probs, trained.calibration, taxonomy
+            trained.test_predictions.probs, trained.calibration, trained.taxonomy
         )
     result["scopes"][label] = {}
     for scope in SCOPES:

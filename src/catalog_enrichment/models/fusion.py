@@ -697,8 +697,9 @@ class StackFusion(Fusion):
 
     Every weight is fitted in closed form over cached encoder outputs (``training.stack``); nothing
     here trains by gradient steps. A single-valued multi-label attribute (``single``: every labelled
-    product has one value) is one softmax whose scores are kept for the first-ranked value only, so
-    no product can clear two thresholds.
+    product has one value) is one softmax, a distribution its value groups sum over; the taxonomy
+    the model is saved with marks it single-valued, so that only each product's first-ranked value
+    can be written (:meth:`catalog_enrichment.contracts.Taxonomy.derive`).
     """
 
     needs_lexical: ClassVar[bool] = True
@@ -797,7 +798,7 @@ class StackFusion(Fusion):
             lo, hi = self.offsets[k], self.offsets[k + 1]
             z = [self.normalised(blocks[block][:, lo:hi], k) for block in STACK_BLOCKS]
             logits[name], probs[name] = stack_scores(
-                z, x.image_present, self.mix[k], self.meta_bias[lo:hi], self.kind(k), bool(self.single[k])
+                z, x.image_present, self.mix[k], self.meta_bias[lo:hi], self.kind(k)
             )
         return FusionOutput(probs, [logits], torch.zeros((), device=x.image_present.device))
 
@@ -808,18 +809,11 @@ def stack_scores(
     mix: torch.Tensor,
     bias: torch.Tensor,
     kind: str,
-    single: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stack's meta-learner for one attribute: ``(logits, probabilities)`` from the blocks'
-    normalised scores ``z`` (in :data:`STACK_BLOCKS` order); image blocks count where ``present``.
-    ``single``: a single-valued multi-label attribute, scored for its first-ranked value only."""
+    normalised scores ``z`` (in :data:`STACK_BLOCKS` order); image blocks count where ``present``."""
     gate = present.float()[:, None]
     total = bias.expand(gate.shape[0], -1)
     for b, block in enumerate(STACK_BLOCKS):
         total = total + mix[b] * (z[b] * gate if block in ("image", "colour") else z[b])
-    if kind != "multiclass":
-        return total, torch.sigmoid(total)
-    p = torch.softmax(total, dim=-1)
-    if single:
-        p = p * nn.functional.one_hot(p.argmax(dim=-1), p.shape[-1]).to(p.dtype)
-    return total, p
+    return total, torch.sigmoid(total) if kind != "multiclass" else torch.softmax(total, dim=-1)

@@ -51,7 +51,7 @@ from catalog_enrichment.health import InputBaseline, ProductInputs, input_baseli
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
-from catalog_enrichment.models.fusion import fusion_class, fusion_options
+from catalog_enrichment.models.fusion import StackFusion, fusion_class, fusion_options
 from catalog_enrichment.models.lexical import ngram_counts
 from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, build_model, needs_image
 from catalog_enrichment.training.embeddings import (
@@ -501,6 +501,8 @@ def _train_and_calibrate(
         issues, oof, fold_val = _out_of_fold(data, fitter, say)
         set_seed(tcfg.seed)
         model, fits = fitter(splits.train, tcfg.seed, "")
+    # the attributes the model scores as one distribution: the taxonomy it is saved with says which
+    taxonomy = data.taxonomy = taxonomy.with_single_valued(_single_valued(model))
     heldout, test_preds, test_labels = _held_out(model, data, oof)
     calibration = heldout.calibrate(taxonomy, cfg, data.inputs)
     report = _report(model, data, calibration, test_preds, test_labels, heldout, fold_val, say)
@@ -538,6 +540,14 @@ def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, Enco
     )  # fmt: skip
     chosen = {"penalties": fit.penalties, "mix": fit.mix}
     return model, (fit.oof, data.labels.subset(train)), [FitResult([], 0, chosen)]
+
+
+def _single_valued(model: AnyModel) -> list[str]:
+    """The multi-label attributes a stack scores as one distribution (``StackFusion.single``)."""
+    fusion = getattr(model, "fusion", None)
+    if not isinstance(fusion, StackFusion):
+        return []
+    return [name for name, single in zip(fusion.names, fusion.single.tolist(), strict=True) if single]
 
 
 def _out_of_fold(

@@ -240,7 +240,7 @@ def _fit_meta(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits, _ = stack_scores(list(zt), gate, mix, bias, kind, single=False)
+        logits, _ = stack_scores(list(zt), gate, mix, bias, kind)
         if target.softmax:
             loss = torch.nn.functional.cross_entropy(logits, y)
         else:
@@ -254,12 +254,15 @@ def _fit_meta(
 
 
 def _meta_probs(
-    z: np.ndarray, present: np.ndarray, mix: np.ndarray, bias: np.ndarray, kind: str, single: bool
+    z: np.ndarray, present: np.ndarray, mix: np.ndarray, bias: np.ndarray, kind: str
 ) -> np.ndarray:
     _, p = stack_scores(
-        list(torch.from_numpy(z)), torch.from_numpy(present), torch.from_numpy(mix), torch.from_numpy(bias),
-        kind, single,
-    )  # fmt: skip
+        list(torch.from_numpy(z)),
+        torch.from_numpy(present),
+        torch.from_numpy(mix),
+        torch.from_numpy(bias),
+        kind,
+    )
     return p.numpy()
 
 
@@ -346,12 +349,11 @@ def fit_stack(
         target = targets[k]
         fusion.single[k] = attr.kind == "multilabel" and target.softmax
         kind = "multiclass" if target.softmax else "multilabel"
-        single = bool(fusion.single[k])
         gate = present[train]
         probs = np.zeros((n, hi - lo), np.float32)
         for fit_pos, out_pos in fold_rows:  # the meta-learner cross-fitted: honest out-of-fold scores
             mix, bias = _fit_meta(z[k], gate, target, fit_pos)
-            probs[out_pos] = _meta_probs(z[k][:, out_pos], gate[out_pos], mix, bias, kind, single)
+            probs[out_pos] = _meta_probs(z[k][:, out_pos], gate[out_pos], mix, bias, kind)
         oof_probs[attr.name] = probs
         mix, bias = _fit_meta(z[k], gate, target, np.arange(n))
         with torch.no_grad():
