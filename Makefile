@@ -142,8 +142,9 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# --durations: where the suite's time goes, printed at the end of every run
 pytest: venv airflow-venv postgres browser
-	$(VENV)/bin/pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_PARALLEL) --durations=30 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
