@@ -48,11 +48,17 @@ def written_catalog(
     version: str = "3",
     ids: list[str] | None = None,
     titles: list[str] | None = None,
+    families: dict[str, str] | None = None,
 ) -> WrittenCatalog:
     """``products`` products (``ids``, ``titles`` when given: their length is the count); colour
     and pattern values written by model version ``version`` with
     skewed value and category frequencies and a precision that differs by value (rare values are
-    worse), so an unweighted sample mean is off and the weighting matters."""
+    worse), so an unweighted sample mean is off and the weighting matters.
+
+    ``families`` (shade -> family) adds the derived attribute ``color_family`` as the job writes it:
+    the family of every written shade (right when the shade is, and for half the wrong shades: a
+    wrong shade of the right family), and a family alone for a third of the products without a
+    shade, right 96 % of the time."""
     rng = np.random.default_rng(seed)
     products = len(ids) if ids is not None else products
     ids = ids or [f"p{i:05d}" for i in range(products)]
@@ -84,6 +90,8 @@ def written_catalog(
             right = bool(rng.random() < precision[v])
             truth[(pid, attr, values[v])] = right
             rows.append((pid, attr, values[v], float(rng.uniform(0.6, 1.0))))
+    if families is not None:
+        rows += _family_rows(ids, families, truth, np.random.default_rng(seed + 1))
     n = len(rows)
     table = pa.table(
         {
@@ -102,6 +110,27 @@ def written_catalog(
     )
     write_table(root / "attributes", table)
     return WrittenCatalog(LakehouseCatalog(CatalogConfig(root=str(root))), truth)
+
+
+def _family_rows(
+    ids: list[str],
+    families: dict[str, str],
+    truth: dict[tuple[str, str, str], bool],
+    rng: np.random.Generator,
+) -> list[tuple[str, str, str, float]]:
+    shade = {pid: (value, right) for (pid, attr, value), right in truth.items() if attr == "color"}
+    rows = []
+    for pid in ids:
+        if pid in shade:
+            value, right = shade[pid]
+            family, family_right = families[value], right or bool(rng.random() < 0.5)
+        elif rng.random() < 1 / 3:
+            family, family_right = str(rng.choice(sorted(set(families.values())))), bool(rng.random() < 0.96)
+        else:
+            continue
+        truth[(pid, "color_family", family)] = family_right
+        rows.append((pid, "color_family", family, float(rng.uniform(0.6, 1.0))))
+    return rows
 
 
 @pytest.fixture

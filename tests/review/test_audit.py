@@ -221,3 +221,57 @@ def test_the_audit_benchmark_counts_intervals_that_hold_the_truth(tmp_path) -> N
     )
     assert written.catalog.keyed_rows("review_samples").num_rows == 0  # nothing recorded
     assert "| 0.5 |" in format_audit_markdown(result)
+
+
+def test_a_derived_attribute_is_sampled_and_audited_at_its_own_level(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Colour families written beside shades (issue 52): the sample draws them as an attribute of
+    their own, stratified by family; the audit judges them against their own population. A wrong
+    shade of the right family is a right family, so the family level is more precise than the
+    shade level; each interval contains its level's known precision."""
+    import pyarrow.csv as pcsv
+
+    from catalog_enrichment.catalog.reviews import import_verdicts
+    from catalog_enrichment.review.sample import draw_sample
+    from tests.review.conftest import written_catalog
+
+    families = {"black": "dark", "white": "light", "red": "warm", "blue": "cool", "green": "cool"}
+    written = written_catalog(tmp_path / "lakehouse", families=families)
+    catalog, truth = written.catalog, written.truth
+    assert written.true_precision("color_family") > written.true_precision("color") + 0.03
+    drawn = draw_sample(catalog, model_version="3", size=450, seed=2)
+    rows = drawn.rows.to_pylist()
+    family_rows = [r for r in rows if r["attribute"] == "color_family"]
+    population = Counter(v for (_, a, v) in truth if a == "color_family")
+    assert len(family_rows) >= 100 and {r["value"] for r in family_rows} == set(population)
+    assert all(r["attribute_size"] == sum(population.values()) for r in family_rows)
+    assert all(r["value_size"] == population[r["value"]] for r in family_rows)
+
+    verdicts = pa.table(
+        {
+            **{c: [r[c] for r in rows] for c in ("sample_id", "product_id", "attribute", "value")},
+            "verdict": [
+                "yes" if truth[(r["product_id"], r["attribute"], r["value"])] else "no" for r in rows
+            ],
+            "reviewer": ["ana"] * len(rows),
+            "reviewed_at": ["2026-11-03T10:00:00Z"] * len(rows),
+        }
+    )
+    pcsv.write_csv(verdicts, tmp_path / "verdicts.csv")
+    imported = import_verdicts(catalog, tmp_path / "verdicts.csv", now=T0 + dt.timedelta(days=2))
+    assert imported.inserted == len(rows)
+    audit = audit_sample(
+        catalog.keyed_rows("review_samples"),
+        catalog.keyed_rows("reviews"),
+        model_version="3",
+        sample_id=None,
+        target_of=lambda _name, _version: 0.95,
+        confidence=0.95,
+        min_support=30,
+    )
+    assert set(audit.attributes) == {"color", "pattern", "color_family"}
+    family = audit.attributes["color_family"]
+    assert family.population == sum(population.values()) and family.judged == len(family_rows)
+    for attr, e in audit.attributes.items():
+        assert e.lower is not None and e.upper is not None
+        assert e.lower <= written.true_precision(attr) <= e.upper, (attr, e)
+    assert "color_family" in format_audit(audit)
