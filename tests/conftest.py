@@ -46,6 +46,8 @@ def tiny_config(*, fusion: str = "concat", epochs: int = 2, **sections: Any) -> 
         "model": {**TINY_MODEL, "fusion": fusion},
         # a held-out calibration split: one training per model (tests of cross-fitting ask for it)
         "training": {"epochs": epochs, "batch_size": 32, "crossfit_folds": 0},
+        # the GX checkpoint costs seconds a run: tests/test_expectations.py and the CLI runs test it
+        "validation": {"great_expectations": False},
     }
     return load_config(environ={}, overrides=merge_layers(base, sections))
 

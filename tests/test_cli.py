@@ -69,12 +69,16 @@ def test_expectations_writes_a_suite_great_expectations_reads_back(
 
     out = tmp_path / "gx" / "suite.json"
     flags = ["--out", str(out), "--name", "nightly", "--set", "validation.max_title_length=300"]
+    flags += ["--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'none.db'}"]
     assert main(["expectations", *flags]) == 0
-    assert f"wrote 15 expectations to {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # no registered model: the 15 rules and the two batch expectations that need no training profile
+    assert "no MLflow store at" in printed and f"wrote 17 expectations to {out}" in printed
+    assert not (tmp_path / "none.db").exists()
     gx.get_context(mode="ephemeral")
     suite = gx.ExpectationSuite(**json.loads(out.read_text()))
-    assert suite.name == "nightly" and len(suite.expectations) == 15
-    title = next(e for e in suite.expectations if e.meta["rule"] == "title_max_length")
+    assert suite.name == "nightly" and len(suite.expectations) == 17
+    title = next(e for e in suite.expectations if e.meta.get("rule") == "title_max_length")
     assert title.max_value == 300
 
 

@@ -119,6 +119,9 @@ def _expectations(sub: Sub) -> None:
     p = _command(sub, "expectations", commands.expectations)
     p.add_argument("--out", metavar="FILE", default="products.json", help="suite file (default %(default)s)")
     p.add_argument("--name", default="products", help="the suite's name (default %(default)s)")
+    p.add_argument(
+        "--model", metavar="URI", help="the model whose training inputs bound the shares (default: champion)"
+    )
 
 
 def _load_products(sub: Sub) -> None:

@@ -63,22 +63,38 @@ def summarize(args: argparse.Namespace, cfg: AppConfig) -> int:
 
 
 def expectations(args: argparse.Namespace, cfg: AppConfig) -> int:
-    """write the validation rules as a Great Expectations suite
+    """write the Great Expectations suite the enrichment runs validate with
 
-    Write the products contract's validation rules (schemas/products.yaml and the validation
-    config) as a Great Expectations 1.x expectation suite in GX's JSON form, for a GX project to add
-    with context.suites.add(gx.ExpectationSuite(**json.load(f))). The updated_at bound is now plus
-    validation.max_clock_skew_seconds; the UTF-8 rules have no expectation.
+    Write the suite each run's GX checkpoint uses (validation/suite.py) in GX's JSON form, for a GX
+    project to add with context.suites.add(gx.ExpectationSuite(**json.load(f))): the products
+    contract's validation rules (schemas/products.yaml and the validation config; the UTF-8 rules
+    have no expectation) and the batch expectations. The shares of products without an image, a
+    description or a known category are bounded by the model's training products: those of --model
+    (default: the champion); without a registered model they are left out. The updated_at bound is
+    now plus validation.max_clock_skew_seconds (a run's: its start).
     """
     import datetime as dt
 
     from catalog_enrichment.contracts import load_contract
+    from catalog_enrichment.inference.bundle import BundleFolder
     from catalog_enrichment.validation.rules import build_rules
-    from catalog_enrichment.validation.suite import write_suite
+    from catalog_enrichment.validation.suite import build_suite, write_suite
 
-    rules = build_rules(load_contract("products"), cfg.validation, dt.datetime.now(dt.UTC))
-    path = write_suite(rules, Path(args.out), name=args.name)
-    print(f"wrote {sum(r.expectation is not None for r in rules)} expectations to {path}")
+    contract = load_contract("products")
+    rules = build_rules(contract, cfg.validation, dt.datetime.now(dt.UTC))
+    inputs = None
+    store = cfg.mlflow.tracking_uri.removeprefix("sqlite:///")
+    try:
+        if store != cfg.mlflow.tracking_uri and not Path(store).exists():
+            raise CatalogEnrichError(f"no MLflow store at {store}")
+        model = runtime.model_version(cfg, args.model, runtime.mlflow_client(cfg))
+        health = BundleFolder(model.bundle).read_calibration().health
+        inputs = None if health is None else health.inputs
+    except CatalogEnrichError as exc:
+        print(f"no model's training inputs ({exc}): the image, description and category shares are left out")
+    suite = build_suite(rules, cfg.validation, contract, inputs, name=args.name)
+    path = write_suite(suite, Path(args.out))
+    print(f"wrote {len(suite.expectations)} expectations to {path}")
     return 0
 
 

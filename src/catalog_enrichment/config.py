@@ -707,6 +707,29 @@ class ValidationConfig(_Section):
         description="updated_at before this date (YYYY-MM-DD, UTC) is quarantined: a zero or epoch default, "
         "not a real change.",
     )
+    great_expectations: bool = Field(
+        True,
+        description="Validate every run's batch with a Great Expectations checkpoint before anything is "
+        "scored (validation/checkpoint.py): the result and Data Docs are stored with the run; a failed "
+        "critical expectation stops the run, a failed warning-level one is reported (on | off).",
+    )
+    gx_project: str | None = Field(
+        None,
+        description="The GX project (a folder holding gx/) the run's checkpoint, results and Data Docs go "
+        "to: your own project; unset: <catalog.root>/gx.",
+    )
+    min_rows: int = Field(0, ge=0, description="GX (critical): a batch of fewer rows stops the run.")
+    max_rows: int | None = Field(
+        None, ge=0, description="GX (critical): a batch of more rows stops the run; unset: no bound."
+    )
+    max_share_increase: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="GX: how much larger than among the model's training products the share of products "
+        "without an image (critical), without a description or outside the training categories (warning) "
+        "may be.",
+    )
     health: HealthConfig = Field(default_factory=HealthConfig)
 
 

@@ -205,12 +205,18 @@ def job_context(cfg: AppConfig, model_uri: str | None) -> tuple[Any, Any, ModelV
     """The SparkSession, the MLflow client and the model version an enrichment job runs with.
 
     The JVM starts in a thread while MLflow resolves and downloads the model: neither needs the
-    other, and a job process would otherwise wait for one and then the other.
+    other, and a job process would otherwise wait for one and then the other. Great Expectations
+    (seconds of imports) is imported in another meanwhile when the run's checkpoint is on.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="spark-session") as pool:
+    from catalog_enrichment.validation.suite import quiet_gx
+
+    with ThreadPoolExecutor(2, thread_name_prefix="job-context") as pool:
         session = pool.submit(spark_session, cfg)
+        gx = pool.submit(quiet_gx) if cfg.validation.great_expectations else None
         client = mlflow_client(cfg)
         model = model_version(cfg, model_uri, client)
+        if gx is not None:
+            gx.result()
         return session.result(), client, model

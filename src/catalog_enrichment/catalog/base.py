@@ -155,14 +155,17 @@ class Catalog(Protocol):
         partition: Any = None,
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
+        require_columns: bool = True,
     ) -> DataFrame:
         """The products as a Spark DataFrame of the contract's columns (partition filter; with
         ``since``, only rows with ``updated_at`` after it or ``product_id`` in ``retry``), plus a
         :data:`~catalog_enrichment.contracts.UNREADABLE` column for each contract column whose
-        source values may not fit its type.
+        source values may not fit its type. ``require_columns=False``: a contract column the table
+        lacks is left out of the DataFrame (the caller checks the columns: the GX checkpoint).
 
         Raises:
-            ContractError: a contract column missing, or of a type it cannot be read as.
+            ContractError: a contract column missing (``require_columns``), or of a type it cannot
+                be read as.
         """
         ...
 

@@ -152,9 +152,11 @@ def read_products(
     partition: Partition | None = None,
     since: dt.datetime | None = None,
     retry: Sequence[str] = (),
+    require_columns: bool = True,
 ) -> DataFrame:
     """The products as a Spark DataFrame with the contract's columns, and only those (with
-    ``since``: the rows changed after it, and those of the products in ``retry``).
+    ``since``: the rows changed after it, and those of the products in ``retry``;
+    ``require_columns=False``: without the contract columns the table lacks).
 
     Every data file's own schema is checked first (its footer, no data), so a column Spark could
     not read as the contract's type fails here with one line naming the column and the file. What
@@ -163,13 +165,13 @@ def read_products(
     a column a file lacks (an older file of an evolved table) is null there.
 
     Raises:
-        ContractError: no table at ``path``, a contract column missing from the table, or a column
-            of a type the contract's cannot be read from.
+        ContractError: no table at ``path``, a contract column missing from the table
+            (``require_columns``), or a column of a type the contract's cannot be read from.
     """
     root = Path(path).resolve()
     columns, files = _footers(root, partition)
     missing = contract.missing_columns(columns)
-    if missing:
+    if missing and require_columns:
         raise ContractError(
             f"products table {path} lacks contract column(s) {missing} (see schemas/products.yaml)"
         )
@@ -185,7 +187,8 @@ def read_products(
         df = reduce(lambda a, b: a.unionByName(b), parts)
         if deleted:
             df = _without_deleted(spark, df, deleted)
-    return in_window(df, schema, partition, since, retry).select(*contract.names)
+    kept = [name for name in contract.names if name not in missing]
+    return in_window(df, schema, partition, since, retry).select(*kept)
 
 
 def _read_files(

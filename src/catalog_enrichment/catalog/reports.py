@@ -11,7 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,7 @@ def check_run_id(run_id: str) -> str:
 SEEN, RETRY = "read_near_watermark", "retry_images"
 # ... and the attributes its run health kept out of the commit, with why
 BLOCKED = "health_blocked"
+EXPECTATIONS = "great_expectations"  # the run's GX checkpoint (validation/checkpoint.py)
 
 
 def blocked_why(blocked: Any) -> dict[str, str]:
@@ -216,6 +217,19 @@ def append_quarantine(path: str | Path, rows: pa.Table) -> int:
     return rows.num_rows
 
 
+def expectations_line(checked: Mapping[str, Any]) -> str:
+    """One line of a run's Great Expectations checkpoint (``validation/checkpoint.py``'s summary):
+    expectations evaluated, each failed one, the stored result and its Data Docs page."""
+    critical, warnings = checked.get("critical") or [], checked.get("warnings") or []
+    failed = "; ".join([*critical, *warnings])
+    docs = f"; data docs {checked['docs']}" if checked.get("docs") else ""
+    return (
+        f"great expectations: {checked['evaluated']} expectations, {len(critical) + len(warnings)} failed "
+        f"({len(critical)} critical, {len(warnings)} warning){': ' + failed if failed else ''}; "
+        f"result {checked['result_id']}{docs}"
+    )
+
+
 def format_report(report: RunReport) -> str:
     """A human-readable run report."""
     lines = [
@@ -248,6 +262,10 @@ def format_report(report: RunReport) -> str:
             "  quarantined  "
             + ("; ".join(f"{rule} {n:,}" for rule, n in broken.items()) if broken else "no rule broken")
         )
+        if EXPECTATIONS in info:
+            lines.append(
+                "  expectations " + expectations_line(info[EXPECTATIONS]).removeprefix("great expectations: ")
+            )
         if "health" in info:
             failed = len(info.get("health_failures") or [])
             blocked = blocked_why(info.get("health_blocked"))

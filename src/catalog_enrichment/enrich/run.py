@@ -20,11 +20,13 @@ from catalog_enrichment.catalog.base import MergeResult, fault_point
 from catalog_enrichment.catalog.products import Partition, parse_partition
 from catalog_enrichment.catalog.reports import (
     BLOCKED,
+    EXPECTATIONS,
     RETRY,
     SEEN,
     RunReport,
     blocked_why,
     check_run_id,
+    expectations_line,
     last_run,
 )
 from catalog_enrichment.catalog.reviews import rejected_values
@@ -55,16 +57,23 @@ from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.redaction import redact_text
 from catalog_enrichment.types import Say
+from catalog_enrichment.validation.checkpoint import (
+    BatchValidation,
+    ExpectationsFailed,
+    gx_project,
+    validate_batch,
+)
 from catalog_enrichment.validation.rules import (
     CircuitBreakerTripped,
     build_rules,
     check_breaker,
     shared_image_rules,
 )
+from catalog_enrichment.validation.suite import build_suite
 from catalog_enrichment.versions import ModelVersion
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["EnrichOutcome", "backfill_partitions", "check_model_fits", "new_run_id", "run_enrichment"]
 
@@ -130,6 +139,7 @@ class _Record:
     merge: MergeResult | None = None
     written: tuple[dict[str, int], dict[str, float]] | None = None
     embeddings: dict[str, Any] = field(default_factory=dict)
+    expectations: BatchValidation | None = None
     status: str = "failed"
     error: str | None = None
 
@@ -176,6 +186,8 @@ class _Record:
 
     def _summary(self) -> dict[str, Any]:
         summary: dict[str, Any] = {}
+        if self.expectations is not None:
+            summary[EXPECTATIONS] = self.expectations.to_dict()
         if self.validated is not None:
             summary["row_rules"] = self.validated.counts.per_rule
             summary[SEEN] = self.seen_next
@@ -263,11 +275,21 @@ def _stages(
 ) -> None:
     """read -> validate -> breaker -> score + decide -> health -> breaker -> write -> store."""
     cfg, say, catalog = job.cfg, job.say, job.catalog
+    expect = cfg.validation.great_expectations
     with run.stage("read"):
         lookback = dt.timedelta(seconds=cfg.catalog.lookback_seconds)
-        run.got = got = read(job.spark, catalog, contract, part, last, lookback, job.staging)
+        # with the checkpoint on, a missing contract column is its expectation's failure, named there
+        run.got = got = read(
+            job.spark, catalog, contract, part, last, lookback, job.staging, require_columns=not expect
+        )
         say(f"read products from {catalog.describe()} ({part or 'all partitions'}, {describe_window(got)}), "
             f"model {job.model.name} v{job.model.version}")  # fmt: skip
+    if expect:
+        with run.stage("expectations"):
+            run.expectations = checked = expect_batch(job, run, contract, got.df)
+        say("  " + expectations_line(checked.to_dict()))
+        if checked.critical:
+            raise ExpectationsFailed("great expectations stopped the run: " + "; ".join(checked.critical))
     with run.stage("validate"):
         rules = build_rules(contract, cfg.validation, run.started_at, got.df.columns)
         for rule in (shared := shared_image_rules(got.df, cfg.validation.max_products_per_image)):
@@ -309,6 +331,17 @@ def _stages(
     if scored.encoder is not None:
         with run.stage("store"):
             run.embeddings = store_embeddings(job.spark, catalog, scored, job.staging, say)
+
+
+def expect_batch(job: _Job, run: _Record, contract: Contract, df: DataFrame) -> BatchValidation:
+    """The run's batch through the GX checkpoint: the suite ``catalog-enrich expectations`` exports
+    for this model (validation/suite.py)."""
+    cfg = job.cfg
+    rules = build_rules(contract, cfg.validation, run.started_at, df.columns)
+    inputs = None if job.policy.health is None else job.policy.health.inputs
+    suite = build_suite(rules, cfg.validation, contract, inputs)
+    project = gx_project(cfg.validation.gx_project, cfg.catalog.root)
+    return validate_batch(df, suite, project=project, run_id=run.run_id)
 
 
 def _resume_from(job: _Job, reports: list[RunReport], partition: str | None) -> RunReport | None:
@@ -383,9 +416,15 @@ def _log_mlflow(client: Any, cfg: AppConfig, outcome: EnrichOutcome) -> None:
             report=report.to_row(),
             params={"model": f"{report.model_name}/{report.model_version}", "partition": report.partition},
             metrics=metrics,
-            tags={} if outcome.health is None else outcome.health.tags(),
+            tags={**({} if outcome.health is None else outcome.health.tags()), **_expectations_tags(report)},
             files=[] if outcome.health is None else outcome.health.plots(Path(plots)),
         )
+
+
+def _expectations_tags(report: RunReport) -> dict[str, str]:
+    """MLflow tags of the run's GX checkpoint: ``catalog_enrich.great_expectations`` -> its line."""
+    checked = report.summary().get(EXPECTATIONS)
+    return {} if checked is None else {"catalog_enrich.great_expectations": expectations_line(checked)[:5000]}
 
 
 def backfill_partitions(

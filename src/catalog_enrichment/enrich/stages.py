@@ -88,17 +88,21 @@ def read(
     last: RunReport | None,
     lookback: dt.timedelta,
     staging: Path,
+    *,
+    require_columns: bool = True,
 ) -> Read:
     """Incremental unless ``last`` is None: ``updated_at`` past ``last``'s watermark less
     ``lookback``, without the rows it already read, plus the products to retry; staged once when
-    the catalog's reads are not a snapshot (every stage then reads the same rows)."""
+    the catalog's reads are not a snapshot (every stage then reads the same rows).
+    ``require_columns``: as :meth:`Catalog.read_products`."""
     since = None if last is None else last.watermark
     kept = [] if last is None else last.summary().get(SEEN, [])
     seen = None if kept is None else [(str(p), int(at)) for p, at in kept]
     retry = {} if last is None else {str(p): int(n) for p, n in last.summary().get(RETRY, [])}
     df = catalog.read_products(
-        spark, contract, partition=partition, since=since and since - lookback, retry=sorted(retry)
-    )
+        spark, contract, partition=partition, since=since and since - lookback, retry=sorted(retry),
+        require_columns=require_columns,
+    )  # fmt: skip
     df = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))

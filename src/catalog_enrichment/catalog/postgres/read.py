@@ -42,20 +42,23 @@ class Reads(PgBase):
         ).fetchall()
         return {name: kind for name, kind in rows}
 
-    def _check_products(self, conn: Any, contract: Contract) -> dict[str, str]:
-        """The products table's columns and their types, checked against the contract."""
+    def _check_products(
+        self, conn: Any, contract: Contract, *, require_columns: bool = True
+    ) -> dict[str, str]:
+        """The products table's columns and their types, checked against the contract (each
+        contract column there, unless not ``require_columns``)."""
         where = f"{'.'.join(self.products)} in {self.describe()}"
         columns = self._columns(conn)
         if not columns:
             raise ContractError(f"no products table {where}")
         missing = contract.missing_columns(list(columns))
-        if missing:
+        if missing and require_columns:
             raise ContractError(
                 f"products table {where} lacks contract column(s) {missing} (see schemas/products.yaml)"
             )
         for spec in contract.fields:
             accepted = _PG_TYPES[spec.type][1]
-            if columns[spec.name] not in accepted:
+            if spec.name in columns and columns[spec.name] not in accepted:
                 raise ContractError(
                     f"products column {spec.name!r} is {columns[spec.name]} in {where}, but the contract "
                     f"says {spec.type} (schemas/products.yaml): make it {' or '.join(sorted(accepted))}"
@@ -70,14 +73,17 @@ class Reads(PgBase):
         partition: Partition | None = None,
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
+        require_columns: bool = True,
     ) -> DataFrame:
         from pyspark.sql import functions as F
 
-        options = self._partitioned_read(contract, partition, since, retry)
+        options, present = self._partitioned_read(contract, partition, since, retry, require_columns)
         schema = contract.spark_schema(enforce_nullability=False)
         df = spark.read.format("jdbc").options(**options).load()
         columns, unreadable = [], []
         for f in schema.fields:
+            if f.name not in present:
+                continue
             if f.name == "merchant_attributes":  # jsonb -> the contract's map; what does not fit is kept
                 text = F.col(f.name)
                 parsed = F.from_json(text, f.dataType)  # type: ignore[arg-type]
@@ -90,10 +96,15 @@ class Reads(PgBase):
         return in_window(df.select(*columns, *unreadable), schema, partition, since, retry)
 
     def _partitioned_read(
-        self, contract: Contract, partition: Partition | None, since: dt.datetime | None, retry: Sequence[str]
-    ) -> dict[str, str]:
+        self,
+        contract: Contract,
+        partition: Partition | None,
+        since: dt.datetime | None,
+        retry: Sequence[str],
+        require_columns: bool,
+    ) -> tuple[dict[str, str], dict[str, str]]:
         """The JDBC reader's options: the products table, split into ``read_partitions`` ranges of
-        ``partition_column`` between the bounds the run's rows have."""
+        ``partition_column`` between the bounds the run's rows have; and the table's columns."""
         from psycopg import sql
 
         conditions: list[Any] = []
@@ -107,7 +118,8 @@ class Reads(PgBase):
         where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         column = self.pg.partition_column
         with self.connect() as conn:
-            if column not in self._check_products(conn, contract):
+            present = self._check_products(conn, contract, require_columns=require_columns)
+            if column not in present:
                 raise ContractError(
                     f"catalog.postgres.partition_column {column!r} is not a column of the products table"
                 )
@@ -123,7 +135,7 @@ class Reads(PgBase):
                 upperBound=_bound(high),
                 numPartitions=str(self.pg.read_partitions),
             )
-        return options
+        return options, present
 
     def _jdbc_options(self, conn: Any, dbtable: str) -> dict[str, str]:
         """Spark JDBC reader options for ``dbtable`` (a table or a parenthesised query) over ``conn``'s
