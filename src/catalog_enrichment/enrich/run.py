@@ -73,6 +73,7 @@ from catalog_enrichment.validation.suite import build_suite
 from catalog_enrichment.versions import ModelVersion
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["EnrichOutcome", "backfill_partitions", "check_model_fits", "new_run_id", "run_enrichment"]
@@ -217,7 +218,7 @@ def run_enrichment(
     partition: str | None = None,
     full: bool = False,
     run_id: str | None = None,
-    client: Any = None,
+    client: MlflowClient | None = None,
     progress: Say = _print,
     catalog: Catalog | None = None,
 ) -> EnrichOutcome:
@@ -247,7 +248,7 @@ def _run(
     contract: Contract,
     part: Partition | None,
     full: bool,
-    client: Any,
+    client: MlflowClient | None,
 ) -> EnrichOutcome:
     """The stages, then the report: recorded whether the run succeeded, aborted or failed."""
     clock = time.perf_counter()
@@ -365,7 +366,7 @@ def _previous(reports: list[RunReport], run_id: str) -> RunReport | None:
     return previous if previous is not None and previous.status == "succeeded" else None
 
 
-def _finish(job: _Job, run: _Record, client: Any, clock: float) -> EnrichOutcome:
+def _finish(job: _Job, run: _Record, client: MlflowClient | None, clock: float) -> EnrichOutcome:
     """Record the report: the run-report table and the health rows, then an MLflow run when a
     client is given."""
     elapsed = time.perf_counter() - clock
@@ -388,7 +389,7 @@ def _finish(job: _Job, run: _Record, client: Any, clock: float) -> EnrichOutcome
     return outcome
 
 
-def _log_mlflow(client: Any, cfg: AppConfig, outcome: EnrichOutcome) -> None:
+def _log_mlflow(client: MlflowClient, cfg: AppConfig, outcome: EnrichOutcome) -> None:
     """The run in MLflow's enrichment experiment: its counts, timings and health as metrics, the
     report as JSON, the health plots."""
     from catalog_enrichment import registry
@@ -437,7 +438,7 @@ def backfill_partitions(
     date_to: dt.date,
     products: str | Path | None = None,
     force: bool = False,
-    client: Any = None,
+    client: MlflowClient | None = None,
     progress: Say = _print,
 ) -> list[tuple[str, EnrichOutcome | None]]:
     """One committed full run per ``ingest_date`` partition in ``[date_from, date_to]``, in date

@@ -28,12 +28,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.accumulators import AccumulatorParam
+from pyspark.accumulators import Accumulator, AccumulatorParam
 
 from catalog_enrichment.inference.predictor import PredictorOptions
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+    from catalog_enrichment.health import HealthTally
+    from catalog_enrichment.inference.decide import DecisionPolicy, FlatDecisions
+    from catalog_enrichment.inference.predictor import BatchPredictor, Scores
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -111,15 +115,15 @@ class ScoringSpec:
         return (self.bundle_name, self.bundle_path, taxonomy, self.predictor)
 
 
-class _HealthTallies(AccumulatorParam[Any]):
+class _HealthTallies(AccumulatorParam["HealthTally"]):
     """AccumulatorParam merging :class:`~catalog_enrichment.health.HealthTally` counts."""
 
-    def zero(self, value: Any) -> Any:
+    def zero(self, value: HealthTally | None) -> HealthTally:
         from catalog_enrichment.health import HealthTally
 
         return HealthTally()
 
-    def addInPlace(self, a: Any, b: Any) -> Any:
+    def addInPlace(self, a: HealthTally, b: HealthTally) -> HealthTally:
         return a.merge(b)
 
 
@@ -140,11 +144,11 @@ class ScoringCounters:
     """Driver-side accumulators: model loads per worker pid, Arrow batches scored, and products
     whose vector came from the embedding store (``reused``) or was encoded for it (``encoded``)."""
 
-    loads: Any
-    batches: Any
-    reused: Any
-    encoded: Any
-    health: Any  # health.HealthTally of every scored product
+    loads: Accumulator[dict[int, int]]
+    batches: Accumulator[int]
+    reused: Accumulator[int]
+    encoded: Accumulator[int]
+    health: Accumulator[HealthTally]  # every scored product's
 
     @classmethod
     def create(cls, spark: SparkSession) -> ScoringCounters:
@@ -159,7 +163,7 @@ class ScoringCounters:
 
 
 # Per Python worker process: (device, ScoringSpec.model_key()) -> (predictor, policy).
-_WORKER_CACHE: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+_WORKER_CACHE: dict[tuple[Any, ...], tuple[BatchPredictor, DecisionPolicy | None]] = {}
 
 
 def ship_bundle(spark: SparkSession, bundle_dir: Path) -> str:
@@ -199,7 +203,9 @@ def _worker_device(spec: ScoringSpec) -> str:
     return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cuda"
 
 
-def _worker_state(spec: ScoringSpec, loads: Any, *, decide: bool = True) -> tuple[Any, Any]:
+def _worker_state(
+    spec: ScoringSpec, loads: Accumulator[dict[int, int]], *, decide: bool = True
+) -> tuple[BatchPredictor, DecisionPolicy | None]:
     """This worker's ``(predictor, decision policy)`` for ``spec``, loaded once per worker process
     (``decide`` False: no policy, for a bundle of encoders that was never calibrated)."""
     import torch
@@ -241,11 +247,11 @@ def _worker_state(spec: ScoringSpec, loads: Any, *, decide: bool = True) -> tupl
 
 
 def score_batches(
-    predictor: Any,
-    policy: Any,
+    predictor: BatchPredictor,
+    policy: DecisionPolicy,
     batches: Iterable[pa.RecordBatch],
     rejected: Mapping[str, Sequence[str]] | None = None,
-    tally: Any = None,
+    tally: HealthTally | None = None,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Score a stream of Arrow batches of valid products; per batch the decisions (``OUTPUT_SCHEMA``)
     and how many of its products were fused from stored vectors (``tally``: a
@@ -257,13 +263,13 @@ def score_batches(
         yield decide_batch(policy, batch, scores, rejected, tally), scores.reused
 
 
-def score_batch(predictor: Any, policy: Any, batch: pa.RecordBatch) -> pa.RecordBatch:
+def score_batch(predictor: BatchPredictor, policy: DecisionPolicy, batch: pa.RecordBatch) -> pa.RecordBatch:
     """Score one Arrow batch of valid products and return the decisions (``OUTPUT_SCHEMA``)."""
     return decide_batch(policy, batch, predictor.score_arrow(batch))
 
 
 def _rejected_matrix(
-    policy: Any, batch: pa.RecordBatch, rejected: Mapping[str, Sequence[str]] | None
+    policy: DecisionPolicy, batch: pa.RecordBatch, rejected: Mapping[str, Sequence[str]] | None
 ) -> np.ndarray | None:
     """``(n, len(policy.all_values))`` bool: the batch's values people rejected (None: none)."""
     if not rejected:
@@ -279,7 +285,9 @@ def _rejected_matrix(
     return blocked
 
 
-def tally_health(policy: Any, batch: pa.RecordBatch, scores: Any, flat: Any, tally: Any) -> None:
+def tally_health(
+    policy: DecisionPolicy, batch: pa.RecordBatch, scores: Scores, flat: FlatDecisions, tally: HealthTally
+) -> None:
     """Add one scored batch to the run health counts: per attribute with a baseline, the scores of
     the products scored for it and what was written; the inputs of every product in the batch."""
     profile = policy.health
@@ -300,11 +308,11 @@ def tally_health(policy: Any, batch: pa.RecordBatch, scores: Any, flat: Any, tal
 
 
 def decide_batch(
-    policy: Any,
+    policy: DecisionPolicy,
     batch: pa.RecordBatch,
-    scores: Any,
+    scores: Scores,
     rejected: Mapping[str, Sequence[str]] | None = None,
-    tally: Any = None,
+    tally: HealthTally | None = None,
 ) -> pa.RecordBatch:
     """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row;
     ``rejected`` (product id -> ``attribute=value``): values never written; ``tally``: the run
@@ -393,6 +401,7 @@ def score_dataframe(valid: DataFrame, spec: ScoringSpec, counters: ScoringCounte
         if first is None:
             return  # an empty partition loads no model (a run with nothing new, an empty hash bucket)
         predictor, policy = _worker_state(spec, loads)
+        assert policy is not None  # decide=True loads one
         stream = itertools.chain([first], rows)
         from catalog_enrichment.health import HealthTally
 
