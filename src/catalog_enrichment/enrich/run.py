@@ -11,6 +11,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,19 +286,21 @@ def _stages(
         )
         say(f"read products from {catalog.describe()} ({part or 'all partitions'}, {describe_window(got)}), "
             f"model {job.model.name} v{job.model.version}")  # fmt: skip
-    if expect:
-        with run.stage("expectations"):
-            run.expectations = checked = expect_batch(job, run, contract, got.df)
-        say("  " + expectations_line(checked.to_dict()))
-        if checked.critical:
-            raise ExpectationsFailed("great expectations stopped the run: " + "; ".join(checked.critical))
-    with run.stage("validate"):
-        rules = build_rules(contract, cfg.validation, run.started_at, got.df.columns)
-        for rule in (shared := shared_image_rules(got.df, cfg.validation.max_products_per_image)):
-            say(f"  {rule.name}: {rule.description}; quarantined, read again by the next run")
-        rules += shared
-        run.validated = validated = validate(got.df, rules, run.started_at, say)
-        run.seen_next = near_watermark(got, run.watermark())
+    # the GX checkpoint runs beside the row rules (both mostly wait on Spark's per-job latency) and
+    # is awaited before anything is scored; alone first when a contract column is missing
+    with ThreadPoolExecutor(1, thread_name_prefix="expectations") as pool:
+        checkpoint = pool.submit(expect_batch, job, run, contract, got.df) if expect else None
+        if checkpoint is not None and contract.missing_columns(got.df.columns):
+            _expected(job, run, checkpoint)
+        with run.stage("validate"):
+            rules = build_rules(contract, cfg.validation, run.started_at, got.df.columns)
+            for rule in (shared := shared_image_rules(got.df, cfg.validation.max_products_per_image)):
+                say(f"  {rule.name}: {rule.description}; quarantined, read again by the next run")
+            rules += shared
+            run.validated = validated = validate(got.df, rules, run.started_at, say)
+            run.seen_next = near_watermark(got, run.watermark())
+        if checkpoint is not None:
+            _expected(job, run, checkpoint)
     check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
     rejected = rejected_values(catalog.keyed_rows("reviews"), job.model.version)
     run.rejected = len(rejected)
@@ -332,6 +335,18 @@ def _stages(
     if scored.encoder is not None:
         with run.stage("store"):
             run.embeddings = store_embeddings(job.spark, catalog, scored, job.staging, say)
+
+
+def _expected(job: _Job, run: _Record, checkpoint: Future[BatchValidation]) -> None:
+    """The checkpoint's outcome into the run (its seconds as the ``expectations`` stage's); a failed
+    critical expectation stops the run."""
+    if run.expectations is not None:
+        return
+    run.expectations = checked = checkpoint.result()
+    run.seconds["expectations"] = checked.seconds
+    job.say("  " + expectations_line(checked.to_dict()))
+    if checked.critical:
+        raise ExpectationsFailed("great expectations stopped the run: " + "; ".join(checked.critical))
 
 
 def expect_batch(job: _Job, run: _Record, contract: Contract, df: DataFrame) -> BatchValidation:

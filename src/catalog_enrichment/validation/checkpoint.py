@@ -4,7 +4,8 @@ The run hands GX the DataFrame it already holds (a Spark data source with one Da
 a second reader of the catalog): the suite of :mod:`.suite`, one validation definition and one
 checkpoint, all named ``catalog-enrichment``, in a file-backed GX project (``validation.gx_project``,
 default ``<catalog.root>/gx``). The checkpoint stores the validation result under the run's id and
-updates the project's Data Docs. A failed ``critical`` expectation stops the run before anything is
+updates the project's Data Docs. The job runs it beside the row rules and awaits it before anything
+is scored (``enrich/run.py``). A failed ``critical`` expectation stops the run before anything is
 scored, like the circuit breaker (:class:`ExpectationsFailed`, its expectations named in one line);
 a failed ``warning`` one is reported and the run goes on.
 """
