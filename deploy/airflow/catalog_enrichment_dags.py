@@ -14,10 +14,10 @@ through spark-submit) with parameters. Per environment, set (Airflow Variables, 
 The nightly run is the same as cron's: incremental over the whole catalog (every product new or
 changed since the last run, in any partition), with run id ``nightly-{{ ds }}`` - a retry or a
 re-run of the same date changes nothing that is done - then checks the run report (exit 3 =
-circuit breaker tripped) and the run's health (drift, coverage, estimated precision, inputs against
-the model's held-out products: exit 1 when a check failed), and only then draws the night's review
-sample; a failure alerts, fails the DAG run and starts nothing after it. Partitions are for
-backfills (``catalog-enrich backfill``).
+circuit breaker tripped or a critical GX expectation failed) and the run's health (drift,
+coverage, estimated precision, inputs against the model's held-out products: exit 1 when a check
+failed), and only then draws the night's review sample; a failure alerts, fails the DAG run and
+starts nothing after it. Partitions are for backfills (``catalog-enrich backfill``).
 """
 
 from __future__ import annotations
