@@ -67,10 +67,8 @@ def validate_batch(df: DataFrame, suite: Any, *, project: Path, run_id: str) -> 
     started = time.perf_counter()
     project.mkdir(parents=True, exist_ok=True)
     context = gx.get_context(mode="file", project_root_dir=str(project))
-    bars = context.variables.progress_bars  # a config object, or a dict once read back from gx/
-    if (bars.get("globally") if isinstance(bars, dict) else getattr(bars, "globally", True)) is not False:
-        context.variables.progress_bars = ProgressBarsConfig(globally=False)
-        context.variables.save()
+    # no progress bars in a job's log; in memory only: a project of the user's keeps its own config
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = _batch_definition(context)
     suite = context.suites.add_or_update(suite)
     definition = context.validation_definitions.add_or_update(
