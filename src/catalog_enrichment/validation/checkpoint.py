@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
-from catalog_enrichment.validation.suite import CRITICAL, quiet_gx
+from catalog_enrichment.validation.suite import CRITICAL, main_with_a_file, quiet_gx
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -60,6 +60,11 @@ def gx_project(configured: str | None, catalog_root: str | Path) -> Path:
 def validate_batch(df: DataFrame, suite: Any, *, project: Path, run_id: str) -> BatchValidation:
     """Run the checkpoint over ``df`` (see the module docstring); the result is stored under
     ``run_id`` and the Data Docs updated, whatever it found."""
+    with main_with_a_file():
+        return _validate_batch(df, suite, project, run_id)
+
+
+def _validate_batch(df: DataFrame, suite: Any, project: Path, run_id: str) -> BatchValidation:
     gx = quiet_gx()
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig

@@ -24,10 +24,12 @@ The exported file is GX's own JSON form of the suite; a GX project adds it with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from catalog_enrichment.contracts import Contract
 from catalog_enrichment.health.profile import IMAGE_STATES, NONE, OTHER, InputBaseline
 from catalog_enrichment.validation.rules import Rule
 
-__all__ = ["CRITICAL", "WARNING", "build_suite", "quiet_gx", "write_suite"]
+__all__ = ["CRITICAL", "WARNING", "build_suite", "main_with_a_file", "quiet_gx", "write_suite"]
 
 CRITICAL, WARNING = "critical", "warning"
 
@@ -45,9 +47,26 @@ def quiet_gx() -> Any:
     """``great_expectations``, imported without usage statistics, progress bars or INFO logging."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    import great_expectations as gx
-
+    with main_with_a_file():
+        import great_expectations as gx
     return gx
+
+
+@contextlib.contextmanager
+def main_with_a_file() -> Iterator[None]:
+    """GX imports ``pyspark.sql.connect`` modules (at import and when a Spark data source is used),
+    and each takes a process whose ``__main__`` has no file (``python -c``) for pyspark's own
+    doctests: without Spark Connect's extras it calls ``sys.exit(0)``. Such a ``__main__`` gets a
+    file name meanwhile."""
+    main = sys.modules.get("__main__")
+    bare = main is not None and getattr(main, "__spec__", None) is None and not hasattr(main, "__file__")
+    if bare:
+        main.__file__ = "<string>"  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if bare:
+            del main.__file__  # type: ignore[union-attr]
 
 
 def build_suite(
@@ -62,17 +81,18 @@ def build_suite(
     ``name``: the batch expectations, then the rules' in the rules' order; each carries what it
     checks in ``meta`` (a rule's name and description)."""
     gx = quiet_gx()
-    gx.get_context(mode="ephemeral")  # a suite can only be built inside a context
-    suite = gx.ExpectationSuite(name=name)
-    for expectation in _batch_expectations(cfg, contract, inputs):
-        suite.add_expectation(expectation)
-    for rule in rules:
-        if rule.expectation is not None:
-            expectation = rule.expectation()
-            expectation.severity = WARNING
-            expectation.mostly = round(1.0 - cfg.max_invalid_fraction, 6)
-            expectation.meta = {"rule": rule.name, "description": rule.description}
+    with main_with_a_file():
+        gx.get_context(mode="ephemeral")  # a suite can only be built inside a context
+        suite = gx.ExpectationSuite(name=name)
+        for expectation in _batch_expectations(cfg, contract, inputs):
             suite.add_expectation(expectation)
+        for rule in rules:
+            if rule.expectation is not None:
+                expectation = rule.expectation()
+                expectation.severity = WARNING
+                expectation.mostly = round(1.0 - cfg.max_invalid_fraction, 6)
+                expectation.meta = {"rule": rule.name, "description": rule.description}
+                suite.add_expectation(expectation)
     return suite
 
 
