@@ -47,10 +47,6 @@ class BatchValidation:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BatchValidation:
-        return cls(**d)
-
 
 def gx_project(configured: str | None, catalog_root: str | Path) -> Path:
     """The folder holding the GX project's ``gx/``: ``validation.gx_project``, or under the catalog root."""
