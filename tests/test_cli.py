@@ -154,6 +154,14 @@ def test_local_masters_get_shuffle_partitions_for_their_cores(master: str, cores
     assert "spark.sql.shuffle.partitions" not in runtime.spark_conf(cfg, submitted=True)
 
 
+def test_a_parquet_read_batch_is_as_small_as_an_arrow_batch() -> None:
+    # Spark reads 4,096 rows per Parquet batch by default: of a filled embedding store (~2,000
+    # floats a row) that is more than a 1 GB heap holds for two tasks at once
+    conf = runtime.spark_conf(AppConfig(spark={"arrow_max_records_per_batch": 128}))
+    assert conf["spark.sql.parquet.columnarReaderBatchSize"] == "128"
+    assert conf["spark.sql.execution.arrow.maxRecordsPerBatch"] == "128"
+
+
 @pytest.mark.spark
 @pytest.mark.timeout(120)
 def test_a_local_session_runs_its_jvm_with_the_c1_compiler_only(spark) -> None:  # type: ignore[no-untyped-def]

@@ -73,7 +73,10 @@ class SparkConfig(_Section):
     master: str = Field("local[2]", description="Spark master URL; ignored under spark-submit.")
     app_name: str = Field("catalog-enrichment", description="Spark application name.")
     arrow_max_records_per_batch: int = Field(
-        512, gt=0, description="Rows per Arrow batch handed to Python (images make rows large)."
+        512,
+        gt=0,
+        description="Rows per Arrow batch handed to Python and per Parquet read batch (images and "
+        "stored embeddings make rows large).",
     )
     c1_jit: bool = Field(
         True,

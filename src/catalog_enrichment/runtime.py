@@ -11,7 +11,9 @@ setting                            why                                      swit
 =================================  =======================================  ==================================
 session time zone UTC              timestamps exact across machines         (always)
 Python worker reuse                the model is loaded once per worker      (always)
-rows per Arrow batch               images make rows large                   spark.arrow_max_records_per_batch
+rows per Arrow batch and per       images and stored embeddings make rows   spark.arrow_max_records_per_batch
+Parquet read batch                 large (Spark's 4,096 rows of 2,000-float
+                                   vectors exhaust a 1 GB heap)
 Spark's console progress bar       progress on a terminal                   (stderr is a terminal)
 no UI, 2 x cores shuffle           the defaults are sized for clusters      (local masters)
 partitions
@@ -80,6 +82,7 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
         "spark.sql.session.timeZone": "UTC",
         "spark.python.worker.reuse": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.spark.arrow_max_records_per_batch),
+        "spark.sql.parquet.columnarReaderBatchSize": str(cfg.spark.arrow_max_records_per_batch),
         "spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower(),
     }
     local = not submitted and cfg.spark.master.startswith("local")
