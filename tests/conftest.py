@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -183,22 +184,11 @@ def tiny_registry(
     return client, uri, version, flags
 
 
-@pytest.fixture(autouse=True)
-def _global_state_restored() -> Iterator[None]:
-    """Every test leaves torch's process-wide settings as it found them (asserted: a test that
-    changes them must restore them); the environment and the loggers' levels and handlers are put
-    back after each test (MLflow, Great Expectations and the CLI's ``configure_logging`` set them;
-    a test's own settings must not reach the next)."""
+@contextlib.contextmanager
+def environment_and_logging_restored() -> Iterator[None]:
+    """The environment and the loggers' levels and handlers put back on leaving (MLflow, Great
+    Expectations and the CLI's ``configure_logging`` set them)."""
     import logging
-
-    import torch
-
-    def state() -> tuple[Any, ...]:
-        return (
-            torch.get_num_threads(),
-            torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(),
-        )
 
     def loggers() -> dict[str, tuple[int, list[logging.Handler], dict[logging.Handler, int]]]:
         named = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
@@ -208,18 +198,39 @@ def _global_state_restored() -> Iterator[None]:
             if isinstance(lg, logging.Logger)
         }
 
-    before, env, logs = state(), dict(os.environ), loggers()
-    yield
+    env, logs = dict(os.environ), loggers()
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
+        for name, (level, handlers, handler_levels) in logs.items():
+            lg = logging.getLogger() if name == "root" else logging.getLogger(name)
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            for handler, handler_level in handler_levels.items():
+                handler.setLevel(handler_level)
+
+
+@pytest.fixture(autouse=True)
+def _global_state_restored() -> Iterator[None]:
+    """Every test leaves torch's process-wide settings as it found them (asserted: a test that
+    changes them must restore them); the environment and the loggers are put back after each test
+    (a test's own settings must not reach the next)."""
+    import torch
+
+    def state() -> tuple[Any, ...]:
+        return (
+            torch.get_num_threads(),
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+
+    before = state()
+    with environment_and_logging_restored():
+        yield
     after = state()
-    for key in set(os.environ) - set(env):
-        del os.environ[key]
-    os.environ.update(env)
-    for name, (level, handlers, handler_levels) in logs.items():
-        lg = logging.getLogger() if name == "root" else logging.getLogger(name)
-        lg.setLevel(level)
-        lg.handlers[:] = handlers
-        for handler, handler_level in handler_levels.items():
-            handler.setLevel(handler_level)
     assert after == before, (
         f"the test changed torch's global state (threads, deterministic): {before} -> {after}"
     )
@@ -232,6 +243,43 @@ def pg_server() -> Iterator[Any]:
 
     with LocalPostgres() as server:
         yield server
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real ``mlflow server`` (SQLite backend, served artifacts) on a loopback port, in a
+    session of its own: stopped with its process group (its web workers too) after the test."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+        "--artifacts-destination", str(tmp_path / "server-artifacts"), "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 _schemas = iter(range(1_000_000))
@@ -270,13 +318,32 @@ def _share_the_cores() -> None:
         torch.set_num_threads(threads)
 
 
+_SIGTERM_BEFORE = pytest.StashKey[Any]()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, ``kill``) interrupts the run as Ctrl-C does: pytest then tears the
+    fixtures down, so the servers and clusters they own are stopped, where Python's default would
+    end the process at once and leave them running (``tests/test_interrupted_run.py``)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        config.stash[_SIGTERM_BEFORE] = signal.signal(signal.SIGTERM, _interrupt)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """A pytest-xdist worker runs under execnet, whose ``__main__`` has neither ``__spec__`` nor
     ``__file__``; ``pyspark.sql.connect`` (imported by Great Expectations) reads that as "running
     doctests" and calls ``sys.exit`` when grpc is missing. Name a file for the worker's
     ``__main__`` (taken back in :func:`pytest_unconfigure`). A worker gets its share of the cores
-    (:func:`_share_the_cores`)."""
+    (:func:`_share_the_cores`); SIGTERM stops the run as Ctrl-C does (:func:`_stop_on_sigterm`)."""
     _share_the_cores()
+    _stop_on_sigterm(config)
     main = sys.modules["__main__"]
     if getattr(main, "__spec__", None) is None and not hasattr(main, "__file__"):
         main.__file__ = __file__
@@ -284,8 +351,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    import signal
+
     if config.stash.get(_MAIN_FILE_SET, False):
         del sys.modules["__main__"].__file__
+    if _SIGTERM_BEFORE in config.stash:
+        signal.signal(signal.SIGTERM, config.stash[_SIGTERM_BEFORE])
 
 
 # The modules that take longest, longest first. `make test` runs the suite on one worker per core

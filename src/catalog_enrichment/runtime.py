@@ -177,9 +177,28 @@ def spark_session(cfg: AppConfig) -> SparkSession:
         if cfg.spark.master.startswith("local"):
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.master(local_with_retries(cfg.spark.master))
-    spark = builder.config(map=spark_conf(cfg, submitted=submitted)).getOrCreate()
+    try:
+        spark = builder.config(map=spark_conf(cfg, submitted=submitted)).getOrCreate()
+    except BaseException:
+        _stop_unconnected_jvms()
+        raise
     spark.sparkContext.setLogLevel(_spark_log_level())
     return spark
+
+
+def _stop_unconnected_jvms() -> None:
+    """Stop the JVM a failed or interrupted session start leaves behind. PySpark starts it ignoring
+    SIGINT and connects later; a Ctrl-C in between removes the folder the JVM writes its port to,
+    and the JVM, which only exits when its driver closes the connection, would run on for good."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            command = child.cmdline()
+        except psutil.Error:
+            continue
+        if "org.apache.spark.deploy.SparkSubmit" in command and "pyspark-shell" in command:
+            child.terminate()
 
 
 def device(cfg: AppConfig) -> str:

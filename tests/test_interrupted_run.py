@@ -1,0 +1,126 @@
+"""A test run stopped part-way - Ctrl-C (SIGINT) or a CI timeout (SIGTERM) sent to its process group
+- leaves no PostgreSQL server, Spark JVM, MLflow server or job process running."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import repo_root
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.postgres, pytest.mark.timeout(400)]
+
+# Every process the interrupted run starts inherits this variable: it is how they are found.
+MARK = "CATALOG_ENRICH_INTERRUPTED_RUN"
+
+
+def _marked(value: str) -> dict[int, str]:
+    """The live processes whose environment carries ``MARK=value``: pid -> command line."""
+    found = {}
+    needle = f"{MARK}={value}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _kinds(processes: dict[int, str]) -> dict[str, int]:
+    commands = list(processes.values())
+    return {
+        "postgres": sum("bin/postgres" in c for c in commands),
+        "java": sum(c.startswith(("java", "/usr/lib/jvm")) or "/bin/java " in c for c in commands),
+        "mlflow": sum("mlflow" in c and "server" in c for c in commands),
+    }
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_leaves_no_server_or_job_running(tmp_path: Path, sig: signal.Signals) -> None:
+    value = uuid.uuid4().hex
+    command = [
+        sys.executable, "-m", "pytest", "-n", "2", "--dist", "load", "-p", "no:cacheprovider", "-q",
+        "--basetemp", str(tmp_path / "run"), "tests/interrupted_run_target.py",
+    ]  # fmt: skip
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        run = subprocess.Popen(
+            command,
+            cwd=repo_root(),
+            env={**os.environ, MARK: value},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group of its own, as a terminal or a CI runner gives it
+        )
+    try:
+        deadline = time.monotonic() + 240
+        kinds = _kinds(_marked(value))
+        while not (kinds["postgres"] and kinds["java"] >= 2 and kinds["mlflow"]):
+            assert run.poll() is None and time.monotonic() < deadline, (kinds, log.read_text()[-3000:])
+            time.sleep(1)
+            kinds = _kinds(_marked(value))
+        os.killpg(run.pid, sig)
+        code = run.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while _marked(value) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _marked(value)
+        assert not left, f"left running after {sig.name} (exit {code}): {left}\n{log.read_text()[-3000:]}"
+        assert code != 0, log.read_text()[-3000:]  # it was interrupted, not finished
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        for pid in _marked(value):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# A Ctrl-C while PySpark waits for the JVM it started to report its port (raised here at the
+# tenth look for the port file): the JVM, which ignores SIGINT and has no driver yet, must not stay.
+_INTERRUPTED_START = """
+import os, sys, time, psutil
+import pyspark.java_gateway
+looks, isfile = [0], os.path.isfile
+def looking(path):
+    if os.path.dirname(str(path)).startswith(sys.argv[1]):
+        looks[0] += 1
+        if looks[0] == 10:
+            raise KeyboardInterrupt
+    return isfile(path)
+pyspark.java_gateway.os.path.isfile = looking
+from catalog_enrichment import runtime
+from catalog_enrichment.config import AppConfig
+try:
+    runtime.spark_session(AppConfig(spark={"master": "local[1]"}))
+except KeyboardInterrupt:
+    deadline = time.monotonic() + 30
+    while any(c.status() != psutil.STATUS_ZOMBIE for c in psutil.Process().children()):
+        assert time.monotonic() < deadline, psutil.Process().children()
+        time.sleep(0.2)
+    print("interrupted; no JVM left")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_while_spark_starts_leaves_no_jvm() -> None:
+    import tempfile
+
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_START, tempfile.gettempdir()],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.stdout.strip() == "interrupted; no JVM left", done.stderr[-3000:]
