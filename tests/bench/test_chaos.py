@@ -1,27 +1,54 @@
 """The chaos scenarios (``make chaos``) as tests: real ``catalog-enrich`` processes killed and
-disturbed mid-run; no value lost, none wrong, no run half-committed, every failure one clear line."""
+disturbed mid-run; no value lost, none wrong, no run half-committed, every failure one clear line.
+
+The disturbed runs are real processes, as in ``make chaos``; the undisturbed ones (the reference,
+the re-runs after a kill, the runs on a damaged artifact) run here, through ``cli.main`` on this
+worker's Spark session."""
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 import pytest
 
-from catalog_enrichment.bench.chaos import SCENARIOS, ChaosSetup, Observation, format_table, run_chaos
+from catalog_enrichment.bench.chaos import (
+    SCENARIOS,
+    ChaosSetup,
+    Finished,
+    Observation,
+    format_table,
+    run_chaos,
+)
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.data.synthetic import generate_marketplace
-from tests.conftest import register_bundle
+from tests.conftest import environment_and_logging_restored, register_bundle
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.spark, pytest.mark.timeout(900)]
+
+
+def _in_this_process(arguments: Sequence[str]) -> Finished:
+    """``catalog-enrich`` run by ``cli.main`` here: its streams captured, the environment and the
+    loggers it sets put back."""
+    from catalog_enrichment.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    started = time.perf_counter()
+    with environment_and_logging_restored(), redirect_stdout(out), redirect_stderr(err):
+        code = main(list(arguments))
+    return Finished(code, out.getvalue(), err.getvalue(), time.perf_counter() - started)
 
 
 @pytest.fixture(scope="module")
-def observations(tmp_path_factory, scoring_bundle, taxonomy) -> Iterator[dict[str, Observation]]:  # type: ignore[no-untyped-def]
+def observations(tmp_path_factory, spark, scoring_bundle, taxonomy) -> Iterator[dict[str, Observation]]:  # type: ignore[no-untyped-def]
     """Every scenario's observation; MLflow's tracking URI (a global and an environment variable
     that ``mlflow.set_tracking_uri`` sets) is put back afterwards, as a module fixture the
-    per-test restore does not cover."""
+    per-test restore does not cover. The Great Expectations checkpoint is off in these runs (it is
+    not what a kill tests; ``tests/test_expectations.py`` runs it in real processes)."""
     import mlflow
 
     from catalog_enrichment import registry
@@ -40,12 +67,16 @@ def observations(tmp_path_factory, scoring_bundle, taxonomy) -> Iterator[dict[st
             client, scoring_bundle, incoming, name="chaos", artifacts=work / "artifacts"
         )
         registry.set_alias(client, "chaos", registry.CHAMPION, registered.version)
-        found = run_chaos(ChaosSetup(work, incoming.products, uri, "chaos"), say=lambda m: None)
+        setup = ChaosSetup(
+            work, incoming.products, uri, "chaos", settings=("validation.great_expectations=false",)
+        )
+        found = run_chaos(setup, say=lambda m: None, follow_up=_in_this_process)
     finally:
         mlflow.set_tracking_uri(uri_before)
         os.environ.clear()
         os.environ.update(env)
     print("\n" + format_table(found))
+    print("\n".join(f"{o.seconds:7.1f} s  {o.scenario}" for o in found))
     yield dict(zip(SCENARIOS, found, strict=True))
 
 

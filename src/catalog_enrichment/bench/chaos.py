@@ -15,6 +15,10 @@ table with an undisturbed run's:
 A scenario passes when its process ended as expected (exit code, a message naming the cause and the
 next step) and all three counts are 0. The kill points are test hooks (``CATALOG_ENRICH_FAULT``,
 ``CATALOG_ENRICH_WORKER_FAULT``) that nothing sets in production.
+
+The disturbed runs (a kill, a lock race, a dead server) are always real processes. The others (the
+undisturbed reference, the re-run after a kill, a run on a damaged artifact) go through a
+:data:`Runner`: a process too by default; the test suite runs them in its own process instead.
 """
 
 from __future__ import annotations
@@ -43,7 +47,17 @@ from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.spark import WORKER_FAULT_ENV
 from catalog_enrichment.types import Say
 
-__all__ = ["SCENARIOS", "ChaosSetup", "Observation", "format_table", "prepare", "run_chaos", "write_result"]
+__all__ = [
+    "SCENARIOS",
+    "ChaosSetup",
+    "Finished",
+    "Observation",
+    "Runner",
+    "format_table",
+    "prepare",
+    "run_chaos",
+    "write_result",
+]
 
 # The values that make a row what it is (not when or by which run it was written).
 _ROW = ("product_id", "attribute", "value", "source", "model_version")
@@ -51,12 +65,14 @@ _ROW = ("product_id", "attribute", "value", "source", "model_version")
 
 @dataclass(frozen=True)
 class ChaosSetup:
-    """What the scenarios run on: a products table and a registered champion model."""
+    """What the scenarios run on: a products table and a registered champion model; ``settings``
+    are more ``--set KEY=VALUE`` for every run."""
 
     workdir: Path
     products: Path
     tracking_uri: str
     model_name: str
+    settings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -75,7 +91,9 @@ class Observation:
 
 
 @dataclass
-class _Proc:
+class Finished:
+    """How a ``catalog-enrich`` command ended."""
+
     code: int
     out: str
     err: str
@@ -86,11 +104,16 @@ class _Proc:
         return lines[-1] if lines else ""
 
 
+# Runs ``catalog-enrich`` with these arguments (the program name left out) to its end.
+Runner = Callable[[Sequence[str]], Finished]
+
+
 class _Bench:
     """The scenarios' shared state: the setup, the reference tables, the command line."""
 
-    def __init__(self, setup: ChaosSetup, say: Say) -> None:
+    def __init__(self, setup: ChaosSetup, say: Say, follow_up: Runner | None = None) -> None:
         self.setup, self.say = setup, say
+        self.follow_up = follow_up or self.process
         self.root = setup.workdir / "scenarios"
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
@@ -100,7 +123,7 @@ class _Bench:
         self.before = _rows(read_table(self.base / "attributes"))
         self.dates = list_partitions(setup.products, "ingest_date")
         ref = self.catalog("reference")
-        proc = self.cli(ref, "enrich", "--run-id", "reference")
+        proc = self.again(ref, "enrich", "--run-id", "reference")
         if proc.code != 0:
             raise RuntimeError(f"the undisturbed run failed ({proc.code}): {proc.err[-2000:]}")
         self.after = _rows(read_table(ref / "attributes"))
@@ -113,7 +136,7 @@ class _Bench:
         shutil.copytree(self.base, root)
         return root
 
-    def command(self, root: Path, verb: str, *args: str, uri: str | None = None) -> list[str]:
+    def arguments(self, root: Path, verb: str, *args: str, uri: str | None = None) -> list[str]:
         flags = [
             "--products", str(self.setup.products),
             "--catalog", str(root),
@@ -122,27 +145,39 @@ class _Bench:
             "--set", "inference.device=cpu",
             "--set", "validation.max_invalid_fraction=0.2",
         ]  # fmt: skip
+        for setting in self.setup.settings:
+            flags += ["--set", setting]
         if verb == "enrich":
             flags.append("--full")
-        return [*_cli(), verb, *flags, *args]
+        return [verb, *flags, *args]
 
     def start(self, root: Path, verb: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
         """A process writing its output (both streams) to ``log``."""
         with log.open("wb") as out:
-            return subprocess.Popen(self.command(root, verb, *args), stdout=out, stderr=subprocess.STDOUT)
+            command = [*_cli(), *self.arguments(root, verb, *args)]
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
     def cli(
         self, root: Path, verb: str, *args: str, env: dict[str, str] | None = None, uri: str | None = None
-    ) -> _Proc:
+    ) -> Finished:
+        """A real process (``env`` added to this one's environment)."""
+        return self.process(self.arguments(root, verb, *args, uri=uri), env)
+
+    def again(self, root: Path, verb: str, *args: str) -> Finished:
+        """An undisturbed run, through the follow-up runner."""
+        return self.follow_up(self.arguments(root, verb, *args))
+
+    @staticmethod
+    def process(arguments: Sequence[str], env: dict[str, str] | None = None) -> Finished:
         started = time.perf_counter()
         done = subprocess.run(
-            self.command(root, verb, *args, uri=uri),
+            [*_cli(), *arguments],
             env={**os.environ, **(env or {})},
             capture_output=True,
             text=True,
             timeout=900,
         )
-        return _Proc(done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
+        return Finished(done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
 
     def counts(self, root: Path, obs: Observation) -> None:
         """Rows lost and wrong against the undisturbed run."""
@@ -209,7 +244,7 @@ def _driver_killed(point: str, expected_state: str) -> Callable[[_Bench], Observ
         obs.half_committed = b.between(root)
         state = "unchanged" if _rows(read_table(root / "attributes")) == b.before else "committed"
         version = table_version(root / "attributes")
-        rerun = b.cli(root, "enrich", "--run-id", "k1")
+        rerun = b.again(root, "enrich", "--run-id", "k1")
         b.counts(root, obs)
         obs.half_committed += b.quarantine_once(root, "k1")
         commit = find_run_commit(root / "attributes", "k1")
@@ -276,7 +311,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _fails_cleanly(b: _Bench, obs: Observation, root: Path, proc: _Proc, *words: str) -> Observation:
+def _fails_cleanly(b: _Bench, obs: Observation, root: Path, proc: Finished, *words: str) -> Observation:
     """Nothing may have changed: rows lost and wrong are counted against the table before."""
     line = proc.error_line()
     now = _rows(read_table(root / "attributes"))
@@ -327,7 +362,7 @@ def _damaged_artifact(kind: str) -> Callable[[_Bench], Observation]:
         else:
             data = weights.read_bytes()
             weights.write_bytes(data[: len(data) // 2])
-        proc = b.cli(root, "enrich", "--model-uri", f"models:/{b.setup.model_name}/{version}")
+        proc = b.again(root, "enrich", "--model-uri", f"models:/{b.setup.model_name}/{version}")
         return _fails_cleanly(b, obs, root, proc, f"models:/{b.setup.model_name}/{version}", "register")
 
     return scenario
@@ -348,15 +383,20 @@ SCENARIOS: dict[str, Callable[[_Bench], Observation]] = {
 
 
 def run_chaos(
-    setup: ChaosSetup, *, scenarios: Sequence[str] | None = None, say: Say = print
+    setup: ChaosSetup,
+    *,
+    scenarios: Sequence[str] | None = None,
+    say: Say = print,
+    follow_up: Runner | None = None,
 ) -> list[Observation]:
-    """Run the scenarios (default: all) on ``setup``; one observation each."""
+    """Run the scenarios (default: all) on ``setup``; one observation each. ``follow_up`` runs the
+    undisturbed commands (default: a process each)."""
     names = list(scenarios or SCENARIOS)
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         raise ValueError(f"unknown chaos scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
     say("chaos: the undisturbed run first (the reference)")
-    bench = _Bench(setup, say)
+    bench = _Bench(setup, say, follow_up)
     observations = []
     for i, name in enumerate(names, start=1):
         started = time.perf_counter()
