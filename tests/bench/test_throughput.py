@@ -41,33 +41,33 @@ def test_in_process_modes_report_rates_and_ratios(tmp_path: Path, taxonomy, scor
 def test_job_and_peer_run_as_whole_processes_on_the_registered_model(
     tmp_path: Path, taxonomy, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]
+    """The job and its peer (MLflow's ``spark_udf``) as processes, once each; the re-score mode is
+    the job's process on a filled store (``tests/test_embedding_store.py`` proves what it writes),
+    timed by ``bench throughput``, and the slope between sizes is arithmetic (the test below)."""
     _, uri, version, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
     cfg = tiny_config(
         catalog={"root": str(tmp_path / "lake")},
         mlflow={"tracking_uri": uri, "registered_model": "tiny"},
         inference={"device": "cpu", "batch_size": 64},
     )
-    model = ModelVersion("tiny", version, bundle_dir=scoring_bundle)
     messages: list[str] = []
     result = run_throughput_benchmark(
         cfg,
         taxonomy,
-        model=model,
-        sizes=(100,),  # one size: the slope between sizes is arithmetic (the test below)
+        model=ModelVersion("tiny", version, bundle_dir=scoring_bundle),
+        sizes=(100,),
         workdir=tmp_path / "bench",
-        modes=("job", "rescore", "peer"),
-        rescore=model,  # the same version again: every product re-scored from the store
+        modes=("job", "peer"),
         repeats=1,
         config_args=["--set", "inference.device=cpu", "--set", "inference.batch_size=64"],
         progress=messages.append,
     )
-    job, rescore, peer = (result["runs"]["100"][m][0] for m in ("job", "rescore", "peer"))
+    job, peer = (result["runs"]["100"][m][0] for m in ("job", "peer"))
     assert result["job_vs_peer_100"] == pytest.approx(job["seconds"] / peer["seconds"])
-    assert result["rescore_vs_peer_100"] == pytest.approx(rescore["seconds"] / peer["seconds"])
-    for run in (job, rescore, peer):  # a JVM and Python workers did the work, each in its own process
+    for run in (job, peer):  # a JVM and Python workers did the work, each in its own process
         assert run["cpu_seconds"]["jvm"] > 0 and run["cpu_seconds"]["python_workers"] > 0
         assert run["worker_peak_rss_mb"] > 50 and run["driver_peak_rss_mb"] > 50
-    assert [m.split()[-2] for m in messages if "run 1/1" in m] == ["job", "rescore", "peer"]
+    assert [m.split()[-2] for m in messages if "run 1/1" in m] == ["job", "peer"]
 
 
 def test_the_ratios_are_against_the_peer_and_the_slope_between_sizes() -> None:
