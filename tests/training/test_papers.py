@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,16 @@ def _labels(taxonomy: Taxonomy, pattern: list[int]) -> EncodedLabels:
     return EncodedLabels(targets, known)
 
 
-def test_cleanlab_ranks_the_labels_the_model_contradicts_first_and_caps_the_share(taxonomy: Taxonomy) -> None:
+def _no_forking(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a process pool forked the (threaded) training process")
+
+
+def test_cleanlab_ranks_the_labels_the_model_contradicts_first_and_caps_the_share(
+    taxonomy: Taxonomy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # in this process: cleanlab's default pool forks it with Spark's and torch's threads running,
+    # and a forked worker can wait for ever on a lock one of them held (seen in make test)
+    monkeypatch.setattr(multiprocessing, "Pool", _no_forking)
     rng = np.random.default_rng(0)
     n = 200
     truth = rng.integers(0, 6, n)
@@ -74,7 +84,10 @@ def test_cleanlab_ranks_the_labels_the_model_contradicts_first_and_caps_the_shar
     assert first["model_top"] == taxonomy["pattern"].values[truth[0]]
 
 
-def test_multilabel_label_issues_come_from_cleanlab_too(taxonomy: Taxonomy) -> None:
+def test_multilabel_label_issues_come_from_cleanlab_too(
+    taxonomy: Taxonomy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(multiprocessing, "Pool", _no_forking)  # as above
     rng = np.random.default_rng(1)
     n, v = 300, len(taxonomy["color"].values)
     truth = np.zeros((n, v), np.float32)

@@ -97,7 +97,9 @@ def find_label_issues(
             given = t[rows]
             scores /= scores.sum(axis=1, keepdims=True)  # float32 softmax rows, summed again in float64
         find = multilabel_issues if attr.kind == "multilabel" else multiclass_issues
-        ranked = find(given, scores, return_indices_ranked_by="self_confidence")
+        # n_jobs=1: cleanlab's pool forks this process, whose other threads (Spark's gateway, torch,
+        # MLflow) may hold a lock at that moment; a forked worker then waits on it for ever
+        ranked = find(given, scores, return_indices_ranked_by="self_confidence", n_jobs=1)
         flagged[attr.name] = len(ranked)
         positions[attr.name] = rows[np.asarray(ranked[: math.floor(fraction * rows.size)], np.int64)]
     return LabelIssues(positions, flagged, labelled)
