@@ -136,9 +136,10 @@ def incoming(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Ge
 
 
 def register_bundle(
-    client: Any, bundle: Path, incoming: GeneratedMarketplace, *, name: str, artifacts: Path
+    client: Any, bundle: Path, incoming: GeneratedMarketplace, *, name: str, artifacts: Path | None
 ) -> Any:
-    """Register a bundle folder as a new version of ``name`` (alias challenger) in MLflow."""
+    """Register a bundle folder as a new version of ``name`` (alias challenger) in MLflow; its
+    artifacts under ``artifacts`` (None: where the tracking server puts them)."""
     from catalog_enrichment import registry
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.inference.bundle import load_bundle
@@ -151,7 +152,7 @@ def register_bundle(
         bundle_dir=bundle,
         registered_model=name,
         experiment="training",
-        artifact_location=str(artifacts),
+        artifact_location=None if artifacts is None else str(artifacts),
         params={},
         tags={},
         epoch_metrics=[],

@@ -34,7 +34,7 @@ from catalog_enrichment.promotion import (
     read_promotion_log,
 )
 from catalog_enrichment.training.job import PRUNED_TABLE, run_training_job
-from tests.conftest import tiny_config
+from tests.conftest import register_bundle, save_trained, tiny_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -164,7 +164,7 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(1500)
 def test_train_register_promote_load_against_a_real_mlflow_server(  # type: ignore[no-untyped-def]
-    tmp_path: Path, data, taxonomy: Taxonomy, mlflow_server: str, capfd, caplog
+    tmp_path: Path, data, taxonomy: Taxonomy, mlflow_server: str, incoming, capfd, caplog
 ) -> None:
     # credentials in the URI (the server ignores them): they must reach no log and no MLflow param
     mlflow_server = mlflow_server.replace("http://", f"http://ci-user:{SECRET}@")
@@ -230,13 +230,14 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     assert metrics["noise_pruning.color.removed"] == (removed["attribute"] == "color").sum()
     assert "test.member_1_image_only.color.r_at_p95" in metrics
 
-    # a better one (longer training) is promoted
-    better = run_training_job(
-        _cfg(tmp_path, mlflow_server, epochs=16), taxonomy, data=data["train"], client=client, progress=_quiet
+    # a challenger as good as the champion (its bundle registered again, not trained again: the gate
+    # judges what a version scores, not how it was made) is promoted
+    again = register_bundle(
+        client, save_trained(first.trained, tmp_path / "again"), incoming, name="test-model", artifacts=None
     )
     decision = promote_now()
     assert decision["promote"], decision["reasons"]
-    assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == better.registered.version
+    assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == again.version
 
     history = read_promotion_log(log).to_pylist()
     assert [r["promoted"] for r in history] == [True, False, True]
@@ -244,7 +245,7 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
 
     # a consumer loads the champion over HTTP
     bundle = registry.load_bundle_from_uri("models:/test-model@champion")
-    assert bundle.calibration.to_dict() == better.trained.calibration.to_dict()
+    assert bundle.calibration.to_dict() == first.trained.calibration.to_dict()
 
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) >= 3
