@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,20 @@ def environment_and_logging_restored() -> Iterator[None]:
             lg.handlers[:] = handlers
             for handler, handler_level in handler_levels.items():
                 handler.setLevel(handler_level)
+
+
+def cli_in_process(arguments: Sequence[str]) -> tuple[int, str, str]:
+    """``catalog-enrich`` run by ``cli.main`` in this process (on its Spark session, if one is up):
+    exit code, stdout, stderr; the environment and the loggers it sets are put back."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from catalog_enrichment.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with environment_and_logging_restored(), redirect_stdout(out), redirect_stderr(err):
+        code = main(list(arguments))
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)

@@ -221,19 +221,19 @@ def test_training_labels_are_the_same_from_either_catalog(backends, taxonomy, tm
 
 
 def test_real_job_processes_killed_around_the_postgres_commit(  # type: ignore[no-untyped-def]
-    backends, scoring_bundle, incoming, pg_server, tmp_path
+    backends, scoring_bundle, incoming, pg_server, tmp_path, monkeypatch
 ) -> None:
-    """``catalog-enrich enrich`` against PostgreSQL, SIGKILLed after its COPY (before the merge)
-    and inside the merge transaction: the tables are as they were; the same run id then commits
-    once; a further re-run does nothing; ``report`` and ``rollback`` work on the database; the
-    password appears in no output."""
+    """``catalog-enrich enrich`` against PostgreSQL, a real process SIGKILLed after its COPY
+    (before the merge) and inside the merge transaction: the tables are as they were; the same run
+    id then commits once; a further re-run does nothing; ``report`` and ``rollback`` work on the
+    database (these four in this process); the password appears in no output."""
     import os
     import signal
     import subprocess
     import sys
 
     from catalog_enrichment.catalog.postgres import PG_DSN_ENV, PostgresCatalog
-    from tests.conftest import tiny_registry
+    from tests.conftest import cli_in_process, tiny_registry
 
     _, _, _, flags = tiny_registry(tmp_path, scoring_bundle, incoming)
     flags = [f for f in flags if f not in ("--products", str(incoming.products))]
@@ -253,24 +253,32 @@ def test_real_job_processes_killed_around_the_postgres_commit(  # type: ignore[n
         "--catalog", str(tmp_path / "staging"), "--set", "catalog.kind=postgres",
         "--set", f"catalog.postgres.db_schema={schema}",
     ]  # fmt: skip
-    env = {**os.environ, PG_DSN_ENV: pg_server.dsn()}
     outputs: list[str] = []
 
-    def cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-        extra = {"CATALOG_ENRICH_FAULT": fault} if fault else {}
+    def killed(fault: str) -> subprocess.CompletedProcess[str]:
+        """A real job process, SIGKILLed at ``fault``."""
         done = subprocess.run(
-            [sys.executable, "-c", "from catalog_enrichment.cli import run; run()", *args, *flags],
-            env={**env, **extra}, capture_output=True, text=True, timeout=600,
+            [sys.executable, "-c", "from catalog_enrichment.cli import run; run()", "enrich",
+             "--partition", f"ingest_date={day}", "--run-id", "k1", *flags],
+            env={**os.environ, PG_DSN_ENV: pg_server.dsn(), "CATALOG_ENRICH_FAULT": fault},
+            capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         outputs.append(done.stdout + done.stderr)
         return done
 
+    def cli(*args: str) -> tuple[int, str, str]:
+        """The commands after the kills, in this process (its Spark session)."""
+        code, out, err = cli_in_process([*args, *flags])
+        outputs.append(out + err)
+        return code, out, err
+
     for fault in ("after_stage", "during_merge"):
-        killed = cli("enrich", "--partition", f"ingest_date={day}", "--run-id", "k1", fault=fault)
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        proc = killed(fault)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         assert _rows(catalog) == before and catalog.quarantine_rows().num_rows == 0, fault
-    done = cli("enrich", "--partition", f"ingest_date={day}", "--run-id", "k1")
-    assert done.returncode == 0 and "run k1: succeeded" in done.stdout, done.stderr[-2000:]
+    monkeypatch.setenv(PG_DSN_ENV, pg_server.dsn())
+    code, out, err = cli("enrich", "--partition", f"ingest_date={day}", "--run-id", "k1")
+    assert code == 0 and "run k1: succeeded" in out, err[-2000:]
     written = _rows(catalog)
     assert {r[4] for r in written if r[3] == "model"} == {"k1"} and len(written) > len(before)
     report = {r.run_id: r for r in catalog.read_reports()}["k1"]
@@ -280,12 +288,12 @@ def test_real_job_processes_killed_around_the_postgres_commit(  # type: ignore[n
             "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename LIKE 'stage%%'", [schema]
         ).fetchone()
     assert left == (0,)
-    again = cli("enrich", "--partition", f"ingest_date={day}", "--run-id", "k1")
-    assert again.returncode == 0 and "already succeeded" in again.stdout and _rows(catalog) == written
-    shown = cli("report", "--run-id", "k1")
-    assert shown.returncode == 0 and "run k1: succeeded" in shown.stdout
-    undone = cli("rollback", "--run-id", "k1")
-    assert undone.returncode == 0 and _rows(catalog) == before, undone.stderr[-2000:]
+    code, out, _ = cli("enrich", "--partition", f"ingest_date={day}", "--run-id", "k1")
+    assert code == 0 and "already succeeded" in out and _rows(catalog) == written
+    code, out, _ = cli("report", "--run-id", "k1")
+    assert code == 0 and "run k1: succeeded" in out
+    code, _, err = cli("rollback", "--run-id", "k1")
+    assert code == 0 and _rows(catalog) == before, err[-2000:]
     assert not any(pg_server.password in text for text in outputs)
 
 

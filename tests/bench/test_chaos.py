@@ -7,11 +7,9 @@ worker's Spark session."""
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 import pytest
@@ -26,21 +24,15 @@ from catalog_enrichment.bench.chaos import (
 )
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.data.synthetic import generate_marketplace
-from tests.conftest import environment_and_logging_restored, register_bundle
+from tests.conftest import cli_in_process, register_bundle
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.spark, pytest.mark.timeout(900)]
 
 
 def _in_this_process(arguments: Sequence[str]) -> Finished:
-    """``catalog-enrich`` run by ``cli.main`` here: its streams captured, the environment and the
-    loggers it sets put back."""
-    from catalog_enrichment.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
     started = time.perf_counter()
-    with environment_and_logging_restored(), redirect_stdout(out), redirect_stderr(err):
-        code = main(list(arguments))
-    return Finished(code, out.getvalue(), err.getvalue(), time.perf_counter() - started)
+    code, out, err = cli_in_process(arguments)
+    return Finished(code, out, err, time.perf_counter() - started)
 
 
 @pytest.fixture(scope="module")
