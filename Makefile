@@ -38,7 +38,7 @@ export CATALOG_ENRICH_AIRFLOW_PYTHON := $(AIRFLOW_VENV)/bin/python
 help:
 	@echo "make demo   run the whole job on embedded defaults (installs first)"
 	@echo "make test   ruff + import contracts + mypy + pytest, the whole suite CI runs (installs first)"
-	@echo "make check  the fast tier for development: lint, types, tests without Spark or training (< 2 min)"
+	@echo "make check  the fast tier for development: lint, types, tests without Spark or training (about 2 min)"
 	@echo "make chaos  kill and disturb real job processes; print what the catalog holds after"
 	@echo "make weights  pretrained MiniLM + EfficientNet-Lite0 into weights/ (for deploy/config/pretrained.yaml)"
 	@echo "make lock   re-pin constraints.txt from the current environment"
