@@ -21,8 +21,7 @@ if not os.environ.get("PYTHONPATH", "").startswith(_SRC):
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from catalog_enrichment.bench.chaos import TINY_MODEL  # noqa: E402
-from catalog_enrichment.config import AppConfig, SyntheticConfig, load_config, merge_layers  # noqa: E402
+from catalog_enrichment.config import TINY_MODEL, AppConfig, SyntheticConfig, load_config, merge_layers  # noqa: E402
 from catalog_enrichment.contracts import Taxonomy, load_taxonomy  # noqa: E402
 from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_marketplace  # noqa: E402
 
@@ -41,7 +40,7 @@ MARKETPLACE = SyntheticConfig(products=2400, seed=7, bad_rate=0.08, label_noise=
 
 
 def tiny_config(*, fusion: str = "concat", epochs: int = 2, **sections: Any) -> AppConfig:
-    """The app config with the tiny model (``bench.chaos.TINY_MODEL``: hidden 32, one text layer,
+    """The app config with the tiny model (``config.TINY_MODEL``: hidden 32, one text layer,
     32 px images; trains in seconds on a CPU); ``sections`` override anything (nested dicts)."""
     base = {
         "model": {**TINY_MODEL, "fusion": fusion},

@@ -431,7 +431,7 @@ def prepare(workdir: Path, *, say: Say = print) -> ChaosSetup:
     """A small marketplace (with bad rows) and a tiny model trained on it and made champion, under
     ``workdir`` (about two minutes on two cores)."""
     from catalog_enrichment import registry
-    from catalog_enrichment.config import SyntheticConfig, load_config
+    from catalog_enrichment.config import TINY_MODEL, SyntheticConfig, load_config
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.data.synthetic import generate_marketplace
     from catalog_enrichment.training.job import run_training_job
@@ -466,20 +466,3 @@ def prepare(workdir: Path, *, say: Say = print) -> ChaosSetup:
     outcome = run_training_job(cfg, taxonomy, data=labelled.products, client=client, progress=lambda m: None)
     registry.set_alias(client, "chaos", registry.CHAMPION, outcome.registered.version)
     return ChaosSetup(workdir, incoming.products, uri, "chaos")
-
-
-# A tiny model (hidden 32, one text layer, 32 px images): trains in about a minute on two cores.
-TINY_MODEL: dict[str, Any] = {
-    "hidden_dim": 32,
-    "dropout": 0.0,
-    "fusion": "concat",
-    "text": {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 500,
-        "max_length": 32,
-    },
-    "image": {"name": "test_byobnet", "image_size": 32},
-}

@@ -142,9 +142,9 @@ def bench_drift(args: argparse.Namespace, cfg: AppConfig) -> int:
     --test-data (and --taxonomy): a real catalog's training and test tables instead, without the
     --new-type products in training.
     """
-    from catalog_enrichment.bench.chaos import TINY_MODEL
     from catalog_enrichment.bench.drift import KINDS, NEW_TYPE, format_drift, run_drift_bench
     from catalog_enrichment.catalog.lakehouse import read_table
+    from catalog_enrichment.config import TINY_MODEL
     from catalog_enrichment.contracts import load_taxonomy
 
     if bool(args.data) != bool(args.test_data):

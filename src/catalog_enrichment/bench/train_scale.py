@@ -24,9 +24,8 @@ from typing import Any
 
 import yaml
 
-from catalog_enrichment.bench.chaos import TINY_MODEL
 from catalog_enrichment.bench.throughput import measure_process
-from catalog_enrichment.config import SyntheticConfig
+from catalog_enrichment.config import TINY_MODEL, SyntheticConfig
 from catalog_enrichment.contracts import load_taxonomy
 from catalog_enrichment.types import Say
 
