@@ -259,6 +259,15 @@ def pg_server() -> Iterator[Any]:
         yield server
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """A real ``mlflow server`` (SQLite backend, served artifacts) on a loopback port, in a
@@ -268,9 +277,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     import subprocess
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",

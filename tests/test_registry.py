@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from catalog_enrichment.promotion import (
     read_promotion_log,
 )
 from catalog_enrichment.training.job import PRUNED_TABLE, run_training_job
-from tests.conftest import register_bundle, save_trained, tiny_config
+from tests.conftest import free_port, register_bundle, save_trained, tiny_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -154,12 +153,6 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
 
 
 SECRET = "s3cr3t-never-logged"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(1500)
@@ -351,7 +344,7 @@ def test_bad_inputs_fail_before_any_registration(tmp_path: Path, data, taxonomy:
 
 @pytest.mark.timeout(120)
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path: Path, taxonomy: Taxonomy) -> None:
-    client = registry.configure_mlflow(f"http://ci-user:{SECRET}@127.0.0.1:{_free_port()}")
+    client = registry.configure_mlflow(f"http://ci-user:{SECRET}@127.0.0.1:{free_port()}")
     started = time.time()
     with pytest.raises(CatalogEnrichError, match=r"ci-user:\*\*\*@127.0.0.1:\d+ is unreachable") as raised:
         run_training_job(_cfg(tmp_path, "http://x"), taxonomy, data=tmp_path, client=client, progress=_quiet)
