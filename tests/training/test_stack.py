@@ -153,6 +153,30 @@ def test_the_served_model_scores_like_the_fold_models_that_calibrate_it() -> Non
     np.testing.assert_array_equal(reloaded, served)
 
 
+def test_a_folds_out_of_fold_scores_do_not_depend_on_its_own_labels() -> None:
+    """Relabel the products of one cross-fit fold: the scores that fold's learner gives them stay
+    the same to the bit (each fold is fitted from zero on the other folds' rows). A fold fitted from
+    the first fold's learner, which trained on these products, moved with their labels wherever
+    L-BFGS stopped short of the optimum - as it does here, almost unpenalised on separable rows."""
+    from catalog_enrichment.training.splits import group_folds
+    from catalog_enrichment.training.stack import _fit_path, _Target
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, N)
+    titles = [f"{WORDS[v]} {rng.choice(['nice', 'new', 'warm'])} {i % 11}" for i, v in enumerate(y)]
+    counts = ngram_counts(titles, [None] * N)
+    x = tfidf(counts, *document_frequency(counts))
+    folds = group_folds(np.eye(3, dtype=np.int8)[y], np.arange(N), 3, 0)
+    _, out = folds[1]
+    relabelled = y.copy()
+    relabelled[out] = (y[out] + 1) % 3
+    scores = [
+        _fit_path(x, _Target(labels, labels >= 0, True, 3), folds, [1e4])[2][out]
+        for labels in (y, relabelled)
+    ]
+    np.testing.assert_array_equal(scores[0], scores[1])
+
+
 def test_the_stack_needs_the_lexical_inputs() -> None:
     from catalog_enrichment.errors import ConfigError
 

@@ -7,8 +7,8 @@ L2-normalised TF-IDF, each dense block is standardised with its training statist
 the square root of its width - so one penalty grid (:data:`PENALTIES`, scikit-learn's ``C``) serves
 every block. Per block and attribute the penalty is the one of the grid whose held-out average
 precision on the first fold is highest (along a warm-started path); the other folds are fitted at
-it. Average precision ranks the confident predictions that R@P95 lives on; log-loss prefers the
-blunter models. A meta-learner per attribute (one weight per block, a bias per value) is fitted on
+it, each from zero, so no fold's out-of-fold scores depend on its own labels. Average precision
+ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter models. A meta-learner per attribute (one weight per block, a bias per value) is fitted on
 the blocks' out-of-fold scores.
 
 What serves is the mean of the fold models (the mean of linear learners over one feature space is
@@ -202,9 +202,9 @@ def _fit_path(
             best = (held, c, state)
     assert best is not None
     c = best[1]
-    fits = [best[2]]
-    for fit_pos, _ in folds[1:]:  # warm-started from the first fold's fit: the folds share most rows
-        fits.append(_fit_linear(x, target, fit_pos, c, best[2]))
+    # the other folds start from zero: a start fitted on the first fold's rows, which hold theirs,
+    # would carry their held-out labels into their scores wherever L-BFGS stops short of the optimum
+    fits = [best[2], *(_fit_linear(x, target, fit_pos, c) for fit_pos, _ in folds[1:])]
     for (w, b), (_, out_pos) in zip(fits, folds, strict=True):
         scores[out_pos] = x[out_pos] @ w + b
     normalised = _normalised(scores, target.softmax)
