@@ -8,8 +8,9 @@ the square root of its width - so one penalty grid (:data:`PENALTIES`, scikit-le
 every block. Per block and attribute the penalty is the one of the grid whose held-out average
 precision on the first fold is highest (along a warm-started path); the other folds are fitted at
 it, each from zero, so no fold's out-of-fold scores depend on its own labels. Average precision
-ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter models. A meta-learner per attribute (one weight per block, a bias per value) is fitted on
-the blocks' out-of-fold scores.
+ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter models. A
+meta-learner per attribute (one weight per block, a bias per value) is fitted on the blocks'
+out-of-fold scores.
 
 What serves is the mean of the fold models (the mean of linear learners over one feature space is
 a linear learner: their weights averaged), under the meta-learner fitted on every out-of-fold
