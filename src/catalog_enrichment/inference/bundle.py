@@ -218,7 +218,7 @@ def bundle_problems(path: str | Path) -> list[str]:
     ]
 
 
-def json_safe(x: Any) -> Any:
+def json_safe(x: object) -> Any:
     """Strict-JSON copy: NaN/inf -> None, NumPy scalars/arrays -> Python values."""
     if isinstance(x, dict):
         return {str(k): json_safe(v) for k, v in x.items()}

@@ -17,9 +17,10 @@ task turns into its Arrow output without a Python object per product or per valu
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,11 @@ from catalog_enrichment.metrics import decision_matrix
 __all__ = ["Decision", "DecisionPolicy", "FlatDecisions", "merchant_attributes", "merchant_filled"]
 
 
-def merchant_attributes(raw: Any) -> set[str]:
+# a product's merchant attributes as Python gives them: a dict, the pairs of an Arrow map, or None
+MerchantAttributes: TypeAlias = Mapping[str, Any] | Iterable[tuple[str, Any]] | None
+
+
+def merchant_attributes(raw: MerchantAttributes) -> set[str]:
     """Attribute names a merchant filled, from an Arrow map value (list of pairs) or a dict."""
     if raw is None:
         return set()
@@ -41,7 +46,9 @@ def merchant_attributes(raw: Any) -> set[str]:
     return {str(k) for k, v in items if v is not None and len(v) > 0}
 
 
-def merchant_filled(column: Any, names: Sequence[str]) -> np.ndarray:
+def merchant_filled(
+    column: pa.Array | pa.ChunkedArray | Sequence[MerchantAttributes | AbstractSet[str]], names: Sequence[str]
+) -> np.ndarray:
     """``(n, len(names))`` bool: which of ``names`` each product's merchant filled.
 
     ``column`` is an Arrow ``map<string, list>`` array (or ``list<struct<key, value>>``), read
@@ -54,7 +61,7 @@ def merchant_filled(column: Any, names: Sequence[str]) -> np.ndarray:
     entries = _filled_entries(column) if isinstance(column, pa.Array) else None
     if entries is None:
         values = column.to_pylist() if isinstance(column, pa.Array) else column  # e.g. an all-null column
-        rows = [raw if isinstance(raw, set | frozenset) else merchant_attributes(raw) for raw in values]
+        rows = [raw if isinstance(raw, AbstractSet) else merchant_attributes(raw) for raw in values]
         return np.array([[name in row for name in names] for row in rows], bool).reshape(
             len(rows), len(names)
         )

@@ -121,9 +121,10 @@ def column_values(data: Data, name: str) -> list[Any]:
     """A column as a Python list (Nones when the batch lacks it)."""
     if name not in _names(data):
         return [None] * (data.num_rows if isinstance(data, pa.RecordBatch | pa.Table) else len(data))
-    if isinstance(data, pa.RecordBatch | pa.Table):
-        return data.column(name).to_pylist()
-    return data[name].tolist()
+    values: list[Any] = (
+        data.column(name).to_pylist() if isinstance(data, pa.RecordBatch | pa.Table) else data[name].tolist()
+    )
+    return values
 
 
 def _checked(batches: Iterable[Data]) -> Iterator[Data]:
