@@ -101,17 +101,32 @@ SCORING_TRAIN = SyntheticConfig(products=3000, seed=1, image_size=32)
 INCOMING = SyntheticConfig(products=2400, seed=7, bad_rate=0.04, image_size=32, days=4)
 
 
+def run_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of this run sees (the run's base temp; a run without workers
+    has its own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def scoring_bundle(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Path:
-    """A trained, calibrated model bundle folder (read-only!)."""
+    """A trained, calibrated model bundle folder (read-only!), trained once per run: the first
+    worker to ask trains it, the others wait on a file lock and read the same folder."""
+    from filelock import FileLock
+
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.training.loop import train_and_calibrate
 
-    root = tmp_path_factory.mktemp("scoring-model")
-    market = generate_marketplace(root / "train", SCORING_TRAIN, taxonomy=taxonomy)
-    cfg = tiny_config(epochs=6)
-    trained = train_and_calibrate(read_table(market.products), taxonomy, cfg)
-    return save_trained(trained, root / "tiny-v1")
+    shared = run_shared_dir(tmp_path_factory)
+    bundle = shared / "scoring-model" / "tiny-v1"
+    with FileLock(shared / "scoring-model.lock"):
+        if not bundle.is_dir():
+            root = tmp_path_factory.mktemp("scoring-model-build")
+            market = generate_marketplace(root / "train", SCORING_TRAIN, taxonomy=taxonomy)
+            trained = train_and_calibrate(read_table(market.products), taxonomy, tiny_config(epochs=6))
+            bundle.parent.mkdir(exist_ok=True)
+            save_trained(trained, root / "tiny-v1").rename(bundle)  # whole, or not there
+    return bundle
 
 
 def save_trained(trained: Any, path: Path) -> Path:
@@ -400,10 +415,20 @@ def _cost_rank(item: pytest.Item) -> int:
     return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what does not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest modules first (see :data:`LONGEST_FIRST`; the rest keep their order); skip
-    ``gpu`` tests where torch sees no CUDA device (CI never has one)."""
+    """The longest modules first (see :data:`LONGEST_FIRST`; the rest keep their order), and of the
+    rest those that read the shared ``scoring_bundle`` last, but for the first: while one worker
+    trains the bundle, the others run tests that do not wait for it. Skip ``gpu`` tests where torch
+    sees no CUDA device (CI never has one)."""
     items.sort(key=_cost_rank)
+    trains = next((item.path for item in items if "scoring_bundle" in item.fixturenames), None)
+    items.sort(
+        key=lambda item: (
+            -1 if item.path == trains else _cost_rank(item),
+            item.path != trains and "scoring_bundle" in item.fixturenames,
+        )
+    )
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
