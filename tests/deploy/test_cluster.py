@@ -297,7 +297,7 @@ def test_a_rank_killed_on_the_cluster_fails_the_run_with_one_line_and_registers_
     master, _ = cluster
     data, config = training_data
     env = _submit_env(master, "--conf spark.task.maxFailures=1 --conf spark.stage.maxConsecutiveAttempts=1")
-    env["CATALOG_ENRICH_RANK_FAULT"] = "1:3"  # rank 1 SIGKILLs itself at its third step
+    env["CATALOG_ENRICH_FAULT"] = "rank:1:3"  # rank 1 SIGKILLs itself at its third step
     proc = _submit_train(master, data, config, "killed", env=env)
     # spark-submit's Python driver writes its stderr into the submit's stdout
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("catalog-enrich: error:")]

@@ -17,8 +17,8 @@ from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.faults import FAULT_ENV
 from catalog_enrichment.training.distributed import (
-    RANK_FAULT_ENV,
     _root_cause,
     global_batch_norm,
     train_streaming,
@@ -156,7 +156,7 @@ def test_a_rank_that_dies_fails_the_job_with_one_line_and_registers_nothing(  # 
     from catalog_enrichment.training.job import run_training_job
 
     client = registry.configure_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv(RANK_FAULT_ENV, "1:2")  # rank 1 SIGKILLs itself at its second step
+    monkeypatch.setenv(FAULT_ENV, "rank:1:2")  # rank 1 SIGKILLs itself at its second step
     with pytest.raises(CatalogEnrichError) as failed:
         run_training_job(_cfg(), taxonomy, data=labelled, client=client, progress=lambda _m: None)
     message = str(failed.value)

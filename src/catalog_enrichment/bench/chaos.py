@@ -13,8 +13,8 @@ table with an undisturbed run's:
   before the run nor the table after it, or quarantine rows written twice.
 
 A scenario passes when its process ended as expected (exit code, a message naming the cause and the
-next step) and all three counts are 0. The kill points are test hooks (``CATALOG_ENRICH_FAULT``,
-``CATALOG_ENRICH_WORKER_FAULT``) that nothing sets in production.
+next step) and all three counts are 0. The kill points are the fault hooks of
+``catalog_enrichment.faults`` (``CATALOG_ENRICH_FAULT``), which nothing sets in production.
 
 The disturbed runs (a kill, a lock race, a dead server) are always real processes. The others (the
 undisturbed reference, the re-run after a kill, a run on a damaged artifact) go through a
@@ -43,8 +43,8 @@ from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
 from catalog_enrichment.catalog.products import list_partitions
 from catalog_enrichment.catalog.reports import read_reports
+from catalog_enrichment.faults import FAULT_ENV
 from catalog_enrichment.inference.bundle import BundleFolder
-from catalog_enrichment.inference.spark import WORKER_FAULT_ENV
 from catalog_enrichment.types import Say
 
 __all__ = [
@@ -225,7 +225,7 @@ def _worker_killed(b: _Bench) -> Observation:
     )
     root = b.catalog("worker-killed")
     marker = root / "worker-killed.marker"
-    proc = b.cli(root, "enrich", "--run-id", "w1", env={WORKER_FAULT_ENV: str(marker)})
+    proc = b.cli(root, "enrich", "--run-id", "w1", env={FAULT_ENV: f"worker:{marker}"})
     b.counts(root, obs)
     obs.half_committed = b.quarantine_once(root, "w1")
     obs.observed = f"exit {proc.code}, worker killed: {marker.exists()}, report {b.report_status(root, 'w1')}"
@@ -240,7 +240,7 @@ def _driver_killed(point: str, expected_state: str) -> Callable[[_Bench], Observ
             f"table {expected_state}; the same run id then finishes once; staging removed",
         )
         root = b.catalog(f"killed-{point}")
-        killed = b.cli(root, "enrich", "--run-id", "k1", env={"CATALOG_ENRICH_FAULT": point})
+        killed = b.cli(root, "enrich", "--run-id", "k1", env={FAULT_ENV: point})
         obs.half_committed = b.between(root)
         state = "unchanged" if _rows(read_table(root / "attributes")) == b.before else "committed"
         version = table_version(root / "attributes")

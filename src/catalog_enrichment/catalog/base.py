@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -35,13 +34,13 @@ import pyarrow as pa
 
 from catalog_enrichment.catalog.reports import RunReport
 from catalog_enrichment.contracts import Contract, load_contract
+from catalog_enrichment.faults import armed
 from catalog_enrichment.types import Say
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = [
-    "FAULT_ENV",
     "KEYED_TABLES",
     "Catalog",
     "KeyedTable",
@@ -50,7 +49,6 @@ __all__ = [
     "RunWrite",
     "empty_folder",
     "fault_during",
-    "fault_point",
     "keyed_key",
     "keyed_schema",
 ]
@@ -265,16 +263,6 @@ def empty_folder(folder: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-# Test hook: CATALOG_ENRICH_FAULT=<point> kills this process with SIGKILL at that point (the chaos
-# scenarios): before_merge, after_stage, during_merge, after_merge, after_quarantine, during_rollback.
-FAULT_ENV = "CATALOG_ENRICH_FAULT"
-
-
-def fault_point(name: str) -> None:
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 _WATCHER = """
 import os, signal, sys, time
 table, parent = sys.argv[1], int(sys.argv[2])
@@ -291,9 +279,10 @@ while os.getppid() == parent:  # gone with its parent
 
 
 def fault_during(name: str, table: Path) -> None:
-    """Test hook: SIGKILL this process as soon as a new file appears under ``table``: a commit under
-    way, its data being written (watched from another process, which no lock in this one holds up)."""
-    if os.environ.get(FAULT_ENV) != name:
+    """Fault hook (``catalog_enrichment.faults``): SIGKILL this process as soon as a new file appears
+    under ``table``: a commit under way, its data being written (watched from another process,
+    which no lock in this one holds up)."""
+    if armed(name) is None:
         return
     table.mkdir(parents=True, exist_ok=True)
     watcher = subprocess.Popen(

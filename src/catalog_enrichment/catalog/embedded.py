@@ -28,7 +28,6 @@ from catalog_enrichment.catalog.base import (
     Say,
     empty_folder,
     fault_during,
-    fault_point,
     keyed_key,
     keyed_schema,
 )
@@ -37,6 +36,7 @@ from catalog_enrichment.catalog.lock import catalog_lock
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.faults import fault_point
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catalog_enrichment.catalog import Catalog, open_catalog
-from catalog_enrichment.catalog.base import MergeResult, fault_point
+from catalog_enrichment.catalog.base import MergeResult
 from catalog_enrichment.catalog.products import Partition, parse_partition
 from catalog_enrichment.catalog.reports import (
     BLOCKED,
@@ -54,6 +54,7 @@ from catalog_enrichment.enrich.stages import (
     written,
 )
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.faults import fault_point
 from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.redaction import redact_text

@@ -19,7 +19,6 @@ import gc
 import itertools
 import json
 import os
-import signal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.accumulators import Accumulator, AccumulatorParam
 
+from catalog_enrichment.faults import armed, kill_this_process
 from catalog_enrichment.inference.predictor import PredictorOptions
 
 if TYPE_CHECKING:
@@ -371,20 +371,17 @@ def spark_output_schema() -> Any:
     return from_arrow_schema(OUTPUT_SCHEMA)
 
 
-# Test hook: a marker file path; the first Python worker to find it absent creates it and SIGKILLs
-# itself after scoring a batch (the crash tests check Spark retries the task).
-WORKER_FAULT_ENV = "CATALOG_ENRICH_WORKER_FAULT"
-
-
 def _fault_kill_worker_once() -> None:
-    marker = os.environ.get(WORKER_FAULT_ENV)
+    """Fault hook ``worker:<marker file>`` (``catalog_enrichment.faults``): the first Python worker to
+    create the marker SIGKILLs itself (the crash tests check Spark retries the task)."""
+    marker = armed("worker")
     if not marker:
         return
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return
-    os.kill(os.getpid(), signal.SIGKILL)
+    kill_this_process()
 
 
 def score_dataframe(valid: DataFrame, spec: ScoringSpec, counters: ScoringCounters) -> DataFrame:

@@ -44,6 +44,7 @@ from catalog_enrichment.data.dataset import Collator, EncodedLabels, build_token
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
+from catalog_enrichment.faults import armed
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_options
 from catalog_enrichment.models.model import MultimodalModel, needs_image
@@ -72,11 +73,7 @@ from catalog_enrichment.training.stream import (
 )
 from catalog_enrichment.types import Say
 
-__all__ = ["RANK_FAULT_ENV", "train_streaming"]
-
-# Test hook: CATALOG_ENRICH_RANK_FAULT=<rank>:<step> SIGKILLs that rank at that training step (the
-# killed-rank test); read on the driver and sent to the ranks, so it reaches executors too.
-RANK_FAULT_ENV = "CATALOG_ENRICH_RANK_FAULT"
+__all__ = ["train_streaming"]
 
 
 @dataclass(frozen=True)
@@ -348,7 +345,7 @@ def _job(
         raise CatalogEnrichError(
             f"too few training products for one batch of {cfg.training.batch_size // world} per process"
         )
-    fault = os.environ.get(RANK_FAULT_ENV)
+    fault = armed("rank")  # "<rank>:<step>", read here and sent to the ranks (catalog_enrichment.faults)
     rank_step = tuple(int(x) for x in fault.split(":")) if fault else None
     val_labels = found.labels.subset(found.splits.validation)
     return _RankJob(reader, cfg, tokenizer, fractions, steps, val_labels, world, device, rank_step)  # type: ignore[arg-type]

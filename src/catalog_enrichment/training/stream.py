@@ -28,8 +28,6 @@ decoded images.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from catalog_enrichment.data.dataset import Collator, EncodedLabels, encode_labe
 from catalog_enrichment.data.images import ImagePolicy, image_tone, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.faults import kill_this_process
 from catalog_enrichment.health import InputBaseline, InputBaselineCounts, ProductInputs
 from catalog_enrichment.training.splits import Splits
 
@@ -258,7 +257,7 @@ class TrainingRows(IterableDataset[dict[str, Any]]):
         kill_at: int | None = None,
     ) -> None:
         self.reader, self.selection, self.take, self.shuffle_rows = reader, selection, take, shuffle_rows
-        self.kill_at = kill_at  # test hook: SIGKILL this process at that item (a rank that dies)
+        self.kill_at = kill_at  # fault hook (catalog_enrichment.faults): SIGKILL this process there
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -272,7 +271,7 @@ class TrainingRows(IterableDataset[dict[str, Any]]):
             if emitted == self.take:
                 return
             if emitted == self.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+                kill_this_process()
             yield item
 
     def _shuffled(self, rng: np.random.Generator) -> Iterator[dict[str, Any]]:

@@ -6,16 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from catalog_enrichment.catalog.base import (
-    RollbackResult,
-    fault_point,
-)
+from catalog_enrichment.catalog.base import RollbackResult
 from catalog_enrichment.errors import CatalogEnrichError
 
 if TYPE_CHECKING:
     pass
 
 from catalog_enrichment.catalog.postgres.connection import PgBase
+from catalog_enrichment.faults import fault_point
 
 __all__ = ["Rollbacks"]
 

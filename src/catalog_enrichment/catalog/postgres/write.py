@@ -14,10 +14,10 @@ import pyarrow as pa
 from catalog_enrichment.catalog.base import (
     MergeResult,
     RunWrite,
-    fault_point,
 )
 from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema
 from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.faults import fault_point
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
