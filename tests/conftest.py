@@ -421,8 +421,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     rest those that read the shared ``scoring_bundle`` last, but for the first: while one worker
     trains the bundle, the others run tests that do not wait for it. Skip ``gpu`` tests where torch
     sees no CUDA device (CI never has one)."""
-    items.sort(key=_cost_rank)
-    trains = next((item.path for item in items if "scoring_bundle" in item.fixturenames), None)
+    readers = [item for item in items if "scoring_bundle" in item.fixturenames]
+    trains = min(readers, key=_cost_rank).path if readers else None
     items.sort(
         key=lambda item: (
             -1 if item.path == trains else _cost_rank(item),
