@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
-from catalog_enrichment.data.images import decode_image, encode_image
+from catalog_enrichment.contracts import IMAGE_DECODABLE, IMAGE_URI_ALLOWED
+from catalog_enrichment.data.images import ImagePolicy, check_images, decode_image, encode_image
 from catalog_enrichment.data.render import COLOR_RGB, ImageParts, render_product
 
 
@@ -84,3 +86,23 @@ def test_renderer_is_deterministic_per_rng_seed() -> None:
     two = np.asarray(render_product(parts, np.random.default_rng(5)))
     other = np.asarray(render_product(parts, np.random.default_rng(6)))
     assert np.array_equal(one, two) and not np.array_equal(one, other)
+
+
+def test_training_checks_a_table_and_its_batches_alike_and_names_each_unusable_image() -> None:
+    """The one image-usability check of training (in memory and streamed): a usable photo, none,
+    corrupt bytes and a URI outside the policy's roots; a red photo is warm."""
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[..., 0] = 200
+    rows = pa.table(
+        {
+            "title": ["a", "b", "c", "d"],
+            "image": [encode_image(red, "PNG"), None, b"not an image", None],
+            "image_uri": [None, None, None, "/elsewhere/d.jpg"],
+        }
+    )
+    inputs, errors = check_images(rows, ImagePolicy())
+    assert errors == [None, None, IMAGE_DECODABLE, IMAGE_URI_ALLOWED]
+    assert list(inputs.image_present) == [True, False, True, True]
+    assert inputs.tones[0] == pytest.approx(200.0) and list(inputs.tones[1:]) == [None, None, None]
+    batch_inputs, batch_errors = check_images(rows.to_batches()[0], ImagePolicy())
+    assert (batch_inputs, batch_errors) == (inputs, errors)

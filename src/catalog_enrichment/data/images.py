@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import pyarrow as pa
 import simplejpeg
 from PIL import Image
 
@@ -24,6 +25,7 @@ from catalog_enrichment.contracts import (
     IMAGE_WITHIN_LIMITS,
 )
 from catalog_enrichment.data.remote import HttpLimits, read_http
+from catalog_enrichment.health import ProductInputs
 
 __all__ = [
     "IMAGE_DECODABLE",
@@ -31,6 +33,7 @@ __all__ = [
     "IMAGE_URI_ALLOWED",
     "IMAGE_WITHIN_LIMITS",
     "ImagePolicy",
+    "check_images",
     "decode_image",
     "encode_image",
     "image_tone",
@@ -212,6 +215,32 @@ def image_tone(pixels: np.ndarray) -> float:
     cool; 0 for a grey or black-and-white photo): the run health checks' photo-style statistic."""
     means = pixels.reshape(-1, 3).mean(axis=0, dtype=np.float64)
     return float(means[0] - means[2])
+
+
+# usable or not, and the colour balance, hardly depend on the size an image is read at
+_CHECK_SIZE = 32
+
+
+def check_images(
+    rows: pa.Table | pa.RecordBatch, policy: ImagePolicy
+) -> tuple[ProductInputs, list[str | None]]:
+    """Training's image-usability check of products table rows (a table or a batch of one): each
+    row's image read as serving reads it; returns the rows' inputs for the run health baseline
+    (image state and colour balance included) and, per row, why its image cannot be used (None:
+    usable or absent). Serving quarantines a product whose image exists but cannot be used, so
+    training leaves those out."""
+    names = rows.schema.names
+
+    def column(name: str) -> list[object]:
+        return rows.column(name).to_pylist() if name in names else [None] * rows.num_rows
+
+    read = [
+        load_pixels(b, u, _CHECK_SIZE, policy=policy)
+        for b, u in zip(column("image"), column("image_uri"), strict=True)
+    ]
+    errors = [e for _, e in read]
+    tones = [None if p is None else image_tone(p) for p, _ in read]
+    return ProductInputs.of(rows, errors, tones), errors
 
 
 def decode_image(

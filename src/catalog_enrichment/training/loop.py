@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +45,10 @@ from catalog_enrichment.data.dataset import (
     canonical_order,
     encode_labels,
 )
-from catalog_enrichment.data.images import ImagePolicy, image_tone
+from catalog_enrichment.data.images import ImagePolicy, check_images
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
-from catalog_enrichment.health import InputBaseline, ProductInputs, input_baseline
+from catalog_enrichment.health import InputBaseline, input_baseline
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
@@ -162,30 +163,18 @@ class TrainedModel:
 
 
 def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.Table, InputBaseline]:
-    """The rows whose image is usable or absent (serving quarantines a product whose image exists
-    but cannot be read or decoded, so training leaves it out too, counted in the log), and the run
-    health checks' input baseline over every row."""
-    records = ProductRecords.from_arrow(table, policy)
-    prep = ImagePreprocessing(size=32)  # usable or not (and the colour balance) hardly depend on the size
-    pixels = [records.pixels(i, prep) for i in range(len(records))]
-    errors = [e for _, e in pixels]
-    tones = [None if p is None else image_tone(p) for p, _ in pixels]
-    inputs = _input_baseline(table, errors, tones)
-    bad = [e for e in errors if e is not None]
-    if not bad:
-        return table, inputs
-    counts = {e: bad.count(e) for e in sorted(set(bad))}
-    say(f"left out {len(bad):,} products whose image cannot be used: {counts}")
-    return table.filter(pa.array([e is None for e in errors])), inputs
-
-
-def _input_baseline(table: pa.Table, errors: list[str | None], tones: list[float | None]) -> InputBaseline:
-    """The run health checks' input baseline over every training product (usable image or not)."""
-    inputs = ProductInputs.of(table, errors, tones)
+    """The rows whose image is usable or absent (the others left out, counted in the log), and the
+    run health checks' input baseline over every row."""
+    inputs, errors = check_images(table, policy)
     # variants share title and description: only those (max_group 1) make the design effect; the
     # splits' wider groups (a shared title or description) hold templates that are not variants
     groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions), max_group=1)
-    return input_baseline(inputs, groups)
+    baseline = input_baseline(inputs, groups)
+    bad = Counter(e for e in errors if e is not None)
+    if not bad:
+        return table, baseline
+    say(f"left out {bad.total():,} products whose image cannot be used: {dict(sorted(bad.items()))}")
+    return table.filter(pa.array([e is None for e in errors])), baseline
 
 
 def _reads(fusion: str) -> tuple[bool, ...]:

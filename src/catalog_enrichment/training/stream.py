@@ -42,11 +42,11 @@ from torch.utils.data import IterableDataset
 from catalog_enrichment.catalog import lakehouse
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, encode_labels
-from catalog_enrichment.data.images import ImagePolicy, image_tone, load_pixels
+from catalog_enrichment.data.images import ImagePolicy, check_images, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import kill_this_process
-from catalog_enrichment.health import InputBaseline, InputBaselineCounts, ProductInputs
+from catalog_enrichment.health import InputBaseline, InputBaselineCounts
 from catalog_enrichment.training.splits import Splits
 
 __all__ = [
@@ -233,12 +233,8 @@ class _Reader:
     ) -> pa.RecordBatch:
         """The batch's products whose image decodes or is absent; every product's inputs (image
         state and colour balance included) counted in ``inputs``, the others' reasons in ``unusable``."""
-        check = ImagePreprocessing(size=32)  # usable or not, and the colour balance, hardly depend on size
-        images, uris = _column(batch, "image"), _column(batch, "image_uri")
-        decoded = [self.pixels(b, u, check) for b, u in zip(images, uris, strict=True)]
-        errors = [e for _, e in decoded]
-        tones = [None if p is None else image_tone(p) for p, _ in decoded]
-        inputs.add(ProductInputs.of(batch, errors, tones))
+        products, errors = check_images(batch, self.policy)
+        inputs.add(products)
         unusable.update(e for e in errors if e is not None)
         return batch.filter(pa.array([e is None for e in errors]))
 
