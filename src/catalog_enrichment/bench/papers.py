@@ -28,7 +28,8 @@ from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.metrics import attribute_r_at_p
 from catalog_enrichment.training.fit import PRETRAINED_ENCODER_LR
-from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
+from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.trained import TrainedModel
 from catalog_enrichment.types import Say
 
 __all__ = ["run_ensemble_study", "run_noise_study", "run_pretrain_study"]

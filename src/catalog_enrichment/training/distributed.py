@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
@@ -49,14 +48,7 @@ from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_options
 from catalog_enrichment.models.model import MultimodalModel, needs_image
 from catalog_enrichment.training.embeddings import deterministic_algorithms
-from catalog_enrichment.training.evaluation import (
-    EvaluationReport,
-    Predictions,
-    evaluate,
-    predict,
-)
 from catalog_enrichment.training.fit import FitResult, fit_model
-from catalog_enrichment.training.loop import HeldOut, TrainedModel, seeded_model
 from catalog_enrichment.training.splits import MIN_ROWS, calibration_fraction
 from catalog_enrichment.training.stream import (
     CALIBRATION,
@@ -71,6 +63,7 @@ from catalog_enrichment.training.stream import (
     _Selection,
     survey,
 )
+from catalog_enrichment.training.trained import Fitted, SplitName, TrainedModel, conclude, seeded_model
 from catalog_enrichment.types import Say
 
 __all__ = ["train_streaming"]
@@ -361,41 +354,22 @@ def _calibrated(
     say: Say,
 ) -> TrainedModel:
     """The trained model's held-out scores, thresholds, health profile and test report."""
-    cfg, taxonomy, splits = job.cfg, reader.taxonomy, found.splits
+    cfg = job.cfg
     collator = Collator(job.tokenizer, cfg.model.text.max_length)
-    device = torch.device(job.device)
+    codes = {"calibration": CALIBRATION, "validation": VALIDATION, "test": TEST}
 
-    def scored(code: int, idx: np.ndarray) -> tuple[Predictions, EncodedLabels]:
-        batches = SplitBatches(
-            reader, _Selection(cfg.training.seed, job.fractions, code), collator, cfg.training.batch_size * 2
-        )
-        preds = predict(model, batches, device)  # type: ignore[arg-type]
-        return preds, found.labels.subset(idx)
+    def batches(name: SplitName) -> SplitBatches:
+        selection = _Selection(cfg.training.seed, job.fractions, codes[name])
+        return SplitBatches(reader, selection, collator, cfg.training.batch_size * 2)
 
-    calibration_set, family = scored(CALIBRATION, splits.calibration), scored(VALIDATION, splits.validation)
-    test_preds, test_labels = scored(TEST, splits.test)
-    heldout = HeldOut(calibration_set, family, (test_preds, test_labels))
-    calibration = heldout.calibrate(taxonomy, cfg, found.inputs)
-    report = EvaluationReport(evaluate(test_preds, test_labels, taxonomy, calibration))
-    seconds = time.perf_counter() - started
-    say(
-        f"trained in {seconds:.0f}s; test R@P95 "
-        + " ".join(f"{a}={report[a]['r_at_p95']:.3f}" for a in taxonomy.names)
+    fitted = Fitted(
+        model,
+        job.tokenizer,
+        [fit],
+        found.splits,
+        found.labels,
+        batches,
+        torch.device(job.device),
+        found.product_ids,
     )
-    return TrainedModel(
-        model=model,
-        tokenizer=job.tokenizer,
-        taxonomy=taxonomy,
-        config=cfg,
-        calibration=calibration,
-        history=fit.history,
-        best_epoch=fit.best_epoch,
-        splits=splits,
-        test_report=report,
-        test_predictions=test_preds,
-        test_labels=test_labels,
-        heldout=heldout,
-        heldout_fit=fit.heldout,
-        seconds=seconds,
-        product_ids=found.product_ids,
-    )
+    return conclude(fitted, reader.taxonomy, cfg, found.inputs, started, say)

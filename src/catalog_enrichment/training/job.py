@@ -27,8 +27,9 @@ from catalog_enrichment.data.dataset import check_every_value_seen, encode_label
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import BundleFolder, save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
-from catalog_enrichment.training.loop import TrainedModel, train_and_calibrate
+from catalog_enrichment.training.loop import train_and_calibrate
 from catalog_enrichment.training.plots import plot_precision_recall, plot_reliability
+from catalog_enrichment.training.trained import TrainedModel
 from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 

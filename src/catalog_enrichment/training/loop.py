@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,6 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import AppConfig, ModelConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import (
@@ -49,12 +48,11 @@ from catalog_enrichment.data.images import ImagePolicy, check_images
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.health import InputBaseline, input_baseline
-from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import StackFusion, fusion_class, fusion_options
 from catalog_enrichment.models.lexical import ngram_counts
-from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, build_model, needs_image
+from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, needs_image
 from catalog_enrichment.training.embeddings import (
     EmbeddedDataset,
     Embeddings,
@@ -63,19 +61,12 @@ from catalog_enrichment.training.embeddings import (
     embed_products,
 )
 from catalog_enrichment.training.evaluation import (
-    EvaluationReport,
     Predictions,
-    calibrate,
-    evaluate,
-    predict,
-    with_health,
 )
 from catalog_enrichment.training.fit import (
-    EpochMetrics,
     FitResult,
     crossfit,
     fit_model,
-    fold_gap,
     make_loader,
     prune_noisy_labels,
 )
@@ -87,79 +78,17 @@ from catalog_enrichment.training.splits import (
     split_labels,
 )
 from catalog_enrichment.training.stack import fit_stack
+from catalog_enrichment.training.trained import Fitted, TrainedModel, conclude, seeded_model
 from catalog_enrichment.types import Say
 
 if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
 
-__all__ = ["TrainedModel", "check_encoders_mode", "seeded_model", "train_and_calibrate"]
+__all__ = ["check_encoders_mode", "train_and_calibrate"]
 
 # the stack's cross-fit folds unless training.crossfit_folds sets them: each fold model trains on
 # 80 % of the training split, close to the mean of them all that serves
 STACK_FOLDS = 5
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """Scores and labels of the held-out sets a version keeps, to calibrate it again
-    (:meth:`TrainedModel.recalibrate`): ``calibration`` (out-of-fold or the calibration split),
-    ``family`` (the validation split, which shapes the attribute scope's threshold family; None
-    without one: every value then shares the threshold) and ``health`` (what the run health profile
-    is counted on)."""
-
-    calibration: tuple[Predictions, EncodedLabels]
-    family: tuple[Predictions, EncodedLabels] | None
-    health: tuple[Predictions, EncodedLabels]
-
-    def calibrate(self, taxonomy: Taxonomy, cfg: AppConfig, inputs: InputBaseline | None) -> Calibration:
-        """Thresholds from the calibration set (the family shaping them), with the run health
-        profile of the health set and the training products' ``inputs``."""
-        calibration = calibrate(*self.calibration, taxonomy, cfg, family=self.family)
-        return with_health(calibration, *self.health, taxonomy, inputs)
-
-
-@dataclass
-class TrainedModel:
-    """Everything a trained version consists of (``registry`` packages it)."""
-
-    model: AnyModel
-    tokenizer: Any
-    taxonomy: Taxonomy
-    config: AppConfig
-    calibration: Calibration
-    history: list[EpochMetrics]
-    best_epoch: int
-    splits: Splits
-    test_report: EvaluationReport
-    test_predictions: Predictions
-    test_labels: EncodedLabels
-    heldout: HeldOut
-    heldout_fit: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    label_issues: pd.DataFrame | None = None
-    product_ids: list[str | None] = field(default_factory=list)
-
-    @property
-    def calibration_set(self) -> tuple[Predictions, EncodedLabels]:
-        return self.heldout.calibration
-
-    def bundle(self) -> ModelBundle:
-        """The trained model as a loaded bundle (what serving holds), without writing it."""
-        return ModelBundle(
-            self.model,
-            self.tokenizer,
-            self.taxonomy,
-            self.calibration,
-            self.config.model,
-            json_safe(self.test_report.to_dict()),
-        )
-
-    def recalibrate(self, cfg: AppConfig) -> tuple[Calibration, dict[str, Any]]:
-        """Thresholds under other calibration settings (e.g. the other scope) from the stored
-        held-out scores, and the test report they give; the model is not touched."""
-        inputs = None if self.calibration.health is None else self.calibration.health.inputs
-        calibration = self.heldout.calibrate(self.taxonomy, cfg, inputs)
-        return calibration, evaluate(self.test_predictions, self.test_labels, self.taxonomy, calibration)
 
 
 def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.Table, InputBaseline]:
@@ -180,15 +109,6 @@ def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.T
 def _reads(fusion: str) -> tuple[bool, ...]:
     cls = fusion_class(fusion)
     return (cls.needs_text, cls.needs_image, cls.needs_tokens, cls.needs_fields)
-
-
-def seeded_model(
-    member: ModelConfig, taxonomy: Taxonomy, tokenizer: Any, seed: int, device: torch.device | str = "cpu"
-) -> MultimodalModel:
-    """One model before training, the same for the same seed (in every process and on every rank)."""
-    torch.manual_seed(seed)
-    model = build_model(member, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return cast(MultimodalModel, model).to(device)
 
 
 def check_encoders_mode(cfg: AppConfig) -> None:
@@ -492,29 +412,24 @@ def _train_and_calibrate(
         model, fits = fitter(splits.train, tcfg.seed, "")
     # the attributes the model scores as one distribution: the taxonomy it is saved with says which
     taxonomy = data.taxonomy = taxonomy.with_single_valued(_single_valued(model))
-    heldout, test_preds, test_labels = _held_out(model, data, oof)
-    calibration = heldout.calibrate(taxonomy, cfg, data.inputs)
-    report = _report(model, data, calibration, test_preds, test_labels, heldout, fold_val, say)
-    seconds = time.perf_counter() - started
-    say(f"trained in {seconds:.0f}s; test: " + _summary(report, taxonomy))
-    return TrainedModel(
-        model=model,
-        tokenizer=data.tokenizer,
-        taxonomy=taxonomy,
-        config=cfg,
-        calibration=calibration,
-        history=fits[0].history,
-        best_epoch=fits[0].best_epoch,
-        splits=splits,
-        test_report=report,
-        test_predictions=test_preds,
-        test_labels=test_labels,
-        heldout=heldout,
-        heldout_fit=_heldout_fit(fits),
-        seconds=seconds,
+    fitted = Fitted(
+        model,
+        data.tokenizer,
+        fits,
+        splits,
+        data.labels,
+        lambda name: data.scoring(getattr(splits, name)),
+        data.device,
+        data.records.product_id,
+        out_of_fold=oof,
+        fold_val=fold_val,
         label_issues=issues,
-        product_ids=data.records.product_id,
+        # with a test table of its own, the health profile is counted on held-out products of this
+        # one the model never trained, fit or stopped on (the stack's out-of-fold scores without a
+        # validation split: the served construction's)
+        health_on_test=not data.external_test,
     )
+    return conclude(fitted, taxonomy, cfg, data.inputs, started, say)
 
 
 def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, EncodedLabels], list[FitResult]]:
@@ -559,71 +474,3 @@ def _out_of_fold(
         data.device, say, also=splits.validation,
     )  # fmt: skip
     return issues, (scores, labels), fold_val
-
-
-def _heldout_fit(fits: list[FitResult]) -> dict[str, Any]:
-    """What the fusion fitted on held-out data: the model's, or each ensemble member's."""
-    if len(fits) == 1:
-        return fits[0].heldout
-    return {f"member {i + 1}": f.heldout for i, f in enumerate(fits)}
-
-
-def _held_out(
-    model: AnyModel, data: _Data, oof: tuple[Predictions, EncodedLabels] | None
-) -> tuple[HeldOut, Predictions, EncodedLabels]:
-    """The final model's scores of the held-out splits: the calibration set (``oof``: the
-    cross-fit's), the validation split, the test split; the run health profile is counted on held-out
-    products the final model never trained, fit or stopped on - the test split, or the validation
-    split when the test products are a table of their own."""
-
-    def scored(idx: np.ndarray) -> tuple[Predictions, EncodedLabels]:
-        return predict(model, data.scoring(idx), data.device), data.labels.subset(idx)
-
-    calibration = oof or scored(data.splits.calibration)
-    family = scored(data.splits.validation) if data.splits.validation.size else None
-    test = scored(data.splits.test)
-    # without a validation split (the stack) the out-of-fold scores of the served construction
-    health = test if not data.external_test else (family or calibration)
-    return HeldOut(calibration, family, health), *test
-
-
-def _report(
-    model: AnyModel,
-    data: _Data,
-    calibration: Calibration,
-    test_preds: Predictions,
-    test_labels: EncodedLabels,
-    heldout: HeldOut,
-    fold_val: Predictions | None,
-    say: Say,
-) -> EvaluationReport:
-    """The test report: per attribute, with the cross-fit's fold gap, an ensemble's members alone
-    and the mean modality weights where there are any."""
-    taxonomy = data.taxonomy
-    report = EvaluationReport(evaluate(test_preds, test_labels, taxonomy, calibration))
-    if fold_val is not None and heldout.family is not None:
-        report.crossfit = fold_gap(fold_val, heldout.family[0], heldout.family[1], taxonomy, say)
-    if isinstance(model, EnsembleModel):  # each member alone on the same test split
-        loader = data.scoring(data.splits.test)
-        report.members = {
-            f"{i + 1}:{m.cfg.fusion}": {
-                a: r["r_at_p95"]
-                for a, r in evaluate(predict(m, loader, data.device), test_labels, taxonomy).items()
-            }
-            for i, m in enumerate(model.member_models)
-        }
-    if test_preds.modality_weights:
-        report.modality_weights = {
-            a: {"text_mean": float(w[:, 0].mean()), "image_mean": float(w[:, 1].mean())}
-            for a, w in test_preds.modality_weights.items()
-        }
-    return report
-
-
-def _summary(report: EvaluationReport, taxonomy: Taxonomy) -> str:
-    return " ".join(
-        f"{a.name}: R@P95 {report[a.name]['r_at_p95']:.3f} "
-        f"prec {report[a.name]['realized_precision']:.3f} cov {report[a.name]['coverage']:.3f} "
-        f"eff {report[a.name]['coverage_efficiency']:.2f}"
-        for a in taxonomy
-    )

@@ -41,7 +41,8 @@ from catalog_enrichment.inference.spark import (
     stage_vectors,
 )
 from catalog_enrichment.models import embedding
-from catalog_enrichment.training.loop import check_encoders_mode, seeded_model
+from catalog_enrichment.training.loop import check_encoders_mode
+from catalog_enrichment.training.trained import seeded_model
 from catalog_enrichment.types import Say
 
 if TYPE_CHECKING:

@@ -1,0 +1,236 @@
+"""What every training path ends with: the trained model's held-out scores, thresholds, run health
+profile and test report, as one :class:`TrainedModel` (``registry`` packages it).
+
+The in-memory trainer (:mod:`.loop`) and the streamed one (:mod:`.distributed`) each fit a model
+their own way and hand it over as :class:`Fitted`; :func:`conclude` is the one place a version is
+scored on its held-out splits, calibrated, evaluated and built.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import pandas as pd
+import torch
+
+from catalog_enrichment.calibration import Calibration
+from catalog_enrichment.config import AppConfig, ModelConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.health import InputBaseline
+from catalog_enrichment.inference.bundle import ModelBundle, json_safe
+from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, build_model
+from catalog_enrichment.training.evaluation import (
+    EvaluationReport,
+    Predictions,
+    calibrate,
+    evaluate,
+    predict,
+    with_health,
+)
+from catalog_enrichment.training.fit import EpochMetrics, FitResult, fold_gap
+from catalog_enrichment.training.splits import Splits
+from catalog_enrichment.types import Say
+
+__all__ = ["Fitted", "HeldOut", "SplitName", "TrainedModel", "conclude", "seeded_model"]
+
+SplitName = Literal["calibration", "validation", "test"]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Scores and labels of the held-out sets a version keeps, to calibrate it again
+    (:meth:`TrainedModel.recalibrate`): ``calibration`` (out-of-fold or the calibration split),
+    ``family`` (the validation split, which shapes the attribute scope's threshold family; None
+    without one: every value then shares the threshold) and ``health`` (what the run health profile
+    is counted on)."""
+
+    calibration: tuple[Predictions, EncodedLabels]
+    family: tuple[Predictions, EncodedLabels] | None
+    health: tuple[Predictions, EncodedLabels]
+
+    def calibrate(self, taxonomy: Taxonomy, cfg: AppConfig, inputs: InputBaseline | None) -> Calibration:
+        """Thresholds from the calibration set (the family shaping them), with the run health
+        profile of the health set and the training products' ``inputs``."""
+        calibration = calibrate(*self.calibration, taxonomy, cfg, family=self.family)
+        return with_health(calibration, *self.health, taxonomy, inputs)
+
+
+@dataclass
+class TrainedModel:
+    """Everything a trained version consists of (``registry`` packages it)."""
+
+    model: AnyModel
+    tokenizer: Any
+    taxonomy: Taxonomy
+    config: AppConfig
+    calibration: Calibration
+    history: list[EpochMetrics]
+    best_epoch: int
+    splits: Splits
+    test_report: EvaluationReport
+    test_predictions: Predictions
+    test_labels: EncodedLabels
+    heldout: HeldOut
+    heldout_fit: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    label_issues: pd.DataFrame | None = None
+    product_ids: list[str | None] = field(default_factory=list)
+
+    @property
+    def calibration_set(self) -> tuple[Predictions, EncodedLabels]:
+        return self.heldout.calibration
+
+    def bundle(self) -> ModelBundle:
+        """The trained model as a loaded bundle (what serving holds), without writing it."""
+        return ModelBundle(
+            self.model,
+            self.tokenizer,
+            self.taxonomy,
+            self.calibration,
+            self.config.model,
+            json_safe(self.test_report.to_dict()),
+        )
+
+    def recalibrate(self, cfg: AppConfig) -> tuple[Calibration, dict[str, Any]]:
+        """Thresholds under other calibration settings (e.g. the other scope) from the stored
+        held-out scores, and the test report they give; the model is not touched."""
+        inputs = None if self.calibration.health is None else self.calibration.health.inputs
+        calibration = self.heldout.calibrate(self.taxonomy, cfg, inputs)
+        return calibration, evaluate(self.test_predictions, self.test_labels, self.taxonomy, calibration)
+
+
+def seeded_model(
+    member: ModelConfig, taxonomy: Taxonomy, tokenizer: Any, seed: int, device: torch.device | str = "cpu"
+) -> MultimodalModel:
+    """One model before training, the same for the same seed (in every process and on every rank)."""
+    torch.manual_seed(seed)
+    model = build_model(member, taxonomy, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return cast(MultimodalModel, model).to(device)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A model as a training path hands it over, before calibration.
+
+    ``labels`` are every product's (``splits`` index them); ``scoring`` gives a held-out split's
+    batches by name; ``out_of_fold``: the cross-fit's scores of the training split, which
+    calibrate in place of a calibration split; ``fold_val``: the fold models' mean scores of the
+    validation split (the report's fold gap); ``health_on_test``: the run health profile is counted
+    on the test split (else on the validation split, or the calibration set without one: the test
+    products are a table of their own).
+    """
+
+    model: AnyModel
+    tokenizer: Any
+    fits: list[FitResult]
+    splits: Splits
+    labels: EncodedLabels
+    scoring: Callable[[SplitName], Iterable[Any]]
+    device: torch.device
+    product_ids: list[str | None]
+    out_of_fold: tuple[Predictions, EncodedLabels] | None = None
+    fold_val: Predictions | None = None
+    label_issues: pd.DataFrame | None = None
+    health_on_test: bool = True
+
+
+def conclude(
+    fitted: Fitted, taxonomy: Taxonomy, cfg: AppConfig, inputs: InputBaseline, started: float, say: Say
+) -> TrainedModel:
+    """The fitted model scored on its held-out splits, calibrated (with the training products'
+    ``inputs`` for the run health profile) and evaluated on the test split."""
+    heldout, test_preds, test_labels = _held_out(fitted)
+    calibration = heldout.calibrate(taxonomy, cfg, inputs)
+    report = _report(fitted, taxonomy, calibration, (test_preds, test_labels), heldout, say)
+    seconds = time.perf_counter() - started
+    say(f"trained in {seconds:.0f}s; test: " + _summary(report, taxonomy))
+    fits = fitted.fits
+    return TrainedModel(
+        model=fitted.model,
+        tokenizer=fitted.tokenizer,
+        taxonomy=taxonomy,
+        config=cfg,
+        calibration=calibration,
+        history=fits[0].history,
+        best_epoch=fits[0].best_epoch,
+        splits=fitted.splits,
+        test_report=report,
+        test_predictions=test_preds,
+        test_labels=test_labels,
+        heldout=heldout,
+        heldout_fit=fits[0].heldout
+        if len(fits) == 1
+        else {f"member {i + 1}": f.heldout for i, f in enumerate(fits)},
+        seconds=seconds,
+        label_issues=fitted.label_issues,
+        product_ids=fitted.product_ids,
+    )
+
+
+def _heldout_fit(fits: list[FitResult]) -> dict[str, Any]:
+    """What the fusion fitted on held-out data: the model's, or each ensemble member's."""
+    if len(fits) == 1:
+        return fits[0].heldout
+    return {f"member {i + 1}": f.heldout for i, f in enumerate(fits)}
+
+
+def _held_out(fitted: Fitted) -> tuple[HeldOut, Predictions, EncodedLabels]:
+    """The model's scores of the held-out splits: the calibration set (the cross-fit's out-of-fold
+    scores, or the calibration split), the validation split, the test split."""
+
+    def scored(name: SplitName) -> tuple[Predictions, EncodedLabels]:
+        idx = getattr(fitted.splits, name)
+        return predict(fitted.model, fitted.scoring(name), fitted.device), fitted.labels.subset(idx)  # type: ignore[arg-type]
+
+    calibration = fitted.out_of_fold or scored("calibration")
+    family = scored("validation") if fitted.splits.validation.size else None
+    test = scored("test")
+    health = test if fitted.health_on_test else (family or calibration)
+    return HeldOut(calibration, family, health), *test
+
+
+def _report(
+    fitted: Fitted,
+    taxonomy: Taxonomy,
+    calibration: Calibration,
+    test: tuple[Predictions, EncodedLabels],
+    heldout: HeldOut,
+    say: Say,
+) -> EvaluationReport:
+    """The test report: per attribute, with the cross-fit's fold gap, an ensemble's members alone
+    and the mean modality weights where there are any."""
+    test_preds, test_labels = test
+    report = EvaluationReport(evaluate(test_preds, test_labels, taxonomy, calibration))
+    if fitted.fold_val is not None and heldout.family is not None:
+        report.crossfit = fold_gap(fitted.fold_val, heldout.family[0], heldout.family[1], taxonomy, say)
+    if isinstance(fitted.model, EnsembleModel):  # each member alone on the same test split
+        report.members = {
+            f"{i + 1}:{m.cfg.fusion}": {
+                a: r["r_at_p95"]
+                for a, r in evaluate(
+                    predict(m, fitted.scoring("test"), fitted.device),  # type: ignore[arg-type]
+                    test_labels,
+                    taxonomy,
+                ).items()
+            }
+            for i, m in enumerate(fitted.model.member_models)
+        }
+    if test_preds.modality_weights:
+        report.modality_weights = {
+            a: {"text_mean": float(w[:, 0].mean()), "image_mean": float(w[:, 1].mean())}
+            for a, w in test_preds.modality_weights.items()
+        }
+    return report
+
+
+def _summary(report: EvaluationReport, taxonomy: Taxonomy) -> str:
+    return " ".join(
+        f"{a.name}: R@P95 {report[a.name]['r_at_p95']:.3f} "
+        f"prec {report[a.name]['realized_precision']:.3f} cov {report[a.name]['coverage']:.3f} "
+        f"eff {report[a.name]['coverage_efficiency']:.2f}"
+        for a in taxonomy
+    )
