@@ -17,6 +17,7 @@ from catalog_enrichment.models.fusion import FusionInputs, StackFusion
 from catalog_enrichment.models.lexical import as_bags, bag_tfidf, document_frequency, ngram_counts, tfidf
 from catalog_enrichment.models.model import MultimodalModel, build_model
 from catalog_enrichment.training.embeddings import Embeddings
+from catalog_enrichment.training.splits import FoldPlan
 from catalog_enrichment.training.stack import fit_stack
 from tests.conftest import tiny_config
 
@@ -54,7 +55,8 @@ def _embeddings(model: MultimodalModel, titles: list[str], image: np.ndarray | N
 def _fit(model: MultimodalModel, emb: Embeddings, labels: EncodedLabels, taxonomy: Taxonomy) -> Any:
     train = np.arange(len(emb))
     groups = np.arange(len(emb))
-    return fit_stack(model, emb, labels, train, groups, taxonomy, folds=3, seed=0, say=lambda _m: None)
+    plan = FoldPlan(train, labels, groups, 3, 0)
+    return fit_stack(model, emb, plan, taxonomy, say=lambda _m: None)
 
 
 def test_torch_tfidf_is_the_scipy_tfidf_training_computes() -> None:

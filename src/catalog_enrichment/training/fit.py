@@ -36,7 +36,7 @@ from catalog_enrichment.training.evaluation import (
     predict,
     to_device,
 )
-from catalog_enrichment.training.splits import Splits, group_folds
+from catalog_enrichment.training.splits import FoldPlan, Splits
 from catalog_enrichment.types import Say
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "EpochMetrics",
     "FitFn",
     "FitResult",
+    "ScoreFn",
     "crossfit",
     "fit_model",
     "fold_gap",
@@ -325,39 +326,35 @@ def fit_model(
 
 # trains fresh models (one, or an ensemble's members) on the given rows with a seed and a log tag
 FitFn = Callable[[np.ndarray, int, str], tuple[AnyModel, list[FitResult]]]
+# a model's scores of the given rows
+ScoreFn = Callable[[AnyModel, np.ndarray], Predictions]
 
 
 def crossfit(
-    train_idx: np.ndarray,
-    labels: EncodedLabels,
-    groups: np.ndarray,
-    k: int,
-    seed: int,
+    plan: FoldPlan,
     fit: FitFn,
-    scoring: Callable[[np.ndarray], DataLoader],
-    device: torch.device,
+    score: ScoreFn,
     say: Say,
     *,
     tag: str = "cross-fit",
     also: np.ndarray | None = None,
 ) -> tuple[Predictions, EncodedLabels, Predictions | None]:
-    """Out-of-fold scores over the training split: K fold models, each trained on the other folds
-    (stratified over every attribute value, whole ``groups``) and scoring its own; returned in
-    ``train_idx`` order. ``also``: rows no fold model trains on, scored by every fold model (their
-    mean is returned)."""
-    train_labels = labels.subset(train_idx)
-    folds = group_folds(train_labels.stratification_matrix(), groups[train_idx], k, seed)
+    """Out-of-fold scores over the plan's rows: K fold models, each trained on the other folds and
+    scoring its own; returned in row order. ``also``: rows no fold model trains on, scored by every
+    fold model (their mean is returned)."""
+    rows, k = plan.rows, plan.k
     probs: dict[str, np.ndarray] = {}
     extra: dict[str, np.ndarray] = {}
-    for f, (fit_pos, out_pos) in enumerate(folds):
+    for f, (fit_pos, out_pos) in enumerate(plan.folds()):
         say(f"{tag}: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
-        model, _ = fit(train_idx[fit_pos], seed + 1 + f, f"  fold {f + 1}: ")
-        for attr, p in predict(model, scoring(train_idx[out_pos]), device).probs.items():
-            probs.setdefault(attr, np.zeros((train_idx.size, p.shape[1]), np.float32))[out_pos] = p
+        model, _ = fit(rows[fit_pos], plan.seed + 1 + f, f"  fold {f + 1}: ")
+        for attr, p in score(model, rows[out_pos]).probs.items():
+            probs.setdefault(attr, np.zeros((rows.size, p.shape[1]), np.float32))[out_pos] = p
         if also is not None:
-            for attr, p in predict(model, scoring(also), device).probs.items():
+            for attr, p in score(model, also).probs.items():
                 extra[attr] = extra.get(attr, 0) + p / k
-    return Predictions(probs, None, {}), train_labels, None if also is None else Predictions(extra, None, {})
+    out_of_fold = Predictions(probs, None, {})
+    return out_of_fold, plan.labels.subset(rows), None if also is None else Predictions(extra, None, {})
 
 
 # fold models this much weaker (validation average precision) than the final model get a warning
@@ -387,13 +384,11 @@ def fold_gap(
 
 def prune_noisy_labels(
     splits: Splits,
-    labels: EncodedLabels,
-    groups: np.ndarray,
+    plan: FoldPlan,
     taxonomy: Taxonomy,
-    cfg: AppConfig,
+    fraction: float,
     fit: FitFn,
-    scoring: Callable[[np.ndarray], DataLoader],
-    device: torch.device,
+    score: ScoreFn,
     say: Say,
     product_ids: list[str | None],
 ) -> tuple[EncodedLabels, EncodedLabels, pd.DataFrame]:
@@ -404,25 +399,15 @@ def prune_noisy_labels(
     validation labels to select on, and the table of the training labels left out."""
     from catalog_enrichment.training.noise import find_label_issues
 
-    pcfg = cfg.training.noise_pruning
-    say(f"noise pruning: out-of-fold scores by {pcfg.folds} fold models")
+    say(f"noise pruning: out-of-fold scores by {plan.k} fold models")
     oof, train_labels, val_scores = crossfit(
-        splits.train,
-        labels,
-        groups,
-        pcfg.folds,
-        cfg.training.seed + 1000,
-        fit,
-        scoring,
-        device,
-        say,
-        tag="noise pruning",
-        also=splits.validation,
+        plan, fit, score, say, tag="noise pruning", also=splits.validation
     )
     assert val_scores is not None
-    issues = find_label_issues(oof.probs, train_labels, taxonomy, pcfg.fraction)
+    issues = find_label_issues(oof.probs, train_labels, taxonomy, fraction)
+    labels = plan.labels
     val_labels = labels.subset(splits.validation)
-    val_issues = find_label_issues(val_scores.probs, val_labels, taxonomy, pcfg.fraction)
+    val_issues = find_label_issues(val_scores.probs, val_labels, taxonomy, fraction)
     say(
         "noise pruning: "
         + ", ".join(

@@ -60,9 +60,7 @@ from catalog_enrichment.training.embeddings import (
     deterministic_algorithms,
     embed_products,
 )
-from catalog_enrichment.training.evaluation import (
-    Predictions,
-)
+from catalog_enrichment.training.evaluation import Predictions, predict
 from catalog_enrichment.training.fit import (
     FitResult,
     crossfit,
@@ -71,6 +69,7 @@ from catalog_enrichment.training.fit import (
     prune_noisy_labels,
 )
 from catalog_enrichment.training.splits import (
+    FoldPlan,
     Splits,
     calibration_fraction,
     crossfit_folds,
@@ -438,10 +437,8 @@ def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, Enco
     cfg, train = data.cfg, data.splits.train
     assert data.embeddings is not None
     model = data.fresh_model(cfg.training.seed, cfg.model)
-    fit = fit_stack(
-        model, data.embeddings, data.labels, train, data.groups, data.taxonomy,
-        folds=data.folds, seed=cfg.training.seed, say=say,
-    )  # fmt: skip
+    plan = FoldPlan(train, data.labels, data.groups, data.folds, cfg.training.seed)
+    fit = fit_stack(model, data.embeddings, plan, data.taxonomy, say=say)
     chosen = {"penalties": fit.penalties, "mix": fit.mix}
     return model, (fit.oof, data.labels.subset(train)), [FitResult([], 0, chosen)]
 
@@ -460,17 +457,20 @@ def _out_of_fold(
     """The K-fold runs before the final model: noise pruning (its fitter's labels pruned; the table
     of the training labels left out) and cross-fitting (the out-of-fold calibration set, and the
     fold models' mean scores of the validation split)."""
-    cfg, splits = data.cfg, data.splits
+    tcfg, splits = data.cfg.training, data.splits
+
+    def score(model: AnyModel, idx: np.ndarray) -> Predictions:
+        return predict(model, data.scoring(idx), data.device)
+
     issues = None
-    if cfg.training.noise_pruning.enabled:
+    if tcfg.noise_pruning.enabled:
+        pcfg = tcfg.noise_pruning
+        plan = FoldPlan(splits.train, data.labels, data.groups, pcfg.folds, tcfg.seed + 1000)
         fitter.train_labels, fitter.selection_labels, issues = prune_noisy_labels(
-            splits, data.labels, data.groups, data.taxonomy, cfg, fitter, data.scoring, data.device, say,
-            data.records.product_id,
-        )  # fmt: skip
+            splits, plan, data.taxonomy, pcfg.fraction, fitter, score, say, data.records.product_id
+        )
     if not data.folds:
         return issues, None, None
-    scores, labels, fold_val = crossfit(
-        splits.train, data.labels, data.groups, data.folds, cfg.training.seed, fitter, data.scoring,
-        data.device, say, also=splits.validation,
-    )  # fmt: skip
+    plan = FoldPlan(splits.train, data.labels, data.groups, data.folds, tcfg.seed)
+    scores, labels, fold_val = crossfit(plan, fitter, score, say, also=splits.validation)
     return issues, (scores, labels), fold_val

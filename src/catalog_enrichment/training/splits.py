@@ -25,6 +25,7 @@ __all__ = [
     "AUTO_CROSSFIT_BELOW",
     "MAX_GROUP",
     "MIN_ROWS",
+    "FoldPlan",
     "Splits",
     "calibration_fraction",
     "crossfit_folds",
@@ -154,6 +155,24 @@ def _by_group(y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray
     grouped = np.zeros((int(position.max(initial=-1)) + 1, y.shape[1]), y.dtype)
     np.maximum.at(grouped, position, y)
     return position, grouped
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """K cross-fit folds of the ``rows`` of a labelled table (``labels`` and ``groups``, the
+    duplicate groups, are every product's), stratified over every attribute value, never cutting a
+    group, the same for the same ``seed``."""
+
+    rows: np.ndarray
+    labels: EncodedLabels
+    groups: np.ndarray
+    k: int
+    seed: int
+
+    def folds(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(positions in ``rows`` to fit on, positions of the fold) per fold."""
+        y = self.labels.subset(self.rows).stratification_matrix()
+        return group_folds(y, self.groups[self.rows], self.k, self.seed)
 
 
 def group_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

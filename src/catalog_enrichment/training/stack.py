@@ -38,7 +38,7 @@ from catalog_enrichment.models.lexical import document_frequency, tfidf
 from catalog_enrichment.models.model import MultimodalModel
 from catalog_enrichment.training.embeddings import Embeddings
 from catalog_enrichment.training.evaluation import Predictions
-from catalog_enrichment.training.splits import group_folds
+from catalog_enrichment.training.splits import FoldPlan
 from catalog_enrichment.types import Say
 
 __all__ = ["PENALTIES", "StackFit", "fit_stack", "single_valued"]
@@ -279,21 +279,16 @@ def _standardise(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def fit_stack(
     model: MultimodalModel,
     embeddings: Embeddings,
-    labels: EncodedLabels,
-    train: np.ndarray,
-    groups: np.ndarray,
+    plan: FoldPlan,
     taxonomy: Taxonomy,
     *,
-    folds: int,
-    seed: int,
     say: Say,
     penalties: Sequence[float] = PENALTIES,
 ) -> StackFit:
-    """Fit ``model``'s stack fusion (in place) on the ``train`` rows of the embedded products.
-
-    ``folds`` cross-fit folds of whole ``groups``, stratified over every attribute value; the
-    returned out-of-fold scores are in ``train`` order.
+    """Fit ``model``'s stack fusion (in place) on the plan's rows of the embedded products, cross-fitted
+    over the plan's folds; the returned out-of-fold scores are in row order.
     """
+    labels, train = plan.labels, plan.rows
     fusion = model.fusion
     assert isinstance(fusion, StackFusion)
     tensors = embeddings.tensors
@@ -314,7 +309,7 @@ def fit_stack(
         blocks[block] = (x - scaling[block][0]) / scaling[block][1]
     widths = ", ".join(f"{b} {blocks[b].shape[1]:,}" for b in STACK_BLOCKS)
     say(f"stack: {vocabulary.size:,} n-grams; blocks {widths}")
-    fold_rows = group_folds(labels.subset(train).stratification_matrix(), groups[train], folds, seed)
+    fold_rows = plan.folds()
     n, total = len(train), int(fusion.offsets[-1])
     served = {
         b: (np.zeros((blocks[b].shape[1], total), np.float32), np.zeros(total, np.float32))
