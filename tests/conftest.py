@@ -110,20 +110,43 @@ def run_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def scoring_bundle(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Path:
-    """A trained, calibrated model bundle folder (read-only!), trained once per run: the first
-    worker to ask trains it, the others wait on a file lock and read the same folder."""
+    """A trained, calibrated model bundle folder (read-only!) with thresholds for several values of
+    every attribute, trained once per run (:func:`shared_bundle`)."""
+    return shared_bundle(tmp_path_factory, taxonomy, "scoring-model", SCORING_TRAIN, epochs=6)
+
+
+# A bundle for tests of what a bundle is, loads and scores (not what it writes): seconds to train.
+QUICK_TRAIN = SyntheticConfig(products=600, seed=1, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def quick_bundle(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Path:
+    """A trained, calibrated model bundle folder (read-only!) of one epoch on 600 products: a real
+    version to load, score and refuse, not one that writes much."""
+    return shared_bundle(tmp_path_factory, taxonomy, "quick-model", QUICK_TRAIN, epochs=1)
+
+
+def shared_bundle(
+    tmp_path_factory: pytest.TempPathFactory,
+    taxonomy: Taxonomy,
+    name: str,
+    market: SyntheticConfig,
+    epochs: int,
+) -> Path:
+    """The tiny model trained on ``market`` saved as a bundle folder once per run: the first worker to
+    ask trains it, the others wait on a file lock and read the same folder."""
     from filelock import FileLock
 
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.training.loop import train_and_calibrate
 
     shared = run_shared_dir(tmp_path_factory)
-    bundle = shared / "scoring-model" / "tiny-v1"
-    with FileLock(shared / "scoring-model.lock"):
+    bundle = shared / name / "tiny-v1"
+    with FileLock(shared / f"{name}.lock"):
         if not bundle.is_dir():
-            root = tmp_path_factory.mktemp("scoring-model-build")
-            market = generate_marketplace(root / "train", SCORING_TRAIN, taxonomy=taxonomy)
-            trained = train_and_calibrate(read_table(market.products), taxonomy, tiny_config(epochs=6))
+            root = tmp_path_factory.mktemp(f"{name}-build")
+            products = generate_marketplace(root / "train", market, taxonomy=taxonomy).products
+            trained = train_and_calibrate(read_table(products), taxonomy, tiny_config(epochs=epochs))
             bundle.parent.mkdir(exist_ok=True)
             save_trained(trained, root / "tiny-v1").rename(bundle)  # whole, or not there
     return bundle

@@ -290,6 +290,7 @@ def _pooled_precision(thresholds: np.ndarray, powers: np.ndarray, shares: np.nda
     return float(right.sum() / written.sum()) if written.sum() > 0 else 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("with_family", [True, False], ids=["family", "shared-threshold"])
 def test_the_pooled_guarantee_fails_at_most_at_the_nominal_rate(with_family: bool) -> None:

@@ -20,6 +20,7 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_timm_and_transformers_import_in_a_fresh_process_after_the_package() -> None:
     result = _run(_PROBE)

@@ -49,7 +49,7 @@ def observations(tmp_path_factory, spark, scoring_bundle, taxonomy) -> Iterator[
     work = tmp_path_factory.mktemp("chaos")
     incoming = generate_marketplace(
         work / "incoming",
-        SyntheticConfig(products=800, seed=7, bad_rate=0.04, image_size=32, days=3),
+        SyntheticConfig(products=300, seed=7, bad_rate=0.04, image_size=32, days=3),
         taxonomy=taxonomy,
     )
     uri = f"sqlite:///{work / 'mlflow.db'}"

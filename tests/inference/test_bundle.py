@@ -103,8 +103,8 @@ def test_bf16_autocast_and_fp32_score_and_decide_identically_near_one(scoring_bu
         np.testing.assert_array_equal(bf16[a], fp32[a])
 
 
-def _copy(scoring_bundle: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(scoring_bundle, tmp_path / "bundle"))
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
 
 
 def _edit_model_json(root: Path, edit) -> None:  # type: ignore[no-untyped-def]
@@ -113,8 +113,8 @@ def _edit_model_json(root: Path, edit) -> None:  # type: ignore[no-untyped-def]
     (root / "model.json").write_text(json.dumps(meta))
 
 
-def test_a_bundle_whose_score_dtype_is_not_float32_is_refused(scoring_bundle: Path, tmp_path: Path) -> None:
-    root = _copy(scoring_bundle, tmp_path)
+def test_a_bundle_whose_score_dtype_is_not_float32_is_refused(quick_bundle: Path, tmp_path: Path) -> None:
+    root = _copy(quick_bundle, tmp_path)
     assert json.loads((root / "model.json").read_text())["score_dtype"] == "float32"
     _edit_model_json(root, lambda meta: meta.pop("score_dtype"))
     with pytest.raises(CatalogEnrichError, match=r"calibrated on unrecorded scores.*float32"):
@@ -124,18 +124,18 @@ def test_a_bundle_whose_score_dtype_is_not_float32_is_refused(scoring_bundle: Pa
         load_bundle(root)
 
 
-def test_a_bundle_of_other_colour_statistics_is_refused(scoring_bundle: Path, tmp_path: Path) -> None:
+def test_a_bundle_of_other_colour_statistics_is_refused(quick_bundle: Path, tmp_path: Path) -> None:
     from catalog_enrichment.models.color import COLOR_VERSION
 
-    root = _copy(scoring_bundle, tmp_path)
+    root = _copy(quick_bundle, tmp_path)
     assert json.loads((root / "model.json").read_text())["color_version"] == COLOR_VERSION
     _edit_model_json(root, lambda meta: meta.pop("color_version"))  # written before the version
     with pytest.raises(CatalogEnrichError, match=r"colour statistics of version 1.*retrain"):
         load_bundle(root)
 
 
-def test_timm_kwargs_that_read_files_are_refused(scoring_bundle: Path, tmp_path: Path) -> None:
-    root = _copy(scoring_bundle, tmp_path)
+def test_timm_kwargs_that_read_files_are_refused(quick_bundle: Path, tmp_path: Path) -> None:
+    root = _copy(quick_bundle, tmp_path)
     _edit_model_json(
         root, lambda meta: meta["model"]["image"].update(timm_kwargs={"checkpoint_path": "/etc/x"})
     )
@@ -145,8 +145,8 @@ def test_timm_kwargs_that_read_files_are_refused(scoring_bundle: Path, tmp_path:
         load_bundle(root)
 
 
-def test_a_bundle_without_its_manifest_is_not_whole(scoring_bundle: Path, tmp_path: Path) -> None:
-    root = _copy(scoring_bundle, tmp_path)
+def test_a_bundle_without_its_manifest_is_not_whole(quick_bundle: Path, tmp_path: Path) -> None:
+    root = _copy(quick_bundle, tmp_path)
     assert bundle_problems(root) == []
     (root / "taxonomy.json").write_text("{}")
     assert bundle_problems(root) == ["taxonomy.json is corrupt (checksum differs)"]

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def bundle(scoring_bundle: Path) -> ModelBundle:
-    return load_bundle(scoring_bundle)
+def bundle(quick_bundle: Path) -> ModelBundle:
+    return load_bundle(quick_bundle)
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def bundle(scoring_bundle: Path):  # type: ignore[no-untyped-def]
-    return load_bundle(scoring_bundle)
+def bundle(quick_bundle: Path):  # type: ignore[no-untyped-def]
+    return load_bundle(quick_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,7 @@ print(kept, sorted(faults)[5])  # the median allocation
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 def test_kept_memory_stops_a_forward_pass_faulting_its_tensors_in_again() -> None:
     """A fresh process each (the setting is per process and for good): a 40 MiB tensor allocated

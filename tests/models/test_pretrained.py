@@ -261,6 +261,7 @@ def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return encoded
 
 
+@pytest.mark.slow
 def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type: ignore[no-untyped-def]
     tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], monkeypatch
 ) -> None:
@@ -588,6 +589,7 @@ def _onnx_scores(bundle: object, table: pa.Table) -> dict[str, np.ndarray]:
     return BatchPredictor(bundle, batch_size=64).score(table)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_onnx_encoders_are_exported_calibrated_on_and_served_with_the_decisions_of_torch(  # type: ignore[no-untyped-def]
     tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path]

@@ -109,6 +109,7 @@ def _norm_rank(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_batch_norm_over_two_ranks_halves_is_batch_norm_over_the_batch(tmp_path: Path) -> None:
     with socket.socket() as s:

@@ -74,6 +74,7 @@ def test_torch_tfidf_is_the_scipy_tfidf_training_computes() -> None:
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_ngram_modality_learns_a_label_that_is_a_keyword_of_the_title() -> None:
     taxonomy = _taxonomy()
     rng = np.random.default_rng(1)
@@ -192,6 +193,7 @@ def test_the_stack_needs_the_lexical_inputs() -> None:
         model.fuse(inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     tmp_path: Path, taxonomy: Taxonomy
