@@ -89,8 +89,27 @@ def spark(pg_server: Any) -> Iterator[object]:
             os.environ.pop(PG_DSN_ENV)
         else:
             os.environ[PG_DSN_ENV] = before
+    _SPARK_CONF.update(session=session, baseline=dict(session.conf.getAll))
     yield session
+    _SPARK_CONF.clear()
     session.stop()
+
+
+# The session's runtime SQL settings as the fixture built them: a job run in the test's process
+# (``cli.main``) builds its session with ``getOrCreate``, which applies its own config's settings
+# (e.g. the Arrow batch size) to this shared session; they are put back after each test.
+_SPARK_CONF: dict[str, Any] = {}
+
+
+def _restore_spark_conf() -> None:
+    if not _SPARK_CONF:
+        return
+    conf, baseline = _SPARK_CONF["session"].conf, _SPARK_CONF["baseline"]
+    for key, value in dict(conf.getAll).items():
+        if key not in baseline:
+            conf.unset(key)
+        elif value != baseline[key]:
+            conf.set(key, baseline[key])
 
 
 # The model the enrichment tests score with: the tiny model trained long enough on 32-px products to
@@ -268,8 +287,8 @@ def cli_in_process(arguments: Sequence[str]) -> tuple[int, str, str]:
 @pytest.fixture(autouse=True)
 def _global_state_restored() -> Iterator[None]:
     """Every test leaves torch's process-wide settings as it found them (asserted: a test that
-    changes them must restore them); the environment and the loggers are put back after each test
-    (a test's own settings must not reach the next)."""
+    changes them must restore them); the environment, the loggers and the shared Spark session's
+    runtime settings are put back after each test (a test's own settings must not reach the next)."""
     import torch
 
     def state() -> tuple[Any, ...]:
@@ -282,6 +301,7 @@ def _global_state_restored() -> Iterator[None]:
     before = state()
     with environment_and_logging_restored():
         yield
+    _restore_spark_conf()
     after = state()
     assert after == before, (
         f"the test changed torch's global state (threads, deterministic): {before} -> {after}"

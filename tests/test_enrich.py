@@ -597,3 +597,17 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     labelled = read_table(tmp_path / "labelled")
     row = labelled.filter(pc.equal(labelled["product_id"], key[0])).to_pylist()[0]
     assert key[2] in dict(row["rejected"])[key[1]]
+
+
+def test_a_job_built_in_the_test_process_leaves_the_shared_session_as_it_was(spark) -> None:  # type: ignore[no-untyped-def]
+    """``getOrCreate`` applies a job's own settings to the test's shared session (the Arrow batch
+    size the test above counts by); the harness puts them back after each test."""
+    from catalog_enrichment import runtime
+    from tests.conftest import _restore_spark_conf
+
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    before = spark.conf.get(key)
+    runtime.spark_session(AppConfig(spark={"master": "local[2]", "arrow_max_records_per_batch": 999}))
+    assert spark.conf.get(key) == "999" != before
+    _restore_spark_conf()
+    assert spark.conf.get(key) == before
