@@ -87,7 +87,7 @@ def expectations(args: argparse.Namespace, cfg: AppConfig) -> int:
     try:
         if store != cfg.mlflow.tracking_uri and not Path(store).exists():
             raise CatalogEnrichError(f"no MLflow store at {store}")
-        model = runtime.model_version(cfg, args.model, runtime.mlflow_client(cfg))
+        model = runtime.model_version(cfg, args.model, runtime.mlflow_client(cfg.mlflow))
         health = BundleFolder(model.bundle).read_calibration().health
         inputs = None if health is None else health.inputs
     except CatalogEnrichError as exc:
@@ -182,11 +182,11 @@ def train(args: argparse.Namespace, cfg: AppConfig) -> int:
     data = Path(args.data or cfg.catalog.table("labelled"))
     if not data.exists():
         raise CatalogEnrichError(f"training data not found: {data} (build it with `catalog-enrich labels`)")
-    client = runtime.mlflow_client(cfg)
+    client = runtime.mlflow_client(cfg.mlflow)
     if cfg.training.distributed.processes > 1:  # TorchDistributor starts the ranks through Spark
         runtime.spark_session(cfg)
     outcome = run_training_job(
-        cfg, load_taxonomy(cfg.taxonomy_path), data=data, client=client, device=runtime.device(cfg)
+        cfg, load_taxonomy(cfg.taxonomy_path), data=data, client=client, device=runtime.device(cfg.inference)
     )
     reg = outcome.registered
     print(
@@ -222,7 +222,7 @@ def pretrain_text(args: argparse.Namespace, cfg: AppConfig) -> int:
         temperature=args.temperature,
         alpha=args.alpha,
         image_roots=[data],
-        device=runtime.device(cfg),
+        device=runtime.device(cfg.inference),
         progress=print,
     )
     print(
@@ -248,7 +248,7 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
             f"evaluation data not found: {eval_data} (set promotion.eval_data or --eval-data)"
         )
     summary = promote(
-        runtime.mlflow_client(cfg),
+        runtime.mlflow_client(cfg.mlflow),
         registered_model=cfg.mlflow.registered_model,
         eval_data=eval_data,
         eval_version=cfg.promotion.eval_version,
@@ -352,7 +352,7 @@ def embeddings(args: argparse.Namespace, cfg: AppConfig) -> int:
     if args.fill:
         return _fill_store(args, cfg, catalog)
     name = cfg.mlflow.registered_model
-    live = registry.live_encoders(runtime.mlflow_client(cfg), name)
+    live = registry.live_encoders(runtime.mlflow_client(cfg.mlflow), name)
     counts = catalog.embedding_counts()
     print(f"embedding store of {catalog.describe()}: {sum(counts.values()):,} vectors")
     for encoder in sorted({*counts, *live}):
@@ -430,9 +430,9 @@ def _audit(args: argparse.Namespace, cfg: AppConfig, catalog: Catalog) -> int:
         raise CatalogEnrichError(
             "--audit audits a model version (--model-version) or a sample (--sample), not a run"
         )
-    client = runtime.mlflow_client(cfg)
+    client = runtime.mlflow_client(cfg.mlflow)
     audit = audit_catalog(cfg, catalog, client, model_version=args.model_version, sample_id=args.sample)
-    record_audit(cfg, audit, client=client, chart_dir=Path(cfg.catalog.root) / "audits")
+    record_audit(cfg.mlflow, audit, client=client, chart_dir=Path(cfg.catalog.root) / "audits")
     print(json.dumps(audit.to_dict(), indent=2, default=str) if args.json else format_audit(audit))
     return 1 if args.check and audit.failed else 0
 

@@ -99,7 +99,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     taxonomy = load_taxonomy(cfg.taxonomy_path)
     started = time.perf_counter()
     _generate(cfg, workdir, products, seed, taxonomy)
-    client = runtime.mlflow_client(cfg)
+    client = runtime.mlflow_client(cfg.mlflow)
     version = _train_and_promote(cfg, workdir, taxonomy, client)
     if registry.resolve_alias(client, cfg.mlflow.registered_model, registry.CHAMPION) is None:
         print(
@@ -164,8 +164,8 @@ def _train_and_promote(cfg: AppConfig, workdir: Path, taxonomy: Any, client: Any
     _say(f"[demo 2/{STEPS}] train: {cfg.model.fusion} on {workdir / 'labelled' / 'products'}")
     indented = lambda m: _say("  " + m)  # noqa: E731
     outcome = run_training_job(
-        cfg, taxonomy, data=workdir / "labelled" / "products", client=client, device=runtime.device(cfg),
-        progress=indented,
+        cfg, taxonomy, data=workdir / "labelled" / "products", client=client,
+        device=runtime.device(cfg.inference), progress=indented,
     )  # fmt: skip
     version = outcome.registered.version
     _step(3, f"promote: challenger v{version} vs champion on the frozen evaluation set")
@@ -253,7 +253,7 @@ def _review(
     csv.write_csv(judged, verdicts)
     print(f"  {import_verdicts(catalog, verdicts).summary()}")
     audit = audit_catalog(cfg, catalog, client, model_version=version, sample_id=files.sample.sample_id)
-    record_audit(cfg, audit, client=client, chart_dir=folder)
+    record_audit(cfg.mlflow, audit, client=client, chart_dir=folder)
     print(format_audit(audit))
     rows = catalog.attribute_rows()
     mine = rows.filter(pc.equal(rows["model_version"], version))

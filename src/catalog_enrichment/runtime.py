@@ -53,7 +53,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, InferenceConfig, MLflowConfig
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
 
@@ -201,17 +201,17 @@ def _stop_unconnected_jvms() -> None:
             child.terminate()
 
 
-def device(cfg: AppConfig) -> str:
+def device(inference: InferenceConfig) -> str:
     """``inference.device`` resolved (:func:`catalog_enrichment.inference.resolve_device`)."""
     from catalog_enrichment.inference import resolve_device
 
-    return resolve_device(cfg.inference.device)
+    return resolve_device(inference.device)
 
 
-def mlflow_client(cfg: AppConfig) -> Any:
+def mlflow_client(mlflow: MLflowConfig) -> Any:
     from catalog_enrichment import registry
 
-    return registry.configure_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.registry_uri)
+    return registry.configure_mlflow(mlflow.tracking_uri, mlflow.registry_uri)
 
 
 def model_version(cfg: AppConfig, model_uri: str | None, client: Any) -> ModelVersion:
@@ -237,7 +237,7 @@ def job_context(cfg: AppConfig, model_uri: str | None) -> tuple[Any, Any, ModelV
     with ThreadPoolExecutor(2, thread_name_prefix="job-context") as pool:
         session = pool.submit(spark_session, cfg)
         gx = pool.submit(quiet_gx) if cfg.validation.great_expectations else None
-        client = mlflow_client(cfg)
+        client = mlflow_client(cfg.mlflow)
         model = model_version(cfg, model_uri, client)
         if gx is not None:
             gx.result()

@@ -120,5 +120,5 @@ def run_baseline(
             )
             oof[attr.name][fold_rows] = fold_scores
         test[attr.name] = _fit_predict(x, labels, attr.name, n_values, x_test)
-    calibration = calibrate(Predictions(oof, None, {}), labels, taxonomy, cfg)
+    calibration = calibrate(Predictions(oof, None, {}), labels, taxonomy, cfg.calibration)
     return evaluate(Predictions(test, None, {}), test_labels, taxonomy, calibration), test

@@ -83,7 +83,7 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
         )
 
     cfg = adapted(cfg)
-    device = runtime.device(cfg)
+    device = runtime.device(cfg.inference)
     if cfg.synthetic.label_noise > 0 or args.ensemble:
         return _paper_study(args, cfg, device)
     if bool(args.data) != bool(args.test_data):
@@ -214,7 +214,7 @@ def bench_pretrain_text(args: argparse.Namespace, cfg: AppConfig) -> int:
             "training": cfg.training.model_copy(update={"epochs": args.epochs or cfg.training.epochs}),
         }
     )
-    device = runtime.device(cfg)
+    device = runtime.device(cfg.inference)
     result = run_pretrain_study(
         cfg,
         load_taxonomy(cfg.taxonomy_path),
@@ -256,7 +256,7 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.versions import ModelVersion
 
-    device = runtime.device(cfg)
+    device = runtime.device(cfg.inference)
     known = ("raw", "predictor", "raw_tasks", "encoders", "job")
     default = [m for m in known if m != "encoders" and (device == "cpu" or m != "raw_tasks")]
     modes = args.modes or default
@@ -273,12 +273,12 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
             raise CatalogEnrichError("job and --peer run a registered model: give --model-uri, not --bundle")
         model = ModelVersion("", bundle.name, bundle_dir=bundle.resolve())
     else:
-        model = runtime.model_version(cfg, args.model_uri, runtime.mlflow_client(cfg))
+        model = runtime.model_version(cfg, args.model_uri, runtime.mlflow_client(cfg.mlflow))
     rescore = None
     if args.rescore_uri:
         if "job" not in modes or args.bundle:
             raise CatalogEnrichError("--rescore-uri re-scores after a job run: give --model-uri and mode job")
-        rescore = runtime.model_version(cfg, args.rescore_uri, runtime.mlflow_client(cfg))
+        rescore = runtime.model_version(cfg, args.rescore_uri, runtime.mlflow_client(cfg.mlflow))
     config_args = [*(["--config", str(Path(args.config).resolve())] if args.config else [])]
     config_args += [arg for override in args.overrides for arg in ("--set", override)]
     result = run_throughput_benchmark(

@@ -38,6 +38,7 @@ __all__ = [
     "encode_image",
     "image_tone",
     "load_pixels",
+    "usable_images",
 ]
 
 # Why a product's image could not be used (the validation rules and the quarantine use these names).
@@ -241,6 +242,13 @@ def check_images(
     errors = [e for _, e in read]
     tones = [None if p is None else image_tone(p) for p, _ in read]
     return ProductInputs.of(rows, errors, tones), errors
+
+
+def usable_images(rows: pa.Table | pa.RecordBatch, policy: ImagePolicy) -> np.ndarray:
+    """Which rows have an image that can be used (present, and :func:`check_images` finds nothing
+    wrong with it): what pre-training on images reads."""
+    inputs, errors = check_images(rows, policy)
+    return np.asarray(inputs.image_present, bool) & np.array([e is None for e in errors], bool)
 
 
 def decode_image(

@@ -32,7 +32,7 @@ from catalog_enrichment.catalog.reports import (
 )
 from catalog_enrichment.catalog.reviews import rejected_values
 from catalog_enrichment.catalog.runs import backfill_plan
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, MLflowConfig
 from catalog_enrichment.contracts import Contract, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.enrich.checks import RunHealth, check_run
@@ -316,8 +316,8 @@ def _stages(
     with run.stage("score"):
         images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
         run.scored = scored = score(
-            job.spark, validated.checked, job.model, job.taxonomy, cfg, images, job.staging, rejected,
-            catalog, run.run_id,
+            job.spark, validated.checked, job.model, job.taxonomy, cfg.inference, images, job.staging,
+            rejected, catalog, run.run_id,
         )  # fmt: skip
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say)
     with run.stage("decide"):
@@ -400,12 +400,12 @@ def _finish(job: _Job, run: _Record, client: MlflowClient | None, clock: float) 
         arrow_batches=0 if scored is None else scored.arrow_batches,
     )  # fmt: skip
     if client is not None:
-        _log_mlflow(client, job.cfg, outcome)
+        _log_mlflow(client, job.cfg.mlflow, outcome)
     job.say(f"[{report.run_id}] {report.status} in {elapsed:.1f}s")
     return outcome
 
 
-def _log_mlflow(client: MlflowClient, cfg: AppConfig, outcome: EnrichOutcome) -> None:
+def _log_mlflow(client: MlflowClient, mlflow_cfg: MLflowConfig, outcome: EnrichOutcome) -> None:
     """The run in MLflow's enrichment experiment: its counts, timings and health as metrics, the
     report as JSON, the health plots."""
     from catalog_enrichment import registry
@@ -428,8 +428,8 @@ def _log_mlflow(client: MlflowClient, cfg: AppConfig, outcome: EnrichOutcome) ->
     with tempfile.TemporaryDirectory() as plots:
         registry.log_enrichment_run(
             client,
-            experiment=cfg.mlflow.enrichment_experiment,
-            artifact_location=cfg.mlflow.artifact_location,
+            experiment=mlflow_cfg.enrichment_experiment,
+            artifact_location=mlflow_cfg.artifact_location,
             report=report.to_row(),
             params={"model": f"{report.model_name}/{report.model_version}", "partition": report.partition},
             metrics=metrics,

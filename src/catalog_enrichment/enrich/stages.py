@@ -18,7 +18,7 @@ from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RunWrite
 from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import InferenceConfig
 from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_SHARED, Contract, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
@@ -191,7 +191,7 @@ def score(
     checked: DataFrame,
     model: ModelVersion,
     taxonomy: Taxonomy,
-    cfg: AppConfig,
+    inference: InferenceConfig,
     images: ImagePolicy,
     staging: Path,
     rejected: Iterable[tuple[str, str, str]] = (),
@@ -207,14 +207,14 @@ def score(
     """
     from pyspark.sql import functions as F
 
-    encoder = BundleFolder(model.bundle).encoder_fingerprint() if cfg.inference.embedding_store else None
+    encoder = BundleFolder(model.bundle).encoder_fingerprint() if inference.embedding_store else None
     spec = ScoringSpec(
         bundle_name=ship_bundle(spark, model.bundle),
         bundle_path=None,
         allowed_taxonomy=taxonomy.to_dict(),
-        device=cfg.inference.device,
-        torch_threads=cfg.inference.torch_threads,
-        predictor=PredictorOptions(**cfg.inference.predictor_options(), image_policy=images),
+        device=inference.device,
+        torch_threads=inference.torch_threads,
+        predictor=PredictorOptions(**inference.predictor_options(), image_policy=images),
         rejected=_by_product(rejected),
     )
     counters = ScoringCounters.create(spark)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, MLflowConfig
 from catalog_enrichment.review.audit import Audit, audit_sample, plot_audit
 from catalog_enrichment.review.page import write_page
 from catalog_enrichment.review.sample import (
@@ -92,7 +92,7 @@ def audit_catalog(
     )
 
 
-def record_audit(cfg: AppConfig, audit: Audit, *, client: Any, chart_dir: Path) -> Path:
+def record_audit(mlflow_cfg: MLflowConfig, audit: Audit, *, client: Any, chart_dir: Path) -> Path:
     """Draw the audit's chart into ``chart_dir``; with a client, log the figures, the audit and the
     chart to MLflow and tag the model version. Returns the chart."""
     chart_dir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +113,8 @@ def record_audit(cfg: AppConfig, audit: Audit, *, client: Any, chart_dir: Path) 
         }
         registry.log_audit_run(
             client,
-            experiment=cfg.mlflow.enrichment_experiment,
-            artifact_location=cfg.mlflow.artifact_location,
+            experiment=mlflow_cfg.enrichment_experiment,
+            artifact_location=mlflow_cfg.artifact_location,
             audit=audit.to_dict(),
             metrics=metrics,
             chart=chart,

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from catalog_enrichment.calibration import Calibration, calibrate_attribute, wilson_upper
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.health import HealthProfile, InputBaseline, attribute_baseline
@@ -213,7 +213,7 @@ def calibrate(
     preds: Predictions,
     labels: EncodedLabels,
     taxonomy: Taxonomy,
-    cfg: AppConfig,
+    c: CalibrationConfig,
     *,
     family: tuple[Predictions, EncodedLabels] | None = None,
 ) -> Calibration:
@@ -222,7 +222,6 @@ def calibrate(
     ``family``: held-out scores and labels independent of the calibration split (the validation
     split) that shape the attribute scope's threshold family (see :mod:`catalog_enrichment.calibration`).
     """
-    c = cfg.calibration
     attrs = {}
     probs, labels, outputs = _outputs(preds, labels, taxonomy)
     if family is not None:

@@ -44,6 +44,7 @@ __all__ = [
     "EpochMetrics",
     "FitFn",
     "FitResult",
+    "Optimisation",
     "ScoreFn",
     "crossfit",
     "fit_model",
@@ -175,28 +176,61 @@ class FitResult:
     heldout: dict[str, Any]
 
 
-def _optimizer(
-    model: MultimodalModel, cfg: AppConfig, steps_per_epoch: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, list[torch.nn.Parameter]]:
-    """AdamW over the trained parameters, the warm-up + cosine schedule, and those parameters."""
+@dataclass(frozen=True)
+class Optimisation:
+    """AdamW over the trained parameters, its warm-up + cosine schedule, those parameters and the
+    norm their gradients are clipped to (004 §6.3, 003 §4.1)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    trained: list[torch.nn.Parameter]
+    clip_norm: float
+
+    @classmethod
+    def adamw(
+        cls,
+        params: Any,
+        *,
+        weight_decay: float,
+        steps: int,
+        warmup_ratio: float,
+        clip_norm: float,
+        lr: float = 1e-3,
+    ) -> Optimisation:
+        """Over ``params`` (parameters, or groups with their own rates) for ``steps`` steps, the first
+        ``warmup_ratio`` of them warming up."""
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        warmup = int(warmup_ratio * steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total=steps, warmup=warmup)
+        )
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        return cls(optimizer, scheduler, trained, clip_norm)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trained, self.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+
+
+def _optimizer(model: MultimodalModel, cfg: AppConfig, steps_per_epoch: int) -> Optimisation:
     tcfg = cfg.training
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=tcfg.weight_decay)
-    total = tcfg.epochs * steps_per_epoch
-    warmup = int(tcfg.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total=total, warmup=warmup)
+    return Optimisation.adamw(
+        param_groups(model, cfg),
+        weight_decay=tcfg.weight_decay,
+        steps=tcfg.epochs * steps_per_epoch,
+        warmup_ratio=tcfg.warmup_ratio,
+        clip_norm=tcfg.grad_clip_norm,
     )
-    return optimizer, scheduler, [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _train_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    trained: list[torch.nn.Parameter],
+    optimisation: Optimisation,
     kinds: dict[str, str],
-    cfg: AppConfig,
     device: torch.device,
     desc: str,
 ) -> float:
@@ -213,11 +247,7 @@ def _train_epoch(
                 for lg in out.train_logits
             )
             loss = loss + out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, cfg.training.grad_clip_norm)
-        optimizer.step()
-        scheduler.step()
+        optimisation.step(loss)
         losses.append(float(loss.detach()))
     return _sync_ranks(model, float(np.mean(losses)))
 
@@ -284,20 +314,18 @@ def fit_model(
     kinds = {a.name: a.kind for a in taxonomy}
     if model.image_encoder is not None:  # convolutions train faster channels-last (oneDNN)
         model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer, scheduler, trained = _optimizer(model, cfg, len(train_loader))
+    optimisation = _optimizer(model, cfg, len(train_loader))
     history: list[EpochMetrics] = []
     best_score, best_epoch, best_state, stale = -1.0, 0, None, 0
     for epoch in range(1, tcfg.epochs + 1):
         started = time.perf_counter()
         desc = f"{tag}epoch {epoch}/{tcfg.epochs}"
-        loss = _train_epoch(
-            step_model or model, train_loader, optimizer, scheduler, trained, kinds, cfg, device, desc
-        )
+        loss = _train_epoch(step_model or model, train_loader, optimisation, kinds, device, desc)
         val_r, score = _validation_score(
             predict(model, val_loader, device), val_labels, taxonomy, tcfg.selection_metric
         )
         mean_r = float(np.mean(list(val_r.values())))
-        lr = float(scheduler.get_last_lr()[0])
+        lr = float(optimisation.scheduler.get_last_lr()[0])
         history.append(EpochMetrics(epoch, loss, val_r, mean_r, time.perf_counter() - started, lr))
         selected = f"  val AP {score:.3f}" if tcfg.selection_metric == "average_precision" else ""
         say(

@@ -202,7 +202,7 @@ def _register(
     and registered as a new version (alias ``challenger``)."""
     from catalog_enrichment import registry
 
-    summary, version_tags = _summary_metrics(trained, taxonomy, cfg)
+    summary, version_tags = _summary_metrics(trained, taxonomy)
     version_tags.update({"data.path": snapshot.path, **snapshot.tags(), "git.commit": git_commit()})
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
@@ -223,7 +223,7 @@ def _register(
             epoch_metrics=_epoch_metrics(trained),
             summary_metrics=summary,
             artifacts={
-                "plots": _plots(trained, taxonomy, cfg, tmpdir / "plots"),
+                "plots": _plots(trained, taxonomy, tmpdir / "plots"),
                 "tables": _tables(trained, taxonomy, BundleFolder(bundle_dir), tmpdir / "tables"),
             },
             input_example=example,
@@ -236,14 +236,12 @@ def _register(
 _SUMMARY_KEYS = ("r_at_p95", "macro_f1", "realized_precision", "coverage", "coverage_efficiency")
 
 
-def _summary_metrics(
-    trained: TrainedModel, taxonomy: Taxonomy, cfg: AppConfig
-) -> tuple[dict[str, float], dict[str, str]]:
+def _summary_metrics(trained: TrainedModel, taxonomy: Taxonomy) -> tuple[dict[str, float], dict[str, str]]:
     """The run's summary metrics (test, calibration, noise pruning, cross-fit, ensemble members)
     and the version's tags (the test figures, the fusion, the ensemble)."""
-    report = trained.test_report
+    report, model_cfg = trained.test_report, trained.config.model
     summary: dict[str, float] = {}
-    tags: dict[str, str] = {"fusion": cfg.model.fusion}
+    tags: dict[str, str] = {"fusion": model_cfg.fusion}
     for attr in taxonomy:
         for key in _SUMMARY_KEYS:
             value = report[attr.name].get(key)
@@ -263,9 +261,9 @@ def _summary_metrics(
     for member, per_attribute in report.members.items():
         name = member.replace(":", "_")
         summary.update({f"test.member_{name}.{a}.r_at_p95": float(r) for a, r in per_attribute.items()})
-    ensemble = cfg.model.ensemble
+    ensemble = model_cfg.ensemble
     if ensemble.members > 1:
-        fusions = "/".join(ensemble.fusions or [cfg.model.fusion])
+        fusions = "/".join(ensemble.fusions or [model_cfg.fusion])
         tags["ensemble"] = f"{ensemble.members} x {fusions}, {ensemble.combine}"
     return summary, tags
 
@@ -282,13 +280,13 @@ def _epoch_metrics(trained: TrainedModel) -> list[dict[str, float]]:
     ]
 
 
-def _plots(trained: TrainedModel, taxonomy: Taxonomy, cfg: AppConfig, folder: Path) -> Path:
+def _plots(trained: TrainedModel, taxonomy: Taxonomy, folder: Path) -> Path:
     """Per attribute, the test split's precision-recall curves and reliability diagram."""
     folder.mkdir()
     for attr in taxonomy:
         probs, labels = trained.test_labels.labelled(trained.test_predictions.probs, attr.name)
         calibration = trained.calibration.attributes[attr.name]
-        target = cfg.calibration.target_precision
+        target = trained.config.calibration.target_precision
         plot_precision_recall(probs, labels, calibration, folder / f"pr_{attr.name}.png", target=target)
         plot_reliability(probs, labels, attr.kind, attr.name, folder / f"reliability_{attr.name}.png")
     return folder

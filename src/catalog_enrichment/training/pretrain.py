@@ -41,12 +41,12 @@ from catalog_enrichment.data.dataset import (
     build_tokenizer,
     canonical_order,
 )
-from catalog_enrichment.data.images import ImagePolicy, load_pixels
+from catalog_enrichment.data.images import ImagePolicy, usable_images
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.training.embeddings import deterministic_algorithms
-from catalog_enrichment.training.fit import warmup_cosine
+from catalog_enrichment.training.fit import Optimisation
 from catalog_enrichment.training.stream import Source, unlabelled_rows
 from catalog_enrichment.types import Say
 
@@ -106,13 +106,13 @@ def _in_memory(
     image decodes, with the image encoder that reads them)."""
     if method == "simcse":  # text only: no image is read or decoded
         table = table.drop_columns([c for c in ("image", "image_uri") if c in table.column_names])
-    records = ProductRecords.from_arrow(canonical_order(table), policy)
+    ordered = canonical_order(table)
+    records = ProductRecords.from_arrow(ordered, policy)
     rows = np.arange(len(records))
     image_encoder = ImageEncoder(cfg.model.image).to(device) if method == "convirt" else None
     prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
     if image_encoder is not None:
-        usable = [records.pixels(int(i), prep)[0] is not None for i in rows]  # an image that decodes
-        rows = rows[np.asarray(usable, bool)]
+        rows = rows[usable_images(ordered, policy)]
         say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
     seed = cfg.training.seed
 
@@ -142,10 +142,7 @@ def _streamed(
     usable, texts = 0, []
     for batch in view.batches():
         if image_encoder is not None:
-            images, uris = batch.column("image").to_pylist(), batch.column("image_uri").to_pylist()
-            decodes = [load_pixels(b, u, prep.size, prep.interpolation, policy)[0] is not None
-                       for b, u in zip(images, uris, strict=True)]  # fmt: skip
-            batch = batch.filter(pa.array(decodes, pa.bool_()))
+            batch = batch.filter(pa.array(usable_images(batch, policy)))
         usable += batch.num_rows
         if not cfg.model.text.pretrained_path:  # the tokenizer is trained on these texts
             titles, descriptions = batch.column("title").to_pylist(), batch.column("description").to_pylist()
@@ -191,21 +188,14 @@ def _train(
     modules: nn.Module,
     loader: DataLoader,
     loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    cfg: AppConfig,
+    optimisation: Optimisation,
     *,
-    lr: float,
     epochs: int,
     device: torch.device,
     tag: str,
     say: Say,
 ) -> list[float]:
-    """AdamW (003 §4.1) with warm-up + cosine over ``epochs`` of ``loader``; the mean loss per epoch."""
-    tcfg = cfg.training
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=1e-8)
-    total = epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total=total, warmup=int(tcfg.warmup_ratio * total))
-    )
+    """``epochs`` of ``loader`` under ``optimisation``; the mean loss per epoch."""
     losses: list[float] = []
     with deterministic_algorithms(True):
         for epoch in range(1, epochs + 1):
@@ -215,11 +205,7 @@ def _train(
                 loader, desc=f"{tag} epoch {epoch}/{epochs}", unit="step", leave=False, disable=None
             ):
                 loss = loss_of({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(modules.parameters(), tcfg.grad_clip_norm)
-                optimizer.step()
-                scheduler.step()
+                optimisation.step(loss)
                 epoch_losses.append(float(loss.detach()))
             losses.append(float(np.mean(epoch_losses)))
             say(f"{tag} epoch {epoch}/{epochs}  contrastive loss {losses[-1]:.4f}")
@@ -322,7 +308,15 @@ def pretrain_text(
     loader = found.loader(Collator(tokenizer, text_cfg.max_length), batch_size)
     loss_of = _Contrastive(text_encoder, heads, image_encoder, tau, alpha)
     modules = nn.ModuleList([text_encoder, heads, *([image_encoder] if image_encoder is not None else [])])
-    losses = _train(modules, loader, loss_of, cfg, lr=lr, epochs=epochs, device=device, tag=method, say=say)
+    optimisation = Optimisation.adamw(  # 003 §4.1: AdamW, warm-up + cosine, no weight decay to speak of
+        modules.parameters(),
+        lr=lr,
+        weight_decay=1e-8,
+        steps=epochs * len(loader),
+        warmup_ratio=tcfg.warmup_ratio,
+        clip_norm=tcfg.grad_clip_norm,
+    )
+    losses = _train(modules, loader, loss_of, optimisation, epochs=epochs, device=device, tag=method, say=say)
     folder = Path(out)
     result = PretrainResult(
         str(folder), method, found.products, epochs, batch_size, lr, tau,

@@ -55,7 +55,7 @@ class HeldOut:
     def calibrate(self, taxonomy: Taxonomy, cfg: AppConfig, inputs: InputBaseline | None) -> Calibration:
         """Thresholds from the calibration set (the family shaping them), with the run health
         profile of the health set and the training products' ``inputs``."""
-        calibration = calibrate(*self.calibration, taxonomy, cfg, family=self.family)
+        calibration = calibrate(*self.calibration, taxonomy, cfg.calibration, family=self.family)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
 
