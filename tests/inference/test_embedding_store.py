@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.inference.bundle import (
     BundleFolder,
     ModelBundle,
     load_bundle,
 )
 from catalog_enrichment.inference.predictor import BatchPredictor, Scores
-from catalog_enrichment.models import embedding
 from tests.conftest import save_with_model, tiny_config
 
 pytestmark = pytest.mark.timeout(300)

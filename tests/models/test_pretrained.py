@@ -24,10 +24,11 @@ from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRec
 from catalog_enrichment.data.images import encode_image
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.data.synthetic import generate_marketplace
+from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.inference.bundle import BundleFolder, ModelBundle, load_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
-from catalog_enrichment.models import embedding, runtime
+from catalog_enrichment.models import runtime
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.fit import param_groups
 from catalog_enrichment.training.loop import train_and_calibrate
@@ -248,7 +249,7 @@ def test_frozen_training_embeds_once_and_reads_the_cache_back(  # type: ignore[n
 
 def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The products each driver-side encode of a frozen training encodes, appended as they happen."""
-    from catalog_enrichment.training import embeddings
+    from catalog_enrichment.embeddings import frozen as embeddings
 
     encoded: list[int] = []
     real = embeddings._encoded
@@ -298,7 +299,7 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
     tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], spark, monkeypatch
 ) -> None:
     from catalog_enrichment.catalog import open_catalog
-    from catalog_enrichment.training import embeddings
+    from catalog_enrichment.embeddings import frozen as embeddings
     from catalog_enrichment.training.loop import train_and_calibrate
     from catalog_enrichment.training.store_fill import fill_embedding_store
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from catalog_enrichment.training import embeddings
-from catalog_enrichment.training.embeddings import save_atomically
+from catalog_enrichment.embeddings import frozen as embeddings
+from catalog_enrichment.embeddings.frozen import save_atomically
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,11 +12,11 @@ import torch
 
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.embeddings.frozen import Embeddings
 from catalog_enrichment.metrics import attribute_average_precision, attribute_r_at_p
 from catalog_enrichment.models.fusion import FusionInputs, StackFusion
 from catalog_enrichment.models.lexical import as_bags, bag_tfidf, document_frequency, ngram_counts, tfidf
 from catalog_enrichment.models.model import MultimodalModel, build_model
-from catalog_enrichment.training.embeddings import Embeddings
 from catalog_enrichment.training.splits import FoldPlan
 from catalog_enrichment.training.stack import fit_stack
 from tests.conftest import tiny_config
@@ -204,9 +204,9 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.config import SyntheticConfig
     from catalog_enrichment.data.synthetic import generate_marketplace
+    from catalog_enrichment.embeddings import vectors as embedding
     from catalog_enrichment.inference.bundle import load_bundle
     from catalog_enrichment.inference.predictor import BatchPredictor
-    from catalog_enrichment.models import embedding
     from catalog_enrichment.training.loop import train_and_calibrate
     from tests.conftest import save_trained
     from tests.models.test_pretrained import VOCAB, _cfg, _save_image_weights, _save_text_model

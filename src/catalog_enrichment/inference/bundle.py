@@ -42,10 +42,10 @@ from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
+from catalog_enrichment.embeddings.vectors import encoder_fingerprint, storable
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.color import COLOR_VERSION
-from catalog_enrichment.models.embedding import encoder_fingerprint, storable
 from catalog_enrichment.models.model import AnyModel, build_model
 
 __all__ = [
@@ -140,7 +140,7 @@ class ModelBundle:
     calibration: Calibration
     model_config: ModelConfig
     evaluation: dict[str, Any]
-    # models.embedding.encoder_fingerprint, or None: this model's encoder outputs are never stored
+    # embeddings.vectors.encoder_fingerprint, or None: this model's encoder outputs are never stored
     encoder_fingerprint: str | None = None
 
     @property

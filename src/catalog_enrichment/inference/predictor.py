@@ -43,9 +43,9 @@ import torch
 from catalog_enrichment.catalog.embeddings import STORED_COLUMNS
 from catalog_enrichment.data.dataset import Collator
 from catalog_enrichment.data.images import ImagePolicy, image_tone, load_pixels
+from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
-from catalog_enrichment.models import embedding
 from catalog_enrichment.models.lexical import as_bags, ngram_counts
 from catalog_enrichment.models.model import (
     LEXICAL_KEYS,

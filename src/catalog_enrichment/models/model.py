@@ -5,7 +5,8 @@ One forward pass scores every attribute. The model never picks a device; callers
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ __all__ = [
     "build_model",
     "check_heads",
     "combine_members",
+    "deterministic_algorithms",
     "head_specs",
     "lexical_inputs",
 ]
@@ -326,3 +328,17 @@ def check_heads(heads: list[HeadSpec], taxonomy: Taxonomy) -> None:
     ]
     if problems:
         raise TaxonomyError("model/taxonomy mismatch: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """torch's deterministic-kernels setting for the block, the caller's restored after."""
+    before, warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)

@@ -46,8 +46,7 @@ from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.faults import armed
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_options
-from catalog_enrichment.models.model import MultimodalModel, needs_image
-from catalog_enrichment.training.embeddings import deterministic_algorithms
+from catalog_enrichment.models.model import MultimodalModel, deterministic_algorithms, needs_image
 from catalog_enrichment.training.fit import FitResult, fit_model
 from catalog_enrichment.training.splits import MIN_ROWS, calibration_fraction
 from catalog_enrichment.training.stream import (

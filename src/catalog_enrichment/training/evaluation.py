@@ -23,6 +23,7 @@ from catalog_enrichment.calibration import Calibration, calibrate_attribute, wil
 from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.embeddings.frozen import inputs_to
 from catalog_enrichment.health import HealthProfile, InputBaseline, attribute_baseline
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
@@ -34,7 +35,6 @@ from catalog_enrichment.metrics import (
 )
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.model import AnyModel, ModelOutput
-from catalog_enrichment.training.embeddings import inputs_to
 
 __all__ = [
     "EvaluationReport",

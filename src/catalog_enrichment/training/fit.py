@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset
+from catalog_enrichment.embeddings.frozen import EmbeddedDataset
 from catalog_enrichment.metrics import attribute_average_precision
 from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import AnyModel, MultimodalModel
-from catalog_enrichment.training.embeddings import EmbeddedDataset
 from catalog_enrichment.training.evaluation import (
     Predictions,
     autocast_context,

@@ -46,19 +46,24 @@ from catalog_enrichment.data.dataset import (
 )
 from catalog_enrichment.data.images import ImagePolicy, check_images
 from catalog_enrichment.data.preprocess import ImagePreprocessing
+from catalog_enrichment.embeddings.frozen import (
+    EmbeddedDataset,
+    Embeddings,
+    default_cache_dir,
+    embed_products,
+)
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.health import InputBaseline, input_baseline
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import StackFusion, fusion_class, fusion_options
 from catalog_enrichment.models.lexical import ngram_counts
-from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, needs_image
-from catalog_enrichment.training.embeddings import (
-    EmbeddedDataset,
-    Embeddings,
-    default_cache_dir,
+from catalog_enrichment.models.model import (
+    AnyModel,
+    EnsembleModel,
+    MultimodalModel,
     deterministic_algorithms,
-    embed_products,
+    needs_image,
 )
 from catalog_enrichment.training.evaluation import Predictions, predict
 from catalog_enrichment.training.fit import (
@@ -175,7 +180,7 @@ def train_and_calibrate(
         device: where to train; the caller decides (CPU in tests).
         progress: called with one line per epoch and stage.
         store: a catalog whose embedding store frozen encoders read and fill
-            (``training.embeddings.embed_products``); None: the private cache.
+            (``embeddings.frozen.embed_products``); None: the private cache.
 
     Raises:
         ContractError / TaxonomyError: missing label column, label values outside the taxonomy.

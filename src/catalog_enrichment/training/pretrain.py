@@ -45,7 +45,7 @@ from catalog_enrichment.data.images import ImagePolicy, usable_images
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
-from catalog_enrichment.training.embeddings import deterministic_algorithms
+from catalog_enrichment.models.model import deterministic_algorithms
 from catalog_enrichment.training.fit import Optimisation
 from catalog_enrichment.training.stream import Source, unlabelled_rows
 from catalog_enrichment.types import Say

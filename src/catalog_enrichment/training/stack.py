@@ -32,11 +32,11 @@ from joblib import Parallel, delayed
 
 from catalog_enrichment.contracts import AttributeKind, Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.embeddings.frozen import Embeddings
 from catalog_enrichment.metrics import attribute_average_precision
 from catalog_enrichment.models.fusion import STACK_BLOCKS, StackFusion, stack_scores
 from catalog_enrichment.models.lexical import document_frequency, tfidf
 from catalog_enrichment.models.model import MultimodalModel
-from catalog_enrichment.training.embeddings import Embeddings
 from catalog_enrichment.training.evaluation import Predictions
 from catalog_enrichment.training.splits import FoldPlan
 from catalog_enrichment.types import Say

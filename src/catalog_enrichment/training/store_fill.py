@@ -30,6 +30,7 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.data.dataset import build_tokenizer
 from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.inference.bundle import ModelBundle, save_bundle
 from catalog_enrichment.inference.predictor import PredictorOptions
@@ -40,7 +41,6 @@ from catalog_enrichment.inference.spark import (
     ship_bundle,
     stage_vectors,
 )
-from catalog_enrichment.models import embedding
 from catalog_enrichment.training.loop import check_encoders_mode
 from catalog_enrichment.training.trained import seeded_model
 from catalog_enrichment.types import Say

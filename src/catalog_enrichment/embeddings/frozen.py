@@ -5,7 +5,7 @@ the encoders' outputs for a product never change during training: they are compu
 whole labelled table and every epoch, fold model and evaluation reads them from memory.
 
 Where they are kept between trainings: for a model whose fusion reads pooled vectors
-(:func:`catalog_enrichment.models.embedding.storable`) and a catalog given, the catalog's embedding
+(:func:`catalog_enrichment.embeddings.vectors.storable`) and a catalog given, the catalog's embedding
 store - the vectors the enrichment job reads and fills, per product and encoder fingerprint, so
 training and serving encode a product once between them (:func:`embed_products`' ``store``).
 Otherwise a private cache file keyed on the data (each product's text and image, in canonical
@@ -16,7 +16,6 @@ seconds.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -33,11 +32,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset, ProductRecords
-from catalog_enrichment.models import embedding
-from catalog_enrichment.models.embedding import encoder_fingerprint
+from catalog_enrichment.embeddings import vectors as embedding
+from catalog_enrichment.embeddings.vectors import encoder_fingerprint
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.lexical import as_bags
-from catalog_enrichment.models.model import MultimodalModel
+from catalog_enrichment.models.model import MultimodalModel, deterministic_algorithms
 from catalog_enrichment.types import Say
 
 if TYPE_CHECKING:
@@ -47,7 +46,6 @@ __all__ = [
     "EmbeddedDataset",
     "Embeddings",
     "default_cache_dir",
-    "deterministic_algorithms",
     "embed_products",
     "inputs_to",
     "save_atomically",
@@ -55,20 +53,6 @@ __all__ = [
 
 # token-level outputs are large (L or N vectors per product); they are cached in half precision
 _HALF = ("text_tokens", "image_tokens")
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """torch's deterministic-kernels setting for the block, the caller's restored after."""
-    before, warn = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn)
 
 
 def default_cache_dir() -> Path:
