@@ -162,9 +162,7 @@ def conclude(
         test_predictions=test_preds,
         test_labels=test_labels,
         heldout=heldout,
-        heldout_fit=fits[0].heldout
-        if len(fits) == 1
-        else {f"member {i + 1}": f.heldout for i, f in enumerate(fits)},
+        heldout_fit=_heldout_fit(fits),
         seconds=seconds,
         label_issues=fitted.label_issues,
         product_ids=fitted.product_ids,
