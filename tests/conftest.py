@@ -429,6 +429,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_MAIN_FILE_SET] = True
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The JVM class-data-sharing archive every local Spark session and job process of the run maps
+    (:func:`catalog_enrichment.runtime.write_class_archive`), written once before the workers start
+    when it is missing, so that no worker or job process writes it beside the others. The fast tier
+    starts no JVM and skips it."""
+    fast = "not spark" in (session.config.option.markexpr or "")
+    if fast or hasattr(session.config, "workerinput"):
+        return
+    from catalog_enrichment import runtime
+    from catalog_enrichment.config import SparkConfig
+
+    runtime.write_class_archive(SparkConfig())
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     import signal
 

@@ -12,7 +12,7 @@ import pytest
 
 from catalog_enrichment import runtime
 from catalog_enrichment.cli import build_parser, main
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, SparkConfig
 
 
 def _commands() -> list[list[str]]:
@@ -164,14 +164,19 @@ def test_a_parquet_read_batch_is_as_small_as_an_arrow_batch() -> None:
 
 @pytest.mark.spark
 @pytest.mark.timeout(120)
-def test_a_local_session_runs_its_jvm_with_the_c1_compiler_only(spark) -> None:  # type: ignore[no-untyped-def]
+def test_a_local_session_runs_its_jvm_with_the_c1_compiler_only_and_the_class_archive(spark) -> None:  # type: ignore[no-untyped-def]
     # the option reaches the JVM when set on the builder (it is read at launch, not later), with a
     # code cache a long session's generated classes do not fill (C1 alone would get 48 MB)
     jvm = spark.sparkContext._jvm
     arguments = list(jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
     assert "-XX:TieredStopAtLevel=1" in arguments and "-XX:ReservedCodeCacheSize=256m" in arguments
+    # the classes it started with were mapped from the class-data-sharing archive (tests/conftest.py
+    # writes it before the run)
+    archive = runtime.class_archive(SparkConfig())
+    assert archive is not None and f"-XX:SharedArchiveFile={archive}" in arguments
+    assert "sharing" in jvm.java.lang.System.getProperty("java.vm.info")
     # one switch turns it off, for the driver and for executors
-    conf = runtime.spark_conf(AppConfig(spark={"c1_jit": False}))
+    conf = runtime.spark_conf(AppConfig(spark={"c1_jit": False, "class_data_sharing": False}))
     assert "TieredStopAtLevel" not in conf["spark.driver.extraJavaOptions"]  # only the quiet logging
     assert "spark.executor.extraJavaOptions" not in conf
     assert runtime.spark_conf(AppConfig())["spark.executor.extraJavaOptions"] == runtime.C1_JIT

@@ -85,6 +85,13 @@ class SparkConfig(_Section):
         "Spark compiles new classes for every query, and C2 would spend on them the cores the Python "
         "workers score with.",
     )
+    class_data_sharing: bool = Field(
+        True,
+        description="The driver JVM maps the classes Spark loads at start from a class-data-sharing "
+        "archive (AppCDS) instead of loading and verifying them from the jars: seconds less per job "
+        "start. The first session of a JDK and Spark install writes the archive (once, about 15 s) "
+        "under ~/.cache/catalog-enrichment/jvm.",
+    )
     conf: dict[str, str] = Field(
         default_factory=dict, description="Extra spark.* settings, passed through verbatim (they win)."
     )

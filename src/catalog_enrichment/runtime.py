@@ -25,6 +25,11 @@ JVM C1 JIT only                    Spark compiles new classes per query;    spar
 256 MB code cache                  alone gets a 48 MB cache, which a long
 (-XX:ReservedCodeCacheSize)        session's queries fill (then the JIT
                                    stops and the JVM runs interpreted)
+driver JVM maps its classes from   loading and verifying Spark's classes    spark.class_data_sharing
+a class-data-sharing archive       from the jars is seconds of every job
+(AppCDS, ``-XX:SharedArchiveFile``) start; the first session of a JDK and
+                                   Spark install writes the archive
+                                   (:func:`write_class_archive`)
 PostgreSQL JDBC driver             the postgres catalog's reads             catalog.postgres.jdbc_jar /
 (``spark.jars`` / ``.packages``)                                            jdbc_package
 executors' ``PGPASSWORD``          the COPY tasks' libpq finds the password  (postgres catalog; a
@@ -47,13 +52,18 @@ from the submitted conf, ``deploy/spark/*.conf``); the last two run inside each 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catalog_enrichment.config import AppConfig, InferenceConfig, MLflowConfig
+from catalog_enrichment.config import AppConfig, InferenceConfig, MLflowConfig, SparkConfig
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
 
@@ -61,6 +71,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 __all__ = [
+    "class_archive",
     "configure_logging",
     "device",
     "job_context",
@@ -69,6 +80,7 @@ __all__ = [
     "model_version",
     "spark_conf",
     "spark_session",
+    "write_class_archive",
 ]
 
 C1_JIT = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=256m"
@@ -94,7 +106,11 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
         conf["spark.executor.extraJavaOptions"] = " ".join(jit)
     if not submitted:  # the driver JVM starts with this session (in local mode it is the executor)
         quiet = [f"-Dlog4j2.configurationFile={LOG4J2}"] if _spark_log_level() == "ERROR" else []
-        conf["spark.driver.extraJavaOptions"] = " ".join([*jit, *quiet])
+        archive = class_archive(cfg.spark)
+        shared = (
+            [*_SHARED_ARCHIVE, f"-XX:SharedArchiveFile={archive}"] if archive and archive.is_file() else []
+        )
+        conf["spark.driver.extraJavaOptions"] = " ".join([*jit, *quiet, *shared])
     if cfg.catalog.kind == "postgres":
         pg = cfg.catalog.postgres
         if pg.jdbc_jar is not None:
@@ -112,6 +128,112 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
         if password and not given:
             conf["spark.executorEnv.PGPASSWORD"] = password  # Spark masks it (spark.redaction.regex)
     return {**conf, **cfg.spark.conf}
+
+
+# An archive written for another JDK or classpath is skipped without a word (-Xshare:auto).
+_SHARED_ARCHIVE = ("-Xlog:cds=off", "-Xlog:cds+dynamic=off")
+
+
+def class_archive(spark: SparkConfig) -> Path | None:
+    """Where the class-data-sharing archive of this JDK, this Spark install and ``spark``'s driver
+    class path lives (written or not); None when ``spark.class_data_sharing`` is off or no JDK is
+    found. A JDK or Spark upgrade gets a new archive."""
+    java = _java()
+    if not spark.class_data_sharing or java is None:
+        return None
+    import pyspark
+    from pyspark.find_spark_home import _find_spark_home
+
+    jars = sorted(p.name for p in (Path(_find_spark_home()) / "jars").glob("*.jar"))
+    stat = java.stat()
+    identity = [str(java), stat.st_size, stat.st_mtime_ns, pyspark.__version__, jars,
+                spark.conf.get("spark.driver.extraClassPath", "")]  # fmt: skip
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "catalog-enrichment" / "jvm" / f"spark-{key}.jsa"
+
+
+def _java() -> Path | None:
+    """The ``java`` Spark's launcher runs: ``$JAVA_HOME/bin/java``, else the one on the PATH."""
+    home = os.environ.get("JAVA_HOME")
+    found = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    return Path(found).resolve() if found and Path(found).is_file() else None
+
+
+def write_class_archive(spark: SparkConfig, *, timeout: float = 300) -> Path | None:
+    """Write the class-data-sharing archive :func:`class_archive` names, if it is missing: a
+    separate process runs a small local Spark workload (Arrow batches through Python, a Parquet
+    round trip, a join) in a JVM that archives the classes it loaded when it exits, then starts a
+    second JVM that must map the archive. Only an archive that passed is moved into place (a
+    truncated one would crash every JVM that maps it). On any failure the jobs run without one;
+    the reason is logged."""
+    archive = class_archive(spark)
+    if archive is None or archive.is_file():
+        return archive
+    log = logging.getLogger(__name__)
+    log.info("writing the JVM class-data-sharing archive %s (once per JDK and Spark install)", archive)
+    tmp = archive.with_name(f"{archive.stem}.{os.getpid()}.tmp")
+    try:
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "catalog_enrichment.runtime", str(tmp),
+                   spark.conf.get("spark.driver.extraClassPath", "")]  # fmt: skip
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        ) as proc:
+            try:
+                out = proc.communicate(timeout=timeout)[0].decode(errors="replace")
+            finally:  # an interrupt or a timeout stops the writer and its JVMs too
+                if proc.poll() is None:
+                    os.killpg(proc.pid, 9)
+        if proc.returncode != 0 or not tmp.is_file():
+            raise RuntimeError(f"exit {proc.returncode}: {out.strip()[-500:]}")
+        os.replace(tmp, archive)
+        return archive
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("no JVM class-data-sharing archive (%s); Spark starts without one", exc)
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _archive_classes(tmp: Path, class_path: str) -> None:
+    """The writer process of :func:`write_class_archive`."""
+    import pyarrow as pa
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    def session(*options: str) -> SparkSession:
+        driver = [C1_JIT, f"-Dlog4j2.configurationFile={LOG4J2}", *_SHARED_ARCHIVE, *options]
+        builder = SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+        if class_path:
+            builder = builder.config("spark.driver.extraClassPath", class_path)
+        return builder.config("spark.driver.extraJavaOptions", " ".join(driver)).getOrCreate()
+
+    def stop_jvm(spark: SparkSession) -> None:
+        gateway: Any = spark.sparkContext._gateway
+        spark.stop()
+        gateway.proc.stdin.close()  # the JVM exits when its driver's pipe closes (and dumps then)
+        gateway.proc.wait(timeout=120)
+        SparkContext._gateway = SparkContext._jvm = None  # the next session launches a new JVM
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    spark = session(f"-XX:ArchiveClassesAtExit={tmp}")
+    frame = spark.createDataFrame(pa.table({"k": [1, 2, 3], "v": ["a", "b", "c"]}).to_pandas())
+    doubled = frame.mapInArrow(lambda batches: (b for b in batches), frame.schema)
+    folder = tmp.with_suffix(".parquet")
+    try:
+        doubled.write.mode("overwrite").parquet(str(folder))
+        spark.read.parquet(str(folder)).join(frame.select("k"), "k").groupBy("v").count().collect()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    stop_jvm(spark)
+    spark = session(f"-XX:SharedArchiveFile={tmp}", "-Xshare:on")  # it must map, or this fails
+    jvm: Any = spark.sparkContext._jvm
+    info = str(jvm.java.lang.System.getProperty("java.vm.info"))
+    stop_jvm(spark)
+    if "sharing" not in info:
+        raise SystemExit(f"the archive was not mapped ({info})")
 
 
 def _pg_password() -> str | None:
@@ -172,6 +294,8 @@ def spark_session(cfg: AppConfig) -> SparkSession:
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # the driver was started by spark-submit
+    if not submitted:
+        write_class_archive(cfg.spark)
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     if not submitted:
         if cfg.spark.master.startswith("local"):
@@ -242,3 +366,7 @@ def job_context(cfg: AppConfig, model_uri: str | None) -> tuple[Any, Any, ModelV
         if gx is not None:
             gx.result()
         return session.result(), client, model
+
+
+if __name__ == "__main__":  # the class-data-sharing archive's writer (write_class_archive)
+    _archive_classes(Path(sys.argv[1]), sys.argv[2])
