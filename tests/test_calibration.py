@@ -19,11 +19,12 @@ from catalog_enrichment.calibration import (
     wilson_lower,
     wilson_upper,
 )
+from catalog_enrichment.config import CalibrationConfig
 
 
-def value_scope(*args: Any, **kwargs: Any) -> AttributeCalibration:
+def value_scope(*args: Any, min_support: int = 20, **kwargs: Any) -> AttributeCalibration:
     """The strict scope: every value proves the target on its own."""
-    return calibrate_attribute(*args, scope="value", **kwargs)
+    return calibrate_attribute(*args, CalibrationConfig(scope="value", min_support=min_support), **kwargs)
 
 
 def test_wilson_matches_the_closed_form_and_scipy_style_checks() -> None:
@@ -124,11 +125,18 @@ def test_calibration_round_trips_through_json_dict() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"target": 1.5}, "target"), ({"confidence": 0.3}, "confidence"), ({"min_support": 0}, "min_support")],
+    [
+        ({"target_precision": 1.5}, "target_precision"),
+        ({"confidence": 0.3}, "confidence"),
+        ({"min_support": 0}, "min_support"),
+        ({"shrinkage": -1}, "shrinkage"),
+        ({"target_precision": 0.9, "value_floor": 0.95}, "value_floor"),
+        ({"scope": "product"}, "scope"),
+    ],
 )
 def test_bad_options_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        value_scope("a", "multilabel", ["x"], np.zeros((3, 1)), np.zeros((3, 1)), **kwargs)
+        CalibrationConfig(**kwargs)  # the rule calibrate_attribute takes
 
 
 def test_shape_mismatch_is_rejected() -> None:

@@ -59,6 +59,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import AttributeKind
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.health import HealthProfile
@@ -447,16 +448,10 @@ def calibrate_attribute(
     values: Sequence[str],
     scores: np.ndarray,
     labels: np.ndarray,
+    rule: CalibrationConfig | None = None,
     *,
-    scope: Scope = "attribute",
     family_scores: np.ndarray | None = None,
     family_labels: np.ndarray | None = None,
-    target: float = 0.95,
-    confidence: float = 0.95,
-    bound: BoundName = "wilson",
-    min_support: int = 20,
-    value_floor: float = 0.90,
-    shrinkage: float = 20.0,
 ) -> AttributeCalibration:
     """Thresholds for one attribute from out-of-sample calibration scores (module docstring).
 
@@ -464,31 +459,22 @@ def calibrate_attribute(
         name, kind, values: the taxonomy attribute (``values`` in head output order).
         scores: ``(n, n_values)`` probabilities on the calibration split.
         labels: multi-label ``(n, n_values)`` 0/1; multi-class ``(n,)`` indices, ``-1`` = unlabelled.
-        scope: ``attribute`` (pooled guarantee, the default) or ``value`` (strict, per value).
+        rule: the target, its confidence and bound, the scope (``attribute``: the pooled guarantee;
+            ``value``: strict, per value) and each scope's options; default: the config's defaults.
         family_scores, family_labels: held-out data independent of the calibration split (the
             validation split) that shapes the attribute-scope family; ``None`` = one shared threshold.
-        min_support: value scope: fewest true calibration examples a value needs; attribute scope:
-            fewest pooled calibration writes before a level is tested (with :func:`min_testable_writes`).
-        value_floor: attribute scope: no value is planned below this estimated precision in the family.
-        shrinkage: attribute scope: pseudo-count pulling a value's precision toward the pooled one.
     """
-    _check_options(target, confidence, min_support, value_floor, shrinkage, scope)
+    rule = rule or CalibrationConfig()
     if (family_scores is None) != (family_labels is None):
         raise ValueError("give both family_scores and family_labels, or neither")
     cands = _candidates(name, kind, len(values), scores, labels)
-    if scope == "value":
-        out = [
-            _pick(value, c, target=target, confidence=confidence, bound=bound, min_support=min_support)
-            for value, c in zip(values, cands, strict=True)
-        ]
+    if rule.scope == "value":
+        out = [_pick(value, c, rule) for value, c in zip(values, cands, strict=True)]
         return AttributeCalibration(name, kind, tuple(out))
     family = None
     if family_scores is not None and family_labels is not None:
         family = _curves(_candidates(name, kind, len(values), family_scores, family_labels))
-    return _attribute_scope(
-        name, kind, values, cands, family, target, min_support, shrinkage,
-        confidence=confidence, bound=bound, value_floor=value_floor,
-    )  # fmt: skip
+    return _attribute_scope(name, kind, values, cands, family, rule)
 
 
 def _attribute_scope(
@@ -497,24 +483,19 @@ def _attribute_scope(
     values: Sequence[str],
     cands: list[tuple[np.ndarray, np.ndarray, int]],
     fam: tuple[np.ndarray, np.ndarray] | None,
-    target: float,
-    min_support: int,
-    shrinkage: float,
-    *,
-    confidence: float,
-    bound: BoundName,
-    value_floor: float,
+    rule: CalibrationConfig,
 ) -> AttributeCalibration:
     """The attribute scope: a family of per-value thresholds (from ``fam``, the validation split's
     curves) tested down from the strictest level on the pooled calibration writes."""
+    target, confidence, bound = rule.target_precision, rule.confidence, rule.bound
     levels, family = threshold_family(
-        *(fam or (None, None)), n_values=len(values), shrinkage=shrinkage, floor=value_floor
+        *(fam or (None, None)), n_values=len(values), shrinkage=rule.shrinkage, floor=rule.value_floor
     )
     n_cal, k_cal = _curves(cands)
     sizes = [len(s) for s, _, _ in cands]  # a multi-label value is scored on every product
     products = max(sizes, default=0) if kind == "multilabel" else sum(sizes)
     testable = min_testable_writes(target=target, confidence=confidence, bound=bound, products=products)
-    min_writes = max(min_support, testable)
+    min_writes = max(rule.min_support, testable)
     chosen, tested, writes, rights = _pooled_test(
         family, n_cal, k_cal, target=target, confidence=confidence, bound=bound, min_writes=min_writes
     )
@@ -540,9 +521,7 @@ def _attribute_scope(
             (n_cal[v], k_cal[v]),
             None if fam is None else (fam[0][v], fam[1][v]),
             support,
-            confidence,
-            bound,
-            target,
+            rule,
             guard,
         )
         for v, (value, (_, _, support)) in enumerate(zip(values, cands, strict=True))
@@ -560,35 +539,15 @@ def _attribute_scope(
     return AttributeCalibration(name, kind, tuple(out), pooled)
 
 
-def _check_options(
-    target: float, confidence: float, min_support: int, value_floor: float, shrinkage: float, scope: str
-) -> None:
-    if not 0 < target < 1 or not 0.5 < confidence < 1:
-        raise ValueError("need 0 < target < 1 and 0.5 < confidence < 1")
-    if min_support < 1:
-        raise ValueError("min_support must be >= 1")
-    if not 0 < value_floor <= target:
-        raise ValueError("need 0 < value_floor <= target")
-    if shrinkage < 0:
-        raise ValueError("shrinkage must be >= 0")
-    if scope not in ("attribute", "value"):
-        raise ValueError(f"unknown scope {scope!r}; use 'attribute' or 'value'")
-
-
 def _pick(
-    value: str,
-    candidate: tuple[np.ndarray, np.ndarray, int],
-    *,
-    target: float,
-    confidence: float,
-    bound: BoundName,
-    min_support: int,
+    value: str, candidate: tuple[np.ndarray, np.ndarray, int], rule: CalibrationConfig
 ) -> ValueThreshold:
     """Value scope: one value's threshold and its evidence (:func:`_pick_threshold`)."""
     scores, correct, support = candidate
     thr, info = _pick_threshold(
-        scores, correct, support, target=target, confidence=confidence, bound=bound, min_support=min_support
-    )
+        scores, correct, support, target=rule.target_precision, confidence=rule.confidence,
+        bound=rule.bound, min_support=rule.min_support,
+    )  # fmt: skip
     return ValueThreshold(value, thr, support, **info)
 
 
@@ -598,9 +557,7 @@ def _value_at_level(
     cal: tuple[np.ndarray, np.ndarray],
     fam: tuple[np.ndarray, np.ndarray] | None,
     support: int,
-    confidence: float,
-    bound: BoundName,
-    target: float,
+    rule: CalibrationConfig,
     guard: float,
 ) -> ValueThreshold:
     """Attribute scope: one value at the chosen level's threshold index ``g`` (-1: never reaches
@@ -612,6 +569,7 @@ def _value_at_level(
     Either only removes writes that are likely worse than the target."""
     if g < 0:
         return ValueThreshold(value, None, support, reason="never reaches the level in the family")
+    target, confidence, bound = rule.target_precision, rule.confidence, rule.bound
     n_all, k_all = cal[0].copy(), cal[1].copy()
     if fam is not None:
         n_all, k_all = n_all + fam[0], k_all + fam[1]

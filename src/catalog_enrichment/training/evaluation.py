@@ -232,21 +232,9 @@ def calibrate(
         if family is not None:
             family_scores, family_labels = family_y.labelled(family_probs, attr.name)
         attrs[attr.name] = calibrate_attribute(
-            attr.name,
-            attr.kind,
-            attr.values,
-            scores,
-            y,
-            scope=c.scope,
-            family_scores=family_scores,
-            family_labels=family_labels,
-            target=c.target_precision,
-            confidence=c.confidence,
-            bound=c.bound,
-            min_support=c.min_support,
-            value_floor=c.value_floor,
-            shrinkage=c.shrinkage,
-        )
+            attr.name, attr.kind, attr.values, scores, y, c,
+            family_scores=family_scores, family_labels=family_labels,
+        )  # fmt: skip
     return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope)
 
 
