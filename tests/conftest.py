@@ -21,7 +21,14 @@ if not os.environ.get("PYTHONPATH", "").startswith(_SRC):
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from catalog_enrichment.config import TINY_MODEL, AppConfig, SyntheticConfig, load_config, merge_layers  # noqa: E402
+from catalog_enrichment.config import (  # noqa: E402
+    TINY_MODEL,
+    AppConfig,
+    MLflowConfig,
+    SyntheticConfig,
+    load_config,
+    merge_layers,
+)
 from catalog_enrichment.contracts import Taxonomy, load_taxonomy  # noqa: E402
 from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_marketplace  # noqa: E402
 
@@ -203,21 +210,13 @@ def register_bundle(
 
     frame = read_table(incoming.products).slice(0, 2).select(["product_id", "title", "description", "image"])
     frame = frame.to_pandas()
-    return registry.log_and_register(
-        client,
-        bundle_dir=bundle,
+    mlflow_cfg = MLflowConfig(
         registered_model=name,
         experiment="training",
         artifact_location=None if artifacts is None else str(artifacts),
-        params={},
-        tags={},
-        epoch_metrics=[],
-        summary_metrics={},
-        artifacts={},
-        input_example=frame,
-        output_example=BatchPredictor(load_bundle(bundle)).score_frame(frame),
-        version_tags={},
     )
+    example = (frame, BatchPredictor(load_bundle(bundle)).score_frame(frame))
+    return registry.log_and_register(client, mlflow_cfg, bundle, registry.TrainingRecord(), example, {})
 
 
 def tiny_registry(

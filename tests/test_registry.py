@@ -27,6 +27,8 @@ from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.promotion import (
     CoverageChange,
     Evaluation,
+    EvaluationSet,
+    GateRule,
     compare_coverage,
     gate,
     promote,
@@ -165,18 +167,10 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     log = tmp_path / "promotion_log"
 
     def promote_now(configured_target: float = 0.95) -> dict:
-        return promote(
-            client,
-            registered_model="test-model",
-            eval_data=data["eval"],
-            eval_version=None,
-            # The gate's own rules are tested with known answers above; here it judges tiny models
-            # trained deterministically (one torch thread, a seeded table) at the real target.
-            configured_target=configured_target,
-            max_coverage_loss=0.02,
-            log_path=log,
-            progress=_quiet,
-        )
+        # The gate's own rules are tested with known answers above; here it judges tiny models
+        # trained deterministically (one torch thread, a seeded table) at the real target.
+        rule = GateRule(configured_target, max_coverage_loss=0.02)
+        return promote(client, "test-model", EvaluationSet(data["eval"]), rule, log_path=log, progress=_quiet)
 
     first = run_training_job(
         _cfg(tmp_path, mlflow_server, epochs=8), taxonomy, data=data["train"], client=client, progress=_quiet
@@ -331,15 +325,9 @@ def test_bad_inputs_fail_before_any_registration(tmp_path: Path, data, taxonomy:
     assert client.search_registered_models() == []  # nothing registered by the failed runs
     with pytest.raises(CatalogEnrichError, match="does not exist"):
         promote(
-            client,
-            registered_model="no-such-model",
-            eval_data=data["eval"],
-            eval_version=None,
-            configured_target=0.95,
-            max_coverage_loss=0.02,
-            log_path=tmp_path / "log",
-            progress=_quiet,
-        )
+            client, "no-such-model", EvaluationSet(data["eval"]), GateRule(0.95, max_coverage_loss=0.02),
+            log_path=tmp_path / "log", progress=_quiet,
+        )  # fmt: skip
 
 
 @pytest.mark.timeout(120)

@@ -240,7 +240,7 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
     the challenger keeps the precision target everywhere and does not lose coverage.
     """
     from catalog_enrichment.data.images import ImagePolicy
-    from catalog_enrichment.promotion import format_comparison, promote
+    from catalog_enrichment.promotion import EvaluationSet, GateRule, format_comparison, promote
 
     eval_data = _eval_data(cfg)
     if not eval_data.exists():
@@ -249,16 +249,13 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
         )
     summary = promote(
         runtime.mlflow_client(cfg.mlflow),
-        registered_model=cfg.mlflow.registered_model,
-        eval_data=eval_data,
-        eval_version=cfg.promotion.eval_version,
-        configured_target=cfg.calibration.target_precision,
-        max_coverage_loss=cfg.promotion.max_coverage_loss,
-        confidence=cfg.calibration.confidence,
-        min_written=cfg.promotion.min_written,
+        cfg.mlflow.registered_model,
+        EvaluationSet(
+            eval_data, cfg.promotion.eval_version, ImagePolicy.from_config(cfg.images, [eval_data])
+        ),
+        GateRule.from_config(cfg.promotion, cfg.calibration),
         log_path=cfg.promotion.log or str(Path(cfg.catalog.root) / "promotion_log"),
         dry_run=args.dry_run,
-        image_policy=ImagePolicy.from_config(cfg.images, [eval_data]),
     )
     print(format_comparison(summary))
     return 0

@@ -158,7 +158,7 @@ def _train_and_promote(cfg: AppConfig, workdir: Path, taxonomy: Any, client: Any
     """Steps 2 and 3: train a challenger on the labelled history, then the promotion gate on the
     frozen evaluation set; the challenger's version."""
     from catalog_enrichment.data.images import ImagePolicy
-    from catalog_enrichment.promotion import format_comparison, promote
+    from catalog_enrichment.promotion import EvaluationSet, GateRule, format_comparison, promote
     from catalog_enrichment.training.job import run_training_job
 
     _say(f"[demo 2/{STEPS}] train: {cfg.model.fusion} on {workdir / 'labelled' / 'products'}")
@@ -169,17 +169,13 @@ def _train_and_promote(cfg: AppConfig, workdir: Path, taxonomy: Any, client: Any
     )  # fmt: skip
     version = outcome.registered.version
     _step(3, f"promote: challenger v{version} vs champion on the frozen evaluation set")
+    eval_data = workdir / "eval" / "products"
     summary = promote(
         client,
-        registered_model=cfg.mlflow.registered_model,
-        eval_data=workdir / "eval" / "products",
-        eval_version=None,
-        configured_target=cfg.calibration.target_precision,
-        max_coverage_loss=cfg.promotion.max_coverage_loss,
-        confidence=cfg.calibration.confidence,
-        min_written=cfg.promotion.min_written,
+        cfg.mlflow.registered_model,
+        EvaluationSet(eval_data, image_policy=ImagePolicy.from_config(cfg.images, [eval_data])),
+        GateRule.from_config(cfg.promotion, cfg.calibration),
         log_path=Path(cfg.catalog.root) / "promotion_log",
-        image_policy=ImagePolicy.from_config(cfg.images, [workdir / "eval" / "products"]),
         progress=indented,
     )
     print(format_comparison(summary))

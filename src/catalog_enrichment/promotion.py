@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from catalog_enrichment.calibration import version_target, wilson_upper
 from catalog_enrichment.catalog.lakehouse import read_table, table_format, table_version, write_table
+from catalog_enrichment.config import CalibrationConfig, PromotionConfig
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
@@ -46,7 +47,9 @@ from catalog_enrichment.metrics import (
 __all__ = [
     "CoverageChange",
     "Evaluation",
+    "EvaluationSet",
     "GateResult",
+    "GateRule",
     "compare_coverage",
     "evaluate_bundle",
     "gate",
@@ -196,32 +199,53 @@ def read_promotion_log(path: str | Path) -> pa.Table:
     return read_table(path)
 
 
+@dataclass(frozen=True)
+class GateRule:
+    """What the gate holds a challenger to (module docstring): ``configured_target`` is the config's
+    ``calibration.target_precision``, which must agree with the target the challenger was
+    calibrated for."""
+
+    configured_target: float
+    max_coverage_loss: float
+    confidence: float = 0.95
+    min_written: int = 30
+
+    @classmethod
+    def from_config(cls, promotion: PromotionConfig, calibration: CalibrationConfig) -> GateRule:
+        return cls(
+            calibration.target_precision, promotion.max_coverage_loss, calibration.confidence,
+            promotion.min_written,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """The frozen evaluation set: a labelled Delta table, pinned to ``version`` (None: its latest),
+    its ``image_uri`` read under ``image_policy`` (None: files under the table's own folder)."""
+
+    path: Path
+    version: int | None = None
+    image_policy: ImagePolicy | None = None
+
+
 def promote(
     client: Any,
-    *,
     registered_model: str,
-    eval_data: str | Path,
-    eval_version: int | None,
-    configured_target: float,
-    max_coverage_loss: float,
+    evaluation: EvaluationSet,
+    rule: GateRule,
+    *,
     log_path: str | Path,
-    confidence: float = 0.95,
-    min_written: int = 30,
     dry_run: bool = False,
-    image_policy: ImagePolicy | None = None,
     progress: Any = print,
 ) -> dict[str, Any]:
-    """Run the gate for ``challenger`` vs ``champion`` of ``registered_model`` (see module docstring).
-
-    The challenger is judged against the target it was calibrated for; ``configured_target`` (the
-    config's ``calibration.target_precision``) must agree with it. ``image_uri`` of the evaluation
-    set is read under ``image_policy`` (default: files under the evaluation table's own folder).
-    """
+    """Run the gate for ``challenger`` vs ``champion`` of ``registered_model`` (see module docstring)
+    on ``evaluation`` under ``rule``; the decision is recorded (``log_path``) unless ``dry_run``."""
     from catalog_enrichment import registry
 
     registry.check_tracking_server(client)
     challenger, champion = _aliases(client, registered_model)
-    table, pinned = _evaluation_set(eval_data, eval_version)
+    eval_data = evaluation.path
+    table, pinned = _evaluation_set(eval_data, evaluation.version)
     progress(
         f"evaluating challenger v{challenger}"
         + (f" and champion v{champion}" if champion else "")
@@ -229,16 +253,13 @@ def promote(
     )
     bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{challenger}")
     target = version_target(
-        configured_target, bundle.calibration.target_precision, f"{registered_model} v{challenger}"
+        rule.configured_target, bundle.calibration.target_precision, f"{registered_model} v{challenger}"
     )
-    policy = image_policy or ImagePolicy(roots=(str(eval_data),))
+    policy = evaluation.image_policy or ImagePolicy(roots=(str(eval_data),))
     champion_bundle = None
     if champion is not None and champion != challenger:
         champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
-    result, metrics = _judge(
-        bundle, champion_bundle, table, policy, confidence,
-        target=target, max_coverage_loss=max_coverage_loss, min_written=min_written,
-    )  # fmt: skip
+    result, metrics = _judge(bundle, champion_bundle, table, policy, rule, target)
     if champion == challenger:
         result = GateResult(False, ["challenger is already champion: nothing to do"])
     summary = {
@@ -265,15 +286,7 @@ def _aliases(client: Any, registered_model: str) -> tuple[str, str | None]:
 
 
 def _judge(
-    challenger: Any,
-    champion: Any,
-    table: pa.Table,
-    policy: ImagePolicy,
-    confidence: float,
-    *,
-    target: float,
-    max_coverage_loss: float,
-    min_written: int,
+    challenger: Any, champion: Any, table: pa.Table, policy: ImagePolicy, rule: GateRule, target: float
 ) -> tuple[GateResult, dict[str, Any]]:
     """The gate's decision on the challenger bundle (against the champion's, when there is one) on
     the evaluation set, and the metrics it rests on."""
@@ -281,14 +294,16 @@ def _judge(
     changes = None
     if champion is not None:
         evaluations["champion"] = evaluate_bundle(champion, table, policy)
-        changes = compare_coverage(evaluations["challenger"], evaluations["champion"], confidence=confidence)
+        changes = compare_coverage(
+            evaluations["challenger"], evaluations["champion"], confidence=rule.confidence
+        )
     result = gate(
         evaluations["challenger"].metrics,
         changes,
         target=target,
-        max_coverage_loss=max_coverage_loss,
-        confidence=confidence,
-        min_written=min_written,
+        max_coverage_loss=rule.max_coverage_loss,
+        confidence=rule.confidence,
+        min_written=rule.min_written,
     )
     metrics: dict[str, Any] = {name: e.metrics for name, e in evaluations.items()}
     if changes is not None:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel
 
-from catalog_enrichment.config import NAME_PATTERN
+from catalog_enrichment.config import NAME_PATTERN, MLflowConfig
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.inference.bundle import BundleFolder, bundle_problems
 from catalog_enrichment.redaction import redact_text, redact_uri, redact_value
@@ -39,6 +39,7 @@ __all__ = [
     "CHAMPION",
     "ENCODER_TAG",
     "CatalogEnrichmentPyfunc",
+    "TrainingRecord",
     "calibrated_target",
     "check_tracking_server",
     "configure_mlflow",
@@ -147,44 +148,51 @@ def _beside_the_store(tracking_uri: str) -> str | None:
     return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What a training run logs beside its model: parameters and tags, metrics per epoch and in
+    summary, files (a folder or a file per artifact path) and MLflow tables (viewable in the UI)."""
+
+    params: Mapping[str, Any] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    epoch_metrics: Sequence[Mapping[str, float]] = ()
+    summary_metrics: Mapping[str, float] = field(default_factory=dict)
+    artifacts: Mapping[str, Path] = field(default_factory=dict)
+    tables: Mapping[str, pd.DataFrame] = field(default_factory=dict)
+
+
 def log_and_register(
     client: MlflowClient,
-    *,
+    mlflow_cfg: MLflowConfig,
     bundle_dir: Path,
-    registered_model: str,
-    experiment: str,
-    artifact_location: str | None,
-    params: Mapping[str, Any],
-    tags: Mapping[str, str],
-    epoch_metrics: list[dict[str, float]],
-    summary_metrics: Mapping[str, float],
-    artifacts: Mapping[str, Path],
-    input_example: pd.DataFrame,
-    output_example: pd.DataFrame,
+    record: TrainingRecord,
+    example: tuple[pd.DataFrame, pd.DataFrame],
     version_tags: Mapping[str, str],
-    tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> ModelVersion:
-    """Log a training run (params, per-epoch metrics, pictures, tables, the pyfunc model), register a
-    new version, tag it and point ``challenger`` at it. Nothing is registered if logging fails.
+    """Log a training run (``record`` and the pyfunc model, its signature from ``example``: input
+    rows and their scores) into ``mlflow_cfg``'s experiment, register a new version of its
+    registered model, tag it with ``version_tags`` and point ``challenger`` at it. Nothing is
+    registered if logging fails.
 
     MLflow logs a model only into its active run (``mlflow.pyfunc.log_model`` has no client form),
     so this one function works through MLflow's process-wide stores, which :func:`configure_mlflow`
     points at the client's; everything else here uses the client it is given.
     """
-    experiment_id = _experiment_id(client, experiment, artifact_location)
+    registered_model, (input_example, output_example) = mlflow_cfg.registered_model, example
+    experiment_id = _experiment_id(client, mlflow_cfg.experiment, mlflow_cfg.artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.log_params({k: str(redact_value(k, v))[:6000] for k, v in params.items()})
-        mlflow.set_tags({k: redact_value(k, v) for k, v in tags.items()})
-        for step, metrics in enumerate(epoch_metrics, start=1):
+        mlflow.log_params({k: str(redact_value(k, v))[:6000] for k, v in record.params.items()})
+        mlflow.set_tags({k: redact_value(k, v) for k, v in record.tags.items()})
+        for step, metrics in enumerate(record.epoch_metrics, start=1):
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-        mlflow.log_metrics({k: float(v) for k, v in summary_metrics.items() if np.isfinite(v)})
-        for name, path in artifacts.items():
+        mlflow.log_metrics({k: float(v) for k, v in record.summary_metrics.items() if np.isfinite(v)})
+        for name, path in record.artifacts.items():
             if Path(path).is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=name)
             else:
                 mlflow.log_artifact(str(path), artifact_path=name)
-        for artifact_file, frame in (tables or {}).items():  # MLflow tables: viewable in the UI
+        for artifact_file, frame in record.tables.items():
             mlflow.log_table(frame, artifact_file=artifact_file)
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -207,12 +207,7 @@ def _register(
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         bundle_dir = save_bundle(tmpdir / "bundle", trained.bundle())
-        return registry.log_and_register(
-            client,
-            bundle_dir=bundle_dir,
-            registered_model=cfg.mlflow.registered_model,
-            experiment=cfg.mlflow.experiment,
-            artifact_location=cfg.mlflow.artifact_location,
+        record = registry.TrainingRecord(
             params=cfg.to_flat_dict(),
             tags={
                 **snapshot.tags(),
@@ -226,11 +221,10 @@ def _register(
                 "plots": _plots(trained, taxonomy, tmpdir / "plots"),
                 "tables": _tables(trained, taxonomy, BundleFolder(bundle_dir), tmpdir / "tables"),
             },
-            input_example=example,
-            output_example=_score_example(trained, example),
-            version_tags=version_tags,
             tables={} if trained.label_issues is None else {PRUNED_TABLE: trained.label_issues},
         )
+        example = (example, _score_example(trained, example))
+        return registry.log_and_register(client, cfg.mlflow, bundle_dir, record, example, version_tags)
 
 
 _SUMMARY_KEYS = ("r_at_p95", "macro_f1", "realized_precision", "coverage", "coverage_efficiency")
