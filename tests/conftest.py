@@ -125,6 +125,11 @@ SCORING_TRAIN = SyntheticConfig(products=3000, seed=1, image_size=32)
 # Incoming products for the enrichment tests: same image size as the training data, every kind of
 # bad row (4 % -> 12 of each of 8 kinds), merchant values on 20 % of the products.
 INCOMING = SyntheticConfig(products=2400, seed=7, bad_rate=0.04, image_size=32, days=4)
+# The Spark master of the whole job processes the fault tests start (a kill, a lock race, a dead
+# server, a scheduler): one task slot, so one Python worker imports torch and loads the model, not
+# two. Their subject is what survives the fault; the suite's own session (local[2]) and the
+# standalone cluster run the job on several workers.
+ONE_CORE = "spark.master=local[1]"
 
 
 def run_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

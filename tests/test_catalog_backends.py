@@ -21,7 +21,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.enrich import EnrichOutcome, run_enrichment
 from catalog_enrichment.versions import ModelVersion
 from tests.catalog.test_attributes import seed_merchant
-from tests.conftest import tiny_config
+from tests.conftest import ONE_CORE, tiny_config
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(900)]
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -259,7 +259,7 @@ def test_real_job_processes_killed_around_the_postgres_commit(  # type: ignore[n
         """A real job process, SIGKILLed at ``fault``."""
         done = subprocess.run(
             [sys.executable, "-c", "from catalog_enrichment.cli import run; run()", "enrich",
-             "--partition", f"ingest_date={day}", "--run-id", "k1", *flags],
+             "--partition", f"ingest_date={day}", "--run-id", "k1", "--set", ONE_CORE, *flags],
             env={**os.environ, PG_DSN_ENV: pg_server.dsn(), "CATALOG_ENRICH_FAULT": fault},
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip

@@ -301,16 +301,16 @@ def test_rollback_restores_the_previous_values_exactly(
 CRASH_SCRIPT = """
 import json, sys
 from pathlib import Path
-from pyspark.sql import SparkSession
 from catalog_enrichment.contracts import load_taxonomy
 from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.runtime import spark_session
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config
 
 args = json.loads(sys.argv[1])
-spark = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
-         .config("spark.sql.session.timeZone", "UTC").getOrCreate())
-cfg = tiny_config(catalog={"root": args["root"]}, inference={"batch_size": 64, "device": "cpu"})
+cfg = tiny_config(catalog={"root": args["root"]}, inference={"batch_size": 64, "device": "cpu"},
+                  spark={"master": "local[1]"})
+spark = spark_session(cfg)
 model = ModelVersion("tiny", "1", bundle_dir=Path(args["bundle"]))
 run_enrichment(spark, cfg, load_taxonomy(), model=model, products=args["products"], full=True,
                run_id="crash-1")

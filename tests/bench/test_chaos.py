@@ -24,7 +24,7 @@ from catalog_enrichment.bench.chaos import (
 )
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.data.synthetic import generate_marketplace
-from tests.conftest import cli_in_process, register_bundle
+from tests.conftest import ONE_CORE, cli_in_process, register_bundle
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.spark, pytest.mark.timeout(900)]
 
@@ -60,7 +60,12 @@ def observations(tmp_path_factory, spark, scoring_bundle, taxonomy) -> Iterator[
         )
         registry.set_alias(client, "chaos", registry.CHAMPION, registered.version)
         setup = ChaosSetup(
-            work, incoming.products, uri, "chaos", settings=("validation.great_expectations=false",)
+            work,
+            incoming.products,
+            uri,
+            "chaos",
+            settings=("validation.great_expectations=false",),
+            process_settings=(ONE_CORE,),
         )
         found = run_chaos(setup, say=lambda m: None, follow_up=_in_this_process)
     finally:

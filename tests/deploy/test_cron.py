@@ -13,7 +13,7 @@ import pytest
 from catalog_enrichment.catalog.attributes import find_run_commit
 from catalog_enrichment.catalog.lakehouse import table_version
 from catalog_enrichment.catalog.reports import read_reports
-from tests.conftest import repo_root, tiny_registry
+from tests.conftest import ONE_CORE, repo_root, tiny_registry
 
 WRAPPER = repo_root() / "deploy" / "cron" / "catalog-enrich-cron.sh"
 
@@ -87,7 +87,7 @@ def test_two_runs_at_once_never_overlap_and_nothing_is_written_twice(
         "--run-id",
         "nightly-1",
         "--set",
-        "spark.master=local[1]",
+        ONE_CORE,
     ]
     first = subprocess.Popen(
         [str(WRAPPER), *args], env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -66,13 +66,15 @@ _ROW = ("product_id", "attribute", "value", "source", "model_version")
 @dataclass(frozen=True)
 class ChaosSetup:
     """What the scenarios run on: a products table and a registered champion model; ``settings``
-    are more ``--set KEY=VALUE`` for every run."""
+    are more ``--set KEY=VALUE`` for every run, ``process_settings`` for the disturbed processes
+    only (not for the undisturbed runs of a ``follow_up`` runner, which may share a session)."""
 
     workdir: Path
     products: Path
     tracking_uri: str
     model_name: str
     settings: tuple[str, ...] = ()
+    process_settings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -136,7 +138,9 @@ class _Bench:
         shutil.copytree(self.base, root)
         return root
 
-    def arguments(self, root: Path, verb: str, *args: str, uri: str | None = None) -> list[str]:
+    def arguments(
+        self, root: Path, verb: str, *args: str, uri: str | None = None, process: bool = False
+    ) -> list[str]:
         flags = [
             "--products", str(self.setup.products),
             "--catalog", str(root),
@@ -145,7 +149,7 @@ class _Bench:
             "--set", "inference.device=cpu",
             "--set", "validation.max_invalid_fraction=0.2",
         ]  # fmt: skip
-        for setting in self.setup.settings:
+        for setting in (*self.setup.settings, *(self.setup.process_settings if process else ())):
             flags += ["--set", setting]
         if verb == "enrich":
             flags.append("--full")
@@ -154,14 +158,14 @@ class _Bench:
     def start(self, root: Path, verb: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
         """A process writing its output (both streams) to ``log``."""
         with log.open("wb") as out:
-            command = [*_cli(), *self.arguments(root, verb, *args)]
+            command = [*_cli(), *self.arguments(root, verb, *args, process=True)]
             return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
     def cli(
         self, root: Path, verb: str, *args: str, env: dict[str, str] | None = None, uri: str | None = None
     ) -> Finished:
         """A real process (``env`` added to this one's environment)."""
-        return self.process(self.arguments(root, verb, *args, uri=uri), env)
+        return self.process(self.arguments(root, verb, *args, uri=uri, process=True), env)
 
     def again(self, root: Path, verb: str, *args: str) -> Finished:
         """An undisturbed run, through the follow-up runner."""
