@@ -204,7 +204,7 @@ def pretrain_text(args: argparse.Namespace, cfg: AppConfig) -> int:
     record batches through a shuffle buffer, never whole.
     """
     from catalog_enrichment.catalog.lakehouse import read_table
-    from catalog_enrichment.training.pretrain import pretrain_text
+    from catalog_enrichment.training.pretrain import PretrainOptions, pretrain_text
     from catalog_enrichment.training.stream import table_source
 
     data = Path(args.data or cfg.catalog.table("products"))
@@ -214,13 +214,10 @@ def pretrain_text(args: argparse.Namespace, cfg: AppConfig) -> int:
     result = pretrain_text(
         table_source(data, batch_rows=streaming.batch_rows) if streaming.enabled else read_table(data),
         cfg,
-        method=args.method,
+        PretrainOptions(
+            args.method, args.epochs, args.batch_size, args.learning_rate, args.temperature, args.alpha
+        ),
         out=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        temperature=args.temperature,
-        alpha=args.alpha,
         image_roots=[data],
         device=runtime.device(cfg.inference),
         progress=print,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog_enrichment.bench.throughput import _ratios, run_throughput_benchmark
+from catalog_enrichment.bench.throughput import ThroughputPlan, _ratios, run_throughput_benchmark
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config, tiny_registry
@@ -16,15 +16,14 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(900)]
 
 def test_in_process_modes_report_rates_and_ratios(tmp_path: Path, taxonomy, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
     cfg = tiny_config(inference={"device": "cpu", "batch_size": 64}, spark={"master": "local[2]"})
-    result = run_throughput_benchmark(
-        cfg,
-        taxonomy,
-        model=ModelVersion("", "tiny", bundle_dir=scoring_bundle),
-        sizes=(300,),
-        workdir=tmp_path / "bench",
+    plan = ThroughputPlan(
+        ModelVersion("", "tiny", bundle_dir=scoring_bundle),
+        (300,),
         modes=("raw", "predictor", "raw_tasks", "encoders"),
         repeats=1,
-        progress=lambda m: None,
+    )
+    result = run_throughput_benchmark(
+        cfg, taxonomy, plan, workdir=tmp_path / "bench", progress=lambda m: None
     )
     assert result["in_process_products"] == 300
     # each encoder alone in both runtimes (a torch bundle's encoders exported for the comparison)
@@ -51,16 +50,15 @@ def test_job_and_peer_run_as_whole_processes_on_the_registered_model(
         inference={"device": "cpu", "batch_size": 64},
     )
     messages: list[str] = []
-    result = run_throughput_benchmark(
-        cfg,
-        taxonomy,
-        model=ModelVersion("tiny", version, bundle_dir=scoring_bundle),
-        sizes=(100,),
-        workdir=tmp_path / "bench",
+    plan = ThroughputPlan(
+        ModelVersion("tiny", version, bundle_dir=scoring_bundle),
+        (100,),
         modes=("job", "peer"),
         repeats=1,
         config_args=["--set", "inference.device=cpu", "--set", "inference.batch_size=64"],
-        progress=messages.append,
+    )
+    result = run_throughput_benchmark(
+        cfg, taxonomy, plan, workdir=tmp_path / "bench", progress=messages.append
     )
     job, peer = (result["runs"]["100"][m][0] for m in ("job", "peer"))
     assert result["job_vs_peer_100"] == pytest.approx(job["seconds"] / peer["seconds"])
@@ -91,12 +89,12 @@ def test_what_the_benchmark_refuses_before_doing_anything(tmp_path: Path, taxono
     bundle = ModelVersion("", "tiny", bundle_dir=scoring_bundle)
     with pytest.raises(CatalogEnrichError, match="device cpu only"):
         run_throughput_benchmark(
-            tiny_config(), taxonomy, model=bundle, sizes=(10,), workdir=tmp_path, modes=("raw", "raw_tasks"),
-            device="cuda", progress=lambda m: None,
+            tiny_config(), taxonomy, ThroughputPlan(bundle, (10,), modes=("raw", "raw_tasks"), device="cuda"),
+            workdir=tmp_path, progress=lambda m: None,
         )  # fmt: skip
     with pytest.raises(CatalogEnrichError, match="registered model"):
         run_throughput_benchmark(
-            tiny_config(), taxonomy, model=bundle, sizes=(10,), workdir=tmp_path, modes=("job",),
+            tiny_config(), taxonomy, ThroughputPlan(bundle, (10,), modes=("job",)), workdir=tmp_path,
             progress=lambda m: None,
         )  # fmt: skip
     assert not any(tmp_path.iterdir())  # refused before generating or loading anything

@@ -18,7 +18,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import generate_marketplace, products_batches
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.training.loop import train_and_calibrate
-from catalog_enrichment.training.pretrain import contrastive_loss, pretrain_text
+from catalog_enrichment.training.pretrain import PretrainOptions, contrastive_loss, pretrain_text
 from tests.conftest import tiny_config
 
 
@@ -51,10 +51,9 @@ def test_an_adapted_encoder_is_a_folder_a_text_only_model_fine_tunes_from(
     result = pretrain_text(
         table,
         tiny_config(),
-        method=method,
+        PretrainOptions(method, epochs=3),  # type: ignore[arg-type]
         out=tmp_path / method,
-        epochs=3,
-        progress=lines.append,  # type: ignore[arg-type]
+        progress=lines.append,
     )
     # the objective is learned: the loss falls from its chance level (log of the batch size)
     assert result.losses[-1] < result.losses[0] < math.log(32) + 0.5
@@ -74,7 +73,9 @@ def test_an_adapted_encoder_is_a_folder_a_text_only_model_fine_tunes_from(
 
 def test_too_few_products_is_a_clear_error(taxonomy: Taxonomy, tmp_path: Path) -> None:
     with pytest.raises(CatalogEnrichError, match="too few for two batches of 32"):
-        pretrain_text(_products(40, taxonomy), tiny_config(), method="simcse", out=tmp_path / "x", epochs=1)
+        pretrain_text(
+            _products(40, taxonomy), tiny_config(), PretrainOptions("simcse", epochs=1), out=tmp_path / "x"
+        )
 
 
 @pytest.mark.slow
@@ -132,7 +133,8 @@ def test_streamed_pretraining_reads_record_batches_learns_and_gives_the_same_enc
     source = Source(batches, streamed.rows, streamed.names)
     cfg = tiny_config(training={"streaming": {"enabled": True, "shuffle_rows": 64}})
     runs = [
-        pretrain_text(source, cfg, method=method, out=tmp_path / f"{method}-{i}", epochs=3) for i in range(2)
+        pretrain_text(source, cfg, PretrainOptions(method, epochs=3), out=tmp_path / f"{method}-{i}")  # type: ignore[arg-type]
+        for i in range(2)
     ]
     # one counting pass, then one per epoch; never more than a record batch at a time from the table
     assert len(passes) == 2 * (1 + 3) and all(max(p) == 50 for p in passes)

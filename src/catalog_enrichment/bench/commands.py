@@ -142,7 +142,7 @@ def bench_drift(args: argparse.Namespace, cfg: AppConfig) -> int:
     --test-data (and --taxonomy): a real catalog's training and test tables instead, without the
     --new-type products in training.
     """
-    from catalog_enrichment.bench.drift import KINDS, NEW_TYPE, format_drift, run_drift_bench
+    from catalog_enrichment.bench.drift import KINDS, NEW_TYPE, DriftPlan, format_drift, run_drift_bench
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.config import TINY_MODEL
     from catalog_enrichment.contracts import load_taxonomy
@@ -159,11 +159,13 @@ def bench_drift(args: argparse.Namespace, cfg: AppConfig) -> int:
         cfg = cfg.model_validate(merge_layers(cfg.model_dump(), layers))
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    result = run_drift_bench(
-        runtime.spark_session(cfg), cfg, load_taxonomy(cfg.taxonomy_path), workdir,
-        batches=args.batches, batch_size=args.batch_size, share=args.share, kinds=kinds,
-        train_products=args.train_products, data=data, new_type=args.new_type or NEW_TYPE, seed=args.seed,
+    plan = DriftPlan(
+        args.batches, args.batch_size, args.share, kinds, args.train_products, args.new_type or NEW_TYPE,
+        args.seed,
     )  # fmt: skip
+    result = run_drift_bench(
+        runtime.spark_session(cfg), cfg, load_taxonomy(cfg.taxonomy_path), workdir, plan, data=data
+    )
     return _write_result(result, Path(args.out), format_drift(result))
 
 
@@ -252,7 +254,7 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     alternating; with --rescore-uri: then a new head re-scoring from the embedding store); mode
     encoders: each encoder alone in each runtime (torch, onnx); write JSON.
     """
-    from catalog_enrichment.bench.throughput import run_throughput_benchmark
+    from catalog_enrichment.bench.throughput import ThroughputPlan, run_throughput_benchmark
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.versions import ModelVersion
 
@@ -281,12 +283,9 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
         rescore = runtime.model_version(cfg, args.rescore_uri, runtime.mlflow_client(cfg.mlflow))
     config_args = [*(["--config", str(Path(args.config).resolve())] if args.config else [])]
     config_args += [arg for override in args.overrides for arg in ("--set", override)]
-    result = run_throughput_benchmark(
-        cfg,
-        load_taxonomy(cfg.taxonomy_path),
-        model=model,
-        sizes=args.sizes,
-        workdir=Path(args.workdir),
+    plan = ThroughputPlan(
+        model,
+        args.sizes,
         modes=[*modes, *(["rescore"] if rescore else []), *(["peer"] if args.peer else [])],
         rescore=rescore,
         repeats=args.repeats,
@@ -295,6 +294,7 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
         block=args.block,
         config_args=config_args,
     )
+    result = run_throughput_benchmark(cfg, load_taxonomy(cfg.taxonomy_path), plan, workdir=Path(args.workdir))
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     for key, value in result.items():
         if isinstance(value, float):

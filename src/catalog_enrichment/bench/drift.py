@@ -35,6 +35,7 @@ import io
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KINDS",
     "NEW_TYPE",
+    "DriftPlan",
     "colour_shift",
     "drifted_batch",
     "format_drift",
@@ -233,26 +235,38 @@ def _split_new_type(
     return train.filter(pc.invert(of_type(train))), clean, newcomers
 
 
+@dataclass(frozen=True)
+class DriftPlan:
+    """The nights ``bench drift`` runs: ``batches`` clean batches of ``batch_size`` products and as
+    many per drift kind of ``kinds``, each drifting ``share`` of its products; ``train_products``
+    generated for training (without ``new_type``, kept for the new-type drift); ``seed`` draws
+    everything."""
+
+    batches: int = 20
+    batch_size: int = 1000
+    share: float = 0.5
+    kinds: Sequence[str] = KINDS
+    train_products: int = 4000
+    new_type: str = NEW_TYPE
+    seed: int = 0
+
+
 def run_drift_bench(
     spark: SparkSession,
     cfg: AppConfig,
     taxonomy: Taxonomy,
     workdir: Path,
+    plan: DriftPlan = DriftPlan(),
     *,
-    batches: int = 20,
-    batch_size: int = 1000,
-    share: float = 0.5,
-    kinds: Sequence[str] = KINDS,
-    train_products: int = 4000,
     data: tuple[pa.Table, pa.Table] | None = None,
-    new_type: str = NEW_TYPE,
-    seed: int = 0,
     say: Say = print,
 ) -> dict[str, Any]:
     """Train, then run the job and the check on every clean and drifted batch (module docstring).
 
     ``cfg``: the model, training and health settings (as a user runs them: the defaults block);
     ``data``: a real catalog's (training, test) tables instead of generated marketplaces."""
+    batches, batch_size, share, kinds = plan.batches, plan.batch_size, plan.share, plan.kinds
+    new_type, seed = plan.new_type, plan.seed
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown drift kinds {unknown}; known: {', '.join(KINDS)}")
@@ -260,7 +274,7 @@ def run_drift_bench(
     if data is None:
         # enough clean products for the batches, and newcomers for a drifted batch (lamps are ~2 %)
         pool = max(round(batches * batch_size * 1.15), round(share * batch_size / 0.015)) + 1000
-        data = _generated(workdir, taxonomy, train=train_products, pool=pool, seed=seed, say=say)
+        data = _generated(workdir, taxonomy, train=plan.train_products, pool=pool, seed=seed, say=say)
     train, clean, newcomers = _split_new_type(*data, new_type, batch_size, share)
     say(f"training on {train.num_rows:,} products without a {new_type} ({new_type}s kept for the drift)")
     trained, model = _train(train, taxonomy, cfg, workdir, say)
@@ -287,7 +301,7 @@ def run_drift_bench(
                     run["filled"] = len(held & night.written(everything=True))
             runs.append(run)
             say(f"[{len(runs)}/{batches * (1 + len(kinds))}] {run_id}: {_describe(run)}")
-    result = _summary(runs, kinds, batches, batch_size, share, trained, time.perf_counter() - started)
+    result = _summary(runs, plan, trained, time.perf_counter() - started)
     return {**result, "new_type": new_type, "disjoint_batches": disjoint}
 
 
@@ -396,17 +410,9 @@ def _train(train: pa.Table, taxonomy: Taxonomy, cfg: AppConfig, workdir: Path, s
     return trained, ModelVersion("drift", "1", bundle_dir=bundle)
 
 
-def _summary(
-    runs: list[dict[str, Any]],
-    kinds: Sequence[str],
-    batches: int,
-    batch_size: int,
-    share: float,
-    trained: Any,
-    seconds: float,
-) -> dict[str, Any]:
+def _summary(runs: list[dict[str, Any]], plan: DriftPlan, trained: Any, seconds: float) -> dict[str, Any]:
     per_kind: dict[str, Any] = {}
-    for kind in ("clean", *kinds):
+    for kind in ("clean", *plan.kinds):
         mine = [r for r in runs if r["kind"] == kind]
         checks: dict[str, int] = {}
         for r in mine:
@@ -424,9 +430,9 @@ def _summary(
             "checks": dict(sorted(checks.items(), key=lambda kv: -kv[1])),
         }
     return {
-        "batches": batches,
-        "batch_size": batch_size,
-        "share": share,
+        "batches": plan.batches,
+        "batch_size": plan.batch_size,
+        "share": plan.share,
         "training_products": len(trained.product_ids),
         "seconds": round(seconds, 1),
         "kinds": per_kind,

@@ -187,12 +187,13 @@ def run_ensemble_study(
 def _pretrain(
     table: pa.Table, cfg: AppConfig, method: str, workdir: Path, epochs: int, device: str, say: Say
 ) -> Any:
-    from catalog_enrichment.training.pretrain import pretrain_text
+    from catalog_enrichment.training.pretrain import PretrainOptions, pretrain_text
 
     say(f"== pretrain-text --method {method} ==")
     out = workdir / f"text-{method}"
     indented = lambda m: say("  " + m)  # noqa: E731
-    return pretrain_text(table, cfg, method=method, out=out, epochs=epochs, device=device, progress=indented)  # type: ignore[arg-type]
+    options = PretrainOptions(method, epochs)  # type: ignore[arg-type]
+    return pretrain_text(table, cfg, options, out=out, device=device, progress=indented)
 
 
 def run_pretrain_study(

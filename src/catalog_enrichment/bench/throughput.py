@@ -48,6 +48,7 @@ from catalog_enrichment.versions import ModelVersion
 
 __all__ = [
     "RawTasks",
+    "ThroughputPlan",
     "measure_paired",
     "measure_predictor",
     "measure_raw",
@@ -391,23 +392,33 @@ def measure_process(command: Sequence[str], env: dict[str, str], workdir: Path) 
     }
 
 
+@dataclass(frozen=True)
+class ThroughputPlan:
+    """What ``bench throughput`` measures: ``model`` (and ``rescore``, a head re-scoring the store
+    the job filled) on tables of ``sizes`` products in ``modes``, ``repeats`` times each, on
+    ``device`` with ``threads`` torch threads (None: torch's default); ``block`` products per call
+    in the raw modes; ``config_args`` are the whole processes' config flags."""
+
+    model: ModelVersion
+    sizes: Sequence[int]
+    modes: Sequence[str] = ("raw", "predictor", "job")
+    rescore: ModelVersion | None = None
+    repeats: int = 3
+    device: str = "cpu"
+    threads: int | None = None
+    block: int = 2048
+    config_args: Sequence[str] = ()
+
+
 def run_throughput_benchmark(
     cfg: AppConfig,
     taxonomy: Taxonomy,
+    plan: ThroughputPlan,
     *,
-    model: ModelVersion,
-    sizes: Sequence[int],
     workdir: Path,
-    modes: Sequence[str] = ("raw", "predictor", "job"),
-    rescore: ModelVersion | None = None,
-    repeats: int = 3,
-    device: str = "cpu",
-    threads: int | None = None,
-    block: int = 2048,
-    config_args: Sequence[str] = (),
     progress: Say | None = None,
 ) -> dict[str, Any]:
-    """Measure the modes ``repeats`` times each and report medians and ratios.
+    """Measure the plan's modes ``plan.repeats`` times each and report medians and ratios.
 
     ``raw`` and ``predictor`` run in this process on the first size, paired (:func:`measure_paired`);
     ``job`` and ``peer`` run as whole processes at every size, alternating (job first in even
@@ -416,9 +427,10 @@ def run_throughput_benchmark(
     import torch
 
     say = progress or (lambda m: print(m, flush=True))
-    processes = _check_modes(modes, model, device)
-    if threads:
-        torch.set_num_threads(threads)
+    model, sizes, device = plan.model, plan.sizes, plan.device
+    processes = _check_modes(plan.modes, model, device)
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
     workdir.mkdir(parents=True, exist_ok=True)
     size = _image_size(model.bundle)
     result: dict[str, Any] = {
@@ -430,10 +442,10 @@ def run_throughput_benchmark(
         "model": f"{model.name} v{model.version}",
         "runs": {},
     }
-    in_process = [m for m in modes if m not in processes]
+    in_process = [m for m in plan.modes if m not in processes]
     if in_process:  # the same products as the first size's whole-process runs
         table = read_table(_products_table(workdir, sizes[0], size, taxonomy, say))
-        result.update(_in_process(cfg, taxonomy, model, table, in_process, repeats, device, block, say))
+        result.update(_in_process(cfg, taxonomy, plan, table, in_process, say))
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri,
@@ -441,7 +453,7 @@ def run_throughput_benchmark(
     }
     for n in sizes if processes else ():
         path = _products_table(workdir, n, size, taxonomy, say)
-        runs = _processes(cfg, model, rescore, path, processes, repeats, config_args, env, workdir, say)
+        runs = _processes(cfg, plan, path, processes, env, workdir, say)
         result["runs"][str(n)] = runs
         for mode in processes:
             result[f"{mode}_seconds_{n}"] = _median(runs[mode], "seconds")
@@ -479,24 +491,22 @@ def _check_modes(modes: Sequence[str], model: ModelVersion, device: str) -> list
 
 def _processes(
     cfg: AppConfig,
-    model: ModelVersion,
-    rescore: ModelVersion | None,
+    plan: ThroughputPlan,
     path: Path,
     processes: list[str],
-    repeats: int,
-    config_args: Sequence[str],
     env: dict[str, str],
     workdir: Path,
     say: Say,
 ) -> dict[str, list[dict[str, Any]]]:
-    """The whole-process runs on the products at ``path``: ``repeats`` of each mode, alternating -
+    """The whole-process runs on the products at ``path``: the plan's repeats of each mode, alternating -
     the peer after the job in even repeats, before it in odd ones; a re-score always right after its
     job (it reads the store that run filled) - each into a fresh folder."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in processes}
+    repeats = plan.repeats
     for r in range(repeats):
         groups = [[m for m in processes if m != "peer"], [m for m in processes if m == "peer"]]
         root = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-        commands = process_commands(cfg, model, path.resolve(), root, config_args, rescore)
+        commands = process_commands(cfg, plan.model, path.resolve(), root, plan.config_args, plan.rescore)
         for mode in itertools.chain(*(groups if r % 2 == 0 else groups[::-1])):
             run = measure_process(commands[mode], env, workdir)
             runs[mode].append(run)
@@ -517,17 +527,11 @@ def _products_table(workdir: Path, n: int, size: int, taxonomy: Taxonomy, say: S
 
 
 def _in_process(
-    cfg: AppConfig,
-    taxonomy: Taxonomy,
-    model: ModelVersion,
-    table: pa.Table,
-    modes: Sequence[str],
-    repeats: int,
-    device: str,
-    block: int,
-    say: Say,
+    cfg: AppConfig, taxonomy: Taxonomy, plan: ThroughputPlan, table: pa.Table, modes: Sequence[str], say: Say
 ) -> dict[str, Any]:
-    """``raw``, ``predictor`` and ``raw_tasks`` over ``table`` in this process: medians and ratios."""
+    """``modes`` (``raw``, ``predictor``, ``raw_tasks``, ``encoders``) over ``table`` in this process:
+    medians and ratios."""
+    model, repeats, device, block = plan.model, plan.repeats, plan.device, plan.block
     loaded = _load(model.bundle, taxonomy, cfg, device, cfg.inference.autocast)
     arrow_batch = cfg.spark.arrow_max_records_per_batch
     paired = "raw" in modes and "predictor" in modes

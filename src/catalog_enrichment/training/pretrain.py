@@ -73,6 +73,20 @@ def _projection(width: int) -> nn.Module:
 
 
 @dataclass(frozen=True)
+class PretrainOptions:
+    """How ``pretrain_text`` adapts the encoder: ``method``, ``epochs`` of ``batch_size`` products,
+    ``learning_rate`` (None: 2e-5 for a pretrained encoder, else ``training.learning_rate``),
+    ``temperature`` (None: the method's default) and ConVIRT's text-to-image weight ``alpha``."""
+
+    method: Method
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float | None = None
+    temperature: float | None = None
+    alpha: float = 0.75
+
+
+@dataclass(frozen=True)
 class PretrainResult:
     """What ``pretrain_text`` wrote and how the loss went (``losses``: mean per epoch)."""
 
@@ -264,21 +278,16 @@ def _save(
 def pretrain_text(
     data: pa.Table | Source,
     cfg: AppConfig,
+    options: PretrainOptions,
     *,
-    method: Method,
     out: str | Path,
-    epochs: int = 10,
-    batch_size: int = 32,
-    learning_rate: float | None = None,
-    temperature: float | None = None,
-    alpha: float = 0.75,
     image_roots: Sequence[str | Path] = (),
     device: torch.device | str = "cpu",
     progress: Say | None = None,
 ) -> PretrainResult:
     """Adapt ``model.text``'s encoder on the products of ``data`` (a table in memory, or a
-    :class:`~.stream.Source` read in record batches) by ``method`` (see the module docstring) and
-    save it to ``out``. Labels, if the table has them, are not read.
+    :class:`~.stream.Source` read in record batches) as ``options`` say (see the module docstring)
+    and save it to ``out``. Labels, if the table has them, are not read.
 
     Raises:
         CatalogEnrichError: too few products (ConVIRT: with a usable image) for one batch.
@@ -286,9 +295,10 @@ def pretrain_text(
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     device = torch.device(device)
-    tau = temperature if temperature is not None else DEFAULT_TEMPERATURE[method]
+    method, epochs, batch_size, alpha = options.method, options.epochs, options.batch_size, options.alpha
+    tau = options.temperature if options.temperature is not None else DEFAULT_TEMPERATURE[method]
     tcfg, text_cfg = cfg.training, cfg.model.text
-    lr = learning_rate or (PRETRAINED_LR if text_cfg.pretrained_path else tcfg.learning_rate)
+    lr = options.learning_rate or (PRETRAINED_LR if text_cfg.pretrained_path else tcfg.learning_rate)
     set_seed(tcfg.seed)
     roots = [*image_roots, *([data.folder] if isinstance(data, Source) and data.folder else [])]
     policy = ImagePolicy.from_config(cfg.images, roots)  # the catalog's policy, as serving's

@@ -1,0 +1,34 @@
+"""``bench drift`` runs and writes its JSON: the smallest plan (one clean night and one whose titles
+are stripped to ids), on this worker's Spark session. What the health checks decide is
+``tests/test_health.py``'s and ``tests/test_health_job.py``'s; the detection rates are
+docs/benchmarks.md's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli_in_process
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_bench_drift_runs_a_clean_and_a_drifted_night_and_writes_its_result(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "drift.json"
+    code, stdout, stderr = cli_in_process(
+        [
+            "bench", "drift", "--batches", "1", "--batch-size", "100", "--kinds", "stripped_titles",
+            "--train-products", "400", "--workdir", str(tmp_path / "work"), "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["batches"], result["batch_size"], result["share"]) == (1, 100, 0.5)
+    assert sorted(result["kinds"]) == ["clean", "stripped_titles"]
+    assert [(r["kind"], r["batch"]) for r in result["runs"]] == [("clean", 0), ("stripped_titles", 0)]
+    # titles stripped to ids are an input the training data never had: the night is caught
+    stripped = result["kinds"]["stripped_titles"]
+    assert stripped["alarmed"] == 1 and stripped["checks"].get("input:title_length") == 1
+    assert out.with_suffix(".md").is_file() and "| stripped_titles |" in stdout
