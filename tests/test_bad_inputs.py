@@ -32,7 +32,7 @@ from catalog_enrichment.catalog.lakehouse import read_table, table_version, writ
 from catalog_enrichment.catalog.products import Partition, read_products
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import load_contract
-from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.validation.rules import NOT_TEXT_REGEX, build_rules, check_rows
 from catalog_enrichment.versions import ModelVersion
@@ -168,7 +168,12 @@ def _run(spark, cfg, taxonomy, bundle: Path, products: Path, run_id: str):  # ty
     """One enrichment run of the tiny model over ``products``, quietly."""
     model = ModelVersion("tiny", "1", bundle_dir=bundle)
     return run_enrichment(
-        spark, cfg, taxonomy, model=model, products=products, run_id=run_id, progress=lambda m: None
+        spark,
+        cfg,
+        taxonomy,
+        model=model,
+        scope=RunScope(products=products, run_id=run_id),
+        progress=lambda m: None,
     )
 
 

@@ -18,7 +18,7 @@ from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.enrich import EnrichOutcome, run_enrichment
+from catalog_enrichment.enrich import EnrichOutcome, RunScope, run_enrichment
 from catalog_enrichment.versions import ModelVersion
 from tests.catalog.test_attributes import seed_merchant
 from tests.conftest import ONE_CORE, tiny_config
@@ -66,11 +66,15 @@ class Backend:
         self.kind, self.cfg = kind, cfg
         self.catalog = open_catalog(cfg.catalog, products=products)
 
-    def run(self, spark: Any, taxonomy: Taxonomy, bundle: Path, **kw: Any) -> EnrichOutcome:
-        model = kw.pop("model", None) or ModelVersion("tiny", "1", bundle_dir=bundle)
+    def run(
+        self, spark: Any, taxonomy: Taxonomy, bundle: Path, *, model: ModelVersion | None = None, **scope: Any
+    ) -> EnrichOutcome:
+        """A run of ``scope`` (:class:`RunScope`'s fields) on this catalog; the model: v1 of ``bundle``."""
+        model = model or ModelVersion("tiny", "1", bundle_dir=bundle)
         return run_enrichment(
-            spark, self.cfg, taxonomy, model=model, progress=lambda _m: None, catalog=self.catalog, **kw
-        )
+            spark, self.cfg, taxonomy, model=model, scope=RunScope(**scope), progress=lambda _m: None,
+            catalog=self.catalog,
+        )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.catalog.postgres import PostgresCatalog
-from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.inference.bundle import BundleFolder, load_bundle
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import save_with_model, tiny_config, tiny_registry
@@ -78,9 +78,14 @@ def test_a_new_head_rescores_from_the_store_and_writes_what_a_fresh_encode_write
 
     def run(bundle: Path, version: str, run_id: str, config: Any = cfg) -> dict[str, Any]:
         outcome = run_enrichment(
-            spark, config, taxonomy, model=ModelVersion("tiny", version, bundle_dir=bundle), full=True,
-            run_id=run_id, progress=lambda _m: None, catalog=catalog,
-        )  # fmt: skip
+            spark,
+            config,
+            taxonomy,
+            model=ModelVersion("tiny", version, bundle_dir=bundle),
+            scope=RunScope(full=True, run_id=run_id),
+            progress=lambda _m: None,
+            catalog=catalog,
+        )
         return {"scored": outcome.report.rows_scored, **outcome.report.summary()}
 
     first = run(scoring_bundle, "1", "store-1")

@@ -33,7 +33,7 @@ from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.data.truth import written_precision
-from catalog_enrichment.enrich import backfill_partitions, run_enrichment
+from catalog_enrichment.enrich import BackfillRange, RunScope, backfill_partitions, run_enrichment
 from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.inference.predictor import PredictorOptions
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
@@ -82,11 +82,10 @@ def _model(bundle: Path, version: str = "1") -> ModelVersion:
     return ModelVersion("tiny", version, bundle_dir=bundle)
 
 
-def _run(spark, cfg: AppConfig, taxonomy: Taxonomy, incoming, bundle: Path, **kw: Any):  # type: ignore[no-untyped-def]
-    model = kw.pop("model", None) or _model(bundle)
-    return run_enrichment(
-        spark, cfg, taxonomy, model=model, products=incoming.products, progress=_quiet, **kw
-    )
+def _run(spark, cfg: AppConfig, taxonomy: Taxonomy, incoming, bundle: Path, *, model=None, **scope: Any):  # type: ignore[no-untyped-def]
+    """A run on the incoming products; ``scope``: the rest of its :class:`RunScope`."""
+    scope = RunScope(products=incoming.products, **scope)
+    return run_enrichment(spark, cfg, taxonomy, model=model or _model(bundle), scope=scope, progress=_quiet)
 
 
 def _sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
@@ -211,7 +210,7 @@ def test_incremental_scores_only_changed_products(
     shutil.copytree(incoming.products, products)
     cfg = _cfg(tmp_path / "lake")
     first = run_enrichment(
-        spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet
+        spark, cfg, taxonomy, model=_model(scoring_bundle), scope=RunScope(products=products), progress=_quiet
     )
     assert first.report.rows_read == 2400  # no watermark yet: everything
     changed = ["P00000010", "P00000020", "P00000030"]
@@ -227,7 +226,12 @@ def test_incremental_scores_only_changed_products(
 
     stamp(changed, later)
     second = run_enrichment(
-        spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet, run_id="inc-2"
+        spark,
+        cfg,
+        taxonomy,
+        model=_model(scoring_bundle),
+        scope=RunScope(products=products, run_id="inc-2"),
+        progress=_quiet,
     )
     assert second.report.rows_read == 3 and second.report.rows_scored == 3
     # three valid rows: nothing quarantined (the run skips the quarantine query) and the books balance
@@ -238,7 +242,7 @@ def test_incremental_scores_only_changed_products(
     assert touched <= set(changed)
     # the look-back re-reads the last hour before the watermark, less what the last run read there
     third = run_enrichment(
-        spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet
+        spark, cfg, taxonomy, model=_model(scoring_bundle), scope=RunScope(products=products), progress=_quiet
     )
     assert third.report.rows_read == 0 and third.merge is None
     # a change committed late (a PostgreSQL transaction stamps updated_at when it begins): older than
@@ -246,14 +250,19 @@ def test_incremental_scores_only_changed_products(
     late = third.report.watermark - dt.timedelta(minutes=10)
     stamp(["P00000040"], late)
     fourth = run_enrichment(
-        spark, cfg, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet
+        spark, cfg, taxonomy, model=_model(scoring_bundle), scope=RunScope(products=products), progress=_quiet
     )
     assert fourth.report.rows_read == 1 and fourth.report.watermark == third.report.watermark
     stamp(["P00000050"], late)
     blind = _cfg(tmp_path / "lake", catalog={"lookback_seconds": 0})
     assert (
         run_enrichment(
-            spark, blind, taxonomy, model=_model(scoring_bundle), products=products, progress=_quiet
+            spark,
+            blind,
+            taxonomy,
+            model=_model(scoring_bundle),
+            scope=RunScope(products=products),
+            progress=_quiet,
         ).report.rows_read
         == 0
     )
@@ -302,7 +311,7 @@ CRASH_SCRIPT = """
 import json, sys
 from pathlib import Path
 from catalog_enrichment.contracts import load_taxonomy
-from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.runtime import spark_session
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config
@@ -312,8 +321,8 @@ cfg = tiny_config(catalog={"root": args["root"]}, inference={"batch_size": 64, "
                   spark={"master": "local[1]"})
 spark = spark_session(cfg)
 model = ModelVersion("tiny", "1", bundle_dir=Path(args["bundle"]))
-run_enrichment(spark, cfg, load_taxonomy(), model=model, products=args["products"], full=True,
-               run_id="crash-1")
+scope = RunScope(products=args["products"], full=True, run_id="crash-1")
+run_enrichment(spark, cfg, load_taxonomy(), model=model, scope=scope)
 """
 
 
@@ -383,7 +392,13 @@ def test_bad_inputs_fail_before_anything_is_written(
     table = read_table(incoming.products).drop_columns(["category"])
     write_table(tmp_path / "no-category", table, partition_by=["ingest_date"])
     with pytest.raises(ContractError, match=r"lacks contract column\(s\) \['category'\]"):
-        run_enrichment(spark, cfg, taxonomy, model=_model(scoring_bundle), products=tmp_path / "no-category")
+        run_enrichment(
+            spark,
+            cfg,
+            taxonomy,
+            model=_model(scoring_bundle),
+            scope=RunScope(products=tmp_path / "no-category"),
+        )
     # a partition filter on a column that does not partition the table
     with pytest.raises(ContractError, match="not a partition column"):
         _run(spark, cfg, taxonomy, incoming, scoring_bundle, partition="title=x")
@@ -405,9 +420,8 @@ def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incom
         cfg,
         taxonomy,
         model=_model(scoring_bundle),
-        date_from=days[0],
-        date_to=days[1],
-        products=incoming.products,
+        days=BackfillRange(*days),
+        catalog=open_catalog(cfg.catalog, products=incoming.products),
     )
     with pytest.raises(KeyboardInterrupt):
         backfill(progress=interrupt_at_third)

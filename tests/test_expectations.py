@@ -16,7 +16,7 @@ import pytest
 
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.catalog.reports import read_reports, report_for
-from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.validation.checkpoint import ExpectationsFailed
 from catalog_enrichment.versions import ModelVersion
@@ -37,9 +37,7 @@ def _run(spark, root: Path, taxonomy, products: Path, bundle: Path, run_id: str,
         cfg,
         taxonomy,
         model=model,
-        products=products,
-        run_id=run_id,
-        full=True,
+        scope=RunScope(products=products, run_id=run_id, full=True),
         progress=lambda _m: None,
     )
 
@@ -182,8 +180,7 @@ def test_the_postgres_catalog_runs_the_same_checkpoint(
             cfg,
             taxonomy,
             model=model,
-            run_id=run_id,
-            full=True,
+            scope=RunScope(run_id=run_id, full=True),
             catalog=catalog,
             progress=lambda _m: None,
         )

@@ -21,7 +21,7 @@ from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.cli import main
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.enrich import run_enrichment
+from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config
 
@@ -46,9 +46,14 @@ def _runs(spark: Any, cfg: AppConfig, taxonomy: Any, bundle: Path, catalog: Any,
 
     def run(config: AppConfig, run_id: str) -> dict[str, Any]:
         outcome = run_enrichment(
-            spark, config, taxonomy, model=model, full=True, run_id=run_id, progress=lambda _m: None,
+            spark,
+            config,
+            taxonomy,
+            model=model,
+            scope=RunScope(full=True, run_id=run_id),
+            progress=lambda _m: None,
             catalog=catalog,
-        )  # fmt: skip
+        )
         return outcome.report.summary()
 
     def failed(summary: dict[str, Any]) -> set[tuple[str, str]]:
@@ -148,7 +153,13 @@ def test_the_products_of_a_blocked_night_are_filled_by_the_next_clean_run(  # ty
     def run(products: pa.Table, run_id: str) -> dict[str, Any]:
         write_table(tmp_path / "products", products, mode="overwrite")
         outcome = run_enrichment(
-            spark, cfg, taxonomy, model=model, run_id=run_id, progress=said.append, catalog=catalog
+            spark,
+            cfg,
+            taxonomy,
+            model=model,
+            scope=RunScope(run_id=run_id),
+            progress=said.append,
+            catalog=catalog,
         )
         return outcome.report.summary()
 
@@ -185,7 +196,13 @@ def test_placeholder_photos_are_quarantined_and_read_again_when_the_cdn_is_back(
     def run(products: pa.Table, run_id: str, *, full: bool = False) -> dict[str, Any]:
         write_table(tmp_path / "products", products, mode="overwrite")
         outcome = run_enrichment(
-            spark, cfg, taxonomy, model=model, full=full, run_id=run_id, progress=said.append, catalog=catalog
+            spark,
+            cfg,
+            taxonomy,
+            model=model,
+            scope=RunScope(full=full, run_id=run_id),
+            progress=said.append,
+            catalog=catalog,
         )
         return outcome.report.summary()
 

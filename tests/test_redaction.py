@@ -112,7 +112,7 @@ def test_a_failed_run_reports_and_logs_no_secret(  # type: ignore[no-untyped-def
     """The run report of a failed run keeps its error, masked; so does every log line."""
     from catalog_enrichment.catalog.embedded import LakehouseCatalog
     from catalog_enrichment.catalog.reports import read_reports
-    from catalog_enrichment.enrich import run_enrichment
+    from catalog_enrichment.enrich import RunScope, run_enrichment
     from catalog_enrichment.versions import ModelVersion
     from tests.conftest import tiny_config
 
@@ -124,9 +124,13 @@ def test_a_failed_run_reports_and_logs_no_secret(  # type: ignore[no-untyped-def
     said: list[str] = []
     with pytest.raises(OSError):
         run_enrichment(
-            spark, cfg, taxonomy, model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
-            products=incoming.products, run_id="r1", progress=said.append,
-        )  # fmt: skip
+            spark,
+            cfg,
+            taxonomy,
+            model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+            scope=RunScope(products=incoming.products, run_id="r1"),
+            progress=said.append,
+        )
     (report,) = read_reports(cfg.catalog.table("run_reports"))
     error = report.summary()["error"]
     assert report.status == "failed"
@@ -169,7 +173,7 @@ def test_what_the_scoring_tasks_are_sent_holds_no_secret(  # type: ignore[no-unt
 
     from catalog_enrichment.catalog.attributes import ensure_attributes_table
     from catalog_enrichment.catalog.products import list_partitions
-    from catalog_enrichment.enrich import run_enrichment, stages
+    from catalog_enrichment.enrich import RunScope, run_enrichment, stages
     from catalog_enrichment.versions import ModelVersion
     from tests.conftest import tiny_config
 
@@ -189,7 +193,11 @@ def test_what_the_scoring_tasks_are_sent_holds_no_secret(  # type: ignore[no-unt
     ensure_attributes_table(cfg.catalog.table("attributes"))
     day = list_partitions(incoming.products, "ingest_date")[0]
     run_enrichment(
-        spark, cfg, taxonomy, model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
-        products=incoming.products, partition=f"ingest_date={day}", run_id="r2", progress=lambda _m: None,
-    )  # fmt: skip
+        spark,
+        cfg,
+        taxonomy,
+        model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+        scope=RunScope(products=incoming.products, partition=f"ingest_date={day}", run_id="r2"),
+        progress=lambda _m: None,
+    )
     assert sent and not [blob for blob in sent if SECRET.encode() in blob]

@@ -266,7 +266,7 @@ def enrich(args: argparse.Namespace, cfg: AppConfig) -> int:
     """
     from catalog_enrichment.catalog.reports import format_report
     from catalog_enrichment.contracts import load_taxonomy
-    from catalog_enrichment.enrich import run_enrichment
+    from catalog_enrichment.enrich import RunScope, run_enrichment
 
     taxonomy = load_taxonomy(cfg.taxonomy_path)
     spark, client, model = runtime.job_context(cfg, args.model_uri)
@@ -275,9 +275,7 @@ def enrich(args: argparse.Namespace, cfg: AppConfig) -> int:
         cfg,
         taxonomy,
         model=model,
-        partition=args.partition,
-        full=args.full,
-        run_id=args.run_id,
+        scope=RunScope(partition=args.partition, full=args.full, run_id=args.run_id),
         client=client,
     )
     print(format_report(outcome.report))
@@ -293,7 +291,7 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
     import datetime as dt
 
     from catalog_enrichment.contracts import load_taxonomy
-    from catalog_enrichment.enrich import backfill_partitions
+    from catalog_enrichment.enrich import BackfillRange, backfill_partitions
 
     try:
         date_from, date_to = dt.date.fromisoformat(args.date_from), dt.date.fromisoformat(args.date_to)
@@ -305,9 +303,7 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
         cfg,
         load_taxonomy(cfg.taxonomy_path),
         model=model,
-        date_from=date_from,
-        date_to=date_to,
-        force=args.force,
+        days=BackfillRange(date_from, date_to, force=args.force),
         client=client,
     )
     done = sum(1 for _, o in results if o is not None)

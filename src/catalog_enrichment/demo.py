@@ -186,13 +186,19 @@ def _enrich_all(
     cfg: AppConfig, catalog: Catalog, model: ModelVersion, taxonomy: Taxonomy, client: Any
 ) -> EnrichOutcome:
     """A full run of the champion over the incoming products."""
-    from catalog_enrichment.enrich import run_enrichment
+    from catalog_enrichment.enrich import RunScope, run_enrichment
 
     spark = runtime.spark_session(cfg)
     return run_enrichment(
-        spark, cfg, taxonomy, model=model, full=True, client=client, progress=lambda m: _say("  " + m),
+        spark,
+        cfg,
+        taxonomy,
+        model=model,
+        scope=RunScope(full=True),
+        client=client,
+        progress=lambda m: _say("  " + m),
         catalog=catalog,
-    )  # fmt: skip
+    )
 
 
 def _enrich(

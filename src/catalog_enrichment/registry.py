@@ -367,8 +367,7 @@ def log_enrichment_run(
     blocked, and why), the report as JSON and ``files`` (the run health plots)."""
     return _log_run(
         client,
-        experiment=experiment,
-        artifact_location=artifact_location,
+        _experiment_id(client, experiment, artifact_location),
         name=str(report["run_id"]),
         tags={
             "catalog_enrich.run_id": str(report["run_id"]),
@@ -404,8 +403,7 @@ def log_audit_run(
         return str(same[0].info.run_id)
     run_id = _log_run(
         client,
-        experiment=experiment,
-        artifact_location=artifact_location,
+        experiment_id,
         name=f"audit-{audit['sample_id']}",
         tags={
             "catalog_enrich.audit": str(audit["sample_id"]),
@@ -428,9 +426,8 @@ def log_audit_run(
 
 def _log_run(
     client: MlflowClient,
+    experiment_id: str,
     *,
-    experiment: str,
-    artifact_location: str | None,
     name: str,
     tags: Mapping[str, str],
     params: Mapping[str, Any],
@@ -440,7 +437,6 @@ def _log_run(
 ) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
-    experiment_id = _experiment_id(client, experiment, artifact_location)
     run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
     run_id = run.info.run_id
     try:

@@ -9,7 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog_enrichment.bench.baseline import BASELINE_LABEL
-from catalog_enrichment.bench.quality import format_quality_markdown, run_quality_benchmark
+from catalog_enrichment.bench.quality import (
+    COLLAPSE_LABEL,
+    format_quality_markdown,
+    method_runs,
+    run_quality_benchmark,
+)
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
@@ -51,3 +56,19 @@ def test_real_data_benchmark_tests_every_row_on_the_test_table(tmp_path: Path, t
     assert baseline["product_type"]["r_at_p95"] > 0.5 and baseline["color"]["r_at_p95"] > 0.5
     markdown = format_quality_markdown(result)
     assert f"tested on {test} (150 products)" in markdown and BASELINE_LABEL in markdown
+
+
+@pytest.mark.timeout(30)
+def test_method_runs_train_modality_attention_at_the_given_lambda_and_beside_others_at_zero_too() -> None:
+    def runs(methods: list[str]) -> list[tuple[str, str, float | None]]:
+        return [
+            (label, c.model.fusion, c.model.fusion_kwargs.get("kl_lambda"))
+            for label, c in method_runs(tiny_config(), methods, 0.5)
+        ]
+
+    assert runs(["modality_attention"]) == [("modality_attention", "modality_attention", 0.5)]
+    assert runs(["concat", "modality_attention"]) == [
+        ("concat", "concat", None),
+        ("modality_attention", "modality_attention", 0.5),
+        (COLLAPSE_LABEL, "modality_attention", 0.0),
+    ]

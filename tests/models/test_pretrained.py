@@ -329,7 +329,7 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
     executors = np.stack([np.frombuffer(by_id[p], np.float32) for p in labelled["product_id"].to_pylist()])
     records = ProductRecords.from_arrow(labelled)
     driver = embeddings.embed_products(
-        itself.model, records, itself.tokenizer, max_length=32, batch_size=64,
+        itself.model, records, Collator(itself.tokenizer, 32), batch_size=64,
         device=torch.device("cpu"), cache_dir=None, say=lambda m: None,
     )  # fmt: skip
     packed = embedding.pack(itself.model, embeddings.Embeddings(driver.tensors).inputs(torch.arange(n)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,27 +83,31 @@ def run_audit_benchmark(
         "confidence": confidence,
         "balances": {},
     }
+    audited = _Audited(catalog, version, lookup, true)
     for balance in balances:
         result["balances"][str(balance)] = _balance(
-            catalog, version, balance, size, seeds, lookup, true, confidence=confidence, target=target
+            audited, balance, size, seeds, confidence=confidence, target=target
         )
     return result
 
 
+@dataclass(frozen=True)
+class _Audited:
+    """A model version's values in ``catalog``, the truth's ``lookup`` of right values and the true
+    precision of everything the version wrote, per attribute."""
+
+    catalog: Catalog
+    version: str
+    lookup: dict[tuple[str, str], set[str]]
+    true: dict[str, float]
+
+
 def _balance(
-    catalog: Catalog,
-    version: str,
-    balance: float,
-    size: int,
-    seeds: int,
-    lookup: dict[tuple[str, str], set[str]],
-    true: dict[str, float],
-    *,
-    confidence: float,
-    target: float,
+    audited: _Audited, balance: float, size: int, seeds: int, *, confidence: float, target: float
 ) -> dict[str, Any]:
     """``seeds`` samples at one balance, judged from the truth and audited: per attribute how often
     the interval holds the true precision, and its median width."""
+    catalog, version, lookup, true = audited.catalog, audited.version, audited.lookup, audited.true
     inside = dict.fromkeys(true, 0)
     widths: dict[str, list[float]] = {a: [] for a in true}
     every = 0

@@ -65,7 +65,7 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
     Generate a marketplace, train each fusion method with the same budget, calibrate, evaluate on
     the test split; write JSON + markdown.
     """
-    from catalog_enrichment.bench.quality import format_quality_markdown, run_quality_benchmark
+    from catalog_enrichment.bench.quality import format_quality_markdown, method_runs, run_quality_benchmark
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.models.fusion import list_fusions, trained_fusions
 
@@ -98,9 +98,7 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
         cfg,
         load_taxonomy(cfg.taxonomy_path),
         workdir=Path(args.workdir),
-        methods=methods,
-        kl_lambda=args.kl_lambda,
-        contenders=_contenders(args, adapted) if args.config else None,
+        contenders=_contenders(args, adapted) if args.config else method_runs(cfg, methods, args.kl_lambda),
         data=data,
         device=device,
     )

@@ -355,14 +355,19 @@ class _Night:
         from catalog_enrichment.catalog.lakehouse import write_table
         from catalog_enrichment.catalog.reports import BLOCKED, blocked_why
         from catalog_enrichment.contracts import IMAGE_SHARED
-        from catalog_enrichment.enrich import run_enrichment
+        from catalog_enrichment.enrich import RunScope, run_enrichment
 
         run_id = f"{self.run_id}-next" if next_night else self.run_id
         write_table(self.products, table, mode="overwrite")
         outcome = run_enrichment(
-            self.spark, self.cfg, self.taxonomy, model=self.model, run_id=run_id, progress=lambda _m: None,
+            self.spark,
+            self.cfg,
+            self.taxonomy,
+            model=self.model,
+            scope=RunScope(run_id=run_id),
+            progress=lambda _m: None,
             catalog=self.catalog,
-        )  # fmt: skip
+        )
         rows = self.catalog.keyed_rows("run_health")
         mine = rows.filter(pc.equal(rows["run_id"], run_id)).to_pylist()
         failed = [f"{r['scope']}:{r['check']}" for r in mine if r["status"] == "failed"]

@@ -35,7 +35,7 @@ from catalog_enrichment.models.fusion import trained_fusions
 from catalog_enrichment.training.loop import train_and_calibrate
 from catalog_enrichment.types import Say
 
-__all__ = ["format_quality_markdown", "quality_checks", "run_quality_benchmark"]
+__all__ = ["format_quality_markdown", "method_runs", "quality_checks", "run_quality_benchmark"]
 
 COLLAPSE_LABEL = "modality_attention_lambda0"
 UNIMODAL = ("text_only", "image_only")
@@ -50,16 +50,19 @@ BOOTSTRAP_RESAMPLES = 1000
 
 
 def _runs(methods: Sequence[str], kl_lambda: float) -> list[tuple[str, str, dict[str, Any]]]:
-    runs: list[tuple[str, str, dict[str, Any]]] = [(m, m, {}) for m in methods]
+    runs: list[tuple[str, str, dict[str, Any]]] = [
+        (m, m, {"kl_lambda": kl_lambda} if m == "modality_attention" else {}) for m in methods
+    ]
     if "modality_attention" in methods and len(methods) > 1:  # beside the others: show the collapse
-        runs = [
-            (label, m, {"kl_lambda": kl_lambda} if m == "modality_attention" else kw) for label, m, kw in runs
-        ]
         runs.append((COLLAPSE_LABEL, "modality_attention", {"kl_lambda": 0.0}))
     return runs
 
 
-def _method_runs(cfg: AppConfig, methods: Sequence[str], kl_lambda: float) -> list[tuple[str, AppConfig]]:
+def method_runs(
+    cfg: AppConfig, methods: Sequence[str] | None = None, kl_lambda: float = 1.0
+) -> list[tuple[str, AppConfig]]:
+    """(label, config) of each fusion method (default: every trained one) on ``cfg``; beside the
+    others, modality attention at ``kl_lambda`` and at 0 (the collapse)."""
     return [
         (
             label,
@@ -71,7 +74,7 @@ def _method_runs(cfg: AppConfig, methods: Sequence[str], kl_lambda: float) -> li
                 }
             ),
         )
-        for label, fusion, kwargs in _runs(methods, kl_lambda)
+        for label, fusion, kwargs in _runs(list(methods or trained_fusions()), kl_lambda)
     ]
 
 
@@ -80,8 +83,6 @@ def run_quality_benchmark(
     taxonomy: Taxonomy,
     *,
     workdir: Path,
-    methods: Sequence[str] | None = None,
-    kl_lambda: float = 1.0,
     contenders: Sequence[tuple[str, AppConfig]] | None = None,
     data: tuple[Path, Path] | None = None,
     device: str = "cpu",
@@ -89,16 +90,14 @@ def run_quality_benchmark(
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-serialisable result.
 
-    ``contenders`` (label, config) pairs replace the fusion methods: each trains the model its
-    config describes (encoders, pretrained weights, training mode, fusion) on the same marketplace,
-    which ``cfg.synthetic`` describes. ``data`` (a labelled table to train on, one to test on)
+    ``contenders`` (label, config) pairs (default: :func:`method_runs` of ``cfg``): each trains the
+    model its config describes (encoders, pretrained weights, training mode, fusion) on the same
+    marketplace, which ``cfg.synthetic`` describes. ``data`` (a labelled table to train on, one to test on)
     replaces the synthetic marketplace with a real catalog; the simple baseline
     (:mod:`catalog_enrichment.bench.baseline`) then runs beside the contenders.
     """
     say = progress or (lambda msg: print(msg, flush=True))
-    runs = (
-        list(contenders) if contenders else _method_runs(cfg, list(methods or trained_fusions()), kl_lambda)
-    )
+    runs = list(contenders) if contenders else method_runs(cfg)
     table, test_table, source = _tables(cfg, taxonomy, workdir, data)
     result: dict[str, Any] = {
         **source,
@@ -125,9 +124,9 @@ def run_quality_benchmark(
         _record(result, label, trained, run_cfg, cfg.calibration.scope, taxonomy)
         if test_table is not None:
             test_scores[label] = _by_product(trained, test_table)
-        if run_cfg.model.fusion == "modality_attention" and not contenders:
-            name = f"lambda={run_cfg.model.fusion_kwargs.get('kl_lambda', kl_lambda):g}"
-            result["modality_weights"][name] = trained.test_report.modality_weights
+        kl_lambda = run_cfg.model.fusion_kwargs.get("kl_lambda")
+        if run_cfg.model.fusion == "modality_attention" and kl_lambda is not None:  # a method run
+            result["modality_weights"][f"lambda={kl_lambda:g}"] = trained.test_report.modality_weights
     if test_table is not None:
         say(f"== {BASELINE_LABEL} ==")
         started = time.perf_counter()

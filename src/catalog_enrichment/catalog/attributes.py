@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_enrichment.catalog.base import MergeResult, RollbackResult
+from catalog_enrichment.catalog.base import MergeResult, RollbackResult, RunWrite
 from catalog_enrichment.catalog.lakehouse import is_delta, read_products_of, table_version
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
@@ -241,25 +241,13 @@ def _semi(left: pa.Table, right: pa.Table, keys: Iterable[str], anti: bool = Fal
     return joined.select(left.column_names).cast(left.schema)  # joins drop field nullability
 
 
-def merge_run(
-    path: str | Path,
-    values: pa.Table,
-    scored: pa.Table,
-    *,
-    run_id: str,
-    model_name: str,
-    model_version: str,
-    written_at: dt.datetime,
-    retract: pa.Table | None = None,
-    changes: str | Path,
-) -> MergeResult:
-    """Replace the model's values of every scored (product, attribute) pair in one commit.
-
-    ``values``: (product_id, attribute, value, confidence, threshold) of what clears the thresholds;
-    ``scored``: (product_id, attribute) of every pair the run scored; ``retract``: (product_id,
-    attribute, value) removed in the same commit where ``model_version`` wrote them; ``changes``:
-    the attribute-changes table, where the run's before and after rows go first.
+def merge_run(path: str | Path, run: RunWrite, *, changes: str | Path) -> MergeResult:
+    """Replace the model's values of every pair the run scored (``run.pairs``) with ``run.values``
+    in one commit, removing ``run.retract`` where this model version wrote them (:class:`RunWrite`);
+    ``changes``: the attribute-changes table, where the run's before and after rows go first.
     """
+    values, scored, retract, run_id = run.values, run.pairs, run.retract, run.run_id
+    model_name, model_version, written_at = run.model_name, run.model_version, run.written_at
     ensure_attributes_table(path)
     committed = find_run_commit(path, run_id)
     if committed is not None:

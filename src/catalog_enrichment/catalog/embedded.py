@@ -109,17 +109,7 @@ class LakehouseCatalog:
         appended once (a re-run finds its commit and appends nothing twice)."""
         fault_point("after_stage")
         fault_during("during_merge", self.attributes)
-        merge = attributes.merge_run(
-            self.attributes,
-            run.values,
-            run.pairs,
-            run_id=run.run_id,
-            model_name=run.model_name,
-            model_version=run.model_version,
-            written_at=run.written_at,
-            retract=run.retract,
-            changes=self.changes,
-        )
+        merge = attributes.merge_run(self.attributes, run, changes=self.changes)
         fault_point("after_merge")
         reports.append_quarantine(self.quarantine, run.quarantine)
         fault_point("after_quarantine")

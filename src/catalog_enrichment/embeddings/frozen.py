@@ -133,9 +133,8 @@ def _fingerprint(model: MultimodalModel, tokenizer: Any, records: ProductRecords
 def embed_products(
     model: MultimodalModel,
     records: ProductRecords,
-    tokenizer: Any,
+    collator: Collator,
     *,
-    max_length: int,
     batch_size: int,
     device: torch.device,
     cache_dir: Path | None,
@@ -145,9 +144,11 @@ def embed_products(
     """Every product's encoder outputs: with a catalog ``store`` and a storable model, the stored
     vectors of products whose content is unchanged and the others encoded and stored; else read from
     ``cache_dir`` when this data and model were embedded before, or computed (with a progress bar)
-    and written there."""
+    and written there. ``collator`` tokenizes the texts (its tokenizer and length are part of the
+    vectors' key)."""
     if store is not None and embedding.storable(model):
-        return _embed_through_store(model, records, tokenizer, max_length, batch_size, device, store, say)
+        return _embed_through_store(model, records, collator, batch_size, device, store, say)
+    tokenizer, max_length = collator.tokenizer, collator.max_length
     key = _fingerprint(model, tokenizer, records, max_length)
     path = cache_dir / f"{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -155,7 +156,7 @@ def embed_products(
         return Embeddings(torch.load(path, map_location="cpu", weights_only=True))
     parts: dict[str, list[torch.Tensor]] = {}
     every = np.arange(len(records))
-    for flat in _encoded(model, records, every, tokenizer, max_length, batch_size, device):
+    for flat in _encoded(model, records, every, collator, batch_size, device):
         for name, tensor in _pad_tokens(flat, max_length).items():  # token outputs kept in half
             parts.setdefault(name, []).append(tensor.half() if name in _HALF else tensor)
     tensors = {name: torch.cat(chunks) for name, chunks in parts.items()}
@@ -169,8 +170,7 @@ def _encoded(
     model: MultimodalModel,
     records: ProductRecords,
     rows: np.ndarray,
-    tokenizer: Any,
-    max_length: int,
+    collator: Collator,
     batch_size: int,
     device: torch.device,
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -178,7 +178,7 @@ def _encoded(
     from tqdm.auto import tqdm
 
     dataset = ProductDataset(records, rows, preprocessing=model.preprocessing)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(tokenizer, max_length))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     model.eval()
     if model.image_encoder is not None:  # convolutions run faster channels-last (oneDNN)
         model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -193,15 +193,14 @@ def _encoded(
 def _embed_through_store(
     model: MultimodalModel,
     records: ProductRecords,
-    tokenizer: Any,
-    max_length: int,
+    collator: Collator,
     batch_size: int,
     device: torch.device,
     store: Catalog,
     say: Say,
 ) -> Embeddings:
     """:func:`embed_products` over the catalog's embedding store (pooled vectors, float32)."""
-    encoder = embedding.encoder_fingerprint(model, tokenizer, max_length)
+    encoder = embedding.encoder_fingerprint(model, collator.tokenizer, collator.max_length)
     text, images = model.fusion.needs_text, model.image_encoder is not None
     content = [
         embedding.content_digest(*row, text=text, images=images)
@@ -230,7 +229,7 @@ def _embed_through_store(
         else:
             missing.append(i)
     if missing:
-        batches = _encoded(model, records, np.array(missing), tokenizer, max_length, batch_size, device)
+        batches = _encoded(model, records, np.array(missing), collator, batch_size, device)
         matrix[missing] = np.concatenate([embedding.pack(model, _unflatten(flat)) for flat in batches])
         _store(store, encoder, records, content, matrix, missing)
     say(

@@ -32,7 +32,9 @@ MLflow client and the model version (DESIGN: only jobs/ and the CLI create those
 from __future__ import annotations
 
 from catalog_enrichment.enrich.run import (
+    BackfillRange,
     EnrichOutcome,
+    RunScope,
     backfill_partitions,
     check_model_fits,
     new_run_id,
@@ -41,7 +43,9 @@ from catalog_enrichment.enrich.run import (
 from catalog_enrichment.enrich.stages import flatten_scores
 
 __all__ = [
+    "BackfillRange",
     "EnrichOutcome",
+    "RunScope",
     "backfill_partitions",
     "check_model_fits",
     "flatten_scores",

@@ -49,6 +49,7 @@ from catalog_enrichment.enrich.stages import (
     retry_next,
     run_write,
     score,
+    scoring_spec,
     store_embeddings,
     validate,
     written,
@@ -78,7 +79,15 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["EnrichOutcome", "backfill_partitions", "check_model_fits", "new_run_id", "run_enrichment"]
+__all__ = [
+    "BackfillRange",
+    "EnrichOutcome",
+    "RunScope",
+    "backfill_partitions",
+    "check_model_fits",
+    "new_run_id",
+    "run_enrichment",
+]
 
 
 def _print(message: str) -> None:
@@ -210,25 +219,36 @@ class _Record:
         return summary
 
 
+@dataclass(frozen=True)
+class RunScope:
+    """What one run reads, under which id: ``products`` (a products table in place of the catalog's
+    own; None: the catalog's), ``partition`` (``key=value`` of that table; None: every partition),
+    ``full`` (every product, not only those changed since the last successful run) and ``run_id``
+    (None: a new one; the id of a run that already succeeded makes the run a no-op)."""
+
+    products: str | Path | None = None
+    partition: str | None = None
+    full: bool = False
+    run_id: str | None = None
+
+
 def run_enrichment(
     spark: SparkSession,
     cfg: AppConfig,
     taxonomy: Taxonomy,
     *,
     model: ModelVersion,
-    products: str | Path | None = None,
-    partition: str | None = None,
-    full: bool = False,
-    run_id: str | None = None,
+    scope: RunScope = RunScope(),
     client: MlflowClient | None = None,
     progress: Say = _print,
     catalog: Catalog | None = None,
 ) -> EnrichOutcome:
-    """One enrichment run (see the package docstring) on ``catalog`` (default: the configured one,
-    ``products`` overriding its products table). Returns the outcome; raises on abort/failure after
-    recording the run report (status ``aborted`` / ``failed``)."""
-    run_id = check_run_id(run_id or new_run_id())
-    catalog = catalog or open_catalog(cfg.catalog, products=products)
+    """One enrichment run (see the package docstring) of ``scope`` on ``catalog`` (default: the
+    configured one, ``scope.products`` overriding its products table). Returns the outcome; raises on
+    abort/failure after recording the run report (status ``aborted`` / ``failed``)."""
+    run_id = check_run_id(scope.run_id or new_run_id())
+    partition, full = scope.partition, scope.full
+    catalog = catalog or open_catalog(cfg.catalog, products=scope.products)
     with catalog.lock(f"run {run_id}", progress):
         reports = catalog.read_reports()
         previous = _previous(reports, run_id)
@@ -315,10 +335,14 @@ def _stages(
         return
     with run.stage("score"):
         images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
+        spec = scoring_spec(job.spark, job.model, job.taxonomy, cfg.inference, images, rejected)
+        encoder = (
+            BundleFolder(job.model.bundle).encoder_fingerprint() if cfg.inference.embedding_store else None
+        )
+        store = None if encoder is None else (catalog, encoder)
         run.scored = scored = score(
-            job.spark, validated.checked, job.model, job.taxonomy, cfg.inference, images, job.staging,
-            rejected, catalog, run.run_id,
-        )  # fmt: skip
+            job.spark, validated.checked, spec, job.staging, store=store, run_id=run.run_id
+        )
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say)
     with run.stage("decide"):
         run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)
@@ -444,24 +468,32 @@ def _expectations_tags(report: RunReport) -> dict[str, str]:
     return {} if checked is None else {"catalog_enrich.great_expectations": expectations_line(checked)[:5000]}
 
 
+@dataclass(frozen=True)
+class BackfillRange:
+    """The ``ingest_date`` partitions a backfill runs, ``first`` to ``last`` inclusive; ``force``:
+    also those the same model version already did."""
+
+    first: dt.date
+    last: dt.date
+    force: bool = False
+
+
 def backfill_partitions(
     spark: SparkSession,
     cfg: AppConfig,
     taxonomy: Taxonomy,
     *,
     model: ModelVersion,
-    date_from: dt.date,
-    date_to: dt.date,
-    products: str | Path | None = None,
-    force: bool = False,
+    days: BackfillRange,
     client: MlflowClient | None = None,
     progress: Say = _print,
+    catalog: Catalog | None = None,
 ) -> list[tuple[str, EnrichOutcome | None]]:
-    """One committed full run per ``ingest_date`` partition in ``[date_from, date_to]``, in date
-    order; a partition already done by the same model version is skipped (None) unless ``force``
-    (:func:`catalog_enrichment.catalog.runs.backfill_plan`)."""
-    catalog = open_catalog(cfg.catalog, products=products)
-    plan = backfill_plan(catalog, model, date_from, date_to, force=force)
+    """One committed full run per ``ingest_date`` partition of ``days``, in date order, on
+    ``catalog`` (default: the configured one); a partition already done by the same model version
+    is skipped (None) unless ``days.force`` (:func:`catalog_enrichment.catalog.runs.backfill_plan`)."""
+    catalog = catalog or open_catalog(cfg.catalog)
+    plan = backfill_plan(catalog, model, days.first, days.last, force=days.force)
     results: list[tuple[str, EnrichOutcome | None]] = []
     for i, (scope, run_id) in enumerate(plan, start=1):
         if run_id is None:
@@ -472,8 +504,14 @@ def backfill_partitions(
             continue
         progress(f"[backfill {i}/{len(plan)}] {scope}: run {run_id}")
         outcome = run_enrichment(
-            spark, cfg, taxonomy, model=model, partition=scope, full=True, run_id=run_id, client=client,
-            progress=progress, catalog=catalog,
-        )  # fmt: skip
+            spark,
+            cfg,
+            taxonomy,
+            model=model,
+            scope=RunScope(partition=scope, full=True, run_id=run_id),
+            client=client,
+            progress=progress,
+            catalog=catalog,
+        )
         results.append((scope, outcome))
     return results

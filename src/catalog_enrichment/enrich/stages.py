@@ -23,7 +23,6 @@ from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_SHARED, Contract,
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import HealthTally
-from catalog_enrichment.inference.bundle import BundleFolder
 from catalog_enrichment.inference.predictor import PredictorOptions
 from catalog_enrichment.inference.spark import (
     DECISION_COLUMNS,
@@ -59,6 +58,7 @@ __all__ = [
     "read",
     "run_write",
     "score",
+    "scoring_spec",
     "store_embeddings",
     "validate",
 ]
@@ -186,29 +186,17 @@ class Scored:
     health: HealthTally = field(default_factory=HealthTally)  # the run health counts (health.py)
 
 
-def score(
+def scoring_spec(
     spark: SparkSession,
-    checked: DataFrame,
     model: ModelVersion,
     taxonomy: Taxonomy,
     inference: InferenceConfig,
     images: ImagePolicy,
-    staging: Path,
     rejected: Iterable[tuple[str, str, str]] = (),
-    catalog: Catalog | None = None,
-    run_id: str = "",
-) -> Scored:
-    """Score and decide the valid rows on the executors (images read under ``images``; the
-    (product, attribute, value)s in ``rejected`` never written); stage the decisions; read them back.
-
-    With the embedding store (``inference.embedding_store`` and a model that can use it), the valid
-    rows are joined to the catalog's stored vectors of the model's encoders first, and the vectors
-    the tasks computed are staged under ``staging / "embeddings"`` for :func:`store_embeddings`.
-    """
-    from pyspark.sql import functions as F
-
-    encoder = BundleFolder(model.bundle).encoder_fingerprint() if inference.embedding_store else None
-    spec = ScoringSpec(
+) -> ScoringSpec:
+    """What the executors score with: ``model``'s bundle shipped to them, ``inference``'s settings,
+    images read under ``images``; the (product, attribute, value)s in ``rejected`` never written."""
+    return ScoringSpec(
         bundle_name=ship_bundle(spark, model.bundle),
         bundle_path=None,
         allowed_taxonomy=taxonomy.to_dict(),
@@ -217,9 +205,30 @@ def score(
         predictor=PredictorOptions(**inference.predictor_options(), image_policy=images),
         rejected=_by_product(rejected),
     )
+
+
+def score(
+    spark: SparkSession,
+    checked: DataFrame,
+    spec: ScoringSpec,
+    staging: Path,
+    *,
+    store: tuple[Catalog, str] | None = None,
+    run_id: str = "",
+) -> Scored:
+    """Score and decide the valid rows on the executors as ``spec`` says (:func:`scoring_spec`);
+    stage the decisions; read them back.
+
+    With the embedding store (``store``: the catalog and the model's encoder fingerprint), the valid
+    rows are joined to the catalog's stored vectors of the model's encoders first, and the vectors
+    the tasks computed are staged under ``staging / "embeddings"`` for :func:`store_embeddings`.
+    """
+    from pyspark.sql import functions as F
+
+    encoder = None if store is None else store[1]
     counters = ScoringCounters.create(spark)
     valid = checked.where(F.size(REASONS) == 0)
-    stored = None if encoder is None or catalog is None else catalog.stored_embeddings(spark, encoder)
+    stored = None if store is None else store[0].stored_embeddings(spark, store[1])
     if stored is not None:
         valid = valid.join(stored, "product_id", "left")
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))

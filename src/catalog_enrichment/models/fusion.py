@@ -443,18 +443,8 @@ class DecisionFusion(_TwoBranches):
                 )
             folds = KFold(len(nets), shuffle=True, random_state=0).split(np.arange(rows.numel()))
             best = [
-                _fit_decision_net(
-                    net,
-                    kind,
-                    x,
-                    y,
-                    torch.from_numpy(fit),
-                    torch.from_numpy(check),
-                    self.epochs,
-                    self.batch_size,
-                    self.lr,
-                )
-                for net, (fit, check) in zip(nets, folds, strict=True)
+                _fit_decision_net(net, kind, x, y, fold, self.epochs, self.batch_size, self.lr)
+                for net, fold in zip(nets, folds, strict=True)
             ]
             report[a] = round(float(np.mean(best)), 4)
         self.fitted.fill_(1.0)
@@ -466,14 +456,14 @@ def _fit_decision_net(
     kind: str,
     x: torch.Tensor,
     y: torch.Tensor,
-    fit_rows: torch.Tensor,
-    check_rows: torch.Tensor,
+    fold: tuple[np.ndarray, np.ndarray],
     epochs: int,
     batch_size: int,
     lr: float,
 ) -> float:
-    """Train one fold's decision network on ``fit_rows``; keep the epoch with the best macro-F1 on
-    ``check_rows`` (001 §4.1); returns that F1."""
+    """Train one fold's decision network on its fit rows (``fold``: fit and check rows); keep the
+    epoch with the best macro-F1 on the check rows (001 §4.1); returns that F1."""
+    fit_rows, check_rows = (torch.from_numpy(rows) for rows in fold)
     generator = torch.Generator().manual_seed(len(fit_rows))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     check_y = y[check_rows].numpy()

@@ -47,7 +47,7 @@ from catalog_enrichment.faults import armed
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_options
 from catalog_enrichment.models.model import MultimodalModel, deterministic_algorithms, needs_image
-from catalog_enrichment.training.fit import FitResult, fit_model
+from catalog_enrichment.training.fit import FitResult, Validation, fit_model
 from catalog_enrichment.training.splits import MIN_ROWS, calibration_fraction
 from catalog_enrichment.training.stream import (
     CALIBRATION,
@@ -190,13 +190,11 @@ def _fit_rank(
         kill_at=job.fault[1] * job.batch_size if job.fault and job.fault[0] == rank else None,
     )
     loader = DataLoader(rows, batch_size=job.batch_size, collate_fn=collator, drop_last=True, num_workers=0)
-    validation = _Selection(cfg.training.seed, job.fractions, VALIDATION)
-    val_loader = SplitBatches(reader, validation, collator, cfg.training.batch_size * 2)
+    selected = _Selection(cfg.training.seed, job.fractions, VALIDATION)
+    val_loader = SplitBatches(reader, selected, collator, cfg.training.batch_size * 2)
     tag = f"rank {rank}/{job.world}: " if job.world > 1 else ""
-    fit = fit_model(
-        model, loader, val_loader, job.val_labels, reader.taxonomy, cfg, device, say, tag,  # type: ignore[arg-type]
-        step_model=step_model,
-    )  # fmt: skip
+    validation = Validation(val_loader, job.val_labels, reader.taxonomy)  # type: ignore[arg-type]
+    fit = fit_model(model, loader, validation, cfg, device, say, tag, step_model=step_model)
     # every rank holds the same weights and fit (losses averaged over the ranks): which rank's copy
     # comes back does not matter
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, fit

@@ -46,6 +46,7 @@ __all__ = [
     "FitResult",
     "Optimisation",
     "ScoreFn",
+    "Validation",
     "crossfit",
     "fit_model",
     "fold_gap",
@@ -294,12 +295,20 @@ def _fit_heldout(
     )
 
 
+@dataclass(frozen=True)
+class Validation:
+    """The split training stops and selects on: its batches (``loader``), their ``labels`` and the
+    ``taxonomy`` they are scored against."""
+
+    loader: DataLoader
+    labels: EncodedLabels
+    taxonomy: Taxonomy
+
+
 def fit_model(
     model: MultimodalModel,
     train_loader: DataLoader,
-    val_loader: DataLoader,
-    val_labels: EncodedLabels,
-    taxonomy: Taxonomy,
+    validation: Validation,
     cfg: AppConfig,
     device: torch.device,
     say: Say,
@@ -310,6 +319,7 @@ def fit_model(
     """Train ``model`` in place: AdamW, warm-up + cosine, early stopping on the validation metric, the
     best epoch's weights kept; then the fusion's held-out fit on the validation split. Training
     steps run through ``step_model`` when given (``model`` wrapped for distributed training)."""
+    val_loader, val_labels, taxonomy = validation.loader, validation.labels, validation.taxonomy
     tcfg = cfg.training
     kinds = {a.name: a.kind for a in taxonomy}
     if model.image_encoder is not None:  # convolutions train faster channels-last (oneDNN)

@@ -68,6 +68,7 @@ from catalog_enrichment.models.model import (
 from catalog_enrichment.training.evaluation import Predictions, predict
 from catalog_enrichment.training.fit import (
     FitResult,
+    Validation,
     crossfit,
     fit_model,
     make_loader,
@@ -337,8 +338,7 @@ def _prepare(
             data.embeddings = embed_products(
                 embedder,
                 records,
-                tokenizer,
-                max_length=mcfg.text.max_length,
+                data.collator,
                 batch_size=tcfg.batch_size * 2,
                 device=device,
                 cache_dir=Path(tcfg.embedding_cache) if tcfg.embedding_cache else default_cache_dir(),
@@ -374,9 +374,8 @@ class _Fitter:
             dataset = data.subset(train_idx, self.train_labels)
             loader = make_loader(dataset, data.collator, cfg.training.batch_size, shuffle=True, seed=seed + i)
             labels, device = self.selection_labels, data.device
-            fit = fit_model(
-                fresh, loader, self.val_loader, labels, data.taxonomy, cfg, device, self.say, name
-            )
+            validation = Validation(self.val_loader, labels, data.taxonomy)
+            fit = fit_model(fresh, loader, validation, cfg, device, self.say, name)
             fits.append(fit)
             members.append(fresh)
         return (members[0] if len(members) == 1 else EnsembleModel(cfg.model, members)), fits
