@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.compute as pc
 
 from catalog_enrichment import runtime
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, CatalogConfig, SyntheticConfig
 
 if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
@@ -98,7 +98,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     cfg = demo_config(cfg, workdir)
     taxonomy = load_taxonomy(cfg.taxonomy_path)
     started = time.perf_counter()
-    _generate(cfg, workdir, products, seed, taxonomy)
+    _generate(cfg.synthetic, workdir, products, seed, taxonomy)
     client = runtime.mlflow_client(cfg.mlflow)
     version = _train_and_promote(cfg, workdir, taxonomy, client)
     if registry.resolve_alias(client, cfg.mlflow.registered_model, registry.CHAMPION) is None:
@@ -110,7 +110,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         )
         return 1
     catalog = open_catalog(cfg.catalog)
-    _seed_catalog(cfg, catalog, workdir / "incoming" / "products")
+    _seed_catalog(cfg.catalog, catalog, workdir / "incoming" / "products")
     model = runtime.model_version(cfg, None, client)
     truth = read_table(workdir / "incoming" / "truth")
     first = _enrich(cfg, catalog, model, taxonomy, client, truth)
@@ -136,7 +136,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     return 0
 
 
-def _generate(cfg: AppConfig, workdir: Path, n: int, seed: int, taxonomy: Any) -> None:
+def _generate(synthetic: SyntheticConfig, workdir: Path, n: int, seed: int, taxonomy: Any) -> None:
     """Step 1: the labelled history, the frozen evaluation set and the incoming products."""
     from catalog_enrichment.data.summary import format_summary, summarize_marketplace
     from catalog_enrichment.data.synthetic import generate_marketplace
@@ -145,7 +145,7 @@ def _generate(cfg: AppConfig, workdir: Path, n: int, seed: int, taxonomy: Any) -
         f"[demo 1/{STEPS}] generate: labelled history ({n:,}), frozen evaluation set ({n // 3:,}) and "
         f"incoming products ({n:,}, 2% bad rows) under {workdir}"
     )
-    base = cfg.synthetic.model_copy(update={"products": n, "seed": seed})
+    base = synthetic.model_copy(update={"products": n, "seed": seed})
     generate_marketplace(workdir / "labelled", base, taxonomy=taxonomy)
     evaluation = base.model_copy(update={"products": max(n // 3, 300), "seed": seed + 1})
     generate_marketplace(workdir / "eval", evaluation, taxonomy=taxonomy)
@@ -270,7 +270,7 @@ def _review(
         )
 
 
-def _seed_catalog(cfg: AppConfig, catalog: Catalog, incoming: Path) -> None:
+def _seed_catalog(catalog_cfg: CatalogConfig, catalog: Catalog, incoming: Path) -> None:
     """The marketplace's catalog before the job: the incoming products (PostgreSQL: loaded into its
     products table) and the values merchants provided, unless an earlier demo put them there."""
     from catalog_enrichment.catalog.attributes import ensure_attributes_table, merchant_rows
@@ -278,7 +278,7 @@ def _seed_catalog(cfg: AppConfig, catalog: Catalog, incoming: Path) -> None:
 
     now = dt.datetime.now(dt.UTC)
     if catalog.kind == "lakehouse":
-        attributes = Path(cfg.catalog.table("attributes"))
+        attributes = Path(catalog_cfg.table("attributes"))
         if not is_delta(attributes):
             merchant = merchant_rows(read_table(incoming, columns=["product_id", "merchant_attributes"]), now)
             write_table(attributes, merchant, mode="error")

@@ -25,7 +25,7 @@ import torch
 from catalog_enrichment.bench.baseline import BASELINE_LABEL, run_baseline
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.catalog.lakehouse import read_table
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, CalibrationConfig, SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import generate_marketplace
@@ -98,7 +98,7 @@ def run_quality_benchmark(
     """
     say = progress or (lambda msg: print(msg, flush=True))
     runs = list(contenders) if contenders else method_runs(cfg)
-    table, test_table, source = _tables(cfg, taxonomy, workdir, data)
+    table, test_table, source = _tables(cfg.synthetic, taxonomy, workdir, data)
     result: dict[str, Any] = {
         **source,
         "config": {
@@ -121,7 +121,7 @@ def run_quality_benchmark(
             table, taxonomy, run_cfg, test_table=test_table, device=device, progress=lambda m: say("  " + m)
         )
         result["seconds"][label] = round(time.perf_counter() - started, 1)
-        _record(result, label, trained, run_cfg, cfg.calibration.scope, taxonomy)
+        _record(result, label, trained, run_cfg.calibration, cfg.calibration.scope, taxonomy)
         if test_table is not None:
             test_scores[label] = _by_product(trained, test_table)
         kl_lambda = run_cfg.model.fusion_kwargs.get("kl_lambda")
@@ -182,19 +182,20 @@ def _versus(
 
 
 def _tables(
-    cfg: AppConfig, taxonomy: Taxonomy, workdir: Path, data: tuple[Path, Path] | None
+    synthetic: SyntheticConfig, taxonomy: Taxonomy, workdir: Path, data: tuple[Path, Path] | None
 ) -> tuple[pa.Table, pa.Table | None, dict[str, Any]]:
-    """The table to train on, the one to test on (None: a split of the first), and what they are."""
+    """The table to train on, the one to test on (None: a split of the first, a marketplace
+    ``synthetic`` describes), and what they are."""
     if data is not None:
         table, test_table = read_table(data[0]), read_table(data[1])
         source = {"data": str(data[0]), "test_data": str(data[1]), "products": table.num_rows}
         return table, test_table, {**source, "test_products": test_table.num_rows}
-    market = generate_marketplace(workdir / "marketplace", cfg.synthetic, taxonomy=taxonomy)
+    market = generate_marketplace(workdir / "marketplace", synthetic, taxonomy=taxonomy)
     source = {
-        "products": cfg.synthetic.products,
-        "seed": cfg.synthetic.seed,
-        "label_noise": cfg.synthetic.label_noise,
-        "long_tail": cfg.synthetic.long_tail,
+        "products": synthetic.products,
+        "seed": synthetic.seed,
+        "label_noise": synthetic.label_noise,
+        "long_tail": synthetic.long_tail,
     }
     return read_table(market.products), None, source
 
@@ -203,7 +204,7 @@ def _record(
     result: dict[str, Any],
     label: str,
     trained: Any,
-    run_cfg: AppConfig,
+    rule: CalibrationConfig,
     scope_trained: str,
     taxonomy: Taxonomy,
 ) -> None:
@@ -220,9 +221,7 @@ def _record(
         )
     result["scopes"][label] = {}
     for scope in SCOPES:
-        scoped = run_cfg.model_copy(
-            update={"calibration": run_cfg.calibration.model_copy(update={"scope": scope})}
-        )
+        scoped = rule.model_copy(update={"scope": scope})
         calibration, scope_report = (
             (trained.calibration, report) if scope == scope_trained else trained.recalibrate(scoped)
         )

@@ -40,7 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import AppConfig, InferenceConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.types import Say
@@ -321,14 +321,16 @@ class _Model:
     policy: Any
 
 
-def _load(bundle_dir: Path, taxonomy: Taxonomy, cfg: AppConfig, device: str, autocast: bool) -> _Model:
+def _load(
+    bundle_dir: Path, taxonomy: Taxonomy, inference: InferenceConfig, device: str, autocast: bool
+) -> _Model:
     from catalog_enrichment.inference.bundle import load_bundle
     from catalog_enrichment.inference.decide import DecisionPolicy
     from catalog_enrichment.inference.predictor import BatchPredictor
 
     bundle = load_bundle(bundle_dir, device=device)
     predictor = BatchPredictor(
-        bundle, device=device, **{**cfg.inference.predictor_options(), "autocast": autocast}
+        bundle, device=device, **{**inference.predictor_options(), "autocast": autocast}
     )
     return _Model(predictor, DecisionPolicy(bundle.taxonomy, bundle.calibration, taxonomy))
 
@@ -338,7 +340,7 @@ def _median(runs: Sequence[dict[str, Any]], key: str = "products_per_second") ->
 
 
 def process_commands(
-    cfg: AppConfig,
+    master: str,
     model: ModelVersion,
     products: Path,
     root: Path,
@@ -348,8 +350,8 @@ def process_commands(
     """The whole processes compared, as spark-submit would start them: the enrichment job
     (``catalog-enrich enrich --full``, into a fresh catalog under ``root``), the job again with the
     ``rescore`` version on that catalog (its embedding store filled by the first), and the plain
-    MLflow path (:mod:`catalog_enrichment.bench.peer`, serving ``rescore`` when given), on the same
-    products."""
+    MLflow path (:mod:`catalog_enrichment.bench.peer`, serving ``rescore`` when given, on Spark
+    ``master``), on the same products."""
 
     def job(version: ModelVersion) -> list[str]:
         return [
@@ -363,7 +365,7 @@ def process_commands(
         "rescore": job(served),
         "peer": [
             sys.executable, "-m", "catalog_enrichment.bench.peer", "--model-uri", served.uri,
-            "--products", str(products), "--out", str(root / "scores"), "--master", cfg.spark.master,
+            "--products", str(products), "--out", str(root / "scores"), "--master", master,
         ],
     }  # fmt: skip
 
@@ -453,7 +455,7 @@ def run_throughput_benchmark(
     }
     for n in sizes if processes else ():
         path = _products_table(workdir, n, size, taxonomy, say)
-        runs = _processes(cfg, plan, path, processes, env, workdir, say)
+        runs = _processes(cfg.spark.master, plan, path, processes, env, workdir, say)
         result["runs"][str(n)] = runs
         for mode in processes:
             result[f"{mode}_seconds_{n}"] = _median(runs[mode], "seconds")
@@ -490,7 +492,7 @@ def _check_modes(modes: Sequence[str], model: ModelVersion, device: str) -> list
 
 
 def _processes(
-    cfg: AppConfig,
+    master: str,
     plan: ThroughputPlan,
     path: Path,
     processes: list[str],
@@ -506,7 +508,7 @@ def _processes(
     for r in range(repeats):
         groups = [[m for m in processes if m != "peer"], [m for m in processes if m == "peer"]]
         root = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-        commands = process_commands(cfg, plan.model, path.resolve(), root, plan.config_args, plan.rescore)
+        commands = process_commands(master, plan.model, path.resolve(), root, plan.config_args, plan.rescore)
         for mode in itertools.chain(*(groups if r % 2 == 0 else groups[::-1])):
             run = measure_process(commands[mode], env, workdir)
             runs[mode].append(run)
@@ -532,7 +534,7 @@ def _in_process(
     """``modes`` (``raw``, ``predictor``, ``raw_tasks``, ``encoders``) over ``table`` in this process:
     medians and ratios."""
     model, repeats, device, block = plan.model, plan.repeats, plan.device, plan.block
-    loaded = _load(model.bundle, taxonomy, cfg, device, cfg.inference.autocast)
+    loaded = _load(model.bundle, taxonomy, cfg.inference, device, cfg.inference.autocast)
     arrow_batch = cfg.spark.arrow_max_records_per_batch
     paired = "raw" in modes and "predictor" in modes
     tasks = None

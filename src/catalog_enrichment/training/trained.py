@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from catalog_enrichment.calibration import Calibration
-from catalog_enrichment.config import AppConfig, ModelConfig
+from catalog_enrichment.config import AppConfig, CalibrationConfig, ModelConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.health import InputBaseline
@@ -52,10 +52,12 @@ class HeldOut:
     family: tuple[Predictions, EncodedLabels] | None
     health: tuple[Predictions, EncodedLabels]
 
-    def calibrate(self, taxonomy: Taxonomy, cfg: AppConfig, inputs: InputBaseline | None) -> Calibration:
-        """Thresholds from the calibration set (the family shaping them), with the run health
-        profile of the health set and the training products' ``inputs``."""
-        calibration = calibrate(*self.calibration, taxonomy, cfg.calibration, family=self.family)
+    def calibrate(
+        self, taxonomy: Taxonomy, rule: CalibrationConfig, inputs: InputBaseline | None
+    ) -> Calibration:
+        """Thresholds under ``rule`` from the calibration set (the family shaping them), with the run
+        health profile of the health set and the training products' ``inputs``."""
+        calibration = calibrate(*self.calibration, taxonomy, rule, family=self.family)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
 
@@ -95,11 +97,11 @@ class TrainedModel:
             json_safe(self.test_report.to_dict()),
         )
 
-    def recalibrate(self, cfg: AppConfig) -> tuple[Calibration, dict[str, Any]]:
-        """Thresholds under other calibration settings (e.g. the other scope) from the stored
+    def recalibrate(self, rule: CalibrationConfig) -> tuple[Calibration, dict[str, Any]]:
+        """Thresholds under another calibration ``rule`` (e.g. the other scope) from the stored
         held-out scores, and the test report they give; the model is not touched."""
         inputs = None if self.calibration.health is None else self.calibration.health.inputs
-        calibration = self.heldout.calibrate(self.taxonomy, cfg, inputs)
+        calibration = self.heldout.calibrate(self.taxonomy, rule, inputs)
         return calibration, evaluate(self.test_predictions, self.test_labels, self.taxonomy, calibration)
 
 
@@ -144,7 +146,7 @@ def conclude(
     """The fitted model scored on its held-out splits, calibrated (with the training products'
     ``inputs`` for the run health profile) and evaluated on the test split."""
     heldout, test_preds, test_labels = _held_out(fitted)
-    calibration = heldout.calibrate(taxonomy, cfg, inputs)
+    calibration = heldout.calibrate(taxonomy, cfg.calibration, inputs)
     report = _report(fitted, taxonomy, calibration, (test_preds, test_labels), heldout, say)
     seconds = time.perf_counter() - started
     say(f"trained in {seconds:.0f}s; test: " + _summary(report, taxonomy))
