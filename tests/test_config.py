@@ -162,14 +162,14 @@ def test_non_config_environment_variables_are_ignored_but_misspelt_paths_are_err
         load_config(environ={"CATALOG_ENRICH_INFERENC__BATCH_SIZE": "3"})
 
 
-def test_inference_settings_name_the_predictor_s_keyword_arguments() -> None:
-    import inspect
+def test_inference_settings_name_the_predictor_options() -> None:
+    import dataclasses
 
-    from catalog_enrichment.inference.predictor import BatchPredictor
+    from catalog_enrichment.inference.predictor import PredictorOptions
 
     cfg = load_config(environ={}, overrides={"inference": {"batch_size": 64}})
     options = cfg.inference.predictor_options()
-    assert set(options) <= set(inspect.signature(BatchPredictor).parameters)
+    assert set(options) <= {f.name for f in dataclasses.fields(PredictorOptions)}
     assert options["batch_size"] == 64 and options["keep_memory"] is True
 
 

@@ -628,11 +628,11 @@ class InferenceConfig(_Section):
     )
 
     def predictor_options(self) -> dict[str, Any]:
-        """The ``BatchPredictor`` keyword arguments these settings give (device and threads aside)."""
+        """The ``PredictorOptions`` fields these settings give (device and threads aside)."""
         return self.model_dump(include=_PREDICTOR_OPTIONS)
 
 
-# InferenceConfig fields that are BatchPredictor keyword arguments of the same name
+# InferenceConfig fields that are PredictorOptions fields of the same name
 _PREDICTOR_OPTIONS = {
     "batch_size",
     "decode_threads",

@@ -141,10 +141,10 @@ class Evaluation:
 def evaluate_bundle(bundle: Any, table: pa.Table, image_policy: ImagePolicy) -> Evaluation:
     """Realized precision, coverage, recall, R@P95 and coverage efficiency of a bundle's thresholds on
     a labelled table (its ``image_uri`` read under ``image_policy``)."""
-    from catalog_enrichment.inference.predictor import BatchPredictor
+    from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 
     labels = encode_labels(table, bundle.taxonomy).derive(bundle.taxonomy)
-    scores = BatchPredictor(bundle, image_policy=image_policy).score(table.to_pandas())
+    scores = BatchPredictor(bundle, PredictorOptions(image_policy=image_policy)).score(table.to_pandas())
     metrics, covered = {}, {}
     for attr in bundle.taxonomy.outputs:  # derived attributes too
         s, y = labels.labelled(scores, attr.name)

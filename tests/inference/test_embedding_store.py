@@ -20,7 +20,7 @@ from catalog_enrichment.inference.bundle import (
     ModelBundle,
     load_bundle,
 )
-from catalog_enrichment.inference.predictor import BatchPredictor, Scores
+from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions, Scores
 from tests.conftest import save_with_model, tiny_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -65,24 +65,24 @@ def _usable(table: pa.Table, scores: Scores) -> pa.Table:
 
 
 def test_a_stored_vector_is_fused_without_encoding_and_scores_like_a_fresh_encode(bundle, products) -> None:  # type: ignore[no-untyped-def]
-    first = BatchPredictor(copy.deepcopy(bundle), batch_size=32, embedding_store=True)
+    first = BatchPredictor(copy.deepcopy(bundle), PredictorOptions(batch_size=32, embedding_store=True))
     fresh = first.score_arrow(products)
     good = _usable(products, fresh)
     fresh = first.score_arrow(good)
     assert fresh.reused == 0 and all(e is not None for e in fresh.embedding or [None])
-    second = BatchPredictor(copy.deepcopy(bundle), batch_size=32, embedding_store=True)
+    second = BatchPredictor(copy.deepcopy(bundle), PredictorOptions(batch_size=32, embedding_store=True))
     calls = _encoded_rows(second)
     again = second.score_arrow(_with_store(good, fresh))
     assert calls == [] and again.reused == good.num_rows  # not one product encoded again
     assert again.embedding == [None] * good.num_rows  # nothing new to store
-    plain = BatchPredictor(copy.deepcopy(bundle), batch_size=32).score_arrow(good)
+    plain = BatchPredictor(copy.deepcopy(bundle), PredictorOptions(batch_size=32)).score_arrow(good)
     for attr in bundle.taxonomy.names:
         # float32 vectors: the fusion sees the very numbers the encoders gave
         np.testing.assert_allclose(again.probs[attr], plain.probs[attr], atol=1e-6)
 
 
 def test_a_changed_title_or_image_is_encoded_again_and_a_foreign_vector_is_ignored(bundle, products) -> None:  # type: ignore[no-untyped-def]
-    predictor = BatchPredictor(copy.deepcopy(bundle), batch_size=500, embedding_store=True)
+    predictor = BatchPredictor(copy.deepcopy(bundle), PredictorOptions(batch_size=500, embedding_store=True))
     good = _usable(products, predictor.score_arrow(products))
     first = predictor.score_arrow(good)
     stored = _with_store(good, first)
@@ -119,7 +119,7 @@ def test_a_text_only_model_s_vector_does_not_depend_on_the_image(bundle, product
 
     model = build_model(cfg, bundle.taxonomy, vocab_size=len(bundle.tokenizer))
     text_only = ModelBundle(model, bundle.tokenizer, bundle.taxonomy, bundle.calibration, cfg, {}, "f" * 32)
-    predictor = BatchPredictor(text_only, batch_size=64, embedding_store=True)
+    predictor = BatchPredictor(text_only, PredictorOptions(batch_size=64, embedding_store=True))
     first = predictor.score_arrow(products)
     stored = _with_store(products, first)
     no_images = stored.set_column(

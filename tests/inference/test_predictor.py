@@ -19,7 +19,7 @@ from catalog_enrichment.data.images import IMAGE_DECODABLE, IMAGE_READABLE, IMAG
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import load_bundle
 from catalog_enrichment.inference.decide import DecisionPolicy
-from catalog_enrichment.inference.predictor import BatchPredictor
+from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 from catalog_enrichment.inference.spark import decide_batch
 from catalog_enrichment.training.evaluation import predict
 
@@ -47,7 +47,9 @@ def test_scores_equal_the_training_loops_and_do_not_depend_on_batching(bundle, p
     )
     expected = predict(bundle.model, loader, torch.device("cpu")).probs
     for batch_size, threads in ((128, 2), (7, 1), (1000, 3)):
-        got = BatchPredictor(bundle, batch_size=batch_size, decode_threads=threads).score_arrow(good)
+        got = BatchPredictor(
+            bundle, PredictorOptions(batch_size=batch_size, decode_threads=threads)
+        ).score_arrow(good)
         for attr in bundle.taxonomy.names:
             # padding differs with the batch composition; scores may move in the last float bits
             np.testing.assert_allclose(got.probs[attr], expected[attr], atol=1e-5)
@@ -84,7 +86,7 @@ def _image_rows(products: pa.Table, tmp_path: Path) -> pa.Table:
 def test_image_problems_are_reported_per_row_never_silently_scored(bundle, products, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     rows = _image_rows(products, tmp_path)
     policy = ImagePolicy(roots=(str(tmp_path),))
-    scores = BatchPredictor(bundle, batch_size=3, image_policy=policy).score_arrow(rows)
+    scores = BatchPredictor(bundle, PredictorOptions(batch_size=3, image_policy=policy)).score_arrow(rows)
     assert scores.image_error == [
         None,
         IMAGE_DECODABLE,
@@ -128,7 +130,7 @@ def test_a_text_only_model_decodes_no_image_and_quarantines_no_row_for_one(  # t
     monkeypatch.setattr(predictor_module, "load_pixels", never)
     rows = _image_rows(products, tmp_path)
     n = rows.num_rows
-    scores = BatchPredictor(text_only, batch_size=4).score_arrow(rows)
+    scores = BatchPredictor(text_only, PredictorOptions(batch_size=4)).score_arrow(rows)
     assert scores.image_error == [None] * n
     for attr in bundle.taxonomy.names:  # same title, same scores, whatever the image
         np.testing.assert_allclose(
@@ -145,12 +147,12 @@ def test_a_text_only_model_decodes_no_image_and_quarantines_no_row_for_one(  # t
 def test_a_stream_of_batches_scores_each_batch_as_on_its_own(bundle, products) -> None:  # type: ignore[no-untyped-def]
     good = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
     parts = [good.slice(0, 70), good.slice(70, 0), good.slice(70, 1), good.slice(71, 130)]
-    predictor = BatchPredictor(bundle, batch_size=32, decode_threads=2)
+    predictor = BatchPredictor(bundle, PredictorOptions(batch_size=32, decode_threads=2))
     streamed = list(predictor.score_stream(parts))
     assert [len(s.image_error) for _, s in streamed] == [70, 0, 1, 130]
     for (part, scores), original in zip(streamed, parts, strict=True):
         assert part is original
-        alone = BatchPredictor(bundle, batch_size=32).score_arrow(part)
+        alone = BatchPredictor(bundle, PredictorOptions(batch_size=32)).score_arrow(part)
         for attr in bundle.taxonomy.names:
             np.testing.assert_allclose(scores.probs[attr], alone.probs[attr], atol=1e-5)
 

@@ -27,7 +27,7 @@ from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.inference.bundle import BundleFolder, ModelBundle, load_bundle
-from catalog_enrichment.inference.predictor import BatchPredictor
+from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.fit import param_groups
@@ -113,7 +113,7 @@ def _cfg(paths: dict[str, Path], **training: Any) -> Any:
 
 def _score(bundle_dir: str, table: pa.Table) -> np.ndarray:
     bundle = load_bundle(bundle_dir)
-    probs = BatchPredictor(bundle, batch_size=64).score(table)
+    probs = BatchPredictor(bundle, PredictorOptions(batch_size=64)).score(table)
     return np.concatenate([probs[a.name] for a in bundle.taxonomy.outputs], axis=1)
 
 
@@ -141,7 +141,9 @@ def test_a_pretrained_bundle_carries_its_tokenizer_and_preprocessing_and_needs_n
     trained = train_and_calibrate(labelled, taxonomy, cfg)
     products = labelled.select(["product_id", "title", "description", "image"]).slice(0, 150)
     live = ModelBundle(trained.model, trained.tokenizer, taxonomy, trained.calibration, cfg.model, {})
-    in_process = BatchPredictor(live, batch_size=64).score(products)  # the trained model, in memory
+    in_process = BatchPredictor(live, PredictorOptions(batch_size=64)).score(
+        products
+    )  # the trained model, in memory
     in_process_flat = np.concatenate([in_process[a.name] for a in taxonomy.outputs], axis=1)  # derived too
     bundle_dir = save_trained(trained, tmp_path / "bundle")
     reference = AutoTokenizer.from_pretrained(str(paths["text"]))
@@ -157,7 +159,7 @@ def test_a_pretrained_bundle_carries_its_tokenizer_and_preprocessing_and_needs_n
     assert ids.tolist() == expected["input_ids"]
     assert ids[0, 0] == VOCAB.index("[CLS]") and bundle.tokenizer.pad_token_id == VOCAB.index("[PAD]")
 
-    loaded = BatchPredictor(bundle, batch_size=64).score(products)
+    loaded = BatchPredictor(bundle, PredictorOptions(batch_size=64)).score(products)
     np.testing.assert_allclose(
         np.concatenate([loaded[a.name] for a in taxonomy.outputs], axis=1), in_process_flat, atol=1e-5
     )
@@ -175,8 +177,9 @@ def test_a_pretrained_bundle_carries_its_tokenizer_and_preprocessing_and_needs_n
     def on_executor(batches: Any) -> Any:
         from catalog_enrichment.inference.bundle import load_bundle as load
         from catalog_enrichment.inference.predictor import BatchPredictor as Predictor
+        from catalog_enrichment.inference.predictor import PredictorOptions as Options
 
-        predictor = Predictor(load(str(bundle_dir)), batch_size=64)
+        predictor = Predictor(load(str(bundle_dir)), Options(batch_size=64))
         for batch in batches:
             probs = predictor.score(batch)
             flat = np.concatenate([probs[a] for a in probs], axis=1).astype(np.float64)
@@ -587,7 +590,7 @@ def _onnx(cfg: object) -> object:
 
 
 def _onnx_scores(bundle: object, table: pa.Table) -> dict[str, np.ndarray]:
-    return BatchPredictor(bundle, batch_size=64).score(table)  # type: ignore[arg-type]
+    return BatchPredictor(bundle, PredictorOptions(batch_size=64)).score(table)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels, encode_labels
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.inference.bundle import load_bundle
-from catalog_enrichment.inference.predictor import BatchPredictor
+from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 from catalog_enrichment.models.model import EnsembleModel, combine_members
 from catalog_enrichment.training.loop import train_and_calibrate
 from catalog_enrichment.training.noise import find_label_issues
@@ -161,7 +161,7 @@ def test_an_ensemble_is_calibrated_saved_and_served_as_one_model(taxonomy: Taxon
     bundle = load_bundle(save_trained(trained, tmp_path / "ensemble"))
     assert isinstance(bundle.model, EnsembleModel) and bundle.model_config.ensemble.members == 2
     frame = table.slice(0, 40).to_pandas()
-    predictor = BatchPredictor(bundle, batch_size=64)
+    predictor = BatchPredictor(bundle, PredictorOptions(batch_size=64))
     served = predictor.score(frame)
     # one forward pass per member inside the predictor, combined by vote
     (batch,) = list(predictor.prepared(frame))

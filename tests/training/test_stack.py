@@ -206,7 +206,7 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     from catalog_enrichment.data.synthetic import generate_marketplace
     from catalog_enrichment.embeddings import vectors as embedding
     from catalog_enrichment.inference.bundle import load_bundle
-    from catalog_enrichment.inference.predictor import BatchPredictor
+    from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
     from catalog_enrichment.training.loop import train_and_calibrate
     from tests.conftest import save_trained
     from tests.models.test_pretrained import VOCAB, _cfg, _save_image_weights, _save_text_model
@@ -232,13 +232,13 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     position = {pid: i for i, pid in enumerate(table["product_id"].to_pylist())}
     test_rows = table.take([position[trained.product_ids[i]] for i in trained.splits.test])
     bundle = load_bundle(save_trained(trained, tmp_path / "bundle"))
-    served = BatchPredictor(bundle, batch_size=64).score(test_rows)
+    served = BatchPredictor(bundle, PredictorOptions(batch_size=64)).score(test_rows)
     assert bundle.taxonomy.to_dict() == trained.taxonomy.to_dict()  # single-valued marks included
     expected = trained.taxonomy.derive(trained.test_predictions.probs)
     for attr in taxonomy.outputs:
         np.testing.assert_allclose(served[attr.name], expected[attr.name], atol=1e-5)
     # through the store: every row's vector read back, the n-grams counted again from the texts
-    store = BatchPredictor(bundle, batch_size=64, embedding_store=True)
+    store = BatchPredictor(bundle, PredictorOptions(batch_size=64, embedding_store=True))
     first = store.score_arrow(test_rows)
     assert first.embedding is not None and all(v is not None for v in first.embedding)
     stored = test_rows.append_column("stored_content", pa.array(first.content)).append_column(

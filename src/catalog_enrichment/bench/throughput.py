@@ -209,11 +209,13 @@ def _raw_task_init(barrier: Any, bundle_dir: str, options: dict[str, Any]) -> No
     import torch
 
     from catalog_enrichment.inference.bundle import load_bundle
-    from catalog_enrichment.inference.predictor import BatchPredictor
+    from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 
     torch.set_num_threads(1)
     bundle = load_bundle(bundle_dir, device="cpu")
-    _TASK_STATE.update(barrier=barrier, predictor=BatchPredictor(bundle, device="cpu", **options))
+    _TASK_STATE.update(
+        barrier=barrier, predictor=BatchPredictor(bundle, PredictorOptions(**options), device="cpu")
+    )
 
 
 def _raw_task(part: pa.Table) -> float:
@@ -326,12 +328,11 @@ def _load(
 ) -> _Model:
     from catalog_enrichment.inference.bundle import load_bundle
     from catalog_enrichment.inference.decide import DecisionPolicy
-    from catalog_enrichment.inference.predictor import BatchPredictor
+    from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 
     bundle = load_bundle(bundle_dir, device=device)
-    predictor = BatchPredictor(
-        bundle, device=device, **{**inference.predictor_options(), "autocast": autocast}
-    )
+    options = PredictorOptions(**{**inference.predictor_options(), "autocast": autocast})
+    predictor = BatchPredictor(bundle, options, device=device)
     return _Model(predictor, DecisionPolicy(bundle.taxonomy, bundle.calibration, taxonomy))
 
 

@@ -32,7 +32,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
 import numpy as np
@@ -179,10 +179,6 @@ class PredictorOptions:
     embedding_store: bool = False
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
 
-    def kwargs(self) -> dict[str, Any]:
-        """The :class:`BatchPredictor` keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 class BatchPredictor:
     """Scores batches of products with one loaded model."""
@@ -190,37 +186,32 @@ class BatchPredictor:
     def __init__(
         self,
         bundle: ModelBundle,
+        options: PredictorOptions | None = None,
         *,
         device: torch.device | str = "cpu",
-        batch_size: int = 128,
-        decode_threads: int = 2,
-        autocast: bool = True,
-        channels_last: bool = True,
-        keep_memory: bool = True,
-        image_policy: ImagePolicy | None = None,
-        embedding_store: bool = False,
     ) -> None:
+        options = options or PredictorOptions()
         self.bundle = bundle
-        self.image_policy = image_policy or ImagePolicy()
+        self.image_policy = options.image_policy
         self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.decode_threads = max(1, decode_threads)
-        self.autocast = autocast and self.device.type == "cuda"
+        self.batch_size = options.batch_size
+        self.decode_threads = max(1, options.decode_threads)
+        self.autocast = options.autocast and self.device.type == "cuda"
         self.preprocessing = bundle.preprocessing
         # a text-only model never decodes an image, so an unusable one does not quarantine its row
         self.reads_images = bundle.model.image_encoder is not None
         self.collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
         self.lexical = any(m.fusion.needs_lexical for m in _members(bundle.model))
         # the store serves a fingerprinted bundle, whose model is one MultimodalModel (storable)
-        stores = embedding_store and bundle.encoder_fingerprint is not None
+        stores = options.embedding_store and bundle.encoder_fingerprint is not None
         self._stored_model = cast(MultimodalModel, bundle.model) if stores else None
         self.width = embedding.width(self._stored_model) if self._stored_model is not None else 0
         # Channels-last: the image encoder's convolutions run about 1.7x faster on CPU (oneDNN
         # works in NHWC), and the decoded pixels arrive in that order anyway.
-        self.channels_last = channels_last
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.channels_last = options.channels_last
+        memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         self.bundle.model.to(self.device).to(memory_format=memory_format).eval()  # type: ignore[call-overload]
-        tune_worker_process(self.device, keep_memory=keep_memory)
+        tune_worker_process(self.device, keep_memory=options.keep_memory)
         self._pool: ThreadPoolExecutor | None = None
 
     # -- preparation (runs in the pool) ---------------------------------------------------------

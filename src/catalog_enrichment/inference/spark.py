@@ -237,7 +237,7 @@ def _worker_state(
 
             path = SparkFiles.get(spec.bundle_name)
         bundle = load_bundle(path, device=device)
-        predictor = BatchPredictor(bundle, device=device, **spec.predictor.kwargs())
+        predictor = BatchPredictor(bundle, spec.predictor, device=device)
         allowed = Taxonomy.from_dict(spec.allowed_taxonomy, source="config")
         policy = DecisionPolicy(bundle.taxonomy, bundle.calibration, allowed) if decide else None
         state = (predictor, policy)
