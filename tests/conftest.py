@@ -129,7 +129,8 @@ INCOMING = SyntheticConfig(products=2400, seed=7, bad_rate=0.04, image_size=32, 
 # server, a scheduler): one task slot, so one Python worker imports torch and loads the model, not
 # two. Their subject is what survives the fault; the suite's own session (local[2]) and the
 # standalone cluster run the job on several workers.
-ONE_CORE = "spark.master=local[1]"
+ONE_CORE_MASTER = "local[1]"
+ONE_CORE = f"spark.master={ONE_CORE_MASTER}"
 
 
 def run_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from catalog_enrichment.catalog.reports import read_reports, report_for
-from tests.conftest import ONE_CORE, repo_root, tiny_registry
+from tests.conftest import ONE_CORE_MASTER, repo_root, tiny_registry
 
 DAGS = repo_root() / "deploy" / "airflow"
 AIRFLOW_PYTHON = os.environ.get("CATALOG_ENRICH_AIRFLOW_PYTHON", "")
@@ -131,7 +131,7 @@ def _nightly_config(tmp: Path, uri: str, lake: Path, products: Path) -> Path:
     config.write_text(
         yaml.safe_dump(
             {
-                "spark": {"master": ONE_CORE.split("=")[1]},
+                "spark": {"master": ONE_CORE_MASTER},
                 "mlflow": {"tracking_uri": uri, "registered_model": "tiny"},
                 "catalog": {"root": str(lake), "products": str(products)},
                 "inference": {"device": "cpu"},

@@ -495,23 +495,22 @@ def backfill_partitions(
     catalog = catalog or open_catalog(cfg.catalog)
     plan = backfill_plan(catalog, model, days.first, days.last, force=days.force)
     results: list[tuple[str, EnrichOutcome | None]] = []
-    for i, (scope, run_id) in enumerate(plan, start=1):
+    for i, (partition, run_id) in enumerate(plan, start=1):
         if run_id is None:
-            progress(
-                f"[backfill {i}/{len(plan)}] {scope}: done by v{model.version}, skipped (--force redoes it)"
-            )
-            results.append((scope, None))
+            done = f"done by v{model.version}, skipped (--force redoes it)"
+            progress(f"[backfill {i}/{len(plan)}] {partition}: {done}")
+            results.append((partition, None))
             continue
-        progress(f"[backfill {i}/{len(plan)}] {scope}: run {run_id}")
+        progress(f"[backfill {i}/{len(plan)}] {partition}: run {run_id}")
         outcome = run_enrichment(
             spark,
             cfg,
             taxonomy,
             model=model,
-            scope=RunScope(partition=scope, full=True, run_id=run_id),
+            scope=RunScope(partition=partition, full=True, run_id=run_id),
             client=client,
             progress=progress,
             catalog=catalog,
         )
-        results.append((scope, outcome))
+        results.append((partition, outcome))
     return results
