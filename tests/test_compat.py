@@ -38,6 +38,39 @@ def test_fix_is_needed_here_or_torchvision_works_alone() -> None:
 
 
 @pytest.mark.timeout(300)
+def test_torchvisions_own_library_is_tried_first_and_loads_exactly_where_torchvision_imports_alone() -> None:
+    """Here (a CUDA torchvision beside a CPU torch) its library does not load and the schemas are
+    defined; where torchvision imports on its own its library loads, and nothing is defined."""
+    alone = _run("import torchvision").returncode == 0
+    result = _run(
+        "import catalog_enrichment; from catalog_enrichment import _compat; "
+        "print(_compat._load_torchvision_ops())"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(alone)
+
+
+@pytest.mark.timeout(300)
+def test_no_schema_is_defined_beside_a_torchvision_library_that_loads() -> None:
+    """A matching torchvision build (the GPU machine's) registers its ops when its library loads:
+    a schema defined before it aborted the process ("registered ... multiple times")."""
+    code = (
+        "import torch, catalog_enrichment; from catalog_enrichment import _compat\n"
+        "def loads():  # what loading a matching build's library does\n"
+        "    loads.lib = torch.library.Library('torchvision', 'DEF')\n"
+        "    for schema in _compat._SCHEMAS.values():\n"
+        "        loads.lib.define(schema)\n"
+        "    return True\n"
+        "_compat._load_torchvision_ops = loads\n"
+        "_compat.ensure_torchvision_importable()\n"
+        "print(_compat._LIBRARY is None, _compat._has_op('nms'))\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True True"
+
+
+@pytest.mark.timeout(300)
 def test_fix_is_a_no_op_when_torchvision_is_already_imported() -> None:
     code = (
         "import catalog_enrichment, timm; from catalog_enrichment import _compat; "

@@ -4,8 +4,9 @@ PyPI's torchvision is a CUDA build. Next to a CPU-only torch its C++ ops are mis
 ``import torchvision`` fails while registering fake kernels for ``torchvision::nms``
 ("operator torchvision::nms does not exist"), which also breaks ``import timm`` and transformers'
 model imports. Defining the two missing operator schemas first lets the import succeed; nothing
-here uses those ops. Where torchvision's own library loaded (a matching CPU or CUDA build), the ops
-exist and this is a no-op.
+here uses those ops. torchvision's own library is tried first, as ``import torchvision`` would load
+it: where it loads (a matching CPU or CUDA build, as on a GPU machine) its ops exist and nothing is
+defined - a schema defined beside it makes its registration abort the process.
 
 The package ``__init__`` imports this module first, so the driver, Spark Python workers (which
 import the package to unpickle the UDF) and MLflow's fresh model-loading processes all get it. To
@@ -41,6 +42,30 @@ def _has_op(name: str) -> bool:
     return True
 
 
+def _load_torchvision_ops() -> bool:
+    """Load torchvision's compiled ops as ``import torchvision`` would (``torchvision.extension``);
+    False where they do not load (a CUDA build beside a CPU-only torch). They must be tried first:
+    schemas defined here beside a library that does load make that library's own registration
+    abort the process ("registered ... multiple times")."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    for folder in spec.submodule_search_locations:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            library = os.path.join(folder, "_C" + suffix)
+            if os.path.exists(library):
+                try:
+                    torch.ops.load_library(library)
+                except (OSError, RuntimeError):
+                    return False
+                return all(_has_op(name) for name in _SCHEMAS)
+    return False
+
+
 def ensure_torchvision_importable() -> None:
     """Define ``torchvision::nms``/``qnms`` schemas when torchvision's library did not."""
     global _LIBRARY
@@ -49,6 +74,8 @@ def ensure_torchvision_importable() -> None:
     try:
         import torch
     except ImportError:  # torch absent: nothing can break
+        return
+    if _load_torchvision_ops():
         return
     missing = [name for name in _SCHEMAS if not _has_op(name)]
     if not missing:
