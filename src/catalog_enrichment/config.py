@@ -608,7 +608,11 @@ class InferenceConfig(_Section):
 
     batch_size: int = Field(128, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    autocast: bool = Field(True, description="bf16/fp16 autocast on GPU (ignored on CPU).")
+    autocast: bool = Field(
+        False,
+        description="bf16 autocast for the encoders on GPU (ignored on CPU). Off by default: the thresholds "
+        "were calibrated on float32 encoder outputs, and bf16 ones change decisions near them.",
+    )
     decode_threads: int = Field(2, gt=0, description="Threads decoding images/tokenizing ahead of the model.")
     torch_threads: int | None = Field(None, gt=0, description="torch.set_num_threads; None = task's cores.")
     channels_last: bool = Field(

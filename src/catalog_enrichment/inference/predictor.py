@@ -173,7 +173,7 @@ class PredictorOptions:
 
     batch_size: int = 128
     decode_threads: int = 2
-    autocast: bool = True
+    autocast: bool = False
     channels_last: bool = True
     keep_memory: bool = True
     embedding_store: bool = False
@@ -455,9 +455,12 @@ def _lexical(
 def tune_worker_process(device: torch.device, *, keep_memory: bool) -> None:
     """The scoring process's own settings (``runtime``'s table): on a CPU the tokenizer runs
     single-threaded (the prepare threads tokenize; its own thread pool would only compete with the
-    forward pass for the same cores); with ``keep_memory`` freed memory is kept
-    (:func:`keep_freed_memory`)."""
+    forward pass for the same cores); on a GPU float32 stays float32 (the scores the thresholds were
+    calibrated on); with ``keep_memory`` freed memory is kept (:func:`keep_freed_memory`)."""
     if device.type == "cpu":
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if device.type == "cuda":  # float32 convolutions and products in float32, not TF32's 10-bit mantissa
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
     if keep_memory:
         keep_freed_memory()

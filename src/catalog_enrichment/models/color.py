@@ -223,6 +223,9 @@ def lch_histogram(pixels: torch.Tensor) -> torch.Tensor:
 
 def color_features(pixels: torch.Tensor) -> torch.Tensor:
     """``(B, 3, H, W)`` uint8 or [0, 1] float RGB -> ``(B, COLOR_FEATURES)`` float32:
-    :func:`lab_histogram` then :func:`lch_histogram` of the same foreground."""
-    lab, weight = _work_lab(pixels)
-    return torch.cat([_lab_part(lab, weight), _lch_part(lab, weight)], dim=1)
+    :func:`lab_histogram` then :func:`lch_histogram` of the same foreground, in float32 whatever the
+    autocast around it (under bf16 the colour conversion's products would move pixels across
+    histogram bins and the foreground's edge: features of one photo would differ by device)."""
+    with torch.autocast(pixels.device.type, enabled=False):
+        lab, weight = _work_lab(pixels)
+        return torch.cat([_lab_part(lab, weight), _lch_part(lab, weight)], dim=1)

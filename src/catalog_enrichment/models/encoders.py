@@ -262,6 +262,7 @@ class ImageEncoder(nn.Module):
             tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
         if self.cfg.color_features:
             color = color_features(raw if raw.dtype == torch.uint8 else self.preprocessing.unnormalize(raw))
-            pooled, tokens = _with_color(pooled, tokens, color.to(pooled.dtype))
+            # float32 beside the colour statistics: bf16 would round them to 3 digits
+            pooled, tokens = _with_color(pooled.float(), tokens.float(), color)
         present = image_present.to(pooled.dtype)
         return ImageFeatures(tokens * present[:, None, None], pooled * present[:, None])

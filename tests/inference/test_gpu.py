@@ -1,0 +1,34 @@
+"""The GPU path against the CPU's on the same bundle and products: runs where torch sees a CUDA
+device (skipped elsewhere, CI included; ``tools/gpu/check.py`` is the same check on a real bundle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.inference.bundle import load_bundle
+from catalog_enrichment.inference.predictor import BatchPredictor
+from catalog_enrichment.metrics import decision_matrix
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
+
+
+def test_cuda_scores_and_decides_as_the_cpu_does(scoring_bundle: Path, incoming) -> None:  # type: ignore[no-untyped-def]
+    """Float32 on both (no autocast, no TF32): every decision the same, scores within float32's
+    reordering noise."""
+    products = read_table(incoming.products).slice(0, 300)
+    products = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
+    cpu = BatchPredictor(load_bundle(scoring_bundle)).score(products)
+    bundle = load_bundle(scoring_bundle, device="cuda")
+    cuda = BatchPredictor(bundle, device="cuda").score(products)
+    for attr in bundle.taxonomy:
+        thresholds = bundle.calibration.thresholds(attr.name)
+        np.testing.assert_allclose(cuda[attr.name], cpu[attr.name], atol=1e-4)
+        np.testing.assert_array_equal(
+            decision_matrix(cuda[attr.name], attr.kind, thresholds),
+            decision_matrix(cpu[attr.name], attr.kind, thresholds),
+        )
