@@ -124,7 +124,9 @@ def test_colour_statistics_stay_float32_under_a_bf16_autocast():
     """A GPU runs the encoders under bf16 autocast: the colour statistics beside them are computed
     and kept in float32, so a photo gives the same features on every device (under bf16 the colour
     conversion's products moved them by about 4e-3, and the pooled vector rounded them to 3 digits)."""
-    pixels = torch.randint(0, 256, (2, 3, 48, 48), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pixels = torch.randint(
+        0, 256, (2, 3, 48, 48), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     plain = color_features(pixels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = color_features(pixels)

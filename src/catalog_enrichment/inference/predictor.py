@@ -460,7 +460,7 @@ def tune_worker_process(device: torch.device, *, keep_memory: bool) -> None:
     if device.type == "cpu":
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if device.type == "cuda":  # float32 convolutions and products in float32, not TF32's 10-bit mantissa
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"  # type: ignore[attr-defined]
         torch.backends.cuda.matmul.fp32_precision = "ieee"
     if keep_memory:
         keep_freed_memory()
