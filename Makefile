@@ -135,8 +135,8 @@ demo: venv $(if $(DEMO_PRETRAINED),weights) $(if $(findstring postgres,$(DEMO_AR
 	  $(filter-out --pretrained,$(DEMO_ARGS))
 
 lint: venv
-	$(VENV)/bin/ruff check src tests jobs
-	$(VENV)/bin/ruff format --check src tests jobs
+	$(VENV)/bin/ruff check src tests jobs tools
+	$(VENV)/bin/ruff format --check src tests jobs tools
 	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: venv
