@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-BATCH, LR, WEIGHT_DECAY = 128, 1e-3, 0.02  # AdamW; the backbone at half the heads' rate
+LR, WEIGHT_DECAY = 1e-3, 0.02  # AdamW; the backbone at half the heads' rate
 T0 = time.time()
 
 
@@ -102,7 +102,7 @@ class Net(nn.Module):
         return [head(features).float() for head in self.heads]
 
 
-def fine_tune(data: Data, net: Net, rows: np.ndarray, epochs: int, amp: dict) -> float:
+def fine_tune(data: Data, net: Net, rows: np.ndarray, epochs: int, batch_size: int, amp: dict) -> float:
     """AdamW with warm-up and a cosine schedule, one cross-entropy per attribute (label smoothing
     0.1); returns images per second."""
     heads = [p for n, p in net.named_parameters() if n.startswith("heads")]
@@ -110,7 +110,7 @@ def fine_tune(data: Data, net: Net, rows: np.ndarray, epochs: int, amp: dict) ->
     opt = torch.optim.AdamW(
         [{"params": body, "lr": LR / 2}, {"params": heads, "lr": LR}], weight_decay=WEIGHT_DECAY
     )
-    steps = epochs * (len(rows) // BATCH)
+    steps = epochs * (len(rows) // batch_size)
     warm = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -121,8 +121,8 @@ def fine_tune(data: Data, net: Net, rows: np.ndarray, epochs: int, amp: dict) ->
     net.train()
     for _ in range(epochs):
         order = order_all[torch.randperm(len(order_all), device=order_all.device)]
-        for s in range(0, len(order) - BATCH + 1, BATCH):
-            batch = order[s : s + BATCH]
+        for s in range(0, len(order) - batch_size + 1, batch_size):
+            batch = order[s : s + batch_size]
             with torch.autocast(**amp):
                 logits = net(pixels(data, batch, True))
             loss = sum(
@@ -183,9 +183,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="96 products, one epoch, batches of 16")
     args = parser.parse_args()
-    global BATCH
+    batch_size = 16 if args.smoke else 128
     if args.smoke:
-        BATCH, args.epochs = 16, 1
+        args.epochs = 1
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
@@ -240,7 +240,7 @@ def main() -> None:
         start = time.time()
         torch.manual_seed(1 + k)
         net = Net(backbone(state, device), data.sizes).to(device)
-        rate = fine_tune(data, net, fit, args.epochs, amp)
+        rate = fine_tune(data, net, fit, args.epochs, batch_size, amp)
         oof, tested = predict(data, net, held, amp), predict(data, net, test, amp)
         accuracy = []
         for j, a in enumerate(data.attrs):

@@ -323,15 +323,13 @@ class _Model:
     policy: Any
 
 
-def _load(
-    bundle_dir: Path, taxonomy: Taxonomy, inference: InferenceConfig, device: str, autocast: bool
-) -> _Model:
+def _load(bundle_dir: Path, taxonomy: Taxonomy, inference: InferenceConfig, device: str) -> _Model:
     from catalog_enrichment.inference.bundle import load_bundle
     from catalog_enrichment.inference.decide import DecisionPolicy
     from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 
     bundle = load_bundle(bundle_dir, device=device)
-    options = PredictorOptions(**{**inference.predictor_options(), "autocast": autocast})
+    options = PredictorOptions(**inference.predictor_options())
     predictor = BatchPredictor(bundle, options, device=device)
     return _Model(predictor, DecisionPolicy(bundle.taxonomy, bundle.calibration, taxonomy))
 
@@ -535,7 +533,7 @@ def _in_process(
     """``modes`` (``raw``, ``predictor``, ``raw_tasks``, ``encoders``) over ``table`` in this process:
     medians and ratios."""
     model, repeats, device, block = plan.model, plan.repeats, plan.device, plan.block
-    loaded = _load(model.bundle, taxonomy, cfg.inference, device, cfg.inference.autocast)
+    loaded = _load(model.bundle, taxonomy, cfg.inference, device)
     arrow_batch = cfg.spark.arrow_max_records_per_batch
     paired = "raw" in modes and "predictor" in modes
     tasks = None
