@@ -13,9 +13,11 @@ from catalog_enrichment.calibration import (
     THRESHOLD_GRID,
     AttributeCalibration,
     Calibration,
+    ValueThreshold,
     calibrate_attribute,
     clopper_pearson_lower,
     min_testable_writes,
+    on_served_scale,
     wilson_lower,
     wilson_upper,
 )
@@ -121,6 +123,73 @@ def test_calibration_round_trips_through_json_dict() -> None:
     again = Calibration.from_dict(cal.to_dict())
     assert again == cal
     assert np.array_equal(again.thresholds("a"), cal.thresholds("a"))
+
+
+def _fixed(kind: Any, *grid_points: int | None) -> AttributeCalibration:
+    """An attribute whose values' thresholds are these grid points (``None``: never written)."""
+    values = tuple(
+        ValueThreshold(f"v{i}", None if g is None else float(THRESHOLD_GRID[g]), 100)
+        for i, g in enumerate(grid_points)
+    )
+    return AttributeCalibration("a", kind, values)
+
+
+def _share(candidates: np.ndarray, g: int) -> float:
+    return float(np.mean(candidates >= THRESHOLD_GRID[g]))
+
+
+def test_a_more_confident_served_model_writes_no_larger_share_than_the_fold_models() -> None:
+    """Cross-fitted thresholds move onto the served model's scale: the fold models scored the
+    validation products uniformly, the served model as their square root (same ranking, more
+    confident). Each threshold rises to the lowest grid point where the served model writes no
+    larger share of the candidates than the fold models did at the proven one, counted here pair by
+    pair over the whole grid; the value that is never written stays so."""
+    rng = np.random.default_rng(0)
+    folds = [rng.uniform(size=(400, 3)) for _ in range(3)]
+    served = np.sqrt(rng.uniform(size=(400, 3)))
+    cal = _fixed("multilabel", 60, 120, None)
+    moved = on_served_scale(cal, served, folds)
+    pooled = np.concatenate([f.ravel() for f in folds])
+    for before, after in zip(cal.values[:2], moved.values[:2], strict=True):
+        g = int(np.argmin(np.abs(THRESHOLD_GRID - before.threshold)))
+        fits = [i for i in range(g + 1) if _share(served.ravel(), i) <= _share(pooled, g)]
+        assert after.threshold == THRESHOLD_GRID[max(fits)] > before.threshold
+    assert moved.values[2].threshold is None
+    written = lambda s, c: int(np.sum(s >= np.nan_to_num(c.threshold_array(), nan=2.0)))  # noqa: E731
+    assert moved.served_ratio == pytest.approx(
+        written(served, cal) / np.mean([written(f, cal) for f in folds])
+    )
+    assert moved.served_ratio > 1.5
+
+
+def test_thresholds_never_fall_for_a_served_model_as_or_less_confident() -> None:
+    rng = np.random.default_rng(1)
+    folds = [rng.uniform(size=(400, 4)) for _ in range(3)]
+    cal = _fixed("multiclass", 40, 90, 150, 170)
+    assert on_served_scale(cal, folds[0], folds[:1]).values == cal.values  # the same scores
+    assert on_served_scale(cal, rng.uniform(size=(400, 4)) ** 2, folds).values == cal.values
+    assert on_served_scale(cal, folds[0], []) == cal  # held-out calibration: nothing to move
+
+
+def test_the_multiclass_scale_is_the_top1_score() -> None:
+    """Multi-class: the candidates are each product's top-1 score, not every pair."""
+    rng = np.random.default_rng(2)
+    fold = rng.dirichlet(np.ones(4), size=500)
+    served = rng.dirichlet(np.full(4, 0.3), size=500)  # peakier distributions: higher top-1 scores
+    moved = on_served_scale(_fixed("multiclass", 150, 150, 150, 150), served, [fold])
+    new = int(np.argmin(np.abs(THRESHOLD_GRID - moved.values[0].threshold)))
+    assert (
+        _share(served.max(axis=1), new) <= _share(fold.max(axis=1), 150) < _share(served.max(axis=1), new + 1)
+    )
+
+
+def test_the_served_ratio_round_trips_through_json_dict() -> None:
+    rng = np.random.default_rng(3)
+    moved = on_served_scale(
+        _fixed("multilabel", 100), np.sqrt(rng.uniform(size=(50, 1))), [rng.uniform(size=(50, 1))]
+    )
+    cal = Calibration(0.95, 0.95, "wilson", 20, {"a": moved}, "attribute")
+    assert Calibration.from_dict(cal.to_dict()) == cal and moved.served_ratio is not None
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,10 @@ Multi-class attributes are thresholded on the top-1 score: the candidates for va
 products whose argmax is ``v``. Multi-label: every (product, value) pair is a candidate.
 
 Assumptions: calibration (and family) scores are out-of-sample, and those products are
-exchangeable with the products scored later (same distribution). The attribute-scope bound is on
+exchangeable with the products scored later (same distribution). Cross-fitted calibration scores
+come from fold models, not from the model that serves: :func:`on_served_scale` raises the
+thresholds until the served model writes no larger share of the same held-out products than the
+fold models did, so what is left to assume is that it ranks at least as well as they do. The attribute-scope bound is on
 the pooled precision of the attribute, not on each value.
 
 Over 600 lines because both guarantee scopes share the grid, the family and the bounds.
@@ -54,7 +57,7 @@ Over 600 lines because both guarantee scopes share the grid, the family and the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -63,6 +66,7 @@ from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import AttributeKind
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.health import HealthProfile
+from catalog_enrichment.metrics import decision_matrix
 
 __all__ = [
     "LEVELS",
@@ -76,6 +80,7 @@ __all__ = [
     "clopper_pearson_lower",
     "lower_bound",
     "min_testable_writes",
+    "on_served_scale",
     "version_target",
     "wilson_lower",
     "wilson_upper",
@@ -186,12 +191,18 @@ class PooledEvidence:
 
 @dataclass(frozen=True)
 class AttributeCalibration:
-    """Thresholds for every value of one attribute, in taxonomy order (``pooled``: attribute scope)."""
+    """Thresholds for every value of one attribute, in taxonomy order (``pooled``: attribute scope).
+
+    ``served_ratio`` (cross-fitted calibration): what the model that serves wrote on the validation
+    split at the thresholds the fold models' scores proved, over what the fold models wrote there;
+    above 1 the thresholds were raised to the served model's scale (:func:`on_served_scale`).
+    """
 
     attribute: str
     kind: AttributeKind
     values: tuple[ValueThreshold, ...]
     pooled: PooledEvidence | None = None
+    served_ratio: float | None = None
 
     def threshold_array(self) -> np.ndarray:
         """``(n_values,)`` thresholds, ``NaN`` for values that are never written."""
@@ -228,6 +239,7 @@ class Calibration:
                     "pooled": None
                     if a.pooled is None
                     else {**asdict(a.pooled), "guarded": list(a.pooled.guarded)},
+                    "served_ratio": a.served_ratio,
                 }
                 for name, a in self.attributes.items()
             },
@@ -243,7 +255,9 @@ class Calibration:
             if pooled is not None:
                 pooled = PooledEvidence(**{**pooled, "guarded": tuple(pooled.get("guarded", ()))})
             values = tuple(ValueThreshold(**v) for v in spec["values"])
-            attributes[name] = AttributeCalibration(name, spec["kind"], values, pooled)
+            attributes[name] = AttributeCalibration(
+                name, spec["kind"], values, pooled, spec.get("served_ratio")
+            )
         return cls(
             data["target_precision"],
             data["confidence"],
@@ -597,6 +611,48 @@ def _value_at_level(
         return ValueThreshold(value, None, support, **evidence, reason=f"guard: {missed}; kept out")
     reason = f"guard: {missed} at {THRESHOLD_GRID[g]:.4f}; raised to {THRESHOLD_GRID[raised]:.4f}"
     return ValueThreshold(value, float(THRESHOLD_GRID[raised]), support, **evidence, reason=reason)
+
+
+def _shares(scores: np.ndarray, kind: AttributeKind) -> np.ndarray:
+    """The share of ``scores``' candidates (multi-class: each product's top-1 score; multi-label:
+    every pair) at or above each grid threshold: non-decreasing down the grid."""
+    candidates = np.sort(scores.max(axis=1) if kind == "multiclass" else scores.ravel())
+    return 1.0 - np.searchsorted(candidates, THRESHOLD_GRID, side="left") / max(candidates.size, 1)
+
+
+def on_served_scale(
+    cal: AttributeCalibration, served: np.ndarray, folds: Sequence[np.ndarray]
+) -> AttributeCalibration:
+    """Cross-fitted thresholds moved onto the scale of the model that serves.
+
+    The thresholds were proven on the out-of-fold scores of fold models that each trained on part
+    of the training split; the model that serves trained on all of it and is usually more
+    confident, so at the same threshold it writes more, and less precisely, than what was proven.
+    ``served`` and ``folds``: ``(n, n_values)`` scores of the same held-out products (the
+    validation split) by the model that serves and by each fold model. Each threshold rises up the
+    grid to the lowest point at which the served model writes no larger share of those products'
+    candidates than the fold models wrote, on average, at the proven threshold; none falls. The
+    served model then writes as much as a fold model would, chosen by a model that ranks at least
+    as well (the test report's fold gap compares the two on the same split).
+    """
+    if not folds or served.shape[0] == 0:
+        return cal
+    thresholds = cal.threshold_array()
+    before = int(decision_matrix(served, cal.kind, thresholds).sum())
+    proven = float(np.mean([decision_matrix(f, cal.kind, thresholds).sum() for f in folds]))
+    mine = _shares(served, cal.kind)
+    theirs = np.mean([_shares(f, cal.kind) for f in folds], axis=0)
+    values = []
+    for v in cal.values:
+        if v.threshold is None:
+            values.append(v)
+            continue
+        g = int(np.argmin(np.abs(THRESHOLD_GRID - v.threshold)))
+        fits = np.flatnonzero(mine[: g + 1] <= theirs[g])  # grid points at or above the threshold
+        raised = int(fits[-1]) if fits.size else 0
+        values.append(v if raised == g else replace(v, threshold=float(THRESHOLD_GRID[raised])))
+    ratio = before / proven if proven else None
+    return replace(cal, values=tuple(values), served_ratio=ratio)
 
 
 def version_target(configured: float, calibrated: float, version: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,22 @@ def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(
     train_labels = encode_labels(canonical_order(table), taxonomy).subset(trained.splits.train)
     expected = np.bincount(train_labels.targets["pattern"], minlength=6)
     assert [v.support for v in trained.calibration.attributes["pattern"].values] == expected.tolist()
+    # the thresholds the fold models' scores proved, moved (never down) onto the served model's scale
+    # by the fold models' and its own scores of the validation split
+    assert len(trained.heldout.fold_family) == 2
+    assert all(
+        p.shape[0] == trained.splits.validation.size
+        for f in trained.heldout.fold_family
+        for p in f.probs.values()
+    )
+    proven = dataclasses.replace(trained.heldout, fold_family=()).calibrate(
+        trained.taxonomy, trained.config.calibration, None
+    )
+    for name, moved in trained.calibration.attributes.items():
+        before, after = proven.thresholds(name), moved.threshold_array()
+        assert proven.attributes[name].served_ratio is None
+        assert np.array_equal(np.isnan(before), np.isnan(after))
+        assert np.all(after[~np.isnan(after)] >= before[~np.isnan(before)])
 
 
 @pytest.mark.slow

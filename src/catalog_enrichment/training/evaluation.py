@@ -11,7 +11,7 @@ per value with Wilson bounds; :class:`EvaluationReport` is the test report a tra
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from catalog_enrichment import calibration as calibration_lib
 from catalog_enrichment.calibration import Calibration, calibrate_attribute, wilson_upper
 from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import Taxonomy
@@ -44,6 +45,7 @@ __all__ = [
     "evaluate",
     "forward",
     "mean_val_r",
+    "on_served_scale",
     "predict",
     "to_device",
     "with_health",
@@ -236,6 +238,20 @@ def calibrate(
             family_scores=family_scores, family_labels=family_labels,
         )  # fmt: skip
     return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope)
+
+
+def on_served_scale(
+    calibration: Calibration, served: Predictions, folds: Sequence[Predictions], taxonomy: Taxonomy
+) -> Calibration:
+    """Cross-fitted ``calibration`` on the scale of the model that serves: ``served`` and each of
+    ``folds`` scored the same held-out products (:func:`catalog_enrichment.calibration.on_served_scale`)."""
+    mine = taxonomy.derive(served.probs)
+    theirs = [taxonomy.derive(f.probs) for f in folds]
+    attributes = {
+        name: calibration_lib.on_served_scale(a, mine[name], [f[name] for f in theirs])
+        for name, a in calibration.attributes.items()
+    }
+    return dataclasses.replace(calibration, attributes=attributes)
 
 
 def with_health(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,23 +376,30 @@ def crossfit(
     *,
     tag: str = "cross-fit",
     also: np.ndarray | None = None,
-) -> tuple[Predictions, EncodedLabels, Predictions | None]:
+) -> tuple[Predictions, EncodedLabels, tuple[Predictions, ...]]:
     """Out-of-fold scores over the plan's rows: K fold models, each trained on the other folds and
     scoring its own; returned in row order. ``also``: rows no fold model trains on, scored by every
-    fold model (their mean is returned)."""
+    fold model (one set of scores per fold model; none without ``also``)."""
     rows, k = plan.rows, plan.k
     probs: dict[str, np.ndarray] = {}
-    extra: dict[str, np.ndarray] = {}
+    extra: list[Predictions] = []
     for f, (fit_pos, out_pos) in enumerate(plan.folds()):
         say(f"{tag}: fold {f + 1}/{k} ({fit_pos.size:,} products to train, {out_pos.size:,} to score)")
         model, _ = fit(rows[fit_pos], plan.seed + 1 + f, f"  fold {f + 1}: ")
         for attr, p in score(model, rows[out_pos]).probs.items():
             probs.setdefault(attr, np.zeros((rows.size, p.shape[1]), np.float32))[out_pos] = p
         if also is not None:
-            for attr, p in score(model, also).probs.items():
-                extra[attr] = extra.get(attr, 0) + p / k
-    out_of_fold = Predictions(probs, None, {})
-    return out_of_fold, plan.labels.subset(rows), None if also is None else Predictions(extra, None, {})
+            extra.append(score(model, also))
+    return Predictions(probs, None, {}), plan.labels.subset(rows), tuple(extra)
+
+
+def mean_scores(folds: Sequence[Predictions]) -> Predictions:
+    """The fold models' mean scores (of the same rows)."""
+    total: dict[str, Any] = {}
+    for scores in folds:
+        for attr, p in scores.probs.items():
+            total[attr] = total.get(attr, 0) + p / len(folds)
+    return Predictions(total, None, {})
 
 
 # fold models this much weaker (validation average precision) than the final model get a warning
@@ -438,10 +445,8 @@ def prune_noisy_labels(
     from catalog_enrichment.training.noise import find_label_issues
 
     say(f"noise pruning: out-of-fold scores by {plan.k} fold models")
-    oof, train_labels, val_scores = crossfit(
-        plan, fit, score, say, tag="noise pruning", also=splits.validation
-    )
-    assert val_scores is not None
+    oof, train_labels, fold_val = crossfit(plan, fit, score, say, tag="noise pruning", also=splits.validation)
+    val_scores = mean_scores(fold_val)
     issues = find_label_issues(oof.probs, train_labels, taxonomy, fraction)
     labels = plan.labels
     val_labels = labels.subset(splits.validation)

@@ -402,8 +402,9 @@ def _train_and_calibrate(
         say=say, store=store,
     )  # fmt: skip
     splits = data.splits
-    issues, fold_val = None, None
+    issues = None
     oof: tuple[Predictions, EncodedLabels] | None
+    fold_val: tuple[Predictions, ...] = ()
     if fusion_class(cfg.model.fusion).needs_lexical:  # the stack: fitted in closed form, cross-fitted
         model, oof, fits = _fit_stack(data, say)
     else:
@@ -457,10 +458,10 @@ def _single_valued(model: AnyModel) -> list[str]:
 
 def _out_of_fold(
     data: _Data, fitter: _Fitter, say: Say
-) -> tuple[pd.DataFrame | None, tuple[Predictions, EncodedLabels] | None, Predictions | None]:
+) -> tuple[pd.DataFrame | None, tuple[Predictions, EncodedLabels] | None, tuple[Predictions, ...]]:
     """The K-fold runs before the final model: noise pruning (its fitter's labels pruned; the table
-    of the training labels left out) and cross-fitting (the out-of-fold calibration set, and the
-    fold models' mean scores of the validation split)."""
+    of the training labels left out) and cross-fitting (the out-of-fold calibration set, and each
+    fold model's scores of the validation split)."""
     tcfg, splits = data.cfg.training, data.splits
 
     def score(model: AnyModel, idx: np.ndarray) -> Predictions:
@@ -474,7 +475,7 @@ def _out_of_fold(
             splits, plan, data.taxonomy, pcfg.fraction, fitter, score, say, data.records.product_id
         )
     if not data.folds:
-        return issues, None, None
+        return issues, None, ()
     plan = FoldPlan(splits.train, data.labels, data.groups, data.folds, tcfg.seed)
     scores, labels, fold_val = crossfit(plan, fitter, score, say, also=splits.validation)
     return issues, (scores, labels), fold_val

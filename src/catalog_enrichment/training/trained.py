@@ -28,10 +28,11 @@ from catalog_enrichment.training.evaluation import (
     Predictions,
     calibrate,
     evaluate,
+    on_served_scale,
     predict,
     with_health,
 )
-from catalog_enrichment.training.fit import EpochMetrics, FitResult, fold_gap
+from catalog_enrichment.training.fit import EpochMetrics, FitResult, fold_gap, mean_scores
 from catalog_enrichment.training.splits import Splits
 from catalog_enrichment.types import Say
 
@@ -45,12 +46,14 @@ class HeldOut:
     """Scores and labels of the held-out sets a version keeps, to calibrate it again
     (:meth:`TrainedModel.recalibrate`): ``calibration`` (out-of-fold or the calibration split),
     ``family`` (the validation split, which shapes the attribute scope's threshold family; None
-    without one: every value then shares the threshold) and ``health`` (what the run health profile
-    is counted on)."""
+    without one: every value then shares the threshold), ``health`` (what the run health profile
+    is counted on) and ``fold_family`` (cross-fitted: each fold model's scores of the family
+    products, which put the thresholds on the served model's scale)."""
 
     calibration: tuple[Predictions, EncodedLabels]
     family: tuple[Predictions, EncodedLabels] | None
     health: tuple[Predictions, EncodedLabels]
+    fold_family: tuple[Predictions, ...] = ()
 
     def calibrate(
         self, taxonomy: Taxonomy, rule: CalibrationConfig, inputs: InputBaseline | None
@@ -58,6 +61,8 @@ class HeldOut:
         """Thresholds under ``rule`` from the calibration set (the family shaping them), with the run
         health profile of the health set and the training products' ``inputs``."""
         calibration = calibrate(*self.calibration, taxonomy, rule, family=self.family)
+        if self.fold_family and self.family is not None:
+            calibration = on_served_scale(calibration, self.family[0], self.fold_family, taxonomy)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
 
@@ -120,10 +125,11 @@ class Fitted:
 
     ``labels`` are every product's (``splits`` index them); ``scoring`` gives a held-out split's
     batches by name; ``out_of_fold``: the cross-fit's scores of the training split, which
-    calibrate in place of a calibration split; ``fold_val``: the fold models' mean scores of the
-    validation split (the report's fold gap); ``health_on_test``: the run health profile is counted
-    on the test split (else on the validation split, or the calibration set without one: the test
-    products are a table of their own).
+    calibrate in place of a calibration split; ``fold_val``: each fold model's scores of the
+    validation split (they put the thresholds on the served model's scale; the report's fold
+    gap); ``health_on_test``: the run health profile is counted on the test split (else on the
+    validation split, or the calibration set without one: the test products are a table of their
+    own).
     """
 
     model: AnyModel
@@ -135,7 +141,7 @@ class Fitted:
     device: torch.device
     product_ids: list[str | None]
     out_of_fold: tuple[Predictions, EncodedLabels] | None = None
-    fold_val: Predictions | None = None
+    fold_val: tuple[Predictions, ...] = ()
     label_issues: pd.DataFrame | None = None
     health_on_test: bool = True
 
@@ -147,6 +153,12 @@ def conclude(
     ``inputs`` for the run health profile) and evaluated on the test split."""
     heldout, test_preds, test_labels = _held_out(fitted)
     calibration = heldout.calibrate(taxonomy, cfg.calibration, inputs)
+    for name, a in calibration.attributes.items():
+        if a.served_ratio is not None and a.served_ratio > 1:
+            say(
+                f"{name}: thresholds raised to the served model's scale (at the proven thresholds it "
+                f"wrote {a.served_ratio:.2f}x what the fold models wrote on the validation split)"
+            )
     report = _report(fitted, taxonomy, calibration, (test_preds, test_labels), heldout, say)
     seconds = time.perf_counter() - started
     say(f"trained in {seconds:.0f}s; test: " + _summary(report, taxonomy))
@@ -190,7 +202,7 @@ def _held_out(fitted: Fitted) -> tuple[HeldOut, Predictions, EncodedLabels]:
     family = scored("validation") if fitted.splits.validation.size else None
     test = scored("test")
     health = test if fitted.health_on_test else (family or calibration)
-    return HeldOut(calibration, family, health), *test
+    return HeldOut(calibration, family, health, fitted.fold_val), *test
 
 
 def _report(
@@ -205,8 +217,9 @@ def _report(
     and the mean modality weights where there are any."""
     test_preds, test_labels = test
     report = EvaluationReport(evaluate(test_preds, test_labels, taxonomy, calibration))
-    if fitted.fold_val is not None and heldout.family is not None:
-        report.crossfit = fold_gap(fitted.fold_val, heldout.family[0], heldout.family[1], taxonomy, say)
+    if fitted.fold_val and heldout.family is not None:
+        folds = mean_scores(fitted.fold_val)
+        report.crossfit = fold_gap(folds, heldout.family[0], heldout.family[1], taxonomy, say)
     if isinstance(fitted.model, EnsembleModel):  # each member alone on the same test split
         report.members = {
             f"{i + 1}:{m.cfg.fusion}": {
