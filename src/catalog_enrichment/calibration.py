@@ -48,8 +48,8 @@ Assumptions: calibration (and family) scores are out-of-sample, and those produc
 exchangeable with the products scored later (same distribution). Cross-fitted calibration scores
 come from fold models, not from the model that serves: :func:`on_served_scale` raises the
 thresholds until the served model writes no larger share of the same held-out products than the
-fold models did, so what is left to assume is that it ranks at least as well as they do. The attribute-scope bound is on
-the pooled precision of the attribute, not on each value.
+fold models did, so what is left to assume is that it ranks at least as well as they do. The
+attribute-scope bound is on the pooled precision of the attribute, not on each value.
 
 Over 600 lines because both guarantee scopes share the grid, the family and the bounds.
 """

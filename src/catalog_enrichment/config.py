@@ -467,7 +467,8 @@ class TrainingConfig(_Section):
         "(K + 1 trainings); None = chosen for the data: 3 folds below 10,000 labelled products, else 0 "
         "(see training/splits.py). The thresholds are then raised until the final model, trained on all "
         "of the training split, writes no larger share of the validation split than the fold models "
-        "did; cross-fitting assumes it ranks new products at least as well as they do. The stack fusion always cross-fits: its folds, 5 when None or 0.",
+        "did; cross-fitting assumes it ranks new products at least as well as they do. The stack "
+        "fusion always cross-fits: its folds, 5 when None or 0.",
     )
     encoders: Literal["finetune", "frozen", "last_n"] = Field(
         "finetune",
