@@ -138,17 +138,25 @@ def _share(candidates: np.ndarray, g: int) -> float:
     return float(np.mean(candidates >= THRESHOLD_GRID[g]))
 
 
+def _none_right(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Labels under which nothing a model writes is right: the served model falls short."""
+    if kind == "multiclass":
+        return (scores.argmax(axis=1) + 1) % scores.shape[1]
+    return np.zeros(scores.shape, dtype=bool)
+
+
 def test_a_more_confident_served_model_writes_no_larger_share_than_the_fold_models() -> None:
-    """Cross-fitted thresholds move onto the served model's scale: the fold models scored the
-    validation products uniformly, the served model as their square root (same ranking, more
-    confident). Each threshold rises to the lowest grid point where the served model writes no
-    larger share of the candidates than the fold models did at the proven one, counted here pair by
-    pair over the whole grid; the value that is never written stays so."""
+    """Cross-fitted thresholds move onto the served model's scale where it writes below the target
+    at them: the fold models scored the validation products uniformly, the served model as their
+    square root (same ranking, more confident). Each threshold rises to the lowest grid point where
+    the served model writes no larger share of the candidates than the fold models did at the
+    proven one, counted here pair by pair over the whole grid; the value that is never written
+    stays so."""
     rng = np.random.default_rng(0)
     folds = [rng.uniform(size=(400, 3)) for _ in range(3)]
     served = np.sqrt(rng.uniform(size=(400, 3)))
     cal = _fixed("multilabel", 60, 120, None)
-    moved = on_served_scale(cal, served, folds)
+    moved = on_served_scale(cal, served, folds, _none_right(served, "multilabel"), 0.95)
     pooled = np.concatenate([f.ravel() for f in folds])
     for before, after in zip(cal.values[:2], moved.values[:2], strict=True):
         g = int(np.argmin(np.abs(THRESHOLD_GRID - before.threshold)))
@@ -159,16 +167,37 @@ def test_a_more_confident_served_model_writes_no_larger_share_than_the_fold_mode
     assert moved.served_ratio == pytest.approx(
         written(served, cal) / np.mean([written(f, cal) for f in folds])
     )
-    assert moved.served_ratio > 1.5
+    assert moved.served_ratio > 1.5 and moved.served_precision == 0.0
+
+
+def test_thresholds_stand_where_the_served_model_writes_the_target_right_on_the_validation_split() -> None:
+    """The same more confident served model, its writes at the proven thresholds right but for
+    one in twenty-one: just above a 0.95 target, the thresholds stand; just below, they rise."""
+    rng = np.random.default_rng(0)
+    folds = [rng.uniform(size=(400, 3)) for _ in range(3)]
+    served = np.sqrt(rng.uniform(size=(400, 3)))
+    cal = _fixed("multilabel", 60, 120, None)
+    labels = served >= np.nan_to_num(cal.threshold_array(), nan=2.0)  # every write right
+    wrong = np.argwhere(labels)[::21]  # then one in twenty-one wrong
+    labels[tuple(wrong.T)] = False
+    n = int(np.sum(served >= np.nan_to_num(cal.threshold_array(), nan=2.0)))
+    precision = (n - len(wrong)) / n
+    kept = on_served_scale(cal, served, folds, labels, precision)
+    assert kept.values == cal.values and kept.served_precision == pytest.approx(precision)
+    assert kept.served_ratio is not None and kept.served_ratio > 1.5
+    raised = on_served_scale(cal, served, folds, labels, precision + 1e-9)
+    assert all(a.threshold > b.threshold for a, b in zip(raised.values[:2], cal.values[:2], strict=True))
 
 
 def test_thresholds_never_fall_for_a_served_model_as_or_less_confident() -> None:
     rng = np.random.default_rng(1)
     folds = [rng.uniform(size=(400, 4)) for _ in range(3)]
     cal = _fixed("multiclass", 40, 90, 150, 170)
-    assert on_served_scale(cal, folds[0], folds[:1]).values == cal.values  # the same scores
-    assert on_served_scale(cal, rng.uniform(size=(400, 4)) ** 2, folds).values == cal.values
-    assert on_served_scale(cal, folds[0], []) == cal  # held-out calibration: nothing to move
+    wrong = _none_right(folds[0], "multiclass")
+    assert on_served_scale(cal, folds[0], folds[:1], wrong, 0.95).values == cal.values  # the same scores
+    less = rng.uniform(size=(400, 4)) ** 2
+    assert on_served_scale(cal, less, folds, _none_right(less, "multiclass"), 0.95).values == cal.values
+    assert on_served_scale(cal, folds[0], [], wrong, 0.95) == cal  # held-out calibration: nothing to move
 
 
 def test_the_multiclass_scale_is_the_top1_score() -> None:
@@ -176,20 +205,25 @@ def test_the_multiclass_scale_is_the_top1_score() -> None:
     rng = np.random.default_rng(2)
     fold = rng.dirichlet(np.ones(4), size=500)
     served = rng.dirichlet(np.full(4, 0.3), size=500)  # peakier distributions: higher top-1 scores
-    moved = on_served_scale(_fixed("multiclass", 150, 150, 150, 150), served, [fold])
+    cal = _fixed("multiclass", 150, 150, 150, 150)
+    moved = on_served_scale(cal, served, [fold], _none_right(served, "multiclass"), 0.95)
     new = int(np.argmin(np.abs(THRESHOLD_GRID - moved.values[0].threshold)))
     assert (
         _share(served.max(axis=1), new) <= _share(fold.max(axis=1), 150) < _share(served.max(axis=1), new + 1)
     )
+    # labelled as it predicts, it writes every value right: the proven thresholds stand
+    assert on_served_scale(cal, served, [fold], served.argmax(axis=1), 0.95).values == cal.values
 
 
-def test_the_served_ratio_round_trips_through_json_dict() -> None:
+def test_the_served_ratio_and_precision_round_trip_through_json_dict() -> None:
     rng = np.random.default_rng(3)
+    served = np.sqrt(rng.uniform(size=(50, 1)))
     moved = on_served_scale(
-        _fixed("multilabel", 100), np.sqrt(rng.uniform(size=(50, 1))), [rng.uniform(size=(50, 1))]
+        _fixed("multilabel", 100), served, [rng.uniform(size=(50, 1))], served > 0.9, 0.95
     )
     cal = Calibration(0.95, 0.95, "wilson", 20, {"a": moved}, "attribute")
-    assert Calibration.from_dict(cal.to_dict()) == cal and moved.served_ratio is not None
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    assert moved.served_ratio is not None and moved.served_precision is not None
 
 
 @pytest.mark.parametrize(

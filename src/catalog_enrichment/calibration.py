@@ -46,9 +46,10 @@ products whose argmax is ``v``. Multi-label: every (product, value) pair is a ca
 
 Assumptions: calibration (and family) scores are out-of-sample, and those products are
 exchangeable with the products scored later (same distribution). Cross-fitted calibration scores
-come from fold models, not from the model that serves: :func:`on_served_scale` raises the
-thresholds until the served model writes no larger share of the same held-out products than the
-fold models did, so what is left to assume is that it ranks at least as well as they do. The
+come from fold models, not from the model that serves: :func:`on_served_scale` checks what the
+served model writes at them on the labelled validation split, and where that misses the target
+raises them until it writes no larger share of those products than the fold models did, so what is
+left to assume is that it ranks at least as well as they do. The
 attribute-scope bound is on the pooled precision of the attribute, not on each value.
 
 Over 600 lines because both guarantee scopes share the grid, the family and the bounds.
@@ -66,7 +67,7 @@ from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import AttributeKind
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.health import HealthProfile
-from catalog_enrichment.metrics import decision_matrix
+from catalog_enrichment.metrics import decision_matrix, written_precision_and_coverage
 
 __all__ = [
     "LEVELS",
@@ -193,9 +194,10 @@ class PooledEvidence:
 class AttributeCalibration:
     """Thresholds for every value of one attribute, in taxonomy order (``pooled``: attribute scope).
 
-    ``served_ratio`` (cross-fitted calibration): what the model that serves wrote on the validation
-    split at the thresholds the fold models' scores proved, over what the fold models wrote there;
-    above 1 the thresholds were raised to the served model's scale (:func:`on_served_scale`).
+    Cross-fitted calibration (:func:`on_served_scale`), at the thresholds the fold models' scores
+    proved, on the validation split: ``served_precision``, the precision of what the model that
+    serves wrote there; ``served_ratio``, how much it wrote over what the fold models wrote. Below
+    the target precision, the thresholds were raised to the served model's scale.
     """
 
     attribute: str
@@ -203,6 +205,7 @@ class AttributeCalibration:
     values: tuple[ValueThreshold, ...]
     pooled: PooledEvidence | None = None
     served_ratio: float | None = None
+    served_precision: float | None = None
 
     def threshold_array(self) -> np.ndarray:
         """``(n_values,)`` thresholds, ``NaN`` for values that are never written."""
@@ -240,6 +243,7 @@ class Calibration:
                     if a.pooled is None
                     else {**asdict(a.pooled), "guarded": list(a.pooled.guarded)},
                     "served_ratio": a.served_ratio,
+                    "served_precision": a.served_precision,
                 }
                 for name, a in self.attributes.items()
             },
@@ -256,7 +260,7 @@ class Calibration:
                 pooled = PooledEvidence(**{**pooled, "guarded": tuple(pooled.get("guarded", ()))})
             values = tuple(ValueThreshold(**v) for v in spec["values"])
             attributes[name] = AttributeCalibration(
-                name, spec["kind"], values, pooled, spec.get("served_ratio")
+                name, spec["kind"], values, pooled, spec.get("served_ratio"), spec.get("served_precision")
             )
         return cls(
             data["target_precision"],
@@ -621,26 +625,36 @@ def _shares(scores: np.ndarray, kind: AttributeKind) -> np.ndarray:
 
 
 def on_served_scale(
-    cal: AttributeCalibration, served: np.ndarray, folds: Sequence[np.ndarray]
+    cal: AttributeCalibration,
+    served: np.ndarray,
+    folds: Sequence[np.ndarray],
+    labels: np.ndarray,
+    target: float,
 ) -> AttributeCalibration:
-    """Cross-fitted thresholds moved onto the scale of the model that serves.
+    """Cross-fitted thresholds checked on the model that serves, and raised where it falls short.
 
     The thresholds were proven on the out-of-fold scores of fold models that each trained on part
     of the training split; the model that serves trained on all of it and is usually more
-    confident, so at the same threshold it writes more, and less precisely, than what was proven.
-    ``served`` and ``folds``: ``(n, n_values)`` scores of the same held-out products (the
-    validation split) by the model that serves and by each fold model. Each threshold rises up the
-    grid to the lowest point at which the served model writes no larger share of those products'
-    candidates than the fold models wrote, on average, at the proven threshold; none falls. The
-    served model then writes as much as a fold model would, chosen by a model that ranks at least
-    as well (the test report's fold gap compares the two on the same split).
+    confident, so at the same threshold it writes more. ``served`` and ``folds``: ``(n, n_values)``
+    scores of the same labelled held-out products (the validation split; ``labels`` theirs) by the
+    model that serves and by each fold model. Where what the served model writes there at the proven
+    thresholds is at least ``target`` right, they stand. Otherwise each rises up the grid to the
+    lowest point at which the served model writes no larger share of those products' candidates than
+    the fold models wrote, on average, at the proven threshold: it then writes as much as a fold
+    model would, chosen by a model that ranks at least as well (the test report's fold gap compares
+    the two on the same split). None falls.
     """
     if not folds or served.shape[0] == 0:
         return cal
     thresholds = cal.threshold_array()
-    before = int(decision_matrix(served, cal.kind, thresholds).sum())
+    mine = written_precision_and_coverage(served, labels, cal.kind, thresholds)
     proven = float(np.mean([decision_matrix(f, cal.kind, thresholds).sum() for f in folds]))
-    mine = _shares(served, cal.kind)
+    ratio = int(decision_matrix(served, cal.kind, thresholds).sum()) / proven if proven else None
+    precision = None if np.isnan(mine["precision"]) else float(mine["precision"])
+    checked = replace(cal, served_ratio=ratio, served_precision=precision)
+    if precision is not None and precision >= target:
+        return checked
+    shares = _shares(served, cal.kind)
     theirs = np.mean([_shares(f, cal.kind) for f in folds], axis=0)
     values = []
     for v in cal.values:
@@ -648,11 +662,10 @@ def on_served_scale(
             values.append(v)
             continue
         g = int(np.argmin(np.abs(THRESHOLD_GRID - v.threshold)))
-        fits = np.flatnonzero(mine[: g + 1] <= theirs[g])  # grid points at or above the threshold
+        fits = np.flatnonzero(shares[: g + 1] <= theirs[g])  # grid points at or above the threshold
         raised = int(fits[-1]) if fits.size else 0
         values.append(v if raised == g else replace(v, threshold=float(THRESHOLD_GRID[raised])))
-    ratio = before / proven if proven else None
-    return replace(cal, values=tuple(values), served_ratio=ratio)
+    return replace(checked, values=tuple(values))
 
 
 def version_target(configured: float, calibrated: float, version: str) -> float:

@@ -128,8 +128,8 @@ def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(
     train_labels = encode_labels(canonical_order(table), taxonomy).subset(trained.splits.train)
     expected = np.bincount(train_labels.targets["pattern"], minlength=6)
     assert [v.support for v in trained.calibration.attributes["pattern"].values] == expected.tolist()
-    # the thresholds the fold models' scores proved, moved (never down) onto the served model's scale
-    # by the fold models' and its own scores of the validation split
+    # the thresholds the fold models' scores proved, checked on the served model's scores of the
+    # validation split and moved (never down) onto its scale by its and the fold models' scores
     assert len(trained.heldout.fold_family) == 2
     assert all(
         p.shape[0] == trained.splits.validation.size
@@ -144,6 +144,11 @@ def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(
         assert proven.attributes[name].served_ratio is None
         assert np.array_equal(np.isnan(before), np.isnan(after))
         assert np.all(after[~np.isnan(after)] >= before[~np.isnan(before)])
+        if (
+            moved.served_precision is not None
+            and moved.served_precision >= trained.config.calibration.target_precision
+        ):
+            assert np.array_equal(before, after, equal_nan=True)  # right enough at the proven ones
 
 
 @pytest.mark.slow

@@ -241,16 +241,22 @@ def calibrate(
 
 
 def on_served_scale(
-    calibration: Calibration, served: Predictions, folds: Sequence[Predictions], taxonomy: Taxonomy
+    calibration: Calibration,
+    family: tuple[Predictions, EncodedLabels],
+    folds: Sequence[Predictions],
+    taxonomy: Taxonomy,
 ) -> Calibration:
-    """Cross-fitted ``calibration`` on the scale of the model that serves: ``served`` and each of
-    ``folds`` scored the same held-out products (:func:`catalog_enrichment.calibration.on_served_scale`)."""
-    mine = taxonomy.derive(served.probs)
+    """Cross-fitted ``calibration`` checked on the model that serves: ``family`` holds its scores
+    and the labels of the validation split, which each of ``folds`` scored too
+    (:func:`catalog_enrichment.calibration.on_served_scale`)."""
+    served, labels, _ = _outputs(*family, taxonomy)
     theirs = [taxonomy.derive(f.probs) for f in folds]
-    attributes = {
-        name: calibration_lib.on_served_scale(a, mine[name], [f[name] for f in theirs])
-        for name, a in calibration.attributes.items()
-    }
+    attributes = {}
+    for name, a in calibration.attributes.items():
+        mine, y = labels.labelled(served, name)
+        attributes[name] = calibration_lib.on_served_scale(
+            a, mine, [labels.labelled(f, name)[0] for f in theirs], y, calibration.target_precision
+        )
     return dataclasses.replace(calibration, attributes=attributes)
 
 

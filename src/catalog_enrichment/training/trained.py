@@ -62,7 +62,7 @@ class HeldOut:
         health profile of the health set and the training products' ``inputs``."""
         calibration = calibrate(*self.calibration, taxonomy, rule, family=self.family)
         if self.fold_family and self.family is not None:
-            calibration = on_served_scale(calibration, self.family[0], self.fold_family, taxonomy)
+            calibration = on_served_scale(calibration, self.family, self.fold_family, taxonomy)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
 
@@ -154,10 +154,11 @@ def conclude(
     heldout, test_preds, test_labels = _held_out(fitted)
     calibration = heldout.calibrate(taxonomy, cfg.calibration, inputs)
     for name, a in calibration.attributes.items():
-        if a.served_ratio is not None and a.served_ratio > 1:
+        if a.served_precision is not None and a.served_precision < cfg.calibration.target_precision:
             say(
                 f"{name}: thresholds raised to the served model's scale (at the proven thresholds it "
-                f"wrote {a.served_ratio:.2f}x what the fold models wrote on the validation split)"
+                f"wrote {a.served_precision:.3f} right on the validation split, {a.served_ratio:.2f}x "
+                "what the fold models wrote there)"
             )
     report = _report(fitted, taxonomy, calibration, (test_preds, test_labels), heldout, say)
     seconds = time.perf_counter() - started
