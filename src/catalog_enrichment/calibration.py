@@ -49,8 +49,8 @@ exchangeable with the products scored later (same distribution). Cross-fitted ca
 come from fold models, not from the model that serves: :func:`on_served_scale` checks what the
 served model writes at them on the labelled validation split, and where that misses the target
 raises them until it writes no larger share of those products than the fold models did, so what is
-left to assume is that it ranks at least as well as they do. The
-attribute-scope bound is on the pooled precision of the attribute, not on each value.
+left to assume is that it ranks at least as well as they do. The attribute-scope bound is on the
+pooled precision of the attribute, not on each value.
 
 Over 600 lines because both guarantee scopes share the grid, the family and the bounds.
 """
