@@ -465,9 +465,10 @@ class TrainingConfig(_Section):
         description="0 = calibrate on a held-out calibration split; K >= 2 = cross-fitted: no calibration "
         "split, the thresholds come from out-of-fold scores of K fold models over the training split "
         "(K + 1 trainings); None = chosen for the data: 3 folds below 10,000 labelled products, else 0 "
-        "(see training/splits.py). The thresholds are then raised until the final model, trained on all "
-        "of the training split, writes no larger share of the validation split than the fold models "
-        "did; cross-fitting assumes it ranks new products at least as well as they do. The stack "
+        "(see training/splits.py). The final model, trained on all of the training split, is checked on "
+        "the validation split at those thresholds; where its writes there miss the target precision, "
+        "they rise until it writes no larger share of that split than the fold models did, which "
+        "assumes it ranks new products at least as well as they do. The stack "
         "fusion always cross-fits: its folds, 5 when None or 0.",
     )
     encoders: Literal["finetune", "frozen", "last_n"] = Field(
