@@ -102,6 +102,7 @@ def score(folder: Path, device: str, out: Path) -> None:
         options = PredictorOptions(batch_size=batch_size, autocast=autocast, decode_threads=8)
         predictor = BatchPredictor(load_bundle(bundle_path, device=device), options, device=device)
         np.savez(out / f"{name}.npz", **predictor.score(table))
+        np.savez(out / f"{name}_stages.npz", **stages(predictor, table))
         timed = many if device == "cuda" else table
         sync()
         start = time.perf_counter()
@@ -129,13 +130,41 @@ def score(folder: Path, device: str, out: Path) -> None:
     (out / f"report_{device}.json").write_text(json.dumps(report, indent=1))
 
 
+@torch.inference_mode()
+def stages(predictor: BatchPredictor, table: pa.Table) -> dict[str, np.ndarray]:
+    """What each stage of the stack bundle computed for ``table``: the encoders' pooled vectors (the
+    image's split into the CNN's stage pooling and the colour statistics) and each block's linear
+    scores, so that a difference between two devices can be traced to the stage it starts at."""
+    model = predictor.bundle.model
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in predictor.prepared(table):
+        x = model.encode({k: v.to(predictor.device) for k, v in batch.inputs.items()})
+        cnn = model.fusion.dims["image"]
+        found = {
+            "text_pooled": x.text_pooled,
+            "image_stages": x.image_pooled[:, :cnn],
+            "image_colour": x.image_pooled[:, cnn:],
+        } | {f"block_{k}": v for k, v in model.fusion.block_logits(x).items()}
+        for k, v in found.items():
+            parts.setdefault(k, []).append(v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
 def compare(folder: Path, reference: Path, others: list[Path]) -> None:
     """Per run and attribute: the largest score difference from the reference, values written by
-    each, and products whose decision differs."""
+    each, and products whose decision differs; then per stage (``<run>_stages.npz`` beside each) the
+    largest difference relative to the reference's spread across products."""
     bundle = load_bundle(folder / "bundle-cpu")
     ref = np.load(reference)
+    ref_stages = reference.with_name(f"{reference.stem}_stages.npz")
     for path in others:
         run = np.load(path)
+        run_stages = path.with_name(f"{path.stem}_stages.npz")
+        if ref_stages.exists() and run_stages.exists():
+            a, b = np.load(ref_stages), np.load(run_stages)
+            for k in a.files:
+                gap = np.abs(a[k] - b[k]).max() / (a[k].std(axis=0).mean() + 1e-12)
+                print(f"{path.stem:10s} stage {k:14s} max |difference| / spread {gap:.2e}")
         for attr in bundle.taxonomy:
             thresholds = bundle.calibration.thresholds(attr.name)
             a, b = (decision_matrix(s[attr.name], attr.kind, thresholds) for s in (ref, run))

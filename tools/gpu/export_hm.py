@@ -1,9 +1,10 @@
 """Export hm-fashion for fine-tuning on a GPU machine that has torch and timm but not this project:
 the stack's own cross-fit folds (the training job's canonical order, usable photos, duplicate
-groups and seed), each product's label indices, its photo as a 224x336 WebP (aspect kept; about
-36 MB for the 8,181 products) and the EfficientNet-Lite0 weights.
+groups and seed), each product's label indices, its photo as a WebP (aspect kept; 224x336 at
+quality 85 is about 36 MB for the 8,181 products) and the EfficientNet-Lite0 weights.
 
     python tools/gpu/export_hm.py ../shared/data/hm-fashion gpu/
+    python tools/gpu/export_hm.py ../shared/data/hm-fashion gpu-full/ --size 360x540 --quality 70
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.training import loop
 from catalog_enrichment.training.splits import FoldPlan
 
-SIZE = (224, 336)  # width, height: H&M's 2:3 photos unsquashed
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="the hm-fashion folder")
     parser.add_argument("out", type=Path)
     parser.add_argument("--config", default="deploy/config/pretrained.yaml")
+    parser.add_argument("--size", default="224x336", help="width x height (H&M's photos are 2:3)")
+    parser.add_argument("--quality", type=int, default=85, help="WebP quality")
     args = parser.parse_args()
+    width, height = (int(n) for n in args.size.split("x"))
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config)
     taxonomy = load_taxonomy(args.data / "taxonomy.yaml")
@@ -54,8 +56,8 @@ def main() -> None:
         meta[attr.name] = [index.get(v, -1) if v is not None else -1 for v in first]
     photos, offsets = io.BytesIO(), [0]
     for data in table["image"].to_pylist():
-        Image.open(io.BytesIO(data)).convert("RGB").resize(SIZE, Image.BICUBIC).save(
-            photos, "WEBP", quality=85
+        Image.open(io.BytesIO(data)).convert("RGB").resize((width, height), Image.BICUBIC).save(
+            photos, "WEBP", quality=args.quality
         )
         offsets.append(photos.tell())
     meta["offsets"] = offsets

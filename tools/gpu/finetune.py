@@ -41,9 +41,13 @@ class Data:
 
     def __init__(self, folder: Path, device: torch.device, smoke: bool) -> None:
         meta = json.loads((folder / "meta.json").read_text())
-        self.blob, offsets = (folder / "images.bin").read_bytes(), meta["offsets"]
+        blob, offsets = (folder / "images.bin").read_bytes(), meta["offsets"]
         n = 96 if smoke else len(meta["product_id"])
-        self.spans = list(itertools.pairwise(offsets[: n + 1]))
+        photos = [blob[start:end] for start, end in itertools.pairwise(offsets[: n + 1])]
+        # decoded before any CUDA tensor exists: a forked worker that unpickles one cannot start CUDA,
+        # dies, and leaves the pool waiting for its chunk forever
+        with Pool(min(16, os.cpu_count() or 1)) as pool:
+            pixels = np.stack(pool.map(_decode, photos, chunksize=64))
         self.ids = meta["product_id"][:n]
         self.attrs = list(meta["values"])
         self.sizes = [len(meta["values"][a]) for a in self.attrs]
@@ -52,13 +56,11 @@ class Data:
         self.test = np.array(meta["test"][:n])
         if smoke:  # three folds of 32, one of them the "test" split
             self.fold, self.test = np.arange(n) % 3 - 1, np.arange(n) % 3 == 0
-        with Pool(min(16, os.cpu_count() or 1)) as pool:
-            pixels = np.stack(pool.map(self._decode, range(n), chunksize=64))
         self.pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(device)
 
-    def _decode(self, i: int) -> np.ndarray:
-        start, end = self.spans[i]
-        return np.asarray(Image.open(io.BytesIO(self.blob[start:end])).convert("RGB"))
+
+def _decode(photo: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(photo)).convert("RGB"))
 
 
 def log(out: Path, *parts: object) -> None:
