@@ -252,10 +252,10 @@ def environment_and_logging_restored() -> Iterator[None]:
     Expectations and the CLI's ``configure_logging`` set them)."""
     import logging
 
-    def loggers() -> dict[str, tuple[int, list[logging.Handler], dict[logging.Handler, int]]]:
-        named = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    def loggers() -> dict[logging.Logger, tuple[int, list[logging.Handler], dict[logging.Handler, int]]]:
+        named = list(logging.root.manager.loggerDict.values())
         return {
-            lg.name: (lg.level, list(lg.handlers), {h: h.level for h in lg.handlers})
+            lg: (lg.level, list(lg.handlers), {h: h.level for h in lg.handlers})
             for lg in [logging.getLogger(), *named]
             if isinstance(lg, logging.Logger)
         }
@@ -267,10 +267,11 @@ def environment_and_logging_restored() -> Iterator[None]:
         for key in set(os.environ) - set(env):
             del os.environ[key]
         os.environ.update(env)
-        for name, (level, handlers, handler_levels) in logs.items():
-            lg = logging.getLogger() if name == "root" else logging.getLogger(name)
-            lg.setLevel(level)
-            lg.handlers[:] = handlers
+        for lg, (level, handlers, handler_levels) in logs.items():
+            if lg.level != level:  # only where it changed: each setLevel clears every logger's cache
+                lg.setLevel(level)
+            if lg.handlers != handlers:
+                lg.handlers[:] = handlers
             for handler, handler_level in handler_levels.items():
                 handler.setLevel(handler_level)
 
