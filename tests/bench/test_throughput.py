@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from catalog_enrichment.bench.throughput import ThroughputPlan, _ratios, run_throughput_benchmark
+from catalog_enrichment.bench.throughput import (
+    ThroughputPlan,
+    _ratios,
+    measure_process,
+    run_throughput_benchmark,
+)
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config, tiny_registry
@@ -37,35 +43,49 @@ def test_in_process_modes_report_rates_and_ratios(tmp_path: Path, taxonomy, scor
     assert not any(k.startswith(("job_", "peer_")) for k in result)  # no process was timed
 
 
-def test_job_and_peer_run_as_whole_processes_on_the_registered_model(
-    tmp_path: Path, taxonomy, incoming, scoring_bundle
+def test_the_peer_scores_what_the_predictor_scores_through_mlflow_spark_udf(
+    tmp_path: Path, spark, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]
-    """The job and its peer (MLflow's ``spark_udf``) as processes, once each; the re-score mode is
-    the job's process on a filled store (``tests/test_embedding_store.py`` proves what it writes),
-    timed by ``bench throughput``, and the slope between sizes is arithmetic (the test below)."""
-    _, uri, version, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
-    cfg = tiny_config(
-        catalog={"root": str(tmp_path / "lake")},
-        mlflow={"tracking_uri": uri, "registered_model": "tiny"},
-        inference={"device": "cpu", "batch_size": 64},
-    )
-    messages: list[str] = []
-    plan = ThroughputPlan(
-        ModelVersion("tiny", version, bundle_dir=scoring_bundle),
-        (100,),
-        modes=("job", "peer"),
-        repeats=1,
-        config_args=["--set", "inference.device=cpu", "--set", "inference.batch_size=64"],
-    )
-    result = run_throughput_benchmark(
-        cfg, taxonomy, plan, workdir=tmp_path / "bench", progress=messages.append
-    )
-    job, peer = (result["runs"]["100"][m][0] for m in ("job", "peer"))
-    assert result["job_vs_peer_100"] == pytest.approx(job["seconds"] / peer["seconds"])
-    for run in (job, peer):  # a JVM and Python workers did the work, each in its own process
-        assert run["cpu_seconds"]["jvm"] > 0 and run["cpu_seconds"]["python_workers"] > 0
-        assert run["worker_peak_rss_mb"] > 50 and run["driver_peak_rss_mb"] > 50
-    assert [m.split()[-2] for m in messages if "run 1/1" in m] == ["job", "peer"]
+    """The peer ``bench throughput --peer`` times (MLflow's ``spark_udf`` on the registered model), run
+    here on this worker's Spark session, gives each product the scores of the job's predictor."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment.bench import peer
+    from catalog_enrichment.catalog.lakehouse import read_table, write_table
+    from catalog_enrichment.inference.bundle import load_bundle
+    from catalog_enrichment.inference.predictor import BatchPredictor
+
+    _, _, version, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
+    table = read_table(incoming.products).slice(0, 200)
+    ids = table["product_id"].to_pylist()
+    once = [i for i, pid in enumerate(ids) if pid is not None and ids.count(pid) == 1]
+    products = tmp_path / "products"
+    write_table(products, table.take(once))  # one row per product id: the scores are keyed by it
+    out = tmp_path / "scores"
+    uri = f"models:/tiny/{version}"
+    assert peer.main(["--model-uri", uri, "--products", str(products), "--out", str(out)]) == 0
+    served = pq.read_table(out).to_pandas().set_index("product_id")["scores"]
+    frame = read_table(products).select(list(peer.INPUT_COLUMNS)).to_pandas()
+    expected = BatchPredictor(load_bundle(scoring_bundle), device="cpu").score_frame(frame)
+    expected.index = frame["product_id"]
+    assert sorted(served.index) == sorted(expected.index)
+    got = np.stack([served[i] for i in expected.index])
+    np.testing.assert_allclose(got, expected.to_numpy(), atol=1e-5)
+
+
+def test_a_whole_process_is_timed_with_its_cpu_and_peak_memory(tmp_path: Path) -> None:
+    """A process holding 64 MB and spinning 0.6 CPU seconds: sampled every 0.2 s, at least 0.4 of
+    them are seen and the 64 MB are."""
+    import sys
+
+    spin = "import time\nx = bytearray(64 * 2**20)\nt = time.process_time()\n"
+    spin += "while time.process_time() - t < 0.6: pass"
+    run = measure_process([sys.executable, "-c", spin], dict(os.environ), tmp_path)
+    assert run["seconds"] >= 0.6 and run["driver_peak_rss_mb"] > 64
+    assert run["cpu_seconds"]["driver"] >= 0.4
+    with pytest.raises(CatalogEnrichError, match="exited with 3"):
+        measure_process([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path)
 
 
 def test_the_ratios_are_against_the_peer_and_the_slope_between_sizes() -> None:

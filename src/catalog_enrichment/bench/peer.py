@@ -37,14 +37,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from catalog_enrichment.contracts import load_contract
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = SparkSession.builder.master(args.master).appName("mlflow-spark-udf").getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    running = SparkSession.getActiveSession()  # called in a process whose session is up: use it
+    spark = running or SparkSession.builder.master(args.master).appName("mlflow-spark-udf").getOrCreate()
+    if running is None:
+        spark.sparkContext.setLogLevel("ERROR")
     scores = mlflow.pyfunc.spark_udf(spark, args.model_uri, result_type="array<double>", env_manager="local")
     products = read_products(spark, args.products, load_contract("products"))
     products.select("product_id", scores(F.struct(*INPUT_COLUMNS)).alias("scores")).write.mode(
         "overwrite"
     ).parquet(args.out)
-    spark.stop()
+    if running is None:
+        spark.stop()
     return 0
 
 
