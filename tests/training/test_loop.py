@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,19 +36,18 @@ def _cfg(fusion: str = "concat", epochs: int = 2) -> AppConfig:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_training_returns_metrics_is_deterministic_and_calibrates(taxonomy: Taxonomy) -> None:
+def test_training_returns_metrics_and_calibrates(taxonomy: Taxonomy) -> None:
+    """(That the same seed trains the same weights and thresholds is the next test's, across
+    processes.)"""
     table = _table(1500, taxonomy)
     lines: list[str] = []
     # 10 epochs: at 6-8 the tiny model's most confident 229 color writes (where the attribute scope
     # starts testing) are right 97-98 % of the time, on the edge of proving 95 % (a change in the
     # last float bit of the pixels decides); at 10 the first ten levels or more pass
     one = train_and_calibrate(table, taxonomy, _cfg(epochs=10), progress=lines.append)
-    two = train_and_calibrate(table, taxonomy, _cfg(epochs=10))
     assert [h.epoch for h in one.history] == list(range(1, 11))
     assert one.history[-1].train_loss < one.history[0].train_loss
     assert any(line.startswith("epoch 10/10") for line in lines)  # progress is visible
-    assert [h.val_mean_r_at_p95 for h in one.history] == [h.val_mean_r_at_p95 for h in two.history]
-    assert one.calibration.to_dict() == two.calibration.to_dict()
     # what the thresholds write on the never-seen test split is not provably below 95 % precise
     # (a point estimate on a few dozen values is too noisy to assert >= 0.95 on its own)
     for attr in taxonomy:
@@ -56,6 +56,38 @@ def test_training_returns_metrics_is_deterministic_and_calibrates(taxonomy: Taxo
             upper = float(wilson_upper(entry["written_correct"], entry["written"]))
             assert upper >= 0.95, (attr.name, entry["written_correct"], entry["written"])
     assert sum(one.test_report[a.name]["written"] for a in taxonomy) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_second_training_in_one_process_is_the_first_whatever_the_global_generators_hold(
+    taxonomy: Taxonomy,
+) -> None:
+    """Training seeds what it draws: the global generators disturbed in between change nothing (the
+    next test compares fresh processes, whose global generators start alike)."""
+    import random
+
+    import torch
+
+    table = _table(600, taxonomy)
+
+    def digest() -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+        trained = train_and_calibrate(table, taxonomy, _cfg(epochs=2))
+        weights = [(k, v.detach().numpy().tobytes()) for k, v in sorted(trained.model.state_dict().items())]
+        return weights, trained.calibration.to_dict()
+
+    first = digest()
+    state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        torch.manual_seed(12345)
+        np.random.seed(12345)
+        random.seed(12345)
+        second = digest()
+    finally:
+        torch.set_rng_state(state[0])
+        np.random.set_state(state[1])
+        random.setstate(state[2])
+    assert first[0] == second[0] and first[1] == second[1]
 
 
 # Trains in a fresh interpreter on a freshly written Delta table and prints a digest of the weights
