@@ -464,7 +464,6 @@ LONGEST_FIRST = (
     "bench/test_chaos.py",
     "deploy/test_cluster.py",
     "deploy/test_airflow.py",
-    "bench/test_throughput.py",
     "test_catalog_backends.py",
     "test_registry.py",
     "test_enrich.py",
