@@ -3,7 +3,7 @@ mid-run, and what the catalog holds afterwards.
 
 Every scenario starts from the same catalog (the merchants' values) in a folder of its own, runs
 ``catalog-enrich`` processes the way a scheduler does, disturbs them (SIGKILL of a Python worker or
-of the driver at a point of the write, three runs at once, the MLflow server down, a model artifact
+of the driver at a point of the write, two runs at once, the MLflow server down, a model artifact
 missing or corrupt), lets the next run finish where one was killed, and compares the attribute
 table with an undisturbed run's:
 
@@ -269,41 +269,40 @@ def _driver_killed(point: str, expected_state: str) -> Callable[[_Bench], Observ
     return scenario
 
 
-def _runs_at_once(b: _Bench) -> Observation:
-    """Two enrich runs and a backfill started together on one catalog."""
-    from catalog_enrichment.catalog.lock import catalog_lock
+def _two_at_once(second: str) -> Callable[[_Bench], Observation]:
+    def scenario(b: _Bench) -> Observation:
+        from catalog_enrichment.catalog.lock import catalog_lock
 
-    obs = Observation(
-        "two enrich runs and a backfill on one catalog at once",
-        "each waits for the catalog lock, then commits alone; all succeed; table as undisturbed",
-    )
-    root = b.catalog("concurrent")
-    commands = [
-        ("enrich", "--run-id", "c0"),
-        ("enrich", "--run-id", "c1"),
-        ("backfill", "--from", b.dates[0], "--to", b.dates[-1]),
-    ]
-    logs = [root.parent / f"concurrent-{i}.log" for i in range(len(commands))]
-    # the harness holds the lock until every process waits for it: they contend for certain
-    with catalog_lock(root, owner="chaos harness", wait_seconds=0):
-        procs = [b.start(root, *command, log=log) for command, log in zip(commands, logs, strict=True)]
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not all("waiting up to" in _text(f) for f in logs):
-            if any(p.poll() is not None for p in procs):
-                break
-            time.sleep(0.5)
-        waited = sum("waiting up to" in _text(f) for f in logs)
-    codes = [p.wait(timeout=900) for p in procs]
-    b.counts(root, obs)
-    obs.half_committed = b.quarantine_once(root, "c0")
-    statuses = {r.run_id: r.status for r in read_reports(root / "run_reports")}
-    obs.observed = (
-        f"exits {codes}, {waited} of {len(procs)} waited for the lock, "
-        f"reports {sorted(set(statuses.values()))}"
-    )
-    every = len(procs)
-    obs.passed = codes == [0] * every and waited == every and set(statuses.values()) == {"succeeded"}
-    return obs
+        obs = Observation(
+            f"enrich and {second} on one catalog at once",
+            "each waits for the catalog lock, then commits alone; both succeed; table as undisturbed",
+        )
+        root = b.catalog(f"concurrent-{second}")
+        args = ("--run-id", "c1") if second == "enrich" else ("--from", b.dates[0], "--to", b.dates[-1])
+        logs = [root.parent / f"concurrent-{second}-{i}.log" for i in range(2)]
+        # the harness holds the lock until both processes wait for it: they contend for certain
+        with catalog_lock(root, owner="chaos harness", wait_seconds=0):
+            procs = [
+                b.start(root, "enrich", "--run-id", "c0", log=logs[0]),
+                b.start(root, second, *args, log=logs[1]),
+            ]
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not all("waiting up to" in _text(f) for f in logs):
+                if any(p.poll() is not None for p in procs):
+                    break
+                time.sleep(0.5)
+            waited = sum("waiting up to" in _text(f) for f in logs)
+        codes = [p.wait(timeout=900) for p in procs]
+        b.counts(root, obs)
+        obs.half_committed = b.quarantine_once(root, "c0")
+        statuses = {r.run_id: r.status for r in read_reports(root / "run_reports")}
+        obs.observed = (
+            f"exits {codes}, {waited} of 2 waited for the lock, reports {sorted(set(statuses.values()))}"
+        )
+        obs.passed = codes == [0, 0] and waited == 2 and set(statuses.values()) == {"succeeded"}
+        return obs
+
+    return scenario
 
 
 def _text(path: Path) -> str:
@@ -379,7 +378,8 @@ SCENARIOS: dict[str, Callable[[_Bench], Observation]] = {
     "killed_during_merge": _driver_killed("during_merge", "unchanged or committed"),
     "killed_after_merge": _driver_killed("after_merge", "committed"),
     "killed_after_quarantine": _driver_killed("after_quarantine", "committed"),
-    "runs_at_once": _runs_at_once,
+    "two_enrich_runs": _two_at_once("enrich"),
+    "enrich_and_backfill": _two_at_once("backfill"),
     "mlflow_down": _mlflow_down,
     "artifact_missing": _damaged_artifact("missing"),
     "artifact_corrupt": _damaged_artifact("corrupt"),

@@ -405,7 +405,7 @@ def bench_chaos(args: argparse.Namespace, cfg: AppConfig) -> int:
     """kill and disturb the job mid-run and check what the catalog holds
 
     Train a tiny model on a small marketplace, then run catalog-enrich processes and disturb them:
-    a Python worker and the driver (before, during and after the MERGE) killed with SIGKILL, three
+    a Python worker and the driver (before, during and after the MERGE) killed with SIGKILL, two
     runs at once, the MLflow server down, a model artifact missing or corrupt. Prints each
     scenario with what was expected and observed, rows lost, wrong rows and half-committed runs;
     exits 1 when a scenario fails.
