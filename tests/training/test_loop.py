@@ -37,8 +37,8 @@ def _cfg(fusion: str = "concat", epochs: int = 2) -> AppConfig:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_training_returns_metrics_and_calibrates(taxonomy: Taxonomy) -> None:
-    """(That the same seed trains the same weights and thresholds is the next test's, across
-    processes.)"""
+    """(That the same seed trains the same weights and thresholds is shown across processes by
+    test_training_is_reproducible_across_processes_and_table_writes, and within one by the next.)"""
     table = _table(1500, taxonomy)
     lines: list[str] = []
     # 10 epochs: at 6-8 the tiny model's most confident 229 color writes (where the attribute scope
@@ -63,8 +63,8 @@ def test_training_returns_metrics_and_calibrates(taxonomy: Taxonomy) -> None:
 def test_a_second_training_in_one_process_is_the_first_whatever_the_global_generators_hold(
     taxonomy: Taxonomy,
 ) -> None:
-    """Training seeds what it draws: the global generators disturbed in between change nothing (the
-    next test compares fresh processes, whose global generators start alike)."""
+    """Training seeds what it draws: the global generators disturbed in between change nothing (fresh
+    processes, whose global generators start alike, cannot show it)."""
     import random
 
     import torch
