@@ -113,6 +113,57 @@ except KeyboardInterrupt:
 """
 
 
+# A Ctrl-C while the JVM starts, and the driver killed outright as soon as PySpark has removed the
+# folder the JVM writes its port to: what ``subprocess.run`` does to a child a quarter-second after
+# a Ctrl-C it got too (the driver's own clean-up never runs), and what a test run's job process
+# met in CI. The JVM, which ignores SIGINT, writes no port and reads no closed pipe, must not stay.
+_KILLED_AFTER_CTRL_C = """
+import os, shutil, signal, sys
+import pyspark.java_gateway
+looks, isfile, rmtree = [0], os.path.isfile, shutil.rmtree
+def looking(path):
+    if os.path.dirname(str(path)).startswith(sys.argv[1]):
+        looks[0] += 1
+        if looks[0] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+    return isfile(path)
+def removed_then_killed(path, *args, **kwargs):
+    rmtree(path, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+pyspark.java_gateway.os.path.isfile = looking
+pyspark.java_gateway.shutil.rmtree = removed_then_killed
+from catalog_enrichment import runtime
+from catalog_enrichment.config import AppConfig
+runtime.spark_session(AppConfig(spark={"master": "local[1]"}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_driver_killed_right_after_a_ctrl_c_while_spark_starts_leaves_no_jvm(tmp_path: Path) -> None:
+    import tempfile
+
+    value = uuid.uuid4().hex
+    log = tmp_path / "driver.log"
+    try:
+        with log.open("wb") as out:  # a file, not a pipe: a JVM left behind would hold a pipe open
+            done = subprocess.run(
+                [sys.executable, "-c", _KILLED_AFTER_CTRL_C, tempfile.gettempdir()],
+                env={**os.environ, MARK: value},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=90,
+            )
+        assert done.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+        deadline = time.monotonic() + 30
+        while _marked(value) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _marked(value)
+    finally:
+        for pid in _marked(value):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.timeout(120)
 def test_a_ctrl_c_while_spark_starts_leaves_no_jvm() -> None:
     import tempfile

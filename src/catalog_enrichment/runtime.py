@@ -55,6 +55,7 @@ from the submitted conf, ``deploy/spark/*.conf``); the last three run inside eac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -63,6 +64,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -305,7 +307,8 @@ def spark_session(cfg: AppConfig) -> SparkSession:
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.master(local_with_retries(cfg.spark.master))
     try:
-        spark = builder.config(map=spark_conf(cfg, submitted=submitted)).getOrCreate()
+        with _unconnected_jvm_stopped_on_ctrl_c():
+            spark = builder.config(map=spark_conf(cfg, submitted=submitted)).getOrCreate()
     except BaseException:
         _stop_unconnected_jvms()
         raise
@@ -326,6 +329,38 @@ def _stop_unconnected_jvms() -> None:
             continue
         if "org.apache.spark.deploy.SparkSubmit" in command and "pyspark-shell" in command:
             child.terminate()
+
+
+@contextlib.contextmanager
+def _unconnected_jvm_stopped_on_ctrl_c() -> Iterator[None]:
+    """While PySpark starts its JVM, a Ctrl-C stops that JVM in the signal handler, before the
+    interrupt unwinds into PySpark's clean-up, which removes the JVM's port folder: a parent that
+    kills the driver right after the Ctrl-C (``subprocess.run`` does, a quarter-second after a Ctrl-C
+    both got) then leaves no JVM behind. Until then the folder is there, and a JVM whose driver is
+    killed writes its port, reads the closed pipe and exits. Once connected, the JVM exits with the
+    driver anyway; PySpark's own handler (cancel the jobs) replaces this one as the context starts."""
+    import signal
+    import threading
+
+    import psutil  # noqa: F401 - imported now, not in the handler
+    from pyspark import SparkContext
+
+    before = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(before):
+        yield
+        return
+
+    def interrupted(signum: int, frame: Any) -> None:
+        if SparkContext._gateway is None:
+            _stop_unconnected_jvms()
+        before(signum, frame)
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is interrupted:
+            signal.signal(signal.SIGINT, before)
 
 
 def device(inference: InferenceConfig) -> str:
