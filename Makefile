@@ -23,6 +23,9 @@ PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q $(if $(TORCH_
 # This checkout's sources win over whatever checkout last did the editable install.
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 export PYTHONUNBUFFERED := 1
+# Python keeps compiled modules in __pycache__ (ignored by git), also where the environment says not
+# to: every test worker, job process and Spark Python worker would compile the sources again.
+unexport PYTHONDONTWRITEBYTECODE
 PYTEST_ARGS ?=
 # pytest-xdist workers (auto: one per core); a module runs whole on one worker, longest first
 PYTEST_WORKERS ?= auto

@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+# each test starts a fresh interpreter that imports torch: not the fast tier
+pytestmark = pytest.mark.slow
+
 _PROBE = (
     "import catalog_enrichment, sys; "
     "assert 'torch' not in sys.modules, 'importing the package must not import torch'; "
@@ -20,7 +23,6 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_timm_and_transformers_import_in_a_fresh_process_after_the_package() -> None:
     result = _run(_PROBE)
@@ -82,7 +84,6 @@ def test_fix_is_a_no_op_when_torchvision_is_already_imported() -> None:
 
 
 @pytest.mark.spark
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_timm_imports_inside_a_spark_python_worker(spark) -> None:  # type: ignore[no-untyped-def]
     """Spark workers import the package to unpickle the function; that alone must fix timm."""

@@ -311,6 +311,7 @@ print(_merge(catalog, "killed", _values(rows), _pairs([r[:2] for r in rows])), f
 """
 
 
+@pytest.mark.slow  # processes killed: not the fast tier
 @pytest.mark.parametrize("fault", ["after_stage", "during_merge"])
 def test_a_write_killed_before_its_commit_changes_nothing_and_runs_again(
     catalog: Catalog, fault: str
@@ -374,6 +375,7 @@ with catalog.lock("run holder-1", say=print):
 """
 
 
+@pytest.mark.slow  # a process killed: not the fast tier
 def test_the_lock_names_its_holder_and_dies_with_it(catalog: Catalog) -> None:
     """A run waiting for the catalog gives up after catalog.lock_wait_seconds naming the holder;
     the holder killed with SIGKILL (a crashed run) releases the lock at once."""
@@ -453,6 +455,7 @@ print(rollback(catalog, model_version="1", progress=print), flush=True)
 """
 
 
+@pytest.mark.slow  # a process killed: not the fast tier
 def test_a_model_version_rollback_is_one_commit_that_a_kill_leaves_before_or_after(catalog: Catalog) -> None:
     """Two runs of version 1 over a run of version 0: the rollback of version 1, killed while it
     commits (Delta: its files being written; PostgreSQL: after the first run, in the transaction),

@@ -31,6 +31,7 @@ def _holder(root: Path) -> subprocess.Popen[str]:
     return proc
 
 
+@pytest.mark.slow  # a holder process and a wait: not the fast tier
 def test_a_second_run_waits_then_gives_up_naming_the_holder(tmp_path: Path) -> None:
     holder = _holder(tmp_path)
     said: list[str] = []
@@ -49,6 +50,7 @@ def test_a_second_run_waits_then_gives_up_naming_the_holder(tmp_path: Path) -> N
         holder.wait()
 
 
+@pytest.mark.slow  # a process killed: not the fast tier
 def test_the_lock_dies_with_a_killed_holder(tmp_path: Path) -> None:
     holder = _holder(tmp_path)
     os.kill(holder.pid, signal.SIGKILL)
@@ -66,6 +68,7 @@ def test_one_process_cannot_take_it_twice(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.slow  # a holder process and the CLI: not the fast tier
 def test_the_cli_exits_75_when_the_catalog_stays_busy(tmp_path: Path) -> None:
     from catalog_enrichment.catalog.attributes import ensure_attributes_table
 

@@ -193,6 +193,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # a process killed: not the fast tier
 def test_a_throw_away_server_stops_when_its_owner_is_killed() -> None:
     # A test run or demo stopped part-way (SIGKILL: no finaliser runs) leaves no server behind:
     # the watchdog stops it and removes its folder within a few seconds.
