@@ -232,7 +232,7 @@ def tiny_registry(
     champion). Returns (client, tracking URI, version, the CLI flags that run the job against it)."""
     from catalog_enrichment import registry
 
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp / "mlflow.db")
     client = registry.configure_mlflow(uri)
     version = register_bundle(client, bundle, incoming, name="tiny", artifacts=tmp / "artifacts").version
     if champion:
@@ -321,6 +321,36 @@ def pg_server() -> Iterator[Any]:
 
     with LocalPostgres() as server:
         yield server
+
+
+_MLFLOW_TEMPLATE: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_template_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Where :func:`mlflow_store` keeps this test process's migrated store (made on first use)."""
+    _MLFLOW_TEMPLATE["folder"] = tmp_path_factory.mktemp("mlflow-template")
+
+
+def mlflow_store(db: Path) -> str:
+    """The tracking URI of a new SQLite MLflow store at ``db``. MLflow migrates a new database for
+    seconds; this copies one store migrated once per test process, left with no experiment, so the
+    first client creates the default experiment under its own artifact root as on a new database."""
+    import shutil
+    import sqlite3
+
+    template = _MLFLOW_TEMPLATE["folder"] / "mlflow.db"
+    if not template.exists():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        made = template.with_name("making.db")
+        SqlAlchemyStore(f"sqlite:///{made}", str(template.parent / "artifacts")).engine.dispose()
+        with contextlib.closing(sqlite3.connect(made)) as con, con:
+            con.execute("DELETE FROM experiments")
+        made.rename(template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db)
+    return f"sqlite:///{db}"
 
 
 def free_port() -> int:

@@ -38,7 +38,7 @@ from catalog_enrichment.errors import ContractError, TaxonomyError
 from catalog_enrichment.inference.predictor import PredictorOptions
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
 from catalog_enrichment.versions import ModelVersion
-from tests.conftest import repo_root, tiny_config, tiny_registry
+from tests.conftest import mlflow_store, repo_root, tiny_config, tiny_registry
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -545,7 +545,7 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     cfg0, _, _ = first_run
     root = tmp_path / "lake"
     shutil.copytree(cfg0.catalog.root, root)  # the module's catalog stays as the other tests left it
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     flags = ["--catalog", str(root), "--set", f"catalog.products={incoming.products}"]
     flags += ["--set", f"mlflow.tracking_uri={uri}", "--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
     register_versions(uri, tmp_path / "art", upto=1, name="tiny")

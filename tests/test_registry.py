@@ -35,7 +35,7 @@ from catalog_enrichment.promotion import (
     read_promotion_log,
 )
 from catalog_enrichment.training.job import PRUNED_TABLE, run_training_job
-from tests.conftest import free_port, register_bundle, save_trained, tiny_config
+from tests.conftest import free_port, mlflow_store, register_bundle, save_trained, tiny_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -83,7 +83,7 @@ def _quiet(_msg: str) -> None:
 def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
     tmp_path: Path, data, taxonomy: Taxonomy
 ) -> None:  # type: ignore[no-untyped-def]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     cfg = _cfg(tmp_path, uri, epochs=2)
     client = registry.configure_mlflow(uri)
     # the first product has no image, the second one has: the logged input example must still suit
@@ -305,7 +305,7 @@ def test_paired_coverage_comparison_has_a_known_answer() -> None:
 
 @pytest.mark.timeout(300)
 def test_bad_inputs_fail_before_any_registration(tmp_path: Path, data, taxonomy: Taxonomy) -> None:  # type: ignore[no-untyped-def]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = registry.configure_mlflow(uri)
     table = read_table(data["train"])
     no_material = tmp_path / "no_material"
@@ -354,7 +354,7 @@ def test_a_sqlite_stores_runs_keep_their_artifacts_beside_it_not_in_the_working_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    client = registry.configure_mlflow(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    client = registry.configure_mlflow(mlflow_store(tmp_path / "store" / "mlflow.db"))
     run_id = registry.log_enrichment_run(
         client,
         experiment="enrichment",

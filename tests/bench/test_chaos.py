@@ -24,7 +24,7 @@ from catalog_enrichment.bench.chaos import (
 )
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.data.synthetic import generate_marketplace
-from tests.conftest import ONE_CORE, cli_in_process, register_bundle
+from tests.conftest import ONE_CORE, cli_in_process, mlflow_store, register_bundle
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.spark, pytest.mark.timeout(900)]
 
@@ -52,7 +52,7 @@ def observations(tmp_path_factory, spark, scoring_bundle, taxonomy) -> Iterator[
         SyntheticConfig(products=300, seed=7, bad_rate=0.04, image_size=32, days=3),
         taxonomy=taxonomy,
     )
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = mlflow_store(work / "mlflow.db")
     try:
         client = registry.configure_mlflow(uri)
         registered = register_bundle(

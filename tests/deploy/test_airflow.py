@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from catalog_enrichment.catalog.reports import read_reports, report_for
-from tests.conftest import ONE_CORE_MASTER, repo_root, tiny_registry
+from tests.conftest import ONE_CORE_MASTER, mlflow_store, repo_root, tiny_registry
 
 DAGS = repo_root() / "deploy" / "airflow"
 AIRFLOW_PYTHON = os.environ.get("CATALOG_ENRICH_AIRFLOW_PYTHON", "")
@@ -201,7 +201,7 @@ def test_the_weekly_dag_builds_labels_trains_and_promotes(tmp_path: Path, taxono
     write_table(lake / "attributes", merchant_rows(products, dt.datetime(2026, 11, 1, tzinfo=dt.UTC)))
     # the frozen evaluation set holds 200 of the shop's own products: labels must leave them out
     write_table(lake / "eval", read_table(lake / "eval-market" / "products").slice(0, 200))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     config = tmp_path / "weekly.yaml"
     config.write_text(
         yaml.safe_dump(

@@ -10,6 +10,7 @@ import pyarrow.csv as pcsv
 import pytest
 
 from catalog_enrichment.cli import main
+from tests.conftest import mlflow_store
 from tests.review.conftest import register_versions, written_catalog
 
 
@@ -19,14 +20,10 @@ def test_a_failing_audit_exits_1_and_names_the_rollback(
 ) -> None:
     """The catalog's colour and pattern values are about 92 % right: below target, judged truly."""
     written = written_catalog(tmp_path / "lake")
-    flags = [
-        "--catalog",
-        str(tmp_path / "lake"),
-        "--set",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-    ]
+    uri = mlflow_store(tmp_path / "m.db")
+    flags = ["--catalog", str(tmp_path / "lake"), "--set", f"mlflow.tracking_uri={uri}"]
     flags += ["--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
-    register_versions(f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "art", upto=3)
+    register_versions(uri, tmp_path / "art", upto=3)
     out = tmp_path / "s" / "sample.csv"
     assert main(["review", "sample", "--model-version", "3", "--size", "200", "--out", str(out), *flags]) == 0
     sample = pcsv.read_csv(out, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
@@ -55,7 +52,7 @@ def test_an_audit_judges_a_version_by_the_target_it_was_calibrated_for(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     written_catalog(tmp_path / "lake")
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path / "m.db")
     flags = ["--catalog", str(tmp_path / "lake"), "--set", f"mlflow.tracking_uri={uri}"]
     flags += ["--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
     register_versions(uri, tmp_path / "art", upto=3, target=0.9)
