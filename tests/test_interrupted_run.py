@@ -87,19 +87,29 @@ def test_an_interrupted_run_leaves_no_server_or_job_running(tmp_path: Path, sig:
                 os.kill(pid, signal.SIGKILL)
 
 
-# A Ctrl-C while PySpark waits for the JVM it started to report its port (raised here at the
-# tenth look for the port file): the JVM, which ignores SIGINT and has no driver yet, must not stay.
-_INTERRUPTED_START = """
-import os, sys, time, psutil
+def _at_the_tenth_look(action: str) -> str:
+    """A driver script's start: PySpark's looks for the port file (under ``sys.argv[1]``) run
+    ``action`` at the tenth."""
+    return f"""
+import os, signal, sys
 import pyspark.java_gateway
 looks, isfile = [0], os.path.isfile
 def looking(path):
     if os.path.dirname(str(path)).startswith(sys.argv[1]):
         looks[0] += 1
         if looks[0] == 10:
-            raise KeyboardInterrupt
+            {action}
     return isfile(path)
 pyspark.java_gateway.os.path.isfile = looking
+"""
+
+
+# A Ctrl-C while PySpark waits for the JVM it started to report its port (raised here at the
+# tenth look for the port file): the JVM, which ignores SIGINT and has no driver yet, must not stay.
+_INTERRUPTED_START = (
+    _at_the_tenth_look("raise KeyboardInterrupt")
+    + """
+import time, psutil
 from catalog_enrichment import runtime
 from catalog_enrichment.config import AppConfig
 try:
@@ -111,31 +121,27 @@ except KeyboardInterrupt:
         time.sleep(0.2)
     print("interrupted; no JVM left")
 """
+)
 
 
 # A Ctrl-C while the JVM starts, and the driver killed outright as soon as PySpark has removed the
 # folder the JVM writes its port to: what ``subprocess.run`` does to a child a quarter-second after
 # a Ctrl-C it got too (the driver's own clean-up never runs), and what a test run's job process
 # met in CI. The JVM, which ignores SIGINT, writes no port and reads no closed pipe, must not stay.
-_KILLED_AFTER_CTRL_C = """
-import os, shutil, signal, sys
-import pyspark.java_gateway
-looks, isfile, rmtree = [0], os.path.isfile, shutil.rmtree
-def looking(path):
-    if os.path.dirname(str(path)).startswith(sys.argv[1]):
-        looks[0] += 1
-        if looks[0] == 10:
-            os.kill(os.getpid(), signal.SIGINT)
-    return isfile(path)
+_KILLED_AFTER_CTRL_C = (
+    _at_the_tenth_look("os.kill(os.getpid(), signal.SIGINT)")
+    + """
+import shutil
+rmtree = shutil.rmtree
 def removed_then_killed(path, *args, **kwargs):
     rmtree(path, *args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
-pyspark.java_gateway.os.path.isfile = looking
 pyspark.java_gateway.shutil.rmtree = removed_then_killed
 from catalog_enrichment import runtime
 from catalog_enrichment.config import AppConfig
 runtime.spark_session(AppConfig(spark={"master": "local[1]"}))
 """
+)
 
 
 @pytest.mark.timeout(120)
