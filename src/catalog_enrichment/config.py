@@ -400,7 +400,8 @@ class StreamingConfig(_Section):
         False,
         description="Read the labelled table in Arrow record batches, split by a hash of each product's "
         "text (variants together), and shuffle through a buffer: memory no longer grows with the table. "
-        "Calibrates on a held-out split; no cross-fitting, noise pruning, ensembles or frozen encoders. "
+        "Calibrates on a held-out split; no cross-fitting, noise pruning, ensembles or stack fusion "
+        "(frozen encoders run on every batch: nothing is cached). "
         "pretrain-text reads the products table the same way.",
     )
     batch_rows: int = Field(4096, gt=0, description="Rows per record batch read from the table.")

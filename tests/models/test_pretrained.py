@@ -633,6 +633,63 @@ def test_onnx_encoders_are_exported_calibrated_on_and_served_with_the_decisions_
     assert BundleFolder(folder).encoder_fingerprint() != BundleFolder(torch_bundle).encoder_fingerprint()
 
 
+def _assert_encoders_as_loaded(model: Any, paths: dict[str, Path]) -> None:
+    """The model's encoders hold the pretrained weights, bit for bit (BatchNorm statistics included)."""
+    from transformers import AutoModel
+
+    text = AutoModel.from_pretrained(str(paths["text"])).state_dict()
+    for name, tensor in model.text_encoders[0].backbone.state_dict().items():
+        torch.testing.assert_close(tensor, text[name], atol=0, rtol=0)
+    image = torch.load(paths["image"], weights_only=True)
+    for name, tensor in model.image_encoder.backbone.state_dict().items():
+        torch.testing.assert_close(tensor, image[name], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+@pytest.mark.timeout(600)
+def test_frozen_encoders_train_streamed_in_one_process_and_on_two_ranks(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], spark
+) -> None:
+    from catalog_enrichment.catalog.lakehouse import write_table
+    from catalog_enrichment.training.distributed import train_streaming
+    from catalog_enrichment.training.stream import table_source
+
+    write_table(tmp_path / "labelled", labelled)
+    streaming = {"enabled": True, "batch_rows": 128}
+    one = train_streaming(
+        table_source(tmp_path / "labelled", batch_rows=128),
+        taxonomy,
+        _cfg(pretrained, encoders="frozen", epochs=2, streaming=streaming),
+    )
+    _assert_encoders_as_loaded(one.model, pretrained)
+    assert one.history[1].train_loss < one.history[0].train_loss  # the fusion and heads learned
+    # two ranks (local mode), the thresholds computed on the exported graphs that serve
+    two_ranks = _onnx(
+        _cfg(pretrained, encoders="frozen", epochs=2, streaming=streaming, distributed={"processes": 2})
+    )
+    messages: list[str] = []
+    source = table_source(tmp_path / "labelled", batch_rows=128)
+    two = train_streaming(source, taxonomy, two_ranks, progress=messages.append)  # type: ignore[arg-type]
+    assert "model.encoder_runtime onnx: exporting the encoders" in messages
+    assert any(m.startswith("training: ") and "2 process(es)" in m for m in messages), messages
+    _assert_encoders_as_loaded(two.model, pretrained)
+    assert two.model.image_encoder.graph is None  # torch weights again: the bundle exports them
+    assert two.history[1].train_loss < two.history[0].train_loss
+
+
+def test_streaming_refuses_the_stack_by_name(
+    pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
+) -> None:
+    from catalog_enrichment.training.distributed import train_streaming
+    from catalog_enrichment.training.stream import arrow_source
+
+    cfg = _cfg(pretrained, encoders="frozen", streaming={"enabled": True})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"fusion": "stack"})})
+    with pytest.raises(ConfigError, match=r"training\.streaming does not support model\.fusion: stack"):
+        train_streaming(arrow_source(labelled), taxonomy, cfg)
+
+
 def test_onnx_needs_frozen_encoders(
     pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
 ) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 
-__all__ = ["ONNX_DIR", "OnnxGraph", "attach", "encoders", "export_encoders"]
+__all__ = ["ONNX_DIR", "OnnxGraph", "attach", "detach", "encoders", "export_encoders"]
 
 ONNX_DIR = "onnx"  # the bundle folder that holds the exported encoders
 _OPSET = 17
@@ -131,3 +131,9 @@ def attach(model: nn.Module, folder: str | Path) -> None:
         if not path.is_file():
             raise CatalogEnrichError(f"model.encoder_runtime is onnx but {path} is missing")
         encoder.graph = OnnxGraph(path)
+
+
+def detach(model: nn.Module) -> None:
+    """Serve every encoder of ``model`` from its PyTorch weights again."""
+    for _, encoder in encoders(model):
+        encoder.graph = None

@@ -13,9 +13,15 @@ averaged over the ranks); one copy comes back. The driver alone scores the held-
 splits, calibrates, evaluates and (in the training job) logs and registers: no rank writes to
 MLflow. A rank that dies fails the run with one line.
 
+With ``training.encoders: frozen`` the ranks train only the fusion and heads; the encoders run in
+evaluation mode on every batch (nothing is cached: a stream is read once per epoch), and with
+``model.encoder_runtime: onnx`` the driver scores the held-out splits through the exported graphs
+that serve, as the in-memory trainer does.
+
 What the streaming trainer leaves to the in-memory one (``train_and_calibrate``): cross-fitted
-calibration (it holds out a calibration split), noise pruning, ensembles, frozen encoders over
-cached embeddings, a separate test table and ``train_fraction``; each is refused by name.
+calibration (it holds out a calibration split), noise pruning, ensembles, the ``stack`` fusion
+(fitted in closed form over every product's cached features), a separate test table and
+``train_fraction``; each is refused by name.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import io
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,10 +51,11 @@ from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.faults import armed
+from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
-from catalog_enrichment.models.fusion import fusion_options
+from catalog_enrichment.models.fusion import fusion_class
 from catalog_enrichment.models.model import MultimodalModel, deterministic_algorithms, needs_image
-from catalog_enrichment.training.fit import FitResult, Validation, fit_model
+from catalog_enrichment.training.fit import FitResult, Validation, check_encoders_mode, fit_model
 from catalog_enrichment.training.splits import MIN_ROWS, calibration_fraction
 from catalog_enrichment.training.stream import (
     CALIBRATION,
@@ -260,13 +268,13 @@ def _check(cfg: AppConfig, source: Source) -> None:
         (bool(tcfg.crossfit_folds), "training.crossfit_folds (streaming calibrates on a held-out split: 0)"),
         (tcfg.noise_pruning.enabled, "training.noise_pruning"),
         (cfg.model.ensemble.members > 1, "model.ensemble"),
-        (tcfg.encoders == "frozen", "training.encoders: frozen"),
+        (fusion_class(cfg.model.fusion).needs_lexical, "model.fusion: stack"),
         (tcfg.train_fraction < 1, "training.train_fraction below 1"),
     ]
-    fusion_options(cfg.model.fusion, cfg.model.fusion_kwargs)  # a typo is named before any data is read
     names = [name for bad, name in refused if bad]
     if names:
         raise ConfigError(f"training.streaming does not support {', '.join(names)}")
+    check_encoders_mode(cfg)  # a typo in fusion_kwargs, frozen encoders without weights: before any data
     if tcfg.batch_size % world:
         raise ConfigError(
             f"training.batch_size {tcfg.batch_size} must divide by training.distributed.processes {world}"
@@ -318,7 +326,16 @@ def train_streaming(
         state, fit = _fit_distributed(job, tcfg.distributed.local_mode)
     model = seeded_model(cfg.model, taxonomy, tokenizer, cfg.training.seed, device)
     model.load_state_dict(state)
-    return _calibrated(model, reader, job, found, fit, started, say)
+    if cfg.model.encoder_runtime != "onnx":
+        return _calibrated(model, reader, job, found, fit, started, say)
+    # the thresholds come from the graphs that serve (frozen encoders: exported from the same weights)
+    with tempfile.TemporaryDirectory() as exported:
+        say("model.encoder_runtime onnx: exporting the encoders")
+        runtime.attach(model, runtime.export_encoders(model, exported))
+        try:
+            return _calibrated(model, reader, job, found, fit, started, say)
+        finally:
+            runtime.detach(model)
 
 
 def _job(

@@ -25,7 +25,9 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset
 from catalog_enrichment.embeddings.frozen import EmbeddedDataset
+from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.metrics import attribute_average_precision
+from catalog_enrichment.models.fusion import fusion_class, fusion_options
 from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import AnyModel, MultimodalModel
 from catalog_enrichment.training.evaluation import (
@@ -47,6 +49,7 @@ __all__ = [
     "Optimisation",
     "ScoreFn",
     "Validation",
+    "check_encoders_mode",
     "crossfit",
     "fit_model",
     "fold_gap",
@@ -135,6 +138,52 @@ def _encoder_trainable(encoder: torch.nn.Module, mode: str, top_n: int) -> list[
     for (_, p), k in zip(named, keep, strict=True):
         p.requires_grad_(k)
     return [p for (_, p), k in zip(named, keep, strict=True) if k]
+
+
+def _reads(fusion: str) -> tuple[bool, ...]:
+    cls = fusion_class(fusion)
+    return (cls.needs_text, cls.needs_image, cls.needs_tokens, cls.needs_fields)
+
+
+def check_encoders_mode(cfg: AppConfig) -> None:
+    """``frozen`` needs pretrained weights for every encoder the fusion reads: a fixed random encoder
+    gives features no better than noise."""
+    members = cfg.model.member_configs()
+    for member in members:  # a typo in fusion_kwargs is named before any data is read
+        fusion_options(member.fusion, member.fusion_kwargs)
+    if cfg.training.encoders != "frozen":
+        if fusion_class(cfg.model.fusion).needs_lexical:
+            raise ConfigError(
+                "fusion 'stack' is fitted in closed form over fixed encoders: set training.encoders: frozen"
+            )
+        if cfg.model.encoder_runtime == "onnx":
+            raise ConfigError(
+                "model.encoder_runtime: onnx serves graphs exported before training, so the encoders must "
+                f"not change while it trains: set training.encoders: frozen (not {cfg.training.encoders})"
+            )
+        return
+    if fusion_class(cfg.model.fusion).needs_lexical and len(members) > 1:
+        raise ConfigError("fusion 'stack' is an ensemble of its own: set model.ensemble.members: 1")
+    reads = {_reads(m.fusion) for m in members}
+    if len(reads) > 1:
+        raise ConfigError(
+            "training.encoders: frozen embeds every product once for all ensemble members, so their "
+            f"fusions must read the same encoder outputs; {sorted({m.fusion for m in members})} do not"
+        )
+    fusion = fusion_class(cfg.model.fusion)
+    missing = [
+        f"model.{name}.pretrained_path"
+        for name, needed, path in (
+            ("text", fusion.needs_text, cfg.model.text.pretrained_path),
+            ("image", fusion.needs_image, cfg.model.image.pretrained_path),
+        )
+        if needed and not path
+    ]
+    if missing:
+        raise ConfigError(
+            "training.encoders: frozen trains only the fusion and heads over fixed encoders, which needs "
+            f"pretrained weights: set {' and '.join(missing)} (or use finetune)"
+        )
 
 
 def param_groups(model: MultimodalModel, cfg: AppConfig) -> list[dict[str, Any]]:

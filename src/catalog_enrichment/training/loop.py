@@ -52,11 +52,11 @@ from catalog_enrichment.embeddings.frozen import (
     default_cache_dir,
     embed_products,
 )
-from catalog_enrichment.errors import CatalogEnrichError, ConfigError
+from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import InputBaseline, input_baseline
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
-from catalog_enrichment.models.fusion import StackFusion, fusion_class, fusion_options
+from catalog_enrichment.models.fusion import StackFusion, fusion_class
 from catalog_enrichment.models.lexical import ngram_counts
 from catalog_enrichment.models.model import (
     AnyModel,
@@ -69,6 +69,7 @@ from catalog_enrichment.training.evaluation import Predictions, predict
 from catalog_enrichment.training.fit import (
     FitResult,
     Validation,
+    check_encoders_mode,
     crossfit,
     fit_model,
     make_loader,
@@ -89,7 +90,7 @@ from catalog_enrichment.types import Say
 if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
 
-__all__ = ["check_encoders_mode", "train_and_calibrate"]
+__all__ = ["train_and_calibrate"]
 
 # the stack's cross-fit folds unless training.crossfit_folds sets them: each fold model trains on
 # 80 % of the training split, close to the mean of them all that serves
@@ -109,52 +110,6 @@ def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.T
         return table, baseline
     say(f"left out {bad.total():,} products whose image cannot be used: {dict(sorted(bad.items()))}")
     return table.filter(pa.array([e is None for e in errors])), baseline
-
-
-def _reads(fusion: str) -> tuple[bool, ...]:
-    cls = fusion_class(fusion)
-    return (cls.needs_text, cls.needs_image, cls.needs_tokens, cls.needs_fields)
-
-
-def check_encoders_mode(cfg: AppConfig) -> None:
-    """``frozen`` needs pretrained weights for every encoder the fusion reads: a fixed random encoder
-    gives features no better than noise."""
-    members = cfg.model.member_configs()
-    for member in members:  # a typo in fusion_kwargs is named before any data is read
-        fusion_options(member.fusion, member.fusion_kwargs)
-    if cfg.training.encoders != "frozen":
-        if fusion_class(cfg.model.fusion).needs_lexical:
-            raise ConfigError(
-                "fusion 'stack' is fitted in closed form over fixed encoders: set training.encoders: frozen"
-            )
-        if cfg.model.encoder_runtime == "onnx":
-            raise ConfigError(
-                "model.encoder_runtime: onnx serves graphs exported before training, so the encoders must "
-                f"not change while it trains: set training.encoders: frozen (not {cfg.training.encoders})"
-            )
-        return
-    if fusion_class(cfg.model.fusion).needs_lexical and len(members) > 1:
-        raise ConfigError("fusion 'stack' is an ensemble of its own: set model.ensemble.members: 1")
-    reads = {_reads(m.fusion) for m in members}
-    if len(reads) > 1:
-        raise ConfigError(
-            "training.encoders: frozen embeds every product once for all ensemble members, so their "
-            f"fusions must read the same encoder outputs; {sorted({m.fusion for m in members})} do not"
-        )
-    fusion = fusion_class(cfg.model.fusion)
-    missing = [
-        f"model.{name}.pretrained_path"
-        for name, needed, path in (
-            ("text", fusion.needs_text, cfg.model.text.pretrained_path),
-            ("image", fusion.needs_image, cfg.model.image.pretrained_path),
-        )
-        if needed and not path
-    ]
-    if missing:
-        raise ConfigError(
-            "training.encoders: frozen trains only the fusion and heads over fixed encoders, which needs "
-            f"pretrained weights: set {' and '.join(missing)} (or use finetune)"
-        )
 
 
 def train_and_calibrate(

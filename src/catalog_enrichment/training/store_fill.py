@@ -41,7 +41,7 @@ from catalog_enrichment.inference.spark import (
     ship_bundle,
     stage_vectors,
 )
-from catalog_enrichment.training.loop import check_encoders_mode
+from catalog_enrichment.training.fit import check_encoders_mode
 from catalog_enrichment.training.trained import seeded_model
 from catalog_enrichment.types import Say
 
