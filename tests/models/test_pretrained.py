@@ -405,7 +405,7 @@ def test_learning_rates_and_the_layers_each_mode_trains(
         cfg = _cfg(pretrained, encoders=mode, unfreeze_layers=1, learning_rate=1e-3, **training)
         tok = build_tokenizer(cfg.model.text, [])
         model = build_model(cfg.model, taxonomy, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
-        return model, param_groups(model, cfg)
+        return model, param_groups(model, cfg.training)
 
     model, finetune = groups("finetune")
     assert [g["lr"] for g in finetune] == [1e-3, 3e-5, 3e-5]  # heads, then the pretrained encoders

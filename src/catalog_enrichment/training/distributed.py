@@ -202,7 +202,7 @@ def _fit_rank(
     val_loader = SplitBatches(reader, selected, collator, cfg.training.batch_size * 2)
     tag = f"rank {rank}/{job.world}: " if job.world > 1 else ""
     validation = Validation(val_loader, job.val_labels, reader.taxonomy)  # type: ignore[arg-type]
-    fit = fit_model(model, loader, validation, cfg, device, say, tag, step_model=step_model)
+    fit = fit_model(model, loader, validation, cfg.training, device, say, tag, step_model=step_model)
     # every rank holds the same weights and fit (losses averaged over the ranks): which rank's copy
     # comes back does not matter
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, fit
@@ -274,7 +274,9 @@ def _check(cfg: AppConfig, source: Source) -> None:
     names = [name for bad, name in refused if bad]
     if names:
         raise ConfigError(f"training.streaming does not support {', '.join(names)}")
-    check_encoders_mode(cfg)  # a typo in fusion_kwargs, frozen encoders without weights: before any data
+    check_encoders_mode(
+        cfg.model, cfg.training
+    )  # a typo in fusion_kwargs, frozen encoders without weights: before any data
     if tcfg.batch_size % world:
         raise ConfigError(
             f"training.batch_size {tcfg.batch_size} must divide by training.distributed.processes {world}"

@@ -21,12 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from catalog_enrichment.config import AppConfig
+from catalog_enrichment.config import ModelConfig, TrainingConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset
 from catalog_enrichment.embeddings.frozen import EmbeddedDataset
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.metrics import attribute_average_precision
+from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.models.fusion import fusion_class, fusion_options
 from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import AnyModel, MultimodalModel
@@ -145,24 +146,24 @@ def _reads(fusion: str) -> tuple[bool, ...]:
     return (cls.needs_text, cls.needs_image, cls.needs_tokens, cls.needs_fields)
 
 
-def check_encoders_mode(cfg: AppConfig) -> None:
+def check_encoders_mode(mcfg: ModelConfig, tcfg: TrainingConfig) -> None:
     """``frozen`` needs pretrained weights for every encoder the fusion reads: a fixed random encoder
     gives features no better than noise."""
-    members = cfg.model.member_configs()
+    members = mcfg.member_configs()
     for member in members:  # a typo in fusion_kwargs is named before any data is read
         fusion_options(member.fusion, member.fusion_kwargs)
-    if cfg.training.encoders != "frozen":
-        if fusion_class(cfg.model.fusion).needs_lexical:
+    if tcfg.encoders != "frozen":
+        if fusion_class(mcfg.fusion).needs_lexical:
             raise ConfigError(
                 "fusion 'stack' is fitted in closed form over fixed encoders: set training.encoders: frozen"
             )
-        if cfg.model.encoder_runtime == "onnx":
+        if mcfg.encoder_runtime == "onnx":
             raise ConfigError(
                 "model.encoder_runtime: onnx serves graphs exported before training, so the encoders must "
-                f"not change while it trains: set training.encoders: frozen (not {cfg.training.encoders})"
+                f"not change while it trains: set training.encoders: frozen (not {tcfg.encoders})"
             )
         return
-    if fusion_class(cfg.model.fusion).needs_lexical and len(members) > 1:
+    if fusion_class(mcfg.fusion).needs_lexical and len(members) > 1:
         raise ConfigError("fusion 'stack' is an ensemble of its own: set model.ensemble.members: 1")
     reads = {_reads(m.fusion) for m in members}
     if len(reads) > 1:
@@ -170,12 +171,12 @@ def check_encoders_mode(cfg: AppConfig) -> None:
             "training.encoders: frozen embeds every product once for all ensemble members, so their "
             f"fusions must read the same encoder outputs; {sorted({m.fusion for m in members})} do not"
         )
-    fusion = fusion_class(cfg.model.fusion)
+    fusion = fusion_class(mcfg.fusion)
     missing = [
         f"model.{name}.pretrained_path"
         for name, needed, path in (
-            ("text", fusion.needs_text, cfg.model.text.pretrained_path),
-            ("image", fusion.needs_image, cfg.model.image.pretrained_path),
+            ("text", fusion.needs_text, mcfg.text.pretrained_path),
+            ("image", fusion.needs_image, mcfg.image.pretrained_path),
         )
         if needed and not path
     ]
@@ -186,20 +187,18 @@ def check_encoders_mode(cfg: AppConfig) -> None:
         )
 
 
-def param_groups(model: MultimodalModel, cfg: AppConfig) -> list[dict[str, Any]]:
+def param_groups(model: MultimodalModel, tcfg: TrainingConfig) -> list[dict[str, Any]]:
     """AdamW groups: fusion and heads at ``learning_rate``; each encoder at its own rate (pretrained
     weights lower, 004 §6.3), with only the layers ``training.encoders`` trains."""
-    tcfg = cfg.training
-    encoders: list[tuple[torch.nn.Module, bool]] = [
-        (e, bool(cfg.model.text.pretrained_path)) for e in model.text_encoders
-    ]
+    encoders: list[TextEncoder | ImageEncoder] = [*model.text_encoders]
     if model.image_encoder is not None:
-        encoders.append((model.image_encoder, bool(cfg.model.image.pretrained_path)))
+        encoders.append(model.image_encoder)
     groups: list[dict[str, Any]] = []
     encoder_ids: set[int] = set()
-    for encoder, pretrained in encoders:
+    for encoder in encoders:
         encoder_ids.update(id(p) for p in encoder.parameters())
         params = _encoder_trainable(encoder, tcfg.encoders, tcfg.unfreeze_layers)
+        pretrained = bool(encoder.cfg.pretrained_path)
         lr = tcfg.encoder_learning_rate or (PRETRAINED_ENCODER_LR if pretrained else tcfg.learning_rate)
         if params:
             groups.append({"params": params, "lr": lr})
@@ -265,10 +264,9 @@ class Optimisation:
         self.scheduler.step()
 
 
-def _optimizer(model: MultimodalModel, cfg: AppConfig, steps_per_epoch: int) -> Optimisation:
-    tcfg = cfg.training
+def _optimizer(model: MultimodalModel, tcfg: TrainingConfig, steps_per_epoch: int) -> Optimisation:
     return Optimisation.adamw(
-        param_groups(model, cfg),
+        param_groups(model, tcfg),
         weight_decay=tcfg.weight_decay,
         steps=tcfg.epochs * steps_per_epoch,
         warmup_ratio=tcfg.warmup_ratio,
@@ -358,7 +356,7 @@ def fit_model(
     model: MultimodalModel,
     train_loader: DataLoader,
     validation: Validation,
-    cfg: AppConfig,
+    tcfg: TrainingConfig,
     device: torch.device,
     say: Say,
     tag: str,
@@ -369,11 +367,10 @@ def fit_model(
     best epoch's weights kept; then the fusion's held-out fit on the validation split. Training
     steps run through ``step_model`` when given (``model`` wrapped for distributed training)."""
     val_loader, val_labels, taxonomy = validation.loader, validation.labels, validation.taxonomy
-    tcfg = cfg.training
     kinds = {a.name: a.kind for a in taxonomy}
     if model.image_encoder is not None:  # convolutions train faster channels-last (oneDNN)
         model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimisation = _optimizer(model, cfg, len(train_loader))
+    optimisation = _optimizer(model, tcfg, len(train_loader))
     history: list[EpochMetrics] = []
     best_score, best_epoch, best_state, stale = -1.0, 0, None, 0
     for epoch in range(1, tcfg.epochs + 1):

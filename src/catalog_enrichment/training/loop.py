@@ -330,7 +330,7 @@ class _Fitter:
             loader = make_loader(dataset, data.collator, cfg.training.batch_size, shuffle=True, seed=seed + i)
             labels, device = self.selection_labels, data.device
             validation = Validation(self.val_loader, labels, data.taxonomy)
-            fit = fit_model(fresh, loader, validation, cfg, device, self.say, name)
+            fit = fit_model(fresh, loader, validation, cfg.training, device, self.say, name)
             fits.append(fit)
             members.append(fresh)
         return (members[0] if len(members) == 1 else EnsembleModel(cfg.model, members)), fits
@@ -351,7 +351,7 @@ def _train_and_calibrate(
     say = progress or (lambda _msg: None)
     tcfg = cfg.training
     set_seed(tcfg.seed)
-    check_encoders_mode(cfg)
+    check_encoders_mode(cfg.model, cfg.training)
     data = _prepare(
         table, taxonomy, cfg, test_table=test_table, image_roots=image_roots, device=torch.device(device),
         say=say, store=store,

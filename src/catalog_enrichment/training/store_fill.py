@@ -76,7 +76,7 @@ def _encoder_bundle(cfg: AppConfig, taxonomy: Taxonomy, folder: Path) -> tuple[P
             "the embedding store is filled ahead for training.encoders: frozen "
             f"(not {cfg.training.encoders}): the encoders of any other mode change while the model trains"
         )
-    check_encoders_mode(cfg)
+    check_encoders_mode(cfg.model, cfg.training)
     mcfg = cfg.model
     if not mcfg.text.pretrained_path:
         raise ConfigError(
