@@ -280,19 +280,24 @@ def _two_at_once(second: str) -> Callable[[_Bench], Observation]:
         root = b.catalog(f"concurrent-{second}")
         args = ("--run-id", "c1") if second == "enrich" else ("--from", b.dates[0], "--to", b.dates[-1])
         logs = [root.parent / f"concurrent-{second}-{i}.log" for i in range(2)]
-        # the harness holds the lock until both processes wait for it: they contend for certain
-        with catalog_lock(root, owner="chaos harness", wait_seconds=0):
-            procs = [
-                b.start(root, "enrich", "--run-id", "c0", log=logs[0]),
-                b.start(root, second, *args, log=logs[1]),
-            ]
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and not all("waiting up to" in _text(f) for f in logs):
-                if any(p.poll() is not None for p in procs):
-                    break
-                time.sleep(0.5)
-            waited = sum("waiting up to" in _text(f) for f in logs)
-        codes = [p.wait(timeout=900) for p in procs]
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            # the harness holds the lock until both processes wait for it: they contend for certain
+            with catalog_lock(root, owner="chaos harness", wait_seconds=0):
+                procs.append(b.start(root, "enrich", "--run-id", "c0", log=logs[0]))
+                procs.append(b.start(root, second, *args, log=logs[1]))
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline and not all("waiting up to" in _text(f) for f in logs):
+                    if any(p.poll() is not None for p in procs):
+                        break
+                    time.sleep(0.5)
+                waited = sum("waiting up to" in _text(f) for f in logs)
+            codes = [p.wait(timeout=900) for p in procs]
+        finally:  # interrupted (a Ctrl-C, a test's timeout): neither run is left behind
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    p.wait(timeout=60)
         b.counts(root, obs)
         obs.half_committed = b.quarantine_once(root, "c0")
         statuses = {r.run_id: r.status for r in read_reports(root / "run_reports")}
