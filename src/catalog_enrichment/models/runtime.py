@@ -14,6 +14,8 @@ PyTorch encoders of the same weights.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch import nn
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 
-__all__ = ["ONNX_DIR", "OnnxGraph", "attach", "detach", "encoders", "export_encoders"]
+__all__ = ["ONNX_DIR", "OnnxGraph", "attach", "encoders", "export_encoders", "served_by_graphs"]
 
 ONNX_DIR = "onnx"  # the bundle folder that holds the exported encoders
 _OPSET = 17
@@ -133,7 +135,15 @@ def attach(model: nn.Module, folder: str | Path) -> None:
         encoder.graph = OnnxGraph(path)
 
 
-def detach(model: nn.Module) -> None:
-    """Serve every encoder of ``model`` from its PyTorch weights again."""
-    for _, encoder in encoders(model):
-        encoder.graph = None
+@contextlib.contextmanager
+def served_by_graphs(model: nn.Module) -> Iterator[None]:
+    """While open, every encoder of ``model`` is served by its graph, exported into a temporary
+    folder (training with ``training.encoders: frozen``: the scores it selects and calibrates on are
+    those of the runtime that serves); afterwards by its PyTorch weights again."""
+    with tempfile.TemporaryDirectory() as folder:
+        attach(model, export_encoders(model, folder))
+        try:
+            yield
+        finally:
+            for _, encoder in encoders(model):
+                encoder.graph = None

@@ -33,7 +33,6 @@ import io
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -274,9 +273,8 @@ def _check(cfg: AppConfig, source: Source) -> None:
     names = [name for bad, name in refused if bad]
     if names:
         raise ConfigError(f"training.streaming does not support {', '.join(names)}")
-    check_encoders_mode(
-        cfg.model, cfg.training
-    )  # a typo in fusion_kwargs, frozen encoders without weights: before any data
+    # before any data is read: a typo in fusion_kwargs, frozen encoders without weights
+    check_encoders_mode(cfg.model, cfg.training)
     if tcfg.batch_size % world:
         raise ConfigError(
             f"training.batch_size {tcfg.batch_size} must divide by training.distributed.processes {world}"
@@ -330,14 +328,9 @@ def train_streaming(
     model.load_state_dict(state)
     if cfg.model.encoder_runtime != "onnx":
         return _calibrated(model, reader, job, found, fit, started, say)
-    # the thresholds come from the graphs that serve (frozen encoders: exported from the same weights)
-    with tempfile.TemporaryDirectory() as exported:
-        say("model.encoder_runtime onnx: exporting the encoders")
-        runtime.attach(model, runtime.export_encoders(model, exported))
-        try:
-            return _calibrated(model, reader, job, found, fit, started, say)
-        finally:
-            runtime.detach(model)
+    say("model.encoder_runtime onnx: exporting the encoders")
+    with runtime.served_by_graphs(model):  # frozen encoders: the graphs of the weights that serve
+        return _calibrated(model, reader, job, found, fit, started, say)
 
 
 def _job(

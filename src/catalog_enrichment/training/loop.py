@@ -17,8 +17,8 @@ in any process. The caller picks the device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -286,10 +286,10 @@ def _prepare(
         if embedder.fusion.needs_lexical:  # the merchant's category label is one of its texts
             categories = table["category"].to_pylist() if "category" in table.column_names else None
             lexical = ngram_counts(records.title, records.description, categories)
-        with tempfile.TemporaryDirectory() as exported:
-            if mcfg.encoder_runtime == "onnx":  # every score selected and calibrated on comes from the graphs
-                say("model.encoder_runtime onnx: exporting the encoders")
-                runtime.attach(embedder, runtime.export_encoders(embedder, exported))
+        onnx = mcfg.encoder_runtime == "onnx"
+        if onnx:  # every score selected and calibrated on comes from the graphs
+            say("model.encoder_runtime onnx: exporting the encoders")
+        with runtime.served_by_graphs(embedder) if onnx else contextlib.nullcontext():
             data.embeddings = embed_products(
                 embedder,
                 records,
