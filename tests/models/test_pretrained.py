@@ -603,7 +603,7 @@ def test_onnx_encoders_are_exported_calibrated_on_and_served_with_the_decisions_
     trained = train_and_calibrate(labelled, taxonomy, _onnx(torch_cfg), progress=messages.append)
     assert "model.encoder_runtime onnx: exporting the encoders" in messages
     folder = save_trained(trained, tmp_path / "bundle")
-    graphs = sorted(p.name for p in (folder / runtime.ONNX_DIR).iterdir())
+    graphs = sorted(p.name for p in BundleFolder(folder).onnx.iterdir())
     assert graphs == ["image_encoder.onnx", "text_encoders.0.onnx"]
     # the export is a function of the weights: the bundle's graphs are the ones training scored with
     again = runtime.export_encoders(trained.model, tmp_path / "again")

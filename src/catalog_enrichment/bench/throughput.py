@@ -101,6 +101,7 @@ def measure_encoders(model: Any, batches: Sequence[Any], bundle_dir: Path, repea
     the bundle's (``model.encoder_runtime: onnx``) or exported here. CPU only."""
     import torch
 
+    from catalog_enrichment.inference.bundle import BundleFolder
     from catalog_enrichment.models import runtime
     from catalog_enrichment.models.encoders import TextEncoder
 
@@ -120,7 +121,7 @@ def measure_encoders(model: Any, batches: Sequence[Any], bundle_dir: Path, repea
         return 1000 * (time.perf_counter() - started) / products
 
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        folder = Path(bundle_dir) / runtime.ONNX_DIR
+        folder = BundleFolder(Path(bundle_dir)).onnx
         if not folder.is_dir():
             folder = runtime.export_encoders(model, tmp)
         graphs = {name: runtime.OnnxGraph(folder / f"{name}.onnx") for name in encoders}

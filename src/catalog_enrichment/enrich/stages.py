@@ -23,7 +23,7 @@ from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_SHARED, Contract,
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import HealthTally
-from catalog_enrichment.inference.predictor import PredictorOptions
+from catalog_enrichment.inference.options import PredictorOptions
 from catalog_enrichment.inference.spark import (
     DECISION_COLUMNS,
     ScoringCounters,

@@ -33,20 +33,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from catalog_enrichment import __version__
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.preprocess import ImagePreprocessing
-from catalog_enrichment.embeddings.vectors import encoder_fingerprint, storable
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.models import runtime
-from catalog_enrichment.models.color import COLOR_VERSION
-from catalog_enrichment.models.model import AnyModel, build_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from catalog_enrichment.data.preprocess import ImagePreprocessing
+    from catalog_enrichment.models.model import AnyModel
 
 __all__ = [
     "MANIFEST",
@@ -59,6 +58,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+ONNX_DIR = "onnx"  # the exported encoders (models/runtime.py), when the model serves through ONNX
 # The calibrated scores are float32 probabilities of float32 logits on every device and under any
 # autocast (models/fusion.py); a bundle records it and one that says otherwise is not loaded.
 SCORE_DTYPE = "float32"
@@ -97,7 +97,7 @@ class BundleFolder:
 
     @property
     def onnx(self) -> Path:
-        return self.root / runtime.ONNX_DIR
+        return self.root / ONNX_DIR
 
     @property
     def manifest(self) -> Path:
@@ -151,6 +151,12 @@ class ModelBundle:
 def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
     """Write ``bundle`` as a bundle folder (see the module docstring); its encoder fingerprint is
     computed from the model (``bundle.encoder_fingerprint`` is not read)."""
+    import torch
+
+    from catalog_enrichment.embeddings.vectors import encoder_fingerprint, storable
+    from catalog_enrichment.models import runtime
+    from catalog_enrichment.models.color import COLOR_VERSION
+
     model, tokenizer, model_config = bundle.model, bundle.tokenizer, bundle.model_config
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -233,7 +239,13 @@ def json_safe(x: object) -> Any:
 
 def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> ModelBundle:
     """Rebuild the model from a bundle folder alone and move it to ``device`` (eval mode)."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer
+
+    from catalog_enrichment.data.preprocess import ImagePreprocessing
+    from catalog_enrichment.models import runtime
+    from catalog_enrichment.models.color import COLOR_VERSION
+    from catalog_enrichment.models.model import build_model
 
     folder = BundleFolder(Path(path))
     if not folder.exists():

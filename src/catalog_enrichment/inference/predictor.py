@@ -32,7 +32,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 import numpy as np
@@ -42,10 +42,11 @@ import torch
 
 from catalog_enrichment.catalog.embeddings import STORED_COLUMNS
 from catalog_enrichment.data.dataset import Collator
-from catalog_enrichment.data.images import ImagePolicy, image_tone, load_pixels
+from catalog_enrichment.data.images import image_tone, load_pixels
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
+from catalog_enrichment.inference.options import PredictorOptions
 from catalog_enrichment.models.lexical import as_bags, ngram_counts
 from catalog_enrichment.models.model import (
     LEXICAL_KEYS,
@@ -165,19 +166,6 @@ def keep_freed_memory() -> bool:
     return bool(
         mallopt(_M_MMAP_THRESHOLD, _KEEP_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)
     )
-
-
-@dataclass(frozen=True)
-class PredictorOptions:
-    """How a :class:`BatchPredictor` runs (its device aside): ``inference.*`` and the image policy."""
-
-    batch_size: int = 128
-    decode_threads: int = 2
-    autocast: bool = False
-    channels_last: bool = True
-    keep_memory: bool = True
-    embedding_store: bool = False
-    image_policy: ImagePolicy = field(default_factory=ImagePolicy)
 
 
 class BatchPredictor:

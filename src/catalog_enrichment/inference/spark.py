@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from pyspark.accumulators import Accumulator, AccumulatorParam
 
 from catalog_enrichment.faults import armed, kill_this_process
-from catalog_enrichment.inference.predictor import PredictorOptions
+from catalog_enrichment.inference.options import PredictorOptions
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

@@ -27,9 +27,8 @@ from torch import nn
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 
-__all__ = ["ONNX_DIR", "OnnxGraph", "attach", "encoders", "export_encoders", "served_by_graphs"]
+__all__ = ["OnnxGraph", "attach", "encoders", "export_encoders", "served_by_graphs"]
 
-ONNX_DIR = "onnx"  # the bundle folder that holds the exported encoders
 _OPSET = 17
 
 

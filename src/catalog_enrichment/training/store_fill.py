@@ -33,7 +33,7 @@ from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.inference.bundle import ModelBundle, save_bundle
-from catalog_enrichment.inference.predictor import PredictorOptions
+from catalog_enrichment.inference.options import PredictorOptions
 from catalog_enrichment.inference.spark import (
     ScoringCounters,
     ScoringSpec,
