@@ -90,6 +90,7 @@ def _write_inputs(folder: Path, products: int, streaming: bool) -> tuple[Path, P
     market = generate_marketplace(
         folder / "labelled", SyntheticConfig(products=products, seed=1, image_size=32)
     )
+    # config.TINY_MODEL, written out: the checkouts measured "before" predate that constant
     model = {
         "hidden_dim": 32,
         "dropout": 0.0,
