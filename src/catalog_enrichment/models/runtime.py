@@ -26,6 +26,7 @@ from torch import nn
 
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
+from catalog_enrichment.types import Say
 
 __all__ = ["OnnxGraph", "attach", "encoders", "export_encoders", "served_by_graphs"]
 
@@ -135,10 +136,11 @@ def attach(model: nn.Module, folder: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def served_by_graphs(model: nn.Module) -> Iterator[None]:
+def served_by_graphs(model: nn.Module, say: Say) -> Iterator[None]:
     """While open, every encoder of ``model`` is served by its graph, exported into a temporary
     folder (training with ``training.encoders: frozen``: the scores it selects and calibrates on are
     those of the runtime that serves); afterwards by its PyTorch weights again."""
+    say("model.encoder_runtime onnx: exporting the encoders")
     with tempfile.TemporaryDirectory() as folder:
         attach(model, export_encoders(model, folder))
         try:

@@ -328,8 +328,7 @@ def train_streaming(
     model.load_state_dict(state)
     if cfg.model.encoder_runtime != "onnx":
         return _calibrated(model, reader, job, found, fit, started, say)
-    say("model.encoder_runtime onnx: exporting the encoders")
-    with runtime.served_by_graphs(model):  # frozen encoders: the graphs of the weights that serve
+    with runtime.served_by_graphs(model, say):  # frozen encoders: the graphs of the weights that serve
         return _calibrated(model, reader, job, found, fit, started, say)
 
 

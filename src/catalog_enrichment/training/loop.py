@@ -286,10 +286,9 @@ def _prepare(
         if embedder.fusion.needs_lexical:  # the merchant's category label is one of its texts
             categories = table["category"].to_pylist() if "category" in table.column_names else None
             lexical = ngram_counts(records.title, records.description, categories)
+        # with onnx, every score selected and calibrated on comes from the graphs
         onnx = mcfg.encoder_runtime == "onnx"
-        if onnx:  # every score selected and calibrated on comes from the graphs
-            say("model.encoder_runtime onnx: exporting the encoders")
-        with runtime.served_by_graphs(embedder) if onnx else contextlib.nullcontext():
+        with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
             data.embeddings = embed_products(
                 embedder,
                 records,
