@@ -192,9 +192,13 @@ def _lch_part(lab: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     hues = torch.zeros(*turn.shape, HUE_BINS, dtype=lab.dtype, device=lab.device)
     hues.scatter_(-1, lower[..., None], (1 - frac)[..., None])
     hues.scatter_add_(-1, ((lower + 1) % HUE_BINS)[..., None], frac[..., None])
-    by_l, by_c = _triangular(lightness, LCH_L), _triangular(chroma, LCH_C)
-    grey = torch.einsum("bpl,bp->bl", by_l * by_c[..., :1], w)
-    coloured = torch.einsum("bpl,bpc,bph,bp->blch", by_l, by_c[..., 1:], hues, w).reshape(b, -1)
+    by_l = _triangular(lightness, LCH_L) * w[..., None]  # each pixel's weight in its lightness bins
+    by_c = _triangular(chroma, LCH_C)
+    grey = (by_l * by_c[..., :1]).sum(dim=1)
+    # lightness x chroma shares of each pixel, summed over the pixels against its hue shares: one
+    # batched matrix product (an einsum over the four would hold pixels x every cell in memory)
+    cells = (by_l[..., :, None] * by_c[..., None, 1:]).flatten(2)
+    coloured = torch.bmm(cells.transpose(1, 2), hues).reshape(b, -1)
     hist = torch.cat([grey, coloured], dim=1)
     hist = hist / hist.sum(dim=1, keepdim=True).clamp(min=1e-12)
     scaled = ((lightness, 100.0), (a, AB_RANGE), (bb, AB_RANGE), (chroma, AB_RANGE))
