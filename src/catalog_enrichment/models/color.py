@@ -94,7 +94,8 @@ def _foreground(lab: torch.Tensor) -> torch.Tensor:
         [lab[:, :, 0, :], lab[:, :, -1, :], lab[:, :, 1:-1, 0], lab[:, :, 1:-1, -1]], dim=2
     )  # (B, 3, P)
     background = border.median(dim=2).values  # (B, 3)
-    distance = (lab - background[:, :, None, None]).norm(dim=1)
+    # the square root of a sum, not .norm(dim=1): PyTorch's CPU norm across channels is ~50x slower
+    distance = (lab - background[:, :, None, None]).square().sum(dim=1).sqrt()
     weight = ((distance - BACKGROUND_DELTA_E) / BACKGROUND_DELTA_E).clamp(0.0, 1.0)
     too_little = weight.mean(dim=(1, 2)) < MIN_FOREGROUND
     return torch.where(too_little[:, None, None], torch.ones_like(weight), weight)
