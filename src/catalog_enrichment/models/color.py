@@ -150,17 +150,14 @@ def _lab_part(lab: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([hist.sqrt(), stats], dim=1)
 
 
-def _triangular(x: torch.Tensor, centres: tuple[float, ...]) -> torch.Tensor:
-    """``(..., len(centres))``: each value shared linearly between its two nearest bin centres
-    (clamped to the outer ones); the shares sum to 1."""
+def _shared(x: torch.Tensor, centres: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each value shared linearly between its two nearest bin centres (clamped to the outer ones):
+    the lower centre's index and the upper one's share."""
     c = torch.tensor(centres, dtype=x.dtype, device=x.device)
     x = x.clamp(float(c[0]), float(c[-1]))
     upper = torch.bucketize(x, c).clamp(1, c.numel() - 1)
     low, high = c[upper - 1], c[upper]
-    frac = ((x - low) / (high - low)).clamp(0.0, 1.0)
-    out = torch.zeros(*x.shape, c.numel(), dtype=x.dtype, device=x.device)
-    out.scatter_(-1, (upper - 1)[..., None], (1 - frac)[..., None])
-    return out.scatter_add_(-1, upper[..., None], frac[..., None])
+    return upper - 1, ((x - low) / (high - low)).clamp(0.0, 1.0)
 
 
 def _weighted_quantiles(values: torch.Tensor, weight: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
@@ -168,8 +165,8 @@ def _weighted_quantiles(values: torch.Tensor, weight: torch.Tensor, qs: tuple[fl
     interpolated linearly between the two pixels whose cumulative weights bracket each quantile: a
     continuous function of the weights, so float rounding that differs between two machines or
     batch sizes moves a quantile by as little, not by the gap between neighbouring pixels."""
-    order = values.argsort(dim=1)
-    v, w = values.gather(1, order), weight.gather(1, order)
+    v, order = values.sort(dim=1)
+    w = weight.gather(1, order)
     cum = w.cumsum(dim=1)
     cum = cum / cum[:, -1:].clamp(min=1e-12)
     at = torch.tensor(qs, dtype=cum.dtype, device=cum.device).expand(values.shape[0], -1).contiguous()
@@ -188,18 +185,27 @@ def _lch_part(lab: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     chroma = (a.square() + bb.square()).sqrt()
     hue = torch.atan2(bb, a)
     turn = (hue / (2 * torch.pi) * HUE_BINS) % HUE_BINS  # circular: shared between two hue bins
-    lower = turn.floor().long() % HUE_BINS
-    frac = turn - turn.floor()
-    hues = torch.zeros(*turn.shape, HUE_BINS, dtype=lab.dtype, device=lab.device)
-    hues.scatter_(-1, lower[..., None], (1 - frac)[..., None])
-    hues.scatter_add_(-1, ((lower + 1) % HUE_BINS)[..., None], frac[..., None])
-    by_l = _triangular(lightness, LCH_L) * w[..., None]  # each pixel's weight in its lightness bins
-    by_c = _triangular(chroma, LCH_C)
-    grey = (by_l * by_c[..., :1]).sum(dim=1)
-    # lightness x chroma shares of each pixel, summed over the pixels against its hue shares: one
-    # batched matrix product (an einsum over the four would hold pixels x every cell in memory)
-    cells = (by_l[..., :, None] * by_c[..., None, 1:]).flatten(2)
-    coloured = torch.bmm(cells.transpose(1, 2), hues).reshape(b, -1)
+    hue_bin = turn.floor().long() % HUE_BINS
+    hue_share = turn - turn.floor()
+    l_bin, l_share = _shared(lightness, LCH_L)
+    c_bin, c_share = _shared(chroma, LCH_C)
+    # each pixel's weight goes to the (up to) 2 x 2 x 2 cells around it, as in _histogram; the
+    # chroma centre 0 is the grey axis, whose cells have lightness only
+    chromas = len(LCH_C) - 1
+    grey = torch.zeros(b, len(LCH_L), dtype=lab.dtype, device=lab.device)
+    coloured = torch.zeros(b, len(LCH_L) * chromas * HUE_BINS, dtype=lab.dtype, device=lab.device)
+    for l_up in (0, 1):
+        by_l = w * (l_share if l_up else 1 - l_share)
+        for c_up in (0, 1):
+            by_lc = by_l * (c_share if c_up else 1 - c_share)
+            c_at = c_bin + c_up
+            if not c_up:  # only the lower chroma centre can be the grey axis
+                grey.scatter_add_(1, l_bin + l_up, torch.where(c_at == 0, by_lc, 0.0))
+                by_lc = torch.where(c_at > 0, by_lc, 0.0)
+            cell = ((l_bin + l_up) * chromas + (c_at - 1).clamp(min=0)) * HUE_BINS
+            for h_up in (0, 1):
+                share = by_lc * (hue_share if h_up else 1 - hue_share)
+                coloured.scatter_add_(1, cell + (hue_bin + h_up) % HUE_BINS, share)
     hist = torch.cat([grey, coloured], dim=1)
     hist = hist / hist.sum(dim=1, keepdim=True).clamp(min=1e-12)
     scaled = ((lightness, 100.0), (a, AB_RANGE), (bb, AB_RANGE), (chroma, AB_RANGE))
