@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,8 +38,10 @@ from catalog_enrichment.models.fusion import STACK_BLOCKS, StackFusion, stack_sc
 from catalog_enrichment.models.lexical import document_frequency, tfidf
 from catalog_enrichment.models.model import MultimodalModel
 from catalog_enrichment.training.evaluation import Predictions
-from catalog_enrichment.training.splits import FoldPlan
 from catalog_enrichment.types import Say
+
+if TYPE_CHECKING:  # not imported at run time: the fit's worker processes import this module
+    from catalog_enrichment.training.splits import FoldPlan
 
 __all__ = ["PENALTIES", "StackFit", "fit_stack", "single_valued"]
 
