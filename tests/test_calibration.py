@@ -170,23 +170,33 @@ def test_a_more_confident_served_model_writes_no_larger_share_than_the_fold_mode
     assert moved.served_ratio > 1.5 and moved.served_precision == 0.0
 
 
-def test_thresholds_stand_where_the_served_model_writes_the_target_right_on_the_validation_split() -> None:
+def test_thresholds_stand_where_the_served_models_validation_writes_prove_the_target() -> None:
     """The same more confident served model, its writes at the proven thresholds right but for
-    one in twenty-one: just above a 0.95 target, the thresholds stand; just below, they rise."""
+    one in twenty-one (over 95 %, on too few writes to prove it): at a target just below their
+    Wilson lower bound the thresholds stand; just above it - and at 0.95, which the point estimate
+    passes - they rise."""
     rng = np.random.default_rng(0)
     folds = [rng.uniform(size=(400, 3)) for _ in range(3)]
     served = np.sqrt(rng.uniform(size=(400, 3)))
     cal = _fixed("multilabel", 60, 120, None)
     labels = served >= np.nan_to_num(cal.threshold_array(), nan=2.0)  # every write right
-    wrong = np.argwhere(labels)[::21]  # then one in twenty-one wrong
+    n = int(labels.sum())
+    wrong = np.argwhere(labels)[: n // 21]  # then one in twenty-one wrong
     labels[tuple(wrong.T)] = False
-    n = int(np.sum(served >= np.nan_to_num(cal.threshold_array(), nan=2.0)))
     precision = (n - len(wrong)) / n
-    kept = on_served_scale(cal, served, folds, labels, precision)
+    bound = float(wilson_lower(n - len(wrong), n, confidence=0.95))
+    assert bound < 0.95 < precision
+    kept = on_served_scale(cal, served, folds, labels, bound)
     assert kept.values == cal.values and kept.served_precision == pytest.approx(precision)
+    assert kept.served_lower_bound == pytest.approx(bound)
     assert kept.served_ratio is not None and kept.served_ratio > 1.5
-    raised = on_served_scale(cal, served, folds, labels, precision + 1e-9)
-    assert all(a.threshold > b.threshold for a, b in zip(raised.values[:2], cal.values[:2], strict=True))
+    for target in (bound + 1e-9, 0.95):
+        raised = on_served_scale(cal, served, folds, labels, target)
+        assert all(a.threshold > b.threshold for a, b in zip(raised.values[:2], cal.values[:2], strict=True))
+    # a stricter bound at a higher confidence needs more: the thresholds rise at the same target
+    strict = on_served_scale(cal, served, folds, labels, bound, confidence=0.99, bound="clopper_pearson")
+    assert strict.served_lower_bound is not None and strict.served_lower_bound < bound
+    assert strict.values != cal.values
 
 
 def test_thresholds_never_fall_for_a_served_model_as_or_less_confident() -> None:
@@ -224,6 +234,7 @@ def test_the_served_ratio_and_precision_round_trip_through_json_dict() -> None:
     cal = Calibration(0.95, 0.95, "wilson", 20, {"a": moved}, "attribute")
     assert Calibration.from_dict(cal.to_dict()) == cal
     assert moved.served_ratio is not None and moved.served_precision is not None
+    assert moved.served_lower_bound is not None
 
 
 @pytest.mark.parametrize(

@@ -47,9 +47,9 @@ products whose argmax is ``v``. Multi-label: every (product, value) pair is a ca
 Assumptions: calibration (and family) scores are out-of-sample, and those products are
 exchangeable with the products scored later (same distribution). Cross-fitted calibration scores
 come from fold models, not from the model that serves: :func:`on_served_scale` checks what the
-served model writes at them on the labelled validation split, and where that misses the target
-raises them until it writes no larger share of those products than the fold models did, so what is
-left to assume is that it ranks at least as well as they do. The attribute-scope bound is on the
+served model writes at them on the labelled validation split, and where that does not prove the
+target raises them until it writes no larger share of those products than the fold models did, so
+what is left to assume is that it ranks at least as well as they do. The attribute-scope bound is on the
 pooled precision of the attribute, not on each value.
 
 Over 600 lines because both guarantee scopes share the grid, the family and the bounds.
@@ -196,8 +196,9 @@ class AttributeCalibration:
 
     Cross-fitted calibration (:func:`on_served_scale`), at the thresholds the fold models' scores
     proved, on the validation split: ``served_precision``, the precision of what the model that
-    serves wrote there; ``served_ratio``, how much it wrote over what the fold models wrote. Below
-    the target precision, the thresholds were raised to the served model's scale.
+    serves wrote there, and ``served_lower_bound`` its one-sided bound; ``served_ratio``, how much it
+    wrote over what the fold models wrote. Where the bound is below the target precision, the
+    thresholds were raised to the served model's scale.
     """
 
     attribute: str
@@ -206,6 +207,7 @@ class AttributeCalibration:
     pooled: PooledEvidence | None = None
     served_ratio: float | None = None
     served_precision: float | None = None
+    served_lower_bound: float | None = None
 
     def threshold_array(self) -> np.ndarray:
         """``(n_values,)`` thresholds, ``NaN`` for values that are never written."""
@@ -244,6 +246,7 @@ class Calibration:
                     else {**asdict(a.pooled), "guarded": list(a.pooled.guarded)},
                     "served_ratio": a.served_ratio,
                     "served_precision": a.served_precision,
+                    "served_lower_bound": a.served_lower_bound,
                 }
                 for name, a in self.attributes.items()
             },
@@ -260,7 +263,13 @@ class Calibration:
                 pooled = PooledEvidence(**{**pooled, "guarded": tuple(pooled.get("guarded", ()))})
             values = tuple(ValueThreshold(**v) for v in spec["values"])
             attributes[name] = AttributeCalibration(
-                name, spec["kind"], values, pooled, spec.get("served_ratio"), spec.get("served_precision")
+                name,
+                spec["kind"],
+                values,
+                pooled,
+                spec.get("served_ratio"),
+                spec.get("served_precision"),
+                spec.get("served_lower_bound"),
             )
         return cls(
             data["target_precision"],
@@ -630,6 +639,9 @@ def on_served_scale(
     folds: Sequence[np.ndarray],
     labels: np.ndarray,
     target: float,
+    *,
+    confidence: float = 0.95,
+    bound: BoundName = "wilson",
 ) -> AttributeCalibration:
     """Cross-fitted thresholds checked on the model that serves, and raised where it falls short.
 
@@ -638,11 +650,13 @@ def on_served_scale(
     confident, so at the same threshold it writes more. ``served`` and ``folds``: ``(n, n_values)``
     scores of the same labelled held-out products (the validation split; ``labels`` theirs) by the
     model that serves and by each fold model. Where what the served model writes there at the proven
-    thresholds is at least ``target`` right, they stand. Otherwise each rises up the grid to the
-    lowest point at which the served model writes no larger share of those products' candidates than
-    the fold models wrote, on average, at the proven threshold: it then writes as much as a fold
-    model would, chosen by a model that ranks at least as well (the test report's fold gap compares
-    the two on the same split). None falls.
+    thresholds proves ``target`` by itself (the one-sided ``bound`` at ``confidence`` reaches it, so
+    a few hundred validation products cannot pass a model that is only as good as the target by
+    chance), they stand. Otherwise each rises up the grid to the lowest point at which the served
+    model writes no larger share of those products' candidates than the fold models wrote, on
+    average, at the proven threshold: it then writes as much as a fold model would, chosen by a
+    model that ranks at least as well (the test report's fold gap compares the two on the same
+    split). None falls.
     """
     if not folds or served.shape[0] == 0:
         return cal
@@ -651,8 +665,12 @@ def on_served_scale(
     proven = float(np.mean([decision_matrix(f, cal.kind, thresholds).sum() for f in folds]))
     ratio = int(decision_matrix(served, cal.kind, thresholds).sum()) / proven if proven else None
     precision = None if np.isnan(mine["precision"]) else float(mine["precision"])
-    checked = replace(cal, served_ratio=ratio, served_precision=precision)
-    if precision is not None and precision >= target:
+    proof = None
+    if precision is not None:
+        right, writes = int(mine["correct"]), int(mine["written"])
+        proof = float(lower_bound(right, writes, confidence=confidence, method=bound))
+    checked = replace(cal, served_ratio=ratio, served_precision=precision, served_lower_bound=proof)
+    if proof is not None and proof >= target:
         return checked
     shares = _shares(served, cal.kind)
     theirs = np.mean([_shares(f, cal.kind) for f in folds], axis=0)

@@ -177,10 +177,10 @@ def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(
         assert np.array_equal(np.isnan(before), np.isnan(after))
         assert np.all(after[~np.isnan(after)] >= before[~np.isnan(before)])
         if (
-            moved.served_precision is not None
-            and moved.served_precision >= trained.config.calibration.target_precision
+            moved.served_lower_bound is not None
+            and moved.served_lower_bound >= trained.config.calibration.target_precision
         ):
-            assert np.array_equal(before, after, equal_nan=True)  # right enough at the proven ones
+            assert np.array_equal(before, after, equal_nan=True)  # proven right at the proven ones
 
 
 @pytest.mark.slow

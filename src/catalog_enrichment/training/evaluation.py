@@ -255,7 +255,13 @@ def on_served_scale(
     for name, a in calibration.attributes.items():
         mine, y = labels.labelled(served, name)
         attributes[name] = calibration_lib.on_served_scale(
-            a, mine, [labels.labelled(f, name)[0] for f in theirs], y, calibration.target_precision
+            a,
+            mine,
+            [labels.labelled(f, name)[0] for f in theirs],
+            y,
+            calibration.target_precision,
+            confidence=calibration.confidence,
+            bound=calibration.bound,
         )
     return dataclasses.replace(calibration, attributes=attributes)
 

@@ -154,11 +154,12 @@ def conclude(
     heldout, test_preds, test_labels = _held_out(fitted)
     calibration = heldout.calibrate(taxonomy, cfg.calibration, inputs)
     for name, a in calibration.attributes.items():
-        if a.served_precision is not None and a.served_precision < cfg.calibration.target_precision:
+        if a.served_lower_bound is not None and a.served_lower_bound < cfg.calibration.target_precision:
             ratio = "" if a.served_ratio is None else f", {a.served_ratio:.2f}x what the fold models wrote"
             say(
                 f"{name}: at the proven thresholds the served model wrote {a.served_precision:.3f} right on "
-                f"the validation split{ratio}: thresholds put on its scale (raised, never lowered)"
+                f"the validation split (lower bound {a.served_lower_bound:.3f}){ratio}: thresholds put on "
+                "its scale (raised, never lowered)"
             )
     report = _report(fitted, taxonomy, calibration, (test_preds, test_labels), heldout, say)
     seconds = time.perf_counter() - started
