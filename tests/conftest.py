@@ -326,6 +326,22 @@ def pg_server() -> Iterator[Any]:
 _MLFLOW_TEMPLATE: dict[str, Path] = {}
 
 
+# What a command left at its defaults writes relative to its working directory, which under `make
+# test` is the checkout (config.py: catalog.root, mlflow.tracking_uri; MLflow's own file store; the
+# bench workdir): no test may leave one there.
+DEFAULT_OUTPUTS = ("lakehouse", "mlflow.db", "mlruns", "bench-quality")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_untouched() -> Iterator[None]:
+    """Fails the run (at this worker's end) where a test wrote a default output into the working
+    directory: it should have been given a path under its ``tmp_path``."""
+    before = {name for name in DEFAULT_OUTPUTS if Path(name).exists()}
+    yield
+    left = sorted(name for name in DEFAULT_OUTPUTS if Path(name).exists() and name not in before)
+    assert not left, f"a test wrote {left} into {Path.cwd()}: give it a path under its tmp_path"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _mlflow_template_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Where :func:`mlflow_store` keeps this test process's migrated store (made on first use)."""
