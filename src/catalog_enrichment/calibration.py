@@ -49,8 +49,8 @@ exchangeable with the products scored later (same distribution). Cross-fitted ca
 come from fold models, not from the model that serves: :func:`on_served_scale` checks what the
 served model writes at them on the labelled validation split, and where that does not prove the
 target raises them until it writes no larger share of those products than the fold models did, so
-what is left to assume is that it ranks at least as well as they do. The attribute-scope bound is on the
-pooled precision of the attribute, not on each value.
+what is left to assume is that it ranks at least as well as they do. The attribute-scope bound is
+on the pooled precision of the attribute, not on each value.
 
 Over 600 lines because both guarantee scopes share the grid, the family and the bounds.
 """
@@ -662,12 +662,12 @@ def on_served_scale(
         return cal
     thresholds = cal.threshold_array()
     mine = written_precision_and_coverage(served, labels, cal.kind, thresholds)
+    right, writes = int(mine["correct"]), int(mine["written"])
     proven = float(np.mean([decision_matrix(f, cal.kind, thresholds).sum() for f in folds]))
     ratio = int(decision_matrix(served, cal.kind, thresholds).sum()) / proven if proven else None
-    precision = None if np.isnan(mine["precision"]) else float(mine["precision"])
-    proof = None
-    if precision is not None:
-        right, writes = int(mine["correct"]), int(mine["written"])
+    precision, proof = None, None
+    if writes:
+        precision = right / writes
         proof = float(lower_bound(right, writes, confidence=confidence, method=bound))
     checked = replace(cal, served_ratio=ratio, served_precision=precision, served_lower_bound=proof)
     if proof is not None and proof >= target:
