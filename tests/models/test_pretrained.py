@@ -690,6 +690,16 @@ def test_streaming_refuses_the_stack_by_name(
         train_streaming(arrow_source(labelled), taxonomy, cfg)
 
 
+def test_the_stack_refuses_noise_pruning_by_name(
+    pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
+) -> None:
+    # the stack's own fit has no pruning step: the switch would be silently ignored
+    cfg = _cfg(pretrained, encoders="frozen", noise_pruning={"enabled": True})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"fusion": "stack"})})
+    with pytest.raises(ConfigError, match=r"fusion 'stack' .* set training\.noise_pruning\.enabled: false"):
+        train_and_calibrate(labelled, taxonomy, cfg)  # type: ignore[arg-type]
+
+
 def test_onnx_needs_frozen_encoders(
     pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
 ) -> None:

@@ -165,6 +165,11 @@ def check_encoders_mode(mcfg: ModelConfig, tcfg: TrainingConfig) -> None:
         return
     if fusion_class(mcfg.fusion).needs_lexical and len(members) > 1:
         raise ConfigError("fusion 'stack' is an ensemble of its own: set model.ensemble.members: 1")
+    if fusion_class(mcfg.fusion).needs_lexical and tcfg.noise_pruning.enabled:
+        raise ConfigError(
+            "fusion 'stack' learns from every training label (pruning the ones its out-of-fold "
+            "scores doubt ranks worse on real catalogs): set training.noise_pruning.enabled: false"
+        )
     reads = {_reads(m.fusion) for m in members}
     if len(reads) > 1:
         raise ConfigError(
