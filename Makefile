@@ -27,7 +27,8 @@ export PYTHONUNBUFFERED := 1
 # to: every test worker, job process and Spark Python worker would compile the sources again.
 unexport PYTHONDONTWRITEBYTECODE
 PYTEST_ARGS ?=
-# pytest-xdist workers (auto: one per core); a module runs whole on one worker, longest first
+# pytest-xdist workers (auto: one per core); a module runs whole on one worker, the longest first
+# (by tests/durations.json, which `make durations` writes; see tests/conftest.py)
 PYTEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder
 DEMO_ARGS ?=
@@ -36,12 +37,13 @@ AIRFLOW_REQS := deploy/airflow/requirements.txt
 AIRFLOW_VENV := $(VENV_CACHE)/airflow-py311-$(shell sha256sum $(AIRFLOW_REQS) | cut -c1-16)
 export CATALOG_ENRICH_AIRFLOW_PYTHON := $(AIRFLOW_VENV)/bin/python
 
-.PHONY: help venv airflow-venv postgres browser weights demo test check chaos lint typecheck pytest lock clean
+.PHONY: help venv airflow-venv postgres browser weights demo test check durations chaos lint typecheck pytest lock clean
 
 help:
 	@echo "make demo   run the whole job on embedded defaults (installs first)"
 	@echo "make test   ruff + import contracts + mypy + pytest, the whole suite CI runs (installs first)"
 	@echo "make check  the fast tier for development: lint, types, tests without Spark or training (about 2 min)"
+	@echo "make durations  the whole suite, writing each test's seconds to tests/durations.json (orders the runs' work)"
 	@echo "make chaos  kill and disturb real job processes; print what the catalog holds after"
 	@echo "make weights  pretrained MiniLM + EfficientNet-Lite0 into weights/ (for deploy/config/pretrained.yaml)"
 	@echo "make lock   re-pin constraints.txt from the current environment"
@@ -152,6 +154,11 @@ pytest: venv airflow-venv postgres browser
 	$(VENV)/bin/pytest $(PYTEST_PARALLEL) --durations=30 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# tests/durations.json: each test's seconds in a whole run, by which make test and make check start
+# the longest modules first; run it again after adding or slowing tests (a test it lacks counts 0 s)
+durations: venv airflow-venv postgres browser
+	$(VENV)/bin/pytest $(PYTEST_PARALLEL) --write-durations $(PYTEST_ARGS)
 
 # The fast tier: no JVM, no training, no processes killed.
 check: lint typecheck postgres browser

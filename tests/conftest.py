@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -475,6 +476,8 @@ def pytest_configure(config: pytest.Config) -> None:
     (:func:`_share_the_cores`); SIGTERM stops the run as Ctrl-C does (:func:`_stop_on_sigterm`)."""
     _share_the_cores()
     _stop_on_sigterm(config)
+    if config.getoption("write_durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_DurationWriter(), "catalog-durations")
     main = sys.modules["__main__"]
     if getattr(main, "__spec__", None) is None and not hasattr(main, "__file__"):
         main.__file__ = __file__
@@ -504,39 +507,48 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, config.stash[_SIGTERM_BEFORE])
 
 
-# The modules that take longest, longest first. `make test` runs the suite on one worker per core
-# (pytest-xdist, a module to a worker): a long module started last would finish alone.
-LONGEST_FIRST = (
-    "bench/test_chaos.py",
-    "deploy/test_cluster.py",
-    "deploy/test_airflow.py",
-    "test_catalog_backends.py",
-    "test_registry.py",
-    "test_enrich.py",
-    "test_bad_inputs.py",
-    "training/test_loop.py",
-)
+# Each test's seconds (setup, call and teardown) in the last `make durations` run. `make test` runs
+# the suite on one pytest-xdist worker per core, a module to a worker (`--dist loadscope`: its
+# module-scoped fixtures are built once), the longest modules first, so that no long one starts last
+# and finishes alone (:func:`pytest_collection_modifyitems`).
+DURATIONS = Path(__file__).with_name("durations.json")
 
 
-def _cost_rank(item: pytest.Item) -> int:
-    path = item.path.relative_to(Path(__file__).parent).as_posix()
-    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--write-durations",
+        action="store_true",
+        help=f"write each test's seconds to tests/{DURATIONS.name}, which orders the next runs' modules",
+    )
+
+
+class _DurationWriter:
+    """``--write-durations``: adds up each test's seconds over the run (in the process that runs the
+    session: pytest-xdist sends it every worker's reports) and writes them to :data:`DURATIONS`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.seconds:
+            rounded = {k: round(v, 2) for k, v in sorted(self.seconds.items())}
+            DURATIONS.write_text(json.dumps(rounded, indent=0) + "\n")
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected what does not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest modules first (see :data:`LONGEST_FIRST`; the rest keep their order), and of the
-    rest those that read the shared ``scoring_bundle`` last, but for the first: while one worker
-    trains the bundle, the others run tests that do not wait for it. Skip ``gpu`` tests where torch
-    sees no CUDA device (CI never has one)."""
-    readers = [item for item in items if "scoring_bundle" in item.fixturenames]
-    trains = min(readers, key=_cost_rank).path if readers else None
-    items.sort(
-        key=lambda item: (
-            -1 if item.path == trains else _cost_rank(item),
-            item.path != trains and "scoring_bundle" in item.fixturenames,
-        )
-    )
+    """The longest modules first (their tests' seconds in :data:`DURATIONS`; a test it does not list
+    counts 0), each module's tests in their order. Skip ``gpu`` tests where torch sees no CUDA
+    device (CI never has one)."""
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    cost: dict[Path, float] = {}
+    for item in items:
+        cost[item.path] = cost.get(item.path, 0.0) + known.get(item.nodeid, 0.0)
+    first = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
+    items.sort(key=lambda item: (-cost[item.path], first[item.path]))
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
