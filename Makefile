@@ -28,7 +28,8 @@ export PYTHONUNBUFFERED := 1
 unexport PYTHONDONTWRITEBYTECODE
 PYTEST_ARGS ?=
 # pytest-xdist workers (auto: one per core); a module runs whole on one worker, the longest first
-# (by tests/durations.json, which `make durations` writes; see tests/conftest.py)
+# (by tests/durations.json, which `make durations` writes; see tests/conftest.py). `--dist loadgroup`
+# would split modules finer, but under pytest 9.2 it ignores the groups (pytest-xdist issue 1386).
 PYTEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder
 DEMO_ARGS ?=
