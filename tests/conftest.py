@@ -524,7 +524,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 class _DurationWriter:
     """``--write-durations``: adds up each test's seconds over the run (in the process that runs the
-    session: pytest-xdist sends it every worker's reports) and writes them to :data:`DURATIONS`."""
+    session: pytest-xdist sends it every worker's reports) and writes them into :data:`DURATIONS`,
+    replacing the entries of the tests that ran and keeping the others (a run of a few tests updates
+    theirs)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -534,8 +536,9 @@ class _DurationWriter:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.seconds:
-            rounded = {k: round(v, 2) for k, v in sorted(self.seconds.items())}
-            DURATIONS.write_text(json.dumps(rounded, indent=0) + "\n")
+            merged = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+            merged.update({k: round(v, 2) for k, v in self.seconds.items()})
+            DURATIONS.write_text(json.dumps(dict(sorted(merged.items())), indent=0) + "\n")
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected what does not run
