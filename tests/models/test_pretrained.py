@@ -678,14 +678,19 @@ def test_frozen_encoders_train_streamed_in_one_process_and_on_two_ranks(  # type
     assert two.history[1].train_loss < two.history[0].train_loss
 
 
+def _stack_cfg(paths: dict[str, Path], **training: Any) -> Any:
+    """:func:`_cfg` with frozen encoders under the ``stack`` fusion."""
+    cfg = _cfg(paths, encoders="frozen", **training)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"fusion": "stack"})})
+
+
 def test_streaming_refuses_the_stack_by_name(
     pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
 ) -> None:
     from catalog_enrichment.training.distributed import train_streaming
     from catalog_enrichment.training.stream import arrow_source
 
-    cfg = _cfg(pretrained, encoders="frozen", streaming={"enabled": True})
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"fusion": "stack"})})
+    cfg = _stack_cfg(pretrained, streaming={"enabled": True})
     with pytest.raises(ConfigError, match=r"training\.streaming does not support model\.fusion: stack"):
         train_streaming(arrow_source(labelled), taxonomy, cfg)
 
@@ -694,8 +699,7 @@ def test_the_stack_refuses_noise_pruning_by_name(
     pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
 ) -> None:
     # the stack's own fit has no pruning step: the switch would be silently ignored
-    cfg = _cfg(pretrained, encoders="frozen", noise_pruning={"enabled": True})
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"fusion": "stack"})})
+    cfg = _stack_cfg(pretrained, noise_pruning={"enabled": True})
     with pytest.raises(ConfigError, match=r"fusion 'stack' .* set training\.noise_pruning\.enabled: false"):
         train_and_calibrate(labelled, taxonomy, cfg)  # type: ignore[arg-type]
 
