@@ -171,7 +171,7 @@ def shared_bundle(
     from filelock import FileLock
 
     from catalog_enrichment.catalog.lakehouse import read_table
-    from catalog_enrichment.training.loop import train_and_calibrate
+    from catalog_enrichment.training.pipeline import train
 
     shared = run_shared_dir(tmp_path_factory)
     bundle = shared / name / "tiny-v1"
@@ -179,14 +179,14 @@ def shared_bundle(
         if not bundle.is_dir():
             root = tmp_path_factory.mktemp(f"{name}-build")
             products = generate_marketplace(root / "train", market, taxonomy=taxonomy).products
-            trained = train_and_calibrate(read_table(products), taxonomy, tiny_config(epochs=epochs))
+            trained = train(read_table(products), taxonomy, tiny_config(epochs=epochs))
             bundle.parent.mkdir(exist_ok=True)
             save_trained(trained, root / "tiny-v1").rename(bundle)  # whole, or not there
     return bundle
 
 
 def save_trained(trained: Any, path: Path) -> Path:
-    """A trained model (``training.loop.TrainedModel``) saved as a bundle folder."""
+    """A trained model (``training.trained.TrainedModel``) saved as a bundle folder."""
     from catalog_enrichment.inference.bundle import save_bundle
 
     return save_bundle(path, trained.bundle())

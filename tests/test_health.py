@@ -234,7 +234,7 @@ def _population(rng: np.random.Generator, size: int) -> dict[str, object]:
 
 
 def test_an_input_baseline_counted_in_batches_is_the_one_counted_at_once() -> None:
-    """The streaming trainer's survey counts batch by batch and keeps no text; its baseline is the
+    """The streamed reading's survey counts batch by batch and keeps no text; its baseline is the
     in-memory one exactly (60 categories, past the 30 kept by name; some without a category)."""
     pop = _population(np.random.default_rng(3), 2_000)
     pop["categories"] = [None if i % 17 == 0 else c for i, c in enumerate(pop["categories"])]  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOpti
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.model import build_model
 from catalog_enrichment.training.fit import param_groups
-from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.pipeline import train
 from tests.conftest import assert_trained_on_verdicts_only, save_trained, tiny_config, verdicts_only
 
 # A vocabulary no tokenizer trained on the data would produce: special tokens at odd ids, words the
@@ -138,7 +138,7 @@ def test_a_pretrained_bundle_carries_its_tokenizer_and_preprocessing_and_needs_n
     shutil.copytree(Path(_save_text_model(tmp_path / "t", VOCAB)), source / "text")
     paths = {"text": source / "text", "image": _save_image_weights(tmp_path / "image.pth")}
     cfg = _cfg(paths)
-    trained = train_and_calibrate(labelled, taxonomy, cfg)
+    trained = train(labelled, taxonomy, cfg)
     products = labelled.select(["product_id", "title", "description", "image"]).slice(0, 150)
     live = ModelBundle(trained.model, trained.tokenizer, taxonomy, trained.calibration, cfg.model, {})
     in_process = BatchPredictor(live, PredictorOptions(batch_size=64)).score(
@@ -233,10 +233,10 @@ def test_frozen_training_embeds_once_and_reads_the_cache_back(  # type: ignore[n
 ) -> None:
     cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=3)
     first: list[str] = []
-    one = train_and_calibrate(labelled, taxonomy, cfg, progress=first.append)
+    one = train(labelled, taxonomy, cfg, progress=first.append)
     assert any("products embedded, cached" in line for line in first)
     second: list[str] = []
-    two = train_and_calibrate(labelled, taxonomy, cfg, progress=second.append)
+    two = train(labelled, taxonomy, cfg, progress=second.append)
     assert any("read from" in line for line in second) and len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert one.calibration.to_dict() == two.calibration.to_dict()
     # the encoders were not trained: their weights are the pretrained ones
@@ -246,7 +246,7 @@ def test_frozen_training_embeds_once_and_reads_the_cache_back(  # type: ignore[n
     for name, tensor in one.model.text_encoders[0].backbone.state_dict().items():
         torch.testing.assert_close(tensor, source[name], atol=0, rtol=0)
     # a different snapshot is embedded afresh, beside the first
-    train_and_calibrate(labelled.slice(0, 450), taxonomy, cfg)
+    train(labelled.slice(0, 450), taxonomy, cfg)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
@@ -278,12 +278,12 @@ def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type:
     encoded = _count_encodes(monkeypatch)
     n = labelled.num_rows
     messages: list[str] = []
-    first = train_and_calibrate(labelled, taxonomy, cfg, store=catalog, progress=messages.append)
+    first = train(labelled, taxonomy, cfg, store=catalog, progress=messages.append)
     assert encoded == [n] and sum(catalog.embedding_counts().values()) == n
-    second = train_and_calibrate(labelled, taxonomy, cfg, store=catalog, progress=messages.append)
+    second = train(labelled, taxonomy, cfg, store=catalog, progress=messages.append)
     assert encoded == [n]  # nothing encoded again
     assert f"{n:,} of {n:,} products read from the embedding store" in "\n".join(messages)
-    private = train_and_calibrate(labelled, taxonomy, cfg)  # the private cache file: encodes all
+    private = train(labelled, taxonomy, cfg)  # the private cache file: encodes all
     for trained in (second, private):
         for name, tensor in first.model.state_dict().items():
             assert torch.equal(tensor, trained.model.state_dict()[name]), name
@@ -291,7 +291,7 @@ def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type:
     titles = labelled["title"].to_pylist()
     titles[0] = f"{titles[0]} (new)"
     changed = labelled.set_column(labelled.schema.get_field_index("title"), "title", pa.array(titles))
-    train_and_calibrate(changed, taxonomy, cfg, store=catalog)
+    train(changed, taxonomy, cfg, store=catalog)
     assert encoded == [n, n, 1]  # the changed product alone
 
 
@@ -303,7 +303,7 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
 ) -> None:
     from catalog_enrichment.catalog import open_catalog
     from catalog_enrichment.embeddings import frozen as embeddings
-    from catalog_enrichment.training.loop import train_and_calibrate
+    from catalog_enrichment.training.pipeline import train
     from catalog_enrichment.training.store_fill import fill_embedding_store
 
     cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=2)
@@ -318,9 +318,9 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
     assert (again.encoder, again.reused, again.encoded, again.stored) == (first.encoder, n, 0, 0)
 
     encoded = _count_encodes(monkeypatch)
-    from_store = train_and_calibrate(labelled, taxonomy, cfg, store=catalog)
+    from_store = train(labelled, taxonomy, cfg, store=catalog)
     assert encoded == []  # every vector came from the executors' fill
-    itself = train_and_calibrate(labelled, taxonomy, cfg)  # encodes every product on the driver
+    itself = train(labelled, taxonomy, cfg)  # encodes every product on the driver
     assert encoded == [n]
     # The executors batch and thread differently from the driver, so float32 sums run in another
     # order: each vector agrees to a few ulps (relative 1e-5 allows ~80 of float32's 1.2e-7), and so
@@ -393,7 +393,7 @@ def test_frozen_training_learns_from_peoples_verdicts_in_the_cached_batches(  # 
 ) -> None:
     table, people = verdicts_only(labelled, taxonomy)
     cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), crossfit_folds=0)
-    assert_trained_on_verdicts_only(train_and_calibrate(table, taxonomy, cfg), people)
+    assert_trained_on_verdicts_only(train(table, taxonomy, cfg), people)
 
 
 def test_learning_rates_and_the_layers_each_mode_trains(
@@ -452,9 +452,7 @@ def test_bad_pretrained_inputs_are_clear_errors(
     with pytest.raises(ConfigError, match=r"do not fit timm's 'test_byobnet': \d+ missing"):
         build(image=tmp_path / "resnet.pth")
     with pytest.raises(ConfigError, match="frozen trains only the fusion and heads"):
-        train_and_calibrate(
-            pa.table({"title": ["x"]}), taxonomy, tiny_config(training={"encoders": "frozen"})
-        )
+        train(pa.table({"title": ["x"]}), taxonomy, tiny_config(training={"encoders": "frozen"}))
 
 
 def test_weight_paths_in_a_config_file_are_relative_to_it(tmp_path: Path) -> None:
@@ -500,7 +498,7 @@ def test_hierarchical_loads_each_text_encoder_from_its_own_path(  # type: ignore
             )
         }
     )
-    trained = train_and_calibrate(labelled, taxonomy, cfg)
+    trained = train(labelled, taxonomy, cfg)
     first, other = trained.model.text_encoders
     assert first.backbone.config.model_type == "bert" and other.backbone.config.model_type == "distilbert"
     from transformers import AutoModel
@@ -544,7 +542,7 @@ def test_hierarchical_trains_its_fusion_head_over_frozen_pretrained_encoders(  #
         }
     )
     lines: list[str] = []
-    trained = train_and_calibrate(labelled, taxonomy, cfg, progress=lines.append)
+    trained = train(labelled, taxonomy, cfg, progress=lines.append)
     assert any("products embedded, cached" in line for line in lines)
     from transformers import AutoModel
 
@@ -600,7 +598,7 @@ def test_onnx_encoders_are_exported_calibrated_on_and_served_with_the_decisions_
 ) -> None:
     torch_cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=2)
     messages: list[str] = []
-    trained = train_and_calibrate(labelled, taxonomy, _onnx(torch_cfg), progress=messages.append)
+    trained = train(labelled, taxonomy, _onnx(torch_cfg), progress=messages.append)
     assert "model.encoder_runtime onnx: exporting the encoders" in messages
     folder = save_trained(trained, tmp_path / "bundle")
     graphs = sorted(p.name for p in BundleFolder(folder).onnx.iterdir())
@@ -629,7 +627,7 @@ def test_onnx_encoders_are_exported_calibrated_on_and_served_with_the_decisions_
         thresholds = served.calibration.thresholds(attribute.name)
         np.testing.assert_array_equal(fast[attribute.name] >= thresholds, eager[attribute.name] >= thresholds)
     # the store keeps the graphs' vectors apart from the torch encoders' vectors
-    torch_bundle = save_trained(train_and_calibrate(labelled, taxonomy, torch_cfg), tmp_path / "torch-bundle")
+    torch_bundle = save_trained(train(labelled, taxonomy, torch_cfg), tmp_path / "torch-bundle")
     assert BundleFolder(folder).encoder_fingerprint() != BundleFolder(torch_bundle).encoder_fingerprint()
 
 
@@ -652,12 +650,12 @@ def test_frozen_encoders_train_streamed_in_one_process_and_on_two_ranks(  # type
     tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], spark
 ) -> None:
     from catalog_enrichment.catalog.lakehouse import write_table
-    from catalog_enrichment.training.distributed import train_streaming
+    from catalog_enrichment.training.pipeline import train
     from catalog_enrichment.training.stream import table_source
 
     write_table(tmp_path / "labelled", labelled)
     streaming = {"enabled": True, "batch_rows": 128}
-    one = train_streaming(
+    one = train(
         table_source(tmp_path / "labelled", batch_rows=128),
         taxonomy,
         _cfg(pretrained, encoders="frozen", epochs=2, streaming=streaming),
@@ -670,7 +668,7 @@ def test_frozen_encoders_train_streamed_in_one_process_and_on_two_ranks(  # type
     )
     messages: list[str] = []
     source = table_source(tmp_path / "labelled", batch_rows=128)
-    two = train_streaming(source, taxonomy, two_ranks, progress=messages.append)  # type: ignore[arg-type]
+    two = train(source, taxonomy, two_ranks, progress=messages.append)  # type: ignore[arg-type]
     assert "model.encoder_runtime onnx: exporting the encoders" in messages
     assert any(m.startswith("training: ") and "2 process(es)" in m for m in messages), messages
     _assert_encoders_as_loaded(two.model, pretrained)
@@ -687,12 +685,12 @@ def _stack_cfg(paths: dict[str, Path], **training: Any) -> Any:
 def test_streaming_refuses_the_stack_by_name(
     pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
 ) -> None:
-    from catalog_enrichment.training.distributed import train_streaming
+    from catalog_enrichment.training.pipeline import train
     from catalog_enrichment.training.stream import arrow_source
 
     cfg = _stack_cfg(pretrained, streaming={"enabled": True})
     with pytest.raises(ConfigError, match=r"training\.streaming does not support model\.fusion: stack"):
-        train_streaming(arrow_source(labelled), taxonomy, cfg)
+        train(arrow_source(labelled), taxonomy, cfg)
 
 
 def test_the_stack_refuses_noise_pruning_by_name(
@@ -701,7 +699,7 @@ def test_the_stack_refuses_noise_pruning_by_name(
     # the stack's own fit has no pruning step: the switch would be silently ignored
     cfg = _stack_cfg(pretrained, noise_pruning={"enabled": True})
     with pytest.raises(ConfigError, match=r"fusion 'stack' .* set training\.noise_pruning\.enabled: false"):
-        train_and_calibrate(labelled, taxonomy, cfg)  # type: ignore[arg-type]
+        train(labelled, taxonomy, cfg)  # type: ignore[arg-type]
 
 
 def test_onnx_needs_frozen_encoders(
@@ -709,4 +707,4 @@ def test_onnx_needs_frozen_encoders(
 ) -> None:
     cfg = _onnx(_cfg(pretrained, encoders="finetune"))
     with pytest.raises(ConfigError, match=r"set training\.encoders: frozen"):
-        train_and_calibrate(labelled, taxonomy, cfg)  # type: ignore[arg-type]
+        train(labelled, taxonomy, cfg)  # type: ignore[arg-type]

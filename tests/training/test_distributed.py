@@ -18,11 +18,8 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import FAULT_ENV
-from catalog_enrichment.training.distributed import (
-    _root_cause,
-    global_batch_norm,
-    train_streaming,
-)
+from catalog_enrichment.training.distributed import _root_cause, global_batch_norm
+from catalog_enrichment.training.pipeline import train
 from catalog_enrichment.training.stream import table_source
 from tests.conftest import tiny_config
 from tests.training.test_stream import _digest
@@ -141,8 +138,8 @@ def test_batch_norm_over_two_ranks_halves_is_batch_norm_over_the_batch(tmp_path:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_ranks_train_the_same_model_for_the_same_seed(spark, labelled: Path, taxonomy: Taxonomy) -> None:  # type: ignore[no-untyped-def]
-    first = train_streaming(table_source(labelled), taxonomy, _cfg())
-    second = train_streaming(table_source(labelled), taxonomy, _cfg())
+    first = train(table_source(labelled), taxonomy, _cfg())
+    second = train(table_source(labelled), taxonomy, _cfg())
     assert _digest(first) == _digest(second)
     assert first.history[1].train_loss < first.history[0].train_loss
 

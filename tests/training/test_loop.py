@@ -1,4 +1,4 @@
-"""The training loop: per-epoch metrics, determinism, calibrated output, clear errors."""
+"""The training pipeline read in memory: per-epoch metrics, determinism, calibrated output, clear errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError, ContractError, TaxonomyError
 from catalog_enrichment.models.model import check_heads, head_specs
-from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.pipeline import train
 from tests.conftest import assert_trained_on_verdicts_only, tiny_config, verdicts_only
 
 
@@ -44,7 +44,7 @@ def test_training_returns_metrics_and_calibrates(taxonomy: Taxonomy) -> None:
     # 10 epochs: at 6-8 the tiny model's most confident 229 color writes (where the attribute scope
     # starts testing) are right 97-98 % of the time, on the edge of proving 95 % (a change in the
     # last float bit of the pixels decides); at 10 the first ten levels or more pass
-    one = train_and_calibrate(table, taxonomy, _cfg(epochs=10), progress=lines.append)
+    one = train(table, taxonomy, _cfg(epochs=10), progress=lines.append)
     assert [h.epoch for h in one.history] == list(range(1, 11))
     assert one.history[-1].train_loss < one.history[0].train_loss
     assert any(line.startswith("epoch 10/10") for line in lines)  # progress is visible
@@ -72,7 +72,7 @@ def test_a_second_training_in_one_process_is_the_first_whatever_the_global_gener
     table = _table(600, taxonomy)
 
     def digest() -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
-        trained = train_and_calibrate(table, taxonomy, _cfg(epochs=2))
+        trained = train(table, taxonomy, _cfg(epochs=2))
         weights = [(k, v.detach().numpy().tobytes()) for k, v in sorted(trained.model.state_dict().items())]
         return weights, trained.calibration.to_dict()
 
@@ -104,9 +104,9 @@ from tests.conftest import tiny_config
 torch.set_num_threads(2)
 taxonomy = load_taxonomy()
 market = generate_marketplace(sys.argv[1], SyntheticConfig(products=1500, seed=3, image_size=32))
-from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.pipeline import train
 
-trained = train_and_calibrate(read_table(market.products), taxonomy, tiny_config(epochs=2))
+trained = train(read_table(market.products), taxonomy, tiny_config(epochs=2))
 weights = hashlib.sha256()
 for name, tensor in sorted(trained.model.state_dict().items()):
     weights.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
@@ -146,7 +146,7 @@ def test_training_is_reproducible_across_processes_and_table_writes(tmp_path: Pa
 @pytest.mark.timeout(300)
 def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(taxonomy: Taxonomy) -> None:
     table = _table(800, taxonomy)
-    trained = train_and_calibrate(table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 2}))
+    trained = train(table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 2}))
     assert trained.splits.calibration.size == 0 and trained.calibration_set is not None
     scores, labels = trained.calibration_set
     assert labels.targets["pattern"].shape == (trained.splits.train.size,)
@@ -192,7 +192,7 @@ def test_a_test_table_is_the_test_split_and_never_trains_or_calibrates(taxonomy:
         "product_id",
         pa.array([f"other-{i:04d}" for i in range(other.num_rows)]),
     )
-    trained = train_and_calibrate(table, taxonomy, _cfg(epochs=1), test_table=other)
+    trained = train(table, taxonomy, _cfg(epochs=1), test_table=other)
     assert trained.splits.test.tolist() == list(range(300, 420))
     held = np.concatenate([trained.splits.train, trained.splits.validation, trained.splits.calibration])
     assert sorted(held.tolist()) == list(range(300))
@@ -205,7 +205,7 @@ def test_a_test_table_is_the_test_split_and_never_trains_or_calibrates(taxonomy:
 @pytest.mark.timeout(300)
 def test_a_table_with_peoples_verdicts_trains_on_them_in_the_training_split_only(taxonomy: Taxonomy) -> None:
     table, people = verdicts_only(_table(300, taxonomy), taxonomy)
-    trained = train_and_calibrate(table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 0}))
+    trained = train(table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 0}))
     assert_trained_on_verdicts_only(trained, people)
 
 
@@ -220,7 +220,7 @@ def test_canonical_order_does_not_depend_on_the_stored_order(taxonomy: Taxonomy)
 
 def test_too_few_rows_is_a_clear_error(taxonomy: Taxonomy) -> None:
     with pytest.raises(CatalogEnrichError, match="labelled products"):
-        train_and_calibrate(_table(4, taxonomy), taxonomy, _cfg(epochs=1))
+        train(_table(4, taxonomy), taxonomy, _cfg(epochs=1))
 
 
 def test_label_values_outside_the_taxonomy_are_named(taxonomy: Taxonomy) -> None:
@@ -233,13 +233,13 @@ def test_label_values_outside_the_taxonomy_are_named(taxonomy: Taxonomy) -> None
     with pytest.raises(
         TaxonomyError, match=r"label column 'pattern' has values outside the taxonomy: \['plaid-ish'\]"
     ):
-        train_and_calibrate(bad, taxonomy, _cfg(epochs=1))
+        train(bad, taxonomy, _cfg(epochs=1))
 
 
 def test_missing_label_column_is_named(taxonomy: Taxonomy) -> None:
     table = _table(60, taxonomy).drop_columns(["material"])
     with pytest.raises(ContractError, match=r"lacks label columns for attributes \['material'\]"):
-        train_and_calibrate(table, taxonomy, _cfg(epochs=1))
+        train(table, taxonomy, _cfg(epochs=1))
 
 
 def test_taxonomy_head_mismatch_is_named(taxonomy: Taxonomy, tmp_path: Path) -> None:

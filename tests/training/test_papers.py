@@ -18,8 +18,8 @@ from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.inference.bundle import load_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 from catalog_enrichment.models.model import EnsembleModel, combine_members
-from catalog_enrichment.training.loop import train_and_calibrate
 from catalog_enrichment.training.noise import find_label_issues
+from catalog_enrichment.training.pipeline import train
 from tests.conftest import save_trained, tiny_config
 
 
@@ -123,7 +123,7 @@ def test_noise_pruning_leaves_out_mostly_flipped_labels_before_the_final_trainin
         },
     )
     lines: list[str] = []
-    trained = train_and_calibrate(table, taxonomy, cfg, progress=lines.append)
+    trained = train(table, taxonomy, cfg, progress=lines.append)
     summary = next(line for line in lines if line.startswith("noise pruning: color"))
     assert "; validation " in summary  # the labels epochs are selected on are pruned too
     assert any(line.startswith("epoch 1/3") and "val AP" in line for line in lines)
@@ -155,7 +155,7 @@ def test_an_ensemble_is_calibrated_saved_and_served_as_one_model(taxonomy: Taxon
     cfg = tiny_config(
         epochs=1, model={"ensemble": {"members": 2, "fusions": ["concat", "text_only"], "combine": "vote"}}
     )
-    trained = train_and_calibrate(table, taxonomy, cfg)
+    trained = train(table, taxonomy, cfg)
     assert isinstance(trained.model, EnsembleModel)
     assert list(trained.test_report.members) == ["1:concat", "2:text_only"]
     bundle = load_bundle(save_trained(trained, tmp_path / "ensemble"))

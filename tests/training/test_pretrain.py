@@ -17,7 +17,7 @@ from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import generate_marketplace, products_batches
 from catalog_enrichment.errors import CatalogEnrichError
-from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.pipeline import train
 from catalog_enrichment.training.pretrain import PretrainOptions, contrastive_loss, pretrain_text
 from tests.conftest import tiny_config
 
@@ -65,7 +65,7 @@ def test_an_adapted_encoder_is_a_folder_a_text_only_model_fine_tunes_from(
     cfg = tiny_config(
         fusion="text_only", epochs=1, model={"text": {"pretrained_path": str(tmp_path / method)}}
     )
-    trained = train_and_calibrate(table, taxonomy, cfg)
+    trained = train(table, taxonomy, cfg)
     # the fine-tuned model started from the adapted weights and reads with the folder's tokenizer
     assert trained.model.text_encoders[0].backbone.config.hidden_size == 32
     assert trained.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(tmp_path / method)).get_vocab()

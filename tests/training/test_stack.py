@@ -207,7 +207,7 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     from catalog_enrichment.embeddings import vectors as embedding
     from catalog_enrichment.inference.bundle import load_bundle
     from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
-    from catalog_enrichment.training.loop import train_and_calibrate
+    from catalog_enrichment.training.pipeline import train
     from tests.conftest import save_trained
     from tests.models.test_pretrained import VOCAB, _cfg, _save_image_weights, _save_text_model
 
@@ -224,7 +224,7 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
         update={"fusion": "stack", "image": cfg.model.image.model_copy(update={"pooling": "stages"})}
     )
     cfg = cfg.model_copy(update={"model": model_cfg})
-    trained = train_and_calibrate(table, taxonomy, cfg)
+    trained = train(table, taxonomy, cfg)
     assert trained.heldout_fit["penalties"].keys() == {a.name for a in taxonomy}
     # no validation split: every product but the test split trains, and calibrates out of fold
     assert trained.splits.validation.size == 0 and trained.heldout.family is None

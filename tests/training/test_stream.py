@@ -1,5 +1,5 @@
 """Streaming training input: hash splits that ignore row order (variants together), rank shards, and
-the streaming trainer in one process: it reads the table only in small batches, refuses what it does
+the streamed reading in one process: it reads the table only in small batches, refuses what it does
 not do by name, and trains the same model from the same rows written twice."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import ConfigError
-from catalog_enrichment.training.distributed import train_streaming
+from catalog_enrichment.training.pipeline import train
 from catalog_enrichment.training.stream import (
     CALIBRATION,
     TEST,
@@ -100,7 +100,7 @@ def test_streaming_trains_from_small_batches_the_same_model_twice(tmp_path: Path
     write_table(tmp_path / "labelled", table)
     counted = _Counted(table_source(tmp_path / "labelled", batch_rows=128))
     source = Source(counted.batches, counted.source.rows, counted.source.names, counted.source.folder)
-    first = train_streaming(source, taxonomy, _cfg(shuffle_rows=300))
+    first = train(source, taxonomy, _cfg(shuffle_rows=300))
     # the survey, two epochs with a validation pass each, the three held-out splits scored
     assert counted.passes == 1 + 2 * 2 + 3 and counted.largest <= 128
     # it learned: the loss fell, and colour (the easiest attribute) is written at 95 % precision
@@ -109,9 +109,7 @@ def test_streaming_trains_from_small_batches_the_same_model_twice(tmp_path: Path
     assert first.calibration.target_precision == 0.95 and first.best_epoch in (1, 2)
     # the same rows written again (other file names, maybe another log order) train the same model
     write_table(tmp_path / "again", table)
-    again = train_streaming(
-        table_source(tmp_path / "again", batch_rows=128), taxonomy, _cfg(shuffle_rows=300)
-    )
+    again = train(table_source(tmp_path / "again", batch_rows=128), taxonomy, _cfg(shuffle_rows=300))
     assert _digest(again) == _digest(first)
 
 
@@ -160,7 +158,26 @@ def test_what_streaming_does_not_do_is_refused_by_name(
 
     cfg = tiny_config(training={"streaming": {"enabled": True}, **training})
     with pytest.raises(ConfigError, match=named):
-        train_streaming(arrow_source(_labelled(60, taxonomy)), taxonomy, cfg)
+        train(arrow_source(_labelled(60, taxonomy)), taxonomy, cfg)
+
+
+def test_streaming_refuses_a_separate_test_table_by_name(taxonomy: Taxonomy) -> None:
+    with pytest.raises(ConfigError, match=r"training\.streaming does not support a separate test table"):
+        train(_labelled(60, taxonomy), taxonomy, _cfg(), test_table=_labelled(60, taxonomy))
+
+
+def test_in_memory_a_table_and_a_stored_source_of_it_train_the_same_model(
+    tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    """An in-memory table is a source: read whole from its Delta table (the training job's path) it
+    trains the model it trains when handed over in memory, in another row order."""
+    table = _labelled(500, taxonomy)
+    write_table(tmp_path / "labelled", table.take(pa.array(np.arange(table.num_rows)[::-1])))
+    cfg = tiny_config(epochs=1)
+    from_table = train(table, taxonomy, cfg)
+    from_source = train(table_source(tmp_path / "labelled", batch_rows=128), taxonomy, cfg)
+    assert from_source.splits.sizes() == from_table.splits.sizes()
+    assert _digest(from_source) == _digest(from_table)
 
 
 def test_distributed_training_needs_streaming() -> None:

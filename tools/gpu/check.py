@@ -47,7 +47,7 @@ def prepare(data: Path, out: Path) -> None:
     from catalog_enrichment.config import load_config
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.inference.bundle import save_bundle
-    from catalog_enrichment.training.loop import train_and_calibrate
+    from catalog_enrichment.training.pipeline import train
 
     work = Path(tempfile.mkdtemp())
     pretrained = Path("deploy/config/pretrained.yaml")
@@ -72,7 +72,7 @@ def prepare(data: Path, out: Path) -> None:
     (work / "config.yaml").write_text(yaml.safe_dump(cfg_yaml))
     cfg = load_config(work / "config.yaml")
     taxonomy = load_taxonomy(data / "taxonomy.yaml")
-    trained = train_and_calibrate(
+    trained = train(
         read_table(str(data / "train.parquet")).slice(0, TRAIN_PRODUCTS), taxonomy, cfg, progress=print
     )
     out.mkdir(parents=True, exist_ok=True)

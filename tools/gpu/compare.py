@@ -23,7 +23,7 @@ from catalog_enrichment.config import load_config
 from catalog_enrichment.contracts import load_taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.training.evaluation import Predictions, calibrate, evaluate
-from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.pipeline import train
 
 Scores = dict[str, np.ndarray]
 METRICS = ("macro_f1", "r_at_p95", "realized_precision", "coverage", "coverage_efficiency")
@@ -88,12 +88,12 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config)
     taxonomy = load_taxonomy(args.data / "taxonomy.yaml")
-    train, test_table = (
+    train_table, test_table = (
         read_table(str(args.data / "train.parquet")),
         read_table(str(args.data / "test.parquet")),
     )
-    trained = train_and_calibrate(train, taxonomy, cfg, test_table=test_table, progress=print)
-    baseline, baseline_scores = run_baseline(train, test_table, taxonomy, cfg, say=print)
+    trained = train(train_table, taxonomy, cfg, test_table=test_table, progress=print)
+    baseline, baseline_scores = run_baseline(train_table, test_table, taxonomy, cfg, say=print)
     ids = trained.product_ids
     train_ids, test_ids = [ids[i] for i in trained.splits.train], [ids[i] for i in trained.splits.test]
     oof_preds, labels = trained.calibration_set

@@ -22,7 +22,7 @@ from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.config import load_config
 from catalog_enrichment.contracts import load_taxonomy
 from catalog_enrichment.data.images import ImagePolicy
-from catalog_enrichment.training import loop
+from catalog_enrichment.training import memory
 from catalog_enrichment.training.splits import FoldPlan
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     taxonomy = load_taxonomy(args.data / "taxonomy.yaml")
     train, test = read_table(str(args.data / "train.parquet")), read_table(str(args.data / "test.parquet"))
     policy = ImagePolicy.from_config(cfg.images, [])
-    table, labels, groups, splits, folds, _ = loop._split(train, test, taxonomy, cfg, policy, print)
+    table, labels, groups, splits, folds, _ = memory._split(train, test, taxonomy, cfg, policy, print)
     fold = np.full(table.num_rows, -1, np.int64)
     for k, (_, rows) in enumerate(FoldPlan(splits.train, labels, groups, folds, cfg.training.seed).folds()):
         fold[splits.train[rows]] = k

@@ -404,13 +404,14 @@ def _clean_batches(clean: pa.Table, batches: int, size: int, seed: int, disjoint
         yield clean.take(pa.array(np.sort(pick)))
 
 
-def _train(train: pa.Table, taxonomy: Taxonomy, cfg: AppConfig, workdir: Path, say: Say) -> tuple[Any, Any]:
+def _train(table: pa.Table, taxonomy: Taxonomy, cfg: AppConfig, workdir: Path, say: Say) -> tuple[Any, Any]:
     """The model every batch is scored with, trained and saved as a bundle under ``workdir``."""
     from catalog_enrichment.inference.bundle import save_bundle
-    from catalog_enrichment.training.loop import train_and_calibrate
+    from catalog_enrichment.training.pipeline import train
     from catalog_enrichment.versions import ModelVersion
 
-    trained = train_and_calibrate(train, taxonomy, cfg, progress=lambda m: say("  " + m))
+    # the taxonomy keeps the new product type no training product carries: the night meets it unseen
+    trained = train(table, taxonomy, cfg, progress=lambda m: say("  " + m), every_value_seen=False)
     bundle = save_bundle(workdir / "model", trained.bundle())
     return trained, ModelVersion("drift", "1", bundle_dir=bundle)
 

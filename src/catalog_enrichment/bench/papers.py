@@ -28,7 +28,7 @@ from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.metrics import attribute_r_at_p
 from catalog_enrichment.training.fit import PRETRAINED_ENCODER_LR
-from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.pipeline import train
 from catalog_enrichment.training.trained import TrainedModel
 from catalog_enrichment.types import Say
 
@@ -73,7 +73,7 @@ def _train(
     table: pa.Table, taxonomy: Taxonomy, cfg: AppConfig, label: str, say: Say, device: str
 ) -> TrainedModel:
     say(f"== {label} ==")
-    return train_and_calibrate(table, taxonomy, cfg, device=device, progress=lambda m: say("  " + m))
+    return train(table, taxonomy, cfg, device=device, progress=lambda m: say("  " + m))
 
 
 def run_noise_study(

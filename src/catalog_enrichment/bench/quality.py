@@ -32,7 +32,7 @@ from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.metrics import paired_bootstrap
 from catalog_enrichment.models.fusion import trained_fusions
-from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.pipeline import train
 from catalog_enrichment.types import Say
 
 __all__ = ["format_quality_markdown", "method_runs", "quality_checks", "run_quality_benchmark"]
@@ -117,7 +117,7 @@ def run_quality_benchmark(
     for label, run_cfg in runs:
         say(f"== {label} ==")
         started = time.perf_counter()
-        trained = train_and_calibrate(
+        trained = train(
             table, taxonomy, run_cfg, test_table=test_table, device=device, progress=lambda m: say("  " + m)
         )
         result["seconds"][label] = round(time.perf_counter() - started, 1)

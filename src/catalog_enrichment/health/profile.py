@@ -248,7 +248,7 @@ def input_baseline(inputs: ProductInputs, groups: np.ndarray | None = None) -> I
 
 @dataclass
 class InputBaselineCounts:
-    """An :class:`InputBaseline` counted batch by batch (the streaming trainer's survey): what it
+    """An :class:`InputBaseline` counted batch by batch (the streamed reading's survey): what it
     needs of each product - title length and script, category, description present, image state,
     colour balance - and never the texts themselves."""
 

@@ -1,27 +1,26 @@
-"""Training past one machine: the streaming trainer (``training.streaming``), in one process or as
-``training.distributed.processes`` ranks under Spark's ``TorchDistributor``.
+"""The streamed reading of the training pipeline (:mod:`.pipeline`, ``training.streaming``): in one
+process or as ``training.distributed.processes`` ranks under Spark's ``TorchDistributor``.
 
 The driver surveys the table once (:mod:`.stream`: labels, splits, unusable images, the input
-baseline), trains the tokenizer on the training texts, then fits: in this process, or on N ranks
-that ``TorchDistributor`` starts with ``torchrun`` - on this machine (``local_mode``) or one per
-Spark task on the executors. The ranks hold one model each under ``DistributedDataParallel`` (gloo
-on CPU, nccl on GPU), read their own shard of the training split, each take a batch of
-``batch_size / N`` per step (the same global batch as one process; BatchNorm layers normalise
-over that global batch too, :func:`global_batch_norm`) and all score the whole validation split
-after every epoch, so they stop at the same epoch with the same weights (training losses are
-averaged over the ranks); one copy comes back. The driver alone scores the held-out
-splits, calibrates, evaluates and (in the training job) logs and registers: no rank writes to
-MLflow. A rank that dies fails the run with one line.
+baseline), then fits: in this process, or on N ranks that ``TorchDistributor`` starts with
+``torchrun`` - on this machine (``local_mode``) or one per Spark task on the executors. The ranks
+hold one model each under ``DistributedDataParallel`` (gloo on CPU, nccl on GPU), read their own
+shard of the training split, each take a batch of ``batch_size / N`` per step (the same global
+batch as one process; BatchNorm layers normalise over that global batch too,
+:func:`global_batch_norm`) and all score the whole validation split after every epoch, so they stop
+at the same epoch with the same weights (training losses are averaged over the ranks); one copy
+comes back. The driver alone scores the held-out splits (reading them again), calibrates, evaluates
+and (in the training job) logs and registers: no rank writes to MLflow. A rank that dies fails the
+run with one line.
 
 With ``training.encoders: frozen`` the ranks train only the fusion and heads; the encoders run in
 evaluation mode on every batch (nothing is cached: a stream is read once per epoch), and with
 ``model.encoder_runtime: onnx`` the driver scores the held-out splits through the exported graphs
-that serve, as the in-memory trainer does.
+that serve.
 
-What the streaming trainer leaves to the in-memory one (``train_and_calibrate``): cross-fitted
-calibration (it holds out a calibration split), noise pruning, ensembles, the ``stack`` fusion
-(fitted in closed form over every product's cached features), a separate test table and
-``train_fraction``; each is refused by name.
+What streaming leaves to the in-memory reading: cross-fitted calibration (it holds out a calibration
+split), noise pruning, ensembles, the ``stack`` fusion (fitted in closed form over every product's
+cached features), a separate test table and ``train_fraction``; each is refused by name.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ import io
 import os
 import re
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -45,16 +43,16 @@ from transformers import set_seed
 
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import Collator, EncodedLabels, build_tokenizer, check_every_value_seen
+from catalog_enrichment.data.dataset import Collator, EncodedLabels
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.faults import armed
-from catalog_enrichment.models import runtime
+from catalog_enrichment.health import InputBaseline
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_class
-from catalog_enrichment.models.model import MultimodalModel, deterministic_algorithms, needs_image
-from catalog_enrichment.training.fit import FitResult, Validation, check_encoders_mode, fit_model
+from catalog_enrichment.models.model import deterministic_algorithms, needs_image
+from catalog_enrichment.training.fit import FitResult, Validation, fit_model
 from catalog_enrichment.training.splits import MIN_ROWS, calibration_fraction
 from catalog_enrichment.training.stream import (
     CALIBRATION,
@@ -69,10 +67,10 @@ from catalog_enrichment.training.stream import (
     _Selection,
     survey,
 )
-from catalog_enrichment.training.trained import Fitted, SplitName, TrainedModel, conclude, seeded_model
+from catalog_enrichment.training.trained import Fitted, SplitName, seeded_model
 from catalog_enrichment.types import Say
 
-__all__ = ["train_streaming"]
+__all__ = ["Streamed", "global_batch_norm"]
 
 
 @dataclass(frozen=True)
@@ -260,7 +258,7 @@ def _root_cause(text: str) -> str:
     return (errors or ["no output from the ranks"])[-1][:300]
 
 
-def _check(cfg: AppConfig, source: Source) -> None:
+def _check(cfg: AppConfig, source: Source, test_table: bool) -> None:
     """What streaming does not do, refused by name (see the module docstring)."""
     tcfg, world = cfg.training, cfg.training.distributed.processes
     refused = [
@@ -269,12 +267,11 @@ def _check(cfg: AppConfig, source: Source) -> None:
         (cfg.model.ensemble.members > 1, "model.ensemble"),
         (fusion_class(cfg.model.fusion).needs_lexical, "model.fusion: stack"),
         (tcfg.train_fraction < 1, "training.train_fraction below 1"),
+        (test_table, "a separate test table"),
     ]
     names = [name for bad, name in refused if bad]
     if names:
         raise ConfigError(f"training.streaming does not support {', '.join(names)}")
-    # before any data is read: a typo in fusion_kwargs, frozen encoders without weights
-    check_encoders_mode(cfg.model, cfg.training)
     if tcfg.batch_size % world:
         raise ConfigError(
             f"training.batch_size {tcfg.batch_size} must divide by training.distributed.processes {world}"
@@ -285,51 +282,82 @@ def _check(cfg: AppConfig, source: Source) -> None:
         )
 
 
-def train_streaming(
-    source: Source,
-    taxonomy: Taxonomy,
-    cfg: AppConfig,
-    *,
-    image_roots: tuple[str | Path, ...] = (),
-    device: str = "cpu",
-    progress: Say | None = None,
-) -> TrainedModel:
-    """Survey, train (here or on ``training.distributed.processes`` ranks), score the held-out
-    splits, calibrate and evaluate (see the module docstring). Distributed training needs an active
-    SparkSession (``TorchDistributor`` runs the ranks through it)."""
-    started = time.perf_counter()
-    say = progress or (lambda _m: None)
-    tcfg, world = cfg.training, cfg.training.distributed.processes
-    _check(cfg, source)
-    set_seed(tcfg.seed)
-    roots = (*image_roots, *([source.folder] if source.folder else []))
-    preprocessing = (
-        ImageEncoder(cfg.model.image).preprocessing if needs_image(cfg.model) else ImagePreprocessing()
-    )
-    reader = _Reader(source, taxonomy, ImagePolicy.from_config(cfg.images, roots), preprocessing)
-    fractions = (
-        tcfg.validation_fraction,
-        calibration_fraction(source.rows, tcfg.calibration_fraction),
-        tcfg.test_fraction,
-    )
-    trained_tokenizer = not cfg.model.text.pretrained_path
-    found = survey(reader, fractions, seed=tcfg.seed, world=world, say=say, texts=trained_tokenizer)
-    check_every_value_seen(found.labels, taxonomy)
-    splits = found.splits
-    say(f"streaming {source.rows:,} rows in batches; splits by hash: {splits.sizes()}")
-    tokenizer = build_tokenizer(cfg.model.text, found.texts)
-    job = _job(reader, cfg, tokenizer, fractions, found, world, device)
-    say(f"training: {job.steps} steps per epoch, {world} process(es) of batch {job.batch_size}")
-    if world == 1:
-        state, fit = _rank_main(job, say)
-    else:
-        state, fit = _fit_distributed(job, tcfg.distributed.local_mode)
-    model = seeded_model(cfg.model, taxonomy, tokenizer, cfg.training.seed, device)
-    model.load_state_dict(state)
-    if cfg.model.encoder_runtime != "onnx":
-        return _calibrated(model, reader, job, found, fit, started, say)
-    with runtime.served_by_graphs(model, say):  # frozen encoders: the graphs of the weights that serve
-        return _calibrated(model, reader, job, found, fit, started, say)
+@dataclass(frozen=True)
+class _Streaming:
+    """The survey pass's findings with the reader and split fractions every later pass uses."""
+
+    found: Survey
+    reader: _Reader
+    fractions: tuple[float, float, float]
+
+    @property
+    def texts(self) -> list[str]:
+        return self.found.texts
+
+    @property
+    def inputs(self) -> InputBaseline:
+        return self.found.inputs
+
+    @property
+    def own_labels(self) -> EncodedLabels:
+        return self.found.labels
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """The streamed reading of the training pipeline (see the module docstring)."""
+
+    source: Source
+    taxonomy: Taxonomy
+    cfg: AppConfig
+    image_roots: Sequence[str | Path]
+    device: torch.device
+    test_table: bool = False  # a separate test table was given (refused)
+
+    def check(self) -> None:
+        _check(self.cfg, self.source, self.test_table)
+
+    def survey(self, say: Say) -> _Streaming:
+        cfg, source, tcfg = self.cfg, self.source, self.cfg.training
+        preprocessing = (
+            ImageEncoder(cfg.model.image).preprocessing if needs_image(cfg.model) else ImagePreprocessing()
+        )
+        reader = _Reader(
+            source, self.taxonomy, ImagePolicy.from_config(cfg.images, self.image_roots), preprocessing
+        )
+        fractions = (
+            tcfg.validation_fraction,
+            calibration_fraction(source.rows, tcfg.calibration_fraction),
+            tcfg.test_fraction,
+        )
+        world = tcfg.distributed.processes
+        trained_tokenizer = not cfg.model.text.pretrained_path
+        found = survey(reader, fractions, seed=tcfg.seed, world=world, say=say, texts=trained_tokenizer)
+        say(f"streaming {source.rows:,} rows in batches; splits by hash: {found.splits.sizes()}")
+        return _Streaming(found, reader, fractions)
+
+    def fit(self, surveyed: _Streaming, tokenizer: Any, say: Say) -> Fitted:
+        """Trained here or on ``training.distributed.processes`` ranks; the held-out splits read
+        again in table order when scored."""
+        cfg, found, world = self.cfg, surveyed.found, self.cfg.training.distributed.processes
+        job = _job(surveyed.reader, cfg, tokenizer, surveyed.fractions, found, world, str(self.device))
+        say(f"training: {job.steps} steps per epoch, {world} process(es) of batch {job.batch_size}")
+        if world == 1:
+            state, fit = _rank_main(job, say)
+        else:
+            state, fit = _fit_distributed(job, cfg.training.distributed.local_mode)
+        model = seeded_model(cfg.model, self.taxonomy, tokenizer, cfg.training.seed, self.device)
+        model.load_state_dict(state)
+        collator = Collator(tokenizer, cfg.model.text.max_length)
+        codes = {"calibration": CALIBRATION, "validation": VALIDATION, "test": TEST}
+
+        def batches(name: SplitName) -> SplitBatches:
+            selection = _Selection(cfg.training.seed, surveyed.fractions, codes[name])
+            return SplitBatches(surveyed.reader, selection, collator, cfg.training.batch_size * 2)
+
+        return Fitted(
+            model, tokenizer, [fit], found.splits, found.labels, batches, self.device, found.product_ids
+        )
 
 
 def _job(
@@ -350,34 +378,3 @@ def _job(
     rank_step = tuple(int(x) for x in fault.split(":")) if fault else None
     val_labels = found.labels.subset(found.splits.validation)
     return _RankJob(reader, cfg, tokenizer, fractions, steps, val_labels, world, device, rank_step)  # type: ignore[arg-type]
-
-
-def _calibrated(
-    model: MultimodalModel,
-    reader: _Reader,
-    job: _RankJob,
-    found: Survey,
-    fit: FitResult,
-    started: float,
-    say: Say,
-) -> TrainedModel:
-    """The trained model's held-out scores, thresholds, health profile and test report."""
-    cfg = job.cfg
-    collator = Collator(job.tokenizer, cfg.model.text.max_length)
-    codes = {"calibration": CALIBRATION, "validation": VALIDATION, "test": TEST}
-
-    def batches(name: SplitName) -> SplitBatches:
-        selection = _Selection(cfg.training.seed, job.fractions, codes[name])
-        return SplitBatches(reader, selection, collator, cfg.training.batch_size * 2)
-
-    fitted = Fitted(
-        model,
-        job.tokenizer,
-        [fit],
-        found.splits,
-        found.labels,
-        batches,
-        torch.device(job.device),
-        found.product_ids,
-    )
-    return conclude(fitted, reader.taxonomy, cfg, found.inputs, started, say)

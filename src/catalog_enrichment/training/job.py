@@ -1,7 +1,7 @@
 """The training job: labelled table -> trained, calibrated, evaluated, registered ``challenger``.
 
 Checks everything that can be wrong with the input (columns, label values, unseen taxonomy values,
-the tracking server) *before* training, so a bad run registers nothing and moves no alias.
+the tracking server) *before* any model is fitted, so a bad run registers nothing and moves no alias.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import pyarrow as pa
 import torch
 
 from catalog_enrichment.catalog import open_catalog
-from catalog_enrichment.catalog.lakehouse import data_files, read_table, table_format, table_version
+from catalog_enrichment.catalog.lakehouse import data_files, table_format, table_version
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import check_every_value_seen, encode_labels
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import BundleFolder, save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
-from catalog_enrichment.training.loop import train_and_calibrate
+from catalog_enrichment.training.pipeline import train
 from catalog_enrichment.training.plots import plot_precision_recall, plot_reliability
+from catalog_enrichment.training.stream import table_source
 from catalog_enrichment.training.trained import TrainedModel
 from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
@@ -42,7 +42,6 @@ __all__ = [
     "TrainingOutcome",
     "data_snapshot",
     "run_training_job",
-    "validate_training_table",
 ]
 
 
@@ -87,17 +86,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def validate_training_table(table: Any, taxonomy: Taxonomy) -> None:
-    """Contract columns present, label values allowed, every taxonomy value seen at least once.
-
-    Raises:
-        ContractError: missing product or label columns.
-        TaxonomyError: label values outside the taxonomy, or taxonomy values no product carries.
-    """
-    check_training_columns(table.column_names, taxonomy)
-    check_every_value_seen(encode_labels(table, taxonomy), taxonomy)
 
 
 def check_training_columns(names: Sequence[str], taxonomy: Taxonomy) -> None:
@@ -147,18 +135,19 @@ def run_training_job(
 
     registry.check_tracking_server(client)
     snapshot = data_snapshot(data)
-    if cfg.training.streaming.enabled:
-        trained, example = _train_streaming(cfg, taxonomy, snapshot, device, progress)
-    else:
-        table = read_table(data)
-        validate_training_table(table, taxonomy)
-        progress(f"training on {table.num_rows:,} products from {_described(snapshot)}")
-        # frozen encoders read and fill the catalog's embedding store, as the enrichment job does
-        store = open_catalog(cfg.catalog) if cfg.inference.embedding_store else None
-        trained = train_and_calibrate(
-            table, taxonomy, cfg, image_roots=[snapshot.path], device=device, progress=progress, store=store
-        )
-        example = _example_frame(table)
+    source = table_source(
+        snapshot.path, version=snapshot.version, batch_rows=cfg.training.streaming.batch_rows
+    )
+    check_training_columns(source.names, taxonomy)
+    streamed = cfg.training.streaming.enabled
+    progress(
+        f"training on {source.rows:,} products {'streamed ' if streamed else ''}from {_described(snapshot)}"
+    )
+    # frozen encoders read and fill the catalog's embedding store, as the enrichment job does (in
+    # memory: a stream is read once per epoch and caches nothing)
+    store = open_catalog(cfg.catalog) if cfg.inference.embedding_store and not streamed else None
+    trained = train(source, taxonomy, cfg, device=device, progress=progress, store=store)
+    example = _example_frame(pa.Table.from_batches([next(source.batches())]))
     trained.model.to("cpu")
     registered = _register(client, cfg, taxonomy, trained, example, snapshot)
     progress(
@@ -170,24 +159,6 @@ def run_training_job(
 
 def _described(snapshot: DataSnapshot) -> str:
     return f"{snapshot.path} ({snapshot.format}{'' if snapshot.version is None else f' v{snapshot.version}'})"
-
-
-def _train_streaming(
-    cfg: AppConfig, taxonomy: Taxonomy, snapshot: DataSnapshot, device: str, progress: Say
-) -> tuple[TrainedModel, pd.DataFrame]:
-    """The streaming trainer on the table's pinned snapshot (``training.streaming``), and the logged
-    input example from its first rows."""
-    from catalog_enrichment.training.distributed import train_streaming
-    from catalog_enrichment.training.stream import table_source
-
-    source = table_source(
-        snapshot.path, version=snapshot.version, batch_rows=cfg.training.streaming.batch_rows
-    )
-    check_training_columns(source.names, taxonomy)
-    progress(f"training on {source.rows:,} products streamed from {_described(snapshot)}")
-    trained = train_streaming(source, taxonomy, cfg, device=device, progress=progress)
-    first = pa.Table.from_batches([next(source.batches())])
-    return trained, _example_frame(first)
 
 
 def _register(

@@ -77,6 +77,13 @@ class Source:
     rows: int
     names: tuple[str, ...]
     folder: str | None = None  # where its image_uri paths may point (the table's folder)
+    table: pa.Table | None = None  # the table itself, when it is in memory already
+
+    def read(self) -> pa.Table:
+        """The whole table in memory (training in memory reads it once); a table of one row or more."""
+        if self.table is not None:
+            return self.table
+        return pa.Table.from_batches(list(self.batches()))
 
 
 def table_source(path: str | Path, *, version: int | None = None, batch_rows: int = 4096) -> Source:
@@ -93,7 +100,10 @@ def table_source(path: str | Path, *, version: int | None = None, batch_rows: in
 def arrow_source(table: pa.Table, *, batch_rows: int = 4096) -> Source:
     """A table already in memory, read as a stream (tests and small data)."""
     return Source(
-        lambda: iter(table.to_batches(max_chunksize=batch_rows)), table.num_rows, tuple(table.column_names)
+        lambda: iter(table.to_batches(max_chunksize=batch_rows)),
+        table.num_rows,
+        tuple(table.column_names),
+        table=table,
     )
 
 

@@ -1,9 +1,9 @@
 """What every training path ends with: the trained model's held-out scores, thresholds, run health
 profile and test report, as one :class:`TrainedModel` (``registry`` packages it).
 
-The in-memory trainer (:mod:`.loop`) and the streamed one (:mod:`.distributed`) each fit a model
-their own way and hand it over as :class:`Fitted`; :func:`conclude` is the one place a version is
-scored on its held-out splits, calibrated, evaluated and built.
+The pipeline's readings (:mod:`.memory`, :mod:`.distributed`) each fit a model their own way and hand
+it over as :class:`Fitted`; :func:`conclude` is the one place a version is scored on its held-out
+splits, calibrated, evaluated and built.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Fitted:
     validation split (they put the thresholds on the served model's scale; the report's fold
     gap); ``health_on_test``: the run health profile is counted on the test split (else on the
     validation split, or the calibration set without one: the test products are a table of their
-    own).
+    own); ``encodes``: scoring a held-out split runs the encoders (not over cached encoder outputs).
     """
 
     model: AnyModel
@@ -144,6 +144,7 @@ class Fitted:
     fold_val: tuple[Predictions, ...] = ()
     label_issues: pd.DataFrame | None = None
     health_on_test: bool = True
+    encodes: bool = True
 
 
 def conclude(

@@ -1,27 +1,25 @@
-"""Train, calibrate and evaluate a multimodal attribute model on a labelled products table.
+"""The in-memory reading of the training pipeline (:mod:`.pipeline`, ``training.streaming`` off).
 
-``train_and_calibrate`` is the library entry point (no Spark, no MLflow): it leaves out products
-whose image cannot be used (serving quarantines those), splits the data, takes the pretrained text
-model's own tokenizer or trains a WordPiece one on the training texts, optionally prunes suspected
-label errors (``training.noise_pruning``, 001), trains the model - or each ensemble member - with
-AdamW and a linear warm-up + cosine schedule (early stopping on validation R@P95 or average
-precision; pretrained encoder weights at their own, lower learning rate; ``training.encoders``
-trains them all, only their top layers, or none over cached embeddings), fits what a fusion picks on
-held-out data (late: alpha; decision: the cross-validated decision nets), calibrates thresholds on
-out-of-fold scores of fold models over the training split (``training.crossfit_folds``; the default
-below 10,000 products) or on a held-out calibration split — the validation split shapes the
-attribute scope's threshold family — and reports metrics on the test split. Rows are put in a
-canonical order first, so the same data, seed, config and torch thread count train the same weights
-in any process. The caller picks the device.
+The survey holds the labelled products in memory: it leaves out products whose image cannot be used
+(serving quarantines those) and splits the rest, stratified and grouped (variants and near-duplicates
+never straddle two splits). The fit embeds every product once with frozen encoders
+(``training.encoders``; the embedding store), optionally prunes suspected label errors
+(``training.noise_pruning``, 001), trains the model - or each ensemble member - with AdamW and a
+linear warm-up + cosine schedule (early stopping on validation R@P95 or average precision; pretrained
+encoder weights at their own, lower learning rate), fits what a fusion picks on held-out data
+(late: alpha; decision: the cross-validated decision nets) and hands over the out-of-fold scores of
+fold models over the training split (``training.crossfit_folds``; the default below 10,000
+products), which calibrate in place of a held-out calibration split; the ``stack`` fusion is
+fitted in closed form over the cached features and cross-fitted the same way. Rows are put in a
+canonical order first, so the same data, seed and config train the same weights in any process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +38,6 @@ from catalog_enrichment.data.dataset import (
     EncodedLabels,
     ProductDataset,
     ProductRecords,
-    build_tokenizer,
     canonical_order,
     encode_labels,
 )
@@ -56,20 +53,18 @@ from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import InputBaseline, input_baseline
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
-from catalog_enrichment.models.fusion import StackFusion, fusion_class
+from catalog_enrichment.models.fusion import fusion_class
 from catalog_enrichment.models.lexical import ngram_counts
 from catalog_enrichment.models.model import (
     AnyModel,
     EnsembleModel,
     MultimodalModel,
-    deterministic_algorithms,
     needs_image,
 )
 from catalog_enrichment.training.evaluation import Predictions, predict
 from catalog_enrichment.training.fit import (
     FitResult,
     Validation,
-    check_encoders_mode,
     crossfit,
     fit_model,
     make_loader,
@@ -84,13 +79,14 @@ from catalog_enrichment.training.splits import (
     split_labels,
 )
 from catalog_enrichment.training.stack import fit_stack
-from catalog_enrichment.training.trained import Fitted, TrainedModel, conclude, seeded_model
+from catalog_enrichment.training.stream import Source
+from catalog_enrichment.training.trained import Fitted, seeded_model
 from catalog_enrichment.types import Say
 
 if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
 
-__all__ = ["train_and_calibrate"]
+__all__ = ["InMemory"]
 
 # the stack's cross-fit folds unless training.crossfit_folds sets them: each fold model trains on
 # 80 % of the training split, close to the mean of them all that serves
@@ -112,47 +108,131 @@ def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.T
     return table.filter(pa.array([e is None for e in errors])), baseline
 
 
-def train_and_calibrate(
-    table: pa.Table,
-    taxonomy: Taxonomy,
-    cfg: AppConfig,
-    *,
-    test_table: pa.Table | None = None,
-    image_roots: Sequence[str | Path] = (),
-    device: torch.device | str = "cpu",
-    progress: Say | None = None,
-    store: Catalog | None = None,
-) -> TrainedModel:
-    """Split, train, fit held-out parts, calibrate and evaluate (see the module docstring).
+@dataclass(frozen=True)
+class _Surveyed:
+    """The usable products in memory (a separate test table's last), their labels, duplicate groups
+    and splits, the cross-fit folds and the input health baseline."""
 
-    Args:
-        table: labelled products (contract ``labelled_products``): text, image and label columns.
-        taxonomy: attributes and allowed values; every attribute needs a label column.
-        cfg: the app config (model, training, calibration sections are used).
-        test_table: labelled products to test on instead of a test split of ``table`` (e.g. a
-            catalog's own held-out products); ``None`` = ``training.test_fraction`` of ``table``.
-        image_roots: folders an ``image_uri`` may name besides ``images.roots`` (the labelled
-            table's own folder): merchant URIs are read under the catalog's policy, like serving's.
-        device: where to train; the caller decides (CPU in tests).
-        progress: called with one line per epoch and stage.
-        store: a catalog whose embedding store frozen encoders read and fill
-            (``embeddings.frozen.embed_products``); None: the private cache.
+    table: pa.Table
+    records: ProductRecords
+    labels: EncodedLabels
+    groups: np.ndarray
+    splits: Splits
+    folds: int
+    inputs: InputBaseline
+    external_test: bool  # the test split is a table of its own (bench quality), not a split of this one
 
-    Raises:
-        ContractError / TaxonomyError: missing label column, label values outside the taxonomy.
-        CatalogEnrichError: too few rows for the splits.
-    """
-    with deterministic_algorithms(True):
-        return _train_and_calibrate(
-            table,
-            taxonomy,
-            cfg,
-            test_table=test_table,
-            image_roots=image_roots,
-            device=device,
-            progress=progress,
-            store=store,
+    @property
+    def texts(self) -> Iterator[str]:
+        records = self.records
+        return (f"{records.title[i]} {records.description[i] or ''}" for i in self.splits.train)
+
+    @property
+    def own_labels(self) -> EncodedLabels:
+        """The labels of this table's products (a separate test table's left out)."""
+        own = self.table.num_rows - (self.splits.test.size if self.external_test else 0)
+        return self.labels.subset(np.arange(own))
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """The in-memory reading (see the module docstring)."""
+
+    source: Source
+    taxonomy: Taxonomy
+    cfg: AppConfig
+    image_roots: Sequence[str | Path]
+    device: torch.device
+    test_table: pa.Table | None = None
+    # frozen encoders read and fill its embedding store (None: a private cache)
+    store: Catalog | None = None
+
+    def check(self) -> None:
+        """Nothing to refuse: every training setting works in memory."""
+
+    def survey(self, say: Say) -> _Surveyed:
+        if self.source.rows == 0:
+            raise CatalogEnrichError("the labelled table is empty")
+        policy = ImagePolicy.from_config(self.cfg.images, self.image_roots)
+        table, labels, groups, splits, folds, inputs = _split(
+            self.source.read(), self.test_table, self.taxonomy, self.cfg, policy, say
         )
+        records = ProductRecords.from_arrow(table, policy)
+        return _Surveyed(table, records, labels, groups, splits, folds, inputs, self.test_table is not None)
+
+    def fit(self, surveyed: _Surveyed, tokenizer: Any, say: Say) -> Fitted:
+        cfg, splits = self.cfg, surveyed.splits
+        data = _Data(
+            cfg,
+            self.taxonomy,
+            self.device,
+            surveyed.records,
+            surveyed.labels,
+            surveyed.groups,
+            splits,
+            surveyed.folds,
+            tokenizer,
+        )
+        self._features(data, surveyed.table, say)
+        issues = None
+        oof: tuple[Predictions, EncodedLabels] | None
+        fold_val: tuple[Predictions, ...] = ()
+        if fusion_class(cfg.model.fusion).needs_lexical:  # the stack: fitted in closed form, cross-fitted
+            model, oof, fits = _fit_stack(data, say)
+        else:
+            fitter = _Fitter(
+                data, data.labels, data.labels.subset(splits.validation), data.scoring(splits.validation), say
+            )
+            issues, oof, fold_val = _out_of_fold(data, fitter, say)
+            set_seed(cfg.training.seed)
+            model, fits = fitter(splits.train, cfg.training.seed, "")
+        return Fitted(
+            model,
+            tokenizer,
+            fits,
+            splits,
+            data.labels,
+            lambda name: data.scoring(getattr(splits, name)),
+            data.device,
+            data.records.product_id,
+            out_of_fold=oof,
+            fold_val=fold_val,
+            label_issues=issues,
+            # with a test table of its own, the health profile is counted on held-out products of
+            # this one the model never trained, fit or stopped on (the stack's out-of-fold scores
+            # without a validation split: the served construction's)
+            health_on_test=not surveyed.external_test,
+            encodes=data.embeddings is None,
+        )
+
+    def _features(self, data: _Data, table: pa.Table, say: Say) -> None:
+        """With frozen encoders, every product embedded once (the store's vectors where it has
+        them); otherwise the image encoder's own preprocessing."""
+        tcfg, mcfg = self.cfg.training, self.cfg.model
+        if tcfg.encoders != "frozen":
+            if needs_image(mcfg):  # with weights: timm's pretrained config
+                data.preprocessing = ImageEncoder(mcfg.image).preprocessing
+            return
+        records = data.records
+        embedder = data.fresh_model(tcfg.seed, mcfg.member_configs()[0])
+        lexical = None
+        if embedder.fusion.needs_lexical:  # the merchant's category label is one of its texts
+            categories = table["category"].to_pylist() if "category" in table.column_names else None
+            lexical = ngram_counts(records.title, records.description, categories)
+        # with onnx, every score selected and calibrated on comes from the graphs
+        onnx = mcfg.encoder_runtime == "onnx"
+        with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
+            embeddings = embed_products(
+                embedder,
+                records,
+                data.collator,
+                batch_size=tcfg.batch_size * 2,
+                device=data.device,
+                cache_dir=Path(tcfg.embedding_cache) if tcfg.embedding_cache else default_cache_dir(),
+                say=say,
+                store=self.store,
+            )
+        data.embeddings = dataclasses.replace(embeddings, lexical=lexical)
 
 
 @dataclass
@@ -168,8 +248,6 @@ class _Data:
     splits: Splits
     folds: int
     tokenizer: Any
-    inputs: InputBaseline
-    external_test: bool  # the test split is a table of its own (bench quality), not a split of this one
     embeddings: Embeddings | None = None
     preprocessing: ImagePreprocessing = field(default_factory=ImagePreprocessing)
 
@@ -213,10 +291,10 @@ def _split(
         test_table, _ = _usable_images(canonical_order(test_table), policy, say)
         table = pa.concat_tables([table, test_table.select(table.column_names)], promote_options="default")
     labels = encode_labels(table, taxonomy)
+    own = np.arange(n_own)
     groups = group_ids(*_texts(table))
     stack = fusion_class(cfg.model.fusion).needs_lexical
     folds = (tcfg.crossfit_folds or STACK_FOLDS) if stack else crossfit_folds(n_own, tcfg.crossfit_folds)
-    own = np.arange(n_own)
     try:
         splits = split_labels(
             labels.subset(own),
@@ -246,63 +324,6 @@ def _texts(table: pa.Table) -> tuple[list[str], list[str | None]]:
         table["description"].to_pylist() if "description" in table.column_names else [None] * len(titles)
     )
     return titles, descriptions
-
-
-def _prepare(
-    table: pa.Table,
-    taxonomy: Taxonomy,
-    cfg: AppConfig,
-    *,
-    test_table: pa.Table | None,
-    image_roots: Sequence[str | Path],
-    device: torch.device,
-    say: Say,
-    store: Catalog | None,
-) -> _Data:
-    """Split, tokenize, and with frozen encoders embed every product once (:class:`_Data`)."""
-    tcfg, mcfg = cfg.training, cfg.model
-    policy = ImagePolicy.from_config(cfg.images, image_roots)
-    table, labels, groups, splits, folds, inputs = _split(table, test_table, taxonomy, cfg, policy, say)
-    records = ProductRecords.from_arrow(table, policy)
-    tokenizer = build_tokenizer(
-        mcfg.text, (f"{records.title[i]} {records.description[i] or ''}" for i in splits.train)
-    )
-    data = _Data(
-        cfg,
-        taxonomy,
-        device,
-        records,
-        labels,
-        groups,
-        splits,
-        folds,
-        tokenizer,
-        inputs,
-        test_table is not None,
-    )
-    if tcfg.encoders == "frozen":
-        embedder = data.fresh_model(tcfg.seed, mcfg.member_configs()[0])
-        lexical = None
-        if embedder.fusion.needs_lexical:  # the merchant's category label is one of its texts
-            categories = table["category"].to_pylist() if "category" in table.column_names else None
-            lexical = ngram_counts(records.title, records.description, categories)
-        # with onnx, every score selected and calibrated on comes from the graphs
-        onnx = mcfg.encoder_runtime == "onnx"
-        with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
-            data.embeddings = embed_products(
-                embedder,
-                records,
-                data.collator,
-                batch_size=tcfg.batch_size * 2,
-                device=device,
-                cache_dir=Path(tcfg.embedding_cache) if tcfg.embedding_cache else default_cache_dir(),
-                say=say,
-                store=store,
-            )
-            data.embeddings = dataclasses.replace(data.embeddings, lexical=lexical)
-    elif needs_image(mcfg):
-        data.preprocessing = ImageEncoder(mcfg.image).preprocessing  # with weights: timm's pretrained config
-    return data
 
 
 @dataclass
@@ -335,61 +356,6 @@ class _Fitter:
         return (members[0] if len(members) == 1 else EnsembleModel(cfg.model, members)), fits
 
 
-def _train_and_calibrate(
-    table: pa.Table,
-    taxonomy: Taxonomy,
-    cfg: AppConfig,
-    *,
-    test_table: pa.Table | None,
-    image_roots: Sequence[str | Path],
-    device: torch.device | str,
-    progress: Say | None,
-    store: Catalog | None,
-) -> TrainedModel:
-    started = time.perf_counter()
-    say = progress or (lambda _msg: None)
-    tcfg = cfg.training
-    set_seed(tcfg.seed)
-    check_encoders_mode(cfg.model, cfg.training)
-    data = _prepare(
-        table, taxonomy, cfg, test_table=test_table, image_roots=image_roots, device=torch.device(device),
-        say=say, store=store,
-    )  # fmt: skip
-    splits = data.splits
-    issues = None
-    oof: tuple[Predictions, EncodedLabels] | None
-    fold_val: tuple[Predictions, ...] = ()
-    if fusion_class(cfg.model.fusion).needs_lexical:  # the stack: fitted in closed form, cross-fitted
-        model, oof, fits = _fit_stack(data, say)
-    else:
-        fitter = _Fitter(
-            data, data.labels, data.labels.subset(splits.validation), data.scoring(splits.validation), say
-        )
-        issues, oof, fold_val = _out_of_fold(data, fitter, say)
-        set_seed(tcfg.seed)
-        model, fits = fitter(splits.train, tcfg.seed, "")
-    # the attributes the model scores as one distribution: the taxonomy it is saved with says which
-    taxonomy = data.taxonomy = taxonomy.with_single_valued(_single_valued(model))
-    fitted = Fitted(
-        model,
-        data.tokenizer,
-        fits,
-        splits,
-        data.labels,
-        lambda name: data.scoring(getattr(splits, name)),
-        data.device,
-        data.records.product_id,
-        out_of_fold=oof,
-        fold_val=fold_val,
-        label_issues=issues,
-        # with a test table of its own, the health profile is counted on held-out products of this
-        # one the model never trained, fit or stopped on (the stack's out-of-fold scores without a
-        # validation split: the served construction's)
-        health_on_test=not data.external_test,
-    )
-    return conclude(fitted, taxonomy, cfg, data.inputs, started, say)
-
-
 def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, EncodedLabels], list[FitResult]]:
     """The stack fusion fitted over the cached encoder outputs (``training.stack``): the model that
     serves, its out-of-fold scores over the training split, and what it chose."""
@@ -400,14 +366,6 @@ def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, Enco
     fit = fit_stack(model, data.embeddings, plan, data.taxonomy, say=say)
     chosen = {"penalties": fit.penalties, "mix": fit.mix}
     return model, (fit.oof, data.labels.subset(train)), [FitResult([], 0, chosen)]
-
-
-def _single_valued(model: AnyModel) -> list[str]:
-    """The multi-label attributes a stack scores as one distribution (``StackFusion.single``)."""
-    fusion = getattr(model, "fusion", None)
-    if not isinstance(fusion, StackFusion):
-        return []
-    return [name for name, single in zip(fusion.names, fusion.single.tolist(), strict=True) if single]
 
 
 def _out_of_fold(
