@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
@@ -93,7 +92,6 @@ def train(
     cfg: AppConfig,
     *,
     test_table: pa.Table | None = None,
-    image_roots: Sequence[str | Path] = (),
     device: torch.device | str = "cpu",
     progress: Say | None = None,
     store: Catalog | None = None,
@@ -108,8 +106,6 @@ def train(
         cfg: the app config (model, training, images and calibration sections are used).
         test_table: labelled products to test on instead of a test split of ``table`` (e.g. a
             catalog's own held-out products; in memory only); ``None`` = ``training.test_fraction``.
-        image_roots: folders an ``image_uri`` may name besides ``images.roots`` and the table's own
-            folder: merchant URIs are read under the catalog's policy, like serving's.
         device: where to train; the caller decides (CPU in tests).
         progress: called with one line per epoch and stage.
         store: a catalog whose embedding store frozen encoders read and fill (in memory;
@@ -126,7 +122,7 @@ def train(
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
     check_encoders_mode(cfg.model, cfg.training)
-    reading = _reading(table, taxonomy, cfg, test_table, image_roots, torch.device(device), store)
+    reading = _reading(table, taxonomy, cfg, test_table, torch.device(device), store)
     reading.check()
     with deterministic_algorithms(True):
         set_seed(cfg.training.seed)
@@ -148,17 +144,17 @@ def _reading(
     taxonomy: Taxonomy,
     cfg: AppConfig,
     test_table: pa.Table | None,
-    image_roots: Sequence[str | Path],
     device: torch.device,
     store: Catalog | None,
 ) -> Reading:
-    """The reading ``training.streaming`` chooses, over the table as a source (its folder among the
-    image roots)."""
+    """The reading ``training.streaming`` chooses, over the table as a source: an ``image_uri`` may
+    name a file under ``images.roots`` or the table's own folder (merchant URIs are read under the
+    catalog's policy, like serving's)."""
     from catalog_enrichment.training.distributed import Streamed
     from catalog_enrichment.training.memory import InMemory
 
     source = table if isinstance(table, Source) else arrow_source(table)
-    roots = (*image_roots, *([source.folder] if source.folder else []))
+    roots = [source.folder] if source.folder else []
     if cfg.training.streaming.enabled:
         return Streamed(source, taxonomy, cfg, roots, device, test_table is not None)
     return InMemory(source, taxonomy, cfg, roots, device, test_table, store)
