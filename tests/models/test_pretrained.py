@@ -682,15 +682,16 @@ def _stack_cfg(paths: dict[str, Path], **training: Any) -> Any:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"fusion": "stack"})})
 
 
-def test_streaming_refuses_the_stack_by_name(
+def test_streaming_refuses_the_stack_on_several_processes_by_name(
     pretrained: dict[str, Path], labelled: pa.Table, taxonomy: Taxonomy
 ) -> None:
     from catalog_enrichment.training.pipeline import train
-    from catalog_enrichment.training.stream import arrow_source
 
-    cfg = _stack_cfg(pretrained, streaming={"enabled": True})
-    with pytest.raises(ConfigError, match=r"training\.streaming does not support model\.fusion: stack"):
-        train(arrow_source(labelled), taxonomy, cfg)
+    cfg = _stack_cfg(pretrained, streaming={"enabled": True}, distributed={"processes": 2})
+    with pytest.raises(
+        ConfigError, match=r"training\.streaming does not support model\.fusion: stack on several processes"
+    ):
+        train(labelled, taxonomy, cfg)
 
 
 def test_the_stack_refuses_noise_pruning_by_name(

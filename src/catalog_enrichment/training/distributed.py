@@ -18,9 +18,15 @@ evaluation mode on every batch (nothing is cached: a stream is read once per epo
 ``model.encoder_runtime: onnx`` the driver scores the held-out splits through the exported graphs
 that serve.
 
-What streaming leaves to the in-memory reading: cross-fitted calibration (it holds out a calibration
-split), noise pruning, ensembles, the ``stack`` fusion (fitted in closed form over every product's
-cached features), a separate test table and ``train_fraction``; each is refused by name.
+The ``stack`` fusion streams too: after the survey, one more pass embeds the usable products a
+record batch at a time (each batch through the private embedding cache, keyed on its content) and
+counts their n-grams; the stack is then fitted in closed form in this process over those vectors -
+never the images - cross-fitted over folds that keep a product's variants together, and its
+held-out splits are scored from the vectors.
+
+What streaming leaves to the in-memory reading: cross-fitted calibration of the other fusions (they
+hold out a calibration split), noise pruning, ensembles, the stack on several processes, a separate
+test table and ``train_fraction``; each is refused by name.
 """
 
 from __future__ import annotations
@@ -46,14 +52,23 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import Collator, EncodedLabels
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
+from catalog_enrichment.embeddings.frozen import (
+    EmbeddedDataset,
+    Embeddings,
+    default_cache_dir,
+    embed_products,
+)
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
 from catalog_enrichment.faults import armed
 from catalog_enrichment.health import InputBaseline
+from catalog_enrichment.models import runtime
 from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_class
+from catalog_enrichment.models.lexical import ngram_counts
 from catalog_enrichment.models.model import deterministic_algorithms, needs_image
-from catalog_enrichment.training.fit import FitResult, Validation, fit_model
-from catalog_enrichment.training.splits import MIN_ROWS, calibration_fraction
+from catalog_enrichment.training.fit import FitResult, Validation, fit_model, make_loader
+from catalog_enrichment.training.splits import MIN_ROWS, FoldPlan, calibration_fraction
+from catalog_enrichment.training.stack import STACK_FOLDS, stacked
 from catalog_enrichment.training.stream import (
     CALIBRATION,
     TEST,
@@ -261,11 +276,15 @@ def _root_cause(text: str) -> str:
 def _check(cfg: AppConfig, source: Source, test_table: bool) -> None:
     """What streaming does not do, refused by name (see the module docstring)."""
     tcfg, world = cfg.training, cfg.training.distributed.processes
+    stack = fusion_class(cfg.model.fusion).needs_lexical
     refused = [
-        (bool(tcfg.crossfit_folds), "training.crossfit_folds (streaming calibrates on a held-out split: 0)"),
+        (
+            bool(tcfg.crossfit_folds) and not stack,
+            "training.crossfit_folds (streaming calibrates on a held-out split: 0)",
+        ),
         (tcfg.noise_pruning.enabled, "training.noise_pruning"),
         (cfg.model.ensemble.members > 1, "model.ensemble"),
-        (fusion_class(cfg.model.fusion).needs_lexical, "model.fusion: stack"),
+        (stack and world > 1, "model.fusion: stack on several processes (it is fitted in closed form, here)"),
         (tcfg.train_fraction < 1, "training.train_fraction below 1"),
         (test_table, "a separate test table"),
     ]
@@ -330,6 +349,9 @@ class Streamed:
             calibration_fraction(source.rows, tcfg.calibration_fraction),
             tcfg.test_fraction,
         )
+        if fusion_class(cfg.model.fusion).needs_lexical:
+            # the stack stops nothing early and calibrates out of fold: it trains on every product
+            fractions = (0.0, 0.0, tcfg.test_fraction)
         world = tcfg.distributed.processes
         trained_tokenizer = not cfg.model.text.pretrained_path
         found = survey(reader, fractions, seed=tcfg.seed, world=world, say=say, texts=trained_tokenizer)
@@ -338,7 +360,10 @@ class Streamed:
 
     def fit(self, surveyed: _Streaming, tokenizer: Any, say: Say) -> Fitted:
         """Trained here or on ``training.distributed.processes`` ranks; the held-out splits read
-        again in table order when scored."""
+        again in table order when scored. The stack: fitted over every product's encoder outputs,
+        embedded a record batch at a time."""
+        if fusion_class(self.cfg.model.fusion).needs_lexical:
+            return self._fit_stack(surveyed, tokenizer, say)
         cfg, found, world = self.cfg, surveyed.found, self.cfg.training.distributed.processes
         job = _job(surveyed.reader, cfg, tokenizer, surveyed.fractions, found, world, str(self.device))
         say(f"training: {job.steps} steps per epoch, {world} process(es) of batch {job.batch_size}")
@@ -358,6 +383,54 @@ class Streamed:
         return Fitted(
             model, tokenizer, [fit], found.splits, found.labels, batches, self.device, found.product_ids
         )
+
+    def _fit_stack(self, surveyed: _Streaming, tokenizer: Any, say: Say) -> Fitted:
+        """The stack over the usable products' encoder outputs (vectors and n-gram counts in memory,
+        never the images), cross-fitted over folds that keep variants together."""
+        cfg, found, seed = self.cfg, surveyed.found, self.cfg.training.seed
+        collator = Collator(tokenizer, cfg.model.text.max_length)
+        embeddings = self._embedded(surveyed.reader, tokenizer, collator, say)
+        model = seeded_model(cfg.model, self.taxonomy, tokenizer, seed, self.device)
+        splits, labels = found.splits, found.labels
+        plan = FoldPlan(splits.train, labels, found.groups, cfg.training.crossfit_folds or STACK_FOLDS, seed)
+        oof, fits = stacked(model, embeddings, plan, self.taxonomy, say)
+
+        def scoring(name: SplitName) -> DataLoader:
+            rows = EmbeddedDataset(embeddings, getattr(splits, name), labels)
+            return make_loader(rows, collator, cfg.training.batch_size * 2, shuffle=False, seed=0)
+
+        ids = found.product_ids
+        return Fitted(model, tokenizer, fits, splits, labels, scoring, self.device, ids, oof, encodes=False)
+
+    def _embedded(self, reader: _Reader, tokenizer: Any, collator: Collator, say: Say) -> Embeddings:
+        """Every usable product's encoder outputs and hashed n-gram counts, in the survey's order: a
+        record batch embedded at a time (each through the private cache, keyed on its content)."""
+        import scipy.sparse
+
+        cfg, tcfg = self.cfg, self.cfg.training
+        embedder = seeded_model(cfg.model, self.taxonomy, tokenizer, tcfg.seed, self.device)
+        cache = Path(tcfg.embedding_cache) if tcfg.embedding_cache else default_cache_dir()
+        parts: list[dict[str, torch.Tensor]] = []
+        counts = []
+        # with onnx, every score selected and calibrated on comes from the graphs
+        onnx = cfg.model.encoder_runtime == "onnx"
+        with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
+            for records, categories in reader.records():
+                part = embed_products(
+                    embedder,
+                    records,
+                    collator,
+                    batch_size=tcfg.batch_size * 2,
+                    device=self.device,
+                    cache_dir=cache,
+                    say=lambda _m: None,
+                )
+                parts.append(part.tensors)
+                counts.append(ngram_counts(records.title, records.description, categories))
+        lexical = scipy.sparse.vstack(counts, format="csr")
+        lexical.sort_indices()
+        say(f"frozen encoders: {lexical.shape[0]:,} products embedded in {len(parts)} record batches")
+        return Embeddings({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, lexical)
 
 
 def _job(

@@ -78,7 +78,7 @@ from catalog_enrichment.training.splits import (
     group_ids,
     split_labels,
 )
-from catalog_enrichment.training.stack import fit_stack
+from catalog_enrichment.training.stack import STACK_FOLDS, stacked
 from catalog_enrichment.training.stream import Source
 from catalog_enrichment.training.trained import Fitted, seeded_model
 from catalog_enrichment.types import Say
@@ -87,10 +87,6 @@ if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
 
 __all__ = ["InMemory"]
-
-# the stack's cross-fit folds unless training.crossfit_folds sets them: each fold model trains on
-# 80 % of the training split, close to the mean of them all that serves
-STACK_FOLDS = 5
 
 
 def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.Table, InputBaseline]:
@@ -359,13 +355,12 @@ class _Fitter:
 def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, EncodedLabels], list[FitResult]]:
     """The stack fusion fitted over the cached encoder outputs (``training.stack``): the model that
     serves, its out-of-fold scores over the training split, and what it chose."""
-    cfg, train = data.cfg, data.splits.train
+    cfg = data.cfg
     assert data.embeddings is not None
     model = data.fresh_model(cfg.training.seed, cfg.model)
-    plan = FoldPlan(train, data.labels, data.groups, data.folds, cfg.training.seed)
-    fit = fit_stack(model, data.embeddings, plan, data.taxonomy, say=say)
-    chosen = {"penalties": fit.penalties, "mix": fit.mix}
-    return model, (fit.oof, data.labels.subset(train)), [FitResult([], 0, chosen)]
+    plan = FoldPlan(data.splits.train, data.labels, data.groups, data.folds, cfg.training.seed)
+    oof, fits = stacked(model, data.embeddings, plan, data.taxonomy, say)
+    return model, oof, fits
 
 
 def _out_of_fold(

@@ -11,7 +11,8 @@ products are read is the one thing ``training.streaming`` chooses:
   noise pruning, cross-fitting and the final fit - or the ``stack`` fitted in closed form over the
   cached features - and ensembles;
 * **streamed** (:class:`~.distributed.Streamed`): one survey pass, hash splits, each epoch read
-  again through a shuffle buffer, in this process or on ``training.distributed.processes`` ranks.
+  again through a shuffle buffer, in this process or on ``training.distributed.processes`` ranks -
+  or, for the ``stack``, one embedding pass and the closed-form fit over the vectors.
 
 Each reading refuses by name what it cannot do before any data is read, surveys the table
 (which products are usable, their labels and splits, the run health input baseline and the texts a

@@ -41,9 +41,14 @@ from catalog_enrichment.training.evaluation import Predictions
 from catalog_enrichment.types import Say
 
 if TYPE_CHECKING:  # not imported at run time: the fit's worker processes import this module
+    from catalog_enrichment.training.fit import FitResult
     from catalog_enrichment.training.splits import FoldPlan
 
-__all__ = ["PENALTIES", "StackFit", "fit_stack", "single_valued"]
+__all__ = ["PENALTIES", "STACK_FOLDS", "StackFit", "fit_stack", "single_valued", "stacked"]
+
+# the stack's cross-fit folds unless training.crossfit_folds sets them: each fold model trains on
+# 80 % of the training split, close to the mean of them all that serves
+STACK_FOLDS = 5
 
 # inverse L2 strengths (scikit-learn's C) tried per block and attribute, on blocks of unit row norm
 PENALTIES = (1.0, 4.0, 16.0, 64.0)
@@ -384,3 +389,15 @@ def _install(
             setattr(fusion, f"{block}_scale", torch.from_numpy(scale))
             setattr(fusion, f"{block}_weight", param(served[block][0]))
             setattr(fusion, f"{block}_bias", param(served[block][1]))
+
+
+def stacked(
+    model: MultimodalModel, embeddings: Embeddings, plan: FoldPlan, taxonomy: Taxonomy, say: Say
+) -> tuple[tuple[Predictions, EncodedLabels], list[FitResult]]:
+    """The pipeline's fit of a stack (:func:`fit_stack`, ``model`` fitted in place): its out-of-fold
+    scores over the plan's rows with their labels (the calibration set), and what it chose."""
+    from catalog_enrichment.training.fit import FitResult
+
+    fit = fit_stack(model, embeddings, plan, taxonomy, say=say)
+    chosen = {"penalties": fit.penalties, "mix": fit.mix}
+    return (fit.oof, plan.labels.subset(plan.rows)), [FitResult([], 0, chosen)]

@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset
 
 from catalog_enrichment.catalog import lakehouse
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import Collator, EncodedLabels, encode_labels
+from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductRecords, encode_labels
 from catalog_enrichment.data.images import ImagePolicy, check_images, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
@@ -59,6 +59,7 @@ __all__ = [
     "Survey",
     "TrainingRows",
     "arrow_source",
+    "group_of",
     "rank_of",
     "split_of",
     "survey",
@@ -130,14 +131,23 @@ def split_of(
 ) -> np.ndarray:
     """Each product's split (:data:`TRAIN`, :data:`VALIDATION`, :data:`CALIBRATION`, :data:`TEST`)
     from its group key: products with the same text (variants) always share one."""
-    keys = (
-        " ".join((t or "").lower().split()) + "\x1e" + " ".join((d or "").lower().split())
-        for t, d in zip(titles, descriptions, strict=True)
-    )
-    u = _unit(keys, f"split:{seed}")
+    u = _unit(_group_keys(titles, descriptions), f"split:{seed}")
     edges = np.cumsum([validation, calibration, test])
     codes = np.searchsorted(edges, u, side="right") + 1  # 1, 2, 3 below the edges, 4 above
     return np.where(codes == 4, TRAIN, codes).astype(np.int8)
+
+
+def _group_keys(titles: Sequence[str | None], descriptions: Sequence[str | None]) -> Iterator[str]:
+    """Each product's group key: its title and description, case and whitespace folded."""
+    return (
+        " ".join((t or "").lower().split()) + "\x1e" + " ".join((d or "").lower().split())
+        for t, d in zip(titles, descriptions, strict=True)
+    )
+
+
+def group_of(titles: Sequence[str | None], descriptions: Sequence[str | None]) -> np.ndarray:
+    """Each product's group (variants share one): a digest of its group key, in [0, 1)."""
+    return _unit(_group_keys(titles, descriptions), "group")
 
 
 def rank_of(product_ids: Sequence[str | None], *, seed: int, world: int) -> np.ndarray:
@@ -237,6 +247,15 @@ class _Reader:
             pixels, error = self.pixels(rows.image[i], rows.image_uri[i], prep)
             if error is None:
                 yield _item(rows, i, pixels, prep.size)
+
+    def records(self) -> Iterator[tuple[ProductRecords, list[Any]]]:
+        """Every usable product (in the survey's order), a record batch at a time, with its merchant
+        categories (None without a ``category`` column)."""
+        for batch in self.source.batches():
+            usable = self.usable(batch, InputBaselineCounts(), Counter())
+            if usable.num_rows:
+                table = pa.Table.from_batches([usable])
+                yield ProductRecords.from_arrow(table, self.policy), _column(usable, "category")
 
     def usable(
         self, batch: pa.RecordBatch, inputs: InputBaselineCounts, unusable: Counter[str]
@@ -348,6 +367,7 @@ class Survey:
 
     product_ids: list[Any]
     codes: np.ndarray  # each product's split
+    groups: np.ndarray  # each product's group (:func:`group_of`): cross-fit folds never cut one
     shards: np.ndarray  # each product's rank (of ``world``); its training row is read there
     world: int
     labels: EncodedLabels
@@ -379,7 +399,7 @@ def survey(
     """The survey pass (see the module docstring); ``texts`` False: the training texts are not kept
     (a pretrained tokenizer learns nothing from them)."""
     ids: list[Any] = []
-    codes, shards, labels, train_texts = [], [], [], []
+    codes, groups, shards, labels, train_texts = [], [], [], [], []
     inputs, unusable = InputBaselineCounts(), Counter[str]()
     everything = _Selection(seed, fractions, split=-1)
     for batch in reader.source.batches():
@@ -388,6 +408,7 @@ def survey(
         pids = _column(usable, "product_id")
         ids += pids
         codes.append(code)
+        groups.append(group_of(_column(usable, "title"), _column(usable, "description")))
         shards.append(rank_of(pids, seed=seed, world=world))
         labels.append(encode_labels(pa.Table.from_batches([usable]), reader.taxonomy))
         if texts:
@@ -401,6 +422,7 @@ def survey(
     return Survey(
         ids,
         np.concatenate(codes),
+        np.concatenate(groups),
         np.concatenate(shards),
         world,
         _concat_labels(labels, reader.taxonomy),
