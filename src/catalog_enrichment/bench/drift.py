@@ -411,7 +411,7 @@ def _train(table: pa.Table, taxonomy: Taxonomy, cfg: AppConfig, workdir: Path, s
     from catalog_enrichment.versions import ModelVersion
 
     # the taxonomy keeps the new product type no training product carries: the night meets it unseen
-    trained = train(table, taxonomy, cfg, progress=lambda m: say("  " + m), every_value_seen=False)
+    trained = train(table, taxonomy, cfg, progress=lambda m: say("  " + m))
     bundle = save_bundle(workdir / "model", trained.bundle())
     return trained, ModelVersion("drift", "1", bundle_dir=bundle)
 

@@ -146,7 +146,9 @@ def run_training_job(
     # frozen encoders read and fill the catalog's embedding store, as the enrichment job does (in
     # memory: a stream is read once per epoch and caches nothing)
     store = open_catalog(cfg.catalog) if cfg.inference.embedding_store and not streamed else None
-    trained = train(source, taxonomy, cfg, device=device, progress=progress, store=store)
+    trained = train(
+        source, taxonomy, cfg, device=device, progress=progress, store=store, every_value_seen=True
+    )
     example = _example_frame(pa.Table.from_batches([next(source.batches())]))
     trained.model.to("cpu")
     registered = _register(client, cfg, taxonomy, trained, example, snapshot)

@@ -96,7 +96,7 @@ def train(
     device: torch.device | str = "cpu",
     progress: Say | None = None,
     store: Catalog | None = None,
-    every_value_seen: bool = True,
+    every_value_seen: bool = False,
 ) -> TrainedModel:
     """Survey, fit, score the held-out splits, calibrate and evaluate (see the module docstring).
     Distributed training needs an active SparkSession (``TorchDistributor`` runs the ranks through it).
@@ -112,7 +112,8 @@ def train(
         store: a catalog whose embedding store frozen encoders read and fill (in memory;
             ``embeddings.frozen.embed_products``); None: the private cache.
         every_value_seen: refuse a taxonomy value no usable product of ``table`` carries (a model
-            cannot learn it); False only where that is the point (``bench drift``'s new product type).
+            cannot learn it: the training job's rule); False: such a value is never written (a
+            benchmark's real taxonomy, ``bench drift``'s new product type).
 
     Raises:
         ConfigError: a setting the reading does not support, named before any data is read.
