@@ -389,7 +389,7 @@ class Streamed:
         never the images), cross-fitted over folds that keep variants together."""
         cfg, found, seed = self.cfg, surveyed.found, self.cfg.training.seed
         collator = Collator(tokenizer, cfg.model.text.max_length)
-        embeddings = self._embedded(surveyed.reader, tokenizer, collator, say)
+        embeddings = self._embedded(surveyed, tokenizer, collator, say)
         model = seeded_model(cfg.model, self.taxonomy, tokenizer, seed, self.device)
         splits, labels = found.splits, found.labels
         plan = FoldPlan(splits.train, labels, found.groups, cfg.training.crossfit_folds or STACK_FOLDS, seed)
@@ -402,10 +402,11 @@ class Streamed:
         ids = found.product_ids
         return Fitted(model, tokenizer, fits, splits, labels, scoring, self.device, ids, oof, encodes=False)
 
-    def _embedded(self, reader: _Reader, tokenizer: Any, collator: Collator, say: Say) -> Embeddings:
+    def _embedded(self, surveyed: _Streaming, tokenizer: Any, collator: Collator, say: Say) -> Embeddings:
         """Every usable product's encoder outputs and hashed n-gram counts, in the survey's order: a
         record batch embedded at a time (each through the private cache, keyed on its content)."""
         import scipy.sparse
+        from tqdm.auto import tqdm
 
         cfg, tcfg = self.cfg, self.cfg.training
         embedder = seeded_model(cfg.model, self.taxonomy, tokenizer, tcfg.seed, self.device)
@@ -414,8 +415,10 @@ class Streamed:
         counts = []
         # with onnx, every score selected and calibrated on comes from the graphs
         onnx = cfg.model.encoder_runtime == "onnx"
-        with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
-            for records, categories in reader.records():
+        usable = len(surveyed.found.product_ids)
+        bar = tqdm(total=usable, desc="embedding the table", unit="product", disable=None)
+        with bar, runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
+            for records, categories in surveyed.reader.records():
                 part = embed_products(
                     embedder,
                     records,
@@ -427,6 +430,7 @@ class Streamed:
                 )
                 parts.append(part.tensors)
                 counts.append(ngram_counts(records.title, records.description, categories))
+                bar.update(len(records))
         lexical = scipy.sparse.vstack(counts, format="csr")
         lexical.sort_indices()
         say(f"frozen encoders: {lexical.shape[0]:,} products embedded in {len(parts)} record batches")

@@ -41,7 +41,9 @@ from catalog_enrichment.health import InputBaseline
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.fusion import StackFusion
 from catalog_enrichment.models.model import AnyModel, deterministic_algorithms
+from catalog_enrichment.training.distributed import Streamed
 from catalog_enrichment.training.fit import check_encoders_mode
+from catalog_enrichment.training.memory import InMemory
 from catalog_enrichment.training.stream import Source, arrow_source
 from catalog_enrichment.training.trained import Fitted, TrainedModel, conclude
 from catalog_enrichment.types import Say
@@ -102,7 +104,8 @@ def train(
     Distributed training needs an active SparkSession (``TorchDistributor`` runs the ranks through it).
 
     Args:
-        table: labelled products (contract ``labelled_products``): text, image and label columns.
+        table: labelled products (contract ``labelled_products``: text, image and label columns),
+            in memory or a :class:`~.stream.Source` (the training job's: the table's own files).
         taxonomy: attributes and allowed values; every attribute needs a label column.
         cfg: the app config (model, training, images and calibration sections are used).
         test_table: labelled products to test on instead of a test split of ``table`` (e.g. a
@@ -135,7 +138,7 @@ def train(
         fitted = reading.fit(surveyed, tokenizer, say)
         # the attributes the model scores as one distribution: the taxonomy it is saved with says which
         taxonomy = taxonomy.with_single_valued(_single_valued(fitted.model))
-        # with onnx, held-out products the encoders score go through the graphs that serve
+        # with onnx, held-out scoring that runs the encoders (not cached vectors) runs the graphs that serve
         onnx = cfg.model.encoder_runtime == "onnx" and fitted.encodes
         with runtime.served_by_graphs(fitted.model, say) if onnx else contextlib.nullcontext():
             return conclude(fitted, taxonomy, cfg, surveyed.inputs, started, say)
@@ -152,9 +155,6 @@ def _reading(
     """The reading ``training.streaming`` chooses, over the table as a source: an ``image_uri`` may
     name a file under ``images.roots`` or the table's own folder (merchant URIs are read under the
     catalog's policy, like serving's)."""
-    from catalog_enrichment.training.distributed import Streamed
-    from catalog_enrichment.training.memory import InMemory
-
     source = table if isinstance(table, Source) else arrow_source(table)
     roots = [source.folder] if source.folder else []
     if cfg.training.streaming.enabled:
