@@ -1,6 +1,6 @@
 """spark-submit to a real Spark standalone cluster (a master and two 1-core workers on 127.0.0.1,
 started from PySpark's own spark-class, shared by the module's tests): jobs/enrich.py against a
-local-mode run, and jobs/train.py with two ranks under TorchDistributor against one process."""
+local-mode run, and jobs/train.py with two ranks under TorchDistributor against one process's mean."""
 
 from __future__ import annotations
 
@@ -217,12 +217,15 @@ def test_spark_submit_to_a_standalone_cluster_writes_what_local_mode_writes(  # 
     _each_worker_ran_tasks(work_dirs, apps_before)
 
 
-# The spread of mean test R@P95 over training orders on this data and config, per process count
-# (`catalog-enrich bench train-scale --sizes 3000 --processes 1,2 --epochs 6 --batch-size 32
-# --orders 8`, docs/bench-train-scale-margin.json): sd 0.0194 for one process and 0.0236 for two,
-# over 8 orders each; a difference of one run of each has sd sqrt(0.0194^2 + 0.0236^2), and 3 of
-# those are 0.092.
-QUALITY_MARGIN = 0.092
+# One process's mean test R@P95 on this data and config, and the spread of one run over training
+# orders (`catalog-enrich bench train-scale --sizes 3000 --processes 1,2 --epochs 6 --batch-size 32
+# --orders 8`, docs/bench-train-scale-margin.json): one process mean 0.5729 (sd 0.0194 over 8
+# orders, so its mean has sd 0.0194 / sqrt(8)); two ranks mean 0.5557, one run sd 0.0236. One run
+# of two ranks less the one-process mean has sd sqrt(0.0236^2 + 0.0194^2 / 8) = 0.0244; the margin
+# is the 0.017 gap between the two means plus 2.58 of those, rounded up: a false failure one time
+# in 200.
+ONE_PROCESS_MEAN = 0.5729
+QUALITY_MARGIN = 0.081
 
 
 @pytest.fixture(scope="module")
@@ -269,23 +272,17 @@ def _mean_test_r_at_p95(config: Path, name: str) -> float:
 def test_two_ranks_on_the_cluster_train_a_model_as_good_as_one_process(  # type: ignore[no-untyped-def]
     cluster, training_data
 ) -> None:
-    from catalog_enrichment.cli import main
-
     master, work_dirs = cluster
     data, config = training_data
-    assert (
-        main(["train", "--config", str(config), "--data", str(data), "--set", "mlflow.registered_model=one"])
-        == 0
-    )
     apps_before = _apps(work_dirs)
     started = time.perf_counter()
     proc = _submit_train(master, data, config, "two")
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-3000:]
     print(f"two ranks on the cluster: {time.perf_counter() - started:.0f}s")
     assert "rank 0/2: epoch 6/6" in proc.stdout + proc.stderr  # the ranks' own log came back
-    one, two = _mean_test_r_at_p95(config, "one"), _mean_test_r_at_p95(config, "two")
-    print(f"mean test R@P95: one process {one:.4f}, two ranks {two:.4f}")
-    assert abs(one - two) <= QUALITY_MARGIN and two > 0.3
+    two = _mean_test_r_at_p95(config, "two")
+    print(f"mean test R@P95: two ranks {two:.4f}, one process {ONE_PROCESS_MEAN} (mean of 8 orders)")
+    assert abs(two - ONE_PROCESS_MEAN) <= QUALITY_MARGIN
     _each_worker_ran_tasks(work_dirs, apps_before)  # one rank per worker
 
 
@@ -308,5 +305,5 @@ def test_a_rank_killed_on_the_cluster_fails_the_run_with_one_line_and_registers_
         errors[0],
     ), errors[0]
     client = registry.configure_mlflow(f"sqlite:///{config.parent / 'mlflow.db'}")
-    assert [m.name for m in client.search_registered_models()] in ([], ["one"], ["one", "two"], ["two"])
+    assert [m.name for m in client.search_registered_models()] in ([], ["two"])
     assert "killed" not in {m.name for m in client.search_registered_models()}
