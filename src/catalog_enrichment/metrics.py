@@ -251,7 +251,7 @@ def paired_change(new: np.ndarray, old: np.ndarray, *, confidence: float = 0.95)
     gives a value). The bound is the normal approximation on the per-item differences (a paired,
     McNemar-style comparison: items both models treat alike add no noise). ``(0, 0)`` when empty.
     """
-    from scipy import stats
+    from scipy.special import ndtri  # the normal quantile
 
     new = np.asarray(new, dtype=np.float64)
     old = np.asarray(old, dtype=np.float64)
@@ -262,7 +262,7 @@ def paired_change(new: np.ndarray, old: np.ndarray, *, confidence: float = 0.95)
     diff = new - old
     mean = float(diff.mean())
     spread = float(diff.std(ddof=1)) if diff.size > 1 else 0.0
-    return mean, mean + float(stats.norm.ppf(confidence)) * spread / float(np.sqrt(diff.size))
+    return mean, mean + float(ndtri(confidence)) * spread / float(np.sqrt(diff.size))
 
 
 def paired_bootstrap(

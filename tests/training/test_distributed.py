@@ -51,7 +51,7 @@ def test_the_failure_named_is_torchruns_root_cause() -> None:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Path:
     path = tmp_path_factory.mktemp("distributed") / "labelled"
-    cfg = SyntheticConfig(products=1500, seed=1, image_size=32)
+    cfg = SyntheticConfig(products=600, seed=1, image_size=32)
     write_table(path, pa.Table.from_batches([b for b, _ in products_batches(cfg, taxonomy)]))
     return path
 

@@ -103,7 +103,7 @@ from tests.conftest import tiny_config
 
 torch.set_num_threads(2)
 taxonomy = load_taxonomy()
-market = generate_marketplace(sys.argv[1], SyntheticConfig(products=1500, seed=3, image_size=32))
+market = generate_marketplace(sys.argv[1], SyntheticConfig(products=600, seed=3, image_size=32))
 from catalog_enrichment.training.pipeline import train
 
 trained = train(read_table(market.products), taxonomy, tiny_config(epochs=2))

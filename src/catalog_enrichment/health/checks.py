@@ -54,7 +54,7 @@ def homogeneity(
     baseline only, never at tonight's counts (choosing bins after seeing the data would inflate the
     statistic). One bin left tests nothing (p 1).
     """
-    from scipy.stats import chi2
+    from scipy.special import chdtrc  # chi-squared survival function (scipy.stats' chi2.sf)
 
     b = np.asarray(baseline, np.float64)
     c = np.asarray(counts, np.float64)
@@ -80,7 +80,7 @@ def homogeneity(
     expected = table.sum(axis=1, keepdims=True) * np.array([[m, n]]) / (m + n)
     statistic = float(np.sum((table - expected) ** 2 / expected)) / max(1.0, design_effect)
     dof = len(groups) - 1
-    return statistic, float(chi2.sf(statistic, dof)), dof
+    return statistic, float(chdtrc(dof, statistic)), dof
 
 
 # -- checks -------------------------------------------------------------------------------------------
@@ -231,14 +231,14 @@ def _pending(
 
 
 def _judge(p: _Pending, limits: _Limits) -> Check:
-    from scipy.stats import norm
+    from scipy.special import ndtri  # the normal quantile (scipy.stats' norm.ppf)
 
     alpha, target = limits.alpha, limits.target
     where = p.check.replace("_", " ") if p.scope == INPUT else f"{p.scope}: {p.check.replace('_', ' ')}"
     if p.precision is not None:
         estimate, error = p.precision
         error *= math.sqrt(max(1.0, limits.design_effect))
-        upper = min(1.0, estimate + float(norm.ppf(1 - alpha)) * error)
+        upper = min(1.0, estimate + float(ndtri(1 - alpha)) * error)
         failed = upper < target
         message = f"{where} {estimate:.3f} (upper bound {upper:.3f}) < {target:.2f}" if failed else None
         return Check(
