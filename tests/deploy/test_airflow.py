@@ -7,8 +7,10 @@ on a drifted feed its health check fails the DAG run and the review sample never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -66,22 +68,19 @@ def _dags_test(
     run = subprocess.run(
         [airflow, "dags", "test", dag_id, date], env=env, capture_output=True, text=True, timeout=timeout
     )
-    runs = subprocess.run(
-        [airflow, "dags", "list-runs", dag_id, "-o", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    state = {r["logical_date"][:10]: r["state"] for r in json.loads(runs.stdout.strip().splitlines()[-1])}
-    assert state[date] == ("success" if succeeds else "failed"), (run.stdout + run.stderr)[-5000:]
-    tasks = subprocess.run(
-        [airflow, "tasks", "states-for-dag-run", dag_id, next(r["run_id"] for r in json.loads(
-            runs.stdout.strip().splitlines()[-1]) if r["logical_date"][:10] == date), "-o", "json"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert tasks.returncode == 0, tasks.stderr[-3000:]
-    return {t["task_id"]: t["state"] for t in json.loads(tasks.stdout.strip().splitlines()[-1])}
+    # the run's and its tasks' states from Airflow's metadata database: the rows `airflow dags
+    # list-runs` and `airflow tasks states-for-dag-run` print, without starting Airflow twice more
+    with contextlib.closing(sqlite3.connect(tmp / "airflow" / "airflow.db")) as db:
+        found = db.execute(
+            "SELECT run_id, state FROM dag_run WHERE dag_id = ? AND date(logical_date) = ?", (dag_id, date)
+        ).fetchone()
+        assert found is not None, (run.stdout + run.stderr)[-5000:]
+        run_id, state = found
+        assert state == ("success" if succeeds else "failed"), (run.stdout + run.stderr)[-5000:]
+        tasks = db.execute(
+            "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)
+        ).fetchall()
+    return dict(tasks)
 
 
 INSPECT = """
