@@ -6,7 +6,8 @@ the tiny model and, for the frozen and stack runs, the tests' tiny pretrained en
 Configurations: in memory with a held-out calibration split; cross-fitting + noise pruning; a
 2-member ensemble; frozen encoders; the frozen ``stack``; streamed; streamed with frozen encoders.
 
-Run it from the checkout measured (its ``tests`` helpers and its ``src``), before and after a
+Run it from the checkout measured (its ``tests`` helpers and its ``src``, which has
+``training.pipeline.train``), before and after a
 change, and compare the lines::
 
     cd <checkout> && PYTHONPATH=src:. python <this file> [name ...]
@@ -24,25 +25,6 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-
-
-def _trainers() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(in memory, streamed) for this checkout: ``training.pipeline.train``, or the two entry points
-    that came before it."""
-    from catalog_enrichment.training.stream import arrow_source
-
-    try:
-        from catalog_enrichment.training.pipeline import train
-
-        return train, lambda table, tax, cfg: train(arrow_source(table, batch_rows=128), tax, cfg)
-    except ImportError:
-        from catalog_enrichment.training.loop import train_and_calibrate
-
-        from catalog_enrichment.training.distributed import train_streaming
-
-        return train_and_calibrate, lambda t, tax, cfg: train_streaming(
-            arrow_source(t, batch_rows=128), tax, cfg
-        )
 
 
 def digest(trained: Any) -> str:
@@ -67,9 +49,13 @@ def main(names: list[str]) -> int:
     from catalog_enrichment.config import SyntheticConfig
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.data.synthetic import generate_marketplace
+    from catalog_enrichment.training.pipeline import train
+    from catalog_enrichment.training.stream import arrow_source
+
+    def streamed(table: pa.Table, tax: Any, cfg: Any) -> Any:
+        return train(arrow_source(table, batch_rows=128), tax, cfg)
 
     torch.set_num_threads(2)
-    memory, streamed = _trainers()
     tmp = Path(tempfile.mkdtemp())
     tax = load_taxonomy()
     market = generate_marketplace(
@@ -89,11 +75,11 @@ def main(names: list[str]) -> int:
     ensemble = tiny_config(epochs=1, model={"ensemble": {"members": 2}})
     frozen_streamed = pretrained_cfg(paths, encoders="frozen", streaming=stream)
     cases: dict[str, Callable[[], Any]] = {
-        "memory held-out": lambda: memory(table, tax, tiny_config(epochs=2)),
-        "memory crossfit+pruning": lambda: memory(table, tax, tiny_config(epochs=2, training=pruning)),
-        "memory ensemble": lambda: memory(table, tax, ensemble),
-        "memory frozen": lambda: memory(table, tax, frozen),
-        "memory stack": lambda: memory(table, tax, stack()),
+        "memory held-out": lambda: train(table, tax, tiny_config(epochs=2)),
+        "memory crossfit+pruning": lambda: train(table, tax, tiny_config(epochs=2, training=pruning)),
+        "memory ensemble": lambda: train(table, tax, ensemble),
+        "memory frozen": lambda: train(table, tax, frozen),
+        "memory stack": lambda: train(table, tax, stack()),
         "streamed": lambda: streamed(table, tax, tiny_config(epochs=2, training={"streaming": stream})),
         "streamed frozen": lambda: streamed(table, tax, frozen_streamed),
     }
