@@ -1,10 +1,13 @@
-"""The fine-tuned image network (``finetune.py``'s out-of-fold and test probabilities) beside the CPU
-rows on hm-fashion: alone, and as a member beside the recommended stack - a meta-learner per
-attribute over the two members' log-probabilities (one weight each and a bias per value), cross-fitted
-over the same folds - each calibrated on its own out-of-fold scores by the project's calibrator and
-tested on test.parquet, with paired bootstrap intervals against the baseline and the stack.
+"""A fine-tuned network (``finetune.py``'s image network or ``tools/text_member.py``'s text layers:
+their out-of-fold and test probabilities) beside the CPU rows on hm-fashion: alone, and as a member
+beside the recommended stack - a meta-learner per attribute over the two members' log-probabilities
+(one weight each and a bias per value), cross-fitted over the same folds - each calibrated on its own
+out-of-fold scores by the project's calibrator and tested on test.parquet, with paired bootstrap
+intervals against the baseline and the stack.
 
     python tools/gpu/compare.py ../shared/data/hm-fashion gpu/meta.json finetuned.npz --out compare.json
+
+A ``finetuned.npz`` without ``lp_<attribute>`` arrays (no linear probe) has no probe row.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from catalog_enrichment.bench.baseline import run_baseline
 from catalog_enrichment.bench.quality import _versus
 from catalog_enrichment.catalog.lakehouse import read_table
-from catalog_enrichment.config import load_config
+from catalog_enrichment.config import load_config, parse_overrides
 from catalog_enrichment.contracts import load_taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.training.evaluation import Predictions, calibrate, evaluate
@@ -82,11 +85,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="the hm-fashion folder")
     parser.add_argument("meta", type=Path, help="export_hm.py's meta.json (the folds)")
-    parser.add_argument("finetuned", type=Path, help="finetune.py's finetuned.npz")
+    parser.add_argument("finetuned", type=Path, help="finetune.py's or text_member.py's finetuned.npz")
+    parser.add_argument(
+        "--member", default="fine-tuned EfficientNet-Lite0", help="the member's name in the rows"
+    )
     parser.add_argument("--config", default="deploy/config/pretrained.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--out", type=Path, default=Path("compare.json"))
     args = parser.parse_args()
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, overrides=parse_overrides(args.set))
     taxonomy = load_taxonomy(args.data / "taxonomy.yaml")
     train_table, test_table = (
         read_table(str(args.data / "train.parquet")),
@@ -115,10 +122,11 @@ def main() -> None:
     stack = ({a: oof_preds.probs[a] for a in attrs}, {a: trained.test_predictions.probs[a] for a in attrs})
     rows: dict[str, tuple[Scores, Scores, dict | None]] = {
         "stack (recommended, CPU)": (*stack, None),
-        "fine-tuned EfficientNet-Lite0 alone": (*member("ft"), None),
-        "frozen EfficientNet-Lite0, linear probe": (*member("lp"), None),
-        "stack + fine-tuned member": combine([stack, member("ft")], labels, folds),
+        f"{args.member} alone": (*member("ft"), None),
     }
+    if f"lp_{attrs[0]}" in saved:
+        rows["frozen EfficientNet-Lite0, linear probe"] = (*member("lp"), None)
+    rows["stack + fine-tuned member"] = combine([stack, member("ft")], labels, folds)
     result: dict[str, dict] = {"baseline": {a: {k: baseline[a].get(k) for k in METRICS} for a in attrs}}
     for name, (oof, test, weights) in rows.items():
         calibration = calibrate(Predictions(oof, None, {}), labels, taxonomy, cfg.calibration)
