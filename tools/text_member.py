@@ -2,9 +2,10 @@
 stack's own cross-fit folds and text pairs (title, description; ``model.text.max_length``), the
 hidden states below the top ``--layers`` layers computed once, then per fold a copy of those layers
 and one softmax head per attribute trained over them (AdamW, warm-up then linear decay, label
-smoothing 0.1). Out-of-fold probabilities for every training product; for every test product, the
-probabilities of the fold models' weights averaged (one network, as the stack's linear learners
-are averaged). Writes what ``tools/gpu/compare.py`` reads:
+smoothing 0.1; a label's first value: hm-fashion's products have one per attribute). Out-of-fold
+probabilities for every training product; for every test product, the probabilities of the fold
+models' weights averaged (one network, as the stack's linear learners are averaged). Writes what
+``tools/gpu/compare.py`` reads:
 
     python tools/text_member.py ../shared/data/hm-fashion textmember/ --epochs 2
     python tools/gpu/compare.py ../shared/data/hm-fashion textmember/meta.json textmember/finetuned.npz \\
