@@ -23,14 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from gpu.export_hm import stack_folds  # tools/gpu/export_hm.py: the folds the GPU measurement used
 from torch import nn
 
-from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.config import AppConfig, load_config
 from catalog_enrichment.contracts import load_taxonomy
-from catalog_enrichment.data.images import ImagePolicy
-from catalog_enrichment.training import memory
-from catalog_enrichment.training.splits import FoldPlan
 
 BODY_LR, HEAD_LR, WEIGHT_DECAY, BATCH = 1e-4, 2e-3, 0.01, 32
 
@@ -146,18 +143,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config)
     taxonomy = load_taxonomy(args.data / "taxonomy.yaml")
-    train, test = read_table(str(args.data / "train.parquet")), read_table(str(args.data / "test.parquet"))
-    policy = ImagePolicy.from_config(cfg.images, [])
-    table, labels, groups, splits, folds, _ = memory._split(train, test, taxonomy, cfg, policy, print)
-    plan = FoldPlan(splits.train, labels, groups, folds, cfg.training.seed)
-    fold = np.full(table.num_rows, -1, np.int64)
-    for k, (_, rows) in enumerate(plan.folds()):
-        fold[splits.train[rows]] = k
-    index = {}
-    for attr in taxonomy:
-        position = {v: i for i, v in enumerate(attr.values)}
-        first = [(v[0] if v else None) if isinstance(v, list) else v for v in table[attr.name].to_pylist()]
-        index[attr.name] = torch.tensor([position.get(v, -1) if v is not None else -1 for v in first])
+    table, test_rows, fold, labels = stack_folds(args.data, cfg, taxonomy)
+    folds = int(fold.max()) + 1
+    index = {a: torch.tensor(v) for a, v in labels.items()}
     started = time.perf_counter()
     states, mask, layers = _states(cfg, table, args.layers)
     print(f"hidden states of {table.num_rows} products: {time.perf_counter() - started:.0f} s", flush=True)
@@ -182,8 +170,8 @@ def main() -> None:
     soup.load_state_dict(
         {n: torch.stack([m.state_dict()[n] for m in fitted]).mean(0) for n in soup.state_dict()}
     )
-    for a, p in _probs(soup.eval(), states, mask, splits.test).items():
-        probs[a][splits.test] = p
+    for a, p in _probs(soup.eval(), states, mask, test_rows).items():
+        probs[a][test_rows] = p
     ids = table["product_id"].to_pylist()
     (args.out / "meta.json").write_text(json.dumps({"product_id": ids, "fold": fold.tolist()}))
     np.savez_compressed(

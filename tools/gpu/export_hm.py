@@ -16,14 +16,35 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from catalog_enrichment.catalog.lakehouse import read_table
-from catalog_enrichment.config import load_config
-from catalog_enrichment.contracts import load_taxonomy
+from catalog_enrichment.config import AppConfig, load_config
+from catalog_enrichment.contracts import Taxonomy, load_taxonomy
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.training import memory
 from catalog_enrichment.training.splits import FoldPlan
+
+
+def stack_folds(
+    data: Path, cfg: AppConfig, taxonomy: Taxonomy
+) -> tuple[pa.Table, np.ndarray, np.ndarray, dict[str, list[int]]]:
+    """hm-fashion's usable products as the training job orders them (train.parquet's, then
+    test.parquet's), the test rows, each product's cross-fit fold of the stack (-1: test) and per
+    attribute each product's value index (a label's first value; -1: none)."""
+    train, test = read_table(str(data / "train.parquet")), read_table(str(data / "test.parquet"))
+    policy = ImagePolicy.from_config(cfg.images, [])
+    table, labels, groups, splits, folds, _ = memory._split(train, test, taxonomy, cfg, policy, print)
+    fold = np.full(table.num_rows, -1, np.int64)
+    for k, (_, rows) in enumerate(FoldPlan(splits.train, labels, groups, folds, cfg.training.seed).folds()):
+        fold[splits.train[rows]] = k
+    index = {}
+    for attr in taxonomy:
+        position = {v: i for i, v in enumerate(attr.values)}
+        first = [(v[0] if v else None) if isinstance(v, list) else v for v in table[attr.name].to_pylist()]
+        index[attr.name] = [position.get(v, -1) if v is not None else -1 for v in first]
+    return table, splits.test, fold, index
 
 
 def main() -> None:
@@ -38,22 +59,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config)
     taxonomy = load_taxonomy(args.data / "taxonomy.yaml")
-    train, test = read_table(str(args.data / "train.parquet")), read_table(str(args.data / "test.parquet"))
-    policy = ImagePolicy.from_config(cfg.images, [])
-    table, labels, groups, splits, folds, _ = memory._split(train, test, taxonomy, cfg, policy, print)
-    fold = np.full(table.num_rows, -1, np.int64)
-    for k, (_, rows) in enumerate(FoldPlan(splits.train, labels, groups, folds, cfg.training.seed).folds()):
-        fold[splits.train[rows]] = k
+    table, test_rows, fold, labels = stack_folds(args.data, cfg, taxonomy)
     meta: dict[str, object] = {
         "product_id": table["product_id"].to_pylist(),
         "fold": fold.tolist(),
-        "test": np.isin(np.arange(table.num_rows), splits.test).tolist(),
+        "test": np.isin(np.arange(table.num_rows), test_rows).tolist(),
         "values": {a.name: list(a.values) for a in taxonomy},
+        **labels,
     }
-    for attr in taxonomy:
-        index = {v: i for i, v in enumerate(attr.values)}
-        first = [(v[0] if v else None) if isinstance(v, list) else v for v in table[attr.name].to_pylist()]
-        meta[attr.name] = [index.get(v, -1) if v is not None else -1 for v in first]
     photos, offsets = io.BytesIO(), [0]
     for data in table["image"].to_pylist():
         Image.open(io.BytesIO(data)).convert("RGB").resize((width, height), Image.BICUBIC).save(
@@ -64,7 +77,7 @@ def main() -> None:
     (args.out / "images.bin").write_bytes(photos.getvalue())
     (args.out / "meta.json").write_text(json.dumps(meta))
     shutil.copy(Path(cfg.model.image.pretrained_path), args.out / "image.pth")
-    print(f"{table.num_rows} products ({splits.train.size} train, {splits.test.size} test) -> {args.out}")
+    print(f"{table.num_rows} products ({int((fold >= 0).sum())} train, {test_rows.size} test) -> {args.out}")
 
 
 if __name__ == "__main__":
