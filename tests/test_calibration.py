@@ -452,3 +452,31 @@ def test_the_pooled_guarantee_fails_at_most_at_the_nominal_rate(with_family: boo
     # (its precision falls from 1 at the top, so the first level tested - min_testable_writes -
     # is already near the target); 800 is below the 1st percentile of Binomial(1000, 0.84)
     assert written >= 800, written
+
+
+def test_the_threshold_without_a_bound_is_read_off_the_calibration_scores_and_tested_on_the_test_set() -> (
+    None
+):
+    from catalog_enrichment.contracts import Taxonomy
+    from catalog_enrichment.data.dataset import EncodedLabels
+    from catalog_enrichment.training.evaluation import Predictions, written_without_bound
+
+    taxonomy = Taxonomy.from_dict({"attributes": {"pattern": {"kind": "multiclass", "values": ["a", "b"]}}})
+
+    def scored(top: list[float], labels: list[int]) -> tuple[Predictions, EncodedLabels]:
+        s = np.array(top)
+        y = np.array(labels)
+        return Predictions({"pattern": np.c_[s, 1 - s]}, None, {}), EncodedLabels(
+            {"pattern": y}, {"pattern": y >= 0}
+        )
+
+    # calibration: "a" is every top-1; right down to 0.8, wrong below: the threshold is 0.8
+    calibration = scored([0.95, 0.9, 0.85, 0.8, 0.7, 0.6], [0, 0, 0, 0, 1, 1])
+    # test: at 0.8 two writes, both right (recall 2/5); its own R@P95 cuts at 0.72 (recall 4/5)
+    test = scored([0.9, 0.85, 0.75, 0.72, 0.65], [0, 0, 0, 0, 1])
+    out = written_without_bound(calibration, test, taxonomy, 0.95)["pattern"]
+    assert out["realized_precision"] == pytest.approx(1.0)
+    assert out["coverage_efficiency"] == pytest.approx(0.5)
+    # calibration scores that never reach the target: nothing is written
+    nowhere = written_without_bound(scored([0.9, 0.8], [1, 1]), test, taxonomy, 0.95)["pattern"]
+    assert np.isnan(nowhere["realized_precision"]) and nowhere["coverage_efficiency"] == 0.0

@@ -41,6 +41,7 @@ def test_multiclass_r_at_p_uses_top1() -> None:
     labels = np.array([0, 0, 1, 1])  # the last product is predicted 0 with 0.6 and is wrong
     out = attribute_r_at_p(scores, labels, "multiclass")
     assert out.pooled == pytest.approx(0.75)  # cut at 0.7: 3 right of 3 predicted, 3 of 4 products
+    assert out.threshold == pytest.approx(0.7)
     assert out.per_value.tolist() == [1.0, 0.5]
 
 

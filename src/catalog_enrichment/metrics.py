@@ -167,10 +167,12 @@ def written_precision_and_coverage(
 
 @dataclass(frozen=True)
 class RAtP:
-    """R@P of one attribute: ``pooled`` (one global threshold), ``per_value`` ``(V,)`` (NaN = no support)."""
+    """R@P of one attribute: ``pooled`` (one global threshold), ``per_value`` ``(V,)`` (NaN = no support)
+    and ``threshold``, the pooled one's (None where no threshold reaches the target)."""
 
     pooled: float
     per_value: np.ndarray
+    threshold: float | None = None
 
 
 def attribute_r_at_p(
@@ -189,14 +191,16 @@ def attribute_r_at_p(
     s, t = scores[known], truth[known]
     per_value: list[float] = []
     if kind == "multilabel":
-        pooled, _ = binary_r_at_p(s.ravel(), t.ravel(), target=target)
+        pooled, threshold = binary_r_at_p(s.ravel(), t.ravel(), target=target)
         for v in range(s.shape[1]):
             per_value.append(binary_r_at_p(s[:, v], t[:, v], target=target)[0] if t[:, v].any() else np.nan)
     else:
         top = s.argmax(axis=1)
         top_score = s[np.arange(s.shape[0]), top]
         right = t[np.arange(s.shape[0]), top]
-        pooled, _ = binary_r_at_p(top_score, right, target=target, n_positive=int(t.any(axis=1).sum()))
+        pooled, threshold = binary_r_at_p(
+            top_score, right, target=target, n_positive=int(t.any(axis=1).sum())
+        )
         for v in range(s.shape[1]):
             sel = top == v
             support = int(t[:, v].sum())
@@ -205,7 +209,7 @@ def attribute_r_at_p(
                 if support
                 else np.nan
             )
-    return RAtP(float(pooled), np.asarray(per_value, dtype=np.float64))
+    return RAtP(float(pooled), np.asarray(per_value, dtype=np.float64), threshold)
 
 
 def attribute_average_precision(scores: np.ndarray, labels: np.ndarray, kind: AttributeKind) -> float:

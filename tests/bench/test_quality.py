@@ -11,6 +11,7 @@ import pytest
 from catalog_enrichment.bench.baseline import BASELINE_LABEL
 from catalog_enrichment.bench.quality import (
     COLLAPSE_LABEL,
+    NO_BOUND,
     format_quality_markdown,
     method_runs,
     run_quality_benchmark,
@@ -54,8 +55,12 @@ def test_real_data_benchmark_tests_every_row_on_the_test_table(tmp_path: Path, t
     # when this was written; 0.5 says "reads it", not "is this good")
     baseline = result["methods"][BASELINE_LABEL]
     assert baseline["product_type"]["r_at_p95"] > 0.5 and baseline["color"]["r_at_p95"] > 0.5
+    # the threshold without a bound is reported beside the scopes (its scores are the calibration
+    # split's, on the served model's scale)
+    assert set(result["scopes"]["tiny"][NO_BOUND]) == set(result["methods"]["tiny"])
     markdown = format_quality_markdown(result)
     assert f"tested on {test} (150 products)" in markdown and BASELINE_LABEL in markdown
+    assert f"| tiny | {NO_BOUND} |" in markdown
 
 
 @pytest.mark.timeout(30)

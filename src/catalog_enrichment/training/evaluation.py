@@ -49,6 +49,7 @@ __all__ = [
     "predict",
     "to_device",
     "with_health",
+    "written_without_bound",
 ]
 
 
@@ -190,6 +191,35 @@ def evaluate(
             entry["per_value"] = _per_value_written(scores, y, kind, thresholds, attr.values)
         report[attr.name] = entry
     return report
+
+
+def written_without_bound(
+    calibration_set: tuple[Predictions, EncodedLabels],
+    test_set: tuple[Predictions, EncodedLabels],
+    taxonomy: Taxonomy,
+    target: float,
+) -> dict[str, dict[str, float]]:
+    """Per attribute (derived ones too): realized precision and coverage efficiency on the test set
+    of one threshold read off the calibration scores without a bound - the pooled threshold where
+    their own precision last reaches ``target`` (their R@P95 point). Where the calibrated
+    thresholds' efficiency falls short, it tells the bound's cost (this efficiency minus theirs)
+    from the test set's being unlike the calibration set (what this one misses). Meaningful only
+    where the calibration scores are on the served model's scale."""
+    probs, labels, outputs = _outputs(*calibration_set, taxonomy)
+    test_probs, test_labels, _ = _outputs(*test_set, taxonomy)
+    out = {}
+    for attr in outputs:
+        threshold = attribute_r_at_p(*labels.labelled(probs, attr.name), attr.kind, target=target).threshold
+        scores, y = test_labels.labelled(test_probs, attr.name)
+        written = written_precision_and_coverage(
+            scores, y, attr.kind, np.full(len(attr.values), np.nan if threshold is None else threshold)
+        )
+        r = attribute_r_at_p(scores, y, attr.kind).pooled  # as evaluate's efficiency
+        out[attr.name] = {
+            "realized_precision": written["precision"],
+            "coverage_efficiency": coverage_efficiency(written["recall"], r),
+        }
+    return out
 
 
 def _per_value_written(
