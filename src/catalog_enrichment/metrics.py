@@ -172,7 +172,7 @@ class RAtP:
 
     pooled: float
     per_value: np.ndarray
-    threshold: float | None = None
+    threshold: float | None
 
 
 def attribute_r_at_p(
