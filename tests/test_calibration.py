@@ -22,6 +22,9 @@ from catalog_enrichment.calibration import (
     wilson_upper,
 )
 from catalog_enrichment.config import CalibrationConfig
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.training.evaluation import Predictions, written_without_bound
 
 
 def value_scope(*args: Any, min_support: int = 20, **kwargs: Any) -> AttributeCalibration:
@@ -454,13 +457,7 @@ def test_the_pooled_guarantee_fails_at_most_at_the_nominal_rate(with_family: boo
     assert written >= 800, written
 
 
-def test_the_threshold_without_a_bound_is_read_off_the_calibration_scores_and_tested_on_the_test_set() -> (
-    None
-):
-    from catalog_enrichment.contracts import Taxonomy
-    from catalog_enrichment.data.dataset import EncodedLabels
-    from catalog_enrichment.training.evaluation import Predictions, written_without_bound
-
+def test_the_threshold_without_a_bound_comes_from_the_calibration_scores_and_is_tested_on_others() -> None:
     taxonomy = Taxonomy.from_dict({"attributes": {"pattern": {"kind": "multiclass", "values": ["a", "b"]}}})
 
     def scored(top: list[float], labels: list[int]) -> tuple[Predictions, EncodedLabels]:
