@@ -18,6 +18,7 @@ from catalog_enrichment.calibration import (
     clopper_pearson_lower,
     min_testable_writes,
     on_served_scale,
+    precision_proving,
     wilson_lower,
     wilson_upper,
 )
@@ -325,6 +326,7 @@ def test_wrong_labels_among_the_most_confident_writes_do_not_end_the_sequence() 
     assert cal.threshold_array().tolist() == [THRESHOLD_GRID[THRESHOLD_GRID <= 0.98].max()]
     assert cal.pooled is not None and (cal.pooled.n_written, cal.pooled.n_correct) == (1000, 975)
     assert cal.pooled.levels_tested == 2  # 1,000 writes, then 3,000 (which fails)
+    assert (cal.pooled.stop_written, cal.pooled.stop_correct) == (3000, 975)
     # a small calibration set starts sooner (a sixth of its products), not before 229, where
     # 0.975 would prove the target: of 1,000 products the 250 are tested first, and fail
     testable = [
@@ -336,6 +338,43 @@ def test_wrong_labels_among_the_most_confident_writes_do_not_end_the_sequence() 
     )
     assert small.values[0].threshold is None
     assert small.pooled is not None and small.pooled.levels_tested == 1
+    assert (small.pooled.stop_written, small.pooled.stop_correct) == (250, 240)
+    # the reason gives the failed test's evidence: 240 / 250 right where 244 (0.976) would prove it
+    assert small.values[0].reason == (
+        "the first level tested wrote 250 calibration values 96.0% right: lower bound "
+        f"{wilson_lower(240, 250).item():.3f} < 0.95 (97.6% would prove it at that many writes)"
+    )
+
+
+def test_the_precision_that_proves_the_target_is_the_fewest_right_writes_whose_bound_reaches_it() -> None:
+    # 100 writes, exact bound: 99 right has lower bound 0.953, 98 right 0.938 - so 99 %
+    assert precision_proving(100, target=0.95, confidence=0.95, bound="clopper_pearson") == 0.99
+    # min_testable_writes is where a third of the way to 1 (0.9667) first proves 95 %: at 477
+    # writes 461 right do (0.9665), at 476 it takes 461 (0.9685)
+    assert precision_proving(477, target=0.95, confidence=0.95, bound="wilson") == 461 / 477
+    assert precision_proving(476, target=0.95, confidence=0.95, bound="wilson") == 461 / 476
+    # 10 writes cannot prove 95 % however many are right
+    assert precision_proving(10, target=0.95, confidence=0.95, bound="wilson") is None
+
+
+def test_the_training_log_line_says_what_was_proved_and_where_the_test_stopped() -> None:
+    scores, labels = _multilabel(_bands((250, 0.995, 0.96), (750, 0.98, 0.98), (2000, 0.1, 0.0)))
+    cal = Calibration(
+        0.95, 0.95, "wilson", 20, {"a": calibrate_attribute("a", "multilabel", ["a"], scores, labels)}
+    )
+    bound = wilson_lower(975, 1000).item()
+    assert cal.describe("a") == (
+        f"a: writes 1 of 1 values where 1,000 calibration values were 97.5% right (lower bound {bound:.3f} "
+        ">= 0.95); the next level tested (3,000 writes, 32.5% right) did not prove it"
+    )
+    small = calibrate_attribute("a", "multilabel", ["a"], *_multilabel(_bands((250, 0.995, 0.96))))
+    nothing = Calibration(0.95, 0.95, "wilson", 20, {"a": small})
+    assert nothing.describe("a") == f"a: writes nothing: {small.values[0].reason}"
+    # the strict scope tests the 250 most confident first (240 right, lower bound 0.934) and stops
+    strict = Calibration(
+        0.95, 0.95, "wilson", 20, {"a": value_scope("a", "multilabel", ["a"], scores, labels)}
+    )
+    assert strict.describe("a") == "a: 0 of 1 values proved the target on their own"
 
 
 def test_a_tail_value_shares_the_pooled_threshold_and_a_head_value_keeps_its_own() -> None:

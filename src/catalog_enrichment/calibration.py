@@ -82,6 +82,7 @@ __all__ = [
     "lower_bound",
     "min_testable_writes",
     "on_served_scale",
+    "precision_proving",
     "version_target",
     "wilson_lower",
     "wilson_upper",
@@ -180,7 +181,9 @@ class PooledEvidence:
     no level passed, nothing is written);
     ``n_written``/``n_correct``/``precision``/``lower_bound`` describe every value written at that
     level before the guard; ``levels_tested`` counts the tests run (the last one failed unless the
-    grid ran out); ``guarded`` names the values the per-value guard kept out.
+    grid ran out); ``guarded`` names the values the per-value guard raised or kept out;
+    ``stop_written``/``stop_correct``: the calibration writes of the level whose failed test ended
+    the sequence (``0`` where the grid ran out first).
     """
 
     level: float | None
@@ -190,6 +193,8 @@ class PooledEvidence:
     lower_bound: float | None
     levels_tested: int
     guarded: tuple[str, ...] = ()
+    stop_written: int = 0
+    stop_correct: int = 0
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,30 @@ class Calibration:
 
     def thresholds(self, attribute: str) -> np.ndarray:
         return self.attributes[attribute].threshold_array()
+
+    def describe(self, attribute: str) -> str:
+        """One line on what the calibration proved for ``attribute`` and where its test stopped."""
+        a = self.attributes[attribute]
+        written = [v for v in a.values if v.threshold is not None]
+        p = a.pooled
+        if p is None:  # the value scope
+            return f"{attribute}: {len(written)} of {len(a.values)} values proved the target on their own"
+        if p.level is None or p.precision is None:
+            reason = next((v.reason for v in a.values if v.reason), "no value is written")
+            return f"{attribute}: writes nothing: {reason}"
+        line = (
+            f"{attribute}: writes {len(written)} of {len(a.values)} values where {p.n_written:,} "
+            f"calibration values were {p.precision:.1%} right (lower bound {p.lower_bound:.3f} >= "
+            f"{self.target_precision:g})"
+        )
+        if p.stop_written:
+            line += (
+                f"; the next level tested ({p.stop_written:,} writes, "
+                f"{p.stop_correct / p.stop_written:.1%} right) did not prove it"
+            )
+        if p.guarded:
+            line += f"; raised or kept out on their own evidence: {', '.join(p.guarded)}"
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -308,6 +337,14 @@ def min_testable_writes(
     return third if products is None else int(np.clip(products // 6, half, third))
 
 
+def precision_proving(writes: int, *, target: float, confidence: float, bound: BoundName) -> float | None:
+    """The lowest observed precision of ``writes`` calibration writes that proves ``target``
+    (``None`` where even none wrong would not)."""
+    k = np.arange(int(np.floor(writes * target)), writes + 1)
+    ok = lower_bound(k, writes, confidence=confidence, method=bound) >= target
+    return float(k[np.argmax(ok)] / writes) if ok.any() else None
+
+
 def _writes_proving(precision: float, target: float, confidence: float, bound: BoundName) -> int:
     """Fewest writes at which an observed ``precision`` proves ``target``."""
     n = np.arange(1, 100_000)
@@ -357,16 +394,19 @@ def _curves(cands: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray
     return np.array([n for n, _ in pairs]), np.array([k for _, k in pairs])
 
 
-def _fixed_sequence(lb: np.ndarray, testable: np.ndarray, target: float) -> tuple[int | None, int]:
+def _fixed_sequence(
+    lb: np.ndarray, testable: np.ndarray, target: float
+) -> tuple[int | None, int, int | None]:
     """Test the testable hypotheses in index order until the first whose lower bound misses the
-    target; returns (the last index that passed or ``None``, how many were tested)."""
+    target; returns (the last index that passed or ``None``, how many were tested, the index whose
+    test failed or ``None`` where none did)."""
     chosen, tested = None, 0
     for i in np.flatnonzero(testable):
         tested += 1
         if lb[i] < target:
-            break
+            return chosen, tested, int(i)
         chosen = int(i)
-    return chosen, tested
+    return chosen, tested, None
 
 
 def _pick_threshold(
@@ -395,7 +435,7 @@ def _pick_threshold(
     best_possible = lower_bound(n, n, confidence=confidence, method=bound)  # all correct
     testable = (n >= min_support) & (best_possible >= target)
     lb = lower_bound(k, n, confidence=confidence, method=bound)
-    chosen, tested = _fixed_sequence(lb, testable, target)
+    chosen, tested, _ = _fixed_sequence(lb, testable, target)
     if chosen is None:
         why = (
             "too few predictions to prove the target"
@@ -452,13 +492,14 @@ def _pooled_test(
     confidence: float,
     bound: BoundName,
     min_writes: int,
-) -> tuple[int | None, int, np.ndarray, np.ndarray]:
+) -> tuple[int | None, int, int | None, np.ndarray, np.ndarray]:
     """Fixed-sequence test down the family's levels on calibration counts ``n``/``k`` ``(V, G)``.
     A level that writes nothing more than the level before it is not tested: the chosen level is
     the first (highest) of those that write what it writes, never one below every calibration
     score that supports it.
 
-    Returns (chosen level index or ``None``, levels tested, pooled writes and rights per level).
+    Returns (chosen level index or ``None``, levels tested, the index of the level whose test
+    failed or ``None``, pooled writes and rights per level).
     """
     cols = np.arange(n.shape[0])
     idx = np.maximum(family, 0)
@@ -467,8 +508,8 @@ def _pooled_test(
     rights = np.where(live, k[cols[None, :], idx], 0).sum(axis=1)
     lb = lower_bound(rights, writes, confidence=confidence, method=bound)
     more = np.diff(writes, prepend=0) > 0
-    chosen, tested = _fixed_sequence(lb, (writes >= min_writes) & more, target)
-    return chosen, tested, writes, rights
+    chosen, tested, stop = _fixed_sequence(lb, (writes >= min_writes) & more, target)
+    return chosen, tested, stop, writes, rights
 
 
 def calibrate_attribute(
@@ -525,19 +566,26 @@ def _attribute_scope(
     products = max(sizes, default=0) if kind == "multilabel" else sum(sizes)
     testable = min_testable_writes(target=target, confidence=confidence, bound=bound, products=products)
     min_writes = max(rule.min_support, testable)
-    chosen, tested, writes, rights = _pooled_test(
+    chosen, tested, stop, writes, rights = _pooled_test(
         family, n_cal, k_cal, target=target, confidence=confidence, bound=bound, min_writes=min_writes
     )
+    stopped = (0, 0) if stop is None else (int(writes[stop]), int(rights[stop]))
     if chosen is None:
-        why = (
-            f"fewer than {min_writes} calibration writes at every level"
-            if tested == 0
-            else f"pooled lower bound < {target} at the first tested level"
-        )
+        why = f"fewer than {min_writes} calibration writes at every level"
+        if stop is not None:
+            w, r = stopped
+            needed = precision_proving(w, target=target, confidence=confidence, bound=bound)
+            why = (
+                f"the first level tested wrote {w:,} calibration values {r / w:.1%} right: lower bound "
+                f"{float(lower_bound(r, w, confidence=confidence, method=bound)):.3f} < {target:g}"
+            )
+            if needed is not None:  # always, at min_testable_writes or more
+                why += f" ({needed:.1%} would prove it at that many writes)"
         none = tuple(
             ValueThreshold(v, None, s, reason=why) for v, (_, _, s) in zip(values, cands, strict=True)
         )
-        return AttributeCalibration(name, kind, none, PooledEvidence(None, 0, 0, None, None, tested))
+        evidence = PooledEvidence(None, 0, 0, None, None, tested, (), *stopped)
+        return AttributeCalibration(name, kind, none, evidence)
     written = [int(family[chosen, v]) >= 0 and n_cal[v][family[chosen, v]] > 0 for v in range(len(values))]
     # the guard asks of every written value whether its own evidence misses the target: at the
     # attribute's confidence over them all (Bonferroni), so a value that does reach the target is
@@ -564,6 +612,7 @@ def _attribute_scope(
         float(lower_bound(r, w, confidence=confidence, method=bound)),
         tested,
         tuple(t.value for t in out if t.reason is not None and t.reason.startswith("guard:")),
+        *stopped,
     )
     return AttributeCalibration(name, kind, tuple(out), pooled)
 

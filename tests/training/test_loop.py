@@ -48,6 +48,8 @@ def test_training_returns_metrics_and_calibrates(taxonomy: Taxonomy) -> None:
     assert [h.epoch for h in one.history] == list(range(1, 11))
     assert one.history[-1].train_loss < one.history[0].train_loss
     assert any(line.startswith("epoch 10/10") for line in lines)  # progress is visible
+    said = [line for line in lines if line.startswith("calibration: ")]  # and what calibration proved
+    assert said == [f"calibration: {one.calibration.describe(name)}" for name in one.calibration.attributes]
     # what the thresholds write on the never-seen test split is not provably below 95 % precise
     # (a point estimate on a few dozen values is too noisy to assert >= 0.95 on its own)
     for attr in taxonomy:

@@ -155,6 +155,7 @@ def conclude(
     heldout, test_preds, test_labels = _held_out(fitted)
     calibration = heldout.calibrate(taxonomy, cfg.calibration, inputs)
     for name, a in calibration.attributes.items():
+        say(f"calibration: {calibration.describe(name)}")
         if a.served_lower_bound is not None and a.served_lower_bound < cfg.calibration.target_precision:
             ratio = "" if a.served_ratio is None else f", {a.served_ratio:.2f}x what the fold models wrote"
             say(
