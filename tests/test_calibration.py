@@ -203,6 +203,21 @@ def test_thresholds_stand_where_the_served_models_validation_writes_prove_the_ta
     assert strict.values != cal.values
 
 
+def test_a_value_the_served_model_writes_more_of_even_at_the_grids_top_is_not_written() -> None:
+    # the fold models scored the validation products uniformly (about 2 % of candidates at or above
+    # 0.98); the served model scores half of them 0.9999 and is never right there: at every grid
+    # point from 0.98 up it writes about half, so no point brings it down to the fold models' share
+    rng = np.random.default_rng(0)
+    folds = [rng.uniform(size=(400, 2)) for _ in range(3)]
+    served = np.where(rng.uniform(size=(400, 2)) < 0.5, 0.9999, 0.0)
+    g = int(np.flatnonzero(THRESHOLD_GRID <= 0.98)[0])
+    cal = _fixed("multilabel", g, None)
+    kept_out = on_served_scale(cal, served, folds, _none_right(served, "multilabel"), 0.95)
+    assert kept_out.values[0].threshold is None
+    assert kept_out.values[0].reason is not None and "every grid point" in kept_out.values[0].reason
+    assert kept_out.values[1] == cal.values[1]
+
+
 def test_thresholds_never_fall_for_a_served_model_as_or_less_confident() -> None:
     rng = np.random.default_rng(1)
     folds = [rng.uniform(size=(400, 4)) for _ in range(3)]

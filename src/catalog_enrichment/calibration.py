@@ -707,7 +707,7 @@ def on_served_scale(
     model writes no larger share of those products' candidates than the fold models wrote, on
     average, at the proven threshold: it then writes as much as a fold model would, chosen by a
     model that ranks at least as well (the test report's fold gap compares the two on the same
-    split). None falls.
+    split); a value with no such point, not even the grid's top, is not written. None falls.
     """
     if not folds or served.shape[0] == 0:
         return cal
@@ -732,7 +732,14 @@ def on_served_scale(
             continue
         g = int(np.argmin(np.abs(THRESHOLD_GRID - v.threshold)))
         fits = np.flatnonzero(shares[: g + 1] <= theirs[g])  # grid points at or above the threshold
-        raised = int(fits[-1]) if fits.size else 0
+        if not fits.size:  # even the grid's top writes more than the fold models did: not written
+            why = (
+                "the served model writes more than the fold models did at every grid point from "
+                f"{v.threshold:.4f} up"
+            )
+            values.append(replace(v, threshold=None, reason=why))
+            continue
+        raised = int(fits[-1])
         values.append(v if raised == g else replace(v, threshold=float(THRESHOLD_GRID[raised])))
     return replace(checked, values=tuple(values))
 
