@@ -169,3 +169,46 @@ def test_a_shade_outside_the_family_written_is_not_written() -> None:
     probs = SHADES.derive({"color": np.array([[0.30, 0.25, 0.05, 0.40, 0.00]])})  # Red top, blue family
     values, _ = policy.decide(probs, [set()])
     assert [(d.attribute, d.value) for d in values[0]] == [("color_family", "Blue")]
+
+
+def test_a_group_whose_members_the_configured_taxonomy_changed_is_not_written() -> None:
+    """The model's families were summed over its own members: where the catalog's taxonomy moves
+    Light Blue out of Blue (into a new family Pale), Blue and Pale are not written (Red, the same
+    members, is), and a Blue shade is no longer held inside a written Blue family."""
+    data = SHADES.to_dict()
+    data["attributes"]["color"]["groups"]["color_family"] = {
+        "Blue": ["Blue", "Dark Blue"],
+        "Red": ["Red"],
+        "Pale": ["Light Blue"],
+    }
+    moved = Taxonomy.from_dict(data)
+    policy = policy_at(SHADES, moved, value=0.9)
+    assert policy.dropped["color_family"] == ["Blue"]
+    assert np.isnan(policy.thresholds["color_family"]).tolist() == [True, False]
+    probs = SHADES.derive(
+        {
+            "color": np.array(
+                [[0.50, 0.45, 0.00, 0.05, 0.00], [0.95, 0.02, 0.02, 0.01, 0.00], [0, 0, 0, 1.0, 0]]
+            )
+        }
+    )
+    values, _ = policy.decide(probs, [set()] * 3)
+    assert [[(d.attribute, d.value) for d in row] for row in values] == [
+        [],
+        [("color", "Blue")],
+        [("color", "Red"), ("color_family", "Red")],
+    ]
+
+
+def test_a_shade_inside_a_family_people_rejected_is_not_written() -> None:
+    """Reviewers rejected the family Blue for the first product and the shade Blue for the second:
+    the first gets neither the family nor a blue shade, the second the family and no shade."""
+    policy = policy_at(SHADES, value=0.9)
+    probs = SHADES.derive({"color": np.array([[0.95, 0.02, 0.02, 0.01, 0.00]] * 2)})
+    rejected = np.zeros((2, len(policy.all_values)), bool)
+    rejected[0, policy.column_of("color_family=Blue")] = True
+    rejected[1, policy.column_of("color=Blue")] = True
+    flat = policy.decide_flat(probs, np.zeros((2, 2), bool), rejected=rejected)
+    assert flat.offsets.tolist() == [0, 0, 1]
+    assert [policy.all_values[v] for v in flat.value.tolist()] == ["Blue"]
+    assert flat.attribute.tolist() == [SHADES.outputs.names.index("color_family")]

@@ -5,8 +5,10 @@ not fill: multi-class -> the top-1 value if it clears its threshold; multi-label
 clears its own. A derived attribute (a colour family of shades) is decided like any other, and a
 value of its parent is never written outside the group written for the same product; a merchant's
 value at either level keeps the model from writing the other. A value the model knows but the
-configured taxonomy no longer allows is never written; a value without a threshold (too little
-calibration support) is never written.
+configured taxonomy no longer allows is never written, nor a group whose members the configured
+taxonomy changed; a value without a threshold (too little calibration support) is never written. A
+value people rejected for a product is never written for it, nor a value inside a group they
+rejected for it.
 
 :meth:`DecisionPolicy.decide_flat` decides a whole batch with array operations and returns the
 decisions as flat arrays (CSR: per-row offsets into one run of written values), which the Spark
@@ -36,6 +38,16 @@ __all__ = ["Decision", "DecisionPolicy", "FlatDecisions", "merchant_attributes",
 
 # a product's merchant attributes as Python gives them: a dict, the pairs of an Arrow map, or None
 MerchantAttributes: TypeAlias = Mapping[str, Any] | Iterable[tuple[str, Any]] | None
+
+
+def _members(taxonomy: Taxonomy, derived: str) -> dict[str, frozenset[str]]:
+    """Each group of ``derived`` and the parent's values in it."""
+    d = taxonomy.derived[derived]
+    parent = taxonomy[d.parent]
+    return {
+        g: frozenset(v for v, k in zip(parent.values, d.group, strict=True) if k == i)
+        for i, g in enumerate(d.spec.values)
+    }
 
 
 def merchant_attributes(raw: MerchantAttributes) -> set[str]:
@@ -161,6 +173,10 @@ class DecisionPolicy:
             thresholds = calibration.thresholds(attr.name).astype(np.float64).copy()
             allowed_values = set(allowed[attr.name].values)
             gone = [v for v in attr.values if v not in allowed_values]
+            if attr.name in model_taxonomy.derived:  # a group is its members: moved ones are others
+                mine = _members(model_taxonomy, attr.name)
+                theirs = _members(allowed, attr.name) if attr.name in allowed.derived else {}
+                gone += [v for v in attr.values if v not in gone and mine[v] != theirs.get(v)]
             for v in gone:
                 thresholds[attr.index(v)] = np.nan
             self.thresholds[attr.name] = thresholds
@@ -219,21 +235,25 @@ class DecisionPolicy:
             # no model shade is written under a family the merchant gave
             blocked[:, d] |= filled[:, p]
             blocked[:, p] |= filled[:, d]
-        written, scores = [], [np.zeros((n, 0))]
+        no = np.zeros((n, len(self.all_values)), bool) if rejected is None else np.asarray(rejected, bool)
+        written, refused, scores = [], [], [np.zeros((n, 0))]
         for a, attr in enumerate(self.taxonomy):
             attr_scores = np.asarray(probs[attr.name], dtype=np.float64)
+            refused.append(no[:, self._value_attribute == a])
             written.append(
-                decision_matrix(attr_scores, attr.kind, self.thresholds[attr.name]) & ~blocked[:, a, None]
+                decision_matrix(attr_scores, attr.kind, self.thresholds[attr.name])
+                & ~blocked[:, a, None]
+                & ~refused[a]
             )
             scores.append(attr_scores)
         for d, p, group in self._levels:
-            # never a value outside the group written for the same product
+            # never a value outside the group written for the same product, nor inside a group
+            # people rejected for it
             family = written[d]
             inside = np.concatenate([family, np.zeros((n, 1), bool)], axis=1)[:, group]  # -1: in no group
-            written[p] &= inside | ~family.any(axis=1, keepdims=True)
+            in_refused = np.concatenate([refused[d], np.zeros((n, 1), bool)], axis=1)[:, group]
+            written[p] &= (inside | ~family.any(axis=1, keepdims=True)) & ~in_refused
         every = np.concatenate([np.zeros((n, 0), bool), *written], axis=1)
-        if rejected is not None:
-            every &= ~rejected
         rows, cols = np.nonzero(every)  # row-major: by product, then attribute, then value
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(every.sum(axis=1), out=offsets[1:])
