@@ -277,3 +277,26 @@ def test_bad_calibration_settings_are_named(overrides: dict, message: str) -> No
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides, environ={})
+
+
+@pytest.mark.timeout(300)
+def test_what_calibrates_and_tests_is_scored_in_float32_as_the_enrichment_job_scores(
+    taxonomy: Taxonomy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the training steps and each epoch's validation may run the encoders in bf16; the
+    held-out splits whose scores set the thresholds and the test figures are scored as the job
+    scores by default (``inference.autocast`` off): the scoring after the last epoch asks for none."""
+    from catalog_enrichment.training import evaluation
+
+    asked: list[bool] = []
+    real = evaluation.autocast_context
+
+    def recording(device: Any, enabled: bool) -> Any:
+        asked.append(enabled)
+        return real(device, enabled)
+
+    monkeypatch.setattr(evaluation, "autocast_context", recording)
+    trained = train(_table(300, taxonomy), taxonomy, _cfg(epochs=2))
+    validated = asked.index(False)  # the epochs' validation batches, then the held-out scoring
+    assert validated >= len(trained.history) == 2 and all(asked[:validated])
+    assert not any(asked[validated:])

@@ -125,9 +125,11 @@ def autocast_context(device: torch.device, enabled: bool) -> Any:
 
 @torch.inference_mode()
 def predict(
-    model: AnyModel, loader: DataLoader, device: torch.device, *, autocast: bool = True
+    model: AnyModel, loader: DataLoader, device: torch.device, *, autocast: bool = False
 ) -> Predictions:
-    """Scores of every product the loader yields, in order."""
+    """Scores of every product the loader yields, in order: in float32, as the enrichment job scores
+    by default (``inference.autocast``), unless ``autocast`` (bf16 encoders on GPU: for choosing an
+    epoch, never for what calibrates or is fitted into the model)."""
     model.eval()
     probs: dict[str, list[np.ndarray]] = {}
     weights: dict[str, list[np.ndarray]] = {}

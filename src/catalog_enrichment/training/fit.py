@@ -383,7 +383,7 @@ def fit_model(
         desc = f"{tag}epoch {epoch}/{tcfg.epochs}"
         loss = _train_epoch(step_model or model, train_loader, optimisation, kinds, device, desc)
         val_r, score = _validation_score(
-            predict(model, val_loader, device), val_labels, taxonomy, tcfg.selection_metric
+            predict(model, val_loader, device, autocast=True), val_labels, taxonomy, tcfg.selection_metric
         )
         mean_r = float(np.mean(list(val_r.values())))
         lr = float(optimisation.scheduler.get_last_lr()[0])
