@@ -281,6 +281,44 @@ def _second_model(bundle: Path, tmp: Path, shift: float) -> Path:
     return copy
 
 
+def test_a_merchant_value_given_after_the_model_wrote_one_takes_its_place_on_the_next_run(
+    spark, first_run, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """The merchant gives a colour for a product whose colour (and family) the model wrote: the next
+    run over the product removes both model values and writes none there; its rollback puts them back."""
+    base, _, outcome = first_run
+    cfg = _cfg(tmp_path / "lake")
+    for table in ("attributes", "attribute_changes", "run_reports"):  # the catalog as the first run left it
+        shutil.copytree(Path(base.catalog.table(table)), cfg.catalog.table(table))
+    path = cfg.catalog.table("attributes")
+    after_first = _sorted_rows(read_table(path))
+    model = [r for r in after_first if r["source"] == "model"]
+    product = next(r["product_id"] for r in model if r["attribute"] == "color")
+    assert {"color", "color_family"} <= {r["attribute"] for r in model if r["product_id"] == product}
+    products = tmp_path / "products"
+    shutil.copytree(incoming.products, products)
+    table = read_table(products)
+    rows = table.select(["product_id", "merchant_attributes", "updated_at"]).to_pylist()
+    later = outcome.report.watermark + dt.timedelta(hours=1)
+    for r in rows:
+        if r["product_id"] == product:
+            r["merchant_attributes"] = [*(r["merchant_attributes"] or []), ("color", ["Merchant Blue"])]
+            r["updated_at"] = later
+    for name in ("merchant_attributes", "updated_at"):
+        column = pa.array([r[name] for r in rows], table.schema.field(name).type)
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    write_table(products, table, partition_by=["ingest_date"], mode="overwrite")
+    second = run_enrichment(
+        spark, cfg, taxonomy, model=_model(scoring_bundle), scope=RunScope(products=products, run_id="late"),
+        progress=_quiet,
+    )  # fmt: skip
+    assert second.report.rows_read == 1 and second.merge is not None and second.merge.deleted >= 2
+    left = {r["attribute"] for r in _sorted_rows(read_table(path)) if r["product_id"] == product}
+    assert not {"color", "color_family"} & left
+    rollback(open_catalog(cfg.catalog), run_id="late", progress=_quiet)
+    assert _sorted_rows(read_table(path)) == after_first
+
+
 def test_rollback_restores_the_previous_values_exactly(
     spark, first_run, tmp_path, taxonomy, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]

@@ -140,6 +140,32 @@ def test_merge_replaces_model_values_per_scored_pair_and_never_touches_merchant_
         assert find_run_commit(path, "r2") == table_version(path) == r2.version
 
 
+def test_a_model_value_whose_pair_the_merchant_fills_later_goes_with_the_next_run_over_it(
+    catalog: Catalog,
+) -> None:
+    """After the model wrote colours for p3 and p4, the merchant gives p3's in the catalog (a merchant
+    row) and p4's only in the products table (the run passes the pair, which it did not score): the
+    next run over them removes both model values, and its rollback puts them back."""
+    pairs = _pairs([("p3", "color"), ("p4", "color")])
+    _merge(catalog, "r1", _values([("p3", "color", "blue", 0.9), ("p4", "color", "red", 0.9)]), pairs)
+    late = _merchant([("p3", "color", "green")])
+    if catalog.kind == "postgres":
+        catalog.add_merchant_values(late)  # type: ignore[attr-defined]
+    else:
+        write_table(catalog.attributes, late, mode="append")  # type: ignore[attr-defined]
+    r2 = _merge(catalog, "r2", _values([("p3", "material", "cotton", 0.9)]), _pairs([("p3", "material")]))
+    r3 = _merge(catalog, "r3", _values([("p4", "material", "wool", 0.9)]), pairs)  # p3 and p4 read again
+    assert r2.deleted == 0 and (r3.deleted, r3.merchant_pairs_skipped) == (2, 1)
+    colours = lambda: {r[:4] for r in _state(catalog) if r[1] == "color" and r[0] in ("p3", "p4")}  # noqa: E731
+    assert colours() == {("p3", "color", "green", "merchant")}
+    catalog.rollback_runs(["r3"])
+    assert colours() == {
+        ("p3", "color", "green", "merchant"),
+        ("p3", "color", "blue", "model"),
+        ("p4", "color", "red", "model"),
+    }
+
+
 def test_rollback_restores_exactly_and_leaves_pairs_changed_later_alone(catalog: Catalog) -> None:
     pairs = _pairs([("p1", "material"), ("p2", "color")])
     _merge(catalog, "r1", _values([("p1", "material", "cotton", 0.8), ("p2", "color", "red", 0.9)]), pairs)

@@ -74,6 +74,7 @@ def stage_scores(folder: Path, products: int, *, seed: int, files: int = 4) -> t
             "product_id": ids,
             "values": pa.array([_unique(r) for r in values], pa.list_(_VALUE)),
             "scored": [list(ATTRIBUTES)] * products,
+            "settled": pa.array([[]] * products, pa.list_(pa.string())),
             "image_error": pa.nulls(products, pa.string()),
         }
     )

@@ -98,12 +98,14 @@ class RunWrite:
     """What one run writes.
 
     ``values``: (product_id, attribute, value, confidence, threshold) that cleared the thresholds;
-    ``pairs``: (product_id, attribute) of every pair the run scored (its previous model values are
-    replaced by the new set, possibly empty); ``quarantine``: the run's quarantine rows;
-    ``scores``: the staged scores (Parquet) the values came from, which a backend may stage from
-    inside Spark instead of from ``values``; ``retract``: (product_id, attribute, value) that people
-    rejected for this model version (``review import``), removed in the same commit wherever this
-    version wrote them, whether the run scored their pair or not (its rollback puts them back).
+    ``pairs``: (product_id, attribute) of every pair the run scored or a merchant's value settles
+    (its previous model values are replaced by the new set, possibly empty; a pair the merchant
+    holds, in the catalog or in the products table, keeps none and gets none); ``quarantine``: the
+    run's quarantine rows; ``scores``: the staged scores (Parquet) the values came from, which a
+    backend may stage from inside Spark instead of from ``values``; ``retract``: (product_id,
+    attribute, value) that people rejected for this model version (``review import``), removed in
+    the same commit wherever this version wrote them, whether the run scored their pair or not (its
+    rollback puts them back).
     """
 
     run_id: str

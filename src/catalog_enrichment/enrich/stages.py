@@ -307,21 +307,22 @@ def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> De
 
 
 def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Flatten staged decisions into value rows and scored (product, attribute) pairs."""
+    """Flatten staged decisions into value rows and the run's (product, attribute) pairs: those it
+    scored and those a merchant's value settles (their model values go)."""
     ids = scored["product_id"].combine_chunks()
     value_lists = scored["values"].combine_chunks()
     flat = value_lists.flatten()
-    scored_lists = scored["scored"].combine_chunks()
     values = pa.table(
         {
             "product_id": ids.take(pc.list_parent_indices(value_lists)),
             **{k: flat.field(k) for k in ("attribute", "value", "confidence", "threshold")},
         }
     )
+    lists = [scored[c].combine_chunks() for c in ("scored", "settled")]
     pairs = pa.table(
         {
-            "product_id": ids.take(pc.list_parent_indices(scored_lists)),
-            "attribute": scored_lists.flatten(),
+            "product_id": pa.chunked_array([ids.take(pc.list_parent_indices(x)) for x in lists]),
+            "attribute": pa.chunked_array([x.flatten() for x in lists]),
         }
     )
     return values, pairs

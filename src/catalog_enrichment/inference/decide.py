@@ -118,7 +118,9 @@ class FlatDecisions:
     ``offsets`` (``n + 1``) cut ``attribute`` (index into the model's attributes), ``value`` (index
     into :attr:`DecisionPolicy.all_values`, every attribute's values one after the other),
     ``confidence`` and ``threshold`` into products. ``scored``: ``(n, n_attributes)`` bool, the
-    attributes each product was scored for (not merchant-filled, not skipped).
+    attributes each product was scored for (not merchant-filled, not skipped); ``settled``: those a
+    merchant's value settles for it (filled at either level of a value group; not skipped), where
+    the catalog keeps no model value.
     """
 
     offsets: np.ndarray
@@ -127,6 +129,7 @@ class FlatDecisions:
     confidence: np.ndarray
     threshold: np.ndarray
     scored: np.ndarray
+    settled: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -229,12 +232,14 @@ class DecisionPolicy:
         """
         probs = self.taxonomy.derive(probs)  # the derived attributes' scores, unless given
         n = filled.shape[0]
-        blocked = filled | (np.zeros((n, 1), bool) if skip is None else np.asarray(skip, bool)[:, None])
+        skipped = np.zeros((n, 1), bool) if skip is None else np.asarray(skip, bool)[:, None]
+        settled = np.array(filled, bool)
         for d, p, _ in self._levels:
             # a merchant's value at either level stands for both: its shade implies its family, and
             # no model shade is written under a family the merchant gave
-            blocked[:, d] |= filled[:, p]
-            blocked[:, p] |= filled[:, d]
+            settled[:, d] |= filled[:, p]
+            settled[:, p] |= filled[:, d]
+        blocked = settled | skipped
         no = np.zeros((n, len(self.all_values)), bool) if rejected is None else np.asarray(rejected, bool)
         written, refused, scores = [], [], [np.zeros((n, 0))]
         for a, attr in enumerate(self.taxonomy):
@@ -264,6 +269,7 @@ class DecisionPolicy:
             np.concatenate(scores, axis=1)[rows, cols],
             self._all_thresholds[cols],
             ~blocked,
+            settled & ~skipped,
         )
 
     def decide(

@@ -58,6 +58,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("product_id", pa.string()),
         pa.field("image_error", pa.string()),
         pa.field("scored", pa.list_(pa.string())),
+        # the attributes a merchant's value settles for the product: the catalog drops model values there
+        pa.field("settled", pa.list_(pa.string())),
         pa.field(
             "values",
             pa.list_(
@@ -78,7 +80,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 # the columns the driver reads back of the staged scores (the vectors go to the store, not to it)
-DECISION_COLUMNS = ("product_id", "image_error", "scored", "values")
+DECISION_COLUMNS = ("product_id", "image_error", "scored", "settled", "values")
 SCORING_INPUT = (
     "product_id",
     "title",
@@ -341,24 +343,26 @@ def decide_batch(
         ],
         fields=list(values_type.value_type),
     )
-    _, scored_attributes = np.nonzero(flat.scored)  # row-major: by product, then attribute
-    scored_offsets = np.zeros(batch.num_rows + 1, np.int32)
-    np.cumsum(flat.scored.sum(axis=1), out=scored_offsets[1:])
     return pa.RecordBatch.from_arrays(
         [
             batch.column("product_id"),
             pa.array(scores.image_error, pa.string()),
-            pa.ListArray.from_arrays(
-                scored_offsets,
-                attribute_names.take(scored_attributes),
-                type=OUTPUT_SCHEMA.field("scored").type,
-            ),
+            _attribute_lists(flat.scored, attribute_names),
+            _attribute_lists(flat.settled, attribute_names),
             pa.ListArray.from_arrays(flat.offsets.astype(np.int32), written, type=values_type),
             _or_nulls(scores.content, batch.num_rows, pa.string()),
             _or_nulls(scores.embedding, batch.num_rows, pa.binary()),
         ],
         schema=OUTPUT_SCHEMA,
     )
+
+
+def _attribute_lists(mask: np.ndarray, names: pa.Array) -> pa.ListArray:
+    """Per product (row of ``(n, n_attributes)`` ``mask``), the names of its attributes set."""
+    _, columns = np.nonzero(mask)  # row-major: by product, then attribute
+    offsets = np.zeros(mask.shape[0] + 1, np.int32)
+    np.cumsum(mask.sum(axis=1), out=offsets[1:])
+    return pa.ListArray.from_arrays(offsets, names.take(columns), type=pa.list_(pa.string()))
 
 
 def _or_nulls(values: list[Any] | None, n: int, kind: pa.DataType) -> pa.Array:

@@ -138,7 +138,9 @@ class Writes(PgBase):
         values = scores.select("product_id", F.explode("values").alias("v")).select(
             "product_id", "v.attribute", "v.value", "v.confidence", "v.threshold"
         )
-        pairs = scores.select("product_id", F.explode("scored").alias("attribute")).select(
+        pairs = scores.select(
+            "product_id", F.explode(F.concat("scored", "settled")).alias("attribute")
+        ).select(
             "product_id",
             "attribute",
             F.lit(None).cast("string").alias("value"),
@@ -150,7 +152,8 @@ class Writes(PgBase):
 
     def _merge(self, conn: Any, run: RunWrite, stage: str) -> MergeResult:
         """Within the write's transaction: record the run in the run log, then replace the model values
-        of the pairs it scored (merchant pairs left alone), keeping what it replaces for its rollback."""
+        of the pairs it scored (a pair the merchant holds keeps no model value and gets none), keeping
+        what it replaces for its rollback."""
         self._serialize(conn)
         seq_row = conn.execute(
             self._sql(
@@ -175,21 +178,26 @@ class Writes(PgBase):
         )
 
     def _scored_pairs(self, conn: Any, stage: str) -> int:
-        """The temp tables ``scored`` (the pairs the run scored, without a merchant value) and
-        ``new_values`` (their new values, one row each); the scored pairs left to the merchant."""
+        """The temp tables ``touched`` (every pair of the run: their model values go unless among
+        the new ones), ``scored`` (those without a merchant value) and ``new_values`` (their new
+        values, one row each); the run's pairs left to the merchant."""
         conn.execute(
             self._sql(
-                "CREATE TEMP TABLE scored ON COMMIT DROP AS SELECT DISTINCT s.product_id, s.attribute FROM "
-                "{s} s WHERE NOT EXISTS (SELECT 1 FROM {a} a WHERE a.product_id = s.product_id AND "
-                "a.attribute = s.attribute AND a.source = 'merchant')",
+                "CREATE TEMP TABLE touched ON COMMIT DROP AS SELECT DISTINCT product_id, attribute FROM {s}",
                 s=stage,
+            )
+        )
+        conn.execute("ALTER TABLE touched ADD PRIMARY KEY (product_id, attribute)")
+        conn.execute(
+            self._sql(
+                "CREATE TEMP TABLE scored ON COMMIT DROP AS SELECT t.product_id, t.attribute FROM touched t "
+                "WHERE NOT EXISTS (SELECT 1 FROM {a} a WHERE a.product_id = t.product_id AND "
+                "a.attribute = t.attribute AND a.source = 'merchant')",
                 a="attributes",
             )
         )
         conn.execute("ALTER TABLE scored ADD PRIMARY KEY (product_id, attribute)")
-        all_pairs = conn.execute(
-            self._sql("SELECT count(*) FROM (SELECT DISTINCT product_id, attribute FROM {s}) p", s=stage)
-        ).fetchone()[0]
+        all_pairs = conn.execute("SELECT count(*) FROM touched").fetchone()[0]
         kept = conn.execute("SELECT count(*) FROM scored").fetchone()[0]
         conn.execute(
             self._sql(
@@ -208,7 +216,7 @@ class Writes(PgBase):
         conn.execute(
             self._sql(
                 "INSERT INTO {r} SELECT %s, a.product_id, a.attribute, a.value, a.confidence, a.threshold, "
-                "a.model_name, a.model_version, a.run_id, a.written_at FROM {a} a JOIN scored p ON "
+                "a.model_name, a.model_version, a.run_id, a.written_at FROM {a} a JOIN touched p ON "
                 "p.product_id = a.product_id AND p.attribute = a.attribute WHERE a.source = 'model'",
                 r="replaced",
                 a="attributes",
@@ -226,11 +234,11 @@ class Writes(PgBase):
         )
 
     def _replace_values(self, conn: Any, run: RunWrite) -> tuple[int, int, int]:
-        """The scored pairs' model values that are not among the new ones deleted, the new ones
+        """The run's pairs' model values that are not among the new ones deleted, the new ones
         upserted (only over model rows); (inserted, updated, deleted)."""
         deleted = conn.execute(
             self._sql(
-                "DELETE FROM {a} a USING scored p WHERE p.product_id = a.product_id AND p.attribute = "
+                "DELETE FROM {a} a USING touched p WHERE p.product_id = a.product_id AND p.attribute = "
                 "a.attribute AND a.source = 'model' AND NOT EXISTS (SELECT 1 FROM new_values n WHERE "
                 "n.product_id = a.product_id AND n.attribute = a.attribute AND n.value = a.value)",
                 a="attributes",
@@ -254,7 +262,7 @@ class Writes(PgBase):
 
     def _retract(self, conn: Any, run: RunWrite, seq: int) -> int:
         """Within the run's transaction: remove the values people rejected for its version from the
-        pairs it did not score (the scored pairs already dropped them), keeping those pairs' model
+        pairs it did not touch (its pairs already dropped them), keeping those pairs' model
         values as they were for its rollback. Rows removed."""
         if run.retract is None or run.retract.num_rows == 0:
             return 0
@@ -272,7 +280,7 @@ class Writes(PgBase):
         conn.execute(
             self._sql(
                 "CREATE TEMP TABLE retract_pairs ON COMMIT DROP AS SELECT DISTINCT a.product_id, a.attribute "
-                "FROM {a} a JOIN retract r ON " + match + " WHERE NOT EXISTS (SELECT 1 FROM scored p WHERE "
+                "FROM {a} a JOIN retract r ON " + match + " WHERE NOT EXISTS (SELECT 1 FROM touched p WHERE "
                 "p.product_id = a.product_id AND p.attribute = a.attribute)",
                 a="attributes",
             ),
