@@ -216,6 +216,8 @@ def test_a_value_the_served_model_writes_more_of_even_at_the_grids_top_is_not_wr
     assert kept_out.values[0].threshold is None
     assert kept_out.values[0].reason is not None and "every grid point" in kept_out.values[0].reason
     assert kept_out.values[1] == cal.values[1]
+    said = Calibration(0.95, 0.95, "wilson", 20, {"a": kept_out}).describe("a")
+    assert said.endswith("; kept out on the served model's scale: v0")
 
 
 def test_thresholds_never_fall_for_a_served_model_as_or_less_confident() -> None:

@@ -243,22 +243,26 @@ class Calibration:
         written = [v for v in a.values if v.threshold is not None]
         p = a.pooled
         if p is None:  # the value scope
-            return f"{attribute}: {len(written)} of {len(a.values)} values proved the target on their own"
-        if p.level is None or p.precision is None:
+            line = f"{attribute}: {len(written)} of {len(a.values)} values proved the target on their own"
+        elif p.level is None or p.precision is None:
             reason = next((v.reason for v in a.values if v.reason), "no value is written")
             return f"{attribute}: writes nothing: {reason}"
-        line = (
-            f"{attribute}: writes {len(written)} of {len(a.values)} values where {p.n_written:,} "
-            f"calibration values were {p.precision:.1%} right (lower bound {p.lower_bound:.3f} >= "
-            f"{self.target_precision:g})"
-        )
-        if p.stop_written:
-            line += (
-                f"; the next level tested ({p.stop_written:,} writes, "
-                f"{p.stop_correct / p.stop_written:.1%} right) did not prove it"
+        else:
+            line = (
+                f"{attribute}: writes {len(written)} of {len(a.values)} values where {p.n_written:,} "
+                f"calibration values were {p.precision:.1%} right (lower bound {p.lower_bound:.3f} >= "
+                f"{self.target_precision:g})"
             )
-        if p.guarded:
-            line += f"; raised or kept out on their own evidence: {', '.join(p.guarded)}"
+            if p.stop_written:
+                line += (
+                    f"; the next level tested ({p.stop_written:,} writes, "
+                    f"{p.stop_correct / p.stop_written:.1%} right) did not prove it"
+                )
+            if p.guarded:
+                line += f"; raised or kept out on their own evidence: {', '.join(p.guarded)}"
+        served = [v.value for v in a.values if v.reason and v.reason.startswith(_SERVED_OUT)]
+        if served:
+            line += f"; kept out on the served model's scale: {', '.join(served)}"
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,6 +317,8 @@ class Calibration:
         )
 
 
+# why on_served_scale keeps a value out
+_SERVED_OUT = "the served model writes more than the fold models did"
 # The candidate thresholds: a fixed grid, dense near 1 (1 - 10^(-3 + 3 i / 191)), tested from the top.
 THRESHOLD_GRID = 1.0 - np.logspace(-3.0, 0.0, 192)
 # The attribute scope's family levels (required estimated precision), from 0.999 down to 0.5.
@@ -733,10 +739,7 @@ def on_served_scale(
         g = int(np.argmin(np.abs(THRESHOLD_GRID - v.threshold)))
         fits = np.flatnonzero(shares[: g + 1] <= theirs[g])  # grid points at or above the threshold
         if not fits.size:  # even the grid's top writes more than the fold models did: not written
-            why = (
-                "the served model writes more than the fold models did at every grid point from "
-                f"{v.threshold:.4f} up"
-            )
+            why = f"{_SERVED_OUT} at every grid point from {v.threshold:.4f} up"
             values.append(replace(v, threshold=None, reason=why))
             continue
         raised = int(fits[-1])

@@ -161,7 +161,7 @@ def conclude(
             say(
                 f"{name}: at the proven thresholds the served model wrote {a.served_precision:.3f} right on "
                 f"the validation split (lower bound {a.served_lower_bound:.3f}){ratio}: thresholds put on "
-                "its scale (raised, never lowered)"
+                "its scale (raised, never lowered; kept out where no grid point fits)"
             )
     report = _report(fitted, taxonomy, calibration, (test_preds, test_labels), heldout, say)
     seconds = time.perf_counter() - started
