@@ -14,7 +14,7 @@ import pytest
 
 from catalog_enrichment.catalog import Catalog, open_catalog
 from catalog_enrichment.catalog.attributes import merchant_rows
-from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
@@ -148,15 +148,41 @@ def test_a_rerun_is_a_no_op_and_an_incremental_run_reads_nothing_new(
         assert _rows(backend.catalog) == before, kind
 
 
+def _plant_model_value(catalog: Catalog, product: str, attribute: str) -> tuple[Any, ...]:
+    """A model value written (by run "parity-0") before the merchant filled the pair."""
+    filled = pa.array([[(attribute, ["x"])]], pa.map_(pa.string(), pa.list_(pa.string())))
+    row = merchant_rows(pa.table({"product_id": [product], "merchant_attributes": filled}), T0)
+    model = {"source": "model", "model_name": "tiny", "model_version": "1", "run_id": "parity-0"}
+    row = pa.Table.from_pylist(
+        [row.to_pylist()[0] | model | {"confidence": 0.99, "threshold": 0.9}], row.schema
+    )
+    if catalog.kind == "postgres":
+        catalog.add_merchant_values(row)  # type: ignore[attr-defined]  (inserts the rows as they are)
+    else:
+        write_table(catalog.attributes, row, mode="append")  # type: ignore[attr-defined]
+    return (product, attribute, "x", "model", "parity-0", "1")
+
+
 def test_a_partition_run_and_rollback_by_run_and_by_model_version(
-    spark, backends, first_runs, taxonomy, scoring_bundle
+    spark, backends, first_runs, taxonomy, scoring_bundle, incoming
 ) -> None:  # type: ignore[no-untyped-def]
     after_first: dict[str, list[tuple[Any, ...]]] = {}
+    products = read_table(incoming.products, columns=["product_id", "ingest_date"])
+    day_of = dict(zip(products["product_id"].to_pylist(), products["ingest_date"].to_pylist(), strict=True))
     for kind, backend in backends.items():
         catalog = backend.catalog
-        after_first[kind] = _rows(catalog)
         days = catalog.list_partitions("ingest_date")
         assert len(days) == 4, kind
+        # a model value on a pair of the partition whose merchant row came later (a product the
+        # first run scored): the partition's run removes it, its rollback puts it back
+        scored = {r[0] for r in _rows(catalog) if r[3] == "model"}
+        held = sorted(
+            r[:2]
+            for r in _rows(catalog)
+            if r[3] == "merchant" and r[0] in scored and str(day_of[r[0]]) == days[0]
+        )
+        stale = _plant_model_value(catalog, *held[0])
+        after_first[kind] = _rows(catalog)
         v2 = ModelVersion("tiny", "2", bundle_dir=scoring_bundle)
         scoped = backend.run(
             spark,
@@ -169,12 +195,12 @@ def test_a_partition_run_and_rollback_by_run_and_by_model_version(
         )
         assert 0 < scoped.report.rows_read < first_runs[kind].report.rows_read
         changed = _rows(catalog)
-        assert {r[4] for r in changed if r[3] == "model"} == {"parity-1", "p-v2"}
+        assert {r[4] for r in changed if r[3] == "model"} == {"parity-1", "p-v2"} and stale not in changed
         rollback(catalog, run_id="p-v2", progress=lambda _m: None)
-        assert _rows(catalog) == after_first[kind], kind
+        assert _rows(catalog) == after_first[kind] and stale in after_first[kind], kind
         assert {r.run_id: r.status for r in catalog.read_reports()}["p-v2"] == "rolled_back"
-        rollback(catalog, model_version="1", progress=lambda _m: None)
-        assert [r for r in _rows(catalog) if r[3] == "model"] == [], kind
+        rollback(catalog, model_version="1", progress=lambda _m: None)  # of its runs: parity-1
+        assert [r for r in _rows(catalog) if r[3] == "model"] == [stale], kind
     assert after_first["lakehouse"] == after_first["postgres"]
     assert _rows(backends["lakehouse"].catalog) == _rows(backends["postgres"].catalog)
 

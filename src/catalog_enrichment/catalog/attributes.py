@@ -3,7 +3,8 @@
 Write rules:
 
 * For every (product, attribute) a run scored, the model's previous values are replaced by the new
-  set (possibly empty); merchant rows are never changed, and a pair that has a merchant row gets no
+  set (possibly empty); merchant rows are never changed, and a pair that has a merchant value (a
+  merchant row, or one the products table gives: the run passes those pairs too) keeps and gets no
   model value at all.
 * One MERGE commit per run, carrying the run as a Delta application transaction
   (``catalog-enrich/enrich/<run id>``, which every checkpoint keeps): a run id the table holds a
@@ -242,7 +243,7 @@ def _semi(left: pa.Table, right: pa.Table, keys: Iterable[str], anti: bool = Fal
 
 
 def merge_run(path: str | Path, run: RunWrite, *, changes: str | Path) -> MergeResult:
-    """Replace the model's values of every pair the run scored (``run.pairs``) with ``run.values``
+    """Replace the model's values of every pair of the run (``run.pairs``) with ``run.values``
     in one commit, removing ``run.retract`` where this model version wrote them (:class:`RunWrite`);
     ``changes``: the attribute-changes table, where the run's before and after rows go first.
     """

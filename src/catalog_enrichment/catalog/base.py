@@ -77,7 +77,7 @@ class MergeResult:
     inserted: int = 0
     updated: int = 0
     deleted: int = 0
-    merchant_pairs_skipped: int = 0
+    merchant_pairs_skipped: int = 0  # the run's pairs a merchant row holds
     already_committed: bool = False
 
 
@@ -186,8 +186,9 @@ class Catalog(Protocol):
     def set_report_status(self, run_id: str, status: str) -> None: ...
 
     def write(self, run: RunWrite, spark: SparkSession | None = None) -> MergeResult:
-        """Stage and commit one run: its values replace the model values of the pairs it scored,
-        in one commit with its quarantine rows; a run id already committed changes nothing."""
+        """Stage and commit one run: its values replace the model values of its pairs
+        (:class:`RunWrite`), in one commit with its quarantine rows; a run id already committed
+        changes nothing."""
         ...
 
     def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:

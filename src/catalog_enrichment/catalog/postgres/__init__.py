@@ -10,7 +10,7 @@
 * **Read**: Spark's JDBC source, split into ``read_partitions`` ranges of ``partition_column``
   (bounds read for each run), ``fetch_size`` rows per round trip; the partition filter and the
   incremental window are pushed into the query.
-* **Write**: each Spark partition COPYs its values (and the pairs it scored) into a per-run staging
+* **Write**: each Spark partition COPYs its values (and its pairs) into a per-run staging
   table (the tasks get a connection string without the password: libpq on the executor reads it from
   ``PGPASSWORD`` / ``PGPASSFILE``, which the job sets from the DSN with
   ``spark.executorEnv.PGPASSWORD``, :mod:`catalog_enrichment.runtime`); then one transaction records
