@@ -147,9 +147,9 @@ def test_a_family_certain_while_no_shade_is_gets_the_family_and_no_shade() -> No
     assert scored[3] == scored[4] == []
 
 
-def test_a_shade_outside_the_family_written_is_not_written() -> None:
-    """A shade's threshold can sit below its family's: the family written wins over a shade of another."""
-    calibration = Calibration(
+def _shades_below_families() -> Calibration:
+    """Every shade's threshold 0.3, every family's 0.6."""
+    return Calibration(
         0.95,
         0.95,
         "wilson",
@@ -165,7 +165,11 @@ def test_a_shade_outside_the_family_written_is_not_written() -> None:
             ),
         },
     )
-    policy = DecisionPolicy(SHADES, calibration, SHADES)
+
+
+def test_a_shade_outside_the_family_written_is_not_written() -> None:
+    """A shade's threshold can sit below its family's: the family written wins over a shade of another."""
+    policy = DecisionPolicy(SHADES, _shades_below_families(), SHADES)
     probs = SHADES.derive({"color": np.array([[0.30, 0.25, 0.05, 0.40, 0.00]])})  # Red top, blue family
     values, _ = policy.decide(probs, [set()])
     assert [(d.attribute, d.value) for d in values[0]] == [("color_family", "Blue")]
@@ -202,13 +206,17 @@ def test_a_group_whose_members_the_configured_taxonomy_changed_is_not_written() 
 
 def test_a_shade_inside_a_family_people_rejected_is_not_written() -> None:
     """Reviewers rejected the family Blue for the first product and the shade Blue for the second:
-    the first gets neither the family nor a blue shade, the second the family and no shade."""
-    policy = policy_at(SHADES, value=0.9)
-    probs = SHADES.derive({"color": np.array([[0.95, 0.02, 0.02, 0.01, 0.00]] * 2)})
-    rejected = np.zeros((2, len(policy.all_values)), bool)
-    rejected[0, policy.column_of("color_family=Blue")] = True
+    the first gets neither the family nor a blue shade, the second the family and no shade. The
+    third (Red 0.40 clears its shade threshold, 0.3; the blues make the family Blue, 0.6) gets no
+    Red once Blue is rejected: a shade outside the family the model decides stays out."""
+    policy = DecisionPolicy(SHADES, _shades_below_families(), SHADES)
+    probs = SHADES.derive(
+        {"color": np.array([[0.95, 0.02, 0.02, 0.01, 0.00]] * 2 + [[0.30, 0.25, 0.05, 0.40, 0.00]])}
+    )
+    rejected = np.zeros((3, len(policy.all_values)), bool)
+    rejected[[0, 2], policy.column_of("color_family=Blue")] = True
     rejected[1, policy.column_of("color=Blue")] = True
-    flat = policy.decide_flat(probs, np.zeros((2, 2), bool), rejected=rejected)
-    assert flat.offsets.tolist() == [0, 0, 1]
+    flat = policy.decide_flat(probs, np.zeros((3, 2), bool), rejected=rejected)
+    assert flat.offsets.tolist() == [0, 0, 1, 1]
     assert [policy.all_values[v] for v in flat.value.tolist()] == ["Blue"]
     assert flat.attribute.tolist() == [SHADES.outputs.names.index("color_family")]

@@ -241,24 +241,21 @@ class DecisionPolicy:
             settled[:, p] |= filled[:, d]
         blocked = settled | skipped
         no = np.zeros((n, len(self.all_values)), bool) if rejected is None else np.asarray(rejected, bool)
-        written, refused, scores = [], [], [np.zeros((n, 0))]
+        written, scores = [], [np.zeros((n, 0))]
         for a, attr in enumerate(self.taxonomy):
             attr_scores = np.asarray(probs[attr.name], dtype=np.float64)
-            refused.append(no[:, self._value_attribute == a])
             written.append(
-                decision_matrix(attr_scores, attr.kind, self.thresholds[attr.name])
-                & ~blocked[:, a, None]
-                & ~refused[a]
+                decision_matrix(attr_scores, attr.kind, self.thresholds[attr.name]) & ~blocked[:, a, None]
             )
             scores.append(attr_scores)
         for d, p, group in self._levels:
-            # never a value outside the group written for the same product, nor inside a group
-            # people rejected for it
+            # never a value outside the group the model decides for the same product (whether or
+            # not people rejected that group), nor inside a group people rejected for it
             family = written[d]
             inside = np.concatenate([family, np.zeros((n, 1), bool)], axis=1)[:, group]  # -1: in no group
-            in_refused = np.concatenate([refused[d], np.zeros((n, 1), bool)], axis=1)[:, group]
-            written[p] &= (inside | ~family.any(axis=1, keepdims=True)) & ~in_refused
-        every = np.concatenate([np.zeros((n, 0), bool), *written], axis=1)
+            refused = np.concatenate([no[:, self._value_attribute == d], np.zeros((n, 1), bool)], axis=1)
+            written[p] &= (inside | ~family.any(axis=1, keepdims=True)) & ~refused[:, group]
+        every = np.concatenate([np.zeros((n, 0), bool), *written], axis=1) & ~no
         rows, cols = np.nonzero(every)  # row-major: by product, then attribute, then value
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(every.sum(axis=1), out=offsets[1:])
