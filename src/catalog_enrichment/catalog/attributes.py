@@ -293,11 +293,12 @@ def _replaced(
     """Of the rows the catalog holds for the run's products: the scored pairs no merchant value
     holds, their new values, and the model rows that go (of the run's pairs, not among the new
     values - a pair the merchant holds keeps none - or rejected for ``model_version``)."""
+    pairs = _pairs(scored)
     merchant_pairs = _pairs(current.filter(pc.equal(current["source"], "merchant")))
-    scored_pairs = _semi(_pairs(scored), merchant_pairs, PAIR, anti=True)
+    scored_pairs = _semi(pairs, merchant_pairs, PAIR, anti=True)
     new = _semi(values.select([*KEY, "confidence", "threshold"]), scored_pairs, PAIR)
     model = current.filter(pc.equal(current["source"], "model"))
-    gone = _semi(_semi(model, _pairs(scored), PAIR), new, KEY, anti=True)
+    gone = _semi(_semi(model, pairs, PAIR), new, KEY, anti=True)
     mine = model.filter(pc.equal(model["model_version"], model_version))
     # rejected values the scored pairs did not already drop (a new value is never a rejected one)
     rejected = _semi(_semi(_semi(mine, retract, KEY), gone, KEY, anti=True), new, KEY, anti=True)

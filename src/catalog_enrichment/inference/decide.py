@@ -231,6 +231,7 @@ class DecisionPolicy:
         as usual, and the run removes a rejected value the catalog still holds).
         """
         probs = self.taxonomy.derive(probs)  # the derived attributes' scores, unless given
+        rejected = None if rejected is None else np.asarray(rejected, bool)
         n = filled.shape[0]
         skipped = np.zeros((n, 1), bool) if skip is None else np.asarray(skip, bool)[:, None]
         settled = np.array(filled, bool)
@@ -240,7 +241,6 @@ class DecisionPolicy:
             settled[:, d] |= filled[:, p]
             settled[:, p] |= filled[:, d]
         blocked = settled | skipped
-        no = np.zeros((n, len(self.all_values)), bool) if rejected is None else np.asarray(rejected, bool)
         written, scores = [], [np.zeros((n, 0))]
         for a, attr in enumerate(self.taxonomy):
             attr_scores = np.asarray(probs[attr.name], dtype=np.float64)
@@ -253,9 +253,16 @@ class DecisionPolicy:
             # not people rejected that group), nor inside a group people rejected for it
             family = written[d]
             inside = np.concatenate([family, np.zeros((n, 1), bool)], axis=1)[:, group]  # -1: in no group
-            refused = np.concatenate([no[:, self._value_attribute == d], np.zeros((n, 1), bool)], axis=1)
-            written[p] &= (inside | ~family.any(axis=1, keepdims=True)) & ~refused[:, group]
-        every = np.concatenate([np.zeros((n, 0), bool), *written], axis=1) & ~no
+            keep = inside | ~family.any(axis=1, keepdims=True)
+            if rejected is not None:
+                refused = np.concatenate(
+                    [rejected[:, self._value_attribute == d], np.zeros((n, 1), bool)], axis=1
+                )
+                keep &= ~refused[:, group]
+            written[p] &= keep
+        every = np.concatenate([np.zeros((n, 0), bool), *written], axis=1)
+        if rejected is not None:
+            every &= ~rejected
         rows, cols = np.nonzero(every)  # row-major: by product, then attribute, then value
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(every.sum(axis=1), out=offsets[1:])

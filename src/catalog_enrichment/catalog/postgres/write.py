@@ -152,8 +152,8 @@ class Writes(PgBase):
 
     def _merge(self, conn: Any, run: RunWrite, stage: str) -> MergeResult:
         """Within the write's transaction: record the run in the run log, then replace the model values
-        of the pairs it scored (a pair the merchant holds keeps no model value and gets none), keeping
-        what it replaces for its rollback."""
+        of its pairs (a pair the merchant holds keeps no model value and gets none), keeping what it
+        replaces for its rollback."""
         self._serialize(conn)
         seq_row = conn.execute(
             self._sql(
