@@ -188,6 +188,9 @@ def test_a_group_whose_members_the_configured_taxonomy_changed_is_not_written() 
     moved = Taxonomy.from_dict(data)
     policy = policy_at(SHADES, moved, value=0.9)
     assert policy.dropped["color_family"] == ["Blue"]
+    assert policy.notes == [
+        "color_family: Blue not written - the configured taxonomy no longer has them, or changed their group"
+    ]
     assert np.isnan(policy.thresholds["color_family"]).tolist() == [True, False]
     probs = SHADES.derive(
         {
@@ -202,6 +205,33 @@ def test_a_group_whose_members_the_configured_taxonomy_changed_is_not_written() 
         [("color", "Blue")],
         [("color", "Red"), ("color_family", "Red")],
     ]
+
+
+def test_values_the_configured_taxonomy_added_to_one_distribution_keep_the_attribute_out(
+    taxonomy: Taxonomy,
+) -> None:
+    """The catalog's taxonomy adds Teal to the shades (a multi-class attribute: the model would put a
+    teal product on Blue, its nearest value): no shade and no family is written until a retrain. A
+    value added to an attribute of independent values (multi-label colour) leaves the others."""
+    data = SHADES.to_dict()
+    data["attributes"]["color"]["values"].append("Teal")
+    data["attributes"]["color"]["groups"]["color_family"]["Blue"].append("Teal")
+    policy = policy_at(SHADES, Taxonomy.from_dict(data), value=0.5)
+    assert policy.dropped == {"color": list(SHADES["color"].values), "color_family": ["Blue", "Red"]}
+    assert policy.notes == [
+        "color (its value groups too): not written - the configured taxonomy adds Teal, which the model "
+        "does not score; train a version on them"
+    ]
+    probs = SHADES.derive({"color": np.array([[0.95, 0.02, 0.02, 0.01, 0.00]])})  # a teal one: Blue
+    values, _ = policy.decide(probs, [set()])
+    assert values == [[]]
+
+    color = taxonomy["color"]
+    assert color.kind == "multilabel" and not color.single_valued
+    data = taxonomy.to_dict()
+    data["attributes"]["color"]["values"].append("teal")
+    policy = policy_at(taxonomy, Taxonomy.from_dict(data))
+    assert policy.dropped["color"] == [] and not any(policy.dropped.values())
 
 
 def test_a_shade_inside_a_family_people_rejected_is_not_written() -> None:

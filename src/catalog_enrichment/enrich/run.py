@@ -256,6 +256,8 @@ def run_enrichment(
             progress(f"run {run_id} already succeeded; nothing to do")
             return EnrichOutcome(previous, already_done=True)
         policy = check_model_fits(model.bundle, taxonomy)
+        for note in policy.notes:
+            progress(note)
         contract = load_contract("products")
         part = parse_partition(partition, contract)
         record = _Record(run_id, model, str(part) if part else None, dt.datetime.now(dt.UTC))

@@ -142,8 +142,16 @@ class Decision:
     threshold: float
 
 
+def _some(values: Sequence[str]) -> str:
+    """Up to five values for a log line."""
+    return ", ".join(values[:5]) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
+
+
 class DecisionPolicy:
-    """Thresholds of one model version, restricted to what the configured taxonomy allows.
+    """Thresholds of one model version, restricted to what the configured taxonomy allows: a value it
+    no longer has is not written, nor a value group whose members it changed, nor any value of an
+    attribute the model scores as one distribution (multi-class or single-valued) to which it added
+    values (the model would put a product of a new value on one of its own) - retrain to write them.
 
     Raises:
         TaxonomyError: the model scores an attribute the configured taxonomy lacks, or with a
@@ -172,14 +180,38 @@ class DecisionPolicy:
         self.target_precision = calibration.target_precision
         self.thresholds: dict[str, np.ndarray] = {}
         self.dropped: dict[str, list[str]] = {}
+        # an attribute scored as one distribution over its values, to which the configured taxonomy
+        # added values: the model puts a product of a new value on one of its own, so none is written
+        added = {
+            attr.name: sorted(set(allowed[attr.name].values) - set(attr.values))
+            for attr in model_taxonomy
+            if attr.name not in model_taxonomy.derived  # a group's members decide it (below)
+            and (attr.kind == "multiclass" or attr.single_valued)
+        }
+        self.notes: list[str] = []  # what the configured taxonomy keeps out, for the run's log
         for attr in model_taxonomy:
             thresholds = calibration.thresholds(attr.name).astype(np.float64).copy()
-            allowed_values = set(allowed[attr.name].values)
-            gone = [v for v in attr.values if v not in allowed_values]
-            if attr.name in model_taxonomy.derived:  # a group is its members: moved ones are others
-                mine = _members(model_taxonomy, attr.name)
-                theirs = _members(allowed, attr.name) if attr.name in allowed.derived else {}
-                gone += [v for v in attr.values if v not in gone and mine[v] != theirs.get(v)]
+            derived = model_taxonomy.derived.get(attr.name)
+            new = added.get(attr.name if derived is None else derived.parent)
+            if new:
+                gone = list(attr.values)
+                if derived is None:
+                    self.notes.append(
+                        f"{attr.name} (its value groups too): not written - the configured taxonomy adds "
+                        f"{_some(new)}, which the model does not score; train a version on them"
+                    )
+            else:
+                allowed_values = set(allowed[attr.name].values)
+                gone = [v for v in attr.values if v not in allowed_values]
+                if derived is not None:  # a group is its members: moved ones are others
+                    mine = _members(model_taxonomy, attr.name)
+                    theirs = _members(allowed, attr.name) if attr.name in allowed.derived else {}
+                    gone += [v for v in attr.values if v not in gone and mine[v] != theirs.get(v)]
+                if gone:
+                    self.notes.append(
+                        f"{attr.name}: {_some(gone)} not written - the configured taxonomy no longer has "
+                        "them, or changed their group"
+                    )
             for v in gone:
                 thresholds[attr.index(v)] = np.nan
             self.thresholds[attr.name] = thresholds
