@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import chi2, chi2_contingency
+from scipy.stats import chi2, chi2_contingency, fisher_exact
 
 from catalog_enrichment.config import HealthConfig
 from catalog_enrichment.health import (
@@ -49,12 +49,35 @@ def test_homogeneity_is_pearsons_chi_square_of_the_two_by_k_table() -> None:
     # totals 125 / 75 per bin, 100 per side: expected 62.5 and 37.5; 2 * 12.5^2/62.5 + 2 * 12.5^2/37.5
     assert statistic == pytest.approx(2 * 12.5**2 / 62.5 + 2 * 12.5**2 / 37.5) == pytest.approx(40 / 3)
     assert dof == 1 and p == pytest.approx(chi2.sf(40 / 3, 1))
-    table = np.array([[300, 200, 100, 400], [40, 30, 5, 25]])
+    table = np.array([[300, 200, 150, 350], [40, 30, 10, 20]])
     reference = chi2_contingency(table, correction=False)
     assert homogeneity(table[0], table[1])[:2] == pytest.approx((reference.statistic, reference.pvalue))
     # a bin that expects fewer than 10 on a side is pooled with the next smallest
     assert homogeneity([500, 500, 1], [500, 500, 0])[2] == 1
     assert homogeneity([10, 0], [0, 0]) == (0.0, 1.0, 0)  # nothing tonight: nothing to test
+    assert homogeneity([0, 2000], [0, 60]) == (0.0, 1.0, 0)  # one bin on both sides: no difference
+
+
+def test_a_night_gathered_in_a_bin_rare_at_training_is_not_pooled_away() -> None:
+    """Pooling goes by both sides' counts together: the bin tonight's products crowd into stays a bin
+    of its own (training had no product without a photo; tonight 300 of 1,000 have none). Where a
+    small night leaves one pooled bin, Fisher's exact test compares the largest bin with the rest."""
+    statistic, p, dof = homogeneity([0, 2000], [300, 700])
+    reference = chi2_contingency(np.array([[0, 2000], [300, 700]]), correction=False)
+    assert (statistic, p, dof) == pytest.approx((reference.statistic, reference.pvalue, 1))
+    scripts = np.zeros((2, 5))
+    scripts[0, :2] = [1992, 8]  # training: Latin, a few Cyrillic titles
+    scripts[1, 1] = 1000  # tonight: every title Cyrillic
+    assert homogeneity(scripts[0], scripts[1])[1] < 1e-100
+    # 60 products, all in a bin training never saw: 60 < 10 x 2,060 / 60, so one pooled bin
+    statistic, p, dof = homogeneity([0, 2000], [60, 0])
+    assert math.isnan(statistic) and dof == 1
+    assert p == pytest.approx(fisher_exact([[2000, 0], [0, 60]]).pvalue)
+    # the design effect divides the counts Fisher's test reads
+    assert homogeneity([0, 2000], [60, 0], design_effect=2.0)[1] == pytest.approx(
+        fisher_exact([[1000, 0], [0, 30]]).pvalue
+    )
+    assert homogeneity([4, 2000], [1, 59])[1] > 0.1  # one product in a rare bin: nothing to see
 
 
 def test_title_scripts() -> None:
@@ -367,3 +390,26 @@ def test_the_image_check_fails_on_photos_gone_missing_not_on_unusable_ones_the_q
     missing["errors"] = [None if i in hit else e for i, e in enumerate(pop["errors"])]  # type: ignore[arg-type]
     assert image_check(pop) == image_check(broken) == "passed"
     assert image_check(missing) == "failed"
+
+
+def test_photos_gone_missing_fail_the_image_check_where_training_had_every_photo() -> None:
+    """The CDN outage of a catalog whose training products all had a photo: a night of 1,000 products
+    of which 300 come without one (and a small night of 60, all without) fails the image check and
+    blocks every attribute; the same night with its photos passes."""
+    rng = np.random.default_rng(7)
+    pop = _population(rng, 6_000)
+    pop["present"] = [True] * 6_000
+    pop["errors"] = [None] * 6_000
+    profile = _profile(pop, np.arange(3_000))
+    modes = {"inputs": "block"}
+    for night, gone in ((np.arange(3_000, 4_000), 300), (np.arange(4_000, 4_060), 60)):
+        missing = dict(pop)
+        hit = set(night[:gone].tolist())
+        missing["present"] = [i not in hit for i in range(6_000)]
+        missing["tones"] = [None if i in hit else t for i, t in enumerate(pop["tones"])]  # type: ignore[arg-type]
+        checks = assess(profile, _count(profile, missing, night), target=_target(pop))
+        image = next(c for c in checks if c.check == "image")
+        assert image.status == "failed" and image.p_value is not None and image.p_value < 1e-10
+        assert set(blocked_attributes(checks, modes, list(THRESHOLDS))) == set(THRESHOLDS)
+        clean = assess(profile, _count(profile, pop, night), target=_target(pop))
+        assert next(c for c in clean if c.check == "image").status == "passed"

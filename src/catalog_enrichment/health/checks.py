@@ -49,10 +49,14 @@ def homogeneity(
     groups (variants) that count alike; the statistic is divided by it (Rao and Scott's first-order
     correction for cluster samples).
 
-    Bins are pooled, smallest baseline count first, until each pooled bin expects at least
-    :data:`MIN_EXPECTED` products on both sides at the baseline's shares; the pooling looks at the
-    baseline only, never at tonight's counts (choosing bins after seeing the data would inflate the
-    statistic). One bin left tests nothing (p 1).
+    Bins are pooled, smallest first by their count on both sides together, until each pooled bin
+    expects at least :data:`MIN_EXPECTED` products on both sides. The pooling looks only at those
+    totals (the table's margins, which the test conditions on), never at how tonight's products
+    split from the baseline's, so choosing it does not inflate the statistic; and a bin rare at
+    training where tonight's products gather is not pooled away. Where even that leaves one
+    pooled bin (a small night gathered in a bin rare at training), Fisher's exact test compares the
+    largest bin with the rest (statistic ``nan``, 1 degree of freedom), on counts divided by the
+    design effect. One bin with products on either side tests nothing (p 1).
     """
     from scipy.special import chdtrc  # chi-squared survival function (scipy.stats' chi2.sf)
 
@@ -61,12 +65,13 @@ def homogeneity(
     m, n = b.sum(), c.sum()
     if m == 0 or n == 0:
         return 0.0, 1.0, 0
-    need = MIN_EXPECTED * m / min(m, n)  # baseline products a pooled bin needs
+    totals = b + c
+    need = MIN_EXPECTED * (m + n) / min(m, n)  # products (both sides) a pooled bin needs
     groups: list[list[float]] = []
     acc = [0.0, 0.0]
-    for i in np.argsort(b, kind="stable"):
+    for i in np.argsort(totals, kind="stable"):
         acc = [acc[0] + b[i], acc[1] + c[i]]
-        if acc[0] >= need:
+        if sum(acc) >= need:
             groups.append(acc)
             acc = [0.0, 0.0]
     if sum(acc) > 0:
@@ -75,12 +80,26 @@ def homogeneity(
         else:
             groups.append(acc)
     if len(groups) < 2:
-        return 0.0, 1.0, 0
+        if np.count_nonzero(totals) < 2:
+            return 0.0, 1.0, 0
+        return float("nan"), _fisher(b, c, int(np.argmax(totals)), design_effect), 1
     table = np.asarray(groups, np.float64)  # (bins, 2): baseline, tonight
     expected = table.sum(axis=1, keepdims=True) * np.array([[m, n]]) / (m + n)
     statistic = float(np.sum((table - expected) ** 2 / expected)) / max(1.0, design_effect)
     dof = len(groups) - 1
     return statistic, float(chdtrc(dof, statistic)), dof
+
+
+def _fisher(b: np.ndarray, c: np.ndarray, largest: int, design_effect: float) -> float:
+    """Fisher's exact two-sided p-value of the 2 x 2 table: bin ``largest`` against the others, for
+    the baseline ``b`` and tonight ``c``, each count divided by the design effect."""
+    from scipy.stats import fisher_exact
+
+    def split(x: np.ndarray) -> list[int]:
+        scaled = x / max(1.0, design_effect)
+        return [round(float(scaled[largest])), round(float(scaled.sum() - scaled[largest]))]
+
+    return float(fisher_exact([split(b), split(c)]).pvalue)
 
 
 # -- checks -------------------------------------------------------------------------------------------
@@ -257,10 +276,12 @@ def _judge(p: _Pending, limits: _Limits) -> Check:
         large = abs(observed - expected) >= limits.min_share_change
         effect = f"share {observed:.3f} against {expected:.3f} at training"
     failed = p_value < alpha and large
-    message = f"{where} {effect} (chi-square p {p_value:.2g} < {alpha:.2g})" if failed else None
+    exact = math.isnan(statistic)  # Fisher's exact test (see homogeneity)
+    test = "Fisher's exact p" if exact else "chi-square p"
+    message = f"{where} {effect} ({test} {p_value:.2g} < {alpha:.2g})" if failed else None
     return Check(
         p.scope, p.check, "failed" if failed else "passed", p.products, p.baseline_products,
-        statistic, p_value, alpha, observed, expected, message,
+        None if exact else statistic, p_value, alpha, observed, expected, message,
     )  # fmt: skip
 
 
