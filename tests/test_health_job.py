@@ -163,12 +163,15 @@ def test_the_products_of_a_blocked_night_are_filled_by_the_next_clean_run(  # ty
         )
         return outcome.report.summary()
 
-    assert run(clean, "night-1")["health_blocked"] == {}
+    first = run(clean, "night-1")
+    assert first["health_blocked"] == {} and first["embeddings_stored"] == first["embeddings_encoded"] > 0
     # the next night every product changed (after night 1's watermark, which is at most its start),
-    # and its titles arrived stripped: nothing of it is written
+    # and its titles arrived stripped: nothing of it is written, and none of its vectors is stored
     now = pa.array([dt.datetime.now(dt.UTC)] * clean.num_rows, clean.schema.field("updated_at").type)
     later = clean.set_column(clean.schema.get_field_index("updated_at"), "updated_at", now)
-    assert list(run(stripped_titles(later), "night-2")["health_blocked"]) == taxonomy.outputs.names
+    second = run(stripped_titles(later), "night-2")
+    assert list(second["health_blocked"]) == taxonomy.outputs.names
+    assert second["embeddings_encoded"] > 0 and second["embeddings_stored"] == 0
     assert {r["run_id"] for r in catalog.attribute_rows().to_pylist() if r["source"] == "model"} == {
         "night-1"
     }

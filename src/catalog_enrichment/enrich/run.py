@@ -359,7 +359,12 @@ def _stages(
     run.written = written(decisions, job.policy.taxonomy, run.blocked)
     say(f"  wrote {decisions.values.num_rows:,} values (version {run.merge.version}); "
         f"quarantined {decisions.quarantine.num_rows:,} rows")  # fmt: skip
-    if scored.encoder is not None:
+    if scored.encoder is not None and run.blocked:
+        # tonight's inputs may be what was wrong (placeholder photos under the products' own URLs
+        # keep their digest): the run that reads these products again encodes them afresh
+        say("  embeddings: none stored, the health checks kept values out")
+        run.embeddings = {"embeddings_stored": 0}
+    elif scored.encoder is not None:
         with run.stage("store"):
             run.embeddings = store_embeddings(job.spark, catalog, scored, job.staging, say)
 
