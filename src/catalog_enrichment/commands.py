@@ -290,6 +290,7 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
     """
     import datetime as dt
 
+    from catalog_enrichment.catalog.reports import BLOCKED
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.enrich import BackfillRange, backfill_partitions
 
@@ -308,6 +309,12 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
     )
     done = sum(1 for _, o in results if o is not None)
     print(f"backfill finished: {done} partition(s) enriched, {len(results) - done} skipped")
+    kept = [scope for scope, o in results if o is not None and o.report.summary().get(BLOCKED)]
+    if kept:
+        print(
+            f"{len(kept)} partition(s) kept values out (run health): {', '.join(kept)}; run the backfill "
+            "again once the cause is fixed - those partitions are not counted as done"
+        )
     return 0
 
 

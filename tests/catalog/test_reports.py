@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +23,7 @@ from catalog_enrichment.catalog.reports import (
     upsert_report,
 )
 from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.enrich.run import _resume_from
 from catalog_enrichment.errors import CatalogEnrichError
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,6 +77,15 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     nights = [clean, *(run(f"b{i}", 2 + i, {"color": "x"}) for i in range(4))]
     # four blocked nights in a row: the next run reads on from the fourth last, not from the start
     assert last_run(nights, None, blocked_retries=3).run_id == "b0"  # type: ignore[union-attr]
+    # the job says whose products it stops reading again, and only then
+    said: list[str] = []
+    health = SimpleNamespace(retries=3)
+    job = SimpleNamespace(cfg=SimpleNamespace(validation=SimpleNamespace(health=health)), say=said.append)
+    assert _resume_from(job, nights, None).run_id == "b0"  # type: ignore[arg-type, union-attr]
+    assert "run b0 kept values out and 3 blocked runs followed it" in said[-1]
+    said.clear()
+    assert _resume_from(job, nights[:4], None) is clean and len(said) == 1  # type: ignore[arg-type]
+    assert said[0].startswith("  run b2 kept color out: reading on from run clean")
     assert last_run([clean, run("old", 3, ["color"])], None, blocked_retries=1) is clean  # the list format
     blocked = run("cdn", 2, {"color": "input image tone failed"})
     blocked.add_to_summary(health=[], health_failures=["image tone PSI 3.0"])

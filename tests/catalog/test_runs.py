@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from catalog_enrichment.catalog.reports import RunReport
+from catalog_enrichment.catalog.reports import BLOCKED, RunReport
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
@@ -81,6 +81,19 @@ def test_forced_and_rolled_back_partitions_get_a_fresh_run_id() -> None:
     again = _plan(_Partitions(DAYS, reports))
     assert again[0] == ("ingest_date=2026-11-02", None)
     assert again[1][1] is not None and again[1][1].startswith("backfill-2026-11-03-shop_tiny-v3-")
+
+
+def test_a_partition_whose_health_checks_kept_values_out_is_run_again_under_a_fresh_run_id() -> None:
+    """A backfill run that the run health kept from writing colour succeeded but did not do the
+    partition: the next backfill runs it again (its run id is taken); once a run of it kept nothing
+    out, it is done."""
+    blocked = _report("2026-11-02", "succeeded")
+    blocked.add_to_summary(**{BLOCKED: {"color": "input image PSI 2.1"}})
+    again = _plan(_Partitions(DAYS, [blocked, _report("2026-11-03", "succeeded")]))
+    assert again[1] == ("ingest_date=2026-11-03", None)
+    assert again[0][1] is not None and again[0][1].startswith("backfill-2026-11-02-shop_tiny-v3-")
+    clean = _report("2026-11-02", "succeeded", run_id=again[0][1])
+    assert _plan(_Partitions(DAYS, [blocked, clean]))[0] == ("ingest_date=2026-11-02", None)
 
 
 def test_an_empty_or_backwards_range_is_a_clear_error() -> None:

@@ -7,7 +7,7 @@ import re
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
-from catalog_enrichment.catalog.reports import check_run_id
+from catalog_enrichment.catalog.reports import BLOCKED, check_run_id
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.types import Say
@@ -27,9 +27,10 @@ def backfill_plan(
     """(partition, run id) per ``ingest_date`` partition in ``[date_from, date_to]``, in date order.
 
     Resumable: the run id is None for a partition already done by the same model version (a
-    succeeded run report) unless ``force``; run ids are deterministic per (partition, model
-    version), so a partition interrupted half-way is finished, not written twice. A forced or
-    rolled-back partition gets a fresh run id.
+    succeeded run report whose health checks kept nothing out) unless ``force``; run ids are
+    deterministic per (partition, model version), so a partition interrupted half-way is finished,
+    not written twice. A forced or rolled-back partition gets a fresh run id, and so does one whose
+    runs by this version all kept values out (it is run again).
     """
     if date_from > date_to:
         raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
@@ -44,11 +45,12 @@ def backfill_plan(
     for day in dates:
         scope = f"{column}={day}"
         runs = [r for r in all_reports if r.partition == scope]
-        if not force and any(r.status == "succeeded" and r.model_version == model.version for r in runs):
+        mine = [r for r in runs if r.status == "succeeded" and r.model_version == model.version]
+        if not force and any(not r.summary().get(BLOCKED) for r in mine):
             plan.append((scope, None))
             continue
         run_id = f"backfill-{day}-{re.sub(r'[^A-Za-z0-9._-]', '_', model.name)}-v{model.version}"
-        if force or any(r.run_id == run_id and r.status == "rolled_back" for r in runs):
+        if force or any(r.run_id == run_id and r.status == "rolled_back" for r in runs) or mine:
             run_id += f"-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
         plan.append((scope, run_id))
     return plan

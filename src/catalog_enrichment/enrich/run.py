@@ -396,12 +396,19 @@ def _resume_from(job: _Job, reports: list[RunReport], partition: str | None) -> 
     """The run this incremental run reads on from: the last one, or the one before the latest runs
     whose health checks kept values out (``validation.health.retries`` of them at most), so their
     products are scored again."""
+    retries = job.cfg.validation.health.retries
     latest = last_run(reports, partition)
-    last = last_run(reports, partition, blocked_retries=job.cfg.validation.health.retries)
+    last = last_run(reports, partition, blocked_retries=retries)
     if latest is not None and last is not latest:
         blocked = ", ".join(blocked_why(latest.summary().get(BLOCKED)))
         since = "the start" if last is None else f"run {last.run_id}"
         job.say(f"  run {latest.run_id} kept {blocked} out: reading on from {since}, its products again")
+    if last is not None and last.summary().get(BLOCKED):
+        job.say(
+            f"  run {last.run_id} kept values out and {retries} blocked runs followed it "
+            "(validation.health.retries): its products are not read again; once the cause is fixed, "
+            "score them with catalog-enrich enrich --full or a backfill"
+        )
     return last
 
 
