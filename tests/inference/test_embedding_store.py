@@ -4,6 +4,7 @@ that a stored vector fuses to the scores of a fresh encode."""
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,19 @@ def test_a_stored_vector_is_fused_without_encoding_and_scores_like_a_fresh_encod
     for attr in bundle.taxonomy.names:
         # float32 vectors: the fusion sees the very numbers the encoders gave
         np.testing.assert_allclose(again.probs[attr], plain.probs[attr], atol=1e-6)
+
+
+def test_vectors_encoded_under_bf16_autocast_are_not_offered_to_the_store(bundle, products) -> None:  # type: ignore[no-untyped-def]
+    """Autocast runs only on a GPU; here the flag is set by hand (torch disables CUDA autocast on a
+    machine without one): the scores come, the vectors for the store do not."""
+    predictor = BatchPredictor(copy.deepcopy(bundle), PredictorOptions(batch_size=32, embedding_store=True))
+    good = _usable(products, predictor.score_arrow(products))
+    assert any(e is not None for e in predictor.score_arrow(good).embedding or [])
+    predictor.autocast = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "CUDA is not available. Disabling"
+        scores = predictor.score_arrow(good)
+    assert scores.embedding == [None] * good.num_rows and scores.content is not None
 
 
 def test_a_changed_title_or_image_is_encoded_again_and_a_foreign_vector_is_ignored(bundle, products) -> None:  # type: ignore[no-untyped-def]

@@ -355,9 +355,13 @@ class BatchPredictor:
         return {a: p.float().cpu().numpy() for a, p in out.probs.items()}
 
     def _fresh(self, batch: PreparedBatch) -> list[bytes | None]:
-        """The packed vectors this batch encoded (rows whose image failed are not kept)."""
+        """The packed vectors this batch encoded (rows whose image failed are not kept, nor any
+        encoded under bf16 autocast: the store's vectors are float32 encodes, which a run without
+        autocast fuses as its own)."""
         fresh: list[bytes | None] = [None] * len(batch)
         assert batch.stored is not None and batch.encode is not None
+        if self.autocast:
+            return fresh
         for i in batch.encode:
             if batch.image_error[i] is None:
                 fresh[i] = batch.stored[i].tobytes()
