@@ -116,9 +116,16 @@ def test_the_estimated_precision_is_the_held_out_curve_at_the_written_confidence
     est = _check(checks, "estimated_precision")
     assert est.observed == pytest.approx((25 * 0.93 + 25 * 0.99) / 50) and est.expected == 0.95
     assert est.status == "passed" and est.products == 50 and est.baseline_products == 500
-    # a bin the held-out values never fell in takes their overall precision (489 / 500)
+    # a bin the held-out values never fell in, with none below it, takes the nearest bin above
+    # (0.90-0.95: 93 of 100), not their overall precision (489 / 500)
     other = assess(profile, _tally(base, np.full(50, 0.5)), target=0.95)
-    assert _check(other, "estimated_precision").observed == pytest.approx(489 / 500)
+    assert _check(other, "estimated_precision").observed == pytest.approx(93 / 100)
+    # with some below it, the held-out values written at lower confidences (0.60-0.65: 3 of 5)
+    written, correct = list(base.written), list(base.correct)
+    written[12], correct[12] = 5, 3
+    low = AttributeBaseline([0.5], [500, 500], 505, [600, 400], written, correct)
+    checks = assess(HealthProfile({"color": low}), _tally(low, np.full(50, 0.77)), target=0.95)
+    assert _check(checks, "estimated_precision").observed == pytest.approx(3 / 5)
 
 
 def test_estimated_precision_fails_only_when_its_upper_bound_is_below_the_target() -> None:

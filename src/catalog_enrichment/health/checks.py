@@ -164,17 +164,24 @@ def _scorable(image: Sequence[int]) -> list[int]:
 
 
 def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tuple[float, float] | None:
-    """What was written, each value at the held-out precision of its confidence bin (a bin with no
-    held-out value takes the overall held-out precision), and the estimate's standard error: the
-    curve's (binomial per bin) and the written mix's (multinomial over the bins) together."""
+    """What was written, each value at the held-out precision of its confidence bin, and the
+    estimate's standard error: the curve's (binomial per bin) and the written mix's (multinomial
+    over the bins) together. A bin with no held-out value takes the precision of every held-out
+    value written at lower confidences (precision does not rise as confidence falls), or, with none
+    below it, of the nearest bin above that has some."""
     written = np.asarray(tally.written, np.float64)
     n_bin, k_bin = np.asarray(base.written, np.float64), np.asarray(base.correct, np.float64)
     if not written.sum() or not n_bin.sum():
         return None
-    overall = k_bin.sum() / n_bin.sum()
-    curve = np.where(n_bin > 0, k_bin / np.maximum(n_bin, 1), overall)
-    support = np.where(n_bin > 0, n_bin, n_bin.sum())
-    smoothed = np.where(n_bin > 0, (k_bin + 0.5) / (n_bin + 1), (k_bin.sum() + 0.5) / (n_bin.sum() + 1))
+    n_below, k_below = np.cumsum(n_bin) - n_bin, np.cumsum(k_bin) - k_bin
+    bins = np.arange(n_bin.size)
+    above = np.minimum.accumulate(np.where(n_bin > 0, bins, n_bin.size)[::-1])[::-1]  # nearest at or above
+    above = np.minimum(above, n_bin.size - 1)
+    n_eff = np.where(n_bin > 0, n_bin, np.where(n_below > 0, n_below, n_bin[above]))
+    k_eff = np.where(n_bin > 0, k_bin, np.where(n_below > 0, k_below, k_bin[above]))
+    curve = k_eff / np.maximum(n_eff, 1)
+    support = n_eff
+    smoothed = (k_eff + 0.5) / (n_eff + 1)
     w = written / written.sum()
     estimate = float(w @ curve)
     curve_var = np.sum(w**2 * smoothed * (1 - smoothed) / (support + 1))
