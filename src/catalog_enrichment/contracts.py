@@ -33,6 +33,7 @@ __all__ = [
     "IMAGE_SHARED",
     "IMAGE_URI_ALLOWED",
     "IMAGE_WITHIN_LIMITS",
+    "SCORES_FINITE",
     "UNREADABLE",
     "AttributeSpec",
     "Contract",
@@ -54,6 +55,8 @@ IMAGE_WITHIN_LIMITS = "image_within_limits"  # over images.max_bytes or images.m
 # The one quarantine reason about images decided before scoring: the same image on many products of
 # a run (a CDN's placeholder, a "no image" tile), found by validation.rules.shared_image_rules.
 IMAGE_SHARED = "image_shared"
+# A product the model scored NaN or infinite (a model or encoder fault): quarantined, not decided.
+SCORES_FINITE = "scores_finite"
 # A source whose values may not fit the contract's type (PostgreSQL jsonb for a map) reads the
 # contract column plus UNREADABLE.format(column): the original text where it did not fit, else null.
 UNREADABLE = "_{}_unreadable"

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import SCORES_FINITE, Taxonomy
 from catalog_enrichment.data.images import IMAGE_DECODABLE
 from catalog_enrichment.inference.decide import merchant_attributes
 from catalog_enrichment.inference.predictor import Scores
@@ -71,6 +71,27 @@ def test_a_batch_decision_is_the_per_product_decision_as_arrow(taxonomy: Taxonom
     # an empty batch gives an empty output of the same schema
     empty = decide_batch(policy, batch.slice(0, 0), Scores({k: v[:0] for k, v in probs.items()}, [], []))
     assert empty.schema == OUTPUT_SCHEMA and empty.num_rows == 0
+
+
+def test_a_product_scored_nan_is_marked_for_the_quarantine_and_the_rest_is_decided(
+    taxonomy: Taxonomy,
+) -> None:
+    """A model fault that scores one product NaN (or infinite) costs that product, not the batch."""
+    probs = {a.name: np.full((3, len(a.values)), 0.9, np.float32) for a in taxonomy}
+    probs["pattern"][1, 0] = np.nan
+    probs["color"][2, 1] = np.inf
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(["p0", "p1", "p2"]), pa.array([None] * 3, MERCHANT)],
+        names=["product_id", "merchant_attributes"],
+    )
+    policy = policy_at(taxonomy, value=0.7)
+    out = decide_batch(policy, batch, Scores(probs, [None, None, IMAGE_DECODABLE], [None] * 3))
+    assert out.column("image_error").to_pylist() == [None, SCORES_FINITE, IMAGE_DECODABLE]
+    assert out.column("scored").to_pylist()[1:] == [[], []] and out.column("values")[1].as_py() == []
+    clean = decide_batch(
+        policy, batch.slice(0, 1), Scores({k: v[:1] for k, v in probs.items()}, [None], [None])
+    )
+    assert out.column("values")[0] == clean.column("values")[0] and clean.column("values")[0].as_py()
 
 
 def test_values_people_rejected_are_never_written_and_the_pair_is_still_scored(taxonomy: Taxonomy) -> None:

@@ -10,7 +10,8 @@ UTF-8 has no expectation there).
 
 Image rules (``image_decodable``, ``image_readable``, ``image_within_limits``,
 ``image_uri_allowed``) need the bytes read or decoded; the scoring pass does that anyway, so the
-predictor reports them and the job quarantines those rows there (one decode per image, not two).
+predictor reports them and the job quarantines those rows there (one decode per image, not two);
+so does ``scores_finite``, a product the model scored NaN or infinite (a model fault).
 A product with *no* image is valid and is scored as imageless. One image rule is decided before
 scoring, by other rows: ``image_shared`` (:func:`shared_image_rules`), the same image bytes (or the
 same ``image_uri``) on more than ``validation.max_products_per_image`` products of the run - what an
