@@ -59,25 +59,35 @@ def test_homogeneity_is_pearsons_chi_square_of_the_two_by_k_table() -> None:
 
 
 def test_a_night_gathered_in_a_bin_rare_at_training_is_not_pooled_away() -> None:
-    """Pooling goes by both sides' counts together: the bin tonight's products crowd into stays a bin
-    of its own (training had no product without a photo; tonight 300 of 1,000 have none). Where a
-    small night leaves one pooled bin, Fisher's exact test compares the largest bin with the rest."""
+    """Bins too rare at training to stand alone, pooled into a common bin by the baseline's counts,
+    are also compared with the rest by Fisher's exact test (training had no product without a
+    photo; tonight 300 of 1,000 have none): the smaller p-value, doubled, or Fisher's alone where
+    the chi-square has one pooled bin."""
     statistic, p, dof = homogeneity([0, 2000], [300, 700])
-    reference = chi2_contingency(np.array([[0, 2000], [300, 700]]), correction=False)
-    assert (statistic, p, dof) == pytest.approx((reference.statistic, reference.pvalue, 1))
+    assert math.isnan(statistic) and dof == 1
+    assert p == pytest.approx(fisher_exact([[0, 2000], [300, 700]]).pvalue)
+    # a rare bin (5 < 10 x 2,000 / 100) pooled with the 995: two pooled bins and the exact test
+    pooled = chi2_contingency(np.array([[1000, 70], [1000, 30]]), correction=False).pvalue
+    exact = fisher_exact([[5, 1995], [40, 60]]).pvalue
+    assert homogeneity([5, 1000, 995], [40, 30, 30])[1:] == pytest.approx((2 * min(pooled, exact), 1))
     scripts = np.zeros((2, 5))
     scripts[0, :2] = [1992, 8]  # training: Latin, a few Cyrillic titles
     scripts[1, 1] = 1000  # tonight: every title Cyrillic
     assert homogeneity(scripts[0], scripts[1])[1] < 1e-100
-    # 60 products, all in a bin training never saw: 60 < 10 x 2,060 / 60, so one pooled bin
-    statistic, p, dof = homogeneity([0, 2000], [60, 0])
-    assert math.isnan(statistic) and dof == 1
-    assert p == pytest.approx(fisher_exact([[2000, 0], [0, 60]]).pvalue)
+    assert homogeneity([0, 2000], [60, 0])[1] == pytest.approx(fisher_exact([[0, 2000], [60, 0]]).pvalue)
     # the design effect divides the counts Fisher's test reads
     assert homogeneity([0, 2000], [60, 0], design_effect=2.0)[1] == pytest.approx(
-        fisher_exact([[1000, 0], [0, 30]]).pvalue
+        fisher_exact([[0, 1000], [30, 0]]).pvalue
     )
     assert homogeneity([4, 2000], [1, 59])[1] > 0.1  # one product in a rare bin: nothing to see
+    # decile bins hold equal baseline counts: none is rare, the chi-square alone decides (neighbours
+    # pooled in pairs: 400 baseline products each for 50 tonight)
+    deciles = [200] * 10
+    assert homogeneity(deciles, [5, 6, 13, 3, 2, 2, 4, 9, 4, 2])[1] == pytest.approx(
+        chi2_contingency(
+            np.array([[400, 11], [400, 16], [400, 4], [400, 13], [400, 6]]), correction=False
+        ).pvalue
+    )
 
 
 def test_title_scripts() -> None:

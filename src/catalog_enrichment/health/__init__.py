@@ -12,10 +12,10 @@ itself: no second read), and the driver compares (:func:`assess`).
 
 Every distribution (score deciles, coverage, value mix and the input checks) is compared with one
 two-sample test: Pearson's chi-square test of homogeneity between the baseline's ``m`` products and
-tonight's ``n``, with sparse bins pooled by both sides' counts together until each expects
-:data:`MIN_EXPECTED` products (so the chi-square approximation holds, and a bin rare at training
-that tonight's products crowd into stays one of its own); where a small night leaves one pooled
-bin, Fisher's exact test. Estimated precision - what was written, each value weighted by the
+tonight's ``n``, with sparse bins pooled by the baseline's counts until each expects
+:data:`MIN_EXPECTED` products (so the chi-square approximation holds); bins too rare at training to
+stand alone are also compared with the rest by Fisher's exact test, so a night crowding into one is
+not pooled away. Estimated precision - what was written, each value weighted by the
 held-out precision at its confidence (label-free, in the spirit of NannyML's CBPE) - fails when even
 its upper confidence bound is below the target.
 
