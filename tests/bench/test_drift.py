@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from catalog_enrichment.bench.drift import missing_images
 from tests.conftest import cli_in_process
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -32,3 +34,17 @@ def test_bench_drift_runs_a_clean_and_a_drifted_night_and_writes_its_result(spar
     stripped = result["kinds"]["stripped_titles"]
     assert stripped["alarmed"] == 1 and stripped["checks"].get("input:title_length") == 1
     assert out.with_suffix(".md").is_file() and "| stripped_titles |" in stdout
+
+
+def test_missing_images_takes_the_photos_and_their_addresses_and_nothing_else() -> None:
+    products = pa.table(
+        {
+            "product_id": ["a", "b"],
+            "title": ["t1", "t2"],
+            "image": pa.array([b"\x89PNG", None], pa.binary()),
+            "image_uri": ["file:///a.png", "file:///b.png"],
+        }
+    )
+    gone = missing_images(products)
+    assert gone.schema == products.schema and gone["title"] == products["title"]
+    assert gone["image"].null_count == gone["image_uri"].null_count == 2

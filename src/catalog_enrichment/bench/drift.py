@@ -12,6 +12,7 @@ new type come from both tables. The kinds:
 
 * ``colour_shift``: photos with their red and blue channels swapped (an RGB/BGR export bug);
 * ``placeholder_images``: every photo replaced by the CDN's "no image" placeholder;
+* ``missing_images``: the photos gone (neither bytes nor an ``image_uri``: a feed that drops them);
 * ``new_product_type``: products of the type the model never saw (new merchant category, new shape);
 * ``other_language``: titles and descriptions in German;
 * ``stripped_titles``: titles stripped to the product id, descriptions gone.
@@ -57,13 +58,21 @@ __all__ = [
     "colour_shift",
     "drifted_batch",
     "format_drift",
+    "missing_images",
     "other_language",
     "placeholder_images",
     "run_drift_bench",
     "stripped_titles",
 ]
 
-KINDS = ("colour_shift", "placeholder_images", "new_product_type", "other_language", "stripped_titles")
+KINDS = (
+    "colour_shift",
+    "placeholder_images",
+    "missing_images",
+    "new_product_type",
+    "other_language",
+    "stripped_titles",
+)
 NEW_TYPE = "lamp"  # held out of training; its merchant category ("Home & Living") is new too
 
 
@@ -107,6 +116,14 @@ def placeholder_images(products: pa.Table) -> pa.Table:
     """Every product's photo replaced by :func:`placeholder` (a product without one stays without)."""
     image = placeholder()
     return _map_images(products, lambda _data: image)
+
+
+def missing_images(products: pa.Table) -> pa.Table:
+    """Every product's photo gone: neither image bytes nor an ``image_uri``."""
+    for name in ("image", "image_uri"):
+        if name in products.column_names:
+            products = _set(products, name, pa.nulls(products.num_rows, products.schema.field(name).type))
+    return products
 
 
 def stripped_titles(products: pa.Table) -> pa.Table:
@@ -191,6 +208,7 @@ def drifted_batch(kind: str, batch: pa.Table, share: float, newcomers: pa.Table,
         change = {
             "colour_shift": colour_shift,
             "placeholder_images": placeholder_images,
+            "missing_images": missing_images,
             "other_language": other_language,
             "stripped_titles": stripped_titles,
         }[kind]
