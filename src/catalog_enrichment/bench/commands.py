@@ -133,12 +133,12 @@ def bench_drift(args: argparse.Namespace, cfg: AppConfig) -> int:
 
     Train on a generated marketplace without one product type, then run the job and the health
     check on --batches clean batches and as many per drift kind (colour-shifted photos, a CDN
-    placeholder, the unseen product type, German titles, titles stripped to ids; --share of each
-    drifted batch from the broken feed), with the configuration's health modes. Reports false
-    alarms, detections, values of blocked attributes written, placeholders quarantined, values the
-    drift made wrong that were written, and what the next run fills once the feed is fixed. With --data and
-    --test-data (and --taxonomy): a real catalog's training and test tables instead, without the
-    --new-type products in training.
+    placeholder, photos gone missing, the unseen product type, German titles, titles stripped to
+    ids; --share of each drifted batch from the broken feed), with the configuration's health
+    modes. Reports false alarms, detections, values of blocked attributes written, placeholders
+    quarantined, values the drift made wrong that were written, and what the next run fills once
+    the feed is fixed. With --data and --test-data (and --taxonomy): a real catalog's training and
+    test tables instead, without the --new-type products in training.
     """
     from catalog_enrichment.bench.drift import KINDS, NEW_TYPE, DriftPlan, format_drift, run_drift_bench
     from catalog_enrichment.catalog.lakehouse import read_table
