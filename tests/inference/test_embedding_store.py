@@ -163,6 +163,12 @@ def test_the_fingerprint_follows_the_encoders_not_the_heads(bundle, tmp_path) ->
     assert embedding.encoder_fingerprint(model, bundle.tokenizer, 8) != embedding.encoder_fingerprint(
         model, bundle.tokenizer, bundle.model_config.text.max_length
     )
+    # the same weights under another timm pooling or architecture name compute other vectors
+    before = embedding.encoder_fingerprint(model, bundle.tokenizer, 8)
+    for change in ({"timm_kwargs": {"global_pool": "max"}}, {"name": "tf_" + model.cfg.image.name}):
+        other = copy.copy(model)
+        other.cfg = model.cfg.model_copy(update={"image": model.cfg.image.model_copy(update=change)})
+        assert embedding.encoder_fingerprint(other, bundle.tokenizer, 8) != before
 
 
 def test_models_that_read_tokens_fields_or_members_are_not_stored(taxonomy) -> None:  # type: ignore[no-untyped-def]

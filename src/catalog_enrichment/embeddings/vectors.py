@@ -5,7 +5,8 @@ encoders made of a product can be kept (the catalog's embedding store) and fused
 version whose encoders are the same. Two facts make that safe:
 
 * :func:`encoder_fingerprint` hashes everything that shapes the encoders' outputs - their weights,
-  the tokenizer, the text length and pooling, the image preprocessing, pooling and colour features, which
+  architecture names and timm arguments, the tokenizer, the text length and pooling, the image
+  preprocessing, pooling and colour features, which
   outputs the fusion reads, and the runtime that runs them (``model.encoder_runtime``) - so a
   stored vector is only ever read back by encoders that would compute it again;
 * :func:`pack` / :func:`unpack` turn the pooled outputs the fusion reads (``text_pooled``,
@@ -54,8 +55,18 @@ def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int)
     fusion = model.fusion
     needs = (fusion.needs_text, fusion.needs_image, fusion.needs_tokens, fusion.needs_fields)
     colour = COLOR_VERSION if model.cfg.image.color_features else None
-    image_prep = (model.preprocessing.to_dict(), colour, model.cfg.image.pooling)
-    h.update(repr((needs, max_length, model.cfg.text.pooling, image_prep, _dims(model))).encode())
+    image = model.cfg.image
+    # the architecture's name and its timm arguments (global_pool, output_stride) change the outputs
+    # of the same weights
+    image_prep = (
+        model.preprocessing.to_dict(),
+        colour,
+        image.pooling,
+        image.name,
+        sorted(image.timm_kwargs.items()),
+    )
+    text = (model.cfg.text.model_type, model.cfg.text.pooling)
+    h.update(repr((needs, max_length, text, image_prep, _dims(model))).encode())
     if model.cfg.encoder_runtime != "torch":  # another runtime's vectors differ in the last bits
         h.update(model.cfg.encoder_runtime.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
