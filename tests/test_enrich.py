@@ -34,7 +34,7 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.data.truth import written_precision
 from catalog_enrichment.enrich import BackfillRange, RunScope, backfill_partitions, run_enrichment
-from catalog_enrichment.errors import ContractError, TaxonomyError
+from catalog_enrichment.errors import ConfigError, ContractError, TaxonomyError
 from catalog_enrichment.inference.predictor import PredictorOptions
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
 from catalog_enrichment.versions import ModelVersion
@@ -426,6 +426,11 @@ def test_bad_inputs_fail_before_anything_is_written(
     del data["attributes"]["pattern"]
     with pytest.raises(TaxonomyError, match="'pattern' is not in the configured taxonomy"):
         _run(spark, cfg, Taxonomy.from_dict(data), incoming, scoring_bundle)
+    # the configured promise is not the one the version was calibrated for
+    lower = cfg.calibration.model_copy(update={"target_precision": 0.9})
+    other = cfg.model_copy(update={"calibration": lower})
+    with pytest.raises(ConfigError, match=r"target_precision is 0\.9 but tiny v1 was calibrated"):
+        _run(spark, other, taxonomy, incoming, scoring_bundle)
     # a products table without a contract column
     table = read_table(incoming.products).drop_columns(["category"])
     write_table(tmp_path / "no-category", table, partition_by=["ingest_date"])

@@ -366,3 +366,28 @@ def test_a_sqlite_stores_runs_keep_their_artifacts_beside_it_not_in_the_working_
     artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
     assert artifacts.is_relative_to(tmp_path / "store" / "mlartifacts")
     assert (artifacts / "run_report.json").is_file() and list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_an_alias_the_registry_cannot_read_is_an_error_not_an_unset_alias() -> None:
+    """A registry answering 503 for the champion alias must not read as "no champion yet" (the gate
+    would then promote on precision alone); an alias that is not set reads as None."""
+    from mlflow.exceptions import MlflowException
+
+    class Registry:
+        def __init__(self, error: MlflowException) -> None:
+            self.error = error
+
+        def get_registered_model(self, name: str) -> object:
+            return object()
+
+        def get_model_version_by_alias(self, name: str, alias: str) -> object:
+            raise self.error
+
+    unset = MlflowException(
+        "Registered model alias champion not found.", error_code="INVALID_PARAMETER_VALUE"
+    )
+    assert registry.resolve_alias(Registry(unset), "m", registry.CHAMPION) is None  # type: ignore[arg-type]
+    down = MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+    with pytest.raises(MlflowException, match="503"):
+        registry.resolve_alias(Registry(down), "m", registry.CHAMPION)  # type: ignore[arg-type]

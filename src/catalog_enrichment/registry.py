@@ -221,15 +221,22 @@ def resolve_alias(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
         client.get_registered_model(name)
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        if _missing(exc):
             raise CatalogEnrichError(
                 f"registered model {name!r} does not exist in {mlflow.get_registry_uri()}"
             ) from None
         raise
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _missing(exc):  # the alias is not set; any other failure (a server down) is not "no champion"
+            return None
+        raise
+
+
+def _missing(exc: MlflowException) -> bool:
+    """Whether the registry answered that what was asked for does not exist."""
+    return "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower()
 
 
 def live_encoders(client: MlflowClient, name: str) -> dict[str, list[str]]:

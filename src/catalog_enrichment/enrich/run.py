@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from catalog_enrichment.calibration import version_target
 from catalog_enrichment.catalog import Catalog, open_catalog
 from catalog_enrichment.catalog.base import MergeResult
 from catalog_enrichment.catalog.products import Partition, parse_partition
@@ -110,10 +111,17 @@ class EnrichOutcome:
     health: RunHealth | None = None
 
 
-def check_model_fits(bundle_dir: Path, taxonomy: Taxonomy) -> DecisionPolicy:
-    """The model's heads against the configured taxonomy, before anything is read or written."""
+def check_model_fits(
+    bundle_dir: Path, taxonomy: Taxonomy, target: float | None = None, version: str = "the model"
+) -> DecisionPolicy:
+    """The model's heads against the configured taxonomy, and its calibration against the configured
+    precision ``target`` (a version calibrated for another one is refused: its thresholds keep
+    another promise), before anything is read or written."""
     folder = BundleFolder(bundle_dir)
-    return DecisionPolicy(folder.read_taxonomy(), folder.read_calibration(), taxonomy)
+    policy = DecisionPolicy(folder.read_taxonomy(), folder.read_calibration(), taxonomy)
+    if target is not None:
+        version_target(target, policy.target_precision, version)
+    return policy
 
 
 @dataclass(frozen=True)
@@ -255,7 +263,9 @@ def run_enrichment(
         if previous is not None:
             progress(f"run {run_id} already succeeded; nothing to do")
             return EnrichOutcome(previous, already_done=True)
-        policy = check_model_fits(model.bundle, taxonomy)
+        policy = check_model_fits(
+            model.bundle, taxonomy, cfg.calibration.target_precision, f"{model.name} v{model.version}"
+        )
         for note in policy.notes:
             progress(note)
         contract = load_contract("products")
