@@ -184,6 +184,12 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     decision = promote_now()
     assert decision["promote"] and decision["target"] == 0.95, decision["reasons"]
     assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == first.registered.version
+    # promote again with no new challenger (a scheduler retry): nothing is judged against itself
+    again = promote_now()
+    assert not again["promote"] and again["reasons"] == ["challenger is already champion: nothing to do"]
+    first_tags = registry.version_tags(client, "test-model", first.registered.version)
+    assert first_tags["promotion.decision"] == "promoted"
+    assert read_table(log).num_rows == 1
 
     # a deliberately worse model: image only without the colour statistics (which read the synthetic
     # products' flat colours well enough to pass), few epochs -> registered as challenger, not
@@ -261,9 +267,11 @@ def test_gate_judges_precision_by_a_bound_not_a_point_estimate() -> None:
     bad = gate({**good, "color": _m(1000, 880)}, None, target=0.95, max_coverage_loss=0.02)
     assert not bad.promote and bad.reasons[0].startswith("FAIL color: realized precision 0.8800 (880/1000)")
     assert "upper bound 0.89" in bad.reasons[0]
-    # 15 of 20 is too few writes to judge (min_written 30)
-    few = gate({**good, "color": _m(20, 15)}, None, target=0.95, max_coverage_loss=0.02)
-    assert few.promote and "too few to judge" in few.reasons[0]
+    # few writes are judged by the same bound: 0 of 25 right is significantly below (upper 0.10),
+    # 19 of 20 is not
+    few = gate({**good, "color": _m(25, 0)}, None, target=0.95, max_coverage_loss=0.02)
+    assert not few.promote and few.reasons[0].startswith("FAIL color: realized precision 0.0000 (0/25)")
+    assert gate({**good, "color": _m(20, 19)}, None, target=0.95, max_coverage_loss=0.02).promote
     nothing = {a: _m(0, 0, 0.0) for a in good}
     assert not gate(nothing, None, target=0.95, max_coverage_loss=0.02).promote
 
@@ -391,3 +399,32 @@ def test_an_alias_the_registry_cannot_read_is_an_error_not_an_unset_alias() -> N
     down = MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
     with pytest.raises(MlflowException, match="503"):
         registry.resolve_alias(Registry(down), "m", registry.CHAMPION)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_a_champion_moved_while_the_gate_ran_records_nothing(tmp_path: Path) -> None:
+    """Another promotion moved the champion from v1 to v3 while v2 was judged against v1: no tag, no
+    log row, no alias move - a clear error to run it again."""
+    from catalog_enrichment.promotion import _record
+
+    class Registry:
+        def __init__(self) -> None:
+            self.moved: list[tuple[str, ...]] = []
+
+        def get_registered_model(self, name: str) -> object:
+            return object()
+
+        def get_model_version_by_alias(self, name: str, alias: str) -> object:
+            return type("Version", (), {"version": "3"})()
+
+        def set_model_version_tag(self, *args: str) -> None:
+            self.moved.append(args)
+
+        def set_registered_model_alias(self, *args: str) -> None:
+            self.moved.append(args)
+
+    summary = {"registered_model": "m", "challenger": "2", "champion": "1", "promote": True, "reasons": []}
+    client = Registry()
+    with pytest.raises(CatalogEnrichError, match="moved from 1 to 3 while this promotion ran"):
+        _record(client, summary, None, tmp_path / "log", _quiet)  # type: ignore[arg-type]
+    assert client.moved == [] and not (tmp_path / "log").exists()

@@ -595,12 +595,6 @@ class PromotionConfig(_Section):
         description="Coverage drop against the champion tolerated on any attribute (absolute share): the "
         "challenger is rejected when its paired coverage change is significantly below minus this.",
     )
-    min_written: int = Field(
-        30,
-        gt=0,
-        description="Fewest values an attribute must write on the evaluation set before its precision "
-        "can fail the gate (judged with a one-sided bound at calibration.confidence).",
-    )
     log: str | None = Field(
         None, description="Append-only promotion log table (default: <catalog.root>/promotion_log)."
     )

@@ -5,8 +5,8 @@ their own calibrated thresholds. The gate judges with confidence bounds, not poi
 honest model is not a coin flip at the boundary:
 
 (a) precision: the challenger is rejected on an attribute whose realized precision on the
-    evaluation set is *significantly* below the target — at least ``min_written`` values written and
-    a one-sided Wilson upper bound (at ``confidence``) below the target; it is rejected too when it
+    evaluation set is *significantly* below the target — its one-sided Wilson upper bound (at
+    ``confidence``) below the target, however few values it wrote; it is rejected too when it
     writes nothing at all;
 (b) coverage (when a champion exists): per attribute, the paired change in coverage on the same
     products (challenger minus champion) must not be significantly worse than ``-max_coverage_loss``:
@@ -87,7 +87,6 @@ def gate(
     target: float,
     max_coverage_loss: float,
     confidence: float = 0.95,
-    min_written: int = 30,
 ) -> GateResult:
     """Pure decision (module docstring) from the challenger's per-attribute ``{"precision",
     "coverage", "written", "correct"}`` and, when a champion exists, the coverage changes."""
@@ -99,14 +98,12 @@ def gate(
             reasons.append(f"{attr}: writes nothing (precision check not applicable)")
             continue
         upper = float(wilson_upper(k, n, confidence=confidence))
-        if n >= min_written and upper < target:
+        if upper < target:
             ok = False
             reasons.append(
                 f"FAIL {attr}: realized precision {k / n:.4f} ({k}/{n}) is significantly below the target "
                 f"{target} (upper bound {upper:.4f})"
             )
-        elif n < min_written:
-            reasons.append(f"ok {attr}: {n} values written, too few to judge (< {min_written})")
         else:
             reasons.append(f"ok {attr}: realized precision {k / n:.4f} ({k}/{n}), upper bound {upper:.4f}")
     if all(m["written"] == 0 for m in challenger.values()):
@@ -208,14 +205,10 @@ class GateRule:
     configured_target: float
     max_coverage_loss: float
     confidence: float = 0.95
-    min_written: int = 30
 
     @classmethod
     def from_config(cls, promotion: PromotionConfig, calibration: CalibrationConfig) -> GateRule:
-        return cls(
-            calibration.target_precision, promotion.max_coverage_loss, calibration.confidence,
-            promotion.min_written,
-        )  # fmt: skip
+        return cls(calibration.target_precision, promotion.max_coverage_loss, calibration.confidence)
 
 
 @dataclass(frozen=True)
@@ -267,7 +260,7 @@ def promote(
         "promote": result.promote, "reasons": result.reasons, "target": target, "metrics": metrics,
         "dry_run": dry_run, "eval_data": str(eval_data), "eval_version": pinned,
     }  # fmt: skip
-    if not dry_run:
+    if not dry_run and champion != challenger:  # a version is not judged against itself: no record
         _record(client, summary, dt.datetime.now(dt.UTC), log_path, progress)
     return summary
 
@@ -303,7 +296,6 @@ def _judge(
         target=target,
         max_coverage_loss=rule.max_coverage_loss,
         confidence=rule.confidence,
-        min_written=rule.min_written,
     )
     metrics: dict[str, Any] = {name: e.metrics for name, e in evaluations.items()}
     if changes is not None:
@@ -326,6 +318,12 @@ def _record(
     from catalog_enrichment import registry
 
     name, challenger, champion = summary["registered_model"], summary["challenger"], summary["champion"]
+    now = registry.resolve_alias(client, name, registry.CHAMPION)
+    if now != champion:  # another promotion moved it meanwhile: this one compared with the wrong version
+        raise CatalogEnrichError(
+            f"'{registry.CHAMPION}' of {name!r} moved from {champion or 'none'} to {now} while this "
+            f"promotion ran; nothing was recorded: run promote again to compare v{challenger} with v{now}"
+        )
     pinned = "" if summary["eval_version"] is None else str(summary["eval_version"])
     registry.tag_version(
         client,
