@@ -123,6 +123,16 @@ def test_products_only_people_labelled_train_and_never_calibrate_or_evaluate(tax
     held_out = np.concatenate([splits.validation, splits.calibration, splits.test])
     assert not set(people.tolist()) & set(held_out.tolist())
     assert sorted(np.concatenate([splits.train, held_out]).tolist()) == list(range(400))
+    # each people-labelled product a variant of the next product (one group): those whose variant
+    # is held out are left out, the others train
+    groups = np.arange(400)
+    groups[people] = people + 1
+    grouped = split_labels(labels, validation=0.1, calibration=0.15, test=0.15, seed=3, groups=groups)
+    held = set(np.concatenate([grouped.validation, grouped.calibration, grouped.test]).tolist())
+    out = {int(p) for p in people if p + 1 in held}
+    assert out and not out & set(grouped.train.tolist())
+    assert set(people.tolist()) - out <= set(grouped.train.tolist())
+    assert len(grouped.train) + len(held) == 400 - len(out)
 
 
 def test_the_calibration_data_rules_have_known_answers() -> None:

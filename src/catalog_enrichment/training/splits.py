@@ -251,7 +251,9 @@ def split_labels(
 ) -> Splits:
     """:func:`stratified_splits` of the products with a full label; products only people's verdicts
     label (partial labels: the reviewed products are no random sample, and a partial label cannot
-    be scored) all go to the training split, so they never calibrate, select or evaluate a model."""
+    be scored) go to the training split, so they never calibrate, select or evaluate a model -
+    except those whose group (``groups``: variants of one article) holds a validation, calibration
+    or test product, which are left out (trained on, a variant would carry that product's answer)."""
     partial_only = labels.partial_only()
     rows = np.flatnonzero(~partial_only)
     y = labels.stratification_matrix()[rows]
@@ -263,8 +265,12 @@ def split_labels(
         seed=seed,
         groups=None if groups is None else groups[rows],
     )
+    partial = np.flatnonzero(partial_only)
+    if groups is not None:
+        held = np.concatenate([rows[splits.validation], rows[splits.calibration], rows[splits.test]])
+        partial = partial[~np.isin(groups[partial], groups[held])]
     return Splits(
-        np.sort(np.concatenate([rows[splits.train], np.flatnonzero(partial_only)])),
+        np.sort(np.concatenate([rows[splits.train], partial])),
         rows[splits.validation],
         rows[splits.calibration],
         rows[splits.test],
