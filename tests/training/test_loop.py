@@ -244,6 +244,18 @@ def test_missing_label_column_is_named(taxonomy: Taxonomy) -> None:
         train(table, taxonomy, _cfg(epochs=1))
 
 
+def test_a_product_twice_in_the_labelled_tables_is_refused_before_training(taxonomy: Taxonomy) -> None:
+    """An old and an edited copy of one product would be two groups, which can land in two splits;
+    a test table's product also in the training table would be trained on (the streamed reading:
+    tests/training/test_stream.py)."""
+    table = _table(80, taxonomy)
+    twice = pa.concat_tables([table, table.slice(3, 2)])
+    with pytest.raises(ContractError, match=r"2 product id\(s\) appear more than once in the labelled"):
+        train(twice, taxonomy, _cfg(epochs=1))
+    with pytest.raises(ContractError, match=r"10 product id\(s\) appear more than once in the training"):
+        train(table, taxonomy, _cfg(epochs=1), test_table=table.slice(0, 10))
+
+
 def test_taxonomy_head_mismatch_is_named(taxonomy: Taxonomy, tmp_path: Path) -> None:
     heads = head_specs(taxonomy)
     other = Taxonomy.from_dict(

@@ -17,7 +17,7 @@ from catalog_enrichment.catalog.lakehouse import write_table
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
-from catalog_enrichment.errors import ConfigError
+from catalog_enrichment.errors import ConfigError, ContractError
 from catalog_enrichment.training.pipeline import train
 from catalog_enrichment.training.stream import (
     CALIBRATION,
@@ -25,6 +25,7 @@ from catalog_enrichment.training.stream import (
     TRAIN,
     VALIDATION,
     Source,
+    arrow_source,
     rank_of,
     split_of,
     table_source,
@@ -199,3 +200,10 @@ def test_the_survey_keeps_the_training_texts_only_for_a_tokenizer_it_trains(taxo
     assert len(kept.texts) == int((kept.codes == TRAIN).sum()) > 0 and bare.texts == []
     assert (bare.product_ids, bare.inputs) == (kept.product_ids, kept.inputs)
     assert np.array_equal(bare.codes, kept.codes)
+
+
+def test_a_product_twice_in_the_streamed_table_is_refused_by_the_survey(taxonomy: Taxonomy) -> None:
+    table = _labelled(200, taxonomy)
+    twice = pa.concat_tables([table, table.slice(7, 1)])
+    with pytest.raises(ContractError, match=r"1 product id\(s\) appear more than once"):
+        train(arrow_source(twice, batch_rows=64), taxonomy, _cfg())

@@ -37,6 +37,7 @@ __all__ = [
     "build_tokenizer",
     "canonical_order",
     "check_every_value_seen",
+    "check_unique_ids",
     "encode_labels",
     "load_tokenizer",
     "train_wordpiece_tokenizer",
@@ -48,6 +49,24 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # Sort keys of a labelled table's canonical row order, in this order where present.
 _ORDER_KEYS = ("product_id", "updated_at", "title", "description", "image_uri", "image")
+
+
+def check_unique_ids(product_ids: Sequence[Any], what: str = "the labelled table") -> None:
+    """Every product once: two rows of one product (an old and an edited copy) would be two groups,
+    which can land in two splits - a held-out product trained on.
+
+    Raises:
+        ContractError: a product id appears more than once (the first few named).
+    """
+    ids = pa.array(product_ids, pa.string())
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist()
+    if repeated:
+        shown = ", ".join(map(repr, repeated[:5]))
+        raise ContractError(
+            f"{len(repeated):,} product id(s) appear more than once in {what} ({shown}); keep one row "
+            "per product (catalog-enrich labels keeps each product's latest)"
+        )
 
 
 def canonical_order(table: pa.Table) -> pa.Table:

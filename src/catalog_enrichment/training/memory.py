@@ -39,6 +39,7 @@ from catalog_enrichment.data.dataset import (
     ProductDataset,
     ProductRecords,
     canonical_order,
+    check_unique_ids,
     encode_labels,
 )
 from catalog_enrichment.data.images import ImagePolicy, check_images
@@ -286,6 +287,9 @@ def _split(
     if test_table is not None:  # its rows go last: the test split, never trained or calibrated on
         test_table, _ = _usable_images(canonical_order(test_table), policy, say)
         table = pa.concat_tables([table, test_table.select(table.column_names)], promote_options="default")
+    check_unique_ids(
+        table["product_id"], "the labelled table" if test_table is None else "the training and test tables"
+    )
     labels = encode_labels(table, taxonomy)
     own = np.arange(n_own)
     groups = group_ids(*_texts(table))

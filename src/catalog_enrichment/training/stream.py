@@ -41,7 +41,13 @@ from torch.utils.data import IterableDataset
 
 from catalog_enrichment.catalog import lakehouse
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductRecords, encode_labels
+from catalog_enrichment.data.dataset import (
+    Collator,
+    EncodedLabels,
+    ProductRecords,
+    check_unique_ids,
+    encode_labels,
+)
 from catalog_enrichment.data.images import ImagePolicy, check_images, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
@@ -416,6 +422,7 @@ def survey(
             train_texts += [f"{t or ''} {d or ''}" for t, d, c in pairs if c == TRAIN]
     if not ids:
         raise CatalogEnrichError("no labelled product has a usable image or none: nothing to train on")
+    check_unique_ids(ids)
     left_out = dict(sorted(unusable.items()))
     if unusable:
         say(f"left out {unusable.total():,} products whose image cannot be used: {left_out}")
