@@ -21,18 +21,25 @@ def test_bench_drift_runs_a_clean_and_a_drifted_night_and_writes_its_result(spar
     out = tmp_path / "drift.json"
     code, stdout, stderr = cli_in_process(
         [
-            "bench", "drift", "--batches", "1", "--batch-size", "100", "--kinds", "stripped_titles",
-            "--train-products", "400", "--workdir", str(tmp_path / "work"), "--out", str(out),
+            "bench", "drift", "--batches", "1", "--batch-size", "100",
+            "--kinds", "stripped_titles,missing_images", "--train-products", "400",
+            "--workdir", str(tmp_path / "work"), "--out", str(out),
         ]
     )  # fmt: skip
     assert code == 0, stderr[-3000:]
     result = json.loads(out.read_text())
     assert (result["batches"], result["batch_size"], result["share"]) == (1, 100, 0.5)
-    assert sorted(result["kinds"]) == ["clean", "stripped_titles"]
-    assert [(r["kind"], r["batch"]) for r in result["runs"]] == [("clean", 0), ("stripped_titles", 0)]
+    assert sorted(result["kinds"]) == ["clean", "missing_images", "stripped_titles"]
+    runs = [(r["kind"], r["batch"]) for r in result["runs"]]
+    assert runs == [("clean", 0), ("stripped_titles", 0), ("missing_images", 0)]
     # titles stripped to ids are an input the training data never had: the night is caught
     stripped = result["kinds"]["stripped_titles"]
     assert stripped["alarmed"] == 1 and stripped["checks"].get("input:title_length") == 1
+    # half the photos gone (the training products' share without one plus far more than 0.2): the
+    # critical expectation stops the run, nothing is written, and the next run fills what it held
+    gone = result["kinds"]["missing_images"]
+    assert gone["checks"] == {"expectations": 1} and gone["blocked_values_written"] == 0
+    assert gone["filled_next_run"] == gone["held_back"]
     assert out.with_suffix(".md").is_file() and "| stripped_titles |" in stdout
 
 

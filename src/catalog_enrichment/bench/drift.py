@@ -20,7 +20,9 @@ new type come from both tables. The kinds:
 Every batch goes through the real job with the configuration given (the defaults block), each on a
 lakehouse of its own in one Spark session, then through the check ``report --health --check`` runs
 (a failed check in the run's ``run_health`` rows). A clean batch with a failed check is a false
-alarm; a drifted one with a failed check is detected. After each drifted run the catalog is read:
+alarm; a drifted one with a failed check is detected (a run a critical expectation stopped counts
+as failing the check ``expectations``, every attribute held back). After each drifted run the
+catalog is read:
 
 * no value of a blocked attribute may carry the run's id;
 * the values it wrote that the drift made wrong: on the broken feed's products, not among the
@@ -374,18 +376,25 @@ class _Night:
         from catalog_enrichment.catalog.reports import BLOCKED, blocked_why
         from catalog_enrichment.contracts import IMAGE_SHARED
         from catalog_enrichment.enrich import RunScope, run_enrichment
+        from catalog_enrichment.validation.checkpoint import ExpectationsFailed
 
         run_id = f"{self.run_id}-next" if next_night else self.run_id
         write_table(self.products, table, mode="overwrite")
-        outcome = run_enrichment(
-            self.spark,
-            self.cfg,
-            self.taxonomy,
-            model=self.model,
-            scope=RunScope(run_id=run_id),
-            progress=lambda _m: None,
-            catalog=self.catalog,
-        )
+        try:
+            outcome = run_enrichment(
+                self.spark,
+                self.cfg,
+                self.taxonomy,
+                model=self.model,
+                scope=RunScope(run_id=run_id),
+                progress=lambda _m: None,
+                catalog=self.catalog,
+            )
+        except ExpectationsFailed:  # a critical expectation stopped the run: nothing of it written
+            written = self.catalog.attribute_rows()
+            leaked = written.filter(pc.equal(written["run_id"], run_id)).num_rows
+            stopped = {"failed": ["expectations"], "blocked": list(self.taxonomy.outputs.names)}
+            return {**stopped, "blocked_written": leaked, "placeholders": []}
         rows = self.catalog.keyed_rows("run_health")
         mine = rows.filter(pc.equal(rows["run_id"], run_id)).to_pylist()
         failed = [f"{r['scope']}:{r['check']}" for r in mine if r["status"] == "failed"]
