@@ -3,8 +3,10 @@ Arrow record batches, so a table larger than memory trains, in one process or as
 distributed run (:mod:`.distributed`).
 
 * **Splits by hash**: a product's split is a hash of its group key and the seed - the title and
-  description, case and whitespace folded, as :func:`.splits.group_ids` groups a product's
-  variants, so variants never straddle two splits; a rank's share of the training split is a hash
+  description together, case and whitespace folded, so variants with the same text never straddle
+  two splits. That is narrower than :func:`.splits.group_ids` in memory, which joins products that
+  share either text (a per-row hash cannot follow such chains): variants whose descriptions differ
+  (one naming its colour) can land in two splits. A rank's share of the training split is a hash
   of the product id. Neither depends on the order of the files or on the number of workers. (The
   in-memory path stratifies instead; over the hundreds of thousands of products streaming is for,
   a hash split holds every value at its rate within a fraction of a percent.)
