@@ -52,6 +52,11 @@ def _attributes(rows: list[tuple[str, str, str, str]]) -> pa.Table:
     return pa.table(data, schema=attributes_schema())
 
 
+def _evaluation() -> pa.Table:
+    """The frozen evaluation set: p4."""
+    return _products().filter(pa.array([False, False, False, False, True, False, False, False]))
+
+
 ROWS = [
     ("p1", "color", "red", "merchant"),
     ("p1", "color", "white", "merchant"),  # multilabel: both kept, in taxonomy order
@@ -69,7 +74,7 @@ ROWS = [
 
 
 def test_merchant_values_become_labels_and_everything_else_is_dropped_and_counted(taxonomy: Taxonomy) -> None:
-    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, exclude_ids={"p4"})
+    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, evaluation=_evaluation())
     rows = {r["product_id"]: r for r in table.to_pylist()}
     assert set(rows) == {"p1", "p2"}  # p3's only labels were dropped or conflicting
     assert rows["p1"]["color"] == [v for v in taxonomy["color"].values if v in ("red", "white")]
@@ -83,15 +88,25 @@ def test_merchant_values_become_labels_and_everything_else_is_dropped_and_counte
     encode_labels(table, taxonomy)  # the table is what training reads (contract labelled_products)
 
 
+def test_variants_of_evaluation_products_are_left_out_too(taxonomy: Taxonomy) -> None:
+    """p1's twin in the evaluation set (another id, the same title): training on p1 would score its
+    answer at promotion. So is a product sharing a description with it; p2 shares nothing."""
+    evaluation = pa.table(
+        {"product_id": ["e1", "e2"], "title": ["Red Shirt", "lamp shade"], "description": ["x", "c"]}
+    )
+    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, evaluation=evaluation)
+    assert {r["product_id"] for r in table.to_pylist()} == {"p4"}  # p1 (title) and p2 ("c") left out
+    assert report.excluded_evaluation_products == 2
+    table, _ = build_labels(_products(), _attributes(ROWS), taxonomy, evaluation=evaluation.slice(0, 1))
+    assert {r["product_id"] for r in table.to_pylist()} == {"p2", "p4"}
+
+
 def test_labels_are_written_with_their_sources_and_train_reads_them(
     tmp_path: Path, taxonomy: Taxonomy
 ) -> None:
     write_table(tmp_path / "products", _products())
     write_table(tmp_path / "attributes", _attributes(ROWS))
-    write_table(
-        tmp_path / "eval",
-        _products().filter(pa.array([False, False, False, False, True, False, False, False])),
-    )
+    write_table(tmp_path / "eval", _evaluation())
     report = write_labels(
         catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))),
         evaluation=tmp_path / "eval",
@@ -168,7 +183,7 @@ def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxon
         ]
     )
     table, report = build_labels(
-        _products(), _attributes(ROWS), taxonomy, exclude_ids={"p4"}, reviews=reviews
+        _products(), _attributes(ROWS), taxonomy, evaluation=_evaluation(), reviews=reviews
     )
     rows = {r["product_id"]: r for r in table.to_pylist()}
     assert set(rows) == {"p1", "p2", "p5"}

@@ -15,8 +15,9 @@ the catalog:
   where no merchant labelled the attribute. These are partial labels: the value is known present
   (or absent), the attribute's other values stay unknown; training learns from them on the training
   split only, never calibrates or evaluates on them (the reviewed products are not a random sample);
-* products in the frozen evaluation set are left out, so the promotion gate never scores a product
-  the challenger was trained on;
+* products in the frozen evaluation set are left out, and so are their variants (a catalog product
+  grouped with one by a shared title or description, as training groups them), so the promotion
+  gate never scores a product the challenger was trained on or on its twin;
 * products with no label left are not written. A product labelled for some attributes only gets
   nulls for the others ("unknown", not "absent").
 
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -73,7 +75,8 @@ class LabelReport:
         dropped = sum(self.dropped_values.values())
         lines = [
             f"{self.products_written:,} labelled products written "
-            f"(of {self.products_read:,} read; {self.excluded_evaluation_products:,} in the evaluation set, "
+            f"(of {self.products_read:,} read; {self.excluded_evaluation_products:,} in the evaluation "
+            "set or its variants, "
             f"{self.products_without_labels:,} without a label, {self.stale_copies:,} stale copies and "
             f"{self.products_without_id_or_title:,} without id or title left out)",
             "labels per attribute: " + ", ".join(f"{a} {n:,}" for a, n in self.labels_per_attribute.items()),
@@ -114,10 +117,12 @@ def build_labels(
     attributes: pa.Table,
     taxonomy: Taxonomy,
     *,
-    exclude_ids: set[str] | None = None,
+    evaluation: pa.Table | None = None,
     reviews: pa.Table | None = None,
 ) -> tuple[pa.Table, LabelReport]:
-    """The labelled products table and its report (pure Arrow + Python; see the module docstring).
+    """The labelled products table and its report (pure Arrow + Python; see the module docstring);
+    ``evaluation``: the frozen evaluation set (``product_id``, ``title``, ``description``), whose
+    products and their variants are left out.
 
     Raises:
         ContractError: the products table lacks ``product_id``/``title``, or the attribute table lacks
@@ -132,10 +137,10 @@ def build_labels(
             raise ContractError(f"the {name} table lacks columns {missing}")
     report = LabelReport(products_read=products.num_rows)
     latest = _latest(products, report)
-    if exclude_ids:
-        held_out = pc.is_in(latest["product_id"], pa.array(sorted(exclude_ids), pa.string()))
-        report.excluded_evaluation_products = int(pc.sum(held_out).as_py() or 0)
-        latest = latest.filter(pc.invert(held_out))
+    if evaluation is not None and evaluation.num_rows:
+        held_out = _evaluation_groups(latest, evaluation)
+        report.excluded_evaluation_products = int(held_out.sum())
+        latest = latest.filter(pa.array(~held_out))
     values = _human_values(attributes, taxonomy, report)
     verdicts = _verdicts(reviews, taxonomy, values)
     ids = latest["product_id"].to_pylist()
@@ -156,6 +161,23 @@ def build_labels(
     out = base.filter(pa.array(labelled, pa.bool_()))
     _count(report, out, taxonomy, len(ids), conflicting)
     return out, report
+
+
+def _evaluation_groups(products: pa.Table, evaluation: pa.Table) -> np.ndarray:
+    """Which ``products`` are evaluation products or grouped with one (:func:`group_ids` over both
+    tables: a shared title or description)."""
+    from catalog_enrichment.training.splits import group_ids
+
+    def texts(table: pa.Table, name: str) -> list[Any]:
+        return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+    n = products.num_rows
+    groups = group_ids(
+        [t or "" for t in texts(products, "title") + texts(evaluation, "title")],
+        texts(products, "description") + texts(evaluation, "description"),
+    )
+    held_out = pc.is_in(products["product_id"], pa.array(texts(evaluation, "product_id"), pa.string()))
+    return np.isin(groups[:n], groups[n:]) | held_out.to_numpy(zero_copy_only=False)
 
 
 def _human_values(
@@ -247,12 +269,11 @@ def write_labels(*, catalog: Catalog, evaluation: Path | None, out: Path, taxono
     product_table, product_source = catalog.snapshot("products")
     attribute_table, attribute_source = catalog.snapshot("attributes")
     sources = {"products": product_source, "attributes": attribute_source}
-    exclude: set[str] = set()
+    eval_table = None
     if evaluation is not None and evaluation.exists():
         eval_table, sources["evaluation"] = _read(evaluation, "evaluation")
-        exclude = {p for p in eval_table["product_id"].to_pylist() if p is not None}
     table, report = build_labels(
-        product_table, attribute_table, taxonomy, exclude_ids=exclude, reviews=catalog.keyed_rows("reviews")
+        product_table, attribute_table, taxonomy, evaluation=eval_table, reviews=catalog.keyed_rows("reviews")
     )
     report.sources = sources
     if table.num_rows == 0:
