@@ -179,6 +179,7 @@ def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxon
             ("p2", "material", "wool", "no", "1"),
             ("p2", "material", "wool", "yes", "2"),  # a later verdict replaces the earlier
             ("p2", "color", "ultraviolet", "yes", "1"),  # outside the taxonomy: dropped
+            ("p2", "pattern", "striped", "yes", "0"),  # judged before p2 changed (day 1): not used
             ("p4", "color", "red", "yes", "1"),  # the evaluation set stays out
         ]
     )

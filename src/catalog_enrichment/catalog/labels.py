@@ -142,7 +142,7 @@ def build_labels(
         report.excluded_evaluation_products = int(held_out.sum())
         latest = latest.filter(pa.array(~held_out))
     values = _human_values(attributes, taxonomy, report)
-    verdicts = _verdicts(reviews, taxonomy, values)
+    verdicts = _verdicts(reviews, taxonomy, values, _changed_at(latest))
     ids = latest["product_id"].to_pylist()
     columns, conflicting = _label_columns(ids, values, taxonomy)
     labelled = [any(columns[a.name][i] is not None for a in taxonomy) for i in range(len(ids))]
@@ -202,15 +202,29 @@ def _human_values(
     return values
 
 
+def _changed_at(products: pa.Table) -> dict[str, Any]:
+    """Product -> when its content last changed (``updated_at``; none without the column)."""
+    if "updated_at" not in products.column_names:
+        return {}
+    return dict(zip(products["product_id"].to_pylist(), products["updated_at"].to_pylist(), strict=True))
+
+
 def _verdicts(
-    reviews: pa.Table | None, taxonomy: Taxonomy, values: dict[tuple[str, str], list[str]]
+    reviews: pa.Table | None,
+    taxonomy: Taxonomy,
+    values: dict[tuple[str, str], list[str]],
+    changed: dict[str, Any],
 ) -> dict[str, dict[str, dict[str, list[str]]]]:
     """verdict (yes / no) -> product -> attribute -> the values people judged so, where the product
-    has no full label for the attribute."""
+    has no full label for the attribute; a verdict given before the product last changed (``changed``:
+    product -> ``updated_at``) judged other content and is not used."""
     allowed = {a.name: set(a.values) for a in taxonomy}
     verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}
     judged = verdicts_by_value(reviews) if reviews is not None else {}
-    for (pid, attr, value), (verdict, _) in judged.items():
+    for (pid, attr, value), (verdict, _, reviewed_at) in judged.items():
+        since = changed.get(pid)
+        if since is not None and reviewed_at is not None and reviewed_at < since:
+            continue
         if verdict in verdicts and attr in allowed and value in allowed[attr] and (pid, attr) not in values:
             verdicts[verdict].setdefault(pid, {}).setdefault(attr, []).append(value)
     return verdicts

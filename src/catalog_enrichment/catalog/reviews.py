@@ -293,18 +293,17 @@ def latest_verdicts(reviews: pa.Table) -> pa.Table:
     return order.filter(pa.array(first, pa.bool_()))
 
 
-def verdicts_by_value(reviews: pa.Table) -> dict[tuple[str, str, str], tuple[str, str]]:
-    """(product, attribute, value) -> (verdict, model version): its latest verdict over every sample
-    and reviewer ("unsure" included)."""
+def verdicts_by_value(reviews: pa.Table) -> dict[tuple[str, str, str], tuple[str, str, dt.datetime]]:
+    """(product, attribute, value) -> (verdict, model version, reviewed at): its latest verdict over
+    every sample and reviewer ("unsure" included)."""
     latest = latest_verdicts(reviews)
-    out: dict[tuple[str, str, str], tuple[str, str]] = {}
-    when: dict[tuple[str, str, str], dt.datetime] = {}
+    out: dict[tuple[str, str, str], tuple[str, str, dt.datetime]] = {}
     for r in latest.select(
         ["product_id", "attribute", "value", "verdict", "model_version", "reviewed_at"]
     ).to_pylist():
         key = (r["product_id"], r["attribute"], r["value"])
-        if key not in when or r["reviewed_at"] >= when[key]:
-            when[key], out[key] = r["reviewed_at"], (r["verdict"], r["model_version"])
+        if key not in out or r["reviewed_at"] >= out[key][2]:
+            out[key] = (r["verdict"], r["model_version"], r["reviewed_at"])
     return out
 
 
@@ -313,6 +312,6 @@ def rejected_values(reviews: pa.Table, model_version: str | None = None) -> set[
     wrote, when given)."""
     return {
         key
-        for key, (verdict, version) in verdicts_by_value(reviews).items()
+        for key, (verdict, version, _) in verdicts_by_value(reviews).items()
         if verdict == "no" and (model_version is None or version == str(model_version))
     }
