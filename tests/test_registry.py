@@ -96,7 +96,9 @@ def test_pyfunc_reproduces_training_scores_in_a_fresh_process(
         registry.resolve_alias(client, "test-model", registry.CHALLENGER) == outcome.registered.version == "1"
     )
 
-    sample = read_table(data["eval"]).slice(0, 64).select(["product_id", "title", "description", "image"])
+    # category is an optional input of the signature (the stack's n-grams read it): it reaches the model
+    columns = ["product_id", "title", "description", "category", "image"]
+    sample = read_table(data["eval"]).slice(0, 64).select(columns)
     pq_path = tmp_path / "sample.parquet"
     import pyarrow.parquet as pq
 

@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.pyfunc import PythonModel
+from mlflow.types.schema import ColSpec, DataType, Schema
 
 from catalog_enrichment.config import NAME_PATTERN, MLflowConfig
 from catalog_enrichment.errors import CatalogEnrichError
@@ -200,7 +201,7 @@ def log_and_register(
             artifacts={"bundle": str(bundle_dir)},
             pip_requirements=pip_requirements(),
             code_paths=[str(Path(__file__).parent)],
-            signature=infer_signature(input_example, output_example),
+            signature=_signature(input_example, output_example),
             input_example=input_example,
             registered_model_name=registered_model,
         )
@@ -210,6 +211,16 @@ def log_and_register(
         client.set_model_version_tag(registered_model, version, key, value)
     client.set_registered_model_alias(registered_model, CHALLENGER, version)
     return ModelVersion(registered_model, version, run.info.run_id)
+
+
+def _signature(inputs: pd.DataFrame, outputs: pd.DataFrame) -> ModelSignature:
+    """The example's signature, with ``category`` and ``image_uri`` optional inputs: MLflow passes a
+    pyfunc model only the columns its signature names, and the model reads both (the n-grams read
+    the category; a product without image bytes is read from its ``image_uri``)."""
+    signature = infer_signature(inputs, outputs)
+    named = [c for c in signature.inputs.inputs if c.name not in ("category", "image_uri")]
+    optional = [ColSpec(DataType.string, name, required=False) for name in ("category", "image_uri")]
+    return ModelSignature(inputs=Schema([*named, *optional]), outputs=signature.outputs)
 
 
 def resolve_alias(client: MlflowClient, name: str, alias: str) -> str | None:

@@ -113,11 +113,12 @@ def _example_frame(table: Any, n: int = 2) -> pd.DataFrame:
     """
     import pyarrow.compute as pc
 
-    cols = [c for c in ("product_id", "title", "description", "image") if c in table.column_names]
+    cols = [c for c in ("product_id", "title", "description", "category", "image") if c in table.column_names]
     if "image" in cols and pc.any(pc.is_valid(table["image"])).as_py():
         table = table.filter(pc.is_valid(table["image"]))
     frame = table.select(cols).slice(0, n).to_pandas()
-    frame["description"] = frame.get("description", pd.Series([""] * len(frame))).fillna("")
+    for text in ("description", "category"):  # the n-grams read the category too
+        frame[text] = frame.get(text, pd.Series([""] * len(frame))).fillna("")
     return frame
 
 
