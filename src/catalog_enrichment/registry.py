@@ -72,8 +72,11 @@ class CatalogEnrichmentPyfunc(PythonModel):
 
     def load_context(self, context: Any) -> None:
         import catalog_enrichment  # noqa: F401  (torchvision fix before timm loads)
-        from catalog_enrichment.inference.bundle import load_bundle
+        from catalog_enrichment.inference.bundle import bundle_problems, load_bundle
 
+        problems = bundle_problems(context.artifacts["bundle"])
+        if problems:  # a damaged or partly uploaded artifact: never scored, judged or promoted
+            raise CatalogEnrichError(f"the model artifact is damaged: {'; '.join(problems[:3])}")
         self.bundle = load_bundle(context.artifacts["bundle"], device="cpu")
 
     def predict(

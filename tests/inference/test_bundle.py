@@ -150,5 +150,13 @@ def test_a_bundle_without_its_manifest_is_not_whole(quick_bundle: Path, tmp_path
     assert bundle_problems(root) == []
     (root / "taxonomy.json").write_text("{}")
     assert bundle_problems(root) == ["taxonomy.json is corrupt (checksum differs)"]
+    # the MLflow model (serving, spark_udf, the promotion gate) refuses it as the job does
+    from types import SimpleNamespace
+
+    from catalog_enrichment.errors import CatalogEnrichError
+    from catalog_enrichment.registry import CatalogEnrichmentPyfunc
+
+    with pytest.raises(CatalogEnrichError, match=r"model artifact is damaged: taxonomy\.json is corrupt"):
+        CatalogEnrichmentPyfunc().load_context(SimpleNamespace(artifacts={"bundle": str(root)}))
     (root / MANIFEST).unlink()
     assert bundle_problems(root) == [f"{MANIFEST} is missing (its files cannot be checked)"]
