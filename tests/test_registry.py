@@ -21,6 +21,7 @@ from catalog_enrichment import registry
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.config import AppConfig, SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError, ContractError, TaxonomyError
 from catalog_enrichment.inference.predictor import BatchPredictor
@@ -430,3 +431,33 @@ def test_a_champion_moved_while_the_gate_ran_records_nothing(tmp_path: Path) -> 
     with pytest.raises(CatalogEnrichError, match="moved from 1 to 3 while this promotion ran"):
         _record(client, summary, None, tmp_path / "log", _quiet)  # type: ignore[arg-type]
     assert client.moved == [] and not (tmp_path / "log").exists()
+
+
+@pytest.mark.timeout(600)
+def test_the_gate_judges_what_the_job_would_write(scoring_bundle: Path, data, taxonomy: Taxonomy) -> None:  # type: ignore[no-untyped-def]
+    """The gate counts the enrichment job's decisions, not the thresholds alone: no shade outside the
+    family written (the counts never exceed the thresholds'), and nothing of an attribute the
+    configured taxonomy added a value to (the job would write none of it)."""
+    from catalog_enrichment.data.images import ImagePolicy
+    from catalog_enrichment.inference.bundle import load_bundle
+    from catalog_enrichment.metrics import written_precision_and_coverage
+    from catalog_enrichment.promotion import evaluate_bundle
+
+    bundle = load_bundle(scoring_bundle)
+    table = read_table(data["eval"]).slice(0, 400)
+    images = ImagePolicy(roots=(str(data["eval"]),))
+    judged = evaluate_bundle(bundle, table, images)
+    labels = encode_labels(table, taxonomy).derive(taxonomy)
+    scores = BatchPredictor(bundle).score(table.to_pandas())
+    for attr in taxonomy.outputs:
+        s, y = labels.labelled(scores, attr.name)
+        alone = written_precision_and_coverage(s, y, attr.kind, bundle.calibration.thresholds(attr.name))
+        assert judged.metrics[attr.name]["written"] <= alone["written"], attr.name
+        if attr.name not in ("color", "color_family"):  # no value groups: the same decisions
+            assert judged.metrics[attr.name]["written"] == alone["written"], attr.name
+    assert judged.metrics["product_type"]["written"] > 0 and judged.metrics["material"]["written"] > 0
+    spec = taxonomy.to_dict()
+    spec["attributes"]["product_type"]["values"].append("umbrella")
+    opened = evaluate_bundle(bundle, table, images, Taxonomy.from_dict(spec))
+    assert opened.metrics["product_type"]["written"] == 0 and not opened.covered["product_type"].any()
+    assert opened.metrics["material"] == judged.metrics["material"]

@@ -236,6 +236,7 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
     Score challenger and champion on a frozen evaluation set and move the 'champion' alias only if
     the challenger keeps the precision target everywhere and does not lose coverage.
     """
+    from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.data.images import ImagePolicy
     from catalog_enrichment.promotion import EvaluationSet, GateRule, format_comparison, promote
 
@@ -248,7 +249,10 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
         runtime.mlflow_client(cfg.mlflow),
         cfg.mlflow.registered_model,
         EvaluationSet(
-            eval_data, cfg.promotion.eval_version, ImagePolicy.from_config(cfg.images, [eval_data])
+            eval_data,
+            cfg.promotion.eval_version,
+            ImagePolicy.from_config(cfg.images, [eval_data]),
+            load_taxonomy(cfg.taxonomy_path),
         ),
         GateRule.from_config(cfg.promotion, cfg.calibration),
         log_path=cfg.promotion.log or str(Path(cfg.catalog.root) / "promotion_log"),

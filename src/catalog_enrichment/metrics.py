@@ -141,9 +141,14 @@ def truth_matrix(labels: np.ndarray, n_values: int, kind: AttributeKind) -> tupl
 
 
 def written_precision_and_coverage(
-    scores: np.ndarray, labels: np.ndarray, kind: AttributeKind, thresholds: np.ndarray
+    scores: np.ndarray,
+    labels: np.ndarray,
+    kind: AttributeKind,
+    thresholds: np.ndarray,
+    written: np.ndarray | None = None,
 ) -> dict[str, float | int]:
-    """Realized precision and coverage of what the thresholds would write.
+    """Realized precision and coverage of what the thresholds would write (``written``: the
+    ``(n, V)`` decisions themselves, where more than the thresholds decides them).
 
     Returns ``written`` (values written), ``correct``, ``precision`` (NaN when nothing is written),
     ``coverage`` (share of labelled products that get at least one value) and ``recall`` (share of
@@ -152,7 +157,9 @@ def written_precision_and_coverage(
     scores = _check_scores(scores)
     labels = _check_labels(labels, scores, kind)
     truth, known = truth_matrix(labels, scores.shape[1], kind)
-    written = decision_matrix(scores, kind, thresholds)[known]
+    if written is None:
+        written = decision_matrix(scores, kind, thresholds)
+    written = np.asarray(written, bool)[known]
     truth = truth[known]
     n_written = int(written.sum())
     n_correct = int((written & truth).sum())

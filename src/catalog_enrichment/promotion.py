@@ -33,13 +33,13 @@ import pyarrow as pa
 from catalog_enrichment.calibration import version_target, wilson_upper
 from catalog_enrichment.catalog.lakehouse import read_table, table_format, table_version, write_table
 from catalog_enrichment.config import CalibrationConfig, PromotionConfig
+from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
     coverage_efficiency,
-    decision_matrix,
     paired_change,
     written_precision_and_coverage,
 )
@@ -135,18 +135,36 @@ class Evaluation:
     covered: dict[str, np.ndarray]
 
 
-def evaluate_bundle(bundle: Any, table: pa.Table, image_policy: ImagePolicy) -> Evaluation:
-    """Realized precision, coverage, recall, R@P95 and coverage efficiency of a bundle's thresholds on
-    a labelled table (its ``image_uri`` read under ``image_policy``)."""
+def evaluate_bundle(
+    bundle: Any, table: pa.Table, image_policy: ImagePolicy, allowed: Taxonomy | None = None
+) -> Evaluation:
+    """Realized precision, coverage, recall, R@P95 and coverage efficiency of what the enrichment
+    job would write with a bundle on a labelled table (its ``image_uri`` read under
+    ``image_policy``): its thresholds under the job's decision rules (value groups, one value of a
+    single-valued attribute, what the configured taxonomy ``allowed`` keeps out).
+
+    Raises:
+        TaxonomyError: the bundle does not fit the configured taxonomy (every run would refuse it).
+    """
+    from catalog_enrichment.inference.decide import DecisionPolicy
     from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 
+    policy = DecisionPolicy(bundle.taxonomy, bundle.calibration, allowed or bundle.taxonomy)
     labels = encode_labels(table, bundle.taxonomy).derive(bundle.taxonomy)
     scores = BatchPredictor(bundle, PredictorOptions(image_policy=image_policy)).score(table.to_pandas())
+    n = table.num_rows
+    flat = policy.decide_flat(scores, np.zeros((n, len(policy.taxonomy.names)), bool))
+    every = np.zeros((n, len(policy.all_values)), bool)
+    every[np.repeat(np.arange(n), np.diff(flat.offsets)), flat.value] = True
     metrics, covered = {}, {}
-    for attr in bundle.taxonomy.outputs:  # derived attributes too
+    start = 0
+    for attr in policy.taxonomy:  # derived attributes too
+        decided, start = every[:, start : start + len(attr.values)], start + len(attr.values)
         s, y = labels.labelled(scores, attr.name)
-        thresholds = bundle.calibration.thresholds(attr.name)
-        m = written_precision_and_coverage(s, y, attr.kind, thresholds)
+        if y.ndim == 2:  # multi-label: the labelled products only (multi-class keeps every row)
+            decided = decided[labels.known[attr.name]]
+        thresholds = policy.thresholds[attr.name]
+        m = written_precision_and_coverage(s, y, attr.kind, thresholds, written=decided)
         r = attribute_r_at_p(s, y, attr.kind).pooled
         metrics[attr.name] = {
             "precision": float(m["precision"]),
@@ -157,7 +175,7 @@ def evaluate_bundle(bundle: Any, table: pa.Table, image_policy: ImagePolicy) -> 
             "r_at_p95": float(r),
             "coverage_efficiency": coverage_efficiency(m["recall"], r),
         }
-        any_written = np.asarray(decision_matrix(s, attr.kind, thresholds).any(axis=1))
+        any_written: np.ndarray = np.asarray(decided.any(axis=1))
         covered[attr.name] = any_written[y >= 0] if y.ndim == 1 else any_written
     return Evaluation(metrics, covered)
 
@@ -214,11 +232,14 @@ class GateRule:
 @dataclass(frozen=True)
 class EvaluationSet:
     """The frozen evaluation set: a labelled Delta table, pinned to ``version`` (None: its latest),
-    its ``image_uri`` read under ``image_policy`` (None: files under the table's own folder)."""
+    its ``image_uri`` read under ``image_policy`` (None: files under the table's own folder);
+    ``taxonomy``: the catalog's configured one, which the enrichment job's decisions follow (None:
+    each version's own)."""
 
     path: Path
     version: int | None = None
     image_policy: ImagePolicy | None = None
+    taxonomy: Taxonomy | None = None
 
 
 def promote(
@@ -252,7 +273,7 @@ def promote(
     champion_bundle = None
     if champion is not None and champion != challenger:
         champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
-    result, metrics = _judge(bundle, champion_bundle, table, policy, rule, target)
+    result, metrics = _judge(bundle, champion_bundle, table, policy, rule, target, evaluation.taxonomy)
     if champion == challenger:
         result = GateResult(False, ["challenger is already champion: nothing to do"])
     summary = {
@@ -279,14 +300,20 @@ def _aliases(client: Any, registered_model: str) -> tuple[str, str | None]:
 
 
 def _judge(
-    challenger: Any, champion: Any, table: pa.Table, policy: ImagePolicy, rule: GateRule, target: float
+    challenger: Any,
+    champion: Any,
+    table: pa.Table,
+    policy: ImagePolicy,
+    rule: GateRule,
+    target: float,
+    allowed: Taxonomy | None,
 ) -> tuple[GateResult, dict[str, Any]]:
     """The gate's decision on the challenger bundle (against the champion's, when there is one) on
     the evaluation set, and the metrics it rests on."""
-    evaluations = {"challenger": evaluate_bundle(challenger, table, policy)}
+    evaluations = {"challenger": evaluate_bundle(challenger, table, policy, allowed)}
     changes = None
     if champion is not None:
-        evaluations["champion"] = evaluate_bundle(champion, table, policy)
+        evaluations["champion"] = evaluate_bundle(champion, table, policy, allowed)
         changes = compare_coverage(
             evaluations["challenger"], evaluations["champion"], confidence=rule.confidence
         )
