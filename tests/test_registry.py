@@ -306,9 +306,12 @@ def test_gate_compares_coverage_by_a_paired_bound() -> None:
 
 def test_paired_coverage_comparison_has_a_known_answer() -> None:
     # per-product differences [0, 1, 0, -1]: mean 0, sample sd sqrt(2/3); upper = 1.645 * sd / 2
-    new, old = np.array([1, 1, 0, 0], bool), np.array([1, 0, 0, 1], bool)
+    new, old = np.array([1, 1, 0, 0, 1], bool), np.array([1, 0, 0, 1, 0], bool)
+    labelled = {"color": np.array([1, 1, 1, 1, 1], bool)}
+    # the fifth product's label is a value the champion's taxonomy lacks: compared on the other four
+    theirs = {"color": np.array([1, 1, 1, 1, 0], bool)}
     changes = compare_coverage(
-        Evaluation({}, {"color": new}), Evaluation({}, {"color": old}), confidence=0.95
+        Evaluation({}, {"color": new}, labelled), Evaluation({}, {"color": old}, theirs), confidence=0.95
     )
     assert changes["color"].champion == 0.5 and changes["color"].delta == 0.0
     assert changes["color"].upper == pytest.approx(1.6448536 * np.sqrt(2 / 3) / 2)

@@ -129,10 +129,13 @@ def gate(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A bundle on the evaluation set: per-attribute metrics and which labelled products got a value."""
+    """A bundle on the evaluation set: per-attribute metrics, which products got a value
+    (``covered``) and which are labelled for the attribute under the bundle's taxonomy
+    (``labelled``), each over every product of the set."""
 
     metrics: dict[str, dict[str, float]]
     covered: dict[str, np.ndarray]
+    labelled: dict[str, np.ndarray]
 
 
 def evaluate_bundle(
@@ -150,16 +153,20 @@ def evaluate_bundle(
     from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
 
     policy = DecisionPolicy(bundle.taxonomy, bundle.calibration, allowed or bundle.taxonomy)
-    labels = encode_labels(table, bundle.taxonomy).derive(bundle.taxonomy)
+    # a label the version's taxonomy lacks (a value added since) leaves that product unlabelled for it
+    labels = encode_labels(table, bundle.taxonomy, outside="unknown").derive(bundle.taxonomy)
     scores = BatchPredictor(bundle, PredictorOptions(image_policy=image_policy)).score(table.to_pandas())
     n = table.num_rows
     flat = policy.decide_flat(scores, np.zeros((n, len(policy.taxonomy.names)), bool))
     every = np.zeros((n, len(policy.all_values)), bool)
     every[np.repeat(np.arange(n), np.diff(flat.offsets)), flat.value] = True
-    metrics, covered = {}, {}
+    metrics, covered, labelled = {}, {}, {}
     start = 0
     for attr in policy.taxonomy:  # derived attributes too
         decided, start = every[:, start : start + len(attr.values)], start + len(attr.values)
+        covered[attr.name] = np.asarray(decided.any(axis=1))
+        target = labels.targets[attr.name]
+        labelled[attr.name] = labels.known[attr.name] if target.ndim == 2 else target >= 0
         s, y = labels.labelled(scores, attr.name)
         if y.ndim == 2:  # multi-label: the labelled products only (multi-class keeps every row)
             decided = decided[labels.known[attr.name]]
@@ -175,20 +182,20 @@ def evaluate_bundle(
             "r_at_p95": float(r),
             "coverage_efficiency": coverage_efficiency(m["recall"], r),
         }
-        any_written: np.ndarray = np.asarray(decided.any(axis=1))
-        covered[attr.name] = any_written[y >= 0] if y.ndim == 1 else any_written
-    return Evaluation(metrics, covered)
+    return Evaluation(metrics, covered, labelled)
 
 
 def compare_coverage(
     challenger: Evaluation, champion: Evaluation, *, confidence: float = 0.95
 ) -> dict[str, CoverageChange]:
-    """Paired coverage change per attribute both write (same products, same order)."""
+    """Paired coverage change per attribute both write, over the products labelled for it under both
+    versions' taxonomies (same products, same order)."""
     out = {}
-    for attr, new in challenger.covered.items():
+    for attr, covered in challenger.covered.items():
         if attr not in champion.covered:  # e.g. a value grouping the champion did not have
             continue
-        old = champion.covered[attr]
+        both = challenger.labelled[attr] & champion.labelled[attr]
+        new, old = covered[both], champion.covered[attr][both]
         delta, upper = paired_change(new, old, confidence=confidence)
         out[attr] = CoverageChange(float(old.mean()) if old.size else 0.0, delta, upper)
     return out

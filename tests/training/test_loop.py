@@ -13,6 +13,7 @@ import pytest
 from catalog_enrichment.calibration import wilson_upper
 from catalog_enrichment.config import AppConfig, SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError, ContractError, TaxonomyError
 from catalog_enrichment.models.model import check_heads, head_specs
@@ -236,6 +237,14 @@ def test_label_values_outside_the_taxonomy_are_named(taxonomy: Taxonomy) -> None
         TaxonomyError, match=r"label column 'pattern' has values outside the taxonomy: \['plaid-ish'\]"
     ):
         train(bad, taxonomy, _cfg(epochs=1))
+    # judged by a version that never knew the value (the promotion gate): that product is unlabelled
+    color = [["red", "ultraviolet"], *table["color"].to_pylist()[1:]]
+    bad = bad.set_column(table.schema.get_field_index("color"), "color", pa.array(color))
+    lenient = encode_labels(bad, taxonomy, outside="unknown")
+    strict = encode_labels(table, taxonomy)
+    assert not lenient.known["color"][0] and not lenient.targets["color"][0].any()
+    assert lenient.targets["pattern"][0] == -1
+    assert (lenient.targets["pattern"][1:] == strict.targets["pattern"][1:]).all()
 
 
 def test_missing_label_column_is_named(taxonomy: Taxonomy) -> None:

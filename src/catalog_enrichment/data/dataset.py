@@ -181,8 +181,11 @@ class EncodedLabels:
         return np.concatenate(cols, axis=1).astype(np.int64)
 
 
-def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
-    """Turn the label columns of a labelled products table into arrays (see :class:`EncodedLabels`).
+def encode_labels(table: pa.Table, taxonomy: Taxonomy, *, outside: str = "error") -> EncodedLabels:
+    """Turn the label columns of a labelled products table into arrays (see :class:`EncodedLabels`);
+    ``outside="unknown"``: a product whose label names a value the taxonomy does not have is
+    unlabelled for that attribute (a model version that never knew the value is judged on the
+    others), instead of an error.
 
     Raises:
         ContractError: a taxonomy attribute has no column.
@@ -211,6 +214,7 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
                         arr[i, index[v]] = 1.0
                     else:
                         bad.add(str(v))
+                        ok[i] = False
         else:
             idx = np.full(len(column), -1, np.int64)
             for i, value in enumerate(column):
@@ -223,6 +227,9 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy) -> EncodedLabels:
                 else:
                     bad.add(str(value))
             ok = idx >= 0
+        if outside == "unknown":
+            arr = np.where(ok[:, None], arr, 0.0).astype(np.float32) if attr.kind == "multilabel" else arr
+            bad = set()
         if bad:
             raise TaxonomyError(
                 f"label column {attr.name!r} has values outside the taxonomy: {sorted(bad)[:10]}"
