@@ -237,13 +237,20 @@ def test_label_values_outside_the_taxonomy_are_named(taxonomy: Taxonomy) -> None
         TaxonomyError, match=r"label column 'pattern' has values outside the taxonomy: \['plaid-ish'\]"
     ):
         train(bad, taxonomy, _cfg(epochs=1))
-    # judged by a version that never knew the value (the promotion gate): that product is unlabelled
+    # judged by a version that never knew the value (the promotion gate): a multi-label product keeps
+    # its other values, a multi-class one is unlabelled for the attribute; a multi-class attribute
+    # before the first multi-label one too
     color = [["red", "ultraviolet"], *table["color"].to_pylist()[1:]]
     bad = bad.set_column(table.schema.get_field_index("color"), "color", pa.array(color))
-    lenient = encode_labels(bad, taxonomy, outside="unknown")
-    strict = encode_labels(table, taxonomy)
-    assert not lenient.known["color"][0] and not lenient.targets["color"][0].any()
+    first = Taxonomy.from_dict(
+        {"attributes": {n: taxonomy.to_dict()["attributes"][n] for n in ("pattern", "color")}}
+    )
+    lenient = encode_labels(bad, first, outside="unknown")
+    assert lenient.known["color"][0] and lenient.targets["color"][0].tolist() == [
+        float(v == "red") for v in taxonomy["color"].values
+    ]
     assert lenient.targets["pattern"][0] == -1
+    strict = encode_labels(table, first)
     assert (lenient.targets["pattern"][1:] == strict.targets["pattern"][1:]).all()
 
 

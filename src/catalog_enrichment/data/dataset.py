@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -181,11 +181,14 @@ class EncodedLabels:
         return np.concatenate(cols, axis=1).astype(np.int64)
 
 
-def encode_labels(table: pa.Table, taxonomy: Taxonomy, *, outside: str = "error") -> EncodedLabels:
+def encode_labels(
+    table: pa.Table, taxonomy: Taxonomy, *, outside: Literal["error", "unknown"] = "error"
+) -> EncodedLabels:
     """Turn the label columns of a labelled products table into arrays (see :class:`EncodedLabels`);
-    ``outside="unknown"``: a product whose label names a value the taxonomy does not have is
-    unlabelled for that attribute (a model version that never knew the value is judged on the
-    others), instead of an error.
+    ``outside="unknown"``: a label naming a value the taxonomy does not have is no error - a
+    multi-label product keeps its other values (the unknown one is simply not among the model's), a
+    multi-class product is unlabelled for the attribute (its answer is none of the model's values) -
+    so a model version that never knew the value is judged on what it does know.
 
     Raises:
         ContractError: a taxonomy attribute has no column.
@@ -214,7 +217,6 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy, *, outside: str = "error"
                         arr[i, index[v]] = 1.0
                     else:
                         bad.add(str(v))
-                        ok[i] = False
         else:
             idx = np.full(len(column), -1, np.int64)
             for i, value in enumerate(column):
@@ -227,10 +229,7 @@ def encode_labels(table: pa.Table, taxonomy: Taxonomy, *, outside: str = "error"
                 else:
                     bad.add(str(value))
             ok = idx >= 0
-        if outside == "unknown":
-            arr = np.where(ok[:, None], arr, 0.0).astype(np.float32) if attr.kind == "multilabel" else arr
-            bad = set()
-        if bad:
+        if bad and outside == "error":
             raise TaxonomyError(
                 f"label column {attr.name!r} has values outside the taxonomy: {sorted(bad)[:10]}"
                 f" (allowed: {list(attr.values)})"

@@ -18,10 +18,11 @@ distributed run (:mod:`.distributed`).
 * **Epochs** read the table again: a rank's training rows pass through a shuffle buffer of
   ``shuffle_rows`` rows (seeded by the seed, the epoch and the rank) into mini-batches, and every
   rank takes the same number of steps: the smallest shard's full batches, so an epoch leaves out
-  the rows of a larger shard past them (other rows each epoch, as the shuffle differs). Scoring a held-out split reads its rows in table order, the
-  order the survey kept their labels in. Table order is the files sorted by the products they hold
-  (:func:`~catalog_enrichment.catalog.lakehouse.scan`), so a rewrite of the same rows trains the same
-  model.
+  the rows of a larger shard past them (drawn from the last fills of the shuffle buffer: rows near
+  the end of the table order, other ones each epoch). Scoring a held-out split reads its rows in
+  table order, the order the survey kept their labels in. Table order is the files sorted by the
+  products they hold (:func:`~catalog_enrichment.catalog.lakehouse.scan`), so a rewrite of the same
+  rows trains the same model.
 
 Memory holds a few record batches, the shuffle buffer (text and image bytes, not pixels), the
 product ids, labels and held-out scores, and a trained tokenizer's texts; never the table or its
