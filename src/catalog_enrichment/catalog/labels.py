@@ -26,6 +26,7 @@ The table is overwritten in one Delta commit whose metadata records the source t
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -137,10 +138,6 @@ def build_labels(
             raise ContractError(f"the {name} table lacks columns {missing}")
     report = LabelReport(products_read=products.num_rows)
     latest = _latest(products, report)
-    if evaluation is not None and evaluation.num_rows:
-        held_out = _evaluation_groups(latest, evaluation)
-        report.excluded_evaluation_products = int(held_out.sum())
-        latest = latest.filter(pa.array(~held_out))
     values = _human_values(attributes, taxonomy, report)
     verdicts = _verdicts(reviews, taxonomy, values, _changed_at(latest))
     ids = latest["product_id"].to_pylist()
@@ -159,14 +156,18 @@ def build_labels(
     for name, column in partial.items():
         base = base.append_column(name, pa.array(column, PARTIAL_TYPE))
     out = base.filter(pa.array(labelled, pa.bool_()))
-    _count(report, out, taxonomy, len(ids), conflicting)
+    if evaluation is not None and evaluation.num_rows:  # grouped over the labelled products alone
+        held_out = _evaluation_groups(out, evaluation)
+        report.excluded_evaluation_products = int(held_out.sum())
+        out = out.filter(pa.array(~held_out))
+    _count(report, out, taxonomy, len(ids) - report.excluded_evaluation_products, conflicting)
     return out, report
 
 
 def _evaluation_groups(products: pa.Table, evaluation: pa.Table) -> np.ndarray:
     """Which ``products`` are evaluation products or grouped with one (:func:`group_ids` over both
     tables: a shared title or description)."""
-    from catalog_enrichment.training.splits import group_ids
+    from catalog_enrichment.catalog.groups import group_ids
 
     def texts(table: pa.Table, name: str) -> list[Any]:
         return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
@@ -202,18 +203,21 @@ def _human_values(
     return values
 
 
-def _changed_at(products: pa.Table) -> dict[str, Any]:
-    """Product -> when its content last changed (``updated_at``; none without the column)."""
+def _changed_at(products: pa.Table) -> dict[str, dt.datetime]:
+    """Product -> when its content last changed (``updated_at``, read as UTC where it has no zone;
+    none without the column)."""
     if "updated_at" not in products.column_names:
         return {}
-    return dict(zip(products["product_id"].to_pylist(), products["updated_at"].to_pylist(), strict=True))
+    times = products["updated_at"].to_pylist()
+    zoned = [t if t is None or t.tzinfo is not None else t.replace(tzinfo=dt.UTC) for t in times]
+    return dict(zip(products["product_id"].to_pylist(), zoned, strict=True))
 
 
 def _verdicts(
     reviews: pa.Table | None,
     taxonomy: Taxonomy,
     values: dict[tuple[str, str], list[str]],
-    changed: dict[str, Any],
+    changed: dict[str, dt.datetime],
 ) -> dict[str, dict[str, dict[str, list[str]]]]:
     """verdict (yes / no) -> product -> attribute -> the values people judged so, where the product
     has no full label for the attribute; a verdict given before the product last changed (``changed``:

@@ -10,12 +10,12 @@ New products in production are new groups, so every held-out split is made of wh
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
+from catalog_enrichment.catalog.groups import MAX_GROUP, group_ids
 from catalog_enrichment.config import MAX_AUTO_CALIBRATION
 from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.errors import CatalogEnrichError
@@ -36,8 +36,6 @@ __all__ = [
 ]
 
 MIN_ROWS = 50
-# the largest group a shared title or description may join (group_ids): larger is a template
-MAX_GROUP = 64
 # The automatic calibration split: this many products, kept between 15 % and 30 % of the table.
 AUTO_CALIBRATION_PRODUCTS = 600
 _AUTO_CALIBRATION_RANGE = (0.15, MAX_AUTO_CALIBRATION)
@@ -97,56 +95,6 @@ def _split_off(y: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tu
     splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     rest, part = next(splitter.split(np.zeros(idx.size), y[idx]))
     return np.sort(idx[rest]), np.sort(idx[part])
-
-
-def _folded(text: str | None) -> str:
-    return " ".join((text or "").lower().split())
-
-
-def group_ids(
-    titles: Sequence[str], descriptions: Sequence[str | None], *, max_group: int = MAX_GROUP
-) -> np.ndarray:
-    """``(n,)`` group of each product, numbered in order of first appearance: products that share a
-    title or a description (compared case- and whitespace-insensitively; an empty description
-    links nothing) are one group, transitively - a product's variants, whose names or texts were
-    edited apart, stay together.
-
-    A shared text stops joining groups once the joined group would pass ``max_group`` products:
-    a boilerplate description or a generic title is a template, not one product's variants, and
-    would chain much of a catalog into one group. Texts are joined rarest first (the ones that name
-    one product); products with the same title and description are always one group.
-    """
-    n = len(titles)
-    parent = np.arange(n)
-    size = np.ones(n, np.int64)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = int(parent[i])
-        return i
-
-    def join(rows: list[int], cap: int | None) -> None:
-        for i in rows[1:]:
-            a, b = root(rows[0]), root(i)
-            if a != b and (cap is None or size[a] + size[b] <= cap):
-                parent[b], size[a] = a, size[a] + size[b]
-
-    folded = [(_folded(t), _folded(d)) for t, d in zip(titles, descriptions, strict=True)]
-    links: dict[tuple[str, ...], list[int]] = {}
-    for i, (title, description) in enumerate(folded):
-        links.setdefault(("both", title, description), []).append(i)
-    for rows in links.values():
-        join(rows, None)
-    shared: dict[tuple[str, str], list[int]] = {}
-    for i, (title, description) in enumerate(folded):
-        shared.setdefault(("title", title), []).append(i)
-        if description:
-            shared.setdefault(("description", description), []).append(i)
-    for key in sorted(shared, key=lambda k: (len(shared[k]), k)):
-        join(shared[key], max_group)
-    first: dict[int, int] = {}
-    return np.array([first.setdefault(root(i), len(first)) for i in range(n)], np.int64)
 
 
 def _by_group(y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,63 @@
+"""Variants of one article: products grouped by a shared title or description, so that no split or
+fold puts one variant on each side (training, the labels' evaluation exclusion). NumPy only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["MAX_GROUP", "group_ids"]
+
+# the largest group a shared title or description may join (group_ids): larger is a template
+MAX_GROUP = 64
+
+
+def _folded(text: str | None) -> str:
+    return " ".join((text or "").lower().split())
+
+
+def group_ids(
+    titles: Sequence[str], descriptions: Sequence[str | None], *, max_group: int = MAX_GROUP
+) -> np.ndarray:
+    """``(n,)`` group of each product, numbered in order of first appearance: products that share a
+    title or a description (compared case- and whitespace-insensitively; an empty description
+    links nothing) are one group, transitively - a product's variants, whose names or texts were
+    edited apart, stay together.
+
+    A shared text stops joining groups once the joined group would pass ``max_group`` products:
+    a boilerplate description or a generic title is a template, not one product's variants, and
+    would chain much of a catalog into one group. Texts are joined rarest first (the ones that name
+    one product); products with the same title and description are always one group.
+    """
+    n = len(titles)
+    parent = np.arange(n)
+    size = np.ones(n, np.int64)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    def join(rows: list[int], cap: int | None) -> None:
+        for i in rows[1:]:
+            a, b = root(rows[0]), root(i)
+            if a != b and (cap is None or size[a] + size[b] <= cap):
+                parent[b], size[a] = a, size[a] + size[b]
+
+    folded = [(_folded(t), _folded(d)) for t, d in zip(titles, descriptions, strict=True)]
+    links: dict[tuple[str, ...], list[int]] = {}
+    for i, (title, description) in enumerate(folded):
+        links.setdefault(("both", title, description), []).append(i)
+    for rows in links.values():
+        join(rows, None)
+    shared: dict[tuple[str, str], list[int]] = {}
+    for i, (title, description) in enumerate(folded):
+        shared.setdefault(("title", title), []).append(i)
+        if description:
+            shared.setdefault(("description", description), []).append(i)
+    for key in sorted(shared, key=lambda k: (len(shared[k]), k)):
+        join(shared[key], max_group)
+    first: dict[int, int] = {}
+    return np.array([first.setdefault(root(i), len(first)) for i in range(n)], np.int64)
