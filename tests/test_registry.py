@@ -263,15 +263,15 @@ def _m(written: int, correct: int, coverage: float = 0.5) -> dict[str, float]:
 def test_gate_judges_precision_by_a_bound_not_a_point_estimate() -> None:
     good = {"color": _m(100, 97), "material": _m(90, 89)}
     assert gate(good, None, target=0.95, max_coverage_loss=0.02).promote
-    # 93 of 100 is below 0.95 as a point estimate but not significantly (Wilson upper 0.961): kept
+    # 93 of 100 is below 0.95 as a point estimate but not significantly (exact upper 0.967): kept
     near = gate({**good, "color": _m(100, 93)}, None, target=0.95, max_coverage_loss=0.02)
     assert near.promote and "ok color: realized precision 0.9300 (93/100)" in near.reasons[0]
     # 880 of 1,000 is significantly below (upper 0.896): rejected
     bad = gate({**good, "color": _m(1000, 880)}, None, target=0.95, max_coverage_loss=0.02)
     assert not bad.promote and bad.reasons[0].startswith("FAIL color: realized precision 0.8800 (880/1000)")
     assert "upper bound 0.89" in bad.reasons[0]
-    # few writes are judged by the same bound: 0 of 25 right is significantly below (upper 0.10),
-    # 19 of 20 is not
+    # few writes are judged by the same bound: 0 of 25 right is significantly below (upper 0.113),
+    # 19 of 20 is not (upper 0.997)
     few = gate({**good, "color": _m(25, 0)}, None, target=0.95, max_coverage_loss=0.02)
     assert not few.promote and few.reasons[0].startswith("FAIL color: realized precision 0.0000 (0/25)")
     assert gate({**good, "color": _m(20, 19)}, None, target=0.95, max_coverage_loss=0.02).promote
@@ -464,3 +464,25 @@ def test_the_gate_judges_what_the_job_would_write(scoring_bundle: Path, data, ta
     opened = evaluate_bundle(bundle, table, images, Taxonomy.from_dict(spec))
     assert opened.metrics["product_type"]["written"] == 0 and not opened.covered["product_type"].any()
     assert opened.metrics["material"] == judged.metrics["material"]
+
+
+@pytest.mark.timeout(60)
+def test_a_champion_the_configured_taxonomy_no_longer_fits_is_not_compared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every run refuses such a champion: the challenger is judged alone, and the reasons say why."""
+    from catalog_enrichment import promotion
+
+    def evaluate(bundle: str, *args: object) -> Evaluation:
+        if bundle == "champion":
+            raise TaxonomyError("attribute 'fit' is not in the configured taxonomy")
+        return Evaluation(
+            {"color": _m(100, 97)}, {"color": np.ones(100, bool)}, {"color": np.ones(100, bool)}
+        )
+
+    monkeypatch.setattr(promotion, "evaluate_bundle", evaluate)
+    rule = GateRule(0.95, max_coverage_loss=0.02)
+    result, metrics = promotion._judge("challenger", "champion", pa.table({}), None, rule, 0.95, None)  # type: ignore[arg-type]
+    assert result.promote and list(metrics) == ["challenger"]
+    assert result.reasons[-1].startswith("the champion does not fit the configured taxonomy (attribute 'fit'")
+    assert not any(r.startswith("no champion yet") for r in result.reasons)
