@@ -311,13 +311,16 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
         days=BackfillRange(date_from, date_to, force=args.force),
         client=client,
     )
-    done = sum(1 for _, o in results if o is not None)
-    print(f"backfill finished: {done} partition(s) enriched, {len(results) - done} skipped")
-    kept = [scope for scope, o in results if o is not None and o.report.summary().get(BLOCKED)]
+    ran = [(scope, o) for scope, o in results if o is not None]
+    kept = [scope for scope, o in ran if o.report.summary().get(BLOCKED)]
+    print(
+        f"backfill finished: {len(ran) - len(kept)} partition(s) enriched, {len(results) - len(ran)} "
+        f"skipped (already done){f', {len(kept)} kept values out' if kept else ''}"
+    )
     if kept:
         print(
-            f"{len(kept)} partition(s) kept values out (run health): {', '.join(kept)}; run the backfill "
-            "again once the cause is fixed - those partitions are not counted as done"
+            f"the run health kept values out of {', '.join(kept)}: run the backfill again once the cause is "
+            "fixed (those partitions are not done)"
         )
     return 0
 

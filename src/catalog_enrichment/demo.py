@@ -173,7 +173,9 @@ def _train_and_promote(cfg: AppConfig, workdir: Path, taxonomy: Any, client: Any
     summary = promote(
         client,
         cfg.mlflow.registered_model,
-        EvaluationSet(eval_data, image_policy=ImagePolicy.from_config(cfg.images, [eval_data])),
+        EvaluationSet(
+            eval_data, image_policy=ImagePolicy.from_config(cfg.images, [eval_data]), taxonomy=taxonomy
+        ),
         GateRule.from_config(cfg.promotion, cfg.calibration),
         log_path=Path(cfg.catalog.root) / "promotion_log",
         progress=indented,

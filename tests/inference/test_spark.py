@@ -85,8 +85,12 @@ def test_a_product_scored_nan_is_marked_for_the_quarantine_and_the_rest_is_decid
         names=["product_id", "merchant_attributes"],
     )
     policy = policy_at(taxonomy, value=0.7)
-    out = decide_batch(policy, batch, Scores(probs, [None, None, IMAGE_DECODABLE], [None] * 3))
+    vectors = [b"a", b"nan", None]  # the store's vectors: the NaN product's is not kept
+    out = decide_batch(
+        policy, batch, Scores(probs, [None, None, IMAGE_DECODABLE], [None] * 3, ["d0", "d1", "d2"], vectors)
+    )
     assert out.column("image_error").to_pylist() == [None, SCORES_FINITE, IMAGE_DECODABLE]
+    assert out.column("embedding").to_pylist() == [b"a", None, None]
     assert out.column("scored").to_pylist()[1:] == [[], []] and out.column("values")[1].as_py() == []
     clean = decide_batch(
         policy, batch.slice(0, 1), Scores({k: v[:1] for k, v in probs.items()}, [None], [None])

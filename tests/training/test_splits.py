@@ -133,6 +133,17 @@ def test_products_only_people_labelled_train_and_never_calibrate_or_evaluate(tax
     assert out and not out & set(grouped.train.tolist())
     assert set(people.tolist()) - out <= set(grouped.train.tolist())
     assert len(grouped.train) + len(held) == 400 - len(out)
+    # a variant of a separate test table's product is left out too
+    apart = split_labels(
+        labels,
+        validation=0.1,
+        calibration=0.15,
+        test=0.15,
+        seed=3,
+        groups=groups,
+        held_groups=groups[people[:1]],
+    )
+    assert people[0] not in apart.train and set(people[1:].tolist()) - out <= set(apart.train.tolist())
 
 
 def test_the_calibration_data_rules_have_known_answers() -> None:

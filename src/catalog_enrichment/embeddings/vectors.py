@@ -57,14 +57,9 @@ def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int)
     colour = COLOR_VERSION if model.cfg.image.color_features else None
     image = model.cfg.image
     # the architecture's name and its timm arguments (global_pool, output_stride) change the outputs
-    # of the same weights
-    image_prep = (
-        model.preprocessing.to_dict(),
-        colour,
-        image.pooling,
-        image.name,
-        sorted(image.timm_kwargs.items()),
-    )
+    # of the same weights; the drop rates act in training only
+    shaping = sorted((k, v) for k, v in image.timm_kwargs.items() if not k.startswith("drop"))
+    image_prep = (model.preprocessing.to_dict(), colour, image.pooling, image.name, shaping)
     text = (model.cfg.text.model_type, model.cfg.text.pooling)
     h.update(repr((needs, max_length, text, image_prep, _dims(model))).encode())
     if model.cfg.encoder_runtime != "torch":  # another runtime's vectors differ in the last bits

@@ -413,7 +413,7 @@ def _resume_from(job: _Job, reports: list[RunReport], partition: str | None) -> 
         blocked = ", ".join(blocked_why(latest.summary().get(BLOCKED)))
         since = "the start" if last is None else f"run {last.run_id}"
         job.say(f"  run {latest.run_id} kept {blocked} out: reading on from {since}, its products again")
-    if last is not None and last.summary().get(BLOCKED):
+    if retries and last is not None and last.summary().get(BLOCKED):
         job.say(
             f"  run {last.run_id} kept values out and {retries} blocked runs followed it "
             "(validation.health.retries): its products are not read again; once the cause is fixed, "

@@ -372,7 +372,10 @@ def _finite(scores: Scores) -> Scores:
 
     errors = [SCORES_FINITE if b and e is None else e for e, b in zip(scores.image_error, bad, strict=True)]
     probs = {a: np.where(bad[:, None], 0.0, p).astype(p.dtype) for a, p in probs.items()}
-    return replace(scores, probs=probs, image_error=errors)
+    vectors = scores.embedding  # an encoder's NaN vector is not stored: it would score NaN for good
+    if vectors is not None:
+        vectors = [None if b else v for v, b in zip(vectors, bad, strict=True)]
+    return replace(scores, probs=probs, image_error=errors, embedding=vectors)
 
 
 def _attribute_lists(mask: np.ndarray, names: pa.Array) -> pa.ListArray:

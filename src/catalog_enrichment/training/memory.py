@@ -304,6 +304,7 @@ def _split(
             test=0.0 if test_table is not None else tcfg.test_fraction,
             seed=tcfg.seed,
             groups=groups[own],
+            held_groups=groups[n_own:],  # a separate test table's products
         )
     except ValueError as exc:
         raise CatalogEnrichError(f"cannot split {n_own} labelled products: {exc}") from None

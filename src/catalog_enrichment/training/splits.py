@@ -196,12 +196,14 @@ def split_labels(
     test: float,
     seed: int,
     groups: np.ndarray | None = None,
+    held_groups: np.ndarray | None = None,
 ) -> Splits:
     """:func:`stratified_splits` of the products with a full label; products only people's verdicts
     label (partial labels: the reviewed products are no random sample, and a partial label cannot
     be scored) go to the training split, so they never calibrate, select or evaluate a model -
     except those whose group (``groups``: variants of one article) holds a validation, calibration
-    or test product, which are left out (trained on, a variant would carry that product's answer)."""
+    or test product, or is among ``held_groups`` (a separate test table's products), which are left
+    out (trained on, a variant would carry that product's answer)."""
     partial_only = labels.partial_only()
     rows = np.flatnonzero(~partial_only)
     y = labels.stratification_matrix()[rows]
@@ -216,7 +218,8 @@ def split_labels(
     partial = np.flatnonzero(partial_only)
     if groups is not None:
         held = np.concatenate([rows[splits.validation], rows[splits.calibration], rows[splits.test]])
-        partial = partial[~np.isin(groups[partial], groups[held])]
+        elsewhere = np.zeros(0, groups.dtype) if held_groups is None else held_groups
+        partial = partial[~np.isin(groups[partial], np.concatenate([groups[held], elsewhere]))]
     return Splits(
         np.sort(np.concatenate([rows[splits.train], partial])),
         rows[splits.validation],
