@@ -602,9 +602,29 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     judged = judge_from_truth(
         sample, read_table(incoming.truth), taxonomy, reviewer="qa", reviewed_at="2026-11-20T10:00:00Z"
     )
+    cfg = cfg0.model_copy(update={"catalog": cfg0.catalog.model_copy(update={"root": str(root)})})
+    before = read_table(cfg.catalog.table("attributes"))
+
+    def model_values(table: pa.Table) -> set[tuple[str, str, str]]:
+        rows = table.filter(pc.equal(table["source"], "model")).select(["product_id", "attribute", "value"])
+        return {tuple(r.values()) for r in rows.to_pylist()}
+
+    def shades(product: str, family: str) -> set[tuple[str, str, str]]:
+        d = taxonomy.derived["color_family"]
+        members = zip(taxonomy[d.parent].values, d.group, strict=True)
+        return {(product, d.parent, v) for v, k in members if k >= 0 and d.spec.values[k] == family}
+
     verdicts = judged["verdict"].to_pylist()
-    victim = verdicts.index("yes")
-    verdicts[victim] = "no"  # a right value people rejected: still never written again by this version
+    # a right colour family people rejected, with a shade of it written: neither is written again by
+    # this version
+    victim = next(
+        i
+        for i, r in enumerate(judged.to_pylist())
+        if r["verdict"] == "yes"
+        and r["attribute"] == "color_family"
+        and shades(r["product_id"], r["value"]) & model_values(before)
+    )
+    verdicts[victim] = "no"
     judged = judged.set_column(judged.schema.get_field_index("verdict"), "verdict", pa.array(verdicts))
     csv.write_csv(judged, tmp_path / "verdicts.csv")
     assert main(["review", "import", str(tmp_path / "verdicts.csv"), *flags]) == 0
@@ -625,31 +645,21 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     }
 
     key = tuple(sample.slice(victim, 1).to_pylist()[0][k] for k in ("product_id", "attribute", "value"))
-    cfg = cfg0.model_copy(update={"catalog": cfg0.catalog.model_copy(update={"root": str(root)})})
-    before = read_table(cfg.catalog.table("attributes"))
-
-    def model_values(table: pa.Table) -> set[tuple[str, str, str]]:
-        rows = table.filter(pc.equal(table["source"], "model")).select(["product_id", "attribute", "value"])
-        return {tuple(r.values()) for r in rows.to_pylist()}
-
     rejected = {
         (r["product_id"], r["attribute"], r["value"]) for r in judged.to_pylist() if r["verdict"] == "no"
     }  # the wrong values the truth found, and the right one rejected by mistake
     assert key in rejected and rejected <= model_values(before)
-    # the next nightly run: no product changed, nothing scored, and the rejected values leave the catalog
-    quiet = _run(spark, cfg, taxonomy, incoming, scoring_bundle, run_id="night-after-review")
-    assert quiet.report.rows_read == 0 and quiet.merge is not None and quiet.merge.deleted == len(rejected)
-    assert model_values(read_table(cfg.catalog.table("attributes"))) == model_values(before) - rejected
-    # the same version re-scores everything: it writes none of them again, nor a shade inside a
-    # family people rejected for its product; every other value as before
-    inside = set()
-    for product, attribute, group in rejected:
-        if attribute in taxonomy.derived:
-            d = taxonomy.derived[attribute]
-            members = zip(taxonomy[d.parent].values, d.group, strict=True)
-            inside |= {(product, d.parent, v) for v, k in members if k >= 0 and d.spec.values[k] == group}
-    _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-after-review")
+    # the next nightly run: no product changed, nothing scored, and the rejected values leave the catalog,
+    # ... and so do the shades of a family people rejected for their product
+    inside = set().union(*(shades(p, v) for p, a, v in rejected if a == "color_family"))
+    assert list(taxonomy.derived) == ["color_family"] and inside & model_values(before)
     expected = model_values(before) - rejected - inside
+    quiet = _run(spark, cfg, taxonomy, incoming, scoring_bundle, run_id="night-after-review")
+    assert quiet.report.rows_read == 0 and quiet.merge is not None
+    assert quiet.merge.deleted == len(model_values(before) - expected)
+    assert model_values(read_table(cfg.catalog.table("attributes"))) == expected
+    # the same version re-scores everything: it writes none of them again, every other value as before
+    _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="run-after-review")
     assert model_values(read_table(cfg.catalog.table("attributes"))) == expected
     report = report_for(read_reports(cfg.catalog.table("run_reports")), "run-after-review", where="")
     assert json.loads(report.validation_summary)["rejected_by_review"] == len(rejected)
@@ -661,7 +671,9 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     assert "people's verdicts: confirmed" in capsys.readouterr().out
     labelled = read_table(tmp_path / "labelled")
     row = labelled.filter(pc.equal(labelled["product_id"], key[0])).to_pylist()[0]
-    assert key[2] in dict(row["rejected"])[key[1]]
+    judged_here = {(r["attribute"], r["value"]) for r in judged.to_pylist() if r["product_id"] == key[0]}
+    members = {v for _, a, v in shades(key[0], key[2]) if (a, v) not in judged_here}
+    assert members and set(dict(row["rejected"])["color"]) >= members  # the family's shades: rejected labels
 
 
 def test_a_job_built_in_the_test_process_leaves_the_shared_session_as_it_was(spark) -> None:  # type: ignore[no-untyped-def]

@@ -424,6 +424,15 @@ class Taxonomy:
         }
         return Taxonomy(attrs, self.source, derived)
 
+    def members(self, derived: str) -> dict[str, frozenset[str]]:
+        """Each group of the derived attribute ``derived`` and its parent's values in it."""
+        d = self.derived[derived]
+        parent = self[d.parent]
+        return {
+            g: frozenset(v for v, k in zip(parent.values, d.group, strict=True) if k == i)
+            for i, g in enumerate(d.spec.values)
+        }
+
     def __getitem__(self, name: str) -> AttributeSpec:
         try:
             return self.attributes[name]

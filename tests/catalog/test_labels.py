@@ -205,3 +205,21 @@ def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxon
     assert labels.partial["color"][i, color.index("red")] == -1
     assert (labels.partial["color"][i] != 0).sum() == 2
     assert labels.partial_only().tolist() == [pid == "p5" for pid in table["product_id"].to_pylist()]
+
+
+def test_a_colour_family_people_rejected_rejects_its_shades(taxonomy: Taxonomy) -> None:
+    """ "No" on the family cool is "no" on blue, purple and green, but for a shade judged itself (p5's
+    green, "yes"); "yes" on a family does not say which shade, and labels nothing."""
+    reviews = _reviews(
+        [
+            ("p5", "color_family", "cool", "no", "1"),
+            ("p5", "color", "green", "yes", "1"),
+            ("p2", "color_family", "warm", "yes", "1"),
+        ]
+    )
+    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, reviews=reviews)
+    rows = {r["product_id"]: r for r in table.to_pylist()}
+    assert dict(rows["p5"]["rejected"]) == {"color": ["blue", "purple"]}
+    assert dict(rows["p5"]["confirmed"]) == {"color": ["green"]}
+    assert rows["p2"]["confirmed"] is None and rows["p2"]["rejected"] is None
+    assert report.rejected_per_attribute == {"color": 2} and report.confirmed_per_attribute == {"color": 1}

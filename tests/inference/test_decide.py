@@ -250,3 +250,13 @@ def test_a_shade_inside_a_family_people_rejected_is_not_written() -> None:
     assert flat.offsets.tolist() == [0, 0, 1, 1]
     assert [policy.all_values[v] for v in flat.value.tolist()] == ["Blue"]
     assert flat.attribute.tolist() == [SHADES.outputs.names.index("color_family")]
+
+
+def test_the_shades_of_a_family_people_rejected_are_removed_with_it() -> None:
+    """The run removes what people rejected and the shades of a rejected family (it would not write
+    them again); a rejected shade, a family the model does not know and a value in no group add none."""
+    policy = DecisionPolicy(SHADES, _shades_below_families(), SHADES)
+    rejected = {("p1", "color_family", "Blue"), ("p2", "color", "Red"), ("p3", "color_family", "Green")}
+    blues = {("p1", "color", v) for v in ("Blue", "Dark Blue", "Light Blue")}
+    assert policy.inside_rejected(rejected) == blues
+    assert policy.inside_rejected({("p4", "color_family", "Red")}) == {("p4", "color", "Red")}

@@ -12,9 +12,11 @@ the catalog:
   single-valued attribute are dropped and counted (the taxonomy is what the model can learn);
 * people's verdicts (``review import``; the latest per product and value): "yes" puts the value in
   the product's ``confirmed`` column, "no" in its ``rejected`` column (maps attribute -> values),
-  where no merchant labelled the attribute. These are partial labels: the value is known present
-  (or absent), the attribute's other values stay unknown; training learns from them on the training
-  split only, never calibrates or evaluates on them (the reviewed products are not a random sample);
+  where no merchant labelled the attribute. A group rejected (a colour family) rejects its members
+  not judged themselves; a group confirmed does not say which member, and is not a label. These are
+  partial labels: the value is known present (or absent), the attribute's other values stay
+  unknown; training learns from them on the training split only, never calibrates or evaluates on
+  them (the reviewed products are not a random sample);
 * products in the frozen evaluation set are left out, and so are their variants (a catalog product
   grouped with one by a shared title or description, as training groups them), so the promotion
   gate never scores a product the challenger was trained on or on its twin;
@@ -227,10 +229,16 @@ def _verdicts(
     judged = verdicts_by_value(reviews) if reviews is not None else {}
     for (pid, attr, value), (verdict, _, reviewed_at) in judged.items():
         since = changed.get(pid)
-        if since is not None and reviewed_at is not None and reviewed_at < since:
+        if verdict not in verdicts or (since is not None and reviewed_at is not None and reviewed_at < since):
             continue
-        if verdict in verdicts and attr in allowed and value in allowed[attr] and (pid, attr) not in values:
-            verdicts[verdict].setdefault(pid, {}).setdefault(attr, []).append(value)
+        keys = [(attr, value)]
+        if attr in taxonomy.derived:  # a group rejected: none of its members (unless judged themselves)
+            parent = taxonomy.derived[attr].parent
+            members = taxonomy.members(attr).get(value, ()) if verdict == "no" else ()
+            keys = [(parent, v) for v in sorted(members) if (pid, parent, v) not in judged]
+        for a, v in keys:
+            if a in allowed and v in allowed[a] and (pid, a) not in values:
+                verdicts[verdict].setdefault(pid, {}).setdefault(a, []).append(v)
     return verdicts
 
 

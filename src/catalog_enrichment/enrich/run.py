@@ -339,11 +339,12 @@ def _stages(
     run.rejected = len(rejected)
     if rejected:
         say(f"  {len(rejected):,} values people rejected for v{job.model.version}: never written, removed")
+    retracted = rejected | job.policy.inside_rejected(rejected)  # and the shades of a rejected family
     if validated.counts.rows_read == 0:
         say("  nothing to enrich: no new or changed products")
         if rejected:  # still take out what people rejected
             with run.stage("write"):
-                run.merge = catalog.write(run_write(run.run_id, job.model, run.started_at, rejected))
+                run.merge = catalog.write(run_write(run.run_id, job.model, run.started_at, retracted))
         return
     with run.stage("score"):
         images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
@@ -363,7 +364,7 @@ def _stages(
     fault_point("before_merge")
     with run.stage("write"):
         write = run_write(
-            run.run_id, job.model, run.started_at, rejected, decisions, job.staging, run.blocked
+            run.run_id, job.model, run.started_at, retracted, decisions, job.staging, run.blocked
         )
         run.merge = catalog.write(write, job.spark)
     run.written = written(decisions, job.policy.taxonomy, run.blocked)

@@ -40,16 +40,6 @@ __all__ = ["Decision", "DecisionPolicy", "FlatDecisions", "merchant_attributes",
 MerchantAttributes: TypeAlias = Mapping[str, Any] | Iterable[tuple[str, Any]] | None
 
 
-def _members(taxonomy: Taxonomy, derived: str) -> dict[str, frozenset[str]]:
-    """Each group of ``derived`` and the parent's values in it."""
-    d = taxonomy.derived[derived]
-    parent = taxonomy[d.parent]
-    return {
-        g: frozenset(v for v, k in zip(parent.values, d.group, strict=True) if k == i)
-        for i, g in enumerate(d.spec.values)
-    }
-
-
 def merchant_attributes(raw: MerchantAttributes) -> set[str]:
     """Attribute names a merchant filled, from an Arrow map value (list of pairs) or a dict."""
     if raw is None:
@@ -204,8 +194,8 @@ class DecisionPolicy:
                 allowed_values = set(allowed[attr.name].values)
                 gone = [v for v in attr.values if v not in allowed_values]
                 if derived is not None:  # a group is its members: moved ones are others
-                    mine = _members(model_taxonomy, attr.name)
-                    theirs = _members(allowed, attr.name) if attr.name in allowed.derived else {}
+                    mine = model_taxonomy.members(attr.name)
+                    theirs = allowed.members(attr.name) if attr.name in allowed.derived else {}
                     gone += [v for v in attr.values if v not in gone and mine[v] != theirs.get(v)]
                 if gone:
                     self.notes.append(
@@ -234,6 +224,18 @@ class DecisionPolicy:
             (names.index(d.name), names.index(d.parent), np.asarray(d.group, np.int64))
             for d in model_taxonomy.derived.values()
         ]
+
+    def inside_rejected(self, rejected: Iterable[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        """The (product, attribute, value)s inside a group people rejected for the product (a shade
+        of a rejected colour family): never written (:meth:`decide_flat`), and removed by the run as
+        the rejected values themselves are."""
+        derived = self.taxonomy.derived
+        return {
+            (pid, derived[attr].parent, shade)
+            for pid, attr, value in rejected
+            if attr in derived
+            for shade in self.taxonomy.members(attr).get(value, ())
+        }
 
     def column_of(self, pair: str) -> int | None:
         """The position of ``"attribute=value"`` in :attr:`all_values` (None: the model has no such value)."""
