@@ -119,6 +119,28 @@ def test_a_new_head_rescores_from_the_store_and_writes_what_a_fresh_encode_write
     assert catalog.embedding_counts() == {} and _stored(catalog, spark, encoder) == 0
 
 
+def test_vectors_the_store_cannot_take_leave_the_committed_run_as_it_is(  # type: ignore[no-untyped-def]
+    spark, incoming, taxonomy, scoring_bundle, tmp_path, monkeypatch
+) -> None:
+    """The vectors are staged after the commit: a staging disk that is full then costs the next run
+    the encoding, never tonight's values."""
+    from catalog_enrichment.enrich import stages
+
+    cfg, catalog = _catalog("lakehouse", tmp_path, read_table(incoming.products).slice(0, 200), None, True)
+
+    def full_disk(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stages, "stage_vectors", full_disk)
+    outcome = run_enrichment(
+        spark, cfg, taxonomy, model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+        scope=RunScope(full=True, run_id="full-disk"), progress=lambda _m: None, catalog=catalog,
+    )  # fmt: skip
+    assert outcome.report.status == "succeeded" and _model_rows(catalog)
+    assert "No space left on device" in outcome.report.summary()["embeddings_store_error"]
+    assert catalog.embedding_counts() == {}
+
+
 @pytest.mark.timeout(300)
 def test_embeddings_lists_the_store_and_vacuums_what_no_live_version_uses(  # type: ignore[no-untyped-def]
     tmp_path, incoming, scoring_bundle, capsys

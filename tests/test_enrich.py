@@ -34,7 +34,7 @@ from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.data.truth import written_precision
 from catalog_enrichment.enrich import BackfillRange, RunScope, backfill_partitions, run_enrichment
-from catalog_enrichment.errors import ConfigError, ContractError, TaxonomyError
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError, ContractError, TaxonomyError
 from catalog_enrichment.inference.predictor import PredictorOptions
 from catalog_enrichment.validation.rules import CircuitBreakerTripped
 from catalog_enrichment.versions import ModelVersion
@@ -203,6 +203,15 @@ def test_same_run_id_twice_changes_nothing(spark, first_run, taxonomy, incoming,
     assert len([r for r in read_reports(cfg.catalog.table("run_reports")) if r.run_id == "run-1"]) == 1
 
 
+def _stamp(products: Path, ids: list[str], at: dt.datetime) -> None:
+    """The products ``ids`` changed at ``at`` (a new Delta version of the products table)."""
+    table = read_table(products)
+    hit = pc.is_in(table["product_id"], pa.array(ids))
+    stamped = pc.if_else(hit, pa.scalar(at, table.schema.field("updated_at").type), table["updated_at"])
+    table = table.set_column(table.schema.get_field_index("updated_at"), "updated_at", stamped)
+    write_table(products, table, partition_by=["ingest_date"], mode="overwrite")
+
+
 def test_incremental_scores_only_changed_products(
     spark, tmp_path, taxonomy, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]
@@ -215,15 +224,7 @@ def test_incremental_scores_only_changed_products(
     assert first.report.rows_read == 2400  # no watermark yet: everything
     changed = ["P00000010", "P00000020", "P00000030"]
     later = first.report.watermark + dt.timedelta(hours=1)
-
-    def stamp(ids: list[str], at: dt.datetime) -> None:
-        """The products ``ids`` changed at ``at`` (a new Delta version of the products table)."""
-        table = read_table(products)
-        hit = pc.is_in(table["product_id"], pa.array(ids))
-        stamped = pc.if_else(hit, pa.scalar(at, table.schema.field("updated_at").type), table["updated_at"])
-        table = table.set_column(table.schema.get_field_index("updated_at"), "updated_at", stamped)
-        write_table(products, table, partition_by=["ingest_date"], mode="overwrite")
-
+    stamp = functools.partial(_stamp, products)
     stamp(changed, later)
     second = run_enrichment(
         spark,
@@ -266,6 +267,34 @@ def test_incremental_scores_only_changed_products(
         ).report.rows_read
         == 0
     )
+
+
+def test_a_retried_run_whose_first_attempt_committed_moves_no_watermark(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """night-1 committed, then failed (its MLflow logging, say); one product changed before the
+    scheduler retried night-1: the retry writes nothing (the commit is there) and keeps the last
+    good watermark, so the next run reads the changed product as well as night-1's."""
+    products = tmp_path / "products"
+    shutil.copytree(incoming.products, products)
+    cfg = _cfg(tmp_path / "lake")
+
+    def night(run_id: str) -> Any:
+        scope = RunScope(products=products, run_id=run_id)
+        model = _model(scoring_bundle)
+        return run_enrichment(spark, cfg, taxonomy, model=model, scope=scope, progress=_quiet)
+
+    start = night("night-0").report.watermark
+    _stamp(products, ["P00000010", "P00000020", "P00000030"], start + dt.timedelta(hours=1))
+    assert night("night-1").report.rows_read == 3
+    open_catalog(cfg.catalog).set_report_status("night-1", "failed")
+    _stamp(products, ["P00000040"], start + dt.timedelta(hours=2))
+    retry = night("night-1")
+    assert retry.merge is not None and retry.merge.already_committed
+    assert retry.report.status == "succeeded" and retry.report.watermark == start
+    assert retry.report.rows_read == 4 and not retry.report.written_per_attribute
+    after = night("night-2")
+    assert after.report.rows_read == after.report.rows_scored == 4
 
 
 def _second_model(bundle: Path, tmp: Path, shift: float) -> Path:
@@ -674,6 +703,43 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     judged_here = {(r["attribute"], r["value"]) for r in judged.to_pylist() if r["product_id"] == key[0]}
     members = {v for _, a, v in shades(key[0], key[2]) if (a, v) not in judged_here}
     assert members and set(dict(row["rejected"])["color"]) >= members  # the family's shades: rejected labels
+
+
+@pytest.mark.timeout(300)
+def test_rolling_back_a_version_tags_it_so_that_no_alias_serves_it_again(first_run, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """rollback --model-version tags the version in the registry before the catalog changes: where
+    the registry cannot tag it the catalog stays as it was; once tagged, the champion alias naming it
+    is refused (the version named plainly still resolves), and its values are gone."""
+    from catalog_enrichment import registry
+    from catalog_enrichment.cli import main
+    from tests.review.conftest import register_versions
+
+    cfg0, _, _ = first_run
+    root = tmp_path / "lake"
+    shutil.copytree(cfg0.catalog.root, root)
+    attributes = cfg0.catalog.model_copy(update={"root": str(root)}).table("attributes")
+
+    def of_version_1() -> int:
+        table = read_table(attributes)
+        return table.filter(pc.equal(table["model_version"], "1")).num_rows
+
+    written = of_version_1()
+    assert written > 1000
+    without_model = mlflow_store(tmp_path / "empty.db")
+    flags = ["rollback", "--model-version", "1", "--catalog", str(root), "--set"]
+    assert main([*flags, f"mlflow.tracking_uri={without_model}"]) == 2
+    assert "Nothing was rolled back" in capsys.readouterr().err and of_version_1() == written
+
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    register_versions(uri, tmp_path / "art", upto=1, name="tiny")
+    client = registry.configure_mlflow(uri)
+    client.set_registered_model_alias("tiny", registry.CHAMPION, "1")
+    assert main([*flags, f"mlflow.tracking_uri={uri}"]) == 0
+    assert f"tiny v1 tagged {registry.ROLLED_BACK_TAG}" in capsys.readouterr().out and of_version_1() == 0
+    assert f"in lakehouse {root}" in registry.version_tags(client, "tiny", "1")[registry.ROLLED_BACK_TAG]
+    with pytest.raises(CatalogEnrichError, match="tiny v1, the 'champion' alias, was rolled back"):
+        registry.resolve_model(client, "models:/tiny@champion")
+    assert registry.resolve_model(client, "models:/tiny/1").version == "1"
 
 
 def test_a_job_built_in_the_test_process_leaves_the_shared_session_as_it_was(spark) -> None:  # type: ignore[no-untyped-def]

@@ -243,6 +243,29 @@ def test_train_register_promote_load_against_a_real_mlflow_server(  # type: igno
     bundle = registry.load_bundle_from_uri("models:/test-model@champion")
     assert bundle.calibration.to_dict() == first.trained.calibration.to_dict()
 
+    # a version `rollback --model-version` tagged is never promoted; a rolled-back champion is not
+    # served by its alias nor compared: the next challenger is judged alone
+    champion = again.version
+    rolled = register_bundle(
+        client, save_trained(first.trained, tmp_path / "rolled"), incoming, name="test-model", artifacts=None
+    )
+    registry.mark_rolled_back(client, "test-model", rolled.version, "a test")
+    decision = promote_now()
+    assert not decision["promote"]
+    assert decision["reasons"] == [f"challenger v{rolled.version} was rolled back (a test)"]
+    registry.mark_rolled_back(client, "test-model", champion, "a test")
+    with pytest.raises(CatalogEnrichError, match=f"test-model v{champion}, the 'champion' alias, was rolled"):
+        registry.resolve_model(client, "models:/test-model@champion")
+    fresh = register_bundle(
+        client, save_trained(first.trained, tmp_path / "fresh"), incoming, name="test-model", artifacts=None
+    )
+    decision = promote_now()
+    assert decision["promote"] and list(decision["metrics"]) == ["challenger"], decision
+    assert (
+        decision["reasons"][-1] == f"the champion v{champion} was rolled back (a test): coverage not compared"
+    )
+    assert registry.resolve_alias(client, "test-model", registry.CHAMPION) == fresh.version
+
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) >= 3
     logged = [str(v) for r in runs for v in (*r.data.params.values(), *r.data.tags.values())]

@@ -4,6 +4,7 @@ and calls the library. The parser is in :mod:`catalog_enrichment.cli`."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -330,12 +331,37 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
 
     Remove the values a run (or every run of a model version) wrote and restore the values they
     replaced (kept by each run at its commit); every run of a model version in one commit.
-    Pairs changed by later runs are left alone.
+    Pairs changed by later runs are left alone. --model-version first tags the version rolled back
+    in the MLflow registry, so no alias serves it again (enrich, backfill) and the promotion gate
+    neither promotes it nor compares a challenger with it; where the registry cannot be reached,
+    nothing is rolled back.
     """
     from catalog_enrichment.catalog import open_catalog, runs
 
-    runs.rollback(open_catalog(cfg.catalog), run_id=args.run_id, model_version=args.model_version)
+    catalog = open_catalog(cfg.catalog)
+    version = args.model_version
+    mark = None if version is None else (lambda _runs: _mark_rolled_back(cfg, catalog, str(version)))
+    runs.rollback(catalog, run_id=args.run_id, model_version=version, before=mark)
     return 0
+
+
+def _mark_rolled_back(cfg: AppConfig, catalog: Catalog, version: str) -> None:
+    """Tag ``version`` rolled back in the registry, under the model name its runs in ``catalog``
+    recorded (mlflow.registered_model when none did)."""
+    from catalog_enrichment import registry
+
+    names = {r.model_name for r in catalog.read_reports() if r.model_version == version and r.model_name}
+    note = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, in {catalog.describe()}"
+    client = runtime.mlflow_client(cfg.mlflow)
+    for name in sorted(names or {cfg.mlflow.registered_model}):
+        try:
+            registry.mark_rolled_back(client, name, version, note)
+        except CatalogEnrichError as exc:
+            raise CatalogEnrichError(
+                f"{exc}. Nothing was rolled back: an alias naming the version would serve it again. Fix "
+                "the registry and run this again, or undo its runs one by one with --run-id"
+            ) from None
+        print(f"{name} v{version} tagged {registry.ROLLED_BACK_TAG}: no alias serves it again", flush=True)
 
 
 def embeddings(args: argparse.Namespace, cfg: AppConfig) -> int:

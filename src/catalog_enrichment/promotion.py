@@ -13,9 +13,10 @@ honest model is not a coin flip at the boundary:
     the challenger is rejected when the one-sided upper bound of the change is below it.
 
 A challenger no worse than the champion within noise is promoted (a retrained model on fresher data
-is the point of the schedule). The decision and every reason are recorded as tags on the challenger
-version and appended to the promotion log (a Delta table: MLflow aliases keep no history, so the
-log is the audit trail).
+is the point of the schedule). A version ``rollback --model-version`` tagged rolled back is never
+promoted; a rolled-back champion is not compared (the challenger is judged alone). The decision
+and every reason are recorded as tags on the challenger version and appended to the promotion log
+(a Delta table: MLflow aliases keep no history, so the log is the audit trail).
 """
 
 from __future__ import annotations
@@ -278,10 +279,21 @@ def promote(
         rule.configured_target, bundle.calibration.target_precision, f"{registered_model} v{challenger}"
     )
     policy = evaluation.image_policy or ImagePolicy(roots=(str(eval_data),))
+    rolled_back = {  # `rollback --model-version` removed what these wrote
+        v: why
+        for v in {challenger, champion} - {None}
+        if (why := registry.version_tags(client, registered_model, str(v)).get(registry.ROLLED_BACK_TAG))
+    }
     champion_bundle = None
-    if champion is not None and champion != challenger:
+    if champion is not None and champion != challenger and champion not in rolled_back:
         champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
     result, metrics = _judge(bundle, champion_bundle, table, policy, rule, target, evaluation.taxonomy)
+    if champion in rolled_back and champion != challenger:
+        kept = [r for r in result.reasons if not r.startswith("no champion yet")]
+        why = f"the champion v{champion} was rolled back ({rolled_back[champion]}): coverage not compared"
+        result = GateResult(result.promote, [*kept, why])
+    if challenger in rolled_back:
+        result = GateResult(False, [f"challenger v{challenger} was rolled back ({rolled_back[challenger]})"])
     if champion == challenger:
         result = GateResult(False, ["challenger is already champion: nothing to do"])
     summary = {

@@ -39,6 +39,7 @@ __all__ = [
     "CHALLENGER",
     "CHAMPION",
     "ENCODER_TAG",
+    "ROLLED_BACK_TAG",
     "CatalogEnrichmentPyfunc",
     "TrainingRecord",
     "calibrated_target",
@@ -51,6 +52,7 @@ __all__ = [
     "log_and_register",
     "log_audit_run",
     "log_enrichment_run",
+    "mark_rolled_back",
     "pip_requirements",
     "resolve_alias",
     "resolve_model",
@@ -63,6 +65,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 # version tag: the bundle's encoder fingerprint (the embedding store's key), set at registration
 ENCODER_TAG = "encoder_fingerprint"
+# version tag: when and where `rollback --model-version` removed what the version wrote; an alias
+# naming such a version is not served (resolve_model), nor is it promoted or compared (promotion)
+ROLLED_BACK_TAG = "catalog_enrich.rolled_back"
 
 
 class CatalogEnrichmentPyfunc(PythonModel):
@@ -274,6 +279,21 @@ def tag_version(client: MlflowClient, name: str, version: str, tags: Mapping[str
         client.set_model_version_tag(name, version, key, str(value)[:5000])
 
 
+def mark_rolled_back(client: MlflowClient, name: str, version: str, note: str) -> None:
+    """Tag ``name`` v``version`` rolled back (:data:`ROLLED_BACK_TAG`, ``note`` saying when and where).
+
+    Raises:
+        CatalogEnrichError: the registry is unreachable or has no such version.
+    """
+    try:
+        client.set_model_version_tag(name, version, ROLLED_BACK_TAG, note)
+    except MlflowException as exc:
+        raise CatalogEnrichError(
+            f"cannot mark {name} v{version} rolled back in the registry {mlflow.get_registry_uri()}: "
+            f"{str(exc).splitlines()[0][:300]}"
+        ) from None
+
+
 def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
     return dict(client.get_model_version(name, version).tags)
 
@@ -305,7 +325,8 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> the exact version.
 
     Raises:
-        CatalogEnrichError: not a ``models:/`` URI, unknown model, alias not set, unknown version.
+        CatalogEnrichError: not a ``models:/`` URI, unknown model, alias not set, unknown version, an
+            alias naming a version that was rolled back (:data:`ROLLED_BACK_TAG`).
     """
     if not model_uri.startswith("models:/"):
         raise CatalogEnrichError(
@@ -332,6 +353,13 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
         mv = client.get_model_version(name, version)
     except MlflowException:
         raise CatalogEnrichError(f"registered model {name!r} has no version {version!r}") from None
+    why = (mv.tags or {}).get(ROLLED_BACK_TAG)
+    if "@" in rest and why:
+        raise CatalogEnrichError(
+            f"{name} v{version}, the {alias!r} alias, was rolled back ({why}): it would write what was "
+            "removed again. Point the challenger alias at the version to serve and run catalog-enrich "
+            f"promote, or name this one (models:/{name}/{version}) to run it anyway"
+        )
     return ModelVersion(name, str(mv.version), str(mv.run_id))
 
 

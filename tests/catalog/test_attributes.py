@@ -188,6 +188,27 @@ def test_rollback_restores_exactly_and_leaves_pairs_changed_later_alone(catalog:
     assert after_r1 != after_r2
 
 
+def test_a_run_whose_pairs_later_runs_all_changed_again_is_not_marked_rolled_back(catalog: Catalog) -> None:
+    """Nothing of r1 is left to undo (r2 changed its one pair again): r1's report stays succeeded, and
+    the rollback says why; r2's rollback restores r1's value and marks r2."""
+    from catalog_enrichment.catalog.reports import RunReport
+    from catalog_enrichment.catalog.runs import rollback
+
+    pairs = _pairs([("p1", "material")])
+    _merge(catalog, "r1", _values([("p1", "material", "cotton", 0.8)]), pairs)
+    _merge(catalog, "r2", _values([("p1", "material", "linen", 0.9)]), pairs)
+    for rid in ("r1", "r2"):
+        catalog.upsert_report(RunReport(run_id=rid, status="succeeded", started_at=T0))
+    said: list[str] = []
+    assert rollback(catalog, run_id="r1", progress=said.append)[0].pairs_restored == 0
+    why = "each of the 1 pairs it changed was changed again by a later run"
+    assert f"nothing rolled back of r1: {why}" in said
+    assert {r.run_id: r.status for r in catalog.read_reports()} == {"r1": "succeeded", "r2": "succeeded"}
+    rollback(catalog, run_id="r2", progress=said.append)
+    assert {r.run_id: r.status for r in catalog.read_reports()} == {"r1": "succeeded", "r2": "rolled_back"}
+    assert ("p1", "material", "cotton", "model", "r1") in _state(catalog)
+
+
 def _quarantine(run: str, ids: list[str]) -> pa.Table:
     schema = load_contract("quarantine").arrow_schema()
     n = len(ids)
@@ -388,6 +409,37 @@ def test_a_write_killed_before_its_commit_changes_nothing_and_runs_again(
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(_state(catalog) - before) == 500
     assert _merge(catalog, "killed", _values([]), _pairs([])).already_committed
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_a_stage_emptied_before_the_merge_writes_nothing_and_the_run_id_commits_later(
+    pg_catalog_config: CatalogConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server restart or failover between the COPY and the merge empties PostgreSQL's unlogged
+    stage: the write fails and records nothing (merged, the run would count as done with nothing
+    written); the same run id then commits."""
+    from catalog_enrichment.catalog.postgres.write import Writes
+
+    catalog = open_catalog(pg_catalog_config)
+    seed_merchant(catalog, _merchant(MERCHANT))
+    before = _state(catalog)
+    stage = Writes._stage
+
+    def emptied(self, run, name, spark):  # type: ignore[no-untyped-def]
+        staged = stage(self, run, name, spark)
+        with self.connect() as conn, conn.transaction():
+            conn.execute(self._sql("TRUNCATE {s}", s=name))
+        return staged
+
+    values, pairs = _values([("p1", "material", "cotton", 0.8)]), _pairs([("p1", "material")])
+    with monkeypatch.context() as patch:
+        patch.setattr(Writes, "_stage", emptied)
+        with pytest.raises(CatalogEnrichError, match=r"staged rows of run r1 are gone \(0 of 2 left"):
+            _merge(catalog, "r1", values, pairs)
+    assert _state(catalog) == before
+    assert not _merge(catalog, "r1", values, pairs).already_committed
+    assert _state(catalog) == before | {("p1", "material", "cotton", "model", "r1")}
 
 
 _HOLDER = """

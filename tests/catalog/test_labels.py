@@ -196,6 +196,13 @@ def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxon
     assert dict(rows["p2"]["confirmed"]) == {"material": ["wool"]} and rows["p2"]["rejected"] is None
     assert report.confirmed_per_attribute == {"color": 1, "material": 1}
     assert report.rejected_per_attribute == {"color": 1}
+    assert report.unused_verdicts == {
+        "unsure": 1,
+        "where a merchant labelled the attribute": 1,
+        "outside the taxonomy": 1,
+        "judged before the product changed": 1,
+    }
+    assert "verdicts that are no label: " in report.summary() and "1 unsure" in report.summary()
 
     labels = encode_labels(table, taxonomy)
     i = table["product_id"].to_pylist().index("p5")
@@ -223,3 +230,4 @@ def test_a_colour_family_people_rejected_rejects_its_shades(taxonomy: Taxonomy) 
     assert dict(rows["p5"]["confirmed"]) == {"color": ["green"]}
     assert rows["p2"]["confirmed"] is None and rows["p2"]["rejected"] is None
     assert report.rejected_per_attribute == {"color": 2} and report.confirmed_per_attribute == {"color": 1}
+    assert report.unused_verdicts == {"a value group confirmed (which member is unknown)": 1}

@@ -32,3 +32,15 @@ def test_cuda_scores_and_decides_as_the_cpu_does(scoring_bundle: Path, incoming)
             decision_matrix(cuda[attr.name], attr.kind, thresholds),
             decision_matrix(cpu[attr.name], attr.kind, thresholds),
         )
+
+
+def test_cuda_neither_reads_nor_fills_the_embedding_store(scoring_bundle: Path) -> None:
+    """The store's fingerprint names the CPU's encoders: a GPU's encodes, which differ in the last
+    bits, are never stored under it, nor are stored vectors fused on the GPU."""
+    from catalog_enrichment.inference.options import PredictorOptions
+
+    bundle = load_bundle(scoring_bundle, device="cuda")
+    assert bundle.encoder_fingerprint is not None
+    on = PredictorOptions(embedding_store=True)
+    assert BatchPredictor(load_bundle(scoring_bundle), options=on).width > 0
+    assert BatchPredictor(bundle, device="cuda", options=on).width == 0

@@ -122,3 +122,24 @@ def test_values_people_rejected_are_never_written_and_the_pair_is_still_scored(t
     assert not [d for d in after if d["attribute"] == "pattern"]
     assert out.column("scored").to_pylist() == plain.column("scored").to_pylist()
     assert out.column("values")[1] == plain.column("values")[1]  # p1: untouched
+
+
+def test_a_valid_product_missing_from_the_decisions_stops_the_run_before_any_write() -> None:
+    """Three rows read, none invalid, two decided: the books would balance on counts alone (valid is
+    read less invalid), so the decided rows are counted too."""
+    import datetime as dt
+
+    from catalog_enrichment.enrich.stages import Validated, collect_decisions
+    from catalog_enrichment.errors import CatalogEnrichError
+    from catalog_enrichment.inference.spark import OUTPUT_SCHEMA
+    from catalog_enrichment.validation.rules import ValidationCounts
+
+    scored = pa.Table.from_pylist(
+        [{"product_id": p, "scored": [], "settled": [], "values": []} for p in ("p1", "p2")],
+        schema=OUTPUT_SCHEMA,
+    )
+    validated = Validated(None, ValidationCounts(3, 0), dt.datetime(2026, 11, 1, tzinfo=dt.UTC))  # type: ignore[arg-type]
+    with pytest.raises(CatalogEnrichError, match=r"read 3 != valid 3 \(decided 2\) \+ quarantined 0"):
+        collect_decisions(scored, validated, "r1")
+    ok = Validated(None, ValidationCounts(2, 0), None)  # type: ignore[arg-type]
+    assert collect_decisions(scored, ok, "r1").rows_scored == 2

@@ -294,6 +294,23 @@ def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type:
     train(changed, taxonomy, cfg, store=catalog)
     assert encoded == [n, n, 1]  # the changed product alone
 
+    # an image that loaded in the survey and not when embedded (a CDN's bad minute): the product is
+    # trained on as imageless, and its vector is not stored, so the next training encodes it again
+    failing = labelled["product_id"][0].as_py()
+    read = ProductRecords.pixels
+
+    def flaky(self, i, prep):  # type: ignore[no-untyped-def]
+        return (None, "timed out") if self.product_id[i] == failing else read(self, i, prep)
+
+    fresh = open_catalog(cfg.catalog.model_copy(update={"root": str(tmp_path / "lake2")}))
+    with monkeypatch.context() as patch:
+        patch.setattr(ProductRecords, "pixels", flaky)
+        train(labelled, taxonomy, cfg, store=fresh, progress=messages.append)
+    assert any(f"{n:,} encoded, {n - 1:,} stored (1 not: an image that did not load" in m for m in messages)
+    assert sum(fresh.embedding_counts().values()) == n - 1
+    train(labelled, taxonomy, cfg, store=fresh)
+    assert encoded[-2:] == [n, 1] and sum(fresh.embedding_counts().values()) == n
+
 
 @pytest.mark.slow
 @pytest.mark.spark

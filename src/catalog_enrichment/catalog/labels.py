@@ -69,6 +69,7 @@ class LabelReport:
     conflicting: dict[str, int] = field(default_factory=dict)  # several values for a multiclass attr
     confirmed_per_attribute: dict[str, int] = field(default_factory=dict)  # "yes" verdicts used
     rejected_per_attribute: dict[str, int] = field(default_factory=dict)  # "no" verdicts used
+    unused_verdicts: dict[str, int] = field(default_factory=dict)  # why -> verdicts that are no label
     sources: dict[str, Any] = field(default_factory=dict)  # table -> {path, version}
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +89,11 @@ class LabelReport:
             lines.append(
                 f"people's verdicts: confirmed {self.confirmed_per_attribute}, "
                 f"rejected {self.rejected_per_attribute}"
+            )
+        if self.unused_verdicts:
+            lines.append(
+                "verdicts that are no label: "
+                + ", ".join(f"{n:,} {why}" for why, n in self.unused_verdicts.items())
             )
         if dropped or self.dropped_attributes or self.conflicting:
             top = sorted(self.dropped_values.items(), key=lambda kv: -kv[1])[:10]
@@ -141,7 +147,7 @@ def build_labels(
     report = LabelReport(products_read=products.num_rows)
     latest = _latest(products, report)
     values = _human_values(attributes, taxonomy, report)
-    verdicts = _verdicts(reviews, taxonomy, values, _changed_at(latest))
+    verdicts = _verdicts(reviews, taxonomy, values, _changed_at(latest), report)
     ids = latest["product_id"].to_pylist()
     columns, conflicting = _label_columns(ids, values, taxonomy)
     labelled = [any(columns[a.name][i] is not None for a in taxonomy) for i in range(len(ids))]
@@ -220,25 +226,41 @@ def _verdicts(
     taxonomy: Taxonomy,
     values: dict[tuple[str, str], list[str]],
     changed: dict[str, dt.datetime],
+    report: LabelReport,
 ) -> dict[str, dict[str, dict[str, list[str]]]]:
     """verdict (yes / no) -> product -> attribute -> the values people judged so, where the product
     has no full label for the attribute; a verdict given before the product last changed (``changed``:
-    product -> ``updated_at``) judged other content and is not used."""
+    product -> ``updated_at``) judged other content and is not used. The report counts the verdicts
+    that are no label, by why."""
     allowed = {a.name: set(a.values) for a in taxonomy}
     verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}
+    unused: Counter[str] = Counter()
     judged = verdicts_by_value(reviews) if reviews is not None else {}
     for (pid, attr, value), (verdict, _, reviewed_at) in judged.items():
         since = changed.get(pid)
-        if verdict not in verdicts or (since is not None and reviewed_at is not None and reviewed_at < since):
+        groups = taxonomy.members(attr) if attr in taxonomy.derived else {}
+        if verdict not in verdicts:
+            unused[verdict] += 1  # unsure
+            continue
+        if since is not None and reviewed_at is not None and reviewed_at < since:
+            unused["judged before the product changed"] += 1
+            continue
+        if value not in groups and value not in allowed.get(attr, ()):
+            unused["outside the taxonomy"] += 1
             continue
         keys = [(attr, value)]
-        if attr in taxonomy.derived:  # a group rejected: none of its members (unless judged themselves)
+        if groups:  # a group rejected: none of its members (unless judged themselves)
+            if verdict == "yes":
+                unused["a value group confirmed (which member is unknown)"] += 1
+                continue
             parent = taxonomy.derived[attr].parent
-            members = taxonomy.members(attr).get(value, ()) if verdict == "no" else ()
-            keys = [(parent, v) for v in sorted(members) if (pid, parent, v) not in judged]
+            keys = [(parent, v) for v in sorted(groups[value]) if (pid, parent, v) not in judged]
+        elif (pid, attr) in values:
+            unused["where a merchant labelled the attribute"] += 1
         for a, v in keys:
             if a in allowed and v in allowed[a] and (pid, a) not in values:
                 verdicts[verdict].setdefault(pid, {}).setdefault(a, []).append(v)
+    report.unused_verdicts = dict(unused)
     return verdicts
 
 

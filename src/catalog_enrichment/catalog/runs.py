@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
@@ -62,8 +63,11 @@ def rollback(
     run_id: str | None = None,
     model_version: str | None = None,
     progress: Say = print,
+    before: Callable[[list[str]], None] | None = None,
 ) -> list[RollbackResult]:
-    """Undo one run, or every run of a model version (newest first, in one commit); marks their reports."""
+    """Undo one run, or every run of a model version (newest first, in one commit); marks their reports.
+    ``before`` is called with the run ids once they are found, before anything changes (an error
+    it raises leaves the catalog as it was)."""
     if (run_id is None) == (model_version is None):
         raise CatalogEnrichError("rollback needs exactly one of --run-id or --model-version")
     with catalog.lock("rollback", progress):
@@ -72,6 +76,8 @@ def rollback(
             raise CatalogEnrichError(
                 f"model version {model_version} has no runs to roll back in {catalog.describe()}"
             )
+        if before is not None:
+            before(runs)
         results = catalog.rollback_runs([check_run_id(str(rid)) for rid in runs])
         for result in results:
             _report(catalog, result, progress)
@@ -79,8 +85,19 @@ def rollback(
 
 
 def _report(catalog: Catalog, result: RollbackResult, progress: Say) -> None:
-    """Say what one run's rollback did and mark its report."""
+    """Say what one run's rollback did and mark its report (not where it restored nothing: the run
+    stands, and its values are wherever later runs left them)."""
     rid = result.run_id
+    if not result.pairs_restored:
+        progress(
+            f"nothing rolled back of {rid}: "
+            + (
+                f"each of the {len(result.superseded):,} pairs it changed was changed again by a later run"
+                if result.superseded
+                else "no change of it was found"
+            )
+        )
+        return
     progress(
         f"rolled back {rid}: {result.pairs_restored:,} (product, attribute) pairs restored, "
         f"{result.rows_removed:,} values removed, {result.rows_restored:,} previous values back"

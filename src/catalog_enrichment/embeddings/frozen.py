@@ -146,7 +146,7 @@ def embed_products(
     ``cache_dir`` when this data and model were embedded before, or computed (with a progress bar)
     and written there. ``collator`` tokenizes the texts (its tokenizer and length are part of the
     vectors' key)."""
-    if store is not None and embedding.storable(model):
+    if store is not None and embedding.storable(model) and device.type == "cpu":  # as the job's
         return _embed_through_store(model, records, collator, batch_size, device, store, say)
     tokenizer, max_length = collator.tokenizer, collator.max_length
     key = _fingerprint(model, tokenizer, records, max_length)
@@ -228,13 +228,28 @@ def _embed_through_store(
             matrix[i] = np.frombuffer(have[1], np.float32)
         else:
             missing.append(i)
+    storable = missing
     if missing:
         batches = _encoded(model, records, np.array(missing), collator, batch_size, device)
         matrix[missing] = np.concatenate([embedding.pack(model, _unflatten(flat)) for flat in batches])
-        _store(store, encoder, records, content, matrix, missing)
+        # not stored: a vector scored as imageless although the product has an image (it did not
+        # load this time: later runs would fuse it without trying again), nor a non-finite one
+        present = embedding.unpack(model, matrix[missing]).image_present.numpy()
+        has_image = [records.image[i] is not None or records.image_uri[i] is not None for i in missing]
+        storable = [
+            i
+            for i, seen, has in zip(missing, present, has_image, strict=True)
+            if (seen or not has or not images) and np.isfinite(matrix[i]).all()
+        ]
+        _store(store, encoder, records, content, matrix, storable)
     say(
         f"frozen encoders: {len(records) - len(missing):,} of {len(records):,} products read from the "
-        f"embedding store, {len(missing):,} encoded and stored"
+        f"embedding store, {len(missing):,} encoded, {len(storable):,} stored"
+        + (
+            f" ({len(missing) - len(storable):,} not: an image that did not load, or a non-finite vector)"
+            if len(storable) < len(missing)
+            else ""
+        )
     )
     return Embeddings(_flatten(embedding.unpack(model, matrix)))
 

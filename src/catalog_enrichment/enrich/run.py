@@ -178,9 +178,11 @@ class _Record:
 
     def watermark(self) -> dt.datetime | None:
         """The highest ``updated_at`` this run covered: its rows' (never past its start) or, when it
-        read nothing newer, the last run's."""
+        read nothing newer or an earlier attempt of its id had committed, the last run's."""
         since = None if self.got is None else self.got.since
         ours = None if self.validated is None else self.validated.watermark
+        if self.merge is not None and self.merge.already_committed:  # nothing of ours was written
+            return since
         return max((w for w in (since, ours) if w is not None), default=None)
 
     def report(self, finished_at: dt.datetime | None = None, seconds: float | None = None) -> RunReport:
@@ -353,9 +355,7 @@ def _stages(
             BundleFolder(job.model.bundle).encoder_fingerprint() if cfg.inference.embedding_store else None
         )
         store = None if encoder is None else (catalog, encoder)
-        run.scored = scored = score(
-            job.spark, validated.checked, spec, job.staging, store=store, run_id=run.run_id
-        )
+        run.scored = scored = score(job.spark, validated.checked, spec, job.staging, store=store)
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say)
     with run.stage("decide"):
         run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)
@@ -367,9 +367,16 @@ def _stages(
             run.run_id, job.model, run.started_at, retracted, decisions, job.staging, run.blocked
         )
         run.merge = catalog.write(write, job.spark)
-    run.written = written(decisions, job.policy.taxonomy, run.blocked)
-    say(f"  wrote {decisions.values.num_rows:,} values (version {run.merge.version}); "
-        f"quarantined {decisions.quarantine.num_rows:,} rows")  # fmt: skip
+    if run.merge.already_committed:
+        # an earlier attempt of this run id committed, then failed: what this attempt read since
+        # (a product changed in between) was not written, so the next run reads from where both began
+        run.seen_next, run.retry_next = got.seen, list(got.retry.items())
+        say(f"  {run.run_id} was committed by an earlier attempt: nothing written; the next run reads "
+            "its products again")  # fmt: skip
+    else:
+        run.written = written(decisions, job.policy.taxonomy, run.blocked)
+        say(f"  wrote {decisions.values.num_rows:,} values (version {run.merge.version}); "
+            f"quarantined {decisions.quarantine.num_rows:,} rows")  # fmt: skip
     if scored.encoder is not None and run.blocked:
         # tonight's inputs may be what was wrong (placeholder photos under the products' own URLs
         # keep their digest): the run that reads these products again encodes them afresh
@@ -377,7 +384,7 @@ def _stages(
         run.embeddings = {"embeddings_stored": 0}
     elif scored.encoder is not None:
         with run.stage("store"):
-            run.embeddings = store_embeddings(job.spark, catalog, scored, job.staging, say)
+            run.embeddings = store_embeddings(job.spark, catalog, scored, job.staging, run.run_id, say)
 
 
 def _expected(job: _Job, run: _Record, checkpoint: Future[BatchValidation]) -> None:

@@ -214,14 +214,13 @@ def score(
     staging: Path,
     *,
     store: tuple[Catalog, str] | None = None,
-    run_id: str = "",
 ) -> Scored:
     """Score and decide the valid rows on the executors as ``spec`` says (:func:`scoring_spec`);
     stage the decisions; read them back.
 
     With the embedding store (``store``: the catalog and the model's encoder fingerprint), the valid
     rows are joined to the catalog's stored vectors of the model's encoders first, and the vectors
-    the tasks computed are staged under ``staging / "embeddings"`` for :func:`store_embeddings`.
+    the tasks computed stay in the staged scores for :func:`store_embeddings`.
     """
     from pyspark.sql import functions as F
 
@@ -233,8 +232,6 @@ def score(
         valid = valid.join(stored, "product_id", "left")
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
     table = ds.dataset(str(staging / "scores"), format="parquet").to_table(columns=list(DECISION_COLUMNS))
-    if encoder is not None and counters.encoded.value:
-        stage_vectors(spark.read.parquet(str(staging / "scores")), encoder, run_id, staging / "embeddings")
     return Scored(
         table,
         dict(counters.loads.value),
@@ -298,10 +295,11 @@ def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> De
         bad = validated.checked.where((F.size(REASONS) > 0) | F.col("product_id").isin(list(image_reasons)))
         quarantine = quarantine_rows(bad, run_id, dt.datetime.now(dt.UTC), schema, image_reasons)
     decisions = Decisions(values, pairs, quarantine, total, good.num_rows)
-    if decisions.rows_valid + quarantine.num_rows != total.rows_read:
+    valid = decisions.rows_valid
+    if valid + quarantine.num_rows != total.rows_read or good.num_rows != valid:
         raise CatalogEnrichError(
-            f"row accounting broke: read {total.rows_read} != valid {decisions.rows_valid} + "
-            f"quarantined {quarantine.num_rows}; nothing was written"
+            f"row accounting broke: read {total.rows_read} != valid {valid} (decided "
+            f"{good.num_rows}) + quarantined {quarantine.num_rows}; nothing was written"
         )
     return decisions
 
@@ -417,13 +415,17 @@ def written(
 
 
 def store_embeddings(
-    spark: SparkSession, catalog: Catalog, scored: Scored, staging: Path, say: Say
+    spark: SparkSession, catalog: Catalog, scored: Scored, staging: Path, run_id: str, say: Say
 ) -> dict[str, Any]:
-    """After the commit: the vectors this run computed into the store, and the run summary's record
-    of it. The store is a cache, so a failure here is reported and costs the next run the encoding;
-    the committed run stands."""
+    """After the commit: the vectors this run computed (staged beside its scores) into the store,
+    and the run summary's record of it. The store is a cache, so a failure here is reported and
+    costs the next run the encoding; the committed run stands."""
     try:
-        stored = catalog.write_embeddings(str(staging / "embeddings"), spark) if scored.encoded else 0
+        stored = 0
+        if scored.encoded and scored.encoder is not None:
+            vectors = staging / "embeddings"
+            stage_vectors(spark.read.parquet(str(staging / "scores")), scored.encoder, run_id, vectors)
+            stored = catalog.write_embeddings(str(vectors), spark)
     except Exception as exc:
         error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
         say(f"  could not store this run's embeddings (the next run encodes them again): {error}")

@@ -190,8 +190,12 @@ class BatchPredictor:
         self.reads_images = bundle.model.image_encoder is not None
         self.collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
         self.lexical = any(m.fusion.needs_lexical for m in _members(bundle.model))
-        # the store serves a fingerprinted bundle, whose model is one MultimodalModel (storable)
-        stores = options.embedding_store and bundle.encoder_fingerprint is not None
+        # the store serves a fingerprinted bundle, whose model is one MultimodalModel (storable), on
+        # the CPU: the fingerprint names the CPU's encoders (ONNX Runtime's, where the bundle has
+        # them), and a GPU's encodes differ from them in the last bits
+        stores = (
+            options.embedding_store and bundle.encoder_fingerprint is not None and self.device.type == "cpu"
+        )
         self._stored_model = cast(MultimodalModel, bundle.model) if stores else None
         self.width = embedding.width(self._stored_model) if self._stored_model is not None else 0
         # Channels-last: the image encoder's convolutions run about 1.7x faster on CPU (oneDNN

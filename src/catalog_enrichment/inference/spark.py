@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.accumulators import Accumulator, AccumulatorParam
 
+from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import armed, kill_this_process
 from catalog_enrichment.inference.options import PredictorOptions
 
@@ -464,6 +465,11 @@ def encode_dataframe(products: DataFrame, spec: ScoringSpec, counters: ScoringCo
         if first is None:
             return
         predictor, _ = _worker_state(spec, loads, decide=False)
+        if predictor.width == 0:
+            raise CatalogEnrichError(
+                f"the embedding store is filled by CPU executors (this one scores on {predictor.device}): "
+                "set inference.device: cpu"
+            )
         for batch, scores in predictor.score_stream(itertools.chain([first], rows)):
             vectors = _or_nulls(scores.embedding, batch.num_rows, pa.binary())
             reused.add(scores.reused)

@@ -17,6 +17,7 @@ from catalog_enrichment.catalog.base import (
 )
 from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema
 from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import fault_point
 
 if TYPE_CHECKING:
@@ -99,11 +100,12 @@ class Writes(PgBase):
                         s=stage,
                     )
                 )
-        self._stage(run, stage, spark)
+        staged = self._stage(run, stage, spark)
         fault_point("after_stage")
         with self.connect() as conn:
             try:
                 with conn.transaction():
+                    self._check_staged(conn, run.run_id, stage, staged)
                     result = self._merge(conn, run, stage)
                     fault_point("during_merge")
             finally:
@@ -112,6 +114,16 @@ class Writes(PgBase):
         fault_point("after_merge")
         fault_point("after_quarantine")
         return result
+
+    def _check_staged(self, conn: Any, run_id: str, stage: str, staged: int) -> None:
+        """The stage holds every row copied into it (a server restart or failover between the COPY
+        and the merge empties an unlogged table: merged, the run would write nothing and count as done)."""
+        have = int(conn.execute(self._sql("SELECT count(*) FROM {s}", s=stage)).fetchone()[0])
+        if have < staged:
+            raise CatalogEnrichError(
+                f"the staged rows of run {run_id} are gone ({have:,} of {staged:,} left; a server restart or "
+                "failover empties the staging table): nothing was written; run it again"
+            )
 
     def _stage(self, run: RunWrite, stage: str, spark: SparkSession | None) -> int:
         (conninfo, password), table = self.conninfo(), (self.schema, stage)
