@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 # Exit codes: 0 ok, 1 failed, 2 user mistake (bad config, missing file, ...), 3 the circuit breaker
 # stopped an enrichment run before any write (schedulers alert on it differently).
 EXIT_ABORTED = 3
+# `report --audit --check`: a version's audit found an attribute below target (and nothing else:
+# any error exits 1 or 2, so a scheduler rolls back on this code alone)
+EXIT_BELOW_TARGET = 4
 EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the catalog; try again later (as the cron wrapper)
 
 
@@ -419,8 +423,9 @@ def report(args: argparse.Namespace, cfg: AppConfig) -> int:
     Print what a run read, quarantined, scored and wrote, its timings and throughput. With --audit:
     the realized precision of what a model version wrote, from people's verdicts on its latest
     reviewed sample, per attribute and category, weighted back to the written values, with Wilson
-    intervals; logged to MLflow with a chart. --check exits 1 when an attribute is below target, so
-    `report --audit --model-version V --check || rollback --model-version V` undoes a failing version.
+    intervals; logged to MLflow with a chart. --check exits 4 when an attribute is below target (and
+    only then), so `report --audit --model-version V --check; [ $? -ne 4 ] || rollback --model-version V`
+    undoes a failing version.
     With --health: the run's health checks from the catalog's run_health table (per attribute score
     drift, coverage, value mix and estimated precision; the inputs) and what they blocked; --check
     then also exits 1 when one failed.
@@ -462,16 +467,27 @@ def _audit(args: argparse.Namespace, cfg: AppConfig, catalog: Catalog) -> int:
         )
     client = runtime.mlflow_client(cfg.mlflow)
     audit = audit_catalog(cfg, catalog, client, model_version=args.model_version, sample_id=args.sample)
-    record_audit(cfg.mlflow, audit, client=client, chart_dir=Path(cfg.catalog.root) / "audits")
     print(json.dumps(audit.to_dict(), indent=2, default=str) if args.json else format_audit(audit))
-    return 1 if args.check and audit.failed else 0
+    try:
+        record_audit(cfg.mlflow, audit, client=client, chart_dir=Path(cfg.catalog.root) / "audits")
+    except Exception as exc:  # the verdicts' judgement stands; its record failed
+        from catalog_enrichment.redaction import redact_text
+
+        why = redact_text(f"{type(exc).__name__}: {exc}")[:300]
+        print(f"catalog-enrich: error: the audit was not recorded: {why}", file=sys.stderr)
+        recorded = False
+    else:
+        recorded = True
+    if args.check and audit.failed:
+        return EXIT_BELOW_TARGET
+    return 0 if recorded else 1
 
 
 def review_sample(args: argparse.Namespace, cfg: AppConfig) -> int:
     """draw a stratified sample of written values for people to judge
 
-    Sample the values one run (--run-id) or one model version (--model-version) wrote, balanced over
-    attribute values and categories (iterative stratification, as paper 004's human evaluation);
+    Sample the values one run (--run-id) or one model version (--model-version) wrote, stratified by
+    (attribute, value, category) cell with every cell given a share (see docs/review.md);
     record it in the catalog and write it for annotators: a CSV or Parquet file with the product's
     text, an image per row and empty verdict/reviewer/reviewed_at columns, and a review page (FILE
     with .html) that saves a verdict file. The same catalog, size and seed draw the same sample.

@@ -14,7 +14,7 @@ from tests.conftest import mlflow_store
 from tests.review.conftest import register_versions, written_catalog
 
 
-@pytest.mark.parametrize(("judge", "code"), [("truth", 1), ("all right", 0), ("all wrong", 1)])
+@pytest.mark.parametrize(("judge", "code"), [("truth", 4), ("all right", 0), ("all wrong", 4)])
 def test_a_failing_audit_exits_1_and_names_the_rollback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], judge: str, code: int
 ) -> None:
@@ -35,11 +35,18 @@ def test_a_failing_audit_exits_1_and_names_the_rollback(
     for name, column in (("verdict", verdicts), ("reviewer", ["qa"] * len(verdicts))):
         sample = sample.set_column(sample.schema.get_field_index(name), name, pa.array(column))
     pcsv.write_csv(sample, tmp_path / "v.csv")
+    capsys.readouterr()
+    assert main(["report", "--audit", "--check", *flags]) == 2  # no verdict yet: an error, never 4
+    assert "no verdict yet" in capsys.readouterr().err
     assert main(["review", "import", str(tmp_path / "v.csv"), *flags]) == 0
     capsys.readouterr()
     assert main(["report", "--audit", "--check", *flags]) == code
+    sample_id = sample["sample_id"][0].as_py()
+    other = ["report", "--audit", "--check", "--model-version", "2", "--sample", sample_id, *flags]
+    assert main(other) == 2 and "judged model version 3, not 2" in capsys.readouterr().err
+    assert main(["report", "--audit", "--check", *flags]) == code
     printed = capsys.readouterr().out
-    assert ("rollback --model-version 3" in printed) is (code == 1)
+    assert ("rollback --model-version 3" in printed) is (code == 4)
     if judge == "truth":  # every interval holds the true precision of what was written
         for attr in ("color", "pattern"):
             line = next(ln for ln in printed.splitlines() if ln.startswith(attr))

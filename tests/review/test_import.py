@@ -165,3 +165,25 @@ def test_the_postgres_catalog_keeps_samples_and_verdicts_the_same_way(
     )
     stored = pg.keyed_rows("reviews")
     assert stored.num_rows == 8 and stored.filter(pa.compute.equal(stored["verdict"], "no")).num_rows == 3
+
+
+def test_a_large_sample_file_whose_texts_break_lines_reads_whole(tmp_path: Path) -> None:
+    """The sample's own CSV quotes descriptions with line breaks; past the CSV reader's 1 MB block a
+    reader that splits rows at every line break fails (3,000 rows of 500 bytes)."""
+    from catalog_enrichment.catalog.reviews import read_verdict_file
+
+    n = 3000
+    table = pa.table(
+        {
+            "sample_id": ["s1"] * n,
+            "product_id": [f"p{i}" for i in range(n)],
+            "attribute": ["color"] * n,
+            "value": ["red"] * n,
+            "description": ["A soft jumper.\nMachine wash at 30 °C.\r\n" + "x" * 440] * n,
+            "verdict": ["yes"] * n,
+            "reviewer": ["ana"] * n,
+            "reviewed_at": [""] * n,
+        }
+    )
+    read = read_verdict_file(_write(table, tmp_path / "big.csv"))
+    assert read.num_rows == n and read["product_id"].to_pylist() == table["product_id"].to_pylist()

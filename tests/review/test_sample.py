@@ -89,6 +89,16 @@ def test_the_same_seed_draws_the_same_sample_and_another_seed_another() -> None:
     assert not np.array_equal(first, stratified_sample(attribute, value, category, 150, seed=4))
 
 
+def test_the_sample_comes_in_a_random_order_so_a_part_judged_from_the_top_is_random() -> None:
+    """Ids sorted by value (500 red, then 500 blue), 50 of each drawn: the first 50 rows of the file
+    hold red ones ~ Hypergeometric(100, 50, 50), mean 25, sd 2.5; outside 10-40 (6 sd) fails by
+    chance with p < 1e-8, and sorted by id they would all be red."""
+    value = ["red"] * 500 + ["blue"] * 500
+    picked = stratified_sample(["color"] * 1000, value, ["X"] * 1000, 100, seed=0, balance=1.0)
+    assert Counter(value[i] for i in picked) == {"red": 50, "blue": 50}
+    assert 10 <= sum(value[i] == "red" for i in picked[:50]) <= 40
+
+
 def test_inside_a_cell_every_value_is_equally_likely() -> None:
     """The audit weights a cell's judged values by cell size / sampled: that needs a simple random
     sample inside the cell. One cell of 10 values, 2 drawn per seed, 400 seeds: each value is drawn

@@ -117,10 +117,15 @@ def read_verdict_file(path: Path) -> pa.Table:
         elif path.suffix.lower() == ".csv":
             from pyarrow import csv
 
+            # descriptions hold line breaks inside quotes (the sample's own CSV writes them so)
+            parse = csv.ParseOptions(newlines_in_values=True)
             with path.open("rb") as f:
-                header = csv.read_csv(f, read_options=csv.ReadOptions(skip_rows_after_names=1 << 30))
+                header = csv.read_csv(
+                    f, read_options=csv.ReadOptions(skip_rows_after_names=1 << 30), parse_options=parse
+                )
             table = csv.read_csv(
                 path,
+                parse_options=parse,
                 convert_options=csv.ConvertOptions(
                     column_types={c: pa.string() for c in header.column_names}, strings_can_be_null=False
                 ),

@@ -144,7 +144,8 @@ def _reviewed_samples(
     """The samples asked for (one id, one version's, or all) that have verdicts, oldest first.
 
     Raises:
-        CatalogEnrichError: no such sample, or no verdict on it yet.
+        CatalogEnrichError: no such sample, a sample of another version than ``model_version``, or
+            no verdict on it yet.
     """
     reviewed = set(reviews["sample_id"].to_pylist())
     drawn = (
@@ -152,6 +153,11 @@ def _reviewed_samples(
     )
     if sample_id is not None:
         drawn = [d for d in drawn if d["sample_id"] == sample_id]
+        other = {d["model_version"] for d in drawn} - {str(model_version)}
+        if model_version is not None and other:  # its verdict would decide another version's fate
+            raise CatalogEnrichError(
+                f"sample {sample_id} judged model version {', '.join(sorted(other))}, not {model_version}"
+            )
     elif model_version is not None:
         drawn = [d for d in drawn if d["model_version"] == str(model_version)]
     which = (
