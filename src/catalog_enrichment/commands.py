@@ -495,9 +495,15 @@ def review_sample(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.catalog import open_catalog
     from catalog_enrichment.review import sample_for_review
 
+    catalog = open_catalog(cfg.catalog)
+    if args.run_id:  # a run that wrote nothing (a quiet night) has nothing to review: not an error
+        run = next((r for r in catalog.read_reports() if r.run_id == args.run_id), None)
+        if run is not None and run.status == "succeeded" and not any(run.written_per_attribute.values()):
+            print(f"run {args.run_id} wrote no value: nothing to review")
+            return 0
     files = sample_for_review(
         cfg,
-        open_catalog(cfg.catalog),
+        catalog,
         run_id=args.run_id,
         model_version=args.model_version,
         size=args.size,

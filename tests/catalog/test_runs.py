@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from catalog_enrichment.catalog.reports import BLOCKED, RunReport
+from catalog_enrichment.catalog.reports import BLOCKED, FULL, RunReport
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
@@ -94,6 +94,25 @@ def test_a_partition_whose_health_checks_kept_values_out_is_run_again_under_a_fr
     assert again[0][1] is not None and again[0][1].startswith("backfill-2026-11-02-shop_tiny-v3-")
     clean = _report("2026-11-02", "succeeded", run_id=again[0][1])
     assert _plan(_Partitions(DAYS, [blocked, clean]))[0] == ("ingest_date=2026-11-02", None)
+
+
+def test_an_incremental_run_of_a_partition_does_not_make_it_done() -> None:
+    """`enrich --partition` without --full scored what changed since another version's run: it did
+    not do the partition; a full run did."""
+    partial = _report("2026-11-02", "succeeded", run_id="by-hand")
+    partial.add_to_summary(**{FULL: False})
+    plan = _plan(_Partitions(DAYS, [partial]))
+    assert plan[0][0] == "ingest_date=2026-11-02" and plan[0][1] is not None
+    assert plan[0][1].startswith("backfill-2026-11-02-shop_tiny-v3-")
+    whole = _report("2026-11-02", "succeeded")
+    whole.add_to_summary(**{FULL: True})
+    assert _plan(_Partitions(DAYS, [partial, whole]))[0] == ("ingest_date=2026-11-02", None)
+
+
+def test_a_partition_of_rows_without_a_date_is_not_a_day_of_the_range() -> None:
+    """Rows with a null ingest_date sit in __HIVE_DEFAULT_PARTITION__ (the run quarantines them)."""
+    days = [*DAYS, "__HIVE_DEFAULT_PARTITION__"]
+    assert [p for p, _ in _plan(_Partitions(days))] == ["ingest_date=2026-11-02", "ingest_date=2026-11-03"]
 
 
 def test_an_empty_or_backwards_range_is_a_clear_error() -> None:

@@ -88,3 +88,24 @@ def test_an_audit_judges_a_version_by_the_target_it_was_calibrated_for(
     assert main(["report", "--audit", *agree]) == 0
     assert len(client.search_runs([experiment])) == 1
     assert client.get_model_version("catalog-enrichment", "3").tags == tags
+
+
+def test_a_run_that_wrote_nothing_has_nothing_to_review_and_an_unknown_run_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The nightly DAG samples every night: a quiet night (nothing changed, nothing written) exits 0;
+    a run id the catalog never ran stays an error."""
+    import datetime as dt
+
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.catalog.reports import RunReport
+    from catalog_enrichment.config import CatalogConfig
+
+    written_catalog(tmp_path / "lake")
+    catalog = open_catalog(CatalogConfig(root=str(tmp_path / "lake")))
+    catalog.upsert_report(RunReport(run_id="quiet", status="succeeded", started_at=dt.datetime.now(dt.UTC)))
+    flags = ["--catalog", str(tmp_path / "lake"), "--out", str(tmp_path / "s.csv")]
+    assert main(["review", "sample", "--run-id", "quiet", *flags]) == 0
+    assert "run quiet wrote no value: nothing to review" in capsys.readouterr().out
+    assert main(["review", "sample", "--run-id", "never-ran", *flags]) == 2
+    assert "holds no value written by run never-ran" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
     "BLOCKED",
+    "FULL",
     "RETRY",
     "SEEN",
     "RunReport",
@@ -164,6 +165,8 @@ def check_run_id(run_id: str) -> str:
 SEEN, RETRY = "read_near_watermark", "retry_images"
 # ... and the attributes its run health kept out of the commit, with why
 BLOCKED = "health_blocked"
+# ... and whether it read every product of its scope (--full)
+FULL = "full"
 EXPECTATIONS = "great_expectations"  # the run's GX checkpoint (validation/checkpoint.py)
 
 

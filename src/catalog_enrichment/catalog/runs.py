@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
-from catalog_enrichment.catalog.reports import BLOCKED, check_run_id
+from catalog_enrichment.catalog.reports import BLOCKED, FULL, check_run_id
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.types import Say
@@ -36,7 +36,8 @@ def backfill_plan(
     if date_from > date_to:
         raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
     column = load_contract("products").partition_by[0]
-    dates = [d for d in catalog.list_partitions(column) if date_from <= dt.date.fromisoformat(d) <= date_to]
+    days = ((d, _date(d)) for d in catalog.list_partitions(column))
+    dates = [d for d, day in days if day is not None and date_from <= day <= date_to]
     if not dates:
         raise CatalogEnrichError(
             f"no {column} partitions between {date_from} and {date_to} in {catalog.describe()}"
@@ -47,7 +48,9 @@ def backfill_plan(
         scope = f"{column}={day}"
         runs = [r for r in all_reports if r.partition == scope]
         mine = [r for r in runs if r.status == "succeeded" and r.model_version == model.version]
-        if not force and any(not r.summary().get(BLOCKED) for r in mine):
+        # done: a run of the whole partition that kept nothing out (an incremental run of it scored
+        # what had changed since some other version's run; reports from before runs recorded it count)
+        if not force and any(r.summary().get(FULL, True) and not r.summary().get(BLOCKED) for r in mine):
             plan.append((scope, None))
             continue
         run_id = f"backfill-{day}-{re.sub(r'[^A-Za-z0-9._-]', '_', model.name)}-v{model.version}"
@@ -55,6 +58,14 @@ def backfill_plan(
             run_id += f"-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
         plan.append((scope, run_id))
     return plan
+
+
+def _date(value: str) -> dt.date | None:
+    """A partition's date; None for a folder of rows without one (``__HIVE_DEFAULT_PARTITION__``)."""
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        return None
 
 
 def rollback(

@@ -23,6 +23,7 @@ from catalog_enrichment.catalog.products import Partition, parse_partition
 from catalog_enrichment.catalog.reports import (
     BLOCKED,
     EXPECTATIONS,
+    FULL,
     RETRY,
     SEEN,
     RunReport,
@@ -147,6 +148,7 @@ class _Record:
     model: ModelVersion
     partition: str | None
     started_at: dt.datetime
+    full: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     got: Read | None = None
     validated: Validated | None = None
@@ -207,7 +209,7 @@ class _Record:
         return report
 
     def _summary(self) -> dict[str, Any]:
-        summary: dict[str, Any] = {}
+        summary: dict[str, Any] = {FULL: self.full}
         if self.expectations is not None:
             summary[EXPECTATIONS] = self.expectations.to_dict()
         if self.validated is not None:
@@ -272,7 +274,7 @@ def run_enrichment(
             progress(note)
         contract = load_contract("products")
         part = parse_partition(partition, contract)
-        record = _Record(run_id, model, str(part) if part else None, dt.datetime.now(dt.UTC))
+        record = _Record(run_id, model, str(part) if part else None, dt.datetime.now(dt.UTC), full)
         job = _Job(spark, cfg, catalog, taxonomy, model, policy, catalog.staging_dir(run_id), progress)
         return _run(job, record, reports, contract, part, full, client)
 
