@@ -507,6 +507,28 @@ def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incom
     assert sum(r.rows_read for r in reports) == 2400
 
 
+@pytest.mark.timeout(30)
+def test_a_backfill_checks_before_each_partition_that_its_version_was_not_rolled_back() -> None:
+    """backfill_partitions asks before each partition; a version tagged by `rollback --model-version`
+    meanwhile stops it, naming the first partition not run."""
+    from catalog_enrichment import registry
+    from catalog_enrichment.enrich.run import _not_rolled_back
+
+    class Registry:
+        def __init__(self) -> None:
+            self.tags: dict[str, str] = {}
+
+        def get_model_version(self, name: str, version: str) -> Any:
+            return type("Version", (), {"tags": self.tags})()
+
+    client, model = Registry(), ModelVersion("tiny", "7")
+    _not_rolled_back(client, model, "ingest_date=2026-11-02")  # type: ignore[arg-type]
+    _not_rolled_back(None, model, "ingest_date=2026-11-02")  # no registry: nothing to ask
+    client.tags = {registry.ROLLED_BACK_TAG: "2026-11-28 23:20 UTC, in lakehouse /lake"}
+    with pytest.raises(CatalogEnrichError, match=r"tiny v7 was rolled back while this backfill ran \(2026"):
+        _not_rolled_back(client, model, "ingest_date=2026-11-02")  # type: ignore[arg-type]
+
+
 def test_cli_enrich_uses_the_champion_and_report_prints_it(
     spark, tmp_path, taxonomy, incoming, scoring_bundle, capsys
 ) -> None:  # type: ignore[no-untyped-def]

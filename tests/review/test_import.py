@@ -187,3 +187,29 @@ def test_a_large_sample_file_whose_texts_break_lines_reads_whole(tmp_path: Path)
     )
     read = read_verdict_file(_write(table, tmp_path / "big.csv"))
     assert read.num_rows == n and read["product_id"].to_pylist() == table["product_id"].to_pylist()
+
+
+def test_a_file_without_times_imported_again_after_it_was_saved_again_changes_nothing(
+    written: WrittenCatalog, tmp_path: Path
+) -> None:
+    """Ana's verdicts carry no reviewed_at (the file's time is theirs); Bea later says otherwise with
+    a time. Ana's file, saved again (a newer modification time), imported again: nothing changes, so
+    her old verdict does not become the latest; a verdict she changed in it is a change."""
+    import os
+
+    catalog = written.catalog
+    drawn = draw_sample(catalog, model_version="3", size=40, seed=0)
+    path = _write(_verdicts(drawn.rows.slice(0, 2), ["no", "no"], when=""), tmp_path / "ana.csv")
+    os.utime(path, (NOW.timestamp() - 7200, NOW.timestamp() - 7200))
+    assert import_verdicts(catalog, path, now=NOW).inserted == 2
+    bea = _verdicts(drawn.rows.slice(0, 1), ["yes"], reviewer="bea", when="2026-11-03T11:00:00Z")
+    assert import_verdicts(catalog, _write(bea, tmp_path / "bea.csv"), now=NOW).inserted == 1
+    os.utime(path, (NOW.timestamp() - 60, NOW.timestamp() - 60))  # saved again, 11:59
+    again = import_verdicts(catalog, path, now=NOW)
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 2)
+    latest = latest_verdicts(catalog.keyed_rows("reviews")).to_pylist()
+    first = drawn.rows.slice(0, 1).to_pylist()[0]["product_id"]
+    assert [r["verdict"] for r in latest if r["product_id"] == first] == ["yes"]
+    path = _write(_verdicts(drawn.rows.slice(0, 2), ["no", "yes"], when=""), tmp_path / "ana.csv")
+    os.utime(path, (NOW.timestamp() - 30, NOW.timestamp() - 30))
+    assert import_verdicts(catalog, path, now=NOW).updated == 1

@@ -244,14 +244,25 @@ def verdict_rows(
     return pa.Table.from_pylist(list(unique.values()), schema=keyed_schema("reviews")), skipped
 
 
-def _changes(new: pa.Table, existing: pa.Table) -> tuple[pa.Table, int, int]:
+def _changes(new: pa.Table, existing: pa.Table, file_time: dt.datetime) -> tuple[pa.Table, int, int]:
     """The rows of ``new`` that are not in ``existing`` as they are (provenance of the import
-    aside), and how many of them replace a row with the same key."""
+    aside), and how many of them replace a row with the same key. A row timed by the file
+    (``file_time``: no ``reviewed_at`` given) with the verdict already stored is no change: the same
+    file copied or saved again must not make an old verdict the latest."""
     key = keyed_key("reviews")
-    compared = (*key, "verdict", "reviewed_at")
-    old = {tuple(r[c] for c in compared) for r in existing.select(list(compared)).to_pylist()}
-    old_keys = {tuple(r[c] for c in key) for r in existing.select(key).to_pylist()}
-    keep = [tuple(r[c] for c in compared) not in old for r in new.select(list(compared)).to_pylist()]
+    stored = {
+        tuple(r[c] for c in key): (r["verdict"], r["reviewed_at"])
+        for r in existing.select([*key, "verdict", "reviewed_at"]).to_pylist()
+    }
+
+    def changed_row(r: dict[str, Any]) -> bool:
+        before = stored.get(tuple(r[c] for c in key))
+        if before is None:
+            return True
+        return before[0] != r["verdict"] or (before[1] != r["reviewed_at"] and r["reviewed_at"] != file_time)
+
+    old_keys = set(stored)
+    keep = [changed_row(r) for r in new.select([*key, "verdict", "reviewed_at"]).to_pylist()]
     changed = new.filter(pa.array(keep, pa.bool_()))
     updated = sum(tuple(r[c] for c in key) in old_keys for r in changed.select(key).to_pylist())
     return changed, changed.num_rows - updated, updated
@@ -270,7 +281,7 @@ def import_verdicts(catalog: Catalog, path: Path, *, now: dt.datetime | None = N
         raise ReviewFileError(f"{catalog.describe()} holds no review sample; draw one with `review sample`")
     file_time = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
     rows, skipped = verdict_rows(file, samples, source_file=path.name, file_time=file_time, now=now)
-    changed, inserted, updated = _changes(rows, catalog.keyed_rows("reviews"))
+    changed, inserted, updated = _changes(rows, catalog.keyed_rows("reviews"), file_time)
     if changed.num_rows:
         catalog.upsert_rows("reviews", changed)
     return ImportResult(

@@ -535,6 +535,7 @@ def backfill_partitions(
             progress(f"[backfill {i}/{len(plan)}] {partition}: {done}")
             results.append((partition, None))
             continue
+        _not_rolled_back(client, model, partition)
         progress(f"[backfill {i}/{len(plan)}] {partition}: run {run_id}")
         outcome = run_enrichment(
             spark,
@@ -548,3 +549,22 @@ def backfill_partitions(
         )
         results.append((partition, outcome))
     return results
+
+
+def _not_rolled_back(client: MlflowClient | None, model: ModelVersion, partition: str) -> None:
+    """A long backfill checks the registry before each partition: a version rolled back while it ran
+    (``rollback --model-version``) writes no further partition.
+
+    Raises:
+        CatalogEnrichError: the version carries the rolled-back tag.
+    """
+    if client is None:
+        return
+    from catalog_enrichment import registry
+
+    why = registry.version_tags(client, model.name, model.version).get(registry.ROLLED_BACK_TAG)
+    if why:
+        raise CatalogEnrichError(
+            f"{model.name} v{model.version} was rolled back while this backfill ran ({why}): "
+            f"{partition} and the partitions after it were not run"
+        )
