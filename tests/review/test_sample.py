@@ -232,3 +232,25 @@ def test_the_review_page_embeds_merchant_text_as_data_only(hostile: WrittenCatal
     assert not {"<", ">", "&"} & set(embedded)  # nothing in it can close or comment out the element
     titles = {r["title"] for r in json.loads(embedded)}
     assert titles == {HOSTILE_TITLES[HOSTILE_IDS.index(p)] for p in drawn.rows["product_id"].to_pylist()}
+
+
+def test_two_runs_sampled_in_the_same_second_are_two_samples_and_one_drawn_twice_is_an_error(
+    tmp_path: Path,
+) -> None:
+    import datetime as dt
+
+    from catalog_enrichment.catalog.attributes import attributes_schema
+    from catalog_enrichment.catalog.lakehouse import write_table
+    from catalog_enrichment.review.sample import draw_sample
+
+    catalog = written_catalog(tmp_path / "lake").catalog
+    rows = catalog.attribute_rows()
+    runs = pa.array(["night-1" if i % 2 else "night-2" for i in range(rows.num_rows)], pa.string())
+    rows = rows.set_column(rows.schema.get_field_index("run_id"), "run_id", runs)
+    write_table(catalog.attributes, rows.cast(attributes_schema()), mode="overwrite")
+    now = dt.datetime(2026, 11, 3, 2, 15, tzinfo=dt.UTC)
+    one = draw_sample(catalog, run_id="night-1", size=20, now=now)
+    two = draw_sample(catalog, run_id="night-2", size=20, now=now)
+    assert one.sample_id != two.sample_id and one.sample_id.startswith("review-v3-20261103T021500Z-s0-r")
+    with pytest.raises(CatalogEnrichError, match="was drawn already"):
+        draw_sample(catalog, run_id="night-1", size=20, now=now)

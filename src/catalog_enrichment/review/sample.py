@@ -178,7 +178,11 @@ def draw_sample(
     picked = stratified_sample(attribute, value, category, size, seed, balance)
     version = rows["model_version"][0].as_py() if model_version is None else str(model_version)
     sample_id = f"review-v{_safe(version)}-{now:%Y%m%dT%H%M%SZ}-s{seed}"
+    if run_id is not None:  # two runs of one version sampled in the same second: two samples
+        sample_id += "-r" + hashlib.blake2b(run_id.encode(), digest_size=3).hexdigest()
     table = _sample_rows(rows, picked, list(zip(attribute, value, category, strict=True)), sample_id, now)
+    if record and sample_id in set(catalog.keyed_rows("review_samples")["sample_id"].to_pylist()):
+        raise CatalogEnrichError(f"a sample {sample_id} was drawn already; draw again in a second")
     if record:
         catalog.upsert_rows("review_samples", table)
     return DrawnSample(sample_id, table, rows.num_rows)
