@@ -48,6 +48,19 @@ def test_a_cell_nobody_judged_is_represented_by_its_values_other_cells() -> None
     assert p == pytest.approx(0.75) and share == pytest.approx(160 / 200)
 
 
+def test_a_category_is_estimated_over_its_own_cells() -> None:
+    """Shoes: value a 100 written (30 judged, all wrong), value b 1,000 (30 judged, all right); a's
+    9,000 hats nobody judged are not shoes: shoes are 1,000 / 1,100 right (a's hats once weighted its
+    shoes 91 times up, to 0.10)."""
+    cells = [("a", "shoes")] * 30 + [("b", "shoes")] * 30
+    right = np.array([False] * 30 + [True] * 30)
+    sizes = {("a", "shoes"): 100, ("b", "shoes"): 1000, ("a", "hats"): 9000}
+    p, *_ = weighted_precision(
+        cells, right, sizes, {"a": 9100, "b": 1000}, 10100, confidence=0.95, domain=np.ones(60, bool)
+    )
+    assert p == pytest.approx(1000 / 1100)
+
+
 def _population(rng: np.random.Generator, worse: float = 0.0) -> dict[str, list]:
     """4,000 written values of two attributes; rare values and one category are worse (all of them
     by ``worse``)."""

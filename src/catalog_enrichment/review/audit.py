@@ -69,7 +69,8 @@ def weighted_precision(
 
     ``cell[i]`` is judged value i's (value, category); ``right[i]`` its verdict (True = yes);
     ``cell_size`` the population of every sampled cell, ``value_size`` of every sampled value;
-    ``domain``: a mask of the judged values to estimate over (a category), after weighting.
+    ``domain``: a mask of the judged values to estimate over (a category), each weighted by its
+    cell alone (another category's cells nobody judged are not the domain's to stand for).
     """
     m = len(cell)
     if m == 0:
@@ -79,15 +80,17 @@ def weighted_precision(
     for c in cell:
         judged_in[c] += 1
     w = np.array([cell_size[c] / judged_in[c] for c in cell])
-    # cells nobody judged: their value's judged cells stand for them; values nobody judged: the attribute's
     by_value: dict[str, float] = defaultdict(float)
     for c in judged_in:
         by_value[c[0]] += cell_size[c]
-    w *= np.array([value_size[c[0]] / by_value[c[0]] for c in cell])
-    judged_values = sum(value_size[v] for v in by_value)
-    w *= attribute_size / judged_values
     judged_share = sum(by_value.values()) / attribute_size
-    if domain is not None:
+    if domain is None:
+        # cells nobody judged: their value's judged cells stand for them; values nobody judged: the
+        # attribute's (a domain - a category - is estimated over its own judged cells alone: a
+        # value's cells in other categories are not this category's)
+        w *= np.array([value_size[c[0]] / by_value[c[0]] for c in cell])
+        w *= attribute_size / sum(value_size[v] for v in by_value)
+    else:
         keep = np.asarray(domain, bool)
         if not keep.any():
             return None, None, None, 0.0, 0.0
