@@ -529,6 +529,45 @@ def test_a_backfill_checks_before_each_partition_that_its_version_was_not_rolled
         _not_rolled_back(client, model, "ingest_date=2026-11-02")  # type: ignore[arg-type]
 
 
+@pytest.mark.timeout(60)
+def test_a_backfill_lets_a_run_waiting_for_the_lock_in_between_two_partitions(
+    tmp_path, taxonomy, incoming, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Each partition's run takes the catalog lock and releases it; a nightly run waiting meanwhile
+    (polling twice a second) gets it before the next partition's run, not after the whole backfill."""
+    import threading
+    import time
+
+    from catalog_enrichment.catalog.reports import RunReport
+    from catalog_enrichment.enrich import run as enrich_run
+
+    catalog = open_catalog(_cfg(tmp_path / "lake").catalog, products=incoming.products)
+    order: list[str] = []
+
+    def partition_run(*args: Any, scope: RunScope, catalog: Any, **kwargs: Any) -> Any:
+        with catalog.lock(f"run {scope.run_id}", _quiet):
+            order.append(str(scope.partition))
+            time.sleep(0.3)
+        return enrich_run.EnrichOutcome(
+            RunReport(run_id=str(scope.run_id), started_at=dt.datetime.now(dt.UTC))
+        )
+
+    def nightly() -> None:
+        while not order:
+            time.sleep(0.01)
+        with catalog.lock("run nightly", _quiet):
+            order.append("nightly")
+
+    monkeypatch.setattr(enrich_run, "run_enrichment", partition_run)
+    waiter = threading.Thread(target=nightly)
+    waiter.start()
+    days = BackfillRange(dt.date(2026, 11, 1), dt.date(2026, 11, 4))
+    cfg = _cfg(tmp_path / "lake")
+    backfill_partitions(None, cfg, taxonomy, model=_model(Path()), days=days, catalog=catalog)  # type: ignore[arg-type]
+    waiter.join(timeout=30)
+    assert len(order) == 5 and order.index("nightly") < 4, order
+
+
 def test_cli_enrich_uses_the_champion_and_report_prints_it(
     spark, tmp_path, taxonomy, incoming, scoring_bundle, capsys
 ) -> None:  # type: ignore[no-untyped-def]

@@ -96,6 +96,10 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
+# a backfill's pause between two partitions: longer than a lock waiter's poll (catalog/lock.py)
+LOCK_HANDOVER_SECONDS = 1.5
+
+
 def new_run_id() -> str:
     return f"enrich-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
@@ -536,6 +540,10 @@ def backfill_partitions(
             results.append((partition, None))
             continue
         _not_rolled_back(client, model, partition)
+        if any(o is not None for _, o in results):
+            # the lock was just released: a run waiting for it (the nightly, a rollback) polls it
+            # twice a second, and would otherwise find the next partition's run holding it again
+            time.sleep(LOCK_HANDOVER_SECONDS)
         progress(f"[backfill {i}/{len(plan)}] {partition}: run {run_id}")
         outcome = run_enrichment(
             spark,
