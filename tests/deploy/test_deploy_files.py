@@ -64,6 +64,7 @@ def test_dockerfile_and_spark_application() -> None:
     app = yaml.safe_load((DEPLOY / "docker" / "sparkapplication-nightly.yaml").read_text())
     assert app["kind"] == "SparkApplication"
     assert app["spec"]["mainApplicationFile"].endswith("/jobs/enrich.py")
+    assert "arguments" not in app["spec"]  # the incremental nightly: no fixed run id or partition
     assert app["spec"]["sparkConf"]["spark.task.resource.gpu.amount"] == "1"
     for conf in ("local", "standalone", "yarn", "k8s"):
         lines = (DEPLOY / "spark" / f"{conf}.conf").read_text().splitlines()
