@@ -235,10 +235,11 @@ def _verdicts(
     allowed = {a.name: set(a.values) for a in taxonomy}
     verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}
     unused: Counter[str] = Counter()
+    members = {d: taxonomy.members(d) for d in taxonomy.derived}  # group -> its parent's values
     judged = verdicts_by_value(reviews) if reviews is not None else {}
     for (pid, attr, value), (verdict, _, reviewed_at) in judged.items():
         since = changed.get(pid)
-        groups = taxonomy.members(attr) if attr in taxonomy.derived else {}
+        groups = members.get(attr, {})
         if verdict not in verdicts:
             unused[verdict] += 1  # unsure
             continue

@@ -230,11 +230,12 @@ class DecisionPolicy:
         of a rejected colour family): never written (:meth:`decide_flat`), and removed by the run as
         the rejected values themselves are."""
         derived = self.taxonomy.derived
+        members = {d: self.taxonomy.members(d) for d in derived}
         return {
             (pid, derived[attr].parent, shade)
             for pid, attr, value in rejected
             if attr in derived
-            for shade in self.taxonomy.members(attr).get(value, ())
+            for shade in members[attr].get(value, ())
         }
 
     def column_of(self, pair: str) -> int | None:
