@@ -21,6 +21,7 @@ from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.cli import main
 from catalog_enrichment.config import AppConfig
+from catalog_enrichment.data.images import decode_image
 from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.versions import ModelVersion
 from tests.conftest import tiny_config
@@ -240,6 +241,85 @@ def test_placeholder_photos_are_quarantined_and_read_again_when_the_cdn_is_back(
     }
     assert written("all-grey") <= imageless  # scored from their text, as every night
     assert everything["row_rules"]["image_shared"] == clean.num_rows - len(imageless)
+
+
+def test_a_placeholder_behind_the_products_own_urls_is_quarantined_and_never_stored(  # type: ignore[no-untyped-def]
+    spark, incoming, taxonomy, scoring_bundle, tmp_path
+) -> None:
+    """Photos read from ``image_uri``: during an outage the CDN answers 120 products' own URLs with
+    its placeholder, which no URL shows and validation cannot see. Scoring finds the same bytes on
+    those products: they are quarantined as ``image_shared``, nothing is written for them and their
+    vectors are not stored (a stored vector is fused by every later run instead of reading the photo
+    again); when the CDN is back the next run reads them again and writes them."""
+    source = read_table(incoming.products)
+    ids = source["product_id"].to_pylist()
+    copies = Counter(ids)
+    clean = source.filter(pa.array([p is not None and copies[p] == 1 for p in ids]))
+    clean = clean.filter(pc.is_valid(clean["image"])).slice(0, 300)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    uris = []
+    for i, data in enumerate(clean["image"].to_pylist()):
+        (photos / f"{i}.jpg").write_bytes(data)
+        uris.append(str(photos / f"{i}.jpg"))
+    by_uri = clean.set_column(
+        clean.schema.get_field_index("image"), "image", pa.nulls(clean.num_rows, pa.binary())
+    )
+    by_uri = by_uri.set_column(
+        by_uri.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string())
+    )
+    cfg = tiny_config(
+        catalog={"root": str(tmp_path / "lake"), "products": str(tmp_path / "products")},
+        inference={"batch_size": 64, "device": "cpu"},
+        images={"roots": [str(photos)]},
+    )
+    # the run health checks also see an outage this large (its grey photos): they only warn here,
+    # so the rest of the night is written and the rule is seen alone
+    modes = dict.fromkeys(("score_drift", "coverage", "value_mix", "estimated_precision", "inputs"), "warn")
+    cfg = _with_health(cfg, **modes)
+    catalog, model = open_catalog(cfg.catalog), ModelVersion("tiny", "1", bundle_dir=scoring_bundle)
+    write_table(tmp_path / "products", by_uri)
+    said: list[str] = []
+
+    def run(run_id: str) -> dict[str, Any]:
+        outcome = run_enrichment(
+            spark,
+            cfg,
+            taxonomy,
+            model=model,
+            scope=RunScope(run_id=run_id),
+            progress=said.append,
+            catalog=catalog,
+        )
+        return outcome.report.summary()
+
+    def written(run_id: str) -> set[str]:
+        return {r["product_id"] for r in catalog.attribute_rows().to_pylist() if r["run_id"] == run_id}
+
+    placeholder_bytes = placeholder_images(clean.slice(0, 1))["image"][0].as_py()
+    for i in range(120):
+        (photos / f"{i}.jpg").write_bytes(placeholder_bytes)
+    outage = run("outage")
+    quarantined = {r["product_id"]: r["reasons"] for r in catalog.quarantine_rows().to_pylist()}
+    hit = {p for p, reasons in quarantined.items() if "image_shared" in reasons}
+    other = {p for p, reasons in quarantined.items() if "image_shared" not in reasons}  # corrupt rows
+    assert hit == set(clean["product_id"].to_pylist()[:120]) - other and len(hit) > 100
+    assert written("outage") and not written("outage") & hit
+    assert outage["row_rules"]["image_shared"] == len(hit) and outage["health_blocked"] == {}
+    assert outage["embeddings_stored"] == outage["embeddings_encoded"] - len(hit) > 0
+    assert (
+        sum(f"image_shared: {len(hit)} products' photos, as read, are placeholders" in line for line in said)
+        == 1
+    )
+    # the CDN is back, the rows unchanged: the next run reads those products again and fills them
+    for i in range(120):
+        (photos / f"{i}.jpg").write_bytes(clean["image"][i].as_py())
+    back = run("back")
+    assert {r.run_id: r for r in catalog.read_reports()}["back"].rows_read == len(hit)
+    real = dict(zip(clean["product_id"].to_pylist(), clean["image"].to_pylist(), strict=True))
+    decodes = sum(decode_image(real[p]) is not None for p in hit)  # some real photos are corrupt
+    assert back["embeddings_encoded"] == decodes == back["embeddings_stored"] > 100
+    assert written("back") and written("back") <= hit
 
 
 @pytest.mark.postgres

@@ -412,7 +412,8 @@ def _fill_store(args: argparse.Namespace, cfg: AppConfig, catalog: Catalog) -> i
     print(
         f"embedding store of {catalog.describe()}, encoders {done.encoder}: {done.products:,} products read, "
         f"{done.reused:,} already stored, {done.encoded:,} encoded on the executors, {done.stored:,} stored, "
-        f"{done.image_errors:,} images that did not decode left out ({done.seconds:.1f}s)"
+        f"left out {done.image_errors:,} images that did not decode and {done.placeholders:,} placeholders "
+        f"(one image on more than {cfg.validation.max_products_per_image} products) ({done.seconds:.1f}s)"
     )
     return 0
 

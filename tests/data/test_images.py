@@ -106,3 +106,29 @@ def test_training_checks_a_table_and_its_batches_alike_and_names_each_unusable_i
     assert inputs.tones[0] == pytest.approx(200.0) and list(inputs.tones[1:]) == [None, None, None]
     batch_inputs, batch_errors = check_images(rows.to_batches()[0], ImagePolicy())
     assert (batch_inputs, batch_errors) == (inputs, errors)
+
+
+def test_the_same_photo_behind_many_products_urls_is_a_placeholder_training_leaves_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Three products' URLs serve one grey tile (a CDN's outage image under each product's own URL)
+    and two serve their own photos: with a limit of 2 products per image, the tile's three are
+    :data:`IMAGE_SHARED`; inline bytes count alike, and the limit 0 turns the rule off."""
+    from catalog_enrichment.contracts import IMAGE_SHARED
+    from catalog_enrichment.data.images import read_pixels, shared_images
+
+    grey = encode_image(np.full((40, 40, 3), 128, np.uint8), "PNG")
+    photos = [encode_image(np.full((40, 40, 3), v, np.uint8), "PNG") for v in (10, 250)]
+    for name, data in {"a": grey, "b": grey, "c": grey, "d": photos[0], "e": photos[1]}.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+    policy = ImagePolicy(roots=(str(tmp_path),))
+    uris = [str(tmp_path / f"{n}.png") for n in "abcde"]
+    read = [read_pixels(None, u, 8, policy=policy) for u in uris]
+    digests = [d for _, _, d in read]
+    assert len(set(digests)) == 3 and digests[0] == digests[1] == digests[2]
+    assert read_pixels(grey, None, 8)[2] == digests[0]  # inline bytes: the same digest
+    assert read_pixels(None, None, 8) == (None, None, None)  # no image: nothing read
+    assert shared_images(list("abcde"), digests, 2) == {digests[0]}
+    assert shared_images(list("aaade"), digests, 2) == set()  # one product's three rows: not shared
+    rows = pa.table({"product_id": list("abcde"), "image": [None] * 5, "image_uri": uris})
+    _, errors = check_images(rows, policy, shared_limit=2)
+    assert errors == [IMAGE_SHARED] * 3 + [None, None]
+    assert check_images(rows, policy)[1] == [None] * 5  # the rule off

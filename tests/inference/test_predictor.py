@@ -127,7 +127,7 @@ def test_a_text_only_model_decodes_no_image_and_quarantines_no_row_for_one(  # t
     def never(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("a text-only model decoded an image")
 
-    monkeypatch.setattr(predictor_module, "load_pixels", never)
+    monkeypatch.setattr(predictor_module, "read_pixels", never)
     rows = _image_rows(products, tmp_path)
     n = rows.num_rows
     scores = BatchPredictor(text_only, PredictorOptions(batch_size=4)).score_arrow(rows)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -370,6 +371,22 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
         np.testing.assert_allclose(
             itself.calibration.thresholds(attr), from_store.calibration.thresholds(attr), atol=1e-5
         )
+    # an outage's placeholder on 4 products (over a limit of 3): their vectors are left out, so the
+    # products are encoded again once their photos are back
+    from catalog_enrichment.bench.drift import placeholder_images
+
+    photo = pc.is_valid(labelled["image"]).to_numpy(zero_copy_only=False)
+    first_four = np.isin(np.arange(n), np.flatnonzero(photo)[:4])
+    hit = placeholder_images(labelled.filter(pa.array(first_four)))
+    pq.write_table(pa.concat_tables([hit, labelled.filter(pa.array(~first_four))]), data)
+    strict = cfg.model_copy(
+        update={"validation": cfg.validation.model_copy(update={"max_products_per_image": 3})}
+    )
+    outage = fill_embedding_store(spark, strict, taxonomy, data, catalog, say=lambda m: None)
+    assert (outage.encoded, outage.stored, outage.placeholders, outage.image_errors) == (4, 0, 4, 0)
+    pq.write_table(labelled, data)
+    back = fill_embedding_store(spark, strict, taxonomy, data, catalog, say=lambda m: None)
+    assert (back.reused, back.encoded, back.placeholders) == (n, 0, 0)
 
 
 @pytest.mark.spark

@@ -3,10 +3,11 @@ policy (the synthetic pictures are drawn by :mod:`.render`)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -21,6 +22,7 @@ from catalog_enrichment.config import IMAGE_FORMATS, ImagesConfig
 from catalog_enrichment.contracts import (
     IMAGE_DECODABLE,
     IMAGE_READABLE,
+    IMAGE_SHARED,
     IMAGE_URI_ALLOWED,
     IMAGE_WITHIN_LIMITS,
 )
@@ -38,6 +40,8 @@ __all__ = [
     "encode_image",
     "image_tone",
     "load_pixels",
+    "read_pixels",
+    "shared_images",
     "usable_images",
 ]
 
@@ -193,19 +197,47 @@ def load_pixels(
     reason)``: :data:`IMAGE_URI_ALLOWED`, :data:`IMAGE_READABLE`, :data:`IMAGE_WITHIN_LIMITS` (too
     many bytes or pixels) or :data:`IMAGE_DECODABLE` (the bytes are not an image).
     """
+    pixels, reason, _ = read_pixels(raw, uri, size, interpolation, policy)
+    return pixels, reason
+
+
+def read_pixels(
+    raw: object,
+    uri: object,
+    size: int,
+    interpolation: str = "bilinear",
+    policy: ImagePolicy | None = None,
+) -> tuple[np.ndarray | None, str | None, str | None]:
+    """:func:`load_pixels`, and a digest of the image bytes read, inline or from ``image_uri``
+    (None when there were none). The same bytes on many products are a placeholder
+    (:func:`shared_images`): a CDN's outage image served under each product's own URL is found only
+    by reading it."""
     policy = policy or _DEFAULT_POLICY
     data: bytes | None
     if isinstance(raw, bytes | bytearray | memoryview):
         data = bytes(raw)
         if len(data) > policy.max_bytes:
-            return None, IMAGE_WITHIN_LIMITS
+            return None, IMAGE_WITHIN_LIMITS, None
     elif isinstance(uri, str) and uri:
         data, reason = policy.read(uri)
         if data is None:
-            return None, reason
+            return None, reason, None
     else:
-        return None, None
-    return _decode(data, size, interpolation, policy.max_pixels, policy.formats)
+        return None, None, None
+    pixels, reason = _decode(data, size, interpolation, policy.max_pixels, policy.formats)
+    return pixels, reason, hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def shared_images(product_ids: Sequence[object], digests: Sequence[str | None], limit: int) -> set[str]:
+    """The image digests (:func:`read_pixels`) on more than ``limit`` distinct products: placeholders
+    (none when ``limit`` is 0, the rule off, as ``validation.max_products_per_image`` says)."""
+    if not limit:
+        return set()
+    products: dict[str, set[object]] = {}
+    for pid, digest in zip(product_ids, digests, strict=True):
+        if digest is not None:
+            products.setdefault(digest, set()).add(pid)
+    return {digest for digest, ids in products.items() if len(ids) > limit}
 
 
 _DEFAULT_POLICY = ImagePolicy()
@@ -223,24 +255,27 @@ _CHECK_SIZE = 32
 
 
 def check_images(
-    rows: pa.Table | pa.RecordBatch, policy: ImagePolicy
+    rows: pa.Table | pa.RecordBatch, policy: ImagePolicy, shared_limit: int = 0
 ) -> tuple[ProductInputs, list[str | None]]:
     """Training's image-usability check of products table rows (a table or a batch of one): each
     row's image read as serving reads it; returns the rows' inputs for the run health baseline
     (image state and colour balance included) and, per row, why its image cannot be used (None:
     usable or absent). Serving quarantines a product whose image exists but cannot be used, so
-    training leaves those out."""
+    training leaves those out; with ``shared_limit``, also the products whose image bytes are on
+    more than that many products of ``rows`` (:data:`IMAGE_SHARED`: a placeholder, not their photo)."""
     names = rows.schema.names
 
     def column(name: str) -> list[object]:
         return rows.column(name).to_pylist() if name in names else [None] * rows.num_rows
 
     read = [
-        load_pixels(b, u, _CHECK_SIZE, policy=policy)
+        read_pixels(b, u, _CHECK_SIZE, policy=policy)
         for b, u in zip(column("image"), column("image_uri"), strict=True)
     ]
-    errors = [e for _, e in read]
-    tones = [None if p is None else image_tone(p) for p, _ in read]
+    digests = [d for _, _, d in read]
+    shared = shared_images(column("product_id"), digests, shared_limit)
+    errors = [IMAGE_SHARED if d in shared and e is None else e for (_, e, d) in read]
+    tones = [None if p is None else image_tone(p) for p, _, _ in read]
     return ProductInputs.of(rows, errors, tones), errors
 
 

@@ -35,7 +35,7 @@ from catalog_enrichment.catalog.reports import (
 from catalog_enrichment.catalog.reviews import rejected_values
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.config import AppConfig, MLflowConfig
-from catalog_enrichment.contracts import Contract, Taxonomy, load_contract
+from catalog_enrichment.contracts import IMAGE_SHARED, Contract, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.enrich.checks import RunHealth, check_run
 from catalog_enrichment.enrich.stages import (
@@ -361,7 +361,20 @@ def _stages(
             BundleFolder(job.model.bundle).encoder_fingerprint() if cfg.inference.embedding_store else None
         )
         store = None if encoder is None else (catalog, encoder)
-        run.scored = scored = score(job.spark, validated.checked, spec, job.staging, store=store)
+        run.scored = scored = score(
+            job.spark,
+            validated.checked,
+            spec,
+            job.staging,
+            store=store,
+            max_products_per_image=cfg.validation.max_products_per_image,
+        )
+        if scored.shared:
+            most = sorted(scored.shared.items(), key=lambda kv: (-kv[1], kv[0]))
+            named = ", ".join(f"{d[:16]}… on {n:,}" for d, n in most[:3])
+            say(f"  {IMAGE_SHARED}: {sum(scored.shared.values()):,} products' photos, as read, are "
+                f"placeholders, one image on more than {cfg.validation.max_products_per_image} products "
+                f"({named}); quarantined, read again by the next run")  # fmt: skip
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say)
     with run.stage("decide"):
         run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)

@@ -20,7 +20,7 @@ from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport
 from catalog_enrichment.config import InferenceConfig
 from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_SHARED, Contract, Taxonomy, load_contract
-from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.data.images import ImagePolicy, shared_images
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import HealthTally
 from catalog_enrichment.inference.options import PredictorOptions
@@ -28,6 +28,7 @@ from catalog_enrichment.inference.spark import (
     DECISION_COLUMNS,
     ScoringCounters,
     ScoringSpec,
+    mark_shared_images,
     score_dataframe,
     ship_bundle,
     stage_vectors,
@@ -175,7 +176,8 @@ def validate(df: DataFrame, rules: list[Rule], started_at: dt.datetime, say: Say
 @dataclass(frozen=True)
 class Scored:
     """The staged decisions of the valid rows, and the scoring stage's counters (with the embedding
-    store: the model's encoder fingerprint, products fused from stored vectors and encoded)."""
+    store: the model's encoder fingerprint, products fused from stored vectors and encoded); the
+    placeholders found among the images read (``shared``: digest -> products)."""
 
     table: pa.Table
     model_loads: dict[int, int]
@@ -184,6 +186,7 @@ class Scored:
     reused: int = 0
     encoded: int = 0
     health: HealthTally = field(default_factory=HealthTally)  # the run health counts (health.py)
+    shared: dict[str, int] = field(default_factory=dict)
 
 
 def scoring_spec(
@@ -214,9 +217,13 @@ def score(
     staging: Path,
     *,
     store: tuple[Catalog, str] | None = None,
+    max_products_per_image: int = 0,
 ) -> Scored:
     """Score and decide the valid rows on the executors as ``spec`` says (:func:`scoring_spec`);
-    stage the decisions; read them back.
+    stage the decisions; read them back. The same image bytes read for more than
+    ``max_products_per_image`` products (a placeholder behind their own URLs, which validation
+    cannot see) fail those products as :data:`IMAGE_SHARED`: nothing written for them, no vector
+    stored, and later runs read them again.
 
     With the embedding store (``store``: the catalog and the model's encoder fingerprint), the valid
     rows are joined to the catalog's stored vectors of the model's encoders first, and the vectors
@@ -230,8 +237,14 @@ def score(
     stored = None if store is None else store[0].stored_embeddings(spark, store[1])
     if stored is not None:
         valid = valid.join(stored, "product_id", "left")
-    score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(staging / "scores"))
-    table = ds.dataset(str(staging / "scores"), format="parquet").to_table(columns=list(DECISION_COLUMNS))
+    scores = staging / "scores"
+    score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(scores))
+    table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
+    ids, digests = (table[c].to_pylist() for c in ("product_id", "image_digest"))
+    shared = shared_images(ids, digests, max_products_per_image)
+    if shared:
+        mark_shared_images(spark, scores, sorted(shared))
+        table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
     return Scored(
         table,
         dict(counters.loads.value),
@@ -240,6 +253,7 @@ def score(
         int(counters.reused.value),
         int(counters.encoded.value),
         counters.health.value,
+        dict(Counter(d for d in digests if d in shared)),
     )
 
 
@@ -280,12 +294,16 @@ def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> De
         zip(image_errors["product_id"].to_pylist(), image_errors["image_error"].to_pylist(), strict=True)
     )
     counts = validated.counts
+    reasons = Counter(image_reasons.values())
+    per_rule = dict(counts.per_rule)
+    for reason, n in reasons.items():  # image_shared is found before scoring and after reading
+        per_rule[reason] = per_rule.get(reason, 0) + n
     total = ValidationCounts(
         counts.rows_read,
         counts.rows_invalid + len(image_reasons),
-        {**counts.per_rule, **Counter(image_reasons.values())},
+        per_rule,
         counts.watermark,
-        counts.held,
+        counts.held + reasons[IMAGE_SHARED],  # a placeholder read is not bad data: outside the breaker
     )
     good = scored.filter(pc.is_null(scored["image_error"]))
     values, pairs = flatten_scores(good)

@@ -42,7 +42,7 @@ import torch
 
 from catalog_enrichment.catalog.embeddings import STORED_COLUMNS
 from catalog_enrichment.data.dataset import Collator
-from catalog_enrichment.data.images import image_tone, load_pixels
+from catalog_enrichment.data.images import image_tone, read_pixels
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import ModelBundle
@@ -88,6 +88,7 @@ class PreparedBatch:
     inputs: dict[str, torch.Tensor]
     image_error: list[str | None]
     tone: list[float | None]
+    image_digest: list[str | None]  # of the image bytes read (data.images.read_pixels); None: none
     content: list[str] | None = None
     encode: np.ndarray | None = None
     stored: np.ndarray | None = None
@@ -100,7 +101,9 @@ class PreparedBatch:
 @dataclass
 class Scores:
     """``probs``: attribute -> ``(n, n_values)`` float32; ``image_error``: ``(n,)`` reason or None;
-    ``tone``: each photo's colour balance where one was decoded (``data.images.image_tone``).
+    ``tone``: each photo's colour balance where one was decoded (``data.images.image_tone``);
+    ``image_digest``: each row's digest of the image bytes read (None where none were, e.g. a row
+    fused from its stored vector), by which the same photo on many products is found a placeholder.
 
     With the embedding store: ``content`` every row's digest, ``embedding`` the packed vector of each
     row encoded by this call (None for rows read from the store and rows whose image failed).
@@ -112,6 +115,7 @@ class Scores:
     content: list[str] | None = None
     embedding: list[bytes | None] | None = None
     reused: int = 0  # rows whose stored vector was fused
+    image_digest: list[str | None] | None = None
 
 
 def _names(data: Data) -> list[str]:
@@ -243,14 +247,15 @@ class BatchPredictor:
         part = (
             self._encoder_inputs(*([column[i] for i in rows] for column in columns))
             if rows
-            else PreparedBatch({}, [], [])
+            else PreparedBatch({}, [], [], [])
         )
         errors: list[str | None] = [None] * n
         tones: list[float | None] = [None] * n
+        digests: list[str | None] = [None] * n
         for k, i in enumerate(rows):
-            errors[i], tones[i] = part.image_error[k], part.tone[k]
+            errors[i], tones[i], digests[i] = part.image_error[k], part.tone[k], part.image_digest[k]
         every = _lexical(titles, descriptions, categories) if self.lexical else None
-        return PreparedBatch(part.inputs, errors, tones, content, encode, stored, every)
+        return PreparedBatch(part.inputs, errors, tones, digests, content, encode, stored, every)
 
     def _encoder_inputs(
         self,
@@ -267,9 +272,12 @@ class BatchPredictor:
         present = np.zeros(n, np.float32)
         errors: list[str | None] = [None] * n
         tones: list[float | None] = [None] * n
+        digests: list[str | None] = [None] * n
         for i, (raw, uri) in enumerate(zip(images, uris, strict=True) if self.reads_images else ()):
             # no image at all: scored as an imageless product; an unusable one: an error to quarantine
-            decoded, errors[i] = load_pixels(raw, uri, prep.size, prep.interpolation, self.image_policy)
+            decoded, errors[i], digests[i] = read_pixels(
+                raw, uri, prep.size, prep.interpolation, self.image_policy
+            )
             if decoded is not None:
                 pixels[i] = decoded
                 present[i] = 1.0
@@ -291,7 +299,7 @@ class BatchPredictor:
             inputs.update(_lexical(titles, descriptions, categories))
         if self.device.type == "cuda":
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
-        return PreparedBatch(inputs, errors, tones)
+        return PreparedBatch(inputs, errors, tones, digests)
 
     def _chunks(self, batches: Iterable[Data]) -> Iterator[tuple[Data, bool, tuple[list[Any], ...] | None]]:
         """``(input, is_last_chunk, columns)`` per model batch; an empty input gives one empty chunk."""
@@ -380,6 +388,7 @@ class BatchPredictor:
         probs: dict[str, list[np.ndarray]] = {a.name: [] for a in self.bundle.taxonomy}
         errors: list[str | None] = []
         tones: list[float | None] = []
+        digests: list[str | None] = []
         content: list[str] = []
         fresh: list[bytes | None] = []
         reused = 0
@@ -389,6 +398,7 @@ class BatchPredictor:
                     probs[a].append(p)
                 errors.extend(batch.image_error)
                 tones.extend(batch.tone)
+                digests.extend(batch.image_digest)
                 if batch.content is not None:
                     content.extend(batch.content)
                     fresh.extend(self._fresh(batch))
@@ -410,10 +420,11 @@ class BatchPredictor:
                         content if self._stored_model is not None else None,
                         fresh if self._stored_model is not None else None,
                         reused,
+                        digests,
                     ),
                 )
                 probs = {a.name: [] for a in self.bundle.taxonomy}
-                errors, tones, content, fresh, reused = [], [], [], [], 0
+                errors, tones, digests, content, fresh, reused = [], [], [], [], [], 0
 
     def score_arrow(self, data: Data) -> Scores:
         """Scores and image errors of every row of ``data`` (Arrow or pandas), in order."""

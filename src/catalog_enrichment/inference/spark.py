@@ -47,7 +47,9 @@ __all__ = [
     "ScoringCounters",
     "ScoringSpec",
     "encode_dataframe",
+    "mark_shared_images",
     "score_dataframe",
+    "shared_image_digests",
     "ship_bundle",
     "spark_output_schema",
     "stage_vectors",
@@ -78,10 +80,12 @@ OUTPUT_SCHEMA = pa.schema(
         # encoded by this task, its packed vector (null when it came from the store)
         pa.field("content", pa.string()),
         pa.field("embedding", pa.binary()),
+        # the digest of the image bytes read: the same on many products is a placeholder
+        pa.field("image_digest", pa.string()),
     ]
 )
 # the columns the driver reads back of the staged scores (the vectors go to the store, not to it)
-DECISION_COLUMNS = ("product_id", "image_error", "scored", "settled", "values")
+DECISION_COLUMNS = ("product_id", "image_error", "scored", "settled", "values", "image_digest")
 SCORING_INPUT = (
     "product_id",
     "title",
@@ -354,6 +358,7 @@ def decide_batch(
             pa.ListArray.from_arrays(flat.offsets.astype(np.int32), written, type=values_type),
             _or_nulls(scores.content, batch.num_rows, pa.string()),
             _or_nulls(scores.embedding, batch.num_rows, pa.binary()),
+            _or_nulls(scores.image_digest, batch.num_rows, pa.string()),
         ],
         schema=OUTPUT_SCHEMA,
     )
@@ -448,6 +453,7 @@ ENCODED_SCHEMA = pa.schema(
         pa.field("content", pa.string()),
         pa.field("embedding", pa.binary()),  # null: read from the store, or the image did not decode
         pa.field("image_error", pa.string()),
+        pa.field("image_digest", pa.string()),
     ]
 )
 
@@ -480,6 +486,7 @@ def encode_dataframe(products: DataFrame, spec: ScoringSpec, counters: ScoringCo
                     _or_nulls(scores.content, batch.num_rows, pa.string()),
                     vectors,
                     pa.array(scores.image_error, pa.string()),
+                    _or_nulls(scores.image_digest, batch.num_rows, pa.string()),
                 ],
                 schema=ENCODED_SCHEMA,
             )
@@ -488,6 +495,57 @@ def encode_dataframe(products: DataFrame, spec: ScoringSpec, counters: ScoringCo
 
     present = [c for c in ENCODING_INPUT if c in products.columns]
     return products.select(*present).mapInArrow(encode_partition, from_arrow_schema(ENCODED_SCHEMA))
+
+
+def shared_image_digests(staged: DataFrame, limit: int) -> list[str]:
+    """The image digests of the staged rows of ``staged`` (scores or encodings) on more than
+    ``limit`` distinct products whose image was read: placeholders (none when ``limit`` is 0)."""
+    from pyspark.sql import functions as F
+
+    if not limit:
+        return []
+    rows = (
+        staged.where(F.col("image_digest").isNotNull())
+        .groupBy("image_digest")
+        .agg(F.countDistinct("product_id").alias("_products"))
+        .where(F.col("_products") > limit)
+        .select("image_digest")
+        .collect()
+    )
+    return sorted(r["image_digest"] for r in rows)
+
+
+def mark_shared_images(spark: SparkSession, path: Path, digests: Sequence[str]) -> None:
+    """Rewrite the staged rows at ``path`` (scores or encodings) whose image is one of ``digests``
+    as :data:`~catalog_enrichment.contracts.IMAGE_SHARED` failures, without a vector: a placeholder
+    read under those products' own URLs, which the run neither writes for nor stores, and whose
+    products later runs read again."""
+    import shutil
+
+    from pyspark.sql import functions as F
+
+    from catalog_enrichment.contracts import IMAGE_SHARED
+
+    staged = spark.read.parquet(str(path))
+    shared = spark.createDataFrame([(d,) for d in digests], "image_digest string").withColumn(
+        "_shared", F.lit(True)
+    )
+    hit = F.col("_shared").isNotNull() & F.col("image_error").isNull()
+
+    def column(name: str) -> Any:
+        if name == "image_error":
+            return F.when(hit, F.lit(IMAGE_SHARED)).otherwise(F.col(name)).alias(name)
+        if name == "embedding":
+            return F.when(hit, F.lit(None)).otherwise(F.col(name)).alias(name)
+        return F.col(name)
+
+    marked = staged.join(F.broadcast(shared), "image_digest", "left").select(
+        *(column(c) for c in staged.columns)
+    )
+    target = path.with_name(path.name + "-marked")
+    marked.write.mode("overwrite").parquet(str(target))
+    shutil.rmtree(path)
+    target.rename(path)
 
 
 def stage_vectors(encoded: DataFrame, encoder: str, run_id: str, path: Path) -> None:

@@ -90,10 +90,13 @@ if TYPE_CHECKING:
 __all__ = ["InMemory"]
 
 
-def _usable_images(table: pa.Table, policy: ImagePolicy, say: Say) -> tuple[pa.Table, InputBaseline]:
-    """The rows whose image is usable or absent (the others left out, counted in the log), and the
-    run health checks' input baseline over every row."""
-    inputs, errors = check_images(table, policy)
+def _usable_images(
+    table: pa.Table, policy: ImagePolicy, shared_limit: int, say: Say
+) -> tuple[pa.Table, InputBaseline]:
+    """The rows whose image is usable or absent (the others left out, counted in the log: a
+    placeholder's too, whose image bytes are on more than ``shared_limit`` products), and the run
+    health checks' input baseline over every row."""
+    inputs, errors = check_images(table, policy, shared_limit)
     # variants share title and description: only those (max_group 1) make the design effect; the
     # splits' wider groups (a shared title or description) hold templates that are not variants
     groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions), max_group=1)
@@ -280,12 +283,13 @@ def _split(
     """The usable products (a separate test table's last), their labels and duplicate groups, the
     splits, the cross-fit folds and the input health baseline."""
     tcfg = cfg.training
-    table, inputs = _usable_images(canonical_order(table), policy, say)
+    shared_limit = cfg.validation.max_products_per_image
+    table, inputs = _usable_images(canonical_order(table), policy, shared_limit, say)
     n_own = table.num_rows
     if n_own == 0:
         raise CatalogEnrichError("the labelled table is empty")
     if test_table is not None:  # its rows go last: the test split, never trained or calibrated on
-        test_table, _ = _usable_images(canonical_order(test_table), policy, say)
+        test_table, _ = _usable_images(canonical_order(test_table), policy, shared_limit, say)
         table = pa.concat_tables([table, test_table.select(table.column_names)], promote_options="default")
     check_unique_ids(
         table["product_id"], "the labelled table" if test_table is None else "the training and test tables"

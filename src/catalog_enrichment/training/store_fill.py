@@ -10,7 +10,10 @@ its vectors carry the fingerprint training looks up; it ships them to the execut
 their own (heads never calibrated, nothing decided), where the scoring tasks' preparation and
 encoders run. A product whose stored vector has the same content digest is not encoded again; one
 whose image does not decode is counted and left out (training and the enrichment job decide what
-happens to it). The catalog's lock is held for the whole job, as a backfill does.
+happens to it), and so is one whose image bytes are on more than ``validation.max_products_per_image``
+products of the table: a placeholder (a CDN's outage image behind the products' own URLs), whose
+vector every later run would otherwise fuse in place of the photo. The catalog's lock is held for
+the whole job, as a backfill does.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.catalog.base import Catalog
 from catalog_enrichment.catalog.products import read_products
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.contracts import IMAGE_SHARED, Taxonomy, load_contract
 from catalog_enrichment.data.dataset import build_tokenizer
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.embeddings import vectors as embedding
@@ -38,6 +41,8 @@ from catalog_enrichment.inference.spark import (
     ScoringCounters,
     ScoringSpec,
     encode_dataframe,
+    mark_shared_images,
+    shared_image_digests,
     ship_bundle,
     stage_vectors,
 )
@@ -54,7 +59,8 @@ __all__ = ["FillOutcome", "fill_embedding_store"]
 @dataclass(frozen=True)
 class FillOutcome:
     """What one fill did: the encoders' fingerprint, products read, vectors found in the store,
-    encoded on the executors and stored, images that did not decode, and the wall time."""
+    encoded on the executors and stored, images that did not decode, placeholders' products left
+    out, and the wall time."""
 
     encoder: str
     products: int
@@ -62,6 +68,7 @@ class FillOutcome:
     encoded: int
     stored: int
     image_errors: int
+    placeholders: int
     seconds: float
 
 
@@ -143,6 +150,17 @@ def fill_embedding_store(
                 counters = ScoringCounters.create(spark)
                 encode_dataframe(products, spec, counters).write.parquet(str(staging / "encoded"))
                 encoded = spark.read.parquet(str(staging / "encoded"))
+                shared = shared_image_digests(encoded, cfg.validation.max_products_per_image)
+                if shared:
+                    mark_shared_images(spark, staging / "encoded", shared)
+                    encoded = spark.read.parquet(str(staging / "encoded"))
+                failed = (
+                    encoded.where(F.col("image_error").isNotNull())
+                    .groupBy((F.col("image_error") == IMAGE_SHARED).alias("shared"))
+                    .count()
+                    .collect()
+                )
+                errors = {bool(r["shared"]): int(r["count"]) for r in failed}
                 stored_rows = 0
                 if counters.encoded.value:
                     stage_vectors(encoded, encoder, run_id, staging / "embeddings")
@@ -153,7 +171,8 @@ def fill_embedding_store(
                     int(counters.reused.value),
                     int(counters.encoded.value),
                     stored_rows,
-                    encoded.where(F.col("image_error").isNotNull()).count(),
+                    errors.get(False, 0),
+                    errors.get(True, 0),
                     round(time.perf_counter() - started, 1),
                 )
             finally:
