@@ -69,7 +69,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _dag(dag_id: str, description: str, schedule: str, timeout_hours: int) -> DAG:
-    """One DAG of this project: no catch-up, one run at a time, the shared retries and alert."""
+    """One DAG of this project: no catch-up, one run at a time, the shared retries and alert. Its
+    ``timeout_hours`` holds every attempt its tasks' retries allow, one after the other (tested):
+    a shorter one would end the run before the retries it promises."""
     return DAG(
         dag_id=dag_id,
         description=description,
@@ -86,7 +88,10 @@ def _dag(dag_id: str, description: str, schedule: str, timeout_hours: int) -> DA
 
 
 with _dag(
-    "catalog_enrichment_nightly", "Enrich the new and changed products with the champion model", "15 2 * * *", 6
+    "catalog_enrichment_nightly",
+    "Enrich the new and changed products with the champion model",
+    "15 2 * * *",
+    17,
 ) as nightly:
     enrich = BashOperator(
         task_id="enrich",
@@ -122,6 +127,7 @@ with _dag(
             f"echo 'enrichment {RUN_ID} failed' >&2; exit 1"
         ),
         trigger_rule="one_failed",
+        execution_timeout=dt.timedelta(minutes=10),
         retries=0,
     )
     enrich >> check_report >> check_health >> review_sample
@@ -131,7 +137,7 @@ with _dag(
     "catalog_enrichment_weekly",
     "Labels from the catalog's merchant values, train a challenger on them, then the promotion gate",
     "0 3 * * 0",
-    12,
+    34,
 ) as weekly:
     labels = BashOperator(
         task_id="labels", bash_command=f"{CLI} labels", execution_timeout=dt.timedelta(hours=1)

@@ -93,7 +93,11 @@ for dag_id, dag in bag.dags.items():
         "max_active_runs": dag.max_active_runs,
         "timeout": dag.dagrun_timeout.total_seconds() if dag.dagrun_timeout else None,
         "tasks": {t.task_id: {"retries": t.retries, "command": t.bash_command,
-                              "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None}
+                              "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
+                              # exponential backoff: at most twice each delay (its jitter)
+                              "delays": sum(t.retry_delay.total_seconds()
+                                            * (2**n if t.retry_exponential_backoff else 1)
+                                            for n in range(1, t.retries + 1))}
                   for t in dag.tasks},
     }
 print(json.dumps(out))
@@ -114,7 +118,10 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
     assert info["errors"] == {}
     assert set(info["dags"]) == {"catalog_enrichment_nightly", "catalog_enrichment_weekly"}
     nightly = info["dags"]["catalog_enrichment_nightly"]
-    assert nightly["max_active_runs"] == 1 and nightly["timeout"] == 6 * 3600
+    assert nightly["max_active_runs"] == 1 and nightly["timeout"] == 17 * 3600
+    for dag in info["dags"].values():  # every attempt the retries allow fits in the DAG run's time
+        attempts = sum((t["retries"] + 1) * t["timeout"] + t["delays"] for t in dag["tasks"].values())
+        assert attempts <= dag["timeout"], (attempts / 3600, dag["timeout"] / 3600)
     enrich = nightly["tasks"]["enrich"]
     assert enrich["retries"] == 2 and enrich["timeout"] == 4 * 3600
     # the same run as cron's: incremental over every partition
