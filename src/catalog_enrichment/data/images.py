@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import simplejpeg
 from PIL import Image
 
@@ -228,16 +229,25 @@ def read_pixels(
     return pixels, reason, hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def shared_images(product_ids: Sequence[object], digests: Sequence[str | None], limit: int) -> set[str]:
+def shared_images(
+    product_ids: Sequence[object] | pa.ChunkedArray,
+    digests: Sequence[str | None] | pa.ChunkedArray,
+    limit: int,
+) -> set[str]:
     """The image digests (:func:`read_pixels`) on more than ``limit`` distinct products: placeholders
     (none when ``limit`` is 0, the rule off, as ``validation.max_products_per_image`` says)."""
     if not limit:
         return set()
-    products: dict[str, set[object]] = {}
-    for pid, digest in zip(product_ids, digests, strict=True):
-        if digest is not None:
-            products.setdefault(digest, set()).add(pid)
-    return {digest for digest, ids in products.items() if len(ids) > limit}
+    if not isinstance(digests, pa.ChunkedArray):
+        digests = pa.chunked_array([pa.array(digests, pa.string())])
+    rows = pa.table({"product_id": product_ids, "digest": digests})
+    per_image = (
+        rows.filter(pc.is_valid(rows["digest"]))
+        .group_by("digest")
+        .aggregate([("product_id", "count_distinct")])
+    )
+    over = per_image.filter(pc.greater(per_image["product_id_count_distinct"], limit))
+    return set(over["digest"].to_pylist())
 
 
 _DEFAULT_POLICY = ImagePolicy()

@@ -20,7 +20,7 @@ from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport
 from catalog_enrichment.config import InferenceConfig
 from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_SHARED, Contract, Taxonomy, load_contract
-from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.data.images import ImagePolicy, shared_images
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import HealthTally
 from catalog_enrichment.inference.options import PredictorOptions
@@ -241,15 +241,12 @@ def score(
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(scores))
     table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
     shared: dict[str, int] = {}
-    if max_products_per_image:
-        read = table.filter(pc.is_valid(table["image_digest"]))
-        per_image = read.group_by("image_digest").aggregate([("product_id", "count_distinct")])
-        over = per_image.filter(pc.greater(per_image["product_id_count_distinct"], max_products_per_image))
-        if over.num_rows:
-            mark_shared_images(spark, scores, sorted(over["image_digest"].to_pylist()))
-            table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
-            marked = table.filter(pc.equal(table["image_error"], IMAGE_SHARED))
-            shared = dict(Counter(marked["image_digest"].to_pylist()))
+    placeholders = shared_images(table["product_id"], table["image_digest"], max_products_per_image)
+    if placeholders:
+        mark_shared_images(spark, scores, sorted(placeholders))
+        table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
+        marked = table.filter(pc.equal(table["image_error"], IMAGE_SHARED))
+        shared = dict(Counter(marked["image_digest"].to_pylist()))
     return Scored(
         table,
         dict(counters.loads.value),
