@@ -113,6 +113,21 @@ def _on_lakehouse(tmp_path: Path) -> AppConfig:
     )
 
 
+def _night(spark: Any, cfg: AppConfig, taxonomy: Any, catalog: Any, model: ModelVersion, run_id: str,
+           said: list[str], *, full: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One enrichment run of ``model`` into ``catalog`` (its log into ``said``); its summary."""
+    scope = RunScope(full=full, run_id=run_id)
+    outcome = run_enrichment(
+        spark, cfg, taxonomy, model=model, scope=scope, progress=said.append, catalog=catalog
+    )
+    return outcome.report.summary()
+
+
+def _written(catalog: Any, run_id: str) -> set[str]:
+    """The products ``run_id`` wrote a value for."""
+    return {r["product_id"] for r in catalog.attribute_rows().to_pylist() if r["run_id"] == run_id}
+
+
 def shifted_written(catalog: Any, attribute: str) -> int:
     """Values the ``shifted`` run reported writing for ``attribute``."""
     return {r.run_id: r for r in catalog.read_reports()}["shifted"].written_per_attribute[attribute]
@@ -153,16 +168,7 @@ def test_the_products_of_a_blocked_night_are_filled_by_the_next_clean_run(  # ty
 
     def run(products: pa.Table, run_id: str) -> dict[str, Any]:
         write_table(tmp_path / "products", products, mode="overwrite")
-        outcome = run_enrichment(
-            spark,
-            cfg,
-            taxonomy,
-            model=model,
-            scope=RunScope(run_id=run_id),
-            progress=said.append,
-            catalog=catalog,
-        )
-        return outcome.report.summary()
+        return _night(spark, cfg, taxonomy, catalog, model, run_id, said)
 
     first = run(clean, "night-1")
     assert first["health_blocked"] == {} and first["embeddings_stored"] == first["embeddings_encoded"] > 0
@@ -199,23 +205,14 @@ def test_placeholder_photos_are_quarantined_and_read_again_when_the_cdn_is_back(
 
     def run(products: pa.Table, run_id: str, *, full: bool = False) -> dict[str, Any]:
         write_table(tmp_path / "products", products, mode="overwrite")
-        outcome = run_enrichment(
-            spark,
-            cfg,
-            taxonomy,
-            model=model,
-            scope=RunScope(full=full, run_id=run_id),
-            progress=said.append,
-            catalog=catalog,
-        )
-        return outcome.report.summary()
+        return _night(spark, cfg, taxonomy, catalog, model, run_id, said, full=full)
 
     def quarantined(run_id: str) -> dict[str, list[str]]:
         rows = catalog.quarantine_rows().to_pylist()
         return {r["product_id"]: r["reasons"] for r in rows if r["run_id"] == run_id}
 
     def written(run_id: str) -> set[str]:
-        return {r["product_id"] for r in catalog.attribute_rows().to_pylist() if r["run_id"] == run_id}
+        return _written(catalog, run_id)
 
     # 30 % of the products arrive with the CDN's placeholder (the first 120, those with a photo)
     hit = pc.is_valid(clean["image"]).to_pylist()[:120]
@@ -282,19 +279,10 @@ def test_a_placeholder_behind_the_products_own_urls_is_quarantined_and_never_sto
     said: list[str] = []
 
     def run(run_id: str) -> dict[str, Any]:
-        outcome = run_enrichment(
-            spark,
-            cfg,
-            taxonomy,
-            model=model,
-            scope=RunScope(run_id=run_id),
-            progress=said.append,
-            catalog=catalog,
-        )
-        return outcome.report.summary()
+        return _night(spark, cfg, taxonomy, catalog, model, run_id, said)
 
     def written(run_id: str) -> set[str]:
-        return {r["product_id"] for r in catalog.attribute_rows().to_pylist() if r["run_id"] == run_id}
+        return _written(catalog, run_id)
 
     placeholder_bytes = placeholder_images(clean.slice(0, 1))["image"][0].as_py()
     for i in range(120):
