@@ -186,6 +186,19 @@ def test_image_uris_are_read_only_under_the_roots_and_schemes(tree: Path) -> Non
         assert (pixels is not None) == (reason is None), name
 
 
+def test_what_the_policy_refuses_without_reading_is_what_reading_refuses(tree: Path) -> None:
+    """``refuses`` (checked before a stored vector is reused) refuses what ``read`` refuses for where
+    the URI points; only what reading alone shows (a FIFO, a directory) is left to the read."""
+    policy = ImagePolicy.from_config(ImagesConfig(max_bytes=1_000_000), [tree / "root"])
+    found_by_reading = {"a FIFO under the root", "a directory under the root"}
+    for name, (uri, reason) in _uri_cases(tree).items():
+        expected = IMAGE_URI_ALLOWED if reason == IMAGE_URI_ALLOWED and name not in found_by_reading else None
+        assert policy.refuses(uri) == expected, name
+    assert ImagePolicy(schemes=("s3",), hosts=("cdn",)).refuses("s3://other/a.jpg") == IMAGE_URI_ALLOWED
+    assert ImagePolicy(schemes=("s3",), hosts=("cdn",)).refuses("s3://cdn/a.jpg") is None
+    assert ImagePolicy(schemes=("http",)).refuses("http://[::1/a.jpg") == IMAGE_URI_ALLOWED  # malformed
+
+
 def test_the_default_policy_reads_no_uri_at_all(tree: Path) -> None:
     uri = str(tree / "root" / "images" / "a.jpg")
     assert load_pixels(None, uri, SIZE) == (None, IMAGE_URI_ALLOWED)

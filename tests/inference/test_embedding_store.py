@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from catalog_enrichment.catalog.lakehouse import read_table
+from catalog_enrichment.data.images import IMAGE_URI_ALLOWED, IMAGE_WITHIN_LIMITS, ImagePolicy
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.inference.bundle import (
     BundleFolder,
@@ -125,6 +126,45 @@ def test_a_changed_title_or_image_is_encoded_again_and_a_foreign_vector_is_ignor
     )
     assert again.content is not None and first.content is not None
     assert again.content[0] != first.content[0] and again.content[k] != first.content[k]
+
+
+def test_a_stored_vector_is_fused_only_while_today_s_image_policy_allows_its_image(
+    bundle, products, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A policy tightened since a vector was stored (a root or host no longer trusted, a smaller
+    byte limit) holds for the products fused from the store too: they are read again and fail as
+    the policy says, the others are still fused without encoding."""
+    good = _usable(products, BatchPredictor(copy.deepcopy(bundle), PredictorOptions()).score_arrow(products))
+    good = good.filter(pc.is_valid(good["image"])).slice(0, 8)
+    trusted, dropped = tmp_path / "trusted", tmp_path / "dropped"
+    uris: list[str | None] = []
+    images = good["image"].to_pylist()
+    for i, data in enumerate(images):
+        folder = trusted if i < 3 else dropped
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i}.jpg").write_bytes(data)
+        uris.append(str(folder / f"{i}.jpg") if i < 6 else None)  # 6, 7: inline bytes
+        images[i] = None if i < 6 else data
+    table = good.set_column(good.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    table = table.set_column(
+        table.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string())
+    )
+    both = ImagePolicy(roots=(str(trusted), str(dropped)))
+    options = PredictorOptions(batch_size=32, embedding_store=True, image_policy=both)
+    first = BatchPredictor(copy.deepcopy(bundle), options).score_arrow(table)
+    assert first.image_error == [None] * 8 and first.reused == 0
+    small = max(len(images[6]), len(images[7])) - 1  # one of the inline photos is now too big
+    tightened = ImagePolicy(roots=(str(trusted),), max_bytes=small)
+    predictor = BatchPredictor(
+        copy.deepcopy(bundle), PredictorOptions(batch_size=32, embedding_store=True, image_policy=tightened)
+    )
+    calls = _encoded_rows(predictor)
+    again = predictor.score_arrow(_with_store(table, first))
+    too_big = 6 if len(images[6]) > small else 7
+    assert again.image_error == [None] * 3 + [IMAGE_URI_ALLOWED] * 3 + [
+        IMAGE_WITHIN_LIMITS if i == too_big else None for i in (6, 7)
+    ]
+    assert again.reused == 4 and sum(calls) == 4  # the trusted three and the small inline photo
 
 
 def test_a_text_only_model_s_vector_does_not_depend_on_the_image(bundle, products) -> None:  # type: ignore[no-untyped-def]

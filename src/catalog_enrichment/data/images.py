@@ -107,22 +107,34 @@ class ImagePolicy:
             http=HttpLimits(cfg.connect_timeout_seconds, cfg.timeout_seconds, cfg.retries),
         )
 
+    def refuses(self, uri: str) -> str | None:
+        """:data:`IMAGE_URI_ALLOWED` where ``uri`` lies outside the policy (its scheme, host, bucket or
+        local root), else None: decided without reading it, so a product fused from its stored
+        vector is held to the policy of today's run, not to the one its image was read under."""
+        scheme, host = _scheme_and_host(uri)
+        if scheme in ("", "file"):
+            return None if self._local_path(uri.removeprefix("file://")) else IMAGE_URI_ALLOWED
+        if scheme not in self.schemes or (self.hosts and host not in self.hosts):
+            return IMAGE_URI_ALLOWED
+        if scheme not in ("http", "https") and not self.hosts:
+            return (
+                IMAGE_URI_ALLOWED  # an object store answers with the job's credentials: listed buckets only
+            )
+        return None
+
     def read(self, uri: str) -> tuple[bytes | None, str | None]:
         """The bytes at ``uri``, or ``(None, reason)``: :data:`IMAGE_URI_ALLOWED` (outside the
         policy), :data:`IMAGE_WITHIN_LIMITS` (too big), :data:`IMAGE_READABLE` (cannot be read now)."""
-        parts = urlsplit(uri)
-        scheme = parts.scheme.lower() if "://" in uri else ""
+        refused = self.refuses(uri)
+        if refused is not None:
+            return None, refused
+        scheme, _ = _scheme_and_host(uri)
         if scheme in ("", "file"):
             return self._read_local(uri.removeprefix("file://"))
-        host = (parts.hostname or "").lower()
-        if scheme not in self.schemes or (self.hosts and host not in self.hosts):
-            return None, IMAGE_URI_ALLOWED
         if scheme in ("http", "https"):
             return read_http(
                 uri, max_bytes=self.max_bytes, limits=self.http, allow_private=self.allow_private_addresses
             )
-        if not self.hosts:  # an object store answers with the job's credentials: listed buckets only
-            return None, IMAGE_URI_ALLOWED
         try:
             import fsspec
 
@@ -134,16 +146,21 @@ class ImagePolicy:
     def _capped(self, data: bytes) -> tuple[bytes | None, str | None]:
         return (data, None) if len(data) <= self.max_bytes else (None, IMAGE_WITHIN_LIMITS)
 
-    def _read_local(self, text: str) -> tuple[bytes | None, str | None]:
+    def _local_path(self, text: str) -> str | None:
+        """The real path of a local image the policy allows, else None."""
         if (
             "file" not in self.schemes
             or "\x00" in text
             or not os.path.isabs(text)
             or ".." in Path(text).parts
         ):
-            return None, IMAGE_URI_ALLOWED
+            return None
         real = os.path.realpath(text)
-        if _under(real, _NEVER) or not _under(real, _real_roots(self.roots)):
+        return None if _under(real, _NEVER) or not _under(real, _real_roots(self.roots)) else real
+
+    def _read_local(self, text: str) -> tuple[bytes | None, str | None]:
+        real = self._local_path(text)
+        if real is None:
             return None, IMAGE_URI_ALLOWED
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
@@ -160,6 +177,17 @@ class ImagePolicy:
             return None, IMAGE_READABLE
         finally:
             os.close(fd)
+
+
+def _scheme_and_host(uri: str) -> tuple[str, str]:
+    """A URI's scheme ("" for a bare path) and host, lower case."""
+    if "://" not in uri:
+        return "", ""
+    try:
+        parts = urlsplit(uri)
+        return parts.scheme.lower(), (parts.hostname or "").lower()
+    except ValueError:  # e.g. an unbalanced IPv6 bracket: no scheme a policy lists
+        return "?", ""
 
 
 def _read_fd(fd: int, limit: int) -> bytes:

@@ -238,7 +238,12 @@ class BatchPredictor:
         for i, (have, vector) in enumerate(
             zip(stored_content or (), stored_embedding or (), strict=True) if stored_content else ()
         ):
-            if have == content[i] and vector is not None and len(vector) == 4 * self.width:
+            if (
+                have == content[i]
+                and vector is not None
+                and len(vector) == 4 * self.width
+                and (not self.reads_images or self._within_policy(images[i], uris[i]))
+            ):
                 stored[i] = np.frombuffer(vector, np.float32)
                 hit[i] = True
         (encode,) = np.nonzero(~hit)
@@ -256,6 +261,15 @@ class BatchPredictor:
             errors[i], tones[i], digests[i] = part.image_error[k], part.tone[k], part.image_digest[k]
         every = _lexical(titles, descriptions, categories) if self.lexical else None
         return PreparedBatch(part.inputs, errors, tones, digests, content, encode, stored, every)
+
+    def _within_policy(self, raw: Any, uri: Any) -> bool:
+        """Whether today's image policy still allows the image a stored vector was encoded from (its
+        inline size, or its URI's scheme, host and root; checked without reading): where it does not,
+        the product is read again and fails as the policy says, instead of being fused from a vector
+        the policy would no longer let the run compute."""
+        if isinstance(raw, bytes | bytearray | memoryview):
+            return len(raw) <= self.image_policy.max_bytes
+        return not (isinstance(uri, str) and uri) or self.image_policy.refuses(uri) is None
 
     def _encoder_inputs(
         self,
