@@ -100,12 +100,12 @@ def test_training_checks_a_table_and_its_batches_alike_and_names_each_unusable_i
             "image_uri": [None, None, None, "/elsewhere/d.jpg"],
         }
     )
-    inputs, errors = check_images(rows, ImagePolicy())
+    inputs, errors, digests = check_images(rows, ImagePolicy())
     assert errors == [None, None, IMAGE_DECODABLE, IMAGE_URI_ALLOWED]
     assert list(inputs.image_present) == [True, False, True, True]
     assert inputs.tones[0] == pytest.approx(200.0) and list(inputs.tones[1:]) == [None, None, None]
-    batch_inputs, batch_errors = check_images(rows.to_batches()[0], ImagePolicy())
-    assert (batch_inputs, batch_errors) == (inputs, errors)
+    assert [d is not None for d in digests] == [True, False, True, False]  # a digest of the bytes read
+    assert check_images(rows.to_batches()[0], ImagePolicy()) == (inputs, errors, digests)
 
 
 def test_the_same_photo_behind_many_products_urls_is_a_placeholder_training_leaves_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -129,6 +129,6 @@ def test_the_same_photo_behind_many_products_urls_is_a_placeholder_training_leav
     assert shared_images(list("abcde"), digests, 2) == {digests[0]}
     assert shared_images(list("aaade"), digests, 2) == set()  # one product's three rows: not shared
     rows = pa.table({"product_id": list("abcde"), "image": [None] * 5, "image_uri": uris})
-    _, errors = check_images(rows, policy, shared_limit=2)
-    assert errors == [IMAGE_SHARED] * 3 + [None, None]
+    _, errors, read_digests = check_images(rows, policy, shared_limit=2)
+    assert errors == [IMAGE_SHARED] * 3 + [None, None] and read_digests == digests
     assert check_images(rows, policy)[1] == [None] * 5  # the rule off

@@ -207,3 +207,38 @@ def test_a_product_twice_in_the_streamed_table_is_refused_by_the_survey(taxonomy
     twice = pa.concat_tables([table, table.slice(7, 1)])
     with pytest.raises(ContractError, match=r"1 product id\(s\) appear more than once"):
         train(arrow_source(twice, batch_rows=64), taxonomy, _cfg())
+
+
+def test_a_placeholder_behind_many_products_is_left_out_of_the_survey_and_every_pass(
+    taxonomy: Taxonomy,
+) -> None:
+    """The same image bytes on more than ``validation.max_products_per_image`` products of the table
+    (spread over record batches, none of which holds that many) are left out as in memory: not in
+    the survey's labels, texts or baseline as usable images, and never read by an epoch or a
+    held-out pass (which the labels of the scored splits would not line up with otherwise)."""
+    from catalog_enrichment.contracts import IMAGE_SHARED
+    from catalog_enrichment.data.images import ImagePolicy
+    from catalog_enrichment.data.preprocess import ImagePreprocessing
+    from catalog_enrichment.training.stream import _Reader, survey
+
+    table = _labelled(300, taxonomy)
+    images = table["image"].to_pylist()
+    placeholder = next(b for b in images if b is not None)
+    tiled = list(range(0, 300, 10))  # 30 products, at most 7 in a batch of 64
+    for i in tiled:
+        images[i] = placeholder
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    holders = {table["product_id"][i].as_py() for i, b in enumerate(images) if b == placeholder}
+    reader = _Reader(arrow_source(table, batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32))
+    kept = survey(reader, (0.1, 0.2, 0.15), seed=0, world=1, say=lambda m: None)
+    found = survey(reader, (0.1, 0.2, 0.15), seed=0, world=1, say=lambda m: None, shared_limit=20)
+    assert len(holders) >= 30 and holders <= set(kept.product_ids)
+    assert found.product_ids == [p for p in kept.product_ids if p not in holders]
+    assert found.left_out == {**kept.left_out, IMAGE_SHARED: len(holders)}
+    assert len(found.texts) == int((found.codes == TRAIN).sum())
+    assert found.inputs.image[1] == kept.inputs.image[1] - len(holders)
+    assert found.inputs.image[2] == kept.inputs.image[2] + len(holders)
+    cfg = _cfg()
+    assert cfg.validation.max_products_per_image == 20  # the default
+    trained = train(arrow_source(table, batch_rows=64), taxonomy, cfg)
+    assert set(trained.product_ids) == set(found.product_ids) and not holders & set(trained.product_ids)

@@ -294,13 +294,14 @@ _CHECK_SIZE = 32
 
 def check_images(
     rows: pa.Table | pa.RecordBatch, policy: ImagePolicy, shared_limit: int = 0
-) -> tuple[ProductInputs, list[str | None]]:
+) -> tuple[ProductInputs, list[str | None], list[str | None]]:
     """Training's image-usability check of products table rows (a table or a batch of one): each
     row's image read as serving reads it; returns the rows' inputs for the run health baseline
-    (image state and colour balance included) and, per row, why its image cannot be used (None:
-    usable or absent). Serving quarantines a product whose image exists but cannot be used, so
-    training leaves those out; with ``shared_limit``, also the products whose image bytes are on
-    more than that many products of ``rows`` (:data:`IMAGE_SHARED`: a placeholder, not their photo)."""
+    (image state and colour balance included), per row why its image cannot be used (None: usable
+    or absent) and the digest of its image bytes (None: none read). Serving quarantines a product
+    whose image exists but cannot be used, so training leaves those out; with ``shared_limit``,
+    also the products whose image bytes are on more than that many products of ``rows``
+    (:data:`IMAGE_SHARED`: a placeholder, not their photo)."""
     names = rows.schema.names
 
     def column(name: str) -> list[object]:
@@ -314,13 +315,13 @@ def check_images(
     shared = shared_images(column("product_id"), digests, shared_limit)
     errors = [IMAGE_SHARED if d in shared and e is None else e for (_, e, d) in read]
     tones = [None if p is None else image_tone(p) for p, _, _ in read]
-    return ProductInputs.of(rows, errors, tones), errors
+    return ProductInputs.of(rows, errors, tones), errors, digests
 
 
 def usable_images(rows: pa.Table | pa.RecordBatch, policy: ImagePolicy) -> np.ndarray:
     """Which rows have an image that can be used (present, and :func:`check_images` finds nothing
     wrong with it): what pre-training on images reads."""
-    inputs, errors = check_images(rows, policy)
+    inputs, errors, _ = check_images(rows, policy)
     return np.asarray(inputs.image_present, bool) & np.array([e is None for e in errors], bool)
 
 

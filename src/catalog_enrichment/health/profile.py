@@ -269,6 +269,12 @@ class InputBaselineCounts:
         self.description += np.asarray(_presence(inputs.descriptions), np.int64)
         self.image += np.asarray(_image_states(inputs.image_present, inputs.image_errors), np.int64)
 
+    def found_unusable(self, products: int) -> None:
+        """``products`` counted with a usable image turned out to have none (a placeholder's,
+        found once every product was counted)."""
+        self.image[1] -= products
+        self.image[2] += products
+
     def baseline(self, groups: np.ndarray | None = None) -> InputBaseline:
         lengths = np.concatenate([np.zeros(0, np.int64), *self.lengths]).astype(np.float64)
         tones = np.concatenate([np.zeros(0), *self.tones])

@@ -39,7 +39,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -354,9 +354,12 @@ class Streamed:
             fractions = (0.0, 0.0, tcfg.test_fraction)
         world = tcfg.distributed.processes
         trained_tokenizer = not cfg.model.text.pretrained_path
-        found = survey(reader, fractions, seed=tcfg.seed, world=world, say=say, texts=trained_tokenizer)
+        found = survey(
+            reader, fractions, seed=tcfg.seed, world=world, say=say, texts=trained_tokenizer,
+            shared_limit=cfg.validation.max_products_per_image,
+        )  # fmt: skip
         say(f"streaming {source.rows:,} rows in batches; splits by hash: {found.splits.sizes()}")
-        return _Streaming(found, reader, fractions)
+        return _Streaming(found, replace(reader, shared=found.shared), fractions)
 
     def fit(self, surveyed: _Streaming, tokenizer: Any, say: Say) -> Fitted:
         """Trained here or on ``training.distributed.processes`` ranks; the held-out splits read

@@ -96,7 +96,7 @@ def _usable_images(
     """The rows whose image is usable or absent (the others left out, counted in the log: a
     placeholder's too, whose image bytes are on more than ``shared_limit`` products), and the run
     health checks' input baseline over every row."""
-    inputs, errors = check_images(table, policy, shared_limit)
+    inputs, errors, _ = check_images(table, policy, shared_limit)
     # variants share title and description: only those (max_group 1) make the design effect; the
     # splits' wider groups (a shared title or description) hold templates that are not variants
     groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions), max_group=1)

@@ -11,7 +11,9 @@ distributed run (:mod:`.distributed`).
   in-memory path stratifies instead; over the hundreds of thousands of products streaming is for,
   a hash split holds every value at its rate within a fraction of a percent.)
 * **One survey pass** reads every row once, images included: the labels (small arrays, kept),
-  which images cannot be used (those products are left out, as in memory), the run health input
+  which images cannot be used (those products are left out, as in memory, and so are the products
+  whose image bytes are on more than ``validation.max_products_per_image`` products of the table:
+  a placeholder, counted by an 8-byte prefix of each image's digest), the run health input
   baseline (counted per batch: lengths, scripts, categories, never the texts), the training texts
   a trained tokenizer learns from (none for a pretrained one), and the usable rows per split and
   rank.
@@ -25,8 +27,8 @@ distributed run (:mod:`.distributed`).
   rows trains the same model.
 
 Memory holds a few record batches, the shuffle buffer (text and image bytes, not pixels), the
-product ids, labels and held-out scores, and a trained tokenizer's texts; never the table or its
-decoded images.
+product ids, labels, image digest prefixes and held-out scores, and a trained tokenizer's texts;
+never the table or its decoded images.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from catalog_enrichment.catalog import lakehouse
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import IMAGE_SHARED, Taxonomy
 from catalog_enrichment.data.dataset import (
     Collator,
     EncodedLabels,
@@ -52,7 +54,7 @@ from catalog_enrichment.data.dataset import (
     check_unique_ids,
     encode_labels,
 )
-from catalog_enrichment.data.images import ImagePolicy, check_images, load_pixels
+from catalog_enrichment.data.images import ImagePolicy, check_images, read_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import kill_this_process
@@ -78,6 +80,7 @@ __all__ = [
 ]
 
 TRAIN, VALIDATION, CALIBRATION, TEST = 0, 1, 2, 3
+_NOTHING = "no labelled product has a usable image or none: nothing to train on"
 
 
 @dataclass(frozen=True)
@@ -244,11 +247,15 @@ class _Reader:
     taxonomy: Taxonomy
     policy: ImagePolicy
     preprocessing: ImagePreprocessing
+    shared: frozenset[int] = frozenset()  # the survey's placeholders (:func:`_prefix`): left out
 
     def pixels(
         self, image: bytes | None, uri: str | None, prep: ImagePreprocessing
     ) -> tuple[np.ndarray | None, str | None]:
-        return load_pixels(image, uri, prep.size, prep.interpolation, self.policy)
+        pixels, error, digest = read_pixels(image, uri, prep.size, prep.interpolation, self.policy)
+        if error is None and _prefix(digest) in self.shared:
+            return None, IMAGE_SHARED
+        return pixels, error
 
     def items(self, rows: _Rows, order: Iterable[int]) -> Iterator[dict[str, Any]]:
         """The usable products among ``rows`` (those whose image decodes or is absent), in ``order``."""
@@ -262,20 +269,35 @@ class _Reader:
         """Every usable product (in the survey's order), a record batch at a time, with its merchant
         categories (None without a ``category`` column)."""
         for batch in self.source.batches():
-            usable = self.usable(batch, InputBaselineCounts(), Counter())
+            usable, _ = self.usable(batch, InputBaselineCounts(), Counter())
             if usable.num_rows:
                 table = pa.Table.from_batches([usable])
                 yield ProductRecords.from_arrow(table, self.policy), _column(usable, "category")
 
     def usable(
         self, batch: pa.RecordBatch, inputs: InputBaselineCounts, unusable: Counter[str]
-    ) -> pa.RecordBatch:
-        """The batch's products whose image decodes or is absent; every product's inputs (image
+    ) -> tuple[pa.RecordBatch, np.ndarray]:
+        """The batch's products whose image decodes or is absent (and is no placeholder of
+        ``shared``), with their images' digest prefixes (0: no image); every product's inputs (image
         state and colour balance included) counted in ``inputs``, the others' reasons in ``unusable``."""
-        products, errors = check_images(batch, self.policy)
+        products, errors, digests = check_images(batch, self.policy)
+        prefixes = np.array([_prefix(d) for d in digests], np.uint64)
+        if self.shared:
+            errors = [
+                IMAGE_SHARED if e is None and int(p) in self.shared else e
+                for e, p in zip(errors, prefixes, strict=True)
+            ]
+            products = replace(products, image_errors=errors)
         inputs.add(products)
         unusable.update(e for e in errors if e is not None)
-        return batch.filter(pa.array([e is None for e in errors]))
+        keep = np.array([e is None for e in errors], bool)
+        return batch.filter(pa.array(keep)), prefixes[keep]
+
+
+def _prefix(digest: str | None) -> int:
+    """An image digest's first 8 bytes as an integer (0: no image): what the survey counts products
+    per image by, 8 bytes a row however large the table."""
+    return 0 if digest is None else int(digest[:16], 16)
 
 
 class TrainingRows(IterableDataset[dict[str, Any]]):
@@ -384,6 +406,7 @@ class Survey:
     texts: list[str]  # the training split's "title description": what a trained tokenizer learns from
     inputs: InputBaseline
     left_out: dict[str, int] = field(default_factory=dict)  # unusable images, by reason
+    shared: frozenset[int] = frozenset()  # placeholders' digest prefixes: every later pass leaves them out
 
     @property
     def splits(self) -> Splits:
@@ -405,15 +428,18 @@ def survey(
     world: int,
     say: Callable[[str], None],
     texts: bool = True,
+    shared_limit: int = 0,
 ) -> Survey:
     """The survey pass (see the module docstring); ``texts`` False: the training texts are not kept
-    (a pretrained tokenizer learns nothing from them)."""
+    (a pretrained tokenizer learns nothing from them); ``shared_limit``: the products whose image
+    bytes are on more than that many products are left out (0: none)."""
     ids: list[Any] = []
-    codes, groups, shards, labels, train_texts = [], [], [], [], []
+    codes, groups, shards, labels, train_texts, prefixes = [], [], [], [], [], []
     inputs, unusable = InputBaselineCounts(), Counter[str]()
     everything = _Selection(seed, fractions, split=-1)
     for batch in reader.source.batches():
-        usable = reader.usable(batch, inputs, unusable)
+        usable, read = reader.usable(batch, inputs, unusable)
+        prefixes.append(read)
         code = everything.codes(usable)
         pids = _column(usable, "product_id")
         ids += pids
@@ -425,12 +451,9 @@ def survey(
             pairs = zip(_column(usable, "title"), _column(usable, "description"), code, strict=True)
             train_texts += [f"{t or ''} {d or ''}" for t, d, c in pairs if c == TRAIN]
     if not ids:
-        raise CatalogEnrichError("no labelled product has a usable image or none: nothing to train on")
+        raise CatalogEnrichError(_NOTHING)
     check_unique_ids(ids)
-    left_out = dict(sorted(unusable.items()))
-    if unusable:
-        say(f"left out {unusable.total():,} products whose image cannot be used: {left_out}")
-    return Survey(
+    found = Survey(
         ids,
         np.concatenate(codes),
         np.concatenate(groups),
@@ -439,7 +462,36 @@ def survey(
         _concat_labels(labels, reader.taxonomy),
         train_texts,
         inputs.baseline(),
-        left_out,
+    )
+    every = np.concatenate(prefixes)
+    images, counts = np.unique(every[every != 0], return_counts=True)
+    shared = frozenset(int(p) for p in images[counts > shared_limit]) if shared_limit else frozenset()
+    if shared:
+        out = np.isin(every, np.fromiter(shared, np.uint64, len(shared)))
+        found = _without(found, ~out)
+        unusable[IMAGE_SHARED] += int(out.sum())
+        inputs.found_unusable(int(out.sum()))
+        found.inputs, found.shared = inputs.baseline(), shared
+    if not found.product_ids:
+        raise CatalogEnrichError(_NOTHING)
+    found.left_out = dict(sorted(unusable.items()))
+    if unusable:
+        say(f"left out {unusable.total():,} products whose image cannot be used: {found.left_out}")
+    return found
+
+
+def _without(found: Survey, keep: np.ndarray) -> Survey:
+    """``found`` with only the ``keep`` products (a training text is kept with its product)."""
+    train = found.codes == TRAIN
+    kept_texts = [t for t, k in zip(found.texts, keep[train], strict=True) if k] if found.texts else []
+    return replace(
+        found,
+        product_ids=[p for p, k in zip(found.product_ids, keep, strict=True) if k],
+        codes=found.codes[keep],
+        groups=found.groups[keep],
+        shards=found.shards[keep],
+        labels=found.labels.subset(np.flatnonzero(keep)),
+        texts=kept_texts,
     )
 
 
