@@ -238,7 +238,7 @@ def _report(sub: Sub) -> None:
         "--check",
         action="store_true",
         help="exit 0 if it succeeded, 3 if aborted, else 1 (--health: 1 also when a health check failed; "
-        "--audit: 1 if an attribute is below target)",
+        "--audit: 4 if an attribute is below target, and only then)",
     )
     p.add_argument(
         "--health",

@@ -400,8 +400,9 @@ class StreamingConfig(_Section):
         False,
         description="Read the labelled table in Arrow record batches, split by a hash of each product's "
         "text (variants together), and shuffle through a buffer: memory no longer grows with the table. "
-        "Calibrates on a held-out split; no cross-fitting, noise pruning, ensembles or stack fusion "
-        "(frozen encoders run on every batch: nothing is cached). "
+        "The stack fusion is cross-fitted over it on one process (its embeddings cached a batch at a "
+        "time); the other fusions calibrate on a held-out split: no cross-fitting of them, no noise "
+        "pruning or ensembles. "
         "pretrain-text reads the products table the same way.",
     )
     batch_rows: int = Field(4096, gt=0, description="Rows per record batch read from the table.")
@@ -648,7 +649,7 @@ HealthMode = Literal["warn", "block"]
 
 
 class HealthConfig(_Section):
-    """The run health checks (``health.py``, docs/enrich.md "Run health"): what each failed check does
+    """The run health checks (``health/``, docs/enrich.md "Run health"): what each failed check does
     - ``block`` (the default: the attribute's values are not committed, the rest of the run is, and
     the next runs read its products again) or ``warn`` (reported only; ``report --health --check``
     exits 1 either way) - and the limits they are judged by."""
@@ -800,7 +801,9 @@ class SyntheticConfig(_Section):
     label_noise: float = Field(0.0, ge=0, lt=1, description="Share of labels flipped per attribute.")
     image_size: int = Field(96, ge=16, le=1024)
     format: Literal["delta", "parquet"] = "delta"
-    image_files: bool = Field(False, description="Also write image files and fill image_uri.")
+    image_files: bool = Field(
+        False, description="Write images as files named by image_uri instead of inline bytes."
+    )
     days: int = Field(7, gt=0, description="Number of ingest_date partitions.")
     start_date: str = Field("2026-11-01", description="First ingest_date (YYYY-MM-DD).")
     text_color_share: float = Field(0.5, ge=0, le=1, description="Share of products naming a color in text.")

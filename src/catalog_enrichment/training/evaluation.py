@@ -5,7 +5,7 @@ thresholds from calibration scores and the run health profile from held-out scor
 calibration - the realized precision, coverage and coverage efficiency of what would be written,
 per value with Wilson bounds; :class:`EvaluationReport` is the test report a trained version carries
 (``evaluation.json``); :func:`calibrate` turns calibration-split scores into thresholds and
-:func:`with_health` adds the run health profile (``health.py``).
+:func:`with_health` adds the run health profile (``health/``).
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def with_health(
     taxonomy: Taxonomy,
     inputs: InputBaseline | None,
 ) -> Calibration:
-    """``calibration`` with the run health checks' profile (``health.py``): each attribute's
+    """``calibration`` with the run health checks' profile (``health/``): each attribute's
     baseline from the scores of the model that serves on held-out products (``preds``, ``labels``;
     not the calibration set, which with cross-fitting the fold models scored), at its thresholds."""
     attributes = {}
