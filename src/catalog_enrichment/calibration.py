@@ -231,7 +231,7 @@ class Calibration:
     min_support: int
     attributes: Mapping[str, AttributeCalibration] = field(default_factory=dict)
     scope: Scope = "value"
-    # what the run health checks compare a run with (health.py); None: a model trained before them
+    # what the run health checks compare a run with (health/); None: a model trained before them
     health: HealthProfile | None = None
 
     def thresholds(self, attribute: str) -> np.ndarray:
@@ -264,6 +264,16 @@ class Calibration:
         if served:
             line += f"; kept out on the served model's scale: {', '.join(served)}"
         return line
+
+    def keep_out(self, values: Mapping[str, Sequence[str]], reason: str) -> Calibration:
+        """These values (attribute -> values) never written whatever their scores: no threshold, and
+        ``reason`` recorded."""
+        attributes = dict(self.attributes)
+        for name, out in values.items():
+            a = attributes[name]
+            kept = tuple(replace(v, threshold=None, reason=reason) if v.value in out else v for v in a.values)
+            attributes[name] = replace(a, values=kept)
+        return replace(self, attributes=attributes)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -254,6 +254,33 @@ def test_label_values_outside_the_taxonomy_are_named(taxonomy: Taxonomy) -> None
     assert (lenient.targets["pattern"][1:] == strict.targets["pattern"][1:]).all()
 
 
+def test_a_taxonomy_value_no_training_product_carries_is_named_and_never_written(taxonomy: Taxonomy) -> None:
+    """A value the taxonomy has and no training product carries (a new product type, a rare value
+    the labels lack) cannot be learned: training says so and goes on, and the version never writes
+    it, whatever the model scores (its threshold is None; the weekly training is not blocked)."""
+    from catalog_enrichment.training.trained import UNSEEN
+
+    extended = Taxonomy.from_dict(
+        {
+            "attributes": {
+                **taxonomy.to_dict()["attributes"],
+                "pattern": {"kind": "multiclass", "values": [*taxonomy["pattern"].values, "paisley"]},
+            }
+        }
+    )
+    lines: list[str] = []
+    trained = train(_table(300, taxonomy), extended, _cfg(epochs=1), progress=lines.append)
+    assert f"{UNSEEN}, so never written: pattern=paisley (add labelled products to write them)" in lines
+    paisley = next(v for v in trained.calibration.attributes["pattern"].values if v.value == "paisley")
+    assert paisley.threshold is None and paisley.reason == UNSEEN
+    others = [v for c in trained.calibration.attributes.values() for v in c.values if v.value != "paisley"]
+    assert all(v.reason != UNSEEN for v in others)
+    value_scope = trained.config.calibration.model_copy(update={"scope": "value"})
+    recalibrated, _ = trained.recalibrate(value_scope)
+    pattern = {v.value: v for v in recalibrated.attributes["pattern"].values}
+    assert pattern["paisley"].threshold is None and pattern["paisley"].reason == UNSEEN
+
+
 def test_missing_label_column_is_named(taxonomy: Taxonomy) -> None:
     table = _table(60, taxonomy).drop_columns(["material"])
     with pytest.raises(ContractError, match=r"lacks label columns for attributes \['material'\]"):

@@ -36,12 +36,12 @@ __all__ = [
     "ProductRecords",
     "build_tokenizer",
     "canonical_order",
-    "check_every_value_seen",
     "check_unique_ids",
     "encode_labels",
     "load_tokenizer",
     "train_wordpiece_tokenizer",
     "transformers_folder",
+    "unseen_values",
 ]
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -239,9 +239,10 @@ def encode_labels(
     return EncodedLabels(targets, known, _partial_labels(table, taxonomy, known))
 
 
-def check_every_value_seen(labels: EncodedLabels, taxonomy: Taxonomy) -> None:
-    """Every taxonomy value is some product's label (a model cannot learn a value it never sees)."""
-    unseen = []
+def unseen_values(labels: EncodedLabels, taxonomy: Taxonomy) -> dict[str, tuple[str, ...]]:
+    """Per attribute, the taxonomy values no product of ``labels`` carries (a model cannot learn a
+    value it never sees); attributes with none are left out."""
+    unseen = {}
     for attr in taxonomy:
         t, known = labels.targets[attr.name], labels.known[attr.name]
         counts = (
@@ -249,12 +250,10 @@ def check_every_value_seen(labels: EncodedLabels, taxonomy: Taxonomy) -> None:
             if attr.kind == "multilabel"
             else np.bincount(t[t >= 0], minlength=len(attr.values))
         )
-        unseen += [f"{attr.name}={v}" for v, n in zip(attr.values, counts, strict=True) if n == 0]
-    if unseen:
-        raise TaxonomyError(
-            f"taxonomy values never seen in the training data: {unseen}; a model cannot learn them "
-            "(remove them from the taxonomy or add labelled products)"
-        )
+        never = tuple(v for v, n in zip(attr.values, counts, strict=True) if n == 0)
+        if never:
+            unseen[attr.name] = never
+    return unseen
 
 
 def _partial_labels(

@@ -1,7 +1,7 @@
 """The training job: labelled table -> trained, calibrated, evaluated, registered ``challenger``.
 
-Checks everything that can be wrong with the input (columns, label values, unseen taxonomy values,
-the tracking server) *before* any model is fitted, so a bad run registers nothing and moves no alias.
+Checks everything that can be wrong with the input (columns, label values, the tracking server)
+*before* any model is fitted, so a bad run registers nothing and moves no alias.
 """
 
 from __future__ import annotations
@@ -147,9 +147,7 @@ def run_training_job(
     # frozen encoders read and fill the catalog's embedding store, as the enrichment job does (in
     # memory: a stream is read once per epoch and caches nothing)
     store = open_catalog(cfg.catalog) if cfg.inference.embedding_store and not streamed else None
-    trained = train(
-        source, taxonomy, cfg, device=device, progress=progress, store=store, every_value_seen=True
-    )
+    trained = train(source, taxonomy, cfg, device=device, progress=progress, store=store)
     example = _example_frame(pa.Table.from_batches([next(source.batches())]))
     trained.model.to("cpu")
     registered = _register(client, cfg, taxonomy, trained, example, snapshot)

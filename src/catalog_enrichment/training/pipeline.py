@@ -36,7 +36,7 @@ from transformers import set_seed
 
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import EncodedLabels, build_tokenizer, check_every_value_seen
+from catalog_enrichment.data.dataset import EncodedLabels, build_tokenizer
 from catalog_enrichment.health import InputBaseline
 from catalog_enrichment.models import runtime
 from catalog_enrichment.models.fusion import StackFusion
@@ -98,7 +98,6 @@ def train(
     device: torch.device | str = "cpu",
     progress: Say | None = None,
     store: Catalog | None = None,
-    every_value_seen: bool = False,
 ) -> TrainedModel:
     """Survey, fit, score the held-out splits, calibrate and evaluate (see the module docstring).
     Distributed training needs an active SparkSession (``TorchDistributor`` runs the ranks through it).
@@ -114,14 +113,10 @@ def train(
         progress: called with one line per epoch and stage.
         store: a catalog whose embedding store frozen encoders read and fill (in memory;
             ``embeddings.frozen.embed_products``); None: the private cache.
-        every_value_seen: refuse a taxonomy value no usable product of ``table`` carries (a model
-            cannot learn it: the training job's rule); False: such a value is never written (a
-            benchmark's real taxonomy, ``bench drift``'s new product type).
 
     Raises:
         ConfigError: a setting the reading does not support, named before any data is read.
-        ContractError / TaxonomyError: missing label column, label values outside the taxonomy, a
-            value never seen.
+        ContractError / TaxonomyError: missing label column, label values outside the taxonomy.
         CatalogEnrichError: too few rows for the splits.
     """
     started = time.perf_counter()
@@ -132,8 +127,6 @@ def train(
     with deterministic_algorithms(True):
         set_seed(cfg.training.seed)
         surveyed = reading.survey(say)
-        if every_value_seen:
-            check_every_value_seen(surveyed.own_labels, taxonomy)
         tokenizer = build_tokenizer(cfg.model.text, surveyed.texts)
         fitted = reading.fit(surveyed, tokenizer, say)
         # the attributes the model scores as one distribution: the taxonomy it is saved with says which

@@ -9,7 +9,7 @@ splits, calibrated, evaluated and built.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -19,7 +19,7 @@ import torch
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import AppConfig, CalibrationConfig, ModelConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.data.dataset import EncodedLabels, unseen_values
 from catalog_enrichment.health import InputBaseline
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
 from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, build_model
@@ -40,6 +40,9 @@ __all__ = ["Fitted", "HeldOut", "SplitName", "TrainedModel", "conclude", "seeded
 
 SplitName = Literal["calibration", "validation", "test"]
 
+# why a value no training product carries is never written (its calibration reason)
+UNSEEN = "never seen in the training data"
+
 
 @dataclass(frozen=True)
 class HeldOut:
@@ -48,12 +51,14 @@ class HeldOut:
     ``family`` (the validation split, which shapes the attribute scope's threshold family; None
     without one: every value then shares the threshold), ``health`` (what the run health profile
     is counted on) and ``fold_family`` (cross-fitted: each fold model's scores of the family
-    products, which put the thresholds on the served model's scale)."""
+    products, which put the thresholds on the served model's scale); ``unseen``, per attribute
+    the values no product the model trained on carries, which it never writes."""
 
     calibration: tuple[Predictions, EncodedLabels]
     family: tuple[Predictions, EncodedLabels] | None
     health: tuple[Predictions, EncodedLabels]
     fold_family: tuple[Predictions, ...] = ()
+    unseen: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def calibrate(
         self, taxonomy: Taxonomy, rule: CalibrationConfig, inputs: InputBaseline | None
@@ -63,6 +68,7 @@ class HeldOut:
         calibration = calibrate(*self.calibration, taxonomy, rule, family=self.family)
         if self.fold_family and self.family is not None:
             calibration = on_served_scale(calibration, self.family, self.fold_family, taxonomy)
+        calibration = calibration.keep_out(self.unseen, UNSEEN)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
 
@@ -152,7 +158,10 @@ def conclude(
 ) -> TrainedModel:
     """The fitted model scored on its held-out splits, calibrated (with the training products'
     ``inputs`` for the run health profile) and evaluated on the test split."""
-    heldout, test_preds, test_labels = _held_out(fitted)
+    heldout, test_preds, test_labels = _held_out(fitted, taxonomy)
+    if heldout.unseen:
+        named = ", ".join(f"{a}={v}" for a, values in heldout.unseen.items() for v in values)
+        say(f"{UNSEEN}, so never written: {named} (add labelled products to write them)")
     calibration = heldout.calibrate(taxonomy, cfg.calibration, inputs)
     for name, a in calibration.attributes.items():
         say(f"calibration: {calibration.describe(name)}")
@@ -194,9 +203,10 @@ def _heldout_fit(fits: list[FitResult]) -> dict[str, Any]:
     return {f"member {i + 1}": f.heldout for i, f in enumerate(fits)}
 
 
-def _held_out(fitted: Fitted) -> tuple[HeldOut, Predictions, EncodedLabels]:
+def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions, EncodedLabels]:
     """The model's scores of the held-out splits: the calibration set (the cross-fit's out-of-fold
-    scores, or the calibration split), the validation split, the test split."""
+    scores, or the calibration split), the validation split, the test split; and the values no
+    training product carries."""
 
     def scored(name: SplitName) -> tuple[Predictions, EncodedLabels]:
         idx = getattr(fitted.splits, name)
@@ -206,7 +216,8 @@ def _held_out(fitted: Fitted) -> tuple[HeldOut, Predictions, EncodedLabels]:
     family = scored("validation") if fitted.splits.validation.size else None
     test = scored("test")
     health = test if fitted.health_on_test else (family or calibration)
-    return HeldOut(calibration, family, health, fitted.fold_val), *test
+    unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
+    return HeldOut(calibration, family, health, fitted.fold_val, unseen), *test
 
 
 def _report(
