@@ -116,10 +116,9 @@ class ImagePolicy:
             return None if self._local_path(uri.removeprefix("file://")) else IMAGE_URI_ALLOWED
         if scheme not in self.schemes or (self.hosts and host not in self.hosts):
             return IMAGE_URI_ALLOWED
+        # an object store answers with the job's credentials: listed buckets only
         if scheme not in ("http", "https") and not self.hosts:
-            return (
-                IMAGE_URI_ALLOWED  # an object store answers with the job's credentials: listed buckets only
-            )
+            return IMAGE_URI_ALLOWED
         return None
 
     def read(self, uri: str) -> tuple[bytes | None, str | None]:
