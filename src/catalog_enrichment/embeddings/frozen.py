@@ -37,6 +37,7 @@ from catalog_enrichment.embeddings.vectors import encoder_fingerprint
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.lexical import as_bags
 from catalog_enrichment.models.model import MultimodalModel, deterministic_algorithms
+from catalog_enrichment.progress import progress
 from catalog_enrichment.types import Say
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ def embed_products(
         return Embeddings(torch.load(path, map_location="cpu", weights_only=True))
     parts: dict[str, list[torch.Tensor]] = {}
     every = np.arange(len(records))
-    for flat in _encoded(model, records, every, collator, batch_size, device):
+    for flat in _encoded(model, records, every, collator, batch_size, device, say):
         for name, tensor in _pad_tokens(flat, max_length).items():  # token outputs kept in half
             parts.setdefault(name, []).append(tensor.half() if name in _HALF else tensor)
     tensors = {name: torch.cat(chunks) for name, chunks in parts.items()}
@@ -173,10 +174,9 @@ def _encoded(
     collator: Collator,
     batch_size: int,
     device: torch.device,
+    say: Say,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The encoder outputs of ``records[rows]``, batch by batch (flat tensors, on the CPU)."""
-    from tqdm.auto import tqdm
-
     dataset = ProductDataset(records, rows, preprocessing=model.preprocessing)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     model.eval()
@@ -184,7 +184,11 @@ def _encoded(
         model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     # a forward pass alone on the CPU gives the same numbers without the deterministic kernels
     with deterministic_algorithms(device.type == "cuda"):
-        for batch in tqdm(loader, desc="embedding products", unit="batch", leave=False, disable=None):
+        batches = progress(
+            loader, desc="embedding products", unit="product", total=len(rows),
+            size=lambda batch: len(batch["image_present"]), say=say,
+        )  # fmt: skip
+        for batch in batches:
             batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield {k: v.cpu() for k, v in _flatten(model.encode(batch)).items()}
@@ -230,7 +234,7 @@ def _embed_through_store(
             missing.append(i)
     storable = missing
     if missing:
-        batches = _encoded(model, records, np.array(missing), collator, batch_size, device)
+        batches = _encoded(model, records, np.array(missing), collator, batch_size, device, say)
         matrix[missing] = np.concatenate([embedding.pack(model, _unflatten(flat)) for flat in batches])
         # not stored: a vector scored as imageless although the product has an image (it did not
         # load this time: later runs would fuse it without trying again), nor a non-finite one

@@ -66,6 +66,7 @@ from catalog_enrichment.models.encoders import ImageEncoder
 from catalog_enrichment.models.fusion import fusion_class
 from catalog_enrichment.models.lexical import ngram_counts
 from catalog_enrichment.models.model import deterministic_algorithms, needs_image
+from catalog_enrichment.progress import progress
 from catalog_enrichment.training.fit import FitResult, Validation, fit_model, make_loader
 from catalog_enrichment.training.splits import MIN_ROWS, FoldPlan, calibration_fraction
 from catalog_enrichment.training.stack import STACK_FOLDS, stacked
@@ -409,7 +410,6 @@ class Streamed:
         """Every usable product's encoder outputs and hashed n-gram counts, in the survey's order: a
         record batch embedded at a time (each through the private cache, keyed on its content)."""
         import scipy.sparse
-        from tqdm.auto import tqdm
 
         cfg, tcfg = self.cfg, self.cfg.training
         embedder = seeded_model(cfg.model, self.taxonomy, tokenizer, tcfg.seed, self.device)
@@ -419,9 +419,12 @@ class Streamed:
         # with onnx, every score selected and calibrated on comes from the graphs
         onnx = cfg.model.encoder_runtime == "onnx"
         usable = len(surveyed.found.product_ids)
-        bar = tqdm(total=usable, desc="embedding the table", unit="product", disable=None)
-        with bar, runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
-            for records, categories in surveyed.reader.records():
+        batches = progress(
+            surveyed.reader.records(), desc="embedding the table", unit="product", total=usable,
+            size=lambda batch: len(batch[0]), say=say,
+        )  # fmt: skip
+        with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
+            for records, categories in batches:
                 part = embed_products(
                     embedder,
                     records,
@@ -433,7 +436,6 @@ class Streamed:
                 )
                 parts.append(part.tensors)
                 counts.append(ngram_counts(records.title, records.description, categories))
-                bar.update(len(records))
         lexical = scipy.sparse.vstack(counts, format="csr")
         lexical.sort_indices()
         say(f"frozen encoders: {lexical.shape[0]:,} products embedded in {len(parts)} record batches")

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from catalog_enrichment.config import ModelConfig, TrainingConfig
 from catalog_enrichment.contracts import Taxonomy
@@ -31,6 +30,7 @@ from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.models.fusion import fusion_class, fusion_options
 from catalog_enrichment.models.losses import attribute_loss
 from catalog_enrichment.models.model import AnyModel, MultimodalModel
+from catalog_enrichment.progress import progress
 from catalog_enrichment.training.evaluation import (
     Predictions,
     autocast_context,
@@ -286,12 +286,13 @@ def _train_epoch(
     kinds: dict[str, str],
     device: torch.device,
     desc: str,
+    say: Say,
 ) -> float:
     """One pass over ``loader``; the mean training loss (``model``: the model, or the wrapper whose
     forward also synchronises it, e.g. ``DistributedDataParallel``)."""
     _train_mode(model)
     losses = []
-    for batch in tqdm(loader, desc=desc, unit="step", leave=False, disable=None):
+    for batch in progress(loader, desc=desc, unit="step", total=len(loader), say=say):
         batch = to_device(batch, device)
         with autocast_context(device, device.type == "cuda"):
             out = forward(model, batch)  # type: ignore[arg-type]
@@ -381,7 +382,7 @@ def fit_model(
     for epoch in range(1, tcfg.epochs + 1):
         started = time.perf_counter()
         desc = f"{tag}epoch {epoch}/{tcfg.epochs}"
-        loss = _train_epoch(step_model or model, train_loader, optimisation, kinds, device, desc)
+        loss = _train_epoch(step_model or model, train_loader, optimisation, kinds, device, desc, say)
         val_r, score = _validation_score(
             predict(model, val_loader, device, autocast=True), val_labels, taxonomy, tcfg.selection_metric
         )

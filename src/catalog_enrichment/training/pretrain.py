@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import set_seed
 
 from catalog_enrichment.config import AppConfig, TextEncoderConfig
@@ -46,6 +45,7 @@ from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.models.model import deterministic_algorithms
+from catalog_enrichment.progress import progress
 from catalog_enrichment.training.fit import Optimisation
 from catalog_enrichment.training.stream import Source, unlabelled_rows
 from catalog_enrichment.types import Say
@@ -215,9 +215,7 @@ def _train(
         for epoch in range(1, epochs + 1):
             modules.train()
             epoch_losses = []
-            for batch in tqdm(
-                loader, desc=f"{tag} epoch {epoch}/{epochs}", unit="step", leave=False, disable=None
-            ):
+            for batch in progress(loader, desc=f"{tag} epoch {epoch}/{epochs}", unit="step", say=say):
                 loss = loss_of({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
                 optimisation.step(loss)
                 epoch_losses.append(float(loss.detach()))
