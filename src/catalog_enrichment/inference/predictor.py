@@ -262,7 +262,7 @@ class BatchPredictor:
         every = _lexical(titles, descriptions, categories) if self.lexical else None
         return PreparedBatch(part.inputs, errors, tones, digests, content, encode, stored, every)
 
-    def _within_policy(self, raw: Any, uri: Any) -> bool:
+    def _within_policy(self, raw: object, uri: object) -> bool:
         """Whether today's image policy still allows the image a stored vector was encoded from (its
         inline size, or its URI's scheme, host and root; checked without reading): where it does not,
         the product is read again and fails as the policy says, instead of being fused from a vector
