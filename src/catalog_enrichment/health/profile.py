@@ -272,8 +272,8 @@ class InputBaselineCounts:
     def found_unusable(self, products: int) -> None:
         """``products`` counted with a usable image turned out to have none (a placeholder's,
         found once every product was counted)."""
-        self.image[1] -= products
-        self.image[2] += products
+        self.image[IMAGE_STATES.index("usable")] -= products
+        self.image[IMAGE_STATES.index("unusable")] += products
 
     def baseline(self, groups: np.ndarray | None = None) -> InputBaseline:
         lengths = np.concatenate([np.zeros(0, np.int64), *self.lengths]).astype(np.float64)
