@@ -7,7 +7,7 @@ import io
 import pytest
 
 from catalog_enrichment import progress as progress_module
-from catalog_enrichment.progress import progress
+from catalog_enrichment.progress import library_bars, progress
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -43,14 +43,37 @@ def test_items_with_a_length_give_the_total_and_standard_error_is_the_default(mo
     assert err.getvalue().splitlines() == ["epoch 1/2: 2 of 3 steps, 0.8 min"]
 
 
-def test_on_a_terminal_tqdm_draws_the_bar_and_nothing_is_said(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    class _Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
+
+def test_on_a_terminal_tqdm_draws_the_bar_and_nothing_is_said(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     terminal = _Terminal()
     monkeypatch.setattr(progress_module.sys, "stderr", terminal)
     said: list[str] = []
     items = list(progress(range(5), desc="scoring", unit="batch", say=said.append, every=0.0))
     assert items == list(range(5))
     assert said == [] and "scoring" in terminal.getvalue()
+
+
+def test_transformers_loading_bar_is_drawn_on_a_terminal_only_and_its_setting_restored(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from transformers.utils import logging as transformers_logging
+    from transformers.utils.logging import tqdm
+
+    before = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()
+    try:
+        for stderr, drawn in ((io.StringIO(), False), (_Terminal(), True)):
+            monkeypatch.setattr(progress_module.sys, "stderr", stderr)
+            with library_bars():
+                assert transformers_logging.is_progress_bar_enabled() is drawn
+                assert list(tqdm(range(3), desc="Loading weights", file=stderr)) == [0, 1, 2]
+            assert transformers_logging.is_progress_bar_enabled()
+            assert ("Loading weights" in stderr.getvalue()) is drawn
+        transformers_logging.disable_progress_bar()  # a setting turned off before is left off
+        with library_bars():
+            pass
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        (transformers_logging.enable_progress_bar if before else transformers_logging.disable_progress_bar)()

@@ -6,11 +6,12 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import contextmanager
 from typing import TypeVar
 
 from catalog_enrichment.types import Say
 
-__all__ = ["HEARTBEAT_SECONDS", "progress"]
+__all__ = ["HEARTBEAT_SECONDS", "library_bars", "progress"]
 
 T = TypeVar("T")
 
@@ -57,3 +58,20 @@ def progress(
             last = now
             of = "" if total is None else f" of {total:,}"
             say(f"{desc}: {done:,}{of} {unit}s, {(now - started) / 60:.1f} min")
+
+
+@contextmanager
+def library_bars() -> Iterator[None]:
+    """Within: transformers' and the Hugging Face hub's own bars (e.g. "Loading weights") drawn on a
+    terminal only, as :func:`progress` draws its own; a scheduler's log gets none of their redraws.
+    Their setting is restored on leaving."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    if enabled and not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()

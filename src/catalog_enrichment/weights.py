@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.progress import library_bars
 
 __all__ = ["IMAGE_CFG_OVERLAY", "check_image_weights", "check_text_model", "write_weights"]
 
@@ -122,7 +123,8 @@ def check_text_model(text_dir: Path) -> dict[str, float]:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
-    model = AutoModel.from_pretrained(str(text_dir)).eval()
+    with library_bars():
+        model = AutoModel.from_pretrained(str(text_dir)).eval()
     sentences = ["a red cotton t-shirt", "red tee made of cotton", "stainless steel kitchen knife"]
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.inference_mode():

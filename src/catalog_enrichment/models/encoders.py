@@ -21,6 +21,7 @@ from catalog_enrichment.data.dataset import transformers_folder
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.models.color import COLOR_FEATURES, color_features
+from catalog_enrichment.progress import library_bars
 
 __all__ = [
     "ImageEncoder",
@@ -85,7 +86,8 @@ class TextEncoder(nn.Module):
         elif cfg.pretrained_path:
             folder = transformers_folder(cfg.pretrained_path, "model.text.pretrained_path")
             try:
-                self.backbone = AutoModel.from_pretrained(str(folder))
+                with library_bars():
+                    self.backbone = AutoModel.from_pretrained(str(folder))
             except (OSError, ValueError) as exc:
                 raise ConfigError(
                     f"model.text.pretrained_path: cannot load a model from {folder}: {exc}"
