@@ -128,6 +128,9 @@ def test_the_same_photo_behind_many_products_urls_is_a_placeholder_training_leav
     assert read_pixels(None, None, 8) == (None, None, None)  # no image: nothing read
     assert shared_images(list("abcde"), digests, 2) == {digests[0]}
     assert shared_images(list("aaade"), digests, 2) == set()  # one product's three rows: not shared
+    # bytes found to be a placeholder before are one on however few products; the limit 0 still rules
+    assert shared_images(list("de"), digests[3:], 2, known={digests[4], "elsewhere"}) == {digests[4]}
+    assert shared_images(list("de"), digests[3:], 0, known={digests[4]}) == set()
     rows = pa.table({"product_id": list("abcde"), "image": [None] * 5, "image_uri": uris})
     _, errors, read_digests = check_images(rows, policy, shared_limit=2)
     assert errors == [IMAGE_SHARED] * 3 + [None, None] and read_digests == digests

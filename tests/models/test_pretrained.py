@@ -387,6 +387,22 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
     pq.write_table(labelled, data)
     back = fill_embedding_store(spark, strict, taxonomy, data, catalog, say=lambda m: None)
     assert (back.reused, back.encoded, back.placeholders) == (n, 0, 0)
+    # once an enrichment run's report names the placeholder's bytes, one product is enough
+    import datetime as dt
+
+    from catalog_enrichment.catalog.reports import PLACEHOLDERS, RunReport
+    from catalog_enrichment.data.images import read_pixels
+
+    digest = read_pixels(hit["image"][0].as_py(), None, 8)[2]
+    found = RunReport(
+        run_id="outage",
+        started_at=dt.datetime.now(dt.UTC),
+        validation_summary=f'{{"{PLACEHOLDERS}": {{"{digest}": 4}}}}',
+    )
+    catalog.upsert_report(found)
+    pq.write_table(pa.concat_tables([hit.slice(0, 1), labelled.filter(pa.array(~first_four))]), data)
+    once = fill_embedding_store(spark, strict, taxonomy, data, catalog, say=lambda m: None)
+    assert (once.encoded, once.stored, once.placeholders) == (1, 0, 1)
 
 
 @pytest.mark.spark

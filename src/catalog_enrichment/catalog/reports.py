@@ -26,6 +26,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 __all__ = [
     "BLOCKED",
     "FULL",
+    "PLACEHOLDERS",
     "RETRY",
     "SEEN",
     "RunReport",
@@ -35,6 +36,7 @@ __all__ = [
     "format_report",
     "last_run",
     "last_watermark",
+    "placeholders_found",
     "read_reports",
     "report_for",
     "set_report_status",
@@ -168,6 +170,14 @@ BLOCKED = "health_blocked"
 # ... and whether it read every product of its scope (--full)
 FULL = "full"
 EXPECTATIONS = "great_expectations"  # the run's GX checkpoint (validation/checkpoint.py)
+# ... and the image digests it found to be placeholders (``image_shared``), with their products
+PLACEHOLDERS = "placeholder_images"
+
+
+def placeholders_found(reports: Iterable[RunReport]) -> set[str]:
+    """The image digests any earlier run found to be placeholders, whatever became of the run: the
+    same bytes are a placeholder again on however few products a later run reads them."""
+    return {str(d) for r in reports for d in r.summary().get(PLACEHOLDERS) or ()}
 
 
 def blocked_why(blocked: Any) -> dict[str, str]:

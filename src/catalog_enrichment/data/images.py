@@ -260,9 +260,11 @@ def shared_images(
     product_ids: Sequence[object] | pa.ChunkedArray,
     digests: Sequence[str | None] | pa.ChunkedArray,
     limit: int,
+    known: Iterable[str] = (),
 ) -> set[str]:
-    """The image digests (:func:`read_pixels`) on more than ``limit`` distinct products: placeholders
-    (none when ``limit`` is 0, the rule off, as ``validation.max_products_per_image`` says)."""
+    """The image digests (:func:`read_pixels`) on more than ``limit`` distinct products, and those of
+    ``known`` (placeholders found before) that are there: placeholders (none when ``limit`` is 0,
+    the rule off, as ``validation.max_products_per_image`` says)."""
     if not limit:
         return set()
     if not isinstance(digests, pa.ChunkedArray):
@@ -273,8 +275,9 @@ def shared_images(
         .group_by("digest")
         .aggregate([("product_id", "count_distinct")])
     )
-    over = per_image.filter(pc.greater(per_image["product_id_count_distinct"], limit))
-    return set(over["digest"].to_pylist())
+    over = pc.greater(per_image["product_id_count_distinct"], limit)
+    again = pc.is_in(per_image["digest"], value_set=pa.array(sorted(set(known)), pa.string()))
+    return set(per_image.filter(pc.or_(over, again))["digest"].to_pylist())
 
 
 _DEFAULT_POLICY = ImagePolicy()

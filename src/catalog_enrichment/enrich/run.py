@@ -24,6 +24,7 @@ from catalog_enrichment.catalog.reports import (
     BLOCKED,
     EXPECTATIONS,
     FULL,
+    PLACEHOLDERS,
     RETRY,
     SEEN,
     RunReport,
@@ -31,6 +32,7 @@ from catalog_enrichment.catalog.reports import (
     check_run_id,
     expectations_line,
     last_run,
+    placeholders_found,
 )
 from catalog_enrichment.catalog.reviews import rejected_values
 from catalog_enrichment.catalog.runs import backfill_plan
@@ -223,6 +225,8 @@ class _Record:
             summary["rejected_by_review"] = self.rejected
         if self.scored is not None and self.scored.encoder is not None:
             summary.update(embeddings_reused=self.scored.reused, embeddings_encoded=self.scored.encoded)
+        if self.scored is not None and self.scored.shared:
+            summary[PLACEHOLDERS] = self.scored.shared
         if self.health is not None:
             summary.update(self.health.summary())
         if self.decisions is not None:
@@ -297,7 +301,7 @@ def _run(
     job.catalog.clear_staging()
     try:
         last = None if full else _resume_from(job, reports, record.partition)
-        _stages(job, record, last, contract, part)
+        _stages(job, record, last, contract, part, placeholders_found(reports))
         record.status = "succeeded"
         return _finish(job, record, client, clock)
     except BaseException as exc:
@@ -314,9 +318,15 @@ def _run(
 
 
 def _stages(
-    job: _Job, run: _Record, last: RunReport | None, contract: Contract, part: Partition | None
+    job: _Job,
+    run: _Record,
+    last: RunReport | None,
+    contract: Contract,
+    part: Partition | None,
+    placeholders: set[str],
 ) -> None:
-    """read -> validate -> breaker -> score + decide -> health -> breaker -> write -> store."""
+    """read -> validate -> breaker -> score + decide -> health -> breaker -> write -> store; the image
+    digests of ``placeholders`` (found by earlier runs) fail their products however few."""
     cfg, say, catalog = job.cfg, job.say, job.catalog
     expect = cfg.validation.great_expectations
     with run.stage("read"):
@@ -368,13 +378,14 @@ def _stages(
             job.staging,
             store=store,
             max_products_per_image=cfg.validation.max_products_per_image,
+            placeholders=placeholders,
         )
         if scored.shared:
             most = sorted(scored.shared.items(), key=lambda kv: (-kv[1], kv[0]))
             named = ", ".join(f"{d[:16]}… on {n:,}" for d, n in most[:3])
             say(f"  {IMAGE_SHARED}: {sum(scored.shared.values()):,} products' photos, as read, are "
                 f"placeholders, one image on more than {cfg.validation.max_products_per_image} products "
-                f"({named}); quarantined, read again by the next run")  # fmt: skip
+                f"or found by an earlier run ({named}); quarantined, read again by the next run")  # fmt: skip
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say)
     with run.stage("decide"):
         run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)

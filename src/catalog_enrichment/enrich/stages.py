@@ -218,12 +218,14 @@ def score(
     *,
     store: tuple[Catalog, str] | None = None,
     max_products_per_image: int = 0,
+    placeholders: Iterable[str] = (),
 ) -> Scored:
     """Score and decide the valid rows on the executors as ``spec`` says (:func:`scoring_spec`);
     stage the decisions; read them back. The same image bytes read for more than
     ``max_products_per_image`` products (a placeholder behind their own URLs, which validation
-    cannot see) fail those products as :data:`IMAGE_SHARED`: nothing written for them, no vector
-    stored, and later runs read them again.
+    cannot see), or bytes with a digest of ``placeholders`` (found by earlier runs) on however
+    few, fail those products as :data:`IMAGE_SHARED`: nothing written for them, no vector stored,
+    and later runs read them again.
 
     With the embedding store (``store``: the catalog and the model's encoder fingerprint), the valid
     rows are joined to the catalog's stored vectors of the model's encoders first, and the vectors
@@ -241,9 +243,9 @@ def score(
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(scores))
     table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
     shared: dict[str, int] = {}
-    placeholders = shared_images(table["product_id"], table["image_digest"], max_products_per_image)
-    if placeholders:
-        mark_shared_images(spark, scores, sorted(placeholders))
+    found = shared_images(table["product_id"], table["image_digest"], max_products_per_image, placeholders)
+    if found:
+        mark_shared_images(spark, scores, sorted(found))
         table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
         marked = table.filter(pc.equal(table["image_error"], IMAGE_SHARED))
         shared = dict(Counter(marked["image_digest"].to_pylist()))

@@ -497,18 +497,20 @@ def encode_dataframe(products: DataFrame, spec: ScoringSpec, counters: ScoringCo
     return products.select(*present).mapInArrow(encode_partition, from_arrow_schema(ENCODED_SCHEMA))
 
 
-def shared_image_digests(staged: DataFrame, limit: int) -> list[str]:
+def shared_image_digests(staged: DataFrame, limit: int, known: Iterable[str] = ()) -> list[str]:
     """The image digests of the staged rows of ``staged`` (scores or encodings) on more than
-    ``limit`` distinct products whose image was read: placeholders (none when ``limit`` is 0)."""
+    ``limit`` distinct products whose image was read, and those of ``known`` (placeholders found
+    before) that are there: placeholders (none when ``limit`` is 0)."""
     from pyspark.sql import functions as F
 
     if not limit:
         return []
+    again = sorted(set(known))
     rows = (
         staged.where(F.col("image_digest").isNotNull())
         .groupBy("image_digest")
         .agg(F.countDistinct("product_id").alias("_products"))
-        .where(F.col("_products") > limit)
+        .where((F.col("_products") > limit) | F.col("image_digest").isin(again))
         .select("image_digest")
         .collect()
     )

@@ -11,9 +11,9 @@ their own (heads never calibrated, nothing decided), where the scoring tasks' pr
 encoders run. A product whose stored vector has the same content digest is not encoded again; one
 whose image does not decode is counted and left out (training and the enrichment job decide what
 happens to it), and so is one whose image bytes are on more than ``validation.max_products_per_image``
-products of the table: a placeholder (a CDN's outage image behind the products' own URLs), whose
-vector every later run would otherwise fuse in place of the photo. The catalog's lock is held for
-the whole job, as a backfill does.
+products of the table, or are bytes an enrichment run found to be a placeholder: a CDN's outage image
+behind the products' own URLs, whose vector every later run would otherwise fuse in place of the
+photo. The catalog's lock is held for the whole job, as a backfill does.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.catalog.base import Catalog
 from catalog_enrichment.catalog.products import read_products
+from catalog_enrichment.catalog.reports import placeholders_found
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import IMAGE_SHARED, Taxonomy, load_contract
 from catalog_enrichment.data.dataset import build_tokenizer
@@ -150,7 +151,9 @@ def fill_embedding_store(
                 counters = ScoringCounters.create(spark)
                 encode_dataframe(products, spec, counters).write.parquet(str(staging / "encoded"))
                 encoded = spark.read.parquet(str(staging / "encoded"))
-                shared = shared_image_digests(encoded, cfg.validation.max_products_per_image)
+                shared = shared_image_digests(
+                    encoded, cfg.validation.max_products_per_image, placeholders_found(catalog.read_reports())
+                )
                 if shared:
                     mark_shared_images(spark, staging / "encoded", shared)
                     encoded = spark.read.parquet(str(staging / "encoded"))
