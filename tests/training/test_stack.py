@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,42 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     for attr in taxonomy.outputs:
         np.testing.assert_allclose(again.probs[attr.name], served[attr.name], atol=1e-5)
     assert embedding.storable(bundle.model)
+
+
+def _held(megabytes: int) -> int:
+    """A worker task that keeps ``megabytes`` of memory for the rest of its process's life (as a
+    worker that read other memory-mapped blocks does); returns the worker's pid."""
+    import builtins
+    import os
+
+    builtins.__dict__.setdefault("_held_by_test", []).append(np.ones(megabytes << 17))
+    time.sleep(1.1)  # loky checks a worker's memory at most once a second
+    return os.getpid()
+
+
+@pytest.mark.timeout(120)
+def test_loky_replacing_a_grown_worker_loses_no_fit_and_its_warning_stays_out_of_the_log() -> None:
+    import warnings
+
+    from joblib import Parallel, delayed
+
+    from catalog_enrichment.training.stack import _quiet_worker_restarts
+
+    def run() -> tuple[list[int], list[str]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with _quiet_worker_restarts():
+                pids = list(Parallel(n_jobs=2, return_as="generator")(delayed(_held)(400) for _ in range(6)))
+                warnings.warn("another warning", UserWarning, stacklevel=1)
+        return pids, [str(w.message) for w in caught]
+
+    try:
+        pids, said = run()
+    finally:  # the workers, each holding 400 MB or more, stopped now, not at loky's idle timeout
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)
+    # each worker grew by 400 MB after its first task: loky replaced it (more than two pids), every
+    # task's result came back, and only its own warning was kept out
+    assert len(pids) == 6 and len(set(pids)) > 2
+    assert said == ["another warning"]

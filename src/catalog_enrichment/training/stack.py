@@ -22,7 +22,9 @@ thresholds are computed on scores of the predictor that serves, not on a differe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +58,8 @@ _META_L2 = 1e-3
 _ABSENT = -20.0  # the logit of a value no product of a fold's training rows has
 _MAX_ITER, _TOL = 200, 1e-4  # L-BFGS's iterations and gradient tolerance (scikit-learn's defaults)
 _JOBS = 2  # (attribute, block) fits side by side, one core each
+# what joblib's loky warns when it replaces a worker (see _quiet_worker_restarts)
+_WORKER_RESTART = "A worker stopped while some jobs were given to the executor"
 
 
 @dataclass
@@ -170,6 +174,18 @@ def _fit_linear(
     w[:, ~live.numpy()] = 0.0
     b[~live.numpy()] = fixed[~live].numpy()
     return w, b
+
+
+@contextmanager
+def _quiet_worker_restarts() -> Iterator[None]:
+    """Within: loky's warning that it replaced a worker, not passed on to the job's log. loky starts
+    a new worker in place of one whose resident memory grew by 300 MB since its first task and warns
+    "A worker stopped while some jobs were given to the executor ... or by a memory leak"; a fit's
+    worker grows that much by reading other blocks (memory-mapped by joblib) and keeping freed torch
+    buffers, not by a leak, and the worker sends its result before it stops: no fit is lost."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_WORKER_RESTART, category=UserWarning)
+        yield
 
 
 def _fit_block(
@@ -335,18 +351,21 @@ def fit_stack(
         ((k, b) for k in range(len(targets)) for b in range(len(STACK_BLOCKS))),
         key=lambda j: -_cost(blocks[STACK_BLOCKS[j[1]]], targets[j[0]]),
     )
-    fitted = Parallel(n_jobs=_JOBS, return_as="generator")(
-        delayed(_fit_block)(blocks[STACK_BLOCKS[b]][train], targets[k], fold_rows, penalties) for k, b in jobs
-    )
-    for (k, b), (c, held, scores, fits, seconds) in zip(jobs, fitted, strict=True):
-        name, block = taxonomy.names[k], STACK_BLOCKS[b]
-        lo, hi = fusion.offsets[k], fusion.offsets[k + 1]
-        z[k][b] = scores
-        chosen[name][block] = c
-        weight, bias = served[block]
-        weight[:, lo:hi] = np.mean([w for w, _ in fits], axis=0)
-        bias[lo:hi] = np.mean([bb for _, bb in fits], axis=0)
-        say(f"stack: {name} / {block}: C {c:g}, out-of-fold average precision {held:.3f} ({seconds:.0f} s)")
+    with _quiet_worker_restarts():
+        fitted = Parallel(n_jobs=_JOBS, return_as="generator")(
+            delayed(_fit_block)(blocks[STACK_BLOCKS[b]][train], targets[k], fold_rows, penalties)
+            for k, b in jobs
+        )
+        for (k, b), (c, held, scores, fits, seconds) in zip(jobs, fitted, strict=True):
+            name, block = taxonomy.names[k], STACK_BLOCKS[b]
+            lo, hi = fusion.offsets[k], fusion.offsets[k + 1]
+            z[k][b] = scores
+            chosen[name][block] = c
+            weight, bias = served[block]
+            weight[:, lo:hi] = np.mean([w for w, _ in fits], axis=0)
+            bias[lo:hi] = np.mean([bb for _, bb in fits], axis=0)
+            say(f"stack: {name} / {block}: C {c:g}, out-of-fold average precision {held:.3f} "
+                f"({seconds:.0f} s)")  # fmt: skip
     for k, attr in enumerate(taxonomy):
         lo, hi = fusion.offsets[k], fusion.offsets[k + 1]
         target = targets[k]
