@@ -144,3 +144,36 @@ def test_streamed_pretraining_reads_record_batches_learns_and_gives_the_same_enc
     assert runs[0].losses == runs[1].losses
     weights = [(tmp_path / f"{method}-{i}" / "model.safetensors").read_bytes() for i in range(2)]
     assert weights[0] == weights[1]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_convirt_leaves_placeholders_out_as_training_does(
+    streamed: bool, taxonomy: Taxonomy, tmp_path: Path
+) -> None:
+    """40 products whose photo is one grey tile (over the limit of 20) are not their own photos'
+    positives: ConVIRT leaves them out, in memory and streamed, and trains on the others."""
+    import pyarrow.compute as pc
+
+    from catalog_enrichment.bench.drift import placeholder_images
+    from catalog_enrichment.training.stream import arrow_source
+
+    table = _products(200, taxonomy)
+    photo = pc.is_valid(table["image"]).to_pylist()
+    hit = [i for i, p in enumerate(photo) if p][:40]
+    tiled = placeholder_images(table.take(hit))
+    rest = table.take([i for i in range(table.num_rows) if i not in set(hit)])
+    data = pa.concat_tables([tiled, rest])
+    lines: list[str] = []
+    result = pretrain_text(
+        arrow_source(data, batch_rows=50) if streamed else data,
+        tiny_config(training={"streaming": {"enabled": streamed, "shuffle_rows": 64}}),
+        PretrainOptions("convirt", epochs=1),
+        out=tmp_path / "convirt",
+        progress=lines.append,
+    )
+    assert result.products == sum(photo) - 40
+    assert (
+        f"convirt: {sum(photo) - 40:,} of 200 products have a usable image (placeholder images left out: 1)"
+        in "\n".join(lines)
+    )

@@ -320,11 +320,13 @@ def check_images(
     return ProductInputs.of(rows, errors, tones), errors, digests
 
 
-def usable_images(rows: pa.Table | pa.RecordBatch, policy: ImagePolicy) -> np.ndarray:
+def usable_images(
+    rows: pa.Table | pa.RecordBatch, policy: ImagePolicy
+) -> tuple[np.ndarray, list[str | None]]:
     """Which rows have an image that can be used (present, and :func:`check_images` finds nothing
-    wrong with it): what pre-training on images reads."""
-    inputs, errors, _ = check_images(rows, policy)
-    return np.asarray(inputs.image_present, bool) & np.array([e is None for e in errors], bool)
+    wrong with it), what pre-training on images reads, and each row's image digest (None: none read)."""
+    inputs, errors, digests = check_images(rows, policy)
+    return np.asarray(inputs.image_present, bool) & np.array([e is None for e in errors], bool), digests
 
 
 def decode_image(

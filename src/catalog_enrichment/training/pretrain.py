@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,14 +40,19 @@ from catalog_enrichment.data.dataset import (
     build_tokenizer,
     canonical_order,
 )
-from catalog_enrichment.data.images import ImagePolicy, usable_images
+from catalog_enrichment.data.images import ImagePolicy, shared_images, usable_images
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.models.encoders import ImageEncoder, TextEncoder
 from catalog_enrichment.models.model import deterministic_algorithms
 from catalog_enrichment.progress import progress
 from catalog_enrichment.training.fit import Optimisation
-from catalog_enrichment.training.stream import Source, unlabelled_rows
+from catalog_enrichment.training.stream import (
+    Source,
+    digest_prefix,
+    placeholder_prefixes,
+    unlabelled_rows,
+)
 from catalog_enrichment.types import Say
 
 __all__ = ["PretrainResult", "contrastive_loss", "pretrain_text"]
@@ -125,9 +130,11 @@ def _in_memory(
     rows = np.arange(len(records))
     image_encoder = ImageEncoder(cfg.model.image).to(device) if method == "convirt" else None
     prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
-    if image_encoder is not None:
-        rows = rows[usable_images(ordered, policy)]
-        say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image")
+    if image_encoder is not None:  # and is not a placeholder: the same bytes on many products
+        usable, digests = usable_images(ordered, policy)
+        shared = shared_images(records.product_id, digests, cfg.validation.max_products_per_image)
+        rows = rows[usable & np.array([d not in shared for d in digests], bool)]
+        say(f"convirt: {rows.size:,} of {len(records):,} products have a usable image{_placeholders(shared)}")
     seed = cfg.training.seed
 
     def loader(collator: Collator, batch_size: int) -> DataLoader:
@@ -154,25 +161,38 @@ def _streamed(
     prep = image_encoder.preprocessing if image_encoder is not None else ImagePreprocessing(size=1)
     view = _pretraining_view(source, image_encoder is not None)
     usable, texts = 0, []
+    prefixes = [np.zeros(0, np.uint64)]  # the usable images' digest prefixes, 8 bytes a product
     for batch in view.batches():
         if image_encoder is not None:
-            batch = batch.filter(pa.array(usable_images(batch, policy)))
+            keep, digests = usable_images(batch, policy)
+            batch = batch.filter(pa.array(keep))
+            prefixes.append(
+                np.array([digest_prefix(d) for d, k in zip(digests, keep, strict=True) if k], np.uint64)
+            )
         usable += batch.num_rows
         if not cfg.model.text.pretrained_path:  # the tokenizer is trained on these texts
             titles, descriptions = batch.column("title").to_pylist(), batch.column("description").to_pylist()
             texts += [f"{t or ''} {d or ''}" for t, d in zip(titles, descriptions, strict=True)]
+    # placeholders (the same bytes on many products) left out, as streamed training leaves them out
+    every = np.concatenate(prefixes)
+    shared = placeholder_prefixes(every, cfg.validation.max_products_per_image)
+    usable -= int(np.isin(every, np.fromiter(shared, np.uint64, len(shared))).sum())
     if image_encoder is not None:
-        say(f"convirt: {usable:,} of {source.rows:,} products have a usable image")
+        say(f"convirt: {usable:,} of {source.rows:,} products have a usable image{_placeholders(shared)}")
     streaming = cfg.training.streaming
 
     def loader(collator: Collator, batch_size: int) -> DataLoader:
         rows = unlabelled_rows(
             view, policy, prep, seed=cfg.training.seed, take=usable // batch_size * batch_size,
-            shuffle_rows=streaming.shuffle_rows,
+            shuffle_rows=streaming.shuffle_rows, shared=shared,
         )  # fmt: skip
         return DataLoader(rows, batch_size=batch_size, drop_last=True, collate_fn=collator)
 
     return _Input(usable, texts, image_encoder, loader)
+
+
+def _placeholders(shared: Collection[object]) -> str:
+    return f" (placeholder images left out: {len(shared):,})" if shared else ""
 
 
 def _pretraining_view(source: Source, images: bool) -> Source:

@@ -71,7 +71,9 @@ __all__ = [
     "Survey",
     "TrainingRows",
     "arrow_source",
+    "digest_prefix",
     "group_of",
+    "placeholder_prefixes",
     "rank_of",
     "split_of",
     "survey",
@@ -247,13 +249,13 @@ class _Reader:
     taxonomy: Taxonomy
     policy: ImagePolicy
     preprocessing: ImagePreprocessing
-    shared: frozenset[int] = frozenset()  # the survey's placeholders (:func:`_prefix`): left out
+    shared: frozenset[int] = frozenset()  # the survey's placeholders (:func:`digest_prefix`): left out
 
     def pixels(
         self, image: bytes | None, uri: str | None, prep: ImagePreprocessing
     ) -> tuple[np.ndarray | None, str | None]:
         pixels, error, digest = read_pixels(image, uri, prep.size, prep.interpolation, self.policy)
-        if error is None and _prefix(digest) in self.shared:
+        if error is None and digest_prefix(digest) in self.shared:
             return None, IMAGE_SHARED
         return pixels, error
 
@@ -281,7 +283,7 @@ class _Reader:
         ``shared``), with their images' digest prefixes (0: no image); every product's inputs (image
         state and colour balance included) counted in ``inputs``, the others' reasons in ``unusable``."""
         products, errors, digests = check_images(batch, self.policy)
-        prefixes = np.array([_prefix(d) for d in digests], np.uint64)
+        prefixes = np.array([digest_prefix(d) for d in digests], np.uint64)
         if self.shared:
             errors = [
                 IMAGE_SHARED if e is None and int(p) in self.shared else e
@@ -294,10 +296,19 @@ class _Reader:
         return batch.filter(pa.array(keep)), prefixes[keep]
 
 
-def _prefix(digest: str | None) -> int:
+def digest_prefix(digest: str | None) -> int:
     """An image digest's first 8 bytes as an integer (0: no image): what the survey counts products
     per image by, 8 bytes a row however large the table."""
     return 0 if digest is None else int(digest[:16], 16)
+
+
+def placeholder_prefixes(prefixes: np.ndarray, limit: int) -> frozenset[int]:
+    """The image digest prefixes (:func:`digest_prefix`; 0, no image, never) on more than ``limit``
+    of the products ``prefixes`` holds one each of: placeholders (none when ``limit`` is 0)."""
+    if not limit:
+        return frozenset()
+    images, counts = np.unique(prefixes[prefixes != 0], return_counts=True)
+    return frozenset(int(p) for p in images[counts > limit])
 
 
 class TrainingRows(IterableDataset[dict[str, Any]]):
@@ -362,10 +373,12 @@ def unlabelled_rows(
     seed: int,
     take: int,
     shuffle_rows: int,
+    shared: frozenset[int] = frozenset(),
 ) -> TrainingRows:
     """Every usable row of an unlabelled table, ``take`` per epoch, through the seeded shuffle buffer
-    (pre-training's epochs: no split, no labels read)."""
-    reader = _Reader(source, Taxonomy({}, source="unlabelled"), policy, preprocessing)
+    (pre-training's epochs: no split, no labels read); those whose image is a placeholder of
+    ``shared`` (:func:`placeholder_prefixes`) left out."""
+    reader = _Reader(source, Taxonomy({}, source="unlabelled"), policy, preprocessing, shared)
     every = _Selection(seed, (0.0, 0.0, 0.0), TRAIN)
     return TrainingRows(reader, every, take=take, shuffle_rows=shuffle_rows)
 
@@ -464,8 +477,7 @@ def survey(
         inputs.baseline(),
     )
     every = np.concatenate(prefixes)
-    images, counts = np.unique(every[every != 0], return_counts=True)
-    shared = frozenset(int(p) for p in images[counts > shared_limit]) if shared_limit else frozenset()
+    shared = placeholder_prefixes(every, shared_limit)
     if shared:
         out = np.isin(every, np.fromiter(shared, np.uint64, len(shared)))
         found = _without(found, ~out)
