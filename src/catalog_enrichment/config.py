@@ -705,9 +705,9 @@ class ValidationConfig(_Section):
         description="The same image bytes (or image_uri) on more products of one run is a placeholder - "
         "a CDN's outage image, a 'no image' tile - not their photo: those products are quarantined "
         "(image_shared) and read again by the next runs. The bytes read from the products' own URLs "
-        "are counted again when scored; bytes an earlier run found to be a placeholder (its report's "
-        "placeholder_images) are one again on however few products. embeddings --fill and training "
-        "apply the same limit. 0 turns the rule off.",
+        "are counted again when scored; bytes an earlier run found on more products than this (its "
+        "report's placeholder_images) are a placeholder again on however few. embeddings --fill and "
+        "training apply the same limit. 0 turns the rule off.",
     )
     max_title_length: int = Field(300, gt=0)
     max_description_length: int = Field(5000, gt=0)

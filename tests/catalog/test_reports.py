@@ -12,11 +12,13 @@ import pytest
 
 from catalog_enrichment.catalog.reports import (
     BLOCKED,
+    PLACEHOLDERS,
     RunReport,
     check_run_id,
     format_report,
     last_run,
     last_watermark,
+    placeholders_found,
     read_reports,
     report_for,
     set_report_status,
@@ -90,6 +92,26 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     blocked = run("cdn", 2, {"color": "input image tone failed"})
     blocked.add_to_summary(health=[], health_failures=["image tone PSI 3.0"])
     assert "blocked      color: input image tone failed" in format_report(blocked)
+
+
+def test_a_placeholder_once_found_is_known_while_the_limit_stays_under_its_count() -> None:
+    def run(run_id: str, status: str, found: dict[str, int] | None) -> RunReport:
+        r = RunReport(run_id=run_id, status=status, started_at=T)
+        if found is not None:
+            r.add_to_summary(**{PLACEHOLDERS: found})
+        return r
+
+    # an outage's tile on 30 products, a stock photo on 25, the tile again on 5 a later night; a
+    # failed or rolled-back run's evidence counts as well (the bytes stay what they were)
+    reports = [
+        run("outage", "failed", {"tile": 30, "stock": 25}),
+        run("later", "rolled_back", {"tile": 5}),
+        run("clean", "succeeded", None),
+    ]
+    assert placeholders_found(reports, 20) == {"tile", "stock"}
+    assert placeholders_found(reports, 25) == {"tile"}  # the stock photo's products let through
+    assert placeholders_found(reports, 30) == set() == placeholders_found(reports, 0)  # 0: rule off
+    assert placeholders_found([], 20) == set()
 
 
 def test_no_reports_yet_is_a_clear_error(tmp_path: Path) -> None:

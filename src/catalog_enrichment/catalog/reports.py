@@ -174,10 +174,14 @@ EXPECTATIONS = "great_expectations"  # the run's GX checkpoint (validation/check
 PLACEHOLDERS = "placeholder_images"
 
 
-def placeholders_found(reports: Iterable[RunReport]) -> set[str]:
-    """The image digests any earlier run found to be placeholders, whatever became of the run: the
-    same bytes are a placeholder again on however few products a later run reads them."""
-    return {str(d) for r in reports for d in r.summary().get(PLACEHOLDERS) or ()}
+def placeholders_found(reports: Iterable[RunReport], limit: int) -> set[str]:
+    """The image digests some earlier run found on more than ``limit`` products (today's
+    ``validation.max_products_per_image``), whatever became of the run: the same bytes are a
+    placeholder again on however few products a later run reads them. A limit raised above a
+    digest's count (a stock photo many products really share) lets its products through again."""
+    if not limit:
+        return set()
+    return {str(d) for r in reports for d, n in (r.summary().get(PLACEHOLDERS) or {}).items() if n > limit}
 
 
 def blocked_why(blocked: Any) -> dict[str, str]:

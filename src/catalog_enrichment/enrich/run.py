@@ -301,7 +301,8 @@ def _run(
     job.catalog.clear_staging()
     try:
         last = None if full else _resume_from(job, reports, record.partition)
-        _stages(job, record, last, contract, part, placeholders_found(reports))
+        found = placeholders_found(reports, job.cfg.validation.max_products_per_image)
+        _stages(job, record, last, contract, part, found)
         record.status = "succeeded"
         return _finish(job, record, client, clock)
     except BaseException as exc:

@@ -151,9 +151,9 @@ def fill_embedding_store(
                 counters = ScoringCounters.create(spark)
                 encode_dataframe(products, spec, counters).write.parquet(str(staging / "encoded"))
                 encoded = spark.read.parquet(str(staging / "encoded"))
-                shared = shared_image_digests(
-                    encoded, cfg.validation.max_products_per_image, placeholders_found(catalog.read_reports())
-                )
+                limit = cfg.validation.max_products_per_image
+                known = placeholders_found(catalog.read_reports(), limit)
+                shared = shared_image_digests(encoded, limit, known)
                 if shared:
                     mark_shared_images(spark, staging / "encoded", shared)
                     encoded = spark.read.parquet(str(staging / "encoded"))
