@@ -705,8 +705,8 @@ class ValidationConfig(_Section):
         description="The same image bytes (or image_uri) on more products of one run is a placeholder - "
         "a CDN's outage image, a 'no image' tile - not their photo: those products are quarantined "
         "(image_shared) and read again by the next runs. The bytes read from the products' own URLs "
-        "are counted again when scored; bytes an earlier run found on more products than this (its "
-        "report's placeholder_images) are a placeholder again on however few. embeddings --fill and "
+        "are counted again when scored; an image an earlier run found on more products than this (its "
+        "report's placeholder_images) is a placeholder again on however few. embeddings --fill and "
         "training apply the same limit. 0 turns the rule off.",
     )
     max_title_length: int = Field(300, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 
 import pyarrow as pa
 import pytest
@@ -159,10 +160,20 @@ def test_an_image_on_more_products_than_the_limit_is_a_placeholder_and_only_thos
     ]
     data = [(pid, "Shirt", None, image, uri, None, None, T, D) for pid, image, uri in rows]
     frame = spark.createDataFrame(data, schema)
-    assert shared_image_rules(frame, 0) == []  # off
-    assert shared_image_rules(frame, 22) == []  # none on more than 22 products: a clean run's answer
-    [rule] = shared_image_rules(frame, 20)
+    assert shared_image_rules(frame, 0) == ([], {})  # off
+    assert shared_image_rules(frame, 22) == ([], {})  # none on more than 22 products: a clean run's answer
+    [rule], found = shared_image_rules(frame, 20)
     assert rule.name == "image_shared" and rule.transient and "on 22" in rule.description
+    key = f"sha256:{hashlib.sha256(placeholder).hexdigest()}"
+    assert found == {key: 22, f"uri:{tile}": 21}
+    # what an earlier run found is a placeholder on however few products, while the limit is on
+    [known], again = shared_image_rules(frame, 22, known={key, "uri:https://cdn/gone.png"})
+    assert again == {key: 22}
+    assert shared_image_rules(frame, 0, known={key}) == ([], {})
+    marked = check_rows(frame, [known]).collect()
+    assert sorted(r["product_id"] for r in marked if r["_reasons"]) == sorted(
+        ["again", "again", *(f"cdn-{i}" for i in range(21))]
+    )
     rules = [*build_rules(load_contract("products"), ValidationConfig(), NOW), rule]
     checked = check_rows(frame, rules).collect()
     flagged = sorted({r["product_id"] for r in checked if "image_shared" in r["_reasons"]})

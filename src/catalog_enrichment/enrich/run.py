@@ -160,6 +160,7 @@ class _Record:
     validated: Validated | None = None
     seen_next: list[tuple[str, int]] | None = None
     rejected: int = 0
+    placeholders: dict[str, int] = field(default_factory=dict)  # images validation found shared
     scored: Scored | None = None
     health: RunHealth | None = None
     decisions: Decisions | None = None
@@ -225,8 +226,9 @@ class _Record:
             summary["rejected_by_review"] = self.rejected
         if self.scored is not None and self.scored.encoder is not None:
             summary.update(embeddings_reused=self.scored.reused, embeddings_encoded=self.scored.encoded)
-        if self.scored is not None and self.scored.shared:
-            summary[PLACEHOLDERS] = self.scored.shared
+        found = {**self.placeholders, **(self.scored.shared if self.scored is not None else {})}
+        if found:
+            summary[PLACEHOLDERS] = found
         if self.health is not None:
             summary.update(self.health.summary())
         if self.decisions is not None:
@@ -326,8 +328,9 @@ def _stages(
     part: Partition | None,
     placeholders: set[str],
 ) -> None:
-    """read -> validate -> breaker -> score + decide -> health -> breaker -> write -> store; the image
-    digests of ``placeholders`` (found by earlier runs) fail their products however few."""
+    """read -> validate -> breaker -> score + decide -> health -> breaker -> write -> store; the
+    images of ``placeholders`` (found by earlier runs: validation's keys, the scoring pass's
+    digests) fail their products however few."""
     cfg, say, catalog = job.cfg, job.say, job.catalog
     expect = cfg.validation.great_expectations
     with run.stage("read"):
@@ -346,7 +349,9 @@ def _stages(
             _expected(job, run, checkpoint)
         with run.stage("validate"):
             rules = build_rules(contract, cfg.validation, run.started_at, got.df.columns)
-            for rule in (shared := shared_image_rules(got.df, cfg.validation.max_products_per_image)):
+            limit = cfg.validation.max_products_per_image
+            shared, run.placeholders = shared_image_rules(got.df, limit, placeholders)
+            for rule in shared:
                 say(f"  {rule.name}: {rule.description}; quarantined, read again by the next run")
             rules += shared
             run.validated = validated = validate(got.df, rules, run.started_at, say)

@@ -29,7 +29,7 @@ table on the driver), and :func:`check_rows` joins them back to mark each row.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import TYPE_CHECKING, Any
@@ -106,41 +106,46 @@ def build_rules(
 MAX_SHARED_IMAGES = 1000  # placeholders named in one run at most (each is on many products)
 
 
-def shared_image_rules(df: DataFrame, limit: int) -> list[Rule]:
+def shared_image_rules(
+    df: DataFrame, limit: int, known: Iterable[str] = ()
+) -> tuple[list[Rule], dict[str, int]]:
     """``[image_shared]`` when an image is on more than ``limit`` distinct products of ``df`` (one
-    Spark job reading the image bytes: their SHA-256, or the ``image_uri`` of a row without bytes);
-    ``[]`` when none is (or ``limit`` is 0: the rule is off), so a clean run's other passes read no
-    image for it. The shared images (at most :data:`MAX_SHARED_IMAGES`, most used first) are named
-    in the rule's description, for the run's log."""
+    Spark job reading the image bytes: their SHA-256, or the ``image_uri`` of a row without bytes),
+    or is one of ``known`` (images an earlier run found on more: :func:`_image_key`'s keys) on
+    however few; ``[]`` when none is (or ``limit`` is 0: the rule is off), so a clean run's other
+    passes read no image for it. With the rules, the images found (at most
+    :data:`MAX_SHARED_IMAGES`, most used first) and their products, also named in the rule's
+    description for the run's log."""
     from pyspark.sql import functions as F
 
     if not limit or not {"image", "image_uri"} & set(df.columns):
-        return []
+        return [], {}
     counted = (
         df.where(F.col("product_id").isNotNull())
         .select("product_id", _image_key(df.columns).alias("_image"))
         .where(F.col("_image").isNotNull())
         .groupBy("_image")
         .agg(F.countDistinct("product_id").alias("_products"))
-        .where(F.col("_products") > limit)
+        .where((F.col("_products") > limit) | F.col("_image").isin(sorted(set(known))))
         .orderBy(F.desc("_products"), "_image")
         .limit(MAX_SHARED_IMAGES)
         .collect()
     )
     if not counted:
-        return []
-    keys = [r["_image"] for r in counted]
-    named = ", ".join(f"{k[:16]}… on {r['_products']:,}" for k, r in zip(keys[:3], counted, strict=False))
-    return [
-        Rule(
-            IMAGE_SHARED,
-            f"the image is on more than {limit} products of the run: a placeholder ({named})",
-            "image",
-            lambda: _image_key(df.columns).isin(keys),
-            None,  # decided by other rows; GX has no expectation for it
-            transient=True,
-        )
-    ]
+        return [], {}
+    found = {r["_image"]: int(r["_products"]) for r in counted}
+    keys = list(found)
+    named = ", ".join(f"{k[:16]}… on {n:,}" for k, n in list(found.items())[:3])
+    rule = Rule(
+        IMAGE_SHARED,
+        f"the image is on more than {limit} products of the run, or an earlier run found it so: a "
+        f"placeholder ({named})",
+        "image",
+        lambda: _image_key(df.columns).isin(keys),
+        None,  # decided by other rows; GX has no expectation for it
+        transient=True,
+    )
+    return [rule], found
 
 
 def _image_key(columns: Sequence[str]) -> Any:
