@@ -58,10 +58,11 @@ def test_on_a_terminal_tqdm_draws_the_bar_and_nothing_is_said(monkeypatch) -> No
 
 
 def test_transformers_loading_bar_is_drawn_on_a_terminal_only_and_its_setting_restored(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import utils as hub
     from transformers.utils import logging as transformers_logging
     from transformers.utils.logging import tqdm
 
-    before = transformers_logging.is_progress_bar_enabled()
+    before, hub_before = transformers_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
     transformers_logging.enable_progress_bar()
     try:
         for stderr, drawn in ((io.StringIO(), False), (_Terminal(), True)):
@@ -75,5 +76,14 @@ def test_transformers_loading_bar_is_drawn_on_a_terminal_only_and_its_setting_re
         with library_bars():
             pass
         assert not transformers_logging.is_progress_bar_enabled()
+        # the hub's bars turned off on their own stay off, whether or not transformers' were changed
+        transformers_logging.enable_progress_bar()
+        for stderr in (io.StringIO(), _Terminal()):
+            hub.disable_progress_bars()
+            monkeypatch.setattr(progress_module.sys, "stderr", stderr)
+            with library_bars():
+                pass
+            assert hub.are_progress_bars_disabled() and transformers_logging.is_progress_bar_enabled()
     finally:
         (transformers_logging.enable_progress_bar if before else transformers_logging.disable_progress_bar)()
+        (hub.disable_progress_bars if hub_before else hub.enable_progress_bars)()

@@ -65,13 +65,17 @@ def library_bars() -> Iterator[None]:
     """Within: transformers' and the Hugging Face hub's own bars (e.g. "Loading weights") drawn on a
     terminal only, as :func:`progress` draws its own; a scheduler's log gets none of their redraws.
     Their setting is restored on leaving."""
+    from huggingface_hub import utils as hub
     from transformers.utils import logging as transformers_logging
 
-    enabled = transformers_logging.is_progress_bar_enabled()
-    if enabled and not sys.stderr.isatty():
+    hub_off = hub.are_progress_bars_disabled()
+    turned_off = transformers_logging.is_progress_bar_enabled() and not sys.stderr.isatty()
+    if turned_off:
         transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if enabled:
-            transformers_logging.enable_progress_bar()
+        if turned_off:
+            transformers_logging.enable_progress_bar()  # turns the hub's on as well
+            if hub_off:
+                hub.disable_progress_bars()
