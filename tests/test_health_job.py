@@ -21,6 +21,7 @@ from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.cli import main
 from catalog_enrichment.config import AppConfig
+from catalog_enrichment.contracts import image_key
 from catalog_enrichment.data.images import decode_image
 from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.versions import ModelVersion
@@ -321,6 +322,7 @@ def test_a_placeholder_behind_the_products_own_urls_is_quarantined_and_never_sto
     # nothing is written for them (their stored vectors are of the old URLs: not fused)
     (digest,) = outage["placeholder_images"]
     assert outage["placeholder_images"] == {digest: len(hit)} and "placeholder_images" not in back
+    assert digest == image_key(placeholder_bytes)  # as validation names the bytes inline: one key
     rows = [clean["product_id"].to_pylist().index(p) for p in sorted(hit & written("back"))[:5]]
     new = [str(photos / f"new-{i}.jpg") for i in rows]
     for uri in new:

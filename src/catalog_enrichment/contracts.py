@@ -11,6 +11,7 @@ pyspark is imported lazily, so the Arrow side works where no JVM is around.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTRACT_NAMES",
     "IMAGE_DECODABLE",
+    "IMAGE_KEY",
     "IMAGE_READABLE",
     "IMAGE_SHARED",
     "IMAGE_URI_ALLOWED",
@@ -41,6 +43,7 @@ __all__ = [
     "FieldSpec",
     "Taxonomy",
     "arrow_type",
+    "image_key",
     "load_contract",
     "load_taxonomy",
     "schemas_dir",
@@ -55,11 +58,20 @@ IMAGE_WITHIN_LIMITS = "image_within_limits"  # over images.max_bytes or images.m
 # The one quarantine reason about images decided before scoring: the same image on many products of
 # a run (a CDN's placeholder, a "no image" tile), found by validation.rules.shared_image_rules.
 IMAGE_SHARED = "image_shared"
+# What names an image's bytes wherever they are read (inline by validation's Spark job, or behind
+# image_uri by the scoring pass), so that a placeholder either one finds is known to the other.
+IMAGE_KEY = "sha256:"
 # A product the model scored NaN or infinite (a model or encoder fault): quarantined, not decided.
 SCORES_FINITE = "scores_finite"
 # A source whose values may not fit the contract's type (PostgreSQL jsonb for a map) reads the
 # contract column plus UNREADABLE.format(column): the original text where it did not fit, else null.
 UNREADABLE = "_{}_unreadable"
+
+
+def image_key(data: bytes) -> str:
+    """The key of an image's bytes: ``sha256:<hex>``, as validation's ``F.sha2`` gives it too."""
+    return IMAGE_KEY + hashlib.sha256(data).hexdigest()
+
 
 CONTRACT_NAMES = ("products", "labelled_products", "attributes", "quarantine", "run_report")
 AttributeKind = Literal["multilabel", "multiclass"]

@@ -112,7 +112,7 @@ def test_the_same_photo_behind_many_products_urls_is_a_placeholder_training_leav
     """Three products' URLs serve one grey tile (a CDN's outage image under each product's own URL)
     and two serve their own photos: with a limit of 2 products per image, the tile's three are
     :data:`IMAGE_SHARED`; inline bytes count alike, and the limit 0 turns the rule off."""
-    from catalog_enrichment.contracts import IMAGE_SHARED
+    from catalog_enrichment.contracts import IMAGE_SHARED, image_key
     from catalog_enrichment.data.images import read_pixels, shared_images
 
     grey = encode_image(np.full((40, 40, 3), 128, np.uint8), "PNG")
@@ -125,6 +125,7 @@ def test_the_same_photo_behind_many_products_urls_is_a_placeholder_training_leav
     digests = [d for _, _, d in read]
     assert len(set(digests)) == 3 and digests[0] == digests[1] == digests[2]
     assert read_pixels(grey, None, 8)[2] == digests[0]  # inline bytes: the same digest
+    assert digests[0] == image_key(grey)  # the key validation gives the bytes inline
     assert read_pixels(None, None, 8) == (None, None, None)  # no image: nothing read
     assert shared_images(list("abcde"), digests, 2) == {digests[0]}
     assert shared_images(list("aaade"), digests, 2) == set()  # one product's three rows: not shared

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from catalog_enrichment.config import ValidationConfig
-from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.contracts import image_key, load_contract
+from catalog_enrichment.validation import rules as rules_module
 from catalog_enrichment.validation.rules import (
     CircuitBreakerTripped,
     ValidationCounts,
@@ -145,7 +146,7 @@ def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> Non
 
 
 def test_an_image_on_more_products_than_the_limit_is_a_placeholder_and_only_those_rows_break_it(
-    spark,
+    spark, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     schema = load_contract("products").spark_schema(enforce_nullability=False)
     placeholder, variant, tile = b"grey square", b"one shirt in four sizes", "https://cdn/no-image.png"
@@ -165,11 +166,15 @@ def test_an_image_on_more_products_than_the_limit_is_a_placeholder_and_only_thos
     [rule], found = shared_image_rules(frame, 20)
     assert rule.name == "image_shared" and rule.transient and "on 22" in rule.description
     key = f"sha256:{hashlib.sha256(placeholder).hexdigest()}"
+    assert key == image_key(placeholder)  # the key the scoring pass gives the same bytes read
     assert found == {key: 22, f"uri:{tile}": 21}
     # what an earlier run found is a placeholder on however few products, while the limit is on
     [known], again = shared_image_rules(frame, 22, known={key, "uri:https://cdn/gone.png"})
     assert again == {key: 22}
     assert shared_image_rules(frame, 0, known={key}) == ([], {})
+    # where a run finds more placeholders than it names, the known ones are named first
+    monkeypatch.setattr(rules_module, "MAX_SHARED_IMAGES", 1)
+    assert shared_image_rules(frame, 20, known={image_key(variant)})[1] == {image_key(variant): 4}
     marked = check_rows(frame, [known]).collect()
     assert sorted(r["product_id"] for r in marked if r["_reasons"]) == sorted(
         ["again", "again", *(f"cdn-{i}" for i in range(21))]

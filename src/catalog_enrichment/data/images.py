@@ -3,7 +3,6 @@ policy (the synthetic pictures are drawn by :mod:`.render`)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -26,6 +25,7 @@ from catalog_enrichment.contracts import (
     IMAGE_SHARED,
     IMAGE_URI_ALLOWED,
     IMAGE_WITHIN_LIMITS,
+    image_key,
 )
 from catalog_enrichment.data.remote import HttpLimits, read_http
 from catalog_enrichment.health import ProductInputs
@@ -236,8 +236,9 @@ def read_pixels(
     interpolation: str = "bilinear",
     policy: ImagePolicy | None = None,
 ) -> tuple[np.ndarray | None, str | None, str | None]:
-    """:func:`load_pixels`, and a digest of the image bytes read, inline or from ``image_uri``
-    (None when there were none). The same bytes on many products are a placeholder
+    """:func:`load_pixels`, and the digest of the image bytes read, inline or from ``image_uri``
+    (:func:`~catalog_enrichment.contracts.image_key`, the key validation gives inline bytes; None
+    when there were none). The same bytes on many products are a placeholder
     (:func:`shared_images`): a CDN's outage image served under each product's own URL is found only
     by reading it."""
     policy = policy or _DEFAULT_POLICY
@@ -253,7 +254,7 @@ def read_pixels(
     else:
         return None, None, None
     pixels, reason = _decode(data, size, interpolation, policy.max_pixels, policy.formats)
-    return pixels, reason, hashlib.blake2b(data, digest_size=16).hexdigest()
+    return pixels, reason, image_key(data)
 
 
 def shared_images(

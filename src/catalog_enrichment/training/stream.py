@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from catalog_enrichment.catalog import lakehouse
-from catalog_enrichment.contracts import IMAGE_SHARED, Taxonomy
+from catalog_enrichment.contracts import IMAGE_KEY, IMAGE_SHARED, Taxonomy
 from catalog_enrichment.data.dataset import (
     Collator,
     EncodedLabels,
@@ -299,7 +299,7 @@ class _Reader:
 def digest_prefix(digest: str | None) -> int:
     """An image digest's first 8 bytes as an integer (0: no image): what the survey counts products
     per image by, 8 bytes a row however large the table."""
-    return 0 if digest is None else int(digest[:16], 16)
+    return 0 if digest is None else int(digest.removeprefix(IMAGE_KEY)[:16], 16)
 
 
 def placeholder_prefixes(prefixes: np.ndarray, limit: int) -> frozenset[int]:

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.config import ValidationConfig
-from catalog_enrichment.contracts import IMAGE_SHARED, UNREADABLE, Contract
+from catalog_enrichment.contracts import IMAGE_KEY, IMAGE_SHARED, UNREADABLE, Contract
 from catalog_enrichment.errors import CatalogEnrichError
 
 if TYPE_CHECKING:
@@ -114,20 +114,21 @@ def shared_image_rules(
     or is one of ``known`` (images an earlier run found on more: :func:`_image_key`'s keys) on
     however few; ``[]`` when none is (or ``limit`` is 0: the rule is off), so a clean run's other
     passes read no image for it. With the rules, the images found (at most
-    :data:`MAX_SHARED_IMAGES`, most used first) and their products, also named in the rule's
-    description for the run's log."""
+    :data:`MAX_SHARED_IMAGES`, the known then the most used first) and their products, also named
+    in the rule's description for the run's log."""
     from pyspark.sql import functions as F
 
     if not limit or not {"image", "image_uri"} & set(df.columns):
         return [], {}
+    again = F.col("_image").isin(sorted(set(known)))
     counted = (
         df.where(F.col("product_id").isNotNull())
         .select("product_id", _image_key(df.columns).alias("_image"))
         .where(F.col("_image").isNotNull())
         .groupBy("_image")
         .agg(F.countDistinct("product_id").alias("_products"))
-        .where((F.col("_products") > limit) | F.col("_image").isin(sorted(set(known))))
-        .orderBy(F.desc("_products"), "_image")
+        .where((F.col("_products") > limit) | again)
+        .orderBy(again.desc(), F.desc("_products"), "_image")  # the known on however few kept
         .limit(MAX_SHARED_IMAGES)
         .collect()
     )
@@ -149,12 +150,13 @@ def shared_image_rules(
 
 
 def _image_key(columns: Sequence[str]) -> Any:
-    """A row's image: ``sha256:<hex>`` of its bytes, else ``uri:<image_uri>``, else null."""
+    """A row's image: its bytes' key (:func:`~catalog_enrichment.contracts.image_key`), else
+    ``uri:<image_uri>``, else null."""
     from pyspark.sql import functions as F
 
     parts = []
     if "image" in columns:
-        parts.append(F.concat(F.lit("sha256:"), F.sha2(F.col("image"), 256)))
+        parts.append(F.concat(F.lit(IMAGE_KEY), F.sha2(F.col("image"), 256)))
     if "image_uri" in columns:
         parts.append(F.concat(F.lit("uri:"), F.col("image_uri")))
     return F.coalesce(*parts)
