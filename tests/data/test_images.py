@@ -104,7 +104,7 @@ def test_training_checks_a_table_and_its_batches_alike_and_names_each_unusable_i
     assert errors == [None, None, IMAGE_DECODABLE, IMAGE_URI_ALLOWED]
     assert list(inputs.image_present) == [True, False, True, True]
     assert inputs.tones[0] == pytest.approx(200.0) and list(inputs.tones[1:]) == [None, None, None]
-    assert [d is not None for d in digests] == [True, False, True, False]  # a digest of the bytes read
+    assert [d is not None for d in digests] == [True, False, False, False]  # an image read: a digest
     assert check_images(rows.to_batches()[0], ImagePolicy()) == (inputs, errors, digests)
 
 
@@ -112,7 +112,7 @@ def test_the_same_photo_behind_many_products_urls_is_a_placeholder_training_leav
     """Three products' URLs serve one grey tile (a CDN's outage image under each product's own URL)
     and two serve their own photos: with a limit of 2 products per image, the tile's three are
     :data:`IMAGE_SHARED`; inline bytes count alike, and the limit 0 turns the rule off."""
-    from catalog_enrichment.contracts import IMAGE_SHARED, image_key
+    from catalog_enrichment.contracts import IMAGE_DECODABLE, IMAGE_SHARED, image_key
     from catalog_enrichment.data.images import read_pixels, shared_images
 
     grey = encode_image(np.full((40, 40, 3), 128, np.uint8), "PNG")
@@ -127,6 +127,7 @@ def test_the_same_photo_behind_many_products_urls_is_a_placeholder_training_leav
     assert read_pixels(grey, None, 8)[2] == digests[0]  # inline bytes: the same digest
     assert digests[0] == image_key(grey)  # the key validation gives the bytes inline
     assert read_pixels(None, None, 8) == (None, None, None)  # no image: nothing read
+    assert read_pixels(b"", None, 8) == (None, IMAGE_DECODABLE, None)  # no image to count either
     assert shared_images(list("abcde"), digests, 2) == {digests[0]}
     assert shared_images(list("aaade"), digests, 2) == set()  # one product's three rows: not shared
     # bytes found to be a placeholder before are one on however few products; the limit 0 still rules

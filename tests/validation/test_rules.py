@@ -90,6 +90,19 @@ def test_every_row_gets_exactly_the_rules_it_breaks(frame) -> None:  # type: ign
     check_breaker(counts, 0.9)  # within the limit: no error
 
 
+def test_the_breaker_s_message_counts_what_it_counts() -> None:
+    """Rows held for the next run (transient rules: a placeholder) are not the breaker's: its
+    message gives the rows it did count, and the held ones beside them."""
+    counts = ValidationCounts(1000, 360, {"image_shared": 300, "title_not_null": 60}, held=300)
+    with pytest.raises(CircuitBreakerTripped) as tripped:
+        check_breaker(counts, 0.05)
+    assert str(tripped.value).startswith(
+        "circuit breaker: 60 of 1,000 rows invalid (6.0% > validation.max_invalid_fraction 5.0%) "
+        "(and 300 held for the next run, not counted); top failing rules: image_shared (300), "
+    )
+    check_breaker(ValidationCounts(1000, 340, {"image_shared": 300, "title_not_null": 40}, held=300), 0.05)
+
+
 def test_the_duplicates_are_found_once_and_mark_exactly_the_stale_copies(frame) -> None:  # type: ignore[no-untyped-def]
     rules = build_rules(load_contract("products"), ValidationConfig(), NOW)
     _, duplicates = count_rows(frame, rules)
@@ -158,6 +171,7 @@ def test_an_image_on_more_products_than_the_limit_is_a_placeholder_and_only_thos
         ("again", placeholder, None),  # a copy of an id counts once
         *[(f"own-{i}", f"photo {i}".encode(), None) for i in range(5)],
         ("none", None, None),
+        *[(f"empty-{i}", b"", "") for i in range(25)],  # no image to count (the scoring pass fails b"")
     ]
     data = [(pid, "Shirt", None, image, uri, None, None, T, D) for pid, image, uri in rows]
     frame = spark.createDataFrame(data, schema)

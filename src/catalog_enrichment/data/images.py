@@ -238,7 +238,7 @@ def read_pixels(
 ) -> tuple[np.ndarray | None, str | None, str | None]:
     """:func:`load_pixels`, and the digest of the image bytes read, inline or from ``image_uri``
     (:func:`~catalog_enrichment.contracts.image_key`, the key validation gives inline bytes; None
-    when there were none). The same bytes on many products are a placeholder
+    when none were read or they are no image). The same bytes on many products are a placeholder
     (:func:`shared_images`): a CDN's outage image served under each product's own URL is found only
     by reading it."""
     policy = policy or _DEFAULT_POLICY
@@ -254,7 +254,7 @@ def read_pixels(
     else:
         return None, None, None
     pixels, reason = _decode(data, size, interpolation, policy.max_pixels, policy.formats)
-    return pixels, reason, image_key(data)
+    return pixels, reason, image_key(data) if reason is None else None
 
 
 def shared_images(

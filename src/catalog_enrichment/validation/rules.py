@@ -151,14 +151,16 @@ def shared_image_rules(
 
 def _image_key(columns: Sequence[str]) -> Any:
     """A row's image: its bytes' key (:func:`~catalog_enrichment.contracts.image_key`), else
-    ``uri:<image_uri>``, else null."""
+    ``uri:<image_uri>``, else null. Empty bytes (the scoring pass fails them as undecodable) and
+    an empty ``image_uri`` (it reads none) name no image to count."""
     from pyspark.sql import functions as F
 
     parts = []
     if "image" in columns:
-        parts.append(F.concat(F.lit(IMAGE_KEY), F.sha2(F.col("image"), 256)))
+        image = F.col("image")
+        parts.append(F.when(F.length(image) > 0, F.concat(F.lit(IMAGE_KEY), F.sha2(image, 256))))
     if "image_uri" in columns:
-        parts.append(F.concat(F.lit("uri:"), F.col("image_uri")))
+        parts.append(F.when(F.col("image_uri") != "", F.concat(F.lit("uri:"), F.col("image_uri"))))
     return F.coalesce(*parts)
 
 
@@ -489,9 +491,10 @@ class CircuitBreakerTripped(CatalogEnrichError):
 def check_breaker(counts: ValidationCounts, max_fraction: float) -> None:
     """Raise :class:`CircuitBreakerTripped` when the invalid share exceeds ``max_fraction``."""
     if counts.rows_read and counts.invalid_fraction > max_fraction:
+        held = f" (and {counts.held:,} held for the next run, not counted)" if counts.held else ""
         raise CircuitBreakerTripped(
-            f"circuit breaker: {counts.rows_invalid:,} of {counts.rows_read:,} rows invalid "
-            f"({counts.invalid_fraction:.1%} > validation.max_invalid_fraction {max_fraction:.1%}); "
+            f"circuit breaker: {counts.rows_invalid - counts.held:,} of {counts.rows_read:,} rows invalid "
+            f"({counts.invalid_fraction:.1%} > validation.max_invalid_fraction {max_fraction:.1%}){held}; "
             f"top failing rules: {counts.top_rules()}. Nothing was written."
         )
 
