@@ -249,6 +249,34 @@ def test_placeholder_photos_are_quarantined_and_read_again_when_the_cdn_is_back(
     assert not written("few-grey")
 
 
+def test_a_model_that_reads_no_image_scores_the_products_a_placeholder_reached(  # type: ignore[no-untyped-def]
+    spark, incoming, taxonomy, tmp_path
+) -> None:
+    """A text-only model has no placeholder to fear: the products a CDN outage's grey tile reached
+    are scored from their text like the rest, none quarantined as ``image_shared``."""
+    from catalog_enrichment.data.synthetic import generate_marketplace
+    from catalog_enrichment.training.pipeline import train
+    from tests.conftest import QUICK_TRAIN, save_trained
+
+    market = generate_marketplace(tmp_path / "train", QUICK_TRAIN, taxonomy=taxonomy)
+    trained = train(read_table(market.products), taxonomy, tiny_config(fusion="text_only", epochs=1))
+    model = ModelVersion("text", "1", bundle_dir=save_trained(trained, tmp_path / "text-only"))
+    source = read_table(incoming.products)
+    ids = source["product_id"].to_pylist()
+    copies = Counter(ids)
+    clean = source.filter(pa.array([p is not None and copies[p] == 1 for p in ids])).slice(0, 200)
+    write_table(
+        tmp_path / "products", pa.concat_tables([placeholder_images(clean.slice(0, 100)), clean.slice(100)])
+    )
+    cfg = _on_lakehouse(tmp_path)
+    catalog = open_catalog(cfg.catalog)
+    outage = _night(spark, cfg, taxonomy, catalog, model, "outage", [])
+    assert "image_shared" not in outage["row_rules"] and "placeholder_images" not in outage
+    assert not any("image_shared" in r["reasons"] for r in catalog.quarantine_rows().to_pylist())
+    report = {r.run_id: r for r in catalog.read_reports()}["outage"]
+    assert report.rows_scored == report.rows_valid > 150
+
+
 def test_a_placeholder_behind_the_products_own_urls_is_quarantined_and_never_stored(  # type: ignore[no-untyped-def]
     spark, incoming, taxonomy, scoring_bundle, tmp_path
 ) -> None:

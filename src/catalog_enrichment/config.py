@@ -707,7 +707,7 @@ class ValidationConfig(_Section):
         "(image_shared) and read again by the next runs. The bytes read from the products' own URLs "
         "are counted again when scored; an image an earlier run found on more products than this (its "
         "report's placeholder_images) is a placeholder again on however few. embeddings --fill and "
-        "training apply the same limit. 0 turns the rule off.",
+        "training apply the same limit; a model that reads no image skips it. 0 turns the rule off.",
     )
     max_title_length: int = Field(300, gt=0)
     max_description_length: int = Field(5000, gt=0)

@@ -349,7 +349,9 @@ def _stages(
             _expected(job, run, checkpoint)
         with run.stage("validate"):
             rules = build_rules(contract, cfg.validation, run.started_at, got.df.columns)
-            limit = cfg.validation.max_products_per_image
+            # a model that reads no image has no placeholder to fear: its products are scored
+            reads = BundleFolder(job.model.bundle).reads_images()
+            limit = cfg.validation.max_products_per_image if reads else 0
             shared, run.placeholders = shared_image_rules(got.df, limit, placeholders)
             for rule in shared:
                 say(f"  {rule.name}: {rule.description}; quarantined, read again by the next run")

@@ -118,6 +118,12 @@ class BundleFolder:
     def read_calibration(self) -> Calibration:
         return Calibration.from_dict(json.loads(self.calibration.read_text()))
 
+    def reads_images(self) -> bool:
+        """Whether the model reads the product image (any member's fusion), without loading it."""
+        from catalog_enrichment.models.model import needs_image
+
+        return needs_image(saved_model_config(self.read_meta()["model"], source=str(self.meta)))
+
     def encoder_fingerprint(self) -> str | None:
         """The encoders' fingerprint without loading the model (None: it cannot use the store)."""
         fingerprint = self.read_meta().get("encoder_fingerprint")
