@@ -325,6 +325,20 @@ def test_gate_compares_coverage_by_a_paired_bound() -> None:
         max_coverage_loss=0.02,
     )
     assert noisy.promote
+    # an attribute the champion lacks (added to the taxonomy since) has nothing to compare with
+    added = gate({**good, "pattern": _m(50, 49, 0.4)}, {"color": same, "material": same}, target=0.95,
+                 max_coverage_loss=0.02)  # fmt: skip
+    assert (
+        added.promote
+        and "ok pattern: coverage 0.4000, new (the champion has no such attribute)" in added.reasons
+    )
+    # one the evaluation set labels no product for is not checked, and says so
+    unlabelled = {**good, "pattern": {**_m(0, 0, 0.0), "labelled": 0.0}}
+    told = gate(unlabelled, None, target=0.95, max_coverage_loss=0.02)
+    assert (
+        told.promote
+        and "pattern: no product of the evaluation set is labelled for it: not checked" in told.reasons
+    )
 
 
 def test_paired_coverage_comparison_has_a_known_answer() -> None:

@@ -90,11 +90,15 @@ def gate(
     confidence: float = 0.95,
 ) -> GateResult:
     """Pure decision (module docstring) from the challenger's per-attribute ``{"precision",
-    "coverage", "written", "correct"}`` and, when a champion exists, the coverage changes."""
+    "coverage", "written", "correct"}`` (and ``"labelled"``, the products labelled for it) and,
+    when a champion exists, the coverage changes of the attributes both have."""
     reasons: list[str] = []
     ok = True
     for attr, m in challenger.items():
         n, k = int(m["written"]), int(m["correct"])
+        if m.get("labelled", 1) == 0:
+            reasons.append(f"{attr}: no product of the evaluation set is labelled for it: not checked")
+            continue
         if n == 0:
             reasons.append(f"{attr}: writes nothing (precision check not applicable)")
             continue
@@ -116,7 +120,12 @@ def gate(
         reasons.append("no champion yet: precision alone decides")
         return GateResult(ok, reasons)
     for attr, m in challenger.items():
-        c = changes[attr]
+        c = changes.get(attr)
+        if c is None:  # an attribute (or a value grouping) the champion does not have
+            reasons.append(
+                f"ok {attr}: coverage {m['coverage']:.4f}, new (the champion has no such attribute)"
+            )
+            continue
         line = (
             f"{attr}: coverage {m['coverage']:.4f} vs champion {c.champion:.4f} "
             f"(change {c.delta:+.4f}, upper bound {c.upper:+.4f})"
@@ -176,6 +185,7 @@ def evaluate_bundle(
         m = written_precision_and_coverage(s, y, attr.kind, thresholds, written=decided)
         r = attribute_r_at_p(s, y, attr.kind).pooled
         metrics[attr.name] = {
+            "labelled": float(labelled[attr.name].sum()),
             "precision": float(m["precision"]),
             "coverage": float(m["coverage"]),
             "written": float(m["written"]),
