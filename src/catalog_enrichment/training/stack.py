@@ -7,7 +7,9 @@ L2-normalised TF-IDF, each dense block is standardised with its training statist
 the square root of its width - so one penalty grid (:data:`PENALTIES`, scikit-learn's ``C``) serves
 every block. Per block and attribute the penalty is the one of the grid whose held-out average
 precision on the first fold is highest (along a warm-started path); the other folds are fitted at
-it, each from zero, so no fold's out-of-fold scores depend on its own labels. Average precision
+it, each from zero, so their learners are fitted without their labels. The first fold's held-out
+rows chose the penalty of the learner that scores them (the best of the grid on their average
+precision): its scores carry that choice's slight optimism. Average precision
 ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter models. A
 meta-learner per attribute (one weight per block, a bias per value) is fitted on the blocks'
 out-of-fold scores.
