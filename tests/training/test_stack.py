@@ -182,6 +182,30 @@ def test_a_folds_out_of_fold_scores_do_not_depend_on_its_own_labels() -> None:
     np.testing.assert_array_equal(scores[0], scores[1])
 
 
+def test_no_fold_s_rows_choose_the_penalty_of_the_learner_that_scores_them() -> None:
+    """The first fold's rows choose the penalty of the other folds' learners: two of them
+    relabelled turn that choice from 0.01 to 10,000, while the first fold's own learner, whose
+    penalty the second fold's rows chose, gives them the same scores to the bit. (Chosen on the
+    first fold's rows as well, it moved with them.)"""
+    from catalog_enrichment.training.splits import group_folds
+    from catalog_enrichment.training.stack import _fit_path, _Target
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, N)
+    titles = [f"{WORDS[v]} {rng.choice(['nice', 'new', 'warm'])} {i % 11}" for i, v in enumerate(y)]
+    counts = ngram_counts(titles, [None] * N)
+    x = tfidf(counts, *document_frequency(counts))
+    folds = group_folds(np.eye(3, dtype=np.int8)[y], np.arange(N), 3, 0)
+    _, out = folds[0]
+    relabelled = y.copy()
+    relabelled[out[:2]] = (y[out[:2]] + 1) % 3
+    fitted = [
+        _fit_path(x, _Target(labels, labels >= 0, True, 3), folds, (0.01, 1e4)) for labels in (y, relabelled)
+    ]
+    assert (fitted[0][0], fitted[1][0]) == (0.01, 1e4)
+    np.testing.assert_array_equal(fitted[0][2][out], fitted[1][2][out])
+
+
 def test_the_stack_needs_the_lexical_inputs() -> None:
     from catalog_enrichment.errors import ConfigError
 

@@ -7,9 +7,9 @@ L2-normalised TF-IDF, each dense block is standardised with its training statist
 the square root of its width - so one penalty grid (:data:`PENALTIES`, scikit-learn's ``C``) serves
 every block. Per block and attribute the penalty is the one of the grid whose held-out average
 precision on the first fold is highest (along a warm-started path); the other folds are fitted at
-it, each from zero, so their learners are fitted without their labels. The first fold's held-out
-rows chose the penalty of the learner that scores them (the best of the grid on their average
-precision): its scores carry that choice's slight optimism. Average precision
+it, each from zero, and the first fold at the one the second fold's rows choose: no fold's rows
+fit its learner or choose its penalty (they help fit the learners other folds' rows choose among).
+Average precision
 ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter models. A
 meta-learner per attribute (one weight per block, a bias per value) is fitted on the blocks'
 out-of-fold scores.
@@ -195,8 +195,8 @@ def _fit_block(
 ) -> tuple[float, float, np.ndarray, list[tuple[np.ndarray, np.ndarray]], float]:
     """One block's learners for one attribute: ``(C, out-of-fold average precision, normalised
     out-of-fold scores, each fold's (weight, bias), seconds)``. The penalty is chosen on the first
-    fold's held-out average precision along a warm-started path; the other folds are fitted at that
-    penalty."""
+    fold's held-out average precision along a warm-started path, and the other folds are fitted at
+    it; the first fold's own is chosen the same way on the second fold's rows."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core of its own beside the other fits' (see _JOBS)
     started = time.perf_counter()
@@ -212,25 +212,34 @@ def _cost(x: Any, target: _Target) -> float:
     return float(per_row * target.n_values)
 
 
+def _path(
+    x: Any, target: _Target, fold: tuple[np.ndarray, np.ndarray], penalties: Sequence[float]
+) -> tuple[float, dict[float, tuple[np.ndarray, np.ndarray]]]:
+    """Along the penalties (warm-started, on ``fold``'s rows to fit on): the one whose fit ranks the
+    fold's own rows best by average precision (the smallest of equals), and every fit by penalty."""
+    fit_pos, out_pos = fold
+    fits, held = {}, {}
+    state = None
+    for c in sorted(penalties):
+        fits[c] = state = _fit_linear(x, target, fit_pos, c, state)
+        z = _normalised(x[out_pos] @ state[0] + state[1], target.softmax)
+        held[c] = _average_precision(z, target, out_pos)
+    return max(held, key=held.__getitem__), fits
+
+
 def _fit_path(
     x: Any, target: _Target, folds: list[tuple[np.ndarray, np.ndarray]], penalties: Sequence[float]
 ) -> tuple[float, float, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     n = x.shape[0]
     scores = np.zeros((n, target.n_values), np.float32)
-    fit_pos, out_pos = folds[0]
-    best: tuple[float, float, tuple[np.ndarray, np.ndarray]] | None = None
-    state = None
-    for c in sorted(penalties):
-        state = _fit_linear(x, target, fit_pos, c, state)
-        z = _normalised(x[out_pos] @ state[0] + state[1], target.softmax)
-        held = _average_precision(z, target, out_pos)
-        if best is None or held > best[0]:
-            best = (held, c, state)
-    assert best is not None
-    c = best[1]
-    # the other folds start from zero: a start fitted on the first fold's rows, which hold theirs,
+    # no fold's rows choose the penalty of the learner that scores them (the best of the grid on
+    # them would flatter their scores, which calibrate): the first fold's rows choose every other
+    # fold's, the second fold's choose the first's
+    c, first = _path(x, target, folds[0], penalties)
+    c_first, second = _path(x, target, folds[1], penalties)
+    # the other folds start from zero: a start fitted on another fold's rows, which hold theirs,
     # would carry their held-out labels into their scores wherever L-BFGS stops short of the optimum
-    fits = [best[2], *(_fit_linear(x, target, fit_pos, c) for fit_pos, _ in folds[1:])]
+    fits = [first[c_first], second[c], *(_fit_linear(x, target, fit_pos, c) for fit_pos, _ in folds[2:])]
     for (w, b), (_, out_pos) in zip(fits, folds, strict=True):
         scores[out_pos] = x[out_pos] @ w + b
     normalised = _normalised(scores, target.softmax)
