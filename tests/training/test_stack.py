@@ -158,20 +158,26 @@ def test_the_served_model_scores_like_the_fold_models_that_calibrate_it() -> Non
     np.testing.assert_array_equal(reloaded, served)
 
 
-def test_a_folds_out_of_fold_scores_do_not_depend_on_its_own_labels() -> None:
-    """Relabel the products of one cross-fit fold: the scores that fold's learner gives them stay
-    the same to the bit (each fold is fitted from zero on the other folds' rows). A fold fitted from
-    the first fold's learner, which trained on these products, moved with their labels wherever
-    L-BFGS stopped short of the optimum - as it does here, almost unpenalised on separable rows."""
+def _separable_folds() -> tuple[np.ndarray, Any, list[tuple[np.ndarray, np.ndarray]]]:
+    """Three values each named by a word of the title (separable n-gram rows), in three folds."""
     from catalog_enrichment.training.splits import group_folds
-    from catalog_enrichment.training.stack import _fit_path, _Target
 
     rng = np.random.default_rng(5)
     y = rng.integers(0, 3, N)
     titles = [f"{WORDS[v]} {rng.choice(['nice', 'new', 'warm'])} {i % 11}" for i, v in enumerate(y)]
     counts = ngram_counts(titles, [None] * N)
     x = tfidf(counts, *document_frequency(counts))
-    folds = group_folds(np.eye(3, dtype=np.int8)[y], np.arange(N), 3, 0)
+    return y, x, group_folds(np.eye(3, dtype=np.int8)[y], np.arange(N), 3, 0)
+
+
+def test_a_folds_out_of_fold_scores_do_not_depend_on_its_own_labels() -> None:
+    """Relabel the products of one cross-fit fold: the scores that fold's learner gives them stay
+    the same to the bit (each fold is fitted from zero on the other folds' rows). A fold fitted from
+    the first fold's learner, which trained on these products, moved with their labels wherever
+    L-BFGS stopped short of the optimum - as it does here, almost unpenalised on separable rows."""
+    from catalog_enrichment.training.stack import _fit_path, _Target
+
+    y, x, folds = _separable_folds()
     _, out = folds[1]
     relabelled = y.copy()
     relabelled[out] = (y[out] + 1) % 3
@@ -187,15 +193,9 @@ def test_no_fold_s_rows_choose_the_penalty_of_the_learner_that_scores_them() -> 
     relabelled turn that choice from 0.01 to 10,000, while the first fold's own learner, whose
     penalty the second fold's rows chose, gives them the same scores to the bit. (Chosen on the
     first fold's rows as well, it moved with them.)"""
-    from catalog_enrichment.training.splits import group_folds
     from catalog_enrichment.training.stack import _fit_path, _Target
 
-    rng = np.random.default_rng(5)
-    y = rng.integers(0, 3, N)
-    titles = [f"{WORDS[v]} {rng.choice(['nice', 'new', 'warm'])} {i % 11}" for i, v in enumerate(y)]
-    counts = ngram_counts(titles, [None] * N)
-    x = tfidf(counts, *document_frequency(counts))
-    folds = group_folds(np.eye(3, dtype=np.int8)[y], np.arange(N), 3, 0)
+    y, x, folds = _separable_folds()
     _, out = folds[0]
     relabelled = y.copy()
     relabelled[out[:2]] = (y[out[:2]] + 1) % 3
