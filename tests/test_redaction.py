@@ -87,6 +87,35 @@ def test_config_params_and_the_printed_config_mask_secrets(
     assert cfg.spark.conf["spark.hadoop.fs.s3a.secret.key"] == SECRET  # the job itself still has it
 
 
+def test_a_known_error_is_printed_masked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A registry URI with a password, in the registry's own error and as the CLI prints any error."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from catalog_enrichment import cli, registry
+    from catalog_enrichment.errors import CatalogEnrichError
+
+    class Registry:
+        def get_registered_model(self, name: str) -> None:
+            raise MlflowException(f"{name} not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    monkeypatch.setattr(mlflow, "get_registry_uri", lambda: f"postgresql://ci:{SECRET}@db/mlflow")
+    with pytest.raises(CatalogEnrichError) as missing:
+        registry.resolve_alias(Registry(), "typo", "champion")  # type: ignore[arg-type]
+    assert "does not exist in postgresql://ci:***@db/mlflow" in str(missing.value)
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise CatalogEnrichError(f"cannot reach https://ci:{SECRET}@mlflow.example")
+
+    monkeypatch.setattr(cli, "load_config", fails)
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert SECRET not in err and "https://ci:***@mlflow.example" in err
+
+
 def test_log_records_are_masked(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("catalog_enrichment.test_redaction")
     handler = logging.StreamHandler()

@@ -413,9 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, cfg)
     except CatalogEnrichError as exc:
         from catalog_enrichment.catalog.lock import CatalogBusy
+        from catalog_enrichment.redaction import redact_text
         from catalog_enrichment.validation.rules import CircuitBreakerTripped
 
-        print(f"catalog-enrich: error: {exc}", file=sys.stderr)
+        print(f"catalog-enrich: error: {redact_text(str(exc))}", file=sys.stderr)
         if isinstance(exc, CatalogBusy):
             return EXIT_BUSY
         return EXIT_ABORTED if isinstance(exc, CircuitBreakerTripped) else 2

@@ -242,7 +242,7 @@ def resolve_alias(client: MlflowClient, name: str, alias: str) -> str | None:
     except MlflowException as exc:
         if _missing(exc):
             raise CatalogEnrichError(
-                f"registered model {name!r} does not exist in {mlflow.get_registry_uri()}"
+                f"registered model {name!r} does not exist in {redact_uri(mlflow.get_registry_uri())}"
             ) from None
         raise
     try:
@@ -289,8 +289,8 @@ def mark_rolled_back(client: MlflowClient, name: str, version: str, note: str) -
         client.set_model_version_tag(name, version, ROLLED_BACK_TAG, note)
     except MlflowException as exc:
         raise CatalogEnrichError(
-            f"cannot mark {name} v{version} rolled back in the registry {mlflow.get_registry_uri()}: "
-            f"{str(exc).splitlines()[0][:300]}"
+            f"cannot mark {name} v{version} rolled back in the registry "
+            f"{redact_uri(mlflow.get_registry_uri())}: {str(exc).splitlines()[0][:300]}"
         ) from None
 
 
