@@ -7,12 +7,11 @@ L2-normalised TF-IDF, each dense block is standardised with its training statist
 the square root of its width - so one penalty grid (:data:`PENALTIES`, scikit-learn's ``C``) serves
 every block. Per block and attribute the penalty is the one of the grid whose held-out average
 precision on the first fold is highest (along a warm-started path); the other folds are fitted at
-it, each from zero, and the first fold at the one the second fold's rows choose: no fold's rows
-fit its learner or choose its penalty (they help fit the learners other folds' rows choose among).
-Average precision
-ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter models. A
-meta-learner per attribute (one weight per block, a bias per value) is fitted on the blocks'
-out-of-fold scores.
+it, each from zero, and the first fold at the one the second fold's rows choose: no fold's rows fit
+its learner or choose its penalty (they help fit the learners other folds' rows choose among).
+Average precision ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter
+models. A meta-learner per attribute (one weight per block, a bias per value) is fitted on the
+blocks' out-of-fold scores.
 
 What serves is the mean of the fold models (the mean of linear learners over one feature space is
 a linear learner: their weights averaged), under the meta-learner fitted on every out-of-fold
