@@ -329,8 +329,8 @@ def _stages(
     placeholders: set[str],
 ) -> None:
     """read -> validate -> breaker -> score + decide -> health -> breaker -> write -> store; the
-    images of ``placeholders`` (found by earlier runs: validation's keys, the scoring pass's
-    digests) fail their products however few."""
+    images of ``placeholders`` (found by earlier runs: ``sha256:`` keys of bytes, ``uri:`` of
+    shared URLs) fail their products however few."""
     cfg, say, catalog = job.cfg, job.say, job.catalog
     expect = cfg.validation.great_expectations
     with run.stage("read"):
