@@ -332,6 +332,13 @@ def test_gate_compares_coverage_by_a_paired_bound() -> None:
         added.promote
         and "ok pattern: coverage 0.4000, new (the champion has no such attribute)" in added.reasons
     )
+    # one the challenger does not score (dropped from its training taxonomy) loses its coverage
+    dropped = gate(good, {"color": same, "material": same, "pattern": CoverageChange(0.3, -0.3, -0.25)},
+                   target=0.95, max_coverage_loss=0.02)  # fmt: skip
+    assert not dropped.promote and (
+        "FAIL pattern: the challenger does not score it, the champion covers 0.3000 (upper bound -0.2500)"
+        in dropped.reasons
+    )
     # one the evaluation set labels no product for is not checked, and says so
     unlabelled = {**good, "pattern": {**_m(0, 0, 0.0), "labelled": 0.0}}
     told = gate(unlabelled, None, target=0.95, max_coverage_loss=0.02)
@@ -352,6 +359,12 @@ def test_paired_coverage_comparison_has_a_known_answer() -> None:
     )
     assert changes["color"].champion == 0.5 and changes["color"].delta == 0.0
     assert changes["color"].upper == pytest.approx(1.6448536 * np.sqrt(2 / 3) / 2)
+    # an attribute the challenger lacks: none of the champion's four labelled products covered
+    lacking = compare_coverage(
+        Evaluation({}, {}, {}), Evaluation({}, {"color": old}, theirs), confidence=0.95
+    )
+    assert lacking["color"].champion == 0.5 and lacking["color"].delta == -0.5
+    assert lacking["color"].upper == pytest.approx(-0.5 + 1.6448536 * np.sqrt(1 / 3) / 2)
 
 
 @pytest.mark.timeout(300)

@@ -10,7 +10,8 @@ honest model is not a coin flip at the boundary:
     writes nothing at all;
 (b) coverage (when a champion exists): per attribute, the paired change in coverage on the same
     products (challenger minus champion) must not be significantly worse than ``-max_coverage_loss``:
-    the challenger is rejected when the one-sided upper bound of the change is below it.
+    the challenger is rejected when the one-sided upper bound of the change is below it. An
+    attribute the champion writes and the challenger does not score counts as covered nowhere.
 
 A challenger no worse than the champion within noise is promoted (a retrained model on fresher data
 is the point of the schedule). A version ``rollback --model-version`` tagged rolled back is never
@@ -135,6 +136,15 @@ def gate(
             reasons.append(f"FAIL {line} is significantly worse than -{max_coverage_loss}")
         else:
             reasons.append(f"ok {line}")
+    for attr, c in changes.items():
+        if attr in challenger:
+            continue
+        line = f"{attr}: the challenger does not score it, the champion covers {c.champion:.4f}"
+        if c.upper < -max_coverage_loss:
+            ok = False
+            reasons.append(f"FAIL {line} (upper bound {c.upper:+.4f})")
+        else:
+            reasons.append(f"ok {line}")
     return GateResult(ok, reasons)
 
 
@@ -200,14 +210,17 @@ def evaluate_bundle(
 def compare_coverage(
     challenger: Evaluation, champion: Evaluation, *, confidence: float = 0.95
 ) -> dict[str, CoverageChange]:
-    """Paired coverage change per attribute both write, over the products labelled for it under both
-    versions' taxonomies (same products, same order)."""
+    """Paired coverage change per attribute the champion writes, over the products labelled for it
+    under both versions' taxonomies (same products, same order); an attribute the challenger lacks
+    is covered by it nowhere."""
     out = {}
-    for attr, covered in challenger.covered.items():
-        if attr not in champion.covered:  # e.g. a value grouping the champion did not have
-            continue
-        both = challenger.labelled[attr] & champion.labelled[attr]
-        new, old = covered[both], champion.covered[attr][both]
+    for attr, old_covered in champion.covered.items():
+        if attr not in challenger.covered:  # the challenger dropped it: every product lost
+            both = champion.labelled[attr]
+            new, old = np.zeros(int(both.sum()), bool), old_covered[both]
+        else:
+            both = challenger.labelled[attr] & champion.labelled[attr]
+            new, old = challenger.covered[attr][both], old_covered[both]
         delta, upper = paired_change(new, old, confidence=confidence)
         out[attr] = CoverageChange(float(old.mean()) if old.size else 0.0, delta, upper)
     return out
