@@ -249,8 +249,8 @@ def tiny_registry(
 
 @contextlib.contextmanager
 def environment_and_logging_restored() -> Iterator[None]:
-    """The environment and the loggers' levels and handlers put back on leaving (MLflow, Great
-    Expectations and the CLI's ``configure_logging`` set them)."""
+    """The environment, the loggers' levels and handlers and the log record factory put back on
+    leaving (MLflow, Great Expectations and the CLI's ``configure_logging`` set them)."""
     import logging
 
     def loggers() -> dict[logging.Logger, tuple[int, list[logging.Handler], dict[logging.Handler, int]]]:
@@ -261,10 +261,11 @@ def environment_and_logging_restored() -> Iterator[None]:
             if isinstance(lg, logging.Logger)
         }
 
-    env, logs = dict(os.environ), loggers()
+    env, logs, factory = dict(os.environ), loggers(), logging.getLogRecordFactory()
     try:
         yield
     finally:
+        logging.setLogRecordFactory(factory)
         for key in set(os.environ) - set(env):
             del os.environ[key]
         os.environ.update(env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 from pathlib import Path
@@ -14,6 +15,7 @@ from catalog_enrichment.config import load_config
 from catalog_enrichment.redaction import (
     RedactingFilter,
     is_secret_name,
+    redact_records,
     redact_text,
     redact_tree,
     redact_value,
@@ -131,6 +133,27 @@ def test_log_records_are_masked(caplog: pytest.LogCaptureFixture) -> None:
         caplog.handler.removeFilter(caplog.handler.filters[-1])
     assert SECRET not in caplog.text
     assert "password=*** to https://u:***@h" in caplog.text and "dsn host=db password=***" in caplog.text
+
+
+def test_records_of_a_logger_printing_through_its_own_handler_are_masked() -> None:
+    """MLflow's loggers do not propagate to the root's handlers (at -vv they print through their
+    own): the CLI's redaction reaches their records too."""
+    saved = logging.getLogRecordFactory()
+    logger = logging.getLogger("catalog_enrichment.test_redaction.own")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger.addHandler(handler)
+    logger.propagate, logger.level = False, logging.INFO
+    try:
+        redact_records()
+        redact_records()  # a second call wraps nothing more
+        assert logging.getLogRecordFactory().made is saved  # type: ignore[attr-defined]
+        logger.info("No artifacts found to download at %s", f"http://ci:{SECRET}@127.0.0.1/api")
+    finally:
+        logging.setLogRecordFactory(saved)
+        logger.removeHandler(handler)
+        logger.propagate, logger.level = True, logging.NOTSET
+    assert SECRET not in out.getvalue() and "http://ci:***@127.0.0.1/api" in out.getvalue()
 
 
 @pytest.mark.spark

@@ -20,6 +20,7 @@ __all__ = [
     "MASK",
     "RedactingFilter",
     "is_secret_name",
+    "redact_records",
     "redact_text",
     "redact_tree",
     "redact_uri",
@@ -82,3 +83,24 @@ class RedactingFilter(logging.Filter):
         if record.exc_text:
             record.exc_text = redact_text(record.exc_text)
         return True
+
+
+class _RedactingFactory:
+    """A log record factory whose records come out of ``made`` masked (:class:`RedactingFilter`)."""
+
+    def __init__(self, made: Any) -> None:
+        self.made = made
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record: logging.LogRecord = self.made(*args, **kwargs)
+        RedactingFilter().filter(record)
+        return record
+
+
+def redact_records() -> None:
+    """Mask secrets in every log record made from now on, whichever logger makes it and whichever
+    handler emits it: MLflow's loggers do not propagate to the root's handlers but print through
+    their own, which exist only once MLflow is imported. Calling it again changes nothing."""
+    made = logging.getLogRecordFactory()
+    if not isinstance(made, _RedactingFactory):
+        logging.setLogRecordFactory(_RedactingFactory(made))

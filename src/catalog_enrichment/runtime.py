@@ -268,14 +268,13 @@ def configure_logging(verbosity: int = 0) -> None:
     logs, ``-vv`` MLflow's, Spark's and the other libraries' too."""
     import logging
 
-    from catalog_enrichment.redaction import RedactingFilter
+    from catalog_enrichment.redaction import redact_records
 
+    redact_records()  # no secret reaches a log line
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
     for handler in logging.getLogger().handlers:  # libraries that set their own loggers' levels too
         handler.setLevel(logging.INFO if verbosity else logging.WARNING)
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())  # no secret reaches a log line
     logging.getLogger("catalog_enrichment").setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
     for noisy in ("mlflow", "alembic", "py4j", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
