@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from catalog_enrichment.promotion import (
     read_promotion_log,
 )
 from catalog_enrichment.training.job import PRUNED_TABLE, run_training_job
-from tests.conftest import free_port, mlflow_store, register_bundle, save_trained, tiny_config
+from tests.conftest import free_port, mlflow_store, register_bundle, save_trained, tiny_config, tiny_registry
 
 pytestmark = [pytest.mark.slow]
 
@@ -367,6 +368,16 @@ def test_paired_coverage_comparison_has_a_known_answer() -> None:
     assert lacking["color"].upper == pytest.approx(-0.5 + 1.6448536 * np.sqrt(1 / 3) / 2)
 
 
+@pytest.mark.timeout(10)
+def test_a_long_list_of_reasons_stays_valid_json_in_a_tag() -> None:
+    reasons = [f"ok attribute_{i}: " + "x" * 90 for i in range(80)]  # about 8,700 characters as JSON
+    text = registry.json_tag(reasons, "the log has all")
+    kept = json.loads(text)
+    assert len(text) <= registry.TAG_LIMIT and kept[:-1] == reasons[: len(kept) - 1]
+    assert kept[-1] == f"... {80 - (len(kept) - 1)} more (the log has all)"
+    assert json.loads(registry.json_tag(reasons[:3], "x")) == reasons[:3]
+
+
 @pytest.mark.timeout(300)
 def test_bad_inputs_fail_before_any_registration(tmp_path: Path, data, taxonomy: Taxonomy) -> None:  # type: ignore[no-untyped-def]
     uri = mlflow_store(tmp_path / "mlflow.db")
@@ -504,6 +515,25 @@ def test_the_gate_judges_what_the_job_would_write(scoring_bundle: Path, data, ta
     opened = evaluate_bundle(bundle, table, images, Taxonomy.from_dict(spec))
     assert opened.metrics["product_type"]["written"] == 0 and not opened.covered["product_type"].any()
     assert opened.metrics["material"] == judged.metrics["material"]
+
+
+@pytest.mark.timeout(300)
+def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-untyped-def]
+    tmp_path: Path, scoring_bundle: Path, incoming, data
+) -> None:
+    """No run can serve a champion that cannot be loaded: the challenger, the remedy, is judged
+    alone, and the reasons say why."""
+    client, _, champion, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
+    register_bundle(client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts")
+    model_id = client.get_model_version("tiny", champion).source.removeprefix("models:/")
+    shutil.rmtree(tmp_path / "artifacts" / "models" / model_id)
+    rule = GateRule(0.95, max_coverage_loss=0.02)
+    decision = promote(
+        client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet
+    )
+    assert list(decision["metrics"]) == ["challenger"], decision
+    assert decision["reasons"][-1].startswith(f"the champion v{champion} cannot be loaded (")
+    assert decision["reasons"][-1].endswith("): coverage not compared")
 
 
 @pytest.mark.timeout(60)

@@ -15,7 +15,8 @@ honest model is not a coin flip at the boundary:
 
 A challenger no worse than the champion within noise is promoted (a retrained model on fresher data
 is the point of the schedule). A version ``rollback --model-version`` tagged rolled back is never
-promoted; a rolled-back champion is not compared (the challenger is judged alone). The decision
+promoted; a rolled-back champion, or one that cannot be loaded (no run can serve it either), is not
+compared (the challenger is judged alone). The decision
 and every reason are recorded as tags on the challenger version and appended to the promotion log
 (a Delta table: MLflow aliases keep no history, so the log is the audit trail).
 """
@@ -307,14 +308,19 @@ def promote(
         for v in {challenger, champion} - {None}
         if (why := registry.version_tags(client, registered_model, str(v)).get(registry.ROLLED_BACK_TAG))
     }
-    champion_bundle = None
-    if champion is not None and champion != challenger and champion not in rolled_back:
-        champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
+    champion_bundle, alone = None, None  # alone: why a champion is not compared
+    if champion is not None and champion != challenger:
+        if champion in rolled_back:
+            alone = f"the champion v{champion} was rolled back ({rolled_back[champion]})"
+        else:
+            try:
+                champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
+            except CatalogEnrichError as exc:  # no run can serve it either: a challenger is the remedy
+                alone = f"the champion v{champion} cannot be loaded ({exc})"
     result, metrics = _judge(bundle, champion_bundle, table, policy, rule, target, evaluation.taxonomy)
-    if champion in rolled_back and champion != challenger:
+    if alone is not None:
         kept = [r for r in result.reasons if not r.startswith("no champion yet")]
-        why = f"the champion v{champion} was rolled back ({rolled_back[champion]}): coverage not compared"
-        result = GateResult(result.promote, [*kept, why])
+        result = GateResult(result.promote, [*kept, f"{alone}: coverage not compared"])
     if challenger in rolled_back:
         result = GateResult(False, [f"challenger v{challenger} was rolled back ({rolled_back[challenger]})"])
     if champion == challenger:
@@ -408,7 +414,7 @@ def _record(
         challenger,
         {
             "promotion.decision": "promoted" if summary["promote"] else "rejected",
-            "promotion.reasons": json.dumps(summary["reasons"]),
+            "promotion.reasons": registry.json_tag(summary["reasons"], "the promotion log has every one"),
             "promotion.eval_data": summary["eval_data"],
             "promotion.eval_version": pinned,
             "promotion.champion_before": champion or "",

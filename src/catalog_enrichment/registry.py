@@ -40,6 +40,7 @@ __all__ = [
     "CHAMPION",
     "ENCODER_TAG",
     "ROLLED_BACK_TAG",
+    "TAG_LIMIT",
     "CatalogEnrichmentPyfunc",
     "TrainingRecord",
     "calibrated_target",
@@ -47,6 +48,7 @@ __all__ = [
     "configure_mlflow",
     "download_artifact_json",
     "download_bundle",
+    "json_tag",
     "live_encoders",
     "load_bundle_from_uri",
     "log_and_register",
@@ -274,9 +276,26 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None
     client.set_registered_model_alias(name, alias, version)
 
 
+# the longest model version tag value MLflow stores
+TAG_LIMIT = 5000
+
+
 def tag_version(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Set model version tags, each value cut to :data:`TAG_LIMIT` characters (see :func:`json_tag`)."""
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value)[:5000])
+        client.set_model_version_tag(name, version, key, str(value)[:TAG_LIMIT])
+
+
+def json_tag(items: Sequence[str], rest: str) -> str:
+    """``items`` as a JSON list that fits a tag: where they do not all fit, the last ones make way
+    for one item saying how many were left out and where they are (``rest``), so the value is
+    still valid JSON."""
+    for keep in range(len(items), -1, -1):
+        left = len(items) - keep
+        text = json.dumps([*items[:keep], *([f"... {left} more ({rest})"] if left else [])])
+        if len(text) <= TAG_LIMIT:
+            return text
+    raise ValueError(f"{rest!r} alone does not fit a tag")
 
 
 def mark_rolled_back(client: MlflowClient, name: str, version: str, note: str) -> None:
