@@ -14,6 +14,7 @@ environment lookup.
 ``after_merge``            a catalog write: merged, the quarantine not written
 ``after_quarantine``       a catalog write: all written, the run not yet marked finished
 ``during_rollback``        a rollback with runs still to undo
+``after_rollback``         a rollback committed, its output not yet printed
 ``rank:<r>:<step>``        distributed training: rank ``r`` at its training step ``step`` (read
                            on the driver and sent to the ranks, so it reaches a cluster's too)
 ``worker:<marker file>``   Spark scoring: the first Python worker to create the marker file,

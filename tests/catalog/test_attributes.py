@@ -207,6 +207,11 @@ def test_a_run_whose_pairs_later_runs_all_changed_again_is_not_marked_rolled_bac
     rollback(catalog, run_id="r2", progress=said.append)
     assert {r.run_id: r.status for r in catalog.read_reports()} == {"r1": "succeeded", "r2": "rolled_back"}
     assert ("p1", "material", "cotton", "model", "r1") in _state(catalog)
+    # a rollback that fails (a run the catalog has no commit of) leaves the reports as they were
+    catalog.upsert_report(RunReport(run_id="r3", status="succeeded", started_at=T0))
+    with pytest.raises(CatalogEnrichError, match="r3"):
+        rollback(catalog, run_id="r3", progress=said.append)
+    assert next(r.status for r in catalog.read_reports() if r.run_id == "r3") == "succeeded"
 
 
 def _quarantine(run: str, ids: list[str]) -> pa.Table:
@@ -571,3 +576,32 @@ def test_a_model_version_rollback_is_one_commit_that_a_kill_leaves_before_or_aft
         assert done.returncode == 0, done.stderr[-2000:]
     assert _state(catalog) == after_r0
     assert catalog.runs_of_model_version("1") == [] and catalog.runs_of_model_version("0") == ["r0"]
+
+
+@pytest.mark.slow  # a process killed: not the fast tier
+def test_a_rollback_killed_after_its_commit_leaves_its_reports_marked(catalog: Catalog) -> None:
+    """Killed once its commit is in, before it printed a word: the reports already say rolled back,
+    so the next run reads those products again (no later rollback could mark them: the catalog
+    finds their runs rolled back)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from catalog_enrichment.catalog.reports import RunReport
+    from tests.conftest import repo_root
+
+    pair = _pairs([("p1", "material")])
+    _merge(catalog, "r0", _values([("p1", "material", "cotton", 0.8)]), pair, version="0")
+    after_r0 = _state(catalog)
+    _merge(catalog, "r1", _values([("p1", "material", "linen", 0.9)]), pair)
+    for rid in ("r0", "r1"):
+        catalog.upsert_report(RunReport(run_id=rid, status="succeeded", started_at=T0))
+    cfg = catalog.cfg.model_dump_json()  # type: ignore[attr-defined]
+    killed = subprocess.run(
+        [sys.executable, "-c", _ROLLBACK, cfg], cwd=repo_root(), capture_output=True, text=True, timeout=90,
+        env={**os.environ, "CATALOG_ENRICH_FAULT": "after_rollback"},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _state(catalog) == after_r0
+    assert {r.run_id: r.status for r in catalog.read_reports()} == {"r0": "succeeded", "r1": "rolled_back"}

@@ -11,10 +11,14 @@ from catalog_enrichment.catalog.base import RollbackResult
 from catalog_enrichment.catalog.reports import BLOCKED, FULL, check_run_id
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.faults import fault_point
 from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 
-__all__ = ["backfill_plan", "rollback"]
+__all__ = ["ROLLED_BACK", "backfill_plan", "rollback"]
+
+# the status of a run report whose run was rolled back
+ROLLED_BACK = "rolled_back"
 
 
 def backfill_plan(
@@ -54,7 +58,7 @@ def backfill_plan(
             plan.append((scope, None))
             continue
         run_id = f"backfill-{day}-{re.sub(r'[^A-Za-z0-9._-]', '_', model.name)}-v{model.version}"
-        if force or any(r.run_id == run_id and r.status == "rolled_back" for r in runs) or mine:
+        if force or any(r.run_id == run_id and r.status == ROLLED_BACK for r in runs) or mine:
             run_id += f"-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
         plan.append((scope, run_id))
     return plan
@@ -78,7 +82,13 @@ def rollback(
 ) -> list[RollbackResult]:
     """Undo one run, or every run of a model version (newest first, in one commit); marks their reports.
     ``before`` is called with the run ids once they are found, before anything changes (an error
-    it raises leaves the catalog as it was)."""
+    it raises leaves the catalog as it was).
+
+    The reports are marked rolled back before the commit, and put back where a run restored
+    nothing or the rollback raised: one killed after its commit must not leave reports saying
+    "succeeded", which would keep the next run from reading those products again and which no
+    later rollback could mark (it finds the runs rolled back). Killed before its commit, it leaves
+    them marked, which only has the next run read their products again."""
     if (run_id is None) == (model_version is None):
         raise CatalogEnrichError("rollback needs exactly one of --run-id or --model-version")
     with catalog.lock("rollback", progress):
@@ -89,17 +99,29 @@ def rollback(
             )
         if before is not None:
             before(runs)
-        results = catalog.rollback_runs([check_run_id(str(rid)) for rid in runs])
+        ids = [check_run_id(str(rid)) for rid in runs]
+        was = {r.run_id: r.status for r in catalog.read_reports() if r.run_id in ids}
+        for rid in was:
+            catalog.set_report_status(rid, ROLLED_BACK)
+        try:
+            results = catalog.rollback_runs(ids)
+        except Exception:  # an interrupt leaves them marked: the safe side
+            for rid, status in was.items():
+                catalog.set_report_status(rid, status)
+            raise
+        fault_point("after_rollback")
         for result in results:
-            _report(catalog, result, progress)
+            _report(catalog, result, progress, was.get(result.run_id))
         return results
 
 
-def _report(catalog: Catalog, result: RollbackResult, progress: Say) -> None:
-    """Say what one run's rollback did and mark its report (not where it restored nothing: the run
-    stands, and its values are wherever later runs left them)."""
+def _report(catalog: Catalog, result: RollbackResult, progress: Say, status: str | None) -> None:
+    """Say what one run's rollback did; where it restored nothing (the run stands, and its values
+    are wherever later runs left them) put its report's ``status`` back."""
     rid = result.run_id
     if not result.pairs_restored:
+        if status is not None:
+            catalog.set_report_status(rid, status)
         progress(
             f"nothing rolled back of {rid}: "
             + (
@@ -119,4 +141,3 @@ def _report(catalog: Catalog, result: RollbackResult, progress: Say) -> None:
         )
         + (f" (version {result.version})" if result.version is not None else "")
     )
-    catalog.set_report_status(rid, "rolled_back")

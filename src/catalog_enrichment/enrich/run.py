@@ -35,7 +35,7 @@ from catalog_enrichment.catalog.reports import (
     placeholders_found,
 )
 from catalog_enrichment.catalog.reviews import rejected_values
-from catalog_enrichment.catalog.runs import backfill_plan
+from catalog_enrichment.catalog.runs import ROLLED_BACK, backfill_plan
 from catalog_enrichment.config import AppConfig, MLflowConfig
 from catalog_enrichment.contracts import IMAGE_SHARED, Contract, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
@@ -471,7 +471,7 @@ def _resume_from(job: _Job, reports: list[RunReport], partition: str | None) -> 
 def _previous(reports: list[RunReport], run_id: str) -> RunReport | None:
     """The report of a run with this id that already succeeded (a re-run does nothing)."""
     previous = next((r for r in reports if r.run_id == run_id), None)
-    if previous is not None and previous.status == "rolled_back":
+    if previous is not None and previous.status == ROLLED_BACK:
         raise CatalogEnrichError(f"run {run_id} was rolled back; start a new run with another run id")
     return previous if previous is not None and previous.status == "succeeded" else None
 
