@@ -328,6 +328,7 @@ def test_a_column_of_another_type_fails_before_any_write_naming_it(
 
 
 def test_an_evolved_delta_table_and_empty_tables_and_partitions_are_read(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
+    tmp_path = tmp_path / "Catalog Data é"  # delta-rs names its files percent-encoded
     table = pa.Table.from_pylist(_valid_products(incoming)[:30], read_table(incoming.products).schema)
     # version 0 without the nullable category column; version 1 adds it and an extra column
     old = table.drop_columns(["category"])
@@ -390,6 +391,7 @@ def test_an_image_that_could_not_be_read_is_tried_again_by_the_next_runs_then_le
 
 
 def test_rows_a_deletion_vector_removed_stay_removed(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
+    tmp_path = tmp_path / "Catalog Data é"
     table = pa.Table.from_pylist(_valid_products(incoming)[:12], read_table(incoming.products).schema)
     write_deltalake(str(tmp_path / "dv"), table)  # one data file
     delete_with_deletion_vector(tmp_path / "dv", [0, 5, 11])

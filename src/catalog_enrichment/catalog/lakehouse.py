@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,6 +22,7 @@ __all__ = [
     "TableFormat",
     "data_files",
     "dataset",
+    "file_path",
     "is_delta",
     "read_products_of",
     "read_table",
@@ -188,13 +190,19 @@ def table_version(path: str | Path) -> int | None:
     return int(DeltaTable(str(path)).version())
 
 
+def file_path(uri: str) -> str:
+    """A data file of a Delta table as delta-rs names it (percent-encoded, ``file://`` for a local
+    one) as a path to open: a table under a folder named with a space or an accent is readable."""
+    return unquote(uri.removeprefix("file://"))
+
+
 def data_files(path: str | Path) -> list[str]:
     """The data files of the table's current snapshot (Delta: from the log; Parquet: on disk)."""
     target = Path(path)
     if table_format(target) == "delta":
         from deltalake import DeltaTable
 
-        return sorted(DeltaTable(str(target)).file_uris())
+        return sorted(file_path(u) for u in DeltaTable(str(target)).file_uris())
     if target.is_file():
         return [str(target)]
     return sorted(str(p) for p in target.rglob("*.parquet"))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog_enrichment.catalog.lakehouse import table_format
+from catalog_enrichment.catalog.lakehouse import file_path, table_format
 from catalog_enrichment.contracts import Contract
 from catalog_enrichment.errors import ContractError
 
@@ -101,7 +101,7 @@ def _deleted_rows(root: Path) -> dict[str, list[int]]:
     for batch in pa.table(table.deletion_vectors()).to_batches():
         for uri, keep in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
             mask = pc.invert(keep.values)
-            deleted[uri.removeprefix("file://")] = pc.indices_nonzero(mask).to_pylist()
+            deleted[file_path(uri)] = pc.indices_nonzero(mask).to_pylist()
     return deleted
 
 
@@ -249,11 +249,13 @@ def _without_deleted(spark: SparkSession, df: DataFrame, deleted: dict[str, list
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType
 
-    rows = [(Path(file).resolve().as_uri(), index) for file, indexes in deleted.items() for index in indexes]
+    rows = [(str(Path(file).resolve()), index) for file, indexes in deleted.items() for index in indexes]
     schema = StructType([StructField(_FILE, StringType(), False), StructField(_ROW, LongType(), False)])
     gone = spark.createDataFrame(rows, schema)
-    path = F.regexp_replace(F.col(_FILE), "^file:/+", "file:///")  # Spark writes file:/ or file:///
-    return df.withColumn(_FILE, path).join(F.broadcast(gone), [_FILE, _ROW], "left_anti")
+    # Spark names the file file:/ or file:///, a space percent-encoded but an accent not: compared
+    # decoded (a "+" is one, not a space)
+    local = F.regexp_replace(F.regexp_replace(F.col(_FILE), "^file:/+", "/"), "[+]", "%2B")
+    return df.withColumn(_FILE, F.url_decode(local)).join(F.broadcast(gone), [_FILE, _ROW], "left_anti")
 
 
 def _read_schema(schema: Any, *, drop: frozenset[str], as_long: frozenset[str]) -> Any:
@@ -276,7 +278,7 @@ def _data_files(root: Path, partition: Partition | None) -> list[str]:
 
         filters = [(partition.column, "=", partition.value)] if partition else None
         uris = DeltaTable(str(root)).file_uris(file_pruning_predicate=filters)
-        return [u.removeprefix("file://") for u in uris]
+        return [file_path(u) for u in uris]
     if root.is_file():
         return [str(root)]
     files = []
