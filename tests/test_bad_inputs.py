@@ -103,6 +103,8 @@ def _cases(good: dict[str, Any], folder: Path, now: dt.datetime) -> list[tuple[d
         # timestamps
         ({"updated_at": None}, ["updated_at_not_null"]),
         ({"updated_at": dt.datetime(9999, 1, 1, tzinfo=dt.UTC)}, ["updated_at_not_in_future"]),
+        # nanoseconds written as microseconds: the year 56,791, past any Python datetime
+        ({"updated_at": 1_730_000_000_000_000_000}, ["updated_at_not_in_future"]),
         ({"updated_at": now + dt.timedelta(hours=2)}, ["updated_at_not_in_future"]),
         ({"updated_at": now + dt.timedelta(minutes=10)}, []),  # within the clock skew
         ({"updated_at": dt.datetime(1970, 1, 1, tzinfo=dt.UTC)}, ["updated_at_not_too_old"]),
@@ -249,7 +251,7 @@ def test_valid_rows_are_scored_and_no_blank_id_is_ever_written(corpus) -> None: 
 def test_the_watermark_never_passes_the_runs_start(spark, corpus, taxonomy, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
     cfg, outcome, _, cases, products = corpus
     report = outcome.report
-    # a row at 9999-01-01 and one 10 minutes ahead (within the skew) were read
+    # rows at 9999-01-01 and past year 9999, and one 10 minutes ahead (within the skew) were read
     assert report.watermark == report.started_at
     # the next incremental run reads what is stamped after that start: the rows in the future again
     again = _run(
@@ -262,10 +264,11 @@ def test_the_watermark_never_passes_the_runs_start(spark, corpus, taxonomy, scor
         products,
         "bad-inputs-next",
     )
-    ahead = [r for r, _ in cases if r["updated_at"] is not None and r["updated_at"] > report.started_at]
+    at = [r["updated_at"] for r, _ in cases]
+    ahead = [t for t in at if isinstance(t, int) or (t is not None and t > report.started_at)]
     # and, once more, the product whose image could not be read (transient, tried again)
     unread = [r for r, reasons in cases if reasons == ["image_readable"]]
-    assert len(ahead) == 3 and len(unread) == 1
+    assert len(ahead) == 4 and len(unread) == 1
     assert again.report.rows_read == len(ahead) + len(unread)
     assert again.report.watermark == again.report.started_at
 

@@ -480,8 +480,15 @@ def add_duplicates(counts: ValidationCounts, duplicates: pa.Table, rules: list[R
     return ValidationCounts(counts.rows_read, invalid, per_rule, counts.watermark, held)
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_LATEST_MICROS = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(microseconds=1)
+
+
 def _from_micros(us: int) -> dt.datetime:
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
+    """µs since the epoch as a datetime; past year 9999 (an export that wrote nanoseconds as
+    microseconds), the last one Python has: such a row is quarantined, and the run's watermark never
+    passes its start."""
+    return _EPOCH + dt.timedelta(microseconds=min(us, _LATEST_MICROS))
 
 
 class CircuitBreakerTripped(CatalogEnrichError):
