@@ -13,6 +13,7 @@ import pytest
 from catalog_enrichment.catalog.reports import (
     BLOCKED,
     PLACEHOLDERS,
+    PRODUCTS,
     RunReport,
     check_run_id,
     format_report,
@@ -82,7 +83,11 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     # the job says whose products it stops reading again, and only then
     said: list[str] = []
     health = SimpleNamespace(retries=3)
-    job = SimpleNamespace(cfg=SimpleNamespace(validation=SimpleNamespace(health=health)), say=said.append)
+    job = SimpleNamespace(
+        cfg=SimpleNamespace(validation=SimpleNamespace(health=health)),
+        catalog=SimpleNamespace(products_name=lambda: "/lake/products"),
+        say=said.append,
+    )
     assert _resume_from(job, nights, None).run_id == "b0"  # type: ignore[arg-type, union-attr]
     assert "run b0 kept values out and 3 blocked runs followed it" in said[-1]
     said.clear()
@@ -92,6 +97,29 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     blocked = run("cdn", 2, {"color": "input image tone failed"})
     blocked.add_to_summary(health=[], health_failures=["image tone PSI 3.0"])
     assert "blocked      color: input image tone failed" in format_report(blocked)
+
+
+def test_each_products_table_of_a_catalog_keeps_its_own_watermark() -> None:
+    """A run that read another table into the same catalog (``--products``) neither moves the
+    catalog's table's watermark nor takes it; a report from before runs recorded their table
+    counts for any."""
+
+    def run(run_id: str, hour: int, products: str | None) -> RunReport:
+        r = RunReport(run_id=run_id, status="succeeded", started_at=T, watermark=T.replace(hour=hour))
+        if products is not None:
+            r.add_to_summary(**{PRODUCTS: products})
+        return r
+
+    before, own, feed = (
+        run("before", 1, None),
+        run("own", 2, "/lake/products"),
+        run("feed", 14, "/exports/feed"),
+    )
+    reports = [before, own, feed]
+    assert last_run(reports, None, products="/lake/products") is own
+    assert last_run(reports, None, products="/exports/feed") is feed
+    assert last_run([before, feed], None, products="/lake/products") is before
+    assert last_run(reports, None) is feed  # no table named: any
 
 
 def test_a_placeholder_once_found_is_known_while_the_limit_stays_under_its_count() -> None:

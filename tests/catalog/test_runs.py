@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from catalog_enrichment.catalog.reports import BLOCKED, FULL, RunReport
+from catalog_enrichment.catalog.reports import BLOCKED, FULL, PRODUCTS, RunReport
 from catalog_enrichment.catalog.runs import backfill_plan
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.versions import ModelVersion
@@ -35,6 +35,9 @@ class _Partitions:
 
     def describe(self) -> str:
         return "a test catalog"
+
+    def products_name(self) -> str:
+        return "/lake/products"
 
 
 def _report(day: str, status: str, version: str = "3", run_id: str | None = None) -> RunReport:
@@ -123,3 +126,21 @@ def test_an_empty_or_backwards_range_is_a_clear_error() -> None:
         _plan(_Partitions(["2026-10-01"]))
     with pytest.raises(CatalogEnrichError, match="--from 2026-11-03 is after --to 2026-11-02"):
         backfill_plan(_Partitions(DAYS), MODEL, dt.date(2026, 11, 3), dt.date(2026, 11, 2))  # type: ignore[arg-type]
+
+
+def test_a_run_over_another_products_table_does_not_make_a_partition_done() -> None:
+    """`--products` read another table into the same catalog: its partition is not this table's
+    (a report from before runs recorded their table counts for any)."""
+    other = _report("2026-11-02", "succeeded")
+    other.add_to_summary(**{PRODUCTS: "/exports/vendor_feed"})
+    assert _plan(_Partitions(DAYS, [other]))[0] == (
+        "ingest_date=2026-11-02",
+        "backfill-2026-11-02-shop_tiny-v3",
+    )
+    own = _report("2026-11-03", "succeeded")
+    own.add_to_summary(**{PRODUCTS: "/lake/products"})
+    before = _report("2026-11-02", "succeeded", run_id="before")
+    assert _plan(_Partitions(DAYS, [other, own, before])) == [
+        ("ingest_date=2026-11-02", None),
+        ("ingest_date=2026-11-03", None),
+    ]

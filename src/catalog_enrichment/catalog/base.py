@@ -131,6 +131,11 @@ class Catalog(Protocol):
         """Where this catalog is, for messages (never a password)."""
         ...
 
+    def products_name(self) -> str:
+        """The products table a run reads (a path, or ``schema.table``): each keeps its own
+        watermark in the run reports."""
+        ...
+
     def lock(self, owner: str, say: Say) -> AbstractContextManager[None]:
         """Hold the catalog for one run (or rollback) at a time; waits ``catalog.lock_wait_seconds``.
 

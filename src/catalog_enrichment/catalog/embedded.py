@@ -64,6 +64,9 @@ class LakehouseCatalog:
     def describe(self) -> str:
         return f"lakehouse {self.root}"
 
+    def products_name(self) -> str:
+        return str(self.products.resolve())
+
     def lock(self, owner: str, say: Say) -> AbstractContextManager[None]:
         return catalog_lock(self.root, owner=owner, wait_seconds=self.cfg.lock_wait_seconds, say=say)
 

@@ -27,6 +27,7 @@ __all__ = [
     "BLOCKED",
     "FULL",
     "PLACEHOLDERS",
+    "PRODUCTS",
     "RETRY",
     "SEEN",
     "RunReport",
@@ -36,6 +37,7 @@ __all__ = [
     "format_report",
     "last_run",
     "last_watermark",
+    "of_scope",
     "placeholders_found",
     "read_reports",
     "report_for",
@@ -172,6 +174,9 @@ FULL = "full"
 EXPECTATIONS = "great_expectations"  # the run's GX checkpoint (validation/checkpoint.py)
 # ... and the image digests it found to be placeholders (``image_shared``), with their products
 PLACEHOLDERS = "placeholder_images"
+# ... and the products table it read (Catalog.products_name): a run over another table of the same
+# catalog (--products) neither moves nor takes its watermark
+PRODUCTS = "products_table"
 
 
 def placeholders_found(reports: Iterable[RunReport], limit: int) -> set[str]:
@@ -198,14 +203,22 @@ def last_watermark(reports: Iterable[RunReport], scope: str | None) -> dt.dateti
     return None if latest is None else latest.watermark
 
 
+def of_scope(report: RunReport, scope: str | None, products: str | None) -> bool:
+    """Whether ``report`` is of a run over the same scope (partition, or None = all) of the same
+    products table (None: any; a report written before runs recorded theirs: any)."""
+    read = report.summary().get(PRODUCTS)
+    return report.partition == scope and (products is None or read is None or read == products)
+
+
 def last_run(
-    reports: Iterable[RunReport], scope: str | None, *, blocked_retries: int = 0
+    reports: Iterable[RunReport], scope: str | None, *, products: str | None = None, blocked_retries: int = 0
 ) -> RunReport | None:
-    """The succeeded run over the same scope (partition, or None = all) with the highest watermark,
-    the latest of those - passing over up to ``blocked_retries`` latest runs whose health checks kept
-    an attribute's values out, so the next run reads their products again (None when every run was
-    passed over: the next run reads everything)."""
-    runs = [r for r in reports if r.status == "succeeded" and r.partition == scope and r.watermark]
+    """The succeeded run over the same scope (partition, or None = all) of the same ``products``
+    table (:func:`of_scope`) with the highest watermark, the latest of those - passing over up to
+    ``blocked_retries`` latest runs whose health checks kept an attribute's values out, so the next
+    run reads their products again (None when every run was passed over: the next run reads
+    everything)."""
+    runs = [r for r in reports if r.status == "succeeded" and of_scope(r, scope, products) and r.watermark]
     # of runs with the same watermark (nothing newer read since), the latest: its lists are current
     runs.sort(key=lambda r: (r.watermark, r.started_at))
     for _ in range(blocked_retries):

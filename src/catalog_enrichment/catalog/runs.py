@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
-from catalog_enrichment.catalog.reports import BLOCKED, FULL, check_run_id
+from catalog_enrichment.catalog.reports import BLOCKED, FULL, check_run_id, of_scope
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import fault_point
@@ -46,11 +46,11 @@ def backfill_plan(
         raise CatalogEnrichError(
             f"no {column} partitions between {date_from} and {date_to} in {catalog.describe()}"
         )
-    all_reports = catalog.read_reports()
+    all_reports, products = catalog.read_reports(), catalog.products_name()
     plan: list[tuple[str, str | None]] = []
     for day in dates:
         scope = f"{column}={day}"
-        runs = [r for r in all_reports if r.partition == scope]
+        runs = [r for r in all_reports if of_scope(r, scope, products)]
         mine = [r for r in runs if r.status == "succeeded" and r.model_version == model.version]
         # done: a run of the whole partition that kept nothing out (an incremental run of it scored
         # what had changed since some other version's run; reports from before runs recorded it count)

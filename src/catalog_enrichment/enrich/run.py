@@ -25,6 +25,7 @@ from catalog_enrichment.catalog.reports import (
     EXPECTATIONS,
     FULL,
     PLACEHOLDERS,
+    PRODUCTS,
     RETRY,
     SEEN,
     RunReport,
@@ -154,6 +155,7 @@ class _Record:
     model: ModelVersion
     partition: str | None
     started_at: dt.datetime
+    products: str  # the products table read (Catalog.products_name)
     full: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     got: Read | None = None
@@ -216,7 +218,7 @@ class _Record:
         return report
 
     def _summary(self) -> dict[str, Any]:
-        summary: dict[str, Any] = {FULL: self.full}
+        summary: dict[str, Any] = {FULL: self.full, PRODUCTS: self.products}
         if self.expectations is not None:
             summary[EXPECTATIONS] = self.expectations.to_dict()
         if self.validated is not None:
@@ -284,7 +286,8 @@ def run_enrichment(
             progress(note)
         contract = load_contract("products")
         part = parse_partition(partition, contract)
-        record = _Record(run_id, model, str(part) if part else None, dt.datetime.now(dt.UTC), full)
+        started, products = dt.datetime.now(dt.UTC), catalog.products_name()
+        record = _Record(run_id, model, str(part) if part else None, started, products, full)
         job = _Job(spark, cfg, catalog, taxonomy, model, policy, catalog.staging_dir(run_id), progress)
         return _run(job, record, reports, contract, part, full, client)
 
@@ -453,8 +456,9 @@ def _resume_from(job: _Job, reports: list[RunReport], partition: str | None) -> 
     whose health checks kept values out (``validation.health.retries`` of them at most), so their
     products are scored again."""
     retries = job.cfg.validation.health.retries
-    latest = last_run(reports, partition)
-    last = last_run(reports, partition, blocked_retries=retries)
+    products = job.catalog.products_name()
+    latest = last_run(reports, partition, products=products)
+    last = last_run(reports, partition, products=products, blocked_retries=retries)
     if latest is not None and last is not latest:
         blocked = ", ".join(blocked_why(latest.summary().get(BLOCKED)))
         since = "the start" if last is None else f"run {last.run_id}"

@@ -63,6 +63,9 @@ class PgBase:
         self._dsn = os.environ.get(PG_DSN_ENV, "") if dsn is None else dsn
         self._migrated = False
 
+    def products_name(self) -> str:
+        return ".".join(self.products)
+
     def describe(self) -> str:
         """``postgres host:port/database as user`` from the DSN and libpq's variables (no password)."""
         from psycopg.conninfo import conninfo_to_dict
