@@ -28,7 +28,7 @@ import pytest
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
-from catalog_enrichment.catalog.reports import read_reports, report_for
+from catalog_enrichment.catalog.reports import PRODUCTS, read_reports, report_for
 from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
@@ -337,6 +337,11 @@ def test_a_merchant_value_given_after_the_model_wrote_one_takes_its_place_on_the
         column = pa.array([r[name] for r in rows], table.schema.field(name).type)
         table = table.set_column(table.schema.get_field_index(name), name, column)
     write_table(products, table, partition_by=["ingest_date"], mode="overwrite")
+    # the copy stands for the table the first run read: its watermark is that table's
+    catalog = open_catalog(cfg.catalog)
+    first = report_for(catalog.read_reports(), outcome.report.run_id)
+    first.add_to_summary(**{PRODUCTS: str(products.resolve())})
+    catalog.upsert_report(first)
     second = run_enrichment(
         spark, cfg, taxonomy, model=_model(scoring_bundle), scope=RunScope(products=products, run_id="late"),
         progress=_quiet,
