@@ -143,6 +143,7 @@ def tree(tmp_path: Path) -> Iterator[Path]:
     (root / "images").mkdir(parents=True)
     outside.mkdir()
     (root / "images" / "a.jpg").write_bytes(JPEG)
+    (root / "images" / "blue dress é.jpg").write_bytes(JPEG)
     (outside / "secret.jpg").write_bytes(JPEG)
     (root / "images" / "inside-link.jpg").symlink_to(root / "images" / "a.jpg")
     (root / "images" / "out-link.jpg").symlink_to(outside / "secret.jpg")
@@ -157,6 +158,9 @@ def _uri_cases(t: Path) -> dict[str, tuple[str, str | None]]:
     return {
         "absolute path under the root": (str(images / "a.jpg"), None),
         "file:// URI under the root": (f"file://{images / 'a.jpg'}", None),
+        "file:// URI percent-encoded": ((images / "blue dress é.jpg").as_uri(), None),
+        "file://localhost URI": (f"file://localhost{images / 'a.jpg'}", None),
+        "dot-dot percent-encoded": (f"file://{images}/%2e%2e/%2e%2e/outside/secret.jpg", IMAGE_URI_ALLOWED),
         "symlink inside the root": (str(images / "inside-link.jpg"), None),
         "symlink out of the root": (str(images / "out-link.jpg"), IMAGE_URI_ALLOWED),
         "directory symlink out of the root": (str(images / "dir-link" / "secret.jpg"), IMAGE_URI_ALLOWED),
@@ -274,6 +278,8 @@ def test_remote_uris_never_reach_private_addresses_unless_allowed(http_server: _
     assert load_pixels(None, uri, SIZE, policy=public_only)[1] == IMAGE_URI_ALLOWED  # loopback
     for host in ("localhost", "10.0.0.1", "169.254.169.254", "[::1]", "192.168.1.1", "0.0.0.0"):
         assert public_only.read(f"http://{host}/a.jpg") == (None, IMAGE_URI_ALLOWED), host
+    for port in ("99999", "abc"):  # not a port: refused, not an error
+        assert public_only.read(f"http://cdn.example:{port}/a.jpg") == (None, IMAGE_URI_ALLOWED), port
     assert http_server.paths == []
     allowed = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=FAST)
     pixels, reason = load_pixels(None, uri, SIZE, policy=allowed)

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -113,7 +113,7 @@ class ImagePolicy:
         vector is held to the policy of today's run, not to the one its image was read under."""
         scheme, host = _scheme_and_host(uri)
         if scheme in ("", "file"):
-            return None if self._local_path(uri.removeprefix("file://")) else IMAGE_URI_ALLOWED
+            return None if self._local_path(_file_path(uri)) else IMAGE_URI_ALLOWED
         if scheme not in self.schemes or (self.hosts and host not in self.hosts):
             return IMAGE_URI_ALLOWED
         # an object store answers with the job's credentials: listed buckets only
@@ -129,7 +129,7 @@ class ImagePolicy:
             return None, refused
         scheme, _ = _scheme_and_host(uri)
         if scheme in ("", "file"):
-            return self._read_local(uri.removeprefix("file://"))
+            return self._read_local(_file_path(uri))
         if scheme in ("http", "https"):
             return read_http(
                 uri, max_bytes=self.max_bytes, limits=self.http, allow_private=self.allow_private_addresses
@@ -176,6 +176,16 @@ class ImagePolicy:
             return None, IMAGE_READABLE
         finally:
             os.close(fd)
+
+
+def _file_path(uri: str) -> str:
+    """The local path of a bare path or a ``file:`` URI: ``file:///a%20b.jpg`` (what
+    ``Path.as_uri`` writes) and ``file://localhost/a%20b.jpg`` are ``/a b.jpg``; a bare path is
+    taken as it is (a ``%`` in a file name is one)."""
+    if not uri.startswith("file://"):
+        return uri
+    rest = uri.removeprefix("file://")
+    return unquote(rest.removeprefix("localhost") if rest.startswith("localhost/") else rest)
 
 
 def _scheme_and_host(uri: str) -> tuple[str, str]:

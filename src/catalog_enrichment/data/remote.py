@@ -110,7 +110,11 @@ def read_http(
 
     parts = urlsplit(uri)
     https = parts.scheme.lower() == "https"
-    host, port = parts.hostname, parts.port or (443 if https else 80)
+    try:
+        port = parts.port or (443 if https else 80)
+    except ValueError:  # a port out of range or not a number
+        return None, IMAGE_URI_ALLOWED
+    host = parts.hostname
     if not host:
         return None, IMAGE_URI_ALLOWED
     address = checked_address(host, port, allow_private=allow_private)
