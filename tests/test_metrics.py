@@ -59,6 +59,21 @@ def test_decision_matrix_and_written_precision() -> None:
     assert nothing["written"] == 0 and np.isnan(nothing["precision"])
 
 
+def test_a_zero_score_is_never_written_even_at_the_grid_s_lowest_threshold() -> None:
+    """A single-valued attribute's scores are 0 but for each product's first-ranked value; a value
+    nearly every product holds can be calibrated down to the grid's 0.0, which must not write it a
+    second time beside another product's own."""
+    from catalog_enrichment.calibration import THRESHOLD_GRID, _curve
+
+    scores = np.array([[0.0, 0.96], [0.97, 0.0]])
+    assert decision_matrix(scores, "multilabel", np.array([0.0, 0.0])).tolist() == [
+        [False, True],
+        [True, False],
+    ]
+    n, k = _curve(np.array([0.0, 0.0, 0.5]), np.array([True, True, False]))
+    assert THRESHOLD_GRID[-1] == 0.0 and (n[-1], k[-1]) == (1, 0)  # calibration counts it so too
+
+
 def test_f1() -> None:
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.6]])
     labels = np.array([[1, 0], [0, 1], [1, 0]])

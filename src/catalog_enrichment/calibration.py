@@ -369,9 +369,11 @@ def _writes_proving(precision: float, target: float, confidence: float, bound: B
 
 
 def _curve(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, k)`` at every grid threshold: candidates scored ``>= t`` and how many are right."""
+    """``(n, k)`` at every grid threshold: candidates scored ``>= t`` and how many are right (a
+    candidate scored 0 at none: it is never written, :func:`~catalog_enrichment.metrics.decision_matrix`)."""
     s = np.asarray(scores, dtype=np.float64)
     c = np.asarray(correct, dtype=bool)
+    s, c = s[s > 0], c[s > 0]
     if s.size == 0:
         zero = np.zeros(THRESHOLD_GRID.size, np.int64)
         return zero, zero.copy()

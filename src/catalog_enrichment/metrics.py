@@ -111,14 +111,16 @@ def decision_matrix(scores: np.ndarray, kind: AttributeKind, thresholds: np.ndar
     """Which values would be written: ``(n, n_values)`` bool.
 
     Multi-label: every value whose score >= its threshold. Multi-class: the top-1 value if its
-    score >= that value's threshold. ``NaN`` thresholds mean "never written".
+    score >= that value's threshold. ``NaN`` thresholds mean "never written"; a score of 0 is never
+    written, whatever the threshold (the grid's lowest is 0): a single-valued attribute's scores
+    are 0 but for each product's first-ranked value.
     """
     scores = _check_scores(scores)
     thresholds = np.asarray(thresholds, dtype=np.float64)
     if thresholds.shape != (scores.shape[1],):
         raise ValueError(f"thresholds must have shape ({scores.shape[1]},), got {thresholds.shape}")
     with np.errstate(invalid="ignore"):
-        clears = scores >= thresholds[None, :]  # NaN compares False
+        clears = (scores >= thresholds[None, :]) & (scores > 0)  # NaN compares False
     if kind == "multilabel":
         return clears
     top = scores.argmax(axis=1)
