@@ -84,6 +84,13 @@ def test_f1() -> None:
     assert mc["macro_f1"] == pytest.approx(1.0)
 
 
+def test_an_attribute_no_product_is_labelled_for_scores_zero_not_an_error() -> None:
+    scores = np.full((4, 3), 1 / 3)
+    assert f1_scores(scores, np.full(4, -1), "multiclass") == {"macro_f1": 0.0, "micro_f1": 0.0}
+    assert f1_scores(scores[:0], np.zeros((0, 3), bool), "multilabel") == {"macro_f1": 0.0, "micro_f1": 0.0}
+    assert attribute_r_at_p(scores, np.full(4, -1), "multiclass").pooled == 0.0
+
+
 def test_bad_shapes_are_rejected() -> None:
     with pytest.raises(ValueError, match="2-D"):
         attribute_r_at_p(np.zeros(3), np.zeros(3), "multiclass")

@@ -309,11 +309,14 @@ def paired_bootstrap(
 
 
 def f1_scores(scores: np.ndarray, labels: np.ndarray, kind: AttributeKind) -> dict[str, float]:
-    """Macro and micro F1 at the natural decision rule (sigmoid >= 0.5 / argmax)."""
+    """Macro and micro F1 at the natural decision rule (sigmoid >= 0.5 / argmax); 0 where no
+    product is labelled (as R@P95 is)."""
     from sklearn.metrics import f1_score  # here, not at the top: the enrichment job never loads it
 
     scores = _check_scores(scores)
     labels = _check_labels(labels, scores, kind)
+    if not labels.shape[0] or (kind == "multiclass" and not (labels >= 0).any()):
+        return {"macro_f1": 0.0, "micro_f1": 0.0}
     if kind == "multilabel":
         pred = scores >= 0.5
         truth = labels

@@ -90,6 +90,26 @@ def test_the_ngram_modality_learns_a_label_that_is_a_keyword_of_the_title() -> N
     assert fit.mix["thing"]["ngrams"] > max(fit.mix["thing"][b] for b in ("text", "image", "colour"))
 
 
+def test_an_attribute_no_product_is_labelled_for_trains_and_writes_nothing() -> None:
+    """A new attribute of the taxonomy, no labels yet: the stack trains the others and gives it the
+    blocks' mean, which nothing calibrates."""
+    from catalog_enrichment.training.evaluation import calibrate, evaluate
+
+    spec = {"version": 1, "attributes": {"thing": {"kind": "multiclass", "values": WORDS},
+                                         "new": {"kind": "multiclass", "values": ["a", "b"]}}}  # fmt: skip
+    taxonomy = Taxonomy.from_dict(spec)
+    rng = np.random.default_rng(3)
+    y, none = rng.integers(0, 3, 120), np.full(120, -1)
+    labels = EncodedLabels({"thing": y, "new": none}, {"thing": y >= 0, "new": none >= 0})
+    model = _model(taxonomy)
+    fit = _fit(model, _embeddings(model, [WORDS[v] for v in y]), labels, taxonomy)
+    assert fit.mix["new"] == pytest.approx(dict.fromkeys(fit.mix["new"], 1 / len(fit.mix["new"])))
+    calibration = calibrate(fit.oof, labels, taxonomy, tiny_config().calibration)
+    assert np.isnan(calibration.thresholds("new")).all()
+    report = evaluate(fit.oof, labels, taxonomy, calibration)
+    assert report["new"]["macro_f1"] == 0.0 and report["thing"]["r_at_p95"] > 0.9
+
+
 def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
     taxonomy = _taxonomy()
     model = _model(taxonomy)

@@ -326,12 +326,14 @@ def _validation_score(
     preds: Predictions, labels: EncodedLabels, taxonomy: Taxonomy, metric: str
 ) -> tuple[dict[str, float], float]:
     """Per attribute validation R@P95, and the score epochs are selected on (mean R@P95, or mean
-    average precision)."""
+    average precision over the attributes with a positive validation label: with none it is not
+    defined, and a NaN mean would never improve, so no epoch would be kept)."""
     val_r = mean_val_r(preds, labels, taxonomy)
     if metric != "average_precision":
         return val_r, float(np.mean(list(val_r.values())))
     aps = [attribute_average_precision(*labels.labelled(preds.probs, a.name), a.kind) for a in taxonomy]
-    return val_r, float(np.mean(aps))
+    defined = [ap for ap in aps if not np.isnan(ap)]
+    return val_r, float(np.mean(defined)) if defined else 0.0
 
 
 def _fit_heldout(

@@ -262,12 +262,16 @@ def _normalised(scores: np.ndarray, softmax: bool) -> np.ndarray:
 def _fit_meta(
     z: np.ndarray, present: np.ndarray, target: _Target, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(mix (blocks,), bias (V,))``: the meta-learner over ``z`` ``(blocks, n, V)`` on ``rows``."""
+    """``(mix (blocks,), bias (V,))``: the meta-learner over ``z`` ``(blocks, n, V)`` on ``rows``;
+    where none of them is labelled for the attribute, the blocks' mean (nothing to learn from, and
+    with no labelled product to calibrate on, nothing is written)."""
     rows = rows[target.known[rows]]
-    zt = torch.from_numpy(z[:, rows]).double()
-    gate = torch.from_numpy(present[rows])
     mix = torch.full((z.shape[0],), 1.0 / z.shape[0], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(z.shape[2], dtype=torch.float64, requires_grad=True)
+    if not rows.size:
+        return mix.detach().float().numpy(), bias.detach().float().numpy()
+    zt = torch.from_numpy(z[:, rows]).double()
+    gate = torch.from_numpy(present[rows])
     kind = "multiclass" if target.softmax else "multilabel"
     y = torch.from_numpy(target.y[rows])
     optimizer = torch.optim.LBFGS([mix, bias], max_iter=200, line_search_fn="strong_wolfe")
