@@ -3,6 +3,8 @@ Selenium): a person's clicks become a verdict file that ``review import`` accept
 
 from __future__ import annotations
 
+import csv
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -125,7 +127,7 @@ def test_merchant_text_that_looks_like_markup_is_shown_as_text(
 
     from tests.review.test_sample import HOSTILE_IDS, HOSTILE_TITLES
 
-    driver, _ = browser
+    driver, downloads = browser
     hostile = written_catalog(tmp_path / "lakehouse", ids=HOSTILE_IDS, titles=HOSTILE_TITLES)
     drawn = draw_sample(hostile.catalog, model_version="3", size=100, seed=0)
     table, _ = write_annotator_files(
@@ -136,3 +138,16 @@ def test_merchant_text_that_looks_like_markup_is_shown_as_text(
     assert len(cards) == table.num_rows > 0
     shown = "\n".join(c.text for c in cards)
     assert "<!--<script>document.body.innerHTML=''</script>" in shown and "</script><script>" in shown
+    # the verdict file the page saves holds no live formula, and imports the texts as they were
+    driver.find_element(By.ID, "reviewer").send_keys("=ana")
+    for card in cards:
+        card.find_element(By.CSS_SELECTOR, "button[data-verdict=yes]").click()
+    driver.find_element(By.ID, "save").click()
+    saved = _downloaded(downloads)
+    with saved.open(newline="") as f:
+        cells = [c for row in csv.reader(f) for c in row]
+    assert not [c for c in cells if re.match(r"[=+\-@\t\r]", c)]
+    assert import_verdicts(hostile.catalog, saved).inserted == len(cards)
+    stored = hostile.catalog.keyed_rows("reviews").to_pylist()
+    assert {r["product_id"] for r in stored} == set(table["product_id"].to_pylist())
+    assert {r["reviewer"] for r in stored} == {"=ana"}
