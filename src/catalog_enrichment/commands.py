@@ -163,6 +163,7 @@ def labels(args: argparse.Namespace, cfg: AppConfig) -> int:
         evaluation=Path(_eval_data(cfg)),
         out=out,
         taxonomy=load_taxonomy(cfg.taxonomy_path),
+        evaluation_version=cfg.promotion.eval_version,
     )
     print(report.summary())
     print(f"written to {out}; next: catalog-enrich train --data {out}")

@@ -126,6 +126,14 @@ def test_labels_are_written_with_their_sources_and_train_reads_them(
         out=tmp_path / "labelled", taxonomy=taxonomy,
     )  # fmt: skip
     assert table_version(tmp_path / "labelled") == 1 and read_table(tmp_path / "labelled").num_rows == 3
+    # the gate judges on a pinned version of the evaluation set: its products stay out, whatever
+    # the set's latest version holds
+    write_table(tmp_path / "eval", _evaluation().slice(0, 0), mode="overwrite")
+    pinned = write_labels(
+        catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=tmp_path / "eval",
+        out=tmp_path / "labelled", taxonomy=taxonomy, evaluation_version=0,
+    )  # fmt: skip
+    assert pinned.excluded_evaluation_products == 1 and pinned.sources["evaluation"]["version"] == 0
 
 
 def test_bad_catalogs_are_clear_errors(

@@ -302,17 +302,29 @@ def _count(
                 counts[attr_name] = counts.get(attr_name, 0) + len(judged_values)
 
 
-def _read(path: Path, name: str) -> tuple[pa.Table, dict[str, Any]]:
-    from catalog_enrichment.catalog.lakehouse import read_table, table_version
+def _read(path: Path, name: str, version: int | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """The table at ``path`` (a Delta table at ``version``; None: its latest) and where it came from."""
+    from catalog_enrichment.catalog.lakehouse import read_table, table_format, table_version
 
     if not path.exists():
         raise CatalogEnrichError(f"the {name} table was not found: {path}")
-    return read_table(path), {"path": str(path.resolve()), "version": table_version(path)}
+    if version is None or table_format(path) != "delta":
+        return read_table(path), {"path": str(path.resolve()), "version": table_version(path)}
+    return read_table(path, version=version), {"path": str(path.resolve()), "version": version}
 
 
-def write_labels(*, catalog: Catalog, evaluation: Path | None, out: Path, taxonomy: Taxonomy) -> LabelReport:
+def write_labels(
+    *,
+    catalog: Catalog,
+    evaluation: Path | None,
+    out: Path,
+    taxonomy: Taxonomy,
+    evaluation_version: int | None = None,
+) -> LabelReport:
     """Read the catalog's products and attributes, build the labels and overwrite ``out`` (one Delta
-    commit whose metadata holds the report, source versions included)."""
+    commit whose metadata holds the report, source versions included). The evaluation set's
+    products are left out at ``evaluation_version`` (``promotion.eval_version``, the one the gate
+    judges on; None: its latest)."""
     from deltalake import CommitProperties, write_deltalake
 
     product_table, product_source = catalog.snapshot("products")
@@ -320,7 +332,7 @@ def write_labels(*, catalog: Catalog, evaluation: Path | None, out: Path, taxono
     sources = {"products": product_source, "attributes": attribute_source}
     eval_table = None
     if evaluation is not None and evaluation.exists():
-        eval_table, sources["evaluation"] = _read(evaluation, "evaluation")
+        eval_table, sources["evaluation"] = _read(evaluation, "evaluation", evaluation_version)
     table, report = build_labels(
         product_table, attribute_table, taxonomy, evaluation=eval_table, reviews=catalog.keyed_rows("reviews")
     )
