@@ -250,3 +250,30 @@ def test_the_demo_opens_its_catalog_of_either_kind(kind: str, tmp_path: Path) ->
     assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     if kind == "lakehouse":
         assert catalog.products == tmp_path / "incoming" / "products"  # type: ignore[attr-defined]
+
+
+def test_a_backfill_the_run_health_kept_from_a_partition_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Such a partition is not done: a scheduler or a script must see the backfill did not finish."""
+    import argparse
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from catalog_enrichment import commands, enrich
+    from catalog_enrichment.catalog.reports import BLOCKED, RunReport
+
+    def outcome(blocked: dict[str, str] | None) -> SimpleNamespace:
+        report = RunReport(run_id="r", status="succeeded", started_at=dt.datetime(2026, 11, 4, tzinfo=dt.UTC))
+        if blocked:
+            report.add_to_summary(**{BLOCKED: blocked})
+        return SimpleNamespace(report=report)
+
+    results = [("ingest_date=2026-11-01", outcome(None)), ("ingest_date=2026-11-02", None)]
+    monkeypatch.setattr(runtime, "job_context", lambda cfg, uri: (None, None, None))
+    monkeypatch.setattr(enrich, "backfill_partitions", lambda *a, **k: results)
+    args = argparse.Namespace(date_from="2026-11-01", date_to="2026-11-02", force=False, model_uri=None)
+    assert commands.backfill(args, AppConfig()) == 0
+    results.append(("ingest_date=2026-11-03", outcome({"color": "input image PSI 2.1"})))
+    assert commands.backfill(args, AppConfig()) == 1
+    assert "kept values out of ingest_date=2026-11-03" in capsys.readouterr().out

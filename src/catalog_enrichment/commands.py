@@ -296,7 +296,9 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
     """re-score a range of ingest_date partitions, one committed run per partition
 
     One full enrichment run per partition in [--from, --to]; partitions already done by the same
-    model version are skipped unless --force, so an interrupted backfill resumes.
+    model version are skipped unless --force, so an interrupted backfill resumes. Exits 1 when the
+    run health kept values out of a partition (it is not done: run the backfill again once the
+    cause is fixed).
     """
     import datetime as dt
 
@@ -328,7 +330,7 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
             f"the run health kept values out of {', '.join(kept)}: run the backfill again once the cause is "
             "fixed (those partitions are not done)"
         )
-    return 0
+    return 1 if kept else 0
 
 
 def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
