@@ -13,7 +13,7 @@
 #                           hold it and block every run)
 #   CATALOG_ENRICH_LOCK_WAIT  seconds to wait for a running job before giving up (default 0: exit at once)
 # Exit status: the job's own, 75 (EX_TEMPFAIL) when another run holds the lock, 78 (EX_CONFIG) when the
-# lock folder is not this user's alone.
+# lock folder is not this user's alone or CATALOG_ENRICH_LOCK_WAIT is not a number of seconds.
 set -euo pipefail
 
 job="${1:?usage: catalog-enrich-cron.sh JOB [ARGS...]  (JOB: enrich | backfill | labels | train | promote)}"
@@ -23,6 +23,10 @@ python="${CATALOG_ENRICH_PYTHON:-$home/.venv/bin/python}"
 log_dir="${CATALOG_ENRICH_LOG_DIR:-$home/logs}"
 lock_dir="${CATALOG_ENRICH_LOCK_DIR:-${XDG_RUNTIME_DIR:-$HOME/.cache}/catalog-enrich}"
 wait_s="${CATALOG_ENRICH_LOCK_WAIT:-0}"
+if ! [[ "$wait_s" =~ ^[0-9]+([.][0-9]+)?$ ]]; then  # flock would refuse it, read as "another run holds it"
+  echo "catalog-enrich-cron: CATALOG_ENRICH_LOCK_WAIT must be a number of seconds, not '$wait_s'" >&2
+  exit 78
+fi
 entry="$home/jobs/$job.py"
 [ -f "$entry" ] || { echo "catalog-enrich-cron: no such job: $entry" >&2; exit 64; }
 mkdir -p "$log_dir"

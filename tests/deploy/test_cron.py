@@ -69,6 +69,12 @@ def test_the_lock_lives_in_a_folder_only_the_job_s_user_can_write(tmp_path: Path
     )  # fmt: skip
     assert refused.returncode == 78 and "writable by no one else" in refused.stderr
     assert list(shared.iterdir()) == []
+    # a wait that is not a number of seconds is a config mistake, not "another run holds the lock"
+    bad = subprocess.run(
+        [str(WRAPPER), "report", "--catalog", str(tmp_path / "none")],
+        env=_env(tmp_path, CATALOG_ENRICH_LOCK_WAIT="5m"), capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 78 and "must be a number of seconds, not '5m'" in bad.stderr
 
 
 @pytest.mark.spark
