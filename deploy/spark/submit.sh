@@ -9,7 +9,8 @@
 #   SPARK_MASTER          master URL for standalone/yarn/k8s (standalone: spark://host:7077,
 #                         k8s: k8s://https://api-server:6443); overrides the conf file
 #   CATALOG_ENRICH_ENV    packed Python environment (tar.gz from deploy/spark/pack-env.sh) shipped to
-#                         executors with --archives ...#environment; unset = executors use
+#                         executors with --archives ...#environment (in client mode the driver keeps
+#                         PYSPARK_PYTHON, else the checkout's .venv); unset = executors use
 #                         PYSPARK_PYTHON as installed on every node (single machine, tests)
 #   PYSPARK_PYTHON        interpreter of driver and executors when no packed environment is used
 #   SPARK_SUBMIT_EXTRA    extra spark-submit arguments (e.g. "--conf spark.executor.instances=8")
@@ -37,10 +38,14 @@ fi
 args=(--properties-file "$conf" --name "catalog-enrich-$job")
 [ -n "${SPARK_MASTER:-}" ] && args+=(--master "$SPARK_MASTER")
 if [ -n "${CATALOG_ENRICH_ENV:-}" ]; then
-  # The packed venv is unpacked as ./environment in every container; driver and executors use it.
+  # The packed venv is unpacked as ./environment in every container: the executors', and the
+  # driver's in cluster mode. In client mode the driver runs here, where there is none.
   args+=(--archives "$CATALOG_ENRICH_ENV#environment"
          --conf spark.pyspark.python=./environment/bin/python
          --conf spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python)
+  if ! grep -Eq '^spark\.submit\.deployMode[[:space:]]+cluster' "$conf"; then
+    args+=(--conf "spark.pyspark.driver.python=${PYSPARK_PYTHON:-$home/.venv/bin/python}")
+  fi
 elif [ -n "${PYSPARK_PYTHON:-}" ]; then
   args+=(--conf "spark.pyspark.python=$PYSPARK_PYTHON" --conf "spark.executorEnv.PYSPARK_PYTHON=$PYSPARK_PYTHON")
 fi

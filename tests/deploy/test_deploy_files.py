@@ -77,3 +77,34 @@ def test_dockerfile_and_spark_application() -> None:
     assert docker_path is not None
     for text in ((DEPLOY / "spark" / "k8s.conf").read_text(), str(app["spec"]["sparkConf"])):
         assert docker_path.group(1) in text
+
+
+@pytest.mark.parametrize(("mode", "driver_here"), [("local", True), ("standalone", True), ("yarn", False)])
+def test_a_packed_environment_is_the_driver_s_only_where_the_driver_runs_in_a_container(
+    tmp_path: Path, mode: str, driver_here: bool
+) -> None:
+    """In client mode the driver runs on the submitting host, where ./environment is not unpacked:
+    it keeps a local interpreter (spark-submit here is a stand-in that prints its arguments)."""
+    import os
+
+    spark = tmp_path / "spark"
+    (spark / "bin").mkdir(parents=True)
+    (spark / "bin" / "spark-submit").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    (spark / "bin" / "spark-submit").chmod(0o755)
+    env = {
+        **os.environ,
+        "SPARK_HOME": str(spark),
+        "CATALOG_ENRICH_ENV": "env.tar.gz",
+        "PYSPARK_PYTHON": "/opt/py",
+    }
+    done = subprocess.run(
+        [str(DEPLOY / "spark" / "submit.sh"), mode, "enrich"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    args = done.stdout.splitlines()
+    assert "spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python" in args
+    assert ("spark.pyspark.driver.python=/opt/py" in args) == driver_here
