@@ -277,3 +277,9 @@ def test_a_backfill_the_run_health_kept_from_a_partition_exits_1(
     results.append(("ingest_date=2026-11-03", outcome({"color": "input image PSI 2.1"})))
     assert commands.backfill(args, AppConfig()) == 1
     assert "kept values out of ingest_date=2026-11-03" in capsys.readouterr().out
+
+
+def test_flags_that_cannot_both_run_are_refused_not_one_dropped(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["embeddings", "--fill", "--vacuum"])
+    assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 
 from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError
+from catalog_enrichment.redaction import redact_text
 from tests.conftest import repo_root
 
 
@@ -92,8 +93,9 @@ def test_missing_and_malformed_files_are_clear_errors(tmp_path: Path) -> None:
         load_config(_yaml(tmp_path, "a: [b\n"), environ={})
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(_yaml(tmp_path, "- 1\n- 2\n"), environ={})
-    with pytest.raises(ConfigError, match=r"section\.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.field=value") as info:
         parse_overrides(["batch_size"])
+    assert redact_text(str(info.value)) == str(info.value)  # what the CLI prints: nothing taken for a secret
 
 
 def test_cross_field_checks() -> None:

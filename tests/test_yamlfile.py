@@ -26,3 +26,20 @@ def test_missing_and_malformed_files_raise_the_callers_error_naming_the_file(tmp
     with pytest.raises(ConfigError, match=f"config {tmp_path / 'bad.yaml'} is not valid YAML") as info:
         read_yaml(tmp_path / "bad.yaml", "config", ConfigError)
     assert "\n" not in str(info.value).split(": ", 1)[0]
+
+
+def test_a_key_given_twice_a_tab_and_bytes_that_are_not_text_are_one_line_errors(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: a second ``inference:`` block would silently undo
+    the first."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("inference:\n  batch_size: 4\ninference:\n  device: cpu\n")
+    with pytest.raises(ConfigError, match=r"key 'inference' given twice in one mapping.* line 3") as info:
+        read_yaml(twice, "config", ConfigError)
+    (tmp_path / "tab.yaml").write_text("inference:\n\tdevice: cpu\n")
+    (tmp_path / "latin1.yaml").write_bytes("title: caf\xe9\n".encode("latin-1"))
+    for name in ("tab.yaml", "latin1.yaml"):
+        with pytest.raises(ConfigError, match=f"config {tmp_path / name} is not valid YAML") as info:
+            read_yaml(tmp_path / name, "config", ConfigError)
+        assert "\n" not in str(info.value) and "<byte string>" not in str(info.value)
+    (tmp_path / "list.yaml").write_text("- {a: 1}\n- {a: 2}\n")  # equal keys in two mappings: fine
+    assert read_yaml(tmp_path / "list.yaml", "config", ConfigError) == [{"a": 1}, {"a": 2}]

@@ -1,7 +1,7 @@
 """``catalog-enrich <command>`` — the command-line entry point: the parser, one small function per
 command; the commands themselves are in :mod:`catalog_enrichment.commands`.
 
-Every command takes ``--config FILE``, repeatable ``--set section.key=value`` overrides and ``-v``;
+Every command takes ``--config FILE``, repeatable ``--set section.field=value`` overrides and ``-v``;
 precedence is flag > ``--set`` > ``CATALOG_ENRICH_*`` > ``MLFLOW_*`` > YAML > defaults (config.py).
 User mistakes (missing file, bad config, unknown attribute) print one line and exit with 2; an
 enrichment run stopped by the circuit breaker exits with 3; a run that gave up waiting for another
@@ -218,10 +218,11 @@ def _rollback(sub: Sub) -> None:
 def _embeddings(sub: Sub) -> None:
     p = _command(sub, "embeddings", commands.embeddings)
     p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
-    p.add_argument(
+    once = p.add_mutually_exclusive_group()
+    once.add_argument(
         "--vacuum", action="store_true", help="delete the vectors of encoders no aliased model version uses"
     )
-    p.add_argument(
+    once.add_argument(
         "--fill",
         action="store_true",
         help="encode the products the store lacks for the configured frozen encoders, on the Spark executors",

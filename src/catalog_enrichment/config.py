@@ -961,7 +961,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.field=value")
         _set_path(tree, key.strip().split("."), _parse_scalar(raw), source=f"--set {item}")
     return tree
 
