@@ -397,7 +397,10 @@ def embeddings(args: argparse.Namespace, cfg: AppConfig) -> int:
         print(f"  {encoder}  {counts.get(encoder, 0):>12,}  {users}")
     if args.vacuum:
         with catalog.lock("embeddings vacuum", lambda m: print(m, flush=True)):
-            removed = catalog.vacuum_embeddings(live)
+            # read again once the lock is held: a version registered while it waited is live too
+            removed = catalog.vacuum_embeddings(
+                registry.live_encoders(runtime.mlflow_client(cfg.mlflow), name)
+            )
         print(f"removed {removed:,} vectors no live version uses")
     return 0
 
