@@ -40,8 +40,10 @@ SUBMIT = "{{ var.value.get('catalog_enrich_submit', '%s') }}" % os.environ.get(
 CLI = "{{ var.value.get('catalog_enrich_cli', '%s') }}" % os.environ.get(
     "CATALOG_ENRICH_CLI", "catalog-enrich"
 )
+# Absolute: a task runs in a temporary folder Airflow deletes when it ends
 REVIEW_DIR = "{{ var.value.get('catalog_enrich_review_dir', '%s') }}" % os.environ.get(
-    "CATALOG_ENRICH_REVIEW_DIR", "review-samples"
+    "CATALOG_ENRICH_REVIEW_DIR",
+    os.path.join(os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow")), "catalog-enrich-review"),
 )
 RUN_ID = "nightly-{{ ds }}"
 
@@ -115,7 +117,11 @@ with _dag(
     )
     review_sample = BashOperator(
         task_id="review_sample",
-        bash_command=f"{CLI} review sample --run-id {RUN_ID} --out {REVIEW_DIR}/{RUN_ID}.csv",
+        bash_command=(
+            f'case "{REVIEW_DIR}" in /*) ;; *) echo "catalog_enrich_review_dir must be an absolute path '
+            f'(a task\'s working folder is deleted when it ends), not {REVIEW_DIR}" >&2; exit 2;; esac; '
+            f"{CLI} review sample --run-id {RUN_ID} --out {REVIEW_DIR}/{RUN_ID}.csv"
+        ),
         execution_timeout=dt.timedelta(minutes=30),
     )
     report_failure = BashOperator(
