@@ -66,6 +66,18 @@ def test_unset_flags_do_not_clobber_lower_layers(tmp_path: Path) -> None:
     assert merge_layers({"a": {"b": 1}}, {"a": {"b": None, "c": 2}}) == {"a": {"b": 1, "c": 2}}
 
 
+def test_null_unsets_a_field_from_the_file_and_from_set_alike(tmp_path: Path) -> None:
+    """What the JDBC error tells a user to do (``jdbc_jar: null`` beside ``jdbc_package``): in the
+    file it held only without flags, and ``--set ...=null`` never did."""
+    package = "org.postgresql:postgresql:42.7.4"
+    path = _yaml(tmp_path, f"catalog:\n  postgres:\n    jdbc_jar: null\n    jdbc_package: {package}\n")
+    for flags in ({}, {"catalog": {"root": str(tmp_path)}}):
+        assert load_config(path, overrides=flags, environ={}).catalog.postgres.jdbc_jar is None
+    unset = parse_overrides(["catalog.postgres.jdbc_jar=null", f"catalog.postgres.jdbc_package={package}"])
+    cfg = load_config(overrides=merge_layers(unset, {"catalog": {"root": None}}), environ={})
+    assert (cfg.catalog.postgres.jdbc_jar, cfg.catalog.postgres.jdbc_package) == (None, package)
+
+
 @pytest.mark.parametrize(
     ("text", "named"),
     [

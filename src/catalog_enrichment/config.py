@@ -33,6 +33,7 @@ from catalog_enrichment.yamlfile import read_yaml
 
 __all__ = [
     "ENV_PREFIX",
+    "NULL",
     "TINY_MODEL",
     "AppConfig",
     "CalibrationConfig",
@@ -882,8 +883,8 @@ def _parse_scalar(text: str) -> Any:
     """An environment or ``--set`` value, for pydantic to validate against its field (as
     pydantic-settings does): the text itself - a number or boolean field converts it, a string field
     keeps it as written (``010``, ``no``, ``2026-11-01`` stay strings, never YAML 1.1's 8, False or a
-    date) -; a flow list or mapping (``[a, b]``, ``{k: v}``) with its items as strings; None (not set)
-    for an empty value or ``null``."""
+    date) -; a flow list or mapping (``[a, b]``, ``{k: v}``) with its items as strings; None for an
+    empty value or ``null``."""
     stripped = text.strip()
     if stripped in ("", "null", "~"):
         return None
@@ -955,15 +956,34 @@ def _mlflow_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return {"mlflow": found} if found else {}
 
 
+class _Null:
+    """``--set section.field=null``: the field set to None, as ``field: null`` in the YAML file or
+    the environment variable do (a None among the override layers means "flag not given")."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """Turn ``["inference.batch_size=64", "model.fusion=concat"]`` into a nested dict."""
+    """Turn ``["inference.batch_size=64", "model.fusion=concat"]`` into a nested dict (an empty or
+    ``null`` value: :data:`NULL`)."""
     tree: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.field=value")
-        _set_path(tree, key.strip().split("."), _parse_scalar(raw), source=f"--set {item}")
+        value = _parse_scalar(raw)
+        _set_path(tree, key.strip().split("."), NULL if value is None else value, source=f"--set {item}")
     return tree
+
+
+def _nulls_as_none(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: _nulls_as_none(v) if isinstance(v, Mapping) else None if v is NULL else v for k, v in tree.items()
+    }
 
 
 def _describe(error: ValidationError) -> str:
@@ -1013,8 +1033,8 @@ def load_config(
     )
     tree = _deep_merge(tree, _mlflow_env(env))
     tree = _deep_merge(tree, _env_overrides(env))
-    if overrides:
-        tree = merge_layers(tree, overrides)
+    if overrides:  # their None is a flag not given; the file's and the environment's are values
+        tree = _nulls_as_none(_deep_merge(tree, merge_layers(overrides)))
     try:
         return AppConfig.model_validate(tree)
     except ValidationError as exc:
