@@ -61,14 +61,16 @@ __all__ = [
 ]
 
 REASONS = "_reasons"
-# Titles that are a stringified non-text value: nan/None/null, numbers, objects and lists: one
-# bracketed group (two levels of nesting) from the first character to the last, so a title with
-# bracketed words ("[NEW] Summer dress [Size M]") is text.
+# Titles that are a stringified non-text value: nan/None/null, numbers, objects and lists - from a
+# bracket to its kind's closing one, with no words between a closing bracket and a later opening
+# one, so a title with bracketed words ("[NEW] Summer dress [Size M]") is text. Only single
+# characters repeat (Java's regex recurses once per repetition of a group: a long title would
+# overflow the stack of the Spark task), each checked once (linear in the title's length).
 # (?U): \s is Unicode's White_Space (a title of no-break spaces is blank too)
 NOT_TEXT_REGEX = (
     r"(?iU)^\s*(nan|none|null|nat|undefined|true|false|\[object object\]"
     r"|[-+]?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?"
-    r"|\{([^{}]|\{[^{}]*\})*\}|\[([^\[\]]|\[[^\[\]]*\])*\])\s*$"
+    r"|\{(?!.*\}\s*[^\s,\[\]{}][^{}]*\{).*\}|\[(?!.*\]\s*[^\s,\[\]{}][^\[\]]*\[).*\])\s*$"
 )
 BLANK_REGEX = r"(?U)^\s*$"
 ID_CONTROL_REGEX = r"[\x00-\x1f\x7f]"
