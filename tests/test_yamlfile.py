@@ -43,3 +43,5 @@ def test_a_key_given_twice_a_tab_and_bytes_that_are_not_text_are_one_line_errors
         assert "\n" not in str(info.value) and "<byte string>" not in str(info.value)
     (tmp_path / "list.yaml").write_text("- {a: 1}\n- {a: 2}\n")  # equal keys in two mappings: fine
     assert read_yaml(tmp_path / "list.yaml", "config", ConfigError) == [{"a": 1}, {"a": 2}]
+    (tmp_path / "merge.yaml").write_text("base: &b {x: 1, y: 2}\nrun: {<<: *b, y: 3}\n")  # a merge key
+    assert read_yaml(tmp_path / "merge.yaml", "config", ConfigError)["run"] == {"x": 1, "y": 3}
