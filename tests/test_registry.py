@@ -519,15 +519,31 @@ def test_the_gate_judges_what_the_job_would_write(scoring_bundle: Path, data, ta
 
 @pytest.mark.timeout(300)
 def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-untyped-def]
-    tmp_path: Path, scoring_bundle: Path, incoming, data
+    tmp_path: Path, scoring_bundle: Path, incoming, data, monkeypatch
 ) -> None:
-    """No run can serve a champion that cannot be loaded: the challenger, the remedy, is judged
-    alone, and the reasons say why."""
+    """No run can serve a champion whose files are gone: the challenger, the remedy, is judged
+    alone, and the reasons say why. A store that cannot give them now is an error (run it again),
+    not a reason to skip the comparison."""
+    from mlflow.exceptions import MlflowException
+
     client, _, champion, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
     register_bundle(client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts")
+    rule = GateRule(0.95, max_coverage_loss=0.02)
+    real = mlflow.pyfunc.load_model
+
+    def unavailable(uri: str, *args: Any, **kwargs: Any) -> Any:
+        if uri == f"models:/tiny/{champion}":
+            raise MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+        return real(uri, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(mlflow.pyfunc, "load_model", unavailable)
+        with pytest.raises(CatalogEnrichError, match=f"cannot load models:/tiny/{champion}: 503"):
+            promote(
+                client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet
+            )
     model_id = client.get_model_version("tiny", champion).source.removeprefix("models:/")
     shutil.rmtree(tmp_path / "artifacts" / "models" / model_id)
-    rule = GateRule(0.95, max_coverage_loss=0.02)
     decision = promote(
         client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet
     )

@@ -15,8 +15,9 @@ honest model is not a coin flip at the boundary:
 
 A challenger no worse than the champion within noise is promoted (a retrained model on fresher data
 is the point of the schedule). A version ``rollback --model-version`` tagged rolled back is never
-promoted; a rolled-back champion, or one that cannot be loaded (no run can serve it either), is not
-compared (the challenger is judged alone). The decision
+promoted; a rolled-back champion, or one whose files the artifact store no longer holds (no run can
+serve it either), is not compared (the challenger is judged alone); one the store cannot give now is
+an error (run it again). The decision
 and every reason are recorded as tags on the challenger version and appended to the promotion log
 (a Delta table: MLflow aliases keep no history, so the log is the audit trail).
 """
@@ -315,7 +316,7 @@ def promote(
         else:
             try:
                 champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
-            except CatalogEnrichError as exc:  # no run can serve it either: a challenger is the remedy
+            except registry.FilesGone as exc:  # no run can serve it either: a challenger is the remedy
                 alone = f"the champion v{champion} cannot be loaded ({exc})"
     result, metrics = _judge(bundle, champion_bundle, table, policy, rule, target, evaluation.taxonomy)
     if alone is not None:

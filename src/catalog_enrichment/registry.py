@@ -42,6 +42,7 @@ __all__ = [
     "ROLLED_BACK_TAG",
     "TAG_LIMIT",
     "CatalogEnrichmentPyfunc",
+    "FilesGone",
     "TrainingRecord",
     "calibrated_target",
     "check_tracking_server",
@@ -317,12 +318,24 @@ def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str
     return dict(client.get_model_version(name, version).tags)
 
 
+class FilesGone(CatalogEnrichError):
+    """A registered version whose files the artifact store no longer holds: no run can serve it."""
+
+
 def load_bundle_from_uri(model_uri: str) -> Any:
-    """Load a registered model (e.g. ``models:/name@champion``) and return its :class:`ModelBundle`."""
+    """Load a registered model (e.g. ``models:/name@champion``) and return its :class:`ModelBundle`.
+
+    Raises:
+        FilesGone: the artifact store answers that its files do not exist.
+        CatalogEnrichError: it cannot be loaded now (an unreachable store, a server error).
+    """
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
-        raise CatalogEnrichError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
+        gone = exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+        raise (FilesGone if gone else CatalogEnrichError)(
+            f"cannot load {model_uri}: {str(exc).splitlines()[0]}"
+        ) from None
     return model.unwrap_python_model().bundle
 
 
