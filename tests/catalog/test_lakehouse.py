@@ -92,3 +92,17 @@ def test_a_scan_reads_the_files_in_the_order_of_the_products_they_hold(tmp_path:
     write_table(path, rows(100, 200, 1), partition_by=["day"], mode="append")
     ids = [i for b in scan(path, ["product_id"], batch_rows=64) for i in b.column("product_id").to_pylist()]
     assert ids == [f"P{i:04d}" for i in range(300)]
+
+
+def test_a_table_s_data_files_are_paths_to_open_whatever_its_folder_and_partitions_are_named(
+    tmp_path: Path,
+) -> None:
+    """delta-rs names the files by the table's location percent-encoded, then their own path as it
+    is on disk, where a partition value's escapes are part of the folder's name."""
+    from catalog_enrichment.catalog.lakehouse import data_files
+
+    path = tmp_path / "Catalog Data é" / "t"
+    write_table(path, pa.table({"k": ["x y:z", "plain"], "v": [1, 2]}), partition_by=["k"])
+    files = data_files(path)
+    assert len(files) == 2 and all(Path(f).is_file() for f in files)
+    assert any("k=x%20y%3Az" in f for f in files)  # the folder's own name, kept

@@ -190,10 +190,14 @@ def table_version(path: str | Path) -> int | None:
     return int(DeltaTable(str(path)).version())
 
 
-def file_path(uri: str) -> str:
-    """A data file of a Delta table as delta-rs names it (percent-encoded, ``file://`` for a local
-    one) as a path to open: a table under a folder named with a space or an accent is readable."""
-    return unquote(uri.removeprefix("file://"))
+def file_path(uri: str, table_uri: str) -> str:
+    """A data file of the Delta table at ``table_uri`` (``DeltaTable.table_uri``) as delta-rs names
+    it, as a path to open. delta-rs gives the table's location percent-encoded (a folder named with a
+    space: ``%20``), then the file's own path as it is on disk (a partition value's escapes are part
+    of its folder's name): only the location is decoded."""
+    root = table_uri.removeprefix("file://").rstrip("/") + "/"
+    uri = uri.removeprefix("file://")
+    return unquote(root) + uri[len(root) :] if uri.startswith(root) else uri
 
 
 def data_files(path: str | Path) -> list[str]:
@@ -202,7 +206,8 @@ def data_files(path: str | Path) -> list[str]:
     if table_format(target) == "delta":
         from deltalake import DeltaTable
 
-        return sorted(file_path(u) for u in DeltaTable(str(target)).file_uris())
+        table = DeltaTable(str(target))
+        return sorted(file_path(u, table.table_uri) for u in table.file_uris())
     if target.is_file():
         return [str(target)]
     return sorted(str(p) for p in target.rglob("*.parquet"))

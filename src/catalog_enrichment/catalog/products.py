@@ -101,7 +101,7 @@ def _deleted_rows(root: Path) -> dict[str, list[int]]:
     for batch in pa.table(table.deletion_vectors()).to_batches():
         for uri, keep in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
             mask = pc.invert(keep.values)
-            deleted[file_path(uri)] = pc.indices_nonzero(mask).to_pylist()
+            deleted[file_path(uri, table.table_uri)] = pc.indices_nonzero(mask).to_pylist()
     return deleted
 
 
@@ -277,8 +277,8 @@ def _data_files(root: Path, partition: Partition | None) -> list[str]:
         from deltalake import DeltaTable
 
         filters = [(partition.column, "=", partition.value)] if partition else None
-        uris = DeltaTable(str(root)).file_uris(file_pruning_predicate=filters)
-        return [file_path(u) for u in uris]
+        table = DeltaTable(str(root))
+        return [file_path(u, table.table_uri) for u in table.file_uris(file_pruning_predicate=filters)]
     if root.is_file():
         return [str(root)]
     files = []
