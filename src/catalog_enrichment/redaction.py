@@ -85,6 +85,9 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+_MASKING = RedactingFilter()
+
+
 class _RedactingFactory:
     """A log record factory whose records come out of ``made`` masked (:class:`RedactingFilter`)."""
 
@@ -93,7 +96,7 @@ class _RedactingFactory:
 
     def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         record: logging.LogRecord = self.made(*args, **kwargs)
-        RedactingFilter().filter(record)
+        _MASKING.filter(record)
         return record
 
 

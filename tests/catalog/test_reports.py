@@ -83,15 +83,11 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     # the job says whose products it stops reading again, and only then
     said: list[str] = []
     health = SimpleNamespace(retries=3)
-    job = SimpleNamespace(
-        cfg=SimpleNamespace(validation=SimpleNamespace(health=health)),
-        catalog=SimpleNamespace(products_name=lambda: "/lake/products"),
-        say=said.append,
-    )
-    assert _resume_from(job, nights, None).run_id == "b0"  # type: ignore[arg-type, union-attr]
+    job = SimpleNamespace(cfg=SimpleNamespace(validation=SimpleNamespace(health=health)), say=said.append)
+    assert _resume_from(job, nights, None, "/lake/products").run_id == "b0"  # type: ignore[arg-type, union-attr]
     assert "run b0 kept values out and 3 blocked runs followed it" in said[-1]
     said.clear()
-    assert _resume_from(job, nights[:4], None) is clean and len(said) == 1  # type: ignore[arg-type]
+    assert _resume_from(job, nights[:4], None, "/lake/products") is clean and len(said) == 1  # type: ignore[arg-type]
     assert said[0].startswith("  run b2 kept color out: reading on from run clean")
     assert last_run([clean, run("old", 3, ["color"])], None, blocked_retries=1) is clean  # the list format
     blocked = run("cdn", 2, {"color": "input image tone failed"})

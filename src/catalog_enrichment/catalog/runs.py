@@ -46,11 +46,12 @@ def backfill_plan(
         raise CatalogEnrichError(
             f"no {column} partitions between {date_from} and {date_to} in {catalog.describe()}"
         )
-    all_reports, products = catalog.read_reports(), catalog.products_name()
+    products = catalog.products_name()
+    table_reports = [r for r in catalog.read_reports() if of_scope(r, r.partition, products)]
     plan: list[tuple[str, str | None]] = []
     for day in dates:
         scope = f"{column}={day}"
-        runs = [r for r in all_reports if of_scope(r, scope, products)]
+        runs = [r for r in table_reports if r.partition == scope]
         mine = [r for r in runs if r.status == "succeeded" and r.model_version == model.version]
         # done: a run of the whole partition that kept nothing out (an incremental run of it scored
         # what had changed since some other version's run; reports from before runs recorded it count)

@@ -305,7 +305,7 @@ def _run(
     clock = time.perf_counter()
     job.catalog.clear_staging()
     try:
-        last = None if full else _resume_from(job, reports, record.partition)
+        last = None if full else _resume_from(job, reports, record.partition, record.products)
         found = placeholders_found(reports, job.cfg.validation.max_products_per_image)
         _stages(job, record, last, contract, part, found)
         record.status = "succeeded"
@@ -451,12 +451,13 @@ def expect_batch(job: _Job, run: _Record, contract: Contract, df: DataFrame) -> 
     return validate_batch(df, suite, project=project, run_id=run.run_id)
 
 
-def _resume_from(job: _Job, reports: list[RunReport], partition: str | None) -> RunReport | None:
-    """The run this incremental run reads on from: the last one, or the one before the latest runs
-    whose health checks kept values out (``validation.health.retries`` of them at most), so their
-    products are scored again."""
+def _resume_from(
+    job: _Job, reports: list[RunReport], partition: str | None, products: str
+) -> RunReport | None:
+    """The run over ``partition`` of the ``products`` table this incremental run reads on from: the
+    last one, or the one before the latest runs whose health checks kept values out
+    (``validation.health.retries`` of them at most), so their products are scored again."""
     retries = job.cfg.validation.health.retries
-    products = job.catalog.products_name()
     latest = last_run(reports, partition, products=products)
     last = last_run(reports, partition, products=products, blocked_retries=retries)
     if latest is not None and last is not latest:
