@@ -10,8 +10,16 @@ import pytest
 from PIL import Image
 
 from catalog_enrichment.contracts import IMAGE_DECODABLE, IMAGE_URI_ALLOWED
-from catalog_enrichment.data.images import ImagePolicy, check_images, decode_image, encode_image
+from catalog_enrichment.data.images import (
+    DECODE_VERSION,
+    ImagePolicy,
+    check_images,
+    decode_image,
+    encode_image,
+)
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.data.render import COLOR_RGB, ImageParts, render_product
+from catalog_enrichment.errors import ConfigError
 
 
 def _image(fmt: str = "JPEG") -> bytes:
@@ -64,6 +72,86 @@ def test_the_fast_jpeg_path_gives_pils_pixels_and_pil_decides_what_it_cannot() -
     drafted = decode_image(buf.getvalue(), 96)
     assert drafted is not None and drafted.shape == (96, 96, 3)
     assert np.abs(drafted - full).mean() < 4.0
+
+
+def _saved(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _red_on_transparent(mode: str) -> bytes:
+    """A red square in the middle of a transparent 8 x 8 picture whose transparent pixels store black."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 2:6] = (255, 0, 0, 255)
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "P":  # a palette with a transparent index, as GIFs and small PNGs have
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+        palette = np.array(image.getpalette(), np.int64).reshape(-1, 3)
+        black = int(np.flatnonzero(palette.sum(axis=1) == 0)[0])
+        return _saved(image, "PNG", transparency=black)
+    return _saved(image.convert(mode), "PNG")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_shown_over_white_as_a_viewer_shows_them(mode: str) -> None:
+    data = _red_on_transparent(mode)
+    shown = decode_image(data)
+    assert shown is not None
+    assert (shown[0, 0] == 255).all() and (shown[-1, -1] == 255).all()  # the background: white
+    middle = (255, 0, 0) if mode != "LA" else (76, 76, 76)  # LA is grey: red's luma, 0.299 x 255
+    assert tuple(shown[4, 4]) == middle
+    # the first models' decode is kept for them: transparent pixels show the black they store
+    assert (decode_image(data, decode=1)[0, 0] == 0).all()  # type: ignore[index]
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
+    grey = np.array([[0, 256 * 64, 32896, 65535]], np.uint16).repeat(4, axis=0)
+    data = _saved(Image.fromarray(grey), "PNG")
+    shown = decode_image(data)
+    assert shown is not None and shown.shape == (4, 4, 3)
+    assert shown[0, :, 0].tolist() == [0, 64, 128, 255] and (shown[..., 0] == shown[..., 2]).all()
+    assert decode_image(data, decode=1)[0, :, 0].tolist() == [0, 255, 255, 255]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("size", [None, 16], ids=["native", "model-size"])
+def test_a_photo_is_turned_upright_by_its_exif_orientation(size: int | None) -> None:
+    # stored sideways: the red half on the right; orientation 6 says "rotate 90 degrees clockwise to view"
+    stored = np.zeros((16, 16, 3), np.uint8)
+    stored[:, :8] = (0, 0, 255)
+    stored[:, 8:] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _saved(Image.fromarray(stored), "JPEG", quality=95, exif=exif.tobytes())
+    upright = decode_image(data, size)  # at the model's size a JPEG with EXIF data skips the fast path
+    assert upright is not None
+    assert upright[3, 8, 2] > 200 and upright[12, 8, 0] > 200  # blue on top, red below
+    sideways = decode_image(data, size, decode=1)
+    assert sideways is not None and sideways[8, 3, 2] > 200 and sideways[8, 12, 0] > 200
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_malformed_exif_block_is_no_reason_to_refuse_the_pixels() -> None:
+    data = _saved(Image.new("RGB", (16, 16), (0, 128, 0)), "JPEG", exif=b"Exif\x00\x00MM\x00*garbage")
+    shown = decode_image(data, 16)
+    assert shown is not None and abs(int(shown[8, 8, 1]) - 128) <= 2
+
+
+def test_plain_photos_decode_to_the_same_pixels_under_every_version() -> None:
+    for data in (_image("JPEG"), _image("PNG")):
+        assert np.array_equal(decode_image(data, 32), decode_image(data, 32, decode=1))  # type: ignore[arg-type]
+
+
+def test_a_model_keeps_the_decode_it_was_trained_with() -> None:
+    fresh = ImagePreprocessing(32)
+    assert fresh.decode == DECODE_VERSION and ImagePreprocessing.from_dict(fresh.to_dict()) == fresh
+    # a bundle from before decode versions names none: version 1, and its dict (so its embedding
+    # store fingerprint) stays as it was
+    legacy = {"size": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    old = ImagePreprocessing.from_dict(legacy)
+    assert old.decode == 1 and old.to_dict() == {**legacy, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    with pytest.raises(ConfigError, match="decodes images with version 9"):
+        ImagePreprocessing.from_dict({**legacy, "decode": 9})
 
 
 def test_two_color_product_is_split_top_and_bottom() -> None:

@@ -114,7 +114,9 @@ class ProductRecords:
 
     def pixels(self, i: int, prep: ImagePreprocessing) -> tuple[np.ndarray | None, str | None]:
         """Product ``i``'s image as uint8 pixels, or why it cannot be used (see ``load_pixels``)."""
-        return load_pixels(self.image[i], self.image_uri[i], prep.size, prep.interpolation, self.image_policy)
+        return load_pixels(
+            self.image[i], self.image_uri[i], prep.size, prep.interpolation, self.image_policy, prep.decode
+        )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import simplejpeg
-from PIL import Image
+from PIL import ExifTags, Image
 
 from catalog_enrichment.config import IMAGE_FORMATS, ImagesConfig
 from catalog_enrichment.contracts import (
@@ -31,6 +31,8 @@ from catalog_enrichment.data.remote import HttpLimits, read_http
 from catalog_enrichment.health import ProductInputs
 
 __all__ = [
+    "DECODE_VERSION",
+    "DECODE_VERSIONS",
     "IMAGE_DECODABLE",
     "IMAGE_READABLE",
     "IMAGE_URI_ALLOWED",
@@ -46,7 +48,15 @@ __all__ = [
     "usable_images",
 ]
 
-# Why a product's image could not be used (the validation rules and the quarantine use these names).
+# How image bytes become RGB pixels. 1: the first models' decode (alpha dropped, so transparent
+# pixels show whatever colour they store, often black; 16-bit samples clipped to 255; the EXIF
+# orientation ignored). 2: as an image viewer shows the image (transparent pixels over white,
+# 16-bit samples scaled to 8 bits, turned upright by its EXIF orientation). A model keeps the decode
+# it was trained with (:class:`~catalog_enrichment.data.preprocess.ImagePreprocessing`); new models
+# get the latest.
+DECODE_VERSIONS = (1, 2)
+DECODE_VERSION = DECODE_VERSIONS[-1]
+
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -226,6 +236,7 @@ def load_pixels(
     size: int,
     interpolation: str = "bilinear",
     policy: ImagePolicy | None = None,
+    decode: int = DECODE_VERSION,
 ) -> tuple[np.ndarray | None, str | None]:
     """A product's image as ``(size, size, 3)`` uint8 pixels, and why not when it cannot be used.
 
@@ -235,7 +246,7 @@ def load_pixels(
     reason)``: :data:`IMAGE_URI_ALLOWED`, :data:`IMAGE_READABLE`, :data:`IMAGE_WITHIN_LIMITS` (too
     many bytes or pixels) or :data:`IMAGE_DECODABLE` (the bytes are not an image).
     """
-    pixels, reason, _ = read_pixels(raw, uri, size, interpolation, policy)
+    pixels, reason, _ = read_pixels(raw, uri, size, interpolation, policy, decode)
     return pixels, reason
 
 
@@ -245,6 +256,7 @@ def read_pixels(
     size: int,
     interpolation: str = "bilinear",
     policy: ImagePolicy | None = None,
+    decode: int = DECODE_VERSION,
 ) -> tuple[np.ndarray | None, str | None, str | None]:
     """:func:`load_pixels`, and the digest of the image bytes read, inline or from ``image_uri``
     (:func:`~catalog_enrichment.contracts.image_key`, the key validation gives inline bytes; None
@@ -263,7 +275,7 @@ def read_pixels(
             return None, reason, None
     else:
         return None, None, None
-    pixels, reason = _decode(data, size, interpolation, policy.max_pixels, policy.formats)
+    pixels, reason = _decode(data, size, interpolation, policy.max_pixels, policy.formats, decode)
     return pixels, reason, image_key(data) if reason is None else None
 
 
@@ -341,19 +353,28 @@ def usable_images(
 
 
 def decode_image(
-    data: bytes | None, size: int | None = None, interpolation: str = "bilinear"
+    data: bytes | None,
+    size: int | None = None,
+    interpolation: str = "bilinear",
+    decode: int = DECODE_VERSION,
 ) -> np.ndarray | None:
     """Decode image bytes to an RGB ``(H, W, 3)`` uint8 array, or ``None`` when they are not an image
-    (or one over :class:`ImagePolicy`'s default pixel limit).
+    (or one over :class:`ImagePolicy`'s default pixel limit); ``decode`` is a :data:`DECODE_VERSIONS`.
 
     Empty, truncated and corrupt bytes all return ``None`` (never raise): the caller decides whether
     that quarantines the row or scores it as a product without an image.
     """
-    return _decode(data, size, interpolation, _DEFAULT_POLICY.max_pixels, _DEFAULT_POLICY.formats)[0]
+    policy = _DEFAULT_POLICY
+    return _decode(data, size, interpolation, policy.max_pixels, policy.formats, decode)[0]
 
 
 def _decode(
-    data: bytes | None, size: int | None, interpolation: str, max_pixels: int, formats: tuple[str, ...]
+    data: bytes | None,
+    size: int | None,
+    interpolation: str,
+    max_pixels: int,
+    formats: tuple[str, ...],
+    decode: int,
 ) -> tuple[np.ndarray | None, str | None]:
     """Pixels, or ``(None, IMAGE_DECODABLE / IMAGE_WITHIN_LIMITS)``.
 
@@ -363,11 +384,18 @@ def _decode(
     other plugin on the bytes: EPS would run Ghostscript). PIL reads the header first: an image over
     ``max_pixels`` is refused before anything is decoded. PIL decodes large JPEGs at a reduced DCT scale
     (``draft``) before the resize, so an 800 px photo costs little more than a thumbnail. Other modes
-    (CMYK, 16-bit, palette, alpha) are converted to RGB; an animation gives its first frame.
+    (CMYK, 16-bit, palette, alpha) are converted to RGB as ``decode`` says (:data:`DECODE_VERSIONS`);
+    an animation gives its first frame. A JPEG that carries EXIF data goes through PIL from version 2,
+    which reads its orientation.
     """
     if not data:
         return None, IMAGE_DECODABLE
-    if size is not None and data[:3] == b"\xff\xd8\xff" and "JPEG" in formats:
+    if (
+        size is not None
+        and data[:3] == b"\xff\xd8\xff"
+        and "JPEG" in formats
+        and (decode == 1 or data.find(_EXIF, 0, _EXIF_WITHIN) < 0)
+    ):
         fast = _decode_jpeg(data, size)
         if fast is not None:
             return fast, None
@@ -378,7 +406,7 @@ def _decode(
             if size is not None and image.format == "JPEG":
                 image.draft("RGB", (size, size))
             image.load()
-            rgb = image.convert("RGB")
+            rgb = image.convert("RGB") if decode == 1 else _as_shown(image)
     except Image.DecompressionBombError:  # over Pillow's own limit, found while opening
         return None, IMAGE_WITHIN_LIMITS
     except Exception:  # PIL raises many types for bad data: UnidentifiedImageError, OSError, ...
@@ -386,6 +414,42 @@ def _decode(
     if size is not None and rgb.size != (size, size):
         rgb = rgb.resize((size, size), _RESAMPLING[interpolation])
     return np.asarray(rgb), None
+
+
+# A JPEG's EXIF data sits in an APP1 segment (at most 64 KiB) before the image data.
+_EXIF = b"Exif\x00\x00"
+_EXIF_WITHIN = 1 << 16
+
+# EXIF orientation -> the transpose that turns the stored pixels upright (as ``ImageOps.exif_transpose``)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _as_shown(image: Image.Image) -> Image.Image:
+    """A loaded image as RGB the way a viewer shows it (decode version 2): turned upright by its EXIF
+    orientation (unreadable EXIF data is ignored, not an undecodable image), 16-bit and 32-bit integer
+    greyscale scaled from 0-65535 to 0-255, transparent pixels composited over white."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a malformed EXIF block: the pixels are still there
+        orientation = 1
+    if orientation in _UPRIGHT:
+        image = image.transpose(_UPRIGHT[orientation])
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.asarray(image, np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _decode_jpeg(data: bytes, size: int) -> np.ndarray | None:

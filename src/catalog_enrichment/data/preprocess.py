@@ -1,8 +1,9 @@
 """How a product photo becomes the image encoder's input: one definition for training and serving.
 
 Pixels are decoded and resized by :func:`catalog_enrichment.data.images.load_pixels`; this module
-holds the rest - the size, the resampling filter and the per-channel normalisation - either the
-defaults of a model trained from scratch or timm's pretrained config for the backbone's weights.
+holds how - the decode version, the size, the resampling filter - and the per-channel normalisation:
+either the defaults of a model trained from scratch or timm's pretrained config for the backbone's
+weights.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from catalog_enrichment.config import ImageEncoderConfig
+from catalog_enrichment.data.images import DECODE_VERSION, DECODE_VERSIONS
 from catalog_enrichment.errors import ConfigError
 
 __all__ = ["ImagePreprocessing"]
@@ -32,12 +34,22 @@ class ImagePreprocessing:
     picture, no crop: a product photo frames the product), then each channel is normalised as
     ``(x / 255 - mean) / std``. With pretrained weights the values are the timm model's pretrained
     config (``timm.data.resolve_data_config``); ``model.image.image_size`` overrides the size.
+    ``decode`` is how the bytes become RGB (:data:`~catalog_enrichment.data.images.DECODE_VERSIONS`):
+    a model is served with the decode it was trained with, and a bundle that names none is version 1.
     """
 
     size: int = _DEFAULT_SIZE
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = _DEFAULT_MEAN
     std: tuple[float, float, float] = _DEFAULT_STD
+    decode: int = DECODE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_VERSIONS:
+            raise ConfigError(
+                f"the model decodes images with version {self.decode}; this catalog-enrich knows "
+                f"{', '.join(map(str, DECODE_VERSIONS))}: serve it with the release that trained it"
+            )
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``(..., 3, H, W)`` pixels (a channels-last view stays channels-last) to float32."""
@@ -54,7 +66,10 @@ class ImagePreprocessing:
         return values * std + mean
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.decode == 1:  # as the bundles (and embedding store fingerprints) from before versions
+            del data["decode"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImagePreprocessing:
@@ -63,6 +78,7 @@ class ImagePreprocessing:
             str(data["interpolation"]),
             tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
             tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
+            int(data.get("decode", 1)),
         )
 
     @classmethod

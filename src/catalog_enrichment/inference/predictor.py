@@ -290,7 +290,7 @@ class BatchPredictor:
         for i, (raw, uri) in enumerate(zip(images, uris, strict=True) if self.reads_images else ()):
             # no image at all: scored as an imageless product; an unusable one: an error to quarantine
             decoded, errors[i], digests[i] = read_pixels(
-                raw, uri, prep.size, prep.interpolation, self.image_policy
+                raw, uri, prep.size, prep.interpolation, self.image_policy, prep.decode
             )
             if decoded is not None:
                 pixels[i] = decoded

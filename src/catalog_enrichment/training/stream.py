@@ -254,7 +254,9 @@ class _Reader:
     def pixels(
         self, image: bytes | None, uri: str | None, prep: ImagePreprocessing
     ) -> tuple[np.ndarray | None, str | None]:
-        pixels, error, digest = read_pixels(image, uri, prep.size, prep.interpolation, self.policy)
+        pixels, error, digest = read_pixels(
+            image, uri, prep.size, prep.interpolation, self.policy, prep.decode
+        )
         if error is None and digest_prefix(digest) in self.shared:
             return None, IMAGE_SHARED
         return pixels, error
