@@ -418,7 +418,8 @@ def _fill_store(args: argparse.Namespace, cfg: AppConfig, catalog: Catalog) -> i
     print(
         f"embedding store of {catalog.describe()}, encoders {done.encoder}: {done.products:,} products read, "
         f"{done.reused:,} already stored, {done.encoded:,} encoded on the executors, {done.stored:,} stored, "
-        f"left out {done.image_errors:,} images that did not decode and {done.placeholders:,} placeholders "
+        f"left out {done.image_errors:,} products whose image did not decode or whose scores were not "
+        f"finite and {done.placeholders:,} placeholders "
         f"(one image on more than {cfg.validation.max_products_per_image} products) ({done.seconds:.1f}s)"
     )
     return 0

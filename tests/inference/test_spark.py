@@ -11,7 +11,7 @@ from catalog_enrichment.contracts import SCORES_FINITE, Taxonomy
 from catalog_enrichment.data.images import IMAGE_DECODABLE
 from catalog_enrichment.inference.decide import merchant_attributes
 from catalog_enrichment.inference.predictor import Scores
-from catalog_enrichment.inference.spark import OUTPUT_SCHEMA, decide_batch
+from catalog_enrichment.inference.spark import ENCODED_SCHEMA, OUTPUT_SCHEMA, decide_batch, encoded_batch
 from tests.inference.test_decide import MERCHANT, policy_at
 
 pytestmark = pytest.mark.timeout(60)
@@ -96,6 +96,13 @@ def test_a_product_scored_nan_is_marked_for_the_quarantine_and_the_rest_is_decid
         policy, batch.slice(0, 1), Scores({k: v[:1] for k, v in probs.items()}, [None], [None])
     )
     assert out.column("values")[0] == clean.column("values")[0] and clean.column("values")[0].as_py()
+    # `embeddings --fill` keeps no NaN product's vector either: it is a failure, as in the job
+    encoded = encoded_batch(
+        batch, Scores(probs, [None, None, IMAGE_DECODABLE], [None] * 3, ["d0", "d1", "d2"], vectors)
+    )
+    assert encoded.schema == ENCODED_SCHEMA
+    assert encoded.column("image_error").to_pylist() == [None, SCORES_FINITE, IMAGE_DECODABLE]
+    assert encoded.column("embedding").to_pylist() == [b"a", None, None]
 
 
 def test_values_people_rejected_are_never_written_and_the_pair_is_still_scored(taxonomy: Taxonomy) -> None:

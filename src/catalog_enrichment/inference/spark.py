@@ -47,6 +47,7 @@ __all__ = [
     "ScoringCounters",
     "ScoringSpec",
     "encode_dataframe",
+    "encoded_batch",
     "mark_shared_images",
     "score_dataframe",
     "shared_image_digests",
@@ -477,24 +478,32 @@ def encode_dataframe(products: DataFrame, spec: ScoringSpec, counters: ScoringCo
                 "set inference.device: cpu"
             )
         for batch, scores in predictor.score_stream(itertools.chain([first], rows)):
-            vectors = _or_nulls(scores.embedding, batch.num_rows, pa.binary())
+            out = encoded_batch(batch, scores)
             reused.add(scores.reused)
-            encoded.add(pc.count(vectors).as_py())
-            yield pa.RecordBatch.from_arrays(
-                [
-                    batch.column("product_id"),
-                    _or_nulls(scores.content, batch.num_rows, pa.string()),
-                    vectors,
-                    pa.array(scores.image_error, pa.string()),
-                    _or_nulls(scores.image_digest, batch.num_rows, pa.string()),
-                ],
-                schema=ENCODED_SCHEMA,
-            )
+            encoded.add(pc.count(out.column("embedding")).as_py())
+            yield out
 
     from pyspark.sql.pandas.types import from_arrow_schema
 
     present = [c for c in ENCODING_INPUT if c in products.columns]
     return products.select(*present).mapInArrow(encode_partition, from_arrow_schema(ENCODED_SCHEMA))
+
+
+def encoded_batch(batch: pa.RecordBatch, scores: Scores) -> pa.RecordBatch:
+    """What an encoding task returns for one scored batch (``ENCODED_SCHEMA``): as the scoring path,
+    a product the model scored NaN or infinite is a :data:`~catalog_enrichment.contracts.SCORES_FINITE`
+    failure without a vector (stored, it would be fused to NaN by every later run)."""
+    scores = _finite(scores)
+    return pa.RecordBatch.from_arrays(
+        [
+            batch.column("product_id"),
+            _or_nulls(scores.content, batch.num_rows, pa.string()),
+            _or_nulls(scores.embedding, batch.num_rows, pa.binary()),
+            pa.array(scores.image_error, pa.string()),
+            _or_nulls(scores.image_digest, batch.num_rows, pa.string()),
+        ],
+        schema=ENCODED_SCHEMA,
+    )
 
 
 def shared_image_digests(staged: DataFrame, limit: int, known: Iterable[str] = ()) -> list[str]:

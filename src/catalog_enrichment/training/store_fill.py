@@ -60,8 +60,8 @@ __all__ = ["FillOutcome", "fill_embedding_store"]
 @dataclass(frozen=True)
 class FillOutcome:
     """What one fill did: the encoders' fingerprint, products read, vectors found in the store,
-    encoded on the executors and stored, images that did not decode, placeholders' products left
-    out, and the wall time."""
+    encoded on the executors and stored, products whose image did not decode or whose scores were
+    not finite, placeholders' products left out, and the wall time."""
 
     encoder: str
     products: int
