@@ -202,6 +202,28 @@ def test_the_survey_keeps_the_training_texts_only_for_a_tokenizer_it_trains(taxo
     assert np.array_equal(bare.codes, kept.codes)
 
 
+def test_the_streamed_health_baseline_counts_variants_as_in_memory(taxonomy: Taxonomy) -> None:
+    """Products that share a title and description (a product's variants) carry less evidence than
+    as many products: the run health checks divide by the baseline's design effect, streamed as in
+    memory."""
+    from catalog_enrichment.data.images import ImagePolicy
+    from catalog_enrichment.data.preprocess import ImagePreprocessing
+    from catalog_enrichment.training.memory import _usable_images
+    from catalog_enrichment.training.stream import _Reader, survey
+
+    table = _labelled(300, taxonomy)
+    thrice = [i - i % 3 for i in range(300)]  # each text on three products: groups of three
+    for name in ("title", "description"):
+        column = table[name].to_pylist()
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.array([column[i] for i in thrice], pa.string())
+        )
+    reader = _Reader(arrow_source(table, batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32))
+    streamed = survey(reader, (0.1, 0.2, 0.15), seed=0, world=1, say=lambda m: None).inputs
+    _, in_memory = _usable_images(table, ImagePolicy(), 0, lambda m: None)
+    assert streamed.design_effect == in_memory.design_effect == 3.0
+
+
 def test_a_product_twice_in_the_streamed_table_is_refused_by_the_survey(taxonomy: Taxonomy) -> None:
     table = _labelled(200, taxonomy)
     twice = pa.concat_tables([table, table.slice(7, 1)])

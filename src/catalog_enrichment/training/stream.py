@@ -468,15 +468,16 @@ def survey(
     if not ids:
         raise CatalogEnrichError(_NOTHING)
     check_unique_ids(ids)
+    group = np.concatenate(groups)
     found = Survey(
         ids,
         np.concatenate(codes),
-        np.concatenate(groups),
+        group,
         np.concatenate(shards),
         world,
         _concat_labels(labels, reader.taxonomy),
         train_texts,
-        inputs.baseline(),
+        inputs.baseline(group),  # variants (one title and description) make the design effect
     )
     every = np.concatenate(prefixes)
     shared = placeholder_prefixes(every, shared_limit)
@@ -485,7 +486,7 @@ def survey(
         found = _without(found, ~out)
         unusable[IMAGE_SHARED] += int(out.sum())
         inputs.found_unusable(int(out.sum()))
-        found.inputs, found.shared = inputs.baseline(), shared
+        found.inputs, found.shared = inputs.baseline(found.groups), shared
     if not found.product_ids:
         raise CatalogEnrichError(_NOTHING)
     found.left_out = dict(sorted(unusable.items()))
