@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from scipy.stats import chi2, chi2_contingency, fisher_exact
 
@@ -407,6 +408,19 @@ def test_the_image_check_fails_on_photos_gone_missing_not_on_unusable_ones_the_q
     missing["errors"] = [None if i in hit else e for i, e in enumerate(pop["errors"])]  # type: ignore[arg-type]
     assert image_check(pop) == image_check(broken) == "passed"
     assert image_check(missing) == "failed"
+
+
+def test_a_photo_is_present_where_the_scoring_would_read_one_and_an_empty_uri_is_none() -> None:
+    """A feed that exports ``image_uri = ""`` has lost its photos: the products are scored from their
+    text (``read_pixels`` reads nothing), and the image check must count them as without a photo."""
+    from catalog_enrichment.data.images import read_pixels
+    from catalog_enrichment.health import ProductInputs
+
+    image = [None, None, None, b"", b"\xff"]
+    uri = [None, "", "file:///x.jpg", None, ""]
+    rows = pa.table({"title": ["t"] * 5, "image": pa.array(image, pa.binary()), "image_uri": uri})
+    assert ProductInputs.of(rows, [None] * 5, [None] * 5).image_present == [False, False, True, True, True]
+    assert read_pixels(None, "", 8) == (None, None, None)  # as read: no image at all
 
 
 def test_photos_gone_missing_fail_the_image_check_where_training_had_every_photo() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog_enrichment.metrics import decision_matrix, truth_matrix
 
@@ -229,10 +230,13 @@ class ProductInputs:
         def column(name: str) -> list[Any]:
             return rows.column(name).to_pylist() if name in names else [None] * rows.num_rows
 
+        # as the image is read (data.images.read_pixels): inline bytes, else a non-empty URI
         present = np.zeros(rows.num_rows, bool)
-        for name in ("image", "image_uri"):
-            if name in names:
-                present |= rows.column(name).is_valid().to_numpy(zero_copy_only=False)
+        if "image" in names:
+            present |= rows.column("image").is_valid().to_numpy(zero_copy_only=False)
+        if "image_uri" in names:
+            uri = pc.fill_null(pc.greater(pc.utf8_length(rows.column("image_uri")), 0), False)
+            present |= uri.to_numpy(zero_copy_only=False)
         return cls(
             column("title"), column("description"), present.tolist(), image_errors, column("category"), tones
         )
