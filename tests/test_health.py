@@ -160,6 +160,30 @@ def test_estimated_precision_fails_only_when_its_upper_bound_is_below_the_target
     ).status == ("passed")
 
 
+def test_coverage_is_not_judged_where_the_configured_taxonomy_keeps_values_out() -> None:
+    """The configured taxonomy dropped one of colour's three values: a clean night writes less than
+    training's thresholds did, by design, not by drift; its coverage is skipped, the rest judged."""
+    rng = np.random.default_rng(3)
+    scores, labels = _draw(rng, 4000, 3)
+    base = attribute_baseline(scores, labels, "multiclass", np.full(3, 0.8))
+    assert base is not None
+    night, _ = _draw(rng, 2000, 3)
+    thresholds = np.array([0.8, 0.8, np.nan])  # the policy's: the third value is not written
+    tally = HealthTally()
+    written = decision_matrix(night, "multiclass", thresholds)
+    tally.add_attribute("color", base, night, int(written.any(axis=1).sum()), night[written])
+    profile = HealthProfile({"color": base})
+    assert _check(assess(profile, tally, target=0.5), "coverage").status == "failed"
+    checks = assess(profile, tally, target=0.5, changed=["color"])
+    coverage = _check(checks, "coverage")
+    assert coverage.status == "skipped" and "configured taxonomy" in (coverage.message or "")
+    assert {c.check: c.status for c in checks if c.check != "coverage"} == {
+        "score_drift": "passed",
+        "value_mix": "passed",
+        "estimated_precision": "passed",
+    }
+
+
 def test_a_shifted_batch_fails_score_drift_and_coverage_naming_statistic_and_level() -> None:
     rng = np.random.default_rng(0)
     scores, labels = _draw(rng, 4000, 3)

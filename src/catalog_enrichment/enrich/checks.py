@@ -82,6 +82,7 @@ def check_run(policy: DecisionPolicy, tally: HealthTally, cfg: HealthConfig, say
         min_products=cfg.min_products,
         min_psi=cfg.min_psi,
         min_share_change=cfg.min_share_change,
+        changed=[name for name, gone in policy.dropped.items() if gone],
     )
     modes = cfg.modes()
     levels = {d.name: d.parent for d in policy.taxonomy.derived.values()}

@@ -5,7 +5,7 @@ precision's bound, the level split over a run's checks, what blocks, and how a r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -207,9 +207,10 @@ class _Limits:
 
 
 def _pending(
-    profile: HealthProfile, tally: HealthTally, min_products: int
+    profile: HealthProfile, tally: HealthTally, min_products: int, changed: Collection[str]
 ) -> tuple[list[_Pending], list[Check]]:
-    """Every check the profile and tally allow, and those skipped for too few products."""
+    """Every check the profile and tally allow, and those skipped: for too few products, and the
+    coverage of the ``changed`` attributes."""
     pending: list[_Pending] = []
     skipped: list[Check] = []
     for name, base in profile.attributes.items():
@@ -219,12 +220,16 @@ def _pending(
             why = f"{n} products scored (fewer than {min_products})"
             skipped += [Check(name, c, "skipped", n, base.products, message=why) for c in ATTRIBUTE_CHECKS]
             continue
-        covered = [base.products - base.covered, base.covered]
         pending += [
             _distribution(name, "score_drift", base.scores, t.scores),
-            _proportion(name, "coverage", covered, [n - t.covered, t.covered], 1),
             _distribution(name, "value_mix", base.values, t.values),
         ]
+        if name in changed:
+            why = "the configured taxonomy keeps values out: training's coverage is not tonight's to reach"
+            skipped.append(Check(name, "coverage", "skipped", n, base.products, message=why))
+        else:
+            covered = [base.products - base.covered, base.covered]
+            pending.append(_proportion(name, "coverage", covered, [n - t.covered, t.covered], 1))
         estimate = _estimated_precision(base, t)
         if estimate is None:
             why = "nothing written" if sum(t.written) == 0 else "no labelled held-out value was written"
@@ -306,12 +311,15 @@ def assess(
     min_products: int = 50,
     min_psi: float = 0.05,
     min_share_change: float = 0.03,
+    changed: Collection[str] = (),
 ) -> list[Check]:
     """Every check of a run (see the module docstring): attributes in the profile's order, then the
     inputs; each check evaluated fails at ``false_alarm / K`` (``K`` checks evaluated). Products
     that come in groups of variants count once per group's worth: every statistic is divided by the
-    training products' design effect (the estimated precision's variance multiplied by it)."""
-    pending, skipped = _pending(profile, tally, min_products)
+    training products' design effect (the estimated precision's variance multiplied by it).
+    ``changed``: the attributes some of whose values the run does not write (the configured taxonomy
+    dropped or added values), whose coverage is not compared with training's."""
+    pending, skipped = _pending(profile, tally, min_products, changed)
     deff = 1.0 if profile.inputs is None else profile.inputs.design_effect
     limits = _Limits(false_alarm / max(1, len(pending)), target, min_psi, min_share_change, deff)
     judged = {(p.scope, p.check): _judge(p, limits) for p in pending}
