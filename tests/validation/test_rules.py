@@ -95,6 +95,32 @@ def test_every_row_gets_exactly_the_rules_it_breaks(frame) -> None:  # type: ign
     check_breaker(counts, 0.9)  # within the limit: no error
 
 
+def test_merchant_attributes_that_are_not_utf8_break_their_rule(spark) -> None:  # type: ignore[no-untyped-def]
+    """A scoring task decodes the merchant's attribute names and values: bytes that are not UTF-8
+    there would fail the task (so the run), not the row."""
+    from pyspark.sql import functions as F
+
+    bad = b"caf\xe9"
+    raw = spark.createDataFrame(
+        [("name", bad, b"red"), ("value", b"color", bad), ("ok", b"color", b"red"), ("none", None, None)],
+        "product_id string, k binary, v binary",
+    )
+    merchant = F.when(
+        F.col("k").isNotNull(), F.create_map(F.col("k").cast("string"), F.array(F.col("v").cast("string")))
+    )
+    frame = raw.select("product_id", merchant.alias("merchant_attributes"))
+    (rule,) = [
+        r
+        for r in build_rules(load_contract("products"), ValidationConfig(), NOW)
+        if r.column == "merchant_attributes"
+    ]
+    assert rule.name == "merchant_attributes_valid_utf8"
+    got = {
+        r["product_id"]: r["fails"] for r in frame.select("product_id", rule.fails().alias("fails")).collect()
+    }
+    assert got == {"name": True, "value": True, "ok": False, "none": False}
+
+
 def test_the_breaker_s_message_counts_what_it_counts() -> None:
     """Rows held for the next run (transient rules: a placeholder) are not the breaker's: its
     message gives the rows it did count, and the held ones beside them."""

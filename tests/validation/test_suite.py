@@ -35,7 +35,8 @@ def test_the_exported_great_expectations_suite_counts_the_same_rows(frame, tmp_p
     ]
     assert set(gx) == {r.name for r in rules if r.expectation is not None}
     assert {r.name for r in rules if r.expectation is None} == {
-        f"{c}_valid_utf8" for c in ("product_id", "title", "description", "image_uri")
+        f"{c}_valid_utf8"
+        for c in ("product_id", "title", "description", "image_uri", "category", "merchant_attributes")
     }
     for rule, n in gx.items():
         # GX flags every row of a duplicated id (4), the row rule only the ones quarantined (3)

@@ -75,9 +75,11 @@ NOT_TEXT_REGEX = (
 BLANK_REGEX = r"(?U)^\s*$"
 ID_CONTROL_REGEX = r"[\x00-\x1f\x7f]"
 TEXT_CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # tab, line feed, carriage return allowed
-# Text columns a Python worker decodes (the model's inputs and the key): bytes that are not UTF-8
-# would fail the worker, so such rows are quarantined first.
-UTF8_COLUMNS = ("product_id", "title", "description", "image_uri")
+# Text columns a Python worker decodes (the model's inputs, the key, the run health's category and
+# the merchant's attribute names and values): bytes that are not UTF-8 would fail the worker's whole
+# task, so such rows are quarantined first.
+UTF8_COLUMNS = ("product_id", "title", "description", "image_uri", "category")
+UTF8_MAP = "merchant_attributes"
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,13 @@ def _text_rules(cfg: ValidationConfig) -> list[Rule]:
             )  # no GX says it
             for c in UTF8_COLUMNS
         ],
+        Rule(
+            f"{UTF8_MAP}_valid_utf8",
+            f"an attribute name or value in {UTF8_MAP} is not valid UTF-8 text",
+            UTF8_MAP,
+            _invalid_utf8_map(UTF8_MAP),
+            None,
+        ),
     ]
 
 
@@ -315,6 +324,18 @@ def _invalid_utf8(column: str) -> Callable[[], Any]:
     from pyspark.sql import functions as F
 
     return lambda: ~F.is_valid_utf8(column)
+
+
+def _invalid_utf8_map(column: str) -> Callable[[], Any]:
+    """A ``map<string, list<string>>`` with a key or a value that is not UTF-8 (null: none)."""
+    from pyspark.sql import functions as F
+
+    def fails() -> Any:
+        keys = F.exists(F.map_keys(column), lambda k: ~F.is_valid_utf8(k))
+        values = F.exists(F.flatten(F.map_values(column)), lambda v: ~F.is_valid_utf8(v))
+        return F.coalesce(keys | values, F.lit(False))
+
+    return fails
 
 
 def _not_null_test(column: str) -> Callable[[], Any]:
