@@ -194,6 +194,14 @@ def test_embeddings_lists_the_store_and_vacuums_what_no_live_version_uses(  # ty
         f"{encoder}             2  tiny v{version}" in listed
         and f"{retired}             3  no live version" in listed
     )
+    # before the first training registers (the documented `--fill` first), the store is listed and
+    # not vacuumed: nothing tells which vectors the coming version uses
+    unregistered = [*flags[:-1], "mlflow.registered_model=coming"]
+    assert main(["embeddings", *unregistered]) == 0
+    assert "model 'coming' is not registered yet" in capsys.readouterr().out
+    assert main(["embeddings", *unregistered, "--vacuum"]) == 2
+    assert "vacuum after a training registers" in capsys.readouterr().err
+    assert catalog.embedding_counts() == {encoder: 2, retired: 3}
     assert main(["embeddings", *flags, "--vacuum"]) == 0
     assert "removed 3 vectors" in capsys.readouterr().out
     assert catalog.embedding_counts() == {encoder: 2}

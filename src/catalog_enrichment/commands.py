@@ -391,16 +391,21 @@ def embeddings(args: argparse.Namespace, cfg: AppConfig) -> int:
     name = cfg.mlflow.registered_model
     live = registry.live_encoders(runtime.mlflow_client(cfg.mlflow), name)
     counts = catalog.embedding_counts()
-    print(f"embedding store of {catalog.describe()}: {sum(counts.values()):,} vectors")
-    for encoder in sorted({*counts, *live}):
-        users = f"{name} v{', v'.join(live[encoder])}" if encoder in live else "no live version"
+    unregistered = "" if live is not None else f" (model {name!r} is not registered yet)"
+    print(f"embedding store of {catalog.describe()}: {sum(counts.values()):,} vectors{unregistered}")
+    for encoder in sorted({*counts, *(live or {})}):
+        users = f"{name} v{', v'.join(live[encoder])}" if live and encoder in live else "no live version"
         print(f"  {encoder}  {counts.get(encoder, 0):>12,}  {users}")
     if args.vacuum:
         with catalog.lock("embeddings vacuum", lambda m: print(m, flush=True)):
             # read again once the lock is held: a version registered while it waited is live too
-            removed = catalog.vacuum_embeddings(
-                registry.live_encoders(runtime.mlflow_client(cfg.mlflow), name)
-            )
+            live = registry.live_encoders(runtime.mlflow_client(cfg.mlflow), name)
+            if live is None:  # what --fill stored is for the first training: nothing to judge by
+                raise CatalogEnrichError(
+                    f"model {name!r} is not registered yet: no vector can be told unused "
+                    "(vacuum after a training registers a version)"
+                )
+            removed = catalog.vacuum_embeddings(live)
         print(f"removed {removed:,} vectors no live version uses")
     return 0
 

@@ -261,10 +261,16 @@ def _missing(exc: MlflowException) -> bool:
     return "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower()
 
 
-def live_encoders(client: MlflowClient, name: str) -> dict[str, list[str]]:
+def live_encoders(client: MlflowClient, name: str) -> dict[str, list[str]] | None:
     """Encoder fingerprint -> the versions of ``name`` using it, over the versions that hold an alias
-    (those that serve or may be promoted); a version without the tag never used the embedding store."""
-    aliases = client.get_registered_model(name).aliases or {}
+    (those that serve or may be promoted); a version without the tag never used the embedding store.
+    None: ``name`` is not registered yet."""
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException as exc:
+        if _missing(exc):
+            return None
+        raise
     live: dict[str, list[str]] = {}
     for version in sorted(set(map(str, aliases.values())), key=int):
         encoder = version_tags(client, name, version).get(ENCODER_TAG)
