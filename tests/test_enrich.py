@@ -573,8 +573,15 @@ def test_a_backfill_lets_a_run_waiting_for_the_lock_in_between_two_partitions(
     assert len(order) == 5 and order.index("nightly") < 4, order
 
 
+def _raise(exc: Exception):  # type: ignore[no-untyped-def]
+    def fail(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    return fail
+
+
 def test_cli_enrich_uses_the_champion_and_report_prints_it(
-    spark, tmp_path, taxonomy, incoming, scoring_bundle, capsys
+    spark, tmp_path, taxonomy, incoming, scoring_bundle, capsys, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     from catalog_enrichment import registry
     from catalog_enrichment.cli import main
@@ -606,6 +613,12 @@ def test_cli_enrich_uses_the_champion_and_report_prints_it(
     assert metrics["health_blocked"] == 0 and metrics["health_score_drift_color"] >= 0
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {f"health_{a}.png" for a in taxonomy.names} | {"run_report.json"} <= artifacts
+    # MLflow failing after the commit does not make the committed run a failed one
+    monkeypatch.setattr(registry, "log_enrichment_run", _raise(OSError("tracking server gone")))
+    assert main(["enrich", *flags, "--partition", "ingest_date=2026-11-03", "--run-id", "cli-2"]) == 0
+    out = capsys.readouterr().out
+    assert "could not log the run to MLflow (its report is in the catalog): tracking server gone" in out
+    assert "run cli-2: succeeded" in out
 
 
 def test_an_empty_partition_loads_no_model(spark, scoring_bundle, taxonomy) -> None:  # type: ignore[no-untyped-def]

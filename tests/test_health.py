@@ -254,6 +254,12 @@ def test_a_profile_round_trips_tallies_merge_and_the_plot_is_drawn(tmp_path: Pat
     paths = plot_scores(profile, whole, tmp_path)
     assert [p.name for p in paths] == ["health_color.png", "health_material.png", "health_size.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+    # an attribute's name is not a file name: "size/fit" is drawn in the folder, not under "size"
+    renamed = HealthProfile({"size/fit": profile.attributes["size"]}, profile.inputs)
+    moved = HealthTally({"size/fit": whole.attributes["size"]}, whole.inputs)
+    (tmp_path / "odd").mkdir()
+    (drawn,) = plot_scores(renamed, moved, tmp_path / "odd")
+    assert drawn.parent == tmp_path / "odd" and drawn.name == "health_size_fit.png" and drawn.exists()
 
 
 # -- the false-alarm rate of clean runs ------------------------------------------------------------------

@@ -499,7 +499,12 @@ def _finish(job: _Job, run: _Record, client: MlflowClient | None, clock: float) 
         arrow_batches=0 if scored is None else scored.arrow_batches,
     )  # fmt: skip
     if client is not None:
-        _log_mlflow(client, job.cfg.mlflow, outcome)
+        try:
+            _log_mlflow(client, job.cfg.mlflow, outcome)
+        except Exception as exc:  # the report table has the run: MLflow's copy cannot undo a commit
+            job.say(
+                f"  could not log the run to MLflow (its report is in the catalog): {redact_text(str(exc))}"
+            )
     job.say(f"[{report.run_id}] {report.status} in {elapsed:.1f}s")
     return outcome
 

@@ -5,6 +5,7 @@ precision's bound, the level split over a run's checks, what blocks, and how a r
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -414,7 +415,7 @@ def plot_scores(profile: HealthProfile, tally: HealthTally, out: Path) -> list[P
         ax.set_title(f"{name}: top score, this run over training's held-out products")
         ax.legend()
         fig.tight_layout()
-        path = out / f"health_{name}.png"
+        path = out / f"health_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"  # any attribute name
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
