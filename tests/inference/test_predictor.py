@@ -210,3 +210,18 @@ def test_kept_memory_stops_a_forward_pass_faulting_its_tensors_in_again() -> Non
 def test_a_batch_without_titles_is_a_contract_error(bundle) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ContractError, match="title"):
         BatchPredictor(bundle).score_arrow(pa.table({"product_id": ["a"]}))
+
+
+def test_a_lone_surrogate_in_a_pandas_request_costs_one_character_not_the_request(bundle) -> None:  # type: ignore[no-untyped-def]
+    """A served model's JSON request can carry half an emoji (a lone UTF-16 surrogate), which no
+    tokenizer takes: the character is replaced, the rows are scored as with the replacement."""
+    import pandas as pd
+
+    predictor = BatchPredictor(bundle)
+    cut = predictor.score_frame(
+        pd.DataFrame({"title": ["red \ud83d shirt", "blue jeans"], "description": [None, "\udc00"]})
+    )
+    replaced = predictor.score_frame(
+        pd.DataFrame({"title": ["red ? shirt", "blue jeans"], "description": [None, "?"]})
+    )
+    assert np.array_equal(cut.to_numpy(), replaced.to_numpy())

@@ -123,13 +123,23 @@ def _names(data: Data) -> list[str]:
 
 
 def column_values(data: Data, name: str) -> list[Any]:
-    """A column as a Python list (Nones when the batch lacks it)."""
+    """A column as a Python list (Nones when the batch lacks it). A pandas string that cannot be
+    UTF-8 (a lone surrogate: an emoji cut in half by a client) has the character replaced, as the
+    tokenizer and the n-grams cannot take it; Arrow strings are UTF-8 already."""
     if name not in _names(data):
         return [None] * (data.num_rows if isinstance(data, pa.RecordBatch | pa.Table) else len(data))
-    values: list[Any] = (
-        data.column(name).to_pylist() if isinstance(data, pa.RecordBatch | pa.Table) else data[name].tolist()
-    )
-    return values
+    if isinstance(data, pa.RecordBatch | pa.Table):
+        values: list[Any] = data.column(name).to_pylist()
+        return values
+    return [_utf8(v) if isinstance(v, str) else v for v in data[name].tolist()]
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="replace").decode()
+    return text
 
 
 def _checked(batches: Iterable[Data]) -> Iterator[Data]:
