@@ -212,3 +212,58 @@ def test_a_throw_away_server_stops_when_its_owner_is_killed() -> None:
     assert not Path(folder).exists()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(port)), timeout=5):
         pass
+
+
+def _vectors(folder: Path, rows: list[tuple[str, str, int]]) -> str:
+    """Staged store rows (encoder, product id, minute written) as the Parquet ``write_embeddings`` reads."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment.catalog.embeddings import embeddings_schema
+
+    folder.mkdir()
+    table = pa.table(
+        {
+            "encoder": [e for e, _, _ in rows],
+            "product_id": [p for _, p, _ in rows],
+            "content": [f"c{m}" for _, _, m in rows],
+            "embedding": [bytes([m]) * 8 for _, _, m in rows],
+            "run_id": ["r"] * len(rows),
+            "written_at": [dt.datetime(2026, 11, 1, 0, m, tzinfo=dt.UTC) for _, _, m in rows],
+        }
+    ).cast(embeddings_schema())
+    pq.write_table(table, folder / "part-0.parquet")
+    return str(folder)
+
+
+def test_store_writes_side_by_side_each_land_and_a_key_staged_twice_is_written_once(
+    pg_catalog_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training's store write takes no lock: one that runs while a run's write is copying must not
+    take the run's staging table (both land), and a key staged twice (a copy task Spark ran again)
+    is upserted once, the newest copy."""
+    from catalog_enrichment.catalog.postgres import write
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    encoder = "ab" * 16
+    run = _vectors(tmp_path / "run", [(encoder, "p1", 1), (encoder, "p1", 2), (encoder, "p2", 1)])
+    training = _vectors(tmp_path / "training", [(encoder, "p3", 1)])
+    copy = write.copy_embeddings
+    started: list[str] = []
+    beside: list[int] = []
+
+    def copy_then_the_other_write(conninfo, table, batches):  # type: ignore[no-untyped-def]
+        n = copy(conninfo, table, batches)
+        if not started:  # the run's rows are staged: the training's write starts and ends now
+            started.append(table[1])
+            beside.append(catalog.write_embeddings(training))
+        return n
+
+    monkeypatch.setattr(write, "copy_embeddings", copy_then_the_other_write)
+    assert catalog.write_embeddings(run) == 2 and beside == [1]
+    with catalog.connect() as conn:
+        stored = conn.execute(
+            f"SELECT product_id, content FROM {catalog.schema}.embeddings ORDER BY product_id"
+        ).fetchall()
+    assert stored == [("p1", "c2"), ("p2", "c1"), ("p3", "c1")]

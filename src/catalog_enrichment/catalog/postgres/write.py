@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +106,7 @@ class Writes(PgBase):
         with self.connect() as conn:
             try:
                 with conn.transaction():
-                    self._check_staged(conn, run.run_id, stage, staged)
+                    self._check_staged(conn, f"run {run.run_id}", stage, staged)
                     result = self._merge(conn, run, stage)
                     fault_point("during_merge")
             finally:
@@ -115,13 +116,13 @@ class Writes(PgBase):
         fault_point("after_quarantine")
         return result
 
-    def _check_staged(self, conn: Any, run_id: str, stage: str, staged: int) -> None:
+    def _check_staged(self, conn: Any, what: str, stage: str, staged: int) -> None:
         """The stage holds every row copied into it (a server restart or failover between the COPY
         and the merge empties an unlogged table: merged, the run would write nothing and count as done)."""
         have = int(conn.execute(self._sql("SELECT count(*) FROM {s}", s=stage)).fetchone()[0])
         if have < staged:
             raise CatalogEnrichError(
-                f"the staged rows of run {run_id} are gone ({have:,} of {staged:,} left; a server restart or "
+                f"the staged rows of {what} are gone ({have:,} of {staged:,} left; a server restart or "
                 "failover empties the staging table): nothing was written; run it again"
             )
 
@@ -338,10 +339,12 @@ class Writes(PgBase):
 
     def write_embeddings(self, rows: str, spark: SparkSession | None = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
-        product and encoder): each Spark partition COPYs into a staging table (this process streams
-        them when ``spark`` is None), one transaction upserts them."""
+        product and encoder): each Spark partition COPYs into a staging table of this write's own (a
+        training's store write needs no lock, so it may run beside a run's or a fill's; this process
+        streams them when ``spark`` is None), one transaction upserts them, once per key (a copy task
+        Spark ran again after its COPY committed staged its rows twice). The rows upserted."""
         conninfo, password = self.conninfo()
-        stage = "stage_embeddings"
+        stage = _stage_name(f"embeddings:{uuid.uuid4()}")
         with self.connect() as conn, conn.transaction():
             conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
             conn.execute(self._sql("CREATE UNLOGGED TABLE {s} (LIKE {e})", s=stage, e="embeddings"))
@@ -356,15 +359,17 @@ class Writes(PgBase):
                 batches = ds.dataset(rows, format="parquet").to_batches()
                 n = copy_embeddings(make_conninfo(conninfo, password=password), (self.schema, stage), batches)
             with self.connect() as conn, conn.transaction():
-                conn.execute(
+                self._check_staged(conn, "the embedding store's write", stage, n)
+                n = conn.execute(
                     self._sql(
-                        "INSERT INTO {e} SELECT * FROM {s} ON CONFLICT (encoder, product_id) DO UPDATE "
-                        "SET content = EXCLUDED.content, embedding = EXCLUDED.embedding, "
+                        "INSERT INTO {e} SELECT DISTINCT ON (encoder, product_id) * FROM {s} "
+                        "ORDER BY encoder, product_id, written_at DESC ON CONFLICT (encoder, product_id) "
+                        "DO UPDATE SET content = EXCLUDED.content, embedding = EXCLUDED.embedding, "
                         "run_id = EXCLUDED.run_id, written_at = EXCLUDED.written_at",
                         e="embeddings",
                         s=stage,
                     )
-                )
+                ).rowcount
         finally:
             with self.connect() as conn, conn.transaction():
                 conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
