@@ -515,6 +515,21 @@ def test_the_gate_judges_what_the_job_would_write(scoring_bundle: Path, data, ta
     opened = evaluate_bundle(bundle, table, images, Taxonomy.from_dict(spec))
     assert opened.metrics["product_type"]["written"] == 0 and not opened.covered["product_type"].any()
     assert opened.metrics["material"] == judged.metrics["material"]
+    # a product whose photo cannot be used is quarantined by the job: nothing of it is counted
+    # written (it was scored as a product without a photo)
+    photos = table["image"].to_pylist()
+    covered = [i for i in range(len(photos)) if photos[i] and judged.covered["product_type"][i]][:20]
+    broken = table.set_column(
+        table.schema.get_field_index("image"),
+        "image",
+        pa.array([b"not a photo" if i in covered else p for i, p in enumerate(photos)], pa.binary()),
+    )
+    again = evaluate_bundle(bundle, broken, images)
+    for attr in taxonomy.outputs:
+        assert not again.covered[attr.name][covered].any(), attr.name
+        rest = np.ones(len(photos), bool)
+        rest[covered] = False
+        assert np.array_equal(again.covered[attr.name][rest], judged.covered[attr.name][rest]), attr.name
 
 
 @pytest.mark.timeout(300)

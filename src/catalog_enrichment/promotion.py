@@ -167,7 +167,8 @@ def evaluate_bundle(
     """Realized precision, coverage, recall, R@P95 and coverage efficiency of what the enrichment
     job would write with a bundle on a labelled table (its ``image_uri`` read under
     ``image_policy``): its thresholds under the job's decision rules (value groups, one value of a
-    single-valued attribute, what the configured taxonomy ``allowed`` keeps out).
+    single-valued attribute, what the configured taxonomy ``allowed`` keeps out, nothing for a
+    product whose image cannot be used or that the model scores NaN).
 
     Raises:
         TaxonomyError: the bundle does not fit the configured taxonomy (every run would refuse it).
@@ -178,9 +179,11 @@ def evaluate_bundle(
     policy = DecisionPolicy(bundle.taxonomy, bundle.calibration, allowed or bundle.taxonomy)
     # a label the version's taxonomy lacks (a value added since) leaves that product unlabelled for it
     labels = encode_labels(table, bundle.taxonomy, outside="unknown").derive(bundle.taxonomy)
-    scores = BatchPredictor(bundle, PredictorOptions(image_policy=image_policy)).score(table.to_pandas())
+    # a product whose image cannot be used or that scores NaN is quarantined by the job: not written
+    scored = BatchPredictor(bundle, PredictorOptions(image_policy=image_policy)).score_arrow(table).finite()
+    scores, failed = scored.probs, np.array([e is not None for e in scored.image_error], bool)
     n = table.num_rows
-    flat = policy.decide_flat(scores, np.zeros((n, len(policy.taxonomy.names)), bool))
+    flat = policy.decide_flat(scores, np.zeros((n, len(policy.taxonomy.names)), bool), failed)
     every = np.zeros((n, len(policy.all_values)), bool)
     every[np.repeat(np.arange(n), np.diff(flat.offsets)), flat.value] = True
     metrics, covered, labelled = {}, {}, {}

@@ -101,6 +101,10 @@ def test_image_problems_are_reported_per_row_never_silently_scored(bundle, produ
     assert scores.probs["color"].shape == (7, len(bundle.taxonomy["color"].values))
     # without a policy naming the folder, no URI is read at all
     assert BatchPredictor(bundle).score_arrow(rows).image_error[5:] == [IMAGE_URI_ALLOWED] * 2
+    # the pyfunc's frame: those products get no scores (NaN), never an imageless product's
+    frame = BatchPredictor(bundle).score_frame(rows.to_pandas())
+    assert frame.notna().all(axis=1).tolist() == [True, False, False, False, True, False, False]
+    assert frame.iloc[[1, 2, 3, 5, 6]].isna().all(axis=None)
 
 
 @pytest.mark.slow

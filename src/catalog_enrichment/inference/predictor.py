@@ -32,7 +32,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeAlias, cast
 
 import numpy as np
@@ -41,6 +41,7 @@ import pyarrow as pa
 import torch
 
 from catalog_enrichment.catalog.embeddings import STORED_COLUMNS
+from catalog_enrichment.contracts import SCORES_FINITE
 from catalog_enrichment.data.dataset import Collator
 from catalog_enrichment.data.images import image_tone, read_pixels
 from catalog_enrichment.embeddings import vectors as embedding
@@ -116,6 +117,23 @@ class Scores:
     embedding: list[bytes | None] | None = None
     reused: int = 0  # rows whose stored vector was fused
     image_digest: list[str | None] | None = None
+
+    def finite(self) -> Scores:
+        """These scores with every product the model scored NaN or infinite anywhere marked as
+        failed (:data:`~catalog_enrichment.contracts.SCORES_FINITE`, quarantined like an image that
+        failed) and its scores zeroed: a model fault costs its products, not the batch."""
+        probs = {a: np.asarray(p) for a, p in self.probs.items()}
+        bad = np.zeros(len(self.image_error), bool)
+        for p in probs.values():
+            bad |= ~np.isfinite(p).all(axis=1)
+        if not bad.any():
+            return self
+        errors = [SCORES_FINITE if b and e is None else e for e, b in zip(self.image_error, bad, strict=True)]
+        probs = {a: np.where(bad[:, None], 0.0, p).astype(p.dtype) for a, p in probs.items()}
+        vectors = self.embedding  # an encoder's NaN vector is not stored: it would score NaN for good
+        if vectors is not None:
+            vectors = [None if b else v for v, b in zip(vectors, bad, strict=True)]
+        return replace(self, probs=probs, image_error=errors, embedding=vectors)
 
 
 def _names(data: Data) -> list[str]:
@@ -460,11 +478,16 @@ class BatchPredictor:
         return self.score_arrow(frame).probs
 
     def score_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Scores as a DataFrame with one ``<attribute>=<value>`` column per value."""
-        scores = self.score(frame)
-        blocks = [scores[a.name] for a in self.bundle.taxonomy.outputs]
-        data = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(frame), 0))
-        return pd.DataFrame(data.astype(np.float64), columns=score_columns(self.bundle), index=frame.index)
+        """Scores as a DataFrame with one ``<attribute>=<value>`` column per value; NaN in every
+        column of a product the job would quarantine instead of scoring (its image cannot be used -
+        under the default image policy an ``image_uri`` is never read - or the model scored it NaN
+        or infinite), never its scores as a product without an image."""
+        scored = self.score_arrow(frame).finite()
+        failed = np.array([e is not None for e in scored.image_error], bool)
+        blocks = [scored.probs[a.name] for a in self.bundle.taxonomy.outputs]
+        data = np.concatenate(blocks, axis=1).astype(np.float64) if blocks else np.zeros((len(frame), 0))
+        data[failed] = np.nan
+        return pd.DataFrame(data, columns=score_columns(self.bundle), index=frame.index)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -20,7 +20,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -327,7 +327,7 @@ def decide_batch(
     health counts, added to."""
     from catalog_enrichment.inference.decide import merchant_filled
 
-    scores = _finite(scores)
+    scores = scores.finite()
     names = batch.schema.names
     attributes = policy.taxonomy.names
     filled = (
@@ -363,26 +363,6 @@ def decide_batch(
         ],
         schema=OUTPUT_SCHEMA,
     )
-
-
-def _finite(scores: Scores) -> Scores:
-    """``scores`` with every product the model scored NaN or infinite anywhere marked as failed
-    (:data:`~catalog_enrichment.contracts.SCORES_FINITE`, quarantined like an image that failed) and
-    its scores zeroed: a model fault costs its products, not the batch."""
-    probs = {a: np.asarray(p) for a, p in scores.probs.items()}
-    bad = np.zeros(len(scores.image_error), bool)
-    for p in probs.values():
-        bad |= ~np.isfinite(p).all(axis=1)
-    if not bad.any():
-        return scores
-    from catalog_enrichment.contracts import SCORES_FINITE
-
-    errors = [SCORES_FINITE if b and e is None else e for e, b in zip(scores.image_error, bad, strict=True)]
-    probs = {a: np.where(bad[:, None], 0.0, p).astype(p.dtype) for a, p in probs.items()}
-    vectors = scores.embedding  # an encoder's NaN vector is not stored: it would score NaN for good
-    if vectors is not None:
-        vectors = [None if b else v for v, b in zip(vectors, bad, strict=True)]
-    return replace(scores, probs=probs, image_error=errors, embedding=vectors)
 
 
 def _attribute_lists(mask: np.ndarray, names: pa.Array) -> pa.ListArray:
@@ -493,7 +473,7 @@ def encoded_batch(batch: pa.RecordBatch, scores: Scores) -> pa.RecordBatch:
     """What an encoding task returns for one scored batch (``ENCODED_SCHEMA``): as the scoring path,
     a product the model scored NaN or infinite is a :data:`~catalog_enrichment.contracts.SCORES_FINITE`
     failure without a vector (stored, it would be fused to NaN by every later run)."""
-    scores = _finite(scores)
+    scores = scores.finite()
     return pa.RecordBatch.from_arrays(
         [
             batch.column("product_id"),
