@@ -94,6 +94,12 @@ def test_shapes_and_probabilities(name: str, taxonomy: Taxonomy, tiny_batch) -> 
         assert out.modality_weights is not None
         for w in out.modality_weights.values():
             assert w.shape == (48, 2) and torch.allclose(w.sum(dim=1), torch.ones(48))
+    # the encoders' token-level outputs (what frozen training keeps of every product) only where
+    # the fusion attends over tokens
+    with torch.no_grad():
+        encoded = model.encode(batch)
+    tokens = (encoded.text_tokens, encoded.text_mask, encoded.image_tokens)
+    assert all(t is not None for t in tokens) if model.fusion.needs_tokens else tokens == (None, None, None)
 
 
 @pytest.mark.parametrize("name", trained_fusions())

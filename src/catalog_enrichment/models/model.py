@@ -152,7 +152,9 @@ class MultimodalModel(nn.Module):
         return pooled, present
 
     def encode(self, batch: dict[str, torch.Tensor]) -> FusionInputs:
-        """The encoders' outputs the fusion reads."""
+        """The encoders' outputs the fusion reads (token-level ones only for a fusion that attends
+        over tokens: frozen training keeps every product's outputs, and tokens are tens of times the
+        pooled vectors)."""
         fusion = self.fusion
         inputs = FusionInputs(image_present=batch["image_present"])
         if fusion.needs_fields:
@@ -161,10 +163,14 @@ class MultimodalModel(nn.Module):
             text = self.text_encoders[0](
                 batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
             )
-            inputs.text_tokens, inputs.text_mask, inputs.text_pooled = text.tokens, text.mask, text.pooled
+            inputs.text_pooled = text.pooled
+            if fusion.needs_tokens:
+                inputs.text_tokens, inputs.text_mask = text.tokens, text.mask
         if self.image_encoder is not None:
             image = self.image_encoder(batch["pixel_values"], batch["image_present"])
-            inputs.image_tokens, inputs.image_pooled = image.tokens, image.pooled
+            inputs.image_pooled = image.pooled
+            if fusion.needs_tokens:
+                inputs.image_tokens = image.tokens
         if fusion.needs_lexical and LEXICAL_KEYS[0] in batch:  # embedding for the store reads none
             inputs.lexical = lexical_inputs(batch)
         return inputs
