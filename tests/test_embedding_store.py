@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from deltalake import DeltaTable
 
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
@@ -178,8 +179,15 @@ def test_embeddings_lists_the_store_and_vacuums_what_no_live_version_uses(  # ty
     lake = tmp_path / "lake"
     catalog = open_catalog(tiny_config(catalog={"root": str(lake)}).catalog)
     assert catalog.write_embeddings(str(staged)) == 5
+    # the files a write replaced are deleted past the table's retention (0 hours here, 7 days by
+    # default): the store does not grow by its size with every write
+    DeltaTable(str(lake / "embeddings")).alter.set_table_properties(
+        {"delta.deletedFileRetentionDuration": "interval 0 hours"}
+    )
     assert catalog.write_embeddings(str(staged)) == 5  # an upsert: the same keys replaced, not doubled
     assert catalog.embedding_counts() == {encoder: 2, retired: 3}
+    live = {Path(f).name for f in DeltaTable(str(lake / "embeddings")).file_uris()}
+    assert {f.name for f in (lake / "embeddings").rglob("*.parquet")} == live
     flags = [
         "--catalog",
         str(lake),

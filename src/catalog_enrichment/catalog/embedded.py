@@ -213,7 +213,11 @@ class LakehouseCatalog:
 
     def write_embeddings(self, rows: str, spark: SparkSession | None = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
-        product and encoder), replacing older ones of the same key, in one Delta commit (streamed)."""
+        product and encoder), replacing older ones of the same key, in one Delta commit (streamed).
+        A merge rewrites every file holding a replaced vector, so the files it replaced are deleted
+        once past the table's retention (``delta.deletedFileRetentionDuration``, Delta's default 7
+        days: no reader still needs them): otherwise the store would grow by its size every few
+        nights."""
         import pyarrow.dataset as ds
         from deltalake import DeltaTable, write_deltalake
 
@@ -243,6 +247,7 @@ class LakehouseCatalog:
                 .when_not_matched_insert_all()
                 .execute()
             )
+            DeltaTable(str(self.embeddings)).vacuum(dry_run=False)
         return n
 
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
