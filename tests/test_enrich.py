@@ -833,3 +833,20 @@ def test_a_job_built_in_the_test_process_leaves_the_shared_session_as_it_was(spa
     assert spark.conf.get(key) == "999" != before
     _restore_spark_conf()
     assert spark.conf.get(key) == before
+
+
+def test_a_run_on_gpus_joins_no_stored_vector() -> None:
+    """The scoring tasks read and fill the embedding store on CPUs only: on GPUs the run does not
+    read the whole store and ship its vectors to tasks that ignore them."""
+    from types import SimpleNamespace
+
+    from catalog_enrichment.enrich.run import scores_on_gpus
+
+    def spark(gpus: str | None):  # type: ignore[no-untyped-def]
+        return SimpleNamespace(
+            conf=SimpleNamespace(get=lambda key, default: gpus if key.endswith("gpu.amount") else default)
+        )
+
+    assert scores_on_gpus(spark(None), "cuda") and not scores_on_gpus(spark("1"), "cpu")
+    assert scores_on_gpus(spark("0.25"), "auto") and not scores_on_gpus(spark(None), "auto")
+    assert not scores_on_gpus(spark("0"), "auto")

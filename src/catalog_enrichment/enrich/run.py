@@ -378,9 +378,8 @@ def _stages(
     with run.stage("score"):
         images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
         spec = scoring_spec(job.spark, job.model, job.taxonomy, cfg.inference, images, rejected)
-        encoder = (
-            BundleFolder(job.model.bundle).encoder_fingerprint() if cfg.inference.embedding_store else None
-        )
+        reads_store = cfg.inference.embedding_store and not scores_on_gpus(job.spark, cfg.inference.device)
+        encoder = BundleFolder(job.model.bundle).encoder_fingerprint() if reads_store else None
         store = None if encoder is None else (catalog, encoder)
         run.scored = scored = score(
             job.spark,
@@ -471,6 +470,14 @@ def _resume_from(
             "score them with catalog-enrich enrich --full or a backfill"
         )
     return last
+
+
+def scores_on_gpus(spark: SparkSession, device: str) -> bool:
+    """Whether the scoring tasks run on GPUs (``inference.device`` cuda, or auto where Spark gives
+    each task a GPU), which neither read nor fill the embedding store: the run then joins no
+    stored vector to its products."""
+    gpus = spark.conf.get("spark.task.resource.gpu.amount", None) or "0"
+    return device == "cuda" or (device == "auto" and float(gpus) > 0)
 
 
 def _previous(reports: list[RunReport], run_id: str) -> RunReport | None:
