@@ -40,12 +40,14 @@ class _Partitions:
         return "/lake/products"
 
 
-def _report(day: str, status: str, version: str = "3", run_id: str | None = None) -> RunReport:
+def _report(
+    day: str, status: str, version: str = "3", run_id: str | None = None, name: str = "shop/tiny"
+) -> RunReport:
     run_id = run_id or f"backfill-{day}-shop_tiny-v{version}"
     return RunReport(
         run_id=run_id,
         status=status,
-        model_name="shop/tiny",
+        model_name=name,
         model_version=version,
         partition=f"ingest_date={day}",
         started_at=T,
@@ -72,6 +74,18 @@ def test_a_partition_this_version_finished_is_skipped_and_an_interrupted_one_kee
     assert _plan(_Partitions(DAYS, reports)) == [
         ("ingest_date=2026-11-02", None),  # done by v3: nothing to do
         ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),  # finished, not written twice
+    ]
+
+
+def test_a_partition_another_registered_model_finished_at_the_same_version_is_not_done() -> None:
+    """Two registered models write one catalog (say, one per product family), each with its own
+    version 3: one's finished partition is not the other's."""
+    reports = [
+        _report("2026-11-02", "succeeded", name="shop/home", run_id="backfill-2026-11-02-shop_home-v3")
+    ]
+    assert _plan(_Partitions(DAYS, reports)) == [
+        ("ingest_date=2026-11-02", "backfill-2026-11-02-shop_tiny-v3"),
+        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),
     ]
 
 

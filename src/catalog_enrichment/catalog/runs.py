@@ -31,7 +31,8 @@ def backfill_plan(
 ) -> list[tuple[str, str | None]]:
     """(partition, run id) per ``ingest_date`` partition in ``[date_from, date_to]``, in date order.
 
-    Resumable: the run id is None for a partition already done by the same model version (a
+    Resumable: the run id is None for a partition already done by the same model version (of the
+    same registered model; a
     succeeded run report whose health checks kept nothing out) unless ``force``; run ids are
     deterministic per (partition, model version), so a partition interrupted half-way is finished,
     not written twice. A forced or rolled-back partition gets a fresh run id, and so does one whose
@@ -52,7 +53,11 @@ def backfill_plan(
     for day in dates:
         scope = f"{column}={day}"
         runs = [r for r in table_reports if r.partition == scope]
-        mine = [r for r in runs if r.status == "succeeded" and r.model_version == model.version]
+        mine = [
+            r
+            for r in runs
+            if r.status == "succeeded" and (r.model_name, r.model_version) == (model.name, model.version)
+        ]
         # done: a run of the whole partition that kept nothing out (an incremental run of it scored
         # what had changed since some other version's run; reports from before runs recorded it count)
         if not force and any(r.summary().get(FULL, True) and not r.summary().get(BLOCKED) for r in mine):
