@@ -222,6 +222,24 @@ def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxon
     assert labels.partial_only().tolist() == [pid == "p5" for pid in table["product_id"].to_pylist()]
 
 
+def test_a_verdict_on_a_sample_drawn_before_the_product_changed_is_no_label(taxonomy: Taxonomy) -> None:
+    """The reviewer judges the content copied into the sample when it was drawn: p2 changed on day 1,
+    its sample was drawn on day 0 and reviewed on day 2 - the verdict is on the old title."""
+    reviews = _reviews([("p2", "pattern", "striped", "yes", "2")])
+    drawn_before = {"s1": T0}
+    table, report = build_labels(
+        _products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn_before
+    )
+    assert report.unused_verdicts == {"judged before the product changed": 1}
+    assert {r["product_id"]: r["confirmed"] for r in table.to_pylist()}["p2"] is None
+    drawn_after = {"s1": T0 + dt.timedelta(days=1, hours=1)}
+    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn_after)
+    assert report.unused_verdicts == {}
+    assert dict({r["product_id"]: r["confirmed"] for r in table.to_pylist()}["p2"]) == {
+        "pattern": ["striped"]
+    }
+
+
 def test_a_colour_family_people_rejected_rejects_its_shades(taxonomy: Taxonomy) -> None:
     """ "No" on the family cool is "no" on blue, purple and green, but for a shade judged itself (p5's
     green, "yes"); "yes" on a family does not say which shade, and labels nothing."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,10 +129,12 @@ def build_labels(
     *,
     evaluation: pa.Table | None = None,
     reviews: pa.Table | None = None,
+    drawn: Mapping[str, dt.datetime] | None = None,
 ) -> tuple[pa.Table, LabelReport]:
     """The labelled products table and its report (pure Arrow + Python; see the module docstring);
     ``evaluation``: the frozen evaluation set (``product_id``, ``title``, ``description``), whose
-    products and their variants are left out.
+    products and their variants are left out; ``drawn``: when each review sample was drawn (its
+    ``sample_id`` -> ``drawn_at``), when the content its reviewers judged was copied.
 
     Raises:
         ContractError: the products table lacks ``product_id``/``title``, or the attribute table lacks
@@ -147,7 +150,7 @@ def build_labels(
     report = LabelReport(products_read=products.num_rows)
     latest = _latest(products, report)
     values = _human_values(attributes, taxonomy, report)
-    verdicts = _verdicts(reviews, taxonomy, values, _changed_at(latest), report)
+    verdicts = _verdicts(reviews, taxonomy, values, _changed_at(latest), drawn or {}, report)
     ids = latest["product_id"].to_pylist()
     columns, conflicting = _label_columns(ids, values, taxonomy)
     labelled = [any(columns[a.name][i] is not None for a in taxonomy) for i in range(len(ids))]
@@ -226,24 +229,27 @@ def _verdicts(
     taxonomy: Taxonomy,
     values: dict[tuple[str, str], list[str]],
     changed: dict[str, dt.datetime],
+    drawn: Mapping[str, dt.datetime],
     report: LabelReport,
 ) -> dict[str, dict[str, dict[str, list[str]]]]:
     """verdict (yes / no) -> product -> attribute -> the values people judged so, where the product
-    has no full label for the attribute; a verdict given before the product last changed (``changed``:
-    product -> ``updated_at``) judged other content and is not used. The report counts the verdicts
-    that are no label, by why."""
+    has no full label for the attribute; a verdict on content from before the product last changed
+    (``changed``: product -> ``updated_at``) judged other content and is not used: the content shown
+    was copied when its sample was drawn (``drawn``: sample -> ``drawn_at``), and judged when
+    reviewed, whichever was earlier. The report counts the verdicts that are no label, by why."""
     allowed = {a.name: set(a.values) for a in taxonomy}
     verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}
     unused: Counter[str] = Counter()
     members = {d: taxonomy.members(d) for d in taxonomy.derived}  # group -> its parent's values
     judged = verdicts_by_value(reviews) if reviews is not None else {}
-    for (pid, attr, value), (verdict, _, reviewed_at) in judged.items():
+    for (pid, attr, value), (verdict, _, reviewed_at, sample_id) in judged.items():
         since = changed.get(pid)
         groups = members.get(attr, {})
         if verdict not in verdicts:
             unused[verdict] += 1  # unsure
             continue
-        if since is not None and reviewed_at is not None and reviewed_at < since:
+        seen = [t for t in (reviewed_at, drawn.get(sample_id)) if t is not None]
+        if since is not None and seen and min(seen) < since:
             unused["judged before the product changed"] += 1
             continue
         if value not in groups and value not in allowed.get(attr, ()):
@@ -333,8 +339,15 @@ def write_labels(
     eval_table = None
     if evaluation is not None and evaluation.exists():
         eval_table, sources["evaluation"] = _read(evaluation, "evaluation", evaluation_version)
+    samples = catalog.keyed_rows("review_samples").select(["sample_id", "drawn_at"]).to_pylist()
+    drawn = {r["sample_id"]: r["drawn_at"] for r in samples}
     table, report = build_labels(
-        product_table, attribute_table, taxonomy, evaluation=eval_table, reviews=catalog.keyed_rows("reviews")
+        product_table,
+        attribute_table,
+        taxonomy,
+        evaluation=eval_table,
+        reviews=catalog.keyed_rows("reviews"),
+        drawn=drawn,
     )
     report.sources = sources
     if table.num_rows == 0:

@@ -22,7 +22,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -309,17 +309,27 @@ def latest_verdicts(reviews: pa.Table) -> pa.Table:
     return order.filter(pa.array(first, pa.bool_()))
 
 
-def verdicts_by_value(reviews: pa.Table) -> dict[tuple[str, str, str], tuple[str, str, dt.datetime]]:
-    """(product, attribute, value) -> (verdict, model version, reviewed at): its latest verdict over
-    every sample and reviewer ("unsure" included)."""
+class Verdict(NamedTuple):
+    """A value's latest verdict: what was said, of which model version's value, when, and in which
+    sample (whose ``drawn_at`` is when the content the reviewer saw was copied)."""
+
+    verdict: str
+    model_version: str
+    reviewed_at: dt.datetime
+    sample_id: str
+
+
+def verdicts_by_value(reviews: pa.Table) -> dict[tuple[str, str, str], Verdict]:
+    """(product, attribute, value) -> its latest verdict over every sample and reviewer ("unsure"
+    included)."""
     latest = latest_verdicts(reviews)
-    out: dict[tuple[str, str, str], tuple[str, str, dt.datetime]] = {}
+    out: dict[tuple[str, str, str], Verdict] = {}
     for r in latest.select(
-        ["product_id", "attribute", "value", "verdict", "model_version", "reviewed_at"]
+        ["product_id", "attribute", "value", "verdict", "model_version", "reviewed_at", "sample_id"]
     ).to_pylist():
         key = (r["product_id"], r["attribute"], r["value"])
-        if key not in out or r["reviewed_at"] >= out[key][2]:
-            out[key] = (r["verdict"], r["model_version"], r["reviewed_at"])
+        if key not in out or r["reviewed_at"] >= out[key].reviewed_at:
+            out[key] = Verdict(r["verdict"], r["model_version"], r["reviewed_at"], r["sample_id"])
     return out
 
 
@@ -328,6 +338,6 @@ def rejected_values(reviews: pa.Table, model_version: str | None = None) -> set[
     wrote, when given)."""
     return {
         key
-        for key, (verdict, version, _) in verdicts_by_value(reviews).items()
-        if verdict == "no" and (model_version is None or version == str(model_version))
+        for key, judged in verdicts_by_value(reviews).items()
+        if judged.verdict == "no" and (model_version is None or judged.model_version == str(model_version))
     }
