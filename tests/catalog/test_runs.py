@@ -55,7 +55,10 @@ def _report(
 
 
 def _plan(catalog: _Partitions, **kwargs: object) -> list[tuple[str, str | None]]:
-    return backfill_plan(catalog, MODEL, dt.date(2026, 11, 2), dt.date(2026, 11, 3), **kwargs)  # type: ignore[arg-type]
+    """(partition, run id) of the plan's runs, every one of them full."""
+    plan = backfill_plan(catalog, MODEL, dt.date(2026, 11, 2), dt.date(2026, 11, 3), **kwargs)  # type: ignore[arg-type]
+    assert all(p.full for p in plan)
+    return [(p.partition, p.run_id) for p in plan]
 
 
 def test_each_partition_in_the_range_gets_a_run_id_of_its_day_and_model_version() -> None:
@@ -87,6 +90,28 @@ def test_a_partition_another_registered_model_finished_at_the_same_version_is_no
         ("ingest_date=2026-11-02", "backfill-2026-11-02-shop_tiny-v3"),
         ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),
     ]
+
+
+def test_a_done_partition_whose_last_run_left_products_to_retry_gets_an_incremental_run() -> None:
+    """A backfill during an image host's outage quarantined the products whose photo could not be
+    read, to be read again by the next run over the partition: until one has, the partition is not
+    done - it gets an incremental run (those products, and what changed since), under a fresh id."""
+    from catalog_enrichment.catalog.reports import RETRY
+
+    done = _report("2026-11-02", "succeeded")
+    done.watermark = T
+    left = _report("2026-11-03", "succeeded")
+    left.watermark = T
+    left.add_to_summary(**{RETRY: [["p7", 1]]})
+    plan = backfill_plan(_Partitions(DAYS, [done, left]), MODEL, dt.date(2026, 11, 2), dt.date(2026, 11, 3))  # type: ignore[arg-type]
+    assert plan[0] == ("ingest_date=2026-11-02", None, True)
+    assert plan[1].partition == "ingest_date=2026-11-03" and not plan[1].full
+    assert plan[1].run_id is not None and plan[1].run_id.startswith("backfill-2026-11-03-shop_tiny-v3-")
+    # its run read them again (nothing left to retry): done
+    again = _report("2026-11-03", "succeeded", run_id=plan[1].run_id)
+    again.watermark, again.started_at = T, T + dt.timedelta(hours=1)
+    again.add_to_summary(**{FULL: False, RETRY: []})
+    assert _plan(_Partitions(DAYS, [done, left, again]))[1] == ("ingest_date=2026-11-03", None)
 
 
 def test_forced_and_rolled_back_partitions_get_a_fresh_run_id() -> None:

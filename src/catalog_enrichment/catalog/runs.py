@@ -5,20 +5,31 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
-from catalog_enrichment.catalog.reports import BLOCKED, FULL, check_run_id, of_scope
+from catalog_enrichment.catalog.reports import BLOCKED, FULL, RETRY, check_run_id, last_run, of_scope
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import fault_point
 from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 
-__all__ = ["ROLLED_BACK", "backfill_plan", "rollback"]
+__all__ = ["ROLLED_BACK", "PlannedRun", "backfill_plan", "rollback"]
 
 # the status of a run report whose run was rolled back
 ROLLED_BACK = "rolled_back"
+
+
+class PlannedRun(NamedTuple):
+    """A backfill's run over one partition: its run id (None: the partition is done), and whether
+    it reads the whole partition or, incremental, only what changed since its last run and the
+    products that run left to retry (their image could not be read then)."""
+
+    partition: str
+    run_id: str | None
+    full: bool = True
 
 
 def backfill_plan(
@@ -28,15 +39,16 @@ def backfill_plan(
     date_to: dt.date,
     *,
     force: bool = False,
-) -> list[tuple[str, str | None]]:
-    """(partition, run id) per ``ingest_date`` partition in ``[date_from, date_to]``, in date order.
+) -> list[PlannedRun]:
+    """The run per ``ingest_date`` partition in ``[date_from, date_to]``, in date order.
 
     Resumable: the run id is None for a partition already done by the same model version (of the
-    same registered model; a
-    succeeded run report whose health checks kept nothing out) unless ``force``; run ids are
-    deterministic per (partition, model version), so a partition interrupted half-way is finished,
-    not written twice. A forced or rolled-back partition gets a fresh run id, and so does one whose
-    runs by this version all kept values out (it is run again).
+    same registered model; a succeeded full run whose health checks kept nothing out) unless
+    ``force``; run ids are deterministic per (partition, model version), so a partition interrupted
+    half-way is finished, not written twice. A forced or rolled-back partition gets a fresh run id,
+    and so does one whose runs by this version all kept values out (it is run again). A done
+    partition whose last run left products to retry gets an incremental run under a fresh id: a
+    backfill during an image host's outage is not done until they are read again.
     """
     if date_from > date_to:
         raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
@@ -49,7 +61,7 @@ def backfill_plan(
         )
     products = catalog.products_name()
     table_reports = [r for r in catalog.read_reports() if of_scope(r, r.partition, products)]
-    plan: list[tuple[str, str | None]] = []
+    plan: list[PlannedRun] = []
     for day in dates:
         scope = f"{column}={day}"
         runs = [r for r in table_reports if r.partition == scope]
@@ -58,15 +70,18 @@ def backfill_plan(
             for r in runs
             if r.status == "succeeded" and (r.model_name, r.model_version) == (model.name, model.version)
         ]
+        run_id = f"backfill-{day}-{re.sub(r'[^A-Za-z0-9._-]', '_', model.name)}-v{model.version}"
+        fresh = f"{run_id}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
         # done: a run of the whole partition that kept nothing out (an incremental run of it scored
         # what had changed since some other version's run; reports from before runs recorded it count)
         if not force and any(r.summary().get(FULL, True) and not r.summary().get(BLOCKED) for r in mine):
-            plan.append((scope, None))
+            last = last_run(runs, scope, products=products)
+            retry = last is not None and last in mine and last.summary().get(RETRY)
+            plan.append(PlannedRun(scope, fresh, full=False) if retry else PlannedRun(scope, None))
             continue
-        run_id = f"backfill-{day}-{re.sub(r'[^A-Za-z0-9._-]', '_', model.name)}-v{model.version}"
         if force or any(r.run_id == run_id and r.status == ROLLED_BACK for r in runs) or mine:
-            run_id += f"-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
-        plan.append((scope, run_id))
+            run_id = fresh
+        plan.append(PlannedRun(scope, run_id))
     return plan
 
 

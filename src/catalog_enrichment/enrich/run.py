@@ -578,11 +578,12 @@ def backfill_partitions(
 ) -> list[tuple[str, EnrichOutcome | None]]:
     """One committed full run per ``ingest_date`` partition of ``days``, in date order, on
     ``catalog`` (default: the configured one); a partition already done by the same model version
-    is skipped (None) unless ``days.force`` (:func:`catalog_enrichment.catalog.runs.backfill_plan`)."""
+    is skipped (None) unless ``days.force``, or run incrementally where its last run left products
+    to retry (:func:`catalog_enrichment.catalog.runs.backfill_plan`)."""
     catalog = catalog or open_catalog(cfg.catalog)
     plan = backfill_plan(catalog, model, days.first, days.last, force=days.force)
     results: list[tuple[str, EnrichOutcome | None]] = []
-    for i, (partition, run_id) in enumerate(plan, start=1):
+    for i, (partition, run_id, full) in enumerate(plan, start=1):
         if run_id is None:
             done = f"done by v{model.version}, skipped (--force redoes it)"
             progress(f"[backfill {i}/{len(plan)}] {partition}: {done}")
@@ -593,13 +594,14 @@ def backfill_partitions(
             # the lock was just released: a run waiting for it (the nightly, a rollback) polls it
             # twice a second, and would otherwise find the next partition's run holding it again
             time.sleep(LOCK_HANDOVER_SECONDS)
-        progress(f"[backfill {i}/{len(plan)}] {partition}: run {run_id}")
+        again = "" if full else " (the products its last run left to retry, and what changed since)"
+        progress(f"[backfill {i}/{len(plan)}] {partition}: run {run_id}{again}")
         outcome = run_enrichment(
             spark,
             cfg,
             taxonomy,
             model=model,
-            scope=RunScope(partition=partition, full=True, run_id=run_id),
+            scope=RunScope(partition=partition, full=full, run_id=run_id),
             client=client,
             progress=progress,
             catalog=catalog,
