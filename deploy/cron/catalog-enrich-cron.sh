@@ -4,7 +4,9 @@
 #   catalog-enrich-cron.sh JOB [ARGS...]        e.g.  catalog-enrich-cron.sh enrich --config /etc/catalog-enrich/prod.yaml
 #
 # Environment (set in the crontab, never on the command line; secrets come from the environment):
-#   CATALOG_ENRICH_HOME     checkout holding jobs/ (default: two folders above this script)
+#   CATALOG_ENRICH_HOME     checkout holding jobs/ (default: two folders above this script); the job runs
+#                           in it (relative paths of the config, e.g. catalog.root, are under it) with its
+#                           src/ first on PYTHONPATH, so jobs/ and the package are one checkout's
 #   CATALOG_ENRICH_PYTHON   interpreter with the package installed (default: $CATALOG_ENRICH_HOME/.venv/bin/python)
 #   CATALOG_ENRICH_LOG_DIR  log folder (default: $CATALOG_ENRICH_HOME/logs); one file per job and day
 #   CATALOG_ENRICH_LOCK_DIR folder of the lock files, one per job (default: $XDG_RUNTIME_DIR/catalog-enrich,
@@ -45,8 +47,9 @@ if ! flock -w "$wait_s" 9; then
 fi
 
 echo "$(date -u +%FT%TZ) $job: start (pid $$): $*" >>"$log"
+cd "$home"
 set +e
-"$python" "$entry" "$@" >>"$log" 2>&1
+PYTHONPATH="$home/src${PYTHONPATH:+:$PYTHONPATH}" "$python" "$entry" "$@" >>"$log" 2>&1
 status=$?
 set -e
 echo "$(date -u +%FT%TZ) $job: exit $status" >>"$log"

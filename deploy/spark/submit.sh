@@ -12,7 +12,8 @@
 #                         executors with --archives ...#environment (in client mode the driver keeps
 #                         PYSPARK_PYTHON, else the checkout's .venv); unset = executors use
 #                         PYSPARK_PYTHON as installed on every node (single machine, tests)
-#   PYSPARK_PYTHON        interpreter of driver and executors when no packed environment is used
+#   PYSPARK_PYTHON        interpreter of driver and executors when no packed environment is used (they
+#                         then import this checkout's src/, as the driver always does)
 #   SPARK_SUBMIT_EXTRA    extra spark-submit arguments (e.g. "--conf spark.executor.instances=8")
 # Config and secrets of the job itself come from CATALOG_ENRICH_* variables and --config, which
 # spark-submit passes through (spark.executorEnv.* for executors), never from this script.
@@ -35,6 +36,8 @@ if [ -z "${SPARK_HOME:-}" ]; then
   done
 fi
 [ -x "${SPARK_HOME:-}/bin/spark-submit" ] || { echo "submit.sh: set SPARK_HOME (no spark-submit found)" >&2; exit 69; }
+# the package beside jobs/ is this checkout's (a shared virtual environment may point at another's)
+export PYTHONPATH="$home/src${PYTHONPATH:+:$PYTHONPATH}"
 args=(--properties-file "$conf" --name "catalog-enrich-$job")
 [ -n "${SPARK_MASTER:-}" ] && args+=(--master "$SPARK_MASTER")
 if [ -n "${CATALOG_ENRICH_ENV:-}" ]; then
@@ -46,8 +49,11 @@ if [ -n "${CATALOG_ENRICH_ENV:-}" ]; then
   if ! grep -Eq '^spark\.submit\.deployMode[[:space:]]+cluster' "$conf"; then
     args+=(--conf "spark.pyspark.driver.python=${PYSPARK_PYTHON:-$home/.venv/bin/python}")
   fi
-elif [ -n "${PYSPARK_PYTHON:-}" ]; then
-  args+=(--conf "spark.pyspark.python=$PYSPARK_PYTHON" --conf "spark.executorEnv.PYSPARK_PYTHON=$PYSPARK_PYTHON")
+else  # executors on this machine (or nodes with the same paths): this checkout's package too
+  args+=(--conf "spark.executorEnv.PYTHONPATH=$home/src")
+  if [ -n "${PYSPARK_PYTHON:-}" ]; then
+    args+=(--conf "spark.pyspark.python=$PYSPARK_PYTHON" --conf "spark.executorEnv.PYSPARK_PYTHON=$PYSPARK_PYTHON")
+  fi
 fi
 # shellcheck disable=SC2086
 exec "$SPARK_HOME/bin/spark-submit" "${args[@]}" ${SPARK_SUBMIT_EXTRA:-} "$entry" "$@"

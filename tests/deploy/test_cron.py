@@ -48,6 +48,25 @@ def test_a_failing_job_exits_non_zero_and_logs_to_a_dated_file(tmp_path: Path) -
 
 
 @pytest.mark.timeout(60)
+def test_a_job_runs_its_own_checkout_s_package_in_that_checkout(tmp_path: Path) -> None:
+    """An interpreter whose installed package is another checkout's (the shared virtual environment
+    points at whichever checkout ran make last) still runs this checkout's package beside its jobs/,
+    from the checkout's folder, where the config's relative paths are."""
+    checkout = tmp_path / "checkout"
+    (checkout / "jobs").mkdir(parents=True)
+    (checkout / "src" / "catalog_enrichment").mkdir(parents=True)
+    (checkout / "src" / "catalog_enrichment" / "__init__.py").write_text("")
+    (checkout / "jobs" / "where.py").write_text(
+        "import os, catalog_enrichment\nprint('package', catalog_enrichment.__file__, 'in', os.getcwd())\n"
+    )
+    env = {k: v for k, v in _env(tmp_path, CATALOG_ENRICH_HOME=str(checkout)).items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(WRAPPER), "where"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (log,) = (tmp_path / "logs").glob("where-*.log")
+    assert f"package {checkout}/src/catalog_enrichment/__init__.py in {checkout}" in log.read_text()
+
+
+@pytest.mark.timeout(60)
 def test_the_lock_lives_in_a_folder_only_the_job_s_user_can_write(tmp_path: Path) -> None:
     """By default under the user's own runtime or cache folder, never /tmp; a lock folder others can
     write (where any local user could hold the lock and block every run) is refused, exit 78."""
