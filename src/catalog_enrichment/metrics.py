@@ -287,12 +287,20 @@ def paired_bootstrap(
     resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """``(difference, low, high)``: pooled R@P95 of scores ``new`` minus that of ``old`` on the same
     products, and its percentile bootstrap interval - each resample draws products with replacement
-    and scores both models on that same draw, so what the two share cancels out."""
+    and scores both models on that same draw, so what the two share cancels out. With ``groups``
+    (each product's group: a product's variants, whose outcomes move together) a resample draws
+    whole groups, as the products were sampled; else products."""
     rng = np.random.default_rng(seed)
     n = labels.shape[0]
+    if groups is None:
+        groups = np.arange(n)
+    order = np.argsort(groups, kind="stable")
+    _, starts = np.unique(np.asarray(groups)[order], return_index=True)
+    members = np.split(order, starts[1:])
 
     def r(scores: np.ndarray, rows: np.ndarray) -> float:
         return attribute_r_at_p(scores[rows], labels[rows], kind).pooled
@@ -301,7 +309,8 @@ def paired_bootstrap(
     point = r(new, every) - r(old, every)
     draws = np.empty(resamples)
     for i in range(resamples):
-        rows = np.asarray(rng.integers(0, n, size=n))
+        drawn = rng.integers(0, len(members), size=len(members))
+        rows = np.concatenate([members[g] for g in drawn]) if n else every
         draws[i] = r(new, rows) - r(old, rows)
     tail = (1 - confidence) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])

@@ -167,9 +167,19 @@ def _versus(
     scores: dict[str, np.ndarray], baseline: dict[str, np.ndarray], test_table: pa.Table, taxonomy: Taxonomy
 ) -> dict[str, dict[str, float]]:
     """Per attribute: the contender's R@P95 minus the baseline's on the same test products, with its
-    paired bootstrap 95 % interval (:func:`catalog_enrichment.metrics.paired_bootstrap`)."""
+    paired bootstrap 95 % interval (:func:`catalog_enrichment.metrics.paired_bootstrap`), drawing
+    the test products' groups (a shared title or description, as the splits group them)."""
+    from catalog_enrichment.catalog.groups import group_ids
+
     labels = encode_labels(test_table, taxonomy).derive(taxonomy)
     scores, baseline = taxonomy.derive(scores), taxonomy.derive(baseline)
+    titles = [t or "" for t in test_table["title"].to_pylist()]
+    descriptions = (
+        test_table["description"].to_pylist()
+        if "description" in test_table.column_names
+        else [None] * len(titles)
+    )
+    groups = group_ids(titles, descriptions)
     out = {}
     for attr in taxonomy.outputs:
         new, old = scores[attr.name], baseline[attr.name]
@@ -178,7 +188,7 @@ def _versus(
             known &= labels.known[attr.name]
         y = labels.targets[attr.name][known]
         diff, low, high = paired_bootstrap(
-            new[known], old[known], y, attr.kind, resamples=BOOTSTRAP_RESAMPLES
+            new[known], old[known], y, attr.kind, resamples=BOOTSTRAP_RESAMPLES, groups=groups[known]
         )
         out[attr.name] = {"difference": round(diff, 4), "low": round(low, 4), "high": round(high, 4)}
     return out
