@@ -66,3 +66,33 @@ def test_the_writer_installs_an_archive_a_jvm_maps_or_nothing(
     started = time.perf_counter()
     assert runtime.write_class_archive(SparkConfig()) == archive  # written once
     assert time.perf_counter() - started < 1
+
+
+def test_a_path_with_a_space_stays_one_jvm_option_for_spark_s_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spark's launcher splits ``extraJavaOptions`` at whitespace: a checkout or cache folder with a
+    space in its name stays one option (asked of the launcher itself, as a session's JVM starts)."""
+    import os
+    import subprocess
+
+    import pyspark
+
+    cache = tmp_path / "My Cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    archive = runtime.class_archive(SparkConfig())
+    assert archive is not None
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"")
+    options = _driver_options(AppConfig())
+    home = Path(pyspark.__file__).parent
+    built = subprocess.run(
+        ["java", "-cp", f"{home}/jars/*", "org.apache.spark.launcher.Main",
+         "org.apache.spark.deploy.SparkSubmit", "--conf", f"spark.driver.extraJavaOptions={options}",
+         "pyspark-shell"],
+        env={**os.environ, "SPARK_HOME": str(home), "SPARK_SCALA_VERSION": "2.13"},
+        capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    command = built.stdout.decode().split("\0")
+    assert f"-XX:SharedArchiveFile={archive}" in command
+    assert runtime.jvm_option('-Da=b "c" d') == '"-Da=b \\"c\\" d"' and runtime.jvm_option("-Da=b") == "-Da=b"

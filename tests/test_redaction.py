@@ -215,6 +215,24 @@ def test_the_copy_tasks_carry_no_password(pg_catalog_config) -> None:  # type: i
 
 
 @pytest.mark.spark
+@pytest.mark.postgres
+def test_the_database_password_is_on_no_process_command_line(spark, pg_server) -> None:  # type: ignore[no-untyped-def]
+    """PySpark starts the driver JVM with its settings as ``--conf`` arguments, which any local user
+    reads in the process list for the whole run: the session (built by the job's runtime, with the
+    test server's DSN in the environment) starts it without the password and hands the executors'
+    ``PGPASSWORD`` over afterwards."""
+    from psycopg.conninfo import conninfo_to_dict
+    from pyspark import SparkContext
+
+    password = conninfo_to_dict(pg_server.dsn())["password"]
+    jvm = SparkContext._gateway.proc  # type: ignore[union-attr]
+    command = Path(f"/proc/{jvm.pid}/cmdline").read_bytes()
+    assert b"spark.sql.session.timeZone=UTC" in command  # the settings travel here
+    assert password.encode() not in command
+    assert spark.sparkContext.getConf().get("spark.executorEnv.PGPASSWORD") == password
+
+
+@pytest.mark.spark
 @pytest.mark.slow
 def test_what_the_scoring_tasks_are_sent_holds_no_secret(  # type: ignore[no-untyped-def]
     spark, scoring_bundle, taxonomy, incoming, tmp_path: Path, monkeypatch

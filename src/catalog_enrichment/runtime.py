@@ -110,10 +110,12 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
     if jit:
         conf["spark.executor.extraJavaOptions"] = " ".join(jit)
     if not submitted:  # the driver JVM starts with this session (in local mode it is the executor)
-        quiet = [f"-Dlog4j2.configurationFile={LOG4J2}"] if _spark_log_level() == "ERROR" else []
+        quiet = [jvm_option(f"-Dlog4j2.configurationFile={LOG4J2}")] if _spark_log_level() == "ERROR" else []
         archive = class_archive(cfg.spark)
         shared = (
-            [*_SHARED_ARCHIVE, f"-XX:SharedArchiveFile={archive}"] if archive and archive.is_file() else []
+            [*_SHARED_ARCHIVE, jvm_option(f"-XX:SharedArchiveFile={archive}")]
+            if archive and archive.is_file()
+            else []
         )
         conf["spark.driver.extraJavaOptions"] = " ".join([*jit, *quiet, *shared])
     if cfg.catalog.kind == "postgres":
@@ -133,6 +135,14 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
         if password and not given:
             conf["spark.executorEnv.PGPASSWORD"] = password  # Spark masks it (spark.redaction.regex)
     return {**conf, **cfg.spark.conf}
+
+
+def jvm_option(option: str) -> str:
+    """One JVM option for ``spark.*.extraJavaOptions``, which Spark splits at whitespace outside
+    quotes: one naming a path with a space (a checkout under ``My Projects``) is double-quoted."""
+    if not any(c.isspace() for c in option):
+        return option
+    return '"' + option.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # An archive written for another JDK or classpath is skipped without a word (-Xshare:auto).
@@ -208,7 +218,7 @@ def _archive_classes(tmp: Path, class_path: str) -> None:
     from pyspark.sql import SparkSession
 
     def session(*options: str) -> SparkSession:
-        driver = [C1_JIT, f"-Dlog4j2.configurationFile={LOG4J2}", *_SHARED_ARCHIVE, *options]
+        driver = [C1_JIT, jvm_option(f"-Dlog4j2.configurationFile={LOG4J2}"), *_SHARED_ARCHIVE, *options]
         builder = SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
         if class_path:
             builder = builder.config("spark.driver.extraClassPath", class_path)
@@ -223,7 +233,7 @@ def _archive_classes(tmp: Path, class_path: str) -> None:
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    spark = session(f"-XX:ArchiveClassesAtExit={tmp}")
+    spark = session(jvm_option(f"-XX:ArchiveClassesAtExit={tmp}"))
     frame = spark.createDataFrame(pa.table({"k": [1, 2, 3], "v": ["a", "b", "c"]}).to_pandas())
     doubled = frame.mapInArrow(lambda batches: (b for b in batches), frame.schema)
     folder = tmp.with_suffix(".parquet")
@@ -233,7 +243,7 @@ def _archive_classes(tmp: Path, class_path: str) -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     stop_jvm(spark)
-    spark = session(f"-XX:SharedArchiveFile={tmp}", "-Xshare:on")  # it must map, or this fails
+    spark = session(jvm_option(f"-XX:SharedArchiveFile={tmp}"), "-Xshare:on")  # it must map, or this fails
     jvm: Any = spark.sparkContext._jvm
     info = str(jvm.java.lang.System.getProperty("java.vm.info"))
     stop_jvm(spark)
@@ -305,14 +315,34 @@ def spark_session(cfg: AppConfig) -> SparkSession:
         if cfg.spark.master.startswith("local"):
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.master(local_with_retries(cfg.spark.master))
+    conf = spark_conf(cfg, submitted=submitted)
     try:
         with _unconnected_jvm_stopped_on_ctrl_c():
-            spark = builder.config(map=spark_conf(cfg, submitted=submitted)).getOrCreate()
+            if not submitted:
+                _launch_jvm_without_secrets(conf, cfg.spark.master)
+            spark = builder.config(map=conf).getOrCreate()
     except BaseException:
         _stop_unconnected_jvms()
         raise
     spark.sparkContext.setLogLevel(_spark_log_level())
     return spark
+
+
+def _launch_jvm_without_secrets(conf: dict[str, Any], master: str) -> None:
+    """Start the driver JVM with every setting but the secrets (``spark.executorEnv.PGPASSWORD``, any
+    key :func:`~catalog_enrichment.redaction.is_secret_name` names): PySpark passes the settings it
+    starts the JVM with as ``--conf`` arguments, which every local user reads in the process list
+    for the whole run. The session then hands the JVM the secrets through its gateway."""
+    from pyspark import SparkConf, SparkContext
+
+    from catalog_enrichment.redaction import is_secret_name
+
+    public = {k: str(v) for k, v in conf.items() if not is_secret_name(k)}
+    if SparkContext._gateway is None and len(public) < len(conf):
+        launch = (
+            SparkConf(loadDefaults=False).setAll(list(public.items())).setMaster(local_with_retries(master))
+        )
+        SparkContext._ensure_initialized(conf=launch)
 
 
 def _stop_unconnected_jvms() -> None:
