@@ -307,8 +307,8 @@ def _multilabel(*values: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.
 
 def test_a_pooled_family_gives_the_answer_computed_by_hand() -> None:
     # No family data: every value shares one threshold, tested down the grid. Value a: 500 at 0.99,
-    # all right; value b: 500 at 0.9, 450 right. Down to 0.9 the pool is 500/500 (Wilson lower 0.995
-    # >= 0.95); from 0.9 on it is 950/1000 = 0.95, whose lower bound is below 0.95: the sequence
+    # all right; value b: 500 at 0.9, 450 right. Down to 0.9 the pool is 500/500 (exact lower bound
+    # 0.994 >= 0.95); from 0.9 on it is 950/1000 = 0.95, whose lower bound is below 0.95: the sequence
     # stops there, so the threshold is the highest grid point that writes a's 500 and b writes
     # nothing.
     scores, labels = _multilabel(_bands((500, 0.99, 1.0)), _bands((500, 0.9, 0.9)))
@@ -317,7 +317,7 @@ def test_a_pooled_family_gives_the_answer_computed_by_hand() -> None:
     assert t_a == t_b == THRESHOLD_GRID[THRESHOLD_GRID <= 0.99].max()
     assert cal.pooled is not None and cal.pooled.level == t_a
     assert (cal.pooled.n_written, cal.pooled.n_correct) == (500, 500)
-    assert cal.pooled.lower_bound == pytest.approx(500 / (500 + stats.norm.ppf(0.95) ** 2))
+    assert cal.pooled.lower_bound == pytest.approx(0.05 ** (1 / 500))  # exact: none wrong of n
     assert (cal.values[0].n_written, cal.values[1].n_written) == (500, 0)
     # with b at 490/500 the pool at 0.9 is 990/1000 (lower bound 0.982): both are written, at the
     # highest grid point that takes b in (no lower: nothing below 0.9 was ever seen)
@@ -332,7 +332,7 @@ def test_a_pooled_family_gives_the_answer_computed_by_hand() -> None:
 
 def test_wrong_labels_among_the_most_confident_writes_do_not_end_the_sequence() -> None:
     # A real catalog's labels are wrong now and then, even where the model is surest: 250 scored
-    # 0.995 of which 240 are right (0.96; alone, Wilson lower 0.934 < 0.95), then 750 at 0.98 of
+    # 0.995 of which 240 are right (0.96; alone, its exact lower bound 0.933 < 0.95), then 750 at 0.98 of
     # which 735 are right, and 2,000 more at 0.1, all wrong. Of 3,000 products, the first 250
     # writes are fewer than min_testable_writes (477 at 95 % / 95 %: where 0.9667 would prove the
     # target), so the first level tested writes 1,000: 975 / 1,000, lower bound 0.965 - both
@@ -359,7 +359,7 @@ def test_wrong_labels_among_the_most_confident_writes_do_not_end_the_sequence() 
     # the reason gives the failed test's evidence: 240 / 250 right where 244 (0.976) would prove it
     assert small.values[0].reason == (
         "the first level tested wrote 250 calibration values 96.0% right: lower bound "
-        f"{wilson_lower(240, 250).item():.3f} < 0.95 (97.6% would prove it at that many writes)"
+        f"{clopper_pearson_lower(240, 250).item():.3f} < 0.95 (97.6% would prove it at that many writes)"
     )
 
 
@@ -379,7 +379,7 @@ def test_the_training_log_line_says_what_was_proved_and_where_the_test_stopped()
     cal = Calibration(
         0.95, 0.95, "wilson", 20, {"a": calibrate_attribute("a", "multilabel", ["a"], scores, labels)}
     )
-    bound = wilson_lower(975, 1000).item()
+    bound = clopper_pearson_lower(975, 1000).item()  # the default bound
     assert cal.describe("a") == (
         f"a: writes 1 of 1 values where 1,000 calibration values were 97.5% right (lower bound {bound:.3f} "
         ">= 0.95); the next level tested (3,000 writes, 32.5% right) did not prove it"
@@ -387,7 +387,7 @@ def test_the_training_log_line_says_what_was_proved_and_where_the_test_stopped()
     small = calibrate_attribute("a", "multilabel", ["a"], *_multilabel(_bands((250, 0.995, 0.96))))
     nothing = Calibration(0.95, 0.95, "wilson", 20, {"a": small})
     assert nothing.describe("a") == f"a: writes nothing: {small.values[0].reason}"
-    # the strict scope tests the 250 most confident first (240 right, lower bound 0.934) and stops
+    # the strict scope tests the 250 most confident first (240 right, lower bound 0.933) and stops
     strict = Calibration(
         0.95, 0.95, "wilson", 20, {"a": value_scope("a", "multilabel", ["a"], scores, labels)}
     )
@@ -507,10 +507,11 @@ def test_the_pooled_guarantee_fails_at_most_at_the_nominal_rate(with_family: boo
         written += bool(np.isfinite(thresholds).any())
         failures += _pooled_precision(thresholds, powers, shares) < 0.95
     assert failures <= 66, failures
-    # and it is not valid by writing nothing: this attribute writes in about 84 % of calibrations
-    # (its precision falls from 1 at the top, so the first level tested - min_testable_writes -
-    # is already near the target); 800 is below the 1st percentile of Binomial(1000, 0.84)
-    assert written >= 800, written
+    # and it is not valid by writing nothing: this attribute writes in about 79 % of calibrations
+    # with family data and 91 % without (6,000 calibrations of another seed: 0.792 and 0.910, SD
+    # 0.005; its precision falls from 1 at the top, so the first level tested - min_testable_writes
+    # - is already near the target); 750 is the 1st percentile of Binomial(1000, 0.78)
+    assert written >= 750, written
 
 
 def test_the_threshold_without_a_bound_comes_from_the_calibration_scores_and_is_tested_on_others() -> None:

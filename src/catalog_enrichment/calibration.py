@@ -17,8 +17,8 @@ right, with probability ``confidence``. Learn-then-Test over a one-parameter fam
    threshold and the family is the grid itself, from the top down: on calibrated scores one
    threshold is what keeps the most writes at a pooled precision.
 2. **The test**: down the levels in a fixed order, ``H_lam`` = "the pooled precision of what
-   ``t(lam)`` writes is below target" is rejected when a one-sided lower bound (Wilson or
-   Clopper–Pearson at ``confidence``) on the calibration split's pooled precision is ``>=
+   ``t(lam)`` writes is below target" is rejected when a one-sided lower bound (Clopper–Pearson,
+   the default, or Wilson at ``confidence``) on the calibration split's pooled precision is ``>=
    target``. The sequence stops at the first failure; the chosen level is the last rejected one.
    A level is *tested* only once it writes enough calibration values that a precision a third of
    the way from the target to 1 would prove the target (this depends on the scores alone, not the
@@ -28,7 +28,9 @@ right, with probability ``confidence``. Learn-then-Test over a one-parameter fam
    :func:`min_testable_writes`).
    Because the family is fixed before the calibration labels are looked at and the levels are
    tested in a fixed order at the full confidence, the chance of choosing a level whose pooled
-   precision is below target is at most ``1 - confidence``.
+   precision is below target is at most ``1 - confidence`` with the exact Clopper–Pearson bound
+   (Wilson's approximation passes a level exactly at the target up to a point or two more often at
+   a few hundred writes).
 3. **The per-value guard** then asks of every written value whether its own evidence
    (calibration and family writes at its threshold) misses the target: its one-sided upper bound,
    at the attribute's confidence shared over the written values (Bonferroni), is below it. Such a
@@ -38,7 +40,7 @@ right, with probability ``confidence``. Learn-then-Test over a one-parameter fam
    calibration's cannot fill up on a value that is known to miss it.
 
 ``scope="value"``: the strict rule — every (attribute, value) proves the target on its own by a
-fixed-sequence test down the grid, with at least ``min_support`` true examples. About 52
+fixed-sequence test down the grid, with at least ``min_support`` true examples. About 59
 confident calibration examples with no error are needed per value, so a long tail is never written.
 
 Multi-class attributes are thresholded on the top-1 score: the candidates for value ``v`` are the
@@ -57,6 +59,7 @@ Over 600 lines because both guarantee scopes share the grid, the family and the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -361,6 +364,7 @@ def precision_proving(writes: int, *, target: float, confidence: float, bound: B
     return float(k[np.argmax(ok)] / writes) if ok.any() else None
 
 
+@functools.cache  # a bound at 100,000 counts; every attribute of every calibration asks the same
 def _writes_proving(precision: float, target: float, confidence: float, bound: BoundName) -> int:
     """Fewest writes at which an observed ``precision`` proves ``target``."""
     n = np.arange(1, 100_000)

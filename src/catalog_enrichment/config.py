@@ -527,7 +527,7 @@ class CalibrationConfig(_Section):
         "attribute",
         description="What the bound is on: 'attribute' = everything written for an attribute, pooled over "
         "its values (per-value thresholds where a value has evidence, a shared one for the tail); "
-        "'value' = every value on its own (strict; a value needs ~52 confident examples to be written).",
+        "'value' = every value on its own (strict; a value needs ~59 confident examples to be written).",
     )
     min_support: int = Field(
         20,
@@ -549,7 +549,12 @@ class CalibrationConfig(_Section):
         description="attribute scope: pseudo-count pulling a value's precision curve toward the "
         "attribute's pooled one; values with far fewer examples than this share the pooled threshold.",
     )
-    bound: Literal["wilson", "clopper_pearson"] = "wilson"
+    bound: Literal["wilson", "clopper_pearson"] = Field(
+        "clopper_pearson",
+        description="the one-sided lower bound every test uses: 'clopper_pearson' is exact (the chance of "
+        "keeping a level below target is at most 1 - confidence); 'wilson' approximates it and, at a few "
+        "hundred writes, can keep one a point or two more often.",
+    )
 
     @model_validator(mode="after")
     def _floor_below_target(self) -> CalibrationConfig:

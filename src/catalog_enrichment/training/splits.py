@@ -65,7 +65,7 @@ def calibration_fraction(n: int, configured: float | None) -> float:
     """The calibration share of ``n`` labelled products: ``configured``, or the automatic rule.
 
     The attribute-scope test proves a threshold level from its pooled calibration writes and tests a
-    level only from a few hundred writes on (``calibration.min_testable_writes``: from 229 on a
+    level only from a few hundred writes on (``calibration.min_testable_writes``: from 234 on a
     small calibration set). A multi-class attribute writes at most one value per product, so about
     600 calibration products are the least with which a strong model's writes reach that count at
     the levels near the target. Below 4,000 products that costs training data, so the share stops
