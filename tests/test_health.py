@@ -451,6 +451,15 @@ def test_a_photo_is_present_where_the_scoring_would_read_one_and_an_empty_uri_is
     rows = pa.table({"title": ["t"] * 5, "image": pa.array(image, pa.binary()), "image_uri": uri})
     assert ProductInputs.of(rows, [None] * 5, [None] * 5).image_present == [False, False, True, True, True]
     assert read_pixels(None, "", 8) == (None, None, None)  # as read: no image at all
+    # a model trained before counted an empty URI as a photo: its runs count as its baseline did,
+    # or every night of a catalog with empty URIs would seem to have lost photos
+    base = input_baseline(ProductInputs.of(rows, [None] * 5, [None] * 5))
+    assert base.empty_uri_is_photo is False
+    old = {k: v for k, v in vars(base).items() if k != "empty_uri_is_photo"}  # as such bundles hold it
+    legacy = HealthProfile.from_dict({"version": HealthProfile.VERSION, "attributes": {}, "inputs": old})
+    assert legacy is not None and legacy.inputs is not None and legacy.inputs.empty_uri_is_photo
+    as_then = ProductInputs.of(rows, [None] * 5, [None] * 5, empty_uri_is_photo=True)
+    assert as_then.image_present == [False, True, True, True, True]
 
 
 def test_photos_gone_missing_fail_the_image_check_where_training_had_every_photo() -> None:

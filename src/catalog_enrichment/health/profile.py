@@ -183,6 +183,9 @@ class InputBaseline:
     # products come in groups that share title and description (colour or size variants); the mean
     # group size a product is in, sum(n_g^2) / sum(n_g), is the tests' design effect (see assess)
     design_effect: float = 1.0
+    # a baseline counted before an empty image_uri was no photo (as the scoring reads it) counted
+    # it as one: its runs count so too, or every night would seem to have lost photos
+    empty_uri_is_photo: bool = True
 
     @property
     def products(self) -> int:
@@ -223,8 +226,11 @@ class ProductInputs:
         rows: pa.Table | pa.RecordBatch,
         image_errors: Sequence[str | None],
         tones: Sequence[float | None],
+        *,
+        empty_uri_is_photo: bool = False,
     ) -> ProductInputs:
-        """The inputs of products table rows (or a batch of them) whose images were read."""
+        """The inputs of products table rows (or a batch of them) whose images were read
+        (``empty_uri_is_photo``: as an old baseline counted them, :class:`InputBaseline`)."""
         names = rows.schema.names
 
         def column(name: str) -> list[Any]:
@@ -235,8 +241,13 @@ class ProductInputs:
         if "image" in names:
             present |= rows.column("image").is_valid().to_numpy(zero_copy_only=False)
         if "image_uri" in names:
-            uri = pc.fill_null(pc.greater(pc.utf8_length(rows.column("image_uri")), 0), False)
-            present |= uri.to_numpy(zero_copy_only=False)
+            uri = rows.column("image_uri")
+            given = (
+                uri.is_valid()
+                if empty_uri_is_photo
+                else pc.fill_null(pc.greater(pc.utf8_length(uri), 0), False)
+            )
+            present |= given.to_numpy(zero_copy_only=False)
         return cls(
             column("title"), column("description"), present.tolist(), image_errors, column("category"), tones
         )
@@ -298,6 +309,7 @@ class InputBaselineCounts:
             tone_edges=tone_edges,
             tones=_bin_counts(tone_edges, tones),
             design_effect=_design_effect(groups),
+            empty_uri_is_photo=False,
         )
 
 

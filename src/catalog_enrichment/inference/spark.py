@@ -312,7 +312,10 @@ def tally_health(
     if profile.inputs is not None:
         from catalog_enrichment.health import ProductInputs
 
-        tally.add_inputs(profile.inputs, ProductInputs.of(batch, scores.image_error, scores.tone))
+        inputs = ProductInputs.of(
+            batch, scores.image_error, scores.tone, empty_uri_is_photo=profile.inputs.empty_uri_is_photo
+        )
+        tally.add_inputs(profile.inputs, inputs)
 
 
 def decide_batch(

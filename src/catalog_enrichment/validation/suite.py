@@ -120,8 +120,11 @@ def _batch_expectations(cfg: ValidationConfig, contract: Contract, inputs: Input
         return out
     products, more = inputs.products, cfg.max_share_increase
     no_image = min(1.0, inputs.image[IMAGE_STATES.index("absent")] / products + more)
-    # neither image bytes nor an image_uri: the products without one, when their share is above the bound
-    nothing = "image IS NULL AND image_uri IS NULL"
+    # neither image bytes nor an image_uri (an empty one is none, unless the baseline counted it one):
+    # the products without one, when their share is above the bound
+    nothing = "image IS NULL AND " + (
+        "image_uri IS NULL" if inputs.empty_uri_is_photo else "(image_uri IS NULL OR image_uri = '')"
+    )
     share = f"(SELECT avg(CASE WHEN {nothing} THEN 1.0 ELSE 0.0 END) FROM {{batch}})"
     query = f"SELECT product_id FROM {{batch}} WHERE {nothing} AND {share} > {no_image:.4f}"
     out.append(
