@@ -105,9 +105,14 @@ def test_merchant_attributes_that_are_not_utf8_break_their_rule(spark) -> None: 
         [("name", bad, b"red"), ("value", b"color", bad), ("ok", b"color", b"red"), ("none", None, None)],
         "product_id string, k binary, v binary",
     )
-    merchant = F.when(
-        F.col("k").isNotNull(), F.create_map(F.col("k").cast("string"), F.array(F.col("v").cast("string")))
+    # every map has a second entry, "size", whose list is not filled (null)
+    entry = (
+        F.col("k").cast("string"),
+        F.array(F.col("v").cast("string")),
+        F.lit("size"),
+        F.lit(None).cast("array<string>"),
     )
+    merchant = F.when(F.col("k").isNotNull(), F.create_map(*entry))
     frame = raw.select("product_id", merchant.alias("merchant_attributes"))
     (rule,) = [
         r

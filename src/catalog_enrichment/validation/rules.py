@@ -327,12 +327,18 @@ def _invalid_utf8(column: str) -> Callable[[], Any]:
 
 
 def _invalid_utf8_map(column: str) -> Callable[[], Any]:
-    """A ``map<string, list<string>>`` with a key or a value that is not UTF-8 (null: none)."""
+    """A ``map<string, list<string>>`` with a key or a value that is not UTF-8 (a null map, list or
+    value is none)."""
     from pyspark.sql import functions as F
 
+    def bad(text: Any) -> Any:
+        return F.coalesce(~F.is_valid_utf8(text), F.lit(False))
+
     def fails() -> Any:
-        keys = F.exists(F.map_keys(column), lambda k: ~F.is_valid_utf8(k))
-        values = F.exists(F.flatten(F.map_values(column)), lambda v: ~F.is_valid_utf8(v))
+        keys = F.exists(F.map_keys(column), bad)
+        values = F.exists(
+            F.map_values(column), lambda listed: F.coalesce(F.exists(listed, bad), F.lit(False))
+        )
         return F.coalesce(keys | values, F.lit(False))
 
     return fails
