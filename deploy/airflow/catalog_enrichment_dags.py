@@ -12,8 +12,9 @@ through spark-submit) with parameters. Per environment, set (Airflow Variables, 
   come from the environment or a secrets backend, never from the command line.
 
 The nightly run is the same as cron's: incremental over the whole catalog (every product new or
-changed since the last run, in any partition), with run id ``nightly-{{ ds }}`` - a retry or a
-re-run of the same date changes nothing that is done - then checks the run report (exit 3 =
+changed since the last run, in any partition), with run id ``nightly-<day>`` (its logical date;
+without one, the day it was to run) - a retry or a re-run of the same date changes nothing that is
+done - then checks the run report (exit 3 =
 circuit breaker tripped or a critical GX expectation failed) and the run's health (drift,
 coverage, estimated precision, inputs against the model's held-out products: exit 1 when a check
 failed), and only then draws the night's review sample; a failure alerts, fails the DAG run and
@@ -45,7 +46,16 @@ REVIEW_DIR = "{{ var.value.get('catalog_enrich_review_dir', '%s') }}" % os.envir
     "CATALOG_ENRICH_REVIEW_DIR",
     os.path.join(os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow")), "catalog-enrich-review"),
 )
-RUN_ID = "nightly-{{ ds }}"
+# A run triggered without a logical date (`airflow dags trigger` without -l: Airflow 3) has no
+# ``ds``; its day is when it was to run
+RUN_ID = "nightly-{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
+
+
+def _day(context: dict[str, Any]) -> str:
+    """The run's day as ``RUN_ID`` names it."""
+    run = context.get("dag_run")
+    when = getattr(run, "logical_date", None) or getattr(run, "run_after", None)
+    return when.strftime("%Y-%m-%d") if when is not None else "?"
 
 
 def alert(context: dict[str, Any]) -> None:
@@ -55,9 +65,9 @@ def alert(context: dict[str, Any]) -> None:
         "ALERT catalog-enrichment: task %s of %s failed for %s (try %s); run id %s",
         getattr(ti, "task_id", "?"),
         getattr(ti, "dag_id", "?"),
-        context.get("ds"),
+        _day(context),
         getattr(ti, "try_number", "?"),
-        f"nightly-{context.get('ds')}",
+        f"nightly-{_day(context)}",
     )
 
 

@@ -126,10 +126,13 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
     assert enrich["retries"] == 2 and enrich["timeout"] == 4 * 3600
     # the same run as cron's: incremental over every partition
     # an abort (exit 3) is not retried: check_report fails on its report, once
-    assert enrich["command"].endswith(" enrich --run-id nightly-{{ ds }} || [ $? -eq 3 ]"), enrich["command"]
-    assert "report --run-id nightly-{{ ds }} --check" in nightly["tasks"]["check_report"]["command"]
-    assert "report --run-id nightly-{{ ds }} --health --check" in nightly["tasks"]["check_health"]["command"]
-    assert "review sample --run-id nightly-{{ ds }}" in nightly["tasks"]["review_sample"]["command"]
+    # the run's day: its logical date, or (triggered without one, where Airflow 3 gives no ``ds``)
+    # the day it was to run
+    run_id = "nightly-{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
+    assert enrich["command"].endswith(f" enrich --run-id {run_id} || [ $? -eq 3 ]"), enrich["command"]
+    assert f"report --run-id {run_id} --check" in nightly["tasks"]["check_report"]["command"]
+    assert f"report --run-id {run_id} --health --check" in nightly["tasks"]["check_health"]["command"]
+    assert f"review sample --run-id {run_id}" in nightly["tasks"]["review_sample"]["command"]
     assert list(info["dags"]["catalog_enrichment_weekly"]["tasks"]) == ["labels", "train", "promote"]
 
 
