@@ -332,11 +332,11 @@ def test_a_pooled_family_gives_the_answer_computed_by_hand() -> None:
 
 def test_wrong_labels_among_the_most_confident_writes_do_not_end_the_sequence() -> None:
     # A real catalog's labels are wrong now and then, even where the model is surest: 250 scored
-    # 0.995 of which 240 are right (0.96; alone, its exact lower bound 0.933 < 0.95), then 750 at 0.98 of
-    # which 735 are right, and 2,000 more at 0.1, all wrong. Of 3,000 products, the first 250
-    # writes are fewer than min_testable_writes (477 at 95 % / 95 %: where 0.9667 would prove the
-    # target), so the first level tested writes 1,000: 975 / 1,000, lower bound 0.965 - both
-    # confident bands are written.
+    # 0.995 of which 240 are right (0.96; alone, its exact lower bound 0.933 < 0.95), then 750 at
+    # 0.98 of which 735 are right, and 2,000 more at 0.1, all wrong. Of 3,000 products, the first
+    # 250 writes are fewer than min_testable_writes (506 at 95 % / 95 % with the default exact
+    # bound, 477 with Wilson's: where 0.9667 would prove the target), so the first level tested
+    # writes 1,000: 975 / 1,000, lower bound 0.965 - both confident bands are written.
     assert min_testable_writes(target=0.95, confidence=0.95, bound="wilson") == 477
     scores, labels = _multilabel(_bands((250, 0.995, 0.96), (750, 0.98, 0.98), (2000, 0.1, 0.0)))
     cal = calibrate_attribute("a", "multilabel", ["a"], scores, labels)

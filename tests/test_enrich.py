@@ -835,18 +835,24 @@ def test_a_job_built_in_the_test_process_leaves_the_shared_session_as_it_was(spa
     assert spark.conf.get(key) == before
 
 
-def test_a_run_on_gpus_joins_no_stored_vector() -> None:
+def test_a_run_on_gpus_joins_no_stored_vector(monkeypatch: pytest.MonkeyPatch) -> None:
     """The scoring tasks read and fill the embedding store on CPUs only: on GPUs the run does not
     read the whole store and ship its vectors to tasks that ignore them."""
     from types import SimpleNamespace
 
+    from catalog_enrichment import inference
     from catalog_enrichment.enrich.run import scores_on_gpus
 
-    def spark(gpus: str | None):  # type: ignore[no-untyped-def]
+    def spark(gpus: str | None, master: str = "spark://head:7077"):  # type: ignore[no-untyped-def]
         return SimpleNamespace(
-            conf=SimpleNamespace(get=lambda key, default: gpus if key.endswith("gpu.amount") else default)
+            conf=SimpleNamespace(get=lambda key, default: gpus if key.endswith("gpu.amount") else default),
+            sparkContext=SimpleNamespace(master=master),
         )
 
     assert scores_on_gpus(spark(None), "cuda") and not scores_on_gpus(spark("1"), "cpu")
     assert scores_on_gpus(spark("0.25"), "auto") and not scores_on_gpus(spark(None), "auto")
     assert not scores_on_gpus(spark("0"), "auto")
+    # local mode: the tasks run on this machine, on its GPU where it has one
+    assert not scores_on_gpus(spark(None, "local[2]"), "auto")  # this machine: no GPU
+    monkeypatch.setattr(inference, "resolve_device", lambda setting: "cuda")
+    assert scores_on_gpus(spark(None, "local[2]"), "auto")

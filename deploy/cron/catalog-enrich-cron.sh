@@ -5,8 +5,9 @@
 #
 # Environment (set in the crontab, never on the command line; secrets come from the environment):
 #   CATALOG_ENRICH_HOME     checkout holding jobs/ (default: two folders above this script); the job runs
-#                           in it (relative paths of the config, e.g. catalog.root, are under it) with its
-#                           src/ first on PYTHONPATH, so jobs/ and the package are one checkout's
+#                           in it (relative paths in the config, e.g. catalog.root, and in the job's
+#                           arguments are under it) with its src/ first on PYTHONPATH, so jobs/ and the
+#                           package are one checkout's
 #   CATALOG_ENRICH_PYTHON   interpreter with the package installed (default: $CATALOG_ENRICH_HOME/.venv/bin/python)
 #   CATALOG_ENRICH_LOG_DIR  log folder (default: $CATALOG_ENRICH_HOME/logs); one file per job and day
 #   CATALOG_ENRICH_LOCK_DIR folder of the lock files, one per job (default: $XDG_RUNTIME_DIR/catalog-enrich,
@@ -20,8 +21,9 @@ set -euo pipefail
 
 job="${1:?usage: catalog-enrich-cron.sh JOB [ARGS...]  (JOB: enrich | backfill | labels | train | promote)}"
 shift
-home="${CATALOG_ENRICH_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+home="$(cd "${CATALOG_ENRICH_HOME:-$(dirname "${BASH_SOURCE[0]}")/../..}" && pwd)"  # absolute: the job runs there
 python="${CATALOG_ENRICH_PYTHON:-$home/.venv/bin/python}"
+case "$python" in /* | "${python##*/}") ;; *) python="$PWD/$python" ;; esac  # a relative path, from here
 log_dir="${CATALOG_ENRICH_LOG_DIR:-$home/logs}"
 lock_dir="${CATALOG_ENRICH_LOCK_DIR:-${XDG_RUNTIME_DIR:-$HOME/.cache}/catalog-enrich}"
 wait_s="${CATALOG_ENRICH_LOCK_WAIT:-0}"
@@ -32,7 +34,7 @@ fi
 entry="$home/jobs/$job.py"
 [ -f "$entry" ] || { echo "catalog-enrich-cron: no such job: $entry" >&2; exit 64; }
 mkdir -p "$log_dir"
-log="$log_dir/$job-$(date -u +%Y-%m-%d).log"
+log="$(cd "$log_dir" && pwd)/$job-$(date -u +%Y-%m-%d).log"
 
 mkdir -p -m 700 "$lock_dir"
 if [ "$(stat -c %u "$lock_dir")" != "$(id -u)" ] || [ -n "$(find "$lock_dir" -maxdepth 0 -perm /022)" ]; then

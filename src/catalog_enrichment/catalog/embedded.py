@@ -10,6 +10,7 @@ changed is kept in the attribute-changes table, which rollback restores from.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -247,7 +248,10 @@ class LakehouseCatalog:
                 .when_not_matched_insert_all()
                 .execute()
             )
-            DeltaTable(str(self.embeddings)).vacuum(dry_run=False)
+            try:
+                DeltaTable(str(self.embeddings)).vacuum(dry_run=False)
+            except Exception as exc:  # the vectors are committed: their files are deleted next time
+                logging.getLogger(__name__).warning("could not delete the store's replaced files: %s", exc)
         return n
 
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:

@@ -473,11 +473,16 @@ def _resume_from(
 
 
 def scores_on_gpus(spark: SparkSession, device: str) -> bool:
-    """Whether the scoring tasks run on GPUs (``inference.device`` cuda, or auto where Spark gives
-    each task a GPU), which neither read nor fill the embedding store: the run then joins no
-    stored vector to its products."""
-    gpus = spark.conf.get("spark.task.resource.gpu.amount", None) or "0"
-    return device == "cuda" or (device == "auto" and float(gpus) > 0)
+    """Whether the scoring tasks run on GPUs (``inference.device`` cuda; auto where Spark gives each
+    task a GPU, or in local mode where this machine has one), which neither read nor fill the
+    embedding store: the run then joins no stored vector to its products."""
+    from catalog_enrichment.inference import resolve_device
+
+    if device != "auto":
+        return device == "cuda"
+    if (spark.sparkContext.master or "").startswith("local"):  # the tasks run on this machine
+        return resolve_device(device) == "cuda"
+    return float(spark.conf.get("spark.task.resource.gpu.amount", None) or "0") > 0
 
 
 def _previous(reports: list[RunReport], run_id: str) -> RunReport | None:

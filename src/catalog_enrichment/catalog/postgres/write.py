@@ -346,7 +346,6 @@ class Writes(PgBase):
         conninfo, password = self.conninfo()
         stage = _stage_name(f"embeddings:{uuid.uuid4()}")
         with self.connect() as conn, conn.transaction():
-            conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
             conn.execute(self._sql("CREATE UNLOGGED TABLE {s} (LIKE {e})", s=stage, e="embeddings"))
         try:
             if spark is not None:
