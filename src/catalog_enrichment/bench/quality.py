@@ -169,17 +169,11 @@ def _versus(
     """Per attribute: the contender's R@P95 minus the baseline's on the same test products, with its
     paired bootstrap 95 % interval (:func:`catalog_enrichment.metrics.paired_bootstrap`), drawing
     the test products' groups (a shared title or description, as the splits group them)."""
-    from catalog_enrichment.catalog.groups import group_ids
+    from catalog_enrichment.catalog.groups import table_groups
 
     labels = encode_labels(test_table, taxonomy).derive(taxonomy)
     scores, baseline = taxonomy.derive(scores), taxonomy.derive(baseline)
-    titles = [t or "" for t in test_table["title"].to_pylist()]
-    descriptions = (
-        test_table["description"].to_pylist()
-        if "description" in test_table.column_names
-        else [None] * len(titles)
-    )
-    groups = group_ids(titles, descriptions)
+    groups = table_groups(test_table)
     out = {}
     for attr in taxonomy.outputs:
         new, old = scores[attr.name], baseline[attr.name]

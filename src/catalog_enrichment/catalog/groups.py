@@ -4,10 +4,11 @@ fold puts one variant on each side (training, the labels' evaluation exclusion).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_GROUP", "group_ids"]
+__all__ = ["MAX_GROUP", "group_ids", "table_groups"]
 
 # the largest group a shared title or description may join (group_ids): larger is a template
 MAX_GROUP = 64
@@ -61,3 +62,12 @@ def group_ids(
         join(shared[key], max_group)
     first: dict[int, int] = {}
     return np.array([first.setdefault(root(i), len(first)) for i in range(n)], np.int64)
+
+
+def table_groups(table: Any) -> np.ndarray:
+    """:func:`group_ids` of a products table's rows (an Arrow table: its ``title`` and, where it has
+    one, ``description`` column)."""
+    titles = [t or "" for t in table["title"].to_pylist()]
+    names = table.column_names
+    descriptions = table["description"].to_pylist() if "description" in names else [None] * len(titles)
+    return group_ids(titles, descriptions)

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
+from catalog_enrichment.catalog.groups import table_groups
 from catalog_enrichment.config import AppConfig, ModelConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import (
@@ -296,7 +297,7 @@ def _split(
     )
     labels = encode_labels(table, taxonomy)
     own = np.arange(n_own)
-    groups = group_ids(*_texts(table))
+    groups = table_groups(table)
     stack = fusion_class(cfg.model.fusion).needs_lexical
     folds = (tcfg.crossfit_folds or STACK_FOLDS) if stack else crossfit_folds(n_own, tcfg.crossfit_folds)
     try:
@@ -321,14 +322,6 @@ def _split(
         )
     say(f"splits: {splits.sizes()}")
     return table, labels, groups, splits, folds, inputs
-
-
-def _texts(table: pa.Table) -> tuple[list[str], list[str | None]]:
-    titles = [t or "" for t in table["title"].to_pylist()]
-    descriptions = (
-        table["description"].to_pylist() if "description" in table.column_names else [None] * len(titles)
-    )
-    return titles, descriptions
 
 
 @dataclass
