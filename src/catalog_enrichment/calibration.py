@@ -60,7 +60,7 @@ Over 600 lines because both guarantee scopes share the grid, the family and the 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -267,6 +267,20 @@ class Calibration:
         if served:
             line += f"; kept out on the served model's scale: {', '.join(served)}"
         return line
+
+    def kept_bound(self, attribute: str, kept: Collection[str]) -> float | None:
+        """The one-sided lower bound on the pooled calibration precision of what ``kept``'s values
+        write at their thresholds: what the attribute scope proves of a subset of its values (a
+        taxonomy that drops some). ``None`` for the value scope, where each value proved the target
+        on its own. A value raised to the served model's scale counts the evidence of the threshold
+        the fold models proved (raising only removes writes)."""
+        a = self.attributes[attribute]
+        if a.pooled is None:
+            return None
+        kept = set(kept)
+        ours = [v for v in a.values if v.threshold is not None and v.value in kept]
+        writes, rights = sum(v.n_written for v in ours), sum(v.n_correct for v in ours)
+        return float(lower_bound(rights, writes, confidence=self.confidence, method=self.bound))
 
     def keep_out(self, values: Mapping[str, Sequence[str]], reason: str) -> Calibration:
         """These values (attribute -> values) never written whatever their scores: no threshold, and

@@ -6,7 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from catalog_enrichment.calibration import AttributeCalibration, Calibration, ValueThreshold
+from catalog_enrichment.calibration import (
+    AttributeCalibration,
+    Calibration,
+    PooledEvidence,
+    ValueThreshold,
+    clopper_pearson_lower,
+)
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.errors import TaxonomyError
 from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
@@ -66,6 +72,64 @@ def test_a_model_attribute_missing_from_the_configured_taxonomy_is_an_error(taxo
     del data["attributes"]["pattern"]
     with pytest.raises(TaxonomyError, match="'pattern' is not in the configured taxonomy"):
         policy_at(taxonomy, Taxonomy.from_dict(data))
+
+
+PATTERNS = Taxonomy.from_dict(
+    {"attributes": {"pattern": {"kind": "multiclass", "values": ["Solid", "Striped", "Dotted"]}}}
+)
+
+
+def _pooled_patterns(scope: str) -> Calibration:
+    """Solid wrote 500 calibration values, all right; Striped 100, 80 right; Dotted has no threshold.
+    Together 580 of 600 (96.7 %): Clopper-Pearson's 95 % lower bound 0.9519 proves 0.95."""
+    values = (
+        ValueThreshold("Solid", 0.5, 600, n_written=500, n_correct=500),
+        ValueThreshold("Striped", 0.5, 120, n_written=100, n_correct=80),
+        ValueThreshold("Dotted", None, 3, reason="never reaches the level in the family"),
+    )
+    pooled = PooledEvidence(0.95, 600, 580, 580 / 600, 0.9519, 3) if scope == "attribute" else None
+    attribute = AttributeCalibration("pattern", "multiclass", values, pooled)
+    return Calibration(0.95, 0.95, "clopper_pearson", 20, {"pattern": attribute}, scope)  # type: ignore[arg-type]
+
+
+def _without(*values: str) -> Taxonomy:
+    return Taxonomy.from_dict(
+        {
+            "attributes": {
+                "pattern": {
+                    "kind": "multiclass",
+                    "values": [v for v in PATTERNS["pattern"].values if v not in values],
+                }
+            }
+        }
+    )
+
+
+def test_dropping_values_writes_the_rest_only_if_their_own_evidence_proves_the_target() -> None:
+    """The attribute scope proved Solid and Striped together; without Solid, Striped's 80 of 100
+    prove nothing and it is not written. Without Striped, Solid's 500 of 500 prove the target; a value
+    that had no threshold changes nothing. The value scope proved each value alone: dropping one
+    keeps the other."""
+    assert clopper_pearson_lower(580, 600) == pytest.approx(0.9519, abs=1e-4)
+    probs = {"pattern": np.array([[0.1, 0.9, 0.0], [0.9, 0.1, 0.0]])}
+    policy = DecisionPolicy(PATTERNS, _pooled_patterns("attribute"), _without("Solid"))
+    assert policy.writable == {"pattern": []} and policy.dropped == {
+        "pattern": ["Solid", "Striped", "Dotted"]
+    }
+    assert policy.notes == [
+        "pattern: not written - without Solid the values left prove only a lower bound of 0.723 < 0.95 on "
+        "the calibration evidence; train a version on the configured taxonomy"
+    ]
+    assert policy.decide(probs, [set()] * 2)[0] == [[], []]
+    assert DecisionPolicy(PATTERNS, _pooled_patterns("attribute"), _without("Striped")).writable == {
+        "pattern": ["Solid"]
+    }
+    assert DecisionPolicy(PATTERNS, _pooled_patterns("attribute"), _without("Dotted")).writable == {
+        "pattern": ["Solid", "Striped"]
+    }
+    assert DecisionPolicy(PATTERNS, _pooled_patterns("value"), _without("Solid")).writable == {
+        "pattern": ["Striped"]
+    }
 
 
 def test_merchant_attributes_from_arrow_maps_and_dicts() -> None:

@@ -6,9 +6,10 @@ clears its own. A derived attribute (a colour family of shades) is decided like 
 value of its parent is never written outside the group written for the same product; a merchant's
 value at either level keeps the model from writing the other. A value the model knows but the
 configured taxonomy no longer allows is never written, nor a group whose members the configured
-taxonomy changed; a value without a threshold (too little calibration support) is never written. A
-value people rejected for a product is never written for it, nor a value inside a group they
-rejected for it.
+taxonomy changed, nor the rest of an attribute whose pooled calibration evidence without those
+values no longer proves the target; a value without a threshold (too little calibration support)
+is never written. A value people rejected for a product is never written for it, nor a value inside
+a group they rejected for it.
 
 :meth:`DecisionPolicy.decide_flat` decides a whole batch with array operations and returns the
 decisions as flat arrays (CSR: per-row offsets into one run of written values), which the Spark
@@ -142,6 +143,10 @@ class DecisionPolicy:
     no longer has is not written, nor a value group whose members it changed, nor any value of an
     attribute the model scores as one distribution (multi-class or single-valued) to which it added
     values (the model would put a product of a new value on one of its own) - retrain to write them.
+    Where the calibration proved an attribute's pooled precision (the attribute scope) and the
+    configured taxonomy drops some of its values, the values left are written only if their own
+    calibration evidence proves the target again (dropping the surest values would otherwise let
+    the rest write below it).
 
     Raises:
         TaxonomyError: the model scores an attribute the configured taxonomy lacks, or with a
@@ -198,10 +203,22 @@ class DecisionPolicy:
                     theirs = allowed.members(attr.name) if attr.name in allowed.derived else {}
                     gone += [v for v in attr.values if v not in gone and mine[v] != theirs.get(v)]
                 if gone:
-                    self.notes.append(
+                    note = (
                         f"{attr.name}: {_some(gone)} not written - the configured taxonomy no longer has "
                         "them, or changed their group"
                     )
+                    # the attribute scope proved what all its values write together: what the rest
+                    # write alone must prove the target again on the same calibration evidence
+                    rest = [v for v in attr.values if v not in gone]
+                    proof = calibration.kept_bound(attr.name, rest)
+                    if proof is not None and proof < self.target_precision:
+                        note = (
+                            f"{attr.name}: not written - without {_some(gone)} the "
+                            f"values left prove only a lower bound of {proof:.3f} < {self.target_precision:g} "
+                            "on the calibration evidence; train a version on the configured taxonomy"
+                        )
+                        gone = list(attr.values)
+                    self.notes.append(note)
             for v in gone:
                 thresholds[attr.index(v)] = np.nan
             self.thresholds[attr.name] = thresholds
