@@ -151,6 +151,18 @@ def test_bad_catalogs_are_clear_errors(
     assert not (tmp_path / "labelled").exists()
     code = main(["labels", "--catalog", str(tmp_path / "nowhere")])
     assert code == 2 and "the products table was not found" in capsys.readouterr().err
+    # an evaluation set named and not found is an error: its products would be trained on
+    write_table(tmp_path / "attributes", _attributes(ROWS), mode="overwrite")
+    code = main(["labels", "--catalog", str(tmp_path), "--eval-data", str(tmp_path / "no-eval")])
+    assert (
+        code == 2 and f"the evaluation table was not found: {tmp_path / 'no-eval'}" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "labelled").exists()
+    # none at the default place: said, and nothing is left out
+    assert main(["labels", "--catalog", str(tmp_path)]) == 0
+    said = capsys.readouterr().out
+    assert f"no evaluation set at {tmp_path / 'eval'}: no product is left out" in said
+    assert read_table(tmp_path / "labelled").num_rows == 3
 
 
 def _reviews(rows: list[tuple[str, str, str, str, str]]) -> pa.Table:

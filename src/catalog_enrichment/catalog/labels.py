@@ -330,14 +330,18 @@ def write_labels(
     """Read the catalog's products and attributes, build the labels and overwrite ``out`` (one Delta
     commit whose metadata holds the report, source versions included). The evaluation set's
     products are left out at ``evaluation_version`` (``promotion.eval_version``, the one the gate
-    judges on; None: its latest)."""
+    judges on; None: its latest; ``evaluation`` None: no evaluation set, nothing left out).
+
+    Raises:
+        CatalogEnrichError: ``evaluation`` is given and not found (its products would be trained on).
+    """
     from deltalake import CommitProperties, write_deltalake
 
     product_table, product_source = catalog.snapshot("products")
     attribute_table, attribute_source = catalog.snapshot("attributes")
     sources = {"products": product_source, "attributes": attribute_source}
     eval_table = None
-    if evaluation is not None and evaluation.exists():
+    if evaluation is not None:
         eval_table, sources["evaluation"] = _read(evaluation, "evaluation", evaluation_version)
     samples = catalog.keyed_rows("review_samples").select(["sample_id", "drawn_at"]).to_pylist()
     drawn = {r["sample_id"]: r["drawn_at"] for r in samples}
