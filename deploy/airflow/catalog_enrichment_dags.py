@@ -7,6 +7,9 @@ through spark-submit) with parameters. Per environment, set (Airflow Variables, 
   default), ``deploy/spark/submit.sh yarn`` or ``deploy/spark/submit.sh k8s`` (cluster);
 * ``catalog_enrich_cli``     the ``catalog-enrich`` executable for the light steps (report, review);
 * ``catalog_enrich_review_dir``  where the nightly review sample files go (people judge them there);
+* ``catalog_enrich_home``    the folder every task runs in (default ``$CATALOG_ENRICH_HOME``, else
+  ``$AIRFLOW_HOME``): relative paths of the config (tables, stores) resolve there, as cron's
+  resolve in its checkout - not in the temporary folder Airflow gives a task and deletes after it;
 * ``CATALOG_ENRICH_CONFIG`` and the other ``CATALOG_ENRICH_*`` variables in the worker's
   environment: config file, MLflow URI, catalog location; secrets (database passwords, tokens)
   come from the environment or a secrets backend, never from the command line.
@@ -41,10 +44,12 @@ SUBMIT = "{{ var.value.get('catalog_enrich_submit', '%s') }}" % os.environ.get(
 CLI = "{{ var.value.get('catalog_enrich_cli', '%s') }}" % os.environ.get(
     "CATALOG_ENRICH_CLI", "catalog-enrich"
 )
-# Absolute: a task runs in a temporary folder Airflow deletes when it ends
+AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
+HOME = "{{ var.value.get('catalog_enrich_home', '%s') }}" % os.environ.get(
+    "CATALOG_ENRICH_HOME", AIRFLOW_HOME
+)
 REVIEW_DIR = "{{ var.value.get('catalog_enrich_review_dir', '%s') }}" % os.environ.get(
-    "CATALOG_ENRICH_REVIEW_DIR",
-    os.path.join(os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow")), "catalog-enrich-review"),
+    "CATALOG_ENRICH_REVIEW_DIR", os.path.join(AIRFLOW_HOME, "catalog-enrich-review")
 )
 # A run triggered without a logical date (`airflow dags trigger` without -l: Airflow 3) has no
 # ``ds``; its day is when it was to run
@@ -77,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "retry_delay": dt.timedelta(minutes=10),
     "retry_exponential_backoff": True,
     "on_failure_callback": alert,
+    "cwd": HOME,
 }
 
 
@@ -127,11 +133,7 @@ with _dag(
     )
     review_sample = BashOperator(
         task_id="review_sample",
-        bash_command=(
-            f'case "{REVIEW_DIR}" in /*) ;; *) echo "catalog_enrich_review_dir must be an absolute path '
-            f'(a task\'s working folder is deleted when it ends), not {REVIEW_DIR}" >&2; exit 2;; esac; '
-            f"{CLI} review sample --run-id {RUN_ID} --out {REVIEW_DIR}/{RUN_ID}.csv"
-        ),
+        bash_command=f"{CLI} review sample --run-id {RUN_ID} --out {REVIEW_DIR}/{RUN_ID}.csv",
         execution_timeout=dt.timedelta(minutes=30),
     )
     report_failure = BashOperator(

@@ -31,7 +31,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def _airflow_env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTHON", "VIRTUAL_ENV")) and k != "CATALOG_ENRICH_HOME"
+    }
     return {
         **env,
         "AIRFLOW_HOME": str(tmp / "airflow"),
@@ -47,8 +51,8 @@ def _dags_test(
     tmp: Path, config: Path, dag_id: str, date: str, *, timeout: int, succeeds: bool = True
 ) -> dict[str, str]:
     """``airflow dags test`` of one DAG run, its tasks calling this checkout's ``catalog-enrich``
-    with ``config`` (review samples under ``tmp/review``); asserts the DAG run's state (success
-    or failed) and returns each task's state."""
+    with ``config`` in ``tmp`` (review samples under ``tmp/review``); asserts the DAG run's state
+    (success or failed) and returns each task's state."""
     cli = str(Path(sys.executable).with_name("catalog-enrich"))
     env = _airflow_env(
         tmp,
@@ -56,6 +60,7 @@ def _dags_test(
         CATALOG_ENRICH_SUBMIT=cli,
         CATALOG_ENRICH_CLI=cli,
         CATALOG_ENRICH_REVIEW_DIR=str(tmp / "review"),
+        CATALOG_ENRICH_HOME=str(tmp),
         PYTHONPATH=str(repo_root() / "src"),  # the job's checkout (the Airflow process ignores it)
         PYSPARK_PYTHON=sys.executable,
     )
@@ -92,7 +97,7 @@ for dag_id, dag in bag.dags.items():
     out["dags"][dag_id] = {
         "max_active_runs": dag.max_active_runs,
         "timeout": dag.dagrun_timeout.total_seconds() if dag.dagrun_timeout else None,
-        "tasks": {t.task_id: {"retries": t.retries, "command": t.bash_command,
+        "tasks": {t.task_id: {"retries": t.retries, "command": t.bash_command, "cwd": t.cwd,
                               "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
                               # exponential backoff: at most twice each delay (its jitter)
                               "delays": sum(t.retry_delay.total_seconds()
@@ -134,6 +139,10 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
     assert f"report --run-id {run_id} --health --check" in nightly["tasks"]["check_health"]["command"]
     assert f"review sample --run-id {run_id}" in nightly["tasks"]["review_sample"]["command"]
     assert list(info["dags"]["catalog_enrichment_weekly"]["tasks"]) == ["labels", "train", "promote"]
+    # every task runs in the configured home (relative config paths resolve there), not in the
+    # temporary folder Airflow deletes after it
+    home = "{{ var.value.get('catalog_enrich_home', '%s') }}" % (tmp_path / "airflow")
+    assert {t["cwd"] for dag in info["dags"].values() for t in dag["tasks"].values()} == {home}
 
 
 def _nightly_config(tmp: Path, uri: str, lake: Path, products: Path) -> Path:
@@ -218,7 +227,8 @@ def test_the_weekly_dag_builds_labels_trains_and_promotes(tmp_path: Path, taxono
             {
                 "mlflow": {"tracking_uri": uri, "registered_model": "weekly",
                            "artifact_location": str(tmp_path / "artifacts")},
-                "catalog": {"root": str(lake), "products": str(shop.products)},
+                # relative: under the task's home (tmp_path), not its temporary working folder
+                "catalog": {"root": "lake", "products": str(shop.products)},
                 "model": {**TINY_MODEL, "fusion": "concat"},
                 "training": {"epochs": 2, "batch_size": 32, "crossfit_folds": 0},
                 "inference": {"device": "cpu"},
