@@ -74,9 +74,13 @@ def test_cleanlab_ranks_the_labels_the_model_contradicts_first_and_caps_the_shar
     labels = _labels(taxonomy, given.tolist())
     rows = np.arange(n) + 5
     full = _labels(taxonomy, [0] * 5 + given.tolist())
+    verdicts = np.zeros((n + 5, 6), np.int8)
+    verdicts[7 + 5, 2], verdicts[7 + 5, 4] = 1, -1  # people's verdicts on the unlabelled product
+    full = EncodedLabels(full.targets, full.known, {"pattern": verdicts})
     pruned = issues.prune(full, rows)
     assert np.flatnonzero(~pruned.known["pattern"]).tolist() == sorted([*(flipped + 5), 7 + 5])
     assert (pruned.targets["pattern"][flipped + 5] == -1).all()
+    assert pruned.partial["pattern"] is verdicts  # they still teach the model
     table = issues.table(taxonomy, labels, probs, [f"p{i}" for i in range(n)])
     first = table.iloc[0]
     assert first["product_id"] == "p0" and first["attribute"] == "pattern" and first["rank"] == 1

@@ -40,7 +40,7 @@ class LabelIssues:
             known[attr][rows[pos]] = False
             if targets[attr].ndim == 1:
                 targets[attr][rows[pos]] = -1
-        return EncodedLabels(targets, known)
+        return EncodedLabels(targets, known, labels.partial)  # people's verdicts are not pruned
 
     def table(
         self,
