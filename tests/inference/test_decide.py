@@ -164,6 +164,17 @@ def test_merchant_filled_reads_arrow_maps_without_python_rows() -> None:
     np.testing.assert_array_equal(
         merchant_filled([{"color"}, set(), set(), {"color", "pattern"}], names), expected
     )
+    # an entry holding only nulls or blanks (an export's empty attribute) is no value: the
+    # model's value there is not removed as a merchant's would replace it
+    empty = pa.array(
+        [[("color", [None]), ("pattern", ["  "])], [("color", [None, "red"]), ("pattern", ["", "\t"])]],
+        MERCHANT,
+    )
+    expected = np.array([[0, 0, 0], [1, 0, 0]], bool)
+    np.testing.assert_array_equal(merchant_filled(empty, names), expected)
+    np.testing.assert_array_equal(merchant_filled(empty.slice(1), names), expected[1:])
+    np.testing.assert_array_equal(merchant_filled(empty.to_pylist(), names), expected)
+    assert merchant_attributes({"color": "  ", "pattern": "solid"}) == {"pattern"}
     # a column Arrow typed as all-null (no merchant filled anything), and no rows at all
     np.testing.assert_array_equal(merchant_filled(pa.nulls(3), names), np.zeros((3, 3), bool))
     assert merchant_filled(column.slice(0, 0), names).shape == (0, 3)

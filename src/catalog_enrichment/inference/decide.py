@@ -46,7 +46,17 @@ def merchant_attributes(raw: MerchantAttributes) -> set[str]:
     if raw is None:
         return set()
     items = raw.items() if isinstance(raw, Mapping) else raw
-    return {str(k) for k, v in items if v is not None and len(v) > 0}
+    return {str(k) for k, v in items if _given(v)}
+
+
+def _given(value: Any) -> bool:
+    """A merchant's entry holds a value: a text not blank, or a list with one (``[null]`` or
+    ``[""]`` from an export is no value)."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return bool(value.strip())
+    return any(v is not None and str(v).strip() for v in value)
 
 
 def merchant_filled(
@@ -56,8 +66,9 @@ def merchant_filled(
 
     ``column`` is an Arrow ``map<string, list>`` array (or ``list<struct<key, value>>``), read
     without a Python object per row; any other sequence (dicts, pair lists, None) goes through
-    :func:`merchant_attributes` row by row. A key counts as filled when its value is present and not
-    empty, as in :func:`merchant_attributes`; a set is taken as the filled names themselves.
+    :func:`merchant_attributes` row by row. A key counts as filled when its value holds a value that
+    is not null or blank, as in :func:`merchant_attributes`; a set is taken as the filled names
+    themselves.
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -88,17 +99,30 @@ def _filled_entries(column: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     start, stop = column.offsets[0].as_py(), column.offsets[-1].as_py()
     keys, items = keys.slice(start, stop - start), items.slice(start, stop - start)
     if pa.types.is_list(items.type) or pa.types.is_large_list(items.type):
-        length = pc.list_value_length(items)
-    elif pa.types.is_string(items.type) or pa.types.is_binary(items.type):
-        length = pc.binary_length(items)
+        if not pa.types.is_string(items.type.value_type):
+            return None
+        # an entry's values that are not null or blank, counted per entry
+        given = _not_blank(items.flatten())
+        owner = pc.list_parent_indices(items).to_numpy(zero_copy_only=False)
+        values = np.bincount(owner[given], minlength=len(items))
+    elif pa.types.is_string(items.type):
+        values = _not_blank(items).astype(np.int64)
     else:
         return None
     counts = np.diff(np.asarray(column.offsets))
     parents = np.repeat(np.arange(len(column)), counts)
-    keep = (pc.fill_null(length, 0).to_numpy(zero_copy_only=False) > 0) & np.repeat(
-        column.is_valid().to_numpy(zero_copy_only=False), counts
-    )
+    keep = (values > 0) & np.repeat(column.is_valid().to_numpy(zero_copy_only=False), counts)
     return parents[keep], np.asarray(keys.to_numpy(zero_copy_only=False), object)[keep]
+
+
+def _not_blank(texts: pa.Array) -> np.ndarray:
+    """Which of ``texts`` are neither null nor blank (not UTF-8, which validation quarantines: not
+    empty)."""
+    try:
+        length = pc.utf8_length(pc.utf8_trim_whitespace(texts))
+    except pa.ArrowInvalid:
+        length = pc.binary_length(texts)
+    return pc.fill_null(pc.greater(length, 0), False).to_numpy(zero_copy_only=False)
 
 
 @dataclass(frozen=True)
