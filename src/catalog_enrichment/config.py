@@ -781,7 +781,7 @@ class ImagesConfig(_Section):
     )
     connect_timeout_seconds: float = Field(3.0, gt=0, description="Connect timeout of an http(s) image.")
     timeout_seconds: float = Field(
-        10.0, gt=0, description="Longest wait for an http(s) image's answer and body, per attempt."
+        10.0, gt=0, description="Longest wait for an http(s) image, every attempt and backoff together."
     )
     retries: int = Field(
         2, ge=0, description="Retries of an http(s) image after a connection error, timeout, 429 or 5xx."

@@ -213,13 +213,14 @@ def test_the_default_policy_reads_no_uri_at_all(tree: Path) -> None:
 
 class _Server:
     """A real HTTP server on a loopback port: ``/a.jpg`` (the JPEG), ``/redirect`` (302 to it),
-    ``/flaky`` (503 twice, then the JPEG), ``/stall`` (headers, then a body that never comes);
-    ``paths`` records every request."""
+    ``/flaky`` (503 twice, then the JPEG), ``/stall`` (headers, then a body that never comes),
+    ``/silent`` (no answer at all); ``paths`` records every request, ``hosts`` its Host header."""
 
     def __init__(self, root: Path) -> None:
         self.paths: list[str] = []
+        self.hosts: list[str | None] = []
         self.flaky = 0
-        paths, server = self.paths, self
+        paths, hosts, server = self.paths, self.hosts, self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
             def __init__(self, *args: object, **kw: object) -> None:
@@ -230,6 +231,10 @@ class _Server:
 
             def do_GET(self) -> None:
                 paths.append(self.path)
+                hosts.append(self.headers.get("Host"))
+                if self.path == "/silent":
+                    threading.Event().wait(5)
+                    return
                 if self.path == "/redirect":  # to the image: a client that follows it gets pixels
                     self.send_response(302)
                     self.send_header("Location", "/a.jpg")
@@ -325,6 +330,38 @@ def test_slow_and_flaky_hosts_are_bounded_and_retried(http_server: _Server) -> N
     started = time.monotonic()
     assert load_pixels(None, f"{http_server.url}/stall", SIZE, policy=policy)[1] == IMAGE_READABLE
     assert time.monotonic() - started < 4 * FAST.total_timeout  # not the 5 s the server stalls
+
+
+def test_a_host_that_never_answers_takes_the_images_time_once_not_per_attempt(http_server: _Server) -> None:
+    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=FAST)
+    started = time.monotonic()
+    assert policy.read(f"{http_server.url}/silent") == (None, IMAGE_READABLE)
+    assert time.monotonic() - started < FAST.total_timeout + 0.5  # three attempts took three times it
+    assert http_server.paths == ["/silent"]  # no time left to try again
+
+
+def test_internationalized_host_names_are_asked_for_in_their_ascii_form(
+    http_server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS, TLS and the Host header name an IDN host as ``xn--``: the raw name in a header failed
+    the whole scoring task (Latin-1 cannot encode it). A name with no ASCII form is refused."""
+    real = socket.getaddrinfo
+    asked: list[object] = []
+
+    def resolve(host: object, port: object, *args: object, **kw: object) -> object:
+        asked.append(host)
+        if str(host).startswith("xn--"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return real(host, port, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=FAST)
+    for name, ascii_name in (("例え.jp", "xn--r8jz45g.jp"), ("bücher.example", "xn--bcher-kva.example")):
+        body, reason = policy.read(f"http://{name}:{http_server.port}/a.jpg")
+        assert reason is None and body == JPEG, name
+        assert http_server.hosts[-1] == f"{ascii_name}:{http_server.port}"
+        assert ascii_name in asked and name not in asked
+    assert policy.read(f"http://{'ü' * 70}.example/a.jpg") == (None, IMAGE_URI_ALLOWED)  # label too long
 
 
 def test_hosts_allowlist_and_object_stores_need_listing(http_server: _Server) -> None:

@@ -5,10 +5,13 @@
   that was checked — the client never resolves the name again, so a DNS answer that changes between
   the check and the connection (rebinding to 169.254.169.254) reaches nothing. TLS still verifies
   the certificate against the host name (SNI and ``Host`` are the name).
-* **Bounded**: a connect timeout, and a total time per image across attempts and a slow body.
+* **Bounded**: a connect timeout, and a total time per image across attempts, backoff and a slow
+  body: each attempt gets only the time left.
 * **Retried**: connection errors, timeouts and 429 / 5xx answers are tried again with exponential
-  backoff by urllib3's own ``Retry``; what still fails is a *transient* failure
-  (:data:`IMAGE_READABLE`, read again by the next runs).
+  backoff while time is left; what still fails is a *transient* failure (:data:`IMAGE_READABLE`,
+  read again by the next runs).
+* **Internationalized names** are asked for in their ASCII (``xn--``) form; a name that has none
+  is refused (:data:`IMAGE_URI_ALLOWED`).
 * **No redirects**: a 3xx answer is refused (:data:`IMAGE_URI_ALLOWED`): its target was never
   checked.
 """
@@ -58,25 +61,28 @@ def checked_address(host: str, port: int, *, allow_private: bool) -> str | None:
 
 
 def _pool(address: str, port: int, host: str, https: bool, limits: HttpLimits) -> Any:
-    """A one-connection pool to the checked ``address`` (TLS: the certificate checked for ``host``),
-    retrying 429/5xx and connection errors with backoff, following no redirect."""
+    """A one-connection pool to the checked ``address`` (TLS: the certificate checked for ``host``)
+    that retries nothing and follows no redirect: :func:`read_http` tries again within its
+    deadline."""
     import urllib3
 
-    retry = urllib3.Retry(
-        total=limits.retries,
-        backoff_factor=limits.backoff,
-        status_forcelist=RETRY_STATUSES,
-        allowed_methods=["GET"],
-        redirect=0,
-        raise_on_redirect=False,
-        raise_on_status=False,
-    )
     timeout = urllib3.Timeout(connect=limits.connect_timeout, read=limits.total_timeout)
     if not https:
-        return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=retry, maxsize=1)
+        return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False, maxsize=1)
     return urllib3.HTTPSConnectionPool(
-        address, port, timeout=timeout, retries=retry, maxsize=1, server_hostname=host, assert_hostname=host
+        address, port, timeout=timeout, retries=False, maxsize=1, server_hostname=host, assert_hostname=host
     )
+
+
+def _ascii_host(host: str) -> str | None:
+    """``host`` as DNS, TLS and the ``Host`` header name it (an internationalized name in its
+    ``xn--`` form), or ``None`` where it has none."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
 
 
 def _body(response: Any, max_bytes: int, deadline: float) -> tuple[bytes | None, str | None]:
@@ -114,27 +120,42 @@ def read_http(
         port = parts.port or (443 if https else 80)
     except ValueError:  # a port out of range or not a number
         return None, IMAGE_URI_ALLOWED
-    host = parts.hostname
+    host = _ascii_host(parts.hostname or "")
     if not host:
         return None, IMAGE_URI_ALLOWED
     address = checked_address(host, port, allow_private=allow_private)
     if address is None:
         return None, IMAGE_URI_ALLOWED
     deadline = time.monotonic() + limits.total_timeout
-    pool = _pool(address, port, host, https, limits)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     name = host if ":" not in host else f"[{host}]"
-    host_header = name if parts.port is None else f"{name}:{parts.port}"
-    with pool:
-        try:
-            response = pool.urlopen(
-                "GET", path, headers={"Host": host_header}, redirect=False, preload_content=False
-            )
-        except urllib3.exceptions.HTTPError:  # every attempt failed: connection, timeout, TLS
-            return None, IMAGE_READABLE
-        try:
-            return _body(response, max_bytes, deadline)
-        except urllib3.exceptions.HTTPError:  # the body stalled past the read timeout or broke off
-            return None, IMAGE_READABLE
-        finally:
-            response.release_conn()
+    headers = {"Host": name if parts.port is None else f"{name}:{parts.port}"}
+    with _pool(address, port, host, https, limits) as pool:
+        for attempt in range(limits.retries + 1):
+            if attempt:  # exponential backoff, within the image's time
+                pause = limits.backoff * 2 ** (attempt - 1)
+                if time.monotonic() + pause >= deadline:
+                    break
+                time.sleep(pause)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            timeout = urllib3.Timeout(connect=min(limits.connect_timeout, left), read=left)
+            try:
+                response = pool.urlopen(
+                    "GET", path, headers=headers, redirect=False, preload_content=False, timeout=timeout
+                )
+            except urllib3.exceptions.HTTPError:  # connection, timeout, TLS: tried again
+                continue
+            except (UnicodeError, ValueError):  # a request that cannot be sent as asked
+                return None, IMAGE_URI_ALLOWED
+            try:
+                if response.status in RETRY_STATUSES and attempt < limits.retries:
+                    response.close()  # its body unread: the next attempt connects afresh
+                    continue
+                return _body(response, max_bytes, deadline)
+            except urllib3.exceptions.HTTPError:  # the body stalled past the deadline or broke off
+                return None, IMAGE_READABLE
+            finally:
+                response.release_conn()
+    return None, IMAGE_READABLE
