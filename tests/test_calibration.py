@@ -197,6 +197,11 @@ def test_thresholds_stand_where_the_served_models_validation_writes_prove_the_ta
     for target in (bound + 1e-9, 0.95):
         raised = on_served_scale(cal, served, folds, labels, target)
         assert all(a.threshold > b.threshold for a, b in zip(raised.values[:2], cal.values[:2], strict=True))
+    # a served model that fitted part of itself on these products (late or decision fusion) proves
+    # nothing there: its thresholds go to the fold models' share, as where it falls short
+    fitted_here = on_served_scale(cal, served, folds, labels, bound, provable=False)
+    assert fitted_here.values == on_served_scale(cal, served, folds, labels, bound + 1e-9).values
+    assert fitted_here.values != cal.values
     # a stricter bound at a higher confidence needs more: the thresholds rise at the same target
     strict = on_served_scale(cal, served, folds, labels, bound, confidence=0.99, bound="clopper_pearson")
     assert strict.served_lower_bound is not None and strict.served_lower_bound < bound

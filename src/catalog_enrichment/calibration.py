@@ -729,6 +729,7 @@ def on_served_scale(
     *,
     confidence: float = 0.95,
     bound: BoundName = "wilson",
+    provable: bool = True,
 ) -> AttributeCalibration:
     """Cross-fitted thresholds checked on the model that serves, and raised where it falls short.
 
@@ -744,6 +745,9 @@ def on_served_scale(
     average, at the proven threshold: it then writes as much as a fold model would, chosen by a
     model that ranks at least as well (the test report's fold gap compares the two on the same
     split); a value with no such point, not even the grid's top, is not written. None falls.
+    ``provable=False``: the served model fitted part of itself on these products (a late or
+    decision fusion's held-out fit), so what it writes there proves nothing and the thresholds
+    always go to the fold models' share.
     """
     if not folds or served.shape[0] == 0:
         return cal
@@ -757,7 +761,7 @@ def on_served_scale(
         precision = right / writes
         proof = float(lower_bound(right, writes, confidence=confidence, method=bound))
     checked = replace(cal, served_ratio=ratio, served_precision=precision, served_lower_bound=proof)
-    if proof is not None and proof >= target:
+    if provable and proof is not None and proof >= target:
         return checked
     shares = _shares(served, cal.kind)
     theirs = np.mean([_shares(f, cal.kind) for f in folds], axis=0)

@@ -277,10 +277,13 @@ def on_served_scale(
     family: tuple[Predictions, EncodedLabels],
     folds: Sequence[Predictions],
     taxonomy: Taxonomy,
+    *,
+    provable: bool = True,
 ) -> Calibration:
     """Cross-fitted ``calibration`` checked on the model that serves: ``family`` holds its scores
     and the labels of the validation split, which each of ``folds`` scored too
-    (:func:`catalog_enrichment.calibration.on_served_scale`)."""
+    (:func:`catalog_enrichment.calibration.on_served_scale`; ``provable=False``: the served model
+    fitted on that split)."""
     served, labels, _ = _outputs(*family, taxonomy)
     theirs = [taxonomy.derive(f.probs) for f in folds]
     attributes = {}
@@ -294,6 +297,7 @@ def on_served_scale(
             calibration.target_precision,
             confidence=calibration.confidence,
             bound=calibration.bound,
+            provable=provable,
         )
     return dataclasses.replace(calibration, attributes=attributes)
 

@@ -52,13 +52,16 @@ class HeldOut:
     without one: every value then shares the threshold), ``health`` (what the run health profile
     is counted on) and ``fold_family`` (cross-fitted: each fold model's scores of the family
     products, which put the thresholds on the served model's scale); ``unseen``, per attribute
-    the values no product the model trained on carries, which it never writes."""
+    the values no product the model trained on carries, which it never writes; ``family_fitted``:
+    the model fitted part of itself on the family products (a late or decision fusion), so its
+    scores there cannot prove the cross-fitted thresholds."""
 
     calibration: tuple[Predictions, EncodedLabels]
     family: tuple[Predictions, EncodedLabels] | None
     health: tuple[Predictions, EncodedLabels]
     fold_family: tuple[Predictions, ...] = ()
     unseen: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    family_fitted: bool = False
 
     def calibrate(
         self, taxonomy: Taxonomy, rule: CalibrationConfig, inputs: InputBaseline | None
@@ -67,7 +70,9 @@ class HeldOut:
         health profile of the health set and the training products' ``inputs``."""
         calibration = calibrate(*self.calibration, taxonomy, rule, family=self.family)
         if self.fold_family and self.family is not None:
-            calibration = on_served_scale(calibration, self.family, self.fold_family, taxonomy)
+            calibration = on_served_scale(
+                calibration, self.family, self.fold_family, taxonomy, provable=not self.family_fitted
+            )
         calibration = calibration.keep_out(self.unseen, UNSEEN)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
@@ -217,7 +222,9 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
     test = scored("test")
     health = test if fitted.health_on_test else (family or calibration)
     unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
-    return HeldOut(calibration, family, health, fitted.fold_val, unseen), *test
+    members = fitted.model.member_models if isinstance(fitted.model, EnsembleModel) else [fitted.model]
+    family_fitted = any(m.fusion.fits_on_heldout for m in members)
+    return HeldOut(calibration, family, health, fitted.fold_val, unseen, family_fitted), *test
 
 
 def _report(
