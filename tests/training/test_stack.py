@@ -110,6 +110,28 @@ def test_an_attribute_no_product_is_labelled_for_trains_and_writes_nothing() -> 
     assert report["new"]["macro_f1"] == 0.0 and report["thing"]["r_at_p95"] > 0.9
 
 
+def test_a_product_whose_vector_is_not_finite_stands_at_the_blocks_mean() -> None:
+    """One NaN and one infinite image vector: the others' standardisation and the fit are as
+    without them (a NaN turned every product's feature NaN and failed the fit)."""
+    taxonomy = _taxonomy()
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 90)
+    labels = EncodedLabels({"thing": y}, {"thing": y >= 0})
+    model = _model(taxonomy)
+    emb = _embeddings(model, [WORDS[v] for v in y])
+    emb.tensors["image_pooled"][3] = float("nan")
+    emb.tensors["image_pooled"][7, 0] = float("inf")
+    said: list[str] = []
+    plan = FoldPlan(np.arange(90), labels, np.arange(90), 3, 0)
+    fit = fit_stack(model, emb, plan, taxonomy, say=said.append)
+    assert all(np.isfinite(p).all() for p in fit.oof.probs.values())
+    assert "stack: 2 training products' image vectors are not finite: they count as the block's mean" in said
+    ok = np.setdiff1d(np.arange(90), [3, 7])
+    split = model.fusion.dims["image"]
+    mean = emb.tensors["image_pooled"][ok, :split].numpy().mean(axis=0)
+    np.testing.assert_allclose(model.fusion.image_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+
+
 def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
     taxonomy = _taxonomy()
     model = _model(taxonomy)

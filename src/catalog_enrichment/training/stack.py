@@ -342,8 +342,15 @@ def fit_stack(
         ("image", image[:, :split], with_image),
         ("colour", image[:, split:], with_image),
     ):
-        scaling[block] = _standardise(x, rows)
-        blocks[block] = (x - scaling[block][0]) / scaling[block][1]
+        # a product whose vector is not finite (an encoder's overflow) stands at the block's mean:
+        # one NaN would turn every product's standardised feature NaN and fail the fit
+        broken = ~np.isfinite(x).all(axis=1)
+        scaling[block] = _standardise(x, rows[~broken[rows]])
+        with np.errstate(invalid="ignore"):
+            blocks[block] = np.where(broken[:, None], 0.0, (x - scaling[block][0]) / scaling[block][1])
+        if broken[train].any():
+            say(f"stack: {int(broken[train].sum()):,} training products' {block} vectors are not finite: "
+                "they count as the block's mean")  # fmt: skip
     widths = ", ".join(f"{b} {blocks[b].shape[1]:,}" for b in STACK_BLOCKS)
     say(f"stack: {vocabulary.size:,} n-grams; blocks {widths}")
     fold_rows = plan.folds()
