@@ -110,6 +110,30 @@ def test_an_attribute_no_product_is_labelled_for_trains_and_writes_nothing() -> 
     assert report["new"]["macro_f1"] == 0.0 and report["thing"]["r_at_p95"] > 0.9
 
 
+def test_values_people_confirmed_train_the_stack_where_no_label_is() -> None:
+    """Half the products have a label and a title that says nothing ("item"); the other half no
+    label, a title that is their value's keyword, and a verdict: people confirmed that value (and
+    rejected another for some). The confirmed values train the stack as labels: it finds the
+    keyword, which no label teaches."""
+    taxonomy = _taxonomy()
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 180)
+    judged = np.arange(90, 180)
+    verdicts = np.zeros((180, 3), np.int8)
+    verdicts[judged, y[judged]] = 1
+    verdicts[judged[:30], (y[judged[:30]] + 1) % 3] = -1
+    given = np.where(np.arange(180) < 90, y, -1)
+    labels = EncodedLabels({"thing": given}, {"thing": given >= 0}, {"thing": verdicts})
+    titles = ["item"] * 90 + [WORDS[v] for v in y[judged]]
+    model = _model(taxonomy)
+    said: list[str] = []
+    plan = FoldPlan(np.arange(180), labels, np.arange(180), 3, 0)
+    fit = fit_stack(model, _embeddings(model, titles), plan, taxonomy, say=said.append)
+    assert attribute_average_precision(fit.oof.probs["thing"][judged], y[judged], "multiclass") > 0.95
+    expected = "stack: thing: 90 values people confirmed train as labels; 30 of their verdicts do not"
+    assert any(line.startswith(expected) for line in said)
+
+
 def test_a_product_whose_vector_is_not_finite_stands_at_the_blocks_mean() -> None:
     """One NaN and one infinite image vector: the others' standardisation and the fit are as
     without them (a NaN turned every product's feature NaN and failed the fit)."""

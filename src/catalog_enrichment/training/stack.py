@@ -94,12 +94,27 @@ class _Target:
 
 
 def _target(labels: EncodedLabels, attr: str, n_values: int) -> _Target:
+    """The attribute's target; for one distribution (softmax), a product without a label whose one
+    value people confirmed has that value (:func:`confirmed_values`)."""
     t = labels.targets[attr]
     if t.ndim == 1:
-        return _Target(t, t >= 0, True, n_values)
+        y = np.where(t >= 0, t, confirmed_values(labels, attr))
+        return _Target(y, y >= 0, True, n_values)
     if single_valued(labels, attr):
-        return _Target(np.where(labels.known[attr], t.argmax(axis=1), -1), labels.known[attr], True, n_values)
+        y = np.where(labels.known[attr], t.argmax(axis=1), confirmed_values(labels, attr))
+        return _Target(y, y >= 0, True, n_values)
     return _Target(t, labels.known[attr], False, n_values)
+
+
+def confirmed_values(labels: EncodedLabels, attr: str) -> np.ndarray:
+    """``(n,)`` the value index people confirmed for each product (-1: none, or more than one). A
+    one-vs-rest attribute (several values a product) does not learn from verdicts in the stack, nor
+    does any attribute from a rejection: the stack's learners fit whole labels."""
+    partial = labels.partial.get(attr)
+    if partial is None:
+        return np.full(len(labels.known[attr]), -1, np.int64)
+    one = (partial == 1).sum(axis=1) == 1
+    return np.where(one, (partial == 1).argmax(axis=1), -1).astype(np.int64)
 
 
 class _SparseProduct(torch.autograd.Function):
@@ -366,6 +381,13 @@ def fit_stack(
         _target(labels.subset(train), a.name, fusion.offsets[k + 1] - fusion.offsets[k])
         for k, a in enumerate(taxonomy)
     ]
+    for k, attr in enumerate(taxonomy):
+        partial = labels.partial.get(attr.name)
+        if partial is not None:
+            used = int((targets[k].known & ~labels.known[attr.name][train]).sum())
+            said = int((partial[train] != 0).sum())
+            say(f"stack: {attr.name}: {used:,} values people confirmed train as labels; {said - used:,} of their "
+                "verdicts do not (rejections, several values a product)")  # fmt: skip
     z = [np.zeros((len(STACK_BLOCKS), n, t.n_values), np.float32) for t in targets]
     # every (attribute, block) fit in one pool, the costliest first, so the workers finish together
     jobs = sorted(
