@@ -295,6 +295,15 @@ def test_a_retried_run_whose_first_attempt_committed_moves_no_watermark(
     assert retry.report.rows_read == 4 and not retry.report.written_per_attribute
     after = night("night-2")
     assert after.report.rows_read == after.report.rows_scored == 4
+    # a full run (a backfill's) committed by an earlier attempt: what that attempt left to retry
+    # is not known, so its record is not a full run's and the partition is not counted done
+    full = RunScope(products=products, run_id="full-1", full=True)
+    assert json.loads(run_enrichment(spark, cfg, taxonomy, model=_model(scoring_bundle), scope=full,
+                                     progress=_quiet).report.validation_summary)["full"]  # fmt: skip
+    open_catalog(cfg.catalog).set_report_status("full-1", "failed")
+    again = run_enrichment(spark, cfg, taxonomy, model=_model(scoring_bundle), scope=full, progress=_quiet)
+    assert again.merge is not None and again.merge.already_committed
+    assert json.loads(again.report.validation_summary)["full"] is False
 
 
 def _second_model(bundle: Path, tmp: Path, shift: float) -> Path:

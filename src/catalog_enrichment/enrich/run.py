@@ -411,6 +411,9 @@ def _stages(
         # an earlier attempt of this run id committed, then failed: what this attempt read since
         # (a product changed in between) was not written, so the next run reads from where both began
         run.seen_next, run.retry_next = got.seen, list(got.retry.items())
+        # nor is what that attempt quarantined to retry, or kept out, known: a full run's record
+        # says partial, so a backfill runs its partition again rather than count it done
+        run.full = False
         say(f"  {run.run_id} was committed by an earlier attempt: nothing written; the next run reads "
             "its products again")  # fmt: skip
     else:
