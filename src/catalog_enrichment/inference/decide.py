@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.calibration import Calibration
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import Taxonomy, merchant_value_given
 from catalog_enrichment.errors import TaxonomyError
 from catalog_enrichment.metrics import decision_matrix
 
@@ -46,17 +46,7 @@ def merchant_attributes(raw: MerchantAttributes) -> set[str]:
     if raw is None:
         return set()
     items = raw.items() if isinstance(raw, Mapping) else raw
-    return {str(k) for k, v in items if _given(v)}
-
-
-def _given(value: Any) -> bool:
-    """A merchant's entry holds a value: a text not blank, or a list with one (``[null]`` or
-    ``[""]`` from an export is no value)."""
-    if value is None:
-        return False
-    if isinstance(value, str):
-        return bool(value.strip())
-    return any(v is not None and str(v).strip() for v in value)
+    return {str(k) for k, v in items if merchant_value_given(v)}
 
 
 def merchant_filled(
@@ -237,9 +227,9 @@ class DecisionPolicy:
                     proof = calibration.kept_bound(attr.name, rest)
                     if proof is not None and proof < self.target_precision:
                         note = (
-                            f"{attr.name}: not written - without {_some(gone)} the "
-                            f"values left prove only a lower bound of {proof:.3f} < {self.target_precision:g} "
-                            "on the calibration evidence; train a version on the configured taxonomy"
+                            f"{attr.name}: not written - without {_some(gone)} the values left prove only a "
+                            f"lower bound of {proof:.3f} < {self.target_precision:g} on the calibration "
+                            "evidence; train a version on the configured taxonomy"
                         )
                         gone = list(attr.values)
                     self.notes.append(note)

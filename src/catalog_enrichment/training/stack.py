@@ -386,8 +386,10 @@ def fit_stack(
         if partial is not None:
             used = int((targets[k].known & ~labels.known[attr.name][train]).sum())
             said = int((partial[train] != 0).sum())
-            say(f"stack: {attr.name}: {used:,} values people confirmed train as labels; {said - used:,} of their "
-                "verdicts do not (rejections, several values a product)")  # fmt: skip
+            say(
+                f"stack: {attr.name}: {used:,} values people confirmed train as labels; "
+                f"{said - used:,} of their verdicts do not (rejections, several values a product)"
+            )
     z = [np.zeros((len(STACK_BLOCKS), n, t.n_values), np.float32) for t in targets]
     # every (attribute, block) fit in one pool, the costliest first, so the workers finish together
     jobs = sorted(
