@@ -46,6 +46,7 @@ __all__ = [
     "image_key",
     "load_contract",
     "load_taxonomy",
+    "merchant_value_given",
     "schemas_dir",
     "spark_type",
 ]
@@ -66,6 +67,16 @@ SCORES_FINITE = "scores_finite"
 # A source whose values may not fit the contract's type (PostgreSQL jsonb for a map) reads the
 # contract column plus UNREADABLE.format(column): the original text where it did not fit, else null.
 UNREADABLE = "_{}_unreadable"
+
+
+def merchant_value_given(values: Any) -> bool:
+    """Whether a merchant's entry for an attribute (``merchant_attributes``' list, or one text) holds
+    a value: a text that is not blank (``[null]`` or ``[""]`` from an export is no value)."""
+    if values is None:
+        return False
+    if isinstance(values, str):
+        return bool(values.strip())
+    return any(v is not None and str(v).strip() for v in values)
 
 
 def image_key(data: bytes) -> str:

@@ -145,25 +145,34 @@ def test_a_model_value_whose_pair_the_merchant_fills_later_goes_with_the_next_ru
 ) -> None:
     """After the model wrote colours for p3 and p4, the merchant gives p3's in the catalog (a merchant
     row) and p4's only in the products table (the run passes the pair, which it did not score): the
-    next run over them removes both model values, and its rollback puts them back."""
-    pairs = _pairs([("p3", "color"), ("p4", "color")])
-    _merge(catalog, "r1", _values([("p3", "color", "blue", 0.9), ("p4", "color", "red", 0.9)]), pairs)
+    next run over them removes both model values, and its rollback puts neither back beside the
+    merchant's (p5's entry of blanks is no merchant value: its model value comes back)."""
+    pairs = _pairs([("p3", "color"), ("p4", "color"), ("p5", "color")])
+    first = [("p3", "color", "blue", 0.9), ("p4", "color", "red", 0.9), ("p5", "color", "red", 0.9)]
+    _merge(catalog, "r1", _values(first), pairs)
     late = _merchant([("p3", "color", "green")])
     if catalog.kind == "postgres":
         catalog.add_merchant_values(late)  # type: ignore[attr-defined]
     else:
         write_table(catalog.attributes, late, mode="append")  # type: ignore[attr-defined]
+    products = [("p4", [("color", ["black"])]), ("p5", [("color", [None, " "])])]
+    table = pa.Table.from_pylist(
+        [{"product_id": p, "title": "t", "merchant_attributes": m, "updated_at": T0, "ingest_date": T0.date()}
+         for p, m in products],
+        schema=load_contract("products").arrow_schema(),
+    )  # fmt: skip
+    if catalog.kind == "postgres":
+        catalog.load_products(table)  # type: ignore[attr-defined]
+    else:
+        write_table(catalog.products, table)  # type: ignore[attr-defined]
     r2 = _merge(catalog, "r2", _values([("p3", "material", "cotton", 0.9)]), _pairs([("p3", "material")]))
-    r3 = _merge(catalog, "r3", _values([("p4", "material", "wool", 0.9)]), pairs)  # p3 and p4 read again
-    assert r2.deleted == 0 and (r3.deleted, r3.merchant_pairs_skipped) == (2, 1)
-    colours = lambda: {r[:4] for r in _state(catalog) if r[1] == "color" and r[0] in ("p3", "p4")}  # noqa: E731
+    r3 = _merge(catalog, "r3", _values([]), pairs)  # p3 to p5 read again
+    assert r2.deleted == 0 and (r3.deleted, r3.merchant_pairs_skipped) == (3, 1)
+    colours = lambda: {r[:4] for r in _state(catalog) if r[1] == "color" and r[0] != "p1"}  # noqa: E731
     assert colours() == {("p3", "color", "green", "merchant")}
-    catalog.rollback_runs(["r3"])
-    assert colours() == {
-        ("p3", "color", "green", "merchant"),
-        ("p3", "color", "blue", "model"),
-        ("p4", "color", "red", "model"),
-    }
+    result = catalog.rollback_runs(["r3"])[0]
+    assert colours() == {("p3", "color", "green", "merchant"), ("p5", "color", "red", "model")}
+    assert (result.pairs_restored, result.rows_restored) == (3, 1)
 
 
 def test_rollback_restores_exactly_and_leaves_pairs_changed_later_alone(catalog: Catalog) -> None:

@@ -14,7 +14,7 @@ Write rules:
   the table's history or an older version of it, so log cleanup and ``vacuum`` do not touch it.
 * :func:`rollback_runs` undoes runs, newest first, in one commit: every pair they changed gets its
   previous values back, unless a later run has changed the pair since, in which case that pair is
-  left alone and reported.
+  left alone and reported; a pair a merchant's value holds now gets no model value back.
 
 A run reads the attribute rows of its own products only (streamed batch by batch), so its driver
 memory follows the increment, not the table.
@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import MergeResult, RollbackResult, RunWrite
-from catalog_enrichment.catalog.lakehouse import is_delta, read_products_of, table_version
-from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.catalog.lakehouse import dataset, is_delta, read_products_of, table_version
+from catalog_enrichment.contracts import load_contract, merchant_value_given
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
@@ -408,9 +408,10 @@ def _commits(path: str | Path, run_ids: Sequence[str]) -> dict[str, int]:
     return committed
 
 
-def _undo(run_id: str, images: pa.Table, state: dict[Pair, list[Row]]) -> RollbackResult:
+def _undo(run_id: str, images: pa.Table, state: dict[Pair, list[Row]], held: set[Pair]) -> RollbackResult:
     """One run's rollback in ``state`` (pair -> the model rows it holds, updated in place): every
-    pair still as the run left it gets its before rows back; the others are reported superseded."""
+    pair still as the run left it gets its before rows back - none where a merchant's value holds
+    it now (``held``); the others are reported superseded."""
     before = _by_pair(images.filter(pc.equal(images[IMAGE], "before")))
     after = _by_pair(images.filter(pc.equal(images[IMAGE], "after")))
     restored, superseded, removed, back = 0, [], 0, 0
@@ -418,18 +419,46 @@ def _undo(run_id: str, images: pa.Table, state: dict[Pair, list[Row]]) -> Rollba
         if _state(state.get(pair, [])) != _state(after.get(pair, [])):
             superseded.append(pair)
             continue
-        values = {r["value"] for r in before.get(pair, [])}
+        rows = [] if pair in held else before.get(pair, [])
+        values = {r["value"] for r in rows}
         removed += sum(r["value"] not in values for r in state.get(pair, []))
-        back += len(before.get(pair, []))
-        state[pair] = before.get(pair, [])
+        back += len(rows)
+        state[pair] = rows
         restored += 1
     return RollbackResult(run_id, None, restored, removed, back, superseded)
 
 
-def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str]) -> list[RollbackResult]:
+_NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def _merchant_pairs(products: str | Path | None, product_ids: pa.Array) -> set[Pair]:
+    """The (product, attribute) pairs the products table's latest copy of each product gives a
+    merchant value for (``products`` None or not there: none)."""
+    if products is None or not Path(products).exists() or not len(product_ids):
+        return set()
+    if "merchant_attributes" not in dataset(products).schema.names:
+        return set()
+    columns = ["product_id", "merchant_attributes", "updated_at"]
+    latest: dict[str, dict[str, Any]] = {}
+    for r in read_products_of(products, product_ids.to_pylist(), columns).to_pylist():
+        seen = latest.get(r["product_id"])
+        if seen is None or (r["updated_at"] or _NEVER) >= (seen["updated_at"] or _NEVER):
+            latest[r["product_id"]] = r
+    return {
+        (str(pid), str(attribute))
+        for pid, r in latest.items()
+        for attribute, values in (r["merchant_attributes"] or [])
+        if merchant_value_given(values)
+    }
+
+
+def rollback_runs(
+    path: str | Path, changes: str | Path, run_ids: Sequence[str], *, products: str | Path | None = None
+) -> list[RollbackResult]:
     """Undo runs, newest first, in one commit: for every pair a run changed, its before rows come
     back when the pair is as the run left it (after the newer runs' rollback); otherwise a later
-    run changed it, and it is left alone and reported.
+    run changed it, and it is left alone and reported. A pair a merchant's value holds now (a
+    merchant row, or the ``products`` table's :func:`_merchant_pairs`) gets no model value back.
 
     Raises:
         CatalogEnrichError: a run never committed to this table, or was already rolled back.
@@ -440,9 +469,12 @@ def rollback_runs(path: str | Path, changes: str | Path, run_ids: Sequence[str])
     read_at = _version(path)
     current = _rows_for(path, ids, read_at)
     now = _by_pair(current.filter(pc.equal(current["source"], "model")))
+    held = set(_by_pair(current.filter(pc.equal(current["source"], "merchant")))) | _merchant_pairs(
+        products, ids
+    )
     state = dict(now)
     results = [
-        _undo(run_id, images.filter(pc.equal(images[CHANGED_BY], run_id)), state)
+        _undo(run_id, images.filter(pc.equal(images[CHANGED_BY], run_id)), state, held)
         for run_id in sorted(committed, key=committed.__getitem__, reverse=True)
     ]
     done = [r.run_id for r in results if r.pairs_restored]

@@ -126,7 +126,7 @@ class LakehouseCatalog:
     def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
         self._check_attributes()
         fault_during("during_rollback", self.attributes)
-        return attributes.rollback_runs(self.attributes, self.changes, run_ids)
+        return attributes.rollback_runs(self.attributes, self.changes, run_ids, products=self.products)
 
     def runs_of_model_version(self, model_version: str) -> list[str]:
         self._check_attributes()

@@ -1,5 +1,6 @@
 """Rolling runs back in the PostgreSQL catalog: for every pair a run changed and no later live
-run changed again, the values it replaced (kept at its commit) come back, in one transaction."""
+run changed again, the values it replaced (kept at its commit) come back, in one transaction -
+unless a merchant's value holds the pair now, which keeps no model value."""
 
 from __future__ import annotations
 
@@ -104,8 +105,23 @@ class Rollbacks(PgBase):
         return [(p, a) for p, a in rows]
 
     def _restore(self, conn: Any, seq: int) -> tuple[int, int]:
-        """The model values of the ``restore`` pairs replaced by those run ``seq`` found; (rows
+        """The model values of the ``restore`` pairs replaced by those run ``seq`` found, except on
+        a pair a merchant's value holds now (an attribute row of theirs, or the products table's
+        ``merchant_attributes`` in the product's latest row), which keeps no model value; (rows
         removed, rows restored)."""
+        from psycopg import sql
+
+        held = sql.SQL(
+            "EXISTS (SELECT 1 FROM {a} m WHERE m.product_id = r.product_id AND m.attribute = r.attribute "
+            "AND m.source = 'merchant')"
+        ).format(a=self._name("attributes"))
+        if self._has_merchant_column(conn):
+            held = sql.SQL(
+                "({held} OR EXISTS (SELECT 1 FROM (SELECT pr.merchant_attributes::jsonb -> r.attribute AS m "
+                "FROM {products} pr WHERE pr.product_id = r.product_id ORDER BY pr.updated_at DESC LIMIT 1) "
+                "latest CROSS JOIN LATERAL jsonb_array_elements_text(CASE WHEN jsonb_typeof(latest.m) = "
+                "'array' THEN latest.m ELSE '[]'::jsonb END) v WHERE btrim(v) <> ''))"
+            ).format(held=held, products=sql.Identifier(*self.products))
         removed = conn.execute(
             self._sql(
                 "DELETE FROM {a} a USING restore p WHERE p.product_id = a.product_id AND "
@@ -114,18 +130,25 @@ class Rollbacks(PgBase):
             )
         ).rowcount
         restored = conn.execute(
-            self._sql(
+            sql.SQL(
                 "INSERT INTO {a} (product_id, attribute, value, confidence, threshold, source, model_name, "
                 "model_version, run_id, written_at) SELECT r.product_id, r.attribute, r.value, r.confidence, "
                 "r.threshold, 'model', r.model_name, r.model_version, r.run_id, r.written_at FROM {r} r JOIN "
                 "restore p ON p.product_id = r.product_id AND p.attribute = r.attribute WHERE r.seq = %s "
-                "ON CONFLICT (product_id, attribute, value) DO NOTHING",
-                a="attributes",
-                r="replaced",
-            ),
+                "AND NOT {held} ON CONFLICT (product_id, attribute, value) DO NOTHING"
+            ).format(a=self._name("attributes"), r=self._name("replaced"), held=held),
             [seq],
         ).rowcount
         return int(removed), int(restored)
+
+    def _has_merchant_column(self, conn: Any) -> bool:
+        """Whether the products table has a ``merchant_attributes`` column to read."""
+        found = conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+            "AND column_name = 'merchant_attributes'",
+            list(self.products),
+        ).fetchone()
+        return found is not None
 
     def runs_of_model_version(self, model_version: str) -> list[str]:
         with self.connect() as conn:
