@@ -284,6 +284,21 @@ def test_quarantine_rows_are_written_once_with_their_run(catalog: Catalog) -> No
     ]
 
 
+def test_the_quarantine_rows_are_those_of_the_attempt_that_wrote_the_run(catalog: Catalog) -> None:
+    """A first attempt of q2 had nothing to write (no value, nothing to remove) and quarantined
+    bad-1, then died; the retry read newly changed products, wrote their values and quarantined
+    bad-2 and bad-3. The catalog keeps one attempt's rows, the one whose write stands: the
+    lakehouse's first attempt committed nothing, so the retry's; PostgreSQL's committed its rows
+    with the run, so the retry writes nothing."""
+    nothing = RunWrite("q2", "m", "1", T0, _values([]), _pairs([]), _quarantine("q2", ["bad-1"]))
+    catalog.write(nothing)
+    values, pairs = _values([("p3", "color", "red", 0.9)]), _pairs([("p3", "color")])
+    retry = catalog.write(RunWrite("q2", "m", "1", T0, values, pairs, _quarantine("q2", ["bad-2", "bad-3"])))
+    ids = sorted(r["product_id"] for r in catalog.quarantine_rows().to_pylist())
+    assert ids == (["bad-1"] if retry.already_committed else ["bad-2", "bad-3"])
+    assert retry.already_committed == (catalog.kind == "postgres")
+
+
 def _two_runs_at_once(catalog: Catalog, *, locked: bool) -> list[BaseException]:
     """Runs a and b write the same 200 pairs from two threads; the errors they raised."""
     pairs = _pairs([(f"q{i}", "color") for i in range(200)])

@@ -109,13 +109,16 @@ class LakehouseCatalog:
             reports.set_report_status(self.reports, run_id, status)
 
     def write(self, run: RunWrite, spark: SparkSession | None = None) -> MergeResult:
-        """One MERGE commit (a killed process leaves the table as it was), then the quarantine rows
-        appended once (a re-run finds its commit and appends nothing twice)."""
+        """One MERGE commit (a killed process leaves the table as it was), then the quarantine rows:
+        those of the attempt that committed the run (a re-run finds its commit and writes none of its
+        own beside them; one whose earlier attempt committed nothing replaces what that left)."""
         fault_point("after_stage")
         fault_during("during_merge", self.attributes)
         merge = attributes.merge_run(self.attributes, run, changes=self.changes)
         fault_point("after_merge")
-        reports.append_quarantine(self.quarantine, run.quarantine)
+        reports.write_quarantine(
+            self.quarantine, run.run_id, run.quarantine, replace=not merge.already_committed
+        )
         fault_point("after_quarantine")
         return merge
 

@@ -31,7 +31,6 @@ __all__ = [
     "RETRY",
     "SEEN",
     "RunReport",
-    "append_quarantine",
     "blocked_why",
     "check_run_id",
     "format_report",
@@ -43,6 +42,7 @@ __all__ = [
     "report_for",
     "set_report_status",
     "upsert_report",
+    "write_quarantine",
 ]
 
 
@@ -228,22 +228,33 @@ def last_run(
     return runs[-1] if runs else None
 
 
-def append_quarantine(path: str | Path, rows: pa.Table) -> int:
-    """Append a run's quarantined rows once (a run id already present is not appended again)."""
-    from deltalake import DeltaTable, write_deltalake
+def _holds_run(path: str | Path, run_id: str) -> bool:
+    """Whether the quarantine table has rows of ``run_id`` (its partition: no other file is read)."""
+    from deltalake import DeltaTable
 
-    if rows.num_rows == 0:
+    found = (
+        DeltaTable(str(path))
+        .to_pyarrow_dataset()
+        .to_table(columns=["run_id"], filter=pc.field("run_id") == run_id)
+    )
+    return found.num_rows > 0
+
+
+def write_quarantine(path: str | Path, run_id: str, rows: pa.Table, *, replace: bool) -> int:
+    """Write run ``run_id``'s quarantined rows. Where an earlier attempt of the run id left rows:
+    ``replace`` puts these in their place (one commit; that attempt committed nothing, so this
+    attempt's rows are the run's), otherwise they stand (that attempt committed the run)."""
+    from deltalake import write_deltalake
+
+    earlier = is_delta(path) and _holds_run(path, run_id)
+    if earlier and not replace:
         return 0
-    run_id = rows["run_id"][0].as_py()
-    if is_delta(path):
-        existing = (
-            DeltaTable(str(path))
-            .to_pyarrow_dataset()
-            .to_table(columns=["run_id"], filter=pc.field("run_id") == run_id)
-        )
-        if existing.num_rows:
-            return 0
-    write_deltalake(str(path), rows, mode="append", partition_by=["run_id"])
+    if earlier:
+        where = f"run_id = '{check_run_id(run_id)}'"
+        write_deltalake(str(path), rows, mode="overwrite", predicate=where, partition_by=["run_id"])
+        return rows.num_rows
+    if rows.num_rows:
+        write_deltalake(str(path), rows, mode="append", partition_by=["run_id"])
     return rows.num_rows
 
 
