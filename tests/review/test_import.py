@@ -86,6 +86,14 @@ def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
     assert len(mine) == 1 and mine[0]["reviewer"] == "ana" and mine[0]["verdict"] == "no"  # 08:00Z > 07:00Z
     assert first_key in rejected_values(catalog.keyed_rows("reviews"), "3")
     assert not rejected_values(catalog.keyed_rows("reviews"), "4")
+    # an earlier file of ana's imported after the later one does not undo her later "no"
+    earlier = _verdicts(drawn.rows.slice(0, 1), ["yes"], when="2026-11-04T07:30:00Z")
+    late = import_verdicts(
+        catalog, _write(earlier, tmp_path / "verdicts (1).csv"), now=NOW + dt.timedelta(days=1)
+    )
+    assert (late.inserted, late.updated, late.unchanged, late.older) == (0, 0, 0, 1)
+    assert "1 older than the same reviewer's stored one (kept)" in late.summary()
+    assert first_key in rejected_values(catalog.keyed_rows("reviews"), "3")
 
 
 @pytest.mark.parametrize(

@@ -88,11 +88,13 @@ class ImportResult:
     inserted: int
     updated: int
     unchanged: int
+    older: int = 0  # the reviewer's verdict stored is later: it stands
 
     def summary(self) -> str:
+        older = f", {self.older:,} older than the same reviewer's stored one (kept)" if self.older else ""
         return (
             f"{self.rows_read:,} rows read: {self.verdicts:,} verdicts ({self.inserted:,} new, "
-            f"{self.updated:,} changed, {self.unchanged:,} already imported), {self.not_reviewed:,} "
+            f"{self.updated:,} changed, {self.unchanged:,} already imported{older}), {self.not_reviewed:,} "
             "rows without a verdict yet"
         )
 
@@ -244,28 +246,32 @@ def verdict_rows(
     return pa.Table.from_pylist(list(unique.values()), schema=keyed_schema("reviews")), skipped
 
 
-def _changes(new: pa.Table, existing: pa.Table, file_time: dt.datetime) -> tuple[pa.Table, int, int]:
+def _changes(new: pa.Table, existing: pa.Table, file_time: dt.datetime) -> tuple[pa.Table, int, int, int]:
     """The rows of ``new`` that are not in ``existing`` as they are (provenance of the import
-    aside), and how many of them replace a row with the same key. A row timed by the file
-    (``file_time``: no ``reviewed_at`` given) with the verdict already stored is no change: the same
-    file copied or saved again must not make an old verdict the latest."""
+    aside), how many of them replace a row with the same key, and how many were left out as older
+    than the row stored (an earlier file imported after a later one must not undo the reviewer's
+    later verdict). A row timed by the file (``file_time``: no ``reviewed_at`` given) with the
+    verdict already stored is no change: the same file copied or saved again must not make an old
+    verdict the latest."""
     key = keyed_key("reviews")
     stored = {
         tuple(r[c] for c in key): (r["verdict"], r["reviewed_at"])
         for r in existing.select([*key, "verdict", "reviewed_at"]).to_pylist()
     }
-
-    def changed_row(r: dict[str, Any]) -> bool:
-        before = stored.get(tuple(r[c] for c in key))
-        if before is None:
-            return True
-        return before[0] != r["verdict"] or (before[1] != r["reviewed_at"] and r["reviewed_at"] != file_time)
-
-    old_keys = set(stored)
-    keep = [changed_row(r) for r in new.select([*key, "verdict", "reviewed_at"]).to_pylist()]
+    rows = new.select([*key, "verdict", "reviewed_at"]).to_pylist()
+    befores = [stored.get(tuple(r[c] for c in key)) for r in rows]
+    older = [b is not None and r["reviewed_at"] < b[1] for r, b in zip(rows, befores, strict=True)]
+    keep = [
+        b is None
+        or (
+            not late
+            and (b[0] != r["verdict"] or (b[1] != r["reviewed_at"] and r["reviewed_at"] != file_time))
+        )
+        for r, b, late in zip(rows, befores, older, strict=True)
+    ]
     changed = new.filter(pa.array(keep, pa.bool_()))
-    updated = sum(tuple(r[c] for c in key) in old_keys for r in changed.select(key).to_pylist())
-    return changed, changed.num_rows - updated, updated
+    updated = sum(b is not None for b, k in zip(befores, keep, strict=True) if k)
+    return changed, changed.num_rows - updated, updated, sum(older)
 
 
 def import_verdicts(catalog: Catalog, path: Path, *, now: dt.datetime | None = None) -> ImportResult:
@@ -281,12 +287,11 @@ def import_verdicts(catalog: Catalog, path: Path, *, now: dt.datetime | None = N
         raise ReviewFileError(f"{catalog.describe()} holds no review sample; draw one with `review sample`")
     file_time = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
     rows, skipped = verdict_rows(file, samples, source_file=path.name, file_time=file_time, now=now)
-    changed, inserted, updated = _changes(rows, catalog.keyed_rows("reviews"), file_time)
+    changed, inserted, updated, older = _changes(rows, catalog.keyed_rows("reviews"), file_time)
     if changed.num_rows:
         catalog.upsert_rows("reviews", changed)
-    return ImportResult(
-        file.num_rows, rows.num_rows, skipped, inserted, updated, rows.num_rows - changed.num_rows
-    )
+    unchanged = rows.num_rows - changed.num_rows - older
+    return ImportResult(file.num_rows, rows.num_rows, skipped, inserted, updated, unchanged, older)
 
 
 def latest_verdicts(reviews: pa.Table) -> pa.Table:
