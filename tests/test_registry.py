@@ -558,6 +558,20 @@ def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-unt
                 client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet
             )
     model_id = client.get_model_version("tiny", champion).source.removeprefix("models:/")
+    # a damaged artifact (a file changed after it was registered): no run serves it either
+    (meta,) = (tmp_path / "artifacts" / "models" / model_id).rglob("model.json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "score_dtype": "bfloat16"}))
+    decision = promote(
+        client,
+        "tiny",
+        EvaluationSet(data["eval"]),
+        rule,
+        log_path=tmp_path / "log",
+        dry_run=True,
+        progress=_quiet,
+    )
+    assert list(decision["metrics"]) == ["challenger"], decision
+    assert "the model artifact is damaged: model.json is corrupt" in decision["reasons"][-1]
     shutil.rmtree(tmp_path / "artifacts" / "models" / model_id)
     decision = promote(
         client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet

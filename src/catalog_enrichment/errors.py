@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CatalogEnrichError", "ConfigError", "ContractError", "TaxonomyError"]
+__all__ = ["CatalogEnrichError", "ConfigError", "ContractError", "TaxonomyError", "UnservableBundle"]
 
 
 class CatalogEnrichError(Exception):
@@ -19,3 +19,8 @@ class ContractError(CatalogEnrichError):
 
 class TaxonomyError(ContractError):
     """The taxonomy file is malformed, or data names an attribute/value the taxonomy lacks."""
+
+
+class UnservableBundle(CatalogEnrichError):
+    """A model bundle no run can serve: its files are gone or damaged, or another version of this
+    package wrote it (retrain)."""

@@ -40,7 +40,7 @@ from catalog_enrichment.config import CalibrationConfig, PromotionConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.images import ImagePolicy
-from catalog_enrichment.errors import CatalogEnrichError, TaxonomyError
+from catalog_enrichment.errors import CatalogEnrichError, TaxonomyError, UnservableBundle
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
     coverage_efficiency,
@@ -319,7 +319,7 @@ def promote(
         else:
             try:
                 champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
-            except registry.FilesGone as exc:  # no run can serve it either: a challenger is the remedy
+            except UnservableBundle as exc:  # no run can serve it either: a challenger is the remedy
                 alone = f"the champion v{champion} cannot be loaded ({exc})"
     result, metrics = _judge(bundle, champion_bundle, table, policy, rule, target, evaluation.taxonomy)
     if alone is not None:

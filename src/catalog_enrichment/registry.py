@@ -30,7 +30,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, DataType, Schema
 
 from catalog_enrichment.config import NAME_PATTERN, MLflowConfig
-from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.errors import CatalogEnrichError, UnservableBundle
 from catalog_enrichment.inference.bundle import BundleFolder, bundle_problems
 from catalog_enrichment.redaction import redact_text, redact_uri, redact_value
 from catalog_enrichment.versions import ModelVersion
@@ -84,7 +84,7 @@ class CatalogEnrichmentPyfunc(PythonModel):
 
         problems = bundle_problems(context.artifacts["bundle"])
         if problems:  # a damaged or partly uploaded artifact: never scored, judged or promoted
-            raise CatalogEnrichError(f"the model artifact is damaged: {'; '.join(problems[:3])}")
+            raise UnservableBundle(f"the model artifact is damaged: {'; '.join(problems[:3])}")
         self.bundle = load_bundle(context.artifacts["bundle"], device="cpu")
 
     def predict(
@@ -324,7 +324,7 @@ def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str
     return dict(client.get_model_version(name, version).tags)
 
 
-class FilesGone(CatalogEnrichError):
+class FilesGone(UnservableBundle):
     """A registered version whose files the artifact store no longer holds: no run can serve it."""
 
 
@@ -333,6 +333,7 @@ def load_bundle_from_uri(model_uri: str) -> Any:
 
     Raises:
         FilesGone: the artifact store answers that its files do not exist.
+        UnservableBundle: its files are damaged, or another version of this package wrote it.
         CatalogEnrichError: it cannot be loaded now (an unreachable store, a server error).
     """
     try:

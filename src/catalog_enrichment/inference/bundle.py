@@ -39,7 +39,7 @@ from catalog_enrichment import __version__
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.errors import CatalogEnrichError, UnservableBundle
 
 if TYPE_CHECKING:
     import torch
@@ -258,14 +258,14 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
         raise CatalogEnrichError(f"{folder.root} is not a model bundle (no {folder.weights.name})")
     meta = folder.read_meta()
     if meta.get("score_dtype") != SCORE_DTYPE:
-        raise CatalogEnrichError(
+        raise UnservableBundle(
             f"{folder.root}: its thresholds were calibrated on {meta.get('score_dtype') or 'unrecorded'} "
             f"scores, this version scores in {SCORE_DTYPE}; retrain the model (catalog-enrich train)"
         )
     model_config = saved_model_config(meta["model"], source=str(folder.meta))
     colour = meta.get("color_version", 1)  # bundles written before the version was recorded: 1
     if model_config.image.color_features and colour != COLOR_VERSION:
-        raise CatalogEnrichError(
+        raise UnservableBundle(
             f"{folder.root}: its model reads colour statistics of version {colour}, this version computes "
             f"version {COLOR_VERSION}; retrain the model (catalog-enrich train)"
         )
