@@ -159,3 +159,23 @@ def test_the_paired_bootstrap_draws_whole_groups_of_variants() -> None:
     loose = paired_bootstrap(new[thrice], old[thrice], y[thrice], "multiclass", resamples=200)
     assert loose[0] == alone[0] and loose[2] - loose[1] < 0.8 * (alone[2] - alone[1])
     assert paired_bootstrap(old, old, y, "multiclass", resamples=50) == (0.0, 0.0, 0.0)
+
+
+def test_the_paired_coverage_change_is_bounded_exactly() -> None:
+    """Every product covered by the champion and not by the challenger: one to four such products
+    are no evidence (the exact sign test is not significant below five), five are; on many
+    products the bound is the normal approximation's."""
+    from catalog_enrichment.metrics import paired_change
+
+    for n in range(1, 5):
+        mean, upper = paired_change(np.zeros(n, bool), np.ones(n, bool))
+        assert mean == -1.0 and upper == pytest.approx(2 * (1 - 0.05 ** (1 / n)) - 1) and upper > 0
+    assert paired_change(np.zeros(5, bool), np.ones(5, bool))[1] == pytest.approx(2 * (1 - 0.05**0.2) - 1)
+    assert paired_change(np.zeros(5, bool), np.ones(5, bool))[1] < 0
+    assert paired_change(np.ones(3, bool), np.ones(3, bool)) == (0.0, 0.0)  # treated alike: no change
+    rng = np.random.default_rng(0)
+    old = rng.random(2000) < 0.5
+    new = np.where(rng.random(2000) < 0.1, ~old, old)
+    diff = new.astype(float) - old
+    normal = diff.mean() + 1.6449 * diff.std(ddof=1) / np.sqrt(diff.size)
+    assert paired_change(new, old) == pytest.approx((diff.mean(), normal), abs=1e-3)

@@ -261,21 +261,26 @@ def paired_change(new: np.ndarray, old: np.ndarray, *, confidence: float = 0.95)
     """Mean change ``new - old`` of two paired 0/1 outcomes and its one-sided upper confidence bound.
 
     ``new``/``old``: ``(n,)`` bool, the same items in the same order (e.g. which products each model
-    gives a value). The bound is the normal approximation on the per-item differences (a paired,
-    McNemar-style comparison: items both models treat alike add no noise). ``(0, 0)`` when empty.
+    gives a value). Exact and paired (McNemar's): of the ``d`` items the two treat differently,
+    ``new`` has ``b``; given ``d``, ``b`` is binomial, and the Clopper-Pearson upper bound ``u`` on
+    its rate bounds the mean change by ``d (2u - 1) / n`` (items both treat alike add no noise, and
+    a few items prove nothing: one product lost of one is not significant). ``(0, 0)`` when empty.
     """
-    from scipy.special import ndtri  # the normal quantile
+    from scipy.special import betaincinv  # the beta distribution's quantile
 
-    new = np.asarray(new, dtype=np.float64)
-    old = np.asarray(old, dtype=np.float64)
+    new = np.asarray(new, dtype=bool)
+    old = np.asarray(old, dtype=bool)
     if new.shape != old.shape or new.ndim != 1:
         raise ValueError(f"paired outcomes must be 1-D of one length, got {new.shape} and {old.shape}")
     if new.size == 0:
         return 0.0, 0.0
-    diff = new - old
-    mean = float(diff.mean())
-    spread = float(diff.std(ddof=1)) if diff.size > 1 else 0.0
-    return mean, mean + float(ndtri(confidence)) * spread / float(np.sqrt(diff.size))
+    gained, lost = int((new & ~old).sum()), int((old & ~new).sum())
+    d, n = gained + lost, new.size
+    mean = (gained - lost) / n
+    if d == 0:
+        return mean, 0.0
+    upper = 1.0 if gained == d else float(betaincinv(gained + 1, d - gained, confidence))
+    return mean, d * (2 * upper - 1) / n
 
 
 def paired_bootstrap(
