@@ -137,6 +137,8 @@ def test_a_passing_batch_is_stored_with_data_docs_and_the_suite_is_what_expectat
     assert len(results) == 1 and json.loads(results[0].read_text())["success"] is True
     page = Path(checked["docs"])
     assert page.is_file() and page.is_relative_to(lake / "gx") and "gx-1" in page.read_text()
+    # the checkpoint caches nothing: a cached batch (photos included) stayed for the session's life
+    assert spark._jsparkSession.sharedState().cacheManager().isEmpty()
     assert main(["report", "--catalog", str(lake)]) == 0
     assert f"expectations {checked['evaluated']} expectations, 0 failed" in capsys.readouterr().out
 
@@ -195,3 +197,30 @@ def test_the_postgres_catalog_runs_the_same_checkpoint(
         run("pg-2")
     report = report_for(catalog.read_reports(), "pg-2")
     assert report.status == "aborted" and report.rows_scored == 0
+
+
+@pytest.mark.timeout(30)
+def test_an_expectation_that_raised_is_said_with_its_error() -> None:
+    """The no-image count's SQL on a feed without ``image_uri`` raises: its line names the error (the
+    count it has not was formatted as rows, and that failed the run instead of stopping it)."""
+    from types import SimpleNamespace
+
+    from catalog_enrichment.validation.checkpoint import _failed
+
+    config = SimpleNamespace(
+        type="unexpected_rows_expectation",
+        kwargs={},
+        meta={"check": "no image"},
+        severity=SimpleNamespace(value="critical"),
+    )
+    raised = SimpleNamespace(
+        expectation_config=config,
+        result={"observed_value": None},
+        exception_info={"raised_exception": True, "exception_message": "cannot resolve image_uri"},
+    )
+    assert (
+        _failed(raised)
+        == "unexpected_rows_expectation (critical): no image; observed error cannot resolve image_uri"
+    )
+    counted = SimpleNamespace(expectation_config=config, result={"observed_value": 1234}, exception_info={})
+    assert _failed(counted).endswith("observed 1,234 rows")

@@ -106,10 +106,13 @@ def _validate_batch(df: DataFrame, suite: Any, project: Path, run_id: str) -> Ba
 
 
 def _batch_definition(context: Any) -> Any:
+    # not persisted: GX would cache the whole batch, photos included, and never release it
     try:
         source = context.data_sources.get(NAME)
     except KeyError:
-        source = context.data_sources.add_spark(NAME)
+        source = context.data_sources.add_spark(NAME, persist=False)
+    if source.persist:  # a project a version before this one wrote
+        source = context.data_sources.add_or_update_spark(NAME, persist=False)
     try:
         asset = source.get_asset("batch")
     except LookupError:
@@ -125,15 +128,15 @@ def _failed(r: Any) -> str:
     observed."""
     config, got = r.expectation_config, r.result or {}
     observed: Any = got.get("observed_value")
-    if "unexpected_percent" in got:
+    if r.exception_info and r.exception_info.get("raised_exception"):  # e.g. its SQL's column is missing
+        observed = f"error {r.exception_info.get('exception_message')}"
+    elif "unexpected_percent" in got:
         mostly = config.kwargs.get("mostly", 1)
         observed = f"{got['unexpected_percent']:.1f}% of rows unexpected (mostly {mostly})"
     elif (got.get("details") or {}).get("mismatched"):
         observed = f"missing {got['details']['mismatched'].get('missing')}"
-    elif config.type == "unexpected_rows_expectation":
+    elif config.type == "unexpected_rows_expectation" and observed is not None:
         observed = f"{observed:,} rows"
-    elif r.exception_info and r.exception_info.get("raised_exception"):
-        observed = f"error {r.exception_info.get('exception_message')}"
     column = f" {config.kwargs['column']}" if config.kwargs.get("column") else ""
     what = config.meta.get("check") or config.meta.get("description")
     return f"{config.type}{column} ({config.severity.value}): {what}; observed {observed}"
