@@ -28,17 +28,22 @@ conf="$here/$mode.conf"
 [ -f "$conf" ] || { echo "submit.sh: unknown mode $mode (no $conf)" >&2; exit 64; }
 entry="$home/jobs/$job.py"
 [ -f "$entry" ] || { echo "submit.sh: no such job: $entry" >&2; exit 64; }
+# the interpreter here: the driver's in client mode
+py=""
+for candidate in "${PYSPARK_PYTHON:-}" "$home/.venv/bin/python" python3; do
+  if [ -n "$candidate" ] && command -v "$candidate" >/dev/null; then py="$candidate"; break; fi
+done
+[ -n "$py" ] || { echo "submit.sh: no Python found (set PYSPARK_PYTHON)" >&2; exit 69; }
 if [ -z "${SPARK_HOME:-}" ]; then
-  for py in "${PYSPARK_PYTHON:-}" "$home/.venv/bin/python" python3; do
-    [ -n "$py" ] || continue
-    SPARK_HOME="$("$py" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null || true)"
-    [ -n "$SPARK_HOME" ] && break
-  done
+  SPARK_HOME="$("$py" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null || true)"
 fi
 [ -x "${SPARK_HOME:-}/bin/spark-submit" ] || { echo "submit.sh: set SPARK_HOME (no spark-submit found)" >&2; exit 69; }
 # the package beside jobs/ is this checkout's (a shared virtual environment may point at another's)
 export PYTHONPATH="$home/src${PYTHONPATH:+:$PYTHONPATH}"
 args=(--properties-file "$conf" --name "catalog-enrich-$job")
+# what the job's config needs before the driver JVM starts (a PostgreSQL catalog's JDBC driver)
+needs="$("$py" -c 'import sys; from catalog_enrichment.cli import print_submit_arguments as p; sys.exit(p(sys.argv[1:]))' "$job" "$@")" || exit $?
+while IFS= read -r arg; do [ -n "$arg" ] && args+=("$arg"); done <<< "$needs"
 [ -n "${SPARK_MASTER:-}" ] && args+=(--master "$SPARK_MASTER")
 if [ -n "${CATALOG_ENRICH_ENV:-}" ]; then
   # The packed venv is unpacked as ./environment in every container: the executors', and the

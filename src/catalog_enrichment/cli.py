@@ -395,6 +395,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_of(args: argparse.Namespace) -> AppConfig:
+    """The config a command's arguments name: the file, then ``--set``, then its flags."""
+    layers = merge_layers(parse_overrides(args.overrides), _flag_layers(args))
+    args.layers = layers  # for a command that loads more configs (bench quality's contenders)
+    return load_config(None if isinstance(args.config, list) else args.config, overrides=layers)
+
+
+def print_submit_arguments(argv: Sequence[str]) -> int:
+    """``deploy/spark/submit.sh``'s helper: print, one per line, the spark-submit arguments the
+    job ``argv`` (a command and its arguments, as ``jobs/`` passes them) needs from its config
+    (:func:`~catalog_enrichment.runtime.submit_arguments`); returns the exit code."""
+    from catalog_enrichment import runtime
+
+    try:
+        print("\n".join(runtime.submit_arguments(_config_of(build_parser().parse_args(argv)))))
+    except CatalogEnrichError as exc:
+        print(f"submit.sh: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     try:
@@ -407,9 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from catalog_enrichment import runtime
 
         runtime.configure_logging(args.verbose)
-        layers = merge_layers(parse_overrides(args.overrides), _flag_layers(args))
-        args.layers = layers  # for a command that loads more configs (bench quality's contenders)
-        cfg = load_config(None if isinstance(args.config, list) else args.config, overrides=layers)
+        cfg = _config_of(args)
         handler: Handler = args.handler
         return handler(args, cfg)
     except CatalogEnrichError as exc:

@@ -84,7 +84,7 @@ class SparkConfig(_Section):
         True,
         description="JVMs compile with the C1 JIT only (-XX:TieredStopAtLevel=1, with a 256 MB code cache): "
         "Spark compiles new classes for every query, and C2 would spend on them the cores the Python "
-        "workers score with.",
+        "workers score with. Under spark-submit the deploy/spark/*.conf files carry it.",
     )
     class_data_sharing: bool = Field(
         True,

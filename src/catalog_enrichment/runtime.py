@@ -20,7 +20,8 @@ partitions
 a failed task is tried 4 times     as on a cluster: one killed worker does  (local masters)
 (``local[N]`` -> ``local[N,4]``)   not fail the night
 JVM logs errors only               quiet by default (log4j2.properties)     -v, -vv (CLI flags)
-JVM C1 JIT only                    Spark compiles new classes per query;    spark.c1_jit
+JVM C1 JIT only                    Spark compiles new classes per query;    spark.c1_jit (submitted:
+                                                                            deploy/spark/*.conf)
 (-XX:TieredStopAtLevel=1), with a  C2 would take the scoring cores; C1
 256 MB code cache                  alone gets a 48 MB cache, which a long
 (-XX:ReservedCodeCacheSize)        session's queries fill (then the JIT
@@ -107,7 +108,7 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
         conf["spark.ui.enabled"] = "false"
         conf["spark.sql.shuffle.partitions"] = str(2 * cfg.spark.local_cores())
     jit = [C1_JIT] if cfg.spark.c1_jit else []
-    if jit:
+    if jit and not submitted:  # submitted: the conf files carry it (set here, it replaced the cluster's)
         conf["spark.executor.extraJavaOptions"] = " ".join(jit)
     if not submitted:  # the driver JVM starts with this session (in local mode it is the executor)
         quiet = [jvm_option(f"-Dlog4j2.configurationFile={LOG4J2}")] if _spark_log_level() == "ERROR" else []
@@ -119,22 +120,36 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
         )
         conf["spark.driver.extraJavaOptions"] = " ".join([*jit, *quiet, *shared])
     if cfg.catalog.kind == "postgres":
-        pg = cfg.catalog.postgres
-        if pg.jdbc_jar is not None:
-            if not Path(pg.jdbc_jar).is_file():
-                raise CatalogEnrichError(
-                    f"PostgreSQL JDBC driver {pg.jdbc_jar} not found: apt-get install "
-                    "libpostgresql-jdbc-java, "
-                    "or set catalog.postgres.jdbc_jar (or jdbc_package with jdbc_jar: null)"
-                )
-            conf["spark.jars"] = pg.jdbc_jar
-        else:
-            conf["spark.jars.packages"] = pg.jdbc_package
+        key, driver = _jdbc_driver(cfg)
+        conf[key] = driver
         password = _pg_password()
         given = {f"spark.executorEnv.{name}" for name in ("PGPASSWORD", "PGPASSFILE")} & set(cfg.spark.conf)
         if password and not given:
             conf["spark.executorEnv.PGPASSWORD"] = password  # Spark masks it (spark.redaction.regex)
     return {**conf, **cfg.spark.conf}
+
+
+def _jdbc_driver(cfg: AppConfig) -> tuple[str, str]:
+    """The PostgreSQL JDBC driver as a Spark setting: ``spark.jars`` (its jar) or
+    ``spark.jars.packages`` (its Maven coordinates)."""
+    pg = cfg.catalog.postgres
+    if pg.jdbc_jar is None:
+        return "spark.jars.packages", pg.jdbc_package
+    if not Path(pg.jdbc_jar).is_file():
+        raise CatalogEnrichError(
+            f"PostgreSQL JDBC driver {pg.jdbc_jar} not found: apt-get install libpostgresql-jdbc-java, "
+            "or set catalog.postgres.jdbc_jar (or jdbc_package with jdbc_jar: null)"
+        )
+    return "spark.jars", pg.jdbc_jar
+
+
+def submit_arguments(cfg: AppConfig) -> list[str]:
+    """What ``spark-submit`` must be given for ``cfg`` before the driver JVM starts: the PostgreSQL
+    JDBC driver (a session adds it to a JVM it starts itself, not to one spark-submit started)."""
+    if cfg.catalog.kind != "postgres":
+        return []
+    key, driver = _jdbc_driver(cfg)
+    return ["--jars" if key == "spark.jars" else "--packages", driver]
 
 
 def jvm_option(option: str) -> str:

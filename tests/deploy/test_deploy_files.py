@@ -72,11 +72,59 @@ def test_dockerfile_and_spark_application() -> None:
         # what the job's runtime sets is not repeated here (it would win anyway)
         assert not set(props) & set(runtime.spark_conf(AppConfig(), submitted=True)), conf
     assert "-XX:TieredStopAtLevel=1" in (DEPLOY / "spark" / "local.conf").read_text()
+    # submitted, the executors' JVM options are the conf files' (or the user's --conf), never
+    # replaced by the session: they carry the C1 JIT flags themselves
+    assert "spark.executor.extraJavaOptions" not in runtime.spark_conf(AppConfig(), submitted=True)
+    for conf in ("standalone", "yarn", "k8s"):
+        assert runtime.C1_JIT in (DEPLOY / "spark" / f"{conf}.conf").read_text(), conf
+    assert "local[*,4]" in (DEPLOY / "spark" / "local.conf").read_text()  # a failed task is tried again
     # the GPU discovery script is where the image puts it
     docker_path = re.search(r"cp deploy/spark/gpu-discovery.sh (\S+)", docker)
     assert docker_path is not None
     for text in ((DEPLOY / "spark" / "k8s.conf").read_text(), str(app["spec"]["sparkConf"])):
         assert docker_path.group(1) in text
+
+
+def _submitted(tmp_path: Path, *args: str, **env: str) -> list[str]:
+    """The arguments ``submit.sh`` hands spark-submit (a stand-in that prints them)."""
+    import os
+
+    spark = tmp_path / "spark"
+    (spark / "bin").mkdir(parents=True, exist_ok=True)
+    (spark / "bin" / "spark-submit").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    (spark / "bin" / "spark-submit").chmod(0o755)
+    done = subprocess.run(
+        [str(DEPLOY / "spark" / "submit.sh"), *args],
+        env={**os.environ, "SPARK_HOME": str(spark), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_a_postgres_catalog_s_jdbc_driver_is_given_to_spark_submit(tmp_path: Path) -> None:
+    """A session cannot add a jar to a driver JVM spark-submit started: submit.sh passes the config's
+    JDBC driver (its jar, or its Maven package) itself; a lakehouse catalog needs none."""
+    jar = tmp_path / "postgresql.jar"
+    jar.write_bytes(b"")
+    config = tmp_path / "pg.yaml"
+    config.write_text(yaml.safe_dump({"catalog": {"kind": "postgres", "postgres": {"jdbc_jar": str(jar)}}}))
+    args = _submitted(tmp_path, "standalone", "enrich", "--config", str(config))
+    assert args[args.index("--jars") + 1] == str(jar) and args[-2:] == ["--config", str(config)]
+    package = {
+        "catalog": {
+            "kind": "postgres",
+            "postgres": {"jdbc_jar": None, "jdbc_package": "org.postgresql:postgresql:42.7.4"},
+        }
+    }
+    config.write_text(yaml.safe_dump(package))
+    args = _submitted(tmp_path, "yarn", "enrich", "--config", str(config))
+    assert args[args.index("--packages") + 1] == "org.postgresql:postgresql:42.7.4"
+    assert "--jars" not in _submitted(tmp_path, "local", "enrich") and "--packages" not in _submitted(
+        tmp_path, "local", "enrich"
+    )
 
 
 @pytest.mark.parametrize(("mode", "driver_here"), [("local", True), ("standalone", True), ("yarn", False)])
