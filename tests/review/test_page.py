@@ -117,6 +117,24 @@ def test_clicks_on_the_review_page_become_verdicts_that_import(
         got = stored[(rows[i]["product_id"], rows[i]["attribute"], rows[i]["value"])]
         assert got["verdict"] == verdict and got["reviewer"] == "ana" and got["source_file"] == saved.name
     assert import_verdicts(written.catalog, saved).unchanged == 3
+    # bea opens the page later on the same browser (ana's file handed in and gone from the
+    # downloads): her verdicts are hers, ana's stay ana's
+    saved.rename(tmp_path / "ana.csv")
+    driver.refresh()
+    name = driver.find_element(By.ID, "reviewer")
+    name.clear()
+    name.send_keys("bea")
+    driver.find_elements(By.CSS_SELECTOR, ".item")[3].find_element(
+        By.CSS_SELECTOR, "button[data-verdict=no]"
+    ).click()
+    driver.find_element(By.ID, "save").click()
+    again = _downloaded(downloads)
+    assert import_verdicts(written.catalog, again).inserted == 1
+    item = ("product_id", "attribute", "value")
+    who = {
+        tuple(r[k] for k in item): r["reviewer"] for r in written.catalog.keyed_rows("reviews").to_pylist()
+    }
+    assert [who.get(tuple(rows[i][k] for k in item)) for i in range(4)] == ["ana", "ana", "ana", "bea"]
 
 
 def test_merchant_text_that_looks_like_markup_is_shown_as_text(
