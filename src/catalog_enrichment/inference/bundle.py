@@ -202,9 +202,15 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
     return root
 
 
+def _sha256(path: Path) -> str:
+    """A file's SHA-256, read in chunks (weights can be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _digests(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(root)): _sha256(p)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }

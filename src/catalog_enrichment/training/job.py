@@ -70,7 +70,9 @@ def data_snapshot(path: str | Path) -> DataSnapshot:
     digest = hashlib.sha256()
     for file in data_files(path):
         digest.update(Path(file).name.encode())
-        digest.update(Path(file).read_bytes())
+        with open(file, "rb") as f:  # in chunks: a data file can be larger than memory
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
     return DataSnapshot(str(Path(path).resolve()), fmt, None, digest.hexdigest())
 
 
