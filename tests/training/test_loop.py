@@ -252,6 +252,16 @@ def test_label_values_outside_the_taxonomy_are_named(taxonomy: Taxonomy) -> None
     assert lenient.targets["pattern"][0] == -1
     strict = encode_labels(table, first)
     assert (lenient.targets["pattern"][1:] == strict.targets["pattern"][1:]).all()
+    # a null or blank entry names no value: a list of only such entries, or a blank multi-class
+    # label, is no label (it was an error, or all the colours wrong); beside a value it is skipped
+    blanks = bad.set_column(
+        table.schema.get_field_index("color"), "color", pa.array([[None], [" "], ["red", ""], *color[3:]])
+    ).set_column(
+        table.schema.get_field_index("pattern"), "pattern", pa.array(["", *table["pattern"].to_pylist()[1:]])
+    )
+    quiet = encode_labels(blanks, first)
+    assert quiet.known["color"][:3].tolist() == [False, False, True] and quiet.targets["pattern"][0] == -1
+    assert quiet.targets["color"][2].tolist() == [float(v == "red") for v in taxonomy["color"].values]
 
 
 def test_a_taxonomy_value_no_training_product_carries_is_named_and_never_written(taxonomy: Taxonomy) -> None:

@@ -183,6 +183,11 @@ class EncodedLabels:
         return np.concatenate(cols, axis=1).astype(np.int64)
 
 
+def _blank(value: Any) -> bool:
+    """A label entry that names nothing: null, or a text of whitespace."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def encode_labels(
     table: pa.Table, taxonomy: Taxonomy, *, outside: Literal["error", "unknown"] = "error"
 ) -> EncodedLabels:
@@ -190,7 +195,9 @@ def encode_labels(
     ``outside="unknown"``: a label naming a value the taxonomy does not have is no error - a
     multi-label product keeps its other values (the unknown one is simply not among the model's), a
     multi-class product is unlabelled for the attribute (its answer is none of the model's values) -
-    so a model version that never knew the value is judged on what it does know.
+    so a model version that never knew the value is judged on what it does know. A null or blank
+    entry names no value: a multi-label list of only such entries, or such a multi-class label, is
+    no label (the attribute unknown for the product).
 
     Raises:
         ContractError: a taxonomy attribute has no column.
@@ -213,8 +220,11 @@ def encode_labels(
                     continue
                 if isinstance(values, str):
                     values = [values]
+                given = [v for v in values if not _blank(v)]
+                if values and not given:  # only nulls or blanks ([null] from an export): no label
+                    continue
                 ok[i] = True
-                for v in values:
+                for v in given:
                     if v in index:
                         arr[i, index[v]] = 1.0
                     else:
@@ -222,7 +232,7 @@ def encode_labels(
         else:
             idx = np.full(len(column), -1, np.int64)
             for i, value in enumerate(column):
-                if value is None:
+                if _blank(value):
                     continue
                 if isinstance(value, list):
                     raise ContractError(f"label column {attr.name!r} is multiclass but holds a list: {value}")
