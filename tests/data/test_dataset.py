@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from catalog_enrichment.data.dataset import train_wordpiece_tokenizer
+import numpy as np
+import pytest
+import torch
+
+from catalog_enrichment.data.dataset import Collator, train_wordpiece_tokenizer
 
 
 def test_the_trained_tokenizer_lower_cases_but_keeps_accents_and_dakuten() -> None:
@@ -12,3 +16,22 @@ def test_the_trained_tokenizer_lower_cases_but_keeps_accents_and_dakuten() -> No
     assert tokenizer("ガラス")["input_ids"] != tokenizer("カラス")["input_ids"]
     assert tokenizer("CAFÉ")["input_ids"] == tokenizer("café")["input_ids"] != tokenizer("cafe")["input_ids"]
     assert tokenizer.decode(tokenizer("Café Crème")["input_ids"], skip_special_tokens=True) == "café crème"
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_of_items_with_verdicts_on_other_attributes_stacks_them_as_unjudged() -> None:
+    """A streamed run encodes each record batch apart: an item of a batch without verdicts has no
+    partial labels for an attribute another item's batch judged (the batch failed on it)."""
+    tokenizer = train_wordpiece_tokenizer(["red shirt", "blue jeans"], vocab_size=60, max_length=8)
+
+    def item(partial: dict[str, np.ndarray]) -> dict[str, object]:
+        return {
+            "title": "red shirt", "description": "", "pixel_values": torch.zeros(3, 4, 4), "image_present": 0,
+            "targets": {"color": np.int64(-1)}, "known": {"color": False}, "partial": partial,
+        }  # fmt: skip
+
+    judged = np.array([1, 0, -1], np.int8)
+    for items in ([item({"color": judged}), item({})], [item({}), item({"color": judged})]):
+        batch = Collator(tokenizer, 8)(items)
+        rows = batch["partial"]["color"].tolist()
+        assert sorted(rows) == sorted([judged.tolist(), [0, 0, 0]])

@@ -493,7 +493,13 @@ class Collator:
                 a: torch.from_numpy(np.stack([it["targets"][a] for it in items])) for a in items[0]["targets"]
             }
             batch["known"] = {a: torch.tensor([it["known"][a] for it in items]) for a in items[0]["known"]}
+            # items of a streamed run come from record batches with verdicts on other attributes
+            # (or none): an attribute one item lacks is unjudged there
+            shapes = {a: p.shape for it in items for a, p in it["partial"].items()}
             batch["partial"] = {
-                a: torch.from_numpy(np.stack([it["partial"][a] for it in items])) for a in items[0]["partial"]
+                a: torch.from_numpy(
+                    np.stack([it["partial"].get(a, np.zeros(shape, np.int8)) for it in items])
+                )
+                for a, shape in shapes.items()
             }
         return batch
