@@ -52,7 +52,8 @@ class OnnxGraph:
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         feeds = {name: np.ascontiguousarray(inputs[name].detach().cpu().numpy()) for name in self.inputs}
-        return torch.from_numpy(np.asarray(self.session.run(None, feeds)[0]))
+        out = torch.from_numpy(np.asarray(self.session.run(None, feeds)[0]))
+        return out.to(inputs[self.inputs[0]].device)  # where the rest of the model runs (a GPU's training)
 
 
 class _TextBackbone(nn.Module):
