@@ -492,6 +492,12 @@ def test_bad_pretrained_inputs_are_clear_errors(
         ConfigError, match=r"tokenizer has \d+ tokens but the text model's embedding has \d+ rows"
     ):
         build(text=short)
+    # a max_length past the model's positions: a long text would fail its scoring task
+    cfg = _cfg(pretrained)
+    long = cfg.model.model_copy(update={"text": cfg.model.text.model_copy(update={"max_length": 65})})
+    tok = build_tokenizer(cfg.model.text, [])
+    with pytest.raises(ConfigError, match=r"max_length is 65 but the text model has 64 positions"):
+        build_model(long, taxonomy, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     with pytest.raises(ConfigError, match="no such file"):
         build(image=tmp_path / "missing.pth")
     (tmp_path / "notes.pth").write_text("not weights")

@@ -103,6 +103,12 @@ class TextEncoder(nn.Module):
                 f"the tokenizer has {vocab_size} tokens but the text model's embedding has {rows} rows: "
                 "the tokenizer does not belong to this model (model.text.pretrained_path)"
             )
+        positions = getattr(self.backbone.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and cfg.max_length > positions:  # a long text would fail its task
+            raise ConfigError(
+                f"model.text.max_length is {cfg.max_length} but the text model has {positions} positions: "
+                f"set model.text.max_length to at most {positions}"
+            )
         self.hidden_size = int(getattr(self.backbone.config, "hidden_size", None) or self.backbone.config.dim)
         self.takes_token_types = "token_type_ids" in inspect.signature(self.backbone.forward).parameters
         self.graph: Any = None  # the exported backbone that serves instead (models.runtime.attach)
