@@ -115,6 +115,9 @@ def _rank_main(job: _RankJob, say: Say | None = None) -> tuple[dict[str, torch.T
 
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(job.device)
+    if device.type == "cuda" and device.index is None:  # each rank its own GPU of those it sees
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if job.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:

@@ -317,7 +317,9 @@ def _sync_ranks(model: torch.nn.Module, loss: float) -> float:
         return loss
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
-    total = torch.tensor([loss], dtype=torch.float64)
+    # on the model's device: NCCL (the GPUs' backend) reduces CUDA tensors only
+    where = next(model.parameters(), torch.empty(0)).device
+    total = torch.tensor([loss], dtype=torch.float64, device=where)
     dist.all_reduce(total)
     return float(total.item()) / dist.get_world_size()
 
