@@ -251,6 +251,29 @@ def test_frozen_training_embeds_once_and_reads_the_cache_back(  # type: ignore[n
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
+def test_embeddings_of_a_photo_that_did_not_load_are_not_cached(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], monkeypatch
+) -> None:
+    """A product whose photo did not load this time (a timeout) is encoded imageless: kept in the
+    cache, every later training would learn and calibrate it so without trying again."""
+    from catalog_enrichment.embeddings import frozen
+
+    real = frozen._encoded
+
+    def first_lost(model, records, rows, *args):  # type: ignore[no-untyped-def]
+        for k, flat in enumerate(real(model, records, rows, *args)):
+            if k == 0:
+                flat["image_present"][0] = 0.0
+            yield flat
+
+    monkeypatch.setattr(frozen, "_encoded", first_lost)
+    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=1)
+    said: list[str] = []
+    train(labelled.slice(0, 450), taxonomy, cfg, progress=said.append)
+    assert any("not cached: 1 of them had an image that did not load" in line for line in said), said
+    assert not list((tmp_path / "cache").glob("*.pt"))
+
+
 def _count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The products each driver-side encode of a frozen training encodes, appended as they happen."""
     from catalog_enrichment.embeddings import frozen as embeddings

@@ -161,10 +161,31 @@ def embed_products(
         for name, tensor in _pad_tokens(flat, max_length).items():  # token outputs kept in half
             parts.setdefault(name, []).append(tensor.half() if name in _HALF else tensor)
     tensors = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    if path is not None:
+    unfit = _not_to_keep(model, records, tensors)
+    if path is not None and unfit:
+        say(
+            f"frozen encoders: {len(records):,} products embedded, not cached: {unfit:,} of them had an "
+            "image that did not load this time, or a vector that is not finite (encoded again next time)"
+        )
+    elif path is not None:
         save_atomically(tensors, path)
         say(f"frozen encoders: {len(records):,} products embedded, cached in {path}")
     return Embeddings(tensors)
+
+
+def _not_to_keep(model: MultimodalModel, records: ProductRecords, tensors: dict[str, torch.Tensor]) -> int:
+    """How many products' outputs no later training should reuse, as the store keeps none of them
+    (:func:`_embed_through_store`): imageless although the product has an image (its read failed
+    this time), or not finite."""
+    present = tensors["image_present"].numpy() > 0
+    has = np.array(
+        [i is not None or u is not None for i, u in zip(records.image, records.image_uri, strict=True)]
+    )
+    lost = has & ~present if model.image_encoder is not None else np.zeros(len(records), bool)
+    broken = np.zeros(len(records), bool)
+    for t in tensors.values():
+        broken |= ~torch.isfinite(t.float().reshape(len(records), -1)).all(dim=1).numpy()
+    return int((lost | broken).sum())
 
 
 def _encoded(
