@@ -158,16 +158,16 @@ def labels(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.contracts import load_taxonomy
 
     out = Path(args.out or cfg.catalog.table("labelled"))
-    evaluation: Path | None = _eval_data(cfg)
-    if cfg.promotion.eval_data is None and not evaluation.exists():  # a named one must exist
+    evaluation = _eval_data(cfg)
+    used = cfg.promotion.eval_data is not None or evaluation.exists()  # a named one must exist
+    if not used:
         print(
             f"no evaluation set at {evaluation}: no product is left out of the labels (the promotion "
             "gate judges on one; set promotion.eval_data or --eval-data)"
         )
-        evaluation = None
     report = write_labels(
         catalog=open_catalog(cfg.catalog),
-        evaluation=evaluation,
+        evaluation=evaluation if used else None,
         out=out,
         taxonomy=load_taxonomy(cfg.taxonomy_path),
         evaluation_version=cfg.promotion.eval_version,

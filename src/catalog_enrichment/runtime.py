@@ -134,6 +134,8 @@ def _jdbc_driver(cfg: AppConfig) -> tuple[str, str]:
     ``spark.jars.packages`` (its Maven coordinates)."""
     pg = cfg.catalog.postgres
     if pg.jdbc_jar is None:
+        if pg.jdbc_package is None:  # the config refuses it; a config built in code may not
+            raise CatalogEnrichError("set catalog.postgres.jdbc_jar or catalog.postgres.jdbc_package")
         return "spark.jars.packages", pg.jdbc_package
     if not Path(pg.jdbc_jar).is_file():
         raise CatalogEnrichError(

@@ -112,7 +112,7 @@ def _not_blank(texts: pa.Array) -> np.ndarray:
         length = pc.utf8_length(pc.utf8_trim_whitespace(texts))
     except pa.ArrowInvalid:
         length = pc.binary_length(texts)
-    return pc.fill_null(pc.greater(length, 0), False).to_numpy(zero_copy_only=False)
+    return np.asarray(pc.fill_null(pc.greater(length, 0), False).to_numpy(zero_copy_only=False), bool)
 
 
 @dataclass(frozen=True)
