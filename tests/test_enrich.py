@@ -782,7 +782,7 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     assert json.loads(report.validation_summary)["rejected_by_review"] == len(rejected)
 
     assert (
-        main(["labels", "--out", str(tmp_path / "labelled"), "--eval-data", str(tmp_path / "none"), *flags])
+        main(["labels", "--out", str(tmp_path / "labelled"), *flags])  # no evaluation set: none left out
         == 0
     )
     assert "people's verdicts: confirmed" in capsys.readouterr().out

@@ -350,7 +350,9 @@ def test_gate_compares_coverage_by_a_paired_bound() -> None:
 
 
 def test_paired_coverage_comparison_has_a_known_answer() -> None:
-    # per-product differences [0, 1, 0, -1]: mean 0, sample sd sqrt(2/3); upper = 1.645 * sd / 2
+    # per-product differences [0, 1, 0, -1]: mean 0; of the 2 products the two treat differently
+    # the challenger covers 1, whose exact 95 % upper rate is sqrt(0.95) (Beta(2, 1)): the mean
+    # change's bound is 2 * (2 sqrt(0.95) - 1) / 4
     new, old = np.array([1, 1, 0, 0, 1], bool), np.array([1, 0, 0, 1, 0], bool)
     labelled = {"color": np.array([1, 1, 1, 1, 1], bool)}
     # the fifth product's label is a value the champion's taxonomy lacks: compared on the other four
@@ -359,13 +361,14 @@ def test_paired_coverage_comparison_has_a_known_answer() -> None:
         Evaluation({}, {"color": new}, labelled), Evaluation({}, {"color": old}, theirs), confidence=0.95
     )
     assert changes["color"].champion == 0.5 and changes["color"].delta == 0.0
-    assert changes["color"].upper == pytest.approx(1.6448536 * np.sqrt(2 / 3) / 2)
-    # an attribute the challenger lacks: none of the champion's four labelled products covered
+    assert changes["color"].upper == pytest.approx(2 * (2 * np.sqrt(0.95) - 1) / 4)
+    # an attribute the challenger lacks: none of the champion's four labelled products covered (it
+    # covers 0 of the 2 they differ on: upper rate 1 - sqrt(0.05), Beta(1, 2))
     lacking = compare_coverage(
         Evaluation({}, {}, {}), Evaluation({}, {"color": old}, theirs), confidence=0.95
     )
     assert lacking["color"].champion == 0.5 and lacking["color"].delta == -0.5
-    assert lacking["color"].upper == pytest.approx(-0.5 + 1.6448536 * np.sqrt(1 / 3) / 2)
+    assert lacking["color"].upper == pytest.approx(2 * (2 * (1 - np.sqrt(0.05)) - 1) / 4)
 
 
 @pytest.mark.timeout(10)
