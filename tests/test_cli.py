@@ -80,6 +80,10 @@ def test_expectations_writes_a_suite_great_expectations_reads_back(
     assert suite.name == "nightly" and len(suite.expectations) == 17
     title = next(e for e in suite.expectations if e.meta.get("rule") == "title_max_length")
     assert title.max_value == 300
+    # a model named and not found is an error, not a suite without its shares
+    out.unlink()
+    assert main(["expectations", *flags, "--model", "models:/nowhere/3"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not out.exists()
 
 
 def test_config_command_applies_overrides(capsys: pytest.CaptureFixture[str]) -> None:

@@ -126,8 +126,9 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         f"catalog-enrich report [--audit] --catalog {cfg.catalog.root} --set "
         f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"
         if cfg.catalog.kind == "lakehouse"
-        else "catalog-enrich report [--audit] --set catalog.kind=postgres (with CATALOG_ENRICH_PG_DSN set: "
-        "a throw-away server is gone with the demo)"
+        else "catalog-enrich report [--audit] --set catalog.kind=postgres --set "
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri} (with CATALOG_ENRICH_PG_DSN set: a throw-away server "
+        "is gone with the demo)"
     )
     print(
         f"\ndemo finished in {time.perf_counter() - started:.0f}s. Next: {report}; review in a browser: "

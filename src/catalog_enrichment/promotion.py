@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog_enrichment.calibration import clopper_pearson_lower, version_target
-from catalog_enrichment.catalog.lakehouse import read_table, table_format, table_version, write_table
+from catalog_enrichment.catalog.lakehouse import pinned_version, read_table, write_table
 from catalog_enrichment.config import CalibrationConfig, PromotionConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
@@ -392,9 +392,7 @@ def _judge(
 
 def _evaluation_set(eval_data: str | Path, eval_version: int | None) -> tuple[pa.Table, int | None]:
     """The frozen evaluation set, a Delta table pinned to a version (its latest by default)."""
-    if table_format(eval_data) != "delta":
-        return read_table(eval_data), None
-    pinned = table_version(eval_data) if eval_version is None else eval_version
+    pinned = pinned_version(eval_data, eval_version, "promotion.eval_version")
     return read_table(eval_data, version=pinned), pinned
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from catalog_enrichment.catalog.attributes import attributes_schema
@@ -134,6 +135,18 @@ def test_labels_are_written_with_their_sources_and_train_reads_them(
         out=tmp_path / "labelled", taxonomy=taxonomy, evaluation_version=0,
     )  # fmt: skip
     assert pinned.excluded_evaluation_products == 1 and pinned.sources["evaluation"]["version"] == 0
+    # a version the set does not have, or a version of a Parquet set (it has none): one-line errors
+    with pytest.raises(CatalogEnrichError, match=r"promotion.eval_version is 9, but .* has versions 0 to 1"):
+        write_labels(
+            catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=tmp_path / "eval",
+            out=tmp_path / "labelled", taxonomy=taxonomy, evaluation_version=9,
+        )  # fmt: skip
+    pq.write_table(_evaluation(), tmp_path / "eval.parquet")
+    with pytest.raises(CatalogEnrichError, match="is not a Delta table: it has no versions"):
+        write_labels(
+            catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=tmp_path / "eval.parquet",
+            out=tmp_path / "labelled", taxonomy=taxonomy, evaluation_version=0,
+        )  # fmt: skip
 
 
 def test_bad_catalogs_are_clear_errors(

@@ -310,13 +310,12 @@ def _count(
 
 def _read(path: Path, name: str, version: int | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """The table at ``path`` (a Delta table at ``version``; None: its latest) and where it came from."""
-    from catalog_enrichment.catalog.lakehouse import read_table, table_format, table_version
+    from catalog_enrichment.catalog.lakehouse import pinned_version, read_table
 
     if not path.exists():
         raise CatalogEnrichError(f"the {name} table was not found: {path}")
-    if version is None or table_format(path) != "delta":
-        return read_table(path), {"path": str(path.resolve()), "version": table_version(path)}
-    return read_table(path, version=version), {"path": str(path.resolve()), "version": version}
+    pinned = pinned_version(path, version, "promotion.eval_version")
+    return read_table(path, version=pinned), {"path": str(path.resolve()), "version": pinned}
 
 
 def write_labels(

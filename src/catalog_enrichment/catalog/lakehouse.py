@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from catalog_enrichment.errors import ContractError
+from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 __all__ = [
     "TableFormat",
@@ -24,6 +24,7 @@ __all__ = [
     "dataset",
     "file_path",
     "is_delta",
+    "pinned_version",
     "read_products_of",
     "read_table",
     "scan",
@@ -101,6 +102,25 @@ def read_table(
     ``schema`` types hive partition columns of a Parquet folder (otherwise they are inferred).
     """
     return dataset(path, version=version, schema=schema).to_table(columns=list(columns) if columns else None)
+
+
+def pinned_version(path: str | Path, version: int | None, setting: str) -> int | None:
+    """The Delta version to read ``path`` at: ``version`` (checked: it exists), else the latest;
+    None for a Parquet table, which has no versions (``version`` given for one is an error).
+
+    Raises:
+        CatalogEnrichError: ``version`` is not one of the table's (``setting`` names where it came from).
+    """
+    latest = table_version(path)
+    if version is None:
+        return latest
+    if latest is None:
+        raise CatalogEnrichError(
+            f"{setting} is {version}, but {path} is not a Delta table: it has no versions"
+        )
+    if not 0 <= version <= latest:
+        raise CatalogEnrichError(f"{setting} is {version}, but {path} has versions 0 to {latest}")
+    return version
 
 
 def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema | None = None) -> ds.Dataset:
