@@ -35,6 +35,18 @@ def test_round_trip_partitioned(tmp_path: Path, fmt: str) -> None:
     assert len({Path(f).parent.name for f in data_files(tmp_path / "t")}) == 3  # one folder per day
 
 
+def test_a_parquet_folder_s_other_files_are_not_the_table_s(tmp_path: Path) -> None:
+    """Images and a generator's notes beside a Parquet table's files are not read as data (pyarrow
+    failed on them, and every command reading the table with it)."""
+    write_table(tmp_path / "t", _table(30), fmt="parquet", partition_by=["day"])
+    (tmp_path / "t" / "images").mkdir()
+    (tmp_path / "t" / "images" / "a.jpg").write_bytes(b"\xff\xd8 not parquet")
+    (tmp_path / "t" / "generation.json").write_text("{}")
+    back = read_table(tmp_path / "t", schema=_SCHEMA).select(["id", "n", "day"]).sort_by("n")
+    assert back.equals(_table(30)) and len(data_files(tmp_path / "t")) == 3
+    assert sum(b.num_rows for b in scan(tmp_path / "t")) == 30
+
+
 def test_delta_versions_and_modes(tmp_path: Path) -> None:
     path = tmp_path / "t"
     write_table(path, _table(5))

@@ -133,7 +133,23 @@ def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema |
         return DeltaTable(str(target), version=version).to_pyarrow_dataset()
     if target.is_file():
         return ds.dataset(str(target), format="parquet")
-    return ds.dataset(str(target), format="parquet", schema=schema, partitioning="hive")
+    return ds.dataset(
+        _parquet_files(target),
+        format="parquet",
+        schema=schema,
+        partitioning="hive",
+        partition_base_dir=str(target),
+    )
+
+
+def _parquet_files(folder: Path) -> list[str]:
+    """A Parquet table folder's data files: its ``.parquet`` files outside hidden folders (others, such
+    as images or a generator's notes beside the data, are not the table's)."""
+    return [
+        str(p)
+        for p in sorted(folder.rglob("*.parquet"))
+        if not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts)
+    ]
 
 
 # A scan whose memory is bounded by a few small batches, not by a row group read whole in advance
@@ -230,4 +246,4 @@ def data_files(path: str | Path) -> list[str]:
         return sorted(file_path(u, table.table_uri) for u in table.file_uris())
     if target.is_file():
         return [str(target)]
-    return sorted(str(p) for p in target.rglob("*.parquet"))
+    return _parquet_files(target)
