@@ -60,6 +60,13 @@ def test_generate_then_summarize(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert summary["rows"] == 120
     assert sum(summary["bad_rows_by_kind"].values()) == 8 * round(120 * 0.1 / 8)
     assert set(summary["value_frequencies"]) == {"color", "material", "product_type", "pattern"}
+    # images as files lie outside the products table's folder: the setting that reads them is said
+    assert (
+        main(["generate", "--out", str(tmp_path / "files"), "--products", "20", "--image-files", "--quiet"])
+        == 0
+    )
+    images = (tmp_path / "files" / "images").resolve()
+    assert f"""--set images.roots='["{images}"]'""" in capsys.readouterr().out
 
 
 def test_expectations_writes_a_suite_great_expectations_reads_back(

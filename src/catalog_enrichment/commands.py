@@ -45,6 +45,9 @@ def generate(args: argparse.Namespace, cfg: AppConfig) -> int:
         f"Wrote {result.rows:,} rows in {result.seconds:.1f}s ({result.rows / result.seconds:,.0f}/s): "
         f"products -> {result.products}, truth -> {result.truth}"
     )
+    if cfg.synthetic.image_files:  # outside the products table's folder, the one the default reads
+        images = (out / "images").resolve()
+        print(f"images -> {images}: read them with --set images.roots='[\"{images}\"]'")
     if not args.quiet:
         print()
         print(format_summary(summarize_marketplace(out, taxonomy=taxonomy)))
