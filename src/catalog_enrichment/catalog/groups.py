@@ -29,7 +29,9 @@ def group_ids(
     A shared text stops joining groups once the joined group would pass ``max_group`` products:
     a boilerplate description or a generic title is a template, not one product's variants, and
     would chain much of a catalog into one group. Texts are joined rarest first (the ones that name
-    one product); products with the same title and description are always one group.
+    one product); products with the same title and description are always one group (the same title
+    and no description is a shared title: "Gift card" three hundred times would be one group, and
+    the health checks' design effect, its mean group size, would blind every check).
     """
     n = len(titles)
     parent = np.arange(n)
@@ -51,8 +53,8 @@ def group_ids(
     links: dict[tuple[str, ...], list[int]] = {}
     for i, (title, description) in enumerate(folded):
         links.setdefault(("both", title, description), []).append(i)
-    for rows in links.values():
-        join(rows, None)
+    for (_, _, description), rows in links.items():
+        join(rows, None if description else max_group)  # a title alone is capped like any shared text
     shared: dict[tuple[str, str], list[int]] = {}
     for i, (title, description) in enumerate(folded):
         shared.setdefault(("title", title), []).append(i)
