@@ -155,7 +155,7 @@ def test_a_model_value_whose_pair_the_merchant_fills_later_goes_with_the_next_ru
         catalog.add_merchant_values(late)  # type: ignore[attr-defined]
     else:
         write_table(catalog.attributes, late, mode="append")  # type: ignore[attr-defined]
-    products = [("p4", [("color", ["black"])]), ("p5", [("color", [None, " "])])]
+    products = [("p4", [("color", ["black"])]), ("p5", [("color", [None, " \t"])])]
     table = pa.Table.from_pylist(
         [{"product_id": p, "title": "t", "merchant_attributes": m, "updated_at": T0, "ingest_date": T0.date()}
          for p, m in products],
@@ -173,6 +173,28 @@ def test_a_model_value_whose_pair_the_merchant_fills_later_goes_with_the_next_ru
     result = catalog.rollback_runs(["r3"])[0]
     assert colours() == {("p3", "color", "green", "merchant"), ("p5", "color", "red", "model")}
     assert (result.pairs_restored, result.rows_restored) == (3, 1)
+
+
+def test_merchant_rows_hold_the_merchant_s_values_only() -> None:
+    """Seeding the catalog from the products' merchant_attributes: null and blank entries are no value."""
+    from catalog_enrichment.catalog.attributes import merchant_rows
+
+    table = pa.Table.from_pylist(
+        [
+            {
+                "product_id": "p1",
+                "merchant_attributes": [("color", [None, "", " ", "red"]), ("material", [None])],
+            }
+        ],
+        schema=pa.schema(
+            [
+                ("product_id", pa.string()),
+                ("merchant_attributes", pa.map_(pa.string(), pa.list_(pa.string()))),
+            ]
+        ),
+    )
+    rows = merchant_rows(table, T0).to_pylist()
+    assert [(r["attribute"], r["value"], r["source"]) for r in rows] == [("color", "red", "merchant")]
 
 
 def test_rollback_restores_exactly_and_leaves_pairs_changed_later_alone(catalog: Catalog) -> None:

@@ -95,6 +95,8 @@ def merchant_rows(products: pa.Table, written_at: dt.datetime) -> pa.Table:
             continue
         for attribute, values in merchant:
             for value in values or []:
+                if not merchant_value_given([value]):  # a null or blank entry is no value
+                    continue
                 for k, v in (
                     ("product_id", pid),
                     ("attribute", attribute),

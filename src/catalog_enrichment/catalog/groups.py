@@ -54,7 +54,8 @@ def group_ids(
     for i, (title, description) in enumerate(folded):
         links.setdefault(("both", title, description), []).append(i)
     for (_, _, description), rows in links.items():
-        join(rows, None if description else max_group)  # a title alone is capped like any shared text
+        if description:  # the same title alone is a shared title, capped below like any shared text
+            join(rows, None)
     shared: dict[tuple[str, str], list[int]] = {}
     for i, (title, description) in enumerate(folded):
         shared.setdefault(("title", title), []).append(i)

@@ -120,7 +120,7 @@ class Rollbacks(PgBase):
                 "({held} OR EXISTS (SELECT 1 FROM (SELECT pr.merchant_attributes::jsonb -> r.attribute AS m "
                 "FROM {products} pr WHERE pr.product_id = r.product_id ORDER BY pr.updated_at DESC LIMIT 1) "
                 "latest CROSS JOIN LATERAL jsonb_array_elements_text(CASE WHEN jsonb_typeof(latest.m) = "
-                "'array' THEN latest.m ELSE '[]'::jsonb END) v WHERE btrim(v) <> ''))"
+                "'array' THEN latest.m ELSE '[]'::jsonb END) v WHERE v ~ '\\S'))"
             ).format(held=held, products=sql.Identifier(*self.products))
         removed = conn.execute(
             self._sql(
