@@ -28,21 +28,30 @@ conf="$here/$mode.conf"
 [ -f "$conf" ] || { echo "submit.sh: unknown mode $mode (no $conf)" >&2; exit 64; }
 entry="$home/jobs/$job.py"
 [ -f "$entry" ] || { echo "submit.sh: no such job: $entry" >&2; exit 64; }
-# the interpreter here: the driver's in client mode
-py=""
+# the interpreters here (the driver's in client mode)
+pys=()
 for candidate in "${PYSPARK_PYTHON:-}" "$home/.venv/bin/python" python3; do
-  if [ -n "$candidate" ] && command -v "$candidate" >/dev/null; then py="$candidate"; break; fi
+  if [ -n "$candidate" ] && command -v "$candidate" >/dev/null; then pys+=("$candidate"); fi
 done
-[ -n "$py" ] || { echo "submit.sh: no Python found (set PYSPARK_PYTHON)" >&2; exit 69; }
 if [ -z "${SPARK_HOME:-}" ]; then
-  SPARK_HOME="$("$py" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null || true)"
+  for py in "${pys[@]}"; do
+    SPARK_HOME="$("$py" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null || true)"
+    [ -n "$SPARK_HOME" ] && break
+  done
 fi
 [ -x "${SPARK_HOME:-}/bin/spark-submit" ] || { echo "submit.sh: set SPARK_HOME (no spark-submit found)" >&2; exit 69; }
 # the package beside jobs/ is this checkout's (a shared virtual environment may point at another's)
 export PYTHONPATH="$home/src${PYTHONPATH:+:$PYTHONPATH}"
 args=(--properties-file "$conf" --name "catalog-enrich-$job")
-# what the job's config needs before the driver JVM starts (a PostgreSQL catalog's JDBC driver)
-needs="$("$py" -c 'import sys; from catalog_enrichment.cli import print_submit_arguments as p; sys.exit(p(sys.argv[1:]))' "$job" "$@")" || exit $?
+# What the job's config needs before the driver JVM starts (a PostgreSQL catalog's JDBC driver),
+# where the config can be read here: in cluster mode it may exist only in the driver's container.
+needs=""
+if [ "${#pys[@]}" -gt 0 ]; then
+  needs="$("${pys[0]}" -c 'import sys; from catalog_enrichment.cli import print_submit_arguments as p; sys.exit(p(sys.argv[1:]))' "$job" "$@")" || {
+    echo "submit.sh: the job's config cannot be read here: no JDBC driver is given to spark-submit (a PostgreSQL catalog then needs --jars in SPARK_SUBMIT_EXTRA, or the jar in the image's \$SPARK_HOME/jars)" >&2
+    needs=""
+  }
+fi
 while IFS= read -r arg; do [ -n "$arg" ] && args+=("$arg"); done <<< "$needs"
 [ -n "${SPARK_MASTER:-}" ] && args+=(--master "$SPARK_MASTER")
 if [ -n "${CATALOG_ENRICH_ENV:-}" ]; then

@@ -77,6 +77,7 @@ def test_dockerfile_and_spark_application() -> None:
     assert "spark.executor.extraJavaOptions" not in runtime.spark_conf(AppConfig(), submitted=True)
     for conf in ("standalone", "yarn", "k8s"):
         assert runtime.C1_JIT in (DEPLOY / "spark" / f"{conf}.conf").read_text(), conf
+    assert app["spec"]["sparkConf"]["spark.executor.extraJavaOptions"] == runtime.C1_JIT
     assert "local[*,4]" in (DEPLOY / "spark" / "local.conf").read_text()  # a failed task is tried again
     # the GPU discovery script is where the image puts it
     docker_path = re.search(r"cp deploy/spark/gpu-discovery.sh (\S+)", docker)
@@ -86,7 +87,8 @@ def test_dockerfile_and_spark_application() -> None:
 
 
 def _submitted(tmp_path: Path, *args: str, **env: str) -> list[str]:
-    """The arguments ``submit.sh`` hands spark-submit (a stand-in that prints them)."""
+    """The arguments ``submit.sh`` hands spark-submit (a stand-in that prints them); what it said
+    goes to ``tmp_path / "said"``."""
     import os
 
     spark = tmp_path / "spark"
@@ -101,6 +103,7 @@ def _submitted(tmp_path: Path, *args: str, **env: str) -> list[str]:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+    (tmp_path / "said").write_text(done.stderr)
     return done.stdout.splitlines()
 
 
@@ -125,6 +128,11 @@ def test_a_postgres_catalog_s_jdbc_driver_is_given_to_spark_submit(tmp_path: Pat
     assert "--jars" not in _submitted(tmp_path, "local", "enrich") and "--packages" not in _submitted(
         tmp_path, "local", "enrich"
     )
+    # cluster mode: the config shipped with --files exists only in the driver's container; the job
+    # is submitted all the same, and the script says what it could not give
+    args = _submitted(tmp_path, "yarn", "enrich", "--config", "prod.yaml")
+    assert args[-3:] == [str(DEPLOY.parent / "jobs" / "enrich.py"), "--config", "prod.yaml"]
+    assert "the job's config cannot be read here" in (tmp_path / "said").read_text()
 
 
 @pytest.mark.parametrize(("mode", "driver_here"), [("local", True), ("standalone", True), ("yarn", False)])
