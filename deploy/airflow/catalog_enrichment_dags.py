@@ -7,9 +7,10 @@ through spark-submit) with parameters. Per environment, set (Airflow Variables, 
   default), ``deploy/spark/submit.sh yarn`` or ``deploy/spark/submit.sh k8s`` (cluster);
 * ``catalog_enrich_cli``     the ``catalog-enrich`` executable for the light steps (report, review);
 * ``catalog_enrich_review_dir``  where the nightly review sample files go (people judge them there);
-* ``catalog_enrich_home``    the folder every task runs in (default ``$CATALOG_ENRICH_HOME``, else
-  ``$AIRFLOW_HOME``): relative paths of the config (tables, stores) resolve there, as cron's
-  resolve in its checkout - not in the temporary folder Airflow gives a task and deletes after it;
+* ``catalog_enrich_home``    the folder every task runs in (default: the worker's
+  ``$CATALOG_ENRICH_HOME``, else its ``$AIRFLOW_HOME``): relative paths of the config (tables,
+  stores) resolve there, as cron's resolve in its checkout - not in the temporary folder Airflow
+  gives a task and deletes after it;
 * ``CATALOG_ENRICH_CONFIG`` and the other ``CATALOG_ENRICH_*`` variables in the worker's
   environment: config file, MLflow URI, catalog location; secrets (database passwords, tokens)
   come from the environment or a secrets backend, never from the command line.
@@ -45,11 +46,15 @@ CLI = "{{ var.value.get('catalog_enrich_cli', '%s') }}" % os.environ.get(
     "CATALOG_ENRICH_CLI", "catalog-enrich"
 )
 AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
-HOME = "{{ var.value.get('catalog_enrich_home', '%s') }}" % os.environ.get(
-    "CATALOG_ENRICH_HOME", AIRFLOW_HOME
-)
 REVIEW_DIR = "{{ var.value.get('catalog_enrich_review_dir', '%s') }}" % os.environ.get(
     "CATALOG_ENRICH_REVIEW_DIR", os.path.join(AIRFLOW_HOME, "catalog-enrich-review")
+)
+# Every task's command starts in the catalog's home, resolved on the worker that runs it (a folder
+# fixed when the DAG file is parsed may not exist there)
+IN_HOME = (
+    "home=\"{{ var.value.get('catalog_enrich_home', '') }}\"; "
+    '[ -n "$home" ] || home="${CATALOG_ENRICH_HOME:-$AIRFLOW_HOME}"; [ -n "$home" ] || home="$HOME/airflow"; '
+    'cd "$home" || exit 1; '
 )
 # A run triggered without a logical date (`airflow dags trigger` without -l: Airflow 3) has no
 # ``ds``; its day is when it was to run
@@ -82,7 +87,6 @@ DEFAULTS: dict[str, Any] = {
     "retry_delay": dt.timedelta(minutes=10),
     "retry_exponential_backoff": True,
     "on_failure_callback": alert,
-    "cwd": HOME,
 }
 
 
@@ -116,24 +120,24 @@ with _dag(
         # exit 3: the circuit breaker or a critical expectation stopped the run before any write - bad
         # data, not a flaky job, so not retried (a retry reads a bigger window that may pass the
         # breaker): check_report then fails on the aborted report, once, and report_failure says why
-        bash_command=f"{SUBMIT} enrich --run-id {RUN_ID} || [ $? -eq 3 ]",
+        bash_command=f"{IN_HOME}{SUBMIT} enrich --run-id {RUN_ID} || [ $? -eq 3 ]",
         execution_timeout=dt.timedelta(hours=4),
     )
     check_report = BashOperator(
         task_id="check_report",
-        bash_command=f"{CLI} report --run-id {RUN_ID} --check",
+        bash_command=f"{IN_HOME}{CLI} report --run-id {RUN_ID} --check",
         execution_timeout=dt.timedelta(minutes=10),
         retries=0,
     )
     check_health = BashOperator(
         task_id="check_health",
-        bash_command=f"{CLI} report --run-id {RUN_ID} --health --check",
+        bash_command=f"{IN_HOME}{CLI} report --run-id {RUN_ID} --health --check",
         execution_timeout=dt.timedelta(minutes=10),
         retries=0,
     )
     review_sample = BashOperator(
         task_id="review_sample",
-        bash_command=f"{CLI} review sample --run-id {RUN_ID} --out {REVIEW_DIR}/{RUN_ID}.csv",
+        bash_command=f"{IN_HOME}{CLI} review sample --run-id {RUN_ID} --out {REVIEW_DIR}/{RUN_ID}.csv",
         execution_timeout=dt.timedelta(minutes=30),
     )
     report_failure = BashOperator(
@@ -141,7 +145,7 @@ with _dag(
         # Runs only when a step failed: prints the run report (aborted runs name the failing rules)
         # and its health checks into this task's log for the alert; fails itself so the run shows red.
         bash_command=(
-            f"{CLI} report --run-id {RUN_ID} || true; {CLI} report --run-id {RUN_ID} --health || true; "
+            f"{IN_HOME}{CLI} report --run-id {RUN_ID} || true; {CLI} report --run-id {RUN_ID} --health || true; "
             f"echo 'enrichment {RUN_ID} failed' >&2; exit 1"
         ),
         trigger_rule="one_failed",
@@ -158,12 +162,12 @@ with _dag(
     34,
 ) as weekly:
     labels = BashOperator(
-        task_id="labels", bash_command=f"{CLI} labels", execution_timeout=dt.timedelta(hours=1)
+        task_id="labels", bash_command=f"{IN_HOME}{CLI} labels", execution_timeout=dt.timedelta(hours=1)
     )
     train = BashOperator(
-        task_id="train", bash_command=f"{SUBMIT} train", execution_timeout=dt.timedelta(hours=8)
+        task_id="train", bash_command=f"{IN_HOME}{SUBMIT} train", execution_timeout=dt.timedelta(hours=8)
     )
     promote = BashOperator(
-        task_id="promote", bash_command=f"{SUBMIT} promote", execution_timeout=dt.timedelta(hours=1)
+        task_id="promote", bash_command=f"{IN_HOME}{SUBMIT} promote", execution_timeout=dt.timedelta(hours=1)
     )
     labels >> train >> promote
