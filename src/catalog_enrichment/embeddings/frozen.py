@@ -174,18 +174,23 @@ def embed_products(
 
 
 def _not_to_keep(model: MultimodalModel, records: ProductRecords, tensors: dict[str, torch.Tensor]) -> int:
-    """How many products' outputs no later training should reuse, as the store keeps none of them
-    (:func:`_embed_through_store`): imageless although the product has an image (its read failed
-    this time), or not finite."""
-    present = tensors["image_present"].numpy() > 0
-    has = np.array(
-        [i is not None or u is not None for i, u in zip(records.image, records.image_uri, strict=True)]
-    )
-    lost = has & ~present if model.image_encoder is not None else np.zeros(len(records), bool)
-    broken = np.zeros(len(records), bool)
+    """How many products' outputs no later training may reuse (:func:`_reusable`)."""
+    n = len(records)
+    finite = np.ones(n, bool)
     for t in tensors.values():
-        broken |= ~torch.isfinite(t.float().reshape(len(records), -1)).all(dim=1).numpy()
-    return int((lost | broken).sum())
+        finite &= torch.isfinite(t.float().reshape(n, -1)).all(dim=1).numpy()
+    present = tensors["image_present"].numpy() > 0
+    return int((~_reusable(records, np.arange(n), present, finite, model.image_encoder is not None)).sum())
+
+
+def _reusable(
+    records: ProductRecords, rows: np.ndarray, present: np.ndarray, finite: np.ndarray, images: bool
+) -> np.ndarray:
+    """Which of ``records[rows]``' encoder outputs a later run may reuse (cache or store): finite, and
+    not imageless where the product has an image (its read failed this time: a later run tries
+    again). ``present``/``finite``: per row, whether the outputs hold the image and are finite."""
+    has = np.array([records.image[i] is not None or records.image_uri[i] is not None for i in rows], bool)
+    return finite & (present | ~has | (not images))
 
 
 def _encoded(
@@ -257,15 +262,10 @@ def _embed_through_store(
     if missing:
         batches = _encoded(model, records, np.array(missing), collator, batch_size, device, say)
         matrix[missing] = np.concatenate([embedding.pack(model, _unflatten(flat)) for flat in batches])
-        # not stored: a vector scored as imageless although the product has an image (it did not
-        # load this time: later runs would fuse it without trying again), nor a non-finite one
-        present = embedding.unpack(model, matrix[missing]).image_present.numpy()
-        has_image = [records.image[i] is not None or records.image_uri[i] is not None for i in missing]
-        storable = [
-            i
-            for i, seen, has in zip(missing, present, has_image, strict=True)
-            if (seen or not has or not images) and np.isfinite(matrix[i]).all()
-        ]
+        present = embedding.unpack(model, matrix[missing]).image_present.numpy() > 0
+        finite = np.asarray(np.isfinite(matrix[missing]).all(axis=1), bool)
+        reusable = _reusable(records, np.array(missing), present, finite, images)
+        storable = [i for i, keep in zip(missing, reusable, strict=True) if keep]
         _store(store, encoder, records, content, matrix, storable)
     say(
         f"frozen encoders: {len(records) - len(missing):,} of {len(records):,} products read from the "
