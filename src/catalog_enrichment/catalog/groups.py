@@ -29,9 +29,7 @@ def group_ids(
     A shared text stops joining groups once the joined group would pass ``max_group`` products:
     a boilerplate description or a generic title is a template, not one product's variants, and
     would chain much of a catalog into one group. Texts are joined rarest first (the ones that name
-    one product); products with the same title and description are always one group (the same title
-    and no description is a shared title: "Gift card" three hundred times would be one group, and
-    the health checks' design effect, its mean group size, would blind every check).
+    one product); products with the same title and description are always one group.
     """
     n = len(titles)
     parent = np.arange(n)
@@ -53,9 +51,8 @@ def group_ids(
     links: dict[tuple[str, ...], list[int]] = {}
     for i, (title, description) in enumerate(folded):
         links.setdefault(("both", title, description), []).append(i)
-    for (_, _, description), rows in links.items():
-        if description:  # the same title alone is a shared title, capped below like any shared text
-            join(rows, None)
+    for rows in links.values():
+        join(rows, None)
     shared: dict[tuple[str, str], list[int]] = {}
     for i, (title, description) in enumerate(folded):
         shared.setdefault(("title", title), []).append(i)
