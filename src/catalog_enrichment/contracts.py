@@ -43,6 +43,7 @@ __all__ = [
     "FieldSpec",
     "Taxonomy",
     "arrow_type",
+    "blank_value",
     "image_key",
     "load_contract",
     "load_taxonomy",
@@ -69,14 +70,18 @@ SCORES_FINITE = "scores_finite"
 UNREADABLE = "_{}_unreadable"
 
 
+def blank_value(value: Any) -> bool:
+    """Whether one attribute value (a merchant's, a label's) names nothing: null, or a text of
+    whitespace (``[null]`` or ``[""]`` from an export)."""
+    return value is None or not str(value).strip()
+
+
 def merchant_value_given(values: Any) -> bool:
     """Whether a merchant's entry for an attribute (``merchant_attributes``' list, or one text) holds
-    a value: a text that is not blank (``[null]`` or ``[""]`` from an export is no value)."""
-    if values is None:
-        return False
-    if isinstance(values, str):
-        return bool(values.strip())
-    return any(v is not None and str(v).strip() for v in values)
+    a value that is not :func:`blank_value`."""
+    if values is None or isinstance(values, str):
+        return not blank_value(values)
+    return any(not blank_value(v) for v in values)
 
 
 def image_key(data: bytes) -> str:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import MergeResult, RollbackResult, RunWrite
 from catalog_enrichment.catalog.lakehouse import dataset, is_delta, read_products_of, table_version
-from catalog_enrichment.contracts import load_contract, merchant_value_given
+from catalog_enrichment.contracts import blank_value, load_contract, merchant_value_given
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
@@ -95,7 +95,7 @@ def merchant_rows(products: pa.Table, written_at: dt.datetime) -> pa.Table:
             continue
         for attribute, values in merchant:
             for value in values or []:
-                if not merchant_value_given([value]):  # a null or blank entry is no value
+                if blank_value(value):  # a null or blank entry is no value
                     continue
                 for k, v in (
                     ("product_id", pid),

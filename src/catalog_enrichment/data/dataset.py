@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from catalog_enrichment.config import TextEncoderConfig
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import Taxonomy, blank_value
 from catalog_enrichment.data.images import ImagePolicy, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import ConfigError, ContractError, TaxonomyError
@@ -183,11 +183,6 @@ class EncodedLabels:
         return np.concatenate(cols, axis=1).astype(np.int64)
 
 
-def _blank(value: Any) -> bool:
-    """A label entry that names nothing: null, or a text of whitespace."""
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
 def encode_labels(
     table: pa.Table, taxonomy: Taxonomy, *, outside: Literal["error", "unknown"] = "error"
 ) -> EncodedLabels:
@@ -220,7 +215,7 @@ def encode_labels(
                     continue
                 if isinstance(values, str):
                     values = [values]
-                given = [v for v in values if not _blank(v)]
+                given = [v for v in values if not blank_value(v)]
                 if values and not given:  # only nulls or blanks ([null] from an export): no label
                     continue
                 ok[i] = True
@@ -232,7 +227,7 @@ def encode_labels(
         else:
             idx = np.full(len(column), -1, np.int64)
             for i, value in enumerate(column):
-                if _blank(value):
+                if blank_value(value):
                     continue
                 if isinstance(value, list):
                     raise ContractError(f"label column {attr.name!r} is multiclass but holds a list: {value}")
