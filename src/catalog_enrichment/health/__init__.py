@@ -12,10 +12,10 @@ itself: no second read), and the driver compares (:func:`assess`).
 
 Every distribution (score deciles, coverage, value mix and the input checks) is compared with one
 two-sample test: Pearson's chi-square test of homogeneity between the baseline's ``m`` products and
-tonight's ``n``, with sparse bins pooled by the baseline's counts until each expects
-:data:`MIN_EXPECTED` products (so the chi-square approximation holds); bins too rare at training to
-stand alone are also compared with the rest by Fisher's exact test, so a night crowding into one is
-not pooled away. Estimated precision - what was written, each value weighted by the
+tonight's ``n``, with sparse bins pooled until each expects :data:`MIN_EXPECTED` products (so the
+chi-square approximation holds): categories ranked by both sides' counts together, the baseline's
+quantile bins in order; bins too rare to stand alone are also compared with the rest by Fisher's
+exact test, so a night crowding into one is not pooled away. Estimated precision - what was written, each value weighted by the
 held-out precision at its confidence (label-free, in the spirit of NannyML's CBPE) - fails when even
 its upper confidence bound is below the target.
 

@@ -43,20 +43,24 @@ def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
 
 
 def homogeneity(
-    baseline: Sequence[float], counts: Sequence[float], design_effect: float = 1.0
+    baseline: Sequence[float], counts: Sequence[float], design_effect: float = 1.0, *, quantiles: bool = False
 ) -> tuple[float, float, int]:
     """Pearson's chi-square test that two count vectors over the same bins come from one
     distribution: (statistic, p-value, degrees of freedom). ``design_effect``: products come in
     groups (variants) that count alike; the statistic is divided by it (Rao and Scott's first-order
     correction for cluster samples).
 
-    Bins are pooled, smallest baseline count first, until each pooled bin expects at least
-    :data:`MIN_EXPECTED` products on both sides at the baseline's shares; the pooling looks at the
-    baseline only, never at tonight's counts (choosing bins after seeing the data would inflate the
-    statistic: the bins of a decile check hold equal baseline counts, so pooling by both sides'
-    counts would pool by tonight's alone). Bins too rare at training to stand alone that were
-    pooled into a common one (a night whose products all lack the photo every training product
-    had, or whose titles are all in a script training saw a few times) are also compared, together,
+    Sparse bins are pooled, smallest first, until each pooled bin expects at least
+    :data:`MIN_EXPECTED` products on both sides. Bins that are categories (values, scripts,
+    merchant categories, a share's two sides) are ranked by both sides' counts together: given
+    each bin's total the test is exact under the null whatever bins those totals pool, whereas
+    ranking by the baseline's counts alone pools the values the baseline's sample happened to
+    under-count, which inflates the statistic (a 99-value mix alarms many times its level).
+    ``quantiles``: the bins are the baseline's quantiles, equal at training by construction; they
+    are pooled with their neighbours in order, never by tonight's counts (ranking equal baseline
+    counts by both sides would rank by tonight's alone). Bins too rare to stand alone that were
+    pooled into a common one (a night whose products all lack the photo every training product had,
+    or whose titles are all in a script training saw a few times) are also compared, together,
     with the rest by Fisher's exact test, on counts divided by the design effect; the p-value is the
     smaller of the two, doubled (Bonferroni), or Fisher's alone where the chi-square has one pooled
     bin (its statistic then ``nan``, 1 degree of freedom). With no rare bin, one bin tests nothing
@@ -69,23 +73,27 @@ def homogeneity(
     m, n = b.sum(), c.sum()
     if m == 0 or n == 0:
         return 0.0, 1.0, 0
-    need = MIN_EXPECTED * m / min(m, n)  # baseline products a pooled bin needs
+    # what ranks the bins, and how much of it a pooled bin needs to expect MIN_EXPECTED on each side
+    if quantiles:
+        size, need = b, MIN_EXPECTED * m / min(m, n)
+    else:
+        size, need = b + c, MIN_EXPECTED * (m + n) / min(m, n)
     groups: list[list[float]] = []
-    acc = [0.0, 0.0]
-    for i in np.argsort(b, kind="stable"):
-        acc = [acc[0] + b[i], acc[1] + c[i]]
-        if acc[0] >= need:
-            groups.append(acc)
-            acc = [0.0, 0.0]
-    if sum(acc) > 0:
+    acc = np.zeros(3)  # baseline, tonight, size
+    for i in np.argsort(size, kind="stable"):
+        acc += (b[i], c[i], size[i])
+        if acc[2] >= need:
+            groups.append(acc[:2].tolist())
+            acc = np.zeros(3)
+    if acc[:2].sum() > 0:
         if groups:
             groups[-1] = [groups[-1][0] + acc[0], groups[-1][1] + acc[1]]
         else:
-            groups.append(acc)
-    rare = b < need
+            groups.append(acc[:2].tolist())
+    rare = size < need
     # rare bins that could not form a pooled bin of their own, and were seen on either side
     exact = None
-    if rare.any() and not rare.all() and b[rare].sum() < need and (b[rare].sum() + c[rare].sum()) > 0:
+    if rare.any() and not rare.all() and size[rare].sum() < need and (b[rare].sum() + c[rare].sum()) > 0:
         exact = _fisher(b, c, rare, design_effect)
     if len(groups) < 2:
         return (0.0, 1.0, 0) if exact is None else (float("nan"), exact, 1)
@@ -151,10 +159,13 @@ class _Pending:
     counts: Sequence[float] | None = None
     share_bin: int | None = None  # a proportion: the bin whose share is shown
     precision: tuple[float, float] | None = None  # the estimate and its standard error
+    quantiles: bool = False  # the bins are the baseline's quantiles (see homogeneity)
 
 
-def _distribution(scope: str, check: str, baseline: Sequence[float], counts: Sequence[float]) -> _Pending:
-    return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts)
+def _distribution(
+    scope: str, check: str, baseline: Sequence[float], counts: Sequence[float], *, quantiles: bool = False
+) -> _Pending:
+    return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts, quantiles=quantiles)
 
 
 def _proportion(
@@ -222,7 +233,7 @@ def _pending(
             skipped += [Check(name, c, "skipped", n, base.products, message=why) for c in ATTRIBUTE_CHECKS]
             continue
         pending += [
-            _distribution(name, "score_drift", base.scores, t.scores),
+            _distribution(name, "score_drift", base.scores, t.scores, quantiles=True),
             _distribution(name, "value_mix", base.values, t.values),
         ]
         if name in changed:
@@ -248,7 +259,9 @@ def _pending(
         else:
             keys = list(inputs.categories)
             pending += [
-                _distribution(INPUT, "title_length", inputs.title_lengths, counted.title_lengths),
+                _distribution(
+                    INPUT, "title_length", inputs.title_lengths, counted.title_lengths, quantiles=True
+                ),
                 _distribution(INPUT, "script", inputs.scripts, counted.scripts),
                 _distribution(
                     INPUT,
@@ -264,7 +277,9 @@ def _pending(
                 why = f"{photos} photos decoded (fewer than {min_products})"
                 skipped.append(Check(INPUT, "image_tone", "skipped", photos, sum(inputs.tones), message=why))
             else:
-                pending.append(_distribution(INPUT, "image_tone", inputs.tones, counted.tones))
+                pending.append(
+                    _distribution(INPUT, "image_tone", inputs.tones, counted.tones, quantiles=True)
+                )
     return pending, skipped
 
 
@@ -284,7 +299,7 @@ def _judge(p: _Pending, limits: _Limits) -> Check:
             upper, None, alpha, estimate, target, message,
         )  # fmt: skip
     assert p.baseline is not None and p.counts is not None
-    statistic, p_value, _ = homogeneity(p.baseline, p.counts, limits.design_effect)
+    statistic, p_value, _ = homogeneity(p.baseline, p.counts, limits.design_effect, quantiles=p.quantiles)
     if p.share_bin is None:
         observed, expected = psi(p.baseline, p.counts), None
         large = observed >= limits.min_psi
