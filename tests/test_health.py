@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from scipy.stats import binom, chi2, chi2_contingency, fisher_exact
+from scipy.stats import binom, chi2, chi2_contingency, fisher_exact, norm
 
 from catalog_enrichment.config import HealthConfig
 from catalog_enrichment.health import (
@@ -153,6 +153,26 @@ def test_the_estimated_precision_is_the_held_out_curve_at_the_written_confidence
     low = AttributeBaseline([0.5], [500, 500], 505, [600, 400], written, correct)
     checks = assess(HealthProfile({"color": low}), _tally(low, np.full(50, 0.77)), target=0.95)
     assert _check(checks, "estimated_precision").observed == pytest.approx(3 / 5)
+
+
+def test_bins_that_borrow_one_held_out_bin_count_its_noise_once() -> None:
+    """Writes at eight confidences no held-out value fell at, with none below, all read the nearest
+    bin above (372 of 400 right): the estimate is that bin's precision, its error that bin's binomial
+    error whole - not an eighth of its variance, as if the eight bins were independent evidence."""
+    written, correct = [0] * CONFIDENCE_BINS, [0] * CONFIDENCE_BINS
+    written[18], correct[18] = 400, 372
+    written[19], correct[19] = 400, 396
+    base = AttributeBaseline([0.5], [500, 500], 500, [600, 400], written, correct)
+    confidences = np.repeat(np.arange(10, 18) / CONFIDENCE_BINS + 0.01, 10)  # ten in each of bins 10-17
+    est = _check(
+        assess(HealthProfile({"color": base}), _tally(base, confidences), target=0.95), "estimated_precision"
+    )
+    smoothed = 372.5 / 401
+    assert est.alpha == pytest.approx(0.01 / 4) and est.observed == pytest.approx(0.93)
+    assert est.statistic == pytest.approx(
+        0.93 + norm.ppf(1 - 0.01 / 4) * math.sqrt(smoothed * (1 - smoothed) / 401)
+    )
+    assert est.status == "passed"  # 0.93 on 400 held-out values cannot rule out 0.95
 
 
 def test_estimated_precision_fails_only_when_its_upper_bound_is_below_the_target() -> None:

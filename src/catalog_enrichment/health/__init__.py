@@ -15,9 +15,9 @@ two-sample test: Pearson's chi-square test of homogeneity between the baseline's
 tonight's ``n``, with sparse bins pooled until each expects :data:`MIN_EXPECTED` products (so the
 chi-square approximation holds): categories ranked by both sides' counts together, the baseline's
 quantile bins in order; bins too rare to stand alone are also compared with the rest by Fisher's
-exact test, so a night crowding into one is not pooled away. Estimated precision - what was written, each value weighted by the
-held-out precision at its confidence (label-free, in the spirit of NannyML's CBPE) - fails when even
-its upper confidence bound is below the target.
+exact test, so a night crowding into one is not pooled away. Estimated precision - what was
+written, each value weighted by the held-out precision at its confidence (label-free, in the spirit
+of NannyML's CBPE) - fails when even its upper confidence bound is below the target.
 
 The levels are Bonferroni-split: with ``K`` checks evaluated in a run, each fails at
 ``false_alarm / K``, so a clean run - products drawn from the baseline's distribution - raises any

@@ -186,23 +186,31 @@ def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tupl
     estimate's standard error: the curve's (binomial per bin) and the written mix's (multinomial
     over the bins) together. A bin with no held-out value takes the precision of every held-out
     value written at lower confidences (precision does not rise as confidence falls), or, with none
-    below it, of the nearest bin above that has some."""
+    below it, of the nearest bin above that has some. The estimate is then a weighted sum of the
+    held-out bins' precisions, and its curve variance sums each held-out bin's once, with every
+    weight that reads it: bins that borrow the same held-out values are not independent evidence."""
     written = np.asarray(tally.written, np.float64)
     n_bin, k_bin = np.asarray(base.written, np.float64), np.asarray(base.correct, np.float64)
     if not written.sum() or not n_bin.sum():
         return None
-    n_below, k_below = np.cumsum(n_bin) - n_bin, np.cumsum(k_bin) - k_bin
+    n_below = np.cumsum(n_bin) - n_bin
     bins = np.arange(n_bin.size)
     above = np.minimum.accumulate(np.where(n_bin > 0, bins, n_bin.size)[::-1])[::-1]  # nearest at or above
     above = np.minimum(above, n_bin.size - 1)
-    n_eff = np.where(n_bin > 0, n_bin, np.where(n_below > 0, n_below, n_bin[above]))
-    k_eff = np.where(n_bin > 0, k_bin, np.where(n_below > 0, k_below, k_bin[above]))
-    curve = k_eff / np.maximum(n_eff, 1)
-    support = n_eff
-    smoothed = (k_eff + 0.5) / (n_eff + 1)
+    reads = np.zeros((n_bin.size, n_bin.size))  # row: a bin's curve as shares of the held-out bins
+    for i in bins:
+        if n_bin[i] > 0:
+            reads[i, i] = 1.0
+        elif n_below[i] > 0:
+            reads[i, :i] = n_bin[:i] / n_below[i]
+        else:
+            reads[i, above[i]] = 1.0
+    precision = k_bin / np.maximum(n_bin, 1)
+    curve = reads @ precision
     w = written / written.sum()
     estimate = float(w @ curve)
-    curve_var = np.sum(w**2 * smoothed * (1 - smoothed) / (support + 1))
+    smoothed = (k_bin + 0.5) / (n_bin + 1)
+    curve_var = float(np.sum((w @ reads) ** 2 * smoothed * (1 - smoothed) / (n_bin + 1)))
     mix_var = max(0.0, float(w @ curve**2) - estimate**2) / written.sum()
     return estimate, float(math.sqrt(curve_var + mix_var))
 
