@@ -27,7 +27,8 @@ and sizes of one article) count alike in every check, so a batch holds fewer ind
 than rows: each statistic is divided by the training products' design effect (Rao and Scott's
 first-order correction for cluster samples). A significant difference must also be large enough to
 matter (``min_psi``, ``min_share_change``), so a backfill of millions does not alarm on a negligible
-shift. An attribute with fewer than ``min_products`` scored products is not judged.
+shift. An attribute with fewer than ``min_products`` scored products is not judged, nor the
+estimated precision of fewer than :data:`MIN_WRITTEN` values written.
 
 ``profile.py`` counts (the profile a version keeps, the tallies a run counts); ``checks.py`` judges.
 """
@@ -35,6 +36,7 @@ shift. An attribute with fewer than ``min_products`` scored products is not judg
 from __future__ import annotations
 
 from catalog_enrichment.health.checks import (
+    MIN_WRITTEN,
     Check,
     assess,
     blocked_attributes,
@@ -65,6 +67,7 @@ __all__ = [
     "CONFIDENCE_BINS",
     "INPUT",
     "INPUT_CHECKS",
+    "MIN_WRITTEN",
     "SCRIPTS",
     "AttributeBaseline",
     "Check",

@@ -26,8 +26,21 @@ from catalog_enrichment.health.profile import (
     HealthTally,
 )
 
-__all__ = ["Check", "assess", "blocked_attributes", "format_health", "homogeneity", "plot_scores", "psi"]
+__all__ = [
+    "MIN_WRITTEN",
+    "Check",
+    "assess",
+    "blocked_attributes",
+    "format_health",
+    "homogeneity",
+    "plot_scores",
+    "psi",
+]
 
+
+# the fewest values written whose estimated precision is judged: a handful of writes' estimate is far
+# from normal (one write near the threshold reads as that bin's precision)
+MIN_WRITTEN = 10
 
 # -- statistics ----------------------------------------------------------------------------------------
 
@@ -183,12 +196,15 @@ def _scorable(image: Sequence[int]) -> list[int]:
 
 def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tuple[float, float] | None:
     """What was written, each value at the held-out precision of its confidence bin, and the
-    estimate's standard error: the curve's (binomial per bin) and the written mix's (multinomial
-    over the bins) together. A bin with no held-out value takes the precision of every held-out
+    estimate's standard error. A bin with no held-out value takes the precision of every held-out
     value written at lower confidences (precision does not rise as confidence falls), or, with none
-    below it, of the nearest bin above that has some. The estimate is then a weighted sum of the
-    held-out bins' precisions, and its curve variance sums each held-out bin's once, with every
-    weight that reads it: bins that borrow the same held-out values are not independent evidence."""
+    below it, of the nearest bin above that has some.
+
+    The estimate is a weighted sum of the held-out bins' precisions; its variance is the curve's
+    (binomial per held-out bin, each counted once with every weight that reads it: bins that borrow
+    the same held-out values are not independent evidence) and the written mix's. A clean night's
+    writes are a draw from the held-out mix, so the mix's spread is the larger of the held-out
+    writes' and tonight's own (which is none when tonight wrote in one bin)."""
     written = np.asarray(tally.written, np.float64)
     n_bin, k_bin = np.asarray(base.written, np.float64), np.asarray(base.correct, np.float64)
     if not written.sum() or not n_bin.sum():
@@ -205,14 +221,13 @@ def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tupl
             reads[i, :i] = n_bin[:i] / n_below[i]
         else:
             reads[i, above[i]] = 1.0
-    precision = k_bin / np.maximum(n_bin, 1)
-    curve = reads @ precision
-    w = written / written.sum()
+    curve = reads @ (k_bin / np.maximum(n_bin, 1))
+    w, held_out = written / written.sum(), n_bin / n_bin.sum()
     estimate = float(w @ curve)
     smoothed = (k_bin + 0.5) / (n_bin + 1)
     curve_var = float(np.sum((w @ reads) ** 2 * smoothed * (1 - smoothed) / (n_bin + 1)))
-    mix_var = max(0.0, float(w @ curve**2) - estimate**2) / written.sum()
-    return estimate, float(math.sqrt(curve_var + mix_var))
+    spread = max(float(m @ curve**2) - float(m @ curve) ** 2 for m in (w, held_out))
+    return estimate, float(math.sqrt(curve_var + max(0.0, spread) / written.sum()))
 
 
 @dataclass(frozen=True)
@@ -250,9 +265,16 @@ def _pending(
         else:
             covered = [base.products - base.covered, base.covered]
             pending.append(_proportion(name, "coverage", covered, [n - t.covered, t.covered], 1))
-        estimate = _estimated_precision(base, t)
+        writes = sum(t.written)
+        estimate = _estimated_precision(base, t) if writes >= MIN_WRITTEN else None
         if estimate is None:
-            why = "nothing written" if sum(t.written) == 0 else "no labelled held-out value was written"
+            why = (
+                "nothing written"
+                if writes == 0
+                else f"{writes} values written (fewer than {MIN_WRITTEN})"
+                if writes < MIN_WRITTEN
+                else "no labelled held-out value was written"
+            )
             skipped.append(Check(name, "estimated_precision", "skipped", n, base.products, message=why))
         else:
             pending.append(
