@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from catalog_enrichment.catalog.lakehouse import write_table
-from catalog_enrichment.config import SyntheticConfig
+from catalog_enrichment.config import SyntheticConfig, ValidationConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import ConfigError, ContractError
@@ -220,8 +220,30 @@ def test_the_streamed_health_baseline_counts_variants_as_in_memory(taxonomy: Tax
         )
     reader = _Reader(arrow_source(table, batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32))
     streamed = survey(reader, (0.1, 0.2, 0.15), seed=0, world=1, say=lambda m: None).inputs
-    _, in_memory = _usable_images(table, ImagePolicy(), 0, lambda m: None)
+    _, in_memory = _usable_images(table, ImagePolicy(), ValidationConfig(), lambda m: None)
     assert streamed.design_effect == in_memory.design_effect == 3.0
+
+
+def test_the_input_baseline_counts_only_the_titles_the_job_would_score(taxonomy: Taxonomy) -> None:
+    """Titles the enrichment job's row rules quarantine (blank, a number, too long) never reach a
+    night's checks, so the input baseline does not count them either - streamed as in memory - or
+    every night's script and title-length checks would find them gone."""
+    from catalog_enrichment.data.images import ImagePolicy
+    from catalog_enrichment.data.preprocess import ImagePreprocessing
+    from catalog_enrichment.health import SCRIPTS
+    from catalog_enrichment.training.memory import _usable_images
+    from catalog_enrichment.training.stream import _Reader, survey
+
+    table = _labelled(300, taxonomy)
+    titles = table["title"].to_pylist()
+    titles[:30] = ["1234567"] * 10 + ["   "] * 10 + ["y" * 301] * 10
+    table = table.set_column(table.schema.get_field_index("title"), "title", pa.array(titles, pa.string()))
+    reader = _Reader(arrow_source(table, batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32))
+    streamed = survey(reader, (0.1, 0.2, 0.15), seed=0, world=1, say=lambda m: None).inputs
+    _, in_memory = _usable_images(table, ImagePolicy(), ValidationConfig(), lambda m: None)
+    assert streamed.products == in_memory.products == 270
+    assert streamed.scripts == in_memory.scripts and streamed.scripts[SCRIPTS.index("none")] == 0
+    assert streamed.title_edges == in_memory.title_edges and max(streamed.title_edges) <= 300
 
 
 def test_a_product_twice_in_the_streamed_table_is_refused_by_the_survey(taxonomy: Taxonomy) -> None:

@@ -22,6 +22,7 @@ from catalog_enrichment.validation.rules import (
     latest_copies,
     shared_image_rules,
     stale_copies,
+    text_failures,
 )
 
 pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
@@ -93,6 +94,23 @@ def test_every_row_gets_exactly_the_rules_it_breaks(frame) -> None:  # type: ign
     with pytest.raises(CircuitBreakerTripped, match=r"top failing rules: title_is_text \(7\)"):
         check_breaker(counts, 0.05)
     check_breaker(counts, 0.9)  # within the limit: no error
+
+
+def test_training_finds_the_title_and_description_rules_the_job_would_quarantine_for() -> None:
+    """Training's pure-Python reading of the title and description rules names what the Spark
+    rules name for every row above (a title past its limit is not matched further)."""
+    cfg = ValidationConfig()
+    got = text_failures([r[1] for r in ROWS], [r[2] for r in ROWS], cfg)
+    for (_, title, _, _, reasons), broken in zip(ROWS, got, strict=True):
+        want = [r for r in reasons if r.startswith(("title_", "description_"))]
+        if title is not None and len(title) > cfg.max_title_length:
+            want = [r for r in want if r.endswith("_max_length")]
+        assert sorted(broken) == sorted(want), title
+    assert text_failures(["\u00a0\u2003", "7", "Tee 7"], [None, None, None], cfg) == [
+        ("title_not_empty",),  # no-break and em spaces: blank, as Java's (?U)\s reads them
+        ("title_is_text",),
+        (),
+    ]
 
 
 def test_merchant_attributes_that_are_not_utf8_break_their_rule(spark) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ import functools
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -250,6 +250,12 @@ class ProductInputs:
             present |= given.to_numpy(zero_copy_only=False)
         return cls(
             column("title"), column("description"), present.tolist(), image_errors, column("category"), tones
+        )
+
+    def subset(self, keep: Sequence[bool]) -> ProductInputs:
+        """The inputs of the ``keep`` products alone."""
+        return ProductInputs(
+            *([v for v, k in zip(getattr(self, f.name), keep, strict=True) if k] for f in fields(self))
         )
 
 

@@ -346,7 +346,11 @@ class Streamed:
             ImageEncoder(cfg.model.image).preprocessing if needs_image(cfg.model) else ImagePreprocessing()
         )
         reader = _Reader(
-            source, self.taxonomy, ImagePolicy.from_config(cfg.images, self.image_roots), preprocessing
+            source,
+            self.taxonomy,
+            ImagePolicy.from_config(cfg.images, self.image_roots),
+            preprocessing,
+            validation=cfg.validation,
         )
         fractions = (
             tcfg.validation_fraction,

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from catalog_enrichment.catalog.groups import table_groups
-from catalog_enrichment.config import AppConfig, ModelConfig
+from catalog_enrichment.config import AppConfig, ModelConfig, ValidationConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import (
     Collator,
@@ -84,6 +84,7 @@ from catalog_enrichment.training.stack import STACK_FOLDS, stacked
 from catalog_enrichment.training.stream import Source
 from catalog_enrichment.training.trained import Fitted, seeded_model
 from catalog_enrichment.types import Say
+from catalog_enrichment.validation.rules import text_failures
 
 if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
@@ -92,16 +93,19 @@ __all__ = ["InMemory"]
 
 
 def _usable_images(
-    table: pa.Table, policy: ImagePolicy, shared_limit: int, say: Say
+    table: pa.Table, policy: ImagePolicy, validation: ValidationConfig, say: Say
 ) -> tuple[pa.Table, InputBaseline]:
     """The rows whose image is usable or absent (the others left out, counted in the log: a
-    placeholder's too, whose image bytes are on more than ``shared_limit`` products), and the run
-    health checks' input baseline over every row."""
-    inputs, errors, _ = check_images(table, policy, shared_limit)
+    placeholder's too, whose image bytes are on more than ``validation.max_products_per_image``
+    products), and the run health checks' input baseline over the rows the enrichment job would
+    score: not those its row rules quarantine for their title or description, which no night's
+    checks count (a catalog's number-only titles are not tonight's titles)."""
+    inputs, errors, _ = check_images(table, policy, validation.max_products_per_image)
     # variants share title and description: only those (max_group 1) make the design effect; the
     # splits' wider groups (a shared title or description) hold templates that are not variants
     groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions), max_group=1)
-    baseline = input_baseline(inputs, groups)
+    scored = [not broken for broken in text_failures(inputs.titles, inputs.descriptions, validation)]
+    baseline = input_baseline(inputs.subset(scored), groups)
     bad = Counter(e for e in errors if e is not None)
     if not bad:
         return table, baseline
@@ -284,13 +288,12 @@ def _split(
     """The usable products (a separate test table's last), their labels and duplicate groups, the
     splits, the cross-fit folds and the input health baseline."""
     tcfg = cfg.training
-    shared_limit = cfg.validation.max_products_per_image
-    table, inputs = _usable_images(canonical_order(table), policy, shared_limit, say)
+    table, inputs = _usable_images(canonical_order(table), policy, cfg.validation, say)
     n_own = table.num_rows
     if n_own == 0:
         raise CatalogEnrichError("the labelled table is empty")
     if test_table is not None:  # its rows go last: the test split, never trained or calibrated on
-        test_table, _ = _usable_images(canonical_order(test_table), policy, shared_limit, say)
+        test_table, _ = _usable_images(canonical_order(test_table), policy, cfg.validation, say)
         table = pa.concat_tables([table, test_table.select(table.column_names)], promote_options="default")
     check_unique_ids(
         table["product_id"], "the labelled table" if test_table is None else "the training and test tables"

@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from catalog_enrichment.catalog import lakehouse
+from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import IMAGE_KEY, IMAGE_SHARED, Taxonomy
 from catalog_enrichment.data.dataset import (
     Collator,
@@ -60,6 +61,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import kill_this_process
 from catalog_enrichment.health import InputBaseline, InputBaselineCounts
 from catalog_enrichment.training.splits import Splits
+from catalog_enrichment.validation.rules import text_failures
 
 __all__ = [
     "CALIBRATION",
@@ -250,6 +252,12 @@ class _Reader:
     policy: ImagePolicy
     preprocessing: ImagePreprocessing
     shared: frozenset[int] = frozenset()  # the survey's placeholders (:func:`digest_prefix`): left out
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # the job's row rules
+
+    def scored_texts(self, titles: Sequence[str | None], descriptions: Sequence[str | None]) -> np.ndarray:
+        """Which products the enrichment job would score for their title and description: its row
+        rules quarantine the others, so no night's health checks count them."""
+        return np.array([not b for b in text_failures(titles, descriptions, self.validation)], bool)
 
     def pixels(
         self, image: bytes | None, uri: str | None, prep: ImagePreprocessing
@@ -292,7 +300,7 @@ class _Reader:
                 for e, p in zip(errors, prefixes, strict=True)
             ]
             products = replace(products, image_errors=errors)
-        inputs.add(products)
+        inputs.add(products.subset(self.scored_texts(products.titles, products.descriptions)))
         unusable.update(e for e in errors if e is not None)
         keep = np.array([e is None for e in errors], bool)
         return batch.filter(pa.array(keep)), prefixes[keep]
@@ -449,12 +457,13 @@ def survey(
     (a pretrained tokenizer learns nothing from them); ``shared_limit``: the products whose image
     bytes are on more than that many products are left out (0: none)."""
     ids: list[Any] = []
-    codes, groups, shards, labels, train_texts, prefixes = [], [], [], [], [], []
+    codes, groups, shards, labels, train_texts, prefixes, counted = [], [], [], [], [], [], []
     inputs, unusable = InputBaselineCounts(), Counter[str]()
     everything = _Selection(seed, fractions, split=-1)
     for batch in reader.source.batches():
         usable, read = reader.usable(batch, inputs, unusable)
         prefixes.append(read)
+        counted.append(reader.scored_texts(_column(usable, "title"), _column(usable, "description")))
         code = everything.codes(usable)
         pids = _column(usable, "product_id")
         ids += pids
@@ -485,7 +494,7 @@ def survey(
         out = np.isin(every, np.fromiter(shared, np.uint64, len(shared)))
         found = _without(found, ~out)
         unusable[IMAGE_SHARED] += int(out.sum())
-        inputs.found_unusable(int(out.sum()))
+        inputs.found_unusable(int((out & np.concatenate(counted)).sum()))  # those the baseline counted
         found.inputs, found.shared = inputs.baseline(found.groups), shared
     if not found.product_ids:
         raise CatalogEnrichError(_NOTHING)

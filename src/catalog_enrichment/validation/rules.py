@@ -29,6 +29,7 @@ table on the driver), and :func:`check_rows` joins them back to mark each row.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -58,6 +59,7 @@ __all__ = [
     "quarantine_rows",
     "shared_image_rules",
     "stale_copies",
+    "text_failures",
 ]
 
 REASONS = "_reasons"
@@ -80,6 +82,42 @@ TEXT_CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # tab, line feed, carr
 # task, so such rows are quarantined first.
 UTF8_COLUMNS = ("product_id", "title", "description", "image_uri", "category")
 UTF8_MAP = "merchant_attributes"
+
+
+# the same title rules for Python's re, whose \s is Unicode's whitespace without the U flag
+_BLANK = re.compile(BLANK_REGEX.replace("(?U)", ""))
+_NOT_TEXT = re.compile(NOT_TEXT_REGEX.replace("(?iU)", "(?i)"))
+_TEXT_CONTROL = re.compile(TEXT_CONTROL_REGEX)
+
+
+def text_failures(
+    titles: Sequence[str | None], descriptions: Sequence[str | None], cfg: ValidationConfig
+) -> list[tuple[str, ...]]:
+    """The title and description rules each product breaks, as the enrichment job's row rules
+    name them (empty: none): training leaves such products out, as the job would quarantine them,
+    so the model and the run health checks' baseline see the products the job scores. A title past
+    ``max_title_length`` is not matched further (the job's regexes read it whole)."""
+    out = []
+    for title, description in zip(titles, descriptions, strict=True):
+        broken: list[str] = []
+        if title is None:
+            broken.append("title_not_null")
+        elif len(title) > cfg.max_title_length:
+            broken.append("title_max_length")
+        else:
+            broken += [
+                name
+                for name, pattern in (
+                    ("title_not_empty", _BLANK),
+                    ("title_is_text", _NOT_TEXT),
+                    ("title_no_control_chars", _TEXT_CONTROL),
+                )
+                if pattern.search(title)
+            ]
+        if description is not None and len(description) > cfg.max_description_length:
+            broken.append("description_max_length")
+        out.append(tuple(broken))
+    return out
 
 
 @dataclass(frozen=True)
