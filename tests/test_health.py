@@ -5,6 +5,7 @@ runs that stays within the 1 % the levels are split for."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -467,6 +468,29 @@ def test_clean_runs_raise_any_alarm_at_most_one_time_in_a_hundred(n: int, varian
         assert sum(c.status != "skipped" or (c.message or "").endswith(few) for c in checks) == 18
         alarms += any(c.status == "failed" for c in checks)
     assert alarms < 10
+
+
+def test_a_text_only_model_s_runs_judge_no_photo() -> None:
+    """A model that reads no photo does not decode one when scoring, so its runs count images as
+    training did not; and a feed that drops its photos changes nothing it reads. Tonight every
+    photo is gone: the image checks are skipped, saying why."""
+    pop = _population(np.random.default_rng(5), 3_000)
+    profile = _profile(pop, np.arange(2_000))
+    assert profile.inputs is not None
+    text_only = HealthProfile(profile.attributes, replace(profile.inputs, reads_images=False))
+    pop["present"], pop["tones"] = [False] * 3_000, [None] * 3_000
+    night = np.arange(2_000, 3_000)
+    photo = [
+        c for c in assess(text_only, _count(text_only, pop, night), target=0.9) if c.check.startswith("image")
+    ]
+    assert [(c.check, c.status, c.message) for c in photo] == [
+        ("image", "skipped", "the model reads no photo"),
+        ("image_tone", "skipped", "the model reads no photo"),
+    ]
+    failed = [
+        c.check for c in assess(profile, _count(profile, pop, night), target=0.9) if c.status == "failed"
+    ]
+    assert "image" in failed  # a model that reads the photo: the same night fails
 
 
 def test_the_design_effect_is_the_mean_group_size_a_product_is_in_and_divides_the_statistic() -> None:

@@ -260,6 +260,8 @@ def test_a_model_that_reads_no_image_scores_the_products_a_placeholder_reached( 
 
     market = generate_marketplace(tmp_path / "train", QUICK_TRAIN, taxonomy=taxonomy)
     trained = train(read_table(market.products), taxonomy, tiny_config(fusion="text_only", epochs=1))
+    health = trained.calibration.health
+    assert health is not None and health.inputs is not None and not health.inputs.reads_images
     model = ModelVersion("text", "1", bundle_dir=save_trained(trained, tmp_path / "text-only"))
     source = read_table(incoming.products)
     ids = source["product_id"].to_pylist()

@@ -24,6 +24,8 @@ from catalog_enrichment.health.profile import (
     AttributeTally,
     HealthProfile,
     HealthTally,
+    InputBaseline,
+    InputTally,
 )
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 
+IMAGE_CHECKS = ("image", "image_tone")  # the input checks of the photo
 # the fewest values written whose estimated precision is judged: a handful of writes' estimate is far
 # from normal (one write near the threshold reads as that bin's precision)
 MIN_WRITTEN = 10
@@ -300,17 +303,28 @@ def _pending(
                     [counted.categories[k] for k in keys],
                 ),
                 _proportion(INPUT, "description", inputs.description, counted.description, 1),
-                _proportion(INPUT, "image", _scorable(inputs.image), _scorable(counted.image), 1),
             ]
-            photos = sum(counted.tones)  # products whose photo was decoded (not read from the store)
-            if photos < min_products or sum(inputs.tones) < min_products:
-                why = f"{photos} photos decoded (fewer than {min_products})"
-                skipped.append(Check(INPUT, "image_tone", "skipped", photos, sum(inputs.tones), message=why))
+            if not inputs.reads_images:
+                why = "the model reads no photo"
+                skipped += [Check(INPUT, c, "skipped", n, inputs.products, message=why) for c in IMAGE_CHECKS]
             else:
-                pending.append(
-                    _distribution(INPUT, "image_tone", inputs.tones, counted.tones, quantiles=True)
-                )
+                pending += _photo_checks(inputs, counted, min_products, skipped)
     return pending, skipped
+
+
+def _photo_checks(
+    inputs: InputBaseline, counted: InputTally, min_products: int, skipped: list[Check]
+) -> list[_Pending]:
+    """The image and image-tone checks (the tone's skipped into ``skipped`` where too few photos
+    were decoded)."""
+    pending = [_proportion(INPUT, "image", _scorable(inputs.image), _scorable(counted.image), 1)]
+    photos = sum(counted.tones)  # products whose photo was decoded (not read from the store)
+    if photos < min_products or sum(inputs.tones) < min_products:
+        why = f"{photos} photos decoded (fewer than {min_products})"
+        skipped.append(Check(INPUT, "image_tone", "skipped", photos, sum(inputs.tones), message=why))
+    else:
+        pending.append(_distribution(INPUT, "image_tone", inputs.tones, counted.tones, quantiles=True))
+    return pending
 
 
 def _judge(p: _Pending, limits: _Limits) -> Check:
