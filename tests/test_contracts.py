@@ -122,6 +122,20 @@ def test_default_taxonomy_matches_the_issue(taxonomy: Taxonomy) -> None:
         ({"attributes": {"color": {"kind": "multilabel", "values": "red"}}}, "non-empty list"),
         ({"attributes": {"color": {"kind": "multilabel", "values": ["a", "a"]}}}, "duplicate values"),
         ({"attributes": {"size": {"kind": "multiclass", "values": ["xl"]}}}, "at least two values"),
+        # the labelled table's own columns: a label there would overwrite the merchant's category
+        (
+            {"attributes": {"category": {"kind": "multiclass", "values": ["a", "b"]}}},
+            "'category': the name is a column",
+        ),
+        ({"attributes": {"confirmed": {"kind": "multiclass", "values": ["a", "b"]}}}, "the name is a column"),
+        (
+            {
+                "attributes": {
+                    "color": {"kind": "multiclass", "values": ["a", "b"], "groups": {"title": {"x": ["a"]}}}
+                }
+            },
+            "'title': the name is a column",
+        ),
     ],
 )
 def test_malformed_taxonomies_name_the_problem(data: dict, message: str) -> None:

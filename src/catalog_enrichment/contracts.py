@@ -323,6 +323,18 @@ def load_contract(
 # ----------------------------------------------------------------------------- taxonomy
 
 
+def _check_column_free(name: str, where: str) -> None:
+    """An attribute is a column of the labelled table beside the products' own and the verdicts'
+    (``confirmed``, ``rejected``): one named like those would overwrite it (a merchant's
+    ``category`` replaced by its label, which the model reads as an input)."""
+    taken = {*load_contract("products").names, "confirmed", "rejected"}
+    if name in taken:
+        raise TaxonomyError(
+            f"{where}: the name is a column of the labelled products table ({', '.join(sorted(taken))}); "
+            "rename the attribute (e.g. product_category)"
+        )
+
+
 @dataclass(frozen=True)
 class AttributeSpec:
     """One taxonomy attribute: its kind and its allowed values (order = head output order).
@@ -505,6 +517,7 @@ class Taxonomy:
         attrs: dict[str, AttributeSpec] = {}
         for name, spec in data["attributes"].items():
             where = f"taxonomy {source}: attribute {name!r}"
+            _check_column_free(str(name), where)
             if not isinstance(spec, Mapping):
                 raise TaxonomyError(f"{where} must be a mapping with kind and values")
             kind = spec.get("kind")
@@ -531,6 +544,7 @@ class Taxonomy:
             for d in _groupings(attrs[str(name)], spec.get("groups"), source):
                 if d.name in attrs or d.name in derived:
                     raise TaxonomyError(f"taxonomy {source}: attribute {d.name!r} is defined twice")
+                _check_column_free(d.name, f"taxonomy {source}: attribute {d.name!r}")
                 derived[d.name] = d
         return cls(attributes=attrs, source=source, derived=derived)
 
