@@ -149,6 +149,24 @@ def test_labels_are_written_with_their_sources_and_train_reads_them(
         )  # fmt: skip
 
 
+def test_a_products_table_with_deletion_vectors_is_read_without_its_deleted_rows(
+    tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    """Current Delta writers mark deleted rows in deletion vectors, which pyarrow's dataset cannot
+    honour: the labels are built from the rows left (p1 deleted: no label of its)."""
+    from tests.delta_protocol import delete_with_deletion_vector
+
+    write_table(tmp_path / "products", _products())
+    delete_with_deletion_vector(tmp_path / "products", [0])
+    write_table(tmp_path / "attributes", _attributes(ROWS))
+    write_labels(
+        catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
+        out=tmp_path / "labelled", taxonomy=taxonomy,
+    )  # fmt: skip
+    assert sorted(read_table(tmp_path / "labelled")["product_id"].to_pylist()) == ["p2", "p4"]
+    assert read_table(tmp_path / "products").num_rows == 7
+
+
 def test_bad_catalogs_are_clear_errors(
     tmp_path: Path, taxonomy: Taxonomy, capsys: pytest.CaptureFixture[str]
 ) -> None:

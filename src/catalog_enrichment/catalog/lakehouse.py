@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -130,7 +130,10 @@ def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema |
     if table_format(target) == "delta":
         from deltalake import DeltaTable
 
-        return DeltaTable(str(target), version=version).to_pyarrow_dataset()
+        table = DeltaTable(str(target), version=version)
+        if "deletionVectors" in set(table.protocol().reader_features or ()):
+            return _with_deletions_applied(table)
+        return table.to_pyarrow_dataset()
     if target.is_file():
         return ds.dataset(str(target), format="parquet")
     return ds.dataset(
@@ -140,6 +143,17 @@ def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema |
         partitioning="hive",
         partition_base_dir=str(target),
     )
+
+
+def _with_deletions_applied(table: Any) -> ds.Dataset:
+    """A Delta table with deletion vectors (the default of current Delta writers), which
+    ``pyarrow.dataset`` cannot honour: read through delta-rs' query engine, which drops the deleted
+    rows, into memory, typed as the table's schema."""
+    from deltalake import QueryBuilder
+
+    schema = pa.schema(table.schema().to_arrow())
+    rows = pa.table(QueryBuilder().register("products", table).execute("SELECT * FROM products").read_all())
+    return ds.dataset(rows.select(schema.names).cast(schema))
 
 
 def _parquet_files(folder: Path) -> list[str]:
