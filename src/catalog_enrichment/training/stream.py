@@ -300,7 +300,7 @@ class _Reader:
                 for e, p in zip(errors, prefixes, strict=True)
             ]
             products = replace(products, image_errors=errors)
-        inputs.add(products.subset(self.scored_texts(products.titles, products.descriptions)))
+        inputs.add(products.subset(self.scored_texts(products.titles, products.descriptions).tolist()))
         unusable.update(e for e in errors if e is not None)
         keep = np.array([e is None for e in errors], bool)
         return batch.filter(pa.array(keep)), prefixes[keep]
