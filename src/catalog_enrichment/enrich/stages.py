@@ -196,9 +196,11 @@ def scoring_spec(
     inference: InferenceConfig,
     images: ImagePolicy,
     rejected: Iterable[tuple[str, str, str]] = (),
+    retried: Iterable[str] = (),
 ) -> ScoringSpec:
     """What the executors score with: ``model``'s bundle shipped to them, ``inference``'s settings,
-    images read under ``images``; the (product, attribute, value)s in ``rejected`` never written."""
+    images read under ``images``; the (product, attribute, value)s in ``rejected`` never written;
+    the products ``retried`` for their photo (:attr:`ScoringSpec.retried`)."""
     return ScoringSpec(
         bundle_name=ship_bundle(spark, model.bundle),
         bundle_path=None,
@@ -207,6 +209,7 @@ def scoring_spec(
         torch_threads=inference.torch_threads,
         predictor=PredictorOptions(**inference.predictor_options(), image_policy=images),
         rejected=_by_product(rejected),
+        retried=frozenset(retried),
     )
 
 

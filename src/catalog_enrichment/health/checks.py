@@ -315,9 +315,16 @@ def _pending(
 def _photo_checks(
     inputs: InputBaseline, counted: InputTally, min_products: int, skipped: list[Check]
 ) -> list[_Pending]:
-    """The image and image-tone checks (the tone's skipped into ``skipped`` where too few photos
-    were decoded)."""
-    pending = [_proportion(INPUT, "image", _scorable(inputs.image), _scorable(counted.image), 1)]
+    """The image and image-tone checks (each skipped into ``skipped`` where it counts too few
+    products: the image check does not count those read again because their photo could not be used,
+    which have a photo by that choice)."""
+    pending = []
+    base, present = _scorable(inputs.image), _scorable(counted.image)
+    if sum(present) < min_products:  # products read again for their photo are not counted
+        why = f"{sum(present)} products counted (fewer than {min_products}; not those read again for a photo)"
+        skipped.append(Check(INPUT, "image", "skipped", sum(present), sum(base), message=why))
+    else:
+        pending.append(_proportion(INPUT, "image", base, present, 1))
     photos = sum(counted.tones)  # products whose photo was decoded (not read from the store)
     if photos < min_products or sum(inputs.tones) < min_products:
         why = f"{photos} photos decoded (fewer than {min_products})"

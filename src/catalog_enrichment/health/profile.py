@@ -445,15 +445,19 @@ class HealthTally:
         )
         self.attributes[name] = self.attributes[name].merge(batch) if name in self.attributes else batch
 
-    def add_inputs(self, base: InputBaseline, inputs: ProductInputs) -> None:
-        """Count one batch of products' inputs."""
+    def add_inputs(
+        self, base: InputBaseline, inputs: ProductInputs, photos: Sequence[bool] | None = None
+    ) -> None:
+        """Count one batch of products' inputs (``photos``: the products whose image state counts;
+        None: every one)."""
         titles = inputs.titles
+        pictured = inputs if photos is None else inputs.subset(photos)
         batch = InputTally(
             _bin_counts(base.title_edges, np.array([len(t or "") for t in titles], np.float64)),
             np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
             _category_counts([c for c in base.categories if c not in (OTHER, NONE)], inputs.categories),
             _presence(inputs.descriptions),
-            _image_states(inputs.image_present, inputs.image_errors),
+            _image_states(pictured.image_present, pictured.image_errors),
             _bin_counts(base.tone_edges, _measured(inputs.tones)),
         )
         self.inputs = batch if self.inputs is None else self.inputs.merge(batch)

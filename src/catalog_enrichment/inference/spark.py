@@ -19,7 +19,7 @@ import gc
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +115,9 @@ class ScoringSpec:
     predictor: PredictorOptions = field(default_factory=PredictorOptions)
     # product id -> the "attribute=value"s people rejected for this model version: never written
     rejected: dict[str, list[str]] = field(default_factory=dict)
+    # products read again because their photo could not be used by an earlier run: they have a photo
+    # by that choice, so the run health's image check does not count them
+    retried: frozenset[str] = frozenset()
 
     def model_key(self) -> tuple[Any, ...]:
         """What a worker's loaded model depends on: the bundle, how it runs and the taxonomy it may
@@ -260,15 +263,17 @@ def score_batches(
     batches: Iterable[pa.RecordBatch],
     rejected: Mapping[str, Sequence[str]] | None = None,
     tally: HealthTally | None = None,
+    retried: Collection[str] = frozenset(),
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Score a stream of Arrow batches of valid products; per batch the decisions (``OUTPUT_SCHEMA``)
     and how many of its products were fused from stored vectors (``tally``: a
-    :class:`~catalog_enrichment.health.HealthTally` the run health counts are added to).
+    :class:`~catalog_enrichment.health.HealthTally` the run health counts are added to; ``retried``:
+    :attr:`ScoringSpec.retried`).
 
     This is a Spark task's whole loop: one preparation pipeline runs ahead across the batches.
     """
     for batch, scores in predictor.score_stream(b for b in batches if b.num_rows):
-        yield decide_batch(policy, batch, scores, rejected, tally), scores.reused
+        yield decide_batch(policy, batch, scores, rejected, tally, retried), scores.reused
 
 
 def score_batch(predictor: BatchPredictor, policy: DecisionPolicy, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -294,10 +299,16 @@ def _rejected_matrix(
 
 
 def tally_health(
-    policy: DecisionPolicy, batch: pa.RecordBatch, scores: Scores, flat: FlatDecisions, tally: HealthTally
+    policy: DecisionPolicy,
+    batch: pa.RecordBatch,
+    scores: Scores,
+    flat: FlatDecisions,
+    tally: HealthTally,
+    retried: Collection[str] = frozenset(),
 ) -> None:
     """Add one scored batch to the run health counts: per attribute with a baseline, the scores of
-    the products scored for it and what was written; the inputs of every product in the batch."""
+    the products scored for it and what was written; the inputs of every product in the batch (the
+    photo's presence not of the ``retried`` ones: :attr:`ScoringSpec.retried`)."""
     profile = policy.health
     if profile is None:
         return
@@ -315,7 +326,8 @@ def tally_health(
         inputs = ProductInputs.of(
             batch, scores.image_error, scores.tone, empty_uri_is_photo=profile.inputs.empty_uri_is_photo
         )
-        tally.add_inputs(profile.inputs, inputs)
+        ids = batch.column("product_id").to_pylist() if retried else []
+        tally.add_inputs(profile.inputs, inputs, photos=[p not in retried for p in ids] if retried else None)
 
 
 def decide_batch(
@@ -324,10 +336,11 @@ def decide_batch(
     scores: Scores,
     rejected: Mapping[str, Sequence[str]] | None = None,
     tally: HealthTally | None = None,
+    retried: Collection[str] = frozenset(),
 ) -> pa.RecordBatch:
     """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row;
     ``rejected`` (product id -> ``attribute=value``): values never written; ``tally``: the run
-    health counts, added to."""
+    health counts, added to (``retried``: :attr:`ScoringSpec.retried`)."""
     from catalog_enrichment.inference.decide import merchant_filled
 
     scores = scores.finite()
@@ -341,7 +354,7 @@ def decide_batch(
     skip = np.array([e is not None for e in scores.image_error], bool)
     flat = policy.decide_flat(scores.probs, filled, skip, _rejected_matrix(policy, batch, rejected))
     if tally is not None:
-        tally_health(policy, batch, scores, flat, tally)
+        tally_health(policy, batch, scores, flat, tally, retried)
     attribute_names = pa.array(attributes, pa.string())
     values_type = OUTPUT_SCHEMA.field("values").type
     written = pa.StructArray.from_arrays(
@@ -418,7 +431,7 @@ def score_dataframe(valid: DataFrame, spec: ScoringSpec, counters: ScoringCounte
         from catalog_enrichment.health import HealthTally
 
         tally = HealthTally()
-        for out, n_reused in score_batches(predictor, policy, stream, spec.rejected, tally):
+        for out, n_reused in score_batches(predictor, policy, stream, spec.rejected, tally, spec.retried):
             batches.add(1)
             reused.add(n_reused)
             encoded.add(pc.count(out.column("embedding")).as_py())
