@@ -89,6 +89,20 @@ def test_merchant_values_become_labels_and_everything_else_is_dropped_and_counte
     encode_labels(table, taxonomy)  # the table is what training reads (contract labelled_products)
 
 
+def test_a_product_whose_latest_copy_lost_its_title_is_left_out_not_labelled_on_an_older_copy(
+    taxonomy: Taxonomy,
+) -> None:
+    """p2's latest copy has no title: the job quarantines that copy, and the older one's title is
+    content p2 no longer has - no label is trained on it."""
+    products = _products()
+    titles = products["title"].to_pylist()
+    titles[2] = None  # p2's latest copy ("blue dress")
+    products = products.set_column(products.schema.get_field_index("title"), "title", pa.array(titles))
+    table, report = build_labels(products, _attributes(ROWS), taxonomy)
+    assert "p2" not in table["product_id"].to_pylist()
+    assert report.stale_copies == 1 and report.products_without_id_or_title == 3
+
+
 def test_variants_of_evaluation_products_are_left_out_too(taxonomy: Taxonomy) -> None:
     """p1's twin in the evaluation set (another id, the same title): training on p1 would score its
     answer at promotion. So is a product sharing a description with it; p2 shares nothing."""

@@ -107,11 +107,9 @@ class LabelReport:
 
 
 def _latest(products: pa.Table, report: LabelReport) -> pa.Table:
-    """One row per product id (the latest ``updated_at``), rows with an id and a title only."""
-    ok = pc.and_(pc.is_valid(products["product_id"]), pc.is_valid(products["title"]))
-    ok = pc.and_(ok, pc.greater(pc.utf8_length(pc.fill_null(products["title"], "")), 0))
-    kept = products.filter(ok)
-    report.products_without_id_or_title = products.num_rows - kept.num_rows
+    """One row per product id, its latest copy (``updated_at``), where that copy has a title: an
+    older copy's title is content the product no longer has (the job reads the latest copy)."""
+    kept = products.filter(pc.is_valid(products["product_id"]))
     keys = [("product_id", "ascending")]
     if "updated_at" in kept.column_names:
         keys.append(("updated_at", "descending"))
@@ -119,7 +117,10 @@ def _latest(products: pa.Table, report: LabelReport) -> pa.Table:
     ids = kept["product_id"].to_pylist()
     first = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
     report.stale_copies = len(ids) - sum(first)
-    return kept.filter(pa.array(first))
+    latest = kept.filter(pa.array(first))
+    titled = pc.greater(pc.utf8_length(pc.fill_null(latest["title"], "")), 0)
+    report.products_without_id_or_title = products.num_rows - report.stale_copies - pc.sum(titled).as_py()
+    return latest.filter(titled)
 
 
 def build_labels(
