@@ -37,14 +37,18 @@ def test_real_data_benchmark_tests_every_row_on_the_test_table(tmp_path: Path, t
     train = _parquet(tmp_path / "train.parquet", 400, 0, taxonomy)
     test = _parquet(tmp_path / "test.parquet", 150, 1, taxonomy)
     cfg = tiny_config(epochs=1)
+    # the contender calibrates per value, the base configuration per attribute: its own rule is the
+    # one it trained with, and the attribute scope is measured from its held-out scores
+    tiny = cfg.model_copy(update={"calibration": cfg.calibration.model_copy(update={"scope": "value"})})
     result = run_quality_benchmark(
         cfg,
         taxonomy,
         workdir=tmp_path,
-        contenders=[("tiny", cfg)],
+        contenders=[("tiny", tiny)],
         data=(train, test),
         progress=lambda _m: None,
     )
+    assert any(e is not None for e in result["pooled_evidence"]["tiny"].values())  # attribute scope's
     assert result["products"] == 400 and result["test_products"] == 150
     assert set(result["methods"]) == {"tiny", BASELINE_LABEL}
     for row in result["methods"].values():

@@ -124,7 +124,7 @@ def run_quality_benchmark(
             table, taxonomy, run_cfg, test_table=test_table, device=device, progress=lambda m: say("  " + m)
         )
         result["seconds"][label] = round(time.perf_counter() - started, 1)
-        _record(result, label, trained, run_cfg.calibration, cfg.calibration.scope, taxonomy)
+        _record(result, label, trained, run_cfg.calibration, taxonomy)
         if test_table is not None:
             test_scores[label] = _by_product(trained, test_table)
         kl_lambda = run_cfg.model.fusion_kwargs.get("kl_lambda")
@@ -133,8 +133,9 @@ def run_quality_benchmark(
     if test_table is not None:
         say(f"== {BASELINE_LABEL} ==")
         started = time.perf_counter()
+        # calibrated by the (first) contender's rule, its photos read under its image policy
         baseline, baseline_scores = run_baseline(
-            table, test_table, taxonomy, cfg, say=lambda m: say("  " + m)
+            table, test_table, taxonomy, runs[0][1], say=lambda m: say("  " + m)
         )
         result["seconds"][BASELINE_LABEL] = round(time.perf_counter() - started, 1)
         result["methods"][BASELINE_LABEL] = {
@@ -212,11 +213,10 @@ def _record(
     label: str,
     trained: Any,
     rule: CalibrationConfig,
-    scope_trained: str,
     taxonomy: Taxonomy,
 ) -> None:
     """One contender's figures into ``result``: epochs, test metrics, and both calibration scopes
-    (the one it trained with, and the other from its stored held-out scores)."""
+    (``rule``'s, which it trained with, and the other from its stored held-out scores)."""
     report = trained.test_report
     result["epochs"][label] = {"trained": len(trained.history), "best": trained.best_epoch}
     result["methods"][label] = {
@@ -230,7 +230,7 @@ def _record(
     for scope in SCOPES:
         scoped = rule.model_copy(update={"scope": scope})
         calibration, scope_report = (
-            (trained.calibration, report) if scope == scope_trained else trained.recalibrate(scoped)
+            (trained.calibration, report) if scope == rule.scope else trained.recalibrate(scoped)
         )
         if scope == "attribute":
             result["pooled_evidence"][label] = {
