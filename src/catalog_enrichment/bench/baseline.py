@@ -4,9 +4,12 @@ TF-IDF of the title and description (word 1-2-grams and character 3-5-grams) bes
 histogram of the photo's foreground (:func:`catalog_enrichment.models.color.lab_histogram`, a part of
 what the recommended model's colour statistics hold), one
 scikit-learn logistic regression per attribute (one-vs-rest for a multi-label one). It trains on the
-same training table the contenders train on and is scored on the same test table; its thresholds
-are calibrated by the project's own procedure on out-of-fold scores (3 folds of whole groups), so
-its row reads like every other.
+same training table the contenders train on and is scored on the same test table, as a user's
+script would: thresholds computed by the project's own calibration on out-of-fold scores (3 folds
+of whole groups), then one model refitted on the whole table scores the test products. The refit
+is more confident than the fold models whose scores proved the thresholds, so what it writes may
+fall short of the target: that is the simple path's, shown as it is (the recommended model's
+thresholds are checked on the predictor that serves).
 """
 
 from __future__ import annotations
