@@ -279,6 +279,21 @@ def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxon
     assert labels.partial_only().tolist() == [pid == "p5" for pid in table["product_id"].to_pylist()]
 
 
+def test_a_later_verdict_on_older_content_does_not_hide_one_on_the_current_content(
+    taxonomy: Taxonomy,
+) -> None:
+    """p2 changed on day 1. Sample s2, drawn after that, got a "no" on day 2; sample s1, drawn on day
+    0, got a "yes" on day 3 - the latest verdict, but on the old title: the "no" is the label."""
+    reviews = _reviews([("p2", "pattern", "striped", "no", "2"), ("p2", "pattern", "striped", "yes", "3")])
+    reviews = reviews.set_column(
+        reviews.schema.get_field_index("sample_id"), "sample_id", pa.array(["s2", "s1"])
+    )
+    drawn = {"s1": T0, "s2": T0 + dt.timedelta(days=1, hours=1)}
+    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn)
+    assert dict({r["product_id"]: r["rejected"] for r in table.to_pylist()}["p2"]) == {"pattern": ["striped"]}
+    assert report.unused_verdicts == {}
+
+
 def test_a_verdict_on_a_sample_drawn_before_the_product_changed_is_no_label(taxonomy: Taxonomy) -> None:
     """The reviewer judges the content copied into the sample when it was drawn: p2 changed on day 1,
     its sample was drawn on day 0 and reviewed on day 2 - the verdict is on the old title."""

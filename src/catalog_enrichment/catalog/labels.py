@@ -242,16 +242,14 @@ def _verdicts(
     verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}
     unused: Counter[str] = Counter()
     members = {d: taxonomy.members(d) for d in taxonomy.derived}  # group -> its parent's values
-    judged = verdicts_by_value(reviews) if reviews is not None else {}
-    for (pid, attr, value), (verdict, _, reviewed_at, sample_id) in judged.items():
-        since = changed.get(pid)
+    judged = {} if reviews is None else verdicts_by_value(_on_current_content(reviews, changed, drawn))
+    stale = {} if reviews is None else verdicts_by_value(reviews).keys() - judged.keys()
+    if stale:
+        unused["judged before the product changed"] += len(stale)
+    for (pid, attr, value), (verdict, _, _, _) in judged.items():
         groups = members.get(attr, {})
         if verdict not in verdicts:
             unused[verdict] += 1  # unsure
-            continue
-        seen = [t for t in (reviewed_at, drawn.get(sample_id)) if t is not None]
-        if since is not None and seen and min(seen) < since:
-            unused["judged before the product changed"] += 1
             continue
         if value not in groups and value not in allowed.get(attr, ()):
             unused["outside the taxonomy"] += 1
@@ -270,6 +268,19 @@ def _verdicts(
                 verdicts[verdict].setdefault(pid, {}).setdefault(a, []).append(v)
     report.unused_verdicts = dict(unused)
     return verdicts
+
+
+def _on_current_content(
+    reviews: pa.Table, changed: Mapping[str, dt.datetime], drawn: Mapping[str, dt.datetime]
+) -> pa.Table:
+    """The verdicts on content the product still has (see :func:`_verdicts`): a later verdict on
+    older content does not hide an earlier one on the current content."""
+    keep = []
+    for r in reviews.select(["product_id", "reviewed_at", "sample_id"]).to_pylist():
+        since = changed.get(r["product_id"])
+        seen = [t for t in (r["reviewed_at"], drawn.get(r["sample_id"])) if t is not None]
+        keep.append(since is None or not seen or min(seen) >= since)
+    return reviews.filter(pa.array(keep, pa.bool_()))
 
 
 def _label_columns(
