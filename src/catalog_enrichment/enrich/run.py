@@ -50,6 +50,7 @@ from catalog_enrichment.enrich.stages import (
     describe_window,
     near_watermark,
     new_rows,
+    photos_quarantined,
     read,
     retry_next,
     run_write,
@@ -396,6 +397,7 @@ def _stages(
             say(f"  {IMAGE_SHARED}: {sum(scored.shared.values()):,} products' photos, as read, are "
                 f"placeholders, one image on more than {cfg.validation.max_products_per_image} products "
                 f"or found by an earlier run ({named}); quarantined, read again by the next run")  # fmt: skip
+    scored.health.photos_quarantined(photos_quarantined(validated, got.retry))
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say)
     with run.stage("decide"):
         run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)

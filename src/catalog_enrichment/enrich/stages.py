@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,7 @@ __all__ = [
     "Validated",
     "collect_decisions",
     "flatten_scores",
+    "photos_quarantined",
     "read",
     "run_write",
     "score",
@@ -386,6 +387,18 @@ def new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
     return ValidationCounts(
         counts.rows_read - again, counts.rows_invalid - again, counts.per_rule, counts.watermark, counts.held
     )
+
+
+def photos_quarantined(validated: Validated, retry: Collection[str]) -> int:
+    """The rows validation quarantined for their photo (a placeholder's), but those read again for
+    one (``retry``: they have a photo by that choice, which the image check does not count)."""
+    from pyspark.sql import functions as F
+
+    shared = validated.counts.per_rule.get(IMAGE_SHARED, 0)
+    if not shared or not retry:
+        return shared
+    mine = F.array_contains(REASONS, IMAGE_SHARED) & ~F.col("product_id").isin(sorted(retry))
+    return validated.checked.where(mine).count()
 
 
 def retry_next(quarantine: pa.Table, retry: dict[str, int], cap: int) -> list[tuple[str, int]]:

@@ -191,10 +191,13 @@ def _proportion(
 
 
 def _scorable(image: Sequence[int]) -> list[int]:
-    """Products without and with a photo among those scored: an unusable photo is quarantined
-    (counted by the circuit breaker and read again by the next runs), so it is not the image
-    check's to judge; a feed whose photos go missing is."""
-    return [image[IMAGE_STATES.index("absent")], image[IMAGE_STATES.index("usable")]]
+    """Products without and with a photo: an unusable photo (quarantined, read again by the next
+    runs) was there, and counts so - a night whose placeholders are quarantined keeps its share of
+    photos, not that of the products left; a feed whose photos go missing does not."""
+    return [
+        image[IMAGE_STATES.index("absent")],
+        image[IMAGE_STATES.index("usable")] + image[IMAGE_STATES.index("unusable")],
+    ]
 
 
 def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tuple[float, float] | None:

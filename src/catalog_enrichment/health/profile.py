@@ -424,6 +424,12 @@ class HealthTally:
             inputs = self.inputs.merge(other.inputs)
         return HealthTally(attrs, inputs)
 
+    def photos_quarantined(self, products: int) -> None:
+        """``products`` quarantined before scoring for their photo (a placeholder's): not counted
+        by the scoring tasks, they had one (the image check's share, :func:`checks._scorable`)."""
+        if self.inputs is not None and products:
+            self.inputs.image[IMAGE_STATES.index("unusable")] += products
+
     def take(self) -> HealthTally:
         """The counts so far, as a new tally; this one starts again from zero."""
         out = HealthTally(self.attributes, self.inputs)
