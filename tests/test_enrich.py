@@ -492,42 +492,6 @@ def test_bad_inputs_fail_before_anything_is_written(
     assert not Path(cfg.catalog.table("quarantine")).exists()
 
 
-def test_a_partition_s_copy_of_a_product_newer_elsewhere_is_a_stale_copy(  # type: ignore[no-untyped-def]
-    spark, tmp_path, taxonomy, incoming, scoring_bundle
-) -> None:
-    """A backfill's partition holds an old copy of a product whose newer copy another partition
-    holds (a re-run of a blocked day after a later day's run): that copy is stale, as within one
-    read - quarantined, its old content never scored over the newer copy's values."""
-    products = read_table(incoming.products)
-    ids = products["product_id"].to_pylist()
-    days = products["ingest_date"].to_pylist()
-    first = dt.date(2026, 11, 1)
-    once = [p for p in ids if p is not None and ids.count(p) == 1]
-    pid = next(p for p, d in zip(ids, days, strict=True) if p in once and d == first)
-    old = products.filter(pc.equal(products["product_id"], pid))
-    newer = old.set_column(
-        old.schema.get_field_index("ingest_date"), "ingest_date", pa.array([dt.date(2026, 11, 2)])
-    )
-    later = old["updated_at"][0].as_py() + dt.timedelta(hours=1)
-    newer = newer.set_column(
-        newer.schema.get_field_index("updated_at"),
-        "updated_at",
-        pa.array([later], old.schema.field("updated_at").type),
-    )
-    write_table(tmp_path / "products", pa.concat_tables([products, newer]), partition_by=["ingest_date"])
-    cfg = _cfg(tmp_path / "lake", validation={"max_invalid_fraction": 0.2})
-    outcome = run_enrichment(
-        spark, cfg, taxonomy, model=_model(scoring_bundle), progress=_quiet,
-        scope=RunScope(products=tmp_path / "products", partition=f"ingest_date={first}", full=True),
-    )  # fmt: skip
-    quarantined = {
-        r["product_id"]: r["reasons"] for r in read_table(cfg.catalog.table("quarantine")).to_pylist()
-    }
-    assert quarantined[pid] == ["product_id_unique"]
-    assert pid not in read_table(cfg.catalog.table("attributes"))["product_id"].to_pylist()
-    assert outcome.report.rows_read == sum(d == first for d in days)
-
-
 def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incoming, scoring_bundle) -> None:  # type: ignore[no-untyped-def]
     cfg = _cfg(tmp_path / "lake", validation={"max_invalid_fraction": 0.1})
     days = (dt.date(2026, 11, 1), dt.date(2026, 11, 4))

@@ -360,7 +360,7 @@ def _stages(
             for rule in shared:
                 say(f"  {rule.name}: {rule.description}; quarantined, read again by the next run")
             rules += shared
-            run.validated = validated = validate(got.df, rules, run.started_at, say, got.latest)
+            run.validated = validated = validate(got.df, rules, run.started_at, say)
             run.seen_next = near_watermark(got, run.watermark())
         if checkpoint is not None:
             _expected(job, run, checkpoint)

@@ -73,16 +73,13 @@ MAX_SEEN = 100_000
 class Read:
     """The products a run reads, and what the last run over the same scope left for it: its
     watermark (``since``), the rows it read near it (``seen``; None: too many, read again) and the
-    products whose image could not be read, with their attempts (``retry``); for a partition's run,
-    each of its products' latest ``updated_at`` over the whole table (``latest``: ``product_id``,
-    ``_latest`` in µs since the epoch), as a copy in another partition may be newer."""
+    products whose image could not be read, with their attempts (``retry``)."""
 
     df: DataFrame
     since: dt.datetime | None
     seen: list[tuple[str, int]] | None
     retry: dict[str, int]
     lookback: dt.timedelta
-    latest: DataFrame | None = None
 
 
 def read(
@@ -112,19 +109,7 @@ def read(
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
-    latest = None
-    if partition is not None:  # a product's newest copy decides, whichever partition holds it
-        from pyspark.sql import functions as F
-
-        every = catalog.read_products(spark, contract, require_columns=require_columns)
-        ids = df.select("product_id").where(F.col("product_id").isNotNull()).distinct()
-        latest = (
-            every.select("product_id", F.unix_micros("updated_at").alias("_at"))
-            .join(ids, "product_id", "left_semi")
-            .groupBy("product_id")
-            .agg(F.max("_at").alias("_latest"))
-        )
-    return Read(df, since, seen, retry, lookback, latest)
+    return Read(df, since, seen, retry, lookback)
 
 
 def describe_window(got: Read) -> str:
@@ -179,12 +164,9 @@ class Validated:
     watermark: dt.datetime | None
 
 
-def validate(
-    df: DataFrame, rules: list[Rule], started_at: dt.datetime, say: Say, latest: DataFrame | None = None
-) -> Validated:
-    """Count every rule and find the duplicates (one pass), mark each row (``latest``: as
-    :attr:`Read.latest`: a copy older than the product's latest elsewhere is a stale copy too)."""
-    counts, duplicates = count_rows(df, rules, latest=latest)
+def validate(df: DataFrame, rules: list[Rule], started_at: dt.datetime, say: Say) -> Validated:
+    """Count every rule and find the duplicates (one pass), mark each row."""
+    counts, duplicates = count_rows(df, rules)
     # never past the run's start: a row stamped in the future (quarantined beyond the allowed clock
     # skew) must not make every later incremental run skip the products changed in between
     watermark = None if counts.watermark is None else min(counts.watermark, started_at)

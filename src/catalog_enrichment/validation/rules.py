@@ -473,13 +473,10 @@ class ValidationCounts:
 
 
 def count_rows(
-    df: DataFrame, rules: list[Rule], key: str = "product_id", latest: DataFrame | None = None
+    df: DataFrame, rules: list[Rule], key: str = "product_id"
 ) -> tuple[ValidationCounts, pa.Table]:
     """The counts (rows read, failures per rule, rows failing any, the watermark) and the duplicates,
-    in one Spark job that reads no image. ``latest`` (``key``, ``_latest``: µs since the epoch):
-    each id's latest ``updated_at`` beyond ``df`` (the whole table, for a partition's rows); an id
-    whose copies there are all older is duplicated too, with one more copy at that time, which
-    is not among the rows read (counted nowhere) but makes theirs stale.
+    in one Spark job that reads no image.
 
     The duplicates are the copies of every id on more than one row, one row per (id, ``updated_at``):
     ``key``; ``_at``, ``updated_at`` in µs since the epoch (null where missing); ``_rows``, how many
@@ -510,16 +507,6 @@ def count_rows(
         F.collect_list(F.struct("_at", "_rows", "_ok", "_held")).alias("_copies"),
     )
     duplicated = F.col(key).isNotNull() & (F.col("_n") > 1)
-    if latest is not None:
-        per_id = per_id.join(latest, key, "left")
-        newer = F.coalesce(F.col("_latest") > F.col("_at"), F.lit(False))
-        elsewhere = F.struct(
-            F.col("_latest").alias("_at"), *[F.lit(n).cast("long").alias(c) for c, n in _ELSEWHERE.items()]
-        )
-        per_id = per_id.withColumn(
-            "_copies", F.when(newer, F.concat("_copies", F.array(elsewhere))).otherwise(F.col("_copies"))
-        )
-        duplicated = F.col(key).isNotNull() & ((F.col("_n") > 1) | newer)
     row = per_id.agg(
         F.sum("_n").alias("rows"),
         F.sum("_ok").alias("ok"),
@@ -547,10 +534,6 @@ def count_rows(
         }
     )
     return add_duplicates(counts, duplicates, rules), duplicates
-
-
-# a copy of an id outside the rows read (count_rows' ``latest``): one valid row, counted nowhere
-_ELSEWHERE = {"_rows": 1, "_ok": 1, "_held": 0}
 
 
 def add_duplicates(counts: ValidationCounts, duplicates: pa.Table, rules: list[Rule]) -> ValidationCounts:
