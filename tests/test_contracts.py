@@ -13,6 +13,7 @@ from catalog_enrichment.contracts import (
     CONTRACT_NAMES,
     Taxonomy,
     arrow_type,
+    check_attribute_names,
     load_contract,
     load_taxonomy,
     schemas_dir,
@@ -122,25 +123,33 @@ def test_default_taxonomy_matches_the_issue(taxonomy: Taxonomy) -> None:
         ({"attributes": {"color": {"kind": "multilabel", "values": "red"}}}, "non-empty list"),
         ({"attributes": {"color": {"kind": "multilabel", "values": ["a", "a"]}}}, "duplicate values"),
         ({"attributes": {"size": {"kind": "multiclass", "values": ["xl"]}}}, "at least two values"),
-        # the labelled table's own columns: a label there would overwrite the merchant's category
-        (
-            {"attributes": {"category": {"kind": "multiclass", "values": ["a", "b"]}}},
-            "'category': the name is a column",
-        ),
-        ({"attributes": {"confirmed": {"kind": "multiclass", "values": ["a", "b"]}}}, "the name is a column"),
-        (
-            {
-                "attributes": {
-                    "color": {"kind": "multiclass", "values": ["a", "b"], "groups": {"title": {"x": ["a"]}}}
-                }
-            },
-            "'title': the name is a column",
-        ),
     ],
 )
 def test_malformed_taxonomies_name_the_problem(data: dict, message: str) -> None:
     with pytest.raises(TaxonomyError, match=message):
         Taxonomy.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"category": {"kind": "multiclass", "values": ["a", "b"]}}, r"\['category'\] named like a column"),
+        ({"confirmed": {"kind": "multiclass", "values": ["a", "b"]}}, r"\['confirmed'\] named like"),
+        (
+            {"color": {"kind": "multiclass", "values": ["a", "b"], "groups": {"title": {"x": ["a"]}}}},
+            r"\['title'\] named like",
+        ),
+    ],
+)
+def test_an_attribute_named_like_a_labelled_table_column_is_refused_for_labels_and_training(
+    attributes: dict, message: str
+) -> None:
+    """A label named like an input column would overwrite it (a merchant's category replaced by its
+    label, read by the model as an input): labels and training refuse it; a model already trained
+    with one still loads."""
+    taxonomy = Taxonomy.from_dict({"attributes": attributes})
+    with pytest.raises(TaxonomyError, match=message):
+        check_attribute_names(taxonomy)
 
 
 def test_unknown_attribute_and_value_are_clear_errors(taxonomy: Taxonomy) -> None:

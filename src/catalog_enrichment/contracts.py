@@ -44,6 +44,7 @@ __all__ = [
     "Taxonomy",
     "arrow_type",
     "blank_value",
+    "check_attribute_names",
     "image_key",
     "load_contract",
     "load_taxonomy",
@@ -323,15 +324,21 @@ def load_contract(
 # ----------------------------------------------------------------------------- taxonomy
 
 
-def _check_column_free(name: str, where: str) -> None:
-    """An attribute is a column of the labelled table beside the products' own and the verdicts'
-    (``confirmed``, ``rejected``): one named like those would overwrite it (a merchant's
-    ``category`` replaced by its label, which the model reads as an input)."""
+def check_attribute_names(taxonomy: Taxonomy) -> None:
+    """An attribute (or value group) is a column of the labelled table beside the products' own and
+    the verdicts' (``confirmed``, ``rejected``): one named like those would overwrite it (a
+    merchant's ``category`` replaced by its label, which the model reads as an input). Checked
+    where labels are built and training starts; a model already trained keeps loading.
+
+    Raises:
+        TaxonomyError: an attribute named like such a column.
+    """
     taken = {*load_contract("products").names, "confirmed", "rejected"}
-    if name in taken:
+    clashes = sorted(set(taxonomy.outputs.names) & taken)
+    if clashes:
         raise TaxonomyError(
-            f"{where}: the name is a column of the labelled products table ({', '.join(sorted(taken))}); "
-            "rename the attribute (e.g. product_category)"
+            f"taxonomy {taxonomy.source}: attribute(s) {clashes} named like a column of the labelled "
+            f"products table ({', '.join(sorted(taken))}); rename them (e.g. product_category)"
         )
 
 
@@ -517,7 +524,6 @@ class Taxonomy:
         attrs: dict[str, AttributeSpec] = {}
         for name, spec in data["attributes"].items():
             where = f"taxonomy {source}: attribute {name!r}"
-            _check_column_free(str(name), where)
             if not isinstance(spec, Mapping):
                 raise TaxonomyError(f"{where} must be a mapping with kind and values")
             kind = spec.get("kind")
@@ -544,7 +550,6 @@ class Taxonomy:
             for d in _groupings(attrs[str(name)], spec.get("groups"), source):
                 if d.name in attrs or d.name in derived:
                     raise TaxonomyError(f"taxonomy {source}: attribute {d.name!r} is defined twice")
-                _check_column_free(d.name, f"taxonomy {source}: attribute {d.name!r}")
                 derived[d.name] = d
         return cls(attributes=attrs, source=source, derived=derived)
 

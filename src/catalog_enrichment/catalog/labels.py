@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import Catalog
 from catalog_enrichment.catalog.reviews import verdicts_by_value
-from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.contracts import Taxonomy, check_attribute_names, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 __all__ = ["LABEL_SOURCES", "LabelReport", "build_labels", "write_labels"]
@@ -148,6 +148,7 @@ def build_labels(
         missing = [c for c in needed if c not in table.column_names]
         if missing:
             raise ContractError(f"the {name} table lacks columns {missing}")
+    check_attribute_names(taxonomy)
     report = LabelReport(products_read=products.num_rows)
     latest = _latest(products, report)
     values = _human_values(attributes, taxonomy, report)

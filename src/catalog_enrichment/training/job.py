@@ -22,7 +22,7 @@ import torch
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import data_files, table_format, table_version
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import Taxonomy, check_attribute_names
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import BundleFolder, save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
@@ -91,7 +91,9 @@ def git_commit() -> str:
 
 
 def check_training_columns(names: Sequence[str], taxonomy: Taxonomy) -> None:
-    """The columns training reads are there (ids, partitions and merchant values are optional)."""
+    """The columns training reads are there (ids, partitions and merchant values are optional), and
+    no attribute is named like another column of the table (:func:`check_attribute_names`)."""
+    check_attribute_names(taxonomy)
     missing = [c for c in ("title", "description", *taxonomy.names) if c not in names]
     if missing:
         raise ContractError(f"the labelled table lacks columns {missing} (contract labelled_products)")

@@ -35,7 +35,7 @@ import torch
 from transformers import set_seed
 
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import Taxonomy, check_attribute_names
 from catalog_enrichment.data.dataset import EncodedLabels, build_tokenizer
 from catalog_enrichment.health import InputBaseline
 from catalog_enrichment.models import runtime
@@ -116,12 +116,14 @@ def train(
 
     Raises:
         ConfigError: a setting the reading does not support, named before any data is read.
-        ContractError / TaxonomyError: missing label column, label values outside the taxonomy.
+        ContractError / TaxonomyError: missing label column, label values outside the taxonomy, an
+            attribute named like an input column.
         CatalogEnrichError: too few rows for the splits.
     """
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
     check_encoders_mode(cfg.model, cfg.training)
+    check_attribute_names(taxonomy)  # a label named like an input column would be read as both
     reading = _reading(table, taxonomy, cfg, test_table, torch.device(device), store)
     reading.check()
     with deterministic_algorithms(True):
