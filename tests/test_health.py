@@ -5,7 +5,6 @@ runs that stays within the 1 % the levels are split for."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -476,13 +475,10 @@ def test_a_text_only_model_s_runs_judge_no_photo() -> None:
     photo is gone: the image checks are skipped, saying why."""
     pop = _population(np.random.default_rng(5), 3_000)
     profile = _profile(pop, np.arange(2_000))
-    assert profile.inputs is not None
-    text_only = HealthProfile(profile.attributes, replace(profile.inputs, reads_images=False))
     pop["present"], pop["tones"] = [False] * 3_000, [None] * 3_000
     night = np.arange(2_000, 3_000)
-    photo = [
-        c for c in assess(text_only, _count(text_only, pop, night), target=0.9) if c.check.startswith("image")
-    ]
+    checks = assess(profile, _count(profile, pop, night), target=0.9, reads_images=False)
+    photo = [c for c in checks if c.check.startswith("image")]
     assert [(c.check, c.status, c.message) for c in photo] == [
         ("image", "skipped", "the model reads no photo"),
         ("image_tone", "skipped", "the model reads no photo"),

@@ -267,8 +267,6 @@ def test_a_model_that_reads_no_image_scores_the_products_a_placeholder_reached( 
 
     market = generate_marketplace(tmp_path / "train", QUICK_TRAIN, taxonomy=taxonomy)
     trained = train(read_table(market.products), taxonomy, tiny_config(fusion="text_only", epochs=1))
-    health = trained.calibration.health
-    assert health is not None and health.inputs is not None and not health.inputs.reads_images
     model = ModelVersion("text", "1", bundle_dir=save_trained(trained, tmp_path / "text-only"))
     source = read_table(incoming.products)
     ids = source["product_id"].to_pylist()
@@ -281,6 +279,8 @@ def test_a_model_that_reads_no_image_scores_the_products_a_placeholder_reached( 
     catalog = open_catalog(cfg.catalog)
     outage = _night(spark, cfg, taxonomy, catalog, model, "outage", [])
     assert "image_shared" not in outage["row_rules"] and "placeholder_images" not in outage
+    photo = {c["check"]: c["message"] for c in outage["health"] if c["check"].startswith("image")}
+    assert photo == dict.fromkeys(("image", "image_tone"), "the model reads no photo")
     assert not any("image_shared" in r["reasons"] for r in catalog.quarantine_rows().to_pylist())
     report = {r.run_id: r for r in catalog.read_reports()}["outage"]
     assert report.rows_scored == report.rows_valid > 150

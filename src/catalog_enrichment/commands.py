@@ -90,7 +90,7 @@ def expectations(args: argparse.Namespace, cfg: AppConfig) -> int:
 
     contract = load_contract("products")
     rules = build_rules(contract, cfg.validation, dt.datetime.now(dt.UTC))
-    inputs = None
+    inputs, reads_images = None, True
     store = cfg.mlflow.tracking_uri.removeprefix("sqlite:///")
     try:
         if store != cfg.mlflow.tracking_uri and not Path(store).exists():
@@ -98,11 +98,12 @@ def expectations(args: argparse.Namespace, cfg: AppConfig) -> int:
         model = runtime.model_version(cfg, args.model, runtime.mlflow_client(cfg.mlflow))
         health = BundleFolder(model.bundle).read_calibration().health
         inputs = None if health is None else health.inputs
+        reads_images = BundleFolder(model.bundle).reads_images()
     except CatalogEnrichError as exc:
         if args.model is not None:  # the model named: its shares, or an error (not a weaker suite)
             raise
         print(f"no model's training inputs ({exc}): the image, description and category shares are left out")
-    suite = build_suite(rules, cfg.validation, contract, inputs, name=args.name)
+    suite = build_suite(rules, cfg.validation, contract, inputs, name=args.name, reads_images=reads_images)
     path = write_suite(suite, Path(args.out))
     print(f"wrote {len(suite.expectations)} expectations to {path}")
     return 0

@@ -56,3 +56,23 @@ def _validate_with_gx(frame, suite_file):  # type: ignore[no-untyped-def]
         .get_batch(batch_parameters={"dataframe": frame})
     )
     return batch.validate(suite, result_format={"result_format": "BASIC"}).to_json_dict()
+
+
+@pytest.mark.timeout(120)
+def test_a_model_that_reads_no_photo_expects_no_share_of_photos() -> None:
+    """The critical share of products without an image stops a night for a model that reads the
+    photo; a text-only model's suite has no such expectation (a feed without photos changes nothing
+    it reads)."""
+    from catalog_enrichment.health import ProductInputs, input_baseline
+
+    n = 20
+    inputs = input_baseline(
+        ProductInputs(["t"] * n, ["d"] * n, [True] * n, [None] * n, [None] * n, [None] * n)
+    )
+    contract, cfg = load_contract("products"), ValidationConfig()
+
+    def image_checks(reads_images: bool) -> list[str]:
+        suite = build_suite([], cfg, contract, inputs, reads_images=reads_images)
+        return [e.meta["check"] for e in suite.expectations if "without an image" in e.meta["check"]]
+
+    assert len(image_checks(True)) == 1 and image_checks(False) == []

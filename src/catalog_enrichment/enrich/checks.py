@@ -70,8 +70,11 @@ class RunHealth:
         return [] if self.policy.health is None else plot_scores(self.policy.health, self.tally, folder)
 
 
-def check_run(policy: DecisionPolicy, tally: HealthTally, cfg: HealthConfig, say: Say) -> RunHealth | None:
-    """The run's health checks against the model's profile (None: a model trained before them)."""
+def check_run(
+    policy: DecisionPolicy, tally: HealthTally, cfg: HealthConfig, say: Say, *, reads_images: bool = True
+) -> RunHealth | None:
+    """The run's health checks against the model's profile (None: a model trained before them);
+    ``reads_images``: whether the model reads the photo (:func:`assess`)."""
     if policy.health is None:
         return None
     checks = assess(
@@ -83,6 +86,7 @@ def check_run(policy: DecisionPolicy, tally: HealthTally, cfg: HealthConfig, say
         min_psi=cfg.min_psi,
         min_share_change=cfg.min_share_change,
         changed=[name for name, gone in policy.dropped.items() if gone],
+        reads_images=reads_images,
     )
     modes = cfg.modes()
     levels = {d.name: d.parent for d in policy.taxonomy.derived.values()}

@@ -398,7 +398,8 @@ def _stages(
                 f"placeholders, one image on more than {cfg.validation.max_products_per_image} products "
                 f"or found by an earlier run ({named}); quarantined, read again by the next run")  # fmt: skip
     scored.health.photos_quarantined(photos_quarantined(validated, got.retry))
-    run.health = check_run(job.policy, scored.health, cfg.validation.health, say)
+    reads = BundleFolder(job.model.bundle).reads_images()
+    run.health = check_run(job.policy, scored.health, cfg.validation.health, say, reads_images=reads)
     with run.stage("decide"):
         run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)
     check_breaker(new_rows(decisions, got.retry), cfg.validation.max_invalid_fraction)
@@ -450,7 +451,8 @@ def expect_batch(job: _Job, run: _Record, contract: Contract, df: DataFrame) -> 
     cfg = job.cfg
     rules = build_rules(contract, cfg.validation, run.started_at, df.columns)
     inputs = None if job.policy.health is None else job.policy.health.inputs
-    suite = build_suite(rules, cfg.validation, contract, inputs)
+    reads = BundleFolder(job.model.bundle).reads_images()
+    suite = build_suite(rules, cfg.validation, contract, inputs, reads_images=reads)
     project = gx_project(cfg.validation.gx_project, cfg.catalog.root)
     return validate_batch(df, suite, project=project, run_id=run.run_id)
 

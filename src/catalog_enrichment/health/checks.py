@@ -248,10 +248,14 @@ class _Limits:
 
 
 def _pending(
-    profile: HealthProfile, tally: HealthTally, min_products: int, changed: Collection[str]
+    profile: HealthProfile,
+    tally: HealthTally,
+    min_products: int,
+    changed: Collection[str],
+    reads_images: bool,
 ) -> tuple[list[_Pending], list[Check]]:
-    """Every check the profile and tally allow, and those skipped: for too few products, and the
-    coverage of the ``changed`` attributes."""
+    """Every check the profile and tally allow, and those skipped: for too few products, the
+    coverage of the ``changed`` attributes, and the photo's checks of a model that reads none."""
     pending: list[_Pending] = []
     skipped: list[Check] = []
     for name, base in profile.attributes.items():
@@ -307,7 +311,7 @@ def _pending(
                 ),
                 _proportion(INPUT, "description", inputs.description, counted.description, 1),
             ]
-            if not inputs.reads_images:
+            if not reads_images:
                 why = "the model reads no photo"
                 skipped += [Check(INPUT, c, "skipped", n, inputs.products, message=why) for c in IMAGE_CHECKS]
             else:
@@ -382,14 +386,16 @@ def assess(
     min_psi: float = 0.05,
     min_share_change: float = 0.03,
     changed: Collection[str] = (),
+    reads_images: bool = True,
 ) -> list[Check]:
     """Every check of a run (see the module docstring): attributes in the profile's order, then the
     inputs; each check evaluated fails at ``false_alarm / K`` (``K`` checks evaluated). Products
     that come in groups of variants count once per group's worth: every statistic is divided by the
     training products' design effect (the estimated precision's variance multiplied by it).
     ``changed``: the attributes some of whose values the run does not write (the configured taxonomy
-    dropped or added values), whose coverage is not compared with training's."""
-    pending, skipped = _pending(profile, tally, min_products, changed)
+    dropped or added values), whose coverage is not compared with training's; ``reads_images``
+    False: the model reads no photo, and scoring decodes none, so the photo's checks are skipped."""
+    pending, skipped = _pending(profile, tally, min_products, changed, reads_images)
     deff = 1.0 if profile.inputs is None else profile.inputs.design_effect
     limits = _Limits(false_alarm / max(1, len(pending)), target, min_psi, min_share_change, deff)
     judged = {(p.scope, p.check): _judge(p, limits) for p in pending}

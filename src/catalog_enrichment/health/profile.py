@@ -186,9 +186,6 @@ class InputBaseline:
     # a baseline counted before an empty image_uri was no photo (as the scoring reads it) counted
     # it as one: its runs count so too, or every night would seem to have lost photos
     empty_uri_is_photo: bool = True
-    # the model reads the photo; a text-only model's runs do not judge photos it never reads (nor
-    # decode them: its image states would not be counted as training's were)
-    reads_images: bool = True
 
     @property
     def products(self) -> int:

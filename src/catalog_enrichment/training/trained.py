@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import pandas as pd
@@ -22,7 +22,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels, unseen_values
 from catalog_enrichment.health import InputBaseline
 from catalog_enrichment.inference.bundle import ModelBundle, json_safe
-from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, build_model, needs_image
+from catalog_enrichment.models.model import AnyModel, EnsembleModel, MultimodalModel, build_model
 from catalog_enrichment.training.evaluation import (
     EvaluationReport,
     Predictions,
@@ -164,7 +164,6 @@ def conclude(
     """The fitted model scored on its held-out splits, calibrated (with the training products'
     ``inputs`` for the run health profile) and evaluated on the test split."""
     heldout, test_preds, test_labels = _held_out(fitted, taxonomy)
-    inputs = replace(inputs, reads_images=needs_image(cfg.model))  # the photo checks' to judge
     if heldout.unseen:
         named = ", ".join(f"{a}={v}" for a, values in heldout.unseen.items() for v in values)
         say(f"{UNSEEN}, so never written: {named} (add labelled products to write them)")

@@ -76,15 +76,17 @@ def build_suite(
     inputs: InputBaseline | None,
     *,
     name: str = "products",
+    reads_images: bool = True,
 ) -> Any:
     """The run's suite (see the module docstring) as a ``great_expectations.ExpectationSuite`` named
     ``name``: the batch expectations, then the rules' in the rules' order; each carries what it
-    checks in ``meta`` (a rule's name and description)."""
+    checks in ``meta`` (a rule's name and description). ``reads_images`` False: the model reads no
+    photo, so the share without one is not expected."""
     gx = quiet_gx()
     with main_with_a_file():
         gx.get_context(mode="ephemeral")  # a suite can only be built inside a context
         suite = gx.ExpectationSuite(name=name)
-        for expectation in _batch_expectations(cfg, contract, inputs):
+        for expectation in _batch_expectations(cfg, contract, inputs, reads_images):
             suite.add_expectation(expectation)
         for rule in rules:
             if rule.expectation is not None:
@@ -96,7 +98,9 @@ def build_suite(
     return suite
 
 
-def _batch_expectations(cfg: ValidationConfig, contract: Contract, inputs: InputBaseline | None) -> list[Any]:
+def _batch_expectations(
+    cfg: ValidationConfig, contract: Contract, inputs: InputBaseline | None, reads_images: bool
+) -> list[Any]:
     import great_expectations.expectations as gxe
 
     def made(expectation: Any, severity: str, description: str) -> Any:
@@ -119,24 +123,25 @@ def _batch_expectations(cfg: ValidationConfig, contract: Contract, inputs: Input
     if inputs is None:
         return out
     products, more = inputs.products, cfg.max_share_increase
-    no_image = min(1.0, inputs.image[IMAGE_STATES.index("absent")] / products + more)
-    # neither image bytes nor an image_uri (an empty one is none, unless the baseline counted it one):
-    # the products without one, when their share is above the bound
-    nothing = "image IS NULL AND " + (
-        "image_uri IS NULL" if inputs.empty_uri_is_photo else "(image_uri IS NULL OR image_uri = '')"
-    )
-    share = f"(SELECT avg(CASE WHEN {nothing} THEN 1.0 ELSE 0.0 END) FROM {{batch}})"
-    query = f"SELECT product_id FROM {{batch}} WHERE {nothing} AND {share} > {no_image:.4f}"
-    out.append(
-        made(
-            gxe.UnexpectedRowsExpectation(
-                unexpected_rows_query=query,
-                description=f"at most {no_image:.1%} of the products without an image",
-            ),
-            CRITICAL,
-            f"the share of products without an image at most the training products' plus {more:g}",
+    if reads_images:  # a text-only model reads no photo: a feed without them is no concern of its
+        no_image = min(1.0, inputs.image[IMAGE_STATES.index("absent")] / products + more)
+        # neither image bytes nor an image_uri (an empty one is none, unless the baseline counted it one):
+        # the products without one, when their share is above the bound
+        nothing = "image IS NULL AND " + (
+            "image_uri IS NULL" if inputs.empty_uri_is_photo else "(image_uri IS NULL OR image_uri = '')"
         )
-    )
+        share = f"(SELECT avg(CASE WHEN {nothing} THEN 1.0 ELSE 0.0 END) FROM {{batch}})"
+        query = f"SELECT product_id FROM {{batch}} WHERE {nothing} AND {share} > {no_image:.4f}"
+        out.append(
+            made(
+                gxe.UnexpectedRowsExpectation(
+                    unexpected_rows_query=query,
+                    description=f"at most {no_image:.1%} of the products without an image",
+                ),
+                CRITICAL,
+                f"the share of products without an image at most the training products' plus {more:g}",
+            )
+        )
     without, _with = inputs.description
     out.append(
         made(
