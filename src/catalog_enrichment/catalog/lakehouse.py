@@ -148,12 +148,16 @@ def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema |
 def _with_deletions_applied(table: Any) -> ds.Dataset:
     """A Delta table with deletion vectors (the default of current Delta writers), which
     ``pyarrow.dataset`` cannot honour: read through delta-rs' query engine, which drops the deleted
-    rows, into memory, typed as the table's schema."""
+    rows, whole into memory, typed as the table's schema. The engine reads files in parallel, so the
+    rows are put in one order (by ``product_id`` and ``updated_at`` where the table has them): every
+    pass of a streamed training reads them alike."""
     from deltalake import QueryBuilder
 
     schema = pa.schema(table.schema().to_arrow())
     rows = pa.table(QueryBuilder().register("products", table).execute("SELECT * FROM products").read_all())
-    return ds.dataset(rows.select(schema.names).cast(schema))
+    rows = rows.select(schema.names).cast(schema)
+    keys = [(c, "ascending") for c in ("product_id", "updated_at") if c in schema.names]
+    return ds.dataset(rows.sort_by(keys) if keys else rows)
 
 
 def _parquet_files(folder: Path) -> list[str]:

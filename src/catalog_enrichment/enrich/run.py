@@ -397,11 +397,11 @@ def _stages(
             say(f"  {IMAGE_SHARED}: {sum(scored.shared.values()):,} products' photos, as read, are "
                 f"placeholders, one image on more than {cfg.validation.max_products_per_image} products "
                 f"or found by an earlier run ({named}); quarantined, read again by the next run")  # fmt: skip
-    scored.health.photos_quarantined(photos_quarantined(validated, got.retry))
-    reads = BundleFolder(job.model.bundle).reads_images()
-    run.health = check_run(job.policy, scored.health, cfg.validation.health, say, reads_images=reads)
     with run.stage("decide"):
         run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)
+    scored.health.photos_quarantined(photos_quarantined(decisions.quarantine, scored.table, got.retry))
+    reads = BundleFolder(job.model.bundle).reads_images()
+    run.health = check_run(job.policy, scored.health, cfg.validation.health, say, reads_images=reads)
     check_breaker(new_rows(decisions, got.retry), cfg.validation.max_invalid_fraction)
     run.retry_next = retry_next(decisions.quarantine, got.retry, cfg.validation.image_retries)
     fault_point("before_merge")

@@ -371,16 +371,14 @@ def new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
     )
 
 
-def photos_quarantined(validated: Validated, retry: Collection[str]) -> int:
-    """The rows validation quarantined for their photo (a placeholder's), but those read again for
-    one (``retry``: they have a photo by that choice, which the image check does not count)."""
-    from pyspark.sql import functions as F
-
-    shared = validated.counts.per_rule.get(IMAGE_SHARED, 0)
-    if not shared or not retry:
-        return shared
-    mine = F.array_contains(REASONS, IMAGE_SHARED) & ~F.col("product_id").isin(sorted(retry))
-    return validated.checked.where(mine).count()
+def photos_quarantined(quarantine: pa.Table, scored: pa.Table, retry: Collection[str]) -> int:
+    """The products validation quarantined for their photo alone (a placeholder's), which no scoring
+    task counted, but those read again for one (``retry``: they have a photo by that choice, which
+    the image check does not count); ``scored``: the staged decisions (a photo the scoring found
+    unusable was counted there)."""
+    counted = set(scored.filter(pc.is_valid(scored["image_error"]))["product_id"].to_pylist())
+    pairs = zip(quarantine["product_id"].to_pylist(), quarantine["reasons"].to_pylist(), strict=True)
+    return sum(reasons == [IMAGE_SHARED] and p not in retry and p not in counted for p, reasons in pairs)
 
 
 def retry_next(quarantine: pa.Table, retry: dict[str, int], cap: int) -> list[tuple[str, int]]:
