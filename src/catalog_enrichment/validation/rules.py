@@ -94,8 +94,8 @@ def text_failures(
     titles: Sequence[str | None], descriptions: Sequence[str | None], cfg: ValidationConfig
 ) -> list[tuple[str, ...]]:
     """The title and description rules each product breaks, as the enrichment job's row rules
-    name them (empty: none): training leaves such products out, as the job would quarantine them,
-    so the model and the run health checks' baseline see the products the job scores. A title past
+    name them (empty: none), in Python: the run health checks' input baseline leaves such products
+    out, as the job quarantines them before any night's checks count. A title past
     ``max_title_length`` is not matched further (the job's regexes read it whole)."""
     out = []
     for title, description in zip(titles, descriptions, strict=True):
