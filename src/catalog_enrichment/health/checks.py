@@ -73,8 +73,8 @@ def homogeneity(
     ranking by the baseline's counts alone pools the values the baseline's sample happened to
     under-count, which inflates the statistic (a 99-value mix alarms many times its level).
     ``quantiles``: the bins are the baseline's quantiles, equal at training by construction; they
-    are pooled with their neighbours in order, never by tonight's counts (ranking equal baseline
-    counts by both sides would rank by tonight's alone). Bins too rare to stand alone that were
+    are ranked by the baseline's counts alone (equal ones stay in order: neighbours pool), never by
+    tonight's (ranking equal baseline counts by both sides would rank by tonight's alone). Bins too rare to stand alone that were
     pooled into a common one (a night whose products all lack the photo every training product had,
     or whose titles are all in a script training saw a few times) are also compared, together,
     with the rest by Fisher's exact test, on counts divided by the design effect; the p-value is the
