@@ -69,18 +69,18 @@ def homogeneity(
     Sparse bins are pooled, smallest first, until each pooled bin expects at least
     :data:`MIN_EXPECTED` products on both sides. Bins that are categories (values, scripts,
     merchant categories, a share's two sides) are ranked by both sides' counts together: given
-    each bin's total the test is exact under the null whatever bins those totals pool, whereas
+    each bin's total the test holds its level whatever bins those totals pool, whereas
     ranking by the baseline's counts alone pools the values the baseline's sample happened to
     under-count, which inflates the statistic (a 99-value mix alarms many times its level).
     ``quantiles``: the bins are the baseline's quantiles, equal at training by construction; they
     are ranked by the baseline's counts alone (equal ones stay in order: neighbours pool), never by
-    tonight's (ranking equal baseline counts by both sides would rank by tonight's alone). Bins too rare to stand alone that were
-    pooled into a common one (a night whose products all lack the photo every training product had,
-    or whose titles are all in a script training saw a few times) are also compared, together,
-    with the rest by Fisher's exact test, on counts divided by the design effect; the p-value is the
-    smaller of the two, doubled (Bonferroni), or Fisher's alone where the chi-square has one pooled
-    bin (its statistic then ``nan``, 1 degree of freedom). With no rare bin, one bin tests nothing
-    (p 1).
+    tonight's (ranking equal baseline counts by both sides would rank by tonight's alone). Bins too
+    rare to stand alone that were pooled into a common one (a night whose products all lack the
+    photo every training product had, or whose titles are all in a script training saw a few times)
+    are also compared, together, with the rest by Fisher's exact test, on counts divided by the
+    design effect; the p-value is the smaller of the two, doubled (Bonferroni), or Fisher's alone
+    where the chi-square has one pooled bin (its statistic then ``nan``, 1 degree of freedom). With
+    no rare bin, one bin tests nothing (p 1).
     """
     from scipy.special import chdtrc  # chi-squared survival function (scipy.stats' chi2.sf)
 
