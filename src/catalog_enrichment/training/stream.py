@@ -254,11 +254,6 @@ class _Reader:
     shared: frozenset[int] = frozenset()  # the survey's placeholders (:func:`digest_prefix`): left out
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # the job's row rules
 
-    def scored_texts(self, titles: Sequence[str | None], descriptions: Sequence[str | None]) -> np.ndarray:
-        """Which products the enrichment job would score for their title and description: its row
-        rules quarantine the others, so no night's health checks count them."""
-        return np.array([not b for b in text_failures(titles, descriptions, self.validation)], bool)
-
     def pixels(
         self, image: bytes | None, uri: str | None, prep: ImagePreprocessing
     ) -> tuple[np.ndarray | None, str | None]:
@@ -281,17 +276,20 @@ class _Reader:
         """Every usable product (in the survey's order), a record batch at a time, with its merchant
         categories (None without a ``category`` column)."""
         for batch in self.source.batches():
-            usable, _ = self.usable(batch, InputBaselineCounts(), Counter())
+            usable, _, _ = self.usable(batch, InputBaselineCounts(), Counter())
             if usable.num_rows:
                 table = pa.Table.from_batches([usable])
                 yield ProductRecords.from_arrow(table, self.policy), _column(usable, "category")
 
     def usable(
         self, batch: pa.RecordBatch, inputs: InputBaselineCounts, unusable: Counter[str]
-    ) -> tuple[pa.RecordBatch, np.ndarray]:
+    ) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
         """The batch's products whose image decodes or is absent (and is no placeholder of
-        ``shared``), with their images' digest prefixes (0: no image); every product's inputs (image
-        state and colour balance included) counted in ``inputs``, the others' reasons in ``unusable``."""
+        ``shared``), with their images' digest prefixes (0: no image) and which of them the
+        enrichment job would score for their title and description (its row rules quarantine the
+        others, so no night's health checks count them); the inputs of every product it would score
+        (image state and colour balance included) counted in ``inputs``, the others' image reasons
+        in ``unusable``."""
         products, errors, digests = check_images(batch, self.policy)
         prefixes = np.array([digest_prefix(d) for d in digests], np.uint64)
         if self.shared:
@@ -300,10 +298,12 @@ class _Reader:
                 for e, p in zip(errors, prefixes, strict=True)
             ]
             products = replace(products, image_errors=errors)
-        inputs.add(products.subset(self.scored_texts(products.titles, products.descriptions).tolist()))
+        texts = text_failures(products.titles, products.descriptions, self.validation)
+        scored = np.array([not broken for broken in texts], bool)
+        inputs.add(products.subset(scored.tolist()))
         unusable.update(e for e in errors if e is not None)
         keep = np.array([e is None for e in errors], bool)
-        return batch.filter(pa.array(keep)), prefixes[keep]
+        return batch.filter(pa.array(keep)), prefixes[keep], scored[keep]
 
 
 def digest_prefix(digest: str | None) -> int:
@@ -461,9 +461,9 @@ def survey(
     inputs, unusable = InputBaselineCounts(), Counter[str]()
     everything = _Selection(seed, fractions, split=-1)
     for batch in reader.source.batches():
-        usable, read = reader.usable(batch, inputs, unusable)
+        usable, read, scored = reader.usable(batch, inputs, unusable)
         prefixes.append(read)
-        counted.append(reader.scored_texts(_column(usable, "title"), _column(usable, "description")))
+        counted.append(scored)
         code = everything.codes(usable)
         pids = _column(usable, "product_id")
         ids += pids
