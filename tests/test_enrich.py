@@ -269,6 +269,48 @@ def test_incremental_scores_only_changed_products(
     )
 
 
+def test_a_partition_run_leaves_out_the_old_copy_of_a_product_another_partition_holds_newer(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """A product edited on a later day has a newer copy in that day's partition; a backfill of its
+    first day must neither write what the old copy says over the new one's values nor quarantine
+    it: the row is left unread and counted. A copy in another partition that is older changes
+    nothing."""
+    products = tmp_path / "products"
+    table = read_table(incoming.products)
+    days = sorted(set(table["ingest_date"].to_pylist()))
+    day = table.schema.field("ingest_date").type
+    first = table.filter(pc.equal(table["ingest_date"], pa.scalar(days[0], day)))
+    truth = read_table(incoming.truth)
+    clean = set(truth.filter(pc.is_null(truth["bad_kind"]))["product_id"].to_pylist())
+    every = table["product_id"].to_pylist()
+    newer, older = [i for i in first["product_id"].to_pylist() if i in clean and every.count(i) == 1][:2]
+
+    def copy(pid: str, shift: dt.timedelta) -> pa.Table:
+        row = table.filter(pc.equal(table["product_id"], pid))
+        at = pa.array([row["updated_at"][0].as_py() + shift], row.schema.field("updated_at").type)
+        row = row.set_column(row.schema.get_field_index("updated_at"), "updated_at", at)
+        last = pa.array([days[-1]], day)
+        return row.set_column(row.schema.get_field_index("ingest_date"), "ingest_date", last)
+
+    extra = pa.concat_tables([copy(newer, dt.timedelta(days=2)), copy(older, -dt.timedelta(days=2))])
+    write_table(products, pa.concat_tables([table, extra]), partition_by=["ingest_date"], mode="overwrite")
+    cfg = _cfg(tmp_path / "lake")
+    said: list[str] = []
+    outcome = run_enrichment(
+        spark, cfg, taxonomy, model=_model(scoring_bundle),
+        scope=RunScope(products=products, partition=f"ingest_date={days[0]}", full=True, run_id="p-1"),
+        progress=said.append,
+    )  # fmt: skip
+    report = outcome.report
+    assert report.rows_read == first.num_rows - 1
+    assert report.summary()["superseded_elsewhere"] == 1
+    assert any(f"1 rows of ingest_date={days[0]} left unread" in line for line in said)
+    attributes = read_table(cfg.catalog.table("attributes"))
+    quarantined = read_table(cfg.catalog.table("quarantine"))["product_id"].to_pylist()
+    assert newer not in attributes["product_id"].to_pylist() and newer not in quarantined
+
+
 def test_a_retried_run_whose_first_attempt_committed_moves_no_watermark(
     spark, tmp_path, taxonomy, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]

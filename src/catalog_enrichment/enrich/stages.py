@@ -73,13 +73,15 @@ MAX_SEEN = 100_000
 class Read:
     """The products a run reads, and what the last run over the same scope left for it: its
     watermark (``since``), the rows it read near it (``seen``; None: too many, read again) and the
-    products whose image could not be read, with their attempts (``retry``)."""
+    products whose image could not be read, with their attempts (``retry``); ``superseded``: the
+    partition's rows left unread because another partition holds a newer copy of their product."""
 
     df: DataFrame
     since: dt.datetime | None
     seen: list[tuple[str, int]] | None
     retry: dict[str, int]
     lookback: dt.timedelta
+    superseded: int = 0
 
 
 def read(
@@ -95,7 +97,8 @@ def read(
 ) -> Read:
     """Incremental unless ``last`` is None: ``updated_at`` past ``last``'s watermark less
     ``lookback``, without the rows it already read, plus the products to retry; staged once when
-    the catalog's reads are not a snapshot (every stage then reads the same rows).
+    the catalog's reads are not a snapshot (every stage then reads the same rows). A run of one
+    ``partition`` leaves out the rows another partition holds a newer copy of (:func:`_superseded`).
     ``require_columns``: as :meth:`Catalog.read_products`."""
     since = None if last is None else last.watermark
     kept = [] if last is None else last.summary().get(SEEN, [])
@@ -105,11 +108,48 @@ def read(
         spark, contract, partition=partition, since=since and since - lookback, retry=sorted(retry),
         require_columns=require_columns,
     )  # fmt: skip
+    superseded = 0
+    if partition is not None:
+        df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
     df = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
-    return Read(df, since, seen, retry, lookback)
+    return Read(df, since, seen, retry, lookback, superseded)
+
+
+def _superseded(
+    spark: SparkSession,
+    catalog: Catalog,
+    contract: Contract,
+    df: DataFrame,
+    partition: Partition,
+    staging: Path,
+) -> tuple[DataFrame, int]:
+    """``df`` (rows of ``partition``) without the rows of a product that another partition holds a
+    later ``updated_at`` of, and how many those were. Such a row is an old copy, not bad data: a
+    backfill of an old partition must not write what it says over what its newer copy gave, nor
+    quarantine it. The table's other partitions are read for their ids and times only, in Spark;
+    the keys of the rows left out are staged (``staging/superseded``), so each stage reads them
+    instead of the whole table again."""
+    from pyspark.sql import functions as F
+
+    if not {"product_id", "updated_at"} <= set(df.columns):  # the checkpoint names what is missing
+        return df, 0
+    every = catalog.read_products(spark, contract, require_columns=False)
+    elsewhere = every.filter(~F.col(partition.column).eqNullSafe(F.lit(partition.value).cast(
+        every.schema[partition.column].dataType)))  # fmt: skip
+    newest = elsewhere.groupBy("product_id").agg(F.max(F.unix_micros("updated_at")).alias("_newer"))
+    mine = df.select("product_id", F.unix_micros("updated_at").alias(_UNIX_MICROS))
+    old = mine.join(newest, "product_id").filter(F.col(_UNIX_MICROS) < F.col("_newer"))
+    path = str(staging / "superseded")
+    old.select("product_id", _UNIX_MICROS).write.mode("overwrite").parquet(path)
+    keys = spark.read.parquet(path)
+    count = keys.count()
+    if not count:
+        return df, 0
+    with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))
+    return with_us.join(keys, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns), count
 
 
 def describe_window(got: Read) -> str:
