@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -168,14 +169,16 @@ def test_an_empty_or_backwards_range_is_a_clear_error() -> None:
 
 
 def test_a_run_over_another_products_table_does_not_make_a_partition_done() -> None:
-    """`--products` read another table into the same catalog: its partition is not this table's
-    (a report from before runs recorded their table counts for any)."""
+    """`--products` read another table into the same catalog: its partition is not this table's,
+    nor is its run id (a run under it would find that run done and do nothing); a report from
+    before runs recorded their table counts for any."""
     other = _report("2026-11-02", "succeeded")
     other.add_to_summary(**{PRODUCTS: "/exports/vendor_feed"})
-    assert _plan(_Partitions(DAYS, [other]))[0] == (
-        "ingest_date=2026-11-02",
-        "backfill-2026-11-02-shop_tiny-v3",
-    )
+    suffix = hashlib.sha256(b"/lake/products").hexdigest()[:8]
+    assert _plan(_Partitions(DAYS, [other])) == [
+        ("ingest_date=2026-11-02", f"backfill-2026-11-02-shop_tiny-v3-{suffix}"),
+        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),
+    ]
     own = _report("2026-11-03", "succeeded")
     own.add_to_summary(**{PRODUCTS: "/lake/products"})
     before = _report("2026-11-02", "succeeded", run_id="before")

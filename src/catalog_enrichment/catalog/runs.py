@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -48,7 +49,9 @@ def backfill_plan(
     half-way is finished, not written twice. A forced or rolled-back partition gets a fresh run id,
     and so does one whose runs by this version all kept values out (it is run again). A done
     partition whose last run left products to retry gets an incremental run under a fresh id: a
-    backfill during an image host's outage is not done until they are read again.
+    backfill during an image host's outage is not done until they are read again. A run id another
+    products table's run already took (``--products``) gets a suffix of this table's name: a run
+    of the same id would find that run done and do nothing.
     """
     if date_from > date_to:
         raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
@@ -60,7 +63,10 @@ def backfill_plan(
             f"no {column} partitions between {date_from} and {date_to} in {catalog.describe()}"
         )
     products = catalog.products_name()
-    table_reports = [r for r in catalog.read_reports() if of_scope(r, r.partition, products)]
+    reports = catalog.read_reports()
+    table_reports = [r for r in reports if of_scope(r, r.partition, products)]
+    taken = {r.run_id for r in reports} - {r.run_id for r in table_reports}
+    suffix = hashlib.sha256(products.encode()).hexdigest()[:8]
     plan: list[PlannedRun] = []
     for day in dates:
         scope = f"{column}={day}"
@@ -71,6 +77,8 @@ def backfill_plan(
             if r.status == "succeeded" and (r.model_name, r.model_version) == (model.name, model.version)
         ]
         run_id = f"backfill-{day}-{re.sub(r'[^A-Za-z0-9._-]', '_', model.name)}-v{model.version}"
+        if run_id in taken:
+            run_id = f"{run_id}-{suffix}"
         fresh = f"{run_id}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
         # done: a run of the whole partition that kept nothing out (an incremental run of it scored
         # what had changed since some other version's run; reports from before runs recorded it count)
