@@ -357,11 +357,13 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
     nothing is rolled back.
     """
     from catalog_enrichment.catalog import open_catalog, runs
+    from catalog_enrichment.contracts import load_taxonomy
 
     catalog = open_catalog(cfg.catalog)
     version = args.model_version
     mark = None if version is None else (lambda _runs: _mark_rolled_back(cfg, catalog, str(version)))
-    runs.rollback(catalog, run_id=args.run_id, model_version=version, before=mark)
+    linked = runs.held_together(load_taxonomy(cfg.taxonomy_path))
+    runs.rollback(catalog, run_id=args.run_id, model_version=version, before=mark, linked=linked)
     return 0
 
 

@@ -175,6 +175,41 @@ def test_a_model_value_whose_pair_the_merchant_fills_later_goes_with_the_next_ru
     assert (result.pairs_restored, result.rows_restored) == (3, 1)
 
 
+def test_a_rollback_puts_no_model_shade_back_under_the_merchant_s_colour_family(catalog: Catalog) -> None:
+    """r1 wrote a shade and its family for p3, p6 and p7; then the merchant gave p3's family in the
+    catalog and p6's in the products table, and r2 (which reads both levels as settled, as a run
+    decides) removed the model's values. Rolling r2 back with the taxonomy's links restores p7's
+    values only: a model shade under a merchant's family would contradict it."""
+    from catalog_enrichment.catalog.runs import held_together
+    from catalog_enrichment.contracts import load_taxonomy
+
+    linked = held_together(load_taxonomy(Path(__file__).parents[2] / "schemas" / "taxonomy.yaml"))
+    assert linked["color"] == ["color_family"] and linked["color_family"] == ["color"]
+    products = ["p3", "p6", "p7"]
+    pairs = _pairs([(p, a) for p in products for a in ("color", "color_family")])
+    first = [(p, a, v, 0.9) for p in products for a, v in (("color", "red"), ("color_family", "warm"))]
+    _merge(catalog, "r1", _values(first), pairs)
+    late = _merchant([("p3", "color_family", "cool")])
+    table = pa.Table.from_pylist(
+        [{"product_id": "p6", "title": "t", "merchant_attributes": [("color_family", ["cool"])],
+          "updated_at": T0, "ingest_date": T0.date()}],
+        schema=load_contract("products").arrow_schema(),
+    )  # fmt: skip
+    if catalog.kind == "postgres":
+        catalog.add_merchant_values(late)  # type: ignore[attr-defined]
+        catalog.load_products(table)  # type: ignore[attr-defined]
+    else:
+        write_table(catalog.attributes, late, mode="append")  # type: ignore[attr-defined]
+        write_table(catalog.products, table)  # type: ignore[attr-defined]
+    settled = _pairs([(p, a) for p in ("p3", "p6") for a in ("color", "color_family")])
+    _merge(catalog, "r2", _values([]), settled)
+    _merge(catalog, "r3", _values([]), _pairs([("p7", "color"), ("p7", "color_family")]))
+    model = lambda: {r[:3] for r in _state(catalog) if r[3] == "model"}  # noqa: E731
+    catalog.rollback_runs(["r2"], linked)
+    catalog.rollback_runs(["r3"])
+    assert model() == {("p7", "color", "red"), ("p7", "color_family", "warm")}
+
+
 def test_merchant_rows_hold_the_merchant_s_values_only() -> None:
     """Seeding the catalog from the products' merchant_attributes: null and blank entries are no value."""
     from catalog_enrichment.catalog.attributes import merchant_rows

@@ -23,7 +23,7 @@ memory follows the increment, not the table.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -455,12 +455,18 @@ def _merchant_pairs(products: str | Path | None, product_ids: pa.Array) -> set[P
 
 
 def rollback_runs(
-    path: str | Path, changes: str | Path, run_ids: Sequence[str], *, products: str | Path | None = None
+    path: str | Path,
+    changes: str | Path,
+    run_ids: Sequence[str],
+    *,
+    products: str | Path | None = None,
+    linked: Mapping[str, Sequence[str]] | None = None,
 ) -> list[RollbackResult]:
     """Undo runs, newest first, in one commit: for every pair a run changed, its before rows come
     back when the pair is as the run left it (after the newer runs' rollback); otherwise a later
     run changed it, and it is left alone and reported. A pair a merchant's value holds now (a
-    merchant row, or the ``products`` table's :func:`_merchant_pairs`) gets no model value back.
+    merchant row, or the ``products`` table's :func:`_merchant_pairs`, of the attribute or of one
+    ``linked`` to it) gets no model value back.
 
     Raises:
         CatalogEnrichError: a run never committed to this table, or was already rolled back.
@@ -471,9 +477,10 @@ def rollback_runs(
     read_at = _version(path)
     current = _rows_for(path, ids, read_at)
     now = _by_pair(current.filter(pc.equal(current["source"], "model")))
-    held = set(_by_pair(current.filter(pc.equal(current["source"], "merchant")))) | _merchant_pairs(
+    given = set(_by_pair(current.filter(pc.equal(current["source"], "merchant")))) | _merchant_pairs(
         products, ids
     )
+    held = given | {(pid, other) for pid, a in given for other in (linked or {}).get(a, ())}
     state = dict(now)
     results = [
         _undo(run_id, images.filter(pc.equal(images[CHANGED_BY], run_id)), state, held)

@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +196,13 @@ class Catalog(Protocol):
         changes nothing."""
         ...
 
-    def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
-        """Undo runs' commits, newest first, in one commit (all or none of them).
+    def rollback_runs(
+        self, run_ids: Sequence[str], linked: Mapping[str, Sequence[str]] | None = None
+    ) -> list[RollbackResult]:
+        """Undo runs' commits, newest first, in one commit (all or none of them). A pair a
+        merchant's value holds now gets no model value back; ``linked`` (attribute -> the others
+        whose merchant value holds it too: :func:`~catalog_enrichment.catalog.runs.held_together`)
+        extends that to a derived attribute and its parent, as a run decides.
 
         Raises:
             CatalogEnrichError: a run never committed, or was already rolled back.

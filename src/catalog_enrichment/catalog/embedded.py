@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -126,10 +126,14 @@ class LakehouseCatalog:
         if not lakehouse.is_delta(self.attributes):
             raise CatalogEnrichError(f"no attribute table at {self.attributes}: nothing to roll back")
 
-    def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
+    def rollback_runs(
+        self, run_ids: Sequence[str], linked: Mapping[str, Sequence[str]] | None = None
+    ) -> list[RollbackResult]:
         self._check_attributes()
         fault_during("during_rollback", self.attributes)
-        return attributes.rollback_runs(self.attributes, self.changes, run_ids, products=self.products)
+        return attributes.rollback_runs(
+            self.attributes, self.changes, run_ids, products=self.products, linked=linked
+        )
 
     def runs_of_model_version(self, model_version: str) -> list[str]:
         self._check_attributes()

@@ -5,19 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
 from catalog_enrichment.catalog.reports import BLOCKED, FULL, RETRY, check_run_id, last_run, of_scope
-from catalog_enrichment.contracts import load_contract
+from catalog_enrichment.contracts import Taxonomy, load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import fault_point
 from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 
-__all__ = ["ROLLED_BACK", "PlannedRun", "backfill_plan", "rollback"]
+__all__ = ["ROLLED_BACK", "PlannedRun", "backfill_plan", "held_together", "rollback"]
 
 # the status of a run report whose run was rolled back
 ROLLED_BACK = "rolled_back"
@@ -101,6 +101,17 @@ def _date(value: str) -> dt.date | None:
         return None
 
 
+def held_together(taxonomy: Taxonomy) -> dict[str, list[str]]:
+    """Attribute -> the others whose merchant value holds it too: a derived attribute and its
+    parent, both ways (a merchant's shade implies its family, and no model shade is written under
+    a family the merchant gave: :meth:`DecisionPolicy.decide_flat`)."""
+    linked: dict[str, list[str]] = {}
+    for derived in taxonomy.derived.values():
+        linked.setdefault(derived.name, []).append(derived.parent)
+        linked.setdefault(derived.parent, []).append(derived.name)
+    return linked
+
+
 def rollback(
     catalog: Catalog,
     *,
@@ -108,10 +119,12 @@ def rollback(
     model_version: str | None = None,
     progress: Say = print,
     before: Callable[[list[str]], None] | None = None,
+    linked: Mapping[str, Sequence[str]] | None = None,
 ) -> list[RollbackResult]:
     """Undo one run, or every run of a model version (newest first, in one commit); marks their reports.
     ``before`` is called with the run ids once they are found, before anything changes (an error
-    it raises leaves the catalog as it was).
+    it raises leaves the catalog as it was). ``linked``: :func:`held_together` of the taxonomy,
+    so a merchant's colour family keeps the model's shades out, as it does in a run.
 
     The reports are marked rolled back before the commit, and put back where a run restored
     nothing or the rollback raised: one killed after its commit must not leave reports saying
@@ -133,7 +146,7 @@ def rollback(
         for rid in was:
             catalog.set_report_status(rid, ROLLED_BACK)
         try:
-            results = catalog.rollback_runs(ids)
+            results = catalog.rollback_runs(ids, linked)
         except Exception:  # an interrupt leaves them marked: the safe side
             for rid, status in was.items():
                 catalog.set_report_status(rid, status)

@@ -4,7 +4,7 @@ unless a merchant's value holds the pair now, which keeps no model value."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from catalog_enrichment.catalog.base import RollbackResult
@@ -28,17 +28,19 @@ _LATER = (
 class Rollbacks(PgBase):
     """Rollback of committed runs (see the module docstring)."""
 
-    def rollback_runs(self, run_ids: Sequence[str]) -> list[RollbackResult]:
+    def rollback_runs(
+        self, run_ids: Sequence[str], linked: Mapping[str, Sequence[str]] | None = None
+    ) -> list[RollbackResult]:
         """Roll the runs back, in the order given, in one transaction (see :meth:`_rollback`)."""
         with self.connect() as conn, conn.transaction():
             self._serialize(conn)
             results = []
             for run_id in run_ids:
-                results.append(self._rollback(conn, run_id))
+                results.append(self._rollback(conn, run_id, linked or {}))
                 fault_point("during_rollback")  # test hook: killed with runs still to go
             return results
 
-    def _rollback(self, conn: Any, run_id: str) -> RollbackResult:
+    def _rollback(self, conn: Any, run_id: str, linked: Mapping[str, Sequence[str]]) -> RollbackResult:
         """Restore, for every pair the run changed and no later live run changed again, the values
         the run replaced (kept at its commit); pairs changed since are left alone and reported."""
         seq = self._live_commit(conn, run_id)
@@ -56,7 +58,7 @@ class Rollbacks(PgBase):
         pairs = conn.execute("SELECT count(*) FROM restore").fetchone()[0]
         if not pairs:  # nothing restored: no commit, as with the lakehouse
             return RollbackResult(run_id, None, superseded=superseded)
-        removed, restored = self._restore(conn, seq)
+        removed, restored = self._restore(conn, seq, linked)
         conn.execute(self._sql("UPDATE {t} SET rolled_back_at = now() WHERE seq = %s", t="runs"), [seq])
         done = conn.execute(
             self._sql("INSERT INTO {t} (run_id, operation) VALUES (%s, 'rollback') RETURNING seq", t="runs"),
@@ -104,24 +106,38 @@ class Rollbacks(PgBase):
         ).fetchall()
         return [(p, a) for p, a in rows]
 
-    def _restore(self, conn: Any, seq: int) -> tuple[int, int]:
+    def _restore(self, conn: Any, seq: int, linked: Mapping[str, Sequence[str]]) -> tuple[int, int]:
         """The model values of the ``restore`` pairs replaced by those run ``seq`` found, except on
         a pair a merchant's value holds now (an attribute row of theirs, or the products table's
-        ``merchant_attributes`` in the product's latest row), which keeps no model value; (rows
-        removed, rows restored)."""
+        ``merchant_attributes`` in the product's latest row, of the attribute or one ``linked`` to
+        it), which keeps no model value; (rows removed, rows restored)."""
         from psycopg import sql
 
+        def array(names: Sequence[str]) -> Any:
+            return sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, names)))
+
+        holders: Any = sql.SQL("ARRAY[r.attribute]")
+        if linked:
+            cases = (
+                sql.SQL("WHEN {} THEN {}").format(sql.Literal(a), array([a, *o])) for a, o in linked.items()
+            )
+            holders = sql.SQL("CASE r.attribute {} ELSE ARRAY[r.attribute] END").format(
+                sql.SQL(" ").join(cases)
+            )
         held = sql.SQL(
-            "EXISTS (SELECT 1 FROM {a} m WHERE m.product_id = r.product_id AND m.attribute = r.attribute "
+            "EXISTS (SELECT 1 FROM {a} m WHERE m.product_id = r.product_id AND m.attribute = ANY({h}) "
             "AND m.source = 'merchant')"
-        ).format(a=self._name("attributes"))
+        ).format(a=self._name("attributes"), h=holders)
         if self._has_merchant_column(conn):
+            # the latest copy, a copy without a time the oldest (as the lakehouse reads it)
             held = sql.SQL(
-                "({held} OR EXISTS (SELECT 1 FROM (SELECT pr.merchant_attributes::jsonb -> r.attribute AS m "
-                "FROM {products} pr WHERE pr.product_id = r.product_id ORDER BY pr.updated_at DESC LIMIT 1) "
-                "latest CROSS JOIN LATERAL jsonb_array_elements_text(CASE WHEN jsonb_typeof(latest.m) = "
-                "'array' THEN latest.m ELSE '[]'::jsonb END) v WHERE v ~ '\\S'))"
-            ).format(held=held, products=sql.Identifier(*self.products))
+                "({held} OR EXISTS (SELECT 1 FROM (SELECT pr.merchant_attributes::jsonb AS m "
+                "FROM {products} pr WHERE pr.product_id = r.product_id "
+                "ORDER BY pr.updated_at DESC NULLS LAST LIMIT 1) latest "
+                "CROSS JOIN LATERAL unnest({h}) k(attribute) CROSS JOIN LATERAL jsonb_array_elements_text("
+                "CASE WHEN jsonb_typeof(latest.m -> k.attribute) = 'array' THEN latest.m -> k.attribute "
+                "ELSE '[]'::jsonb END) v WHERE v ~ '\\S'))"
+            ).format(held=held, products=sql.Identifier(*self.products), h=holders)
         removed = conn.execute(
             self._sql(
                 "DELETE FROM {a} a USING restore p WHERE p.product_id = a.product_id AND "
