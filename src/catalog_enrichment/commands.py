@@ -362,7 +362,7 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
     catalog = open_catalog(cfg.catalog)
     version = args.model_version
     mark = None if version is None else (lambda _runs: _mark_rolled_back(cfg, catalog, str(version)))
-    linked = runs.held_together(load_taxonomy(cfg.taxonomy_path))
+    linked = load_taxonomy(cfg.taxonomy_path).held_together()
     runs.rollback(catalog, run_id=args.run_id, model_version=version, before=mark, linked=linked)
     return 0
 

@@ -471,6 +471,16 @@ class Taxonomy:
         }
         return Taxonomy(attrs, self.source, derived)
 
+    def held_together(self) -> dict[str, list[str]]:
+        """Attribute -> the others a merchant's value of which holds it too: an attribute and its
+        groupings (a colour and its colour family), each of them the others - a merchant's shade
+        implies its family, and no model shade is written under a family the merchant gave, nor
+        a group of another grouping of the same shades."""
+        levels: dict[str, list[str]] = {}
+        for d in self.derived.values():
+            levels.setdefault(d.parent, [d.parent]).append(d.name)
+        return {a: [b for b in group if b != a] for group in levels.values() for a in group}
+
     def members(self, derived: str) -> dict[str, frozenset[str]]:
         """Each group of the derived attribute ``derived`` and its parent's values in it."""
         d = self.derived[derived]

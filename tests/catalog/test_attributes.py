@@ -180,10 +180,9 @@ def test_a_rollback_puts_no_model_shade_back_under_the_merchant_s_colour_family(
     catalog and p6's in the products table, and r2 (which reads both levels as settled, as a run
     decides) removed the model's values. Rolling r2 back with the taxonomy's links restores p7's
     values only: a model shade under a merchant's family would contradict it."""
-    from catalog_enrichment.catalog.runs import held_together
     from catalog_enrichment.contracts import load_taxonomy
 
-    linked = held_together(load_taxonomy(Path(__file__).parents[2] / "schemas" / "taxonomy.yaml"))
+    linked = load_taxonomy(Path(__file__).parents[2] / "schemas" / "taxonomy.yaml").held_together()
     assert linked["color"] == ["color_family"] and linked["color_family"] == ["color"]
     products = ["p3", "p6", "p7"]
     pairs = _pairs([(p, a) for p in products for a in ("color", "color_family")])

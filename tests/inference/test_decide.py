@@ -222,6 +222,29 @@ def test_a_family_certain_while_no_shade_is_gets_the_family_and_no_shade() -> No
     assert scored[3] == scored[4] == []
 
 
+def test_a_merchant_s_family_settles_a_model_without_families_and_every_other_grouping() -> None:
+    """A model trained before the catalog grouped its colours (the configured taxonomy has the
+    families, the model not) writes no shade where the merchant gave a family; and with two
+    groupings of one parent, a merchant's value in one keeps the model's other out too."""
+    plain = Taxonomy.from_dict(
+        {"attributes": {"color": {"kind": "multiclass", "values": SHADES["color"].values}}}
+    )
+    blue = np.array([[0.95, 0.02, 0.02, 0.01, 0.00]] * 2)
+    values, scored = policy_at(plain, SHADES, value=0.9).decide({"color": blue}, [set(), {"color_family"}])
+    assert [[(d.attribute, d.value) for d in row] for row in values] == [[("color", "Blue")], []]
+    assert scored == [["color"], []]
+    data = SHADES.to_dict()
+    data["attributes"]["color"]["groups"]["color_tone"] = {"Cool": ["Blue", "Dark Blue", "Light Blue"]}
+    two = Taxonomy.from_dict(data)
+    assert two.held_together()["color_family"] == ["color", "color_tone"]
+    values, scored = policy_at(two, value=0.9).decide(two.derive({"color": blue}), [set(), {"color_family"}])
+    assert [[(d.attribute, d.value) for d in row] for row in values] == [
+        [("color", "Blue"), ("color_family", "Blue"), ("color_tone", "Cool")],
+        [],
+    ]
+    assert scored[1] == []
+
+
 def _shades_below_families() -> Calibration:
     """Every shade's threshold 0.3, every family's 0.6."""
     return Calibration(

@@ -201,8 +201,8 @@ class Catalog(Protocol):
     ) -> list[RollbackResult]:
         """Undo runs' commits, newest first, in one commit (all or none of them). A pair a
         merchant's value holds now gets no model value back; ``linked`` (attribute -> the others
-        whose merchant value holds it too: :func:`~catalog_enrichment.catalog.runs.held_together`)
-        extends that to a derived attribute and its parent, as a run decides.
+        whose merchant value holds it too: :meth:`~catalog_enrichment.contracts.Taxonomy.held_together`)
+        extends that to an attribute and its groupings, as a run decides.
 
         Raises:
             CatalogEnrichError: a run never committed, or was already rolled back.

@@ -11,13 +11,13 @@ from typing import NamedTuple
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
 from catalog_enrichment.catalog.reports import BLOCKED, FULL, RETRY, check_run_id, last_run, of_scope
-from catalog_enrichment.contracts import Taxonomy, load_contract
+from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import fault_point
 from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 
-__all__ = ["ROLLED_BACK", "PlannedRun", "backfill_plan", "held_together", "rollback"]
+__all__ = ["ROLLED_BACK", "PlannedRun", "backfill_plan", "rollback"]
 
 # the status of a run report whose run was rolled back
 ROLLED_BACK = "rolled_back"
@@ -101,17 +101,6 @@ def _date(value: str) -> dt.date | None:
         return None
 
 
-def held_together(taxonomy: Taxonomy) -> dict[str, list[str]]:
-    """Attribute -> the others whose merchant value holds it too: a derived attribute and its
-    parent, both ways (a merchant's shade implies its family, and no model shade is written under
-    a family the merchant gave: :meth:`DecisionPolicy.decide_flat`)."""
-    linked: dict[str, list[str]] = {}
-    for derived in taxonomy.derived.values():
-        linked.setdefault(derived.name, []).append(derived.parent)
-        linked.setdefault(derived.parent, []).append(derived.name)
-    return linked
-
-
 def rollback(
     catalog: Catalog,
     *,
@@ -123,8 +112,9 @@ def rollback(
 ) -> list[RollbackResult]:
     """Undo one run, or every run of a model version (newest first, in one commit); marks their reports.
     ``before`` is called with the run ids once they are found, before anything changes (an error
-    it raises leaves the catalog as it was). ``linked``: :func:`held_together` of the taxonomy,
-    so a merchant's colour family keeps the model's shades out, as it does in a run.
+    it raises leaves the catalog as it was). ``linked``: the taxonomy's
+    :meth:`~catalog_enrichment.contracts.Taxonomy.held_together`, so a merchant's colour family
+    keeps the model's shades out, as it does in a run.
 
     The reports are marked rolled back before the commit, and put back where a run restored
     nothing or the rollback raised: one killed after its commit must not leave reports saying

@@ -255,6 +255,19 @@ class DecisionPolicy:
             (names.index(d.name), names.index(d.parent), np.asarray(d.group, np.int64))
             for d in model_taxonomy.derived.values()
         ]
+        # the configured taxonomy's attributes whose merchant value settles each of the model's:
+        # itself, and its groupings or their parent (Taxonomy.held_together), the model's or not
+        # (a model trained before the catalog grouped its colours still leaves a merchant's family be)
+        links = allowed.held_together()
+        self.merchant_names = sorted({m for n in names for m in (n, *links.get(n, ()))})
+        self._held_by = np.array(
+            [[m == n or m in links.get(n, ()) for n in names] for m in self.merchant_names], np.uint8
+        ).reshape(len(self.merchant_names), len(names))
+
+    def filled(self, merchant: Any) -> np.ndarray:
+        """``(n, attributes)`` bool: which of the model's attributes a merchant's value settles for
+        each product (``merchant``: as :func:`merchant_filled` reads it)."""
+        return (merchant_filled(merchant, self.merchant_names).astype(np.uint8) @ self._held_by) > 0
 
     def inside_rejected(self, rejected: Iterable[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         """The (product, attribute, value)s inside a group people rejected for the product (a shade
@@ -290,8 +303,8 @@ class DecisionPolicy:
     ) -> FlatDecisions:
         """The decisions of a batch as arrays.
 
-        ``filled``: ``(n, n_attributes)`` bool, the attributes the merchant filled (taxonomy order,
-        :func:`merchant_filled`); ``skip`` marks products that are not decided at all (e.g. an
+        ``filled``: ``(n, n_attributes)`` bool, the attributes the merchant's values settle (taxonomy
+        order, :meth:`filled`); ``skip`` marks products that are not decided at all (e.g. an
         unreadable image); ``rejected``: ``(n, len(all_values))`` bool, values people rejected for
         this model version, never written (the pair is still scored: its other values are decided
         as usual, and the run removes a rejected value the catalog still holds).
@@ -301,11 +314,12 @@ class DecisionPolicy:
         n = filled.shape[0]
         skipped = np.zeros((n, 1), bool) if skip is None else np.asarray(skip, bool)[:, None]
         settled = np.array(filled, bool)
+        # a merchant's value at any level stands for all: its shade implies its family, and no
+        # model shade is written under a family the merchant gave, nor a group of another grouping
         for d, p, _ in self._levels:
-            # a merchant's value at either level stands for both: its shade implies its family, and
-            # no model shade is written under a family the merchant gave
-            settled[:, d] |= filled[:, p]
             settled[:, p] |= filled[:, d]
+        for d, p, _ in self._levels:
+            settled[:, d] |= settled[:, p]
         blocked = settled | skipped
         written, scores = [], [np.zeros((n, 0))]
         for a, attr in enumerate(self.taxonomy):
@@ -350,7 +364,7 @@ class DecisionPolicy:
         ``skip`` marks products that are not decided at all (e.g. an unreadable image).
         """
         names = self.taxonomy.names
-        flat = self.decide_flat(probs, merchant_filled(merchant, names), skip)
+        flat = self.decide_flat(probs, self.filled(merchant), skip)
         written = [
             Decision(names[a], self.all_values[v], c, t)
             for a, v, c, t in zip(

@@ -341,13 +341,11 @@ def decide_batch(
     """The decisions for one scored Arrow batch (``OUTPUT_SCHEMA``), built from arrays, not per row;
     ``rejected`` (product id -> ``attribute=value``): values never written; ``tally``: the run
     health counts, added to (``retried``: :attr:`ScoringSpec.retried`)."""
-    from catalog_enrichment.inference.decide import merchant_filled
-
     scores = scores.finite()
     names = batch.schema.names
     attributes = policy.taxonomy.names
     filled = (
-        merchant_filled(batch.column("merchant_attributes"), attributes)
+        policy.filled(batch.column("merchant_attributes"))
         if "merchant_attributes" in names
         else np.zeros((batch.num_rows, len(attributes)), bool)
     )
