@@ -9,8 +9,9 @@ batch or per task. Arrow batches go straight to the predictor (no pandas convers
 them to the model's batch size and overlaps image decoding with the forward pass; the decision is
 applied in the worker, so only written values travel back.
 
-Accumulators count model loads per worker process, Arrow batches and products, for the run report,
-the progress line and the test that proves one load per worker.
+Accumulators count model loads per worker process, Arrow batches, the products whose vector the
+embedding store gave or took, and the run health tallies (:class:`ScoringCounters`), for the run
+report, the progress line and the test that proves one load per worker.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ SCORING_INPUT = (
     "image",
     "image_uri",
     "merchant_attributes",
-    "category",  # read only by the run health checks
+    "category",  # a lexical model's n-grams read it, and the run health checks
     "stored_content",
     "stored_embedding",
 )
