@@ -410,10 +410,21 @@ def _commits(path: str | Path, run_ids: Sequence[str]) -> dict[str, int]:
     return committed
 
 
-def _undo(run_id: str, images: pa.Table, state: dict[Pair, list[Row]], held: set[Pair]) -> RollbackResult:
+def _rolled_back(path: str | Path, run_ids: set[str]) -> set[str]:
+    """Those of ``run_ids`` a committed rollback undid."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(path))
+    return {r for r in run_ids if table.transaction_version(_transaction(r, "rollback")) is not None}
+
+
+def _undo(
+    run_id: str, images: pa.Table, state: dict[Pair, list[Row]], held: set[Pair], gone: set[str]
+) -> RollbackResult:
     """One run's rollback in ``state`` (pair -> the model rows it holds, updated in place): every
     pair still as the run left it gets its before rows back - none where a merchant's value holds
-    it now (``held``); the others are reported superseded."""
+    it now (``held``), nor a row of a run rolled back before (``gone``: its values were taken out
+    and stay out); the others are reported superseded."""
     before = _by_pair(images.filter(pc.equal(images[IMAGE], "before")))
     after = _by_pair(images.filter(pc.equal(images[IMAGE], "after")))
     restored, superseded, removed, back = 0, [], 0, 0
@@ -421,7 +432,7 @@ def _undo(run_id: str, images: pa.Table, state: dict[Pair, list[Row]], held: set
         if _state(state.get(pair, [])) != _state(after.get(pair, [])):
             superseded.append(pair)
             continue
-        rows = [] if pair in held else before.get(pair, [])
+        rows = [] if pair in held else [r for r in before.get(pair, []) if r["run_id"] not in gone]
         values = {r["value"] for r in rows}
         removed += sum(r["value"] not in values for r in state.get(pair, []))
         back += len(rows)
@@ -463,10 +474,10 @@ def rollback_runs(
     linked: Mapping[str, Sequence[str]] | None = None,
 ) -> list[RollbackResult]:
     """Undo runs, newest first, in one commit: for every pair a run changed, its before rows come
-    back when the pair is as the run left it (after the newer runs' rollback); otherwise a later
-    run changed it, and it is left alone and reported. A pair a merchant's value holds now (a
-    merchant row, or the ``products`` table's :func:`_merchant_pairs`, of the attribute or of one
-    ``linked`` to it) gets no model value back.
+    back when the pair is as the run left it (after the newer runs' rollback) - but not those an
+    earlier rollback took out; otherwise a later run changed it, and it is left alone and reported.
+    A pair a merchant's value holds now (a merchant row, or the ``products`` table's
+    :func:`_merchant_pairs`, of the attribute or of one ``linked`` to it) gets no model value back.
 
     Raises:
         CatalogEnrichError: a run never committed to this table, or was already rolled back.
@@ -482,8 +493,9 @@ def rollback_runs(
     )
     held = given | {(pid, other) for pid, a in given for other in (linked or {}).get(a, ())}
     state = dict(now)
+    gone = _rolled_back(path, set(pc.unique(images["run_id"]).drop_null().to_pylist()))
     results = [
-        _undo(run_id, images.filter(pc.equal(images[CHANGED_BY], run_id)), state, held)
+        _undo(run_id, images.filter(pc.equal(images[CHANGED_BY], run_id)), state, held, gone)
         for run_id in sorted(committed, key=committed.__getitem__, reverse=True)
     ]
     done = [r.run_id for r in results if r.pairs_restored]

@@ -107,8 +107,9 @@ class Rollbacks(PgBase):
         return [(p, a) for p, a in rows]
 
     def _restore(self, conn: Any, seq: int, linked: Mapping[str, Sequence[str]]) -> tuple[int, int]:
-        """The model values of the ``restore`` pairs replaced by those run ``seq`` found, except on
-        a pair a merchant's value holds now (an attribute row of theirs, or the products table's
+        """The model values of the ``restore`` pairs replaced by those run ``seq`` found - but not
+        those of a run rolled back before (taken out, they stay out) - except on a pair a
+        merchant's value holds now (an attribute row of theirs, or the products table's
         ``merchant_attributes`` in the product's latest row, of the attribute or one ``linked`` to
         it), which keeps no model value; (rows removed, rows restored)."""
         from psycopg import sql
@@ -151,8 +152,12 @@ class Rollbacks(PgBase):
                 "model_version, run_id, written_at) SELECT r.product_id, r.attribute, r.value, r.confidence, "
                 "r.threshold, 'model', r.model_name, r.model_version, r.run_id, r.written_at FROM {r} r JOIN "
                 "restore p ON p.product_id = r.product_id AND p.attribute = r.attribute WHERE r.seq = %s "
-                "AND NOT {held} ON CONFLICT (product_id, attribute, value) DO NOTHING"
-            ).format(a=self._name("attributes"), r=self._name("replaced"), held=held),
+                "AND NOT {held} AND NOT EXISTS (SELECT 1 FROM {runs} x WHERE x.run_id = r.run_id AND "
+                "x.operation = 'enrich' AND x.rolled_back_at IS NOT NULL) "
+                "ON CONFLICT (product_id, attribute, value) DO NOTHING"
+            ).format(
+                a=self._name("attributes"), r=self._name("replaced"), held=held, runs=self._name("runs")
+            ),
             [seq],
         ).rowcount
         return int(removed), int(restored)
