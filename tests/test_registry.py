@@ -3,6 +3,7 @@ real ``mlflow server``, and clear errors before any partial registration."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -461,33 +462,77 @@ def test_an_alias_the_registry_cannot_read_is_an_error_not_an_unset_alias() -> N
         registry.resolve_alias(Registry(down), "m", registry.CHAMPION)  # type: ignore[arg-type]
 
 
+class _GateRegistry:
+    """The registry calls a decision makes: the champion ``champion``, the challenger's ``tags``; every
+    write kept in ``moved``, the alias move failing with ``fail``."""
+
+    def __init__(self, champion: str, tags: dict[str, str], fail: Exception | None = None) -> None:
+        self.champion, self.tags, self.fail = champion, tags, fail
+        self.moved: list[tuple[str, ...]] = []
+
+    def get_registered_model(self, name: str) -> object:
+        return object()
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> object:
+        return type("Version", (), {"version": self.champion})()
+
+    def get_model_version(self, name: str, version: str) -> object:
+        return type("Version", (), {"tags": self.tags})()
+
+    def set_model_version_tag(self, *args: str) -> None:
+        self.moved.append(args)
+
+    def set_registered_model_alias(self, *args: str) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.moved.append(args)
+
+
 @pytest.mark.timeout(60)
 def test_a_champion_moved_while_the_gate_ran_records_nothing(tmp_path: Path) -> None:
     """Another promotion moved the champion from v1 to v3 while v2 was judged against v1: no tag, no
     log row, no alias move - a clear error to run it again."""
     from catalog_enrichment.promotion import _record
 
-    class Registry:
-        def __init__(self) -> None:
-            self.moved: list[tuple[str, ...]] = []
-
-        def get_registered_model(self, name: str) -> object:
-            return object()
-
-        def get_model_version_by_alias(self, name: str, alias: str) -> object:
-            return type("Version", (), {"version": "3"})()
-
-        def set_model_version_tag(self, *args: str) -> None:
-            self.moved.append(args)
-
-        def set_registered_model_alias(self, *args: str) -> None:
-            self.moved.append(args)
-
     summary = {"registered_model": "m", "challenger": "2", "champion": "1", "promote": True, "reasons": []}
-    client = Registry()
+    client = _GateRegistry("3", {})
     with pytest.raises(CatalogEnrichError, match="moved from 1 to 3 while this promotion ran"):
         _record(client, summary, None, tmp_path / "log", _quiet)  # type: ignore[arg-type]
     assert client.moved == [] and not (tmp_path / "log").exists()
+
+
+_PROMOTE = {
+    "registered_model": "m", "challenger": "2", "champion": "1", "promote": True, "reasons": [],
+    "eval_data": "eval", "eval_version": 0, "metrics": {},
+}  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_a_challenger_rolled_back_while_the_gate_ran_is_not_promoted(tmp_path: Path) -> None:
+    from catalog_enrichment.promotion import _record
+
+    client = _GateRegistry("1", {registry.ROLLED_BACK_TAG: "lake at 2026-11-30"})
+    with pytest.raises(CatalogEnrichError, match="v2 of 'm' was rolled back while this promotion ran"):
+        _record(client, dict(_PROMOTE), dt.datetime.now(dt.UTC), tmp_path / "log", _quiet)
+    assert client.moved == [] and not (tmp_path / "log").exists()
+
+
+@pytest.mark.timeout(60)
+def test_an_alias_move_that_fails_records_no_promotion(tmp_path: Path) -> None:
+    """The alias moves before the tags and the log row: where the move fails, neither says promoted;
+    where it succeeds, both follow it."""
+    from catalog_enrichment.catalog.lakehouse import read_table
+    from catalog_enrichment.promotion import _record
+
+    down = _GateRegistry("1", {}, fail=OSError("503 from the registry"))
+    with pytest.raises(OSError, match="503"):
+        _record(down, dict(_PROMOTE), dt.datetime.now(dt.UTC), tmp_path / "log", _quiet)
+    assert down.moved == [] and not (tmp_path / "log").exists()
+    up = _GateRegistry("1", {})
+    _record(up, dict(_PROMOTE), dt.datetime.now(dt.UTC), tmp_path / "log", _quiet)
+    assert up.moved[0] == ("m", registry.CHAMPION, "2")
+    assert ("m", "2", "promotion.decision", "promoted") in up.moved[1:]
+    assert read_table(tmp_path / "log")["promoted"].to_pylist() == [True]
 
 
 @pytest.mark.timeout(600)

@@ -399,45 +399,66 @@ def _evaluation_set(eval_data: str | Path, eval_version: int | None) -> tuple[pa
 def _record(
     client: Any, summary: dict[str, Any], decided: dt.datetime, log_path: str | Path, say: Any
 ) -> None:
-    """The decision: tags on the challenger, a row in the promotion log, the champion alias moved."""
+    """The decision: the champion alias moved (a promotion), then tags on the challenger and a row
+    in the promotion log. What the gate judged is checked again just before the alias moves - the
+    champion it compared with is still the champion, the challenger was not rolled back meanwhile
+    (its values removed while it was judged) - and nothing is recorded where the move fails, so
+    the log never says promoted where the alias did not move."""
     from catalog_enrichment import registry
 
     name, challenger, champion = summary["registered_model"], summary["challenger"], summary["champion"]
+    why = summary["promote"] and registry.version_tags(client, name, str(challenger)).get(
+        registry.ROLLED_BACK_TAG
+    )
+    if why:
+        raise CatalogEnrichError(
+            f"challenger v{challenger} of {name!r} was rolled back while this promotion ran ({why}); "
+            "nothing was recorded and it is not promoted"
+        )
     now = registry.resolve_alias(client, name, registry.CHAMPION)
     if now != champion:  # another promotion moved it meanwhile: this one compared with the wrong version
         raise CatalogEnrichError(
             f"'{registry.CHAMPION}' of {name!r} moved from {champion or 'none'} to {now} while this "
             f"promotion ran; nothing was recorded: run promote again to compare v{challenger} with v{now}"
         )
-    pinned = "" if summary["eval_version"] is None else str(summary["eval_version"])
-    registry.tag_version(
-        client,
-        name,
-        challenger,
-        {
-            "promotion.decision": "promoted" if summary["promote"] else "rejected",
-            "promotion.reasons": registry.json_tag(summary["reasons"], "the promotion log has every one"),
-            "promotion.eval_data": summary["eval_data"],
-            "promotion.eval_version": pinned,
-            "promotion.champion_before": champion or "",
-            "promotion.decided_at": decided.isoformat(),
-        },
-    )
-    row = {
-        "decided_at": [decided],
-        "registered_model": [name],
-        "challenger_version": [challenger],
-        "champion_version": [champion],
-        "promoted": [summary["promote"]],
-        "dry_run": [False],
-        "eval_data": [summary["eval_data"]],
-        "eval_version": [pinned],
-        "reasons": [summary["reasons"]],
-        "metrics": [json.dumps(summary["metrics"])],
-    }
-    write_table(log_path, pa.table(row, schema=_LOG_SCHEMA), mode="append")
-    if summary["promote"]:
+    if summary["promote"]:  # at once: the check above is the last read before the move
         registry.set_alias(client, name, registry.CHAMPION, challenger)
+    pinned = "" if summary["eval_version"] is None else str(summary["eval_version"])
+    try:
+        registry.tag_version(
+            client,
+            name,
+            challenger,
+            {
+                "promotion.decision": "promoted" if summary["promote"] else "rejected",
+                "promotion.reasons": registry.json_tag(summary["reasons"], "the promotion log has every one"),
+                "promotion.eval_data": summary["eval_data"],
+                "promotion.eval_version": pinned,
+                "promotion.champion_before": champion or "",
+                "promotion.decided_at": decided.isoformat(),
+            },
+        )
+        row = {
+            "decided_at": [decided],
+            "registered_model": [name],
+            "challenger_version": [challenger],
+            "champion_version": [champion],
+            "promoted": [summary["promote"]],
+            "dry_run": [False],
+            "eval_data": [summary["eval_data"]],
+            "eval_version": [pinned],
+            "reasons": [summary["reasons"]],
+            "metrics": [json.dumps(summary["metrics"])],
+        }
+        write_table(log_path, pa.table(row, schema=_LOG_SCHEMA), mode="append")
+    except Exception as exc:
+        if not summary["promote"]:
+            raise
+        raise CatalogEnrichError(
+            f"promoted version {challenger} to '{registry.CHAMPION}' (from {champion or 'none'}), but "
+            f"the decision could not be recorded in the tags or {log_path}: {exc}"
+        ) from exc
+    if summary["promote"]:
         say(f"promoted version {challenger} to '{registry.CHAMPION}'")
     else:
         say(f"kept champion {champion}: challenger {challenger} rejected")
