@@ -535,6 +535,46 @@ def test_an_alias_move_that_fails_records_no_promotion(tmp_path: Path) -> None:
     assert read_table(tmp_path / "log")["promoted"].to_pylist() == [True]
 
 
+@pytest.mark.timeout(60)
+def test_the_gate_refuses_a_challenger_whose_labels_left_out_another_evaluation_set(tmp_path: Path) -> None:
+    """The labels a challenger trained on (its data.* tags) record which evaluation set they left
+    out: the gate judges it only on that one, at that version; a training table `labels` did not
+    write is not checked, and the gate says so."""
+    from deltalake import CommitProperties, write_deltalake
+
+    from catalog_enrichment.catalog.labels import METADATA_KEY
+    from catalog_enrichment.promotion import _trained_apart
+
+    evaluation = tmp_path / "eval"
+    write_table(evaluation, pa.table({"product_id": ["e1"]}))
+    write_table(evaluation, pa.table({"product_id": ["e2"]}), mode="overwrite")  # version 1
+    here = {"path": str(evaluation.resolve()), "version": 1}
+
+    def labels(name: str, **sources: object) -> str:
+        meta = {METADATA_KEY: json.dumps({"sources": {"products": {"path": "p", "version": 0}, **sources}})}
+        write_deltalake(
+            str(tmp_path / name),
+            pa.table({"product_id": ["p1"]}),
+            commit_properties=CommitProperties(custom_metadata=meta),
+        )
+        return str(tmp_path / name)
+
+    def apart(path: str, said: list[str] | None = None) -> str | None:
+        client = _GateRegistry("1", {"data.path": path, "data.version": "0"})
+        return _trained_apart(client, "m", "2", evaluation, 1, (said if said is not None else []).append)
+
+    assert apart(labels("same", evaluation=here)) is None
+    assert "left out no evaluation set" in str(apart(labels("none")))
+    older = apart(labels("older", evaluation={**here, "version": 0}))
+    assert f"left out {evaluation.resolve()} at version 0, not {evaluation.resolve()} at version 1" in str(
+        older
+    )
+    plain = tmp_path / "plain"
+    write_table(plain, pa.table({"product_id": ["p1"]}))
+    said: list[str] = []
+    assert apart(str(plain), said) is None and "is not checked" in said[0]
+
+
 @pytest.mark.timeout(600)
 def test_the_gate_judges_what_the_job_would_write(scoring_bundle: Path, data, taxonomy: Taxonomy) -> None:  # type: ignore[no-untyped-def]
     """The gate counts the enrichment job's decisions, not the thresholds alone: no shade outside the

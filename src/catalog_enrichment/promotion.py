@@ -325,6 +325,9 @@ def promote(
     if alone is not None:
         kept = [r for r in result.reasons if not r.startswith("no champion yet")]
         result = GateResult(result.promote, [*kept, f"{alone}: coverage not compared"])
+    apart = _trained_apart(client, registered_model, challenger, eval_data, pinned, progress)
+    if apart is not None:
+        result = GateResult(False, [apart])
     if challenger in rolled_back:
         result = GateResult(False, [f"challenger v{challenger} was rolled back ({rolled_back[challenger]})"])
     if champion == challenger:
@@ -337,6 +340,34 @@ def promote(
     if not dry_run and champion != challenger:  # a version is not judged against itself: no record
         _record(client, summary, dt.datetime.now(dt.UTC), log_path, progress)
     return summary
+
+
+def _trained_apart(
+    client: Any, name: str, challenger: str, eval_data: str | Path, pinned: int | None, say: Any
+) -> str | None:
+    """Why ``challenger`` may have trained on products of the evaluation set (``eval_data`` at
+    ``pinned``): the labels it trained on (its ``data.*`` tags) left out another version of it,
+    another set, or none. None where they left out this one, or where the training table is not
+    one ``labels`` wrote (then not checked, and said)."""
+    from catalog_enrichment import registry
+    from catalog_enrichment.catalog.labels import labels_sources
+
+    tags = registry.version_tags(client, name, str(challenger))
+    path, version = tags.get("data.path"), tags.get("data.version")
+    sources = labels_sources(path, int(version)) if path and version else None
+    if sources is None:
+        say(f"  (v{challenger} trained on {path or 'a table not recorded'}, which `labels` did not write: "
+            "whether it left out the evaluation set is not checked)")  # fmt: skip
+        return None
+    left, here = sources.get("evaluation"), {"path": str(Path(eval_data).resolve()), "version": pinned}
+    if left == here:
+        return None
+    what = "no evaluation set" if not left else f"{left['path']} at version {left['version']}"
+    return (
+        f"challenger v{challenger} trained on labels ({path}, version {version}) that left out {what}, "
+        f"not {here['path']} at version {pinned}: it may have trained on products it would be judged "
+        "on (run labels with this evaluation set, then train)"
+    )
 
 
 def _aliases(client: Any, registered_model: str) -> tuple[str, str | None]:

@@ -331,6 +331,24 @@ def _read(path: Path, name: str, version: int | None = None) -> tuple[pa.Table, 
     return read_table(path, version=pinned), {"path": str(path.resolve()), "version": pinned}
 
 
+def labels_sources(path: str | Path, version: int) -> dict[str, Any] | None:
+    """The tables the labels committed as ``version`` of ``path`` were built from (``products``,
+    ``attributes`` and, where one was left out, ``evaluation``: path and version); None where that
+    commit is not one of :func:`write_labels`' (a table made otherwise) or the table is not there."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        history = DeltaTable(str(path)).history()
+    except (TableNotFoundError, OSError):
+        return None
+    commit = next((c for c in history if c.get("version") == version), None)
+    if commit is None or METADATA_KEY not in commit:
+        return None
+    sources = json.loads(commit[METADATA_KEY]).get("sources")
+    return sources if isinstance(sources, dict) else None
+
+
 def write_labels(
     *,
     catalog: Catalog,
