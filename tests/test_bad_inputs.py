@@ -323,6 +323,23 @@ def test_an_everyday_pandas_export_is_read_as_the_contract_says(
     assert outcome.report.status == "succeeded" and outcome.report.rows_scored == 30
 
 
+def test_a_parquet_export_spark_wrote_with_its_defaults_is_read(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
+    """Spark writes timestamps as INT96 by default (spark.sql.parquet.outputTimestampType), which
+    Arrow reports as nanoseconds: read as the timestamps they are, not as nanosecond integers."""
+    good = _valid_products(incoming)[:20]
+    table = pa.Table.from_pylist(good, read_table(incoming.products).schema)
+    spark.createDataFrame(table).write.parquet(str(tmp_path / "export"))
+    files = sorted((tmp_path / "export").glob("*.parquet"))
+    leaves = pq.ParquetFile(files[0]).schema
+    assert {leaves.column(i).path: leaves.column(i).physical_type for i in range(len(leaves))}[
+        "updated_at"
+    ] == "INT96"
+    rows = read_products(spark, tmp_path / "export", PRODUCTS).collect()
+    by_id = {r["product_id"]: r["updated_at"] for r in good}
+    assert sorted(r["product_id"] for r in rows) == sorted(by_id)
+    assert all(r["updated_at"].replace(tzinfo=dt.UTC) == by_id[r["product_id"]] for r in rows)
+
+
 def test_a_column_of_another_type_fails_before_any_write_naming_it(
     spark, tmp_path, incoming, taxonomy, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]

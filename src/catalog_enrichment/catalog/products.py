@@ -128,10 +128,20 @@ def _footers(root: Path, partition: Partition | None) -> tuple[list[str], dict[s
 
 
 def _read_footer(file: str) -> pa.Schema:
+    """The file's Arrow schema, its INT96 timestamps (Spark's default Parquet timestamp, which Arrow
+    reports as nanoseconds) as the microsecond timestamps Spark reads them as."""
     try:
-        return pq.read_schema(file)
+        with pq.ParquetFile(file) as parquet:
+            schema, leaves = parquet.schema_arrow, parquet.schema
     except (OSError, pa.ArrowInvalid) as exc:
         raise ContractError(f"products file {file} is not readable Parquet: {exc}") from None
+    for name in {
+        leaves.column(i).path for i in range(len(leaves)) if leaves.column(i).physical_type == "INT96"
+    }:
+        if name in schema.names:  # a top-level column
+            i = schema.get_field_index(name)
+            schema = schema.set(i, schema.field(i).with_type(pa.timestamp("us", schema.field(i).type.tz)))
+    return schema
 
 
 def list_partitions(path: str | Path, column: str) -> list[str]:
