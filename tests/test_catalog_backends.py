@@ -228,6 +228,34 @@ def test_postgres_products_that_break_the_contract_fail_in_one_line(spark, pg_ca
         catalog.read_products(spark, contract)
 
 
+def test_a_postgres_updated_at_of_infinity_is_read_as_the_far_future_the_rules_quarantine(
+    spark, pg_catalog_config, incoming
+) -> None:  # type: ignore[no-untyped-def]
+    """'infinity' has no Python datetime: the JDBC ranges' bounds leave it out (a driver-side query
+    used to fail every run on it), and Spark reads it as the year 9999, which
+    updated_at_not_in_future quarantines."""
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.contracts import load_contract
+
+    catalog = PostgresCatalog(
+        pg_catalog_config.model_copy(
+            update={"postgres": pg_catalog_config.postgres.model_copy(update={"read_partitions": 4})}
+        )
+    )
+    table = read_table(incoming.products).slice(0, 40)
+    catalog.load_products(table)
+    first = table["product_id"][0].as_py()
+    with catalog.connect() as conn:
+        conn.execute(
+            f"UPDATE \"{catalog.schema}\".products SET updated_at = 'infinity' WHERE product_id = %s", [first]
+        )
+    rows = (
+        catalog.read_products(spark, load_contract("products")).select("product_id", "updated_at").collect()
+    )
+    assert len(rows) == 40
+    assert {r["product_id"] for r in rows if r["updated_at"].year == 9999} == {first}
+
+
 def read_table_empty() -> pa.Table:
     from catalog_enrichment.contracts import load_contract
 

@@ -126,7 +126,14 @@ class Reads(PgBase):
             bounds = sql.SQL("SELECT min({c}), max({c}) FROM {t}").format(
                 c=sql.Identifier(column), t=sql.Identifier(*self.products)
             )
-            low, high = conn.execute(bounds + where, params).fetchone()
+            finite = where
+            if present[column].startswith(("timestamp", "date")):  # 'infinity' has no Python value
+                finite = (
+                    where
+                    + sql.SQL(" AND " if conditions else " WHERE ")
+                    + sql.SQL("isfinite({})").format(sql.Identifier(column))
+                )
+            low, high = conn.execute(bounds + finite, params).fetchone()
             options = self._jdbc_options(conn, ".".join(f'"{p}"' for p in self.products))
         if low is not None and self.pg.read_partitions > 1 and low != high:
             options.update(
