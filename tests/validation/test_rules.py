@@ -20,6 +20,7 @@ from catalog_enrichment.validation.rules import (
     check_rows,
     count_rows,
     latest_copies,
+    quarantine_rows,
     shared_image_rules,
     stale_copies,
     text_failures,
@@ -176,6 +177,24 @@ def test_the_duplicates_are_found_once_and_mark_exactly_the_stale_copies(frame) 
     # the stale and tied copies, and only those, fail product_id_unique
     stale = sorted(r["title"] for r in checked if "product_id_unique" in r["_reasons"])
     assert stale == ["A", "B", "Grey tee (old)"]
+
+
+def test_an_image_reason_the_scoring_found_goes_on_the_scored_row_not_the_product_s_stale_copy(
+    spark,
+) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment.validation.rules import REASONS
+
+    rows = spark.createDataFrame(
+        [("dup", None, ["product_id_unique"]), ("dup", None, []), ("ok", None, [])],
+        f"product_id string, image binary, {REASONS} array<string>",
+    )
+    schema = load_contract("quarantine").arrow_schema()
+    table = quarantine_rows(rows, "r1", T, schema, {"dup": "image_decodable", "ok": "image_readable"})
+    assert sorted(zip(table["product_id"].to_pylist(), table["reasons"].to_pylist(), strict=True)) == [
+        ("dup", ["image_decodable"]),
+        ("dup", ["product_id_unique"]),
+        ("ok", ["image_readable"]),
+    ]
 
 
 def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> None:

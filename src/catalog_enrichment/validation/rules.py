@@ -586,9 +586,11 @@ def quarantine_rows(
     """Quarantine-table rows from a (small) Spark DataFrame of invalid rows.
 
     ``rows`` must carry ``_reasons``; ``extra_reasons`` adds a reason per product id (the image
-    rules the scoring pass found). The raw row is kept as JSON, every column but the image bytes,
-    which stay in the products table: the image is its SHA-256 digest and size (``null`` when there
-    was none), so quarantine rows stay small whatever the photos weigh.
+    rules the scoring pass found) to the row that was scored, the one without reasons of its own
+    (a stale copy of the product keeps its own: its image was never decoded). The raw row is kept
+    as JSON, every column but the image bytes, which stay in the products table: the image is its
+    SHA-256 digest and size (``null`` when there was none), so quarantine rows stay small whatever
+    the photos weigh.
     """
     from pyspark.sql import functions as F
 
@@ -605,7 +607,10 @@ def quarantine_rows(
     extra = dict(extra_reasons or {})
     ids = [r["product_id"] for r in collected]
     reasons = [
-        sorted(set(r[REASONS]) | ({extra[r["product_id"]]} if r["product_id"] in extra else set()))
+        sorted(
+            set(r[REASONS])
+            | ({extra[r["product_id"]]} if r["product_id"] in extra and not r[REASONS] else set())
+        )
         for r in collected
     ]
     return pa.table(
