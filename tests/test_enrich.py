@@ -304,11 +304,45 @@ def test_a_partition_run_leaves_out_the_old_copy_of_a_product_another_partition_
     )  # fmt: skip
     report = outcome.report
     assert report.rows_read == first.num_rows - 1
-    assert report.summary()["superseded_elsewhere"] == 1
-    assert any(f"1 rows of ingest_date={days[0]} left unread" in line for line in said)
+    assert report.summary()["superseded"] == 1
+    assert any("1 rows left unread: a newer copy of their product" in line for line in said)
     attributes = read_table(cfg.catalog.table("attributes"))
     quarantined = read_table(cfg.catalog.table("quarantine"))["product_id"].to_pylist()
     assert newer not in attributes["product_id"].to_pylist() and newer not in quarantined
+
+
+def test_an_old_copy_committed_late_inside_the_look_back_does_not_overwrite_the_newer_one(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """The last run read a product's copy at the watermark (and wrote its values); a feed then
+    commits an older copy of it, stamped inside the look-back: the next run leaves that copy out
+    and counts it, instead of scoring it over the newer one."""
+    products = tmp_path / "products"
+    shutil.copytree(incoming.products, products)
+    cfg = _cfg(tmp_path / "lake")
+
+    def night(run_id: str) -> Any:
+        scope = RunScope(products=products, run_id=run_id)
+        return run_enrichment(
+            spark, cfg, taxonomy, model=_model(scoring_bundle), scope=scope, progress=_quiet
+        )
+
+    first = night("night-0")
+    table = read_table(products)
+    newest = table.filter(pc.equal(table["updated_at"], pc.max(table["updated_at"]))).slice(0, 1)
+    late = newest.set_column(
+        newest.schema.get_field_index("updated_at"),
+        "updated_at",
+        pa.array([first.report.watermark - dt.timedelta(minutes=10)], newest.schema.field("updated_at").type),
+    )
+    write_table(products, late, partition_by=["ingest_date"], mode="append")
+    second = night("night-1")
+    assert second.report.rows_read == 0 and second.report.summary()["superseded"] == 1
+    pid = newest["product_id"][0].as_py()
+    attributes = read_table(cfg.catalog.table("attributes"))
+    assert "night-1" not in set(
+        attributes.filter(pc.equal(attributes["product_id"], pid))["run_id"].to_pylist()
+    )
 
 
 def test_a_retried_run_whose_first_attempt_committed_moves_no_watermark(

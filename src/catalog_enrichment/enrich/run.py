@@ -228,7 +228,7 @@ class _Record:
         if self.rejected:
             summary["rejected_by_review"] = self.rejected
         if self.got is not None and self.got.superseded:
-            summary["superseded_elsewhere"] = self.got.superseded
+            summary["superseded"] = self.got.superseded
         if self.scored is not None and self.scored.encoder is not None:
             summary.update(embeddings_reused=self.scored.reused, embeddings_encoded=self.scored.encoded)
         found = {**self.placeholders, **(self.scored.shared if self.scored is not None else {})}
@@ -348,8 +348,8 @@ def _stages(
         say(f"read products from {catalog.describe()} ({part or 'all partitions'}, {describe_window(got)}), "
             f"model {job.model.name} v{job.model.version}")  # fmt: skip
         if got.superseded:
-            say(f"  {got.superseded:,} rows of {part} left unread: another partition holds a newer copy "
-                "of their product")  # fmt: skip
+            say(f"  {got.superseded:,} rows left unread: a newer copy of their product is in another "
+                "partition or was read by the last run")  # fmt: skip
     # the GX checkpoint runs beside the row rules (both mostly wait on Spark's per-job latency) and
     # is awaited before anything is scored; alone first when a contract column is missing
     with ThreadPoolExecutor(1, thread_name_prefix="expectations") as pool:

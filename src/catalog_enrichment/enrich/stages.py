@@ -74,7 +74,8 @@ class Read:
     """The products a run reads, and what the last run over the same scope left for it: its
     watermark (``since``), the rows it read near it (``seen``; None: too many, read again) and the
     products whose image could not be read, with their attempts (``retry``); ``superseded``: the
-    partition's rows left unread because another partition holds a newer copy of their product."""
+    rows left unread because a newer copy of their product is in another partition (a run of one
+    partition) or was read by the last run (an old copy committed late, inside the look-back)."""
 
     df: DataFrame
     since: dt.datetime | None
@@ -98,7 +99,8 @@ def read(
     """Incremental unless ``last`` is None: ``updated_at`` past ``last``'s watermark less
     ``lookback``, without the rows it already read, plus the products to retry; staged once when
     the catalog's reads are not a snapshot (every stage then reads the same rows). A run of one
-    ``partition`` leaves out the rows another partition holds a newer copy of (:func:`_superseded`).
+    ``partition`` leaves out the rows another partition holds a newer copy of (:func:`_superseded`),
+    and every run those older than a copy the last run read (:func:`_unseen`).
     ``require_columns``: as :meth:`Catalog.read_products`."""
     since = None if last is None else last.watermark
     kept = [] if last is None else last.summary().get(SEEN, [])
@@ -111,7 +113,8 @@ def read(
     superseded = 0
     if partition is not None:
         df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
-    df = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
+    df, late = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
+    superseded += late
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
@@ -160,17 +163,26 @@ def describe_window(got: Read) -> str:
     return window
 
 
-def _unseen(spark: SparkSession, df: DataFrame, seen: list[tuple[str, int]]) -> DataFrame:
-    """``df`` without the (product id, ``updated_at``) rows the last run already read."""
+def _unseen(spark: SparkSession, df: DataFrame, seen: list[tuple[str, int]]) -> tuple[DataFrame, int]:
+    """``df`` without the (product id, ``updated_at``) rows the last run already read, nor the rows
+    older than a copy of their product it read - an old copy committed late, inside the look-back,
+    whose newer copy's values the last run wrote and must stand - and how many of those there were
+    (a row without a time is kept: validation quarantines it)."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType
 
     if not seen:
-        return df
+        return df, 0
     schema = StructType([StructField("product_id", StringType()), StructField(_UNIX_MICROS, LongType())])
-    done = F.broadcast(spark.createDataFrame(seen, schema))
+    done = spark.createDataFrame(seen, schema)
     with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))  # exact, no time-zone trip
-    return with_us.join(done, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns)
+    fresh = with_us.join(F.broadcast(done), ["product_id", _UNIX_MICROS], "left_anti")
+    newest = F.broadcast(done.groupBy("product_id").agg(F.max(_UNIX_MICROS).alias("_newer")))
+    older = F.col(_UNIX_MICROS) < F.col("_newer")
+    late = fresh.join(newest, "product_id").filter(older).count()
+    if late:
+        fresh = fresh.join(newest, "product_id", "left").filter(~F.coalesce(older, F.lit(False)))
+    return fresh.select(*df.columns), late
 
 
 def near_watermark(got: Read, watermark: dt.datetime | None) -> list[tuple[str, int]] | None:
