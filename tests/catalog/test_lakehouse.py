@@ -139,3 +139,16 @@ def test_a_delta_table_with_deletion_vectors_is_read_without_its_deleted_rows_in
         "p2",
         "p3",
     ]
+
+
+@pytest.mark.parametrize("value", ["20261101", "2026-W44-7", "2026-11-1", "2026-13-01"])
+def test_a_partition_date_in_another_iso_form_is_refused_in_one_line(value: str) -> None:
+    """Python reads 20261101 and 2026-W44-7 as dates, but no partition folder or Spark date is
+    written so: a run over one would read nothing or fail in Spark."""
+    from catalog_enrichment.catalog.products import parse_partition
+    from catalog_enrichment.contracts import load_contract
+
+    contract = load_contract("products")
+    assert parse_partition("ingest_date=2026-11-01", contract) is not None
+    with pytest.raises(ContractError, match=r"is not a date \(YYYY-MM-DD\)"):
+        parse_partition(f"ingest_date={value}", contract)

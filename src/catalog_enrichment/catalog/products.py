@@ -14,6 +14,7 @@ is refused in one line that names it and the fix.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -58,7 +59,9 @@ def parse_partition(text: str | None, contract: Contract) -> Partition | None:
             f"(partitioned by {list(contract.partition_by)})"
         )
     if contract.field(column).type == "date":
-        try:
+        try:  # ISO's other forms (20261101, 2026-W44-7) name no partition folder and no Spark date
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+                raise ValueError(value)
             dt.date.fromisoformat(value)
         except ValueError:
             raise ContractError(f"--partition {column}: {value!r} is not a date (YYYY-MM-DD)") from None
