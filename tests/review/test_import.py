@@ -96,6 +96,23 @@ def test_a_verdict_file_is_imported_once_and_a_changed_verdict_replaces_the_old(
     assert first_key in rejected_values(catalog.keyed_rows("reviews"), "3")
 
 
+def test_a_version_s_rejection_stands_whatever_another_version_s_sample_says_later() -> None:
+    from catalog_enrichment.catalog.base import keyed_schema
+
+    def verdict(version: str, said: str, hour: int) -> dict[str, Any]:
+        return {
+            "sample_id": f"review-v{version}", "product_id": "p1", "attribute": "color", "value": "red",
+            "verdict": said, "reviewer": "ana", "reviewed_at": NOW + dt.timedelta(hours=hour),
+            "model_version": version,
+        }  # fmt: skip
+
+    schema = keyed_schema("reviews")
+    rows = [verdict("7", "no", 1), verdict("8", "yes", 2)]
+    reviews = pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
+    assert rejected_values(reviews, "7") == {("p1", "color", "red")}
+    assert rejected_values(reviews, "8") == set()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -339,10 +339,9 @@ def verdicts_by_value(reviews: pa.Table) -> dict[tuple[str, str, str], Verdict]:
 
 
 def rejected_values(reviews: pa.Table, model_version: str | None = None) -> set[tuple[str, str, str]]:
-    """(product, attribute, value) whose latest verdict is "no" (given to a value ``model_version``
-    wrote, when given)."""
-    return {
-        key
-        for key, judged in verdicts_by_value(reviews).items()
-        if judged.verdict == "no" and (model_version is None or judged.model_version == str(model_version))
-    }
+    """(product, attribute, value) whose latest verdict is "no" - the latest of the verdicts on the
+    values ``model_version`` wrote, when given: another version's sample judging the same value
+    later neither lifts that version's rejection nor adds one."""
+    if model_version is not None:
+        reviews = reviews.filter(pc.equal(reviews["model_version"], str(model_version)))
+    return {key for key, judged in verdicts_by_value(reviews).items() if judged.verdict == "no"}
