@@ -7,8 +7,9 @@ L2-normalised TF-IDF, each dense block is standardised with its training statist
 the square root of its width - so one penalty grid (:data:`PENALTIES`, scikit-learn's ``C``) serves
 every block. Per block and attribute the penalty is the one of the grid whose held-out average
 precision on the first fold is highest (along a warm-started path); the other folds are fitted at
-it, each from zero, and the first fold at the one the second fold's rows choose: no fold's rows fit
-its learner or choose its penalty (they help fit the learners other folds' rows choose among).
+it - the second along its own warm-started path, the rest from zero - and the first fold at the one
+the second fold's rows choose: no fold's rows fit its learner or choose its penalty (they help fit
+the learners other folds' rows choose among), and every path starts from its own rows' fits.
 Average precision ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter
 models. A meta-learner per attribute (one weight per block, a bias per value) is fitted on the
 blocks' out-of-fold scores.
@@ -251,8 +252,9 @@ def _fit_path(
     # fold's, the second fold's choose the first's
     c, first = _path(x, target, folds[0], penalties)
     c_first, second = _path(x, target, folds[1], penalties)
-    # the other folds start from zero: a start fitted on another fold's rows, which hold theirs,
-    # would carry their held-out labels into their scores wherever L-BFGS stops short of the optimum
+    # the first two folds' learners come from their own warm-started paths; the other folds start
+    # from zero: a start fitted on another fold's rows, which hold theirs, would carry their
+    # held-out labels into their scores wherever L-BFGS stops short of the optimum
     fits = [first[c_first], second[c], *(_fit_linear(x, target, fit_pos, c) for fit_pos, _ in folds[2:])]
     for (w, b), (_, out_pos) in zip(fits, folds, strict=True):
         scores[out_pos] = x[out_pos] @ w + b
