@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from catalog_enrichment.catalog.base import keyed_schema
@@ -192,6 +193,27 @@ def test_an_audit_without_sample_or_verdicts_says_what_to_do() -> None:
         _audit(samples, reviews, model_version="7")
     with pytest.raises(CatalogEnrichError, match=r"no verdict yet.*review import"):
         _audit(samples, reviews.slice(0, 0))
+
+
+def test_a_version_audit_passes_over_samples_of_a_single_run_of_it() -> None:
+    """A sample drawn with --run-id counts one run's values in its strata: a later one of those does
+    not stand in for the version's sample; alone, it is named, not audited as the version."""
+    pop = _population(np.random.default_rng(5))
+    samples, reviews = _sample_tables(pop, 60, 0)
+    run_id = "review-v1-20261124T080000Z-s0-r0a1b2c"
+    later = pc.add(samples["drawn_at"], pa.scalar(dt.timedelta(days=1)))
+
+    def renamed(table: pa.Table) -> pa.Table:
+        return table.set_column(
+            table.schema.get_field_index("sample_id"), "sample_id", pa.array([run_id] * table.num_rows)
+        )
+
+    run_samples = renamed(samples).set_column(samples.schema.get_field_index("drawn_at"), "drawn_at", later)
+    run_samples, run_reviews = run_samples.cast(samples.schema), renamed(reviews).cast(reviews.schema)
+    both = pa.concat_tables([samples, run_samples]), pa.concat_tables([reviews, run_reviews])
+    assert _audit(*both).sample_id == "s1"
+    with pytest.raises(CatalogEnrichError, match=f"only of single runs of it \\({run_id}\\)"):
+        _audit(run_samples, run_reviews)
 
 
 def test_the_audit_benchmark_counts_intervals_that_hold_the_truth(tmp_path) -> None:  # type: ignore[no-untyped-def]

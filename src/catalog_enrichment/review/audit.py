@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from catalog_enrichment.calibration import wilson_lower
 from catalog_enrichment.catalog.reviews import ITEM, latest_verdicts
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.review.sample import of_one_run
 
 __all__ = ["Audit", "Estimate", "audit_sample", "format_audit", "plot_audit", "weighted_precision"]
 
@@ -161,8 +162,16 @@ def _reviewed_samples(
             raise CatalogEnrichError(
                 f"sample {sample_id} judged model version {', '.join(sorted(other))}, not {model_version}"
             )
-    elif model_version is not None:
+    elif model_version is not None:  # a sample of one run of it stands for that run alone
         drawn = [d for d in drawn if d["model_version"] == str(model_version)]
+        runs = sorted(d["sample_id"] for d in drawn if of_one_run(d["sample_id"]))
+        drawn = [d for d in drawn if not of_one_run(d["sample_id"])]
+        if not drawn and runs:
+            raise CatalogEnrichError(
+                f"no review sample of the whole model version {model_version}, only of single runs of "
+                f"it ({', '.join(runs)}): draw one with `catalog-enrich review sample --model-version "
+                f"{model_version}`, or audit a run's with --sample"
+            )
     which = (
         f"sample {sample_id}"
         if sample_id
@@ -193,9 +202,9 @@ def audit_sample(
     confidence: float,
     min_support: int,
 ) -> Audit:
-    """The audit of one sample: ``sample_id``, else the latest sample of ``model_version`` (else of
-    any version) that has verdicts, against the precision target ``target_of(model name, version)``
-    of the version that wrote it.
+    """The audit of one sample: ``sample_id``, else the latest sample of the whole ``model_version``
+    (not one of a single run of it, :func:`of_one_run`; else of any version) that has verdicts,
+    against the precision target ``target_of(model name, version)`` of the version that wrote it.
 
     Raises:
         CatalogEnrichError: no such sample, or no verdict on it yet.

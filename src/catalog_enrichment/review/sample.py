@@ -49,6 +49,7 @@ __all__ = [
     "DrawnSample",
     "allocate",
     "draw_sample",
+    "of_one_run",
     "sample_file_format",
     "stratified_sample",
     "water_fill",
@@ -147,6 +148,15 @@ def _latest_products(
     return products.filter(pa.array(first, pa.bool_())).select(columns)
 
 
+_RUN_MARK = "-r"
+
+
+def of_one_run(sample_id: str) -> bool:
+    """Whether a sample was drawn from the values of one run (``--run-id``), not of a whole model
+    version: its strata count that run's values only."""
+    return re.search(re.escape(_RUN_MARK) + r"[0-9a-f]{6}$", sample_id) is not None
+
+
 def draw_sample(
     catalog: Catalog,
     *,
@@ -179,7 +189,7 @@ def draw_sample(
     version = rows["model_version"][0].as_py() if model_version is None else str(model_version)
     sample_id = f"review-v{_safe(version)}-{now:%Y%m%dT%H%M%SZ}-s{seed}"
     if run_id is not None:  # two runs of one version sampled in the same second: two samples
-        sample_id += "-r" + hashlib.blake2b(run_id.encode(), digest_size=3).hexdigest()
+        sample_id += _RUN_MARK + hashlib.blake2b(run_id.encode(), digest_size=3).hexdigest()
     table = _sample_rows(rows, picked, list(zip(attribute, value, category, strict=True)), sample_id, now)
     if record and sample_id in set(catalog.keyed_rows("review_samples")["sample_id"].to_pylist()):
         raise CatalogEnrichError(f"a sample {sample_id} was drawn already; draw again in a second")
