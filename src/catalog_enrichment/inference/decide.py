@@ -264,7 +264,9 @@ class DecisionPolicy:
             [[m == n or m in links.get(n, ()) for n in names] for m in self.merchant_names], np.uint8
         ).reshape(len(self.merchant_names), len(names))
 
-    def filled(self, merchant: Any) -> np.ndarray:
+    def filled(
+        self, merchant: pa.Array | pa.ChunkedArray | Sequence[MerchantAttributes | AbstractSet[str]]
+    ) -> np.ndarray:
         """``(n, attributes)`` bool: which of the model's attributes a merchant's value settles for
         each product (``merchant``: as :func:`merchant_filled` reads it)."""
         return (merchant_filled(merchant, self.merchant_names).astype(np.uint8) @ self._held_by) > 0
