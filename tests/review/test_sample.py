@@ -202,6 +202,19 @@ def test_each_product_gets_its_own_image_file_whatever_its_id(
         assert (tmp_path / "r" / image_of[pid]).read_bytes() == png(i), pid
 
 
+def test_a_later_sample_beside_an_earlier_one_leaves_its_photo_as_drawn(tmp_path: Path) -> None:
+    """Two samples written to one folder, the product's photo changed in between: each file is its
+    own sample's photo (the earlier reviewers judged the content copied when it was drawn)."""
+    from catalog_enrichment.review.sample import _image_file
+
+    first = _image_file(png(0), tmp_path, "P1")
+    second = _image_file(png(1), tmp_path, "P1")
+    assert first != second and _image_file(png(0), tmp_path, "P1") == first
+    assert (tmp_path.parent / first).read_bytes() == png(0) and (
+        tmp_path.parent / second
+    ).read_bytes() == png(1)
+
+
 def test_no_csv_cell_is_a_formula_and_a_filled_file_imports_the_exact_values(
     hostile: WrittenCatalog, tmp_path: Path
 ) -> None:

@@ -262,8 +262,8 @@ class LakehouseCatalog:
         return n
 
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
-        """Delete the vectors of every encoder not in ``keep``; the rows removed. Delta keeps the
-        removed files for time travel until a Delta ``VACUUM`` (``deltalake``'s ``vacuum``) drops them."""
+        """Delete the vectors of every encoder not in ``keep``; the rows removed. The files they were
+        in are vacuumed at once (no time travel to them: the store is a cache)."""
         from deltalake import DeltaTable
 
         if not lakehouse.is_delta(self.embeddings):

@@ -254,10 +254,13 @@ _MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b
 
 
 def _image_file(data: bytes, folder: Path, product_id: str) -> str:
-    """The product's image under ``folder``, named by a digest of its id: two ids never share a file
-    (``A/1`` and ``A:1``, or ids alike in their first characters, would by a sanitised name)."""
+    """The product's image under ``folder``, named by a digest of its id and of the bytes: two ids
+    never share a file (``A/1`` and ``A:1``, or ids alike in their first characters, would by a
+    sanitised name), nor do two photos of one product - a later sample written beside an earlier
+    one never changes the photo the earlier one's reviewers see."""
     suffix = next((ext for magic, ext in _MAGIC if data.startswith(magic)), ".img")
-    name = f"{hashlib.sha256(product_id.encode()).hexdigest()[:32]}{suffix}"
+    digest = hashlib.sha256(product_id.encode() + b"\x00" + hashlib.sha256(data).digest()).hexdigest()
+    name = f"{digest[:32]}{suffix}"
     (folder / name).write_bytes(data)
     return f"{folder.name}/{name}"
 
