@@ -118,23 +118,34 @@ def test_clicks_on_the_review_page_become_verdicts_that_import(
         assert got["verdict"] == verdict and got["reviewer"] == "ana" and got["source_file"] == saved.name
     assert import_verdicts(written.catalog, saved).unchanged == 3
     # bea opens the page later on the same browser (ana's file handed in and gone from the
-    # downloads): her verdicts are hers, ana's stay ana's
+    # downloads): she sees none of ana's verdicts, and her "no" on a value ana said yes to is hers
+    # beside ana's, not in its place
     saved.rename(tmp_path / "ana.csv")
     driver.refresh()
     name = driver.find_element(By.ID, "reviewer")
     name.clear()
     name.send_keys("bea")
-    driver.find_elements(By.CSS_SELECTOR, ".item")[3].find_element(
-        By.CSS_SELECTOR, "button[data-verdict=no]"
-    ).click()
+    assert driver.find_element(By.ID, "progress").text == "0 / 6 judged"
+    assert not driver.find_elements(By.CSS_SELECTOR, "button.on")
+    for i in (0, 3):
+        button = driver.find_elements(By.CSS_SELECTOR, ".item")[i].find_element(
+            By.CSS_SELECTOR, "button[data-verdict=no]"
+        )
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)  # below the header
+        button.click()
     driver.find_element(By.ID, "save").click()
     again = _downloaded(downloads)
-    assert import_verdicts(written.catalog, again).inserted == 1
+    assert import_verdicts(written.catalog, again).inserted == 2
     item = ("product_id", "attribute", "value")
-    who = {
-        tuple(r[k] for k in item): r["reviewer"] for r in written.catalog.keyed_rows("reviews").to_pylist()
+    said = {
+        (tuple(r[k] for k in item), r["reviewer"]): r["verdict"]
+        for r in written.catalog.keyed_rows("reviews").to_pylist()
     }
-    assert [who.get(tuple(rows[i][k] for k in item)) for i in range(4)] == ["ana", "ana", "ana", "bea"]
+    key = [tuple(rows[i][k] for k in item) for i in range(4)]
+    assert said == {
+        (key[0], "ana"): "yes", (key[1], "ana"): "no", (key[2], "ana"): "yes",
+        (key[0], "bea"): "no", (key[3], "bea"): "no",
+    }  # fmt: skip
 
 
 def test_merchant_text_that_looks_like_markup_is_shown_as_text(
