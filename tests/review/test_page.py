@@ -4,6 +4,7 @@ Selenium): a person's clicks become a verdict file that ``review import`` accept
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 import time
@@ -180,3 +181,41 @@ def test_merchant_text_that_looks_like_markup_is_shown_as_text(
     stored = hostile.catalog.keyed_rows("reviews").to_pylist()
     assert {r["product_id"] for r in stored} == set(table["product_id"].to_pylist())
     assert {r["reviewer"] for r in stored} == {"=ana"}
+
+
+def test_verdicts_a_page_kept_before_reviewers_were_kept_apart_are_saved_under_their_names(
+    browser: tuple[Any, Path], written: WrittenCatalog, tmp_path: Path
+) -> None:
+    """The browser holds verdicts an older page stored by value alone - one with the name typed
+    when it was clicked, one older still without: both are saved, under that name and under the
+    name typed now, never under none."""
+    from selenium.webdriver.common.by import By
+
+    driver, downloads = browser
+    drawn = draw_sample(written.catalog, model_version="3", size=6, seed=0)
+    table, _ = write_annotator_files(
+        written.catalog, drawn, tmp_path / "review" / "sample.csv", ImagePolicy()
+    )
+    page = write_page(table, tmp_path / "review" / "sample.html", drawn.sample_id)
+    rows = drawn.rows.to_pylist()
+    ids = ["\u001f".join(rows[i][k] for k in ("product_id", "attribute", "value")) for i in (0, 1)]
+    old = {
+        "reviewer": "ana",
+        "verdicts": {
+            ids[0]: {"verdict": "no", "reviewed_at": "2026-11-03T08:00:00Z", "reviewer": "cy"},
+            ids[1]: {"verdict": "yes", "reviewed_at": "2026-11-03T08:01:00Z"},
+        },
+    }
+    driver.get(page.as_uri())
+    driver.execute_script(
+        "localStorage.setItem(arguments[0], arguments[1])",
+        f"catalog-enrich-review:{drawn.sample_id}",
+        json.dumps(old),
+    )
+    driver.refresh()
+    driver.find_element(By.ID, "save").click()
+    with _downloaded(downloads).open(newline="") as f:
+        saved = list(csv.DictReader(f))
+    assert sorted((r["product_id"], r["reviewer"], r["verdict"]) for r in saved) == sorted(
+        [(rows[0]["product_id"], "cy", "no"), (rows[1]["product_id"], "ana", "yes")]
+    )
