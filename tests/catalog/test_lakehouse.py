@@ -152,3 +152,22 @@ def test_a_partition_date_in_another_iso_form_is_refused_in_one_line(value: str)
     assert parse_partition("ingest_date=2026-11-01", contract) is not None
     with pytest.raises(ContractError, match=r"is not a date \(YYYY-MM-DD\)"):
         parse_partition(f"ingest_date={value}", contract)
+
+
+def test_a_parquet_footer_is_read_once_per_version_of_its_file(tmp_path: Path) -> None:
+    import os
+
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment.catalog import products
+
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"a": [1]}), path)
+    assert products._read_footer(str(path)).names == ["a"]
+    hits = products._footer_of.cache_info().hits
+    assert (
+        products._read_footer(str(path)).names == ["a"] and products._footer_of.cache_info().hits == hits + 1
+    )
+    pq.write_table(pa.table({"b": ["x", "y"]}), path)  # written again: another size
+    os.utime(path, ns=(1, 1))
+    assert products._read_footer(str(path)).names == ["b"]

@@ -14,6 +14,8 @@ is refused in one line that names it and the fix.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,6 +133,23 @@ def _footers(root: Path, partition: Partition | None) -> tuple[list[str], dict[s
 
 
 def _read_footer(file: str) -> pa.Schema:
+    """The file's Arrow schema (:func:`_footer`), read once per version of the file in a process: a
+    backfill's runs each read every partition's footers (a partition run's other partitions)."""
+    try:
+        stat = os.stat(file)
+    except OSError:
+        return _footer(file)
+    return _footer_of(file, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _footer_of(file: str, size: int, mtime_ns: int) -> pa.Schema:
+    """:func:`_footer` of ``file`` as it is at ``size`` and ``mtime_ns`` (the cache's key: a file
+    written again is read again)."""
+    return _footer(file)
+
+
+def _footer(file: str) -> pa.Schema:
     """The file's Arrow schema, its INT96 timestamps (Spark's default Parquet timestamp, which Arrow
     reports as nanoseconds) as the microsecond timestamps Spark reads them as."""
     try:
