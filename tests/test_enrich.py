@@ -270,7 +270,7 @@ def test_incremental_scores_only_changed_products(
 
 
 def test_a_partition_run_leaves_out_the_old_copy_of_a_product_another_partition_holds_newer(
-    spark, tmp_path, taxonomy, incoming, scoring_bundle
+    spark, tmp_path, taxonomy, incoming, scoring_bundle, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """A product edited on a later day has a newer copy in that day's partition; a backfill of its
     first day must neither write what the old copy says over the new one's values nor quarantine
@@ -309,6 +309,20 @@ def test_a_partition_run_leaves_out_the_old_copy_of_a_product_another_partition_
     attributes = read_table(cfg.catalog.table("attributes"))
     quarantined = read_table(cfg.catalog.table("quarantine"))["product_id"].to_pylist()
     assert newer not in attributes["product_id"].to_pylist() and newer not in quarantined
+    # more rows left out than are broadcast: the partition's other rows are staged once instead
+    from catalog_enrichment.catalog.products import parse_partition
+    from catalog_enrichment.enrich import stages
+
+    monkeypatch.setattr(stages, "MAX_SEEN", 0)
+    contract = load_contract("products")
+    part = parse_partition(f"ingest_date={days[0]}", contract)
+    staged = tmp_path / "staged"
+    got = stages.read(
+        spark, open_catalog(cfg.catalog, products=products), contract, part, None, dt.timedelta(0), staged
+    )
+    ids = [r["product_id"] for r in got.df.select("product_id").collect()]
+    assert got.superseded == 1 and len(ids) == first.num_rows - 1 and newer not in ids
+    assert (staged / "partition").is_dir()
 
 
 def test_an_old_copy_committed_late_inside_the_look_back_does_not_overwrite_the_newer_one(

@@ -132,9 +132,11 @@ def _superseded(
     """``df`` (rows of ``partition``) without the rows of a product that another partition holds a
     later ``updated_at`` of, and how many those were. Such a row is an old copy, not bad data: a
     backfill of an old partition must not write what it says over what its newer copy gave, nor
-    quarantine it. The table's other partitions are read for their ids and times only, in Spark;
-    the keys of the rows left out are staged (``staging/superseded``), so each stage reads them
-    instead of the whole table again."""
+    quarantine it. The table's other partitions are read for their ids and times only, in Spark,
+    and only the partition's own products are grouped; the keys of the rows left out are staged
+    (``staging/superseded``), so no stage reads the whole table again. Up to :data:`MAX_SEEN` of
+    them are broadcast; more, and the partition's other rows are staged once (``staging/partition``)
+    rather than each stage shuffling their photos through the join."""
     from pyspark.sql import functions as F
 
     if not {"product_id", "updated_at"} <= set(df.columns):  # the checkpoint names what is missing
@@ -142,8 +144,13 @@ def _superseded(
     every = catalog.read_products(spark, contract, require_columns=False)
     elsewhere = every.filter(~F.col(partition.column).eqNullSafe(F.lit(partition.value).cast(
         every.schema[partition.column].dataType)))  # fmt: skip
-    newest = elsewhere.groupBy("product_id").agg(F.max(F.unix_micros("updated_at")).alias("_newer"))
     mine = df.select("product_id", F.unix_micros("updated_at").alias(_UNIX_MICROS))
+    theirs = elsewhere.select("product_id", F.unix_micros("updated_at").alias("_at"))
+    newest = (
+        theirs.join(mine.select("product_id").distinct(), "product_id", "left_semi")
+        .groupBy("product_id")
+        .agg(F.max("_at").alias("_newer"))
+    )
     old = mine.join(newest, "product_id").filter(F.col(_UNIX_MICROS) < F.col("_newer"))
     path = str(staging / "superseded")
     old.select("product_id", _UNIX_MICROS).write.mode("overwrite").parquet(path)
@@ -152,7 +159,13 @@ def _superseded(
     if not count:
         return df, 0
     with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))
-    return with_us.join(keys, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns), count
+    if count <= MAX_SEEN:
+        return with_us.join(F.broadcast(keys), ["product_id", _UNIX_MICROS], "left_anti").select(
+            *df.columns
+        ), count
+    kept = with_us.join(keys, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns)
+    kept.write.mode("overwrite").parquet(str(staging / "partition"))
+    return spark.read.parquet(str(staging / "partition")), count
 
 
 def describe_window(got: Read) -> str:
