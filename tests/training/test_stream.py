@@ -202,6 +202,37 @@ def test_the_survey_keeps_the_training_texts_only_for_a_tokenizer_it_trains(taxo
     assert np.array_equal(bare.codes, kept.codes)
 
 
+def test_the_streamed_cross_fit_folds_keep_products_sharing_either_text_together(taxonomy: Taxonomy) -> None:
+    """Two variants with the same description and titles edited apart (one names its colour): one
+    group for the stack's cross-fit folds, as in memory - a fold's learner trained on one would
+    otherwise score the other out of fold."""
+    from catalog_enrichment.catalog.groups import table_groups
+    from catalog_enrichment.data.images import ImagePolicy
+    from catalog_enrichment.data.preprocess import ImagePreprocessing
+    from catalog_enrichment.training.stream import _Reader, arrow_source, survey
+
+    table = _labelled(300, taxonomy)
+    titles = table["title"].to_pylist()
+    descriptions = table["description"].to_pylist()
+    for i in range(0, 40, 2):  # pairs: the same description, the second title edited
+        descriptions[i + 1] = descriptions[i] = f"Soft jersey piece number {i} with a round neck"
+        titles[i + 1] = f"{titles[i]} (black)"
+    table = table.set_column(table.schema.get_field_index("title"), "title", pa.array(titles))
+    table = table.set_column(
+        table.schema.get_field_index("description"), "description", pa.array(descriptions)
+    )
+    reader = _Reader(arrow_source(table, batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32))
+    found = survey(reader, (0.1, 0.2, 0.15), seed=0, world=1, say=lambda m: None)
+    at = {pid: i for i, pid in enumerate(found.product_ids)}
+    ids = table["product_id"].to_pylist()
+    pairs = [(at[ids[i]], at[ids[i + 1]]) for i in range(0, 40, 2)]
+    assert all(found.fold_groups[a] == found.fold_groups[b] for a, b in pairs)
+    assert all(found.groups[a] != found.groups[b] for a, b in pairs)  # the split's hash keeps the pair apart
+    # the same partition of the products as in memory (both numbered by first appearance)
+    assert len(found.product_ids) == 300
+    assert np.array_equal(found.fold_groups[[at[p] for p in ids]], table_groups(table))
+
+
 def test_the_streamed_health_baseline_counts_variants_as_in_memory(taxonomy: Taxonomy) -> None:
     """Products that share a title and description (a product's variants) carry less evidence than
     as many products: the run health checks divide by the baseline's design effect, streamed as in

@@ -403,7 +403,9 @@ class Streamed:
         embeddings = self._embedded(surveyed, tokenizer, collator, say)
         model = seeded_model(cfg.model, self.taxonomy, tokenizer, seed, self.device)
         splits, labels = found.splits, found.labels
-        plan = FoldPlan(splits.train, labels, found.groups, cfg.training.crossfit_folds or STACK_FOLDS, seed)
+        plan = FoldPlan(
+            splits.train, labels, found.fold_groups, cfg.training.crossfit_folds or STACK_FOLDS, seed
+        )
         oof, fits = stacked(model, embeddings, plan, self.taxonomy, say)
 
         def scoring(name: SplitName) -> DataLoader:

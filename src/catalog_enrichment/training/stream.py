@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from catalog_enrichment.catalog import lakehouse
+from catalog_enrichment.catalog.groups import group_ids
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import IMAGE_KEY, IMAGE_SHARED, Taxonomy
 from catalog_enrichment.data.dataset import (
@@ -160,6 +161,20 @@ def _group_keys(titles: Sequence[str | None], descriptions: Sequence[str | None]
         " ".join((t or "").lower().split()) + "\x1e" + " ".join((d or "").lower().split())
         for t, d in zip(titles, descriptions, strict=True)
     )
+
+
+def _text_digests(
+    titles: Sequence[str | None], descriptions: Sequence[str | None]
+) -> tuple[list[str], list[str | None]]:
+    """A short digest of each product's title and description (case and whitespace folded; an
+    empty description stays None, which links nothing): what :func:`group_ids` needs of the texts,
+    kept on the driver for every product instead of the texts themselves."""
+
+    def digest(text: str | None) -> str | None:
+        folded = " ".join((text or "").lower().split())
+        return hashlib.blake2b(folded.encode(), digest_size=8).hexdigest() if folded else None
+
+    return [digest(t) or "" for t in titles], [digest(d) for d in descriptions]
 
 
 def group_of(titles: Sequence[str | None], descriptions: Sequence[str | None]) -> np.ndarray:
@@ -422,7 +437,7 @@ class Survey:
 
     product_ids: list[Any]
     codes: np.ndarray  # each product's split
-    groups: np.ndarray  # each product's group (:func:`group_of`): cross-fit folds never cut one
+    groups: np.ndarray  # each product's group (:func:`group_of`: one title and description)
     shards: np.ndarray  # each product's rank (of ``world``); its training row is read there
     world: int
     labels: EncodedLabels
@@ -430,6 +445,9 @@ class Survey:
     inputs: InputBaseline
     left_out: dict[str, int] = field(default_factory=dict)  # unusable images, by reason
     shared: frozenset[int] = frozenset()  # placeholders' digest prefixes: every later pass leaves them out
+    # products sharing a title or a description, chains joined (catalog.groups.group_ids, over text
+    # digests), as in memory: cross-fit folds never cut one
+    fold_groups: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def splits(self) -> Splits:
@@ -458,6 +476,8 @@ def survey(
     bytes are on more than that many products are left out (0: none)."""
     ids: list[Any] = []
     codes, groups, shards, labels, train_texts, prefixes, counted = [], [], [], [], [], [], []
+    title_keys: list[str] = []
+    description_keys: list[str | None] = []
     inputs, unusable = InputBaselineCounts(), Counter[str]()
     everything = _Selection(seed, fractions, split=-1)
     for batch in reader.source.batches():
@@ -469,6 +489,11 @@ def survey(
         ids += pids
         codes.append(code)
         groups.append(group_of(_column(usable, "title"), _column(usable, "description")))
+        title_digests, description_digests = _text_digests(
+            _column(usable, "title"), _column(usable, "description")
+        )
+        title_keys += title_digests
+        description_keys += description_digests
         shards.append(rank_of(pids, seed=seed, world=world))
         labels.append(encode_labels(pa.Table.from_batches([usable]), reader.taxonomy))
         if texts:
@@ -487,6 +512,7 @@ def survey(
         _concat_labels(labels, reader.taxonomy),
         train_texts,
         inputs.baseline(group),  # variants (one title and description) make the design effect
+        fold_groups=group_ids(title_keys, description_keys),
     )
     every = np.concatenate(prefixes)
     shared = placeholder_prefixes(every, shared_limit)
@@ -513,6 +539,7 @@ def _without(found: Survey, keep: np.ndarray) -> Survey:
         product_ids=[p for p, k in zip(found.product_ids, keep, strict=True) if k],
         codes=found.codes[keep],
         groups=found.groups[keep],
+        fold_groups=found.fold_groups[keep],
         shards=found.shards[keep],
         labels=found.labels.subset(np.flatnonzero(keep)),
         texts=kept_texts,
