@@ -688,3 +688,15 @@ def test_a_rollback_killed_after_its_commit_leaves_its_reports_marked(catalog: C
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert _state(catalog) == after_r0
     assert {r.run_id: r.status for r in catalog.read_reports()} == {"r0": "succeeded", "r1": "rolled_back"}
+
+
+def test_attribute_rows_selected_where_they_are_read(catalog: Catalog) -> None:
+    """What a review sample reads: one run's (or version's) model values, not the whole table."""
+    pairs = _pairs([("p3", "color"), ("p4", "color")])
+    _merge(catalog, "r1", _values([("p3", "color", "blue", 0.9)]), pairs, version="1")
+    _merge(catalog, "r2", _values([("p4", "color", "red", 0.9)]), pairs, version="2")
+    assert {r[:4] for r in _state(catalog)} >= {("p1", "color", "red", "merchant")}
+    only = catalog.attribute_rows({"source": "model", "run_id": "r2"})
+    assert only.schema == catalog.attribute_rows().schema
+    assert [(r["product_id"], r["value"]) for r in only.to_pylist()] == [("p4", "red")]
+    assert catalog.attribute_rows({"source": "model", "model_version": "3"}).num_rows == 0

@@ -213,8 +213,9 @@ class Catalog(Protocol):
         """Run ids of the not-rolled-back runs of a model version, newest first."""
         ...
 
-    def attribute_rows(self) -> pa.Table:
-        """The whole attribute table (the attributes contract's columns)."""
+    def attribute_rows(self, where: Mapping[str, str] | None = None) -> pa.Table:
+        """The attribute table (the attributes contract's columns); ``where``: only the rows whose
+        columns hold these values, selected where the table is read (not after reading it whole)."""
         ...
 
     def snapshot(

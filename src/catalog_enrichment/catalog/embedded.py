@@ -10,7 +10,9 @@ changed is kept in the attribute-changes table, which rollback restores from.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -141,10 +143,16 @@ class LakehouseCatalog:
             run for _, run in attributes.runs_of_model_version(self.attributes, self.changes, model_version)
         ]
 
-    def attribute_rows(self) -> pa.Table:
+    def attribute_rows(self, where: Mapping[str, str] | None = None) -> pa.Table:
+        import pyarrow.dataset as ds
+
         if not lakehouse.is_delta(self.attributes):
             return attributes.attributes_schema().empty_table()
-        return lakehouse.read_table(self.attributes).cast(attributes.attributes_schema())
+        conditions = [ds.field(c) == v for c, v in (where or {}).items()]
+        selected = functools.reduce(operator.and_, conditions) if conditions else None
+        return (
+            lakehouse.dataset(self.attributes).to_table(filter=selected).cast(attributes.attributes_schema())
+        )
 
     def snapshot(
         self,

@@ -181,7 +181,9 @@ def draw_sample(
         raise CatalogEnrichError(f"--size must be at least 1, got {size}")
     now = now or dt.datetime.now(dt.UTC)
     rows = _written_by(catalog, run_id, model_version)
-    categories = _latest_products(catalog, ["product_id", "category"])
+    categories = _latest_products(
+        catalog, ["product_id", "category"], pc.unique(rows["product_id"]).to_pylist()
+    )
     lookup = dict(zip(categories["product_id"].to_pylist(), categories["category"].to_pylist(), strict=True))
     attribute, value = rows["attribute"].to_pylist(), rows["value"].to_pylist()
     category = [lookup.get(p) or NO_CATEGORY for p in rows["product_id"].to_pylist()]
@@ -204,10 +206,8 @@ def _written_by(catalog: Catalog, run_id: str | None, model_version: str | None)
     Raises:
         CatalogEnrichError: there is none.
     """
-    rows = catalog.attribute_rows()
-    rows = rows.filter(pc.equal(rows["source"], "model"))
     column, wanted = ("run_id", run_id) if run_id is not None else ("model_version", str(model_version))
-    rows = rows.filter(pc.equal(rows[column], wanted))
+    rows = catalog.attribute_rows({"source": "model", column: wanted})
     what = f"run {run_id}" if run_id is not None else f"model version {model_version}"
     if rows.num_rows == 0:
         raise CatalogEnrichError(f"{catalog.describe()} holds no value written by {what}: nothing to review")

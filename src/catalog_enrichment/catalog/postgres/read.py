@@ -5,7 +5,7 @@ reports, keyed rows)."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -260,17 +260,18 @@ class Reads(PgBase):
                 self._sql("UPDATE {t} SET status = %s WHERE run_id = %s", t="run_reports"), [status, run_id]
             )
 
-    def _table(self, name: str, contract: str) -> pa.Table:
+    def _table(self, name: str, contract: str, where: Mapping[str, str] | None = None) -> pa.Table:
         from psycopg import sql
 
         schema = load_contract(contract).arrow_schema()
+        query = sql.SQL("SELECT {} FROM {}").format(
+            sql.SQL(", ").join(map(sql.Identifier, schema.names)), self._name(name)
+        )
+        if where:
+            equal = (sql.SQL("{} = %s").format(sql.Identifier(c)) for c in where)
+            query = sql.SQL("{} WHERE {}").format(query, sql.SQL(" AND ").join(equal))
         with self.connect() as conn:
-            cursor = conn.execute(
-                sql.SQL("SELECT {} FROM {}").format(
-                    sql.SQL(", ").join(map(sql.Identifier, schema.names)), self._name(name)
-                )
-            )
-            rows = cursor.fetchall()
+            rows = conn.execute(query, list(where.values()) if where else None).fetchall()
         return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
 
     def snapshot(
@@ -308,8 +309,8 @@ class Reads(PgBase):
         where = {"table": ".".join(self.products), "database": self.describe()}
         return pa.Table.from_pylist(rows, schema=schema), where
 
-    def attribute_rows(self) -> pa.Table:
-        return self._table("attributes", "attributes")
+    def attribute_rows(self, where: Mapping[str, str] | None = None) -> pa.Table:
+        return self._table("attributes", "attributes", where)
 
     def quarantine_rows(self) -> pa.Table:
         return self._table("quarantine", "quarantine")
