@@ -365,6 +365,7 @@ class Streamed:
         found = survey(
             reader, fractions, seed=tcfg.seed, world=world, say=say, texts=trained_tokenizer,
             shared_limit=cfg.validation.max_products_per_image,
+            fold_groups=fusion_class(cfg.model.fusion).needs_lexical,  # the stack's cross-fit folds
         )  # fmt: skip
         say(f"streaming {source.rows:,} rows in batches; splits by hash: {found.splits.sizes()}")
         return _Streaming(found, replace(reader, shared=found.shared), fractions)
@@ -404,7 +405,7 @@ class Streamed:
         model = seeded_model(cfg.model, self.taxonomy, tokenizer, seed, self.device)
         splits, labels = found.splits, found.labels
         plan = FoldPlan(
-            splits.train, labels, found.fold_groups, cfg.training.crossfit_folds or STACK_FOLDS, seed
+            splits.train, labels, found.fold_groups(), cfg.training.crossfit_folds or STACK_FOLDS, seed
         )
         oof, fits = stacked(model, embeddings, plan, self.taxonomy, say)
 

@@ -27,7 +27,8 @@ distributed run (:mod:`.distributed`).
   rows trains the same model.
 
 Memory holds a few record batches, the shuffle buffer (text and image bytes, not pixels), the
-product ids, labels, image digest prefixes and held-out scores, and a trained tokenizer's texts;
+product ids, labels, image digest prefixes and held-out scores, a trained tokenizer's texts, and
+for the stack a digest of each product's title and description (its cross-fit folds' groups);
 never the table or its decoded images.
 """
 
@@ -445,9 +446,16 @@ class Survey:
     inputs: InputBaseline
     left_out: dict[str, int] = field(default_factory=dict)  # unusable images, by reason
     shared: frozenset[int] = frozenset()  # placeholders' digest prefixes: every later pass leaves them out
-    # products sharing a title or a description, chains joined (catalog.groups.group_ids, over text
-    # digests), as in memory: cross-fit folds never cut one
-    fold_groups: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # each product's title and description digests (:func:`_text_digests`; empty unless asked for)
+    text_keys: tuple[list[str], list[str | None]] = field(default_factory=lambda: ([], []))
+
+    def fold_groups(self) -> np.ndarray:
+        """Products sharing a title or a description, chains joined by the in-memory rule
+        (:func:`~catalog_enrichment.catalog.groups.group_ids`, over the texts' digests, so ties at
+        its group cap break on digests): cross-fit folds never cut one."""
+        if len(self.text_keys[0]) != len(self.product_ids):
+            raise ValueError("the survey kept no text digests (survey(..., fold_groups=True))")
+        return group_ids(*self.text_keys)
 
     @property
     def splits(self) -> Splits:
@@ -470,14 +478,16 @@ def survey(
     say: Callable[[str], None],
     texts: bool = True,
     shared_limit: int = 0,
+    fold_groups: bool = False,
 ) -> Survey:
     """The survey pass (see the module docstring); ``texts`` False: the training texts are not kept
     (a pretrained tokenizer learns nothing from them); ``shared_limit``: the products whose image
-    bytes are on more than that many products are left out (0: none)."""
+    bytes are on more than that many products are left out (0: none); ``fold_groups``: each
+    product's text digests are kept for :meth:`Survey.fold_groups` (the stack's)."""
     ids: list[Any] = []
     codes, groups, shards, labels, train_texts, prefixes, counted = [], [], [], [], [], [], []
     title_keys: list[str] = []
-    description_keys: list[str | None] = []
+    description_keys: list[str | None] = []  # for fold_groups
     inputs, unusable = InputBaselineCounts(), Counter[str]()
     everything = _Selection(seed, fractions, split=-1)
     for batch in reader.source.batches():
@@ -489,11 +499,12 @@ def survey(
         ids += pids
         codes.append(code)
         groups.append(group_of(_column(usable, "title"), _column(usable, "description")))
-        title_digests, description_digests = _text_digests(
-            _column(usable, "title"), _column(usable, "description")
-        )
-        title_keys += title_digests
-        description_keys += description_digests
+        if fold_groups:  # the stack's cross-fit folds (Survey.fold_groups)
+            title_digests, description_digests = _text_digests(
+                _column(usable, "title"), _column(usable, "description")
+            )
+            title_keys += title_digests
+            description_keys += description_digests
         shards.append(rank_of(pids, seed=seed, world=world))
         labels.append(encode_labels(pa.Table.from_batches([usable]), reader.taxonomy))
         if texts:
@@ -512,7 +523,7 @@ def survey(
         _concat_labels(labels, reader.taxonomy),
         train_texts,
         inputs.baseline(group),  # variants (one title and description) make the design effect
-        fold_groups=group_ids(title_keys, description_keys),
+        text_keys=(title_keys, description_keys),
     )
     every = np.concatenate(prefixes)
     shared = placeholder_prefixes(every, shared_limit)
@@ -539,11 +550,20 @@ def _without(found: Survey, keep: np.ndarray) -> Survey:
         product_ids=[p for p, k in zip(found.product_ids, keep, strict=True) if k],
         codes=found.codes[keep],
         groups=found.groups[keep],
-        fold_groups=found.fold_groups[keep],
+        text_keys=_kept(found.text_keys, keep),
         shards=found.shards[keep],
         labels=found.labels.subset(np.flatnonzero(keep)),
         texts=kept_texts,
     )
+
+
+def _kept(keys: tuple[list[str], list[str | None]], keep: np.ndarray) -> tuple[list[str], list[str | None]]:
+    titles, descriptions = keys
+    if not titles:
+        return keys
+    return [t for t, k in zip(titles, keep, strict=True) if k], [
+        d for d, k in zip(descriptions, keep, strict=True) if k
+    ]
 
 
 def _concat_labels(parts: list[EncodedLabels], taxonomy: Taxonomy) -> EncodedLabels:
