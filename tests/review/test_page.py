@@ -186,9 +186,10 @@ def test_merchant_text_that_looks_like_markup_is_shown_as_text(
 def test_verdicts_a_page_kept_before_reviewers_were_kept_apart_are_saved_under_their_names(
     browser: tuple[Any, Path], written: WrittenCatalog, tmp_path: Path
 ) -> None:
-    """The browser holds verdicts an older page stored by value alone - one with the name typed
-    when it was clicked, one older still without: both are saved, under that name and under the
-    name typed now, never under none."""
+    """The browser holds verdicts an older page stored by value alone: one with the name it was
+    clicked under, two older still without a name (none typed any more). Saved under that name and,
+    the nameless ones, under the name typed now - but not where that reviewer judged the value
+    themselves (the file would give one reviewer two verdicts, which import refuses)."""
     from selenium.webdriver.common.by import By
 
     driver, downloads = browser
@@ -198,12 +199,13 @@ def test_verdicts_a_page_kept_before_reviewers_were_kept_apart_are_saved_under_t
     )
     page = write_page(table, tmp_path / "review" / "sample.html", drawn.sample_id)
     rows = drawn.rows.to_pylist()
-    ids = ["\u001f".join(rows[i][k] for k in ("product_id", "attribute", "value")) for i in (0, 1)]
+    ids = ["\u001f".join(rows[i][k] for k in ("product_id", "attribute", "value")) for i in range(3)]
     old = {
-        "reviewer": "ana",
+        "reviewer": "",
         "verdicts": {
             ids[0]: {"verdict": "no", "reviewed_at": "2026-11-03T08:00:00Z", "reviewer": "cy"},
             ids[1]: {"verdict": "yes", "reviewed_at": "2026-11-03T08:01:00Z"},
+            ids[2]: {"verdict": "no", "reviewed_at": "2026-11-03T08:02:00Z"},
         },
     }
     driver.get(page.as_uri())
@@ -213,9 +215,19 @@ def test_verdicts_a_page_kept_before_reviewers_were_kept_apart_are_saved_under_t
         json.dumps(old),
     )
     driver.refresh()
+    driver.find_element(By.ID, "reviewer").send_keys("bo")
+    driver.find_elements(By.CSS_SELECTOR, ".item")[2].find_element(
+        By.CSS_SELECTOR, "button[data-verdict=yes]"
+    ).click()
     driver.find_element(By.ID, "save").click()
-    with _downloaded(downloads).open(newline="") as f:
-        saved = list(csv.DictReader(f))
-    assert sorted((r["product_id"], r["reviewer"], r["verdict"]) for r in saved) == sorted(
-        [(rows[0]["product_id"], "cy", "no"), (rows[1]["product_id"], "ana", "yes")]
+    saved = _downloaded(downloads)
+    with saved.open(newline="") as f:
+        got = sorted((r["product_id"], r["reviewer"], r["verdict"]) for r in csv.DictReader(f))
+    assert got == sorted(
+        [
+            (rows[0]["product_id"], "cy", "no"),
+            (rows[1]["product_id"], "bo", "yes"),
+            (rows[2]["product_id"], "bo", "yes"),
+        ]
     )
+    assert import_verdicts(written.catalog, saved).inserted == 3
