@@ -214,7 +214,15 @@ def test_verdicts_a_page_kept_before_reviewers_were_kept_apart_are_saved_under_t
         f"catalog-enrich-review:{drawn.sample_id}",
         json.dumps(old),
     )
-    driver.refresh()
+    # the write reaches Chromium's storage service asynchronously (see _verdicts_after_reload):
+    # reload until the page has read it
+    deadline = time.monotonic() + 10
+    while True:
+        driver.refresh()
+        read = driver.execute_script("return Object.keys(state.verdicts).length")
+        if read == len(old["verdicts"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     driver.find_element(By.ID, "reviewer").send_keys("bo")
     driver.find_elements(By.CSS_SELECTOR, ".item")[2].find_element(
         By.CSS_SELECTOR, "button[data-verdict=yes]"
