@@ -158,14 +158,19 @@ def _superseded(
     count = keys.count()
     if not count:
         return df, 0
-    with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))
     if count <= MAX_SEEN:
-        return with_us.join(F.broadcast(keys), ["product_id", _UNIX_MICROS], "left_anti").select(
-            *df.columns
-        ), count
-    kept = with_us.join(keys, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns)
-    kept.write.mode("overwrite").parquet(str(staging / "partition"))
+        return _without_rows(df, F.broadcast(keys)), count
+    _without_rows(df, keys).write.mode("overwrite").parquet(str(staging / "partition"))
     return spark.read.parquet(str(staging / "partition")), count
+
+
+def _without_rows(df: DataFrame, keys: DataFrame) -> DataFrame:
+    """``df`` without the rows whose (product id, ``updated_at`` in µs) ``keys`` holds (its columns
+    ``product_id`` and ``_UNIX_MICROS``); the time compared exactly, with no time-zone trip."""
+    from pyspark.sql import functions as F
+
+    with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))
+    return with_us.join(keys, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns)
 
 
 def describe_window(got: Read) -> str:
@@ -188,8 +193,7 @@ def _unseen(spark: SparkSession, df: DataFrame, seen: list[tuple[str, int]]) -> 
         return df, 0
     schema = StructType([StructField("product_id", StringType()), StructField(_UNIX_MICROS, LongType())])
     done = spark.createDataFrame(seen, schema)
-    with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))  # exact, no time-zone trip
-    fresh = with_us.join(F.broadcast(done), ["product_id", _UNIX_MICROS], "left_anti")
+    fresh = _without_rows(df, F.broadcast(done)).withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))
     newest = F.broadcast(done.groupBy("product_id").agg(F.max(_UNIX_MICROS).alias("_newer")))
     older = F.col(_UNIX_MICROS) < F.col("_newer")
     late = fresh.join(newest, "product_id").filter(older).count()
