@@ -262,14 +262,14 @@ def read_table_empty() -> pa.Table:
     return load_contract("products").arrow_schema(enforce_nullability=False).empty_table()
 
 
-def test_training_labels_are_the_same_from_either_catalog(backends, taxonomy, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_training_labels_are_the_same_from_either_catalog(backends, taxonomy, spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """``catalog-enrich labels`` reads the products and the merchant values from either catalog."""
     from catalog_enrichment.catalog.labels import write_labels
 
     tables = {}
     for kind, backend in backends.items():
         report = write_labels(
-            catalog=backend.catalog, evaluation=None, out=tmp_path / kind, taxonomy=taxonomy
+            spark, catalog=backend.catalog, evaluation=None, out=tmp_path / kind, taxonomy=taxonomy
         )
         assert report.products_written > 100, kind
         tables[kind] = read_table(tmp_path / kind).sort_by("product_id")

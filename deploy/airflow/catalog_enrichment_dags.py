@@ -3,8 +3,9 @@
 No business logic here: every task calls a ``catalog-enrich`` command (or a ``jobs/`` entry point
 through spark-submit) with parameters. Per environment, set (Airflow Variables, else environment):
 
-* ``catalog_enrich_submit``  how enrichment/training jobs start: ``catalog-enrich`` (local Spark,
-  default), ``deploy/spark/submit.sh yarn`` or ``deploy/spark/submit.sh k8s`` (cluster);
+* ``catalog_enrich_submit``  how the Spark jobs (enrichment, labels, training) start:
+  ``catalog-enrich`` (local Spark, default), ``deploy/spark/submit.sh yarn`` or
+  ``deploy/spark/submit.sh k8s`` (cluster);
 * ``catalog_enrich_cli``     the ``catalog-enrich`` executable for the light steps (report, review);
 * ``catalog_enrich_review_dir``  where the nightly review sample files go (people judge them there);
 * ``catalog_enrich_home``    the folder every task runs in (default: the worker's
@@ -159,10 +160,10 @@ with _dag(
     "catalog_enrichment_weekly",
     "Labels from the catalog's merchant values, train a challenger on them, then the promotion gate",
     "0 3 * * 0",
-    34,
+    40,
 ) as weekly:
     labels = BashOperator(
-        task_id="labels", bash_command=f"{IN_HOME}{CLI} labels", execution_timeout=dt.timedelta(hours=1)
+        task_id="labels", bash_command=f"{IN_HOME}{SUBMIT} labels", execution_timeout=dt.timedelta(hours=3)
     )
     train = BashOperator(
         task_id="train", bash_command=f"{IN_HOME}{SUBMIT} train", execution_timeout=dt.timedelta(hours=8)

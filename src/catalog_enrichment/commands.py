@@ -171,8 +171,11 @@ def labels(args: argparse.Namespace, cfg: AppConfig) -> int:
             f"no evaluation set at {evaluation}: no product is left out of the labels (the promotion "
             "gate judges on one; set promotion.eval_data or --eval-data)"
         )
+    catalog = open_catalog(cfg.catalog)
+    catalog.source_of("products")  # a missing table fails before Spark starts
     report = write_labels(
-        catalog=open_catalog(cfg.catalog),
+        runtime.spark_session(cfg),
+        catalog=catalog,
         evaluation=evaluation if used else None,
         out=out,
         taxonomy=load_taxonomy(cfg.taxonomy_path),

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from catalog_enrichment.catalog.attributes import attributes_schema
 from catalog_enrichment.catalog.embedded import LakehouseCatalog
-from catalog_enrichment.catalog.labels import METADATA_KEY, build_labels, write_labels
+from catalog_enrichment.catalog.labels import (
+    LABEL_SOURCES,
+    METADATA_KEY,
+    LabelReport,
+    build_labels,
+    write_labels,
+)
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
 from catalog_enrichment.cli import main
 from catalog_enrichment.config import CatalogConfig
@@ -53,6 +62,22 @@ def _attributes(rows: list[tuple[str, str, str, str]]) -> pa.Table:
     return pa.table(data, schema=attributes_schema())
 
 
+def _build(
+    spark: Any, tmp_path: Path, products: pa.Table, attributes: pa.Table, taxonomy: Taxonomy, **given: Any
+) -> tuple[pa.Table, LabelReport]:
+    """:func:`build_labels` over Arrow tables read as Spark DataFrames (the label sources' rows)."""
+    merchant = attributes.filter(pc.is_in(attributes["source"], pa.array(LABEL_SOURCES)))
+    batches, report = build_labels(
+        spark,
+        spark.createDataFrame(products),
+        spark.createDataFrame(merchant.select(["product_id", "attribute", "value"])),
+        taxonomy,
+        tmp_path / "staging",
+        **given,
+    )
+    return batches.read_all(), report
+
+
 def _evaluation() -> pa.Table:
     """The frozen evaluation set: p4."""
     return _products().filter(pa.array([False, False, False, False, True, False, False, False]))
@@ -74,8 +99,12 @@ ROWS = [
 ]
 
 
-def test_merchant_values_become_labels_and_everything_else_is_dropped_and_counted(taxonomy: Taxonomy) -> None:
-    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, evaluation=_evaluation())
+def test_merchant_values_become_labels_and_everything_else_is_dropped_and_counted(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    table, report = _build(
+        spark, tmp_path, _products(), _attributes(ROWS), taxonomy, evaluation=_evaluation()
+    )
     rows = {r["product_id"]: r for r in table.to_pylist()}
     assert set(rows) == {"p1", "p2"}  # p3's only labels were dropped or conflicting
     assert rows["p1"]["color"] == [v for v in taxonomy["color"].values if v in ("red", "white")]
@@ -84,12 +113,15 @@ def test_merchant_values_become_labels_and_everything_else_is_dropped_and_counte
     assert report.products_read == 8 and report.products_without_id_or_title == 2 and report.stale_copies == 1
     assert report.excluded_evaluation_products == 1 and report.products_without_labels == 2
     assert report.dropped_values == {"color=ultraviolet": 1} and report.dropped_attributes == {"fit": 1}
+    assert report.dropped_total == {"attributes": 1, "values": 1}
     assert report.conflicting == {"product_type": 1}
     assert report.labels_per_attribute == {"color": 1, "material": 0, "product_type": 2, "pattern": 0}
     encode_labels(table, taxonomy)  # the table is what training reads (contract labelled_products)
 
 
 def test_a_product_whose_latest_copy_lost_its_title_is_left_out_not_labelled_on_an_older_copy(
+    spark: Any,
+    tmp_path: Path,
     taxonomy: Taxonomy,
 ) -> None:
     """p2's latest copy has no title: the job quarantines that copy, and the older one's title is
@@ -98,31 +130,36 @@ def test_a_product_whose_latest_copy_lost_its_title_is_left_out_not_labelled_on_
     titles = products["title"].to_pylist()
     titles[2] = None  # p2's latest copy ("blue dress")
     products = products.set_column(products.schema.get_field_index("title"), "title", pa.array(titles))
-    table, report = build_labels(products, _attributes(ROWS), taxonomy)
+    table, report = _build(spark, tmp_path, products, _attributes(ROWS), taxonomy)
     assert "p2" not in table["product_id"].to_pylist()
     assert report.stale_copies == 1 and report.products_without_id_or_title == 3
 
 
-def test_variants_of_evaluation_products_are_left_out_too(taxonomy: Taxonomy) -> None:
+def test_variants_of_evaluation_products_are_left_out_too(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
     """p1's twin in the evaluation set (another id, the same title): training on p1 would score its
     answer at promotion. So is a product sharing a description with it; p2 shares nothing."""
     evaluation = pa.table(
         {"product_id": ["e1", "e2"], "title": ["Red Shirt", "lamp shade"], "description": ["x", "c"]}
     )
-    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, evaluation=evaluation)
+    table, report = _build(spark, tmp_path, _products(), _attributes(ROWS), taxonomy, evaluation=evaluation)
     assert {r["product_id"] for r in table.to_pylist()} == {"p4"}  # p1 (title) and p2 ("c") left out
     assert report.excluded_evaluation_products == 2
-    table, _ = build_labels(_products(), _attributes(ROWS), taxonomy, evaluation=evaluation.slice(0, 1))
+    table, _ = _build(
+        spark, tmp_path, _products(), _attributes(ROWS), taxonomy, evaluation=evaluation.slice(0, 1)
+    )
     assert {r["product_id"] for r in table.to_pylist()} == {"p2", "p4"}
 
 
 def test_labels_are_written_with_their_sources_and_train_reads_them(
-    tmp_path: Path, taxonomy: Taxonomy
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
 ) -> None:
     write_table(tmp_path / "products", _products())
     write_table(tmp_path / "attributes", _attributes(ROWS))
     write_table(tmp_path / "eval", _evaluation())
     report = write_labels(
+        spark,
         catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))),
         evaluation=tmp_path / "eval",
         out=tmp_path / "labelled",
@@ -137,7 +174,7 @@ def test_labels_are_written_with_their_sources_and_train_reads_them(
     assert read_table(tmp_path / "labelled").num_rows == 2
     # run again: a new version of the same table, not an error
     write_labels(
-        catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
+        spark, catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
         out=tmp_path / "labelled", taxonomy=taxonomy,
     )  # fmt: skip
     assert table_version(tmp_path / "labelled") == 1 and read_table(tmp_path / "labelled").num_rows == 3
@@ -145,26 +182,27 @@ def test_labels_are_written_with_their_sources_and_train_reads_them(
     # the set's latest version holds
     write_table(tmp_path / "eval", _evaluation().slice(0, 0), mode="overwrite")
     pinned = write_labels(
-        catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=tmp_path / "eval",
+        spark, catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=tmp_path / "eval",
         out=tmp_path / "labelled", taxonomy=taxonomy, evaluation_version=0,
     )  # fmt: skip
     assert pinned.excluded_evaluation_products == 1 and pinned.sources["evaluation"]["version"] == 0
     # a version the set does not have, or a version of a Parquet set (it has none): one-line errors
     with pytest.raises(CatalogEnrichError, match=r"promotion.eval_version is 9, but .* has versions 0 to 1"):
         write_labels(
-            catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=tmp_path / "eval",
+            spark, catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=tmp_path / "eval",
             out=tmp_path / "labelled", taxonomy=taxonomy, evaluation_version=9,
         )  # fmt: skip
     pq.write_table(_evaluation(), tmp_path / "eval.parquet")
     with pytest.raises(CatalogEnrichError, match="is not a Delta table: it has no versions"):
         write_labels(
-            catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=tmp_path / "eval.parquet",
-            out=tmp_path / "labelled", taxonomy=taxonomy, evaluation_version=0,
+            spark, catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))),
+            evaluation=tmp_path / "eval.parquet", out=tmp_path / "labelled", taxonomy=taxonomy,
+            evaluation_version=0,
         )  # fmt: skip
 
 
 def test_a_products_table_with_deletion_vectors_is_read_without_its_deleted_rows(
-    tmp_path: Path, taxonomy: Taxonomy
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
 ) -> None:
     """Current Delta writers mark deleted rows in deletion vectors, which pyarrow's dataset cannot
     honour: the labels are built from the rows left (p1 deleted: no label of its)."""
@@ -174,7 +212,7 @@ def test_a_products_table_with_deletion_vectors_is_read_without_its_deleted_rows
     delete_with_deletion_vector(tmp_path / "products", [0])
     write_table(tmp_path / "attributes", _attributes(ROWS))
     write_labels(
-        catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
+        spark, catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
         out=tmp_path / "labelled", taxonomy=taxonomy,
     )  # fmt: skip
     assert sorted(read_table(tmp_path / "labelled")["product_id"].to_pylist()) == ["p2", "p4"]
@@ -182,15 +220,22 @@ def test_a_products_table_with_deletion_vectors_is_read_without_its_deleted_rows
 
 
 def test_bad_catalogs_are_clear_errors(
-    tmp_path: Path, taxonomy: Taxonomy, capsys: pytest.CaptureFixture[str]
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(ContractError, match=r"the attributes table lacks columns \['source'\]"):
-        build_labels(_products(), _attributes(ROWS).drop_columns(["source"]), taxonomy)
     write_table(tmp_path / "products", _products())
+    write_table(tmp_path / "attributes", _attributes(ROWS).drop_columns(["source"]))
+    with pytest.raises(ContractError, match=r"the attributes table .* lacks columns \['source'\]"):
+        write_labels(
+            spark, catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
+            out=tmp_path / "labelled", taxonomy=taxonomy,
+        )  # fmt: skip
+    with pytest.raises(ContractError, match=r"the products table lacks columns \['title'\]"):
+        _build(spark, tmp_path, _products().drop_columns(["title"]), _attributes(ROWS), taxonomy)
+    shutil.rmtree(tmp_path / "attributes")
     write_table(tmp_path / "attributes", _attributes([r for r in ROWS if r[3] == "model"]))
     with pytest.raises(CatalogEnrichError, match="no labelled product"):
         write_labels(
-            catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
+            spark, catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
             out=tmp_path / "labelled", taxonomy=taxonomy,
         )  # fmt: skip
     assert not (tmp_path / "labelled").exists()
@@ -234,7 +279,9 @@ def _reviews(rows: list[tuple[str, str, str, str, str]]) -> pa.Table:
     )
 
 
-def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxonomy: Taxonomy) -> None:
+def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
     reviews = _reviews(
         [
             ("p5", "color", "blue", "yes", "1"),  # p5 had model values only: now labelled by a person
@@ -248,8 +295,8 @@ def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxon
             ("p4", "color", "red", "yes", "1"),  # the evaluation set stays out
         ]
     )
-    table, report = build_labels(
-        _products(), _attributes(ROWS), taxonomy, evaluation=_evaluation(), reviews=reviews
+    table, report = _build(
+        spark, tmp_path, _products(), _attributes(ROWS), taxonomy, evaluation=_evaluation(), reviews=reviews
     )
     rows = {r["product_id"]: r for r in table.to_pylist()}
     assert set(rows) == {"p1", "p2", "p5"}
@@ -280,6 +327,8 @@ def test_peoples_verdicts_become_partial_labels_where_no_merchant_labelled(taxon
 
 
 def test_a_later_verdict_on_older_content_does_not_hide_one_on_the_current_content(
+    spark: Any,
+    tmp_path: Path,
     taxonomy: Taxonomy,
 ) -> None:
     """p2 changed on day 1. Sample s2, drawn after that, got a "no" on day 2; sample s1, drawn on day
@@ -289,30 +338,38 @@ def test_a_later_verdict_on_older_content_does_not_hide_one_on_the_current_conte
         reviews.schema.get_field_index("sample_id"), "sample_id", pa.array(["s2", "s1"])
     )
     drawn = {"s1": T0, "s2": T0 + dt.timedelta(days=1, hours=1)}
-    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn)
+    table, report = _build(
+        spark, tmp_path, _products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn
+    )
     assert dict({r["product_id"]: r["rejected"] for r in table.to_pylist()}["p2"]) == {"pattern": ["striped"]}
     assert report.unused_verdicts == {}
 
 
-def test_a_verdict_on_a_sample_drawn_before_the_product_changed_is_no_label(taxonomy: Taxonomy) -> None:
+def test_a_verdict_on_a_sample_drawn_before_the_product_changed_is_no_label(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
     """The reviewer judges the content copied into the sample when it was drawn: p2 changed on day 1,
     its sample was drawn on day 0 and reviewed on day 2 - the verdict is on the old title."""
     reviews = _reviews([("p2", "pattern", "striped", "yes", "2")])
     drawn_before = {"s1": T0}
-    table, report = build_labels(
-        _products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn_before
+    table, report = _build(
+        spark, tmp_path, _products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn_before
     )
     assert report.unused_verdicts == {"judged before the product changed": 1}
     assert {r["product_id"]: r["confirmed"] for r in table.to_pylist()}["p2"] is None
     drawn_after = {"s1": T0 + dt.timedelta(days=1, hours=1)}
-    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn_after)
+    table, report = _build(
+        spark, tmp_path, _products(), _attributes(ROWS), taxonomy, reviews=reviews, drawn=drawn_after
+    )
     assert report.unused_verdicts == {}
     assert dict({r["product_id"]: r["confirmed"] for r in table.to_pylist()}["p2"]) == {
         "pattern": ["striped"]
     }
 
 
-def test_a_colour_family_people_rejected_rejects_its_shades(taxonomy: Taxonomy) -> None:
+def test_a_colour_family_people_rejected_rejects_its_shades(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
     """ "No" on the family cool is "no" on blue, purple and green, but for a shade judged itself (p5's
     green, "yes"); "yes" on a family does not say which shade, and labels nothing."""
     reviews = _reviews(
@@ -322,10 +379,70 @@ def test_a_colour_family_people_rejected_rejects_its_shades(taxonomy: Taxonomy) 
             ("p2", "color_family", "warm", "yes", "1"),
         ]
     )
-    table, report = build_labels(_products(), _attributes(ROWS), taxonomy, reviews=reviews)
+    table, report = _build(spark, tmp_path, _products(), _attributes(ROWS), taxonomy, reviews=reviews)
     rows = {r["product_id"]: r for r in table.to_pylist()}
     assert dict(rows["p5"]["rejected"]) == {"color": ["blue", "purple"]}
     assert dict(rows["p5"]["confirmed"]) == {"color": ["green"]}
     assert rows["p2"]["confirmed"] is None and rows["p2"]["rejected"] is None
     assert report.rejected_per_attribute == {"color": 2} and report.confirmed_per_attribute == {"color": 1}
     assert report.unused_verdicts == {"a value group confirmed (which member is unknown)": 1}
+
+
+def test_variants_chained_through_shared_texts_are_left_out_and_a_template_links_nothing(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    """v1 shares its title with the evaluation product, v2 a description with v1, v3 a title with
+    v2: one article's variants, all left out. 70 products titled "T-shirt" share a template, not
+    an article: the evaluation's "t-shirt" leaves out only the one with its description too."""
+    chain = [
+        ("v1", "Alpha Tee", "Soft cotton"),
+        ("v2", "alpha tee!", "soft  COTTON"),
+        ("v3", "ALPHA TEE!", "linen"),
+    ]
+    template = [(f"t{i}", "T-shirt", f"print {i}") for i in range(70)]
+    rows = [*chain, *template, ("other", "lamp", "soft cotton lamp")]
+    products = pa.table(
+        {
+            "product_id": [r[0] for r in rows],
+            "title": [r[1] for r in rows],
+            "description": [r[2] for r in rows],
+            "updated_at": pa.array([T0] * len(rows), pa.timestamp("us", "UTC")),
+        }
+    )
+    attributes = _attributes([(r[0], "product_type", "shirt", "merchant") for r in rows])
+    evaluation = pa.table(
+        {"product_id": ["e1", "e2"], "title": ["alpha tee", "t-shirt"], "description": ["x", "PRINT 7"]}
+    )
+    table, report = _build(spark, tmp_path, products, attributes, taxonomy, evaluation=evaluation)
+    left_out = {r[0] for r in rows} - set(table["product_id"].to_pylist())
+    assert left_out == {"v1", "v2", "v3", "t7"}
+    assert report.excluded_evaluation_products == 4 and report.products_written == len(rows) - 4
+
+
+def test_the_products_and_attribute_tables_are_never_read_whole_on_the_driver(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A marketplace's products (images included) do not fit the driver: the labels read them in
+    Spark. Every Arrow read of the two tables on the driver fails here, and the labels are built."""
+    from catalog_enrichment.catalog import lakehouse
+
+    write_table(tmp_path / "products", _products())
+    write_table(tmp_path / "attributes", _attributes(ROWS))
+    tables = {str((tmp_path / name).resolve()) for name in ("products", "attributes")}
+
+    def refused(read: Any) -> Any:
+        def read_on_driver(path: Any, *args: Any, **kwargs: Any) -> Any:
+            assert str(Path(path).resolve()) not in tables, f"{path} read on the driver"
+            return read(path, *args, **kwargs)
+
+        return read_on_driver
+
+    for name in ("read_table", "dataset", "scan", "read_products_of"):
+        monkeypatch.setattr(lakehouse, name, refused(getattr(lakehouse, name)))
+    report = write_labels(
+        spark, catalog=LakehouseCatalog(CatalogConfig(root=str(tmp_path))), evaluation=None,
+        out=tmp_path / "labelled", taxonomy=taxonomy,
+    )  # fmt: skip
+    assert report.products_written == 3 and report.stale_copies == 1
+    monkeypatch.undo()
+    assert sorted(read_table(tmp_path / "labelled")["product_id"].to_pylist()) == ["p1", "p2", "p4"]

@@ -218,15 +218,28 @@ class Catalog(Protocol):
         columns hold these values, selected where the table is read (not after reading it whole)."""
         ...
 
+    def source_of(self, table: Literal["products", "attributes"]) -> dict[str, Any]:
+        """Where the products or attribute table is read from (and its version, where it has one),
+        for what reads it to record (training labels).
+
+        Raises:
+            CatalogEnrichError: there is no such table.
+        """
+        ...
+
+    def read_attribute_values(self, spark: SparkSession, sources: Sequence[str]) -> DataFrame:
+        """``product_id``, ``attribute`` and ``value`` of the attribute table's rows whose ``source``
+        is one of ``sources``, as a Spark DataFrame (read by the executors, never on the driver)."""
+        ...
+
     def snapshot(
         self,
         table: Literal["products", "attributes"],
         columns: Sequence[str] | None = None,
         product_ids: Iterable[str] | None = None,
     ) -> tuple[pa.Table, dict[str, Any]]:
-        """The whole products or attribute table in Arrow (``columns`` only, the rows of
-        ``product_ids`` only, when given), and where (and which version) it was read from (training
-        labels record it).
+        """The products or attribute table in Arrow (``columns`` only, the rows of ``product_ids``
+        only, when given), and where (and which version) it was read from (:meth:`source_of`).
 
         Raises:
             CatalogEnrichError: there is no such table.

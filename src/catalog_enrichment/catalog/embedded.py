@@ -38,7 +38,7 @@ from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_
 from catalog_enrichment.catalog.lock import catalog_lock
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import Contract, load_contract
-from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.errors import CatalogEnrichError, ContractError
 from catalog_enrichment.faults import fault_point
 
 if TYPE_CHECKING:
@@ -154,23 +154,36 @@ class LakehouseCatalog:
             lakehouse.dataset(self.attributes).to_table(filter=selected).cast(attributes.attributes_schema())
         )
 
+    def source_of(self, table: Literal["products", "attributes"]) -> dict[str, Any]:
+        path = self.products if table == "products" else self.attributes
+        if not path.exists():
+            raise CatalogEnrichError(f"the {table} table was not found: {path}")
+        return {"path": str(path.resolve()), "version": lakehouse.table_version(path)}
+
+    def read_attribute_values(self, spark: SparkSession, sources: Sequence[str]) -> DataFrame:
+        from pyspark.sql import functions as F
+
+        rows = products.read_products(
+            spark, self.attributes, load_contract("attributes"), require_columns=False
+        )
+        missing = [c for c in ("product_id", "attribute", "value", "source") if c not in rows.columns]
+        if missing:
+            raise ContractError(f"the attributes table {self.attributes} lacks columns {missing}")
+        return rows.where(F.col("source").isin(list(sources))).select("product_id", "attribute", "value")
+
     def snapshot(
         self,
         table: Literal["products", "attributes"],
         columns: Sequence[str] | None = None,
         product_ids: Iterable[str] | None = None,
     ) -> tuple[pa.Table, dict[str, Any]]:
+        where = self.source_of(table)
         path = self.products if table == "products" else self.attributes
-        if not path.exists():
-            raise CatalogEnrichError(f"the {table} table was not found: {path}")
         if product_ids is not None:
             data = lakehouse.read_products_of(path, product_ids, columns)
         else:
             data = lakehouse.read_table(path, columns=columns)
-        return data, {
-            "path": str(path.resolve()),
-            "version": lakehouse.table_version(path),
-        }
+        return data, where
 
     def quarantine_rows(self) -> pa.Table:
         schema = load_contract("quarantine").arrow_schema()

@@ -18,25 +18,28 @@ the catalog:
   unknown; training learns from them on the training split only, never calibrates or evaluates on
   them (the reviewed products are not a random sample);
 * products in the frozen evaluation set are left out, and so are their variants (a catalog product
-  grouped with one by a shared title or description, as training groups them), so the promotion
-  gate never scores a product the challenger was trained on or on its twin;
+  reached from one through a shared title or description, as training groups them), so the
+  promotion gate never scores a product the challenger was trained on or on its twin;
 * products with no label left are not written. A product labelled for some attributes only gets
   nulls for the others ("unknown", not "absent").
 
-The table is overwritten in one Delta commit whose metadata records the source tables' versions.
+The joins run in Spark (a catalog of tens of millions of products never sits on the driver); the
+rows are staged once, so every step sees the same read, and streamed into one Delta commit that
+overwrites the table, whose metadata records the report and the source tables' versions.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
+import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -45,6 +48,9 @@ from catalog_enrichment.catalog.reviews import verdicts_by_value
 from catalog_enrichment.contracts import Taxonomy, check_attribute_names, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
 __all__ = ["LABEL_SOURCES", "LabelReport", "build_labels", "write_labels"]
 
 # attribute-table sources whose values are ground truth for training
@@ -52,6 +58,11 @@ LABEL_SOURCES = ("merchant",)
 # the partial-label columns people's verdicts fill: attribute -> values confirmed / rejected
 PARTIAL_TYPE = pa.map_(pa.string(), pa.list_(pa.string()))
 METADATA_KEY = "catalog_enrich.labels"
+# the report names the most frequent values (and attributes) outside the taxonomy, and counts all
+REPORTED_DROPS = 100
+# the staged column of the attributes a merchant labelled (a disagreement included: no verdict fills it)
+MERCHANT = "_merchant"
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass
@@ -67,6 +78,7 @@ class LabelReport:
     labels_per_attribute: dict[str, int] = field(default_factory=dict)
     dropped_values: dict[str, int] = field(default_factory=dict)  # "attr=value" outside the taxonomy
     dropped_attributes: dict[str, int] = field(default_factory=dict)  # attributes not in the taxonomy
+    dropped_total: dict[str, int] = field(default_factory=dict)  # "values" / "attributes" -> rows
     conflicting: dict[str, int] = field(default_factory=dict)  # several values for a multiclass attr
     confirmed_per_attribute: dict[str, int] = field(default_factory=dict)  # "yes" verdicts used
     rejected_per_attribute: dict[str, int] = field(default_factory=dict)  # "no" verdicts used
@@ -77,7 +89,7 @@ class LabelReport:
         return asdict(self)
 
     def summary(self) -> str:
-        dropped = sum(self.dropped_values.values())
+        dropped = self.dropped_total.get("values", 0)
         lines = [
             f"{self.products_written:,} labelled products written "
             f"(of {self.products_read:,} read; {self.excluded_evaluation_products:,} in the evaluation "
@@ -106,139 +118,337 @@ class LabelReport:
         return "\n".join(lines)
 
 
-def _latest(products: pa.Table, report: LabelReport) -> pa.Table:
-    """One row per product id, its latest copy (``updated_at``), where that copy has a title: an
-    older copy's title is content the product no longer has (the job reads the latest copy)."""
-    kept = products.filter(pc.is_valid(products["product_id"]))
-    keys = [("product_id", "ascending")]
-    if "updated_at" in kept.column_names:
-        keys.append(("updated_at", "descending"))
-    kept = kept.take(pc.sort_indices(kept, sort_keys=keys))
-    ids = kept["product_id"].to_pylist()
-    first = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
-    report.stale_copies = len(ids) - sum(first)
-    latest = kept.filter(pa.array(first))
-    titled = pc.greater(pc.utf8_length(pc.fill_null(latest["title"], "")), 0)
-    report.products_without_id_or_title = products.num_rows - report.stale_copies - pc.sum(titled).as_py()
-    return latest.filter(titled)
-
-
 def build_labels(
-    products: pa.Table,
-    attributes: pa.Table,
+    spark: SparkSession,
+    products: DataFrame,
+    attributes: DataFrame,
     taxonomy: Taxonomy,
+    staging: Path,
     *,
     evaluation: pa.Table | None = None,
     reviews: pa.Table | None = None,
     drawn: Mapping[str, dt.datetime] | None = None,
-) -> tuple[pa.Table, LabelReport]:
-    """The labelled products table and its report (pure Arrow + Python; see the module docstring);
-    ``evaluation``: the frozen evaluation set (``product_id``, ``title``, ``description``), whose
-    products and their variants are left out; ``drawn``: when each review sample was drawn (its
-    ``sample_id`` -> ``drawn_at``), when the content its reviewers judged was copied.
+) -> tuple[pa.RecordBatchReader, LabelReport]:
+    """The labelled products table, as a reader of its record batches, and its report (complete
+    before the reader is read); see the module docstring. ``products``: the products table (the
+    products contract's columns it has); ``attributes``: the label sources' rows (``product_id``,
+    ``attribute``, ``value``); ``staging``: a folder the latest labelled copies are staged in (read
+    by the returned reader; the caller removes it); ``evaluation``: the frozen evaluation set
+    (``product_id``, ``title``, ``description``), whose products and their variants are left out;
+    ``drawn``: when each review sample was drawn (its ``sample_id`` -> ``drawn_at``), when the
+    content its reviewers judged was copied.
+
+    The joins run in Spark; the driver holds the taxonomy, people's verdicts (one row per value a
+    person judged), the evaluation set and the products grouped with it, and one record batch at
+    a time.
 
     Raises:
         ContractError: the products table lacks ``product_id``/``title``, or the attribute table lacks
-            ``product_id``/``attribute``/``value``/``source``.
+            ``product_id``/``attribute``/``value``.
     """
-    for table, name, needed in (
+    from pyspark.sql import functions as F
+
+    for df, name, needed in (
         (products, "products", ("product_id", "title")),
-        (attributes, "attributes", ("product_id", "attribute", "value", "source")),
+        (attributes, "attributes", ("product_id", "attribute", "value")),
     ):
-        missing = [c for c in needed if c not in table.column_names]
+        missing = [c for c in needed if c not in df.columns]
         if missing:
             raise ContractError(f"the {name} table lacks columns {missing}")
     check_attribute_names(taxonomy)
-    report = LabelReport(products_read=products.num_rows)
-    latest = _latest(products, report)
-    values = _human_values(attributes, taxonomy, report)
-    verdicts = _verdicts(reviews, taxonomy, values, _changed_at(latest), drawn or {}, report)
-    ids = latest["product_id"].to_pylist()
-    columns, conflicting = _label_columns(ids, values, taxonomy)
-    labelled = [any(columns[a.name][i] is not None for a in taxonomy) for i in range(len(ids))]
-    partial: dict[str, list[Any]] = {}
-    for verdict, name in (("yes", "confirmed"), ("no", "rejected")):
-        judged = verdicts[verdict]
-        partial[name] = [sorted(judged[pid].items()) if pid in judged else None for pid in ids]
-        labelled = [was or pid in judged for was, pid in zip(labelled, ids, strict=True)]
-    product_columns = load_contract("products").names  # what the labelled table keeps, where present
-    base = latest.select([c for c in product_columns if c in latest.column_names and c not in columns])
-    for attr in taxonomy:
-        kind = pa.list_(pa.string()) if attr.kind == "multilabel" else pa.string()
-        base = base.append_column(attr.name, pa.array(columns[attr.name], kind))
-    for name, column in partial.items():
-        base = base.append_column(name, pa.array(column, PARTIAL_TYPE))
-    out = base.filter(pa.array(labelled, pa.bool_()))
-    if evaluation is not None and evaluation.num_rows:  # grouped over the labelled products alone
-        held_out = _evaluation_groups(out, evaluation)
-        report.excluded_evaluation_products = int(held_out.sum())
-        out = out.filter(pa.array(~held_out))
-    _count(report, out, taxonomy, len(ids) - report.excluded_evaluation_products, conflicting)
-    return out, report
-
-
-def _evaluation_groups(products: pa.Table, evaluation: pa.Table) -> np.ndarray:
-    """Which ``products`` are evaluation products or grouped with one (:func:`group_ids` over both
-    tables: a shared title or description)."""
-    from catalog_enrichment.catalog.groups import group_ids
-
-    def texts(table: pa.Table, name: str) -> list[Any]:
-        return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
-
-    n = products.num_rows
-    groups = group_ids(
-        [t or "" for t in texts(products, "title") + texts(evaluation, "title")],
-        texts(products, "description") + texts(evaluation, "description"),
+    report = LabelReport()
+    names = [a.name for a in taxonomy]
+    reviewed = sorted({p for p in (reviews["product_id"].to_pylist() if reviews is not None else []) if p})
+    kept = [c for c in load_contract("products").names if c in products.columns and c not in names]
+    labelled = (
+        _latest(products, report)
+        .select(*kept)
+        .join(_label_columns(spark, attributes, taxonomy, report), "product_id", "left")
     )
-    held_out = pc.is_in(products["product_id"], pa.array(texts(evaluation, "product_id"), pa.string()))
-    return np.isin(groups[:n], groups[n:]) | held_out.to_numpy(zero_copy_only=False)
+    labelled = labelled.join(_ids(spark, reviewed).withColumn("_reviewed", F.lit(True)), "product_id", "left")
+    has_label = F.lit(False)
+    for name in names:
+        has_label = has_label | F.col(name).isNotNull()
+    staged = staging / "labelled"
+    labelled.where(has_label | F.col("_reviewed").isNotNull()).select(*kept, *names, MERCHANT).write.mode(
+        "overwrite"
+    ).parquet(str(staged))
+    rows = spark.read.parquet(str(staged))  # every later step reads this one copy
+    verdicts = _verdicts_of(rows, reviewed, reviews, taxonomy, drawn or {}, report)
+    judged = set(verdicts["yes"]) | set(verdicts["no"])
+    unlabelled = [
+        r["product_id"]
+        for r in rows.join(_ids(spark, reviewed), "product_id")
+        .where(~has_label)
+        .select("product_id")
+        .collect()
+        if r["product_id"] not in judged
+    ]
+    left_out = set(unlabelled)
+    if evaluation is not None and evaluation.num_rows:
+        held = _evaluation_groups(
+            spark, rows.join(_ids(spark, unlabelled), "product_id", "left_anti"), evaluation
+        )
+        left_out |= held
+    written = rows.join(_ids(spark, sorted(left_out)), "product_id", "left_anti")
+    counts = written.agg(F.count(F.lit(1)), *(F.count(name) for name in names)).first()
+    assert counts is not None
+    total = rows.count() - len(unlabelled)  # products labelled, the evaluation's among them
+    report.excluded_evaluation_products = total - counts[0]
+    latest = report.products_read - report.stale_copies - report.products_without_id_or_title
+    report.products_without_labels, report.products_written = latest - total, counts[0]
+    report.labels_per_attribute = dict(zip(names, counts[1:], strict=True))
+    for verdict, count in (("yes", report.confirmed_per_attribute), ("no", report.rejected_per_attribute)):
+        for pid, judged_values in verdicts[verdict].items():
+            if pid not in left_out:
+                for attr_name, values in judged_values.items():
+                    count[attr_name] = count.get(attr_name, 0) + len(values)
+    schema = _labelled_schema(kept, taxonomy)
+    return pa.RecordBatchReader.from_batches(schema, _batches(staged, schema, verdicts, left_out)), report
 
 
-def _human_values(
-    attributes: pa.Table, taxonomy: Taxonomy, report: LabelReport
-) -> dict[tuple[str, str], list[str]]:
-    """(product, attribute) -> the values merchants gave or people confirmed, within the taxonomy;
-    the report counts what was dropped as outside it."""
-    human = attributes.filter(pc.is_in(attributes["source"], pa.array(LABEL_SOURCES)))
-    allowed = {a.name: set(a.values) for a in taxonomy}
-    values: dict[tuple[str, str], list[str]] = {}
-    dropped_values: Counter[str] = Counter()
-    dropped_attributes: Counter[str] = Counter()
-    rows = zip(*(human[c].to_pylist() for c in ("product_id", "attribute", "value")), strict=True)
-    for pid, attr, value in rows:
-        if attr not in allowed:
-            dropped_attributes[str(attr)] += 1
-        elif value not in allowed[attr]:
-            dropped_values[f"{attr}={value}"] += 1
-        elif value not in (found := values.setdefault((pid, attr), [])):
-            found.append(value)
-    report.dropped_values, report.dropped_attributes = dict(dropped_values), dict(dropped_attributes)
-    return values
+def _ids(spark: SparkSession, ids: Sequence[str]) -> DataFrame:
+    """A small DataFrame of product ids (joined broadcast)."""
+    from pyspark.sql import functions as F
+
+    return F.broadcast(spark.createDataFrame([(i,) for i in ids], "product_id string"))
 
 
-def _changed_at(products: pa.Table) -> dict[str, dt.datetime]:
-    """Product -> when its content last changed (``updated_at``, read as UTC where it has no zone;
-    none without the column)."""
-    if "updated_at" not in products.column_names:
-        return {}
-    times = products["updated_at"].to_pylist()
-    zoned = [t if t is None or t.tzinfo is not None else t.replace(tzinfo=dt.UTC) for t in times]
-    return dict(zip(products["product_id"].to_pylist(), zoned, strict=True))
+def _latest(products: DataFrame, report: LabelReport) -> DataFrame:
+    """One row per product id, its latest copy (``updated_at``), where that copy has a title: an
+    older copy's title is content the product no longer has (the job reads the latest copy). The
+    report counts what was read and left out."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    newest = F.col("updated_at").desc_nulls_last() if "updated_at" in products.columns else F.lit(1)
+    copies = products.where(F.col("product_id").isNotNull()).withColumn(
+        "_copy", F.row_number().over(Window.partitionBy("product_id").orderBy(newest))
+    )
+    titled = F.length(F.coalesce(F.col("title"), F.lit(""))) > 0
+    read = products.count()
+    stale, latest = copies.agg(
+        F.count(F.when(F.col("_copy") > 1, 1)), F.count(F.when((F.col("_copy") == 1) & titled, 1))
+    ).first() or (0, 0)
+    report.products_read, report.stale_copies = read, stale
+    report.products_without_id_or_title = read - stale - latest
+    return copies.where((F.col("_copy") == 1) & titled).drop("_copy")
+
+
+def _label_columns(
+    spark: SparkSession, attributes: DataFrame, taxonomy: Taxonomy, report: LabelReport
+) -> DataFrame:
+    """``product_id`` and one column per attribute: each product's label (multi-label: its values in
+    taxonomy order; multi-class: its one value, null when merchants disagree), over the values within
+    the taxonomy. The report counts what was dropped as outside it (the most frequent
+    :data:`REPORTED_DROPS` of each kind, and how many in all) and the disagreements."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    allowed = spark.createDataFrame(
+        [(a.name, v, i) for a in taxonomy for i, v in enumerate(a.values)],
+        "attribute string, value string, _order int",
+    )
+    names = [a.name for a in taxonomy]
+    rows = attributes.select("product_id", "attribute", "value").join(
+        F.broadcast(allowed), ["attribute", "value"], "left"
+    )
+    attribute = F.coalesce(F.col("attribute"), F.lit("None"))
+    why = F.when(F.col("attribute").isNull() | ~F.col("attribute").isin(names), F.lit("attribute")).when(
+        F.col("_order").isNull(), F.lit("value")
+    )
+    named = F.when(why == "attribute", attribute).otherwise(
+        F.concat(attribute, F.lit("="), F.coalesce(F.col("value"), F.lit("None")))
+    )
+    dropped = rows.where(why.isNotNull()).groupBy(why.alias("why"), named.alias("name")).count()
+    rank = F.row_number().over(Window.partitionBy("why").orderBy(F.desc("count"), "name"))
+    found: dict[str, dict[str, int]] = {"attribute": {}, "value": {}}
+    for r in dropped.withColumn("_rank", rank).where(F.col("_rank") <= REPORTED_DROPS).collect():
+        found[r["why"]][r["name"]] = r["count"]
+    report.dropped_attributes, report.dropped_values = found["attribute"], found["value"]
+    totals: dict[str, int] = {r[0]: r[1] for r in dropped.groupBy("why").agg(F.sum("count")).collect()}
+    report.dropped_total = {
+        "attributes": int(totals.get("attribute", 0)),
+        "values": int(totals.get("value", 0)),
+    }
+    pairs = (
+        rows.where(why.isNull())
+        .select("product_id", "attribute", "value", "_order")
+        .distinct()
+        .groupBy("product_id", "attribute")
+        .agg(F.sort_array(F.collect_list(F.struct("_order", "value"))).alias("_found"))
+    )
+    single = [a.name for a in taxonomy if a.kind == "multiclass"]
+    conflict = F.col("attribute").isin(single) & (F.size("_found") > 1)
+    report.conflicting = dict(pairs.where(conflict).groupBy("attribute").count().collect())
+    values = F.transform(F.col("_found"), lambda x: x["value"])
+    merchant = F.collect_list("attribute").alias(MERCHANT)  # attributes labelled, disagreeing or not
+    columns = [
+        F.first(
+            F.when(
+                F.col("attribute") == a.name,
+                values
+                if a.kind == "multilabel"
+                else F.when(F.size("_found") == 1, F.col("_found")[0]["value"]),
+            ),
+            ignorenulls=True,
+        ).alias(a.name)
+        for a in taxonomy
+    ]
+    return pairs.groupBy("product_id").agg(*columns, merchant)
+
+
+def _verdicts_of(
+    rows: DataFrame,
+    reviewed: Sequence[str],
+    reviews: pa.Table | None,
+    taxonomy: Taxonomy,
+    drawn: Mapping[str, dt.datetime],
+    report: LabelReport,
+) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """:func:`_verdicts` over the staged ``rows`` of the reviewed products only (when each last
+    changed, which attributes a merchant labelled)."""
+    from pyspark.sql import functions as F
+
+    if reviews is None or not reviewed:
+        return _verdicts(None, taxonomy, set(), {}, drawn, report)
+    spark = rows.sparkSession
+    changed: dict[str, dt.datetime] = {}
+    labelled: set[tuple[str, str]] = set()
+    micros = F.unix_micros("updated_at") if "updated_at" in rows.columns else F.lit(None).cast("long")
+    reviewed_rows = rows.join(_ids(spark, reviewed), "product_id")
+    for r in reviewed_rows.select("product_id", micros.alias("_at"), MERCHANT).collect():
+        if r["_at"] is not None:  # as a UTC instant, whatever the driver's time zone
+            changed[r["product_id"]] = EPOCH + dt.timedelta(microseconds=r["_at"])
+        labelled.update((r["product_id"], a) for a in r[MERCHANT] or ())
+    return _verdicts(reviews, taxonomy, labelled, changed, drawn, report)
+
+
+def _evaluation_groups(spark: SparkSession, products: DataFrame, evaluation: pa.Table) -> set[str]:
+    """Which ``products`` are evaluation products or grouped with one: the same id, or reachable
+    from one through shared texts, transitively - the same title and description, or the same title
+    or description where at most :data:`~catalog_enrichment.catalog.groups.MAX_GROUP` products
+    (evaluation ones included) share it (a text more share is a template, not one article's
+    variants: :func:`~catalog_enrichment.catalog.groups.group_ids`). Texts compare case- and
+    whitespace-insensitively; an empty description links nothing. The evaluation set and the
+    products grouped with it are small; the catalog's texts stay in Spark."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from catalog_enrichment.catalog.groups import MAX_GROUP
+
+    columns = [c for c in ("product_id", "title", "description") if c in evaluation.column_names]
+    eval_rows = evaluation.select(columns).to_pylist()
+    given = spark.createDataFrame(
+        [(r.get("title"), r.get("description")) for r in eval_rows], "title string, description string"
+    )
+    edges = _text_keys(products).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        seeds = _text_keys(given.withColumn("product_id", F.lit(None).cast("string")))
+        shared = edges.unionByName(seeds).groupBy("kind", "key").count()
+        links = shared.where((F.col("kind") == "both") | (F.col("count") <= MAX_GROUP)).select("key")
+        linked = (
+            edges.join(links, "key", "left_semi")
+            .select("product_id", "key")
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        keys = {r["key"] for r in seeds.join(links, "key", "left_semi").select("key").distinct().collect()}
+        frontier, held = set(keys), set[str]()
+        while frontier:
+            reached = linked.join(
+                F.broadcast(spark.createDataFrame([(k,) for k in frontier], "key long")), "key"
+            )
+            new = {r["product_id"] for r in reached.select("product_id").distinct().collect()} - held
+            held |= new
+            their = linked.join(_ids(spark, sorted(new)), "product_id").select("key").distinct().collect()
+            frontier = {r["key"] for r in their} - keys
+            keys |= frontier
+        linked.unpersist()
+    finally:
+        edges.unpersist()
+    ids = {r["product_id"] for r in eval_rows if r.get("product_id") is not None}
+    same_id = (
+        products.join(_ids(spark, sorted(ids)), "product_id", "left_semi").select("product_id").collect()
+    )
+    return held | {r["product_id"] for r in same_id}
+
+
+def _text_keys(products: DataFrame) -> DataFrame:
+    """``product_id``, ``kind`` and ``key`` (a 64-bit hash of the folded text) of each product's
+    title and description together (``both``), title, and non-empty description."""
+    from pyspark.sql import functions as F
+
+    def folded(name: str) -> Any:
+        text = F.col(name) if name in products.columns else F.lit(None).cast("string")
+        return F.trim(F.regexp_replace(F.lower(F.coalesce(text, F.lit(""))), r"(?U)\s+", " "))
+
+    title, description = folded("title"), folded("description")
+    keys = F.array(
+        F.struct(F.lit("both").alias("kind"), F.xxhash64(F.lit("both"), title, description).alias("key")),
+        F.struct(F.lit("title").alias("kind"), F.xxhash64(F.lit("title"), title).alias("key")),
+        F.when(
+            F.length(description) > 0,
+            F.struct(
+                F.lit("description").alias("kind"), F.xxhash64(F.lit("description"), description).alias("key")
+            ),
+        ),
+    )
+    return (
+        products.select("product_id", F.explode(keys).alias("_k"))
+        .where(F.col("_k").isNotNull())
+        .select("product_id", "_k.kind", "_k.key")
+    )
+
+
+def _labelled_schema(kept: Sequence[str], taxonomy: Taxonomy) -> pa.Schema:
+    """The labelled table's columns: the product columns kept (the contract's types), one per
+    attribute, and the partial labels."""
+    products = load_contract("products").arrow_schema(enforce_nullability=False)
+    fields = [products.field(c) for c in kept]
+    fields += [
+        pa.field(a.name, pa.list_(pa.string()) if a.kind == "multilabel" else pa.string()) for a in taxonomy
+    ]
+    return pa.schema([*fields, pa.field("confirmed", PARTIAL_TYPE), pa.field("rejected", PARTIAL_TYPE)])
+
+
+def _batches(
+    staged: Path,
+    schema: pa.Schema,
+    verdicts: Mapping[str, Mapping[str, Mapping[str, list[str]]]],
+    left_out: set[str],
+) -> Iterator[pa.RecordBatch]:
+    """The staged rows, less those ``left_out``, with their partial labels, one batch at a time."""
+    import pyarrow.dataset as ds
+
+    lost = pa.array(sorted(left_out), pa.string())
+    for batch in ds.dataset(str(staged), format="parquet").to_batches():
+        batch = batch.filter(pc.invert(pc.is_in(batch["product_id"], lost)))
+        if not batch.num_rows:
+            continue
+        ids = batch["product_id"].to_pylist()
+        columns = {name: batch[name] for name in batch.schema.names}
+        for verdict, name in (("yes", "confirmed"), ("no", "rejected")):
+            judged = verdicts[verdict]
+            columns[name] = pa.array(
+                [sorted(judged[pid].items()) if pid in judged else None for pid in ids], PARTIAL_TYPE
+            )
+        yield pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
 def _verdicts(
     reviews: pa.Table | None,
     taxonomy: Taxonomy,
-    values: dict[tuple[str, str], list[str]],
+    labelled: Collection[tuple[str, str]],
     changed: dict[str, dt.datetime],
     drawn: Mapping[str, dt.datetime],
     report: LabelReport,
 ) -> dict[str, dict[str, dict[str, list[str]]]]:
-    """verdict (yes / no) -> product -> attribute -> the values people judged so, where the product
-    has no full label for the attribute; a verdict on content from before the product last changed
-    (``changed``: product -> ``updated_at``) judged other content and is not used: the content shown
-    was copied when its sample was drawn (``drawn``: sample -> ``drawn_at``), and judged when
-    reviewed, whichever was earlier. The report counts the verdicts that are no label, by why."""
+    """verdict (yes / no) -> product -> attribute -> the values people judged so, where no merchant
+    labelled the attribute (``labelled``: product, attribute); a verdict on content from before the
+    product last changed (``changed``: product -> ``updated_at``) judged other content and is not
+    used: the content shown was copied when its sample was drawn (``drawn``: sample ->
+    ``drawn_at``), and judged when reviewed, whichever was earlier. The report counts the verdicts
+    that are no label, by why."""
     allowed = {a.name: set(a.values) for a in taxonomy}
     verdicts: dict[str, dict[str, dict[str, list[str]]]] = {"yes": {}, "no": {}}
     unused: Counter[str] = Counter()
@@ -262,10 +472,10 @@ def _verdicts(
                 continue
             parent = taxonomy.derived[attr].parent
             keys = [(parent, v) for v in sorted(groups[value]) if (pid, parent, v) not in judged]
-        elif (pid, attr) in values:
+        elif (pid, attr) in labelled:
             unused["where a merchant labelled the attribute"] += 1
         for a, v in keys:
-            if a in allowed and v in allowed[a] and (pid, a) not in values:
+            if a in allowed and v in allowed[a] and (pid, a) not in labelled:
                 verdicts[verdict].setdefault(pid, {}).setdefault(a, []).append(v)
     report.unused_verdicts = dict(unused)
     return verdicts
@@ -282,43 +492,6 @@ def _on_current_content(
         seen = [t for t in (r["reviewed_at"], drawn.get(r["sample_id"])) if t is not None]
         keep.append(since is None or not seen or min(seen) >= since)
     return reviews.filter(pa.array(keep, pa.bool_()))
-
-
-def _label_columns(
-    ids: list[Any], values: dict[tuple[str, str], list[str]], taxonomy: Taxonomy
-) -> tuple[dict[str, list[Any]], Counter[str]]:
-    """Per attribute, each product's label (multi-label: its values in taxonomy order; multi-class:
-    its one value, None when merchants disagree), and the disagreements per attribute."""
-    columns: dict[str, list[Any]] = {}
-    conflicting: Counter[str] = Counter()
-    for attr in taxonomy:
-        order = {v: i for i, v in enumerate(attr.values)}
-        column: list[Any] = []
-        for pid in ids:
-            found = sorted(values.get((pid, attr.name), []), key=order.__getitem__)
-            if attr.kind == "multiclass" and len(found) > 1:
-                conflicting[attr.name] += 1
-                found = []
-            column.append(None if not found else found if attr.kind == "multilabel" else found[0])
-        columns[attr.name] = column
-    return columns, conflicting
-
-
-def _count(
-    report: LabelReport, out: pa.Table, taxonomy: Taxonomy, products: int, conflicting: Counter[str]
-) -> None:
-    """The report's counts of what the labelled table holds."""
-    report.products_without_labels = products - out.num_rows
-    report.products_written = out.num_rows
-    report.labels_per_attribute = {a.name: out.num_rows - out[a.name].null_count for a in taxonomy}
-    report.conflicting = dict(conflicting)
-    for name, counts in (
-        ("confirmed", report.confirmed_per_attribute),
-        ("rejected", report.rejected_per_attribute),
-    ):
-        for entry in out[name].to_pylist():
-            for attr_name, judged_values in entry or []:
-                counts[attr_name] = counts.get(attr_name, 0) + len(judged_values)
 
 
 def _read(path: Path, name: str, version: int | None = None) -> tuple[pa.Table, dict[str, Any]]:
@@ -350,6 +523,7 @@ def labels_sources(path: str | Path, version: int) -> dict[str, Any] | None:
 
 
 def write_labels(
+    spark: SparkSession,
     *,
     catalog: Catalog,
     evaluation: Path | None,
@@ -357,45 +531,52 @@ def write_labels(
     taxonomy: Taxonomy,
     evaluation_version: int | None = None,
 ) -> LabelReport:
-    """Read the catalog's products and attributes, build the labels and overwrite ``out`` (one Delta
-    commit whose metadata holds the report, source versions included). The evaluation set's
-    products are left out at ``evaluation_version`` (``promotion.eval_version``, the one the gate
-    judges on; None: its latest; ``evaluation`` None: no evaluation set, nothing left out).
+    """Read the catalog's products and label sources in Spark, build the labels and overwrite ``out``
+    (one Delta commit whose metadata holds the report, source versions included). The evaluation
+    set's products are left out at ``evaluation_version`` (``promotion.eval_version``, the one the
+    gate judges on; None: its latest; ``evaluation`` None: no evaluation set, nothing left out).
+    The rows are staged beside ``out`` (a folder the executors and the driver both reach), and the
+    staging is removed whatever happens.
 
     Raises:
-        CatalogEnrichError: ``evaluation`` is given and not found (its products would be trained on).
+        CatalogEnrichError: the products or attribute table is not there, or ``evaluation`` is given
+            and not found (its products would be trained on), or no product is labelled.
     """
     from deltalake import CommitProperties, write_deltalake
 
-    product_table, product_source = catalog.snapshot("products")
-    attribute_table, attribute_source = catalog.snapshot("attributes")
-    sources = {"products": product_source, "attributes": attribute_source}
+    sources = {"products": catalog.source_of("products"), "attributes": catalog.source_of("attributes")}
     eval_table = None
     if evaluation is not None:
         eval_table, sources["evaluation"] = _read(evaluation, "evaluation", evaluation_version)
     samples = catalog.keyed_rows("review_samples").select(["sample_id", "drawn_at"]).to_pylist()
     drawn = {r["sample_id"]: r["drawn_at"] for r in samples}
-    table, report = build_labels(
-        product_table,
-        attribute_table,
-        taxonomy,
-        evaluation=eval_table,
-        reviews=catalog.keyed_rows("reviews"),
-        drawn=drawn,
-    )
-    report.sources = sources
-    if table.num_rows == 0:
-        raise CatalogEnrichError(
-            f"no labelled product: the attribute table of {catalog.describe()} has no "
-            f"{'/'.join(LABEL_SOURCES)} value "
-            "or verdict for a product outside the evaluation set\n" + report.summary()
+    staging = out.parent / f"_{out.name}-staging-{uuid.uuid4().hex[:12]}"
+    try:
+        batches, report = build_labels(
+            spark,
+            catalog.read_products(spark, load_contract("products"), require_columns=False),
+            catalog.read_attribute_values(spark, LABEL_SOURCES),
+            taxonomy,
+            staging,
+            evaluation=eval_table,
+            reviews=catalog.keyed_rows("reviews"),
+            drawn=drawn,
         )
-    out.mkdir(parents=True, exist_ok=True)
-    write_deltalake(
-        str(out),
-        table,
-        mode="overwrite",
-        schema_mode="overwrite",
-        commit_properties=CommitProperties(custom_metadata={METADATA_KEY: json.dumps(report.to_dict())}),
-    )
+        report.sources = sources
+        if report.products_written == 0:
+            raise CatalogEnrichError(
+                f"no labelled product: the attribute table of {catalog.describe()} has no "
+                f"{'/'.join(LABEL_SOURCES)} value "
+                "or verdict for a product outside the evaluation set\n" + report.summary()
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        write_deltalake(
+            str(out),
+            batches,
+            mode="overwrite",
+            schema_mode="overwrite",
+            commit_properties=CommitProperties(custom_metadata={METADATA_KEY: json.dumps(report.to_dict())}),
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report

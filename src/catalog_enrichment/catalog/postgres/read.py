@@ -283,11 +283,11 @@ class Reads(PgBase):
         from psycopg import sql
 
         ids = None if product_ids is None else sorted(set(product_ids))
+        where = self.source_of(table)
         if table == "attributes":
             rows = self.attribute_rows()
             if ids is not None:
                 rows = rows.filter(pc.is_in(rows["product_id"], pa.array(ids, pa.string())))
-            where = {"table": f"{self.schema}.attributes", "database": self.describe()}
             return (rows.select(list(columns)) if columns else rows), where
         contract = load_contract("products")
         schema = contract.arrow_schema(enforce_nullability=False)
@@ -306,8 +306,30 @@ class Reads(PgBase):
             if "merchant_attributes" in row:
                 merchant = row["merchant_attributes"]
                 row["merchant_attributes"] = None if merchant is None else list(merchant.items())
-        where = {"table": ".".join(self.products), "database": self.describe()}
         return pa.Table.from_pylist(rows, schema=schema), where
+
+    def source_of(self, table: Literal["products", "attributes"]) -> dict[str, Any]:
+        name = ".".join(self.products) if table == "products" else f"{self.schema}.attributes"
+        return {"table": name, "database": self.describe()}
+
+    def read_attribute_values(self, spark: SparkSession, sources: Sequence[str]) -> DataFrame:
+        """Over JDBC in ``catalog.postgres.read_partitions`` slices of the product ids' hash."""
+        listed = ", ".join("'" + s.replace("'", "''") + "'" for s in sources)
+        table = ".".join(f'"{p}"' for p in (self.schema, "attributes"))
+        return self._hashed_read(
+            spark,
+            f"(SELECT product_id, attribute, value FROM {table} WHERE source IN ({listed})) AS labels",
+        )
+
+    def _hashed_read(self, spark: SparkSession, query: str) -> DataFrame:
+        """``query`` (a parenthesised, aliased SELECT with a ``product_id``) read over JDBC in
+        ``catalog.postgres.read_partitions`` slices of the product ids' hash."""
+        with self.connect() as conn:
+            options = self._jdbc_options(conn, query)
+        n = max(1, self.pg.read_partitions)
+        predicates = [f"mod(abs(hashtext(product_id)::bigint), {n}) = {i}" for i in range(n)]
+        url = options.pop("url")
+        return spark.read.jdbc(url, options.pop("dbtable"), predicates=predicates, properties=options)
 
     def attribute_rows(self, where: Mapping[str, str] | None = None) -> pa.Table:
         return self._table("attributes", "attributes", where)
@@ -352,12 +374,7 @@ class Reads(PgBase):
                 self._sql("SELECT 1 FROM {e} WHERE encoder = %s LIMIT 1", e="embeddings"), [encoder]
             ).fetchone():
                 return None
-            options = self._jdbc_options(conn, query)
-        n = max(1, self.pg.read_partitions)
-        predicates = [f"mod(abs(hashtext(product_id)::bigint), {n}) = {i}" for i in range(n)]
-        url = options.pop("url")
-        rows = spark.read.jdbc(url, options.pop("dbtable"), predicates=predicates, properties=options)
-        return keep_one_per_product(rows)
+        return keep_one_per_product(self._hashed_read(spark, query))
 
     def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
         """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products."""
