@@ -303,7 +303,7 @@ def test_real_job_processes_killed_around_the_postgres_commit(  # type: ignore[n
         }
     )
     catalog = PostgresCatalog(cfg, dsn=pg_server.dsn())
-    products, _ = backends["postgres"].catalog.snapshot("products")
+    products = read_table(incoming.products)  # what the PostgreSQL catalog was loaded with
     catalog.load_products(products)
     seed_merchant(catalog, _unique(merchant_rows(products.select(["product_id", "merchant_attributes"]), T0)))
     before = _rows(catalog)

@@ -232,17 +232,12 @@ class Catalog(Protocol):
         is one of ``sources``, as a Spark DataFrame (read by the executors, never on the driver)."""
         ...
 
-    def snapshot(
-        self,
-        table: Literal["products", "attributes"],
-        columns: Sequence[str] | None = None,
-        product_ids: Iterable[str] | None = None,
-    ) -> tuple[pa.Table, dict[str, Any]]:
-        """The products or attribute table in Arrow (``columns`` only, the rows of ``product_ids``
-        only, when given), and where (and which version) it was read from (:meth:`source_of`).
+    def products_of(self, product_ids: Iterable[str], columns: Sequence[str] | None = None) -> pa.Table:
+        """The products table's rows (every copy) of ``product_ids`` in Arrow, ``columns`` only when
+        given (the contract's types).
 
         Raises:
-            CatalogEnrichError: there is no such table.
+            CatalogEnrichError: there is no products table.
         """
         ...
 

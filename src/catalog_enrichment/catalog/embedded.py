@@ -171,19 +171,9 @@ class LakehouseCatalog:
             raise ContractError(f"the attributes table {self.attributes} lacks columns {missing}")
         return rows.where(F.col("source").isin(list(sources))).select("product_id", "attribute", "value")
 
-    def snapshot(
-        self,
-        table: Literal["products", "attributes"],
-        columns: Sequence[str] | None = None,
-        product_ids: Iterable[str] | None = None,
-    ) -> tuple[pa.Table, dict[str, Any]]:
-        where = self.source_of(table)
-        path = self.products if table == "products" else self.attributes
-        if product_ids is not None:
-            data = lakehouse.read_products_of(path, product_ids, columns)
-        else:
-            data = lakehouse.read_table(path, columns=columns)
-        return data, where
+    def products_of(self, product_ids: Iterable[str], columns: Sequence[str] | None = None) -> pa.Table:
+        self.source_of("products")
+        return lakehouse.read_products_of(self.products, product_ids, columns)
 
     def quarantine_rows(self) -> pa.Table:
         schema = load_contract("quarantine").arrow_schema()

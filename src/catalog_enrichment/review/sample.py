@@ -134,11 +134,9 @@ class DrawnSample:
     population: int  # written values it was drawn from
 
 
-def _latest_products(
-    catalog: Catalog, columns: list[str], product_ids: Iterable[str] | None = None
-) -> pa.Table:
-    """One row per product (its latest copy), ``columns`` only (of ``product_ids`` only, when given)."""
-    products, _ = catalog.snapshot("products", columns=[*columns, "updated_at"], product_ids=product_ids)
+def _latest_products(catalog: Catalog, columns: list[str], product_ids: Iterable[str]) -> pa.Table:
+    """One row per product of ``product_ids`` (its latest copy), ``columns`` only."""
+    products = catalog.products_of(product_ids, [*columns, "updated_at"])
     products = products.filter(pc.is_valid(products["product_id"]))
     products = products.take(
         pc.sort_indices(products, sort_keys=[("product_id", "ascending"), ("updated_at", "descending")])

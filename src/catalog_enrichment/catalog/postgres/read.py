@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import (
     KeyedTable,
@@ -274,39 +273,25 @@ class Reads(PgBase):
             rows = conn.execute(query, list(where.values()) if where else None).fetchall()
         return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema=schema)
 
-    def snapshot(
-        self,
-        table: Literal["products", "attributes"],
-        columns: Sequence[str] | None = None,
-        product_ids: Iterable[str] | None = None,
-    ) -> tuple[pa.Table, dict[str, Any]]:
+    def products_of(self, product_ids: Iterable[str], columns: Sequence[str] | None = None) -> pa.Table:
         from psycopg import sql
 
-        ids = None if product_ids is None else sorted(set(product_ids))
-        where = self.source_of(table)
-        if table == "attributes":
-            rows = self.attribute_rows()
-            if ids is not None:
-                rows = rows.filter(pc.is_in(rows["product_id"], pa.array(ids, pa.string())))
-            return (rows.select(list(columns)) if columns else rows), where
         contract = load_contract("products")
         schema = contract.arrow_schema(enforce_nullability=False)
         if columns:
             schema = pa.schema([schema.field(c) for c in columns])
         with self.connect() as conn:
             self._check_products(conn, contract)
-            query = sql.SQL("SELECT {} FROM {}").format(
+            query = sql.SQL("SELECT {} FROM {} WHERE product_id = ANY(%s)").format(
                 sql.SQL(", ").join(map(sql.Identifier, schema.names)), sql.Identifier(*self.products)
             )
-            if ids is not None:
-                query = sql.SQL("{} WHERE product_id = ANY(%s)").format(query)
-            cursor = conn.execute(query, None if ids is None else [ids])
+            cursor = conn.execute(query, [sorted({p for p in product_ids if p is not None})])
             rows = [dict(zip(schema.names, r, strict=True)) for r in cursor]
         for row in rows:  # jsonb {"color": ["red"]} -> the contract's map
             if "merchant_attributes" in row:
                 merchant = row["merchant_attributes"]
                 row["merchant_attributes"] = None if merchant is None else list(merchant.items())
-        return pa.Table.from_pylist(rows, schema=schema), where
+        return pa.Table.from_pylist(rows, schema=schema)
 
     def source_of(self, table: Literal["products", "attributes"]) -> dict[str, Any]:
         name = ".".join(self.products) if table == "products" else f"{self.schema}.attributes"
