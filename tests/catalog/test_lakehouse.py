@@ -120,25 +120,37 @@ def test_a_table_s_data_files_are_paths_to_open_whatever_its_folder_and_partitio
     assert any("k=x%20y%3Az" in f for f in files)  # the folder's own name, kept
 
 
-def test_a_delta_table_with_deletion_vectors_is_read_without_its_deleted_rows_in_product_order(
-    tmp_path: Path,
+def test_a_delta_table_with_deletion_vectors_is_streamed_without_its_deleted_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """pyarrow's dataset refuses a table with deletion vectors (the default of current Delta
-    writers); it is read through delta-rs' query engine, the deleted rows left out, and put in one
-    order - by product id - whatever order the engine's parallel reads give (every pass of a
-    streamed training reads it alike)."""
+    writers); its files are read batch by batch (two rows here, so the deleted row's mask is cut
+    across batches), the deleted rows left out, the partition values added, every pass alike."""
+    import datetime as dt
+
+    from deltalake import DeltaTable
+
+    from catalog_enrichment.catalog import lakehouse
     from tests.delta_protocol import delete_with_deletion_vector
 
     ids = ["p3", "p1", "p4", "p0", "p2"]
-    write_table(tmp_path / "t", pa.table({"product_id": ids, "n": list(range(5))}))
-    delete_with_deletion_vector(tmp_path / "t", [2])  # p4
-    assert read_table(tmp_path / "t")["product_id"].to_pylist() == ["p0", "p1", "p2", "p3"]
-    assert [r for b in scan(tmp_path / "t") for r in b.column("product_id").to_pylist()] == [
-        "p0",
-        "p1",
-        "p2",
-        "p3",
-    ]
+    day = pa.array([dt.date(2026, 11, 1)] * 5)
+    write_table(
+        tmp_path / "t", pa.table({"product_id": ids, "n": list(range(5)), "day": day}), partition_by=["day"]
+    )
+    delete_with_deletion_vector(tmp_path / "t", [2, 4])  # p4, p2
+    monkeypatch.setattr(lakehouse, "DELETION_SCAN_ROWS", 2)
+    expected = {"product_id": ["p3", "p1", "p0"], "n": [0, 1, 3], "day": [dt.date(2026, 11, 1)] * 3}
+    assert read_table(tmp_path / "t").to_pydict() == expected
+    passes = [[r for b in scan(tmp_path / "t") for r in b.column("product_id").to_pylist()] for _ in range(2)]
+    assert passes == [expected["product_id"]] * 2
+    assert read_table(tmp_path / "t").schema == pa.schema(DeltaTable(str(tmp_path / "t")).schema().to_arrow())
+
+    def whole(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the table was read whole through the query engine")
+
+    monkeypatch.setattr("deltalake.QueryBuilder", whole)
+    assert read_table(tmp_path / "t", columns=["n"])["n"].to_pylist() == [0, 1, 3]
 
 
 @pytest.mark.parametrize("value", ["20261101", "2026-W44-7", "2026-11-1", "2026-13-01"])

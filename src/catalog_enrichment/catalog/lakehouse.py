@@ -147,17 +147,55 @@ def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema |
 
 def _with_deletions_applied(table: Any) -> ds.Dataset:
     """A Delta table with deletion vectors (the default of current Delta writers), which
-    ``pyarrow.dataset`` cannot honour: read through delta-rs' query engine, which drops the deleted
-    rows, whole into memory, typed as the table's schema. The engine reads files in parallel, so the
-    rows are put in one order (by ``product_id`` and ``updated_at`` where the table has them): every
-    pass of a streamed training reads them alike."""
-    from deltalake import QueryBuilder
+    ``pyarrow.dataset`` cannot honour: its data files read one at a time, in path order, a batch
+    at a time, each file's deleted rows dropped and its partition values added, typed as the
+    table's schema - memory holds a batch and the files' deletion masks, never the table. The
+    dataset wraps one stream, read once: every :func:`dataset` call makes a new one, and every
+    pass reads the rows in the same order (a streamed training's passes read them alike). A table
+    with column mapping (its files' column names are not the table's) is read through delta-rs'
+    query engine instead, whole."""
+    import pyarrow.parquet as pq
 
     schema = pa.schema(table.schema().to_arrow())
-    rows = pa.table(QueryBuilder().register("products", table).execute("SELECT * FROM products").read_all())
-    rows = rows.select(schema.names).cast(schema)
-    keys = [(c, "ascending") for c in ("product_id", "updated_at") if c in schema.names]
-    return ds.dataset(rows.sort_by(keys) if keys else rows)
+    if "columnMapping" in set(table.protocol().reader_features or ()):
+        from deltalake import QueryBuilder
+
+        rows = QueryBuilder().register("t", table).execute("SELECT * FROM t").read_all()
+        return ds.dataset(pa.table(rows).select(schema.names).cast(schema))
+    root = Path(unquote(table.table_uri.removeprefix("file://")))
+    keep: dict[str, pa.BooleanArray] = {}
+    for batch in pa.table(table.deletion_vectors()).to_batches():
+        for uri, mask in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
+            keep[file_path(uri, table.table_uri)] = mask.values
+    partitions = table.metadata().partition_columns
+    adds = sorted(
+        (str(root / unquote(a["path"])), {c: a.get(f"partition.{c}") for c in partitions})
+        for a in pa.table(table.get_add_actions(flatten=True)).to_pylist()
+    )
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for path, values in adds:
+            mask, offset = keep.get(path), 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=DELETION_SCAN_ROWS):
+                n, columns = batch.num_rows, dict(zip(batch.schema.names, batch.columns, strict=True))
+                rows = pa.table(
+                    [
+                        columns[f.name].cast(f.type)
+                        if f.name in columns
+                        else pa.array([values.get(f.name)] * n, f.type)
+                        for f in schema
+                    ],
+                    schema=schema,
+                )
+                if mask is not None:  # a vector shorter than the file keeps the rows past its end
+                    kept = mask.slice(offset, n)
+                    rows = rows.filter(
+                        pa.concat_arrays([kept, pa.array([True] * (n - len(kept)), pa.bool_())])
+                    )
+                offset += n
+                yield from rows.to_batches()
+
+    return ds.dataset(pa.RecordBatchReader.from_batches(schema, batches()))
 
 
 def _parquet_files(folder: Path) -> list[str]:
@@ -169,6 +207,9 @@ def _parquet_files(folder: Path) -> list[str]:
         if not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts)
     ]
 
+
+# rows per batch of a table with deletion vectors, read file by file
+DELETION_SCAN_ROWS = 16_384
 
 # A scan whose memory is bounded by a few small batches, not by a row group read whole in advance
 LOW_MEMORY_SCAN: dict[str, object] = {
