@@ -215,6 +215,8 @@ def test_postgres_products_that_break_the_contract_fail_in_one_line(spark, pg_ca
     contract = load_contract("products")
     with pytest.raises(ContractError, match="no products table"):
         catalog.read_products(spark, contract)
+    with pytest.raises(ContractError, match="no products table"):  # labels: before Spark reads a row
+        catalog.source_of("products")
     with catalog.connect() as conn:
         conn.execute(f'CREATE TABLE "{catalog.schema}".products (product_id text, title integer)')
     with pytest.raises(ContractError, match=r"lacks contract column\(s\) \['description'"):

@@ -96,6 +96,8 @@ ROWS = [
     ("p4", "material", "wool", "merchant"),  # p4 is in the evaluation set
     ("p5", "color", "blue", "model"),  # p5 has model values only: no label, not written
     ("p6", "color", "red", "merchant"),  # p6 has an empty title: not written
+    ("p9", "product_type", "jeans", "merchant"),  # p9 is no product: neither labelled nor counted
+    ("p9", "product_type", "shorts", "merchant"),
 ]
 
 
@@ -130,9 +132,27 @@ def test_a_product_whose_latest_copy_lost_its_title_is_left_out_not_labelled_on_
     titles = products["title"].to_pylist()
     titles[2] = None  # p2's latest copy ("blue dress")
     products = products.set_column(products.schema.get_field_index("title"), "title", pa.array(titles))
-    table, report = _build(spark, tmp_path, products, _attributes(ROWS), taxonomy)
+    # verdicts on p2 and on p9 (no product) label nothing, and are counted as no label used
+    reviews = _reviews([("p2", "pattern", "striped", "yes", "2"), ("p9", "pattern", "striped", "no", "2")])
+    table, report = _build(spark, tmp_path, products, _attributes(ROWS), taxonomy, reviews=reviews)
     assert "p2" not in table["product_id"].to_pylist()
     assert report.stale_copies == 1 and report.products_without_id_or_title == 3
+    assert report.confirmed_per_attribute == {} and report.rejected_per_attribute == {}
+
+
+def test_of_two_copies_of_the_same_time_the_titled_one_is_the_latest(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    """p2's two latest copies share their time, one without a title: the titled copy is labelled,
+    and the untitled one counts as a stale copy (every pass over the rows picks the same)."""
+    products = pa.concat_tables([_products(), _products().slice(2, 1)])
+    titles = products["title"].to_pylist()
+    titles[2] = ""
+    products = products.set_column(products.schema.get_field_index("title"), "title", pa.array(titles))
+    table, report = _build(spark, tmp_path, products, _attributes(ROWS), taxonomy)
+    assert {r["product_id"]: r["title"] for r in table.to_pylist()}["p2"] == "blue dress"
+    assert report.stale_copies == 2 and report.products_without_id_or_title == 2
+    assert report.products_without_labels == 2 and report.products_written == 3
 
 
 def test_variants_of_evaluation_products_are_left_out_too(

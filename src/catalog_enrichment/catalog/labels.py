@@ -160,11 +160,8 @@ def build_labels(
     names = [a.name for a in taxonomy]
     reviewed = sorted({p for p in (reviews["product_id"].to_pylist() if reviews is not None else []) if p})
     kept = [c for c in load_contract("products").names if c in products.columns and c not in names]
-    labelled = (
-        _latest(products, report)
-        .select(*kept)
-        .join(_label_columns(spark, attributes, taxonomy, report), "product_id", "left")
-    )
+    latest = _latest(products, report).select(*kept)
+    labelled = latest.join(_label_columns(spark, latest, attributes, taxonomy, report), "product_id", "left")
     labelled = labelled.join(_ids(spark, reviewed).withColumn("_reviewed", F.lit(True)), "product_id", "left")
     has_label = F.lit(False)
     for name in names:
@@ -195,8 +192,8 @@ def build_labels(
     assert counts is not None
     total = rows.count() - len(unlabelled)  # products labelled, the evaluation's among them
     report.excluded_evaluation_products = total - counts[0]
-    latest = report.products_read - report.stale_copies - report.products_without_id_or_title
-    report.products_without_labels, report.products_written = latest - total, counts[0]
+    titled = report.products_read - report.stale_copies - report.products_without_id_or_title
+    report.products_without_labels, report.products_written = titled - total, counts[0]
     report.labels_per_attribute = dict(zip(names, counts[1:], strict=True))
     for verdict, count in (("yes", report.confirmed_per_attribute), ("no", report.rejected_per_attribute)):
         for pid, judged_values in verdicts[verdict].items():
@@ -216,16 +213,21 @@ def _ids(spark: SparkSession, ids: Sequence[str]) -> DataFrame:
 
 def _latest(products: DataFrame, report: LabelReport) -> DataFrame:
     """One row per product id, its latest copy (``updated_at``), where that copy has a title: an
-    older copy's title is content the product no longer has (the job reads the latest copy). The
-    report counts what was read and left out."""
+    older copy's title is content the product no longer has (the job reads the latest copy). Copies
+    of the same time are ordered titled first, then by a hash of their content, so that every pass
+    over the rows picks the same one. The report counts what was read and left out."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
+    from pyspark.sql.types import MapType
 
-    newest = F.col("updated_at").desc_nulls_last() if "updated_at" in products.columns else F.lit(1)
-    copies = products.where(F.col("product_id").isNotNull()).withColumn(
-        "_copy", F.row_number().over(Window.partitionBy("product_id").orderBy(newest))
-    )
     titled = F.length(F.coalesce(F.col("title"), F.lit(""))) > 0
+    hashable = [f.name for f in products.schema.fields if not isinstance(f.dataType, MapType)]
+    order = [titled.desc(), F.xxhash64(*hashable)]
+    if "updated_at" in products.columns:
+        order.insert(0, F.col("updated_at").desc_nulls_last())
+    copies = products.where(F.col("product_id").isNotNull()).withColumn(
+        "_copy", F.row_number().over(Window.partitionBy("product_id").orderBy(*order))
+    )
     read = products.count()
     stale, latest = copies.agg(
         F.count(F.when(F.col("_copy") > 1, 1)), F.count(F.when((F.col("_copy") == 1) & titled, 1))
@@ -236,12 +238,13 @@ def _latest(products: DataFrame, report: LabelReport) -> DataFrame:
 
 
 def _label_columns(
-    spark: SparkSession, attributes: DataFrame, taxonomy: Taxonomy, report: LabelReport
+    spark: SparkSession, products: DataFrame, attributes: DataFrame, taxonomy: Taxonomy, report: LabelReport
 ) -> DataFrame:
     """``product_id`` and one column per attribute: each product's label (multi-label: its values in
     taxonomy order; multi-class: its one value, null when merchants disagree), over the values within
     the taxonomy. The report counts what was dropped as outside it (the most frequent
-    :data:`REPORTED_DROPS` of each kind, and how many in all) and the disagreements."""
+    :data:`REPORTED_DROPS` of each kind, and how many in all) and the disagreements of the
+    ``products`` (the latest titled copies)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -280,7 +283,9 @@ def _label_columns(
     )
     single = [a.name for a in taxonomy if a.kind == "multiclass"]
     conflict = F.col("attribute").isin(single) & (F.size("_found") > 1)
-    report.conflicting = dict(pairs.where(conflict).groupBy("attribute").count().collect())
+    latest = products.select("product_id")
+    conflicting = pairs.where(conflict).join(latest, "product_id", "left_semi").groupBy("attribute").count()
+    report.conflicting = dict(conflicting.collect())
     values = F.transform(F.col("_found"), lambda x: x["value"])
     merchant = F.collect_list("attribute").alias(MERCHANT)  # attributes labelled, disagreeing or not
     columns = [
@@ -306,8 +311,9 @@ def _verdicts_of(
     drawn: Mapping[str, dt.datetime],
     report: LabelReport,
 ) -> dict[str, dict[str, dict[str, list[str]]]]:
-    """:func:`_verdicts` over the staged ``rows`` of the reviewed products only (when each last
-    changed, which attributes a merchant labelled)."""
+    """:func:`_verdicts` over the staged ``rows`` of the reviewed products (when each last changed,
+    which attributes a merchant labelled), kept for those products only: a product not in the
+    catalog, or whose latest copy has no title, gets no label."""
     from pyspark.sql import functions as F
 
     if reviews is None or not reviewed:
@@ -315,23 +321,27 @@ def _verdicts_of(
     spark = rows.sparkSession
     changed: dict[str, dt.datetime] = {}
     labelled: set[tuple[str, str]] = set()
+    staged: set[str] = set()
     micros = F.unix_micros("updated_at") if "updated_at" in rows.columns else F.lit(None).cast("long")
     reviewed_rows = rows.join(_ids(spark, reviewed), "product_id")
     for r in reviewed_rows.select("product_id", micros.alias("_at"), MERCHANT).collect():
         if r["_at"] is not None:  # as a UTC instant, whatever the driver's time zone
             changed[r["product_id"]] = EPOCH + dt.timedelta(microseconds=r["_at"])
         labelled.update((r["product_id"], a) for a in r[MERCHANT] or ())
-    return _verdicts(reviews, taxonomy, labelled, changed, drawn, report)
+        staged.add(r["product_id"])
+    verdicts = _verdicts(reviews, taxonomy, labelled, changed, drawn, report)
+    return {v: {p: judged for p, judged in by.items() if p in staged} for v, by in verdicts.items()}
 
 
 def _evaluation_groups(spark: SparkSession, products: DataFrame, evaluation: pa.Table) -> set[str]:
     """Which ``products`` are evaluation products or grouped with one: the same id, or reachable
-    from one through shared texts, transitively - the same title and description, or the same title
-    or description where at most :data:`~catalog_enrichment.catalog.groups.MAX_GROUP` products
-    (evaluation ones included) share it (a text more share is a template, not one article's
-    variants: :func:`~catalog_enrichment.catalog.groups.group_ids`). Texts compare case- and
-    whitespace-insensitively; an empty description links nothing. The evaluation set and the
-    products grouped with it are small; the catalog's texts stay in Spark."""
+    from one through shared texts, transitively within
+    :data:`~catalog_enrichment.catalog.groups.MAX_GROUP` hops (the most a group of that many
+    products spans) - the same title and description, or the same title or description where at
+    most ``MAX_GROUP`` products (evaluation ones included) share it (a text more share is a
+    template, not one article's variants: :func:`~catalog_enrichment.catalog.groups.group_ids`).
+    Texts compare case- and whitespace-insensitively; an empty description links nothing. The
+    evaluation set and the products grouped with it are small; the catalog's texts stay in Spark."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -354,7 +364,9 @@ def _evaluation_groups(spark: SparkSession, products: DataFrame, evaluation: pa.
         )
         keys = {r["key"] for r in seeds.join(links, "key", "left_semi").select("key").distinct().collect()}
         frontier, held = set(keys), set[str]()
-        while frontier:
+        for _ in range(MAX_GROUP):  # a group of MAX_GROUP products spans fewer hops
+            if not frontier:
+                break
             reached = linked.join(
                 F.broadcast(spark.createDataFrame([(k,) for k in frontier], "key long")), "key"
             )
@@ -552,10 +564,16 @@ def write_labels(
     drawn = {r["sample_id"]: r["drawn_at"] for r in samples}
     staging = out.parent / f"_{out.name}-staging-{uuid.uuid4().hex[:12]}"
     try:
+        products = catalog.read_products(spark, load_contract("products"), require_columns=False)
+        values = catalog.read_attribute_values(spark, LABEL_SOURCES)
+        if not catalog.reads_snapshot:  # a query runs again per Spark action: every step reads one copy
+            for name in ("products", "values"):
+                (products if name == "products" else values).write.parquet(str(staging / name))
+            products, values = (spark.read.parquet(str(staging / name)) for name in ("products", "values"))
         batches, report = build_labels(
             spark,
-            catalog.read_products(spark, load_contract("products"), require_columns=False),
-            catalog.read_attribute_values(spark, LABEL_SOURCES),
+            products,
+            values,
             taxonomy,
             staging,
             evaluation=eval_table,

@@ -294,6 +294,9 @@ class Reads(PgBase):
         return pa.Table.from_pylist(rows, schema=schema)
 
     def source_of(self, table: Literal["products", "attributes"]) -> dict[str, Any]:
+        if table == "products":
+            with self.connect() as conn:
+                self._check_products(conn, load_contract("products"), require_columns=False)
         name = ".".join(self.products) if table == "products" else f"{self.schema}.attributes"
         return {"table": name, "database": self.describe()}
 
@@ -313,6 +316,7 @@ class Reads(PgBase):
             options = self._jdbc_options(conn, query)
         n = max(1, self.pg.read_partitions)
         predicates = [f"mod(abs(hashtext(product_id)::bigint), {n}) = {i}" for i in range(n)]
+        predicates[0] += " OR product_id IS NULL"  # hashtext(NULL) is NULL: in no slice otherwise
         url = options.pop("url")
         return spark.read.jdbc(url, options.pop("dbtable"), predicates=predicates, properties=options)
 
