@@ -63,6 +63,7 @@ REPORTED_DROPS = 100
 # the staged column of the attributes a merchant labelled (a disagreement included: no verdict fills it)
 MERCHANT = "_merchant"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+STAGED_ROW_GROUP = 8 << 20  # bytes
 
 
 @dataclass
@@ -167,9 +168,9 @@ def build_labels(
     for name in names:
         has_label = has_label | F.col(name).isNotNull()
     staged = staging / "labelled"
-    labelled.where(has_label | F.col("_reviewed").isNotNull()).select(*kept, *names, MERCHANT).write.mode(
-        "overwrite"
-    ).parquet(str(staged))
+    chosen = labelled.where(has_label | F.col("_reviewed").isNotNull()).select(*kept, *names, MERCHANT)
+    # row groups of a few megabytes: the driver streams them into the commit one batch at a time
+    chosen.write.mode("overwrite").option("parquet.block.size", STAGED_ROW_GROUP).parquet(str(staged))
     rows = spark.read.parquet(str(staged))  # every later step reads this one copy
     verdicts = _verdicts_of(rows, reviewed, reviews, taxonomy, drawn or {}, report)
     judged = set(verdicts["yes"]) | set(verdicts["no"])
@@ -433,7 +434,9 @@ def _batches(
     import pyarrow.dataset as ds
 
     lost = pa.array(sorted(left_out), pa.string())
-    for batch in ds.dataset(str(staged), format="parquet").to_batches():
+    from catalog_enrichment.catalog.lakehouse import LOW_MEMORY_SCAN
+
+    for batch in ds.dataset(str(staged), format="parquet").to_batches(use_threads=False, **LOW_MEMORY_SCAN):
         batch = batch.filter(pc.invert(pc.is_in(batch["product_id"], lost)))
         if not batch.num_rows:
             continue
