@@ -139,6 +139,12 @@ def test_malformed_taxonomies_name_the_problem(data: dict, message: str) -> None
             {"color": {"kind": "multiclass", "values": ["a", "b"], "groups": {"title": {"x": ["a"]}}}},
             r"\['title'\] named like",
         ),
+        # the run health's input checks: an attribute of that name would be judged as them
+        (
+            {"input": {"kind": "multiclass", "values": ["a", "b"]}},
+            r"\['input'\] named like .* keeps for itself",
+        ),
+        ({"_merchant": {"kind": "multilabel", "values": ["a", "b"]}}, r"\['_merchant'\] named like"),
     ],
 )
 def test_an_attribute_named_like_a_labelled_table_column_is_refused_for_labels_and_training(

@@ -298,6 +298,11 @@ def test_block_mode_blocks_the_failed_attribute_and_an_input_failure_blocks_ever
     assert blocked_attributes([family], defaults, both, levels) == dict.fromkeys(
         ["color", "color_family"], "color_family: coverage"
     )
+    # a second grouping of the same colours comes from those scores too: one failure blocks all three
+    levels, three = {**levels, "color_tone": "color"}, [*both, "color_tone"]
+    assert blocked_attributes([family], defaults, three, levels) == dict.fromkeys(
+        ["color", "color_family", "color_tone"], "color_family: coverage"
+    )
 
 
 def test_a_profile_round_trips_tallies_merge_and_the_plot_is_drawn(tmp_path: Path) -> None:

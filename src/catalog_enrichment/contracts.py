@@ -324,21 +324,29 @@ def load_contract(
 # ----------------------------------------------------------------------------- taxonomy
 
 
+# names the job keeps for itself: the scope of the run health's input checks, the column labels
+# stage the attributes a merchant labelled in
+RESERVED_NAMES = ("input", "_merchant")
+
+
 def check_attribute_names(taxonomy: Taxonomy) -> None:
     """An attribute (or value group) is a column of the labelled table beside the products' own and
     the verdicts' (``confirmed``, ``rejected``): one named like those would overwrite it (a
-    merchant's ``category`` replaced by its label, which the model reads as an input). Checked
-    where labels are built and training starts; a model already trained keeps loading.
+    merchant's ``category`` replaced by its label, which the model reads as an input); nor may it
+    take a name the job keeps for itself (:data:`RESERVED_NAMES`: one named ``input`` would be read
+    as the run health's input checks). Checked where labels are built and training starts; a model
+    already trained keeps loading.
 
     Raises:
-        TaxonomyError: an attribute named like such a column.
+        TaxonomyError: an attribute named like such a column, or a reserved name.
     """
     taken = {*load_contract("products").names, "confirmed", "rejected"}
-    clashes = sorted(set(taxonomy.outputs.names) & taken)
+    clashes = sorted(set(taxonomy.outputs.names) & (taken | set(RESERVED_NAMES)))
     if clashes:
         raise TaxonomyError(
             f"taxonomy {taxonomy.source}: attribute(s) {clashes} named like a column of the labelled "
-            f"products table ({', '.join(sorted(taken))}); rename them (e.g. product_category)"
+            f"products table ({', '.join(sorted(taken))}) or a name the job keeps for itself "
+            f"({', '.join(RESERVED_NAMES)}); rename them (e.g. product_category)"
         )
 
 

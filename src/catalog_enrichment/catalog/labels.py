@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import Catalog
 from catalog_enrichment.catalog.reviews import verdicts_by_value
-from catalog_enrichment.contracts import Taxonomy, check_attribute_names, load_contract
+from catalog_enrichment.contracts import RESERVED_NAMES, Taxonomy, check_attribute_names, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ METADATA_KEY = "catalog_enrich.labels"
 # the report names the most frequent values (and attributes) outside the taxonomy, and counts all
 REPORTED_DROPS = 100
 # the staged column of the attributes a merchant labelled (a disagreement included: no verdict fills it)
-MERCHANT = "_merchant"
+MERCHANT = RESERVED_NAMES[1]
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 STAGED_ROW_GROUP = 8 << 20  # bytes
 

@@ -416,7 +416,8 @@ def blocked_attributes(
     failed check whose mode (``modes``: check name -> warn | block; the input checks under
     ``"inputs"``) is block. A failed input check in block mode blocks every attribute: every
     attribute reads the title and, in a multimodal model, the photo. ``levels`` (derived attribute ->
-    its parent): both levels come from the same scores, so blocking one blocks the other."""
+    its parent): an attribute and its groupings come from the same scores, so blocking one blocks
+    them all."""
     why: dict[str, list[str]] = {}
     for c in checks:
         if c.status != "failed":
@@ -427,10 +428,13 @@ def blocked_attributes(
         elif c.scope != INPUT and modes.get(c.check) == "block":
             why.setdefault(c.scope, []).append(c.message or c.check)
     own = {a: [m for m in reasons if not m.startswith("input ")] for a, reasons in why.items()}
+    families: dict[str, set[str]] = {}
     for derived, parent in (levels or {}).items():
-        for a, other in ((derived, parent), (parent, derived)):
-            if own.get(other):
-                why.setdefault(a, []).extend(own[other])  # each message names its attribute
+        families.setdefault(parent, {parent}).add(derived)
+    family = {a: members for members in families.values() for a in members}
+    for a, reasons in own.items():
+        for other in sorted(family.get(a, set()) - {a}):
+            why.setdefault(other, []).extend(reasons)  # each message names its attribute
     return {a: "; ".join(why[a]) for a in attributes if a in why}
 
 

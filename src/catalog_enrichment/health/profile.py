@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog_enrichment.contracts import RESERVED_NAMES
 from catalog_enrichment.metrics import decision_matrix, truth_matrix
 
 __all__ = [
@@ -42,7 +43,7 @@ MAX_CATEGORIES = 30  # merchant categories kept by name; the rest count as OTHER
 MIN_EXPECTED = 10  # a chi-square bin expects at least this many products on each side
 _FLOOR = 1e-4  # PSI's share floor: an empty bin is not an infinite drift
 OTHER, NONE = "(other)", "(none)"
-INPUT = "input"  # the scope of the input checks (they concern every attribute)
+INPUT = RESERVED_NAMES[0]  # the scope of the input checks (they concern every attribute)
 ATTRIBUTE_CHECKS = ("score_drift", "coverage", "value_mix", "estimated_precision")
 INPUT_CHECKS = ("title_length", "script", "category", "description", "image", "image_tone")
 SCRIPTS = (
