@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from catalog_enrichment.catalog.lakehouse import read_table
-from catalog_enrichment.data.images import IMAGE_URI_ALLOWED, IMAGE_WITHIN_LIMITS, ImagePolicy
+from catalog_enrichment.data.images import (
+    IMAGE_DECODABLE,
+    IMAGE_FORMATS,
+    IMAGE_URI_ALLOWED,
+    IMAGE_WITHIN_LIMITS,
+    ImagePolicy,
+)
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.inference.bundle import (
     BundleFolder,
@@ -165,6 +171,20 @@ def test_a_stored_vector_is_fused_only_while_today_s_image_policy_allows_its_ima
         IMAGE_WITHIN_LIMITS if i == too_big else None for i in (6, 7)
     ]
     assert again.reused == 4 and sum(calls) == 4  # the trusted three and the small inline photo
+    # a decoder or a pixel limit tightened holds for the inline photos too, judged on their header
+    import io
+
+    from PIL import Image
+
+    kinds = [Image.open(io.BytesIO(images[i])).format for i in (6, 7)]
+    without = ImagePolicy(roots=both.roots, formats=tuple(f for f in IMAGE_FORMATS if f != kinds[0]))
+    fewer = ImagePolicy(roots=both.roots, max_pixels=16)
+    for policy in (without, fewer):
+        options = PredictorOptions(batch_size=32, embedding_store=True, image_policy=policy)
+        fresh = BatchPredictor(copy.deepcopy(bundle), options).score_arrow(table).image_error
+        assert fresh[6] == IMAGE_DECODABLE or policy is fewer
+        again = BatchPredictor(copy.deepcopy(bundle), options).score_arrow(_with_store(table, first))
+        assert again.image_error == [None] * 6 + fresh[6:]  # the URIs' photos are not read to judge
 
 
 def test_a_text_only_model_s_vector_does_not_depend_on_the_image(bundle, products) -> None:  # type: ignore[no-untyped-def]

@@ -117,6 +117,18 @@ class ImagePolicy:
             http=HttpLimits(cfg.connect_timeout_seconds, cfg.timeout_seconds, cfg.retries),
         )
 
+    def allows_bytes(self, data: bytes) -> bool:
+        """Whether inline image bytes are within the policy - their size, a format of ``formats``
+        and at most ``max_pixels`` - judged on the header alone, nothing decoded: a product fused
+        from its stored vector is held to today's policy, as a fresh read would be."""
+        if len(data) > self.max_bytes:
+            return False
+        try:
+            with Image.open(io.BytesIO(data), formats=self.formats) as image:
+                return bool(image.width * image.height <= self.max_pixels)
+        except Exception:  # not an image of these formats, or over Pillow's own limit
+            return False
+
     def refuses(self, uri: str) -> str | None:
         """:data:`IMAGE_URI_ALLOWED` where ``uri`` lies outside the policy (its scheme, host, bucket or
         local root), else None: decided without reading it, so a product fused from its stored

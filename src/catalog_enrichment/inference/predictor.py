@@ -292,11 +292,11 @@ class BatchPredictor:
 
     def _within_policy(self, raw: object, uri: object) -> bool:
         """Whether today's image policy still allows the image a stored vector was encoded from (its
-        inline size, or its URI's scheme, host and root; checked without reading): where it does not,
-        the product is read again and fails as the policy says, instead of being fused from a vector
-        the policy would no longer let the run compute."""
+        inline bytes' size, format and pixels, from the header; or its URI's scheme, host and root,
+        without reading): where it does not, the product is read again and fails as the policy
+        says, instead of being fused from a vector the policy would no longer let the run compute."""
         if isinstance(raw, bytes | bytearray | memoryview):
-            return len(raw) <= self.image_policy.max_bytes
+            return self.image_policy.allows_bytes(bytes(raw))
         return not (isinstance(uri, str) and uri) or self.image_policy.refuses(uri) is None
 
     def _encoder_inputs(
