@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
+from catalog_enrichment.catalog.embeddings import stored_content
 from catalog_enrichment.catalog.lakehouse import read_table
 from catalog_enrichment.data.images import (
     IMAGE_DECODABLE,
@@ -61,9 +62,11 @@ def _encoded_rows(predictor: BatchPredictor) -> list[int]:
 
 
 def _with_store(table: pa.Table, scores: Scores) -> pa.Table:
-    """``table`` with the vectors a first scoring produced joined on, as the job joins the store."""
-    assert scores.content is not None and scores.embedding is not None
-    return table.append_column("stored_content", pa.array(scores.content, pa.string())).append_column(
+    """``table`` with the vectors a first scoring produced joined on, as the job stores them
+    (:func:`stored_content`) and joins the store."""
+    assert scores.content is not None and scores.embedding is not None and scores.image_digest is not None
+    stored = [stored_content(c, d) for c, d in zip(scores.content, scores.image_digest, strict=True)]
+    return table.append_column("stored_content", pa.array(stored, pa.string())).append_column(
         "stored_embedding", pa.array(scores.embedding, pa.binary())
     )
 
@@ -87,6 +90,26 @@ def test_a_stored_vector_is_fused_without_encoding_and_scores_like_a_fresh_encod
     for attr in bundle.taxonomy.names:
         # float32 vectors: the fusion sees the very numbers the encoders gave
         np.testing.assert_allclose(again.probs[attr], plain.probs[attr], atol=1e-6)
+
+
+def test_a_stored_vector_of_a_photo_later_found_a_placeholder_is_not_fused(bundle, products) -> None:  # type: ignore[no-untyped-def]
+    """A vector stored from bytes a later run found to be a placeholder (a CDN's "image not found",
+    on too few products the night it was read) is not fused: the product is read again. A vector
+    fused says which bytes it came from, so tonight's count of products per image includes it."""
+    predictor = BatchPredictor(copy.deepcopy(bundle), PredictorOptions(batch_size=32, embedding_store=True))
+    good = _usable(products, predictor.score_arrow(products))
+    good = good.filter(pc.is_valid(good["image"])).slice(0, 6)
+    first = predictor.score_arrow(good)
+    assert first.image_digest is not None and None not in first.image_digest
+    again = predictor.score_arrow(_with_store(good, first))
+    assert again.reused == 6 and again.image_digest == first.image_digest
+    found = frozenset(first.image_digest[:2])
+    options = PredictorOptions(batch_size=32, embedding_store=True, placeholders=found)
+    later = BatchPredictor(copy.deepcopy(bundle), options)
+    calls = _encoded_rows(later)
+    scored = later.score_arrow(_with_store(good, first))
+    assert scored.reused == 4 and sum(calls) == 2  # the two placeholders' products read and encoded
+    assert scored.image_digest == first.image_digest
 
 
 def test_vectors_encoded_under_bf16_autocast_are_not_offered_to_the_store(bundle, products) -> None:  # type: ignore[no-untyped-def]

@@ -17,10 +17,35 @@ import pyarrow as pa
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
-__all__ = ["STORED_COLUMNS", "check_fingerprint", "embeddings_schema", "keep_one_per_product"]
+__all__ = [
+    "STORED_COLUMNS",
+    "check_fingerprint",
+    "embeddings_schema",
+    "keep_one_per_product",
+    "split_content",
+    "stored_content",
+]
 
 # the columns a run joins to its products: the stored digest and vector
 STORED_COLUMNS = ("stored_content", "stored_embedding")
+
+
+def stored_content(content: Any, image_digest: Any) -> Any:
+    """A stored vector's ``content``: the digest of what the encoders read, then ``@`` and the
+    digest of the image bytes read, where there were some (strings, or Spark columns): a run that
+    later finds those bytes a placeholder does not fuse the vector. A vector stored without one
+    (from training, or before it was kept) has none."""
+    if isinstance(content, str) or content is None:
+        return content if not image_digest else f"{content}@{image_digest}"
+    from pyspark.sql import functions as F
+
+    return F.when(image_digest.isNull(), content).otherwise(F.concat(content, F.lit("@"), image_digest))
+
+
+def split_content(stored: str) -> tuple[str, str | None]:
+    """A stored ``content`` as (the digest of what the encoders read, the image bytes' digest or None)."""
+    content, _, image = stored.partition("@")
+    return content, image or None
 
 
 def embeddings_schema() -> pa.Schema:

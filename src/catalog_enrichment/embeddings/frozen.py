@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from catalog_enrichment.catalog.embeddings import split_content
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset, ProductRecords
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.embeddings.vectors import encoder_fingerprint
@@ -254,7 +255,7 @@ def _embed_through_store(
     missing = []
     for i, (pid, digest) in enumerate(zip(records.product_id, content, strict=True)):
         have = stored.get(pid) if pid is not None else None
-        if have is not None and have[0] == digest and len(have[1]) == 4 * width:
+        if have is not None and split_content(have[0])[0] == digest and len(have[1]) == 4 * width:
             matrix[i] = np.frombuffer(have[1], np.float32)
         else:
             missing.append(i)

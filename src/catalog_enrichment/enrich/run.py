@@ -383,7 +383,9 @@ def _stages(
         return
     with run.stage("score"):
         images = ImagePolicy.from_config(cfg.images, catalog.image_roots())
-        spec = scoring_spec(job.spark, job.model, job.taxonomy, cfg.inference, images, rejected, got.retry)
+        spec = scoring_spec(
+            job.spark, job.model, job.taxonomy, cfg.inference, images, rejected, got.retry, placeholders
+        )
         reads_store = cfg.inference.embedding_store and not scores_on_gpus(job.spark, cfg.inference.device)
         encoder = BundleFolder(job.model.bundle).encoder_fingerprint() if reads_store else None
         store = None if encoder is None else (catalog, encoder)

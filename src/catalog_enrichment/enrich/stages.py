@@ -19,7 +19,14 @@ from catalog_enrichment.catalog.base import RunWrite
 from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport
 from catalog_enrichment.config import InferenceConfig
-from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_SHARED, Contract, Taxonomy, load_contract
+from catalog_enrichment.contracts import (
+    IMAGE_KEY,
+    IMAGE_READABLE,
+    IMAGE_SHARED,
+    Contract,
+    Taxonomy,
+    load_contract,
+)
 from catalog_enrichment.data.images import ImagePolicy, shared_images
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health import HealthTally
@@ -267,17 +274,23 @@ def scoring_spec(
     images: ImagePolicy,
     rejected: Iterable[tuple[str, str, str]] = (),
     retried: Iterable[str] = (),
+    placeholders: Iterable[str] = (),
 ) -> ScoringSpec:
     """What the executors score with: ``model``'s bundle shipped to them, ``inference``'s settings,
     images read under ``images``; the (product, attribute, value)s in ``rejected`` never written;
-    the products ``retried`` for their photo (:attr:`ScoringSpec.retried`)."""
+    the products ``retried`` for their photo (:attr:`ScoringSpec.retried`); no stored vector fused
+    whose image bytes are one of ``placeholders`` (found by earlier runs)."""
     return ScoringSpec(
         bundle_name=ship_bundle(spark, model.bundle),
         bundle_path=None,
         allowed_taxonomy=taxonomy.to_dict(),
         device=inference.device,
         torch_threads=inference.torch_threads,
-        predictor=PredictorOptions(**inference.predictor_options(), image_policy=images),
+        predictor=PredictorOptions(
+            **inference.predictor_options(),
+            image_policy=images,
+            placeholders=frozenset(p for p in placeholders if p.startswith(IMAGE_KEY)),
+        ),
         rejected=_by_product(rejected),
         retried=frozenset(retried),
     )

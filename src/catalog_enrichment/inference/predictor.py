@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from catalog_enrichment.catalog.embeddings import STORED_COLUMNS
+from catalog_enrichment.catalog.embeddings import STORED_COLUMNS, split_content
 from catalog_enrichment.contracts import SCORES_FINITE
 from catalog_enrichment.data.dataset import Collator
 from catalog_enrichment.data.images import image_tone, read_pixels
@@ -213,6 +213,7 @@ class BatchPredictor:
         options = options or PredictorOptions()
         self.bundle = bundle
         self.image_policy = options.image_policy
+        self.placeholders = options.placeholders
         self.device = torch.device(device)
         self.batch_size = options.batch_size
         self.decode_threads = max(1, options.decode_threads)
@@ -263,17 +264,21 @@ class BatchPredictor:
         ]
         stored = np.zeros((n, self.width), np.float32)
         hit = np.zeros(n, bool)
+        digests: list[str | None] = [None] * n
         for i, (have, vector) in enumerate(
             zip(stored_content or (), stored_embedding or (), strict=True) if stored_content else ()
         ):
+            key, image = split_content(have) if isinstance(have, str) else (None, None)
             if (
-                have == content[i]
+                key == content[i]
                 and vector is not None
                 and len(vector) == 4 * self.width
+                and image not in self.placeholders
                 and (not self.reads_images or self._within_policy(images[i], uris[i]))
             ):
                 stored[i] = np.frombuffer(vector, np.float32)
                 hit[i] = True
+                digests[i] = image  # counted with the bytes read: a placeholder is found either way
         (encode,) = np.nonzero(~hit)
         rows = encode.tolist()
         columns = (titles, descriptions, images, uris)
@@ -284,7 +289,6 @@ class BatchPredictor:
         )
         errors: list[str | None] = [None] * n
         tones: list[float | None] = [None] * n
-        digests: list[str | None] = [None] * n
         for k, i in enumerate(rows):
             errors[i], tones[i], digests[i] = part.image_error[k], part.tone[k], part.image_digest[k]
         every = _lexical(titles, descriptions, categories) if self.lexical else None

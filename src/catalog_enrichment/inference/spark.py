@@ -555,14 +555,17 @@ def mark_shared_images(spark: SparkSession, path: Path, digests: Sequence[str]) 
 
 
 def stage_vectors(encoded: DataFrame, encoder: str, run_id: str, path: Path) -> None:
-    """The freshly encoded vectors of ``encoded`` (``content``, ``embedding``; null: none) as the
-    embeddings contract's rows at ``path``, one per product, for ``Catalog.write_embeddings``."""
+    """The freshly encoded vectors of ``encoded`` (``content``, ``image_digest``, ``embedding``; null:
+    none) as the embeddings contract's rows at ``path`` (:func:`~catalog_enrichment.catalog.embeddings.
+    stored_content`), one per product, for ``Catalog.write_embeddings``."""
     from pyspark.sql import functions as F
+
+    from catalog_enrichment.catalog.embeddings import stored_content
 
     encoded.where(F.col("embedding").isNotNull()).select(
         F.lit(encoder).alias("encoder"),
         "product_id",
-        "content",
+        stored_content(F.col("content"), F.col("image_digest")).alias("content"),
         "embedding",
         F.lit(run_id).alias("run_id"),
         F.current_timestamp().alias("written_at"),
