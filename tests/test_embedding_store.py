@@ -115,6 +115,11 @@ def test_a_new_head_rescores_from_the_store_and_writes_what_a_fresh_encode_write
 
     assert _stored(catalog, spark, "0" * 32) == 0  # other encoders: nothing stored for them
     assert _stored(catalog, spark, encoder) == scored
+    everyone = catalog.stored_embeddings(spark, encoder).select("product_id")
+    two = sorted(r["product_id"] for r in everyone.limit(2).collect())
+    asked = spark.createDataFrame([(p,) for p in [*two, *two, "no-such-product"]], "product_id string")
+    few = catalog.stored_embeddings(spark, encoder, asked)  # a run's products only, each once
+    assert sorted(r["product_id"] for r in few.select("product_id").collect()) == two
     assert catalog.vacuum_embeddings([encoder]) == 0
     assert catalog.vacuum_embeddings([]) == scored
     assert catalog.embedding_counts() == {} and _stored(catalog, spark, encoder) == 0

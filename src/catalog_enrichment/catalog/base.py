@@ -254,9 +254,12 @@ class Catalog(Protocol):
         """Insert ``rows`` into a keyed table, replacing rows with the same key, in one commit."""
         ...
 
-    def stored_embeddings(self, spark: SparkSession, encoder: str) -> DataFrame | None:
+    def stored_embeddings(
+        self, spark: SparkSession, encoder: str, products: DataFrame | None = None
+    ) -> DataFrame | None:
         """The embedding store's rows of one encoder fingerprint as a Spark DataFrame, one per
-        product: ``product_id``, ``stored_content``, ``stored_embedding`` (None: none stored)."""
+        product: ``product_id``, ``stored_content``, ``stored_embedding`` (None: none stored);
+        those of ``products`` (a DataFrame with ``product_id``) only, where given."""
         ...
 
     def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:

@@ -208,7 +208,9 @@ class LakehouseCatalog:
 
     # -- the embedding store -------------------------------------------------------------------
 
-    def stored_embeddings(self, spark: SparkSession, encoder: str) -> DataFrame | None:
+    def stored_embeddings(
+        self, spark: SparkSession, encoder: str, products: DataFrame | None = None
+    ) -> DataFrame | None:
         """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
         :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), None when there are none."""
         from pyspark.sql import functions as F
@@ -219,7 +221,7 @@ class LakehouseCatalog:
         if not files:
             return None
         rows = spark.read.parquet(*files).where(F.col("encoder") == check_fingerprint(encoder))
-        return keep_one_per_product(rows)
+        return keep_one_per_product(rows, products)
 
     def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
         """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products

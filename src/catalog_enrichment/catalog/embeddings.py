@@ -59,9 +59,13 @@ def check_fingerprint(encoder: str) -> str:
     return encoder
 
 
-def keep_one_per_product(stored: Any) -> Any:
+def keep_one_per_product(stored: Any, products: Any = None) -> Any:
     """The store's rows as the join's right side: one per product (``stored_content``,
-    ``stored_embedding``), so a duplicated row can never duplicate a scored product."""
+    ``stored_embedding``), so a duplicated row can never duplicate a scored product; those of
+    ``products`` only, where given (a semi-join first, which Spark broadcasts when the run's
+    products are few: a night's increment does not shuffle the whole store)."""
+    if products is not None:
+        stored = stored.join(products.select("product_id").distinct(), "product_id", "left_semi")
     return stored.dropDuplicates(["product_id"]).select(
         "product_id",
         stored["content"].alias(STORED_COLUMNS[0]),

@@ -322,7 +322,7 @@ def score(
     encoder = None if store is None else store[1]
     counters = ScoringCounters.create(spark)
     valid = checked.where(F.size(REASONS) == 0)
-    stored = None if store is None else store[0].stored_embeddings(spark, store[1])
+    stored = None if store is None else store[0].stored_embeddings(spark, store[1], valid)
     if stored is not None:
         valid = valid.join(stored, "product_id", "left")
     scores = staging / "scores"

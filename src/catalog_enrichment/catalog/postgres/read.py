@@ -349,7 +349,9 @@ class Reads(PgBase):
         with self.connect() as conn, conn.transaction(), conn.cursor() as cursor:
             cursor.executemany(statement, [[r[n] for n in names] for r in rows.select(names).to_pylist()])
 
-    def stored_embeddings(self, spark: SparkSession, encoder: str) -> DataFrame | None:
+    def stored_embeddings(
+        self, spark: SparkSession, encoder: str, products: DataFrame | None = None
+    ) -> DataFrame | None:
         """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
         :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), read over JDBC in
         ``catalog.postgres.read_partitions`` slices of the product ids' hash; None when there are none."""
@@ -363,7 +365,7 @@ class Reads(PgBase):
                 self._sql("SELECT 1 FROM {e} WHERE encoder = %s LIMIT 1", e="embeddings"), [encoder]
             ).fetchone():
                 return None
-        return keep_one_per_product(self._hashed_read(spark, query))
+        return keep_one_per_product(self._hashed_read(spark, query), products)
 
     def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
         """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products."""
