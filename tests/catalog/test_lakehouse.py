@@ -183,3 +183,26 @@ def test_a_parquet_footer_is_read_once_per_version_of_its_file(tmp_path: Path) -
     pq.write_table(pa.table({"b": ["x", "y"]}), path)  # written again: another size
     os.utime(path, ns=(1, 1))
     assert products._read_footer(str(path)).names == ["b"]
+
+
+def test_the_rows_of_a_few_products_are_read_batch_by_batch_with_their_own_filter(tmp_path: Path) -> None:
+    """The store keeps one row per (encoder, product): the rows of one encoder and a few products
+    are selected batch by batch, those of the other encoders never kept."""
+    from catalog_enrichment.catalog import lakehouse
+
+    table = pa.table(
+        {
+            "encoder": ["a", "b", "a", "b", "a"],
+            "product_id": ["p1", "p1", "p2", "p2", "p3"],
+            "embedding": [b"1", b"2", b"3", b"4", b"5"],
+        }
+    )
+    write_table(tmp_path / "store", table)
+    rows = lakehouse.read_products_of(
+        tmp_path / "store", ["p1", "p3", "p9"], ["product_id", "embedding"], where={"encoder": "a"}
+    )
+    assert rows.column_names == ["product_id", "embedding"]
+    assert sorted(rows.to_pylist(), key=lambda r: r["product_id"]) == [
+        {"product_id": "p1", "embedding": b"1"},
+        {"product_id": "p3", "embedding": b"5"},
+    ]

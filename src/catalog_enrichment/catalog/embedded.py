@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from catalog_enrichment.catalog import attributes, lakehouse, products, reports
 from catalog_enrichment.catalog.base import (
@@ -229,8 +228,8 @@ class LakehouseCatalog:
         schema = pa.schema([embeddings_schema().field(c) for c in ("product_id", "content", "embedding")])
         if not lakehouse.is_delta(self.embeddings):
             return schema.empty_table()
-        rows = lakehouse.read_products_of(self.embeddings, product_ids, ["encoder", *schema.names])
-        return rows.filter(pc.field("encoder") == check_fingerprint(encoder)).select(schema.names)
+        where = {"encoder": check_fingerprint(encoder)}
+        return lakehouse.read_products_of(self.embeddings, product_ids, schema.names, where=where)
 
     def write_embeddings(self, rows: str, spark: SparkSession | None = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per

@@ -7,7 +7,7 @@ current snapshot) or natively where Delta Lake is installed on the cluster.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -262,17 +262,22 @@ def read_products_of(
     columns: Sequence[str] | None = None,
     *,
     version: int | None = None,
+    where: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """The rows of a Delta (optionally at ``version``) or Parquet table whose ``product_id`` is one
-    of ``product_ids`` (``columns`` only, when given), filtered batch by batch: a few rows of a large
-    table never hold the whole table, or a whole row group, in memory."""
+    of ``product_ids`` (and whose columns hold the values of ``where``; ``columns`` only, when
+    given), filtered batch by batch: a few rows of a large table never hold the whole table, or a
+    whole row group, in memory."""
     schema = dataset(path, version=version).schema
     wanted = pa.array(sorted(set(product_ids)), pa.string())
     columns = list(columns or schema.names)
-    kept = [
-        batch.filter(pc.is_in(batch.column("product_id").cast(pa.string()), value_set=wanted))
-        for batch in scan(path, columns, version=version)
-    ]
+    read = list(dict.fromkeys([*columns, *(where or {})]))
+    kept = []
+    for batch in scan(path, read, version=version):
+        keep = pc.is_in(batch.column("product_id").cast(pa.string()), value_set=wanted)
+        for name, value in (where or {}).items():
+            keep = pc.and_(keep, pc.equal(batch.column(name), value))
+        kept.append(batch.filter(keep).select(columns))
     return pa.Table.from_batches(kept, schema=pa.schema([schema.field(c) for c in columns]))
 
 
