@@ -145,6 +145,7 @@ def test_malformed_taxonomies_name_the_problem(data: dict, message: str) -> None
             r"\['input'\] named like .* keeps for itself",
         ),
         ({"_merchant": {"kind": "multilabel", "values": ["a", "b"]}}, r"\['_merchant'\] named like"),
+        ({"_reviewed": {"kind": "multilabel", "values": ["a", "b"]}}, r"\['_reviewed'\] named like"),
     ],
 )
 def test_an_attribute_named_like_a_labelled_table_column_is_refused_for_labels_and_training(

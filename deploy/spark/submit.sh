@@ -2,7 +2,7 @@
 # spark-submit a jobs/ entry point in one of four modes; every setting lives in the mode's conf file.
 #
 #   deploy/spark/submit.sh MODE JOB [JOB ARGS...]
-#   MODE: local | standalone | yarn | k8s      JOB: enrich | backfill | train | promote
+#   MODE: local | standalone | yarn | k8s      JOB: enrich | backfill | labels | train | promote
 #
 # Environment:
 #   SPARK_HOME            Spark installation (default: the pyspark package's own)

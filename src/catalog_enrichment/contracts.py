@@ -324,9 +324,9 @@ def load_contract(
 # ----------------------------------------------------------------------------- taxonomy
 
 
-# names the job keeps for itself: the scope of the run health's input checks, the column labels
-# stage the attributes a merchant labelled in
-RESERVED_NAMES = ("input", "_merchant")
+# names the job keeps for itself: the scope of the run health's input checks, the columns labels
+# stage the attributes a merchant labelled and the reviewed products in
+RESERVED_NAMES = ("input", "_merchant", "_reviewed")
 
 
 def check_attribute_names(taxonomy: Taxonomy) -> None:

@@ -61,7 +61,7 @@ METADATA_KEY = "catalog_enrich.labels"
 # the report names the most frequent values (and attributes) outside the taxonomy, and counts all
 REPORTED_DROPS = 100
 # the staged column of the attributes a merchant labelled (a disagreement included: no verdict fills it)
-MERCHANT = RESERVED_NAMES[1]
+MERCHANT, REVIEWED = RESERVED_NAMES[1:3]
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 STAGED_ROW_GROUP = 8 << 20  # bytes
 
@@ -163,12 +163,12 @@ def build_labels(
     kept = [c for c in load_contract("products").names if c in products.columns and c not in names]
     latest = _latest(products, report).select(*kept)
     labelled = latest.join(_label_columns(spark, latest, attributes, taxonomy, report), "product_id", "left")
-    labelled = labelled.join(_ids(spark, reviewed).withColumn("_reviewed", F.lit(True)), "product_id", "left")
+    labelled = labelled.join(_ids(spark, reviewed).withColumn(REVIEWED, F.lit(True)), "product_id", "left")
     has_label = F.lit(False)
     for name in names:
         has_label = has_label | F.col(name).isNotNull()
     staged = staging / "labelled"
-    chosen = labelled.where(has_label | F.col("_reviewed").isNotNull()).select(*kept, *names, MERCHANT)
+    chosen = labelled.where(has_label | F.col(REVIEWED).isNotNull()).select(*kept, *names, MERCHANT)
     # row groups of a few megabytes: the driver streams them into the commit one batch at a time
     chosen.write.mode("overwrite").option("parquet.block.size", STAGED_ROW_GROUP).parquet(str(staged))
     rows = spark.read.parquet(str(staged))  # every later step reads this one copy

@@ -22,6 +22,8 @@ __all__ = [
     "TableFormat",
     "data_files",
     "dataset",
+    "deleted_file",
+    "deletion_vectors",
     "file_path",
     "is_delta",
     "pinned_version",
@@ -101,7 +103,8 @@ def read_table(
 
     ``schema`` types hive partition columns of a Parquet folder (otherwise they are inferred).
     """
-    return dataset(path, version=version, schema=schema).to_table(columns=list(columns) if columns else None)
+    read = list(columns) if columns else None
+    return dataset(path, version=version, schema=schema, columns=read).to_table(columns=read)
 
 
 def pinned_version(path: str | Path, version: int | None, setting: str) -> int | None:
@@ -123,16 +126,23 @@ def pinned_version(path: str | Path, version: int | None, setting: str) -> int |
     return version
 
 
-def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema | None = None) -> ds.Dataset:
+def dataset(
+    path: str | Path,
+    *,
+    version: int | None = None,
+    schema: pa.Schema | None = None,
+    columns: Sequence[str] | None = None,
+) -> ds.Dataset:
     """A Delta (optionally at ``version``) or Parquet table as a ``pyarrow.dataset`` (nothing read
-    yet); ``schema`` types a Parquet folder's hive partition columns."""
+    yet); ``schema`` types a Parquet folder's hive partition columns; ``columns``: those a Delta table
+    with deletion vectors reads (a stream: what it reads, it decodes; others project when scanned)."""
     target = Path(path)
     if table_format(target) == "delta":
         from deltalake import DeltaTable
 
         table = DeltaTable(str(target), version=version)
         if "deletionVectors" in set(table.protocol().reader_features or ()):
-            return _with_deletions_applied(table)
+            return _with_deletions_applied(table, columns)
         return table.to_pyarrow_dataset()
     if target.is_file():
         return ds.dataset(str(target), format="parquet")
@@ -145,15 +155,15 @@ def dataset(path: str | Path, *, version: int | None = None, schema: pa.Schema |
     )
 
 
-def _with_deletions_applied(table: Any) -> ds.Dataset:
+def _with_deletions_applied(table: Any, columns: Sequence[str] | None = None) -> ds.Dataset:
     """A Delta table with deletion vectors (the default of current Delta writers), which
-    ``pyarrow.dataset`` cannot honour: its data files read one at a time, in path order, a batch
-    at a time, each file's deleted rows dropped and its partition values added, typed as the
-    table's schema - memory holds a batch and the files' deletion masks, never the table. The
-    dataset wraps one stream, read once: every :func:`dataset` call makes a new one, and every
-    pass reads the rows in the same order (a streamed training's passes read them alike). A table
-    with column mapping (its files' column names are not the table's) is read through delta-rs'
-    query engine instead, whole."""
+    ``pyarrow.dataset`` cannot honour: its data files read one at a time (ordered by the product ids
+    they hold, then path), a batch at a time, ``columns`` only (None: every one), each file's deleted
+    rows dropped and its partition values added, typed as the table's schema - memory holds a batch
+    and the files' deletion masks, never the table. The dataset wraps one stream, read once: every
+    :func:`dataset` call makes a new one, and every pass reads the rows in the same order (a
+    streamed training's passes read them alike). A table with column mapping (its files' column
+    names are not the table's) is read through delta-rs' query engine instead, whole."""
     import pyarrow.parquet as pq
 
     schema = pa.schema(table.schema().to_arrow())
@@ -162,21 +172,28 @@ def _with_deletions_applied(table: Any) -> ds.Dataset:
 
         rows = QueryBuilder().register("t", table).execute("SELECT * FROM t").read_all()
         return ds.dataset(pa.table(rows).select(schema.names).cast(schema))
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     root = Path(unquote(table.table_uri.removeprefix("file://")))
-    keep: dict[str, pa.BooleanArray] = {}
-    for batch in pa.table(table.deletion_vectors()).to_batches():
-        for uri, mask in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
-            keep[file_path(uri, table.table_uri)] = mask.values
+    keep = {deleted_file(uri): mask.values for uri, mask in deletion_vectors(table)}
     partitions = table.metadata().partition_columns
     adds = sorted(
-        (str(root / unquote(a["path"])), {c: a.get(f"partition.{c}") for c in partitions})
+        (
+            str(a.get("min.product_id") or ""),
+            str(a.get("max.product_id") or ""),
+            str(root / unquote(a["path"])),
+            {c: a.get(f"partition.{c}") for c in partitions},
+        )
         for a in pa.table(table.get_add_actions(flatten=True)).to_pylist()
     )
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for path, values in adds:
+        for _, _, path, values in adds:
             mask, offset = keep.get(path), 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=DELETION_SCAN_ROWS):
+            parquet = pq.ParquetFile(path)
+            present = [f.name for f in schema if f.name in parquet.schema_arrow.names]
+            read = present or parquet.schema_arrow.names[:1]  # a column at least: the rows' count
+            for batch in parquet.iter_batches(batch_size=DELETION_SCAN_ROWS, columns=read):
                 n, columns = batch.num_rows, dict(zip(batch.schema.names, batch.columns, strict=True))
                 rows = pa.table(
                     [
@@ -196,6 +213,19 @@ def _with_deletions_applied(table: Any) -> ds.Dataset:
                 yield from rows.to_batches()
 
     return ds.dataset(pa.RecordBatchReader.from_batches(schema, batches()))
+
+
+def deletion_vectors(table: Any) -> Iterator[tuple[str, Any]]:
+    """(file URI, its selection vector: True keeps the row) of each data file with a deletion vector."""
+    for batch in pa.table(table.deletion_vectors()).to_batches():
+        yield from zip(batch.column(0).to_pylist(), batch.column(1), strict=True)
+
+
+def deleted_file(uri: str) -> str:
+    """The local path of a data file as delta-rs' ``deletion_vectors`` names it: the whole URI
+    percent-encoded once more than the file's own name on disk (a partition folder ``k=a%20b``
+    comes as ``k=a%2520b``), so it is decoded whole - root and file alike."""
+    return unquote(uri.removeprefix("file://"))
 
 
 def _parquet_files(folder: Path) -> list[str]:
@@ -231,7 +261,7 @@ def scan(
     never the table. One thread reads the files in an order fixed by what they hold (the smallest
     and largest product id of their first row group): the same rows written twice, under other file
     names or in another log order, read in the same order."""
-    source = _in_content_order(dataset(path, version=version))
+    source = _in_content_order(dataset(path, version=version, columns=columns))
     scan_options = {**LOW_MEMORY_SCAN, "batch_size": batch_rows}
     for batch in source.to_batches(
         columns=list(columns or source.schema.names), use_threads=False, **scan_options

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog_enrichment.catalog.lakehouse import file_path, table_format
+from catalog_enrichment.catalog.lakehouse import deleted_file, deletion_vectors, file_path, table_format
 from catalog_enrichment.contracts import Contract
 from catalog_enrichment.errors import ContractError
 
@@ -102,12 +102,10 @@ def _deleted_rows(root: Path) -> dict[str, list[int]]:
     table = DeltaTable(str(root))
     if "deletionVectors" not in set(table.protocol().reader_features or ()):
         return {}
-    deleted: dict[str, list[int]] = {}
-    for batch in pa.table(table.deletion_vectors()).to_batches():
-        for uri, keep in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
-            mask = pc.invert(keep.values)
-            deleted[file_path(uri, table.table_uri)] = pc.indices_nonzero(mask).to_pylist()
-    return deleted
+    return {
+        deleted_file(uri): pc.indices_nonzero(pc.invert(keep.values)).to_pylist()
+        for uri, keep in deletion_vectors(table)
+    }
 
 
 def _footers(root: Path, partition: Partition | None) -> tuple[list[str], dict[str, pa.Schema]]:

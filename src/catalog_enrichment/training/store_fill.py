@@ -31,7 +31,7 @@ from catalog_enrichment.catalog.base import Catalog
 from catalog_enrichment.catalog.products import read_products
 from catalog_enrichment.catalog.reports import placeholders_found
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import IMAGE_SHARED, Taxonomy, load_contract
+from catalog_enrichment.contracts import IMAGE_KEY, IMAGE_SHARED, Taxonomy, load_contract
 from catalog_enrichment.data.dataset import build_tokenizer
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.embeddings import vectors as embedding
@@ -138,6 +138,8 @@ def fill_embedding_store(
                 if stored is not None:
                     products = products.join(stored, "product_id", "left")
                 options = {**cfg.inference.predictor_options(), "embedding_store": True}
+                limit = cfg.validation.max_products_per_image
+                known = placeholders_found(catalog.read_reports(), limit)
                 spec = ScoringSpec(
                     bundle_name=ship_bundle(spark, bundle_dir),
                     bundle_path=None,
@@ -145,14 +147,14 @@ def fill_embedding_store(
                     device=cfg.inference.device,
                     torch_threads=cfg.inference.torch_threads,
                     predictor=PredictorOptions(
-                        **options, image_policy=ImagePolicy.from_config(cfg.images, [data])
+                        **options,
+                        image_policy=ImagePolicy.from_config(cfg.images, [data]),
+                        placeholders=frozenset(k for k in known if k.startswith(IMAGE_KEY)),
                     ),
                 )
                 counters = ScoringCounters.create(spark)
                 encode_dataframe(products, spec, counters).write.parquet(str(staging / "encoded"))
                 encoded = spark.read.parquet(str(staging / "encoded"))
-                limit = cfg.validation.max_products_per_image
-                known = placeholders_found(catalog.read_reports(), limit)
                 shared = shared_image_digests(encoded, limit, known)
                 if shared:
                     mark_shared_images(spark, staging / "encoded", shared)

@@ -109,10 +109,11 @@ class Source:
 def table_source(path: str | Path, *, version: int | None = None, batch_rows: int = 4096) -> Source:
     """A Delta (at ``version``: pin it, so every pass reads the same rows) or Parquet table."""
     found = lakehouse.dataset(path, version=version)
+    names = tuple(found.schema.names)
     return Source(
         lambda: lakehouse.scan(path, version=version, batch_rows=batch_rows),
-        found.count_rows(),
-        tuple(found.schema.names),
+        lakehouse.dataset(path, version=version, columns=names[:1]).count_rows(),  # one column read
+        names,
         str(Path(path).resolve()),
     )
 
