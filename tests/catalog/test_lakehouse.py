@@ -148,15 +148,23 @@ def test_a_delta_table_with_deletion_vectors_is_streamed_without_its_deleted_row
     expected = {"product_id": ["p3", "p1", "p0"], "n": [0, 1, 3], "shop": ["home & garden: 1"] * 3}
     assert read_table(tmp_path / "t").to_pydict() == expected
     read: list[list[str]] = []
+    decoded: list[int] = []
     batches = pq.ParquetFile.iter_batches
 
     def recorded(self: pq.ParquetFile, *args: object, columns: list[str], **kwargs: object) -> object:
         read.append(columns)
-        return batches(self, *args, columns=columns, **kwargs)
+        for batch in batches(self, *args, columns=columns, **kwargs):
+            decoded.append(batch.num_rows)
+            yield batch
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", recorded)
     assert read_table(tmp_path / "t", columns=["n"]).to_pydict() == {"n": [0, 1, 3]}
     assert read == [["n"]]  # the other columns are never decoded
+    decoded.clear()
+    stream = scan(tmp_path / "t", ["n"])
+    assert next(stream).column("n").to_pylist() == [0, 1] and decoded == [2]  # one batch read, not the table
+    assert lakehouse.schema_of(tmp_path / "t").names == ["product_id", "n", "shop"] and decoded == [2]
+    assert lakehouse.count_rows(tmp_path / "t") == 3
     monkeypatch.undo()
     monkeypatch.setattr(lakehouse, "DELETION_SCAN_ROWS", 2)
     passes = [[r for b in scan(tmp_path / "t") for r in b.column("product_id").to_pylist()] for _ in range(2)]

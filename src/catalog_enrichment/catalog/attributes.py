@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import MergeResult, RollbackResult, RunWrite
-from catalog_enrichment.catalog.lakehouse import dataset, is_delta, read_products_of, table_version
+from catalog_enrichment.catalog.lakehouse import is_delta, read_products_of, schema_of, table_version
 from catalog_enrichment.contracts import blank_value, load_contract, merchant_value_given
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -449,7 +449,7 @@ def _merchant_pairs(products: str | Path | None, product_ids: pa.Array) -> set[P
     merchant value for (``products`` None or not there: none)."""
     if products is None or not Path(products).exists() or not len(product_ids):
         return set()
-    if "merchant_attributes" not in dataset(products).schema.names:
+    if "merchant_attributes" not in schema_of(products).names:
         return set()
     columns = ["product_id", "merchant_attributes", "updated_at"]
     latest: dict[str, dict[str, Any]] = {}

@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_GROUP", "group_ids", "table_groups"]
+__all__ = ["MAX_GROUP", "folded", "group_ids", "table_groups"]
 
 # the largest group a shared title or description may join (group_ids): larger is a template
 MAX_GROUP = 64
 
 
-def _folded(text: str | None) -> str:
+def folded(text: str | None) -> str:
+    """``text`` compared case- and whitespace-insensitively (None: empty)."""
     return " ".join((text or "").lower().split())
 
 
@@ -47,14 +48,14 @@ def group_ids(
             if a != b and (cap is None or size[a] + size[b] <= cap):
                 parent[b], size[a] = a, size[a] + size[b]
 
-    folded = [(_folded(t), _folded(d)) for t, d in zip(titles, descriptions, strict=True)]
+    texts = [(folded(t), folded(d)) for t, d in zip(titles, descriptions, strict=True)]
     links: dict[tuple[str, ...], list[int]] = {}
-    for i, (title, description) in enumerate(folded):
+    for i, (title, description) in enumerate(texts):
         links.setdefault(("both", title, description), []).append(i)
     for rows in links.values():
         join(rows, None)
     shared: dict[tuple[str, str], list[int]] = {}
-    for i, (title, description) in enumerate(folded):
+    for i, (title, description) in enumerate(texts):
         shared.setdefault(("title", title), []).append(i)
         if description:
             shared.setdefault(("description", description), []).append(i)

@@ -172,16 +172,9 @@ def build_labels(
     # row groups of a few megabytes: the driver streams them into the commit one batch at a time
     chosen.write.mode("overwrite").option("parquet.block.size", STAGED_ROW_GROUP).parquet(str(staged))
     rows = spark.read.parquet(str(staged))  # every later step reads this one copy
-    verdicts = _verdicts_of(rows, reviewed, reviews, taxonomy, drawn or {}, report)
+    verdicts, bare = _verdicts_of(rows, has_label, reviewed, reviews, taxonomy, drawn or {}, report)
     judged = set(verdicts["yes"]) | set(verdicts["no"])
-    unlabelled = [
-        r["product_id"]
-        for r in rows.join(_ids(spark, reviewed), "product_id")
-        .where(~has_label)
-        .select("product_id")
-        .collect()
-        if r["product_id"] not in judged
-    ]
+    unlabelled = [p for p in bare if p not in judged]
     left_out = set(unlabelled)
     if evaluation is not None and evaluation.num_rows:
         held = _evaluation_groups(
@@ -265,12 +258,14 @@ def _label_columns(
         F.concat(attribute, F.lit("="), F.coalesce(F.col("value"), F.lit("None")))
     )
     dropped = rows.where(why.isNotNull()).groupBy(why.alias("why"), named.alias("name")).count()
-    rank = F.row_number().over(Window.partitionBy("why").orderBy(F.desc("count"), "name"))
+    kind = Window.partitionBy("why")
+    rank = F.row_number().over(kind.orderBy(F.desc("count"), "name"))
     found: dict[str, dict[str, int]] = {"attribute": {}, "value": {}}
-    for r in dropped.withColumn("_rank", rank).where(F.col("_rank") <= REPORTED_DROPS).collect():
-        found[r["why"]][r["name"]] = r["count"]
+    totals: dict[str, int] = {}
+    ranked = dropped.withColumn("_rank", rank).withColumn("_total", F.sum("count").over(kind))
+    for r in ranked.where(F.col("_rank") <= REPORTED_DROPS).collect():
+        found[r["why"]][r["name"]], totals[r["why"]] = r["count"], r["_total"]
     report.dropped_attributes, report.dropped_values = found["attribute"], found["value"]
-    totals: dict[str, int] = {r[0]: r[1] for r in dropped.groupBy("why").agg(F.sum("count")).collect()}
     report.dropped_total = {
         "attributes": int(totals.get("attribute", 0)),
         "values": int(totals.get("value", 0)),
@@ -306,37 +301,43 @@ def _label_columns(
 
 def _verdicts_of(
     rows: DataFrame,
+    has_label: Any,
     reviewed: Sequence[str],
     reviews: pa.Table | None,
     taxonomy: Taxonomy,
     drawn: Mapping[str, dt.datetime],
     report: LabelReport,
-) -> dict[str, dict[str, dict[str, list[str]]]]:
+) -> tuple[dict[str, dict[str, dict[str, list[str]]]], list[str]]:
     """:func:`_verdicts` over the staged ``rows`` of the reviewed products (when each last changed,
     which attributes a merchant labelled), kept for those products only: a product not in the
-    catalog, or whose latest copy has no title, gets no label."""
+    catalog, or whose latest copy has no title, gets no label; and the reviewed staged products
+    without a merchant's label (``has_label`` false)."""
     from pyspark.sql import functions as F
 
     if reviews is None or not reviewed:
-        return _verdicts(None, taxonomy, set(), {}, drawn, report)
+        return _verdicts(None, taxonomy, set(), {}, drawn, report), []
     spark = rows.sparkSession
     changed: dict[str, dt.datetime] = {}
     labelled: set[tuple[str, str]] = set()
     staged: set[str] = set()
+    bare: list[str] = []
     micros = F.unix_micros("updated_at") if "updated_at" in rows.columns else F.lit(None).cast("long")
     reviewed_rows = rows.join(_ids(spark, reviewed), "product_id")
-    for r in reviewed_rows.select("product_id", micros.alias("_at"), MERCHANT).collect():
+    columns = ("product_id", micros.alias("_at"), MERCHANT, has_label.alias("_labelled"))
+    for r in reviewed_rows.select(*columns).collect():
         if r["_at"] is not None:  # as a UTC instant, whatever the driver's time zone
             changed[r["product_id"]] = EPOCH + dt.timedelta(microseconds=r["_at"])
         labelled.update((r["product_id"], a) for a in r[MERCHANT] or ())
         staged.add(r["product_id"])
+        if not r["_labelled"]:
+            bare.append(r["product_id"])
     verdicts = _verdicts(reviews, taxonomy, labelled, changed, drawn, report)
-    return {v: {p: judged for p, judged in by.items() if p in staged} for v, by in verdicts.items()}
+    return {v: {p: j for p, j in by.items() if p in staged} for v, by in verdicts.items()}, bare
 
 
 def _evaluation_groups(spark: SparkSession, products: DataFrame, evaluation: pa.Table) -> set[str]:
-    """Which ``products`` are evaluation products or grouped with one: the same id, or reachable
-    from one through shared texts, transitively within
+    """The ids to leave out: the evaluation products' own, and those of the ``products`` grouped with
+    one - reachable from one through shared texts, transitively within
     :data:`~catalog_enrichment.catalog.groups.MAX_GROUP` hops (the most a group of that many
     products spans) - the same title and description, or the same title or description where at
     most ``MAX_GROUP`` products (evaluation ones included) share it (a text more share is a
@@ -379,11 +380,7 @@ def _evaluation_groups(spark: SparkSession, products: DataFrame, evaluation: pa.
         linked.unpersist()
     finally:
         edges.unpersist()
-    ids = {r["product_id"] for r in eval_rows if r.get("product_id") is not None}
-    same_id = (
-        products.join(_ids(spark, sorted(ids)), "product_id", "left_semi").select("product_id").collect()
-    )
-    return held | {r["product_id"] for r in same_id}
+    return held | {r["product_id"] for r in eval_rows if r.get("product_id") is not None}
 
 
 def _text_keys(products: DataFrame) -> DataFrame:
@@ -570,9 +567,12 @@ def write_labels(
         products = catalog.read_products(spark, load_contract("products"), require_columns=False)
         values = catalog.read_attribute_values(spark, LABEL_SOURCES)
         if not catalog.reads_snapshot:  # a query runs again per Spark action: every step reads one copy
-            for name in ("products", "values"):
-                (products if name == "products" else values).write.parquet(str(staging / name))
-            products, values = (spark.read.parquet(str(staging / name)) for name in ("products", "values"))
+            products.write.parquet(str(staging / "products"))
+            values.write.parquet(str(staging / "values"))
+            products, values = (
+                spark.read.parquet(str(staging / "products")),
+                spark.read.parquet(str(staging / "values")),
+            )
         batches, report = build_labels(
             spark,
             products,

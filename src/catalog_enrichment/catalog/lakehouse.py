@@ -20,6 +20,7 @@ from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 __all__ = [
     "TableFormat",
+    "count_rows",
     "data_files",
     "dataset",
     "deleted_file",
@@ -30,6 +31,7 @@ __all__ = [
     "read_products_of",
     "read_table",
     "scan",
+    "schema_of",
     "table_format",
     "table_version",
     "write_table",
@@ -134,15 +136,17 @@ def dataset(
     columns: Sequence[str] | None = None,
 ) -> ds.Dataset:
     """A Delta (optionally at ``version``) or Parquet table as a ``pyarrow.dataset`` (nothing read
-    yet); ``schema`` types a Parquet folder's hive partition columns; ``columns``: those a Delta table
-    with deletion vectors reads (a stream: what it reads, it decodes; others project when scanned)."""
+    yet); ``schema`` types a Parquet folder's hive partition columns. A Delta table with deletion
+    vectors, which ``pyarrow.dataset`` cannot honour, is read here, whole (``columns`` only, where
+    given): for its schema call :func:`schema_of`, to stream it :func:`scan`."""
     target = Path(path)
     if table_format(target) == "delta":
         from deltalake import DeltaTable
 
         table = DeltaTable(str(target), version=version)
-        if "deletionVectors" in set(table.protocol().reader_features or ()):
-            return _with_deletions_applied(table, columns)
+        if _has_deletion_vectors(table):
+            names, batches = _deletion_batches(table, columns)
+            return ds.dataset(pa.Table.from_batches(list(batches), schema=names))
         return table.to_pyarrow_dataset()
     if target.is_file():
         return ds.dataset(str(target), format="parquet")
@@ -155,39 +159,72 @@ def dataset(
     )
 
 
-def _with_deletions_applied(table: Any, columns: Sequence[str] | None = None) -> ds.Dataset:
+def schema_of(path: str | Path, *, version: int | None = None) -> pa.Schema:
+    """The table's Arrow schema, no row read (a Delta table with deletion vectors included)."""
+    table = _with_deletion_vectors(path, version)
+    return dataset(path, version=version).schema if table is None else _deletion_batches(table)[0]
+
+
+def count_rows(path: str | Path, *, version: int | None = None) -> int:
+    """The table's rows (a Delta table's deleted rows left out: its first column streamed)."""
+    if _with_deletion_vectors(path, version) is None:
+        return int(dataset(path, version=version).count_rows())
+    first = schema_of(path, version=version).names[:1]
+    return sum(batch.num_rows for batch in scan(path, first, version=version))
+
+
+def _has_deletion_vectors(table: Any) -> bool:
+    return "deletionVectors" in set(table.protocol().reader_features or ())
+
+
+def _with_deletion_vectors(path: str | Path, version: int | None) -> Any | None:
+    """The Delta table at ``path`` where it has deletion vectors, else None."""
+    if table_format(path) != "delta":
+        return None
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(path), version=version)
+    return table if _has_deletion_vectors(table) else None
+
+
+def _deletion_batches(
+    table: Any, columns: Sequence[str] | None = None
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """A Delta table with deletion vectors (the default of current Delta writers), which
-    ``pyarrow.dataset`` cannot honour: its data files read one at a time (ordered by the product ids
-    they hold, then path), a batch at a time, ``columns`` only (None: every one), each file's deleted
-    rows dropped and its partition values added, typed as the table's schema - memory holds a batch
-    and the files' deletion masks, never the table. The dataset wraps one stream, read once: every
-    :func:`dataset` call makes a new one, and every pass reads the rows in the same order (a
-    streamed training's passes read them alike). A table with column mapping (its files' column
-    names are not the table's) is read through delta-rs' query engine instead, whole."""
+    ``pyarrow.dataset`` cannot honour: its schema (``columns`` only, where given) and its rows,
+    lazily - data files read one at a time (ordered by the product ids they hold, then path), a
+    batch at a time, those columns only, each file's deleted rows dropped and its partition values
+    added, typed as the table's schema: memory holds a batch and the files' deletion masks, never
+    the table, and every pass reads the rows in the same order (a streamed training's passes read
+    them alike). A table with column mapping (its files' column names are not the table's) is read
+    through delta-rs' query engine instead, whole."""
     import pyarrow.parquet as pq
 
     schema = pa.schema(table.schema().to_arrow())
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     if "columnMapping" in set(table.protocol().reader_features or ()):
         from deltalake import QueryBuilder
 
-        rows = QueryBuilder().register("t", table).execute("SELECT * FROM t").read_all()
-        return ds.dataset(pa.table(rows).select(schema.names).cast(schema))
-    if columns is not None:
-        schema = pa.schema([schema.field(c) for c in columns])
+        def whole() -> Iterator[pa.RecordBatch]:
+            rows = QueryBuilder().register("t", table).execute("SELECT * FROM t").read_all()
+            yield from pa.table(rows).select(schema.names).cast(schema).to_batches()
+
+        return schema, whole()
     root = Path(unquote(table.table_uri.removeprefix("file://")))
-    keep = {deleted_file(uri): mask.values for uri, mask in deletion_vectors(table)}
     partitions = table.metadata().partition_columns
-    adds = sorted(
-        (
-            str(a.get("min.product_id") or ""),
-            str(a.get("max.product_id") or ""),
-            str(root / unquote(a["path"])),
-            {c: a.get(f"partition.{c}") for c in partitions},
-        )
-        for a in pa.table(table.get_add_actions(flatten=True)).to_pylist()
-    )
 
     def batches() -> Iterator[pa.RecordBatch]:
+        keep = {deleted_file(uri): mask.values for uri, mask in deletion_vectors(table)}
+        adds = sorted(
+            (
+                str(a.get("min.product_id") or ""),
+                str(a.get("max.product_id") or ""),
+                str(root / unquote(a["path"])),
+                {c: a.get(f"partition.{c}") for c in partitions},
+            )
+            for a in pa.table(table.get_add_actions(flatten=True)).to_pylist()
+        )
         for _, _, path, values in adds:
             mask, offset = keep.get(path), 0
             parquet = pq.ParquetFile(path)
@@ -212,7 +249,7 @@ def _with_deletions_applied(table: Any, columns: Sequence[str] | None = None) ->
                 offset += n
                 yield from rows.to_batches()
 
-    return ds.dataset(pa.RecordBatchReader.from_batches(schema, batches()))
+    return schema, batches()
 
 
 def deletion_vectors(table: Any) -> Iterator[tuple[str, Any]]:
@@ -260,8 +297,15 @@ def scan(
     """The table's rows in record batches of at most ``batch_rows``, holding a few batches in memory,
     never the table. One thread reads the files in an order fixed by what they hold (the smallest
     and largest product id of their first row group): the same rows written twice, under other file
-    names or in another log order, read in the same order."""
-    source = _in_content_order(dataset(path, version=version, columns=columns))
+    names or in another log order, read in the same order (a Delta table with deletion vectors:
+    streamed file by file, :func:`_deletion_batches`)."""
+    table = _with_deletion_vectors(path, version)
+    if table is not None:
+        for batch in _deletion_batches(table, columns)[1]:
+            for start in range(0, batch.num_rows, batch_rows):
+                yield batch.slice(start, batch_rows)
+        return
+    source = _in_content_order(dataset(path, version=version))
     scan_options = {**LOW_MEMORY_SCAN, "batch_size": batch_rows}
     for batch in source.to_batches(
         columns=list(columns or source.schema.names), use_threads=False, **scan_options
@@ -298,7 +342,7 @@ def read_products_of(
     of ``product_ids`` (and whose columns hold the values of ``where``; ``columns`` only, when
     given), filtered batch by batch: a few rows of a large table never hold the whole table, or a
     whole row group, in memory."""
-    schema = dataset(path, version=version).schema
+    schema = schema_of(path, version=version)
     wanted = pa.array(sorted(set(product_ids)), pa.string())
     columns = list(columns or schema.names)
     read = list(dict.fromkeys([*columns, *(where or {})]))

@@ -20,7 +20,6 @@ from catalog_enrichment.catalog.products import Partition
 from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport
 from catalog_enrichment.config import InferenceConfig
 from catalog_enrichment.contracts import (
-    IMAGE_KEY,
     IMAGE_READABLE,
     IMAGE_SHARED,
     Contract,
@@ -289,7 +288,7 @@ def scoring_spec(
         predictor=PredictorOptions(
             **inference.predictor_options(),
             image_policy=images,
-            placeholders=frozenset(p for p in placeholders if p.startswith(IMAGE_KEY)),
+            placeholders=frozenset(placeholders),
         ),
         rejected=_by_product(rejected),
         retried=frozenset(retried),

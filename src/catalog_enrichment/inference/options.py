@@ -22,5 +22,6 @@ class PredictorOptions:
     keep_memory: bool = True
     embedding_store: bool = False
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
-    # digests of image bytes earlier runs found to be placeholders: a stored vector of them is not fused
+    # images earlier runs found to be placeholders (``sha256:`` keys of their bytes; ``uri:`` keys
+    # match no stored vector): a stored vector of them is not fused
     placeholders: frozenset[str] = frozenset()

@@ -31,7 +31,7 @@ from catalog_enrichment.catalog.base import Catalog
 from catalog_enrichment.catalog.products import read_products
 from catalog_enrichment.catalog.reports import placeholders_found
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import IMAGE_KEY, IMAGE_SHARED, Taxonomy, load_contract
+from catalog_enrichment.contracts import IMAGE_SHARED, Taxonomy, load_contract
 from catalog_enrichment.data.dataset import build_tokenizer
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.embeddings import vectors as embedding
@@ -149,7 +149,7 @@ def fill_embedding_store(
                     predictor=PredictorOptions(
                         **options,
                         image_policy=ImagePolicy.from_config(cfg.images, [data]),
-                        placeholders=frozenset(k for k in known if k.startswith(IMAGE_KEY)),
+                        placeholders=frozenset(known),
                     ),
                 )
                 counters = ScoringCounters.create(spark)

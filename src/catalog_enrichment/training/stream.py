@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from catalog_enrichment.catalog import lakehouse
-from catalog_enrichment.catalog.groups import group_ids
+from catalog_enrichment.catalog.groups import folded, group_ids
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import IMAGE_KEY, IMAGE_SHARED, Taxonomy
 from catalog_enrichment.data.dataset import (
@@ -108,12 +108,10 @@ class Source:
 
 def table_source(path: str | Path, *, version: int | None = None, batch_rows: int = 4096) -> Source:
     """A Delta (at ``version``: pin it, so every pass reads the same rows) or Parquet table."""
-    found = lakehouse.dataset(path, version=version)
-    names = tuple(found.schema.names)
     return Source(
         lambda: lakehouse.scan(path, version=version, batch_rows=batch_rows),
-        lakehouse.dataset(path, version=version, columns=names[:1]).count_rows(),  # one column read
-        names,
+        lakehouse.count_rows(path, version=version),
+        tuple(lakehouse.schema_of(path, version=version).names),
         str(Path(path).resolve()),
     )
 
@@ -159,10 +157,7 @@ def split_of(
 
 def _group_keys(titles: Sequence[str | None], descriptions: Sequence[str | None]) -> Iterator[str]:
     """Each product's group key: its title and description, case and whitespace folded."""
-    return (
-        " ".join((t or "").lower().split()) + "\x1e" + " ".join((d or "").lower().split())
-        for t, d in zip(titles, descriptions, strict=True)
-    )
+    return (folded(t) + "\x1e" + folded(d) for t, d in zip(titles, descriptions, strict=True))
 
 
 def _text_digests(
@@ -173,8 +168,8 @@ def _text_digests(
     kept on the driver for every product instead of the texts themselves."""
 
     def digest(text: str | None) -> str | None:
-        folded = " ".join((text or "").lower().split())
-        return hashlib.blake2b(folded.encode(), digest_size=8).hexdigest() if folded else None
+        text = folded(text)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest() if text else None
 
     return [digest(t) or "" for t in titles], [digest(d) for d in descriptions]
 
