@@ -337,6 +337,65 @@ def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type:
 
 
 @pytest.mark.slow
+def test_frozen_training_keeps_a_photo_s_digest_beside_its_stored_vector(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], monkeypatch
+) -> None:
+    """Photos behind URIs: a vector is stored with the digest of the bytes it was encoded from, so
+    new bytes behind the same URI are encoded again, and a run's placeholder bytes (the nightly
+    refuses a stored vector of them) are left out of training as the job quarantines them."""
+    import datetime as dt
+
+    from catalog_enrichment.catalog import open_catalog
+    from catalog_enrichment.catalog.embeddings import split_content
+    from catalog_enrichment.catalog.reports import PLACEHOLDERS, RunReport
+    from catalog_enrichment.contracts import image_key
+
+    rows = labelled.filter(pc.is_valid(labelled["image"])).slice(0, 200)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    uris = []
+    for pid, data in zip(rows["product_id"].to_pylist(), rows["image"].to_pylist(), strict=True):
+        (photos / f"{pid}.png").write_bytes(data)
+        uris.append(str(photos / f"{pid}.png"))
+    rows = rows.drop_columns(["image", "image_uri"]).append_column("image_uri", pa.array(uris))
+    cfg = _cfg(pretrained, encoders="frozen", embedding_cache=str(tmp_path / "cache"), epochs=1)
+    cfg = cfg.model_copy(
+        update={
+            "images": cfg.images.model_copy(update={"roots": [str(photos)]}),
+            "validation": cfg.validation.model_copy(update={"max_products_per_image": 3}),
+        }
+    )
+    catalog = open_catalog(cfg.catalog.model_copy(update={"root": str(tmp_path / "lake")}))
+    encoded = _count_encodes(monkeypatch)
+    n, first = rows.num_rows, rows["product_id"][0].as_py()
+
+    def stored_image(pid: str) -> str | None:
+        (encoder,) = catalog.embedding_counts()
+        found = catalog.embeddings_of(encoder, [pid])
+        return split_content(found["content"][0].as_py())[1]
+
+    train(rows, taxonomy, cfg, store=catalog)
+    assert encoded == [n] and stored_image(first) == image_key((photos / f"{first}.png").read_bytes())
+    # the image host now serves other bytes behind the first URI (the outage's placeholder)
+    placeholder = encode_image(np.full((32, 32, 3), 200, np.uint8), "PNG")
+    (photos / f"{first}.png").write_bytes(placeholder)
+    train(rows, taxonomy, cfg, store=catalog)
+    assert encoded == [n, 1] and stored_image(first) == image_key(placeholder)
+    # a run found those bytes on 4 products (over the limit of 3): the product is left out, and the
+    # nightly, told the same placeholders, does not fuse the vector stored from them
+    report = RunReport(
+        run_id="outage",
+        started_at=dt.datetime.now(dt.UTC),
+        validation_summary=json.dumps({PLACEHOLDERS: {image_key(placeholder): 4}}),
+    )
+    catalog.upsert_report(report)
+    said: list[str] = []
+    train(rows, taxonomy, cfg, store=catalog, progress=said.append)
+    assert encoded == [n, 1]
+    assert any("left out 1 products whose image cannot be used: {'image_shared': 1}" in m for m in said), said
+
+
+@pytest.mark.slow
 @pytest.mark.spark
 @pytest.mark.timeout(600)
 def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itself_gives(  # type: ignore[no-untyped-def]

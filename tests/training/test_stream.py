@@ -252,7 +252,7 @@ def test_the_streamed_health_baseline_counts_variants_as_in_memory(taxonomy: Tax
         )
     reader = _Reader(arrow_source(table, batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32))
     streamed = survey(reader, (0.1, 0.2, 0.15), seed=0, world=1, say=lambda m: None).inputs
-    _, in_memory = _usable_images(table, ImagePolicy(), ValidationConfig(), lambda m: None)
+    _, in_memory, _ = _usable_images(table, ImagePolicy(), ValidationConfig(), lambda m: None)
     assert streamed.design_effect == in_memory.design_effect == 3.0
 
 
@@ -272,7 +272,7 @@ def test_the_input_baseline_counts_only_the_titles_the_job_would_score(taxonomy:
     table = table.set_column(table.schema.get_field_index("title"), "title", pa.array(titles, pa.string()))
     reader = _Reader(arrow_source(table, batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32))
     streamed = survey(reader, (0.1, 0.2, 0.15), seed=0, world=1, say=lambda m: None).inputs
-    _, in_memory = _usable_images(table, ImagePolicy(), ValidationConfig(), lambda m: None)
+    _, in_memory, _ = _usable_images(table, ImagePolicy(), ValidationConfig(), lambda m: None)
     assert streamed.products == in_memory.products == 270
     assert streamed.scripts == in_memory.scripts and streamed.scripts[SCRIPTS.index("none")] == 0
     assert streamed.title_edges == in_memory.title_edges and max(streamed.title_edges) <= 300

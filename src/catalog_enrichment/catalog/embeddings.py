@@ -33,8 +33,8 @@ STORED_COLUMNS = ("stored_content", "stored_embedding")
 def stored_content(content: Any, image_digest: Any) -> Any:
     """A stored vector's ``content``: the digest of what the encoders read, then ``@`` and the
     digest of the image bytes read, where there were some (strings, or Spark columns): a run that
-    later finds those bytes a placeholder does not fuse the vector. A vector stored without one
-    (from training, or before it was kept) has none."""
+    later finds those bytes a placeholder does not fuse the vector. A vector of a product without
+    an image, or stored before the digest was kept, has none."""
     if isinstance(content, str) or content is None:
         return content if not image_digest else f"{content}@{image_digest}"
     from pyspark.sql import functions as F

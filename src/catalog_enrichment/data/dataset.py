@@ -90,6 +90,9 @@ class ProductRecords:
     image: list[bytes | None]
     image_uri: list[str | None]
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
+    # the digest of each product's image bytes as a check read them (None: none read; empty: not
+    # checked), kept beside a vector stored from them
+    image_digest: list[str | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.title)

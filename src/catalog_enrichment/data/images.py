@@ -330,15 +330,16 @@ _CHECK_SIZE = 32
 
 
 def check_images(
-    rows: pa.Table | pa.RecordBatch, policy: ImagePolicy, shared_limit: int = 0
+    rows: pa.Table | pa.RecordBatch, policy: ImagePolicy, shared_limit: int = 0, known: Iterable[str] = ()
 ) -> tuple[ProductInputs, list[str | None], list[str | None]]:
     """Training's image-usability check of products table rows (a table or a batch of one): each
     row's image read as serving reads it; returns the rows' inputs for the run health baseline
     (image state and colour balance included), per row why its image cannot be used (None: usable
     or absent) and the digest of its image bytes (None: none read). Serving quarantines a product
     whose image exists but cannot be used, so training leaves those out; with ``shared_limit``,
-    also the products whose image bytes are on more than that many products of ``rows``
-    (:data:`IMAGE_SHARED`: a placeholder, not their photo)."""
+    also the products whose image bytes are on more than that many products of ``rows`` or are
+    among ``known`` (placeholders earlier runs found; :data:`IMAGE_SHARED`: a placeholder, not their
+    photo)."""
     names = rows.schema.names
 
     def column(name: str) -> list[object]:
@@ -349,7 +350,7 @@ def check_images(
         for b, u in zip(column("image"), column("image_uri"), strict=True)
     ]
     digests = [d for _, _, d in read]
-    shared = shared_images(column("product_id"), digests, shared_limit)
+    shared = shared_images(column("product_id"), digests, shared_limit, known)
     errors = [IMAGE_SHARED if d in shared and e is None else e for (_, e, d) in read]
     tones = [None if p is None else image_tone(p) for p, _, _ in read]
     return ProductInputs.of(rows, errors, tones), errors, digests

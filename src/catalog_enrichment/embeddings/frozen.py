@@ -31,7 +31,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from catalog_enrichment.catalog.embeddings import split_content
+from catalog_enrichment.catalog.embeddings import split_content, stored_content
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset, ProductRecords
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.embeddings.vectors import encoder_fingerprint
@@ -255,7 +255,7 @@ def _embed_through_store(
     missing = []
     for i, (pid, digest) in enumerate(zip(records.product_id, content, strict=True)):
         have = stored.get(pid) if pid is not None else None
-        if have is not None and split_content(have[0])[0] == digest and len(have[1]) == 4 * width:
+        if have is not None and _fits(have, digest, _image_digest(records, i), width):
             matrix[i] = np.frombuffer(have[1], np.float32)
         else:
             missing.append(i)
@@ -278,6 +278,20 @@ def _embed_through_store(
         )
     )
     return Embeddings(_flatten(embedding.unpack(model, matrix)))
+
+
+def _image_digest(records: ProductRecords, i: int) -> str | None:
+    return records.image_digest[i] if records.image_digest else None
+
+
+def _fits(stored: tuple[str, bytes], content: str, image: str | None, width: int) -> bool:
+    """Whether a stored (content, vector) is this product's: the same content digest and width, and
+    read from the image bytes the check read now (``image``), where both sides know them: a vector
+    of bytes an image host served before (a placeholder, or a photo since replaced behind the same
+    URI) is encoded again."""
+    had, had_image = split_content(stored[0])
+    same_image = had_image is None or image is None or had_image == image
+    return had == content and len(stored[1]) == 4 * width and same_image
 
 
 def _store(
@@ -305,7 +319,7 @@ def _store(
         {
             "encoder": [encoder] * len(keep),
             "product_id": [records.product_id[i] for i in keep],
-            "content": [content[i] for i in keep],
+            "content": [stored_content(content[i], _image_digest(records, i)) for i in keep],
             "embedding": [matrix[i].tobytes() for i in keep],
             "run_id": ["training"] * len(keep),
             "written_at": [now] * len(keep),

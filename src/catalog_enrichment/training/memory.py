@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from catalog_enrichment.catalog.groups import table_groups
+from catalog_enrichment.catalog.reports import placeholders_found
 from catalog_enrichment.config import AppConfig, ModelConfig, ValidationConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import (
@@ -93,14 +95,15 @@ __all__ = ["InMemory"]
 
 
 def _usable_images(
-    table: pa.Table, policy: ImagePolicy, validation: ValidationConfig, say: Say
-) -> tuple[pa.Table, InputBaseline]:
+    table: pa.Table, policy: ImagePolicy, validation: ValidationConfig, say: Say, known: Iterable[str] = ()
+) -> tuple[pa.Table, InputBaseline, list[str | None]]:
     """The rows whose image is usable or absent (the others left out, counted in the log: a
     placeholder's too, whose image bytes are on more than ``validation.max_products_per_image``
-    products), and the run health checks' input baseline over the rows the enrichment job would
-    score: not those its row rules quarantine for their title or description, which no night's
-    checks count (a catalog's number-only titles are not tonight's titles)."""
-    inputs, errors, _ = check_images(table, policy, validation.max_products_per_image)
+    products or among ``known``, the placeholders earlier runs found), the run health checks' input
+    baseline over the rows the enrichment job would score: not those its row rules quarantine for
+    their title or description, which no night's checks count (a catalog's number-only titles are
+    not tonight's titles), and the digest of each row's image bytes (None: none read)."""
+    inputs, errors, digests = check_images(table, policy, validation.max_products_per_image, known)
     # variants share title and description: only those (max_group 1) make the design effect; the
     # splits' wider groups (a shared title or description) hold templates that are not variants
     groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions), max_group=1)
@@ -108,9 +111,10 @@ def _usable_images(
     baseline = input_baseline(inputs.subset(scored), groups)
     bad = Counter(e for e in errors if e is not None)
     if not bad:
-        return table, baseline
+        return table, baseline, digests
     say(f"left out {bad.total():,} products whose image cannot be used: {dict(sorted(bad.items()))}")
-    return table.filter(pa.array([e is None for e in errors])), baseline
+    usable = [e is None for e in errors]
+    return table.filter(pa.array(usable)), baseline, [d for d, ok in zip(digests, usable, strict=True) if ok]
 
 
 @dataclass(frozen=True)
@@ -159,10 +163,11 @@ class InMemory:
         if self.source.rows == 0:
             raise CatalogEnrichError("the labelled table is empty")
         policy = ImagePolicy.from_config(self.cfg.images, self.image_roots)
-        table, labels, groups, splits, folds, inputs = _split(
-            self.source.read(), self.test_table, self.taxonomy, self.cfg, policy, say
+        known = _placeholders(self.store, self.cfg.validation.max_products_per_image)
+        table, labels, groups, splits, folds, inputs, digests = _split(
+            self.source.read(), self.test_table, self.taxonomy, self.cfg, policy, say, known
         )
-        records = ProductRecords.from_arrow(table, policy)
+        records = dataclasses.replace(ProductRecords.from_arrow(table, policy), image_digest=digests)
         return _Surveyed(table, records, labels, groups, splits, folds, inputs, self.test_table is not None)
 
     def fit(self, surveyed: _Surveyed, tokenizer: Any, say: Say) -> Fitted:
@@ -284,17 +289,22 @@ def _split(
     cfg: AppConfig,
     policy: ImagePolicy,
     say: Say,
-) -> tuple[pa.Table, EncodedLabels, np.ndarray, Splits, int, InputBaseline]:
-    """The usable products (a separate test table's last), their labels and duplicate groups, the
-    splits, the cross-fit folds and the input health baseline."""
+    known: Iterable[str] = (),
+) -> tuple[pa.Table, EncodedLabels, np.ndarray, Splits, int, InputBaseline, list[str | None]]:
+    """The usable products (a separate test table's last; ``known``: placeholder digests earlier
+    runs found), their labels and duplicate groups, the splits, the cross-fit folds, the input
+    health baseline and the products' image digests."""
     tcfg = cfg.training
-    table, inputs = _usable_images(canonical_order(table), policy, cfg.validation, say)
+    table, inputs, digests = _usable_images(canonical_order(table), policy, cfg.validation, say, known)
     n_own = table.num_rows
     if n_own == 0:
         raise CatalogEnrichError("the labelled table is empty")
     if test_table is not None:  # its rows go last: the test split, never trained or calibrated on
-        test_table, _ = _usable_images(canonical_order(test_table), policy, cfg.validation, say)
+        test_table, _, test_digests = _usable_images(
+            canonical_order(test_table), policy, cfg.validation, say, known
+        )
         table = pa.concat_tables([table, test_table.select(table.column_names)], promote_options="default")
+        digests = digests + test_digests
     check_unique_ids(
         table["product_id"], "the labelled table" if test_table is None else "the training and test tables"
     )
@@ -324,7 +334,21 @@ def _split(
             splits, train=np.sort(splits.train[keep[: round(tcfg.train_fraction * keep.size)]])
         )
     say(f"splits: {splits.sizes()}")
-    return table, labels, groups, splits, folds, inputs
+    return table, labels, groups, splits, folds, inputs, digests
+
+
+def _placeholders(store: Catalog | None, limit: int) -> set[str]:
+    """The placeholder image digests the catalog's runs found (none without a catalog: a
+    training that stores no vector has only its own table's shared images to go by). Its products
+    are left out as the enrichment job quarantines them; a catalog whose reports cannot be read
+    leaves that to the stored vectors' image digests, which a run checks before it fuses one."""
+    if store is None or not limit:
+        return set()
+    try:
+        return placeholders_found(store.read_reports(), limit)
+    except Exception as exc:  # a cache's catalog: training goes on without it
+        logging.getLogger(__name__).warning("could not read the catalog's run reports: %s", exc)
+        return set()
 
 
 @dataclass
