@@ -282,6 +282,25 @@ def test_a_run_whose_pairs_later_runs_all_changed_again_is_not_marked_rolled_bac
     assert next(r.status for r in catalog.read_reports() if r.run_id == "r3") == "succeeded"
 
 
+def test_a_run_that_changes_nothing_is_committed_and_its_rollback_says_so(catalog: Catalog) -> None:
+    """A run whose only pair the merchant holds changes no row and makes no version: its id is
+    committed all the same (a second attempt finds it merged), and its rollback restores nothing."""
+    from catalog_enrichment.catalog.reports import RunReport
+    from catalog_enrichment.catalog.runs import rollback
+
+    before = _state(catalog)
+    quiet = _merge(catalog, "r1", _values([("p1", "color", "blue", 0.9)]), _pairs([("p1", "color")]))
+    assert (quiet.version, quiet.already_committed, quiet.merchant_pairs_skipped) == (None, False, 1)
+    again = _merge(catalog, "r1", _values([("p1", "color", "blue", 0.9)]), _pairs([("p1", "color")]))
+    assert again.already_committed
+    catalog.upsert_report(RunReport(run_id="r1", status="succeeded", started_at=T0))
+    said: list[str] = []
+    assert rollback(catalog, run_id="r1", progress=said.append)[0].pairs_restored == 0
+    assert said[-1] == "nothing rolled back of r1: no change of it was found"
+    assert [(r.run_id, r.status) for r in catalog.read_reports()] == [("r1", "succeeded")]
+    assert _state(catalog) == before
+
+
 def _quarantine(run: str, ids: list[str]) -> pa.Table:
     schema = load_contract("quarantine").arrow_schema()
     n = len(ids)
@@ -345,17 +364,16 @@ def test_quarantine_rows_are_written_once_with_their_run(catalog: Catalog) -> No
 
 def test_the_quarantine_rows_are_those_of_the_attempt_that_wrote_the_run(catalog: Catalog) -> None:
     """A first attempt of q2 had nothing to write (no value, nothing to remove) and quarantined
-    bad-1, then died; the retry read newly changed products, wrote their values and quarantined
-    bad-2 and bad-3. The catalog keeps one attempt's rows, the one whose write stands: the
-    lakehouse's first attempt committed nothing, so the retry's; PostgreSQL's committed its rows
-    with the run, so the retry writes nothing."""
+    bad-1, then died; the retry read newly changed products. That first attempt committed the run
+    (its id, and its quarantine rows), so on either backend the retry writes nothing and the next
+    run reads its products again."""
     nothing = RunWrite("q2", "m", "1", T0, _values([]), _pairs([]), _quarantine("q2", ["bad-1"]))
     catalog.write(nothing)
     values, pairs = _values([("p3", "color", "red", 0.9)]), _pairs([("p3", "color")])
     retry = catalog.write(RunWrite("q2", "m", "1", T0, values, pairs, _quarantine("q2", ["bad-2", "bad-3"])))
-    ids = sorted(r["product_id"] for r in catalog.quarantine_rows().to_pylist())
-    assert ids == (["bad-1"] if retry.already_committed else ["bad-2", "bad-3"])
-    assert retry.already_committed == (catalog.kind == "postgres")
+    assert retry.already_committed
+    assert [r["product_id"] for r in catalog.quarantine_rows().to_pylist()] == ["bad-1"]
+    assert ("p3", "color", "red", "model", "q2") not in _state(catalog)
 
 
 def _two_runs_at_once(catalog: Catalog, *, locked: bool) -> list[BaseException]:

@@ -212,6 +212,29 @@ def _merge_model_rows(
         raise _concurrent(path, exc) from None
 
 
+def _commit_nothing(
+    path: str | Path, read_at: int, metadata: dict[str, str], transactions: Sequence[str]
+) -> None:
+    """A commit that changes no row, carrying ``transactions`` as the next version after
+    ``read_at`` (as :func:`_merge_model_rows`' do): a run that changed nothing keeps its id, as
+    PostgreSQL's run log does, so a later attempt of it finds it merged and its rollback finds
+    nothing to undo."""
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+    from deltalake.exceptions import CommitFailedError
+
+    version = read_at + 1
+    properties = CommitProperties(
+        custom_metadata=metadata,
+        max_commit_retries=0,
+        app_transactions=[Transaction(app_id=t, version=version) for t in transactions],
+    )
+    table = DeltaTable(str(path), version=read_at)
+    try:
+        write_deltalake(table, attributes_schema().empty_table(), mode="append", commit_properties=properties)
+    except CommitFailedError as exc:
+        raise _concurrent(path, exc) from None
+
+
 def _version(path: str | Path) -> int:
     """The attribute table's current version: what a write reads its rows at and commits on."""
     version = table_version(path)
@@ -266,7 +289,9 @@ def merge_run(path: str | Path, run: RunWrite, *, changes: str | Path) -> MergeR
     scored_pairs, new, gone = _replaced(current, scored, values, retract, str(model_version))
     upserts = _model_rows(new, model_name, str(model_version), run_id, written_at)
     skipped = _pairs(scored).num_rows - scored_pairs.num_rows if scored.num_rows else 0
-    if upserts.num_rows + gone.num_rows == 0:
+    metadata = {META_RUN_ID: run_id, META_OPERATION: "enrich", META_MODEL_VERSION: str(model_version)}
+    if upserts.num_rows + gone.num_rows == 0:  # no version changed, but the run id is committed
+        _commit_nothing(path, read_at, metadata, [_transaction(run_id)])
         return MergeResult(None, merchant_pairs_skipped=skipped)
     touched = _pairs(pa.concat_tables([_pairs(upserts), _pairs(gone)]))
     before = _semi(current.filter(pc.equal(current["source"], "model")), touched, PAIR)
@@ -277,7 +302,7 @@ def merge_run(path: str | Path, run: RunWrite, *, changes: str | Path) -> MergeR
         read_at,
         upserts,
         gone,
-        {META_RUN_ID: run_id, META_OPERATION: "enrich", META_MODEL_VERSION: str(model_version)},
+        metadata,
         [_transaction(run_id)],
     )
     return MergeResult(

@@ -428,7 +428,9 @@ def _stages(
             "its products again")  # fmt: skip
     else:
         run.written = written(decisions, job.policy.taxonomy, run.blocked)
-        say(f"  wrote {decisions.values.num_rows:,} values (version {run.merge.version}); "
+        version = run.merge.version
+        changed = "no value changed" if version is None else f"version {version}"
+        say(f"  wrote {decisions.values.num_rows:,} values ({changed}); "
             f"quarantined {decisions.quarantine.num_rows:,} rows")  # fmt: skip
     if scored.encoder is not None and run.blocked:
         # tonight's inputs may be what was wrong (placeholder photos under the products' own URLs
