@@ -4,6 +4,7 @@ precision's bound, the level split over a run's checks, what blocks, and how a r
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -467,9 +468,10 @@ def format_health(
 
 
 def plot_scores(profile: HealthProfile, tally: HealthTally, out: Path) -> list[Path]:
-    """One PNG per attribute scored in the run (``out/health_<attribute>.png``): the top score's
-    histogram tonight over the held-out one, on the baseline's decile bins (as densities, so the
-    unequal bins compare)."""
+    """One PNG per attribute scored in the run (``out/health_<attribute>.png``): the share of
+    products in each of the baseline's top-score bins (its deciles, what the drift check compares),
+    tonight beside the held-out products. Shares, not densities: a bin of one score (where a tenth
+    of the held-out products score exactly 1) has no width to divide by."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -480,18 +482,24 @@ def plot_scores(profile: HealthProfile, tally: HealthTally, out: Path) -> list[P
         counted = tally.attributes.get(name)
         if counted is None or not sum(counted.scores):
             continue
-        edges = np.array([0.0, *base.edges, 1.0])
-        widths = np.maximum(np.diff(edges), 1e-9)
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for counts, label, fill in (
-            (base.scores, f"held-out at training (m={base.products:,})", True),
-            (counted.scores, f"this run (n={sum(counted.scores):,})", False),
+        edges = [0.0, *base.edges, 1.0]
+        labels = [
+            f"{lo:.2f}" if hi - lo < 5e-3 else f"{lo:.2f}-{hi:.2f}" for lo, hi in itertools.pairwise(edges)
+        ]
+        x = np.arange(len(labels))
+        fig, ax = plt.subplots(figsize=(7.2, 4.0))
+        for k, (counts, label) in enumerate(
+            (
+                (base.scores, f"held-out at training (m={base.products:,})"),
+                (counted.scores, f"this run (n={sum(counted.scores):,})"),
+            )
         ):
-            density = np.asarray(counts, np.float64) / max(1, sum(counts)) / widths
-            ax.stairs(density, edges, label=label, fill=fill, alpha=0.35 if fill else 1.0, linewidth=2)
-        ax.set_xlabel("top score")
-        ax.set_ylabel("density")
-        ax.set_title(f"{name}: top score, this run over training's held-out products")
+            share = np.asarray(counts, np.float64) / max(1, sum(counts))
+            ax.bar(x + (k - 0.5) * 0.4, share, width=0.4, label=label, alpha=0.6 if k == 0 else 0.9)
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+        ax.set_xlabel("top score (the held-out products' decile bins)")
+        ax.set_ylabel("share of products")
+        ax.set_title(f"{name}: top score, this run beside training's held-out products")
         ax.legend()
         fig.tight_layout()
         path = out / f"health_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"  # any attribute name
