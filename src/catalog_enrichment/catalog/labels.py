@@ -371,10 +371,10 @@ def _evaluation_groups(spark: SparkSession, products: DataFrame, evaluation: pa.
                 break
             reached = linked.join(
                 F.broadcast(spark.createDataFrame([(k,) for k in frontier], "key long")), "key"
-            )
-            new = {r["product_id"] for r in reached.select("product_id").distinct().collect()} - held
-            held |= new
-            their = linked.join(_ids(spark, sorted(new)), "product_id").select("key").distinct().collect()
+            ).select("product_id")
+            # one Spark job a hop: the products the frontier reaches, with every key of theirs
+            their = linked.join(reached.distinct(), "product_id").select("product_id", "key").collect()
+            held |= {r["product_id"] for r in their}
             frontier = {r["key"] for r in their} - keys
             keys |= frontier
         linked.unpersist()
