@@ -70,6 +70,16 @@ def test_threshold_lands_where_precision_crosses_the_target() -> None:
     assert y2[written].mean() >= 0.95
 
 
+def test_a_value_threshold_stays_at_the_lowest_score_that_supports_it() -> None:
+    """80 right at 0.995, 420 wrong at 0.2: every grid point from 0.995 down to 0.2 writes the same
+    80 and passes the same test; the threshold is the highest of them, not the lowest (which would
+    write every score in between, where the calibration saw none)."""
+    scores = np.where(np.arange(500) < 80, 0.995, 0.2)
+    cal = value_scope("a", "multilabel", ["x"], scores[:, None], (scores > 0.5)[:, None])
+    v = cal.values[0]
+    assert v.n_written == 80 and v.threshold == float(THRESHOLD_GRID[THRESHOLD_GRID <= 0.995][0])
+
+
 def test_a_label_with_ten_positives_gets_no_threshold() -> None:
     rng = np.random.default_rng(0)
     labels = np.zeros(500, bool)
@@ -206,6 +216,22 @@ def test_thresholds_stand_where_the_served_models_validation_writes_prove_the_ta
     strict = on_served_scale(cal, served, folds, labels, bound, confidence=0.99, bound="clopper_pearson")
     assert strict.served_lower_bound is not None and strict.served_lower_bound < bound
     assert strict.values != cal.values
+
+
+def test_a_validation_split_nobody_labelled_moves_the_thresholds_to_the_fold_models_share() -> None:
+    """No validation product is labelled for the attribute (a multi-label one few merchants give):
+    the served model's writes prove nothing there, so its thresholds go to the fold models' share,
+    counted over every validation product, as where it falls short."""
+    rng = np.random.default_rng(0)
+    folds = [rng.uniform(size=(400, 3)) for _ in range(3)]
+    served = np.sqrt(rng.uniform(size=(400, 3)))
+    cal = _fixed("multilabel", 60, 120, None)
+    unlabelled = on_served_scale(
+        cal, served, folds, np.zeros((0, 3), bool), 0.95, labelled=np.zeros(400, bool)
+    )
+    short = on_served_scale(cal, served, folds, _none_right(served, "multilabel"), 0.95)
+    assert unlabelled.values == short.values != cal.values
+    assert unlabelled.served_lower_bound is None and unlabelled.served_ratio == short.served_ratio
 
 
 def test_a_value_the_served_model_writes_more_of_even_at_the_grids_top_is_not_written() -> None:

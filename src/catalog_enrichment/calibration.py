@@ -461,7 +461,9 @@ def _pick_threshold(
     below target" is rejected when the lower confidence bound is >= target. Grid points with too few
     predictions to ever pass (or fewer than ``min_support``) are skipped — that depends on the scores
     only, not on the labels. The sequence stops at the first failure; the threshold is the last
-    (lowest) rejected point.
+    (lowest) rejected point, raised to the highest grid point that writes the same calibration
+    products: grid points below every score that supports it repeat the same test on the same
+    writes, and would write scores the calibration never saw.
     """
     if support < min_support:
         return None, {"reason": f"support {support} < min_support {min_support}"}
@@ -482,6 +484,7 @@ def _pick_threshold(
             )
         )
         return None, {"reason": why}
+    chosen = int(np.flatnonzero(n[: chosen + 1] == n[chosen])[0])  # n grows down the grid
     n_i, k_i = int(n[chosen]), int(k[chosen])
     return float(THRESHOLD_GRID[chosen]), {
         "n_written": n_i,
@@ -730,14 +733,16 @@ def on_served_scale(
     confidence: float = 0.95,
     bound: BoundName = "wilson",
     provable: bool = True,
+    labelled: np.ndarray | None = None,
 ) -> AttributeCalibration:
     """Cross-fitted thresholds checked on the model that serves, and raised where it falls short.
 
     The thresholds were proven on the out-of-fold scores of fold models that each trained on part
     of the training split; the model that serves trained on all of it and is usually more
     confident, so at the same threshold it writes more. ``served`` and ``folds``: ``(n, n_values)``
-    scores of the same labelled held-out products (the validation split; ``labels`` theirs) by the
-    model that serves and by each fold model. Where what the served model writes there at the proven
+    scores of the same held-out products (the validation split) by the model that serves and by
+    each fold model; ``labels`` those of the rows ``labelled`` marks (None: every row; the shares
+    below count every row, labelled or not). Where what the served model writes there at the proven
     thresholds proves ``target`` by itself (the one-sided ``bound`` at ``confidence`` reaches it, so
     a few hundred validation products cannot pass a model that is only as good as the target by
     chance), they stand. Otherwise each rises up the grid to the lowest point at which the served
@@ -747,12 +752,13 @@ def on_served_scale(
     split); a value with no such point, not even the grid's top, is not written. None falls.
     ``provable=False``: the served model fitted part of itself on these products (a late or
     decision fusion's held-out fit), so what it writes there proves nothing and the thresholds
-    always go to the fold models' share.
+    always go to the fold models' share; so do they where it wrote nothing labelled there.
     """
     if not folds or served.shape[0] == 0:
         return cal
     thresholds = cal.threshold_array()
-    mine = written_precision_and_coverage(served, labels, cal.kind, thresholds)
+    known = served if labelled is None else served[labelled]
+    mine = written_precision_and_coverage(known, labels, cal.kind, thresholds)
     right, writes = int(mine["correct"]), int(mine["written"])
     proven = float(np.mean([decision_matrix(f, cal.kind, thresholds).sum() for f in folds]))
     ratio = int(decision_matrix(served, cal.kind, thresholds).sum()) / proven if proven else None

@@ -288,16 +288,18 @@ def on_served_scale(
     theirs = [taxonomy.derive(f.probs) for f in folds]
     attributes = {}
     for name, a in calibration.attributes.items():
-        mine, y = labels.labelled(served, name)
+        _, y = labels.labelled(served, name)
+        known = labels.known[name] if labels.targets[name].ndim == 2 else None
         attributes[name] = calibration_lib.on_served_scale(
             a,
-            mine,
-            [labels.labelled(f, name)[0] for f in theirs],
+            served[name],
+            [f[name] for f in theirs],
             y,
             calibration.target_precision,
             confidence=calibration.confidence,
             bound=calibration.bound,
             provable=provable,
+            labelled=known,
         )
     return dataclasses.replace(calibration, attributes=attributes)
 

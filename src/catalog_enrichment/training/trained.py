@@ -16,7 +16,7 @@ from typing import Any, Literal, cast
 import pandas as pd
 import torch
 
-from catalog_enrichment.calibration import Calibration
+from catalog_enrichment.calibration import AttributeCalibration, Calibration
 from catalog_enrichment.config import AppConfig, CalibrationConfig, ModelConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels, unseen_values
@@ -64,17 +64,40 @@ class HeldOut:
     family_fitted: bool = False
 
     def calibrate(
-        self, taxonomy: Taxonomy, rule: CalibrationConfig, inputs: InputBaseline | None
+        self,
+        taxonomy: Taxonomy,
+        rule: CalibrationConfig,
+        inputs: InputBaseline | None,
+        say: Say = lambda _m: None,
     ) -> Calibration:
         """Thresholds under ``rule`` from the calibration set (the family shaping them), with the run
-        health profile of the health set and the training products' ``inputs``."""
+        health profile of the health set and the training products' ``inputs``; ``say`` names each
+        attribute whose thresholds rose onto the served model's scale, and why."""
         calibration = calibrate(*self.calibration, taxonomy, rule, family=self.family)
         if self.fold_family and self.family is not None:
+            proven = calibration
             calibration = on_served_scale(
                 calibration, self.family, self.fold_family, taxonomy, provable=not self.family_fitted
             )
+            for name, a in calibration.attributes.items():
+                if a.values != proven.attributes[name].values:
+                    say(f"{name}: {self._why_raised(a)}: thresholds put on the served model's scale "
+                        "(raised, never lowered; kept out where no grid point fits)")  # fmt: skip
         calibration = calibration.keep_out(self.unseen, UNSEEN)
         return with_health(calibration, *self.health, taxonomy, inputs)
+
+    def _why_raised(self, a: AttributeCalibration) -> str:
+        ratio = "" if a.served_ratio is None else f", {a.served_ratio:.2f}x what the fold models wrote"
+        if self.family_fitted:
+            why = "the served model fitted part of itself on the validation split: its writes prove nothing"
+        elif a.served_precision is None or a.served_lower_bound is None:
+            why = "at the proven thresholds the served model wrote no labelled value on the validation split"
+        else:
+            why = (
+                f"at the proven thresholds the served model wrote {a.served_precision:.3f} right on the "
+                f"validation split (lower bound {a.served_lower_bound:.3f})"
+            )
+        return why + ratio
 
 
 @dataclass
@@ -167,16 +190,9 @@ def conclude(
     if heldout.unseen:
         named = ", ".join(f"{a}={v}" for a, values in heldout.unseen.items() for v in values)
         say(f"{UNSEEN}, so never written: {named} (add labelled products to write them)")
-    calibration = heldout.calibrate(taxonomy, cfg.calibration, inputs)
-    for name, a in calibration.attributes.items():
+    calibration = heldout.calibrate(taxonomy, cfg.calibration, inputs, say)
+    for name in calibration.attributes:
         say(f"calibration: {calibration.describe(name)}")
-        if a.served_lower_bound is not None and a.served_lower_bound < cfg.calibration.target_precision:
-            ratio = "" if a.served_ratio is None else f", {a.served_ratio:.2f}x what the fold models wrote"
-            say(
-                f"{name}: at the proven thresholds the served model wrote {a.served_precision:.3f} right on "
-                f"the validation split (lower bound {a.served_lower_bound:.3f}){ratio}: thresholds put on "
-                "its scale (raised, never lowered; kept out where no grid point fits)"
-            )
     report = _report(fitted, taxonomy, calibration, (test_preds, test_labels), heldout, say)
     seconds = time.perf_counter() - started
     say(f"trained in {seconds:.0f}s; test: " + _summary(report, taxonomy))
