@@ -256,6 +256,25 @@ def test_rollback_restores_exactly_and_leaves_pairs_changed_later_alone(catalog:
     assert after_r1 != after_r2
 
 
+def test_a_pair_later_runs_wrote_and_emptied_again_is_left_alone(catalog: Catalog) -> None:
+    """r took x's red out; s wrote blue and t took it out again, so the pair is empty as r left it,
+    but r no longer decides it: r's rollback leaves it alone. Once t and s are rolled back, it puts
+    red back."""
+    pair = _pairs([("p3", "color")])
+    _merge(catalog, "x", _values([("p3", "color", "red", 0.9)]), pair, version="0")
+    _merge(catalog, "r", _values([]), pair)
+    _merge(catalog, "s", _values([("p3", "color", "blue", 0.9)]), pair, version="2")
+    _merge(catalog, "t", _values([]), pair, version="2")
+    result = catalog.rollback_runs(["r"])[0]
+    assert (result.pairs_restored, result.superseded) == (0, [("p3", "color")])
+    assert not [row for row in _state(catalog) if row[0] == "p3"]
+    catalog.rollback_runs(["t"])
+    assert ("p3", "color", "blue", "model", "s") in _state(catalog)
+    catalog.rollback_runs(["s"])
+    assert catalog.rollback_runs(["r"])[0].pairs_restored == 1
+    assert [row for row in _state(catalog) if row[0] == "p3"] == [("p3", "color", "red", "model", "x")]
+
+
 def test_a_run_whose_pairs_later_runs_all_changed_again_is_not_marked_rolled_back(catalog: Catalog) -> None:
     """Nothing of r1 is left to undo (r2 changed its one pair again): r1's report stays succeeded, and
     the rollback says why; r2's rollback restores r1's value and marks r2."""
@@ -299,6 +318,24 @@ def test_a_run_that_changes_nothing_is_committed_and_its_rollback_says_so(catalo
     assert said[-1] == "nothing rolled back of r1: no change of it was found"
     assert [(r.run_id, r.status) for r in catalog.read_reports()] == [("r1", "succeeded")]
     assert _state(catalog) == before
+
+
+def test_a_retry_that_changes_nothing_does_not_keep_a_killed_attempt_s_changes(catalog: Catalog) -> None:
+    """An attempt of q recorded taking x's red out, then was killed before its commit; another run
+    took red out meanwhile, so the retry of q changes nothing. Its rollback must not put back a
+    value q never took out."""
+    pair = _pairs([("p3", "color")])
+    _merge(catalog, "x", _values([("p3", "color", "red", 0.9)]), pair, version="0")
+    if catalog.kind == "lakehouse":  # what the killed attempt left: its change rows, no commit
+        from catalog_enrichment.catalog import attributes
+
+        before = catalog.attribute_rows({"product_id": "p3"})
+        empty = attributes.attributes_schema().empty_table()
+        attributes._record_changes(catalog.changes, "q", "1", before, empty)  # type: ignore[attr-defined]
+    _merge(catalog, "y", _values([]), pair)
+    assert _merge(catalog, "q", _values([]), pair).version is None
+    assert catalog.rollback_runs(["q"])[0].pairs_restored == 0
+    assert not [row for row in _state(catalog) if row[0] == "p3"]
 
 
 def _quarantine(run: str, ids: list[str]) -> pa.Table:

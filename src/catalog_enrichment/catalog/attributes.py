@@ -145,13 +145,19 @@ def find_run_commit(path: str | Path, run_id: str, operation: str = "enrich") ->
 def runs_of_model_version(path: str | Path, changes: str | Path, model_version: str) -> list[tuple[int, str]]:
     """(table version, run id) of every committed, not-rolled-back run of a model version, newest
     first (the runs from the changes table's partitions, their state from the transactions)."""
+    return _live_runs(path, changes, [(CHANGED_IN, "=", str(model_version))])
+
+
+def _live_runs(
+    path: str | Path, changes: str | Path, partitions: list[tuple[str, str, str]] | None = None
+) -> list[tuple[int, str]]:
+    """(table version, run id) of every committed, not-rolled-back run that recorded a change (in
+    the ``partitions`` of the changes table given), newest first."""
     from deltalake import DeltaTable
 
     if not is_delta(changes) or not is_delta(path):
         return []
-    parts = DeltaTable(str(changes)).partitions(
-        file_pruning_predicate=[(CHANGED_IN, "=", str(model_version))]
-    )
+    parts = DeltaTable(str(changes)).partitions(file_pruning_predicate=partitions)
     table = DeltaTable(str(path))
     live = []
     for run in {p[CHANGED_BY] for p in parts}:
@@ -291,6 +297,7 @@ def merge_run(path: str | Path, run: RunWrite, *, changes: str | Path) -> MergeR
     skipped = _pairs(scored).num_rows - scored_pairs.num_rows if scored.num_rows else 0
     metadata = {META_RUN_ID: run_id, META_OPERATION: "enrich", META_MODEL_VERSION: str(model_version)}
     if upserts.num_rows + gone.num_rows == 0:  # no version changed, but the run id is committed
+        _forget_changes(changes, run_id)  # what a killed attempt of it recorded is not this run's
         _commit_nothing(path, read_at, metadata, [_transaction(run_id)])
         return MergeResult(None, merchant_pairs_skipped=skipped)
     touched = _pairs(pa.concat_tables([_pairs(upserts), _pairs(gone)]))
@@ -382,6 +389,20 @@ def _record_changes(
         raise _concurrent(changes, exc) from None
 
 
+def _forget_changes(changes: str | Path, run_id: str) -> None:
+    """Remove the before and after rows a killed attempt of ``run_id`` recorded (no commit where
+    there are none)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import CommitFailedError
+
+    if not is_delta(changes):
+        return
+    try:
+        DeltaTable(str(changes)).delete(f"{CHANGED_BY} = '{run_id}'")
+    except CommitFailedError as exc:
+        raise _concurrent(changes, exc) from None
+
+
 def _concurrent(path: str | Path, exc: Exception) -> CatalogEnrichError:
     """Optimistic concurrency: a writer outside the catalog lock committed first."""
     return CatalogEnrichError(
@@ -390,15 +411,35 @@ def _concurrent(path: str | Path, exc: Exception) -> CatalogEnrichError:
     )
 
 
-def _read_changes(changes: str | Path, run_ids: Sequence[str]) -> pa.Table:
-    """The before and after rows of the given runs (their partitions only)."""
+def _read_changes(
+    changes: str | Path, run_ids: Sequence[str], product_ids: pa.Array | None = None
+) -> pa.Table:
+    """The before and after rows of the given runs (their partitions only; of ``product_ids`` only
+    when given)."""
     from deltalake import DeltaTable
 
-    if not is_delta(changes):
+    if not is_delta(changes) or not run_ids:
         return changes_schema().empty_table()
     dataset = DeltaTable(str(changes)).to_pyarrow_dataset()
     wanted = pc.field(CHANGED_BY).isin(pa.array(list(run_ids), pa.string()))
+    if product_ids is not None:
+        wanted = wanted & pc.field("product_id").isin(product_ids.cast(pa.string()))
     return dataset.to_table(filter=wanted).select(changes_schema().names).cast(changes_schema())
+
+
+def _changed_later(
+    path: str | Path, changes: str | Path, committed: Mapping[str, int], product_ids: pa.Array
+) -> dict[Pair, int]:
+    """Per pair of ``product_ids``, the newest table version at which a live run committed after the
+    oldest of ``committed`` (and not among them: they are being undone) changed it."""
+    oldest = min(committed.values(), default=0)
+    later = {run: v for v, run in _live_runs(path, changes) if v > oldest and run not in committed}
+    rows = _read_changes(changes, sorted(later), product_ids).select(["product_id", "attribute", CHANGED_BY])
+    newest: dict[Pair, int] = {}
+    for r in rows.to_pylist():
+        pair, version = (r["product_id"], r["attribute"]), later[r[CHANGED_BY]]
+        newest[pair] = max(newest.get(pair, version), version)
+    return newest
 
 
 Row = dict[str, Any]
@@ -444,17 +485,26 @@ def _rolled_back(path: str | Path, run_ids: set[str]) -> set[str]:
 
 
 def _undo(
-    run_id: str, images: pa.Table, state: dict[Pair, list[Row]], held: set[Pair], gone: set[str]
+    run_id: str,
+    images: pa.Table,
+    state: dict[Pair, list[Row]],
+    held: set[Pair],
+    gone: set[str],
+    later: Mapping[Pair, int],
+    version: int,
 ) -> RollbackResult:
     """One run's rollback in ``state`` (pair -> the model rows it holds, updated in place): every
-    pair still as the run left it gets its before rows back - none where a merchant's value holds
-    it now (``held``), nor a row of a run rolled back before (``gone``: its values were taken out
-    and stay out); the others are reported superseded."""
+    pair still as the run left it, and that no live run committed after it changed (``later``:
+    pair -> the newest version at which one did, against the run's ``version``: a later run that
+    wrote a value and one that took it out again leave the pair as it was, but not the run's),
+    gets its before rows back - none where a merchant's value
+    holds it now (``held``), nor a row of a run rolled back before (``gone``: its values were taken
+    out and stay out); the others are reported superseded."""
     before = _by_pair(images.filter(pc.equal(images[IMAGE], "before")))
     after = _by_pair(images.filter(pc.equal(images[IMAGE], "after")))
     restored, superseded, removed, back = 0, [], 0, 0
     for pair in sorted(set(before) | set(after)):
-        if _state(state.get(pair, [])) != _state(after.get(pair, [])):
+        if later.get(pair, -1) > version or _state(state.get(pair, [])) != _state(after.get(pair, [])):
             superseded.append(pair)
             continue
         rows = [] if pair in held else [r for r in before.get(pair, []) if r["run_id"] not in gone]
@@ -499,8 +549,9 @@ def rollback_runs(
     linked: Mapping[str, Sequence[str]] | None = None,
 ) -> list[RollbackResult]:
     """Undo runs, newest first, in one commit: for every pair a run changed, its before rows come
-    back when the pair is as the run left it (after the newer runs' rollback) - but not those an
-    earlier rollback took out; otherwise a later run changed it, and it is left alone and reported.
+    back when the pair is as the run left it (after the newer runs' rollback) and no live run
+    committed since changed it - but not those an earlier rollback took out; otherwise a later run
+    changed it, and it is left alone and reported (as PostgreSQL's run log decides).
     A pair a merchant's value holds now (a merchant row, or the ``products`` table's
     :func:`_merchant_pairs`, of the attribute or of one ``linked`` to it) gets no model value back.
 
@@ -519,8 +570,17 @@ def rollback_runs(
     held = given | {(pid, other) for pid, a in given for other in (linked or {}).get(a, ())}
     state = dict(now)
     gone = _rolled_back(path, set(pc.unique(images["run_id"]).drop_null().to_pylist()))
+    later = _changed_later(path, changes, committed, ids)
     results = [
-        _undo(run_id, images.filter(pc.equal(images[CHANGED_BY], run_id)), state, held, gone)
+        _undo(
+            run_id,
+            images.filter(pc.equal(images[CHANGED_BY], run_id)),
+            state,
+            held,
+            gone,
+            later,
+            committed[run_id],
+        )
         for run_id in sorted(committed, key=committed.__getitem__, reverse=True)
     ]
     done = [r.run_id for r in results if r.pairs_restored]

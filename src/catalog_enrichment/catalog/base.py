@@ -71,7 +71,8 @@ def keyed_key(name: KeyedTable) -> list[str]:
 @dataclass
 class MergeResult:
     """What a run's write did; ``version`` is the committed table version (Delta) or the run's
-    position in the run log (PostgreSQL); None: nothing to write."""
+    position in the run log (PostgreSQL); None: no row changed (the run id is committed all the
+    same: a retry of it writes nothing)."""
 
     version: int | None
     inserted: int = 0
