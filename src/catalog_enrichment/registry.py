@@ -479,7 +479,8 @@ def log_audit_run(
     chart: Path,
 ) -> str:
     """One MLflow run for a realized-precision audit (metrics, the audit as JSON, its chart), and the
-    audited model version tagged with its outcome (``audit_sample``, ``audit_failed``). The same audit
+    audited model version tagged with its outcome (``audit_sample``, ``audit_failed``) unless the
+    sample is of one run (``run_id``), which judges that run alone. The same audit
     again (same sample, same verdicts, same figures) logs nothing: its run is returned."""
     name, version = str(audit["model_name"]), str(audit["model_version"])
     failed = ",".join(audit["failed"]) or "none"
@@ -504,6 +505,8 @@ def log_audit_run(
         documents={"audit.json": audit},
         files=[chart],
     )
+    if audit.get("run_id") is not None:  # a sample of one run judges that run, not the version
+        return run_id
     try:
         client.set_model_version_tag(name, version, "audit_sample", str(audit["sample_id"]))
         client.set_model_version_tag(name, version, "audit_failed", failed)

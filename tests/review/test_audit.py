@@ -52,14 +52,21 @@ def test_a_cell_nobody_judged_is_represented_by_its_values_other_cells() -> None
 def test_a_category_is_estimated_over_its_own_cells() -> None:
     """Shoes: value a 100 written (30 judged, all wrong), value b 1,000 (30 judged, all right); a's
     9,000 hats nobody judged are not shoes: shoes are 1,000 / 1,100 right (a's hats once weighted its
-    shoes 91 times up, to 0.10)."""
+    shoes 91 times up, to 0.10). Value c's 400 shoes nobody judged: 1,100 of the 1,500 shoes are in
+    cells judged (the attribute's share, 1,100 / 10,500, is not the category's)."""
     cells = [("a", "shoes")] * 30 + [("b", "shoes")] * 30
     right = np.array([False] * 30 + [True] * 30)
-    sizes = {("a", "shoes"): 100, ("b", "shoes"): 1000, ("a", "hats"): 9000}
-    p, *_ = weighted_precision(
-        cells, right, sizes, {"a": 9100, "b": 1000}, 10100, confidence=0.95, domain=np.ones(60, bool)
+    sizes = {("a", "shoes"): 100, ("b", "shoes"): 1000, ("a", "hats"): 9000, ("c", "shoes"): 400}
+    p, *_, share = weighted_precision(
+        cells,
+        right,
+        sizes,
+        {"a": 9100, "b": 1000, "c": 400},
+        10500,
+        confidence=0.95,
+        domain=np.ones(60, bool),
     )
-    assert p == pytest.approx(1000 / 1100)
+    assert p == pytest.approx(1000 / 1100) and share == pytest.approx(1100 / 1500)
 
 
 def _population(rng: np.random.Generator, worse: float = 0.0) -> dict[str, list]:
@@ -212,8 +219,18 @@ def test_a_version_audit_passes_over_samples_of_a_single_run_of_it() -> None:
     run_samples, run_reviews = run_samples.cast(samples.schema), renamed(reviews).cast(reviews.schema)
     both = pa.concat_tables([samples, run_samples]), pa.concat_tables([reviews, run_reviews])
     assert _audit(*both).sample_id == "s1"
-    with pytest.raises(CatalogEnrichError, match=f"only of single runs of it \\({run_id}\\)"):
-        _audit(run_samples, run_reviews)
+    assert _audit(*both, model_version=None).sample_id == "s1"  # nor for any version
+    for version in ("1", None):
+        with pytest.raises(CatalogEnrichError, match=f"only of single runs \\({run_id}\\)"):
+            _audit(run_samples, run_reviews, model_version=version)
+    # audited by its id, it judges its run: a failure names that run's rollback, not the version's
+    audit = audit_sample(
+        *both, model_version=None, sample_id=run_id, target_of=lambda _n, _v: 0.999, confidence=0.95,
+        min_support=30,
+    )  # fmt: skip
+    assert audit.run_id == "r" and audit.failed and audit.to_dict()["run_id"] == "r"
+    said = format_audit(audit)
+    assert "(run r alone)" in said and "rollback --run-id r`" in said and "--model-version" not in said
 
 
 def test_the_audit_benchmark_counts_intervals_that_hold_the_truth(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -238,3 +238,31 @@ def test_a_file_without_times_imported_again_after_it_was_saved_again_changes_no
     path = _write(_verdicts(drawn.rows.slice(0, 2), ["no", "yes"], when=""), tmp_path / "ana.csv")
     os.utime(path, (NOW.timestamp() - 30, NOW.timestamp() - 30))
     assert import_verdicts(catalog, path, now=NOW).updated == 1
+
+
+def test_ids_and_values_import_exactly_as_drawn() -> None:
+    """A product id with a trailing space (validation lets it through) is the id the sample drew:
+    its verdict imports under it, and the same id without the space names no drawn value."""
+    from catalog_enrichment.catalog.base import keyed_schema
+    from catalog_enrichment.catalog.reviews import verdict_rows
+
+    schema = keyed_schema("review_samples")
+    drawn = {
+        "sample_id": "s",
+        "product_id": "SKU-1 ",
+        "attribute": "color",
+        "value": "red",
+        "model_version": "3",
+    }
+    samples = pa.Table.from_pylist([{f: drawn.get(f) for f in schema.names}], schema=schema)
+
+    def file(product_id: str) -> pa.Table:
+        row = {**{k: drawn[k] for k in ("sample_id", "attribute", "value")}, "product_id": product_id}
+        return pa.Table.from_pylist([{**row, "verdict": "no", "reviewer": "ana", "reviewed_at": ""}])
+
+    rows, _ = verdict_rows(file("SKU-1 "), samples, source_file="f.csv", file_time=NOW, now=NOW)
+    assert rows["product_id"].to_pylist() == ["SKU-1 "] and rows["verdict"].to_pylist() == ["no"]
+    with pytest.raises(
+        ReviewFileError, match=r"drew no such product/attribute/value \('SKU-1', 'color', 'red'\)"
+    ):
+        verdict_rows(file("SKU-1"), samples, source_file="f.csv", file_time=NOW, now=NOW)

@@ -207,7 +207,7 @@ def verdict_rows(
     seen: dict[tuple[str, ...], str] = {}
     skipped = 0
     for i, r in enumerate(file.select(list(FILE_COLUMNS)).to_pylist(), start=1):
-        key = tuple(_text(r[k]) for k in ITEM)
+        key = tuple("" if r[k] is None else str(r[k]) for k in ITEM)  # exactly as drawn: not stripped
         verdict = _text(r["verdict"]).lower()
         if not verdict:
             skipped += 1
@@ -217,7 +217,7 @@ def verdict_rows(
             problems.append(f"{where}: unknown sample_id {key[0]!r}")
             continue
         if key not in drawn:
-            problems.append(f"{where}: sample {key[0]} drew no such product/attribute/value")
+            problems.append(f"{where}: sample {key[0]} drew no such product/attribute/value {key[1:]!r}")
             continue
         reviewer, when = _text(r["reviewer"]), _when(r["reviewed_at"], file_time)
         problems += [f"{where}: {p}" for p in _row_problems(r, verdict, reviewer, when, now)]

@@ -96,6 +96,10 @@ def weighted_precision(
         if not keep.any():
             return None, None, None, 0.0, 0.0
         w, y, cell = w[keep], y[keep], [c for c, k in zip(cell, keep, strict=True) if k]
+        # of the domain's categories' sampled cells, the share in cells judged (here: in the domain)
+        categories = {c[1] for c in cell}
+        sampled = sum(size for c, size in cell_size.items() if c[1] in categories)
+        judged_share = sum(cell_size[c] for c in set(cell)) / sampled
     p = float(np.sum(w * y) / np.sum(w))
     kish = float(np.sum(w) ** 2 / np.sum(w**2))
     total = float(np.sum(w))
@@ -125,6 +129,7 @@ class Audit:
     attributes: dict[str, Estimate] = field(default_factory=dict)
     categories: dict[str, dict[str, Estimate]] = field(default_factory=dict)
     other_samples: list[str] = field(default_factory=list)
+    run_id: str | None = None  # the run a sample of one run (``--run-id``) drew from: it stands for it alone
 
     @property
     def failed(self) -> list[str]:
@@ -145,7 +150,9 @@ def _status(e: Estimate, target: float) -> str:
 def _reviewed_samples(
     samples: pa.Table, reviews: pa.Table, model_version: str | None, sample_id: str | None
 ) -> list[dict[str, Any]]:
-    """The samples asked for (one id, one version's, or all) that have verdicts, oldest first.
+    """The samples asked for that have verdicts, oldest first: the one ``sample_id``; else those of
+    the whole ``model_version`` (of every version without one) - a sample of a single run is
+    audited by its id alone, as it stands for that run only.
 
     Raises:
         CatalogEnrichError: no such sample, a sample of another version than ``model_version``, or
@@ -162,15 +169,17 @@ def _reviewed_samples(
             raise CatalogEnrichError(
                 f"sample {sample_id} judged model version {', '.join(sorted(other))}, not {model_version}"
             )
-    elif model_version is not None:  # a sample of one run of it stands for that run alone
-        drawn = [d for d in drawn if d["model_version"] == str(model_version)]
+    else:  # a sample of one run stands for that run alone: audited by its id only
+        if model_version is not None:
+            drawn = [d for d in drawn if d["model_version"] == str(model_version)]
         runs = sorted(d["sample_id"] for d in drawn if of_one_run(d["sample_id"]))
         drawn = [d for d in drawn if not of_one_run(d["sample_id"])]
         if not drawn and runs:
+            of = "any model version" if model_version is None else f"model version {model_version}"
+            draw = "" if model_version is None else f" --model-version {model_version}"
             raise CatalogEnrichError(
-                f"no review sample of the whole model version {model_version}, only of single runs of "
-                f"it ({', '.join(runs)}): draw one with `catalog-enrich review sample --model-version "
-                f"{model_version}`, or audit a run's with --sample"
+                f"no review sample of the whole of {of}, only of single runs ({', '.join(runs)}): draw "
+                f"one with `catalog-enrich review sample{draw}`, or audit a run's with --sample"
             )
     which = (
         f"sample {sample_id}"
@@ -203,7 +212,7 @@ def audit_sample(
     min_support: int,
 ) -> Audit:
     """The audit of one sample: ``sample_id``, else the latest sample of the whole ``model_version``
-    (not one of a single run of it, :func:`of_one_run`; else of any version) that has verdicts,
+    (of any version without one; not one of a single run, :func:`of_one_run`) that has verdicts,
     against the precision target ``target_of(model name, version)`` of the version that wrote it.
 
     Raises:
@@ -227,6 +236,8 @@ def audit_sample(
         other_samples=[d["sample_id"] for d in with_verdicts[:-1]],
     )
     rows = mine.to_pylist()
+    if of_one_run(audit.sample_id) and rows:
+        audit.run_id = rows[0]["run_id"]
     for attr in sorted({r["attribute"] for r in rows}):
         items = [r for r in rows if r["attribute"] == attr]
         audit.attributes[attr], audit.categories[attr] = _attribute_audit(
@@ -302,8 +313,9 @@ def _bounds(e: Estimate) -> str:
 
 def format_audit(audit: Audit) -> str:
     """The audit as a text table."""
+    run = "" if audit.run_id is None else f" (run {audit.run_id} alone)"
     head = (
-        f"audit of {audit.model_name} v{audit.model_version}, sample {audit.sample_id} "
+        f"audit of {audit.model_name} v{audit.model_version}{run}, sample {audit.sample_id} "
         f"(drawn {audit.drawn_at}); "
         f"target {audit.target:.0%}, {audit.confidence:.0%} Wilson intervals weighted to the written values"
     )
@@ -327,7 +339,12 @@ def format_audit(audit: Audit) -> str:
                 f"  {category[:20]:<20} {c.population:>8,.0f} {c.judged:>6} {c.right:>5} {c.unsure:>6}  "
                 f"{_bounds(c)} {c.n_effective:>6.1f}  {c.status}"
             )
-    if audit.failed:
+    if audit.failed and audit.run_id is not None:
+        lines.append(
+            f"FAILED: {', '.join(audit.failed)} below {audit.target:.0%} in what run {audit.run_id} wrote; "
+            f"roll it back with `catalog-enrich rollback --run-id {audit.run_id}`"
+        )
+    elif audit.failed:
         lines.append(
             f"FAILED: {', '.join(audit.failed)} below {audit.target:.0%}; roll back what this version "
             f"wrote with `catalog-enrich rollback --model-version {audit.model_version}`"
