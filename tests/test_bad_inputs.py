@@ -30,6 +30,7 @@ from PIL import Image
 from catalog_enrichment.catalog.attributes import ensure_attributes_table
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
 from catalog_enrichment.catalog.products import Partition, read_products
+from catalog_enrichment.catalog.reports import RESUMED
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.enrich import RunScope, run_enrichment
@@ -387,13 +388,16 @@ def test_an_image_that_could_not_be_read_is_tried_again_by_the_next_runs_then_le
 ) -> None:  # type: ignore[no-untyped-def]
     """Two products whose image file is not there (a network share down, a 503): both are
     quarantined; the next incremental run reads them again though they did not change. One image
-    is back by then and its product is scored; the other is tried ``image_retries`` times in all."""
+    is back by then and its product is scored; the other is tried ``image_retries`` times in all.
+    An older copy of it (edited since) is read with it by its id each time, but judged once: the
+    first run's duplicate, after it a superseded row, not new bad data."""
     products, images = tmp_path / "products", tmp_path / "products" / "images"
     rows = _valid_products(incoming)[:20]
     back, gone = rows[0]["product_id"], rows[1]["product_id"]
+    older = {**rows[1], "updated_at": rows[1]["updated_at"] - dt.timedelta(days=3)}
     rows[0] = {**rows[0], "image": None, "image_uri": str(images / "back.png")}
     rows[1] = {**rows[1], "image": None, "image_uri": str(images / "gone.png")}
-    _write_products(products, rows)
+    _write_products(products, [*rows, older])
     cfg = tiny_config(
         catalog={"root": str(tmp_path / "lake")},
         inference={"device": "cpu"},
@@ -405,17 +409,21 @@ def test_an_image_that_could_not_be_read_is_tried_again_by_the_next_runs_then_le
         return {r["product_id"] for r in table.to_pylist() if r["run_id"] == run_id}
 
     first = _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-1")
-    assert first.report.rows_read == 20 and quarantined("retry-1") == {back, gone}
+    assert first.report.rows_read == 21 and quarantined("retry-1") == {back, gone}
+    assert first.report.summary()["row_rules"]["product_id_unique"] == 1
     images.mkdir()
     (images / "back.png").write_bytes(_png(Image.new("RGB", (32, 32), (200, 30, 30))))
     second = _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-2")
     assert second.report.rows_read == 2 and second.report.rows_scored == 1  # nothing else changed
-    assert quarantined("retry-2") == {gone}
+    assert quarantined("retry-2") == {gone} and second.report.summary()["superseded"] == 1
+    assert second.report.summary()["row_rules"].get("product_id_unique", 0) == 0
     attributes = read_table(cfg.catalog.table("attributes"))
     assert back in set(attributes.filter(pc.equal(attributes["run_id"], "retry-2"))["product_id"].to_pylist())
     third = _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-3")  # the second retry, the last
     assert third.report.rows_read == 1 and quarantined("retry-3") == {gone}
-    assert _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-4").report.rows_read == 0
+    fourth = _run(spark, cfg, taxonomy, scoring_bundle, products, "retry-4").report
+    # nothing read past the watermark: its position is retry-3's (not where that is rolled back)
+    assert fourth.rows_read == 0 and fourth.summary()[RESUMED] == "retry-3"
 
 
 def test_rows_a_deletion_vector_removed_stay_removed(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
@@ -467,7 +475,7 @@ def _oracle(pid: str | None, title: str | None, at: dt.datetime | None, cfg: Val
             reasons.add("product_id_not_blank")
         if len(pid) > cfg.max_id_length:
             reasons.add("product_id_max_length")
-        if re.search(r"[\x00-\x1f\x7f]", pid):
+        if re.search(r"[\x00-\x1f\x7f-\x9f]", pid):
             reasons.add("product_id_no_control_chars")
     if title is None:
         reasons.add("title_not_null")

@@ -14,6 +14,7 @@ from catalog_enrichment.catalog.reports import (
     BLOCKED,
     PLACEHOLDERS,
     PRODUCTS,
+    RESUMED,
     RunReport,
     check_run_id,
     format_report,
@@ -93,6 +94,27 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     blocked = run("cdn", 2, {"color": "input image tone failed"})
     blocked.add_to_summary(health=[], health_failures=["image tone PSI 3.0"])
     assert "blocked      color: input image tone failed" in format_report(blocked)
+
+
+def test_a_quiet_night_after_a_run_rolled_back_since_does_not_keep_its_position() -> None:
+    """r1 scored broken inputs; r2 and r3 read nothing new, so each took the watermark it read on
+    from; r1 is rolled back: neither quiet night counts, and the next run reads on from r0, so r1's
+    products are read again. r4, which read past r1's watermark, keeps its own position."""
+
+    def run(run_id: str, hours: int, resumed: str | None = None, status: str = "succeeded") -> RunReport:
+        r = RunReport(run_id=run_id, status=status, started_at=T + dt.timedelta(days=hours),
+                      watermark=T + dt.timedelta(hours=hours))  # fmt: skip
+        if resumed is not None:
+            r.add_to_summary(**{RESUMED: resumed})
+        return r
+
+    r0, r1 = run("r0", 0), run("r1", 1)
+    quiet = [run("r2", 1, "r1"), run("r3", 1, "r2")]
+    assert last_run([r0, r1, *quiet], None).run_id == "r3"  # type: ignore[union-attr]
+    r1.status = "rolled_back"
+    assert last_run([r0, r1, *quiet], None) is r0
+    assert last_run([r0, r1, *quiet, run("r4", 2, None)], None).run_id == "r4"  # type: ignore[union-attr]
+    assert last_run([r0, run("r5", 0, "r0")], None).run_id == "r5"  # type: ignore[union-attr]
 
 
 def test_each_products_table_of_a_catalog_keeps_its_own_watermark() -> None:

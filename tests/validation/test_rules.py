@@ -61,6 +61,7 @@ ROWS = [
     ("i" * 257, "Shirt", None, T, ["product_id_max_length"]),
     ("i" * 256, "Shirt", None, T, []),
     ("ctl\x00id", "Shirt", None, T, ["product_id_no_control_chars"]),
+    ("c1\x9bid", "Shirt", None, T, ["product_id_no_control_chars"]),  # a C1 control (CSI)
     ("bell", "Shirt\x07", None, T, ["title_no_control_chars"]),
     ("tabs", "Red\tshirt\r\nnew", "line\nbreaks\x01", T, []),  # a description is not checked for them
     ("skew", "Shirt", None, NOW + dt.timedelta(minutes=59), []),

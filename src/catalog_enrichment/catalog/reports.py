@@ -177,6 +177,11 @@ PLACEHOLDERS = "placeholder_images"
 # ... and the products table it read (Catalog.products_name): a run over another table of the same
 # catalog (--products) neither moves nor takes its watermark
 PRODUCTS = "products_table"
+# ... and, where it read nothing past the watermark of the run it read on from (so it took that
+# watermark as its own), that run's id: when that run is rolled back, neither position counts
+RESUMED = "resumed_from"
+# the status of a run report whose run was rolled back
+ROLLED_BACK = "rolled_back"
 
 
 def placeholders_found(reports: Iterable[RunReport], limit: int) -> set[str]:
@@ -217,8 +222,30 @@ def last_run(
     table (:func:`of_scope`) with the highest watermark, the latest of those - passing over up to
     ``blocked_retries`` latest runs whose health checks kept an attribute's values out, so the next
     run reads their products again (None when every run was passed over: the next run reads
-    everything)."""
-    runs = [r for r in reports if r.status == "succeeded" and of_scope(r, scope, products) and r.watermark]
+    everything). A run that took its watermark from a run rolled back since (:data:`RESUMED`, at
+    any remove) does not count either: the rolled-back run's products are read again."""
+    reports = list(reports)
+    by_id = {r.run_id: r for r in reports}
+
+    def took_rolled_back(report: RunReport) -> bool:
+        seen: set[str] = set()
+        while (before := report.summary().get(RESUMED)) is not None and before not in seen:
+            seen.add(before)
+            if (found := by_id.get(str(before))) is None:
+                return False
+            if found.status == ROLLED_BACK:
+                return True
+            report = found
+        return False
+
+    runs = [
+        r
+        for r in reports
+        if r.status == "succeeded"
+        and of_scope(r, scope, products)
+        and r.watermark
+        and not took_rolled_back(r)
+    ]
     # of runs with the same watermark (nothing newer read since), the latest: its lists are current
     runs.sort(key=lambda r: (r.watermark, r.started_at))
     for _ in range(blocked_retries):

@@ -10,7 +10,15 @@ from typing import NamedTuple
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RollbackResult
-from catalog_enrichment.catalog.reports import BLOCKED, FULL, RETRY, check_run_id, last_run, of_scope
+from catalog_enrichment.catalog.reports import (
+    BLOCKED,
+    FULL,
+    RETRY,
+    ROLLED_BACK,
+    check_run_id,
+    last_run,
+    of_scope,
+)
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import fault_point
@@ -18,9 +26,6 @@ from catalog_enrichment.types import Say
 from catalog_enrichment.versions import ModelVersion
 
 __all__ = ["ROLLED_BACK", "PlannedRun", "backfill_plan", "rollback"]
-
-# the status of a run report whose run was rolled back
-ROLLED_BACK = "rolled_back"
 
 
 class PlannedRun(NamedTuple):

@@ -26,6 +26,7 @@ from catalog_enrichment.catalog.reports import (
     FULL,
     PLACEHOLDERS,
     PRODUCTS,
+    RESUMED,
     RETRY,
     SEEN,
     RunReport,
@@ -225,6 +226,9 @@ class _Record:
         if self.validated is not None:
             summary["row_rules"] = self.validated.counts.per_rule
             summary[SEEN] = self.seen_next
+            got = self.got
+            if got is not None and got.since is not None and self.watermark() == got.since:
+                summary[RESUMED] = got.last_run  # its position is that run's (reports.last_run)
         if self.rejected:
             summary["rejected_by_review"] = self.rejected
         if self.got is not None and self.got.superseded:

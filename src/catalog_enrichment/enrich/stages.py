@@ -81,7 +81,8 @@ class Read:
     watermark (``since``), the rows it read near it (``seen``; None: too many, read again) and the
     products whose image could not be read, with their attempts (``retry``); ``superseded``: the
     rows left unread because a newer copy of their product is in another partition (a run of one
-    partition) or was read by the last run (an old copy committed late, inside the look-back)."""
+    partition) or was read by the last run (an old copy committed late, inside the look-back);
+    ``last_run``: that last run's id."""
 
     df: DataFrame
     since: dt.datetime | None
@@ -89,6 +90,7 @@ class Read:
     retry: dict[str, int]
     lookback: dt.timedelta
     superseded: int = 0
+    last_run: str | None = None
 
 
 def read(
@@ -106,7 +108,8 @@ def read(
     ``lookback``, without the rows it already read, plus the products to retry; staged once when
     the catalog's reads are not a snapshot (every stage then reads the same rows). A run of one
     ``partition`` leaves out the rows another partition holds a newer copy of (:func:`_superseded`),
-    and every run those older than a copy the last run read (:func:`_unseen`).
+    and every run those older than a copy the last run read (:func:`_unseen`) and the older copies
+    of a product tried again (:func:`_older_retried`).
     ``require_columns``: as :meth:`Catalog.read_products`."""
     since = None if last is None else last.watermark
     kept = [] if last is None else last.summary().get(SEEN, [])
@@ -120,11 +123,12 @@ def read(
     if partition is not None:
         df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
     df, late = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
-    superseded += late
+    df, older = _older_retried(spark, df, sorted(retry))
+    superseded += late + older
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
-    return Read(df, since, seen, retry, lookback, superseded)
+    return Read(df, since, seen, retry, lookback, superseded, None if last is None else last.run_id)
 
 
 def _superseded(
@@ -206,6 +210,30 @@ def _unseen(spark: SparkSession, df: DataFrame, seen: list[tuple[str, int]]) -> 
     if late:
         fresh = fresh.join(newest, "product_id", "left").filter(~F.coalesce(older, F.lit(False)))
     return fresh.select(*df.columns), late
+
+
+def _older_retried(spark: SparkSession, df: DataFrame, retry: list[str]) -> tuple[DataFrame, int]:
+    """``df`` without the copies of a product to ``retry`` older than its newest one there, and how
+    many those were. A product is tried again by its id, which reads every copy of it (an old copy
+    edited since into a later day's partition too): such a copy is not new bad data - the run that
+    first read it judged it - and, counted again, would trip the circuit breaker each night the
+    retries last. Copies tied at the newest time are kept (``product_id_unique`` fails them)."""
+    from pyspark.sql import functions as F
+
+    if not retry or not {"product_id", "updated_at"} <= set(df.columns):
+        return df, 0
+    ids = F.broadcast(spark.createDataFrame([(p,) for p in retry], "product_id string"))
+    mine = df.select("product_id", F.unix_micros("updated_at").alias(_UNIX_MICROS)).join(
+        ids, "product_id", "left_semi"
+    )
+    newest = mine.groupBy("product_id").agg(F.max(_UNIX_MICROS).alias("_newer"))
+    old = mine.join(newest, "product_id").filter(F.col(_UNIX_MICROS) < F.col("_newer"))
+    rows = old.select("product_id", _UNIX_MICROS).collect()  # a few copies of the retried products
+    if not rows:
+        return df, 0
+    keys = sorted({(r[0], int(r[1])) for r in rows})
+    schema = "product_id string, " + _UNIX_MICROS + " long"
+    return _without_rows(df, F.broadcast(spark.createDataFrame(keys, schema))), len(rows)
 
 
 def near_watermark(got: Read, watermark: dt.datetime | None) -> list[tuple[str, int]] | None:

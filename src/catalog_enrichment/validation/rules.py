@@ -75,7 +75,7 @@ NOT_TEXT_REGEX = (
     r"|\{(?!.*\}\s*[^\s,\[\]{}][^{}]*\{).*\}|\[(?!.*\]\s*[^\s,\[\]{}][^\[\]]*\[).*\])\s*$"
 )
 BLANK_REGEX = r"(?U)^\s*$"
-ID_CONTROL_REGEX = r"[\x00-\x1f\x7f]"
+ID_CONTROL_REGEX = r"[\x00-\x1f\x7f-\x9f]"  # Unicode's controls (Cc): C0, DEL and C1
 TEXT_CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # tab, line feed, carriage return allowed
 # Text columns a Python worker decodes (the model's inputs, the key, the run health's category and
 # the merchant's attribute names and values): bytes that are not UTF-8 would fail the worker's whole
