@@ -150,3 +150,36 @@ def test_a_valid_product_missing_from_the_decisions_stops_the_run_before_any_wri
         collect_decisions(scored, validated, "r1")
     ok = Validated(None, ValidationCounts(2, 0), None)  # type: ignore[arg-type]
     assert collect_decisions(scored, ok, "r1").rows_scored == 2
+
+
+def test_runs_zipping_one_bundle_at_once_each_find_it_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two runs on one machine ship the same model version: each zips it under a name of its own
+    and renames the whole zip into place (one shared temporary name made the slower rename fail)."""
+    import threading
+    import zipfile
+    from pathlib import Path
+
+    from catalog_enrichment.inference.spark import zipped_bundle
+
+    bundle = tmp_path / "tiny-v1"
+    (bundle / "weights").mkdir(parents=True)
+    for i in range(40):
+        (bundle / "weights" / f"part-{i}.bin").write_bytes(bytes(range(256)) * 400)
+    start, found, errors = threading.Barrier(8), [], []
+
+    def ship() -> None:
+        start.wait()
+        try:
+            found.append(zipped_bundle(bundle))
+        except Exception as exc:  # what the test is about: collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ship) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and set(found) == {tmp_path / "tiny-v1.zip"}
+    with zipfile.ZipFile(tmp_path / "tiny-v1.zip") as z:
+        assert len([n for n in z.namelist() if n.endswith(".bin")]) == 40 and z.testzip() is None
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["tiny-v1", "tiny-v1.zip"]

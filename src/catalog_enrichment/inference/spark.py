@@ -184,15 +184,8 @@ def ship_bundle(spark: SparkSession, bundle_dir: Path) -> str:
     Spark ships archives to every executor and unpacks them there (``addFile`` cannot ship a
     folder outside local mode); the name is unique per model version (``<name>-v<version>-<run>``).
     """
-    import shutil
-
-    name = f"{bundle_dir.name}.zip"
-    archive = bundle_dir.parent / name
-    if not archive.is_file():
-        tmp = shutil.make_archive(
-            str(bundle_dir.parent / f".{bundle_dir.name}.tmp"), "zip", root_dir=bundle_dir
-        )
-        Path(tmp).replace(archive)  # atomic: a concurrent run never ships half a zip
+    archive = zipped_bundle(bundle_dir)
+    name = archive.name
     if name not in _SHIPPED.get(id(spark.sparkContext), set()):
         spark.sparkContext.addArchive(str(archive))
         _SHIPPED.setdefault(id(spark.sparkContext), set()).add(name)
@@ -200,6 +193,24 @@ def ship_bundle(spark: SparkSession, bundle_dir: Path) -> str:
 
 
 _SHIPPED: dict[int, set[str]] = {}
+
+
+def zipped_bundle(bundle_dir: Path) -> Path:
+    """The bundle folder zipped beside it (``<folder>.zip``), made once. Each maker zips under a
+    name of its own and renames the whole zip into place: two runs on one machine zipping the same
+    bundle at once both find it whole, and neither ships half of one."""
+    import shutil
+    import uuid
+
+    archive = bundle_dir.parent / f"{bundle_dir.name}.zip"
+    if not archive.is_file():
+        base = bundle_dir.parent / f".{bundle_dir.name}.{uuid.uuid4().hex}.tmp"
+        tmp = Path(shutil.make_archive(str(base), "zip", root_dir=bundle_dir))
+        try:
+            tmp.replace(archive)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return archive
 
 
 def _worker_device(spec: ScoringSpec) -> str:
