@@ -81,3 +81,41 @@ def test_method_runs_train_modality_attention_at_the_given_lambda_and_beside_oth
         ("modality_attention", "modality_attention", 0.5),
         (COLLAPSE_LABEL, "modality_attention", 0.0),
     ]
+
+
+@pytest.mark.timeout(60)
+def test_the_baseline_scores_a_one_value_a_product_attribute_as_one_distribution() -> None:
+    """Every product has one colour: the baseline fits one softmax over the shades, as the
+    recommended model does, and a family's score is the sum of its shades' (the probability that the
+    colour is in it), not the best shade's; a colour of two values a product keeps one-vs-rest."""
+    import numpy as np
+    from scipy import sparse
+
+    from catalog_enrichment.bench.baseline import _fit_predict, _single_valued
+    from catalog_enrichment.data.dataset import encode_labels
+
+    taxonomy = Taxonomy.from_dict(
+        {
+            "attributes": {
+                "color": {
+                    "kind": "multilabel",
+                    "values": ["red", "crimson", "blue"],
+                    "groups": {"color_family": {"reds": ["red", "crimson"], "blues": ["blue"]}},
+                }
+            }
+        }
+    )
+    shades = ["red", "crimson", "blue"] * 20
+    table = pa.table({"color": [[c] for c in shades]})
+    labels = encode_labels(table, taxonomy)
+    assert _single_valued(labels, taxonomy) == ["color"]
+    x = sparse.csr_matrix(np.eye(3)[[("red", "crimson", "blue").index(c) for c in shades]] + 0.1)
+    scores = _fit_predict(x, labels, "color", 3, x, single=True)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-9)
+    single = taxonomy.with_single_valued(["color"])
+    family = single.derive({"color": scores})["color_family"]
+    top = scores.argmax(axis=1)
+    in_reds = np.isin(top, [0, 1])
+    np.testing.assert_allclose(family[in_reds, 0], scores[in_reds, :2].sum(axis=1))
+    two = encode_labels(pa.table({"color": [["red", "blue"], *[[c] for c in shades[1:]]]}), taxonomy)
+    assert _single_valued(two, taxonomy) == []

@@ -3,7 +3,9 @@
 TF-IDF of the title and description (word 1-2-grams and character 3-5-grams) beside the colour
 histogram of the photo's foreground (:func:`catalog_enrichment.models.color.lab_histogram`, a part of
 what the recommended model's colour statistics hold), one
-scikit-learn logistic regression per attribute (one-vs-rest for a multi-label one). It trains on the
+scikit-learn logistic regression per attribute (one-vs-rest for a multi-label one; one distribution,
+as the recommended model scores it, for a multi-label attribute every labelled product has exactly
+one value of, whose groups - colour families - then sum their values' probabilities). It trains on the
 same training table the contenders train on and is scored on the same test table, as a user's
 script would: thresholds computed by the project's own calibration on out-of-fold scores (3 folds
 of whole groups), then one model refitted on the whole table scores the test products. The refit
@@ -68,14 +70,19 @@ def _features(train: ProductRecords, others: list[ProductRecords]) -> list[Any]:
 
 
 def _fit_predict(
-    x_fit: Any, labels: EncodedLabels, attribute: str, n_values: int, x_score: Any
+    x_fit: Any, labels: EncodedLabels, attribute: str, n_values: int, x_score: Any, single: bool = False
 ) -> np.ndarray:
-    """``(n, n_values)`` scores of ``x_score`` by logistic regressions fitted on ``x_fit``'s labels."""
+    """``(n, n_values)`` scores of ``x_score`` by logistic regressions fitted on ``x_fit``'s labels
+    (``single``: a multi-label attribute with one value a product, fitted as one distribution)."""
     from sklearn.linear_model import LogisticRegression
 
     t = labels.targets[attribute]
     out = np.zeros((x_score.shape[0], n_values), np.float64)
-    if t.ndim == 2:  # multi-label: one binary model per value
+    if t.ndim == 2 and single:
+        rows = np.flatnonzero(labels.known[attribute])
+        t = np.full(len(t), -1, np.int64)
+        t[rows] = labels.targets[attribute][rows].argmax(axis=1)
+    elif t.ndim == 2:  # multi-label: one binary model per value
         rows = np.flatnonzero(labels.known[attribute])
         for v in range(n_values):
             y = t[rows, v] > 0.5
@@ -91,6 +98,13 @@ def _fit_predict(
     return out
 
 
+def _single_valued(labels: EncodedLabels, taxonomy: Taxonomy) -> list[str]:
+    """The multi-label attributes every labelled product of the table has exactly one value of."""
+    from catalog_enrichment.training.stack import single_valued
+
+    return [a.name for a in taxonomy if a.kind == "multilabel" and single_valued(labels, a.name)]
+
+
 def run_baseline(
     table: pa.Table,
     test_table: pa.Table,
@@ -101,11 +115,12 @@ def run_baseline(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The baseline trained on ``table`` and tested on ``test_table``: :func:`evaluate`'s report, with
     thresholds calibrated by ``cfg.calibration`` on out-of-fold scores of ``table``, and its scores
-    of ``test_table``'s rows (attribute -> ``(n, V)``)."""
+    of ``test_table``'s rows (attribute -> ``(n, V)``, derived attributes included)."""
     policy = ImagePolicy.from_config(cfg.images)
     records = ProductRecords.from_arrow(table, policy)
     test_records = ProductRecords.from_arrow(test_table, policy)
     labels, test_labels = encode_labels(table, taxonomy), encode_labels(test_table, taxonomy)
+    taxonomy = taxonomy.with_single_valued(single := _single_valued(labels, taxonomy))
     say(f"baseline: features of {len(records):,} + {len(test_records):,} products")
     x, x_test = _features(records, [test_records])
     folds = group_folds(
@@ -119,9 +134,10 @@ def run_baseline(
         oof[attr.name] = np.zeros((len(records), n_values))
         for fit_rows, fold_rows in folds:
             fold_scores = _fit_predict(
-                x[fit_rows], labels.subset(fit_rows), attr.name, n_values, x[fold_rows]
+                x[fit_rows], labels.subset(fit_rows), attr.name, n_values, x[fold_rows], attr.name in single
             )
             oof[attr.name][fold_rows] = fold_scores
-        test[attr.name] = _fit_predict(x, labels, attr.name, n_values, x_test)
+        test[attr.name] = _fit_predict(x, labels, attr.name, n_values, x_test, attr.name in single)
     calibration = calibrate(Predictions(oof, None, {}), labels, taxonomy, cfg.calibration)
-    return evaluate(Predictions(test, None, {}), test_labels, taxonomy, calibration), test
+    report = evaluate(Predictions(test, None, {}), test_labels, taxonomy, calibration)
+    return report, taxonomy.derive(test)

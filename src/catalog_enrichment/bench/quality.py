@@ -117,6 +117,7 @@ def run_quality_benchmark(
         "pooled_evidence": {},
     }
     test_scores: dict[str, dict[str, np.ndarray]] = {}
+    tested: np.ndarray | None = None  # the test rows the contenders were tested on
     for label, run_cfg in runs:
         say(f"== {label} ==")
         started = time.perf_counter()
@@ -127,16 +128,25 @@ def run_quality_benchmark(
         _record(result, label, trained, run_cfg.calibration, taxonomy)
         if test_table is not None:
             test_scores[label] = _by_product(trained, test_table)
+            scored = ~np.isnan(next(iter(test_scores[label].values()))).any(axis=1)
+            tested = scored if tested is None else tested & scored
         kl_lambda = run_cfg.model.fusion_kwargs.get("kl_lambda")
         if run_cfg.model.fusion == "modality_attention" and kl_lambda is not None:  # a method run
             result["modality_weights"][f"lambda={kl_lambda:g}"] = trained.test_report.modality_weights
-    if test_table is not None:
+    if test_table is not None and tested is not None:
         say(f"== {BASELINE_LABEL} ==")
         started = time.perf_counter()
-        # calibrated by the (first) contender's rule, its photos read under its image policy
-        baseline, baseline_scores = run_baseline(
-            table, test_table, taxonomy, runs[0][1], say=lambda m: say("  " + m)
+        # calibrated by the (first) contender's rule, its photos read under its image policy; tested
+        # on the products the contenders were (training leaves out a product whose photo serving
+        # would quarantine)
+        baseline, scores_of_tested = run_baseline(
+            table, test_table.filter(pa.array(tested)), taxonomy, runs[0][1], say=lambda m: say("  " + m)
         )
+        baseline_scores = {}
+        for attr, part in scores_of_tested.items():
+            baseline_scores[attr] = np.full((len(tested), part.shape[1]), np.nan, part.dtype)
+            baseline_scores[attr][tested] = part
+        result["test_products_scored"] = int(tested.sum())
         result["seconds"][BASELINE_LABEL] = round(time.perf_counter() - started, 1)
         result["methods"][BASELINE_LABEL] = {
             a.name: {k: _num(baseline[a.name][k]) for k in METHOD_METRICS} for a in taxonomy.outputs
@@ -178,7 +188,7 @@ def _versus(
     out = {}
     for attr in taxonomy.outputs:
         new, old = scores[attr.name], baseline[attr.name]
-        known = ~np.isnan(new).any(axis=1)
+        known = ~np.isnan(new).any(axis=1) & ~np.isnan(old).any(axis=1)
         if labels.targets[attr.name].ndim == 2:
             known &= labels.known[attr.name]
         y = labels.targets[attr.name][known]
@@ -350,7 +360,13 @@ def format_quality_markdown(result: dict[str, Any]) -> str:
     attrs = list(next(iter(result["methods"].values())))
     source = (
         f"Trained on {result['data']} ({result['products']:,} products), tested on {result['test_data']} "
-        f"({result['test_products']:,} products)"
+        f"({result['test_products']:,} products"
+        + (
+            f"; {result['test_products_scored']:,} with a usable photo scored"
+            if result.get("test_products_scored", result["test_products"]) != result["test_products"]
+            else ""
+        )
+        + ")"
         if "data" in result
         else f"Synthetic marketplace{' (long-tailed)' if result.get('long_tail') else ''}: "
         f"{result['products']:,} products, seed {result['seed']}, label noise {result['label_noise']}; "
