@@ -634,6 +634,34 @@ def test_a_backfill_checks_before_each_partition_that_its_version_was_not_rolled
 
 
 @pytest.mark.timeout(60)
+def test_a_version_rolled_back_while_its_run_waited_for_the_catalog_writes_nothing(
+    tmp_path, taxonomy
+) -> None:  # type: ignore[no-untyped-def]
+    """The nightly resolved the champion, then waited for the catalog while `rollback
+    --model-version` took it and tagged the version: once the run holds the lock it asks again, and
+    writes nothing (a backfill's runs ask too, whatever named the version)."""
+    from catalog_enrichment import registry
+
+    class Registry:
+        def get_model_version(self, name: str, version: str) -> Any:
+            tags = {registry.ROLLED_BACK_TAG: "2026-11-28 23:20 UTC, in lakehouse /lake"}
+            return type("Version", (), {"tags": tags})()
+
+    cfg = tiny_config(catalog={"root": str(tmp_path / "lake")})
+    champion = ModelVersion("tiny", "7", alias="champion")
+    refused = (
+        r"tiny v7 was rolled back \(2026.*\) while run nightly-1 waited for the catalog: nothing was written"
+    )
+    for model, backfill in ((champion, False), (ModelVersion("tiny", "7"), True)):
+        with pytest.raises(CatalogEnrichError, match=refused):
+            run_enrichment(
+                None, cfg, taxonomy, model=model, scope=RunScope(run_id="nightly-1"),  # type: ignore[arg-type]
+                client=Registry(), refuse_rolled_back=backfill,  # type: ignore[arg-type]
+            )  # fmt: skip
+    assert not (tmp_path / "lake" / "attributes").exists()
+
+
+@pytest.mark.timeout(60)
 def test_a_backfill_lets_a_run_waiting_for_the_lock_in_between_two_partitions(
     tmp_path, taxonomy, incoming, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]

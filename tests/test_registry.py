@@ -621,6 +621,38 @@ def test_the_gate_judges_what_the_job_would_write(scoring_bundle: Path, data, ta
 
 
 @pytest.mark.timeout(300)
+def test_a_champion_calibrated_for_another_target_is_not_compared(  # type: ignore[no-untyped-def]
+    tmp_path: Path, scoring_bundle: Path, incoming, data, monkeypatch
+) -> None:
+    """The target was raised since the champion was calibrated: every run refuses it, so the
+    challenger, calibrated for the target, is judged alone rather than against its looser coverage."""
+    import dataclasses
+
+    client, _, champion, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
+    register_bundle(client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts")
+    real = registry.load_bundle_from_uri
+
+    def looser(uri: str, *args: Any, **kwargs: Any) -> Any:
+        bundle = real(uri, *args, **kwargs)
+        if uri != f"models:/tiny/{champion}":
+            return bundle
+        return dataclasses.replace(
+            bundle, calibration=dataclasses.replace(bundle.calibration, target_precision=0.9)
+        )
+
+    monkeypatch.setattr(registry, "load_bundle_from_uri", looser)
+    decision = promote(
+        client, "tiny", EvaluationSet(data["eval"]), GateRule(0.95, max_coverage_loss=0.02),
+        log_path=tmp_path / "log", dry_run=True, progress=_quiet,
+    )  # fmt: skip
+    assert list(decision["metrics"]) == ["challenger"], decision
+    assert (
+        decision["reasons"][-1]
+        == f"the champion v{champion} was calibrated for 0.9, not 0.95: coverage not compared"
+    )
+
+
+@pytest.mark.timeout(300)
 def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-untyped-def]
     tmp_path: Path, scoring_bundle: Path, incoming, data, monkeypatch
 ) -> None:

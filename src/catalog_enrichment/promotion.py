@@ -321,11 +321,22 @@ def promote(
                 champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
             except UnservableBundle as exc:  # no run can serve it either: a challenger is the remedy
                 alone = f"the champion v{champion} cannot be loaded ({exc})"
+        theirs = None if champion_bundle is None else champion_bundle.calibration.target_precision
+        if theirs is not None and abs(theirs - target) > 1e-12:  # every run refuses it (version_target)
+            alone = f"the champion v{champion} was calibrated for {theirs}, not {target}"
+            champion_bundle = None
+    notes: list[str] = []  # what the check of the challenger's labels could not check: recorded too
+
+    def note(message: str) -> None:
+        progress(message)
+        notes.append(message.strip().strip("()"))
+
+    apart = _trained_apart(client, registered_model, challenger, eval_data, pinned, note)
     result, metrics = _judge(bundle, champion_bundle, table, policy, rule, target, evaluation.taxonomy)
+    result = GateResult(result.promote, [*result.reasons, *notes])
     if alone is not None:
         kept = [r for r in result.reasons if not r.startswith("no champion yet")]
         result = GateResult(result.promote, [*kept, f"{alone}: coverage not compared"])
-    apart = _trained_apart(client, registered_model, challenger, eval_data, pinned, progress)
     if apart is not None:
         result = GateResult(False, [apart])
     if challenger in rolled_back:
@@ -361,6 +372,9 @@ def _trained_apart(
         return None
     left, here = sources.get("evaluation"), {"path": str(Path(eval_data).resolve()), "version": pinned}
     if left == here:
+        if pinned is None:
+            say(f"  (the evaluation set {eval_data} is not a Delta table: the labels of v{challenger} left "
+                "out its path, whether they left out its rows as they are now is not checked)")  # fmt: skip
         return None
     what = "no evaluation set" if not left else f"{left['path']} at version {left['version']}"
     return (

@@ -399,7 +399,7 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
             "removed again. Point the challenger alias at the version to serve and run catalog-enrich "
             f"promote, or name this one (models:/{name}/{version}) to run it anyway"
         )
-    return ModelVersion(name, str(mv.version), str(mv.run_id))
+    return ModelVersion(name, str(mv.version), str(mv.run_id), alias=alias if "@" in rest else None)
 
 
 def download_bundle(client: MlflowClient, model: ModelVersion, cache_dir: str | Path) -> ModelVersion:

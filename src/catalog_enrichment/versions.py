@@ -13,13 +13,15 @@ class ModelVersion:
     """A registered model version pinned by number (a promotion mid-run cannot mix versions).
 
     ``run_id`` is the training run that logged it; ``bundle_dir`` is its bundle folder on this
-    machine once downloaded (:func:`catalog_enrichment.registry.download_bundle`).
+    machine once downloaded (:func:`catalog_enrichment.registry.download_bundle`); ``alias`` the
+    alias it was resolved through (None: named by its number).
     """
 
     name: str
     version: str
     run_id: str = ""
     bundle_dir: Path | None = None
+    alias: str | None = None
 
     @property
     def uri(self) -> str:

@@ -273,10 +273,14 @@ def run_enrichment(
     client: MlflowClient | None = None,
     progress: Say = _print,
     catalog: Catalog | None = None,
+    refuse_rolled_back: bool = False,
 ) -> EnrichOutcome:
     """One enrichment run (see the package docstring) of ``scope`` on ``catalog`` (default: the
     configured one, ``scope.products`` overriding its products table). Returns the outcome; raises on
-    abort/failure after recording the run report (status ``aborted`` / ``failed``)."""
+    abort/failure after recording the run report (status ``aborted`` / ``failed``). A version
+    resolved through an alias (or any, with ``refuse_rolled_back``: a backfill's) is asked for again
+    once the catalog's lock is held, where a rollback tags it: one rolled back while this run waited
+    writes nothing."""
     run_id = check_run_id(scope.run_id or new_run_id())
     partition, full = scope.partition, scope.full
     catalog = catalog or open_catalog(cfg.catalog, products=scope.products)
@@ -286,6 +290,8 @@ def run_enrichment(
         if previous is not None:
             progress(f"run {run_id} already succeeded; nothing to do")
             return EnrichOutcome(previous, already_done=True)
+        if refuse_rolled_back or model.alias is not None:
+            _not_rolled_back(client, model, f"run {run_id}")
         policy = check_model_fits(
             model.bundle, taxonomy, cfg.calibration.target_precision, f"{model.name} v{model.version}"
         )
@@ -630,14 +636,17 @@ def backfill_partitions(
             client=client,
             progress=progress,
             catalog=catalog,
+            refuse_rolled_back=True,
         )
         results.append((partition, outcome))
     return results
 
 
-def _not_rolled_back(client: MlflowClient | None, model: ModelVersion, partition: str) -> None:
-    """A long backfill checks the registry before each partition: a version rolled back while it ran
-    (``rollback --model-version``) writes no further partition.
+def _not_rolled_back(client: MlflowClient | None, model: ModelVersion, where: str) -> None:
+    """A version rolled back (``rollback --model-version``) after it was resolved writes nothing more:
+    a long backfill asks before each partition (``where``: the partition), and every run of an
+    alias's version or a backfill's asks again once it holds the catalog's lock (``where``: the run),
+    which the rollback tags it under.
 
     Raises:
         CatalogEnrichError: the version carries the rolled-back tag.
@@ -647,8 +656,14 @@ def _not_rolled_back(client: MlflowClient | None, model: ModelVersion, partition
     from catalog_enrichment import registry
 
     why = registry.version_tags(client, model.name, model.version).get(registry.ROLLED_BACK_TAG)
-    if why:
+    if not why:
+        return
+    if where.startswith("run "):
         raise CatalogEnrichError(
-            f"{model.name} v{model.version} was rolled back while this backfill ran ({why}): "
-            f"{partition} and the partitions after it were not run"
+            f"{model.name} v{model.version} was rolled back ({why}) while {where} waited for the catalog: "
+            "nothing was written"
         )
+    raise CatalogEnrichError(
+        f"{model.name} v{model.version} was rolled back while this backfill ran ({why}): "
+        f"{where} and the partitions after it were not run"
+    )
