@@ -640,10 +640,23 @@ def test_a_version_rolled_back_while_its_run_waited_for_the_catalog_writes_nothi
     """The nightly resolved the champion, then waited for the catalog while `rollback
     --model-version` took it and tagged the version: once the run holds the lock it asks again, and
     writes nothing (a backfill's runs ask too, whatever named the version)."""
+    import fcntl
+    import os
+
     from catalog_enrichment import registry
+
+    asked_under_lock: list[bool] = []
 
     class Registry:
         def get_model_version(self, name: str, version: str) -> Any:
+            fd = os.open(tmp_path / "lake" / "_lock", os.O_RDWR)
+            try:  # the run's flock on the catalog is held: another open file cannot take it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                asked_under_lock.append(False)
+            except BlockingIOError:
+                asked_under_lock.append(True)
+            finally:
+                os.close(fd)
             tags = {registry.ROLLED_BACK_TAG: "2026-11-28 23:20 UTC, in lakehouse /lake"}
             return type("Version", (), {"tags": tags})()
 
@@ -658,7 +671,7 @@ def test_a_version_rolled_back_while_its_run_waited_for_the_catalog_writes_nothi
                 None, cfg, taxonomy, model=model, scope=RunScope(run_id="nightly-1"),  # type: ignore[arg-type]
                 client=Registry(), refuse_rolled_back=backfill,  # type: ignore[arg-type]
             )  # fmt: skip
-    assert not (tmp_path / "lake" / "attributes").exists()
+    assert asked_under_lock == [True, True] and not (tmp_path / "lake" / "attributes").exists()
 
 
 @pytest.mark.timeout(60)

@@ -432,14 +432,23 @@ def _changed_later(
 ) -> dict[Pair, int]:
     """Per pair of ``product_ids``, the newest table version at which a live run committed after the
     oldest of ``committed`` (and not among them: they are being undone) changed it."""
+    if not len(product_ids):
+        return {}
     oldest = min(committed.values(), default=0)
     later = {run: v for v, run in _live_runs(path, changes) if v > oldest and run not in committed}
-    rows = _read_changes(changes, sorted(later), product_ids).select(["product_id", "attribute", CHANGED_BY])
-    newest: dict[Pair, int] = {}
-    for r in rows.to_pylist():
-        pair, version = (r["product_id"], r["attribute"]), later[r[CHANGED_BY]]
-        newest[pair] = max(newest.get(pair, version), version)
-    return newest
+    rows = _read_changes(changes, sorted(later), product_ids)
+    if not rows.num_rows:
+        return {}
+    runs = pa.array(sorted(later), pa.string())
+    versions = pa.array([later[r] for r in runs.to_pylist()], pa.int64())
+    at = pc.take(versions, pc.index_in(rows[CHANGED_BY], value_set=runs))
+    newest = (
+        pa.table({"product_id": rows["product_id"], "attribute": rows["attribute"], "at": at})
+        .group_by(["product_id", "attribute"])
+        .aggregate([("at", "max")])
+    )  # one row a pair the rolled-back runs' products hold, whatever the number of later runs
+    pairs = zip(newest["product_id"].to_pylist(), newest["attribute"].to_pylist(), strict=True)
+    return dict(zip(pairs, newest["at_max"].to_pylist(), strict=True))
 
 
 Row = dict[str, Any]

@@ -373,7 +373,8 @@ def _evaluation_groups(spark: SparkSession, products: DataFrame, evaluation: pa.
                 F.broadcast(spark.createDataFrame([(k,) for k in frontier], "key long")), "key"
             ).select("product_id")
             # one Spark job a hop: the products the frontier reaches, with every key of theirs
-            their = linked.join(reached.distinct(), "product_id").select("product_id", "key").collect()
+            products = F.broadcast(reached.distinct())  # a few variants a hop
+            their = linked.join(products, "product_id").select("product_id", "key").collect()
             held |= {r["product_id"] for r in their}
             frontier = {r["key"] for r in their} - keys
             keys |= frontier

@@ -226,10 +226,11 @@ def last_run(
     any remove) does not count either: the rolled-back run's products are read again."""
     reports = list(reports)
     by_id = {r.run_id: r for r in reports}
+    resumed = {r.run_id: r.summary().get(RESUMED) for r in reports}  # each summary parsed once
 
     def took_rolled_back(report: RunReport) -> bool:
         seen: set[str] = set()
-        while (before := report.summary().get(RESUMED)) is not None and before not in seen:
+        while (before := resumed.get(report.run_id)) is not None and before not in seen:
             seen.add(before)
             if (found := by_id.get(str(before))) is None:
                 return False
