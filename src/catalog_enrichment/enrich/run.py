@@ -291,7 +291,7 @@ def run_enrichment(
             progress(f"run {run_id} already succeeded; nothing to do")
             return EnrichOutcome(previous, already_done=True)
         if refuse_rolled_back or model.alias is not None:
-            _not_rolled_back(client, model, f"run {run_id}")
+            _still_served(client, model, run_id)
         policy = check_model_fits(
             model.bundle, taxonomy, cfg.calibration.target_precision, f"{model.name} v{model.version}"
         )
@@ -642,28 +642,39 @@ def backfill_partitions(
     return results
 
 
-def _not_rolled_back(client: MlflowClient | None, model: ModelVersion, where: str) -> None:
-    """A version rolled back (``rollback --model-version``) after it was resolved writes nothing more:
-    a long backfill asks before each partition (``where``: the partition), and every run of an
-    alias's version or a backfill's asks again once it holds the catalog's lock (``where``: the run),
-    which the rollback tags it under.
+def _rolled_back(client: MlflowClient | None, model: ModelVersion) -> str | None:
+    """Why ``model`` carries the rolled-back tag (``rollback --model-version``), None where it does
+    not or no registry is given."""
+    if client is None:
+        return None
+    from catalog_enrichment import registry
+
+    return registry.version_tags(client, model.name, model.version).get(registry.ROLLED_BACK_TAG) or None
+
+
+def _not_rolled_back(client: MlflowClient | None, model: ModelVersion, partition: str) -> None:
+    """A long backfill asks before each partition: a version rolled back while it ran writes no
+    further partition.
 
     Raises:
         CatalogEnrichError: the version carries the rolled-back tag.
     """
-    if client is None:
-        return
-    from catalog_enrichment import registry
-
-    why = registry.version_tags(client, model.name, model.version).get(registry.ROLLED_BACK_TAG)
-    if not why:
-        return
-    if where.startswith("run "):
+    if why := _rolled_back(client, model):
         raise CatalogEnrichError(
-            f"{model.name} v{model.version} was rolled back ({why}) while {where} waited for the catalog: "
-            "nothing was written"
+            f"{model.name} v{model.version} was rolled back while this backfill ran ({why}): "
+            f"{partition} and the partitions after it were not run"
         )
-    raise CatalogEnrichError(
-        f"{model.name} v{model.version} was rolled back while this backfill ran ({why}): "
-        f"{where} and the partitions after it were not run"
-    )
+
+
+def _still_served(client: MlflowClient | None, model: ModelVersion, run_id: str) -> None:
+    """A run asks again once it holds the catalog's lock, under which a rollback tags the version:
+    one rolled back while the run waited writes nothing.
+
+    Raises:
+        CatalogEnrichError: the version carries the rolled-back tag.
+    """
+    if why := _rolled_back(client, model):
+        raise CatalogEnrichError(
+            f"{model.name} v{model.version} was rolled back ({why}) while run {run_id} waited for the "
+            "catalog: nothing was written"
+        )
