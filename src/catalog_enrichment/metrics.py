@@ -14,11 +14,12 @@ R@P95 follows paper 004: the best recall over all thresholds whose precision is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from catalog_enrichment.contracts import AttributeKind
+from catalog_enrichment.contracts import AttributeKind, Taxonomy
 
 __all__ = [
     "RAtP",
@@ -31,6 +32,7 @@ __all__ = [
     "paired_change",
     "precision_recall_curve_desc",
     "truth_matrix",
+    "within_groups",
     "written_precision_and_coverage",
 ]
 
@@ -128,6 +130,29 @@ def decision_matrix(scores: np.ndarray, kind: AttributeKind, thresholds: np.ndar
     rows = np.arange(scores.shape[0])
     out[rows, top] = clears[rows, top]
     return out
+
+
+def within_groups(
+    written: dict[str, np.ndarray], taxonomy: Taxonomy, refused: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """``written`` (attribute -> ``(n, V)`` decisions, derived attributes too) with every value
+    outside the group decided for the same product taken out, and every value inside a group
+    ``refused`` for it (derived attribute -> ``(n, groups)`` bool): a shade is never written beside
+    a colour family it is not in. Changes ``written`` in place and returns it."""
+    for d in taxonomy.derived.values():
+        if d.name not in written or d.parent not in written:
+            continue
+        family = written[d.name]
+        n = family.shape[0]
+        group = np.asarray(d.group, np.int64)  # -1: in no group, which the padding column reads
+        inside = np.concatenate([family, np.zeros((n, 1), bool)], axis=1)[:, group]
+        keep = inside | ~family.any(axis=1, keepdims=True)
+        if refused is not None and d.name in refused:
+            keep &= ~np.concatenate([np.asarray(refused[d.name], bool), np.zeros((n, 1), bool)], axis=1)[
+                :, group
+            ]
+        written[d.parent] = written[d.parent] & keep
+    return written
 
 
 def truth_matrix(labels: np.ndarray, n_values: int, kind: AttributeKind) -> tuple[np.ndarray, np.ndarray]:

@@ -20,20 +20,25 @@ from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attribu
 pytestmark = pytest.mark.timeout(60)
 
 
-def policy_at(taxonomy: Taxonomy, allowed: Taxonomy | None = None, value: float = 0.5) -> DecisionPolicy:
-    calibration = Calibration(
+def calibrated_at(taxonomy: Taxonomy, value: float | dict[str, float]) -> Calibration:
+    """Every value's threshold ``value`` (or its attribute's, from a dict)."""
+    at = value if isinstance(value, dict) else dict.fromkeys(taxonomy.outputs.names, value)
+    return Calibration(
         0.95,
         0.95,
         "wilson",
         20,
         {
             a.name: AttributeCalibration(
-                a.name, a.kind, tuple(ValueThreshold(v, value, 100) for v in a.values)
+                a.name, a.kind, tuple(ValueThreshold(v, at[a.name], 100) for v in a.values)
             )
             for a in taxonomy.outputs
         },
     )
-    return DecisionPolicy(taxonomy, calibration, allowed or taxonomy)
+
+
+def policy_at(taxonomy: Taxonomy, allowed: Taxonomy | None = None, value: float = 0.5) -> DecisionPolicy:
+    return DecisionPolicy(taxonomy, calibrated_at(taxonomy, value), allowed or taxonomy)
 
 
 def test_decisions_follow_thresholds_kinds_merchant_values_and_taxonomy(taxonomy: Taxonomy) -> None:
@@ -220,6 +225,26 @@ def test_a_family_certain_while_no_shade_is_gets_the_family_and_no_shade() -> No
         [],
     ]
     assert scored[3] == scored[4] == []
+
+
+def test_the_test_report_counts_what_the_job_writes_not_each_attribute_s_thresholds_alone() -> None:
+    """Shades at 0.4, families at 0.5: Red (0.4) clears its threshold, but the blues (0.6) make the
+    family Blue, so the job writes Blue and not Red; the test report and the health profile count
+    the same one value, where each attribute's thresholds alone would count Red as well."""
+    from catalog_enrichment.data.dataset import EncodedLabels
+    from catalog_enrichment.training.evaluation import Predictions, evaluate, with_health
+
+    calibration = calibrated_at(SHADES, {"color": 0.4, "color_family": 0.5})
+    shades = np.array([[0.20, 0.20, 0.20, 0.40, 0.00]])
+    values, _ = DecisionPolicy(SHADES, calibration, SHADES).decide(SHADES.derive({"color": shades}), [set()])
+    assert [(d.attribute, d.value) for d in values[0]] == [("color_family", "Blue")]
+    labels = EncodedLabels({"color": np.array([3])}, {"color": np.array([True])})  # it is Red
+    report = evaluate(Predictions({"color": shades}, None, {}), labels, SHADES, calibration)
+    assert report["color"]["written"] == 0 and report["color"]["coverage"] == 0.0
+    assert report["color"]["per_value"]["Red"]["written"] == 0
+    assert report["color_family"]["written"] == 1 and report["color_family"]["written_correct"] == 0
+    health = with_health(calibration, Predictions({"color": shades}, None, {}), labels, SHADES, None).health
+    assert health is not None and health.attributes["color"].covered == 0
 
 
 def test_a_merchant_s_family_settles_a_model_without_families_and_every_other_grouping() -> None:

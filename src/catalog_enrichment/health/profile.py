@@ -144,16 +144,19 @@ def attribute_baseline(
     kind: str,
     thresholds: np.ndarray,
     known: np.ndarray | None = None,
+    written: np.ndarray | None = None,
 ) -> AttributeBaseline | None:
     """The baseline of one attribute from held-out scores ``(m, V)`` of the model that serves and
     their labels (``known``: the rows labelled, besides multi-class ``-1``; unlabelled rows count for
-    every quantity but precision); None: no products."""
+    every quantity but precision; ``written``: the ``(m, V)`` decisions, where more than the
+    thresholds decides them); None: no products."""
     scores = np.asarray(scores, np.float64)
     if not len(scores):
         return None
     top = _top(scores)
     edges = _quantile_edges(top, SCORE_BINS)
-    written = decision_matrix(scores, kind, thresholds)  # type: ignore[arg-type]
+    if written is None:
+        written = decision_matrix(scores, kind, thresholds)  # type: ignore[arg-type]
     truth, labelled = truth_matrix(labels, scores.shape[1], kind)  # type: ignore[arg-type]
     if known is not None:
         labelled &= np.asarray(known, bool)

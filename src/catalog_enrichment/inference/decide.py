@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.contracts import Taxonomy, merchant_value_given
 from catalog_enrichment.errors import TaxonomyError
-from catalog_enrichment.metrics import decision_matrix
+from catalog_enrichment.metrics import decision_matrix, within_groups
 
 __all__ = ["Decision", "DecisionPolicy", "FlatDecisions", "merchant_attributes", "merchant_filled"]
 
@@ -330,19 +330,16 @@ class DecisionPolicy:
                 decision_matrix(attr_scores, attr.kind, self.thresholds[attr.name]) & ~blocked[:, a, None]
             )
             scores.append(attr_scores)
-        for d, p, group in self._levels:
-            # never a value outside the group the model decides for the same product (whether or
-            # not people rejected that group), nor inside a group people rejected for it
-            family = written[d]
-            inside = np.concatenate([family, np.zeros((n, 1), bool)], axis=1)[:, group]  # -1: in no group
-            keep = inside | ~family.any(axis=1, keepdims=True)
-            if rejected is not None:
-                refused = np.concatenate(
-                    [rejected[:, self._value_attribute == d], np.zeros((n, 1), bool)], axis=1
-                )
-                keep &= ~refused[:, group]
-            written[p] &= keep
-        every = np.concatenate([np.zeros((n, 0), bool), *written], axis=1)
+        # never a value outside the group the model decides for the same product (whether or not
+        # people rejected that group), nor inside a group people rejected for it
+        names = self.taxonomy.names
+        refused = (
+            None
+            if rejected is None
+            else {names[d]: rejected[:, self._value_attribute == d] for d, _, _ in self._levels}
+        )
+        by_name = within_groups(dict(zip(names, written, strict=True)), self.taxonomy, refused)
+        every = np.concatenate([np.zeros((n, 0), bool), *(by_name[name] for name in names)], axis=1)
         if rejected is not None:
             every &= ~rejected
         rows, cols = np.nonzero(every)  # row-major: by product, then attribute, then value

@@ -32,6 +32,7 @@ from catalog_enrichment.metrics import (
     decision_matrix,
     f1_scores,
     truth_matrix,
+    within_groups,
     written_precision_and_coverage,
 )
 from catalog_enrichment.models.fusion import FusionInputs
@@ -166,6 +167,7 @@ def evaluate(
     R@P95) and per-value precision (with Wilson bounds) of what would be written."""
     report: dict[str, Any] = {}
     probs, labels, taxonomy = _outputs(preds, labels, taxonomy)
+    decided = {} if calibration is None else _decided(probs, taxonomy, calibration)
     for attr in taxonomy:
         kind = attr.kind
         scores, y = labels.labelled(probs, attr.name)
@@ -179,7 +181,8 @@ def evaluate(
         }
         if calibration is not None:
             thresholds = calibration.thresholds(attr.name)
-            written = written_precision_and_coverage(scores, y, kind, thresholds)
+            decisions, _ = labels.labelled(decided, attr.name)
+            written = written_precision_and_coverage(scores, y, kind, thresholds, decisions)
             entry.update(
                 {
                     "realized_precision": written["precision"],
@@ -190,9 +193,20 @@ def evaluate(
                     "coverage_efficiency": coverage_efficiency(written["recall"], r.pooled),
                 }
             )
-            entry["per_value"] = _per_value_written(scores, y, kind, thresholds, attr.values)
+            entry["per_value"] = _per_value_written(decisions, y, kind, thresholds, attr.values)
         report[attr.name] = entry
     return report
+
+
+def _decided(
+    probs: Mapping[str, np.ndarray], outputs: Taxonomy, calibration: Calibration
+) -> dict[str, np.ndarray]:
+    """What the thresholds write for every product, as the job decides: a value only inside the
+    group decided for the same product (:func:`~catalog_enrichment.metrics.within_groups`)."""
+    return within_groups(
+        {a.name: decision_matrix(probs[a.name], a.kind, calibration.thresholds(a.name)) for a in outputs},
+        outputs,
+    )
 
 
 def written_without_bound(
@@ -225,10 +239,10 @@ def written_without_bound(
 
 
 def _per_value_written(
-    scores: np.ndarray, y: np.ndarray, kind: str, thresholds: np.ndarray, values: tuple[str, ...]
+    decisions: np.ndarray, y: np.ndarray, kind: str, thresholds: np.ndarray, values: tuple[str, ...]
 ) -> dict[str, dict[str, float | int | None]]:
-    truth, known = truth_matrix(y, scores.shape[1], kind)  # type: ignore[arg-type]
-    written = decision_matrix(scores, kind, thresholds) & known[:, None]  # type: ignore[arg-type]
+    truth, known = truth_matrix(y, decisions.shape[1], kind)  # type: ignore[arg-type]
+    written = decisions & known[:, None]
     out: dict[str, dict[str, float | int | None]] = {}
     for v, value in enumerate(values):
         n = int(written[:, v].sum())
@@ -316,6 +330,7 @@ def with_health(
     not the calibration set, which with cross-fitting the fold models scored), at its thresholds."""
     attributes = {}
     probs, labels, taxonomy = _outputs(preds, labels, taxonomy)
+    decided = _decided(probs, taxonomy, calibration)
     for attr in taxonomy:
         base = attribute_baseline(
             probs[attr.name],
@@ -323,6 +338,7 @@ def with_health(
             attr.kind,
             calibration.thresholds(attr.name),
             labels.known.get(attr.name),
+            decided[attr.name],
         )
         if base is not None:
             attributes[attr.name] = base
