@@ -200,7 +200,9 @@ def test_a_partition_run_and_rollback_by_run_and_by_model_version(
         rollback(catalog, run_id="p-v2", progress=lambda _m: None)
         assert _rows(catalog) == [r for r in after_first[kind] if r != stale] and stale in after_first[kind]
         assert {r.run_id: r.status for r in catalog.read_reports()}["p-v2"] == "rolled_back"
-        rollback(catalog, model_version="1", progress=lambda _m: None)  # of its runs: parity-1
+        rollback(
+            catalog, model_version="1", model_name="tiny", progress=lambda _m: None
+        )  # of its runs: parity-1
         assert [r for r in _rows(catalog) if r[3] == "model"] == [], kind
     assert after_first["lakehouse"] == after_first["postgres"]
     assert _rows(backends["lakehouse"].catalog) == _rows(backends["postgres"].catalog)

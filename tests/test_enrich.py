@@ -473,7 +473,7 @@ def test_rollback_restores_the_previous_values_exactly(
     assert _sorted_rows(read_table(path)) == after_v1
     assert report_for(read_reports(cfg.catalog.table("run_reports")), "run-2").status == "rolled_back"
     # by model version: every run of v1 goes, back to the merchants' values only
-    rollback(open_catalog(cfg.catalog), model_version="1", progress=_quiet)
+    rollback(open_catalog(cfg.catalog), model_version="1", model_name="tiny", progress=_quiet)
     table = read_table(path)
     assert set(table["source"].to_pylist()) == {"merchant"}
 

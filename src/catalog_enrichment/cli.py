@@ -211,7 +211,9 @@ def _rollback(sub: Sub) -> None:
     p = _command(sub, "rollback", commands.rollback)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", metavar="ID", help="the run to undo")
-    which.add_argument("--model-version", metavar="V", help="undo every run of this model version")
+    which.add_argument(
+        "--model-version", metavar="V", help="undo every run of this version of mlflow.registered_model"
+    )
     p.add_argument("--catalog", metavar="DIR", help="lakehouse root (catalog.root)")
 
 
@@ -301,7 +303,9 @@ def _review_sample(sub: Sub) -> None:
     p = _command(sub, "sample", commands.review_sample)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", metavar="ID", help="the values this run wrote")
-    which.add_argument("--model-version", metavar="V", help="the values this model version wrote")
+    which.add_argument(
+        "--model-version", metavar="V", help="the values this version of mlflow.registered_model wrote"
+    )
     p.add_argument("--size", type=int, metavar="N", help="values to draw (review.sample_size, 500)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed (review.seed, 0)")
     p.add_argument(

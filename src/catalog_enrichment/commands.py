@@ -352,8 +352,9 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
 def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
     """undo what one run or one model version wrote (restores the values it replaced)
 
-    Remove the values a run (or every run of a model version) wrote and restore the values they
-    replaced (kept by each run at its commit); every run of a model version in one commit.
+    Remove the values a run (or every run of a version of mlflow.registered_model) wrote and restore
+    the values they replaced (kept by each run at its commit); every run of a model version in one
+    commit.
     Pairs changed by later runs are left alone. --model-version first tags the version rolled back
     in the MLflow registry, so no alias serves it again (enrich, backfill) and the promotion gate
     neither promotes it nor compares a challenger with it; where the registry cannot be reached,
@@ -363,30 +364,28 @@ def rollback(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.contracts import load_taxonomy
 
     catalog = open_catalog(cfg.catalog)
-    version = args.model_version
-    mark = None if version is None else (lambda _runs: _mark_rolled_back(cfg, catalog, str(version)))
+    version, name = args.model_version, cfg.mlflow.registered_model
+    mark = None if version is None else (lambda _runs: _mark_rolled_back(cfg, catalog, name, str(version)))
     linked = load_taxonomy(cfg.taxonomy_path).held_together()
-    runs.rollback(catalog, run_id=args.run_id, model_version=version, before=mark, linked=linked)
+    runs.rollback(
+        catalog, run_id=args.run_id, model_version=version, model_name=name, before=mark, linked=linked
+    )
     return 0
 
 
-def _mark_rolled_back(cfg: AppConfig, catalog: Catalog, version: str) -> None:
-    """Tag ``version`` rolled back in the registry, under the model name its runs in ``catalog``
-    recorded (mlflow.registered_model when none did)."""
+def _mark_rolled_back(cfg: AppConfig, catalog: Catalog, name: str, version: str) -> None:
+    """Tag ``name``'s ``version`` rolled back in the registry."""
     from catalog_enrichment import registry
 
-    names = {r.model_name for r in catalog.read_reports() if r.model_version == version and r.model_name}
     note = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, in {catalog.describe()}"
-    client = runtime.mlflow_client(cfg.mlflow)
-    for name in sorted(names or {cfg.mlflow.registered_model}):
-        try:
-            registry.mark_rolled_back(client, name, version, note)
-        except CatalogEnrichError as exc:
-            raise CatalogEnrichError(
-                f"{exc}. Nothing was rolled back: an alias naming the version would serve it again. Fix "
-                "the registry and run this again, or undo its runs one by one with --run-id"
-            ) from None
-        print(f"{name} v{version} tagged {registry.ROLLED_BACK_TAG}: no alias serves it again", flush=True)
+    try:
+        registry.mark_rolled_back(runtime.mlflow_client(cfg.mlflow), name, version, note)
+    except CatalogEnrichError as exc:
+        raise CatalogEnrichError(
+            f"{exc}. Nothing was rolled back: an alias naming the version would serve it again. Fix "
+            "the registry and run this again, or undo its runs one by one with --run-id"
+        ) from None
+    print(f"{name} v{version} tagged {registry.ROLLED_BACK_TAG}: no alias serves it again", flush=True)
 
 
 def embeddings(args: argparse.Namespace, cfg: AppConfig) -> int:

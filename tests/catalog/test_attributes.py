@@ -66,10 +66,12 @@ def _state(catalog: Catalog) -> set[tuple[str, str, str, str, str | None]]:
     return {(r["product_id"], r["attribute"], r["value"], r["source"], r["run_id"]) for r in t}
 
 
-def _merge(catalog: Catalog, run: str, values: pa.Table, pairs: pa.Table, version: str = "1") -> MergeResult:
+def _merge(
+    catalog: Catalog, run: str, values: pa.Table, pairs: pa.Table, version: str = "1", model: str = "m"
+) -> MergeResult:
     quarantine = load_contract("quarantine").arrow_schema().empty_table()
     written_at = T0 + dt.timedelta(days=1)
-    return catalog.write(RunWrite(run, "m", version, written_at, values, pairs, quarantine))
+    return catalog.write(RunWrite(run, model, version, written_at, values, pairs, quarantine))
 
 
 def seed_merchant(catalog: Catalog, rows: pa.Table) -> None:
@@ -134,7 +136,7 @@ def test_merge_replaces_model_values_per_scored_pair_and_never_touches_merchant_
     before = _state(catalog)
     again = _merge(catalog, "r2", _values([("p2", "color", "blue", 0.95)]), _pairs([("p2", "color")]))
     assert again.already_committed and again.version == r2.version and _state(catalog) == before
-    assert catalog.runs_of_model_version("1") == ["r1"]
+    assert catalog.runs_of_model_version("m", "1") == ["r1"]
     if catalog.kind == "lakehouse":
         path = catalog.attributes  # type: ignore[attr-defined]
         assert find_run_commit(path, "r2") == table_version(path) == r2.version
@@ -273,6 +275,26 @@ def test_a_pair_later_runs_wrote_and_emptied_again_is_left_alone(catalog: Catalo
     catalog.rollback_runs(["s"])
     assert catalog.rollback_runs(["r"])[0].pairs_restored == 1
     assert [row for row in _state(catalog) if row[0] == "p3"] == [("p3", "color", "red", "model", "x")]
+
+
+def test_a_model_version_s_rollback_undoes_that_model_s_runs_not_another_model_s_of_the_same_number(
+    catalog: Catalog,
+) -> None:
+    """Two registered models write into one catalog, each its version 1: rolling back m v1 removes
+    m's value and leaves the other model's - whether a run's model is read from its report (r2) or,
+    without one, from the rows it wrote (r1, r3)."""
+    from catalog_enrichment.catalog.reports import RunReport
+    from catalog_enrichment.catalog.runs import rollback
+
+    _merge(catalog, "r1", _values([("p1", "material", "cotton", 0.8)]), _pairs([("p1", "material")]))
+    _merge(catalog, "r2", _values([("p3", "color", "blue", 0.9)]), _pairs([("p3", "color")]), model="other")
+    _merge(catalog, "r3", _values([("p4", "color", "green", 0.9)]), _pairs([("p4", "color")]), model="other")
+    catalog.upsert_report(RunReport(run_id="r2", status="succeeded", started_at=T0, model_name="other"))
+    assert catalog.runs_of_model_version("m", "1") == ["r1"]
+    assert catalog.runs_of_model_version("other", "1") == ["r3", "r2"]
+    rollback(catalog, model_version="1", model_name="m", progress=lambda _m: None)
+    assert {r[4] for r in _state(catalog) if r[3] == "model"} == {"r2", "r3"}
+    assert catalog.runs_of_model_version("other", "1") == ["r3", "r2"]
 
 
 def test_a_run_whose_pairs_later_runs_all_changed_again_is_not_marked_rolled_back(catalog: Catalog) -> None:
@@ -656,11 +678,13 @@ def test_a_run_id_stays_merged_and_a_run_rolls_back_exactly_after_log_cleanup_an
     _age_out(catalog)
     again = _merge(catalog, "r1", _values([("p2", "color", "blue", 0.9)]), _pairs([("p2", "color")]))
     assert again.already_committed and _state(catalog) == after_r2
-    assert catalog.runs_of_model_version("2") == ["r2"] and catalog.runs_of_model_version("1") == ["r1"]
+    assert catalog.runs_of_model_version("m", "2") == ["r2"] and catalog.runs_of_model_version("m", "1") == [
+        "r1"
+    ]
     (result,) = catalog.rollback_runs(["r2"])
     assert (result.pairs_restored, result.superseded) == (2, []) and result.version != r2.version
     assert _state(catalog) == after_r1
-    assert catalog.runs_of_model_version("2") == []
+    assert catalog.runs_of_model_version("m", "2") == []
     _age_out(catalog)
     with pytest.raises(CatalogEnrichError, match="already rolled back"):
         catalog.rollback_runs(["r2"])
@@ -672,7 +696,7 @@ from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.runs import rollback
 catalog = open_catalog(CatalogConfig.model_validate_json(sys.argv[1]))
-print(rollback(catalog, model_version="1", progress=print), flush=True)
+print(rollback(catalog, model_version="1", model_name="m", progress=print), flush=True)
 """
 
 
@@ -713,7 +737,7 @@ def test_a_model_version_rollback_is_one_commit_that_a_kill_leaves_before_or_aft
         )
         assert done.returncode == 0, done.stderr[-2000:]
     assert _state(catalog) == after_r0
-    assert catalog.runs_of_model_version("1") == [] and catalog.runs_of_model_version("0") == ["r0"]
+    assert catalog.runs_of_model_version("m", "1") == [] and catalog.runs_of_model_version("m", "0") == ["r0"]
 
 
 @pytest.mark.slow  # a process killed: not the fast tier

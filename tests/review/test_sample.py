@@ -135,8 +135,10 @@ def test_a_sample_records_each_rows_stratum_and_population(written: WrittenCatal
 
 
 def test_a_sample_of_nothing_or_of_two_things_is_a_clear_error(written: WrittenCatalog) -> None:
-    with pytest.raises(CatalogEnrichError, match="no value written by model version 9"):
+    with pytest.raises(CatalogEnrichError, match="no value written by model v9"):
         draw_sample(written.catalog, model_version="9")
+    with pytest.raises(CatalogEnrichError, match="no value written by another v3"):  # its v3 is not ours
+        draw_sample(written.catalog, model_version="3", model_name="another")
     with pytest.raises(CatalogEnrichError, match="one of --run-id and --model-version"):
         draw_sample(written.catalog, model_version="3", run_id="enrich-1")
     with pytest.raises(CatalogEnrichError, match="at least 1"):

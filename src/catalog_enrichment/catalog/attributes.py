@@ -142,10 +142,37 @@ def find_run_commit(path: str | Path, run_id: str, operation: str = "enrich") ->
     return None if version is None else int(version)
 
 
-def runs_of_model_version(path: str | Path, changes: str | Path, model_version: str) -> list[tuple[int, str]]:
-    """(table version, run id) of every committed, not-rolled-back run of a model version, newest
-    first (the runs from the changes table's partitions, their state from the transactions)."""
-    return _live_runs(path, changes, [(CHANGED_IN, "=", str(model_version))])
+def runs_of_model_version(
+    path: str | Path,
+    changes: str | Path,
+    model_name: str,
+    model_version: str,
+    reported: Mapping[str, str],
+) -> list[tuple[int, str]]:
+    """(table version, run id) of every committed, not-rolled-back run of a registered model's
+    version, newest first (the runs from the changes table's partitions, their state from the
+    transactions). A run's model is the one its report names (``reported``: run id -> model
+    name), else the one its written rows name; a run with neither is kept."""
+    runs = _live_runs(path, changes, [(CHANGED_IN, "=", str(model_version))])
+    unreported = [run for _, run in runs if run not in reported]
+    written = _models_written(changes, unreported) if unreported else {}
+    named = {**written, **reported}
+    return [(v, run) for v, run in runs if run not in named or named[run] == model_name]
+
+
+def _models_written(changes: str | Path, run_ids: Sequence[str]) -> dict[str, str]:
+    """The model name of the values each of ``run_ids`` wrote (its after-image rows'); a run that
+    only removed values has none."""
+    from deltalake import DeltaTable
+
+    wanted = pc.field(CHANGED_BY).isin(pa.array(list(run_ids), pa.string())) & (pc.field(IMAGE) == "after")
+    rows = (
+        DeltaTable(str(changes))
+        .to_pyarrow_dataset()
+        .to_table(columns=[CHANGED_BY, "model_name"], filter=wanted)
+    )
+    names = zip(rows[CHANGED_BY].to_pylist(), rows["model_name"].to_pylist(), strict=True)
+    return {str(r): str(m) for r, m in names if m}
 
 
 def _live_runs(

@@ -210,8 +210,9 @@ class Catalog(Protocol):
         """
         ...
 
-    def runs_of_model_version(self, model_version: str) -> list[str]:
-        """Run ids of the not-rolled-back runs of a model version, newest first."""
+    def runs_of_model_version(self, model_name: str, model_version: str) -> list[str]:
+        """Run ids of the not-rolled-back runs of a registered model's version, newest first (two
+        models' runs in one catalog have their own version numbers)."""
         ...
 
     def attribute_rows(self, where: Mapping[str, str] | None = None) -> pa.Table:

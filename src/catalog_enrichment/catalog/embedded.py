@@ -136,11 +136,13 @@ class LakehouseCatalog:
             self.attributes, self.changes, run_ids, products=self.products, linked=linked
         )
 
-    def runs_of_model_version(self, model_version: str) -> list[str]:
+    def runs_of_model_version(self, model_name: str, model_version: str) -> list[str]:
         self._check_attributes()
-        return [
-            run for _, run in attributes.runs_of_model_version(self.attributes, self.changes, model_version)
-        ]
+        reported = {r.run_id: r.model_name for r in self.read_reports() if r.model_name}
+        runs = attributes.runs_of_model_version(
+            self.attributes, self.changes, model_name, model_version, reported
+        )
+        return [run for _, run in runs]
 
     def attribute_rows(self, where: Mapping[str, str] | None = None) -> pa.Table:
         import pyarrow.dataset as ds

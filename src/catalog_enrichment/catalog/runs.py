@@ -111,6 +111,7 @@ def rollback(
     *,
     run_id: str | None = None,
     model_version: str | None = None,
+    model_name: str | None = None,
     progress: Say = print,
     before: Callable[[list[str]], None] | None = None,
     linked: Mapping[str, Sequence[str]] | None = None,
@@ -128,11 +129,14 @@ def rollback(
     them marked, which only has the next run read their products again."""
     if (run_id is None) == (model_version is None):
         raise CatalogEnrichError("rollback needs exactly one of --run-id or --model-version")
+    if model_version is not None and not model_name:
+        raise CatalogEnrichError("rolling back a model version needs the registered model's name")
     with catalog.lock("rollback", progress):
-        runs = [run_id] if run_id else catalog.runs_of_model_version(str(model_version))
+        runs = [run_id] if run_id else catalog.runs_of_model_version(str(model_name), str(model_version))
         if not runs:
             raise CatalogEnrichError(
-                f"model version {model_version} has no runs to roll back in {catalog.describe()}"
+                f"{model_name} v{model_version} has no runs to roll back in {catalog.describe()} "
+                "(another registered model's version: --set mlflow.registered_model=NAME)"
             )
         if before is not None:
             before(runs)

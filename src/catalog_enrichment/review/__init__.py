@@ -60,7 +60,13 @@ def sample_for_review(
     if out is not None:
         sample_file_format(out)  # before anything is drawn and recorded
     sample = draw_sample(
-        catalog, run_id=run_id, model_version=model_version, size=size, seed=seed, balance=cfg.review.balance
+        catalog,
+        run_id=run_id,
+        model_version=model_version,
+        model_name=cfg.mlflow.registered_model,
+        size=size,
+        seed=seed,
+        balance=cfg.review.balance,
     )
     file = out or Path(f"{sample.sample_id}/{sample.sample_id}.csv")
     policy = ImagePolicy.from_config(cfg.images, catalog.image_roots())
@@ -72,8 +78,9 @@ def sample_for_review(
 def audit_catalog(
     cfg: AppConfig, catalog: Catalog, client: Any, *, model_version: str | None, sample_id: str | None
 ) -> Audit:
-    """Audit the latest reviewed sample of ``model_version`` (or ``sample_id``) in ``catalog``
-    against the target the version was calibrated for (``client``: where the version is registered)."""
+    """Audit the latest reviewed sample of ``model_version`` (mlflow.registered_model's; or
+    ``sample_id``) in ``catalog`` against the target the version was calibrated for (``client``:
+    where the version is registered)."""
     from catalog_enrichment import registry
     from catalog_enrichment.calibration import version_target
 
@@ -85,6 +92,7 @@ def audit_catalog(
         catalog.keyed_rows("review_samples"),
         catalog.keyed_rows("reviews"),
         model_version=model_version,
+        model_name=cfg.mlflow.registered_model,
         sample_id=sample_id,
         target_of=target_of,
         confidence=cfg.review.confidence,

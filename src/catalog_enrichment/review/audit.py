@@ -148,11 +148,15 @@ def _status(e: Estimate, target: float) -> str:
 
 
 def _reviewed_samples(
-    samples: pa.Table, reviews: pa.Table, model_version: str | None, sample_id: str | None
+    samples: pa.Table,
+    reviews: pa.Table,
+    model_version: str | None,
+    sample_id: str | None,
+    model_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """The samples asked for that have verdicts, oldest first: the one ``sample_id``; else those of
-    the whole ``model_version`` (of every version without one) - a sample of a single run is
-    audited by its id alone, as it stands for that run only.
+    the whole ``model_version`` (of every version without one; ``model_name``'s, where given) - a
+    sample of a single run is audited by its id alone, as it stands for that run only.
 
     Raises:
         CatalogEnrichError: no such sample, a sample of another version than ``model_version``, or
@@ -162,16 +166,21 @@ def _reviewed_samples(
     drawn = (
         samples.group_by(["sample_id", "model_name", "model_version", "drawn_at"]).aggregate([]).to_pylist()
     )
+
+    def of_version(d: dict[str, Any]) -> bool:
+        return d["model_version"] == str(model_version) and model_name in (None, d["model_name"])
+
     if sample_id is not None:
         drawn = [d for d in drawn if d["sample_id"] == sample_id]
-        other = {d["model_version"] for d in drawn} - {str(model_version)}
+        other = {f"{d['model_name']} v{d['model_version']}" for d in drawn if not of_version(d)}
         if model_version is not None and other:  # its verdict would decide another version's fate
             raise CatalogEnrichError(
-                f"sample {sample_id} judged model version {', '.join(sorted(other))}, not {model_version}"
+                f"sample {sample_id} judged {', '.join(sorted(other))}, not "
+                f"{'model' if model_name is None else model_name} v{model_version}"
             )
     else:  # a sample of one run stands for that run alone: audited by its id only
         if model_version is not None:
-            drawn = [d for d in drawn if d["model_version"] == str(model_version)]
+            drawn = [d for d in drawn if of_version(d)]
         runs = sorted(d["sample_id"] for d in drawn if of_one_run(d["sample_id"]))
         drawn = [d for d in drawn if not of_one_run(d["sample_id"])]
         if not drawn and runs:
@@ -210,15 +219,17 @@ def audit_sample(
     target_of: Callable[[str, str], float],
     confidence: float,
     min_support: int,
+    model_name: str | None = None,
 ) -> Audit:
     """The audit of one sample: ``sample_id``, else the latest sample of the whole ``model_version``
-    (of any version without one; not one of a single run, :func:`of_one_run`) that has verdicts,
-    against the precision target ``target_of(model name, version)`` of the version that wrote it.
+    (``model_name``'s where given; of any version without one; not one of a single run,
+    :func:`of_one_run`) that has verdicts, against the precision target ``target_of(model name,
+    version)`` of the version that wrote it.
 
     Raises:
         CatalogEnrichError: no such sample, or no verdict on it yet.
     """
-    with_verdicts = _reviewed_samples(samples, reviews, model_version, sample_id)
+    with_verdicts = _reviewed_samples(samples, reviews, model_version, sample_id, model_name)
     chosen = with_verdicts[-1]
     target = target_of(chosen["model_name"], chosen["model_version"])
     mine = samples.filter(pc.equal(samples["sample_id"], chosen["sample_id"]))

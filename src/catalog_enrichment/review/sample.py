@@ -160,14 +160,15 @@ def draw_sample(
     *,
     run_id: str | None = None,
     model_version: str | None = None,
+    model_name: str | None = None,
     size: int = 500,
     seed: int = 0,
     balance: float = 0.5,
     now: dt.datetime | None = None,
     record: bool = True,
 ) -> DrawnSample:
-    """Draw a sample of the model values one run (or one model version) wrote and (``record``)
-    record it in the catalog's ``review_samples`` table.
+    """Draw a sample of the model values one run (or one model version: ``model_name``'s, where
+    given) wrote and (``record``) record it in the catalog's ``review_samples`` table.
 
     Raises:
         CatalogEnrichError: neither or both of ``run_id``/``model_version``, a size below 1, or no
@@ -178,7 +179,7 @@ def draw_sample(
     if size < 1:
         raise CatalogEnrichError(f"--size must be at least 1, got {size}")
     now = now or dt.datetime.now(dt.UTC)
-    rows = _written_by(catalog, run_id, model_version)
+    rows = _written_by(catalog, run_id, model_version, model_name)
     categories = _latest_products(
         catalog, ["product_id", "category"], pc.unique(rows["product_id"]).to_pylist()
     )
@@ -198,17 +199,31 @@ def draw_sample(
     return DrawnSample(sample_id, table, rows.num_rows)
 
 
-def _written_by(catalog: Catalog, run_id: str | None, model_version: str | None) -> pa.Table:
-    """The model values one run or one model version wrote, in (product, attribute, value) order.
+# a version number is a registered model's: another model's is read under its name
+_ANOTHER_MODEL = " (another registered model's version: --set mlflow.registered_model=NAME)"
+
+
+def _written_by(
+    catalog: Catalog, run_id: str | None, model_version: str | None, model_name: str | None
+) -> pa.Table:
+    """The model values one run or one model version (``model_name``'s, where given) wrote, in
+    (product, attribute, value) order.
 
     Raises:
         CatalogEnrichError: there is none.
     """
-    column, wanted = ("run_id", run_id) if run_id is not None else ("model_version", str(model_version))
-    rows = catalog.attribute_rows({"source": "model", column: wanted})
-    what = f"run {run_id}" if run_id is not None else f"model version {model_version}"
+    if run_id is not None:
+        wanted, what = {"run_id": run_id}, f"run {run_id}"
+    else:
+        named = {} if model_name is None else {"model_name": model_name}
+        wanted = {**named, "model_version": str(model_version)}
+        what = f"{model_name or 'model'} v{model_version}"
+    rows = catalog.attribute_rows({"source": "model", **wanted})
     if rows.num_rows == 0:
-        raise CatalogEnrichError(f"{catalog.describe()} holds no value written by {what}: nothing to review")
+        other = "" if run_id is not None or model_name is None else _ANOTHER_MODEL
+        raise CatalogEnrichError(
+            f"{catalog.describe()} holds no value written by {what}: nothing to review{other}"
+        )
     return rows.take(
         pc.sort_indices(rows, sort_keys=[(k, "ascending") for k in ("product_id", "attribute", "value")])
     )

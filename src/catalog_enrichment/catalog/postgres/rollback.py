@@ -171,14 +171,14 @@ class Rollbacks(PgBase):
         ).fetchone()
         return found is not None
 
-    def runs_of_model_version(self, model_version: str) -> list[str]:
+    def runs_of_model_version(self, model_name: str, model_version: str) -> list[str]:
         with self.connect() as conn:
             rows = conn.execute(
                 self._sql(
-                    "SELECT run_id FROM {t} WHERE operation = 'enrich' AND model_version = %s AND "
-                    "rolled_back_at IS NULL ORDER BY seq DESC",
+                    "SELECT run_id FROM {t} WHERE operation = 'enrich' AND model_name = %s AND "
+                    "model_version = %s AND rolled_back_at IS NULL ORDER BY seq DESC",
                     t="runs",
                 ),
-                [str(model_version)],
+                [model_name, str(model_version)],
             ).fetchall()
         return [r for (r,) in rows]
