@@ -316,10 +316,10 @@ def test_a_placeholder_behind_the_products_own_urls_is_quarantined_and_never_sto
         inference={"batch_size": 64, "device": "cpu"},
         images={"roots": [str(photos)]},
     )
-    # the run health checks also see an outage this large (its grey photos): they only warn here,
-    # so the rest of the night is written and the rule is seen alone
-    modes = dict.fromkeys(("score_drift", "coverage", "value_mix", "estimated_precision", "inputs"), "warn")
-    cfg = _with_health(cfg, **modes)
+    # every attribute's check blocks (the defaults): the run health judges the products written,
+    # not the placeholders' scores and grey photos, so the outage blocks nothing of the rest of the
+    # night; the input checks warn (these 300 products all have a photo, against 97 % at training)
+    cfg = _with_health(cfg, inputs="warn")
     catalog, model = open_catalog(cfg.catalog), ModelVersion("tiny", "1", bundle_dir=scoring_bundle)
     write_table(tmp_path / "products", by_uri)
     said: list[str] = []
@@ -340,6 +340,10 @@ def test_a_placeholder_behind_the_products_own_urls_is_quarantined_and_never_sto
     assert hit == set(clean["product_id"].to_pylist()[:120]) - other and len(hit) > 100
     assert written("outage") and not written("outage") & hit
     assert outage["row_rules"]["image_shared"] == len(hit) and outage["health_blocked"] == {}
+    failures = [(c["scope"], c["check"]) for c in outage["health"] if c["status"] == "failed"]
+    assert failures == [("input", "image")]
+    (tone,) = [c for c in outage["health"] if c["check"] == "image_tone"]
+    assert 0 < tone["products"] <= clean.num_rows - len(hit)  # the placeholders' tones not counted
     assert outage["embeddings_stored"] == outage["embeddings_encoded"] - len(hit) > 0
     assert (
         sum(f"image_shared: {len(hit)} products' photos, as read, are placeholders" in line for line in said)

@@ -356,12 +356,15 @@ def score(
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(scores))
     table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
     shared: dict[str, int] = {}
+    health = counters.health.value
     found = shared_images(table["product_id"], table["image_digest"], max_products_per_image, placeholders)
     if found:
         mark_shared_images(spark, scores, sorted(found))
         table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
         marked = table.filter(pc.equal(table["image_error"], IMAGE_SHARED))
         shared = dict(Counter(marked["image_digest"].to_pylist()))
+        # the run health judges what is written: the placeholders' products were counted as scored
+        health = health.without(_health_of(spark, valid, spec, marked["product_id"].to_pylist()))
     return Scored(
         table,
         dict(counters.loads.value),
@@ -369,9 +372,23 @@ def score(
         encoder,
         int(counters.reused.value),
         int(counters.encoded.value),
-        counters.health.value,
+        health,
         shared,
     )
+
+
+def _health_of(
+    spark: SparkSession, valid: DataFrame, spec: ScoringSpec, product_ids: list[str]
+) -> HealthTally:
+    """What the scoring tasks counted for the run health of ``product_ids``: their rows of
+    ``valid`` scored again, the same way (the scores, and so the counts, are deterministic)."""
+    from pyspark.sql import functions as F
+
+    again = ScoringCounters.create(spark)
+    ids = spark.createDataFrame([(p,) for p in sorted(set(product_ids))], "product_id string")
+    rows = valid.join(F.broadcast(ids), "product_id", "left_semi")
+    score_dataframe(rows, spec, again).write.format("noop").mode("overwrite").save()
+    return again.health.value
 
 
 def _by_product(rejected: Iterable[tuple[str, str, str]]) -> dict[str, list[str]]:
@@ -481,11 +498,13 @@ def new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
 
 
 def photos_quarantined(quarantine: pa.Table, scored: pa.Table, retry: Collection[str]) -> int:
-    """The products validation quarantined for their photo alone (a placeholder's), which no scoring
-    task counted, but those read again for one (``retry``: they have a photo by that choice, which
-    the image check does not count); ``scored``: the staged decisions (a photo the scoring found
-    unusable was counted there)."""
-    counted = set(scored.filter(pc.is_valid(scored["image_error"]))["product_id"].to_pylist())
+    """The products quarantined for their photo alone (a placeholder's, found by validation or by
+    the scoring), which the run health's counts leave out, but those read again for one (``retry``:
+    they have a photo by that choice, which the image check does not count); ``scored``: the staged
+    decisions (a photo the scoring found unreadable was counted there)."""
+    # a placeholder the scoring found (IMAGE_SHARED) was taken out of the scoring's counts (score)
+    found = pc.and_(pc.is_valid(scored["image_error"]), pc.not_equal(scored["image_error"], IMAGE_SHARED))
+    counted = set(scored.filter(found)["product_id"].to_pylist())
     pairs = zip(quarantine["product_id"].to_pylist(), quarantine["reasons"].to_pylist(), strict=True)
     return sum(reasons == [IMAGE_SHARED] and p not in retry and p not in counted for p, reasons in pairs)
 

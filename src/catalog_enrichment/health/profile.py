@@ -119,6 +119,10 @@ def _add(a: Sequence[int], b: Sequence[int]) -> list[int]:
     return [int(x) + int(y) for x, y in zip(a, b, strict=True)]
 
 
+def _neg(a: Sequence[int]) -> list[int]:
+    return [-int(x) for x in a]
+
+
 # -- baselines ---------------------------------------------------------------------------------------
 
 
@@ -386,6 +390,9 @@ class AttributeTally:
             _add(self.written, other.written),
         )
 
+    def negated(self) -> AttributeTally:
+        return AttributeTally(_neg(self.scores), -self.covered, _neg(self.values), _neg(self.written))
+
 
 @dataclass
 class InputTally:
@@ -408,6 +415,16 @@ class InputTally:
             _add(self.tones, other.tones),
         )
 
+    def negated(self) -> InputTally:
+        return InputTally(
+            _neg(self.title_lengths),
+            _neg(self.scripts),
+            {k: -v for k, v in self.categories.items()},
+            _neg(self.description),
+            _neg(self.image),
+            _neg(self.tones),
+        )
+
 
 @dataclass
 class HealthTally:
@@ -424,6 +441,15 @@ class HealthTally:
         if self.inputs is not None and other.inputs is not None:
             inputs = self.inputs.merge(other.inputs)
         return HealthTally(attrs, inputs)
+
+    def without(self, part: HealthTally) -> HealthTally:
+        """These counts less ``part``, counts of some of the same products (scored, then
+        quarantined: their values are not written)."""
+        negated = HealthTally(
+            {a: t.negated() for a, t in part.attributes.items()},
+            None if part.inputs is None else part.inputs.negated(),
+        )
+        return self.merge(negated)
 
     def photos_quarantined(self, products: int) -> None:
         """``products`` quarantined before scoring for their photo (a placeholder's): not counted
