@@ -1,6 +1,7 @@
 """The PostgreSQL catalog's own concerns on a real throw-away server: the connection (from the
-environment only; the password in no message), versioned migrations, the run lock's holder, and
-the throw-away server's own lifetime."""
+environment only; the password in no message), versioned migrations under a role that may not
+create schemas, the products table's checks, staging tables, the rollback's merchant blankness,
+the run lock's holder, and the throw-away server's own lifetime."""
 
 from __future__ import annotations
 
@@ -273,3 +274,167 @@ def test_store_writes_side_by_side_each_land_and_a_key_staged_twice_is_written_o
             f"SELECT product_id, content FROM {catalog.schema}.embeddings ORDER BY product_id"
         ).fetchall()
     assert stored == [("p1", "c2"), ("p2", "c1"), ("p3", "c1")]
+
+
+def test_a_role_that_owns_its_schema_but_may_not_create_schemas_runs(
+    pg_server: Any, pg_catalog_config: CatalogConfig
+) -> None:
+    """A DBA created the job's schema for its role, which may not create schemas in the database:
+    ``CREATE SCHEMA IF NOT EXISTS`` checks that right before it looks, and failed every command."""
+    import psycopg
+
+    schema = pg_catalog_config.postgres.db_schema
+    role, password = f"enrich_{schema}", "enrich-password"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:  # the server's superuser
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        admin.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {role}")
+        admin.execute(f'REVOKE CREATE ON DATABASE "{pg_server.database}" FROM PUBLIC')
+    dsn = f"host=127.0.0.1 port={pg_server.port} dbname={pg_server.database} user={role} password={password}"
+    catalog = PostgresCatalog(pg_catalog_config, dsn=dsn)
+    assert catalog.read_reports() == []  # connected and migrated
+    values = pa.table({"product_id": ["p1"], "attribute": ["color"], "value": ["red"], "confidence": [0.9],
+                       "threshold": [0.5]})  # fmt: skip
+    assert catalog.write(_run("r1", values, [("p1", "color")])).inserted == 1
+    catalog.clear_staging()
+    assert catalog.attribute_rows()["value"].to_pylist() == ["red"]
+    with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("CREATE SCHEMA another_one")  # the role indeed may not create schemas
+
+
+def _run(run_id: str, values: pa.Table, pairs: list[tuple[str, str]]) -> Any:
+    """A run's write of ``values`` over ``pairs``, no quarantine rows."""
+    import datetime as dt
+
+    from catalog_enrichment.catalog.base import RunWrite
+    from catalog_enrichment.contracts import load_contract
+
+    return RunWrite(
+        run_id, "m", "1", dt.datetime(2026, 11, 2, tzinfo=dt.UTC), values,
+        pa.table({"product_id": [p for p, _ in pairs], "attribute": [a for _, a in pairs]}),
+        load_contract("quarantine").arrow_schema().empty_table(),
+    )  # fmt: skip
+
+
+def _products_table(catalog: PostgresCatalog, product_id_type: str = "text") -> None:
+    """The contract's products table, empty, with ``product_id`` of that type and no index."""
+    from catalog_enrichment.catalog.postgres.connection import _PG_TYPES
+    from catalog_enrichment.contracts import load_contract
+
+    columns = ", ".join(
+        f"{f.name} {product_id_type if f.name == 'product_id' else _PG_TYPES[f.type][0]}"
+        for f in load_contract("products").fields
+    )
+    with catalog.connect() as conn:
+        conn.execute(f"CREATE TABLE {'.'.join(catalog.products)} ({columns})")
+
+
+def test_a_blank_padded_product_id_column_is_refused_in_one_line(pg_catalog_config: CatalogConfig) -> None:
+    """character(n) ids come back padded over JDBC and never equal the text ids of the job's tables."""
+    from catalog_enrichment.errors import ContractError
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    _products_table(catalog, "char(12)")
+    with pytest.raises(
+        ContractError, match=r"'product_id' is character\(n\).*make it text or varchar"
+    ) as refused:
+        catalog.products_of(["p1"])
+    assert "\n" not in str(refused.value)
+
+
+def test_a_products_table_without_a_product_id_index_is_warned_about_once(
+    pg_catalog_config: CatalogConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rollback's merchant check looks up each restored product's latest row by product id."""
+    import logging
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    _products_table(catalog)
+    caplog.set_level(logging.WARNING, logger="catalog_enrichment")
+    catalog.products_of(["p1"])
+    catalog.products_of(["p1"])
+    warned = [
+        r.getMessage() for r in caplog.records if "no index that leads with product_id" in r.getMessage()
+    ]
+    assert len(warned) == 1 and f"{'.'.join(catalog.products)} (product_id, updated_at)" in warned[0]
+    caplog.clear()
+    with catalog.connect() as conn:  # an index that does not lead with it is no help
+        conn.execute(f"CREATE INDEX ON {'.'.join(catalog.products)} (updated_at, product_id)")
+    PostgresCatalog(pg_catalog_config).products_of(["p1"])
+    assert any("no index that leads with product_id" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with catalog.connect() as conn:
+        conn.execute(f"CREATE INDEX ON {'.'.join(catalog.products)} (product_id, updated_at)")
+    PostgresCatalog(pg_catalog_config).products_of(["p1"])
+    assert not any("product_id" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_s_clear_staging_leaves_a_store_write_s_staging_table_while_it_is_in_use(
+    pg_catalog_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training's store write takes no run lock: a run that starts while it copies clears its own
+    staging tables, not the store write's (which lands); a killed store write's table goes then."""
+    from catalog_enrichment.catalog.postgres import write
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    encoder = "ab" * 16
+    staged = _vectors(tmp_path / "store", [(encoder, "p1", 1), (encoder, "p2", 1)])
+    copy = write.copy_embeddings
+
+    def copy_then_a_run_starts(conninfo, table, batches):  # type: ignore[no-untyped-def]
+        n = copy(conninfo, table, batches)
+        catalog.clear_staging()
+        return n
+
+    left = {
+        "killed run": write._stage_name("r0"),
+        "killed store write": write._stage_name("w0", write.STORE_STAGE),
+    }
+    with catalog.connect() as conn:
+        for name in left.values():
+            conn.execute(f"CREATE UNLOGGED TABLE {catalog.schema}.{name} (a int)")
+    monkeypatch.setattr(write, "copy_embeddings", copy_then_a_run_starts)
+    assert catalog.write_embeddings(staged) == 2
+    with catalog.connect() as conn:
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s", [catalog.schema]
+        ).fetchall()
+    assert not {name for (name,) in tables} & set(left.values())
+
+
+def test_the_rollback_s_merchant_blankness_is_the_run_s(pg_catalog_config: CatalogConfig) -> None:
+    """A merchant entry of Unicode white space (U+00A0, U+3000, ...) is no value for the run and the
+    lakehouse's rollback (contracts.merchant_value_given): the SQL test must say the same."""
+    import datetime as dt
+
+    from catalog_enrichment.catalog.postgres.rollback import _NOT_BLANK
+    from catalog_enrichment.contracts import load_contract, merchant_value_given
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    with catalog.connect() as conn:  # every code point (no surrogates) is blank exactly when Python's is
+        blank = conn.execute(
+            "SELECT c FROM generate_series(1, 1114111) c WHERE c NOT BETWEEN 55296 AND 57343 "
+            "AND NOT chr(c) ~ %s ORDER BY c",
+            [_NOT_BLANK],
+        ).fetchall()
+    assert [c for (c,) in blank] == [c for c in range(1, 0x110000) if chr(c).isspace()]
+    merchant = {"p1": ["\u00a0"], "p2": ["\u3000\u2007 "], "p3": ["\u3000red"]}
+    assert [merchant_value_given(v) for v in merchant.values()] == [False, False, True]
+    T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    catalog.load_products(
+        pa.Table.from_pylist(
+            [{"product_id": p, "title": "t", "merchant_attributes": [("color", v)], "updated_at": T0,
+              "ingest_date": T0.date()} for p, v in merchant.items()],
+            schema=load_contract("products").arrow_schema(),
+        )
+    )  # fmt: skip
+    pairs = [(p, "color") for p in merchant]
+
+    def colours(value: str) -> pa.Table:
+        return pa.table({"product_id": list(merchant), "attribute": ["color"] * 3, "value": [value] * 3,
+                         "confidence": [0.9] * 3, "threshold": [0.5] * 3})  # fmt: skip
+
+    catalog.write(_run("r1", colours("red"), pairs))
+    catalog.write(_run("r2", colours("blue"), pairs))
+    catalog.rollback_runs(["r2"])
+    rows = catalog.attribute_rows().to_pylist()
+    assert sorted((r["product_id"], r["value"]) for r in rows) == [("p1", "red"), ("p2", "red")]

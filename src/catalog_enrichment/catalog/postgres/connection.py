@@ -24,9 +24,20 @@ if TYPE_CHECKING:
 
 from catalog_enrichment.catalog.postgres.migrate import migrate
 
-__all__ = ["PG_DSN_ENV", "PgBase"]
+__all__ = ["PG_DSN_ENV", "RUN_STAGE", "STORE_STAGE", "PgBase", "store_stage_key"]
 
 PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
+
+# The staging tables' name prefixes: a run's (``stage_<hash of the run id>``, every one dropped by the
+# next run's clear_staging, which holds the run lock) and a store write's (it takes no run lock and
+# may be copying beside a run: clear_staging drops one only when no session holds its lock)
+RUN_STAGE = "stage_"
+STORE_STAGE = "embeddings_stage_"
+
+
+def store_stage_key(name: str) -> str:
+    """The advisory lock a store write's session holds while its staging table ``name`` is in use."""
+    return f"catalog_enrichment.store_stage:{name}"
 
 
 # Per contract type: the PostgreSQL type a products table is created with (tests, the demo), and
@@ -62,6 +73,7 @@ class PgBase:
         self.products = (parts[0], parts[1]) if len(parts) == 2 else (self.schema, parts[0])
         self._dsn = os.environ.get(PG_DSN_ENV, "") if dsn is None else dsn
         self._migrated = False
+        self._index_checked = False  # the products table's product_id index (warned about once)
 
     def products_name(self) -> str:
         return ".".join(self.products)
@@ -178,16 +190,24 @@ class PgBase:
         return Path(self.cfg.root) / "_staging" / run_id
 
     def clear_staging(self) -> None:
-        """Drop the staging tables and remove the staged scores of killed runs (lock held)."""
+        """Drop the staging tables and remove the staged scores of killed runs (lock held); a store
+        write's staging table only when its writer is gone (no session holds its lock)."""
         from psycopg import sql
 
         empty_folder(Path(self.cfg.root) / "_staging")
         with self.connect() as conn, conn.transaction():
             names = conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE 'stage\\_%%'",
-                [self.schema],
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND (starts_with(tablename, %s) "
+                "OR starts_with(tablename, %s))",
+                [self.schema, RUN_STAGE, STORE_STAGE],
             ).fetchall()
+            unused = "SELECT pg_try_advisory_xact_lock(hashtext(%s))"  # no store write's session holds it
             for (name,) in names:
+                if (
+                    name.startswith(STORE_STAGE)
+                    and not conn.execute(unused, [store_stage_key(name)]).fetchone()[0]
+                ):
+                    continue  # a store write is copying into it
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(self._name(name)))
 
     def _serialize(self, conn: Any) -> None:

@@ -6,9 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["MIGRATIONS", "ensure_schema", "migrate"]
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def ensure_schema(conn: Any, schema: str) -> None:
+    """Create ``schema`` unless it is there. Looked up first: PostgreSQL checks the database's CREATE
+    privilege before ``IF NOT EXISTS``, so a role that owns a schema a DBA created for it, without
+    the right to create schemas, could not run ``CREATE SCHEMA IF NOT EXISTS`` at all."""
+    from psycopg import sql
+
+    if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]).fetchone() is None:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
 
 
 def migrate(conn: Any, schema: str, folder: Path = MIGRATIONS) -> list[str]:
@@ -19,7 +29,7 @@ def migrate(conn: Any, schema: str, folder: Path = MIGRATIONS) -> list[str]:
     applied: list[str] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('catalog_enrichment.migrate'))")
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        ensure_schema(conn, schema)
         table = sql.Identifier(schema, "schema_migrations")
         conn.execute(
             sql.SQL(

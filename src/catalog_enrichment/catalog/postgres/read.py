@@ -5,6 +5,7 @@ reports, keyed rows)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 from catalog_enrichment.catalog.postgres.connection import _PG_TYPES, PgBase
+from catalog_enrichment.catalog.postgres.migrate import ensure_schema
 
 __all__ = ["Reads"]
 
@@ -55,6 +57,11 @@ class Reads(PgBase):
             raise ContractError(
                 f"products table {where} lacks contract column(s) {missing} (see schemas/products.yaml)"
             )
+        if columns.get("product_id") == "character":
+            raise ContractError(
+                f"products column 'product_id' is character(n) in {where}: its blank-padded ids never "
+                "equal the text ids of the job's tables (JDBC reads them padded); make it text or varchar"
+            )
         for spec in contract.fields:
             accepted = _PG_TYPES[spec.type][1]
             if spec.name in columns and columns[spec.name] not in accepted:
@@ -62,7 +69,29 @@ class Reads(PgBase):
                     f"products column {spec.name!r} is {columns[spec.name]} in {where}, but the contract "
                     f"says {spec.type} (schemas/products.yaml): make it {' or '.join(sorted(accepted))}"
                 )
+        if not self._index_checked:
+            self._index_checked = True
+            if "product_id" in columns and not self._product_id_indexed(conn):
+                logging.getLogger(__name__).warning(
+                    "products table %s has no index that leads with product_id: a rollback's merchant "
+                    "check looks up each restored product's latest row, a scan of the table each "
+                    "(CREATE INDEX ON %s (product_id, updated_at); docs/catalog.md)",
+                    where,
+                    ".".join(self.products),
+                )
         return columns
+
+    def _product_id_indexed(self, conn: Any) -> bool:
+        """Whether a valid index of the products table (not a partial one) leads with ``product_id``."""
+        found = conn.execute(
+            "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0] "
+            "WHERE n.nspname = %s AND c.relname = %s AND a.attname = 'product_id' "
+            "AND i.indisvalid AND i.indpred IS NULL LIMIT 1",
+            list(self.products),
+        ).fetchone()
+        return found is not None
 
     def read_products(
         self,
@@ -194,7 +223,7 @@ class Reads(PgBase):
         table = sql.Identifier(*self.products)
         columns = [f.name for f in contract.fields]
         with self.connect() as conn, conn.transaction():
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.products[0])))
+            ensure_schema(conn, self.products[0])
             ddl = sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(_PG_TYPES[f.type][0]))
                 for f in contract.fields

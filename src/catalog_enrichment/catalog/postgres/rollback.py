@@ -24,6 +24,11 @@ _LATER = (
     "AND l.attribute = p.attribute AND l.seq > %s AND r.operation = 'enrich' AND r.rolled_back_at IS NULL)"
 )
 
+# a merchant's text that is not blank: it has a character outside Unicode's White_Space as Python's
+# str.isspace and Arrow's utf8_trim_whitespace know it (contracts.blank_value, the run's decision);
+# not \S, which under a C or glibc locale calls U+00A0, U+2007 or U+3000 a value
+_NOT_BLANK = r"[^\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
 
 class Rollbacks(PgBase):
     """Rollback of committed runs (see the module docstring)."""
@@ -137,8 +142,10 @@ class Rollbacks(PgBase):
                 "ORDER BY pr.updated_at DESC NULLS LAST LIMIT 1) latest "
                 "CROSS JOIN LATERAL unnest({h}) k(attribute) CROSS JOIN LATERAL jsonb_array_elements_text("
                 "CASE WHEN jsonb_typeof(latest.m -> k.attribute) = 'array' THEN latest.m -> k.attribute "
-                "ELSE '[]'::jsonb END) v WHERE v ~ '\\S'))"
-            ).format(held=held, products=sql.Identifier(*self.products), h=holders)
+                "ELSE '[]'::jsonb END) v WHERE v ~ {given}))"
+            ).format(
+                held=held, products=sql.Identifier(*self.products), h=holders, given=sql.Literal(_NOT_BLANK)
+            )
         removed = conn.execute(
             self._sql(
                 "DELETE FROM {a} a USING restore p WHERE p.product_id = a.product_id AND "

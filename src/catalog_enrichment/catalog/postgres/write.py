@@ -24,16 +24,16 @@ from catalog_enrichment.faults import fault_point
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-from catalog_enrichment.catalog.postgres.connection import PgBase
+from catalog_enrichment.catalog.postgres.connection import RUN_STAGE, STORE_STAGE, PgBase, store_stage_key
 
 __all__ = ["Writes", "copy_batches", "copy_embeddings"]
 
 _STAGE_COLUMNS = ("product_id", "attribute", "value", "confidence", "threshold")
 
 
-def _stage_name(run_id: str) -> str:
+def _stage_name(key: str, prefix: str = RUN_STAGE) -> str:
     # run ids may be 200 characters of . : = + -; PostgreSQL names stop at 63 bytes
-    return "stage_" + hashlib.sha256(run_id.encode()).hexdigest()[:24]
+    return prefix + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def copy_batches(
@@ -344,34 +344,39 @@ class Writes(PgBase):
         streams them when ``spark`` is None), one transaction upserts them, once per key (a copy task
         Spark ran again after its COPY committed staged its rows twice). The rows upserted."""
         conninfo, password = self.conninfo()
-        stage = _stage_name(f"embeddings:{uuid.uuid4()}")
-        with self.connect() as conn, conn.transaction():
-            conn.execute(self._sql("CREATE UNLOGGED TABLE {s} (LIKE {e})", s=stage, e="embeddings"))
-        try:
-            if spark is not None:
-                copier = _copier(conninfo, (self.schema, stage), copy_embeddings)
-                n = _copied(spark.read.parquet(rows).mapInArrow(copier, "rows long"))
-            else:
-                import pyarrow.dataset as ds
-                from psycopg.conninfo import make_conninfo
+        # not a run's stage_ name: a run's clear_staging drops those, and this write may run beside
+        # one. The holder's session lock marks the table in use until this write drops it (in the
+        # finally); a killed write's table is dropped by the next run's clear_staging.
+        stage = _stage_name(f"embeddings:{uuid.uuid4()}", STORE_STAGE)
+        with self.connect() as holder:
+            holder.execute("SELECT pg_advisory_lock(hashtext(%s))", [store_stage_key(stage)])
+            holder.execute(self._sql("CREATE UNLOGGED TABLE {s} (LIKE {e})", s=stage, e="embeddings"))
+            try:
+                if spark is not None:
+                    copier = _copier(conninfo, (self.schema, stage), copy_embeddings)
+                    n = _copied(spark.read.parquet(rows).mapInArrow(copier, "rows long"))
+                else:
+                    import pyarrow.dataset as ds
+                    from psycopg.conninfo import make_conninfo
 
-                batches = ds.dataset(rows, format="parquet").to_batches()
-                n = copy_embeddings(make_conninfo(conninfo, password=password), (self.schema, stage), batches)
-            with self.connect() as conn, conn.transaction():
-                self._check_staged(conn, "the embedding store's write", stage, n)
-                n = conn.execute(
-                    self._sql(
-                        "INSERT INTO {e} SELECT DISTINCT ON (encoder, product_id) * FROM {s} "
-                        "ORDER BY encoder, product_id, written_at DESC ON CONFLICT (encoder, product_id) "
-                        "DO UPDATE SET content = EXCLUDED.content, embedding = EXCLUDED.embedding, "
-                        "run_id = EXCLUDED.run_id, written_at = EXCLUDED.written_at",
-                        e="embeddings",
-                        s=stage,
-                    )
-                ).rowcount
-        finally:
-            with self.connect() as conn, conn.transaction():
-                conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
+                    batches = ds.dataset(rows, format="parquet").to_batches()
+                    staging = (self.schema, stage)
+                    n = copy_embeddings(make_conninfo(conninfo, password=password), staging, batches)
+                with self.connect() as conn, conn.transaction():  # not the holder's: it may be gone
+                    self._check_staged(conn, "the embedding store's write", stage, n)
+                    n = conn.execute(
+                        self._sql(
+                            "INSERT INTO {e} SELECT DISTINCT ON (encoder, product_id) * FROM {s} "
+                            "ORDER BY encoder, product_id, written_at DESC ON CONFLICT (encoder, product_id) "
+                            "DO UPDATE SET content = EXCLUDED.content, embedding = EXCLUDED.embedding, "
+                            "run_id = EXCLUDED.run_id, written_at = EXCLUDED.written_at",
+                            e="embeddings",
+                            s=stage,
+                        )
+                    ).rowcount
+            finally:
+                with self.connect() as conn, conn.transaction():
+                    conn.execute(self._sql("DROP TABLE IF EXISTS {s}", s=stage))
         return n
 
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
