@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
-from catalog_enrichment.data.dataset import Collator, train_wordpiece_tokenizer
+from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.data.dataset import Collator, encode_labels, train_wordpiece_tokenizer
+from catalog_enrichment.errors import ContractError
 
 
 def test_the_trained_tokenizer_lower_cases_but_keeps_accents_and_dakuten() -> None:
@@ -35,3 +38,37 @@ def test_a_batch_of_items_with_verdicts_on_other_attributes_stacks_them_as_unjud
         batch = Collator(tokenizer, 8)(items)
         rows = batch["partial"]["color"].tolist()
         assert sorted(rows) == sorted([judged.tolist(), [0, 0, 0]])
+
+
+def test_a_label_column_of_numbers_is_refused_naming_its_type_and_the_one_expected() -> None:
+    taxonomy = Taxonomy.from_dict(
+        {
+            "attributes": {
+                "color": {"kind": "multilabel", "values": ["red", "blue"]},
+                "size": {"kind": "multiclass", "values": ["S", "M"]},
+            }
+        }
+    )
+    sizes = pa.array(["S", None, "M"])
+    with pytest.raises(
+        ContractError,
+        match=r"label column 'color' of the multilabel attribute is of Arrow type int64; expected "
+        r"list<string> \(or string",
+    ):
+        encode_labels(pa.table({"color": pa.array([1, 2, None]), "size": sizes}), taxonomy)
+    with pytest.raises(ContractError, match=r"'color' .* Arrow type double; expected list<string>"):
+        encode_labels(pa.table({"color": pa.array([1.0, None, 2.0]), "size": sizes}), taxonomy)
+    with pytest.raises(
+        ContractError, match=r"'size' of the multiclass attribute is of Arrow type int64; expected string"
+    ):
+        encode_labels(
+            pa.table({"color": pa.array([["red"], None, []]), "size": pa.array([1, 2, 3])}), taxonomy
+        )
+    # what the contract says reads; a column of only nulls names no label, whatever its type
+    labels = encode_labels(
+        pa.table({"color": pa.array([["red"], None, ["blue"]]), "size": pa.array([None] * 3, pa.int64())}),
+        taxonomy,
+    )
+    assert (
+        labels.known["color"].tolist() == [True, False, True] and labels.targets["size"].tolist() == [-1] * 3
+    )

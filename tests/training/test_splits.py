@@ -11,9 +11,11 @@ import pytest
 
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import encode_labels
+from catalog_enrichment.data.dataset import EncodedLabels, encode_labels
 from catalog_enrichment.data.synthetic import products_batches
+from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.training.splits import (
+    FoldPlan,
     calibration_fraction,
     crossfit_folds,
     group_folds,
@@ -144,6 +146,51 @@ def test_products_only_people_labelled_train_and_never_calibrate_or_evaluate(tax
         held_groups=groups[people[:1]],
     )
     assert people[0] not in apart.train and set(people[1:].tolist()) - out <= set(apart.train.tolist())
+
+
+def _one_column(kind: str) -> EncodedLabels:
+    """300 products in 150 pairs of variants, 1 pair in 3 labelled with one value: a multi-label
+    attribute of one value, or a multi-class one labelled with its first value only (the others
+    unlabelled), one stratification column either way."""
+    value = np.arange(300) // 2 % 3 == 0
+    if kind == "multilabel":
+        return EncodedLabels({"a": value[:, None].astype(np.float32)}, {"a": np.ones(300, bool)})
+    return EncodedLabels({"a": np.where(value, 0, -1)}, {"a": value})
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "multiclass"])
+def test_labels_of_one_column_split_and_fold_stratified(kind: str) -> None:
+    labels = _one_column(kind)
+    groups = np.arange(300) // 2
+    assert labels.stratification_matrix().shape == (300, 1)
+    value = labels.stratification_matrix()[:, 0]
+    splits = split_labels(labels, validation=0.1, calibration=0.2, test=0.15, seed=3, groups=groups)
+    parts = [splits.train, splits.validation, splits.calibration, splits.test]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(300))
+    for part, share in zip(parts, (0.55, 0.1, 0.2, 0.15), strict=True):
+        assert abs(part.size - share * 300) <= 6  # whole pairs, near the asked share
+        assert abs(value[part].mean() - 1 / 3) < 0.05  # a third of each split has the value
+    folds = FoldPlan(splits.train, labels, groups, 3, seed=0).folds()
+    assert sorted(np.concatenate([fold for _, fold in folds]).tolist()) == list(range(splits.train.size))
+    for fit, fold in folds:
+        assert not set(groups[splits.train][fit].tolist()) & set(groups[splits.train][fold].tolist())
+        assert abs(value[splits.train][fold].mean() - 1 / 3) < 0.05
+
+
+def test_too_few_groups_for_the_folds_or_the_splits_are_named_with_the_products() -> None:
+    labels = _one_column("multilabel")
+    with pytest.raises(
+        CatalogEnrichError, match=r"300 labelled products in 3 groups .* too few for 5 cross-fit folds"
+    ):
+        FoldPlan(np.arange(300), labels, np.arange(300) % 3, 5, seed=0).folds()
+    with pytest.raises(
+        CatalogEnrichError, match=r"300 labelled products in 45 groups .* \(need at least 50 groups\)"
+    ):
+        split_labels(labels, validation=0.1, calibration=0.2, test=0.15, seed=0, groups=np.arange(300) % 45)
+    with pytest.raises(CatalogEnrichError, match=r"^45 labelled products are too few .* 50 products"):
+        stratified_splits(
+            np.eye(3, dtype=np.int64)[np.arange(45) % 3], validation=0.1, calibration=0.2, test=0.15, seed=0
+        )
 
 
 def test_the_calibration_data_rules_have_known_answers() -> None:

@@ -278,6 +278,35 @@ def test_the_input_baseline_counts_only_the_titles_the_job_would_score(taxonomy:
     assert streamed.title_edges == in_memory.title_edges and max(streamed.title_edges) <= 300
 
 
+def test_a_split_the_hash_leaves_empty_is_refused_by_the_survey(taxonomy: Taxonomy) -> None:
+    """60 products in 6 articles of 10 variants: the hash of 6 texts, seed 1, puts none in the
+    validation split, which would fail only after training; the survey names it instead."""
+    from catalog_enrichment.data.images import ImagePolicy
+    from catalog_enrichment.data.preprocess import ImagePreprocessing
+    from catalog_enrichment.errors import CatalogEnrichError
+    from catalog_enrichment.training.stream import _Reader, survey
+
+    table = _labelled(60, taxonomy)
+    for name, text in (("title", "Article {} cotton shirt"), ("description", "Soft fabric, article {}")):
+        texts = [text.format(i // 10) for i in range(60)]
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(texts, pa.string()))
+    reader = _Reader(arrow_source(table, batch_rows=64), taxonomy, ImagePolicy(), ImagePreprocessing(32))
+    fractions = (0.1, 0.3, 0.15)  # the defaults, with the automatic calibration share of 60 products
+    with pytest.raises(
+        CatalogEnrichError,
+        match=r"^the validation split would hold no product: .* the 60 usable products have only 6 "
+        r"distinct ones \(products in groups per split: train 40 in 4, validation 0 in 0, "
+        r"calibration 10 in 1, test 10 in 1\); label more distinct products, or change",
+    ):
+        survey(reader, fractions, seed=1, world=1, say=lambda m: None)
+    # another seed fills every split; a split the run does not hold out (the stack's) may be empty
+    assert (np.bincount(survey(reader, fractions, seed=2, world=1, say=lambda m: None).codes) > 0).all()
+    stack = survey(reader, (0.0, 0.0, 0.15), seed=2, world=1, say=lambda m: None)
+    assert np.bincount(stack.codes, minlength=4).tolist() == [40, 0, 0, 20]
+    with pytest.raises(CatalogEnrichError, match=r"^the test split would hold no product: .* train 60 in 6"):
+        survey(reader, (0.0, 0.0, 0.15), seed=1, world=1, say=lambda m: None)
+
+
 def test_a_product_twice_in_the_streamed_table_is_refused_by_the_survey(taxonomy: Taxonomy) -> None:
     table = _labelled(200, taxonomy)
     twice = pa.concat_tables([table, table.slice(7, 1)])

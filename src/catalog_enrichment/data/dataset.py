@@ -198,12 +198,16 @@ def encode_labels(
     no label (the attribute unknown for the product).
 
     Raises:
-        ContractError: a taxonomy attribute has no column.
+        ContractError: a taxonomy attribute has no column, or one of another type than
+            (schemas/labelled_products.yaml) a list of strings for a multi-label attribute (or one
+            string) or a string for a multi-class one.
         TaxonomyError: a label names a value the taxonomy does not allow (lists the offenders).
     """
     missing = [a.name for a in taxonomy if a.name not in table.column_names]
     if missing:
         raise ContractError(f"labelled table lacks label columns for attributes {missing}")
+    for attr in taxonomy:
+        _check_label_type(attr.name, attr.kind, table[attr.name])
     targets: dict[str, np.ndarray] = {}
     known: dict[str, np.ndarray] = {}
     for attr in taxonomy:
@@ -232,8 +236,6 @@ def encode_labels(
             for i, value in enumerate(column):
                 if blank_value(value):
                     continue
-                if isinstance(value, list):
-                    raise ContractError(f"label column {attr.name!r} is multiclass but holds a list: {value}")
                 if value in index:
                     idx[i] = index[value]
                 else:
@@ -247,6 +249,39 @@ def encode_labels(
         targets[attr.name] = arr if attr.kind == "multilabel" else idx
         known[attr.name] = ok
     return EncodedLabels(targets, known, _partial_labels(table, taxonomy, known))
+
+
+def _textual(kind: pa.DataType) -> bool:
+    """Whether a column of Arrow type ``kind`` holds texts (or only nulls)."""
+    t = pa.types
+    if t.is_dictionary(kind):
+        kind = kind.value_type
+    return t.is_string(kind) or t.is_large_string(kind) or t.is_null(kind)
+
+
+def _check_label_type(name: str, kind: str, column: pa.ChunkedArray) -> None:
+    """A label column's Arrow type is what its attribute's kind reads: a list of strings or one
+    string (multi-label), a string (multi-class); a column of only nulls names no label, whatever
+    its type.
+
+    Raises:
+        ContractError: another type (a column of numbers), named with the one expected.
+    """
+    if column.null_count == len(column):
+        return
+    t = column.type
+    is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    if kind == "multilabel":
+        ok = _textual(t) or (is_list and _textual(t.value_type))
+        expected = "list<string> (or string: one value per product)"
+    else:
+        ok = _textual(t)
+        expected = "string (one value per product)"
+    if not ok:
+        raise ContractError(
+            f"label column {name!r} of the {kind} attribute is of Arrow type {t}; expected {expected} "
+            f"naming taxonomy values (schemas/labelled_products.yaml)"
+        )
 
 
 def unseen_values(labels: EncodedLabels, taxonomy: Taxonomy) -> dict[str, tuple[str, ...]]:

@@ -400,13 +400,14 @@ class Streamed:
         """The stack over the usable products' encoder outputs (vectors and n-gram counts in memory,
         never the images), cross-fitted over folds that keep variants together."""
         cfg, found, seed = self.cfg, surveyed.found, self.cfg.training.seed
-        collator = Collator(tokenizer, cfg.model.text.max_length)
-        embeddings = self._embedded(surveyed, tokenizer, collator, say)
-        model = seeded_model(cfg.model, self.taxonomy, tokenizer, seed, self.device)
         splits, labels = found.splits, found.labels
         plan = FoldPlan(
             splits.train, labels, found.fold_groups(), cfg.training.crossfit_folds or STACK_FOLDS, seed
         )
+        plan.folds()  # folds that cannot be made (too few groups) are refused before the table is embedded
+        collator = Collator(tokenizer, cfg.model.text.max_length)
+        embeddings = self._embedded(surveyed, tokenizer, collator, say)
+        model = seeded_model(cfg.model, self.taxonomy, tokenizer, seed, self.device)
         oof, fits = stacked(model, embeddings, plan, self.taxonomy, say)
 
         def scoring(name: SplitName) -> DataLoader:

@@ -90,10 +90,17 @@ class Splits:
         return {k: int(getattr(self, k).size) for k in ("train", "validation", "calibration", "test")}
 
 
+def _indicator(y: np.ndarray) -> np.ndarray:
+    """``y`` as iterative stratification takes it: a one-column matrix (one attribute with one value,
+    or a multi-class one labelled with its first value only) gains its complement, so the products
+    without the value are spread as evenly as those with it (iterstrat refuses a single column)."""
+    return np.concatenate([y, 1 - y], axis=1) if y.shape[1] == 1 else y
+
+
 def _split_off(y: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, part) with ``part`` about ``fraction`` of it, stratified on ``y[idx]``."""
     splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-    rest, part = next(splitter.split(np.zeros(idx.size), y[idx]))
+    rest, part = next(splitter.split(np.zeros(idx.size), _indicator(y[idx])))
     return np.sort(idx[rest]), np.sort(idx[part])
 
 
@@ -125,17 +132,36 @@ class FoldPlan:
 
 def group_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """K folds of ``n`` rows, stratified over the ``(n, K)`` value matrix ``y`` and never cutting a
-    group: (rows to fit on, rows of the fold) per fold, sorted."""
+    group: (rows to fit on, rows of the fold) per fold, sorted.
+
+    Raises:
+        CatalogEnrichError: fewer groups than folds, or a fold left without a product.
+    """
     from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
     position, grouped = _by_group(y, groups)
+    too_few = CatalogEnrichError(
+        f"{_counted(y.shape[0], grouped.shape[0])} are too few for {k} cross-fit folds, each of whole "
+        f"groups: label more distinct products or set fewer folds (training.crossfit_folds)"
+    )
+    if grouped.shape[0] < k:
+        raise too_few
     folds = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     out = []
-    for fit_groups, fold_groups in folds.split(np.zeros(grouped.shape[0]), grouped):
+    for fit_groups, fold_groups in folds.split(np.zeros(grouped.shape[0]), _indicator(grouped)):
+        if not fold_groups.size:
+            raise too_few
         out.append(
             (np.flatnonzero(np.isin(position, fit_groups)), np.flatnonzero(np.isin(position, fold_groups)))
         )
     return out
+
+
+def _counted(n: int, groups: int | None) -> str:
+    """``n`` products, and the groups they form where splits keep groups whole (``None``: none)."""
+    if groups is None:
+        return f"{n} labelled products"
+    return f"{n} labelled products in {groups} groups (variants sharing a title or a description)"
 
 
 def stratified_splits(
@@ -154,17 +180,26 @@ def stratified_splits(
         CatalogEnrichError: a split would be empty (too few rows or groups for the fractions).
     """
     n = y.shape[0]
-    if n < MIN_ROWS:
+    position, grouped = (np.arange(n), y) if groups is None else _by_group(y, groups)
+    counted = _counted(n, None if groups is None else grouped.shape[0])
+    if min(n, grouped.shape[0]) < MIN_ROWS:
         raise CatalogEnrichError(
-            f"{n} labelled products are too few to split into train/validation/calibration/test "
-            f"(need at least {MIN_ROWS})"
+            f"{counted} are too few to split into train/validation/calibration/test (need at least "
+            f"{MIN_ROWS} {'products' if n < MIN_ROWS else 'groups'}): label more distinct products"
         )
-    if groups is not None:
-        position, grouped = _by_group(y, groups)
-        by_group = stratified_splits(
-            grouped, validation=validation, calibration=calibration, test=test, seed=seed
-        )
-        return Splits(*(np.flatnonzero(np.isin(position, part)) for part in dataclasses.astuple(by_group)))
+    by_group = _split_rows(grouped, validation=validation, calibration=calibration, test=test, seed=seed)
+    optional = {"validation": validation > 0, "calibration": calibration > 0, "test": test > 0}
+    empty = [k for k, v in by_group.sizes().items() if v == 0 and optional.get(k, True)]
+    if empty:
+        raise CatalogEnrichError(f"{counted} are too few: the {', '.join(empty)} split would be empty")
+    if groups is None:
+        return by_group
+    return Splits(*(np.flatnonzero(np.isin(position, part)) for part in dataclasses.astuple(by_group)))
+
+
+def _split_rows(y: np.ndarray, *, validation: float, calibration: float, test: float, seed: int) -> Splits:
+    """:func:`stratified_splits` of every row alone, unchecked."""
+    n = y.shape[0]
     idx = np.arange(n)
     if test > 0:
         rest, test_idx = _split_off(y, idx, test, seed)
@@ -178,14 +213,7 @@ def stratified_splits(
         train_idx, val_idx = _split_off(y, rest, validation / (1 - test - calibration), seed + 2)
     else:  # nothing stops early or selects on a split (the stack: chosen out of fold)
         train_idx, val_idx = rest, np.zeros(0, np.int64)
-    splits = Splits(train_idx, val_idx, calib_idx, test_idx)
-    optional = {"validation": validation > 0, "calibration": calibration > 0, "test": test > 0}
-    empty = [k for k, v in splits.sizes().items() if v == 0 and optional.get(k, True)]
-    if empty:
-        raise CatalogEnrichError(
-            f"{n} labelled products are too few: the {', '.join(empty)} split would be empty"
-        )
-    return splits
+    return Splits(train_idx, val_idx, calib_idx, test_idx)
 
 
 def split_labels(

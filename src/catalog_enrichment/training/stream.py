@@ -531,10 +531,38 @@ def survey(
         found.inputs, found.shared = inputs.baseline(found.groups), shared
     if not found.product_ids:
         raise CatalogEnrichError(_NOTHING)
+    _check_splits(found, fractions)
     found.left_out = dict(sorted(unusable.items()))
     if unusable:
         say(f"left out {unusable.total():,} products whose image cannot be used: {found.left_out}")
     return found
+
+
+def _check_splits(found: Survey, fractions: tuple[float, float, float]) -> None:
+    """Every split the run needs (training, and each held-out one with a share in ``fractions``)
+    holds a product: the hash of a few groups' texts can leave one empty, which would fail only
+    after training.
+
+    Raises:
+        CatalogEnrichError: a needed split is empty (named, with each split's products and groups).
+    """
+    codes = {"train": TRAIN, "validation": VALIDATION, "calibration": CALIBRATION, "test": TEST}
+    needed = dict(zip(codes, (True, *(f > 0 for f in fractions)), strict=True))
+    empty = [name for name, code in codes.items() if needed[name] and not (found.codes == code).any()]
+    if not empty:
+        return
+    held = ", ".join(
+        f"{name} {int((found.codes == code).sum())} in {np.unique(found.groups[found.codes == code]).size}"
+        for name, code in codes.items()
+    )
+    splits = "splits" if len(empty) > 1 else "split"
+    raise CatalogEnrichError(
+        f"the {' and '.join(empty)} {splits} would hold no product: a product's split is a hash of its "
+        f"title and description, and the {len(found.product_ids)} usable products have only "
+        f"{np.unique(found.groups).size} distinct ones (products in groups per split: {held}); label "
+        f"more distinct products, or change training.validation_fraction, calibration_fraction or "
+        f"test_fraction"
+    )
 
 
 def _without(found: Survey, keep: np.ndarray) -> Survey:
