@@ -568,3 +568,68 @@ def test_photos_gone_missing_fail_the_image_check_where_training_had_every_photo
         assert set(blocked_attributes(checks, modes, list(THRESHOLDS))) == set(THRESHOLDS)
         clean = assess(profile, _count(profile, pop, night), target=_target(pop))
         assert next(c for c in clean if c.check == "image").status == "passed"
+
+
+def test_a_description_written_as_a_missing_value_counts_as_none() -> None:
+    """A feed that writes ``nan`` (or ``<NA>``, ``N/A``, ``NULL``) for every missing description
+    has none: the description check counts them so, at training and at night alike; a model
+    trained before counted them as descriptions, and its runs count as its baseline did."""
+    texts = ["nan", " N/A ", "<NA>", "NULL", "None", "-nan", "#N/A", "", None, "Cotton tee", "N/A brand"]
+    rows = pa.table({"title": ["t"] * len(texts), "description": pa.array(texts, pa.string())})
+    inputs = ProductInputs.of(rows, [None] * len(texts), [None] * len(texts))
+    base = input_baseline(inputs)
+    assert base.description == [9, 2] and base.missing_text_is_description is False
+    tally = HealthTally()
+    tally.add_inputs(base, inputs)
+    assert tally.inputs is not None and tally.inputs.description == [9, 2]
+    old = {
+        k: v for k, v in vars(base).items() if k != "missing_text_is_description"
+    }  # as such bundles hold it
+    legacy = HealthProfile.from_dict({"version": HealthProfile.VERSION, "attributes": {}, "inputs": old})
+    assert legacy is not None and legacy.inputs is not None and legacy.inputs.missing_text_is_description
+    as_then = HealthTally()
+    as_then.add_inputs(legacy.inputs, inputs)
+    assert as_then.inputs is not None and as_then.inputs.description == [2, 9]
+
+
+def test_every_mlflow_name_of_an_attribute_named_with_parentheses_is_one_mlflow_takes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """MLflow refuses a metric or tag name holding parentheses (among others): an attribute named
+    ``size (EU)`` failed the run's whole MLflow logging. Every metric and tag the run logs for it
+    is a name MLflow takes, the attribute still recognisable in it."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from mlflow.utils.validation import _validate_metric_name, _validate_tag_name
+
+    from catalog_enrichment import registry
+    from catalog_enrichment.catalog.reports import RunReport
+    from catalog_enrichment.config import MLflowConfig
+    from catalog_enrichment.enrich.checks import RunHealth
+    from catalog_enrichment.enrich.run import EnrichOutcome, _log_mlflow
+
+    name = "size (EU)"
+    checks = [
+        Check(
+            name, "coverage", "failed", 500, 900, observed=0.2, expected=0.6, message="size (EU): coverage"
+        ),
+        Check(INPUT, "description", "passed", 500, 900, observed=0.9, expected=0.9),
+    ]
+    policy = SimpleNamespace(health=None)  # no profile: no plots
+    health = RunHealth(checks, {name: "size (EU): coverage"}, {}, policy, HealthTally())  # type: ignore[arg-type]
+    report = RunReport(
+        run_id="r1",
+        started_at=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+        written_per_attribute={name: 3},
+        coverage_per_attribute={name: 0.5},
+    )
+    logged: dict[str, object] = {}
+    monkeypatch.setattr(registry, "log_enrichment_run", lambda _client, **kw: logged.update(kw) or "run")
+    _log_mlflow(object(), MLflowConfig(), EnrichOutcome(report, health=health))  # type: ignore[arg-type]
+    metrics, tags = logged["metrics"], logged["tags"]
+    assert isinstance(metrics, dict) and isinstance(tags, dict)
+    for key in [*health.metrics(), *metrics]:
+        _validate_metric_name(key)
+    for key in [*health.tags(), *tags]:
+        _validate_tag_name(key)
+    assert {"written_size_EU_", "coverage_size_EU_", "health_coverage_size_EU_"} <= set(metrics)
+    assert tags["catalog_enrich.blocked.size_EU_"] == "size (EU): coverage"

@@ -48,6 +48,20 @@ ROWS = [
     ("num", "12345.0", None, T, ["title_is_text"]),
     ("obj", "{'title': None}", None, T, ["title_is_text"]),
     ("js", "[object Object]", None, T, ["title_is_text"]),
+    # missing values as pandas, spreadsheets and SQL clients write them out
+    ("pd-na", "<NA>", None, T, ["title_is_text"]),
+    ("n/a", " N/A ", None, T, ["title_is_text"]),
+    ("xl-na", "#N/A", None, T, ["title_is_text"]),
+    ("neg-nan", "-nan", None, T, ["title_is_text"]),
+    ("sql-null", "NULL", None, T, ["title_is_text"]),
+    ("n/a-text", "N/A brand tote", None, T, []),
+    ("nan-desc", "Linen shirt", "nan", T, []),  # a missing description is allowed, spelled or not
+    # invisible format characters (Unicode's Cf) alone are a blank title, or id
+    ("zwsp", "\u200b", None, T, ["title_not_empty"]),
+    ("bom", "\ufeff \u2060\u200c\u200d", None, T, ["title_not_empty"]),
+    ("tag", "\U000e0041\U000e007f", None, T, ["title_not_empty"]),  # beyond the BMP
+    ("\u200b\ufeff", "Shirt", None, T, ["product_id_not_blank"]),
+    ("joined", "Tee\u200dshirt\u00ad", None, T, []),  # inside text they are text
     ("list", "[['S', 'M'], {'colour': 'red'}]", None, T, ["title_is_text"]),
     ("tagged", "[NEW] Summer dress [Size M]", None, T, []),  # bracketed words: text
     ("braced", "{Bundle} Mug {2 pack}", None, T, []),
@@ -91,9 +105,9 @@ def test_every_row_gets_exactly_the_rules_it_breaks(frame) -> None:  # type: ign
     assert counts.rows_read == len(ROWS)
     assert counts.rows_invalid == sum(1 for row in ROWS if row[4])
     # the highest time read, whatever it is: the run caps it at its start (test_enrich)
-    assert counts.per_rule["title_is_text"] == 7
+    assert counts.per_rule["title_is_text"] == 12
     assert counts.watermark == dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
-    with pytest.raises(CircuitBreakerTripped, match=r"top failing rules: title_is_text \(7\)"):
+    with pytest.raises(CircuitBreakerTripped, match=r"top failing rules: title_is_text \(12\)"):
         check_breaker(counts, 0.05)
     check_breaker(counts, 0.9)  # within the limit: no error
 
@@ -113,6 +127,27 @@ def test_training_finds_the_title_and_description_rules_the_job_would_quarantine
         ("title_is_text",),
         (),
     ]
+    assert text_failures(["<NA>"], [None], cfg) == [("title_is_text",)]
+    assert text_failures(["\u200b", "\ufeff \u2060"], [None, None], cfg) == [("title_not_empty",)] * 2
+    assert text_failures(["Linen shirt"], ["nan"], cfg) == [()]  # a missing description is allowed
+
+
+def test_a_title_of_format_characters_alone_is_blank_in_python_and_in_spark(spark) -> None:  # type: ignore[no-untyped-def]
+    """Every format character (Unicode's Cf: zero-width spaces and joiners, the byte order mark,
+    bidi marks, the soft hyphen, tags) alone is a blank title, as Python's Unicode tables know them,
+    on both sides: Python's reading of the rules and the job's Java regexes."""
+    import unicodedata
+
+    cf = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"]
+    assert len(cf) > 150
+    assert text_failures(cf, [None] * len(cf), ValidationConfig()) == [("title_not_empty",)] * len(cf)
+    (rule,) = [
+        r
+        for r in build_rules(load_contract("products"), ValidationConfig(), NOW)
+        if r.name == "title_not_empty"
+    ]
+    frame = spark.createDataFrame([(c,) for c in cf], "title string")
+    assert [r["blank"] for r in frame.select(rule.fails().alias("blank")).collect()] == [True] * len(cf)
 
 
 def test_merchant_attributes_that_are_not_utf8_break_their_rule(spark) -> None:  # type: ignore[no-untyped-def]

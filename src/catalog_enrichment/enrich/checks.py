@@ -4,6 +4,7 @@ they go - the ``run_health`` rows, the run report's summary, the MLflow metrics 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,15 @@ from catalog_enrichment.health import INPUT, Check, HealthTally, assess, blocked
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.types import Say
 
-__all__ = ["RunHealth", "check_run"]
+__all__ = ["RunHealth", "check_run", "mlflow_name"]
+
+
+def mlflow_name(name: str) -> str:
+    """``name`` (an attribute's, whatever the taxonomy calls it) as part of an MLflow metric or tag
+    name: each run of characters other than letters, digits, ``_``, ``.`` and ``-`` becomes ``_``
+    (MLflow refuses a name with, say, parentheses - and with it the run's whole logging), as the
+    health plots' file names do (``health_size_EU_.png`` for ``size (EU)``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,9 @@ class RunHealth:
         """MLflow metrics: ``health_<check>_<scope>`` (the check's observed value: PSI, share or
         estimated precision), ``health_failures`` and ``health_blocked``."""
         metrics: dict[str, float] = {
-            f"health_{c.check}_{c.scope}": c.observed for c in self.checks if c.observed is not None
+            f"health_{c.check}_{mlflow_name(c.scope)}": c.observed
+            for c in self.checks
+            if c.observed is not None
         }
         metrics["health_failures"] = sum(c.status == "failed" for c in self.checks)
         metrics["health_blocked"] = len(self.blocked)
@@ -63,7 +74,7 @@ class RunHealth:
 
     def tags(self) -> dict[str, str]:
         """MLflow tags: ``catalog_enrich.blocked.<attribute>`` -> why its values were kept out."""
-        return {f"catalog_enrich.blocked.{a}": why[:5000] for a, why in self.blocked.items()}
+        return {f"catalog_enrich.blocked.{mlflow_name(a)}": why[:5000] for a, why in self.blocked.items()}
 
     def plots(self, folder: Path) -> list[Path]:
         """One plot per attribute scored: the top score tonight over the held-out one."""

@@ -41,7 +41,7 @@ from catalog_enrichment.catalog.runs import ROLLED_BACK, backfill_plan
 from catalog_enrichment.config import AppConfig, MLflowConfig
 from catalog_enrichment.contracts import IMAGE_SHARED, Contract, Taxonomy, load_contract
 from catalog_enrichment.data.images import ImagePolicy
-from catalog_enrichment.enrich.checks import RunHealth, check_run
+from catalog_enrichment.enrich.checks import RunHealth, check_run, mlflow_name
 from catalog_enrichment.enrich.stages import (
     Decisions,
     Read,
@@ -562,8 +562,8 @@ def _log_mlflow(client: MlflowClient, mlflow_cfg: MLflowConfig, outcome: EnrichO
         "model_loads": sum(outcome.model_loads.values()),
         "python_workers": len(outcome.model_loads),
         "arrow_batches": outcome.arrow_batches,
-        **{f"written_{a}": n for a, n in report.written_per_attribute.items()},
-        **{f"coverage_{a}": c for a, c in report.coverage_per_attribute.items()},
+        **{f"written_{mlflow_name(a)}": n for a, n in report.written_per_attribute.items()},
+        **{f"coverage_{mlflow_name(a)}": c for a, c in report.coverage_per_attribute.items()},
         **{f"seconds_{s}": v for s, v in report.stage_seconds.items()},
         **({} if outcome.health is None else outcome.health.metrics()),
     }

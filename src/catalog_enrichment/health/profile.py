@@ -5,6 +5,7 @@ training products' inputs, kept in the bundle) and the tallies the scoring tasks
 from __future__ import annotations
 
 import functools
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ __all__ = [
     "ATTRIBUTE_CHECKS",
     "INPUT",
     "INPUT_CHECKS",
+    "MISSING_TEXT",
     "AttributeBaseline",
     "AttributeTally",
     "HealthProfile",
@@ -46,6 +48,12 @@ OTHER, NONE = "(other)", "(none)"
 INPUT = RESERVED_NAMES[0]  # the scope of the input checks (they concern every attribute)
 ATTRIBUTE_CHECKS = ("score_drift", "coverage", "value_mix", "estimated_precision")
 INPUT_CHECKS = ("title_length", "script", "category", "description", "image", "image_tone")
+# A missing value written out as text - pandas' (str() of nan, None, NaT, <NA>; what read_csv reads as
+# missing), a spreadsheet's (#N/A) or a database client's (NULL) - when it is the whole text, in any
+# case, whitespace around: a regex Python's re and Java's (Spark's rlike) read alike. A description
+# so written counts as none (:func:`_presence`); a title so written breaks ``title_is_text``.
+MISSING_TEXT = r"[-+]?nan|none|null|nat|na|n/a|#n/a( n/a)?|#na|<na>|[-+]?1\.#(ind|qnan)|undefined"
+_MISSING = re.compile(rf"(?i)\s*({MISSING_TEXT})\s*")
 SCRIPTS = (
     "latin",
     "cyrillic",
@@ -194,6 +202,9 @@ class InputBaseline:
     # a baseline counted before an empty image_uri was no photo (as the scoring reads it) counted
     # it as one: its runs count so too, or every night would seem to have lost photos
     empty_uri_is_photo: bool = True
+    # likewise a description written as a missing value (:data:`MISSING_TEXT`): a baseline counted
+    # before such was none counted it as one, and so do its runs
+    missing_text_is_description: bool = True
 
     @property
     def products(self) -> int:
@@ -324,6 +335,7 @@ class InputBaselineCounts:
             tones=_bin_counts(tone_edges, tones),
             design_effect=_design_effect(groups),
             empty_uri_is_photo=False,
+            missing_text_is_description=False,
         )
 
 
@@ -337,8 +349,10 @@ def _design_effect(groups: np.ndarray | None) -> float:
     return float((sizes**2).sum() / sizes.sum())
 
 
-def _presence(texts: Sequence[str | None]) -> list[int]:
-    present = sum(1 for t in texts if t)
+def _presence(texts: Sequence[str | None], *, missing_text_is_one: bool = False) -> list[int]:
+    """Products without / with a text: none, empty or a missing value written out (:data:`MISSING_TEXT`;
+    ``missing_text_is_one``: that is a text, as an old baseline counted it) is without."""
+    present = sum(1 for t in texts if t and (missing_text_is_one or not _MISSING.fullmatch(t)))
     return [len(texts) - present, present]
 
 
@@ -489,7 +503,7 @@ class HealthTally:
             _bin_counts(base.title_edges, np.array([len(t or "") for t in titles], np.float64)),
             np.bincount([title_script(t) for t in titles], minlength=len(SCRIPTS)).tolist(),
             _category_counts([c for c in base.categories if c not in (OTHER, NONE)], inputs.categories),
-            _presence(inputs.descriptions),
+            _presence(inputs.descriptions, missing_text_is_one=base.missing_text_is_description),
             _image_states(pictured.image_present, pictured.image_errors),
             _bin_counts(base.tone_edges, _measured(inputs.tones)),
         )

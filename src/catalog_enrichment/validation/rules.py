@@ -2,11 +2,14 @@
 
 The rules come from the products contract (``schemas/products.yaml``: non-null and unique columns)
 and the validation config (length limits, the clock skew, the earliest ``updated_at``), plus rules
-about content the contract's types cannot say: an id must not be blank or hold control characters,
-a title must be text (not a stringified ``nan``/``None``/number/object, no control characters),
-text a Python worker decodes must be UTF-8. Each rule is one Spark column expression (no Python
-UDF), so checking costs one pass; the same rules become the Great Expectations suite (:mod:`.suite`;
-UTF-8 has no expectation there).
+about content the contract's types cannot say: an id must not be blank (nothing but whitespace and
+invisible format characters) or hold control characters, a title must be text (not blank, not a
+missing value written out - ``nan``, ``<NA>``, ``N/A``, ``NULL`` - nor a stringified number or
+object, no control characters), text a Python worker decodes must be UTF-8. A description written
+as a missing value is no quarantine reason (a product may have none): the run health counts it as
+none (:data:`~catalog_enrichment.health.profile.MISSING_TEXT`). Each rule is one Spark column
+expression (no Python UDF), so checking costs one pass; the same rules become the Great Expectations
+suite (:mod:`.suite`; UTF-8 has no expectation there).
 
 Image rules (``image_decodable``, ``image_readable``, ``image_within_limits``,
 ``image_uri_allowed``) need the bytes read or decoded; the scoring pass does that anyway, so the
@@ -41,6 +44,7 @@ import pyarrow.compute as pc
 from catalog_enrichment.config import ValidationConfig
 from catalog_enrichment.contracts import IMAGE_KEY, IMAGE_SHARED, UNREADABLE, Contract
 from catalog_enrichment.errors import CatalogEnrichError
+from catalog_enrichment.health.profile import MISSING_TEXT
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -63,18 +67,28 @@ __all__ = [
 ]
 
 REASONS = "_reasons"
-# Titles that are a stringified non-text value: nan/None/null, numbers, objects and lists - from a
+# Titles that are a stringified non-text value: a missing value written out (nan, None, <NA>, N/A,
+# NULL: MISSING_TEXT), booleans, numbers, objects and lists - from a
 # bracket to its kind's closing one, with no words between a closing bracket and a later opening
 # one, so a title with bracketed words ("[NEW] Summer dress [Size M]") is text. Only single
 # characters repeat (Java's regex recurses once per repetition of a group: a long title would
 # overflow the stack of the Spark task), each checked once (linear in the title's length).
 # (?U): \s is Unicode's White_Space (a title of no-break spaces is blank too)
 NOT_TEXT_REGEX = (
-    r"(?iU)^\s*(nan|none|null|nat|undefined|true|false|\[object object\]"
+    rf"(?iU)^\s*({MISSING_TEXT}|true|false|\[object object\]"
     r"|[-+]?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?"
     r"|\{(?!.*\}\s*[^\s,\[\]{}][^{}]*\{).*\}|\[(?!.*\]\s*[^\s,\[\]{}][^\[\]]*\[).*\])\s*$"
 )
-BLANK_REGEX = r"(?U)^\s*$"
+# Unicode's format characters (category Cf: zero-width spaces and joiners, the byte order mark, bidi
+# marks, the soft hyphen, tags...), invisible: written out as of Unicode 15 (Java's \p{Cf} and
+# Python's tables follow their own, older, versions), as characters (Java writes one beyond the BMP
+# \x{...}, Python \U...)
+FORMAT_CHARS = (
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+)
+BLANK_REGEX = rf"(?U)^[\s{FORMAT_CHARS}]*$"  # nothing but whitespace and format characters
 ID_CONTROL_REGEX = r"[\x00-\x1f\x7f-\x9f]"  # Unicode's controls (Cc): C0, DEL and C1
 TEXT_CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # tab, line feed, carriage return allowed
 # Text columns a Python worker decodes (the model's inputs, the key, the run health's category and
@@ -249,7 +263,12 @@ def _text_rules(cfg: ValidationConfig) -> list[Rule]:
     """Ids and titles that are text (not blank, not a stringified value, no control characters),
     within their lengths, and every text column a worker decodes valid UTF-8."""
     return [
-        _matches("product_id_not_blank", "product_id is empty or only whitespace", "product_id", BLANK_REGEX),
+        _matches(
+            "product_id_not_blank",
+            "product_id is empty or only whitespace and invisible format characters",
+            "product_id",
+            BLANK_REGEX,
+        ),
         _longer("product_id", cfg.max_id_length),
         _matches(
             "product_id_no_control_chars",
@@ -257,10 +276,16 @@ def _text_rules(cfg: ValidationConfig) -> list[Rule]:
             "product_id",
             ID_CONTROL_REGEX,
         ),
-        _matches("title_not_empty", "title is blank", "title", BLANK_REGEX),
+        _matches(
+            "title_not_empty",
+            "title is blank (only whitespace and invisible format characters)",
+            "title",
+            BLANK_REGEX,
+        ),
         _matches(
             "title_is_text",
-            "title is a stringified non-text value (nan, None, a number, an object)",
+            "title is a stringified non-text value (a missing value written out - nan, None, <NA>, "
+            "N/A, NULL -, a number, an object)",
             "title",
             NOT_TEXT_REGEX,
         ),
