@@ -43,7 +43,8 @@ def test_a_failing_audit_exits_1_and_names_the_rollback(
     assert main(["report", "--audit", "--check", *flags]) == code
     sample_id = sample["sample_id"][0].as_py()
     other = ["report", "--audit", "--check", "--model-version", "2", "--sample", sample_id, *flags]
-    assert main(other) == 2 and "judged catalog-enrichment v3, not catalog-enrichment v2" in capsys.readouterr().err
+    judged = "judged catalog-enrichment v3, not catalog-enrichment v2"
+    assert main(other) == 2 and judged in capsys.readouterr().err
     assert main(["report", "--audit", "--check", *flags]) == code
     printed = capsys.readouterr().out
     assert ("rollback --model-version 3" in printed) is (code == 4)
