@@ -294,3 +294,42 @@ def test_flags_that_cannot_both_run_are_refused_not_one_dropped(capsys: pytest.C
     with pytest.raises(SystemExit) as done:
         build_parser().parse_args(["embeddings", "--fill", "--vacuum"])
     assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_pretrain_text_refuses_a_flag_out_of_range_before_reading_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--epochs 0 read the whole table and saved an unadapted encoder; the flags are checked first."""
+    market, out = tmp_path / "market", tmp_path / "encoder"
+    assert main(["generate", "--out", str(market), "--products", "80", "--image-size", "16", "--quiet"]) == 0
+    capsys.readouterr()
+    argv = ["pretrain-text", "--method", "simcse", "--data", str(market / "products"), "--out", str(out)]
+    assert main([*argv, "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("catalog-enrich: error: argument --epochs: must be at least 1, got 0")
+    assert err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--batch-size", "0", "--batch-size: must be at least 2, got 0"),
+        ("--batch-size", "1", "--batch-size: must be at least 2, got 1"),  # no negatives in the batch
+        ("--temperature", "0", "--temperature: must be above 0, got 0"),  # a NaN loss
+        ("--temperature", "-0.1", "--temperature: must be above 0, got -0.1"),
+        ("--temperature", "nan", "--temperature: a finite number expected, got 'nan'"),
+        ("--alpha", "1.5", "--alpha: must be at least 0 and at most 1, got 1.5"),
+        ("--learning-rate", "-0.5", "--learning-rate: must be above 0, got -0.5"),
+        ("--epochs", "two", "--epochs: a whole number expected, got 'two'"),
+    ],
+)
+def test_pretrain_text_flags_are_checked_by_the_parser(
+    tmp_path: Path, flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "encoder"
+    argv = ["pretrain-text", "--method", "convirt", "--data", str(tmp_path / "none"), "--out", str(out)]
+    assert main([*argv, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"catalog-enrich: error: argument {message}" in err and not out.exists()

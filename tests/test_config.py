@@ -214,3 +214,59 @@ def test_env_and_set_values_are_typed_by_their_field_not_by_yaml_1_1() -> None:
     assert cfg.inference.batch_size == 10 and cfg.inference.keep_memory is False
     assert cfg.images.hosts == ["no", "2026-11-01"] and cfg.training.seed == 10
     assert cfg.catalog.root == "2026-11-01"
+
+
+@pytest.mark.timeout(60)
+def test_a_path_may_start_at_the_home_folder(tmp_path: Path) -> None:
+    """``~`` is the home folder in every path field, from the file, the environment or a flag; a
+    weight path from the file is then no longer taken as relative to the file."""
+    home = str(Path.home())
+    text = (
+        "catalog:\n  root: ~/lake\n  labelled: ~/labelled\ntaxonomy_path: ~/taxonomy.yaml\n"
+        "model:\n  text:\n    pretrained_path: ~/weights\n  fusion_kwargs:\n"
+        "    second_encoder_path: ~/second\nimages:\n  roots: [~/images, /srv/images]\n"
+    )
+    env = {"CATALOG_ENRICH_PROMOTION__EVAL_DATA": "~/eval"}
+    flags = parse_overrides(["training.embedding_cache=~/cache"])
+    cfg = load_config(_yaml(tmp_path, text), overrides=flags, environ=env)
+    assert cfg.catalog.root == f"{home}/lake" and cfg.catalog.table("products") == f"{home}/lake/products"
+    assert cfg.catalog.table("labelled") == f"{home}/labelled"
+    assert cfg.taxonomy_path == f"{home}/taxonomy.yaml"
+    assert cfg.model.text.pretrained_path == f"{home}/weights"
+    assert cfg.model.fusion_kwargs["second_encoder_path"] == f"{home}/second"
+    assert cfg.images.roots == [f"{home}/images", "/srv/images"]
+    assert cfg.promotion.eval_data == f"{home}/eval" and cfg.training.embedding_cache == f"{home}/cache"
+
+
+@pytest.mark.timeout(60)
+def test_keys_inside_a_free_form_map_keep_their_case_from_the_environment() -> None:
+    """The parts of a variable's name that name config fields are case-insensitive; a Spark conf
+    key (or a fusion argument) below them is case-sensitive and kept as written."""
+    env = {
+        "CATALOG_ENRICH_SPARK__CONF__spark.executorEnv.HF_HOME": "/x",
+        "CATALOG_ENRICH_Model__Fusion_Kwargs__num_Heads": "2",
+    }
+    cfg = load_config(environ=env)
+    assert cfg.spark.conf == {"spark.executorEnv.HF_HOME": "/x"}
+    assert cfg.model.fusion_kwargs == {"num_Heads": "2"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("catalog", "lookback_seconds", "inf"),
+        ("catalog", "lookback_seconds", "1e12"),
+        ("catalog", "lock_wait_seconds", "inf"),
+        ("validation", "max_clock_skew_seconds", str(10**12)),
+        ("images", "connect_timeout_seconds", "inf"),
+        ("images", "timeout_seconds", "1e12"),
+    ],
+)
+def test_a_duration_is_finite_and_at_most_a_year(section: str, field: str, value: str) -> None:
+    """An endless or huge duration would fail mid-run (a timedelta or a date out of range)."""
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}: Input should be") as info:
+        load_config(overrides={section: {field: value}}, environ={})
+    assert "\n" not in str(info.value)
+    year = load_config(overrides={section: {field: str(366 * 24 * 3600)}}, environ={})
+    assert getattr(getattr(year, section), field) == 366 * 24 * 3600

@@ -118,6 +118,24 @@ def test_a_known_error_is_printed_masked(
     assert SECRET not in err and "https://ci:***@mlflow.example" in err
 
 
+def test_the_traceback_verbose_prints_is_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-v shows an unexpected error's traceback instead of its one line: masked as that line is
+    (MLflow's error for a server it cannot reach names the URI with its password)."""
+    from catalog_enrichment import runtime
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CATALOG_ENRICH_MLFLOW__TRACKING_URI", f"http://u:{SECRET}@127.0.0.1:1")
+    try:
+        assert main(["embeddings", "-v"]) == 1
+    finally:
+        runtime.configure_logging(0)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "MlflowException: API request to http://u:***@127.0.0.1:1" in err
+    assert SECRET not in err
+
+
 def test_log_records_are_masked(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("catalog_enrichment.test_redaction")
     handler = logging.StreamHandler()

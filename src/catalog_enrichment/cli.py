@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -158,24 +159,73 @@ def _train(sub: Sub) -> None:
     p.add_argument("--epochs", type=int, metavar="E", help="training epochs (training.epochs)")
 
 
+def _int_at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least`` (else a one-line error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number expected, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite(*, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"a finite number expected, got {text!r}")
+        if value < low or (low_open and value == low) or value > high:
+            shown = f"above {low:g}" if low_open else f"at least {low:g}"
+            bound = shown if high == math.inf else f"{shown} and at most {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value:g}")
+        return value
+
+    return parse
+
+
 def _pretrain_text(sub: Sub) -> None:
     p = _command(sub, "pretrain-text", commands.pretrain_text)
     p.add_argument("--data", metavar="PATH", help="products table (default: catalog.products)")
     p.add_argument("--method", choices=["simcse", "convirt"], required=True, help="003's SimCSE or ConVIRT")
     p.add_argument("--out", metavar="DIR", required=True, help="folder for the adapted text encoder")
-    p.add_argument("--epochs", type=int, metavar="E", default=10, help="passes over the products (10)")
-    p.add_argument("--batch-size", type=int, metavar="N", default=32, help="products per batch (32, as 003)")
+    p.add_argument(
+        "--epochs", type=_int_at_least(1), metavar="E", default=10, help="passes over the products (10)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_int_at_least(2),  # a product's negatives are the batch's other products
+        metavar="N",
+        default=32,
+        help="products per batch, at least 2 (32, as 003)",
+    )
     p.add_argument(
         "--learning-rate",
-        type=float,
+        type=_finite(low=0, low_open=True),
         metavar="LR",
         help="AdamW rate (default: 1e-5 for pretrained weights, as 003; else training.learning_rate)",
     )
     p.add_argument(
-        "--temperature", type=float, metavar="TAU", help="InfoNCE temperature (convirt 0.1, simcse 0.05)"
+        "--temperature",
+        type=_finite(low=0, low_open=True),
+        metavar="TAU",
+        help="InfoNCE temperature, above 0 (convirt 0.1, simcse 0.05)",
     )
     p.add_argument(
-        "--alpha", type=float, metavar="A", default=0.75, help="convirt: weight of text->image (0.75)"
+        "--alpha",
+        type=_finite(low=0, high=1),
+        metavar="A",
+        default=0.75,
+        help="convirt: weight of text->image, 0 to 1 (0.75)",
     )
 
 
@@ -450,9 +500,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("catalog-enrich: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # not a known mistake: one line, the traceback with -v
+    except Exception as exc:  # not a known mistake: one line, the traceback with -v (both masked)
         if args.verbose:
-            raise
+            from catalog_enrichment.redaction import redact_traceback
+
+            print(redact_traceback(exc), end="", file=sys.stderr)
+            return 1
         print(f"catalog-enrich: error: {_one_line(exc)} (-v shows the traceback)", file=sys.stderr)
         return 1
 

@@ -5,7 +5,10 @@ MLflow's own ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` (for ``mlflow.tra
 ``registry_uri``) > the YAML file (``--config`` or ``CATALOG_ENRICH_CONFIG``) > the defaults below.
 
 Environment variables name a field by its path with ``__`` between levels, e.g.
-``CATALOG_ENRICH_INFERENCE__BATCH_SIZE=128`` or ``CATALOG_ENRICH_MLFLOW__TRACKING_URI=http://...``.
+``CATALOG_ENRICH_INFERENCE__BATCH_SIZE=128`` or ``CATALOG_ENRICH_MLFLOW__TRACKING_URI=http://...``;
+section and field names are case-insensitive, the keys of a free-form map below them are not
+(``CATALOG_ENRICH_SPARK__CONF__spark.executorEnv.HF_HOME=/x``). A path field may start with ``~``
+(the home folder), wherever it is set.
 A value (here and in ``--set``) is validated against its field's type: ``true``, ``0.9``, ``[a, b]``
 work where the field wants them, and a string field keeps ``010`` or ``no`` as written.
 
@@ -22,10 +25,18 @@ import datetime as dt
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.redaction import redact_tree
@@ -63,6 +74,18 @@ ENV_PREFIX = "CATALOG_ENRICH_"
 # Names that become parts of paths and run ids (a registered model's name)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ENV_CONFIG_FILE = ENV_PREFIX + "CONFIG"
+# The longest duration a config field takes (a leap year): the watermark and the clock-skew limit
+# are dates a run computes with it, and a finite one keeps them in range.
+MAX_SECONDS = 366 * 24 * 3600
+
+
+def _expand_home(value: str) -> str:
+    """A path as written, with a leading ``~`` (``~user``) made the home folder, as a shell does."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+# A path-valued field: ``~/lake`` means the home folder's lake, from the file, the environment or a flag
+PathStr = Annotated[str, AfterValidator(_expand_home)]
 
 
 class _Section(BaseModel):
@@ -111,7 +134,7 @@ class MLflowConfig(_Section):
 
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     registry_uri: str | None = Field(None, description="Model registry URI; defaults to tracking_uri.")
-    artifact_location: str | None = Field(
+    artifact_location: PathStr | None = Field(
         None, description="Artifact root for new experiments (default: ./mlartifacts beside the store)."
     )
     experiment: str = Field("catalog-enrichment-training", description="Experiment of training runs.")
@@ -144,7 +167,7 @@ class PostgresConfig(_Section):
         description="The marketplace's products table, [schema.]table (unqualified: in db_schema); it "
         "needs the contract's columns (schemas/products.yaml; merchant_attributes as jsonb).",
     )
-    jdbc_jar: str | None = Field(
+    jdbc_jar: PathStr | None = Field(
         "/usr/share/java/postgresql.jar",
         description="PostgreSQL JDBC driver jar for Spark's reads (Debian's libpostgresql-jdbc-java); None "
         "= jdbc_package.",
@@ -178,7 +201,7 @@ class CatalogConfig(_Section):
         description="lakehouse = Delta tables under root; postgres = products read over JDBC and "
         "attributes written into PostgreSQL (the postgres section).",
     )
-    root: str = Field(
+    root: PathStr = Field(
         "lakehouse",
         description="Lakehouse root directory of the embedded catalog; with postgres, where a run stages "
         "its scores before the write.",
@@ -186,38 +209,42 @@ class CatalogConfig(_Section):
     lock_wait_seconds: float = Field(
         600,
         ge=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
         description="How long a run waits for another run (enrich, backfill, rollback) on the same catalog "
-        "to finish before it gives up without writing.",
+        "to finish before it gives up without writing (at most 366 days).",
     )
     lookback_seconds: float = Field(
         3600,
         ge=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
         description="An incremental run reads from this long before the last run's watermark, so a "
         "product whose transaction committed after that run started, stamped with an older updated_at, "
         "is still read; the rows the last run read in that stretch are skipped. Longer than the longest "
-        "transaction that writes products.",
+        "transaction that writes products, and at most 366 days (a full read is --full).",
     )
-    products: str | None = Field(None, description="Products table (default: <root>/products).")
-    attributes: str | None = Field(None, description="Attributes table (default: <root>/attributes).")
-    attribute_changes: str | None = Field(
+    products: PathStr | None = Field(None, description="Products table (default: <root>/products).")
+    attributes: PathStr | None = Field(None, description="Attributes table (default: <root>/attributes).")
+    attribute_changes: PathStr | None = Field(
         None,
         description="What each run changed in the lakehouse attributes table, before and after, which "
         "rollback restores from (default: <root>/attribute_changes).",
     )
-    quarantine: str | None = Field(None, description="Quarantine table (default: <root>/quarantine).")
-    run_reports: str | None = Field(None, description="Run-report table (default: <root>/run_reports).")
-    labelled: str | None = Field(
+    quarantine: PathStr | None = Field(None, description="Quarantine table (default: <root>/quarantine).")
+    run_reports: PathStr | None = Field(None, description="Run-report table (default: <root>/run_reports).")
+    labelled: PathStr | None = Field(
         None,
         description="Labelled products that `labels` builds and `train` reads (default: <root>/labelled).",
     )
-    review_samples: str | None = Field(
+    review_samples: PathStr | None = Field(
         None, description="Written values drawn for human review (default: <root>/review_samples)."
     )
-    reviews: str | None = Field(None, description="Imported human verdicts (default: <root>/reviews).")
-    run_health: str | None = Field(
+    reviews: PathStr | None = Field(None, description="Imported human verdicts (default: <root>/reviews).")
+    run_health: PathStr | None = Field(
         None, description="Every run's health checks (default: <root>/run_health)."
     )
-    embeddings: str | None = Field(
+    embeddings: PathStr | None = Field(
         None, description="The embedding store, encoder outputs per product (default: <root>/embeddings)."
     )
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
@@ -245,7 +272,7 @@ class CatalogConfig(_Section):
 class TextEncoderConfig(_Section):
     """A transformers ``AutoModel``: a local path to pretrained weights, or a small config from scratch."""
 
-    pretrained_path: str | None = Field(
+    pretrained_path: PathStr | None = Field(
         None,
         description="Local transformers folder (config.json, weights, tokenizer) for from_pretrained(): its "
         "own tokenizer is used; None = random init from the fields below and a WordPiece tokenizer "
@@ -289,7 +316,7 @@ class ImageEncoderConfig(_Section):
         description="timm model name. The default is timm's smallest conv net (0.2 M parameters), fast "
         "enough to train on 2 CPU cores; use e.g. resnet50 with pretrained_path in production.",
     )
-    pretrained_path: str | None = Field(
+    pretrained_path: PathStr | None = Field(
         None,
         description="Local timm state dict (.pth/.pt or .safetensors) for the model named above; None = "
         "random init. Preprocessing (size, interpolation, mean, std) then comes from timm's pretrained "
@@ -355,7 +382,10 @@ class ModelConfig(_Section):
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     image: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
     fusion: str = Field("modality_attention", description="Fusion registry name (see list_fusions()).")
-    fusion_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra fusion arguments.")
+    fusion_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra fusion arguments (second_encoder_path: a path, ~ the home folder).",
+    )
     hidden_dim: int = Field(256, gt=0, description="Width of the shared trunk under the heads.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
@@ -365,6 +395,12 @@ class ModelConfig(_Section):
         "when training starts and carried in the bundle; several times faster on CPU). onnx needs "
         "training.encoders: frozen, so the thresholds are calibrated on the exported encoders' scores.",
     )
+
+    @field_validator("fusion_kwargs")
+    @classmethod
+    def _expand_encoder_path(cls, value: dict[str, Any]) -> dict[str, Any]:
+        path = value.get("second_encoder_path")
+        return {**value, "second_encoder_path": _expand_home(path)} if isinstance(path, str) else value
 
     def member_configs(self) -> list[ModelConfig]:
         """The config of every ensemble member (one: this model itself)."""
@@ -488,7 +524,7 @@ class TrainingConfig(_Section):
         "pretrained encoders, learning_rate for encoders trained from scratch. Fusion and heads always "
         "use learning_rate.",
     )
-    embedding_cache: str | None = Field(
+    embedding_cache: PathStr | None = Field(
         None,
         description="frozen: folder of cached product embeddings, keyed on the data and the encoders; "
         "None = ~/.cache/catalog-enrichment/embeddings.",
@@ -589,7 +625,7 @@ class ReviewConfig(_Section):
 class PromotionConfig(_Section):
     """The promotion gate (challenger vs champion on a frozen evaluation set)."""
 
-    eval_data: str | None = Field(
+    eval_data: PathStr | None = Field(
         None, description="Labelled table of the frozen evaluation set (default: <catalog.root>/eval)."
     )
     eval_version: int | None = Field(
@@ -602,7 +638,7 @@ class PromotionConfig(_Section):
         description="Coverage drop against the champion tolerated on any attribute (absolute share): the "
         "challenger is rejected when its paired coverage change is significantly below minus this.",
     )
-    log: str | None = Field(
+    log: PathStr | None = Field(
         None, description="Append-only promotion log table (default: <catalog.root>/promotion_log)."
     )
 
@@ -721,7 +757,8 @@ class ValidationConfig(_Section):
     max_clock_skew_seconds: int = Field(
         3600,
         ge=0,
-        description="updated_at later than the run's start plus this is quarantined; "
+        le=MAX_SECONDS,
+        description="updated_at later than the run's start plus this (at most 366 days) is quarantined; "
         "a clock or export error; the watermark never passes the run's start either way.",
     )
     earliest_updated_at: dt.date = Field(
@@ -735,7 +772,7 @@ class ValidationConfig(_Section):
         "scored (validation/checkpoint.py): the result and Data Docs are stored with the run; a failed "
         "critical expectation stops the run, a failed warning-level one is reported (on | off).",
     )
-    gx_project: str | None = Field(
+    gx_project: PathStr | None = Field(
         None,
         description="The GX project (a folder holding gx/) the run's checkpoint, results and Data Docs go "
         "to: your own project; unset: <catalog.root>/gx.",
@@ -761,7 +798,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 class ImagesConfig(_Section):
     """Where and how much the job may read for a product's ``image_uri`` (and its inline bytes)."""
 
-    roots: list[str] = Field(
+    roots: list[PathStr] = Field(
         default_factory=list,
         description="Folders image_uri files may be read from, besides the products table's own folder "
         "(symlinks are resolved first: a link out of the roots is refused).",
@@ -779,9 +816,20 @@ class ImagesConfig(_Section):
         description="Hosts (http, https) and buckets (s3, gs, ... through fsspec, read with the job's own "
         "credentials) remote image URIs may name. Empty: http(s) from any public host, no object store.",
     )
-    connect_timeout_seconds: float = Field(3.0, gt=0, description="Connect timeout of an http(s) image.")
+    connect_timeout_seconds: float = Field(
+        3.0,
+        gt=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        description="Connect timeout of an http(s) image (at most 366 days).",
+    )
     timeout_seconds: float = Field(
-        10.0, gt=0, description="Longest wait for an http(s) image, every attempt and backoff together."
+        10.0,
+        gt=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        description="Longest wait for an http(s) image, every attempt and backoff together (at most 366 "
+        "days).",
     )
     retries: int = Field(
         2, ge=0, description="Retries of an http(s) image after a connection error, timeout, 429 or 5xx."
@@ -831,7 +879,7 @@ class AppConfig(_Section):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
-    taxonomy_path: str | None = Field(None, description="Taxonomy YAML; None = the packaged default.")
+    taxonomy_path: PathStr | None = Field(None, description="Taxonomy YAML; None = the packaged default.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
@@ -925,8 +973,10 @@ def _file_relative(tree: dict[str, Any], base: Path) -> dict[str, Any]:
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         value = node.get(path[-1]) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            node[path[-1]] = str((base / value).resolve())
+        if isinstance(value, str) and value:
+            expanded = _expand_home(value)
+            absolute = Path(expanded).is_absolute()
+            node[path[-1]] = expanded if absolute else str((base / expanded).resolve())
     return tree
 
 
@@ -935,20 +985,40 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
     Other ``CATALOG_ENRICH_*`` variables without ``__`` (the deploy scripts' own settings, such as
     ``CATALOG_ENRICH_HOME``) are not config and are ignored; a ``__`` path is always config, so a
-    misspelt key there is an error.
+    misspelt key there is an error. The parts that name config fields are case-insensitive; a key
+    inside a free-form map keeps its case (``CATALOG_ENRICH_SPARK__CONF__spark.executorEnv.HF_HOME``).
     """
     tree: dict[str, Any] = {}
     top_level = set(AppConfig.model_fields)
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == _ENV_CONFIG_FILE:
             continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
+        path = _field_path(name[len(ENV_PREFIX) :].split("__"))
         if len(path) == 1 and path[0] not in top_level:
             continue
         if not all(path):
             raise ConfigError(f"environment variable {name}: empty key in the path")
         _set_path(tree, path, _parse_scalar(raw), source=name)
     return tree
+
+
+def _field_path(parts: Sequence[str]) -> list[str]:
+    """An environment variable's path with the parts that name config fields in lower case: they
+    follow the sections down to a field that is no section (``spark.conf``, ``model.fusion_kwargs``),
+    whose own keys are kept as written."""
+    path: list[str] = []
+    section: type[BaseModel] | None = AppConfig
+    for i, part in enumerate(parts):
+        path.append(part.lower())
+        field = section.model_fields.get(path[-1]) if section is not None else None
+        kind = field.annotation if field is not None else None
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            section = kind
+        elif field is not None:  # a value or a free-form map: the rest of the path is its keys
+            return path + list(parts[i + 1 :])
+        else:  # an unknown key (an error, named in lower case) has no fields below it
+            section = None
+    return path
 
 
 # MLflow's own variables, honoured as MLflow tools honour them: above the YAML file, below this

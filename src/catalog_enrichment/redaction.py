@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "is_secret_name",
     "redact_records",
     "redact_text",
+    "redact_traceback",
     "redact_tree",
     "redact_uri",
     "redact_value",
@@ -55,6 +57,12 @@ def redact_text(text: str) -> str:
         return f"{m.group(1)}{m.group(2)}{MASK}" if is_secret_name(m.group(1)) else m.group(0)
 
     return _PAIR.sub(pair, redact_uri(text))
+
+
+def redact_traceback(exc: BaseException) -> str:
+    """The traceback Python prints for ``exc`` (its causes and context too), masked as free text:
+    what ``-v`` shows of an unexpected error."""
+    return redact_text("".join(traceback.format_exception(exc)))
 
 
 def redact_value(name: str, value: Any) -> Any:
