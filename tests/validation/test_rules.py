@@ -21,6 +21,7 @@ from catalog_enrichment.validation.rules import (
     count_rows,
     latest_copies,
     quarantine_rows,
+    repeated_rows,
     shared_image_rules,
     stale_copies,
     text_failures,
@@ -199,10 +200,18 @@ def test_the_duplicates_are_found_once_and_mark_exactly_the_stale_copies(frame) 
     _, duplicates = count_rows(frame, rules)
     at = int(T.timestamp() * 1e6)
     assert sorted(duplicates.to_pylist(), key=lambda r: (r["product_id"], r["_at"])) == [
-        {"product_id": "dup", "_at": int(EARLIER.timestamp() * 1e6), "_rows": 1, "_ok": 1, "_held": 0},
-        {"product_id": "dup", "_at": at, "_rows": 1, "_ok": 1, "_held": 0},
-        {"product_id": "tie", "_at": at, "_rows": 2, "_ok": 2, "_held": 0},
+        {
+            "product_id": "dup",
+            "_at": int(EARLIER.timestamp() * 1e6),
+            "_rows": 1,
+            "_kinds": 1,
+            "_ok": 1,
+            "_held": 0,
+        },
+        {"product_id": "dup", "_at": at, "_rows": 1, "_kinds": 1, "_ok": 1, "_held": 0},
+        {"product_id": "tie", "_at": at, "_rows": 2, "_kinds": 2, "_ok": 2, "_held": 0},
     ]
+    assert repeated_rows(duplicates).num_rows == 0  # the tied copies are two different rows
     latest = latest_copies(duplicates)
     assert sorted(latest.to_pylist(), key=lambda r: r["product_id"]) == [
         {"product_id": "dup", "_latest": at, "_same": 1},
@@ -213,6 +222,37 @@ def test_the_duplicates_are_found_once_and_mark_exactly_the_stale_copies(frame) 
     # the stale and tied copies, and only those, fail product_id_unique
     stale = sorted(r["title"] for r in checked if "product_id_unique" in r["_reasons"])
     assert stale == ["A", "B", "Grey tee (old)"]
+
+
+def test_a_row_repeated_exactly_is_read_once_and_a_tie_of_different_rows_stays_quarantined(spark) -> None:  # type: ignore[no-untyped-def]
+    """A replayed file: "rep" three times the same row at its latest time (and once, older): the
+    row is read once, valid, and the two repeats are counted apart, not quarantined; "tie", two
+    different rows at one time, still fails product_id_unique, both copies."""
+    from catalog_enrichment.enrich.stages import validate
+
+    schema = load_contract("products").spark_schema(enforce_nullability=False)
+    image = b"\x89PNG same bytes"
+    rows = [
+        *[("rep", "Grey tee", "cotton", None, image, None, {"color": ["grey"]}, T, D)] * 3,
+        ("rep", "Grey tee (old)", None, None, None, None, None, EARLIER, D),
+        ("tie", "A", None, None, None, None, None, T, D),
+        ("tie", "B", None, None, None, None, None, T, D),
+        ("ok", "Red shirt", None, None, None, None, None, T, D),
+    ]
+    said: list[str] = []
+    rules = build_rules(load_contract("products"), ValidationConfig(), NOW)
+    validated = validate(spark.createDataFrame(rows, schema), rules, NOW, said.append)
+    checked = validated.checked.collect()
+    assert validated.repeated == 2 and validated.counts.rows_read == 5 == len(checked)
+    assert sorted((r["product_id"], r["title"], list(r["_reasons"])) for r in checked) == [
+        ("ok", "Red shirt", []),
+        ("rep", "Grey tee", []),
+        ("rep", "Grey tee (old)", ["product_id_unique"]),
+        ("tie", "A", ["product_id_unique"]),
+        ("tie", "B", ["product_id_unique"]),
+    ]
+    assert validated.counts.per_rule["product_id_unique"] == 3
+    assert any("2 rows repeated the row of the same product and time exactly" in line for line in said)
 
 
 def test_an_image_reason_the_scoring_found_goes_on_the_scored_row_not_the_product_s_stale_copy(
@@ -240,11 +280,13 @@ def test_stale_copies_and_their_counts_follow_the_rule_on_missing_times() -> Non
             "product_id": ["d", "d", "d", "t", "t"],
             "_at": [10, 5, None, 20, None],
             "_rows": [1, 2, 1, 3, 1],
+            "_kinds": [1, 2, 1, 3, 1],
             "_ok": [1, 1, 0, 2, 1],  # copies passing every per-row rule
             "_held": [0, 1, 0, 0, 0],  # copies breaking only transient rules
         },
         pa.schema(
-            [("product_id", pa.string())] + [(c, pa.int64()) for c in ("_at", "_rows", "_ok", "_held")]
+            [("product_id", pa.string())]
+            + [(c, pa.int64()) for c in ("_at", "_rows", "_kinds", "_ok", "_held")]
         ),
     )
     latest = latest_copies(duplicates)

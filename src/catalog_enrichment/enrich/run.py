@@ -225,6 +225,8 @@ class _Record:
             summary[EXPECTATIONS] = self.expectations.to_dict()
         if self.validated is not None:
             summary["row_rules"] = self.validated.counts.per_rule
+            if self.validated.repeated:
+                summary["repeated_rows"] = self.validated.repeated
             summary[SEEN] = self.seen_next
             got = self.got
             if got is not None and got.since is not None and self.watermark() == got.since:

@@ -49,6 +49,8 @@ from catalog_enrichment.validation.rules import (
     count_rows,
     latest_copies,
     quarantine_rows,
+    read_once,
+    repeated_rows,
 )
 from catalog_enrichment.versions import ModelVersion
 
@@ -265,16 +267,25 @@ class Validated:
     checked: DataFrame
     counts: ValidationCounts
     watermark: dt.datetime | None
+    repeated: int = 0  # rows read more than once, the same row each time: read once (not counted)
 
 
 def validate(df: DataFrame, rules: list[Rule], started_at: dt.datetime, say: Say) -> Validated:
-    """Count every rule and find the duplicates (one pass), mark each row."""
+    """Count every rule and find the duplicates (one pass), mark each row. A row read more than
+    once, the same each time (a replayed file), is read once: the copies are counted again without
+    the repeats (a second pass, only where there are repeats)."""
     counts, duplicates = count_rows(df, rules)
+    repeated = repeated_rows(duplicates)
+    extra = int(pc.sum(repeated["_rows"]).as_py() or 0) - repeated.num_rows
+    if extra:
+        df = read_once(df, repeated)
+        counts, duplicates = count_rows(df, rules)
+        say(f"  {extra:,} rows repeated the row of the same product and time exactly: each read once")
     # never past the run's start: a row stamped in the future (quarantined beyond the allowed clock
     # skew) must not make every later incremental run skip the products changed in between
     watermark = None if counts.watermark is None else min(counts.watermark, started_at)
     say(f"  validated {counts.rows_read:,} rows: {counts.rows_invalid:,} invalid ({counts.top_rules()})")
-    return Validated(check_rows(df, rules, latest=latest_copies(duplicates)), counts, watermark)
+    return Validated(check_rows(df, rules, latest=latest_copies(duplicates)), counts, watermark, extra)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.health.profile import MISSING_TEXT
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import Column, DataFrame
 
 __all__ = [
     "REASONS",
@@ -61,6 +61,8 @@ __all__ = [
     "count_rows",
     "latest_copies",
     "quarantine_rows",
+    "read_once",
+    "repeated_rows",
     "shared_image_rules",
     "stale_copies",
     "text_failures",
@@ -440,6 +442,40 @@ def latest_copies(duplicates: pa.Table, key: str = "product_id") -> pa.Table:
     )
 
 
+def repeated_rows(duplicates: pa.Table, key: str = "product_id") -> pa.Table:
+    """The ids whose copies at their latest time are one row repeated (a replayed file, an
+    at-least-once feed): ``key``, ``_latest`` and ``_rows``, the copies (:func:`count_rows`'s
+    duplicates). Such copies do not contradict each other: the row is read once
+    (:func:`read_once`), not quarantined as a tie."""
+    latest = latest_copies(duplicates, key).select([key, "_latest"])
+    at = duplicates.join(latest, key).filter(pc.equal(pc.field("_at"), pc.field("_latest")))
+    at = at.filter(pc.and_(pc.greater(at["_rows"], 1), pc.equal(at["_kinds"], 1)))
+    return at.select([key, "_latest", "_rows"]).sort_by(key)
+
+
+def read_once(df: DataFrame, repeated: pa.Table, key: str = "product_id") -> DataFrame:
+    """``df`` with each row :func:`repeated_rows` found repeated kept once; only those ids' rows at
+    their latest time are shuffled (the rest, images included, are not)."""
+    from pyspark.sql import functions as F
+
+    ids = F.broadcast(df.sparkSession.createDataFrame(repeated.select([key, "_latest"])))
+    tagged = df.join(ids, key, "left")
+    again = F.coalesce(F.unix_micros("updated_at") == F.col("_latest"), F.lit(False))
+    rest = tagged.where(~again).select(*df.columns)
+    once = tagged.where(again).select(*df.columns).dropDuplicates([key])
+    return rest.unionByName(once)
+
+
+def _row_hash(df: DataFrame) -> Column:
+    """A 64-bit hash of each whole row (a map column as its JSON, which Spark cannot hash)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import MapType
+
+    return F.xxhash64(
+        *(F.to_json(F.col(f.name)) if isinstance(f.dataType, MapType) else F.col(f.name) for f in df.schema)
+    )
+
+
 def stale_copies(rows: pa.Table, latest: pa.Table, key: str = "product_id", at: str = "_at") -> pa.Array:
     """Boolean mask of ``rows`` that fail ``product_id_unique``: an older copy of a duplicated id, or
     one of the copies tied at its latest time. ``latest`` is :func:`latest_copies`; ``rows[at]`` is
@@ -505,10 +541,10 @@ def count_rows(
 
     The duplicates are the copies of every id on more than one row, one row per (id, ``updated_at``):
     ``key``; ``_at``, ``updated_at`` in µs since the epoch (null where missing); ``_rows``, how many
-    copies carry that time; ``_ok``, how many of those pass every per-row rule; ``_held``, how many
-    break only transient ones. They are few (never
-    more than the rows read) and come back to the driver as Arrow, to be joined back as a small
-    broadcast table (:func:`check_rows`).
+    copies carry that time; ``_kinds``, how many different rows they are (1: one row repeated);
+    ``_ok``, how many of those pass every per-row rule; ``_held``, how many break only transient ones.
+    They are few (never more than the rows read) and come back to the driver as Arrow, to be joined
+    back as a small broadcast table (:func:`check_rows`).
     """
     from pyspark.sql import functions as F
 
@@ -519,6 +555,7 @@ def count_rows(
     sums = [f"_r{i}" for i in tests]
     groups = df.groupBy(key, F.unix_micros("updated_at").alias("_at")).agg(  # exact, no time-zone trip
         F.count(F.lit(1)).alias("_rows"),
+        F.countDistinct(_row_hash(df)).alias("_kinds"),
         F.sum(F.when(bad, 0).otherwise(1)).alias("_ok"),
         F.sum(F.when(bad & ~lasting, 1).otherwise(0)).alias("_held"),
         *[F.sum(F.when(t, 1).otherwise(0)).alias(f"_r{i}") for i, t in tests.items()],
@@ -529,7 +566,7 @@ def count_rows(
         F.sum("_held").alias("_held"),
         F.max("_at").alias("_at"),
         *[F.sum(c).alias(c) for c in sums],
-        F.collect_list(F.struct("_at", "_rows", "_ok", "_held")).alias("_copies"),
+        F.collect_list(F.struct("_at", "_rows", "_kinds", "_ok", "_held")).alias("_copies"),
     )
     duplicated = F.col(key).isNotNull() & (F.col("_n") > 1)
     row = per_id.agg(
@@ -554,7 +591,7 @@ def count_rows(
             key: pa.array([k for k, _ in copies], pa.string()),
             **{
                 c: pa.array([copy[c] for _, copy in copies], pa.int64())
-                for c in ("_at", "_rows", "_ok", "_held")
+                for c in ("_at", "_rows", "_kinds", "_ok", "_held")
             },
         }
     )
