@@ -41,15 +41,16 @@ worker keeps freed memory          no page faults per forward pass          infe
 worker's tokenizer single-threaded the prepare threads tokenize; the          (CPU workers)
 (``TOKENIZERS_PARALLELISM``)       tokenizer's pool would take the
                                    forward pass's cores
-worker's float32 stays float32     the thresholds were calibrated on        (CUDA workers)
-(cuDNN/matmul ``fp32_precision``   float32 scores; TF32 keeps 10 bits
-``"ieee"``, not TF32)
+forward pass's float32 stays       the thresholds were calibrated on        (CUDA; training's
+float32 (cuDNN/matmul              float32 scores; TF32 keeps 10 bits       held-out scores too)
+``fp32_precision`` ``"ieee"``)
 =================================  =======================================  ==================================
 
 All but the last three are applied here, to the session this process builds, locally and on a
 cluster alike (under ``spark-submit`` the driver JVM has already started: its JIT setting comes
-from the submitted conf, ``deploy/spark/*.conf``); the last three run inside each Python worker
-(``inference.predictor.tune_worker_process``), switched by the same config. The speed settings
+from the submitted conf, ``deploy/spark/*.conf``); the next two run inside each Python worker
+(``inference.predictor.tune_worker_process``), switched by the same config, and the last around
+each forward pass whose scores meet thresholds (``inference.predictor.full_float32``). The speed settings
 (the C1 JIT, kept freed memory) were measured on against off as whole job processes
 (``docs/benchmarks.md``); those that did not pay were removed.
 """

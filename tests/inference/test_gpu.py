@@ -44,3 +44,32 @@ def test_cuda_neither_reads_nor_fills_the_embedding_store(scoring_bundle: Path) 
     on = PredictorOptions(embedding_store=True)
     assert BatchPredictor(load_bundle(scoring_bundle), options=on).width > 0
     assert BatchPredictor(bundle, device="cuda", options=on).width == 0
+
+
+def test_cuda_held_out_scores_are_the_predictors(scoring_bundle: Path, incoming) -> None:  # type: ignore[no-untyped-def]
+    """The scores training calibrates on (``evaluation.predict``) are those the job's predictor gives
+    the same products on the same GPU: both in full float32 (``full_float32``), neither in TF32."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
+    from catalog_enrichment.training.evaluation import predict
+
+    products = read_table(incoming.products).slice(0, 300)
+    products = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
+    bundle = load_bundle(scoring_bundle, device="cuda")
+    served = BatchPredictor(bundle, device="cuda").score(products)
+    records = ProductRecords.from_arrow(products)
+    loader = DataLoader(
+        ProductDataset(records, np.arange(len(records)), preprocessing=bundle.preprocessing),
+        batch_size=128,
+        collate_fn=Collator(bundle.tokenizer, bundle.model_config.text.max_length),
+    )
+    held_out = predict(bundle.model, loader, torch.device("cuda")).probs
+    for attr in bundle.taxonomy:
+        thresholds = bundle.calibration.thresholds(attr.name)
+        np.testing.assert_allclose(held_out[attr.name], served[attr.name], atol=1e-5)
+        np.testing.assert_array_equal(
+            decision_matrix(held_out[attr.name], attr.kind, thresholds),
+            decision_matrix(served[attr.name], attr.kind, thresholds),
+        )

@@ -183,3 +183,26 @@ def test_runs_zipping_one_bundle_at_once_each_find_it_whole(tmp_path) -> None:  
     with zipfile.ZipFile(tmp_path / "tiny-v1.zip") as z:
         assert len([n for n in z.namelist() if n.endswith(".bin")]) == 40 and z.testzip() is None
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["tiny-v1", "tiny-v1.zip"]
+
+
+def test_a_zip_that_fails_part_way_is_not_left_beside_the_bundle(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A full disk stops the zip half-written: the error reaches the run and the partial zip is
+    removed (each retry would otherwise leave one more in ``_models/``)."""
+    import shutil
+
+    from catalog_enrichment.inference.spark import zipped_bundle
+
+    bundle = tmp_path / "tiny-v1"
+    bundle.mkdir()
+    (bundle / "weights.bin").write_bytes(b"\0" * 1000)
+
+    def disk_full(base_name: str, *args: object, **kwargs: object) -> str:
+        with open(base_name + ".zip", "wb") as half:
+            half.write(b"PK\3\4")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "make_archive", disk_full)
+    for _ in range(2):
+        with pytest.raises(OSError, match="No space left"):
+            zipped_bundle(bundle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-v1"]

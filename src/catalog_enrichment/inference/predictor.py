@@ -63,6 +63,7 @@ __all__ = [
     "PreparedBatch",
     "Scores",
     "column_values",
+    "full_float32",
     "keep_freed_memory",
     "score_columns",
 ]
@@ -399,7 +400,8 @@ class BatchPredictor:
         """Attribute -> probabilities of one prepared batch (with the store: the batch's ``stored``
         vectors completed by the encoded rows', which :meth:`score_stream` hands on)."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with full_float32(), autocast:
             model = self._stored_model
             if batch.stored is None or batch.encode is None or model is None:
                 out = self.bundle.model(inputs)
@@ -510,15 +512,28 @@ def _lexical(
     return dict(zip(LEXICAL_KEYS, as_bags(ngram_counts(titles, descriptions, categories)), strict=True))
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 convolutions (cuDNN) and matrix products (CUDA) in float32, not TF32's 10-bit
+    mantissa, until the block ends; then the previous settings again. Every forward pass whose
+    scores meet thresholds runs under it: the predictor's and the calibration splits' in training
+    (``training.evaluation.predict``). No effect on a CPU."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul  # type: ignore[attr-defined]
+    previous = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = previous
+
+
 def tune_worker_process(device: torch.device, *, keep_memory: bool) -> None:
     """The scoring process's own settings (``runtime``'s table): on a CPU the tokenizer runs
     single-threaded (the prepare threads tokenize; its own thread pool would only compete with the
-    forward pass for the same cores); on a GPU float32 stays float32 (the scores the thresholds were
-    calibrated on); with ``keep_memory`` freed memory is kept (:func:`keep_freed_memory`)."""
+    forward pass for the same cores); with ``keep_memory`` freed memory is kept
+    (:func:`keep_freed_memory`). On a GPU float32 stays float32 (the scores the thresholds were
+    calibrated on) within each forward pass (:func:`full_float32`), not process-wide."""
     if device.type == "cpu":
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if device.type == "cuda":  # float32 convolutions and products in float32, not TF32's 10-bit mantissa
-        torch.backends.cudnn.conv.fp32_precision = "ieee"  # type: ignore[attr-defined]
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
     if keep_memory:
         keep_freed_memory()

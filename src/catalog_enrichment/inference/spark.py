@@ -198,15 +198,16 @@ _SHIPPED: dict[int, set[str]] = {}
 def zipped_bundle(bundle_dir: Path) -> Path:
     """The bundle folder zipped beside it (``<folder>.zip``), made once. Each maker zips under a
     name of its own and renames the whole zip into place: two runs on one machine zipping the same
-    bundle at once both find it whole, and neither ships half of one."""
+    bundle at once both find it whole, and neither ships half of one. A zip that fails part-way (a
+    full disk) is removed, not left beside the bundle for each retry to add another."""
     import shutil
     import uuid
 
     archive = bundle_dir.parent / f"{bundle_dir.name}.zip"
     if not archive.is_file():
-        base = bundle_dir.parent / f".{bundle_dir.name}.{uuid.uuid4().hex}.tmp"
-        tmp = Path(shutil.make_archive(str(base), "zip", root_dir=bundle_dir))
+        tmp = bundle_dir.parent / f".{bundle_dir.name}.{uuid.uuid4().hex}.tmp.zip"
         try:
+            shutil.make_archive(str(tmp.with_suffix("")), "zip", root_dir=bundle_dir)
             tmp.replace(archive)
         finally:
             tmp.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.embeddings.frozen import inputs_to
 from catalog_enrichment.health import HealthProfile, InputBaseline, attribute_baseline
+from catalog_enrichment.inference.predictor import full_float32
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
     coverage_efficiency,
@@ -130,13 +131,14 @@ def predict(
 ) -> Predictions:
     """Scores of every product the loader yields, in order: in float32, as the enrichment job scores
     by default (``inference.autocast``), unless ``autocast`` (bf16 encoders on GPU: for choosing an
-    epoch, never for what calibrates or is fitted into the model)."""
+    epoch, never for what calibrates or is fitted into the model). Float32 stays float32 on a GPU
+    (``full_float32``, the predictor's setting): cuDNN's default would run convolutions in TF32."""
     model.eval()
     probs: dict[str, list[np.ndarray]] = {}
     weights: dict[str, list[np.ndarray]] = {}
     branches: dict[str, dict[str, list[np.ndarray]]] = {}
     for batch in loader:
-        with autocast_context(device, autocast):
+        with full_float32(), autocast_context(device, autocast):
             out = forward(model, to_device(batch, device))
         for a, p in out.probs.items():
             probs.setdefault(a, []).append(p.float().cpu().numpy())
