@@ -438,3 +438,43 @@ def test_the_rollback_s_merchant_blankness_is_the_run_s(pg_catalog_config: Catal
     catalog.rollback_runs(["r2"])
     rows = catalog.attribute_rows().to_pylist()
     assert sorted((r["product_id"], r["value"]) for r in rows) == [("p1", "red"), ("p2", "red")]
+
+
+def test_a_run_that_lost_its_lock_commits_nothing(pg_catalog_config: CatalogConfig) -> None:
+    """The run lock is a session lock on a connection idle for most of the run: ended (terminated,
+    timed out, a failover), the lock is free for another run. The write and the rollback check it
+    in their transaction and commit nothing without it."""
+    catalog = PostgresCatalog(pg_catalog_config)
+    values = pa.table({"product_id": ["p1"], "attribute": ["color"], "value": ["red"], "confidence": [0.9],
+                       "threshold": [0.5]})  # fmt: skip
+    with catalog.lock("r1", say=lambda _m: None):  # held: the write commits
+        assert catalog.write(_run("r1", values, [("p1", "color")])).inserted == 1
+
+    def lock_session_ended(owner: str) -> None:
+        with catalog.connect() as conn:
+            ended = conn.execute(
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE application_name = %s",
+                [f"catalog-enrichment lock {catalog.schema}: {owner}"],
+            ).fetchall()
+        assert ended == [(True,)]
+
+    def state() -> list[Any]:
+        with catalog.connect() as conn:
+            runs = conn.execute(f"SELECT run_id, operation, rolled_back_at FROM {catalog.schema}.runs")
+            return [catalog.attribute_rows().to_pylist(), runs.fetchall()]
+
+    before = state()
+    blue = pc.replace_substring(values["value"], "red", "blue")
+    lost = r"lost the catalog lock.*nothing was committed; run again"
+    with catalog.lock("r2", say=lambda _m: None):
+        lock_session_ended("r2")
+        with (
+            PostgresCatalog(pg_catalog_config).lock("another run", say=lambda _m: None),  # it is free
+            pytest.raises(CatalogEnrichError, match=lost),
+        ):
+            catalog.write(_run("r2", values.set_column(2, "value", blue), [("p1", "color")]))
+    with catalog.lock("rollback", say=lambda _m: None):
+        lock_session_ended("rollback")
+        with pytest.raises(CatalogEnrichError, match=lost):
+            catalog.rollback_runs(["r1"])
+    assert state() == before

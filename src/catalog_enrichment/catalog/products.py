@@ -6,9 +6,9 @@ folders (hive-partitioned) through theirs. The contract's Spark schema is impose
 columns get their contract type) after each file's own schema has been checked against it.
 
 The table's protocol is honoured, not bypassed: rows a deletion vector removed stay removed (the
-snapshot's deletion vectors, read by delta-rs, are joined away on Spark's ``_metadata.row_index``);
-a reader feature this read cannot honour (column mapping: the files hold physical column names)
-is refused in one line that names it and the fix.
+deletion vectors of the files the read keeps, read by delta-rs, are joined away on Spark's
+``_metadata.row_index``); a reader feature this read cannot honour (column mapping: the files hold
+physical column names) is refused in one line that names it and the fix.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import datetime as dt
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -94,18 +94,22 @@ def _check_protocol(table: Any, root: Path) -> None:
         )
 
 
-def _deleted_rows(root: Path) -> dict[str, list[int]]:
-    """Data file (local path) -> row indexes its deletion vector removes (the current snapshot)."""
+def _deleted_rows(root: Path, files: Collection[str]) -> dict[str, pa.Array]:
+    """Data file (local path) of ``files``, the ones the read keeps -> the row indexes (int64) its
+    deletion vector removes (the current snapshot). The other files' vectors are left out: a table
+    upserted by MERGE holds millions of deleted rows between two OPTIMIZEs, and a one-partition
+    read needs its partition's only."""
     import pyarrow.compute as pc
     from deltalake import DeltaTable
 
     table = DeltaTable(str(root))
     if "deletionVectors" not in set(table.protocol().reader_features or ()):
         return {}
-    return {
-        deleted_file(uri): pc.indices_nonzero(pc.invert(keep.values)).to_pylist()
-        for uri, keep in deletion_vectors(table)
-    }
+    kept, deleted = set(files), {}
+    for uri, keep in deletion_vectors(table):
+        if (path := deleted_file(uri)) in kept:
+            deleted[path] = pc.indices_nonzero(pc.invert(keep.values)).cast(pa.int64())
+    return deleted
 
 
 def _footers(root: Path, partition: Partition | None) -> tuple[list[str], dict[str, pa.Schema]]:
@@ -206,7 +210,7 @@ def read_products(
             f"products table {path} lacks contract column(s) {missing} (see schemas/products.yaml)"
         )
     schema = contract.spark_schema(enforce_nullability=False)
-    deleted = _deleted_rows(root) if files and table_format(root) == "delta" else {}
+    deleted = _deleted_rows(root, files) if files and table_format(root) == "delta" else {}
     if not files:
         df = spark.createDataFrame([], schema)
     else:
@@ -274,14 +278,21 @@ def changed_since(since: dt.datetime, retry: Sequence[str]) -> Any:
 _FILE, _ROW = "__file", "__row_index"
 
 
-def _without_deleted(spark: SparkSession, df: DataFrame, deleted: dict[str, list[int]]) -> DataFrame:
-    """``df`` without the rows the deletion vectors remove (a join on file and row index)."""
+def _without_deleted(spark: SparkSession, df: DataFrame, deleted: dict[str, pa.Array]) -> DataFrame:
+    """``df`` without the rows the deletion vectors remove (a join on file and row index); the
+    (file, row index) pairs go to Spark as Arrow columns, no Python object per row."""
     from pyspark.sql import functions as F
-    from pyspark.sql.types import LongType, StringType, StructField, StructType
 
-    rows = [(str(Path(file).resolve()), index) for file, indexes in deleted.items() for index in indexes]
-    schema = StructType([StructField(_FILE, StringType(), False), StructField(_ROW, LongType(), False)])
-    gone = spark.createDataFrame(rows, schema)
+    gone = spark.createDataFrame(
+        pa.table(
+            {
+                _FILE: pa.concat_arrays(
+                    [pa.repeat(str(Path(file).resolve()), len(rows)) for file, rows in deleted.items()]
+                ),
+                _ROW: pa.concat_arrays(list(deleted.values())),
+            }
+        )
+    )
     # Spark names the file file:/ or file:///, a space percent-encoded but an accent not: compared
     # decoded (a "+" is one, not a space)
     local = F.regexp_replace(F.regexp_replace(F.col(_FILE), "^file:/+", "/"), "[+]", "%2B")

@@ -74,6 +74,8 @@ class PgBase:
         self._dsn = os.environ.get(PG_DSN_ENV, "") if dsn is None else dsn
         self._migrated = False
         self._index_checked = False  # the products table's product_id index (warned about once)
+        # the session holding this process's run lock: (server pid, backend start) while held
+        self._lock_session: tuple[int, dt.datetime] | None = None
 
     def products_name(self) -> str:
         return ".".join(self.products)
@@ -146,12 +148,16 @@ class PgBase:
                 info.password or None,
             )
 
+    def _run_lock_key(self) -> str:
+        """The session advisory lock (``hashtext`` of it) a run holds for its whole run."""
+        return f"catalog_enrichment:{self.schema}"
+
     @contextlib.contextmanager
     def lock(self, owner: str, say: Say) -> Iterator[None]:
         wait = self.cfg.lock_wait_seconds
         conn = self.connect()
         try:
-            key = f"catalog_enrichment:{self.schema}"
+            key = self._run_lock_key()
             prefix = f"catalog-enrichment lock {self.schema}: "  # the holder's application_name
             deadline, waiting = time.monotonic() + wait, False
             while not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()[0]:
@@ -167,8 +173,12 @@ class PgBase:
                     waiting = True
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
             conn.execute("SELECT set_config('application_name', %s, false)", [(prefix + owner)[:63]])
+            self._lock_session = conn.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()
             yield
         finally:
+            self._lock_session = None  # before the close: another thread may take the lock then
             conn.close()  # ending the session releases the lock
 
     @staticmethod
@@ -212,10 +222,38 @@ class PgBase:
 
     def _serialize(self, conn: Any) -> None:
         """Within a transaction: wait for any other write or rollback of this catalog to commit
-        (each statement after it sees theirs), even from a process that does not hold the run lock."""
+        (each statement after it sees theirs), even from a process that does not hold the run lock;
+        then, where this process holds the run lock, make sure it still does.
+
+        The run lock's session sits idle for most of a run: a ``pg_terminate_backend``, an
+        ``idle_session_timeout``, a failover or a dropped connection ends it and frees the lock for
+        another run, whose cleanup drops this run's staging table. Checked after the write lock,
+        which that run's commit needs too, the check holds until this transaction commits.
+
+        Raises:
+            CatalogEnrichError: the run lock's session is gone (nothing was committed).
+        """
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext(%s))", [f"catalog_enrichment.write:{self.schema}"]
         )
+        if self._lock_session is None:
+            return  # no run lock in this process (a test's or a tool's write)
+        pid, started = self._lock_session
+        # pg_advisory_lock(bigint) shows as classid (high 32 bits), objid (low 32 bits), objsubid 1;
+        # the backend start tells the session from a later one given the same pid
+        held = conn.execute(
+            "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid, "
+            "(SELECT hashtext(%s)::bigint AS k) h WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.pid = %s AND a.backend_start = %s AND l.objsubid = 1 "
+            "AND l.classid = ((h.k >> 32) & 4294967295)::oid AND l.objid = (h.k & 4294967295)::oid",
+            [self._run_lock_key(), pid, started],
+        ).fetchone()
+        if held is None:
+            raise CatalogEnrichError(
+                f"lost the catalog lock of {self.describe()} schema {self.schema}: its session (server pid "
+                f"{pid}) ended (terminated, timed out, a failover or a dropped connection), so another run "
+                "may have taken it; nothing was committed; run again"
+            )
 
     def _committed(self, conn: Any, run_id: str) -> int | None:
         row = conn.execute(

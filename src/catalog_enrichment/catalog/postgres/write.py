@@ -106,6 +106,8 @@ class Writes(PgBase):
         with self.connect() as conn:
             try:
                 with conn.transaction():
+                    # the run lock first: lost, another run may have dropped the stage
+                    self._serialize(conn)
                     self._check_staged(conn, f"run {run.run_id}", stage, staged)
                     result = self._merge(conn, run, stage)
                     fault_point("during_merge")

@@ -1,0 +1,59 @@
+"""Reading the products table into Spark (``catalog/products.py``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from deltalake import write_deltalake
+
+from catalog_enrichment.catalog import products
+from catalog_enrichment.catalog.products import Partition, read_products
+from catalog_enrichment.contracts import load_contract
+
+pytestmark = [pytest.mark.spark, pytest.mark.timeout(300)]
+
+PRODUCTS = load_contract("products")
+T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+
+
+def _day(day: dt.date, ids: list[str]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"product_id": p, "title": f"title {p}", "updated_at": T0, "ingest_date": day} for p in ids],
+        schema=PRODUCTS.arrow_schema(),
+    )
+
+
+def test_a_partition_s_read_gathers_the_deletion_vectors_of_its_own_files_only(
+    spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A products table upserted by MERGE holds millions of deleted rows between two OPTIMIZEs: a
+    one-partition read brings to the driver the deleted rows of its own files, not the table's."""
+    from tests.delta_protocol import delete_with_deletion_vector
+
+    a, b = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
+    table = tmp_path / "products"
+    write_deltalake(str(table), _day(a, ["a0", "a1", "a2", "a3"]), partition_by=["ingest_date"])
+    delete_with_deletion_vector(table, [1, 3])  # a1, a3: the only data file is partition a's
+    write_deltalake(str(table), _day(b, ["b0", "b1"]), partition_by=["ingest_date"], mode="append")
+    gathered: list[dict[str, Any]] = []
+    deleted_rows = products._deleted_rows
+
+    def recorded(*args: Any) -> Any:
+        gathered.append(deleted_rows(*args))
+        return gathered[-1]
+
+    monkeypatch.setattr(products, "_deleted_rows", recorded)
+
+    def ids(partition: Partition | None) -> list[str]:
+        read = read_products(spark, table, PRODUCTS, partition=partition)
+        return sorted(r["product_id"] for r in read.collect())
+
+    assert ids(Partition("ingest_date", str(b))) == ["b0", "b1"]
+    assert gathered == [{}]  # partition a's deleted rows stayed where they are
+    assert ids(Partition("ingest_date", str(a))) == ["a0", "a2"]
+    assert ids(None) == ["a0", "a2", "b0", "b1"]
+    assert [sorted(r.to_pylist()) for g in gathered[1:] for r in g.values()] == [[1, 3], [1, 3]]
