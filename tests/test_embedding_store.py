@@ -70,7 +70,7 @@ def _model_rows(catalog: Any) -> dict[tuple[str, str, str], float]:
 
 @pytest.mark.parametrize("kind", ["lakehouse", "postgres"])
 def test_a_new_head_rescores_from_the_store_and_writes_what_a_fresh_encode_writes(  # type: ignore[no-untyped-def]
-    kind, spark, pg_server, incoming, taxonomy, scoring_bundle, new_head, tmp_path
+    kind, spark, pg_server, incoming, taxonomy, scoring_bundle, new_head, tmp_path, monkeypatch
 ) -> None:
     products = read_table(incoming.products).slice(0, 600)
     cfg, catalog = _catalog(kind, tmp_path, products, pg_server, store=True)
@@ -118,8 +118,22 @@ def test_a_new_head_rescores_from_the_store_and_writes_what_a_fresh_encode_write
     everyone = catalog.stored_embeddings(spark, encoder).select("product_id")
     two = sorted(r["product_id"] for r in everyone.limit(2).collect())
     asked = spark.createDataFrame([(p,) for p in [*two, *two, "no-such-product"]], "product_id string")
+    if kind == "postgres":  # looked up by the store's key: the JDBC reads name the products asked
+        from pyspark.sql.readwriter import DataFrameReader
+
+        read, queries = DataFrameReader.jdbc, []
+
+        def jdbc(self: Any, *args: Any, predicates: Any = None, **kwargs: Any) -> Any:
+            queries.extend(predicates or ["the whole store"])
+            return read(self, *args, predicates=predicates, **kwargs)
+
+        monkeypatch.setattr(DataFrameReader, "jdbc", jdbc)
     few = catalog.stored_embeddings(spark, encoder, asked)  # a run's products only, each once
     assert sorted(r["product_id"] for r in few.select("product_id").collect()) == two
+    if kind == "postgres":
+        (lookup,) = queries
+        assert lookup.startswith("product_id = ANY(") and all(p in lookup for p in two)
+        assert "whole" not in lookup and lookup.count("'") <= 2 * 3 + 2  # the 3 ids asked, no more
     assert catalog.vacuum_embeddings([encoder]) == 0
     assert catalog.vacuum_embeddings([]) == scored
     assert catalog.embedding_counts() == {} and _stored(catalog, spark, encoder) == 0

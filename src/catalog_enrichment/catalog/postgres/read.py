@@ -31,6 +31,9 @@ from catalog_enrichment.catalog.postgres.migrate import ensure_schema
 
 __all__ = ["Reads"]
 
+# product ids a JDBC partition of a run's embedding lookup asks for (a query of ~0.1 MB at 20-byte ids)
+_IDS_PER_READ = 5000
+
 
 class Reads(PgBase):
     """Reads of the catalog's tables (see the module docstring)."""
@@ -382,8 +385,13 @@ class Reads(PgBase):
         self, spark: SparkSession, encoder: str, products: DataFrame | None = None
     ) -> DataFrame | None:
         """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
-        :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`), read over JDBC in
-        ``catalog.postgres.read_partitions`` slices of the product ids' hash; None when there are none."""
+        :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`); None when there are none.
+        Those of ``products`` only, where given: their ids are gathered on the driver (a run's
+        increment) and looked up by the store's key, :data:`_IDS_PER_READ` a JDBC partition, so a
+        night reads its own products' vectors, not the whole store; without ``products``, all of
+        them in ``catalog.postgres.read_partitions`` slices of the product ids' hash."""
+        from psycopg import sql
+
         table = ".".join(f'"{p}"' for p in (self.schema, "embeddings"))
         query = (
             f"(SELECT product_id, content, embedding FROM {table} "
@@ -394,7 +402,21 @@ class Reads(PgBase):
                 self._sql("SELECT 1 FROM {e} WHERE encoder = %s LIMIT 1", e="embeddings"), [encoder]
             ).fetchone():
                 return None
-        return keep_one_per_product(self._hashed_read(spark, query), products)
+            if products is None:
+                return keep_one_per_product(self._hashed_read(spark, query))
+            ids = sorted({r[0] for r in products.select("product_id").distinct().toLocalIterator()} - {None})
+            if not ids:
+                return None
+            options = self._jdbc_options(conn, query)
+            predicates = [
+                sql.SQL("product_id = ANY({})")
+                .format(sql.Literal(ids[i : i + _IDS_PER_READ]))
+                .as_string(conn)
+                for i in range(0, len(ids), _IDS_PER_READ)
+            ]
+        url = options.pop("url")
+        rows = spark.read.jdbc(url, options.pop("dbtable"), predicates=predicates, properties=options)
+        return keep_one_per_product(rows)
 
     def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
         """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products."""
