@@ -101,6 +101,8 @@ class _RankJob:
     val_labels: EncodedLabels
     world: int
     device: str
+    shard_rows: tuple[int, ...]  # each rank's training rows, as the survey found them
+    val_products: tuple[Any, ...]  # the validation split's products in table order (val_labels')
     fault: tuple[int, int] | None = None
 
     @property
@@ -212,10 +214,11 @@ def _fit_rank(
         take=job.steps * job.batch_size,
         shuffle_rows=cfg.training.streaming.shuffle_rows,
         kill_at=job.fault[1] * job.batch_size if job.fault and job.fault[0] == rank else None,
+        expected=job.shard_rows[rank],
     )
     loader = DataLoader(rows, batch_size=job.batch_size, collate_fn=collator, drop_last=True, num_workers=0)
     selected = _Selection(cfg.training.seed, job.fractions, VALIDATION)
-    val_loader = SplitBatches(reader, selected, collator, cfg.training.batch_size * 2)
+    val_loader = SplitBatches(reader, selected, collator, cfg.training.batch_size * 2, job.val_products)
     tag = f"rank {rank}/{job.world}: " if job.world > 1 else ""
     validation = Validation(val_loader, job.val_labels, reader.taxonomy)  # type: ignore[arg-type]
     fit = fit_model(model, loader, validation, cfg.training, device, say, tag, step_model=step_model)
@@ -368,7 +371,8 @@ class Streamed:
             fold_groups=fusion_class(cfg.model.fusion).needs_lexical,  # the stack's cross-fit folds
         )  # fmt: skip
         say(f"streaming {source.rows:,} rows in batches; splits by hash: {found.splits.sizes()}")
-        return _Streaming(found, replace(reader, shared=found.shared), fractions)
+        # every later pass reads the survey's products: the rows it left out are skipped by place
+        return _Streaming(found, replace(reader, shared=found.shared, skipped=found.skipped), fractions)
 
     def fit(self, surveyed: _Streaming, tokenizer: Any, say: Say) -> Fitted:
         """Trained here or on ``training.distributed.processes`` ranks; the held-out splits read
@@ -390,7 +394,8 @@ class Streamed:
 
         def batches(name: SplitName) -> SplitBatches:
             selection = _Selection(cfg.training.seed, surveyed.fractions, codes[name])
-            return SplitBatches(surveyed.reader, selection, collator, cfg.training.batch_size * 2)
+            products = found.products(codes[name])
+            return SplitBatches(surveyed.reader, selection, collator, cfg.training.batch_size * 2, products)
 
         return Fitted(
             model, tokenizer, [fit], found.splits, found.labels, batches, self.device, found.product_ids
@@ -429,10 +434,10 @@ class Streamed:
         counts = []
         # with onnx, every score selected and calibrated on comes from the graphs
         onnx = cfg.model.encoder_runtime == "onnx"
-        usable = len(surveyed.found.product_ids)
+        products = surveyed.found.product_ids
         batches = progress(
-            surveyed.reader.records(), desc="embedding the table", unit="product", total=usable,
-            size=lambda batch: len(batch[0]), say=say,
+            surveyed.reader.records(products), desc="embedding the table", unit="product",
+            total=len(products), size=lambda batch: len(batch[0]), say=say,
         )  # fmt: skip
         with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
             for records, categories in batches:
@@ -470,4 +475,8 @@ def _job(
     fault = armed("rank")  # "<rank>:<step>", read here and sent to the ranks (catalog_enrichment.faults)
     rank_step = tuple(int(x) for x in fault.split(":")) if fault else None
     val_labels = found.labels.subset(found.splits.validation)
-    return _RankJob(reader, cfg, tokenizer, fractions, steps, val_labels, world, device, rank_step)  # type: ignore[arg-type]
+    return _RankJob(
+        reader, cfg, tokenizer, fractions, steps, val_labels, world, device,
+        shard_rows=tuple(found.shard_rows()), val_products=tuple(found.products(VALIDATION)),
+        fault=rank_step,  # type: ignore[arg-type]
+    )  # fmt: skip

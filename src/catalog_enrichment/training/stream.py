@@ -17,6 +17,11 @@ distributed run (:mod:`.distributed`).
   baseline (counted per batch: lengths, scripts, categories, never the texts), the training texts
   a trained tokenizer learns from (none for a pretrained one), and the usable rows per split and
   rank.
+* **Every later pass uses the survey's list**: it reads the rows the survey kept (by their place in
+  the table order, so a recovered image changes nothing) and must read each one's image again; an
+  image that no longer reads (its ``image_uri`` file changed, a read failed) or a table whose rows
+  changed stops the run with the products named (:class:`CatalogEnrichError`), as labels kept from
+  the survey would otherwise no longer line up with the products read.
 * **Epochs** read the table again: a rank's training rows pass through a shuffle buffer of
   ``shuffle_rows`` rows (seeded by the seed, the epoch and the rank) into mini-batches, and every
   rank takes the same number of steps: the smallest shard's full batches, so an epoch leaves out
@@ -26,8 +31,9 @@ distributed run (:mod:`.distributed`).
   products they hold (:func:`~catalog_enrichment.catalog.lakehouse.scan`), so a rewrite of the same
   rows trains the same model.
 
-Memory holds a few record batches, the shuffle buffer (text and image bytes, not pixels), the
-product ids, labels, image digest prefixes and held-out scores, a trained tokenizer's texts, and
+Memory holds a few record batches, the shuffle buffer (each entry its own product's texts, image
+bytes and labels, never its record batch; not pixels), the product ids, labels, image digest
+prefixes, the table rows the survey left out and held-out scores, a trained tokenizer's texts, and
 for the stack a digest of each product's title and description (its cross-fit folds' groups);
 never the table or its decoded images.
 """
@@ -35,6 +41,7 @@ never the table or its decoded images.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -189,6 +196,21 @@ def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
     return batch.column(name).to_pylist() if name in batch.schema.names else [None] * batch.num_rows
 
 
+@dataclass(slots=True)
+class _Row:
+    """One product of a pass holding only its own data (a shuffle buffer entry), so the record
+    batch it came from is freed once it has been read."""
+
+    product_id: Any
+    title: str
+    description: str | None
+    image: bytes | None
+    image_uri: str | None
+    targets: dict[str, Any]
+    known: dict[str, bool]
+    partial: dict[str, np.ndarray]
+
+
 @dataclass
 class _Rows:
     """One record batch's rows that belong to a split (and rank), with their labels."""
@@ -199,6 +221,23 @@ class _Rows:
     image: list[bytes | None]
     image_uri: list[str | None]
     labels: EncodedLabels
+
+    def __len__(self) -> int:
+        return len(self.title)
+
+    def row(self, i: int) -> _Row:
+        """Row ``i`` on its own: its labels copied out of the batch's arrays."""
+        labels = self.labels
+        return _Row(
+            self.product_id[i],
+            self.title[i],
+            self.description[i],
+            self.image[i],
+            self.image_uri[i],
+            {a: t[i].copy() for a, t in labels.targets.items()},
+            {a: bool(k[i]) for a, k in labels.known.items()},
+            {a: p[i].copy() for a, p in labels.partial.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -222,37 +261,70 @@ class _Selection:
             test=test,
         )
 
-    def rows(self, batch: pa.RecordBatch, taxonomy: Taxonomy) -> _Rows | None:
+    def keep(self, batch: pa.RecordBatch) -> np.ndarray:
         keep = self.codes(batch) == self.split
         if self.world > 1:
             keep &= rank_of(_column(batch, "product_id"), seed=self.seed, world=self.world) == self.rank
-        if not keep.any():
-            return None
-        picked = batch.filter(pa.array(keep))
-        return _Rows(
-            _column(picked, "product_id"),
-            [t or "" for t in _column(picked, "title")],
-            _column(picked, "description"),
-            _column(picked, "image"),
-            _column(picked, "image_uri"),
-            encode_labels(pa.Table.from_batches([picked]), taxonomy),
-        )
+        return keep
 
 
-def _item(rows: _Rows, i: int, pixels: np.ndarray | None, size: int) -> dict[str, Any]:
-    """Product ``i`` as the model's collator takes it (see ``data.dataset.ProductDataset``)."""
-    labels = rows.labels
+def _item(row: _Row, pixels: np.ndarray | None, size: int) -> dict[str, Any]:
+    """Product ``row`` as the model's collator takes it (see ``data.dataset.ProductDataset``)."""
     return {
-        "title": rows.title[i],
-        "description": rows.description[i] or "",
+        "title": row.title,
+        "description": row.description or "",
         "pixel_values": torch.zeros(3, size, size, dtype=torch.uint8)
         if pixels is None
         else torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
         "image_present": pixels is not None,
-        "targets": {a: t[i] for a, t in labels.targets.items()},
-        "known": {a: bool(k[i]) for a, k in labels.known.items()},
-        "partial": {a: p[i] for a, p in labels.partial.items()},
+        "targets": row.targets,
+        "known": row.known,
+        "partial": row.partial,
     }
+
+
+def _named(products: Sequence[Any]) -> str:
+    more = f" and {len(products) - 5:,} more" if len(products) > 5 else ""
+    return ", ".join(map(repr, products[:5])) + more
+
+
+def _image_changed(products: Sequence[Any], where: str) -> CatalogEnrichError:
+    """A later pass cannot use the image of ``products`` that the survey found usable."""
+    return CatalogEnrichError(
+        f"{where} cannot use the image of {len(products):,} product(s) the survey pass found usable "
+        f"({_named(products)}): the image or its image_uri file changed, or failed to read, between "
+        "passes over the table; the run stops rather than train or score on labels that no longer "
+        "line up with the products read - rerun it (once the images are stable)"
+    )
+
+
+def _table_changed(where: str, what: str) -> CatalogEnrichError:
+    """A later pass reads other rows than the survey did."""
+    return CatalogEnrichError(
+        f"{where} read other products than the survey pass: {what}; the table changed between passes "
+        "(a Delta table should be read at one version) - rerun the training"
+    )
+
+
+class _Expected:
+    """The survey's products of a split in table order, checked against what a later pass reads."""
+
+    def __init__(self, products: Sequence[Any], where: str) -> None:
+        self.products, self.where, self.read = products, where, 0
+
+    def add(self, ids: Sequence[Any]) -> None:
+        want = self.products[self.read : self.read + len(ids)]
+        for got, was in itertools.zip_longest(ids, want):
+            if got != was:
+                surveyed = "none" if was is None else repr(was)
+                raise _table_changed(self.where, f"product {got!r} where the survey read {surveyed}")
+        self.read += len(ids)
+
+    def done(self) -> None:
+        if self.read != len(self.products):
+            raise _table_changed(
+                self.where, f"{self.read:,} products where the survey read {len(self.products):,}"
+            )
 
 
 @dataclass(frozen=True)
@@ -265,6 +337,37 @@ class _Reader:
     preprocessing: ImagePreprocessing
     shared: frozenset[int] = frozenset()  # the survey's placeholders (:func:`digest_prefix`): left out
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # the job's row rules
+    # the table rows (places in table order, sorted) the survey left out: every later pass skips them
+    skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
+
+    def batches(self) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """The table's record batches, each with the place of its first row in the table order."""
+        offset = 0
+        for batch in self.source.batches():
+            yield offset, batch
+            offset += batch.num_rows
+
+    def kept(self, offset: int, rows: int) -> np.ndarray:
+        """Which of the ``rows`` rows from place ``offset`` on the survey kept."""
+        keep = np.ones(rows, bool)
+        lo, hi = np.searchsorted(self.skipped, [offset, offset + rows])
+        keep[self.skipped[lo:hi] - offset] = False
+        return keep
+
+    def rows(self, offset: int, batch: pa.RecordBatch, selection: _Selection) -> _Rows | None:
+        """The ``selection``'s rows of ``batch`` (at place ``offset``) the survey kept, with labels."""
+        keep = selection.keep(batch) & self.kept(offset, batch.num_rows)
+        if not keep.any():
+            return None
+        picked = batch.filter(pa.array(keep))
+        return _Rows(
+            _column(picked, "product_id"),
+            [t or "" for t in _column(picked, "title")],
+            _column(picked, "description"),
+            _column(picked, "image"),
+            _column(picked, "image_uri"),
+            encode_labels(pa.Table.from_batches([picked]), self.taxonomy),
+        )
 
     def pixels(
         self, image: bytes | None, uri: str | None, prep: ImagePreprocessing
@@ -276,28 +379,40 @@ class _Reader:
             return None, IMAGE_SHARED
         return pixels, error
 
-    def items(self, rows: _Rows, order: Iterable[int]) -> Iterator[dict[str, Any]]:
-        """The usable products among ``rows`` (those whose image decodes or is absent), in ``order``."""
+    def item(self, row: _Row) -> dict[str, Any] | None:
+        """``row`` as the model's collator takes it; None when its image cannot be used now."""
         prep = self.preprocessing
-        for i in order:
-            pixels, error = self.pixels(rows.image[i], rows.image_uri[i], prep)
-            if error is None:
-                yield _item(rows, i, pixels, prep.size)
+        pixels, error = self.pixels(row.image, row.image_uri, prep)
+        return _item(row, pixels, prep.size) if error is None else None
 
-    def records(self) -> Iterator[tuple[ProductRecords, list[Any]]]:
-        """Every usable product (in the survey's order), a record batch at a time, with its merchant
-        categories (None without a ``category`` column)."""
-        for batch in self.source.batches():
+    def records(self, products: Sequence[Any]) -> Iterator[tuple[ProductRecords, list[Any]]]:
+        """The survey's ``products`` (its usable ones, in its order), a record batch at a time, with
+        their merchant categories (None without a ``category`` column).
+
+        Raises:
+            CatalogEnrichError: a product's image no longer reads, or the table changed.
+        """
+        where = "the embedding pass"
+        expected = _Expected(products, where)
+        for offset, batch in self.batches():
+            keep = self.kept(offset, batch.num_rows)
             usable, _, _ = self.usable(batch, InputBaselineCounts(), Counter())
-            if usable.num_rows:
-                table = pa.Table.from_batches([usable])
-                yield ProductRecords.from_arrow(table, self.policy), _column(usable, "category")
+            ids = _column(batch, "product_id")
+            broken = [p for p, k, u in zip(ids, keep, usable, strict=True) if k and not u]
+            if broken:
+                raise _image_changed(broken, where)
+            kept = batch.filter(pa.array(keep))
+            expected.add(_column(kept, "product_id"))
+            if kept.num_rows:
+                table = pa.Table.from_batches([kept])
+                yield ProductRecords.from_arrow(table, self.policy), _column(kept, "category")
+        expected.done()
 
     def usable(
         self, batch: pa.RecordBatch, inputs: InputBaselineCounts, unusable: Counter[str]
-    ) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
-        """The batch's products whose image decodes or is absent (and is no placeholder of
-        ``shared``), with their images' digest prefixes (0: no image) and which of them the
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which of the batch's products have an image that decodes or none (and no placeholder of
+        ``shared``), their images' digest prefixes (0: no image) and which of them the
         enrichment job would score for their title and description (its row rules quarantine the
         others, so no night's health checks count them); the inputs of every product it would score
         (image state and colour balance included) counted in ``inputs``, the others' image reasons
@@ -314,8 +429,7 @@ class _Reader:
         scored = np.array([not broken for broken in texts], bool)
         inputs.add(products.subset(scored.tolist()))
         unusable.update(e for e in errors if e is not None)
-        keep = np.array([e is None for e in errors], bool)
-        return batch.filter(pa.array(keep)), prefixes[keep], scored[keep]
+        return np.array([e is None for e in errors], bool), prefixes, scored
 
 
 def digest_prefix(digest: str | None) -> int:
@@ -335,7 +449,11 @@ def placeholder_prefixes(prefixes: np.ndarray, limit: int) -> frozenset[int]:
 
 class TrainingRows(IterableDataset[dict[str, Any]]):
     """A rank's training rows for one epoch per iteration, through a seeded shuffle buffer: exactly
-    ``take`` items (the same count on every rank: steps per epoch times the batch size)."""
+    ``take`` items (the same count on every rank: steps per epoch times the batch size).
+
+    ``expected``: the survey's count of the shard's rows; each must read (a product whose image no
+    longer reads, or another count, raises :class:`CatalogEnrichError`). None (pre-training, no
+    labels to keep in line): the rows whose image does not read are skipped."""
 
     def __init__(
         self,
@@ -345,8 +463,10 @@ class TrainingRows(IterableDataset[dict[str, Any]]):
         take: int,
         shuffle_rows: int,
         kill_at: int | None = None,
+        expected: int | None = None,
     ) -> None:
         self.reader, self.selection, self.take, self.shuffle_rows = reader, selection, take, shuffle_rows
+        self.expected = expected
         self.kill_at = kill_at  # fault hook (catalog_enrichment.faults): SIGKILL this process there
         self.epoch = 0
 
@@ -365,26 +485,37 @@ class TrainingRows(IterableDataset[dict[str, Any]]):
             yield item
 
     def _shuffled(self, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-        """Usable items in buffer order: rows enter a buffer of ``shuffle_rows`` and leave it at
-        random; decoding happens on the way out (the buffer holds bytes, not pixels)."""
-        buffer: list[tuple[_Rows, int]] = []
-        for batch in self.reader.source.batches():
-            rows = self.selection.rows(batch, self.reader.taxonomy)
+        """Items in buffer order: rows enter a buffer of ``shuffle_rows`` and leave it at random;
+        decoding happens on the way out (the buffer holds each row's own bytes, not pixels)."""
+        buffer: list[_Row] = []
+        entered = 0
+        for offset, batch in self.reader.batches():
+            rows = self.reader.rows(offset, batch, self.selection)
             if rows is None:
                 continue
-            for i in range(len(rows.title)):
-                buffer.append((rows, i))
+            entered += len(rows)
+            for i in range(len(rows)):
+                buffer.append(rows.row(i))
                 if len(buffer) >= self.shuffle_rows:
                     yield from self._pop(buffer, int(rng.integers(len(buffer))))
+        if self.expected is not None and entered != self.expected:
+            read = f"{entered:,} training rows where the survey read {self.expected:,}"
+            raise _table_changed("an epoch", read)
         for j in rng.permutation(len(buffer)).tolist():
-            rows, i = buffer[j]
-            yield from self.reader.items(rows, [i])
+            yield from self._out(buffer[j])
 
-    def _pop(self, buffer: list[tuple[_Rows, int]], j: int) -> Iterator[dict[str, Any]]:
-        rows, i = buffer[j]
+    def _pop(self, buffer: list[_Row], j: int) -> Iterator[dict[str, Any]]:
+        row = buffer[j]
         buffer[j] = buffer[-1]
         buffer.pop()
-        yield from self.reader.items(rows, [i])
+        yield from self._out(row)
+
+    def _out(self, row: _Row) -> Iterator[dict[str, Any]]:
+        item = self.reader.item(row)
+        if item is not None:
+            yield item
+        elif self.expected is not None:
+            raise _image_changed([row.product_id], "an epoch")
 
 
 def unlabelled_rows(
@@ -406,23 +537,45 @@ def unlabelled_rows(
 
 
 class SplitBatches:
-    """A held-out split's usable products in table order, collated in batches; iterable again and
-    again (an epoch's validation scores, the final scores)."""
+    """A held-out split's products (the survey's ``products`` of it, in table order, which its
+    labels follow) collated in batches; iterable again and again (an epoch's validation scores, the
+    final scores).
 
-    def __init__(self, reader: _Reader, selection: _Selection, collator: Collator, batch_size: int) -> None:
+    Raises:
+        CatalogEnrichError: while iterated, a product's image no longer reads or the table changed.
+    """
+
+    def __init__(
+        self,
+        reader: _Reader,
+        selection: _Selection,
+        collator: Collator,
+        batch_size: int,
+        products: Sequence[Any],
+    ) -> None:
         self.reader, self.selection, self.collator, self.batch_size = reader, selection, collator, batch_size
+        self.products = products
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        where = "scoring a held-out split"
+        expected = _Expected(self.products, where)
         items: list[dict[str, Any]] = []
-        for batch in self.reader.source.batches():
-            rows = self.selection.rows(batch, self.reader.taxonomy)
+        for offset, batch in self.reader.batches():
+            rows = self.reader.rows(offset, batch, self.selection)
             if rows is None:
                 continue
-            for item in self.reader.items(rows, range(len(rows.title))):
+            expected.add(rows.product_id)
+            for i in range(len(rows)):
+                item = self.reader.item(rows.row(i))
+                if item is None:  # named with the batch's other such products
+                    rest = range(i + 1, len(rows))
+                    broken = [rows.product_id[k] for k in rest if self.reader.item(rows.row(k)) is None]
+                    raise _image_changed([rows.product_id[i], *broken], where)
                 items.append(item)
                 if len(items) == self.batch_size:
                     yield self.collator(items)
                     items = []
+        expected.done()
         if items:
             yield self.collator(items)
 
@@ -444,6 +597,8 @@ class Survey:
     shared: frozenset[int] = frozenset()  # placeholders' digest prefixes: every later pass leaves them out
     # each product's title and description digests (:func:`_text_digests`; empty unless asked for)
     text_keys: tuple[list[str], list[str | None]] = field(default_factory=lambda: ([], []))
+    # the table rows (places in table order, sorted) left out: every later pass skips them
+    skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def fold_groups(self) -> np.ndarray:
         """Products sharing a title or a description, chains joined by the in-memory rule
@@ -459,10 +614,17 @@ class Survey:
             *(np.flatnonzero(self.codes == code) for code in (TRAIN, VALIDATION, CALIBRATION, TEST))
         )
 
+    def shard_rows(self) -> list[int]:
+        """Each rank's training rows."""
+        return np.bincount(self.shards[self.codes == TRAIN], minlength=self.world).tolist()
+
     def steps(self, batch_size: int) -> int:
         """Steps per epoch every rank takes: the smallest shard's full batches."""
-        train = self.shards[self.codes == TRAIN]
-        return int(np.bincount(train, minlength=self.world).min()) // batch_size
+        return min(self.shard_rows()) // batch_size
+
+    def products(self, code: int) -> list[Any]:
+        """The products of split ``code``, in table order."""
+        return [self.product_ids[i] for i in np.flatnonzero(self.codes == code)]
 
 
 def survey(
@@ -481,15 +643,19 @@ def survey(
     bytes are on more than that many products are left out (0: none); ``fold_groups``: each
     product's text digests are kept for :meth:`Survey.fold_groups` (the stack's)."""
     ids: list[Any] = []
-    codes, groups, shards, labels, train_texts, prefixes, counted = [], [], [], [], [], [], []
+    codes, groups, shards, labels, train_texts, prefixes, counted, places = [], [], [], [], [], [], [], []
     title_keys: list[str] = []
     description_keys: list[str | None] = []  # for fold_groups
     inputs, unusable = InputBaselineCounts(), Counter[str]()
     everything = _Selection(seed, fractions, split=-1)
-    for batch in reader.source.batches():
-        usable, read, scored = reader.usable(batch, inputs, unusable)
-        prefixes.append(read)
-        counted.append(scored)
+    table_rows = 0
+    for offset, batch in reader.batches():
+        keep, read, scored = reader.usable(batch, inputs, unusable)
+        usable = batch.filter(pa.array(keep))
+        table_rows = offset + batch.num_rows
+        places.append(offset + np.flatnonzero(keep))
+        prefixes.append(read[keep])
+        counted.append(scored[keep])
         code = everything.codes(usable)
         pids = _column(usable, "product_id")
         ids += pids
@@ -521,17 +687,19 @@ def survey(
         inputs.baseline(group),  # variants (one title and description) make the design effect
         text_keys=(title_keys, description_keys),
     )
-    every = np.concatenate(prefixes)
+    every, kept = np.concatenate(prefixes), np.concatenate(places)
     shared = placeholder_prefixes(every, shared_limit)
     if shared:
         out = np.isin(every, np.fromiter(shared, np.uint64, len(shared)))
         found = _without(found, ~out)
+        kept = kept[~out]
         unusable[IMAGE_SHARED] += int(out.sum())
         inputs.found_unusable(int((out & np.concatenate(counted)).sum()))  # those the baseline counted
         found.inputs, found.shared = inputs.baseline(found.groups), shared
     if not found.product_ids:
         raise CatalogEnrichError(_NOTHING)
     _check_splits(found, fractions)
+    found.skipped = np.setdiff1d(np.arange(table_rows, dtype=np.int64), kept, assume_unique=True)
     found.left_out = dict(sorted(unusable.items()))
     if unusable:
         say(f"left out {unusable.total():,} products whose image cannot be used: {found.left_out}")
