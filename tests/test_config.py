@@ -240,15 +240,18 @@ def test_a_path_may_start_at_the_home_folder(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_keys_inside_a_free_form_map_keep_their_case_from_the_environment() -> None:
-    """The parts of a variable's name that name config fields are case-insensitive; a Spark conf
-    key (or a fusion argument) below them is case-sensitive and kept as written."""
+    """A variable's name is case-insensitive but for a Spark conf key below ``spark.conf``, Spark's
+    own, kept as written; a fusion's or timm's keyword argument is a Python name (lower case), as
+    a shell's upper-case variable writes it."""
     env = {
         "CATALOG_ENRICH_SPARK__CONF__spark.executorEnv.HF_HOME": "/x",
-        "CATALOG_ENRICH_Model__Fusion_Kwargs__num_Heads": "2",
+        "CATALOG_ENRICH_Model__Fusion_Kwargs__NUM_HEADS": "2",
+        "CATALOG_ENRICH_MODEL__IMAGE__TIMM_KWARGS__DROP_RATE": "0.1",
     }
     cfg = load_config(environ=env)
     assert cfg.spark.conf == {"spark.executorEnv.HF_HOME": "/x"}
-    assert cfg.model.fusion_kwargs == {"num_Heads": "2"}
+    assert cfg.model.fusion_kwargs == {"num_heads": "2"}
+    assert cfg.model.image.timm_kwargs == {"drop_rate": "0.1"}
 
 
 @pytest.mark.timeout(60)

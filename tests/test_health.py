@@ -604,6 +604,7 @@ def test_every_mlflow_name_of_an_attribute_named_with_parentheses_is_one_mlflow_
     from catalog_enrichment import registry
     from catalog_enrichment.catalog.reports import RunReport
     from catalog_enrichment.config import MLflowConfig
+    from catalog_enrichment.contracts import mlflow_name
     from catalog_enrichment.enrich.checks import RunHealth
     from catalog_enrichment.enrich.run import EnrichOutcome, _log_mlflow
 
@@ -631,5 +632,7 @@ def test_every_mlflow_name_of_an_attribute_named_with_parentheses_is_one_mlflow_
         _validate_metric_name(key)
     for key in [*health.tags(), *tags]:
         _validate_tag_name(key)
-    assert {"written_size_EU_", "coverage_size_EU_", "health_coverage_size_EU_"} <= set(metrics)
-    assert tags["catalog_enrich.blocked.size_EU_"] == "size (EU): coverage"
+    assert {"written_size _EU_", "coverage_size _EU_", "health_coverage_size _EU_"} <= set(metrics)
+    assert tags["catalog_enrich.blocked.size _EU_"] == "size (EU): coverage"
+    # only what MLflow refuses is replaced: two attributes in another script stay two names
+    assert {mlflow_name("größe"), mlflow_name("grüße"), mlflow_name("颜色")} == {"größe", "grüße", "颜色"}

@@ -6,7 +6,7 @@ MLflow's own ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` (for ``mlflow.tra
 
 Environment variables name a field by its path with ``__`` between levels, e.g.
 ``CATALOG_ENRICH_INFERENCE__BATCH_SIZE=128`` or ``CATALOG_ENRICH_MLFLOW__TRACKING_URI=http://...``;
-section and field names are case-insensitive, the keys of a free-form map below them are not
+names are case-insensitive, but the keys of ``spark.conf``, Spark's own, which keep their case
 (``CATALOG_ENRICH_SPARK__CONF__spark.executorEnv.HF_HOME=/x``). A path field may start with ``~``
 (the home folder), wherever it is set.
 A value (here and in ``--set``) is validated against its field's type: ``true``, ``0.9``, ``[a, b]``
@@ -985,8 +985,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
     Other ``CATALOG_ENRICH_*`` variables without ``__`` (the deploy scripts' own settings, such as
     ``CATALOG_ENRICH_HOME``) are not config and are ignored; a ``__`` path is always config, so a
-    misspelt key there is an error. The parts that name config fields are case-insensitive; a key
-    inside a free-form map keeps its case (``CATALOG_ENRICH_SPARK__CONF__spark.executorEnv.HF_HOME``).
+    misspelt key there is an error. Names are case-insensitive, but a key inside ``spark.conf``
+    keeps its case (``CATALOG_ENRICH_SPARK__CONF__spark.executorEnv.HF_HOME``).
     """
     tree: dict[str, Any] = {}
     top_level = set(AppConfig.model_fields)
@@ -1002,22 +1002,19 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
+# Free-form maps whose keys are another system's, case-sensitive (Spark's settings,
+# ``spark.executorEnv.<VARIABLE>``): an environment override keeps their keys as written. The keys
+# of the other maps (a fusion's or timm's keyword arguments) are Python names, lower case.
+_CASED_MAPS = {("spark", "conf")}
+
+
 def _field_path(parts: Sequence[str]) -> list[str]:
-    """An environment variable's path with the parts that name config fields in lower case: they
-    follow the sections down to a field that is no section (``spark.conf``, ``model.fusion_kwargs``),
-    whose own keys are kept as written."""
-    path: list[str] = []
-    section: type[BaseModel] | None = AppConfig
-    for i, part in enumerate(parts):
-        path.append(part.lower())
-        field = section.model_fields.get(path[-1]) if section is not None else None
-        kind = field.annotation if field is not None else None
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            section = kind
-        elif field is not None:  # a value or a free-form map: the rest of the path is its keys
-            return path + list(parts[i + 1 :])
-        else:  # an unknown key (an error, named in lower case) has no fields below it
-            section = None
+    """An environment variable's path in lower case, but the keys inside ``spark.conf``
+    (:data:`_CASED_MAPS`), kept as written."""
+    path = [part.lower() for part in parts]
+    for i in range(len(path)):
+        if tuple(path[: i + 1]) in _CASED_MAPS:
+            return path[: i + 1] + list(parts[i + 1 :])
     return path
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "load_contract",
     "load_taxonomy",
     "merchant_value_given",
+    "mlflow_name",
     "schemas_dir",
     "spark_type",
 ]
@@ -75,6 +76,14 @@ def blank_value(value: Any) -> bool:
     """Whether one attribute value (a merchant's, a label's) names nothing: null, or a text of
     whitespace (``[null]`` or ``[""]`` from an export)."""
     return value is None or not str(value).strip()
+
+
+def mlflow_name(name: str) -> str:
+    """``name`` (an attribute's, whatever the taxonomy calls it) as part of an MLflow metric, param
+    or tag name: each run of the characters MLflow refuses (outside letters and digits of any
+    script, ``_ / . - :`` and the space) becomes ``_``, so an attribute named ``size (EU)`` does not
+    cost a run its whole MLflow record."""
+    return re.sub(r"[^\w/.\- :]+", "_", name)
 
 
 def merchant_value_given(values: Any) -> bool:

@@ -50,7 +50,7 @@ All but the last three are applied here, to the session this process builds, loc
 cluster alike (under ``spark-submit`` the driver JVM has already started: its JIT setting comes
 from the submitted conf, ``deploy/spark/*.conf``); the next two run inside each Python worker
 (``inference.predictor.tune_worker_process``), switched by the same config, and the last around
-each forward pass whose scores meet thresholds (``inference.predictor.full_float32``). The speed settings
+each forward pass whose scores meet thresholds (``models.model.full_float32``). The speed settings
 (the C1 JIT, kept freed memory) were measured on against off as whole job processes
 (``docs/benchmarks.md``); those that did not pay were removed.
 """

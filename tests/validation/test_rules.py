@@ -226,32 +226,37 @@ def test_the_duplicates_are_found_once_and_mark_exactly_the_stale_copies(frame) 
 
 def test_a_row_repeated_exactly_is_read_once_and_a_tie_of_different_rows_stays_quarantined(spark) -> None:  # type: ignore[no-untyped-def]
     """A replayed file: "rep" three times the same row at its latest time (and once, older): the
-    row is read once, valid, and the two repeats are counted apart, not quarantined; "tie", two
-    different rows at one time, still fails product_id_unique, both copies."""
+    row is read once, valid, and the two repeats are counted apart, not quarantined; "tie" and
+    "moved", two different rows at one time each, still fail product_id_unique, every copy."""
     from catalog_enrichment.enrich.stages import validate
 
     schema = load_contract("products").spark_schema(enforce_nullability=False)
     image = b"\x89PNG same bytes"
     rows = [
-        *[("rep", "Grey tee", "cotton", None, image, None, {"color": ["grey"]}, T, D)] * 3,
+        *[("rep", "Grey tee", "cotton", image, None, None, {"color": ["grey"]}, T, D)] * 3,
         ("rep", "Grey tee (old)", None, None, None, None, None, EARLIER, D),
         ("tie", "A", None, None, None, None, None, T, D),
         ("tie", "B", None, None, None, None, None, T, D),
+        # the same text in another column: two rows (a hash that skipped nulls took them for one)
+        ("moved", "Shoes", "Leather", None, None, None, None, T, D),
+        ("moved", "Shoes", None, None, None, "Leather", None, T, D),
         ("ok", "Red shirt", None, None, None, None, None, T, D),
     ]
     said: list[str] = []
     rules = build_rules(load_contract("products"), ValidationConfig(), NOW)
     validated = validate(spark.createDataFrame(rows, schema), rules, NOW, said.append)
     checked = validated.checked.collect()
-    assert validated.repeated == 2 and validated.counts.rows_read == 5 == len(checked)
+    assert validated.repeated == 2 and validated.counts.rows_read == 7 == len(checked)
     assert sorted((r["product_id"], r["title"], list(r["_reasons"])) for r in checked) == [
+        ("moved", "Shoes", ["product_id_unique"]),
+        ("moved", "Shoes", ["product_id_unique"]),
         ("ok", "Red shirt", []),
         ("rep", "Grey tee", []),
         ("rep", "Grey tee (old)", ["product_id_unique"]),
         ("tie", "A", ["product_id_unique"]),
         ("tie", "B", ["product_id_unique"]),
     ]
-    assert validated.counts.per_rule["product_id_unique"] == 3
+    assert validated.counts.per_rule["product_id_unique"] == 5
     assert any("2 rows repeated the row of the same product and time exactly" in line for line in said)
 
 

@@ -37,7 +37,7 @@ from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.embeddings.vectors import encoder_fingerprint
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.lexical import as_bags
-from catalog_enrichment.models.model import MultimodalModel, deterministic_algorithms
+from catalog_enrichment.models.model import MultimodalModel, deterministic_algorithms, full_float32
 from catalog_enrichment.progress import progress
 from catalog_enrichment.types import Say
 
@@ -209,8 +209,9 @@ def _encoded(
     model.eval()
     if model.image_encoder is not None:  # convolutions run faster channels-last (oneDNN)
         model.image_encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    # a forward pass alone on the CPU gives the same numbers without the deterministic kernels
-    with deterministic_algorithms(device.type == "cuda"):
+    # a forward pass alone on the CPU gives the same numbers without the deterministic kernels; on
+    # a GPU in full float32, as the predictor encodes
+    with deterministic_algorithms(device.type == "cuda"), full_float32():
         batches = progress(
             loader, desc="embedding products", unit="product", total=len(rows),
             size=lambda batch: len(batch["image_present"]), say=say,

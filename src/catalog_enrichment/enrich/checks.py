@@ -4,7 +4,6 @@ they go - the ``run_health`` rows, the run report's summary, the MLflow metrics 
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,12 @@ import pyarrow as pa
 from catalog_enrichment.catalog.base import keyed_schema
 from catalog_enrichment.catalog.reports import BLOCKED
 from catalog_enrichment.config import HealthConfig
+from catalog_enrichment.contracts import mlflow_name
 from catalog_enrichment.health import INPUT, Check, HealthTally, assess, blocked_attributes, plot_scores
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.types import Say
 
-__all__ = ["RunHealth", "check_run", "mlflow_name"]
-
-
-def mlflow_name(name: str) -> str:
-    """``name`` (an attribute's, whatever the taxonomy calls it) as part of an MLflow metric or tag
-    name: each run of characters other than letters, digits, ``_``, ``.`` and ``-`` becomes ``_``
-    (MLflow refuses a name with, say, parentheses - and with it the run's whole logging), as the
-    health plots' file names do (``health_size_EU_.png`` for ``size (EU)``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+__all__ = ["RunHealth", "check_run"]
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,9 @@ from catalog_enrichment.catalog.reports import (
 from catalog_enrichment.catalog.reviews import rejected_values
 from catalog_enrichment.catalog.runs import ROLLED_BACK, backfill_plan
 from catalog_enrichment.config import AppConfig, MLflowConfig
-from catalog_enrichment.contracts import IMAGE_SHARED, Contract, Taxonomy, load_contract
+from catalog_enrichment.contracts import IMAGE_SHARED, Contract, Taxonomy, load_contract, mlflow_name
 from catalog_enrichment.data.images import ImagePolicy
-from catalog_enrichment.enrich.checks import RunHealth, check_run, mlflow_name
+from catalog_enrichment.enrich.checks import RunHealth, check_run
 from catalog_enrichment.enrich.stages import (
     Decisions,
     Read,

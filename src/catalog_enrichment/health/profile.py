@@ -466,8 +466,9 @@ class HealthTally:
         return self.merge(negated)
 
     def photos_quarantined(self, products: int) -> None:
-        """``products`` quarantined before scoring for their photo (a placeholder's): not counted
-        by the scoring tasks, they had one (the image check's share, :func:`checks._scorable`)."""
+        """``products`` quarantined for their photo (a placeholder's, found before scoring or by it
+        and taken out of the scoring's counts): not counted by the scoring tasks, they had one (the
+        image check's share, :func:`checks._scorable`)."""
         if self.inputs is not None and products:
             self.inputs.image[IMAGE_STATES.index("unusable")] += products
 

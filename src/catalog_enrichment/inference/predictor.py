@@ -54,6 +54,7 @@ from catalog_enrichment.models.model import (
     AnyModel,
     EnsembleModel,
     MultimodalModel,
+    full_float32,
     lexical_inputs,
 )
 
@@ -63,7 +64,6 @@ __all__ = [
     "PreparedBatch",
     "Scores",
     "column_values",
-    "full_float32",
     "keep_freed_memory",
     "score_columns",
 ]
@@ -510,21 +510,6 @@ def _lexical(
 ) -> dict[str, torch.Tensor]:
     """The batch entries of the texts' hashed n-grams (``models.lexical``)."""
     return dict(zip(LEXICAL_KEYS, as_bags(ngram_counts(titles, descriptions, categories)), strict=True))
-
-
-@contextlib.contextmanager
-def full_float32() -> Iterator[None]:
-    """Float32 convolutions (cuDNN) and matrix products (CUDA) in float32, not TF32's 10-bit
-    mantissa, until the block ends; then the previous settings again. Every forward pass whose
-    scores meet thresholds runs under it: the predictor's and the calibration splits' in training
-    (``training.evaluation.predict``). No effect on a CPU."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul  # type: ignore[attr-defined]
-    previous = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        conv.fp32_precision, matmul.fp32_precision = previous
 
 
 def tune_worker_process(device: torch.device, *, keep_memory: bool) -> None:

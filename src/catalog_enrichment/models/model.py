@@ -29,6 +29,7 @@ __all__ = [
     "check_heads",
     "combine_members",
     "deterministic_algorithms",
+    "full_float32",
     "head_specs",
     "lexical_inputs",
 ]
@@ -348,3 +349,19 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 convolutions (cuDNN) and matrix products (CUDA) in float32, not TF32's 10-bit
+    mantissa, until the block ends; then the previous settings again. Every forward pass whose
+    scores meet thresholds runs under it: the predictor's, the held-out splits' in training
+    (``training.evaluation.predict``) and the frozen encoders' whose vectors training fits and
+    calibrates on (``embeddings.frozen``). No effect on a CPU."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul  # type: ignore[attr-defined]
+    previous = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = previous

@@ -358,7 +358,8 @@ def format_audit(audit: Audit) -> str:
     elif audit.failed:
         lines.append(
             f"FAILED: {', '.join(audit.failed)} below {audit.target:.0%}; roll back what this version "
-            f"wrote with `catalog-enrich rollback --model-version {audit.model_version}`"
+            f"wrote with `catalog-enrich rollback --model-version {audit.model_version} --set "
+            f"mlflow.registered_model={audit.model_name}`"
         )
     if audit.other_samples:
         lines.append(f"(earlier samples of this version with verdicts: {', '.join(audit.other_samples)})")

@@ -26,7 +26,6 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.embeddings.frozen import inputs_to
 from catalog_enrichment.health import HealthProfile, InputBaseline, attribute_baseline
-from catalog_enrichment.inference.predictor import full_float32
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
     coverage_efficiency,
@@ -37,7 +36,7 @@ from catalog_enrichment.metrics import (
     written_precision_and_coverage,
 )
 from catalog_enrichment.models.fusion import FusionInputs
-from catalog_enrichment.models.model import AnyModel, ModelOutput
+from catalog_enrichment.models.model import AnyModel, ModelOutput, full_float32
 
 __all__ = [
     "EvaluationReport",

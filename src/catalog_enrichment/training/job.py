@@ -22,7 +22,7 @@ import torch
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import data_files, table_format, table_version
 from catalog_enrichment.config import AppConfig
-from catalog_enrichment.contracts import Taxonomy, check_attribute_names
+from catalog_enrichment.contracts import Taxonomy, check_attribute_names, mlflow_name
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.inference.bundle import BundleFolder, save_bundle
 from catalog_enrichment.inference.predictor import BatchPredictor
@@ -213,24 +213,29 @@ def _summary_metrics(trained: TrainedModel, taxonomy: Taxonomy) -> tuple[dict[st
     summary: dict[str, float] = {}
     tags: dict[str, str] = {"fusion": model_cfg.fusion}
     for attr in taxonomy:
+        name = mlflow_name(attr.name)
         for key in _SUMMARY_KEYS:
             value = report[attr.name].get(key)
-            summary[f"test.{attr.name}.{key}"] = float("nan") if value is None else float(value)
-            tags[f"eval.{attr.name}.{key}"] = "nan" if value is None else f"{float(value):.4f}"
+            summary[f"test.{name}.{key}"] = float("nan") if value is None else float(value)
+            tags[f"eval.{name}.{key}"] = "nan" if value is None else f"{float(value):.4f}"
         pooled = trained.calibration.attributes[attr.name].pooled
         if pooled is not None:  # attribute scope: what the calibration split proved
-            summary[f"calibration.{attr.name}.written"] = float(pooled.n_written)
+            summary[f"calibration.{name}.written"] = float(pooled.n_written)
             bound = pooled.lower_bound
-            summary[f"calibration.{attr.name}.lower_bound"] = float("nan") if bound is None else bound
+            summary[f"calibration.{name}.lower_bound"] = float("nan") if bound is None else bound
     if trained.label_issues is not None:
         removed = trained.label_issues.groupby("attribute").size()
         for attr in taxonomy:
-            summary[f"noise_pruning.{attr.name}.removed"] = float(removed.get(attr.name, 0))
+            summary[f"noise_pruning.{mlflow_name(attr.name)}.removed"] = float(removed.get(attr.name, 0))
     for attr_name, gap in report.crossfit.items():
-        summary.update({f"crossfit.{attr_name}.{key}": float(value) for key, value in gap.items()})
+        summary.update(
+            {f"crossfit.{mlflow_name(attr_name)}.{key}": float(value) for key, value in gap.items()}
+        )
     for member, per_attribute in report.members.items():
         name = member.replace(":", "_")
-        summary.update({f"test.member_{name}.{a}.r_at_p95": float(r) for a, r in per_attribute.items()})
+        summary.update(
+            {f"test.member_{name}.{mlflow_name(a)}.r_at_p95": float(r) for a, r in per_attribute.items()}
+        )
     ensemble = model_cfg.ensemble
     if ensemble.members > 1:
         fusions = "/".join(ensemble.fusions or [model_cfg.fusion])
@@ -244,7 +249,7 @@ def _epoch_metrics(trained: TrainedModel) -> list[dict[str, float]]:
             "train_loss": h.train_loss,
             "val_mean_r_at_p95": h.val_mean_r_at_p95,
             "learning_rate": h.learning_rate,
-            **{f"val_r_at_p95.{a}": r for a, r in h.val_r_at_p95.items()},
+            **{f"val_r_at_p95.{mlflow_name(a)}": r for a, r in h.val_r_at_p95.items()},
         }
         for h in trained.history
     ]

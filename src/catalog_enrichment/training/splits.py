@@ -125,9 +125,13 @@ class FoldPlan:
     seed: int
 
     def folds(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(positions in ``rows`` to fit on, positions of the fold) per fold."""
-        y = self.labels.subset(self.rows).stratification_matrix()
-        return group_folds(y, self.groups[self.rows], self.k, self.seed)
+        """(positions in ``rows`` to fit on, positions of the fold) per fold, made once."""
+        made = self.__dict__.get("_folds")
+        if made is None:
+            y = self.labels.subset(self.rows).stratification_matrix()
+            made = group_folds(y, self.groups[self.rows], self.k, self.seed)
+            object.__setattr__(self, "_folds", made)  # frozen: a cache, not state
+        return made
 
 
 def group_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

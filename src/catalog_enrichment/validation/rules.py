@@ -467,13 +467,16 @@ def read_once(df: DataFrame, repeated: pa.Table, key: str = "product_id") -> Dat
 
 
 def _row_hash(df: DataFrame) -> Column:
-    """A 64-bit hash of each whole row (a map column as its JSON, which Spark cannot hash)."""
+    """A 64-bit hash of each whole row (a map column as its JSON, which Spark cannot hash), each
+    column's nullness hashed too: xxhash64 skips a null, so a value moved from one nullable column
+    to the next would hash alike."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import MapType
 
-    return F.xxhash64(
-        *(F.to_json(F.col(f.name)) if isinstance(f.dataType, MapType) else F.col(f.name) for f in df.schema)
-    )
+    values = [
+        F.to_json(F.col(f.name)) if isinstance(f.dataType, MapType) else F.col(f.name) for f in df.schema
+    ]
+    return F.xxhash64(*values, *(F.col(f.name).isNull() for f in df.schema))
 
 
 def stale_copies(rows: pa.Table, latest: pa.Table, key: str = "product_id", at: str = "_at") -> pa.Array:

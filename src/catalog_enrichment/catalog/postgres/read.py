@@ -31,8 +31,12 @@ from catalog_enrichment.catalog.postgres.migrate import ensure_schema
 
 __all__ = ["Reads"]
 
-# product ids a JDBC partition of a run's embedding lookup asks for (a query of ~0.1 MB at 20-byte ids)
+# product ids a JDBC partition of a run's embedding lookup asks for (a query of ~0.1 MB at 20-byte
+# ids), and the most products a run looks up by key: more (a full run, a large backfill) read the
+# store's rows in hash slices, cut to the run's products by a semi-join, instead of holding every
+# id on the driver
 _IDS_PER_READ = 5000
+_KEYED_LOOKUP_MAX = 100_000
 
 
 class Reads(PgBase):
@@ -386,10 +390,11 @@ class Reads(PgBase):
     ) -> DataFrame | None:
         """The store's vectors of ``encoder`` as a Spark DataFrame (``product_id`` and
         :data:`~catalog_enrichment.catalog.embeddings.STORED_COLUMNS`); None when there are none.
-        Those of ``products`` only, where given: their ids are gathered on the driver (a run's
-        increment) and looked up by the store's key, :data:`_IDS_PER_READ` a JDBC partition, so a
-        night reads its own products' vectors, not the whole store; without ``products``, all of
-        them in ``catalog.postgres.read_partitions`` slices of the product ids' hash."""
+        Those of ``products`` only, where given: up to :data:`_KEYED_LOOKUP_MAX` of them (a night's
+        increment) their ids are gathered on the driver and looked up by the store's key,
+        :data:`_IDS_PER_READ` a JDBC partition, so a night reads its own products' vectors, not the
+        whole store; otherwise every vector in ``catalog.postgres.read_partitions`` slices of the
+        product ids' hash (cut to ``products`` by a semi-join)."""
         from psycopg import sql
 
         table = ".".join(f'"{p}"' for p in (self.schema, "embeddings"))
@@ -402,9 +407,11 @@ class Reads(PgBase):
                 self._sql("SELECT 1 FROM {e} WHERE encoder = %s LIMIT 1", e="embeddings"), [encoder]
             ).fetchone():
                 return None
-            if products is None:
-                return keep_one_per_product(self._hashed_read(spark, query))
-            ids = sorted({r[0] for r in products.select("product_id").distinct().toLocalIterator()} - {None})
+            wanted = products.select("product_id").distinct() if products is not None else None
+            found = [] if wanted is None else wanted.limit(_KEYED_LOOKUP_MAX + 1).collect()
+            if wanted is None or len(found) > _KEYED_LOOKUP_MAX:  # a full run, a large backfill
+                return keep_one_per_product(self._hashed_read(spark, query), products)
+            ids = sorted(r[0] for r in found if r[0] is not None)
             if not ids:
                 return None
             options = self._jdbc_options(conn, query)

@@ -168,8 +168,7 @@ class Writes(PgBase):
     def _merge(self, conn: Any, run: RunWrite, stage: str) -> MergeResult:
         """Within the write's transaction: record the run in the run log, then replace the model values
         of its pairs (a pair the merchant holds keeps no model value and gets none), keeping what it
-        replaces for its rollback."""
-        self._serialize(conn)
+        replaces for its rollback (:meth:`write` has serialized the transaction)."""
         seq_row = conn.execute(
             self._sql(
                 "INSERT INTO {runs} (run_id, operation, model_name, model_version) VALUES (%s, 'enrich', "
