@@ -28,6 +28,7 @@ from catalog_enrichment.data.synthetic import generate_marketplace
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError, ContractError, TaxonomyError
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.promotion import (
+    PROMOTING_TAG,
     CoverageChange,
     Evaluation,
     EvaluationSet,
@@ -519,19 +520,25 @@ def test_a_challenger_rolled_back_while_the_gate_ran_is_not_promoted(tmp_path: P
 
 @pytest.mark.timeout(60)
 def test_an_alias_move_that_fails_records_no_promotion(tmp_path: Path) -> None:
-    """The alias moves before the tags and the log row: where the move fails, neither says promoted;
-    where it succeeds, both follow it."""
+    """The alias moves after the judgement tags (what a retry needs to finish the record) and before
+    the decision tag and the log row: where the move fails, neither says promoted; where it
+    succeeds, both follow it."""
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.promotion import _record
 
     down = _GateRegistry("1", {}, fail=OSError("503 from the registry"))
     with pytest.raises(OSError, match="503"):
         _record(down, dict(_PROMOTE), dt.datetime.now(dt.UTC), tmp_path / "log", _quiet)
-    assert down.moved == [] and not (tmp_path / "log").exists()
+    assert not [m for m in down.moved if "promotion.decision" in m] and not (tmp_path / "log").exists()
+    # and the judgement no longer says promoting: were the version made champion by hand later, a
+    # promote would not record a promotion this gate never made
+    promoting = [m[3] for m in down.moved if len(m) == 4 and m[2] == PROMOTING_TAG]
+    assert promoting[0] and promoting[-1] == ""
     up = _GateRegistry("1", {})
     _record(up, dict(_PROMOTE), dt.datetime.now(dt.UTC), tmp_path / "log", _quiet)
-    assert up.moved[0] == ("m", registry.CHAMPION, "2")
-    assert ("m", "2", "promotion.decision", "promoted") in up.moved[1:]
+    moved = up.moved.index(("m", registry.CHAMPION, "2"))
+    assert ("m", "2", "promotion.champion_before", "1") in up.moved[:moved]
+    assert ("m", "2", "promotion.decision", "promoted") in up.moved[moved + 1 :]
     assert read_table(tmp_path / "log")["promoted"].to_pylist() == [True]
 
 
@@ -699,6 +706,38 @@ def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-unt
     assert list(decision["metrics"]) == ["challenger"], decision
     assert decision["reasons"][-1].startswith(f"the champion v{champion} cannot be loaded (")
     assert decision["reasons"][-1].endswith("): coverage not compared")
+
+
+@pytest.mark.timeout(600)  # the first to ask may train scoring_bundle
+def test_a_retry_records_a_promotion_whose_record_failed_after_the_alias_moved(  # type: ignore[no-untyped-def]
+    tmp_path: Path, scoring_bundle: Path, incoming, data, monkeypatch
+) -> None:
+    """The alias moved, then the log could not be written (exit 2): the scheduler's retry finds the
+    challenger already champion and records that promotion - log row and champion_before - once."""
+    from catalog_enrichment import promotion
+
+    client, _, before, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
+    challenger = register_bundle(
+        client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
+    )
+    judged = promotion.GateResult(True, ["ok color: realized precision 0.9700 (97/100)"])
+    monkeypatch.setattr(promotion, "_judge", lambda *args: (judged, {"challenger": {"color": _m(100, 97)}}))
+    rule = GateRule(0.95, max_coverage_loss=0.02)
+    (tmp_path / "not-a-folder").write_text("")
+    with pytest.raises(CatalogEnrichError, match="could not be recorded"):
+        promote(client, "tiny", EvaluationSet(data["eval"]), rule,
+                log_path=tmp_path / "not-a-folder" / "log", progress=_quiet)  # fmt: skip
+    assert registry.resolve_alias(client, "tiny", registry.CHAMPION) == challenger.version
+    log = tmp_path / "log"
+    for _ in range(2):  # the retry records it; a second changes nothing
+        again = promote(client, "tiny", EvaluationSet(data["eval"]), rule, log_path=log, progress=_quiet)
+        assert not again["promote"] and again["reasons"][0].startswith("challenger is already champion")
+    (row,) = read_promotion_log(log).to_pylist()
+    assert row["challenger_version"] == challenger.version and row["champion_version"] == before
+    assert row["promoted"] and row["reasons"][0] == judged.reasons[0]
+    tags = registry.version_tags(client, "tiny", challenger.version)
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.champion_before"] == before
+    assert row["decided_at"] == dt.datetime.fromisoformat(tags["promotion.decided_at"])
 
 
 @pytest.mark.timeout(60)

@@ -24,6 +24,12 @@ circuit breaker tripped or a critical GX expectation failed) and the run's healt
 coverage, estimated precision, inputs against the model's held-out products: exit 1 when a check
 failed), and only then draws the night's review sample; a failure alerts, fails the DAG run and
 starts nothing after it. Partitions are for backfills (``catalog-enrich backfill``).
+
+An aborted run (exit 3) is not retried. In cluster mode (``submit.sh yarn`` / ``k8s``)
+``spark-submit`` returns only success or failure - never the job's 3 or 75 - so where ``enrich``
+fails, the task asks the run's report (``report --check`` exits 3 for an aborted run) instead of
+the exit code. A busy catalog (75) reads as a failure there and is retried, as it is in client
+mode; every retry is the same run (the run id is fixed per night), so none writes twice.
 """
 
 from __future__ import annotations
@@ -120,8 +126,12 @@ with _dag(
         task_id="enrich",
         # exit 3: the circuit breaker or a critical expectation stopped the run before any write - bad
         # data, not a flaky job, so not retried (a retry reads a bigger window that may pass the
-        # breaker): check_report then fails on the aborted report, once, and report_failure says why
-        bash_command=f"{IN_HOME}{SUBMIT} enrich --run-id {RUN_ID} || [ $? -eq 3 ]",
+        # breaker): check_report then fails on the aborted report, once, and report_failure says why.
+        # In cluster mode spark-submit exits 1 for it: the run's report says it aborted (exit 3).
+        bash_command=(
+            f"{IN_HOME}{SUBMIT} enrich --run-id {RUN_ID} || [ $? -eq 3 ] "
+            f"|| {{ {CLI} report --run-id {RUN_ID} --check; [ $? -eq 3 ]; }}"
+        ),
         execution_timeout=dt.timedelta(hours=4),
     )
     check_report = BashOperator(

@@ -19,11 +19,13 @@ promoted; a rolled-back champion, or one whose files the artifact store no longe
 serve it either), is not compared (the challenger is judged alone); one the store cannot give now is
 an error (run it again). The decision
 and every reason are recorded as tags on the challenger version and appended to the promotion log
-(a Delta table: MLflow aliases keep no history, so the log is the audit trail).
+(a Delta table: MLflow aliases keep no history, so the log is the audit trail). A promotion whose
+record a failure cut short after the alias moved is recorded by the next ``promote`` (a retry).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Mapping
@@ -35,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog_enrichment.calibration import clopper_pearson_lower, version_target
-from catalog_enrichment.catalog.lakehouse import pinned_version, read_table, write_table
+from catalog_enrichment.catalog.lakehouse import is_delta, pinned_version, read_table, write_table
 from catalog_enrichment.config import CalibrationConfig, PromotionConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
@@ -343,6 +345,10 @@ def promote(
         result = GateResult(False, [f"challenger v{challenger} was rolled back ({rolled_back[challenger]})"])
     if champion == challenger:
         result = GateResult(False, ["challenger is already champion: nothing to do"])
+        if not dry_run:  # a retry of a promotion that moved the alias and failed before its record
+            finished = _finish_record(client, registered_model, challenger, metrics, log_path, progress)
+            if finished is not None:
+                result = GateResult(False, [f"challenger is already champion: {finished}"])
     summary = {
         "registered_model": registered_model, "challenger": challenger, "champion": champion,
         "promote": result.promote, "reasons": result.reasons, "target": target, "metrics": metrics,
@@ -441,14 +447,27 @@ def _evaluation_set(eval_data: str | Path, eval_version: int | None) -> tuple[pa
     return read_table(eval_data, version=pinned), pinned
 
 
+# The tag a promotion writes, with the rest of its judgement, before it moves the alias: when it was
+# decided (empty for a rejection). A retry finds it where the log has no row for that decision.
+PROMOTING_TAG = "promotion.promoting"
+
+
 def _record(
     client: Any, summary: dict[str, Any], decided: dt.datetime, log_path: str | Path, say: Any
 ) -> None:
-    """The decision: the champion alias moved (a promotion), then tags on the challenger and a row
-    in the promotion log. What the gate judged is checked again just before the alias moves - the
-    champion it compared with is still the champion, the challenger was not rolled back meanwhile
-    (its values removed while it was judged) - and nothing is recorded where the move fails, so
-    the log never says promoted where the alias did not move."""
+    """The decision: tags on the challenger, the champion alias moved (a promotion), then the
+    ``promotion.decision`` tag and a row in the promotion log. What the gate judged is checked
+    again before any of it - the champion it compared with is still the champion, the challenger
+    was not rolled back meanwhile (its values removed while it was judged) - and nothing is
+    recorded where that check fails.
+
+    Crash-safe in this order: (1) the judgement tags (reasons, evaluation set, ``champion_before``,
+    when, and for a promotion :data:`PROMOTING_TAG`) - a failure here leaves the alias where it
+    was, so a retry judges again and overwrites them; (2) the alias move - where it fails, no
+    decision tag or log row says promoted; (3) the decision tag, then the log row, always last - a
+    failure before the row leaves the challenger champion with its judgement tagged, and a retry
+    (the challenger is then already champion) finishes the record from those tags
+    (:func:`_finish_record`); a row present means the record is complete."""
     from catalog_enrichment import registry
 
     name, challenger, champion = summary["registered_model"], summary["challenger"], summary["champion"]
@@ -466,47 +485,104 @@ def _record(
             f"'{registry.CHAMPION}' of {name!r} moved from {champion or 'none'} to {now} while this "
             f"promotion ran; nothing was recorded: run promote again to compare v{challenger} with v{now}"
         )
-    if summary["promote"]:  # at once: the check above is the last read before the move
-        registry.set_alias(client, name, registry.CHAMPION, challenger)
     pinned = "" if summary["eval_version"] is None else str(summary["eval_version"])
+    registry.tag_version(
+        client,
+        name,
+        challenger,
+        {
+            "promotion.reasons": registry.json_tag(summary["reasons"], "the promotion log has every one"),
+            "promotion.eval_data": summary["eval_data"],
+            "promotion.eval_version": pinned,
+            "promotion.champion_before": champion or "",
+            "promotion.decided_at": decided.isoformat(),
+            PROMOTING_TAG: decided.isoformat() if summary["promote"] else "",
+        },
+    )
+    if summary["promote"]:
+        try:
+            registry.set_alias(client, name, registry.CHAMPION, challenger)
+        except Exception:  # not promoted: no retry may take the version's judgement for one
+            with contextlib.suppress(Exception):
+                registry.tag_version(client, name, challenger, {PROMOTING_TAG: ""})
+            raise
     try:
-        registry.tag_version(
-            client,
-            name,
-            challenger,
-            {
-                "promotion.decision": "promoted" if summary["promote"] else "rejected",
-                "promotion.reasons": registry.json_tag(summary["reasons"], "the promotion log has every one"),
-                "promotion.eval_data": summary["eval_data"],
-                "promotion.eval_version": pinned,
-                "promotion.champion_before": champion or "",
-                "promotion.decided_at": decided.isoformat(),
-            },
-        )
-        row = {
-            "decided_at": [decided],
-            "registered_model": [name],
-            "challenger_version": [challenger],
-            "champion_version": [champion],
-            "promoted": [summary["promote"]],
-            "dry_run": [False],
-            "eval_data": [summary["eval_data"]],
-            "eval_version": [pinned],
-            "reasons": [summary["reasons"]],
-            "metrics": [json.dumps(summary["metrics"])],
-        }
-        write_table(log_path, pa.table(row, schema=_LOG_SCHEMA), mode="append")
+        _write_decision(client, summary, decided, log_path)
     except Exception as exc:
         if not summary["promote"]:
             raise
         raise CatalogEnrichError(
             f"promoted version {challenger} to '{registry.CHAMPION}' (from {champion or 'none'}), but "
-            f"the decision could not be recorded in the tags or {log_path}: {exc}"
+            f"the decision could not be recorded in the tags or {log_path}: {exc} (run promote again "
+            "to record it)"
         ) from exc
     if summary["promote"]:
         say(f"promoted version {challenger} to '{registry.CHAMPION}'")
     else:
         say(f"kept champion {champion}: challenger {challenger} rejected")
+
+
+def _write_decision(
+    client: Any, summary: Mapping[str, Any], decided: dt.datetime, log_path: str | Path
+) -> None:
+    """The ``promotion.decision`` tag, then the promotion log's row (last: it completes the record)."""
+    from catalog_enrichment import registry
+
+    name, challenger = summary["registered_model"], summary["challenger"]
+    decision = "promoted" if summary["promote"] else "rejected"
+    registry.tag_version(client, name, challenger, {"promotion.decision": decision})
+    row = {
+        "decided_at": [decided],
+        "registered_model": [name],
+        "challenger_version": [challenger],
+        "champion_version": [summary["champion"]],
+        "promoted": [summary["promote"]],
+        "dry_run": [False],
+        "eval_data": [summary["eval_data"]],
+        "eval_version": ["" if summary["eval_version"] is None else str(summary["eval_version"])],
+        "reasons": [summary["reasons"]],
+        "metrics": [json.dumps(summary["metrics"])],
+    }
+    write_table(log_path, pa.table(row, schema=_LOG_SCHEMA), mode="append")
+
+
+def _finish_record(
+    client: Any, name: str, champion: str, metrics: Mapping[str, Any], log_path: str | Path, say: Any
+) -> str | None:
+    """Where ``champion`` got the alias from a promotion whose record a failure cut short (its
+    :data:`PROMOTING_TAG` names a decision the log has no row for), the decision tag and the log row
+    written now from its judgement tags - the reasons as tagged, the metrics of this run's
+    evaluation of it - and what was done; None where its record is complete (or it was not
+    promoted by ``promote``)."""
+    from catalog_enrichment import registry
+
+    tags = registry.version_tags(client, name, champion)
+    promoting = tags.get(PROMOTING_TAG)
+    if not promoting:
+        return None
+    decided = dt.datetime.fromisoformat(promoting)
+    if is_delta(log_path):
+        log = read_table(log_path, columns=["decided_at", "registered_model", "challenger_version"])
+        if {
+            "decided_at": decided,
+            "registered_model": name,
+            "challenger_version": champion,
+        } in log.to_pylist():
+            return None
+    before = tags.get("promotion.champion_before") or None
+    note = (
+        f"recorded by a later run: the promotion of v{champion} from {before or 'none'} decided at "
+        f"{promoting} moved the alias, then failed before this row (metrics: v{champion} evaluated again)"
+    )
+    summary = {
+        "registered_model": name, "challenger": champion, "champion": before, "promote": True,
+        "reasons": [*json.loads(tags.get("promotion.reasons") or "[]"), note],
+        "eval_data": tags.get("promotion.eval_data", ""), "eval_version": tags.get("promotion.eval_version"),
+        "metrics": metrics,
+    }  # fmt: skip
+    _write_decision(client, summary, decided, log_path)
+    say(f"recorded the promotion of version {champion} to '{registry.CHAMPION}' decided at {promoting}")
+    return f"recorded its promotion (decided at {promoting}, from {before or 'none'}), cut short by a failure"
 
 
 def format_comparison(summary: Mapping[str, Any]) -> str:

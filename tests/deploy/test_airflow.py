@@ -130,11 +130,16 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
     enrich = nightly["tasks"]["enrich"]
     assert enrich["retries"] == 2 and enrich["timeout"] == 4 * 3600
     # the same run as cron's: incremental over every partition
-    # an abort (exit 3) is not retried: check_report fails on its report, once
     # the run's day: its logical date, or (triggered without one, where Airflow 3 gives no ``ds``)
-    # the day it was to run
+    # the day it was to run: a retry is the same run
     run_id = "nightly-{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
-    assert enrich["command"].endswith(f" enrich --run-id {run_id} || [ $? -eq 3 ]"), enrich["command"]
+    assert f" enrich --run-id {run_id} " in enrich["command"], enrich["command"]
+    # an abort is not retried: check_report fails on its report, once. Told by the exit code 3 in
+    # client mode, by the run's report where spark-submit in cluster mode says only "failed"
+    for submit, report, done in [
+        (0, None, True), (3, None, True), (1, 3, True), (1, 1, False), (1, 2, False), (75, 2, False),
+    ]:  # fmt: skip
+        assert _enrich_task(enrich["command"], tmp_path, submit, report) == (done, report), (submit, report)
     assert f"report --run-id {run_id} --check" in nightly["tasks"]["check_report"]["command"]
     assert f"report --run-id {run_id} --health --check" in nightly["tasks"]["check_health"]["command"]
     assert f"review sample --run-id {run_id}" in nightly["tasks"]["review_sample"]["command"]
@@ -145,6 +150,32 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
         for task in dag["tasks"].values():
             assert task["command"].startswith("home=\"{{ var.value.get('catalog_enrich_home', '') }}\"; ")
             assert 'cd "$home" || exit 1; ' in task["command"] and task["cwd"] is None
+
+
+def _enrich_task(command: str, tmp: Path, submit: int, report: int | None) -> tuple[bool, int | None]:
+    """The nightly enrich task's command run with a submit that exits ``submit`` and a CLI whose
+    ``report --check`` exits ``report``: whether the task succeeds, and what the report exited
+    (None: not asked)."""
+    import re
+
+    for name, rc in (("submit", submit), ("cli", report)):
+        tool = tmp / "tools" / name
+        tool.parent.mkdir(exist_ok=True)
+        tool.write_text(f'#!/usr/bin/env bash\necho "$*" > {tmp}/tools/{name}.args\nexit {rc or 0}\n')
+        tool.chmod(0o755)
+        (tmp / "tools" / f"{name}.args").unlink(missing_ok=True)
+    variables = {"submit": str(tmp / "tools" / "submit"), "cli": str(tmp / "tools" / "cli"), "home": str(tmp)}
+    text = re.sub(
+        r"\{\{ var\.value\.get\('catalog_enrich_(\w+)', '[^']*'\) \}\}",
+        lambda m: variables[m.group(1)],
+        command.replace("{{ (dag_run.logical_date or dag_run.run_after) | ds }}", "2026-11-02"),
+    )
+    assert "{{" not in text, text
+    done = subprocess.run(["bash", "-c", text], capture_output=True, timeout=60).returncode == 0
+    asked = tmp / "tools" / "cli.args"
+    if asked.exists():
+        assert asked.read_text().split() == ["report", "--run-id", "nightly-2026-11-02", "--check"]
+    return done, report if asked.exists() else None
 
 
 def _nightly_config(tmp: Path, uri: str, lake: Path, products: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import string
 import subprocess
 from pathlib import Path
 
@@ -64,7 +65,19 @@ def test_dockerfile_and_spark_application() -> None:
     app = yaml.safe_load((DEPLOY / "docker" / "sparkapplication-nightly.yaml").read_text())
     assert app["kind"] == "SparkApplication"
     assert app["spec"]["mainApplicationFile"].endswith("/jobs/enrich.py")
-    assert "arguments" not in app["spec"]  # the incremental nightly: no fixed run id or partition
+    # the incremental nightly (no partition) under a run id fixed per night, as Airflow's: a night run
+    # again is the same run. Applied with the night's date for ${DAY}; unsubstituted, the name is not
+    # one Kubernetes takes, so a night never runs under the literal id
+    dns_name = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+    assert app["spec"]["arguments"] == ["--run-id", "nightly-${DAY}"]
+    assert not dns_name.fullmatch(app["metadata"]["name"])
+    text = (DEPLOY / "docker" / "sparkapplication-nightly.yaml").read_text()
+    assert "DAY=$(date -u +%F) envsubst '$DAY' < deploy/docker/sparkapplication-nightly.yaml" in text
+    night = yaml.safe_load(string.Template(text).safe_substitute(DAY="2026-11-02"))  # as envsubst
+    assert night["spec"]["arguments"] == ["--run-id", "nightly-2026-11-02"]
+    assert dns_name.fullmatch(night["metadata"]["name"]), night["metadata"]["name"]
+    # not retried by the operator: it cannot tell an aborted run (exit 3, bad data) from a failure
+    assert app["spec"]["restartPolicy"] == {"type": "Never"}
     assert app["spec"]["sparkConf"]["spark.task.resource.gpu.amount"] == "1"
     for conf in ("local", "standalone", "yarn", "k8s"):
         lines = (DEPLOY / "spark" / f"{conf}.conf").read_text().splitlines()
