@@ -636,3 +636,27 @@ def test_every_mlflow_name_of_an_attribute_named_with_parentheses_is_one_mlflow_
     assert tags["catalog_enrich.blocked.size _EU_"] == "size (EU): coverage"
     # only what MLflow refuses is replaced: two attributes in another script stay two names
     assert {mlflow_name("größe"), mlflow_name("grüße"), mlflow_name("颜色")} == {"größe", "grüße", "颜色"}
+    _validate_metric_name(f"written_{mlflow_name('a/')}")  # MLflow refuses a path not normalised
+
+
+def test_a_placeholder_the_scoring_found_counts_once_in_the_image_check() -> None:
+    """The image check's photos: a product validation quarantined for a placeholder was never
+    scored, so it is added as a quarantined photo; one the scoring found is added only where its
+    counts were taken out of the tally (else the tally holds it already), and one read again for
+    its photo never (it has one by that choice)."""
+    from catalog_enrichment.enrich.stages import photos_quarantined
+
+    quarantine = pa.table(
+        {
+            "product_id": ["before", "found", "retried", "broken"],
+            "reasons": [["image_shared"], ["image_shared"], ["image_shared"], ["image_readable"]],
+        }
+    )
+    scored = pa.table(
+        {
+            "product_id": ["found", "retried", "broken", "ok"],
+            "image_error": ["image_shared", "image_shared", "image_readable", None],
+        }
+    )
+    assert photos_quarantined(quarantine, scored, {"retried"}) == 2  # before, found
+    assert photos_quarantined(quarantine, scored, {"retried"}, shared_counted=True) == 1  # before

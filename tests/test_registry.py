@@ -529,7 +529,7 @@ def test_an_alias_move_that_fails_records_no_promotion(tmp_path: Path) -> None:
     down = _GateRegistry("1", {}, fail=OSError("503 from the registry"))
     with pytest.raises(OSError, match="503"):
         _record(down, dict(_PROMOTE), dt.datetime.now(dt.UTC), tmp_path / "log", _quiet)
-    assert not [m for m in down.moved if "promotion.decision" in m] and not (tmp_path / "log").exists()
+    assert ("m", "2", "promotion.decision", "promoted") not in down.moved and not (tmp_path / "log").exists()
     # and the judgement no longer says promoting: were the version made champion by hand later, a
     # promote would not record a promotion this gate never made
     promoting = [m[3] for m in down.moved if len(m) == 4 and m[2] == PROMOTING_TAG]
@@ -538,8 +538,10 @@ def test_an_alias_move_that_fails_records_no_promotion(tmp_path: Path) -> None:
     _record(up, dict(_PROMOTE), dt.datetime.now(dt.UTC), tmp_path / "log", _quiet)
     moved = up.moved.index(("m", registry.CHAMPION, "2"))
     assert ("m", "2", "promotion.champion_before", "1") in up.moved[:moved]
+    assert ("m", "2", "promotion.decision", "") in up.moved[:moved]  # an earlier judgement's cleared
     assert ("m", "2", "promotion.decision", "promoted") in up.moved[moved + 1 :]
     assert read_table(tmp_path / "log")["promoted"].to_pylist() == [True]
+    assert up.moved[-1] == ("m", "2", PROMOTING_TAG, "")  # the record complete: nothing to finish
 
 
 @pytest.mark.timeout(60)

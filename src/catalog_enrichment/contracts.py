@@ -81,9 +81,10 @@ def blank_value(value: Any) -> bool:
 def mlflow_name(name: str) -> str:
     """``name`` (an attribute's, whatever the taxonomy calls it) as part of an MLflow metric, param
     or tag name: each run of the characters MLflow refuses (outside letters and digits of any
-    script, ``_ / . - :`` and the space) becomes ``_``, so an attribute named ``size (EU)`` does not
-    cost a run its whole MLflow record."""
-    return re.sub(r"[^\w/.\- :]+", "_", name)
+    script, ``_ . - :`` and the space; ``/`` too, which MLflow takes only inside a normalised
+    path) becomes ``_``, so an attribute named ``size (EU)`` does not cost a run its whole MLflow
+    record."""
+    return re.sub(r"[^\w.\- :]+", "_", name)
 
 
 def merchant_value_given(values: Any) -> bool:

@@ -496,6 +496,7 @@ def _record(
             "promotion.eval_version": pinned,
             "promotion.champion_before": champion or "",
             "promotion.decided_at": decided.isoformat(),
+            "promotion.decision": "",  # an earlier judgement's, until this one's is recorded
             PROMOTING_TAG: decided.isoformat() if summary["promote"] else "",
         },
     )
@@ -525,7 +526,9 @@ def _record(
 def _write_decision(
     client: Any, summary: Mapping[str, Any], decided: dt.datetime, log_path: str | Path
 ) -> None:
-    """The ``promotion.decision`` tag, then the promotion log's row (last: it completes the record)."""
+    """The ``promotion.decision`` tag, then the promotion log's row (it completes the record), then
+    :data:`PROMOTING_TAG` cleared (a complete record needs no finishing, wherever the log is read
+    from later)."""
     from catalog_enrichment import registry
 
     name, challenger = summary["registered_model"], summary["challenger"]
@@ -544,6 +547,8 @@ def _write_decision(
         "metrics": [json.dumps(summary["metrics"])],
     }
     write_table(log_path, pa.table(row, schema=_LOG_SCHEMA), mode="append")
+    if summary["promote"]:
+        registry.tag_version(client, name, challenger, {PROMOTING_TAG: ""})
 
 
 def _finish_record(

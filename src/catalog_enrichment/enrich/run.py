@@ -418,7 +418,8 @@ def _stages(
                 f"or found by an earlier run ({named}); quarantined, read again by the next run")  # fmt: skip
     with run.stage("decide"):
         run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)
-    scored.health.photos_quarantined(photos_quarantined(decisions.quarantine, scored.table, got.retry))
+    quarantined = photos_quarantined(decisions.quarantine, scored.table, got.retry, scored.shared_counted)
+    scored.health.photos_quarantined(quarantined)
     reads = BundleFolder(job.model.bundle).reads_images()
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say, reads_images=reads)
     check_breaker(new_rows(decisions, got.retry), cfg.validation.max_invalid_fraction)

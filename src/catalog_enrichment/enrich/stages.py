@@ -303,6 +303,7 @@ class Scored:
     encoded: int = 0
     health: HealthTally = field(default_factory=HealthTally)  # the run health counts (health.py)
     shared: dict[str, int] = field(default_factory=dict)
+    shared_counted: bool = False  # the counts still hold the ``shared`` products (score)
 
 
 def scoring_spec(
@@ -368,7 +369,7 @@ def score(
     score_dataframe(valid, spec, counters).write.mode("overwrite").parquet(str(scores))
     table = ds.dataset(str(scores), format="parquet").to_table(columns=list(DECISION_COLUMNS))
     shared: dict[str, int] = {}
-    health = counters.health.value
+    health, counted = counters.health.value, False
     found = shared_images(table["product_id"], table["image_digest"], max_products_per_image, placeholders)
     if found:
         mark_shared_images(spark, scores, sorted(found))
@@ -377,7 +378,8 @@ def score(
         shared = dict(Counter(marked["image_digest"].to_pylist()))
         # the run health judges what is written: the placeholders' products were counted as scored
         read = dict(zip(marked["product_id"].to_pylist(), marked["image_digest"].to_pylist(), strict=True))
-        health = _without_placeholders(spark, valid, spec, read, health)
+        less = _without_placeholders(spark, valid, spec, read, health)
+        counted, health = less is None, health if less is None else less
     return Scored(
         table,
         dict(counters.loads.value),
@@ -387,17 +389,18 @@ def score(
         int(counters.encoded.value),
         health,
         shared,
+        counted,
     )
 
 
 def _without_placeholders(
     spark: SparkSession, valid: DataFrame, spec: ScoringSpec, read: dict[str, str], health: HealthTally
-) -> HealthTally:
+) -> HealthTally | None:
     """``health`` less what the scoring tasks counted for the products ``read`` (product id -> the
     placeholder's digest): their rows of ``valid`` scored again, the same way (the scores, and so
     the counts, are deterministic). Where a photo reads other bytes the second time (the CDN came
-    back meanwhile), the counts would not be the same ones: ``health`` is kept whole (its checks
-    may then block the night, the safe side) and the log says so."""
+    back meanwhile), the counts would not be the same ones: None, ``health`` to be kept whole (its
+    checks may then block the night, the safe side), and the log says so."""
     from pyspark.sql import functions as F
 
     again = ScoringCounters.create(spark)
@@ -408,7 +411,7 @@ def _without_placeholders(
         logging.getLogger(__name__).warning(
             "the placeholders' photos read other bytes when scored again: the run health counts them"
         )
-        return health
+        return None
     return health.without(again.health.value)
 
 
@@ -518,13 +521,17 @@ def new_rows(decisions: Decisions, retry: dict[str, int]) -> ValidationCounts:
     )
 
 
-def photos_quarantined(quarantine: pa.Table, scored: pa.Table, retry: Collection[str]) -> int:
+def photos_quarantined(
+    quarantine: pa.Table, scored: pa.Table, retry: Collection[str], shared_counted: bool = False
+) -> int:
     """The products quarantined for their photo alone (a placeholder's, found by validation or by
     the scoring), which the run health's counts leave out, but those read again for one (``retry``:
     they have a photo by that choice, which the image check does not count); ``scored``: the staged
-    decisions (a photo the scoring found unreadable was counted there)."""
-    # a placeholder the scoring found (IMAGE_SHARED) was taken out of the scoring's counts (score)
-    found = pc.and_(pc.is_valid(scored["image_error"]), pc.not_equal(scored["image_error"], IMAGE_SHARED))
+    decisions (a photo the scoring found unreadable was counted there, and so was a placeholder it
+    found where ``shared_counted``: :attr:`Scored.shared_counted`)."""
+    found = pc.is_valid(scored["image_error"])
+    if not shared_counted:  # the placeholders the scoring found were taken out of its counts (score)
+        found = pc.and_(found, pc.not_equal(scored["image_error"], IMAGE_SHARED))
     counted = set(scored.filter(found)["product_id"].to_pylist())
     pairs = zip(quarantine["product_id"].to_pylist(), quarantine["reasons"].to_pylist(), strict=True)
     return sum(reasons == [IMAGE_SHARED] and p not in retry and p not in counted for p, reasons in pairs)
