@@ -839,6 +839,7 @@ def test_the_review_loop_audits_what_was_written_and_a_rejected_value_is_never_w
     uri = mlflow_store(tmp_path / "mlflow.db")
     flags = ["--catalog", str(root), "--set", f"catalog.products={incoming.products}"]
     flags += ["--set", f"mlflow.tracking_uri={uri}", "--set", f"mlflow.artifact_location={tmp_path / 'art'}"]
+    flags += ["--set", "mlflow.registered_model=tiny"]  # the model the catalog's runs wrote with
     register_versions(uri, tmp_path / "art", upto=1, name="tiny")
     sample_file = tmp_path / "review" / "sample.csv"
     assert (
@@ -945,7 +946,8 @@ def test_rolling_back_a_version_tags_it_so_that_no_alias_serves_it_again(first_r
     written = of_version_1()
     assert written > 1000
     without_model = mlflow_store(tmp_path / "empty.db")
-    flags = ["rollback", "--model-version", "1", "--catalog", str(root), "--set"]
+    flags = ["rollback", "--model-version", "1", "--catalog", str(root)]
+    flags += ["--set", "mlflow.registered_model=tiny", "--set"]  # tiny v1 wrote the catalog's values
     assert main([*flags, f"mlflow.tracking_uri={without_model}"]) == 2
     assert "Nothing was rolled back" in capsys.readouterr().err and of_version_1() == written
 

@@ -188,7 +188,8 @@ def test_the_products_of_a_blocked_night_are_filled_by_the_next_clean_run(  # ty
     assert third["health_blocked"] == {} and "run night-2 kept color" in "\n".join(said)
     assert "reading on from run night-1" in "\n".join(said)
     runs = {r.run_id: r for r in catalog.read_reports()}
-    assert runs["night-3"].rows_read == clean.num_rows
+    # every row: read, or a repeat of one read (the copies with one updated_at now, and alike)
+    assert runs["night-3"].rows_read + third.get("repeated_rows", 0) == clean.num_rows
     written = catalog.attribute_rows().to_pylist()  # a value decided alike again keeps night 1's row
     assert "night-3" in {r["run_id"] for r in written if r["source"] == "model"}
 
