@@ -78,6 +78,7 @@ def test_dockerfile_and_spark_application() -> None:
     assert dns_name.fullmatch(night["metadata"]["name"]), night["metadata"]["name"]
     # not retried by the operator: it cannot tell an aborted run (exit 3, bad data) from a failure
     assert app["spec"]["restartPolicy"] == {"type": "Never"}
+    assert app["spec"]["timeToLiveSeconds"] > 0  # a night's application and pods do not pile up
     assert app["spec"]["sparkConf"]["spark.task.resource.gpu.amount"] == "1"
     for conf in ("local", "standalone", "yarn", "k8s"):
         lines = (DEPLOY / "spark" / f"{conf}.conf").read_text().splitlines()
