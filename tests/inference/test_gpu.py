@@ -20,17 +20,27 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 def test_cuda_scores_and_decides_as_the_cpu_does(scoring_bundle: Path, incoming) -> None:  # type: ignore[no-untyped-def]
     """Float32 on both (no autocast, no TF32): every decision the same, scores within float32's
     reordering noise."""
-    products = read_table(incoming.products).slice(0, 300)
-    products = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
+    products = _titled(incoming)
     cpu = BatchPredictor(load_bundle(scoring_bundle)).score(products)
     bundle = load_bundle(scoring_bundle, device="cuda")
     cuda = BatchPredictor(bundle, device="cuda").score(products)
+    _assert_same_decisions(bundle, cuda, cpu, atol=1e-4)
+
+
+def _titled(incoming) -> pa.Table:  # type: ignore[no-untyped-def]
+    """The first 300 incoming products that have a title."""
+    products = read_table(incoming.products).slice(0, 300)
+    return products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
+
+
+def _assert_same_decisions(bundle, got, expected, *, atol: float) -> None:  # type: ignore[no-untyped-def]
+    """Scores within ``atol`` of each other, and every decision the bundle's thresholds make the same."""
     for attr in bundle.taxonomy:
         thresholds = bundle.calibration.thresholds(attr.name)
-        np.testing.assert_allclose(cuda[attr.name], cpu[attr.name], atol=1e-4)
+        np.testing.assert_allclose(got[attr.name], expected[attr.name], atol=atol)
         np.testing.assert_array_equal(
-            decision_matrix(cuda[attr.name], attr.kind, thresholds),
-            decision_matrix(cpu[attr.name], attr.kind, thresholds),
+            decision_matrix(got[attr.name], attr.kind, thresholds),
+            decision_matrix(expected[attr.name], attr.kind, thresholds),
         )
 
 
@@ -55,8 +65,7 @@ def test_cuda_held_out_scores_are_the_predictors(scoring_bundle: Path, incoming)
     from catalog_enrichment.data.dataset import Collator, ProductDataset, ProductRecords
     from catalog_enrichment.training.evaluation import predict
 
-    products = read_table(incoming.products).slice(0, 300)
-    products = products.filter(pa.compute.invert(pa.compute.is_null(products["title"])))
+    products = _titled(incoming)
     bundle = load_bundle(scoring_bundle, device="cuda")
     served = BatchPredictor(bundle, device="cuda").score(products)
     records = ProductRecords.from_arrow(products)
@@ -66,10 +75,4 @@ def test_cuda_held_out_scores_are_the_predictors(scoring_bundle: Path, incoming)
         collate_fn=Collator(bundle.tokenizer, bundle.model_config.text.max_length),
     )
     held_out = predict(bundle.model, loader, torch.device("cuda")).probs
-    for attr in bundle.taxonomy:
-        thresholds = bundle.calibration.thresholds(attr.name)
-        np.testing.assert_allclose(held_out[attr.name], served[attr.name], atol=1e-5)
-        np.testing.assert_array_equal(
-            decision_matrix(held_out[attr.name], attr.kind, thresholds),
-            decision_matrix(served[attr.name], attr.kind, thresholds),
-        )
+    _assert_same_decisions(bundle, held_out, served, atol=1e-5)
