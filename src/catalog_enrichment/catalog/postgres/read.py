@@ -407,13 +407,15 @@ class Reads(PgBase):
                 self._sql("SELECT 1 FROM {e} WHERE encoder = %s LIMIT 1", e="embeddings"), [encoder]
             ).fetchone():
                 return None
-            wanted = products.select("product_id").distinct() if products is not None else None
-            found = [] if wanted is None else wanted.limit(_KEYED_LOOKUP_MAX + 1).collect()
-            if wanted is None or len(found) > _KEYED_LOOKUP_MAX:  # a full run, a large backfill
-                return keep_one_per_product(self._hashed_read(spark, query), products)
-            ids = sorted(r[0] for r in found if r[0] is not None)
-            if not ids:
-                return None
+        # the run's ids gathered by a Spark job, no connection held meanwhile
+        wanted = products.select("product_id").distinct() if products is not None else None
+        found = [] if wanted is None else wanted.limit(_KEYED_LOOKUP_MAX + 1).collect()
+        if wanted is None or len(found) > _KEYED_LOOKUP_MAX:  # a full run, a large backfill
+            return keep_one_per_product(self._hashed_read(spark, query), products)
+        ids = sorted(r[0] for r in found if r[0] is not None)
+        if not ids:
+            return None
+        with self.connect() as conn:
             options = self._jdbc_options(conn, query)
             predicates = [
                 sql.SQL("product_id = ANY({})")
