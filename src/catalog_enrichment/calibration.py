@@ -8,14 +8,14 @@ right, with probability ``confidence``. Learn-then-Test over a one-parameter fam
 
 1. **The family** comes from held-out *family data* (the validation split), never from the
    calibration labels. For a level ``lam`` in :data:`LEVELS` (from 0.999 down), value ``v``'s
-   threshold ``t_v(lam)`` is the lowest grid point down to which its estimated precision stays
-   ``>= max(lam, value_floor)``. The estimate shrinks the value's own curve toward the attribute's
-   pooled curve, ``(k_v(t) + m P(t)) / (n_v(t) + m)`` with ``m = shrinkage``: a value with much
-   evidence gets its own threshold, a tail value with little or none shares the pooled one; no
-   value is planned below the floor, however much the others would carry it. Without family data
-   (a model that trains on every product and calibrates out of fold) every value shares one
-   threshold and the family is the grid itself, from the top down: on calibrated scores one
-   threshold is what keeps the most writes at a pooled precision.
+   threshold ``t_v(lam)`` is the lowest grid point at which its estimated precision (of everything
+   it writes there) is ``>= max(lam, value_floor)``. The estimate shrinks the value's own curve
+   toward the attribute's pooled curve, ``(k_v(t) + m P(t)) / (n_v(t) + m)`` with
+   ``m = shrinkage``: a value with much evidence gets its own threshold, a tail value with little
+   or none shares the pooled one; no value is planned below the floor, however much the others
+   would carry it. Without family data (a model that trains on every product and calibrates out
+   of fold) every value shares one threshold and the family is the grid itself, from the top down:
+   on calibrated scores one threshold is what keeps the most writes at a pooled precision.
 2. **The test**: down the levels in a fixed order, ``H_lam`` = "the pooled precision of what
    ``t(lam)`` writes is below target" is rejected when a one-sided lower bound (Clopper–Pearson,
    the default, or Wilson at ``confidence``) on the calibration split's pooled precision is ``>=
@@ -31,13 +31,13 @@ right, with probability ``confidence``. Learn-then-Test over a one-parameter fam
    precision is below target is at most ``1 - confidence`` with the exact Clopper–Pearson bound
    (Wilson's approximation passes a level exactly at the target up to a point or two more often at
    a few hundred writes).
-3. **The per-value guard** then asks of every written value whether its own evidence
-   (calibration and family writes at its threshold) misses the target: its one-sided upper bound,
-   at the attribute's confidence shared over the written values (Bonferroni), is below it. Such a
-   value's threshold rises up the grid to where its evidence stops missing, or the value is kept
-   out where nothing is left to write on. Either only removes writes that are likely worse than the
-   target, so it does not weaken the pooled guarantee; and a night whose mix of values differs from
-   calibration's cannot fill up on a value that is known to miss it.
+3. **The per-value guard** then asks of every value with evidence at its threshold whether that
+   evidence (calibration and family writes) misses the target: its one-sided upper bound (the
+   configured bound's), at the attribute's confidence shared over those values (Bonferroni), is
+   below it. Such a value's threshold rises up the grid to where its evidence stops missing, or
+   the value is kept out where nothing is left to write on. Either only removes writes that are
+   likely worse than the target, so it does not weaken the pooled guarantee; and a night whose mix
+   of values differs from calibration's cannot fill up on a value that is known to miss it.
 
 ``scope="value"``: the strict rule — every (attribute, value) proves the target on its own by a
 fixed-sequence test down the grid, with at least ``min_support`` true examples. About 59
@@ -48,11 +48,13 @@ products whose argmax is ``v``. Multi-label: every (product, value) pair is a ca
 
 Assumptions: calibration (and family) scores are out-of-sample, and those products are
 exchangeable with the products scored later (same distribution). Cross-fitted calibration scores
-come from fold models, not from the model that serves: :func:`on_served_scale` checks what the
-served model writes at them on the labelled validation split, and where that does not prove the
-target raises them until it writes no larger share of those products than the fold models did, so
-what is left to assume is that it ranks at least as well as they do. The attribute-scope bound is
-on the pooled precision of the attribute, not on each value.
+come from fold models, not from the model that serves: :func:`on_served_scale` raises them until
+the served model writes no larger share of the validation products than the fold models did, so
+what is left to assume is that it ranks at least as well as they do. Only where the validation
+labels did not shape the thresholds (the value scope) may the served model's writes there prove the
+target instead, each value's on its own: in the attribute scope they shaped the family and the
+guard, and a check on them would pass thresholds that fit those labels by chance. The
+attribute-scope bound is on the pooled precision of the attribute, not on each value.
 
 Over 600 lines because both guarantee scopes share the grid, the family and the bounds.
 """
@@ -159,9 +161,10 @@ class ValueThreshold:
 
     ``threshold`` is ``None`` when the value cannot be written. ``support`` counts true examples in
     the calibration split; ``n_written``/``n_correct``/``precision``/``lower_bound``/``recall``
-    describe what the threshold writes on that split, ``upper_bound`` the value's own one-sided
-    upper bound (calibration and family writes, attribute scope). ``reason`` says why there is no
-    threshold.
+    describe what the threshold writes on that split (for a threshold :func:`on_served_scale` raised
+    or kept out: what the threshold the fold models proved wrote), ``upper_bound`` the value's own
+    one-sided upper bound (calibration and family writes, attribute scope). ``reason`` says why
+    there is no threshold.
     """
 
     value: str
@@ -207,8 +210,8 @@ class AttributeCalibration:
     Cross-fitted calibration (:func:`on_served_scale`), at the thresholds the fold models' scores
     proved, on the validation split: ``served_precision``, the precision of what the model that
     serves wrote there, and ``served_lower_bound`` its one-sided bound; ``served_ratio``, how much it
-    wrote over what the fold models wrote. Where the bound is below the target precision, the
-    thresholds were raised to the served model's scale.
+    wrote over what the fold models wrote. Where what it wrote there did not or could not prove the
+    target (:func:`on_served_scale`), the thresholds were raised to the served model's scale.
     """
 
     attribute: str
@@ -501,10 +504,11 @@ def threshold_family(
     """The attribute-scope family: ``(levels (L,), grid indices (L, V))``, ``-1`` = value not written.
 
     ``n``/``k``: ``(V, G)`` family-data counts written and right at each grid threshold. Row ``l``
-    holds, per value, the lowest grid point down to which the value's shrunk precision estimate
-    stays ``>= max(LEVELS[l], floor)``: the thresholds only fall as the level falls, and no value is
-    planned below the floor however much the others would carry it. Without family data (``None``)
-    the levels are the grid's thresholds, each shared by every value.
+    holds, per value, the lowest grid point at which the value's shrunk precision estimate (of
+    everything it writes there) is ``>= max(LEVELS[l], floor)``: a point that passes a level passes
+    every lower one, so the thresholds only fall as the level falls; no value is planned below the
+    floor however much the others would carry it. Without family data (``None``) the levels are the
+    grid's thresholds, each shared by every value.
     """
     if n is None or k is None or int(n.sum()) == 0:
         shared = np.arange(THRESHOLD_GRID.size)
@@ -517,9 +521,11 @@ def threshold_family(
         estimate = np.where(n + shrinkage > 0, own, pooled[None, :])  # no evidence of its own: pooled
     # grid points above every family candidate carry no evidence: they pass any level
     estimate = np.where(big_n[None, :] > 0, estimate, np.inf)
-    safe = np.minimum.accumulate(estimate, axis=1)  # non-increasing down the grid
-    passes = safe[None, :, :] >= levels[:, None, None]  # (L, V, G), a prefix of True per (l, v)
-    return LEVELS, passes.sum(axis=2) - 1
+    passes = estimate[None, :, :] >= levels[:, None, None]  # (L, V, G)
+    # the lowest passing point (no running minimum: a dip among the few most confident family
+    # products would block every point below it)
+    lowest = passes.shape[2] - 1 - np.argmax(passes[:, :, ::-1], axis=2)
+    return LEVELS, np.where(passes.any(axis=2), lowest, -1)
 
 
 def _pooled_test(
@@ -625,11 +631,12 @@ def _attribute_scope(
         )
         evidence = PooledEvidence(None, 0, 0, None, None, tested, (), *stopped)
         return AttributeCalibration(name, kind, none, evidence)
-    written = [int(family[chosen, v]) >= 0 and n_cal[v][family[chosen, v]] > 0 for v in range(len(values))]
-    # the guard asks of every written value whether its own evidence misses the target: at the
-    # attribute's confidence over them all (Bonferroni), so a value that does reach the target is
-    # held back by chance at most at that rate
-    guard = 1.0 - (1.0 - confidence) / max(sum(written), 1)
+    seen = n_cal if fam is None else n_cal + fam[0]
+    tested_values = [g >= 0 and seen[v, g] > 0 for v, g in enumerate(family[chosen])]
+    # the guard asks of every value with evidence (calibration or family) at its threshold whether
+    # it misses the target: at the attribute's confidence over them all (Bonferroni), so a value
+    # that does reach the target is held back by chance at most at that rate
+    guard = 1.0 - (1.0 - confidence) / max(sum(tested_values), 1)
     out = [
         _value_at_level(
             value,
@@ -680,9 +687,9 @@ def _value_at_level(
     """Attribute scope: one value at the chosen level's threshold index ``g`` (-1: never reaches
     it), with its calibration evidence (``cal``: its writes and rights per threshold; ``fam``: the
     family's). The guard: where the value's own evidence (both together) shows it below ``target``
-    - its upper bound at confidence ``guard`` is below it - its threshold rises up the grid to the
-    first point where it does not; a value whose evidence misses the target wherever it writes
-    anything is kept out.
+    - its upper bound (the configured bound's) at confidence ``guard`` is below it - its threshold
+    rises up the grid to the first point where it does not; a value whose evidence misses the
+    target wherever it writes anything is kept out.
     Either only removes writes that are likely worse than the target."""
     if g < 0:
         return ValueThreshold(value, None, support, reason="never reaches the level in the family")
@@ -690,7 +697,8 @@ def _value_at_level(
     n_all, k_all = cal[0].copy(), cal[1].copy()
     if fam is not None:
         n_all, k_all = n_all + fam[0], k_all + fam[1]
-    upper = wilson_upper(k_all[: g + 1], n_all[: g + 1], confidence=guard)
+    # the configured bound's upper side: 1 - the lower bound on the share wrong
+    upper = 1.0 - lower_bound(n_all[: g + 1] - k_all[: g + 1], n_all[: g + 1], confidence=guard, method=bound)
     raised = g
     while raised >= 0 and upper[raised] < target:  # up the grid, to where it stops missing
         raised -= 1
@@ -745,35 +753,47 @@ def on_served_scale(
     below count every row, labelled or not). Where what the served model writes there at the proven
     thresholds proves ``target`` by itself (the one-sided ``bound`` at ``confidence`` reaches it, so
     a few hundred validation products cannot pass a model that is only as good as the target by
-    chance), they stand. Otherwise each rises up the grid to the lowest point at which the served
-    model writes no larger share of those products' candidates than the fold models wrote, on
-    average, at the proven threshold: it then writes as much as a fold model would, chosen by a
-    model that ranks at least as well (the test report's fold gap compares the two on the same
-    split); a value with no such point, not even the grid's top, is not written. None falls.
+    chance), they stand: in the attribute scope, what it writes of every value together; in the
+    value scope (``cal.pooled`` is ``None``), each value on its own, as its threshold was proven.
+    Otherwise each rises up the grid to the lowest point at which the served model writes no
+    larger share of those products' candidates than the fold models wrote, on average, at the
+    proven threshold: it then writes as much as a fold model would, chosen by a model that ranks
+    at least as well (the test report's fold gap compares the two on the same split); a value with
+    no such point, not even the grid's top, is not written. None falls.
     ``provable=False``: the served model fitted part of itself on these products (a late or
-    decision fusion's held-out fit), so what it writes there proves nothing and the thresholds
-    always go to the fold models' share; so do they where it wrote nothing labelled there.
+    decision fusion's held-out fit), or their labels shaped the thresholds (the attribute scope's
+    family and guard), so what it writes there proves nothing and the thresholds always go to the
+    fold models' share; so do they where it wrote nothing labelled there.
     """
     if not folds or served.shape[0] == 0:
         return cal
     thresholds = cal.threshold_array()
     known = served if labelled is None else served[labelled]
-    mine = written_precision_and_coverage(known, labels, cal.kind, thresholds)
-    right, writes = int(mine["correct"]), int(mine["written"])
+
+    def evidence(t: np.ndarray) -> tuple[float | None, float | None]:
+        """The served model's precision at thresholds ``t`` on the labelled rows, and its bound."""
+        mine = written_precision_and_coverage(known, labels, cal.kind, t)
+        right, writes = int(mine["correct"]), int(mine["written"])
+        if not writes:
+            return None, None
+        return right / writes, float(lower_bound(right, writes, confidence=confidence, method=bound))
+
     proven = float(np.mean([decision_matrix(f, cal.kind, thresholds).sum() for f in folds]))
     ratio = int(decision_matrix(served, cal.kind, thresholds).sum()) / proven if proven else None
-    precision, proof = None, None
-    if writes:
-        precision = right / writes
-        proof = float(lower_bound(right, writes, confidence=confidence, method=bound))
+    precision, proof = evidence(thresholds)
     checked = replace(cal, served_ratio=ratio, served_precision=precision, served_lower_bound=proof)
-    if provable and proof is not None and proof >= target:
+    proofs = [proof] * thresholds.size
+    if cal.pooled is None:  # the value scope: each value on its own (row v: only v's threshold)
+        alone = np.where(np.eye(thresholds.size, dtype=bool), thresholds, np.nan)
+        proofs = [evidence(t)[1] for t in alone]
+    stands = [provable and p is not None and p >= target for p in proofs]
+    if all(stands):
         return checked
     shares = _shares(served, cal.kind)
     theirs = np.mean([_shares(f, cal.kind) for f in folds], axis=0)
     values = []
-    for v in cal.values:
-        if v.threshold is None:
+    for v, ok in zip(cal.values, stands, strict=True):
+        if v.threshold is None or ok:
             values.append(v)
             continue
         g = int(np.argmin(np.abs(THRESHOLD_GRID - v.threshold)))

@@ -72,30 +72,44 @@ class HeldOut:
     ) -> Calibration:
         """Thresholds under ``rule`` from the calibration set (the family shaping them), with the run
         health profile of the health set and the training products' ``inputs``; ``say`` names each
-        attribute whose thresholds rose onto the served model's scale, and why."""
+        attribute whose thresholds rose onto the served model's scale, and why.
+
+        The served model's writes on the family products prove the cross-fitted thresholds only in
+        the value scope: in the attribute scope those products' labels shaped the thresholds (the
+        family and the per-value guard), so a check on them would be in-sample; there the
+        thresholds go to the fold models' share, which uses no labels."""
         calibration = calibrate(*self.calibration, taxonomy, rule, family=self.family)
         if self.fold_family and self.family is not None:
             proven = calibration
+            provable = rule.scope == "value" and not self.family_fitted
             calibration = on_served_scale(
-                calibration, self.family, self.fold_family, taxonomy, provable=not self.family_fitted
+                calibration, self.family, self.fold_family, taxonomy, provable=provable
             )
             for name, a in calibration.attributes.items():
-                if a.values != proven.attributes[name].values:
-                    say(f"{name}: {self._why_raised(a)}: thresholds put on the served model's scale "
-                        "(raised, never lowered; kept out where no grid point fits)")  # fmt: skip
+                before = proven.attributes[name]
+                if a.values != before.values:
+                    say(f"{name}: {self._why_raised(a, before)}: thresholds put on the served model's "
+                        "scale (raised, never lowered; kept out where no grid point fits)")  # fmt: skip
         calibration = calibration.keep_out(self.unseen, UNSEEN)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
-    def _why_raised(self, a: AttributeCalibration) -> str:
+    def _why_raised(self, a: AttributeCalibration, proven: AttributeCalibration) -> str:
         ratio = "" if a.served_ratio is None else f", {a.served_ratio:.2f}x what the fold models wrote"
         if self.family_fitted:
             why = "the served model fitted part of itself on the validation split: its writes prove nothing"
+        elif a.pooled is not None:
+            why = (
+                "the validation split's labels shaped the thresholds: the served model's writes there "
+                "prove none"
+            )
         elif a.served_precision is None or a.served_lower_bound is None:
             why = "at the proven thresholds the served model wrote no labelled value on the validation split"
         else:
+            short = [v.value for v, p in zip(a.values, proven.values, strict=True) if v != p]
             why = (
-                f"at the proven thresholds the served model wrote {a.served_precision:.3f} right on the "
-                f"validation split (lower bound {a.served_lower_bound:.3f})"
+                f"at the proven thresholds the served model's validation writes of {', '.join(short)} did "
+                f"not prove the target on their own (of every value: {a.served_precision:.3f} right, lower "
+                f"bound {a.served_lower_bound:.3f})"
             )
         return why + ratio
 
