@@ -15,6 +15,7 @@ from catalog_enrichment.data.dataset import EncodedLabels, encode_labels
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.training.splits import (
+    MAX_GROUP,
     FoldPlan,
     calibration_fraction,
     crossfit_folds,
@@ -74,6 +75,23 @@ def test_a_template_text_does_not_chain_a_catalog_into_one_group() -> None:
         assert len(set(groups[4 * g : 4 * g + 4].tolist())) == 1
     # without the cap the two templates chain everything
     assert group_ids(titles, descriptions, max_group=200).max() == 0
+
+
+def test_the_variants_a_full_group_leaves_out_still_group_together() -> None:
+    # 64 variants share a description; the first is also titled "Basic Tee" as two other products
+    # are. The rarer title joins first (3 products), so the description's group fills at 61 of its
+    # variants: the 2 left over form a group of their own, not two singletons
+    titles = ["Basic Tee"] + [f"Tee {i}" for i in range(1, 64)] + ["Basic Tee", "basic tee"]
+    descriptions = ["Soft cotton tee."] * 64 + ["Organic cotton.", "Ribbed cotton."]
+    assert group_ids(titles, descriptions).tolist() == [0] * 62 + [1, 1] + [0, 0]
+
+
+def test_a_shared_title_without_a_description_is_held_by_the_cap() -> None:
+    # no description: the same title alone, which the cap holds like any shared title
+    groups = group_ids(["T-shirt"] * 200, [None] * 100 + [""] * 100)
+    assert np.bincount(groups).tolist() == [MAX_GROUP, MAX_GROUP, MAX_GROUP, 200 - 3 * MAX_GROUP]
+    # the same title and description are one group whatever their number
+    assert group_ids(["T-shirt"] * 200, ["Plain."] * 200).max() == 0
 
 
 def test_no_validation_split_leaves_every_product_to_train() -> None:

@@ -20,7 +20,7 @@ from catalog_enrichment.models.fusion import FusionInputs, StackFusion
 from catalog_enrichment.models.lexical import as_bags, bag_tfidf, document_frequency, ngram_counts, tfidf
 from catalog_enrichment.models.model import MultimodalModel, build_model
 from catalog_enrichment.training.splits import FoldPlan
-from catalog_enrichment.training.stack import fit_stack
+from catalog_enrichment.training.stack import PENALTIES, fit_stack
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -156,6 +156,70 @@ def test_a_product_whose_vector_is_not_finite_stands_at_the_blocks_mean() -> Non
     np.testing.assert_allclose(model.fusion.image_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
 
 
+def test_a_value_in_one_group_only_is_named_unlearned() -> None:
+    """The value "charlie" is on one group of 5 variants only: the fold that holds them is scored
+    by the fold model whose rows never had it (its logit fixed at -20), while the served mean of
+    the fold models learned it - so no out-of-fold score says how the served model scores it. The
+    stack names it (its penalties, both the other folds' and the first fold's, recorded beside)."""
+    taxonomy = _taxonomy()
+    rng = np.random.default_rng(6)
+    y = np.where(np.arange(90) < 5, 2, rng.integers(0, 2, 90))
+    labels = EncodedLabels({"thing": y}, {"thing": y >= 0})
+    model = _model(taxonomy)
+    groups = np.where(np.arange(90) < 5, 0, np.arange(90))
+    said: list[str] = []
+    plan = FoldPlan(np.arange(90), labels, groups, 3, 0)
+    fit = fit_stack(model, _embeddings(model, [WORDS[v] for v in y]), plan, taxonomy, say=said.append)
+    assert fit.unlearned == {"thing": ("charlie",)}
+    assert any(line.startswith("stack: thing: charlie: scored out of fold by a fold model") for line in said)
+    assert fit.oof.probs["thing"][:5, 2].max() < 1e-3  # its own products, scored by the fold model
+    for block, (c, c_first) in fit.penalties["thing"].items():
+        assert c in PENALTIES and c_first in PENALTIES
+        logged = f"stack: thing / {block}: C {c:g} (first fold {c_first:g}),"
+        assert any(line.startswith(logged) for line in said)
+
+
+def test_the_calibration_keeps_the_values_the_stack_names_unlearned_out() -> None:
+    """Every product scored right and sure: each value shares the proven threshold, but the one
+    the stack named unlearned is never written, its reason recorded."""
+    from catalog_enrichment.config import CalibrationConfig
+    from catalog_enrichment.training.evaluation import Predictions
+    from catalog_enrichment.training.stack import UNLEARNED
+    from catalog_enrichment.training.trained import HeldOut
+
+    taxonomy = _taxonomy()
+    y = np.arange(3000) % len(WORDS)
+    probs = np.full((y.size, len(WORDS)), 0.01 / (len(WORDS) - 1), np.float32)
+    probs[np.arange(y.size), y] = 0.99
+    scored = (Predictions({"thing": probs}, None, {}), EncodedLabels({"thing": y}, {"thing": y >= 0}))
+    charlie = WORDS[2]
+    heldout = HeldOut(scored, None, scored, unlearned={"thing": (charlie,)})
+    values = {
+        v.value: v for v in heldout.calibrate(taxonomy, CalibrationConfig(), None).attributes["thing"].values
+    }
+    assert all(v.threshold is not None for name, v in values.items() if name != charlie)
+    assert values[charlie].threshold is None and values[charlie].reason == UNLEARNED
+
+
+def test_a_value_some_fold_model_never_learned_but_scores_is_named() -> None:
+    """Known answers over three folds of three rows: a value whose products all sit in one fold
+    (softmax and one-vs-rest), and - one-vs-rest - one on every product but one fold's."""
+    from catalog_enrichment.training.stack import _Target, _unlearned
+
+    folds = [(np.setdiff1d(np.arange(9), out), out) for out in np.arange(9).reshape(3, 3)]
+    y = np.array([2, 2, 1, 0, 0, 1, 0, 0, 0])
+    assert _unlearned(_Target(y, y >= 0, True, 3), folds).tolist() == [False, False, True]
+    hot = np.zeros((9, 3), np.float32)
+    hot[:6, 0] = 1  # on every product but the last fold's
+    hot[[0, 3], 1] = 1  # in two folds
+    hot[[4, 5], 2] = 1  # in one fold
+    assert _unlearned(_Target(hot, np.ones(9, bool), False, 3), folds).tolist() == [True, False, True]
+    # a product unlabelled for the attribute counts for neither side
+    known = np.ones(9, bool)
+    known[[6, 7, 8]] = False
+    assert _unlearned(_Target(hot, known, False, 3), folds).tolist() == [False, False, True]
+
+
 def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
     taxonomy = _taxonomy()
     model = _model(taxonomy)
@@ -268,7 +332,7 @@ def test_no_fold_s_rows_choose_the_penalty_of_the_learner_that_scores_them() -> 
     fitted = [
         _fit_path(x, _Target(labels, labels >= 0, True, 3), folds, (0.01, 1e4)) for labels in (y, relabelled)
     ]
-    assert (fitted[0][0], fitted[1][0]) == (0.01, 1e4)
+    assert (fitted[0][0][0], fitted[1][0][0]) == (0.01, 1e4)
     np.testing.assert_array_equal(fitted[0][2][out], fitted[1][2][out])
 
 

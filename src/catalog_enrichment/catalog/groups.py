@@ -27,10 +27,12 @@ def group_ids(
     links nothing) are one group, transitively - a product's variants, whose names or texts were
     edited apart, stay together.
 
-    A shared text stops joining groups once the joined group would pass ``max_group`` products:
-    a boilerplate description or a generic title is a template, not one product's variants, and
-    would chain much of a catalog into one group. Texts are joined rarest first (the ones that name
-    one product); products with the same title and description are always one group.
+    A shared text joins groups only up to ``max_group`` products: a boilerplate description or a
+    generic title is a template, not one product's variants, and would chain much of a catalog into
+    one group. A product whose group does not fit into the text's current group starts the next
+    one, which the text's later products join (up to the cap again). Texts are joined rarest first
+    (the ones that name one product); products with the same title and the same description are
+    always one group - without a description they share a title only, which the cap holds.
     """
     n = len(titles)
     parent = np.arange(n)
@@ -43,15 +45,21 @@ def group_ids(
         return i
 
     def join(rows: list[int], cap: int | None) -> None:
+        anchor = rows[0]
         for i in rows[1:]:
-            a, b = root(rows[0]), root(i)
-            if a != b and (cap is None or size[a] + size[b] <= cap):
+            a, b = root(anchor), root(i)
+            if a == b:
+                continue
+            if cap is None or size[a] + size[b] <= cap:
                 parent[b], size[a] = a, size[a] + size[b]
+            else:  # no room for this one's group: the rows left join it instead
+                anchor = i
 
     texts = [(folded(t), folded(d)) for t, d in zip(titles, descriptions, strict=True)]
     links: dict[tuple[str, ...], list[int]] = {}
     for i, (title, description) in enumerate(texts):
-        links.setdefault(("both", title, description), []).append(i)
+        if description:  # without one, a shared title alone: capped below
+            links.setdefault(("both", title, description), []).append(i)
     for rows in links.values():
         join(rows, None)
     shared: dict[tuple[str, str], list[int]] = {}

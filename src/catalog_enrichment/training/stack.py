@@ -14,6 +14,11 @@ Average precision ranks the confident predictions that R@P95 lives on; log-loss 
 models. A meta-learner per attribute (one weight per block, a bias per value) is fitted on the
 blocks' out-of-fold scores.
 
+A value whose training products all sit in one fold is learned by every fold model but the one
+that scores them out of fold (multi-label, the same for one whose products without it do): the
+calibration set shows nothing of how the served model, which learned it, scores it. Such a value
+is named (:attr:`StackFit.unlearned`) for the calibration to keep out.
+
 What serves is the mean of the fold models (the mean of linear learners over one feature space is
 a linear learner: their weights averaged), under the meta-learner fitted on every out-of-fold
 score. What calibrates is the out-of-fold scores of the same construction: for each fold, that
@@ -48,7 +53,7 @@ if TYPE_CHECKING:  # not imported at run time: the fit's worker processes import
     from catalog_enrichment.training.fit import FitResult
     from catalog_enrichment.training.splits import FoldPlan
 
-__all__ = ["PENALTIES", "STACK_FOLDS", "StackFit", "fit_stack", "single_valued", "stacked"]
+__all__ = ["PENALTIES", "STACK_FOLDS", "UNLEARNED", "StackFit", "fit_stack", "single_valued", "stacked"]
 
 # the stack's cross-fit folds unless training.crossfit_folds sets them: each fold model trains on
 # 80 % of the training split, close to the mean of them all that serves
@@ -60,19 +65,27 @@ _META_L2 = 1e-3
 _ABSENT = -20.0  # the logit of a value no product of a fold's training rows has
 _MAX_ITER, _TOL = 200, 1e-4  # L-BFGS's iterations and gradient tolerance (scikit-learn's defaults)
 _JOBS = 2  # (attribute, block) fits side by side, one core each
+# the calibration reason of a value StackFit.unlearned names
+UNLEARNED = (
+    "scored out of fold by a fold model that could not learn it (one cross-fit fold held every "
+    "training product with it, or without it)"
+)
 # what joblib's loky warns when it replaces a worker (see _quiet_worker_restarts)
 _WORKER_RESTART = "A worker stopped while some jobs were given to the executor"
 
 
 @dataclass
 class StackFit:
-    """The fitted stack: the model that serves, its out-of-fold scores over the training rows, and
-    per attribute and block the penalty chosen and the meta-learner's block weights."""
+    """The fitted stack: the model that serves, its out-of-fold scores over the training rows, per
+    attribute and block the penalties chosen (the other folds', the first fold's) and the
+    meta-learner's block weights, and per attribute the values the out-of-fold scores cannot
+    calibrate (:func:`_unlearned`; attributes with none left out)."""
 
     model: MultimodalModel
     oof: Predictions
-    penalties: dict[str, dict[str, float]]
+    penalties: dict[str, dict[str, tuple[float, float]]]
     mix: dict[str, dict[str, float]]
+    unlearned: dict[str, tuple[str, ...]]
 
 
 def single_valued(labels: EncodedLabels, attr: str) -> bool:
@@ -207,11 +220,12 @@ def _quiet_worker_restarts() -> Iterator[None]:
 
 def _fit_block(
     x: Any, target: _Target, folds: list[tuple[np.ndarray, np.ndarray]], penalties: Sequence[float]
-) -> tuple[float, float, np.ndarray, list[tuple[np.ndarray, np.ndarray]], float]:
-    """One block's learners for one attribute: ``(C, out-of-fold average precision, normalised
-    out-of-fold scores, each fold's (weight, bias), seconds)``. The penalty is chosen on the first
-    fold's held-out average precision along a warm-started path, and the other folds are fitted at
-    it; the first fold's own is chosen the same way on the second fold's rows."""
+) -> tuple[tuple[float, float], float, np.ndarray, list[tuple[np.ndarray, np.ndarray]], float]:
+    """One block's learners for one attribute: ``((C, the first fold's C), out-of-fold average
+    precision, normalised out-of-fold scores, each fold's (weight, bias), seconds)``. The penalty
+    is chosen on the first fold's held-out average precision along a warm-started path, and the
+    other folds are fitted at it; the first fold's own is chosen the same way on the second fold's
+    rows."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core of its own beside the other fits' (see _JOBS)
     started = time.perf_counter()
@@ -244,7 +258,7 @@ def _path(
 
 def _fit_path(
     x: Any, target: _Target, folds: list[tuple[np.ndarray, np.ndarray]], penalties: Sequence[float]
-) -> tuple[float, float, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+) -> tuple[tuple[float, float], float, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     n = x.shape[0]
     scores = np.zeros((n, target.n_values), np.float32)
     # no fold's rows choose the penalty of the learner that scores them (the best of the grid on
@@ -259,7 +273,25 @@ def _fit_path(
     for (w, b), (_, out_pos) in zip(fits, folds, strict=True):
         scores[out_pos] = x[out_pos] @ w + b
     normalised = _normalised(scores, target.softmax)
-    return c, _average_precision(normalised, target, np.arange(n)), normalised, fits
+    return (c, c_first), _average_precision(normalised, target, np.arange(n)), normalised, fits
+
+
+def _unlearned(target: _Target, folds: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``(V,)`` the values some fold model scores out of fold without having learned them: its fit
+    rows never have the value (or, multi-label, always have it), so :func:`_fit_linear` fixes its
+    logit at -/+ :data:`_ABSENT`, yet a product of the fold says otherwise - every training product
+    with the value (multi-label: or without it) sits in that fold."""
+    out = np.zeros(target.n_values, bool)
+    for fit_pos, out_pos in folds:
+        fit_y, out_y = (target.y[rows[target.known[rows]]] for rows in (fit_pos, out_pos))
+        if target.softmax:
+            fit_has, out_has = (np.bincount(y, minlength=target.n_values) > 0 for y in (fit_y, out_y))
+            out |= out_has & ~fit_has
+        else:
+            fit_y, out_y = fit_y > 0, out_y > 0
+            always = fit_y.all(axis=0) & (len(fit_y) > 0)
+            out |= (~fit_y.any(axis=0) & out_y.any(axis=0)) | (always & ~out_y.all(axis=0))
+    return out
 
 
 def _average_precision(z: np.ndarray, target: _Target, rows: np.ndarray) -> float:
@@ -377,7 +409,7 @@ def fit_stack(
         for b in STACK_BLOCKS
     }
     oof_probs: dict[str, np.ndarray] = {}
-    chosen: dict[str, dict[str, float]] = {a.name: {} for a in taxonomy}
+    chosen: dict[str, dict[str, tuple[float, float]]] = {a.name: {} for a in taxonomy}
     mixes: dict[str, dict[str, float]] = {}
     targets = [
         _target(labels.subset(train), a.name, fusion.offsets[k + 1] - fusion.offsets[k])
@@ -392,6 +424,12 @@ def fit_stack(
                 f"stack: {attr.name}: {used:,} values people confirmed train as labels; "
                 f"{said - used:,} of their verdicts do not (rejections, several values a product)"
             )
+    left_out: dict[str, tuple[str, ...]] = {}
+    for attr, target in zip(taxonomy, targets, strict=True):
+        values = tuple(v for v, out in zip(attr.values, _unlearned(target, fold_rows), strict=True) if out)
+        if values:
+            left_out[attr.name] = values
+            say(f"stack: {attr.name}: {', '.join(values)}: {UNLEARNED}")
     z = [np.zeros((len(STACK_BLOCKS), n, t.n_values), np.float32) for t in targets]
     # every (attribute, block) fit in one pool, the costliest first, so the workers finish together
     jobs = sorted(
@@ -403,16 +441,16 @@ def fit_stack(
             delayed(_fit_block)(blocks[STACK_BLOCKS[b]][train], targets[k], fold_rows, penalties)
             for k, b in jobs
         )
-        for (k, b), (c, held, scores, fits, seconds) in zip(jobs, fitted, strict=True):
+        for (k, b), ((c, c_first), held, scores, fits, seconds) in zip(jobs, fitted, strict=True):
             name, block = taxonomy.names[k], STACK_BLOCKS[b]
             lo, hi = fusion.offsets[k], fusion.offsets[k + 1]
             z[k][b] = scores
-            chosen[name][block] = c
+            chosen[name][block] = (c, c_first)
             weight, bias = served[block]
             weight[:, lo:hi] = np.mean([w for w, _ in fits], axis=0)
             bias[lo:hi] = np.mean([bb for _, bb in fits], axis=0)
-            say(f"stack: {name} / {block}: C {c:g}, out-of-fold average precision {held:.3f} "
-                f"({seconds:.0f} s)")  # fmt: skip
+            say(f"stack: {name} / {block}: C {c:g} (first fold {c_first:g}), out-of-fold average "
+                f"precision {held:.3f} ({seconds:.0f} s)")  # fmt: skip
     for k, attr in enumerate(taxonomy):
         lo, hi = fusion.offsets[k], fusion.offsets[k + 1]
         target = targets[k]
@@ -430,7 +468,7 @@ def fit_stack(
             fusion.meta_bias[lo:hi] = torch.from_numpy(bias)
         mixes[attr.name] = {block: round(float(m), 4) for block, m in zip(STACK_BLOCKS, mix, strict=True)}
     _install(fusion, vocabulary, idf, scaling, served)
-    return StackFit(model, Predictions(oof_probs, None, {}), chosen, mixes)
+    return StackFit(model, Predictions(oof_probs, None, {}), chosen, mixes, left_out)
 
 
 def _install(
@@ -461,9 +499,10 @@ def stacked(
     model: MultimodalModel, embeddings: Embeddings, plan: FoldPlan, taxonomy: Taxonomy, say: Say
 ) -> tuple[tuple[Predictions, EncodedLabels], list[FitResult]]:
     """The pipeline's fit of a stack (:func:`fit_stack`, ``model`` fitted in place): its out-of-fold
-    scores over the plan's rows with their labels (the calibration set), and what it chose."""
+    scores over the plan's rows with their labels (the calibration set), and what it chose (with
+    the values those scores cannot calibrate, ``unlearned``)."""
     from catalog_enrichment.training.fit import FitResult
 
     fit = fit_stack(model, embeddings, plan, taxonomy, say=say)
-    chosen = {"penalties": fit.penalties, "mix": fit.mix}
+    chosen = {"penalties": fit.penalties, "mix": fit.mix, "unlearned": fit.unlearned}
     return (fit.oof, plan.labels.subset(plan.rows)), [FitResult([], 0, chosen)]

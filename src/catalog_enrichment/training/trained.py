@@ -34,6 +34,7 @@ from catalog_enrichment.training.evaluation import (
 )
 from catalog_enrichment.training.fit import EpochMetrics, FitResult, fold_gap, mean_scores
 from catalog_enrichment.training.splits import Splits
+from catalog_enrichment.training.stack import UNLEARNED
 from catalog_enrichment.types import Say
 
 __all__ = ["Fitted", "HeldOut", "SplitName", "TrainedModel", "conclude", "seeded_model"]
@@ -52,7 +53,9 @@ class HeldOut:
     without one: every value then shares the threshold), ``health`` (what the run health profile
     is counted on) and ``fold_family`` (cross-fitted: each fold model's scores of the family
     products, which put the thresholds on the served model's scale); ``unseen``, per attribute
-    the values no product the model trained on carries, which it never writes; ``family_fitted``:
+    the values no product the model trained on carries, which it never writes; ``unlearned``, per
+    attribute the values a stack's out-of-fold scores cannot calibrate (one fold held every training
+    product with them, or without them), which it never writes either; ``family_fitted``:
     the model fitted part of itself on the family products (a late or decision fusion), so its
     scores there cannot prove the cross-fitted thresholds."""
 
@@ -62,6 +65,7 @@ class HeldOut:
     fold_family: tuple[Predictions, ...] = ()
     unseen: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     family_fitted: bool = False
+    unlearned: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def calibrate(
         self,
@@ -90,7 +94,7 @@ class HeldOut:
                 if a.values != before.values:
                     say(f"{name}: {self._why_raised(a, before)}: thresholds put on the served model's "
                         "scale (raised, never lowered; kept out where no grid point fits)")  # fmt: skip
-        calibration = calibration.keep_out(self.unseen, UNSEEN)
+        calibration = calibration.keep_out(self.unseen, UNSEEN).keep_out(self.unlearned, UNLEARNED)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
     def _why_raised(self, a: AttributeCalibration, proven: AttributeCalibration) -> str:
@@ -254,7 +258,8 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
     unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
     members = fitted.model.member_models if isinstance(fitted.model, EnsembleModel) else [fitted.model]
     family_fitted = any(m.fusion.fits_on_heldout for m in members)
-    return HeldOut(calibration, family, health, fitted.fold_val, unseen, family_fitted), *test
+    unlearned = fitted.fits[0].heldout.get("unlearned", {})
+    return HeldOut(calibration, family, health, fitted.fold_val, unseen, family_fitted, unlearned), *test
 
 
 def _report(
