@@ -845,6 +845,12 @@ class ImagesConfig(_Section):
         gt=0,
         description="Largest decoded image (width x height): bigger is a decompression bomb.",
     )
+    min_side: int = Field(
+        16,
+        gt=0,
+        description="Smallest image width and height (pixels): a tracking pixel or an icon is no "
+        "product photo (image_within_limits).",
+    )
 
 
 class SyntheticConfig(_Section):

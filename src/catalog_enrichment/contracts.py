@@ -58,7 +58,8 @@ __all__ = [
 IMAGE_DECODABLE = "image_decodable"  # bytes present but not an image (corrupt, truncated, empty)
 IMAGE_READABLE = "image_readable"  # image_uri given but the file cannot be read
 IMAGE_URI_ALLOWED = "image_uri_allowed"  # image_uri outside the allowed roots and schemes (images.*)
-IMAGE_WITHIN_LIMITS = "image_within_limits"  # over images.max_bytes or images.max_pixels (a bomb)
+# over images.max_bytes or images.max_pixels (a bomb), or a side under images.min_side (a tracking pixel)
+IMAGE_WITHIN_LIMITS = "image_within_limits"
 # The one quarantine reason about images decided before scoring: the same image on many products of
 # a run (a CDN's placeholder, a "no image" tile), found by validation.rules.shared_image_rules.
 IMAGE_SHARED = "image_shared"

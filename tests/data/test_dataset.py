@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.data.dataset import Collator, encode_labels, train_wordpiece_tokenizer
-from catalog_enrichment.errors import ContractError
+from catalog_enrichment.contracts import IMAGE_DECODABLE, IMAGE_READABLE, Taxonomy
+from catalog_enrichment.data.dataset import (
+    Collator,
+    ProductDataset,
+    ProductRecords,
+    encode_labels,
+    train_wordpiece_tokenizer,
+)
+from catalog_enrichment.data.images import ImagePolicy, encode_image
+from catalog_enrichment.data.preprocess import ImagePreprocessing
+from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 
 def test_the_trained_tokenizer_lower_cases_but_keeps_accents_and_dakuten() -> None:
@@ -72,3 +82,26 @@ def test_a_label_column_of_numbers_is_refused_naming_its_type_and_the_one_expect
     assert (
         labels.known["color"].tolist() == [True, False, True] and labels.targets["size"].tolist() == [-1] * 3
     )
+
+
+def test_an_image_that_no_longer_reads_stops_training_naming_the_product(tmp_path: Path) -> None:
+    """Training's products are those whose image a check found usable or absent: one that fails to
+    read or decode when its item is made (the file gone, the bytes changed) stops the run naming it,
+    as the streamed path does, instead of training on it as a product without an image."""
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode_image(np.full((32, 32, 3), 90, np.uint8), "PNG"))
+    table = pa.table(
+        {
+            "product_id": ["photo", "none", "gone", "broken"],
+            "title": ["a", "b", "c", "d"],
+            "image": [None, None, None, b"not an image"],
+            "image_uri": [str(photo), None, str(tmp_path / "gone.png"), None],
+        }
+    )
+    records = ProductRecords.from_arrow(table, ImagePolicy(roots=(str(tmp_path),)))
+    data = ProductDataset(records, np.arange(4), preprocessing=ImagePreprocessing(32))
+    assert data[0]["image_present"] and not data[1]["image_present"]  # no image: scored from text
+    with pytest.raises(CatalogEnrichError, match=rf"image of product 'gone' \({IMAGE_READABLE}\)"):
+        data[2]
+    with pytest.raises(CatalogEnrichError, match=rf"image of product 'broken' \({IMAGE_DECODABLE}\)"):
+        data[3]

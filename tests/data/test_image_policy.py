@@ -131,6 +131,26 @@ def test_formats_are_an_allowlist_the_config_extends() -> None:
     )
 
 
+def test_a_tracking_pixel_or_an_icon_is_refused_by_the_decoder_and_the_header_check_alike() -> None:
+    """A 1 x 1 GIF or a strip under ``images.min_side`` is no product photo: scored, it would be one
+    flat colour; a stored vector's bytes (``allows_bytes``) are held to the same rule."""
+    policy = ImagePolicy.from_config(ImagesConfig(min_side=20))
+    for (width, height), reason in {
+        (1, 1): IMAGE_WITHIN_LIMITS,
+        (19, 48): IMAGE_WITHIN_LIMITS,
+        (48, 19): IMAGE_WITHIN_LIMITS,
+        (20, 20): None,
+    }.items():
+        for fmt in ("JPEG", "PNG", "GIF"):
+            data = _save(RGB.resize((width, height)), fmt)
+            assert load_pixels(data, None, SIZE, policy=policy)[1] == reason, (width, height, fmt)
+            assert policy.allows_bytes(data) == (reason is None), (width, height, fmt)
+    # a JPEG at the model's own size (the libjpeg-turbo path) is held to it too
+    assert load_pixels(encode_image(RGB.resize((8, 8))), None, 8)[1] == IMAGE_WITHIN_LIMITS
+    # the default lets through every image the synthetic generator draws (16 px and up)
+    assert ImagePolicy().min_side == ImagesConfig().min_side <= 16
+
+
 def test_no_image_at_all_is_not_an_error() -> None:
     assert load_pixels(None, None, SIZE) == (None, None)
     assert load_pixels(None, "", SIZE) == (None, None)
@@ -318,6 +338,47 @@ def test_a_host_is_resolved_once_so_a_rebinding_answer_reaches_nothing(
     )
     assert policy.read(f"http://images.example:{http_server.port}/a.jpg") == (None, IMAGE_READABLE)
     assert http_server.paths == []
+
+
+def test_a_name_that_does_not_resolve_now_is_read_again_not_refused(
+    http_server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS down (EAI_AGAIN) is transient, as a host that does not answer is; and resolving counts
+    against the image's time: a name that resolves only after it is spent reaches nothing."""
+    real = socket.getaddrinfo
+
+    def resolve(host: object, port: object, *args: object, **kw: object) -> object:
+        if host == "down.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "slow.example":
+            time.sleep(FAST.total_timeout + 0.1)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return real(host, port, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    policy = ImagePolicy(schemes=("http", "https"), allow_private_addresses=True, http=FAST)
+    assert policy.read("https://down.example/a.jpg") == (None, IMAGE_READABLE)
+    assert policy.read(f"http://slow.example:{http_server.port}/a.jpg") == (None, IMAGE_READABLE)
+    assert http_server.paths == []
+    # an address refused is still refused for good
+    assert ImagePolicy(schemes=("http",), http=FAST).read(f"{http_server.url}/a.jpg") == (
+        None,
+        IMAGE_URI_ALLOWED,
+    )
+
+
+def test_a_page_answered_in_the_images_place_is_read_again_not_undecodable(
+    http_server: _Server, tmp_path: Path
+) -> None:
+    """A CDN in maintenance answers ``200`` with an HTML (or plain text) page where the image should
+    be: unreadable now (the next runs read it again), not a product whose image is no image."""
+    (tmp_path / "maintenance.html").write_bytes(b"<html><body>Back soon</body></html>")
+    (tmp_path / "maintenance.txt").write_bytes(b"Service temporarily unavailable")
+    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=FAST)
+    for name in ("maintenance.html", "maintenance.txt"):
+        assert load_pixels(None, f"{http_server.url}/{name}", SIZE, policy=policy) == (None, IMAGE_READABLE)
+    pixels, reason = load_pixels(None, f"{http_server.url}/a.jpg", SIZE, policy=policy)  # image/jpeg
+    assert reason is None and pixels is not None
 
 
 def test_slow_and_flaky_hosts_are_bounded_and_retried(http_server: _Server) -> None:

@@ -81,9 +81,9 @@ def _saved(image: Image.Image, fmt: str, **options: object) -> bytes:
 
 
 def _red_on_transparent(mode: str) -> bytes:
-    """A red square in the middle of a transparent 8 x 8 picture whose transparent pixels store black."""
-    rgba = np.zeros((8, 8, 4), np.uint8)
-    rgba[2:6, 2:6] = (255, 0, 0, 255)
+    """A red square in the middle of a transparent 16 x 16 picture whose transparent pixels store black."""
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[4:12, 4:12] = (255, 0, 0, 255)
     image = Image.fromarray(rgba, "RGBA")
     if mode == "P":  # a palette with a transparent index, as GIFs and small PNGs have
         image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
@@ -100,18 +100,31 @@ def test_transparent_pixels_are_shown_over_white_as_a_viewer_shows_them(mode: st
     assert shown is not None
     assert (shown[0, 0] == 255).all() and (shown[-1, -1] == 255).all()  # the background: white
     middle = (255, 0, 0) if mode != "LA" else (76, 76, 76)  # LA is grey: red's luma, 0.299 x 255
-    assert tuple(shown[4, 4]) == middle
+    assert tuple(shown[8, 8]) == middle
     # the first models' decode is kept for them: transparent pixels show the black they store
     assert (decode_image(data, decode=1)[0, 0] == 0).all()  # type: ignore[index]
 
 
+def _sixteen_bit(levels: list[int], **options: object) -> bytes:
+    """A 16 x 16 16-bit greyscale PNG of four-pixel-wide columns of ``levels`` (four of them)."""
+    grey = np.array([levels], np.uint16).repeat(16, axis=0).repeat(4, axis=1)
+    return _saved(Image.fromarray(grey), "PNG", **options)
+
+
 def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
-    grey = np.array([[0, 256 * 64, 32896, 65535]], np.uint16).repeat(4, axis=0)
-    data = _saved(Image.fromarray(grey), "PNG")
+    data = _sixteen_bit([0, 256 * 64, 32896, 65535])
     shown = decode_image(data)
-    assert shown is not None and shown.shape == (4, 4, 3)
-    assert shown[0, :, 0].tolist() == [0, 64, 128, 255] and (shown[..., 0] == shown[..., 2]).all()
-    assert decode_image(data, decode=1)[0, :, 0].tolist() == [0, 255, 255, 255]  # type: ignore[index]
+    assert shown is not None and shown.shape == (16, 16, 3)
+    assert shown[0, ::4, 0].tolist() == [0, 64, 128, 255] and (shown[..., 0] == shown[..., 2]).all()
+    assert decode_image(data, decode=1)[0, ::4, 0].tolist() == [0, 255, 255, 255]  # type: ignore[index]
+
+
+def test_sixteen_bit_greyscale_keeps_its_transparent_grey_level() -> None:
+    """A 16-bit grey PNG names one 16-bit level transparent (its tRNS chunk): those pixels show
+    white, and only those, not the others that scale to the same 8-bit level."""
+    shown = decode_image(_sixteen_bit([0, 1000, 1100, 40000], transparency=1000))
+    assert shown is not None
+    assert shown[0, ::4].tolist() == [[0] * 3, [255] * 3, [4] * 3, [156] * 3]  # 1100 / 257 = 4.3
 
 
 @pytest.mark.parametrize("size", [None, 16], ids=["native", "model-size"])

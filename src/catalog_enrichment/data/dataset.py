@@ -6,7 +6,8 @@ serving uses (:func:`catalog_enrichment.data.images.load_pixels`) and handed to 
 pixels, which the image encoder normalises with its own preprocessing. A product without an image
 becomes zeros with ``image_present = 0`` (the models are trained with such products, so they score
 them from the text alone); training leaves out products whose image exists but cannot be used, as
-serving quarantines them.
+serving quarantines them, and stops where such an image shows up later (it changed or failed to read
+since the check): it never trains on it as a product without an image.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from catalog_enrichment.config import TextEncoderConfig
 from catalog_enrichment.contracts import Taxonomy, blank_value
 from catalog_enrichment.data.images import ImagePolicy, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
-from catalog_enrichment.errors import ConfigError, ContractError, TaxonomyError
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError, ContractError, TaxonomyError
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -441,7 +442,11 @@ def _padded_backend(tokenizer: Any, max_length: int) -> Any:
 
 
 class ProductDataset(Dataset[dict[str, Any]]):
-    """Items of a subset of products: texts, the image (decoded on access) and the labels."""
+    """Items of a subset of products: texts, the image (decoded on access) and the labels.
+
+    The products are those whose image a check found usable or absent: an image that cannot be used
+    when its item is made raises :class:`CatalogEnrichError` naming the product.
+    """
 
     def __init__(
         self,
@@ -461,7 +466,14 @@ class ProductDataset(Dataset[dict[str, Any]]):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = int(self.indices[k])
-        pixels, _ = self.records.pixels(i, self.preprocessing)
+        pixels, reason = self.records.pixels(i, self.preprocessing)
+        if reason is not None:
+            raise CatalogEnrichError(
+                f"cannot use the image of product {self.records.product_id[i]!r} ({reason}), which "
+                "the check before training found usable: the image or its image_uri file changed, or "
+                "failed to read, since; the run stops rather than train on it as a product without "
+                "an image - rerun it (once the images are stable)"
+            )
         size = self.preprocessing.size
         item: dict[str, Any] = {
             "title": self.records.title[i],

@@ -90,8 +90,9 @@ class ImagePolicy:
     a loopback, private or link-local address unless allowed, timeouts and retries), only from
     ``hosts`` when it is not empty; other remote schemes (object stores, read with the job's own
     credentials) through fsspec only for buckets listed in ``hosts``; at most ``max_bytes`` read and
-    ``max_pixels`` decoded, and only by the Pillow decoders of ``formats``. The default policy reads
-    no ``image_uri`` at all (inline bytes only).
+    ``max_pixels`` decoded, no side under ``min_side`` (a tracking pixel or an icon is no product
+    photo), and only by the Pillow decoders of ``formats``. The default policy reads no
+    ``image_uri`` at all (inline bytes only).
     """
 
     roots: tuple[str, ...] = ()
@@ -100,6 +101,7 @@ class ImagePolicy:
     hosts: tuple[str, ...] = ()
     max_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
+    min_side: int = 16
     formats: tuple[str, ...] = IMAGE_FORMATS
     http: HttpLimits = field(default_factory=HttpLimits)
 
@@ -113,19 +115,21 @@ class ImagePolicy:
             hosts=tuple(h.lower() for h in cfg.hosts),
             max_bytes=cfg.max_bytes,
             max_pixels=cfg.max_pixels,
+            min_side=cfg.min_side,
             formats=tuple(f.upper() for f in cfg.formats),
             http=HttpLimits(cfg.connect_timeout_seconds, cfg.timeout_seconds, cfg.retries),
         )
 
     def allows_bytes(self, data: bytes) -> bool:
-        """Whether inline image bytes are within the policy - their size, a format of ``formats``
-        and at most ``max_pixels`` - judged on the header alone, nothing decoded: a product fused
-        from its stored vector is held to today's policy, as a fresh read would be."""
+        """Whether inline image bytes are within the policy - their size, a format of ``formats``,
+        at most ``max_pixels`` and no side under ``min_side`` - judged on the header alone, nothing
+        decoded: a product fused from its stored vector is held to today's policy, as a fresh read
+        would be."""
         if len(data) > self.max_bytes:
             return False
         try:
             with Image.open(io.BytesIO(data), formats=self.formats) as image:
-                return bool(image.width * image.height <= self.max_pixels)
+                return _within_limits(image, self.max_pixels, self.min_side)
         except Exception:  # not an image of these formats, or over Pillow's own limit
             return False
 
@@ -256,7 +260,8 @@ def load_pixels(
     which is read under ``policy`` (default: :class:`ImagePolicy`'s, no URI at all). Returns
     ``(pixels, None)``; ``(None, None)`` when the product has no image at all; else ``(None,
     reason)``: :data:`IMAGE_URI_ALLOWED`, :data:`IMAGE_READABLE`, :data:`IMAGE_WITHIN_LIMITS` (too
-    many bytes or pixels) or :data:`IMAGE_DECODABLE` (the bytes are not an image).
+    many bytes or pixels, or a side under the policy's ``min_side``) or :data:`IMAGE_DECODABLE` (the
+    bytes are not an image).
     """
     pixels, reason, _ = read_pixels(raw, uri, size, interpolation, policy, decode)
     return pixels, reason
@@ -287,7 +292,7 @@ def read_pixels(
             return None, reason, None
     else:
         return None, None, None
-    pixels, reason = _decode(data, size, interpolation, policy.max_pixels, policy.formats, decode)
+    pixels, reason = _decode(data, size, interpolation, policy, decode)
     return pixels, reason, image_key(data) if reason is None else None
 
 
@@ -372,39 +377,40 @@ def decode_image(
     decode: int = DECODE_VERSION,
 ) -> np.ndarray | None:
     """Decode image bytes to an RGB ``(H, W, 3)`` uint8 array, or ``None`` when they are not an image
-    (or one over :class:`ImagePolicy`'s default pixel limit); ``decode`` is a :data:`DECODE_VERSIONS`.
+    (or one outside :class:`ImagePolicy`'s default pixel limits); ``decode`` is a :data:`DECODE_VERSIONS`.
 
     Empty, truncated and corrupt bytes all return ``None`` (never raise): the caller decides whether
     that quarantines the row or scores it as a product without an image.
     """
-    policy = _DEFAULT_POLICY
-    return _decode(data, size, interpolation, policy.max_pixels, policy.formats, decode)[0]
+    return _decode(data, size, interpolation, _DEFAULT_POLICY, decode)[0]
+
+
+def _within_limits(image: Image.Image, max_pixels: int, min_side: int) -> bool:
+    """Whether an opened image's size (from its header) is within the policy's pixel limits."""
+    return bool(image.width * image.height <= max_pixels and min(image.width, image.height) >= min_side)
 
 
 def _decode(
-    data: bytes | None,
-    size: int | None,
-    interpolation: str,
-    max_pixels: int,
-    formats: tuple[str, ...],
-    decode: int,
+    data: bytes | None, size: int | None, interpolation: str, policy: ImagePolicy, decode: int
 ) -> tuple[np.ndarray | None, str | None]:
     """Pixels, or ``(None, IMAGE_DECODABLE / IMAGE_WITHIN_LIMITS)``.
 
     JPEGs already at the model's size go through libjpeg-turbo (``simplejpeg``: about 3x faster than PIL
     on small images, the same pixels); everything else, and any JPEG libjpeg-turbo rejects, through PIL,
-    which has the last word on what is an image - with only the decoders of ``formats`` (Pillow tries no
-    other plugin on the bytes: EPS would run Ghostscript). PIL reads the header first: an image over
-    ``max_pixels`` is refused before anything is decoded. PIL decodes large JPEGs at a reduced DCT scale
-    (``draft``) before the resize, so an 800 px photo costs little more than a thumbnail. Other modes
-    (CMYK, 16-bit, palette, alpha) are converted to RGB as ``decode`` says (:data:`DECODE_VERSIONS`);
-    an animation gives its first frame. A JPEG that carries EXIF data goes through PIL from version 2,
-    which reads its orientation.
+    which has the last word on what is an image - with only the decoders of the ``policy``'s ``formats``
+    (Pillow tries no other plugin on the bytes: EPS would run Ghostscript). PIL reads the header first:
+    an image over ``max_pixels``, or with a side under ``min_side``, is refused before anything is
+    decoded. PIL decodes large JPEGs at a reduced DCT scale (``draft``) before the resize, so an 800 px
+    photo costs little more than a thumbnail. Other modes (CMYK, 16-bit, palette, alpha) are converted
+    to RGB as ``decode`` says (:data:`DECODE_VERSIONS`); an animation gives its first frame. A JPEG that
+    carries EXIF data goes through PIL from version 2, which reads its orientation.
     """
     if not data:
         return None, IMAGE_DECODABLE
+    formats = policy.formats
     if (
         size is not None
+        and size >= policy.min_side  # the fast path's JPEGs are size x size
         and data[:3] == b"\xff\xd8\xff"
         and "JPEG" in formats
         and (decode == 1 or data.find(_EXIF, 0, _EXIF_WITHIN) < 0)
@@ -414,7 +420,7 @@ def _decode(
             return fast, None
     try:
         with Image.open(io.BytesIO(data), formats=formats) as image:
-            if image.width * image.height > max_pixels:
+            if not _within_limits(image, policy.max_pixels, policy.min_side):
                 return None, IMAGE_WITHIN_LIMITS
             if size is not None and image.format == "JPEG":
                 image.draft("RGB", (size, size))
@@ -449,7 +455,8 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 def _as_shown(image: Image.Image) -> Image.Image:
     """A loaded image as RGB the way a viewer shows it (decode version 2): turned upright by its EXIF
     orientation (unreadable EXIF data is ignored, not an undecodable image), 16-bit and 32-bit integer
-    greyscale scaled from 0-65535 to 0-255, transparent pixels composited over white."""
+    greyscale scaled from 0-65535 to 0-255 (its transparent grey level kept), transparent pixels
+    composited over white."""
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # a malformed EXIF block: the pixels are still there
@@ -457,12 +464,27 @@ def _as_shown(image: Image.Image) -> Image.Image:
     if orientation in _UPRIGHT:
         image = image.transpose(_UPRIGHT[orientation])
     if image.mode == "I" or image.mode.startswith("I;16"):
-        wide = np.asarray(image, np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+        image = _eight_bit_grey(image)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _eight_bit_grey(image: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit integer greyscale image as 8-bit ``L``, 0-65535 rounded to 0-255 in
+    integers (no full-size float copy); ``LA`` where its ``transparency`` names a grey level, the
+    pixels of that level transparent."""
+    wide = np.asarray(image)
+    grey = np.clip(wide, 0, 65535).astype(np.int32, copy=False)
+    grey += 128  # round to the nearest: (v + 128) // 257 is rint(v / 257) for any integer v
+    grey //= 257
+    narrow = Image.fromarray(grey.astype(np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):
+        return narrow
+    alpha = np.where(wide == transparent, np.uint8(0), np.uint8(255))
+    return Image.merge("LA", (narrow, Image.fromarray(alpha, "L")))
 
 
 def _decode_jpeg(data: bytes, size: int) -> np.ndarray | None:

@@ -9,7 +9,8 @@
   body: each attempt gets only the time left.
 * **Retried**: connection errors, timeouts and 429 / 5xx answers are tried again with exponential
   backoff while time is left; what still fails is a *transient* failure (:data:`IMAGE_READABLE`,
-  read again by the next runs).
+  read again by the next runs), as is a name that does not resolve now (DNS down or slow) and a
+  ``200`` with a ``text/*`` body (a CDN's maintenance page where the image should be).
 * **Internationalized names** are asked for in their ASCII (``xn--``) form; a name that has none
   is refused (:data:`IMAGE_URI_ALLOWED`).
 * **No redirects**: a 3xx answer is refused (:data:`IMAGE_URI_ALLOWED`): its target was never
@@ -42,22 +43,25 @@ class HttpLimits:
     backoff: float = 0.5  # seconds before the first retry; doubles after each
 
 
-def checked_address(host: str, port: int, *, allow_private: bool) -> str | None:
-    """The address to connect to for ``host``: resolved once, every address public (unless private
-    ones are allowed), else ``None``."""
+def checked_address(host: str, port: int, *, allow_private: bool) -> tuple[str | None, str | None]:
+    """The address to connect to for ``host``, resolved once, every address public (unless private
+    ones are allowed); or ``(None, reason)``: :data:`IMAGE_URI_ALLOWED` for an address refused or a
+    name no DNS query can carry, :data:`IMAGE_READABLE` for a name that does not resolve now."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return None
+    except UnicodeError:  # e.g. a label over 63 characters
+        return None, IMAGE_URI_ALLOWED
+    except OSError:  # socket.gaierror: DNS down, slow or without an answer today
+        return None, IMAGE_READABLE
     addresses = [str(info[4][0]).split("%")[0] for info in infos]
     if not addresses:
-        return None
+        return None, IMAGE_READABLE
     if not allow_private:
         for text in addresses:
             address = ipaddress.ip_address(text)
             if not address.is_global or address.is_multicast:
-                return None
-    return addresses[0]
+                return None, IMAGE_URI_ALLOWED
+    return addresses[0], None
 
 
 def _pool(address: str, port: int, host: str, https: bool, limits: HttpLimits) -> Any:
@@ -91,6 +95,8 @@ def _body(response: Any, max_bytes: int, deadline: float) -> tuple[bytes | None,
         return None, IMAGE_URI_ALLOWED
     if response.status != 200:
         return None, IMAGE_READABLE
+    if response.headers.get("Content-Type", "").strip().lower().startswith("text/"):
+        return None, IMAGE_READABLE  # a maintenance or error page answered in the image's place
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         return None, IMAGE_WITHIN_LIMITS
@@ -123,10 +129,10 @@ def read_http(
     host = _ascii_host(parts.hostname or "")
     if not host:
         return None, IMAGE_URI_ALLOWED
-    address = checked_address(host, port, allow_private=allow_private)
+    deadline = time.monotonic() + limits.total_timeout  # resolving counts against the image's time too
+    address, reason = checked_address(host, port, allow_private=allow_private)
     if address is None:
-        return None, IMAGE_URI_ALLOWED
-    deadline = time.monotonic() + limits.total_timeout
+        return None, reason
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     name = host if ":" not in host else f"[{host}]"
     headers = {"Host": name if parts.port is None else f"{name}:{parts.port}"}
