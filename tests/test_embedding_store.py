@@ -232,3 +232,65 @@ def test_embeddings_lists_the_store_and_vacuums_what_no_live_version_uses(  # ty
     assert main(["embeddings", *flags, "--vacuum"]) == 0
     assert "removed 3 vectors" in capsys.readouterr().out
     assert catalog.embedding_counts() == {encoder: 2}
+
+
+def _store_of(tmp_path: Path, writes: list[list[tuple[str, str]]]) -> Any:
+    """A lakehouse catalog whose store holds, per write (its own files), (encoder, product) rows."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment.catalog.embeddings import embeddings_schema
+
+    catalog = open_catalog(tiny_config(catalog={"root": str(tmp_path / "lake")}).catalog)
+    for k, rows in enumerate(writes):
+        staged = tmp_path / f"staged-{k}"
+        staged.mkdir()
+        table = pa.table(
+            {
+                "encoder": [e for e, _ in rows],
+                "product_id": [p for _, p in rows],
+                "content": [f"c-{e[:2]}-{p}" for e, p in rows],
+                "embedding": [f"{e[:2]}{p}".encode() for e, p in rows],
+                "run_id": ["r"] * len(rows),
+                "written_at": [dt.datetime(2026, 11, 1, tzinfo=dt.UTC)] * len(rows),
+            }
+        )
+        pq.write_table(table.cast(embeddings_schema()), staged / "part-0.parquet")
+        catalog.write_embeddings(str(staged))
+    return catalog
+
+
+@pytest.mark.timeout(120)
+def test_a_store_with_deletion_vectors_is_read_with_the_same_filter(tmp_path: Path) -> None:
+    """A store with deletion vectors (streamed file by file) gives the encoder's asked rows only,
+    its deleted rows left out, and counts them alike."""
+    from tests.delta_protocol import delete_with_deletion_vector
+
+    ours, other = "ab" * 16, "cd" * 16
+    catalog = _store_of(tmp_path, [[(ours, "p0"), (other, "p1"), (ours, "p2"), (ours, "p3")]])
+    delete_with_deletion_vector(tmp_path / "lake" / "embeddings", [0])  # the file's first row
+    deleted = read_table(tmp_path / "lake" / "embeddings")
+    assert deleted.num_rows == 3
+    found = catalog.embeddings_of(ours, ["p0", "p1", "p2", "p3"])
+    left = {r["product_id"] for r in deleted.to_pylist() if r["encoder"] == ours}
+    assert sorted(found["product_id"].to_pylist()) == sorted(left)
+    assert catalog.embedding_counts() == {ours: len(left), other: 1}
+
+
+@pytest.mark.timeout(120)
+def test_the_store_s_counts_stream_the_encoder_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted a batch at a time: the store's encoder column is never read whole."""
+    from catalog_enrichment.catalog import lakehouse
+
+    ours, other = "ab" * 16, "cd" * 16
+    catalog = _store_of(tmp_path, [[(ours, f"p{i}") for i in range(5)], [(other, "p0")]])
+
+    def whole(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the whole table was read")
+
+    monkeypatch.setattr(lakehouse, "read_table", whole)
+    assert catalog.embedding_counts() == {ours: 5, other: 1}

@@ -526,8 +526,8 @@ class TrainingConfig(_Section):
     )
     embedding_cache: PathStr | None = Field(
         None,
-        description="frozen: folder of cached product embeddings, keyed on the data and the encoders; "
-        "None = ~/.cache/catalog-enrichment/embeddings.",
+        description="frozen: folder of cached product embeddings, keyed on the data and the encoders "
+        "(a file unused for 14 days is deleted); None = ~/.cache/catalog-enrichment/embeddings.",
     )
 
     noise_pruning: NoisePruningConfig = Field(default_factory=NoisePruningConfig)

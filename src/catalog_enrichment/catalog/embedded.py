@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import logging
 import operator
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -290,8 +291,11 @@ class LakehouseCatalog:
         return int(metrics.get("num_deleted_rows", 0))
 
     def embedding_counts(self) -> dict[str, int]:
-        """Stored vectors per encoder fingerprint."""
+        """Stored vectors per encoder fingerprint (the encoder column counted a batch at a time)."""
         if not lakehouse.is_delta(self.embeddings):
             return {}
-        encoders = lakehouse.read_table(self.embeddings, columns=["encoder"])["encoder"]
-        return {str(v["values"]): int(v["counts"]) for v in encoders.value_counts().to_pylist()}
+        counts: Counter[str] = Counter()
+        for batch in lakehouse.scan(self.embeddings, ["encoder"]):
+            for v in batch.column("encoder").value_counts().to_pylist():
+                counts[str(v["values"])] += int(v["counts"])
+        return dict(counts)

@@ -8,21 +8,28 @@ Where they are kept between trainings: for a model whose fusion reads pooled vec
 (:func:`catalog_enrichment.embeddings.vectors.storable`) and a catalog given, the catalog's embedding
 store - the vectors the enrichment job reads and fills, per product and encoder fingerprint, so
 training and serving encode a product once between them (:func:`embed_products`' ``store``).
-Otherwise a private cache file keyed on the data (each product's text and image, in canonical
-order) and on the encoders (their weights, the tokenizer, the image preprocessing and what the
-fusion reads), so a changed snapshot or model is embedded afresh and an unchanged one is read back in
-seconds.
+Otherwise a private cache file keyed on the data (each product's text and image - its inline bytes,
+or the digest of the bytes a check read behind its ``image_uri`` - in canonical order) and on the
+encoders (their weights, the tokenizer, the image preprocessing and what the fusion reads), so a
+changed snapshot, photo or model is embedded afresh and an unchanged one is read back in seconds. A
+cache file no training read or wrote for :data:`CACHE_KEEP_DAYS` days is deleted.
+
+A vector is kept (cache or store) only where the bytes its encode read are those the check read
+(``ProductRecords.image_digest``): a photo replaced, or an outage tile served, between the two is
+encoded again next time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from catalog_enrichment.catalog.embeddings import split_content, stored_content
 from catalog_enrichment.data.dataset import Collator, EncodedLabels, ProductDataset, ProductRecords
+from catalog_enrichment.data.images import read_pixels
+from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.embeddings import vectors as embedding
 from catalog_enrichment.embeddings.vectors import encoder_fingerprint
 from catalog_enrichment.models.fusion import FusionInputs
@@ -45,6 +54,7 @@ if TYPE_CHECKING:
     from catalog_enrichment.catalog.base import Catalog
 
 __all__ = [
+    "CACHE_KEEP_DAYS",
     "EmbeddedDataset",
     "Embeddings",
     "default_cache_dir",
@@ -55,6 +65,10 @@ __all__ = [
 
 # token-level outputs are large (L or N vectors per product); they are cached in half precision
 _HALF = ("text_tokens", "image_tokens")
+
+# a private cache file no training read or wrote for this many days is deleted (each training whose
+# data changed writes a new one)
+CACHE_KEEP_DAYS = 14
 
 
 def default_cache_dir() -> Path:
@@ -118,17 +132,41 @@ def _pad_tokens(flat: dict[str, torch.Tensor], length: int) -> dict[str, torch.T
     return flat
 
 
-def _fingerprint(model: MultimodalModel, tokenizer: Any, records: ProductRecords, max_length: int) -> str:
-    """Hash of the data and of everything that shapes the encoders' outputs."""
+def _fingerprint(
+    model: MultimodalModel, tokenizer: Any, records: ProductRecords, max_length: int
+) -> str | None:
+    """Hash of the data (each product's texts and image: inline bytes, or the digest of the bytes
+    the check read behind ``image_uri``) and of everything that shapes the encoders' outputs; None
+    where a product's image is read from its URI unchecked (``records.image_digest`` empty): the
+    photo behind a URI is not known before it is read, so no key names it."""
     h = hashlib.sha256(encoder_fingerprint(model, tokenizer, max_length).encode())
     for i in range(len(records)):
-        image = records.image[i]
-        h.update(
-            repr((records.title[i], records.description[i], records.image_uri[i], len(image or b""))).encode()
-        )
+        image, uri = records.image[i], records.image_uri[i]
+        if image is None and uri and not records.image_digest:
+            return None
+        digest = _image_digest(records, i)
+        h.update(repr((records.title[i], records.description[i], uri, len(image or b""), digest)).encode())
         if image:
             h.update(image)
     return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class _Reading(ProductRecords):
+    """``ProductRecords`` whose image reads note the digest of the bytes each read (``read``, by row;
+    :func:`~catalog_enrichment.data.images.read_pixels`): what a vector was encoded from."""
+
+    read: dict[int, str | None] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: ProductRecords) -> _Reading:
+        return cls(**{f.name: getattr(records, f.name) for f in fields(ProductRecords)})
+
+    def pixels(self, i: int, prep: ImagePreprocessing) -> tuple[np.ndarray | None, str | None]:
+        pixels, reason, self.read[i] = read_pixels(
+            self.image[i], self.image_uri[i], prep.size, prep.interpolation, self.image_policy, prep.decode
+        )
+        return pixels, reason
 
 
 @torch.inference_mode()
@@ -146,35 +184,63 @@ def embed_products(
     """Every product's encoder outputs: with a catalog ``store`` and a storable model, the stored
     vectors of products whose content is unchanged and the others encoded and stored; else read from
     ``cache_dir`` when this data and model were embedded before, or computed (with a progress bar)
-    and written there. ``collator`` tokenizes the texts (its tokenizer and length are part of the
-    vectors' key)."""
+    and written there (not where a product's image comes from its URI unchecked: see
+    :func:`_fingerprint`). ``collator`` tokenizes the texts (its tokenizer and length are part of
+    the vectors' key)."""
     if store is not None and embedding.storable(model) and device.type == "cpu":  # as the job's
         return _embed_through_store(model, records, collator, batch_size, device, store, say)
     tokenizer, max_length = collator.tokenizer, collator.max_length
     key = _fingerprint(model, tokenizer, records, max_length)
-    path = cache_dir / f"{key}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file():
+    path = cache_dir / f"{key}.pt" if cache_dir is not None and key is not None else None
+    cached = _read_cached(path) if path is not None else None
+    if cached is not None:
         say(f"frozen encoders: embeddings of {len(records):,} products read from {path}")
-        return Embeddings(torch.load(path, map_location="cpu", weights_only=True))
+        return Embeddings(cached)
     parts: dict[str, list[torch.Tensor]] = {}
-    every = np.arange(len(records))
-    for flat in _encoded(model, records, every, collator, batch_size, device, say):
+    every, reading = np.arange(len(records)), _Reading.of(records)
+    for flat in _encoded(model, reading, every, collator, batch_size, device, say):
         for name, tensor in _pad_tokens(flat, max_length).items():  # token outputs kept in half
             parts.setdefault(name, []).append(tensor.half() if name in _HALF else tensor)
     tensors = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    unfit = _not_to_keep(model, records, tensors)
+    unfit = _not_to_keep(model, reading, tensors)
     if path is not None and unfit:
         say(
             f"frozen encoders: {len(records):,} products embedded, not cached: {unfit:,} of them had an "
-            "image that did not load this time, or a vector that is not finite (encoded again next time)"
+            "image that did not load this time or changed since it was checked, or a vector that is "
+            "not finite (encoded again next time)"
         )
     elif path is not None:
         save_atomically(tensors, path)
+        _evict(path.parent)
         say(f"frozen encoders: {len(records):,} products embedded, cached in {path}")
     return Embeddings(tensors)
 
 
-def _not_to_keep(model: MultimodalModel, records: ProductRecords, tensors: dict[str, torch.Tensor]) -> int:
+def _read_cached(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cache file at ``path``, marked used now (kept another :data:`CACHE_KEEP_DAYS` days); None
+    when there is none (or another training's :func:`_evict` just deleted it)."""
+    try:
+        tensors: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    with contextlib.suppress(OSError):  # a read-only cache is read all the same
+        os.utime(path)
+    return tensors
+
+
+def _evict(cache_dir: Path) -> None:
+    """Delete the cache files (and temporary files a killed write left) of ``cache_dir`` that no
+    training read or wrote for :data:`CACHE_KEEP_DAYS` days (one another training deletes or
+    replaces meanwhile is left to it)."""
+    oldest = time.time() - CACHE_KEEP_DAYS * 86_400
+    for entry in cache_dir.iterdir():
+        if entry.suffix in (".pt", ".partial"):
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < oldest:
+                    entry.unlink()
+
+
+def _not_to_keep(model: MultimodalModel, records: _Reading, tensors: dict[str, torch.Tensor]) -> int:
     """How many products' outputs no later training may reuse (:func:`_reusable`)."""
     n = len(records)
     finite = np.ones(n, bool)
@@ -185,13 +251,16 @@ def _not_to_keep(model: MultimodalModel, records: ProductRecords, tensors: dict[
 
 
 def _reusable(
-    records: ProductRecords, rows: np.ndarray, present: np.ndarray, finite: np.ndarray, images: bool
+    records: _Reading, rows: np.ndarray, present: np.ndarray, finite: np.ndarray, images: bool
 ) -> np.ndarray:
-    """Which of ``records[rows]``' encoder outputs a later run may reuse (cache or store): finite, and
-    not imageless where the product has an image (its read failed this time: a later run tries
-    again). ``present``/``finite``: per row, whether the outputs hold the image and are finite."""
+    """Which of ``records[rows]``' encoder outputs a later run may reuse (cache or store): finite, not
+    imageless where the product has an image (its read failed this time: a later run tries again),
+    and encoded from the bytes the check read (``records.image_digest``, where known; another
+    read's bytes - a photo replaced since, an outage tile - are encoded again by a later run).
+    ``present``/``finite``: per row, whether the outputs hold the image and are finite."""
     has = np.array([records.image[i] is not None or records.image_uri[i] is not None for i in rows], bool)
-    return finite & (present | ~has | (not images))
+    checked = np.array([records.read.get(int(i)) == _image_digest(records, int(i)) for i in rows], bool)
+    return finite & (present | ~has | (not images)) & (checked | (not records.image_digest))
 
 
 def _encoded(
@@ -262,18 +331,20 @@ def _embed_through_store(
             missing.append(i)
     storable = missing
     if missing:
-        batches = _encoded(model, records, np.array(missing), collator, batch_size, device, say)
+        reading = _Reading.of(records)
+        batches = _encoded(model, reading, np.array(missing), collator, batch_size, device, say)
         matrix[missing] = np.concatenate([embedding.pack(model, _unflatten(flat)) for flat in batches])
         present = embedding.unpack(model, matrix[missing]).image_present.numpy() > 0
         finite = np.asarray(np.isfinite(matrix[missing]).all(axis=1), bool)
-        reusable = _reusable(records, np.array(missing), present, finite, images)
+        reusable = _reusable(reading, np.array(missing), present, finite, images)
         storable = [i for i, keep in zip(missing, reusable, strict=True) if keep]
-        _store(store, encoder, records, content, matrix, storable)
+        _store(store, encoder, reading, content, matrix, storable)
     say(
         f"frozen encoders: {len(records) - len(missing):,} of {len(records):,} products read from the "
         f"embedding store, {len(missing):,} encoded, {len(storable):,} stored"
         + (
-            f" ({len(missing) - len(storable):,} not: an image that did not load, or a non-finite vector)"
+            f" ({len(missing) - len(storable):,} not: an image that did not load or changed since it "
+            "was checked, or a non-finite vector)"
             if len(storable) < len(missing)
             else ""
         )
@@ -298,13 +369,13 @@ def _fits(stored: tuple[str, bytes], content: str, image: str | None, width: int
 def _store(
     store: Catalog,
     encoder: str,
-    records: ProductRecords,
+    records: _Reading,
     content: list[str],
     matrix: np.ndarray,
     rows: list[int],
 ) -> None:
-    """The newly encoded vectors into the catalog's store (one per product id; a failure is a
-    warning: the store is a cache)."""
+    """The newly encoded vectors into the catalog's store (one per product id, beside the digest of
+    the image bytes it was encoded from; a failure is a warning: the store is a cache)."""
     import pyarrow.parquet as pq
 
     from catalog_enrichment.catalog.embeddings import embeddings_schema
@@ -320,7 +391,7 @@ def _store(
         {
             "encoder": [encoder] * len(keep),
             "product_id": [records.product_id[i] for i in keep],
-            "content": [stored_content(content[i], _image_digest(records, i)) for i in keep],
+            "content": [stored_content(content[i], records.read.get(i)) for i in keep],
             "embedding": [matrix[i].tobytes() for i in keep],
             "run_id": ["training"] * len(keep),
             "written_at": [now] * len(keep),
