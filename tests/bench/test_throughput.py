@@ -66,12 +66,37 @@ def test_the_peer_scores_what_the_predictor_scores_through_mlflow_spark_udf(
     uri = f"models:/tiny/{version}"
     assert peer.main(["--model-uri", uri, "--products", str(products), "--out", str(out)]) == 0
     served = pq.read_table(out).to_pandas().set_index("product_id")["scores"]
-    frame = read_table(products).select(list(peer.INPUT_COLUMNS)).to_pandas()
+    frame = read_table(products).to_pandas()  # every column the job's predictor reads
     expected = BatchPredictor(load_bundle(scoring_bundle), device="cpu").score_frame(frame)
     expected.index = frame["product_id"]
     assert sorted(served.index) == sorted(expected.index)
     got = np.stack([served[i] for i in expected.index])
     np.testing.assert_allclose(got, expected.to_numpy(), atol=1e-5)
+
+
+def test_the_peer_passes_every_input_the_registered_signature_names() -> None:
+    """MLflow passes a pyfunc model only the struct fields given to ``spark_udf``: the peer gives all
+    the signature's inputs (a lexical fusion reads the category, an imageless product its
+    image_uri), so its scores are the job's."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from catalog_enrichment.bench import peer
+    from catalog_enrichment.registry import _signature
+    from catalog_enrichment.training.job import _example_frame
+
+    products = pa.table(
+        {
+            "product_id": ["p1"],
+            "title": ["red shoe"],
+            "description": [None],
+            "image": [b"\x89PNG"],
+            "image_uri": pa.array([None], pa.string()),
+            "category": ["shoes"],
+        }
+    )
+    signature = _signature(_example_frame(products), pd.DataFrame({"color=red": [0.5]}))
+    assert sorted(signature.inputs.input_names()) == sorted(peer.INPUT_COLUMNS)
 
 
 def test_a_whole_process_is_timed_with_its_cpu_and_peak_memory(tmp_path: Path) -> None:

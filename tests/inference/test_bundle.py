@@ -14,8 +14,14 @@ from torch import nn
 
 from catalog_enrichment.calibration import AttributeCalibration, Calibration, ValueThreshold
 from catalog_enrichment.catalog.lakehouse import read_table
-from catalog_enrichment.errors import CatalogEnrichError, ConfigError
-from catalog_enrichment.inference.bundle import MANIFEST, ModelBundle, bundle_problems, load_bundle
+from catalog_enrichment.errors import CatalogEnrichError, UnservableBundle
+from catalog_enrichment.inference.bundle import (
+    MANIFEST,
+    BundleFolder,
+    ModelBundle,
+    bundle_problems,
+    load_bundle,
+)
 from catalog_enrichment.inference.decide import DecisionPolicy
 from catalog_enrichment.inference.predictor import BatchPredictor
 
@@ -140,8 +146,30 @@ def test_timm_kwargs_that_read_files_are_refused(quick_bundle: Path, tmp_path: P
         root, lambda meta: meta["model"]["image"].update(timm_kwargs={"checkpoint_path": "/etc/x"})
     )
     with pytest.raises(
-        ConfigError, match=r"model.json: image.timm_kwargs.*\['checkpoint_path'\] not allowed"
+        UnservableBundle, match=r"model.json: image.timm_kwargs.*\['checkpoint_path'\] not allowed"
     ):
+        load_bundle(root)
+
+
+def test_a_bundle_another_version_wrote_is_unservable_naming_that_version(
+    quick_bundle: Path, tmp_path: Path
+) -> None:
+    """What promotion catches to judge a challenger alone (promotion.py): a model config key this
+    version lacks, and weights of another architecture, each name the version that wrote them."""
+    root = _copy(quick_bundle, tmp_path)
+    _edit_model_json(root, lambda meta: meta.update(package_version="9.9.9"))
+    load_bundle(root)  # the version alone is no reason to refuse it
+    _edit_model_json(root, lambda meta: meta["model"].update(mixture_of_heads=4))
+    with pytest.raises(UnservableBundle, match=r"written by catalog-enrichment 9\.9\.9.*mixture_of_heads"):
+        load_bundle(root)
+    with pytest.raises(UnservableBundle, match=r"written by catalog-enrichment 9\.9\.9"):
+        BundleFolder(root).reads_images()
+    _edit_model_json(root, lambda meta: meta["model"].pop("mixture_of_heads"))
+    state = torch.load(root / "weights.pt", weights_only=True)
+    first = next(iter(state))
+    state[f"renamed.{first}"] = state.pop(first)  # a module another version names differently
+    torch.save(state, root / "weights.pt")
+    with pytest.raises(UnservableBundle, match=r"written by catalog-enrichment 9\.9\.9.*state_dict.*renamed"):
         load_bundle(root)
 
 

@@ -206,3 +206,49 @@ def test_a_zip_that_fails_part_way_is_not_left_beside_the_bundle(tmp_path, monke
         with pytest.raises(OSError, match="No space left"):
             zipped_bundle(bundle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-v1"]
+
+
+def test_shipping_a_version_prunes_the_downloads_no_run_shipped_for_a_week(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``_models/`` holds one folder and one zip per downloaded version: shipping one removes the
+    others no run shipped for UNUSED_FOR, never the one shipped, one shipped since (a backfill on
+    an older version) or what registry.download_bundle did not name."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from catalog_enrichment.inference import spark as spark_glue
+
+    def made(name: str, days_ago: float, *, folder: bool = True) -> None:
+        path = tmp_path / name
+        if folder:
+            path.mkdir()
+            (path / "weights.pt").write_bytes(b"w")
+        else:
+            path.write_bytes(b"PK")
+        stamp = time.time() - days_ago * 86400
+        os.utime(path, (stamp, stamp))
+
+    run = "0123456789ab"
+    made(f"tiny-v3-{run}", 30)  # the version shipped now: downloaded a month ago
+    made(f"tiny-v2-{run}", 8)
+    made(f"tiny-v2-{run}.zip", 8, folder=False)
+    made(f"tiny-v1-{run}", 2)  # a backfill shipped it two days ago
+    made(f"tiny-v1-{run}.zip", 2, folder=False)
+    made("my-bundle", 30)  # not a download
+    made("notes.zip", 30, folder=False)
+    shipped: list[str] = []
+    monkeypatch.setattr(spark_glue, "_SHIPPED", {})
+    fake = SimpleNamespace(sparkContext=SimpleNamespace(addArchive=shipped.append))
+    assert spark_glue.ship_bundle(fake, tmp_path / f"tiny-v3-{run}") == f"tiny-v3-{run}.zip"  # type: ignore[arg-type]
+    assert shipped == [str(tmp_path / f"tiny-v3-{run}.zip")]
+    versions = [f"tiny-v{v}-{run}{zip_}" for v in (1, 3) for zip_ in ("", ".zip")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["my-bundle", "notes.zip", *versions])
+    # the version shipped is marked used: a run on another version a week later keeps it until then
+    week = spark_glue.UNUSED_FOR
+    assert spark_glue.prune_downloads(tmp_path / f"tiny-v1-{run}", now=time.time() + week - 3600) == []
+    later = spark_glue.prune_downloads(tmp_path / f"tiny-v1-{run}", now=time.time() + week + 3600)
+    assert sorted(p.name for p in later) == [f"tiny-v3-{run}", f"tiny-v3-{run}.zip"]
+    # a bundle given by path (not a download) prunes nothing beside it
+    made(f"tiny-v0-{run}", 30)
+    assert spark_glue.prune_downloads(tmp_path / "my-bundle") == []
+    assert (tmp_path / f"tiny-v0-{run}").is_dir()

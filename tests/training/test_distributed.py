@@ -18,7 +18,14 @@ from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.synthetic import products_batches
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import FAULT_ENV
-from catalog_enrichment.training.distributed import _root_cause, global_batch_norm
+from catalog_enrichment.training.distributed import (
+    _executor_device,
+    _fit_distributed,
+    _RankJob,
+    _root_cause,
+    global_batch_norm,
+)
+from catalog_enrichment.training.fit import _rank0_score
 from catalog_enrichment.training.pipeline import train
 from catalog_enrichment.training.stream import table_source
 from tests.conftest import tiny_config
@@ -133,6 +140,64 @@ def test_batch_norm_over_two_ranks_halves_is_batch_norm_over_the_batch(tmp_path:
         layers = _norm_layers().eval()
         assert torch.equal(layers(_rows()[0]), _norm_layers().eval()(_rows()[0]))
     assert F.batch_norm is before
+
+
+def _score_rank(rank: int, init: str, out: str) -> None:
+    """Rank ``rank`` of two (gloo): its own validation score, a bit apart from the other's, agreed."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        agreed = [_rank0_score(torch.nn.Linear(1, 1), 0.5 + rank * 1e-7 + epoch) for epoch in range(2)]
+        torch.save(agreed, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_every_rank_stops_on_rank_0s_validation_score(tmp_path: Path) -> None:
+    """Ranks whose validation scores differ in the last bits (algorithms torch cannot make
+    deterministic) each act on rank 0's: one stopping while the other trains on would hang it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_score_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [[0.5, 1.5], [0.5, 1.5]]
+    assert _rank0_score(torch.nn.Linear(1, 1), 0.25) == 0.25  # no process group: its own
+
+
+def test_ranks_on_the_executors_use_the_gpus_spark_gives_their_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/spark/k8s.conf: GPUs on the executors only. ``device: auto`` resolves to the CPU on the
+    driver; the ranks on the executors train on the GPU each task is given."""
+    from types import SimpleNamespace
+
+    import pyspark.ml.torch.distributor
+    from pyspark.sql import SparkSession
+
+    assert _executor_device("auto", "1") == "cuda"
+    assert _executor_device("auto", "0") == _executor_device("auto", None) == "cpu"
+    assert _executor_device("cpu", "1") == "cpu"
+    assert _executor_device("cuda", "1") == "cuda"
+    made: list[dict[str, object]] = []
+
+    class Distributor:
+        def __init__(self, **kwargs: object) -> None:
+            made.append(kwargs)
+
+        def run(self, main: object, job: _RankJob) -> tuple[dict[str, torch.Tensor], str]:
+            return {}, job.device
+
+    conf = {"spark.task.resource.gpu.amount": "1"}
+    session = SimpleNamespace(conf=SimpleNamespace(get=lambda key, default=None: conf.get(key, default)))
+    monkeypatch.setattr(pyspark.ml.torch.distributor, "TorchDistributor", Distributor)
+    monkeypatch.setattr(SparkSession, "active", classmethod(lambda cls: session))
+    job = _RankJob(None, tiny_config(), None, (0.1, 0.1, 0.1), 1, None, 2, "cpu", (1, 1), ())  # type: ignore[arg-type]
+    assert job.cfg.inference.device == "auto"
+    assert _fit_distributed(job, local_mode=False) == ({}, "cuda")
+    assert _fit_distributed(job, local_mode=True) == ({}, "cpu")  # on the driver: its own device
+    assert [m["use_gpu"] for m in made] == [True, False]
 
 
 @pytest.mark.slow

@@ -18,7 +18,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-INPUT_COLUMNS = ("product_id", "title", "description", "image")  # the model signature's inputs
+# the model signature's inputs (registry._signature): MLflow passes the model only these, and a
+# lexical fusion reads the category, a product without image bytes its image_uri
+INPUT_COLUMNS = ("product_id", "title", "description", "image", "category", "image_uri")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

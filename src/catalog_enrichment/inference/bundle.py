@@ -39,7 +39,7 @@ from catalog_enrichment import __version__
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.errors import CatalogEnrichError, UnservableBundle
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError, UnservableBundle
 
 if TYPE_CHECKING:
     import torch
@@ -118,11 +118,31 @@ class BundleFolder:
     def read_calibration(self) -> Calibration:
         return Calibration.from_dict(json.loads(self.calibration.read_text()))
 
+    def read_model_config(self, meta: dict[str, Any] | None = None) -> ModelConfig:
+        """The saved model config (``meta``: ``model.json`` already read).
+
+        Raises:
+            UnservableBundle: this version cannot read it (a key it lacks or refuses).
+        """
+        meta = self.read_meta() if meta is None else meta
+        try:
+            return saved_model_config(meta["model"], source=str(self.meta))
+        except ConfigError as exc:
+            raise self.unservable(meta, str(exc)) from None
+
+    def unservable(self, meta: dict[str, Any], problem: str) -> UnservableBundle:
+        """``problem`` loading the bundle, as the error that names the version that wrote it."""
+        written = meta.get("package_version") or "an unrecorded version"
+        return UnservableBundle(
+            f"{self.root} (written by catalog-enrichment {written}; this is {__version__}) cannot be "
+            f"loaded: {problem}; retrain the model (catalog-enrich train)"
+        )
+
     def reads_images(self) -> bool:
         """Whether the model reads the product image (any member's fusion), without loading it."""
         from catalog_enrichment.models.model import needs_image
 
-        return needs_image(saved_model_config(self.read_meta()["model"], source=str(self.meta)))
+        return needs_image(self.read_model_config())
 
     def encoder_fingerprint(self) -> str | None:
         """The encoders' fingerprint without loading the model (None: it cannot use the store)."""
@@ -250,7 +270,13 @@ def json_safe(x: object) -> Any:
 
 
 def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> ModelBundle:
-    """Rebuild the model from a bundle folder alone and move it to ``device`` (eval mode)."""
+    """Rebuild the model from a bundle folder alone and move it to ``device`` (eval mode).
+
+    Raises:
+        CatalogEnrichError: the folder holds no bundle.
+        UnservableBundle: this version cannot serve it (another version of this package wrote it:
+            its model config, weights, score dtype or colour statistics differ from this one's).
+    """
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -268,7 +294,7 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
             f"{folder.root}: its thresholds were calibrated on {meta.get('score_dtype') or 'unrecorded'} "
             f"scores, this version scores in {SCORE_DTYPE}; retrain the model (catalog-enrich train)"
         )
-    model_config = saved_model_config(meta["model"], source=str(folder.meta))
+    model_config = folder.read_model_config(meta)
     colour = meta.get("color_version", 1)  # bundles written before the version was recorded: 1
     if model_config.image.color_features and colour != COLOR_VERSION:
         raise UnservableBundle(
@@ -287,7 +313,10 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
         text_backbones=text_backbones or None,
         preprocessing=ImagePreprocessing.from_dict(meta["image_preprocessing"]),
     )
-    model.load_state_dict(torch.load(folder.weights, map_location="cpu", weights_only=True))
+    try:  # strict: weights of another architecture (another version's model code) are refused
+        model.load_state_dict(torch.load(folder.weights, map_location="cpu", weights_only=True))
+    except RuntimeError as exc:
+        raise folder.unservable(meta, " ".join(str(exc).split())[:300]) from None
     model.to(device).eval()
     if model_config.encoder_runtime == "onnx" and torch.device(device).type == "cpu":
         runtime.attach(model, folder.onnx)

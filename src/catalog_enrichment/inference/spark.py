@@ -1,7 +1,8 @@
 """Spark glue: score a DataFrame of valid products with ``mapInArrow``, one model load per worker.
 
 The driver ships the model bundle folder as a zip with ``SparkContext.addArchive`` (executors
-unpack it once and need no MLflow access) and passes a small, picklable :class:`ScoringSpec`. Each
+unpack it once and need no MLflow access; the downloaded versions beside it that no run has shipped
+for :data:`UNUSED_FOR` are removed then) and passes a small, picklable :class:`ScoringSpec`. Each
 Python worker loads the bundle the first time it sees the spec and keeps the
 :class:`BatchPredictor` in a module-level cache; Spark reuses Python workers across tasks
 (``spark.python.worker.reuse``, on by default), so a worker loads the model once, not once per
@@ -16,10 +17,14 @@ report, the progress line and the test that proves one load per worker.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import json
 import os
+import re
+import shutil
+import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +55,7 @@ __all__ = [
     "encode_dataframe",
     "encoded_batch",
     "mark_shared_images",
+    "prune_downloads",
     "score_dataframe",
     "shared_image_digests",
     "ship_bundle",
@@ -183,16 +189,51 @@ def ship_bundle(spark: SparkSession, bundle_dir: Path) -> str:
 
     Spark ships archives to every executor and unpacks them there (``addFile`` cannot ship a
     folder outside local mode); the name is unique per model version (``<name>-v<version>-<run>``).
+    Other downloaded versions beside it are pruned (:func:`prune_downloads`).
     """
     archive = zipped_bundle(bundle_dir)
     name = archive.name
     if name not in _SHIPPED.get(id(spark.sparkContext), set()):
         spark.sparkContext.addArchive(str(archive))
         _SHIPPED.setdefault(id(spark.sparkContext), set()).add(name)
+    prune_downloads(bundle_dir)
     return name
 
 
 _SHIPPED: dict[int, set[str]] = {}
+# the folder names registry.download_bundle gives the versions it downloads (<name>-v<version>-<run>)
+_DOWNLOADED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-v\d+-[0-9a-f]{12}")
+UNUSED_FOR = 7 * 24 * 3600  # seconds: a downloaded version no run shipped for this long is removed
+
+
+def prune_downloads(bundle_dir: Path, *, now: float | None = None) -> list[Path]:
+    """Mark the downloaded version ``bundle_dir`` (and its zip) used ``now`` and remove the other
+    versions downloaded beside it, folders and zips, that no run has shipped for :data:`UNUSED_FOR`;
+    returns what was removed. A run marks its version when it ships it, before it scores, so a run on
+    an older version (a backfill) keeps its files unless it ran that long. A folder not named as
+    ``registry.download_bundle`` names its downloads (a bundle given by path) prunes nothing."""
+    if not _DOWNLOADED.fullmatch(bundle_dir.name):
+        return []
+    now = time.time() if now is None else now
+    for used in (bundle_dir, bundle_dir.parent / f"{bundle_dir.name}.zip"):
+        with contextlib.suppress(OSError):  # no zip (never shipped), or not ours to mark
+            os.utime(used, (now, now))
+    removed = []
+    for path in bundle_dir.parent.iterdir():
+        version = path.name.removesuffix(".zip")
+        if version == bundle_dir.name or not _DOWNLOADED.fullmatch(version):
+            continue
+        try:
+            if now - path.stat().st_mtime < UNUSED_FOR:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:  # another run removed it first
+            continue
+        removed.append(path)
+    return removed
 
 
 def zipped_bundle(bundle_dir: Path) -> Path:
@@ -200,7 +241,6 @@ def zipped_bundle(bundle_dir: Path) -> Path:
     name of its own and renames the whole zip into place: two runs on one machine zipping the same
     bundle at once both find it whole, and neither ships half of one. A zip that fails part-way (a
     full disk) is removed, not left beside the bundle for each retry to add another."""
-    import shutil
     import uuid
 
     archive = bundle_dir.parent / f"{bundle_dir.name}.zip"

@@ -7,11 +7,11 @@ baseline), then fits: in this process, or on N ranks that ``TorchDistributor`` s
 hold one model each under ``DistributedDataParallel`` (gloo on CPU, nccl on GPU), read their own
 shard of the training split, each take a batch of ``batch_size / N`` per step (the same global
 batch as one process; BatchNorm layers normalise over that global batch too,
-:func:`global_batch_norm`) and all score the whole validation split after every epoch, so they stop
-at the same epoch with the same weights (training losses are averaged over the ranks); one copy
-comes back. The driver alone scores the held-out splits (reading them again), calibrates, evaluates
-and (in the training job) logs and registers: no rank writes to MLflow. A rank that dies fails the
-run with one line.
+:func:`global_batch_norm`) and all score the whole validation split after every epoch and act on
+rank 0's score, so they stop at the same epoch with the same weights (training losses are averaged
+over the ranks); one copy comes back. The driver alone scores the held-out splits (reading them
+again), calibrates, evaluates and (in the training job) logs and registers: no rank writes to
+MLflow. A rank that dies fails the run with one line.
 
 With ``training.encoders: frozen`` the ranks train only the fusion and heads; the encoders run in
 evaluation mode on every batch (nothing is cached: a stream is read once per epoch), and with
@@ -228,11 +228,16 @@ def _fit_rank(
 
 
 def _fit_distributed(job: _RankJob, local_mode: bool) -> tuple[dict[str, torch.Tensor], FitResult]:
-    """The ranks under ``TorchDistributor``; a rank that fails is one line naming it (torchrun's root
-    cause, read from the ranks' output, which the distributor streams to this process: stdout on this
-    machine, stderr from the executors)."""
+    """The ranks under ``TorchDistributor``, on this machine's device or, on the executors, the one
+    Spark gives their tasks (:func:`_executor_device`); a rank that fails is one line naming it
+    (torchrun's root cause, read from the ranks' output, which the distributor streams to this
+    process: stdout on this machine, stderr from the executors)."""
     from pyspark.ml.torch.distributor import TorchDistributor
+    from pyspark.sql import SparkSession
 
+    if not local_mode:  # the ranks run on the executors: their GPUs count, not the driver's
+        gpus = SparkSession.active().conf.get("spark.task.resource.gpu.amount", "0")
+        job = replace(job, device=_executor_device(job.cfg.inference.device, gpus))
     distributor = TorchDistributor(
         num_processes=job.world, local_mode=local_mode, use_gpu=job.device.startswith("cuda")
     )
@@ -250,6 +255,16 @@ def _fit_distributed(job: _RankJob, local_mode: bool) -> tuple[dict[str, torch.T
             f"distributed training failed ({job.world} processes on {where}): {cause}; nothing was registered"
         ) from None
     return cast(tuple[dict[str, torch.Tensor], FitResult], result)
+
+
+def _executor_device(setting: str, task_gpus: str | None) -> str:
+    """The device of ranks on the executors for ``inference.device`` ``setting``: ``auto`` is CUDA
+    when Spark gives each task GPUs (``task_gpus``: ``spark.task.resource.gpu.amount``, what
+    ``TorchDistributor`` reads), else the CPU. The driver's own ``auto`` says nothing about them: on
+    Kubernetes (deploy/spark/k8s.conf) only the executors have GPUs."""
+    if setting != "auto":
+        return setting
+    return "cuda" if float(task_gpus or 0) > 0 else "cpu"
 
 
 class _Tee(io.TextIOBase):

@@ -309,8 +309,9 @@ def _train_epoch(
 def _sync_ranks(model: torch.nn.Module, loss: float) -> float:
     """In a distributed run, every rank ends the epoch like rank 0 and reports the same loss: the
     buffers from rank 0 (BatchNorm's running statistics already agree, being the global batch's,
-    but any other buffer a rank moved would not), the loss averaged over the ranks. Validation,
-    early stopping and the weights kept are then the same on every rank. Outside one, ``loss``."""
+    but any other buffer a rank moved would not), the loss averaged over the ranks. Every rank then
+    validates the same weights (and stops on rank 0's score: :func:`_rank0_score`). Outside one,
+    ``loss``."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -322,6 +323,21 @@ def _sync_ranks(model: torch.nn.Module, loss: float) -> float:
     total = torch.tensor([loss], dtype=torch.float64, device=where)
     dist.all_reduce(total)
     return float(total.item()) / dist.get_world_size()
+
+
+def _rank0_score(model: torch.nn.Module, score: float) -> float:
+    """In a distributed run, rank 0's validation score on every rank, so every rank takes the same
+    early-stopping decision: each scores the split itself, and where torch has no deterministic
+    algorithm (it only warns) the scores can differ in the last bits; a rank that stopped while
+    another trained on would leave that one waiting in its next all-reduce. Outside one, ``score``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return score
+    where = next(model.parameters(), torch.empty(0)).device  # NCCL broadcasts CUDA tensors only
+    rank0 = torch.tensor([score], dtype=torch.float64, device=where)
+    dist.broadcast(rank0, src=0)
+    return float(rank0.item())
 
 
 def _validation_score(
@@ -390,6 +406,7 @@ def fit_model(
         val_r, score = _validation_score(
             predict(model, val_loader, device, autocast=True), val_labels, taxonomy, tcfg.selection_metric
         )
+        score = _rank0_score(model, score)
         mean_r = float(np.mean(list(val_r.values())))
         lr = float(optimisation.scheduler.get_last_lr()[0])
         history.append(EpochMetrics(epoch, loss, val_r, mean_r, time.perf_counter() - started, lr))
