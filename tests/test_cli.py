@@ -333,3 +333,35 @@ def test_pretrain_text_flags_are_checked_by_the_parser(
     assert main([*argv, flag, value]) == 2
     err = capsys.readouterr().err
     assert f"catalog-enrich: error: argument {message}" in err and not out.exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "inf"])
+def test_bench_quality_takes_a_kl_lambda_above_0_only(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["bench", "quality", "--kl-lambda", value])
+    assert done.value.code == 2 and "argument --kl-lambda: " in capsys.readouterr().err
+
+
+def test_load_products_refuses_a_parquet_folder_without_a_contract_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read with the contract's schema, a Parquet folder holds every contract column (null where its
+    files have none): the files' own columns are checked, before anything is read or loaded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+
+    def never(*_args: object) -> None:
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(PostgresCatalog, "load_products", never)
+    products = tmp_path / "products"
+    for day, columns in (("2026-11-01", {"product_id": ["p1"]}), ("2026-11-02", {"title": ["t2"]})):
+        (products / f"ingest_date={day}").mkdir(parents=True)
+        pq.write_table(pa.table(columns), products / f"ingest_date={day}" / "part-0.parquet")
+    assert main(["load-products", str(products), "--set", "catalog.kind=postgres"]) == 2
+    err = capsys.readouterr().err
+    # a column of one file, or of the partition folders, is the table's
+    missing = ["description", "image", "image_uri", "category", "merchant_attributes", "updated_at"]
+    assert f"{products} lacks contract column(s) {missing}" in err

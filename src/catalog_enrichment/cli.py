@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from catalog_enrichment import __version__, commands
+from catalog_enrichment.bench.cli import finite as _finite
 from catalog_enrichment.bench.cli import long_tail_flag
 from catalog_enrichment.commands import EXIT_ABORTED, EXIT_BUSY
 from catalog_enrichment.config import AppConfig, load_config, merge_layers, parse_overrides
@@ -169,25 +169,6 @@ def _int_at_least(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"a whole number expected, got {text!r}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-
-    return parse
-
-
-def _finite(*, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"a finite number expected, got {text!r}")
-        if value < low or (low_open and value == low) or value > high:
-            shown = f"above {low:g}" if low_open else f"at least {low:g}"
-            bound = shown if high == math.inf else f"{shown} and at most {high:g}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value:g}")
         return value
 
     return parse

@@ -119,6 +119,7 @@ def load_products(args: argparse.Namespace, cfg: AppConfig) -> int:
     from catalog_enrichment.catalog import open_catalog
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.catalog.products import table_columns
     from catalog_enrichment.contracts import load_contract
 
     catalog = open_catalog(cfg.catalog)
@@ -128,10 +129,11 @@ def load_products(args: argparse.Namespace, cfg: AppConfig) -> int:
     if not source.exists():
         raise CatalogEnrichError(f"no products table at {source}")
     contract = load_contract("products")
-    table = read_table(source, schema=contract.arrow_schema(enforce_nullability=False))
-    missing = contract.missing_columns(table.column_names)
+    # the source's own columns: a Parquet folder read with the contract's schema has them all
+    missing = contract.missing_columns(table_columns(source))
     if missing:
         raise CatalogEnrichError(f"{source} lacks contract column(s) {missing} (see schemas/products.yaml)")
+    table = read_table(source, schema=contract.arrow_schema(enforce_nullability=False))
     rows, replaced = catalog.load_products(table)
     print(
         f"loaded {rows:,} products into {'.'.join(catalog.products)} ({catalog.describe()}), "

@@ -57,3 +57,31 @@ def test_a_partition_s_read_gathers_the_deletion_vectors_of_its_own_files_only(
     assert ids(Partition("ingest_date", str(a))) == ["a0", "a2"]
     assert ids(None) == ["a0", "a2", "b0", "b1"]
     assert [sorted(r.to_pylist()) for g in gathered[1:] for r in g.values()] == [[1, 3], [1, 3]]
+
+
+def test_a_read_takes_its_files_and_their_deletion_vectors_from_one_version(
+    spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit landing while the footers are read (here: an overwrite) is the next read's: the
+    files listed before it keep the deletion vectors of their own version, whose deleted rows stay
+    deleted (taken from the newer version, which no longer holds the files, they came back)."""
+    from tests.delta_protocol import delete_with_deletion_vector
+
+    day = dt.date(2026, 11, 1)
+    table = tmp_path / "products"
+    write_deltalake(str(table), _day(day, ["a0", "a1", "a2", "a3"]), partition_by=["ingest_date"])
+    delete_with_deletion_vector(table, [1, 3])  # a1, a3
+    read_footer = products._read_footer
+
+    def committed_meanwhile(file: str) -> Any:
+        if not committed:
+            committed.append(True)
+            write_deltalake(str(table), _day(day, ["z0"]), partition_by=["ingest_date"], mode="overwrite")
+        return read_footer(file)
+
+    committed: list[bool] = []
+    monkeypatch.setattr(products, "_read_footer", committed_meanwhile)
+    read = read_products(spark, table, PRODUCTS)
+    assert committed and sorted(r["product_id"] for r in read.collect()) == ["a0", "a2"]
+    monkeypatch.undo()
+    assert [r["product_id"] for r in read_products(spark, table, PRODUCTS).collect()] == ["z0"]

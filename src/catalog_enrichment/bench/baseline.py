@@ -73,7 +73,9 @@ def _fit_predict(
     x_fit: Any, labels: EncodedLabels, attribute: str, n_values: int, x_score: Any, single: bool = False
 ) -> np.ndarray:
     """``(n, n_values)`` scores of ``x_score`` by logistic regressions fitted on ``x_fit``'s labels
-    (``single``: a multi-label attribute with one value a product, fitted as one distribution)."""
+    (``single``: a multi-label attribute with one value a product, fitted as one distribution); a
+    value or an attribute the labels cannot tell apart (one class, or none) scores its labelled
+    share everywhere."""
     from sklearn.linear_model import LogisticRegression
 
     t = labels.targets[attribute]
@@ -93,6 +95,10 @@ def _fit_predict(
             out[:, v] = model.predict_proba(x_score)[:, 1]
         return out
     rows = np.flatnonzero(t >= 0)
+    counts = np.bincount(t[rows], minlength=n_values)
+    if np.count_nonzero(counts) < 2:  # nothing to tell apart: the labels' shares (zeros: no label)
+        out[:] = counts / max(len(rows), 1)
+        return out
     model = LogisticRegression(C=4.0, max_iter=2000).fit(x_fit[rows], t[rows])
     out[:, model.classes_] = model.predict_proba(x_score)
     return out

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -15,6 +16,25 @@ __all__ = ["BENCHES", "long_tail_flag", "numbers", "words"]
 
 T = TypeVar("T")
 Handler = Callable[[argparse.Namespace, AppConfig], int]
+
+
+def finite(*, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"a finite number expected, got {text!r}")
+        if value < low or (low_open and value == low) or value > high:
+            shown = f"above {low:g}" if low_open else f"at least {low:g}"
+            bound = shown if high == math.inf else f"{shown} and at most {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value:g}")
+        return value
+
+    return parse
 
 
 def words(text: str) -> list[str]:
@@ -62,7 +82,11 @@ def _quality(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=int, metavar="E", help="epochs per method (default: training.epochs)")
     p.add_argument(
-        "--kl-lambda", type=float, default=1.0, metavar="L", help="modality attention's lambda > 0"
+        "--kl-lambda",
+        type=finite(low=0, low_open=True),
+        default=1.0,
+        metavar="L",
+        help="modality attention's lambda > 0 (1.0)",
     )
     p.add_argument("--workdir", metavar="DIR", default="bench-quality", help="the marketplace goes here")
     p.add_argument(
@@ -109,9 +133,7 @@ def _throughput(p: argparse.ArgumentParser) -> None:
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model-uri", metavar="URI", help="registered model (default: the champion)")
-    which.add_argument(
-        "--bundle", metavar="DIR", help="a model bundle folder (raw, predictor, raw_tasks only)"
-    )
+    which.add_argument("--bundle", metavar="DIR", help="a model bundle folder (no job mode, no --peer)")
     p.add_argument(
         "--modes",
         type=words,

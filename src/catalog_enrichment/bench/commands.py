@@ -65,7 +65,12 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
     Generate a marketplace, train each fusion method with the same budget, calibrate, evaluate on
     the test split; write JSON + markdown.
     """
-    from catalog_enrichment.bench.quality import format_quality_markdown, method_runs, run_quality_benchmark
+    from catalog_enrichment.bench.quality import (
+        format_quality_markdown,
+        method_runs,
+        run_quality_benchmark,
+        write_result,
+    )
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.models.fusion import list_fusions, trained_fusions
 
@@ -85,6 +90,19 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
     cfg = adapted(cfg)
     device = runtime.device(cfg.inference)
     if cfg.synthetic.label_noise > 0 or args.ensemble:
+        flags = {
+            "--config": args.config,
+            "--data": args.data,
+            "--test-data": args.test_data,
+            "--methods": args.methods,
+            "--modes": args.modes,
+        }
+        given = [flag for flag, value in flags.items() if value]
+        if given:
+            study = "--ensemble" if args.ensemble else "--label-noise"
+            raise CatalogEnrichError(
+                f"{study} runs its own study on a generated marketplace: {', '.join(given)} do not apply"
+            )
         return _paper_study(args, cfg, device)
     if bool(args.data) != bool(args.test_data):
         raise CatalogEnrichError("--data and --test-data go together: a table to train on, one to test on")
@@ -94,6 +112,12 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
         missing = [str(p) for p in data if not p.exists()]
         if missing:
             raise CatalogEnrichError(f"no such table: {', '.join(missing)}")
+    out = Path(args.out)
+
+    def save(contenders: dict[str, Any]) -> None:
+        write_result(contenders, out, format_quality_markdown(contenders))
+        print(f"wrote the contenders' results to {out} (the baseline's follow)", flush=True)
+
     result = run_quality_benchmark(
         cfg,
         load_taxonomy(cfg.taxonomy_path),
@@ -101,8 +125,9 @@ def bench_quality(args: argparse.Namespace, cfg: AppConfig) -> int:
         contenders=_contenders(args, adapted) if args.config else method_runs(cfg, methods, args.kl_lambda),
         data=data,
         device=device,
+        save=save,
     )
-    return _write_result(result, Path(args.out), format_quality_markdown(result))
+    return _write_result(result, out, format_quality_markdown(result))
 
 
 def _paper_study(args: argparse.Namespace, cfg: AppConfig, device: str) -> int:
@@ -151,6 +176,21 @@ def bench_drift(args: argparse.Namespace, cfg: AppConfig) -> int:
     # a real catalog's words are not the generator's: no German titles there unless asked for
     default_kinds = [k for k in KINDS if data is None or k != "other_language"]
     kinds = args.kinds or default_kinds
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise CatalogEnrichError(f"--kinds: unknown {unknown}; choose from {', '.join(KINDS)}")
+    taxonomy = load_taxonomy(cfg.taxonomy_path)
+    new_type = args.new_type or NEW_TYPE
+    if data is None:  # the generator draws the taxonomy's product types
+        types = set(taxonomy["product_type"].values)
+    else:
+        types = {
+            t for table in data if "product_type" in table.column_names
+            for t in table["product_type"].unique().to_pylist()
+        }  # fmt: skip
+    if new_type not in types:
+        where = f"{args.data} or {args.test_data}" if data else "the taxonomy"
+        raise CatalogEnrichError(f"--new-type {new_type!r} is not a product_type of {where}")
 
     if not args.configured_model:
         layers = {"model": TINY_MODEL, "training": {"epochs": 6, "batch_size": 32, "crossfit_folds": 0}}
@@ -158,12 +198,9 @@ def bench_drift(args: argparse.Namespace, cfg: AppConfig) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     plan = DriftPlan(
-        args.batches, args.batch_size, args.share, kinds, args.train_products, args.new_type or NEW_TYPE,
-        args.seed,
+        args.batches, args.batch_size, args.share, kinds, args.train_products, new_type, args.seed,
     )  # fmt: skip
-    result = run_drift_bench(
-        runtime.spark_session(cfg), cfg, load_taxonomy(cfg.taxonomy_path), workdir, plan, data=data
-    )
+    result = run_drift_bench(runtime.spark_session(cfg), cfg, taxonomy, workdir, plan, data=data)
     return _write_result(result, Path(args.out), format_drift(result))
 
 
@@ -232,8 +269,14 @@ def _contenders(
     """``bench quality --config A --config B [--modes m1,m2]``: (label, config) per run."""
     layers, modes = args.layers, args.modes or []
     runs: list[tuple[str, AppConfig]] = []
+    named: dict[str, str] = {}  # a contender's label -> its --config
     for path in args.config:
         name, file = ("default", None) if path == "default" else (Path(path).stem, path)
+        if name in named:
+            raise CatalogEnrichError(
+                f"--config {named[name]} and {path} would both be reported as {name!r}: rename one"
+            )
+        named[name] = path
         base = load_config(file, overrides=layers, environ={})
         pretrained = base.model.text.pretrained_path or base.model.image.pretrained_path
         for mode in modes if modes and pretrained else [base.training.encoders]:
@@ -259,7 +302,7 @@ def bench_throughput(args: argparse.Namespace, cfg: AppConfig) -> int:
     device = runtime.device(cfg.inference)
     known = ("raw", "predictor", "raw_tasks", "encoders", "job")
     default = [m for m in known if m != "encoders" and (device == "cpu" or m != "raw_tasks")]
-    modes = args.modes or default
+    modes = args.modes or [m for m in default if not (args.bundle and m == "job")]  # a bundle: no job
     unknown = sorted(set(modes) - set(known))
     if unknown or not modes:
         raise CatalogEnrichError(f"--modes: unknown {unknown}; choose from {', '.join(known)}")

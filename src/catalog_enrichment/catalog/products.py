@@ -1,9 +1,10 @@
 """Reading the products table into Spark: contract check, partition filter, incremental window.
 
 Delta tables are read through their current snapshot's file list (``DeltaTable.file_uris``, pruned
-by the partition filter) with Spark's Parquet reader, so no Delta jars are needed; plain Parquet
-folders (hive-partitioned) through theirs. The contract's Spark schema is imposed (partition
-columns get their contract type) after each file's own schema has been checked against it.
+by the partition filter; schema, files and deletion vectors all of that one version) with Spark's
+Parquet reader, so no Delta jars are needed; plain Parquet folders (hive-partitioned) through
+theirs. The contract's Spark schema is imposed (partition columns get their contract type) after
+each file's own schema has been checked against it.
 
 The table's protocol is honoured, not bypassed: rows a deletion vector removed stay removed (the
 deletion vectors of the files the read keeps, read by delta-rs, are joined away on Spark's
@@ -33,7 +34,14 @@ from catalog_enrichment.errors import ContractError
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["Partition", "changed_since", "list_partitions", "parse_partition", "read_products"]
+__all__ = [
+    "Partition",
+    "changed_since",
+    "list_partitions",
+    "parse_partition",
+    "read_products",
+    "table_columns",
+]
 
 
 @dataclass(frozen=True)
@@ -94,15 +102,15 @@ def _check_protocol(table: Any, root: Path) -> None:
         )
 
 
-def _deleted_rows(root: Path, files: Collection[str]) -> dict[str, pa.Array]:
+def _deleted_rows(root: Path, files: Collection[str], version: int | None = None) -> dict[str, pa.Array]:
     """Data file (local path) of ``files``, the ones the read keeps -> the row indexes (int64) its
-    deletion vector removes (the current snapshot). The other files' vectors are left out: a table
-    upserted by MERGE holds millions of deleted rows between two OPTIMIZEs, and a one-partition
-    read needs its partition's only."""
+    deletion vector removes (in the table's ``version``, default the latest: that of ``files``). The
+    other files' vectors are left out: a table upserted by MERGE holds millions of deleted rows
+    between two OPTIMIZEs, and a one-partition read needs its partition's only."""
     import pyarrow.compute as pc
     from deltalake import DeltaTable
 
-    table = DeltaTable(str(root))
+    table = DeltaTable(str(root), version=version)
     if "deletionVectors" not in set(table.protocol().reader_features or ()):
         return {}
     kept, deleted = set(files), {}
@@ -112,18 +120,39 @@ def _deleted_rows(root: Path, files: Collection[str]) -> dict[str, pa.Array]:
     return deleted
 
 
-def _footers(root: Path, partition: Partition | None) -> tuple[list[str], dict[str, pa.Schema]]:
-    """The table's columns (partition columns included) and the Arrow schema of every data file the
-    read selects, each footer read once. A Delta table's columns are its current schema's; a
-    Parquet folder's are those of all its data files (files that are not Parquet data, e.g. images
-    beside them, are ignored)."""
-    if table_format(root) == "delta":
-        from deltalake import DeltaTable
+def _snapshot(root: Path) -> Any | None:
+    """The Delta table at ``root``, loaded once for a whole read: its schema, file list and deletion
+    vectors are then one version's (a commit landing meanwhile is the next read's); None for a
+    Parquet table."""
+    if table_format(root) != "delta":
+        return None
+    from deltalake import DeltaTable
 
-        table = DeltaTable(str(root))
-        _check_protocol(table, root)
-        columns = [f.name for f in table.schema().fields]
-        return columns, {f: _read_footer(f) for f in _data_files(root, partition)}
+    return DeltaTable(str(root))
+
+
+def table_columns(path: str | Path) -> list[str]:
+    """The columns of the table at ``path`` as :func:`read_products` checks them against the
+    contract, no row read: a Delta table's schema's; a Parquet table's in any of its data files or
+    partition folders (a column only some files hold is the table's)."""
+    root = Path(path).resolve()
+    snapshot = _snapshot(root)
+    if snapshot is not None:
+        return [f.name for f in snapshot.schema().fields]
+    return _footers(root, None, None)[0]
+
+
+def _footers(
+    root: Path, partition: Partition | None, snapshot: Any | None
+) -> tuple[list[str], dict[str, pa.Schema]]:
+    """The table's columns (partition columns included) and the Arrow schema of every data file the
+    read selects, each footer read once. A Delta table's (``snapshot``: the version read) columns
+    are its schema's; a Parquet folder's are those of all its data files (files that are not
+    Parquet data, e.g. images beside them, are ignored)."""
+    if snapshot is not None:
+        _check_protocol(snapshot, root)
+        columns = [f.name for f in snapshot.schema().fields]
+        return columns, {f: _read_footer(f) for f in _data_files(root, partition, snapshot)}
     every = {f: _read_footer(f) for f in _data_files(root, None)}
     names: dict[str, None] = {}
     for file, footer in every.items():
@@ -203,14 +232,15 @@ def read_products(
             (``require_columns``), or a column of a type the contract's cannot be read from.
     """
     root = Path(path).resolve()
-    columns, files = _footers(root, partition)
+    snapshot = _snapshot(root)
+    columns, files = _footers(root, partition, snapshot)
     missing = contract.missing_columns(columns)
     if missing and require_columns:
         raise ContractError(
             f"products table {path} lacks contract column(s) {missing} (see schemas/products.yaml)"
         )
     schema = contract.spark_schema(enforce_nullability=False)
-    deleted = _deleted_rows(root, files) if files and table_format(root) == "delta" else {}
+    deleted = _deleted_rows(root, files, snapshot.version()) if files and snapshot is not None else {}
     if not files:
         df = spark.createDataFrame([], schema)
     else:
@@ -312,14 +342,11 @@ def _read_schema(schema: Any, *, drop: frozenset[str], as_long: frozenset[str]) 
     )
 
 
-def _data_files(root: Path, partition: Partition | None) -> list[str]:
-    """The table's data files (a Delta table's current snapshot), pruned by the partition filter."""
-    if table_format(root) == "delta":
-        from deltalake import DeltaTable
-
+def _data_files(root: Path, partition: Partition | None, snapshot: Any | None = None) -> list[str]:
+    """The table's data files (a Delta table's: its ``snapshot``'s), pruned by the partition filter."""
+    if snapshot is not None:
         filters = [(partition.column, "=", partition.value)] if partition else None
-        table = DeltaTable(str(root))
-        return [file_path(u, table.table_uri) for u in table.file_uris(file_pruning_predicate=filters)]
+        return [file_path(u, snapshot.table_uri) for u in snapshot.file_uris(file_pruning_predicate=filters)]
     if root.is_file():
         return [str(root)]
     files = []
