@@ -762,3 +762,131 @@ def test_a_champion_the_configured_taxonomy_no_longer_fits_is_not_compared(
     assert result.promote and list(metrics) == ["challenger"]
     assert result.reasons[-1].startswith("the champion does not fit the configured taxonomy (attribute 'fit'")
     assert not any(r.startswith("no champion yet") for r in result.reasons)
+
+
+@pytest.mark.timeout(300)
+def test_a_version_is_created_with_all_its_tags_in_one_call(  # type: ignore[no-untyped-def]
+    tmp_path: Path, quick_bundle: Path, incoming, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version's tags (data.*, eval.*, its encoder fingerprint) come with the call that creates
+    it: no tag is set one call at a time after it, where a brief server error would leave a
+    version without them. The challenger alias moves last."""
+    from mlflow import MlflowClient
+
+    from catalog_enrichment.config import MLflowConfig
+    from catalog_enrichment.inference.bundle import BundleFolder, load_bundle
+
+    client = registry.configure_mlflow(mlflow_store(tmp_path / "mlflow.db"))
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a version tag set after the version was created")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", refused)
+    frame = read_table(incoming.products).slice(0, 2).select(["product_id", "title", "description", "image"])
+    frame = frame.to_pandas()
+    example = (frame, BatchPredictor(load_bundle(quick_bundle)).score_frame(frame))
+    cfg = MLflowConfig(registered_model="tags", experiment="training", artifact_location=str(tmp_path / "a"))
+    tags = {"data.path": "/data/train", "data.version": "3", "eval.color.r_at_p95": "0.9000"}
+    for expected in ("1", "2"):  # a new registered model, then one that exists
+        version = registry.log_and_register(
+            client, cfg, quick_bundle, registry.TrainingRecord(), example, tags
+        )
+        assert version.version == expected
+        assert registry.resolve_alias(client, "tags", registry.CHALLENGER) == expected
+        got = registry.version_tags(client, "tags", expected)
+        assert {k: got[k] for k in tags} == tags
+        assert got[registry.ENCODER_TAG] == BundleFolder(quick_bundle).encoder_fingerprint() is not None
+        assert client.get_model_version("tags", expected).status == "READY"
+
+
+@pytest.mark.timeout(300)
+def test_a_deleted_experiment_is_refused_before_any_training(  # type: ignore[no-untyped-def]
+    tmp_path: Path, data, taxonomy: Taxonomy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow keeps a deleted experiment's name: no run can be logged in it. The job says so, and how
+    to restore it, before it fits anything; a run logged there later says the same."""
+    from catalog_enrichment.training import job
+
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    client = registry.configure_mlflow(uri)
+    cfg = _cfg(tmp_path, uri)
+    gone = client.create_experiment(cfg.mlflow.experiment)
+    client.delete_experiment(gone)
+
+    def fitted(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was fitted")
+
+    monkeypatch.setattr(job, "train", fitted)
+    said = (
+        rf"MLflow experiment '{cfg.mlflow.experiment}' \(id {gone}\) in {uri} is deleted: restore it "
+        rf"\(mlflow experiments restore --experiment-id {gone},"
+    )
+    with pytest.raises(CatalogEnrichError, match=said):
+        run_training_job(cfg, taxonomy, data=data["train"], client=client, progress=_quiet)
+    assert client.search_registered_models() == []
+    with pytest.raises(CatalogEnrichError, match=said):
+        registry.log_enrichment_run(
+            client, experiment=cfg.mlflow.experiment, artifact_location=None,
+            report={"run_id": "r1", "status": "succeeded"}, params={}, metrics={},
+        )  # fmt: skip
+
+
+@pytest.mark.timeout(900)
+def test_the_training_run_records_derived_attributes_and_names_mlflow_refuses(  # type: ignore[no-untyped-def]
+    tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    """Derived attributes (color_family: groups of color's values) are written like the others, so
+    the run records them like the others: test metrics, eval.* version tags, per value metrics and
+    plots. An attribute named with a ``/`` names its plot files as its metrics (mlflow_name)."""
+    spec = taxonomy.to_dict()
+    spec["attributes"]["material/fabric"] = spec["attributes"].pop("material")
+    renamed = Taxonomy.from_dict(spec)
+    assert "color_family" in renamed.derived
+    market = generate_marketplace(
+        tmp_path / "market", SyntheticConfig(products=600, seed=3, image_size=32), taxonomy=taxonomy
+    )
+    table = read_table(market.products)
+    write_table(tmp_path / "train", table.rename_columns(["material/fabric" if c == "material" else c
+                                                         for c in table.column_names]))  # fmt: skip
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    client = registry.configure_mlflow(uri)
+    cfg = _cfg(tmp_path, uri, epochs=1)
+    outcome = run_training_job(cfg, renamed, data=tmp_path / "train", client=client, progress=_quiet)
+
+    tags = registry.version_tags(client, "test-model", outcome.registered.version)
+    metrics = client.get_run(outcome.registered.run_id).data.metrics
+    for name in ("color", "color_family", "material_fabric"):
+        assert f"eval.{name}.r_at_p95" in tags and f"test.{name}.r_at_p95" in metrics, name
+    assert "calibration.color_family.written" in metrics
+    plots = {Path(f.path).name for f in client.list_artifacts(outcome.registered.run_id, "plots")}
+    assert {"pr_color_family.png", "reliability_color_family.png", "pr_material_fabric.png"} <= plots
+    csv = client.download_artifacts(outcome.registered.run_id, "tables/per_value_metrics.csv", str(tmp_path))
+    attributes = set(pd.read_csv(csv)["attribute"])
+    assert {"color", "color_family", "material/fabric"} <= attributes
+
+
+@pytest.mark.timeout(300)
+def test_the_pyfunc_reads_an_image_uri_only_under_the_roots_given_at_load(  # type: ignore[no-untyped-def]
+    tmp_path: Path, quick_bundle: Path, incoming
+) -> None:
+    """A product whose image is only an ``image_uri``: scored from that file when the model was
+    loaded with ``model_config={"image_roots": [...]}`` naming its folder, as it is from the same
+    bytes inline; without the roots, or outside them, scored NaN (never as a product without one)."""
+    client = registry.configure_mlflow(mlflow_store(tmp_path / "mlflow.db"))
+    version = register_bundle(client, quick_bundle, incoming, name="pics", artifacts=tmp_path / "a").version
+    products = read_table(incoming.products).to_pandas()
+    inline = products[products["image"].notna()].head(3)[["product_id", "title", "description", "image"]]
+    inline = inline.reset_index(drop=True)
+    (tmp_path / "photos").mkdir()
+    paths = [tmp_path / "photos" / f"{i}.img" for i in range(len(inline))]
+    for path, image in zip(paths, inline["image"], strict=True):
+        path.write_bytes(image)
+    by_uri = inline.assign(image=None, image_uri=[str(p) for p in paths])
+    uri = f"models:/pics/{version}"
+    expected = mlflow.pyfunc.load_model(uri).predict(inline)
+    assert not expected.isna().any().any()
+    rooted = mlflow.pyfunc.load_model(uri, model_config={"image_roots": [str(tmp_path / "photos")]})
+    assert np.allclose(rooted.predict(by_uri).to_numpy(), expected.to_numpy(), atol=1e-6)
+    elsewhere = mlflow.pyfunc.load_model(uri, model_config={"image_roots": [str(tmp_path / "a")]})
+    for model in (mlflow.pyfunc.load_model(uri), elsewhere):
+        assert model.predict(by_uri).isna().all().all()

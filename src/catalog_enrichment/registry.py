@@ -1,6 +1,7 @@
 """Everything MLflow: pyfunc packaging, logging a training run, registering, aliases, the promotion gate.
 
-No other module imports mlflow. Consumers resolve ``models:/<name>@champion``; training registers a
+Only this module, the model's code entry (``pyfunc_model.py``) and the benchmark's MLflow baseline
+(``bench/peer.py``) import mlflow. Consumers resolve ``models:/<name>@champion``; training registers a
 version (the number comes from the registration call) and points ``challenger`` at it; promotion
 moves ``champion`` after the gate, recording every decision as version tags and in an append-only
 promotion log.
@@ -45,6 +46,7 @@ __all__ = [
     "FilesGone",
     "TrainingRecord",
     "calibrated_target",
+    "check_experiment",
     "check_tracking_server",
     "configure_mlflow",
     "download_artifact_json",
@@ -75,24 +77,33 @@ ROLLED_BACK_TAG = "catalog_enrich.rolled_back"
 
 class CatalogEnrichmentPyfunc(PythonModel):
     """The pyfunc wrapper: artifacts hold a model bundle folder; predict returns one score column per
-    ``<attribute>=<value>``. The Spark job unwraps it (``unwrap_python_model().bundle``) to reach
-    the torch model directly."""
+    ``<attribute>=<value>``. Consumers in this package reach the bundle itself
+    (:func:`load_bundle_from_uri` unwraps it; the Spark job ships the bundle folder to its executors
+    with ``addArchive``).
+
+    A product without image bytes is read from its ``image_uri`` only under the folders named at
+    load time (``mlflow.pyfunc.load_model(uri, model_config={"image_roots": [...]})``; local files
+    only); without them, or outside them, its scores are NaN, as the job would quarantine it."""
 
     def load_context(self, context: Any) -> None:
         import catalog_enrichment  # noqa: F401  (torchvision fix before timm loads)
+        from catalog_enrichment.data.images import ImagePolicy
         from catalog_enrichment.inference.bundle import bundle_problems, load_bundle
+        from catalog_enrichment.inference.options import PredictorOptions
 
         problems = bundle_problems(context.artifacts["bundle"])
         if problems:  # a damaged or partly uploaded artifact: never scored, judged or promoted
             raise UnservableBundle(f"the model artifact is damaged: {'; '.join(problems[:3])}")
         self.bundle = load_bundle(context.artifacts["bundle"], device="cpu")
+        roots = (context.model_config or {}).get("image_roots") or ()
+        self.options = PredictorOptions(image_policy=ImagePolicy(roots=tuple(map(str, roots))))
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         from catalog_enrichment.inference.predictor import BatchPredictor
 
-        return BatchPredictor(self.bundle, device="cpu").score_frame(model_input)
+        return BatchPredictor(self.bundle, self.options, device="cpu").score_frame(model_input)
 
 
 def pip_requirements() -> list[str]:
@@ -144,8 +155,31 @@ def check_tracking_server(client: MlflowClient) -> None:
         ) from None
 
 
-def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+def check_experiment(client: MlflowClient, name: str) -> None:
+    """Fail fast, before any training, when experiment ``name`` was deleted (see :func:`_live_experiment`)."""
+    _live_experiment(client, name)
+
+
+def _live_experiment(client: MlflowClient, name: str) -> Any:
+    """Experiment ``name``, None when there is none.
+
+    Raises:
+        CatalogEnrichError: it was deleted: MLflow keeps a deleted experiment's name, so no run can be
+            logged into it nor another one of that name created until it is restored.
+    """
     found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise CatalogEnrichError(
+            f"MLflow experiment {name!r} (id {found.experiment_id}) in "
+            f"{redact_uri(client.tracking_uri)} is deleted: restore it (mlflow experiments restore "
+            f"--experiment-id {found.experiment_id}, with MLFLOW_TRACKING_URI set to that store) or "
+            "configure another experiment name; nothing was logged"
+        )
+    return found
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    found = _live_experiment(client, name)
     if found is not None:
         return str(found.experiment_id)
     location = artifact_location or _beside_the_store(client.tracking_uri)
@@ -183,8 +217,9 @@ def log_and_register(
 ) -> ModelVersion:
     """Log a training run (``record`` and the pyfunc model, its signature from ``example``: input
     rows and their scores) into ``mlflow_cfg``'s experiment, register a new version of its
-    registered model, tag it with ``version_tags`` and point ``challenger`` at it. Nothing is
-    registered if logging fails.
+    registered model with ``version_tags`` (and the bundle's :data:`ENCODER_TAG`), created in one
+    call with its tags so no version is ever seen half tagged, and then point ``challenger`` at
+    it. Nothing is registered if logging fails.
 
     MLflow logs a model only into its active run (``mlflow.pyfunc.log_model`` has no client form),
     so this one function works through MLflow's process-wide stores, which :func:`configure_mlflow`
@@ -214,12 +249,20 @@ def log_and_register(
             code_paths=[str(Path(__file__).parent)],
             signature=_signature(input_example, output_example),
             input_example=input_example,
-            registered_model_name=registered_model,
+            model_config={"image_roots": []},  # what a load may set (CatalogEnrichmentPyfunc)
         )
-    version = str(info.registered_model_version)
     encoder = BundleFolder(Path(bundle_dir)).encoder_fingerprint()
-    for key, value in {**version_tags, **({ENCODER_TAG: encoder} if encoder else {})}.items():
-        client.set_model_version_tag(registered_model, version, key, value)
+    tags = {**version_tags, **({ENCODER_TAG: encoder} if encoder else {})}
+    try:
+        client.create_registered_model(registered_model)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    # waits until the registry says the version is READY (MLflow gives up after five minutes)
+    created = client.create_model_version(
+        registered_model, info.model_uri, run.info.run_id, tags=tags, model_id=info.model_id
+    )
+    version = str(created.version)
     client.set_registered_model_alias(registered_model, CHALLENGER, version)
     return ModelVersion(registered_model, version, run.info.run_id)
 
@@ -227,7 +270,8 @@ def log_and_register(
 def _signature(inputs: pd.DataFrame, outputs: pd.DataFrame) -> ModelSignature:
     """The example's signature, with ``category`` and ``image_uri`` optional inputs: MLflow passes a
     pyfunc model only the columns its signature names, and the model reads both (the n-grams read
-    the category; a product without image bytes is read from its ``image_uri``)."""
+    the category; a product without image bytes is read from its ``image_uri`` under the roots
+    given at load time, else scored NaN: see :class:`CatalogEnrichmentPyfunc`)."""
     signature = infer_signature(inputs, outputs)
     named = [c for c in signature.inputs.inputs if c.name not in ("category", "image_uri")]
     optional = [ColSpec(DataType.string, name, required=False) for name in ("category", "image_uri")]

@@ -1,7 +1,7 @@
 """The training job: labelled table -> trained, calibrated, evaluated, registered ``challenger``.
 
-Checks everything that can be wrong with the input (columns, label values, the tracking server)
-*before* any model is fitted, so a bad run registers nothing and moves no alias.
+Checks everything that can be wrong with the input (columns, label values, the tracking server and
+its experiment) *before* any model is fitted, so a bad run registers nothing and moves no alias.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ def run_training_job(
     from catalog_enrichment import registry
 
     registry.check_tracking_server(client)
+    registry.check_experiment(client, cfg.mlflow.experiment)
     snapshot = data_snapshot(data)
     source = table_source(
         snapshot.path, version=snapshot.version, batch_rows=cfg.training.streaming.batch_rows
@@ -207,12 +208,13 @@ _SUMMARY_KEYS = ("r_at_p95", "macro_f1", "realized_precision", "coverage", "cove
 
 
 def _summary_metrics(trained: TrainedModel, taxonomy: Taxonomy) -> tuple[dict[str, float], dict[str, str]]:
-    """The run's summary metrics (test, calibration, noise pruning, cross-fit, ensemble members)
-    and the version's tags (the test figures, the fusion, the ensemble)."""
+    """The run's summary metrics (test and calibration of every attribute written, derived ones too;
+    noise pruning, cross-fit, ensemble members) and the version's tags (the test figures, the fusion,
+    the ensemble)."""
     report, model_cfg = trained.test_report, trained.config.model
     summary: dict[str, float] = {}
     tags: dict[str, str] = {"fusion": model_cfg.fusion}
-    for attr in taxonomy:
+    for attr in taxonomy.outputs:
         name = mlflow_name(attr.name)
         for key in _SUMMARY_KEYS:
             value = report[attr.name].get(key)
@@ -256,19 +258,23 @@ def _epoch_metrics(trained: TrainedModel) -> list[dict[str, float]]:
 
 
 def _plots(trained: TrainedModel, taxonomy: Taxonomy, folder: Path) -> Path:
-    """Per attribute, the test split's precision-recall curves and reliability diagram."""
+    """Per attribute written (derived ones too), the test split's precision-recall curves and
+    reliability diagram, in files named by :func:`mlflow_name`."""
     folder.mkdir()
-    for attr in taxonomy:
-        probs, labels = trained.test_labels.labelled(trained.test_predictions.probs, attr.name)
+    scores, labelled = taxonomy.derive(trained.test_predictions.probs), trained.test_labels.derive(taxonomy)
+    for attr in taxonomy.outputs:
+        probs, labels = labelled.labelled(scores, attr.name)
         calibration = trained.calibration.attributes[attr.name]
         target = trained.config.calibration.target_precision
-        plot_precision_recall(probs, labels, calibration, folder / f"pr_{attr.name}.png", target=target)
-        plot_reliability(probs, labels, attr.kind, attr.name, folder / f"reliability_{attr.name}.png")
+        name = mlflow_name(attr.name)
+        plot_precision_recall(probs, labels, calibration, folder / f"pr_{name}.png", target=target)
+        plot_reliability(probs, labels, attr.kind, attr.name, folder / f"reliability_{name}.png")
     return folder
 
 
 def _tables(trained: TrainedModel, taxonomy: Taxonomy, bundle: BundleFolder, folder: Path) -> Path:
-    """Per value metrics (calibration and test) as CSV, and the bundle's calibration and evaluation."""
+    """Per value metrics (calibration and test) of every attribute written (derived ones too) as
+    CSV, and the bundle's calibration and evaluation."""
     folder.mkdir()
     report = trained.test_report
     per_value = [
@@ -284,7 +290,7 @@ def _tables(trained: TrainedModel, taxonomy: Taxonomy, bundle: BundleFolder, fol
             "test_r_at_p95": report[a.name]["r_at_p95_per_value"][v.value],
             **{f"test_{k}": x for k, x in report[a.name]["per_value"][v.value].items()},
         }
-        for a in taxonomy
+        for a in taxonomy.outputs
         for v in trained.calibration.attributes[a.name].values
     ]
     pd.DataFrame(per_value).to_csv(folder / "per_value_metrics.csv", index=False)

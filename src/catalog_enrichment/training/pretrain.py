@@ -80,8 +80,9 @@ def _projection(width: int) -> nn.Module:
 @dataclass(frozen=True)
 class PretrainOptions:
     """How ``pretrain_text`` adapts the encoder: ``method``, ``epochs`` of ``batch_size`` products,
-    ``learning_rate`` (None: 2e-5 for a pretrained encoder, else ``training.learning_rate``),
-    ``temperature`` (None: the method's default) and ConVIRT's text-to-image weight ``alpha``."""
+    ``learning_rate`` (None: :data:`PRETRAINED_LR`, 1e-5, for a pretrained encoder, else
+    ``training.learning_rate``), ``temperature`` (None: the method's default) and ConVIRT's
+    text-to-image weight ``alpha``."""
 
     method: Method
     epochs: int = 10
