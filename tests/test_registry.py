@@ -831,6 +831,26 @@ def test_a_deleted_experiment_is_refused_before_any_training(  # type: ignore[no
         )  # fmt: skip
 
 
+@pytest.mark.timeout(60)
+def test_an_enrichment_job_refuses_a_deleted_experiment_before_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enrichment run logs into its experiment once the catalog is written: a deleted one stops
+    the job when it starts, not after it wrote."""
+    from catalog_enrichment import runtime
+
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    cfg = _cfg(tmp_path, uri)
+    gone = registry.configure_mlflow(uri).create_experiment(cfg.mlflow.enrichment_experiment)
+    registry.configure_mlflow(uri).delete_experiment(gone)
+    monkeypatch.setattr(runtime, "spark_session", lambda cfg: None)
+    monkeypatch.setattr(runtime, "model_version", lambda cfg, model_uri, client: None)
+    with pytest.raises(
+        CatalogEnrichError, match=rf"experiment '{cfg.mlflow.enrichment_experiment}' .* is deleted"
+    ):
+        runtime.job_context(cfg, None)
+
+
 @pytest.mark.timeout(900)
 def test_the_training_run_records_derived_attributes_and_names_mlflow_refuses(  # type: ignore[no-untyped-def]
     tmp_path: Path, taxonomy: Taxonomy

@@ -433,7 +433,8 @@ def model_version(cfg: AppConfig, model_uri: str | None, client: Any) -> ModelVe
 
 
 def job_context(cfg: AppConfig, model_uri: str | None) -> tuple[Any, Any, ModelVersion]:
-    """The SparkSession, the MLflow client and the model version an enrichment job runs with.
+    """The SparkSession, the MLflow client and the model version an enrichment job runs with (its
+    MLflow experiment checked: a deleted one is refused before anything is read).
 
     The JVM starts in a thread while MLflow resolves and downloads the model: neither needs the
     other, and a job process would otherwise wait for one and then the other. Great Expectations
@@ -448,6 +449,10 @@ def job_context(cfg: AppConfig, model_uri: str | None) -> tuple[Any, Any, ModelV
         gx = pool.submit(quiet_gx) if cfg.validation.great_expectations else None
         client = mlflow_client(cfg.mlflow)
         model = model_version(cfg, model_uri, client)
+        # its runs are logged there once the catalog is written: a deleted experiment fails now
+        from catalog_enrichment import registry
+
+        registry.check_experiment(client, cfg.mlflow.enrichment_experiment)
         if gx is not None:
             gx.result()
         return session.result(), client, model
