@@ -396,3 +396,132 @@ def test_merchant_values_postgres_cannot_read_as_the_contract_says_are_quarantin
     rows = quarantine_rows(bad, "r", T0, load_contract("quarantine").arrow_schema()).to_pylist()
     kept = {r["product_id"]: json.loads(r["raw"])["_merchant_attributes_unreadable"] for r in rows}
     assert {k: json.loads(v) for k, v in kept.items()} == {k: json.loads(v) for k, v in shapes.items()}
+
+
+@pytest.fixture(params=["lakehouse", "postgres"])
+def fresh(request, tmp_path) -> Catalog:  # type: ignore[no-untyped-def]
+    """An empty catalog of each kind (no Spark, no run: its writes are made by hand)."""
+    if request.param == "postgres":
+        return open_catalog(request.getfixturevalue("pg_catalog_config"))
+    from catalog_enrichment.config import CatalogConfig
+
+    return open_catalog(CatalogConfig(root=str(tmp_path / "lake"), lock_wait_seconds=30))
+
+
+def _attribute_rows(rows: list[tuple[str, str, str, str]]) -> pa.Table:
+    """Attribute rows (product, attribute, value, source), a model's written by run r0."""
+    from catalog_enrichment.catalog.attributes import attributes_schema
+
+    model = {"model_name": "tiny", "model_version": "1", "run_id": "r0", "confidence": 0.9, "threshold": 0.5}
+    return pa.Table.from_pylist(
+        [{"product_id": p, "attribute": a, "value": v, "source": s, "written_at": T0}
+         | (model if s == "model" else {}) for p, a, v, s in rows],
+        schema=attributes_schema(),
+    )  # fmt: skip
+
+
+def _write(catalog: Catalog, run: Any, spark: Any = None) -> Any:
+    """``run`` (a RunWrite) written; the catalog's rows as (product, attribute, value, source)."""
+    merge = catalog.write(run, spark)
+    rows = catalog.attribute_rows().to_pylist()
+    return merge, sorted((r["product_id"], r["attribute"], r["value"], r["source"]) for r in rows)
+
+
+def _hand_run(values: list[tuple[str, str, str]], pairs: list[tuple[str, str]], **more: Any) -> Any:
+    from catalog_enrichment.catalog.base import RunWrite
+    from catalog_enrichment.contracts import load_contract
+
+    return RunWrite(
+        "r1", "tiny", "2", T0 + dt.timedelta(days=1),
+        pa.table({"product_id": [v[0] for v in values], "attribute": [v[1] for v in values],
+                  "value": [v[2] for v in values], "confidence": [0.9] * len(values),
+                  "threshold": [0.5] * len(values)}),
+        pa.table({"product_id": [p for p, _ in pairs], "attribute": [a for _, a in pairs]}),
+        load_contract("quarantine").arrow_schema().empty_table(), **more,
+    )  # fmt: skip
+
+
+def test_a_merchant_row_of_a_colour_family_keeps_the_model_s_colour_out_on_both_catalogs(
+    fresh: Catalog, taxonomy: Taxonomy
+) -> None:
+    """The run's linked attributes (the taxonomy's held_together, as run_write fills them): p1's
+    merchant gave its colour family, so neither the model's family nor its colour is written for p1."""
+    from catalog_enrichment.enrich.stages import run_write
+
+    linked = run_write("r1", ModelVersion("tiny", "2"), T0, [], taxonomy=taxonomy).linked
+    assert linked == taxonomy.held_together() and "color" in linked["color_family"]
+    seed_merchant(fresh, _attribute_rows([("p1", "color_family", "cool", "merchant")]))
+    run = _hand_run(
+        [("p1", "color", "crimson"), ("p1", "color_family", "warm"), ("p2", "color", "crimson")],
+        [("p1", "color"), ("p1", "color_family"), ("p2", "color")],
+        linked=linked,
+    )
+    merge, rows = _write(fresh, run)
+    assert rows == [("p1", "color_family", "cool", "merchant"), ("p2", "color", "crimson", "model")]
+    assert merge.merchant_pairs_skipped == 2 and merge.written == {"color": 1}
+
+
+def test_the_values_written_are_counted_without_those_a_merchant_row_keeps_out(fresh: Catalog) -> None:
+    seed_merchant(
+        fresh, _attribute_rows([("p1", "color", "red", "merchant"), ("p2", "color", "blue", "model")])
+    )
+    run = _hand_run(
+        [
+            ("p1", "color", "blue"),
+            ("p2", "color", "blue"),
+            ("p2", "material", "wool"),
+            ("p3", "color", "red"),
+        ],
+        [("p1", "color"), ("p2", "color"), ("p2", "material"), ("p3", "color")],
+    )
+    merge, rows = _write(fresh, run)
+    assert sum(1 for r in rows if r[3] == "model") == 3
+    assert merge.written == {"color": 2, "material": 1}  # p2's blue rewritten, p3's red; not p1's
+
+
+def test_a_product_quarantined_for_its_image_loses_the_model_values_its_merchant_settles(
+    spark: Any, fresh: Catalog, tmp_path: Path
+) -> None:
+    """PostgreSQL stages from the scores in Spark: the pairs a merchant's value settles are read
+    from every scored row, as the lakehouse's (stages.flatten_scores), a product whose image was
+    not read too; its values and scored pairs are not."""
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment.contracts import IMAGE_READABLE
+    from catalog_enrichment.enrich.stages import run_write
+    from tests.test_enrich import _decisions, _staged
+
+    seed_merchant(
+        fresh, _attribute_rows([("p2", "color", "blue", "model"), ("p2", "material", "silk", "model")])
+    )
+    staged = _staged(
+        [
+            ("p1", None, ["material"], ["color"], [("material", "wool")]),
+            ("p2", IMAGE_READABLE, ["material"], ["color"], [("material", "cotton")]),
+        ]
+    )
+    (tmp_path / "staging" / "scores").mkdir(parents=True)
+    pq.write_table(staged, tmp_path / "staging" / "scores" / "part-0.parquet")
+    run = run_write("r1", ModelVersion("tiny", "2"), T0, [], _decisions(staged), tmp_path / "staging")
+    assert run.scores is not None
+    _, rows = _write(fresh, run, spark)
+    assert rows == [("p1", "material", "wool", "model"), ("p2", "material", "silk", "model")]
+
+
+def test_the_demo_seeds_a_merchant_s_attribute_names_as_the_taxonomy_s(
+    fresh: Catalog, taxonomy: Taxonomy, tmp_path: Path
+) -> None:
+    """A merchant's " Color" is written as the taxonomy's color (contracts.merchant_key), where the
+    run and the rollback look for it."""
+    from catalog_enrichment.contracts import load_contract
+    from catalog_enrichment.demo import _seed_catalog
+
+    products = pa.Table.from_pylist(
+        [{"product_id": "p1", "title": "t", "merchant_attributes": [(" Color", ["red"])], "updated_at": T0,
+          "ingest_date": T0.date()}],
+        schema=load_contract("products").arrow_schema(),
+    )  # fmt: skip
+    write_table(tmp_path / "incoming", products)
+    cfg = fresh.cfg  # type: ignore[attr-defined]  (either kind keeps its config)
+    _seed_catalog(cfg, fresh, tmp_path / "incoming", taxonomy.outputs.names)
+    assert fresh.attribute_rows()["attribute"].to_pylist() == ["color"]

@@ -998,3 +998,109 @@ def test_a_run_on_gpus_joins_no_stored_vector(monkeypatch: pytest.MonkeyPatch) -
     assert not scores_on_gpus(spark(None, "local[2]"), "auto")  # this machine: no GPU
     monkeypatch.setattr(inference, "resolve_device", lambda setting: "cuda")
     assert scores_on_gpus(spark(None, "local[2]"), "auto")
+
+
+_VALUES = pa.list_(
+    pa.struct(
+        [
+            ("attribute", pa.string()),
+            ("value", pa.string()),
+            ("confidence", pa.float64()),
+            ("threshold", pa.float64()),
+        ]
+    )
+)
+
+
+def _staged(rows: list[tuple[str, str | None, list[str], list[str], list[tuple[str, str]]]]) -> pa.Table:
+    """Staged decisions: (product, image error, scored, settled, written attribute=value pairs)."""
+    return pa.table(
+        {
+            "product_id": [r[0] for r in rows],
+            "image_error": pa.array([r[1] for r in rows], pa.string()),
+            "scored": pa.array([r[2] for r in rows], pa.list_(pa.string())),
+            "settled": pa.array([r[3] for r in rows], pa.list_(pa.string())),
+            "values": pa.array([[(a, v, 0.9, 0.5) for a, v in r[4]] for r in rows], _VALUES),
+        }
+    )
+
+
+def _decisions(staged: pa.Table) -> Any:
+    from catalog_enrichment.enrich.stages import Decisions, flatten_scores
+    from catalog_enrichment.validation.rules import ValidationCounts
+
+    values, pairs = flatten_scores(staged)
+    quarantine = load_contract("quarantine").arrow_schema().empty_table()
+    return Decisions(values, pairs, quarantine, ValidationCounts(staged.num_rows, 0), staged.num_rows)
+
+
+def _model_rows(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    from catalog_enrichment.catalog.attributes import attributes_schema
+
+    table = pa.Table.from_pylist(
+        [{"product_id": p, "attribute": a, "value": v, "source": "model", "model_name": "tiny",
+          "model_version": "1", "run_id": "r0", "written_at": dt.datetime(2026, 11, 1, tzinfo=dt.UTC)}
+         for p, a, v in rows],
+        schema=attributes_schema(),
+    )  # fmt: skip
+    write_table(str(path), table)
+
+
+def test_a_blocked_attribute_still_loses_the_model_value_a_merchant_s_value_now_settles(
+    tmp_path: Path,
+) -> None:
+    """The catalog holds the model's colours of p1 and p2; tonight p1's merchant gives its colour, and
+    a health check blocks colour (and its family): p2 keeps its model colour, p1's goes - it is never
+    beside the merchant's - and the other attributes are written as usual."""
+    from catalog_enrichment.catalog.attributes import merge_run
+    from catalog_enrichment.enrich.stages import run_write
+
+    attributes = tmp_path / "attributes"
+    _model_rows(attributes, [("p1", "color", "blue"), ("p2", "color", "green")])
+    staged = _staged(
+        [
+            ("p1", None, ["material"], ["color", "color_family"], [("material", "cotton")]),
+            ("p2", None, ["color", "material"], [], [("color", "red")]),
+        ]
+    )
+    blocked = ["color", "color_family"]
+    write = run_write("r1", _model(tmp_path), dt.datetime(2026, 11, 2, tzinfo=dt.UTC), [], _decisions(staged),
+                      tmp_path / "staging", blocked)  # fmt: skip
+    assert write.values.column("attribute").to_pylist() == ["material"] and write.scores is None
+    assert set(write.pairs.column_names) == {"product_id", "attribute"}
+    merge_run(attributes, write, changes=tmp_path / "changes")
+    rows = {(r["product_id"], r["attribute"], r["value"]) for r in read_table(str(attributes)).to_pylist()}
+    assert rows == {("p2", "color", "green"), ("p1", "material", "cotton")}
+
+
+def test_a_product_quarantined_for_its_image_gives_the_pairs_its_merchant_settles_and_no_value(
+    tmp_path: Path,
+) -> None:
+    """p2's photo could not be read (nothing scored), p3's is a placeholder found after the scoring
+    (its values are not written): the pairs their merchants settle are the run's all the same, so
+    the catalog drops the model's values there."""
+    from catalog_enrichment.catalog.attributes import merge_run
+    from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_SHARED
+    from catalog_enrichment.enrich.stages import flatten_scores, run_write
+
+    staged = _staged(
+        [
+            ("p1", None, ["material"], ["color"], [("material", "wool")]),
+            ("p2", IMAGE_READABLE, [], ["color"], []),
+            ("p3", IMAGE_SHARED, ["color"], ["material"], [("color", "red")]),
+        ]
+    )
+    values, pairs = flatten_scores(staged)
+    assert values.select(["product_id", "attribute", "value"]).to_pylist() == [
+        {"product_id": "p1", "attribute": "material", "value": "wool"}
+    ]
+    columns = (pairs[c].to_pylist() for c in ("product_id", "attribute", "settled"))
+    assert sorted(zip(*columns, strict=True)) == [
+        ("p1", "color", True), ("p1", "material", False), ("p2", "color", True), ("p3", "material", True)
+    ]  # fmt: skip
+    attributes = tmp_path / "attributes"
+    _model_rows(attributes, [("p2", "color", "blue"), ("p2", "material", "silk"), ("p3", "color", "red")])
+    write = run_write("r1", _model(tmp_path), dt.datetime(2026, 11, 2, tzinfo=dt.UTC), [], _decisions(staged))
+    merge_run(attributes, write, changes=tmp_path / "changes")
+    rows = {(r["product_id"], r["attribute"], r["value"]) for r in read_table(str(attributes)).to_pylist()}
+    assert rows == {("p1", "material", "wool"), ("p2", "material", "silk"), ("p3", "color", "red")}

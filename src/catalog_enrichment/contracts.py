@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -48,6 +49,7 @@ __all__ = [
     "image_key",
     "load_contract",
     "load_taxonomy",
+    "merchant_key",
     "merchant_value_given",
     "mlflow_name",
     "schemas_dir",
@@ -86,6 +88,12 @@ def mlflow_name(name: str) -> str:
     path) becomes ``_``, so an attribute named ``size (EU)`` does not cost a run its whole MLflow
     record."""
     return re.sub(r"[^\w.\- :]+", "_", name)
+
+
+def merchant_key(text: str) -> str:
+    """A merchant's attribute name (or value) as it is matched to the taxonomy's: NFKC-normalised,
+    stripped and casefolded, as the taxonomy's own name is (``"Color "`` is ``"color"``)."""
+    return unicodedata.normalize("NFKC", text).strip().casefold()
 
 
 def merchant_value_given(values: Any) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +111,7 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
         )
         return 1
     catalog = open_catalog(cfg.catalog)
-    _seed_catalog(cfg.catalog, catalog, workdir / "incoming" / "products")
+    _seed_catalog(cfg.catalog, catalog, workdir / "incoming" / "products", taxonomy.outputs.names)
     model = runtime.model_version(cfg, None, client)
     truth = read_table(workdir / "incoming" / "truth")
     first = _enrich(cfg, catalog, model, taxonomy, client, truth)
@@ -273,9 +274,11 @@ def _review(
         )
 
 
-def _seed_catalog(catalog_cfg: CatalogConfig, catalog: Catalog, incoming: Path) -> None:
+def _seed_catalog(catalog_cfg: CatalogConfig, catalog: Catalog, incoming: Path, names: Sequence[str]) -> None:
     """The marketplace's catalog before the job: the incoming products (PostgreSQL: loaded into its
-    products table) and the values merchants provided, unless an earlier demo put them there."""
+    products table) and the values merchants provided, under the taxonomy's ``names``
+    (:func:`~catalog_enrichment.catalog.attributes.merchant_rows`), unless an earlier demo put them
+    there."""
     from catalog_enrichment.catalog.attributes import ensure_attributes_table, merchant_rows
     from catalog_enrichment.catalog.lakehouse import is_delta, read_table, write_table
 
@@ -283,7 +286,8 @@ def _seed_catalog(catalog_cfg: CatalogConfig, catalog: Catalog, incoming: Path) 
     if catalog.kind == "lakehouse":
         attributes = Path(catalog_cfg.table("attributes"))
         if not is_delta(attributes):
-            merchant = merchant_rows(read_table(incoming, columns=["product_id", "merchant_attributes"]), now)
+            products = read_table(incoming, columns=["product_id", "merchant_attributes"])
+            merchant = merchant_rows(products, now, names)
             write_table(attributes, merchant, mode="error")
         ensure_attributes_table(attributes)
         return
@@ -295,7 +299,7 @@ def _seed_catalog(catalog_cfg: CatalogConfig, catalog: Catalog, incoming: Path) 
     assert isinstance(catalog, PostgresCatalog)  # the only other kind
     products = read_table(incoming)
     loaded, _ = catalog.load_products(products)
-    merchant = catalog.add_merchant_values(merchant_rows(products, now))
+    merchant = catalog.add_merchant_values(merchant_rows(products, now, names))
     print(
         f"  loaded {loaded:,} products and {merchant:,} merchant values into {catalog.describe()}", flush=True
     )

@@ -779,3 +779,94 @@ def test_attribute_rows_selected_where_they_are_read(catalog: Catalog) -> None:
     assert only.schema == catalog.attribute_rows().schema
     assert [(r["product_id"], r["value"]) for r in only.to_pylist()] == [("p4", "red")]
     assert catalog.attribute_rows({"source": "model", "model_version": "3"}).num_rows == 0
+
+
+def _lakehouse(tmp_path: Path) -> Catalog:
+    """An empty lakehouse catalog seeded with the merchant's values ``MERCHANT``."""
+    catalog = open_catalog(CatalogConfig(root=str(tmp_path / "lake"), lock_wait_seconds=30))
+    seed_merchant(catalog, _merchant(MERCHANT))
+    return catalog
+
+
+def test_a_merchant_row_of_a_colour_family_keeps_the_model_s_colour_out(tmp_path: Path) -> None:
+    """p3's merchant gave its colour family in the catalog only (not in the products table the run
+    decides from): the run's colour for p3 is not written beside it, and the model's earlier one
+    goes; p5, with no merchant value, gets the run's values."""
+    from catalog_enrichment.catalog.attributes import merge_run
+    from catalog_enrichment.contracts import load_taxonomy
+
+    linked = load_taxonomy(Path(__file__).parents[2] / "schemas" / "taxonomy.yaml").held_together()
+    catalog = _lakehouse(tmp_path)
+    _merge(catalog, "r1", _values([("p3", "color", "red", 0.9)]), _pairs([("p3", "color")]))
+    write_table(catalog.attributes, _merchant([("p3", "color_family", "cool")]), mode="append")  # type: ignore[attr-defined]
+    pairs = _pairs([(p, a) for p in ("p3", "p5") for a in ("color", "color_family")])
+    values = _values(
+        [(p, a, v, 0.9) for p in ("p3", "p5") for a, v in (("color", "red"), ("color_family", "warm"))]
+    )
+    quarantine = load_contract("quarantine").arrow_schema().empty_table()
+    run = RunWrite("r2", "m", "1", T0 + dt.timedelta(days=2), values, pairs, quarantine)
+    result = merge_run(catalog.attributes, run, changes=catalog.changes, linked=linked)  # type: ignore[attr-defined]
+    assert result.merchant_pairs_skipped == 2
+    assert {r[:4] for r in _state(catalog) if r[0] in ("p3", "p5")} == {
+        ("p3", "color_family", "cool", "merchant"),
+        ("p5", "color", "red", "model"),
+        ("p5", "color_family", "warm", "model"),
+    }
+
+
+def test_a_merchant_row_named_in_another_case_keeps_the_model_s_value_out(tmp_path: Path) -> None:
+    """A merchant row someone wrote as " Color_Family" holds colour_family (and, linked, colour) as
+    the taxonomy's own spelling would."""
+    from catalog_enrichment.catalog.attributes import merge_run
+    from catalog_enrichment.contracts import load_taxonomy
+
+    linked = load_taxonomy(Path(__file__).parents[2] / "schemas" / "taxonomy.yaml").held_together()
+    catalog = _lakehouse(tmp_path)
+    write_table(catalog.attributes, _merchant([("p3", " Color_Family", "cool")]), mode="append")  # type: ignore[attr-defined]
+    pairs = _pairs([("p3", a) for a in ("color", "color_family")])
+    values = _values([("p3", "color", "red", 0.9), ("p3", "color_family", "warm", 0.9)])
+    quarantine = load_contract("quarantine").arrow_schema().empty_table()
+    run = RunWrite("r2", "m", "1", T0 + dt.timedelta(days=2), values, pairs, quarantine)
+    result = merge_run(catalog.attributes, run, changes=catalog.changes, linked=linked)  # type: ignore[attr-defined]
+    assert result.merchant_pairs_skipped == 2 and result.written == {}
+    assert {r[:4] for r in _state(catalog) if r[0] == "p3"} == {("p3", " Color_Family", "cool", "merchant")}
+
+
+def test_merchant_rows_name_the_taxonomy_s_attribute_however_the_merchant_wrote_it() -> None:
+    from catalog_enrichment.catalog.attributes import merchant_rows
+
+    merchant = [("Color ", ["red"]), ("ＭＡＴＥＲＩＡＬ", ["wool"]), ("fit", ["slim"])]
+    table = pa.Table.from_pylist(
+        [{"product_id": "p1", "merchant_attributes": merchant}],
+        schema=pa.schema(
+            [
+                ("product_id", pa.string()),
+                ("merchant_attributes", pa.map_(pa.string(), pa.list_(pa.string()))),
+            ]
+        ),
+    )
+    rows = merchant_rows(table, T0, ["color", "material"]).to_pylist()
+    assert [(r["attribute"], r["value"]) for r in rows] == [
+        ("color", "red"),
+        ("material", "wool"),
+        ("fit", "slim"),
+    ]
+
+
+def test_a_rollback_puts_no_model_value_back_beside_a_merchant_key_written_another_way(
+    tmp_path: Path,
+) -> None:
+    """r1 wrote p4's colour; the products table's latest p4 then gives "Color " (the merchant's own
+    spelling) and r2 removed the model's colour: rolling r2 back leaves it out."""
+    catalog = _lakehouse(tmp_path)
+    _merge(catalog, "r1", _values([("p4", "color", "red", 0.9)]), _pairs([("p4", "color")]))
+    table = pa.Table.from_pylist(
+        [{"product_id": "p4", "title": "t", "merchant_attributes": [("Color ", ["black"])], "updated_at": T0,
+          "ingest_date": T0.date()}],
+        schema=load_contract("products").arrow_schema(),
+    )  # fmt: skip
+    write_table(catalog.products, table)  # type: ignore[attr-defined]
+    _merge(catalog, "r2", _values([]), _pairs([("p4", "color")]))
+    result = catalog.rollback_runs(["r2"])[0]
+    assert result.pairs_restored == 1 and result.rows_restored == 0
+    assert not [r for r in _state(catalog) if r[0] == "p4"]

@@ -121,6 +121,25 @@ def test_merchant_values_become_labels_and_everything_else_is_dropped_and_counte
     encode_labels(table, taxonomy)  # the table is what training reads (contract labelled_products)
 
 
+def test_a_merchant_s_attribute_or_value_in_another_case_width_or_spacing_is_the_taxonomy_s(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    """The merchant's "Color " = "RED", a full-width "ｗｈｉｔｅ" and " Product_Type" = "Shirt " are the
+    taxonomy's colour red and white and product type shirt; a value outside it stays dropped."""
+    rows = [
+        ("p1", "Color ", "RED", "merchant"),
+        ("p1", "color", "ｗｈｉｔｅ", "merchant"),
+        ("p1", " Product_Type", "Shirt ", "merchant"),
+        ("p3", "COLOR", "ultraviolet", "merchant"),
+    ]
+    table, report = _build(spark, tmp_path, _products(), _attributes(rows), taxonomy)
+    labelled = {r["product_id"]: r for r in table.to_pylist()}
+    assert set(labelled) == {"p1"}
+    assert labelled["p1"]["color"] == [v for v in taxonomy["color"].values if v in ("red", "white")]
+    assert labelled["p1"]["product_type"] == "shirt"
+    assert report.dropped_attributes == {} and report.dropped_values == {"COLOR=ultraviolet": 1}
+
+
 def test_a_product_whose_latest_copy_lost_its_title_is_left_out_not_labelled_on_an_older_copy(
     spark: Any,
     tmp_path: Path,

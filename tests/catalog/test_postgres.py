@@ -478,3 +478,60 @@ def test_a_run_that_lost_its_lock_commits_nothing(pg_catalog_config: CatalogConf
         with pytest.raises(CatalogEnrichError, match=lost):
             catalog.rollback_runs(["r1"])
     assert state() == before
+
+
+def test_merchant_names_match_the_taxonomy_s_as_merchant_key_in_the_write_and_the_rollback(
+    pg_catalog_config: CatalogConfig,
+) -> None:
+    """A merchant's " Color" row in the attribute table, " COLOR" in the products table and
+    "Color_Family" (linked to color) hold the taxonomy's color as the run's decision and the
+    lakehouse do (contracts.merchant_key): the write gives them no model value, nor does the
+    rollback give one back."""
+    import dataclasses
+    import datetime as dt
+
+    from catalog_enrichment.catalog.attributes import attributes_schema
+    from catalog_enrichment.contracts import load_contract, load_taxonomy
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    ids = ["p1", "p2", "p3", "p4"]
+    catalog.load_products(
+        pa.Table.from_pylist(
+            [{"product_id": p, "title": "t", "updated_at": T0, "ingest_date": T0.date()} for p in ids],
+            schema=load_contract("products").arrow_schema(),
+        )
+    )
+    linked = load_taxonomy().held_together()
+
+    def colours(value: str, products: list[str]) -> pa.Table:
+        n = len(products)
+        return pa.table({"product_id": products, "attribute": ["color"] * n, "value": [value] * n,
+                         "confidence": [0.9] * n, "threshold": [0.5] * n})  # fmt: skip
+
+    def merchant(product: str, attribute: str) -> None:
+        row = {"product_id": product, "attribute": attribute, "value": "x", "source": "merchant",
+               "written_at": T0}  # fmt: skip
+        catalog.add_merchant_values(pa.Table.from_pylist([row], schema=attributes_schema()))
+
+    def write(run_id: str, value: str) -> Any:
+        run = _run(run_id, colours(value, ids), [(p, "color") for p in ids])
+        return catalog.write(dataclasses.replace(run, linked=linked))
+
+    def model_rows() -> list[tuple[str, str]]:
+        rows = catalog.attribute_rows().to_pylist()
+        return sorted((r["product_id"], r["value"]) for r in rows if r["source"] == "model")
+
+    merchant("p1", " Color")
+    assert write("r1", "red").written == {"color": 3}
+    assert model_rows() == [("p2", "red"), ("p3", "red"), ("p4", "red")]
+    write("r2", "blue")
+    # after r2: p2's merchant gives " COLOR " in the products table, p3's a colour family row
+    with catalog.connect() as conn:
+        conn.execute(
+            f"UPDATE {'.'.join(catalog.products)} SET merchant_attributes = %s::jsonb WHERE product_id = %s",
+            ['{" COLOR ": ["navy"]}', "p2"],
+        )
+    merchant("p3", "Color_Family")
+    catalog.rollback_runs(["r2"], linked)
+    assert model_rows() == [("p4", "red")]

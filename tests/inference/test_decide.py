@@ -13,9 +13,13 @@ from catalog_enrichment.calibration import (
     ValueThreshold,
     clopper_pearson_lower,
 )
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import Taxonomy, merchant_key
 from catalog_enrichment.errors import TaxonomyError
-from catalog_enrichment.inference.decide import DecisionPolicy, merchant_attributes, merchant_filled
+from catalog_enrichment.inference.decide import (
+    DecisionPolicy,
+    merchant_attributes,
+    merchant_filled,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -383,3 +387,35 @@ def test_the_shades_of_a_family_people_rejected_are_removed_with_it() -> None:
     blues = {("p1", "color", v) for v in ("Blue", "Dark Blue", "Light Blue")}
     assert policy.inside_rejected(rejected) == blues
     assert policy.inside_rejected({("p4", "color_family", "Red")}) == {("p4", "color", "Red")}
+
+
+def test_a_merchant_key_in_another_case_width_or_spacing_fills_the_taxonomy_s_attribute() -> None:
+    """The keys "Color ", "COLOR" and a full-width "ｃｏｌｏｒ" are the taxonomy's colour, read from an
+    Arrow map and from Python values alike; a key only close to a name ("colour") is none of it."""
+    names = ["color", "material"]
+    column = pa.array(
+        [
+            [("Color ", ["red"])],
+            [("COLOR", ["red"]), (" Material", ["wool"])],
+            [("ｃｏｌｏｒ", ["red"])],
+            [("colour", ["red"])],
+        ],
+        MERCHANT,
+    )
+    expected = np.array([[1, 0], [1, 1], [1, 0], [0, 0]], bool)
+    np.testing.assert_array_equal(merchant_filled(column, names), expected)
+    np.testing.assert_array_equal(merchant_filled(column.slice(1), names), expected[1:])
+    np.testing.assert_array_equal(merchant_filled(column.to_pylist(), names), expected)
+    assert merchant_key(" Ｃｏｌｏｒ\t") == "color"
+
+
+def test_a_product_not_decided_still_has_the_pairs_its_merchant_settles(taxonomy: Taxonomy) -> None:
+    """A product quarantined for its image gets no value and no scored pair, but its merchant's
+    colour settles colour and its family all the same: the catalog drops the model's values there."""
+    policy = policy_at(taxonomy)
+    probs = {a.name: np.full((2, len(a.values)), 0.9) for a in taxonomy}
+    flat = policy.decide_flat(probs, policy.filled([{"color"}, {"color"}]), skip=np.array([True, False]))
+    names = policy.taxonomy.names
+    assert flat.offsets[1] == 0 and not flat.scored[0].any()
+    settled = [[names[a] for a in np.flatnonzero(row)] for row in flat.settled]
+    assert settled[0] == settled[1] == ["color", "color_family"]

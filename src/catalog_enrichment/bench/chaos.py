@@ -120,8 +120,12 @@ class _Bench:
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
         self.base = self.root / "base"
+        from catalog_enrichment.contracts import load_taxonomy
+
         products = read_table(setup.products, columns=["product_id", "merchant_attributes"])
-        write_table(self.base / "attributes", merchant_rows(products, dt.datetime(2026, 1, 1, tzinfo=dt.UTC)))
+        names = load_taxonomy().outputs.names  # the default taxonomy, the runs' and prepare's
+        merchant = merchant_rows(products, dt.datetime(2026, 1, 1, tzinfo=dt.UTC), names)
+        write_table(self.base / "attributes", merchant)
         self.before = _rows(read_table(self.base / "attributes"))
         self.dates = list_partitions(setup.products, "ingest_date")
         ref = self.catalog("reference")

@@ -23,7 +23,7 @@ memory follows the increment, not the table.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import MergeResult, RollbackResult, RunWrite
 from catalog_enrichment.catalog.lakehouse import is_delta, read_products_of, schema_of, table_version
-from catalog_enrichment.contracts import blank_value, load_contract, merchant_value_given
+from catalog_enrichment.contracts import blank_value, load_contract, merchant_key, merchant_value_given
 from catalog_enrichment.errors import CatalogEnrichError
 
 __all__ = [
@@ -85,8 +85,11 @@ def ensure_attributes_table(path: str | Path) -> None:
         write_deltalake(str(path), attributes_schema().empty_table(), mode="error")
 
 
-def merchant_rows(products: pa.Table, written_at: dt.datetime) -> pa.Table:
-    """Merchant-source attribute rows from the products' ``merchant_attributes`` (catalog seeding)."""
+def merchant_rows(products: pa.Table, written_at: dt.datetime, names: Collection[str] = ()) -> pa.Table:
+    """Merchant-source attribute rows from the products' ``merchant_attributes`` (catalog seeding);
+    a key that is one of the taxonomy's ``names`` written in another case, width or with spaces
+    around it (:func:`~catalog_enrichment.contracts.merchant_key`) is written as that name."""
+    named = {merchant_key(n): n for n in names}
     rows: dict[str, list[Any]] = {k: [] for k in attributes_schema().names}
     for pid, merchant in zip(
         products["product_id"].to_pylist(), products["merchant_attributes"].to_pylist(), strict=True
@@ -99,7 +102,7 @@ def merchant_rows(products: pa.Table, written_at: dt.datetime) -> pa.Table:
                     continue
                 for k, v in (
                     ("product_id", pid),
-                    ("attribute", attribute),
+                    ("attribute", named.get(merchant_key(attribute), attribute)),
                     ("value", value),
                     ("confidence", None),
                     ("threshold", None),
@@ -300,10 +303,17 @@ def _semi(left: pa.Table, right: pa.Table, keys: Iterable[str], anti: bool = Fal
     return joined.select(left.column_names).cast(left.schema)  # joins drop field nullability
 
 
-def merge_run(path: str | Path, run: RunWrite, *, changes: str | Path) -> MergeResult:
+def merge_run(
+    path: str | Path,
+    run: RunWrite,
+    *,
+    changes: str | Path,
+    linked: Mapping[str, Sequence[str]] | None = None,
+) -> MergeResult:
     """Replace the model's values of every pair of the run (``run.pairs``) with ``run.values``
     in one commit, removing ``run.retract`` where this model version wrote them (:class:`RunWrite`);
-    ``changes``: the attribute-changes table, where the run's before and after rows go first.
+    ``changes``: the attribute-changes table, where the run's before and after rows go first;
+    ``linked``: as :func:`rollback_runs`' (a merchant row of a colour family holds the colour too).
     """
     values, scored, retract, run_id = run.values, run.pairs, run.retract, run.run_id
     model_name, model_version, written_at = run.model_name, run.model_version, run.written_at
@@ -319,7 +329,7 @@ def merge_run(path: str | Path, run: RunWrite, *, changes: str | Path) -> MergeR
     )
     read_at = _version(path)
     current = _rows_for(path, ids, read_at)
-    scored_pairs, new, gone = _replaced(current, scored, values, retract, str(model_version))
+    scored_pairs, new, gone = _replaced(current, scored, values, retract, str(model_version), linked or {})
     upserts = _model_rows(new, model_name, str(model_version), run_id, written_at)
     skipped = _pairs(scored).num_rows - scored_pairs.num_rows if scored.num_rows else 0
     metadata = {META_RUN_ID: run_id, META_OPERATION: "enrich", META_MODEL_VERSION: str(model_version)}
@@ -345,17 +355,29 @@ def merge_run(path: str | Path, run: RunWrite, *, changes: str | Path) -> MergeR
         updated=int(metrics["num_target_rows_updated"]),
         deleted=int(metrics["num_target_rows_deleted"]),
         merchant_pairs_skipped=skipped,
+        written={str(v["values"]): int(v["counts"]) for v in upserts["attribute"].value_counts().to_pylist()},
     )
 
 
 def _replaced(
-    current: pa.Table, scored: pa.Table, values: pa.Table, retract: pa.Table, model_version: str
+    current: pa.Table,
+    scored: pa.Table,
+    values: pa.Table,
+    retract: pa.Table,
+    model_version: str,
+    linked: Mapping[str, Sequence[str]],
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Of the rows the catalog holds for the run's products: the scored pairs no merchant value
-    holds, their new values, and the model rows that go (of the run's pairs, not among the new
-    values - a pair the merchant holds keeps none - or rejected for ``model_version``)."""
+    """Of the rows the catalog holds for the run's products: the scored pairs no merchant row holds
+    (of the attribute - named in any case, width or spacing, :func:`merchant_key` - or of one
+    ``linked`` to it), their new values, and the model rows that go (of the run's pairs, not among
+    the new values - a pair the merchant holds keeps none - or rejected for ``model_version``)."""
     pairs = _pairs(scored)
-    merchant_pairs = _pairs(current.filter(pc.equal(current["source"], "merchant")))
+    held = _pairs(current.filter(pc.equal(current["source"], "merchant")))
+    spelled = {merchant_key(a): a for a in [*pc.unique(pairs["attribute"]).to_pylist(), *linked]}
+    names = pa.array(pc.unique(held["attribute"]).to_pylist(), pa.string())
+    ours = pa.array([spelled.get(merchant_key(a), a) for a in names.to_pylist()], pa.string())
+    held = held.set_column(1, "attribute", ours.take(pc.index_in(held["attribute"], value_set=names)))
+    merchant_pairs = _with_linked(held, linked)
     scored_pairs = _semi(pairs, merchant_pairs, PAIR, anti=True)
     new = _semi(values.select([*KEY, "confidence", "threshold"]), scored_pairs, PAIR)
     model = current.filter(pc.equal(current["source"], "model"))
@@ -364,6 +386,16 @@ def _replaced(
     # rejected values the scored pairs did not already drop (a new value is never a rejected one)
     rejected = _semi(_semi(_semi(mine, retract, KEY), gone, KEY, anti=True), new, KEY, anti=True)
     return scored_pairs, new, pa.concat_tables([gone, rejected])
+
+
+def _with_linked(pairs: pa.Table, linked: Mapping[str, Sequence[str]]) -> pa.Table:
+    """``pairs`` and, for each, the pairs of its product and the attributes ``linked`` to its own."""
+    tables = [pairs]
+    for attribute, others in linked.items():
+        ids = pairs.filter(pc.equal(pairs["attribute"], attribute))["product_id"]
+        for other in others:
+            tables.append(pa.table({"product_id": ids, "attribute": pa.repeat(pa.scalar(other), len(ids))}))
+    return _pairs(pa.concat_tables([t.cast(_PAIR_SCHEMA) for t in tables]))
 
 
 def _model_rows(
@@ -534,8 +566,9 @@ def _undo(
     pair -> the newest version at which one did, against the run's ``version``: a later run that
     wrote a value and one that took it out again leave the pair as it was, but not the run's),
     gets its before rows back - none where a merchant's value
-    holds it now (``held``), nor a row of a run rolled back before (``gone``: its values were taken
-    out and stay out); the others are reported superseded."""
+    holds it now (``held``: product and :func:`~catalog_enrichment.contracts.merchant_key`
+    of the attribute), nor a row of a run rolled back before (``gone``: its values were taken out
+    and stay out); the others are reported superseded."""
     before = _by_pair(images.filter(pc.equal(images[IMAGE], "before")))
     after = _by_pair(images.filter(pc.equal(images[IMAGE], "after")))
     restored, superseded, removed, back = 0, [], 0, 0
@@ -543,7 +576,8 @@ def _undo(
         if later.get(pair, -1) > version or _state(state.get(pair, [])) != _state(after.get(pair, [])):
             superseded.append(pair)
             continue
-        rows = [] if pair in held else [r for r in before.get(pair, []) if r["run_id"] not in gone]
+        given = (pair[0], merchant_key(pair[1])) in held
+        rows = [] if given else [r for r in before.get(pair, []) if r["run_id"] not in gone]
         values = {r["value"] for r in rows}
         removed += sum(r["value"] not in values for r in state.get(pair, []))
         back += len(rows)
@@ -557,7 +591,8 @@ _NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 def _merchant_pairs(products: str | Path | None, product_ids: pa.Array) -> set[Pair]:
     """The (product, attribute) pairs the products table's latest copy of each product gives a
-    merchant value for (``products`` None or not there: none)."""
+    merchant value for, the attribute as its :func:`~catalog_enrichment.contracts.merchant_key`
+    (``products`` None or not there: none)."""
     if products is None or not Path(products).exists() or not len(product_ids):
         return set()
     if "merchant_attributes" not in schema_of(products).names:
@@ -569,7 +604,7 @@ def _merchant_pairs(products: str | Path | None, product_ids: pa.Array) -> set[P
         if seen is None or (r["updated_at"] or _NEVER) >= (seen["updated_at"] or _NEVER):
             latest[r["product_id"]] = r
     return {
-        (str(pid), str(attribute))
+        (str(pid), merchant_key(str(attribute)))
         for pid, r in latest.items()
         for attribute, values in (r["merchant_attributes"] or [])
         if merchant_value_given(values)
@@ -589,7 +624,8 @@ def rollback_runs(
     committed since changed it - but not those an earlier rollback took out; otherwise a later run
     changed it, and it is left alone and reported (as PostgreSQL's run log decides).
     A pair a merchant's value holds now (a merchant row, or the ``products`` table's
-    :func:`_merchant_pairs`, of the attribute or of one ``linked`` to it) gets no model value back.
+    :func:`_merchant_pairs`, of the attribute or of one ``linked`` to it, their names compared as
+    :func:`~catalog_enrichment.contracts.merchant_key`) gets no model value back.
 
     Raises:
         CatalogEnrichError: a run never committed to this table, or was already rolled back.
@@ -600,10 +636,10 @@ def rollback_runs(
     read_at = _version(path)
     current = _rows_for(path, ids, read_at)
     now = _by_pair(current.filter(pc.equal(current["source"], "model")))
-    given = set(_by_pair(current.filter(pc.equal(current["source"], "merchant")))) | _merchant_pairs(
-        products, ids
-    )
-    held = given | {(pid, other) for pid, a in given for other in (linked or {}).get(a, ())}
+    merchant = _by_pair(current.filter(pc.equal(current["source"], "merchant")))
+    given = {(pid, merchant_key(a)) for pid, a in merchant} | _merchant_pairs(products, ids)
+    links = {merchant_key(a): [merchant_key(o) for o in others] for a, others in (linked or {}).items()}
+    held = given | {(pid, other) for pid, a in given for other in links.get(a, ())}
     state = dict(now)
     gone = _rolled_back(path, set(pc.unique(images["run_id"]).drop_null().to_pylist()))
     later = _changed_later(path, changes, committed, ids)

@@ -80,6 +80,7 @@ class MergeResult:
     deleted: int = 0
     merchant_pairs_skipped: int = 0  # the run's pairs a merchant row holds
     already_committed: bool = False
+    written: dict[str, int] = field(default_factory=dict)  # the run's values written, per attribute
 
 
 @dataclass
@@ -106,7 +107,9 @@ class RunWrite:
     backend may stage from inside Spark instead of from ``values``; ``retract``: (product_id,
     attribute, value) that people rejected for this model version (``review import``), removed in
     the same commit wherever this version wrote them, whether the run scored their pair or not (its
-    rollback puts them back).
+    rollback puts them back); ``linked``: attribute -> the others a merchant row of it holds too
+    (:meth:`~catalog_enrichment.contracts.Taxonomy.held_together`: a merchant's colour family
+    keeps the model's colour out).
     """
 
     run_id: str
@@ -118,6 +121,7 @@ class RunWrite:
     quarantine: pa.Table
     scores: str | None = None
     retract: pa.Table | None = None
+    linked: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 class Catalog(Protocol):

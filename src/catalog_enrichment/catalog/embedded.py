@@ -116,7 +116,7 @@ class LakehouseCatalog:
         own beside them; one whose earlier attempt committed nothing replaces what that left)."""
         fault_point("after_stage")
         fault_during("during_merge", self.attributes)
-        merge = attributes.merge_run(self.attributes, run, changes=self.changes)
+        merge = attributes.merge_run(self.attributes, run, changes=self.changes, linked=run.linked)
         fault_point("after_merge")
         reports.write_quarantine(
             self.quarantine, run.run_id, run.quarantine, replace=not merge.already_committed

@@ -45,7 +45,13 @@ import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import Catalog
 from catalog_enrichment.catalog.reviews import verdicts_by_value
-from catalog_enrichment.contracts import RESERVED_NAMES, Taxonomy, check_attribute_names, load_contract
+from catalog_enrichment.contracts import (
+    RESERVED_NAMES,
+    Taxonomy,
+    check_attribute_names,
+    load_contract,
+    merchant_key,
+)
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 if TYPE_CHECKING:
@@ -236,22 +242,31 @@ def _label_columns(
 ) -> DataFrame:
     """``product_id`` and one column per attribute: each product's label (multi-label: its values in
     taxonomy order; multi-class: its one value, null when merchants disagree), over the values within
-    the taxonomy. The report counts what was dropped as outside it (the most frequent
+    the taxonomy - a merchant's attribute or value written in another case, width or with spaces
+    around it is the taxonomy's (:func:`~catalog_enrichment.contracts.merchant_key`, on the
+    executors). The report counts what was dropped as outside it (the most frequent
     :data:`REPORTED_DROPS` of each kind, and how many in all) and the disagreements of the
     ``products`` (the latest titled copies)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     allowed = spark.createDataFrame(
-        [(a.name, v, i) for a in taxonomy for i, v in enumerate(a.values)],
-        "attribute string, value string, _order int",
+        [
+            (merchant_key(a.name), merchant_key(v), a.name, v, i)
+            for a in taxonomy
+            for i, v in enumerate(a.values)
+        ],
+        "_attribute_key string, _value_key string, _attribute string, _value string, _order int",
     )
-    names = [a.name for a in taxonomy]
-    rows = attributes.select("product_id", "attribute", "value").join(
-        F.broadcast(allowed), ["attribute", "value"], "left"
+    key = F.udf(lambda text: None if text is None else merchant_key(text), "string")
+    rows = (
+        attributes.select("product_id", "attribute", "value")
+        .withColumns({"_attribute_key": key("attribute"), "_value_key": key("value")})
+        .join(F.broadcast(allowed), ["_attribute_key", "_value_key"], "left")
     )
     attribute = F.coalesce(F.col("attribute"), F.lit("None"))
-    why = F.when(F.col("attribute").isNull() | ~F.col("attribute").isin(names), F.lit("attribute")).when(
+    known = F.col("_attribute_key").isin([merchant_key(a.name) for a in taxonomy])
+    why = F.when(~F.coalesce(known, F.lit(False)), F.lit("attribute")).when(
         F.col("_order").isNull(), F.lit("value")
     )
     named = F.when(why == "attribute", attribute).otherwise(
@@ -272,7 +287,9 @@ def _label_columns(
     }
     pairs = (
         rows.where(why.isNull())
-        .select("product_id", "attribute", "value", "_order")
+        .select(
+            "product_id", F.col("_attribute").alias("attribute"), F.col("_value").alias("value"), "_order"
+        )
         .distinct()
         .groupBy("product_id", "attribute")
         .agg(F.sort_array(F.collect_list(F.struct("_order", "value"))).alias("_found"))

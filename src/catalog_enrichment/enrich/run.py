@@ -427,8 +427,9 @@ def _stages(
     fault_point("before_merge")
     with run.stage("write"):
         write = run_write(
-            run.run_id, job.model, run.started_at, retracted, decisions, job.staging, run.blocked
-        )
+            run.run_id, job.model, run.started_at, retracted, decisions, job.staging, run.blocked,
+            job.policy.taxonomy,
+        )  # fmt: skip
         run.merge = catalog.write(write, job.spark)
     if run.merge.already_committed:
         # an earlier attempt of this run id committed, then failed: what this attempt read since
@@ -440,10 +441,12 @@ def _stages(
         say(f"  {run.run_id} was committed by an earlier attempt: nothing written; the next run reads "
             "its products again")  # fmt: skip
     else:
-        run.written = written(decisions, job.policy.taxonomy, run.blocked)
+        # the values the commit wrote: none a merchant row of the catalog holds (decided all the same)
+        counts, coverage = written(decisions, job.policy.taxonomy, run.blocked)
+        run.written = {a: run.merge.written.get(a, 0) for a in counts}, coverage
         version = run.merge.version
         changed = "no value changed" if version is None else f"version {version}"
-        say(f"  wrote {decisions.values.num_rows:,} values ({changed}); "
+        say(f"  wrote {sum(run.written[0].values()):,} values ({changed}); "
             f"quarantined {decisions.quarantine.num_rows:,} rows")  # fmt: skip
     if scored.encoder is not None and run.blocked:
         # tonight's inputs may be what was wrong (placeholder photos under the products' own URLs

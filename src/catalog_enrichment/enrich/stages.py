@@ -424,8 +424,9 @@ def _by_product(rejected: Iterable[tuple[str, str, str]]) -> dict[str, list[str]
 
 @dataclass(frozen=True)
 class Decisions:
-    """What the run writes: values, scored pairs, quarantine rows; the counts with the image rules
-    added; the rows scored, valid and quarantined (every row read is one or the other)."""
+    """What the run writes: values, pairs (scored, or ``settled`` by a merchant's value:
+    :func:`flatten_scores`), quarantine rows; the counts with the image rules added; the rows
+    scored, valid and quarantined (every row read is one or the other)."""
 
     values: pa.Table
     pairs: pa.Table
@@ -439,8 +440,9 @@ class Decisions:
 
 
 def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> Decisions:
-    """The rows the run writes: the values and scored pairs of the products whose image decoded, and
-    the quarantine rows of the others and of the rows that broke a rule.
+    """The rows the run writes: the values and scored pairs of the products whose image decoded, the
+    pairs a merchant's value settles (:func:`flatten_scores`), and the quarantine rows of the
+    products whose image did not decode and of the rows that broke a rule.
 
     Raises:
         CatalogEnrichError: a row read is neither valid nor quarantined (nothing is written).
@@ -464,7 +466,7 @@ def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> De
         counts.held + reasons[IMAGE_SHARED],  # a placeholder read is not bad data: outside the breaker
     )
     good = scored.filter(pc.is_null(scored["image_error"]))
-    values, pairs = flatten_scores(good)
+    values, pairs = flatten_scores(scored)
     schema = load_contract("quarantine").arrow_schema()
     quarantine = schema.empty_table()
     if total.rows_invalid:  # else nothing to collect: no Spark job for it
@@ -482,9 +484,13 @@ def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> De
 
 def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
     """Flatten staged decisions into value rows and the run's (product, attribute) pairs: those it
-    scored and those a merchant's value settles (their model values go)."""
-    ids = scored["product_id"].combine_chunks()
-    value_lists = scored["values"].combine_chunks()
+    scored and, marked ``settled``, those a merchant's value settles (their model values go). The
+    values and scored pairs are those of the products whose image was read (``image_error`` null);
+    the settled pairs those of every product, one quarantined for its image too (its merchant's
+    values need none)."""
+    good = scored.filter(pc.is_null(scored["image_error"]))
+    ids = good["product_id"].combine_chunks()
+    value_lists = good["values"].combine_chunks()
     flat = value_lists.flatten()
     values = pa.table(
         {
@@ -492,14 +498,24 @@ def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
             **{k: flat.field(k) for k in ("attribute", "value", "confidence", "threshold")},
         }
     )
-    lists = [scored[c].combine_chunks() for c in ("scored", "settled")]
-    pairs = pa.table(
-        {
-            "product_id": pa.chunked_array([ids.take(pc.list_parent_indices(x)) for x in lists]),
-            "attribute": pa.chunked_array([x.flatten() for x in lists]),
-        }
+    pairs = pa.concat_tables(
+        [_pairs_in(good, "scored", settled=False), _pairs_in(scored, "settled", settled=True)]
     )
     return values, pairs
+
+
+def _pairs_in(scored: pa.Table, column: str, *, settled: bool) -> pa.Table:
+    """The (product, attribute) pairs the list column ``column`` of staged decisions names, and
+    whether they are the ``settled`` ones."""
+    lists = scored[column].combine_chunks()
+    attributes = lists.flatten()
+    return pa.table(
+        {
+            "product_id": scored["product_id"].combine_chunks().take(pc.list_parent_indices(lists)),
+            "attribute": attributes,
+            "settled": pa.repeat(pa.scalar(settled), len(attributes)),
+        }
+    )
 
 
 def _quarantined_only_for(quarantine: pa.Table, transient: set[str]) -> list[str]:
@@ -554,24 +570,29 @@ def run_write(
     decisions: Decisions | None = None,
     staging: Path | None = None,
     blocked: Sequence[str] = (),
+    taxonomy: Taxonomy | None = None,
 ) -> RunWrite:
     """What the run commits: its decisions and the removal of the values people rejected for its
     version; without decisions (nothing to score) only that removal. The ``blocked`` attributes
     (run health) are left as the catalog holds them: neither their values nor their scored pairs
-    are written (and the backend stages from ``values``, not from the staged scores)."""
+    are written (and the backend stages from ``values``, not from the staged scores); the pairs a
+    merchant's value settles lose their model values all the same (never one beside the
+    merchant's). ``taxonomy``: the configured one, whose
+    :meth:`~catalog_enrichment.contracts.Taxonomy.held_together` has a merchant row of an attribute
+    in the catalog hold the others linked to it (None: each holds only its own)."""
     if decisions is None:
         strings = [pa.field(k, pa.string()) for k in ("product_id", "attribute", "value")]
         values = pa.schema(
             [*strings, ("confidence", pa.float64()), ("threshold", pa.float64())]
         ).empty_table()
-        pairs = pa.schema(strings[:2]).empty_table()
+        pairs = pa.schema([*strings[:2], ("settled", pa.bool_())]).empty_table()
         quarantine = load_contract("quarantine").arrow_schema().empty_table()
     else:
         values, pairs, quarantine = decisions.values, decisions.pairs, decisions.quarantine
     if blocked:
         out = pa.array(list(blocked), pa.string())
         values = values.filter(pc.invert(pc.is_in(values["attribute"], out)))
-        pairs = pairs.filter(pc.invert(pc.is_in(pairs["attribute"], out)))
+        pairs = pairs.filter(pc.or_(pairs["settled"], pc.invert(pc.is_in(pairs["attribute"], out))))
         staging = None
     rows = sorted(rejected)
     return RunWrite(
@@ -580,7 +601,7 @@ def run_write(
         model_version=model.version,
         written_at=written_at,
         values=values,
-        pairs=pairs,
+        pairs=pairs.select(["product_id", "attribute"]),
         quarantine=quarantine,
         scores=None if staging is None else str(staging / "scores"),
         retract=pa.table(
@@ -589,6 +610,7 @@ def run_write(
                 for i, k in enumerate(("product_id", "attribute", "value"))
             }
         ),
+        linked={} if taxonomy is None else taxonomy.held_together(),
     )
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.calibration import Calibration
-from catalog_enrichment.contracts import Taxonomy, merchant_value_given
+from catalog_enrichment.contracts import Taxonomy, merchant_key, merchant_value_given
 from catalog_enrichment.errors import TaxonomyError
 from catalog_enrichment.metrics import decision_matrix, within_groups
 
@@ -42,7 +42,7 @@ MerchantAttributes: TypeAlias = Mapping[str, Any] | Iterable[tuple[str, Any]] | 
 
 
 def merchant_attributes(raw: MerchantAttributes) -> set[str]:
-    """Attribute names a merchant filled, from an Arrow map value (list of pairs) or a dict."""
+    """Attribute names a merchant filled (as given), from an Arrow map value (list of pairs) or a dict."""
     if raw is None:
         return set()
     items = raw.items() if isinstance(raw, Mapping) else raw
@@ -58,26 +58,30 @@ def merchant_filled(
     without a Python object per row; any other sequence (dicts, pair lists, None) goes through
     :func:`merchant_attributes` row by row. A key counts as filled when its value holds a value that
     is not null or blank, as in :func:`merchant_attributes`; a set is taken as the filled names
-    themselves.
+    themselves. A key is one of ``names`` written in another case, width or with spaces around it
+    (:func:`merchant_key`).
     """
+    wanted = [merchant_key(name) for name in names]
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     entries = _filled_entries(column) if isinstance(column, pa.Array) else None
     if entries is None:
         values = column.to_pylist() if isinstance(column, pa.Array) else column  # e.g. an all-null column
-        rows = [raw if isinstance(raw, AbstractSet) else merchant_attributes(raw) for raw in values]
-        return np.array([[name in row for name in names] for row in rows], bool).reshape(
-            len(rows), len(names)
-        )
+        rows = [
+            {merchant_key(k) for k in (raw if isinstance(raw, AbstractSet) else merchant_attributes(raw))}
+            for raw in values
+        ]
+        return np.array([[key in row for key in wanted] for row in rows], bool).reshape(len(rows), len(names))
     parents, keys = entries
     filled = np.zeros((len(column), len(names)), bool)
-    for j, name in enumerate(names):
-        filled[parents[keys == name], j] = True
+    for j, key in enumerate(wanted):
+        filled[parents[keys == key], j] = True
     return filled
 
 
 def _filled_entries(column: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
-    """Row index and key of every filled entry of a map (or list-of-key/value-struct) column."""
+    """Row index and key (its :func:`merchant_key`) of every filled entry of a map (or
+    list-of-key/value-struct) column."""
     kind = column.type
     if pa.types.is_map(kind):
         keys, items = column.keys, column.items
@@ -102,7 +106,9 @@ def _filled_entries(column: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     counts = np.diff(np.asarray(column.offsets))
     parents = np.repeat(np.arange(len(column)), counts)
     keep = (values > 0) & np.repeat(column.is_valid().to_numpy(zero_copy_only=False), counts)
-    return parents[keep], np.asarray(keys.to_numpy(zero_copy_only=False), object)[keep]
+    names = pc.dictionary_encode(keys)  # a few names: each keyed once
+    keyed = pa.array([merchant_key(k) for k in names.dictionary.to_pylist()], pa.string()).take(names.indices)
+    return parents[keep], np.asarray(keyed.to_numpy(zero_copy_only=False), object)[keep]
 
 
 def _not_blank(texts: pa.Array) -> np.ndarray:
@@ -124,8 +130,8 @@ class FlatDecisions:
     into :attr:`DecisionPolicy.all_values`, every attribute's values one after the other),
     ``confidence`` and ``threshold`` into products. ``scored``: ``(n, n_attributes)`` bool, the
     attributes each product was scored for (not merchant-filled, not skipped); ``settled``: those a
-    merchant's value settles for it (filled at either level of a value group; not skipped), where
-    the catalog keeps no model value.
+    merchant's value settles for it (filled at either level of a value group), where the catalog
+    keeps no model value - a skipped product's too: its merchant's values need no image.
     """
 
     offsets: np.ndarray
@@ -352,7 +358,7 @@ class DecisionPolicy:
             np.concatenate(scores, axis=1)[rows, cols],
             self._all_thresholds[cols],
             ~blocked,
-            settled & ~skipped,
+            settled,
         )
 
     def decide(

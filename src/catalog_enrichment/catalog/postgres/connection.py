@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from catalog_enrichment.catalog.base import (
 )
 from catalog_enrichment.catalog.lock import CatalogBusy
 from catalog_enrichment.config import CatalogConfig
+from catalog_enrichment.contracts import merchant_key
 from catalog_enrichment.errors import CatalogEnrichError
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 from catalog_enrichment.catalog.postgres.migrate import migrate
 
-__all__ = ["PG_DSN_ENV", "RUN_STAGE", "STORE_STAGE", "PgBase", "store_stage_key"]
+__all__ = ["PG_DSN_ENV", "RUN_STAGE", "STORE_STAGE", "PgBase", "held_by", "store_stage_key"]
 
 PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
 
@@ -38,6 +39,25 @@ STORE_STAGE = "embeddings_stage_"
 def store_stage_key(name: str) -> str:
     """The advisory lock a store write's session holds while its staging table ``name`` is in use."""
     return f"catalog_enrichment.store_stage:{name}"
+
+
+def held_by(
+    merchant: Iterable[str], attributes: Iterable[str], linked: Mapping[str, Sequence[str]]
+) -> list[tuple[str, str]]:
+    """(merchant's name, attribute) for each of ``attributes`` that a merchant's value under that name
+    holds: its own and those ``linked`` to it, every name compared as its
+    :func:`~catalog_enrichment.contracts.merchant_key` (here, not in SQL: PostgreSQL has no
+    casefold, and its NFKC needs a UTF-8 database)."""
+    links: dict[str, set[str]] = {}
+    for attribute, others in linked.items():
+        links.setdefault(merchant_key(attribute), set()).update(merchant_key(o) for o in others)
+    keyed = [(a, merchant_key(a)) for a in set(attributes)]
+    return sorted(
+        (name, a)
+        for name in set(merchant)
+        for a, key in keyed
+        if key == merchant_key(name) or key in links.get(merchant_key(name), ())
+    )
 
 
 # Per contract type: the PostgreSQL type a products table is created with (tests, the demo), and
@@ -254,6 +274,20 @@ class PgBase:
                 f"{pid}) ended (terminated, timed out, a failover or a dropped connection), so another run "
                 "may have taken it; nothing was committed; run again"
             )
+
+    def _holders(
+        self, conn: Any, merchant: Any, attributes: Any, linked: Mapping[str, Sequence[str]]
+    ) -> None:
+        """The temp table ``holders`` (merchant, attribute): :func:`held_by` of the names the
+        queries ``merchant`` and ``attributes`` select (one column each), for this transaction."""
+        given, scored = ([n for (n,) in conn.execute(q).fetchall()] for q in (merchant, attributes))
+        conn.execute("DROP TABLE IF EXISTS holders")  # an earlier rollback's, in the same transaction
+        conn.execute(
+            "CREATE TEMP TABLE holders (merchant text NOT NULL, attribute text NOT NULL) ON COMMIT DROP"
+        )
+        with conn.cursor().copy("COPY holders (merchant, attribute) FROM STDIN") as copy:
+            for row in held_by(given, scored, linked):
+                copy.write_row(row)
 
     def _committed(self, conn: Any, run_id: str) -> int | None:
         row = conn.execute(

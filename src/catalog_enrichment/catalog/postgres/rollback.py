@@ -116,36 +116,47 @@ class Rollbacks(PgBase):
         those of a run rolled back before (taken out, they stay out) - except on a pair a
         merchant's value holds now (an attribute row of theirs, or the products table's
         ``merchant_attributes`` in the product's latest row, of the attribute or one ``linked`` to
-        it), which keeps no model value; (rows removed, rows restored)."""
+        it, the names compared as :func:`~catalog_enrichment.contracts.merchant_key`:
+        :meth:`_holders`), which keeps no model value; (rows removed, rows restored)."""
         from psycopg import sql
 
-        def array(names: Sequence[str]) -> Any:
-            return sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, names)))
-
-        holders: Any = sql.SQL("ARRAY[r.attribute]")
-        if linked:
-            cases = (
-                sql.SQL("WHEN {} THEN {}").format(sql.Literal(a), array([a, *o])) for a, o in linked.items()
-            )
-            holders = sql.SQL("CASE r.attribute {} ELSE ARRAY[r.attribute] END").format(
-                sql.SQL(" ").join(cases)
-            )
+        merchant = self._sql(
+            "SELECT attribute FROM {a} WHERE source = 'merchant' AND product_id IN "
+            "(SELECT product_id FROM restore)",
+            a="attributes",
+        )
         held = sql.SQL(
-            "EXISTS (SELECT 1 FROM {a} m WHERE m.product_id = r.product_id AND m.attribute = ANY({h}) "
-            "AND m.source = 'merchant')"
-        ).format(a=self._name("attributes"), h=holders)
+            "EXISTS (SELECT 1 FROM {a} m JOIN holders h ON h.merchant = m.attribute WHERE "
+            "m.product_id = r.product_id AND h.attribute = r.attribute AND m.source = 'merchant')"
+        ).format(a=self._name("attributes"))
         if self._has_merchant_column(conn):
+            as_object = sql.SQL(
+                "CASE WHEN jsonb_typeof({m}::jsonb) = 'object' THEN {m}::jsonb ELSE '{{}}'::jsonb END"
+            )
+            merchant = sql.SQL(
+                "{rows} UNION SELECT jsonb_object_keys({keys}) FROM {products} pr WHERE pr.product_id IN "
+                "(SELECT product_id FROM restore)"
+            ).format(
+                rows=merchant,
+                keys=as_object.format(m=sql.SQL("pr.merchant_attributes")),
+                products=sql.Identifier(*self.products),
+            )
             # the latest copy, a copy without a time the oldest (as the lakehouse reads it)
             held = sql.SQL(
-                "({held} OR EXISTS (SELECT 1 FROM (SELECT pr.merchant_attributes::jsonb AS m "
+                "({held} OR EXISTS (SELECT 1 FROM (SELECT pr.merchant_attributes AS m "
                 "FROM {products} pr WHERE pr.product_id = r.product_id "
                 "ORDER BY pr.updated_at DESC NULLS LAST LIMIT 1) latest "
-                "CROSS JOIN LATERAL unnest({h}) k(attribute) CROSS JOIN LATERAL jsonb_array_elements_text("
-                "CASE WHEN jsonb_typeof(latest.m -> k.attribute) = 'array' THEN latest.m -> k.attribute "
-                "ELSE '[]'::jsonb END) v WHERE v ~ {given}))"
+                "CROSS JOIN LATERAL jsonb_each({entries}) e(merchant, given) JOIN holders h ON "
+                "h.merchant = e.merchant CROSS JOIN LATERAL jsonb_array_elements_text("
+                "CASE WHEN jsonb_typeof(e.given) = 'array' THEN e.given ELSE '[]'::jsonb END) v "
+                "WHERE h.attribute = r.attribute AND v ~ {given}))"
             ).format(
-                held=held, products=sql.Identifier(*self.products), h=holders, given=sql.Literal(_NOT_BLANK)
+                held=held,
+                products=sql.Identifier(*self.products),
+                entries=as_object.format(m=sql.SQL("latest.m")),
+                given=sql.Literal(_NOT_BLANK),
             )
+        self._holders(conn, merchant, "SELECT DISTINCT attribute FROM restore", linked)
         removed = conn.execute(
             self._sql(
                 "DELETE FROM {a} a USING restore p WHERE p.product_id = a.product_id AND "

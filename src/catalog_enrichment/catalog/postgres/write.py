@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -149,12 +149,16 @@ class Writes(PgBase):
             return copy_batches(conninfo, table, rows.to_batches(max_chunksize=50_000), password=password)
         from pyspark.sql import functions as F
 
-        scores = spark.read.parquet(run.scores).where(F.col("image_error").isNull())
-        values = scores.select("product_id", F.explode("values").alias("v")).select(
+        # values and scored pairs of the products whose image was read, the pairs a merchant's value
+        # settles of every product (as stages.flatten_scores)
+        scores = spark.read.parquet(run.scores)
+        good = scores.where(F.col("image_error").isNull())
+        values = good.select("product_id", F.explode("values").alias("v")).select(
             "product_id", "v.attribute", "v.value", "v.confidence", "v.threshold"
         )
-        pairs = scores.select(
-            "product_id", F.explode(F.concat("scored", "settled")).alias("attribute")
+        settled = scores.select("product_id", F.explode("settled").alias("attribute"))
+        pairs = (
+            good.select("product_id", F.explode("scored").alias("attribute")).unionByName(settled)
         ).select(
             "product_id",
             "attribute",
@@ -168,7 +172,8 @@ class Writes(PgBase):
     def _merge(self, conn: Any, run: RunWrite, stage: str) -> MergeResult:
         """Within the write's transaction: record the run in the run log, then replace the model values
         of its pairs (a pair the merchant holds keeps no model value and gets none), keeping what it
-        replaces for its rollback (:meth:`write` has serialized the transaction)."""
+        replaces for its rollback (:meth:`write` has serialized the transaction); the values written
+        counted per attribute."""
         seq_row = conn.execute(
             self._sql(
                 "INSERT INTO {runs} (run_id, operation, model_name, model_version) VALUES (%s, 'enrich', "
@@ -180,7 +185,8 @@ class Writes(PgBase):
         if seq_row is None:  # committed by a process that got here first
             return MergeResult(self._committed(conn, run.run_id), already_committed=True)
         seq = int(seq_row[0])
-        skipped = self._scored_pairs(conn, stage)
+        skipped = self._scored_pairs(conn, stage, run.linked)
+        written = conn.execute("SELECT attribute, count(*) FROM new_values GROUP BY attribute").fetchall()
         self._keep_replaced(conn, seq)
         inserted, updated, deleted = self._replace_values(conn, run)
         deleted += self._retract(conn, run, seq)
@@ -188,13 +194,20 @@ class Writes(PgBase):
         # nothing changed: no version, but the run log keeps the run id (a re-run stays a no-op)
         version = None if inserted + updated + deleted == 0 else seq
         return MergeResult(
-            version, inserted=inserted, updated=updated, deleted=deleted, merchant_pairs_skipped=skipped
+            version,
+            inserted=inserted,
+            updated=updated,
+            deleted=deleted,
+            merchant_pairs_skipped=skipped,
+            written={str(a): int(n) for a, n in written},
         )
 
-    def _scored_pairs(self, conn: Any, stage: str) -> int:
+    def _scored_pairs(self, conn: Any, stage: str, linked: Mapping[str, Sequence[str]]) -> int:
         """The temp tables ``touched`` (every pair of the run: their model values go unless among
-        the new ones), ``scored`` (those without a merchant value) and ``new_values`` (their new
-        values, one row each); the run's pairs left to the merchant."""
+        the new ones), ``scored`` (those no merchant row holds: of the attribute or of one ``linked``
+        to it, the names compared as :func:`~catalog_enrichment.contracts.merchant_key`,
+        :meth:`_holders`) and ``new_values`` (their new values, one row each); the run's pairs left
+        to the merchant."""
         conn.execute(
             self._sql(
                 "CREATE TEMP TABLE touched ON COMMIT DROP AS SELECT DISTINCT product_id, attribute FROM {s}",
@@ -202,11 +215,17 @@ class Writes(PgBase):
             )
         )
         conn.execute("ALTER TABLE touched ADD PRIMARY KEY (product_id, attribute)")
+        merchant = self._sql(
+            "SELECT DISTINCT attribute FROM {a} WHERE source = 'merchant' AND product_id IN "
+            "(SELECT product_id FROM touched)",
+            a="attributes",
+        )
+        self._holders(conn, merchant, "SELECT DISTINCT attribute FROM touched", linked)
         conn.execute(
             self._sql(
                 "CREATE TEMP TABLE scored ON COMMIT DROP AS SELECT t.product_id, t.attribute FROM touched t "
-                "WHERE NOT EXISTS (SELECT 1 FROM {a} a WHERE a.product_id = t.product_id AND "
-                "a.attribute = t.attribute AND a.source = 'merchant')",
+                "WHERE NOT EXISTS (SELECT 1 FROM {a} a JOIN holders h ON h.merchant = a.attribute WHERE "
+                "a.product_id = t.product_id AND h.attribute = t.attribute AND a.source = 'merchant')",
                 a="attributes",
             )
         )
