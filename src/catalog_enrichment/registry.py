@@ -9,6 +9,7 @@ promotion log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -450,10 +451,14 @@ def download_bundle(client: MlflowClient, model: ModelVersion, cache_dir: str | 
     """``model`` with its bundle folder, downloaded once into ``cache_dir`` (reused by later runs).
 
     The folder is named ``<name>-v<version>-<run id>``, unique per version, so Spark can ship it to
-    executors under that name (``SparkContext.addArchive``)."""
+    executors under that name (``SparkContext.addArchive``). A folder reused is marked used now (it
+    and its zip), so that another run's pruning of unused versions leaves it to this run."""
     bundle = Path(cache_dir) / f"{model.name}-v{model.version}-{model.run_id[:12]}"
     if bundle.is_dir():
         if not bundle_problems(bundle):
+            for used in (bundle, bundle.parent / f"{bundle.name}.zip"):
+                with contextlib.suppress(OSError):  # no zip: never shipped
+                    os.utime(used)
             return replace(model, bundle_dir=bundle)
         shutil.rmtree(bundle, ignore_errors=True)  # a damaged cached copy: fetch it again
     Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -371,7 +371,8 @@ def test_a_page_answered_in_the_images_place_is_read_again_not_undecodable(
     http_server: _Server, tmp_path: Path
 ) -> None:
     """A CDN in maintenance answers ``200`` with an HTML (or plain text) page where the image should
-    be: unreadable now (the next runs read it again), not a product whose image is no image."""
+    be: unreadable now (the next runs read it again), not a product whose image is no image. A
+    photo a host labels ``text/plain`` (an extension-less URL) is read as the photo it is."""
     (tmp_path / "maintenance.html").write_bytes(b"<html><body>Back soon</body></html>")
     (tmp_path / "maintenance.txt").write_bytes(b"Service temporarily unavailable")
     policy = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=FAST)
@@ -379,6 +380,9 @@ def test_a_page_answered_in_the_images_place_is_read_again_not_undecodable(
         assert load_pixels(None, f"{http_server.url}/{name}", SIZE, policy=policy) == (None, IMAGE_READABLE)
     pixels, reason = load_pixels(None, f"{http_server.url}/a.jpg", SIZE, policy=policy)  # image/jpeg
     assert reason is None and pixels is not None
+    (tmp_path / "labelled.txt").write_bytes((tmp_path / "a.jpg").read_bytes())
+    labelled, reason = load_pixels(None, f"{http_server.url}/labelled.txt", SIZE, policy=policy)
+    assert reason is None and labelled is not None and np.array_equal(labelled, pixels)
 
 
 def test_slow_and_flaky_hosts_are_bounded_and_retried(http_server: _Server) -> None:

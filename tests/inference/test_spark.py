@@ -253,3 +253,28 @@ def test_shipping_a_version_prunes_the_downloads_no_run_shipped_for_a_week(tmp_p
     made(f"tiny-v0-{run}", 30)
     assert spark_glue.prune_downloads(tmp_path / "my-bundle") == []
     assert (tmp_path / f"tiny-v0-{run}").is_dir()
+
+
+def test_a_version_a_run_finds_downloaded_is_marked_used_before_it_ships(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A run that reuses a version downloaded long ago marks it (folder and zip) when it finds it, so
+    another run's pruning meanwhile - while this one validates its products - leaves it."""
+    import os
+    import time
+
+    from catalog_enrichment import registry
+    from catalog_enrichment.inference import spark as spark_glue
+    from catalog_enrichment.versions import ModelVersion
+
+    run = "0123456789ab"
+    folder, archive = tmp_path / f"tiny-v4-{run}", tmp_path / f"tiny-v4-{run}.zip"
+    folder.mkdir()
+    archive.write_bytes(b"PK")
+    stamp = time.time() - 8 * 86400
+    for path in (folder, archive):
+        os.utime(path, (stamp, stamp))
+    monkeypatch.setattr(registry, "bundle_problems", lambda bundle: [])
+    found = registry.download_bundle(None, ModelVersion("tiny", "4", run + "cd"), tmp_path)  # type: ignore[arg-type]
+    assert found.bundle_dir == folder
+    (tmp_path / f"tiny-v5-{run}").mkdir()
+    assert spark_glue.prune_downloads(tmp_path / f"tiny-v5-{run}") == []
+    assert folder.is_dir() and archive.is_file()

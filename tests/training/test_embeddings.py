@@ -159,15 +159,17 @@ def test_cache_files_no_training_used_for_days_are_deleted(tmp_path: Path) -> No
     cache = tmp_path / "cache"
     _embed(_records(tmp_path, [image_key(photo), None]), cache)
     (used,) = cache.glob("*.pt")
-    stale, partial = cache / ("0" * 32 + ".pt"), cache / ".x.pt.abc.partial"
+    stale, partial = cache / ("0" * 32 + ".pt"), cache / (".ab" + "0" * 30 + ".pt.abc.partial")
     stale.write_bytes(b"old")
     partial.write_bytes(b"half")
+    theirs = cache / "my_checkpoint.pt"  # not the cache's: never deleted
+    theirs.write_bytes(b"mine")
     long_ago = time.time() - (embeddings.CACHE_KEEP_DAYS + 1) * 86_400
-    for old in (used, stale, partial):
+    for old in (used, stale, partial, theirs):
         os.utime(old, (long_ago, long_ago))
     said = _embed(_records(tmp_path, [image_key(photo), None]), cache)
     assert any("read from" in m for m in said), said  # used now: kept
     _png(tmp_path / "photo.png", (10, 10, 200))
     _embed(_records(tmp_path, [image_key((tmp_path / "photo.png").read_bytes()), None]), cache)
-    assert used.exists() and not stale.exists() and not partial.exists()
-    assert len(list(cache.iterdir())) == 2  # the one used, the one written
+    assert used.exists() and not stale.exists() and not partial.exists() and theirs.exists()
+    assert len(list(cache.iterdir())) == 3  # the one used, the one written, the user's

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from catalog_enrichment.catalog.groups import variant_ids
 from catalog_enrichment.config import SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels, encode_labels
@@ -57,8 +58,9 @@ def test_variants_that_share_a_title_or_a_description_are_one_group() -> None:
     titles = ["Luna skinny RW", "luna  SKINNY rw", "Luna skinny RW", "Luna skinny", "Other", "A", "B"]
     descriptions = ["Soft denim", "soft denim ", "Stretch denim", "Stretch denim", None, "", None]
     assert group_ids(titles, descriptions).tolist() == [0, 0, 0, 0, 1, 2, 3]
-    # max_group 1 (the health checks' design effect): only the same title and description
-    assert group_ids(titles, descriptions, max_group=1).tolist() == [0, 0, 1, 2, 3, 4, 5]
+    # the health checks' design effect: only the same title and description (an empty one too)
+    assert variant_ids(titles, descriptions).tolist() == [0, 0, 1, 2, 3, 4, 5]
+    assert variant_ids(["Tee", " tee", "Tee"], [None, "", "Soft"]).tolist() == [0, 0, 1]
 
 
 def test_a_template_text_does_not_chain_a_catalog_into_one_group() -> None:

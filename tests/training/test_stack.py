@@ -201,6 +201,35 @@ def test_the_calibration_keeps_the_values_the_stack_names_unlearned_out() -> Non
     assert values[charlie].threshold is None and values[charlie].reason == UNLEARNED
 
 
+def test_the_values_left_without_the_unlearned_ones_must_prove_the_target_alone() -> None:
+    """Multi-label: "alpha" is on every product (its 1,500 sure writes right) and the stack named it
+    unlearned; "bravo" writes 300, 95 % right. Together they proved the target; bravo alone does
+    not (its lower bound is under 0.95), so nothing of the attribute is written."""
+    from catalog_enrichment.config import CalibrationConfig
+    from catalog_enrichment.training.evaluation import Predictions
+    from catalog_enrichment.training.stack import UNLEARNED
+    from catalog_enrichment.training.trained import HeldOut
+
+    taxonomy = _taxonomy("multilabel")
+    n = 1500
+    probs = np.full((n, 3), 0.01, np.float32)
+    targets = np.zeros((n, 3), np.float32)
+    probs[:, 0], targets[:, 0] = 0.99, 1.0
+    probs[:300, 1], targets[:285, 1] = 0.95, 1.0
+    scored = (
+        Predictions({"thing": probs}, None, {}),
+        EncodedLabels({"thing": targets}, {"thing": np.ones(n, bool)}),
+    )
+    together = HeldOut(scored, None, scored).calibrate(taxonomy, CalibrationConfig(), None)
+    assert together.attributes["thing"].values[1].threshold is not None
+    alone = HeldOut(scored, None, scored, unlearned={"thing": ("alpha",)}).calibrate(
+        taxonomy, CalibrationConfig(), None
+    )
+    alpha, bravo, _ = alone.attributes["thing"].values
+    assert alpha.threshold is None and alpha.reason == UNLEARNED
+    assert bravo.threshold is None and bravo.reason is not None and "prove a lower bound of" in bravo.reason
+
+
 def test_a_value_some_fold_model_never_learned_but_scores_is_named() -> None:
     """Known answers over three folds of three rows: a value whose products all sit in one fold
     (softmax and one-vs-rest), and - one-vs-rest - one on every product but one fold's."""

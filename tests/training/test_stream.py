@@ -17,7 +17,7 @@ import pytest
 
 from catalog_enrichment.catalog.lakehouse import write_table
 from catalog_enrichment.config import SyntheticConfig, ValidationConfig
-from catalog_enrichment.contracts import Taxonomy
+from catalog_enrichment.contracts import Taxonomy, image_key
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.data.synthetic import products_batches
@@ -461,9 +461,13 @@ def test_every_later_pass_reads_the_surveys_products_whatever_their_images_read_
     assert len(found.product_ids) == 298 and not set(names) & set(found.product_ids)
     assert len(list(epoch)) == int((codes == TRAIN).sum()) - 1
     assert sum(map(len, held_out)) == len(found.products(VALIDATION)) == int((codes == VALIDATION).sum()) - 1
-    assert [
-        p for records, _ in reader.records(found.product_ids) for p in records.product_id
-    ] == found.product_ids
+    passed = [records for records, _ in reader.records(found.product_ids)]
+    assert [p for records in passed for p in records.product_id] == found.product_ids
+    # each carries the digests its images were checked by: the embedding cache's key names them
+    for records in passed:
+        assert len(records.image_digest) == len(records)
+        for image, digest in zip(records.image, records.image_digest, strict=True):
+            assert digest == (None if image is None else image_key(image))
     # lost after the survey: each pass stops, naming the product
     found, reader, epoch, held_out = _surveyed(
         _passes(table, _broken(table, [val, trained])), fractions, taxonomy

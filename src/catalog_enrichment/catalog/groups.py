@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_GROUP", "folded", "group_ids", "table_groups"]
+__all__ = ["MAX_GROUP", "folded", "group_ids", "table_groups", "variant_ids"]
 
 # the largest group a shared title or description may join (group_ids): larger is a template
 MAX_GROUP = 64
@@ -17,6 +17,15 @@ MAX_GROUP = 64
 def folded(text: str | None) -> str:
     """``text`` compared case- and whitespace-insensitively (None: empty)."""
     return " ".join((text or "").lower().split())
+
+
+def variant_ids(titles: Sequence[str | None], descriptions: Sequence[str | None]) -> np.ndarray:
+    """``(n,)`` group of each product, numbered in order of first appearance: products with the same
+    title and the same description (compared as :func:`group_ids` compares them; an empty
+    description the same as another) - one article's variants, as the streamed path groups them."""
+    first: dict[tuple[str, str], int] = {}
+    keys = [(folded(t), folded(d)) for t, d in zip(titles, descriptions, strict=True)]
+    return np.array([first.setdefault(k, len(first)) for k in keys], np.int64)
 
 
 def group_ids(

@@ -6,8 +6,10 @@ serving uses (:func:`catalog_enrichment.data.images.load_pixels`) and handed to 
 pixels, which the image encoder normalises with its own preprocessing. A product without an image
 becomes zeros with ``image_present = 0`` (the models are trained with such products, so they score
 them from the text alone); training leaves out products whose image exists but cannot be used, as
-serving quarantines them, and stops where such an image shows up later (it changed or failed to read
-since the check): it never trains on it as a product without an image.
+serving quarantines them, and stops where such an image shows up later (it changed since the check):
+it never trains on it as a product without an image. A read that fails for a while (a host down, a
+503: ``image_readable``, which serving reads again later) leaves that item without its image, so
+that one such read in an epoch of remote images does not stop a training.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.utils.data import Dataset
 
 from catalog_enrichment.config import TextEncoderConfig
 from catalog_enrichment.contracts import Taxonomy, blank_value
-from catalog_enrichment.data.images import ImagePolicy, load_pixels
+from catalog_enrichment.data.images import IMAGE_READABLE, ImagePolicy, load_pixels
 from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ConfigError, ContractError, TaxonomyError
 
@@ -444,8 +446,9 @@ def _padded_backend(tokenizer: Any, max_length: int) -> Any:
 class ProductDataset(Dataset[dict[str, Any]]):
     """Items of a subset of products: texts, the image (decoded on access) and the labels.
 
-    The products are those whose image a check found usable or absent: an image that cannot be used
-    when its item is made raises :class:`CatalogEnrichError` naming the product.
+    The products are those whose image a check found usable or absent: an image that can no longer
+    be used when its item is made (changed since) raises :class:`CatalogEnrichError` naming the
+    product; one whose read fails for a while (``image_readable``) is an item without an image.
     """
 
     def __init__(
@@ -467,12 +470,12 @@ class ProductDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = int(self.indices[k])
         pixels, reason = self.records.pixels(i, self.preprocessing)
-        if reason is not None:
+        if reason is not None and reason != IMAGE_READABLE:
             raise CatalogEnrichError(
                 f"cannot use the image of product {self.records.product_id[i]!r} ({reason}), which "
-                "the check before training found usable: the image or its image_uri file changed, or "
-                "failed to read, since; the run stops rather than train on it as a product without "
-                "an image - rerun it (once the images are stable)"
+                "the check before training found usable: the image or its image_uri file changed "
+                "since; the run stops rather than train on it as a product without an image - rerun "
+                "it (once the images are stable)"
             )
         size = self.preprocessing.size
         item: dict[str, Any] = {

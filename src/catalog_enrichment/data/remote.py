@@ -10,7 +10,8 @@
 * **Retried**: connection errors, timeouts and 429 / 5xx answers are tried again with exponential
   backoff while time is left; what still fails is a *transient* failure (:data:`IMAGE_READABLE`,
   read again by the next runs), as is a name that does not resolve now (DNS down or slow) and a
-  ``200`` with a ``text/*`` body (a CDN's maintenance page where the image should be).
+  ``200`` with a ``text/*`` body that is no image (a CDN's maintenance page where the image should
+  be; an image a host labelled ``text/plain`` is read as one).
 * **Internationalized names** are asked for in their ASCII (``xn--``) form; a name that has none
   is refused (:data:`IMAGE_URI_ALLOWED`).
 * **No redirects**: a 3xx answer is refused (:data:`IMAGE_URI_ALLOWED`): its target was never
@@ -95,8 +96,6 @@ def _body(response: Any, max_bytes: int, deadline: float) -> tuple[bytes | None,
         return None, IMAGE_URI_ALLOWED
     if response.status != 200:
         return None, IMAGE_READABLE
-    if response.headers.get("Content-Type", "").strip().lower().startswith("text/"):
-        return None, IMAGE_READABLE  # a maintenance or error page answered in the image's place
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         return None, IMAGE_WITHIN_LIMITS
@@ -111,7 +110,25 @@ def _body(response: Any, max_bytes: int, deadline: float) -> tuple[bytes | None,
         size += len(chunk)
     if size > max_bytes:
         return None, IMAGE_WITHIN_LIMITS
-    return b"".join(chunks), None
+    body = b"".join(chunks)
+    text = response.headers.get("Content-Type", "").strip().lower().startswith("text/")
+    if text and not body.startswith(_IMAGE_MAGIC):
+        return None, IMAGE_READABLE  # a maintenance or error page answered in the image's place
+    return body, None
+
+
+# how the image formats the decoder reads begin: a text/* answer that begins so is an image a host
+# labelled wrong (an extension-less URL on a server whose default type is text/plain)
+_IMAGE_MAGIC = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"RIFF",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+)
 
 
 def read_http(

@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -69,6 +70,9 @@ _HALF = ("text_tokens", "image_tokens")
 # a private cache file no training read or wrote for this many days is deleted (each training whose
 # data changed writes a new one)
 CACHE_KEEP_DAYS = 14
+# the names of its files (an entry, or save_atomically's temporary file of one): nothing else in
+# the folder is touched (a user may point training.embedding_cache at a folder that holds more)
+_CACHE_FILE = re.compile(r"\.?[0-9a-f]{32}\.pt(\.[^/]*\.partial)?")
 
 
 def default_cache_dir() -> Path:
@@ -234,7 +238,7 @@ def _evict(cache_dir: Path) -> None:
     replaces meanwhile is left to it)."""
     oldest = time.time() - CACHE_KEEP_DAYS * 86_400
     for entry in cache_dir.iterdir():
-        if entry.suffix in (".pt", ".partial"):
+        if _CACHE_FILE.fullmatch(entry.name):
             with contextlib.suppress(OSError):
                 if entry.stat().st_mtime < oldest:
                     entry.unlink()

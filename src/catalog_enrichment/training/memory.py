@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from catalog_enrichment.catalog.groups import table_groups
+from catalog_enrichment.catalog.groups import table_groups, variant_ids
 from catalog_enrichment.catalog.reports import placeholders_found
 from catalog_enrichment.config import AppConfig, ModelConfig, ValidationConfig
 from catalog_enrichment.contracts import Taxonomy
@@ -79,7 +79,6 @@ from catalog_enrichment.training.splits import (
     Splits,
     calibration_fraction,
     crossfit_folds,
-    group_ids,
     split_labels,
 )
 from catalog_enrichment.training.stack import STACK_FOLDS, stacked
@@ -104,9 +103,9 @@ def _usable_images(
     their title or description, which no night's checks count (a catalog's number-only titles are
     not tonight's titles), and the digest of each row's image bytes (None: none read)."""
     inputs, errors, digests = check_images(table, policy, validation.max_products_per_image, known)
-    # variants share title and description: only those (max_group 1) make the design effect; the
-    # splits' wider groups (a shared title or description) hold templates that are not variants
-    groups = group_ids([t or "" for t in inputs.titles], list(inputs.descriptions), max_group=1)
+    # variants share title and description: only those make the design effect; the splits' wider
+    # groups (a shared title or description) hold templates that are not variants
+    groups = variant_ids(inputs.titles, list(inputs.descriptions))
     scored = [not broken for broken in text_failures(inputs.titles, inputs.descriptions, validation)]
     baseline = input_baseline(inputs.subset(scored), groups)
     bad = Counter(e for e in errors if e is not None)

@@ -396,7 +396,7 @@ class _Reader:
         expected = _Expected(products, where)
         for offset, batch in self.batches():
             keep = self.kept(offset, batch.num_rows)
-            usable, _, _ = self.usable(batch, InputBaselineCounts(), Counter())
+            usable, digests, _ = self.usable(batch, InputBaselineCounts(), Counter())
             ids = _column(batch, "product_id")
             broken = [p for p, k, u in zip(ids, keep, usable, strict=True) if k and not u]
             if broken:
@@ -405,14 +405,17 @@ class _Reader:
             expected.add(_column(kept, "product_id"))
             if kept.num_rows:
                 table = pa.Table.from_batches([kept])
-                yield ProductRecords.from_arrow(table, self.policy), _column(kept, "category")
+                # each photo's digest as checked: the embedding cache's key names it
+                read = [d for d, k in zip(digests, keep, strict=True) if k]
+                records = replace(ProductRecords.from_arrow(table, self.policy), image_digest=read)
+                yield records, _column(kept, "category")
         expected.done()
 
     def usable(
         self, batch: pa.RecordBatch, inputs: InputBaselineCounts, unusable: Counter[str]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, list[str | None], np.ndarray]:
         """Which of the batch's products have an image that decodes or none (and no placeholder of
-        ``shared``), their images' digest prefixes (0: no image) and which of them the
+        ``shared``), their images' digests (None: no image) and which of them the
         enrichment job would score for their title and description (its row rules quarantine the
         others, so no night's health checks count them); the inputs of every product it would score
         (image state and colour balance included) counted in ``inputs``, the others' image reasons
@@ -429,7 +432,7 @@ class _Reader:
         scored = np.array([not broken for broken in texts], bool)
         inputs.add(products.subset(scored.tolist()))
         unusable.update(e for e in errors if e is not None)
-        return np.array([e is None for e in errors], bool), prefixes, scored
+        return np.array([e is None for e in errors], bool), digests, scored
 
 
 def digest_prefix(digest: str | None) -> int:
@@ -650,7 +653,8 @@ def survey(
     everything = _Selection(seed, fractions, split=-1)
     table_rows = 0
     for offset, batch in reader.batches():
-        keep, read, scored = reader.usable(batch, inputs, unusable)
+        keep, digests, scored = reader.usable(batch, inputs, unusable)
+        read = np.array([digest_prefix(d) for d in digests], np.uint64)
         usable = batch.filter(pa.array(keep))
         table_rows = offset + batch.num_rows
         places.append(offset + np.flatnonzero(keep))

@@ -9,7 +9,7 @@ splits, calibrated, evaluated and built.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -94,7 +94,7 @@ class HeldOut:
                 if a.values != before.values:
                     say(f"{name}: {self._why_raised(a, before)}: thresholds put on the served model's "
                         "scale (raised, never lowered; kept out where no grid point fits)")  # fmt: skip
-        calibration = calibration.keep_out(self.unseen, UNSEEN).keep_out(self.unlearned, UNLEARNED)
+        calibration = _without(calibration.keep_out(self.unseen, UNSEEN), self.unlearned, UNLEARNED)
         return with_health(calibration, *self.health, taxonomy, inputs)
 
     def _why_raised(self, a: AttributeCalibration, proven: AttributeCalibration) -> str:
@@ -116,6 +116,20 @@ class HeldOut:
                 f"bound {a.served_lower_bound:.3f})"
             )
         return why + ratio
+
+
+def _without(calibration: Calibration, out: Mapping[str, Sequence[str]], reason: str) -> Calibration:
+    """``calibration`` with ``out``'s values kept out (``reason``). The attribute scope proved what
+    all its values write together: where the rest alone no longer prove the target on the same
+    calibration evidence (:meth:`Calibration.kept_bound`), the attribute is not written."""
+    calibration = calibration.keep_out(out, reason)
+    for name in out:
+        written = [v.value for v in calibration.attributes[name].values if v.threshold is not None]
+        proof = calibration.kept_bound(name, written)
+        if written and proof is not None and proof < calibration.target_precision:
+            why = f"without the values {reason}, the rest prove a lower bound of {proof:.3f} only"
+            calibration = calibration.keep_out({name: written}, why)
+    return calibration
 
 
 @dataclass
