@@ -54,7 +54,7 @@ def test_bench_train_scale_trains_a_process_and_reports_its_cost_and_quality(tmp
     (run,) = result["runs"]
     assert (run["products"], run["processes"]) == (300, 1)
     assert run["seconds"] > 0 and run["driver_peak_rss_mb"] > 50
-    assert set(run["test_r_at_p95"]) == {"color", "material", "product_type", "pattern"}
+    assert set(run["test_r_at_p95"]) == {"color", "material", "product_type", "pattern", "color_family"}
 
 
 @pytest.mark.slow

@@ -265,7 +265,7 @@ def _mean_test_r_at_p95(config: Path, name: str) -> float:
     from catalog_enrichment.bench.train_scale import _test_scores
 
     scores = _test_scores(config.parent, name)
-    assert set(scores) == {"color", "material", "product_type", "pattern"}
+    assert set(scores) == {"color", "material", "product_type", "pattern", "color_family"}
     return sum(scores.values()) / len(scores)
 
 

@@ -320,15 +320,18 @@ def test_frozen_training_reads_and_fills_the_catalog_s_embedding_store(  # type:
 
     # an image that loaded in the survey and not when embedded (a CDN's bad minute): the product is
     # trained on as imageless, and its vector is not stored, so the next training encodes it again
-    failing = labelled["product_id"][0].as_py()
-    read = ProductRecords.pixels
+    from catalog_enrichment.contracts import IMAGE_READABLE
+    from catalog_enrichment.embeddings import frozen
 
-    def flaky(self, i, prep):  # type: ignore[no-untyped-def]
-        return (None, "timed out") if self.product_id[i] == failing else read(self, i, prep)
+    failing = next(image for image in labelled["image"].to_pylist() if image is not None)
+    read = frozen.read_pixels
+
+    def flaky(raw, *args):  # type: ignore[no-untyped-def]
+        return (None, IMAGE_READABLE, None) if raw == failing else read(raw, *args)
 
     fresh = open_catalog(cfg.catalog.model_copy(update={"root": str(tmp_path / "lake2")}))
     with monkeypatch.context() as patch:
-        patch.setattr(ProductRecords, "pixels", flaky)
+        patch.setattr(frozen, "read_pixels", flaky)
         train(labelled, taxonomy, cfg, store=fresh, progress=messages.append)
     assert any(f"{n:,} encoded, {n - 1:,} stored (1 not: an image that did not load" in m for m in messages)
     assert sum(fresh.embedding_counts().values()) == n - 1
