@@ -835,7 +835,8 @@ def test_a_merchant_row_named_in_another_case_keeps_the_model_s_value_out(tmp_pa
 def test_merchant_rows_name_the_taxonomy_s_attribute_however_the_merchant_wrote_it() -> None:
     from catalog_enrichment.catalog.attributes import merchant_rows
 
-    merchant = [("Color ", ["red"]), ("ＭＡＴＥＲＩＡＬ", ["wool"]), ("fit", ["slim"])]
+    # two spellings of colour holding one value: one row (a second would be a duplicate key)
+    merchant = [("Color ", ["red"]), ("ＭＡＴＥＲＩＡＬ", ["wool"]), ("fit", ["slim"]), ("color", ["red"])]
     table = pa.Table.from_pylist(
         [{"product_id": "p1", "merchant_attributes": merchant}],
         schema=pa.schema(

@@ -486,7 +486,7 @@ def test_merchant_names_match_the_taxonomy_s_as_merchant_key_in_the_write_and_th
     """A merchant's " Color" row in the attribute table, " COLOR" in the products table and
     "Color_Family" (linked to color) hold the taxonomy's color as the run's decision and the
     lakehouse do (contracts.merchant_key): the write gives them no model value, nor does the
-    rollback give one back."""
+    rollback give one back. Their temporary tables leave a user's tables of the same names alone."""
     import dataclasses
     import datetime as dt
 
@@ -503,6 +503,8 @@ def test_merchant_names_match_the_taxonomy_s_as_merchant_key_in_the_write_and_th
         )
     )
     linked = load_taxonomy().held_together()
+    with catalog.connect() as conn:  # a user's own tables, named as the write's and rollback's temporary ones
+        conn.execute("CREATE TABLE public.holders (x int); CREATE TABLE public.restore (x int)")
 
     def colours(value: str, products: list[str]) -> pa.Table:
         n = len(products)
@@ -535,3 +537,6 @@ def test_merchant_names_match_the_taxonomy_s_as_merchant_key_in_the_write_and_th
     merchant("p3", "Color_Family")
     catalog.rollback_runs(["r2"], linked)
     assert model_rows() == [("p4", "red")]
+    with catalog.connect() as conn:
+        kept = conn.execute("SELECT to_regclass('public.holders'), to_regclass('public.restore')").fetchone()
+    assert kept is not None and all(kept)

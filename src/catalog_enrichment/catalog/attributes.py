@@ -88,9 +88,11 @@ def ensure_attributes_table(path: str | Path) -> None:
 def merchant_rows(products: pa.Table, written_at: dt.datetime, names: Collection[str] = ()) -> pa.Table:
     """Merchant-source attribute rows from the products' ``merchant_attributes`` (catalog seeding);
     a key that is one of the taxonomy's ``names`` written in another case, width or with spaces
-    around it (:func:`~catalog_enrichment.contracts.merchant_key`) is written as that name."""
+    around it (:func:`~catalog_enrichment.contracts.merchant_key`) is written as that name, once
+    however many of its spellings hold the value."""
     named = {merchant_key(n): n for n in names}
     rows: dict[str, list[Any]] = {k: [] for k in attributes_schema().names}
+    seen: set[tuple[str, str, str]] = set()
     for pid, merchant in zip(
         products["product_id"].to_pylist(), products["merchant_attributes"].to_pylist(), strict=True
     ):
@@ -98,11 +100,13 @@ def merchant_rows(products: pa.Table, written_at: dt.datetime, names: Collection
             continue
         for attribute, values in merchant:
             for value in values or []:
-                if blank_value(value):  # a null or blank entry is no value
+                name = named.get(merchant_key(attribute), attribute)
+                if blank_value(value) or (pid, name, value) in seen:  # a null or blank entry is no value
                     continue
+                seen.add((pid, name, value))
                 for k, v in (
                     ("product_id", pid),
-                    ("attribute", named.get(merchant_key(attribute), attribute)),
+                    ("attribute", name),
                     ("value", value),
                     ("confidence", None),
                     ("threshold", None),

@@ -281,7 +281,7 @@ class PgBase:
         """The temp table ``holders`` (merchant, attribute): :func:`held_by` of the names the
         queries ``merchant`` and ``attributes`` select (one column each), for this transaction."""
         given, scored = ([n for (n,) in conn.execute(q).fetchall()] for q in (merchant, attributes))
-        conn.execute("DROP TABLE IF EXISTS holders")  # an earlier rollback's, in the same transaction
+        conn.execute("DROP TABLE IF EXISTS pg_temp.holders")  # an earlier rollback's, in the same transaction
         conn.execute(
             "CREATE TEMP TABLE holders (merchant text NOT NULL, attribute text NOT NULL) ON COMMIT DROP"
         )

@@ -50,7 +50,7 @@ class Rollbacks(PgBase):
         the run replaced (kept at its commit); pairs changed since are left alone and reported."""
         seq = self._live_commit(conn, run_id)
         superseded = self._superseded(conn, seq)
-        conn.execute("DROP TABLE IF EXISTS restore")  # the previous run's, in the same transaction
+        conn.execute("DROP TABLE IF EXISTS pg_temp.restore")  # the previous run's, in the same transaction
         conn.execute(
             self._sql(
                 "CREATE TEMP TABLE restore ON COMMIT DROP AS SELECT product_id, attribute FROM {rp} p "
