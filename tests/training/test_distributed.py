@@ -6,6 +6,7 @@ line, registering nothing; BatchNorm over two ranks' halves of a batch is BatchN
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -113,13 +114,18 @@ def _norm_rank(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_batch_norm_over_two_ranks_halves_is_batch_norm_over_the_batch(tmp_path: Path) -> None:
+def _spawn_two(rank_main: Callable[[int, str, str], None], out: Path) -> None:
+    """``rank_main(rank, init, out)`` in two spawned gloo ranks meeting at a free local port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_norm_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(rank_main, args=(f"tcp://127.0.0.1:{port}", str(out)), nprocs=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_batch_norm_over_two_ranks_halves_is_batch_norm_over_the_batch(tmp_path: Path) -> None:
+    _spawn_two(_norm_rank, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     one = _norm_step(_norm_layers(), *_rows())
     assert torch.allclose(torch.cat([r["out"] for r in ranks]), one["out"], atol=1e-5)
@@ -160,10 +166,7 @@ def _score_rank(rank: int, init: str, out: str) -> None:
 def test_every_rank_stops_on_rank_0s_validation_score(tmp_path: Path) -> None:
     """Ranks whose validation scores differ in the last bits (algorithms torch cannot make
     deterministic) each act on rank 0's: one stopping while the other trains on would hang it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_score_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    _spawn_two(_score_rank, tmp_path)
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [[0.5, 1.5], [0.5, 1.5]]
     assert _rank0_score(torch.nn.Linear(1, 1), 0.25) == 0.25  # no process group: its own
 
