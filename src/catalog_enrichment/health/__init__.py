@@ -58,6 +58,7 @@ from catalog_enrichment.health.profile import (
     InputBaselineCounts,
     ProductInputs,
     attribute_baseline,
+    cluster_design_effect,
     input_baseline,
     title_script,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "assess",
     "attribute_baseline",
     "blocked_attributes",
+    "cluster_design_effect",
     "format_health",
     "homogeneity",
     "input_baseline",

@@ -177,18 +177,35 @@ class _Pending:
     share_bin: int | None = None  # a proportion: the bin whose share is shown
     precision: tuple[float, float] | None = None  # the estimate and its standard error
     quantiles: bool = False  # the bins are the baseline's quantiles (see homogeneity)
+    # the baseline's own design effect where it was drawn otherwise than tonight's products (an
+    # attribute's held-out split, drawn in whole groups; see _design_effect); None: the run's
+    baseline_design_effect: float | None = None
 
 
 def _distribution(
-    scope: str, check: str, baseline: Sequence[float], counts: Sequence[float], *, quantiles: bool = False
+    scope: str,
+    check: str,
+    baseline: Sequence[float],
+    counts: Sequence[float],
+    *,
+    quantiles: bool = False,
+    drawn: float | None = None,
 ) -> _Pending:
-    return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts, quantiles=quantiles)
+    m, n = int(sum(baseline)), int(sum(counts))
+    return _Pending(scope, check, n, m, baseline, counts, quantiles=quantiles, baseline_design_effect=drawn)
 
 
 def _proportion(
-    scope: str, check: str, baseline: Sequence[float], counts: Sequence[float], shown: int
+    scope: str,
+    check: str,
+    baseline: Sequence[float],
+    counts: Sequence[float],
+    shown: int,
+    *,
+    drawn: float | None = None,
 ) -> _Pending:
-    return _Pending(scope, check, int(sum(counts)), int(sum(baseline)), baseline, counts, shown)
+    m, n = int(sum(baseline)), int(sum(counts))
+    return _Pending(scope, check, n, m, baseline, counts, shown, baseline_design_effect=drawn)
 
 
 def _scorable(image: Sequence[int]) -> list[int]:
@@ -201,7 +218,9 @@ def _scorable(image: Sequence[int]) -> list[int]:
     ]
 
 
-def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tuple[float, float] | None:
+def _estimated_precision(
+    base: AttributeBaseline, tally: AttributeTally, tonight: float = 1.0
+) -> tuple[float, float] | None:
     """What was written, each value at the held-out precision of its confidence bin, and the
     estimate's standard error. A bin with no held-out value takes the precision of every held-out
     value written at lower confidences (precision does not rise as confidence falls), or, with none
@@ -211,7 +230,10 @@ def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tupl
     (binomial per held-out bin, each counted once with every weight that reads it: bins that borrow
     the same held-out values are not independent evidence) and the written mix's. A clean night's
     writes are a draw from the held-out mix, so the mix's spread is the larger of the held-out
-    writes' and tonight's own (which is none when tonight wrote in one bin)."""
+    writes' and tonight's own (which is none when tonight wrote in one bin). Products come in
+    groups that score alike: the curve's bins count their products divided by the held-out
+    products' design effect (at least ``tonight``'s), and the mix's variance is multiplied by
+    ``tonight``'s."""
     written = np.asarray(tally.written, np.float64)
     n_bin, k_bin = np.asarray(base.written, np.float64), np.asarray(base.correct, np.float64)
     if not written.sum() or not n_bin.sum():
@@ -231,10 +253,12 @@ def _estimated_precision(base: AttributeBaseline, tally: AttributeTally) -> tupl
     curve = reads @ (k_bin / np.maximum(n_bin, 1))
     w, held_out = written / written.sum(), n_bin / n_bin.sum()
     estimate = float(w @ curve)
-    smoothed = (k_bin + 0.5) / (n_bin + 1)
-    curve_var = float(np.sum((w @ reads) ** 2 * smoothed * (1 - smoothed) / (n_bin + 1)))
+    drawn, tonight = max(base.design_effect, tonight, 1.0), max(tonight, 1.0)
+    n_eff, k_eff = n_bin / drawn, k_bin / drawn  # each bin's products' worth of evidence
+    smoothed = (k_eff + 0.5) / (n_eff + 1)
+    curve_var = float(np.sum((w @ reads) ** 2 * smoothed * (1 - smoothed) / (n_eff + 1)))
     spread = max(float(m @ curve**2) - float(m @ curve) ** 2 for m in (w, held_out))
-    return estimate, float(math.sqrt(curve_var + max(0.0, spread) / written.sum()))
+    return estimate, float(math.sqrt(curve_var + tonight * max(0.0, spread) / written.sum()))
 
 
 @dataclass(frozen=True)
@@ -259,6 +283,7 @@ def _pending(
     coverage of the ``changed`` attributes, and the photo's checks of a model that reads none."""
     pending: list[_Pending] = []
     skipped: list[Check] = []
+    tonight = 1.0 if profile.inputs is None else profile.inputs.design_effect
     for name, base in profile.attributes.items():
         t = tally.attributes.get(name)
         n = 0 if t is None else sum(t.scores)
@@ -266,18 +291,19 @@ def _pending(
             why = f"{n} products scored (fewer than {min_products})"
             skipped += [Check(name, c, "skipped", n, base.products, message=why) for c in ATTRIBUTE_CHECKS]
             continue
+        drawn = base.design_effect
         pending += [
-            _distribution(name, "score_drift", base.scores, t.scores, quantiles=True),
-            _distribution(name, "value_mix", base.values, t.values),
+            _distribution(name, "score_drift", base.scores, t.scores, quantiles=True, drawn=drawn),
+            _distribution(name, "value_mix", base.values, t.values, drawn=drawn),
         ]
         if name in changed:
             why = "the configured taxonomy keeps values out: training's coverage is not tonight's to reach"
             skipped.append(Check(name, "coverage", "skipped", n, base.products, message=why))
         else:
             covered = [base.products - base.covered, base.covered]
-            pending.append(_proportion(name, "coverage", covered, [n - t.covered, t.covered], 1))
+            pending.append(_proportion(name, "coverage", covered, [n - t.covered, t.covered], 1, drawn=drawn))
         writes = sum(t.written)
-        estimate = _estimated_precision(base, t) if writes >= MIN_WRITTEN else None
+        estimate = _estimated_precision(base, t, tonight) if writes >= MIN_WRITTEN else None
         if estimate is None:
             why = (
                 "nothing written"
@@ -342,6 +368,18 @@ def _photo_checks(
     return pending
 
 
+def _design_effect(p: _Pending, tonight: float) -> float:
+    """The design effect a check's statistic is divided by: ``tonight``'s (the training products'
+    variants, as a night's products come) on both sides, or, where the baseline was drawn otherwise,
+    each side's weighted by the variance it adds to the difference of shares - ``(d_b / m + d_t / n) /
+    (1 / m + 1 / n)`` for ``m`` baseline and ``n`` tonight's products (Rao and Scott's correction for
+    two independent samples), the baseline's at least the variants' (they were drawn together)."""
+    if p.baseline_design_effect is None or not p.products or not p.baseline_products:
+        return tonight
+    m, n, tonight = p.baseline_products, p.products, max(1.0, tonight)
+    return (max(p.baseline_design_effect, tonight) / m + tonight / n) / (1 / m + 1 / n)
+
+
 def _judge(p: _Pending, limits: _Limits) -> Check:
     from scipy.special import ndtri  # the normal quantile (scipy.stats' norm.ppf)
 
@@ -349,7 +387,6 @@ def _judge(p: _Pending, limits: _Limits) -> Check:
     where = p.check.replace("_", " ") if p.scope == INPUT else f"{p.scope}: {p.check.replace('_', ' ')}"
     if p.precision is not None:
         estimate, error = p.precision
-        error *= math.sqrt(max(1.0, limits.design_effect))
         upper = min(1.0, estimate + float(ndtri(1 - alpha)) * error)
         failed = upper < target
         message = f"{where} {estimate:.3f} (upper bound {upper:.3f}) < {target:.2f}" if failed else None
@@ -358,7 +395,8 @@ def _judge(p: _Pending, limits: _Limits) -> Check:
             upper, None, alpha, estimate, target, message,
         )  # fmt: skip
     assert p.baseline is not None and p.counts is not None
-    statistic, p_value, _ = homogeneity(p.baseline, p.counts, limits.design_effect, quantiles=p.quantiles)
+    deff = _design_effect(p, limits.design_effect)
+    statistic, p_value, _ = homogeneity(p.baseline, p.counts, deff, quantiles=p.quantiles)
     if p.share_bin is None:
         observed, expected = psi(p.baseline, p.counts), None
         large = observed >= limits.min_psi
@@ -392,7 +430,9 @@ def assess(
     """Every check of a run (see the module docstring): attributes in the profile's order, then the
     inputs; each check evaluated fails at ``false_alarm / K`` (``K`` checks evaluated). Products
     that come in groups of variants count once per group's worth: every statistic is divided by the
-    training products' design effect (the estimated precision's variance multiplied by it).
+    training products' design effect (the estimated precision's variance multiplied by it), an
+    attribute's by the held-out products' where they were drawn in larger groups (see
+    :func:`_design_effect`).
     ``changed``: the attributes some of whose values the run does not write (the configured taxonomy
     dropped or added values), whose coverage is not compared with training's; ``reads_images``
     False: the model reads no photo, and scoring decodes none, so the photo's checks are skipped."""

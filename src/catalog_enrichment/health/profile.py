@@ -33,6 +33,7 @@ __all__ = [
     "InputTally",
     "ProductInputs",
     "attribute_baseline",
+    "cluster_design_effect",
     "input_baseline",
     "title_script",
 ]
@@ -144,6 +145,10 @@ class AttributeBaseline:
     values: list[int]  # held-out products per top value (the attribute's values, in order)
     written: list[int]  # labelled written values per confidence bin
     correct: list[int]  # of them, right
+    # the held-out products were drawn in groups (a split takes whole groups of variants and
+    # templated texts), whose products score alike: the variance of the counts above, as a multiple
+    # of independent products' (see cluster_design_effect); 1: products drawn one by one
+    design_effect: float = 1.0
 
     @property
     def products(self) -> int:
@@ -157,11 +162,13 @@ def attribute_baseline(
     thresholds: np.ndarray,
     known: np.ndarray | None = None,
     written: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> AttributeBaseline | None:
     """The baseline of one attribute from held-out scores ``(m, V)`` of the model that serves and
     their labels (``known``: the rows labelled, besides multi-class ``-1``; unlabelled rows count for
     every quantity but precision; ``written``: the ``(m, V)`` decisions, where more than the
-    thresholds decides them); None: no products."""
+    thresholds decides them; ``groups``: the group each product was drawn into the held-out split
+    with, None: one by one); None: no products."""
     scores = np.asarray(scores, np.float64)
     if not len(scores):
         return None
@@ -174,14 +181,50 @@ def attribute_baseline(
         labelled &= np.asarray(known, bool)
     judged = written & labelled[:, None]
     bins = _confidence_bin(scores[judged])
+    score_bins = np.asarray(np.searchsorted(np.asarray(edges, np.float64), top, side="right"), np.int64)
+    covered = written.any(axis=1)
+    top_value = np.asarray(scores.argmax(axis=1) if scores.shape[1] else np.zeros(len(scores)), np.int64)
     return AttributeBaseline(
         edges=edges,
-        scores=_bin_counts(edges, top),
-        covered=int(written.any(axis=1).sum()),
-        values=np.bincount(scores.argmax(axis=1), minlength=scores.shape[1]).tolist(),
+        scores=np.bincount(score_bins, minlength=len(edges) + 1).tolist(),
+        covered=int(covered.sum()),
+        values=np.bincount(top_value, minlength=scores.shape[1]).tolist(),
         written=np.bincount(bins, minlength=CONFIDENCE_BINS).tolist(),
         correct=np.bincount(bins, weights=truth[judged], minlength=CONFIDENCE_BINS).astype(int).tolist(),
+        design_effect=max(
+            cluster_design_effect(b, groups) for b in (score_bins, top_value, np.asarray(covered, np.int64))
+        ),
     )
+
+
+def cluster_design_effect(bins: np.ndarray, groups: np.ndarray | None) -> float:
+    """How much more the share of products in each of ``bins`` (one bin per product) varies when
+    the products were drawn in ``groups`` than when drawn one by one: Rao and Scott's mean design
+    effect, the bins' own (each the ratio of the share's between-group variance, the linearised
+    estimator of a cluster sample's, to the binomial one) averaged with weights ``1 - share``, kept
+    between 1 and the mean group size a product is in (every product of a group in one bin). Groups
+    whose products fall apart over the bins add little; 1 without groups or with one bin."""
+    bins = np.asarray(bins, np.int64)
+    n = bins.size
+    if groups is None or n < 2:
+        return 1.0
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    counts = np.zeros((int(g.max()) + 1, int(bins.max()) + 1))
+    np.add.at(counts, (g, bins), 1.0)
+    sizes = counts.sum(axis=1)
+    share = counts.sum(axis=0) / n
+    seen = (share > 0) & (share < 1)
+    if not seen.any():
+        return 1.0
+    k = len(sizes)
+    upper = float((sizes**2).sum() / n)
+    if k < 2:
+        return upper
+    residual = counts[:, seen] - sizes[:, None] * share[seen]
+    clustered = k / (k - 1) * (residual**2).sum(axis=0) / n**2
+    each = clustered / (share[seen] * (1 - share[seen]) / n)
+    weight = 1 - share[seen]
+    return float(np.clip((weight * each).sum() / weight.sum(), 1.0, upper))
 
 
 @dataclass(frozen=True)

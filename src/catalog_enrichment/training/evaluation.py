@@ -325,9 +325,11 @@ def with_health(
     labels: EncodedLabels,
     taxonomy: Taxonomy,
     inputs: InputBaseline | None,
+    groups: np.ndarray | None = None,
 ) -> Calibration:
     """``calibration`` with the run health checks' profile (``health/``): each attribute's
-    baseline from the scores of held-out products (``preds``, ``labels``) at its thresholds. They
+    baseline from the scores of held-out products (``preds``, ``labels``; ``groups``: the group
+    each was split with) at its thresholds. They
     are the served model's scores of the test split, or of the validation split where the test
     products are a table of their own; with neither (a separate test table and no validation
     split, as the stack trains), the calibration set's: with cross-fitting, the fold models'
@@ -343,6 +345,7 @@ def with_health(
             calibration.thresholds(attr.name),
             labels.known.get(attr.name),
             decided[attr.name],
+            groups,
         )
         if base is not None:
             attributes[attr.name] = base

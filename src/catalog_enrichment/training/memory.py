@@ -212,6 +212,7 @@ class InMemory:
             # without a validation split: the served construction's)
             health_on_test=not surveyed.external_test,
             encodes=data.embeddings is None,
+            groups=surveyed.groups,
         )
 
     def _features(self, data: _Data, table: pa.Table, say: Say) -> None:

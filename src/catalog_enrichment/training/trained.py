@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -66,6 +67,7 @@ class HeldOut:
     unseen: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     family_fitted: bool = False
     unlearned: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    health_groups: np.ndarray | None = None  # the group each health product was split with
 
     def calibrate(
         self,
@@ -95,7 +97,7 @@ class HeldOut:
                     say(f"{name}: {self._why_raised(a, before)}: thresholds put on the served model's "
                         "scale (raised, never lowered; kept out where no grid point fits)")  # fmt: skip
         calibration = _without(calibration.keep_out(self.unseen, UNSEEN), self.unlearned, UNLEARNED)
-        return with_health(calibration, *self.health, taxonomy, inputs)
+        return with_health(calibration, *self.health, taxonomy, inputs, self.health_groups)
 
     def _why_raised(self, a: AttributeCalibration, proven: AttributeCalibration) -> str:
         ratio = "" if a.served_ratio is None else f", {a.served_ratio:.2f}x what the fold models wrote"
@@ -195,7 +197,8 @@ class Fitted:
     validation split (they put the thresholds on the served model's scale; the report's fold
     gap); ``health_on_test``: the run health profile is counted on the test split (else on the
     validation split, or the calibration set without one: the test products are a table of their
-    own); ``encodes``: scoring a held-out split runs the encoders (not over cached encoder outputs).
+    own); ``encodes``: scoring a held-out split runs the encoders (not over cached encoder outputs);
+    ``groups``: the group each product was split with (None: one by one).
     """
 
     model: AnyModel
@@ -211,6 +214,7 @@ class Fitted:
     label_issues: pd.DataFrame | None = None
     health_on_test: bool = True
     encodes: bool = True
+    groups: np.ndarray | None = None
 
 
 def conclude(
@@ -269,11 +273,15 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
     family = scored("validation") if fitted.splits.validation.size else None
     test = scored("test")
     health = test if fitted.health_on_test else (family or calibration)
+    # the split each health product came with (the out-of-fold scores' rows are not a split's)
+    name = "test" if fitted.health_on_test else "validation" if family else None
+    groups = None if fitted.groups is None or name is None else fitted.groups[getattr(fitted.splits, name)]
     unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
     members = fitted.model.member_models if isinstance(fitted.model, EnsembleModel) else [fitted.model]
     family_fitted = any(m.fusion.fits_on_heldout for m in members)
     unlearned = fitted.fits[0].heldout.get("unlearned", {})
-    return HeldOut(calibration, family, health, fitted.fold_val, unseen, family_fitted, unlearned), *test
+    heldout = HeldOut(calibration, family, health, fitted.fold_val, unseen, family_fitted, unlearned, groups)
+    return heldout, *test
 
 
 def _report(
