@@ -514,24 +514,30 @@ def test_a_held_out_split_drawn_in_whole_templates_keeps_clean_runs_at_one_alarm
 
 
 def test_the_design_effect_of_a_split_drawn_in_groups_is_known_for_extreme_groups() -> None:
-    """Every product of a group in one bin: the mean group size; bins drawn independently of the
-    groups: about 1; no groups, or one bin: 1."""
+    """Every product of a group in one bin: the group size times ``k / (k - 1)`` for ``k`` groups
+    (each bin's share between groups varies as the groups' own); bins drawn independently of the
+    groups: about 1; no groups, or one bin: 1; large groups gathered in one bin: more than the mean
+    group size a product is in."""
     from catalog_enrichment.health import cluster_design_effect
 
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(200), 10)
     alike = np.repeat(rng.integers(0, 4, 200), 10)
-    assert cluster_design_effect(alike, groups) == pytest.approx(10.0)
+    assert cluster_design_effect(alike, groups) == pytest.approx(10 * 200 / 199)
     assert cluster_design_effect(rng.integers(0, 4, 2_000), groups) == pytest.approx(1.0, abs=0.15)
     assert cluster_design_effect(alike, None) == 1.0
     assert cluster_design_effect(np.zeros(2_000, np.int64), groups) == 1.0
     # three groups of 1, 1 and 8 products, each in one bin: the estimate's own formula (bin 0 holds
-    # a tenth of the products; its residual per group 0.9, -0.1, -0.8), never above the mean
-    # group size a product is in, 6.6
+    # a tenth of the products; its residual per group 0.9, -0.1, -0.8)
     uneven = np.repeat(np.arange(3), [1, 1, 8])
     expected = 3 / 2 * (0.9**2 + 0.1**2 + 0.8**2) / 10**2 / (0.1 * 0.9 / 10)
     assert cluster_design_effect(np.repeat([0, 1, 1], [1, 1, 8]), uneven) == pytest.approx(expected)
-    assert cluster_design_effect(np.repeat([0, 1, 1], [1, 1, 8]), uneven) < 6.6
+    # 20 templates of 50 products in bin 1 beside 2,000 single products in bin 0: the mean group
+    # size a product is in is 17.3, the share of bin 1 varies as 20 products' worth would
+    templates = np.concatenate([np.repeat(np.arange(20), 50), np.arange(20, 2_020)])
+    gathered = np.concatenate([np.ones(1_000, np.int64), np.zeros(2_000, np.int64)])
+    assert cluster_design_effect(gathered, templates) > (20 * 50**2 + 2_000) / 3_000
+    assert cluster_design_effect(np.zeros(5, np.int64) + np.arange(5) % 2, np.zeros(5)) == 5.0
 
 
 def test_a_text_only_model_s_runs_judge_no_photo() -> None:

@@ -231,9 +231,9 @@ def _estimated_precision(
     the same held-out values are not independent evidence) and the written mix's. A clean night's
     writes are a draw from the held-out mix, so the mix's spread is the larger of the held-out
     writes' and tonight's own (which is none when tonight wrote in one bin). Products come in
-    groups that score alike: the curve's bins count their products divided by the held-out
-    products' design effect (at least ``tonight``'s), and the mix's variance is multiplied by
-    ``tonight``'s."""
+    groups that score alike: the curve's bins count their written values divided by the design
+    effect of the held-out written values' confidences and outcomes (at least ``tonight``'s), and
+    the mix's variance is multiplied by ``tonight``'s."""
     written = np.asarray(tally.written, np.float64)
     n_bin, k_bin = np.asarray(base.written, np.float64), np.asarray(base.correct, np.float64)
     if not written.sum() or not n_bin.sum():
@@ -253,7 +253,7 @@ def _estimated_precision(
     curve = reads @ (k_bin / np.maximum(n_bin, 1))
     w, held_out = written / written.sum(), n_bin / n_bin.sum()
     estimate = float(w @ curve)
-    drawn, tonight = max(base.design_effect, tonight, 1.0), max(tonight, 1.0)
+    drawn, tonight = max(base.precision_design_effect, tonight, 1.0), max(tonight, 1.0)
     n_eff, k_eff = n_bin / drawn, k_bin / drawn  # each bin's products' worth of evidence
     smoothed = (k_eff + 0.5) / (n_eff + 1)
     curve_var = float(np.sum((w @ reads) ** 2 * smoothed * (1 - smoothed) / (n_eff + 1)))

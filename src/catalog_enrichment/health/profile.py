@@ -146,9 +146,11 @@ class AttributeBaseline:
     written: list[int]  # labelled written values per confidence bin
     correct: list[int]  # of them, right
     # the held-out products were drawn in groups (a split takes whole groups of variants and
-    # templated texts), whose products score alike: the variance of the counts above, as a multiple
-    # of independent products' (see cluster_design_effect); 1: products drawn one by one
+    # templated texts), whose products score alike: the variance of the shares above, as a multiple
+    # of independent products' (see cluster_design_effect; the largest of the score, value and
+    # coverage shares'), and of the written values' per confidence bin and outcome; 1: one by one
     design_effect: float = 1.0
+    precision_design_effect: float = 1.0
 
     @property
     def products(self) -> int:
@@ -179,8 +181,11 @@ def attribute_baseline(
     truth, labelled = truth_matrix(labels, scores.shape[1], kind)  # type: ignore[arg-type]
     if known is not None:
         labelled &= np.asarray(known, bool)
+    if groups is not None and len(groups) != len(scores):
+        raise ValueError(f"{len(groups)} groups for {len(scores)} products")
     judged = written & labelled[:, None]
     bins = _confidence_bin(scores[judged])
+    right = truth[judged].astype(np.int64)
     score_bins = np.asarray(np.searchsorted(np.asarray(edges, np.float64), top, side="right"), np.int64)
     covered = written.any(axis=1)
     top_value = np.asarray(scores.argmax(axis=1) if scores.shape[1] else np.zeros(len(scores)), np.int64)
@@ -194,16 +199,22 @@ def attribute_baseline(
         design_effect=max(
             cluster_design_effect(b, groups) for b in (score_bins, top_value, np.asarray(covered, np.int64))
         ),
+        precision_design_effect=cluster_design_effect(
+            bins * 2 + right, None if groups is None else np.asarray(groups)[np.nonzero(judged)[0]]
+        ),
     )
 
 
 def cluster_design_effect(bins: np.ndarray, groups: np.ndarray | None) -> float:
     """How much more the share of products in each of ``bins`` (one bin per product) varies when
-    the products were drawn in ``groups`` than when drawn one by one: Rao and Scott's mean design
-    effect, the bins' own (each the ratio of the share's between-group variance, the linearised
-    estimator of a cluster sample's, to the binomial one) averaged with weights ``1 - share``, kept
-    between 1 and the mean group size a product is in (every product of a group in one bin). Groups
-    whose products fall apart over the bins add little; 1 without groups or with one bin."""
+    the products were drawn in ``groups`` than when drawn one by one: the largest of the bins' own
+    design effects (each the ratio of the share's between-group variance, the linearised estimator
+    of a cluster sample's, to the binomial one), at least 1. A chi-square statistic divided by it is
+    conservative; divided by Rao and Scott's mean of them it is not, where one bin's products come
+    in a few large groups (a templated title's). Every product of a group in one bin, groups of one
+    size: about that size (``k / (k - 1)`` times it for ``k`` groups); larger where the larger
+    groups gather in a bin. Groups whose products fall apart over the bins add little; 1 without
+    groups or with one bin; every product in one group: their number."""
     bins = np.asarray(bins, np.int64)
     n = bins.size
     if groups is None or n < 2:
@@ -217,14 +228,12 @@ def cluster_design_effect(bins: np.ndarray, groups: np.ndarray | None) -> float:
     if not seen.any():
         return 1.0
     k = len(sizes)
-    upper = float((sizes**2).sum() / n)
     if k < 2:
-        return upper
+        return float(n)
     residual = counts[:, seen] - sizes[:, None] * share[seen]
     clustered = k / (k - 1) * (residual**2).sum(axis=0) / n**2
     each = clustered / (share[seen] * (1 - share[seen]) / n)
-    weight = 1 - share[seen]
-    return float(np.clip((weight * each).sum() / weight.sum(), 1.0, upper))
+    return float(np.clip(each.max(), 1.0, n))
 
 
 @dataclass(frozen=True)

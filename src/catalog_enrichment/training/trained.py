@@ -198,7 +198,7 @@ class Fitted:
     gap); ``health_on_test``: the run health profile is counted on the test split (else on the
     validation split, or the calibration set without one: the test products are a table of their
     own); ``encodes``: scoring a held-out split runs the encoders (not over cached encoder outputs);
-    ``groups``: the group each product was split with (None: one by one).
+    ``groups``: the group each product was split with (None: the variants, as the streamed path splits).
     """
 
     model: AnyModel
@@ -273,9 +273,18 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
     family = scored("validation") if fitted.splits.validation.size else None
     test = scored("test")
     health = test if fitted.health_on_test else (family or calibration)
-    # the split each health product came with (the out-of-fold scores' rows are not a split's)
-    name = "test" if fitted.health_on_test else "validation" if family else None
-    groups = None if fitted.groups is None or name is None else fitted.groups[getattr(fitted.splits, name)]
+    # the rows the health products are, in order (the out-of-fold scores are the training split's)
+    rows = (
+        fitted.splits.test
+        if fitted.health_on_test
+        else fitted.splits.validation
+        if family
+        else fitted.splits.train
+        if fitted.out_of_fold
+        else fitted.splits.calibration
+    )
+    sizes = {len(p) for p in health[0].probs.values()}
+    groups = fitted.groups[rows] if fitted.groups is not None and sizes == {rows.size} else None
     unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
     members = fitted.model.member_models if isinstance(fitted.model, EnsembleModel) else [fitted.model]
     family_fitted = any(m.fusion.fits_on_heldout for m in members)
