@@ -430,9 +430,10 @@ def assess(
     """Every check of a run (see the module docstring): attributes in the profile's order, then the
     inputs; each check evaluated fails at ``false_alarm / K`` (``K`` checks evaluated). Products
     that come in groups of variants count once per group's worth: every statistic is divided by the
-    training products' design effect (the estimated precision's variance multiplied by it), an
-    attribute's by the held-out products' where they were drawn in larger groups (see
-    :func:`_design_effect`).
+    training products' design effect (the estimated precision's variance multiplied by it); an
+    attribute's by each side's weighted by the variance it adds, the held-out products' where they
+    were drawn in larger groups (see :func:`_design_effect`), and its estimated precision counts
+    the held-out written values divided by theirs (see :func:`_estimated_precision`).
     ``changed``: the attributes some of whose values the run does not write (the configured taxonomy
     dropped or added values), whose coverage is not compared with training's; ``reads_images``
     False: the model reads no photo, and scoring decodes none, so the photo's checks are skipped."""

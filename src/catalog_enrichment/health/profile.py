@@ -199,19 +199,38 @@ def attribute_baseline(
         design_effect=max(
             cluster_design_effect(b, groups) for b in (score_bins, top_value, np.asarray(covered, np.int64))
         ),
-        precision_design_effect=cluster_design_effect(
-            bins * 2 + right, None if groups is None else np.asarray(groups)[np.nonzero(judged)[0]]
+        precision_design_effect=_precision_design_effect(
+            bins, right, None if groups is None else np.asarray(groups)[np.nonzero(judged)[0]]
         ),
     )
+
+
+def _precision_design_effect(bins: np.ndarray, right: np.ndarray, groups: np.ndarray | None) -> float:
+    """The largest design effect of a confidence bin's share of right values (each written value's
+    bin, whether it was right, the group of its product), at least 1. A bin whose values were all
+    right (or all wrong) shows no spread to estimate it from: it takes the mean group size a value
+    of it is in, as if each group's values were all alike."""
+    if groups is None:
+        return 1.0
+    each = []
+    for b in np.unique(bins):
+        r, g = right[bins == b], groups[bins == b]
+        if r.all() or not r.any():
+            sizes = np.unique(g, return_counts=True)[1].astype(np.float64)
+            each.append(float((sizes**2).sum() / sizes.sum()))
+        else:
+            each.append(cluster_design_effect(r, g))
+    return max([1.0, *each])
 
 
 def cluster_design_effect(bins: np.ndarray, groups: np.ndarray | None) -> float:
     """How much more the share of products in each of ``bins`` (one bin per product) varies when
     the products were drawn in ``groups`` than when drawn one by one: the largest of the bins' own
     design effects (each the ratio of the share's between-group variance, the linearised estimator
-    of a cluster sample's, to the binomial one), at least 1. A chi-square statistic divided by it is
-    conservative; divided by Rao and Scott's mean of them it is not, where one bin's products come
-    in a few large groups (a templated title's). Every product of a group in one bin, groups of one
+    of a cluster sample's, to the binomial one), at least 1. Rao and Scott's mean of them
+    understates the variance of a share carried by a few large groups (a templated title's); the
+    largest is nearer their correction's conservative bound (the design matrix's largest
+    eigenvalue), not above it. Every product of a group in one bin, groups of one
     size: about that size (``k / (k - 1)`` times it for ``k`` groups); larger where the larger
     groups gather in a bin. Groups whose products fall apart over the bins add little; 1 without
     groups or with one bin; every product in one group: their number."""

@@ -413,7 +413,15 @@ class Streamed:
             return SplitBatches(surveyed.reader, selection, collator, cfg.training.batch_size * 2, products)
 
         return Fitted(
-            model, tokenizer, [fit], found.splits, found.labels, batches, self.device, found.product_ids
+            model,
+            tokenizer,
+            [fit],
+            found.splits,
+            found.labels,
+            batches,
+            self.device,
+            found.product_ids,
+            groups=found.groups,
         )
 
     def _fit_stack(self, surveyed: _Streaming, tokenizer: Any, say: Say) -> Fitted:
@@ -435,7 +443,19 @@ class Streamed:
             return make_loader(rows, collator, cfg.training.batch_size * 2, shuffle=False, seed=0)
 
         ids = found.product_ids
-        return Fitted(model, tokenizer, fits, splits, labels, scoring, self.device, ids, oof, encodes=False)
+        return Fitted(
+            model,
+            tokenizer,
+            fits,
+            splits,
+            labels,
+            scoring,
+            self.device,
+            ids,
+            oof,
+            encodes=False,
+            groups=found.groups,
+        )
 
     def _embedded(self, surveyed: _Streaming, tokenizer: Any, collator: Collator, say: Say) -> Embeddings:
         """Every usable product's encoder outputs and hashed n-gram counts, in the survey's order: a

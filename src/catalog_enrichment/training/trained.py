@@ -198,7 +198,7 @@ class Fitted:
     gap); ``health_on_test``: the run health profile is counted on the test split (else on the
     validation split, or the calibration set without one: the test products are a table of their
     own); ``encodes``: scoring a held-out split runs the encoders (not over cached encoder outputs);
-    ``groups``: the group each product was split with (None: the variants, as the streamed path splits).
+    ``groups``: the group each product was split with (None: one by one).
     """
 
     model: AnyModel
