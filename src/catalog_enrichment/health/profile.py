@@ -215,11 +215,7 @@ def _precision_design_effect(bins: np.ndarray, right: np.ndarray, groups: np.nda
     each = []
     for b in np.unique(bins):
         r, g = right[bins == b], groups[bins == b]
-        if r.all() or not r.any():
-            sizes = np.unique(g, return_counts=True)[1].astype(np.float64)
-            each.append(float((sizes**2).sum() / sizes.sum()))
-        else:
-            each.append(cluster_design_effect(r, g))
+        each.append(_design_effect(g) if r.all() or not r.any() else cluster_design_effect(r, g))
     return max([1.0, *each])
 
 

@@ -329,11 +329,10 @@ def with_health(
 ) -> Calibration:
     """``calibration`` with the run health checks' profile (``health/``): each attribute's
     baseline from the scores of held-out products (``preds``, ``labels``; ``groups``: the group
-    each was split with) at its thresholds. They
-    are the served model's scores of the test split, or of the validation split where the test
-    products are a table of their own; with neither (a separate test table and no validation
-    split, as the stack trains), the calibration set's: with cross-fitting, the fold models'
-    out-of-fold scores, not the served model's."""
+    each was split with) at its thresholds. They are the served model's scores of the test split,
+    or of the validation split where the test products are a table of their own; with neither (a
+    separate test table and no validation split, as the stack trains), the calibration set's: with
+    cross-fitting, the fold models' out-of-fold scores, not the served model's."""
     attributes = {}
     probs, labels, taxonomy = _outputs(preds, labels, taxonomy)
     decided = _decided(probs, taxonomy, calibration)

@@ -272,17 +272,14 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
     calibration = fitted.out_of_fold or scored("calibration")
     family = scored("validation") if fitted.splits.validation.size else None
     test = scored("test")
-    health = test if fitted.health_on_test else (family or calibration)
-    # the rows the health products are, in order (the out-of-fold scores are the training split's)
-    rows = (
-        fitted.splits.test
-        if fitted.health_on_test
-        else fitted.splits.validation
-        if family
-        else fitted.splits.train
-        if fitted.out_of_fold
-        else fitted.splits.calibration
-    )
+    # the health products and their rows, in order (the out-of-fold scores are the training split's)
+    splits = fitted.splits
+    if fitted.health_on_test:
+        health, rows = test, splits.test
+    elif family:
+        health, rows = family, splits.validation
+    else:
+        health, rows = calibration, splits.train if fitted.out_of_fold else splits.calibration
     sizes = {len(p) for p in health[0].probs.values()}
     groups = fitted.groups[rows] if fitted.groups is not None and sizes == {rows.size} else None
     unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
