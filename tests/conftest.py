@@ -31,6 +31,7 @@ from catalog_enrichment.config import (  # noqa: E402
     merge_layers,
 )
 from catalog_enrichment.contracts import Taxonomy, load_taxonomy  # noqa: E402
+from catalog_enrichment.data.remote import HOSTS  # noqa: E402
 from catalog_enrichment.data.synthetic import GeneratedMarketplace, generate_marketplace  # noqa: E402
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -296,7 +297,8 @@ def cli_in_process(arguments: Sequence[str]) -> tuple[int, str, str]:
 def _global_state_restored() -> Iterator[None]:
     """Every test leaves torch's process-wide settings as it found them (asserted: a test that
     changes them must restore them); the environment, the loggers and the shared Spark session's
-    runtime settings are put back after each test (a test's own settings must not reach the next)."""
+    runtime settings are put back and the image hosts it paused forgotten after each test (a test's own
+    settings must not reach the next)."""
     import torch
 
     def state() -> tuple[Any, ...]:
@@ -310,6 +312,7 @@ def _global_state_restored() -> Iterator[None]:
     with environment_and_logging_restored():
         yield
     _restore_spark_conf()
+    HOSTS.clear()  # the image hosts a test paused
     after = state()
     assert after == before, (
         f"the test changed torch's global state (threads, deterministic): {before} -> {after}"

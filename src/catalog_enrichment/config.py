@@ -834,6 +834,21 @@ class ImagesConfig(_Section):
     retries: int = Field(
         2, ge=0, description="Retries of an http(s) image after a connection error, timeout, 429 or 5xx."
     )
+    host_failures: int = Field(
+        5,
+        ge=0,
+        description="http(s) images of one host in a row that get no answer in time (no connection, a "
+        "timeout, no DNS answer, 429 or 5xx to the last retry) before the host is paused: its images are "
+        "then read again by the next runs instead of each waiting out its timeout (0: never paused).",
+    )
+    host_pause_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        description="How long a paused host is asked for nothing; then one image tries it again (at most "
+        "366 days).",
+    )
     formats: list[str] = Field(
         default_factory=lambda: list(IMAGE_FORMATS),
         description="Pillow formats an image may be decoded from; other bytes are undecodable (no other "

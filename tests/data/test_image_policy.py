@@ -5,6 +5,7 @@ Each case names its outcome: ``None`` (decoded), or the quarantine reason the jo
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import io
 import os
@@ -32,7 +33,7 @@ from catalog_enrichment.data.images import (
     encode_image,
     load_pixels,
 )
-from catalog_enrichment.data.remote import HttpLimits
+from catalog_enrichment.data.remote import HOSTS, HttpLimits
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -234,7 +235,8 @@ def test_the_default_policy_reads_no_uri_at_all(tree: Path) -> None:
 class _Server:
     """A real HTTP server on a loopback port: ``/a.jpg`` (the JPEG), ``/redirect`` (302 to it),
     ``/flaky`` (503 twice, then the JPEG), ``/stall`` (headers, then a body that never comes),
-    ``/silent`` (no answer at all); ``paths`` records every request, ``hosts`` its Host header."""
+    ``/silent`` (no answer at all), ``/busy`` (503 always); ``paths`` records every request, ``hosts``
+    its Host header."""
 
     def __init__(self, root: Path) -> None:
         self.paths: list[str] = []
@@ -259,6 +261,9 @@ class _Server:
                     self.send_response(302)
                     self.send_header("Location", "/a.jpg")
                     self.end_headers()
+                    return
+                if self.path == "/busy":
+                    self.send_error(503)
                     return
                 if self.path == "/flaky":
                     server.flaky += 1
@@ -403,6 +408,68 @@ def test_a_host_that_never_answers_takes_the_images_time_once_not_per_attempt(ht
     assert policy.read(f"{http_server.url}/silent") == (None, IMAGE_READABLE)
     assert time.monotonic() - started < FAST.total_timeout + 0.5  # three attempts took three times it
     assert http_server.paths == ["/silent"]  # no time left to try again
+
+
+def test_a_host_that_stops_answering_is_paused_then_tried_again(
+    http_server: _Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After ``host_failures`` images in a row without an answer (here 503 to the last retry), the
+    host is asked for nothing until its pause is over - even a good photo is a transient failure at
+    once - then one image tries it: a failure pauses it again at once, an answer resumes it. An
+    answer that is no image (404) resets the count: dead links never pause a host."""
+    limits = HttpLimits(connect_timeout=0.5, total_timeout=1.0, retries=0, host_failures=2, host_pause=1.0)
+    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=limits)
+    url = http_server.url
+    for path in ("/busy", "/gone.jpg", "/busy", "/gone.jpg", "/gone.jpg", "/gone.jpg"):
+        assert policy.read(url + path) == (None, IMAGE_READABLE), path
+    assert policy.read(url + "/a.jpg")[1] is None  # a 404 between two 503s: never two in a row
+    for path in ("/busy", "/busy"):
+        assert policy.read(url + path) == (None, IMAGE_READABLE)
+    asked = len(http_server.paths)
+    assert "paused for 1 s: 2 in a row got no answer" in caplog.text
+    for _ in range(10):
+        assert policy.read(url + "/a.jpg") == (None, IMAGE_READABLE)
+    assert len(http_server.paths) == asked  # paused: nothing asked
+    time.sleep(limits.host_pause)
+    assert policy.read(url + "/busy") == (None, IMAGE_READABLE)  # the one image that tries it again
+    assert policy.read(url + "/a.jpg") == (None, IMAGE_READABLE)  # failed: paused again at once
+    assert http_server.paths[asked:] == ["/busy"]
+    time.sleep(limits.host_pause)
+    for _ in range(3):
+        assert policy.read(url + "/a.jpg")[1] is None  # answered: resumed
+    never = ImagePolicy(
+        schemes=("http",), allow_private_addresses=True, http=dataclasses.replace(limits, host_failures=0)
+    )
+    for path in ("/busy", "/busy", "/busy", "/a.jpg"):
+        assert never.read(url + path)[1] == (None if path == "/a.jpg" else IMAGE_READABLE)
+
+
+def test_a_silent_host_costs_its_pause_threshold_in_timeouts_not_one_per_image(
+    http_server: _Server, tmp_path: Path
+) -> None:
+    """A host that takes no request (a dead CDN) costs ``host_failures`` timeouts, not one per image;
+    another host is read as before."""
+    limits = dataclasses.replace(FAST, host_failures=2, host_pause=60.0)
+    policy = ImagePolicy(schemes=("http",), allow_private_addresses=True, http=limits)
+    started = time.monotonic()
+    for _ in range(20):
+        assert policy.read(f"{http_server.url}/silent") == (None, IMAGE_READABLE)
+    assert time.monotonic() - started < 2 * FAST.total_timeout + 1.0  # 20 timeouts without the pause
+    assert http_server.paths == ["/silent"] * 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.jpg").write_bytes(JPEG)
+    other = _Server(tmp_path / "other")
+    thread = threading.Thread(target=other.httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert policy.read(f"{other.url}/a.jpg")[1] is None
+    finally:
+        other.httpd.shutdown()
+        other.httpd.server_close()
+    assert ImagePolicy.from_config(ImagesConfig(host_failures=7, host_pause_seconds=5)).http == HttpLimits(
+        host_failures=7, host_pause=5.0
+    )
+    assert HOSTS.admits(("127.0.0.1", http_server.port), limits) is False
 
 
 def test_internationalized_host_names_are_asked_for_in_their_ascii_form(

@@ -117,7 +117,13 @@ class ImagePolicy:
             max_pixels=cfg.max_pixels,
             min_side=cfg.min_side,
             formats=tuple(f.upper() for f in cfg.formats),
-            http=HttpLimits(cfg.connect_timeout_seconds, cfg.timeout_seconds, cfg.retries),
+            http=HttpLimits(
+                cfg.connect_timeout_seconds,
+                cfg.timeout_seconds,
+                cfg.retries,
+                host_failures=cfg.host_failures,
+                host_pause=cfg.host_pause_seconds,
+            ),
         )
 
     def allows_bytes(self, data: bytes) -> bool:

@@ -12,6 +12,13 @@
   read again by the next runs), as is a name that does not resolve now (DNS down or slow) and a
   ``200`` with a ``text/*`` body that is no image (a CDN's maintenance page where the image should
   be; an image a host labelled ``text/plain`` is read as one).
+* **A host that stopped answering is paused**: after ``host_failures`` of its images in a row got no
+  answer in time (no connection, a timeout, a name that does not resolve, 429 / 5xx to the last
+  retry), this process asks it for nothing for ``host_pause`` seconds - its images are transient
+  failures at once instead of each waiting out its timeout (a dead CDN would hold a night's scoring
+  for hours) - then one image tries it again: an answer resumes it, another failure pauses it
+  again. An answer that is no image (404, a text page) is an answer: a host with many dead links
+  is never paused.
 * **Internationalized names** are asked for in their ASCII (``xn--``) form; a name that has none
   is refused (:data:`IMAGE_URI_ALLOWED`).
 * **No redirects**: a 3xx answer is refused (:data:`IMAGE_URI_ALLOWED`): its target was never
@@ -21,15 +28,19 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from catalog_enrichment.contracts import IMAGE_READABLE, IMAGE_URI_ALLOWED, IMAGE_WITHIN_LIMITS
 
-__all__ = ["HttpLimits", "checked_address", "read_http"]
+__all__ = ["HOSTS", "HostBreaker", "HttpLimits", "checked_address", "read_http"]
+
+log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
@@ -42,6 +53,60 @@ class HttpLimits:
     total_timeout: float = 10.0
     retries: int = 2
     backoff: float = 0.5  # seconds before the first retry; doubles after each
+    host_failures: int = 5  # images of one host in a row without an answer before it is paused (0: never)
+    host_pause: float = 60.0  # seconds a paused host is asked for nothing
+
+
+class HostBreaker:
+    """Per host and port, how many images in a row it did not answer and until when it is paused
+    (the module docstring); one per process (:data:`HOSTS`), shared by the threads that read
+    images."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hosts: dict[tuple[str, int], tuple[int, float]] = {}  # (failures in a row, paused until)
+
+    def admits(self, host: tuple[str, int], limits: HttpLimits) -> bool:
+        """Whether ``host`` may be asked now; a pause that is over admits one image, and pauses the
+        host again while that one is asked (the others need not wait on it)."""
+        if not limits.host_failures:
+            return True
+        with self._lock:
+            failures, until = self._hosts.get(host, (0, 0.0))
+            now = time.monotonic()
+            if now < until:
+                return False
+            if failures >= limits.host_failures:
+                self._hosts[host] = (failures, now + limits.host_pause)
+            return True
+
+    def record(self, host: tuple[str, int], limits: HttpLimits, *, answered: bool) -> None:
+        """What an image asked of ``host`` got: an answer resumes it, none counts towards a pause."""
+        if not limits.host_failures:
+            return
+        with self._lock:
+            if answered:
+                self._hosts.pop(host, None)
+                return
+            failures = self._hosts.get(host, (0, 0.0))[0] + 1
+            paused = failures >= limits.host_failures
+            self._hosts[host] = (failures, time.monotonic() + limits.host_pause if paused else 0.0)
+        if failures == limits.host_failures:
+            log.warning(
+                "images from %s:%d paused for %g s: %d in a row got no answer; their products are read "
+                "again by the next runs",
+                *host,
+                limits.host_pause,
+                failures,
+            )
+
+    def clear(self) -> None:
+        """Forget every host."""
+        with self._lock:
+            self._hosts.clear()
+
+
+HOSTS = HostBreaker()
 
 
 def checked_address(host: str, port: int, *, allow_private: bool) -> tuple[str | None, str | None]:
@@ -135,8 +200,6 @@ def read_http(
     uri: str, *, max_bytes: int, limits: HttpLimits, allow_private: bool
 ) -> tuple[bytes | None, str | None]:
     """The body at an ``http``/``https`` URI, or ``(None, reason)`` (see the module docstring)."""
-    import urllib3
-
     parts = urlsplit(uri)
     https = parts.scheme.lower() == "https"
     try:
@@ -146,10 +209,30 @@ def read_http(
     host = _ascii_host(parts.hostname or "")
     if not host:
         return None, IMAGE_URI_ALLOWED
+    if not HOSTS.admits((host, port), limits):
+        return None, IMAGE_READABLE
+    data, reason, answered = _ask(parts, host, port, https, max_bytes, limits, allow_private)
+    if answered is not None:
+        HOSTS.record((host, port), limits, answered=answered)
+    return data, reason
+
+
+def _ask(
+    parts: SplitResult,
+    host: str,
+    port: int,
+    https: bool,
+    max_bytes: int,
+    limits: HttpLimits,
+    allow_private: bool,
+) -> tuple[bytes | None, str | None, bool | None]:
+    """:func:`read_http`'s read, and whether the host answered in time (None: it was not asked)."""
+    import urllib3
+
     deadline = time.monotonic() + limits.total_timeout  # resolving counts against the image's time too
     address, reason = checked_address(host, port, allow_private=allow_private)
     if address is None:
-        return None, reason
+        return None, reason, False if reason == IMAGE_READABLE else None
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     name = host if ":" not in host else f"[{host}]"
     headers = {"Host": name if parts.port is None else f"{name}:{parts.port}"}
@@ -171,14 +254,16 @@ def read_http(
             except urllib3.exceptions.HTTPError:  # connection, timeout, TLS: tried again
                 continue
             except (UnicodeError, ValueError):  # a request that cannot be sent as asked
-                return None, IMAGE_URI_ALLOWED
+                return None, IMAGE_URI_ALLOWED, None
             try:
                 if response.status in RETRY_STATUSES and attempt < limits.retries:
                     response.close()  # its body unread: the next attempt connects afresh
                     continue
-                return _body(response, max_bytes, deadline)
+                if response.status in RETRY_STATUSES:  # busy or failing to the last retry
+                    return None, IMAGE_READABLE, False
+                return (*_body(response, max_bytes, deadline), True)
             except urllib3.exceptions.HTTPError:  # the body stalled past the deadline or broke off
-                return None, IMAGE_READABLE
+                return None, IMAGE_READABLE, False
             finally:
                 response.release_conn()
-    return None, IMAGE_READABLE
+    return None, IMAGE_READABLE, False
