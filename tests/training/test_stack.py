@@ -76,6 +76,24 @@ def test_torch_tfidf_is_the_scipy_tfidf_training_computes() -> None:
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_the_vocabulary_keeps_the_most_frequent_buckets_up_to_its_cap() -> None:
+    """Buckets in two or more rows; beyond the cap the most frequent (ties to the lower bucket), in
+    bucket order, with the inverse document frequencies they have uncapped."""
+    from scipy.sparse import csr_matrix
+
+    # bucket: rows it is in -> 7: 4, 3: 3, 9: 3, 5: 2, 1: 1 (below MIN_DF)
+    rows = {7: [0, 1, 2, 3], 3: [0, 1, 2], 9: [1, 2, 3], 5: [0, 3], 1: [2]}
+    r = [i for b in rows for i in rows[b]]
+    c = [b for b in rows for _ in rows[b]]
+    counts = csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(4, 1 << 20))
+    vocabulary, idf = document_frequency(counts)
+    assert vocabulary.tolist() == [3, 5, 7, 9]
+    capped, capped_idf = document_frequency(counts, max_vocabulary=3)
+    assert capped.tolist() == [3, 7, 9]  # 5 is the least frequent; 3 and 9 tie and both fit
+    np.testing.assert_array_equal(capped_idf, idf[[0, 2, 3]])
+    assert document_frequency(counts, max_vocabulary=2)[0].tolist() == [3, 7]  # the tie to the lower bucket
+
+
 @pytest.mark.slow
 def test_the_ngram_modality_learns_a_label_that_is_a_keyword_of_the_title() -> None:
     taxonomy = _taxonomy()

@@ -4,7 +4,8 @@ description and the merchant's category label), hashed.
 What a TF-IDF logistic regression sees, served by the same model as the encoders. The n-grams are
 hashed (scikit-learn's ``HashingVectorizer``: stateless, so the predictor needs nothing fitted to
 count them) into :data:`BUCKETS` columns; a model keeps the buckets seen in at least two of its
-training products (its vocabulary) with their inverse document frequencies. A product's vector is
+training products (its vocabulary; the :data:`MAX_VOCABULARY` most frequent of them) with their
+inverse document frequencies. A product's vector is
 sklearn's ``TfidfVectorizer(sublinear_tf=True)`` row over that vocabulary: ``(1 + log count) * idf``,
 L2-normalised. :func:`tfidf` computes it with SciPy for training, :func:`bag_tfidf` with torch in the
 forward pass; both give the same numbers.
@@ -19,10 +20,23 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BUCKETS", "LexicalBatch", "bag_tfidf", "document_frequency", "ngram_counts", "texts", "tfidf"]
+__all__ = [
+    "BUCKETS",
+    "MAX_VOCABULARY",
+    "LexicalBatch",
+    "bag_tfidf",
+    "document_frequency",
+    "ngram_counts",
+    "texts",
+    "tfidf",
+]
 
 BUCKETS = 1 << 20
 MIN_DF = 2
+# the most buckets a vocabulary keeps: an n-gram learner's weights are vocabulary x values, and an
+# L-BFGS fit holds about 40 copies of them, which hundreds of thousands of training products would
+# otherwise fill with every bucket (a model, its bundle and every fit grow with it)
+MAX_VOCABULARY = 1 << 18
 
 # (ids, counts, offsets): the hashed n-grams of B products, flattened, as torch.nn.EmbeddingBag takes
 LexicalBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -63,11 +77,15 @@ def ngram_counts(
     return counts
 
 
-def document_frequency(counts: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The vocabulary (buckets in at least :data:`MIN_DF` rows of ``counts``) and its smoothed
-    inverse document frequencies, ``ln((1 + n) / (1 + df)) + 1`` as in scikit-learn."""
+def document_frequency(counts: Any, max_vocabulary: int = MAX_VOCABULARY) -> tuple[np.ndarray, np.ndarray]:
+    """The vocabulary (buckets in at least :data:`MIN_DF` rows of ``counts``; of more than
+    ``max_vocabulary``, the most frequent - ties to the lower bucket - as scikit-learn's
+    ``max_features``), in bucket order, and its smoothed inverse document frequencies,
+    ``ln((1 + n) / (1 + df)) + 1`` as in scikit-learn."""
     df = np.bincount(counts.indices, minlength=BUCKETS)
     vocabulary = np.flatnonzero(df >= MIN_DF)
+    if vocabulary.size > max_vocabulary:
+        vocabulary = np.sort(vocabulary[np.argsort(-df[vocabulary], kind="stable")[:max_vocabulary]])
     n = counts.shape[0]
     idf = np.log((1 + n) / (1 + df[vocabulary])) + 1
     return vocabulary, idf.astype(np.float32)
