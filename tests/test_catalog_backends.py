@@ -461,7 +461,9 @@ def test_a_merchant_row_of_a_colour_family_keeps_the_model_s_colour_out_on_both_
     assert merge.merchant_pairs_skipped == 2 and merge.written == {"color": 1}
 
 
-def test_the_values_written_are_counted_without_those_a_merchant_row_keeps_out(fresh: Catalog) -> None:
+def test_the_values_and_products_written_are_counted_without_those_a_merchant_row_keeps_out(
+    fresh: Catalog,
+) -> None:
     seed_merchant(
         fresh, _attribute_rows([("p1", "color", "red", "merchant"), ("p2", "color", "blue", "model")])
     )
@@ -471,12 +473,14 @@ def test_the_values_written_are_counted_without_those_a_merchant_row_keeps_out(f
             ("p2", "color", "blue"),
             ("p2", "material", "wool"),
             ("p3", "color", "red"),
+            ("p3", "color", "white"),
         ],
         [("p1", "color"), ("p2", "color"), ("p2", "material"), ("p3", "color")],
     )
     merge, rows = _write(fresh, run)
-    assert sum(1 for r in rows if r[3] == "model") == 3
-    assert merge.written == {"color": 2, "material": 1}  # p2's blue rewritten, p3's red; not p1's
+    assert sum(1 for r in rows if r[3] == "model") == 4
+    assert merge.written == {"color": 3, "material": 1}  # p2's blue rewritten, p3's two; not p1's
+    assert merge.products == {"color": 2, "material": 1}  # what the run report's coverage counts
 
 
 def test_a_product_quarantined_for_its_image_loses_the_model_values_its_merchant_settles(

@@ -124,7 +124,7 @@ def test_writes_only_values_that_hold_95_percent_precision(first_run, incoming, 
 
 
 def test_merchant_values_are_untouched_and_never_contradicted(first_run) -> None:  # type: ignore[no-untyped-def]
-    cfg, before, _ = first_run
+    cfg, before, outcome = first_run
     after = read_table(cfg.catalog.table("attributes"))
     merchant_before = before.filter(pc.equal(before["source"], "merchant"))
     merchant_after = after.filter(pc.equal(after["source"], "merchant"))
@@ -136,6 +136,11 @@ def test_merchant_values_are_untouched_and_never_contradicted(first_run) -> None
     model = after.filter(pc.equal(after["source"], "model"))
     model_pairs = set(zip(model["product_id"].to_pylist(), model["attribute"].to_pylist(), strict=True))
     assert not merchant_pairs & model_pairs
+    # the report's coverage is of what was written: a value a merchant row kept out does not count
+    report = outcome.report
+    for attr, share in report.coverage_per_attribute.items():
+        given = sum(a == attr for _, a in model_pairs)
+        assert share == pytest.approx(given / report.rows_scored), attr
 
 
 def test_quarantine_holds_every_bad_row_with_its_reason_and_no_good_row(first_run, incoming) -> None:  # type: ignore[no-untyped-def]

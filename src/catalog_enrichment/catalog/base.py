@@ -81,6 +81,7 @@ class MergeResult:
     merchant_pairs_skipped: int = 0  # the run's pairs a merchant row holds
     already_committed: bool = False
     written: dict[str, int] = field(default_factory=dict)  # the run's values written, per attribute
+    products: dict[str, int] = field(default_factory=dict)  # the products given one, per attribute
 
 
 @dataclass

@@ -59,7 +59,6 @@ from catalog_enrichment.enrich.stages import (
     scoring_spec,
     store_embeddings,
     validate,
-    written,
 )
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import fault_point
@@ -441,9 +440,12 @@ def _stages(
         say(f"  {run.run_id} was committed by an earlier attempt: nothing written; the next run reads "
             "its products again")  # fmt: skip
     else:
-        # the values the commit wrote: none a merchant row of the catalog holds (decided all the same)
-        counts, coverage = written(decisions, job.policy.taxonomy, run.blocked)
-        run.written = {a: run.merge.written.get(a, 0) for a in counts}, coverage
+        # what the commit wrote: no value a merchant row of the catalog holds (decided all the same)
+        names, rows = [a.name for a in job.policy.taxonomy], decisions.rows_scored
+        run.written = (
+            {a: run.merge.written.get(a, 0) for a in names},
+            {a: run.merge.products.get(a, 0) / rows if rows else 0.0 for a in names},
+        )
         version = run.merge.version
         changed = "no value changed" if version is None else f"version {version}"
         say(f"  wrote {sum(run.written[0].values()):,} values ({changed}); "

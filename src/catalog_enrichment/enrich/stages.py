@@ -614,20 +614,6 @@ def run_write(
     )
 
 
-def written(
-    decisions: Decisions, taxonomy: Taxonomy, blocked: Sequence[str]
-) -> tuple[dict[str, int], dict[str, float]]:
-    """Values written and coverage (share of scored products with at least one value) per attribute
-    (none for a ``blocked`` one)."""
-    values = Counter(a for a in decisions.values["attribute"].to_pylist() if a not in blocked)
-    pairs = decisions.values.group_by(["product_id", "attribute"]).aggregate([])
-    with_value = Counter(a for a in pairs["attribute"].to_pylist() if a not in blocked)
-    scored = decisions.rows_scored
-    counts = {a.name: int(values.get(a.name, 0)) for a in taxonomy}
-    coverage = {a.name: with_value.get(a.name, 0) / scored if scored else 0.0 for a in taxonomy}
-    return counts, coverage
-
-
 def store_embeddings(
     spark: SparkSession, catalog: Catalog, scored: Scored, staging: Path, run_id: str, say: Say
 ) -> dict[str, Any]:

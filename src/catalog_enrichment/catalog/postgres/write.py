@@ -173,7 +173,7 @@ class Writes(PgBase):
         """Within the write's transaction: record the run in the run log, then replace the model values
         of its pairs (a pair the merchant holds keeps no model value and gets none), keeping what it
         replaces for its rollback (:meth:`write` has serialized the transaction); the values written
-        counted per attribute."""
+        and the products given one counted per attribute."""
         seq_row = conn.execute(
             self._sql(
                 "INSERT INTO {runs} (run_id, operation, model_name, model_version) VALUES (%s, 'enrich', "
@@ -186,7 +186,9 @@ class Writes(PgBase):
             return MergeResult(self._committed(conn, run.run_id), already_committed=True)
         seq = int(seq_row[0])
         skipped = self._scored_pairs(conn, stage, run.linked)
-        written = conn.execute("SELECT attribute, count(*) FROM new_values GROUP BY attribute").fetchall()
+        written = conn.execute(
+            "SELECT attribute, count(*), count(DISTINCT product_id) FROM new_values GROUP BY attribute"
+        ).fetchall()
         self._keep_replaced(conn, seq)
         inserted, updated, deleted = self._replace_values(conn, run)
         deleted += self._retract(conn, run, seq)
@@ -199,7 +201,8 @@ class Writes(PgBase):
             updated=updated,
             deleted=deleted,
             merchant_pairs_skipped=skipped,
-            written={str(a): int(n) for a, n in written},
+            written={str(a): int(n) for a, n, _ in written},
+            products={str(a): int(n) for a, _, n in written},
         )
 
     def _scored_pairs(self, conn: Any, stage: str, linked: Mapping[str, Sequence[str]]) -> int:
