@@ -744,3 +744,15 @@ def test_a_placeholder_the_scoring_found_counts_once_in_the_image_check() -> Non
     )
     assert photos_quarantined(quarantine, scored, {"retried"}) == 2  # before, found
     assert photos_quarantined(quarantine, scored, {"retried"}, shared_counted=True) == 1  # before
+
+
+def test_a_trained_version_s_baselines_are_counted_with_its_split_s_groups(quick_bundle: Path) -> None:
+    """End to end: the generator's templated titles make groups of products, which the splits keep
+    together, and the baselines a training stores are counted with them (were the groups lost on
+    the way, every attribute's design effect would be exactly 1)."""
+    from catalog_enrichment.inference.bundle import load_bundle
+
+    health = load_bundle(quick_bundle).calibration.health
+    assert health is not None
+    effects = {a: b.design_effect for a, b in health.attributes.items()}
+    assert max(effects.values()) > 1.5, effects
