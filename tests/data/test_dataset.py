@@ -22,13 +22,17 @@ from catalog_enrichment.data.preprocess import ImagePreprocessing
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 
-def test_the_trained_tokenizer_lower_cases_but_keeps_accents_and_dakuten() -> None:
+def test_the_trained_tokenizer_normalises_lower_cases_but_keeps_accents_and_dakuten() -> None:
     texts = ["ガラス 花瓶", "ガラス 花瓶", "Café Crème", "Café Crème", "カラス 置物", "cafe"]
     tokenizer = train_wordpiece_tokenizer(texts, vocab_size=200, max_length=16)
     # ガ (ga) and カ (ka) differ only by the dakuten; stripping accents would make them one word
     assert tokenizer("ガラス")["input_ids"] != tokenizer("カラス")["input_ids"]
     assert tokenizer("CAFÉ")["input_ids"] == tokenizer("café")["input_ids"] != tokenizer("cafe")["input_ids"]
     assert tokenizer.decode(tokenizer("Café Crème")["input_ids"], skip_special_tokens=True) == "café crème"
+    # one form of each character (NFKC): full-width Latin, half-width katakana, a ligature
+    assert tokenizer("ＣＡＦＥ́")["input_ids"] == tokenizer("café")["input_ids"]
+    assert tokenizer("ｶﾞﾗｽ")["input_ids"] == tokenizer("ガラス")["input_ids"] != tokenizer("ｶﾗｽ")["input_ids"]
+    assert tokenizer("ﬁne")["input_ids"] == tokenizer("fine")["input_ids"]
 
 
 @pytest.mark.timeout(60)

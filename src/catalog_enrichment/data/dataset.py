@@ -371,8 +371,8 @@ def build_tokenizer(cfg: TextEncoderConfig, texts: Iterable[str]) -> Any:
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_length: int) -> Any:
-    """Build a lower-casing, accent-keeping WordPiece tokenizer from ``texts`` (the training split's
-    text only).
+    """Build an NFKC-normalising, lower-casing, accent-keeping WordPiece tokenizer from ``texts`` (the
+    training split's text only).
 
     The vocabulary is built deterministically (the ``tokenizers`` WordPiece trainer breaks frequency
     ties by hash order, so two runs on the same texts give different vocabularies and models):
@@ -385,8 +385,11 @@ def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int, max_leng
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    # lower-case, but keep accents and combining marks: stripping them maps ガ (ga) to カ (ka)
-    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)
+    # one form of each character first (NFKC: full-width ＢＬＵＥ is blue, half-width ｶﾞ is ガ, ﬁ is fi),
+    # then lower-case, but keep accents and combining marks: stripping them maps ガ (ga) to カ (ka)
+    normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.BertNormalizer(lowercase=True, strip_accents=False)]
+    )
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words: Counter[str] = Counter()
     for text in texts:
