@@ -264,6 +264,7 @@ def test_keys_inside_a_free_form_map_keep_their_case_from_the_environment() -> N
         ("validation", "max_clock_skew_seconds", str(10**12)),
         ("images", "connect_timeout_seconds", "inf"),
         ("images", "timeout_seconds", "1e12"),
+        ("images", "host_pause_seconds", "inf"),
     ],
 )
 def test_a_duration_is_finite_and_at_most_a_year(section: str, field: str, value: str) -> None:

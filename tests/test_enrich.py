@@ -136,7 +136,7 @@ def test_merchant_values_are_untouched_and_never_contradicted(first_run) -> None
     model = after.filter(pc.equal(after["source"], "model"))
     model_pairs = set(zip(model["product_id"].to_pylist(), model["attribute"].to_pylist(), strict=True))
     assert not merchant_pairs & model_pairs
-    # the report's coverage is of what was written: a value a merchant row kept out does not count
+    # the report's coverage is the share of scored products the run gave a model value
     report = outcome.report
     for attr, share in report.coverage_per_attribute.items():
         given = sum(a == attr for _, a in model_pairs)

@@ -1,13 +1,15 @@
 """What the precision bound costs on products like the calibration ones: the coverage efficiency and
-realized precision the project's calibrator reaches on test-sized held-out samples of a trained
-model's own calibration scores (out of fold, or the calibration split), calibrated each time on the
-rest - with the configured bound, and with the one threshold where the rest's own precision last
-reaches the target (no bound). The samples are whole groups (a shared title or description, as
-the splits group products), so they are as exchangeable with the calibration products as new
-products can be: what the bound leaves of the efficiency here is its cost at this calibration
-volume, not a difference between test and calibration products. Only the training table's scores
-are read; ``--test-data`` is passed to training so that it carves no test split of its own, as
-``bench quality`` does.
+realized precision the project's calibrator (``training.evaluation.calibrate``, the configured
+rule, no family data) reaches on test-sized held-out samples of a trained model's out-of-fold
+scores, calibrated each time on the rest - with the configured bound, and with the one threshold
+where the rest's own precision last reaches the target (no bound). The samples are whole groups (a
+shared title or description, as the splits group products), so they are as exchangeable with the
+calibration products as new products can be: what the bound leaves of the efficiency there is its
+cost at the rest's calibration volume, not a difference between test and calibration products.
+For a model that calibrates out of fold (the stack, or ``training.crossfit_folds``). ``--test-data``
+is given to training so that it carves no test split of the training table, as ``bench quality``
+does; the figures use none of its scores. Values training keeps out (never seen, or unlearnable by a
+fold) are not kept out here.
 
     python tools/bound_cost.py --data ../shared/data/hm-fashion/train.parquet \\
         --test-data ../shared/data/hm-fashion/test.parquet \\
@@ -35,7 +37,7 @@ from catalog_enrichment.training.pipeline import train
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="the labelled training table")
-    parser.add_argument("--test-data", help="the labelled test table (never read here; see above)")
+    parser.add_argument("--test-data", help="the labelled test table, for training only (see above)")
     parser.add_argument("--taxonomy", required=True)
     parser.add_argument("--config", default="deploy/config/pretrained.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -50,9 +52,12 @@ def main() -> None:
     test = None if args.test_data is None else read_table(args.test_data)
     trained = train(table, taxonomy, cfg, test_table=test, progress=print)
     preds, labels = trained.calibration_set
-    n = len(labels.known[taxonomy.names[0]])  # out of fold over the training split, or a calibration split
-    rows = next(r for r in (trained.splits.train, trained.splits.calibration) if len(r) == n)
-    groups = table_groups(table.take(rows))
+    rows = trained.splits.train
+    if trained.splits.calibration.size or len(rows) != len(next(iter(labels.known.values()))):
+        raise SystemExit("the model calibrated on a calibration split, not out of fold: nothing to resample")
+    # the splits' rows are positions in training's own order: their groups are looked up by id
+    group_of = dict(zip(table["product_id"].to_pylist(), table_groups(table).tolist(), strict=True))
+    _, groups = np.unique([group_of[trained.product_ids[r]] for r in rows], return_inverse=True)
     sizes = np.bincount(groups)
     rng = np.random.default_rng(args.seed)
     figures: dict[str, list[tuple[float, ...]]] = {a.name: [] for a in taxonomy}
@@ -76,18 +81,23 @@ def main() -> None:
                     f["realized_precision"],
                 )
             )
-    result = {}
+    result: dict[str, dict[str, dict[str, object]]] = {}
     for name, rows_of in figures.items():
         x = np.array(rows_of, float)
-        result[name] = {
-            kind: {
-                "efficiency_p10_p50_p90": [float(v) for v in np.nanpercentile(x[:, col], [10, 50, 90])],
-                "efficiency_ge_0.90": float(np.mean(x[:, col] >= 0.90)),
-                "precision_p50": float(np.nanmedian(x[:, col + 1])),
-                "precision_below_target": float(np.mean(x[:, col + 1] < cfg.calibration.target_precision)),
+        result[name] = {}
+        for kind, col in (("bound", 0), ("no bound", 2)):
+            eff, prec = x[:, col], x[:, col + 1]
+            ok = ~np.isnan(eff)  # a sample where no threshold reaches the target has no efficiency
+            result[name][kind] = {
+                "efficiency_p10_p50_p90": [float(v) for v in np.percentile(eff[ok], [10, 50, 90])],
+                "efficiency_ge_0.90": float(np.mean(eff[ok] >= 0.90)),
+                "samples_without_efficiency": int((~ok).sum()),
+                "precision_p50": float(np.nanmedian(prec)),
+                "precision_below_target": float(
+                    np.mean(prec[~np.isnan(prec)] < cfg.calibration.target_precision)
+                ),
+                "samples_writing_nothing": int(np.isnan(prec).sum()),
             }
-            for kind, col in (("bound", 0), ("no bound", 2))
-        }
         print(name, json.dumps(result[name]), flush=True)
     args.out.write_text(json.dumps({"resamples": args.resamples, "size": args.size, **result}, indent=1))
 

@@ -23,7 +23,7 @@ from catalog_enrichment.errors import CatalogEnrichError, ContractError
 
 
 def test_the_trained_tokenizer_normalises_lower_cases_but_keeps_accents_and_dakuten() -> None:
-    texts = ["ガラス 花瓶", "ガラス 花瓶", "Café Crème", "Café Crème", "カラス 置物", "cafe"]
+    texts = ["ガラス 花瓶", "ガラス 花瓶", "Café Crème", "Café Crème", "カラス 置物", "cafe", "fine", "fine"]
     tokenizer = train_wordpiece_tokenizer(texts, vocab_size=200, max_length=16)
     # ガ (ga) and カ (ka) differ only by the dakuten; stripping accents would make them one word
     assert tokenizer("ガラス")["input_ids"] != tokenizer("カラス")["input_ids"]

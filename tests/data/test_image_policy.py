@@ -235,8 +235,8 @@ def test_the_default_policy_reads_no_uri_at_all(tree: Path) -> None:
 class _Server:
     """A real HTTP server on a loopback port: ``/a.jpg`` (the JPEG), ``/redirect`` (302 to it),
     ``/flaky`` (503 twice, then the JPEG), ``/stall`` (headers, then a body that never comes),
-    ``/silent`` (no answer at all), ``/busy`` (503 always); ``paths`` records every request, ``hosts``
-    its Host header."""
+    ``/silent`` (no answer at all), ``/busy`` (503 always), ``/trickle`` (a body slower than any
+    image's time); ``paths`` records every request, ``hosts`` its Host header."""
 
     def __init__(self, root: Path) -> None:
         self.paths: list[str] = []
@@ -264,6 +264,18 @@ class _Server:
                     return
                 if self.path == "/busy":
                     self.send_error(503)
+                    return
+                if self.path == "/trickle":  # a byte every 0.1 s: never done in an image's time
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    try:
+                        for _ in range(50):
+                            self.wfile.write(b"\xff")
+                            self.wfile.flush()
+                            time.sleep(0.1)
+                    except OSError:  # the client gave up
+                        pass
                     return
                 if self.path == "/flaky":
                     server.flaky += 1
@@ -437,6 +449,15 @@ def test_a_host_that_stops_answering_is_paused_then_tried_again(
     time.sleep(limits.host_pause)
     for _ in range(3):
         assert policy.read(url + "/a.jpg")[1] is None  # answered: resumed
+    # a body still coming at the image's deadline got no answer in time either
+    trickled = ImagePolicy(
+        schemes=("http",), allow_private_addresses=True, http=dataclasses.replace(FAST, host_failures=2)
+    )
+    for _ in range(2):
+        assert trickled.read(url + "/trickle") == (None, IMAGE_READABLE)
+    asked = len(http_server.paths)
+    assert trickled.read(url + "/a.jpg") == (None, IMAGE_READABLE) and len(http_server.paths) == asked
+    HOSTS.clear()
     never = ImagePolicy(
         schemes=("http",), allow_private_addresses=True, http=dataclasses.replace(limits, host_failures=0)
     )

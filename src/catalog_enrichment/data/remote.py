@@ -13,12 +13,12 @@
   ``200`` with a ``text/*`` body that is no image (a CDN's maintenance page where the image should
   be; an image a host labelled ``text/plain`` is read as one).
 * **A host that stopped answering is paused**: after ``host_failures`` of its images in a row got no
-  answer in time (no connection, a timeout, a name that does not resolve, 429 / 5xx to the last
-  retry), this process asks it for nothing for ``host_pause`` seconds - its images are transient
-  failures at once instead of each waiting out its timeout (a dead CDN would hold a night's scoring
-  for hours) - then one image tries it again: an answer resumes it, another failure pauses it
-  again. An answer that is no image (404, a text page) is an answer: a host with many dead links
-  is never paused.
+  answer in time (no connection, a timeout, a body still coming at the image's deadline, a name
+  that does not resolve, 429 / 5xx to the last retry), this process asks it for nothing for
+  ``host_pause`` seconds - its images are transient failures at once instead of each waiting out
+  its timeout (a dead CDN would hold a night's scoring for hours) - then one image tries it again:
+  an answer resumes it, another failure pauses it again. An answer that is no image (404, a text
+  page) is an answer: a host with many dead links is never paused.
 * **Internationalized names** are asked for in their ASCII (``xn--``) form; a name that has none
   is refused (:data:`IMAGE_URI_ALLOWED`).
 * **No redirects**: a 3xx answer is refused (:data:`IMAGE_URI_ALLOWED`): its target was never
@@ -155,31 +155,32 @@ def _ascii_host(host: str) -> str | None:
         return None
 
 
-def _body(response: Any, max_bytes: int, deadline: float) -> tuple[bytes | None, str | None]:
-    """The response's body, read within ``max_bytes`` and the ``deadline``, or why not."""
+def _body(response: Any, max_bytes: int, deadline: float) -> tuple[bytes | None, str | None, bool]:
+    """The response's body, read within ``max_bytes`` and the ``deadline``, or why not; and whether
+    it came in time (a body still coming at the deadline did not)."""
     if 300 <= response.status < 400:
-        return None, IMAGE_URI_ALLOWED
+        return None, IMAGE_URI_ALLOWED, True
     if response.status != 200:
-        return None, IMAGE_READABLE
+        return None, IMAGE_READABLE, True
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        return None, IMAGE_WITHIN_LIMITS
+        return None, IMAGE_WITHIN_LIMITS, True
     chunks, size = [], 0
     while size <= max_bytes:
         if time.monotonic() > deadline:
-            return None, IMAGE_READABLE
+            return None, IMAGE_READABLE, False
         chunk = response.read1(1 << 16)
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
     if size > max_bytes:
-        return None, IMAGE_WITHIN_LIMITS
+        return None, IMAGE_WITHIN_LIMITS, True
     body = b"".join(chunks)
     text = response.headers.get("Content-Type", "").strip().lower().startswith("text/")
     if text and not body.startswith(_IMAGE_MAGIC):
-        return None, IMAGE_READABLE  # a maintenance or error page answered in the image's place
-    return body, None
+        return None, IMAGE_READABLE, True  # a maintenance or error page answered in the image's place
+    return body, None, True
 
 
 # how the image formats the decoder reads begin: a text/* answer that begins so is an image a host
@@ -261,8 +262,8 @@ def _ask(
                     continue
                 if response.status in RETRY_STATUSES:  # busy or failing to the last retry
                     return None, IMAGE_READABLE, False
-                return (*_body(response, max_bytes, deadline), True)
-            except urllib3.exceptions.HTTPError:  # the body stalled past the deadline or broke off
+                return _body(response, max_bytes, deadline)
+            except urllib3.exceptions.HTTPError:  # the body stalled or broke off
                 return None, IMAGE_READABLE, False
             finally:
                 response.release_conn()

@@ -4,7 +4,7 @@ description and the merchant's category label), hashed.
 What a TF-IDF logistic regression sees, served by the same model as the encoders. The n-grams are
 hashed (scikit-learn's ``HashingVectorizer``: stateless, so the predictor needs nothing fitted to
 count them) into :data:`BUCKETS` columns; a model keeps the buckets seen in at least two of its
-training products (its vocabulary; the :data:`MAX_VOCABULARY` most frequent of them) with their
+training products (its vocabulary; the :data:`MAX_VOCABULARY` in the most products) with their
 inverse document frequencies. A product's vector is
 sklearn's ``TfidfVectorizer(sublinear_tf=True)`` row over that vocabulary: ``(1 + log count) * idf``,
 L2-normalised. :func:`tfidf` computes it with SciPy for training, :func:`bag_tfidf` with torch in the
@@ -79,8 +79,8 @@ def ngram_counts(
 
 def document_frequency(counts: Any, max_vocabulary: int = MAX_VOCABULARY) -> tuple[np.ndarray, np.ndarray]:
     """The vocabulary (buckets in at least :data:`MIN_DF` rows of ``counts``; of more than
-    ``max_vocabulary``, the most frequent - ties to the lower bucket - as scikit-learn's
-    ``max_features``), in bucket order, and its smoothed inverse document frequencies,
+    ``max_vocabulary``, those in the most rows - ties to the lower bucket), in bucket order, and its
+    smoothed inverse document frequencies,
     ``ln((1 + n) / (1 + df)) + 1`` as in scikit-learn."""
     df = np.bincount(counts.indices, minlength=BUCKETS)
     vocabulary = np.flatnonzero(df >= MIN_DF)
