@@ -457,7 +457,6 @@ def test_a_host_that_stops_answering_is_paused_then_tried_again(
         assert trickled.read(url + "/trickle") == (None, IMAGE_READABLE)
     asked = len(http_server.paths)
     assert trickled.read(url + "/a.jpg") == (None, IMAGE_READABLE) and len(http_server.paths) == asked
-    HOSTS.clear()
     never = ImagePolicy(
         schemes=("http",), allow_private_addresses=True, http=dataclasses.replace(limits, host_failures=0)
     )

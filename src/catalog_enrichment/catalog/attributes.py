@@ -23,7 +23,7 @@ memory follows the increment, not the table.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -360,15 +360,15 @@ def merge_run(
         deleted=int(metrics["num_target_rows_deleted"]),
         merchant_pairs_skipped=skipped,
         written={str(v["values"]): int(v["counts"]) for v in upserts["attribute"].value_counts().to_pylist()},
-        products=dict(_products_per_attribute(upserts)),
+        products=_products_per_attribute(upserts),
     )
 
 
-def _products_per_attribute(rows: pa.Table) -> Iterator[tuple[str, int]]:
-    """(attribute, distinct products) of ``rows``."""
+def _products_per_attribute(rows: pa.Table) -> dict[str, int]:
+    """Per attribute, the distinct products of ``rows``."""
     per = rows.group_by("attribute").aggregate([("product_id", "count_distinct")])
-    for a, n in zip(per["attribute"].to_pylist(), per["product_id_count_distinct"].to_pylist(), strict=True):
-        yield str(a), int(n)
+    pairs = zip(per["attribute"].to_pylist(), per["product_id_count_distinct"].to_pylist(), strict=True)
+    return {str(a): int(n) for a, n in pairs}
 
 
 def _replaced(
