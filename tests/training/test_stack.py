@@ -94,6 +94,37 @@ def test_the_vocabulary_keeps_the_most_frequent_buckets_up_to_its_cap() -> None:
     assert document_frequency(counts, max_vocabulary=2)[0].tolist() == [3, 7]  # the tie to the lower bucket
 
 
+def _full_width(text: str) -> str:
+    """ASCII as a Japanese keyboard's full-width forms (U+FF01-FF5E, U+3000 for the space)."""
+    return "".join("\u3000" if c == " " else chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+def test_ngrams_of_full_width_and_ligature_text_are_those_of_its_plain_twin_under_nfkc() -> None:
+    assert _full_width("Blue shirt") == "Ｂｌｕｅ\u3000ｓｈｉｒｔ"
+    plain = (["Blue shirt", "fine silk scarf"], ["Soft cotton", None], ["Tops", "Accessories"])
+    typed = (
+        [_full_width("Blue shirt"), "ﬁne silk scarf"],  # full-width forms; a ligature
+        [_full_width("Soft cotton"), None],
+        [_full_width("Tops"), "Accessories"],
+    )
+    assert (ngram_counts(*typed, nfkc=True) != ngram_counts(*plain)).nnz == 0
+    assert (ngram_counts(*typed) != ngram_counts(*plain)).nnz > 0  # as typed, other n-grams
+
+
+def test_a_stack_built_here_counts_nfkc_ngrams_and_one_saved_without_the_mark_counts_them_as_typed() -> None:
+    model = _model(_taxonomy())
+    assert model.fusion.nfkc
+    state = model.state_dict()
+    again = _model(_taxonomy())
+    again.load_state_dict(state)
+    assert again.fusion.nfkc  # the mark travels with the weights
+    del state["fusion.lex_nfkc"]
+    older = _model(_taxonomy())
+    older.load_state_dict(state)  # strict: weights saved before the mark still load
+    assert not older.fusion.nfkc
+    assert not build_model(tiny_config().model, _taxonomy(), vocab_size=50).fusion.nfkc  # no n-grams
+
+
 @pytest.mark.slow
 def test_the_ngram_modality_learns_a_label_that_is_a_keyword_of_the_title() -> None:
     taxonomy = _taxonomy()
@@ -449,7 +480,8 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     assert trained.splits.train.size + trained.splits.test.size == table.num_rows
     position = {pid: i for i, pid in enumerate(table["product_id"].to_pylist())}
     test_rows = table.take([position[trained.product_ids[i]] for i in trained.splits.test])
-    bundle = load_bundle(save_trained(trained, tmp_path / "bundle"))
+    saved = save_trained(trained, tmp_path / "bundle")
+    bundle = load_bundle(saved)
     served = BatchPredictor(bundle, PredictorOptions(batch_size=64)).score(test_rows)
     assert bundle.taxonomy.to_dict() == trained.taxonomy.to_dict()  # single-valued marks included
     expected = trained.taxonomy.derive(trained.test_predictions.probs)
@@ -471,6 +503,45 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     for attr in taxonomy.outputs:
         np.testing.assert_allclose(again.probs[attr.name], served[attr.name], atol=1e-5)
     assert embedding.storable(bundle.model)
+    if not streamed:
+        _served_ngrams_follow_the_bundles_mark(saved, test_rows, served)
+
+
+def _served_ngrams_follow_the_bundles_mark(
+    saved: Path, rows: pa.Table, served: dict[str, np.ndarray]
+) -> None:
+    """A bundle trained here counts a full-width title's n-grams as its ASCII twin's; one whose
+    weights were saved without the mark counts them as typed, and serves ASCII texts as before."""
+    import shutil
+
+    from catalog_enrichment.inference.bundle import load_bundle
+    from catalog_enrichment.inference.predictor import BatchPredictor, PredictorOptions
+    from catalog_enrichment.models.model import LEXICAL_KEYS
+
+    wide = rows
+    for column in ("title", "description"):
+        texts = [_full_width(t) if isinstance(t, str) else t for t in rows[column].to_pylist()]
+        wide = wide.set_column(wide.column_names.index(column), column, pa.array(texts, pa.string()))
+    assert wide["title"].to_pylist() != rows["title"].to_pylist()
+
+    def ngrams(bundle_path: Path, table: pa.Table) -> list[torch.Tensor]:
+        predictor = BatchPredictor(load_bundle(bundle_path), PredictorOptions(batch_size=1 << 12))
+        (batch,) = predictor.prepared(table)
+        return [batch.inputs[k] for k in LEXICAL_KEYS]
+
+    def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert equal(ngrams(saved, wide), ngrams(saved, rows))
+    older = saved.parent / "older"
+    shutil.copytree(saved, older)
+    weights = torch.load(older / "weights.pt", weights_only=True)
+    del weights["fusion.lex_nfkc"]
+    torch.save(weights, older / "weights.pt")
+    assert not equal(ngrams(older, wide), ngrams(older, rows))
+    again = BatchPredictor(load_bundle(older), PredictorOptions(batch_size=64)).score(rows)
+    for name, scores in served.items():
+        np.testing.assert_array_equal(again[name], scores)
 
 
 def _held(megabytes: int) -> int:

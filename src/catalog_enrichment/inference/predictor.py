@@ -223,7 +223,9 @@ class BatchPredictor:
         # a text-only model never decodes an image, so an unusable one does not quarantine its row
         self.reads_images = bundle.model.image_encoder is not None
         self.collator = Collator(bundle.tokenizer, bundle.model_config.text.max_length)
-        self.lexical = any(m.fusion.needs_lexical for m in _members(bundle.model))
+        fusions = [m.fusion for m in _members(bundle.model)]
+        self.lexical = any(f.needs_lexical for f in fusions)
+        self.nfkc = any(f.nfkc for f in fusions)
         # the store serves a fingerprinted bundle, whose model is one MultimodalModel (storable), on
         # the CPU: the fingerprint names the CPU's encoders (ONNX Runtime's, where the bundle has
         # them), and a GPU's encodes differ from them in the last bits
@@ -292,7 +294,7 @@ class BatchPredictor:
         tones: list[float | None] = [None] * n
         for k, i in enumerate(rows):
             errors[i], tones[i], digests[i] = part.image_error[k], part.tone[k], part.image_digest[k]
-        every = _lexical(titles, descriptions, categories) if self.lexical else None
+        every = _lexical(titles, descriptions, categories, self.nfkc) if self.lexical else None
         return PreparedBatch(part.inputs, errors, tones, digests, content, encode, stored, every)
 
     def _within_policy(self, raw: object, uri: object) -> bool:
@@ -343,7 +345,7 @@ class BatchPredictor:
         inputs["pixel_values"] = image if self.channels_last else image.contiguous()
         inputs["image_present"] = torch.from_numpy(present)
         if self.lexical:
-            inputs.update(_lexical(titles, descriptions, categories))
+            inputs.update(_lexical(titles, descriptions, categories, self.nfkc))
         if self.device.type == "cuda":
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
         return PreparedBatch(inputs, errors, tones, digests)
@@ -506,10 +508,11 @@ def _members(model: AnyModel) -> list[MultimodalModel]:
 
 
 def _lexical(
-    titles: Sequence[Any], descriptions: Sequence[Any], categories: Sequence[Any] | None
+    titles: Sequence[Any], descriptions: Sequence[Any], categories: Sequence[Any] | None, nfkc: bool
 ) -> dict[str, torch.Tensor]:
     """The batch entries of the texts' hashed n-grams (``models.lexical``)."""
-    return dict(zip(LEXICAL_KEYS, as_bags(ngram_counts(titles, descriptions, categories)), strict=True))
+    counts = ngram_counts(titles, descriptions, categories, nfkc=nfkc)
+    return dict(zip(LEXICAL_KEYS, as_bags(counts), strict=True))
 
 
 def tune_worker_process(device: torch.device, *, keep_memory: bool) -> None:

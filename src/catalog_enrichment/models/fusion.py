@@ -176,6 +176,11 @@ class Fusion(nn.Module):
         self.text_dim, self.image_dim = text_dim, image_dim
         self.specs = {h.name: h for h in heads}
 
+    @property
+    def nfkc(self) -> bool:
+        """Whether the n-grams (``needs_lexical``) are counted on NFKC-normalised texts."""
+        return False
+
     def _probs(self, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {a: probabilities(lg, self.specs[a].kind) for a, lg in logits.items()}
 
@@ -690,12 +695,17 @@ class StackFusion(Fusion):
     product has one value) is one softmax, a distribution its value groups sum over; the taxonomy
     the model is saved with marks it single-valued, so that only each product's first-ranked value
     can be written (:meth:`catalog_enrichment.contracts.Taxonomy.derive`).
+
+    The n-grams of a model built here are counted on NFKC-normalised texts (``lex_nfkc``, saved with
+    it); one loaded from weights saved without that mark counts them on the texts as typed, as it
+    was trained.
     """
 
     needs_lexical: ClassVar[bool] = True
     splits_colour: ClassVar[bool] = True
     lex_rows: torch.Tensor  # bucket -> vocabulary row, -1 outside it
     lex_idf: torch.Tensor
+    lex_nfkc: torch.Tensor  # whether the n-grams are counted on NFKC-normalised texts
     single: torch.Tensor  # per attribute: single-valued multi-label
 
     def __init__(
@@ -718,6 +728,7 @@ class StackFusion(Fusion):
 
         self.register_buffer("lex_rows", torch.full((BUCKETS,), -1, dtype=torch.long))
         self.register_buffer("lex_idf", torch.zeros(0))
+        self.register_buffer("lex_nfkc", torch.tensor(True))
         self.lex_weight = nn.Parameter(torch.zeros(0, total), requires_grad=False)
         self.lex_bias = nn.Parameter(torch.zeros(total), requires_grad=False)
         for block, dim in self.dims.items():
@@ -731,7 +742,13 @@ class StackFusion(Fusion):
         self.meta_bias = nn.Parameter(torch.zeros(total), requires_grad=False)
         self.register_buffer("single", torch.zeros(len(heads), dtype=torch.bool))
 
+    @property
+    def nfkc(self) -> bool:
+        return bool(self.lex_nfkc)
+
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # weights saved before the mark were fitted on n-grams of the texts as typed
+        state_dict.setdefault(prefix + "lex_nfkc", torch.tensor(False))
         # the vocabulary's size is the fitted model's: take it from the weights being loaded
         for name in ("lex_idf", "lex_weight"):
             saved = state_dict.get(prefix + name)

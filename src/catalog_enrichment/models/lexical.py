@@ -1,6 +1,11 @@
 """The lexical modality: word 1-2-grams and character 3-5-grams of a product's texts (title,
 description and the merchant's category label), hashed.
 
+The texts are NFKC-normalised first where the model says so (:attr:`StackFusion.nfkc
+<catalog_enrichment.models.fusion.StackFusion.nfkc>`: full-width ``ＢＬＵＥ`` and half-width katakana
+count as the ``blue`` and katakana a merchant typed elsewhere, ``ﬁ`` as ``fi``); a model saved
+without that mark counts them as typed, as it was trained.
+
 What a TF-IDF logistic regression sees, served by the same model as the encoders. The n-grams are
 hashed (scikit-learn's ``HashingVectorizer``: stateless, so the predictor needs nothing fitted to
 count them) into :data:`BUCKETS` columns; a model keeps the buckets seen in at least two of its
@@ -14,6 +19,7 @@ forward pass; both give the same numbers.
 from __future__ import annotations
 
 import functools
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,24 +60,34 @@ def _vectorizers() -> tuple[Any, Any]:
 
 
 def texts(
-    titles: Sequence[Any], descriptions: Sequence[Any], categories: Sequence[Any] | None = None
+    titles: Sequence[Any],
+    descriptions: Sequence[Any],
+    categories: Sequence[Any] | None = None,
+    *,
+    nfkc: bool = False,
 ) -> list[str]:
     """What the n-grams are counted in: ``"<title> . <description> . <category>"`` (the merchant's
-    own category label; a missing text is empty)."""
+    own category label; a missing text is empty), NFKC-normalised where ``nfkc``."""
 
     def text(x: Any) -> str:
         return x if isinstance(x, str) else ""
 
     cats = categories if categories is not None else [None] * len(titles)
-    return [f"{text(t)} . {text(d)} . {text(c)}" for t, d, c in zip(titles, descriptions, cats, strict=True)]
+    docs = [f"{text(t)} . {text(d)} . {text(c)}" for t, d, c in zip(titles, descriptions, cats, strict=True)]
+    return [unicodedata.normalize("NFKC", d) for d in docs] if nfkc else docs
 
 
 def ngram_counts(
-    titles: Sequence[Any], descriptions: Sequence[Any], categories: Sequence[Any] | None = None
+    titles: Sequence[Any],
+    descriptions: Sequence[Any],
+    categories: Sequence[Any] | None = None,
+    *,
+    nfkc: bool = False,
 ) -> Any:
-    """``(n, BUCKETS)`` SciPy CSR matrix: how often each hashed n-gram occurs in each product."""
+    """``(n, BUCKETS)`` SciPy CSR matrix: how often each hashed n-gram occurs in each product
+    (its texts NFKC-normalised first where ``nfkc``)."""
     words, chars = _vectorizers()
-    docs = texts(titles, descriptions, categories)
+    docs = texts(titles, descriptions, categories, nfkc=nfkc)
     counts = (words.transform(docs) + chars.transform(docs)).tocsr()
     counts.sort_indices()
     return counts

@@ -464,6 +464,7 @@ class Streamed:
 
         cfg, tcfg = self.cfg, self.cfg.training
         embedder = seeded_model(cfg.model, self.taxonomy, tokenizer, tcfg.seed, self.device)
+        nfkc = embedder.fusion.nfkc
         cache = Path(tcfg.embedding_cache) if tcfg.embedding_cache else default_cache_dir()
         parts: list[dict[str, torch.Tensor]] = []
         counts = []
@@ -486,7 +487,7 @@ class Streamed:
                     say=lambda _m: None,
                 )
                 parts.append(part.tensors)
-                counts.append(ngram_counts(records.title, records.description, categories))
+                counts.append(ngram_counts(records.title, records.description, categories, nfkc=nfkc))
         lexical = scipy.sparse.vstack(counts, format="csr")
         lexical.sort_indices()
         say(f"frozen encoders: {lexical.shape[0]:,} products embedded in {len(parts)} record batches")

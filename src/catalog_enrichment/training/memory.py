@@ -228,7 +228,7 @@ class InMemory:
         lexical = None
         if embedder.fusion.needs_lexical:  # the merchant's category label is one of its texts
             categories = table["category"].to_pylist() if "category" in table.column_names else None
-            lexical = ngram_counts(records.title, records.description, categories)
+            lexical = ngram_counts(records.title, records.description, categories, nfkc=embedder.fusion.nfkc)
         # with onnx, every score selected and calibrated on comes from the graphs
         onnx = mcfg.encoder_runtime == "onnx"
         with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
