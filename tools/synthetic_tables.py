@@ -42,9 +42,9 @@ def main() -> None:
     market = generate_marketplace(args.out / "marketplace", synthetic, taxonomy=taxonomy)
     table = read_table(market.products)
     table = table.take(pc.sort_indices(table, [("product_id", "ascending")]))  # files come in any order
-    if args.no_colour_words:
-        table = _without_colour_words(table, taxonomy, args.no_colour_words, args.seed)
     groups = group_ids([t or "" for t in table["title"].to_pylist()], table["description"].to_pylist())
+    if args.no_colour_words:  # after the grouping: the same split as without
+        table = _without_colour_words(table, taxonomy, args.no_colour_words, args.seed)
     unique = np.unique(groups)
     held = np.random.default_rng(args.seed).choice(unique, size=len(unique) // 5, replace=False)
     test = np.isin(groups, held)
