@@ -14,6 +14,9 @@ fold) are not kept out here.
     python tools/bound_cost.py --data ../shared/data/hm-fashion/train.parquet \\
         --test-data ../shared/data/hm-fashion/test.parquet \\
         --taxonomy ../shared/data/hm-fashion/taxonomy.yaml --config deploy/config/pretrained.yaml
+
+``--confidences 0.9,0.8`` also bounds each sample at those one-sided confidences (the coverage a
+lower confidence buys, and how often its writes then miss the target).
 """
 
 from __future__ import annotations
@@ -45,8 +48,17 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bound-cost.json"))
+    parser.add_argument(
+        "--confidences",
+        default="",
+        help="more one-sided confidences to bound at, e.g. 0.9,0.8 (the same samples)",
+    )
     args = parser.parse_args()
     cfg = load_config(args.config, overrides=parse_overrides(args.set))
+    levels = [float(c) for c in args.confidences.split(",") if c]
+    bounds = {"bound": cfg.calibration} | {
+        f"bound, confidence {c:g}": cfg.calibration.model_copy(update={"confidence": c}) for c in levels
+    }
     taxonomy = load_taxonomy(args.taxonomy)
     table = read_table(args.data)
     test = None if args.test_data is None else read_table(args.test_data)
@@ -60,7 +72,7 @@ def main() -> None:
     _, groups = np.unique([group_of[trained.product_ids[r]] for r in rows], return_inverse=True)
     sizes = np.bincount(groups)
     rng = np.random.default_rng(args.seed)
-    figures: dict[str, list[tuple[float, ...]]] = {a.name: [] for a in taxonomy}
+    figures: dict[str, list[dict[str, tuple[float, float]]]] = {a.name: [] for a in taxonomy}
     for _ in progress(range(args.resamples), desc="resamples", unit="samples"):
         order = rng.permutation(len(sizes))
         held = np.isin(groups, order[np.cumsum(sizes[order]) <= args.size])
@@ -69,24 +81,25 @@ def main() -> None:
         def part(idx: np.ndarray) -> tuple[Predictions, EncodedLabels]:
             return Predictions({a: p[idx] for a, p in preds.probs.items()}, None, {}), labels.subset(idx)
 
-        report = evaluate(*part(out), taxonomy, calibrate(*part(rest), taxonomy, cfg.calibration))
-        free = written_without_bound(part(rest), part(out), taxonomy, cfg.calibration.target_precision)
+        reports = {
+            kind: evaluate(*part(out), taxonomy, calibrate(*part(rest), taxonomy, calibration))
+            for kind, calibration in bounds.items()
+        }
+        reports["no bound"] = written_without_bound(
+            part(rest), part(out), taxonomy, cfg.calibration.target_precision
+        )
         for a in taxonomy:
-            r, f = report[a.name], free[a.name]
             figures[a.name].append(
-                (
-                    r["coverage_efficiency"],
-                    r["realized_precision"],
-                    f["coverage_efficiency"],
-                    f["realized_precision"],
-                )
+                {
+                    kind: (r[a.name]["coverage_efficiency"], r[a.name]["realized_precision"])
+                    for kind, r in reports.items()
+                }
             )
     result: dict[str, dict[str, dict[str, object]]] = {}
     for name, rows_of in figures.items():
-        x = np.array(rows_of, float)
         result[name] = {}
-        for kind, col in (("bound", 0), ("no bound", 2)):
-            eff, prec = x[:, col], x[:, col + 1]
+        for kind in rows_of[0]:
+            eff, prec = (np.array([row[kind][i] for row in rows_of], float) for i in (0, 1))
             ok = ~np.isnan(eff)  # a sample where no threshold reaches the target has no efficiency
             result[name][kind] = {
                 "efficiency_p10_p50_p90": [float(v) for v in np.percentile(eff[ok], [10, 50, 90])],
