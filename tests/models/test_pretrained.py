@@ -532,6 +532,40 @@ def test_frozen_training_learns_from_peoples_verdicts_in_the_cached_batches(  # 
     assert_trained_on_verdicts_only(train(table, taxonomy, cfg), people)
 
 
+def test_a_pretrained_tokenizer_reads_full_width_text_as_typed_elsewhere_and_its_bundle_keeps_so(
+    tmp_path: Path, pretrained: dict[str, Path], taxonomy: Taxonomy
+) -> None:
+    """Training's pretrained tokenizer NFKC-normalises first (a BERT vocabulary has no full-width
+    letters: ``ＲＥＤ`` would be unknown); BERT's loader rebuilds its normaliser, so the bundle marks
+    it and loading applies it again, under the fingerprint training computed; a bundle saved
+    without the mark loads its tokenizer as it was."""
+
+    from catalog_enrichment.calibration import Calibration
+    from catalog_enrichment.data.dataset import build_tokenizer
+    from catalog_enrichment.inference.bundle import save_bundle
+
+    cfg = _cfg(pretrained)
+    tok = build_tokenizer(cfg.model.text, [])
+    ascii_ids = tok("red cotton shirt")["input_ids"]
+    assert VOCAB.index("[UNK]") not in ascii_ids
+    assert tok("ＲＥＤ ｃｏｔｔｏｎ\u3000ｓｈｉｒｔ")["input_ids"] == ascii_ids
+
+    model = build_model(cfg.model, taxonomy, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    calibration = Calibration(0.95, 0.95, "clopper_pearson", 20, {})
+    folder = save_bundle(tmp_path / "bundle", ModelBundle(model, tok, taxonomy, calibration, cfg.model, {}))
+    loaded = load_bundle(folder)
+    assert loaded.tokenizer("ＲＥＤ ｃｏｔｔｏｎ\u3000ｓｈｉｒｔ")["input_ids"] == ascii_ids
+    fingerprint = embedding.encoder_fingerprint(loaded.model, loaded.tokenizer, cfg.model.text.max_length)  # type: ignore[arg-type]
+    assert BundleFolder(folder).encoder_fingerprint() == fingerprint
+
+    meta = json.loads(BundleFolder(folder).meta.read_text())
+    del meta["tokenizer_nfkc"]
+    BundleFolder(folder).meta.write_text(json.dumps(meta))
+    older = load_bundle(folder).tokenizer
+    assert older("red cotton shirt")["input_ids"] == ascii_ids
+    assert VOCAB.index("[UNK]") in older("ＲＥＤ ｃｏｔｔｏｎ")["input_ids"]
+
+
 def test_learning_rates_and_the_layers_each_mode_trains(
     pretrained: dict[str, Path], taxonomy: Taxonomy
 ) -> None:

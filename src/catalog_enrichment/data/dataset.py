@@ -14,6 +14,7 @@ that one such read in an epoch of remote images does not stop a training.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,11 @@ __all__ = [
     "check_unique_ids",
     "encode_labels",
     "load_tokenizer",
+    "normalizes_nfkc",
     "train_wordpiece_tokenizer",
     "transformers_folder",
     "unseen_values",
+    "with_nfkc",
 ]
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -359,12 +362,39 @@ def load_tokenizer(cfg: TextEncoderConfig) -> Any:
     if tokenizer.pad_token is None:
         raise ConfigError(f"model.text.pretrained_path: the tokenizer in {folder} has no padding token")
     tokenizer.model_max_length = cfg.max_length
+    return with_nfkc(tokenizer)
+
+
+def normalizes_nfkc(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` (a fast one) NFKC-normalises a text before anything else."""
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    if normalizer is None:
+        return False
+    state = json.loads(normalizer.__getstate__())
+    first = state["normalizers"][0] if state.get("type") == "Sequence" and state["normalizers"] else state
+    return bool(first.get("type") == "NFKC")
+
+
+def with_nfkc(tokenizer: Any) -> Any:
+    """``tokenizer`` NFKC-normalising texts first (full-width ``ＢＬＵＥ``, which a pretrained English
+    vocabulary reads as unknown, is ``BLUE``; half-width katakana, ligatures), then as it did; one
+    already so is returned as it is. A saved tokenizer of a class that rebuilds its normaliser when
+    loaded (BERT's) does not keep this: a bundle records it and applies it again
+    (:func:`catalog_enrichment.inference.bundle.load_bundle`)."""
+    from tokenizers import normalizers
+
+    if normalizes_nfkc(tokenizer):
+        return tokenizer
+    backend = tokenizer.backend_tokenizer
+    steps = [normalizers.NFKC()] if backend.normalizer is None else [normalizers.NFKC(), backend.normalizer]
+    backend.normalizer = normalizers.Sequence(steps)
     return tokenizer
 
 
 def build_tokenizer(cfg: TextEncoderConfig, texts: Iterable[str]) -> Any:
-    """The text model's tokenizer: a pretrained model's own (``AutoTokenizer``; its normaliser is
-    kept as trained), else a WordPiece tokenizer trained on ``texts`` (read only in that case)."""
+    """The text model's tokenizer: a pretrained model's own (``AutoTokenizer``, NFKC-normalising
+    first, :func:`with_nfkc`), else a WordPiece tokenizer trained on ``texts`` (read only in that
+    case)."""
     if cfg.pretrained_path:
         return load_tokenizer(cfg)
     return train_wordpiece_tokenizer(texts, vocab_size=cfg.vocab_size, max_length=cfg.max_length)

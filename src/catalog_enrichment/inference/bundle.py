@@ -7,7 +7,8 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
                          + package version + the dtype the calibrated scores are computed in
                          + the version of the colour statistics (models.color; another is refused)
                          + the encoders' fingerprint (the embedding store's key; null when the
-                         model cannot use the store)
+                         model cannot use the store) + whether the tokenizer NFKC-normalises
+                         first (data.dataset.with_nfkc, applied again on loading)
     text_encoder_<i>/    the transformers config of text encoder i (its architecture; an ensemble's
                          members' encoders in member order)
     tokenizer/           tokenizer.save_pretrained() (the pretrained model's own, or the trained one)
@@ -179,6 +180,7 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
     computed from the model (``bundle.encoder_fingerprint`` is not read)."""
     import torch
 
+    from catalog_enrichment.data.dataset import normalizes_nfkc
     from catalog_enrichment.embeddings.vectors import encoder_fingerprint, storable
     from catalog_enrichment.models import runtime
     from catalog_enrichment.models.color import COLOR_VERSION
@@ -206,6 +208,8 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
                 "score_dtype": SCORE_DTYPE,
                 "color_version": COLOR_VERSION,
                 "encoder_fingerprint": fingerprint,
+                # a BERT tokenizer rebuilds its normaliser when loaded: loading applies it again
+                "tokenizer_nfkc": normalizes_nfkc(tokenizer),
             },
             indent=2,
         )
@@ -280,6 +284,7 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from catalog_enrichment.data.dataset import with_nfkc
     from catalog_enrichment.data.preprocess import ImagePreprocessing
     from catalog_enrichment.models import runtime
     from catalog_enrichment.models.color import COLOR_VERSION
@@ -321,6 +326,8 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     if model_config.encoder_runtime == "onnx" and torch.device(device).type == "cpu":
         runtime.attach(model, folder.onnx)
     tokenizer = AutoTokenizer.from_pretrained(str(folder.tokenizer))
+    if meta.get("tokenizer_nfkc"):  # bundles saved before the mark: their tokenizer as it loads
+        tokenizer = with_nfkc(tokenizer)
     calibration = folder.read_calibration()
     evaluation = json.loads(folder.evaluation.read_text())
     return ModelBundle(
