@@ -380,12 +380,13 @@ def with_nfkc(tokenizer: Any) -> Any:
     vocabulary reads as unknown, is ``BLUE``; half-width katakana, ligatures), then as it did; one
     already so is returned as it is. A saved tokenizer of a class that rebuilds its normaliser when
     loaded (BERT's) does not keep this: a bundle records it and applies it again
-    (:func:`catalog_enrichment.inference.bundle.load_bundle`)."""
+    (:func:`catalog_enrichment.inference.bundle.load_bundle`). A tokenizer without a ``tokenizers``
+    backend (a slow one) is returned as it is."""
     from tokenizers import normalizers
 
-    if normalizes_nfkc(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or normalizes_nfkc(tokenizer):
         return tokenizer
-    backend = tokenizer.backend_tokenizer
     steps = [normalizers.NFKC()] if backend.normalizer is None else [normalizers.NFKC(), backend.normalizer]
     backend.normalizer = normalizers.Sequence(steps)
     return tokenizer
