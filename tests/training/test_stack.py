@@ -125,6 +125,21 @@ def test_a_stack_built_here_counts_nfkc_ngrams_and_one_saved_without_the_mark_co
     assert not build_model(tiny_config().model, _taxonomy(), vocab_size=50).fusion.nfkc  # no n-grams
 
 
+def test_a_fitted_stack_records_how_the_ngrams_it_was_fitted_on_were_counted() -> None:
+    """Serving counts the n-grams as the fit's were counted, whatever the model was built with."""
+    import dataclasses
+
+    taxonomy = _taxonomy()
+    y = np.arange(60) % 3
+    titles = [f"new {WORDS[v]}" for v in y]
+    for nfkc in (False, True):
+        model = _model(taxonomy)
+        model.fusion.lex_nfkc.fill_(not nfkc)
+        embeddings = dataclasses.replace(_embeddings(model, titles), lexical_nfkc=nfkc)
+        _fit(model, embeddings, EncodedLabels({"thing": y}, {"thing": y >= 0}), taxonomy)
+        assert model.fusion.nfkc is nfkc
+
+
 @pytest.mark.slow
 def test_the_ngram_modality_learns_a_label_that_is_a_keyword_of_the_title() -> None:
     taxonomy = _taxonomy()
@@ -503,15 +518,15 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     for attr in taxonomy.outputs:
         np.testing.assert_allclose(again.probs[attr.name], served[attr.name], atol=1e-5)
     assert embedding.storable(bundle.model)
-    if not streamed:
-        _served_ngrams_follow_the_bundles_mark(saved, test_rows, served)
+    _served_ngrams_follow_the_bundles_mark(saved, test_rows, served)
 
 
 def _served_ngrams_follow_the_bundles_mark(
     saved: Path, rows: pa.Table, served: dict[str, np.ndarray]
 ) -> None:
-    """A bundle trained here counts a full-width title's n-grams as its ASCII twin's; one whose
-    weights were saved without the mark counts them as typed, and serves ASCII texts as before."""
+    """A bundle trained here (its n-grams counted on NFKC-normalised texts, in memory or streamed)
+    counts a full-width title's n-grams as its ASCII twin's; one whose weights were saved without
+    the mark counts them as typed, and serves ASCII texts as before."""
     import shutil
 
     from catalog_enrichment.inference.bundle import load_bundle

@@ -110,10 +110,12 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> FusionInputs:
 @dataclass(frozen=True)
 class Embeddings:
     """The encoder outputs of N products, as flat ``(N, ...)`` tensors named after FusionInputs, and
-    for a lexical fusion their texts' hashed n-gram counts (``lexical``, a SciPy CSR matrix)."""
+    for a lexical fusion their texts' hashed n-gram counts (``lexical``, a SciPy CSR matrix; counted
+    on NFKC-normalised texts where ``lexical_nfkc``, which the stack fitted on them records)."""
 
     tensors: dict[str, torch.Tensor]
     lexical: Any = None
+    lexical_nfkc: bool = False
 
     def __len__(self) -> int:
         return int(self.tensors["image_present"].shape[0])

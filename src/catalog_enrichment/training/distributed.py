@@ -491,7 +491,7 @@ class Streamed:
         lexical = scipy.sparse.vstack(counts, format="csr")
         lexical.sort_indices()
         say(f"frozen encoders: {lexical.shape[0]:,} products embedded in {len(parts)} record batches")
-        return Embeddings({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, lexical)
+        return Embeddings({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, lexical, nfkc)
 
 
 def _job(

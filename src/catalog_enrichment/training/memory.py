@@ -242,7 +242,7 @@ class InMemory:
                 say=say,
                 store=self.store,
             )
-        data.embeddings = dataclasses.replace(embeddings, lexical=lexical)
+        data.embeddings = dataclasses.replace(embeddings, lexical=lexical, lexical_nfkc=embedder.fusion.nfkc)
 
 
 @dataclass

@@ -467,7 +467,7 @@ def fit_stack(
             fusion.mix[k] = torch.from_numpy(mix)
             fusion.meta_bias[lo:hi] = torch.from_numpy(bias)
         mixes[attr.name] = {block: round(float(m), 4) for block, m in zip(STACK_BLOCKS, mix, strict=True)}
-    _install(fusion, vocabulary, idf, scaling, served)
+    _install(fusion, vocabulary, idf, scaling, served, nfkc=embeddings.lexical_nfkc)
     return StackFit(model, Predictions(oof_probs, None, {}), chosen, mixes, left_out)
 
 
@@ -477,8 +477,11 @@ def _install(
     idf: np.ndarray,
     scaling: dict[str, tuple[np.ndarray, np.ndarray]],
     served: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    nfkc: bool,
 ) -> None:
-    """The fitted numbers into the fusion's parameters and buffers."""
+    """The fitted numbers into the fusion's parameters and buffers, and how its n-grams were
+    counted (``nfkc``: on NFKC-normalised texts), as serving must count them."""
     param: Callable[[np.ndarray], torch.nn.Parameter] = lambda a: torch.nn.Parameter(  # noqa: E731
         torch.from_numpy(np.ascontiguousarray(a, np.float32)), requires_grad=False
     )
@@ -486,6 +489,7 @@ def _install(
         fusion.lex_rows.fill_(-1)
         fusion.lex_rows[torch.from_numpy(vocabulary)] = torch.arange(vocabulary.size)
         fusion.lex_idf = torch.from_numpy(idf)
+        fusion.lex_nfkc.fill_(nfkc)
         fusion.lex_weight, fusion.lex_bias = param(served["ngrams"][0]), param(served["ngrams"][1])
         for block in ("text", "image", "colour"):
             mean, scale = scaling[block]
