@@ -57,7 +57,10 @@ def main() -> None:
     cfg = load_config(args.config, overrides=parse_overrides(args.set))
     levels = [float(c) for c in args.confidences.split(",") if c]
     bounds = {"bound": cfg.calibration} | {
-        f"bound, confidence {c:g}": cfg.calibration.model_copy(update={"confidence": c}) for c in levels
+        f"bound, confidence {c:g}": type(cfg.calibration).model_validate(
+            {**cfg.calibration.model_dump(), "confidence": c}
+        )
+        for c in levels
     }
     taxonomy = load_taxonomy(args.taxonomy)
     table = read_table(args.data)

@@ -8,7 +8,9 @@ Usage::
 
 writes ``OUT/marketplace`` (the generated Delta tables), ``OUT/train.parquet`` and ``OUT/test.parquet``.
 ``--no-colour-words F`` takes every colour word of the taxonomy (values and synonyms) out of the
-titles of a random share ``F`` of the products, as a catalog whose merchants do not name colours.
+titles of a random share ``F`` of the products, as a catalog whose merchants do not name colours in
+their titles (the descriptions are left as generated: some name the colour, "Color: red.", some a
+decoy's).
 """
 
 from __future__ import annotations

@@ -52,12 +52,14 @@ class Member(nn.Module):
 def _states(cfg: AppConfig, table: pa.Table, n_top: int) -> tuple[torch.Tensor, torch.Tensor, nn.ModuleList]:
     """Every product's hidden states below the top ``n_top`` layers (float16), its mask, and the top
     layers themselves."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
+
+    from catalog_enrichment.data.dataset import load_tokenizer
 
     path = cfg.model.text.pretrained_path
     if path is None:
         raise SystemExit("the config names no model.text.pretrained_path (run `make weights`)")
-    tokenizer, backbone = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    tokenizer, backbone = load_tokenizer(cfg.model.text), AutoModel.from_pretrained(path).eval()
     titles = [t or "" for t in table["title"].to_pylist()]
     descriptions = [d or "" for d in table["description"].to_pylist()]
     length = cfg.model.text.max_length

@@ -35,7 +35,7 @@ def stack_folds(
     attribute each product's value index (a label's first value; -1: none)."""
     train, test = read_table(str(data / "train.parquet")), read_table(str(data / "test.parquet"))
     policy = ImagePolicy.from_config(cfg.images, [])
-    table, labels, groups, splits, folds, _ = memory._split(train, test, taxonomy, cfg, policy, print)
+    table, labels, groups, splits, folds, _, _ = memory._split(train, test, taxonomy, cfg, policy, print)
     fold = np.full(table.num_rows, -1, np.int64)
     for k, (_, rows) in enumerate(FoldPlan(splits.train, labels, groups, folds, cfg.training.seed).folds()):
         fold[splits.train[rows]] = k
@@ -69,14 +69,14 @@ def main() -> None:
     }
     photos, offsets = io.BytesIO(), [0]
     for data in table["image"].to_pylist():
-        Image.open(io.BytesIO(data)).convert("RGB").resize((width, height), Image.BICUBIC).save(
+        Image.open(io.BytesIO(data)).convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(
             photos, "WEBP", quality=args.quality
         )
         offsets.append(photos.tell())
     meta["offsets"] = offsets
     (args.out / "images.bin").write_bytes(photos.getvalue())
     (args.out / "meta.json").write_text(json.dumps(meta))
-    shutil.copy(Path(cfg.model.image.pretrained_path), args.out / "image.pth")
+    shutil.copy(Path(str(cfg.model.image.pretrained_path)), args.out / "image.pth")
     print(f"{table.num_rows} products ({int((fold >= 0).sum())} train, {test_rows.size} test) -> {args.out}")
 
 

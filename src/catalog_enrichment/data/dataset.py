@@ -343,7 +343,8 @@ def transformers_folder(path: str, what: str) -> Path:
 
 
 def load_tokenizer(cfg: TextEncoderConfig) -> Any:
-    """The pretrained model's own tokenizer (``AutoTokenizer``), truncating at ``cfg.max_length``.
+    """The pretrained model's own tokenizer (``AutoTokenizer``), truncating at ``cfg.max_length``,
+    NFKC-normalising first (:func:`with_nfkc`).
 
     Raises:
         ConfigError: no pretrained path, not a transformers folder, or a folder without a tokenizer.

@@ -326,7 +326,7 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     if model_config.encoder_runtime == "onnx" and torch.device(device).type == "cpu":
         runtime.attach(model, folder.onnx)
     tokenizer = AutoTokenizer.from_pretrained(str(folder.tokenizer))
-    if meta.get("tokenizer_nfkc"):  # bundles saved before the mark: their tokenizer as it loads
+    if meta.get("tokenizer_nfkc"):  # a bundle saved without the mark keeps its tokenizer as it loads
         tokenizer = with_nfkc(tokenizer)
     calibration = folder.read_calibration()
     evaluation = json.loads(folder.evaluation.read_text())
