@@ -225,10 +225,10 @@ class InMemory:
             return
         records = data.records
         embedder = data.fresh_model(tcfg.seed, mcfg.member_configs()[0])
-        lexical = None
+        lexical, nfkc = None, embedder.fusion.nfkc
         if embedder.fusion.needs_lexical:  # the merchant's category label is one of its texts
             categories = table["category"].to_pylist() if "category" in table.column_names else None
-            lexical = ngram_counts(records.title, records.description, categories, nfkc=embedder.fusion.nfkc)
+            lexical = ngram_counts(records.title, records.description, categories, nfkc=nfkc)
         # with onnx, every score selected and calibrated on comes from the graphs
         onnx = mcfg.encoder_runtime == "onnx"
         with runtime.served_by_graphs(embedder, say) if onnx else contextlib.nullcontext():
@@ -242,7 +242,7 @@ class InMemory:
                 say=say,
                 store=self.store,
             )
-        data.embeddings = dataclasses.replace(embeddings, lexical=lexical, lexical_nfkc=embedder.fusion.nfkc)
+        data.embeddings = dataclasses.replace(embeddings, lexical=lexical, lexical_nfkc=nfkc)
 
 
 @dataclass
