@@ -173,6 +173,27 @@ def test_a_bundle_another_version_wrote_is_unservable_naming_that_version(
         load_bundle(root)
 
 
+def test_a_bundle_that_requires_what_this_version_does_not_apply_is_unservable(
+    quick_bundle: Path, tmp_path: Path
+) -> None:
+    """A later version's loading step (as ``tokenizer_nfkc`` was one) is refused by name, not
+    skipped: the model would score otherwise than it was calibrated."""
+    root = _copy(quick_bundle, tmp_path)
+    meta = json.loads((root / "model.json").read_text())
+    assert meta["requires"] == (["tokenizer_nfkc"] if meta["tokenizer_nfkc"] else [])
+    _edit_model_json(root, lambda meta: meta.update(requires=["tokenizer_nfkc"], package_version="9.9.9"))
+    load_bundle(root)
+    _edit_model_json(root, lambda meta: meta.update(requires=["tokenizer_nfkc", "text_unidecode"]))
+    with pytest.raises(
+        UnservableBundle, match=r"written by catalog-enrichment 9\.9\.9.*requires text_unidecode, which this"
+    ):
+        load_bundle(root)
+    with pytest.raises(UnservableBundle, match="requires text_unidecode"):
+        BundleFolder(root).reads_images()  # what the job asks before it loads the model
+    _edit_model_json(root, lambda meta: meta.pop("requires"))  # written before the list
+    load_bundle(root)
+
+
 def test_a_bundle_without_its_manifest_is_not_whole(quick_bundle: Path, tmp_path: Path) -> None:
     root = _copy(quick_bundle, tmp_path)
     assert bundle_problems(root) == []

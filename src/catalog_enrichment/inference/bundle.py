@@ -8,7 +8,9 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
                          + the version of the colour statistics (models.color; another is refused)
                          + the encoders' fingerprint (the embedding store's key; null when the
                          model cannot use the store) + whether the tokenizer NFKC-normalises
-                         first (data.dataset.with_nfkc, applied again on loading)
+                         first (data.dataset.with_nfkc, applied again on loading) + ``requires``:
+                         what loading must apply beyond the config and weights
+                         (:data:`LOADER_FEATURES`; a version that knows less refuses the bundle)
     text_encoder_<i>/    the transformers config of text encoder i (its architecture; an ensemble's
                          members' encoders in member order)
     tokenizer/           tokenizer.save_pretrained() (the pretrained model's own, or the trained one)
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from catalog_enrichment.models.model import AnyModel
 
 __all__ = [
+    "LOADER_FEATURES",
     "MANIFEST",
     "BundleFolder",
     "ModelBundle",
@@ -63,6 +66,11 @@ ONNX_DIR = "onnx"  # the exported encoders (models/runtime.py), when the model s
 # The calibrated scores are float32 probabilities of float32 logits on every device and under any
 # autocast (models/fusion.py); a bundle records it and one that says otherwise is not loaded.
 SCORE_DTYPE = "float32"
+# What a bundle's model.json may list under ``requires``: what loading must apply beyond its config
+# and weights for the model to score as it was calibrated (``tokenizer_nfkc``: NFKC before the
+# tokenizer's own normaliser). A version that does not know one refuses the bundle instead of
+# serving it otherwise (versions before the list ignore what they do not know).
+LOADER_FEATURES = frozenset({"tokenizer_nfkc"})
 
 
 @dataclass(frozen=True)
@@ -123,9 +131,14 @@ class BundleFolder:
         """The saved model config (``meta``: ``model.json`` already read).
 
         Raises:
-            UnservableBundle: this version cannot read it (a key it lacks or refuses).
+            UnservableBundle: this version cannot read it (a key it lacks or refuses), or the bundle
+                requires what this version's loading does not apply (:data:`LOADER_FEATURES`).
         """
         meta = self.read_meta() if meta is None else meta
+        unknown = sorted(set(meta.get("requires") or ()) - LOADER_FEATURES)
+        if unknown:
+            needs = ", ".join(unknown)
+            raise self.unservable(meta, f"it requires {needs}, which this version does not apply")
         try:
             return saved_model_config(meta["model"], source=str(self.meta))
         except ConfigError as exc:
@@ -196,6 +209,7 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
         else None
     )
     torch.save(state, folder.weights)
+    nfkc = normalizes_nfkc(tokenizer)
     folder.meta.write_text(
         json.dumps(
             {
@@ -209,7 +223,8 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
                 "color_version": COLOR_VERSION,
                 "encoder_fingerprint": fingerprint,
                 # a BERT tokenizer rebuilds its normaliser when loaded: loading applies it again
-                "tokenizer_nfkc": normalizes_nfkc(tokenizer),
+                "tokenizer_nfkc": nfkc,
+                "requires": ["tokenizer_nfkc"] if nfkc else [],
             },
             indent=2,
         )
