@@ -23,4 +23,4 @@ class TaxonomyError(ContractError):
 
 class UnservableBundle(CatalogEnrichError):
     """A model bundle no run can serve: its files are gone or damaged, or another version of this
-    package wrote it (retrain)."""
+    package wrote it (an earlier one: retrain; a later one whose loading this one lacks: upgrade)."""

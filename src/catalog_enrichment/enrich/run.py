@@ -125,8 +125,13 @@ def check_model_fits(
 ) -> DecisionPolicy:
     """The model's heads against the configured taxonomy, and its calibration against the configured
     precision ``target`` (a version calibrated for another one is refused: its thresholds keep
-    another promise), before anything is read or written."""
+    another promise), before anything is read or written; and that this version can load it.
+
+    Raises:
+        UnservableBundle: it cannot (:meth:`BundleFolder.read_model_config`).
+    """
     folder = BundleFolder(bundle_dir)
+    folder.read_model_config()
     policy = DecisionPolicy(folder.read_taxonomy(), folder.read_calibration(), taxonomy)
     if target is not None:
         version_target(target, policy.target_precision, version)

@@ -9,7 +9,7 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
                          + the encoders' fingerprint (the embedding store's key; null when the
                          model cannot use the store) + whether the tokenizer NFKC-normalises
                          first (data.dataset.with_nfkc, applied again on loading) + ``requires``:
-                         what loading must apply beyond the config and weights
+                         what loading must see to beyond the config and weights
                          (:data:`LOADER_FEATURES`; a version that knows less refuses the bundle)
     text_encoder_<i>/    the transformers config of text encoder i (its architecture; an ensemble's
                          members' encoders in member order)
@@ -66,10 +66,11 @@ ONNX_DIR = "onnx"  # the exported encoders (models/runtime.py), when the model s
 # The calibrated scores are float32 probabilities of float32 logits on every device and under any
 # autocast (models/fusion.py); a bundle records it and one that says otherwise is not loaded.
 SCORE_DTYPE = "float32"
-# What a bundle's model.json may list under ``requires``: what loading must apply beyond its config
-# and weights for the model to score as it was calibrated (``tokenizer_nfkc``: NFKC before the
-# tokenizer's own normaliser). A version that does not know one refuses the bundle instead of
-# serving it otherwise (versions before the list ignore what they do not know).
+# What a bundle's model.json may list under ``requires``: what loading must see to beyond the config
+# and weights for the model to score as it was calibrated (``tokenizer_nfkc``: the tokenizer
+# NFKC-normalises first, which loading applies again where the saved tokenizer does not keep it). A
+# version that does not know one refuses the bundle instead of serving it otherwise (versions
+# before the list ignore what they do not know).
 LOADER_FEATURES = frozenset({"tokenizer_nfkc"})
 
 
@@ -132,17 +133,33 @@ class BundleFolder:
 
         Raises:
             UnservableBundle: this version cannot read it (a key it lacks or refuses), or the bundle
-                requires what this version's loading does not apply (:data:`LOADER_FEATURES`).
+                requires what this version's loading does not apply (:data:`LOADER_FEATURES`: a later
+                version wrote it).
         """
         meta = self.read_meta() if meta is None else meta
-        unknown = sorted(set(meta.get("requires") or ()) - LOADER_FEATURES)
+        unknown = sorted(self.requires(meta) - LOADER_FEATURES)
         if unknown:
-            needs = ", ".join(unknown)
-            raise self.unservable(meta, f"it requires {needs}, which this version does not apply")
+            written = meta.get("package_version") or "a later version"
+            raise UnservableBundle(
+                f"{self.root} (written by catalog-enrichment {written}; this is {__version__}) is loaded "
+                f"with {', '.join(unknown)}, which this version does not apply: serve it with "
+                f"catalog-enrichment {written} or later"
+            )
         try:
             return saved_model_config(meta["model"], source=str(self.meta))
         except ConfigError as exc:
             raise self.unservable(meta, str(exc)) from None
+
+    def requires(self, meta: dict[str, Any]) -> set[str]:
+        """What ``meta`` (``model.json``) says loading must apply (:data:`LOADER_FEATURES`).
+
+        Raises:
+            UnservableBundle: ``requires`` is not a list of names.
+        """
+        required = meta.get("requires", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise self.unservable(meta, f"model.json: requires must be a list of names, not {required!r}")
+        return set(required)
 
     def unservable(self, meta: dict[str, Any], problem: str) -> UnservableBundle:
         """``problem`` loading the bundle, as the error that names the version that wrote it."""
@@ -341,7 +358,9 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     if model_config.encoder_runtime == "onnx" and torch.device(device).type == "cpu":
         runtime.attach(model, folder.onnx)
     tokenizer = AutoTokenizer.from_pretrained(str(folder.tokenizer))
-    if meta.get("tokenizer_nfkc"):  # a bundle saved without the mark keeps its tokenizer as it loads
+    # a bundle saved before the list has the mark alone; one saved without either keeps its tokenizer
+    nfkc = "tokenizer_nfkc" in folder.requires(meta) if "requires" in meta else meta.get("tokenizer_nfkc")
+    if nfkc:
         tokenizer = with_nfkc(tokenizer)
     calibration = folder.read_calibration()
     evaluation = json.loads(folder.evaluation.read_text())
