@@ -139,11 +139,13 @@ class BundleFolder:
         meta = self.read_meta() if meta is None else meta
         unknown = sorted(self.requires(meta) - LOADER_FEATURES)
         if unknown:
-            written = meta.get("package_version") or "a later version"
-            raise UnservableBundle(
-                f"{self.root} (written by catalog-enrichment {written}; this is {__version__}) is loaded "
-                f"with {', '.join(unknown)}, which this version does not apply: serve it with "
-                f"catalog-enrichment {written} or later"
+            written = meta.get("package_version")
+            raise self.unservable(
+                meta,
+                f"it was calibrated with {', '.join(unknown)}, which this version does not apply",
+                remedy=f"serve it with catalog-enrichment {written} or later"
+                if written
+                else "serve it with the version that wrote it",
             )
         try:
             return saved_model_config(meta["model"], source=str(self.meta))
@@ -161,12 +163,14 @@ class BundleFolder:
             raise self.unservable(meta, f"model.json: requires must be a list of names, not {required!r}")
         return set(required)
 
-    def unservable(self, meta: dict[str, Any], problem: str) -> UnservableBundle:
+    def unservable(
+        self, meta: dict[str, Any], problem: str, *, remedy: str = "retrain the model (catalog-enrich train)"
+    ) -> UnservableBundle:
         """``problem`` loading the bundle, as the error that names the version that wrote it."""
         written = meta.get("package_version") or "an unrecorded version"
         return UnservableBundle(
             f"{self.root} (written by catalog-enrichment {written}; this is {__version__}) cannot be "
-            f"loaded: {problem}; retrain the model (catalog-enrich train)"
+            f"loaded: {problem}; {remedy}"
         )
 
     def reads_images(self) -> bool:
