@@ -50,10 +50,15 @@ def browser(tmp_path: Path) -> Iterator[tuple[Any, Path]]:
 
 
 def _downloaded(folder: Path, timeout: float = 20) -> Path:
+    """The file the page saved into ``folder``, once Chromium has finished it. Chromium reserves a
+    download's name with an empty file, writes into ``<name>.crdownload`` beside it and renames that
+    over the reservation at the end: a ``.csv`` is done only once it has content and no
+    ``.crdownload`` is left."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = [p for p in folder.iterdir() if p.suffix == ".csv"]
-        if done:
+        files = list(folder.iterdir())
+        done = [p for p in files if p.suffix == ".csv" and p.stat().st_size > 0]
+        if done and not any(p.suffix == ".crdownload" for p in files):
             return done[0]
         time.sleep(0.1)
     raise AssertionError(f"nothing downloaded into {folder}: {list(folder.iterdir())}")
