@@ -347,6 +347,20 @@ class ImageEncoderConfig(_Section):
         "its moments, models/color.py) to the backbone's pooled features: pooled ImageNet features keep "
         "little of a product's colour.",
     )
+    close_up: bool = Field(
+        False,
+        description="Also read the middle of the photo at twice the resolution, for textures a photo "
+        "shrunk to image_size loses (melange, lace, a fine stripe): the photo is decoded at twice "
+        "image_size, the backbone sees the whole of it shrunk to image_size and its centre (the middle "
+        "half of each side) as it was decoded, both in one batch - twice the image encoder's work. "
+        "Needs pooling: stages; the stack fusion learns the close-up as a block of its own.",
+    )
+
+    @model_validator(mode="after")
+    def _close_up_pools_stages(self) -> ImageEncoderConfig:
+        if self.close_up and self.pooling != "stages":
+            raise ValueError("close_up needs pooling: stages (the close-up is pooled as the whole photo is)")
+        return self
 
     @field_validator("timm_kwargs")
     @classmethod

@@ -334,6 +334,39 @@ def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
     assert fit.mix["thing"]["colour"] > max(fit.mix["thing"][b] for b in ("ngrams", "text", "image"))
 
 
+def test_the_close_up_is_a_block_of_its_own_that_learns_what_only_it_sees() -> None:
+    taxonomy = _taxonomy()
+    cfg = tiny_config(fusion="stack", model={"image": {"pooling": "stages", "close_up": True}})
+    model = build_model(cfg.model, taxonomy, vocab_size=50)
+    fusion = model.fusion
+    assert isinstance(fusion, StackFusion) and fusion.blocks[-1] == "close_up"
+    whole, close_up = fusion.dims["image"], fusion.dims["close_up"]
+    assert whole == close_up and fusion.image_dim == whole + close_up + fusion.dims["colour"]
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, N)
+    image = rng.normal(size=(N, fusion.image_dim)).astype(np.float32)
+    # the label in a fifth of the close-up's features (the image vector's middle part) only
+    image[:, whole : whole + close_up // 5] += y[:, None]
+    fit = _fit(
+        model,
+        _embeddings(model, ["item"] * N, image),
+        EncodedLabels({"thing": y}, {"thing": y >= 0}),
+        taxonomy,
+    )
+    assert attribute_average_precision(fit.oof.probs["thing"], y, "multiclass") > 0.9
+    others = ("ngrams", "text", "image", "colour")
+    assert fit.mix["thing"]["close_up"] > max(fit.mix["thing"][b] for b in others)
+    # served from the fitted parameters, the close-up's learner is the one that ranks
+    inputs = FusionInputs(
+        text_pooled=torch.zeros(N, fusion.text_dim),
+        image_pooled=torch.from_numpy(image),
+        image_present=torch.ones(N),
+        lexical=as_bags(ngram_counts(["item"] * N, [None] * N)),
+    )
+    served = model.fuse(inputs).probs["thing"].numpy()
+    assert attribute_average_precision(served, y, "multiclass") > 0.9
+
+
 def test_a_single_valued_multilabel_attribute_is_one_distribution_with_one_value_per_product() -> None:
     taxonomy = _taxonomy("multilabel")
     rng = np.random.default_rng(3)
@@ -450,8 +483,9 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
 ) -> None:
     """End to end over tiny pretrained encoders, the table in memory or streamed in record batches
     (embedded a batch at a time, never read whole): training fits the stack in closed form; the saved
-    bundle, loaded and scored by the predictor (texts counted into n-grams, images pooled by stage),
-    gives the test scores training reported - through the embedding store too."""
+    bundle, loaded and scored by the predictor (texts counted into n-grams, images pooled by stage,
+    in memory with a close-up), gives the test scores training reported - through the embedding
+    store too."""
     from catalog_enrichment.catalog.lakehouse import read_table
     from catalog_enrichment.config import SyntheticConfig
     from catalog_enrichment.data.synthetic import generate_marketplace
@@ -475,7 +509,10 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     cache = str(tmp_path / "cache")
     cfg = _cfg(paths, encoders="frozen", embedding_cache=cache, crossfit_folds=3, streaming=streaming)
     model_cfg = cfg.model.model_copy(
-        update={"fusion": "stack", "image": cfg.model.image.model_copy(update={"pooling": "stages"})}
+        update={
+            "fusion": "stack",
+            "image": cfg.model.image.model_copy(update={"pooling": "stages", "close_up": not streamed}),
+        }
     )
     cfg = cfg.model_copy(update={"model": model_cfg})
     passes = 0
@@ -518,6 +555,9 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     for attr in taxonomy.outputs:
         np.testing.assert_allclose(again.probs[attr.name], served[attr.name], atol=1e-5)
     assert embedding.storable(bundle.model)
+    assert bundle.preprocessing.close_up == (not streamed) and bundle.model.fusion.blocks[-1] == (
+        "colour" if streamed else "close_up"
+    )
     _served_ngrams_follow_the_bundles_mark(saved, test_rows, served)
 
 

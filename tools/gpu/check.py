@@ -133,18 +133,16 @@ def score(folder: Path, device: str, out: Path) -> None:
 @torch.inference_mode()
 def stages(predictor: BatchPredictor, table: pa.Table) -> dict[str, np.ndarray]:
     """What each stage of the stack bundle computed for ``table``: the encoders' pooled vectors (the
-    image's split into the CNN's stage pooling and the colour statistics) and each block's linear
-    scores, so that a difference between two devices can be traced to the stage it starts at."""
+    image's split as the stack's blocks read it: CNN stages, colour statistics, close-up) and each
+    block's linear scores, so that a difference between two devices can be traced to the stage it
+    starts at."""
     model = predictor.bundle.model
     parts: dict[str, list[np.ndarray]] = {}
     for batch in predictor.prepared(table):
         x = model.encode({k: v.to(predictor.device) for k, v in batch.inputs.items()})
-        cnn = model.fusion.dims["image"]
-        found = {
-            "text_pooled": x.text_pooled,
-            "image_stages": x.image_pooled[:, :cnn],
-            "image_colour": x.image_pooled[:, cnn:],
-        } | {f"block_{k}": v for k, v in model.fusion.block_logits(x).items()}
+        image = {f"pooled_{k}": v for k, v in model.fusion.image_blocks(x.image_pooled).items()}
+        found = {"text_pooled": x.text_pooled} | image
+        found |= {f"block_{k}": v for k, v in model.fusion.block_logits(x).items()}
         for k, v in found.items():
             parts.setdefault(k, []).append(v.float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}

@@ -124,7 +124,12 @@ class ProductRecords:
     def pixels(self, i: int, prep: ImagePreprocessing) -> tuple[np.ndarray | None, str | None]:
         """Product ``i``'s image as uint8 pixels, or why it cannot be used (see ``load_pixels``)."""
         return load_pixels(
-            self.image[i], self.image_uri[i], prep.size, prep.interpolation, self.image_policy, prep.decode
+            self.image[i],
+            self.image_uri[i],
+            prep.decode_size,
+            prep.interpolation,
+            self.image_policy,
+            prep.decode,
         )
 
 
@@ -512,7 +517,7 @@ class ProductDataset(Dataset[dict[str, Any]]):
                 "since; the run stops rather than train on it as a product without an image - rerun "
                 "it (once the images are stable)"
             )
-        size = self.preprocessing.size
+        size = self.preprocessing.decode_size
         item: dict[str, Any] = {
             "title": self.records.title[i],
             "description": self.records.description[i] or "",

@@ -36,6 +36,8 @@ class ImagePreprocessing:
     config (``timm.data.resolve_data_config``); ``model.image.image_size`` overrides the size.
     ``decode`` is how the bytes become RGB (:data:`~catalog_enrichment.data.images.DECODE_VERSIONS`):
     a model is served with the decode it was trained with, and a bundle that names none is version 1.
+    With ``close_up`` (``model.image.close_up``) the image is decoded at twice ``size``
+    (:attr:`decode_size`): the encoder shrinks it to ``size`` and reads its centre as decoded.
     """
 
     size: int = _DEFAULT_SIZE
@@ -43,6 +45,12 @@ class ImagePreprocessing:
     mean: tuple[float, float, float] = _DEFAULT_MEAN
     std: tuple[float, float, float] = _DEFAULT_STD
     decode: int = DECODE_VERSION
+    close_up: bool = False
+
+    @property
+    def decode_size(self) -> int:
+        """The side of the pixels an image is decoded to: ``size``, twice that with ``close_up``."""
+        return 2 * self.size if self.close_up else self.size
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_VERSIONS:
@@ -69,6 +77,8 @@ class ImagePreprocessing:
         data = asdict(self)
         if self.decode == 1:  # as the bundles (and embedding store fingerprints) from before versions
             del data["decode"]
+        if not self.close_up:  # as those from before the close-up
+            del data["close_up"]
         return data
 
     @classmethod
@@ -79,13 +89,14 @@ class ImagePreprocessing:
             tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
             tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
             int(data.get("decode", 1)),
+            bool(data.get("close_up", False)),
         )
 
     @classmethod
     def resolve(cls, cfg: ImageEncoderConfig, backbone: Any) -> ImagePreprocessing:
         """The preprocessing of a freshly built encoder: timm's pretrained config with weights."""
         if not cfg.pretrained_path:
-            return cls(cfg.image_size or _DEFAULT_SIZE)
+            return cls(cfg.image_size or _DEFAULT_SIZE, close_up=cfg.close_up)
         from timm.data import resolve_data_config
 
         data = resolve_data_config({}, model=backbone)
@@ -95,7 +106,8 @@ class ImagePreprocessing:
         interpolation = str(data.get("interpolation") or "bilinear")
         if interpolation not in _INTERPOLATIONS:
             interpolation = "bilinear"
-        return cls(cfg.image_size or int(data["input_size"][-1]), interpolation, mean, std)
+        size = cfg.image_size or int(data["input_size"][-1])
+        return cls(size, interpolation, mean, std, close_up=cfg.close_up)
 
 
 # PIL resampling filters by timm's interpolation name

@@ -169,8 +169,9 @@ class _Reading(ProductRecords):
         return cls(**{f.name: getattr(records, f.name) for f in fields(ProductRecords)})
 
     def pixels(self, i: int, prep: ImagePreprocessing) -> tuple[np.ndarray | None, str | None]:
+        size, policy = prep.decode_size, self.image_policy
         pixels, reason, self.read[i] = read_pixels(
-            self.image[i], self.image_uri[i], prep.size, prep.interpolation, self.image_policy, prep.decode
+            self.image[i], self.image_uri[i], size, prep.interpolation, policy, prep.decode
         )
         return pixels, reason
 

@@ -316,7 +316,7 @@ class BatchPredictor:
     ) -> PreparedBatch:
         n = len(titles)
         prep = self.preprocessing
-        size = prep.size if self.reads_images else 1  # a text-only model never sees the pixels
+        size = prep.decode_size if self.reads_images else 1  # a text-only model never sees the pixels
         pixels = np.zeros((n, size, size, 3), np.uint8)
         present = np.zeros(n, np.float32)
         errors: list[str | None] = [None] * n
@@ -325,7 +325,7 @@ class BatchPredictor:
         for i, (raw, uri) in enumerate(zip(images, uris, strict=True) if self.reads_images else ()):
             # no image at all: scored as an imageless product; an unusable one: an error to quarantine
             decoded, errors[i], digests[i] = read_pixels(
-                raw, uri, prep.size, prep.interpolation, self.image_policy, prep.decode
+                raw, uri, size, prep.interpolation, self.image_policy, prep.decode
             )
             if decoded is not None:
                 pixels[i] = decoded

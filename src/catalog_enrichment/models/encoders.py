@@ -183,7 +183,9 @@ class ImageEncoder(nn.Module):
 
     ``pixel_values`` are either normalised float or the decoded uint8 pixels, normalised here with
     :attr:`preprocessing`, on the model's device (serving sends a GPU a quarter of the bytes).
-    ``preprocessing`` given = a saved model rebuilt: no pretrained weights are loaded.
+    ``preprocessing`` given = a saved model rebuilt: no pretrained weights are loaded. With
+    ``close_up`` the pixels are decoded at twice the input size and the pooled vector is the whole
+    photo's stage features, the close-up's (:meth:`_with_close_up`), then the colour statistics.
     """
 
     def __init__(self, cfg: ImageEncoderConfig, *, preprocessing: ImagePreprocessing | None = None) -> None:
@@ -205,8 +207,13 @@ class ImageEncoder(nn.Module):
         if cfg.pooling == "stages":  # mean and SD of every stage's map, the last stage's included
             stages = [int(info["num_chs"]) for info in backbone.feature_info]
             self.backbone_features = 2 * (sum(stages) + int(backbone.num_features))
-        # the pooled vector: the backbone's features, then the foreground's colour statistics
-        self.num_features = self.backbone_features + (COLOR_FEATURES if cfg.color_features else 0)
+        # the close-up's stage features, as wide as the whole photo's (model.image.close_up)
+        self.close_up_features = self.backbone_features if cfg.close_up else 0
+        # the pooled vector: the backbone's features of the whole photo, of its close-up, then the
+        # foreground's colour statistics
+        self.num_features = (
+            self.backbone_features + self.close_up_features + (COLOR_FEATURES if cfg.color_features else 0)
+        )
         self.preprocessing = preprocessing or ImagePreprocessing.resolve(cfg, backbone)
         self.graph: Any = None  # the exported backbone that serves instead (models.runtime.attach)
 
@@ -255,14 +262,27 @@ class ImageEncoder(nn.Module):
         last, stages = self.backbone.forward_intermediates(pixel_values)
         return torch.cat([_mean_and_sd(m) for m in (*stages, last)], dim=1)
 
+    def _run(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self.backbone_output(pixel_values)
+        return self.graph(pixel_values=pixel_values)
+
+    def _with_close_up(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 2 * backbone_features)``: the stage features of the whole photo (decoded at twice the
+        input size, averaged 2 x 2 down to it) and of its centre at the decoded resolution (the middle
+        half of each side), through the backbone as one batch of ``2B``."""
+        size = self.preprocessing.size
+        whole = nn.functional.avg_pool2d(pixel_values, 2)
+        start = size // 2
+        centre = pixel_values[:, :, start : start + size, start : start + size]
+        feats = self._run(torch.cat([whole, centre]))
+        return torch.cat(feats.chunk(2), dim=1)
+
     def forward(self, pixel_values: torch.Tensor, image_present: torch.Tensor) -> ImageFeatures:
         raw = pixel_values
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.preprocessing.normalize(pixel_values)
-        if self.graph is None:
-            feats = self.backbone_output(pixel_values)
-        else:
-            feats = self.graph(pixel_values=pixel_values)
+        feats = self._with_close_up(pixel_values) if self.cfg.close_up else self._run(pixel_values)
         if self.cfg.pooling == "stages":  # already pooled; one token for fusions that attend
             pooled, tokens = feats, feats[:, None, :]
         else:

@@ -169,7 +169,8 @@ class Fusion(nn.Module):
     needs_fields: ClassVar[bool] = False
     fits_on_heldout: ClassVar[bool] = False
     needs_lexical: ClassVar[bool] = False  # the hashed n-grams of models.lexical
-    splits_colour: ClassVar[bool] = False  # told how many of the image vector's values are colour
+    # told how many of the image vector's values are colour and close-up (model.image.close_up)
+    splits_colour: ClassVar[bool] = False
 
     def __init__(self, text_dim: int, image_dim: int, heads: Sequence[HeadSpec]) -> None:
         super().__init__()
@@ -676,15 +677,20 @@ class ModalityAttentionFusion(Fusion):
         return out
 
 
-# the stack's blocks, in the order of its ``mix`` columns
+# the stack's blocks, in the order of its ``mix`` columns (a close-up's after them)
 STACK_BLOCKS = ("ngrams", "text", "image", "colour")
+# the block of a model whose image encoder reads a close-up (model.image.close_up), after the others
+CLOSE_UP = "close_up"
+# the blocks that read the photo: they count only for a product with one
+_IMAGE_BLOCKS = ("image", "colour", CLOSE_UP)
 
 
 @register_fusion("stack")
 class StackFusion(Fusion):
     """001 §3.3.2/§3.4, decision-level stacking over linear learners. Blocks: the lexical
     modality's TF-IDF (``models.lexical``), the pooled text vector, the image backbone's pooled
-    features and the photo's colour statistics (the image vector's last ``color_dims``). Each dense
+    features and the photo's colour statistics (the image vector's last ``color_dims``), and with
+    ``close_up_dims`` the close-up's features (between the two, :data:`CLOSE_UP`). Each dense
     block is standardised with its training statistics and has its own linear head per attribute;
     per attribute, a meta-learner adds the blocks' log-probabilities (multi-class) or logits
     (multi-label) with one weight per block, plus a bias per value. Image blocks count only for
@@ -716,6 +722,7 @@ class StackFusion(Fusion):
         *,
         dropout: float = 0.0,
         color_dims: int = 0,
+        close_up_dims: int = 0,
     ) -> None:
         del dropout  # a closed-form fit has no dropout
         super().__init__(text_dim, image_dim, heads)
@@ -723,7 +730,12 @@ class StackFusion(Fusion):
         sizes = [h.num_values for h in heads]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         total = int(self.offsets[-1])
-        self.dims = {"text": text_dim, "image": image_dim - color_dims, "colour": color_dims}
+        # the image vector is [whole photo, close-up, colour]; a block of each
+        self.dims = {"text": text_dim, "image": image_dim - color_dims - close_up_dims, "colour": color_dims}
+        self.blocks: tuple[str, ...] = STACK_BLOCKS
+        if close_up_dims:
+            self.dims[CLOSE_UP] = close_up_dims
+            self.blocks = (*STACK_BLOCKS, CLOSE_UP)
         from catalog_enrichment.models.lexical import BUCKETS
 
         self.register_buffer("lex_rows", torch.full((BUCKETS,), -1, dtype=torch.long))
@@ -738,7 +750,7 @@ class StackFusion(Fusion):
                 f"{block}_weight", nn.Parameter(torch.zeros(dim, total), requires_grad=False)
             )
             self.register_parameter(f"{block}_bias", nn.Parameter(torch.zeros(total), requires_grad=False))
-        self.mix = nn.Parameter(torch.zeros(len(heads), len(STACK_BLOCKS)), requires_grad=False)
+        self.mix = nn.Parameter(torch.zeros(len(heads), len(self.blocks)), requires_grad=False)
         self.meta_bias = nn.Parameter(torch.zeros(total), requires_grad=False)
         self.register_buffer("single", torch.zeros(len(heads), dtype=torch.bool))
 
@@ -784,15 +796,20 @@ class StackFusion(Fusion):
                 + self.lex_bias
             }
             assert x.text_pooled is not None and x.image_pooled is not None
-            vectors = {
-                "text": x.text_pooled,
-                "image": x.image_pooled[:, : self.dims["image"]],
-                "colour": x.image_pooled[:, self.dims["image"] :],
-            }
+            vectors = {"text": x.text_pooled, **self.image_blocks(x.image_pooled)}
             for block, v in vectors.items():
                 standard = (v.float() - getattr(self, f"{block}_mean")) / getattr(self, f"{block}_scale")
                 out[block] = standard @ getattr(self, f"{block}_weight") + getattr(self, f"{block}_bias")
         return out
+
+    def image_blocks(self, image: Any) -> dict[str, Any]:
+        """The image vectors ``(B, image_dim)`` (a tensor or an array) split into the blocks that read
+        the photo: the whole photo's features, the close-up's where there is one, the colour's."""
+        whole, close_up = self.dims["image"], self.dims.get(CLOSE_UP, 0)
+        parts = {"image": image[:, :whole], "colour": image[:, whole + close_up :]}
+        if close_up:
+            parts[CLOSE_UP] = image[:, whole : whole + close_up]
+        return parts
 
     def normalised(self, logits: torch.Tensor, k: int) -> torch.Tensor:
         """One attribute's block scores as the meta-learner reads them."""
@@ -803,9 +820,9 @@ class StackFusion(Fusion):
         probs, logits = {}, {}
         for k, name in enumerate(self.names):
             lo, hi = self.offsets[k], self.offsets[k + 1]
-            z = [self.normalised(blocks[block][:, lo:hi], k) for block in STACK_BLOCKS]
+            z = [self.normalised(blocks[block][:, lo:hi], k) for block in self.blocks]
             logits[name], probs[name] = stack_scores(
-                z, x.image_present, self.mix[k], self.meta_bias[lo:hi], self.kind(k)
+                z, x.image_present, self.mix[k], self.meta_bias[lo:hi], self.kind(k), self.blocks
             )
         return FusionOutput(probs, [logits], torch.zeros((), device=x.image_present.device))
 
@@ -816,11 +833,12 @@ def stack_scores(
     mix: torch.Tensor,
     bias: torch.Tensor,
     kind: str,
+    blocks: Sequence[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stack's meta-learner for one attribute: ``(logits, probabilities)`` from the blocks'
-    normalised scores ``z`` (in :data:`STACK_BLOCKS` order); image blocks count where ``present``."""
+    """The stack's meta-learner for one attribute: ``(logits, probabilities)`` from the normalised
+    scores ``z`` of ``blocks`` (in that order); image blocks count where ``present``."""
     gate = present.float()[:, None]
     total = bias.expand(gate.shape[0], -1)
-    for b, block in enumerate(STACK_BLOCKS):
-        total = total + mix[b] * (z[b] * gate if block in ("image", "colour") else z[b])
+    for b, block in enumerate(blocks):
+        total = total + mix[b] * (z[b] * gate if block in _IMAGE_BLOCKS else z[b])
     return total, torch.sigmoid(total) if kind != "multiclass" else torch.softmax(total, dim=-1)

@@ -103,6 +103,7 @@ class MultimodalModel(nn.Module):
             kwargs["hidden_dim"] = cfg.hidden_dim
         if cls.splits_colour:
             kwargs["color_dims"] = COLOR_FEATURES if cls.needs_image and cfg.image.color_features else 0
+            kwargs["close_up_dims"] = self.image_encoder.close_up_features if self.image_encoder else 0
         self.fusion = create_fusion(cfg.fusion, text_dim=text_dim, image_dim=image_dim, heads=heads, **kwargs)
         extra = self.fusion.extra_text_encoders()
         if not rebuilt:

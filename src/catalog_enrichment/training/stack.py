@@ -43,7 +43,7 @@ from catalog_enrichment.contracts import AttributeKind, Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
 from catalog_enrichment.embeddings.frozen import Embeddings
 from catalog_enrichment.metrics import attribute_average_precision
-from catalog_enrichment.models.fusion import STACK_BLOCKS, StackFusion, stack_scores
+from catalog_enrichment.models.fusion import StackFusion, stack_scores
 from catalog_enrichment.models.lexical import document_frequency, tfidf
 from catalog_enrichment.models.model import MultimodalModel
 from catalog_enrichment.training.evaluation import Predictions
@@ -309,7 +309,7 @@ def _normalised(scores: np.ndarray, softmax: bool) -> np.ndarray:
 
 
 def _fit_meta(
-    z: np.ndarray, present: np.ndarray, target: _Target, rows: np.ndarray
+    z: np.ndarray, present: np.ndarray, target: _Target, rows: np.ndarray, blocks: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mix (blocks,), bias (V,))``: the meta-learner over ``z`` ``(blocks, n, V)`` on ``rows``;
     where none of them is labelled for the attribute, the blocks' mean (nothing to learn from, and
@@ -327,7 +327,7 @@ def _fit_meta(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits, _ = stack_scores(list(zt), gate, mix, bias, kind)
+        logits, _ = stack_scores(list(zt), gate, mix, bias, kind, blocks)
         if target.softmax:
             loss = torch.nn.functional.cross_entropy(logits, y)
         else:
@@ -341,7 +341,7 @@ def _fit_meta(
 
 
 def _meta_probs(
-    z: np.ndarray, present: np.ndarray, mix: np.ndarray, bias: np.ndarray, kind: str
+    z: np.ndarray, present: np.ndarray, mix: np.ndarray, bias: np.ndarray, kind: str, blocks: Sequence[str]
 ) -> np.ndarray:
     _, p = stack_scores(
         list(torch.from_numpy(z)),
@@ -349,6 +349,7 @@ def _meta_probs(
         torch.from_numpy(mix),
         torch.from_numpy(bias),
         kind,
+        blocks,
     )
     return p.numpy()
 
@@ -380,17 +381,15 @@ def fit_stack(
     tensors = embeddings.tensors
     present = tensors["image_present"].float().numpy()
     image = tensors["image_pooled"].float().numpy()
-    split = fusion.dims["image"]
     # vocabulary, IDF and standardisation come from every training row: no label is read
     vocabulary, idf = document_frequency(embeddings.lexical[train])
     with_image = train[present[train] > 0]
     blocks: dict[str, Any] = {"ngrams": tfidf(embeddings.lexical, vocabulary, idf)}
     scaling: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for block, x, rows in (
-        ("text", tensors["text_pooled"].float().numpy(), train),
-        ("image", image[:, :split], with_image),
-        ("colour", image[:, split:], with_image),
-    ):
+    order = fusion.blocks
+    dense = [("text", tensors["text_pooled"].float().numpy(), train)]
+    dense += [(block, x, with_image) for block, x in fusion.image_blocks(image).items()]
+    for block, x, rows in dense:
         # a product whose vector is not finite (an encoder's overflow) stands at the block's mean:
         # one NaN would turn every product's standardised feature NaN and fail the fit
         broken = ~np.isfinite(x).all(axis=1)
@@ -400,13 +399,12 @@ def fit_stack(
         if broken[train].any():
             say(f"stack: {int(broken[train].sum()):,} training products' {block} vectors are not finite: "
                 "they count as the block's mean")  # fmt: skip
-    widths = ", ".join(f"{b} {blocks[b].shape[1]:,}" for b in STACK_BLOCKS)
+    widths = ", ".join(f"{b} {blocks[b].shape[1]:,}" for b in order)
     say(f"stack: {vocabulary.size:,} n-grams; blocks {widths}")
     fold_rows = plan.folds()
     n, total = len(train), int(fusion.offsets[-1])
     served = {
-        b: (np.zeros((blocks[b].shape[1], total), np.float32), np.zeros(total, np.float32))
-        for b in STACK_BLOCKS
+        b: (np.zeros((blocks[b].shape[1], total), np.float32), np.zeros(total, np.float32)) for b in order
     }
     oof_probs: dict[str, np.ndarray] = {}
     chosen: dict[str, dict[str, tuple[float, float]]] = {a.name: {} for a in taxonomy}
@@ -430,19 +428,18 @@ def fit_stack(
         if values:
             left_out[attr.name] = values
             say(f"stack: {attr.name}: {', '.join(values)}: {UNLEARNED}")
-    z = [np.zeros((len(STACK_BLOCKS), n, t.n_values), np.float32) for t in targets]
+    z = [np.zeros((len(order), n, t.n_values), np.float32) for t in targets]
     # every (attribute, block) fit in one pool, the costliest first, so the workers finish together
     jobs = sorted(
-        ((k, b) for k in range(len(targets)) for b in range(len(STACK_BLOCKS))),
-        key=lambda j: -_cost(blocks[STACK_BLOCKS[j[1]]], targets[j[0]]),
+        ((k, b) for k in range(len(targets)) for b in range(len(order))),
+        key=lambda j: -_cost(blocks[order[j[1]]], targets[j[0]]),
     )
     with _quiet_worker_restarts():
         fitted = Parallel(n_jobs=_JOBS, return_as="generator")(
-            delayed(_fit_block)(blocks[STACK_BLOCKS[b]][train], targets[k], fold_rows, penalties)
-            for k, b in jobs
+            delayed(_fit_block)(blocks[order[b]][train], targets[k], fold_rows, penalties) for k, b in jobs
         )
         for (k, b), ((c, c_first), held, scores, fits, seconds) in zip(jobs, fitted, strict=True):
-            name, block = taxonomy.names[k], STACK_BLOCKS[b]
+            name, block = taxonomy.names[k], order[b]
             lo, hi = fusion.offsets[k], fusion.offsets[k + 1]
             z[k][b] = scores
             chosen[name][block] = (c, c_first)
@@ -459,14 +456,14 @@ def fit_stack(
         gate = present[train]
         probs = np.zeros((n, hi - lo), np.float32)
         for fit_pos, out_pos in fold_rows:  # the meta-learner cross-fitted: honest out-of-fold scores
-            mix, bias = _fit_meta(z[k], gate, target, fit_pos)
-            probs[out_pos] = _meta_probs(z[k][:, out_pos], gate[out_pos], mix, bias, kind)
+            mix, bias = _fit_meta(z[k], gate, target, fit_pos, order)
+            probs[out_pos] = _meta_probs(z[k][:, out_pos], gate[out_pos], mix, bias, kind, order)
         oof_probs[attr.name] = probs
-        mix, bias = _fit_meta(z[k], gate, target, np.arange(n))
+        mix, bias = _fit_meta(z[k], gate, target, np.arange(n), order)
         with torch.no_grad():
             fusion.mix[k] = torch.from_numpy(mix)
             fusion.meta_bias[lo:hi] = torch.from_numpy(bias)
-        mixes[attr.name] = {block: round(float(m), 4) for block, m in zip(STACK_BLOCKS, mix, strict=True)}
+        mixes[attr.name] = {block: round(float(m), 4) for block, m in zip(order, mix, strict=True)}
     _install(fusion, vocabulary, idf, scaling, served, nfkc=embeddings.lexical_nfkc)
     return StackFit(model, Predictions(oof_probs, None, {}), chosen, mixes, left_out)
 
@@ -491,7 +488,7 @@ def _install(
         fusion.lex_idf = torch.from_numpy(idf)
         fusion.lex_nfkc.fill_(nfkc)
         fusion.lex_weight, fusion.lex_bias = param(served["ngrams"][0]), param(served["ngrams"][1])
-        for block in ("text", "image", "colour"):
+        for block in scaling:
             mean, scale = scaling[block]
             setattr(fusion, f"{block}_mean", torch.from_numpy(mean))
             setattr(fusion, f"{block}_scale", torch.from_numpy(scale))

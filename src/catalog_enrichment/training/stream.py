@@ -373,7 +373,7 @@ class _Reader:
         self, image: bytes | None, uri: str | None, prep: ImagePreprocessing
     ) -> tuple[np.ndarray | None, str | None]:
         pixels, error, digest = read_pixels(
-            image, uri, prep.size, prep.interpolation, self.policy, prep.decode
+            image, uri, prep.decode_size, prep.interpolation, self.policy, prep.decode
         )
         if error is None and digest_prefix(digest) in self.shared:
             return None, IMAGE_SHARED
@@ -383,7 +383,7 @@ class _Reader:
         """``row`` as the model's collator takes it; None when its image cannot be used now."""
         prep = self.preprocessing
         pixels, error = self.pixels(row.image, row.image_uri, prep)
-        return _item(row, pixels, prep.size) if error is None else None
+        return _item(row, pixels, prep.decode_size) if error is None else None
 
     def records(self, products: Sequence[Any]) -> Iterator[tuple[ProductRecords, list[Any]]]:
         """The survey's ``products`` (its usable ones, in its order), a record batch at a time, with
