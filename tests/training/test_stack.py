@@ -313,6 +313,16 @@ def test_a_value_some_fold_model_never_learned_but_scores_is_named() -> None:
     assert _unlearned(_Target(hot, known, False, 3), folds).tolist() == [False, False, True]
 
 
+def _fit_image(model: MultimodalModel, image: np.ndarray, y: np.ndarray, taxonomy: Taxonomy) -> Any:
+    """The stack fitted on products alike but for their image vectors ``image``, labelled ``y``."""
+    return _fit(
+        model,
+        _embeddings(model, ["item"] * N, image),
+        EncodedLabels({"thing": y}, {"thing": y >= 0}),
+        taxonomy,
+    )
+
+
 def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
     taxonomy = _taxonomy()
     model = _model(taxonomy)
@@ -323,12 +333,7 @@ def test_standardisation_keeps_a_small_pure_colour_signal_separable() -> None:
     # colour statistics a thousand times smaller than the CNN's noise; ten of them carry the label
     image[:, -colour:] = rng.normal(scale=1e-3, size=(N, colour))
     image[:, -colour : -colour + 10] = 1e-3 * y[:, None] + rng.normal(scale=1e-4, size=(N, 10))
-    fit = _fit(
-        model,
-        _embeddings(model, ["item"] * N, image),
-        EncodedLabels({"thing": y}, {"thing": y >= 0}),
-        taxonomy,
-    )
+    fit = _fit_image(model, image, y, taxonomy)
     # chance is 1/3; 317 noise statistics beside 240 training rows per fold cost a tenth of it
     assert attribute_average_precision(fit.oof.probs["thing"], y, "multiclass") > 0.8
     assert fit.mix["thing"]["colour"] > max(fit.mix["thing"][b] for b in ("ngrams", "text", "image"))
@@ -347,12 +352,7 @@ def test_the_close_up_is_a_block_of_its_own_that_learns_what_only_it_sees() -> N
     image = rng.normal(size=(N, fusion.image_dim)).astype(np.float32)
     # the label in a fifth of the close-up's features (the image vector's middle part) only
     image[:, whole : whole + close_up // 5] += y[:, None]
-    fit = _fit(
-        model,
-        _embeddings(model, ["item"] * N, image),
-        EncodedLabels({"thing": y}, {"thing": y >= 0}),
-        taxonomy,
-    )
+    fit = _fit_image(model, image, y, taxonomy)
     assert attribute_average_precision(fit.oof.probs["thing"], y, "multiclass") > 0.9
     others = ("ngrams", "text", "image", "colour")
     assert fit.mix["thing"]["close_up"] > max(fit.mix["thing"][b] for b in others)
