@@ -693,7 +693,8 @@ class StackFusion(Fusion):
     ``close_up_dims`` the close-up's features (between the two, :data:`CLOSE_UP`). Each dense
     block is standardised with its training statistics and has its own linear head per attribute;
     per attribute, a meta-learner adds the blocks' log-probabilities (multi-class) or logits
-    (multi-label) with one weight per block, plus a bias per value. Image blocks count only for
+    (multi-label), each block weighed by a weight the values share plus each value's own part of
+    it (``meta_weight``), plus a bias per value. Image blocks count only for
     products with a photo.
 
     Every weight is fitted in closed form over cached encoder outputs (``training.stack``); nothing
@@ -751,6 +752,8 @@ class StackFusion(Fusion):
             )
             self.register_parameter(f"{block}_bias", nn.Parameter(torch.zeros(total), requires_grad=False))
         self.mix = nn.Parameter(torch.zeros(len(heads), len(self.blocks)), requires_grad=False)
+        # each value's own part of its block weights, beside the attribute's shared ``mix``
+        self.meta_weight = nn.Parameter(torch.zeros(len(self.blocks), total), requires_grad=False)
         self.meta_bias = nn.Parameter(torch.zeros(total), requires_grad=False)
         self.register_buffer("single", torch.zeros(len(heads), dtype=torch.bool))
 
@@ -761,6 +764,8 @@ class StackFusion(Fusion):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
         # weights saved before the mark were fitted on n-grams of the texts as typed
         state_dict.setdefault(prefix + "lex_nfkc", torch.tensor(False))
+        # weights saved before a value had its own part of the block weights: the shared ones alone
+        state_dict.setdefault(prefix + "meta_weight", torch.zeros_like(self.meta_weight))
         # the vocabulary's size is the fitted model's: take it from the weights being loaded
         for name in ("lex_idf", "lex_weight"):
             saved = state_dict.get(prefix + name)
@@ -822,7 +827,12 @@ class StackFusion(Fusion):
             lo, hi = self.offsets[k], self.offsets[k + 1]
             z = [self.normalised(blocks[block][:, lo:hi], k) for block in self.blocks]
             logits[name], probs[name] = stack_scores(
-                z, x.image_present, self.mix[k], self.meta_bias[lo:hi], self.kind(k), self.blocks
+                z,
+                x.image_present,
+                self.mix[k][:, None] + self.meta_weight[:, lo:hi],
+                self.meta_bias[lo:hi],
+                self.kind(k),
+                self.blocks,
             )
         return FusionOutput(probs, [logits], torch.zeros((), device=x.image_present.device))
 
@@ -836,7 +846,8 @@ def stack_scores(
     blocks: Sequence[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stack's meta-learner for one attribute: ``(logits, probabilities)`` from the normalised
-    scores ``z`` of ``blocks`` (in that order); image blocks count where ``present``."""
+    scores ``z`` of ``blocks`` (in that order) weighed by ``mix`` (blocks, values); image blocks
+    count where ``present``."""
     gate = present.float()[:, None]
     total = bias.expand(gate.shape[0], -1)
     for b, block in enumerate(blocks):

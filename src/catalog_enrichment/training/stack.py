@@ -11,8 +11,8 @@ it - the second along its own warm-started path, the rest from zero - and the fi
 the second fold's rows choose: no fold's rows fit its learner or choose its penalty (they help fit
 the learners other folds' rows choose among), and every path starts from its own rows' fits.
 Average precision ranks the confident predictions that R@P95 lives on; log-loss prefers the blunter
-models. A meta-learner per attribute (one weight per block, a bias per value) is fitted on the
-blocks' out-of-fold scores.
+models. A meta-learner per attribute (per block a weight shared by the values and each value's own
+part of it, held near 0 by a penalty; a bias per value) is fitted on the blocks' out-of-fold scores.
 
 A value whose training products all sit in one fold is learned by every fold model but the one
 that scores them out of fold (multi-label, the same for one whose products without it do): the
@@ -62,6 +62,8 @@ STACK_FOLDS = 5
 # inverse L2 strengths (scikit-learn's C) tried per block and attribute, on blocks of unit row norm
 PENALTIES = (1.0, 4.0, 16.0, 64.0)
 _META_L2 = 1e-3
+# the penalty on a value's own part of its block weights (the meta-learner's per-value freedom)
+_VALUE_L2 = 1e-2
 _ABSENT = -20.0  # the logit of a value no product of a fold's training rows has
 _MAX_ITER, _TOL = 200, 1e-4  # L-BFGS's iterations and gradient tolerance (scikit-learn's defaults)
 _JOBS = 2  # (attribute, block) fits side by side, one core each
@@ -310,46 +312,51 @@ def _normalised(scores: np.ndarray, softmax: bool) -> np.ndarray:
 
 def _fit_meta(
     z: np.ndarray, present: np.ndarray, target: _Target, rows: np.ndarray, blocks: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(mix (blocks,), bias (V,))``: the meta-learner over ``z`` ``(blocks, n, V)`` on ``rows``;
-    where none of them is labelled for the attribute, the blocks' mean (nothing to learn from, and
-    with no labelled product to calibrate on, nothing is written)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mix (blocks,), per-value weights (blocks, V), bias (V,))``: the meta-learner over ``z``
+    ``(blocks, n, V)`` on ``rows``. Each value weighs a block by the block's shared weight plus its
+    own part, which a stronger penalty holds near 0 (:data:`_VALUE_L2`): a value that one block
+    tells better than the others leans on it. Where none of the rows is labelled for the attribute,
+    the blocks' mean (nothing to learn from, and with no labelled product to calibrate on, nothing
+    is written)."""
     rows = rows[target.known[rows]]
     mix = torch.full((z.shape[0],), 1.0 / z.shape[0], dtype=torch.float64, requires_grad=True)
+    own = torch.zeros(z.shape[0], z.shape[2], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(z.shape[2], dtype=torch.float64, requires_grad=True)
-    if not rows.size:
-        return mix.detach().float().numpy(), bias.detach().float().numpy()
-    zt = torch.from_numpy(z[:, rows]).double()
-    gate = torch.from_numpy(present[rows])
-    kind = "multiclass" if target.softmax else "multilabel"
-    y = torch.from_numpy(target.y[rows])
-    optimizer = torch.optim.LBFGS([mix, bias], max_iter=200, line_search_fn="strong_wolfe")
+    if rows.size:
+        zt = torch.from_numpy(z[:, rows]).double()
+        gate = torch.from_numpy(present[rows])
+        kind = "multiclass" if target.softmax else "multilabel"
+        y = torch.from_numpy(target.y[rows])
+        optimizer = torch.optim.LBFGS([mix, own, bias], max_iter=200, line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits, _ = stack_scores(list(zt), gate, mix, bias, kind, blocks)
-        if target.softmax:
-            loss = torch.nn.functional.cross_entropy(logits, y)
-        else:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.double())
-        loss = loss + _META_L2 * (mix.square().sum() + bias.square().mean())
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            logits, _ = stack_scores(list(zt), gate, mix[:, None] + own, bias, kind, blocks)
+            if target.softmax:
+                loss = torch.nn.functional.cross_entropy(logits, y)
+            else:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.double())
+            loss = loss + _META_L2 * (mix.square().sum() + bias.square().mean())
+            loss = loss + _VALUE_L2 * own.square().sum()
+            loss.backward()
+            return loss
 
-    optimizer.step(closure)
-    return mix.detach().float().numpy(), bias.detach().float().numpy()
+        optimizer.step(closure)
+    mix_, own_, bias_ = (t.detach().float().numpy() for t in (mix, own, bias))
+    return mix_, own_, bias_
 
 
 def _meta_probs(
-    z: np.ndarray, present: np.ndarray, mix: np.ndarray, bias: np.ndarray, kind: str, blocks: Sequence[str]
+    z: np.ndarray,
+    present: np.ndarray,
+    meta: tuple[np.ndarray, np.ndarray, np.ndarray],
+    kind: str,
+    blocks: Sequence[str],
 ) -> np.ndarray:
+    mix, own, bias = (torch.from_numpy(a) for a in meta)
     _, p = stack_scores(
-        list(torch.from_numpy(z)),
-        torch.from_numpy(present),
-        torch.from_numpy(mix),
-        torch.from_numpy(bias),
-        kind,
-        blocks,
+        list(torch.from_numpy(z)), torch.from_numpy(present), mix[:, None] + own, bias, kind, blocks
     )
     return p.numpy()
 
@@ -456,12 +463,13 @@ def fit_stack(
         gate = present[train]
         probs = np.zeros((n, hi - lo), np.float32)
         for fit_pos, out_pos in fold_rows:  # the meta-learner cross-fitted: honest out-of-fold scores
-            mix, bias = _fit_meta(z[k], gate, target, fit_pos, order)
-            probs[out_pos] = _meta_probs(z[k][:, out_pos], gate[out_pos], mix, bias, kind, order)
+            meta = _fit_meta(z[k], gate, target, fit_pos, order)
+            probs[out_pos] = _meta_probs(z[k][:, out_pos], gate[out_pos], meta, kind, order)
         oof_probs[attr.name] = probs
-        mix, bias = _fit_meta(z[k], gate, target, np.arange(n), order)
+        mix, own, bias = _fit_meta(z[k], gate, target, np.arange(n), order)
         with torch.no_grad():
             fusion.mix[k] = torch.from_numpy(mix)
+            fusion.meta_weight[:, lo:hi] = torch.from_numpy(own)
             fusion.meta_bias[lo:hi] = torch.from_numpy(bias)
         mixes[attr.name] = {block: round(float(m), 4) for block, m in zip(order, mix, strict=True)}
     _install(fusion, vocabulary, idf, scaling, served, nfkc=embeddings.lexical_nfkc)
