@@ -138,6 +138,9 @@ def test_merchant_values_are_untouched_and_never_contradicted(first_run) -> None
     assert not merchant_pairs & model_pairs
     # the report's coverage is the share of scored products the run gave a model value
     report = outcome.report
+    # every attribute has a share, and some share is not 0: the loop below judges something
+    assert set(report.coverage_per_attribute) == set(report.written_per_attribute)
+    assert max(report.coverage_per_attribute.values()) > 0
     for attr, share in report.coverage_per_attribute.items():
         given = sum(a == attr for _, a in model_pairs)
         assert share == pytest.approx(given / report.rows_scored), attr
