@@ -694,8 +694,8 @@ class StackFusion(Fusion):
     block is standardised with its training statistics and has its own linear head per attribute;
     per attribute, a meta-learner adds the blocks' log-probabilities (multi-class) or logits
     (multi-label), each block weighed by a weight the values share plus each value's own part of
-    it (``meta_weight``), plus a bias per value. Image blocks count only for
-    products with a photo.
+    it (``meta_weight``), plus a bias per value. Image blocks count only for products with a
+    photo.
 
     Every weight is fitted in closed form over cached encoder outputs (``training.stack``); nothing
     here trains by gradient steps. A single-valued multi-label attribute (``single``: every labelled
