@@ -294,3 +294,63 @@ def test_the_store_s_counts_stream_the_encoder_column(
 
     monkeypatch.setattr(lakehouse, "read_table", whole)
     assert catalog.embedding_counts() == {ours: 5, other: 1}
+
+
+def _staged(folder: Path, encoder: str, ids: list[str], content: str) -> Path:
+    """Store rows of 10,000 incompressible bytes each, staged as Parquet under ``folder``."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from catalog_enrichment.catalog.embeddings import embeddings_schema
+
+    rng = np.random.default_rng(len(ids))
+    folder.mkdir()
+    table = pa.table(
+        {
+            "encoder": [encoder] * len(ids),
+            "product_id": ids,
+            "content": [f"{content}-{p}" for p in ids],
+            "embedding": [rng.bytes(10_000) for _ in ids],
+            "run_id": ["r"] * len(ids),
+            "written_at": [dt.datetime(2026, 11, 1, tzinfo=dt.UTC)] * len(ids),
+        }
+    )
+    pq.write_table(table.cast(embeddings_schema()), folder / "part-0.parquet")
+    return folder
+
+
+@pytest.mark.timeout(120)
+def test_the_store_is_written_a_part_at_a_time_and_a_merge_too_large_for_memory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write commits a part of about ``STORE_PART_BYTES`` at a time (appended into a new store,
+    merged into one that exists: an upsert, never a doubled key); a merge the process's memory
+    cannot hold is refused with what it takes and what to do, and leaves the store as it was."""
+    from catalog_enrichment.catalog import embedded
+    from catalog_enrichment.errors import CatalogEnrichError
+
+    monkeypatch.setattr(embedded, "STORE_PART_BYTES", 25_000)  # about two rows of 10,000 bytes
+    ours = "ab" * 16
+    catalog = open_catalog(tiny_config(catalog={"root": str(tmp_path / "lake")}).catalog)
+    first = [f"p{i}" for i in range(6)]
+    assert catalog.write_embeddings(str(_staged(tmp_path / "first", ours, first, "old"))) == 6
+    store = DeltaTable(str(tmp_path / "lake" / "embeddings"))
+    assert [h["operation"] for h in store.history()].count("WRITE") == 3
+    again = [f"p{i}" for i in range(3, 9)]  # three stored, three new
+    assert catalog.write_embeddings(str(_staged(tmp_path / "again", ours, again, "new"))) == 6
+    store = DeltaTable(str(tmp_path / "lake" / "embeddings"))
+    assert [h["operation"] for h in store.history()].count("MERGE") == 3
+    stored = read_table(tmp_path / "lake" / "embeddings", columns=["product_id", "content"])
+    rows = dict(zip(*stored.columns, strict=True))
+    assert {str(p): str(c) for p, c in rows.items()} == {
+        **{p: f"old-{p}" for p in first[:3]},
+        **{p: f"new-{p}" for p in again},
+    }
+    monkeypatch.setattr(embedded, "available_memory", lambda: 100_000)
+    refused = r"holds 0.1 MB of vectors: .* takes about .* \(catalog\.kind: postgres\)"
+    with pytest.raises(CatalogEnrichError, match=refused):
+        catalog.write_embeddings(str(_staged(tmp_path / "third", ours, ["p0", "q1"], "third")))
+    assert DeltaTable(str(tmp_path / "lake" / "embeddings")).version() == store.version()
+    assert catalog.embedding_counts() == {ours: 9}

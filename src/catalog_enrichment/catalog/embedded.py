@@ -14,12 +14,13 @@ import functools
 import logging
 import operator
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog_enrichment.catalog import attributes, lakehouse, products, reports
 from catalog_enrichment.catalog.base import (
@@ -236,40 +237,46 @@ class LakehouseCatalog:
 
     def write_embeddings(self, rows: str, spark: SparkSession | None = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
-        product and encoder), replacing older ones of the same key, in one Delta commit (streamed).
-        A merge rewrites every file holding a replaced vector, so the files it replaced are deleted
-        once past the table's retention (``delta.deletedFileRetentionDuration``, Delta's default 7
-        days: no reader still needs them): otherwise the store would grow by its size every few
-        nights."""
+        product and encoder), replacing older ones of the same key, a commit per part of about
+        :data:`STORE_PART_BYTES` (delta-rs holds several times what one write carries): appended
+        into a new store, merged into one that exists. A merge reads the whole store into this
+        process, so a part that would not fit its memory is refused (:func:`_check_merge_memory`;
+        the parts merged before it stay: the store is a cache). A merge rewrites every file
+        holding a replaced vector, so the files it replaced are deleted once past the table's
+        retention (``delta.deletedFileRetentionDuration``, Delta's default 7 days: no reader still
+        needs them): otherwise the store would grow by its size every few nights.
+
+        Raises:
+            CatalogEnrichError: the store is too large to merge into on this machine.
+        """
         import pyarrow.dataset as ds
         from deltalake import DeltaTable, write_deltalake
 
-        schema = embeddings_schema()
         source = ds.dataset(rows, format="parquet")
         n = source.count_rows()
         if n == 0:
             return 0
-        reader = pa.RecordBatchReader.from_batches(
-            schema,
-            (b.select(schema.names).cast(schema) for b in source.to_batches(**lakehouse.LOW_MEMORY_SCAN)),
-        )
-        if not lakehouse.is_delta(self.embeddings):
-            self.embeddings.mkdir(parents=True, exist_ok=True)
-            write_deltalake(str(self.embeddings), reader, mode="append")
-        else:
-            (
-                DeltaTable(str(self.embeddings))
-                .merge(
-                    reader,
-                    predicate="t.encoder = s.encoder AND t.product_id = s.product_id",
-                    source_alias="s",
-                    target_alias="t",
-                    streamed_exec=True,
+        fresh = not lakehouse.is_delta(self.embeddings)
+        for part in _store_parts(source, n):
+            if fresh:  # every key is new: the staged rows are one per key
+                self.embeddings.mkdir(parents=True, exist_ok=True)
+                write_deltalake(str(self.embeddings), part, mode="append")
+            else:
+                _check_merge_memory(self.embeddings, part.nbytes)
+                (
+                    DeltaTable(str(self.embeddings))
+                    .merge(
+                        part,
+                        predicate="t.encoder = s.encoder AND t.product_id = s.product_id",
+                        source_alias="s",
+                        target_alias="t",
+                        streamed_exec=True,
+                    )
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute()
                 )
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute()
-            )
+        if not fresh:
             try:
                 DeltaTable(str(self.embeddings)).vacuum(dry_run=False)
             except Exception as exc:  # the vectors are committed: their files are deleted next time
@@ -299,3 +306,80 @@ class LakehouseCatalog:
             for v in batch.column("encoder").value_counts().to_pylist():
                 counts[str(v["values"])] += int(v["counts"])
         return dict(counts)
+
+
+# What one write into the lakehouse embedding store carries: delta-rs holds several times a write's
+# bytes while it writes them (docs/benchmarks.md, "The embedding store's writes")
+STORE_PART_BYTES = 64 * 2**20
+
+
+def _store_parts(source: Any, rows: int) -> Iterator[pa.Table]:
+    """The store rows of ``source`` (a Parquet dataset of ``rows`` rows) as tables of about
+    :data:`STORE_PART_BYTES` each (vectors do not compress: their files' size is theirs)."""
+    schema = embeddings_schema()
+    size = sum(Path(f).stat().st_size for f in source.files)
+    per_part = max(1, STORE_PART_BYTES * rows // max(size, 1))
+    batches: list[pa.RecordBatch] = []
+    held = 0
+    # the system allocator: delta-rs frees the parts' buffers from its own threads, which the default
+    # pool (mimalloc) keeps rather than returns, so the process would grow by every part written
+    scan = {
+        **lakehouse.LOW_MEMORY_SCAN,
+        "batch_size": min(per_part, 16_384),
+        "memory_pool": pa.system_memory_pool(),
+    }
+    for batch in source.to_batches(**scan):
+        batches.append(batch.select(schema.names).cast(schema))
+        held += batch.num_rows
+        if held >= per_part:
+            yield pa.Table.from_batches(batches, schema)
+            batches, held = [], 0
+    if batches:
+        yield pa.Table.from_batches(batches, schema)
+
+
+def _check_merge_memory(store: Path, part_bytes: int) -> None:
+    """Refuse a merge of ``part_bytes`` into ``store`` that would not fit this process's memory:
+    delta-rs's MERGE holds about three times the whole store and five times the part (measured in
+    docs/benchmarks.md, "The embedding store's writes").
+
+    Raises:
+        CatalogEnrichError: what it would take, what there is, and what to do instead.
+    """
+    from deltalake import DeltaTable
+
+    sizes = pa.table(DeltaTable(str(store)).get_add_actions(flatten=True))["size_bytes"]
+    stored = int(pc.sum(sizes).as_py() or 0)
+    need, free = 3 * stored + 5 * part_bytes, available_memory()
+    if need > free:
+        raise CatalogEnrichError(
+            f"the embedding store {store} holds {_size(stored)} of vectors: merging into it takes "
+            f"about {_size(need)} of this process's memory, {_size(free)} is free; the vectors left "
+            "are not stored (their products are encoded again when next scored). A catalog this "
+            "large keeps its store on PostgreSQL (catalog.kind: postgres), or runs with "
+            "inference.embedding_store: false"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: the machine's available memory, or less where a
+    cgroup (a container's limit) leaves less."""
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    for limit, used in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            cap, now = Path(limit).read_text().strip(), Path(used).read_text().strip()
+        except OSError:
+            continue
+        if cap.isdigit() and now.isdigit():
+            free = min(free, max(int(cap) - int(now), 0))
+        break
+    return free
