@@ -325,8 +325,9 @@ def _staged(folder: Path, encoder: str, ids: list[str], content: str) -> Path:
 def test_the_store_is_written_a_part_at_a_time_and_a_merge_too_large_for_memory_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write commits a part of about ``STORE_PART_BYTES`` at a time (appended into a new store,
-    merged into one that exists: an upsert, never a doubled key); a merge the process's memory
+    """An append into a new store commits a part of about ``STORE_PART_BYTES`` at a time; a merge
+    into one that exists commits the whole night at once where memory allows, in parts where it
+    allows only those (an upsert either way, never a doubled key); a merge the process's memory
     cannot hold is refused with what it takes and what to do, and leaves the store as it was."""
     from catalog_enrichment.catalog import embedded
     from catalog_enrichment.errors import CatalogEnrichError
@@ -334,23 +335,79 @@ def test_the_store_is_written_a_part_at_a_time_and_a_merge_too_large_for_memory_
     monkeypatch.setattr(embedded, "STORE_PART_BYTES", 25_000)  # about two rows of 10,000 bytes
     ours = "ab" * 16
     catalog = open_catalog(tiny_config(catalog={"root": str(tmp_path / "lake")}).catalog)
+    store = tmp_path / "lake" / "embeddings"
+
+    def operations() -> list[str]:
+        return [h["operation"] for h in DeltaTable(str(store)).history()]
+
     first = [f"p{i}" for i in range(6)]
     assert catalog.write_embeddings(str(_staged(tmp_path / "first", ours, first, "old"))) == 6
-    store = DeltaTable(str(tmp_path / "lake" / "embeddings"))
-    assert [h["operation"] for h in store.history()].count("WRITE") == 3
+    assert operations().count("WRITE") == 3
     again = [f"p{i}" for i in range(3, 9)]  # three stored, three new
+    monkeypatch.setattr(embedded, "available_memory", lambda: 2**30)  # it holds the night
     assert catalog.write_embeddings(str(_staged(tmp_path / "again", ours, again, "new"))) == 6
-    store = DeltaTable(str(tmp_path / "lake" / "embeddings"))
-    assert [h["operation"] for h in store.history()].count("MERGE") == 3
-    stored = read_table(tmp_path / "lake" / "embeddings", columns=["product_id", "content"])
+    assert operations().count("MERGE") == 1
+    stored_bytes = sum(DeltaTable(str(store)).get_add_actions(flatten=True)["size_bytes"].to_pylist())
+    # room beside the store (three times it) for ten times a part: two rows a merge
+    monkeypatch.setattr(embedded, "available_memory", lambda: 3 * stored_bytes + 10 * 25_000)
+    later = [f"p{i}" for i in range(6, 12)]  # three stored, three new
+    assert catalog.write_embeddings(str(_staged(tmp_path / "later", ours, later, "later"))) == 6
+    assert operations().count("MERGE") == 1 + 3
+    stored = read_table(store, columns=["product_id", "content"])
     rows = dict(zip(*stored.columns, strict=True))
     assert {str(p): str(c) for p, c in rows.items()} == {
         **{p: f"old-{p}" for p in first[:3]},
-        **{p: f"new-{p}" for p in again},
+        **{p: f"new-{p}" for p in again[:3]},
+        **{p: f"later-{p}" for p in later},
     }
+    version = DeltaTable(str(store)).version()
     monkeypatch.setattr(embedded, "available_memory", lambda: 100_000)
     refused = r"holds 0.1 MB of vectors: .* takes about .* \(catalog\.kind: postgres\)"
     with pytest.raises(CatalogEnrichError, match=refused):
         catalog.write_embeddings(str(_staged(tmp_path / "third", ours, ["p0", "q1"], "third")))
-    assert DeltaTable(str(tmp_path / "lake" / "embeddings")).version() == store.version()
-    assert catalog.embedding_counts() == {ours: 9}
+    assert DeltaTable(str(store)).version() == version
+    assert catalog.embedding_counts() == {ours: 12}
+
+
+def test_free_memory_is_the_tightest_of_this_process_s_cgroups_less_their_usage_but_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cgroup v2: the process's own cgroup and each parent up to the mount, page cache counted free;
+    a limit of ``max`` is none. cgroup v1 in a namespace (the listed folder is not mounted): the
+    mount's own files. The machine's available memory caps both."""
+    import types
+
+    import psutil
+
+    from catalog_enrichment.catalog import embedded
+
+    gib = 2**30
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=64 * gib))
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    monkeypatch.setattr(
+        embedded,
+        "_CGROUP_MEMORY",
+        {2: (v2, *embedded._CGROUP_MEMORY[2][1:]), 1: (v1, *embedded._CGROUP_MEMORY[1][1:])},
+    )
+
+    def cgroup(folder: Path, limit: str, used: str, cache: str, files: tuple[str, str, str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / files[0]).write_text(limit + "\n")
+        (folder / files[1]).write_text(used + "\n")
+        (folder / "memory.stat").write_text(f"anon 5\n{files[2]} {cache}\nfile 7\n")
+
+    names = ("memory.max", "memory.current", "inactive_file")
+    cgroup(v2 / "kubepods" / "pod1", str(4 * gib), str(3 * gib), str(gib), names)  # 2 GiB left
+    cgroup(v2 / "kubepods", "max", str(3 * gib), "0", names)
+    listing = tmp_path / "cgroup"
+    listing.write_text("0::/kubepods/pod1\n")
+    assert embedded.available_memory(listing) == 2 * gib
+    cgroup(v2 / "kubepods", str(gib * 7 // 2), str(3 * gib), "0", names)  # the parent's is tighter
+    assert embedded.available_memory(listing) == gib // 2
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    cgroup(v1, str(6 * gib), str(5 * gib), str(3 * gib), names)  # 4 GiB left
+    listing.write_text("9:cpu,cpuacct:/yarn/c1\n4:memory:/yarn/c1\n")
+    assert embedded.available_memory(listing) == 4 * gib
+    listing.write_text("4:memory:/\n")
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
+    assert embedded.available_memory(listing) == 64 * gib

@@ -237,14 +237,15 @@ class LakehouseCatalog:
 
     def write_embeddings(self, rows: str, spark: SparkSession | None = None) -> int:
         """Store the vectors staged as Parquet at ``rows`` (the contract's columns, one row per
-        product and encoder), replacing older ones of the same key, a commit per part of about
-        :data:`STORE_PART_BYTES` (delta-rs holds several times what one write carries): appended
-        into a new store, merged into one that exists. A merge reads the whole store into this
-        process, so a part that would not fit its memory is refused (:func:`_check_merge_memory`;
-        the parts merged before it stay: the store is a cache). A merge rewrites every file
-        holding a replaced vector, so the files it replaced are deleted once past the table's
-        retention (``delta.deletedFileRetentionDuration``, Delta's default 7 days: no reader still
-        needs them): otherwise the store would grow by its size every few nights.
+        product and encoder), replacing older ones of the same key. Appended into a new store a
+        commit per part of about :data:`STORE_PART_BYTES` (delta-rs holds several times what one
+        write carries). Merged into one that exists in as few commits as this process's memory
+        allows, most nights one (:func:`_merge_part_bytes`): a merge reads the whole store and
+        rewrites every file holding a replaced vector, so each commit costs a pass over the store.
+        A store too large to merge into on this machine is refused before anything is written.
+        The files a merge replaced are deleted once past the table's retention
+        (``delta.deletedFileRetentionDuration``, Delta's default 7 days: no reader still needs
+        them): otherwise the store would grow by its size every few nights.
 
         Raises:
             CatalogEnrichError: the store is too large to merge into on this machine.
@@ -256,31 +257,30 @@ class LakehouseCatalog:
         n = source.count_rows()
         if n == 0:
             return 0
-        fresh = not lakehouse.is_delta(self.embeddings)
-        for part in _store_parts(source, n):
-            if fresh:  # every key is new: the staged rows are one per key
-                self.embeddings.mkdir(parents=True, exist_ok=True)
+        staged = sum(Path(f).stat().st_size for f in source.files)  # vectors do not compress
+        if not lakehouse.is_delta(self.embeddings):  # every key is new: the staged rows are one per key
+            self.embeddings.mkdir(parents=True, exist_ok=True)
+            for part in _store_parts(source, n, staged, STORE_PART_BYTES):
                 write_deltalake(str(self.embeddings), part, mode="append")
-            else:
-                _check_merge_memory(self.embeddings, part.nbytes)
-                (
-                    DeltaTable(str(self.embeddings))
-                    .merge(
-                        part,
-                        predicate="t.encoder = s.encoder AND t.product_id = s.product_id",
-                        source_alias="s",
-                        target_alias="t",
-                        streamed_exec=True,
-                    )
-                    .when_matched_update_all()
-                    .when_not_matched_insert_all()
-                    .execute()
+            return n
+        for part in _store_parts(source, n, staged, _merge_part_bytes(self.embeddings, staged)):
+            (
+                DeltaTable(str(self.embeddings))
+                .merge(
+                    part,
+                    predicate="t.encoder = s.encoder AND t.product_id = s.product_id",
+                    source_alias="s",
+                    target_alias="t",
+                    streamed_exec=True,
                 )
-        if not fresh:
-            try:
-                DeltaTable(str(self.embeddings)).vacuum(dry_run=False)
-            except Exception as exc:  # the vectors are committed: their files are deleted next time
-                logging.getLogger(__name__).warning("could not delete the store's replaced files: %s", exc)
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+        try:
+            DeltaTable(str(self.embeddings)).vacuum(dry_run=False)
+        except Exception as exc:  # the vectors are committed: their files are deleted next time
+            logging.getLogger(__name__).warning("could not delete the store's replaced files: %s", exc)
         return n
 
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
@@ -308,17 +308,16 @@ class LakehouseCatalog:
         return dict(counts)
 
 
-# What one write into the lakehouse embedding store carries: delta-rs holds several times a write's
+# What one append into the lakehouse embedding store carries: delta-rs holds several times a write's
 # bytes while it writes them (docs/benchmarks.md, "The embedding store's writes")
 STORE_PART_BYTES = 64 * 2**20
 
 
-def _store_parts(source: Any, rows: int) -> Iterator[pa.Table]:
-    """The store rows of ``source`` (a Parquet dataset of ``rows`` rows) as tables of about
-    :data:`STORE_PART_BYTES` each (vectors do not compress: their files' size is theirs)."""
+def _store_parts(source: Any, rows: int, size: int, part_bytes: int) -> Iterator[pa.Table]:
+    """The store rows of ``source`` (a Parquet dataset of ``rows`` rows in ``size`` bytes) as
+    tables of about ``part_bytes`` each."""
     schema = embeddings_schema()
-    size = sum(Path(f).stat().st_size for f in source.files)
-    per_part = max(1, STORE_PART_BYTES * rows // max(size, 1))
+    per_part = max(1, part_bytes * rows // max(size, 1))
     batches: list[pa.RecordBatch] = []
     held = 0
     # the system allocator: delta-rs frees the parts' buffers from its own threads, which the default
@@ -338,48 +337,91 @@ def _store_parts(source: Any, rows: int) -> Iterator[pa.Table]:
         yield pa.Table.from_batches(batches, schema)
 
 
-def _check_merge_memory(store: Path, part_bytes: int) -> None:
-    """Refuse a merge of ``part_bytes`` into ``store`` that would not fit this process's memory:
-    delta-rs's MERGE holds about three times the whole store and five times the part (measured in
-    docs/benchmarks.md, "The embedding store's writes").
+def _merge_part_bytes(store: Path, staged: int) -> int:
+    """What each merge of ``staged`` bytes into ``store`` may carry: delta-rs's MERGE holds about
+    three times the whole store and five times what it carries (measured in docs/benchmarks.md,
+    "The embedding store's writes"), and each one reads and rewrites the store, so a part is as
+    large as half the memory left beside the store allows - the whole night where it fits - and
+    never smaller than :data:`STORE_PART_BYTES`.
 
     Raises:
-        CatalogEnrichError: what it would take, what there is, and what to do instead.
+        CatalogEnrichError: not even a part of :data:`STORE_PART_BYTES` fits: what it would take,
+            what there is, and what to do instead.
     """
     from deltalake import DeltaTable
 
     sizes = pa.table(DeltaTable(str(store)).get_add_actions(flatten=True))["size_bytes"]
     stored = int(pc.sum(sizes).as_py() or 0)
-    need, free = 3 * stored + 5 * part_bytes, available_memory()
+    free = available_memory()
+    smallest = min(STORE_PART_BYTES, staged)
+    need = 3 * stored + 5 * smallest
     if need > free:
         raise CatalogEnrichError(
             f"the embedding store {store} holds {_size(stored)} of vectors: merging into it takes "
-            f"about {_size(need)} of this process's memory, {_size(free)} is free; the vectors left "
-            "are not stored (their products are encoded again when next scored). A catalog this "
-            "large keeps its store on PostgreSQL (catalog.kind: postgres), or runs with "
+            f"about {_size(need)} of this process's memory, {_size(free)} is free; these "
+            "vectors are not stored (their products are encoded again when next scored). A catalog "
+            "this large keeps its store on PostgreSQL (catalog.kind: postgres), or runs with "
             "inference.embedding_store: false"
         )
+    return max(smallest, (free - 3 * stored) // 10)
 
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
-def available_memory() -> int:
+def available_memory(listing: Path = Path("/proc/self/cgroup")) -> int:
     """Bytes this process may still allocate: the machine's available memory, or less where a
-    cgroup (a container's limit) leaves less."""
+    memory cgroup this process is in (``listing`` names them; its own or a parent: a container's or
+    a YARN container's limit) leaves less. A cgroup's reclaimable page cache (its inactive files)
+    counts as free, as the kernel frees it before it refuses memory."""
     import psutil
 
     free = int(psutil.virtual_memory().available)
-    for limit, used in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
+    for folder, limit, used, cache in _memory_cgroups(listing):
         try:
-            cap, now = Path(limit).read_text().strip(), Path(used).read_text().strip()
-        except OSError:
+            cap, now = (folder / limit).read_text().strip(), (folder / used).read_text().strip()
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+            reclaimable = int(stat.get(cache, 0))
+        except (OSError, ValueError):
             continue
         if cap.isdigit() and now.isdigit():
-            free = min(free, max(int(cap) - int(now), 0))
-        break
+            free = min(free, max(int(cap) - int(now) + reclaimable, 0))
     return free
+
+
+# cgroup v2 and v1: where the memory controller is mounted, its limit, its usage (page cache
+# included) and, in memory.stat, the page cache the kernel reclaims first
+_CGROUP_MEMORY = {
+    2: (Path("/sys/fs/cgroup"), "memory.max", "memory.current", "inactive_file"),
+    1: (
+        Path("/sys/fs/cgroup/memory"),
+        "memory.limit_in_bytes",
+        "memory.usage_in_bytes",
+        "total_inactive_file",
+    ),
+}
+
+
+def _memory_cgroups(listing: Path) -> Iterator[tuple[Path, str, str, str]]:
+    """The memory cgroups ``listing`` (a ``/proc/<pid>/cgroup``) puts its process in, its own
+    first, then each parent up to the mount: a folder, its limit file, its usage file and its
+    reclaimable page cache's key in ``memory.stat``."""
+    try:
+        lines = listing.read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        version = 2 if controllers == "" else 1 if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        mount, limit, used, cache = _CGROUP_MEMORY[version]
+        folder = mount / path.strip("/")
+        if not folder.is_dir():  # a cgroup namespace: the mount is this process's own cgroup
+            folder = mount
+        while True:
+            yield folder, limit, used, cache
+            if folder == mount or mount not in folder.parents:
+                break
+            folder = folder.parent
