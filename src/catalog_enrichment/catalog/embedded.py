@@ -420,8 +420,7 @@ def _memory_cgroups(listing: Path) -> Iterator[tuple[Path, str, str, str]]:
         folder = mount / path.strip("/")
         if not folder.is_dir():  # a cgroup namespace: the mount is this process's own cgroup
             folder = mount
-        while True:
-            yield folder, limit, used, cache
-            if folder == mount or mount not in folder.parents:
+        for level in (folder, *folder.parents):
+            yield level, limit, used, cache
+            if level == mount:
                 break
-            folder = folder.parent
