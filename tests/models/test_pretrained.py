@@ -493,11 +493,25 @@ def test_a_filled_store_gives_the_model_a_training_that_encodes_everything_itsel
 
 @pytest.mark.spark
 @pytest.mark.timeout(300)
-def test_a_fill_needs_frozen_encoders_and_a_storable_fusion(  # type: ignore[no-untyped-def]
-    tmp_path: Path, taxonomy: Taxonomy, labelled: pa.Table, pretrained: dict[str, Path], spark, capsys
+def test_a_fill_needs_frozen_encoders_a_storable_fusion_and_a_store_it_can_merge_into(  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    taxonomy: Taxonomy,
+    labelled: pa.Table,
+    pretrained: dict[str, Path],
+    spark,
+    capsys,
+    monkeypatch,
 ) -> None:
-    from catalog_enrichment.catalog import open_catalog
+    import datetime as dt
+    import os
+
+    from deltalake import write_deltalake
+
+    from catalog_enrichment.catalog import embedded, open_catalog
+    from catalog_enrichment.catalog.embeddings import embeddings_schema
     from catalog_enrichment.cli import main
+    from catalog_enrichment.errors import CatalogEnrichError
+    from catalog_enrichment.training import store_fill
     from catalog_enrichment.training.store_fill import fill_embedding_store
 
     data = tmp_path / "labelled.parquet"
@@ -513,6 +527,17 @@ def test_a_fill_needs_frozen_encoders_and_a_storable_fusion(  # type: ignore[no-
         with pytest.raises(ConfigError, match=words):
             fill_embedding_store(spark, cfg, taxonomy, data, catalog, say=lambda m: None)
     assert not (tmp_path / "lake").exists() or not any((tmp_path / "lake").rglob("*.parquet"))
+    # a lakehouse store no merge fits beside in this process's memory: refused before anything is
+    # read or encoded, not after hours of encoding vectors it cannot keep
+    row = {"encoder": "ab" * 16, "product_id": "p0", "content": "c", "embedding": os.urandom(10_000),
+           "run_id": "r", "written_at": dt.datetime(2026, 11, 1, tzinfo=dt.UTC)}  # fmt: skip
+    write_deltalake(str(tmp_path / "lake" / "embeddings"), pa.Table.from_pylist([row], embeddings_schema()))
+    catalog = open_catalog(frozen.catalog.model_copy(update={"root": str(tmp_path / "lake")}))
+    catalog.check_embeddings_storable()
+    monkeypatch.setattr(embedded, "available_memory", lambda: 20_000)
+    monkeypatch.setattr(store_fill, "read_products", lambda *a, **k: pytest.fail("read before the check"))
+    with pytest.raises(CatalogEnrichError, match=r"merging into it takes about .* 0.0 MB is free"):
+        fill_embedding_store(spark, frozen, taxonomy, data, catalog, say=lambda m: None)
     capsys.readouterr()  # the progress bars of the loads above
     missing = ["embeddings", "--fill", "--data", str(tmp_path / "none"), "--catalog", str(tmp_path / "lake")]
     assert main(missing) == 2

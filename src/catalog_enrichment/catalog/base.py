@@ -279,6 +279,14 @@ class Catalog(Protocol):
         row per encoder and product) into the store, in one commit; the rows written."""
         ...
 
+    def check_embeddings_storable(self) -> None:
+        """Nothing, where :meth:`write_embeddings` could store a night's vectors; checked before a
+        long encoding whose only product is those vectors (``embeddings --fill``).
+
+        Raises:
+            CatalogEnrichError: not even the smallest write fits, and why.
+        """
+
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
         """Delete the stored vectors of every encoder fingerprint not in ``keep``; the rows removed."""
         ...

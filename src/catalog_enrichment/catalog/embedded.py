@@ -283,6 +283,11 @@ class LakehouseCatalog:
             logging.getLogger(__name__).warning("could not delete the store's replaced files: %s", exc)
         return n
 
+    def check_embeddings_storable(self) -> None:
+        """A merge into an existing store holds about three times it (:func:`_merge_part_bytes`)."""
+        if lakehouse.is_delta(self.embeddings):  # a new store is appended a part at a time
+            _merge_part_bytes(self.embeddings, 1)
+
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
         """Delete the vectors of every encoder not in ``keep``; the rows removed. The files they were
         in are vacuumed at once (no time travel to them: the store is a cache)."""

@@ -126,6 +126,7 @@ def fill_embedding_store(
         bundle_dir, encoder = _encoder_bundle(cfg, taxonomy, Path(tmp))
         run_id = f"fill-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{encoder[:8]}"
         with catalog.lock(f"embeddings fill {run_id}", say):
+            catalog.check_embeddings_storable()  # not hours of encoding for vectors no write can keep
             staging = catalog.staging_dir(run_id)
             try:
                 # spread over every executor core: a table of a few large files reads as few partitions
