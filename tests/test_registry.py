@@ -25,7 +25,13 @@ from catalog_enrichment.config import AppConfig, SyntheticConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.synthetic import generate_marketplace
-from catalog_enrichment.errors import CatalogEnrichError, ConfigError, ContractError, TaxonomyError
+from catalog_enrichment.errors import (
+    CatalogEnrichError,
+    ConfigError,
+    ContractError,
+    TaxonomyError,
+    UnservableBundle,
+)
 from catalog_enrichment.inference.predictor import BatchPredictor
 from catalog_enrichment.promotion import (
     PROMOTING_TAG,
@@ -667,7 +673,8 @@ def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-unt
 ) -> None:
     """No run can serve a champion whose files are gone: the challenger, the remedy, is judged
     alone, and the reasons say why. A store that cannot give them now is an error (run it again),
-    not a reason to skip the comparison."""
+    not a reason to skip the comparison; so is a champion a later version of the package wrote
+    (that version serves it, and its promotion compares the two)."""
     from mlflow.exceptions import MlflowException
 
     client, _, champion, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
@@ -680,12 +687,30 @@ def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-unt
             raise MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
         return real(uri, *args, **kwargs)
 
+    def by_later(uri: str, *args: Any, **kwargs: Any) -> Any:
+        if uri == f"models:/tiny/{champion}":
+            raise UnservableBundle(
+                "written by catalog-enrichment 9.9.9; serve it with 9.9.9 or later", by_later=True
+            )
+        return real(uri, *args, **kwargs)
+
     with monkeypatch.context() as patched:
         patched.setattr(mlflow.pyfunc, "load_model", unavailable)
         with pytest.raises(CatalogEnrichError, match=f"cannot load models:/tiny/{champion}: 503"):
             promote(
                 client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet
             )
+        # a later version of this package wrote it: that version serves it and its gate compares them
+        patched.setattr(mlflow.pyfunc, "load_model", by_later)
+        later = (
+            rf"champion v{champion} cannot be compared with this version \(written by .*9\.9\.9 or later\)"
+        )
+        with pytest.raises(CatalogEnrichError, match=later):
+            promote(
+                client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet
+            )
+    assert registry.resolve_alias(client, "tiny", registry.CHAMPION) == champion
+    assert not (tmp_path / "log").exists()
     model_id = client.get_model_version("tiny", champion).source.removeprefix("models:/")
     # a damaged artifact (a file changed after it was registered): no run serves it either
     (meta,) = (tmp_path / "artifacts" / "models" / model_id).rglob("model.json")

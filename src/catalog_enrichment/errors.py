@@ -22,5 +22,10 @@ class TaxonomyError(ContractError):
 
 
 class UnservableBundle(CatalogEnrichError):
-    """A model bundle no run can serve: its files are gone or damaged, or another version of this
-    package wrote it (an earlier one: retrain; a later one whose loading this one lacks: upgrade)."""
+    """A model bundle this version cannot serve: its files are gone or damaged, or another version
+    of this package wrote it (an earlier one: retrain; a later one whose loading this one lacks:
+    upgrade, ``by_later`` True, as that version serves it)."""
+
+    def __init__(self, message: str, *, by_later: bool = False) -> None:
+        super().__init__(message)
+        self.by_later = by_later

@@ -16,8 +16,9 @@ honest model is not a coin flip at the boundary:
 A challenger no worse than the champion within noise is promoted (a retrained model on fresher data
 is the point of the schedule). A version ``rollback --model-version`` tagged rolled back is never
 promoted; a rolled-back champion, or one whose files the artifact store no longer holds (no run can
-serve it either), is not compared (the challenger is judged alone); one the store cannot give now is
-an error (run it again). The decision
+serve it either), is not compared (the challenger is judged alone); one the store cannot give now,
+or one a later version of this package wrote and this one cannot load, is an error (run it again;
+promote with that version). The decision
 and every reason are recorded as tags on the challenger version and appended to the promotion log
 (a Delta table: MLflow aliases keep no history, so the log is the audit trail). A promotion whose
 record a failure cut short after the alias moved is recorded by the next ``promote`` (a retry).
@@ -321,8 +322,13 @@ def promote(
         else:
             try:
                 champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
-            except UnservableBundle as exc:  # no run can serve it either: a challenger is the remedy
-                alone = f"the champion v{champion} cannot be loaded ({exc})"
+            except UnservableBundle as exc:
+                if exc.by_later:  # that version's runs serve it: its gate compares the two
+                    raise CatalogEnrichError(
+                        f"the champion v{champion} cannot be compared with this version ({exc}); "
+                        "nothing promoted"
+                    ) from None
+                alone = f"the champion v{champion} cannot be loaded ({exc})"  # a challenger is the remedy
         theirs = None if champion_bundle is None else champion_bundle.calibration.target_precision
         if theirs is not None and abs(theirs - target) > 1e-12:  # every run refuses it (version_target)
             alone = f"the champion v{champion} was calibrated for {theirs}, not {target}"

@@ -156,13 +156,22 @@ def test_a_bundle_another_version_wrote_is_unservable_naming_that_version(
     quick_bundle: Path, tmp_path: Path
 ) -> None:
     """What promotion catches to judge a challenger alone (promotion.py): a model config key this
-    version lacks, and weights of another architecture, each name the version that wrote them."""
+    version lacks, and weights of another architecture, each name the version that wrote them, and
+    the remedy: a later version serves it (promotion then asks for that version), an earlier one's
+    model is retrained."""
     root = _copy(quick_bundle, tmp_path)
     _edit_model_json(root, lambda meta: meta.update(package_version="9.9.9"))
     load_bundle(root)  # the version alone is no reason to refuse it
     _edit_model_json(root, lambda meta: meta["model"].update(mixture_of_heads=4))
-    with pytest.raises(UnservableBundle, match=r"written by catalog-enrichment 9\.9\.9.*mixture_of_heads"):
+    later = r"written by catalog-enrichment 9\.9\.9.*mixture_of_heads.*catalog-enrichment 9\.9\.9 or later"
+    with pytest.raises(UnservableBundle, match=later) as refused:
         load_bundle(root)
+    assert refused.value.by_later  # promotion asks for that version rather than judge the challenger alone
+    _edit_model_json(root, lambda meta: meta.update(package_version="0.0.1"))
+    with pytest.raises(UnservableBundle, match=r"0\.0\.1.*mixture_of_heads.*retrain the model") as refused:
+        load_bundle(root)
+    assert not refused.value.by_later
+    _edit_model_json(root, lambda meta: meta.update(package_version="9.9.9"))
     with pytest.raises(UnservableBundle, match=r"written by catalog-enrichment 9\.9\.9"):
         BundleFolder(root).reads_images()
     _edit_model_json(root, lambda meta: meta["model"].pop("mixture_of_heads"))

@@ -139,13 +139,10 @@ class BundleFolder:
         meta = self.read_meta() if meta is None else meta
         unknown = sorted(self.requires(meta) - LOADER_FEATURES)
         if unknown:
-            written = meta.get("package_version")
             raise self.unservable(
                 meta,
                 f"it was calibrated with {', '.join(unknown)}, which this version does not apply",
-                remedy=f"serve it with catalog-enrichment {written} or later"
-                if written
-                else "serve it with the version that wrote it",
+                by_later=True,
             )
         try:
             return saved_model_config(meta["model"], source=str(self.meta))
@@ -164,13 +161,23 @@ class BundleFolder:
         return set(required)
 
     def unservable(
-        self, meta: dict[str, Any], problem: str, *, remedy: str = "retrain the model (catalog-enrich train)"
+        self, meta: dict[str, Any], problem: str, *, by_later: bool | None = None
     ) -> UnservableBundle:
-        """``problem`` loading the bundle, as the error that names the version that wrote it."""
-        written = meta.get("package_version") or "an unrecorded version"
+        """``problem`` loading the bundle, as the error that names the version that wrote it and
+        the remedy: a later version (``by_later``; None: the recorded version is later than this
+        one) serves it, an earlier one's model is retrained."""
+        written = meta.get("package_version")
+        later = _later_than_this(written) if by_later is None else by_later
+        if not later:
+            remedy = "retrain the model (catalog-enrich train)"
+        elif written:
+            remedy = f"serve it with catalog-enrichment {written} or later"
+        else:
+            remedy = "serve it with the version that wrote it"
         return UnservableBundle(
-            f"{self.root} (written by catalog-enrichment {written}; this is {__version__}) cannot be "
-            f"loaded: {problem}; {remedy}"
+            f"{self.root} (written by catalog-enrichment {written or 'an unrecorded version'}; this is "
+            f"{__version__}) cannot be loaded: {problem}; {remedy}",
+            by_later=later,
         )
 
     def reads_images(self) -> bool:
@@ -262,6 +269,16 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
     return root
 
 
+def _later_than_this(written: object) -> bool:
+    """Whether ``written`` (a bundle's recorded ``package_version``) is a later version than this."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return isinstance(written, str) and Version(written) > Version(__version__)
+    except InvalidVersion:
+        return False
+
+
 def _sha256(path: Path) -> str:
     """A file's SHA-256, read in chunks (weights can be large)."""
     with open(path, "rb") as f:
@@ -331,16 +348,18 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
         raise CatalogEnrichError(f"{folder.root} is not a model bundle (no {folder.weights.name})")
     meta = folder.read_meta()
     if meta.get("score_dtype") != SCORE_DTYPE:
-        raise UnservableBundle(
-            f"{folder.root}: its thresholds were calibrated on {meta.get('score_dtype') or 'unrecorded'} "
-            f"scores, this version scores in {SCORE_DTYPE}; retrain the model (catalog-enrich train)"
+        raise folder.unservable(
+            meta,
+            f"its thresholds were calibrated on {meta.get('score_dtype') or 'unrecorded'} scores, this "
+            f"version scores in {SCORE_DTYPE}",
         )
     model_config = folder.read_model_config(meta)
     colour = meta.get("color_version", 1)  # bundles written before the version was recorded: 1
     if model_config.image.color_features and colour != COLOR_VERSION:
-        raise UnservableBundle(
-            f"{folder.root}: its model reads colour statistics of version {colour}, this version computes "
-            f"version {COLOR_VERSION}; retrain the model (catalog-enrich train)"
+        raise folder.unservable(
+            meta,
+            f"its model reads colour statistics of version {colour}, this version computes version "
+            f"{COLOR_VERSION}",
         )
     taxonomy = folder.read_taxonomy()
     text_backbones = [
