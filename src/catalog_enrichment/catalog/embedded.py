@@ -284,9 +284,11 @@ class LakehouseCatalog:
         return n
 
     def check_embeddings_storable(self) -> None:
-        """A merge into an existing store holds about three times it (:func:`_merge_part_bytes`)."""
-        if lakehouse.is_delta(self.embeddings):  # a new store is appended a part at a time
-            _merge_part_bytes(self.embeddings, 1)
+        """A merge into an existing store holds about three times it (:func:`_merge_part_bytes`):
+        refused where even a night of one byte would not fit. A new store is appended a part at a
+        time and always fits."""
+        if lakehouse.is_delta(self.embeddings):
+            _merge_part_bytes(self.embeddings, staged=1)
 
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
         """Delete the vectors of every encoder not in ``keep``; the rows removed. The files they were
