@@ -113,6 +113,12 @@ def test_a_done_partition_whose_last_run_left_products_to_retry_gets_an_incremen
     again.watermark, again.started_at = T, T + dt.timedelta(hours=1)
     again.add_to_summary(**{FULL: False, RETRY: []})
     assert _plan(_Partitions(DAYS, [done, left, again]))[1] == ("ingest_date=2026-11-03", None)
+    # had its health checks kept colour out, the products it read again would not have their colour:
+    # not done - the partition is run again, whole, under a fresh id
+    again.add_to_summary(**{BLOCKED: {"color": "input image PSI 2.1"}})
+    rerun = _plan(_Partitions(DAYS, [done, left, again]))[1]
+    assert rerun[0] == "ingest_date=2026-11-03" and rerun[1] not in (None, plan[1].run_id)
+    assert rerun[1].startswith("backfill-2026-11-03-shop_tiny-v3-")  # type: ignore[union-attr]
 
 
 def test_forced_and_rolled_back_partitions_get_a_fresh_run_id() -> None:

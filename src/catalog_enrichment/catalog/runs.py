@@ -52,7 +52,8 @@ def backfill_plan(
     same registered model; a succeeded full run whose health checks kept nothing out) unless
     ``force``; run ids are deterministic per (partition, model version), so a partition interrupted
     half-way is finished, not written twice. A forced or rolled-back partition gets a fresh run id,
-    and so does one whose runs by this version all kept values out (it is run again). A done
+    and so does one whose runs by this version all kept values out, or whose last run did - the
+    incremental run of the products left to retry, say (it is run again, whole). A done
     partition whose last run left products to retry gets an incremental run under a fresh id: a
     backfill during an image host's outage is not done until they are read again. A run id another
     products table's run already took (``--products``) gets a suffix of this table's name: a run
@@ -87,8 +88,12 @@ def backfill_plan(
         fresh = f"{run_id}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
         # done: a run of the whole partition that kept nothing out (an incremental run of it scored
         # what had changed since some other version's run; reports from before runs recorded it count)
-        if not force and any(r.summary().get(FULL, True) and not r.summary().get(BLOCKED) for r in mine):
-            last = last_run(runs, scope, products=products)
+        # ... and whose last run kept nothing out either (a later one, the run of the products left
+        # to retry say, whose checks did: its products never got those values - run it again)
+        last = last_run(runs, scope, products=products)
+        kept_out = last is not None and last in mine and last.summary().get(BLOCKED)
+        done = any(r.summary().get(FULL, True) and not r.summary().get(BLOCKED) for r in mine)
+        if not force and done and not kept_out:
             retry = last is not None and last in mine and last.summary().get(RETRY)
             plan.append(PlannedRun(scope, fresh, full=False) if retry else PlannedRun(scope, None))
             continue
