@@ -12,6 +12,7 @@ import pytest
 
 from catalog_enrichment.catalog.reports import (
     BLOCKED,
+    FULL,
     PLACEHOLDERS,
     PRODUCTS,
     RESUMED,
@@ -78,6 +79,13 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     assert last_run([clean, cdn], None) is cdn  # without retries: read on from the broken night
     assert last_run([clean, cdn], None, blocked_retries=3) is clean  # its products read again
     assert last_run([cdn], None, blocked_retries=3) is None  # the first run blocked: read everything
+    # a --full run blocked (a new attribute's first scoring, say): its products are every product,
+    # so the next run reads everything again, not only what changed since the run before it
+    whole = run("full", 2, {"color": "input image tone failed"})
+    whole.add_to_summary(**{FULL: True})
+    assert last_run([clean, whole], None) is whole
+    assert last_run([clean, whole], None, blocked_retries=3) is None
+    assert last_run([clean, whole, run("next", 3, {"color": "x"})], None, blocked_retries=1) is whole
     nights = [clean, *(run(f"b{i}", 2 + i, {"color": "x"}) for i in range(4))]
     # four blocked nights in a row: the next run reads on from the fourth last, not from the start
     assert last_run(nights, None, blocked_retries=3).run_id == "b0"  # type: ignore[union-attr]

@@ -221,9 +221,10 @@ def last_run(
     """The succeeded run over the same scope (partition, or None = all) of the same ``products``
     table (:func:`of_scope`) with the highest watermark, the latest of those - passing over up to
     ``blocked_retries`` latest runs whose health checks kept an attribute's values out, so the next
-    run reads their products again (None when every run was passed over: the next run reads
-    everything). A run that took its watermark from a run rolled back since (:data:`RESUMED`, at
-    any remove) does not count either: the rolled-back run's products are read again."""
+    run reads their products again (None when every run was passed over, or one that read the
+    whole scope, ``enrich --full``: the next run reads everything). A run that took its watermark
+    from a run rolled back since (:data:`RESUMED`, at any remove) does not count either: the
+    rolled-back run's products are read again."""
     reports = list(reports)
     by_id = {r.run_id: r for r in reports}
     resumed = {r.run_id: r.summary().get(RESUMED) for r in reports}  # each summary parsed once
@@ -252,7 +253,8 @@ def last_run(
     for _ in range(blocked_retries):
         if not runs or not runs[-1].summary().get(BLOCKED):
             break
-        runs.pop()
+        if runs.pop().summary().get(FULL):  # it read the whole scope (--full): so does the next run
+            return None
     return runs[-1] if runs else None
 
 
