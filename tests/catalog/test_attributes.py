@@ -206,7 +206,12 @@ def test_a_rollback_puts_no_model_shade_back_under_the_merchant_s_colour_family(
     _merge(catalog, "r2", _values([]), settled)
     _merge(catalog, "r3", _values([]), _pairs([("p7", "color"), ("p7", "color_family")]))
     model = lambda: {r[:3] for r in _state(catalog) if r[3] == "model"}  # noqa: E731
-    catalog.rollback_runs(["r2"], linked)
+    (undone,) = catalog.rollback_runs(["r2"], linked)
+    # r2's pairs stand as it restores them (the merchant's values hold them): no row changes, and
+    # still the rollback is committed - r2 is no live run any more, and rolled back once only
+    assert (undone.pairs_restored, undone.rows_removed, undone.rows_restored) == (4, 0, 0)
+    with pytest.raises(CatalogEnrichError, match="run 'r2' was already rolled back"):
+        catalog.rollback_runs(["r2"], linked)
     catalog.rollback_runs(["r3"])
     assert model() == {("p7", "color", "red"), ("p7", "color_family", "warm")}
 

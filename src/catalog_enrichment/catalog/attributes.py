@@ -680,14 +680,20 @@ def rollback_runs(
         if (r["product_id"], r["attribute"], r["value"]) not in keep
     ]
     schema = attributes_schema()
-    version, _ = _merge_model_rows(
-        path,
-        read_at,
-        pa.Table.from_pylist(put, schema=schema),
-        pa.Table.from_pylist(drop, schema=schema),
-        {META_OPERATION: "rollback", META_ROLLBACK_OF: ",".join(done)},
-        [_transaction(run_id, "rollback") for run_id in done],
-    )
+    metadata = {META_OPERATION: "rollback", META_ROLLBACK_OF: ",".join(done)}
+    transactions = [_transaction(run_id, "rollback") for run_id in done]
+    if put or drop:
+        version, _ = _merge_model_rows(
+            path,
+            read_at,
+            pa.Table.from_pylist(put, schema=schema),
+            pa.Table.from_pylist(drop, schema=schema),
+            metadata,
+            transactions,
+        )
+    else:  # its pairs stand as restored (a merchant's value holds them): a MERGE would commit nothing
+        _commit_nothing(path, read_at, metadata, transactions)
+        version = read_at + 1
     for result in results:
         if result.pairs_restored:
             result.version = version
