@@ -9,6 +9,7 @@ corrupt / truncated / empty image bytes -> image_decodable; all quarantined whol
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -28,7 +29,7 @@ import pytest
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
-from catalog_enrichment.catalog.reports import PRODUCTS, read_reports, report_for
+from catalog_enrichment.catalog.reports import PRODUCTS, TIMELESS, read_reports, report_for
 from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
@@ -264,17 +265,37 @@ def test_incremental_scores_only_changed_products(
     assert fourth.report.rows_read == 1 and fourth.report.watermark == third.report.watermark
     stamp(["P00000050"], late)
     blind = _cfg(tmp_path / "lake", catalog={"lookback_seconds": 0})
-    assert (
-        run_enrichment(
-            spark,
-            blind,
-            taxonomy,
-            model=_model(scoring_bundle),
-            scope=RunScope(products=products),
-            progress=_quiet,
-        ).report.rows_read
-        == 0
+    nightly = functools.partial(
+        run_enrichment, spark, blind, taxonomy, model=_model(scoring_bundle), progress=_quiet
     )
+    assert nightly(scope=RunScope(products=products)).report.rows_read == 0
+    # rows no watermark places arrive between two runs - one without an updated_at, one with a zero
+    # default: the next incremental run reads them beside what changed, and quarantines them; the
+    # run after reads neither again (nor did the runs above read the incoming table's bad rows)
+    quarantine = read_table(cfg.catalog.table("quarantine"))
+    bad = set(quarantine["product_id"].to_pylist())
+    attrs = read_table(cfg.catalog.table("attributes"))
+    written = set(attrs.filter(pc.equal(attrs["run_id"], first.report.run_id))["product_id"].to_pylist())
+    valid = sorted(p for p in written - bad if p > "P00000100")[:100]
+    stamp(valid, fourth.report.watermark + dt.timedelta(hours=2))
+    stamp(["P00000060"], None)
+    stamp(["P00000070"], dt.datetime(1970, 1, 1, tzinfo=dt.UTC))
+    fifth = nightly(scope=RunScope(products=products, run_id="timeless"))
+    quarantine = read_table(cfg.catalog.table("quarantine"))
+    theirs = quarantine.filter(pc.equal(quarantine["run_id"], "timeless"))
+    assert dict(zip(theirs["product_id"].to_pylist(), theirs["reasons"].to_pylist(), strict=True)) == {
+        "P00000060": ["updated_at_not_null"],
+        "P00000070": ["updated_at_not_too_old"],
+    }
+    assert (fifth.report.rows_read, fifth.report.rows_scored) == (102, 100)
+    sixth = nightly(scope=RunScope(products=products))
+    assert sixth.report.rows_read == 0
+    # after a run from before the runs kept the list, none is read: they were there then too
+    catalog = open_catalog(blind.catalog, products=products)
+    summary = sixth.report.summary()
+    assert summary.pop(TIMELESS) == ["P00000060", "P00000070"]
+    catalog.upsert_report(dataclasses.replace(sixth.report, validation_summary=json.dumps(summary)))
+    assert nightly(scope=RunScope(products=products)).report.rows_read == 0
 
 
 def test_a_partition_run_leaves_out_the_old_copy_of_a_product_another_partition_holds_newer(

@@ -805,6 +805,11 @@ class ValidationConfig(_Section):
     )
     health: HealthConfig = Field(default_factory=HealthConfig)
 
+    @property
+    def earliest_time(self) -> dt.datetime:
+        """``earliest_updated_at``'s first instant, UTC."""
+        return dt.datetime.combine(self.earliest_updated_at, dt.time(), dt.UTC)
+
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 

@@ -88,11 +88,12 @@ class LakehouseCatalog:
         partition: products.Partition | None = None,
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
+        earliest: dt.datetime | None = None,
         require_columns: bool = True,
     ) -> DataFrame:
         return products.read_products(
             spark, self.products, contract, partition=partition, since=since, retry=retry,
-            require_columns=require_columns,
+            earliest=earliest, require_columns=require_columns,
         )  # fmt: skip
 
     def image_roots(self) -> list[Path]:

@@ -41,6 +41,7 @@ __all__ = [
     "parse_partition",
     "read_products",
     "table_columns",
+    "timeless",
 ]
 
 
@@ -215,11 +216,12 @@ def read_products(
     partition: Partition | None = None,
     since: dt.datetime | None = None,
     retry: Sequence[str] = (),
+    earliest: dt.datetime | None = None,
     require_columns: bool = True,
 ) -> DataFrame:
     """The products as a Spark DataFrame with the contract's columns, and only those (with
-    ``since``: the rows changed after it, and those of the products in ``retry``;
-    ``require_columns=False``: without the contract columns the table lacks).
+    ``since``: the rows changed after it, those of the products in ``retry`` and the
+    :func:`timeless` ones; ``require_columns=False``: without the contract columns the table lacks).
 
     Every data file's own schema is checked first (its footer, no data), so a column Spark could
     not read as the contract's type fails here with one line naming the column and the file. What
@@ -252,7 +254,7 @@ def read_products(
         if deleted:
             df = _without_deleted(spark, df, deleted)
     kept = [name for name in contract.names if name not in missing]
-    return in_window(df, schema, partition, since, retry).select(*kept)
+    return in_window(df, schema, partition, since, retry, earliest).select(*kept)
 
 
 def _read_files(
@@ -282,10 +284,15 @@ def _read_files(
 
 
 def in_window(
-    df: DataFrame, schema: Any, partition: Partition | None, since: dt.datetime | None, retry: Sequence[str]
+    df: DataFrame,
+    schema: Any,
+    partition: Partition | None,
+    since: dt.datetime | None,
+    retry: Sequence[str],
+    earliest: dt.datetime | None = None,
 ) -> DataFrame:
-    """``df``'s rows of ``partition`` (None: every partition) changed after ``since`` or of a
-    product to ``retry`` (None: every row), whatever catalog read them."""
+    """``df``'s rows of ``partition`` (None: every partition) changed after ``since``, of a product
+    to ``retry`` or :func:`timeless` (None: every row), whatever catalog read them."""
     from pyspark.sql import functions as F
 
     if partition is not None:
@@ -293,15 +300,26 @@ def in_window(
             F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
         )
     if since is not None:
-        df = df.where(changed_since(since, retry))
+        df = df.where(changed_since(since, retry, earliest))
     return df
 
 
-def changed_since(since: dt.datetime, retry: Sequence[str]) -> Any:
-    """``updated_at`` after ``since``, or a product of ``retry`` (a Spark condition)."""
+def timeless(earliest: dt.datetime | None) -> Any:
+    """The rows no watermark places: ``updated_at`` null or before ``earliest`` (a zero or epoch
+    default), which validation quarantines (a Spark condition)."""
     from pyspark.sql import functions as F
 
-    changed = F.col("updated_at") > F.lit(since)
+    at = F.col("updated_at")
+    return at.isNull() if earliest is None else at.isNull() | (at < F.lit(earliest))
+
+
+def changed_since(since: dt.datetime, retry: Sequence[str], earliest: dt.datetime | None = None) -> Any:
+    """``updated_at`` after ``since``, a product of ``retry``, or a :func:`timeless` row - which an
+    incremental run reads too, so one that arrives between two runs gets its quarantine row (a
+    Spark condition)."""
+    from pyspark.sql import functions as F
+
+    changed = (F.col("updated_at") > F.lit(since)) | timeless(earliest)
     return changed | F.col("product_id").isin(list(retry)) if retry else changed
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "PRODUCTS",
     "RETRY",
     "SEEN",
+    "TIMELESS",
     "RunReport",
     "blocked_why",
     "check_run_id",
@@ -167,6 +168,9 @@ def check_run_id(run_id: str) -> str:
 # (product id, updated_at in µs) it read in the look-back before its watermark, and the products to
 # read again because their image could not be read, with the attempts so far
 SEEN, RETRY = "read_near_watermark", "retry_images"
+# ... and the ids of the products whose rows no watermark places (catalog.products.timeless), which
+# it read and quarantined or found quarantined: the next run reads only the others of them
+TIMELESS = "timeless_rows"
 # ... and the attributes its run health kept out of the commit, with why
 BLOCKED = "health_blocked"
 # ... and whether it read every product of its scope (--full)

@@ -29,6 +29,7 @@ from catalog_enrichment.catalog.reports import (
     RESUMED,
     RETRY,
     SEEN,
+    TIMELESS,
     RunReport,
     blocked_why,
     check_run_id,
@@ -167,6 +168,7 @@ class _Record:
     got: Read | None = None
     validated: Validated | None = None
     seen_next: list[tuple[str, int]] | None = None
+    timeless_next: list[str] | None = None
     rejected: int = 0
     placeholders: dict[str, int] = field(default_factory=dict)  # images validation found shared
     scored: Scored | None = None
@@ -232,6 +234,7 @@ class _Record:
             if self.validated.repeated:
                 summary["repeated_rows"] = self.validated.repeated
             summary[SEEN] = self.seen_next
+            summary[TIMELESS] = self.timeless_next
             got = self.got
             if got is not None and got.since is not None and self.watermark() == got.since:
                 summary[RESUMED] = got.last_run  # its position is that run's (reports.last_run)
@@ -359,8 +362,10 @@ def _stages(
         lookback = dt.timedelta(seconds=cfg.catalog.lookback_seconds)
         # with the checkpoint on, a missing contract column is its expectation's failure, named there
         run.got = got = read(
-            job.spark, catalog, contract, part, last, lookback, job.staging, require_columns=not expect
-        )
+            job.spark, catalog, contract, part, last, lookback, job.staging,
+            earliest=cfg.validation.earliest_time, require_columns=not expect,
+        )  # fmt: skip
+        run.timeless_next = got.timeless
         say(f"read products from {catalog.describe()} ({part or 'all partitions'}, {describe_window(got)}), "
             f"model {job.model.name} v{job.model.version}")  # fmt: skip
         if got.superseded:
@@ -439,6 +444,7 @@ def _stages(
         # an earlier attempt of this run id committed, then failed: what this attempt read since
         # (a product changed in between) was not written, so the next run reads from where both began
         run.seen_next, run.retry_next = got.seen, list(got.retry.items())
+        run.timeless_next = got.timeless_done
         # nor is what that attempt quarantined to retry, or kept out, known: a full run's record
         # says partial, so a backfill runs its partition again rather than count it done
         run.full = False

@@ -17,8 +17,8 @@ import pyarrow.dataset as ds
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RunWrite
-from catalog_enrichment.catalog.products import Partition
-from catalog_enrichment.catalog.reports import RETRY, SEEN, RunReport
+from catalog_enrichment.catalog.products import Partition, timeless
+from catalog_enrichment.catalog.reports import RETRY, SEEN, TIMELESS, RunReport
 from catalog_enrichment.config import InferenceConfig
 from catalog_enrichment.contracts import (
     IMAGE_READABLE,
@@ -76,6 +76,7 @@ __all__ = [
 
 _UNIX_MICROS = "_updated_at_us"
 MAX_SEEN = 100_000
+ALL = object()  # _timeless: every timeless row the last run could have read is done
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ class Read:
     products whose image could not be read, with their attempts (``retry``); ``superseded``: the
     rows left unread because a newer copy of their product is in another partition (a run of one
     partition) or was read by the last run (an old copy committed late, inside the look-back);
-    ``last_run``: that last run's id."""
+    ``last_run``: that last run's id; ``timeless``: the ids of the products with a row no watermark
+    places in the scope now, for the next run (None: too many, read again), and ``timeless_done``
+    the last run's (:func:`_timeless`)."""
 
     df: DataFrame
     since: dt.datetime | None
@@ -94,6 +97,8 @@ class Read:
     lookback: dt.timedelta
     superseded: int = 0
     last_run: str | None = None
+    timeless: list[str] | None = None
+    timeless_done: list[str] | None = None
 
 
 def read(
@@ -105,11 +110,14 @@ def read(
     lookback: dt.timedelta,
     staging: Path,
     *,
+    earliest: dt.datetime | None = None,
     require_columns: bool = True,
 ) -> Read:
     """Incremental unless ``last`` is None: ``updated_at`` past ``last``'s watermark less
-    ``lookback``, without the rows it already read, plus the products to retry; staged once when
-    the catalog's reads are not a snapshot (every stage then reads the same rows). A run of one
+    ``lookback``, without the rows it already read, plus the products to retry and the rows no
+    watermark places (:func:`~catalog_enrichment.catalog.products.timeless`: ``updated_at`` null
+    or before ``earliest``) but those ``last`` read (:func:`_timeless`); staged once when the
+    catalog's reads are not a snapshot (every stage then reads the same rows). A run of one
     ``partition`` leaves out the rows another partition holds a newer copy of (:func:`_superseded`),
     and every run those older than a copy the last run read (:func:`_unseen`) and the older copies
     of a product tried again (:func:`_older_retried`).
@@ -120,8 +128,11 @@ def read(
     retry = {} if last is None else {str(p): int(n) for p, n in last.summary().get(RETRY, [])}
     df = catalog.read_products(
         spark, contract, partition=partition, since=since and since - lookback, retry=sorted(retry),
-        require_columns=require_columns,
+        earliest=earliest, require_columns=require_columns,
     )  # fmt: skip
+    # a last run from before the list was kept read them all (or left them to a full run): none new
+    done = None if last is None else last.summary().get(TIMELESS, ALL)
+    df, present = _timeless(spark, df, earliest, done)
     superseded = 0
     if partition is not None:
         df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
@@ -131,7 +142,43 @@ def read(
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
-    return Read(df, since, seen, retry, lookback, superseded, None if last is None else last.run_id)
+    last_id = None if last is None else last.run_id
+    before = present if done is ALL else done
+    return Read(df, since, seen, retry, lookback, superseded, last_id, present, before)
+
+
+def _timeless(
+    spark: SparkSession, df: DataFrame, earliest: dt.datetime | None, done: Any
+) -> tuple[DataFrame, list[str] | None]:
+    """``df`` without the :func:`~catalog_enrichment.catalog.products.timeless` rows of the products
+    ``done`` (the last run's list: it read those and quarantined them, or found them so - without a
+    time, a row cannot say it changed since; :data:`ALL`: every one; None: a full read, nothing
+    left out) nor those without a product id; and the ids of every product with such a row in
+    ``df`` now, for the next run (None when more than :data:`MAX_SEEN`: it reads them all again).
+    So a row without a time that arrives between two incremental runs is quarantined by the next
+    one and counted by its breaker once, not left for a full run to find."""
+    from pyspark.sql import functions as F
+
+    if "updated_at" not in df.columns or "product_id" not in df.columns:  # the checkpoint names it
+        return df, []
+    rows = (
+        df.where(timeless(earliest) & F.col("product_id").isNotNull())
+        .select("product_id")
+        .distinct()
+        .limit(MAX_SEEN + 1)
+        .collect()
+    )
+    present = sorted(str(r[0]) for r in rows)
+    kept = present if len(present) <= MAX_SEEN else None
+    if done is None:  # a read of every row
+        return df, kept
+    done = present if done is ALL else [str(p) for p in done]
+    if not done:  # one without an id too: nothing tells a later run it was read (a full run reads it)
+        return df.where(~(timeless(earliest) & F.col("product_id").isNull())), kept
+    ids = spark.createDataFrame([(p,) for p in done], "product_id string").withColumn("_done", F.lit(True))
+    marked = df.join(F.broadcast(ids), "product_id", "left")
+    old = timeless(earliest) & (F.col("product_id").isNull() | F.coalesce(F.col("_done"), F.lit(False)))
+    return marked.where(~old).select(*df.columns), kept
 
 
 def _superseded(

@@ -319,7 +319,7 @@ def _time_rules(cfg: ValidationConfig, started_at: dt.datetime) -> list[Rule]:
     """``updated_at`` within [validation.earliest_updated_at, the run's start + the clock skew]."""
     from pyspark.sql import functions as F
 
-    earliest = dt.datetime.combine(cfg.earliest_updated_at, dt.time(), dt.UTC)
+    earliest = cfg.earliest_time
     latest = started_at + dt.timedelta(seconds=cfg.max_clock_skew_seconds)
     return [
         Rule(
