@@ -177,6 +177,30 @@ def test_a_model_value_whose_pair_the_merchant_fills_later_goes_with_the_next_ru
     assert (result.pairs_restored, result.rows_restored) == (3, 1)
 
 
+def test_rolling_back_a_version_whose_runs_another_version_s_rolled_back_run_interleaves(
+    catalog: Catalog,
+) -> None:
+    """v0 wrote W on a pair, v1 X, v2 Y (and a pair of its own), v1 Z. v2's rollback leaves the
+    shared pair to v1's later run and restores its own; rolling v1 back then restores what stood
+    before v1's first run, W, on either catalog - the pair v1's first run left was changed since
+    only by runs rolled back."""
+    pair = _pairs([("q1", "color")])
+    _merge(catalog, "a0", _values([("q1", "color", "white", 0.9)]), pair, version="0")
+    _merge(catalog, "a1", _values([("q1", "color", "black", 0.9)]), pair)
+    both = _pairs([("q1", "color"), ("q2", "color")])
+    _merge(
+        catalog, "b", _values([("q1", "color", "grey", 0.9), ("q2", "color", "red", 0.9)]), both, version="2"
+    )
+    _merge(catalog, "a2", _values([("q1", "color", "navy", 0.9)]), pair)
+    (b,) = catalog.rollback_runs(["b"])
+    assert b.superseded == [("q1", "color")] and b.pairs_restored == 1
+    model = lambda: {(*r[:3], r[4]) for r in _state(catalog) if r[3] == "model"}  # noqa: E731
+    assert model() == {("q1", "color", "navy", "a2")}
+    undone = catalog.rollback_runs(["a2", "a1"])
+    assert [(r.run_id, r.pairs_restored, r.superseded) for r in undone] == [("a2", 1, []), ("a1", 1, [])]
+    assert model() == {("q1", "color", "white", "a0")}
+
+
 def test_a_rollback_puts_no_model_shade_back_under_the_merchant_s_colour_family(catalog: Catalog) -> None:
     """r1 wrote a shade and its family for p3, p6 and p7; then the merchant gave p3's family in the
     catalog and p6's in the products table, and r2 (which reads both levels as settled, as a run

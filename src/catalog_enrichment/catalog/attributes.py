@@ -574,10 +574,10 @@ def _undo(
     version: int,
 ) -> RollbackResult:
     """One run's rollback in ``state`` (pair -> the model rows it holds, updated in place): every
-    pair still as the run left it, and that no live run committed after it changed (``later``:
-    pair -> the newest version at which one did, against the run's ``version``: a later run that
-    wrote a value and one that took it out again leave the pair as it was, but not the run's),
-    gets its before rows back - none where a merchant's value
+    pair that no live run committed after it changed (``later``: pair -> the newest version at
+    which one did, against the run's ``version``: a later run that wrote a value and one that took
+    it out again leave the pair as it was, but not the run's; one rolled back since is no later
+    run, whatever its rollback left there) gets its before rows back - none where a merchant's value
     holds it now (``held``: product and :func:`~catalog_enrichment.contracts.merchant_key`
     of the attribute), nor a row of a run rolled back before (``gone``: its values were taken out
     and stay out); the others are reported superseded."""
@@ -585,7 +585,7 @@ def _undo(
     after = _by_pair(images.filter(pc.equal(images[IMAGE], "after")))
     restored, superseded, removed, back = 0, [], 0, 0
     for pair in sorted(set(before) | set(after)):
-        if later.get(pair, -1) > version or _state(state.get(pair, [])) != _state(after.get(pair, [])):
+        if later.get(pair, -1) > version:
             superseded.append(pair)
             continue
         given = (pair[0], merchant_key(pair[1])) in held
@@ -632,9 +632,9 @@ def rollback_runs(
     linked: Mapping[str, Sequence[str]] | None = None,
 ) -> list[RollbackResult]:
     """Undo runs, newest first, in one commit: for every pair a run changed, its before rows come
-    back when the pair is as the run left it (after the newer runs' rollback) and no live run
-    committed since changed it - but not those an earlier rollback took out; otherwise a later run
-    changed it, and it is left alone and reported (as PostgreSQL's run log decides).
+    back when no live run committed since changed it - but not those an earlier rollback took out;
+    otherwise a later run changed it, and it is left alone and reported (as PostgreSQL's run log
+    decides).
     A pair a merchant's value holds now (a merchant row, or the ``products`` table's
     :func:`_merchant_pairs`, of the attribute or of one ``linked`` to it, their names compared as
     :func:`~catalog_enrichment.contracts.merchant_key`) gets no model value back.
