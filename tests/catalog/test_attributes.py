@@ -17,6 +17,7 @@ from catalog_enrichment.catalog import Catalog, open_catalog
 from catalog_enrichment.catalog.attributes import META_RUN_ID, attributes_schema, find_run_commit
 from catalog_enrichment.catalog.base import MergeResult, RunWrite
 from catalog_enrichment.catalog.lakehouse import table_version, write_table
+from catalog_enrichment.catalog.reports import RunReport
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
@@ -140,6 +141,16 @@ def test_merge_replaces_model_values_per_scored_pair_and_never_touches_merchant_
     if catalog.kind == "lakehouse":
         path = catalog.attributes  # type: ignore[attr-defined]
         assert find_run_commit(path, "r2") == table_version(path) == r2.version
+    # a version whose run changed nothing still has that run, on either catalog: a rollback of the
+    # version finds it (and so keeps every alias off the version), though nothing comes back
+    _merge(catalog, "quiet", _values([]), _pairs([]), version="3")
+    catalog.upsert_report(
+        RunReport(run_id="quiet", status="succeeded", model_name="m", model_version="3", started_at=T0)
+    )
+    assert catalog.runs_of_model_version("m", "3") == ["quiet"]
+    assert catalog.runs_of_model_version("other", "3") == []
+    (undone,) = catalog.rollback_runs(["quiet"])
+    assert undone.pairs_restored == 0 and not undone.superseded
 
 
 def test_a_model_value_whose_pair_the_merchant_fills_later_goes_with_the_next_run_over_it(

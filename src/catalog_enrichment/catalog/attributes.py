@@ -155,16 +155,30 @@ def runs_of_model_version(
     model_name: str,
     model_version: str,
     reported: Mapping[str, str],
+    quiet: Sequence[str] = (),
 ) -> list[tuple[int, str]]:
     """(table version, run id) of every committed, not-rolled-back run of a registered model's
     version, newest first (the runs from the changes table's partitions, their state from the
     transactions). A run's model is the one its report names (``reported``: run id -> model
-    name), else the one its written rows name; a run with neither is kept."""
+    name), else the one its written rows name; a run with neither is kept. ``quiet``: the runs
+    the reports give to this model version, which count where they committed though they changed
+    nothing (no changes partition names them), as PostgreSQL's run log counts them."""
+    from deltalake import DeltaTable
+
     runs = _live_runs(path, changes, [(CHANGED_IN, "=", str(model_version))])
     unreported = [run for _, run in runs if run not in reported]
     written = _models_written(changes, unreported) if unreported else {}
     named = {**written, **reported}
-    return [(v, run) for v, run in runs if run not in named or named[run] == model_name]
+    found = [(v, run) for v, run in runs if run not in named or named[run] == model_name]
+    listed = {run for _, run in found}
+    extra = [run for run in quiet if run not in listed]
+    if extra and is_delta(path):
+        table = DeltaTable(str(path))
+        for run in extra:
+            committed = table.transaction_version(_transaction(run))
+            if committed is not None and table.transaction_version(_transaction(run, "rollback")) is None:
+                found.append((int(committed), run))
+    return sorted(found, reverse=True)
 
 
 def _models_written(changes: str | Path, run_ids: Sequence[str]) -> dict[str, str]:

@@ -141,9 +141,15 @@ class LakehouseCatalog:
 
     def runs_of_model_version(self, model_name: str, model_version: str) -> list[str]:
         self._check_attributes()
-        reported = {r.run_id: r.model_name for r in self.read_reports() if r.model_name}
+        reports = self.read_reports()
+        reported = {r.run_id: r.model_name for r in reports if r.model_name}
+        quiet = [
+            r.run_id
+            for r in reports
+            if (r.model_name, r.model_version, r.status) == (model_name, str(model_version), "succeeded")
+        ]
         runs = attributes.runs_of_model_version(
-            self.attributes, self.changes, model_name, model_version, reported
+            self.attributes, self.changes, model_name, model_version, reported, quiet
         )
         return [run for _, run in runs]
 
