@@ -260,6 +260,37 @@ def test_a_postgres_updated_at_of_infinity_is_read_as_the_far_future_the_rules_q
     assert {r["product_id"] for r in rows if r["updated_at"].year == 9999} == {first}
 
 
+def test_a_postgres_incremental_read_takes_the_rows_no_watermark_places(
+    spark, pg_catalog_config, incoming
+) -> None:  # type: ignore[no-untyped-def]
+    """A row stamped before validation.earliest_updated_at (a zero default) is read with the
+    changed rows, whatever the JDBC ranges their bounds give (it lies outside them)."""
+    import datetime as dt
+
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.contracts import load_contract
+
+    catalog = PostgresCatalog(
+        pg_catalog_config.model_copy(
+            update={"postgres": pg_catalog_config.postgres.model_copy(update={"read_partitions": 4})}
+        )
+    )
+    table = read_table(incoming.products).slice(0, 40)
+    catalog.load_products(table)
+    since = max(table["updated_at"].to_pylist())
+    old, *changed = table["product_id"].to_pylist()[:3]
+    products = f'"{catalog.schema}".products'
+    with catalog.connect() as conn:
+        conn.execute(f"UPDATE {products} SET updated_at = '1970-01-01' WHERE product_id = %s", [old])
+        for i, pid in enumerate(changed, start=1):
+            at = since + dt.timedelta(days=i)
+            conn.execute(f"UPDATE {products} SET updated_at = %s, ingest_date = %s WHERE product_id = %s",
+                         [at, at.date(), pid])  # fmt: skip
+    earliest = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    rows = catalog.read_products(spark, load_contract("products"), since=since, earliest=earliest).collect()
+    assert {r["product_id"] for r in rows} == {old, *changed}  # (a product's stale copy is read too)
+
+
 def read_table_empty() -> pa.Table:
     from catalog_enrichment.contracts import load_contract
 

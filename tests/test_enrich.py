@@ -222,8 +222,10 @@ def _stamp(products: Path, ids: list[str], at: dt.datetime) -> None:
 
 
 def test_incremental_scores_only_changed_products(
-    spark, tmp_path, taxonomy, incoming, scoring_bundle
+    spark, tmp_path, taxonomy, incoming, scoring_bundle, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
+    from catalog_enrichment.enrich import stages
+
     products = tmp_path / "products"
     shutil.copytree(incoming.products, products)
     cfg = _cfg(tmp_path / "lake")
@@ -295,6 +297,13 @@ def test_incremental_scores_only_changed_products(
     summary = sixth.report.summary()
     assert summary.pop(TIMELESS) == ["P00000060", "P00000070"]
     catalog.upsert_report(dataclasses.replace(sixth.report, validation_summary=json.dumps(summary)))
+    assert nightly(scope=RunScope(products=products)).report.rows_read == 0
+    # more such products than a report lists: every one is left to a --full run, and the job says so
+    monkeypatch.setattr(stages, "MAX_SEEN", 1)
+    said: list[str] = []
+    over = nightly(scope=RunScope(products=products), progress=said.append)
+    assert over.report.summary()[TIMELESS] == "all" and any("than a run report lists" in m for m in said)
+    stamp(["P00000080"], None)
     assert nightly(scope=RunScope(products=products)).report.rows_read == 0
 
 

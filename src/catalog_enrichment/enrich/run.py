@@ -44,6 +44,7 @@ from catalog_enrichment.contracts import IMAGE_SHARED, Contract, Taxonomy, load_
 from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.enrich.checks import RunHealth, check_run
 from catalog_enrichment.enrich.stages import (
+    ALL,
     Decisions,
     Read,
     Scored,
@@ -168,7 +169,7 @@ class _Record:
     got: Read | None = None
     validated: Validated | None = None
     seen_next: list[tuple[str, int]] | None = None
-    timeless_next: list[str] | None = None
+    timeless_next: list[str] | str | None = None
     rejected: int = 0
     placeholders: dict[str, int] = field(default_factory=dict)  # images validation found shared
     scored: Scored | None = None
@@ -368,6 +369,10 @@ def _stages(
         run.timeless_next = got.timeless
         say(f"read products from {catalog.describe()} ({part or 'all partitions'}, {describe_window(got)}), "
             f"model {job.model.name} v{job.model.version}")  # fmt: skip
+        if got.timeless == ALL:
+            say("  more products have a row without a usable updated_at (null or before "
+                "validation.earliest_updated_at) than a run report lists: incremental runs leave "
+                "them to --full")  # fmt: skip
         if got.superseded:
             say(f"  {got.superseded:,} rows left unread: a newer copy of their product is in another "
                 "partition or was read by the last run")  # fmt: skip

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = [
+    "ALL",
     "Decisions",
     "Read",
     "Scored",
@@ -76,7 +77,9 @@ __all__ = [
 
 _UNIX_MICROS = "_updated_at_us"
 MAX_SEEN = 100_000
-ALL = object()  # _timeless: every timeless row the last run could have read is done
+# a run's list of the products with a timeless row (_timeless) where it names every one: more than
+# MAX_SEEN, or a run from before the lists were kept
+ALL = "all"
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,8 @@ class Read:
     rows left unread because a newer copy of their product is in another partition (a run of one
     partition) or was read by the last run (an old copy committed late, inside the look-back);
     ``last_run``: that last run's id; ``timeless``: the ids of the products with a row no watermark
-    places in the scope now, for the next run (None: too many, read again), and ``timeless_done``
-    the last run's (:func:`_timeless`)."""
+    places in the scope now, for the next run, and ``timeless_done`` the last run's, each
+    :data:`ALL` where it names every one (:func:`_timeless`)."""
 
     df: DataFrame
     since: dt.datetime | None
@@ -97,8 +100,8 @@ class Read:
     lookback: dt.timedelta
     superseded: int = 0
     last_run: str | None = None
-    timeless: list[str] | None = None
-    timeless_done: list[str] | None = None
+    timeless: list[str] | str | None = None
+    timeless_done: list[str] | str | None = None
 
 
 def read(
@@ -130,7 +133,7 @@ def read(
         spark, contract, partition=partition, since=since and since - lookback, retry=sorted(retry),
         earliest=earliest, require_columns=require_columns,
     )  # fmt: skip
-    # a last run from before the list was kept read them all (or left them to a full run): none new
+    # a last run from before the lists were kept left them all to a full run: none is new
     done = None if last is None else last.summary().get(TIMELESS, ALL)
     df, present = _timeless(spark, df, earliest, done)
     superseded = 0
@@ -143,20 +146,20 @@ def read(
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
     last_id = None if last is None else last.run_id
-    before = present if done is ALL else done
-    return Read(df, since, seen, retry, lookback, superseded, last_id, present, before)
+    return Read(df, since, seen, retry, lookback, superseded, last_id, present, done)
 
 
 def _timeless(
-    spark: SparkSession, df: DataFrame, earliest: dt.datetime | None, done: Any
-) -> tuple[DataFrame, list[str] | None]:
+    spark: SparkSession, df: DataFrame, earliest: dt.datetime | None, done: list[str] | str | None
+) -> tuple[DataFrame, list[str] | str]:
     """``df`` without the :func:`~catalog_enrichment.catalog.products.timeless` rows of the products
     ``done`` (the last run's list: it read those and quarantined them, or found them so - without a
     time, a row cannot say it changed since; :data:`ALL`: every one; None: a full read, nothing
     left out) nor those without a product id; and the ids of every product with such a row in
-    ``df`` now, for the next run (None when more than :data:`MAX_SEEN`: it reads them all again).
-    So a row without a time that arrives between two incremental runs is quarantined by the next
-    one and counted by its breaker once, not left for a full run to find."""
+    ``df`` now, for the next run (:data:`ALL` when more than :data:`MAX_SEEN`: the next run leaves
+    them all to a full run, as runs did before the lists were kept). So a row without a time that
+    arrives between two incremental runs is quarantined by the next one and counted by its breaker
+    once, not left for a full run to find."""
     from pyspark.sql import functions as F
 
     if "updated_at" not in df.columns or "product_id" not in df.columns:  # the checkpoint names it
@@ -168,17 +171,17 @@ def _timeless(
         .limit(MAX_SEEN + 1)
         .collect()
     )
-    present = sorted(str(r[0]) for r in rows)
-    kept = present if len(present) <= MAX_SEEN else None
+    present: list[str] | str = sorted(str(r[0]) for r in rows) if len(rows) <= MAX_SEEN else ALL
     if done is None:  # a read of every row
-        return df, kept
-    done = present if done is ALL else [str(p) for p in done]
+        return df, present
+    if done == ALL:
+        return df.where(~timeless(earliest)), present
     if not done:  # one without an id too: nothing tells a later run it was read (a full run reads it)
-        return df.where(~(timeless(earliest) & F.col("product_id").isNull())), kept
-    ids = spark.createDataFrame([(p,) for p in done], "product_id string").withColumn("_done", F.lit(True))
-    marked = df.join(F.broadcast(ids), "product_id", "left")
+        return df.where(~(timeless(earliest) & F.col("product_id").isNull())), present
+    ids = spark.createDataFrame([(str(p),) for p in done], "product_id string")
+    marked = df.join(F.broadcast(ids.withColumn("_done", F.lit(True))), "product_id", "left")
     old = timeless(earliest) & (F.col("product_id").isNull() | F.coalesce(F.col("_done"), F.lit(False)))
-    return marked.where(~old).select(*df.columns), kept
+    return marked.where(~old).select(*df.columns), present
 
 
 def _superseded(

@@ -113,8 +113,7 @@ class Reads(PgBase):
     ) -> DataFrame:
         from pyspark.sql import functions as F
 
-        window = (partition, since, retry, earliest)
-        options, present = self._partitioned_read(contract, *window, require_columns)
+        options, present = self._partitioned_read(contract, partition, since, retry, require_columns)
         schema = contract.spark_schema(enforce_nullability=False)
         df = spark.read.format("jdbc").options(**options).load()
         columns, unreadable = [], []
@@ -130,7 +129,7 @@ class Reads(PgBase):
                 )
             else:
                 columns.append(F.col(f.name).cast(f.dataType).alias(f.name))
-        return in_window(df.select(*columns, *unreadable), schema, *window)
+        return in_window(df.select(*columns, *unreadable), schema, partition, since, retry, earliest)
 
     def _partitioned_read(
         self,
@@ -138,7 +137,6 @@ class Reads(PgBase):
         partition: Partition | None,
         since: dt.datetime | None,
         retry: Sequence[str],
-        earliest: dt.datetime | None,
         require_columns: bool,
     ) -> tuple[dict[str, str], dict[str, str]]:
         """The JDBC reader's options: the products table, split into ``read_partitions`` ranges of
@@ -150,11 +148,11 @@ class Reads(PgBase):
         if partition is not None:
             conditions.append(sql.SQL("{} = %s").format(sql.Identifier(partition.column)))
             params.append(partition.value)
-        if since is not None:  # as products.changed_since
-            conditions.append(
-                sql.SQL("(updated_at > %s OR updated_at IS NULL OR updated_at < %s OR product_id = ANY(%s))")
-            )
-            params.extend([since, earliest or dt.datetime.min.replace(tzinfo=dt.UTC), list(retry)])
+        # the window's bounds: a products.timeless row outside them still lands in an edge range
+        # (Spark's first and last take what lies beyond), and an old one would stretch every range
+        if since is not None:
+            conditions.append(sql.SQL("(updated_at > %s OR product_id = ANY(%s))"))
+            params.extend([since, list(retry)])
         where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         column = self.pg.partition_column
         with self.connect() as conn:
