@@ -111,6 +111,15 @@ def test_a_version_s_rejection_stands_whatever_another_version_s_sample_says_lat
     reviews = pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
     assert rejected_values(reviews, "7") == {("p1", "color", "red")}
     assert rejected_values(reviews, "8") == set()
+    # v7 of another registered model writing the same catalog: its sample's "no" is not this one's
+    drawn = keyed_schema("review_samples")
+    sample = {"sample_id": "review-v7", "model_name": "shop/home", "model_version": "7"}
+    samples = pa.Table.from_pylist([{f: sample.get(f) for f in drawn.names}], schema=drawn)
+    assert rejected_values(reviews, "7", model_name="shop/home", samples=samples) == {("p1", "color", "red")}
+    assert rejected_values(reviews, "7", model_name="shop/tiny", samples=samples) == set()
+    assert rejected_values(reviews, "7", model_name="shop/tiny", samples=drawn.empty_table()) == {
+        ("p1", "color", "red")
+    }  # a verdict whose sample is not known counts
 
 
 @pytest.mark.parametrize(

@@ -338,10 +338,21 @@ def verdicts_by_value(reviews: pa.Table) -> dict[tuple[str, str, str], Verdict]:
     return out
 
 
-def rejected_values(reviews: pa.Table, model_version: str | None = None) -> set[tuple[str, str, str]]:
+def rejected_values(
+    reviews: pa.Table,
+    model_version: str | None = None,
+    *,
+    model_name: str | None = None,
+    samples: pa.Table | None = None,
+) -> set[tuple[str, str, str]]:
     """(product, attribute, value) whose latest verdict is "no" - the latest of the verdicts on the
     values ``model_version`` wrote, when given: another version's sample judging the same value
-    later neither lifts that version's rejection nor adds one."""
+    later neither lifts that version's rejection nor adds one. With ``model_name`` and the
+    ``samples`` the verdicts judge, not those of another registered model's samples (two models
+    writing one catalog each have a version 1); a verdict of a sample not among them counts."""
     if model_version is not None:
         reviews = reviews.filter(pc.equal(reviews["model_version"], str(model_version)))
+    if model_name is not None and samples is not None and samples.num_rows:
+        theirs = samples.filter(pc.not_equal(samples["model_name"], model_name))["sample_id"]
+        reviews = reviews.filter(pc.invert(pc.is_in(reviews["sample_id"], value_set=pc.unique(theirs))))
     return {key for key, judged in verdicts_by_value(reviews).items() if judged.verdict == "no"}

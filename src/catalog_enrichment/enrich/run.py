@@ -396,7 +396,10 @@ def _stages(
         if checkpoint is not None:
             _expected(job, run, checkpoint)
     check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
-    rejected = rejected_values(catalog.keyed_rows("reviews"), job.model.version)
+    rejected = rejected_values(
+        catalog.keyed_rows("reviews"), job.model.version, model_name=job.model.name,
+        samples=catalog.keyed_rows("review_samples"),
+    )  # fmt: skip
     run.rejected = len(rejected)
     if rejected:
         say(f"  {len(rejected):,} values people rejected for v{job.model.version}: never written, removed")
