@@ -414,6 +414,8 @@ def test_a_run_removes_the_values_people_rejected_for_its_version_and_its_rollba
     catalog: Catalog,
 ) -> None:
     _merge(catalog, "r0", _values([("p5", "color", "white", 0.9)]), _pairs([("p5", "color")]), version="0")
+    # another registered model's version 1 writing into the same catalog
+    _merge(catalog, "o1", _values([("p6", "color", "black", 0.9)]), _pairs([("p6", "color")]), model="other")
     values = _values(
         [("p3", "color", "blue", 0.9), ("p3", "color", "green", 0.8), ("p4", "color", "red", 0.9)]
     )
@@ -421,11 +423,12 @@ def test_a_run_removes_the_values_people_rejected_for_its_version_and_its_rollba
     after_r1 = _state(catalog)
     retract = pa.table(
         {
-            "product_id": ["p3", "p4", "p5", "p1", "p9"],
-            "attribute": ["color", "color", "color", "color", "color"],
+            "product_id": ["p3", "p4", "p5", "p1", "p9", "p6"],
+            "attribute": ["color", "color", "color", "color", "color", "color"],
             # p3/blue: an unscored pair (its green stays); p4/red: the scored pair drops it anyway;
-            # p5/white: another version's value; p1/red: the merchant's; p9: not in the catalog
-            "value": ["blue", "red", "white", "red", "x"],
+            # p5/white: another version's value; p1/red: the merchant's; p9: not in the catalog;
+            # p6/black: another registered model's version 1
+            "value": ["blue", "red", "white", "red", "x", "black"],
         }
     )
     quarantine = load_contract("quarantine").arrow_schema().empty_table()

@@ -347,7 +347,8 @@ def merge_run(
     )
     read_at = _version(path)
     current = _rows_for(path, ids, read_at)
-    scored_pairs, new, gone = _replaced(current, scored, values, retract, str(model_version), linked or {})
+    writer = (str(model_name), str(model_version))
+    scored_pairs, new, gone = _replaced(current, scored, values, retract, writer, linked or {})
     upserts = _model_rows(new, model_name, str(model_version), run_id, written_at)
     skipped = _pairs(scored).num_rows - scored_pairs.num_rows if scored.num_rows else 0
     metadata = {META_RUN_ID: run_id, META_OPERATION: "enrich", META_MODEL_VERSION: str(model_version)}
@@ -390,13 +391,14 @@ def _replaced(
     scored: pa.Table,
     values: pa.Table,
     retract: pa.Table,
-    model_version: str,
+    writer: tuple[str, str],
     linked: Mapping[str, Sequence[str]],
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Of the rows the catalog holds for the run's products: the scored pairs no merchant row holds
     (of the attribute - named in any case, width or spacing, :func:`merchant_key` - or of one
     ``linked`` to it), their new values, and the model rows that go (of the run's pairs, not among
-    the new values - a pair the merchant holds keeps none - or rejected for ``model_version``)."""
+    the new values - a pair the merchant holds keeps none - or rejected among the values the
+    run's ``writer`` - registered model name, version - wrote)."""
     pairs = _pairs(scored)
     held = _pairs(current.filter(pc.equal(current["source"], "merchant")))
     spelled = {merchant_key(a): a for a in [*pc.unique(pairs["attribute"]).to_pylist(), *linked]}
@@ -408,7 +410,9 @@ def _replaced(
     new = _semi(values.select([*KEY, "confidence", "threshold"]), scored_pairs, PAIR)
     model = current.filter(pc.equal(current["source"], "model"))
     gone = _semi(_semi(model, pairs, PAIR), new, KEY, anti=True)
-    mine = model.filter(pc.equal(model["model_version"], model_version))
+    mine = model.filter(
+        pc.and_(pc.equal(model["model_name"], writer[0]), pc.equal(model["model_version"], writer[1]))
+    )
     # rejected values the scored pairs did not already drop (a new value is never a rejected one)
     rejected = _semi(_semi(_semi(mine, retract, KEY), gone, KEY, anti=True), new, KEY, anti=True)
     return scored_pairs, new, pa.concat_tables([gone, rejected])

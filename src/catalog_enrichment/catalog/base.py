@@ -107,10 +107,10 @@ class RunWrite:
     run's quarantine rows; ``scores``: the staged scores (Parquet) the values came from, which a
     backend may stage from inside Spark instead of from ``values``; ``retract``: (product_id,
     attribute, value) that people rejected for this model version (``review import``), removed in
-    the same commit wherever this version wrote them, whether the run scored their pair or not (its
-    rollback puts them back); ``linked``: attribute -> the others a merchant row of it holds too
-    (:meth:`~catalog_enrichment.contracts.Taxonomy.held_together`: a merchant's colour family
-    keeps the model's colour out).
+    the same commit wherever this version of this registered model wrote them, whether the run
+    scored their pair or not (its rollback puts them back); ``linked``: attribute -> the others a
+    merchant row of it holds too (:meth:`~catalog_enrichment.contracts.Taxonomy.held_together`: a
+    merchant's colour family keeps the model's colour out).
     """
 
     run_id: str

@@ -297,9 +297,9 @@ class Writes(PgBase):
         return int(inserted), int(updated), int(deleted)
 
     def _retract(self, conn: Any, run: RunWrite, seq: int) -> int:
-        """Within the run's transaction: remove the values people rejected for its version from the
-        pairs it did not touch (its pairs already dropped them), keeping those pairs' model
-        values as they were for its rollback. Rows removed."""
+        """Within the run's transaction: remove the values people rejected for its model's version
+        from the pairs it did not touch (its pairs already dropped them), keeping those pairs'
+        model values as they were for its rollback. Rows removed."""
         if run.retract is None or run.retract.num_rows == 0:
             return 0
         conn.execute(
@@ -311,7 +311,7 @@ class Writes(PgBase):
                 copy.write_row([r["product_id"], r["attribute"], r["value"]])
         match = (
             "r.product_id = a.product_id AND r.attribute = a.attribute AND r.value = a.value "
-            "AND a.source = 'model' AND a.model_version = %s"
+            "AND a.source = 'model' AND a.model_name = %s AND a.model_version = %s"
         )
         conn.execute(
             self._sql(
@@ -320,7 +320,7 @@ class Writes(PgBase):
                 "p.product_id = a.product_id AND p.attribute = a.attribute)",
                 a="attributes",
             ),
-            [run.model_version],
+            [run.model_name, run.model_version],
         )
         conn.execute(
             self._sql(
@@ -343,7 +343,7 @@ class Writes(PgBase):
                     "p.product_id = a.product_id AND p.attribute = a.attribute",
                     a="attributes",
                 ),
-                [run.model_version],
+                [run.model_name, run.model_version],
             ).rowcount
         )
 
