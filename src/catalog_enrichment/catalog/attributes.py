@@ -232,12 +232,16 @@ def _merge_model_rows(
     rows are never matched for change. The commit must be the next version (no retry: a writer
     that committed since the rows were read fails this one, so no pair keeps values of both) and
     carries the application transactions ``transactions`` with that version. Returns that version
-    and deltalake's merge metrics."""
+    and deltalake's merge metrics (none where there was no row to merge: a MERGE of nothing
+    commits nothing, so :func:`_commit_nothing` carries the transactions instead)."""
     from deltalake import CommitProperties, DeltaTable, Transaction
     from deltalake.exceptions import CommitFailedError
 
-    table = DeltaTable(str(path), version=read_at)
     version = read_at + 1
+    if not put.num_rows and not delete.num_rows:
+        _commit_nothing(path, read_at, metadata, transactions)
+        return version, {}
+    table = DeltaTable(str(path), version=read_at)
     properties = CommitProperties(
         custom_metadata=metadata,
         max_commit_retries=0,
@@ -698,20 +702,14 @@ def rollback_runs(
         if (r["product_id"], r["attribute"], r["value"]) not in keep
     ]
     schema = attributes_schema()
-    metadata = {META_OPERATION: "rollback", META_ROLLBACK_OF: ",".join(done)}
-    transactions = [_transaction(run_id, "rollback") for run_id in done]
-    if put or drop:
-        version, _ = _merge_model_rows(
-            path,
-            read_at,
-            pa.Table.from_pylist(put, schema=schema),
-            pa.Table.from_pylist(drop, schema=schema),
-            metadata,
-            transactions,
-        )
-    else:  # its pairs stand as restored (a merchant's value holds them): a MERGE would commit nothing
-        _commit_nothing(path, read_at, metadata, transactions)
-        version = read_at + 1
+    version, _ = _merge_model_rows(  # no row to change where merchants' values hold every pair
+        path,
+        read_at,
+        pa.Table.from_pylist(put, schema=schema),
+        pa.Table.from_pylist(drop, schema=schema),
+        {META_OPERATION: "rollback", META_ROLLBACK_OF: ",".join(done)},
+        [_transaction(run_id, "rollback") for run_id in done],
+    )
     for result in results:
         if result.pairs_restored:
             result.version = version

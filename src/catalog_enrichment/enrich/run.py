@@ -396,10 +396,9 @@ def _stages(
         if checkpoint is not None:
             _expected(job, run, checkpoint)
     check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
-    rejected = rejected_values(
-        catalog.keyed_rows("reviews"), job.model.version, model_name=job.model.name,
-        samples=catalog.keyed_rows("review_samples"),
-    )  # fmt: skip
+    reviews = catalog.keyed_rows("reviews")
+    samples = catalog.keyed_rows("review_samples") if reviews.num_rows else None  # whose verdicts
+    rejected = rejected_values(reviews, job.model.version, model_name=job.model.name, samples=samples)
     run.rejected = len(rejected)
     if rejected:
         say(f"  {len(rejected):,} values people rejected for v{job.model.version}: never written, removed")
