@@ -263,11 +263,13 @@ def test_a_postgres_updated_at_of_infinity_is_read_as_the_far_future_the_rules_q
 def test_a_postgres_incremental_read_takes_the_rows_no_watermark_places(
     spark, pg_catalog_config, incoming
 ) -> None:  # type: ignore[no-untyped-def]
-    """A row stamped before validation.earliest_updated_at (a zero default) is read with the
-    changed rows, whatever the JDBC ranges their bounds give (it lies outside them)."""
+    """A row stamped before validation.earliest_updated_at (a zero default), or one of a partition
+    no run has read yet, is read with the changed rows, whatever the JDBC ranges their bounds give
+    (it lies outside them)."""
     import datetime as dt
 
     from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.catalog.products import Partition
     from catalog_enrichment.contracts import load_contract
 
     catalog = PostgresCatalog(
@@ -289,6 +291,16 @@ def test_a_postgres_incremental_read_takes_the_rows_no_watermark_places(
     earliest = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     rows = catalog.read_products(spark, load_contract("products"), since=since, earliest=earliest).collect()
     assert {r["product_id"] for r in rows} == {old, *changed}  # (a product's stale copy is read too)
+    # the first run over the whole table after a backfill: every row of a partition no run read
+    whole = table["product_id"].to_pylist()[3:8]
+    with catalog.connect() as conn:
+        conn.execute(f"UPDATE {products} SET ingest_date = '2026-10-01' WHERE product_id = ANY(%s)", [whole])
+        days = [d for (d,) in conn.execute(f"SELECT DISTINCT ingest_date::text FROM {products}")]
+    caught_up = [Partition("ingest_date", d) for d in days if d != "2026-10-01"]
+    rows = catalog.read_products(
+        spark, load_contract("products"), since=since, earliest=earliest, caught_up=caught_up
+    ).collect()
+    assert {r["product_id"] for r in rows} == {old, *changed, *whole}
 
 
 def read_table_empty() -> pa.Table:

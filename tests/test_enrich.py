@@ -649,6 +649,43 @@ def test_backfill_resumes_after_an_interruption(spark, tmp_path, taxonomy, incom
     assert sum(r.rows_read for r in reports) == 2400
 
 
+def test_the_first_nightly_after_a_backfill_reads_on_from_its_partitions(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """A catalog too large for one run is backfilled a partition at a time; the first run over the
+    whole table then reads what changed since the partitions' runs and every row of a partition no
+    run read - not the whole table again."""
+    products = tmp_path / "products"
+    shutil.copytree(incoming.products, products)
+    table = read_table(products)
+    at = dt.datetime(2026, 11, 5, tzinfo=dt.UTC)
+    _stamp(products, [p for p in table["product_id"].to_pylist() if p is not None], at)
+    cfg = _cfg(tmp_path / "lake", validation={"max_invalid_fraction": 0.1})
+    catalog = open_catalog(cfg.catalog, products=products)
+    days = BackfillRange(dt.date(2026, 11, 1), dt.date(2026, 11, 3))
+    backfill_partitions(
+        spark, cfg, taxonomy, model=_model(scoring_bundle), days=days, catalog=catalog, progress=_quiet
+    )
+    left = pc.equal(pc.cast(table["ingest_date"], pa.string()), "2026-11-04")
+    expected = pc.sum(left).as_py()
+    said: list[str] = []
+    nightly = functools.partial(
+        run_enrichment, spark, cfg, taxonomy, model=_model(scoring_bundle), catalog=catalog
+    )
+    first = nightly(scope=RunScope(products=products, run_id="nightly-1"), progress=said.append)
+    # (the stamp gave a product's two copies one time: each such pair is read as one row)
+    assert first.report.rows_read + first.report.summary()["repeated_rows"] == expected
+    assert any("reading on from the runs of 3 partitions" in m for m in said)
+    quarantine = read_table(cfg.catalog.table("quarantine"))
+    ours = quarantine.filter(pc.equal(quarantine["run_id"], "nightly-1"))
+    bad_left = pc.sum(pc.and_(left, pc.is_in(table["product_id"], ours["product_id"]))).as_py()
+    assert bad_left > 0  # the unread partition's bad rows got their quarantine rows
+    changed = ["P00000010", "P00000020"]
+    _stamp(products, changed, at + dt.timedelta(hours=2))
+    second = nightly(scope=RunScope(products=products), progress=_quiet)
+    assert second.report.rows_read == len(changed)
+
+
 @pytest.mark.timeout(30)
 def test_a_backfill_checks_before_each_partition_that_its_version_was_not_rolled_back() -> None:
     """backfill_partitions asks before each partition; a version tagged by `rollback --model-version`

@@ -191,3 +191,41 @@ def test_report_updates_carry_values_as_data_not_sql(tmp_path: Path) -> None:
     assert check_run_id("backfill-2026-11-01-tiny-v3:x=1+2") == "backfill-2026-11-01-tiny-v3:x=1+2"
     set_report_status(tmp_path, "r1", "it's' OR '1'='1")  # stored literally, touches one row
     assert {r.run_id: r.status for r in read_reports(tmp_path)} == {"r1": "it's' OR '1'='1", "r2": "failed"}
+
+
+def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partitions() -> None:
+    """With no run over the whole table, a backfill's partition runs are its position: the lowest
+    of their last runs' watermarks, their lists joined, their partitions caught up. A partition
+    whose last runs kept values out, or whose run could not list its timeless rows, or a run of
+    another products table, is not caught up (its rows are read whole)."""
+    from catalog_enrichment.catalog.reports import CAUGHT_UP, RETRY, SEEN, TIMELESS
+    from catalog_enrichment.enrich.stages import ALL, from_partitions
+
+    def run(run_id: str, day: int, hour: int, table: str = "/lake/p", **summary: object) -> RunReport:
+        r = RunReport(run_id=run_id, status="succeeded", partition=f"ingest_date=2026-11-0{day}",
+                      started_at=T + dt.timedelta(hours=hour), watermark=T.replace(hour=hour))  # fmt: skip
+        r.add_to_summary(**{PRODUCTS: table, TIMELESS: [], **summary})
+        return r
+
+    reports = [
+        run("d1-old", 1, 1),
+        run("d1", 1, 5, **{SEEN: [["a", 1]], RETRY: [["x", 1]], TIMELESS: ["t1"]}),
+        run("d2", 2, 3, **{SEEN: [["b", 2]], RETRY: [["x", 2], ["y", 1]]}),
+        run("d3", 3, 0, **{BLOCKED: {"color": "image tone"}}),
+        run("d4", 4, 0, **{TIMELESS: ALL}),
+        run("d5", 5, 0, table="/exports/feed"),
+    ]
+    resumed = from_partitions(reports, "/lake/p", blocked_retries=1)
+    assert resumed is not None and (resumed.run_id, resumed.watermark) == ("d2", T.replace(hour=3))
+    assert resumed.summary() == {
+        SEEN: [["a", 1], ["b", 2]],
+        RETRY: [["x", 2], ["y", 1]],
+        TIMELESS: ["t1"],
+        CAUGHT_UP: ["ingest_date=2026-11-01", "ingest_date=2026-11-02"],
+    }
+    # a blocked partition run not passed over is a position like any (the nightly's own rule)
+    assert "ingest_date=2026-11-03" in from_partitions(reports, "/lake/p", 0).summary()[CAUGHT_UP]  # type: ignore[union-attr]
+    reports[2].add_to_summary(**{SEEN: None})  # too many rows near its watermark to list: read again
+    assert from_partitions(reports, "/lake/p", 1).summary()[SEEN] is None  # type: ignore[union-attr]
+    assert from_partitions(reports, "/exports/other", 1) is None
+    assert from_partitions([r for r in reports if r.run_id in {"d3", "d4"}], "/lake/p", 1) is None

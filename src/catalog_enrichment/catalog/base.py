@@ -167,11 +167,14 @@ class Catalog(Protocol):
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
         earliest: dt.datetime | None = None,
+        caught_up: Sequence[Any] | None = None,
         require_columns: bool = True,
     ) -> DataFrame:
         """The products as a Spark DataFrame of the contract's columns (partition filter; with
         ``since``, only rows with ``updated_at`` after it, ``product_id`` in ``retry``, or none
-        or one before ``earliest``: :func:`~catalog_enrichment.catalog.products.changed_since`), plus a
+        or one before ``earliest``: :func:`~catalog_enrichment.catalog.products.changed_since`, and
+        every row outside the partitions ``caught_up`` where it is given:
+        :func:`~catalog_enrichment.catalog.products.in_window`), plus a
         :data:`~catalog_enrichment.contracts.UNREADABLE` column for each contract column whose
         source values may not fit its type. ``require_columns=False``: a contract column the table
         lacks is left out of the DataFrame (the caller checks the columns: the GX checkpoint).

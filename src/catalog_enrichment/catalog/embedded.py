@@ -89,11 +89,12 @@ class LakehouseCatalog:
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
         earliest: dt.datetime | None = None,
+        caught_up: Sequence[products.Partition] | None = None,
         require_columns: bool = True,
     ) -> DataFrame:
         return products.read_products(
             spark, self.products, contract, partition=partition, since=since, retry=retry,
-            earliest=earliest, require_columns=require_columns,
+            earliest=earliest, caught_up=caught_up, require_columns=require_columns,
         )  # fmt: skip
 
     def image_roots(self) -> list[Path]:

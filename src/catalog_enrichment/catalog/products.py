@@ -217,11 +217,13 @@ def read_products(
     since: dt.datetime | None = None,
     retry: Sequence[str] = (),
     earliest: dt.datetime | None = None,
+    caught_up: Sequence[Partition] | None = None,
     require_columns: bool = True,
 ) -> DataFrame:
     """The products as a Spark DataFrame with the contract's columns, and only those (with
     ``since``: the rows changed after it, those of the products in ``retry`` and the
-    :func:`timeless` ones; ``require_columns=False``: without the contract columns the table lacks).
+    :func:`timeless` ones, and every row outside the partitions ``caught_up`` where it is given:
+    :func:`in_window`; ``require_columns=False``: without the contract columns the table lacks).
 
     Every data file's own schema is checked first (its footer, no data), so a column Spark could
     not read as the contract's type fails here with one line naming the column and the file. What
@@ -254,7 +256,7 @@ def read_products(
         if deleted:
             df = _without_deleted(spark, df, deleted)
     kept = [name for name in contract.names if name not in missing]
-    return in_window(df, schema, partition, since, retry, earliest).select(*kept)
+    return in_window(df, schema, partition, since, retry, earliest, caught_up).select(*kept)
 
 
 def _read_files(
@@ -290,17 +292,26 @@ def in_window(
     since: dt.datetime | None,
     retry: Sequence[str],
     earliest: dt.datetime | None = None,
+    caught_up: Sequence[Partition] | None = None,
 ) -> DataFrame:
     """``df``'s rows of ``partition`` (None: every partition) changed after ``since``, of a product
-    to ``retry`` or :func:`timeless` (None: every row), whatever catalog read them."""
+    to ``retry`` or :func:`timeless` (None: every row), whatever catalog read them. With
+    ``caught_up`` (the partitions earlier runs of their own read up to ``since``: a run over the
+    whole table that reads on from a backfill's), every row of the other partitions too, and those
+    without one."""
     from pyspark.sql import functions as F
 
+    def typed(p: Partition) -> Any:
+        return F.lit(p.value).cast(schema[p.column].dataType)
+
     if partition is not None:
-        df = df.where(
-            F.col(partition.column) == F.lit(partition.value).cast(schema[partition.column].dataType)
-        )
+        df = df.where(F.col(partition.column) == typed(partition))
     if since is not None:
-        df = df.where(changed_since(since, retry, earliest))
+        changed = changed_since(since, retry, earliest)
+        if caught_up:  # of one partition column
+            column = F.col(caught_up[0].column)
+            changed = changed | ~(column.isNotNull() & column.isin([typed(p) for p in caught_up]))
+        df = df.where(changed)
     return df
 
 

@@ -22,6 +22,7 @@ from catalog_enrichment.catalog.base import MergeResult
 from catalog_enrichment.catalog.products import Partition, parse_partition
 from catalog_enrichment.catalog.reports import (
     BLOCKED,
+    CAUGHT_UP,
     EXPECTATIONS,
     FULL,
     PLACEHOLDERS,
@@ -35,6 +36,7 @@ from catalog_enrichment.catalog.reports import (
     check_run_id,
     expectations_line,
     last_run,
+    of_scope,
     placeholders_found,
 )
 from catalog_enrichment.catalog.reviews import rejected_values
@@ -51,6 +53,7 @@ from catalog_enrichment.enrich.stages import (
     Validated,
     collect_decisions,
     describe_window,
+    from_partitions,
     near_watermark,
     new_rows,
     photos_quarantined,
@@ -507,10 +510,23 @@ def _resume_from(
 ) -> RunReport | None:
     """The run over ``partition`` of the ``products`` table this incremental run reads on from: the
     last one, or the one before the latest runs whose health checks kept values out
-    (``validation.health.retries`` of them at most), so their products are scored again."""
+    (``validation.health.retries`` of them at most), so their products are scored again. A run
+    over the whole table with none such before it (nor a ``--full`` one the checks kept values out
+    of) reads on from the runs over single partitions, a backfill's (:func:`from_partitions`)."""
     retries = job.cfg.validation.health.retries
     latest = last_run(reports, partition, products=products)
     last = last_run(reports, partition, products=products, blocked_retries=retries)
+    full = (r.status == "succeeded" and r.summary().get(FULL) for r in reports if of_scope(r, None, products))
+    if partition is None and last is None and not any(full):
+        last = from_partitions(reports, products, retries)
+        if last is not None:
+            done = last.summary()[CAUGHT_UP]
+            job.say(
+                f"  no run over the whole table yet: reading on from the runs of {len(done):,} "
+                f"partitions ({done[0]} to {done[-1]}; the earliest watermark, {last.watermark}) "
+                "and every row of the others"
+            )
+            return last
     if latest is not None and last is not latest:
         blocked = ", ".join(blocked_why(latest.summary().get(BLOCKED)))
         since = "the start" if last is None else f"run {last.run_id}"

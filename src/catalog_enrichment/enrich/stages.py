@@ -4,6 +4,7 @@ validate, score, collect the rows to write, write, store the embeddings."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
@@ -18,7 +19,7 @@ import pyarrow.dataset as ds
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RunWrite
 from catalog_enrichment.catalog.products import Partition, timeless
-from catalog_enrichment.catalog.reports import RETRY, SEEN, TIMELESS, RunReport
+from catalog_enrichment.catalog.reports import CAUGHT_UP, RETRY, SEEN, TIMELESS, RunReport, last_run, of_scope
 from catalog_enrichment.config import InferenceConfig
 from catalog_enrichment.contracts import (
     IMAGE_READABLE,
@@ -66,6 +67,7 @@ __all__ = [
     "Validated",
     "collect_decisions",
     "flatten_scores",
+    "from_partitions",
     "photos_quarantined",
     "read",
     "run_write",
@@ -129,9 +131,11 @@ def read(
     kept = [] if last is None else last.summary().get(SEEN, [])
     seen = None if kept is None else [(str(p), int(at)) for p, at in kept]
     retry = {} if last is None else {str(p): int(n) for p, n in last.summary().get(RETRY, [])}
+    caught_up = None if last is None else last.summary().get(CAUGHT_UP)
     df = catalog.read_products(
         spark, contract, partition=partition, since=since and since - lookback, retry=sorted(retry),
         earliest=earliest, require_columns=require_columns,
+        caught_up=None if caught_up is None else [Partition(*p.split("=", 1)) for p in caught_up],
     )  # fmt: skip
     # a last run from before the lists were kept left them all to a full run: none is new
     done = None if last is None else last.summary().get(TIMELESS, ALL)
@@ -147,6 +151,49 @@ def read(
         df = spark.read.parquet(str(staging / "source"))
     last_id = None if last is None else last.run_id
     return Read(df, since, seen, retry, lookback, superseded, last_id, present, done)
+
+
+def from_partitions(reports: list[RunReport], products: str, blocked_retries: int) -> RunReport | None:
+    """Where a run over the whole ``products`` table that has no such run to read on from starts:
+    the last runs over single partitions (a backfill's, ``enrich --partition``; :func:`last_run`,
+    passing over ``blocked_retries`` blocked ones), taken as one run - the lowest of their
+    watermarks, their lists of rows read and products to retry joined, and those partitions
+    :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP`: every row of the others is read. A
+    partition whose last run could not list its timeless rows (:data:`ALL`) is read whole too.
+    None where no partition has such a run, or the lists grow past :data:`MAX_SEEN` (the run reads
+    everything, as before any backfill). The report is no run's: its id is that of the run whose
+    watermark it takes, so a rollback of that run has later runs read on from the start again."""
+    scopes = sorted({r.partition for r in reports if r.partition and of_scope(r, r.partition, products)})
+    runs = [last_run(reports, scope, products=products, blocked_retries=blocked_retries) for scope in scopes]
+    found = [(r, r.summary()) for r in runs if r is not None and r.watermark is not None]
+    found = [(r, s) for r, s in found if isinstance(s.get(TIMELESS), list)]
+    if not found:
+        return None
+    seen: list[list[Any]] | None = []
+    retry: dict[str, int] = {}
+    timeless_rows: set[str] = set()
+    for _, summary in found:
+        kept = summary.get(SEEN, [])
+        seen = None if seen is None or kept is None else [*seen, *kept]
+        for pid, n in summary.get(RETRY, []):
+            retry[str(pid)] = max(int(n), retry.get(str(pid), 0))
+        timeless_rows.update(summary[TIMELESS])
+    if len(timeless_rows) > MAX_SEEN or len(retry) > MAX_SEEN:
+        return None
+    first = min((r for r, _ in found), key=lambda r: (r.watermark, r.started_at))
+    summary = {
+        SEEN: seen if seen is None or len(seen) <= MAX_SEEN else None,
+        RETRY: sorted(retry.items()),
+        TIMELESS: sorted(timeless_rows),
+        CAUGHT_UP: [str(r.partition) for r, _ in found],
+    }
+    return RunReport(
+        run_id=first.run_id,
+        status="succeeded",
+        started_at=first.started_at,
+        watermark=first.watermark,
+        validation_summary=json.dumps(summary),
+    )
 
 
 def _timeless(

@@ -109,6 +109,7 @@ class Reads(PgBase):
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
         earliest: dt.datetime | None = None,
+        caught_up: Sequence[Partition] | None = None,
         require_columns: bool = True,
     ) -> DataFrame:
         from pyspark.sql import functions as F
@@ -129,7 +130,8 @@ class Reads(PgBase):
                 )
             else:
                 columns.append(F.col(f.name).cast(f.dataType).alias(f.name))
-        return in_window(df.select(*columns, *unreadable), schema, partition, since, retry, earliest)
+        df = df.select(*columns, *unreadable)
+        return in_window(df, schema, partition, since, retry, earliest, caught_up)
 
     def _partitioned_read(
         self,
@@ -148,7 +150,8 @@ class Reads(PgBase):
         if partition is not None:
             conditions.append(sql.SQL("{} = %s").format(sql.Identifier(partition.column)))
             params.append(partition.value)
-        # the window's bounds: a products.timeless row outside them still lands in an edge range
+        # the window's bounds: a products.timeless row outside them, or one of a partition not
+        # caught_up, still lands in an edge range
         # (Spark's first and last take what lies beyond), and an old one would stretch every range
         if since is not None:
             conditions.append(sql.SQL("(updated_at > %s OR product_id = ANY(%s))"))
