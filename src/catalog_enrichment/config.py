@@ -748,6 +748,12 @@ class ValidationConfig(_Section):
     """The products data contract's operational limits."""
 
     max_invalid_fraction: float = Field(0.05, ge=0, le=1, description="Circuit breaker: abort above this.")
+    min_invalid_rows: int = Field(
+        10,
+        ge=1,
+        description="Circuit breaker: abort only where at least this many rows are invalid, so a quiet "
+        "night's one bad row among a dozen is quarantined rather than stopping the run.",
+    )
     image_retries: int = Field(
         3,
         ge=0,

@@ -195,6 +195,18 @@ def test_the_breaker_s_message_counts_what_it_counts() -> None:
     check_breaker(ValidationCounts(1000, 340, {"image_shared": 300, "title_not_null": 40}, held=300), 0.05)
 
 
+def test_a_quiet_night_s_one_bad_row_does_not_trip_the_breaker() -> None:
+    """One bad row among twelve is 8 %, yet no outage: below ``validation.min_invalid_rows`` the
+    breaker lets the run quarantine it; ten bad rows of twelve trip it (held rows count in neither)."""
+    minimum = ValidationConfig().min_invalid_rows
+    check_breaker(ValidationCounts(12, 1, {"title_not_null": 1}), 0.05, minimum)
+    check_breaker(ValidationCounts(12, minimum + 1, {"image_shared": 2}, held=2), 0.05, minimum)
+    with pytest.raises(CircuitBreakerTripped, match=r"10 of 12 rows invalid"):
+        check_breaker(ValidationCounts(12, minimum, {"title_not_null": minimum}), 0.05, minimum)
+    with pytest.raises(CircuitBreakerTripped, match=r"1 of 12 rows invalid"):
+        check_breaker(ValidationCounts(12, 1, {"title_not_null": 1}), 0.05)  # no minimum: as before
+
+
 def test_the_duplicates_are_found_once_and_mark_exactly_the_stale_copies(frame) -> None:  # type: ignore[no-untyped-def]
     rules = build_rules(load_contract("products"), ValidationConfig(), NOW)
     _, duplicates = count_rows(frame, rules)

@@ -398,7 +398,8 @@ def _stages(
             run.seen_next = near_watermark(got, run.watermark())
         if checkpoint is not None:
             _expected(job, run, checkpoint)
-    check_breaker(validated.counts, cfg.validation.max_invalid_fraction)
+    breaker = cfg.validation.max_invalid_fraction, cfg.validation.min_invalid_rows
+    check_breaker(validated.counts, *breaker)
     reviews = catalog.keyed_rows("reviews")
     samples = catalog.keyed_rows("review_samples") if reviews.num_rows else None  # whose verdicts
     rejected = rejected_values(reviews, job.model.version, model_name=job.model.name, samples=samples)
@@ -441,7 +442,7 @@ def _stages(
     scored.health.photos_quarantined(quarantined)
     reads = BundleFolder(job.model.bundle).reads_images()
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say, reads_images=reads)
-    check_breaker(new_rows(decisions, got.retry), cfg.validation.max_invalid_fraction)
+    check_breaker(new_rows(decisions, got.retry), *breaker)
     run.retry_next = retry_next(decisions.quarantine, got.retry, cfg.validation.image_retries)
     fault_point("before_merge")
     with run.stage("write"):

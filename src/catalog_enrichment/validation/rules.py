@@ -630,12 +630,14 @@ class CircuitBreakerTripped(CatalogEnrichError):
     """Too many invalid rows: the run stops before writing anything."""
 
 
-def check_breaker(counts: ValidationCounts, max_fraction: float) -> None:
-    """Raise :class:`CircuitBreakerTripped` when the invalid share exceeds ``max_fraction``."""
-    if counts.rows_read and counts.invalid_fraction > max_fraction:
+def check_breaker(counts: ValidationCounts, max_fraction: float, min_rows: int = 1) -> None:
+    """Raise :class:`CircuitBreakerTripped` when the invalid share exceeds ``max_fraction`` and at
+    least ``min_rows`` rows are invalid (the ``held`` ones counted in neither)."""
+    counted = counts.rows_invalid - counts.held
+    if counts.rows_read and counts.invalid_fraction > max_fraction and counted >= min_rows:
         held = f" (and {counts.held:,} held for the next run, not counted)" if counts.held else ""
         raise CircuitBreakerTripped(
-            f"circuit breaker: {counts.rows_invalid - counts.held:,} of {counts.rows_read:,} rows invalid "
+            f"circuit breaker: {counted:,} of {counts.rows_read:,} rows invalid "
             f"({counts.invalid_fraction:.1%} > validation.max_invalid_fraction {max_fraction:.1%}){held}; "
             f"top failing rules: {counts.top_rules()}. Nothing was written."
         )
