@@ -296,7 +296,7 @@ def test_a_postgres_incremental_read_takes_the_rows_no_watermark_places(
     with catalog.connect() as conn:
         conn.execute(f"UPDATE {products} SET ingest_date = '2026-10-01' WHERE product_id = ANY(%s)", [whole])
         days = [d for (d,) in conn.execute(f"SELECT DISTINCT ingest_date::text FROM {products}")]
-    caught_up = [Partition("ingest_date", d) for d in days if d != "2026-10-01"]
+    caught_up = {Partition("ingest_date", d): since for d in days if d != "2026-10-01"}
     rows = catalog.read_products(
         spark, load_contract("products"), since=since, earliest=earliest, caught_up=caught_up
     ).collect()

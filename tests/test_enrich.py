@@ -653,37 +653,58 @@ def test_the_first_nightly_after_a_backfill_reads_on_from_its_partitions(
     spark, tmp_path, taxonomy, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]
     """A catalog too large for one run is backfilled a partition at a time; the first run over the
-    whole table then reads what changed since the partitions' runs and every row of a partition no
-    run read - not the whole table again."""
+    whole table then reads what changed in each partition since its own run, and every row of a
+    partition no run read - less the old copies of products a partition run read newer."""
     products = tmp_path / "products"
-    shutil.copytree(incoming.products, products)
-    table = read_table(products)
+    table = read_table(incoming.products)
+    day = pc.cast(table["ingest_date"], pa.string())
     at = dt.datetime(2026, 11, 5, tzinfo=dt.UTC)
-    _stamp(products, [p for p in table["product_id"].to_pylist() if p is not None], at)
+    # three products of the 2nd with an older copy in the 1st, the partition the backfill leaves out
+    newer = table.filter(pc.and_(pc.equal(day, "2026-11-02"), pc.is_valid(table["product_id"]))).slice(0, 3)
+    column = table.schema.get_field_index("ingest_date")
+    older = newer.set_column(column, "ingest_date", pa.array([dt.date(2026, 11, 1)] * 3, pa.date32()))
+    table = pa.concat_tables([table, older.cast(table.schema)])
+    day = pc.cast(table["ingest_date"], pa.string())
+    # each partition's rows stamped a day after the one before; a few of the 3rd's three hours before
+    # the others: read by its run, not near its watermark, yet newer than the 2nd's watermark
+    early = [d.endswith("03") and i % 100 == 0 for i, d in enumerate(day.to_pylist())]
+    offset = [int(d[-1]) * 24 - 3 * e for d, e in zip(day.to_pylist(), early, strict=True)]
+    times = pa.array([at + dt.timedelta(hours=h) for h in offset], table.schema.field("updated_at").type)
+    table = table.set_column(table.schema.get_field_index("updated_at"), "updated_at", times)
+    write_table(products, table, partition_by=["ingest_date"])
     cfg = _cfg(tmp_path / "lake", validation={"max_invalid_fraction": 0.1})
     catalog = open_catalog(cfg.catalog, products=products)
-    days = BackfillRange(dt.date(2026, 11, 1), dt.date(2026, 11, 3))
+    days = BackfillRange(dt.date(2026, 11, 2), dt.date(2026, 11, 4))
     backfill_partitions(
         spark, cfg, taxonomy, model=_model(scoring_bundle), days=days, catalog=catalog, progress=_quiet
     )
-    left = pc.equal(pc.cast(table["ingest_date"], pa.string()), "2026-11-04")
-    expected = pc.sum(left).as_py()
     said: list[str] = []
     nightly = functools.partial(
         run_enrichment, spark, cfg, taxonomy, model=_model(scoring_bundle), catalog=catalog
     )
     first = nightly(scope=RunScope(products=products, run_id="nightly-1"), progress=said.append)
-    # (the stamp gave a product's two copies one time: each such pair is read as one row)
-    assert first.report.rows_read + first.report.summary()["repeated_rows"] == expected
     assert any("reading on from the runs of 3 partitions" in m for m in said)
+    # (a product's copies within one partition share its time: such a pair is read as one row; a row
+    # without an id is read again inside its partition's look-back, as in any run's: no list names it)
+    first_day = pc.equal(day, "2026-11-01")
+    no_id = pc.and_(pc.invert(first_day), pc.is_null(table["product_id"]))
+    left = pc.sum(first_day).as_py() - 3 + pc.sum(no_id).as_py()
+    summary = first.report.summary()
+    assert summary["superseded"] == 3
+    assert first.report.rows_read + summary.get("repeated_rows", 0) == left
     quarantine = read_table(cfg.catalog.table("quarantine"))
     ours = quarantine.filter(pc.equal(quarantine["run_id"], "nightly-1"))
-    bad_left = pc.sum(pc.and_(left, pc.is_in(table["product_id"], ours["product_id"]))).as_py()
+    assert pc.sum(pc.is_in(ours["product_id"], older["product_id"])).as_py() == 0
+    attrs = read_table(cfg.catalog.table("attributes"))
+    theirs = attrs.filter(pc.is_in(attrs["product_id"], older["product_id"]))
+    assert set(theirs["run_id"].to_pylist()) - {None} == {"backfill-2026-11-02-tiny-v1"}
+    bad_left = pc.sum(pc.and_(first_day, pc.is_in(table["product_id"], ours["product_id"]))).as_py()
     assert bad_left > 0  # the unread partition's bad rows got their quarantine rows
     changed = ["P00000010", "P00000020"]
-    _stamp(products, changed, at + dt.timedelta(hours=2))
+    _stamp(products, changed, at + dt.timedelta(days=5))
     second = nightly(scope=RunScope(products=products), progress=_quiet)
-    assert second.report.rows_read == len(changed)
+    latest_no_id = pc.and_(pc.equal(day, "2026-11-04"), pc.is_null(table["product_id"]))
+    assert second.report.rows_read == len(changed) + pc.sum(latest_no_id).as_py()  # a run over the table
 
 
 @pytest.mark.timeout(30)

@@ -194,8 +194,9 @@ def test_report_updates_carry_values_as_data_not_sql(tmp_path: Path) -> None:
 
 
 def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partitions() -> None:
-    """With no run over the whole table, a backfill's partition runs are its position: the lowest
-    of their last runs' watermarks, their lists joined, their partitions caught up. A partition
+    """With no run over the whole table, a backfill's partition runs are its position: each
+    partition caught up to its last run's watermark, their lists joined, the highest watermark the
+    next position. A partition
     whose last runs kept values out, or whose run could not list its timeless rows, or a run of
     another products table, is not caught up (its rows are read whole)."""
     from catalog_enrichment.catalog.reports import CAUGHT_UP, RETRY, SEEN, TIMELESS
@@ -216,15 +217,19 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
         run("d5", 5, 0, table="/exports/feed"),
     ]
     resumed = from_partitions(reports, "/lake/p", blocked_retries=1)
-    assert resumed is not None and (resumed.run_id, resumed.watermark) == ("d2", T.replace(hour=3))
+    assert resumed is not None and (resumed.run_id, resumed.watermark) == ("d1", T.replace(hour=5))
     assert resumed.summary() == {
         SEEN: [["a", 1], ["b", 2]],
         RETRY: [["x", 2], ["y", 1]],
         TIMELESS: ["t1"],
-        CAUGHT_UP: ["ingest_date=2026-11-01", "ingest_date=2026-11-02"],
+        CAUGHT_UP: [
+            ["ingest_date=2026-11-01", T.replace(hour=5).isoformat()],
+            ["ingest_date=2026-11-02", T.replace(hour=3).isoformat()],
+        ],
     }
     # a blocked partition run not passed over is a position like any (the nightly's own rule)
-    assert "ingest_date=2026-11-03" in from_partitions(reports, "/lake/p", 0).summary()[CAUGHT_UP]  # type: ignore[union-attr]
+    caught_up = from_partitions(reports, "/lake/p", 0).summary()[CAUGHT_UP]  # type: ignore[union-attr]
+    assert "ingest_date=2026-11-03" in [scope for scope, _ in caught_up]
     reports[2].add_to_summary(**{SEEN: None})  # too many rows near its watermark to list: read again
     assert from_partitions(reports, "/lake/p", 1).summary()[SEEN] is None  # type: ignore[union-attr]
     assert from_partitions(reports, "/exports/other", 1) is None

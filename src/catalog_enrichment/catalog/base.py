@@ -167,13 +167,14 @@ class Catalog(Protocol):
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
         earliest: dt.datetime | None = None,
-        caught_up: Sequence[Any] | None = None,
+        caught_up: Mapping[Any, dt.datetime] | None = None,
         require_columns: bool = True,
     ) -> DataFrame:
         """The products as a Spark DataFrame of the contract's columns (partition filter; with
         ``since``, only rows with ``updated_at`` after it, ``product_id`` in ``retry``, or none
         or one before ``earliest``: :func:`~catalog_enrichment.catalog.products.changed_since`, and
-        every row outside the partitions ``caught_up`` where it is given:
+        with ``caught_up`` each of its partitions' rows changed after its own time and every row of
+        the others:
         :func:`~catalog_enrichment.catalog.products.in_window`), plus a
         :data:`~catalog_enrichment.contracts.UNREADABLE` column for each contract column whose
         source values may not fit its type. ``require_columns=False``: a contract column the table

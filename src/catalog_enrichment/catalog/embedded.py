@@ -89,7 +89,7 @@ class LakehouseCatalog:
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
         earliest: dt.datetime | None = None,
-        caught_up: Sequence[products.Partition] | None = None,
+        caught_up: Mapping[products.Partition, dt.datetime] | None = None,
         require_columns: bool = True,
     ) -> DataFrame:
         return products.read_products(

@@ -18,7 +18,7 @@ import datetime as dt
 import functools
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -217,12 +217,13 @@ def read_products(
     since: dt.datetime | None = None,
     retry: Sequence[str] = (),
     earliest: dt.datetime | None = None,
-    caught_up: Sequence[Partition] | None = None,
+    caught_up: Mapping[Partition, dt.datetime] | None = None,
     require_columns: bool = True,
 ) -> DataFrame:
     """The products as a Spark DataFrame with the contract's columns, and only those (with
     ``since``: the rows changed after it, those of the products in ``retry`` and the
-    :func:`timeless` ones, and every row outside the partitions ``caught_up`` where it is given:
+    :func:`timeless` ones, and with ``caught_up`` each of its partitions' rows changed after its own
+    time and every row of the others:
     :func:`in_window`; ``require_columns=False``: without the contract columns the table lacks).
 
     Every data file's own schema is checked first (its footer, no data), so a column Spark could
@@ -292,13 +293,13 @@ def in_window(
     since: dt.datetime | None,
     retry: Sequence[str],
     earliest: dt.datetime | None = None,
-    caught_up: Sequence[Partition] | None = None,
+    caught_up: Mapping[Partition, dt.datetime] | None = None,
 ) -> DataFrame:
     """``df``'s rows of ``partition`` (None: every partition) changed after ``since``, of a product
     to ``retry`` or :func:`timeless` (None: every row), whatever catalog read them. With
-    ``caught_up`` (the partitions earlier runs of their own read up to ``since``: a run over the
-    whole table that reads on from a backfill's), every row of the other partitions too, and those
-    without one."""
+    ``caught_up`` (partition -> the time after which its rows are new to the run: a run over the
+    whole table that reads on from a backfill's partition runs), a partition's rows changed after
+    its own time, and every row of the other partitions and of none."""
     from pyspark.sql import functions as F
 
     def typed(p: Partition) -> Any:
@@ -309,8 +310,10 @@ def in_window(
     if since is not None:
         changed = changed_since(since, retry, earliest)
         if caught_up:  # of one partition column
-            column = F.col(caught_up[0].column)
+            column = F.col(next(iter(caught_up)).column)
             changed = changed | ~(column.isNotNull() & column.isin([typed(p) for p in caught_up]))
+            for p, start in caught_up.items():
+                changed = changed | ((column == typed(p)) & (F.col("updated_at") > F.lit(start)))
         df = df.where(changed)
     return df
 

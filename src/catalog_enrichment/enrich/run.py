@@ -517,17 +517,16 @@ def _resume_from(
     retries = job.cfg.validation.health.retries
     latest = last_run(reports, partition, products=products)
     last = last_run(reports, partition, products=products, blocked_retries=retries)
-    full = (r.status == "succeeded" and r.summary().get(FULL) for r in reports if of_scope(r, None, products))
-    if partition is None and last is None and not any(full):
+    whole = [r for r in reports if r.status == "succeeded" and of_scope(r, None, products)]
+    if partition is None and last is None and not any(r.summary().get(FULL) for r in whole):
         last = from_partitions(reports, products, retries)
         if last is not None:
-            done = last.summary()[CAUGHT_UP]
+            done = [scope for scope, _ in last.summary()[CAUGHT_UP]]
             job.say(
                 f"  no run over the whole table yet: reading on from the runs of {len(done):,} "
-                f"partitions ({done[0]} to {done[-1]}; the earliest watermark, {last.watermark}) "
-                "and every row of the others"
+                f"partitions ({done[0]} to {done[-1]}), what changed in each since its run, and "
+                "every row of the others"
             )
-            return last
     if latest is not None and last is not latest:
         blocked = ", ".join(blocked_why(latest.summary().get(BLOCKED)))
         since = "the start" if last is None else f"run {last.run_id}"

@@ -131,17 +131,19 @@ def read(
     kept = [] if last is None else last.summary().get(SEEN, [])
     seen = None if kept is None else [(str(p), int(at)) for p, at in kept]
     retry = {} if last is None else {str(p): int(n) for p, n in last.summary().get(RETRY, [])}
-    caught_up = None if last is None else last.summary().get(CAUGHT_UP)
+    caught = None if last is None else last.summary().get(CAUGHT_UP)
+    caught_up = None
+    if caught is not None:  # each partition's own window
+        caught_up = {Partition(*p.split("=", 1)): dt.datetime.fromisoformat(w) - lookback for p, w in caught}
     df = catalog.read_products(
         spark, contract, partition=partition, since=since and since - lookback, retry=sorted(retry),
-        earliest=earliest, require_columns=require_columns,
-        caught_up=None if caught_up is None else [Partition(*p.split("=", 1)) for p in caught_up],
+        earliest=earliest, caught_up=caught_up, require_columns=require_columns,
     )  # fmt: skip
     # a last run from before the lists were kept left them all to a full run: none is new
     done = None if last is None else last.summary().get(TIMELESS, ALL)
     df, present = _timeless(spark, df, earliest, done)
     superseded = 0
-    if partition is not None:
+    if partition is not None or caught_up is not None:
         df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
     df, late = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
     df, older = _older_retried(spark, df, sorted(retry))
@@ -156,15 +158,18 @@ def read(
 def from_partitions(reports: list[RunReport], products: str, blocked_retries: int) -> RunReport | None:
     """Where a run over the whole ``products`` table that has no such run to read on from starts:
     the last runs over single partitions (a backfill's, ``enrich --partition``; :func:`last_run`,
-    passing over ``blocked_retries`` blocked ones), taken as one run - the lowest of their
-    watermarks, their lists of rows read and products to retry joined, and those partitions
-    :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP`: every row of the others is read. A
-    partition whose last run could not list its timeless rows (:data:`ALL`) is read whole too.
-    None where no partition has such a run, or the lists grow past :data:`MAX_SEEN` (the run reads
-    everything, as before any backfill). The report is no run's: its id is that of the run whose
-    watermark it takes, so a rollback of that run has later runs read on from the start again."""
-    scopes = sorted({r.partition for r in reports if r.partition and of_scope(r, r.partition, products)})
-    runs = [last_run(reports, scope, products=products, blocked_retries=blocked_retries) for scope in scopes]
+    passing over ``blocked_retries`` blocked ones), taken as one run - each partition
+    :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP` to its own run's watermark (the run
+    reads what changed there since, and every row of the other partitions), their lists of rows
+    read and products to retry joined, the highest watermark and its run's id as the position the
+    next run reads on from. A partition whose last run could not list its timeless rows
+    (:data:`ALL`) is read whole. None where no partition has such a run, or the lists name more
+    than :data:`MAX_SEEN` products (the run reads everything, as before any backfill)."""
+    by_scope: dict[str, list[RunReport]] = {}
+    for r in sorted(reports, key=lambda r: str(r.partition)):  # last_run reads a partition's own reports
+        if r.partition and of_scope(r, r.partition, products):
+            by_scope.setdefault(r.partition, []).append(r)
+    runs = [last_run(by_scope[s], s, products=products, blocked_retries=blocked_retries) for s in by_scope]
     found = [(r, r.summary()) for r in runs if r is not None and r.watermark is not None]
     found = [(r, s) for r, s in found if isinstance(s.get(TIMELESS), list)]
     if not found:
@@ -174,24 +179,24 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
     timeless_rows: set[str] = set()
     for _, summary in found:
         kept = summary.get(SEEN, [])
-        seen = None if seen is None or kept is None else [*seen, *kept]
+        seen = None if seen is None or kept is None or len(seen) + len(kept) > MAX_SEEN else [*seen, *kept]
         for pid, n in summary.get(RETRY, []):
             retry[str(pid)] = max(int(n), retry.get(str(pid), 0))
         timeless_rows.update(summary[TIMELESS])
     if len(timeless_rows) > MAX_SEEN or len(retry) > MAX_SEEN:
         return None
-    first = min((r for r, _ in found), key=lambda r: (r.watermark, r.started_at))
+    last = max((r for r, _ in found), key=lambda r: (r.watermark, r.started_at))
     summary = {
-        SEEN: seen if seen is None or len(seen) <= MAX_SEEN else None,
+        SEEN: seen,
         RETRY: sorted(retry.items()),
         TIMELESS: sorted(timeless_rows),
-        CAUGHT_UP: [str(r.partition) for r, _ in found],
+        CAUGHT_UP: [[r.partition, r.watermark.isoformat()] for r, _ in found if r.watermark],
     }
     return RunReport(
-        run_id=first.run_id,
+        run_id=last.run_id,
         status="succeeded",
-        started_at=first.started_at,
-        watermark=first.watermark,
+        started_at=last.started_at,
+        watermark=last.watermark,
         validation_summary=json.dumps(summary),
     )
 
@@ -236,14 +241,17 @@ def _superseded(
     catalog: Catalog,
     contract: Contract,
     df: DataFrame,
-    partition: Partition,
+    partition: Partition | None,
     staging: Path,
 ) -> tuple[DataFrame, int]:
     """``df`` (rows of ``partition``) without the rows of a product that another partition holds a
     later ``updated_at`` of, and how many those were. Such a row is an old copy, not bad data: a
     backfill of an old partition must not write what it says over what its newer copy gave, nor
-    quarantine it. The table's other partitions are read for their ids and times only, in Spark,
-    and only the partition's own products are grouped; the keys of the rows left out are staged
+    quarantine it. Without ``partition`` (a run over the whole table reading on from partitions'
+    runs: ``df`` holds every row of some partitions and the changed rows of the others), the rows
+    of a product that a row it does not read holds a later ``updated_at`` of. The table's other
+    rows are read for their ids and times only, in Spark,
+    and only the run's own products are grouped; the keys of the rows left out are staged
     (``staging/superseded``), so no stage reads the whole table again. Up to :data:`MAX_SEEN` of
     them are broadcast; more, and the partition's other rows are staged once (``staging/partition``)
     rather than each stage shuffling their photos through the join."""
@@ -252,9 +260,12 @@ def _superseded(
     if not {"product_id", "updated_at"} <= set(df.columns):  # the checkpoint names what is missing
         return df, 0
     every = catalog.read_products(spark, contract, require_columns=False)
-    elsewhere = every.filter(~F.col(partition.column).eqNullSafe(F.lit(partition.value).cast(
-        every.schema[partition.column].dataType)))  # fmt: skip
     mine = df.select("product_id", F.unix_micros("updated_at").alias(_UNIX_MICROS))
+    if partition is None:
+        elsewhere = _without_rows(every, mine)
+    else:
+        elsewhere = every.filter(~F.col(partition.column).eqNullSafe(F.lit(partition.value).cast(
+            every.schema[partition.column].dataType)))  # fmt: skip
     theirs = elsewhere.select("product_id", F.unix_micros("updated_at").alias("_at"))
     newest = (
         theirs.join(mine.select("product_id").distinct(), "product_id", "left_semi")

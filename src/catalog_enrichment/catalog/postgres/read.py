@@ -109,7 +109,7 @@ class Reads(PgBase):
         since: dt.datetime | None = None,
         retry: Sequence[str] = (),
         earliest: dt.datetime | None = None,
-        caught_up: Sequence[Partition] | None = None,
+        caught_up: Mapping[Partition, dt.datetime] | None = None,
         require_columns: bool = True,
     ) -> DataFrame:
         from pyspark.sql import functions as F
