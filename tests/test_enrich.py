@@ -588,6 +588,24 @@ def test_circuit_breaker_aborts_before_any_write(spark, tmp_path, taxonomy, inco
     assert not (Path(cfg.catalog.root) / "_staging" / "too-bad").exists()
 
 
+def test_a_run_too_large_for_the_driver_is_refused_before_anything_is_scored(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Where the valid rows' decisions would not fit the driver's free memory the run stops at
+    once, saying what it would hold and what to do - not an out-of-memory crash after the scoring."""
+    from catalog_enrichment.catalog import embedded
+    from catalog_enrichment.enrich.stages import DRIVER_BYTES_PER_PRODUCT
+
+    cfg = _catalog(tmp_path, incoming)
+    before = read_table(cfg.catalog.table("attributes"))
+    monkeypatch.setattr(embedded, "available_memory", lambda: 100 * DRIVER_BYTES_PER_PRODUCT)
+    with pytest.raises(CatalogEnrichError, match=r"would score 2,3\d\d products .* catalog-enrich backfill"):
+        _run(spark, cfg, taxonomy, incoming, scoring_bundle, full=True, run_id="big")
+    report = report_for(read_reports(cfg.catalog.table("run_reports")), "big")
+    assert report.status == "failed" and report.rows_scored == 0 and "score" not in report.stage_seconds
+    assert read_table(cfg.catalog.table("attributes")).equals(before)
+
+
 def test_bad_inputs_fail_before_anything_is_written(
     spark, tmp_path, taxonomy, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]

@@ -51,6 +51,7 @@ from catalog_enrichment.enrich.stages import (
     Read,
     Scored,
     Validated,
+    check_driver_room,
     collect_decisions,
     describe_window,
     from_partitions,
@@ -400,6 +401,7 @@ def _stages(
             _expected(job, run, checkpoint)
     breaker = cfg.validation.max_invalid_fraction, cfg.validation.min_invalid_rows
     check_breaker(validated.counts, *breaker)
+    check_driver_room(validated.counts.rows_read - validated.counts.rows_invalid)
     reviews = catalog.keyed_rows("reviews")
     samples = catalog.keyed_rows("review_samples") if reviews.num_rows else None  # whose verdicts
     rejected = rejected_values(reviews, job.model.version, model_name=job.model.name, samples=samples)

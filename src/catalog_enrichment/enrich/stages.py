@@ -65,6 +65,7 @@ __all__ = [
     "Read",
     "Scored",
     "Validated",
+    "check_driver_room",
     "collect_decisions",
     "flatten_scores",
     "from_partitions",
@@ -79,6 +80,9 @@ __all__ = [
 
 _UNIX_MICROS = "_updated_at_us"
 MAX_SEEN = 100_000
+# what a run holds on the driver a product it scores: the decisions and the write's source (about
+# 2.7 KB measured: docs/benchmarks.md, "Marketplace scale"; rounded up for wider taxonomies)
+DRIVER_BYTES_PER_PRODUCT = 4096
 # a run's list of the products with a timeless row (_timeless) where it names every one: more than
 # MAX_SEEN, or a run from before the lists were kept
 ALL = "all"
@@ -292,6 +296,26 @@ def _without_rows(df: DataFrame, keys: DataFrame) -> DataFrame:
 
     with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))
     return with_us.join(keys, ["product_id", _UNIX_MICROS], "left_anti").select(*df.columns)
+
+
+def check_driver_room(products: int) -> None:
+    """Refuse, before anything is scored, a run of ``products`` valid rows whose decisions would
+    not fit the driver's free memory (:data:`DRIVER_BYTES_PER_PRODUCT` each): a table this large
+    gets its first values a partition at a time, and the nightly after reads on from there.
+
+    Raises:
+        CatalogEnrichError: what the run would hold, what is free, and what to do instead.
+    """
+    from catalog_enrichment.catalog.embedded import available_memory
+
+    need, free = products * DRIVER_BYTES_PER_PRODUCT, available_memory()
+    if need > free:
+        raise CatalogEnrichError(
+            f"this run would score {products:,} products and hold their decisions on the driver, about "
+            f"{need / 2**30:.1f} GB, with {free / 2**30:.1f} GB free: nothing was scored or written. Run "
+            "catalog-enrich backfill (a partition at a time; the nightly after it reads on from the "
+            "partitions' runs), or give the driver more memory"
+        )
 
 
 def describe_window(got: Read) -> str:
