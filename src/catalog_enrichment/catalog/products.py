@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Partition",
     "changed_since",
+    "in_partitions",
     "list_partitions",
     "parse_partition",
     "read_products",
@@ -302,20 +303,31 @@ def in_window(
     its own time, and every row of the other partitions and of none."""
     from pyspark.sql import functions as F
 
-    def typed(p: Partition) -> Any:
-        return F.lit(p.value).cast(schema[p.column].dataType)
-
     if partition is not None:
-        df = df.where(F.col(partition.column) == typed(partition))
+        df = df.where(F.col(partition.column) == _typed(partition, schema))
     if since is not None:
         changed = changed_since(since, retry, earliest)
-        if caught_up:  # of one partition column
-            column = F.col(next(iter(caught_up)).column)
-            changed = changed | ~(column.isNotNull() & column.isin([typed(p) for p in caught_up]))
+        if caught_up:
+            changed = changed | ~in_partitions(caught_up, schema)
             for p, start in caught_up.items():
-                changed = changed | ((column == typed(p)) & (F.col("updated_at") > F.lit(start)))
+                changed = changed | (in_partitions([p], schema) & (F.col("updated_at") > F.lit(start)))
         df = df.where(changed)
     return df
+
+
+def in_partitions(partitions: Collection[Partition], schema: Any) -> Any:
+    """A row of one of ``partitions`` (of one partition column; ``schema``: the DataFrame's), never
+    null (a Spark condition)."""
+    from pyspark.sql import functions as F
+
+    column = F.col(next(iter(partitions)).column)
+    return column.isNotNull() & column.isin([_typed(p, schema) for p in partitions])
+
+
+def _typed(partition: Partition, schema: Any) -> Any:
+    from pyspark.sql import functions as F
+
+    return F.lit(partition.value).cast(schema[partition.column].dataType)
 
 
 def timeless(earliest: dt.datetime | None) -> Any:

@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RunWrite
-from catalog_enrichment.catalog.products import Partition, timeless
+from catalog_enrichment.catalog.products import Partition, in_partitions, timeless
 from catalog_enrichment.catalog.reports import CAUGHT_UP, RETRY, SEEN, TIMELESS, RunReport, last_run, of_scope
 from catalog_enrichment.config import InferenceConfig
 from catalog_enrichment.contracts import (
@@ -145,7 +145,8 @@ def read(
     )  # fmt: skip
     # a last run from before the lists were kept left them all to a full run: none is new
     done = None if last is None else last.summary().get(TIMELESS, ALL)
-    df, present = _timeless(spark, df, earliest, done)
+    within = None if not caught_up else in_partitions(caught_up, df.schema)
+    df, present = _timeless(spark, df, earliest, done, within)
     superseded = 0
     if partition is not None or caught_up is not None:
         df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
@@ -206,7 +207,11 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
 
 
 def _timeless(
-    spark: SparkSession, df: DataFrame, earliest: dt.datetime | None, done: list[str] | str | None
+    spark: SparkSession,
+    df: DataFrame,
+    earliest: dt.datetime | None,
+    done: list[str] | str | None,
+    within: Any = None,
 ) -> tuple[DataFrame, list[str] | str]:
     """``df`` without the :func:`~catalog_enrichment.catalog.products.timeless` rows of the products
     ``done`` (the last run's list: it read those and quarantined them, or found them so - without a
@@ -215,7 +220,8 @@ def _timeless(
     ``df`` now, for the next run (:data:`ALL` when more than :data:`MAX_SEEN`: the next run leaves
     them all to a full run, as runs did before the lists were kept). So a row without a time that
     arrives between two incremental runs is quarantined by the next one and counted by its breaker
-    once, not left for a full run to find."""
+    once, not left for a full run to find. ``within``: where ``done`` holds (a Spark condition:
+    the partitions whose runs listed them, for a run reading on from them), None: every row."""
     from pyspark.sql import functions as F
 
     if "updated_at" not in df.columns or "product_id" not in df.columns:  # the checkpoint names it
@@ -230,13 +236,14 @@ def _timeless(
     present: list[str] | str = sorted(str(r[0]) for r in rows) if len(rows) <= MAX_SEEN else ALL
     if done is None:  # a read of every row
         return df, present
+    read = timeless(earliest) if within is None else timeless(earliest) & within
     if done == ALL:
-        return df.where(~timeless(earliest)), present
+        return df.where(~read), present
     if not done:  # one without an id too: nothing tells a later run it was read (a full run reads it)
-        return df.where(~(timeless(earliest) & F.col("product_id").isNull())), present
+        return df.where(~(read & F.col("product_id").isNull())), present
     ids = spark.createDataFrame([(str(p),) for p in done], "product_id string")
     marked = df.join(F.broadcast(ids.withColumn("_done", F.lit(True))), "product_id", "left")
-    old = timeless(earliest) & (F.col("product_id").isNull() | F.coalesce(F.col("_done"), F.lit(False)))
+    old = read & (F.col("product_id").isNull() | F.coalesce(F.col("_done"), F.lit(False)))
     return marked.where(~old).select(*df.columns), present
 
 
