@@ -85,3 +85,27 @@ def test_a_read_takes_its_files_and_their_deletion_vectors_from_one_version(
     assert committed and sorted(r["product_id"] for r in read.collect()) == ["a0", "a2"]
     monkeypatch.undo()
     assert [r["product_id"] for r in read_products(spark, table, PRODUCTS).collect()] == ["z0"]
+
+
+def test_a_read_on_from_a_thousand_partitions_runs_takes_each_partition_s_own_window(
+    spark: Any, tmp_path: Path
+) -> None:
+    """The first nightly after a backfill of a thousand days: each day's rows changed after its own
+    run's time, every row of a day no run read - one condition a partition would overflow the
+    driver's stack long before a thousand."""
+    days = [dt.date(2024, 1, 1) + dt.timedelta(days=i) for i in range(1001)]
+    at, hour = [T0 + dt.timedelta(days=i) for i in range(len(days))], dt.timedelta(hours=1)
+    rows = [
+        {"product_id": f"p{i}-{k}", "title": "t", "updated_at": at[i] + k * hour, "ingest_date": d}
+        for i, d in enumerate(days)
+        for k in (0, 2)
+    ]
+    table = tmp_path / "products"
+    rows_table = pa.Table.from_pylist(rows, schema=PRODUCTS.arrow_schema())
+    write_deltalake(str(table), rows_table, partition_by=["ingest_date"])
+    # every day but the last caught up to an hour after its first row: its second row is new
+    caught_up = {Partition("ingest_date", str(d)): at[i] + hour for i, d in enumerate(days[:-1])}
+    since = at[-1] + 3 * hour  # the highest run's watermark: past every row
+    read = read_products(spark, table, PRODUCTS, since=since, caught_up=caught_up)
+    got = sorted(r["product_id"] for r in read.collect())
+    assert got == sorted([f"p{i}-2" for i in range(1000)] + ["p1000-0", "p1000-2"])

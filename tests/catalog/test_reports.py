@@ -221,7 +221,7 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
     assert resumed.summary() == {
         SEEN: [["a", 1], ["b", 2]],
         RETRY: [["x", 2], ["y", 1]],
-        TIMELESS: ["t1"],
+        TIMELESS: [["ingest_date=2026-11-01", "t1"]],  # its run read that one's row of a timeless product
         CAUGHT_UP: [
             ["ingest_date=2026-11-01", T.replace(hour=5).isoformat()],
             ["ingest_date=2026-11-02", T.replace(hour=3).isoformat()],

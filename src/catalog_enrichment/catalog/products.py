@@ -305,14 +305,23 @@ def in_window(
 
     if partition is not None:
         df = df.where(F.col(partition.column) == _typed(partition, schema))
-    if since is not None:
-        changed = changed_since(since, retry, earliest)
-        if caught_up:
-            changed = changed | ~in_partitions(caught_up, schema)
-            for p, start in caught_up.items():
-                changed = changed | (in_partitions([p], schema) & (F.col("updated_at") > F.lit(start)))
-        df = df.where(changed)
-    return df
+    if since is None:
+        return df
+    if not caught_up:
+        return df.where(changed_since(since, retry, earliest))
+    # one flat condition the source can take (Parquet statistics, the JDBC query), then each caught-up
+    # partition's own start through a broadcast join: a condition per partition would nest one level
+    # deeper each, past the driver's stack at a few hundred partitions
+    column, cut = next(iter(caught_up)).column, "_caught_up_after"
+    wide = changed_since(min(caught_up.values()), retry, earliest) | ~in_partitions(caught_up, schema)
+    starts = df.sparkSession.createDataFrame(
+        [(p.value, start) for p, start in caught_up.items()], f"_partition string, {cut} timestamp"
+    )
+    joined = df.where(wide).join(
+        F.broadcast(starts), F.col(column).cast("string") == F.col("_partition"), "left"
+    )
+    new = F.col(cut).isNull() | (F.col("updated_at") > F.col(cut)) | changed_since(since, retry, earliest)
+    return joined.where(new).select(*df.columns)
 
 
 def in_partitions(partitions: Collection[Partition], schema: Any) -> Any:

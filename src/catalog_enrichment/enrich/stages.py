@@ -145,8 +145,7 @@ def read(
     )  # fmt: skip
     # a last run from before the lists were kept left them all to a full run: none is new
     done = None if last is None else last.summary().get(TIMELESS, ALL)
-    within = None if not caught_up else in_partitions(caught_up, df.schema)
-    df, present = _timeless(spark, df, earliest, done, within)
+    df, present = _timeless(spark, df, earliest, done, caught_up or None)
     superseded = 0
     if partition is not None or caught_up is not None:
         df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
@@ -181,20 +180,20 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
         return None
     seen: list[list[Any]] | None = []
     retry: dict[str, int] = {}
-    timeless_rows: set[str] = set()
-    for _, summary in found:
+    timeless_rows: set[tuple[str, str]] = set()  # (partition, product): its run read that one's
+    for run, summary in found:
         kept = summary.get(SEEN, [])
         seen = None if seen is None or kept is None or len(seen) + len(kept) > MAX_SEEN else [*seen, *kept]
         for pid, n in summary.get(RETRY, []):
             retry[str(pid)] = max(int(n), retry.get(str(pid), 0))
-        timeless_rows.update(summary[TIMELESS])
+        timeless_rows.update((str(run.partition), str(p)) for p in summary[TIMELESS])
     if len(timeless_rows) > MAX_SEEN or len(retry) > MAX_SEEN:
         return None
     last = max((r for r, _ in found), key=lambda r: (r.watermark, r.started_at))
     summary = {
         SEEN: seen,
         RETRY: sorted(retry.items()),
-        TIMELESS: sorted(timeless_rows),
+        TIMELESS: [list(pair) for pair in sorted(timeless_rows)],
         CAUGHT_UP: [[r.partition, r.watermark.isoformat()] for r, _ in found if r.watermark],
     }
     return RunReport(
@@ -210,8 +209,8 @@ def _timeless(
     spark: SparkSession,
     df: DataFrame,
     earliest: dt.datetime | None,
-    done: list[str] | str | None,
-    within: Any = None,
+    done: list[Any] | str | None,
+    within: Collection[Partition] | None = None,
 ) -> tuple[DataFrame, list[str] | str]:
     """``df`` without the :func:`~catalog_enrichment.catalog.products.timeless` rows of the products
     ``done`` (the last run's list: it read those and quarantined them, or found them so - without a
@@ -220,8 +219,9 @@ def _timeless(
     ``df`` now, for the next run (:data:`ALL` when more than :data:`MAX_SEEN`: the next run leaves
     them all to a full run, as runs did before the lists were kept). So a row without a time that
     arrives between two incremental runs is quarantined by the next one and counted by its breaker
-    once, not left for a full run to find. ``within``: where ``done`` holds (a Spark condition:
-    the partitions whose runs listed them, for a run reading on from them), None: every row."""
+    once, not left for a full run to find. ``within``: the partitions whose runs listed them, for
+    a run reading on from those runs - ``done`` then holds (partition, product id) pairs, and a
+    product's such row in another partition is read."""
     from pyspark.sql import functions as F
 
     if "updated_at" not in df.columns or "product_id" not in df.columns:  # the checkpoint names it
@@ -236,13 +236,19 @@ def _timeless(
     present: list[str] | str = sorted(str(r[0]) for r in rows) if len(rows) <= MAX_SEEN else ALL
     if done is None:  # a read of every row
         return df, present
-    read = timeless(earliest) if within is None else timeless(earliest) & within
+    read = timeless(earliest) if within is None else timeless(earliest) & in_partitions(within, df.schema)
     if done == ALL:
         return df.where(~read), present
     if not done:  # one without an id too: nothing tells a later run it was read (a full run reads it)
         return df.where(~(read & F.col("product_id").isNull())), present
-    ids = spark.createDataFrame([(str(p),) for p in done], "product_id string")
-    marked = df.join(F.broadcast(ids.withColumn("_done", F.lit(True))), "product_id", "left")
+    listed: list[tuple[str, ...]]
+    if within is None:
+        on, keyed, listed = ["product_id"], df, [(str(p),) for p in done]
+    else:  # (partition, product id) pairs
+        on, listed = ["product_id", "_partition"], [(str(e[1]), str(e[0]).split("=", 1)[1]) for e in done]
+        keyed = df.withColumn("_partition", F.col(next(iter(within)).column).cast("string"))
+    keys = spark.createDataFrame(listed, ", ".join(f"{c} string" for c in on))
+    marked = keyed.join(F.broadcast(keys.withColumn("_done", F.lit(True))), on, "left")
     old = read & (F.col("product_id").isNull() | F.coalesce(F.col("_done"), F.lit(False)))
     return marked.where(~old).select(*df.columns), present
 
