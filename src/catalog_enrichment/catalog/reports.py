@@ -177,7 +177,7 @@ BLOCKED = "health_blocked"
 # ... and whether it read every product of its scope (--full)
 FULL = "full"
 # ... and, where its position is that of runs over single partitions (enrich.stages.from_partitions),
-# those partitions: it read every row of the others
+# those partitions with their runs' watermarks: it read every row of the others
 CAUGHT_UP = "caught_up_partitions"
 EXPECTATIONS = "great_expectations"  # the run's GX checkpoint (validation/checkpoint.py)
 # ... and the image digests it found to be placeholders (``image_shared``), with their products

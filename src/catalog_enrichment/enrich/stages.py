@@ -183,7 +183,10 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
     timeless_rows: set[tuple[str, str]] = set()  # (partition, product): its run read that one's
     for run, summary in found:
         kept = summary.get(SEEN, [])
-        seen = None if seen is None or kept is None or len(seen) + len(kept) > MAX_SEEN else [*seen, *kept]
+        if seen is None or kept is None or len(seen) + len(kept) > MAX_SEEN:
+            seen = None  # too many to list: the run reads them again
+        else:
+            seen.extend(kept)
         for pid, n in summary.get(RETRY, []):
             retry[str(pid)] = max(int(n), retry.get(str(pid), 0))
         timeless_rows.update((str(run.partition), str(p)) for p in summary[TIMELESS])
