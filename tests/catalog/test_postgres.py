@@ -5,6 +5,7 @@ the run lock's holder, and the throw-away server's own lifetime."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import socket
 import subprocess
@@ -223,8 +224,6 @@ def test_a_throw_away_server_stops_when_its_owner_is_killed() -> None:
 
 def _vectors(folder: Path, rows: list[tuple[str, str, int]]) -> str:
     """Staged store rows (encoder, product id, minute written) as the Parquet ``write_embeddings`` reads."""
-    import datetime as dt
-
     import pyarrow.parquet as pq
 
     from catalog_enrichment.catalog.embeddings import embeddings_schema
@@ -303,8 +302,6 @@ def test_a_role_that_owns_its_schema_but_may_not_create_schemas_runs(
 
 def _run(run_id: str, values: pa.Table, pairs: list[tuple[str, str]]) -> Any:
     """A run's write of ``values`` over ``pairs``, no quarantine rows."""
-    import datetime as dt
-
     from catalog_enrichment.catalog.base import RunWrite
     from catalog_enrichment.contracts import load_contract
 
@@ -404,8 +401,6 @@ def test_a_run_s_clear_staging_leaves_a_store_write_s_staging_table_while_it_is_
 def test_the_rollback_s_merchant_blankness_is_the_run_s(pg_catalog_config: CatalogConfig) -> None:
     """A merchant entry of Unicode white space (U+00A0, U+3000, ...) is no value for the run and the
     lakehouse's rollback (contracts.merchant_value_given): the SQL test must say the same."""
-    import datetime as dt
-
     from catalog_enrichment.catalog.postgres.rollback import _NOT_BLANK
     from catalog_enrichment.contracts import load_contract, merchant_value_given
 
@@ -488,7 +483,6 @@ def test_merchant_names_match_the_taxonomy_s_as_merchant_key_in_the_write_and_th
     lakehouse do (contracts.merchant_key): the write gives them no model value, nor does the
     rollback give one back. Their temporary tables leave a user's tables of the same names alone."""
     import dataclasses
-    import datetime as dt
 
     from catalog_enrichment.catalog.attributes import attributes_schema
     from catalog_enrichment.contracts import load_contract, load_taxonomy
@@ -540,3 +534,57 @@ def test_merchant_names_match_the_taxonomy_s_as_merchant_key_in_the_write_and_th
     with catalog.connect() as conn:
         kept = conn.execute("SELECT to_regclass('public.holders'), to_regclass('public.restore')").fetchone()
     assert kept is not None and all(kept)
+
+
+def test_a_merchant_s_table_named_like_a_stage_outlives_the_cleanup(pg_catalog_config: CatalogConfig) -> None:
+    """Every run's cleanup drops the staging tables of killed runs: only the names the job gives
+    them, never a table of the schema whose name merely starts the same way."""
+    from catalog_enrichment.catalog.postgres import write
+
+    postgres = pg_catalog_config.postgres.model_copy(update={"products_table": "stage_products"})
+    mine = pg_catalog_config.model_copy(update={"postgres": postgres})
+    catalog = PostgresCatalog(mine)
+    _products_table(catalog)
+    left = [write._stage_name("r0"), write._stage_name("w0", write.STORE_STAGE)]
+    theirs = ["embeddings_stage_old", "stage_" + "a" * 24 + "_copy"]
+    with catalog.connect() as conn:
+        for name in left + theirs:
+            conn.execute(f"CREATE TABLE {catalog.schema}.{name} (a int)")
+    catalog.clear_staging()
+    with catalog.connect() as conn:
+        tables = {
+            name
+            for (name,) in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", [catalog.schema]
+            ).fetchall()
+        }
+    assert not set(left) & tables
+    assert {"stage_products", *theirs} <= tables
+
+
+def test_the_server_s_date_style_and_idle_timeout_do_not_reach_the_job(
+    pg_server: Any, pg_catalog_config: CatalogConfig
+) -> None:
+    """A database set to another DateStyle still lists its partitions and reads its reports; one
+    that ends idle sessions does not end the run lock's session, which idles the whole run."""
+    catalog = PostgresCatalog(pg_catalog_config)
+    _products_table(catalog)
+    with catalog.connect() as conn:
+        conn.execute(
+            f"INSERT INTO {catalog.products_name()} (product_id, ingest_date) VALUES ('p1', '2026-01-05')"
+        )
+        conn.execute(f"ALTER DATABASE {pg_server.database} SET DateStyle = 'SQL, DMY'")
+        conn.execute(f"ALTER DATABASE {pg_server.database} SET idle_session_timeout = '1s'")
+    try:
+        later = PostgresCatalog(pg_catalog_config)  # new sessions take the database's settings
+        assert later.list_partitions("ingest_date") == ["2026-01-05"]
+        assert later.read_reports() == []
+        values = pa.table({"product_id": ["p1"], "attribute": ["color"], "value": ["red"],
+                           "confidence": [0.9], "threshold": [0.5]})  # fmt: skip
+        with later.lock("run r1", print):
+            time.sleep(2)  # the run scores while its lock's session idles
+            assert later.write(_run("r1", values, [("p1", "color")])).inserted == 1
+    finally:
+        with catalog.connect() as conn:
+            conn.execute(f"ALTER DATABASE {pg_server.database} RESET DateStyle")
+            conn.execute(f"ALTER DATABASE {pg_server.database} RESET idle_session_timeout")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 from catalog_enrichment.catalog.postgres.migrate import migrate
 
-__all__ = ["PG_DSN_ENV", "RUN_STAGE", "STORE_STAGE", "PgBase", "held_by", "store_stage_key"]
+__all__ = ["PG_DSN_ENV", "RUN_STAGE", "STAGE_HEX", "STORE_STAGE", "PgBase", "held_by", "store_stage_key"]
 
 PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
 
@@ -34,6 +34,7 @@ PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
 # may be copying beside a run: clear_staging drops one only when no session holds its lock)
 RUN_STAGE = "stage_"
 STORE_STAGE = "embeddings_stage_"
+STAGE_HEX = 24  # hex digits of the hash after the prefix: no other table of the schema is dropped
 
 
 def store_stage_key(name: str) -> str:
@@ -132,6 +133,9 @@ class PgBase:
             )
         except (psycopg.Error, ValueError) as exc:
             raise CatalogEnrichError(f"cannot connect to {self.describe()}: {_one_line(exc)}") from None
+        # dates as text (partitions, reports) in the one form they are parsed from, whatever the
+        # server's or the role's DateStyle
+        conn.execute("SET DateStyle = ISO")
         if not self._migrated:
             try:
                 migrate(conn, self.schema)
@@ -193,6 +197,10 @@ class PgBase:
                     waiting = True
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
             conn.execute("SELECT set_config('application_name', %s, false)", [(prefix + owner)[:63]])
+            if conn.info.server_version >= 140000:
+                # the session sits idle for the whole run: a server's idle_session_timeout would end
+                # it, and with it the lock, and every run would be refused its commit
+                conn.execute("SET idle_session_timeout = 0")
             self._lock_session = conn.execute(
                 "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
             ).fetchone()
@@ -226,10 +234,11 @@ class PgBase:
 
         empty_folder(Path(self.cfg.root) / "_staging")
         with self.connect() as conn, conn.transaction():
+            # the names the job gives them and nothing else: a merchant's table named stage_products
+            # may sit in the same schema
             names = conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND (starts_with(tablename, %s) "
-                "OR starts_with(tablename, %s))",
-                [self.schema, RUN_STAGE, STORE_STAGE],
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename ~ %s",
+                [self.schema, f"^({RUN_STAGE}|{STORE_STAGE})[0-9a-f]{{{STAGE_HEX}}}$"],
             ).fetchall()
             unused = "SELECT pg_try_advisory_xact_lock(hashtext(%s))"  # no store write's session holds it
             for (name,) in names:

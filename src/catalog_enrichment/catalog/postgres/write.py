@@ -24,7 +24,13 @@ from catalog_enrichment.faults import fault_point
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-from catalog_enrichment.catalog.postgres.connection import RUN_STAGE, STORE_STAGE, PgBase, store_stage_key
+from catalog_enrichment.catalog.postgres.connection import (
+    RUN_STAGE,
+    STAGE_HEX,
+    STORE_STAGE,
+    PgBase,
+    store_stage_key,
+)
 
 __all__ = ["Writes", "copy_batches", "copy_embeddings"]
 
@@ -33,7 +39,7 @@ _STAGE_COLUMNS = ("product_id", "attribute", "value", "confidence", "threshold")
 
 def _stage_name(key: str, prefix: str = RUN_STAGE) -> str:
     # run ids may be 200 characters of . : = + -; PostgreSQL names stop at 63 bytes
-    return prefix + hashlib.sha256(key.encode()).hexdigest()[:24]
+    return prefix + hashlib.sha256(key.encode()).hexdigest()[:STAGE_HEX]
 
 
 def copy_batches(
