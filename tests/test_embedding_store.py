@@ -1,6 +1,7 @@
 """The embedding store through the real job on both catalogs: a first run stores what it encoded, a
 new head over the same encoders re-scores every product from the store (no encoder runs) and
-writes what a run without the store writes; vacuum removes what no live version uses."""
+writes what a run without the store writes; a rollback forgets what its runs stored; vacuum removes
+what no live version uses."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from deltalake import DeltaTable
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
 from catalog_enrichment.catalog.postgres import PostgresCatalog
+from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.inference.bundle import BundleFolder, load_bundle
 from catalog_enrichment.versions import ModelVersion
@@ -135,8 +137,15 @@ def test_a_new_head_rescores_from_the_store_and_writes_what_a_fresh_encode_write
         assert lookup.startswith("product_id = ANY(") and all(p in lookup for p in two)
         assert "whole" not in lookup and lookup.count("'") <= 2 * 3 + 2  # the 3 ids asked, no more
     assert catalog.vacuum_embeddings([encoder]) == 0
-    assert catalog.vacuum_embeddings([]) == scored
+    # a rollback forgets what its runs stored (the next run reads their photos afresh): store-2
+    # reused every vector and stored none, store-1 encoded them all
+    said: list[str] = []
+    rollback(catalog, run_id="store-2", progress=said.append)
+    assert catalog.embedding_counts() == {encoder: scored} and not any("vectors" in m for m in said)
+    rollback(catalog, run_id="store-1", progress=said.append)
+    assert f"removed the {scored:,} vectors these runs stored from the embedding store" in said
     assert catalog.embedding_counts() == {} and _stored(catalog, spark, encoder) == 0
+    assert catalog.vacuum_embeddings([]) == 0
 
 
 def test_vectors_the_store_cannot_take_leave_the_committed_run_as_it_is(  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,6 +295,11 @@ class Catalog(Protocol):
 
     def vacuum_embeddings(self, keep: Iterable[str]) -> int:
         """Delete the stored vectors of every encoder fingerprint not in ``keep``; the rows removed."""
+        ...
+
+    def forget_embeddings(self, run_ids: Collection[str]) -> int:
+        """Delete the vectors these runs stored (a rollback's: their inputs may be what was wrong,
+        and the run that reads their products again must read them afresh); the rows removed."""
         ...
 
     def embedding_counts(self) -> dict[str, int]:

@@ -14,7 +14,7 @@ import functools
 import logging
 import operator
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -310,6 +310,16 @@ class LakehouseCatalog:
         predicate = f"encoder NOT IN ({', '.join(repr(e) for e in kept)})" if kept else "true"
         metrics = table.delete(predicate)
         table.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+        return int(metrics.get("num_deleted_rows", 0))
+
+    def forget_embeddings(self, run_ids: Collection[str]) -> int:
+        """Delete the vectors these runs stored; the rows removed."""
+        from deltalake import DeltaTable
+
+        if not run_ids or not lakehouse.is_delta(self.embeddings):
+            return 0
+        listed = ", ".join(f"'{reports.check_run_id(r)}'" for r in sorted(run_ids))
+        metrics = DeltaTable(str(self.embeddings)).delete(f"run_id IN ({listed})")
         return int(metrics.get("num_deleted_rows", 0))
 
     def embedding_counts(self) -> dict[str, int]:

@@ -123,7 +123,8 @@ def rollback(
 ) -> list[RollbackResult]:
     """Undo one run, or every run of a model version (newest first, in one commit); marks their reports.
     ``before`` is called with the run ids once they are found, before anything changes (an error
-    it raises leaves the catalog as it was). ``linked``: the taxonomy's
+    it raises leaves the catalog as it was). The vectors the runs stored in the embedding store are
+    deleted first, so the run that reads their products again encodes them afresh. ``linked``: the taxonomy's
     :meth:`~catalog_enrichment.contracts.Taxonomy.held_together`, so a merchant's colour family
     keeps the model's shades out, as it does in a run.
 
@@ -150,6 +151,11 @@ def rollback(
         for rid in was:
             catalog.set_report_status(rid, ROLLED_BACK)
         try:
+            # first (a cache: losing it costs an encode): the next run must read these runs'
+            # products afresh, not fuse what a night of wrong photos behind the same URLs made
+            forgotten = catalog.forget_embeddings(ids)
+            if forgotten:
+                progress(f"removed the {forgotten:,} vectors these runs stored from the embedding store")
             results = catalog.rollback_runs(ids, linked)
         except Exception:  # an interrupt leaves them marked: the safe side
             for rid, status in was.items():

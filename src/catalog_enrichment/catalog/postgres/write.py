@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -417,6 +417,14 @@ class Writes(PgBase):
         with self.connect() as conn, conn.transaction():
             cursor = conn.execute(
                 self._sql("DELETE FROM {e} WHERE NOT (encoder = ANY(%s))", e="embeddings"), [kept]
+            )
+            return int(cursor.rowcount)
+
+    def forget_embeddings(self, run_ids: Collection[str]) -> int:
+        """Delete the vectors these runs stored; the rows removed."""
+        with self.connect() as conn, conn.transaction():
+            cursor = conn.execute(
+                self._sql("DELETE FROM {e} WHERE run_id = ANY(%s)", e="embeddings"), [sorted(run_ids)]
             )
             return int(cursor.rowcount)
 
