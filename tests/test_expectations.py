@@ -5,8 +5,10 @@ file-backed project under the catalog root), the tiny scoring bundle."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from catalog_enrichment.catalog.lakehouse import read_table, write_table
-from catalog_enrichment.catalog.reports import read_reports, report_for
+from catalog_enrichment.catalog.reports import SEEN, read_reports, report_for
 from catalog_enrichment.enrich import RunScope, run_enrichment
 from catalog_enrichment.errors import ContractError
 from catalog_enrichment.validation.checkpoint import ExpectationsFailed
@@ -224,3 +226,35 @@ def test_an_expectation_that_raised_is_said_with_its_error() -> None:
     )
     counted = SimpleNamespace(expectation_config=config, result={"observed_value": 1234}, exception_info={})
     assert _failed(counted).endswith("observed 1,234 rows")
+
+
+def test_a_nightly_over_a_table_that_lost_updated_at_stops_with_the_checkpoint_s_line(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """The run after a good one reads on from its watermark and leaves out the rows it read near
+    it: an exporter that renamed ``updated_at`` since gets the checkpoint's line naming the column,
+    not Spark's unresolved column."""
+    table = read_table(incoming.products).slice(0, 40)
+    recent = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)  # in the look-back
+    column = table.schema.get_field_index("updated_at")
+    table = table.set_column(column, "updated_at", pa.array([recent] * 40, pa.timestamp("us", "UTC")))
+    write_table(tmp_path / "products", table, fmt="parquet")
+    cfg = tiny_config(
+        catalog={"root": str(tmp_path / "lake")},
+        inference={"batch_size": 64, "device": "cpu"},
+        validation={"great_expectations": True, "health": {"inputs": "warn", "coverage": "warn"}},
+    )
+
+    def run(run_id: str) -> Any:
+        return run_enrichment(
+            spark, cfg, taxonomy, model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+            scope=RunScope(products=tmp_path / "products", run_id=run_id), progress=lambda _m: None,
+        )  # fmt: skip
+
+    first = run("first")
+    assert first.report.status == "succeeded" and first.report.summary()[SEEN]
+    renamed = table.rename_columns(["updatedAt" if c == "updated_at" else c for c in table.column_names])
+    shutil.rmtree(tmp_path / "products")
+    write_table(tmp_path / "products", renamed, fmt="parquet")
+    with pytest.raises(ExpectationsFailed, match=r"missing \['updated_at'\]"):
+        run("second")

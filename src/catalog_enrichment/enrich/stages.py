@@ -350,8 +350,8 @@ def _unseen(spark: SparkSession, df: DataFrame, seen: list[tuple[str, int]]) -> 
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType
 
-    if not seen:
-        return df, 0
+    if not seen or not {"product_id", "updated_at"} <= set(df.columns):
+        return df, 0  # no such column: the checkpoint names it
     schema = StructType([StructField("product_id", StringType()), StructField(_UNIX_MICROS, LongType())])
     done = spark.createDataFrame(seen, schema)
     fresh = _without_rows(df, F.broadcast(done)).withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))
