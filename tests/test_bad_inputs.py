@@ -341,6 +341,21 @@ def test_a_parquet_export_spark_wrote_with_its_defaults_is_read(spark, tmp_path,
     assert all(r["updated_at"].replace(tzinfo=dt.UTC) == by_id[r["product_id"]] for r in rows)
 
 
+def test_a_pandas_export_with_a_categorical_column_is_read(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
+    """A pandas Categorical is a dictionary type in the Arrow schema the Parquet file keeps; the
+    file holds the strings, which Spark reads as the contract's string."""
+    table = pa.Table.from_pylist(_valid_products(incoming)[:20], read_table(incoming.products).schema)
+    column = table.schema.get_field_index("category")
+    categorical = table.set_column(column, "category", pc.dictionary_encode(table["category"]))
+    write_table(tmp_path / "export", categorical, fmt="parquet")
+    assert pa.types.is_dictionary(
+        pq.read_schema(next((tmp_path / "export").rglob("*.parquet"))).field("category").type
+    )
+    rows = read_products(spark, tmp_path / "export", PRODUCTS).collect()
+    by_id = dict(zip(table["product_id"].to_pylist(), table["category"].to_pylist(), strict=True))
+    assert {r["product_id"]: r["category"] for r in rows} == by_id
+
+
 def test_a_column_of_another_type_fails_before_any_write_naming_it(
     spark, tmp_path, incoming, taxonomy, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]

@@ -443,6 +443,8 @@ def _group_by_layout(
 def _readable_as(have: pa.DataType, want: pa.DataType) -> bool:
     """Whether Spark reads a Parquet column written as ``have`` as the contract's ``want``."""
     t = pa.types
+    if t.is_dictionary(have):  # a pandas Categorical: Parquet holds its values
+        have = have.value_type
     if t.is_string(want):
         return t.is_string(have) or t.is_large_string(have) or t.is_string_view(have)
     if t.is_binary(want):
