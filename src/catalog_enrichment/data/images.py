@@ -211,13 +211,17 @@ class ImagePolicy:
 
 
 def _file_path(uri: str) -> str:
-    """The local path of a bare path or a ``file:`` URI: ``file:///a%20b.jpg`` (what
-    ``Path.as_uri`` writes) and ``file://localhost/a%20b.jpg`` are ``/a b.jpg``; a bare path is
-    taken as it is (a ``%`` in a file name is one)."""
-    if not uri.startswith("file://"):
+    """The local path of a bare path or a ``file:`` URI (its scheme in any case): ``file:///a%20b.jpg``
+    (what ``Path.as_uri`` writes), ``file://localhost/a%20b.jpg`` and ``file:/a%20b.jpg`` (what
+    Spark's ``binaryFile`` source and Hadoop write) are ``/a b.jpg``; a bare path is taken as it is
+    (a ``%`` in a file name is one)."""
+    if uri[:5].lower() != "file:":
         return uri
-    rest = uri.removeprefix("file://")
-    return unquote(rest.removeprefix("localhost") if rest.startswith("localhost/") else rest)
+    rest = uri[5:]
+    if rest.startswith("//"):
+        rest = rest[2:]
+        rest = rest[len("localhost") :] if rest[:10].lower() == "localhost/" else rest
+    return unquote(rest)
 
 
 def _scheme_and_host(uri: str) -> tuple[str, str]:
