@@ -170,6 +170,33 @@ def test_vectors_the_store_cannot_take_leave_the_committed_run_as_it_is(  # type
     assert catalog.embedding_counts() == {}
 
 
+def test_a_store_that_cannot_be_read_costs_the_run_its_encoding_not_its_values(  # type: ignore[no-untyped-def]
+    spark, incoming, taxonomy, scoring_bundle, tmp_path
+) -> None:
+    """The store is a cache: a file of it cut short (a crash, a disk) has the run encode every
+    product and say why, as a full staging disk does, instead of failing every night."""
+    from catalog_enrichment.catalog import lakehouse
+
+    cfg, catalog = _catalog("lakehouse", tmp_path, read_table(incoming.products).slice(0, 200), None, True)
+
+    def run(run_id: str) -> Any:
+        return run_enrichment(
+            spark, cfg, taxonomy, model=ModelVersion("tiny", "1", bundle_dir=scoring_bundle),
+            scope=RunScope(full=True, run_id=run_id), progress=lambda _m: None, catalog=catalog,
+        ).report  # fmt: skip
+
+    first = run("first").summary()
+    assert first["embeddings_stored"] == first["embeddings_encoded"] > 0
+    written = _model_rows(catalog)
+    (part, *_) = lakehouse.data_files(cfg.catalog.table("embeddings"))
+    Path(part).write_bytes(b"PAR1 cut short")
+    second = run("second")
+    summary = second.summary()
+    assert second.status == "succeeded" and _model_rows(catalog).keys() == written.keys()
+    assert summary["embeddings_reused"] == 0 and summary["embeddings_encoded"] == first["embeddings_encoded"]
+    assert "parquet" in summary["embeddings_store_error"].lower()
+
+
 @pytest.mark.timeout(300)
 def test_embeddings_lists_the_store_and_vacuums_what_no_live_version_uses(  # type: ignore[no-untyped-def]
     tmp_path, incoming, scoring_bundle, capsys

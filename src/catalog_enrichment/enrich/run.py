@@ -432,6 +432,8 @@ def _stages(
             max_products_per_image=cfg.validation.max_products_per_image,
             placeholders=placeholders,
         )
+        if scored.store_error is not None:
+            say(f"  the embedding store could not be read, every product encoded: {scored.store_error}")
         if scored.shared:
             most = sorted(scored.shared.items(), key=lambda kv: (-kv[1], kv[0]))
             named = ", ".join(f"{d[:16]}… on {n:,}" for d, n in most[:3])

@@ -452,6 +452,7 @@ class Scored:
     health: HealthTally = field(default_factory=HealthTally)  # the run health counts (health.py)
     shared: dict[str, int] = field(default_factory=dict)
     shared_counted: bool = False  # the counts still hold the ``shared`` products (score)
+    store_error: str | None = None  # why the store could not be read (every product was encoded)
 
 
 def scoring_spec(
@@ -503,14 +504,20 @@ def score(
 
     With the embedding store (``store``: the catalog and the model's encoder fingerprint), the valid
     rows are joined to the catalog's stored vectors of the model's encoders first, and the vectors
-    the tasks computed stay in the staged scores for :func:`store_embeddings`.
+    the tasks computed stay in the staged scores for :func:`store_embeddings`. A store that cannot
+    be read (a file of it lost or cut short) is a cache lost: every product is encoded, and why is
+    kept in ``store_error``.
     """
     from pyspark.sql import functions as F
 
     encoder = None if store is None else store[1]
     counters = ScoringCounters.create(spark)
     valid = checked.where(F.size(REASONS) == 0)
-    stored = None if store is None else store[0].stored_embeddings(spark, store[1], valid)
+    stored, store_error = None, None
+    try:
+        stored = None if store is None else store[0].stored_embeddings(spark, store[1], valid)
+    except Exception as exc:
+        store_error = redact_text(f"{type(exc).__name__}: {' '.join(str(exc).split())}")[:500]
     if stored is not None:
         valid = valid.join(stored, "product_id", "left")
     scores = staging / "scores"
@@ -538,6 +545,7 @@ def score(
         health,
         shared,
         counted,
+        store_error,
     )
 
 
@@ -777,9 +785,11 @@ def store_embeddings(
     except Exception as exc:
         error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
         say(f"  could not store this run's embeddings (the next run encodes them again): {error}")
-        return {"embeddings_store_error": error}
+        return {"embeddings_store_error": scored.store_error or error}
     say(
         f"  embeddings: {scored.reused:,} products fused from the store, {scored.encoded:,} encoded, "
         f"{stored:,} stored"
     )
+    if scored.store_error is not None:
+        return {"embeddings_stored": stored, "embeddings_store_error": scored.store_error}
     return {"embeddings_stored": stored}
