@@ -303,6 +303,30 @@ def test_a_postgres_incremental_read_takes_the_rows_no_watermark_places(
     assert {r["product_id"] for r in rows} == {old, *changed, *whole}
 
 
+@pytest.mark.parametrize("kind", ["numeric(12, 2)", "double precision"])
+def test_a_postgres_read_splits_on_a_column_of_fractional_numbers(
+    spark, pg_catalog_config, incoming, kind
+) -> None:  # type: ignore[no-untyped-def]
+    """``catalog.postgres.partition_column`` may be any numeric column: Spark reads the ranges'
+    bounds as whole numbers, so they are rounded outwards; NaN and NULL rows are read all the same."""
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.contracts import load_contract
+
+    postgres = pg_catalog_config.postgres.model_copy(update={"read_partitions": 4, "partition_column": "seq"})
+    catalog = PostgresCatalog(pg_catalog_config.model_copy(update={"postgres": postgres}))
+    table = read_table(incoming.products).slice(0, 40)
+    catalog.load_products(table)
+    products = f'"{catalog.schema}".products'
+    with catalog.connect() as conn:
+        conn.execute(f"ALTER TABLE {products} ADD COLUMN seq {kind}")
+        conn.execute(f"UPDATE {products} SET seq = (hashtext(product_id) % 1000) / 7.0")
+        ids = table["product_id"].to_pylist()
+        conn.execute(f"UPDATE {products} SET seq = 'NaN' WHERE product_id = %s", [ids[0]])
+        conn.execute(f"UPDATE {products} SET seq = NULL WHERE product_id = %s", [ids[1]])
+    rows = catalog.read_products(spark, load_contract("products")).select("product_id").collect()
+    assert sorted(r["product_id"] for r in rows) == sorted(ids)
+
+
 def read_table_empty() -> pa.Table:
     from catalog_enrichment.contracts import load_contract
 

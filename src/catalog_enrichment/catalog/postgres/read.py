@@ -5,7 +5,9 @@ reports, keyed rows)."""
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -168,19 +170,20 @@ class Reads(PgBase):
                 c=sql.Identifier(column), t=sql.Identifier(*self.products)
             )
             finite = where
-            if present[column].startswith(("timestamp", "date")):  # 'infinity' has no Python value
-                finite = (
-                    where
-                    + sql.SQL(" AND " if conditions else " WHERE ")
-                    + sql.SQL("isfinite({})").format(sql.Identifier(column))
-                )
+            kind, c = present[column], sql.Identifier(column)
+            if kind.startswith(("timestamp", "date")):  # 'infinity' has no Python value
+                finite += sql.SQL(" AND " if conditions else " WHERE ") + sql.SQL("isfinite({})").format(c)
+            elif kind in ("numeric", "double precision", "real"):  # nor NaN a bound Spark reads
+                finite += sql.SQL(" AND " if conditions else " WHERE ") + sql.SQL(
+                    "{c}::float8 > '-Infinity' AND {c}::float8 < 'Infinity'"
+                ).format(c=c)
             low, high = conn.execute(bounds + finite, params).fetchone()
             options = self._jdbc_options(conn, ".".join(f'"{p}"' for p in self.products))
         if low is not None and self.pg.read_partitions > 1 and low != high:
             options.update(
                 partitionColumn=column,
                 lowerBound=_bound(low),
-                upperBound=_bound(high),
+                upperBound=_bound(high, up=True),
                 numPartitions=str(self.pg.read_partitions),
             )
         return options, present
@@ -457,10 +460,14 @@ class Reads(PgBase):
             return {str(e): int(n) for e, n in rows}
 
 
-def _bound(value: Any) -> str:
-    """A JDBC partition bound as Spark parses it (timestamps in UTC, its session time zone)."""
+def _bound(value: Any, up: bool = False) -> str:
+    """A JDBC partition bound as Spark parses it: timestamps in UTC (its session time zone), a
+    number as a whole one (Spark reads a numeric column's bounds as longs), rounded outwards
+    (``up`` for the upper bound)."""
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
             value = value.astimezone(dt.UTC).replace(tzinfo=None)
         return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, decimal.Decimal | float):
+        return str(math.ceil(value) if up else math.floor(value))
     return str(value)
