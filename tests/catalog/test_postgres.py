@@ -588,3 +588,32 @@ def test_the_server_s_date_style_and_idle_timeout_do_not_reach_the_job(
         with catalog.connect() as conn:
             conn.execute(f"ALTER DATABASE {pg_server.database} RESET DateStyle")
             conn.execute(f"ALTER DATABASE {pg_server.database} RESET idle_session_timeout")
+
+
+def test_a_json_merchant_column_holding_a_nul_escape_does_not_fail_the_rollback(
+    pg_catalog_config: CatalogConfig,
+) -> None:
+    """``json`` keeps the escape ``\\u0000``, which the cast to ``jsonb`` the rollback's merchant
+    check makes refuses: one such row failed the whole rollback. Its value still holds the pair."""
+    from catalog_enrichment.catalog.postgres.connection import _PG_TYPES
+    from catalog_enrichment.contracts import load_contract
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    columns = ", ".join(
+        f"{f.name} {'json' if f.name == 'merchant_attributes' else _PG_TYPES[f.type][0]}"
+        for f in load_contract("products").fields
+    )
+    with catalog.connect() as conn:
+        conn.execute(f"CREATE TABLE {catalog.products_name()} ({columns})")
+        conn.execute(
+            f"INSERT INTO {catalog.products_name()} (product_id, merchant_attributes, updated_at) VALUES "
+            """('p1', '{"color": ["r\\u0000ed"]}', now()), ('p2', '{"material": ["wool"]}', now())"""
+        )
+    pairs = [("p1", "color"), ("p2", "color")]
+    for run_id, value in (("r1", "red"), ("r2", "blue")):
+        values = pa.table({"product_id": ["p1", "p2"], "attribute": ["color"] * 2, "value": [value] * 2,
+                           "confidence": [0.9] * 2, "threshold": [0.5] * 2})  # fmt: skip
+        catalog.write(_run(run_id, values, pairs))
+    catalog.rollback_runs(["r2"])
+    rows = {(r["product_id"], r["attribute"]): r["value"] for r in catalog.attribute_rows().to_pylist()}
+    assert rows == {("p2", "color"): "red"}  # p1's colour is the merchant's: no model value back

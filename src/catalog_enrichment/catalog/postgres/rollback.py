@@ -129,9 +129,15 @@ class Rollbacks(PgBase):
             "EXISTS (SELECT 1 FROM {a} m JOIN holders h ON h.merchant = m.attribute WHERE "
             "m.product_id = r.product_id AND h.attribute = r.attribute AND m.source = 'merchant')"
         ).format(a=self._name("attributes"))
-        if self._has_merchant_column(conn):
+        kind = self._merchant_column_type(conn)
+        if kind is not None:
+            # a json column may hold the escape \u0000, which jsonb refuses: it would fail the
+            # whole rollback (the run's reading of the value does not depend on it)
+            cast = "{m}::jsonb"
+            if kind == "json":
+                cast = r"regexp_replace({m}::text, '(?<!\\)\\u0000', '', 'g')::jsonb"
             as_object = sql.SQL(
-                "CASE WHEN jsonb_typeof({m}::jsonb) = 'object' THEN {m}::jsonb ELSE '{{}}'::jsonb END"
+                f"CASE WHEN jsonb_typeof({cast}) = 'object' THEN {cast} ELSE '{{{{}}}}'::jsonb END"
             )
             merchant = sql.SQL(
                 "{rows} UNION SELECT jsonb_object_keys({keys}) FROM {products} pr WHERE pr.product_id IN "
@@ -180,14 +186,15 @@ class Rollbacks(PgBase):
         ).rowcount
         return int(removed), int(restored)
 
-    def _has_merchant_column(self, conn: Any) -> bool:
-        """Whether the products table has a ``merchant_attributes`` column to read."""
+    def _merchant_column_type(self, conn: Any) -> str | None:
+        """The type of the products table's ``merchant_attributes`` column (``json`` or ``jsonb``),
+        None where it has none."""
         found = conn.execute(
-            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+            "SELECT data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
             "AND column_name = 'merchant_attributes'",
             list(self.products),
         ).fetchone()
-        return found is not None
+        return None if found is None else str(found[0])
 
     def runs_of_model_version(self, model_name: str, model_version: str) -> list[str]:
         with self.connect() as conn:
