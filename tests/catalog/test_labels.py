@@ -159,6 +159,22 @@ def test_a_product_whose_latest_copy_lost_its_title_is_left_out_not_labelled_on_
     assert report.confirmed_per_attribute == {} and report.rejected_per_attribute == {}
 
 
+def test_a_product_whose_latest_copy_is_not_utf8_text_is_left_out(
+    spark: Any, tmp_path: Path, taxonomy: Taxonomy
+) -> None:
+    """p2's latest copy has a description of Latin-1 bytes: the job quarantines that copy
+    (``description_valid_utf8``), and training could not read it - no label is trained on it."""
+    products = _products()
+    texts = [None if t is None else t.encode() for t in products["description"].to_pylist()]
+    texts[2] = "blue dress, café".encode("latin-1")  # p2's latest copy
+    column = pa.array(texts, pa.binary()).view(pa.string())  # as an export writes them, unchecked
+    products = products.set_column(products.schema.get_field_index("description"), "description", column)
+    table, report = _build(spark, tmp_path, products, _attributes(ROWS), taxonomy)
+    assert "p2" not in table["product_id"].to_pylist()
+    table.validate(full=True)  # every text it wrote is UTF-8
+    assert report.stale_copies == 1 and report.products_without_id_or_title == 3
+
+
 def test_of_two_copies_of_the_same_time_the_titled_one_is_the_latest(
     spark: Any, tmp_path: Path, taxonomy: Taxonomy
 ) -> None:

@@ -102,7 +102,7 @@ class LabelReport:
             f"(of {self.products_read:,} read; {self.excluded_evaluation_products:,} in the evaluation "
             "set or its variants, "
             f"{self.products_without_labels:,} without a label, {self.stale_copies:,} stale copies and "
-            f"{self.products_without_id_or_title:,} without id or title left out)",
+            f"{self.products_without_id_or_title:,} without id, title or UTF-8 text left out)",
             "labels per attribute: " + ", ".join(f"{a} {n:,}" for a, n in self.labels_per_attribute.items()),
         ]
         if self.confirmed_per_attribute or self.rejected_per_attribute:
@@ -204,6 +204,10 @@ def build_labels(
     return pa.RecordBatchReader.from_batches(schema, _batches(staged, schema, verdicts, left_out)), report
 
 
+# the text columns the run checks as UTF-8 (validation/rules.py UTF8_COLUMNS)
+_TEXTS = ("product_id", "title", "description", "image_uri", "category")
+
+
 def _ids(spark: SparkSession, ids: Sequence[str]) -> DataFrame:
     """A small DataFrame of product ids (joined broadcast)."""
     from pyspark.sql import functions as F
@@ -212,15 +216,18 @@ def _ids(spark: SparkSession, ids: Sequence[str]) -> DataFrame:
 
 
 def _latest(products: DataFrame, report: LabelReport) -> DataFrame:
-    """One row per product id, its latest copy (``updated_at``), where that copy has a title: an
-    older copy's title is content the product no longer has (the job reads the latest copy). Copies
-    of the same time are ordered titled first, then by a hash of their content, so that every pass
-    over the rows picks the same one. The report counts what was read and left out."""
+    """One row per product id, its latest copy (``updated_at``), where that copy has a title and
+    its texts are UTF-8 (the run quarantines a copy whose are not, and training could not read
+    it): an older copy's title is content the product no longer has (the job reads the latest
+    copy). Copies of the same time are ordered usable first, then by a hash of their content, so
+    that every pass over the rows picks the same one. The report counts what was read and left out."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     from pyspark.sql.types import MapType
 
     titled = F.length(F.coalesce(F.col("title"), F.lit(""))) > 0
+    for text in [c for c in _TEXTS if c in products.columns]:
+        titled = titled & F.coalesce(F.is_valid_utf8(text), F.lit(True))
     hashable = [f.name for f in products.schema.fields if not isinstance(f.dataType, MapType)]
     order = [titled.desc(), F.xxhash64(*hashable)]
     if "updated_at" in products.columns:
