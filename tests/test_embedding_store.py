@@ -299,9 +299,10 @@ def _store_of(tmp_path: Path, writes: list[list[tuple[str, str]]]) -> Any:
 
 
 @pytest.mark.timeout(120)
-def test_a_store_with_deletion_vectors_is_read_with_the_same_filter(tmp_path: Path) -> None:
-    """A store with deletion vectors (streamed file by file) gives the encoder's asked rows only,
-    its deleted rows left out, and counts them alike."""
+def test_a_store_with_deletion_vectors_is_read_with_the_same_filter(spark: Any, tmp_path: Path) -> None:
+    """A store with deletion vectors (another writer's: Delta-Spark, Databricks) gives the encoder's
+    asked rows only, its deleted rows left out - to training, streamed file by file, and to the
+    run's Spark join alike - and counts them alike."""
     from tests.delta_protocol import delete_with_deletion_vector
 
     ours, other = "ab" * 16, "cd" * 16
@@ -312,6 +313,8 @@ def test_a_store_with_deletion_vectors_is_read_with_the_same_filter(tmp_path: Pa
     found = catalog.embeddings_of(ours, ["p0", "p1", "p2", "p3"])
     left = {r["product_id"] for r in deleted.to_pylist() if r["encoder"] == ours}
     assert sorted(found["product_id"].to_pylist()) == sorted(left)
+    joined = catalog.stored_embeddings(spark, ours).select("product_id").collect()
+    assert sorted(r["product_id"] for r in joined) == sorted(left)
     assert catalog.embedding_counts() == {ours: len(left), other: 1}
 
 

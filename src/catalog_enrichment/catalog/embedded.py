@@ -37,6 +37,7 @@ from catalog_enrichment.catalog.base import (
 )
 from catalog_enrichment.catalog.embeddings import check_fingerprint, embeddings_schema, keep_one_per_product
 from catalog_enrichment.catalog.lock import catalog_lock
+from catalog_enrichment.catalog.products import read_delta_files
 from catalog_enrichment.config import CatalogConfig
 from catalog_enrichment.contracts import Contract, load_contract
 from catalog_enrichment.errors import CatalogEnrichError, ContractError
@@ -228,11 +229,10 @@ class LakehouseCatalog:
 
         if not lakehouse.is_delta(self.embeddings):
             return None
-        files = lakehouse.data_files(self.embeddings)
-        if not files:
+        rows = read_delta_files(spark, self.embeddings.resolve())
+        if rows is None:
             return None
-        rows = spark.read.parquet(*files).where(F.col("encoder") == check_fingerprint(encoder))
-        return keep_one_per_product(rows, products)
+        return keep_one_per_product(rows.where(F.col("encoder") == check_fingerprint(encoder)), products)
 
     def embeddings_of(self, encoder: str, product_ids: Iterable[str]) -> pa.Table:
         """``product_id``, ``content``, ``embedding`` stored for ``encoder`` and these products

@@ -361,6 +361,25 @@ def changed_since(since: dt.datetime, retry: Sequence[str], earliest: dt.datetim
 _FILE, _ROW = "__file", "__row_index"
 
 
+def read_delta_files(spark: SparkSession, root: Path) -> DataFrame | None:
+    """The rows of the Delta table at ``root``'s latest snapshot, read by Spark as Parquet files
+    (their own schema) without those its deletion vectors remove (another writer's: Delta-Spark and
+    Databricks write them); None where it has no file."""
+    from deltalake import DeltaTable
+    from pyspark.sql import functions as F
+
+    table = DeltaTable(str(root))
+    files = sorted(file_path(u, table.table_uri) for u in table.file_uris())
+    if not files:
+        return None
+    df = spark.read.parquet(*files)
+    deleted = _deleted_rows(root, files, table.version())
+    if not deleted:
+        return df
+    where = [F.col("_metadata.file_path").alias(_FILE), F.col("_metadata.row_index").alias(_ROW)]
+    return _without_deleted(spark, df.select("*", *where), deleted).drop(_FILE, _ROW)
+
+
 def _without_deleted(spark: SparkSession, df: DataFrame, deleted: dict[str, pa.Array]) -> DataFrame:
     """``df`` without the rows the deletion vectors remove (a join on file and row index); the
     (file, row index) pairs go to Spark as Arrow columns, no Python object per row."""
