@@ -225,11 +225,11 @@ def _latest(products: DataFrame, report: LabelReport) -> DataFrame:
     from pyspark.sql import functions as F
     from pyspark.sql.types import MapType
 
-    titled = F.length(F.coalesce(F.col("title"), F.lit(""))) > 0
+    usable = F.length(F.coalesce(F.col("title"), F.lit(""))) > 0
     for text in [c for c in _TEXTS if c in products.columns]:
-        titled = titled & F.coalesce(F.is_valid_utf8(text), F.lit(True))
+        usable = usable & F.coalesce(F.is_valid_utf8(text), F.lit(True))
     hashable = [f.name for f in products.schema.fields if not isinstance(f.dataType, MapType)]
-    order = [titled.desc(), F.xxhash64(*hashable)]
+    order = [usable.desc(), F.xxhash64(*hashable)]
     if "updated_at" in products.columns:
         order.insert(0, F.col("updated_at").desc_nulls_last())
     copies = products.where(F.col("product_id").isNotNull()).withColumn(
@@ -237,11 +237,11 @@ def _latest(products: DataFrame, report: LabelReport) -> DataFrame:
     )
     read = products.count()
     stale, latest = copies.agg(
-        F.count(F.when(F.col("_copy") > 1, 1)), F.count(F.when((F.col("_copy") == 1) & titled, 1))
+        F.count(F.when(F.col("_copy") > 1, 1)), F.count(F.when((F.col("_copy") == 1) & usable, 1))
     ).first() or (0, 0)
     report.products_read, report.stale_copies = read, stale
     report.products_without_id_or_title = read - stale - latest
-    return copies.where((F.col("_copy") == 1) & titled).drop("_copy")
+    return copies.where((F.col("_copy") == 1) & usable).drop("_copy")
 
 
 def _label_columns(
