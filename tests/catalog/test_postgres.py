@@ -617,3 +617,22 @@ def test_a_json_merchant_column_holding_a_nul_escape_does_not_fail_the_rollback(
     catalog.rollback_runs(["r2"])
     rows = {(r["product_id"], r["attribute"]): r["value"] for r in catalog.attribute_rows().to_pylist()}
     assert rows == {("p2", "color"): "red"}  # p1's colour is the merchant's: no model value back
+
+
+def test_the_jdbc_read_and_the_tasks_copy_connect_as_the_job_does(
+    pg_server: Any, pg_catalog_config: CatalogConfig, tmp_path: Path
+) -> None:
+    """A server reached over TLS with the job's own CA (and client certificate) is reached so by
+    the processes that have not the DSN: the Spark tasks' COPY and the JDBC read."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    ca, cert, key = (tmp_path / name for name in ("ca.pem", "client.pem", "client.pk8"))
+    dsn = f"{pg_server.dsn()} sslmode=allow sslrootcert={ca} sslcert={cert} sslkey={key}"
+    catalog = PostgresCatalog(pg_catalog_config, dsn=dsn)  # the test server has no TLS: allowed
+    tls = {"sslmode": "allow", "sslrootcert": str(ca), "sslcert": str(cert), "sslkey": str(key)}
+    conninfo, _ = catalog.conninfo()
+    assert tls.items() <= conninfo_to_dict(conninfo).items()
+    with catalog.connect() as conn:
+        options = catalog._jdbc_options(conn, "t")
+    assert tls.items() <= options.items()
+    assert options["url"] == f"jdbc:postgresql://127.0.0.1:{pg_server.port}/{pg_server.database}"

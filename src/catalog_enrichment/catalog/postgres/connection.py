@@ -25,7 +25,16 @@ if TYPE_CHECKING:
 
 from catalog_enrichment.catalog.postgres.migrate import migrate
 
-__all__ = ["PG_DSN_ENV", "RUN_STAGE", "STAGE_HEX", "STORE_STAGE", "PgBase", "held_by", "store_stage_key"]
+__all__ = [
+    "PG_DSN_ENV",
+    "RUN_STAGE",
+    "STAGE_HEX",
+    "STORE_STAGE",
+    "TLS_PARAMETERS",
+    "PgBase",
+    "held_by",
+    "store_stage_key",
+]
 
 PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
 
@@ -35,6 +44,9 @@ PG_DSN_ENV = "CATALOG_ENRICH_PG_DSN"
 RUN_STAGE = "stage_"
 STORE_STAGE = "embeddings_stage_"
 STAGE_HEX = 24  # hex digits of the hash after the prefix: no other table of the schema is dropped
+# the connection's TLS parameters, which the processes that connect without the DSN (the Spark
+# tasks' COPY, the JDBC read: libpq and pgjdbc name them alike) take from the job's own connection
+TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 
 
 def store_stage_key(name: str) -> str:
@@ -166,7 +178,7 @@ class PgBase:
 
         with self.connect() as conn:
             info = conn.info
-            extra = {k: v for k, v in info.get_parameters().items() if k in ("sslmode", "sslrootcert")}
+            extra = {k: v for k, v in info.get_parameters().items() if k in TLS_PARAMETERS}
             return (
                 make_conninfo(host=info.host, port=info.port, dbname=info.dbname, user=info.user, **extra),
                 info.password or None,

@@ -28,7 +28,7 @@ from catalog_enrichment.errors import CatalogEnrichError, ContractError
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-from catalog_enrichment.catalog.postgres.connection import _PG_TYPES, PgBase
+from catalog_enrichment.catalog.postgres.connection import _PG_TYPES, TLS_PARAMETERS, PgBase
 from catalog_enrichment.catalog.postgres.migrate import ensure_schema
 
 __all__ = ["Reads"]
@@ -196,8 +196,9 @@ class Reads(PgBase):
             raise CatalogEnrichError(
                 f"{self.describe()}: Spark's JDBC reader needs a TCP host, not the socket folder {info.host}"
             )
+        host = f"[{info.host}]" if ":" in info.host else info.host  # an IPv6 address
         options = {
-            "url": f"jdbc:postgresql://{info.host}:{info.port}/{info.dbname}",
+            "url": f"jdbc:postgresql://{host}:{info.port}/{info.dbname}",
             "driver": "org.postgresql.Driver",
             "user": info.user,
             "password": info.password or "",
@@ -207,9 +208,10 @@ class Reads(PgBase):
             "sessionInitStatement": "SET TIME ZONE 'UTC'",
             "applicationName": "catalog-enrichment read",
         }
-        ssl = info.get_parameters().get("sslmode")
-        if ssl:
-            options["sslmode"] = ssl
+        # TLS as the job's own connection has it (the files at the same paths on the executors;
+        # pgjdbc reads a client key in PKCS-8 DER or PKCS-12, not libpq's PEM)
+        given = info.get_parameters()
+        options.update({k: given[k] for k in TLS_PARAMETERS if given.get(k)})
         return options
 
     def image_roots(self) -> list[Path]:
