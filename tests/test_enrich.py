@@ -490,6 +490,31 @@ def test_a_merchant_value_given_after_the_model_wrote_one_takes_its_place_on_the
     assert _sorted_rows(read_table(path)) == after_first
 
 
+def test_a_merchant_s_value_of_a_grouping_the_model_never_learned_holds_its_colour_in_the_catalog(
+    spark, tmp_path, taxonomy, incoming, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """The catalog grouped its colours a second way (``color_tone``) after the model was trained: a
+    merchant's tone held in the attribute table keeps the model's colour and family out of that
+    product, as the configured taxonomy links them (the model's own taxonomy links nothing to it)."""
+    from catalog_enrichment.catalog.attributes import attributes_schema
+
+    data = taxonomy.to_dict()
+    data["attributes"]["color"]["groups"]["color_tone"] = {"Any": list(taxonomy["color"].values)}
+    configured = Taxonomy.from_dict(data)
+    cfg = _catalog(tmp_path, incoming)
+    products = read_table(incoming.products, columns=["product_id"])["product_id"].to_pylist()
+    toned = sorted({p for p in products if p is not None})[:60]
+    rows = [{"product_id": p, "attribute": "color_tone", "value": "Any", "source": "merchant",
+             "written_at": dt.datetime(2026, 11, 1, tzinfo=dt.UTC)} for p in toned]  # fmt: skip
+    path = cfg.catalog.table("attributes")
+    write_table(path, pa.Table.from_pylist(rows, schema=attributes_schema()), mode="append")
+    _run(spark, cfg, configured, incoming, scoring_bundle, full=True, run_id="toned")
+    model = [r for r in read_table(path).to_pylist() if r["source"] == "model"]
+    assert {"color", "color_family"} <= {r["attribute"] for r in model}
+    held = [r for r in model if r["product_id"] in set(toned) and r["attribute"] in ("color", "color_family")]
+    assert held == []
+
+
 def test_rollback_restores_the_previous_values_exactly(
     spark, first_run, tmp_path, taxonomy, incoming, scoring_bundle
 ) -> None:  # type: ignore[no-untyped-def]

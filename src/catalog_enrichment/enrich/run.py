@@ -452,7 +452,7 @@ def _stages(
     with run.stage("write"):
         write = run_write(
             run.run_id, job.model, run.started_at, retracted, decisions, job.staging, run.blocked,
-            job.policy.taxonomy,
+            job.taxonomy,
         )  # fmt: skip
         run.merge = catalog.write(write, job.spark)
     if run.merge.already_committed:
