@@ -17,9 +17,10 @@ through spark-submit) with parameters. Per environment, set (Airflow Variables, 
   come from the environment or a secrets backend, never from the command line.
 
 The nightly run is the same as cron's: incremental over the whole catalog (every product new or
-changed since the last run, in any partition), with run id ``nightly-<day>`` (its logical date;
-without one, the day it was to run) - a retry or a re-run of the same date changes nothing that is
-done - then checks the run report (exit 3 =
+changed since the last run, in any partition), with run id ``nightly-<day>`` (its logical date)
+- a retry or a re-run of the same night changes nothing that is done; a run triggered by hand is
+its own (``nightly-<day>-manual-<when>``), so it neither takes the night's id nor finds it done -
+then checks the run report (exit 3 =
 circuit breaker tripped or a critical GX expectation failed) and the run's health (drift,
 coverage, estimated precision, inputs against the model's held-out products: exit 1 when a check
 failed), and only then draws the night's review sample; a failure alerts, fails the DAG run and
@@ -63,9 +64,18 @@ IN_HOME = (
     '[ -n "$home" ] || home="${CATALOG_ENRICH_HOME:-$AIRFLOW_HOME}"; [ -n "$home" ] || home="$HOME/airflow"; '
     'cd "$home" || exit 1; '
 )
-# A run triggered without a logical date (`airflow dags trigger` without -l: Airflow 3) has no
-# ``ds``; its day is when it was to run
-RUN_ID = "nightly-{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
+# A scheduled run is its night's: ``nightly-<day>``, every retry the same run. A run triggered by
+# hand (or an Airflow backfill) is its own: its type and when it was to run follow the day, so one
+# triggered before the night's scheduled run does not take that run's id (which would then find
+# it done and do nothing), nor one triggered after it find the night done. A run triggered
+# without a logical date (`airflow dags trigger` without -l: Airflow 3) has no ``ds``; its day is
+# when it was to run.
+RUN_ID = (
+    "nightly-{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
+    "{{ '' if dag_run.run_type == 'scheduled' else "
+    "'-' ~ (dag_run.run_type.value or dag_run.run_type) ~ '-' ~ "
+    "((dag_run.run_after or dag_run.logical_date) | ts_nodash) }}"
+)
 
 
 def _day(context: dict[str, Any]) -> str:
@@ -73,6 +83,17 @@ def _day(context: dict[str, Any]) -> str:
     run = context.get("dag_run")
     when = getattr(run, "logical_date", None) or getattr(run, "run_after", None)
     return when.strftime("%Y-%m-%d") if when is not None else "?"
+
+
+def _run_id(context: dict[str, Any]) -> str:
+    """The run id ``RUN_ID`` renders for this DAG run."""
+    run = context.get("dag_run")
+    kind = getattr(run, "run_type", "scheduled")
+    kind = str(getattr(kind, "value", kind))  # Airflow 3's enum, Airflow 2's string
+    if kind == "scheduled":
+        return f"nightly-{_day(context)}"
+    after = getattr(run, "run_after", None) or getattr(run, "logical_date", None)
+    return f"nightly-{_day(context)}-{kind}-{after.strftime('%Y%m%dT%H%M%S') if after else '?'}"
 
 
 def alert(context: dict[str, Any]) -> None:
@@ -84,7 +105,7 @@ def alert(context: dict[str, Any]) -> None:
         getattr(ti, "dag_id", "?"),
         _day(context),
         getattr(ti, "try_number", "?"),
-        f"nightly-{_day(context)}",
+        _run_id(context),
     )
 
 

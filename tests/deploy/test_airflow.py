@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from catalog_enrichment.catalog.reports import read_reports, report_for
+from catalog_enrichment.catalog.reports import read_reports
 from tests.conftest import ONE_CORE_MASTER, mlflow_store, repo_root, tiny_registry
 
 DAGS = repo_root() / "deploy" / "airflow"
@@ -131,8 +132,8 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
     assert enrich["retries"] == 2 and enrich["timeout"] == 4 * 3600
     # the same run as cron's: incremental over every partition
     # the run's day: its logical date, or (triggered without one, where Airflow 3 gives no ``ds``)
-    # the day it was to run: a retry is the same run
-    run_id = "nightly-{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
+    # the day it was to run: a retry is the same run; one triggered by hand is its own
+    run_id = RUN_ID
     assert f" enrich --run-id {run_id} " in enrich["command"], enrich["command"]
     # an abort is not retried: check_report fails on its report, once. Told by the exit code 3 in
     # client mode, by the run's report where spark-submit in cluster mode says only "failed"
@@ -152,12 +153,19 @@ def test_dag_files_import_without_errors_and_are_production_shaped(tmp_path: Pat
             assert 'cd "$home" || exit 1; ' in task["command"] and task["cwd"] is None
 
 
+# the DAG's run id: a scheduled run's is its night's, a run triggered by hand its own
+RUN_ID = (
+    "nightly-{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
+    "{{ '' if dag_run.run_type == 'scheduled' else "
+    "'-' ~ (dag_run.run_type.value or dag_run.run_type) ~ '-' ~ "
+    "((dag_run.run_after or dag_run.logical_date) | ts_nodash) }}"
+)
+
+
 def _enrich_task(command: str, tmp: Path, submit: int, report: int | None) -> tuple[bool, int | None]:
     """The nightly enrich task's command run with a submit that exits ``submit`` and a CLI whose
     ``report --check`` exits ``report``: whether the task succeeds, and what the report exited
     (None: not asked)."""
-    import re
-
     for name, rc in (("submit", submit), ("cli", report)):
         tool = tmp / "tools" / name
         tool.parent.mkdir(exist_ok=True)
@@ -168,7 +176,7 @@ def _enrich_task(command: str, tmp: Path, submit: int, report: int | None) -> tu
     text = re.sub(
         r"\{\{ var\.value\.get\('catalog_enrich_(\w+)', '[^']*'\) \}\}",
         lambda m: variables[m.group(1)],
-        command.replace("{{ (dag_run.logical_date or dag_run.run_after) | ds }}", "2026-11-02"),
+        command.replace(RUN_ID, "nightly-2026-11-02"),
     )
     assert "{{" not in text, text
     done = subprocess.run(["bash", "-c", text], capture_output=True, timeout=60).returncode == 0
@@ -212,11 +220,13 @@ def test_the_nightly_dag_runs_end_to_end_and_a_drifted_night_fails_its_health_ch
         "enrich": "success", "check_report": "success", "check_health": "success",
         "review_sample": "success", "report_failure": "skipped",
     }  # fmt: skip
-    report = report_for(read_reports(tmp_path / "lake" / "run_reports"), "nightly-2026-11-02")
+    # `airflow dags test` triggers the run by hand: its own run id, after its night's
+    (report,) = read_reports(tmp_path / "lake" / "run_reports")
+    assert re.fullmatch(r"nightly-2026-11-02-manual-\d{8}T\d{6}", report.run_id), report.run_id
     # incremental over the whole catalog: the first run reads every partition
     assert report.status == "succeeded" and report.partition is None
     assert report.rows_read == products.num_rows
-    assert (tmp_path / "review" / "nightly-2026-11-02.csv").is_file()
+    assert (tmp_path / "review" / f"{report.run_id}.csv").is_file()
 
     # a feed whose titles are stripped to ids: the run succeeds, its health check fails the DAG run
     write_table(tmp_path / "stripped", stripped_titles(products))
@@ -227,7 +237,7 @@ def test_the_nightly_dag_runs_end_to_end_and_a_drifted_night_fails_its_health_ch
     assert tasks["enrich"] == "success" and tasks["check_report"] == "success"
     assert tasks["check_health"] == "failed" and tasks["report_failure"] == "failed"
     assert tasks["review_sample"] == "upstream_failed"  # never started
-    assert not (tmp_path / "review" / "nightly-2026-11-03.csv").exists()
+    assert not list((tmp_path / "review").glob("nightly-2026-11-03*.csv"))
 
 
 @pytest.mark.slow
