@@ -44,7 +44,7 @@ class _Partitions:
 def _report(
     day: str, status: str, version: str = "3", run_id: str | None = None, name: str = "shop/tiny"
 ) -> RunReport:
-    run_id = run_id or f"backfill-{day}-shop_tiny-v{version}"
+    run_id = run_id or f"backfill-{day}-shop_tiny-c6cdfd-v{version}"
     return RunReport(
         run_id=run_id,
         status=status,
@@ -64,8 +64,8 @@ def _plan(catalog: _Partitions, **kwargs: object) -> list[tuple[str, str | None]
 
 def test_each_partition_in_the_range_gets_a_run_id_of_its_day_and_model_version() -> None:
     assert _plan(_Partitions(DAYS)) == [
-        ("ingest_date=2026-11-02", "backfill-2026-11-02-shop_tiny-v3"),
-        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),
+        ("ingest_date=2026-11-02", "backfill-2026-11-02-shop_tiny-c6cdfd-v3"),
+        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-c6cdfd-v3"),
     ]
 
 
@@ -77,7 +77,7 @@ def test_a_partition_this_version_finished_is_skipped_and_an_interrupted_one_kee
     ]
     assert _plan(_Partitions(DAYS, reports)) == [
         ("ingest_date=2026-11-02", None),  # done by v3: nothing to do
-        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),  # finished, not written twice
+        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-c6cdfd-v3"),  # finished, not written twice
     ]
 
 
@@ -85,12 +85,21 @@ def test_a_partition_another_registered_model_finished_at_the_same_version_is_no
     """Two registered models write one catalog (say, one per product family), each with its own
     version 3: one's finished partition is not the other's."""
     reports = [
-        _report("2026-11-02", "succeeded", name="shop/home", run_id="backfill-2026-11-02-shop_home-v3")
+        _report("2026-11-02", "succeeded", name="shop/home", run_id="backfill-2026-11-02-shop_home-fc89c8-v3")
     ]
     assert _plan(_Partitions(DAYS, reports)) == [
-        ("ingest_date=2026-11-02", "backfill-2026-11-02-shop_tiny-v3"),
-        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),
+        ("ingest_date=2026-11-02", "backfill-2026-11-02-shop_tiny-c6cdfd-v3"),
+        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-c6cdfd-v3"),
     ]
+    # a model whose name a run id holds as it is: "shop_tiny" never plans "shop/tiny"'s id (nor the
+    # reverse), which would find that model's run done and do nothing
+    reports = [
+        _report("2026-11-02", "succeeded", name="shop_tiny", run_id="backfill-2026-11-02-shop_tiny-v3")
+    ]
+    assert _plan(_Partitions(DAYS, reports))[0] == (
+        "ingest_date=2026-11-02",
+        "backfill-2026-11-02-shop_tiny-c6cdfd-v3",
+    )
 
 
 def test_a_done_partition_whose_last_run_left_products_to_retry_gets_an_incremental_run() -> None:
@@ -107,7 +116,9 @@ def test_a_done_partition_whose_last_run_left_products_to_retry_gets_an_incremen
     plan = backfill_plan(_Partitions(DAYS, [done, left]), MODEL, dt.date(2026, 11, 2), dt.date(2026, 11, 3))  # type: ignore[arg-type]
     assert plan[0] == ("ingest_date=2026-11-02", None, True)
     assert plan[1].partition == "ingest_date=2026-11-03" and not plan[1].full
-    assert plan[1].run_id is not None and plan[1].run_id.startswith("backfill-2026-11-03-shop_tiny-v3-")
+    assert plan[1].run_id is not None and plan[1].run_id.startswith(
+        "backfill-2026-11-03-shop_tiny-c6cdfd-v3-"
+    )
     # its run read them again (nothing left to retry): done
     again = _report("2026-11-03", "succeeded", run_id=plan[1].run_id)
     again.watermark, again.started_at = T, T + dt.timedelta(hours=1)
@@ -118,7 +129,7 @@ def test_a_done_partition_whose_last_run_left_products_to_retry_gets_an_incremen
     again.add_to_summary(**{BLOCKED: {"color": "input image PSI 2.1"}})
     rerun = _plan(_Partitions(DAYS, [done, left, again]))[1]
     assert rerun[0] == "ingest_date=2026-11-03" and rerun[1] not in (None, plan[1].run_id)
-    assert rerun[1].startswith("backfill-2026-11-03-shop_tiny-v3-")  # type: ignore[union-attr]
+    assert rerun[1].startswith("backfill-2026-11-03-shop_tiny-c6cdfd-v3-")  # type: ignore[union-attr]
 
 
 def test_forced_and_rolled_back_partitions_get_a_fresh_run_id() -> None:
@@ -129,7 +140,7 @@ def test_forced_and_rolled_back_partitions_get_a_fresh_run_id() -> None:
         assert run_id is not None and run_id.startswith("backfill-2026-11-0") and len(run_id) > 40
     again = _plan(_Partitions(DAYS, reports))
     assert again[0] == ("ingest_date=2026-11-02", None)
-    assert again[1][1] is not None and again[1][1].startswith("backfill-2026-11-03-shop_tiny-v3-")
+    assert again[1][1] is not None and again[1][1].startswith("backfill-2026-11-03-shop_tiny-c6cdfd-v3-")
 
 
 def test_a_partition_whose_health_checks_kept_values_out_is_run_again_under_a_fresh_run_id() -> None:
@@ -140,7 +151,7 @@ def test_a_partition_whose_health_checks_kept_values_out_is_run_again_under_a_fr
     blocked.add_to_summary(**{BLOCKED: {"color": "input image PSI 2.1"}})
     again = _plan(_Partitions(DAYS, [blocked, _report("2026-11-03", "succeeded")]))
     assert again[1] == ("ingest_date=2026-11-03", None)
-    assert again[0][1] is not None and again[0][1].startswith("backfill-2026-11-02-shop_tiny-v3-")
+    assert again[0][1] is not None and again[0][1].startswith("backfill-2026-11-02-shop_tiny-c6cdfd-v3-")
     clean = _report("2026-11-02", "succeeded", run_id=again[0][1])
     assert _plan(_Partitions(DAYS, [blocked, clean]))[0] == ("ingest_date=2026-11-02", None)
 
@@ -152,7 +163,7 @@ def test_an_incremental_run_of_a_partition_does_not_make_it_done() -> None:
     partial.add_to_summary(**{FULL: False})
     plan = _plan(_Partitions(DAYS, [partial]))
     assert plan[0][0] == "ingest_date=2026-11-02" and plan[0][1] is not None
-    assert plan[0][1].startswith("backfill-2026-11-02-shop_tiny-v3-")
+    assert plan[0][1].startswith("backfill-2026-11-02-shop_tiny-c6cdfd-v3-")
     whole = _report("2026-11-02", "succeeded")
     whole.add_to_summary(**{FULL: True})
     assert _plan(_Partitions(DAYS, [partial, whole]))[0] == ("ingest_date=2026-11-02", None)
@@ -182,8 +193,8 @@ def test_a_run_over_another_products_table_does_not_make_a_partition_done() -> N
     other.add_to_summary(**{PRODUCTS: "/exports/vendor_feed"})
     suffix = hashlib.sha256(b"/lake/products").hexdigest()[:8]
     assert _plan(_Partitions(DAYS, [other])) == [
-        ("ingest_date=2026-11-02", f"backfill-2026-11-02-shop_tiny-v3-{suffix}"),
-        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-v3"),
+        ("ingest_date=2026-11-02", f"backfill-2026-11-02-shop_tiny-c6cdfd-v3-{suffix}"),
+        ("ingest_date=2026-11-03", "backfill-2026-11-03-shop_tiny-c6cdfd-v3"),
     ]
     own = _report("2026-11-03", "succeeded")
     own.add_to_summary(**{PRODUCTS: "/lake/products"})

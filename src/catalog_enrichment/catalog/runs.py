@@ -56,8 +56,9 @@ def backfill_plan(
     incremental run of the products left to retry, say (it is run again, whole). A done
     partition whose last run left products to retry gets an incremental run under a fresh id: a
     backfill during an image host's outage is not done until they are read again. A run id another
-    products table's run already took (``--products``) gets a suffix of this table's name: a run
-    of the same id would find that run done and do nothing.
+    products table's run already took (``--products``) gets a suffix of this table's name, and a
+    model name a run id cannot hold as it is a hash of the name: a run of the same id would find
+    that run done and do nothing.
     """
     if date_from > date_to:
         raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
@@ -73,6 +74,11 @@ def backfill_plan(
     table_reports = [r for r in reports if of_scope(r, r.partition, products)]
     taken = {r.run_id for r in reports} - {r.run_id for r in table_reports}
     suffix = hashlib.sha256(products.encode()).hexdigest()[:8]
+    # the model's name as a run id can hold it: a name that needs changing for that keeps a hash of
+    # itself, so "shop/tiny" and "shop_tiny" never plan one id (the second would find it done)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", model.name)
+    if name != model.name:
+        name += "-" + hashlib.sha256(model.name.encode()).hexdigest()[:6]
     plan: list[PlannedRun] = []
     for day in dates:
         scope = f"{column}={day}"
@@ -82,7 +88,7 @@ def backfill_plan(
             for r in runs
             if r.status == "succeeded" and (r.model_name, r.model_version) == (model.name, model.version)
         ]
-        run_id = f"backfill-{day}-{re.sub(r'[^A-Za-z0-9._-]', '_', model.name)}-v{model.version}"
+        run_id = f"backfill-{day}-{name}-v{model.version}"
         if run_id in taken:
             run_id = f"{run_id}-{suffix}"
         fresh = f"{run_id}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
