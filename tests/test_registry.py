@@ -740,7 +740,8 @@ def test_a_retry_records_a_promotion_whose_record_failed_after_the_alias_moved( 
     tmp_path: Path, scoring_bundle: Path, incoming, data, monkeypatch
 ) -> None:
     """The alias moved, then the log could not be written (exit 2): the scheduler's retry finds the
-    challenger already champion and records that promotion - log row and champion_before - once."""
+    challenger already champion and records that promotion - log row and champion_before - once;
+    so does the next promote where a training registered a new challenger before the retry."""
     from catalog_enrichment import promotion
 
     client, _, before, _ = tiny_registry(tmp_path, scoring_bundle, incoming)
@@ -765,6 +766,24 @@ def test_a_retry_records_a_promotion_whose_record_failed_after_the_alias_moved( 
     tags = registry.version_tags(client, "tiny", challenger.version)
     assert tags["promotion.decision"] == "promoted" and tags["promotion.champion_before"] == before
     assert row["decided_at"] == dt.datetime.fromisoformat(tags["promotion.decided_at"])
+
+    cut_short = register_bundle(
+        client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
+    ).version
+    with pytest.raises(CatalogEnrichError, match="could not be recorded"):  # its record fails too
+        promote(client, "tiny", EvaluationSet(data["eval"]), rule,
+                log_path=tmp_path / "not-a-folder" / "log", progress=_quiet)  # fmt: skip
+    assert registry.resolve_alias(client, "tiny", registry.CHAMPION) == cut_short
+    newer = register_bundle(client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts")
+    decided = promote(client, "tiny", EvaluationSet(data["eval"]), rule, log_path=log, progress=_quiet)
+    assert decided["champion"] == cut_short and decided["challenger"] == newer.version
+    rows = [(r["challenger_version"], r["champion_version"]) for r in read_promotion_log(log).to_pylist()]
+    assert sorted(rows) == [
+        (challenger.version, before),
+        (cut_short, challenger.version),
+        (newer.version, cut_short),
+    ]
+    assert not registry.version_tags(client, "tiny", cut_short)[PROMOTING_TAG]
 
 
 @pytest.mark.timeout(60)

@@ -360,6 +360,11 @@ def promote(
         "promote": result.promote, "reasons": result.reasons, "target": target, "metrics": metrics,
         "dry_run": dry_run, "eval_data": str(eval_data), "eval_version": pinned,
     }  # fmt: skip
+    if not dry_run and champion is not None and champion != challenger:
+        # a promotion of the champion whose record a failure cut short, and a training registered
+        # this challenger before its retry: recorded first, so the log says how the champion got there
+        theirs = {"challenger": metrics["champion"]} if "champion" in metrics else {}
+        _finish_record(client, registered_model, champion, theirs, log_path, progress)
     if not dry_run and champion != challenger:  # a version is not judged against itself: no record
         _record(client, summary, dt.datetime.now(dt.UTC), log_path, progress)
     return summary
@@ -581,9 +586,10 @@ def _finish_record(
         } in log.to_pylist():
             return None
     before = tags.get("promotion.champion_before") or None
+    again = f"v{champion} evaluated again" if metrics else "not evaluated again"
     note = (
         f"recorded by a later run: the promotion of v{champion} from {before or 'none'} decided at "
-        f"{promoting} moved the alias, then failed before this row (metrics: v{champion} evaluated again)"
+        f"{promoting} moved the alias, then failed before this row (metrics: {again})"
     )
     summary = {
         "registered_model": name, "challenger": champion, "champion": before, "promote": True,
