@@ -269,13 +269,16 @@ def log_and_register(
 
 
 def _signature(inputs: pd.DataFrame, outputs: pd.DataFrame) -> ModelSignature:
-    """The example's signature, with ``category`` and ``image_uri`` optional inputs: MLflow passes a
-    pyfunc model only the columns its signature names, and the model reads both (the n-grams read
-    the category; a product without image bytes is read from its ``image_uri`` under the roots
-    given at load time, else scored NaN: see :class:`CatalogEnrichmentPyfunc`)."""
+    """The example's signature, with ``image``, ``category`` and ``image_uri`` optional inputs,
+    whatever columns the training table had: MLflow passes a pyfunc model only the columns its
+    signature names (and drops the others with a warning), and the model reads all three (the
+    photo's bytes; the n-grams read the category; a product without image bytes is read from its
+    ``image_uri`` under the roots given at load time, else scored NaN: see
+    :class:`CatalogEnrichmentPyfunc`)."""
     signature = infer_signature(inputs, outputs)
-    named = [c for c in signature.inputs.inputs if c.name not in ("category", "image_uri")]
-    optional = [ColSpec(DataType.string, name, required=False) for name in ("category", "image_uri")]
+    kinds = {"image": DataType.binary, "category": DataType.string, "image_uri": DataType.string}
+    named = [c for c in signature.inputs.inputs if c.name not in kinds]
+    optional = [ColSpec(kind, name, required=False) for name, kind in kinds.items()]
     return ModelSignature(inputs=Schema([*named, *optional]), outputs=signature.outputs)
 
 

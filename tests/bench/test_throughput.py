@@ -97,6 +97,9 @@ def test_the_peer_passes_every_input_the_registered_signature_names() -> None:
     )
     signature = _signature(_example_frame(products), pd.DataFrame({"color=red": [0.5]}))
     assert sorted(signature.inputs.input_names()) == sorted(peer.INPUT_COLUMNS)
+    # a training table of image URIs only: the bytes a consumer sends still reach the model
+    uris = _signature(_example_frame(products.drop_columns(["image"])), pd.DataFrame({"color=red": [0.5]}))
+    assert sorted(uris.inputs.input_names()) == sorted(peer.INPUT_COLUMNS)
 
 
 def test_a_whole_process_is_timed_with_its_cpu_and_peak_memory(tmp_path: Path) -> None:
