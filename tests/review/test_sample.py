@@ -239,6 +239,34 @@ def test_no_csv_cell_is_a_formula_and_a_filled_file_imports_the_exact_values(
     assert set(stored["product_id"].to_pylist()) == set(drawn.rows["product_id"].to_pylist())
 
 
+def test_ids_a_spreadsheet_would_read_as_numbers_or_dates_keep_their_text(tmp_path: Path) -> None:
+    """A spreadsheet reads 00000131 as 131 and 10-12 as a date, and saves them back so: the sample's
+    key cells that look like numbers are quoted as formulas are, and a filled file imports under
+    the exact ids whether the spreadsheet kept the quotes or dropped them."""
+    ids = ["00000131", "10-12", "1e5", ".5"]
+    written = written_catalog(tmp_path / "lakehouse", ids=ids, titles=[f"product {i}" for i in ids])
+    drawn = draw_sample(written.catalog, model_version="3", size=100, seed=0)
+    out = tmp_path / "r" / "sample.csv"
+    write_annotator_files(written.catalog, drawn, out, ImagePolicy())
+    with out.open(newline="") as f:
+        keys = [row[:4] for row in csv.reader(f)][1:]
+    assert not [c for row in keys for c in row if c[:1].isdigit() or c[:1] == "."]
+    assert {row[1] for row in keys} >= {"'00000131", "'10-12"}
+    for kept in (True, False):  # a spreadsheet that keeps the ' on saving, and one that drops it
+        sample = pcsv.read_csv(out, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+        if not kept:
+            for name in ("sample_id", "product_id", "attribute", "value"):
+                text = [v[1:] if v.startswith("'") else v for v in sample[name].to_pylist()]
+                sample = sample.set_column(sample.schema.get_field_index(name), name, pa.array(text))
+        n = sample.num_rows
+        for name, value in (("verdict", "no"), ("reviewer", "qa"), ("reviewed_at", "2026-11-02T10:00:00Z")):
+            sample = sample.set_column(sample.schema.get_field_index(name), name, pa.array([value] * n))
+        pcsv.write_csv(sample, tmp_path / "filled.csv")
+        import_verdicts(written.catalog, tmp_path / "filled.csv")
+        stored = written.catalog.keyed_rows("reviews")
+        assert set(stored["product_id"].to_pylist()) == set(drawn.rows["product_id"].to_pylist())
+
+
 def test_the_review_page_embeds_merchant_text_as_data_only(hostile: WrittenCatalog, tmp_path: Path) -> None:
     drawn = draw_sample(hostile.catalog, model_version="3", size=100, seed=0)
     table, _ = write_annotator_files(hostile.catalog, drawn, tmp_path / "r" / "sample.csv", ImagePolicy())

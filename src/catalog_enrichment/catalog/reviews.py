@@ -57,25 +57,36 @@ _SHOWN = 10  # problems listed in an error
 # takes one ' off again. A spreadsheet that drops the ' on saving gives back the original text.
 _FORMULA = re.compile(r"'*[=+\-@\t\r]")
 _QUOTED_FORMULA = re.compile(r"'+[=+\-@\t\r]")
+# ... and a key cell it would take for a number or a date ("00000131" saved back as 131, "10-12" as
+# a date), which would then name no drawn item: quoted the same way
+_NUMBER = re.compile(r"'*[0-9.]")
+_QUOTED_NUMBER = re.compile(r"'+[0-9.]")
 # A reviewed_at this far after the import is a clock's skew; later is refused (it would win over
 # every later verdict forever).
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 def neutralize_formulas(table: pa.Table) -> pa.Table:
-    """``table`` with every text cell that a spreadsheet would take for a formula quoted (``'``)."""
+    """``table`` with every text cell that a spreadsheet would take for a formula quoted (``'``),
+    and every cell of an item's key (:data:`ITEM`) it would take for a number or a date."""
     columns = []
-    for column in table.columns:
+    for name, column in zip(table.column_names, table.columns, strict=True):
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            values = [v if v is None or not _FORMULA.match(v) else "'" + v for v in column.to_pylist()]
+            values = [v if v is None or not _quoted(v, name) else "'" + v for v in column.to_pylist()]
             column = pa.chunked_array([pa.array(values, column.type)])
         columns.append(column)
     return pa.table(columns, names=table.column_names)
 
 
-def _restored(text: str) -> str:
-    """A cell of a CSV verdict file as it was before :func:`neutralize_formulas`."""
-    return text[1:] if _QUOTED_FORMULA.match(text) else text
+def _quoted(text: str, column: str) -> bool:
+    """Whether export quotes this cell of ``column``."""
+    return bool(_FORMULA.match(text) or (column in ITEM and _NUMBER.match(text)))
+
+
+def _restored(text: str, column: str) -> str:
+    """A cell of ``column`` of a CSV verdict file as it was before :func:`neutralize_formulas`."""
+    quoted = _QUOTED_FORMULA.match(text) or (column in ITEM and _QUOTED_NUMBER.match(text))
+    return text[1:] if quoted else text
 
 
 @dataclass
@@ -144,7 +155,7 @@ def read_verdict_file(path: Path) -> pa.Table:
     if path.suffix.lower() == ".csv":
         table = table.select(list(FILE_COLUMNS))
         table = pa.table(
-            {c: pa.array([_restored(v) for v in table[c].to_pylist()], pa.string()) for c in FILE_COLUMNS}
+            {c: pa.array([_restored(v, c) for v in table[c].to_pylist()], pa.string()) for c in FILE_COLUMNS}
         )
     return table
 
