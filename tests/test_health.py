@@ -304,6 +304,12 @@ def test_block_mode_blocks_the_failed_attribute_and_an_input_failure_blocks_ever
     assert blocked_attributes([family], defaults, three, levels) == dict.fromkeys(
         ["color", "color_family", "color_tone"], "color_family: coverage"
     )
+    # an attribute whose name begins like an input check's message still passes its reason on
+    voltage = Check("input voltage", "value_mix", "failed", 100, 1000, message="input voltage: value mix")
+    levels = {"input voltage class": "input voltage"}
+    assert blocked_attributes(
+        [voltage], defaults, ["input voltage", "input voltage class"], levels
+    ) == dict.fromkeys(["input voltage", "input voltage class"], "input voltage: value mix")
 
 
 def test_a_profile_round_trips_tallies_merge_and_the_plot_is_drawn(tmp_path: Path) -> None:

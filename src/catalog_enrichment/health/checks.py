@@ -461,6 +461,7 @@ def blocked_attributes(
     its parent): an attribute and its groupings come from the same scores, so blocking one blocks
     them all."""
     why: dict[str, list[str]] = {}
+    own: dict[str, list[str]] = {}  # an attribute's own failures, which its groupings share
     for c in checks:
         if c.status != "failed":
             continue
@@ -469,7 +470,7 @@ def blocked_attributes(
                 why.setdefault(a, []).append(f"input {c.message or c.check}")
         elif c.scope != INPUT and modes.get(c.check) == "block":
             why.setdefault(c.scope, []).append(c.message or c.check)
-    own = {a: [m for m in reasons if not m.startswith("input ")] for a, reasons in why.items()}
+            own.setdefault(c.scope, []).append(c.message or c.check)
     families: dict[str, set[str]] = {}
     for derived, parent in (levels or {}).items():
         families.setdefault(parent, {parent}).add(derived)
