@@ -120,6 +120,12 @@ def test_config_command_applies_overrides(capsys: pytest.CaptureFixture[str]) ->
         (["review", "import", "/no/such/verdicts.csv"], "no verdict file at /no/such/verdicts.csv"),
         (["report", "--model-version", "3"], "--model-version and --sample go with --audit"),
         (["report", "--audit", "--run-id", "r1"], "audits a model version (--model-version) or a sample"),
+        # refused before Spark starts or a model downloads (none is reachable from here)
+        (["enrich", "--run-id", "night of 2 Dec"], "run id 'night of 2 Dec' is not valid"),
+        (
+            ["backfill", "--from", "2026-11-03", "--to", "2026-11-02"],
+            "--from 2026-11-03 is after --to 2026-11-02",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(

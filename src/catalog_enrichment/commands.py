@@ -292,10 +292,12 @@ def enrich(args: argparse.Namespace, cfg: AppConfig) -> int:
     The nightly job: read products (incremental by default), validate and quarantine, score inside
     Spark, write calibrated values into the attributes table in one MERGE, report.
     """
-    from catalog_enrichment.catalog.reports import format_report
+    from catalog_enrichment.catalog.reports import check_run_id, format_report
     from catalog_enrichment.contracts import load_taxonomy
     from catalog_enrichment.enrich import RunScope, run_enrichment
 
+    if args.run_id is not None:  # before Spark starts and the model downloads
+        check_run_id(args.run_id)
     taxonomy = load_taxonomy(cfg.taxonomy_path)
     spark, client, model = runtime.job_context(cfg, args.model_uri)
     outcome = run_enrichment(
@@ -328,6 +330,8 @@ def backfill(args: argparse.Namespace, cfg: AppConfig) -> int:
         date_from, date_to = dt.date.fromisoformat(args.date_from), dt.date.fromisoformat(args.date_to)
     except ValueError as exc:
         raise CatalogEnrichError(f"--from/--to must be dates (YYYY-MM-DD): {exc}") from None
+    if date_from > date_to:  # before Spark starts and the model downloads
+        raise CatalogEnrichError(f"--from {date_from} is after --to {date_to}")
     spark, client, model = runtime.job_context(cfg, args.model_uri)
     results = backfill_partitions(
         spark,
