@@ -562,6 +562,12 @@ def test_the_precision_design_effect_of_bins_whose_values_were_all_right_is_thei
     assert _precision_design_effect(bins, right, groups) == pytest.approx(10.0)
     assert _precision_design_effect(bins[200:], right[200:], groups[200:]) == pytest.approx(100 / 99)
     assert _precision_design_effect(bins, right, None) == 1.0
+    # the share right of one set of values (what the calibration bound divides its counts by)
+    from catalog_enrichment.health import share_design_effect
+
+    assert share_design_effect(right[:200].astype(bool), groups[:200]) == pytest.approx(10.0)
+    assert share_design_effect(right[200:].astype(bool), groups[200:]) == pytest.approx(100 / 99)
+    assert share_design_effect(right[:200].astype(bool), None) == 1.0
 
 
 def test_a_text_only_model_s_runs_judge_no_photo() -> None:

@@ -46,7 +46,15 @@ confident calibration examples with no error are needed per value, so a long tai
 Multi-class attributes are thresholded on the top-1 score: the candidates for value ``v`` are the
 products whose argmax is ``v``. Multi-label: every (product, value) pair is a candidate.
 
-Assumptions: calibration (and family) scores are out-of-sample, and those products are
+Variants of one article (products of one group: a shared title or description) share their score
+and often their label, so they are evidence of fewer trials than their number. Given each
+calibration product's group, both scopes divide what a level or threshold writes, and its rights,
+by the design effect of its share right over those groups
+(:func:`~catalog_enrichment.health.share_design_effect`) before the bound; which levels or
+thresholds are tested still depends on the scores (and groups) alone. A multi-label product's pairs
+share its group too.
+
+Assumptions: calibration (and family) scores are out-of-sample, and those groups of products are
 exchangeable with the products scored later (same distribution). Cross-fitted calibration scores
 come from fold models, not from the model that serves: :func:`on_served_scale` raises them until
 the served model writes no larger share of the validation products than the fold models did, so
@@ -71,7 +79,7 @@ import numpy as np
 from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import AttributeKind
 from catalog_enrichment.errors import ConfigError
-from catalog_enrichment.health import HealthProfile
+from catalog_enrichment.health import HealthProfile, share_design_effect
 from catalog_enrichment.metrics import decision_matrix, written_precision_and_coverage
 
 __all__ = [
@@ -189,7 +197,9 @@ class PooledEvidence:
     level before the guard; ``levels_tested`` counts the tests run (the last one failed unless the
     grid ran out); ``guarded`` names the values the per-value guard raised or kept out;
     ``stop_written``/``stop_correct``: the calibration writes of the level whose failed test ended
-    the sequence (``0`` where the grid ran out first).
+    the sequence (``0`` where the grid ran out first); ``design_effect``: how many of the chosen
+    level's writes count as one independent trial where calibration products come in groups
+    (variants of one article), by which the bound divides the counts (1: one by one).
     """
 
     level: float | None
@@ -201,6 +211,7 @@ class PooledEvidence:
     guarded: tuple[str, ...] = ()
     stop_written: int = 0
     stop_correct: int = 0
+    design_effect: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +270,8 @@ class Calibration:
                 f"calibration values were {p.precision:.1%} right (lower bound {p.lower_bound:.3f} >= "
                 f"{self.target_precision:g})"
             )
+            if p.design_effect > 1:
+                line += f" as {p.n_written / p.design_effect:,.0f} independent ones (variants of one product)"
             if p.stop_written:
                 line += (
                     f"; the next level tested ({p.stop_written:,} writes, "
@@ -283,7 +296,8 @@ class Calibration:
         kept = set(kept)
         ours = [v for v in a.values if v.threshold is not None and v.value in kept]
         writes, rights = sum(v.n_written for v in ours), sum(v.n_correct for v in ours)
-        return float(lower_bound(rights, writes, confidence=self.confidence, method=self.bound))
+        deff = a.pooled.design_effect
+        return float(lower_bound(rights / deff, writes / deff, confidence=self.confidence, method=self.bound))
 
     def keep_out(self, values: Mapping[str, Sequence[str]], reason: str) -> Calibration:
         """These values (attribute -> values) never written whatever their scores: no threshold, and
@@ -427,6 +441,22 @@ def _candidates(
     return [(top_score[top == v], y[top == v] == v, int((y == v).sum())) for v in range(n_values)]
 
 
+def _candidate_groups(
+    name: str, kind: AttributeKind, n_values: int, scores: np.ndarray, labels: np.ndarray, groups: np.ndarray
+) -> list[np.ndarray]:
+    """Per value: the group of each of its candidates' products, in :func:`_candidates`' order."""
+    groups = np.asarray(groups)
+    if groups.shape != (np.shape(scores)[0],):
+        raise ValueError(f"{name}: groups shape {groups.shape} != one per product ({np.shape(scores)[0]})")
+    groups = np.unique(groups, return_inverse=True)[1]  # integers: each level's count sorts them again
+    if kind == "multilabel":
+        return [groups] * n_values
+    known = np.asarray(labels) >= 0
+    s, g = np.asarray(scores, np.float64)[known], groups[known]
+    top = s.argmax(axis=1) if s.size else np.zeros(0, np.int64)
+    return [g[top == v] for v in range(n_values)]
+
+
 def _curves(cands: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
     """``(V, G)`` counts written and right at every grid threshold, per value."""
     pairs = [_curve(s, c) for s, c, _ in cands]
@@ -457,6 +487,7 @@ def _pick_threshold(
     confidence: float,
     bound: BoundName,
     min_support: int,
+    groups: np.ndarray | None = None,
 ) -> tuple[float | None, dict[str, Any]]:
     """Value scope: a fixed-sequence test of one value down the threshold grid.
 
@@ -466,16 +497,19 @@ def _pick_threshold(
     only, not on the labels. The sequence stops at the first failure; the threshold is the last
     (lowest) rejected point, raised to the highest grid point that writes the same calibration
     products: grid points below every score that supports it repeat the same test on the same
-    writes, and would write scores the calibration never saw.
+    writes, and would write scores the calibration never saw. ``groups``: each candidate's group,
+    whose variants count as the independent trials they are worth (:func:`_pooled_test`); a grid
+    point is testable where its writes would prove the target were every one right, counted so.
     """
     if support < min_support:
         return None, {"reason": f"support {support} < min_support {min_support}"}
     if np.asarray(scores).size == 0:
         return None, {"reason": "never predicted"}
     n, k = _curve(scores, correct)
-    best_possible = lower_bound(n, n, confidence=confidence, method=bound)  # all correct
+    alike, deff = _grid_design_effects(scores, correct, groups, n >= min_support)
+    best_possible = lower_bound(n / alike, n / alike, confidence=confidence, method=bound)  # all correct
     testable = (n >= min_support) & (best_possible >= target)
-    lb = lower_bound(k, n, confidence=confidence, method=bound)
+    lb = lower_bound(k / deff, n / deff, confidence=confidence, method=bound)
     chosen, tested, _ = _fixed_sequence(lb, testable, target)
     if chosen is None:
         why = (
@@ -496,6 +530,23 @@ def _pick_threshold(
         "lower_bound": float(lb[chosen]),
         "recall": k_i / support,
     }
+
+
+def _grid_design_effects(
+    scores: np.ndarray, correct: np.ndarray, groups: np.ndarray | None, where: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """At the grid points ``where`` marks, the design effect of what each writes were every write
+    right (the mean size of their groups: no labels) and that of its share right, over the
+    candidates' ``groups``; 1 elsewhere and without groups."""
+    alike, deff = np.ones(THRESHOLD_GRID.size), np.ones(THRESHOLD_GRID.size)
+    if groups is None:
+        return alike, deff
+    s, c, g = np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(groups)
+    for i in np.flatnonzero(where):
+        written = s >= THRESHOLD_GRID[i]
+        alike[i] = share_design_effect(np.ones(int(written.sum()), bool), g[written])
+        deff[i] = share_design_effect(c[written], g[written])
+    return alike, deff
 
 
 def threshold_family(
@@ -537,24 +588,56 @@ def _pooled_test(
     confidence: float,
     bound: BoundName,
     min_writes: int,
-) -> tuple[int | None, int, int | None, np.ndarray, np.ndarray]:
+    grouped: _Grouped | None = None,
+) -> tuple[int | None, int, int | None, np.ndarray, np.ndarray, np.ndarray]:
     """Fixed-sequence test down the family's levels on calibration counts ``n``/``k`` ``(V, G)``.
     A level that writes nothing more than the level before it is not tested: the chosen level is
     the first (highest) of those that write what it writes, never one below every calibration
-    score that supports it.
+    score that supports it. ``grouped``: the candidates and their products' groups; each tested
+    level's counts are divided by the design effect of its writes' share right (variants of one
+    article are not independent trials). Which levels are tested depends on the scores alone, as
+    without groups.
 
     Returns (chosen level index or ``None``, levels tested, the index of the level whose test
-    failed or ``None``, pooled writes and rights per level).
+    failed or ``None``, pooled writes, rights and design effects per level).
     """
     cols = np.arange(n.shape[0])
     idx = np.maximum(family, 0)
     live = family >= 0
     writes = np.where(live, n[cols[None, :], idx], 0).sum(axis=1)
     rights = np.where(live, k[cols[None, :], idx], 0).sum(axis=1)
-    lb = lower_bound(rights, writes, confidence=confidence, method=bound)
     more = np.diff(writes, prepend=0) > 0
-    chosen, tested, stop = _fixed_sequence(lb, (writes >= min_writes) & more, target)
-    return chosen, tested, stop, writes, rights
+    deff = np.ones(writes.size)
+    testable = (writes >= min_writes) & more
+    if grouped is not None:
+        first, right, groups = grouped.first_levels(family)
+        for level in np.flatnonzero(testable):
+            written = first <= level
+            deff[level] = share_design_effect(right[written], groups[written])
+    lb = lower_bound(rights / deff, writes / deff, confidence=confidence, method=bound)
+    chosen, tested, stop = _fixed_sequence(lb, testable, target)
+    return chosen, tested, stop, writes, rights, deff
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    """Calibration candidates with their products' groups, per value (``scores``, ``right``,
+    ``groups``: one array each)."""
+
+    scores: list[np.ndarray]
+    right: list[np.ndarray]
+    groups: list[np.ndarray]
+
+    def first_levels(self, family: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every candidate's first family level that writes it (the level count where none does),
+        whether it is right and its group, over all values. A value's threshold only falls as the
+        level falls (``+inf`` above its first level), so its candidates' levels are a search."""
+        first = []
+        for v, s in enumerate(self.scores):
+            thr = np.where(family[:, v] >= 0, THRESHOLD_GRID[np.maximum(family[:, v], 0)], np.inf)
+            level = np.searchsorted(-thr, -s, side="left")
+            first.append(np.where(s > 0, level, family.shape[0]))  # a score of 0 is never written
+        return np.concatenate(first), np.concatenate(self.right), np.concatenate(self.groups)
 
 
 def calibrate_attribute(
@@ -567,6 +650,7 @@ def calibrate_attribute(
     *,
     family_scores: np.ndarray | None = None,
     family_labels: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> AttributeCalibration:
     """Thresholds for one attribute from out-of-sample calibration scores (module docstring).
 
@@ -578,18 +662,26 @@ def calibrate_attribute(
             ``value``: strict, per value) and each scope's options; default: the config's defaults.
         family_scores, family_labels: held-out data independent of the calibration split (the
             validation split) that shapes the attribute-scope family; ``None`` = one shared threshold.
+        groups: ``(n,)`` the group of each calibration product (variants of one article share
+            one); the tests then count what each level or threshold writes as the independent
+            trials it is worth. ``None``: every product is its own.
     """
     rule = rule or CalibrationConfig()
     if (family_scores is None) != (family_labels is None):
         raise ValueError("give both family_scores and family_labels, or neither")
     cands = _candidates(name, kind, len(values), scores, labels)
+    of = None if groups is None else _candidate_groups(name, kind, len(values), scores, labels, groups)
     if rule.scope == "value":
-        out = [_pick(value, c, rule) for value, c in zip(values, cands, strict=True)]
+        out = [
+            _pick(value, c, rule, None if of is None else of[v])
+            for v, (value, c) in enumerate(zip(values, cands, strict=True))
+        ]
         return AttributeCalibration(name, kind, tuple(out))
     family = None
     if family_scores is not None and family_labels is not None:
         family = _curves(_candidates(name, kind, len(values), family_scores, family_labels))
-    return _attribute_scope(name, kind, values, cands, family, rule)
+    grouped = None if of is None else _Grouped([c[0] for c in cands], [c[1] for c in cands], of)
+    return _attribute_scope(name, kind, values, cands, family, rule, grouped)
 
 
 def _attribute_scope(
@@ -599,9 +691,11 @@ def _attribute_scope(
     cands: list[tuple[np.ndarray, np.ndarray, int]],
     fam: tuple[np.ndarray, np.ndarray] | None,
     rule: CalibrationConfig,
+    grouped: _Grouped | None = None,
 ) -> AttributeCalibration:
     """The attribute scope: a family of per-value thresholds (from ``fam``, the validation split's
-    curves) tested down from the strictest level on the pooled calibration writes."""
+    curves) tested down from the strictest level on the pooled calibration writes (``grouped``:
+    counted as independent trials, :func:`_pooled_test`)."""
     target, confidence, bound = rule.target_precision, rule.confidence, rule.bound
     levels, family = threshold_family(
         *(fam or (None, None)), n_values=len(values), shrinkage=rule.shrinkage, floor=rule.value_floor
@@ -611,20 +705,24 @@ def _attribute_scope(
     products = max(sizes, default=0) if kind == "multilabel" else sum(sizes)
     testable = min_testable_writes(target=target, confidence=confidence, bound=bound, products=products)
     min_writes = max(rule.min_support, testable)
-    chosen, tested, stop, writes, rights = _pooled_test(
-        family, n_cal, k_cal, target=target, confidence=confidence, bound=bound, min_writes=min_writes
-    )
+    chosen, tested, stop, writes, rights, deff = _pooled_test(
+        family, n_cal, k_cal, target=target, confidence=confidence, bound=bound, min_writes=min_writes,
+        grouped=grouped,
+    )  # fmt: skip
     stopped = (0, 0) if stop is None else (int(writes[stop]), int(rights[stop]))
     if chosen is None:
         why = f"fewer than {min_writes} calibration writes at every level"
         if stop is not None:
             w, r = stopped
-            needed = precision_proving(w, target=target, confidence=confidence, bound=bound)
+            d = float(deff[stop])
             why = (
                 f"the first level tested wrote {w:,} calibration values {r / w:.1%} right: lower bound "
-                f"{float(lower_bound(r, w, confidence=confidence, method=bound)):.3f} < {target:g}"
+                f"{float(lower_bound(r / d, w / d, confidence=confidence, method=bound)):.3f} < {target:g}"
             )
-            if needed is not None:  # always, at min_testable_writes or more
+            needed = precision_proving(int(w / d), target=target, confidence=confidence, bound=bound)
+            if d > 1:
+                why += f" as {w / d:,.0f} independent trials (variants of one product)"
+            if needed is not None:
                 why += f" ({needed:.1%} would prove it at that many writes)"
         none = tuple(
             ValueThreshold(v, None, s, reason=why) for v, (_, _, s) in zip(values, cands, strict=True)
@@ -649,28 +747,32 @@ def _attribute_scope(
         )
         for v, (value, (_, _, support)) in enumerate(zip(values, cands, strict=True))
     ]
-    w, r = int(writes[chosen]), int(rights[chosen])
+    w, r, d = int(writes[chosen]), int(rights[chosen]), float(deff[chosen])
     pooled = PooledEvidence(
         float(levels[chosen]),
         w,
         r,
         r / w,
-        float(lower_bound(r, w, confidence=confidence, method=bound)),
+        float(lower_bound(r / d, w / d, confidence=confidence, method=bound)),
         tested,
         tuple(t.value for t in out if t.reason is not None and t.reason.startswith("guard:")),
         *stopped,
+        design_effect=d,
     )
     return AttributeCalibration(name, kind, tuple(out), pooled)
 
 
 def _pick(
-    value: str, candidate: tuple[np.ndarray, np.ndarray, int], rule: CalibrationConfig
+    value: str,
+    candidate: tuple[np.ndarray, np.ndarray, int],
+    rule: CalibrationConfig,
+    groups: np.ndarray | None = None,
 ) -> ValueThreshold:
     """Value scope: one value's threshold and its evidence (:func:`_pick_threshold`)."""
     scores, correct, support = candidate
     thr, info = _pick_threshold(
         scores, correct, support, target=rule.target_precision, confidence=rule.confidence,
-        bound=rule.bound, min_support=rule.min_support,
+        bound=rule.bound, min_support=rule.min_support, groups=groups,
     )  # fmt: skip
     return ValueThreshold(value, thr, support, **info)
 

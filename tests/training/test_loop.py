@@ -210,6 +210,9 @@ def test_a_table_with_peoples_verdicts_trains_on_them_in_the_training_split_only
     table, people = verdicts_only(_table(300, taxonomy), taxonomy)
     trained = train(table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 0}))
     assert_trained_on_verdicts_only(trained, people)
+    # without a cross-fit the calibration split calibrates, each product with its group
+    groups = trained.heldout.calibration_groups
+    assert groups is not None and groups.shape == (trained.splits.calibration.size,)
 
 
 def test_canonical_order_does_not_depend_on_the_stored_order(taxonomy: Taxonomy) -> None:

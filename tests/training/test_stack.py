@@ -572,6 +572,15 @@ def test_a_trained_stack_is_served_by_the_predictor_as_it_was_tested(
     assert trained.splits.validation.size == 0 and trained.heldout.family is None
     assert trained.splits.train.size + trained.splits.test.size == table.num_rows
     position = {pid: i for i, pid in enumerate(table["product_id"].to_pylist())}
+    # the out-of-fold calibration knows each training product's group: products that share a title
+    # are variants of one, and count as one trial in the bound
+    groups = trained.heldout.calibration_groups
+    assert groups is not None and groups.shape == (trained.splits.train.size,)
+    titles = table["title"].to_pylist()
+    of_title: dict[str, set[int]] = {}
+    for i, g in zip(trained.splits.train, groups, strict=True):
+        of_title.setdefault(titles[position[trained.product_ids[i]]], set()).add(int(g))
+    assert all(len(g) == 1 for g in of_title.values()) and len(of_title) < trained.splits.train.size
     test_rows = table.take([position[trained.product_ids[i]] for i in trained.splits.test])
     saved = save_trained(trained, tmp_path / "bundle")
     bundle = load_bundle(saved)

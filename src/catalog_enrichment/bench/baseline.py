@@ -129,9 +129,8 @@ def run_baseline(
     taxonomy = taxonomy.with_single_valued(single := _single_valued(labels, taxonomy))
     say(f"baseline: features of {len(records):,} + {len(test_records):,} products")
     x, x_test = _features(records, [test_records])
-    folds = group_folds(
-        labels.stratification_matrix(), group_ids(records.title, records.description), _FOLDS, 0
-    )
+    groups = group_ids(records.title, records.description)
+    folds = group_folds(labels.stratification_matrix(), groups, _FOLDS, 0)
     oof: dict[str, np.ndarray] = {}
     test: dict[str, np.ndarray] = {}
     for attr in taxonomy:
@@ -144,6 +143,6 @@ def run_baseline(
             )
             oof[attr.name][fold_rows] = fold_scores
         test[attr.name] = _fit_predict(x, labels, attr.name, n_values, x_test, attr.name in single)
-    calibration = calibrate(Predictions(oof, None, {}), labels, taxonomy, cfg.calibration)
+    calibration = calibrate(Predictions(oof, None, {}), labels, taxonomy, cfg.calibration, groups=groups)
     report = evaluate(Predictions(test, None, {}), test_labels, taxonomy, calibration)
     return report, taxonomy.derive(test)

@@ -60,6 +60,7 @@ from catalog_enrichment.health.profile import (
     attribute_baseline,
     cluster_design_effect,
     input_baseline,
+    share_design_effect,
     title_script,
 )
 
@@ -86,5 +87,6 @@ __all__ = [
     "input_baseline",
     "plot_scores",
     "psi",
+    "share_design_effect",
     "title_script",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "attribute_baseline",
     "cluster_design_effect",
     "input_baseline",
+    "share_design_effect",
     "title_script",
 ]
 
@@ -212,11 +213,21 @@ def _precision_design_effect(bins: np.ndarray, right: np.ndarray, groups: np.nda
     of it is in, as if each group's values were all alike."""
     if groups is None:
         return 1.0
-    each = []
-    for b in np.unique(bins):
-        r, g = right[bins == b], groups[bins == b]
-        each.append(_design_effect(g) if r.all() or not r.any() else cluster_design_effect(r, g))
+    each = [share_design_effect(right[bins == b], groups[bins == b]) for b in np.unique(bins)]
     return max([1.0, *each])
+
+
+def share_design_effect(right: np.ndarray, groups: np.ndarray | None) -> float:
+    """The design effect of the share of ``right`` values (one per value, each in the group of its
+    product), at least 1: :func:`cluster_design_effect` of the right / wrong split; where every value
+    was right (or every one wrong) there is no spread to estimate it from, and it is the mean size
+    of the group a value is in, as if each group's values were all alike."""
+    right = np.asarray(right, bool)
+    if groups is None or right.size < 2:
+        return 1.0
+    if right.all() or not right.any():
+        return max(1.0, _design_effect(groups))
+    return cluster_design_effect(right.astype(np.int64), groups)
 
 
 def cluster_design_effect(bins: np.ndarray, groups: np.ndarray | None) -> float:

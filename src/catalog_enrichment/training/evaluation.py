@@ -265,11 +265,14 @@ def calibrate(
     c: CalibrationConfig,
     *,
     family: tuple[Predictions, EncodedLabels] | None = None,
+    groups: np.ndarray | None = None,
 ) -> Calibration:
     """Thresholds for every (attribute, value) from calibration-split scores.
 
     ``family``: held-out scores and labels independent of the calibration split (the validation
     split) that shape the attribute scope's threshold family (see :mod:`catalog_enrichment.calibration`).
+    ``groups``: the group each calibration product was split with (variants of one article), so
+    the bound counts a group's writes as the independent trials they are worth.
     """
     attrs = {}
     probs, labels, outputs = _outputs(preds, labels, taxonomy)
@@ -280,9 +283,14 @@ def calibrate(
         family_scores = family_labels = None
         if family is not None:
             family_scores, family_labels = family_y.labelled(family_probs, attr.name)
+        of = None
+        if groups is not None:  # the rows labelled() keeps
+            of = (
+                np.asarray(groups)[labels.known[attr.name]] if labels.targets[attr.name].ndim == 2 else groups
+            )
         attrs[attr.name] = calibrate_attribute(
             attr.name, attr.kind, attr.values, scores, y, c,
-            family_scores=family_scores, family_labels=family_labels,
+            family_scores=family_scores, family_labels=family_labels, groups=of,
         )  # fmt: skip
     return Calibration(c.target_precision, c.confidence, c.bound, c.min_support, attrs, c.scope)
 

@@ -68,6 +68,7 @@ class HeldOut:
     family_fitted: bool = False
     unlearned: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     health_groups: np.ndarray | None = None  # the group each health product was split with
+    calibration_groups: np.ndarray | None = None  # ... and each calibration product
 
     def calibrate(
         self,
@@ -84,7 +85,9 @@ class HeldOut:
         the value scope: in the attribute scope those products' labels shaped the thresholds (the
         family and the per-value guard), so a check on them would be in-sample; there the
         thresholds go to the fold models' share, which uses no labels."""
-        calibration = calibrate(*self.calibration, taxonomy, rule, family=self.family)
+        calibration = calibrate(
+            *self.calibration, taxonomy, rule, family=self.family, groups=self.calibration_groups
+        )
         if self.fold_family and self.family is not None:
             proven = calibration
             provable = rule.scope == "value" and not self.family_fitted
@@ -280,13 +283,28 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
         health, rows = family, splits.validation
     else:
         health, rows = calibration, splits.train if fitted.out_of_fold else splits.calibration
-    sizes = {len(p) for p in health[0].probs.values()}
-    groups = fitted.groups[rows] if fitted.groups is not None and sizes == {rows.size} else None
+
+    def groups_of(held: tuple[Predictions, EncodedLabels], rows: np.ndarray) -> np.ndarray | None:
+        sizes = {len(p) for p in held[0].probs.values()}
+        return fitted.groups[rows] if fitted.groups is not None and sizes == {rows.size} else None
+
+    groups = groups_of(health, rows)
+    calibration_groups = groups_of(calibration, splits.train if fitted.out_of_fold else splits.calibration)
     unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
     members = fitted.model.member_models if isinstance(fitted.model, EnsembleModel) else [fitted.model]
     family_fitted = any(m.fusion.fits_on_heldout for m in members)
     unlearned = fitted.fits[0].heldout.get("unlearned", {})
-    heldout = HeldOut(calibration, family, health, fitted.fold_val, unseen, family_fitted, unlearned, groups)
+    heldout = HeldOut(
+        calibration,
+        family,
+        health,
+        fitted.fold_val,
+        unseen,
+        family_fitted,
+        unlearned,
+        groups,
+        calibration_groups,
+    )
     return heldout, *test
 
 
