@@ -1,11 +1,12 @@
 """What the precision bound costs on products like the calibration ones: the coverage efficiency and
-realized precision the project's calibrator (``training.evaluation.calibrate``, the configured
-rule, no family data) reaches on test-sized held-out samples of a trained model's out-of-fold
-scores, calibrated each time on the rest - with the configured bound, and with the one threshold
-where the rest's own precision last reaches the target (no bound). The samples are whole groups (a
-shared title or description, as the splits group products), so they are as exchangeable with the
-calibration products as new products can be: what the bound leaves of the efficiency there is its
-cost at the rest's calibration volume, not a difference between test and calibration products.
+realized precision the project's calibrator (``training.evaluation.calibrate``, the configured rule,
+no family data, the rest's groups of variants counted as training counts them) reaches on test-sized
+held-out samples of a trained model's out-of-fold scores, calibrated each time on the rest - with
+the configured bound, and with the one threshold where the rest's own precision last reaches the
+target (no bound). The samples are whole groups (a shared title or description, as the splits group
+products), so they are as exchangeable with the calibration products as new products can be: what
+the bound leaves of the efficiency there is its cost at the rest's calibration volume, not a
+difference between test and calibration products.
 For a model that calibrates out of fold (the stack, or ``training.crossfit_folds``). ``--test-data``
 is given to training so that it carves no test split of the training table, as ``bench quality``
 does; the figures use none of its scores. Values training keeps out (never seen, or unlearnable by a
@@ -85,7 +86,9 @@ def main() -> None:
             return Predictions({a: p[idx] for a, p in preds.probs.items()}, None, {}), labels.subset(idx)
 
         reports = {
-            kind: evaluate(*part(out), taxonomy, calibrate(*part(rest), taxonomy, calibration))
+            kind: evaluate(
+                *part(out), taxonomy, calibrate(*part(rest), taxonomy, calibration, groups=groups[rest])
+            )
             for kind, calibration in bounds.items()
         }
         reports["no bound"] = written_without_bound(

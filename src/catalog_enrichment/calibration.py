@@ -133,7 +133,7 @@ def wilson_lower(
 
 
 def wilson_upper(
-    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
+    successes: np.ndarray | float, trials: np.ndarray | float, *, confidence: float = 0.95
 ) -> np.ndarray:
     """One-sided Wilson score upper bound (1 where ``trials == 0``)."""
     k, n = _counts(successes, trials)
@@ -141,9 +141,10 @@ def wilson_upper(
 
 
 def clopper_pearson_lower(
-    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float = 0.95
+    successes: np.ndarray | float, trials: np.ndarray | float, *, confidence: float = 0.95
 ) -> np.ndarray:
-    """One-sided exact (Clopper–Pearson) lower bound (0 where ``successes == 0``)."""
+    """One-sided exact (Clopper–Pearson) lower bound (0 where ``successes == 0``); the counts may be
+    fractional (an effective sample size)."""
     k, n = _counts(successes, trials)
     with np.errstate(invalid="ignore"):
         from scipy.special import betaincinv
@@ -153,7 +154,7 @@ def clopper_pearson_lower(
 
 
 def lower_bound(
-    successes: np.ndarray | int, trials: np.ndarray | int, *, confidence: float, method: BoundName
+    successes: np.ndarray | float, trials: np.ndarray | float, *, confidence: float, method: BoundName
 ) -> np.ndarray:
     """The configured one-sided lower bound."""
     if method == "wilson":
