@@ -507,7 +507,12 @@ def _pick_threshold(
     if np.asarray(scores).size == 0:
         return None, {"reason": "never predicted"}
     n, k = _curve(scores, correct)
-    alike, deff = _grid_design_effects(scores, correct, groups, n >= min_support)
+    alike = deff = np.ones(THRESHOLD_GRID.size)
+    if groups is not None:  # the grid as levels, each writing what scores at or above it
+        grouped = _Grouped([(scores, correct, support)], [groups])
+        first, right, of = grouped.first_levels(np.arange(THRESHOLD_GRID.size)[:, None])
+        alike = _level_design_effects(first, np.ones_like(right), of, n >= min_support)  # all right
+        deff = _level_design_effects(first, right, of, n >= min_support)
     best_possible = lower_bound(n / alike, n / alike, confidence=confidence, method=bound)  # all correct
     testable = (n >= min_support) & (best_possible >= target)
     lb = lower_bound(k / deff, n / deff, confidence=confidence, method=bound)
@@ -531,23 +536,6 @@ def _pick_threshold(
         "lower_bound": float(lb[chosen]),
         "recall": k_i / support,
     }
-
-
-def _grid_design_effects(
-    scores: np.ndarray, correct: np.ndarray, groups: np.ndarray | None, where: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """At the grid points ``where`` marks, the design effect of what each writes were every write
-    right (the mean size of their groups: no labels) and that of its share right, over the
-    candidates' ``groups``; 1 elsewhere and without groups."""
-    alike, deff = np.ones(THRESHOLD_GRID.size), np.ones(THRESHOLD_GRID.size)
-    if groups is None:
-        return alike, deff
-    s, c, g = np.asarray(scores, np.float64), np.asarray(correct, bool), np.asarray(groups)
-    for i in np.flatnonzero(where):
-        written = s >= THRESHOLD_GRID[i]
-        alike[i] = share_design_effect(np.ones(int(written.sum()), bool), g[written])
-        deff[i] = share_design_effect(c[written], g[written])
-    return alike, deff
 
 
 def threshold_family(
@@ -611,10 +599,7 @@ def _pooled_test(
     deff = np.ones(writes.size)
     testable = (writes >= min_writes) & more
     if grouped is not None:
-        first, right, groups = grouped.first_levels(family)
-        for level in np.flatnonzero(testable):
-            written = first <= level
-            deff[level] = share_design_effect(right[written], groups[written])
+        deff = _level_design_effects(*grouped.first_levels(family), testable)
     lb = lower_bound(rights / deff, writes / deff, confidence=confidence, method=bound)
     chosen, tested, stop = _fixed_sequence(lb, testable, target)
     return chosen, tested, stop, writes, rights, deff
@@ -622,11 +607,9 @@ def _pooled_test(
 
 @dataclass(frozen=True)
 class _Grouped:
-    """Calibration candidates with their products' groups, per value (``scores``, ``right``,
-    ``groups``: one array each)."""
+    """Calibration candidates (:func:`_candidates`) with their products' groups, per value."""
 
-    scores: list[np.ndarray]
-    right: list[np.ndarray]
+    cands: list[tuple[np.ndarray, np.ndarray, int]]
     groups: list[np.ndarray]
 
     def first_levels(self, family: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -634,11 +617,25 @@ class _Grouped:
         whether it is right and its group, over all values. A value's threshold only falls as the
         level falls (``+inf`` above its first level), so its candidates' levels are a search."""
         first = []
-        for v, s in enumerate(self.scores):
+        for v, (s, _, _) in enumerate(self.cands):
             thr = np.where(family[:, v] >= 0, THRESHOLD_GRID[np.maximum(family[:, v], 0)], np.inf)
             level = np.searchsorted(-thr, -s, side="left")
             first.append(np.where(s > 0, level, family.shape[0]))  # a score of 0 is never written
-        return np.concatenate(first), np.concatenate(self.right), np.concatenate(self.groups)
+        right = [np.asarray(c, bool) for _, c, _ in self.cands]
+        return np.concatenate(first), np.concatenate(right), np.concatenate(self.groups)
+
+
+def _level_design_effects(
+    first: np.ndarray, right: np.ndarray, groups: np.ndarray, where: np.ndarray
+) -> np.ndarray:
+    """At the levels ``where`` marks, the design effect of the share right of what each writes
+    (``first``: each candidate's first level that writes it) over the candidates' ``groups``; 1
+    elsewhere."""
+    deff = np.ones(where.size)
+    for level in np.flatnonzero(where):
+        written = first <= level
+        deff[level] = share_design_effect(right[written], groups[written])
+    return deff
 
 
 def calibrate_attribute(
@@ -681,7 +678,7 @@ def calibrate_attribute(
     family = None
     if family_scores is not None and family_labels is not None:
         family = _curves(_candidates(name, kind, len(values), family_scores, family_labels))
-    grouped = None if of is None else _Grouped([c[0] for c in cands], [c[1] for c in cands], of)
+    grouped = None if of is None else _Grouped(cands, of)
     return _attribute_scope(name, kind, values, cands, family, rule, grouped)
 
 

@@ -283,11 +283,7 @@ def calibrate(
         family_scores = family_labels = None
         if family is not None:
             family_scores, family_labels = family_y.labelled(family_probs, attr.name)
-        of = None
-        if groups is not None:  # the rows labelled() keeps
-            of = (
-                np.asarray(groups)[labels.known[attr.name]] if labels.targets[attr.name].ndim == 2 else groups
-            )
+        of = None if groups is None else labels.labelled({attr.name: np.asarray(groups)}, attr.name)[0]
         attrs[attr.name] = calibrate_attribute(
             attr.name, attr.kind, attr.values, scores, y, c,
             family_scores=family_scores, family_labels=family_labels, groups=of,
