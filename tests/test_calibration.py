@@ -222,6 +222,31 @@ def test_thresholds_stand_where_the_served_models_validation_writes_prove_the_ta
     assert strict.values != cal.values
 
 
+def test_the_served_models_writes_count_as_the_trials_their_articles_are_worth() -> None:
+    """Every validation product comes as 4 identical variants of one article (scores and label
+    alike), the served model's writes right but for one article in twenty-one. Counted one by one,
+    their Wilson lower bound proves itself as the target and the thresholds stand; counted over the
+    articles they are worth n / d trials, d = 4 k / (k - 1) for the k articles written, the bound is
+    the Wilson bound at those counts, below the target, and the thresholds rise."""
+    rng = np.random.default_rng(0)
+    folds = [np.repeat(rng.uniform(size=(400, 3)), 4, axis=0) for _ in range(3)]
+    served = np.repeat(np.sqrt(rng.uniform(size=(400, 3))), 4, axis=0)
+    groups = np.repeat(np.arange(400), 4)
+    cal = _fixed("multiclass", 60, 120, 80)
+    written = served.max(axis=1) >= cal.threshold_array()[served.argmax(axis=1)]  # the top value
+    articles = np.unique(groups[written])
+    wrong = np.isin(groups, articles[: articles.size // 21])
+    labels = np.where(wrong, served.argmax(axis=1) + 1, served.argmax(axis=1)) % 3
+    k, n, right = articles.size, int(written.sum()), int((written & ~wrong).sum())
+    alone = float(wilson_lower(right, n, confidence=0.95))
+    assert on_served_scale(cal, served, folds, labels, alone).values == cal.values
+    grouped = on_served_scale(cal, served, folds, labels, alone, groups=groups)
+    d = 4 * k / (k - 1)
+    assert grouped.served_lower_bound == pytest.approx(float(wilson_lower(right / d, n / d, confidence=0.95)))
+    assert grouped.served_precision == pytest.approx(right / n)
+    assert all(a.threshold > b.threshold for a, b in zip(grouped.values, cal.values, strict=True))
+
+
 def test_a_validation_split_nobody_labelled_moves_the_thresholds_to_the_fold_models_share() -> None:
     """No validation product is labelled for the attribute (a multi-label one few merchants give):
     the served model's writes prove nothing there, so its thresholds go to the fold models' share,

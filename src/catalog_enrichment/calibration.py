@@ -80,7 +80,7 @@ from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import AttributeKind
 from catalog_enrichment.errors import ConfigError
 from catalog_enrichment.health import HealthProfile, share_design_effect
-from catalog_enrichment.metrics import decision_matrix, written_precision_and_coverage
+from catalog_enrichment.metrics import decision_matrix, truth_matrix
 
 __all__ = [
     "LEVELS",
@@ -842,6 +842,7 @@ def on_served_scale(
     bound: BoundName = "wilson",
     provable: bool = True,
     labelled: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> AttributeCalibration:
     """Cross-fitted thresholds checked on the model that serves, and raised where it falls short.
 
@@ -850,9 +851,11 @@ def on_served_scale(
     confident, so at the same threshold it writes more. ``served`` and ``folds``: ``(n, n_values)``
     scores of the same held-out products (the validation split) by the model that serves and by
     each fold model; ``labels`` those of the rows ``labelled`` marks (None: every row; the shares
-    below count every row, labelled or not). Where what the served model writes there at the proven
-    thresholds proves ``target`` by itself (the one-sided ``bound`` at ``confidence`` reaches it, so
-    a few hundred validation products cannot pass a model that is only as good as the target by
+    below count every row, labelled or not); ``groups`` the group of each row (variants of one
+    article share one; None: every product is its own). Where what the served model writes there
+    at the proven thresholds proves ``target`` by itself (the one-sided ``bound`` at ``confidence``
+    reaches it, its writes counted as the independent trials they are worth over ``groups``, so a
+    few hundred validation products cannot pass a model that is only as good as the target by
     chance), they stand: in the attribute scope, what it writes of every value together; in the
     value scope (``cal.pooled`` is ``None``), each value on its own, as its threshold was proven.
     Otherwise each rises up the grid to the lowest point at which the served model writes no
@@ -869,14 +872,21 @@ def on_served_scale(
         return cal
     thresholds = cal.threshold_array()
     known = served if labelled is None else served[labelled]
+    truth, has = truth_matrix(labels, served.shape[1], cal.kind)
+    pair_groups = None  # the group of each (labelled product, value) pair's product
+    if groups is not None:
+        of = np.asarray(groups) if labelled is None else np.asarray(groups)[labelled]
+        pair_groups = np.broadcast_to(of[:, None], known.shape)
 
     def evidence(t: np.ndarray) -> tuple[float | None, float | None]:
         """The served model's precision at thresholds ``t`` on the labelled rows, and its bound."""
-        mine = written_precision_and_coverage(known, labels, cal.kind, t)
-        right, writes = int(mine["correct"]), int(mine["written"])
-        if not writes:
+        written = decision_matrix(known, cal.kind, t) & has[:, None]
+        right = truth[written]
+        if not right.size:
             return None, None
-        return right / writes, float(lower_bound(right, writes, confidence=confidence, method=bound))
+        deff = 1.0 if pair_groups is None else share_design_effect(right, pair_groups[written])
+        lb = lower_bound(right.sum() / deff, right.size / deff, confidence=confidence, method=bound)
+        return float(right.mean()), float(lb)
 
     proven = float(np.mean([decision_matrix(f, cal.kind, thresholds).sum() for f in folds]))
     ratio = int(decision_matrix(served, cal.kind, thresholds).sum()) / proven if proven else None

@@ -210,9 +210,12 @@ def test_a_table_with_peoples_verdicts_trains_on_them_in_the_training_split_only
     table, people = verdicts_only(_table(300, taxonomy), taxonomy)
     trained = train(table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 0}))
     assert_trained_on_verdicts_only(trained, people)
-    # without a cross-fit the calibration split calibrates, each product with its group
+    # without a cross-fit the calibration split calibrates, each product with its group; the
+    # validation products keep theirs too (a cross-fit checks the served model's writes there)
     groups = trained.heldout.calibration_groups
     assert groups is not None and groups.shape == (trained.splits.calibration.size,)
+    family = trained.heldout.family_groups
+    assert family is not None and family.shape == (trained.splits.validation.size,)
 
 
 def test_canonical_order_does_not_depend_on_the_stored_order(taxonomy: Taxonomy) -> None:

@@ -298,11 +298,12 @@ def on_served_scale(
     taxonomy: Taxonomy,
     *,
     provable: bool = True,
+    groups: np.ndarray | None = None,
 ) -> Calibration:
     """Cross-fitted ``calibration`` checked on the model that serves: ``family`` holds its scores
     and the labels of the validation split, which each of ``folds`` scored too
     (:func:`catalog_enrichment.calibration.on_served_scale`; ``provable=False``: the served model
-    fitted on that split)."""
+    fitted on that split; ``groups``: the group each validation product was split with)."""
     served, labels, _ = _outputs(*family, taxonomy)
     theirs = [taxonomy.derive(f.probs) for f in folds]
     attributes = {}
@@ -319,6 +320,7 @@ def on_served_scale(
             bound=calibration.bound,
             provable=provable,
             labelled=known,
+            groups=groups,
         )
     return dataclasses.replace(calibration, attributes=attributes)
 

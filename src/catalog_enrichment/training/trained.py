@@ -69,6 +69,7 @@ class HeldOut:
     unlearned: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     health_groups: np.ndarray | None = None  # the group each health product was split with
     calibration_groups: np.ndarray | None = None  # ... and each calibration product
+    family_groups: np.ndarray | None = None  # ... and each family product
 
     def calibrate(
         self,
@@ -92,7 +93,12 @@ class HeldOut:
             proven = calibration
             provable = rule.scope == "value" and not self.family_fitted
             calibration = on_served_scale(
-                calibration, self.family, self.fold_family, taxonomy, provable=provable
+                calibration,
+                self.family,
+                self.fold_family,
+                taxonomy,
+                provable=provable,
+                groups=self.family_groups,
             )
             for name, a in calibration.attributes.items():
                 before = proven.attributes[name]
@@ -290,6 +296,7 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
 
     groups = groups_of(health, rows)
     calibration_groups = groups_of(calibration, splits.train if fitted.out_of_fold else splits.calibration)
+    family_groups = groups_of(family, splits.validation) if family else None
     unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
     members = fitted.model.member_models if isinstance(fitted.model, EnsembleModel) else [fitted.model]
     family_fitted = any(m.fusion.fits_on_heldout for m in members)
@@ -304,6 +311,7 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
         unlearned,
         groups,
         calibration_groups,
+        family_groups,
     )
     return heldout, *test
 
