@@ -515,6 +515,48 @@ _PROMOTE = {
 
 
 @pytest.mark.timeout(60)
+def test_promotions_into_one_log_decide_one_at_a_time(tmp_path: Path) -> None:
+    """Another promotion holds the log's lock (its decision under way): this one waits for it, and
+    checks the champion only once it holds the lock - so it finds the champion the other moved
+    from v1 to v3 and records nothing. One that cannot get the lock in time records nothing
+    either, and says who holds it."""
+    import threading
+
+    from catalog_enrichment.catalog.lock import CatalogBusy, catalog_lock
+    from catalog_enrichment.promotion import _record
+
+    log = tmp_path / "promotion_log"
+    client = _GateRegistry("1", {})
+    waiting, failed = threading.Event(), []
+
+    def decide() -> None:
+        def say(message: str) -> None:
+            if "waiting up to" in message:
+                waiting.set()
+
+        try:
+            _record(client, dict(_PROMOTE), dt.datetime.now(dt.UTC), log, say, lock_wait_seconds=30)  # type: ignore[arg-type]
+        except CatalogEnrichError as exc:
+            failed.append(exc)
+
+    other = {"owner": "promote v3 of m", "wait_seconds": 0, "name": "_promotion_log_lock"}
+    with catalog_lock(tmp_path, **other):  # type: ignore[arg-type]
+        with pytest.raises(CatalogBusy, match="promote v3 of m"):
+            _record(client, dict(_PROMOTE), dt.datetime.now(dt.UTC), log, _quiet, lock_wait_seconds=0)  # type: ignore[arg-type]
+        assert client.moved == []
+        second = threading.Thread(target=decide)
+        second.start()
+        assert waiting.wait(20)
+        client.champion = "3"  # the holder's decision: the alias moved before it lets go
+    second.join(20)
+    assert [str(e) for e in failed] == [
+        "'champion' of 'm' moved from 1 to 3 while this promotion ran; nothing was recorded: run "
+        "promote again to compare v2 with v3"
+    ]
+    assert client.moved == [] and not log.exists()
+
+
+@pytest.mark.timeout(60)
 def test_a_challenger_rolled_back_while_the_gate_ran_is_not_promoted(tmp_path: Path) -> None:
     from catalog_enrichment.promotion import _record
 
@@ -751,12 +793,16 @@ def test_a_retry_records_a_promotion_whose_record_failed_after_the_alias_moved( 
     judged = promotion.GateResult(True, ["ok color: realized precision 0.9700 (97/100)"])
     monkeypatch.setattr(promotion, "_judge", lambda *args: (judged, {"challenger": {"color": _m(100, 97)}}))
     rule = GateRule(0.95, max_coverage_loss=0.02)
-    (tmp_path / "not-a-folder").write_text("")
-    with pytest.raises(CatalogEnrichError, match="could not be recorded"):
-        promote(client, "tiny", EvaluationSet(data["eval"]), rule,
-                log_path=tmp_path / "not-a-folder" / "log", progress=_quiet)  # fmt: skip
-    assert registry.resolve_alias(client, "tiny", registry.CHAMPION) == challenger.version
     log = tmp_path / "log"
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as disk:
+        disk.setattr(promotion, "write_table", full)
+        with pytest.raises(CatalogEnrichError, match=r"could not be recorded.*No space left"):
+            promote(client, "tiny", EvaluationSet(data["eval"]), rule, log_path=log, progress=_quiet)
+    assert registry.resolve_alias(client, "tiny", registry.CHAMPION) == challenger.version
     for _ in range(2):  # the retry records it; a second changes nothing
         again = promote(client, "tiny", EvaluationSet(data["eval"]), rule, log_path=log, progress=_quiet)
         assert not again["promote"] and again["reasons"][0].startswith("challenger is already champion")
@@ -770,9 +816,10 @@ def test_a_retry_records_a_promotion_whose_record_failed_after_the_alias_moved( 
     cut_short = register_bundle(
         client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts"
     ).version
-    with pytest.raises(CatalogEnrichError, match="could not be recorded"):  # its record fails too
-        promote(client, "tiny", EvaluationSet(data["eval"]), rule,
-                log_path=tmp_path / "not-a-folder" / "log", progress=_quiet)  # fmt: skip
+    with monkeypatch.context() as disk:  # its record fails too
+        disk.setattr(promotion, "write_table", full)
+        with pytest.raises(CatalogEnrichError, match="could not be recorded"):
+            promote(client, "tiny", EvaluationSet(data["eval"]), rule, log_path=log, progress=_quiet)
     assert registry.resolve_alias(client, "tiny", registry.CHAMPION) == cut_short
     newer = register_bundle(client, scoring_bundle, incoming, name="tiny", artifacts=tmp_path / "artifacts")
     decided = promote(client, "tiny", EvaluationSet(data["eval"]), rule, log_path=log, progress=_quiet)

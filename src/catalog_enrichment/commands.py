@@ -281,6 +281,7 @@ def promote(args: argparse.Namespace, cfg: AppConfig) -> int:
         GateRule.from_config(cfg.promotion, cfg.calibration),
         log_path=cfg.promotion.log or str(Path(cfg.catalog.root) / "promotion_log"),
         dry_run=args.dry_run,
+        lock_wait_seconds=cfg.catalog.lock_wait_seconds,
     )
     print(format_comparison(summary))
     return 0

@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from catalog_enrichment.calibration import clopper_pearson_lower, version_target
 from catalog_enrichment.catalog.lakehouse import is_delta, pinned_version, read_table, write_table
+from catalog_enrichment.catalog.lock import catalog_lock
 from catalog_enrichment.config import CalibrationConfig, PromotionConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
@@ -291,9 +292,11 @@ def promote(
     log_path: str | Path,
     dry_run: bool = False,
     progress: Any = print,
+    lock_wait_seconds: float = 600,
 ) -> dict[str, Any]:
     """Run the gate for ``challenger`` vs ``champion`` of ``registered_model`` (see module docstring)
-    on ``evaluation`` under ``rule``; the decision is recorded (``log_path``) unless ``dry_run``."""
+    on ``evaluation`` under ``rule``; the decision is recorded (``log_path``) unless ``dry_run``,
+    waiting up to ``lock_wait_seconds`` for another promotion recording into the same log."""
     from catalog_enrichment import registry
 
     registry.check_tracking_server(client)
@@ -352,7 +355,9 @@ def promote(
     if champion == challenger:
         result = GateResult(False, ["challenger is already champion: nothing to do"])
         if not dry_run:  # a retry of a promotion that moved the alias and failed before its record
-            finished = _finish_record(client, registered_model, challenger, metrics, log_path, progress)
+            finished = _finish_record(
+                client, registered_model, challenger, metrics, log_path, progress, lock_wait_seconds
+            )
             if finished is not None:
                 result = GateResult(False, [f"challenger is already champion: {finished}"])
     summary = {
@@ -364,9 +369,9 @@ def promote(
         # a promotion of the champion whose record a failure cut short, and a training registered
         # this challenger before its retry: recorded first, so the log says how the champion got there
         theirs = {"challenger": metrics["champion"]} if "champion" in metrics else {}
-        _finish_record(client, registered_model, champion, theirs, log_path, progress)
+        _finish_record(client, registered_model, champion, theirs, log_path, progress, lock_wait_seconds)
     if not dry_run and champion != challenger:  # a version is not judged against itself: no record
-        _record(client, summary, dt.datetime.now(dt.UTC), log_path, progress)
+        _record(client, summary, dt.datetime.now(dt.UTC), log_path, progress, lock_wait_seconds)
     return summary
 
 
@@ -463,10 +468,28 @@ def _evaluation_set(eval_data: str | Path, eval_version: int | None) -> tuple[pa
 PROMOTING_TAG = "promotion.promoting"
 
 
+def _decision_lock(log_path: str | Path, owner: str, wait_seconds: float, say: Any) -> Any:
+    """Promotions recording into one log decide one at a time: an exclusive lock beside it
+    (:func:`~catalog_enrichment.catalog.lock.catalog_lock`), held from the check of what the gate
+    judged to the log row, so a promotion never moves the alias from a champion another one
+    replaced after that check."""
+    log = Path(log_path)
+    return catalog_lock(
+        log.parent, owner=owner, wait_seconds=wait_seconds, say=say, name=f"_{log.name}_lock",
+        guards=f"the promotion log {log.name} in",
+    )  # fmt: skip
+
+
 def _record(
-    client: Any, summary: dict[str, Any], decided: dt.datetime, log_path: str | Path, say: Any
+    client: Any,
+    summary: dict[str, Any],
+    decided: dt.datetime,
+    log_path: str | Path,
+    say: Any,
+    lock_wait_seconds: float = 600,
 ) -> None:
-    """The decision: tags on the challenger, the champion alias moved (a promotion), then the
+    """The decision, under the promotion log's lock (:func:`_decision_lock`, waiting up to
+    ``lock_wait_seconds``): tags on the challenger, the champion alias moved (a promotion), then the
     ``promotion.decision`` tag and a row in the promotion log. What the gate judged is checked
     again before any of it - the champion it compared with is still the champion, the challenger
     was not rolled back meanwhile (its values removed while it was judged) - and nothing is
@@ -479,6 +502,15 @@ def _record(
     failure before the row leaves the challenger champion with its judgement tagged, and a retry
     (the challenger is then already champion) finishes the record from those tags
     (:func:`_finish_record`); a row present means the record is complete."""
+    name, challenger = summary["registered_model"], summary["challenger"]
+    with _decision_lock(log_path, f"promote v{challenger} of {name}", lock_wait_seconds, say):
+        _decide(client, summary, decided, log_path, say)
+
+
+def _decide(
+    client: Any, summary: dict[str, Any], decided: dt.datetime, log_path: str | Path, say: Any
+) -> None:
+    """:func:`_record`'s steps, under the lock."""
     from catalog_enrichment import registry
 
     name, challenger, champion = summary["registered_model"], summary["challenger"], summary["champion"]
@@ -563,13 +595,27 @@ def _write_decision(
 
 
 def _finish_record(
-    client: Any, name: str, champion: str, metrics: Mapping[str, Any], log_path: str | Path, say: Any
+    client: Any,
+    name: str,
+    champion: str,
+    metrics: Mapping[str, Any],
+    log_path: str | Path,
+    say: Any,
+    lock_wait_seconds: float = 600,
 ) -> str | None:
     """Where ``champion`` got the alias from a promotion whose record a failure cut short (its
     :data:`PROMOTING_TAG` names a decision the log has no row for), the decision tag and the log row
     written now from its judgement tags - the reasons as tagged, the metrics of this run's
     evaluation of it - and what was done; None where its record is complete (or it was not
-    promoted by ``promote``)."""
+    promoted by ``promote``). Under the promotion log's lock (:func:`_decision_lock`)."""
+    with _decision_lock(log_path, f"promote v{champion} of {name}", lock_wait_seconds, say):
+        return _finish(client, name, champion, metrics, log_path, say)
+
+
+def _finish(
+    client: Any, name: str, champion: str, metrics: Mapping[str, Any], log_path: str | Path, say: Any
+) -> str | None:
+    """:func:`_finish_record`'s steps, under the lock."""
     from catalog_enrichment import registry
 
     tags = registry.version_tags(client, name, champion)

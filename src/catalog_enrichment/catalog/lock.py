@@ -6,6 +6,8 @@ Airflow, a person), so two of them never interleave their reads and commits. It 
 ``flock``: the kernel releases it when the holding process dies, even by SIGKILL, so a crashed run
 never leaves the catalog locked. It works where the catalog is on a local or NFSv4 file system;
 the Delta commit itself is optimistic as well (a conflicting commit fails, nothing half-written).
+Promotions recording into one promotion log take another lock beside it the same way
+(``promotion._decision_lock``), for their decision only.
 """
 
 from __future__ import annotations
@@ -31,13 +33,23 @@ class CatalogBusy(CatalogEnrichError):
 
 
 @contextlib.contextmanager
-def catalog_lock(root: str | Path, *, owner: str, wait_seconds: float, say: Say = print) -> Iterator[None]:
-    """Hold the catalog's lock for the ``with`` block, waiting up to ``wait_seconds`` for it.
+def catalog_lock(
+    root: str | Path,
+    *,
+    owner: str,
+    wait_seconds: float,
+    say: Say = print,
+    name: str = "_lock",
+    guards: str = "the catalog",
+) -> Iterator[None]:
+    """Hold the catalog's lock for the ``with`` block, waiting up to ``wait_seconds`` for it;
+    ``name``: another lock file in ``root`` (the promotion log's), ``guards`` what it guards, as the
+    messages say it.
 
     Raises:
         CatalogBusy: another process still held it after ``wait_seconds``.
     """
-    path = Path(root) / "_lock"
+    path = Path(root) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -50,12 +62,13 @@ def catalog_lock(root: str | Path, *, owner: str, wait_seconds: float, say: Say 
                 holder = _holder(path)
                 if time.monotonic() >= deadline:
                     raise CatalogBusy(
-                        f"another run holds the catalog {root} ({holder}); this one wrote nothing. "
+                        f"another run holds {guards} {root} ({holder}); this one wrote nothing. "
                         f"Run it again when that run has finished, or let it wait longer "
                         f"(catalog.lock_wait_seconds, now {wait_seconds:g})"
                     ) from None
                 if not waiting:
-                    say(f"  waiting up to {wait_seconds:g}s for the catalog lock, held by {holder}")
+                    say(f"  waiting up to {wait_seconds:g}s for the lock of {guards} {root}, held by "
+                        f"{holder}")  # fmt: skip
                     waiting = True
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         since = f"{dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
