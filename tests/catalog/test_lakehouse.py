@@ -6,11 +6,13 @@ import datetime as dt
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from catalog_enrichment.catalog.lakehouse import (
     data_files,
     read_table,
+    read_where,
     scan,
     table_format,
     table_version,
@@ -118,6 +120,34 @@ def test_a_table_s_data_files_are_paths_to_open_whatever_its_folder_and_partitio
     files = data_files(path)
     assert len(files) == 2 and all(Path(f).is_file() for f in files)
     assert any("k=x%20y%3Az" in f for f in files)  # the folder's own name, kept
+
+
+def test_the_rows_a_filter_keeps_leave_out_those_an_outside_delete_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job table (quarantine, run reports, attribute changes) that an outside writer's DELETE
+    gave deletion vectors is still read by a filter: the rows it keeps but the deleted ones, the
+    columns asked for (the partition column among them), typed as the table; none kept is an empty
+    table of those columns. Without deletion vectors the same filter reads the same rows."""
+    from catalog_enrichment.catalog import lakehouse
+    from tests.delta_protocol import delete_with_deletion_vector
+
+    runs = pa.array(["r1", "r2", "r1", "r2", "r1"])
+    write_table(
+        tmp_path / "t",
+        pa.table({"run_id": runs, "n": list(range(5)), "shop": ["s"] * 5}),
+        partition_by=["shop"],
+    )
+    r1 = pc.field("run_id") == "r1"
+    assert read_where(tmp_path / "t", r1, ["n", "shop"]).to_pydict() == {"n": [0, 2, 4], "shop": ["s"] * 3}
+    delete_with_deletion_vector(tmp_path / "t", [2])
+    monkeypatch.setattr(lakehouse, "DELETION_SCAN_ROWS", 2)  # the deleted row's batch filtered alone
+    kept = read_where(tmp_path / "t", r1, ["n", "shop"])
+    assert kept.to_pydict() == {"n": [0, 4], "shop": ["s", "s"]}
+    assert kept.schema == pa.schema([("n", pa.int64()), ("shop", pa.string())])
+    none = read_where(tmp_path / "t", pc.field("run_id") == "r9", ["run_id"])
+    assert none.num_rows == 0 and none.schema.names == ["run_id"]
+    assert read_where(tmp_path / "t", r1).column_names == ["run_id", "n", "shop"]
 
 
 def test_a_delta_table_with_deletion_vectors_is_streamed_without_its_deleted_rows(

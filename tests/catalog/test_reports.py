@@ -66,6 +66,26 @@ def test_a_report_round_trips_and_an_upsert_replaces_the_row(tmp_path: Path) -> 
     assert json.loads(json.dumps(report.to_row(), default=str))["rows_read"] == 10
 
 
+def test_reports_an_outside_delete_removed_are_gone_and_the_rest_are_read(tmp_path: Path) -> None:
+    """An outside writer deleted one run's report with a deletion vector (a cleanup under Delta's
+    current defaults): the next run reads the others, not that one, and records its own."""
+    import pyarrow as pa
+
+    from catalog_enrichment.catalog.lakehouse import write_table
+    from catalog_enrichment.catalog.reports import MAPS
+    from tests.delta_protocol import delete_with_deletion_vector
+
+    old, kept = (RunReport(run_id=r, model_name="m", model_version="1", started_at=T + dt.timedelta(hours=h))
+                 for r, h in (("r1", 0), ("r2", 1)))  # fmt: skip
+    rows = [{**r.to_row(), **{k: list(r.to_row()[k].items()) for k in MAPS}} for r in (old, kept)]
+    write_table(tmp_path, pa.Table.from_pylist(rows, schema=load_contract("run_report").arrow_schema()))
+    delete_with_deletion_vector(tmp_path, [0])
+    assert read_reports(tmp_path) == [kept]
+    later = RunReport(run_id="r3", model_name="m", model_version="1", started_at=T + dt.timedelta(hours=2))
+    upsert_report(tmp_path, later)
+    assert read_reports(tmp_path) == [kept, later]
+
+
 def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retries() -> None:
     def run(run_id: str, hours: int, blocked: dict[str, str] | None = None) -> RunReport:
         r = RunReport(

@@ -31,7 +31,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog_enrichment.catalog.base import MergeResult, RollbackResult, RunWrite
-from catalog_enrichment.catalog.lakehouse import is_delta, read_products_of, schema_of, table_version
+from catalog_enrichment.catalog.lakehouse import (
+    is_delta,
+    read_products_of,
+    read_where,
+    schema_of,
+    table_version,
+)
 from catalog_enrichment.contracts import blank_value, load_contract, merchant_key, merchant_value_given
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -184,14 +190,8 @@ def runs_of_model_version(
 def _models_written(changes: str | Path, run_ids: Sequence[str]) -> dict[str, str]:
     """The model name of the values each of ``run_ids`` wrote (its after-image rows'); a run that
     only removed values has none."""
-    from deltalake import DeltaTable
-
     wanted = pc.field(CHANGED_BY).isin(pa.array(list(run_ids), pa.string())) & (pc.field(IMAGE) == "after")
-    rows = (
-        DeltaTable(str(changes))
-        .to_pyarrow_dataset()
-        .to_table(columns=[CHANGED_BY, "model_name"], filter=wanted)
-    )
+    rows = read_where(changes, wanted, [CHANGED_BY, "model_name"])
     names = zip(rows[CHANGED_BY].to_pylist(), rows["model_name"].to_pylist(), strict=True)
     return {str(r): str(m) for r, m in names if m}
 
@@ -509,15 +509,12 @@ def _read_changes(
 ) -> pa.Table:
     """The before and after rows of the given runs (their partitions only; of ``product_ids`` only
     when given)."""
-    from deltalake import DeltaTable
-
     if not is_delta(changes) or not run_ids:
         return changes_schema().empty_table()
-    dataset = DeltaTable(str(changes)).to_pyarrow_dataset()
     wanted = pc.field(CHANGED_BY).isin(pa.array(list(run_ids), pa.string()))
     if product_ids is not None:
         wanted = wanted & pc.field("product_id").isin(product_ids.cast(pa.string()))
-    return dataset.to_table(filter=wanted).select(changes_schema().names).cast(changes_schema())
+    return read_where(changes, wanted, changes_schema().names).cast(changes_schema())
 
 
 def _changed_later(

@@ -30,6 +30,7 @@ __all__ = [
     "pinned_version",
     "read_products_of",
     "read_table",
+    "read_where",
     "scan",
     "schema_of",
     "table_format",
@@ -107,6 +108,23 @@ def read_table(
     """
     read = list(columns) if columns else None
     return dataset(path, version=version, schema=schema, columns=read).to_table(columns=read)
+
+
+def read_where(path: str | Path, where: pc.Expression, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of the Delta table at ``path`` that ``where`` keeps (``columns`` only, where given):
+    pyarrow's dataset reads only the files and row groups it must; a table with deletion vectors
+    (an outside writer's DELETE), which that dataset cannot honour, is streamed a file at a time
+    and each batch filtered, so memory holds the rows kept, never the table."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(path))
+    if not _has_deletion_vectors(table):
+        return table.to_pyarrow_dataset().to_table(columns=list(columns) if columns else None, filter=where)
+    schema, batches = _deletion_batches(table)
+    names = list(columns) if columns else schema.names
+    kept = [ds.dataset(pa.Table.from_batches([b])).to_table(columns=names, filter=where) for b in batches]
+    out = pa.schema([schema.field(n) for n in names])
+    return pa.concat_tables([out.empty_table(), *(k.cast(out) for k in kept)])
 
 
 def pinned_version(path: str | Path, version: int | None, setting: str) -> int | None:

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog_enrichment.catalog.lakehouse import is_delta
+from catalog_enrichment.catalog.lakehouse import is_delta, read_table, read_where
 from catalog_enrichment.contracts import load_contract
 from catalog_enrichment.errors import CatalogEnrichError
 
@@ -90,11 +90,9 @@ class RunReport:
 
 def read_reports(path: str | Path) -> list[RunReport]:
     """Every run report, oldest first (empty when the table does not exist yet)."""
-    from deltalake import DeltaTable
-
     if not is_delta(path):
         return []
-    rows = DeltaTable(str(path)).to_pyarrow_table().to_pylist()
+    rows = read_table(path).to_pylist()
     return sorted((RunReport.from_row(row) for row in rows), key=lambda r: r.started_at)
 
 
@@ -268,14 +266,7 @@ def last_run(
 
 def _holds_run(path: str | Path, run_id: str) -> bool:
     """Whether the quarantine table has rows of ``run_id`` (its partition: no other file is read)."""
-    from deltalake import DeltaTable
-
-    found = (
-        DeltaTable(str(path))
-        .to_pyarrow_dataset()
-        .to_table(columns=["run_id"], filter=pc.field("run_id") == run_id)
-    )
-    return found.num_rows > 0
+    return read_where(path, pc.field("run_id") == run_id, ["run_id"]).num_rows > 0
 
 
 def write_quarantine(path: str | Path, run_id: str, rows: pa.Table, *, replace: bool) -> int:
