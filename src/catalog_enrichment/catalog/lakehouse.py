@@ -120,11 +120,10 @@ def read_where(path: str | Path, where: pc.Expression, columns: Sequence[str] | 
     table = DeltaTable(str(path))
     if not _has_deletion_vectors(table):
         return table.to_pyarrow_dataset().to_table(columns=list(columns) if columns else None, filter=where)
-    schema, batches = _deletion_batches(table)
+    schema, batches = _deletion_batches(table)  # typed as the table
     names = list(columns) if columns else schema.names
-    kept = [ds.dataset(pa.Table.from_batches([b])).to_table(columns=names, filter=where) for b in batches]
-    out = pa.schema([schema.field(n) for n in names])
-    return pa.concat_tables([out.empty_table(), *(k.cast(out) for k in kept)])
+    kept = [pa.Table.from_batches([b]).filter(where).select(names) for b in batches]
+    return pa.concat_tables([schema.empty_table().select(names), *kept])
 
 
 def pinned_version(path: str | Path, version: int | None, setting: str) -> int | None:
