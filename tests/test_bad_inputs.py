@@ -441,6 +441,90 @@ def test_an_image_that_could_not_be_read_is_tried_again_by_the_next_runs_then_le
     assert fourth.rows_read == 0 and fourth.summary()[RESUMED] == "retry-3"
 
 
+class _ImageHost:
+    """An http image host on 127.0.0.1 serving ``folder``, or answering every request with 503
+    while ``down``."""
+
+    def __init__(self, folder: Path) -> None:
+        import functools
+        import http.server
+
+        host = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if host.down:
+                    self.send_error(503)
+                    return
+                super().do_GET()
+
+        self.down = False
+        self.httpd = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+        )
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+@pytest.fixture
+def image_host(tmp_path: Path):  # type: ignore[no-untyped-def]
+    import threading
+
+    host = _ImageHost(tmp_path / "cdn")
+    thread = threading.Thread(target=host.httpd.serve_forever, daemon=True)
+    thread.start()
+    yield host
+    host.httpd.shutdown()
+    host.httpd.server_close()
+    thread.join(timeout=10)
+
+
+def test_nights_an_image_host_is_down_spend_none_of_its_products_retries(
+    spark, tmp_path, incoming, taxonomy, scoring_bundle, image_host
+) -> None:  # type: ignore[no-untyped-def]
+    """Four products' photos are on an http host that answers 503 for two nights, a fifth's is a
+    local file that is not there. Each night the host gave no photo and four products failed on it
+    (``image_outage_products`` 2): it was out, so those products keep every retry
+    (``image_retries`` 1) and are read when it is back, on the third night. The local file's one
+    failure is no outage: its product spends its retry on the second night and is left after it."""
+    products, cdn = tmp_path / "products", tmp_path / "cdn"
+    cdn.mkdir()
+    rows = _valid_products(incoming)[:20]
+    on_host = [r["product_id"] for r in rows[:4]]
+    for i in range(4):
+        (cdn / f"{i}.png").write_bytes(_png(Image.new("RGB", (32, 32), (30, 30, 200 - 10 * i))))
+        rows[i] = {**rows[i], "image": None, "image_uri": f"{image_host.url}/{i}.png"}
+    missing = rows[4]["product_id"]
+    rows[4] = {**rows[4], "image": None, "image_uri": str(tmp_path / "photos" / "missing.png")}
+    _write_products(products, rows)
+    cfg = tiny_config(
+        catalog={"root": str(tmp_path / "lake")},
+        inference={"device": "cpu"},
+        images={
+            "roots": [str(tmp_path / "photos")],
+            "schemes": ["file", "http"],
+            "allow_private_addresses": True,
+            "retries": 0,
+            "host_failures": 0,  # a paused host would stay paused for the next runs in this worker
+        },
+        validation={"max_invalid_fraction": 0.5, "image_retries": 1, "image_outage_products": 2},
+    )
+    image_host.down = True
+    first = _run(spark, cfg, taxonomy, scoring_bundle, products, "down-1").report.summary()
+    assert first["image_sources_out"] == {"http://127.0.0.1": 4}
+    assert first["retry_images"] == sorted([*([p, 0] for p in on_host), [missing, 1]])
+    second = _run(spark, cfg, taxonomy, scoring_bundle, products, "down-2").report
+    assert second.rows_read == 5 and second.rows_scored == 0
+    assert second.summary()["retry_images"] == sorted([p, 0] for p in on_host)  # the file's retry spent
+    image_host.down = False
+    back = _run(spark, cfg, taxonomy, scoring_bundle, products, "back").report
+    assert back.rows_read == 4 and back.rows_scored == 4
+    assert "image_sources_out" not in back.summary() and back.summary()["retry_images"] == []
+    assert back.rows_quarantined == 0
+
+
 def test_rows_a_deletion_vector_removed_stay_removed(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]
     tmp_path = tmp_path / "Catalog Data é"
     table = pa.Table.from_pylist(_valid_products(incoming)[:12], read_table(incoming.products).schema)

@@ -759,7 +759,16 @@ class ValidationConfig(_Section):
         ge=0,
         description="How many later incremental runs read again a product quarantined only because its "
         "image could not be read (a network error, a 503) or was a placeholder (image_shared), before it "
-        "waits for the product to change.",
+        "waits for the product to change. A night its image source was out (image_outage_products) is "
+        "no attempt.",
+    )
+    image_outage_products: int = Field(
+        10,
+        ge=0,
+        description="An image source (a URI's scheme and host) none of whose photos a run could use, "
+        "on at least this many products whose photo could not be read or was a placeholder, was out "
+        "that night: a host down or a CDN serving its outage image says nothing of those products' "
+        "photos, so the run spends none of their image_retries. 0: every such night is an attempt.",
     )
     max_products_per_image: int = Field(
         20,

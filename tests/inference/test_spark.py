@@ -278,3 +278,73 @@ def test_a_version_a_run_finds_downloaded_is_marked_used_before_it_ships(tmp_pat
     (tmp_path / f"tiny-v5-{run}").mkdir()
     assert spark_glue.prune_downloads(tmp_path / f"tiny-v5-{run}") == []
     assert folder.is_dir() and archive.is_file()
+
+
+def test_each_photo_s_source_is_its_uri_s_host_and_a_source_is_out_only_when_none_of_its_photos_was_used(
+    taxonomy: Taxonomy,
+) -> None:
+    """The task names where each photo was read from (inline bytes win over the URI: none); the
+    driver calls a source out when it gave no usable photo and at least the minimum of its products
+    failed, and their retries are not spent that night."""
+    from catalog_enrichment.contracts import IMAGE_SHARED
+    from catalog_enrichment.data.images import IMAGE_READABLE
+    from catalog_enrichment.enrich.stages import image_outages, retry_next
+
+    uris = [
+        "https://CDN.example.com:8443/a.jpg",
+        "/photos/b.jpg",
+        "file:///photos/c.jpg",
+        "s3://bucket/d.jpg",
+        None,
+        "",
+    ]
+    batch = pa.RecordBatch.from_arrays(
+        [
+            pa.array([f"p{i}" for i in range(7)]),
+            pa.array([None] * 6 + [b"x"], pa.binary()),
+            pa.array([*uris, "/e.jpg"]),
+        ],
+        names=["product_id", "image", "image_uri"],
+    )
+    probs = {a.name: np.zeros((7, len(a.values)), np.float32) for a in taxonomy}
+    out = decide_batch(policy_at(taxonomy, value=0.7), batch, Scores(probs, [None] * 7, [None] * 7))
+    assert out.column("image_source").to_pylist() == [
+        "https://cdn.example.com", "file", "file", "s3://bucket", None, None, None
+    ]  # fmt: skip
+
+    def staged(rows: list[tuple[str, str | None, str | None, str | None]]) -> pa.Table:
+        names = ("product_id", "image_source", "image_error", "image_digest")
+        return pa.Table.from_pylist([dict(zip(names, r, strict=True)) for r in rows], schema=OUTPUT_SCHEMA)
+
+    night = staged(
+        [
+            # a: every photo failed (503s, its outage tile); b: one failed beside one read
+            ("a1", "https://a", IMAGE_READABLE, None),
+            ("a2", "https://a", IMAGE_SHARED, "sha256:tile"),
+            ("a3", "https://a", IMAGE_READABLE, None),
+            ("a4", "https://a", None, None),  # fused from its stored vector: no photo read
+            ("b1", "https://b", IMAGE_READABLE, None),
+            ("b2", "https://b", None, "sha256:b2"),
+            # c: one failure, under the minimum; d: an undecodable photo is no outage's
+            ("c1", "https://c", IMAGE_READABLE, None),
+            ("d1", "https://d", IMAGE_DECODABLE, "sha256:d1"),
+            ("d2", "https://d", IMAGE_DECODABLE, "sha256:d2"),
+            ("i1", None, IMAGE_SHARED, "sha256:tile"),  # inline bytes: no source
+        ]
+    )
+    out_sources, waiting = image_outages(night, 2)
+    assert out_sources == {"https://a": 3} and waiting == {"a1", "a2", "a3"}
+    assert image_outages(night, 4) == ({}, set()) and image_outages(night, 0) == ({}, set())
+    assert image_outages(night.slice(0, 0), 2) == ({}, set())
+    quarantine = pa.table(
+        {
+            "product_id": ["a1", "a2", "a3", "b1", "c1", "d1", "i1"],
+            "reasons": [["image_readable"], ["image_shared"], ["image_readable", "title_not_blank"],
+                        ["image_readable"], ["image_readable"], ["image_decodable"], ["image_shared"]],
+        }
+    )  # fmt: skip
+    # a3 broke a row rule too (waits for a change); b1 and c1 spend a retry, a1 and a2 keep theirs
+    tried = {"a1": 2, "b1": 1, "c1": 2}
+    assert retry_next(quarantine, tried, 2, waiting) == [("a1", 2), ("a2", 0), ("b1", 2), ("i1", 1)]
+    assert retry_next(quarantine, tried, 2) == [("a2", 1), ("b1", 2), ("i1", 1)]
+    assert retry_next(quarantine, tried, 0, waiting) == []

@@ -41,6 +41,7 @@ __all__ = [
     "check_images",
     "decode_image",
     "encode_image",
+    "image_source",
     "image_tone",
     "load_pixels",
     "read_pixels",
@@ -233,6 +234,16 @@ def _scheme_and_host(uri: str) -> tuple[str, str]:
         return parts.scheme.lower(), (parts.hostname or "").lower()
     except ValueError:  # e.g. an unbalanced IPv6 bracket: no scheme a policy lists
         return "?", ""
+
+
+def image_source(uri: object) -> str | None:
+    """Where an ``image_uri`` is read from: ``scheme://host`` (an object store's bucket is its
+    host), ``file`` for a local path; None for no URI. The photos of one source fail together
+    when its host is down or answers every request with its outage image."""
+    if not isinstance(uri, str) or not uri:
+        return None
+    scheme, host = _scheme_and_host(uri)
+    return "file" if scheme in ("", "file") else f"{scheme}://{host}"
 
 
 def _read_fd(fd: int, limit: int) -> bytes:

@@ -55,6 +55,7 @@ from catalog_enrichment.enrich.stages import (
     collect_decisions,
     describe_window,
     from_partitions,
+    image_outages,
     near_watermark,
     new_rows,
     photos_quarantined,
@@ -180,6 +181,7 @@ class _Record:
     health: RunHealth | None = None
     decisions: Decisions | None = None
     retry_next: list[tuple[str, int]] | None = None
+    image_outages: dict[str, int] = field(default_factory=dict)  # source -> its products that failed
     merge: MergeResult | None = None
     written: tuple[dict[str, int], dict[str, float]] | None = None
     embeddings: dict[str, Any] = field(default_factory=dict)
@@ -258,6 +260,8 @@ class _Record:
             summary["row_rules"] = self.decisions.counts.per_rule
         if self.retry_next is not None:
             summary[RETRY] = self.retry_next
+        if self.image_outages:
+            summary["image_sources_out"] = self.image_outages
         summary.update(self.embeddings)
         if self.error is not None:
             summary["error"] = self.error
@@ -447,7 +451,11 @@ def _stages(
     reads = BundleFolder(job.model.bundle).reads_images()
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say, reads_images=reads)
     check_breaker(new_rows(decisions, got.retry), *breaker)
-    run.retry_next = retry_next(decisions.quarantine, got.retry, cfg.validation.image_retries)
+    run.image_outages, waiting = image_outages(scored.table, cfg.validation.image_outage_products)
+    for source, n in sorted(run.image_outages.items()):
+        say(f"  image source {source} out: none of its photos could be used, {n:,} products' could not "
+            "be read or were placeholders; read again by the next run, no retry spent")  # fmt: skip
+    run.retry_next = retry_next(decisions.quarantine, got.retry, cfg.validation.image_retries, waiting)
     fault_point("before_merge")
     with run.stage("write"):
         write = run_write(

@@ -709,12 +709,48 @@ def photos_quarantined(
     return sum(reasons == [IMAGE_SHARED] and p not in retry and p not in counted for p, reasons in pairs)
 
 
-def retry_next(quarantine: pa.Table, retry: dict[str, int], cap: int) -> list[tuple[str, int]]:
+def image_outages(scored: pa.Table, min_products: int) -> tuple[dict[str, int], set[str]]:
+    """The image sources (``image_source`` of the staged decisions: a URI's scheme and host) out
+    tonight, each with its products whose photo could not be read or was a placeholder, and those
+    products' ids. A source is out when the run could use none of its photos and at least
+    ``min_products`` of them failed so (0: none is ever out): a host down, or a CDN answering every
+    URL with its outage image, says nothing of those products' own photos. Products fused from a
+    stored vector read no photo and count neither way."""
+    if not min_products or not scored.num_rows:
+        return {}, set()
+    error = scored["image_error"]
+    failed = pc.fill_null(pc.is_in(error, pa.array([IMAGE_READABLE, IMAGE_SHARED])), False)
+    per_source = (
+        pa.table(
+            {
+                "source": scored["image_source"],
+                "used": pc.and_(pc.is_null(error), pc.is_valid(scored["image_digest"])),
+                "failed": failed,
+            }
+        )
+        .filter(pc.is_valid(scored["image_source"]))
+        .group_by("source")
+        .aggregate([("used", "any"), ("failed", "sum")])
+    )
+    rows = zip(*(per_source[c].to_pylist() for c in ("source", "used_any", "failed_sum")), strict=True)
+    out = {source: n for source, used, n in rows if not used and n >= min_products}
+    if not out:
+        return {}, set()
+    hit = pc.and_(failed, pc.fill_null(pc.is_in(scored["image_source"], pa.array(list(out))), False))
+    return out, set(scored.filter(hit)["product_id"].to_pylist())
+
+
+def retry_next(
+    quarantine: pa.Table, retry: dict[str, int], cap: int, uncounted: Collection[str] = frozenset()
+) -> list[tuple[str, int]]:
     """(product id, attempts) of the products quarantined only because their image could not be
     read or was a placeholder, which the next run reads again while their attempts stay within
-    ``cap``."""
+    ``cap``. Tonight is no attempt for the ``uncounted`` ones (their image source was out:
+    :func:`image_outages`); ``cap`` 0 retries none."""
+    if not cap:
+        return []
     transient = _quarantined_only_for(quarantine, {IMAGE_READABLE, IMAGE_SHARED})
-    attempts = [(pid, retry.get(pid, 0) + 1) for pid in transient]
+    attempts = [(pid, retry.get(pid, 0) + (pid not in uncounted)) for pid in transient]
     return sorted((pid, n) for pid, n in attempts if n <= cap)
 
 

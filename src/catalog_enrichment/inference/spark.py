@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.accumulators import Accumulator, AccumulatorParam
 
+from catalog_enrichment.data.images import image_source
 from catalog_enrichment.errors import CatalogEnrichError
 from catalog_enrichment.faults import armed, kill_this_process
 from catalog_enrichment.inference.options import PredictorOptions
@@ -90,10 +91,20 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("embedding", pa.binary()),
         # the digest of the image bytes read: the same on many products is a placeholder
         pa.field("image_digest", pa.string()),
+        # where the photo is read from (data.images.image_source; null: inline bytes or no URI)
+        pa.field("image_source", pa.string()),
     ]
 )
 # the columns the driver reads back of the staged scores (the vectors go to the store, not to it)
-DECISION_COLUMNS = ("product_id", "image_error", "scored", "settled", "values", "image_digest")
+DECISION_COLUMNS = (
+    "product_id",
+    "image_error",
+    "scored",
+    "settled",
+    "values",
+    "image_digest",
+    "image_source",
+)
 SCORING_INPUT = (
     "product_id",
     "title",
@@ -427,9 +438,21 @@ def decide_batch(
             _or_nulls(scores.content, batch.num_rows, pa.string()),
             _or_nulls(scores.embedding, batch.num_rows, pa.binary()),
             _or_nulls(scores.image_digest, batch.num_rows, pa.string()),
+            _image_sources(batch),
         ],
         schema=OUTPUT_SCHEMA,
     )
+
+
+def _image_sources(batch: pa.RecordBatch) -> pa.Array:
+    """Each product's :func:`~catalog_enrichment.data.images.image_source`: of its ``image_uri``
+    where it has no inline bytes (which win over the URI), else null."""
+    names = batch.schema.names
+    if "image_uri" not in names:
+        return pa.nulls(batch.num_rows, pa.string())
+    inline = batch.column("image").is_valid().to_pylist() if "image" in names else [False] * batch.num_rows
+    uris = batch.column("image_uri").to_pylist()
+    return pa.array([None if i else image_source(u) for i, u in zip(inline, uris, strict=True)], pa.string())
 
 
 def _attribute_lists(mask: np.ndarray, names: pa.Array) -> pa.ListArray:
