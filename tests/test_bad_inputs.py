@@ -484,21 +484,24 @@ def image_host(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_nights_an_image_host_is_down_spend_none_of_its_products_retries(
     spark, tmp_path, incoming, taxonomy, scoring_bundle, image_host
 ) -> None:  # type: ignore[no-untyped-def]
-    """Four products' photos are on an http host that answers 503 for two nights, a fifth's is a
-    local file that is not there. Each night the host gave no photo and four products failed on it
-    (``image_outage_products`` 2): it was out, so those products keep every retry
-    (``image_retries`` 1) and are read when it is back, on the third night. The local file's one
-    failure is no outage: its product spends its retry on the second night and is left after it."""
+    """An http host answers 503 for three nights (``image_retries`` 1, ``image_outage_products`` 2).
+    The first night four products of it fail: it gave no photo, so it was out and they keep their
+    retry. The second night two new products of it fail beside them: out again, no retry spent. The
+    third night only the products read again fail, which is no evidence of an outage (dead links
+    would be read for good): each spends its retry, and on the fourth night, the host back, all six
+    are read and scored. A local file that is not there fails alone, no outage: its product spends
+    its retry on the second night and is left after it."""
     products, cdn = tmp_path / "products", tmp_path / "cdn"
     cdn.mkdir()
-    rows = _valid_products(incoming)[:20]
-    on_host = [r["product_id"] for r in rows[:4]]
-    for i in range(4):
+    rows = _valid_products(incoming)[:22]
+    for i in range(6):
         (cdn / f"{i}.png").write_bytes(_png(Image.new("RGB", (32, 32), (30, 30, 200 - 10 * i))))
         rows[i] = {**rows[i], "image": None, "image_uri": f"{image_host.url}/{i}.png"}
-    missing = rows[4]["product_id"]
-    rows[4] = {**rows[4], "image": None, "image_uri": str(tmp_path / "photos" / "missing.png")}
-    _write_products(products, rows)
+    first_four, new_two = [r["product_id"] for r in rows[:4]], [r["product_id"] for r in rows[4:6]]
+    missing = rows[6]["product_id"]
+    rows[6] = {**rows[6], "image": None, "image_uri": str(tmp_path / "photos" / "missing.png")}
+    later = rows[4:6]
+    _write_products(products, rows[:4] + rows[6:])
     cfg = tiny_config(
         catalog={"root": str(tmp_path / "lake")},
         inference={"device": "cpu"},
@@ -511,18 +514,29 @@ def test_nights_an_image_host_is_down_spend_none_of_its_products_retries(
         },
         validation={"max_invalid_fraction": 0.5, "image_retries": 1, "image_outage_products": 2},
     )
+
+    def night(run_id: str) -> tuple[Any, dict[str, Any]]:
+        report = _run(spark, cfg, taxonomy, scoring_bundle, products, run_id).report
+        return report, report.summary()
+
     image_host.down = True
-    first = _run(spark, cfg, taxonomy, scoring_bundle, products, "down-1").report.summary()
-    assert first["image_sources_out"] == {"http://127.0.0.1": 4}
-    assert first["retry_images"] == sorted([*([p, 0] for p in on_host), [missing, 1]])
-    second = _run(spark, cfg, taxonomy, scoring_bundle, products, "down-2").report
-    assert second.rows_read == 5 and second.rows_scored == 0
-    assert second.summary()["retry_images"] == sorted([p, 0] for p in on_host)  # the file's retry spent
+    _, first = night("down-1")
+    source = image_host.url  # http://127.0.0.1:<port>
+    assert first["image_sources_out"] == {source: 4}
+    assert first["retry_images"] == sorted([*([p, 0] for p in first_four), [missing, 1]])
+    now = dt.datetime.now(dt.UTC)
+    _write_products(products, rows[:4] + [{**r, "updated_at": now} for r in later] + rows[6:])
+    report, second = night("down-2")
+    assert report.rows_read == 7 and report.rows_scored == 0
+    assert second["image_sources_out"] == {source: 6}
+    assert second["retry_images"] == sorted([p, 0] for p in first_four + new_two)  # the file's spent
+    report, third = night("down-3")
+    assert report.rows_read == 6 and "image_sources_out" not in third
+    assert third["retry_images"] == sorted([p, 1] for p in first_four + new_two)
     image_host.down = False
-    back = _run(spark, cfg, taxonomy, scoring_bundle, products, "back").report
-    assert back.rows_read == 4 and back.rows_scored == 4
-    assert "image_sources_out" not in back.summary() and back.summary()["retry_images"] == []
-    assert back.rows_quarantined == 0
+    back, summary = night("back")
+    assert back.rows_read == back.rows_scored == 6 and back.rows_quarantined == 0
+    assert summary["retry_images"] == []
 
 
 def test_rows_a_deletion_vector_removed_stay_removed(spark, tmp_path, incoming) -> None:  # type: ignore[no-untyped-def]

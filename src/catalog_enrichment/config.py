@@ -765,10 +765,11 @@ class ValidationConfig(_Section):
     image_outage_products: int = Field(
         10,
         ge=0,
-        description="An image source (a URI's scheme and host) none of whose photos a run could use, "
-        "on at least this many products whose photo could not be read or was a placeholder, was out "
-        "that night: a host down or a CDN serving its outage image says nothing of those products' "
-        "photos, so the run spends none of their image_retries. 0: every such night is an attempt.",
+        description="An image source (a URI's scheme, host and port) none of whose photos a run could "
+        "use, on at least this many products not read again for their photo whose photo could not be "
+        "read or was a placeholder, was out that night: a host down or a CDN serving its outage image "
+        "says nothing of those products' photos, so the run spends none of their image_retries. 0: "
+        "every such night is an attempt.",
     )
     max_products_per_image: int = Field(
         20,

@@ -110,6 +110,8 @@ def test_a_stored_vector_of_a_photo_later_found_a_placeholder_is_not_fused(bundl
     scored = later.score_arrow(_with_store(good, first))
     assert scored.reused == 4 and sum(calls) == 2  # the two placeholders' products read and encoded
     assert scored.image_digest == first.image_digest
+    # which were fused (no photo read: they tell nothing of their image host tonight)
+    assert first.fused == [False] * 6 and scored.fused == [False, False, True, True, True, True]
 
 
 def test_vectors_encoded_under_bf16_autocast_are_not_offered_to_the_store(bundle, products) -> None:  # type: ignore[no-untyped-def]

@@ -283,9 +283,10 @@ def test_a_version_a_run_finds_downloaded_is_marked_used_before_it_ships(tmp_pat
 def test_each_photo_s_source_is_its_uri_s_host_and_a_source_is_out_only_when_none_of_its_photos_was_used(
     taxonomy: Taxonomy,
 ) -> None:
-    """The task names where each photo was read from (inline bytes win over the URI: none); the
-    driver calls a source out when it gave no usable photo and at least the minimum of its products
-    failed, and their retries are not spent that night."""
+    """The task names where each photo was read from (none for inline bytes, which win over the
+    URI, nor for a stored vector fused: no photo read); the driver calls a source out when it gave
+    no usable photo and at least the minimum of its products not read again failed, and their
+    retries are not spent that night."""
     from catalog_enrichment.contracts import IMAGE_SHARED
     from catalog_enrichment.data.images import IMAGE_READABLE
     from catalog_enrichment.enrich.stages import image_outages, retry_next
@@ -295,22 +296,35 @@ def test_each_photo_s_source_is_its_uri_s_host_and_a_source_is_out_only_when_non
         "/photos/b.jpg",
         "file:///photos/c.jpg",
         "s3://bucket/d.jpg",
-        None,
-        "",
     ]
+    uris += [None, "", "/e.jpg", "https://cdn.example.com/f.jpg"]
     batch = pa.RecordBatch.from_arrays(
         [
-            pa.array([f"p{i}" for i in range(7)]),
-            pa.array([None] * 6 + [b"x"], pa.binary()),
-            pa.array([*uris, "/e.jpg"]),
+            pa.array([f"p{i}" for i in range(8)]),
+            pa.array([None] * 6 + [b"x", None], pa.binary()),
+            pa.array(uris),
         ],
         names=["product_id", "image", "image_uri"],
     )
-    probs = {a.name: np.zeros((7, len(a.values)), np.float32) for a in taxonomy}
-    out = decide_batch(policy_at(taxonomy, value=0.7), batch, Scores(probs, [None] * 7, [None] * 7))
+    probs = {a.name: np.zeros((8, len(a.values)), np.float32) for a in taxonomy}
+    policy = policy_at(taxonomy, value=0.7)
+    out = decide_batch(policy, batch, Scores(probs, [None] * 8, [None] * 8))
+    want = [
+        "https://cdn.example.com:8443",
+        "file",
+        "file",
+        "s3://bucket",
+        None,
+        None,
+        None,
+        "https://cdn.example.com",
+    ]
+    assert out.column("image_source").to_pylist() == want
+    fused = [False, True, False, False, False, False, False, True]
+    out = decide_batch(policy, batch, Scores(probs, [None] * 8, [None] * 8, fused=fused))
     assert out.column("image_source").to_pylist() == [
-        "https://cdn.example.com", "file", "file", "s3://bucket", None, None, None
-    ]  # fmt: skip
+        None if f else w for w, f in zip(want, fused, strict=True)
+    ]
 
     def staged(rows: list[tuple[str, str | None, str | None, str | None]]) -> pa.Table:
         names = ("product_id", "image_source", "image_error", "image_digest")
@@ -322,7 +336,7 @@ def test_each_photo_s_source_is_its_uri_s_host_and_a_source_is_out_only_when_non
             ("a1", "https://a", IMAGE_READABLE, None),
             ("a2", "https://a", IMAGE_SHARED, "sha256:tile"),
             ("a3", "https://a", IMAGE_READABLE, None),
-            ("a4", "https://a", None, None),  # fused from its stored vector: no photo read
+            ("a4", None, None, "sha256:a4"),  # fused from its stored vector: no source
             ("b1", "https://b", IMAGE_READABLE, None),
             ("b2", "https://b", None, "sha256:b2"),
             # c: one failure, under the minimum; d: an undecodable photo is no outage's
@@ -330,12 +344,16 @@ def test_each_photo_s_source_is_its_uri_s_host_and_a_source_is_out_only_when_non
             ("d1", "https://d", IMAGE_DECODABLE, "sha256:d1"),
             ("d2", "https://d", IMAGE_DECODABLE, "sha256:d2"),
             ("i1", None, IMAGE_SHARED, "sha256:tile"),  # inline bytes: no source
+            # e: two dead links read again, nothing else of the host read tonight
+            ("e1", "https://e", IMAGE_READABLE, None),
+            ("e2", "https://e", IMAGE_READABLE, None),
         ]
     )
-    out_sources, waiting = image_outages(night, 2)
+    out_sources, waiting = image_outages(night, 2, retried={"a1", "e1", "e2"})
     assert out_sources == {"https://a": 3} and waiting == {"a1", "a2", "a3"}
-    assert image_outages(night, 4) == ({}, set()) and image_outages(night, 0) == ({}, set())
-    assert image_outages(night.slice(0, 0), 2) == ({}, set())
+    assert image_outages(night, 2)[0] == {"https://a": 3, "https://e": 2}  # not read again: out
+    assert image_outages(night, 3, retried={"a1"}) == ({}, set())  # a: two fresh failures
+    assert image_outages(night, 0) == ({}, set()) and image_outages(night.slice(0, 0), 2) == ({}, set())
     quarantine = pa.table(
         {
             "product_id": ["a1", "a2", "a3", "b1", "c1", "d1", "i1"],

@@ -237,13 +237,20 @@ def _scheme_and_host(uri: str) -> tuple[str, str]:
 
 
 def image_source(uri: object) -> str | None:
-    """Where an ``image_uri`` is read from: ``scheme://host`` (an object store's bucket is its
-    host), ``file`` for a local path; None for no URI. The photos of one source fail together
-    when its host is down or answers every request with its outage image."""
+    """Where an ``image_uri`` is read from: ``scheme://host``, with the port where the URI names
+    one (an object store's bucket is its host), ``file`` for a local path; None for no URI. The
+    photos of one source fail together when its host is down or answers every request with its
+    outage image."""
     if not isinstance(uri, str) or not uri:
         return None
     scheme, host = _scheme_and_host(uri)
-    return "file" if scheme in ("", "file") else f"{scheme}://{host}"
+    if scheme in ("", "file"):
+        return "file"
+    try:
+        port = urlsplit(uri).port
+    except ValueError:  # not a port: the reader refuses the URI
+        port = None
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
 
 
 def _read_fd(fd: int, limit: int) -> bytes:

@@ -451,7 +451,7 @@ def _stages(
     reads = BundleFolder(job.model.bundle).reads_images()
     run.health = check_run(job.policy, scored.health, cfg.validation.health, say, reads_images=reads)
     check_breaker(new_rows(decisions, got.retry), *breaker)
-    run.image_outages, waiting = image_outages(scored.table, cfg.validation.image_outage_products)
+    run.image_outages, waiting = image_outages(scored.table, cfg.validation.image_outage_products, got.retry)
     for source, n in sorted(run.image_outages.items()):
         say(f"  image source {source} out: none of its photos could be used, {n:,} products' could not "
             "be read or were placeholders; read again by the next run, no retry spent")  # fmt: skip
@@ -467,6 +467,7 @@ def _stages(
         # an earlier attempt of this run id committed, then failed: what this attempt read since
         # (a product changed in between) was not written, so the next run reads from where both began
         run.seen_next, run.retry_next = got.seen, list(got.retry.items())
+        run.image_outages = {}
         run.timeless_next = got.timeless_done
         # nor is what that attempt quarantined to retry, or kept out, known: a full run's record
         # says partial, so a backfill runs its partition again rather than count it done

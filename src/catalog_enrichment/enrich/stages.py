@@ -709,35 +709,40 @@ def photos_quarantined(
     return sum(reasons == [IMAGE_SHARED] and p not in retry and p not in counted for p, reasons in pairs)
 
 
-def image_outages(scored: pa.Table, min_products: int) -> tuple[dict[str, int], set[str]]:
-    """The image sources (``image_source`` of the staged decisions: a URI's scheme and host) out
-    tonight, each with its products whose photo could not be read or was a placeholder, and those
-    products' ids. A source is out when the run could use none of its photos and at least
-    ``min_products`` of them failed so (0: none is ever out): a host down, or a CDN answering every
-    URL with its outage image, says nothing of those products' own photos. Products fused from a
-    stored vector read no photo and count neither way."""
+def image_outages(
+    scored: pa.Table, min_products: int, retried: Collection[str] = frozenset()
+) -> tuple[dict[str, int], set[str]]:
+    """The image sources (``image_source`` of the staged decisions: a URI's scheme, host and port)
+    out tonight, each with its products whose photo could not be read or was a placeholder, and
+    those products' ids. A source is out when the run could use none of its photos and at least
+    ``min_products`` of them failed so that were not ``retried`` (0: none is ever out): a host down,
+    or a CDN answering every URL with its outage image, says nothing of those products' own photos.
+    The products read again for their photo are no evidence of an outage: ten dead links would
+    otherwise keep their host out, and themselves retried, for good. Products fused from a stored
+    vector read no photo and have no source."""
     if not min_products or not scored.num_rows:
         return {}, set()
-    error = scored["image_error"]
+    error, source = scored["image_error"], scored["image_source"]
     failed = pc.fill_null(pc.is_in(error, pa.array([IMAGE_READABLE, IMAGE_SHARED])), False)
+    again = pc.is_in(scored["product_id"], pa.array(list(retried), pa.string()))
     per_source = (
         pa.table(
             {
-                "source": scored["image_source"],
+                "source": source,
                 "used": pc.and_(pc.is_null(error), pc.is_valid(scored["image_digest"])),
-                "failed": failed,
+                "failed": pc.and_(failed, pc.invert(pc.fill_null(again, False))),
             }
         )
-        .filter(pc.is_valid(scored["image_source"]))
+        .filter(pc.is_valid(source))
         .group_by("source")
         .aggregate([("used", "any"), ("failed", "sum")])
     )
     rows = zip(*(per_source[c].to_pylist() for c in ("source", "used_any", "failed_sum")), strict=True)
-    out = {source: n for source, used, n in rows if not used and n >= min_products}
+    out = [source for source, used, n in rows if not used and n >= min_products]
     if not out:
         return {}, set()
-    hit = pc.and_(failed, pc.fill_null(pc.is_in(scored["image_source"], pa.array(list(out))), False))
-    return out, set(scored.filter(hit)["product_id"].to_pylist())
+    hit = scored.filter(pc.and_(failed, pc.fill_null(pc.is_in(source, pa.array(out)), False)))
+    return dict(Counter(hit["image_source"].to_pylist())), set(hit["product_id"].to_pylist())
 
 
 def retry_next(

@@ -90,7 +90,7 @@ class PreparedBatch:
     inputs: dict[str, torch.Tensor]
     image_error: list[str | None]
     tone: list[float | None]
-    image_digest: list[str | None]  # of the image bytes read (data.images.read_pixels); None: none
+    image_digest: list[str | None]  # of the image bytes read (data.images.read_pixels), or stored; None: none
     content: list[str] | None = None
     encode: np.ndarray | None = None
     stored: np.ndarray | None = None
@@ -104,8 +104,9 @@ class PreparedBatch:
 class Scores:
     """``probs``: attribute -> ``(n, n_values)`` float32; ``image_error``: ``(n,)`` reason or None;
     ``tone``: each photo's colour balance where one was decoded (``data.images.image_tone``);
-    ``image_digest``: each row's digest of the image bytes read (None where none were, e.g. a row
-    fused from its stored vector), by which the same photo on many products is found a placeholder.
+    ``image_digest``: each row's digest of the image bytes read (None where none were; a row fused
+    from its stored vector has the digest stored with it), by which the same photo on many products
+    is found a placeholder; ``fused``: which rows were fused from their stored vector (no photo read).
 
     With the embedding store: ``content`` every row's digest, ``embedding`` the packed vector of each
     row encoded by this call (None for rows read from the store and rows whose image failed).
@@ -118,6 +119,7 @@ class Scores:
     embedding: list[bytes | None] | None = None
     reused: int = 0  # rows whose stored vector was fused
     image_digest: list[str | None] | None = None
+    fused: list[bool] | None = None  # per row, its stored vector fused (no photo read); None: no store
 
     def finite(self) -> Scores:
         """These scores with every product the model scored NaN or infinite anywhere marked as
@@ -441,6 +443,7 @@ class BatchPredictor:
         digests: list[str | None] = []
         content: list[str] = []
         fresh: list[bytes | None] = []
+        fused: list[bool] = []
         reused = 0
         for data, last, batch in self._prepared(_checked(batches)):
             if batch is not None:
@@ -453,6 +456,9 @@ class BatchPredictor:
                     content.extend(batch.content)
                     fresh.extend(self._fresh(batch))
                     reused += len(batch) - len(batch.encode)  # type: ignore[arg-type]
+                    hit = np.ones(len(batch), bool)
+                    hit[batch.encode] = False
+                    fused.extend(hit.tolist())
             if last:
                 yield (
                     data,
@@ -471,10 +477,11 @@ class BatchPredictor:
                         fresh if self._stored_model is not None else None,
                         reused,
                         digests,
+                        fused if self._stored_model is not None else None,
                     ),
                 )
                 probs = {a.name: [] for a in self.bundle.taxonomy}
-                errors, tones, digests, content, fresh, reused = [], [], [], [], [], 0
+                errors, tones, digests, content, fresh, fused, reused = [], [], [], [], [], [], 0
 
     def score_arrow(self, data: Data) -> Scores:
         """Scores and image errors of every row of ``data`` (Arrow or pandas), in order."""

@@ -91,7 +91,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("embedding", pa.binary()),
         # the digest of the image bytes read: the same on many products is a placeholder
         pa.field("image_digest", pa.string()),
-        # where the photo is read from (data.images.image_source; null: inline bytes or no URI)
+        # where the photo was read from (data.images.image_source; null: inline bytes, no URI, or
+        # the stored vector fused)
         pa.field("image_source", pa.string()),
     ]
 )
@@ -438,21 +439,24 @@ def decide_batch(
             _or_nulls(scores.content, batch.num_rows, pa.string()),
             _or_nulls(scores.embedding, batch.num_rows, pa.binary()),
             _or_nulls(scores.image_digest, batch.num_rows, pa.string()),
-            _image_sources(batch),
+            _image_sources(batch, scores.fused),
         ],
         schema=OUTPUT_SCHEMA,
     )
 
 
-def _image_sources(batch: pa.RecordBatch) -> pa.Array:
-    """Each product's :func:`~catalog_enrichment.data.images.image_source`: of its ``image_uri``
-    where it has no inline bytes (which win over the URI), else null."""
+def _image_sources(batch: pa.RecordBatch, fused: Sequence[bool] | None) -> pa.Array:
+    """Each product's :func:`~catalog_enrichment.data.images.image_source`: of the ``image_uri`` its
+    photo was read from, null where it has inline bytes (which win over the URI) or its stored
+    vector was ``fused`` (no photo read: it tells nothing of the source tonight)."""
     names = batch.schema.names
     if "image_uri" not in names:
         return pa.nulls(batch.num_rows, pa.string())
-    inline = batch.column("image").is_valid().to_pylist() if "image" in names else [False] * batch.num_rows
+    skip = batch.column("image").is_valid().to_pylist() if "image" in names else [False] * batch.num_rows
+    if fused is not None:
+        skip = [a or b for a, b in zip(skip, fused, strict=True)]
     uris = batch.column("image_uri").to_pylist()
-    return pa.array([None if i else image_source(u) for i, u in zip(inline, uris, strict=True)], pa.string())
+    return pa.array([None if s else image_source(u) for s, u in zip(skip, uris, strict=True)], pa.string())
 
 
 def _attribute_lists(mask: np.ndarray, names: pa.Array) -> pa.ListArray:
