@@ -213,12 +213,15 @@ def test_report_updates_carry_values_as_data_not_sql(tmp_path: Path) -> None:
     assert {r.run_id: r.status for r in read_reports(tmp_path)} == {"r1": "it's' OR '1'='1", "r2": "failed"}
 
 
-def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partitions() -> None:
+def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partitions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """With no run over the whole table, a backfill's partition runs are its position: each
     partition caught up to its last run's watermark, their lists joined, the highest watermark the
     next position. A partition
-    whose last runs kept values out, or whose run could not list its timeless rows, or a run of
-    another products table, is not caught up (its rows are read whole)."""
+    whose last runs kept values out, or whose run could not list its timeless rows, or whose lists
+    would take the joined ones past what a run lists, or a run of another products table, is not
+    caught up (its rows are read whole)."""
     from catalog_enrichment.catalog.reports import CAUGHT_UP, RETRY, SEEN, TIMELESS
     from catalog_enrichment.enrich.stages import ALL, from_partitions
 
@@ -254,3 +257,16 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
     assert from_partitions(reports, "/lake/p", 1).summary()[SEEN] is None  # type: ignore[union-attr]
     assert from_partitions(reports, "/exports/other", 1) is None
     assert from_partitions([r for r in reports if r.run_id in {"d3", "d4"}], "/lake/p", 1) is None
+    # one product to retry and one timeless row at most: d2's second product would pass that, so
+    # its partition is read whole and the rest still read on from their runs
+    monkeypatch.setattr("catalog_enrichment.enrich.stages.MAX_SEEN", 1)
+    reports[2].add_to_summary(**{SEEN: [["b", 2]]})
+    resumed = from_partitions(reports, "/lake/p", blocked_retries=1)
+    assert resumed is not None and resumed.summary() == {
+        SEEN: [["a", 1]],
+        RETRY: [["x", 1]],
+        TIMELESS: [["ingest_date=2026-11-01", "t1"]],
+        CAUGHT_UP: [["ingest_date=2026-11-01", T.replace(hour=5).isoformat()]],
+    }
+    monkeypatch.setattr("catalog_enrichment.enrich.stages.MAX_SEEN", 0)
+    assert from_partitions(reports, "/lake/p", 1) is None  # every partition read whole

@@ -167,30 +167,37 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
     reads what changed there since, and every row of the other partitions), their lists of rows
     read and products to retry joined, the highest watermark and its run's id as the position the
     next run reads on from. A partition whose last run could not list its timeless rows
-    (:data:`ALL`) is read whole. None where no partition has such a run, or the lists name more
-    than :data:`MAX_SEEN` products (the run reads everything, as before any backfill)."""
+    (:data:`ALL`) is read whole, and so are those whose products to retry or timeless rows would
+    take the joined lists past :data:`MAX_SEEN` (the partitions with the shortest lists are taken
+    first). None where no partition is left to read on from (the run reads everything, as before
+    any backfill)."""
     by_scope: dict[str, list[RunReport]] = {}
     for r in sorted(reports, key=lambda r: str(r.partition)):  # last_run reads a partition's own reports
         if r.partition and of_scope(r, r.partition, products):
             by_scope.setdefault(r.partition, []).append(r)
     runs = [last_run(by_scope[s], s, products=products, blocked_retries=blocked_retries) for s in by_scope]
-    found = [(r, r.summary()) for r in runs if r is not None and r.watermark is not None]
-    found = [(r, s) for r, s in found if isinstance(s.get(TIMELESS), list)]
-    if not found:
-        return None
+    candidates = [(r, r.summary()) for r in runs if r is not None and r.watermark is not None]
+    candidates = [(r, s) for r, s in candidates if isinstance(s.get(TIMELESS), list)]
+    candidates.sort(key=lambda rs: (len(rs[1].get(RETRY, [])) + len(rs[1][TIMELESS]), str(rs[0].partition)))
+    found: list[tuple[RunReport, dict[str, Any]]] = []
     seen: list[list[Any]] | None = []
     retry: dict[str, int] = {}
     timeless_rows: set[tuple[str, str]] = set()  # (partition, product): its run read that one's
-    for run, summary in found:
+    for run, summary in candidates:
+        theirs = {str(pid): int(n) for pid, n in summary.get(RETRY, [])}
+        more = sum(pid not in retry for pid in theirs)
+        if len(retry) + more > MAX_SEEN or len(timeless_rows) + len(summary[TIMELESS]) > MAX_SEEN:
+            continue  # its lists cannot be carried: the partition is read whole
+        found.append((run, summary))
         kept = summary.get(SEEN, [])
         if seen is None or kept is None or len(seen) + len(kept) > MAX_SEEN:
             seen = None  # too many to list: the run reads them again
         else:
             seen.extend(kept)
-        for pid, n in summary.get(RETRY, []):
-            retry[str(pid)] = max(int(n), retry.get(str(pid), 0))
+        for pid, n in theirs.items():
+            retry[pid] = max(n, retry.get(pid, 0))
         timeless_rows.update((str(run.partition), str(p)) for p in summary[TIMELESS])
-    if len(timeless_rows) > MAX_SEEN or len(retry) > MAX_SEEN:
+    if not found:
         return None
     last = max((r for r, _ in found), key=lambda r: (r.watermark, r.started_at))
     summary = {
