@@ -122,6 +122,15 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     blocked = run("cdn", 2, {"color": "input image tone failed"})
     blocked.add_to_summary(health=[], health_failures=["image tone PSI 3.0"])
     assert "blocked      color: input image tone failed" in format_report(blocked)
+    assert "photos" not in format_report(blocked)
+    blocked.add_to_summary(
+        image_sources_out={"https://cdn.example.com": 1200},
+        placeholder_images={"sha256:ab": 40},
+        retry_images=[["p1", 0], ["p2", 1]],
+    )
+    want = "  photos       https://cdn.example.com out (1,200 products); 1 placeholder image(s); 2 products "
+    want += "read again"
+    assert want in format_report(blocked)
 
 
 def test_a_quiet_night_after_a_run_rolled_back_since_does_not_keep_its_position() -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "PRODUCTS",
     "RETRY",
     "SEEN",
+    "SOURCES_OUT",
     "TIMELESS",
     "RunReport",
     "blocked_why",
@@ -180,6 +181,8 @@ CAUGHT_UP = "caught_up_partitions"
 EXPECTATIONS = "great_expectations"  # the run's GX checkpoint (validation/checkpoint.py)
 # ... and the image digests it found to be placeholders (``image_shared``), with their products
 PLACEHOLDERS = "placeholder_images"
+# ... and the image sources that were out (enrich.stages.image_outages), with their products that failed
+SOURCES_OUT = "image_sources_out"
 # ... and the products table it read (Catalog.products_name): a run over another table of the same
 # catalog (--products) neither moves nor takes its watermark
 PRODUCTS = "products_table"
@@ -344,6 +347,13 @@ def format_report(report: RunReport) -> str:
                 "(report --health)"
             )
             lines += [f"  blocked      {a}: {why}" for a, why in blocked.items()]
+        photos = [f"{s} out ({n:,} products)" for s, n in (info.get(SOURCES_OUT) or {}).items()]
+        if info.get(PLACEHOLDERS):
+            photos.append(f"{len(info[PLACEHOLDERS]):,} placeholder image(s)")
+        if info.get(RETRY):
+            photos.append(f"{len(info[RETRY]):,} products read again by the next run")
+        if photos:
+            lines.append("  photos       " + "; ".join(photos))
         if info.get("error"):
             lines.append(f"  error        {info['error']}")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from catalog_enrichment.catalog.reports import (
     RESUMED,
     RETRY,
     SEEN,
+    SOURCES_OUT,
     TIMELESS,
     RunReport,
     blocked_why,
@@ -275,7 +276,7 @@ class _Record:
         if self.retry_next is not None:
             summary[RETRY] = self.retry_next
         if self.image_outages:
-            summary["image_sources_out"] = self.image_outages
+            summary[SOURCES_OUT] = self.image_outages
         summary.update(self.embeddings)
         if self.error is not None:
             summary["error"] = self.error
