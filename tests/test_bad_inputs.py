@@ -441,42 +441,6 @@ def test_an_image_that_could_not_be_read_is_tried_again_by_the_next_runs_then_le
     assert fourth.rows_read == 0 and fourth.summary()[RESUMED] == "retry-3"
 
 
-def test_more_products_to_retry_than_a_run_lists_leave_its_window_to_the_next_run(
-    spark, tmp_path, incoming, taxonomy, scoring_bundle, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
-    """Three changed products' photos cannot be read, more than the run may list for the next one
-    (``MAX_SEEN``, 2 here: a list of millions would be carried by every report and every read
-    filter). The run writes what it scored and leaves its window as the last run left it, so the
-    next run reads those four rows again; the photos back, it scores all four and moves on."""
-    from catalog_enrichment.catalog.reports import RESUMED, RETRY
-
-    monkeypatch.setattr("catalog_enrichment.enrich.run.MAX_SEEN", 2)
-    products, photos = tmp_path / "products", tmp_path / "photos"
-    rows = _valid_products(incoming)[:20]
-    _write_products(products, rows)
-    cfg = tiny_config(
-        catalog={"root": str(tmp_path / "lake")},
-        inference={"device": "cpu"},
-        images={"roots": [str(photos)]},
-        validation={"max_invalid_fraction": 0.5},
-    )
-    assert _run(spark, cfg, taxonomy, scoring_bundle, products, "first").report.rows_scored == 20
-    now = dt.datetime.now(dt.UTC)
-    changed = [{**r, "updated_at": now} for r in rows[:4]]
-    for i, r in enumerate(changed[:3]):
-        changed[i] = {**r, "image": None, "image_uri": str(photos / f"{i}.png")}
-    _write_products(products, changed + rows[4:])
-    broken = _run(spark, cfg, taxonomy, scoring_bundle, products, "broken").report
-    assert broken.rows_read == 4 and broken.rows_scored == 1 and broken.rows_quarantined == 3
-    assert broken.summary()[RETRY] == [] and broken.summary()[RESUMED] == "first"
-    photos.mkdir()
-    for i in range(3):
-        (photos / f"{i}.png").write_bytes(_png(Image.new("RGB", (32, 32), (200, 30, 30))))
-    again = _run(spark, cfg, taxonomy, scoring_bundle, products, "again").report
-    assert again.rows_read == again.rows_scored == 4 and again.summary().get(RESUMED) != "first"
-    assert _run(spark, cfg, taxonomy, scoring_bundle, products, "quiet").report.rows_read == 0
-
-
 class _ImageHost:
     """An http image host on 127.0.0.1 serving ``folder``, or answering every request with 503
     while ``down``."""

@@ -48,7 +48,6 @@ from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.enrich.checks import RunHealth, check_run
 from catalog_enrichment.enrich.stages import (
     ALL,
-    MAX_SEEN,
     Decisions,
     Read,
     Scored,
@@ -184,7 +183,6 @@ class _Record:
     decisions: Decisions | None = None
     retry_next: list[tuple[str, int]] | None = None
     image_outages: dict[str, int] = field(default_factory=dict)  # source -> its products that failed
-    again: bool = False  # the next run reads this one's window again (read_again)
     merge: MergeResult | None = None
     written: tuple[dict[str, int], dict[str, float]] | None = None
     embeddings: dict[str, Any] = field(default_factory=dict)
@@ -207,24 +205,12 @@ class _Record:
 
     def watermark(self) -> dt.datetime | None:
         """The highest ``updated_at`` this run covered: its rows' (never past its start) or, when it
-        read nothing newer or leaves its window to be read again (:meth:`read_again`), the last
-        run's."""
+        read nothing newer or an earlier attempt of its id had committed, the last run's."""
         since = None if self.got is None else self.got.since
         ours = None if self.validated is None else self.validated.watermark
-        if self.again:
+        if self.merge is not None and self.merge.already_committed:  # nothing of ours was written
             return since
         return max((w for w in (since, ours) if w is not None), default=None)
-
-    def read_again(self) -> None:
-        """Leave this run's window to the next run as the last run left it: its position, the rows
-        read near it, the products to retry and the timeless rows done. A full run's record says
-        partial, so a backfill runs its partition again rather than count it done."""
-        got = self.got
-        assert got is not None
-        self.again, self.full = True, False
-        self.seen_next, self.retry_next = got.seen, list(got.retry.items())
-        self.timeless_next = got.timeless_done
-        self.image_outages = {}
 
     def report(self, finished_at: dt.datetime | None = None, seconds: float | None = None) -> RunReport:
         """The run report (contract ``schemas/run_report.yaml``) of what was done."""
@@ -471,10 +457,6 @@ def _stages(
         say(f"  image source {source} out: none of its photos could be used, {n:,} products' could not "
             "be read or were placeholders; read again by the next run, no retry spent")  # fmt: skip
     run.retry_next = retry_next(decisions.quarantine, got.retry, cfg.validation.image_retries, waiting)
-    if len(run.retry_next) > MAX_SEEN:  # a list a report cannot carry, nor a read filter by
-        say(f"  {len(run.retry_next):,} products to read again for their photo, more than the "
-            f"{MAX_SEEN:,} a run lists: the next run reads this run's window again")  # fmt: skip
-        run.read_again()
     fault_point("before_merge")
     with run.stage("write"):
         write = run_write(
@@ -484,9 +466,13 @@ def _stages(
         run.merge = catalog.write(write, job.spark)
     if run.merge.already_committed:
         # an earlier attempt of this run id committed, then failed: what this attempt read since
-        # (a product changed in between) was not written, so the next run reads from where both
-        # began; nor is what that attempt quarantined to retry, or kept out, known
-        run.read_again()
+        # (a product changed in between) was not written, so the next run reads from where both began
+        run.seen_next, run.retry_next = got.seen, list(got.retry.items())
+        run.image_outages = {}
+        run.timeless_next = got.timeless_done
+        # nor is what that attempt quarantined to retry, or kept out, known: a full run's record
+        # says partial, so a backfill runs its partition again rather than count it done
+        run.full = False
         say(f"  {run.run_id} was committed by an earlier attempt: nothing written; the next run reads "
             "its products again")  # fmt: skip
     else:
