@@ -204,7 +204,7 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
         SEEN: seen,
         RETRY: sorted(retry.items()),
         TIMELESS: [list(pair) for pair in sorted(timeless_rows)],
-        CAUGHT_UP: [[r.partition, r.watermark.isoformat()] for r, _ in found if r.watermark],
+        CAUGHT_UP: sorted([r.partition, r.watermark.isoformat()] for r, _ in found if r.watermark),
     }
     return RunReport(
         run_id=last.run_id,
