@@ -303,6 +303,48 @@ def test_a_postgres_incremental_read_takes_the_rows_no_watermark_places(
     assert {r["product_id"] for r in rows} == {old, *changed, *whole}
 
 
+def test_the_first_postgres_read_after_a_backfill_spreads_a_partition_read_whole_over_the_ranges(
+    spark, pg_catalog_config, incoming
+) -> None:  # type: ignore[no-untyped-def]
+    """40 products changed one a day; the first 30 in a partition no run has read (read whole), the
+    last 10 in a partition caught up to day 35. The JDBC ranges' bounds cover the rows read whole
+    (days 0-39), so the four ranges hold about ten rows each, not 30 in the first (bounds from the
+    caught-up partition's window alone, days 36-39, left everything older to the first range)."""
+    import datetime as dt
+
+    from pyspark.sql import functions as F
+
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.catalog.products import Partition
+    from catalog_enrichment.contracts import load_contract
+
+    catalog = PostgresCatalog(
+        pg_catalog_config.model_copy(
+            update={"postgres": pg_catalog_config.postgres.model_copy(update={"read_partitions": 4})}
+        )
+    )
+    table = read_table(incoming.products).slice(0, 40)
+    catalog.load_products(table)
+    ids = table["product_id"].to_pylist()
+    start = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
+    products = f'"{catalog.schema}".products'
+    with catalog.connect() as conn:
+        for i, pid in enumerate(ids):
+            day = "2026-09-30" if i < 30 else "2026-10-30"
+            conn.execute(f"UPDATE {products} SET updated_at = %s, ingest_date = %s WHERE product_id = %s",
+                         [start + dt.timedelta(days=i), day, pid])  # fmt: skip
+    caught_at = start + dt.timedelta(days=35, hours=12)
+    rows = catalog.read_products(
+        spark,
+        load_contract("products"),
+        since=caught_at,
+        caught_up={Partition("ingest_date", "2026-10-30"): caught_at},
+    )
+    per_range = [r["n"] for r in rows.groupBy(F.spark_partition_id()).agg(F.count("*").alias("n")).collect()]
+    assert sum(per_range) == 34  # days 0-29 whole, 36-39 changed since
+    assert len(per_range) == 4 and max(per_range) <= 12
+
+
 @pytest.mark.parametrize("kind", ["numeric(12, 2)", "double precision"])
 def test_a_postgres_read_splits_on_a_column_of_fractional_numbers(
     spark, pg_catalog_config, incoming, kind

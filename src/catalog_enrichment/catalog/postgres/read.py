@@ -116,7 +116,9 @@ class Reads(PgBase):
     ) -> DataFrame:
         from pyspark.sql import functions as F
 
-        options, present = self._partitioned_read(contract, partition, since, retry, require_columns)
+        options, present = self._partitioned_read(
+            contract, partition, since, retry, require_columns, caught_up
+        )
         schema = contract.spark_schema(enforce_nullability=False)
         df = spark.read.format("jdbc").options(**options).load()
         columns, unreadable = [], []
@@ -142,9 +144,13 @@ class Reads(PgBase):
         since: dt.datetime | None,
         retry: Sequence[str],
         require_columns: bool,
+        caught_up: Mapping[Partition, dt.datetime] | None = None,
     ) -> tuple[dict[str, str], dict[str, str]]:
         """The JDBC reader's options: the products table, split into ``read_partitions`` ranges of
-        ``partition_column`` between the bounds the run's rows have; and the table's columns."""
+        ``partition_column`` between the bounds the run's rows have (with ``caught_up``, as
+        :func:`~catalog_enrichment.catalog.products.in_window`: those changed since the earliest
+        caught-up partition's time and every row of the other partitions, which a first run after
+        a backfill reads whole); and the table's columns."""
         from psycopg import sql
 
         conditions: list[Any] = []
@@ -152,10 +158,18 @@ class Reads(PgBase):
         if partition is not None:
             conditions.append(sql.SQL("{} = %s").format(sql.Identifier(partition.column)))
             params.append(partition.value)
-        # the window's bounds: a products.timeless row outside them, or one of a partition not
-        # caught_up, still lands in an edge range
-        # (Spark's first and last take what lies beyond), and an old one would stretch every range
-        if since is not None:
+        # the window's bounds: a products.timeless row outside them still lands in an edge range
+        # (Spark's first and last take what lies beyond), and an old one would stretch every range;
+        # the rows of a partition not caught up are many (read whole), so the bounds cover them
+        if since is not None and caught_up:
+            of = sql.Identifier(next(iter(caught_up)).column)
+            conditions.append(
+                sql.SQL(
+                    "(updated_at > %s OR product_id = ANY(%s) OR {c} IS NULL OR NOT {c}::text = ANY(%s))"
+                ).format(c=of)
+            )
+            params.extend([min(caught_up.values()), list(retry), [p.value for p in caught_up]])
+        elif since is not None:
             conditions.append(sql.SQL("(updated_at > %s OR product_id = ANY(%s))"))
             params.extend([since, list(retry)])
         where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
