@@ -117,9 +117,13 @@ class Scores:
     tone: list[float | None]
     content: list[str] | None = None
     embedding: list[bytes | None] | None = None
-    reused: int = 0  # rows whose stored vector was fused
     image_digest: list[str | None] | None = None
     fused: list[bool] | None = None  # per row, its stored vector fused (no photo read); None: no store
+
+    @property
+    def reused(self) -> int:
+        """How many rows were fused from their stored vector."""
+        return sum(self.fused) if self.fused is not None else 0
 
     def finite(self) -> Scores:
         """These scores with every product the model scored NaN or infinite anywhere marked as
@@ -444,7 +448,6 @@ class BatchPredictor:
         content: list[str] = []
         fresh: list[bytes | None] = []
         fused: list[bool] = []
-        reused = 0
         for data, last, batch in self._prepared(_checked(batches)):
             if batch is not None:
                 for a, p in self.forward(batch).items():
@@ -455,7 +458,6 @@ class BatchPredictor:
                 if batch.content is not None:
                     content.extend(batch.content)
                     fresh.extend(self._fresh(batch))
-                    reused += len(batch) - len(batch.encode)  # type: ignore[arg-type]
                     hit = np.ones(len(batch), bool)
                     hit[batch.encode] = False
                     fused.extend(hit.tolist())
@@ -475,13 +477,12 @@ class BatchPredictor:
                         tones,
                         content if self._stored_model is not None else None,
                         fresh if self._stored_model is not None else None,
-                        reused,
                         digests,
                         fused if self._stored_model is not None else None,
                     ),
                 )
                 probs = {a.name: [] for a in self.bundle.taxonomy}
-                errors, tones, digests, content, fresh, fused, reused = [], [], [], [], [], [], 0
+                errors, tones, digests, content, fresh, fused = [], [], [], [], [], []
 
     def score_arrow(self, data: Data) -> Scores:
         """Scores and image errors of every row of ``data`` (Arrow or pandas), in order."""
