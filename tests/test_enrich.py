@@ -29,7 +29,7 @@ import pytest
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
-from catalog_enrichment.catalog.reports import PRODUCTS, TIMELESS, read_reports, report_for
+from catalog_enrichment.catalog.reports import CAUGHT_UP, PRODUCTS, TIMELESS, read_reports, report_for
 from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
@@ -754,6 +754,20 @@ def test_the_first_nightly_after_a_backfill_reads_on_from_its_partitions(
     assert set(theirs["run_id"].to_pylist()) - {None} == {"backfill-2026-11-02-tiny-v1"}
     bad_left = pc.sum(pc.and_(first_day, pc.is_in(table["product_id"], ours["product_id"]))).as_py()
     assert bad_left > 0  # the unread partition's bad rows got their quarantine rows
+    # nightly-1 committed, then failed: its retry writes nothing and keeps the position it read on
+    # from, the partitions' windows and the (partition, product) pairs of their rows without a time
+    catalog.set_report_status("nightly-1", "failed")
+    retried = nightly(scope=RunScope(products=products, run_id="nightly-1"), progress=_quiet)
+    assert retried.merge is not None and retried.merge.already_committed
+    kept = retried.report.summary()
+    assert [p for p, _ in kept[CAUGHT_UP]] == [f"ingest_date=2026-11-0{d}" for d in (2, 3, 4)]
+    assert kept[TIMELESS] == [["ingest_date=2026-11-02", timeless_id]]
+    # so the next run reads what nightly-1 read: the timeless product's row of the 2nd is not read
+    again = nightly(scope=RunScope(products=products, run_id="nightly-1b"), progress=_quiet)
+    assert again.report.rows_read == first.report.rows_read
+    quarantine = read_table(cfg.catalog.table("quarantine"))
+    theirs_again = pc.equal(quarantine["product_id"], timeless_id)
+    assert pc.sum(pc.and_(theirs_again, pc.equal(quarantine["run_id"], "nightly-1b"))).as_py() == 2
     changed = ["P00000010", "P00000020"]
     _stamp(products, changed, at + dt.timedelta(days=5))
     second = nightly(scope=RunScope(products=products), progress=_quiet)

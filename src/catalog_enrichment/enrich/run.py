@@ -175,7 +175,8 @@ class _Record:
     got: Read | None = None
     validated: Validated | None = None
     seen_next: list[tuple[str, int]] | None = None
-    timeless_next: list[str] | str | None = None
+    timeless_next: list[Any] | str | None = None
+    caught_up_next: list[list[str]] | None = None  # CAUGHT_UP, where the run keeps the last one's
     rejected: int = 0
     placeholders: dict[str, int] = field(default_factory=dict)  # images validation found shared
     scored: Scored | None = None
@@ -243,6 +244,8 @@ class _Record:
                 summary["repeated_rows"] = self.validated.repeated
             summary[SEEN] = self.seen_next
             summary[TIMELESS] = self.timeless_next
+            if self.caught_up_next is not None:
+                summary[CAUGHT_UP] = self.caught_up_next
             got = self.got
             if got is not None and got.since is not None and self.watermark() == got.since:
                 summary[RESUMED] = got.last_run  # its position is that run's (reports.last_run)
@@ -469,7 +472,9 @@ def _stages(
         # (a product changed in between) was not written, so the next run reads from where both began
         run.seen_next, run.retry_next = got.seen, list(got.retry.items())
         run.image_outages = {}
-        run.timeless_next = got.timeless_done
+        # (read on from a backfill's partitions: their windows, and the (partition, product) pairs
+        # of their timeless rows, stay the position)
+        run.timeless_next, run.caught_up_next = got.timeless_done, got.caught_up
         # nor is what that attempt quarantined to retry, or kept out, known: a full run's record
         # says partial, so a backfill runs its partition again rather than count it done
         run.full = False

@@ -97,7 +97,8 @@ class Read:
     partition) or was read by the last run (an old copy committed late, inside the look-back);
     ``last_run``: that last run's id; ``timeless``: the ids of the products with a row no watermark
     places in the scope now, for the next run, and ``timeless_done`` the last run's, each
-    :data:`ALL` where it names every one (:func:`_timeless`)."""
+    :data:`ALL` where it names every one (:func:`_timeless`); ``caught_up``: the last run's
+    :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP` partitions, as listed."""
 
     df: DataFrame
     since: dt.datetime | None
@@ -107,7 +108,8 @@ class Read:
     superseded: int = 0
     last_run: str | None = None
     timeless: list[str] | str | None = None
-    timeless_done: list[str] | str | None = None
+    timeless_done: list[Any] | str | None = None
+    caught_up: list[list[str]] | None = None
 
 
 def read(
@@ -156,7 +158,7 @@ def read(
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
     last_id = None if last is None else last.run_id
-    return Read(df, since, seen, retry, lookback, superseded, last_id, present, done)
+    return Read(df, since, seen, retry, lookback, superseded, last_id, present, done, caught)
 
 
 def from_partitions(reports: list[RunReport], products: str, blocked_retries: int) -> RunReport | None:
