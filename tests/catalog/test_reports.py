@@ -131,6 +131,10 @@ def test_the_runs_after_a_blocked_night_read_its_products_again_up_to_the_retrie
     want = "  photos       https://cdn.example.com out (1,200 products); 1 placeholder image(s); 2 products "
     want += "read again"
     assert want in format_report(blocked)
+    blocked.add_to_summary(retry_images_left_out=250_000)
+    assert "read again by the next run; 250,000 past that list's limit, waiting until they change" in (
+        format_report(blocked)
+    )
 
 
 def test_a_quiet_night_after_a_run_rolled_back_since_does_not_keep_its_position() -> None:

@@ -363,6 +363,9 @@ def test_each_photo_s_source_is_its_uri_s_host_and_a_source_is_out_only_when_non
     )  # fmt: skip
     # a3 broke a row rule too (waits for a change); b1 and c1 spend a retry, a1 and a2 keep theirs
     tried = {"a1": 2, "b1": 1, "c1": 2}
-    assert retry_next(quarantine, tried, 2, waiting) == [("a1", 2), ("a2", 0), ("b1", 2), ("i1", 1)]
-    assert retry_next(quarantine, tried, 2) == [("a2", 1), ("b1", 2), ("i1", 1)]
-    assert retry_next(quarantine, tried, 0, waiting) == []
+    assert retry_next(quarantine, tried, 2, waiting) == ([("a1", 2), ("a2", 0), ("b1", 2), ("i1", 1)], 0)
+    assert retry_next(quarantine, tried, 2) == ([("a2", 1), ("b1", 2), ("i1", 1)], 0)
+    assert retry_next(quarantine, tried, 0, waiting) == ([], 0)
+    # more than a run lists: the fewest attempts first, then the lowest ids
+    assert retry_next(quarantine, tried, 2, waiting, limit=2) == ([("a2", 0), ("i1", 1)], 2)
+    assert retry_next(quarantine, tried, 2, limit=2) == ([("a2", 1), ("i1", 1)], 1)

@@ -29,6 +29,7 @@ __all__ = [
     "FULL",
     "PLACEHOLDERS",
     "PRODUCTS",
+    "RETRIES_DROPPED",
     "RETRY",
     "SEEN",
     "SOURCES_OUT",
@@ -168,6 +169,9 @@ def check_run_id(run_id: str) -> str:
 # (product id, updated_at in µs) it read in the look-back before its watermark, and the products to
 # read again because their image could not be read, with the attempts so far
 SEEN, RETRY = "read_near_watermark", "retry_images"
+# ... and how many more products it quarantined to read again than that list holds (stages.MAX_SEEN):
+# they wait until they change
+RETRIES_DROPPED = "retry_images_left_out"
 # ... and the ids of the products whose rows no watermark places (catalog.products.timeless), which
 # it read and quarantined or found quarantined: the next run reads only the others of them
 TIMELESS = "timeless_rows"
@@ -352,6 +356,8 @@ def format_report(report: RunReport) -> str:
             photos.append(f"{len(info[PLACEHOLDERS]):,} placeholder image(s)")
         if info.get(RETRY):
             photos.append(f"{len(info[RETRY]):,} products read again by the next run")
+        if info.get(RETRIES_DROPPED):
+            photos.append(f"{info[RETRIES_DROPPED]:,} past that list's limit, waiting until they change")
         if photos:
             lines.append("  photos       " + "; ".join(photos))
         if info.get("error"):

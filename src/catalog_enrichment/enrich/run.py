@@ -28,6 +28,7 @@ from catalog_enrichment.catalog.reports import (
     PLACEHOLDERS,
     PRODUCTS,
     RESUMED,
+    RETRIES_DROPPED,
     RETRY,
     SEEN,
     SOURCES_OUT,
@@ -48,6 +49,7 @@ from catalog_enrichment.data.images import ImagePolicy
 from catalog_enrichment.enrich.checks import RunHealth, check_run
 from catalog_enrichment.enrich.stages import (
     ALL,
+    MAX_SEEN,
     Decisions,
     Read,
     Scored,
@@ -183,6 +185,7 @@ class _Record:
     health: RunHealth | None = None
     decisions: Decisions | None = None
     retry_next: list[tuple[str, int]] | None = None
+    retries_dropped: int = 0  # products to retry past the list's MAX_SEEN
     image_outages: dict[str, int] = field(default_factory=dict)  # source -> its products that failed
     merge: MergeResult | None = None
     written: tuple[dict[str, int], dict[str, float]] | None = None
@@ -264,6 +267,8 @@ class _Record:
             summary["row_rules"] = self.decisions.counts.per_rule
         if self.retry_next is not None:
             summary[RETRY] = self.retry_next
+        if self.retries_dropped:
+            summary[RETRIES_DROPPED] = self.retries_dropped
         if self.image_outages:
             summary[SOURCES_OUT] = self.image_outages
         summary.update(self.embeddings)
@@ -459,7 +464,13 @@ def _stages(
     for source, n in sorted(run.image_outages.items()):
         say(f"  image source {source} out: none of its photos could be used, {n:,} products' could not "
             "be read or were placeholders; read again by the next run, no retry spent")  # fmt: skip
-    run.retry_next = retry_next(decisions.quarantine, got.retry, cfg.validation.image_retries, waiting)
+    run.retry_next, run.retries_dropped = retry_next(
+        decisions.quarantine, got.retry, cfg.validation.image_retries, waiting
+    )
+    if run.retries_dropped:
+        say(f"  {run.retries_dropped:,} products quarantined for their photo are past the {MAX_SEEN:,} "
+            "a run lists to read again: they wait until they change (catalog-enrich enrich --full or a "
+            "backfill scores them once their photos are back)")  # fmt: skip
     fault_point("before_merge")
     with run.stage("write"):
         write = run_write(
@@ -471,6 +482,7 @@ def _stages(
         # an earlier attempt of this run id committed, then failed: what this attempt read since
         # (a product changed in between) was not written, so the next run reads from where both began
         run.seen_next, run.retry_next = got.seen, list(got.retry.items())
+        run.retries_dropped = 0
         run.image_outages = {}
         # (read on from a backfill's partitions: their windows, and the (partition, product) pairs
         # of their timeless rows, stay the position)

@@ -755,17 +755,25 @@ def image_outages(
 
 
 def retry_next(
-    quarantine: pa.Table, retry: dict[str, int], cap: int, uncounted: Collection[str] = frozenset()
-) -> list[tuple[str, int]]:
+    quarantine: pa.Table,
+    retry: dict[str, int],
+    cap: int,
+    uncounted: Collection[str] = frozenset(),
+    limit: int = MAX_SEEN,
+) -> tuple[list[tuple[str, int]], int]:
     """(product id, attempts) of the products quarantined only because their image could not be
     read or was a placeholder, which the next run reads again while their attempts stay within
-    ``cap``. Tonight is no attempt for the ``uncounted`` ones (their image source was out:
-    :func:`image_outages`); ``cap`` 0 retries none."""
+    ``cap``; and how many more there were than the ``limit`` a run lists (the next read filters on
+    the list, carried in the run report): those with the most attempts, then the highest ids, are
+    left out and wait, as a product past ``cap`` does, until they change. Tonight is no attempt for
+    the ``uncounted`` ones (their image source was out: :func:`image_outages`); ``cap`` 0 retries
+    none."""
     if not cap:
-        return []
+        return [], 0
     transient = _quarantined_only_for(quarantine, {IMAGE_READABLE, IMAGE_SHARED})
     attempts = [(pid, retry.get(pid, 0) + (pid not in uncounted)) for pid in transient]
-    return sorted((pid, n) for pid, n in attempts if n <= cap)
+    due = sorted(((n, pid) for pid, n in attempts if n <= cap))
+    return sorted((pid, n) for n, pid in due[:limit]), max(0, len(due) - limit)
 
 
 def run_write(
