@@ -463,14 +463,16 @@ def _stages(
     run.image_outages, waiting = image_outages(scored.table, cfg.validation.image_outage_products, got.retry)
     for source, n in sorted(run.image_outages.items()):
         say(f"  image source {source} out: none of its photos could be used, {n:,} products' could not "
-            "be read or were placeholders; read again by the next run, no retry spent")  # fmt: skip
+            "be read or were placeholders; read again by the next run (within the list's limit), no "
+            "retry spent")  # fmt: skip
     run.retry_next, run.retries_dropped = retry_next(
         decisions.quarantine, got.retry, cfg.validation.image_retries, waiting
     )
     if run.retries_dropped:
         say(f"  {run.retries_dropped:,} products quarantined for their photo are past the {MAX_SEEN:,} "
-            "a run lists to read again: they wait until they change (catalog-enrich enrich --full or a "
-            "backfill scores them once their photos are back)")  # fmt: skip
+            "a run lists to read again: they wait until they change (once their photos are back, "
+            "catalog-enrich backfill --force scores them, or enrich --full where the driver has "
+            "room)")  # fmt: skip
     fault_point("before_merge")
     with run.stage("write"):
         write = run_write(
