@@ -29,7 +29,14 @@ import pytest
 from catalog_enrichment.catalog import open_catalog
 from catalog_enrichment.catalog.attributes import find_run_commit, merchant_rows
 from catalog_enrichment.catalog.lakehouse import read_table, table_version, write_table
-from catalog_enrichment.catalog.reports import CAUGHT_UP, PRODUCTS, TIMELESS, read_reports, report_for
+from catalog_enrichment.catalog.reports import (
+    CAUGHT_UP,
+    PRODUCTS,
+    RESUMED,
+    TIMELESS,
+    read_reports,
+    report_for,
+)
 from catalog_enrichment.catalog.runs import rollback
 from catalog_enrichment.config import AppConfig
 from catalog_enrichment.contracts import Taxonomy, load_contract
@@ -762,6 +769,7 @@ def test_the_first_nightly_after_a_backfill_reads_on_from_its_partitions(
     kept = retried.report.summary()
     assert [p for p, _ in kept[CAUGHT_UP]] == [f"ingest_date=2026-11-0{d}" for d in (2, 3, 4)]
     assert kept[TIMELESS] == [["ingest_date=2026-11-02", timeless_id]]
+    assert kept[RESUMED] == [f"backfill-2026-11-0{d}-tiny-v1" for d in (2, 3, 4)]  # each counts
     # so the next run reads what nightly-1 read: the timeless product's row of the 2nd is not read
     again = nightly(scope=RunScope(products=products, run_id="nightly-1b"), progress=_quiet)
     assert again.report.rows_read == first.report.rows_read

@@ -156,6 +156,15 @@ def test_a_quiet_night_after_a_run_rolled_back_since_does_not_keep_its_position(
     assert last_run([r0, r1, *quiet], None) is r0
     assert last_run([r0, r1, *quiet, run("r4", 2, None)], None).run_id == "r4"  # type: ignore[union-attr]
     assert last_run([r0, run("r5", 0, "r0")], None).run_id == "r5"  # type: ignore[union-attr]
+    # a quiet run that read on from a backfill's partition runs took its position from all of them
+    days = [run("d1", 1), run("d2", 2)]
+    for r, day in zip(days, (1, 2), strict=True):
+        r.partition = f"ingest_date=2026-11-0{day}"
+    q1, q2 = run("q1", 2, None), run("q2", 2, "q1")
+    q1.add_to_summary(**{RESUMED: ["d1", "d2"]})
+    assert last_run([*days, q1, q2], None) is q2
+    days[0].status = "rolled_back"  # not the one whose watermark it took
+    assert last_run([*days, q1, q2], None) is None
 
 
 def test_each_products_table_of_a_catalog_keeps_its_own_watermark() -> None:
@@ -236,7 +245,7 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
     would take the joined ones past what a run lists, or a run of another products table, is not
     caught up (its rows are read whole)."""
     from catalog_enrichment.catalog.reports import CAUGHT_UP, RETRY, SEEN, TIMELESS
-    from catalog_enrichment.enrich.stages import ALL, from_partitions
+    from catalog_enrichment.enrich.stages import ALL, PARTITION_RUNS, from_partitions
 
     def run(run_id: str, day: int, hour: int, table: str = "/lake/p", **summary: object) -> RunReport:
         r = RunReport(run_id=run_id, status="succeeded", partition=f"ingest_date=2026-11-0{day}",
@@ -262,6 +271,7 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
             ["ingest_date=2026-11-01", T.replace(hour=5).isoformat()],
             ["ingest_date=2026-11-02", T.replace(hour=3).isoformat()],
         ],
+        PARTITION_RUNS: ["d1", "d2"],
     }
     # a blocked partition run not passed over is a position like any (the nightly's own rule)
     caught_up = from_partitions(reports, "/lake/p", 0).summary()[CAUGHT_UP]  # type: ignore[union-attr]
@@ -280,6 +290,7 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
         RETRY: [["x", 1]],
         TIMELESS: [["ingest_date=2026-11-01", "t1"]],
         CAUGHT_UP: [["ingest_date=2026-11-01", T.replace(hour=5).isoformat()]],
+        PARTITION_RUNS: ["d1"],
     }
     monkeypatch.setattr("catalog_enrichment.enrich.stages.MAX_SEEN", 0)
     assert from_partitions(reports, "/lake/p", 1) is None  # every partition read whole

@@ -191,7 +191,8 @@ SOURCES_OUT = "image_sources_out"
 # catalog (--products) neither moves nor takes its watermark
 PRODUCTS = "products_table"
 # ... and, where it read nothing past the watermark of the run it read on from (so it took that
-# watermark as its own), that run's id: when that run is rolled back, neither position counts
+# watermark as its own), that run's id, or the ids of the runs over single partitions it read on
+# from: when one of them is rolled back, its position does not count
 RESUMED = "resumed_from"
 # the status of a run report whose run was rolled back
 ROLLED_BACK = "rolled_back"
@@ -243,14 +244,16 @@ def last_run(
     resumed = {r.run_id: r.summary().get(RESUMED) for r in reports}  # each summary parsed once
 
     def took_rolled_back(report: RunReport) -> bool:
-        seen: set[str] = set()
-        while (before := resumed.get(report.run_id)) is not None and before not in seen:
-            seen.add(before)
-            if (found := by_id.get(str(before))) is None:
-                return False
-            if found.status == ROLLED_BACK:
-                return True
-            report = found
+        todo, seen = [report.run_id], set()
+        while todo:
+            before = resumed.get(todo.pop())
+            for run_id in [] if before is None else [before] if isinstance(before, str) else before:
+                if str(run_id) in seen or (found := by_id.get(str(run_id))) is None:
+                    continue
+                if found.status == ROLLED_BACK:
+                    return True
+                seen.add(found.run_id)
+                todo.append(found.run_id)
         return False
 
     runs = [

@@ -86,6 +86,8 @@ DRIVER_BYTES_PER_PRODUCT = 4096
 # a run's list of the products with a timeless row (_timeless) where it names every one: more than
 # MAX_SEEN, or a run from before the lists were kept
 ALL = "all"
+# the ids of the partitions' runs a position taken from a backfill's stands for (from_partitions)
+PARTITION_RUNS = "partition_runs"
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,9 @@ class Read:
     products whose image could not be read, with their attempts (``retry``); ``superseded``: the
     rows left unread because a newer copy of their product is in another partition (a run of one
     partition) or was read by the last run (an old copy committed late, inside the look-back);
-    ``last_run``: that last run's id; ``timeless``: the ids of the products with a row no watermark
-    places in the scope now, for the next run, and ``timeless_done`` the last run's, each
+    ``last_run``: that last run's id (the partition runs', :func:`from_partitions`); ``timeless``:
+    the ids of the products with a row no watermark places in the scope now, for the next run, and
+    ``timeless_done`` the last run's, each
     :data:`ALL` where it names every one (:func:`_timeless`); ``caught_up``: the last run's
     :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP` partitions, as listed."""
 
@@ -106,7 +109,7 @@ class Read:
     retry: dict[str, int]
     lookback: dt.timedelta
     superseded: int = 0
-    last_run: str | None = None
+    last_run: str | list[str] | None = None
     timeless: list[str] | str | None = None
     timeless_done: list[Any] | str | None = None
     caught_up: list[list[str]] | None = None
@@ -157,7 +160,7 @@ def read(
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
-    last_id = None if last is None else last.run_id
+    last_id = None if last is None else last.summary().get(PARTITION_RUNS, last.run_id)
     return Read(df, since, seen, retry, lookback, superseded, last_id, present, done, caught)
 
 
@@ -168,11 +171,12 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
     :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP` to its own run's watermark (the run
     reads what changed there since, and every row of the other partitions), their lists of rows
     read and products to retry joined, the highest watermark and its run's id as the position the
-    next run reads on from. A partition whose last run could not list its timeless rows
-    (:data:`ALL`) is read whole, and so are those whose products to retry or timeless rows would
-    take the joined lists past :data:`MAX_SEEN` (the partitions with the shortest lists are taken
-    first). None where no partition is left to read on from (the run reads everything, as before
-    any backfill)."""
+    next run reads on from (:data:`PARTITION_RUNS`: all their ids, a quiet run's
+    :data:`~catalog_enrichment.catalog.reports.RESUMED`). A partition whose last run could not list
+    its timeless rows (:data:`ALL`) is read whole, and so are those whose products to retry or
+    timeless rows would take the joined lists past :data:`MAX_SEEN` (the partitions with the
+    shortest lists are taken first). None where no partition is left to read on from (the run
+    reads everything, as before any backfill)."""
     by_scope: dict[str, list[RunReport]] = {}
     for r in sorted(reports, key=lambda r: str(r.partition)):  # last_run reads a partition's own reports
         if r.partition and of_scope(r, r.partition, products):
@@ -207,6 +211,7 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
         RETRY: sorted(retry.items()),
         TIMELESS: [list(pair) for pair in sorted(timeless_rows)],
         CAUGHT_UP: sorted([r.partition, r.watermark.isoformat()] for r, _ in found if r.watermark),
+        PARTITION_RUNS: sorted(r.run_id for r, _ in found),
     }
     return RunReport(
         run_id=last.run_id,
