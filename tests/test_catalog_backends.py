@@ -303,6 +303,43 @@ def test_a_postgres_incremental_read_takes_the_rows_no_watermark_places(
     assert {r["product_id"] for r in rows} == {old, *changed, *whole}
 
 
+def test_a_postgres_incremental_read_is_the_same_on_a_jvm_not_in_utc(
+    spark, pg_catalog_config, incoming
+) -> None:  # type: ignore[no-untyped-def]
+    """The JVM's default zone Tokyo (9 h east of UTC; a driver on a host set to it): the window
+    Spark pushes into the SQL is the same instant (it was written as Tokyo's wall time, which the
+    UTC session read 9 h late: no row changed since was read), and a naive ``timestamp without time
+    zone`` updated_at, which the JDBC driver would read as Tokyo's times, is refused in one line."""
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.contracts import load_contract
+    from catalog_enrichment.errors import ContractError
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    table = read_table(incoming.products).slice(0, 20)
+    catalog.load_products(table)
+    since = max(table["updated_at"].to_pylist())
+    changed = table["product_id"].to_pylist()[:2]
+    products = f'"{catalog.schema}".products'
+    with catalog.connect() as conn:
+        conn.execute(f"UPDATE {products} SET updated_at = %s WHERE product_id = ANY(%s)",
+                     [since + dt.timedelta(hours=1), changed])  # fmt: skip
+    zones = spark._jvm.java.util.TimeZone
+    before = zones.getDefault()
+    zones.setDefault(zones.getTimeZone("Asia/Tokyo"))
+    try:
+        rows = catalog.read_products(spark, load_contract("products"), since=since).collect()
+        assert sorted(r["product_id"] for r in rows) == sorted(changed)
+        with catalog.connect() as conn:
+            conn.execute(f"ALTER TABLE {products} ALTER COLUMN updated_at TYPE timestamp")
+        with pytest.raises(
+            ContractError, match=r"timestamp without time zone .* JVM's time zone is Asia/Tokyo"
+        ):
+            catalog.read_products(spark, load_contract("products"), since=since)
+    finally:
+        zones.setDefault(before)
+    assert len(catalog.read_products(spark, load_contract("products"), since=since).collect()) == 2
+
+
 def test_the_first_postgres_read_after_a_backfill_spreads_a_partition_read_whole_over_the_ranges(
     spark, pg_catalog_config, incoming
 ) -> None:  # type: ignore[no-untyped-def]

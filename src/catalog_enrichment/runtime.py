@@ -10,6 +10,9 @@ The settings, each with the config field that switches it:
 setting                            why                                      switch
 =================================  =======================================  ==================================
 session time zone UTC              timestamps exact across machines         (always)
+java.time values (Instant) for     a timestamp filter pushed to PostgreSQL  (always)
+timestamps                         is written in the session's zone, not
+                                   the JVM's
 Python worker reuse                the model is loaded once per worker      (always)
 rows per Arrow batch and per       images and stored embeddings make rows   spark.arrow_max_records_per_batch
 Parquet read batch                 large (Spark's 4,096 rows of 2,000-float
@@ -99,6 +102,10 @@ def spark_conf(cfg: AppConfig, *, submitted: bool = False) -> dict[str, Any]:
     """The Spark settings of the table above for ``cfg``; ``cfg.spark.conf`` wins over them."""
     conf: dict[str, Any] = {
         "spark.sql.session.timeZone": "UTC",
+        # a timestamp filter pushed to a JDBC source is written as an Instant in the session's zone,
+        # not as a java.sql.Timestamp in the JVM's, which PostgreSQL (its session in UTC) would read
+        # hours off on a JVM not in UTC: the products' window read from it missed rows
+        "spark.sql.datetime.java8API.enabled": "true",
         "spark.python.worker.reuse": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.spark.arrow_max_records_per_batch),
         "spark.sql.parquet.columnarReaderBatchSize": str(cfg.spark.arrow_max_records_per_batch),

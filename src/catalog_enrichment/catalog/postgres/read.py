@@ -119,6 +119,8 @@ class Reads(PgBase):
         options, present = self._partitioned_read(
             contract, partition, since, retry, require_columns, caught_up
         )
+        if present.get("updated_at") == "timestamp without time zone":
+            _naive_times_read_as_utc(spark, f"{'.'.join(self.products)} in {self.describe()}")
         schema = contract.spark_schema(enforce_nullability=False)
         df = spark.read.format("jdbc").options(**options).load()
         columns, unreadable = [], []
@@ -474,6 +476,22 @@ class Reads(PgBase):
                 self._sql("SELECT encoder, count(*) FROM {e} GROUP BY encoder", e="embeddings")
             )
             return {str(e): int(n) for e, n in rows}
+
+
+def _naive_times_read_as_utc(spark: SparkSession, where: str) -> None:
+    """Refuse to read a ``timestamp without time zone`` updated_at on a JVM whose zone is not UTC:
+    the JDBC driver takes such a time as the JVM's local time, so every row would be read that many
+    hours off (rows in the future quarantined, a watermark ahead of the rows that follow)."""
+    jvm = getattr(spark, "_jvm", None)  # None on Spark Connect: nothing to ask
+    zone = None if jvm is None else str(jvm.java.time.ZoneId.systemDefault().normalized().getId())
+    if zone is not None and zone != "Z":
+        raise ContractError(
+            f"products column 'updated_at' is timestamp without time zone in {where}, and the Spark "
+            f"JVM's time zone is {zone}: its times would be read as {zone} times, not UTC. Make the "
+            "column timestamptz (ALTER TABLE ... ALTER COLUMN updated_at TYPE timestamptz USING "
+            "updated_at AT TIME ZONE 'UTC'), or run the driver and executors with -Duser.timezone=UTC "
+            "(spark.driver.extraJavaOptions, spark.executor.extraJavaOptions)"
+        )
 
 
 def _bound(value: Any, up: bool = False) -> str:
