@@ -244,7 +244,7 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
     whose last runs kept values out, or whose run could not list its timeless rows, or whose lists
     would take the joined ones past what a run lists, or a run of another products table, is not
     caught up (its rows are read whole)."""
-    from catalog_enrichment.catalog.reports import CAUGHT_UP, RETRY, SEEN, TIMELESS
+    from catalog_enrichment.catalog.reports import CAUGHT_UP, FUTURE, RETRY, SEEN, TIMELESS
     from catalog_enrichment.enrich.stages import ALL, PARTITION_RUNS, from_partitions
 
     def run(run_id: str, day: int, hour: int, table: str = "/lake/p", **summary: object) -> RunReport:
@@ -255,8 +255,8 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
 
     reports = [
         run("d1-old", 1, 1),
-        run("d1", 1, 5, **{SEEN: [["a", 1]], RETRY: [["x", 1]], TIMELESS: ["t1"]}),
-        run("d2", 2, 3, **{SEEN: [["b", 2]], RETRY: [["x", 2], ["y", 1]]}),
+        run("d1", 1, 5, **{SEEN: [["a", 1]], RETRY: [["x", 1]], TIMELESS: ["t1"], FUTURE: [["g", 9]]}),
+        run("d2", 2, 3, **{SEEN: [["b", 2]], RETRY: [["x", 2], ["y", 1]], FUTURE: [["f", 9], ["g", 9]]}),
         run("d3", 3, 0, **{BLOCKED: {"color": "image tone"}}),
         run("d4", 4, 0, **{TIMELESS: ALL}),
         run("d5", 5, 0, table="/exports/feed"),
@@ -265,6 +265,7 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
     assert resumed is not None and (resumed.run_id, resumed.watermark) == ("d1", T.replace(hour=5))
     assert resumed.summary() == {
         SEEN: [["a", 1], ["b", 2]],
+        FUTURE: [["f", 9], ["g", 9]],
         RETRY: [["x", 2], ["y", 1]],
         TIMELESS: [["ingest_date=2026-11-01", "t1"]],  # its run read that one's row of a timeless product
         CAUGHT_UP: [
@@ -278,6 +279,8 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
     assert "ingest_date=2026-11-03" in [scope for scope, _ in caught_up]
     reports[2].add_to_summary(**{SEEN: None})  # too many rows near its watermark to list: read again
     assert from_partitions(reports, "/lake/p", 1).summary()[SEEN] is None  # type: ignore[union-attr]
+    reports[2].add_to_summary(**{FUTURE: None})  # nor its rows stamped in the future: read again
+    assert from_partitions(reports, "/lake/p", 1).summary()[FUTURE] is None  # type: ignore[union-attr]
     assert from_partitions(reports, "/exports/other", 1) is None
     assert from_partitions([r for r in reports if r.run_id in {"d3", "d4"}], "/lake/p", 1) is None
     # one product to retry and one timeless row at most: d2's second product would pass that, so
@@ -287,6 +290,7 @@ def test_a_run_over_the_whole_table_reads_on_from_the_last_runs_of_the_partition
     resumed = from_partitions(reports, "/lake/p", blocked_retries=1)
     assert resumed is not None and resumed.summary() == {
         SEEN: [["a", 1]],
+        FUTURE: [["g", 9]],
         RETRY: [["x", 1]],
         TIMELESS: [["ingest_date=2026-11-01", "t1"]],
         CAUGHT_UP: [["ingest_date=2026-11-01", T.replace(hour=5).isoformat()]],

@@ -27,6 +27,7 @@ __all__ = [
     "BLOCKED",
     "CAUGHT_UP",
     "FULL",
+    "FUTURE",
     "PLACEHOLDERS",
     "PRODUCTS",
     "RETRIES_DROPPED",
@@ -175,6 +176,10 @@ RETRIES_DROPPED = "retry_images_left_out"
 # ... and the ids of the products whose rows no watermark places (catalog.products.timeless), which
 # it read and quarantined or found quarantined: the next run reads only the others of them
 TIMELESS = "timeless_rows"
+# ... and the (product id, updated_at in µs) of the rows it quarantined for a time past its start
+# and the clock skew (updated_at_not_in_future): the next run leaves those still in its own future
+# unread (None: too many to list, the next run reads them again)
+FUTURE = "future_rows"
 # ... and the attributes its run health kept out of the commit, with why
 BLOCKED = "health_blocked"
 # ... and whether it read every product of its scope (--full)

@@ -25,6 +25,7 @@ from catalog_enrichment.catalog.reports import (
     CAUGHT_UP,
     EXPECTATIONS,
     FULL,
+    FUTURE,
     PLACEHOLDERS,
     PRODUCTS,
     RESUMED,
@@ -58,6 +59,7 @@ from catalog_enrichment.enrich.stages import (
     collect_decisions,
     describe_window,
     from_partitions,
+    future_next,
     image_outages,
     near_watermark,
     new_rows,
@@ -177,6 +179,7 @@ class _Record:
     got: Read | None = None
     validated: Validated | None = None
     seen_next: list[tuple[str, int]] | None = None
+    future_next: list[tuple[str, int]] | None = None
     timeless_next: list[Any] | str | None = None
     caught_up_next: list[list[str]] | None = None  # CAUGHT_UP, where the run keeps the last one's
     rejected: int = 0
@@ -246,6 +249,7 @@ class _Record:
             if self.validated.repeated:
                 summary["repeated_rows"] = self.validated.repeated
             summary[SEEN] = self.seen_next
+            summary[FUTURE] = self.future_next
             summary[TIMELESS] = self.timeless_next
             if self.caught_up_next is not None:
                 summary[CAUGHT_UP] = self.caught_up_next
@@ -382,6 +386,7 @@ def _stages(
         run.got = got = read(
             job.spark, catalog, contract, part, last, lookback, job.staging,
             earliest=cfg.validation.earliest_time, require_columns=not expect,
+            latest=run.started_at + dt.timedelta(seconds=cfg.validation.max_clock_skew_seconds),
         )  # fmt: skip
         run.timeless_next = got.timeless
         say(f"read products from {catalog.describe()} ({part or 'all partitions'}, {describe_window(got)}), "
@@ -410,6 +415,7 @@ def _stages(
             rules += shared
             run.validated = validated = validate(got.df, rules, run.started_at, say)
             run.seen_next = near_watermark(got, run.watermark())
+            run.future_next = future_next(got, validated)
         if checkpoint is not None:
             _expected(job, run, checkpoint)
     breaker = cfg.validation.max_invalid_fraction, cfg.validation.min_invalid_rows
@@ -484,6 +490,7 @@ def _stages(
         # an earlier attempt of this run id committed, then failed: what this attempt read since
         # (a product changed in between) was not written, so the next run reads from where both began
         run.seen_next, run.retry_next = got.seen, list(got.retry.items())
+        run.future_next = got.future  # (what the earlier attempt quarantined is not known: read again)
         run.retries_dropped = 0
         run.image_outages = {}
         # (read on from a backfill's partitions: their windows, and the (partition, product) pairs

@@ -19,7 +19,16 @@ import pyarrow.dataset as ds
 from catalog_enrichment.catalog import Catalog
 from catalog_enrichment.catalog.base import RunWrite
 from catalog_enrichment.catalog.products import Partition, in_partitions, timeless
-from catalog_enrichment.catalog.reports import CAUGHT_UP, RETRY, SEEN, TIMELESS, RunReport, last_run, of_scope
+from catalog_enrichment.catalog.reports import (
+    CAUGHT_UP,
+    FUTURE,
+    RETRY,
+    SEEN,
+    TIMELESS,
+    RunReport,
+    last_run,
+    of_scope,
+)
 from catalog_enrichment.config import InferenceConfig
 from catalog_enrichment.contracts import (
     IMAGE_READABLE,
@@ -44,6 +53,7 @@ from catalog_enrichment.inference.spark import (
 from catalog_enrichment.redaction import redact_text
 from catalog_enrichment.types import Say
 from catalog_enrichment.validation.rules import (
+    IN_FUTURE,
     REASONS,
     Rule,
     ValidationCounts,
@@ -69,6 +79,7 @@ __all__ = [
     "collect_decisions",
     "flatten_scores",
     "from_partitions",
+    "future_next",
     "photos_quarantined",
     "read",
     "run_write",
@@ -79,6 +90,8 @@ __all__ = [
 ]
 
 _UNIX_MICROS = "_updated_at_us"
+_ROW_KEYS = f"product_id string, {_UNIX_MICROS} long"  # a row's key: product id, updated_at in µs
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 MAX_SEEN = 100_000
 # what a run holds on the driver a product it scores: the decisions and the write's source (about
 # 2.7 KB measured: docs/benchmarks.md, "Marketplace scale"; rounded up for wider taxonomies)
@@ -101,7 +114,9 @@ class Read:
     the ids of the products with a row no watermark places in the scope now, for the next run, and
     ``timeless_done`` the last run's, each
     :data:`ALL` where it names every one (:func:`_timeless`); ``caught_up``: the last run's
-    :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP` partitions, as listed."""
+    :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP` partitions, as listed; ``future``: the rows
+    the last run quarantined as stamped in the future that still are, left unread (None: it could
+    not list them, and they were read)."""
 
     df: DataFrame
     since: dt.datetime | None
@@ -113,6 +128,7 @@ class Read:
     timeless: list[str] | str | None = None
     timeless_done: list[Any] | str | None = None
     caught_up: list[list[str]] | None = None
+    future: list[tuple[str, int]] | None = None
 
 
 def read(
@@ -125,6 +141,7 @@ def read(
     staging: Path,
     *,
     earliest: dt.datetime | None = None,
+    latest: dt.datetime | None = None,
     require_columns: bool = True,
 ) -> Read:
     """Incremental unless ``last`` is None: ``updated_at`` past ``last``'s watermark less
@@ -133,9 +150,13 @@ def read(
     or before ``earliest``) but those ``last`` read (:func:`_timeless`); staged once when the
     catalog's reads are not a snapshot (every stage then reads the same rows). A run of one
     ``partition`` leaves out the rows another partition holds a newer copy of (:func:`_superseded`),
-    and every run those older than a copy the last run read (:func:`_unseen`) and the older copies
-    of a product tried again (:func:`_older_retried`).
-    ``require_columns``: as :meth:`Catalog.read_products`."""
+    and every run those older than a copy the last run read (:func:`_unseen`), the older copies
+    of a product tried again (:func:`_older_retried`) and the rows the last run quarantined as
+    stamped in the future that still are, past ``latest`` (the run's start and the clock skew): a
+    row stamped in year 9999 is judged once, not quarantined again, and counted by the circuit
+    breaker, every night. ``require_columns``: as :meth:`Catalog.read_products`."""
+    from pyspark.sql import functions as F
+
     since = None if last is None else last.watermark
     kept = [] if last is None else last.summary().get(SEEN, [])
     seen = None if kept is None else [(str(p), int(at)) for p, at in kept]
@@ -157,11 +178,16 @@ def read(
     df, late = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
     df, older = _older_retried(spark, df, sorted(retry))
     superseded += late + older
+    listed = [] if last is None else last.summary().get(FUTURE, [])
+    future = None if listed is None else [(str(p), int(at)) for p, at in listed]
+    if future and latest is not None:
+        future = [(p, at) for p, at in future if at > _micros(latest)]
+        df = _without_rows(df, F.broadcast(spark.createDataFrame(future, _ROW_KEYS))) if future else df
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
     last_id = None if last is None else last.summary().get(PARTITION_RUNS, last.run_id)
-    return Read(df, since, seen, retry, lookback, superseded, last_id, present, done, caught)
+    return Read(df, since, seen, retry, lookback, superseded, last_id, present, done, caught, future)
 
 
 def from_partitions(reports: list[RunReport], products: str, blocked_retries: int) -> RunReport | None:
@@ -187,6 +213,7 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
     candidates.sort(key=lambda rs: (len(rs[1].get(RETRY, [])) + len(rs[1][TIMELESS]), str(rs[0].partition)))
     found: list[tuple[RunReport, dict[str, Any]]] = []
     seen: list[list[Any]] | None = []
+    future: set[tuple[str, int]] | None = set()
     retry: dict[str, int] = {}
     timeless_rows: set[tuple[str, str]] = set()  # (partition, product): its run read that one's
     for run, summary in candidates:
@@ -200,6 +227,11 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
             seen = None  # too many to list: the run reads them again
         else:
             seen.extend(kept)
+        ahead = summary.get(FUTURE, [])
+        if future is None or ahead is None or len(future) + len(ahead) > MAX_SEEN:
+            future = None  # the run reads them again
+        else:
+            future.update((str(p), int(at)) for p, at in ahead)
         for pid, n in theirs.items():
             retry[pid] = max(n, retry.get(pid, 0))
         timeless_rows.update((str(run.partition), str(p)) for p in summary[TIMELESS])
@@ -208,6 +240,7 @@ def from_partitions(reports: list[RunReport], products: str, blocked_retries: in
     last = max((r for r, _ in found), key=lambda r: (r.watermark, r.started_at))
     summary = {
         SEEN: seen,
+        FUTURE: None if future is None else [list(row) for row in sorted(future)],
         RETRY: sorted(retry.items()),
         TIMELESS: [list(pair) for pair in sorted(timeless_rows)],
         CAUGHT_UP: sorted([r.partition, r.watermark.isoformat()] for r, _ in found if r.watermark),
@@ -317,6 +350,11 @@ def _superseded(
         return _without_rows(df, F.broadcast(keys)), count
     _without_rows(df, keys).write.mode("overwrite").parquet(str(staging / "partition"))
     return spark.read.parquet(str(staging / "partition")), count
+
+
+def _micros(at: dt.datetime) -> int:
+    """``at`` in µs since the epoch, exactly (``unix_micros``)."""
+    return (at - _EPOCH) // dt.timedelta(microseconds=1)
 
 
 def _without_rows(df: DataFrame, keys: DataFrame) -> DataFrame:
@@ -449,6 +487,28 @@ def validate(df: DataFrame, rules: list[Rule], started_at: dt.datetime, say: Say
     watermark = None if counts.watermark is None else min(counts.watermark, started_at)
     say(f"  validated {counts.rows_read:,} rows: {counts.rows_invalid:,} invalid ({counts.top_rules()})")
     return Validated(check_rows(df, rules, latest=latest_copies(duplicates)), counts, watermark, extra)
+
+
+def future_next(got: Read, validated: Validated) -> list[tuple[str, int]] | None:
+    """(product id, ``updated_at`` in µs) of the rows quarantined as stamped in the future
+    (``updated_at_not_in_future``), this run's and those it left unread (``got.future``), for the
+    next run to leave unread while they still are; None when more than :data:`MAX_SEEN` or the last
+    run could not list its own (they are read again)."""
+    from pyspark.sql import functions as F
+
+    if got.future is None:
+        return None
+    if not validated.counts.per_rule.get(IN_FUTURE):
+        return sorted(got.future)
+    rows = (
+        validated.checked.where(F.array_contains(REASONS, IN_FUTURE) & F.col("product_id").isNotNull())
+        .select("product_id", F.unix_micros("updated_at"))
+        .distinct()
+        .limit(MAX_SEEN + 1)
+        .collect()
+    )
+    listed = sorted({*got.future, *((str(r[0]), int(r[1])) for r in rows)})
+    return listed if len(listed) <= MAX_SEEN else None
 
 
 @dataclass(frozen=True)

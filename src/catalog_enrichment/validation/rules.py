@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
 
 __all__ = [
+    "IN_FUTURE",
     "REASONS",
     "CircuitBreakerTripped",
     "Rule",
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 REASONS = "_reasons"
+IN_FUTURE = "updated_at_not_in_future"  # a row stamped past the run's start and the clock skew
 # Titles that are a stringified non-text value: a missing value written out (nan, None, <NA>, N/A,
 # NULL: MISSING_TEXT), booleans, numbers, objects and lists - from a
 # bracket to its kind's closing one, with no words between a closing bracket and a later opening
@@ -323,7 +325,7 @@ def _time_rules(cfg: ValidationConfig, started_at: dt.datetime) -> list[Rule]:
     latest = started_at + dt.timedelta(seconds=cfg.max_clock_skew_seconds)
     return [
         Rule(
-            "updated_at_not_in_future",
+            IN_FUTURE,
             f"updated_at later than the run's start plus validation.max_clock_skew_seconds "
             f"({latest:%Y-%m-%d %H:%M:%S} UTC)",
             "updated_at",
