@@ -437,6 +437,36 @@ def test_an_image_that_could_not_be_read_is_tried_again_by_the_next_runs_then_le
     assert fourth.rows_read == 0 and fourth.summary()[RESUMED] == "retry-3"
 
 
+def test_a_row_stamped_in_the_future_is_judged_once_and_its_product_s_other_rows_as_any(
+    spark, tmp_path, incoming, taxonomy, scoring_bundle
+) -> None:  # type: ignore[no-untyped-def]
+    """Two products each with a copy stamped in year 9999: quarantined once and listed, then left
+    unread. One's copy is fixed upstream (it leaves the list, its row is read); the other gets a new
+    row whose photo is not there yet: that row, not the copy in the future, is its newest when the
+    next run tries it again."""
+    products, images = tmp_path / "products", tmp_path / "products" / "images"
+    rows = _valid_products(incoming)[:20]
+    a, b = rows[0]["product_id"], rows[1]["product_id"]
+    ahead = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
+    future = [{**rows[0], "updated_at": ahead}, {**rows[1], "updated_at": ahead}]
+    _write_products(products, [*rows[2:], *future])
+    cfg = tiny_config(catalog={"root": str(tmp_path / "lake")}, inference={"device": "cpu"})
+    first = _run(spark, cfg, taxonomy, scoring_bundle, products, "future-1").report
+    micros = (ahead - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+    assert first.summary()[FUTURE] == [[a, micros], [b, micros]] and first.rows_read == 20
+    later = first.started_at  # changed since, and not after the next run starts
+    fixed = {**rows[1], "updated_at": later}
+    waiting = {**rows[0], "updated_at": later, "image": None, "image_uri": str(images / "a.png")}
+    _write_products(products, [*rows[2:], future[0], fixed, waiting])
+    second = _run(spark, cfg, taxonomy, scoring_bundle, products, "future-2").report
+    assert second.rows_read == 2 and second.rows_scored == 1  # a's photo is not there yet
+    assert second.summary()[FUTURE] == [[a, micros]] and second.summary()["retry_images"] == [[a, 1]]
+    images.mkdir()
+    (images / "a.png").write_bytes(_png(Image.new("RGB", (32, 32), (200, 30, 30))))
+    third = _run(spark, cfg, taxonomy, scoring_bundle, products, "future-3").report
+    assert third.rows_read == third.rows_scored == 1 and third.summary()[FUTURE] == [[a, micros]]
+
+
 class _ImageHost:
     """An http image host on 127.0.0.1 serving ``folder``, or answering every request with 503
     while ``down``."""

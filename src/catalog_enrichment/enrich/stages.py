@@ -115,8 +115,8 @@ class Read:
     ``timeless_done`` the last run's, each
     :data:`ALL` where it names every one (:func:`_timeless`); ``caught_up``: the last run's
     :data:`~catalog_enrichment.catalog.reports.CAUGHT_UP` partitions, as listed; ``future``: the rows
-    the last run quarantined as stamped in the future that still are, left unread (None: it could
-    not list them, and they were read)."""
+    the last run quarantined as stamped in the future that still are, left unread
+    (:func:`_still_future`)."""
 
     df: DataFrame
     since: dt.datetime | None
@@ -128,7 +128,7 @@ class Read:
     timeless: list[str] | str | None = None
     timeless_done: list[Any] | str | None = None
     caught_up: list[list[str]] | None = None
-    future: list[tuple[str, int]] | None = None
+    future: list[tuple[str, int]] = field(default_factory=list)
 
 
 def read(
@@ -155,8 +155,6 @@ def read(
     stamped in the future that still are, past ``latest`` (the run's start and the clock skew): a
     row stamped in year 9999 is judged once, not quarantined again, and counted by the circuit
     breaker, every night. ``require_columns``: as :meth:`Catalog.read_products`."""
-    from pyspark.sql import functions as F
-
     since = None if last is None else last.watermark
     kept = [] if last is None else last.summary().get(SEEN, [])
     seen = None if kept is None else [(str(p), int(at)) for p, at in kept]
@@ -175,14 +173,12 @@ def read(
     superseded = 0
     if partition is not None or caught_up is not None:
         df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
+    # first: a product's newer rows are judged without its copy stamped in the future (a retried
+    # product's row must not be taken for an older copy of that one)
+    df, future = _still_future(spark, df, last, latest)
     df, late = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
     df, older = _older_retried(spark, df, sorted(retry))
     superseded += late + older
-    listed = [] if last is None else last.summary().get(FUTURE, [])
-    future = None if listed is None else [(str(p), int(at)) for p, at in listed]
-    if future and latest is not None:
-        future = [(p, at) for p, at in future if at > _micros(latest)]
-        df = _without_rows(df, F.broadcast(spark.createDataFrame(future, _ROW_KEYS))) if future else df
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
@@ -352,6 +348,28 @@ def _superseded(
     return spark.read.parquet(str(staging / "partition")), count
 
 
+def _still_future(
+    spark: SparkSession, df: DataFrame, last: RunReport | None, latest: dt.datetime | None
+) -> tuple[DataFrame, list[tuple[str, int]]]:
+    """``df`` without the rows ``last`` quarantined as stamped in the future
+    (:data:`~catalog_enrichment.catalog.reports.FUTURE`) that still are, past ``latest``, and those
+    rows' keys, for the next run: the ones still in ``df`` (a row fixed or deleted since leaves the
+    list). None of them is left out where ``last`` could not list them, or without ``latest``."""
+    from pyspark.sql import functions as F
+
+    listed = [] if last is None else last.summary().get(FUTURE, [])
+    if not listed or latest is None or not {"product_id", "updated_at"} <= set(df.columns):
+        return df, []
+    ahead = [(str(p), int(at)) for p, at in listed if int(at) > _micros(latest)]
+    if not ahead:
+        return df, []
+    keys = F.broadcast(spark.createDataFrame(ahead, _ROW_KEYS))
+    with_us = df.withColumn(_UNIX_MICROS, F.unix_micros("updated_at"))
+    present = with_us.join(keys, ["product_id", _UNIX_MICROS], "left_semi")
+    still = sorted({(str(r[0]), int(r[1])) for r in present.select("product_id", _UNIX_MICROS).collect()})
+    return (_without_rows(df, keys) if still else df), still
+
+
 def _micros(at: dt.datetime) -> int:
     """``at`` in µs since the epoch, exactly (``unix_micros``)."""
     return (at - _EPOCH) // dt.timedelta(microseconds=1)
@@ -492,12 +510,10 @@ def validate(df: DataFrame, rules: list[Rule], started_at: dt.datetime, say: Say
 def future_next(got: Read, validated: Validated) -> list[tuple[str, int]] | None:
     """(product id, ``updated_at`` in µs) of the rows quarantined as stamped in the future
     (``updated_at_not_in_future``), this run's and those it left unread (``got.future``), for the
-    next run to leave unread while they still are; None when more than :data:`MAX_SEEN` or the last
-    run could not list its own (they are read again)."""
+    next run to leave unread while they still are; None when more than :data:`MAX_SEEN` (the next
+    run reads them again). A row without a product id is not listed: it is read again."""
     from pyspark.sql import functions as F
 
-    if got.future is None:
-        return None
     if not validated.counts.per_rule.get(IN_FUTURE):
         return sorted(got.future)
     rows = (
