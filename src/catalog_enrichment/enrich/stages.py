@@ -156,10 +156,11 @@ def read(
     row stamped in year 9999 is judged once, not quarantined again, and counted by the circuit
     breaker, every night. ``require_columns``: as :meth:`Catalog.read_products`."""
     since = None if last is None else last.watermark
-    kept = [] if last is None else last.summary().get(SEEN, [])
+    left = {} if last is None else last.summary()  # parsed once: its lists can be long
+    kept = left.get(SEEN, [])
     seen = None if kept is None else [(str(p), int(at)) for p, at in kept]
-    retry = {} if last is None else {str(p): int(n) for p, n in last.summary().get(RETRY, [])}
-    caught = None if last is None else last.summary().get(CAUGHT_UP)
+    retry = {str(p): int(n) for p, n in left.get(RETRY, [])}
+    caught = left.get(CAUGHT_UP)
     caught_up = None
     if caught is not None:  # each partition's own window
         caught_up = {Partition(*p.split("=", 1)): dt.datetime.fromisoformat(w) - lookback for p, w in caught}
@@ -168,21 +169,21 @@ def read(
         earliest=earliest, caught_up=caught_up, require_columns=require_columns,
     )  # fmt: skip
     # a last run from before the lists were kept left them all to a full run: none is new
-    done = None if last is None else last.summary().get(TIMELESS, ALL)
+    done = None if last is None else left.get(TIMELESS, ALL)
     df, present = _timeless(spark, df, earliest, done, caught_up or None)
     superseded = 0
     if partition is not None or caught_up is not None:
         df, superseded = _superseded(spark, catalog, contract, df, partition, staging)
     # first: a product's newer rows are judged without its copy stamped in the future (a retried
     # product's row must not be taken for an older copy of that one)
-    df, future = _still_future(spark, df, last, latest)
+    df, future = _still_future(spark, df, left.get(FUTURE, []), latest)
     df, late = _unseen(spark, df, [(p, at) for p, at in seen or [] if p not in retry])
     df, older = _older_retried(spark, df, sorted(retry))
     superseded += late + older
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
-    last_id = None if last is None else last.summary().get(PARTITION_RUNS, last.run_id)
+    last_id = None if last is None else left.get(PARTITION_RUNS, last.run_id)
     return Read(df, since, seen, retry, lookback, superseded, last_id, present, done, caught, future)
 
 
@@ -349,15 +350,14 @@ def _superseded(
 
 
 def _still_future(
-    spark: SparkSession, df: DataFrame, last: RunReport | None, latest: dt.datetime | None
+    spark: SparkSession, df: DataFrame, listed: list[Any] | None, latest: dt.datetime | None
 ) -> tuple[DataFrame, list[tuple[str, int]]]:
-    """``df`` without the rows ``last`` quarantined as stamped in the future
+    """``df`` without the rows the last run ``listed`` as quarantined for a stamp in the future
     (:data:`~catalog_enrichment.catalog.reports.FUTURE`) that still are, past ``latest``, and those
     rows' keys, for the next run: the ones still in ``df`` (a row fixed or deleted since leaves the
-    list). None of them is left out where ``last`` could not list them, or without ``latest``."""
+    list). None of them is left out where the last run could not list them, or without ``latest``."""
     from pyspark.sql import functions as F
 
-    listed = [] if last is None else last.summary().get(FUTURE, [])
     if not listed or latest is None or not {"product_id", "updated_at"} <= set(df.columns):
         return df, []
     ahead = [(str(p), int(at)) for p, at in listed if int(at) > _micros(latest)]
@@ -465,8 +465,8 @@ def near_watermark(got: Read, watermark: dt.datetime | None) -> list[tuple[str, 
 
     if watermark is None or not got.lookback:
         return []
-    mark = int(watermark.timestamp() * 1_000_000)  # rows after it (stamped in the future) are read again
-    edge = int((watermark - got.lookback).timestamp() * 1_000_000)
+    mark = _micros(watermark)  # rows after it (stamped in the future) are read again
+    edge = _micros(watermark - got.lookback)
     rows = (
         got.df.where(F.col("product_id").isNotNull() & F.unix_micros("updated_at").between(edge + 1, mark))
         .select("product_id", F.unix_micros("updated_at").alias(_UNIX_MICROS))
