@@ -133,11 +133,13 @@ weights: venv
 	else echo "weights/ is ready (delete it to fetch again)"; fi
 
 # make demo DEMO_ARGS=--pretrained: the same demo with the pretrained encoders of `make weights`
-# (deploy/config/pretrained.yaml's model and training sections)
+# (deploy/config/pretrained.yaml's model and training sections), in its own folder ./demo-pretrained
+# (a shared MLflow store would keep the other demo's champion when the gate rejects the challenger)
 DEMO_PRETRAINED := $(findstring --pretrained,$(DEMO_ARGS))
 # make demo DEMO_ARGS=--catalog-kind=postgres: the job reads and writes PostgreSQL (a local server)
 demo: venv $(if $(DEMO_PRETRAINED),weights) $(if $(findstring postgres,$(DEMO_ARGS)),postgres)
-	$(VENV_DIR)/bin/catalog-enrich demo $(if $(DEMO_PRETRAINED),--config deploy/config/pretrained.yaml) \
+	$(VENV_DIR)/bin/catalog-enrich demo \
+	  $(if $(DEMO_PRETRAINED),--config deploy/config/pretrained.yaml --workdir demo-pretrained) \
 	  $(filter-out --pretrained,$(DEMO_ARGS))
 
 lint: venv
@@ -175,4 +177,4 @@ lock: venv
 	mv $(LOCK).new $(LOCK)
 
 clean:
-	rm -rf demo chaos .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo demo-pretrained chaos .pytest_cache .mypy_cache .ruff_cache

@@ -113,6 +113,11 @@ def _run_demo(cfg: AppConfig, workdir: Path, products: int, seed: int) -> int:
     catalog = open_catalog(cfg.catalog)
     _seed_catalog(cfg.catalog, catalog, workdir / "incoming" / "products", taxonomy.outputs.names)
     model = runtime.model_version(cfg, None, client)
+    if str(model.version) != version:
+        _say(
+            f"\n  the gate kept champion v{model.version}, an earlier demo's in {workdir}: what follows is "
+            f"its, not challenger v{version}'s (another --workdir, or an empty one, demos this config alone)"
+        )
     truth = read_table(workdir / "incoming" / "truth")
     first = _enrich(cfg, catalog, model, taxonomy, client, truth)
     _step(6, f"review: sample {cfg.review.sample_size} written values, judge them from the ground truth "
