@@ -340,6 +340,45 @@ def test_a_postgres_incremental_read_is_the_same_on_a_jvm_not_in_utc(
     assert len(catalog.read_products(spark, load_contract("products"), since=since).collect()) == 2
 
 
+def test_a_row_without_a_time_committed_while_a_postgres_read_stages_is_listed(
+    spark, pg_catalog_config, incoming, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL is read twice, for the timeless list and to stage the rows every stage reads: a
+    row without a time committed in between is staged (the run quarantines it), so it is listed
+    too (it was not: the next run read it and counted it again)."""
+    import json
+
+    from catalog_enrichment.catalog.postgres import PostgresCatalog
+    from catalog_enrichment.catalog.reports import TIMELESS, RunReport
+    from catalog_enrichment.contracts import load_contract
+    from catalog_enrichment.enrich import stages
+
+    catalog = PostgresCatalog(pg_catalog_config)
+    table = read_table(incoming.products).slice(0, 20)
+    catalog.load_products(table)
+    first, late = table["product_id"].to_pylist()[:2]
+    products = f'"{catalog.schema}".products'
+    with catalog.connect() as conn:
+        conn.execute(f"UPDATE {products} SET updated_at = NULL WHERE product_id = %s", [first])
+    watermark = max(t for t in table["updated_at"].to_pylist() if t is not None)
+    last = RunReport(
+        run_id="night-0", status="succeeded", started_at=watermark, watermark=watermark,
+        validation_summary=json.dumps({TIMELESS: []}),
+    )  # fmt: skip
+    listing = stages._timeless
+
+    def commit_in_between(*args: Any, **kwargs: Any) -> Any:
+        got = listing(*args, **kwargs)
+        with catalog.connect() as conn:
+            conn.execute(f"UPDATE {products} SET updated_at = NULL WHERE product_id = %s", [late])
+        return got
+
+    monkeypatch.setattr(stages, "_timeless", commit_in_between)
+    got = stages.read(spark, catalog, load_contract("products"), None, last, dt.timedelta(0), tmp_path / "s")
+    assert sorted(r["product_id"] for r in got.df.collect()) == sorted([first, late])
+    assert got.timeless == sorted([first, late])
+
+
 def test_the_first_postgres_read_after_a_backfill_spreads_a_partition_read_whole_over_the_ranges(
     spark, pg_catalog_config, incoming
 ) -> None:  # type: ignore[no-untyped-def]

@@ -148,7 +148,8 @@ def read(
     ``lookback``, without the rows it already read, plus the products to retry and the rows no
     watermark places (:func:`~catalog_enrichment.catalog.products.timeless`: ``updated_at`` null
     or before ``earliest``) but those ``last`` read (:func:`_timeless`); staged once when the
-    catalog's reads are not a snapshot (every stage then reads the same rows). A run of one
+    catalog's reads are not a snapshot (every stage then reads the same rows; the timeless list
+    then also names the products of such rows committed after it was taken, which are staged). A run of one
     ``partition`` leaves out the rows another partition holds a newer copy of (:func:`_superseded`),
     and every run those older than a copy the last run read (:func:`_unseen`), the older copies
     of a product tried again (:func:`_older_retried`) and the rows the last run quarantined as
@@ -183,6 +184,8 @@ def read(
     if not catalog.reads_snapshot:
         df.write.mode("overwrite").parquet(str(staging / "source"))
         df = spark.read.parquet(str(staging / "source"))
+        if present != ALL:  # a row without a time committed since the first read is staged: listed too
+            present = _ids_past(sorted(set(present) | set(_timeless_ids(df, earliest))))
     last_id = None if last is None else left.get(PARTITION_RUNS, last.run_id)
     return Read(df, since, seen, retry, lookback, superseded, last_id, present, done, caught, future)
 
@@ -273,14 +276,7 @@ def _timeless(
 
     if "updated_at" not in df.columns or "product_id" not in df.columns:  # the checkpoint names it
         return df, []
-    rows = (
-        df.where(timeless(earliest) & F.col("product_id").isNotNull())
-        .select("product_id")
-        .distinct()
-        .limit(MAX_SEEN + 1)
-        .collect()
-    )
-    present: list[str] | str = sorted(str(r[0]) for r in rows) if len(rows) <= MAX_SEEN else ALL
+    present = _ids_past(_timeless_ids(df, earliest))
     if done is None:  # a read of every row
         return df, present
     read = timeless(earliest) if within is None else timeless(earliest) & in_partitions(within, df.schema)
@@ -298,6 +294,21 @@ def _timeless(
     marked = keyed.join(F.broadcast(keys.withColumn("_done", F.lit(True))), on, "left")
     old = read & (F.col("product_id").isNull() | F.coalesce(F.col("_done"), F.lit(False)))
     return marked.where(~old).select(*df.columns), present
+
+
+def _timeless_ids(df: DataFrame, earliest: dt.datetime | None) -> list[str]:
+    """The ids of up to :data:`MAX_SEEN` + 1 products with a timeless row in ``df``."""
+    from pyspark.sql import functions as F
+
+    if "updated_at" not in df.columns or "product_id" not in df.columns:
+        return []
+    only = df.where(timeless(earliest) & F.col("product_id").isNotNull()).select("product_id").distinct()
+    return sorted(str(r[0]) for r in only.limit(MAX_SEEN + 1).collect())
+
+
+def _ids_past(ids: list[str]) -> list[str] | str:
+    """``ids``, or :data:`ALL` where they are more than :data:`MAX_SEEN`."""
+    return ids if len(ids) <= MAX_SEEN else ALL
 
 
 def _superseded(
