@@ -332,7 +332,7 @@ def test_a_postgres_incremental_read_is_the_same_on_a_jvm_not_in_utc(
         with catalog.connect() as conn:
             conn.execute(f"ALTER TABLE {products} ALTER COLUMN updated_at TYPE timestamp")
         with pytest.raises(
-            ContractError, match=r"timestamp without time zone .* JVM's time zone is Asia/Tokyo"
+            ContractError, match=r"timestamp without time zone .* not in UTC: such a time comes back -9 h off"
         ):
             catalog.read_products(spark, load_contract("products"), since=since)
     finally:

@@ -120,7 +120,7 @@ class Reads(PgBase):
             contract, partition, since, retry, require_columns, caught_up
         )
         if present.get("updated_at") == "timestamp without time zone":
-            _naive_times_read_as_utc(spark, f"{'.'.join(self.products)} in {self.describe()}")
+            self._naive_times_read_as_utc(spark, f"{'.'.join(self.products)} in {self.describe()}")
         schema = contract.spark_schema(enforce_nullability=False)
         df = spark.read.format("jdbc").options(**options).load()
         columns, unreadable = [], []
@@ -229,6 +229,35 @@ class Reads(PgBase):
         given = info.get_parameters()
         options.update({k: given[k] for k in TLS_PARAMETERS if given.get(k)})
         return options
+
+    def _naive_times_read_as_utc(self, spark: SparkSession, where: str) -> None:
+        """Refuse to read a ``timestamp without time zone`` updated_at where the JVMs that read it
+        are not in UTC: the JDBC driver takes such a time as its JVM's local time, so every row
+        would be read that many hours off (rows in the future quarantined, a watermark ahead of the
+        rows that follow). Asked of the executors themselves: a known naive time read through
+        JDBC in as many tasks as the products' read, and compared with its UTC instant."""
+        from pyspark.sql import functions as F
+
+        n = max(1, self.pg.read_partitions)
+        query = (
+            f"(SELECT g, TIMESTAMP '{_PROBE:%Y-%m-%d %H:%M:%S}' AS t FROM generate_series(0, {n - 1}) g) AS p"
+        )
+        with self.connect() as conn:
+            options = self._jdbc_options(conn, query)
+        url = options.pop("url")
+        probe = spark.read.jdbc(url, options.pop("dbtable"), predicates=[f"g = {i}" for i in range(n)],
+                                properties=options)  # fmt: skip
+        off = F.col("t").cast("long") - int(_PROBE.replace(tzinfo=dt.UTC).timestamp())
+        hours = sorted({r[0] / 3600 for r in probe.select(off.alias("off")).distinct().collect()})
+        if hours != [0]:
+            raise ContractError(
+                f"products column 'updated_at' is timestamp without time zone in {where}, and the "
+                f"Spark JVMs that read it are not in UTC: such a time comes back "
+                f"{', '.join(f'{h:+g} h' for h in hours)} off. Make the column timestamptz (ALTER "
+                "TABLE ... ALTER COLUMN updated_at TYPE timestamptz USING updated_at AT TIME ZONE "
+                "'UTC'), or run the driver and executors with -Duser.timezone=UTC "
+                "(spark.driver.extraJavaOptions, spark.executor.extraJavaOptions)"
+            )
 
     def image_roots(self) -> list[Path]:
         return []
@@ -478,20 +507,7 @@ class Reads(PgBase):
             return {str(e): int(n) for e, n in rows}
 
 
-def _naive_times_read_as_utc(spark: SparkSession, where: str) -> None:
-    """Refuse to read a ``timestamp without time zone`` updated_at on a JVM whose zone is not UTC:
-    the JDBC driver takes such a time as the JVM's local time, so every row would be read that many
-    hours off (rows in the future quarantined, a watermark ahead of the rows that follow)."""
-    jvm = getattr(spark, "_jvm", None)  # None on Spark Connect: nothing to ask
-    zone = None if jvm is None else str(jvm.java.time.ZoneId.systemDefault().normalized().getId())
-    if zone is not None and zone != "Z":
-        raise ContractError(
-            f"products column 'updated_at' is timestamp without time zone in {where}, and the Spark "
-            f"JVM's time zone is {zone}: its times would be read as {zone} times, not UTC. Make the "
-            "column timestamptz (ALTER TABLE ... ALTER COLUMN updated_at TYPE timestamptz USING "
-            "updated_at AT TIME ZONE 'UTC'), or run the driver and executors with -Duser.timezone=UTC "
-            "(spark.driver.extraJavaOptions, spark.executor.extraJavaOptions)"
-        )
+_PROBE = dt.datetime(2000, 1, 1)  # a naive time read back to tell the JVMs' zone
 
 
 def _bound(value: Any, up: bool = False) -> str:
