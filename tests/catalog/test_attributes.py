@@ -365,7 +365,8 @@ def test_a_run_whose_pairs_later_runs_all_changed_again_is_not_marked_rolled_bac
 
 def test_a_run_that_changes_nothing_is_committed_and_its_rollback_says_so(catalog: Catalog) -> None:
     """A run whose only pair the merchant holds changes no row and makes no version: its id is
-    committed all the same (a second attempt finds it merged), and its rollback restores nothing."""
+    committed all the same (a second attempt finds it merged), and its rollback restores nothing
+    and marks its report (its position is what there is to undo)."""
     from catalog_enrichment.catalog.reports import RunReport
     from catalog_enrichment.catalog.runs import rollback
 
@@ -377,9 +378,39 @@ def test_a_run_that_changes_nothing_is_committed_and_its_rollback_says_so(catalo
     catalog.upsert_report(RunReport(run_id="r1", status="succeeded", started_at=T0))
     said: list[str] = []
     assert rollback(catalog, run_id="r1", progress=said.append)[0].pairs_restored == 0
-    assert said[-1] == "nothing rolled back of r1: no change of it was found"
-    assert [(r.run_id, r.status) for r in catalog.read_reports()] == [("r1", "succeeded")]
+    assert (
+        said[-1] == "r1 changed no value: its report is marked rolled back, so its position no longer counts"
+    )
+    assert [(r.run_id, r.status) for r in catalog.read_reports()] == [("r1", "rolled_back")]
     assert _state(catalog) == before
+
+
+def test_a_model_version_s_rollback_marks_its_run_that_changed_nothing(catalog: Catalog) -> None:
+    """v1's first run wrote a value; its second, the last run, wrote none (every product below the
+    thresholds). Rolling back v1 marks both: the next run reads on from the run before them, so
+    the first run's product, its value taken out, is read again (the quiet run stood as the last
+    run, and it was not)."""
+    from catalog_enrichment.catalog.reports import RunReport, last_run
+    from catalog_enrichment.catalog.runs import rollback
+
+    for rid, day in (("v0-run", 0), ("x", 1), ("q", 2)):
+        at = T0 + dt.timedelta(days=day)
+        version = "0" if rid == "v0-run" else "1"
+        catalog.upsert_report(RunReport(
+            run_id=rid, status="succeeded", started_at=at, watermark=at, model_name="m", model_version=version
+        ))  # fmt: skip
+    _merge(catalog, "v0-run", _values([("p3", "color", "red", 0.9)]), _pairs([("p3", "color")]), version="0")
+    _merge(catalog, "x", _values([("p3", "color", "blue", 0.9)]), _pairs([("p3", "color")]))
+    _merge(catalog, "q", _values([]), _pairs([]))
+    assert catalog.runs_of_model_version("m", "1") == ["q", "x"]
+    said: list[str] = []
+    rollback(catalog, model_version="1", model_name="m", progress=said.append)
+    assert {r.run_id: r.status for r in catalog.read_reports()} == {
+        "v0-run": "succeeded", "x": "rolled_back", "q": "rolled_back"
+    }  # fmt: skip
+    assert ("p3", "color", "red", "model", "v0-run") in _state(catalog)
+    last = last_run(catalog.read_reports(), None)
+    assert last is not None and last.run_id == "v0-run"
 
 
 def test_a_retry_that_changes_nothing_does_not_keep_a_killed_attempt_s_changes(catalog: Catalog) -> None:

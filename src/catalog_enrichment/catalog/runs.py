@@ -134,11 +134,11 @@ def rollback(
     :meth:`~catalog_enrichment.contracts.Taxonomy.held_together`, so a merchant's colour family
     keeps the model's shades out, as it does in a run.
 
-    The reports are marked rolled back before the commit, and put back where a run restored
-    nothing or the rollback raised: one killed after its commit must not leave reports saying
-    "succeeded", which would keep the next run from reading those products again and which no
-    later rollback could mark (it finds the runs rolled back). Killed before its commit, it leaves
-    them marked, which only has the next run read their products again."""
+    The reports are marked rolled back before the commit, and put back where later runs changed
+    again every pair a run changed, or the rollback raised: one killed after its commit must not
+    leave reports saying "succeeded", which would keep the next run from reading those products
+    again and which no later rollback could mark (it finds the runs rolled back). Killed before its
+    commit, it leaves them marked, which only has the next run read their products again."""
     if (run_id is None) == (model_version is None):
         raise CatalogEnrichError("rollback needs exactly one of --run-id or --model-version")
     if model_version is not None and not model_name:
@@ -174,19 +174,23 @@ def rollback(
 
 
 def _report(catalog: Catalog, result: RollbackResult, progress: Say, status: str | None) -> None:
-    """Say what one run's rollback did; where it restored nothing (the run stands, and its values
-    are wherever later runs left them) put its report's ``status`` back."""
+    """Say what one run's rollback did; where later runs changed again every pair it changed (the
+    run stands, and its values are wherever they left them) put its report's ``status`` back. A
+    run that changed nothing keeps the mark: its position is all there is to undo (a version's run
+    whose products all scored below the thresholds stood as the last run, and the products of the
+    version's runs before it, their values taken out, were not read again)."""
     rid = result.run_id
-    if not result.pairs_restored:
+    if not result.pairs_restored and result.superseded:
         if status is not None:
             catalog.set_report_status(rid, status)
         progress(
-            f"nothing rolled back of {rid}: "
-            + (
-                f"each of the {len(result.superseded):,} pairs it changed was changed again by a later run"
-                if result.superseded
-                else "no change of it was found"
-            )
+            f"nothing rolled back of {rid}: each of the {len(result.superseded):,} pairs it changed was "
+            "changed again by a later run"
+        )
+        return
+    if not result.pairs_restored:
+        progress(
+            f"{rid} changed no value: its report is marked rolled back, so its position no longer counts"
         )
         return
     progress(
