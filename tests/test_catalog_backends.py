@@ -673,7 +673,10 @@ def test_a_product_quarantined_for_its_image_loses_the_model_values_its_merchant
 ) -> None:
     """PostgreSQL stages from the scores in Spark: the pairs a merchant's value settles are read
     from every scored row, as the lakehouse's (stages.flatten_scores), a product whose image was
-    not read too; its values and scored pairs are not."""
+    not read too; its values and scored pairs are not. Those of a product quarantined before
+    scoring as a placeholder (p3: not in the scores) come from the driver, on either catalog."""
+    import dataclasses
+
     import pyarrow.parquet as pq
 
     from catalog_enrichment.contracts import IMAGE_READABLE
@@ -681,8 +684,10 @@ def test_a_product_quarantined_for_its_image_loses_the_model_values_its_merchant
     from tests.test_enrich import _decisions, _staged
 
     seed_merchant(
-        fresh, _attribute_rows([("p2", "color", "blue", "model"), ("p2", "material", "silk", "model")])
-    )
+        fresh,
+        _attribute_rows([("p2", "color", "blue", "model"), ("p2", "material", "silk", "model"),
+                         ("p3", "color", "red", "model"), ("p3", "material", "wool", "model")]),
+    )  # fmt: skip
     staged = _staged(
         [
             ("p1", None, ["material"], ["color"], [("material", "wool")]),
@@ -691,10 +696,18 @@ def test_a_product_quarantined_for_its_image_loses_the_model_values_its_merchant
     )
     (tmp_path / "staging" / "scores").mkdir(parents=True)
     pq.write_table(staged, tmp_path / "staging" / "scores" / "part-0.parquet")
-    run = run_write("r1", ModelVersion("tiny", "2"), T0, [], _decisions(staged), tmp_path / "staging")
+    unscored = pa.table({"product_id": ["p3"], "attribute": ["color"], "settled": [True]})
+    decisions = _decisions(staged)
+    decisions = dataclasses.replace(
+        decisions, pairs=pa.concat_tables([decisions.pairs, unscored]), unscored=unscored
+    )
+    run = run_write("r1", ModelVersion("tiny", "2"), T0, [], decisions, tmp_path / "staging")
     assert run.scores is not None
     _, rows = _write(fresh, run, spark)
-    assert rows == [("p1", "material", "wool", "model"), ("p2", "material", "silk", "model")]
+    assert rows == [
+        ("p1", "material", "wool", "model"), ("p2", "material", "silk", "model"),
+        ("p3", "material", "wool", "model"),
+    ]  # fmt: skip
 
 
 def test_the_demo_seeds_a_merchant_s_attribute_names_as_the_taxonomy_s(

@@ -249,14 +249,31 @@ def test_placeholder_photos_are_quarantined_and_read_again_when_the_cdn_is_back(
     imageless = imageless_of(clean)
     assert written("all-grey") <= imageless  # scored from their text, as every night
     assert everything["row_rules"]["image_shared"] == clean.num_rows - len(imageless)
-    # a later night the feed sends the same tile for 5 changed products, far under the limit: the
-    # outage's report named it, so they are quarantined again and nothing is written for them
+    # a later night the feed sends the same tile for 5 changed products with a model colour, far
+    # under the limit: the outage's report named it, so they are quarantined again and nothing is
+    # written for them; the merchant gave the first one a colour, which takes the model's out (it
+    # stood beside the merchant's while the tile did: only scored rows settled a pair)
     (tile,) = {k for k in outage["placeholder_images"] if k.startswith("sha256:")}
-    few = placeholder_images(clean.filter(pc.is_valid(clean["image"])).slice(0, 5))
+
+    def coloured() -> set[str]:
+        rows = catalog.attribute_rows().to_pylist()
+        return {r["product_id"] for r in rows if r["source"] == "model" and r["attribute"] == "color"}
+
+    with_photo = clean.filter(pc.is_valid(clean["image"]))
+    has_colour = pc.is_in(with_photo["product_id"], pa.array(sorted(coloured())))
+    few = placeholder_images(with_photo.filter(has_colour).slice(0, 5))
+    merchant = few["merchant_attributes"].to_pylist()
+    merchant[0] = [("color", [taxonomy["color"].values[0]])]
+    few = few.set_column(
+        few.schema.get_field_index("merchant_attributes"), "merchant_attributes",
+        pa.array(merchant, few.schema.field("merchant_attributes").type),
+    )  # fmt: skip
     now = pa.array([dt.datetime.now(dt.UTC)] * 5, few.schema.field("updated_at").type)
     night = run(few.set_column(few.schema.get_field_index("updated_at"), "updated_at", now), "few-grey")
     assert night["placeholder_images"] == {tile: 5} and night["row_rules"]["image_shared"] == 5
     assert not written("few-grey")
+    ids = few["product_id"].to_pylist()
+    assert coloured() & set(ids) == set(ids[1:])
 
 
 def test_a_model_that_reads_no_image_scores_the_products_a_placeholder_reached(  # type: ignore[no-untyped-def]

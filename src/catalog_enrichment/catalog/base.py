@@ -110,7 +110,8 @@ class RunWrite:
     the same commit wherever this version of this registered model wrote them, whether the run
     scored their pair or not (its rollback puts them back); ``linked``: attribute -> the others a
     merchant row of it holds too (:meth:`~catalog_enrichment.contracts.Taxonomy.held_together`: a
-    merchant's colour family keeps the model's colour out).
+    merchant's colour family keeps the model's colour out); ``unscored``: the pairs of ``pairs`` a
+    merchant's value settles on products quarantined before scoring, which ``scores`` lacks.
     """
 
     run_id: str
@@ -123,6 +124,7 @@ class RunWrite:
     scores: str | None = None
     retract: pa.Table | None = None
     linked: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    unscored: pa.Table | None = None
 
 
 class Catalog(Protocol):

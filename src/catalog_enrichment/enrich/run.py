@@ -69,6 +69,7 @@ from catalog_enrichment.enrich.stages import (
     run_write,
     score,
     scoring_spec,
+    settled_unscored,
     store_embeddings,
     validate,
 )
@@ -460,7 +461,8 @@ def _stages(
                 f"placeholders, one image on more than {cfg.validation.max_products_per_image} products "
                 f"or found by an earlier run ({named}); quarantined, read again by the next run")  # fmt: skip
     with run.stage("decide"):
-        run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id)
+        unscored = settled_unscored(validated, job.policy)
+        run.decisions = decisions = collect_decisions(scored.table, validated, run.run_id, unscored)
     quarantined = photos_quarantined(decisions.quarantine, scored.table, got.retry, scored.shared_counted)
     scored.health.photos_quarantined(quarantined)
     reads = BundleFolder(job.model.bundle).reads_images()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -69,6 +70,8 @@ from catalog_enrichment.versions import ModelVersion
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+    from catalog_enrichment.inference.decide import DecisionPolicy
+
 __all__ = [
     "ALL",
     "Decisions",
@@ -85,6 +88,7 @@ __all__ = [
     "run_write",
     "score",
     "scoring_spec",
+    "settled_unscored",
     "store_embeddings",
     "validate",
 ]
@@ -690,16 +694,20 @@ class Decisions:
     quarantine: pa.Table
     counts: ValidationCounts
     rows_scored: int
+    unscored: pa.Table | None = None  # the settled pairs of products quarantined before scoring
 
     @property
     def rows_valid(self) -> int:
         return self.counts.rows_read - self.counts.rows_invalid
 
 
-def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> Decisions:
+def collect_decisions(
+    scored: pa.Table, validated: Validated, run_id: str, unscored: pa.Table | None = None
+) -> Decisions:
     """The rows the run writes: the values and scored pairs of the products whose image decoded, the
-    pairs a merchant's value settles (:func:`flatten_scores`), and the quarantine rows of the
-    products whose image did not decode and of the rows that broke a rule.
+    pairs a merchant's value settles (:func:`flatten_scores`; ``unscored``: those of products
+    quarantined before scoring, :func:`settled_unscored`), and the quarantine rows of the products
+    whose image did not decode and of the rows that broke a rule.
 
     Raises:
         CatalogEnrichError: a row read is neither valid nor quarantined (nothing is written).
@@ -724,12 +732,14 @@ def collect_decisions(scored: pa.Table, validated: Validated, run_id: str) -> De
     )
     good = scored.filter(pc.is_null(scored["image_error"]))
     values, pairs = flatten_scores(scored)
+    if unscored is not None and unscored.num_rows:
+        pairs = pa.concat_tables([pairs, unscored.cast(pairs.schema)])
     schema = load_contract("quarantine").arrow_schema()
     quarantine = schema.empty_table()
     if total.rows_invalid:  # else nothing to collect: no Spark job for it
         bad = validated.checked.where((F.size(REASONS) > 0) | F.col("product_id").isin(list(image_reasons)))
         quarantine = quarantine_rows(bad, run_id, dt.datetime.now(dt.UTC), schema, image_reasons)
-    decisions = Decisions(values, pairs, quarantine, total, good.num_rows)
+    decisions = Decisions(values, pairs, quarantine, total, good.num_rows, unscored)
     valid = decisions.rows_valid
     if valid + quarantine.num_rows != total.rows_read or good.num_rows != valid:
         raise CatalogEnrichError(
@@ -759,6 +769,26 @@ def flatten_scores(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
         [_pairs_in(good, "scored", settled=False), _pairs_in(scored, "settled", settled=True)]
     )
     return values, pairs
+
+
+def settled_unscored(validated: Validated, policy: DecisionPolicy) -> pa.Table:
+    """The (product, attribute) pairs, ``settled``, a merchant's value settles on the products
+    quarantined before scoring only as placeholders (:data:`IMAGE_SHARED`: the same image on too
+    many products, or one an earlier run found so): their model values go, as those of a product
+    whose photo scoring could not use (:func:`flatten_scores`). One Spark job, on nights with such
+    products only."""
+    from pyspark.sql import functions as F
+
+    pairs = pa.schema([("product_id", pa.string()), ("attribute", pa.string()), ("settled", pa.bool_())])
+    checked = validated.checked
+    if not validated.counts.per_rule.get(IMAGE_SHARED) or "merchant_attributes" not in checked.columns:
+        return pairs.empty_table()
+    only = (F.size(REASONS) == 1) & F.array_contains(REASONS, IMAGE_SHARED) & F.col("product_id").isNotNull()
+    rows = checked.where(only).select("product_id", "merchant_attributes").toArrow()
+    products, attributes = np.nonzero(policy.settled(policy.filled(rows["merchant_attributes"])))
+    names = pa.array(policy.taxonomy.names, pa.string())
+    settled = pa.repeat(pa.scalar(True), len(products))
+    return pa.table([rows["product_id"].take(products), names.take(attributes), settled], schema=pairs)
 
 
 def _pairs_in(scored: pa.Table, column: str, *, settled: bool) -> pa.Table:
@@ -909,6 +939,9 @@ def run_write(
         values=values,
         pairs=pairs.select(["product_id", "attribute"]),
         quarantine=quarantine,
+        unscored=None
+        if decisions is None or decisions.unscored is None
+        else decisions.unscored.select(["product_id", "attribute"]),
         scores=None if staging is None else str(staging / "scores"),
         retract=pa.table(
             {

@@ -277,6 +277,18 @@ class DecisionPolicy:
         each product (``merchant``: as :func:`merchant_filled` reads it)."""
         return (merchant_filled(merchant, self.merchant_names).astype(np.uint8) @ self._held_by) > 0
 
+    def settled(self, filled: np.ndarray) -> np.ndarray:
+        """``(n, attributes)`` bool: the attributes a merchant's values settle, given those they
+        fill (:meth:`filled`). A merchant's value at any level stands for all: its shade implies its
+        family, and no model shade is written under a family the merchant gave, nor a group of
+        another grouping."""
+        settled = np.array(filled, bool)
+        for d, p, _ in self._levels:
+            settled[:, p] |= filled[:, d]
+        for d, p, _ in self._levels:
+            settled[:, d] |= settled[:, p]
+        return settled
+
     def inside_rejected(self, rejected: Iterable[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         """The (product, attribute, value)s inside a group people rejected for the product (a shade
         of a rejected colour family): never written (:meth:`decide_flat`), and removed by the run as
@@ -321,13 +333,7 @@ class DecisionPolicy:
         rejected = None if rejected is None else np.asarray(rejected, bool)
         n = filled.shape[0]
         skipped = np.zeros((n, 1), bool) if skip is None else np.asarray(skip, bool)[:, None]
-        settled = np.array(filled, bool)
-        # a merchant's value at any level stands for all: its shade implies its family, and no
-        # model shade is written under a family the merchant gave, nor a group of another grouping
-        for d, p, _ in self._levels:
-            settled[:, p] |= filled[:, d]
-        for d, p, _ in self._levels:
-            settled[:, d] |= settled[:, p]
+        settled = self.settled(filled)
         blocked = settled | skipped
         written, scores = [], [np.zeros((n, 0))]
         for a, attr in enumerate(self.taxonomy):

@@ -137,23 +137,18 @@ class Writes(PgBase):
     def _stage(self, run: RunWrite, stage: str, spark: SparkSession | None) -> int:
         (conninfo, password), table = self.conninfo(), (self.schema, stage)
         if spark is None or run.scores is None:
-            pairs = run.pairs.select(["product_id", "attribute"])
-            none = pa.nulls(pairs.num_rows)
             rows = pa.concat_tables(
-                [
-                    run.values.select(list(_STAGE_COLUMNS)).cast(_stage_schema()),
-                    pa.table(
-                        {
-                            **{c: pairs[c] for c in pairs.column_names},
-                            "value": none,
-                            "confidence": none,
-                            "threshold": none,
-                        }
-                    ).cast(_stage_schema()),
-                ]
+                [run.values.select(list(_STAGE_COLUMNS)).cast(_stage_schema()), _pair_rows(run.pairs)]
             )
             return copy_batches(conninfo, table, rows.to_batches(max_chunksize=50_000), password=password)
         from pyspark.sql import functions as F
+
+        # the pairs of products quarantined before scoring that a merchant's value settles (not in
+        # the scores), from the driver
+        unscored = 0
+        if run.unscored is not None and run.unscored.num_rows:
+            batches = _pair_rows(run.unscored).to_batches(max_chunksize=50_000)
+            unscored = copy_batches(conninfo, table, batches, password=password)
 
         # values and scored pairs of the products whose image was read, the pairs a merchant's value
         # settles of every product (as stages.flatten_scores)
@@ -173,7 +168,7 @@ class Writes(PgBase):
             F.lit(None).cast("double").alias("threshold"),
         )
         # the closure holds no password: the executor's libpq reads it from its environment
-        return _copied(values.unionByName(pairs).mapInArrow(_copier(conninfo, table), "rows long"))
+        return unscored + _copied(values.unionByName(pairs).mapInArrow(_copier(conninfo, table), "rows long"))
 
     def _merge(self, conn: Any, run: RunWrite, stage: str) -> MergeResult:
         """Within the write's transaction: record the run in the run log, then replace the model values
@@ -472,6 +467,20 @@ def _copied(counts: DataFrame) -> int:
 
     total = counts.agg(F.sum("rows")).first()
     return int(total[0] or 0) if total is not None else 0
+
+
+def _pair_rows(pairs: pa.Table) -> pa.Table:
+    """Staging rows of (product, attribute) ``pairs``: no value, their model values replaced by none."""
+    none = pa.nulls(pairs.num_rows)
+    return pa.table(
+        {
+            "product_id": pairs["product_id"],
+            "attribute": pairs["attribute"],
+            "value": none,
+            "confidence": none,
+            "threshold": none,
+        }
+    ).cast(_stage_schema())
 
 
 def _stage_schema() -> pa.Schema:
