@@ -188,6 +188,35 @@ def test_cross_fitted_calibration_uses_out_of_fold_scores_of_the_training_split(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_value_a_cross_fit_fold_model_could_not_learn_is_not_written(taxonomy: Taxonomy) -> None:
+    """The cross-fitted network: one pattern value is on one group of 6 variants only (the same
+    title and description), so the fold that holds them is scored by a fold model whose rows never
+    had it, while the served model learned it: no out-of-fold score says how that one scores it.
+    The calibration keeps it out and says why, as the stack's does (it was written at the
+    attribute's level, on no evidence of its own)."""
+    from catalog_enrichment.data.dataset import canonical_order
+    from catalog_enrichment.training.stack import UNLEARNED
+
+    table = canonical_order(_table(400, taxonomy))
+    rare, other = taxonomy["pattern"].values[-1], taxonomy["pattern"].values[0]
+    pattern = [other if p == rare else p for p in table["pattern"].to_pylist()]
+    title, description = table["title"].to_pylist(), table["description"].to_pylist()
+    for i in range(6):
+        pattern[i], title[i], description[i] = rare, title[0], description[0]
+    for name, column in (("pattern", pattern), ("title", title), ("description", description)):
+        table = table.set_column(table.column_names.index(name), name, pa.array(column, pa.string()))
+    lines: list[str] = []
+    trained = train(
+        table, taxonomy, tiny_config(epochs=1, training={"crossfit_folds": 2}), progress=lines.append
+    )
+    assert set(range(6)) <= set(trained.splits.train.tolist())  # seed 0's split: the group trains
+    (value,) = [v for v in trained.calibration.attributes["pattern"].values if v.value == rare]
+    assert value.support == 6 and value.threshold is None and value.reason == UNLEARNED
+    assert f"cross-fit: pattern: {rare}: {UNLEARNED}" in lines
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_test_table_is_the_test_split_and_never_trains_or_calibrates(taxonomy: Taxonomy) -> None:
     table, other = _table(300, taxonomy, seed=0), _table(120, taxonomy, seed=1)
     other = other.set_column(

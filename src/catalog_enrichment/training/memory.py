@@ -81,7 +81,7 @@ from catalog_enrichment.training.splits import (
     crossfit_folds,
     split_labels,
 )
-from catalog_enrichment.training.stack import STACK_FOLDS, stacked
+from catalog_enrichment.training.stack import STACK_FOLDS, UNLEARNED, stacked, unlearned_values
 from catalog_enrichment.training.stream import Source
 from catalog_enrichment.training.trained import Fitted, seeded_model
 from catalog_enrichment.types import Say
@@ -186,13 +186,14 @@ class InMemory:
         issues = None
         oof: tuple[Predictions, EncodedLabels] | None
         fold_val: tuple[Predictions, ...] = ()
+        unlearned: dict[str, tuple[str, ...]] = {}  # the stack's are its fit's
         if fusion_class(cfg.model.fusion).needs_lexical:  # the stack: fitted in closed form, cross-fitted
             model, oof, fits = _fit_stack(data, say)
         else:
             fitter = _Fitter(
                 data, data.labels, data.labels.subset(splits.validation), data.scoring(splits.validation), say
             )
-            issues, oof, fold_val = _out_of_fold(data, fitter, say)
+            issues, oof, fold_val, unlearned = _out_of_fold(data, fitter, say)
             set_seed(cfg.training.seed)
             model, fits = fitter(splits.train, cfg.training.seed, "")
         return Fitted(
@@ -206,6 +207,7 @@ class InMemory:
             data.records.product_id,
             out_of_fold=oof,
             fold_val=fold_val,
+            unlearned=unlearned,
             label_issues=issues,
             # with a test table of its own, the health profile is counted on held-out products of
             # this one the model never trained, fit or stopped on (the stack's out-of-fold scores
@@ -394,10 +396,16 @@ def _fit_stack(data: _Data, say: Say) -> tuple[AnyModel, tuple[Predictions, Enco
 
 def _out_of_fold(
     data: _Data, fitter: _Fitter, say: Say
-) -> tuple[pd.DataFrame | None, tuple[Predictions, EncodedLabels] | None, tuple[Predictions, ...]]:
+) -> tuple[
+    pd.DataFrame | None,
+    tuple[Predictions, EncodedLabels] | None,
+    tuple[Predictions, ...],
+    dict[str, tuple[str, ...]],
+]:
     """The K-fold runs before the final model: noise pruning (its fitter's labels pruned; the table
-    of the training labels left out) and cross-fitting (the out-of-fold calibration set, and each
-    fold model's scores of the validation split)."""
+    of the training labels left out) and cross-fitting (the out-of-fold calibration set, each fold
+    model's scores of the validation split, and the values a fold model could not learn:
+    :func:`~catalog_enrichment.training.stack.unlearned_values`)."""
     tcfg, splits = data.cfg.training, data.splits
 
     def score(model: AnyModel, idx: np.ndarray) -> Predictions:
@@ -411,7 +419,10 @@ def _out_of_fold(
             splits, plan, data.taxonomy, pcfg.fraction, fitter, score, say, data.records.product_id
         )
     if not data.folds:
-        return issues, None, ()
+        return issues, None, (), {}
     plan = FoldPlan(splits.train, data.labels, data.groups, data.folds, tcfg.seed)
     scores, labels, fold_val = crossfit(plan, fitter, score, say, also=splits.validation)
-    return issues, (scores, labels), fold_val
+    unlearned = unlearned_values(fitter.train_labels, splits.train, data.taxonomy, plan.folds())
+    for name, values in unlearned.items():
+        say(f"cross-fit: {name}: {', '.join(values)}: {UNLEARNED}")
+    return issues, (scores, labels), fold_val, unlearned

@@ -278,6 +278,23 @@ def _fit_path(
     return (c, c_first), _average_precision(normalised, target, np.arange(n)), normalised, fits
 
 
+def unlearned_values(
+    labels: EncodedLabels, rows: np.ndarray, taxonomy: Taxonomy, folds: list[tuple[np.ndarray, np.ndarray]]
+) -> dict[str, tuple[str, ...]]:
+    """Per attribute (those with any), the values some cross-fit fold model of the training
+    ``rows`` (``folds``: positions in them) scores out of fold without having learned them
+    (:func:`_unlearned`): their out-of-fold scores cannot calibrate what the served model, which
+    learned them, writes. Any cross-fitted model's, the stack's or a network's."""
+    train = labels.subset(rows)
+    found = {}
+    for attr in taxonomy:
+        out = _unlearned(_target(train, attr.name, len(attr.values)), folds)
+        values = tuple(v for v, o in zip(attr.values, out, strict=True) if o)
+        if values:
+            found[attr.name] = values
+    return found
+
+
 def _unlearned(target: _Target, folds: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """``(V,)`` the values some fold model scores out of fold without having learned them: its fit
     rows never have the value (or, multi-label, always have it), so :func:`_fit_linear` fixes its
@@ -429,12 +446,9 @@ def fit_stack(
                 f"stack: {attr.name}: {used:,} values people confirmed train as labels; "
                 f"{said - used:,} of their verdicts do not (rejections, several values a product)"
             )
-    left_out: dict[str, tuple[str, ...]] = {}
-    for attr, target in zip(taxonomy, targets, strict=True):
-        values = tuple(v for v, out in zip(attr.values, _unlearned(target, fold_rows), strict=True) if out)
-        if values:
-            left_out[attr.name] = values
-            say(f"stack: {attr.name}: {', '.join(values)}: {UNLEARNED}")
+    left_out = unlearned_values(labels, train, taxonomy, fold_rows)
+    for name, values in left_out.items():
+        say(f"stack: {name}: {', '.join(values)}: {UNLEARNED}")
     z = [np.zeros((len(order), n, t.n_values), np.float32) for t in targets]
     # every (attribute, block) fit in one pool, the costliest first, so the workers finish together
     jobs = sorted(

@@ -207,7 +207,9 @@ class Fitted:
     gap); ``health_on_test``: the run health profile is counted on the test split (else on the
     validation split, or the calibration set without one: the test products are a table of their
     own); ``encodes``: scoring a held-out split runs the encoders (not over cached encoder outputs);
-    ``groups``: the group each product was split with (None: one by one).
+    ``groups``: the group each product was split with (None: one by one); ``unlearned``: per
+    attribute, the values a cross-fitted network's fold model could not learn (the stack names its
+    own in its fit), kept out of the calibration.
     """
 
     model: AnyModel
@@ -224,6 +226,7 @@ class Fitted:
     health_on_test: bool = True
     encodes: bool = True
     groups: np.ndarray | None = None
+    unlearned: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def conclude(
@@ -300,7 +303,7 @@ def _held_out(fitted: Fitted, taxonomy: Taxonomy) -> tuple[HeldOut, Predictions,
     unseen = unseen_values(fitted.labels.subset(fitted.splits.train), taxonomy)
     members = fitted.model.member_models if isinstance(fitted.model, EnsembleModel) else [fitted.model]
     family_fitted = any(m.fusion.fits_on_heldout for m in members)
-    unlearned = fitted.fits[0].heldout.get("unlearned", {})
+    unlearned = {**fitted.fits[0].heldout.get("unlearned", {}), **fitted.unlearned}
     heldout = HeldOut(
         calibration,
         family,
