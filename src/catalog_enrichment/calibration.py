@@ -731,7 +731,8 @@ def _attribute_scope(
     tested_values = [g >= 0 and seen[v, g] > 0 for v, g in enumerate(family[chosen])]
     # the guard asks of every value with evidence (calibration or family) at its threshold whether
     # it misses the target: at the attribute's confidence over them all (Bonferroni), so a value
-    # that does reach the target is held back by chance at most at that rate
+    # that does reach the target is held back by chance at most at that rate - where its writes are
+    # independent trials (they are counted one by one here: variants of one article make it more)
     guard = 1.0 - (1.0 - confidence) / max(sum(tested_values), 1)
     out = [
         _value_at_level(
