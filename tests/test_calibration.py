@@ -3,6 +3,7 @@ strict value scope and the pooled attribute scope."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -186,6 +187,32 @@ def test_a_more_confident_served_model_writes_no_larger_share_than_the_fold_mode
         written(served, cal) / np.mean([written(f, cal) for f in folds])
     )
     assert moved.served_ratio > 1.5 and moved.served_precision == 0.0
+
+
+def test_a_value_kept_off_the_served_scale_takes_its_evidence_from_the_rest() -> None:
+    """Attribute scope: "a" proved 300 of 300 writes at the grid's top, "b" 90 of 100 lower down;
+    together (390 of 400) they prove 95 %, "b" alone not. The served model scores 300 validation
+    products above every grid point where the fold models scored none, so "a" is kept out - and
+    "b", whose writes alone prove no more than their lower bound, with it."""
+    a = ValueThreshold("a", float(THRESHOLD_GRID[0]), 300, n_written=300, n_correct=300)
+    b = ValueThreshold("b", float(THRESHOLD_GRID[150]), 120, n_written=100, n_correct=90)
+    cal = AttributeCalibration("c", "multiclass", (a, b), PooledEvidence(0.9, 400, 390, 0.975, 0.955, 2))
+    rng = np.random.default_rng(1)
+    fold = np.column_stack([rng.uniform(0.5, 0.99, 1000), rng.uniform(0.0, 0.4, 1000)])
+    served = fold.copy()
+    served[:300, 0] = (1.0 + THRESHOLD_GRID[0]) / 2
+    moved = on_served_scale(cal, served, [fold], np.zeros(1000, np.int64), 0.95, provable=False)
+    b_alone = float(wilson_lower(90, 100))
+    assert b_alone < 0.95
+    assert [v.threshold for v in moved.values] == [None, None]
+    assert (
+        moved.values[1].reason is not None and f"lower bound of {b_alone:.3f} only" in moved.values[1].reason
+    )
+    # "b" proving the target on its own stays written (on the served model's scale)
+    strong = replace(cal, values=(a, replace(b, n_written=1000, n_correct=990)))
+    kept = on_served_scale(strong, served, [fold], np.zeros(1000, np.int64), 0.95, provable=False)
+    assert kept.values[0].threshold is None
+    assert kept.values[1].threshold is not None and kept.values[1].threshold >= b.threshold
 
 
 def test_thresholds_stand_where_the_served_models_validation_writes_prove_the_target() -> None:

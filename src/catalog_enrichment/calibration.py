@@ -291,14 +291,7 @@ class Calibration:
         taxonomy that drops some). ``None`` for the value scope, where each value proved the target
         on its own. A value raised to the served model's scale counts the evidence of the threshold
         the fold models proved (raising only removes writes)."""
-        a = self.attributes[attribute]
-        if a.pooled is None:
-            return None
-        kept = set(kept)
-        ours = [v for v in a.values if v.threshold is not None and v.value in kept]
-        writes, rights = sum(v.n_written for v in ours), sum(v.n_correct for v in ours)
-        deff = a.pooled.design_effect
-        return float(lower_bound(rights / deff, writes / deff, confidence=self.confidence, method=self.bound))
+        return _kept_bound(self.attributes[attribute], kept, self.confidence, self.bound)
 
     def keep_out(self, values: Mapping[str, Sequence[str]], reason: str) -> Calibration:
         """These values (attribute -> values) never written whatever their scores: no threshold, and
@@ -832,6 +825,19 @@ def _shares(scores: np.ndarray, kind: AttributeKind) -> np.ndarray:
     return 1.0 - np.searchsorted(candidates, THRESHOLD_GRID, side="left") / max(candidates.size, 1)
 
 
+def _kept_bound(
+    a: AttributeCalibration, kept: Collection[str], confidence: float, bound: BoundName
+) -> float | None:
+    """:meth:`Calibration.kept_bound` of one attribute."""
+    if a.pooled is None:
+        return None
+    kept = set(kept)
+    ours = [v for v in a.values if v.threshold is not None and v.value in kept]
+    writes, rights = sum(v.n_written for v in ours), sum(v.n_correct for v in ours)
+    deff = a.pooled.design_effect
+    return float(lower_bound(rights / deff, writes / deff, confidence=confidence, method=bound))
+
+
 def on_served_scale(
     cal: AttributeCalibration,
     served: np.ndarray,
@@ -863,7 +869,9 @@ def on_served_scale(
     larger share of those products' candidates than the fold models wrote, on average, at the
     proven threshold: it then writes as much as a fold model would, chosen by a model that ranks
     at least as well (the test report's fold gap compares the two on the same split); a value with
-    no such point, not even the grid's top, is not written. None falls.
+    no such point, not even the grid's top, is not written, and in the attribute scope, where all
+    the values proved the target together, then neither are the rest unless their own calibration
+    writes still prove it (:meth:`Calibration.kept_bound`). None falls.
     ``provable=False``: the served model fitted part of itself on these products (a late or
     decision fusion's held-out fit), or their labels shaped the thresholds (the attribute scope's
     family and guard), so what it writes there proves nothing and the thresholds always go to the
@@ -915,7 +923,19 @@ def on_served_scale(
             continue
         raised = int(fits[-1])
         values.append(v if raised == g else replace(v, threshold=float(THRESHOLD_GRID[raised])))
-    return replace(checked, values=tuple(values))
+    moved = replace(checked, values=tuple(values))
+    dropped = [
+        v.value
+        for v, w in zip(cal.values, values, strict=True)
+        if v.threshold is not None and w.threshold is None
+    ]
+    proof = _kept_bound(moved, [v.value for v in values if v.threshold is not None], confidence, bound)
+    if not dropped or proof is None or proof >= target:
+        return moved
+    # the attribute scope proved what every value writes together: without these, the rest must
+    why = f"{_SERVED_OUT} for {', '.join(dropped)}, and the rest prove a lower bound of {proof:.3f} only"
+    out = tuple(v if v.threshold is None else replace(v, threshold=None, reason=why) for v in values)
+    return replace(moved, values=out)
 
 
 def version_target(configured: float, calibrated: float, version: str) -> float:

@@ -265,14 +265,16 @@ def test_the_calibration_keeps_the_values_the_stack_names_unlearned_out() -> Non
     assert values[charlie].threshold is None and values[charlie].reason == UNLEARNED
 
 
-def test_the_values_left_without_the_unlearned_ones_must_prove_the_target_alone() -> None:
+@pytest.mark.parametrize("why", ["unlearned", "unseen"])
+def test_the_values_left_without_the_unlearned_or_unseen_ones_must_prove_the_target_alone(why: str) -> None:
     """Multi-label: "alpha" is on every product (its 1,500 sure writes right) and the stack named it
-    unlearned; "bravo" writes 300, 95 % right. Together they proved the target; bravo alone does
-    not (its lower bound is under 0.95), so nothing of the attribute is written."""
+    unlearned (or unseen: no training product carried it, while a calibration split may); "bravo"
+    writes 300, 95 % right. Together they proved the target; bravo alone does not (its lower bound is
+    under 0.95), so nothing of the attribute is written."""
     from catalog_enrichment.config import CalibrationConfig
     from catalog_enrichment.training.evaluation import Predictions
     from catalog_enrichment.training.stack import UNLEARNED
-    from catalog_enrichment.training.trained import HeldOut
+    from catalog_enrichment.training.trained import UNSEEN, HeldOut
 
     taxonomy = _taxonomy("multilabel")
     n = 1500
@@ -286,11 +288,15 @@ def test_the_values_left_without_the_unlearned_ones_must_prove_the_target_alone(
     )
     together = HeldOut(scored, None, scored).calibrate(taxonomy, CalibrationConfig(), None)
     assert together.attributes["thing"].values[1].threshold is not None
-    alone = HeldOut(scored, None, scored, unlearned={"thing": ("alpha",)}).calibrate(
-        taxonomy, CalibrationConfig(), None
+    out = {"thing": ("alpha",)}
+    heldout = (
+        HeldOut(scored, None, scored, unlearned=out)
+        if why == "unlearned"
+        else HeldOut(scored, None, scored, unseen=out)
     )
+    alone = heldout.calibrate(taxonomy, CalibrationConfig(), None)
     alpha, bravo, _ = alone.attributes["thing"].values
-    assert alpha.threshold is None and alpha.reason == UNLEARNED
+    assert alpha.threshold is None and alpha.reason == (UNLEARNED if why == "unlearned" else UNSEEN)
     assert bravo.threshold is None and bravo.reason is not None and "prove a lower bound of" in bravo.reason
 
 

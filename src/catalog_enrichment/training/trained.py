@@ -105,7 +105,7 @@ class HeldOut:
                 if a.values != before.values:
                     say(f"{name}: {self._why_raised(a, before)}: thresholds put on the served model's "
                         "scale (raised, never lowered; kept out where no grid point fits)")  # fmt: skip
-        calibration = _without(calibration.keep_out(self.unseen, UNSEEN), self.unlearned, UNLEARNED)
+        calibration = _without(_without(calibration, self.unseen, UNSEEN), self.unlearned, UNLEARNED)
         return with_health(calibration, *self.health, taxonomy, inputs, self.health_groups)
 
     def _why_raised(self, a: AttributeCalibration, proven: AttributeCalibration) -> str:
@@ -133,8 +133,13 @@ def _without(calibration: Calibration, out: Mapping[str, Sequence[str]], reason:
     """``calibration`` with ``out``'s values kept out (``reason``). The attribute scope proved what
     all its values write together: where the rest alone no longer prove the target on the same
     calibration evidence (:meth:`Calibration.kept_bound`), the attribute is not written."""
+    carried = [  # the attributes whose kept-out values wrote on the evidence: only they lose proof
+        name
+        for name, a in calibration.attributes.items()
+        if any(v.value in out.get(name, ()) and v.threshold is not None and v.n_written for v in a.values)
+    ]
     calibration = calibration.keep_out(out, reason)
-    for name in out:
+    for name in carried:
         written = [v.value for v in calibration.attributes[name].values if v.threshold is not None]
         proof = calibration.kept_bound(name, written)
         if written and proof is not None and proof < calibration.target_precision:
