@@ -27,6 +27,7 @@ from catalog_enrichment.calibration import (
 from catalog_enrichment.config import CalibrationConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import EncodedLabels
+from catalog_enrichment.health import share_design_effect
 from catalog_enrichment.training.evaluation import Predictions, written_without_bound
 from catalog_enrichment.training.trained import HeldOut
 
@@ -609,6 +610,48 @@ def test_the_guard_raises_a_value_to_where_its_own_evidence_reaches_the_target()
     assert (d_t.n_written, d_t.n_correct) == (100, 100)
     assert d_t.reason is not None and "raised" in d_t.reason and "160/200" in d_t.reason
     assert cal.pooled is not None and cal.pooled.guarded == ("d",)
+
+
+def test_the_guard_counts_a_value_s_variants_as_the_trials_they_are_worth() -> None:
+    # No family data: b carries the pool (5,000 right at 0.7, each product its own group); d writes
+    # 100 at 0.8, ten articles of ten variants each, two articles wrong (80 / 100). Counted one by
+    # one, 20 wrong of 100 put the upper bound (97.5 % over the 2 values) near 0.88, below the
+    # target: d is kept out. Its writes are ten trials: two wrong of ten prove nothing below 95 %,
+    # and d stays, its upper bound the exact one on the counts divided by their design effect.
+    b, d = _bands((5_000, 0.7, 1.0)), _bands((100, 0.8, 0.8))
+    scores, labels = _multilabel(b, d)
+    groups = np.r_[np.arange(5_000), 10_000 + np.arange(100) // 10]
+    one_by_one = calibrate_attribute("a", "multilabel", ["b", "d"], scores, labels)
+    assert one_by_one.values[1].threshold is None and one_by_one.pooled is not None
+    assert one_by_one.pooled.guarded == ("d",)
+    grouped = calibrate_attribute("a", "multilabel", ["b", "d"], scores, labels, groups=groups)
+    deff = share_design_effect(d[1], groups[5_000:])
+    assert deff > 5
+    assert grouped.values[1].threshold is not None and grouped.pooled is not None
+    assert grouped.pooled.guarded == ()
+    assert grouped.values[1].upper_bound == pytest.approx(
+        1 - float(clopper_pearson_lower(20 / deff, 100 / deff, confidence=1 - 0.05 / 2))
+    )
+
+
+@pytest.mark.timeout(120)
+def test_the_guard_holds_back_a_value_at_the_target_at_most_at_its_rate_where_products_are_variants() -> None:
+    # 1,000 calibrations: b carries the pool (2,000 right at 0.7); d's 100 articles, each in 4
+    # identical products at 0.6, are each right with probability 0.95 - exactly the target. The
+    # guard tests 2 values at 97.5 % each, so it may hold d back in at most 2.5 % of them:
+    # Binomial(1000, 0.025)'s 99th percentile bounds the count (a valid guard fails this test at
+    # most 1 % of the time). Counted one by one, the 400 products' share varies four times as
+    # much as their number says, and d was held back in 126 of these 1,000.
+    rng = np.random.default_rng(2026)
+    n_b, articles, variants = 2_000, 100, 4
+    held = 0
+    for _ in range(1000):
+        right = np.repeat(rng.random(articles) < 0.95, variants)
+        scores, labels = _multilabel(_bands((n_b, 0.7, 1.0)), (np.full(right.size, 0.6), right))
+        groups = np.r_[np.arange(n_b), n_b + np.arange(right.size) // variants]
+        cal = calibrate_attribute("a", "multilabel", ["b", "d"], scores, labels, groups=groups)
+        held += cal.values[1].threshold is None
+    assert held <= stats.binom.ppf(0.99, 1000, 0.025), held
 
 
 def test_the_guard_uses_the_configured_bound_over_every_value_it_tests() -> None:

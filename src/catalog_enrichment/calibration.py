@@ -50,8 +50,10 @@ Variants of one article (products of one group: a shared title or description) s
 and often their label, so they are evidence of fewer trials than their number. Given each
 calibration product's group, both scopes divide what a level or threshold writes, and its rights,
 by the design effect of its share right over those groups
-(:func:`~catalog_enrichment.health.share_design_effect`) before the bound; which levels or
-thresholds are tested still depends on the scores (and groups) alone. A multi-label product's pairs
+(:func:`~catalog_enrichment.health.share_design_effect`) before the bound, and so does the guard;
+which levels or thresholds are tested still depends on the scores alone (what they write counted
+one by one: many variants of a few articles can end the sequence on one wrong article). A
+multi-label product's pairs
 share its group too.
 
 Assumptions: calibration (and family) scores are out-of-sample, and those groups of products are
@@ -724,8 +726,7 @@ def _attribute_scope(
     tested_values = [g >= 0 and seen[v, g] > 0 for v, g in enumerate(family[chosen])]
     # the guard asks of every value with evidence (calibration or family) at its threshold whether
     # it misses the target: at the attribute's confidence over them all (Bonferroni), so a value
-    # that does reach the target is held back by chance at most at that rate - where its writes are
-    # independent trials (they are counted one by one here: variants of one article make it more)
+    # that does reach the target is held back by chance at most at that rate
     guard = 1.0 - (1.0 - confidence) / max(sum(tested_values), 1)
     out = [
         _value_at_level(
@@ -736,8 +737,9 @@ def _attribute_scope(
             support,
             rule,
             guard,
+            None if grouped is None else (scores, right, grouped.groups[v]),
         )
-        for v, (value, (_, _, support)) in enumerate(zip(values, cands, strict=True))
+        for v, (value, (scores, right, support)) in enumerate(zip(values, cands, strict=True))
     ]
     w, r, d = int(writes[chosen]), int(rights[chosen]), float(deff[chosen])
     pooled = PooledEvidence(
@@ -777,13 +779,17 @@ def _value_at_level(
     support: int,
     rule: CalibrationConfig,
     guard: float,
+    candidates: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> ValueThreshold:
     """Attribute scope: one value at the chosen level's threshold index ``g`` (-1: never reaches
     it), with its calibration evidence (``cal``: its writes and rights per threshold; ``fam``: the
     family's). The guard: where the value's own evidence (both together) shows it below ``target``
     - its upper bound (the configured bound's) at confidence ``guard`` is below it - its threshold
     rises up the grid to the first point where it does not; a value whose evidence misses the
-    target wherever it writes anything is kept out.
+    target wherever it writes anything is kept out. ``candidates``: the value's calibration
+    candidates (scores, whether right, their products' groups), whose writes then count as the
+    independent trials they are worth, as the pooled test counts them (variants of one article
+    wrong together are one error, not many); ``None``: one by one.
     Either only removes writes that are likely worse than the target."""
     if g < 0:
         return ValueThreshold(value, None, support, reason="never reaches the level in the family")
@@ -791,11 +797,26 @@ def _value_at_level(
     n_all, k_all = cal[0].copy(), cal[1].copy()
     if fam is not None:
         n_all, k_all = n_all + fam[0], k_all + fam[1]
-    # the configured bound's upper side: 1 - the lower bound on the share wrong
-    upper = 1.0 - lower_bound(n_all[: g + 1] - k_all[: g + 1], n_all[: g + 1], confidence=guard, method=bound)
+
+    def upper_at(i: int) -> float:
+        """The configured bound's upper side at grid point ``i``: 1 - the lower bound on the share wrong."""
+        d = 1.0
+        if candidates is not None:
+            scores, right, groups = candidates
+            written = (scores > 0) & (scores >= THRESHOLD_GRID[i])
+            d = share_design_effect(right[written], groups[written])
+        n_fam, k_fam = (0, 0) if fam is None else (fam[0][i], fam[1][i])  # the family's one by one
+        n = cal[0][i] / d + n_fam
+        wrong = (cal[0][i] - cal[1][i]) / d + (n_fam - k_fam)
+        return 1.0 - float(lower_bound(wrong, n, confidence=guard, method=bound))
+
+    upper_g = upper = upper_at(g)
     raised = g
-    while raised >= 0 and upper[raised] < target:  # up the grid, to where it stops missing
+    while upper < target:  # up the grid, to where it stops missing
         raised -= 1
+        if raised < 0:
+            break
+        upper = upper_at(raised)
     if raised < g and (raised < 0 or n_all[raised] == 0):  # ... with evidence left to write on
         raised = -1
     while 0 < raised < g and n_all[raised - 1] == n_all[raised]:  # the highest that writes as much
@@ -807,11 +828,11 @@ def _value_at_level(
         "precision": k_v / n_v if n_v else None,
         "lower_bound": float(lower_bound(k_v, n_v, confidence=confidence, method=bound)),
         "recall": k_v / support if support else 0.0,
-        "upper_bound": float(upper[g]),
+        "upper_bound": upper_g,
     }
     if raised == g:
         return ValueThreshold(value, float(THRESHOLD_GRID[g]), support, **evidence)
-    missed = f"upper bound {upper[g]:.3f} < target {target} ({int(k_all[g])}/{int(n_all[g])} right)"
+    missed = f"upper bound {upper_g:.3f} < target {target} ({int(k_all[g])}/{int(n_all[g])} right)"
     if raised < 0:
         return ValueThreshold(value, None, support, **evidence, reason=f"guard: {missed}; kept out")
     reason = f"guard: {missed} at {THRESHOLD_GRID[g]:.4f}; raised to {THRESHOLD_GRID[raised]:.4f}"
