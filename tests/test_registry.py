@@ -424,6 +424,57 @@ def test_pip_requirements_are_pinned_and_name_no_package_of_ours() -> None:
     assert pa is not None
 
 
+_SERVED_IMPORTS = """
+import ast, importlib.metadata as md, json, sys
+from catalog_enrichment import registry
+from catalog_enrichment.data.images import ImagePolicy
+from catalog_enrichment.inference.bundle import bundle_problems, load_bundle
+from catalog_enrichment.inference.options import PredictorOptions
+from catalog_enrichment.inference.predictor import BatchPredictor
+tops = set()
+for name, module in list(sys.modules.items()):
+    if name.split(".")[0] == "catalog_enrichment" and getattr(module, "__file__", None):
+        for node in ast.parse(open(module.__file__).read()).body:  # what loading it imports
+            if isinstance(node, ast.Import):
+                tops |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops.add(node.module.split(".")[0])
+names = md.packages_distributions()
+print(json.dumps(sorted({d for t in tops for d in names.get(t, []) if t != "catalog_enrichment"})))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_pip_requirements_install_every_package_the_served_model_imports() -> None:
+    """The model's environment (what MLflow restores for `spark_udf` or `models serve`) installs what
+    the pyfunc's modules import when it loads and scores - the pinned requirements or what they
+    depend on - or loading it fails there with a missing module."""
+    import importlib.metadata as md
+    import re
+
+    from packaging.requirements import Requirement
+
+    out = subprocess.run([sys.executable, "-c", _SERVED_IMPORTS], capture_output=True, text=True, check=True)
+    imported = json.loads(out.stdout)
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    installed: set[str] = set()
+    todo = [r.split("==")[0] for r in registry.pip_requirements()]
+    while todo:
+        name = norm(todo.pop())
+        if name in installed:
+            continue
+        installed.add(name)
+        for line in md.requires(name) or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):  # installed here, no extras
+                todo.append(req.name)
+    assert "torch" in imported and "simplejpeg" in imported  # the check sees what it is for
+    assert [d for d in imported if norm(d) not in installed] == []
+
+
 def test_a_sqlite_stores_runs_keep_their_artifacts_beside_it_not_in_the_working_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -471,10 +522,13 @@ def test_an_alias_the_registry_cannot_read_is_an_error_not_an_unset_alias() -> N
 
 class _GateRegistry:
     """The registry calls a decision makes: the champion ``champion``, the challenger's ``tags``; every
-    write kept in ``moved``, the alias move failing with ``fail``."""
+    write kept in ``moved``, the alias move failing with ``fail`` (``after``: once the alias moved,
+    as a request whose answer was lost)."""
 
-    def __init__(self, champion: str, tags: dict[str, str], fail: Exception | None = None) -> None:
-        self.champion, self.tags, self.fail = champion, tags, fail
+    def __init__(
+        self, champion: str, tags: dict[str, str], fail: Exception | None = None, after: bool = False
+    ) -> None:
+        self.champion, self.tags, self.fail, self.after = champion, tags, fail, after
         self.moved: list[tuple[str, ...]] = []
 
     def get_registered_model(self, name: str) -> object:
@@ -490,9 +544,12 @@ class _GateRegistry:
         self.moved.append(args)
 
     def set_registered_model_alias(self, *args: str) -> None:
-        if self.fail is not None:
+        if self.fail is not None and not self.after:
             raise self.fail
         self.moved.append(args)
+        self.champion = args[-1]
+        if self.fail is not None:
+            raise self.fail
 
 
 @pytest.mark.timeout(60)
@@ -593,6 +650,23 @@ def test_an_alias_move_that_fails_records_no_promotion(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_an_alias_move_that_failed_after_the_alias_moved_records_the_promotion(tmp_path: Path) -> None:
+    """The registry moved the alias and its answer was lost (a timeout, a 503 from a proxy): the
+    version is champion, so the promotion is recorded - decision tag, log row - as where the move
+    answered, not left champion with no record and nothing for a retry to finish."""
+    from catalog_enrichment.catalog.lakehouse import read_table
+    from catalog_enrichment.promotion import _record
+
+    said: list[str] = []
+    lost = _GateRegistry("1", {}, fail=OSError("504 from the proxy"), after=True)
+    _record(lost, dict(_PROMOTE), dt.datetime.now(dt.UTC), tmp_path / "log", said.append)
+    assert lost.champion == "2" and ("m", "2", "promotion.decision", "promoted") in lost.moved
+    assert read_table(tmp_path / "log")["promoted"].to_pylist() == [True]
+    assert lost.moved[-1] == ("m", "2", PROMOTING_TAG, "")
+    assert "504 from the proxy" in said[0] and "now points at v2" in said[0]
+
+
+@pytest.mark.timeout(60)
 def test_the_gate_refuses_a_challenger_whose_labels_left_out_another_evaluation_set(tmp_path: Path) -> None:
     """The labels a challenger trained on (its data.* tags) record which evaluation set they left
     out: the gate judges it only on that one, at that version; a training table `labels` did not
@@ -630,6 +704,29 @@ def test_the_gate_refuses_a_challenger_whose_labels_left_out_another_evaluation_
     write_table(plain, pa.table({"product_id": ["p1"]}))
     said: list[str] = []
     assert apart(str(plain), said) is None and "is not checked" in said[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_training_table_the_gate_cannot_read_stops_the_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that does not answer is not a table `labels` did not write: the gate stops with the
+    reason, rather than promote a challenger whose labels may hold products it is judged on."""
+    import deltalake
+
+    from catalog_enrichment.promotion import _trained_apart
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise OSError("Generic S3 error: connection reset")
+
+    monkeypatch.setattr(deltalake, "DeltaTable", unreachable)
+    client = _GateRegistry("1", {"data.path": "s3://lake/labels", "data.version": "3"})
+    said: list[str] = []
+    with pytest.raises(
+        CatalogEnrichError, match=r"cannot read the history of the training table s3://lake/labels"
+    ):
+        _trained_apart(client, "m", "2", tmp_path / "eval", 0, said.append)
+    assert said == []
 
 
 @pytest.mark.timeout(600)

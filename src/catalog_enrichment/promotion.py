@@ -497,11 +497,11 @@ def _record(
 
     Crash-safe in this order: (1) the judgement tags (reasons, evaluation set, ``champion_before``,
     when, and for a promotion :data:`PROMOTING_TAG`) - a failure here leaves the alias where it
-    was, so a retry judges again and overwrites them; (2) the alias move - where it fails, no
-    decision tag or log row says promoted; (3) the decision tag, then the log row, always last - a
-    failure before the row leaves the challenger champion with its judgement tagged, and a retry
-    (the challenger is then already champion) finishes the record from those tags
-    (:func:`_finish_record`); a row present means the record is complete."""
+    was, so a retry judges again and overwrites them; (2) the alias move - where it fails (and the
+    alias, read again, did not move), no decision tag or log row says promoted; (3) the decision
+    tag, then the log row, always last - a failure before the row leaves the challenger champion
+    with its judgement tagged, and a retry (the challenger is then already champion) finishes the
+    record from those tags (:func:`_finish_record`); a row present means the record is complete."""
     name, challenger = summary["registered_model"], summary["challenger"]
     with _decision_lock(log_path, f"promote v{challenger} of {name}", lock_wait_seconds, say):
         _decide(client, summary, decided, log_path, say)
@@ -546,10 +546,18 @@ def _decide(
     if summary["promote"]:
         try:
             registry.set_alias(client, name, registry.CHAMPION, challenger)
-        except Exception:  # not promoted: no retry may take the version's judgement for one
+        except Exception as exc:
+            now = None  # the move's answer may be lost where the move itself was made
             with contextlib.suppress(Exception):
-                registry.tag_version(client, name, challenger, {PROMOTING_TAG: ""})
-            raise
+                now = registry.resolve_alias(client, name, registry.CHAMPION)
+            if now != str(challenger):  # not promoted: no retry may take the version's judgement for one
+                with contextlib.suppress(Exception):
+                    registry.tag_version(client, name, challenger, {PROMOTING_TAG: ""})
+                raise
+            say(
+                f"moving '{registry.CHAMPION}' failed ({exc}), but it now points at v{challenger}: "
+                "recording the promotion"
+            )
     try:
         _write_decision(client, summary, decided, log_path)
     except Exception as exc:

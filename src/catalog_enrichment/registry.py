@@ -122,6 +122,7 @@ def pip_requirements() -> list[str]:
         "numpy",
         "pyarrow",
         "pillow",
+        "simplejpeg",
         "pydantic",
         "pyyaml",
         "scipy",

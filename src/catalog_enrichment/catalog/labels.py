@@ -544,14 +544,24 @@ def _read(path: Path, name: str, version: int | None = None) -> tuple[pa.Table, 
 def labels_sources(path: str | Path, version: int) -> dict[str, Any] | None:
     """The tables the labels committed as ``version`` of ``path`` were built from (``products``,
     ``attributes`` and, where one was left out, ``evaluation``: path and version); None where that
-    commit is not one of :func:`write_labels`' (a table made otherwise) or the table is not there."""
+    commit is not one of :func:`write_labels`' (a table made otherwise) or the table is not there.
+
+    Raises:
+        CatalogEnrichError: the table is there but its history cannot be read (a store that does
+            not answer): what the labels left out is unknown, not absent.
+    """
     from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
+    from deltalake.exceptions import DeltaError, TableNotFoundError
 
     try:
         history = DeltaTable(str(path)).history()
-    except (TableNotFoundError, OSError):
+    except TableNotFoundError:
         return None
+    except (DeltaError, OSError) as exc:
+        raise CatalogEnrichError(
+            f"cannot read the history of the training table {path}: {exc} (what its labels left out "
+            "is not known; try again once it can be read)"
+        ) from exc
     commit = next((c for c in history if c.get("version") == version), None)
     if commit is None or METADATA_KEY not in commit:
         return None
