@@ -197,6 +197,18 @@ def test_a_model_name_that_would_name_a_path_is_refused(name: str) -> None:
         registry.resolve_model(None, f"models:/{name}@champion")
 
 
+@pytest.mark.parametrize(
+    "uri", ["models:/m@", "models:/m/", "models:/m/latest", "models:/m@a/b", "models:/m/1/x"]
+)
+def test_a_model_uri_without_an_alias_or_version_is_refused_before_any_mlflow_call(uri: str) -> None:
+    from catalog_enrichment import registry
+
+    with pytest.raises(
+        CatalogEnrichError, match=r"must look like models:/<name>@<alias> or models:/<name>/<version>"
+    ):
+        registry.resolve_model(None, uri)  # type: ignore[arg-type]
+
+
 def test_env_and_set_values_are_typed_by_their_field_not_by_yaml_1_1() -> None:
     """YAML 1.1 would read 010 as 8, no as False and 2026-11-01 as a date; a string field keeps what
     was written, a number or boolean field converts it, a flow list's items keep their text."""

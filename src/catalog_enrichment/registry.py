@@ -422,6 +422,11 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
         )
     rest = model_uri.removeprefix("models:/")
     named = rest.split("@", 1)[0] if "@" in rest else rest.partition("/")[0]
+    pointer = rest.split("@", 1)[1] if "@" in rest else rest.partition("/")[2]
+    if not re.fullmatch(r"[\w-]+" if "@" in rest else r"[0-9]+", pointer):  # MLflow's alias or version
+        raise CatalogEnrichError(
+            f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
+        )
     if not re.fullmatch(NAME_PATTERN, named):  # it names the bundle's cache folder
         raise CatalogEnrichError(
             f"model name {named!r} in {model_uri!r} is not valid here: letters, digits and . _ - only"
