@@ -416,23 +416,19 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
         CatalogEnrichError: not a ``models:/`` URI, unknown model, alias not set, unknown version, an
             alias naming a version that was rolled back (:data:`ROLLED_BACK_TAG`).
     """
-    if not model_uri.startswith("models:/"):
-        raise CatalogEnrichError(
-            f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
-        )
     rest = model_uri.removeprefix("models:/")
-    named = rest.split("@", 1)[0] if "@" in rest else rest.partition("/")[0]
-    pointer = rest.split("@", 1)[1] if "@" in rest else rest.partition("/")[2]
-    if not re.fullmatch(r"[\w-]+" if "@" in rest else r"[0-9]+", pointer):  # MLflow's alias or version
+    name, at, pointer = rest.partition("@") if "@" in rest else rest.partition("/")
+    alias = pointer if at == "@" else None
+    shape = r"[\w-]+" if alias is not None else r"[0-9]+"  # MLflow's alias or version
+    if not model_uri.startswith("models:/") or not re.fullmatch(shape, pointer):
         raise CatalogEnrichError(
             f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
         )
-    if not re.fullmatch(NAME_PATTERN, named):  # it names the bundle's cache folder
+    if not re.fullmatch(NAME_PATTERN, name):  # it names the bundle's cache folder
         raise CatalogEnrichError(
-            f"model name {named!r} in {model_uri!r} is not valid here: letters, digits and . _ - only"
+            f"model name {name!r} in {model_uri!r} is not valid here: letters, digits and . _ - only"
         )
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
+    if alias is not None:
         version = resolve_alias(client, name, alias)
         if version is None:
             raise CatalogEnrichError(
@@ -440,20 +436,20 @@ def resolve_model(client: MlflowClient, model_uri: str) -> ModelVersion:
                 f"(catalog-enrich train; catalog-enrich promote) or pass --model-uri models:/{name}/<version>"
             )
     else:
-        name, _, version = rest.partition("/")
+        version = pointer
         resolve_alias(client, name, CHAMPION)  # raises for an unknown model
     try:
         mv = client.get_model_version(name, version)
     except MlflowException:
         raise CatalogEnrichError(f"registered model {name!r} has no version {version!r}") from None
     why = (mv.tags or {}).get(ROLLED_BACK_TAG)
-    if "@" in rest and why:
+    if alias is not None and why:
         raise CatalogEnrichError(
             f"{name} v{version}, the {alias!r} alias, was rolled back ({why}): it would write what was "
             "removed again. Point the challenger alias at the version to serve and run catalog-enrich "
             f"promote, or name this one (models:/{name}/{version}) to run it anyway"
         )
-    return ModelVersion(name, str(mv.version), str(mv.run_id), alias=alias if "@" in rest else None)
+    return ModelVersion(name, str(mv.version), str(mv.run_id), alias=alias)
 
 
 def download_bundle(client: MlflowClient, model: ModelVersion, cache_dir: str | Path) -> ModelVersion:
