@@ -223,3 +223,30 @@ def test_a_bundle_without_its_manifest_is_not_whole(quick_bundle: Path, tmp_path
         CatalogEnrichmentPyfunc().load_context(SimpleNamespace(artifacts={"bundle": str(root)}))
     (root / MANIFEST).unlink()
     assert bundle_problems(root) == [f"{MANIFEST} is missing (its files cannot be checked)"]
+
+
+def test_a_machine_whose_image_decoder_makes_other_pixels_is_refused(
+    quick_bundle: Path,
+    tmp_path: Path,
+    taxonomy,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """The thresholds were calibrated on the pixels the training's decoder made: a driver or an
+    executor whose Pillow decodes the bundle's reference photos otherwise refuses to score."""
+    from catalog_enrichment.data.decoding import current_digest
+    from tests.data.test_decoding import one_level_off
+
+    root = _copy(quick_bundle, tmp_path)
+    assert (root / "decoding.json").is_file()
+    load_bundle(root)
+    check_model_fits(root, taxonomy)
+    one_level_off(monkeypatch)
+    try:
+        with pytest.raises(UnservableBundle, match=r"decodes them to other pixels.*install the decoders"):
+            load_bundle(root)
+        with pytest.raises(UnservableBundle, match="decodes them to other pixels"):
+            check_model_fits(root, taxonomy)
+        (root / "decoding.json").unlink()  # a bundle written before the record: served as before
+        load_bundle(root)
+    finally:
+        current_digest.cache_clear()

@@ -256,6 +256,19 @@ def test_the_fingerprint_follows_the_encoders_not_the_heads(bundle, tmp_path) ->
         assert embedding.encoder_fingerprint(other, bundle.tokenizer, 8) != before
 
 
+def test_the_fingerprint_follows_the_image_decoder(bundle, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Photos decoded by another decoder (Pillow, libjpeg-turbo) are other pixels, so other vectors."""
+    from catalog_enrichment.data.decoding import current_digest
+    from tests.data.test_decoding import one_level_off
+
+    before = embedding.encoder_fingerprint(bundle.model, bundle.tokenizer, 8)
+    one_level_off(monkeypatch)
+    try:
+        assert embedding.encoder_fingerprint(bundle.model, bundle.tokenizer, 8) != before
+    finally:
+        current_digest.cache_clear()
+
+
 def test_models_that_read_tokens_fields_or_members_are_not_stored(taxonomy) -> None:  # type: ignore[no-untyped-def]
     from catalog_enrichment.models.model import build_model
 

@@ -6,9 +6,10 @@ version whose encoders are the same. Two facts make that safe:
 
 * :func:`encoder_fingerprint` hashes everything that shapes the encoders' outputs - their weights,
   architecture names and timm arguments, the tokenizer, the text length and pooling, the image
-  preprocessing, pooling and colour features, which
-  outputs the fusion reads, and the runtime that runs them (``model.encoder_runtime``) - so a
-  stored vector is only ever read back by encoders that would compute it again;
+  preprocessing, pooling and colour features, the pixels the image decoder makes of reference
+  photos (:mod:`catalog_enrichment.data.decoding`), which outputs the fusion reads, and the runtime
+  that runs them (``model.encoder_runtime``) - so a stored vector is only ever read back by
+  encoders that would compute it again;
 * :func:`pack` / :func:`unpack` turn the pooled outputs the fusion reads (``text_pooled``,
   ``image_pooled``, ``image_present``) into one float32 row and back, bit for bit, so scores fused
   from the store equal scores of a fresh encode.
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from catalog_enrichment.data.decoding import current_digest
 from catalog_enrichment.models.color import COLOR_VERSION
 from catalog_enrichment.models.fusion import FusionInputs
 from catalog_enrichment.models.model import AnyModel, MultimodalModel
@@ -60,6 +62,9 @@ def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int)
     # of the same weights; the drop rates act in training only
     shaping = sorted((k, v) for k, v in image.timm_kwargs.items() if not k.startswith("drop"))
     image_prep = (model.preprocessing.to_dict(), colour, image.pooling, image.name, shaping)
+    if fusion.needs_image:  # another decoder's pixels (data.decoding) give other vectors
+        prep = model.preprocessing
+        image_prep += (current_digest(prep.decode_size, prep.interpolation, prep.decode),)
     text = (model.cfg.text.model_type, model.cfg.text.pooling)
     h.update(repr((needs, max_length, text, image_prep, _dims(model))).encode())
     if model.cfg.encoder_runtime != "torch":  # another runtime's vectors differ in the last bits

@@ -138,13 +138,16 @@ def check_model_fits(
 ) -> DecisionPolicy:
     """The model's heads against the configured taxonomy, and its calibration against the configured
     precision ``target`` (a version calibrated for another one is refused: its thresholds keep
-    another promise), before anything is read or written; and that this version can load it.
+    another promise), before anything is read or written; and that this version, with this
+    machine's image decoder, can load it.
 
     Raises:
-        UnservableBundle: it cannot (:meth:`BundleFolder.read_model_config`).
+        UnservableBundle: it cannot (:meth:`BundleFolder.read_model_config`,
+            :meth:`BundleFolder.check_decoder`).
     """
     folder = BundleFolder(bundle_dir)
     folder.read_model_config()
+    folder.check_decoder()  # the driver's decoder; each executor checks its own as it loads
     policy = DecisionPolicy(folder.read_taxonomy(), folder.read_calibration(), taxonomy)
     if target is not None:
         version_target(target, policy.target_precision, version)

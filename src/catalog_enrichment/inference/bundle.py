@@ -21,6 +21,9 @@ Layout of a bundle folder (what the MLflow pyfunc artifacts hold)::
                          the run health checks compare a run with (health.py: held-out scores
                          per attribute, the training products' inputs)
     evaluation.json      the test-split report of the training run
+    decoding.json        a model that reads photos: reference photos and the digest of the pixels
+                         its training's image decoder made of them (data.decoding); a machine
+                         whose decoder makes other pixels of them is refused
     manifest.json        the SHA-256 of every other file (a corrupt or partial copy is refused)
 
 A bundle is self-contained: loading it reads nothing outside the folder. The text encoders are
@@ -112,6 +115,30 @@ class BundleFolder:
     @property
     def manifest(self) -> Path:
         return self.root / MANIFEST
+
+    @property
+    def decoding(self) -> Path:
+        return self.root / "decoding.json"
+
+    def check_decoder(self, meta: dict[str, Any] | None = None) -> None:
+        """Refuse a machine whose image decoder makes other pixels of the bundle's reference photos
+        than its training's did (:mod:`catalog_enrichment.data.decoding`): the thresholds were not
+        calibrated on them. A model that reads no photo, or a bundle written before the record,
+        passes.
+
+        Raises:
+            UnservableBundle: the decoder differs.
+        """
+        if not self.decoding.is_file():
+            return
+        from catalog_enrichment.data.decoding import decoder_problem
+        from catalog_enrichment.data.preprocess import ImagePreprocessing
+
+        prep = ImagePreprocessing.from_dict((meta or self.read_meta())["image_preprocessing"])
+        record = json.loads(self.decoding.read_text())
+        problem = decoder_problem(record, prep.decode_size, prep.interpolation, prep.decode)
+        if problem is not None:
+            raise UnservableBundle(f"{self.root} cannot be served on this machine: {problem}")
 
     def text_encoder(self, i: int) -> Path:
         return self.root / f"text_encoder_{i}"
@@ -222,9 +249,11 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
     import torch
 
     from catalog_enrichment.data.dataset import normalizes_nfkc
+    from catalog_enrichment.data.decoding import decoder_record
     from catalog_enrichment.embeddings.vectors import encoder_fingerprint, storable
     from catalog_enrichment.models import runtime
     from catalog_enrichment.models.color import COLOR_VERSION
+    from catalog_enrichment.models.model import needs_image
 
     model, tokenizer, model_config = bundle.model, bundle.tokenizer, bundle.model_config
     root = Path(path)
@@ -261,6 +290,10 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> Path:
         config.save_pretrained(str(folder.text_encoder(i)))
     if model_config.encoder_runtime == "onnx":
         runtime.export_encoders(model, folder.onnx)
+    if needs_image(model_config):
+        prep = model.preprocessing
+        record = decoder_record(prep.decode_size, prep.interpolation, prep.decode)
+        folder.decoding.write_text(json.dumps(record, indent=2))
     tokenizer.save_pretrained(str(folder.tokenizer))
     folder.taxonomy.write_text(json.dumps(bundle.taxonomy.to_dict(), indent=2))
     folder.calibration.write_text(json.dumps(bundle.calibration.to_dict(), indent=2))
@@ -332,7 +365,8 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
     Raises:
         CatalogEnrichError: the folder holds no bundle.
         UnservableBundle: this version cannot serve it (another version of this package wrote it:
-            its model config, weights, score dtype or colour statistics differ from this one's).
+            its model config, weights, score dtype or colour statistics differ from this one's), or
+            this machine's image decoder makes other pixels of its photos than its training's did.
     """
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -361,6 +395,7 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Mode
             f"its model reads colour statistics of version {colour}, this version computes version "
             f"{COLOR_VERSION}",
         )
+    folder.check_decoder(meta)
     taxonomy = folder.read_taxonomy()
     text_backbones = [
         AutoConfig.from_pretrained(str(folder.text_encoder(i))) for i in range(meta["text_encoders"])
