@@ -4,7 +4,8 @@ groups and seed), each product's label indices, its photo as a WebP (aspect kept
 quality 85 is about 36 MB for the 8,181 products) and the EfficientNet-Lite0 weights.
 
     python tools/gpu/export_hm.py ../shared/data/hm-fashion gpu/
-    python tools/gpu/export_hm.py ../shared/data/hm-fashion gpu-full/ --size 360x540 --quality 70
+    python tools/gpu/export_hm.py ../shared/data/hm-fashion gpu-full/ \\
+        --size 360x540 --quality 55 --half-weights
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image
 
 from catalog_enrichment.catalog.lakehouse import read_table
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument("--config", default="deploy/config/pretrained.yaml")
     parser.add_argument("--size", default="224x336", help="width x height (H&M's photos are 2:3)")
     parser.add_argument("--quality", type=int, default=85, help="WebP quality")
+    parser.add_argument(
+        "--half-weights", action="store_true", help="the weights in float16 (9 MB rather than 18)"
+    )
     args = parser.parse_args()
     width, height = (int(n) for n in args.size.split("x"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +81,11 @@ def main() -> None:
     meta["offsets"] = offsets
     (args.out / "images.bin").write_bytes(photos.getvalue())
     (args.out / "meta.json").write_text(json.dumps(meta))
-    shutil.copy(Path(str(cfg.model.image.pretrained_path)), args.out / "image.pth")
+    weights = Path(str(cfg.model.image.pretrained_path))
+    if args.half_weights:  # loading casts them back to the network's float32
+        torch.save({k: v.half() for k, v in torch.load(weights).items()}, args.out / "image.pth")
+    else:
+        shutil.copy(weights, args.out / "image.pth")
     print(f"{table.num_rows} products ({int((fold >= 0).sum())} train, {test_rows.size} test) -> {args.out}")
 
 
