@@ -137,6 +137,34 @@ def test_user_mistakes_are_one_line_and_exit_2(
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_known_error_a_spark_task_raised_is_its_own_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An executor refusing the model (its image decoder) fails the Spark job: the user reads the
+    refusal, not Spark's "Job aborted due to stage failure" wrapper."""
+    from catalog_enrichment import commands
+
+    worker = (
+        "Job aborted due to stage failure: Task 0 in stage 3.0 failed 4 times, most recent failure: "
+        "org.apache.spark.api.python.PythonException: Traceback (most recent call last):\n"
+        '  File "/opt/app/catalog_enrichment/inference/spark.py", line 315, in _worker_state\n'
+        "catalog_enrichment.errors.DecoderMismatch: /models/v7 cannot be served on this machine: install "
+        "the decoders it was trained with (pillow==13.0.0 simplejpeg==1.8.2) or train it again here\n"
+        "\tat org.apache.spark.api.python.BasePythonRunner.handlePythonException(PythonRunner.scala:572)"
+    )
+
+    def fails(*_args: object) -> int:
+        raise RuntimeError(worker)
+
+    monkeypatch.setattr(commands, "report", fails)
+    assert main(["report"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "catalog-enrich: error: /models/v7 cannot be served on this machine: install the decoders it "
+        "was trained with (pillow==13.0.0 simplejpeg==1.8.2) or train it again here\n"
+    )
+
+
 @pytest.mark.timeout(300)
 def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     result = subprocess.run(

@@ -29,6 +29,7 @@ from catalog_enrichment.errors import (
     CatalogEnrichError,
     ConfigError,
     ContractError,
+    DecoderMismatch,
     TaxonomyError,
     UnservableBundle,
 )
@@ -833,6 +834,11 @@ def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-unt
             )
         return real(uri, *args, **kwargs)
 
+    def other_decoder(uri: str, *args: Any, **kwargs: Any) -> Any:
+        if uri == f"models:/tiny/{champion}":
+            raise DecoderMismatch("its photos were decoded by Pillow 13.0.0 ... decodes them to other pixels")
+        return real(uri, *args, **kwargs)
+
     with monkeypatch.context() as patched:
         patched.setattr(mlflow.pyfunc, "load_model", unavailable)
         with pytest.raises(CatalogEnrichError, match=f"cannot load models:/tiny/{champion}: 503"):
@@ -845,6 +851,15 @@ def test_a_champion_whose_files_are_gone_is_not_compared(  # type: ignore[no-unt
             rf"champion v{champion} cannot be compared with this version \(written by .*9\.9\.9 or later\)"
         )
         with pytest.raises(CatalogEnrichError, match=later):
+            promote(
+                client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet
+            )
+        # trained under another image decoder than this machine's: the machine is at fault (the
+        # executors that serve the champion would refuse the challenger), not the champion
+        patched.setattr(mlflow.pyfunc, "load_model", other_decoder)
+        with pytest.raises(
+            CatalogEnrichError, match=rf"champion v{champion} cannot be compared on this machine"
+        ):
             promote(
                 client, "tiny", EvaluationSet(data["eval"]), rule, log_path=tmp_path / "log", progress=_quiet
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -482,6 +483,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("catalog-enrich: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # not a known mistake: one line, the traceback with -v (both masked)
+        known = _worker_error(exc)
+        if known is not None:  # a known mistake raised in a Spark task: its own line, not Spark's
+            from catalog_enrichment.redaction import redact_text
+
+            print(f"catalog-enrich: error: {redact_text(known)}", file=sys.stderr)
+            return 2
         if args.verbose:
             from catalog_enrichment.redaction import redact_traceback
 
@@ -489,6 +496,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"catalog-enrich: error: {_one_line(exc)} (-v shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _worker_error(exc: BaseException) -> str | None:
+    """The message of this package's own error (:mod:`catalog_enrichment.errors`) that a Spark task
+    raised (e.g. an executor refusing the model for its image decoder), read off the Python
+    worker's traceback that Spark's error carries (the last one: the cause); None without one."""
+    found = re.findall(r"catalog_enrichment\.errors\.\w+: (.+)", str(exc))
+    return found[-1].strip() if found else None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["CatalogEnrichError", "ConfigError", "ContractError", "TaxonomyError", "UnservableBundle"]
+__all__ = [
+    "CatalogEnrichError",
+    "ConfigError",
+    "ContractError",
+    "DecoderMismatch",
+    "TaxonomyError",
+    "UnservableBundle",
+]
 
 
 class CatalogEnrichError(Exception):
@@ -29,3 +36,9 @@ class UnservableBundle(CatalogEnrichError):
     def __init__(self, message: str, *, by_later: bool = False) -> None:
         super().__init__(message)
         self.by_later = by_later
+
+
+class DecoderMismatch(UnservableBundle):
+    """This machine's image decoder makes other pixels of a bundle's reference photos than its
+    training's did (:mod:`catalog_enrichment.data.decoding`): the machine, not the version, cannot
+    serve it, and a newer version trained elsewhere would be refused here too."""

@@ -44,7 +44,7 @@ from catalog_enrichment.config import CalibrationConfig, PromotionConfig
 from catalog_enrichment.contracts import Taxonomy
 from catalog_enrichment.data.dataset import encode_labels
 from catalog_enrichment.data.images import ImagePolicy
-from catalog_enrichment.errors import CatalogEnrichError, TaxonomyError, UnservableBundle
+from catalog_enrichment.errors import CatalogEnrichError, DecoderMismatch, TaxonomyError, UnservableBundle
 from catalog_enrichment.metrics import (
     attribute_r_at_p,
     coverage_efficiency,
@@ -329,6 +329,11 @@ def promote(
                 if exc.by_later:  # that version's runs serve it: its gate compares the two
                     raise CatalogEnrichError(
                         f"the champion v{champion} cannot be compared with this version ({exc}); "
+                        "nothing promoted"
+                    ) from None
+                if isinstance(exc, DecoderMismatch):  # the machine is at fault, not the champion
+                    raise CatalogEnrichError(
+                        f"the champion v{champion} cannot be compared on this machine ({exc}); "
                         "nothing promoted"
                     ) from None
                 alone = f"the champion v{champion} cannot be loaded ({exc})"  # a challenger is the remedy

@@ -26,7 +26,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, features
 
-from catalog_enrichment.data.images import read_pixels
+from catalog_enrichment.data.images import ImagePolicy, read_pixels
 
 __all__ = [
     "current_digest",
@@ -51,20 +51,23 @@ def _photo(width: int, height: int, seed: int) -> Image.Image:
 
 
 def reference_photos(side: int) -> dict[str, bytes]:
-    """JPEGs that take each decode path of a model decoding ``side`` x ``side`` pixels: a 2:3 photo
+    """Photos that take each decode path of a model decoding ``side`` x ``side`` pixels: a 2:3 JPEG
     with 4:2:0 chroma whose sides are not whole 16-pixel blocks, a large one (PIL decodes it at a
-    reduced DCT scale), one with full chroma (4:4:4), and one already ``side`` x ``side`` (decoded by
-    libjpeg-turbo through simplejpeg, not PIL)."""
-    shapes = {
-        "portrait": (360, 540, {}),
-        "large": (1200, 800, {}),
-        "full_chroma": (250, 375, {"subsampling": 0}),
+    reduced DCT scale), one with full chroma (4:4:4), a lossy WebP, and a JPEG already ``side`` x
+    ``side`` (decoded by libjpeg-turbo through simplejpeg, not PIL; none where the side is under
+    the smallest image a product may have, which never takes that path)."""
+    shapes: dict[str, tuple[int, int, str, dict[str, int]]] = {
+        "portrait": (360, 540, "JPEG", {}),
+        "large": (max(1200, 3 * side), max(800, 2 * side), "JPEG", {}),
+        "full_chroma": (250, 375, "JPEG", {"subsampling": 0}),
+        "webp": (360, 540, "WEBP", {}),
     }
-    shapes["square"] = (side, side, {})
+    if side >= ImagePolicy().min_side:
+        shapes["square"] = (side, side, "JPEG", {})
     out = {}
-    for seed, (name, (width, height, options)) in enumerate(shapes.items()):
+    for seed, (name, (width, height, kind, options)) in enumerate(shapes.items()):
         buffer = io.BytesIO()
-        _photo(width, height, seed).save(buffer, "JPEG", quality=80, **options)
+        _photo(width, height, seed).save(buffer, kind, quality=80, **options)
         out[name] = buffer.getvalue()
     return out
 
@@ -112,14 +115,17 @@ def decoder_problem(record: Mapping[str, Any], size: int, interpolation: str, de
     """Why this machine's decoder cannot serve a model whose bundle keeps ``record``: it decodes the
     reference photos to other pixels (None: to the same)."""
     photos = {name: base64.b64decode(data) for name, data in record["photos"].items()}
-    if decoded_digest(photos, size, interpolation, decode) == record["digest"]:
-        return None
     then, now = dict(record.get("libraries") or {}), decoder_versions()
     pins = " ".join(f"{name}=={then[name]}" for name in ("pillow", "simplejpeg") if name in then)
+    remedy = f"install the decoders it was trained with ({pins}) or train it again here"
+    try:
+        if decoded_digest(photos, size, interpolation, decode) == record["digest"]:
+            return None
+    except ValueError as exc:  # a Pillow built without a decoder the photos need
+        return f"this machine's {_named(now)} cannot decode its reference photos ({exc}): {remedy}"
     return (
         f"its photos were decoded by {_named(then)} and this machine's {_named(now)} decodes them to "
-        f"other pixels, on which its thresholds were not calibrated: install the decoders it was "
-        f"trained with ({pins}) or train it again here"
+        f"other pixels, on which its thresholds were not calibrated: {remedy}"
     )
 
 

@@ -61,16 +61,14 @@ def encoder_fingerprint(model: MultimodalModel, tokenizer: Any, max_length: int)
     # the architecture's name and its timm arguments (global_pool, output_stride) change the outputs
     # of the same weights; the drop rates act in training only
     shaping = sorted((k, v) for k, v in image.timm_kwargs.items() if not k.startswith("drop"))
-    prep = model.preprocessing
-    # another decoder's pixels (data.decoding) give other vectors
-    decoder = (
-        current_digest(prep.decode_size, prep.interpolation, prep.decode) if fusion.needs_image else None
-    )
-    image_prep = (prep.to_dict(), colour, image.pooling, image.name, shaping, decoder)
+    image_prep = (model.preprocessing.to_dict(), colour, image.pooling, image.name, shaping)
     text = (model.cfg.text.model_type, model.cfg.text.pooling)
     h.update(repr((needs, max_length, text, image_prep, _dims(model))).encode())
     if model.cfg.encoder_runtime != "torch":  # another runtime's vectors differ in the last bits
         h.update(model.cfg.encoder_runtime.encode())
+    if fusion.needs_image:  # another decoder's pixels (data.decoding) give other vectors
+        prep = model.preprocessing
+        h.update(current_digest(prep.decode_size, prep.interpolation, prep.decode).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(
         (backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode()

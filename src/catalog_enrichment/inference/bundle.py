@@ -45,7 +45,7 @@ from catalog_enrichment import __version__
 from catalog_enrichment.calibration import Calibration
 from catalog_enrichment.config import ModelConfig, saved_model_config
 from catalog_enrichment.contracts import Taxonomy
-from catalog_enrichment.errors import CatalogEnrichError, ConfigError, UnservableBundle
+from catalog_enrichment.errors import CatalogEnrichError, ConfigError, DecoderMismatch, UnservableBundle
 
 if TYPE_CHECKING:
     import torch
@@ -127,7 +127,7 @@ class BundleFolder:
         passes.
 
         Raises:
-            UnservableBundle: the decoder differs.
+            DecoderMismatch: the decoder differs.
         """
         if not self.decoding.is_file():
             return
@@ -138,7 +138,7 @@ class BundleFolder:
         record = json.loads(self.decoding.read_text())
         problem = decoder_problem(record, prep.decode_size, prep.interpolation, prep.decode)
         if problem is not None:
-            raise UnservableBundle(f"{self.root} cannot be served on this machine: {problem}")
+            raise DecoderMismatch(f"{self.root} cannot be served on this machine: {problem}")
 
     def text_encoder(self, i: int) -> Path:
         return self.root / f"text_encoder_{i}"
