@@ -326,15 +326,13 @@ def promote(
             try:
                 champion_bundle = registry.load_bundle_from_uri(f"models:/{registered_model}/{champion}")
             except UnservableBundle as exc:
-                if exc.by_later:  # that version's runs serve it: its gate compares the two
+                # a later version's runs serve it (its gate compares the two); another decoder:
+                # this machine is at fault, not the champion
+                machine = isinstance(exc, DecoderMismatch)
+                if exc.by_later or machine:
                     raise CatalogEnrichError(
-                        f"the champion v{champion} cannot be compared with this version ({exc}); "
-                        "nothing promoted"
-                    ) from None
-                if isinstance(exc, DecoderMismatch):  # the machine is at fault, not the champion
-                    raise CatalogEnrichError(
-                        f"the champion v{champion} cannot be compared on this machine ({exc}); "
-                        "nothing promoted"
+                        f"the champion v{champion} cannot be compared "
+                        f"{'on this machine' if machine else 'with this version'} ({exc}); nothing promoted"
                     ) from None
                 alone = f"the champion v{champion} cannot be loaded ({exc})"  # a challenger is the remedy
         theirs = None if champion_bundle is None else champion_bundle.calibration.target_precision
